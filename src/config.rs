@@ -1,0 +1,1110 @@
+//! Configuration: the typed form of `config/gateway.toml`, loading and validation.
+//!
+//! `config/gateway.toml` is both the documented reference and the compiled-in defaults
+//! ([`DEFAULT_TOML`]). A user file is deep-merged over those defaults table by table, so
+//! it only has to name what it changes; the merged table is then deserialized into
+//! [`Config`] and checked by [`Config::validate`].
+//!
+//! Every mistake is reported with the key it concerns (`mqtt.listen`, `http.tokens[0]`),
+//! because an operator editing a config for a million devices should never have to guess.
+//! Unknown keys are errors rather than ignored: a misspelt `max_keepalive_sec` that
+//! silently kept the default would be found only in production.
+//!
+//! Loading runs once at startup (and in `gateway check-config`); nothing here is on an
+//! IO shard's path.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use toml::{Table, Value};
+
+/// The reference configuration, compiled in as the defaults.
+pub const DEFAULT_TOML: &str = include_str!("../config/gateway.toml");
+
+/// Largest packet MQTT can express: a Remaining Length of 268,435,455 bytes.
+pub const MQTT_MAX_PACKET_SIZE: u32 = 268_435_455;
+/// Smallest `max_packet_size` accepted: room for a CONNECT with a short client id.
+pub const MIN_PACKET_SIZE: u32 = 16;
+/// MQTT requires servers to accept client ids of 1 to 23 bytes, so the cap cannot be lower.
+pub const MIN_CLIENT_ID_LEN: u32 = 23;
+/// Upper bound on `shards.count` and `http.business_threads`; more is a typo, not a machine.
+pub const MAX_THREADS: usize = 1024;
+/// Upper bound on `buffers.scratch_bytes`; each shard allocates it up front.
+pub const MAX_SCRATCH_BYTES: u32 = 64 << 20;
+/// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at this many seconds.
+pub const MAX_TCP_KEEPALIVE_SECS: u32 = 32_767;
+/// Linux caps TCP_KEEPCNT at this many probes.
+pub const MAX_TCP_KEEPALIVE_RETRIES: u8 = 127;
+
+/// The whole gateway configuration, one field per section of `gateway.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub tcp: TcpConfig,
+    pub shards: ShardsConfig,
+    pub buffers: BuffersConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+/// `[mqtt]`: the MQTT listener and the protocol limits it enforces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    /// Bytes, whole packet; also announced as the v5 Maximum Packet Size.
+    pub max_packet_size: u32,
+    pub max_client_id_len: u32,
+    pub connect_timeout_secs: u32,
+    pub max_keepalive_secs: u32,
+    pub keepalive_jitter_pct: u32,
+    pub duplicate_client_id: DuplicateClientId,
+    pub max_connections: u32,
+    pub receive_maximum: u32,
+    pub max_inflight: u32,
+    pub max_queued_messages: u32,
+    pub max_session_expiry_secs: u32,
+    pub write_stall_timeout_secs: u32,
+    pub retain_available: bool,
+    pub max_retained_messages: u32,
+}
+
+/// What to do when a client id connects while a connection with that id is live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DuplicateClientId {
+    /// Close the old connection and keep the new one (the MQTT-specified behaviour).
+    Takeover,
+    /// Refuse the new connection.
+    Reject,
+}
+
+/// `[tcp]`: socket options applied to every accepted connection and listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    pub nodelay: bool,
+    pub backlog: u32,
+    /// 0 = kernel default (autotuning).
+    pub send_buffer_bytes: u32,
+    /// 0 = kernel default (autotuning).
+    pub recv_buffer_bytes: u32,
+    /// 0 disables TCP keepalive probes.
+    pub keepalive_idle_secs: u32,
+    pub keepalive_interval_secs: u32,
+    pub keepalive_retries: u8,
+    /// TCP_USER_TIMEOUT; 0 disables.
+    pub user_timeout_secs: u32,
+}
+
+/// `[shards]`: the IO threads and their timing wheels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardsConfig {
+    /// 0 = one per available core; see [`Config::shard_count`].
+    pub count: usize,
+    pub mailbox_capacity: u32,
+    pub tick_ms: u32,
+    pub expiry_batch: u32,
+    pub pin_cores: bool,
+    pub drain_timeout_secs: u32,
+}
+
+/// `[buffers]`: the shard scratch buffer, the buffer pool and outbound queue limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuffersConfig {
+    pub scratch_bytes: u32,
+    pub pool_max_bytes: u64,
+    pub pool_idle_secs: u32,
+    pub outbound_high_watermark: u32,
+    pub outbound_low_watermark: u32,
+}
+
+/// `[http]`: the push API and the business pool that serves it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Bearer tokens for `/v1/*`; empty = open API.
+    pub tokens: Vec<String>,
+    /// 0 = one per available core; see [`Config::business_threads`].
+    pub business_threads: usize,
+    pub max_batch: u32,
+    pub idempotency_window_secs: u32,
+}
+
+/// `[log]`: the lossy, non-blocking logger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+    /// `None` = stdout; otherwise the path prefix of a daily-rolling file (`""` in TOML).
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub file: Option<PathBuf>,
+    pub queue_lines: u32,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn empty_path_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(if s.is_empty() {
+        None
+    } else {
+        Some(PathBuf::from(s))
+    })
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML; `message` carries the line and column.
+    Parse { path: PathBuf, message: String },
+    /// A key that `gateway.toml` does not define. `known` lists the keys valid at that level.
+    UnknownKey { key: String, known: Vec<String> },
+    /// A key has the wrong type or a value outside its rules.
+    Invalid { key: String, message: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Io { path, source } => {
+                write!(f, "config error: cannot read {}: {source}", path.display())
+            }
+            ConfigError::Parse { path, message } => {
+                write!(
+                    f,
+                    "config error: {} is not valid TOML: {}",
+                    path.display(),
+                    message.trim_end()
+                )
+            }
+            ConfigError::UnknownKey { key, known } => {
+                write!(f, "config error: unknown key `{key}` (")?;
+                let last = key.rsplit('.').next().unwrap_or(key);
+                if let Some(close) = known.iter().find(|k| edit_distance(k, last) <= 2) {
+                    write!(f, "did you mean `{close}`? ")?;
+                }
+                write!(f, "known keys: {})", known.join(", "))
+            }
+            ConfigError::Invalid { key, message } if key.is_empty() => {
+                write!(f, "config error: {message}")
+            }
+            ConfigError::Invalid { key, message } => {
+                write!(f, "config error at key `{key}`: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl Default for Config {
+    /// The embedded `config/gateway.toml`. It is valid by construction: the tests parse
+    /// and validate it, so this cannot fail in a built binary.
+    fn default() -> Self {
+        match Config::from_table(Table::new()) {
+            Ok(config) => config,
+            Err(e) => panic!("the embedded config/gateway.toml is invalid: {e}"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, merges it over the defaults, and validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Like [`Config::load`] for a TOML string: merged over the defaults, then validated.
+    pub fn from_toml_str(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("<string>"))
+    }
+
+    fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let user: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Config::from_table(user)
+    }
+
+    fn from_table(user: Table) -> Result<Config, ConfigError> {
+        let mut merged: Table =
+            DEFAULT_TOML
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: PathBuf::from("<embedded config/gateway.toml>"),
+                    message: e.to_string(),
+                })?;
+        // The defaults name every key, so they double as the schema for unknown keys.
+        reject_unknown_keys(&user, &merged, "")?;
+        merge(&mut merged, user);
+        let config: Config =
+            serde_path_to_error::deserialize(Value::Table(merged)).map_err(deserialize_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules a type cannot express: ranges, and keys that must agree.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        in_range(
+            "mqtt.max_packet_size",
+            m.max_packet_size,
+            MIN_PACKET_SIZE,
+            MQTT_MAX_PACKET_SIZE,
+        )?;
+        in_range(
+            "mqtt.max_client_id_len",
+            m.max_client_id_len,
+            MIN_CLIENT_ID_LEN,
+            65_535,
+        )?;
+        at_least("mqtt.connect_timeout_secs", m.connect_timeout_secs, 1)?;
+        in_range("mqtt.max_keepalive_secs", m.max_keepalive_secs, 1, 65_535)?;
+        in_range("mqtt.keepalive_jitter_pct", m.keepalive_jitter_pct, 0, 50)?;
+        at_least("mqtt.max_connections", m.max_connections, 1)?;
+        in_range("mqtt.receive_maximum", m.receive_maximum, 1, 65_535)?;
+        in_range("mqtt.max_inflight", m.max_inflight, 1, 65_535)?;
+        at_least(
+            "mqtt.write_stall_timeout_secs",
+            m.write_stall_timeout_secs,
+            1,
+        )?;
+
+        let t = &self.tcp;
+        // listen(2) and setsockopt(2) take a C int.
+        in_range("tcp.backlog", t.backlog, 1, i32::MAX as u32)?;
+        in_range(
+            "tcp.send_buffer_bytes",
+            t.send_buffer_bytes,
+            0,
+            i32::MAX as u32,
+        )?;
+        in_range(
+            "tcp.recv_buffer_bytes",
+            t.recv_buffer_bytes,
+            0,
+            i32::MAX as u32,
+        )?;
+        in_range(
+            "tcp.keepalive_idle_secs",
+            t.keepalive_idle_secs,
+            0,
+            MAX_TCP_KEEPALIVE_SECS,
+        )?;
+        if t.keepalive_idle_secs > 0 {
+            in_range(
+                "tcp.keepalive_interval_secs",
+                t.keepalive_interval_secs,
+                1,
+                MAX_TCP_KEEPALIVE_SECS,
+            )?;
+            in_range(
+                "tcp.keepalive_retries",
+                t.keepalive_retries,
+                1,
+                MAX_TCP_KEEPALIVE_RETRIES,
+            )?;
+        }
+        // TCP_USER_TIMEOUT is an unsigned int of milliseconds.
+        in_range(
+            "tcp.user_timeout_secs",
+            t.user_timeout_secs,
+            0,
+            u32::MAX / 1000,
+        )?;
+
+        let s = &self.shards;
+        in_range("shards.count", s.count, 0, MAX_THREADS)?;
+        at_least("shards.mailbox_capacity", s.mailbox_capacity, 1)?;
+        in_range("shards.tick_ms", s.tick_ms, 100, 60_000)?;
+        at_least("shards.expiry_batch", s.expiry_batch, 1)?;
+        // A tick coarser than the shortest timeout would stretch that timeout to the tick.
+        let shortest_timeout_ms = u64::from(m.connect_timeout_secs) * 1000;
+        if u64::from(s.tick_ms) > shortest_timeout_ms {
+            return Err(invalid(
+                "shards.tick_ms",
+                format!(
+                    "{} ms is coarser than mqtt.connect_timeout_secs ({} ms), the shortest timeout it must time",
+                    s.tick_ms, shortest_timeout_ms
+                ),
+            ));
+        }
+
+        let b = &self.buffers;
+        in_range(
+            "buffers.scratch_bytes",
+            b.scratch_bytes,
+            4096,
+            MAX_SCRATCH_BYTES,
+        )?;
+        at_least(
+            "buffers.outbound_high_watermark",
+            b.outbound_high_watermark,
+            1,
+        )?;
+        if b.outbound_low_watermark >= b.outbound_high_watermark {
+            return Err(invalid(
+                "buffers.outbound_low_watermark",
+                format!(
+                    "must be less than buffers.outbound_high_watermark ({}), got {}",
+                    b.outbound_high_watermark, b.outbound_low_watermark
+                ),
+            ));
+        }
+
+        let h = &self.http;
+        if listeners_collide(m.listen, h.listen) {
+            return Err(invalid(
+                "http.listen",
+                format!("{} collides with mqtt.listen ({})", h.listen, m.listen),
+            ));
+        }
+        for (i, token) in h.tokens.iter().enumerate() {
+            // A token travels in an HTTP header; whitespace or control bytes cannot match.
+            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    &format!("http.tokens[{i}]"),
+                    "a token must be non-empty, without spaces or control characters".to_string(),
+                ));
+            }
+        }
+        in_range("http.business_threads", h.business_threads, 0, MAX_THREADS)?;
+        at_least("http.max_batch", h.max_batch, 1)?;
+
+        let l = &self.log;
+        if l.level.trim().is_empty() {
+            return Err(invalid(
+                "log.level",
+                "must not be empty (e.g. \"info\")".to_string(),
+            ));
+        }
+        if let Some(file) = &l.file {
+            if file.file_name().is_none() {
+                return Err(invalid(
+                    "log.file",
+                    format!(
+                        "{} names a directory; give a file prefix such as gateway.log",
+                        file.display()
+                    ),
+                ));
+            }
+        }
+        at_least("log.queue_lines", l.queue_lines, 1)?;
+        Ok(())
+    }
+
+    /// IO shards to start: `shards.count`, or one per available core when it is 0.
+    pub fn shard_count(&self) -> usize {
+        or_cores(self.shards.count)
+    }
+
+    /// Business pool threads: `http.business_threads`, or one per available core when 0.
+    pub fn business_threads(&self) -> usize {
+        or_cores(self.http.business_threads)
+    }
+}
+
+fn or_cores(n: usize) -> usize {
+    if n > 0 {
+        n
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+fn invalid(key: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message,
+    }
+}
+
+fn in_range<T: PartialOrd + fmt::Display>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_least<T: PartialOrd + fmt::Display>(key: &str, value: T, min: T) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(invalid(key, format!("must be at least {min}, got {value}")));
+    }
+    Ok(())
+}
+
+/// Whether two listeners would fight over one port: same port, and the same address or
+/// either one bound to every address. Port 0 asks the kernel for a free port, so never collides.
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Fails on the first key in `user` that `defaults` does not have, naming its full path.
+/// Only tables that are tables on both sides are descended into; a type clash (a table
+/// where a value belongs) is left to deserialization, which names the key too.
+fn reject_unknown_keys(user: &Table, defaults: &Table, prefix: &str) -> Result<(), ConfigError> {
+    for (key, value) in user {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match defaults.get(key) {
+            None => {
+                return Err(ConfigError::UnknownKey {
+                    key: path,
+                    known: defaults.keys().cloned().collect(),
+                })
+            }
+            Some(Value::Table(default_table)) => {
+                if let Value::Table(user_table) = value {
+                    reject_unknown_keys(user_table, default_table, &path)?;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Deep merge: tables merge key by key, anything else in `over` replaces what is in `base`.
+fn merge(base: &mut Table, over: Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(base_table)), Value::Table(over_table)) => {
+                merge(base_table, over_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Turns a deserialization error into one that names the key. Unknown keys are caught
+/// earlier by [`reject_unknown_keys`]; should one reach serde anyway, serde_path_to_error
+/// 0.1.20 names it in full (`mqtt.lisen`), but a path that stops at the enclosing table
+/// (`mqtt`) gets the field from serde's message appended, so the key is named either way.
+fn deserialize_error(e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    // toml appends a line "in `mqtt.listen`"; the key is already named, so keep the first.
+    let inner = e.inner().to_string();
+    let message = inner.lines().next().unwrap_or_default().trim().to_string();
+    let parent = if path == "." { String::new() } else { path };
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        let named = parent == field || parent.ends_with(&format!(".{field}"));
+        let key = if named {
+            parent
+        } else if parent.is_empty() {
+            field.to_string()
+        } else {
+            format!("{parent}.{field}")
+        };
+        return ConfigError::Invalid { key, message };
+    }
+    ConfigError::Invalid {
+        key: parent,
+        message,
+    }
+}
+
+/// Levenshtein distance, for the "did you mean" hint on unknown keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = substitution.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_key(toml: &str) -> String {
+        match Config::from_toml_str(toml) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an Invalid error for {toml:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_parse_and_match_the_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.mqtt.listen, "0.0.0.0:1883".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.mqtt.max_packet_size, 1_048_576);
+        assert_eq!(c.mqtt.max_client_id_len, 128);
+        assert_eq!(c.mqtt.connect_timeout_secs, 10);
+        assert_eq!(c.mqtt.max_keepalive_secs, 180);
+        assert_eq!(c.mqtt.keepalive_jitter_pct, 0);
+        assert_eq!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover);
+        assert_eq!(c.mqtt.max_connections, 1_000_000);
+        assert_eq!(c.mqtt.receive_maximum, 64);
+        assert_eq!(c.mqtt.max_inflight, 32);
+        assert_eq!(c.mqtt.max_queued_messages, 1000);
+        assert_eq!(c.mqtt.max_session_expiry_secs, 604_800);
+        assert_eq!(c.mqtt.write_stall_timeout_secs, 30);
+        assert!(c.mqtt.retain_available);
+        assert_eq!(c.mqtt.max_retained_messages, 100_000);
+
+        assert!(c.tcp.nodelay);
+        assert_eq!(c.tcp.backlog, 4096);
+        assert_eq!((c.tcp.send_buffer_bytes, c.tcp.recv_buffer_bytes), (0, 0));
+        assert_eq!(c.tcp.keepalive_idle_secs, 120);
+        assert_eq!(c.tcp.keepalive_interval_secs, 30);
+        assert_eq!(c.tcp.keepalive_retries, 4);
+        assert_eq!(c.tcp.user_timeout_secs, 60);
+
+        assert_eq!(c.shards.count, 0);
+        assert_eq!(c.shards.mailbox_capacity, 4096);
+        assert_eq!(c.shards.tick_ms, 1000);
+        assert_eq!(c.shards.expiry_batch, 1024);
+        assert!(!c.shards.pin_cores);
+        assert_eq!(c.shards.drain_timeout_secs, 5);
+
+        assert_eq!(c.buffers.scratch_bytes, 65_536);
+        assert_eq!(c.buffers.pool_max_bytes, 67_108_864);
+        assert_eq!(c.buffers.pool_idle_secs, 30);
+        assert_eq!(c.buffers.outbound_high_watermark, 65_536);
+        assert_eq!(c.buffers.outbound_low_watermark, 16_384);
+
+        assert_eq!(c.http.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
+        assert!(c.http.tokens.is_empty());
+        assert_eq!(c.http.business_threads, 2);
+        assert_eq!(c.http.max_batch, 1000);
+        assert_eq!(c.http.idempotency_window_secs, 300);
+
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.file, None);
+        assert_eq!(c.log.queue_lines, 65_536);
+    }
+
+    #[test]
+    fn every_default_key_is_documented_by_a_comment() {
+        // The reference file must explain each key: the line before it, or the line before
+        // a run of related keys, is a comment.
+        let lines: Vec<&str> = DEFAULT_TOML.lines().map(str::trim).collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            let documented = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| !l.is_empty())
+                .any(|l| l.starts_with('#'));
+            assert!(documented, "key line without a comment: {line}");
+        }
+    }
+
+    #[test]
+    fn a_partial_file_changes_only_what_it_names() {
+        let c = Config::from_toml_str(
+            "[mqtt]\nmax_keepalive_secs = 60\n[http]\ntokens = [\"abc\"]\n[log]\nfile = \"/var/log/gw/gateway.log\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.max_keepalive_secs, 60);
+        assert_eq!(c.http.tokens, vec!["abc".to_string()]);
+        assert_eq!(c.log.file, Some(PathBuf::from("/var/log/gw/gateway.log")));
+        // Neighbours in the same sections keep their defaults.
+        assert_eq!(c.mqtt.listen.port(), 1883);
+        assert_eq!(c.mqtt.max_packet_size, 1_048_576);
+        assert_eq!(c.http.listen.port(), 8080);
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.tcp.backlog, 4096);
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.mqtt.max_keepalive_secs, 180);
+        assert_eq!(c.shards.tick_ms, 1000);
+    }
+
+    #[test]
+    fn an_unknown_key_in_any_section_is_named_with_its_path() {
+        for section in ["mqtt", "tcp", "shards", "buffers", "http", "log"] {
+            let err = Config::from_toml_str(&format!("[{section}]\nbogus_key = 1\n")).unwrap_err();
+            match &err {
+                ConfigError::UnknownKey { key, known } => {
+                    assert_eq!(key, &format!("{section}.bogus_key"));
+                    assert!(!known.is_empty());
+                }
+                other => panic!("expected UnknownKey, got {other:?}"),
+            }
+            assert!(
+                err.to_string().contains(&format!("`{section}.bogus_key`")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_misspelt_key_is_named_and_the_right_one_suggested() {
+        let err = Config::from_toml_str("[mqtt]\nlisen = \"0.0.0.0:1\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config error: unknown key `mqtt.lisen`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(did you mean `listen`? known keys: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("max_packet_size"),
+            "known keys are listed: {text}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_section_is_named() {
+        let err = Config::from_toml_str("[mqttt]\nlisten = \"0.0.0.0:1\"\n").unwrap_err();
+        match &err {
+            ConfigError::UnknownKey { key, known } => {
+                assert_eq!(key, "mqttt");
+                assert!(known.contains(&"mqtt".to_string()));
+            }
+            other => panic!("expected UnknownKey, got {other:?}"),
+        }
+        let err = Config::from_toml_str("top_level = 1\n").unwrap_err();
+        assert!(err.to_string().contains("`top_level`"), "{err}");
+    }
+
+    #[test]
+    fn serde_unknown_field_errors_name_the_full_path() {
+        // The fallback for keys the struct lacks, bypassing reject_unknown_keys.
+        let mut table: Table = DEFAULT_TOML.parse().unwrap();
+        if let Some(Value::Table(mqtt)) = table.get_mut("mqtt") {
+            mqtt.insert("lisen".into(), Value::Integer(1));
+        }
+        let err = serde_path_to_error::deserialize::<_, Config>(Value::Table(table)).unwrap_err();
+        match deserialize_error(err) {
+            ConfigError::Invalid { key, message } => {
+                assert_eq!(key, "mqtt.lisen");
+                assert!(message.contains("unknown field"), "{message}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let err = Config::from_toml_str("[mqtt]\nmax_packet_size = \"big\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "mqtt.max_packet_size"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("config error at key `mqtt.max_packet_size`:"),
+            "{err}"
+        );
+        assert_eq!(invalid_key("[tcp]\nnodelay = 1\n"), "tcp.nodelay");
+        assert_eq!(invalid_key("[http]\ntokens = \"abc\"\n"), "http.tokens");
+        assert_eq!(
+            invalid_key("[http]\ntokens = [\"a\", 2]\n"),
+            "http.tokens[1]"
+        );
+        assert_eq!(invalid_key("mqtt = 5\n"), "mqtt");
+        assert_eq!(invalid_key("[mqtt.listen]\nport = 1\n"), "mqtt.listen");
+    }
+
+    #[test]
+    fn negative_and_oversized_integers_name_the_key() {
+        assert_eq!(
+            invalid_key("[mqtt]\nmax_connections = -1\n"),
+            "mqtt.max_connections"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nmax_keepalive_secs = 5000000000\n"),
+            "mqtt.max_keepalive_secs"
+        );
+    }
+
+    #[test]
+    fn a_bad_address_names_mqtt_listen() {
+        let err = Config::from_toml_str("[mqtt]\nlisten = \"not an address\"\n").unwrap_err();
+        let text = err.to_string();
+        assert_eq!(
+            text,
+            "config error at key `mqtt.listen`: invalid socket address syntax"
+        );
+        assert_eq!(invalid_key("[http]\nlisten = \"0.0.0.0\"\n"), "http.listen");
+    }
+
+    #[test]
+    fn enums_accept_only_their_names() {
+        assert_eq!(
+            invalid_key("[mqtt]\nduplicate_client_id = \"x\"\n"),
+            "mqtt.duplicate_client_id"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nduplicate_client_id = \"Takeover\"\n"),
+            "mqtt.duplicate_client_id"
+        );
+        let c = Config::from_toml_str("[mqtt]\nduplicate_client_id = \"reject\"\n").unwrap();
+        assert_eq!(c.mqtt.duplicate_client_id, DuplicateClientId::Reject);
+        assert_eq!(invalid_key("[log]\nformat = \"xml\"\n"), "log.format");
+        let c = Config::from_toml_str("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn invalid_toml_is_a_parse_error_with_a_position() {
+        let err = Config::from_toml_str("[mqtt\nlisten = 1").unwrap_err();
+        match &err {
+            ConfigError::Parse { message, .. } => assert!(message.contains("line 1"), "{message}"),
+            other => panic!("expected Parse, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("gateway-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, "[shards]\ncount = 3\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.shards.count, 3);
+        assert_eq!(c.shard_count(), 3);
+
+        std::fs::write(&path, "[shards]\ncount = \"x\"\n").unwrap();
+        assert!(
+            matches!(Config::load(&path), Err(ConfigError::Invalid { key, .. }) if key == "shards.count")
+        );
+
+        let missing = dir.join("missing.toml");
+        match Config::load(&missing) {
+            Err(e @ ConfigError::Io { .. }) => {
+                assert!(e.to_string().contains("missing.toml"), "{e}")
+            }
+            other => panic!("expected Io, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn thread_counts_fall_back_to_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let c =
+            Config::from_toml_str("[shards]\ncount = 0\n[http]\nbusiness_threads = 0\n").unwrap();
+        assert_eq!(c.shard_count(), cores);
+        assert_eq!(c.business_threads(), cores);
+        let c = Config::from_toml_str("[http]\nbusiness_threads = 5\n").unwrap();
+        assert_eq!(c.business_threads(), 5);
+    }
+
+    /// Each validation rule: the boundary that passes, and the first value that fails
+    /// with the key it concerns.
+    #[test]
+    fn validate_rules_name_their_keys() {
+        let ok = |toml: &str| {
+            if let Err(e) = Config::from_toml_str(toml) {
+                panic!("{toml:?} should be valid: {e}");
+            }
+        };
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[mqtt]\nmax_packet_size = 16",
+                "[mqtt]\nmax_packet_size = 15",
+                "mqtt.max_packet_size",
+            ),
+            (
+                "[mqtt]\nmax_packet_size = 268435455",
+                "[mqtt]\nmax_packet_size = 268435456",
+                "mqtt.max_packet_size",
+            ),
+            (
+                "[mqtt]\nmax_client_id_len = 23",
+                "[mqtt]\nmax_client_id_len = 22",
+                "mqtt.max_client_id_len",
+            ),
+            (
+                "[mqtt]\nmax_client_id_len = 65535",
+                "[mqtt]\nmax_client_id_len = 65536",
+                "mqtt.max_client_id_len",
+            ),
+            (
+                "[mqtt]\nconnect_timeout_secs = 1",
+                "[mqtt]\nconnect_timeout_secs = 0",
+                "mqtt.connect_timeout_secs",
+            ),
+            (
+                "[mqtt]\nmax_keepalive_secs = 1",
+                "[mqtt]\nmax_keepalive_secs = 0",
+                "mqtt.max_keepalive_secs",
+            ),
+            (
+                "[mqtt]\nmax_keepalive_secs = 65535",
+                "[mqtt]\nmax_keepalive_secs = 65536",
+                "mqtt.max_keepalive_secs",
+            ),
+            (
+                "[mqtt]\nkeepalive_jitter_pct = 50",
+                "[mqtt]\nkeepalive_jitter_pct = 51",
+                "mqtt.keepalive_jitter_pct",
+            ),
+            (
+                "[mqtt]\nmax_connections = 1",
+                "[mqtt]\nmax_connections = 0",
+                "mqtt.max_connections",
+            ),
+            (
+                "[mqtt]\nreceive_maximum = 1",
+                "[mqtt]\nreceive_maximum = 0",
+                "mqtt.receive_maximum",
+            ),
+            (
+                "[mqtt]\nreceive_maximum = 65535",
+                "[mqtt]\nreceive_maximum = 65536",
+                "mqtt.receive_maximum",
+            ),
+            (
+                "[mqtt]\nmax_inflight = 1",
+                "[mqtt]\nmax_inflight = 0",
+                "mqtt.max_inflight",
+            ),
+            (
+                "[mqtt]\nmax_inflight = 65535",
+                "[mqtt]\nmax_inflight = 65536",
+                "mqtt.max_inflight",
+            ),
+            (
+                "[mqtt]\nwrite_stall_timeout_secs = 1",
+                "[mqtt]\nwrite_stall_timeout_secs = 0",
+                "mqtt.write_stall_timeout_secs",
+            ),
+            ("[tcp]\nbacklog = 1", "[tcp]\nbacklog = 0", "tcp.backlog"),
+            (
+                "[tcp]\nbacklog = 2147483647",
+                "[tcp]\nbacklog = 2147483648",
+                "tcp.backlog",
+            ),
+            (
+                "[tcp]\nsend_buffer_bytes = 2147483647",
+                "[tcp]\nsend_buffer_bytes = 2147483648",
+                "tcp.send_buffer_bytes",
+            ),
+            (
+                "[tcp]\nrecv_buffer_bytes = 2147483647",
+                "[tcp]\nrecv_buffer_bytes = 2147483648",
+                "tcp.recv_buffer_bytes",
+            ),
+            (
+                "[tcp]\nkeepalive_idle_secs = 32767",
+                "[tcp]\nkeepalive_idle_secs = 32768",
+                "tcp.keepalive_idle_secs",
+            ),
+            (
+                "[tcp]\nkeepalive_interval_secs = 1",
+                "[tcp]\nkeepalive_interval_secs = 0",
+                "tcp.keepalive_interval_secs",
+            ),
+            (
+                "[tcp]\nkeepalive_retries = 127",
+                "[tcp]\nkeepalive_retries = 128",
+                "tcp.keepalive_retries",
+            ),
+            (
+                "[tcp]\nuser_timeout_secs = 4294967",
+                "[tcp]\nuser_timeout_secs = 4294968",
+                "tcp.user_timeout_secs",
+            ),
+            (
+                "[shards]\ncount = 1024",
+                "[shards]\ncount = 1025",
+                "shards.count",
+            ),
+            (
+                "[shards]\nmailbox_capacity = 1",
+                "[shards]\nmailbox_capacity = 0",
+                "shards.mailbox_capacity",
+            ),
+            (
+                "[shards]\ntick_ms = 100",
+                "[shards]\ntick_ms = 99",
+                "shards.tick_ms",
+            ),
+            (
+                "[shards]\nexpiry_batch = 1",
+                "[shards]\nexpiry_batch = 0",
+                "shards.expiry_batch",
+            ),
+            (
+                "[buffers]\nscratch_bytes = 4096",
+                "[buffers]\nscratch_bytes = 4095",
+                "buffers.scratch_bytes",
+            ),
+            (
+                "[buffers]\nscratch_bytes = 67108864",
+                "[buffers]\nscratch_bytes = 67108865",
+                "buffers.scratch_bytes",
+            ),
+            (
+                "[buffers]\noutbound_low_watermark = 65535",
+                "[buffers]\noutbound_low_watermark = 65536",
+                "buffers.outbound_low_watermark",
+            ),
+            (
+                "[http]\ntokens = [\"t0k3n\"]",
+                "[http]\ntokens = [\"ok\", \"\"]",
+                "http.tokens[1]",
+            ),
+            (
+                "[http]\ntokens = [\"a-b_c.d\"]",
+                "[http]\ntokens = [\"has space\"]",
+                "http.tokens[0]",
+            ),
+            (
+                "[http]\nbusiness_threads = 1024",
+                "[http]\nbusiness_threads = 1025",
+                "http.business_threads",
+            ),
+            (
+                "[http]\nmax_batch = 1",
+                "[http]\nmax_batch = 0",
+                "http.max_batch",
+            ),
+            (
+                "[log]\nlevel = \"warn\"",
+                "[log]\nlevel = \" \"",
+                "log.level",
+            ),
+            (
+                "[log]\nfile = \"gateway.log\"",
+                "[log]\nfile = \"/var/log/..\"",
+                "log.file",
+            ),
+            (
+                "[log]\nqueue_lines = 1",
+                "[log]\nqueue_lines = 0",
+                "log.queue_lines",
+            ),
+        ];
+        for (good, bad, key) in cases {
+            ok(good);
+            assert_eq!(invalid_key(bad), *key, "for {bad:?}");
+        }
+    }
+
+    #[test]
+    fn validate_cross_field_rules() {
+        // Keepalive interval and retries only matter when keepalive is on.
+        Config::from_toml_str(
+            "[tcp]\nkeepalive_idle_secs = 0\nkeepalive_interval_secs = 0\nkeepalive_retries = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            invalid_key("[tcp]\nkeepalive_retries = 0\n"),
+            "tcp.keepalive_retries"
+        );
+
+        // The wheel must be finer than the shortest timeout.
+        Config::from_toml_str("[shards]\ntick_ms = 10000\n").unwrap();
+        assert_eq!(invalid_key("[shards]\ntick_ms = 10001\n"), "shards.tick_ms");
+        Config::from_toml_str("[shards]\ntick_ms = 20000\n[mqtt]\nconnect_timeout_secs = 20\n")
+            .unwrap();
+
+        // The low watermark must sit below the high one, whichever of them is moved.
+        assert_eq!(
+            invalid_key("[buffers]\noutbound_high_watermark = 16384\n"),
+            "buffers.outbound_low_watermark"
+        );
+        Config::from_toml_str("[buffers]\noutbound_high_watermark = 16385\n").unwrap();
+
+        // The two listeners must not claim the same port.
+        assert_eq!(
+            invalid_key("[http]\nlisten = \"0.0.0.0:1883\"\n"),
+            "http.listen"
+        );
+        assert_eq!(
+            invalid_key("[http]\nlisten = \"127.0.0.1:1883\"\n"),
+            "http.listen"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nlisten = \"[::]:8080\"\n"),
+            "http.listen"
+        );
+        Config::from_toml_str(
+            "[mqtt]\nlisten = \"127.0.0.1:7000\"\n[http]\nlisten = \"127.0.0.2:7000\"\n",
+        )
+        .unwrap();
+        Config::from_toml_str(
+            "[mqtt]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn validate_on_a_modified_struct() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        c.mqtt.keepalive_jitter_pct = 51;
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if key == "mqtt.keepalive_jitter_pct")
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_single_edits() {
+        assert_eq!(edit_distance("listen", "listen"), 0);
+        assert_eq!(edit_distance("lisen", "listen"), 1);
+        assert_eq!(edit_distance("max_inflight", "max_inflihgt"), 2);
+        assert_eq!(edit_distance("max_inflight", "max_inflite"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}

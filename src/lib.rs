@@ -1,0 +1,31 @@
+//! gateway: an MQTT 3.1.1/5 and HTTP push gateway built to hold a million idle device
+//! connections on one node.
+//!
+//! The path of a connection reads top to bottom:
+//!
+//! 1. [`server`] binds one SO_REUSEPORT listener per shard, starts the shards and the
+//!    business pool (HTTP API, metrics), and owns shutdown.
+//! 2. [`shard`] is an OS thread with its own `mio::Poll` and a slab of connections. It
+//!    accepts, reads the CONNECT, and hands the socket to the client id's home shard
+//!    ([`mailbox::home_shard`]) through that shard's bounded [`mailbox`].
+//! 3. On its home shard the connection gets a [`session`] (kept in a hashbrown map),
+//!    its subscriptions go into the shard's [`topic`] index, and its timers live in the
+//!    shard's single [`wheel`].
+//! 4. Bytes are decoded and encoded by [`codec`]; partial frames and unsent output borrow
+//!    buffers from the shard's [`buffer`] pool, so an idle connection holds none.
+//! 5. Messages ([`message`]) cross shards as `Arc`s through the mailboxes.
+
+pub mod buffer;
+pub mod codec;
+pub mod config;
+pub mod doctor;
+pub mod http;
+pub mod logging;
+pub mod mailbox;
+pub mod message;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod topic;
+pub mod wheel;

@@ -1,0 +1,100 @@
+//! The only way into a shard: a bounded mailbox per shard.
+//!
+//! Shards never share state; the business pool and other shards reach a shard by
+//! `try_send` on its mailbox. A full mailbox is an overload answer (HTTP 503, CONNACK
+//! "server unavailable", a counted drop), never a wait: nothing may block an IO shard.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::codec::Connect;
+use crate::message::Message;
+
+/// A client id's home shard: the one shard that owns its session, so duplicate-login
+/// takeover, push-by-client-id and the session map need no global lock.
+///
+/// SipHash with fixed zero keys (`DefaultHasher::new`) is stable for the life of the
+/// process on every thread, which is all a home needs.
+pub fn home_shard(client_id: &str, shards: usize) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    client_id.hash(&mut h);
+    (h.finish() % shards.max(1) as u64) as usize
+}
+
+/// A connection whose CONNECT was read on another shard, moving to its home shard.
+pub struct Handoff {
+    pub socket: mio::net::TcpStream,
+    pub peer: SocketAddr,
+    pub connect: Connect,
+    /// Bytes that followed the CONNECT in the same reads.
+    pub rest: Vec<u8>,
+    pub accepted_at: Instant,
+}
+
+/// What a shard can be asked to do.
+pub enum ShardMsg {
+    Handoff(Box<Handoff>),
+    /// Messages to route to this shard's local subscribers (batched per loop turn).
+    Publish(Vec<Arc<Message>>),
+    /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
+    Shutdown,
+}
+
+/// The senders of every shard's mailbox, indexed by shard id.
+#[derive(Clone)]
+pub struct Mailboxes {
+    senders: Arc<[mpsc::Sender<ShardMsg>]>,
+}
+
+impl Mailboxes {
+    /// Creates `shards` mailboxes of `capacity` each; returns the senders and the receivers.
+    pub fn new(shards: usize, capacity: usize) -> (Self, Vec<mpsc::Receiver<ShardMsg>>) {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(capacity)).unzip();
+        (Mailboxes { senders: tx.into() }, rx)
+    }
+
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// Non-blocking send; gives the message back when the mailbox is full or closed.
+    pub fn try_send(&self, shard: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.senders[shard].try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_shard_is_stable_and_spread() {
+        assert_eq!(home_shard("dev-1", 4), home_shard("dev-1", 4));
+        assert_eq!(home_shard("anything", 1), 0);
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[home_shard(&format!("device-{i:08}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    #[test]
+    fn full_mailbox_gives_the_message_back() {
+        let (mb, _rx) = Mailboxes::new(1, 1);
+        assert!(mb.try_send(0, ShardMsg::Shutdown).is_ok());
+        assert!(matches!(
+            mb.try_send(0, ShardMsg::Shutdown),
+            Err(ShardMsg::Shutdown)
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! Starting and stopping the whole gateway.
+//!
+//! `Server::start` binds one SO_REUSEPORT listener per shard on the same address (so the
+//! kernel spreads accepts), starts each shard on its own OS thread, and starts the business
+//! pool — a multi-thread tokio runtime for the HTTP API and metrics — so no HTTP load can
+//! stall device IO. `shutdown` asks every shard to close its connections and waits at most
+//! `drain_timeout_secs`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::http::{self, AdminState};
+use crate::logging::LogGuard;
+use crate::mailbox::{Mailboxes, ShardMsg};
+use crate::metrics::ShardMetrics;
+use crate::shard::{self, ShardContext};
+
+pub struct Server {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    config: Arc<Config>,
+    mailboxes: Mailboxes,
+    shards: Vec<JoinHandle<()>>,
+    business: tokio::runtime::Runtime,
+    ready: Arc<AtomicBool>,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A listener for shard `i`: SO_REUSEPORT so every shard can bind the same address.
+fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+impl Server {
+    /// Binds, starts the shards and the business pool, and returns once all accept.
+    pub fn start(config: Config, log: Option<&LogGuard>) -> io::Result<Server> {
+        let config = Arc::new(config);
+        let n = config.shard_count();
+        let backlog = config.tcp.backlog as i32;
+
+        // Bind all listeners before any shard runs; port 0 resolves on the first bind.
+        let first = bind_reuseport(config.mqtt.listen, backlog)?;
+        let mqtt_addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(bind_reuseport(mqtt_addr, backlog)?);
+        }
+
+        let (mailboxes, receivers) = Mailboxes::new(n, config.shards.mailbox_capacity as usize);
+        let metrics: Vec<Arc<ShardMetrics>> =
+            (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut shards = Vec::with_capacity(n);
+        for (id, (listener, mailbox)) in listeners.into_iter().zip(receivers).enumerate() {
+            shards.push(shard::spawn(ShardContext {
+                id,
+                config: config.clone(),
+                listener,
+                mailbox,
+                mailboxes: mailboxes.clone(),
+                metrics: metrics[id].clone(),
+                open_connections: open.clone(),
+            })?);
+        }
+
+        let business = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.business_threads())
+            .thread_name("business")
+            .enable_all()
+            .build()?;
+        let http_listener = std::net::TcpListener::bind(config.http.listen)?;
+        http_listener.set_nonblocking(true)?;
+        let http_addr = http_listener.local_addr()?;
+        let ready = Arc::new(AtomicBool::new(true));
+        let state = AdminState {
+            shards: metrics,
+            ready: ready.clone(),
+            log_dropped: log.map(|g| g.dropped_counter()),
+            started: Instant::now(),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let listener = {
+            let _enter = business.enter();
+            tokio::net::TcpListener::from_std(http_listener)?
+        };
+        business.spawn(http::serve(listener, state, stop_rx));
+
+        tracing::info!(%mqtt_addr, %http_addr, shards = n, "gateway listening");
+        Ok(Server {
+            mqtt_addr,
+            http_addr,
+            config,
+            mailboxes,
+            shards,
+            business,
+            ready,
+            http_stop: Some(stop_tx),
+        })
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    pub fn wait_for_signal(&self) {
+        self.business.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            }
+        });
+    }
+
+    /// Graceful shutdown: stop accepting, send MQTT 5 clients DISCONNECT 0x8B, close every
+    /// connection, and wait at most `drain_timeout_secs` for the shards to finish.
+    pub fn shutdown(mut self) {
+        self.ready.store(false, Ordering::Relaxed);
+        let deadline =
+            Instant::now() + Duration::from_secs(self.config.shards.drain_timeout_secs as u64);
+        for shard in 0..self.mailboxes.len() {
+            // A full mailbox is drained by its shard; retry until the deadline.
+            while self.mailboxes.try_send(shard, ShardMsg::Shutdown).is_err()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for handle in self.shards.drain(..) {
+            while !handle.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                tracing::warn!("a shard did not finish within drain_timeout_secs");
+            }
+        }
+        if let Some(tx) = self.http_stop.take() {
+            let _ = tx.send(());
+        }
+        self.business.shutdown_timeout(Duration::from_secs(1));
+        tracing::info!("gateway stopped");
+    }
+}

@@ -1,0 +1,201 @@
+//! A client's session: what outlives a connection.
+//!
+//! Sessions live in their home shard's slab, found by client id through a hashbrown map.
+//! The common case — an idle device with one subscription — is kept small: the rarely
+//! used parts (queued and in-flight messages, inbound QoS 2 state, the will) sit behind one
+//! `Option<Box<_>>` that exists only while they are non-empty.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::codec::{Version, Will};
+use crate::message::Message;
+use crate::wheel::TimerId;
+
+/// `Session::conn` when the session has no live connection.
+pub const NO_CONN: u32 = u32::MAX;
+
+/// Session expiry value meaning "never" (MQTT 5: 0xFFFFFFFF).
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+pub struct Session {
+    pub client_id: Arc<str>,
+    /// Key of the live connection in the shard's slab, or [`NO_CONN`].
+    pub conn: u32,
+    /// Subscriptions: the filter (shared with the shard's index) and the MQTT 5 options
+    /// byte (bits 0-1 QoS, 2 no local, 3 retain as published, 4-5 retain handling).
+    pub subs: Vec<(Arc<str>, u8)>,
+    /// Seconds the session outlives its connection (0 = ends with it).
+    pub expiry_secs: u32,
+    /// Session expiry / will delay timer while offline.
+    pub timer: Option<TimerId>,
+    pub next_pkid: u16,
+    pub version: Version,
+    pub extra: Option<Box<SessionState>>,
+}
+
+/// The parts of a session that are usually empty.
+#[derive(Default)]
+pub struct SessionState {
+    /// Messages waiting for the client: offline, or beyond its in-flight window.
+    pub queue: VecDeque<Queued>,
+    /// Sent QoS 1/2 messages not yet acknowledged, oldest first.
+    pub inflight: VecDeque<Inflight>,
+    /// Packet ids of QoS 2 messages received (PUBREC sent) awaiting PUBREL.
+    pub inbound_qos2: Vec<u16>,
+    /// The will of the current (or last) connection.
+    pub will: Option<Box<Will>>,
+    /// Tick at which a delayed will is published (MQTT 5 Will Delay Interval).
+    pub will_due: Option<u64>,
+    /// Tick at which the offline session ends.
+    pub expires_at: Option<u64>,
+}
+
+/// A message queued for a session, with the QoS granted by the matching subscription.
+pub struct Queued {
+    pub msg: Arc<Message>,
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_ids: Option<Box<[u32]>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent (QoS 1: waiting for PUBACK; QoS 2: for PUBREC).
+    Published,
+    /// QoS 2: PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+pub struct Inflight {
+    pub pkid: u16,
+    pub state: InflightState,
+    pub item: Queued,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, version: Version) -> Self {
+        Session {
+            client_id,
+            conn: NO_CONN,
+            subs: Vec::new(),
+            expiry_secs: 0,
+            timer: None,
+            next_pkid: 1,
+            version,
+            extra: None,
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.conn != NO_CONN
+    }
+
+    pub fn state(&mut self) -> &mut SessionState {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    /// Frees the rarely used part once it holds nothing.
+    pub fn compact(&mut self) {
+        if let Some(s) = &self.extra {
+            if s.queue.is_empty()
+                && s.inflight.is_empty()
+                && s.inbound_qos2.is_empty()
+                && s.will.is_none()
+                && s.will_due.is_none()
+                && s.expires_at.is_none()
+            {
+                self.extra = None;
+            }
+        }
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.extra.as_ref().map_or(0, |s| s.queue.len())
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.extra.as_ref().map_or(0, |s| s.inflight.len())
+    }
+
+    /// The next free packet id (1..=65535), skipping ids still in flight.
+    pub fn next_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+            let busy = self
+                .extra
+                .as_ref()
+                .is_some_and(|s| s.inflight.iter().any(|f| f.pkid == id));
+            if !busy {
+                return id;
+            }
+        }
+    }
+
+    /// Subscription options for `filter` if subscribed.
+    pub fn subscription(&self, filter: &str) -> Option<u8> {
+        self.subs
+            .iter()
+            .find(|(f, _)| &**f == filter)
+            .map(|(_, o)| *o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Origin;
+    use bytes::Bytes;
+
+    fn queued(pkid: u16) -> Inflight {
+        Inflight {
+            pkid,
+            state: InflightState::Published,
+            item: Queued {
+                msg: Arc::new(Message::new(
+                    "t".into(),
+                    Bytes::new(),
+                    1,
+                    false,
+                    Origin::Gateway,
+                )),
+                qos: 1,
+                retain: false,
+                sub_ids: None,
+            },
+        }
+    }
+
+    #[test]
+    fn packet_ids_wrap_and_skip_inflight() {
+        let mut s = Session::new("c".into(), Version::V311);
+        assert_eq!(s.next_packet_id(), 1);
+        s.state().inflight.push_back(queued(2));
+        assert_eq!(s.next_packet_id(), 3);
+        s.next_pkid = u16::MAX;
+        assert_eq!(s.next_packet_id(), u16::MAX);
+        assert_eq!(s.next_packet_id(), 1);
+    }
+
+    #[test]
+    fn compact_frees_empty_state_only() {
+        let mut s = Session::new("c".into(), Version::V5);
+        s.state();
+        s.compact();
+        assert!(s.extra.is_none());
+        s.state().inflight.push_back(queued(1));
+        s.compact();
+        assert_eq!(s.inflight_len(), 1);
+    }
+
+    #[test]
+    fn idle_session_is_small() {
+        // client id Arc + subs Vec + conn + expiry + timer + pkid + version + box pointer.
+        assert!(
+            std::mem::size_of::<Session>() <= 88,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+    }
+}

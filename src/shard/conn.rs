@@ -1,0 +1,84 @@
+//! One connection as plain data in its shard's slab: no task, no tokio stream, no timer.
+//!
+//! An idle connection is this struct and nothing else: its socket, the key of its
+//! session, one timer handle on the shard's wheel and a few bytes of state. Buffers are
+//! borrowed from the shard's pool only while a frame is half-read or output is unsent.
+
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+
+use crate::buffer::ReadSizePredictor;
+use crate::codec::Version;
+use crate::wheel::TimerId;
+
+/// `Conn::session` before the CONNECT is accepted.
+pub const NO_SESSION: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Accepted; waiting for CONNECT within the connect timeout.
+    Handshake,
+    /// CONNACK sent; the session is attached.
+    Active,
+}
+
+pub struct Conn {
+    pub socket: TcpStream,
+    pub peer: SocketAddr,
+    /// Session key on this shard, or [`NO_SESSION`].
+    pub session: u32,
+    /// The one wheel entry of this connection (connect timeout, keep-alive, write stall).
+    pub timer: TimerId,
+    /// Tick of the last bytes received (traffic only updates this; the wheel re-arms lazily).
+    pub last_seen: u32,
+    /// Ticks of silence allowed after `last_seen` (connect timeout, then 1.5 × keep-alive).
+    pub idle_ticks: u32,
+    /// Tick + 1 at which output stopped draining; 0 while the socket takes our bytes.
+    pub stall_since: u32,
+    /// Tick of accept (connection age).
+    pub accepted_at: u32,
+    /// The client's MQTT 5 Maximum Packet Size (u32::MAX = none).
+    pub max_packet: u32,
+    /// Effective keep-alive in seconds.
+    pub keep_alive: u16,
+    /// Outbound QoS 1/2 window: min(client Receive Maximum, `max_inflight`).
+    pub window: u16,
+    pub version: Version,
+    pub state: ConnState,
+    pub predictor: ReadSizePredictor,
+    /// In the shard's list of connections with output to flush this turn.
+    pub dirty: bool,
+    pub bufs: Option<Box<ConnBufs>>,
+}
+
+/// Buffers a busy connection borrows from the shard's pool.
+#[derive(Default)]
+pub struct ConnBufs {
+    /// A partial inbound frame.
+    pub inbuf: Vec<u8>,
+    /// Encoded output not yet taken by the socket, from `out_pos`.
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+}
+
+impl Conn {
+    pub fn outbound_len(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.out.len() - b.out_pos)
+    }
+
+    pub fn client_id_known(&self) -> bool {
+        self.session != NO_SESSION
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_connection_is_small() {
+        let size = std::mem::size_of::<Conn>();
+        assert!(size <= 96, "Conn is {size} bytes");
+    }
+}

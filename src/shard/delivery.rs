@@ -1,0 +1,286 @@
+//! Routing and delivery on a shard: from a message to the bytes on each subscriber's
+//! connection, or into its session queue.
+//!
+//! A message published on this shard is routed to local subscribers and handed once to
+//! every other shard (batched per loop turn). Delivery respects, per connection, the
+//! client's in-flight window and the outbound watermarks: QoS 0 above the high watermark
+//! is dropped and counted; QoS 1/2 waits in the session queue (bounded, oldest dropped).
+
+use std::sync::Arc;
+
+use crate::codec::{self, OutPublish, Version};
+use crate::message::{Message, Origin};
+use crate::metrics::DropReason;
+use crate::session::{Inflight, InflightState, Queued};
+use crate::topic::{self, Subscriber};
+
+use super::{ConnState, Shard};
+
+impl Shard {
+    /// A message published by a device or will on this shard: retained store, local
+    /// subscribers, then every other shard.
+    pub(super) fn publish(&mut self, msg: Arc<Message>) {
+        if msg.retain {
+            self.store_retained(&msg);
+        }
+        self.route(&msg);
+        for shard in 0..self.outbox.len() {
+            if shard != self.id {
+                self.outbox[shard].push(msg.clone());
+            }
+        }
+    }
+
+    /// A message from another shard or the business pool.
+    pub(super) fn accept_remote(&mut self, msg: &Arc<Message>) {
+        if msg.retain {
+            self.store_retained(msg);
+        }
+        self.route(msg);
+    }
+
+    /// Each shard keeps a full copy of the retained messages, so a SUBSCRIBE never has to
+    /// ask another shard. An empty payload deletes (MQTT 3.3.1.3).
+    fn store_retained(&mut self, msg: &Arc<Message>) {
+        if msg.payload.is_empty() {
+            self.retained.remove(&*msg.topic);
+        } else if self.retained.len() < self.limits.max_retained
+            || self.retained.contains_key(&*msg.topic)
+        {
+            self.retained.insert(msg.topic.clone(), msg.clone());
+        } else {
+            tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
+        }
+    }
+
+    /// Delivers to every local session with a matching subscription, once per session
+    /// with the highest granted QoS among its matching subscriptions.
+    fn route(&mut self, msg: &Arc<Message>) {
+        if msg.is_expired(self.now_instant) {
+            self.metrics.drop_msg(DropReason::Expired, 1);
+            return;
+        }
+        let mut hits: Vec<Subscriber> = Vec::new();
+        self.subs.for_each_match(&msg.topic, |s| hits.push(s));
+        if hits.len() > 1 {
+            hits.sort_unstable_by_key(|s| s.session);
+        }
+        let mut i = 0;
+        while i < hits.len() {
+            let session = hits[i].session;
+            let mut best: Option<(u8, bool)> = None;
+            while i < hits.len() && hits[i].session == session {
+                let o = hits[i].options;
+                i += 1;
+                let no_local = o & 0b100 != 0;
+                if no_local
+                    && msg.origin
+                        == (Origin::Device {
+                            shard: self.id as u16,
+                            session,
+                        })
+                {
+                    continue;
+                }
+                let qos = msg.qos.min(o & 3);
+                let retain = msg.retain && o & 0b1000 != 0;
+                best = Some(match best {
+                    Some((q, r)) => (q.max(qos), r || retain),
+                    None => (qos, retain),
+                });
+            }
+            if let Some((qos, retain)) = best {
+                self.deliver(session as usize, msg, qos, retain);
+            }
+        }
+    }
+
+    /// The retained messages matching a new subscription, sent with RETAIN set.
+    pub(super) fn send_retained(&mut self, skey: usize, filter: &str, granted: u8) {
+        let now = self.now_instant;
+        let matching: Vec<Arc<Message>> = if filter.contains(['+', '#']) {
+            self.retained
+                .values()
+                .filter(|m| topic::matches(filter, &m.topic))
+                .cloned()
+                .collect()
+        } else {
+            self.retained.get(filter).cloned().into_iter().collect()
+        };
+        for m in matching {
+            if m.is_expired(now) {
+                self.retained.remove(&*m.topic);
+                continue;
+            }
+            self.deliver(skey, &m, m.qos.min(granted), true);
+        }
+    }
+
+    /// One message to one session at the QoS it was granted.
+    pub(super) fn deliver(&mut self, skey: usize, msg: &Arc<Message>, qos: u8, retain: bool) {
+        let item = Queued {
+            msg: msg.clone(),
+            qos,
+            retain,
+            sub_ids: None,
+        };
+        let s = &self.sessions[skey];
+        let conn = if s.is_online() {
+            self.conns
+                .get(s.conn as usize)
+                .filter(|c| c.state == ConnState::Active)
+        } else {
+            None
+        };
+        let Some(conn) = conn else {
+            if qos == 0 {
+                self.metrics.drop_msg(DropReason::Offline, 1);
+            } else {
+                self.enqueue(skey, item);
+            }
+            return;
+        };
+        let ckey = s.conn as usize;
+        let congested = conn.outbound_len() >= self.limits.high_watermark;
+        if qos == 0 {
+            if congested {
+                self.metrics.drop_msg(DropReason::SlowConsumer, 1);
+            } else {
+                self.send_publish(ckey, 0, &item, false);
+            }
+            return;
+        }
+        let window_open = s.queued_len() == 0 && s.inflight_len() < usize::from(conn.window);
+        if window_open && !congested {
+            self.send_inflight(skey, ckey, item);
+        } else {
+            self.enqueue(skey, item);
+        }
+    }
+
+    fn enqueue(&mut self, skey: usize, item: Queued) {
+        let max = self.limits.max_queued;
+        let st = self.sessions[skey].state();
+        if st.queue.len() >= max {
+            st.queue.pop_front();
+            self.queued_total -= 1;
+            self.metrics.drop_msg(DropReason::QueueFull, 1);
+        }
+        st.queue.push_back(item);
+        self.queued_total += 1;
+    }
+
+    /// Sends a QoS 1/2 message with a fresh packet id and tracks it until acknowledged.
+    fn send_inflight(&mut self, skey: usize, ckey: usize, item: Queued) {
+        let pkid = self.sessions[skey].next_packet_id();
+        if self.send_publish(ckey, pkid, &item, false) {
+            self.sessions[skey].state().inflight.push_back(Inflight {
+                pkid,
+                state: InflightState::Published,
+                item,
+            });
+        }
+    }
+
+    /// Encodes a PUBLISH onto a connection; false if it exceeds the client's Maximum
+    /// Packet Size (dropped and counted, MQTT 5 3.1.2.11.4).
+    fn send_publish(&mut self, ckey: usize, pkid: u16, item: &Queued, dup: bool) -> bool {
+        let conn = &self.conns[ckey];
+        let v = conn.version;
+        let v5 = v == Version::V5;
+        let p = OutPublish {
+            dup,
+            qos: item.qos,
+            retain: item.retain,
+            topic: &item.msg.topic,
+            pkid,
+            payload: &item.msg.payload,
+            props: if v5 { item.msg.props.as_deref() } else { None },
+            message_expiry: if v5 {
+                item.msg.remaining_expiry_secs(self.now_instant)
+            } else {
+                None
+            },
+            subscription_ids: item.sub_ids.as_deref().unwrap_or(&[]),
+            topic_alias: None,
+        };
+        let len = codec::publish_len(v, &p);
+        if len > conn.max_packet as usize {
+            self.metrics.drop_msg(DropReason::TooLarge, 1);
+            return false;
+        }
+        self.output(ckey, len, |out| {
+            codec::encode_publish(out, v, &p);
+        });
+        self.metrics.packet_out(3);
+        true
+    }
+
+    /// Moves queued messages onto the connection while its window and watermark allow.
+    pub(super) fn refill(&mut self, skey: usize) {
+        loop {
+            let Some(s) = self.sessions.get_mut(skey) else {
+                return;
+            };
+            if !s.is_online() || s.queued_len() == 0 {
+                break;
+            }
+            let ckey = s.conn as usize;
+            let Some(conn) = self.conns.get(ckey) else {
+                break;
+            };
+            if conn.state != ConnState::Active
+                || conn.outbound_len() >= self.limits.high_watermark
+                || s.inflight_len() >= usize::from(conn.window)
+            {
+                break;
+            }
+            let Some(item) = s.extra.as_mut().and_then(|st| st.queue.pop_front()) else {
+                break;
+            };
+            self.queued_total -= 1;
+            if item.msg.is_expired(self.now_instant) {
+                self.metrics.drop_msg(DropReason::Expired, 1);
+                continue;
+            }
+            if item.qos == 0 {
+                self.send_publish(ckey, 0, &item, false);
+            } else {
+                self.send_inflight(skey, ckey, item);
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(skey) {
+            s.compact();
+        }
+    }
+
+    /// On a resumed session: every unacknowledged PUBLISH again with DUP set and its
+    /// original packet id, every unfinished PUBREL again, then the queue.
+    pub(super) fn resend_inflight(&mut self, skey: usize) {
+        let ckey = self.sessions[skey].conn as usize;
+        let v = self.conns[ckey].version;
+        let inflight = match self.sessions[skey].extra.as_mut() {
+            Some(st) => std::mem::take(&mut st.inflight),
+            None => Default::default(),
+        };
+        let mut kept = std::collections::VecDeque::with_capacity(inflight.len());
+        for f in inflight {
+            match f.state {
+                InflightState::Published => {
+                    if self.send_publish(ckey, f.pkid, &f.item, true) {
+                        kept.push_back(f);
+                    }
+                }
+                InflightState::Released => {
+                    self.output(ckey, 16, |out| codec::encode_pubrel(out, v, f.pkid, 0));
+                    self.metrics.packet_out(6);
+                    kept.push_back(f);
+                }
+            }
+        }
+        if !kept.is_empty() {
+            self.sessions[skey].state().inflight = kept;
+        }
+        self.refill(skey);
+    }
+}

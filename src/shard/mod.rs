@@ -1,0 +1,950 @@
+//! An IO shard: one OS thread that owns its connections, sessions and timers outright.
+//!
+//! The shard runs a current-thread tokio runtime only for its mailbox and its tick. Its
+//! connections are driven by the shard's own `mio::Poll`, whose epoll fd is registered once
+//! with that runtime (`AsyncFd`, nested epoll). So a connection costs a slab entry, not a
+//! task, a tokio stream or a timer (ARCHITECTURE.md, "the crux").
+//!
+//! One loop turn: drain ready sockets (bounded), drain the mailbox (bounded), fire due
+//! timers (bounded batches), flush every connection that got output this turn with one
+//! write each, and hand cross-shard messages to the other shards in one batch each. Only
+//! when nothing is left does the shard wait.
+//!
+//! The per-packet MQTT logic is in [`mqtt`]; routing and delivery in [`delivery`].
+
+mod conn;
+mod delivery;
+mod mqtt;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+use crate::buffer::{BufferPool, PoolConfig, ReadSizePredictor};
+use crate::codec::{self, Version};
+use crate::config::{Config, DuplicateClientId};
+use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
+use crate::message::Message;
+use crate::metrics::{DisconnectReason, ShardMetrics};
+use crate::session::Session;
+use crate::topic::SubscriptionIndex;
+use crate::wheel::{TimerId, TimingWheel};
+
+pub use conn::{Conn, ConnBufs, ConnState, NO_SESSION};
+
+const LISTENER: Token = Token(usize::MAX);
+/// Wheel payload bit marking a session timer (the rest is the session key); without it
+/// the payload is a connection key.
+const SESSION_TIMER: u32 = 1 << 31;
+/// Socket events handled per loop turn before the mailbox and timers get a go.
+const EVENTS_PER_TURN: usize = 1024;
+/// Reads of one connection per readiness event before others are served.
+const READS_PER_EVENT: usize = 16;
+/// Connections accepted per loop turn.
+const ACCEPTS_PER_TURN: usize = 256;
+/// Mailbox messages handled per loop turn.
+const MAILBOX_PER_TURN: usize = 256;
+
+/// The limits a shard enforces, taken from the config once.
+pub struct Limits {
+    pub max_packet_size: usize,
+    pub max_client_id_len: usize,
+    pub connect_timeout_ticks: u32,
+    pub max_keepalive_secs: u16,
+    pub keepalive_jitter_pct: u8,
+    pub takeover: bool,
+    pub max_connections: usize,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued: usize,
+    pub max_session_expiry_secs: u32,
+    pub write_stall_ticks: u32,
+    pub retain_available: bool,
+    pub max_retained: usize,
+    pub high_watermark: usize,
+    pub low_watermark: usize,
+    pub expiry_batch: usize,
+    pub tick: Duration,
+}
+
+impl Limits {
+    pub fn from_config(c: &Config) -> Self {
+        let tick = Duration::from_millis(c.shards.tick_ms as u64);
+        let ticks = |secs: u64| -> u32 { secs_to_ticks(secs as f64, tick) };
+        Limits {
+            max_packet_size: c.mqtt.max_packet_size as usize,
+            max_client_id_len: c.mqtt.max_client_id_len as usize,
+            connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
+            max_keepalive_secs: c.mqtt.max_keepalive_secs as u16,
+            keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct as u8,
+            takeover: matches!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover),
+            max_connections: c.mqtt.max_connections as usize,
+            receive_maximum: c.mqtt.receive_maximum as u16,
+            max_inflight: c.mqtt.max_inflight as u16,
+            max_queued: c.mqtt.max_queued_messages as usize,
+            max_session_expiry_secs: c.mqtt.max_session_expiry_secs,
+            write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
+            retain_available: c.mqtt.retain_available,
+            max_retained: c.mqtt.max_retained_messages as usize,
+            high_watermark: c.buffers.outbound_high_watermark as usize,
+            low_watermark: c.buffers.outbound_low_watermark as usize,
+            expiry_batch: (c.shards.expiry_batch as usize).max(1),
+            tick,
+        }
+    }
+
+    pub fn ticks(&self, secs: f64) -> u32 {
+        secs_to_ticks(secs, self.tick)
+    }
+}
+
+/// Whole ticks covering `secs`, rounded up so a timer never fires early.
+fn secs_to_ticks(secs: f64, tick: Duration) -> u32 {
+    let t = (secs * 1000.0 / tick.as_millis().max(1) as f64).ceil();
+    t.clamp(0.0, f64::from(u32::MAX / 2)) as u32
+}
+
+/// Everything a shard is started with.
+pub struct ShardContext {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub listener: std::net::TcpListener,
+    pub mailbox: mpsc::Receiver<ShardMsg>,
+    pub mailboxes: Mailboxes,
+    pub metrics: Arc<ShardMetrics>,
+    /// Connections open across the whole gateway (for `max_connections`).
+    pub open_connections: Arc<AtomicUsize>,
+}
+
+pub struct Shard {
+    id: usize,
+    config: Arc<Config>,
+    limits: Limits,
+    poll: Poll,
+    events: Events,
+    listener: Option<TcpListener>,
+    accept_pending: bool,
+    conns: Slab<Conn>,
+    sessions: Slab<Session>,
+    by_client: HashMap<Arc<str>, u32>,
+    subs: SubscriptionIndex,
+    retained: HashMap<Arc<str>, Arc<Message>>,
+    wheel: TimingWheel<u32>,
+    fired: Vec<(TimerId, u32)>,
+    timers_pending: bool,
+    pool: BufferPool,
+    scratch: Vec<u8>,
+    /// Connections with output to write at the end of this turn.
+    dirty: Vec<u32>,
+    /// Connections whose read budget ran out while bytes were still waiting.
+    reread: Vec<u32>,
+    /// Messages for each other shard, sent as one batch per turn.
+    outbox: Vec<Vec<Arc<Message>>>,
+    mailboxes: Mailboxes,
+    metrics: Arc<ShardMetrics>,
+    open_connections: Arc<AtomicUsize>,
+    started: Instant,
+    now: u64,
+    now_instant: Instant,
+    queued_total: u64,
+    subs_total: u64,
+    next_auto_id: u64,
+    stopping: bool,
+}
+
+/// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
+struct PollFd(RawFd);
+impl AsRawFd for PollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Starts shard `ctx.id` on its own OS thread.
+pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("shard-{}", ctx.id))
+        .spawn(move || {
+            let id = ctx.id;
+            if ctx.config.shards.pin_cores {
+                pin_to_core(id);
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(shard = id, error = %e, "cannot build shard runtime");
+                    return;
+                }
+            };
+            let (shard, rx) = match Shard::new(ctx) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(shard = id, error = %e, "cannot start shard");
+                    return;
+                }
+            };
+            if let Err(e) = rt.block_on(shard.run(rx)) {
+                tracing::error!(shard = id, error = %e, "shard stopped with an error");
+            }
+        })
+}
+
+impl Shard {
+    fn new(ctx: ShardContext) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
+        let limits = Limits::from_config(&ctx.config);
+        let poll = Poll::new()?;
+        ctx.listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(ctx.listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let shards = ctx.mailboxes.len();
+        let b = &ctx.config.buffers;
+        let pool = BufferPool::new(PoolConfig {
+            max_pooled_bytes: b.pool_max_bytes as usize,
+            idle_ticks: limits.ticks(b.pool_idle_secs as f64) as u64,
+        });
+        let started = Instant::now();
+        Ok((
+            Shard {
+                id: ctx.id,
+                scratch: vec![0; b.scratch_bytes as usize],
+                config: ctx.config,
+                limits,
+                poll,
+                events: Events::with_capacity(EVENTS_PER_TURN),
+                listener: Some(listener),
+                accept_pending: false,
+                conns: Slab::new(),
+                sessions: Slab::new(),
+                by_client: HashMap::new(),
+                subs: SubscriptionIndex::new(),
+                retained: HashMap::new(),
+                wheel: TimingWheel::new(0),
+                fired: Vec::new(),
+                timers_pending: false,
+                pool,
+                dirty: Vec::new(),
+                reread: Vec::new(),
+                outbox: vec![Vec::new(); shards],
+                mailboxes: ctx.mailboxes,
+                metrics: ctx.metrics,
+                open_connections: ctx.open_connections,
+                started,
+                now: 0,
+                now_instant: started,
+                queued_total: 0,
+                subs_total: 0,
+                next_auto_id: 0,
+                stopping: false,
+            },
+            ctx.mailbox,
+        ))
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<ShardMsg>) -> io::Result<()> {
+        // SAFETY: the epoll fd belongs to `self.poll`, which lives (inside `self`) until
+        // this function returns; `poll_fd` is a local dropped before `self`, so the fd stays
+        // open and unchanged for the whole registration.
+        let poll_fd = unsafe {
+            AsyncFd::register_with_interest(
+                PollFd(self.poll.as_raw_fd()),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(io::Error::from)?;
+        tracing::debug!(shard = self.id, "shard started");
+        loop {
+            self.update_clock();
+            let mut busy = self.poll_sockets()?;
+            for _ in 0..MAILBOX_PER_TURN {
+                match rx.try_recv() {
+                    Ok(msg) => self.handle_msg(msg),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.begin_shutdown();
+                        break;
+                    }
+                }
+            }
+            busy |= !rx.is_empty();
+            busy |= self.run_timers();
+            // Gauges before the writes, so whatever a client sees is already counted, and
+            // after, for connections the writes closed.
+            self.publish_gauges();
+            self.flush_dirty();
+            let outbox_waiting = self.flush_outbox();
+            self.publish_gauges();
+            if self.stopping && self.conns.is_empty() {
+                break;
+            }
+            if busy {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let next_tick = self.started + self.limits.tick * (self.now as u32 + 1);
+            let retry = if outbox_waiting {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                biased;
+                msg = rx.recv() => match msg {
+                    Some(m) => { self.update_clock(); self.handle_msg(m) }
+                    None => self.begin_shutdown(),
+                },
+                guard = poll_fd.readable() => {
+                    if let Ok(mut g) = guard { g.clear_ready(); }
+                }
+                _ = tokio::time::sleep_until(next_tick.into()) => {}
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+        tracing::debug!(shard = self.id, "shard stopped");
+        Ok(())
+    }
+
+    fn update_clock(&mut self) {
+        self.now_instant = Instant::now();
+        let elapsed = self.now_instant - self.started;
+        self.now = (elapsed.as_millis() / self.limits.tick.as_millis().max(1)) as u64;
+    }
+
+    fn now32(&self) -> u32 {
+        self.now as u32
+    }
+
+    /// Handles ready sockets; true if more may be waiting.
+    fn poll_sockets(&mut self) -> io::Result<bool> {
+        let reread = std::mem::take(&mut self.reread);
+        for key in reread {
+            self.on_readable(key as usize);
+        }
+        if self.accept_pending {
+            self.accept();
+        }
+        match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        let n = self.events.iter().count();
+        let ready: Vec<(Token, bool, bool)> = self
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.token(),
+                    e.is_readable() || e.is_read_closed() || e.is_error(),
+                    e.is_writable(),
+                )
+            })
+            .collect();
+        for (token, readable, writable) in ready {
+            if token == LISTENER {
+                self.accept();
+                continue;
+            }
+            if writable {
+                self.flush_conn(token.0);
+            }
+            if readable {
+                self.on_readable(token.0);
+            }
+        }
+        Ok(n == EVENTS_PER_TURN || !self.reread.is_empty() || self.accept_pending)
+    }
+
+    fn accept(&mut self) {
+        self.accept_pending = false;
+        for _ in 0..ACCEPTS_PER_TURN {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((socket, peer)) => self.on_accept(socket, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE: the pending connection stays in the backlog; try again
+                    // next turn rather than spinning now.
+                    tracing::warn!(shard = self.id, error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+        self.accept_pending = true;
+    }
+
+    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr) {
+        let open = self.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if open > self.limits.max_connections {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            self.metrics
+                .refuse(crate::metrics::RefuseReason::MaxConnections);
+            tracing::debug!(shard = self.id, %peer, "refused: max_connections reached");
+            return; // dropping the socket closes it
+        }
+        let deadline_ticks = self.limits.connect_timeout_ticks;
+        self.insert_conn(
+            socket,
+            peer,
+            ConnState::Handshake,
+            deadline_ticks,
+            self.now32(),
+        );
+    }
+
+    /// Registers a socket and puts it in the slab with its one timer armed.
+    fn insert_conn(
+        &mut self,
+        mut socket: TcpStream,
+        peer: SocketAddr,
+        state: ConnState,
+        idle_ticks: u32,
+        accepted_at: u32,
+    ) -> Option<usize> {
+        apply_socket_options(&socket, &self.config);
+        let now = self.now32();
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if key >= SESSION_TIMER as usize {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        if let Err(e) = self.poll.registry().register(
+            &mut socket,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(shard = self.id, %peer, error = %e, "cannot register connection");
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let timer = self
+            .wheel
+            .insert(u64::from(now) + u64::from(idle_ticks) + 1, key as u32);
+        entry.insert(Conn {
+            socket,
+            peer,
+            session: NO_SESSION,
+            timer,
+            last_seen: now,
+            idle_ticks,
+            stall_since: 0,
+            accepted_at,
+            max_packet: u32::MAX,
+            keep_alive: 0,
+            window: self.limits.max_inflight,
+            version: Version::V311,
+            state,
+            predictor: ReadSizePredictor::new(),
+            dirty: false,
+            bufs: None,
+        });
+        Some(key)
+    }
+
+    fn on_readable(&mut self, key: usize) {
+        for _ in 0..READS_PER_EVENT {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let want = conn.predictor.next_size().min(self.scratch.len());
+            match conn.socket.read(&mut self.scratch[..want]) {
+                Ok(0) => {
+                    self.close_conn(key, DisconnectReason::CloseWait, None);
+                    return;
+                }
+                Ok(n) => {
+                    conn.predictor.record(n);
+                    conn.last_seen = self.now as u32;
+                    ShardMetrics::add(&self.metrics.bytes_received, n as u64);
+                    if !self.ingest(key, n) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(shard = self.id, error = %e, "read failed");
+                    self.close_conn(key, DisconnectReason::SocketError, None);
+                    return;
+                }
+            }
+        }
+        self.reread.push(key as u32);
+    }
+
+    /// Decodes the `n` bytes just read into the scratch buffer, after completing any partial
+    /// frame the connection holds. Returns false when the connection is gone (closed or
+    /// handed to another shard).
+    fn ingest(&mut self, key: usize, n: usize) -> bool {
+        let scratch = std::mem::take(&mut self.scratch);
+        let alive = self.ingest_bytes(key, &scratch[..n]);
+        self.scratch = scratch;
+        alive
+    }
+
+    fn ingest_bytes(&mut self, key: usize, mut data: &[u8]) -> bool {
+        let max = self.limits.max_packet_size;
+        // 1. Complete a partial frame held from an earlier read.
+        let has_partial = self.conns[key]
+            .bufs
+            .as_ref()
+            .is_some_and(|b| !b.inbuf.is_empty());
+        if has_partial {
+            let mut inbuf = match self.conns[key].bufs.as_mut() {
+                Some(b) => std::mem::take(&mut b.inbuf),
+                None => Vec::new(),
+            };
+            loop {
+                match codec::frame_len(&inbuf, max) {
+                    Err(e) => {
+                        self.pool.give(inbuf, self.now);
+                        return self.protocol_error(key, &e);
+                    }
+                    Ok(None) => {
+                        // Header incomplete: take one more byte (headers are at most 5).
+                        let Some((&b, rest)) = data.split_first() else {
+                            self.put_inbuf(key, inbuf);
+                            return true;
+                        };
+                        self.pool.reserve(&mut inbuf, 1, self.now);
+                        inbuf.push(b);
+                        data = rest;
+                    }
+                    Ok(Some(len)) => {
+                        let need = len - inbuf.len().min(len);
+                        let take = need.min(data.len());
+                        self.pool.reserve(&mut inbuf, take, self.now);
+                        inbuf.extend_from_slice(&data[..take]);
+                        data = &data[take..];
+                        if inbuf.len() < len {
+                            self.put_inbuf(key, inbuf);
+                            return true;
+                        }
+                        let alive = self.handle_frame(key, &inbuf, data);
+                        self.pool.give(inbuf, self.now);
+                        if !alive {
+                            return false;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        // 2. Every whole frame in place, straight from the scratch buffer.
+        loop {
+            if data.is_empty() {
+                return true;
+            }
+            match codec::frame_len(data, max) {
+                Err(e) => return self.protocol_error(key, &e),
+                Ok(Some(len)) if len <= data.len() => {
+                    let (frame, rest) = data.split_at(len);
+                    if !self.handle_frame(key, frame, rest) {
+                        return false;
+                    }
+                    data = rest;
+                }
+                Ok(known) => {
+                    // 3. Only a trailing partial frame is copied out, into a pooled buffer
+                    //    sized for the whole frame when its length is known.
+                    let want = known.unwrap_or(data.len()).max(data.len());
+                    let mut inbuf = self
+                        .pool
+                        .take(want.min(crate::buffer::MAX_CLASS).max(data.len()));
+                    inbuf.extend_from_slice(data);
+                    self.put_inbuf(key, inbuf);
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn put_inbuf(&mut self, key: usize, inbuf: Vec<u8>) {
+        let conn = &mut self.conns[key];
+        let bufs = conn.bufs.get_or_insert_with(Default::default);
+        bufs.inbuf = inbuf;
+        self.release_idle_bufs(key);
+    }
+
+    /// Drops a connection's buffer box once it holds nothing.
+    fn release_idle_bufs(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let empty = conn
+            .bufs
+            .as_ref()
+            .is_some_and(|b| b.inbuf.is_empty() && b.out_pos >= b.out.len());
+        if empty {
+            if let Some(b) = conn.bufs.take() {
+                let b = *b;
+                self.pool.give(b.inbuf, self.now);
+                self.pool.give(b.out, self.now);
+            }
+        }
+    }
+
+    /// Closes a connection for a protocol error, telling an MQTT 5 client why.
+    fn protocol_error(&mut self, key: usize, e: &codec::ProtocolError) -> bool {
+        let conn = &self.conns[key];
+        let client = self.client_id_of(key);
+        tracing::info!(shard = self.id, client_id = %client, peer = %conn.peer, error = %e, "protocol error, closing");
+        let reason = (conn.state == ConnState::Active).then(|| e.reason_code());
+        self.close_conn(key, DisconnectReason::ProtocolError, reason);
+        false
+    }
+
+    fn client_id_of(&self, key: usize) -> Arc<str> {
+        match self.conns.get(key).map(|c| c.session) {
+            Some(s) if s != NO_SESSION => self.sessions[s as usize].client_id.clone(),
+            _ => Arc::from(""),
+        }
+    }
+
+    /// Appends encoded output for a connection; it is written at the end of the turn.
+    fn output(&mut self, key: usize, reserve: usize, encode: impl FnOnce(&mut Vec<u8>)) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let bufs = conn.bufs.get_or_insert_with(Default::default);
+        if bufs.out.capacity() == 0 {
+            bufs.out = self.pool.take(reserve);
+        } else {
+            self.pool.reserve(&mut bufs.out, reserve, self.now);
+        }
+        encode(&mut bufs.out);
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key as u32);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        // Flushing can refill windows and dirty connections again; the windows bound it.
+        while let Some(key) = self.dirty.pop() {
+            if let Some(c) = self.conns.get_mut(key as usize) {
+                c.dirty = false;
+                self.flush_conn(key as usize);
+            }
+        }
+    }
+
+    /// Writes what the socket takes. A socket that stops taking bytes starts the
+    /// write-stall clock; draining below the low watermark refills the in-flight window.
+    fn flush_conn(&mut self, key: usize) {
+        let now = self.now32();
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(bufs) = conn.bufs.as_mut() else {
+            return;
+        };
+        let mut failed = false;
+        while bufs.out_pos < bufs.out.len() {
+            match conn.socket.write(&bufs.out[bufs.out_pos..]) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => {
+                    bufs.out_pos += n;
+                    ShardMetrics::add(&self.metrics.bytes_sent, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.close_conn(key, DisconnectReason::SocketError, None);
+            return;
+        }
+        let pending = bufs.out.len() - bufs.out_pos;
+        if pending == 0 {
+            bufs.out.clear();
+            bufs.out_pos = 0;
+            let out = std::mem::take(&mut bufs.out);
+            self.pool.give(out, self.now);
+            conn.stall_since = 0;
+        } else {
+            // Keep the unsent tail at the front so the buffer does not creep.
+            if bufs.out_pos > bufs.out.len() / 2 {
+                bufs.out.drain(..bufs.out_pos);
+                bufs.out_pos = 0;
+            }
+            if conn.stall_since == 0 {
+                conn.stall_since = now + 1;
+                let stall_deadline = u64::from(now) + u64::from(self.limits.write_stall_ticks) + 1;
+                let timer = conn.timer;
+                if self
+                    .wheel
+                    .deadline(timer)
+                    .is_some_and(|d| d > stall_deadline)
+                {
+                    self.wheel.reset(timer, stall_deadline);
+                }
+            }
+        }
+        let session = conn.session;
+        self.release_idle_bufs(key);
+        if pending < self.limits.low_watermark && session != NO_SESSION {
+            self.refill(session as usize);
+        }
+    }
+
+    /// The deadline of a connection's single timer.
+    fn conn_deadline(&self, c: &Conn) -> u64 {
+        let idle = u64::from(c.last_seen) + u64::from(c.idle_ticks) + 1;
+        if c.stall_since != 0 {
+            let stall = u64::from(c.stall_since - 1) + u64::from(self.limits.write_stall_ticks) + 1;
+            idle.min(stall)
+        } else {
+            idle
+        }
+    }
+
+    /// Fires due timers in batches of `expiry_batch`; true if more are due.
+    fn run_timers(&mut self) -> bool {
+        let mut fired = std::mem::take(&mut self.fired);
+        fired.clear();
+        let more = self
+            .wheel
+            .advance(self.now, self.limits.expiry_batch, &mut fired);
+        for &(id, payload) in &fired {
+            if payload & SESSION_TIMER != 0 {
+                self.on_session_timer((payload & !SESSION_TIMER) as usize, id);
+            } else {
+                self.on_conn_timer(payload as usize, id);
+            }
+        }
+        self.fired = fired;
+        if !more {
+            self.pool.shrink(self.now);
+        }
+        self.timers_pending = more;
+        more
+    }
+
+    /// Lazy re-arm: traffic only moved `last_seen`; act only if the deadline really passed.
+    fn on_conn_timer(&mut self, key: usize, id: TimerId) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        if conn.timer != id {
+            return;
+        }
+        let deadline = self.conn_deadline(conn);
+        if deadline > self.now {
+            let timer = self.wheel.insert(deadline, key as u32);
+            self.conns[key].timer = timer;
+            return;
+        }
+        let stalled = conn.stall_since != 0
+            && u64::from(conn.stall_since - 1) + u64::from(self.limits.write_stall_ticks)
+                < self.now;
+        let handshake = conn.state == ConnState::Handshake;
+        // The fired timer is gone from the wheel; make sure close does not cancel a reused id.
+        self.conns[key].timer = TimerId::default();
+        if stalled {
+            self.close_conn(key, DisconnectReason::WriteStall, None);
+        } else if handshake {
+            self.close_conn(key, DisconnectReason::ConnectTimeout, None);
+        } else {
+            self.close_conn(
+                key,
+                DisconnectReason::Keepalive,
+                Some(codec::reason::KEEP_ALIVE_TIMEOUT),
+            );
+        }
+    }
+
+    /// The one exit of every connection: removes it from the slab and the poll, cancels its
+    /// timer, returns its buffers, detaches its session (will, expiry) and counts why.
+    fn close_conn(&mut self, key: usize, reason: DisconnectReason, v5_reason: Option<u8>) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        if let (Some(code), Version::V5, ConnState::Active) = (v5_reason, conn.version, conn.state)
+        {
+            // One best-effort, non-blocking write of any pending output plus the DISCONNECT.
+            let mut out = match conn.bufs.as_mut() {
+                Some(b) => b.out.split_off(b.out_pos),
+                None => Vec::new(),
+            };
+            codec::encode_disconnect(&mut out, code, None);
+            if conn.socket.write(&out).is_ok() {
+                self.metrics.packet_out(14);
+            }
+        }
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+        self.wheel.cancel(conn.timer);
+        if let Some(b) = conn.bufs.take() {
+            let b = *b;
+            self.pool.give(b.inbuf, self.now);
+            self.pool.give(b.out, self.now);
+        }
+        self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.disconnect(reason);
+        let client_id = if conn.session != NO_SESSION {
+            let s = conn.session as usize;
+            let id = self.sessions[s].client_id.clone();
+            let will = !matches!(
+                reason,
+                DisconnectReason::Client | DisconnectReason::Shutdown
+            );
+            self.detach_session(s, will);
+            id
+        } else {
+            Arc::from("")
+        };
+        tracing::debug!(shard = self.id, client_id = %client_id, peer = %conn.peer, reason = reason.as_str(), "connection closed");
+    }
+
+    fn handle_msg(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Handoff(h) => self.adopt(*h),
+            ShardMsg::Publish(batch) => {
+                for m in batch {
+                    self.accept_remote(&m);
+                }
+            }
+            ShardMsg::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    /// Takes over a connection whose CONNECT another shard read.
+    fn adopt(&mut self, h: Handoff) {
+        if self.stopping {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let elapsed = self.now_instant.saturating_duration_since(h.accepted_at);
+        let accepted_at = self
+            .now32()
+            .saturating_sub(self.limits.ticks(elapsed.as_secs_f64()));
+        let idle = self.limits.connect_timeout_ticks;
+        let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
+        else {
+            return;
+        };
+        if self.on_connect(key, h.connect, false) && !h.rest.is_empty() {
+            self.ingest_bytes(key, &h.rest);
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close_conn(
+                key,
+                DisconnectReason::Shutdown,
+                Some(codec::reason::SERVER_SHUTTING_DOWN),
+            );
+        }
+    }
+
+    /// Sends each other shard its batch of messages; true if some must be retried.
+    fn flush_outbox(&mut self) -> bool {
+        let mut waiting = false;
+        for shard in 0..self.outbox.len() {
+            if self.outbox[shard].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.outbox[shard]);
+            if let Err(ShardMsg::Publish(batch)) =
+                self.mailboxes.try_send(shard, ShardMsg::Publish(batch))
+            {
+                // Keep it for the next turn, but never more than a mailbox's worth.
+                let cap = self.config.shards.mailbox_capacity as usize;
+                let mut batch = batch;
+                if batch.len() > cap {
+                    let excess = batch.len() - cap;
+                    batch.drain(..excess);
+                    self.metrics
+                        .drop_msg(crate::metrics::DropReason::MailboxFull, excess as u64);
+                }
+                self.outbox[shard] = batch;
+                waiting = true;
+            }
+        }
+        waiting
+    }
+
+    fn publish_gauges(&mut self) {
+        let m = &self.metrics;
+        ShardMetrics::set(&m.connections, self.conns.len() as u64);
+        ShardMetrics::set(&m.sessions, self.sessions.len() as u64);
+        ShardMetrics::set(&m.subscriptions, self.subs_total);
+        ShardMetrics::set(&m.queued_messages, self.queued_total);
+        ShardMetrics::set(&m.wheel_entries, self.wheel.len() as u64);
+        let p = self.pool.stats();
+        ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
+        ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);
+    }
+}
+
+/// Pins the calling thread to core `id` modulo the cores this process may use.
+fn pin_to_core(id: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity(0, ..)
+    // affects only the calling thread.
+    let ok = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(id % cores, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    if !ok {
+        tracing::warn!(shard = id, error = %io::Error::last_os_error(), "cannot pin shard to its core");
+    }
+}
+
+/// TCP options from `[tcp]`: no delay, keepalive probes and TCP_USER_TIMEOUT to find
+/// half-open peers, and buffer sizes when set.
+fn apply_socket_options(socket: &TcpStream, config: &Config) {
+    let t = &config.tcp;
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_nodelay(t.nodelay);
+    if t.keepalive_idle_secs > 0 {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(t.keepalive_idle_secs as u64))
+            .with_interval(Duration::from_secs(t.keepalive_interval_secs as u64))
+            .with_retries(t.keepalive_retries as u32);
+        let _ = s.set_tcp_keepalive(&ka);
+    }
+    if t.user_timeout_secs > 0 {
+        let _ = s.set_tcp_user_timeout(Some(Duration::from_secs(t.user_timeout_secs as u64)));
+    }
+    if t.send_buffer_bytes > 0 {
+        let _ = s.set_send_buffer_size(t.send_buffer_bytes as usize);
+    }
+    if t.recv_buffer_bytes > 0 {
+        let _ = s.set_recv_buffer_size(t.recv_buffer_bytes as usize);
+    }
+}

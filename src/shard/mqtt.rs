@@ -1,0 +1,722 @@
+//! The MQTT conversation on a shard: CONNECT and where it goes, every later packet, and
+//! the session's life when its connection ends (will, expiry).
+
+use std::sync::Arc;
+
+use crate::codec::{self, reason, ConnAckProps, Connect, Packet, Publish, Version, Will};
+use crate::mailbox::{home_shard, Handoff, ShardMsg};
+use crate::message::{Message, Origin};
+use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
+use crate::session::{InflightState, Session, NEVER_EXPIRES, NO_CONN};
+use crate::topic::{self, Subscriber};
+use crate::wheel::TimerId;
+
+use super::{ConnState, Shard, NO_SESSION, SESSION_TIMER};
+
+/// CONNACK return codes of MQTT 3.1.1.
+const V3_IDENTIFIER_REJECTED: u8 = 0x02;
+const V3_SERVER_UNAVAILABLE: u8 = 0x03;
+
+impl Shard {
+    /// One whole frame from a connection. `rest` are the bytes after it in this read (a
+    /// CONNECT handed to another shard takes them along). False when the connection is gone.
+    pub(super) fn handle_frame(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
+        self.metrics.packet_in(frame[0] >> 4);
+        if self.conns[key].state == ConnState::Handshake {
+            return match codec::decode_connect(frame) {
+                Ok(connect) => self.route_connect(key, connect, rest),
+                Err(e) => {
+                    let peer = self.conns[key].peer;
+                    tracing::info!(shard = self.id, %peer, error = %e.error, "bad CONNECT, closing");
+                    match e.version {
+                        Some(v) => {
+                            self.conns[key].version = v;
+                            let code = e.connack_code();
+                            self.refuse(key, code, code, RefuseReason::Protocol)
+                        }
+                        None => {
+                            self.metrics.refuse(RefuseReason::Protocol);
+                            self.close_conn(key, DisconnectReason::ProtocolError, None);
+                            false
+                        }
+                    }
+                }
+            };
+        }
+        let version = self.conns[key].version;
+        match codec::decode(frame, version) {
+            Ok(packet) => self.handle_packet(key, packet),
+            Err(e) => self.protocol_error(key, &e),
+        }
+    }
+
+    /// Sends the connection to its client id's home shard, or serves it here.
+    fn route_connect(&mut self, key: usize, mut connect: Connect, rest: &[u8]) -> bool {
+        let mut assigned = false;
+        if connect.client_id.is_empty() {
+            if connect.version != Version::V5 && !connect.clean_start {
+                // 3.1.1 [MQTT-3.1.3-8]: an empty id needs clean session.
+                self.conns[key].version = connect.version;
+                return self.refuse(
+                    key,
+                    V3_IDENTIFIER_REJECTED,
+                    reason::CLIENT_ID_NOT_VALID,
+                    RefuseReason::ClientId,
+                );
+            }
+            connect.client_id = self.assign_client_id();
+            assigned = true;
+        }
+        let home = home_shard(&connect.client_id, self.mailboxes.len());
+        if home == self.id {
+            return self.on_connect(key, connect, assigned);
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+        self.wheel.cancel(conn.timer);
+        if let Some(b) = conn.bufs.take() {
+            self.pool.give(b.inbuf, self.now);
+            self.pool.give(b.out, self.now);
+        }
+        let accepted_at = self.started + self.limits.tick * conn.accepted_at;
+        let version = connect.version;
+        let handoff = Handoff {
+            socket: conn.socket,
+            peer: conn.peer,
+            connect,
+            rest: rest.to_vec(),
+            accepted_at,
+        };
+        if let Err(ShardMsg::Handoff(h)) = self
+            .mailboxes
+            .try_send(home, ShardMsg::Handoff(Box::new(handoff)))
+        {
+            // The home shard is overloaded: tell the client to come back later.
+            let mut out = Vec::with_capacity(16);
+            let code = if version == Version::V5 {
+                reason::SERVER_UNAVAILABLE
+            } else {
+                V3_SERVER_UNAVAILABLE
+            };
+            codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
+            let _ = std::io::Write::write(&mut &h.socket, &out);
+            self.open_connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.refuse(RefuseReason::Busy);
+            self.metrics.disconnect(DisconnectReason::Refused);
+            tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
+        }
+        false
+    }
+
+    /// A client id that homes on this shard, for a client that sent an empty one.
+    fn assign_client_id(&mut self) -> String {
+        loop {
+            self.next_auto_id += 1;
+            let salt = self.started.elapsed().as_nanos() as u64;
+            let id = format!(
+                "auto-{:x}-{:x}-{:x}",
+                self.id,
+                self.next_auto_id,
+                salt & 0xffff_ffff
+            );
+            if home_shard(&id, self.mailboxes.len()) == self.id {
+                return id;
+            }
+        }
+    }
+
+    /// Writes a CONNACK with an error and closes. Always false.
+    fn refuse(&mut self, key: usize, v3_code: u8, v5_code: u8, why: RefuseReason) -> bool {
+        let v = self.conns[key].version;
+        let code = if v == Version::V5 { v5_code } else { v3_code };
+        self.output(key, 64, |out| {
+            codec::encode_connack(out, v, false, code, &ConnAckProps::default())
+        });
+        self.metrics.packet_out(2);
+        self.metrics.refuse(why);
+        self.flush_conn(key);
+        self.close_conn(key, DisconnectReason::Refused, None);
+        false
+    }
+
+    /// Accepts a CONNECT on the home shard: duplicate policy, session, keep-alive, CONNACK,
+    /// then redelivery. False if the connection was refused.
+    pub(super) fn on_connect(&mut self, key: usize, c: Connect, assigned: bool) -> bool {
+        let v = c.version;
+        self.conns[key].version = v;
+        if v == Version::V5 && c.auth_method.is_some() {
+            return self.refuse(key, 0, reason::BAD_AUTH_METHOD, RefuseReason::Auth);
+        }
+        if c.client_id.len() > self.limits.max_client_id_len {
+            return self.refuse(
+                key,
+                V3_IDENTIFIER_REJECTED,
+                reason::CLIENT_ID_NOT_VALID,
+                RefuseReason::ClientId,
+            );
+        }
+        if let Some(&skey) = self.by_client.get(c.client_id.as_str()) {
+            let old = self.sessions[skey as usize].conn;
+            if old != NO_CONN {
+                if !self.limits.takeover {
+                    tracing::info!(shard = self.id, client_id = %c.client_id, "duplicate client id refused");
+                    return self.refuse(
+                        key,
+                        V3_IDENTIFIER_REJECTED,
+                        reason::CLIENT_ID_NOT_VALID,
+                        RefuseReason::Duplicate,
+                    );
+                }
+                tracing::info!(shard = self.id, client_id = %c.client_id, "session taken over by a new connection");
+                self.close_conn(
+                    old as usize,
+                    DisconnectReason::Takeover,
+                    Some(reason::SESSION_TAKEN_OVER),
+                );
+            }
+        }
+        // Closing the old connection may have ended a session with expiry 0.
+        let existing = self.by_client.get(c.client_id.as_str()).copied();
+        let (skey, present) = match existing {
+            Some(s) if !c.clean_start => (s as usize, true),
+            Some(s) => {
+                self.end_session(s as usize);
+                (self.new_session(&c.client_id, v), false)
+            }
+            None => (self.new_session(&c.client_id, v), false),
+        };
+        let limits = &self.limits;
+        let expiry = match v {
+            Version::V5 => c.session_expiry.min(limits.max_session_expiry_secs),
+            _ if c.clean_start => 0,
+            _ => limits.max_session_expiry_secs,
+        };
+        let requested_ka = c.keep_alive;
+        let cap = limits.max_keepalive_secs;
+        let mut keep_alive = if requested_ka == 0 || requested_ka > cap {
+            cap
+        } else {
+            requested_ka
+        };
+        if v == Version::V5 && limits.keepalive_jitter_pct > 0 {
+            keep_alive = self.jitter(keep_alive);
+        }
+        let idle_ticks = self.limits.ticks(f64::from(keep_alive) * 1.5);
+        let window = c.receive_maximum.min(self.limits.max_inflight).max(1);
+
+        // Attach the session.
+        if let Some(t) = self.sessions[skey].timer.take() {
+            self.wheel.cancel(t);
+        }
+        let s = &mut self.sessions[skey];
+        s.conn = key as u32;
+        s.version = v;
+        s.expiry_secs = expiry;
+        if let Some(st) = s.extra.as_mut() {
+            // Reconnected in time: a delayed will is not sent, the expiry is off.
+            st.will = None;
+            st.will_due = None;
+            st.expires_at = None;
+        }
+        if let Some(w) = c.will {
+            s.state().will = Some(w);
+        }
+        s.compact();
+        let client_id = s.client_id.clone();
+
+        let now = self.now32();
+        let conn = &mut self.conns[key];
+        conn.state = ConnState::Active;
+        conn.session = skey as u32;
+        conn.keep_alive = keep_alive;
+        conn.idle_ticks = idle_ticks;
+        conn.last_seen = now;
+        conn.max_packet = c.max_packet_size;
+        conn.window = window;
+        let deadline = u64::from(now) + u64::from(idle_ticks) + 1;
+        let timer = conn.timer;
+        if !self.wheel.reset(timer, deadline) {
+            self.conns[key].timer = self.wheel.insert(deadline, key as u32);
+        }
+
+        let props = ConnAckProps {
+            assigned_client_id: assigned.then_some(&*client_id),
+            server_keep_alive: (v == Version::V5 && keep_alive != requested_ka)
+                .then_some(keep_alive),
+            session_expiry: (v == Version::V5 && expiry != c.session_expiry).then_some(expiry),
+            receive_maximum: self.limits.receive_maximum,
+            max_packet_size: self.limits.max_packet_size as u32,
+            topic_alias_max: 0,
+            retain_available: self.limits.retain_available,
+            wildcard_available: true,
+            subscription_ids_available: false,
+            shared_subscriptions_available: false,
+            ..ConnAckProps::default()
+        };
+        self.output(key, 128, |out| {
+            codec::encode_connack(out, v, present, 0, &props)
+        });
+        self.metrics.packet_out(2);
+        ShardMetrics::add(&self.metrics.connects, 1);
+        tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.conns[key].peer, keep_alive, session_present = present, "connected");
+        if present {
+            self.resend_inflight(skey);
+        }
+        true
+    }
+
+    /// Spreads keep-alives by up to ±`keepalive_jitter_pct` so reconnect herds drift apart.
+    fn jitter(&mut self, ka: u16) -> u16 {
+        self.next_auto_id = self
+            .next_auto_id
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = (self.next_auto_id >> 33) as f64 / f64::from(1u32 << 31); // 0..1
+        let pct = f64::from(self.limits.keepalive_jitter_pct) / 100.0;
+        let k = f64::from(ka) * (1.0 + pct * (2.0 * r - 1.0));
+        (k.round() as u32).clamp(1, u32::from(self.limits.max_keepalive_secs)) as u16
+    }
+
+    fn new_session(&mut self, client_id: &str, v: Version) -> usize {
+        let id: Arc<str> = Arc::from(client_id);
+        let skey = self.sessions.insert(Session::new(id.clone(), v));
+        self.by_client.insert(id, skey as u32);
+        skey
+    }
+
+    fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
+        let skey = self.conns[key].session as usize;
+        let v = self.conns[key].version;
+        match packet {
+            Packet::Publish(p) => return self.on_publish(key, skey, p),
+            Packet::PubAck { pkid, .. } => self.on_puback(skey, pkid),
+            Packet::PubRec { pkid, reason: code } => self.on_pubrec(key, skey, pkid, code),
+            Packet::PubComp { pkid, .. } => self.on_pubcomp(skey, pkid),
+            Packet::PubRel { pkid, .. } => {
+                let known = match self.sessions[skey].extra.as_mut() {
+                    Some(st) => match st.inbound_qos2.iter().position(|&p| p == pkid) {
+                        Some(i) => {
+                            st.inbound_qos2.swap_remove(i);
+                            true
+                        }
+                        None => false,
+                    },
+                    None => false,
+                };
+                self.sessions[skey].compact();
+                let code = if known {
+                    0
+                } else {
+                    reason::PACKET_ID_NOT_FOUND
+                };
+                self.output(key, 16, |out| codec::encode_pubcomp(out, v, pkid, code));
+                self.metrics.packet_out(7);
+            }
+            Packet::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => {
+                if subscription_id.is_some() {
+                    return self.close_protocol(
+                        key,
+                        reason::SUB_IDS_NOT_SUPPORTED,
+                        "subscription identifiers are not supported",
+                    );
+                }
+                self.on_subscribe(key, skey, pkid, filters);
+            }
+            Packet::Unsubscribe { pkid, filters } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                for f in &filters {
+                    codes.push(if self.unsubscribe(skey, f) {
+                        0
+                    } else {
+                        reason::NO_SUBSCRIPTION_EXISTED
+                    });
+                }
+                self.output(key, 16 + codes.len(), |out| {
+                    codec::encode_unsuback(out, v, pkid, &codes)
+                });
+                self.metrics.packet_out(11);
+            }
+            Packet::PingReq => {
+                self.output(key, 2, codec::encode_pingresp);
+                self.metrics.packet_out(13);
+            }
+            Packet::Disconnect {
+                reason: code,
+                session_expiry,
+            } => {
+                let s = &mut self.sessions[skey];
+                if let Some(e) = session_expiry {
+                    if s.expiry_secs == 0 && e != 0 {
+                        // [MQTT-3.14.2-2]: cannot turn a session that ends into one that lasts.
+                        return self.close_protocol(
+                            key,
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set on DISCONNECT after 0 at CONNECT",
+                        );
+                    }
+                    s.expiry_secs = e.min(self.limits.max_session_expiry_secs);
+                }
+                // Only "disconnect with will message" (0x04) keeps the will.
+                if code != 0x04 {
+                    if let Some(st) = s.extra.as_mut() {
+                        st.will = None;
+                    }
+                }
+                self.close_conn(key, DisconnectReason::Client, None);
+                return false;
+            }
+            Packet::Auth => {
+                return self.close_protocol(
+                    key,
+                    reason::PROTOCOL_ERROR,
+                    "AUTH without enhanced authentication",
+                );
+            }
+        }
+        true
+    }
+
+    /// Closes for a protocol breach found above the codec, with an MQTT 5 reason code.
+    fn close_protocol(&mut self, key: usize, code: u8, why: &str) -> bool {
+        let client = self.client_id_of(key);
+        tracing::info!(shard = self.id, client_id = %client, error = why, "protocol error, closing");
+        self.close_conn(key, DisconnectReason::ProtocolError, Some(code));
+        false
+    }
+
+    fn on_publish(&mut self, key: usize, skey: usize, p: Publish) -> bool {
+        let v = self.conns[key].version;
+        if p.topic_alias.is_some() {
+            return self.close_protocol(
+                key,
+                reason::TOPIC_ALIAS_INVALID,
+                "topic alias above Topic Alias Maximum 0",
+            );
+        }
+        if p.retain && !self.limits.retain_available {
+            return self.close_protocol(
+                key,
+                reason::RETAIN_NOT_SUPPORTED,
+                "retain is not available",
+            );
+        }
+        if p.qos == 2 {
+            let max = usize::from(self.limits.receive_maximum);
+            let st = self.sessions[skey].state();
+            if st.inbound_qos2.contains(&p.pkid) {
+                // A resend of a message we already have: acknowledge, do not route again.
+                self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
+                self.metrics.packet_out(5);
+                return true;
+            }
+            if st.inbound_qos2.len() >= max {
+                return self.close_protocol(
+                    key,
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more QoS 2 messages in flight than Receive Maximum",
+                );
+            }
+            st.inbound_qos2.push(p.pkid);
+        }
+        let expiry = p.props.as_ref().and_then(|pr| pr.message_expiry);
+        let mut msg = Message::new(
+            Arc::from(p.topic),
+            p.payload,
+            p.qos,
+            p.retain,
+            Origin::Device {
+                shard: self.id as u16,
+                session: skey as u32,
+            },
+        )
+        .with_expiry_secs(expiry);
+        msg.props = p.props;
+        self.publish(Arc::new(msg));
+        match p.qos {
+            1 => {
+                self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, 0));
+                self.metrics.packet_out(4);
+            }
+            2 => {
+                self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
+                self.metrics.packet_out(5);
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn on_subscribe(
+        &mut self,
+        key: usize,
+        skey: usize,
+        pkid: u16,
+        filters: Vec<codec::SubscribeFilter>,
+    ) {
+        let v = self.conns[key].version;
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut wanted_retained = Vec::new();
+        for f in filters {
+            if !topic::valid_topic_filter(&f.filter) {
+                codes.push(if v == Version::V5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    0x80
+                });
+                continue;
+            }
+            if topic::parse_shared(&f.filter).is_some() {
+                codes.push(if v == Version::V5 {
+                    reason::SHARED_SUBS_NOT_SUPPORTED
+                } else {
+                    0x80
+                });
+                continue;
+            }
+            let qos = f.qos.min(2);
+            let options = qos
+                | (u8::from(f.no_local) << 2)
+                | (u8::from(f.retain_as_published) << 3)
+                | ((f.retain_handling & 3) << 4);
+            let s = &mut self.sessions[skey];
+            let existing = s.subs.iter().position(|(fl, _)| **fl == *f.filter);
+            let filter: Arc<str> = match existing {
+                Some(i) => {
+                    s.subs[i].1 = options;
+                    s.subs[i].0.clone()
+                }
+                None => {
+                    let a: Arc<str> = Arc::from(f.filter);
+                    s.subs.push((a.clone(), options));
+                    self.subs_total += 1;
+                    a
+                }
+            };
+            self.subs.insert(
+                &filter,
+                Subscriber {
+                    session: skey as u32,
+                    options,
+                },
+            );
+            codes.push(qos);
+            // Retain Handling: 0 send retained, 1 only for a new subscription, 2 never.
+            let handling = (options >> 4) & 3;
+            if handling == 0 || (handling == 1 && existing.is_none()) {
+                wanted_retained.push((filter, qos));
+            }
+        }
+        self.output(key, 16 + codes.len(), |out| {
+            codec::encode_suback(out, v, pkid, &codes)
+        });
+        self.metrics.packet_out(9);
+        for (filter, qos) in wanted_retained {
+            self.send_retained(skey, &filter, qos);
+        }
+    }
+
+    /// Removes one subscription of a session; true if it existed.
+    fn unsubscribe(&mut self, skey: usize, filter: &str) -> bool {
+        let s = &mut self.sessions[skey];
+        let Some(i) = s.subs.iter().position(|(f, _)| &**f == filter) else {
+            return false;
+        };
+        s.subs.swap_remove(i);
+        self.subs.remove(filter, skey as u32);
+        self.subs_total -= 1;
+        true
+    }
+
+    fn on_puback(&mut self, skey: usize, pkid: u16) {
+        if let Some(st) = self.sessions[skey].extra.as_mut() {
+            if let Some(i) = st
+                .inflight
+                .iter()
+                .position(|f| f.pkid == pkid && f.item.qos == 1)
+            {
+                st.inflight.remove(i);
+            }
+        }
+        self.refill(skey);
+    }
+
+    fn on_pubrec(&mut self, key: usize, skey: usize, pkid: u16, code: u8) {
+        let v = self.conns[key].version;
+        let mut found = false;
+        if let Some(st) = self.sessions[skey].extra.as_mut() {
+            if let Some(i) = st
+                .inflight
+                .iter()
+                .position(|f| f.pkid == pkid && f.item.qos == 2)
+            {
+                found = true;
+                if code >= 0x80 {
+                    // The receiver refused it; the exchange ends here (MQTT 5 4.3.3).
+                    st.inflight.remove(i);
+                } else {
+                    st.inflight[i].state = InflightState::Released;
+                }
+            }
+        }
+        if code < 0x80 {
+            let rc = if found {
+                0
+            } else {
+                reason::PACKET_ID_NOT_FOUND
+            };
+            self.output(key, 16, |out| codec::encode_pubrel(out, v, pkid, rc));
+            self.metrics.packet_out(6);
+        } else {
+            self.refill(skey);
+        }
+    }
+
+    fn on_pubcomp(&mut self, skey: usize, pkid: u16) {
+        if let Some(st) = self.sessions[skey].extra.as_mut() {
+            if let Some(i) = st
+                .inflight
+                .iter()
+                .position(|f| f.pkid == pkid && f.state == InflightState::Released)
+            {
+                st.inflight.remove(i);
+            }
+        }
+        self.refill(skey);
+    }
+
+    /// The session's connection ended. Publishes or schedules the will, and ends the
+    /// session now or arms its expiry.
+    pub(super) fn detach_session(&mut self, skey: usize, will_allowed: bool) {
+        let now = self.now;
+        let s = &mut self.sessions[skey];
+        s.conn = NO_CONN;
+        let will: Option<Box<Will>> = s.extra.as_mut().and_then(|st| st.will.take());
+        let will = will.filter(|_| will_allowed);
+        if s.expiry_secs == 0 {
+            if let Some(w) = will {
+                self.publish_will(*w);
+            }
+            self.end_session(skey);
+            return;
+        }
+        let expiry = s.expiry_secs;
+        let expires_at = (expiry != NEVER_EXPIRES)
+            .then(|| now + u64::from(self.limits.ticks(f64::from(expiry))));
+        let mut publish_now = None;
+        if let Some(w) = will {
+            if w.delay_secs == 0 {
+                publish_now = Some(w);
+            } else {
+                // Sent after the delay or when the session ends, whichever is first.
+                let delay = w.delay_secs.min(expiry);
+                let due = now + u64::from(self.limits.ticks(f64::from(delay)));
+                let st = self.sessions[skey].state();
+                st.will = Some(w);
+                st.will_due = Some(due);
+            }
+        }
+        if let Some(at) = expires_at {
+            self.sessions[skey].state().expires_at = Some(at);
+        }
+        self.sessions[skey].compact();
+        self.arm_session_timer(skey);
+        if let Some(w) = publish_now {
+            self.publish_will(*w);
+        }
+    }
+
+    fn arm_session_timer(&mut self, skey: usize) {
+        let s = &mut self.sessions[skey];
+        if let Some(t) = s.timer.take() {
+            self.wheel.cancel(t);
+        }
+        let due = s
+            .extra
+            .as_ref()
+            .and_then(|st| match (st.will_due, st.expires_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            });
+        if let Some(at) = due {
+            s.timer = Some(self.wheel.insert(at, skey as u32 | SESSION_TIMER));
+        }
+    }
+
+    pub(super) fn on_session_timer(&mut self, skey: usize, id: TimerId) {
+        let Some(s) = self.sessions.get_mut(skey) else {
+            return;
+        };
+        if s.timer != Some(id) || s.is_online() {
+            return;
+        }
+        s.timer = None;
+        let now = self.now;
+        let (will_due, expires_at) = s
+            .extra
+            .as_ref()
+            .map_or((None, None), |st| (st.will_due, st.expires_at));
+        if will_due.is_some_and(|d| d <= now) {
+            let st = s.state();
+            st.will_due = None;
+            if let Some(w) = st.will.take() {
+                self.publish_will(*w);
+            }
+        }
+        if expires_at.is_some_and(|d| d <= now) {
+            tracing::debug!(shard = self.id, client_id = %self.sessions[skey].client_id, "session expired");
+            self.end_session(skey);
+            return;
+        }
+        self.sessions[skey].compact();
+        self.arm_session_timer(skey);
+    }
+
+    /// Removes a session and everything it holds; a pending will is published now.
+    pub(super) fn end_session(&mut self, skey: usize) {
+        let Some(s) = self.sessions.try_remove(skey) else {
+            return;
+        };
+        self.by_client.remove(&*s.client_id);
+        for (filter, _) in &s.subs {
+            self.subs.remove(filter, skey as u32);
+        }
+        self.subs_total -= s.subs.len() as u64;
+        if let Some(t) = s.timer {
+            self.wheel.cancel(t);
+        }
+        if let Some(st) = s.extra {
+            self.queued_total -= st.queue.len() as u64;
+            if st.will_due.is_some() {
+                if let Some(w) = st.will {
+                    self.publish_will(*w);
+                }
+            }
+        }
+        debug_assert!(
+            s.conn == NO_CONN
+                || self
+                    .conns
+                    .get(s.conn as usize)
+                    .is_none_or(|c| c.session == NO_SESSION)
+        );
+    }
+
+    fn publish_will(&mut self, w: Will) {
+        let expiry = w.props.as_ref().and_then(|p| p.message_expiry);
+        let mut msg = Message::new(
+            Arc::from(w.topic),
+            w.payload,
+            w.qos,
+            w.retain,
+            Origin::Gateway,
+        )
+        .with_expiry_secs(expiry);
+        msg.props = w.props;
+        self.publish(Arc::new(msg));
+    }
+}

@@ -1,0 +1,625 @@
+//! Shared test harness: a real gateway on loopback (in-process or as the real binary),
+//! real MQTT clients (rumqttc v4/v5 and a raw TCP client built on mqttbytes for the
+//! byte-level cases), and a real HTTP client.
+#![allow(dead_code, unused_imports)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use gateway::config::Config;
+use gateway::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// The config every test starts from: loopback, ephemeral ports, two shards.
+pub const BASE: &str = r#"
+[mqtt]
+listen = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
+[shards]
+count = 2
+[log]
+level = "warn"
+"#;
+
+/// Merges `extra` TOML (whole sections) over [`BASE`].
+pub fn config(extra: &str) -> Config {
+    let mut base: toml::Table = BASE.parse().expect("base toml");
+    let extra: toml::Table = extra.parse().expect("extra toml");
+    for (k, v) in extra {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    Config::from_toml_str(&toml::to_string(&base).expect("toml")).expect("valid test config")
+}
+
+/// A gateway running inside the test process.
+pub struct TestServer {
+    server: Option<Server>,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl TestServer {
+    pub fn start(extra: &str) -> TestServer {
+        let server = Server::start(config(extra), None).expect("server starts");
+        TestServer {
+            mqtt: server.mqtt_addr,
+            http: server.http_addr,
+            server: Some(server),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.mqtt.port()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.http, "/metrics").await.1
+    }
+
+    /// The value of one sample, e.g. `gateway_disconnects_total{reason="keepalive"}`;
+    /// for a per-shard gauge name without labels, the sum over shards.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    /// Polls a metric until `pred` holds or `timeout` passes; returns the last value.
+    pub async fn wait_metric(
+        &self,
+        sample: &str,
+        timeout: Duration,
+        pred: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(sample).await;
+            if pred(v) || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            // Runtimes may not be dropped inside an async context: stop from a plain thread.
+            let _ = std::thread::spawn(move || s.shutdown()).join();
+        }
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    let mut sum = 0.0;
+    let mut found = false;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let bare = name.split('{').next().unwrap_or(name);
+        if name == sample || (!sample.contains('{') && bare == sample) {
+            sum += value.parse::<f64>().unwrap_or(f64::NAN);
+            found = true;
+        }
+    }
+    assert!(found, "metric {sample} not found in:\n{text}");
+    sum
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("http get");
+    let code = resp.status().as_u16();
+    (code, resp.text().await.expect("body"))
+}
+
+/// The real `gateway` binary, started with a config file; killed on drop if still running.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    _dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    /// A scratch directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!(
+                "gateway-test-{tag}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ));
+            std::fs::create_dir_all(&p).expect("temp dir");
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl GatewayProcess {
+    /// Starts the binary with BASE + `extra` as its config and waits for its listening line.
+    pub fn start(extra: &str) -> GatewayProcess {
+        let dir = tempdir::Dir::new("proc");
+        let path = dir.0.join("gateway.toml");
+        let mut base: toml::Table = BASE.parse().unwrap();
+        base.insert(
+            "log".into(),
+            toml::Value::Table("level = \"info\"".parse().unwrap()),
+        );
+        let extra: toml::Table = extra.parse().unwrap();
+        for (k, v) in extra {
+            match (base.get_mut(&k), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
+                (_, v) => {
+                    base.insert(k, v);
+                }
+            }
+        }
+        std::fs::write(&path, toml::to_string(&base).unwrap()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn gateway");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("gateway listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway announces its addresses");
+        let field = |name: &str| -> SocketAddr {
+            let plain = strip_ansi(&line);
+            let start = plain.find(&format!("{name}=")).expect("address field") + name.len() + 1;
+            plain[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .expect("address")
+        };
+        GatewayProcess {
+            mqtt: field("mqtt_addr"),
+            http: field("http_addr"),
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// What each open fd points at (for failure messages).
+    pub fn fd_targets(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|p| p.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/statm", self.pid())).unwrap_or_default();
+        s.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 4096
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&http_get(self.http, "/metrics").await.1, sample)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c2 in chars.by_ref() {
+                if c2.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// rumqttc clients whose events arrive on a channel.
+
+pub mod v4 {
+    use super::*;
+    pub use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Result<Event, String>>,
+        pub task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    /// Connects and waits for CONNACK; panics if it does not come.
+    pub async fn connect(o: MqttOptions) -> Client {
+        let c = connect_raw(o);
+        super::expect_connack_v4(c).await
+    }
+
+    /// Starts the event loop without waiting for anything.
+    pub fn connect_raw(o: MqttOptions) -> Client {
+        let (client, mut el) = AsyncClient::new(o, 1000);
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(ev) => {
+                        if tx.send(Ok(ev)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Client {
+            client,
+            events,
+            task,
+        }
+    }
+
+    impl Client {
+        /// Next incoming PUBLISH within `timeout`.
+        pub async fn next_publish(&mut self, timeout: Duration) -> Option<rumqttc::Publish> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(Packet::Publish(p))))) => return Some(p),
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return None,
+                }
+            }
+        }
+
+        /// Waits for an incoming packet matching `f`.
+        pub async fn wait_for(&mut self, timeout: Duration, f: impl Fn(&Packet) -> bool) -> bool {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(p)))) if f(&p) => return true,
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return false,
+                }
+            }
+        }
+
+        /// Waits until the event loop reports the connection failed.
+        pub async fn wait_closed(&mut self, timeout: Duration) -> Option<String> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Err(e))) => return Some(e),
+                    Ok(Some(Ok(_))) => continue,
+                    Ok(None) => return Some("event loop ended".into()),
+                    Err(_) => return None,
+                }
+            }
+        }
+
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .expect("subscribe request");
+            assert!(
+                self.wait_for(Duration::from_secs(5), |p| matches!(p, Packet::SubAck(_)))
+                    .await,
+                "no SUBACK for {filter}"
+            );
+        }
+    }
+}
+
+pub mod v5 {
+    use super::*;
+    pub use rumqttc::v5::mqttbytes::v5::Packet;
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Result<Event, String>>,
+        pub task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub fn connect_raw(o: MqttOptions) -> Client {
+        let (client, mut el) = AsyncClient::new(o, 1000);
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(ev) => {
+                        if tx.send(Ok(ev)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:?}")));
+                        return;
+                    }
+                }
+            }
+        });
+        Client {
+            client,
+            events,
+            task,
+        }
+    }
+
+    pub async fn connect(o: MqttOptions) -> Client {
+        let mut c = connect_raw(o);
+        assert!(
+            c.wait_for(Duration::from_secs(5), |p| matches!(p, Packet::ConnAck(a) if a.code == rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success)).await,
+            "no successful CONNACK"
+        );
+        c
+    }
+
+    impl Client {
+        pub async fn wait_for(&mut self, timeout: Duration, f: impl Fn(&Packet) -> bool) -> bool {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(p)))) if f(&p) => return true,
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return false,
+                }
+            }
+        }
+
+        pub async fn next_publish(
+            &mut self,
+            timeout: Duration,
+        ) -> Option<rumqttc::v5::mqttbytes::v5::Publish> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(Packet::Publish(p))))) => return Some(p),
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return None,
+                }
+            }
+        }
+
+        /// The next packet the server sent, whatever it is.
+        pub async fn next_incoming(&mut self, timeout: Duration) -> Option<Result<Packet, String>> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(p)))) => return Some(Ok(p)),
+                    Ok(Some(Ok(_))) => continue,
+                    Ok(Some(Err(e))) => return Some(Err(e)),
+                    _ => return None,
+                }
+            }
+        }
+
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .expect("subscribe request");
+            assert!(
+                self.wait_for(Duration::from_secs(5), |p| matches!(p, Packet::SubAck(_)))
+                    .await,
+                "no SUBACK for {filter}"
+            );
+        }
+    }
+}
+
+async fn expect_connack_v4(mut c: v4::Client) -> v4::Client {
+    assert!(
+        c.wait_for(Duration::from_secs(5), |p| matches!(p, rumqttc::Packet::ConnAck(a) if a.code == rumqttc::ConnectReturnCode::Success)).await,
+        "no successful CONNACK"
+    );
+    c
+}
+
+// ---------------------------------------------------------------------------------------
+// A raw MQTT client for byte-level tests: writes exactly what the test says, decodes what
+// the server sends with mqttbytes.
+
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw::from_stream(TcpStream::connect(addr).await.expect("tcp connect"))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// CONNECT bytes for MQTT 3.1.1.
+    pub fn connect_v4(id: &str, keep_alive: u16, clean: bool) -> Vec<u8> {
+        let mut c = mqttbytes::v4::Connect::new(id);
+        c.keep_alive = keep_alive;
+        c.clean_session = clean;
+        let mut b = BytesMut::new();
+        c.write(&mut b).unwrap();
+        b.to_vec()
+    }
+
+    /// CONNECT bytes for MQTT 5.
+    pub fn connect_v5(
+        id: &str,
+        keep_alive: u16,
+        props: Option<mqttbytes::v5::ConnectProperties>,
+    ) -> Vec<u8> {
+        let mut c = mqttbytes::v5::Connect::new(id);
+        c.keep_alive = keep_alive;
+        c.properties = props;
+        let mut b = BytesMut::new();
+        c.write(&mut b).unwrap();
+        b.to_vec()
+    }
+
+    pub fn publish_v4(topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p =
+            mqttbytes::v4::Publish::new(topic, mqttbytes::qos(qos).unwrap(), payload.to_vec());
+        p.pkid = pkid;
+        let mut b = BytesMut::new();
+        p.write(&mut b).unwrap();
+        b.to_vec()
+    }
+
+    pub fn subscribe_v4(filter: &str, qos: u8, pkid: u16) -> Vec<u8> {
+        let mut s = mqttbytes::v4::Subscribe::new(filter, mqttbytes::qos(qos).unwrap());
+        s.pkid = pkid;
+        let mut b = BytesMut::new();
+        s.write(&mut b).unwrap();
+        b.to_vec()
+    }
+
+    async fn fill(&mut self, deadline: tokio::time::Instant) -> Result<(), &'static str> {
+        let mut tmp = [0u8; 65536];
+        match tokio::time::timeout_at(deadline, self.stream.read(&mut tmp)).await {
+            Ok(Ok(0)) => Err("closed"),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Ok(())
+            }
+            Ok(Err(_)) => Err("closed"),
+            Err(_) => Err("timeout"),
+        }
+    }
+
+    /// Next MQTT 3.1.1 packet from the server, or Err("closed"/"timeout").
+    pub async fn recv_v4(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<mqttbytes::v4::Packet, &'static str> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match mqttbytes::v4::read(&mut self.buf, 1 << 28) {
+                Ok(p) => return Ok(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => self.fill(deadline).await?,
+                Err(_) => return Err("undecodable"),
+            }
+        }
+    }
+
+    /// Next MQTT 5 packet from the server, or Err("closed"/"timeout").
+    pub async fn recv_v5(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<mqttbytes::v5::Packet, &'static str> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match mqttbytes::v5::read(&mut self.buf, 1 << 28) {
+                Ok(p) => return Ok(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => self.fill(deadline).await?,
+                Err(_) => return Err("undecodable"),
+            }
+        }
+    }
+
+    /// True if the server closes the connection within `timeout` (any bytes are skipped).
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.fill(deadline).await {
+                Ok(()) => continue,
+                Err("closed") => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! No dead connection is ever left behind: keep-alive expiry on the timing wheel, peers
+//! that half-close, load-balancer probe churn, and subscribers that stop reading.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::{v4, GatewayProcess, Raw, TestServer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+const T: Duration = Duration::from_secs(5);
+
+/// Connects from 127.0.0.(2 + i % spread) so thousands of short connections never run
+/// out of ephemeral ports on one source address.
+async fn connect_from(i: usize, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let src = Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8);
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(IpAddr::V4(src), 0))?;
+    s.connect(target).await
+}
+
+#[tokio::test]
+async fn silent_client_expires_at_one_and_a_half_keep_alives() {
+    let gw = TestServer::start(""); // default tick: 1 s
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v4("silent", 2, true)).await;
+    assert!(matches!(
+        raw.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    let started = Instant::now();
+    assert!(
+        raw.closed_within(Duration::from_secs(8)).await,
+        "silent client not disconnected"
+    );
+    let waited = started.elapsed();
+    // 1.5 × 2 s = 3 s, plus at most one 1 s tick.
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "expired early: {waited:?}"
+    );
+    assert!(
+        waited <= Duration::from_millis(4500),
+        "expired late: {waited:?}"
+    );
+    assert_eq!(
+        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn pinging_client_stays_connected() {
+    let gw = TestServer::start("");
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v4("pinger", 2, true)).await;
+    assert!(matches!(
+        raw.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        raw.send(&[0xc0, 0x00]).await;
+        assert!(
+            matches!(raw.recv_v4(T).await, Ok(mqttbytes::v4::Packet::PingResp)),
+            "PINGRESP"
+        );
+    }
+    assert_eq!(
+        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(gw.metric("gateway_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn v5_keep_alive_timeout_is_told_0x8d() {
+    let gw = TestServer::start("[shards]\ntick_ms = 100");
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v5("silent5", 1, None)).await;
+    assert!(matches!(
+        raw.recv_v5(T).await,
+        Ok(mqttbytes::v5::Packet::ConnAck(_))
+    ));
+    match raw.recv_v5(T).await {
+        Ok(mqttbytes::v5::Packet::Disconnect(d)) => {
+            assert_eq!(
+                d.reason_code,
+                mqttbytes::v5::DisconnectReasonCode::KeepAliveTimeout
+            )
+        }
+        other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
+    }
+}
+
+/// Counts sockets in CLOSE_WAIT whose local port is `port` (/proc/net/tcp, state 08).
+fn close_wait_on(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "08"
+                && f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn half_closed_peers_leave_no_close_wait() {
+    let gw = TestServer::start("");
+    let mut clients = Vec::new();
+    for i in 0..1000 {
+        let mut s = connect_from(i, gw.mqtt).await.expect("connect");
+        // Half are MQTT sessions, half are bare sockets that never send CONNECT.
+        if i % 2 == 1 {
+            s.write_all(&Raw::connect_v4(&format!("half-{i}"), 60, true))
+                .await
+                .unwrap();
+        }
+        clients.push(s);
+    }
+    gw.wait_metric("gateway_connections", T, |v| v == 1000.0)
+        .await;
+    for s in &mut clients {
+        s.shutdown().await.unwrap(); // FIN: half-close, keep our read side open
+    }
+    let started = Instant::now();
+    let conns = gw
+        .wait_metric("gateway_connections", Duration::from_secs(2), |v| v == 0.0)
+        .await;
+    assert_eq!(conns, 0.0, "connections left after half-close");
+    while close_wait_on(gw.port()) > 0 && started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        close_wait_on(gw.port()),
+        0,
+        "CLOSE_WAIT sockets on the gateway port"
+    );
+    assert!(
+        gw.metric("gateway_disconnects_total{reason=\"close_wait\"}")
+            .await
+            >= 1000.0
+    );
+    assert_eq!(gw.metric("gateway_sessions").await, 0.0);
+}
+
+#[tokio::test]
+async fn probe_churn_returns_to_baseline() {
+    let gw = GatewayProcess::start("");
+    let addr = gw.mqtt;
+    // Warm up the HTTP side so its own connections are part of the baseline.
+    let _ = gw.metric("gateway_connections").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = gw.open_fds();
+
+    // 20,000 load-balancer probes: TCP connect, then close, no MQTT at all.
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..100usize {
+        tasks.spawn(async move {
+            let mut ok = 0;
+            for j in 0..200 {
+                if connect_from(worker * 200 + j, addr).await.is_ok() {
+                    ok += 1;
+                }
+            }
+            ok
+        });
+    }
+    let mut probes = 0;
+    while let Some(n) = tasks.join_next().await {
+        probes += n.unwrap();
+    }
+    assert_eq!(probes, 20_000);
+
+    // 5,000 devices that CONNECT and then vanish with a RST.
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..50usize {
+        tasks.spawn(async move {
+            for j in 0..100 {
+                let i = worker * 100 + j;
+                let mut s = connect_from(i, addr).await.unwrap();
+                s.write_all(&Raw::connect_v4(&format!("probe-{i}"), 60, true))
+                    .await
+                    .unwrap();
+                let mut b = [0u8; 4];
+                let _ = tokio::io::AsyncReadExt::read_exact(&mut s, &mut b).await; // CONNACK
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(s);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Count fds before scraping: the scrape's own HTTP connection is not a leak.
+        let fds = gw.open_fds();
+        let conns = gw.metric("gateway_connections").await;
+        let sessions = gw.metric("gateway_sessions").await;
+        if (conns == 0.0 && sessions == 0.0 && fds <= baseline) || Instant::now() > deadline {
+            assert_eq!(conns, 0.0, "connections left behind");
+            assert_eq!(sessions, 0.0, "sessions left behind");
+            assert!(
+                fds <= baseline,
+                "fds {fds} above baseline {baseline}: {:?}",
+                gw.fd_targets()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gw.metric("gateway_connects_total").await >= 5000.0);
+}
+
+#[tokio::test]
+async fn subscriber_that_stops_reading_is_closed_for_write_stall() {
+    let gw = TestServer::start(
+        "[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100\n[tcp]\nsend_buffer_bytes = 4096",
+    );
+    // A subscriber with a tiny receive window that never reads after SUBACK.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = Raw::from_stream(sock.connect(gw.mqtt).await.unwrap());
+    stalled.send(&Raw::connect_v4("stalled", 60, true)).await;
+    assert!(matches!(
+        stalled.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    stalled.send(&Raw::subscribe_v4("firehose", 0, 1)).await;
+    assert!(matches!(
+        stalled.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::SubAck(_))
+    ));
+
+    let publisher = v4::connect(v4::options(gw.mqtt, "firehose-pub")).await;
+    let payload = vec![0x42u8; 8 * 1024]; // under rumqttc's default 10 KiB packet limit
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw
+        .metric("gateway_disconnects_total{reason=\"write_stall\"}")
+        .await
+        < 1.0
+        && Instant::now() < deadline
+    {
+        for _ in 0..20 {
+            publisher
+                .client
+                .publish("firehose", v4::QoS::AtMostOnce, false, payload.clone())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gw.metric("gateway_disconnects_total{reason=\"write_stall\"}")
+            .await,
+        1.0
+    );
+    assert!(
+        gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
+            .await
+            > 0.0,
+        "QoS 0 above the high watermark is dropped and counted"
+    );
+    assert_eq!(
+        gw.metric("gateway_connections").await,
+        1.0,
+        "only the stalled one was closed"
+    );
+}
