@@ -1,4 +1,5 @@
-//! The HTTP side, served on the business pool: health, readiness and Prometheus metrics.
+//! The HTTP side, served on the business pool: health, readiness, Prometheus metrics, and
+//! the push API of [`crate::api`].
 //!
 //! Nothing here touches a shard's state directly: metrics are read from each shard's
 //! single-writer counters, so a scrape never stops an IO shard.
@@ -13,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::metrics::{self, ShardMetrics};
+use crate::api::{self, ApiState};
+use crate::metrics::{self, PushMetrics, ShardMetrics};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -21,23 +23,35 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Lines the lossy logger dropped (None when logging is not set up, e.g. in tests).
     pub log_dropped: Option<tracing_appender::non_blocking::ErrorCounter>,
+    pub push: Arc<PushMetrics>,
     pub started: Instant,
 }
 
-pub fn router(state: AdminState) -> Router {
+/// `/healthz`, `/readyz` and `/metrics` (open), merged with the `/v1` API (token-guarded).
+pub fn router(state: AdminState, api: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state)
+        .merge(api::router(api))
+        .fallback(not_found)
+}
+
+async fn not_found() -> Response {
+    json(
+        StatusCode::NOT_FOUND,
+        r#"{"error":{"code":"not_found","message":"no such route"}}"#,
+    )
 }
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
+    api: ApiState,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let app = router(state);
+    let app = router(state, api);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = stop.await;
@@ -70,6 +84,7 @@ fn json(code: StatusCode, body: &'static str) -> Response {
 async fn metrics_text(State(s): State<AdminState>) -> Response {
     let mut out = String::with_capacity(8192);
     metrics::render(&s.shards, &mut out);
+    s.push.render(&mut out);
     let dropped = s.log_dropped.as_ref().map_or(0, |c| c.dropped_lines());
     metrics::render_process(&mut out, dropped as u64, s.started);
     (

@@ -15,6 +15,7 @@
 //!    buffers from the shard's [`buffer`] pool, so an idle connection holds none.
 //! 5. Messages ([`message`]) cross shards as `Arc`s through the mailboxes.
 
+pub mod api;
 pub mod buffer;
 pub mod codec;
 pub mod config;

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::Connect;
 use crate::message::Message;
@@ -35,11 +35,82 @@ pub struct Handoff {
     pub accepted_at: Instant,
 }
 
+/// One push addressed to a device by client id (HTTP push API).
+pub struct ClientPush {
+    pub client_id: String,
+    pub msg: Arc<Message>,
+    /// Hand back a receiver that fires when the device acknowledges (QoS 1).
+    pub wait_ack: bool,
+}
+
+/// What happened to one [`ClientPush`], exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushStatus {
+    /// Written to the device's live connection.
+    Sent,
+    /// Stored in the device's session for delivery (offline with a persistent session, or
+    /// its in-flight window is full).
+    Queued,
+    /// No session, or QoS 0 to an offline device: not delivered, not stored.
+    Offline,
+    /// Not delivered, not stored, for this reason (`slow_consumer`, `too_large`, `expired`).
+    Dropped(&'static str),
+}
+
+pub struct PushOutcome {
+    pub status: PushStatus,
+    /// With `wait_ack` and a message that was sent or queued at QoS 1: fires on PUBACK.
+    pub ack: Option<oneshot::Receiver<()>>,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub online: bool,
+    pub protocol_version: Option<u8>,
+    pub keep_alive: Option<u16>,
+    /// Seconds since the UNIX epoch at which the current connection was accepted.
+    pub connected_at: Option<u64>,
+    pub peer: Option<String>,
+    pub shard: usize,
+    pub subscriptions: Vec<SubscriptionInfo>,
+    pub queued_messages: usize,
+    pub inflight_messages: usize,
+    pub session_expiry_secs: u32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriptionInfo {
+    pub filter: String,
+    pub qos: u8,
+}
+
 /// What a shard can be asked to do.
 pub enum ShardMsg {
     Handoff(Box<Handoff>),
     /// Messages to route to this shard's local subscribers (batched per loop turn).
     Publish(Vec<Arc<Message>>),
+    /// Pushes to devices whose home is this shard; answered after this turn's writes.
+    Push {
+        items: Vec<ClientPush>,
+        reply: oneshot::Sender<Vec<PushOutcome>>,
+    },
+    /// A backend publish to a topic: route to local subscribers, answer how many matched.
+    PushTopic {
+        msg: Arc<Message>,
+        reply: oneshot::Sender<usize>,
+    },
+    ClientInfo {
+        client_id: String,
+        reply: oneshot::Sender<Option<ClientInfo>>,
+    },
+    /// Disconnect a client (MQTT 5 reason 0x98); optionally drop its session too.
+    Kick {
+        client_id: String,
+        clear_session: bool,
+        reply: oneshot::Sender<bool>,
+    },
     /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
     Shutdown,
 }

@@ -364,6 +364,107 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], out: &mut String) {
     );
 }
 
+/// Push API outcomes and latency, kept on the business pool (not per packet, so plain
+/// shared atomics are fine here).
+pub struct PushMetrics {
+    statuses: [AtomicU64; PUSH_STATUSES.len()],
+    /// Cumulative histogram buckets of `gateway_push_duration_seconds`.
+    buckets: [AtomicU64; PUSH_BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum of observed durations in nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+/// The `status` label values of `gateway_push_requests_total`.
+pub const PUSH_STATUSES: [&str; 12] = [
+    "sent",
+    "acked",
+    "queued",
+    "offline",
+    "dropped",
+    "matched",
+    "timeout",
+    "bad_request",
+    "unauthorized",
+    "overloaded",
+    "too_large",
+    "not_found",
+];
+
+/// Upper bounds (seconds) of the push latency buckets: 50 µs to 10 s.
+pub const PUSH_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 10.0,
+];
+
+impl Default for PushMetrics {
+    fn default() -> Self {
+        PushMetrics {
+            statuses: std::array::from_fn(|_| AtomicU64::new(0)),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PushMetrics {
+    /// Counts one push answer and, when given, its HTTP-receive-to-socket latency.
+    pub fn record(&self, status: &str, seconds: Option<f64>) {
+        if let Some(i) = PUSH_STATUSES.iter().position(|s| *s == status) {
+            self.statuses[i].fetch_add(1, Relaxed);
+        }
+        if let Some(secs) = seconds {
+            for (i, le) in PUSH_BUCKETS.iter().enumerate() {
+                if secs <= *le {
+                    self.buckets[i].fetch_add(1, Relaxed);
+                }
+            }
+            self.count.fetch_add(1, Relaxed);
+            self.sum_nanos.fetch_add((secs * 1e9) as u64, Relaxed);
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        family(
+            out,
+            "gateway_push_requests_total",
+            "counter",
+            "Push API requests, by outcome.",
+        );
+        for (i, s) in PUSH_STATUSES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gateway_push_requests_total{{status=\"{s}\"}} {}",
+                get(&self.statuses[i])
+            );
+        }
+        family(
+            out,
+            "gateway_push_duration_seconds",
+            "histogram",
+            "Push latency from HTTP receive to written to the device socket.",
+        );
+        for (i, le) in PUSH_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gateway_push_duration_seconds_bucket{{le=\"{le}\"}} {}",
+                get(&self.buckets[i])
+            );
+        }
+        let count = get(&self.count);
+        let _ = writeln!(
+            out,
+            "gateway_push_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "gateway_push_duration_seconds_sum {}",
+            get(&self.sum_nanos) as f64 / 1e9
+        );
+        let _ = writeln!(out, "gateway_push_duration_seconds_count {count}");
+    }
+}
+
 /// Process-wide figures from /proc: resident memory, open fds, CPU time, and the lines the
 /// lossy logger dropped. Read on the business pool at scrape time.
 pub fn render_process(out: &mut String, log_lines_dropped: u64, started: std::time::Instant) {

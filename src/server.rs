@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::api::ApiState;
 use crate::config::Config;
 use crate::http::{self, AdminState};
 use crate::logging::LogGuard;
 use crate::mailbox::{Mailboxes, ShardMsg};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{PushMetrics, ShardMetrics};
 use crate::shard::{self, ShardContext};
 
 pub struct Server {
@@ -85,10 +86,18 @@ impl Server {
         http_listener.set_nonblocking(true)?;
         let http_addr = http_listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(true));
+        let push = Arc::new(PushMetrics::default());
+        let api = ApiState::new(
+            config.clone(),
+            mailboxes.clone(),
+            metrics.clone(),
+            push.clone(),
+        );
         let state = AdminState {
             shards: metrics,
             ready: ready.clone(),
             log_dropped: log.map(|g| g.dropped_counter()),
+            push,
             started: Instant::now(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -96,7 +105,7 @@ impl Server {
             let _enter = business.enter();
             tokio::net::TcpListener::from_std(http_listener)?
         };
-        business.spawn(http::serve(listener, state, stop_rx));
+        business.spawn(http::serve(listener, state, api, stop_rx));
 
         tracing::info!(%mqtt_addr, %http_addr, shards = n, "gateway listening");
         Ok(Server {

@@ -57,7 +57,12 @@ pub struct Queued {
     pub qos: u8,
     pub retain: bool,
     pub sub_ids: Option<Box<[u32]>>,
+    /// Told when the client acknowledges this message (push API `wait_ack`).
+    pub waiter: Option<AckWaiter>,
 }
+
+/// The sending half that reports a device's PUBACK back to a waiting push request.
+pub type AckWaiter = tokio::sync::oneshot::Sender<()>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InflightState {
@@ -163,6 +168,7 @@ mod tests {
                 qos: 1,
                 retain: false,
                 sub_ids: None,
+                waiter: None,
             },
         }
     }

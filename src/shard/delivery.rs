@@ -16,6 +16,17 @@ use crate::topic::{self, Subscriber};
 
 use super::{ConnState, Shard};
 
+/// What happened to one message offered to one session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Encoded onto the live connection (QoS 1/2: and tracked until acknowledged).
+    Sent,
+    /// Stored in the session queue: the device is offline, or its window is full.
+    Queued,
+    /// Not delivered and not stored.
+    Dropped(DropReason),
+}
+
 impl Shard {
     /// A message published by a device or will on this shard: retained store, local
     /// subscribers, then every other shard.
@@ -32,11 +43,12 @@ impl Shard {
     }
 
     /// A message from another shard or the business pool.
-    pub(super) fn accept_remote(&mut self, msg: &Arc<Message>) {
+    /// Returns the number of local sessions it matched.
+    pub(super) fn accept_remote(&mut self, msg: &Arc<Message>) -> usize {
         if msg.retain {
             self.store_retained(msg);
         }
-        self.route(msg);
+        self.route(msg)
     }
 
     /// Each shard keeps a full copy of the retained messages, so a SUBSCRIBE never has to
@@ -55,11 +67,13 @@ impl Shard {
 
     /// Delivers to every local session with a matching subscription, once per session
     /// with the highest granted QoS among its matching subscriptions.
-    fn route(&mut self, msg: &Arc<Message>) {
+    /// Returns the number of sessions it matched.
+    pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
         if msg.is_expired(self.now_instant) {
             self.metrics.drop_msg(DropReason::Expired, 1);
-            return;
+            return 0;
         }
+        let mut matched = 0;
         let mut hits: Vec<Subscriber> = Vec::new();
         self.subs.for_each_match(&msg.topic, |s| hits.push(s));
         if hits.len() > 1 {
@@ -91,8 +105,10 @@ impl Shard {
             }
             if let Some((qos, retain)) = best {
                 self.deliver(session as usize, msg, qos, retain);
+                matched += 1;
             }
         }
+        matched
     }
 
     /// The retained messages matching a new subscription, sent with RETAIN set.
@@ -117,13 +133,29 @@ impl Shard {
     }
 
     /// One message to one session at the QoS it was granted.
-    pub(super) fn deliver(&mut self, skey: usize, msg: &Arc<Message>, qos: u8, retain: bool) {
+    pub(super) fn deliver(
+        &mut self,
+        skey: usize,
+        msg: &Arc<Message>,
+        qos: u8,
+        retain: bool,
+    ) -> Delivery {
         let item = Queued {
             msg: msg.clone(),
             qos,
             retain,
             sub_ids: None,
+            waiter: None,
         };
+        self.deliver_item(skey, item)
+    }
+
+    /// Delivers or queues one item, and says exactly what happened to it.
+    pub(super) fn deliver_item(&mut self, skey: usize, item: Queued) -> Delivery {
+        if item.msg.is_expired(self.now_instant) {
+            self.metrics.drop_msg(DropReason::Expired, 1);
+            return Delivery::Dropped(DropReason::Expired);
+        }
         let s = &self.sessions[skey];
         let conn = if s.is_online() {
             self.conns
@@ -133,28 +165,36 @@ impl Shard {
             None
         };
         let Some(conn) = conn else {
-            if qos == 0 {
+            if item.qos == 0 {
                 self.metrics.drop_msg(DropReason::Offline, 1);
-            } else {
-                self.enqueue(skey, item);
+                return Delivery::Dropped(DropReason::Offline);
             }
-            return;
+            self.enqueue(skey, item);
+            return Delivery::Queued;
         };
         let ckey = s.conn as usize;
         let congested = conn.outbound_len() >= self.limits.high_watermark;
-        if qos == 0 {
+        if item.qos == 0 {
             if congested {
                 self.metrics.drop_msg(DropReason::SlowConsumer, 1);
-            } else {
-                self.send_publish(ckey, 0, &item, false);
+                return Delivery::Dropped(DropReason::SlowConsumer);
             }
-            return;
+            return if self.send_publish(ckey, 0, &item, false) {
+                Delivery::Sent
+            } else {
+                Delivery::Dropped(DropReason::TooLarge)
+            };
         }
         let window_open = s.queued_len() == 0 && s.inflight_len() < usize::from(conn.window);
         if window_open && !congested {
-            self.send_inflight(skey, ckey, item);
+            if self.send_inflight(skey, ckey, item) {
+                Delivery::Sent
+            } else {
+                Delivery::Dropped(DropReason::TooLarge)
+            }
         } else {
             self.enqueue(skey, item);
+            Delivery::Queued
         }
     }
 
@@ -171,15 +211,18 @@ impl Shard {
     }
 
     /// Sends a QoS 1/2 message with a fresh packet id and tracks it until acknowledged.
-    fn send_inflight(&mut self, skey: usize, ckey: usize, item: Queued) {
+    /// False if it was too large for the client (dropped).
+    fn send_inflight(&mut self, skey: usize, ckey: usize, item: Queued) -> bool {
         let pkid = self.sessions[skey].next_packet_id();
-        if self.send_publish(ckey, pkid, &item, false) {
-            self.sessions[skey].state().inflight.push_back(Inflight {
-                pkid,
-                state: InflightState::Published,
-                item,
-            });
+        if !self.send_publish(ckey, pkid, &item, false) {
+            return false;
         }
+        self.sessions[skey].state().inflight.push_back(Inflight {
+            pkid,
+            state: InflightState::Published,
+            item,
+        });
+        true
     }
 
     /// Encodes a PUBLISH onto a connection; false if it exceeds the client's Maximum

@@ -15,6 +15,7 @@
 mod conn;
 mod delivery;
 mod mqtt;
+mod push;
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -160,6 +161,9 @@ pub struct Shard {
     subs_total: u64,
     next_auto_id: u64,
     stopping: bool,
+    /// Answers to the business pool, sent after this turn's writes.
+    pending_replies: Vec<push::PendingReply>,
+    started_wall: std::time::SystemTime,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -249,6 +253,8 @@ impl Shard {
                 subs_total: 0,
                 next_auto_id: 0,
                 stopping: false,
+                pending_replies: Vec::new(),
+                started_wall: std::time::SystemTime::now(),
             },
             ctx.mailbox,
         ))
@@ -285,6 +291,7 @@ impl Shard {
             // after, for connections the writes closed.
             self.publish_gauges();
             self.flush_dirty();
+            self.send_pending_replies();
             let outbox_waiting = self.flush_outbox();
             self.publish_gauges();
             if self.stopping && self.conns.is_empty() {
@@ -827,6 +834,18 @@ impl Shard {
                 for m in batch {
                     self.accept_remote(&m);
                 }
+            }
+            ShardMsg::Push { items, reply } => self.on_push(items, reply),
+            ShardMsg::PushTopic { msg, reply } => self.on_push_topic(msg, reply),
+            ShardMsg::ClientInfo { client_id, reply } => {
+                let _ = reply.send(self.client_info(&client_id));
+            }
+            ShardMsg::Kick {
+                client_id,
+                clear_session,
+                reply,
+            } => {
+                let _ = reply.send(self.kick(&client_id, clear_session));
             }
             ShardMsg::Shutdown => self.begin_shutdown(),
         }

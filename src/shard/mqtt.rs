@@ -539,7 +539,9 @@ impl Shard {
                 .iter()
                 .position(|f| f.pkid == pkid && f.item.qos == 1)
             {
-                st.inflight.remove(i);
+                if let Some(w) = st.inflight.remove(i).and_then(|f| f.item.waiter) {
+                    let _ = w.send(());
+                }
             }
         }
         self.refill(skey);
@@ -583,7 +585,9 @@ impl Shard {
                 .iter()
                 .position(|f| f.pkid == pkid && f.state == InflightState::Released)
             {
-                st.inflight.remove(i);
+                if let Some(w) = st.inflight.remove(i).and_then(|f| f.item.waiter) {
+                    let _ = w.send(());
+                }
             }
         }
         self.refill(skey);

@@ -1,0 +1,950 @@
+//! The backend's HTTP push API (`/v1/*`), served on the business pool.
+//!
+//! Handlers never touch shard state: they validate the request, address the client id's
+//! home shard (or every shard, for a topic) through its bounded mailbox with `try_send`,
+//! and await the shard's answer on a oneshot channel. A full mailbox is answered 503 with
+//! `Retry-After`; nothing here can stall an IO shard. The contract is in `docs/API.md`
+//! and `docs/openapi.json` (served at `/v1/openapi.json`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use hashbrown::HashMap;
+use serde_json::{json, Map, Value};
+use tokio::sync::{oneshot, OnceCell};
+
+use crate::config::Config;
+use crate::mailbox::{home_shard, ClientPush, Mailboxes, PushOutcome, PushStatus, ShardMsg};
+use crate::message::{Message, Origin};
+use crate::metrics::{PushMetrics, ShardMetrics};
+use crate::topic;
+
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// Default and largest `timeout_ms` for `wait_ack`.
+const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+/// Longest accepted `idempotency_key`.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Idempotency keys remembered at most (oldest forgotten first beyond this).
+const MAX_IDEMPOTENCY_ENTRIES: usize = 1_000_000;
+
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    mailboxes: Mailboxes,
+    shards: Vec<Arc<ShardMetrics>>,
+    push_metrics: Arc<PushMetrics>,
+    idempotency: Mutex<IdempotencyCache>,
+    ids: AtomicU64,
+    id_prefix: u64,
+}
+
+impl ApiState {
+    pub fn new(
+        config: Arc<Config>,
+        mailboxes: Mailboxes,
+        shards: Vec<Arc<ShardMetrics>>,
+        push_metrics: Arc<PushMetrics>,
+    ) -> Self {
+        let id_prefix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        ApiState {
+            inner: Arc::new(Inner {
+                config,
+                mailboxes,
+                shards,
+                push_metrics,
+                idempotency: Mutex::new(IdempotencyCache::default()),
+                ids: AtomicU64::new(0),
+                id_prefix,
+            }),
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/push", post(push))
+        .route("/v1/push/batch", post(push_batch))
+        .route(
+            "/v1/clients/{client_id}",
+            get(get_client).delete(delete_client),
+        )
+        .route("/v1/stats", get(stats))
+        .route("/v1/openapi.json", get(openapi))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors: `{"error": {"code", "message", "field"?}}`.
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    fn bad(field: &str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).field(field)
+    }
+
+    fn overloaded() -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "a shard mailbox is full; retry later",
+        )
+    }
+
+    fn body(&self) -> Value {
+        let mut e = json!({"code": self.code, "message": self.message});
+        if let Some(f) = &self.field {
+            e["field"] = json!(f);
+        }
+        json!({ "error": e })
+    }
+
+    /// The `status` label of `gateway_push_requests_total` for this error.
+    fn metric_status(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded",
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::GATEWAY_TIMEOUT => "timeout",
+            StatusCode::NOT_FOUND => "not_found",
+            _ => "bad_request",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Auth: bearer tokens for every /v1 route, compared in constant time.
+
+async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let tokens = &s.inner.config.http.tokens;
+    if tokens.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| {
+        tokens.iter().fold(false, |acc, t| {
+            acc | constant_time_eq(t.as_bytes(), p.as_bytes())
+        })
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    if req.uri().path().starts_with("/v1/push") {
+        s.inner.push_metrics.record("unauthorized", None);
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong bearer token",
+    )
+    .field("Authorization")
+    .into_response()
+}
+
+/// Equal-length comparison whose time does not depend on where the bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies.
+
+/// Reads a JSON object body: 415 unless `Content-Type: application/json`, 413 over
+/// `limit` bytes, 400 if it is not a JSON object.
+async fn json_object(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Map<String, Value>, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+        )
+        .field("Content-Type"));
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body over {limit} bytes"),
+        )
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("malformed JSON: {e}"),
+        )),
+    }
+}
+
+/// One validated push.
+struct PushSpec {
+    client_id: Option<String>,
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+    ttl_secs: Option<u32>,
+    wait_ack: bool,
+    timeout: Duration,
+    idempotency_key: Option<String>,
+}
+
+const PUSH_FIELDS: [&str; 10] = [
+    "client_id",
+    "topic",
+    "payload",
+    "encoding",
+    "qos",
+    "retain",
+    "ttl_secs",
+    "wait_ack",
+    "timeout_ms",
+    "idempotency_key",
+];
+
+/// Validates a push object; errors name the field (with `prefix`, e.g. `messages[3].`).
+fn parse_push(m: &Map<String, Value>, config: &Config, prefix: &str) -> Result<PushSpec, ApiError> {
+    let f = |name: &str| format!("{prefix}{name}");
+    if let Some(k) = m.keys().find(|k| !PUSH_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad(&f(k), format!("unknown field `{k}`")));
+    }
+    let string = |name: &str| -> Result<Option<&str>, ApiError> {
+        match m.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::bad(
+                &f(name),
+                format!("`{name}` must be a string"),
+            )),
+        }
+    };
+    let boolean = |name: &str| -> Result<bool, ApiError> {
+        match m.get(name) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::bad(
+                &f(name),
+                format!("`{name}` must be true or false"),
+            )),
+        }
+    };
+    let integer = |name: &str, min: u64, max: u64| -> Result<Option<u64>, ApiError> {
+        match m.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(ApiError::bad(
+                    &f(name),
+                    format!("`{name}` must be an integer in {min}..={max}"),
+                )),
+            },
+        }
+    };
+
+    let client_id = match string("client_id")? {
+        Some("") => {
+            return Err(ApiError::bad(
+                &f("client_id"),
+                "`client_id` must not be empty",
+            ))
+        }
+        Some(c) if c.len() > config.mqtt.max_client_id_len as usize => {
+            return Err(ApiError::bad(
+                &f("client_id"),
+                format!(
+                    "`client_id` is longer than {} bytes",
+                    config.mqtt.max_client_id_len
+                ),
+            ))
+        }
+        c => c.map(str::to_owned),
+    };
+    let topic =
+        string("topic")?.ok_or_else(|| ApiError::bad(&f("topic"), "`topic` is required"))?;
+    if !topic::valid_topic_name(topic) {
+        return Err(ApiError::bad(
+            &f("topic"),
+            "`topic` must be a valid MQTT topic name (non-empty, no `+` or `#`)",
+        ));
+    }
+    let raw =
+        string("payload")?.ok_or_else(|| ApiError::bad(&f("payload"), "`payload` is required"))?;
+    let payload = match string("encoding")?.unwrap_or("utf8") {
+        "utf8" => Bytes::copy_from_slice(raw.as_bytes()),
+        "base64" => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(raw)
+                .map_err(|e| {
+                    ApiError::bad(&f("payload"), format!("`payload` is not valid base64: {e}"))
+                })?,
+        ),
+        _ => {
+            return Err(ApiError::bad(
+                &f("encoding"),
+                "`encoding` must be \"utf8\" or \"base64\"",
+            ))
+        }
+    };
+    let max = config.mqtt.max_packet_size as usize;
+    if payload.len() + topic.len() + 16 > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the message would exceed max_packet_size ({max} bytes)"),
+        )
+        .field(f("payload")));
+    }
+    let qos = integer("qos", 0, 1)?.unwrap_or(0) as u8;
+    let retain = boolean("retain")?;
+    if retain && client_id.is_some() {
+        return Err(ApiError::bad(
+            &f("retain"),
+            "`retain` applies to topic pushes; omit it when `client_id` is set",
+        ));
+    }
+    let ttl_secs = integer("ttl_secs", 1, u64::from(u32::MAX))?.map(|n| n as u32);
+    let wait_ack = boolean("wait_ack")?;
+    if wait_ack && (qos != 1 || client_id.is_none()) {
+        return Err(ApiError::bad(
+            &f("wait_ack"),
+            "`wait_ack` needs `qos`: 1 and a `client_id`",
+        ));
+    }
+    let timeout = Duration::from_millis(
+        integer("timeout_ms", 1, MAX_TIMEOUT_MS)?.unwrap_or(DEFAULT_TIMEOUT_MS),
+    );
+    let idempotency_key = match string("idempotency_key")? {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY => {
+            return Err(ApiError::bad(
+                &f("idempotency_key"),
+                format!("`idempotency_key` must be 1..={MAX_IDEMPOTENCY_KEY} bytes"),
+            ))
+        }
+        k => k.map(str::to_owned),
+    };
+    Ok(PushSpec {
+        client_id,
+        topic: topic.to_owned(),
+        payload,
+        qos,
+        retain,
+        ttl_secs,
+        wait_ack,
+        timeout,
+        idempotency_key,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Pushing.
+
+impl Inner {
+    fn next_id(&self) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{n:x}", self.id_prefix)
+    }
+
+    fn message(&self, spec: &PushSpec, received: Instant) -> Arc<Message> {
+        let mut m = Message::new(
+            Arc::from(spec.topic.as_str()),
+            spec.payload.clone(),
+            spec.qos,
+            spec.retain,
+            Origin::Gateway,
+        )
+        .with_expiry_secs(spec.ttl_secs);
+        m.created = received;
+        if let Some(ttl) = spec.ttl_secs {
+            m.expires = Some(received + Duration::from_secs(u64::from(ttl)));
+        }
+        Arc::new(m)
+    }
+
+    /// Sends to every shard and sums the matches (a topic push).
+    async fn push_topic(&self, msg: Arc<Message>) -> Result<usize, ApiError> {
+        let mut replies = Vec::with_capacity(self.mailboxes.len());
+        for shard in 0..self.mailboxes.len() {
+            let (tx, rx) = oneshot::channel();
+            self.mailboxes
+                .try_send(
+                    shard,
+                    ShardMsg::PushTopic {
+                        msg: msg.clone(),
+                        reply: tx,
+                    },
+                )
+                .map_err(|_| ApiError::overloaded())?;
+            replies.push(rx);
+        }
+        let mut matched = 0;
+        for rx in replies {
+            matched += rx.await.map_err(|_| shutting_down())?;
+        }
+        Ok(matched)
+    }
+
+    /// Answers one client push: status JSON, or 504 when `wait_ack` times out.
+    async fn finish(
+        &self,
+        id: &str,
+        spec: &PushSpec,
+        outcome: PushOutcome,
+    ) -> Result<Value, ApiError> {
+        let status = match outcome.status {
+            PushStatus::Sent => "sent",
+            PushStatus::Queued => "queued",
+            PushStatus::Offline => "offline",
+            PushStatus::Dropped(reason) => {
+                return Ok(json!({"id": id, "status": "dropped", "reason": reason}));
+            }
+        };
+        if let Some(ack) = outcome.ack {
+            return match tokio::time::timeout(spec.timeout, ack).await {
+                Ok(Ok(())) => Ok(json!({"id": id, "status": "acked"})),
+                _ => Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "ack_timeout",
+                    format!(
+                        "the device did not acknowledge within {} ms (the message was {status})",
+                        spec.timeout.as_millis()
+                    ),
+                )),
+            };
+        }
+        Ok(json!({"id": id, "status": status}))
+    }
+
+    fn record(&self, result: &Result<Value, ApiError>, received: Instant) {
+        match result {
+            Ok(v) => {
+                let status = match v.get("status").and_then(Value::as_str) {
+                    Some("sent") => "sent",
+                    Some("acked") => "acked",
+                    Some("queued") => "queued",
+                    Some("offline") => "offline",
+                    Some("dropped") => "dropped",
+                    _ => "matched",
+                };
+                let took = matches!(status, "sent" | "acked" | "matched")
+                    .then(|| received.elapsed().as_secs_f64());
+                self.push_metrics.record(status, took);
+            }
+            Err(e) => self.push_metrics.record(e.metric_status(), None),
+        }
+    }
+
+    /// One push, remembered under its idempotency key if it has one.
+    async fn push_once(&self, spec: PushSpec, received: Instant) -> Result<Value, ApiError> {
+        let Some(key) = spec.idempotency_key.clone() else {
+            let r = self.push_now(&spec, received).await;
+            self.record(&r, received);
+            return r;
+        };
+        let window = Duration::from_secs(u64::from(self.config.http.idempotency_window_secs));
+        let cell = self.idempotency.lock().map_or_else(
+            |p| p.into_inner().entry(key.clone(), window),
+            |mut c| c.entry(key.clone(), window),
+        );
+        let mut ran = false;
+        let answer = cell
+            .get_or_init(|| async {
+                ran = true;
+                let r = self.push_now(&spec, received).await;
+                self.record(&r, received);
+                r
+            })
+            .await
+            .clone();
+        if !ran {
+            tracing::debug!(idempotency_key = %key, "repeated push answered from the idempotency cache");
+        }
+        answer
+    }
+
+    async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<Value, ApiError> {
+        let id = self.next_id();
+        let msg = self.message(spec, received);
+        match &spec.client_id {
+            None => {
+                let matched = self.push_topic(msg).await?;
+                tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
+                Ok(json!({"id": id, "matched": matched}))
+            }
+            Some(client_id) => {
+                let shard = home_shard(client_id, self.mailboxes.len());
+                let (tx, rx) = oneshot::channel();
+                let items = vec![ClientPush {
+                    client_id: client_id.clone(),
+                    msg,
+                    wait_ack: spec.wait_ack,
+                }];
+                self.mailboxes
+                    .try_send(shard, ShardMsg::Push { items, reply: tx })
+                    .map_err(|_| ApiError::overloaded())?;
+                let outcome = rx
+                    .await
+                    .map_err(|_| shutting_down())?
+                    .pop()
+                    .ok_or_else(shutting_down)?;
+                let r = self.finish(&id, spec, outcome).await;
+                tracing::debug!(message_id = %id, client_id = %client_id, result = ?r.as_ref().map(|v| v["status"].clone()), "client push");
+                r
+            }
+        }
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the gateway is shutting down",
+    )
+}
+
+fn body_limit(config: &Config) -> usize {
+    // Base64 inflates by 4/3 and JSON escaping by up to 6x for control bytes; a batch
+    // carries up to max_batch messages.
+    let per_message = config.mqtt.max_packet_size as usize * 2 + 4096;
+    per_message
+        .saturating_mul(config.http.max_batch as usize)
+        .min(512 << 20)
+}
+
+async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let received = Instant::now();
+    let inner = &s.inner;
+    let limit = inner.config.mqtt.max_packet_size as usize * 2 + 4096;
+    let result = async {
+        let m = json_object(&headers, body, limit).await?;
+        let spec = parse_push(&m, &inner.config, "")?;
+        Ok::<_, ApiError>(spec)
+    }
+    .await;
+    let spec = match result {
+        Ok(spec) => spec,
+        Err(e) => {
+            inner.push_metrics.record(e.metric_status(), None);
+            return e.into_response();
+        }
+    };
+    match inner.push_once(spec, received).await {
+        Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let received = Instant::now();
+    let inner = &s.inner;
+    let config = &inner.config;
+    let mut m = match json_object(&headers, body, body_limit(config)).await {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(k) = m.keys().find(|k| k.as_str() != "messages") {
+        return ApiError::bad(k, format!("unknown field `{k}`")).into_response();
+    }
+    let Some(Value::Array(messages)) = m.remove("messages") else {
+        return ApiError::bad("messages", "`messages` must be an array").into_response();
+    };
+    if messages.len() > config.http.max_batch as usize {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("at most {} messages per batch", config.http.max_batch),
+        )
+        .field("messages")
+        .into_response();
+    }
+
+    // Validate each item; client pushes without an idempotency key go to their home shard
+    // in one mailbox message per shard, everything else one by one.
+    let n = messages.len();
+    let mut results: Vec<Option<Result<Value, ApiError>>> = (0..n).map(|_| None).collect();
+    let shards = inner.mailboxes.len();
+    let mut per_shard: Vec<Vec<(usize, PushSpec)>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut singles = Vec::new();
+    for (i, item) in messages.into_iter().enumerate() {
+        let prefix = format!("messages[{i}].");
+        let spec = match item {
+            Value::Object(obj) => parse_push(&obj, config, &prefix),
+            _ => Err(ApiError::bad(
+                &format!("messages[{i}]"),
+                "each message must be an object",
+            )),
+        };
+        match spec {
+            Err(e) => {
+                inner.push_metrics.record(e.metric_status(), None);
+                results[i] = Some(Err(e));
+            }
+            Ok(spec) => match (&spec.client_id, &spec.idempotency_key) {
+                (Some(c), None) => per_shard[home_shard(c, shards)].push((i, spec)),
+                _ => singles.push((i, spec)),
+            },
+        }
+    }
+
+    let mut waits = Vec::new();
+    for (shard, group) in per_shard.into_iter().enumerate() {
+        if group.is_empty() {
+            continue;
+        }
+        let ids: Vec<String> = group.iter().map(|_| inner.next_id()).collect();
+        let items = group
+            .iter()
+            .map(|(_, spec)| ClientPush {
+                client_id: spec.client_id.clone().unwrap_or_default(),
+                msg: inner.message(spec, received),
+                wait_ack: spec.wait_ack,
+            })
+            .collect();
+        let (tx, rx) = oneshot::channel();
+        if inner
+            .mailboxes
+            .try_send(shard, ShardMsg::Push { items, reply: tx })
+            .is_err()
+        {
+            for (i, _) in group {
+                let r = Err(ApiError::overloaded());
+                inner.record(&r, received);
+                results[i] = Some(r);
+            }
+            continue;
+        }
+        waits.push((group, ids, rx));
+    }
+    for (group, ids, rx) in waits {
+        match rx.await {
+            Ok(outcomes) => {
+                for (((i, spec), id), outcome) in group.into_iter().zip(ids).zip(outcomes) {
+                    let r = inner.finish(&id, &spec, outcome).await;
+                    inner.record(&r, received);
+                    results[i] = Some(r);
+                }
+            }
+            Err(_) => {
+                for (i, _) in group {
+                    results[i] = Some(Err(shutting_down()));
+                }
+            }
+        }
+    }
+    for (i, spec) in singles {
+        results[i] = Some(inner.push_once(spec, received).await);
+    }
+    let results: Vec<Value> = results
+        .into_iter()
+        .map(|r| match r {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                let mut b = e.body();
+                b["error"]["status"] = json!(e.status.as_u16());
+                b
+            }
+            None => json!({"error": {"code": "internal", "message": "no answer"}}),
+        })
+        .collect();
+    (StatusCode::OK, axum::Json(json!({ "results": results }))).into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients and stats.
+
+async fn ask_home<T>(
+    s: &ApiState,
+    client_id: &str,
+    make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+) -> Result<T, ApiError> {
+    let inner = &s.inner;
+    let shard = home_shard(client_id, inner.mailboxes.len());
+    let (tx, rx) = oneshot::channel();
+    inner
+        .mailboxes
+        .try_send(shard, make(tx))
+        .map_err(|_| ApiError::overloaded())?;
+    rx.await.map_err(|_| shutting_down())
+}
+
+fn not_found(client_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no session for client id `{client_id}`"),
+    )
+    .field("client_id")
+}
+
+async fn get_client(State(s): State<ApiState>, Path(client_id): Path<String>) -> Response {
+    let id = client_id.clone();
+    match ask_home(&s, &client_id, |reply| ShardMsg::ClientInfo {
+        client_id: id,
+        reply,
+    })
+    .await
+    {
+        Ok(Some(info)) => (StatusCode::OK, axum::Json(info)).into_response(),
+        Ok(None) => not_found(&client_id).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct KickQuery {
+    #[serde(default)]
+    clear_session: Option<String>,
+}
+
+async fn delete_client(
+    State(s): State<ApiState>,
+    Path(client_id): Path<String>,
+    Query(q): Query<KickQuery>,
+) -> Response {
+    let clear_session = match q.clear_session.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return ApiError::bad("clear_session", "`clear_session` must be true or false")
+                .into_response()
+        }
+    };
+    let id = client_id.clone();
+    match ask_home(&s, &client_id, |reply| ShardMsg::Kick {
+        client_id: id,
+        clear_session,
+        reply,
+    })
+    .await
+    {
+        Ok(true) => (
+            StatusCode::OK,
+            axum::Json(json!({"client_id": client_id, "disconnected": true, "session_cleared": clear_session})),
+        )
+            .into_response(),
+        Ok(false) => not_found(&client_id).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn stats(State(s): State<ApiState>) -> Response {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let shards: Vec<Value> = s
+        .inner
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            json!({
+                "shard": i,
+                "connections": load(&m.connections),
+                "sessions": load(&m.sessions),
+                "subscriptions": load(&m.subscriptions),
+                "queued_messages": load(&m.queued_messages),
+                "wheel_entries": load(&m.wheel_entries),
+            })
+        })
+        .collect();
+    let sum = |k: &str| {
+        shards
+            .iter()
+            .map(|v| v[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let body = json!({
+        "connections": sum("connections"),
+        "sessions": sum("sessions"),
+        "subscriptions": sum("subscriptions"),
+        "queued_messages": sum("queued_messages"),
+        "shards": shards,
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Idempotency.
+
+type CachedAnswer = Result<Value, ApiError>;
+
+/// Answers by idempotency key for `idempotency_window_secs`. A repeated key waits for the
+/// first request's answer (`OnceCell`) and gets the same one: the device gets it once.
+#[derive(Default)]
+struct IdempotencyCache {
+    map: HashMap<String, (Instant, Arc<OnceCell<CachedAnswer>>)>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl IdempotencyCache {
+    fn entry(&mut self, key: String, window: Duration) -> Arc<OnceCell<CachedAnswer>> {
+        let now = Instant::now();
+        // Forget expired keys, oldest first; also bound the memory.
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < window && self.order.len() < MAX_IDEMPOTENCY_ENTRIES {
+                break;
+            }
+            if let Some((at, k)) = self.order.pop_front() {
+                if self.map.get(&k).is_some_and(|(t, _)| *t == at) {
+                    self.map.remove(&k);
+                }
+            }
+        }
+        if let Some((_, cell)) = self.map.get(&key) {
+            return cell.clone();
+        }
+        let cell = Arc::new(OnceCell::new());
+        self.map.insert(key.clone(), (now, cell.clone()));
+        self.order.push_back((now, key));
+        cell
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    fn cfg() -> Config {
+        Config::default()
+    }
+
+    fn parse(v: Value) -> Result<PushSpec, ApiError> {
+        parse_push(v.as_object().unwrap(), &cfg(), "")
+    }
+
+    #[test]
+    fn push_validation_names_the_field() {
+        let field = |v: Value| parse(v).err().and_then(|e| e.field).unwrap_or_default();
+        assert_eq!(field(json!({"payload": "x"})), "topic");
+        assert_eq!(field(json!({"topic": "a/+", "payload": "x"})), "topic");
+        assert_eq!(field(json!({"topic": "a", "payload": 5})), "payload");
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "x", "qos": 2})),
+            "qos"
+        );
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "!!", "encoding": "base64"})),
+            "payload"
+        );
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "x", "encoding": "hex"})),
+            "encoding"
+        );
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "x", "ttl_secs": 0})),
+            "ttl_secs"
+        );
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "x", "wait_ack": true})),
+            "wait_ack"
+        );
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "x", "colour": 1})),
+            "colour"
+        );
+        assert_eq!(
+            field(json!({"topic": "a", "payload": "x", "client_id": ""})),
+            "client_id"
+        );
+        let ok = parse(json!({"client_id": "d", "topic": "a", "payload": "aGk=", "encoding": "base64", "qos": 1, "wait_ack": true})).unwrap();
+        assert_eq!(&ok.payload[..], b"hi");
+        assert!(ok.wait_ack);
+    }
+
+    #[test]
+    fn idempotency_cache_forgets_after_the_window() {
+        let mut c = IdempotencyCache::default();
+        let a = c.entry("k".into(), Duration::from_secs(60));
+        let b = c.entry("k".into(), Duration::from_secs(60));
+        assert!(Arc::ptr_eq(&a, &b));
+        let fresh = c.entry("k2".into(), Duration::ZERO);
+        let again = c.entry("k2".into(), Duration::ZERO);
+        assert!(!Arc::ptr_eq(&fresh, &again), "expired key reused");
+    }
+}

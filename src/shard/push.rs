@@ -1,0 +1,161 @@
+//! The business pool's requests on a shard: pushes to a device by client id, pushes to a
+//! topic, client lookups and kicks.
+//!
+//! Answers to pushes are held until the end of the loop turn, after the turn's writes, so
+//! `sent` means the PUBLISH was handed to the device's socket, not merely decided.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use crate::codec::{reason, Version};
+use crate::mailbox::{ClientInfo, ClientPush, PushOutcome, PushStatus, SubscriptionInfo};
+use crate::message::Message;
+use crate::metrics::DisconnectReason;
+use crate::session::Queued;
+
+use super::delivery::Delivery;
+use super::{ConnState, Shard};
+
+/// An answer waiting for the end of the turn.
+pub(super) enum PendingReply {
+    Push(oneshot::Sender<Vec<PushOutcome>>, Vec<PushOutcome>),
+    Topic(oneshot::Sender<usize>, usize),
+}
+
+impl Shard {
+    pub(super) fn on_push(
+        &mut self,
+        items: Vec<ClientPush>,
+        reply: oneshot::Sender<Vec<PushOutcome>>,
+    ) {
+        let outcomes = items.into_iter().map(|p| self.push_one(p)).collect();
+        self.pending_replies
+            .push(PendingReply::Push(reply, outcomes));
+    }
+
+    fn push_one(&mut self, p: ClientPush) -> PushOutcome {
+        let Some(&skey) = self.by_client.get(p.client_id.as_str()) else {
+            return PushOutcome {
+                status: PushStatus::Offline,
+                ack: None,
+            };
+        };
+        let (waiter, ack) = if p.wait_ack && p.msg.qos > 0 {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let item = Queued {
+            qos: p.msg.qos,
+            retain: p.msg.retain,
+            msg: p.msg,
+            sub_ids: None,
+            waiter,
+        };
+        match self.deliver_item(skey as usize, item) {
+            Delivery::Sent => PushOutcome {
+                status: PushStatus::Sent,
+                ack,
+            },
+            Delivery::Queued => PushOutcome {
+                status: PushStatus::Queued,
+                ack,
+            },
+            Delivery::Dropped(crate::metrics::DropReason::Offline) => PushOutcome {
+                status: PushStatus::Offline,
+                ack: None,
+            },
+            Delivery::Dropped(r) => PushOutcome {
+                status: PushStatus::Dropped(r.as_str()),
+                ack: None,
+            },
+        }
+    }
+
+    pub(super) fn on_push_topic(&mut self, msg: Arc<Message>, reply: oneshot::Sender<usize>) {
+        let matched = self.accept_remote(&msg);
+        self.pending_replies
+            .push(PendingReply::Topic(reply, matched));
+    }
+
+    /// Sends the answers held during this turn (called after the turn's writes).
+    pub(super) fn send_pending_replies(&mut self) {
+        for r in self.pending_replies.drain(..) {
+            match r {
+                PendingReply::Push(tx, outcomes) => {
+                    let _ = tx.send(outcomes);
+                }
+                PendingReply::Topic(tx, n) => {
+                    let _ = tx.send(n);
+                }
+            }
+        }
+    }
+
+    pub(super) fn client_info(&self, client_id: &str) -> Option<ClientInfo> {
+        let &skey = self.by_client.get(client_id)?;
+        let s = &self.sessions[skey as usize];
+        let conn = s
+            .is_online()
+            .then(|| self.conns.get(s.conn as usize))
+            .flatten()
+            .filter(|c| c.state == ConnState::Active);
+        let connected_at = conn.map(|c| {
+            let at = self.started_wall + self.limits.tick * c.accepted_at;
+            at.duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs()
+        });
+        Some(ClientInfo {
+            client_id: s.client_id.to_string(),
+            online: conn.is_some(),
+            protocol_version: conn.map(|c| match c.version {
+                Version::V31 => 3,
+                Version::V311 => 4,
+                Version::V5 => 5,
+            }),
+            keep_alive: conn.map(|c| c.keep_alive),
+            connected_at,
+            peer: conn.map(|c| c.peer.to_string()),
+            shard: self.id,
+            subscriptions: s
+                .subs
+                .iter()
+                .map(|(f, o)| SubscriptionInfo {
+                    filter: f.to_string(),
+                    qos: o & 3,
+                })
+                .collect(),
+            queued_messages: s.queued_len(),
+            inflight_messages: s.inflight_len(),
+            session_expiry_secs: s.expiry_secs,
+        })
+    }
+
+    /// Disconnects a client with MQTT 5 reason 0x98; with `clear_session` also ends its
+    /// session. False if the client id is unknown here.
+    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> bool {
+        let Some(&skey) = self.by_client.get(client_id) else {
+            return false;
+        };
+        let conn = self.sessions[skey as usize].conn;
+        if self.sessions[skey as usize].is_online() {
+            tracing::info!(shard = self.id, client_id, "disconnected by the API");
+            self.close_conn(
+                conn as usize,
+                DisconnectReason::Admin,
+                Some(reason::ADMINISTRATIVE_ACTION),
+            );
+        }
+        if clear_session {
+            // The close may already have ended a session with expiry 0.
+            if let Some(&skey) = self.by_client.get(client_id) {
+                self.end_session(skey as usize);
+            }
+        }
+        true
+    }
+}
