@@ -37,7 +37,7 @@ use crate::config::{Config, DuplicateClientId};
 use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, ShardMetrics};
-use crate::session::Session;
+use crate::session::{ClientIds, Session};
 use crate::topic::SubscriptionIndex;
 use crate::wheel::{TimerId, TimingWheel};
 
@@ -137,7 +137,7 @@ pub struct Shard {
     accept_pending: bool,
     conns: Slab<Conn>,
     sessions: Slab<Session>,
-    by_client: HashMap<Arc<str>, u32>,
+    by_client: ClientIds,
     subs: SubscriptionIndex,
     retained: HashMap<Arc<str>, Arc<Message>>,
     wheel: TimingWheel<u32>,
@@ -233,7 +233,7 @@ impl Shard {
                 accept_pending: false,
                 conns: Slab::new(),
                 sessions: Slab::new(),
-                by_client: HashMap::new(),
+                by_client: ClientIds::default(),
                 subs: SubscriptionIndex::new(),
                 retained: HashMap::new(),
                 wheel: TimingWheel::new(0),

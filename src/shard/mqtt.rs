@@ -156,7 +156,7 @@ impl Shard {
                 RefuseReason::ClientId,
             );
         }
-        if let Some(&skey) = self.by_client.get(c.client_id.as_str()) {
+        if let Some(skey) = self.by_client.get(&c.client_id, &self.sessions) {
             let old = self.sessions[skey as usize].conn;
             if old != NO_CONN {
                 if !self.limits.takeover {
@@ -177,7 +177,7 @@ impl Shard {
             }
         }
         // Closing the old connection may have ended a session with expiry 0.
-        let existing = self.by_client.get(c.client_id.as_str()).copied();
+        let existing = self.by_client.get(&c.client_id, &self.sessions);
         let (skey, present) = match existing {
             Some(s) if !c.clean_start => (s as usize, true),
             Some(s) => {
@@ -280,8 +280,8 @@ impl Shard {
 
     fn new_session(&mut self, client_id: &str, v: Version) -> usize {
         let id: Arc<str> = Arc::from(client_id);
-        let skey = self.sessions.insert(Session::new(id.clone(), v));
-        self.by_client.insert(id, skey as u32);
+        let skey = self.sessions.insert(Session::new(id, v));
+        self.by_client.insert(skey as u32, &self.sessions);
         skey
     }
 
@@ -492,6 +492,8 @@ impl Shard {
                 }
                 None => {
                     let a: Arc<str> = Arc::from(f.filter);
+                    // Most devices subscribe once: no spare capacity (Vec would take 4).
+                    s.subs.reserve_exact(1);
                     s.subs.push((a.clone(), options));
                     self.subs_total += 1;
                     a
@@ -682,10 +684,12 @@ impl Shard {
 
     /// Removes a session and everything it holds; a pending will is published now.
     pub(super) fn end_session(&mut self, skey: usize) {
-        let Some(s) = self.sessions.try_remove(skey) else {
+        let Some(id) = self.sessions.get(skey).map(|s| s.client_id.clone()) else {
             return;
         };
-        self.by_client.remove(&*s.client_id);
+        // The index compares against the session's own id: remove it first.
+        self.by_client.remove(&id, &self.sessions);
+        let s = self.sessions.remove(skey);
         for (filter, _) in &s.subs {
             self.subs.remove(filter, skey as u32);
         }

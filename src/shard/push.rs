@@ -36,7 +36,7 @@ impl Shard {
     }
 
     fn push_one(&mut self, p: ClientPush) -> PushOutcome {
-        let Some(&skey) = self.by_client.get(p.client_id.as_str()) else {
+        let Some(skey) = self.by_client.get(&p.client_id, &self.sessions) else {
             return PushOutcome {
                 status: PushStatus::Offline,
                 ack: None,
@@ -96,7 +96,7 @@ impl Shard {
     }
 
     pub(super) fn client_info(&self, client_id: &str) -> Option<ClientInfo> {
-        let &skey = self.by_client.get(client_id)?;
+        let skey = self.by_client.get(client_id, &self.sessions)?;
         let s = &self.sessions[skey as usize];
         let conn = s
             .is_online()
@@ -138,7 +138,7 @@ impl Shard {
     /// Disconnects a client with MQTT 5 reason 0x98; with `clear_session` also ends its
     /// session. False if the client id is unknown here.
     pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> bool {
-        let Some(&skey) = self.by_client.get(client_id) else {
+        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
             return false;
         };
         let conn = self.sessions[skey as usize].conn;
@@ -152,7 +152,7 @@ impl Shard {
         }
         if clear_session {
             // The close may already have ended a session with expiry 0.
-            if let Some(&skey) = self.by_client.get(client_id) {
+            if let Some(skey) = self.by_client.get(client_id, &self.sessions) {
                 self.end_session(skey as usize);
             }
         }
