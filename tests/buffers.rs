@@ -1,0 +1,252 @@
+//! Buffers only while busy: idle connections hold none, frames split anywhere or packed
+//! many to a read decode the same, the packet size limit is exact, and a slow subscriber
+//! loses only QoS 0 (counted) while its QoS 1 messages wait for it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{v4, Raw, TestServer};
+use tokio::io::AsyncWriteExt;
+
+const T: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_thousand_idle_clients_borrow_no_buffers() {
+    let gw = TestServer::start("");
+    let mut clients = Vec::new();
+    for i in 0..1000 {
+        let mut raw = Raw::connect(gw.mqtt).await;
+        raw.send(&Raw::connect_v4(&format!("idle-{i:05}"), 180, true))
+            .await;
+        raw.send(&Raw::subscribe_v4(
+            &format!("devices/idle-{i:05}/cmd"),
+            1,
+            1,
+        ))
+        .await;
+        clients.push(raw);
+    }
+    for raw in &mut clients {
+        assert!(matches!(
+            raw.recv_v4(T).await,
+            Ok(mqttbytes::v4::Packet::ConnAck(_))
+        ));
+        assert!(matches!(
+            raw.recv_v4(T).await,
+            Ok(mqttbytes::v4::Packet::SubAck(_))
+        ));
+    }
+    assert_eq!(
+        gw.wait_metric("gateway_connections", T, |v| v == 1000.0)
+            .await,
+        1000.0
+    );
+    let lent = gw
+        .wait_metric("gateway_buffer_pool_bytes{state=\"lent\"}", T, |v| v == 0.0)
+        .await;
+    assert_eq!(lent, 0.0, "idle connections hold pooled buffers");
+}
+
+/// CONNECT, SUBSCRIBE, a QoS 1 PUBLISH to itself (300-byte payload), PINGREQ.
+fn session_bytes(id: &str) -> Vec<u8> {
+    let mut b = Raw::connect_v4(id, 60, true);
+    b.extend(Raw::subscribe_v4("split/t", 1, 1));
+    b.extend(Raw::publish_v4("split/t", 1, 2, &[b'z'; 300]));
+    b.extend([0xc0, 0x00]);
+    b
+}
+
+async fn expect_session_answers(raw: &mut Raw, what: &str) {
+    let mut seen = (false, false, false, false, false);
+    for _ in 0..5 {
+        match raw.recv_v4(T).await {
+            Ok(mqttbytes::v4::Packet::ConnAck(_)) => seen.0 = true,
+            Ok(mqttbytes::v4::Packet::SubAck(_)) => seen.1 = true,
+            Ok(mqttbytes::v4::Packet::PubAck(a)) if a.pkid == 2 => seen.2 = true,
+            Ok(mqttbytes::v4::Packet::Publish(p)) if p.payload.len() == 300 => seen.3 = true,
+            Ok(mqttbytes::v4::Packet::PingResp) => seen.4 = true,
+            other => panic!("{what}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, (true, true, true, true, true), "{what}");
+}
+
+#[tokio::test]
+async fn frames_split_at_every_byte_boundary_decode_the_same() {
+    let gw = TestServer::start("");
+    let len = session_bytes("split-0000").len();
+    for cut in 1..len {
+        let bytes = session_bytes(&format!("split-{cut:04}"));
+        let mut raw = Raw::connect(gw.mqtt).await;
+        raw.stream.set_nodelay(true).unwrap();
+        raw.stream.write_all(&bytes[..cut]).await.unwrap();
+        raw.stream.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        raw.stream.write_all(&bytes[cut..]).await.unwrap();
+        expect_session_answers(&mut raw, &format!("split at {cut}")).await;
+    }
+}
+
+#[tokio::test]
+async fn one_byte_at_a_time_decodes() {
+    let gw = TestServer::start("");
+    let bytes = session_bytes("drip");
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.stream.set_nodelay(true).unwrap();
+    for b in bytes {
+        raw.stream.write_all(&[b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    expect_session_answers(&mut raw, "byte by byte").await;
+}
+
+#[tokio::test]
+async fn many_frames_in_one_read_are_all_answered() {
+    let gw = TestServer::start("");
+    let mut raw = Raw::connect(gw.mqtt).await;
+    let mut bytes = Raw::connect_v4("burst", 60, true);
+    for pkid in 1..=500u16 {
+        bytes.extend(Raw::publish_v4("burst/t", 1, pkid, b"payload"));
+    }
+    raw.send(&bytes).await;
+    assert!(matches!(
+        raw.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    for pkid in 1..=500u16 {
+        match raw.recv_v4(T).await {
+            Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, pkid, "in order"),
+            other => panic!("PUBACK {pkid}: {other:?}"),
+        }
+    }
+}
+
+/// A QoS 0 PUBLISH whose whole frame is exactly `total` bytes.
+fn publish_of_size(total: usize) -> Vec<u8> {
+    // Header: 1 byte type + remaining-length bytes; body: 2 + topic + payload.
+    let topic = "max/t";
+    let rl_len = |rl: usize| {
+        if rl < 128 {
+            1
+        } else if rl < 16384 {
+            2
+        } else {
+            3
+        }
+    };
+    let mut payload = total - 1 - 2 - topic.len();
+    while 1 + rl_len(2 + topic.len() + payload) + 2 + topic.len() + payload > total {
+        payload -= 1;
+    }
+    let p = Raw::publish_v4(topic, 0, 0, &vec![b'm'; payload]);
+    assert_eq!(p.len(), total, "built the size asked for");
+    p
+}
+
+#[tokio::test]
+async fn a_packet_of_exactly_max_packet_size_works_and_one_byte_more_closes() {
+    let gw = TestServer::start("[mqtt]\nmax_packet_size = 1024");
+    let mut sub = v4::connect(v4::options(gw.mqtt, "max-sub")).await;
+    sub.subscribe("max/t", v4::QoS::AtMostOnce).await;
+
+    let mut ok = Raw::connect(gw.mqtt).await;
+    ok.send(&Raw::connect_v4("max-ok", 60, true)).await;
+    assert!(matches!(
+        ok.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    ok.send(&publish_of_size(1024)).await;
+    let m = sub
+        .next_publish(T)
+        .await
+        .expect("a packet of exactly max_packet_size is delivered");
+    assert_eq!(m.payload.len(), 1024 - 1 - 2 - 2 - 5);
+
+    let mut big = Raw::connect(gw.mqtt).await;
+    big.send(&Raw::connect_v4("max-big", 60, true)).await;
+    assert!(matches!(
+        big.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    big.send(&publish_of_size(1025)).await;
+    assert!(
+        big.closed_within(T).await,
+        "one byte over closes the connection"
+    );
+
+    // Only that one: the first publisher is still served.
+    ok.send(&publish_of_size(100)).await;
+    assert!(sub.next_publish(T).await.is_some());
+    assert_eq!(
+        gw.metric("gateway_disconnects_total{reason=\"protocol_error\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
+    let gw = TestServer::start(
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\n[mqtt]\nmax_queued_messages = 1000",
+    );
+    // A subscriber whose event loop we stop polling: its socket is not read meanwhile.
+    let (client, mut el) = rumqttc::AsyncClient::new(v4::options(gw.mqtt, "slowpoke"), 10);
+    client
+        .subscribe("flood", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
+    let payload = vec![7u8; 1024];
+    for i in 0..300u32 {
+        let mut p = payload.clone();
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        publisher
+            .client
+            .publish("flood", rumqttc::QoS::AtLeastOnce, false, p.clone())
+            .await
+            .unwrap();
+        publisher
+            .client
+            .publish("flood", rumqttc::QoS::AtMostOnce, false, p)
+            .await
+            .unwrap();
+    }
+    let dropped = gw
+        .wait_metric(
+            "gateway_messages_dropped_total{reason=\"slow_consumer\"}",
+            T,
+            |v| v > 0.0,
+        )
+        .await;
+    assert!(
+        dropped > 0.0,
+        "QoS 0 above the high watermark is dropped and counted"
+    );
+
+    // Now read: every QoS 1 message arrives, once, in order.
+    let mut qos1 = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while qos1.len() < 300 {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .expect("all QoS 1 in time")
+            .unwrap();
+        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+            if p.qos == rumqttc::QoS::AtLeastOnce {
+                qos1.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
+            }
+        }
+    }
+    assert_eq!(qos1, (0..300).collect::<Vec<_>>());
+    assert_eq!(
+        gw.metric("gateway_messages_dropped_total{reason=\"queue_full\"}")
+            .await,
+        0.0
+    );
+}
