@@ -41,7 +41,7 @@ use crate::session::{ClientIds, Session};
 use crate::topic::SubscriptionIndex;
 use crate::wheel::{TimerId, TimingWheel};
 
-pub use conn::{Conn, ConnBufs, ConnState, NO_SESSION};
+pub use conn::{Conn, ConnBufs, ConnState, Peer, NO_SESSION};
 
 const LISTENER: Token = Token(usize::MAX);
 /// Wheel payload bit marking a session timer (the rest is the session key); without it
@@ -446,7 +446,7 @@ impl Shard {
             .insert(u64::from(now) + u64::from(idle_ticks) + 1, key as u32);
         entry.insert(Conn {
             socket,
-            peer,
+            peer: Peer::from(peer),
             session: NO_SESSION,
             timer,
             last_seen: now,

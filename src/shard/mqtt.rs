@@ -26,7 +26,7 @@ impl Shard {
             return match codec::decode_connect(frame) {
                 Ok(connect) => self.route_connect(key, connect, rest),
                 Err(e) => {
-                    let peer = self.conns[key].peer;
+                    let peer = self.conns[key].peer.addr();
                     tracing::info!(shard = self.id, %peer, error = %e.error, "bad CONNECT, closing");
                     match e.version {
                         Some(v) => {
@@ -82,7 +82,7 @@ impl Shard {
         let version = connect.version;
         let handoff = Handoff {
             socket: conn.socket,
-            peer: conn.peer,
+            peer: conn.peer.addr(),
             connect,
             rest: rest.to_vec(),
             accepted_at,
@@ -361,13 +361,16 @@ impl Shard {
                     }
                     s.expiry_secs = e.min(self.limits.max_session_expiry_secs);
                 }
-                // Only "disconnect with will message" (0x04) keeps the will.
-                if code != 0x04 {
-                    if let Some(st) = s.extra.as_mut() {
-                        st.will = None;
-                    }
-                }
+                // Only "disconnect with will message" (0x04) keeps the will; it is then
+                // treated as after an abnormal close (Will Delay Interval included). It is
+                // taken out before the close, which drops any will of a client that sent
+                // DISCONNECT, and placed once the session is detached.
+                let will = s.extra.as_mut().and_then(|st| st.will.take());
+                let session_ends = s.expiry_secs == 0;
                 self.close_conn(key, DisconnectReason::Client, None);
+                if let Some(w) = will.filter(|_| code == reason::DISCONNECT_WITH_WILL) {
+                    self.publish_or_delay_will((!session_ends).then_some(skey), w);
+                }
                 return false;
             }
             Packet::Auth => {
@@ -611,29 +614,38 @@ impl Shard {
             return;
         }
         let expiry = s.expiry_secs;
-        let expires_at = (expiry != NEVER_EXPIRES)
-            .then(|| now + u64::from(self.limits.ticks(f64::from(expiry))));
-        let mut publish_now = None;
-        if let Some(w) = will {
-            if w.delay_secs == 0 {
-                publish_now = Some(w);
-            } else {
-                // Sent after the delay or when the session ends, whichever is first.
-                let delay = w.delay_secs.min(expiry);
-                let due = now + u64::from(self.limits.ticks(f64::from(delay)));
-                let st = self.sessions[skey].state();
-                st.will = Some(w);
-                st.will_due = Some(due);
-            }
-        }
-        if let Some(at) = expires_at {
+        if expiry != NEVER_EXPIRES {
+            let at = self.offline_deadline(now, expiry);
             self.sessions[skey].state().expires_at = Some(at);
         }
         self.sessions[skey].compact();
         self.arm_session_timer(skey);
-        if let Some(w) = publish_now {
-            self.publish_will(*w);
+        if let Some(w) = will {
+            self.publish_or_delay_will(Some(skey), w);
         }
+    }
+
+    /// The tick by which `secs` have surely passed since `now`. `now` is the current tick
+    /// rounded down, so one more tick is added: a session deadline is never early, and at
+    /// most one tick late (as the connection deadlines in `Shard::conn_deadline`).
+    fn offline_deadline(&self, now: u64, secs: u32) -> u64 {
+        now + u64::from(self.limits.ticks(f64::from(secs))) + 1
+    }
+
+    /// A will whose connection ended: published now, or, with a Will Delay Interval and a
+    /// session `skey` that lives on offline, at the delay or when the session ends,
+    /// whichever is first.
+    fn publish_or_delay_will(&mut self, skey: Option<usize>, w: Box<Will>) {
+        let Some(skey) = skey.filter(|_| w.delay_secs > 0) else {
+            self.publish_will(*w);
+            return;
+        };
+        let delay = w.delay_secs.min(self.sessions[skey].expiry_secs);
+        let due = self.offline_deadline(self.now, delay);
+        let st = self.sessions[skey].state();
+        st.will = Some(w);
+        st.will_due = Some(due);
+        self.arm_session_timer(skey);
     }
 
     fn arm_session_timer(&mut self, skey: usize) {
