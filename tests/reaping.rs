@@ -3,23 +3,13 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::{v4, GatewayProcess, Raw, TestServer};
+use common::{connect_from, v4, GatewayProcess, Raw, TestServer};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 const T: Duration = Duration::from_secs(5);
-
-/// Connects from 127.0.0.(2 + i % spread) so thousands of short connections never run
-/// out of ephemeral ports on one source address.
-async fn connect_from(i: usize, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let src = Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8);
-    let s = TcpSocket::new_v4()?;
-    s.bind(SocketAddr::new(IpAddr::V4(src), 0))?;
-    s.connect(target).await
-}
 
 #[tokio::test]
 async fn silent_client_expires_at_one_and_a_half_keep_alives() {

@@ -159,64 +159,9 @@ pub mod tempdir {
 
 impl GatewayProcess {
     /// Starts the binary with BASE + `extra` as its config and waits for its listening line.
+    /// Starts the binary with BASE + `extra` as its config and waits for its listening line.
     pub fn start(extra: &str) -> GatewayProcess {
-        let dir = tempdir::Dir::new("proc");
-        let path = dir.0.join("gateway.toml");
-        let mut base: toml::Table = BASE.parse().unwrap();
-        base.insert(
-            "log".into(),
-            toml::Value::Table("level = \"info\"".parse().unwrap()),
-        );
-        let extra: toml::Table = extra.parse().unwrap();
-        for (k, v) in extra {
-            match (base.get_mut(&k), v) {
-                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
-                (_, v) => {
-                    base.insert(k, v);
-                }
-            }
-        }
-        std::fs::write(&path, toml::to_string(&base).unwrap()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn gateway");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("gateway listening") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(line.clone());
-                    }
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("gateway announces its addresses");
-        let field = |name: &str| -> SocketAddr {
-            let plain = strip_ansi(&line);
-            let start = plain.find(&format!("{name}=")).expect("address field") + name.len() + 1;
-            plain[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .expect("address")
-        };
-        GatewayProcess {
-            mqtt: field("mqtt_addr"),
-            http: field("http_addr"),
-            child,
-            _dir: dir,
-        }
+        GatewayProcess::start_with(extra, |_| {})
     }
 
     pub fn pid(&self) -> u32 {
@@ -620,6 +565,316 @@ impl Raw {
                 Err("closed") => return true,
                 Err(_) => return false,
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the lifecycle, timer and MQTT 5 tests (tests/lifecycle.rs, tests/timers.rs,
+// tests/mqtt5.rs).
+
+/// Connects from 127.0.0.(2 + i % 50), so thousands of connections never run out of
+/// ephemeral ports on one source address.
+pub async fn connect_from(i: usize, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let src = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8);
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(std::net::IpAddr::V4(src), 0))?;
+    s.connect(target).await
+}
+
+/// The bytes of one packet encoded by mqttbytes, e.g. `encode(|b| publish.write(b))`.
+pub fn encode(write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    write(&mut b).expect("mqttbytes encodes the packet");
+    b.to_vec()
+}
+
+/// An MQTT 5 CONNECT with a client id, keep-alive, clean start and properties.
+pub fn connect5(
+    id: &str,
+    keep_alive: u16,
+    clean_start: bool,
+    props: Option<mqttbytes::v5::ConnectProperties>,
+) -> mqttbytes::v5::Connect {
+    let mut c = mqttbytes::v5::Connect::new(id);
+    c.keep_alive = keep_alive;
+    c.clean_session = clean_start;
+    c.properties = props;
+    c
+}
+
+/// MQTT 5 CONNECT properties with only Session Expiry Interval set (others default).
+pub fn session_expiry_props(secs: u32) -> mqttbytes::v5::ConnectProperties {
+    mqttbytes::v5::ConnectProperties {
+        session_expiry_interval: Some(secs),
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+impl Raw {
+    /// [`Raw::recv_v5`] behind a box. `recv_v5` keeps a 64 KiB read buffer in its future,
+    /// and a debug build gives every awaited future of an async fn its own stack slot, so a
+    /// test awaiting it a dozen times overflows the 2 MiB test thread stack; these
+    /// wrappers keep the caller's future a pointer wide.
+    pub async fn next_v5(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<mqttbytes::v5::Packet, &'static str> {
+        Box::pin(self.recv_v5(timeout)).await
+    }
+
+    /// [`Raw::recv_v4`] behind a box (see [`Raw::next_v5`]).
+    pub async fn next_v4(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<mqttbytes::v4::Packet, &'static str> {
+        Box::pin(self.recv_v4(timeout)).await
+    }
+
+    /// [`Raw::closed_within`] behind a box (see [`Raw::next_v5`]).
+    pub async fn wait_closed(&mut self, timeout: Duration) -> bool {
+        Box::pin(self.closed_within(timeout)).await
+    }
+
+    /// Sends `connect` and returns the server's first packet, which must be a CONNACK.
+    pub async fn handshake_v5(
+        &mut self,
+        connect: &mqttbytes::v5::Connect,
+    ) -> mqttbytes::v5::ConnAck {
+        self.send(&encode(|b| connect.write(b))).await;
+        match self.next_v5(Duration::from_secs(5)).await {
+            Ok(mqttbytes::v5::Packet::ConnAck(a)) => a,
+            other => panic!("expected CONNACK for {}, got {other:?}", connect.client_id),
+        }
+    }
+
+    /// Connects a raw MQTT 5 client and panics unless the CONNACK is a success.
+    pub async fn connected_v5(
+        addr: SocketAddr,
+        connect: &mqttbytes::v5::Connect,
+    ) -> (Raw, mqttbytes::v5::ConnAck) {
+        let mut raw = Raw::connect(addr).await;
+        let ack = raw.handshake_v5(connect).await;
+        assert_eq!(
+            ack.code,
+            mqttbytes::v5::ConnectReturnCode::Success,
+            "CONNACK for {}",
+            connect.client_id
+        );
+        (raw, ack)
+    }
+
+    /// Sends a SUBSCRIBE and returns its SUBACK (PUBLISHes that come first are an error).
+    pub async fn subscribe_v5(
+        &mut self,
+        pkid: u16,
+        filters: Vec<mqttbytes::v5::SubscribeFilter>,
+    ) -> mqttbytes::v5::SubAck {
+        let mut s = mqttbytes::v5::Subscribe::new_many(filters);
+        s.pkid = pkid;
+        self.send(&encode(|b| s.write(b))).await;
+        match self.next_v5(Duration::from_secs(5)).await {
+            Ok(mqttbytes::v5::Packet::SubAck(a)) => a,
+            other => panic!("expected SUBACK {pkid}, got {other:?}"),
+        }
+    }
+
+    /// Next MQTT 5 PUBLISH within `timeout`, acknowledging QoS 1 with PUBACK and QoS 2
+    /// with PUBREC (the PUBREL is answered by PUBCOMP). Other packets are skipped; `None`
+    /// on timeout or close.
+    pub async fn next_publish_v5(&mut self, timeout: Duration) -> Option<mqttbytes::v5::Publish> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_v5(left).await {
+                Ok(mqttbytes::v5::Packet::Publish(p)) => {
+                    match p.qos {
+                        mqttbytes::QoS::AtMostOnce => {}
+                        mqttbytes::QoS::AtLeastOnce => {
+                            let ack = mqttbytes::v5::PubAck::new(p.pkid);
+                            self.send(&encode(|b| ack.write(b))).await;
+                        }
+                        mqttbytes::QoS::ExactlyOnce => {
+                            let rec = mqttbytes::v5::PubRec::new(p.pkid);
+                            self.send(&encode(|b| rec.write(b))).await;
+                        }
+                    }
+                    return Some(p);
+                }
+                Ok(mqttbytes::v5::Packet::PubRel(r)) => {
+                    let comp = mqttbytes::v5::PubComp::new(r.pkid);
+                    self.send(&encode(|b| comp.write(b))).await;
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Next MQTT 5 packet; a DISCONNECT's reason code as a number (mqttbytes' enum
+    /// `as u8`), for assertions on the exact code.
+    pub async fn expect_disconnect_v5(&mut self, timeout: Duration) -> u8 {
+        match self.next_v5(timeout).await {
+            Ok(mqttbytes::v5::Packet::Disconnect(d)) => d.reason_code as u8,
+            other => panic!("expected DISCONNECT, got {other:?}"),
+        }
+    }
+
+    /// PINGREQ, then waits for PINGRESP (skipping anything else); false on close/timeout.
+    pub async fn ping_v5(&mut self, timeout: Duration) -> bool {
+        self.send(&[0xc0, 0x00]).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_v5(left).await {
+                Ok(mqttbytes::v5::Packet::PingResp) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+impl GatewayProcess {
+    /// Like [`GatewayProcess::start`], letting the caller adjust the command first (for
+    /// example lower a resource limit in `pre_exec`).
+    pub fn start_with(extra: &str, configure: impl FnOnce(&mut Command)) -> GatewayProcess {
+        let dir = tempdir::Dir::new("proc");
+        let path = dir.0.join("gateway.toml");
+        let mut base: toml::Table = BASE.parse().unwrap();
+        base.insert(
+            "log".into(),
+            toml::Value::Table("level = \"info\"".parse().unwrap()),
+        );
+        let extra: toml::Table = extra.parse().unwrap();
+        for (k, v) in extra {
+            match (base.get_mut(&k), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
+                (_, v) => {
+                    base.insert(k, v);
+                }
+            }
+        }
+        std::fs::write(&path, toml::to_string(&base).unwrap()).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn gateway");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("gateway listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway announces its addresses");
+        let plain = strip_ansi(&line);
+        let field = |name: &str| -> SocketAddr {
+            let start = plain.find(&format!("{name}=")).expect("address field") + name.len() + 1;
+            plain[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .expect("address")
+        };
+        GatewayProcess {
+            mqtt: field("mqtt_addr"),
+            http: field("http_addr"),
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs the `gateway` binary with `args` to completion (killed after `timeout`, which
+/// then panics): (exit code, stdout, stderr).
+pub fn run_gateway(args: &[&std::ffi::OsStr], timeout: Duration) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gateway");
+    // Read both pipes on their own threads so a chatty child never blocks on a full pipe.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut r) = r {
+                let mut bytes = Vec::new();
+                let _ = r.read_to_end(&mut bytes);
+                text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            text
+        })
+    };
+    let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
+    let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            _ if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gateway {args:?} still running after {timeout:?}");
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    (
+        status.code(),
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// A gateway whose /metrics reports a real logger's dropped lines.
+
+impl TestServer {
+    /// Like [`TestServer::start`], but hands `log` to the server so that
+    /// `gateway_log_lines_dropped_total` counts the lines that logger dropped.
+    pub fn start_with_log(extra: &str, log: &gateway::logging::LogGuard) -> TestServer {
+        let server = Server::start(config(extra), Some(log)).expect("server starts");
+        TestServer {
+            mqtt: server.mqtt_addr,
+            http: server.http_addr,
+            server: Some(server),
         }
     }
 }
