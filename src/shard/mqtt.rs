@@ -72,6 +72,8 @@ impl Shard {
             return self.on_connect(key, connect, assigned);
         }
         let mut conn = self.conns.remove(key);
+        // Stop counting it here before the home shard can count it.
+        ShardMetrics::set(&self.metrics.connections, self.conns.len() as u64);
         let _ = self.poll.registry().deregister(&mut conn.socket);
         self.wheel.cancel(conn.timer);
         if let Some(b) = conn.bufs.take() {
