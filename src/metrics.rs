@@ -1,11 +1,34 @@
-//! Counters each shard keeps about itself, and their Prometheus text exposition.
+//! Gateway metrics: the counters each IO shard keeps about itself, the push API's counters,
+//! and their Prometheus exposition through the `prometheus-client` crate.
 //!
-//! Every shard owns one [`ShardMetrics`] and is its only writer, so a counter update is an
-//! uncontended relaxed add on a cache line no other core writes. A scrape (on the
-//! business pool) reads them all without stopping any shard and sums or labels them.
+//! Every shard owns one [`ShardMetrics`] and is its only writer, so an update on the packet
+//! path is a relaxed load and store on a cache line no other core writes: no locked
+//! read-modify-write, no contention. A scrape (on the business pool) reads every shard's
+//! atomics without stopping any shard, through a prometheus-client [`Collector`] that sums
+//! them or labels them by shard. The push API's counters ([`PushMetrics`]) live on the
+//! business pool and use prometheus-client's own metric types.
+//!
+//! prometheus-client writes OpenMetrics 1.0 text. `/metrics` is served as the Prometheus
+//! text format 0.0.4, which every Prometheus and `promtool check metrics` read; for the
+//! families here the two differ only in the name a counter's `# HELP` and `# TYPE` lines
+//! carry (`x` against `x_total`) and the closing `# EOF`, which [`to_prometheus_text`]
+//! rewrites.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    text, DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, NoLabelSet,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio_metrics::TaskMonitor;
 
 /// Why a connection ended; the `reason` label of `gateway_disconnects_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,7 +183,58 @@ pub const PACKET_TYPES: [&str; 16] = [
     "auth",
 ];
 
+/// Upper bounds (seconds) of `gateway_connection_age_seconds`: 1 s to 7 days.
+pub const CONNECTION_AGE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 60.0, 600.0, 3_600.0, 21_600.0, 86_400.0, 604_800.0,
+];
+
+/// A histogram with one writer (its shard) and any number of readers (scrapes): a count
+/// per bucket (not cumulative; the last one is `+Inf`) and the sum as `f64` bits. The
+/// count is the sum of the buckets, so a scrape never sees `_count` disagree with `+Inf`.
+#[derive(Default)]
+struct LocalHistogram {
+    counts: [AtomicU64; CONNECTION_AGE_BUCKETS.len() + 1],
+    sum_bits: AtomicU64,
+}
+
+impl LocalHistogram {
+    fn observe(&self, v: f64) {
+        let v = if v.is_finite() && v > 0.0 { v } else { 0.0 };
+        let i = CONNECTION_AGE_BUCKETS
+            .iter()
+            .position(|le| v <= *le)
+            .unwrap_or(CONNECTION_AGE_BUCKETS.len());
+        ShardMetrics::add(&self.counts[i], 1);
+        let sum = f64::from_bits(self.sum_bits.load(Relaxed)) + v;
+        self.sum_bits.store(sum.to_bits(), Relaxed);
+    }
+}
+
+/// The previous busy-ratio sample of a shard, kept for the next scrape (scrape side only).
+struct BusySample {
+    at: Instant,
+    polled: Duration,
+    ratio: f64,
+}
+
+impl Default for BusySample {
+    fn default() -> Self {
+        BusySample {
+            at: Instant::now(),
+            polled: Duration::ZERO,
+            ratio: 0.0,
+        }
+    }
+}
+
+/// Scrapes closer together than this report the previous busy ratio instead of a ratio
+/// over a window too short to mean anything.
+const MIN_BUSY_WINDOW: Duration = Duration::from_millis(100);
+
 /// One shard's counters and gauges. Aligned so two shards never share a cache line.
+///
+/// The shard writes the counters with [`ShardMetrics::add`] and the gauges with
+/// [`ShardMetrics::set`]; everything else here is read at scrape time.
 #[repr(align(128))]
 #[derive(Default)]
 pub struct ShardMetrics {
@@ -171,6 +245,10 @@ pub struct ShardMetrics {
     pub wheel_entries: AtomicU64,
     pub pool_pooled_bytes: AtomicU64,
     pub pool_lent_bytes: AtomicU64,
+    /// Buffer pool `take`s served from a free list (cumulative, from `PoolStats::hits`).
+    pub pool_hits: AtomicU64,
+    /// Buffer pool `take`s that allocated (cumulative, from `PoolStats::misses`).
+    pub pool_misses: AtomicU64,
     pub connects: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -179,6 +257,13 @@ pub struct ShardMetrics {
     pub dropped: [AtomicU64; 6],
     pub packets_received: [AtomicU64; 16],
     pub packets_sent: [AtomicU64; 16],
+    /// Instruments the shard's main future (`monitor.instrument(shard.run(rx))`): its poll
+    /// count and total poll time are the shard's loop turns and busy time, exported as
+    /// `gateway_shard_polls_total`, `gateway_shard_busy_seconds_total` and
+    /// `gateway_shard_busy_ratio`. Works on stable tokio (no `tokio_unstable`).
+    pub monitor: TaskMonitor,
+    connection_age: LocalHistogram,
+    busy: Mutex<BusySample>,
 }
 
 impl ShardMetrics {
@@ -209,173 +294,370 @@ impl ShardMetrics {
     pub fn packet_out(&self, packet_type: u8) {
         Self::add(&self.packets_sent[usize::from(packet_type & 15)], 1);
     }
+
+    /// Records how long a connection lived, in its shard's close path
+    /// (`gateway_connection_age_seconds`). Only the owning shard calls this.
+    pub fn observe_connection_age(&self, secs: f64) {
+        self.connection_age.observe(secs);
+    }
+
+    /// The share of wall time the shard spent polling its main future since the previous
+    /// call, given the monitor's cumulative poll time `polled` at `now`. Called by scrapes
+    /// only; two scrapes closer than [`MIN_BUSY_WINDOW`] get the previous value.
+    fn busy_ratio(&self, now: Instant, polled: Duration) -> f64 {
+        let mut prev = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let wall = now.saturating_duration_since(prev.at);
+        if wall < MIN_BUSY_WINDOW {
+            return prev.ratio;
+        }
+        let busy = polled.saturating_sub(prev.polled);
+        let ratio = (busy.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0);
+        *prev = BusySample {
+            at: now,
+            polled,
+            ratio,
+        };
+        ratio
+    }
 }
 
 fn get(a: &AtomicU64) -> u64 {
     a.load(Relaxed)
 }
 
-/// Writes one metric family: HELP, TYPE and its samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// The family name prometheus-client wants for a counter: without the `_total` it adds.
+fn counter_family(name_total: &str) -> &str {
+    name_total.strip_suffix("_total").unwrap_or(name_total)
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: impl EncodeGaugeValue,
+) -> fmt::Result {
+    enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&v)
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name_total: &str,
+    help: &str,
+    v: impl EncodeCounterValue,
+) -> fmt::Result {
+    enc.encode_descriptor(counter_family(name_total), help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&v, None)
+}
+
+/// A gauge family with one sample per label value.
+fn labelled_gauges<V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value, v) in samples {
+        family
+            .encode_family(&[(label, value.as_str())])?
+            .encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+/// A counter family with one sample per label value.
+fn labelled_counters<V: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name_total: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) -> fmt::Result {
+    let name = counter_family(name_total);
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, v) in samples {
+        family
+            .encode_family(&[(label, value.as_str())])?
+            .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+    }
+    Ok(())
+}
+
+/// Reads every shard's atomics at scrape time.
+struct ShardCollector(Vec<Arc<ShardMetrics>>);
+
+impl fmt::Debug for ShardCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardCollector")
+            .field("shards", &self.0.len())
+            .finish()
+    }
+}
+
+impl ShardCollector {
+    fn total(&self, f: impl Fn(&ShardMetrics) -> u64) -> u64 {
+        self.0.iter().map(|s| f(s)).sum()
+    }
+
+    fn per_shard<V>(&self, f: impl Fn(&ShardMetrics) -> V) -> Vec<(String, V)> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i.to_string(), f(s)))
+            .collect()
+    }
+}
+
+impl Collector for ShardCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let e = &mut enc;
+        labelled_gauges(
+            e,
+            "gateway_connections",
+            "Open connections, by shard.",
+            "shard",
+            self.per_shard(|s| get(&s.connections)),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_sessions",
+            "Sessions (online and offline), by home shard.",
+            "shard",
+            self.per_shard(|s| get(&s.sessions)),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_wheel_entries",
+            "Timers on the shard's timing wheel.",
+            "shard",
+            self.per_shard(|s| get(&s.wheel_entries)),
+        )?;
+        gauge(
+            e,
+            "gateway_subscriptions",
+            "Subscriptions across all sessions.",
+            self.total(|s| get(&s.subscriptions)),
+        )?;
+        gauge(
+            e,
+            "gateway_queued_messages",
+            "Messages waiting in session queues.",
+            self.total(|s| get(&s.queued_messages)),
+        )?;
+        counter(
+            e,
+            "gateway_connects_total",
+            "Accepted CONNECTs.",
+            self.total(|s| get(&s.connects)),
+        )?;
+        counter(
+            e,
+            "gateway_bytes_received_total",
+            "Bytes read from device sockets.",
+            self.total(|s| get(&s.bytes_received)),
+        )?;
+        counter(
+            e,
+            "gateway_bytes_sent_total",
+            "Bytes written to device sockets.",
+            self.total(|s| get(&s.bytes_sent)),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_disconnects_total",
+            "Connections ended, by reason.",
+            "reason",
+            DisconnectReason::ALL.iter().map(|r| {
+                let i = *r as usize;
+                (
+                    r.as_str().to_owned(),
+                    self.total(|s| get(&s.disconnects[i])),
+                )
+            }),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_connect_refused_total",
+            "CONNECTs refused, by reason.",
+            "reason",
+            RefuseReason::ALL.iter().map(|r| {
+                let i = *r as usize;
+                (r.as_str().to_owned(), self.total(|s| get(&s.refused[i])))
+            }),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_messages_dropped_total",
+            "Messages not delivered, by reason.",
+            "reason",
+            DropReason::ALL.iter().map(|r| {
+                let i = *r as usize;
+                (r.as_str().to_owned(), self.total(|s| get(&s.dropped[i])))
+            }),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_packets_received_total",
+            "MQTT packets received, by type.",
+            "type",
+            (1..16).map(|t| {
+                let n = self.total(|s| get(&s.packets_received[t]));
+                (PACKET_TYPES[t].to_owned(), n)
+            }),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_packets_sent_total",
+            "MQTT packets sent, by type.",
+            "type",
+            (1..16).map(|t| {
+                let n = self.total(|s| get(&s.packets_sent[t]));
+                (PACKET_TYPES[t].to_owned(), n)
+            }),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_buffer_pool_bytes",
+            "Bytes in the shards' buffer pools: pooled (idle) or lent to connections.",
+            "state",
+            [
+                (
+                    "pooled".to_owned(),
+                    self.total(|s| get(&s.pool_pooled_bytes)),
+                ),
+                ("lent".to_owned(), self.total(|s| get(&s.pool_lent_bytes))),
+            ],
+        )?;
+        labelled_counters(
+            e,
+            "gateway_buffer_pool_takes_total",
+            "Buffers taken from the shards' pools: hit (reused) or miss (allocated).",
+            "result",
+            [
+                ("hit".to_owned(), self.total(|s| get(&s.pool_hits))),
+                ("miss".to_owned(), self.total(|s| get(&s.pool_misses))),
+            ],
+        )?;
+
+        // Connection age: the shards' buckets summed.
+        let buckets: Vec<(f64, u64)> = CONNECTION_AGE_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .enumerate()
+            .map(|(i, le)| (le, self.total(|s| get(&s.connection_age.counts[i]))))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self
+            .0
+            .iter()
+            .map(|s| f64::from_bits(get(&s.connection_age.sum_bits)))
+            .sum();
+        enc.encode_descriptor(
+            "gateway_connection_age_seconds",
+            "How long connections lived, observed when they close.",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+
+        // The shards' main futures, from their tokio-metrics TaskMonitors.
+        let now = Instant::now();
+        let polls: Vec<_> = self
+            .0
+            .iter()
+            .map(|s| {
+                let m = s.monitor.cumulative();
+                let ratio = s.busy_ratio(now, m.total_poll_duration);
+                (
+                    m.total_poll_count,
+                    m.total_poll_duration.as_secs_f64(),
+                    ratio,
+                )
+            })
+            .collect();
+        let e = &mut enc;
+        let shard = |i: usize| i.to_string();
+        labelled_counters(
+            e,
+            "gateway_shard_polls_total",
+            "Polls of the shard's event loop (tokio-metrics TaskMonitor).",
+            "shard",
+            polls.iter().enumerate().map(|(i, p)| (shard(i), p.0)),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_shard_busy_seconds_total",
+            "Time the shard spent polling its event loop, i.e. busy (tokio-metrics TaskMonitor).",
+            "shard",
+            polls.iter().enumerate().map(|(i, p)| (shard(i), p.1)),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_shard_busy_ratio",
+            "Share of wall time the shard was busy since the previous scrape (0 to 1).",
+            "shard",
+            polls.iter().enumerate().map(|(i, p)| (shard(i), p.2)),
+        )
+    }
+}
+
+/// Encodes a registry and appends it to `out` in the Prometheus text format 0.0.4.
+fn encode_into(registry: &Registry, out: &mut String) {
+    let mut openmetrics = String::with_capacity(8192);
+    // Writing into a String cannot fail; an error here is a collector bug, and the
+    // families encoded before it are still worth serving.
+    if let Err(e) = text::encode_registry(&mut openmetrics, registry) {
+        tracing::error!(error = %e, "metrics encoding failed");
+    }
+    to_prometheus_text(&openmetrics, out);
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4, appending to
+/// `out`: a counter family `x` (samples `x_total`) gets `# HELP x_total` / `# TYPE x_total`,
+/// and `# EOF` goes. Everything else (gauges, histograms, labels, values) is the same in
+/// both formats.
+pub fn to_prometheus_text(openmetrics: &str, out: &mut String) {
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let counter = lines
+                .peek()
+                .is_some_and(|next| *next == format!("# TYPE {name} counter"));
+            if counter && !name.ends_with("_total") {
+                out.push_str(&format!("# HELP {name}_total {help}\n"));
+                continue;
+            }
+        } else if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            if !name.ends_with("_total") {
+                out.push_str(&format!("# TYPE {name}_total counter\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
 }
 
 /// Renders all shards' metrics in the Prometheus text format (version 0.0.4).
-pub fn render(shards: &[std::sync::Arc<ShardMetrics>], out: &mut String) {
-    let per_shard = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&ShardMetrics) -> u64| {
-        family(out, name, "gauge", help);
-        for (i, s) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", f(s));
-        }
-    };
-    per_shard(out, "gateway_connections", "Open connections.", &|s| {
-        get(&s.connections)
-    });
-    per_shard(
-        out,
-        "gateway_sessions",
-        "Sessions (online and offline).",
-        &|s| get(&s.sessions),
-    );
-    per_shard(
-        out,
-        "gateway_wheel_entries",
-        "Timers on the shard's wheel.",
-        &|s| get(&s.wheel_entries),
-    );
-
-    let total = |f: &dyn Fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: u64| {
-        family(out, name, kind, help);
-        let _ = writeln!(out, "{name} {v}");
-    };
-    scalar(
-        out,
-        "gateway_subscriptions",
-        "gauge",
-        "Subscriptions across all sessions.",
-        total(&|s| get(&s.subscriptions)),
-    );
-    scalar(
-        out,
-        "gateway_queued_messages",
-        "gauge",
-        "Messages waiting in session queues.",
-        total(&|s| get(&s.queued_messages)),
-    );
-    scalar(
-        out,
-        "gateway_connects_total",
-        "counter",
-        "Accepted CONNECTs.",
-        total(&|s| get(&s.connects)),
-    );
-    scalar(
-        out,
-        "gateway_bytes_received_total",
-        "counter",
-        "Bytes read from device sockets.",
-        total(&|s| get(&s.bytes_received)),
-    );
-    scalar(
-        out,
-        "gateway_bytes_sent_total",
-        "counter",
-        "Bytes written to device sockets.",
-        total(&|s| get(&s.bytes_sent)),
-    );
-
-    let labelled =
-        |out: &mut String, name: &str, help: &str, label: &str, items: &[(&str, u64)]| {
-            family(out, name, "counter", help);
-            for (l, v) in items {
-                let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {v}");
-            }
-        };
-    let items: Vec<_> = DisconnectReason::ALL
-        .iter()
-        .map(|r| (r.as_str(), total(&|s| get(&s.disconnects[*r as usize]))))
-        .collect();
-    labelled(
-        out,
-        "gateway_disconnects_total",
-        "Connections ended, by reason.",
-        "reason",
-        &items,
-    );
-    let items: Vec<_> = RefuseReason::ALL
-        .iter()
-        .map(|r| (r.as_str(), total(&|s| get(&s.refused[*r as usize]))))
-        .collect();
-    labelled(
-        out,
-        "gateway_connect_refused_total",
-        "CONNECTs refused, by reason.",
-        "reason",
-        &items,
-    );
-    let items: Vec<_> = DropReason::ALL
-        .iter()
-        .map(|r| (r.as_str(), total(&|s| get(&s.dropped[*r as usize]))))
-        .collect();
-    labelled(
-        out,
-        "gateway_messages_dropped_total",
-        "Messages not delivered, by reason.",
-        "reason",
-        &items,
-    );
-    let items: Vec<_> = (1..16)
-        .map(|t| (PACKET_TYPES[t], total(&|s| get(&s.packets_received[t]))))
-        .collect();
-    labelled(
-        out,
-        "gateway_packets_received_total",
-        "MQTT packets received, by type.",
-        "type",
-        &items,
-    );
-    let items: Vec<_> = (1..16)
-        .map(|t| (PACKET_TYPES[t], total(&|s| get(&s.packets_sent[t]))))
-        .collect();
-    labelled(
-        out,
-        "gateway_packets_sent_total",
-        "MQTT packets sent, by type.",
-        "type",
-        &items,
-    );
-    family(
-        out,
-        "gateway_buffer_pool_bytes",
-        "gauge",
-        "Bytes in the shards' buffer pools: pooled (idle) or lent to connections.",
-    );
-    let _ = writeln!(
-        out,
-        "gateway_buffer_pool_bytes{{state=\"pooled\"}} {}",
-        total(&|s| get(&s.pool_pooled_bytes))
-    );
-    let _ = writeln!(
-        out,
-        "gateway_buffer_pool_bytes{{state=\"lent\"}} {}",
-        total(&|s| get(&s.pool_lent_bytes))
-    );
+pub fn render(shards: &[Arc<ShardMetrics>], out: &mut String) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ShardCollector(shards.to_vec())));
+    encode_into(&registry, out);
 }
 
-/// Push API outcomes and latency, kept on the business pool (not per packet, so plain
-/// shared atomics are fine here).
-pub struct PushMetrics {
-    statuses: [AtomicU64; PUSH_STATUSES.len()],
-    /// Cumulative histogram buckets of `gateway_push_duration_seconds`.
-    buckets: [AtomicU64; PUSH_BUCKETS.len()],
-    count: AtomicU64,
-    /// Sum of observed durations in nanoseconds.
-    sum_nanos: AtomicU64,
-}
-
-/// The `status` label values of `gateway_push_requests_total`.
+/// The `status` label values of `gateway_push_requests_total`, all exported from the
+/// start (at 0) so that rates and alerts see every series. Any other status string is
+/// counted as `other`.
 pub const PUSH_STATUSES: [&str; 12] = [
     "sent",
     "acked",
@@ -391,160 +673,178 @@ pub const PUSH_STATUSES: [&str; 12] = [
     "not_found",
 ];
 
-/// Upper bounds (seconds) of the push latency buckets: 50 µs to 10 s.
-pub const PUSH_BUCKETS: [f64; 14] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 10.0,
+/// Upper bounds (seconds) of `gateway_push_duration_seconds`: 50 µs to 10 s.
+pub const PUSH_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+/// Push API outcomes and latency. Shared (`Arc`) by the business pool's handlers; a
+/// push is not per packet, so prometheus-client's shared atomics and histogram lock are
+/// fine here.
+pub struct PushMetrics {
+    requests: Family<StatusLabel, Counter>,
+    duration: Histogram,
+}
 
 impl Default for PushMetrics {
     fn default() -> Self {
+        let requests = Family::default();
+        for status in PUSH_STATUSES {
+            // Creates the series at 0; the returned read guard is released at once.
+            drop(requests.get_or_create(&StatusLabel { status }));
+        }
         PushMetrics {
-            statuses: std::array::from_fn(|_| AtomicU64::new(0)),
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
+            requests,
+            duration: Histogram::new(PUSH_BUCKETS),
         }
     }
 }
 
 impl PushMetrics {
-    /// Counts one push answer and, when given, its HTTP-receive-to-socket latency.
+    /// Counts one push answer (`gateway_push_requests_total{status}`) and, when given, its
+    /// latency from HTTP receive to written to the device socket
+    /// (`gateway_push_duration_seconds`).
     pub fn record(&self, status: &str, seconds: Option<f64>) {
-        if let Some(i) = PUSH_STATUSES.iter().position(|s| *s == status) {
-            self.statuses[i].fetch_add(1, Relaxed);
-        }
+        let status = PUSH_STATUSES
+            .iter()
+            .copied()
+            .find(|s| *s == status)
+            .unwrap_or("other");
+        self.requests.get_or_create(&StatusLabel { status }).inc();
         if let Some(secs) = seconds {
-            for (i, le) in PUSH_BUCKETS.iter().enumerate() {
-                if secs <= *le {
-                    self.buckets[i].fetch_add(1, Relaxed);
-                }
-            }
-            self.count.fetch_add(1, Relaxed);
-            self.sum_nanos.fetch_add((secs * 1e9) as u64, Relaxed);
+            self.duration.observe(secs.max(0.0));
         }
     }
 
+    /// Appends the push families in the Prometheus text format 0.0.4.
     pub fn render(&self, out: &mut String) {
-        family(
-            out,
-            "gateway_push_requests_total",
-            "counter",
-            "Push API requests, by outcome.",
+        let mut registry = Registry::default();
+        // Registry::register appends the final full stop to the help text.
+        registry.register(
+            counter_family("gateway_push_requests_total"),
+            "Push API requests, by outcome",
+            self.requests.clone(),
         );
-        for (i, s) in PUSH_STATUSES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "gateway_push_requests_total{{status=\"{s}\"}} {}",
-                get(&self.statuses[i])
-            );
-        }
-        family(
-            out,
+        registry.register(
             "gateway_push_duration_seconds",
-            "histogram",
-            "Push latency from HTTP receive to written to the device socket.",
+            "Push latency from HTTP receive to written to the device socket",
+            self.duration.clone(),
         );
-        for (i, le) in PUSH_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "gateway_push_duration_seconds_bucket{{le=\"{le}\"}} {}",
-                get(&self.buckets[i])
-            );
+        encode_into(&registry, out);
+    }
+}
+
+/// Process-wide figures read at scrape time: /proc, rlimits, and the lossy logger's drops.
+#[derive(Debug)]
+struct ProcessCollector {
+    log_lines_dropped: u64,
+    started: Instant,
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let e = &mut enc;
+        counter(
+            e,
+            "gateway_log_lines_dropped_total",
+            "Log lines dropped because the log queue was full.",
+            self.log_lines_dropped,
+        )?;
+        gauge(
+            e,
+            "gateway_uptime_seconds",
+            "Seconds since the gateway started.",
+            self.started.elapsed().as_secs_f64(),
+        )?;
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        {
+            gauge(
+                e,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                rss_pages * page_size(),
+            )?;
         }
-        let count = get(&self.count);
-        let _ = writeln!(
-            out,
-            "gateway_push_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "gateway_push_duration_seconds_sum {}",
-            get(&self.sum_nanos) as f64 / 1e9
-        );
-        let _ = writeln!(out, "gateway_push_duration_seconds_count {count}");
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The directory handle being read is one of the entries.
+            let open = dir.count().saturating_sub(1) as u64;
+            gauge(
+                e,
+                "process_open_fds",
+                "Number of open file descriptors.",
+                open,
+            )?;
+        }
+        if let Some(limit) = max_fds() {
+            gauge(
+                e,
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                limit,
+            )?;
+        }
+        if let Some(ticks) = stat.as_deref().and_then(cpu_ticks) {
+            counter(
+                e,
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds.",
+                ticks as f64 / clock_ticks_per_sec() as f64,
+            )?;
+        }
+        if let Some(start) = stat.as_deref().and_then(start_time_secs) {
+            gauge(
+                e,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                start,
+            )?;
+        }
+        Ok(())
     }
 }
 
-/// Process-wide figures from /proc: resident memory, open fds, CPU time, and the lines the
-/// lossy logger dropped. Read on the business pool at scrape time.
-pub fn render_process(out: &mut String, log_lines_dropped: u64, started: std::time::Instant) {
-    family(
-        out,
-        "gateway_log_lines_dropped_total",
-        "counter",
-        "Log lines dropped because the log queue was full.",
-    );
-    let _ = writeln!(out, "gateway_log_lines_dropped_total {log_lines_dropped}");
-    family(
-        out,
-        "gateway_uptime_seconds",
-        "gauge",
-        "Seconds since the gateway started.",
-    );
-    let _ = writeln!(
-        out,
-        "gateway_uptime_seconds {:.3}",
-        started.elapsed().as_secs_f64()
-    );
-    let page = page_size();
-    if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-    {
-        family(
-            out,
-            "process_resident_memory_bytes",
-            "gauge",
-            "Resident memory size in bytes.",
-        );
-        let _ = writeln!(out, "process_resident_memory_bytes {}", rss_pages * page);
-    }
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        family(
-            out,
-            "process_open_fds",
-            "gauge",
-            "Number of open file descriptors.",
-        );
-        let _ = writeln!(out, "process_open_fds {}", dir.count().saturating_sub(1));
-    }
-    if let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| cpu_ticks(&s))
-    {
-        let hz = clock_ticks_per_sec();
-        family(
-            out,
-            "process_cpu_seconds_total",
-            "counter",
-            "Total user and system CPU time spent in seconds.",
-        );
-        let _ = writeln!(
-            out,
-            "process_cpu_seconds_total {:.2}",
-            ticks as f64 / hz as f64
-        );
-    }
-    if let Some(limit) = max_fds() {
-        family(
-            out,
-            "process_max_fds",
-            "gauge",
-            "Maximum number of open file descriptors.",
-        );
-        let _ = writeln!(out, "process_max_fds {limit}");
-    }
+/// Process-wide figures from /proc: resident memory, open and maximum fds, CPU time, start
+/// time, uptime, and the lines the lossy logger dropped. Read on the business pool at
+/// scrape time; appended in the Prometheus text format 0.0.4.
+pub fn render_process(out: &mut String, log_lines_dropped: u64, started: Instant) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector {
+        log_lines_dropped,
+        started,
+    }));
+    encode_into(&registry, out);
 }
 
-/// utime + stime from /proc/self/stat (fields 14 and 15, after the parenthesised name).
+/// The fields of /proc/self/stat after the parenthesised command name (which may itself
+/// contain spaces and parentheses), starting with field 3 (state).
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(stat[stat.rfind(')')? + 2..].split_whitespace().collect())
+}
+
+/// utime + stime from /proc/self/stat (fields 14 and 15).
 fn cpu_ticks(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
+    let f = stat_fields(stat)?;
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Process start time as seconds since the epoch: field 22 of /proc/self/stat (clock
+/// ticks after boot) plus `btime` from /proc/stat.
+fn start_time_secs(stat: &str) -> Option<f64> {
+    let ticks: u64 = stat_fields(stat)?.get(19)?.parse().ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    Some(btime as f64 + ticks as f64 / clock_ticks_per_sec() as f64)
 }
 
 fn page_size() -> u64 {
@@ -579,7 +879,12 @@ fn max_fds() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+
+    /// The value of the sample line `sample` (name and labels exactly as written).
+    fn value(text: &str, sample: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
 
     #[test]
     fn renders_per_shard_and_totals() {
@@ -587,21 +892,209 @@ mod tests {
         let b = Arc::new(ShardMetrics::default());
         ShardMetrics::set(&a.connections, 3);
         ShardMetrics::set(&b.connections, 4);
+        ShardMetrics::add(&a.connects, 2);
+        ShardMetrics::add(&b.connects, 5);
         a.disconnect(DisconnectReason::Keepalive);
         b.disconnect(DisconnectReason::Keepalive);
+        a.drop_msg(DropReason::MailboxFull, 7);
         a.packet_in(12);
+        ShardMetrics::set(&b.pool_hits, 9);
         let mut s = String::new();
         render(&[a, b], &mut s);
-        assert!(s.contains("gateway_connections{shard=\"0\"} 3\n"));
-        assert!(s.contains("gateway_connections{shard=\"1\"} 4\n"));
-        assert!(s.contains("gateway_disconnects_total{reason=\"keepalive\"} 2\n"));
-        assert!(s.contains("gateway_packets_received_total{type=\"pingreq\"} 1\n"));
-        assert!(s.contains("# TYPE gateway_connects_total counter\n"));
+        assert_eq!(value(&s, "gateway_connections{shard=\"0\"}"), Some(3.0));
+        assert_eq!(value(&s, "gateway_connections{shard=\"1\"}"), Some(4.0));
+        assert_eq!(value(&s, "gateway_connects_total"), Some(7.0));
+        assert_eq!(
+            value(&s, "gateway_disconnects_total{reason=\"keepalive\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&s, "gateway_disconnects_total{reason=\"client\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &s,
+                "gateway_messages_dropped_total{reason=\"mailbox_full\"}"
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            value(&s, "gateway_packets_received_total{type=\"pingreq\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "gateway_buffer_pool_takes_total{result=\"hit\"}"),
+            Some(9.0)
+        );
+        assert_eq!(
+            value(&s, "gateway_shard_polls_total{shard=\"1\"}"),
+            Some(0.0)
+        );
+        assert!(s.contains("# TYPE gateway_connects_total counter\n"), "{s}");
+        assert!(
+            s.contains("# HELP gateway_connects_total Accepted CONNECTs.\n"),
+            "{s}"
+        );
+        assert!(s.contains("# TYPE gateway_connections gauge\n"), "{s}");
+        assert!(!s.contains("# EOF"), "{s}");
     }
 
     #[test]
-    fn cpu_ticks_parse_after_the_command_name() {
-        let stat = "123 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0";
+    fn connection_age_buckets_are_summed_over_shards_and_cumulative() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        a.observe_connection_age(0.5);
+        a.observe_connection_age(30.0);
+        b.observe_connection_age(1_000_000.0);
+        b.observe_connection_age(f64::NAN);
+        let mut s = String::new();
+        render(&[a, b], &mut s);
+        let bucket = |le: &str| {
+            value(
+                &s,
+                &format!("gateway_connection_age_seconds_bucket{{le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(bucket("1.0"), Some(2.0), "{s}");
+        assert_eq!(bucket("10.0"), Some(2.0), "{s}");
+        assert_eq!(bucket("60.0"), Some(3.0), "{s}");
+        assert_eq!(bucket("604800.0"), Some(3.0), "{s}");
+        assert_eq!(bucket("+Inf"), Some(4.0), "{s}");
+        assert_eq!(value(&s, "gateway_connection_age_seconds_count"), Some(4.0));
+        assert_eq!(
+            value(&s, "gateway_connection_age_seconds_sum"),
+            Some(1_000_030.5)
+        );
+        assert!(s.contains("# TYPE gateway_connection_age_seconds histogram\n"));
+    }
+
+    #[test]
+    fn busy_ratio_is_poll_time_over_wall_time_since_the_last_scrape() {
+        let m = ShardMetrics::default();
+        let t0 = m.busy.lock().unwrap().at;
+        let ms = Duration::from_millis;
+        assert_eq!(m.busy_ratio(t0 + ms(1000), ms(250)), 0.25);
+        // Too close to the previous scrape: the previous ratio, and the sample is kept.
+        assert_eq!(m.busy_ratio(t0 + ms(1050), ms(1000)), 0.25);
+        assert_eq!(m.busy_ratio(t0 + ms(2000), ms(1000)), 0.75);
+        // Never above 1, never negative.
+        assert_eq!(m.busy_ratio(t0 + ms(2500), ms(5000)), 1.0);
+        assert_eq!(m.busy_ratio(t0 + ms(3500), ms(5000)), 0.0);
+    }
+
+    #[tokio::test]
+    async fn shard_polls_come_from_the_task_monitor() {
+        let m = Arc::new(ShardMetrics::default());
+        let monitor = m.monitor.clone();
+        monitor
+            .instrument(async {
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+        let mut s = String::new();
+        render(&[m], &mut s);
+        assert_eq!(
+            value(&s, "gateway_shard_polls_total{shard=\"0\"}"),
+            Some(4.0),
+            "{s}"
+        );
+        let ratio = value(&s, "gateway_shard_busy_ratio{shard=\"0\"}").unwrap();
+        assert!((0.0..=1.0).contains(&ratio), "{s}");
+    }
+
+    #[test]
+    fn push_metrics_count_statuses_and_latency() {
+        let p = PushMetrics::default();
+        p.record("sent", Some(0.0003));
+        p.record("sent", Some(2.0));
+        p.record("overloaded", None);
+        p.record("no_such_status", None);
+        let mut s = String::new();
+        p.render(&mut s);
+        assert_eq!(
+            value(&s, "gateway_push_requests_total{status=\"sent\"}"),
+            Some(2.0),
+            "{s}"
+        );
+        assert_eq!(
+            value(&s, "gateway_push_requests_total{status=\"overloaded\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&s, "gateway_push_requests_total{status=\"other\"}"),
+            Some(1.0)
+        );
+        for status in PUSH_STATUSES {
+            let sample = format!("gateway_push_requests_total{{status=\"{status}\"}}");
+            assert!(value(&s, &sample).is_some(), "{sample} missing:\n{s}");
+        }
+        let bucket = |le: &str| {
+            value(
+                &s,
+                &format!("gateway_push_duration_seconds_bucket{{le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(bucket("0.00025"), Some(0.0), "{s}");
+        assert_eq!(bucket("0.0005"), Some(1.0), "{s}");
+        assert_eq!(bucket("2.5"), Some(2.0), "{s}");
+        assert_eq!(bucket("+Inf"), Some(2.0), "{s}");
+        assert_eq!(value(&s, "gateway_push_duration_seconds_count"), Some(2.0));
+        assert!(
+            s.contains("# TYPE gateway_push_requests_total counter\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("# HELP gateway_push_requests_total Push API requests, by outcome.\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let mut s = String::new();
+        render_process(&mut s, 42, Instant::now());
+        assert_eq!(value(&s, "gateway_log_lines_dropped_total"), Some(42.0));
+        assert!(
+            value(&s, "process_resident_memory_bytes").unwrap() > 0.0,
+            "{s}"
+        );
+        assert!(value(&s, "process_open_fds").unwrap() >= 3.0, "{s}");
+        assert!(value(&s, "process_max_fds").unwrap() > 0.0, "{s}");
+        assert!(value(&s, "process_cpu_seconds_total").is_some(), "{s}");
+        let start = value(&s, "process_start_time_seconds").unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(start > 1.0e9 && start <= now + 1.0, "{start} vs {now}");
+        assert!(
+            s.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn openmetrics_counters_become_prometheus_0_0_4_counters() {
+        let om = "# HELP a_total Already suffixed.\n# TYPE a_total counter\na_total 1\n\
+                  # HELP b Plain.\n# TYPE b counter\nb_total 2\n\
+                  # HELP c A gauge.\n# TYPE c gauge\nc 3\n# EOF\n";
+        let mut out = String::new();
+        to_prometheus_text(om, &mut out);
+        assert_eq!(
+            out,
+            "# HELP a_total Already suffixed.\n# TYPE a_total counter\na_total 1\n\
+             # HELP b_total Plain.\n# TYPE b_total counter\nb_total 2\n\
+             # HELP c A gauge.\n# TYPE c gauge\nc 3\n"
+        );
+    }
+
+    #[test]
+    fn stat_fields_parse_after_the_command_name() {
+        let stat = "123 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0 4200 0";
         assert_eq!(cpu_ticks(stat), Some(300));
+        assert_eq!(stat_fields(stat).unwrap()[19], "4200");
     }
 }

@@ -48,11 +48,14 @@ async fn a_thousand_idle_clients_borrow_no_buffers() {
     assert_eq!(lent, 0.0, "idle connections hold pooled buffers");
 }
 
-/// CONNECT, SUBSCRIBE, a QoS 1 PUBLISH to itself (300-byte payload), PINGREQ.
+/// CONNECT, SUBSCRIBE, a QoS 1 PUBLISH to itself (300-byte payload), PINGREQ. The topic
+/// is the client's own: a copy of an earlier client's message still crossing shards must
+/// not reach a later client that subscribed meanwhile.
 fn session_bytes(id: &str) -> Vec<u8> {
+    let topic = format!("split/{id}");
     let mut b = Raw::connect_v4(id, 60, true);
-    b.extend(Raw::subscribe_v4("split/t", 1, 1));
-    b.extend(Raw::publish_v4("split/t", 1, 2, &[b'z'; 300]));
+    b.extend(Raw::subscribe_v4(&topic, 1, 1));
+    b.extend(Raw::publish_v4(&topic, 1, 2, &[b'z'; 300]));
     b.extend([0xc0, 0x00]);
     b
 }

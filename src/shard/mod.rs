@@ -200,7 +200,9 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
                     return;
                 }
             };
-            if let Err(e) = rt.block_on(shard.run(rx)) {
+            // tokio-metrics measures the shard's busy time per poll (gateway_shard_busy_ratio).
+            let monitor = shard.metrics.monitor.clone();
+            if let Err(e) = rt.block_on(monitor.instrument(shard.run(rx))) {
                 tracing::error!(shard = id, error = %e, "shard stopped with an error");
             }
         })
@@ -366,7 +368,9 @@ impl Shard {
                 continue;
             }
             if writable {
-                self.flush_conn(token.0);
+                // Written in `flush_dirty` with the turn's other output, after the gauges
+                // are published: a client never sees an answer before it is counted.
+                self.mark_dirty(token.0);
             }
             if readable {
                 self.on_readable(token.0);
@@ -643,6 +647,15 @@ impl Shard {
         }
     }
 
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dirty && conn.outbound_len() > 0 {
+                conn.dirty = true;
+                self.dirty.push(key as u32);
+            }
+        }
+    }
+
     fn flush_dirty(&mut self) {
         // Flushing can refill windows and dirty connections again; the windows bound it.
         while let Some(key) = self.dirty.pop() {
@@ -812,6 +825,12 @@ impl Shard {
         }
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
         self.metrics.disconnect(reason);
+        let accepted = self.started + self.limits.tick * conn.accepted_at;
+        self.metrics.observe_connection_age(
+            self.now_instant
+                .saturating_duration_since(accepted)
+                .as_secs_f64(),
+        );
         let client_id = if conn.session != NO_SESSION {
             let s = conn.session as usize;
             let id = self.sessions[s].client_id.clone();
@@ -926,6 +945,8 @@ impl Shard {
         let p = self.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
         ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);
+        ShardMetrics::set(&m.pool_hits, p.hits);
+        ShardMetrics::set(&m.pool_misses, p.misses);
     }
 }
 

@@ -1,0 +1,402 @@
+//! The command line: one subcommand per scenario, with the options they share.
+//!
+//! The parsed [`Command`] is also the work order a child process gets (serialized as JSON
+//! after the hidden `--child` flag), so every option type here is serde-able and the
+//! child never re-derives anything from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Load generator for the gateway and any MQTT 3.1.1/5 broker",
+    long_about = "Ramps MQTT connections, pushes through the gateway's HTTP API, fans out, \
+                  probes and storms, spreading sockets over 127.0.0.0/8 source addresses \
+                  and over child processes so neither ephemeral ports nor the open-files \
+                  limit run out. Prints a Markdown table and a one-line JSON summary.",
+    args_conflicts_with_subcommands = true,
+    subcommand_required = false
+)]
+pub struct Cli {
+    /// Internal: run as a child process with this JSON work order.
+    #[arg(long, hide = true)]
+    pub child: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Ramp N MQTT connections at a rate, subscribe each to its own topic, hold them
+    /// (answering keep-alive) and report connect rate and CONNACK latency.
+    Connect(ConnectArgs),
+    /// Connect and subscribe N devices, push to them through the gateway's HTTP API at a
+    /// rate, and report delivery, loss, duplicates and end-to-end latency.
+    Push(PushArgs),
+    /// One MQTT publisher to S subscribers of one topic (any broker).
+    Fanout(FanoutArgs),
+    /// Load-balancer-style probes: TCP connect-then-close and CONNECT-then-abrupt-close.
+    Churn(ChurnArgs),
+    /// N connected devices all drop at once and reconnect, without and with jittered
+    /// backoff; reports the time until all are back and the refused connects.
+    Storm(StormArgs),
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Connect(_) => "connect",
+            Command::Push(_) => "push",
+            Command::Fanout(_) => "fanout",
+            Command::Churn(_) => "churn",
+            Command::Storm(_) => "storm",
+        }
+    }
+
+    pub fn common(&self) -> &Common {
+        match self {
+            Command::Connect(a) => &a.common,
+            Command::Push(a) => &a.common,
+            Command::Fanout(a) => &a.common,
+            Command::Churn(a) => &a.common,
+            Command::Storm(a) => &a.common,
+        }
+    }
+
+    pub fn mqtt(&self) -> &MqttOpts {
+        match self {
+            Command::Connect(a) => &a.mqtt,
+            Command::Push(a) => &a.mqtt,
+            Command::Fanout(a) => &a.mqtt,
+            Command::Churn(a) => &a.mqtt,
+            Command::Storm(a) => &a.mqtt,
+        }
+    }
+
+    /// How many sockets the children hold at once, at most (what the limits must allow).
+    pub fn sockets(&self) -> u64 {
+        match self {
+            Command::Connect(a) => a.conns,
+            Command::Push(a) => a.conns,
+            Command::Fanout(a) => a.subscribers,
+            Command::Churn(a) => a.concurrency.min(a.count),
+            Command::Storm(a) => a.conns,
+        }
+    }
+
+    /// How many connection slots are split over the children (devices or probes).
+    pub fn units(&self) -> u64 {
+        match self {
+            Command::Churn(a) => a.count,
+            _ => self.sockets(),
+        }
+    }
+}
+
+/// Where to connect from and to, how to spread the load, and what to report.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct Common {
+    /// MQTT address of the broker under test.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub target: SocketAddr,
+
+    /// Source addresses to bind before connecting, round-robin: `FIRST-LAST` (IPv4,
+    /// inclusive) or `none` to let the kernel choose. Each address gives its own range of
+    /// ephemeral ports, so 253 addresses hold millions of connections to one port.
+    #[arg(long, default_value = "127.0.0.2-127.0.0.254")]
+    pub source_range: String,
+
+    /// Child processes holding the sockets (default: as few as RLIMIT_NOFILE allows).
+    #[arg(long)]
+    pub procs: Option<usize>,
+
+    /// Runtime threads per process (default: the number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Print only the JSON summary line on stdout (no Markdown table).
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress bar (it is also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Draw connections over time and the latency distribution to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// Sample this server process's RSS, CPU time and open files before and after.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// Prometheus endpoint of the server (e.g. http://127.0.0.1:8080/metrics): RSS, CPU
+    /// and connection count when --server-pid is not given, connection count always.
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
+
+    /// Allow a target outside 127.0.0.0/8 (loadgen refuses by default, so a typo never
+    /// load-tests someone else's machine).
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+/// What every simulated device says in its CONNECT and SUBSCRIBE.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct MqttOpts {
+    /// MQTT protocol level: 4 (3.1.1) or 5.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(4..=5))]
+    pub protocol: u8,
+
+    /// Client id pattern; `{i}` is the device's index (0-based, unique across processes).
+    #[arg(long, default_value = "lg-{i}")]
+    pub client_id: String,
+
+    /// Keep-alive in seconds; devices send PINGREQ every 3/4 of it (0 = never).
+    #[arg(long, default_value_t = 60)]
+    pub keepalive: u16,
+
+    #[arg(long)]
+    pub username: Option<String>,
+
+    #[arg(long)]
+    pub password: Option<String>,
+
+    /// Ask for a persistent session (clean session 0 / MQTT 5 Session Expiry).
+    #[arg(long)]
+    pub persistent: bool,
+
+    /// Seconds a device waits for CONNACK (and for SUBACK) before counting a failure.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+
+    /// Connection handshakes in flight per process at most (keeps the SYN queue sane).
+    #[arg(long, default_value_t = 512)]
+    pub max_pending: usize,
+}
+
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub mqtt: MqttOpts,
+    /// Connections to open.
+    #[arg(long, default_value_t = 1000)]
+    pub conns: u64,
+    /// New connections per second (all processes together).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds to hold the connections once all are up.
+    #[arg(long, default_value_t = 10)]
+    pub hold: u64,
+    /// Topic pattern each device subscribes to (`{id}` client id, `{i}` index); empty:
+    /// do not subscribe.
+    #[arg(long, default_value = "devices/{id}/cmd")]
+    pub topic: String,
+    /// QoS of the subscriptions.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub sub_qos: u8,
+}
+
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub mqtt: MqttOpts,
+    /// Devices to connect and subscribe before pushing.
+    #[arg(long, default_value_t = 1000)]
+    pub conns: u64,
+    /// Device connections per second while ramping.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Pushes per second (messages, whatever the batch size).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds of pushing.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Base URL of the gateway's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub http: String,
+    /// Bearer token for the API.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Messages per request: 1 uses /v1/push, more uses /v1/push/batch.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub batch: u64,
+    /// QoS of the pushes (and of the device subscriptions).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// HTTP requests in flight at most.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Payload size in bytes (at least the timestamp).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    /// Seconds to wait after the last push for deliveries still on their way.
+    #[arg(long, default_value_t = 5)]
+    pub drain: u64,
+    /// Retries of a request answered 503 (each after its Retry-After).
+    #[arg(long, default_value_t = 5)]
+    pub max_retries: u32,
+    /// Topic pattern of each device (`{id}` client id, `{i}` index).
+    #[arg(long, default_value = "devices/{id}/cmd")]
+    pub topic: String,
+}
+
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub mqtt: MqttOpts,
+    /// Subscribers of the topic.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: u64,
+    /// Subscriber connections per second while ramping.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Messages the publisher sends per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// The one topic.
+    #[arg(long, default_value = "loadgen/fanout")]
+    pub topic: String,
+    /// QoS of the publisher and the subscriptions.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Payload size in bytes (at least the timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Seconds to wait after the last publish for deliveries still on their way.
+    #[arg(long, default_value_t = 5)]
+    pub drain: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeMode {
+    /// TCP connect, then close (FIN), like a load balancer health check.
+    Tcp,
+    /// TCP connect, send CONNECT, then close abruptly (RST) without DISCONNECT.
+    Mqtt,
+    /// Alternate the two.
+    Both,
+}
+
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct ChurnArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub mqtt: MqttOpts,
+    /// Probes in total.
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+    /// Probes per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    #[arg(long, value_enum, default_value_t = ProbeMode::Both)]
+    pub mode: ProbeMode,
+    /// In mqtt mode, read the CONNACK before the abrupt close.
+    #[arg(long)]
+    pub wait_connack: bool,
+    /// Probes in flight at most (all processes together).
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backoff {
+    /// Reconnect at once, and retry at once after a failure.
+    None,
+    /// Full-jitter exponential backoff: a random delay in [0, min(max, base * 2^attempt)].
+    Jitter,
+    /// One round of each, `none` first.
+    Both,
+}
+
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct StormArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub mqtt: MqttOpts,
+    /// Devices to connect before the storm.
+    #[arg(long, default_value_t = 1000)]
+    pub conns: u64,
+    /// Initial connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    #[arg(long, value_enum, default_value_t = Backoff::Both)]
+    pub backoff: Backoff,
+    /// First backoff ceiling in milliseconds (jitter).
+    #[arg(long, default_value_t = 100)]
+    pub backoff_base_ms: u64,
+    /// Largest backoff in milliseconds (jitter).
+    #[arg(long, default_value_t = 5000)]
+    pub backoff_max_ms: u64,
+    /// Seconds a round may take before the devices still down give up.
+    #[arg(long, default_value_t = 60)]
+    pub round_timeout: u64,
+    /// Seconds to hold between the ramp and the first drop, and between rounds.
+    #[arg(long, default_value_t = 1)]
+    pub settle: u64,
+    /// Topic pattern each device subscribes to again after reconnecting; empty: none.
+    #[arg(long, default_value = "devices/{id}/cmd")]
+    pub topic: String,
+}
+
+/// `pattern` with `{i}` replaced by the index and `{id}` by the client id.
+pub fn expand(pattern: &str, i: u64, client_id: &str) -> String {
+    pattern
+        .replace("{i}", &i.to_string())
+        .replace("{id}", client_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn patterns_expand() {
+        assert_eq!(expand("lg-{i}", 7, ""), "lg-7");
+        assert_eq!(expand("devices/{id}/cmd", 7, "lg-7"), "devices/lg-7/cmd");
+    }
+
+    #[test]
+    fn work_order_roundtrips() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "connect",
+            "--conns",
+            "5",
+            "--protocol",
+            "5",
+            "--rate",
+            "10",
+        ])
+        .unwrap();
+        let cmd = cli.command.unwrap();
+        let text = serde_json::to_string(&cmd).unwrap();
+        let back: Command = serde_json::from_str(&text).unwrap();
+        let Command::Connect(a) = back else { panic!() };
+        assert_eq!((a.conns, a.mqtt.protocol), (5, 5));
+    }
+}

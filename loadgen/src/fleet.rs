@@ -1,0 +1,863 @@
+//! The simulated devices of one child process: connect, subscribe, hold, receive, storm.
+//!
+//! Each device is a tokio task owning a `TcpStream` and a read buffer that is empty while
+//! idle. A device is blocked on its socket and on the [`Ticker`] slot of its next
+//! PINGREQ, never on a timer of its own; handshake deadlines and reconnect backoffs park
+//! on the same ring. The parent steers all devices at once through a `watch` of the
+//! [`Phase`] (run, storm drop, stop). Counters are atomics and histograms sit behind
+//! mutexes, so the reporter can snapshot them at any time without stopping a device.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::cli::{expand, Command};
+use crate::codec::{self, Incoming, Protocol};
+use crate::limits::{bind_address_no_port, Sources};
+use crate::proto::{Control, FinalReport, RoundReport, Snapshot, WorkOrder};
+use crate::stats::Histogram;
+use crate::ticker::Ticker;
+
+/// What every device of this process does, fixed by the work order.
+pub struct DeviceCfg {
+    pub target: SocketAddr,
+    pub sources: Sources,
+    pub protocol: Protocol,
+    pub keepalive: u16,
+    pub clean: bool,
+    pub login: Option<(String, String)>,
+    pub client_id: String,
+    /// Topic pattern to subscribe to (`{id}`, `{i}`), or `None` for no SUBSCRIBE.
+    pub topic: Option<String>,
+    pub sub_qos: u8,
+    pub connect_timeout: Duration,
+    /// Whether messages to one device arrive in publish order (one publisher), so the
+    /// highest sequence seen is enough to spot duplicates.
+    pub ordered: bool,
+}
+
+impl DeviceCfg {
+    pub fn from_order(order: &WorkOrder) -> Result<DeviceCfg, String> {
+        let cmd = &order.command;
+        let m = cmd.mqtt();
+        let common = cmd.common();
+        let (topic, sub_qos, ordered) = match cmd {
+            Command::Connect(a) => (a.topic.clone(), a.sub_qos, false),
+            Command::Push(a) => (a.topic.clone(), a.qos, false),
+            Command::Fanout(a) => (a.topic.clone(), a.qos, true),
+            Command::Storm(a) => (a.topic.clone(), 1, false),
+            Command::Churn(_) => (String::new(), 0, false),
+        };
+        let login = match (&m.username, &m.password) {
+            (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
+            (None, Some(_)) => return Err("--password needs --username".into()),
+            (None, None) => None,
+        };
+        Ok(DeviceCfg {
+            target: common.target,
+            sources: Sources::parse(&common.source_range)?,
+            protocol: Protocol::from_level(m.protocol).ok_or("--protocol must be 4 or 5")?,
+            keepalive: m.keepalive,
+            clean: !m.persistent,
+            login,
+            client_id: m.client_id.clone(),
+            topic: (!topic.is_empty()).then_some(topic),
+            sub_qos,
+            connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
+            ordered,
+        })
+    }
+
+    pub fn client_id(&self, i: u64) -> String {
+        expand(&self.client_id, i, "")
+    }
+
+    /// Ticks between PINGREQs: 3/4 of the keep-alive, so one late tick never matters.
+    fn ping_period(&self, ticker: &Ticker) -> Option<u64> {
+        (self.keepalive > 0).then(|| {
+            let ms = u64::from(self.keepalive) * 750;
+            ticker.after(Duration::from_millis(ms)) - ticker.now()
+        })
+    }
+}
+
+/// What all devices of this process are told to do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Phase {
+    Run,
+    Drop {
+        round: u32,
+        jitter: bool,
+        base_ms: u64,
+        max_ms: u64,
+        deadline_tick: u64,
+        at: Instant,
+    },
+    Stop,
+}
+
+#[derive(Default)]
+struct Counters {
+    attempted: AtomicU64,
+    settled: AtomicU64,
+    connected: AtomicU64,
+    failed: AtomicU64,
+    live: AtomicU64,
+    dropped: AtomicU64,
+    pings: AtomicU64,
+    pongs: AtomicU64,
+    pongs_missing: AtomicU64,
+    received: AtomicU64,
+    unique: AtomicU64,
+    duplicates: AtomicU64,
+    foreign: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+#[derive(Default)]
+struct RoundState {
+    report: RoundReport,
+    /// Devices live when the drop was ordered: the round is over when they are all
+    /// back or gave up.
+    expected: u64,
+    gave_up: u64,
+    reported: bool,
+}
+
+/// One child's devices (or probes) and everything they count.
+pub struct Fleet {
+    pub cfg: DeviceCfg,
+    pub ticker: Arc<Ticker>,
+    c: Counters,
+    failures: Mutex<BTreeMap<String, u64>>,
+    drops: Mutex<BTreeMap<String, u64>>,
+    connect_hist: Mutex<Histogram>,
+    subscribe_hist: Mutex<Histogram>,
+    message_hist: Mutex<Histogram>,
+    pending: Semaphore,
+    phase: watch::Sender<Phase>,
+    round: Mutex<RoundState>,
+    /// Device (or probe) tasks still running.
+    tasks: AtomicU64,
+    /// When the ramp started, how many it starts, and how long until the last settled.
+    ramp_start: std::sync::OnceLock<Instant>,
+    ramp_count: AtomicU64,
+    ramp_us: AtomicU64,
+}
+
+/// An established device connection.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+enum End {
+    Stop,
+    Drop(Phase),
+    Lost(String),
+}
+
+fn count(map: &Mutex<BTreeMap<String, u64>>, cause: String) {
+    *map.lock().unwrap().entry(cause).or_default() += 1;
+}
+
+/// A short, stable name for an IO error at a stage, e.g. `tcp_refused`.
+pub fn io_cause(stage: &str, e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    let what = match (e.kind(), e.raw_os_error()) {
+        (_, Some(libc::EMFILE | libc::ENFILE)) => "too_many_open_files".to_string(),
+        (_, Some(libc::EADDRNOTAVAIL)) => "addr_not_available".to_string(),
+        (_, Some(libc::ENOBUFS | libc::ENOMEM)) => "no_buffers".to_string(),
+        (K::ConnectionRefused, _) => "refused".to_string(),
+        (K::ConnectionReset, _) => "reset".to_string(),
+        (K::ConnectionAborted, _) => "aborted".to_string(),
+        (K::BrokenPipe, _) => "broken_pipe".to_string(),
+        (K::TimedOut, _) => "timeout".to_string(),
+        (K::UnexpectedEof, _) => "closed".to_string(),
+        (kind, _) => format!("{kind:?}").to_lowercase(),
+    };
+    format!("{stage}_{what}")
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// splitmix64: a tiny seeded generator for backoff jitter (no crate needed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+/// Duplicate detection per device.
+enum Dedup {
+    Set(HashSet<u64>),
+    Ordered(Option<u64>),
+}
+
+impl Dedup {
+    /// True if `seq` is new.
+    fn insert(&mut self, seq: u64) -> bool {
+        match self {
+            Dedup::Set(s) => s.insert(seq),
+            Dedup::Ordered(max) => {
+                if max.is_some_and(|m| seq <= m) {
+                    false
+                } else {
+                    *max = Some(seq);
+                    true
+                }
+            }
+        }
+    }
+}
+
+impl Fleet {
+    pub fn new(cfg: DeviceCfg, max_pending: usize) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            cfg,
+            ticker: Ticker::start(),
+            c: Counters::default(),
+            failures: Mutex::default(),
+            drops: Mutex::default(),
+            connect_hist: Mutex::default(),
+            subscribe_hist: Mutex::default(),
+            message_hist: Mutex::default(),
+            pending: Semaphore::new(max_pending.max(1)),
+            phase: watch::channel(Phase::Run).0,
+            round: Mutex::default(),
+            tasks: AtomicU64::new(0),
+            ramp_start: std::sync::OnceLock::new(),
+            ramp_count: AtomicU64::new(u64::MAX),
+            ramp_us: AtomicU64::new(0),
+        })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.c;
+        Snapshot {
+            attempted: get(&c.attempted),
+            settled: get(&c.settled),
+            connected: get(&c.connected),
+            failed: get(&c.failed),
+            live: get(&c.live),
+            dropped: get(&c.dropped),
+            pings: get(&c.pings),
+            pongs: get(&c.pongs),
+            pongs_missing: get(&c.pongs_missing),
+            received: get(&c.received),
+            unique: get(&c.unique),
+            duplicates: get(&c.duplicates),
+            foreign: get(&c.foreign),
+            ramp_us: get(&self.ramp_us),
+        }
+    }
+
+    /// Counts one initial attempt as settled; the last one fixes the ramp duration.
+    fn settle(&self) {
+        let n = self.c.settled.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == self.ramp_count.load(Ordering::Relaxed) {
+            if let Some(start) = self.ramp_start.get() {
+                let us = start.elapsed().as_micros() as u64;
+                self.ramp_us.store(us.max(1), Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn final_report(&self) -> FinalReport {
+        FinalReport {
+            snapshot: self.snapshot(),
+            failures: self.failures.lock().unwrap().clone(),
+            drops: self.drops.lock().unwrap().clone(),
+            connect_hist: self.connect_hist.lock().unwrap().clone(),
+            subscribe_hist: self.subscribe_hist.lock().unwrap().clone(),
+            message_hist: self.message_hist.lock().unwrap().clone(),
+        }
+    }
+
+    pub fn tasks(&self) -> u64 {
+        get(&self.tasks)
+    }
+
+    pub fn stopping(&self) -> bool {
+        *self.phase.borrow() == Phase::Stop
+    }
+
+    pub fn control(&self, c: Control) {
+        match c {
+            Control::Stop => {
+                self.phase.send_replace(Phase::Stop);
+            }
+            Control::Drop {
+                round,
+                jitter,
+                base_ms,
+                max_ms,
+                timeout_secs,
+            } => {
+                {
+                    let mut r = self.round.lock().unwrap();
+                    *r = RoundState {
+                        report: RoundReport {
+                            round,
+                            ..RoundReport::default()
+                        },
+                        expected: get(&self.c.live),
+                        gave_up: 0,
+                        reported: false,
+                    };
+                }
+                self.phase.send_replace(Phase::Drop {
+                    round,
+                    jitter,
+                    base_ms,
+                    max_ms,
+                    deadline_tick: self.ticker.after(Duration::from_secs(timeout_secs)),
+                    at: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// The current round's report once every dropped device is back or gave up (once).
+    pub fn finished_round(&self) -> Option<RoundReport> {
+        let mut r = self.round.lock().unwrap();
+        let done = r.report.round > 0
+            && !r.reported
+            && r.report.dropped >= r.expected
+            && r.report.back + r.gave_up >= r.report.dropped;
+        if done {
+            r.reported = true;
+            Some(r.report.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Starts `count` tasks from index `first` at `rate` per second (all at once when
+    /// the rate is not positive), stopping early on `Stop`.
+    pub async fn ramp<F, Fut>(self: &Arc<Self>, first: u64, count: u64, rate: f64, task: F)
+    where
+        F: Fn(Arc<Fleet>, u64) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let start = *self.ramp_start.get_or_init(Instant::now);
+        self.ramp_count.store(count, Ordering::Relaxed);
+        let mut k = 0;
+        let mut iv = tokio::time::interval(Duration::from_millis(5));
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while k < count && !self.stopping() {
+            iv.tick().await;
+            let due = if rate > 0.0 && rate.is_finite() {
+                ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(count)
+            } else {
+                count
+            };
+            while k < due {
+                inc(&self.c.attempted);
+                inc(&self.tasks);
+                let fut = task(self.clone(), first + k);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    fut.await;
+                    me.tasks.fetch_sub(1, Ordering::Relaxed);
+                });
+                k += 1;
+            }
+        }
+    }
+
+    /// Waits for `fut` until tick `deadline`, turning a timeout into `cause`.
+    async fn timed<T>(
+        &self,
+        deadline: u64,
+        cause: &str,
+        fut: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
+        tokio::select! {
+            r = fut => r,
+            _ = self.ticker.until(deadline) => Err(cause.to_string()),
+        }
+    }
+
+    /// A TCP connection from device `i`'s source address.
+    pub async fn tcp_connect(&self, i: u64, deadline: u64) -> Result<TcpStream, String> {
+        let target = self.cfg.target;
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| io_cause("socket", &e))?;
+        if let Some(ip) = self.cfg.sources.for_index(i) {
+            bind_address_no_port(&socket);
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| io_cause("bind", &e))?;
+        }
+        let stream = self
+            .timed(deadline, "tcp_timeout", async {
+                socket
+                    .connect(target)
+                    .await
+                    .map_err(|e| io_cause("tcp", &e))
+            })
+            .await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Reads until one whole packet is there.
+    async fn read_packet(&self, conn: &mut Conn, stage: &str) -> Result<Incoming, String> {
+        loop {
+            if let Some(p) = codec::next(self.cfg.protocol, &mut conn.buf)
+                .map_err(|_| format!("{stage}_protocol_error"))?
+            {
+                return Ok(p);
+            }
+            match conn.stream.read_buf(&mut conn.buf).await {
+                Ok(0) => return Err(format!("{stage}_closed")),
+                Ok(_) => {}
+                Err(e) => return Err(io_cause(stage, &e)),
+            }
+        }
+    }
+
+    /// Writes CONNECT and waits for a successful CONNACK; returns when it came.
+    pub async fn mqtt_connect(
+        &self,
+        stream: TcpStream,
+        client_id: &str,
+        deadline: u64,
+    ) -> Result<(TcpStream, BytesMut), String> {
+        let cfg = &self.cfg;
+        let mut out = BytesMut::new();
+        let fields = codec::ConnectFields {
+            client_id,
+            keep_alive: cfg.keepalive,
+            clean: cfg.clean,
+            login: cfg.login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+            session_expiry: (!cfg.clean).then_some(u32::MAX),
+        };
+        codec::connect(cfg.protocol, &fields, &mut out).map_err(|e| format!("encode_{e}"))?;
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::new(),
+        };
+        conn.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| io_cause("connect_write", &e))?;
+        let code = self
+            .timed(deadline, "connack_timeout", async {
+                match self.read_packet(&mut conn, "connack").await? {
+                    Incoming::ConnAck { code } => Ok(code),
+                    other => Err(format!("connack_unexpected_{}", packet_name(&other))),
+                }
+            })
+            .await?;
+        if code != 0 {
+            return Err(format!("connack_refused_0x{code:02x}"));
+        }
+        Ok((conn.stream, conn.buf))
+    }
+
+    /// Connect, CONNECT/CONNACK and SUBSCRIBE/SUBACK for device `i`, recording latencies.
+    async fn establish(&self, i: u64, throttle: bool) -> Result<Conn, String> {
+        let _permit = if throttle {
+            Some(
+                self.pending
+                    .acquire()
+                    .await
+                    .map_err(|_| "closed".to_string())?,
+            )
+        } else {
+            None
+        };
+        let t0 = Instant::now();
+        let deadline = self.ticker.after(self.cfg.connect_timeout);
+        let client_id = self.cfg.client_id(i);
+        let stream = self.tcp_connect(i, deadline).await?;
+        let (stream, buf) = self.mqtt_connect(stream, &client_id, deadline).await?;
+        let t_connack = Instant::now();
+        let mut conn = Conn { stream, buf };
+        if let Some(pattern) = &self.cfg.topic {
+            let topic = expand(pattern, i, &client_id);
+            let mut out = BytesMut::new();
+            codec::subscribe(self.cfg.protocol, 1, &topic, self.cfg.sub_qos, &mut out)
+                .map_err(|e| format!("encode_{e}"))?;
+            conn.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| io_cause("subscribe_write", &e))?;
+            let codes = self
+                .timed(deadline, "suback_timeout", async {
+                    loop {
+                        match self.read_packet(&mut conn, "suback").await? {
+                            Incoming::SubAck { codes, .. } => return Ok(codes),
+                            // A retained message may come before the SUBACK.
+                            Incoming::Publish { .. } => {}
+                            other => {
+                                return Err(format!("suback_unexpected_{}", packet_name(&other)))
+                            }
+                        }
+                    }
+                })
+                .await?;
+            match codes.first() {
+                Some(&c) if c < 0x80 => {}
+                Some(&c) => return Err(format!("suback_refused_0x{c:02x}")),
+                None => return Err("suback_empty".into()),
+            }
+            let us = t_connack.elapsed().as_micros() as u64;
+            self.subscribe_hist.lock().unwrap().record(us);
+        }
+        let us = (t_connack - t0).as_micros() as u64;
+        self.connect_hist.lock().unwrap().record(us);
+        // Nothing needed stays in the buffer: give its memory back while idle.
+        if conn.buf.is_empty() {
+            conn.buf = BytesMut::new();
+        }
+        Ok(conn)
+    }
+
+    /// The life of one device: connect once, then hold, reconnecting only in a storm.
+    pub async fn device(self: Arc<Self>, i: u64) {
+        let mut phase = self.phase.subscribe();
+        let mut dedup = if self.cfg.ordered {
+            Dedup::Ordered(None)
+        } else {
+            Dedup::Set(HashSet::new())
+        };
+        let first = self.establish(i, true).await;
+        self.settle();
+        let mut conn = match first {
+            Ok(c) => {
+                inc(&self.c.connected);
+                c
+            }
+            Err(cause) => {
+                inc(&self.c.failed);
+                count(&self.failures, cause);
+                return;
+            }
+        };
+        loop {
+            inc(&self.c.live);
+            let end = self.session(conn, &mut phase, &mut dedup).await;
+            self.c.live.fetch_sub(1, Ordering::Relaxed);
+            match end {
+                End::Stop => return,
+                End::Lost(cause) => {
+                    inc(&self.c.dropped);
+                    count(&self.drops, cause);
+                    return;
+                }
+                End::Drop(p) => match self.reconnect(i, p, &mut phase).await {
+                    Some(c) => conn = c,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Holds an established connection until the phase changes or it is lost; the socket
+    /// closes when this returns.
+    async fn session(
+        &self,
+        mut conn: Conn,
+        phase: &mut watch::Receiver<Phase>,
+        dedup: &mut Dedup,
+    ) -> End {
+        let period = self.cfg.ping_period(&self.ticker);
+        let mut next_ping = period.map(|p| self.ticker.now() + p);
+        let mut awaiting_pong = false;
+        let mut out = BytesMut::new();
+        loop {
+            tokio::select! {
+                biased;
+                changed = phase.changed() => {
+                    let p = if changed.is_err() { Phase::Stop } else { *phase.borrow_and_update() };
+                    match p {
+                        Phase::Run => {}
+                        Phase::Stop => {
+                            let _ = conn.stream.write_all(&codec::DISCONNECT).await;
+                            let _ = conn.stream.shutdown().await;
+                            return End::Stop;
+                        }
+                        Phase::Drop { .. } => {
+                            // A network flap: the connection dies with a reset.
+                            let _ = conn.stream.set_zero_linger();
+                            let mut r = self.round.lock().unwrap();
+                            r.report.dropped += 1;
+                            return End::Drop(p);
+                        }
+                    }
+                }
+                read = conn.stream.read_buf(&mut conn.buf) => {
+                    match read {
+                        Ok(0) => return End::Lost("closed_by_server".into()),
+                        Err(e) => return End::Lost(io_cause("read", &e)),
+                        Ok(_) => {}
+                    }
+                    loop {
+                        match codec::next(self.cfg.protocol, &mut conn.buf) {
+                            Ok(None) => break,
+                            Ok(Some(Incoming::PingResp)) => {
+                                inc(&self.c.pongs);
+                                awaiting_pong = false;
+                            }
+                            Ok(Some(Incoming::Publish { qos, pkid, payload })) => {
+                                self.on_message(&payload, dedup);
+                                if qos == 1 {
+                                    out.extend_from_slice(&codec::puback(pkid));
+                                }
+                            }
+                            Ok(Some(Incoming::Disconnect { reason })) => {
+                                return End::Lost(format!("disconnect_0x{reason:02x}"));
+                            }
+                            Ok(Some(_)) => {}
+                            Err(_) => return End::Lost("protocol_error".into()),
+                        }
+                    }
+                    if !out.is_empty() {
+                        if let Err(e) = conn.stream.write_all(&out).await {
+                            return End::Lost(io_cause("write", &e));
+                        }
+                        out.clear();
+                    }
+                    if conn.buf.is_empty() && conn.buf.capacity() > 0 {
+                        conn.buf = BytesMut::new();
+                        out = BytesMut::new();
+                    }
+                }
+                _ = self.ticker.until(next_ping.unwrap_or(u64::MAX)), if next_ping.is_some() => {
+                    if awaiting_pong {
+                        inc(&self.c.pongs_missing);
+                    }
+                    if let Err(e) = conn.stream.write_all(&codec::PINGREQ).await {
+                        return End::Lost(io_cause("ping", &e));
+                    }
+                    inc(&self.c.pings);
+                    awaiting_pong = true;
+                    next_ping = period.map(|p| self.ticker.now() + p);
+                }
+            }
+        }
+    }
+
+    fn on_message(&self, payload: &[u8], dedup: &mut Dedup) {
+        inc(&self.c.received);
+        let Some((seq, sent_ns)) = codec::parse_stamp(payload) else {
+            inc(&self.c.foreign);
+            return;
+        };
+        if dedup.insert(seq) {
+            inc(&self.c.unique);
+            let us = now_ns().saturating_sub(sent_ns) / 1000;
+            self.message_hist.lock().unwrap().record(us);
+        } else {
+            inc(&self.c.duplicates);
+        }
+    }
+
+    /// Storm: reconnect after a drop, at once or with full-jitter exponential backoff,
+    /// until connected, the round deadline passes or the parent says stop.
+    async fn reconnect(
+        &self,
+        i: u64,
+        p: Phase,
+        phase: &mut watch::Receiver<Phase>,
+    ) -> Option<Conn> {
+        let Phase::Drop {
+            round,
+            jitter,
+            base_ms,
+            max_ms,
+            deadline_tick,
+            at,
+        } = p
+        else {
+            return None;
+        };
+        let mut rng = Rng(i.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ u64::from(round));
+        let mut attempt: u32 = 0;
+        let mut delay_ms = if jitter { rng.below(base_ms + 1) } else { 0 };
+        loop {
+            if delay_ms > 0 {
+                let wake = self
+                    .ticker
+                    .after(Duration::from_millis(delay_ms))
+                    .min(deadline_tick);
+                self.ticker.until(wake).await;
+            }
+            if *phase.borrow() == Phase::Stop || self.ticker.now() >= deadline_tick {
+                self.round.lock().unwrap().gave_up += 1;
+                return None;
+            }
+            self.round.lock().unwrap().report.attempts += 1;
+            match self.establish(i, false).await {
+                Ok(conn) => {
+                    let us = at.elapsed().as_micros() as u64;
+                    {
+                        let mut r = self.round.lock().unwrap();
+                        r.report.back += 1;
+                        r.report.last_back_us = r.report.last_back_us.max(us);
+                        r.report.back_hist.record(us);
+                    }
+                    // Mark the drop seen so the session does not act on it again; a stop
+                    // that came meanwhile is acted on here.
+                    let now = *phase.borrow_and_update();
+                    if now == Phase::Stop {
+                        let mut conn = conn;
+                        let _ = conn.stream.write_all(&codec::DISCONNECT).await;
+                        return None;
+                    }
+                    return Some(conn);
+                }
+                Err(cause) => {
+                    {
+                        let mut r = self.round.lock().unwrap();
+                        r.report.refused += 1;
+                        *r.report.causes.entry(cause).or_default() += 1;
+                    }
+                    attempt = attempt.saturating_add(1);
+                    delay_ms = if jitter {
+                        let ceiling = base_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms);
+                        rng.below(ceiling + 1)
+                    } else {
+                        tokio::task::yield_now().await;
+                        0
+                    };
+                }
+            }
+        }
+    }
+
+    /// Churn: one load-balancer-style probe. `mqtt` sends CONNECT (and with
+    /// `wait_connack` reads the answer) before closing with a reset; otherwise the probe
+    /// is a bare TCP connect closed with FIN.
+    pub async fn probe(self: Arc<Self>, i: u64, mqtt: bool, wait_connack: bool) {
+        let result = async {
+            let _permit = self
+                .pending
+                .acquire()
+                .await
+                .map_err(|_| "closed".to_string())?;
+            let t0 = Instant::now();
+            let deadline = self.ticker.after(self.cfg.connect_timeout);
+            let mut stream = self.tcp_connect(i, deadline).await?;
+            if mqtt {
+                let client_id = self.cfg.client_id(i);
+                if wait_connack {
+                    stream = self.mqtt_connect(stream, &client_id, deadline).await?.0;
+                } else {
+                    let mut out = BytesMut::new();
+                    let fields = codec::ConnectFields {
+                        client_id: &client_id,
+                        keep_alive: self.cfg.keepalive,
+                        clean: true,
+                        login: None,
+                        session_expiry: None,
+                    };
+                    codec::connect(self.cfg.protocol, &fields, &mut out)
+                        .map_err(|e| format!("encode_{e}"))?;
+                    stream
+                        .write_all(&out)
+                        .await
+                        .map_err(|e| io_cause("connect_write", &e))?;
+                }
+                let _ = stream.set_zero_linger();
+            }
+            let us = t0.elapsed().as_micros() as u64;
+            self.connect_hist.lock().unwrap().record(us);
+            drop(stream);
+            Ok::<(), String>(())
+        }
+        .await;
+        self.settle();
+        match result {
+            Ok(()) => inc(&self.c.connected),
+            Err(cause) => {
+                inc(&self.c.failed);
+                count(&self.failures, cause);
+            }
+        }
+    }
+}
+
+fn packet_name(p: &Incoming) -> &'static str {
+    match p {
+        Incoming::ConnAck { .. } => "connack",
+        Incoming::SubAck { .. } => "suback",
+        Incoming::Publish { .. } => "publish",
+        Incoming::PubAck { .. } => "puback",
+        Incoming::PingResp => "pingresp",
+        Incoming::Disconnect { .. } => "disconnect",
+        Incoming::Other(_) => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_by_set_and_by_order() {
+        let mut s = Dedup::Set(HashSet::new());
+        assert!(s.insert(5) && s.insert(1) && !s.insert(5));
+        let mut o = Dedup::Ordered(None);
+        assert!(o.insert(0) && o.insert(1) && !o.insert(1) && !o.insert(0) && o.insert(7));
+    }
+
+    #[test]
+    fn jitter_stays_below_its_ceiling() {
+        let mut r = Rng(42);
+        for n in [1, 2, 100, 5000] {
+            for _ in 0..1000 {
+                assert!(r.below(n) < n);
+            }
+        }
+        assert_eq!(r.below(0), 0);
+    }
+
+    #[test]
+    fn io_causes_are_named() {
+        let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(io_cause("tcp", &e), "tcp_refused");
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(io_cause("socket", &e), "socket_too_many_open_files");
+    }
+}

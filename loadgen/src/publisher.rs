@@ -1,0 +1,154 @@
+//! `fanout`: the one MQTT publisher, run by the parent once every subscriber is up.
+//!
+//! It publishes `rate` messages a second for `duration` seconds to one topic, each
+//! payload stamped with its sequence number and send time. At QoS 1 it keeps at most
+//! [`WINDOW`] PUBLISHes unacknowledged (a reader task returns a permit per PUBACK) and
+//! waits for the last PUBACK before it disconnects, so the count it reports is what the
+//! broker took.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::cli::FanoutArgs;
+use crate::codec::{self, Incoming, Protocol};
+use crate::fleet::now_ns;
+
+/// QoS 1 PUBLISHes in flight at most (below the gateway's default Receive Maximum).
+const WINDOW: usize = 32;
+
+#[derive(Default)]
+pub struct PubCounters {
+    pub published: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct PubResult {
+    pub published: u64,
+    pub acked: u64,
+    pub elapsed: Duration,
+}
+
+pub async fn run(args: &FanoutArgs, counters: Arc<PubCounters>) -> Result<PubResult, String> {
+    let p = Protocol::from_level(args.mqtt.protocol).ok_or("bad --protocol")?;
+    let mut stream = TcpStream::connect(args.common.target)
+        .await
+        .map_err(|e| format!("publisher connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let client_id = format!("loadgen-pub-{}", std::process::id());
+    let mut out = BytesMut::new();
+    let login = match (&args.mqtt.username, &args.mqtt.password) {
+        (Some(u), p) => Some((u.as_str(), p.as_deref().unwrap_or(""))),
+        _ => None,
+    };
+    codec::connect(
+        p,
+        &codec::ConnectFields {
+            client_id: &client_id,
+            keep_alive: 0,
+            clean: true,
+            login,
+            session_expiry: None,
+        },
+        &mut out,
+    )?;
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("publisher write: {e}"))?;
+    let mut buf = BytesMut::new();
+    let code = loop {
+        if let Some(pkt) = codec::next(p, &mut buf)? {
+            match pkt {
+                Incoming::ConnAck { code } => break code,
+                other => return Err(format!("publisher got {other:?} before CONNACK")),
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf))
+            .await
+            .map_err(|_| "publisher: no CONNACK in 10 s".to_string())?
+            .map_err(|e| format!("publisher read: {e}"))?;
+        if n == 0 {
+            return Err("publisher: closed before CONNACK".into());
+        }
+    };
+    if code != 0 {
+        return Err(format!("publisher: CONNACK refused with 0x{code:02x}"));
+    }
+
+    let (mut rd, mut wr) = stream.into_split();
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let reader = {
+        let window = window.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            loop {
+                while let Ok(Some(pkt)) = codec::next(p, &mut buf) {
+                    if let Incoming::PubAck { .. } = pkt {
+                        counters.acked.fetch_add(1, Ordering::Relaxed);
+                        window.add_permits(1);
+                    }
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+    };
+
+    let planned = (args.rate * args.duration as f64).round() as u64;
+    let start = Instant::now();
+    let mut seq = 0u64;
+    let mut pkid: u16 = 0;
+    let mut iv = tokio::time::interval(Duration::from_millis(2));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while seq < planned {
+        iv.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * args.rate) as u64 + 1).min(planned);
+        out.clear();
+        while seq < due {
+            if args.qos == 1 {
+                if out.is_empty() {
+                    window.acquire().await.map_err(|e| e.to_string())?.forget();
+                } else {
+                    match window.try_acquire() {
+                        Ok(permit) => permit.forget(),
+                        // Window full: send what we have, then wait.
+                        Err(_) => break,
+                    }
+                }
+                pkid = pkid % u16::MAX + 1;
+            }
+            let payload = Bytes::from(codec::stamp(seq, now_ns(), args.size));
+            codec::publish(p, &args.topic, args.qos, pkid, payload, &mut out)?;
+            seq += 1;
+        }
+        if !out.is_empty() {
+            wr.write_all(&out)
+                .await
+                .map_err(|e| format!("publisher write: {e}"))?;
+        }
+        counters.published.store(seq, Ordering::Relaxed);
+    }
+    if args.qos == 1 {
+        // Every permit back means every PUBLISH was acknowledged.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), window.acquire_many(WINDOW as u32)).await;
+    }
+    let elapsed = start.elapsed();
+    let _ = wr.write_all(&codec::DISCONNECT).await;
+    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    Ok(PubResult {
+        published: seq,
+        acked: counters.acked.load(Ordering::Relaxed),
+        elapsed,
+    })
+}

@@ -1,0 +1,554 @@
+//! Every loadgen subcommand, run as the real binary against a real gateway on loopback.
+//!
+//! Each test starts its own gateway inside the test process (ephemeral ports, two
+//! shards), runs `loadgen ... --json --quiet` as a subprocess with small, bounded numbers,
+//! and asserts the summary line — and, where loadgen could be wrong about it, what the
+//! gateway itself reports on `/metrics`, so a loadgen that miscounts fails here.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway::config::Config;
+use gateway::server::Server;
+use serde_json::Value;
+
+const BASE: &str = r#"
+[mqtt]
+listen = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
+[shards]
+count = 2
+[log]
+level = "warn"
+"#;
+
+/// Longest any one loadgen run may take before the test fails (it is killed).
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+struct Gateway {
+    server: Option<Server>,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let config = Config::from_toml_str(BASE).expect("valid test config");
+        let server = Server::start(config, None).expect("gateway starts");
+        Gateway {
+            mqtt: server.mqtt_addr,
+            http: server.http_addr,
+            server: Some(server),
+        }
+    }
+
+    fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.http)
+    }
+
+    /// One series from `/metrics` (`name{label="v"}`), or for a bare name the sum over
+    /// its label sets.
+    fn metric(&self, name: &str) -> f64 {
+        let mut s = TcpStream::connect(self.http).expect("metrics connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("metrics read");
+        let mut sum = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((series, v)) = line.rsplit_once(' ') {
+                let hit = if name.contains('{') {
+                    series == name
+                } else {
+                    series.split('{').next() == Some(name)
+                };
+                if hit {
+                    *sum.get_or_insert(0.0) += v.parse::<f64>().unwrap();
+                }
+            }
+        }
+        sum.unwrap_or_else(|| panic!("metric {name} not exported"))
+    }
+
+    /// Polls a metric until it equals `want` or `timeout` passes; returns the last value.
+    fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(name);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = std::thread::spawn(move || s.shutdown()).join();
+        }
+    }
+}
+
+struct Outcome {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    /// The summary: the last line of stdout, as JSON.
+    fn summary(&self) -> Value {
+        let last = self.stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| {
+            panic!(
+                "last stdout line is not JSON ({e}); exit {}\nstdout:\n{}\nstderr:\n{}",
+                self.code, self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs the loadgen binary to completion (killed after [`RUN_LIMIT`]).
+fn loadgen(args: &[&str]) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen starts");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("loadgen {args:?} did not finish within {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Outcome {
+        code: status.code().unwrap_or(-1),
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("expected an unsigned integer, got {v}"))
+}
+
+#[test]
+fn connect_holds_every_connection_and_the_gateway_sees_them() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let metrics = gw.metrics_url();
+    let pid = std::process::id().to_string();
+    let plot = std::env::temp_dir().join(format!("loadgen-test-{}.svg", std::process::id()));
+    let out = loadgen(&[
+        "connect",
+        "--target",
+        &target,
+        "--conns",
+        "500",
+        "--rate",
+        "5000",
+        "--hold",
+        "2",
+        "--metrics-url",
+        &metrics,
+        "--server-pid",
+        &pid,
+        "--plot",
+        plot.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(s["command"], "connect");
+    assert_eq!(u(&s["connected"]), 500, "{s}");
+    assert_eq!(u(&s["failed"]), 0, "{s}");
+    assert_eq!(u(&s["live_at_end"]), 500, "{s}");
+    assert_eq!(u(&s["dropped"]), 0, "{s}");
+    assert_eq!(u(&s["latency_ms"]["count"]), 500, "{s}");
+    assert_eq!(u(&s["subscribe_latency_ms"]["count"]), 500, "{s}");
+    let p50 = s["latency_ms"]["p50"].as_f64().unwrap();
+    let max = s["latency_ms"]["max"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= max, "{s}");
+    assert!(s["connect_rate"].as_f64().unwrap() > 0.0, "{s}");
+    // What the gateway itself counted while loadgen held the connections.
+    assert_eq!(s["server"]["connections_loaded"], 500.0, "{s}");
+    assert!(s["server"]["rss_before_mb"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["server"]["bytes_per_conn"].is_number(), "{s}");
+    assert_eq!(
+        gw.wait_metric("gateway_connections", 0.0, Duration::from_secs(10)),
+        0.0
+    );
+    assert!(gw.metric("gateway_connects_total") >= 500.0);
+
+    let svg = std::fs::read_to_string(&plot).expect("plot written");
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg"));
+    assert!(svg.contains("connections over time") && svg.contains("CONNACK latency"));
+}
+
+#[test]
+fn connect_v5_over_two_processes_answers_keepalive() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    // Keep-alive 1 s: the gateway closes a connection silent for 1.5 s, so the 3 s hold
+    // only keeps them all if loadgen's shared ticker sends PINGREQs.
+    let out = loadgen(&[
+        "connect",
+        "--target",
+        &target,
+        "--conns",
+        "300",
+        "--rate",
+        "3000",
+        "--hold",
+        "3",
+        "--protocol",
+        "5",
+        "--keepalive",
+        "1",
+        "--procs",
+        "2",
+        "--source-range",
+        "127.0.0.2-127.0.0.9",
+        "--client-id",
+        "v5dev-{i}",
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["procs"]), 2, "{s}");
+    assert_eq!(u(&s["protocol"]), 5, "{s}");
+    assert_eq!(u(&s["source_addresses"]), 8, "{s}");
+    assert_eq!(u(&s["connected"]), 300, "{s}");
+    assert_eq!(u(&s["dropped"]), 0, "{s}");
+    assert_eq!(u(&s["live_at_end"]), 300, "{s}");
+    assert!(
+        u(&s["pongs"]) >= 600,
+        "every device pings at least twice in 3 s: {s}"
+    );
+    assert_eq!(
+        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}"),
+        0.0,
+        "no keep-alive expiry on the gateway"
+    );
+}
+
+#[test]
+fn connect_failures_are_counted_by_cause() {
+    // A port nobody listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let out = loadgen(&[
+        "connect", "--target", &target, "--conns", "50", "--rate", "1000", "--hold", "0", "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["connected"]), 0, "{s}");
+    assert_eq!(u(&s["failed"]), 50, "{s}");
+    assert_eq!(u(&s["failures"]["tcp_refused"]), 50, "{s}");
+    assert!(s["latency_ms"].is_null(), "{s}");
+}
+
+#[test]
+fn limits_are_checked_before_anything_connects() {
+    let out = loadgen(&[
+        "connect",
+        "--target",
+        "127.0.0.1:1",
+        "--conns",
+        "2000000000",
+        "--procs",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(out.code, 2, "stdout: {}", out.stdout);
+    assert!(
+        out.stderr.contains("RLIMIT_NOFILE") && out.stderr.contains("--procs"),
+        "explains the open-files limit and the way out: {}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = loadgen(&["connect", "--target", "192.0.2.1:1883", "--conns", "1"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("--allow-remote"), "{}", out.stderr);
+
+    let out = loadgen(&[
+        "connect",
+        "--target",
+        "127.0.0.1:1",
+        "--conns",
+        "10",
+        "--source-range",
+        "10.0.0.1-10.0.0.5",
+    ]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("127.0.0.0/8"), "{}", out.stderr);
+}
+
+#[test]
+fn push_delivers_every_accepted_message_once() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let http = format!("http://{}", gw.http);
+    let out = loadgen(&[
+        "push",
+        "--target",
+        &target,
+        "--http",
+        &http,
+        "--conns",
+        "200",
+        "--rate",
+        "400",
+        "--duration",
+        "2",
+        "--qos",
+        "1",
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["devices_connected"]), 200, "{s}");
+    assert_eq!(u(&s["sent"]), 800, "{s}");
+    assert_eq!(u(&s["accepted"]), 800, "{s}");
+    assert_eq!(u(&s["statuses"]["sent"]), 800, "{s}");
+    assert_eq!(u(&s["delivered"]), 800, "{s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["duplicated"]), 0, "{s}");
+    assert_eq!(u(&s["latency_ms"]["count"]), 800, "{s}");
+    for k in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(s["latency_ms"][k].as_f64().unwrap() >= 0.0, "{k}: {s}");
+    }
+    assert_eq!(s["endpoint"], "/v1/push");
+}
+
+#[test]
+fn push_batches_at_qos0_without_loss() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let http = format!("http://{}", gw.http);
+    let out = loadgen(&[
+        "push",
+        "--target",
+        &target,
+        "--http",
+        &http,
+        "--conns",
+        "100",
+        "--rate",
+        "1000",
+        "--duration",
+        "2",
+        "--batch",
+        "50",
+        "--qos",
+        "0",
+        "--size",
+        "100",
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(s["endpoint"], "/v1/push/batch");
+    assert_eq!(u(&s["sent"]), 2000, "{s}");
+    assert_eq!(u(&s["accepted"]), 2000, "{s}");
+    assert_eq!(u(&s["delivered"]), 2000, "{s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["duplicated"]), 0, "{s}");
+    assert!(u(&s["http_latency_ms"]["count"]) >= 40, "{s}");
+}
+
+#[test]
+fn push_counts_match_what_the_gateway_wrote() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let http = format!("http://{}", gw.http);
+    let out = loadgen(&[
+        "push",
+        "--target",
+        &target,
+        "--http",
+        &http,
+        "--conns",
+        "10",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--qos",
+        "0",
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["sent"]), 50, "{s}");
+    assert_eq!(u(&s["delivered"]), 50, "{s}");
+    assert_eq!(u(&s["delivered"]) + u(&s["lost"]), u(&s["accepted"]), "{s}");
+    // Cross-check with the gateway's own count of PUBLISHes written to devices.
+    assert_eq!(
+        gw.metric("gateway_packets_sent_total{type=\"publish\"}"),
+        50.0,
+        "the gateway wrote exactly the PUBLISHes loadgen counted"
+    );
+}
+
+#[test]
+fn fanout_reaches_every_subscriber() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let out = loadgen(&[
+        "fanout",
+        "--target",
+        &target,
+        "--subscribers",
+        "40",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--qos",
+        "1",
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["subscribed"]), 40, "{s}");
+    assert_eq!(u(&s["published"]), 200, "{s}");
+    assert_eq!(u(&s["publish_acked"]), 200, "{s}");
+    assert_eq!(u(&s["expected"]), 8000, "{s}");
+    assert_eq!(u(&s["delivered"]), 8000, "{s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["duplicated"]), 0, "{s}");
+    assert_eq!(u(&s["latency_ms"]["count"]), 8000, "{s}");
+}
+
+#[test]
+fn churn_probes_leave_no_connection_behind() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let metrics = gw.metrics_url();
+    let out = loadgen(&[
+        "churn",
+        "--target",
+        &target,
+        "--count",
+        "400",
+        "--rate",
+        "2000",
+        "--mode",
+        "both",
+        "--metrics-url",
+        &metrics,
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["probes"]), 400, "{s}");
+    assert_eq!(u(&s["completed"]), 400, "{s}");
+    assert_eq!(u(&s["failed"]), 0, "{s}");
+    assert_eq!(u(&s["latency_ms"]["count"]), 400, "{s}");
+    // Half the probes sent CONNECT and reset: the gateway accepted them and must have
+    // cleaned every one up.
+    assert_eq!(
+        gw.wait_metric("gateway_connections", 0.0, Duration::from_secs(10)),
+        0.0
+    );
+    assert!(gw.metric("gateway_connects_total") >= 200.0);
+}
+
+#[test]
+fn storm_brings_every_device_back_with_and_without_backoff() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let metrics = gw.metrics_url();
+    // Without --json: the Markdown table comes first, the JSON line last.
+    let out = loadgen(&[
+        "storm",
+        "--target",
+        &target,
+        "--conns",
+        "200",
+        "--connect-rate",
+        "4000",
+        "--backoff",
+        "both",
+        "--backoff-base-ms",
+        "50",
+        "--backoff-max-ms",
+        "500",
+        "--round-timeout",
+        "30",
+        "--settle",
+        "0",
+        "--metrics-url",
+        &metrics,
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    assert!(
+        out.stdout.starts_with("| metric | value |"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("| connected | 200 |"), "{}", out.stdout);
+    let s = out.summary();
+    assert_eq!(u(&s["connected"]), 200, "{s}");
+    let rounds = s["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "{s}");
+    assert_eq!(rounds[0]["backoff"], "none");
+    assert_eq!(rounds[1]["backoff"], "jitter");
+    for r in rounds {
+        assert_eq!(u(&r["dropped"]), 200, "{r}");
+        assert_eq!(u(&r["back"]), 200, "{r}");
+        assert_eq!(r["all_back"], true, "{r}");
+        assert!(r["time_to_all_back_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(u(&r["attempts"]) >= 200, "{r}");
+        assert_eq!(u(&r["reconnect_ms"]["count"]), 200, "{r}");
+    }
+    assert_eq!(s["server"]["connections_loaded"], 200.0, "{s}");
+    // 200 initial connects and 200 reconnects per round.
+    assert!(gw.metric("gateway_connects_total") >= 600.0);
+    assert_eq!(
+        gw.wait_metric("gateway_connections", 0.0, Duration::from_secs(10)),
+        0.0
+    );
+}
