@@ -72,6 +72,7 @@ fn main() {
             Subscriber {
                 session: key as u32,
                 options: 1,
+                sub_id: 0,
             },
         );
         // One keep-alive entry per connection, spread over 270 s (1.5 × 180 s).

@@ -70,6 +70,11 @@ pub struct MqttConfig {
     pub write_stall_timeout_secs: u32,
     pub retain_available: bool,
     pub max_retained_messages: u32,
+    /// Topic Alias Maximum announced to MQTT 5 clients (0..=65535; 0 = none accepted).
+    pub topic_alias_maximum: u32,
+    /// Outbound topic aliases per connection, least recently used replaced (0..=65535;
+    /// 0 = never assign; the client's own Topic Alias Maximum caps it).
+    pub outbound_topic_aliases: u32,
 }
 
 /// What to do when a client id connects while a connection with that id is live.
@@ -297,6 +302,13 @@ impl Config {
         at_least("mqtt.max_connections", m.max_connections, 1)?;
         in_range("mqtt.receive_maximum", m.receive_maximum, 1, 65_535)?;
         in_range("mqtt.max_inflight", m.max_inflight, 1, 65_535)?;
+        in_range("mqtt.topic_alias_maximum", m.topic_alias_maximum, 0, 65_535)?;
+        in_range(
+            "mqtt.outbound_topic_aliases",
+            m.outbound_topic_aliases,
+            0,
+            65_535,
+        )?;
         at_least(
             "mqtt.write_stall_timeout_secs",
             m.write_stall_timeout_secs,
@@ -902,6 +914,16 @@ mod tests {
                 "[mqtt]\nmax_connections = 1",
                 "[mqtt]\nmax_connections = 0",
                 "mqtt.max_connections",
+            ),
+            (
+                "[mqtt]\ntopic_alias_maximum = 65535",
+                "[mqtt]\ntopic_alias_maximum = 65536",
+                "mqtt.topic_alias_maximum",
+            ),
+            (
+                "[mqtt]\noutbound_topic_aliases = 0",
+                "[mqtt]\noutbound_topic_aliases = 65536",
+                "mqtt.outbound_topic_aliases",
             ),
             (
                 "[mqtt]\nreceive_maximum = 1",

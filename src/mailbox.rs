@@ -113,6 +113,53 @@ pub enum ShardMsg {
     },
     /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
     Shutdown,
+    /// To a shared group's owner shard: `client_id` (homed on `shard`) subscribed to
+    /// `$share/{group}/{filter}` with `options` (the subscription options byte) and
+    /// subscription identifier `sub_id` (0 = none). A repeat updates the member.
+    SharedJoin(Box<SharedMember>),
+    /// To a shared group's owner shard: `client_id` left the group `key`
+    /// (`"{group}/{filter}"`): unsubscribed, or its session ended.
+    SharedLeave {
+        key: Arc<str>,
+        client_id: Arc<str>,
+    },
+    /// From a shared group's owner to a member's home shard: deliver `msg` at `qos` to
+    /// `client_id` as a member of group `key`, or bounce it back if it is no member.
+    DeliverShared(Box<SharedDelivery>),
+    /// Back to a shared group's owner: a message a member could not take or will not
+    /// finish (it left with the message queued or unacknowledged); send it to another.
+    /// `from` is no member any more.
+    SharedBounce(Box<SharedBounce>),
+}
+
+/// A member joining a shared subscription group (see [`ShardMsg::SharedJoin`]).
+pub struct SharedMember {
+    pub group: Arc<str>,
+    pub filter: Arc<str>,
+    pub client_id: Arc<str>,
+    pub shard: usize,
+    pub options: u8,
+    pub sub_id: u32,
+}
+
+/// One message for one shared group member (see [`ShardMsg::DeliverShared`]).
+pub struct SharedDelivery {
+    pub key: Arc<str>,
+    pub client_id: Arc<str>,
+    pub msg: Arc<Message>,
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_id: u32,
+    /// Times this message was handed back already (bounds the bouncing).
+    pub attempts: u8,
+}
+
+/// A message handed back to its group's owner (see [`ShardMsg::SharedBounce`]).
+pub struct SharedBounce {
+    pub key: Arc<str>,
+    pub from: Arc<str>,
+    pub msg: Arc<Message>,
+    pub attempts: u8,
 }
 
 /// The senders of every shard's mailbox, indexed by shard id.

@@ -34,6 +34,9 @@ pub struct Session {
     /// Session expiry / will delay timer while offline.
     pub timer: Option<TimerId>,
     pub next_pkid: u16,
+    /// Outbound topic aliases the current connection may receive: the client's Topic
+    /// Alias Maximum capped by `[mqtt] outbound_topic_aliases` (0 = none).
+    pub alias_max: u16,
     pub version: Version,
     pub extra: Option<Box<SessionState>>,
 }
@@ -53,6 +56,63 @@ pub struct SessionState {
     pub will_due: Option<u64>,
     /// Tick at which the offline session ends.
     pub expires_at: Option<u64>,
+    /// MQTT 5 topic aliases of the current connection (reset on every new connection).
+    pub aliases: Option<Box<TopicAliases>>,
+}
+
+/// The topic aliases of one MQTT 5 connection, both directions. Allocated only for a
+/// connection that sets an alias or is sent one.
+#[derive(Default)]
+pub struct TopicAliases {
+    /// Set by the client: alias → topic.
+    inbound: hashbrown::HashMap<u16, Arc<str>>,
+    /// Assigned by us: (topic, alias, last use), at most the session's `alias_max`.
+    outbound: Vec<(Arc<str>, u16, u64)>,
+    uses: u64,
+}
+
+impl TopicAliases {
+    /// Remembers the client's alias for `topic`.
+    pub fn set_inbound(&mut self, alias: u16, topic: &str) {
+        if self.inbound.get(&alias).is_none_or(|t| &**t != topic) {
+            self.inbound.insert(alias, Arc::from(topic));
+        }
+    }
+
+    /// The topic the client set for `alias`.
+    pub fn inbound(&self, alias: u16) -> Option<Arc<str>> {
+        self.inbound.get(&alias).cloned()
+    }
+
+    /// The outbound alias for `topic` when up to `max` may be in use: `(alias, known)`,
+    /// where `known` means the client already has it (send an empty topic). A new topic
+    /// takes the next free alias, or the least recently used one's. Nothing changes
+    /// until [`TopicAliases::commit`].
+    pub fn outbound(&self, topic: &str, max: u16) -> (u16, bool) {
+        if let Some(&(_, alias, _)) = self.outbound.iter().find(|(t, _, _)| &**t == topic) {
+            return (alias, true);
+        }
+        if self.outbound.len() < usize::from(max) {
+            return (self.outbound.len() as u16 + 1, false);
+        }
+        let lru = self.outbound.iter().min_by_key(|(_, _, used)| *used);
+        (lru.map_or(1, |&(_, alias, _)| alias), false)
+    }
+
+    /// Records that `alias` was sent for `topic` (its topic, if new, went with it).
+    pub fn commit(&mut self, topic: &Arc<str>, alias: u16) {
+        self.uses += 1;
+        let uses = self.uses;
+        match self.outbound.iter_mut().find(|(_, a, _)| *a == alias) {
+            Some(e) => {
+                if *e.0 != **topic {
+                    e.0 = topic.clone();
+                }
+                e.2 = uses;
+            }
+            None => self.outbound.push((topic.clone(), alias, uses)),
+        }
+    }
 }
 
 /// A message queued for a session, with the QoS granted by the matching subscription.
@@ -61,6 +121,10 @@ pub struct Queued {
     pub qos: u8,
     pub retain: bool,
     pub sub_ids: Option<Box<[u32]>>,
+    /// The shared subscription group (`"{group}/{filter}"`) this message was given to
+    /// this session through; such QoS 1/2 messages go back to the group when the
+    /// session ends or leaves the group before finishing them.
+    pub shared: Option<Arc<str>>,
     /// Told when the client acknowledges this message (push API `wait_ack`).
     pub waiter: Option<AckWaiter>,
 }
@@ -91,6 +155,7 @@ impl Session {
             expiry_secs: 0,
             timer: None,
             next_pkid: 1,
+            alias_max: 0,
             version,
             extra: None,
         }
@@ -113,6 +178,7 @@ impl Session {
                 && s.will.is_none()
                 && s.will_due.is_none()
                 && s.expires_at.is_none()
+                && s.aliases.is_none()
             {
                 self.extra = None;
             }
@@ -224,9 +290,29 @@ mod tests {
                 qos: 1,
                 retain: false,
                 sub_ids: None,
+                shared: None,
                 waiter: None,
             },
         }
+    }
+
+    #[test]
+    fn outbound_aliases_reuse_the_least_recently_used() {
+        let mut a = TopicAliases::default();
+        let (t1, t2, t3): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        assert_eq!(a.outbound(&t1, 2), (1, false));
+        a.commit(&t1, 1);
+        assert_eq!(a.outbound(&t1, 2), (1, true));
+        assert_eq!(a.outbound(&t2, 2), (2, false));
+        a.commit(&t2, 2);
+        a.commit(&t1, 1); // t1 used again: t2 is now the oldest
+        assert_eq!(a.outbound(&t3, 2), (2, false));
+        a.commit(&t3, 2);
+        assert_eq!(a.outbound(&t3, 2), (2, true));
+        assert_eq!(a.outbound(&t2, 2), (1, false));
+        a.set_inbound(4, "x/y");
+        assert_eq!(a.inbound(4).as_deref(), Some("x/y"));
+        assert_eq!(a.inbound(5), None);
     }
 
     #[test]

@@ -30,11 +30,13 @@ pub const MAX_TOPIC_LEN: usize = 65_535;
 
 /// One subscriber of one filter: the session's slab key on this shard and its subscription
 /// options byte (bits 0-1 max QoS, bit 2 no_local, bit 3 retain_as_published, bits 4-5 retain
-/// handling — the MQTT 5 subscription-options byte layout; the index does not interpret it).
+/// handling — the MQTT 5 subscription-options byte layout; the index does not interpret it),
+/// and the MQTT 5 Subscription Identifier of the subscription (0 = none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Subscriber {
     pub session: u32,
     pub options: u8,
+    pub sub_id: u32,
 }
 
 /// Whether `topic` may be used as the topic of a PUBLISH: non-empty, at most 65,535 bytes,
@@ -127,7 +129,8 @@ const FEW_AGAIN: usize = 16;
 enum Subscribers {
     One(Subscriber),
     Few(Box<Vec<Subscriber>>),
-    Many(Box<HashMap<u32, u8>>),
+    /// session → (options, subscription identifier).
+    Many(Box<HashMap<u32, (u8, u32)>>),
 }
 
 /// What [`Subscribers::remove`] did.
@@ -144,8 +147,12 @@ impl Subscribers {
         match self {
             Subscribers::One(sub) => f(*sub),
             Subscribers::Few(list) => list.iter().for_each(|sub| f(*sub)),
-            Subscribers::Many(map) => map.iter().for_each(|(&session, &options)| {
-                f(Subscriber { session, options });
+            Subscribers::Many(map) => map.iter().for_each(|(&session, &(options, sub_id))| {
+                f(Subscriber {
+                    session,
+                    options,
+                    sub_id,
+                });
             }),
         }
     }
@@ -154,7 +161,7 @@ impl Subscribers {
     fn upsert(&mut self, sub: Subscriber) -> bool {
         match self {
             Subscribers::One(existing) if existing.session == sub.session => {
-                existing.options = sub.options;
+                *existing = sub;
                 false
             }
             Subscribers::One(existing) => {
@@ -164,7 +171,7 @@ impl Subscribers {
             }
             Subscribers::Few(list) => {
                 if let Some(existing) = list.iter_mut().find(|s| s.session == sub.session) {
-                    existing.options = sub.options;
+                    *existing = sub;
                     return false;
                 }
                 if list.len() < FEW_MAX {
@@ -173,13 +180,13 @@ impl Subscribers {
                     let map = list
                         .iter()
                         .chain(std::iter::once(&sub))
-                        .map(|s| (s.session, s.options))
+                        .map(|s| (s.session, (s.options, s.sub_id)))
                         .collect();
                     *self = Subscribers::Many(Box::new(map));
                 }
                 true
             }
-            Subscribers::Many(map) => map.insert(sub.session, sub.options).is_none(),
+            Subscribers::Many(map) => map.insert(sub.session, (sub.options, sub.sub_id)).is_none(),
         }
     }
 
@@ -198,13 +205,17 @@ impl Subscribers {
                 Removal::Removed(removed.options)
             }
             Subscribers::Many(map) => {
-                let Some(options) = map.remove(&session) else {
+                let Some((options, _)) = map.remove(&session) else {
                     return Removal::NotFound;
                 };
                 if map.len() <= FEW_AGAIN {
                     let list = map
                         .iter()
-                        .map(|(&session, &options)| Subscriber { session, options })
+                        .map(|(&session, &(options, sub_id))| Subscriber {
+                            session,
+                            options,
+                            sub_id,
+                        })
                         .collect();
                     *self = Subscribers::Few(Box::new(list));
                 } else {
@@ -604,7 +615,11 @@ mod tests {
     use std::collections::HashMap as StdHashMap;
 
     fn sub(session: u32, options: u8) -> Subscriber {
-        Subscriber { session, options }
+        Subscriber {
+            session,
+            options,
+            sub_id: 0,
+        }
     }
 
     fn arc(s: &str) -> Arc<str> {
@@ -736,7 +751,7 @@ mod tests {
 
     #[test]
     fn subscribers_stay_small() {
-        assert_eq!(std::mem::size_of::<Subscriber>(), 8);
+        assert_eq!(std::mem::size_of::<Subscriber>(), 12);
         assert_eq!(std::mem::size_of::<Subscribers>(), 16);
         assert_eq!(std::mem::size_of::<Option<Subscribers>>(), 16);
         assert_eq!(std::mem::size_of::<(Arc<str>, Subscribers)>(), 32);
@@ -766,6 +781,54 @@ mod tests {
         assert!(index.is_empty());
         assert_eq!(index.filters(), 0);
         assert!(index.exact.is_empty());
+    }
+
+    #[test]
+    fn subscription_ids_are_kept_and_replaced_in_every_shape() {
+        let ids = |index: &SubscriptionIndex, topic: &str| {
+            let mut out = Vec::new();
+            index.for_each_match(topic, |s| out.push((s.session, s.sub_id)));
+            out.sort_unstable();
+            out
+        };
+        let mut index = SubscriptionIndex::new();
+        let filter = arc("ids/+");
+        let with_id = |session, sub_id| Subscriber {
+            session,
+            options: 1,
+            sub_id,
+        };
+        index.insert(&filter, with_id(1, 7));
+        assert_eq!(ids(&index, "ids/x"), [(1, 7)]);
+        index.insert(&filter, with_id(1, 0));
+        assert_eq!(
+            ids(&index, "ids/x"),
+            [(1, 0)],
+            "a SUBSCRIBE without an id removes it"
+        );
+        // Few, then Many (more than FEW_MAX), then back: the ids stay with their sessions.
+        for session in 2..=40 {
+            index.insert(&filter, with_id(session, session * 10));
+        }
+        let got = ids(&index, "ids/x");
+        assert_eq!(got.len(), 40);
+        assert!(got[1..].iter().all(|&(s, id)| id == s * 10));
+        for session in 10..=40 {
+            index.remove(&filter, session);
+        }
+        assert_eq!(
+            ids(&index, "ids/x")[1..],
+            [
+                (2, 20),
+                (3, 30),
+                (4, 40),
+                (5, 50),
+                (6, 60),
+                (7, 70),
+                (8, 80),
+                (9, 90)
+            ]
+        );
     }
 
     #[test]

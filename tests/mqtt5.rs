@@ -1,8 +1,9 @@
 //! The MQTT 5 features the README claims, over real TCP with a byte-level client: No
 //! Local, Retain As Published, Retain Handling, Message Expiry, Will Delay, DISCONNECT
-//! 0x04, property passthrough, the payload format check, what is declined (topic aliases,
-//! subscription identifiers, shared subscriptions, AUTH), `$`-topics, inbound Receive
-//! Maximum and the client's Maximum Packet Size.
+//! 0x04, property passthrough, the payload format check, what is declined (topic aliases
+//! above the maximum, AUTH), `$`-topics, inbound Receive Maximum and the client's Maximum
+//! Packet Size. Shared subscriptions, subscription identifiers and topic aliases are
+//! tested in tests/mqtt5_more.rs.
 //!
 //! Where a test must show that something did NOT arrive, it then sends a sentinel on the
 //! same path and asserts the sentinel is the next message: no waiting for silence.
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use common::{connect5, encode, session_expiry_props, Raw, TestServer};
 use mqttbytes::v5::{
     ConnectProperties, Disconnect, DisconnectReasonCode, LastWill, Publish, PublishProperties,
-    RetainForwardRule, SubscribeFilter, SubscribeProperties, SubscribeReasonCode, WillProperties,
+    RetainForwardRule, SubscribeFilter, SubscribeReasonCode, WillProperties,
 };
 use mqttbytes::QoS;
 
@@ -457,8 +458,8 @@ async fn invalid_utf8_with_payload_format_1_is_refused_with_0x99() {
 }
 
 #[tokio::test]
-async fn a_topic_alias_from_the_client_gets_0x94() {
-    let gw = TestServer::start("");
+async fn a_topic_alias_above_the_maximum_gets_0x94() {
+    let gw = TestServer::start("[mqtt]\ntopic_alias_maximum = 0");
     let mut c = client(&gw, "alias").await;
     let mut m = msg("ta/t", QoS::AtMostOnce, "x");
     m.properties = Some(PublishProperties {
@@ -471,22 +472,7 @@ async fn a_topic_alias_from_the_client_gets_0x94() {
 }
 
 #[tokio::test]
-async fn a_subscription_identifier_gets_0xa1() {
-    let gw = TestServer::start("");
-    let mut c = client(&gw, "subid").await;
-    let mut s = mqttbytes::v5::Subscribe::new("si/t", QoS::AtMostOnce);
-    s.pkid = 1;
-    s.properties = Some(SubscribeProperties {
-        id: Some(5),
-        user_properties: Vec::new(),
-    });
-    c.send(&encode(|b| s.write(b))).await;
-    assert_eq!(c.expect_disconnect_v5(T).await, 0xA1);
-    assert!(c.wait_closed(T).await);
-}
-
-#[tokio::test]
-async fn a_shared_subscription_gets_suback_0x9e_and_the_connection_stays() {
+async fn a_shared_subscription_is_granted_next_to_a_plain_one() {
     let gw = TestServer::start("");
     let mut c = client(&gw, "shared").await;
     let ack = c
@@ -501,10 +487,7 @@ async fn a_shared_subscription_gets_suback_0x9e_and_the_connection_stays() {
     assert_eq!(ack.pkid, 3);
     assert_eq!(
         ack.return_codes,
-        vec![
-            SubscribeReasonCode::SharedSubscriptionsNotSupported,
-            SubscribeReasonCode::QoS1
-        ]
+        vec![SubscribeReasonCode::QoS1, SubscribeReasonCode::QoS1]
     );
     assert!(c.ping_v5(T).await, "still connected");
 }

@@ -5,6 +5,11 @@
 //! every other shard (batched per loop turn). Delivery respects, per connection, the
 //! client's in-flight window and the outbound watermarks: QoS 0 above the high watermark
 //! is dropped and counted; QoS 1/2 waits in the session queue (bounded, oldest dropped).
+//!
+//! A session with several matching subscriptions gets one copy at the highest granted QoS,
+//! carrying the Subscription Identifiers of all of them. Shared groups are matched only on
+//! their owner shard (see `shared.rs`). MQTT 5 topic aliases are assigned here, per
+//! connection, when the client allows them.
 
 use std::sync::Arc;
 
@@ -66,8 +71,9 @@ impl Shard {
     }
 
     /// Delivers to every local session with a matching subscription, once per session
-    /// with the highest granted QoS among its matching subscriptions.
-    /// Returns the number of sessions it matched.
+    /// with the highest granted QoS among its matching subscriptions and all their
+    /// subscription identifiers, then to one member of each shared group this shard owns.
+    /// Returns the number of sessions and groups it matched.
     pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
         if msg.is_expired(self.now_instant) {
             self.metrics.drop_msg(DropReason::Expired, 1);
@@ -80,11 +86,14 @@ impl Shard {
             hits.sort_unstable_by_key(|s| s.session);
         }
         let mut i = 0;
+        let mut ids: Vec<u32> = Vec::new();
         while i < hits.len() {
             let session = hits[i].session;
             let mut best: Option<(u8, bool)> = None;
+            ids.clear();
             while i < hits.len() && hits[i].session == session {
                 let o = hits[i].options;
+                let sub_id = hits[i].sub_id;
                 i += 1;
                 let no_local = o & 0b100 != 0;
                 if no_local
@@ -98,21 +107,29 @@ impl Shard {
                 }
                 let qos = msg.qos.min(o & 3);
                 let retain = msg.retain && o & 0b1000 != 0;
+                if sub_id != 0 {
+                    ids.push(sub_id);
+                }
                 best = Some(match best {
                     Some((q, r)) => (q.max(qos), r || retain),
                     None => (qos, retain),
                 });
             }
             if let Some((qos, retain)) = best {
-                self.deliver(session as usize, msg, qos, retain);
+                let sub_ids = (!ids.is_empty()).then(|| {
+                    ids.sort_unstable();
+                    ids.dedup();
+                    Box::from(&ids[..])
+                });
+                self.deliver(session as usize, msg, qos, retain, sub_ids);
                 matched += 1;
             }
         }
-        matched
+        matched + self.route_shared(msg)
     }
 
     /// The retained messages matching a new subscription, sent with RETAIN set.
-    pub(super) fn send_retained(&mut self, skey: usize, filter: &str, granted: u8) {
+    pub(super) fn send_retained(&mut self, skey: usize, filter: &str, granted: u8, sub_id: u32) {
         let now = self.now_instant;
         let matching: Vec<Arc<Message>> = if filter.contains(['+', '#']) {
             self.retained
@@ -128,7 +145,8 @@ impl Shard {
                 self.retained.remove(&*m.topic);
                 continue;
             }
-            self.deliver(skey, &m, m.qos.min(granted), true);
+            let sub_ids = (sub_id != 0).then(|| Box::from([sub_id]));
+            self.deliver(skey, &m, m.qos.min(granted), true, sub_ids);
         }
     }
 
@@ -139,12 +157,14 @@ impl Shard {
         msg: &Arc<Message>,
         qos: u8,
         retain: bool,
+        sub_ids: Option<Box<[u32]>>,
     ) -> Delivery {
         let item = Queued {
             msg: msg.clone(),
             qos,
             retain,
-            sub_ids: None,
+            sub_ids,
+            shared: None,
             waiter: None,
         };
         self.deliver_item(skey, item)
@@ -226,31 +246,58 @@ impl Shard {
     }
 
     /// Encodes a PUBLISH onto a connection; false if it exceeds the client's Maximum
-    /// Packet Size (dropped and counted, MQTT 5 3.1.2.11.4).
+    /// Packet Size (dropped and counted, MQTT 5 3.1.2.11.4). With MQTT 5 topic aliases
+    /// allowed, the topic's alias goes along: with the topic the first time, alone after.
     fn send_publish(&mut self, ckey: usize, pkid: u16, item: &Queued, dup: bool) -> bool {
         let conn = &self.conns[ckey];
         let v = conn.version;
         let v5 = v == Version::V5;
+        let skey = conn.session as usize;
+        let alias_max = match self.sessions.get(skey) {
+            Some(s) if v5 => s.alias_max,
+            _ => 0,
+        };
+        let alias = (alias_max > 0).then(|| {
+            self.sessions[skey]
+                .extra
+                .as_ref()
+                .and_then(|st| st.aliases.as_ref())
+                .map_or((1, false), |a| a.outbound(&item.msg.topic, alias_max))
+        });
+        let topic: &str = match alias {
+            Some((_, true)) => "",
+            _ => &item.msg.topic,
+        };
         let p = OutPublish {
             dup,
             qos: item.qos,
             retain: item.retain,
-            topic: &item.msg.topic,
+            topic,
             pkid,
             payload: &item.msg.payload,
             props: if v5 { item.msg.props.as_deref() } else { None },
+            // Never more than the interval it came with: the shard's clock is read once
+            // per turn, so it may be a little older than the message.
             message_expiry: if v5 {
-                item.msg.remaining_expiry_secs(self.now_instant)
+                item.msg
+                    .remaining_expiry_secs(self.now_instant.max(item.msg.created))
             } else {
                 None
             },
             subscription_ids: item.sub_ids.as_deref().unwrap_or(&[]),
-            topic_alias: None,
+            topic_alias: alias.map(|(a, _)| a),
         };
         let len = codec::publish_len(v, &p);
         if len > conn.max_packet as usize {
             self.metrics.drop_msg(DropReason::TooLarge, 1);
             return false;
+        }
+        if let Some((a, _)) = alias {
+            self.sessions[skey]
+                .state()
+                .aliases
+                .get_or_insert_with(Default::default)
+                .commit(&item.msg.topic, a);
         }
         self.output(ckey, len, |out| {
             codec::encode_publish(out, v, &p);

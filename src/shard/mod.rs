@@ -16,7 +16,9 @@ mod conn;
 mod delivery;
 mod mqtt;
 mod push;
+mod shared;
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -72,6 +74,8 @@ pub struct Limits {
     pub write_stall_ticks: u32,
     pub retain_available: bool,
     pub max_retained: usize,
+    pub topic_alias_maximum: u16,
+    pub outbound_topic_aliases: u16,
     pub high_watermark: usize,
     pub low_watermark: usize,
     pub expiry_batch: usize,
@@ -97,6 +101,8 @@ impl Limits {
             write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
             retain_available: c.mqtt.retain_available,
             max_retained: c.mqtt.max_retained_messages as usize,
+            topic_alias_maximum: c.mqtt.topic_alias_maximum.min(65_535) as u16,
+            outbound_topic_aliases: c.mqtt.outbound_topic_aliases.min(65_535) as u16,
             high_watermark: c.buffers.outbound_high_watermark as usize,
             low_watermark: c.buffers.outbound_low_watermark as usize,
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
@@ -151,6 +157,10 @@ pub struct Shard {
     reread: Vec<u32>,
     /// Messages for each other shard, sent as one batch per turn.
     outbox: Vec<Vec<Arc<Message>>>,
+    /// Shared-subscription control messages for each other shard, sent in order.
+    ctl_outbox: Vec<VecDeque<ShardMsg>>,
+    /// The shared subscription groups this shard owns.
+    shared: shared::SharedGroups,
     mailboxes: Mailboxes,
     metrics: Arc<ShardMetrics>,
     open_connections: Arc<AtomicUsize>,
@@ -245,6 +255,8 @@ impl Shard {
                 dirty: Vec::new(),
                 reread: Vec::new(),
                 outbox: vec![Vec::new(); shards],
+                ctl_outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+                shared: Default::default(),
                 mailboxes: ctx.mailboxes,
                 metrics: ctx.metrics,
                 open_connections: ctx.open_connections,
@@ -867,6 +879,10 @@ impl Shard {
                 let _ = reply.send(self.kick(&client_id, clear_session));
             }
             ShardMsg::Shutdown => self.begin_shutdown(),
+            ShardMsg::SharedJoin(m) => self.on_shared_join(*m),
+            ShardMsg::SharedLeave { key, client_id } => self.on_shared_leave(&key, &client_id),
+            ShardMsg::DeliverShared(d) => self.on_deliver_shared(*d),
+            ShardMsg::SharedBounce(b) => self.on_shared_bounce(*b),
         }
     }
 
@@ -910,7 +926,7 @@ impl Shard {
 
     /// Sends each other shard its batch of messages; true if some must be retried.
     fn flush_outbox(&mut self) -> bool {
-        let mut waiting = false;
+        let mut waiting = self.flush_ctl();
         for shard in 0..self.outbox.len() {
             if self.outbox[shard].is_empty() {
                 continue;

@@ -1,13 +1,18 @@
 //! The MQTT conversation on a shard: CONNECT and where it goes, every later packet, and
 //! the session's life when its connection ends (will, expiry).
+//!
+//! Shared subscriptions are kept in the session like any other (under their full
+//! `$share/...` filter) but not in the shard's index: the group's owner shard routes them
+//! (see `shared.rs`).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::codec::{self, reason, ConnAckProps, Connect, Packet, Publish, Version, Will};
 use crate::mailbox::{home_shard, Handoff, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
-use crate::session::{InflightState, Session, NEVER_EXPIRES, NO_CONN};
+use crate::session::{InflightState, Queued, Session, NEVER_EXPIRES, NO_CONN};
 use crate::topic::{self, Subscriber};
 use crate::wheel::TimerId;
 
@@ -220,7 +225,14 @@ impl Shard {
             st.will = None;
             st.will_due = None;
             st.expires_at = None;
+            // Topic aliases belong to a connection (MQTT 5 3.3.2.3.4).
+            st.aliases = None;
         }
+        s.alias_max = if v == Version::V5 {
+            c.topic_alias_max.min(self.limits.outbound_topic_aliases)
+        } else {
+            0
+        };
         if let Some(w) = c.will {
             s.state().will = Some(w);
         }
@@ -249,11 +261,11 @@ impl Shard {
             session_expiry: (v == Version::V5 && expiry != c.session_expiry).then_some(expiry),
             receive_maximum: self.limits.receive_maximum,
             max_packet_size: self.limits.max_packet_size as u32,
-            topic_alias_max: 0,
+            topic_alias_max: self.limits.topic_alias_maximum,
             retain_available: self.limits.retain_available,
             wildcard_available: true,
-            subscription_ids_available: false,
-            shared_subscriptions_available: false,
+            subscription_ids_available: true,
+            shared_subscriptions_available: true,
             ..ConnAckProps::default()
         };
         self.output(key, 128, |out| {
@@ -319,16 +331,7 @@ impl Shard {
                 pkid,
                 filters,
                 subscription_id,
-            } => {
-                if subscription_id.is_some() {
-                    return self.close_protocol(
-                        key,
-                        reason::SUB_IDS_NOT_SUPPORTED,
-                        "subscription identifiers are not supported",
-                    );
-                }
-                self.on_subscribe(key, skey, pkid, filters);
-            }
+            } => return self.on_subscribe(key, skey, pkid, filters, subscription_id),
             Packet::Unsubscribe { pkid, filters } => {
                 let mut codes = Vec::with_capacity(filters.len());
                 for f in &filters {
@@ -396,13 +399,37 @@ impl Shard {
 
     fn on_publish(&mut self, key: usize, skey: usize, p: Publish) -> bool {
         let v = self.conns[key].version;
-        if p.topic_alias.is_some() {
-            return self.close_protocol(
-                key,
-                reason::TOPIC_ALIAS_INVALID,
-                "topic alias above Topic Alias Maximum 0",
-            );
-        }
+        let topic: Arc<str> = match p.topic_alias {
+            None => Arc::from(p.topic),
+            Some(a) if a == 0 || a > self.limits.topic_alias_maximum => {
+                return self.close_protocol(
+                    key,
+                    reason::TOPIC_ALIAS_INVALID,
+                    "topic alias 0 or above our Topic Alias Maximum",
+                );
+            }
+            Some(a) => {
+                let aliases = self.sessions[skey]
+                    .state()
+                    .aliases
+                    .get_or_insert_with(Default::default);
+                if p.topic.is_empty() {
+                    match aliases.inbound(a) {
+                        Some(t) => t,
+                        None => {
+                            return self.close_protocol(
+                                key,
+                                reason::PROTOCOL_ERROR,
+                                "topic alias used before it was set",
+                            )
+                        }
+                    }
+                } else {
+                    aliases.set_inbound(a, &p.topic);
+                    Arc::from(p.topic)
+                }
+            }
+        };
         if p.retain && !self.limits.retain_available {
             return self.close_protocol(
                 key,
@@ -430,7 +457,7 @@ impl Shard {
         }
         let expiry = p.props.as_ref().and_then(|pr| pr.message_expiry);
         let mut msg = Message::new(
-            Arc::from(p.topic),
+            topic,
             p.payload,
             p.qos,
             p.retain,
@@ -456,32 +483,47 @@ impl Shard {
         true
     }
 
+    /// SUBSCRIBE: each filter granted or refused in the SUBACK. False if the connection
+    /// was closed (No Local on a shared subscription is a protocol error, 3.8.3.1).
     fn on_subscribe(
         &mut self,
         key: usize,
         skey: usize,
         pkid: u16,
         filters: Vec<codec::SubscribeFilter>,
-    ) {
+        subscription_id: Option<u32>,
+    ) -> bool {
         let v = self.conns[key].version;
+        let sub_id = subscription_id.unwrap_or(0);
+        let invalid = if v == Version::V5 {
+            reason::TOPIC_FILTER_INVALID
+        } else {
+            reason::V3_SUBACK_FAILURE
+        };
         let mut codes = Vec::with_capacity(filters.len());
         let mut wanted_retained = Vec::new();
         for f in filters {
+            let shared = if f.filter.starts_with("$share/") {
+                match topic::parse_shared(&f.filter) {
+                    Some((g, inner)) if topic::valid_topic_filter(inner) => Some((g, inner)),
+                    _ => {
+                        codes.push(invalid);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             if !topic::valid_topic_filter(&f.filter) {
-                codes.push(if v == Version::V5 {
-                    reason::TOPIC_FILTER_INVALID
-                } else {
-                    0x80
-                });
+                codes.push(invalid);
                 continue;
             }
-            if topic::parse_shared(&f.filter).is_some() {
-                codes.push(if v == Version::V5 {
-                    reason::SHARED_SUBS_NOT_SUPPORTED
-                } else {
-                    0x80
-                });
-                continue;
+            if shared.is_some() && f.no_local {
+                return self.close_protocol(
+                    key,
+                    reason::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                );
             }
             let qos = f.qos.min(2);
             let options = qos
@@ -496,7 +538,7 @@ impl Shard {
                     s.subs[i].0.clone()
                 }
                 None => {
-                    let a: Arc<str> = Arc::from(f.filter);
+                    let a: Arc<str> = Arc::from(f.filter.as_str());
                     // Most devices subscribe once: no spare capacity (Vec would take 4).
                     s.subs.reserve_exact(1);
                     s.subs.push((a.clone(), options));
@@ -504,14 +546,20 @@ impl Shard {
                     a
                 }
             };
+            codes.push(qos);
+            if let Some((group, inner)) = shared {
+                // Retained messages are not sent for shared subscriptions (4.8.2).
+                self.join_shared(skey, group, inner, options, sub_id);
+                continue;
+            }
             self.subs.insert(
                 &filter,
                 Subscriber {
                     session: skey as u32,
                     options,
+                    sub_id,
                 },
             );
-            codes.push(qos);
             // Retain Handling: 0 send retained, 1 only for a new subscription, 2 never.
             let handling = (options >> 4) & 3;
             if handling == 0 || (handling == 1 && existing.is_none()) {
@@ -523,19 +571,41 @@ impl Shard {
         });
         self.metrics.packet_out(9);
         for (filter, qos) in wanted_retained {
-            self.send_retained(skey, &filter, qos);
+            self.send_retained(skey, &filter, qos, sub_id);
         }
+        true
     }
 
-    /// Removes one subscription of a session; true if it existed.
+    /// Removes one subscription of a session; true if it existed. Leaving a shared group
+    /// hands the group's messages still queued for the session back to the group.
     fn unsubscribe(&mut self, skey: usize, filter: &str) -> bool {
         let s = &mut self.sessions[skey];
         let Some(i) = s.subs.iter().position(|(f, _)| &**f == filter) else {
             return false;
         };
         s.subs.swap_remove(i);
-        self.subs.remove(filter, skey as u32);
         self.subs_total -= 1;
+        match filter.strip_prefix("$share/") {
+            Some(key) => {
+                let key: Arc<str> = Arc::from(key);
+                let client_id = s.client_id.clone();
+                let mut items = Vec::new();
+                if let Some(st) = s.extra.as_mut() {
+                    let (theirs, ours): (VecDeque<Queued>, VecDeque<Queued>) =
+                        std::mem::take(&mut st.queue)
+                            .into_iter()
+                            .partition(|q| q.shared.as_ref() == Some(&key));
+                    st.queue = ours;
+                    items = Vec::from(theirs);
+                }
+                self.queued_total -= items.len() as u64;
+                s.compact();
+                self.leave_shared(&key, &client_id, items);
+            }
+            None => {
+                self.subs.remove(filter, skey as u32);
+            }
+        }
         true
     }
 
@@ -606,6 +676,10 @@ impl Shard {
         let now = self.now;
         let s = &mut self.sessions[skey];
         s.conn = NO_CONN;
+        s.alias_max = 0;
+        if let Some(st) = s.extra.as_mut() {
+            st.aliases = None;
+        }
         let will: Option<Box<Will>> = s.extra.as_mut().and_then(|st| st.will.take());
         let will = will.filter(|_| will_allowed);
         if s.expiry_secs == 0 {
@@ -704,20 +778,56 @@ impl Shard {
         // The index compares against the session's own id: remove it first.
         self.by_client.remove(&id, &self.sessions);
         let s = self.sessions.remove(skey);
+        let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
-            self.subs.remove(filter, skey as u32);
+            match filter.strip_prefix("$share/") {
+                Some(key) => groups.push(Arc::from(key)),
+                None => {
+                    self.subs.remove(filter, skey as u32);
+                }
+            }
         }
         self.subs_total -= s.subs.len() as u64;
         if let Some(t) = s.timer {
             self.wheel.cancel(t);
         }
+        // QoS 1/2 messages of shared groups that were not finished go to other members:
+        // queued ones and those sent but not acknowledged (a QoS 2 message the client
+        // has acknowledged with PUBREC is its own).
+        let mut unfinished: Vec<Queued> = Vec::new();
         if let Some(st) = s.extra {
             self.queued_total -= st.queue.len() as u64;
+            if !groups.is_empty() {
+                let sent = st
+                    .inflight
+                    .into_iter()
+                    .filter(|f| f.state == InflightState::Published)
+                    .map(|f| f.item);
+                unfinished.extend(
+                    sent.chain(st.queue)
+                        .filter(|q| q.shared.is_some() && q.qos > 0),
+                );
+            }
             if st.will_due.is_some() {
                 if let Some(w) = st.will {
                     self.publish_will(*w);
                 }
             }
+        }
+        for key in groups {
+            let items = unfinished
+                .iter()
+                .filter(|q| q.shared.as_ref() == Some(&key))
+                .map(|q| Queued {
+                    msg: q.msg.clone(),
+                    qos: q.qos,
+                    retain: q.retain,
+                    sub_ids: None,
+                    shared: None,
+                    waiter: None,
+                })
+                .collect();
+            self.leave_shared(&key, &s.client_id, items);
         }
         debug_assert!(
             s.conn == NO_CONN

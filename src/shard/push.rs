@@ -53,6 +53,7 @@ impl Shard {
             retain: p.msg.retain,
             msg: p.msg,
             sub_ids: None,
+            shared: None,
             waiter,
         };
         match self.deliver_item(skey as usize, item) {
