@@ -51,7 +51,9 @@ pub async fn run(args: &FanoutArgs, counters: Arc<PubCounters>) -> Result<PubRes
         p,
         &codec::ConnectFields {
             client_id: &client_id,
-            keep_alive: 0,
+            // Some brokers (rumqttd) refuse keep-alive 0; the publisher's steady traffic
+            // keeps the connection alive, and the drain is far shorter than 1.5 × this.
+            keep_alive: args.mqtt.keepalive.max(1),
             clean: true,
             login,
             session_expiry: None,
