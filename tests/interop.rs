@@ -10,20 +10,7 @@ use std::time::{Duration, Instant};
 use common::TestServer;
 
 fn have(bin: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{bin} missing under CI: .ci/run must install mosquitto-clients"
-        );
-        eprintln!("SKIPPED: {bin} not installed (apt-get install mosquitto-clients)");
-    }
-    found
+    common::have_binary(bin, "mosquitto-clients")
 }
 
 /// mosquitto_sub waits for one message; mosquitto_pub sends it; the subscriber prints it.

@@ -76,22 +76,8 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// True if `bin` is on PATH; otherwise prints why the test is skipped (or fails under CI).
 fn have(bin: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{bin} missing under CI: .ci/run must install the Debian package prometheus"
-        );
-        eprintln!("SKIPPED: {bin} not installed (apt-get install prometheus)");
-    }
-    found
+    common::have_binary(bin, "prometheus")
 }
 
 /// Some MQTT and push traffic, so that counters, histograms and per-type labels move.

@@ -878,3 +878,23 @@ impl TestServer {
         }
     }
 }
+
+/// True if `bin` is on PATH. Otherwise the test is skipped with a printed reason, except
+/// under CI (`CI` set), where a missing binary is a failure: `.ci/run` must install the
+/// Debian `package`.
+pub fn have_binary(bin: &str, package: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{bin} missing under CI: .ci/run must install the Debian package {package}"
+        );
+        eprintln!("SKIPPED: {bin} not installed (apt-get install {package})");
+    }
+    found
+}
