@@ -428,13 +428,10 @@ impl Inner {
             spec.qos,
             spec.retain,
             Origin::Gateway,
-        )
-        .with_expiry_secs(spec.ttl_secs);
+        );
+        // The TTL counts from when the HTTP request arrived.
         m.created = received;
-        if let Some(ttl) = spec.ttl_secs {
-            m.expires = Some(received + Duration::from_secs(u64::from(ttl)));
-        }
-        Arc::new(m)
+        Arc::new(m.with_expiry_secs(spec.ttl_secs))
     }
 
     /// Sends to every shard and sums the matches (a topic push).

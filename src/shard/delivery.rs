@@ -17,7 +17,7 @@ use crate::codec::{self, OutPublish, Version};
 use crate::message::{Message, Origin};
 use crate::metrics::DropReason;
 use crate::session::{Inflight, InflightState, Queued};
-use crate::topic::{self, Subscriber};
+use crate::topic;
 
 use super::{ConnState, Shard};
 
@@ -80,7 +80,9 @@ impl Shard {
             return 0;
         }
         let mut matched = 0;
-        let mut hits: Vec<Subscriber> = Vec::new();
+        // The shard's reusable match buffer: routing allocates nothing per message here.
+        let mut hits = std::mem::take(&mut self.match_buf);
+        hits.clear();
         self.subs.for_each_match(&msg.topic, |s| hits.push(s));
         if hits.len() > 1 {
             hits.sort_unstable_by_key(|s| s.session);
@@ -125,6 +127,7 @@ impl Shard {
                 matched += 1;
             }
         }
+        self.match_buf = hits;
         matched + self.route_shared(msg)
     }
 

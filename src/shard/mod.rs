@@ -40,7 +40,7 @@ use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, ShardMetrics};
 use crate::session::{ClientIds, Session};
-use crate::topic::SubscriptionIndex;
+use crate::topic::{Subscriber, SubscriptionIndex};
 use crate::wheel::{TimerId, TimingWheel};
 
 pub use conn::{Conn, ConnBufs, ConnState, Peer, NO_SESSION};
@@ -148,6 +148,8 @@ pub struct Shard {
     retained: HashMap<Arc<str>, Arc<Message>>,
     wheel: TimingWheel<u32>,
     fired: Vec<(TimerId, u32)>,
+    /// Subscribers matched by the message being routed (reused across messages).
+    match_buf: Vec<Subscriber>,
     timers_pending: bool,
     pool: BufferPool,
     scratch: Vec<u8>,
@@ -250,6 +252,7 @@ impl Shard {
                 retained: HashMap::new(),
                 wheel: TimingWheel::new(0),
                 fired: Vec::new(),
+                match_buf: Vec::new(),
                 timers_pending: false,
                 pool,
                 dirty: Vec::new(),
