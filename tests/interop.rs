@@ -60,19 +60,7 @@ async fn roundtrip(gw: &TestServer, extra: &[&str], topic: &str) {
         .status()
         .expect("mosquitto_pub runs");
     assert!(status.success(), "mosquitto_pub failed: {status}");
-    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mosquitto_sub exited with {}",
-        out.status
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "hello from mosquitto_pub"
-    );
+    assert_eq!(output_of(sub).await, "hello from mosquitto_pub");
 }
 
 #[tokio::test]

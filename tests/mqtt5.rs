@@ -44,19 +44,6 @@ async fn subscribe(c: &mut Raw, f: SubscribeFilter) {
     );
 }
 
-fn props() -> PublishProperties {
-    PublishProperties {
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        topic_alias: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-        subscription_identifiers: Vec::new(),
-        content_type: None,
-    }
-}
-
 /// Sends a PUBLISH from a client that subscribes to nothing, waiting for its PUBACK at QoS 1.
 async fn publish(c: &mut Raw, mut p: Publish) {
     if p.qos != QoS::AtMostOnce && p.pkid == 0 {
@@ -208,7 +195,7 @@ async fn message_expiry_counts_down_while_queued_and_expired_ones_are_dropped() 
     let mut m = msg("me/t", QoS::AtLeastOnce, "short-lived");
     m.properties = Some(PublishProperties {
         message_expiry_interval: Some(2),
-        ..props()
+        ..common::empty_publish_props()
     });
     publish(&mut publisher, m.clone()).await;
     let published = Instant::now();
@@ -398,7 +385,7 @@ async fn publish_properties_reach_subscribers_unchanged() {
             ("empty".into(), String::new()),
         ],
         content_type: Some("application/json; charset=utf-8".into()),
-        ..props()
+        ..common::empty_publish_props()
     };
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
         let mut m = msg("pt/t", qos, "{\"a\":1}");
@@ -436,7 +423,7 @@ async fn invalid_utf8_with_payload_format_1_is_refused_with_0x99() {
     let mut m = Publish::new("pfi/t", QoS::AtMostOnce, vec![0xff, 0xfe, 0x41]);
     m.properties = Some(PublishProperties {
         payload_format_indicator: Some(1),
-        ..props()
+        ..common::empty_publish_props()
     });
     bad.send(&encode(|b| m.write(b))).await;
     assert_eq!(bad.expect_disconnect_v5(T).await, 0x99);
@@ -464,7 +451,7 @@ async fn a_topic_alias_above_the_maximum_gets_0x94() {
     let mut m = msg("ta/t", QoS::AtMostOnce, "x");
     m.properties = Some(PublishProperties {
         topic_alias: Some(1),
-        ..props()
+        ..common::empty_publish_props()
     });
     c.send(&encode(|b| m.write(b))).await;
     assert_eq!(c.expect_disconnect_v5(T).await, 0x94);

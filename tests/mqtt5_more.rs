@@ -394,24 +394,11 @@ async fn overlapping_subscriptions_give_one_publish_with_all_their_ids() {
         .is_none_or(|pp| pp.subscription_identifiers.is_empty()));
 }
 
-fn props() -> PublishProperties {
-    PublishProperties {
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        topic_alias: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-        subscription_identifiers: Vec::new(),
-        content_type: None,
-    }
-}
-
 fn aliased(topic: &str, alias: u16, payload: &str) -> Vec<u8> {
     let mut m = Publish::new(topic, QoS::AtMostOnce, payload.as_bytes().to_vec());
     m.properties = Some(PublishProperties {
         topic_alias: Some(alias),
-        ..props()
+        ..common::empty_publish_props()
     });
     encode(|b| m.write(b))
 }

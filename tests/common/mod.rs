@@ -898,3 +898,17 @@ pub fn have_binary(bin: &str, package: &str) -> bool {
     }
     found
 }
+
+/// MQTT 5 PUBLISH properties with nothing set, for `..empty_publish_props()` in tests.
+pub fn empty_publish_props() -> mqttbytes::v5::PublishProperties {
+    mqttbytes::v5::PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        subscription_identifiers: Vec::new(),
+        content_type: None,
+    }
+}
