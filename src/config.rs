@@ -48,6 +48,8 @@ pub struct Config {
     pub buffers: BuffersConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub auth: crate::auth::AuthConfig,
+    pub acl: crate::acl::AclConfig,
 }
 
 /// `[mqtt]`: the MQTT listener and the protocol limits it enforces.
@@ -435,6 +437,14 @@ impl Config {
             }
         }
         at_least("log.queue_lines", l.queue_lines, 1)?;
+
+        self.auth
+            .validate()
+            .map_err(|(key, message)| invalid(&key, message))?;
+        crate::acl::Acl::from_config(&self.acl).map_err(|message| ConfigError::Invalid {
+            key: "acl.rules".into(),
+            message,
+        })?;
         Ok(())
     }
 

@@ -15,7 +15,9 @@
 //!    buffers from the shard's [`buffer`] pool, so an idle connection holds none.
 //! 5. Messages ([`message`]) cross shards as `Arc`s through the mailboxes.
 
+pub mod acl;
 pub mod api;
+pub mod auth;
 pub mod buffer;
 pub mod codec;
 pub mod config;

@@ -130,6 +130,16 @@ pub enum ShardMsg {
     /// finish (it left with the message queued or unacknowledged); send it to another.
     /// `from` is no member any more.
     SharedBounce(Box<SharedBounce>),
+    /// The business runtime's answer to an authentication the shard handed it.
+    AuthDone(Box<AuthDone>),
+}
+
+/// An authentication answer for connection `conn` of the shard; `token` tells it from a
+/// later connection that reused the slab key (see `Shard::auth_pending`).
+pub struct AuthDone {
+    pub conn: usize,
+    pub token: u64,
+    pub verdict: crate::auth::Verdict,
 }
 
 /// A member joining a shared subscription group (see [`ShardMsg::SharedJoin`]).

@@ -1,4 +1,5 @@
-//! The `gateway` binary: run the gateway, check a config file, or check the machine.
+//! The `gateway` binary: run the gateway, check a config file, check the machine, or
+//! manage a password file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,17 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Add a user to a password file, or change its password (argon2id). The password is
+    /// read from standard input (first line) unless --password is given.
+    Passwd {
+        /// The password file ([auth.password_file] path); created if missing.
+        file: PathBuf,
+        /// The username.
+        user: String,
+        /// The password, for scripts (visible in the process list; prefer stdin).
+        #[arg(long)]
+        password: Option<String>,
+    },
     /// Print the kernel and process limits that matter for many connections, and what to set.
     Doctor {
         /// Connections to size the recommendations for.
@@ -53,7 +65,15 @@ fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig { file }) => match Config::load(&file) {
+        Some(Command::CheckConfig { file }) => match Config::load(&file).and_then(|c| {
+            // Also read the password file and keys the auth providers need.
+            gateway::auth::Authenticator::from_config(&c.auth, 1)
+                .map(|_| c)
+                .map_err(|message| gateway::config::ConfigError::Invalid {
+                    key: String::new(),
+                    message,
+                })
+        }) {
             Ok(_) => {
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
@@ -63,6 +83,11 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some(Command::Passwd {
+            file,
+            user,
+            password,
+        }) => passwd(&file, &user, password),
         Some(Command::Doctor { connections }) => {
             print!("{}", doctor::report(connections));
             ExitCode::SUCCESS
@@ -73,6 +98,30 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             run(config)
+        }
+    }
+}
+
+fn passwd(file: &std::path::Path, user: &str, password: Option<String>) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("cannot read the password from stdin: {e}");
+                return ExitCode::from(2);
+            }
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    match gateway::auth::password::set_password(file, user, password.as_bytes()) {
+        Ok(()) => {
+            println!("{}: password set for {user}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -100,16 +100,19 @@ pub enum RefuseReason {
     Busy,
     Auth,
     MaxConnections,
+    /// An authentication backend (webhook) was slow or down: "server unavailable".
+    AuthUnavailable,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 6] = [
+    pub const ALL: [RefuseReason; 7] = [
         RefuseReason::Protocol,
         RefuseReason::ClientId,
         RefuseReason::Duplicate,
         RefuseReason::Busy,
         RefuseReason::Auth,
         RefuseReason::MaxConnections,
+        RefuseReason::AuthUnavailable,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -119,6 +122,7 @@ impl RefuseReason {
             RefuseReason::Busy => "busy",
             RefuseReason::Auth => "auth",
             RefuseReason::MaxConnections => "max_connections",
+            RefuseReason::AuthUnavailable => "auth_unavailable",
         }
     }
 }
@@ -253,7 +257,9 @@ pub struct ShardMetrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub disconnects: [AtomicU64; 11],
-    pub refused: [AtomicU64; 6],
+    pub refused: [AtomicU64; 7],
+    /// PUBLISHes and SUBSCRIBE filters refused by the ACL: [publish, subscribe].
+    pub acl_denied: [AtomicU64; 2],
     pub dropped: [AtomicU64; 6],
     pub packets_received: [AtomicU64; 16],
     pub packets_sent: [AtomicU64; 16],
@@ -284,6 +290,10 @@ impl ShardMetrics {
     }
     pub fn refuse(&self, r: RefuseReason) {
         Self::add(&self.refused[r as usize], 1);
+    }
+    /// An ACL refusal: a PUBLISH (`subscribe` false) or one SUBSCRIBE filter.
+    pub fn acl_denied(&self, subscribe: bool) {
+        Self::add(&self.acl_denied[usize::from(subscribe)], 1);
     }
     pub fn drop_msg(&self, r: DropReason, n: u64) {
         Self::add(&self.dropped[r as usize], n);
@@ -486,6 +496,16 @@ impl Collector for ShardCollector {
                 let i = *r as usize;
                 (r.as_str().to_owned(), self.total(|s| get(&s.refused[i])))
             }),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_acl_denied_total",
+            "PUBLISHes and SUBSCRIBE filters refused by the ACL, by action.",
+            "action",
+            ["publish", "subscribe"]
+                .iter()
+                .enumerate()
+                .map(|(i, a)| ((*a).to_owned(), self.total(|s| get(&s.acl_denied[i])))),
         )?;
         labelled_counters(
             e,

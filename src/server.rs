@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::api::ApiState;
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::http::{self, AdminState};
 use crate::logging::LogGuard;
@@ -60,6 +61,17 @@ impl Server {
             listeners.push(bind_reuseport(mqtt_addr, backlog)?);
         }
 
+        // The business pool first: shards hand it slow authentication.
+        let business = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.business_threads())
+            .thread_name("business")
+            .enable_all()
+            .build()?;
+        let auth = Arc::new(
+            Authenticator::from_config(&config.auth, config.business_threads())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        );
+
         let (mailboxes, receivers) = Mailboxes::new(n, config.shards.mailbox_capacity as usize);
         let metrics: Vec<Arc<ShardMetrics>> =
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
@@ -74,14 +86,11 @@ impl Server {
                 mailboxes: mailboxes.clone(),
                 metrics: metrics[id].clone(),
                 open_connections: open.clone(),
+                auth: auth.clone(),
+                business: business.handle().clone(),
             })?);
         }
 
-        let business = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.business_threads())
-            .thread_name("business")
-            .enable_all()
-            .build()?;
         let http_listener = std::net::TcpListener::bind(config.http.listen)?;
         http_listener.set_nonblocking(true)?;
         let http_addr = http_listener.local_addr()?;

@@ -58,6 +58,9 @@ pub struct SessionState {
     pub expires_at: Option<u64>,
     /// MQTT 5 topic aliases of the current connection (reset on every new connection).
     pub aliases: Option<Box<TopicAliases>>,
+    /// The current connection's own ACL lists and/or the username `%u` rules need
+    /// (only when one of those applies; see `crate::acl`).
+    pub acl: Option<Box<crate::acl::ConnAcl>>,
 }
 
 /// The topic aliases of one MQTT 5 connection, both directions. Allocated only for a
@@ -179,6 +182,7 @@ impl Session {
                 && s.will_due.is_none()
                 && s.expires_at.is_none()
                 && s.aliases.is_none()
+                && s.acl.is_none()
             {
                 self.extra = None;
             }

@@ -23,6 +23,9 @@ listen = "127.0.0.1:0"
 count = 2
 [log]
 level = "warn"
+# The fan-out and publish tests use shared topics the default ACL would deny.
+[acl]
+enabled = false
 "#;
 
 /// Longest any one loadgen run may take before the test fails (it is killed).

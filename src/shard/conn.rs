@@ -20,6 +20,10 @@ pub const NO_SESSION: u32 = u32::MAX;
 pub enum ConnState {
     /// Accepted; waiting for CONNECT within the connect timeout.
     Handshake,
+    /// CONNECT read; its credentials are being checked off the shard (the shard's
+    /// `auth_pending` holds the CONNECT). Not read from until the answer; the connect
+    /// timeout still runs.
+    Authenticating,
     /// CONNACK sent; the session is attached.
     Active,
 }

@@ -131,6 +131,10 @@ pub struct ShardContext {
     pub metrics: Arc<ShardMetrics>,
     /// Connections open across the whole gateway (for `max_connections`).
     pub open_connections: Arc<AtomicUsize>,
+    /// The authentication providers, shared by all shards.
+    pub auth: Arc<crate::auth::Authenticator>,
+    /// The business runtime, where slow authentication runs.
+    pub business: tokio::runtime::Handle,
 }
 
 pub struct Shard {
@@ -176,6 +180,15 @@ pub struct Shard {
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
     started_wall: std::time::SystemTime,
+    auth: Arc<crate::auth::Authenticator>,
+    business: tokio::runtime::Handle,
+    /// This shard's compiled `[acl]` rules.
+    acl: crate::acl::Acl,
+    /// CONNECTs waiting for an authentication answer, by connection key. `close_conn`
+    /// removes a connection's entry, so an answer finds either its own connection (same
+    /// token) or nothing.
+    auth_pending: HashMap<usize, mqtt::PendingAuth>,
+    next_auth_token: u64,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -235,6 +248,8 @@ impl Shard {
             idle_ticks: limits.ticks(b.pool_idle_secs as f64) as u64,
         });
         let started = Instant::now();
+        let acl = crate::acl::Acl::from_config(&ctx.config.acl)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok((
             Shard {
                 id: ctx.id,
@@ -272,6 +287,11 @@ impl Shard {
                 stopping: false,
                 pending_replies: Vec::new(),
                 started_wall: std::time::SystemTime::now(),
+                auth: ctx.auth,
+                business: ctx.business,
+                acl,
+                auth_pending: HashMap::new(),
+                next_auth_token: 0,
             },
             ctx.mailbox,
         ))
@@ -489,6 +509,10 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
+            if conn.state == ConnState::Authenticating {
+                // Read again once accepted (TCP backpressure meanwhile).
+                return;
+            }
             let want = conn.predictor.next_size().min(self.scratch.len());
             match conn.socket.read(&mut self.scratch[..want]) {
                 Ok(0) => {
@@ -797,7 +821,7 @@ impl Shard {
         let stalled = conn.stall_since != 0
             && u64::from(conn.stall_since - 1) + u64::from(self.limits.write_stall_ticks)
                 < self.now;
-        let handshake = conn.state == ConnState::Handshake;
+        let handshake = conn.state != ConnState::Active;
         // The fired timer is gone from the wheel; make sure close does not cancel a reused id.
         self.conns[key].timer = TimerId::default();
         if stalled {
@@ -819,6 +843,9 @@ impl Shard {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
+        if conn.state == ConnState::Authenticating {
+            self.auth_pending.remove(&key);
+        }
         if let (Some(code), Version::V5, ConnState::Active) = (v5_reason, conn.version, conn.state)
         {
             // One best-effort, non-blocking write of any pending output plus the DISCONNECT.
@@ -886,6 +913,7 @@ impl Shard {
             ShardMsg::SharedLeave { key, client_id } => self.on_shared_leave(&key, &client_id),
             ShardMsg::DeliverShared(d) => self.on_deliver_shared(*d),
             ShardMsg::SharedBounce(b) => self.on_shared_bounce(*b),
+            ShardMsg::AuthDone(d) => self.on_auth_done(*d),
         }
     }
 
@@ -904,7 +932,7 @@ impl Shard {
         else {
             return;
         };
-        if self.on_connect(key, h.connect, false) && !h.rest.is_empty() {
+        if self.on_connect(key, h.connect, false, &h.rest) && !h.rest.is_empty() {
             self.ingest_bytes(key, &h.rest);
         }
     }

@@ -7,9 +7,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::acl::{ConnAcl, Who};
+use crate::auth::{Request, Verdict};
 use crate::codec::{self, reason, ConnAckProps, Connect, Packet, Publish, Version, Will};
-use crate::mailbox::{home_shard, Handoff, ShardMsg};
+use crate::mailbox::{home_shard, AuthDone, Handoff, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 use crate::session::{InflightState, Queued, Session, NEVER_EXPIRES, NO_CONN};
@@ -21,6 +24,16 @@ use super::{ConnState, Shard, NO_SESSION, SESSION_TIMER};
 /// CONNACK return codes of MQTT 3.1.1.
 const V3_IDENTIFIER_REJECTED: u8 = 0x02;
 const V3_SERVER_UNAVAILABLE: u8 = 0x03;
+
+/// A CONNECT whose credentials are being checked off the shard.
+pub(super) struct PendingAuth {
+    /// Tells this connection's answer from one for an earlier connection with the same key.
+    token: u64,
+    connect: Box<Connect>,
+    assigned: bool,
+    /// Bytes that followed the CONNECT in the same read; ingested once accepted.
+    rest: Vec<u8>,
+}
 
 impl Shard {
     /// One whole frame from a connection. `rest` are the bytes after it in this read (a
@@ -74,7 +87,7 @@ impl Shard {
         }
         let home = home_shard(&connect.client_id, self.mailboxes.len());
         if home == self.id {
-            return self.on_connect(key, connect, assigned);
+            return self.on_connect(key, connect, assigned, rest);
         }
         let mut conn = self.conns.remove(key);
         // Stop counting it here before the home shard can count it.
@@ -147,9 +160,19 @@ impl Shard {
         false
     }
 
-    /// Accepts a CONNECT on the home shard: duplicate policy, session, keep-alive, CONNACK,
-    /// then redelivery. False if the connection was refused.
-    pub(super) fn on_connect(&mut self, key: usize, c: Connect, assigned: bool) -> bool {
+    /// A CONNECT on its home shard: checks, then authentication. Cheap providers decide
+    /// here and the CONNECT is accepted or refused at once; otherwise the providers run on
+    /// the business runtime, the connection waits (not read from) in
+    /// `ConnState::Authenticating`, `rest` (bytes after the CONNECT) waits with it, and
+    /// the answer arrives as `ShardMsg::AuthDone`. True only if accepted now: false means
+    /// refused, or waiting — either way the caller stops ingesting.
+    pub(super) fn on_connect(
+        &mut self,
+        key: usize,
+        c: Connect,
+        assigned: bool,
+        rest: &[u8],
+    ) -> bool {
         let v = c.version;
         self.conns[key].version = v;
         if v == Version::V5 && c.auth_method.is_some() {
@@ -162,6 +185,153 @@ impl Shard {
                 reason::CLIENT_ID_NOT_VALID,
                 RefuseReason::ClientId,
             );
+        }
+        let peer = self.conns[key].peer.addr();
+        if let Some(verdict) = self
+            .auth
+            .fast(c.username.as_deref(), c.password.as_deref(), peer)
+        {
+            return self.conclude_auth(key, c, assigned, verdict);
+        }
+        self.next_auth_token += 1;
+        let token = self.next_auth_token;
+        let req = Request {
+            client_id: c.client_id.clone(),
+            username: c.username.clone(),
+            password: c.password.clone(),
+            peer,
+        };
+        self.auth_pending.insert(
+            key,
+            PendingAuth {
+                token,
+                connect: Box::new(c),
+                assigned,
+                rest: rest.to_vec(),
+            },
+        );
+        self.conns[key].state = ConnState::Authenticating;
+        let auth = self.auth.clone();
+        let mailboxes = self.mailboxes.clone();
+        let shard = self.id;
+        // Past the connect timeout the connection is gone; stop retrying a full mailbox.
+        let give_up = Duration::from_secs(u64::from(self.config.mqtt.connect_timeout_secs)) * 2;
+        self.business.spawn(async move {
+            let verdict = auth.check(req).await;
+            let mut msg = ShardMsg::AuthDone(Box::new(AuthDone {
+                conn: key,
+                token,
+                verdict,
+            }));
+            let deadline = Instant::now() + give_up;
+            while let Err(m) = mailboxes.try_send(shard, msg) {
+                if Instant::now() > deadline {
+                    return;
+                }
+                msg = m;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        false
+    }
+
+    /// An authentication answer from the business runtime.
+    pub(super) fn on_auth_done(&mut self, d: AuthDone) {
+        let key = d.conn;
+        match self.auth_pending.get(&key) {
+            Some(p) if p.token == d.token => {}
+            // The connection closed (and its key may have been reused) meanwhile.
+            _ => return,
+        }
+        let Some(p) = self.auth_pending.remove(&key) else {
+            return;
+        };
+        self.conns[key].state = ConnState::Handshake;
+        if !matches!(d.verdict, Verdict::Allow(_)) {
+            self.discard_input(key);
+        }
+        if self.conclude_auth(key, *p.connect, p.assigned, d.verdict) {
+            if !p.rest.is_empty() && !self.ingest_bytes(key, &p.rest) {
+                return;
+            }
+            // It was not read from while waiting.
+            self.reread.push(key as u32);
+        }
+    }
+
+    /// Reads and drops what a refused client sent after its CONNECT, so closing does not
+    /// reset the connection before it reads its CONNACK.
+    fn discard_input(&mut self, key: usize) {
+        for _ in 0..4 {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            match std::io::Read::read(&mut conn.socket, &mut self.scratch) {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Acts on an authentication verdict; true if the connection was accepted.
+    fn conclude_auth(&mut self, key: usize, c: Connect, assigned: bool, verdict: Verdict) -> bool {
+        let peer = self.conns[key].peer.addr();
+        match verdict {
+            Verdict::Allow(acl) => self.accept_connect(key, c, assigned, acl),
+            Verdict::Deny(why) => {
+                tracing::info!(shard = self.id, client_id = %c.client_id, %peer, reason = %why, "authentication failed, connection refused");
+                self.refuse(
+                    key,
+                    reason::V3_NOT_AUTHORIZED,
+                    reason::BAD_USERNAME_OR_PASSWORD,
+                    RefuseReason::Auth,
+                )
+            }
+            Verdict::Unavailable(why) => {
+                tracing::warn!(shard = self.id, client_id = %c.client_id, %peer, reason = %why, "authentication unavailable, connection refused");
+                self.refuse(
+                    key,
+                    V3_SERVER_UNAVAILABLE,
+                    reason::SERVER_UNAVAILABLE,
+                    RefuseReason::AuthUnavailable,
+                )
+            }
+        }
+    }
+
+    /// Accepts an authenticated CONNECT: will ACL, duplicate policy, session, keep-alive,
+    /// CONNACK, then redelivery. False if the connection was refused.
+    fn accept_connect(
+        &mut self,
+        key: usize,
+        c: Connect,
+        assigned: bool,
+        mut conn_acl: Option<Box<ConnAcl>>,
+    ) -> bool {
+        let v = c.version;
+        if self.acl.enabled() {
+            // %u rules and per-connection lists need the username at PUBLISH time.
+            if let Some(u) = c.username.as_deref() {
+                if self.acl.uses_username() || conn_acl.is_some() {
+                    conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
+                }
+            }
+            if let Some(w) = &c.will {
+                let who = Who {
+                    client_id: &c.client_id,
+                    username: c.username.as_deref(),
+                };
+                if !self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
+                    self.metrics.acl_denied(false);
+                    tracing::info!(shard = self.id, client_id = %c.client_id, topic = %w.topic, "will topic denied by the ACL, connection refused");
+                    return self.refuse(
+                        key,
+                        reason::V3_NOT_AUTHORIZED,
+                        reason::NOT_AUTHORIZED,
+                        RefuseReason::Auth,
+                    );
+                }
+            }
         }
         if let Some(skey) = self.by_client.get(&c.client_id, &self.sessions) {
             let old = self.sessions[skey as usize].conn;
@@ -227,6 +397,7 @@ impl Shard {
             st.expires_at = None;
             // Topic aliases belong to a connection (MQTT 5 3.3.2.3.4).
             st.aliases = None;
+            st.acl = None;
         }
         s.alias_max = if v == Version::V5 {
             c.topic_alias_max.min(self.limits.outbound_topic_aliases)
@@ -235,6 +406,9 @@ impl Shard {
         };
         if let Some(w) = c.will {
             s.state().will = Some(w);
+        }
+        if conn_acl.is_some() {
+            s.state().acl = conn_acl;
         }
         s.compact();
         let client_id = s.client_id.clone();
@@ -437,6 +611,34 @@ impl Shard {
                 "retain is not available",
             );
         }
+        if !self.publish_allowed(skey, &topic) {
+            // 3.1.1 has no way to refuse: acknowledge and drop. MQTT 5: reason 0x87.
+            let code = if v == Version::V5 {
+                reason::NOT_AUTHORIZED
+            } else {
+                0
+            };
+            match p.qos {
+                1 => {
+                    self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, code));
+                    self.metrics.packet_out(4);
+                }
+                2 => {
+                    if v != Version::V5 {
+                        // The client will PUBREL it; answer that as for any message.
+                        let max = usize::from(self.limits.receive_maximum);
+                        let st = self.sessions[skey].state();
+                        if !st.inbound_qos2.contains(&p.pkid) && st.inbound_qos2.len() < max {
+                            st.inbound_qos2.push(p.pkid);
+                        }
+                    }
+                    self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, code));
+                    self.metrics.packet_out(5);
+                }
+                _ => {}
+            }
+            return true;
+        }
         if p.qos == 2 {
             let max = usize::from(self.limits.receive_maximum);
             let st = self.sessions[skey].state();
@@ -525,6 +727,15 @@ impl Shard {
                     "no local on a shared subscription",
                 );
             }
+            let inner = shared.map_or(f.filter.as_str(), |(_, inner)| inner);
+            if !self.subscribe_allowed(skey, inner) {
+                codes.push(if v == Version::V5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::V3_SUBACK_FAILURE
+                });
+                continue;
+            }
             let qos = f.qos.min(2);
             let options = qos
                 | (u8::from(f.no_local) << 2)
@@ -574,6 +785,44 @@ impl Shard {
             self.send_retained(skey, &filter, qos, sub_id);
         }
         true
+    }
+
+    /// The ACL's word on a PUBLISH to `topic` from session `skey`; a refusal is counted.
+    fn publish_allowed(&mut self, skey: usize, topic: &str) -> bool {
+        if !self.acl.enabled() {
+            return true;
+        }
+        let s = &self.sessions[skey];
+        let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
+        let who = Who {
+            client_id: &s.client_id,
+            username: conn_acl.and_then(|a| a.username.as_deref()),
+        };
+        if self.acl.may_publish(&who, conn_acl, topic) {
+            return true;
+        }
+        self.metrics.acl_denied(false);
+        tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
+        false
+    }
+
+    /// The ACL's word on a SUBSCRIBE filter from session `skey`; a refusal is counted.
+    fn subscribe_allowed(&mut self, skey: usize, filter: &str) -> bool {
+        if !self.acl.enabled() {
+            return true;
+        }
+        let s = &self.sessions[skey];
+        let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
+        let who = Who {
+            client_id: &s.client_id,
+            username: conn_acl.and_then(|a| a.username.as_deref()),
+        };
+        if self.acl.may_subscribe(&who, conn_acl, filter) {
+            return true;
+        }
+        self.metrics.acl_denied(true);
+        tracing::info!(shard = self.id, client_id = %s.client_id, filter, "SUBSCRIBE filter denied by the ACL");
+        false
     }
 
     /// Removes one subscription of a session; true if it existed. Leaving a shared group
@@ -679,6 +928,7 @@ impl Shard {
         s.alias_max = 0;
         if let Some(st) = s.extra.as_mut() {
             st.aliases = None;
+            st.acl = None;
         }
         let will: Option<Box<Will>> = s.extra.as_mut().and_then(|st| st.will.take());
         let will = will.filter(|_| will_allowed);
