@@ -609,4 +609,20 @@ async fn webhook_acl_applies_to_that_connection() {
         .await;
     use mqttbytes::v5::SubscribeReasonCode as R;
     assert_eq!(ack.return_codes, vec![R::QoS1, R::NotAuthorized]);
+    for (pkid, topic, reason) in [
+        (2, "up/hook1", mqttbytes::v5::PubAckReason::Success),
+        (
+            3,
+            "devices/hook1/x",
+            mqttbytes::v5::PubAckReason::NotAuthorized,
+        ),
+    ] {
+        let mut p = mqttbytes::v5::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, "x");
+        p.pkid = pkid;
+        raw.send(&common::encode(|b| p.write(b))).await;
+        match raw.next_v5(T).await {
+            Ok(mqttbytes::v5::Packet::PubAck(a)) => assert_eq!(a.reason, reason, "{topic}"),
+            other => panic!("expected PUBACK for {topic}, got {other:?}"),
+        }
+    }
 }

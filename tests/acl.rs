@@ -1,0 +1,262 @@
+//! ACLs end to end: the default rules (devices/%c/#) and %u rules on a real gateway,
+//! SUBACK and PUBACK codes for 3.1.1 and 5, denied PUBLISHes dropped, the metric.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mqttbytes::v5::SubscribeReasonCode as R5;
+use mqttbytes::QoS;
+
+const T: Duration = Duration::from_secs(10);
+
+/// The default rules plus a team tree shared by all clients with the same username.
+/// Usernames need a provider that checks credentials: JWT (anonymous stays for the rest).
+const ACL: &str = r#"
+[auth]
+providers = ["anonymous", "jwt"]
+[auth.jwt]
+secret = "acl-test"
+[acl]
+enabled = true
+no_match = "deny"
+rules = [
+  { permission = "allow", action = "all", topic = "devices/%c/#" },
+  { permission = "allow", action = "all", topic = "teams/%u/#" },
+]
+"#;
+
+async fn denied(s: &TestServer, action: &str) -> f64 {
+    s.metric(&format!("gateway_acl_denied_total{{action=\"{action}\"}}"))
+        .await
+}
+
+/// A raw 3.1.1 client, connected (optionally with a username).
+async fn raw_v4(s: &TestServer, id: &str, user: Option<&str>) -> Raw {
+    let mut c = mqttbytes::v4::Connect::new(id);
+    c.keep_alive = 30;
+    if let Some(u) = user {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": id, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(b"acl-test"),
+        )
+        .unwrap();
+        c.set_login(u, &token);
+    }
+    let mut raw = Raw::connect(s.mqtt).await;
+    raw.send(&encode(|b| c.write(b))).await;
+    match raw.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::ConnAck(a)) => {
+            assert_eq!(a.code, mqttbytes::v4::ConnectReturnCode::Success, "{id}")
+        }
+        other => panic!("expected CONNACK for {id}, got {other:?}"),
+    }
+    raw
+}
+
+async fn suback_v4(
+    raw: &mut Raw,
+    pkid: u16,
+    filters: &[&str],
+) -> Vec<mqttbytes::v4::SubscribeReasonCode> {
+    let mut s = mqttbytes::v4::Subscribe::new(filters[0], QoS::AtLeastOnce);
+    for f in &filters[1..] {
+        s.add((*f).into(), QoS::AtLeastOnce);
+    }
+    s.pkid = pkid;
+    raw.send(&encode(|b| s.write(b))).await;
+    match raw.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::SubAck(a)) => a.return_codes,
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn default_rules_confine_subscriptions_v3_and_v5() {
+    // The default [acl] of config/gateway.toml, turned back on.
+    let s = TestServer::start("[acl]\nenabled = true\n");
+    let mut c1 = raw_v4(&s, "c1", None).await;
+    use mqttbytes::v4::SubscribeReasonCode as R4;
+    let ok = R4::Success(QoS::AtLeastOnce);
+    let codes = suback_v4(
+        &mut c1,
+        1,
+        &[
+            "devices/c1/+",
+            "devices/#",
+            "devices/c2/cmd",
+            "devices/c1/#",
+            "other",
+        ],
+    )
+    .await;
+    assert_eq!(codes, vec![ok, R4::Failure, R4::Failure, ok, R4::Failure]);
+
+    let (mut c5, _) = Raw::connected_v5(s.mqtt, &connect5("c5", 30, true, None)).await;
+    let f = |p: &str| mqttbytes::v5::SubscribeFilter::new(p.into(), QoS::AtLeastOnce);
+    let ack = c5
+        .subscribe_v5(
+            1,
+            vec![
+                f("devices/c5/cmd"),
+                f("devices/+/cmd"),
+                f("$share/g/devices/c5/x"),
+                f("$share/g/devices/#"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        ack.return_codes,
+        vec![R5::QoS1, R5::NotAuthorized, R5::QoS1, R5::NotAuthorized]
+    );
+    assert_eq!(denied(&s, "subscribe").await, 5.0);
+    assert_eq!(denied(&s, "publish").await, 0.0);
+}
+
+#[tokio::test]
+async fn denied_publish_v3_is_acknowledged_and_dropped() {
+    let s = TestServer::start(ACL);
+    // c2 listens on its own tree and on the team tree.
+    let mut c2 = raw_v4(&s, "c2", Some("red")).await;
+    let codes = suback_v4(&mut c2, 1, &["devices/c2/#", "teams/red/#"]).await;
+    assert!(codes
+        .iter()
+        .all(|c| *c == mqttbytes::v4::SubscribeReasonCode::Success(QoS::AtLeastOnce)));
+    // c1 (same team) writes into c2's tree (denied), then to the team tree (allowed).
+    let mut c1 = raw_v4(&s, "c1", Some("red")).await;
+    c1.send(&Raw::publish_v4("devices/c2/cmd", 1, 10, b"denied"))
+        .await;
+    match c1.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, 10),
+        other => panic!("a denied QoS 1 PUBLISH is still acknowledged in 3.1.1: {other:?}"),
+    }
+    c1.send(&Raw::publish_v4("teams/red/chat", 1, 11, b"allowed"))
+        .await;
+    match c1.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, 11),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    // Both come from c1's shard in order: the first PUBLISH c2 sees is the allowed one.
+    match c2.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::Publish(p)) => {
+            assert_eq!(p.topic, "teams/red/chat");
+            assert_eq!(&p.payload[..], b"allowed");
+        }
+        other => panic!("expected the allowed PUBLISH, got {other:?}"),
+    }
+    // QoS 2 denied: PUBREC, and the PUBREL is completed normally.
+    c1.send(&Raw::publish_v4("elsewhere", 2, 12, b"denied"))
+        .await;
+    match c1.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::PubRec(a)) => assert_eq!(a.pkid, 12),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    c1.send(&encode(|b| mqttbytes::v4::PubRel::new(12).write(b)))
+        .await;
+    match c1.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::PubComp(a)) => assert_eq!(a.pkid, 12),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    assert_eq!(denied(&s, "publish").await, 2.0);
+    // A client without a username has no team tree (%u matches nothing).
+    let mut lone = raw_v4(&s, "lone", None).await;
+    let codes = suback_v4(&mut lone, 2, &["teams/red/#"]).await;
+    assert_eq!(codes, vec![mqttbytes::v4::SubscribeReasonCode::Failure]);
+}
+
+#[tokio::test]
+async fn denied_publish_v5_gets_reason_0x87() {
+    let s = TestServer::start(ACL);
+    let (mut c, _) = Raw::connected_v5(s.mqtt, &connect5("v5c", 30, true, None)).await;
+    let publish = |topic: &str, qos: QoS, pkid: u16| {
+        let mut p = mqttbytes::v5::Publish::new(topic, qos, "x");
+        p.pkid = pkid;
+        encode(|b| p.write(b))
+    };
+    c.send(&publish("devices/other/x", QoS::AtLeastOnce, 1))
+        .await;
+    match c.next_v5(T).await {
+        Ok(mqttbytes::v5::Packet::PubAck(a)) => {
+            assert_eq!(a.pkid, 1);
+            assert_eq!(a.reason, mqttbytes::v5::PubAckReason::NotAuthorized);
+        }
+        other => panic!("expected PUBACK 0x87, got {other:?}"),
+    }
+    c.send(&publish("devices/other/x", QoS::ExactlyOnce, 2))
+        .await;
+    match c.next_v5(T).await {
+        Ok(mqttbytes::v5::Packet::PubRec(a)) => {
+            assert_eq!(a.pkid, 2);
+            assert_eq!(a.reason, mqttbytes::v5::PubRecReason::NotAuthorized);
+        }
+        other => panic!("expected PUBREC 0x87, got {other:?}"),
+    }
+    c.send(&publish("devices/v5c/x", QoS::AtLeastOnce, 3)).await;
+    match c.next_v5(T).await {
+        Ok(mqttbytes::v5::Packet::PubAck(a)) => {
+            assert_eq!(a.pkid, 3);
+            assert_eq!(a.reason, mqttbytes::v5::PubAckReason::Success);
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    // QoS 0 denied: silently dropped, the connection lives on.
+    c.send(&publish("nowhere", QoS::AtMostOnce, 0)).await;
+    assert!(c.ping_v5(T).await);
+    assert_eq!(denied(&s, "publish").await, 3.0);
+}
+
+#[tokio::test]
+async fn a_will_on_a_denied_topic_refuses_the_connect() {
+    let s = TestServer::start(ACL);
+    let mut connect = connect5("willy", 30, true, None);
+    connect.last_will = Some(mqttbytes::v5::LastWill::new(
+        "other/will",
+        "bye",
+        QoS::AtMostOnce,
+        false,
+    ));
+    let mut raw = Raw::connect(s.mqtt).await;
+    let ack = raw.handshake_v5(&connect).await;
+    assert_eq!(ack.code, mqttbytes::v5::ConnectReturnCode::NotAuthorized);
+    let mut connect = connect5("willy", 30, true, None);
+    connect.last_will = Some(mqttbytes::v5::LastWill::new(
+        "devices/willy/status",
+        "bye",
+        QoS::AtMostOnce,
+        false,
+    ));
+    Raw::connected_v5(s.mqtt, &connect).await;
+    assert_eq!(denied(&s, "publish").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_pushes_are_not_subject_to_acls() {
+    let s = TestServer::start("[acl]\nenabled = true\n");
+    let mut c = raw_v4(&s, "pushed", None).await;
+    let codes = suback_v4(&mut c, 1, &["devices/pushed/cmd"]).await;
+    assert_eq!(
+        codes,
+        vec![mqttbytes::v4::SubscribeReasonCode::Success(
+            QoS::AtLeastOnce
+        )]
+    );
+    // The backend pushes to the device by client id on a topic outside its tree.
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/push", s.http))
+        .json(&serde_json::json!({"client_id": "pushed", "topic": "fleet/all", "payload": "hi", "qos": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    match c.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::Publish(p)) => assert_eq!(p.topic, "fleet/all"),
+        other => panic!("expected the pushed PUBLISH, got {other:?}"),
+    }
+}
