@@ -24,11 +24,13 @@ pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::acl::ConnAcl;
+use crate::mailbox::{AuthDone, Mailboxes, ShardMsg};
 
 /// `[auth]` of the config.
 #[derive(Debug, Clone, Deserialize)]
@@ -211,6 +213,39 @@ impl Authenticator {
         }
         no_provider()
     }
+}
+
+/// Runs [`Authenticator::check`] on the business runtime and posts the verdict to
+/// connection `conn` (authentication `token`) of `shard` as `ShardMsg::AuthDone`. A full
+/// mailbox is retried every few milliseconds (this is a business task, not the shard)
+/// until `give_up`, after which the connection has timed out anyway.
+#[allow(clippy::too_many_arguments)]
+pub fn check_in_background(
+    auth: Arc<Authenticator>,
+    business: &tokio::runtime::Handle,
+    req: Request,
+    mailboxes: Mailboxes,
+    shard: usize,
+    conn: usize,
+    token: u64,
+    give_up: Duration,
+) {
+    business.spawn(async move {
+        let verdict = auth.check(req).await;
+        let mut msg = ShardMsg::AuthDone(Box::new(AuthDone {
+            conn,
+            token,
+            verdict,
+        }));
+        let deadline = Instant::now() + give_up;
+        while let Err(m) = mailboxes.try_send(shard, msg) {
+            if Instant::now() > deadline {
+                return;
+            }
+            msg = m;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
 }
 
 fn no_provider() -> Verdict {

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::acl::{ConnAcl, Who};
 use crate::auth::{Request, Verdict};
@@ -211,27 +211,18 @@ impl Shard {
             },
         );
         self.conns[key].state = ConnState::Authenticating;
-        let auth = self.auth.clone();
-        let mailboxes = self.mailboxes.clone();
-        let shard = self.id;
         // Past the connect timeout the connection is gone; stop retrying a full mailbox.
         let give_up = Duration::from_secs(u64::from(self.config.mqtt.connect_timeout_secs)) * 2;
-        self.business.spawn(async move {
-            let verdict = auth.check(req).await;
-            let mut msg = ShardMsg::AuthDone(Box::new(AuthDone {
-                conn: key,
-                token,
-                verdict,
-            }));
-            let deadline = Instant::now() + give_up;
-            while let Err(m) = mailboxes.try_send(shard, msg) {
-                if Instant::now() > deadline {
-                    return;
-                }
-                msg = m;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
+        crate::auth::check_in_background(
+            self.auth.clone(),
+            &self.business,
+            req,
+            self.mailboxes.clone(),
+            self.id,
+            key,
+            token,
+            give_up,
+        );
         false
     }
 
