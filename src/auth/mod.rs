@@ -342,6 +342,37 @@ mod tests {
     }
 
     #[test]
+    fn config_mistakes_name_their_key() {
+        use crate::config::{Config, ConfigError};
+        let cases = [
+            ("[auth]\nproviders = [\"http\"]\n", "auth.http.url"),
+            ("[auth]\nproviders = [\"password_file\"]\n", "auth.password_file.path"),
+            ("[auth]\nproviders = [\"jwt\"]\n", "auth.jwt.secret"),
+            (
+                "[auth]\nproviders = [\"jwt\"]\n[auth.jwt]\nalgorithm = \"RS256\"\n",
+                "auth.jwt.public_key_file",
+            ),
+            ("[auth]\nproviders = [\"anonymous\", \"anonymous\"]\n", "auth.providers[1]"),
+            (
+                "[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"https://x/a\"\n",
+                "auth.http.url",
+            ),
+            (
+                "[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"http://x/a\"\ntimeout_ms = 0\n",
+                "auth.http.timeout_ms",
+            ),
+            ("[acl]\nrules = [{ permission = \"allow\", action = \"all\", topic = \"a/#/b\" }]\n", "acl.rules"),
+        ];
+        for (toml, key) in cases {
+            match Config::from_toml_str(toml) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+                other => panic!("{toml}: expected an error at {key}, got {other:?}"),
+            }
+        }
+        assert!(Config::from_toml_str("[auth]\nproviders = [\"ldap\"]\n").is_err());
+    }
+
+    #[test]
     fn slow_providers_leave_the_shard() {
         let mut c = crate::config::Config::default().auth;
         c.providers = vec![ProviderKind::Anonymous, ProviderKind::Jwt];
