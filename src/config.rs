@@ -441,6 +441,21 @@ impl Config {
         self.auth
             .validate()
             .map_err(|(key, message)| invalid(&key, message))?;
+        let uses_webhook = self
+            .auth
+            .providers
+            .contains(&crate::auth::ProviderKind::Http);
+        if uses_webhook && u64::from(self.auth.http.timeout_ms) >= shortest_timeout_ms {
+            // The connect timeout would close waiting clients before the webhook's
+            // "server unavailable" could tell them to come back later.
+            return Err(invalid(
+                "auth.http.timeout_ms",
+                format!(
+                    "{} ms must be shorter than mqtt.connect_timeout_secs ({} ms)",
+                    self.auth.http.timeout_ms, shortest_timeout_ms
+                ),
+            ));
+        }
         crate::acl::Acl::from_config(&self.acl).map_err(|message| ConfigError::Invalid {
             key: "acl.rules".into(),
             message,

@@ -361,6 +361,10 @@ mod tests {
                 "[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"http://x/a\"\ntimeout_ms = 0\n",
                 "auth.http.timeout_ms",
             ),
+            (
+                "[mqtt]\nconnect_timeout_secs = 2\n[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"http://x/a\"\ntimeout_ms = 2000\n",
+                "auth.http.timeout_ms",
+            ),
             ("[acl]\nrules = [{ permission = \"allow\", action = \"all\", topic = \"a/#/b\" }]\n", "acl.rules"),
         ];
         for (toml, key) in cases {
