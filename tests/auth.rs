@@ -402,17 +402,20 @@ struct Backend {
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
     hanging: Arc<AtomicUsize>,
+    /// Releases the requests with password "gate" (they then allow).
+    gate: Arc<tokio::sync::Notify>,
 }
 
 async fn backend() -> Backend {
     use axum::{routing::post, Json, Router};
     let calls = Arc::new(AtomicUsize::new(0));
     let hanging = Arc::new(AtomicUsize::new(0));
-    let (c, h) = (calls.clone(), hanging.clone());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (c, h, g) = (calls.clone(), hanging.clone(), gate.clone());
     let app = Router::new().route(
         "/auth",
         post(move |Json(req): Json<serde_json::Value>| {
-            let (c, h) = (c.clone(), h.clone());
+            let (c, h, g) = (c.clone(), h.clone(), g.clone());
             async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 assert!(req["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
@@ -421,6 +424,11 @@ async fn backend() -> Backend {
                     Some("acl") => serde_json::json!({"result": "allow",
                         "acl": {"publish": ["up/%c"], "subscribe": ["down/%c"]}}),
                     Some("ignore") => serde_json::json!({"result": "ignore"}),
+                    Some("gate") => {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        g.notified().await;
+                        serde_json::json!({"result": "allow"})
+                    }
                     Some("hang") => {
                         h.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -439,6 +447,7 @@ async fn backend() -> Backend {
         addr,
         calls,
         hanging,
+        gate,
     }
 }
 
@@ -530,6 +539,49 @@ async fn packets_sent_with_the_connect_wait_for_the_answer_in_order() {
     assert!(
         seen.contains(&"puback") && seen.contains(&"publish"),
         "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_sent_while_waiting_are_read_once_accepted() {
+    // What the client sent while its CONNECT was being checked sits unread in the
+    // socket; once accepted it must be read without waiting for new bytes or the tick
+    // (60 s here, so a read that waited for it would miss T).
+    let b = backend().await;
+    let s = TestServer::start(&format!(
+        "{}[mqtt]\nconnect_timeout_secs = 60\n[shards]\ntick_ms = 60000\n",
+        webhook_config(&format!("http://{}/auth", b.addr))
+    ));
+    let mut raw = Raw::connect(s.mqtt).await;
+    raw.send(&connect_bytes(false, "gated", Some("u"), Some("gate")))
+        .await;
+    let deadline = tokio::time::Instant::now() + T;
+    while b.hanging.load(Ordering::SeqCst) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backend never called"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Sent while the gateway waits for the backend.
+    let mut later = Raw::subscribe_v4("g/1", 0, 3);
+    later.extend([0xc0, 0x00]);
+    raw.send(&later).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.gate.notify_one();
+    match raw.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::ConnAck(a)) => {
+            assert_eq!(a.code, mqttbytes::v4::ConnectReturnCode::Success)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(
+        matches!(raw.next_v4(T).await, Ok(mqttbytes::v4::Packet::SubAck(a)) if a.pkid == 3),
+        "SUBACK after acceptance"
+    );
+    assert!(
+        matches!(raw.next_v4(T).await, Ok(mqttbytes::v4::Packet::PingResp)),
+        "PINGRESP after the SUBACK"
     );
 }
 

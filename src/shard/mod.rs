@@ -322,7 +322,8 @@ impl Shard {
                     }
                 }
             }
-            busy |= !rx.is_empty();
+            // An accepted authentication queues its connection for reading.
+            busy |= !rx.is_empty() || !self.reread.is_empty();
             busy |= self.run_timers();
             // Gauges before the writes, so whatever a client sees is already counted, and
             // after, for connections the writes closed.
