@@ -100,16 +100,19 @@ pub enum RefuseReason {
     Busy,
     Auth,
     MaxConnections,
+    /// `max_connections_per_ip` reached for the connection's address.
+    PerIp,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 6] = [
+    pub const ALL: [RefuseReason; 7] = [
         RefuseReason::Protocol,
         RefuseReason::ClientId,
         RefuseReason::Duplicate,
         RefuseReason::Busy,
         RefuseReason::Auth,
         RefuseReason::MaxConnections,
+        RefuseReason::PerIp,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -119,6 +122,7 @@ impl RefuseReason {
             RefuseReason::Busy => "busy",
             RefuseReason::Auth => "auth",
             RefuseReason::MaxConnections => "max_connections",
+            RefuseReason::PerIp => "per_ip",
         }
     }
 }
@@ -253,7 +257,18 @@ pub struct ShardMetrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub disconnects: [AtomicU64; 11],
-    pub refused: [AtomicU64; 6],
+    pub refused: [AtomicU64; 7],
+    /// TLS handshakes (or later TLS records) that failed: bad ClientHello, unknown CA,
+    /// missing client certificate, garbage on the TLS port.
+    pub tls_failures: AtomicU64,
+    /// Times a connection went over its inbound rate and stopped being read.
+    pub rate_limit_pauses: AtomicU64,
+    /// Times a shard stopped accepting: connect rate (`max_connect_rate`).
+    pub accept_paused_rate: AtomicU64,
+    /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
+    pub accept_paused_handshaking: AtomicU64,
+    /// Connections closed for a missing or invalid PROXY protocol header.
+    pub proxy_header_errors: AtomicU64,
     pub dropped: [AtomicU64; 6],
     pub packets_received: [AtomicU64; 16],
     pub packets_sent: [AtomicU64; 16],
@@ -486,6 +501,40 @@ impl Collector for ShardCollector {
                 let i = *r as usize;
                 (r.as_str().to_owned(), self.total(|s| get(&s.refused[i])))
             }),
+        )?;
+        counter(
+            e,
+            "gateway_tls_handshake_failures_total",
+            "TLS connections closed because the TLS layer failed (handshake or record error).",
+            self.total(|s| get(&s.tls_failures)),
+        )?;
+        counter(
+            e,
+            "gateway_rate_limit_pauses_total",
+            "Times a connection exceeded its inbound publish or byte rate and reading it was paused.",
+            self.total(|s| get(&s.rate_limit_pauses)),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_accept_paused_total",
+            "Times a shard stopped accepting (connections wait in the backlog), by limit.",
+            "reason",
+            [
+                (
+                    "connect_rate".to_owned(),
+                    self.total(|s| get(&s.accept_paused_rate)),
+                ),
+                (
+                    "handshaking".to_owned(),
+                    self.total(|s| get(&s.accept_paused_handshaking)),
+                ),
+            ],
+        )?;
+        counter(
+            e,
+            "gateway_proxy_header_errors_total",
+            "Connections closed for a missing, invalid or oversized PROXY protocol header.",
+            self.total(|s| get(&s.proxy_header_errors)),
         )?;
         labelled_counters(
             e,
