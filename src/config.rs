@@ -371,10 +371,16 @@ impl Config {
         )?;
         if let Some(tls) = m.tls_listen {
             if m.tls_cert.is_none() {
-                return Err(invalid("mqtt.tls_cert", "required when mqtt.tls_listen is set".into()));
+                return Err(invalid(
+                    "mqtt.tls_cert",
+                    "required when mqtt.tls_listen is set".into(),
+                ));
             }
             if m.tls_key.is_none() {
-                return Err(invalid("mqtt.tls_key", "required when mqtt.tls_listen is set".into()));
+                return Err(invalid(
+                    "mqtt.tls_key",
+                    "required when mqtt.tls_listen is set".into(),
+                ));
             }
             if listeners_collide(m.listen, tls) {
                 return Err(invalid(
@@ -393,12 +399,30 @@ impl Config {
         }
         let lim = &self.limits;
         for (key, rate, burst_key, burst) in [
-            ("limits.max_connect_rate", lim.max_connect_rate, "limits.connect_burst", lim.connect_burst),
-            ("limits.publish_rate", lim.publish_rate, "limits.publish_burst", lim.publish_burst),
-            ("limits.bytes_rate", lim.bytes_rate, "limits.bytes_burst", lim.bytes_burst),
+            (
+                "limits.max_connect_rate",
+                lim.max_connect_rate,
+                "limits.connect_burst",
+                lim.connect_burst,
+            ),
+            (
+                "limits.publish_rate",
+                lim.publish_rate,
+                "limits.publish_burst",
+                lim.publish_burst,
+            ),
+            (
+                "limits.bytes_rate",
+                lim.bytes_rate,
+                "limits.bytes_burst",
+                lim.bytes_burst,
+            ),
         ] {
             if rate > 0 && burst == 0 {
-                return Err(invalid(burst_key, format!("must be at least 1 when {key} is set")));
+                return Err(invalid(
+                    burst_key,
+                    format!("must be at least 1 when {key} is set"),
+                ));
             }
         }
 

@@ -172,7 +172,10 @@ impl PerIpLimit {
         if self.max == 0 {
             return true;
         }
-        let mut map = self.stripe(&ip).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .stripe(&ip)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = map.entry(ip).or_insert(0);
         if *n >= self.max {
             return false;
@@ -186,7 +189,10 @@ impl PerIpLimit {
         if self.max == 0 {
             return;
         }
-        let mut map = self.stripe(&ip).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .stripe(&ip)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = map.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -200,7 +206,10 @@ impl PerIpLimit {
         if self.max == 0 {
             return 0;
         }
-        let map = self.stripe(&ip).lock().unwrap_or_else(PoisonError::into_inner);
+        let map = self
+            .stripe(&ip)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         map.get(&ip).copied().unwrap_or(0)
     }
 }
@@ -236,7 +245,10 @@ mod tests {
         assert_eq!(g.over_by(tat, now), 100_000_000);
         assert_eq!(g.over_by(tat, now + 100_000_000), 0);
         assert!(Gcra::new(0, 5).is_none());
-        let d = RateDebt { msgs: tat, bytes: 0 };
+        let d = RateDebt {
+            msgs: tat,
+            bytes: 0,
+        };
         assert!(!d.is_settled(now));
         assert!(d.is_settled(tat));
     }

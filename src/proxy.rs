@@ -232,12 +232,18 @@ mod tests {
         let h = b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 1883\r\nMQTT";
         assert_eq!(
             parse(h, MAX),
-            Ok(Some((ProxyHeader::Proxied(addr("192.0.2.7:51000")), h.len() - 4)))
+            Ok(Some((
+                ProxyHeader::Proxied(addr("192.0.2.7:51000")),
+                h.len() - 4
+            )))
         );
         let h = b"PROXY TCP6 2001:db8::7 ::1 4242 8883\r\n";
         assert_eq!(
             parse(h, MAX),
-            Ok(Some((ProxyHeader::Proxied(addr("[2001:db8::7]:4242")), h.len())))
+            Ok(Some((
+                ProxyHeader::Proxied(addr("[2001:db8::7]:4242")),
+                h.len()
+            )))
         );
         let h = b"PROXY UNKNOWN\r\n";
         assert_eq!(parse(h, MAX), Ok(Some((ProxyHeader::Local, h.len()))));
@@ -261,7 +267,10 @@ mod tests {
         }
         let long = [&b"PROXY TCP4 "[..], &[b'1'; 120]].concat();
         assert_eq!(parse(&long, MAX), Err(ProxyError::TooLong(long.len())));
-        assert_eq!(parse(b"\x10\x0c\x00\x04MQTT", MAX), Err(ProxyError::NotProxy));
+        assert_eq!(
+            parse(b"\x10\x0c\x00\x04MQTT", MAX),
+            Err(ProxyError::NotProxy)
+        );
         assert_eq!(parse(b"PROXZ", MAX), Err(ProxyError::NotProxy));
         assert_eq!(parse(b"GET / HTTP/1.1\r\n", MAX), Err(ProxyError::NotProxy));
     }
@@ -309,15 +318,16 @@ mod tests {
     }
 
     fn headers() -> impl Strategy<Value = (Vec<u8>, ProxyHeader)> {
-        let v4 = (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), p)
-        });
-        let v6 = (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), p)
-        });
+        let v4 = (any::<[u8; 4]>(), any::<u16>())
+            .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), p));
+        let v6 = (any::<[u8; 16]>(), any::<u16>())
+            .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), p));
         let a = prop_oneof![v4, v6];
         (a.clone(), a, 0..3u8).prop_map(|(s, d, kind)| match kind {
-            0 => (encode_v1(s, if s.is_ipv4() == d.is_ipv4() { d } else { s }), ProxyHeader::Proxied(s)),
+            0 => (
+                encode_v1(s, if s.is_ipv4() == d.is_ipv4() { d } else { s }),
+                ProxyHeader::Proxied(s),
+            ),
             1 => {
                 let d = if s.is_ipv4() == d.is_ipv4() { d } else { s };
                 (encode_v2(s, d), ProxyHeader::Proxied(s))

@@ -62,7 +62,8 @@ impl Server {
             listeners.push(bind_reuseport(mqtt_addr, backlog)?);
         }
         // The TLS listener, likewise one socket per shard, and its rustls config.
-        let mut tls_listeners: Vec<Option<(std::net::TcpListener, _)>> = (0..n).map(|_| None).collect();
+        let mut tls_listeners: Vec<Option<(std::net::TcpListener, _)>> =
+            (0..n).map(|_| None).collect();
         let mut tls_addr = None;
         if let Some(addr) = config.mqtt.tls_listen {
             let tls_config = crate::tls::server_config(&config.mqtt)?;

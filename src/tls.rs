@@ -40,9 +40,16 @@ fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
 /// certificate chain and key, and a client-certificate verifier when `tls_client_ca` is
 /// set (mandatory certificates with `tls_require_client_cert`).
 pub fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
-    let missing = |key: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{key} is not set"));
-    let cert_path = m.tls_cert.as_deref().ok_or_else(|| missing("mqtt.tls_cert"))?;
-    let key_path = m.tls_key.as_deref().ok_or_else(|| missing("mqtt.tls_key"))?;
+    let missing =
+        |key: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{key} is not set"));
+    let cert_path = m
+        .tls_cert
+        .as_deref()
+        .ok_or_else(|| missing("mqtt.tls_cert"))?;
+    let key_path = m
+        .tls_key
+        .as_deref()
+        .ok_or_else(|| missing("mqtt.tls_key"))?;
     let certs = load_certs(cert_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| err("cannot read a private key from", key_path, e))?;
@@ -65,9 +72,7 @@ pub fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
             } else {
                 v.allow_unauthenticated()
             };
-            let verifier = v
-                .build()
-                .map_err(|e| err("cannot use client CA", ca, e))?;
+            let verifier = v.build().map_err(|e| err("cannot use client CA", ca, e))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

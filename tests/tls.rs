@@ -100,12 +100,11 @@ impl Pki {
         } else {
             &[&rustls::version::TLS13]
         };
-        let b = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots);
+        let b =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots);
         Arc::new(match cert {
             Some((c, k)) => b.with_client_auth_cert(vec![c], k).unwrap(),
             None => b.with_no_client_auth(),
@@ -121,7 +120,11 @@ struct TlsClient {
 
 impl TlsClient {
     /// Connects, writes `prefix` in the clear (a PROXY header), and runs the handshake.
-    fn connect(addr: SocketAddr, cfg: Arc<ClientConfig>, prefix: &[u8]) -> std::io::Result<TlsClient> {
+    fn connect(
+        addr: SocketAddr,
+        cfg: Arc<ClientConfig>,
+        prefix: &[u8],
+    ) -> std::io::Result<TlsClient> {
         let mut sock = std::net::TcpStream::connect(addr)?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         sock.write_all(prefix)?;
@@ -223,7 +226,8 @@ async fn tls12_and_tls13_clients_exchange_messages() {
         };
         assert_eq!(sub.protocol_version(), Some(want));
         assert_eq!(sub.mqtt_connect(&format!("tls-sub-{tag}")), Ok(0));
-        sub.send(&Raw::subscribe_v4(&format!("t/{tag}"), 1, 1)).unwrap();
+        sub.send(&Raw::subscribe_v4(&format!("t/{tag}"), 1, 1))
+            .unwrap();
         suback(&mut sub);
         let mut publ = TlsClient::connect(tls, cfg, b"").unwrap();
         assert_eq!(publ.mqtt_connect(&format!("tls-pub-{tag}")), Ok(0));
@@ -267,8 +271,13 @@ async fn tls_session_travels_to_the_home_shard() {
     let mut publ = TlsClient::connect(tls, cfg, b"").unwrap();
     assert_eq!(publ.mqtt_connect("roam-pub"), Ok(0));
     for i in 0..8 {
-        publ.send(&Raw::publish_v4(&format!("roam/{i}"), 0, 0, format!("m{i}").as_bytes()))
-            .unwrap();
+        publ.send(&Raw::publish_v4(
+            &format!("roam/{i}"),
+            0,
+            0,
+            format!("m{i}").as_bytes(),
+        ))
+        .unwrap();
     }
     for (i, s) in subs.iter_mut().enumerate() {
         let p = s.expect_publish(Duration::from_secs(10)).unwrap();
@@ -347,8 +356,8 @@ async fn stalled_handshake_blocks_no_one_and_times_out() {
     let cfg = pki.client_config(None, false);
 
     let mut hello = Vec::new();
-    let mut probe = ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap())
-        .unwrap();
+    let mut probe =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
     probe.write_tls(&mut hello).unwrap();
     assert!(hello.len() > 100);
     let mut stalled = std::net::TcpStream::connect(tls).unwrap();
@@ -366,7 +375,10 @@ async fn stalled_handshake_blocks_no_one_and_times_out() {
     let mut b = [0u8; 64];
     let still_open = matches!(stalled.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
     if opened.elapsed() < Duration::from_secs(2) {
-        assert!(still_open, "the stalled client was closed before its timeout");
+        assert!(
+            still_open,
+            "the stalled client was closed before its timeout"
+        );
     }
 
     // ... and the stalled one is closed once connect_timeout_secs has passed.
@@ -378,11 +390,17 @@ async fn stalled_handshake_blocks_no_one_and_times_out() {
         match stalled.read(&mut b) {
             Ok(0) => break true,
             Ok(_) => continue,
-            Err(e) => break e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+            Err(e) => {
+                break e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            }
         }
     };
     assert!(closed, "stalled handshake still open");
-    assert!(opened.elapsed() >= Duration::from_secs(2), "closed before the timeout");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "closed before the timeout"
+    );
     assert!(
         gw.metric("gateway_disconnects_total{reason=\"connect_timeout\"}")
             .await
@@ -456,8 +474,10 @@ async fn mosquitto_clients_over_mutual_tls() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub starts");
-    gw.wait_metric("gateway_subscriptions", Duration::from_secs(10), |v| v >= 1.0)
-        .await;
+    gw.wait_metric("gateway_subscriptions", Duration::from_secs(10), |v| {
+        v >= 1.0
+    })
+    .await;
     // The subscriber is known by its certificate's CN.
     let (code, _) = common::http_get(gw.http, "/v1/clients/mosq-sub").await;
     assert_eq!(code, 200);

@@ -534,7 +534,11 @@ impl Shard {
         if max > 0 && self.handshaking >= max {
             if !was_blocked {
                 ShardMetrics::add(&self.metrics.accept_paused_handshaking, 1);
-                tracing::debug!(shard = self.id, handshaking = self.handshaking, "max_handshaking reached, not accepting");
+                tracing::debug!(
+                    shard = self.id,
+                    handshaking = self.handshaking,
+                    "max_handshaking reached, not accepting"
+                );
             }
             return false;
         }
@@ -1402,7 +1406,10 @@ impl Shard {
         };
         let tls = h.tls.is_some();
         if tls {
-            self.conns[key].bufs.get_or_insert_with(Default::default).tls = h.tls;
+            self.conns[key]
+                .bufs
+                .get_or_insert_with(Default::default)
+                .tls = h.tls;
         }
         let mut alive = self.on_connect(key, h.connect, false);
         if alive && !h.rest.is_empty() {
