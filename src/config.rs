@@ -1175,6 +1175,61 @@ mod tests {
     }
 
     #[test]
+    fn tls_proxy_and_limits_keys() {
+        let c = Config::default();
+        assert!(c.mqtt.tls_listen.is_none() && c.mqtt.tls_client_ca.is_none());
+        assert!(!c.mqtt.proxy_protocol);
+        let c = Config::from_toml_str(
+            "[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.tls_listen, Some("127.0.0.1:8883".parse().unwrap()));
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_key = \"k.pem\"\n"),
+            "mqtt.tls_cert"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\n"),
+            "mqtt.tls_key"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_listen = \"nope\"\n"),
+            "mqtt.tls_listen"
+        );
+        assert_eq!(
+            invalid_key(
+                "[mqtt]\ntls_listen = \"0.0.0.0:1883\"\ntls_cert = \"c\"\ntls_key = \"k\"\n"
+            ),
+            "mqtt.tls_listen"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nuse_cn_as_client_id = true\n"),
+            "mqtt.use_cn_as_client_id"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_require_client_cert = true\n"),
+            "mqtt.tls_require_client_cert"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_header_max_bytes = 100\n"),
+            "mqtt.proxy_header_max_bytes"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_buffer_bytes = 10\n"),
+            "mqtt.tls_buffer_bytes"
+        );
+        assert_eq!(
+            invalid_key("[limits]\npublish_rate = 5\npublish_burst = 0\n"),
+            "limits.publish_burst"
+        );
+        assert_eq!(
+            invalid_key("[limits]\nmax_connect_rate = 5\nconnect_burst = 0\n"),
+            "limits.connect_burst"
+        );
+        Config::from_toml_str("[limits]\nbytes_rate = 0\nbytes_burst = 0\n").unwrap();
+    }
+
+    #[test]
     fn validate_cross_field_rules() {
         // Keepalive interval and retries only matter when keepalive is on.
         Config::from_toml_str(
