@@ -81,6 +81,12 @@ pub fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
         .map_err(|e| err("certificate and key do not fit:", cert_path, e))?;
     // MQTT has no ALPN requirement; devices that send "mqtt" still connect.
     config.alpn_protocols = Vec::new();
+    // Resumption without server state: stateless tickets (keys rotate every 6 hours)
+    // let a reconnecting device skip the full handshake, and no session cache is shared
+    // (and locked) between shards or grows with the number of devices.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| io::Error::other(format!("cannot create TLS ticketer: {e}")))?;
     Ok(Arc::new(config))
 }
 

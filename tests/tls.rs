@@ -549,3 +549,29 @@ async fn measure_idle_tls_memory() {
     );
     assert!(per(tb, ta) > per(pb, pa));
 }
+
+/// A reconnecting device resumes its TLS session from a stateless ticket (no full
+/// handshake), on TLS 1.3 and 1.2.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnect_resumes_the_session() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(""));
+    let tls = gw.tls.unwrap();
+    for tls12 in [false, true] {
+        let cfg = pki.client_config(None, tls12);
+        let mut first = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        assert_eq!(first.mqtt_connect("resume-me"), Ok(0));
+        assert_eq!(
+            first.s.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        drop(first);
+        let mut again = TlsClient::connect(tls, cfg, b"").unwrap();
+        assert_eq!(
+            again.s.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "tls12 = {tls12}"
+        );
+        assert_eq!(again.mqtt_connect("resume-me"), Ok(0));
+    }
+}
