@@ -481,8 +481,9 @@ impl Shard {
         let was_blocked = self.accept_blocked;
         self.accept_pending = false;
         self.accept_blocked = false;
-        let mut budget = ACCEPTS_PER_TURN;
+        // Each listener gets its own budget, so a storm on one does not starve the other.
         for tls in [false, true] {
+            let mut budget = ACCEPTS_PER_TURN;
             loop {
                 let exists = if tls {
                     self.tls_listener.is_some()
@@ -494,7 +495,7 @@ impl Shard {
                 }
                 if budget == 0 {
                     self.accept_pending = true;
-                    return;
+                    break;
                 }
                 if !self.may_accept(was_blocked) {
                     self.accept_blocked = true;
