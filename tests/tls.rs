@@ -575,3 +575,39 @@ async fn reconnect_resumes_the_session() {
         assert_eq!(again.mqtt_connect("resume-me"), Ok(0));
     }
 }
+
+/// `gateway check-config` loads the certificate and key too: a wrong path or a key that
+/// does not match fails there, before a deploy.
+#[test]
+fn check_config_loads_the_tls_files() {
+    let pki = Pki::new();
+    let path = pki.dir.0.join("gw.toml");
+    std::fs::write(&path, pki.toml("")).unwrap();
+    let (code, out, err) = common::run_gateway(
+        &["check-config".as_ref(), path.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    let other = Pki::new();
+    let mismatched = pki.toml("").replace(
+        &pki.key_path.display().to_string(),
+        &other.key_path.display().to_string(),
+    );
+    std::fs::write(&path, mismatched).unwrap();
+    let (code, _, err) = common::run_gateway(
+        &["check-config".as_ref(), path.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("TLS"), "{err}");
+
+    let missing = pki.toml("").replace("server.pem", "nope.pem");
+    std::fs::write(&path, missing).unwrap();
+    let (code, _, err) = common::run_gateway(
+        &["check-config".as_ref(), path.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("nope.pem"), "{err}");
+}
