@@ -611,3 +611,44 @@ fn check_config_loads_the_tls_files() {
     assert_eq!(code, Some(2));
     assert!(err.contains("nope.pem"), "{err}");
 }
+
+/// The inbound rate limit over TLS: the flood waits (in the socket and inside rustls),
+/// nothing is lost, order is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_rate_limit_over_tls_loses_nothing() {
+    const N: usize = 60;
+    let pki = Pki::new();
+    let gw = TestServer::start(
+        &pki.toml("[limits]\npublish_rate = 20\npublish_burst = 10\nbytes_rate = 0"),
+    );
+    let mut sub = Raw::connect(gw.mqtt).await;
+    sub.send(&Raw::connect_v4("tls-flood-sub", 60, true)).await;
+    assert!(sub.recv_v4(Duration::from_secs(10)).await.is_ok());
+    sub.send(&Raw::subscribe_v4("tlsflood/t", 0, 1)).await;
+    assert!(sub.recv_v4(Duration::from_secs(10)).await.is_ok());
+    let mut flood =
+        TlsClient::connect(gw.tls.unwrap(), pki.client_config(None, false), b"").unwrap();
+    assert_eq!(flood.mqtt_connect("tls-flooder"), Ok(0));
+    let mut bytes = Vec::new();
+    for i in 0..N {
+        bytes.extend(Raw::publish_v4(
+            "tlsflood/t",
+            0,
+            0,
+            format!("{i}").as_bytes(),
+        ));
+    }
+    let start = Instant::now();
+    flood.send(&bytes).unwrap();
+    for i in 0..N {
+        match sub.recv_v4(Duration::from_secs(30)).await {
+            Ok(mqttbytes::v4::Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], format!("{i}").as_bytes());
+                let t = start.elapsed().as_secs_f64();
+                assert!((i + 1) as f64 <= 20.0 * t * 1.5 + 11.0, "{i} by {t:.2}s");
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert!(gw.metric("gateway_rate_limit_pauses_total").await >= 1.0);
+}
