@@ -43,6 +43,7 @@ pub const MAX_TCP_KEEPALIVE_RETRIES: u8 = 127;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub mqtt: MqttConfig,
+    pub limits: LimitsConfig,
     pub tcp: TcpConfig,
     pub shards: ShardsConfig,
     pub buffers: BuffersConfig,
@@ -77,6 +78,42 @@ pub struct MqttConfig {
     /// Outbound topic aliases per connection, least recently used replaced (0..=65535;
     /// 0 = never assign; the client's own Topic Alias Maximum caps it).
     pub outbound_topic_aliases: u32,
+    /// The TLS listener; `None` (`""` in TOML) = no TLS.
+    #[serde(deserialize_with = "empty_addr_as_none")]
+    pub tls_listen: Option<SocketAddr>,
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle for client certificates; `None` = client certificates are not asked for.
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    pub tls_require_client_cert: bool,
+    pub use_cn_as_client_id: bool,
+    /// rustls `set_buffer_limit` per TLS connection, in bytes.
+    pub tls_buffer_bytes: u32,
+    /// Every connection starts with a PROXY protocol v1/v2 header.
+    pub proxy_protocol: bool,
+    pub proxy_header_max_bytes: u32,
+}
+
+/// `[limits]`: overload protection (connect rate, handshakes, per-IP, inbound rate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Accepts per second per shard; 0 = unlimited.
+    pub max_connect_rate: u32,
+    pub connect_burst: u32,
+    /// Per shard; 0 = unlimited.
+    pub max_handshaking: u32,
+    /// Gateway-wide; 0 = unlimited.
+    pub max_connections_per_ip: u32,
+    /// PUBLISH packets per second per connection; 0 = unlimited.
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    /// Inbound bytes per second per connection; 0 = unlimited.
+    pub bytes_rate: u32,
+    pub bytes_burst: u32,
 }
 
 /// What to do when a client id connects while a connection with that id is live.
@@ -171,6 +208,16 @@ fn empty_path_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>
     } else {
         Some(PathBuf::from(s))
     })
+}
+
+fn empty_addr_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not an address: {e}")))
 }
 
 /// Why a configuration could not be loaded.
@@ -316,6 +363,70 @@ impl Config {
             m.write_stall_timeout_secs,
             1,
         )?;
+
+        in_range("mqtt.tls_buffer_bytes", m.tls_buffer_bytes, 1024, 16 << 20)?;
+        in_range(
+            "mqtt.proxy_header_max_bytes",
+            m.proxy_header_max_bytes,
+            107,
+            65_551,
+        )?;
+        if let Some(tls) = m.tls_listen {
+            if m.tls_cert.is_none() {
+                return Err(invalid(
+                    "mqtt.tls_cert",
+                    "required when mqtt.tls_listen is set".into(),
+                ));
+            }
+            if m.tls_key.is_none() {
+                return Err(invalid(
+                    "mqtt.tls_key",
+                    "required when mqtt.tls_listen is set".into(),
+                ));
+            }
+            if listeners_collide(m.listen, tls) {
+                return Err(invalid(
+                    "mqtt.tls_listen",
+                    format!("{tls} collides with mqtt.listen ({})", m.listen),
+                ));
+            }
+        }
+        for (key, on) in [
+            ("mqtt.tls_require_client_cert", m.tls_require_client_cert),
+            ("mqtt.use_cn_as_client_id", m.use_cn_as_client_id),
+        ] {
+            if on && m.tls_client_ca.is_none() {
+                return Err(invalid(key, "needs mqtt.tls_client_ca".into()));
+            }
+        }
+        let lim = &self.limits;
+        for (key, rate, burst_key, burst) in [
+            (
+                "limits.max_connect_rate",
+                lim.max_connect_rate,
+                "limits.connect_burst",
+                lim.connect_burst,
+            ),
+            (
+                "limits.publish_rate",
+                lim.publish_rate,
+                "limits.publish_burst",
+                lim.publish_burst,
+            ),
+            (
+                "limits.bytes_rate",
+                lim.bytes_rate,
+                "limits.bytes_burst",
+                lim.bytes_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(invalid(
+                    burst_key,
+                    format!("must be at least 1 when {key} is set"),
+                ));
+            }
+        }
 
         let t = &self.tcp;
         // listen(2) and setsockopt(2) take a C int.
@@ -1086,6 +1197,61 @@ mod tests {
             ok(good);
             assert_eq!(invalid_key(bad), *key, "for {bad:?}");
         }
+    }
+
+    #[test]
+    fn tls_proxy_and_limits_keys() {
+        let c = Config::default();
+        assert!(c.mqtt.tls_listen.is_none() && c.mqtt.tls_client_ca.is_none());
+        assert!(!c.mqtt.proxy_protocol);
+        let c = Config::from_toml_str(
+            "[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.tls_listen, Some("127.0.0.1:8883".parse().unwrap()));
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_key = \"k.pem\"\n"),
+            "mqtt.tls_cert"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\n"),
+            "mqtt.tls_key"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_listen = \"nope\"\n"),
+            "mqtt.tls_listen"
+        );
+        assert_eq!(
+            invalid_key(
+                "[mqtt]\ntls_listen = \"0.0.0.0:1883\"\ntls_cert = \"c\"\ntls_key = \"k\"\n"
+            ),
+            "mqtt.tls_listen"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nuse_cn_as_client_id = true\n"),
+            "mqtt.use_cn_as_client_id"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_require_client_cert = true\n"),
+            "mqtt.tls_require_client_cert"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_header_max_bytes = 100\n"),
+            "mqtt.proxy_header_max_bytes"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\ntls_buffer_bytes = 10\n"),
+            "mqtt.tls_buffer_bytes"
+        );
+        assert_eq!(
+            invalid_key("[limits]\npublish_rate = 5\npublish_burst = 0\n"),
+            "limits.publish_burst"
+        );
+        assert_eq!(
+            invalid_key("[limits]\nmax_connect_rate = 5\nconnect_burst = 0\n"),
+            "limits.connect_burst"
+        );
+        Config::from_toml_str("[limits]\nbytes_rate = 0\nbytes_burst = 0\n").unwrap();
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Handoff {
     /// Bytes that followed the CONNECT in the same reads.
     pub rest: Vec<u8>,
     pub accepted_at: Instant,
+    /// The TLS session of a connection from the TLS listener (it travels with the socket;
+    /// it may still hold decrypted bytes that followed the CONNECT).
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// One push addressed to a device by client id (HTTP push API).

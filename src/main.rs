@@ -74,7 +74,14 @@ fn main() -> ExitCode {
                     message,
                 })
         }) {
-            Ok(_) => {
+            Ok(c) => {
+                // The TLS files are part of the config: a bad certificate fails here too.
+                if c.mqtt.tls_listen.is_some() {
+                    if let Err(e) = gateway::tls::server_config(&c.mqtt) {
+                        eprintln!("config error: TLS: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
             }

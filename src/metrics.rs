@@ -102,10 +102,12 @@ pub enum RefuseReason {
     MaxConnections,
     /// An authentication backend (webhook) was slow or down: "server unavailable".
     AuthUnavailable,
+    /// `max_connections_per_ip` reached for the connection's address.
+    PerIp,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 7] = [
+    pub const ALL: [RefuseReason; 8] = [
         RefuseReason::Protocol,
         RefuseReason::ClientId,
         RefuseReason::Duplicate,
@@ -113,6 +115,7 @@ impl RefuseReason {
         RefuseReason::Auth,
         RefuseReason::MaxConnections,
         RefuseReason::AuthUnavailable,
+        RefuseReason::PerIp,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -123,6 +126,7 @@ impl RefuseReason {
             RefuseReason::Auth => "auth",
             RefuseReason::MaxConnections => "max_connections",
             RefuseReason::AuthUnavailable => "auth_unavailable",
+            RefuseReason::PerIp => "per_ip",
         }
     }
 }
@@ -257,9 +261,20 @@ pub struct ShardMetrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub disconnects: [AtomicU64; 11],
-    pub refused: [AtomicU64; 7],
+    pub refused: [AtomicU64; 8],
     /// PUBLISHes and SUBSCRIBE filters refused by the ACL: [publish, subscribe].
     pub acl_denied: [AtomicU64; 2],
+    /// TLS handshakes (or later TLS records) that failed: bad ClientHello, unknown CA,
+    /// missing client certificate, garbage on the TLS port.
+    pub tls_failures: AtomicU64,
+    /// Times a connection went over its inbound rate and stopped being read.
+    pub rate_limit_pauses: AtomicU64,
+    /// Times a shard stopped accepting: connect rate (`max_connect_rate`).
+    pub accept_paused_rate: AtomicU64,
+    /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
+    pub accept_paused_handshaking: AtomicU64,
+    /// Connections closed for a missing or invalid PROXY protocol header.
+    pub proxy_header_errors: AtomicU64,
     pub dropped: [AtomicU64; 6],
     pub packets_received: [AtomicU64; 16],
     pub packets_sent: [AtomicU64; 16],
@@ -496,6 +511,40 @@ impl Collector for ShardCollector {
                 let i = *r as usize;
                 (r.as_str().to_owned(), self.total(|s| get(&s.refused[i])))
             }),
+        )?;
+        counter(
+            e,
+            "gateway_tls_handshake_failures_total",
+            "TLS connections closed because the TLS layer failed (handshake or record error).",
+            self.total(|s| get(&s.tls_failures)),
+        )?;
+        counter(
+            e,
+            "gateway_rate_limit_pauses_total",
+            "Times a connection exceeded its inbound publish or byte rate and reading it was paused.",
+            self.total(|s| get(&s.rate_limit_pauses)),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_accept_paused_total",
+            "Times a shard stopped accepting (connections wait in the backlog), by limit.",
+            "reason",
+            [
+                (
+                    "connect_rate".to_owned(),
+                    self.total(|s| get(&s.accept_paused_rate)),
+                ),
+                (
+                    "handshaking".to_owned(),
+                    self.total(|s| get(&s.accept_paused_handshaking)),
+                ),
+            ],
+        )?;
+        counter(
+            e,
+            "gateway_proxy_header_errors_total",
+            "Connections closed for a missing, invalid or oversized PROXY protocol header.",
+            self.total(|s| get(&s.proxy_header_errors)),
         )?;
         labelled_counters(
             e,

@@ -26,6 +26,8 @@ use crate::shard::{self, ShardContext};
 
 pub struct Server {
     pub mqtt_addr: SocketAddr,
+    /// The TLS listener's address when `tls_listen` is set.
+    pub tls_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     config: Arc<Config>,
     mailboxes: Mailboxes,
@@ -60,6 +62,23 @@ impl Server {
         for _ in 1..n {
             listeners.push(bind_reuseport(mqtt_addr, backlog)?);
         }
+        // The TLS listener, likewise one socket per shard, and its rustls config.
+        let mut tls_listeners: Vec<Option<(std::net::TcpListener, _)>> =
+            (0..n).map(|_| None).collect();
+        let mut tls_addr = None;
+        if let Some(addr) = config.mqtt.tls_listen {
+            let tls_config = crate::tls::server_config(&config.mqtt)?;
+            let first = bind_reuseport(addr, backlog)?;
+            let addr = first.local_addr()?;
+            tls_addr = Some(addr);
+            tls_listeners[0] = Some((first, tls_config.clone()));
+            for slot in tls_listeners.iter_mut().skip(1) {
+                *slot = Some((bind_reuseport(addr, backlog)?, tls_config.clone()));
+            }
+        }
+        let per_ip = Arc::new(crate::limits::PerIpLimit::new(
+            config.limits.max_connections_per_ip,
+        ));
 
         // The business pool first: shards hand it slow authentication.
         let business = tokio::runtime::Builder::new_multi_thread()
@@ -77,11 +96,14 @@ impl Server {
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));
         let mut shards = Vec::with_capacity(n);
-        for (id, (listener, mailbox)) in listeners.into_iter().zip(receivers).enumerate() {
+        let per_shard = listeners.into_iter().zip(tls_listeners).zip(receivers);
+        for (id, ((listener, tls), mailbox)) in per_shard.enumerate() {
             shards.push(shard::spawn(ShardContext {
                 id,
                 config: config.clone(),
                 listener,
+                tls,
+                per_ip: per_ip.clone(),
                 mailbox,
                 mailboxes: mailboxes.clone(),
                 metrics: metrics[id].clone(),
@@ -116,9 +138,10 @@ impl Server {
         };
         business.spawn(http::serve(listener, state, api, stop_rx));
 
-        tracing::info!(%mqtt_addr, %http_addr, shards = n, "gateway listening");
+        tracing::info!(%mqtt_addr, tls_addr = ?tls_addr, %http_addr, shards = n, "gateway listening");
         Ok(Server {
             mqtt_addr,
+            tls_addr,
             http_addr,
             config,
             mailboxes,

@@ -18,7 +18,10 @@ pub const NO_SESSION: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
-    /// Accepted; waiting for CONNECT within the connect timeout.
+    /// Accepted with `proxy_protocol` on; waiting for the PROXY header (within the
+    /// connect timeout). Not yet counted against `max_connections_per_ip`.
+    ProxyHeader,
+    /// Accepted; waiting for CONNECT within the connect timeout (TLS handshake included).
     Handshake,
     /// CONNECT read; its credentials are being checked off the shard (the shard's
     /// `auth_pending` holds the CONNECT). Not read from until the answer; the connect
@@ -57,14 +60,35 @@ pub struct Conn {
     pub bufs: Option<Box<ConnBufs>>,
 }
 
-/// Buffers a busy connection borrows from the shard's pool.
+/// Buffers a busy connection borrows from the shard's pool, and the rarer state that
+/// would make every idle [`Conn`] bigger: TLS and inbound rate-limit debt. The box is
+/// dropped once it holds nothing (a TLS connection keeps it for its whole life).
 #[derive(Default)]
 pub struct ConnBufs {
-    /// A partial inbound frame.
+    /// A partial inbound frame (or a partial PROXY header).
     pub inbuf: Vec<u8>,
-    /// Encoded output not yet taken by the socket, from `out_pos`.
+    /// Encoded output not yet taken by the socket, from `out_pos`. On a TLS connection
+    /// this is plaintext not yet handed to rustls.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// Whole frames read but not yet handled because the connection went over its
+    /// inbound rate mid-read; handled first when reading resumes.
+    pub held: Vec<u8>,
+    /// The rustls state of a connection accepted on the TLS listener.
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// Inbound rate-limit debt (GCRA theoretical arrival times, see `limits.rs`).
+    pub rate: crate::limits::RateDebt,
+}
+
+impl ConnBufs {
+    /// True when dropping the box loses nothing. `now_ns` is the shard's clock.
+    pub fn is_idle(&self, now_ns: u64) -> bool {
+        self.inbuf.is_empty()
+            && self.held.is_empty()
+            && self.out_pos >= self.out.len()
+            && self.tls.is_none()
+            && self.rate.is_settled(now_ns)
+    }
 }
 
 /// A peer address in 8 bytes for IPv4, the common case (a `SocketAddr` takes 32); IPv6
@@ -100,8 +124,15 @@ impl fmt::Display for Peer {
 }
 
 impl Conn {
+    /// Bytes waiting to be written: unsent output, plus 1 while rustls holds ciphertext.
     pub fn outbound_len(&self) -> usize {
-        self.bufs.as_ref().map_or(0, |b| b.out.len() - b.out_pos)
+        self.bufs.as_ref().map_or(0, |b| {
+            b.out.len() - b.out_pos + usize::from(b.tls.as_ref().is_some_and(|t| t.wants_write()))
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.bufs.as_ref().is_some_and(|b| b.tls.is_some())
     }
 
     pub fn client_id_known(&self) -> bool {

@@ -18,7 +18,7 @@ mod mqtt;
 mod push;
 mod shared;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -36,9 +36,11 @@ use tokio::sync::mpsc;
 use crate::buffer::{BufferPool, PoolConfig, ReadSizePredictor};
 use crate::codec::{self, Version};
 use crate::config::{Config, DuplicateClientId};
+use crate::limits::{Gcra, InboundLimits, PerIpLimit, TokenBucket};
 use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
-use crate::metrics::{DisconnectReason, ShardMetrics};
+use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
+use crate::proxy::{self, ProxyHeader};
 use crate::session::{ClientIds, Session};
 use crate::topic::{Subscriber, SubscriptionIndex};
 use crate::wheel::{TimerId, TimingWheel};
@@ -46,6 +48,7 @@ use crate::wheel::{TimerId, TimingWheel};
 pub use conn::{Conn, ConnBufs, ConnState, Peer, NO_SESSION};
 
 const LISTENER: Token = Token(usize::MAX);
+const TLS_LISTENER: Token = Token(usize::MAX - 1);
 /// Wheel payload bit marking a session timer (the rest is the session key); without it
 /// the payload is a connection key.
 const SESSION_TIMER: u32 = 1 << 31;
@@ -80,6 +83,14 @@ pub struct Limits {
     pub low_watermark: usize,
     pub expiry_batch: usize,
     pub tick: Duration,
+    pub proxy_protocol: bool,
+    pub proxy_header_max: usize,
+    /// Per shard; 0 = unlimited.
+    pub max_handshaking: usize,
+    pub inbound: InboundLimits,
+    pub use_cn_as_client_id: bool,
+    pub require_client_cert: bool,
+    pub tls_buffer: usize,
 }
 
 impl Limits {
@@ -107,6 +118,16 @@ impl Limits {
             low_watermark: c.buffers.outbound_low_watermark as usize,
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
             tick,
+            proxy_protocol: c.mqtt.proxy_protocol,
+            proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
+            max_handshaking: c.limits.max_handshaking as usize,
+            inbound: InboundLimits {
+                msgs: Gcra::new(c.limits.publish_rate, c.limits.publish_burst),
+                bytes: Gcra::new(c.limits.bytes_rate, c.limits.bytes_burst),
+            },
+            use_cn_as_client_id: c.mqtt.use_cn_as_client_id,
+            require_client_cert: c.mqtt.tls_require_client_cert,
+            tls_buffer: c.mqtt.tls_buffer_bytes as usize,
         }
     }
 
@@ -126,6 +147,10 @@ pub struct ShardContext {
     pub id: usize,
     pub config: Arc<Config>,
     pub listener: std::net::TcpListener,
+    /// This shard's SO_REUSEPORT socket on `tls_listen`, with the rustls configuration.
+    pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// Connections per IP across all shards (`max_connections_per_ip`).
+    pub per_ip: Arc<PerIpLimit>,
     pub mailbox: mpsc::Receiver<ShardMsg>,
     pub mailboxes: Mailboxes,
     pub metrics: Arc<ShardMetrics>,
@@ -144,7 +169,21 @@ pub struct Shard {
     poll: Poll,
     events: Events,
     listener: Option<TcpListener>,
+    tls_listener: Option<TcpListener>,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     accept_pending: bool,
+    /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
+    accept_blocked: bool,
+    connect_bucket: TokenBucket,
+    /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
+    handshaking: usize,
+    per_ip: Arc<PerIpLimit>,
+    /// Connections not read because they are over their inbound rate.
+    paused: HashSet<u32>,
+    /// When the loop must wake for a paused connection or the connect bucket.
+    wake_at: Option<Instant>,
+    /// Plaintext out of rustls, on its way to the decoder.
+    plain: Vec<u8>,
     conns: Slab<Conn>,
     sessions: Slab<Session>,
     by_client: ClientIds,
@@ -241,6 +280,19 @@ impl Shard {
         let mut listener = TcpListener::from_std(ctx.listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let (tls_listener, tls_config) = match ctx.tls {
+            Some((l, cfg)) => {
+                l.set_nonblocking(true)?;
+                let mut l = TcpListener::from_std(l);
+                poll.registry()
+                    .register(&mut l, TLS_LISTENER, Interest::READABLE)?;
+                (Some(l), Some(cfg))
+            }
+            None => (None, None),
+        };
+        let lim = &ctx.config.limits;
+        let connect_bucket =
+            TokenBucket::new(lim.max_connect_rate, lim.connect_burst, Instant::now());
         let shards = ctx.mailboxes.len();
         let b = &ctx.config.buffers;
         let pool = BufferPool::new(PoolConfig {
@@ -259,7 +311,20 @@ impl Shard {
                 poll,
                 events: Events::with_capacity(EVENTS_PER_TURN),
                 listener: Some(listener),
+                tls_listener,
+                plain: if tls_config.is_some() {
+                    vec![0; 16 * 1024]
+                } else {
+                    Vec::new()
+                },
+                tls_config,
                 accept_pending: false,
+                accept_blocked: false,
+                connect_bucket,
+                handshaking: 0,
+                per_ip: ctx.per_ip,
+                paused: HashSet::new(),
+                wake_at: None,
                 conns: Slab::new(),
                 sessions: Slab::new(),
                 by_client: ClientIds::default(),
@@ -340,11 +405,14 @@ impl Shard {
                 continue;
             }
             let next_tick = self.started + self.limits.tick * (self.now as u32 + 1);
-            let retry = if outbox_waiting {
+            let mut retry = if outbox_waiting {
                 Duration::from_millis(1)
             } else {
                 Duration::from_secs(3600)
             };
+            if let Some(at) = self.wake_at {
+                retry = retry.min(at.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 biased;
                 msg = rx.recv() => match msg {
@@ -372,13 +440,24 @@ impl Shard {
         self.now as u32
     }
 
+    /// The shard clock in nanoseconds since start (inbound rate limits).
+    fn now_ns(&self) -> u64 {
+        (self.now_instant - self.started).as_nanos() as u64
+    }
+
+    fn wake_no_later_than(&mut self, at: Instant) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
+
     /// Handles ready sockets; true if more may be waiting.
     fn poll_sockets(&mut self) -> io::Result<bool> {
+        self.wake_at = None;
         let reread = std::mem::take(&mut self.reread);
         for key in reread {
             self.on_readable(key as usize);
         }
-        if self.accept_pending {
+        self.resume_paused();
+        if self.accept_pending || self.accept_blocked {
             self.accept();
         }
         match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
@@ -399,7 +478,7 @@ impl Shard {
             })
             .collect();
         for (token, readable, writable) in ready {
-            if token == LISTENER {
+            if token == LISTENER || token == TLS_LISTENER {
                 self.accept();
                 continue;
             }
@@ -415,44 +494,132 @@ impl Shard {
         Ok(n == EVENTS_PER_TURN || !self.reread.is_empty() || self.accept_pending)
     }
 
+    /// Accepts from both listeners while the overload limits allow. When they do not,
+    /// the connections stay in the kernel backlog: they cost us no fd and no memory, and
+    /// get in once the bucket refills or handshakes finish (see `[limits]` in
+    /// gateway.toml for why this beats accepting and refusing with "server busy").
     fn accept(&mut self) {
+        let was_blocked = self.accept_blocked;
         self.accept_pending = false;
-        for _ in 0..ACCEPTS_PER_TURN {
-            let Some(listener) = self.listener.as_ref() else {
-                return;
-            };
-            match listener.accept() {
-                Ok((socket, peer)) => self.on_accept(socket, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE/ENFILE: the pending connection stays in the backlog; try again
-                    // next turn rather than spinning now.
-                    tracing::warn!(shard = self.id, error = %e, "accept failed");
+        self.accept_blocked = false;
+        // Each listener gets its own budget, so a storm on one does not starve the other.
+        for tls in [false, true] {
+            let mut budget = ACCEPTS_PER_TURN;
+            loop {
+                let exists = if tls {
+                    self.tls_listener.is_some()
+                } else {
+                    self.listener.is_some()
+                };
+                if !exists {
+                    break;
+                }
+                if budget == 0 {
+                    self.accept_pending = true;
+                    break;
+                }
+                if !self.may_accept(was_blocked) {
+                    self.accept_blocked = true;
                     return;
+                }
+                let listener = if tls {
+                    self.tls_listener.as_ref()
+                } else {
+                    self.listener.as_ref()
+                };
+                let Some(listener) = listener else {
+                    break;
+                };
+                match listener.accept() {
+                    Ok((socket, peer)) => {
+                        budget -= 1;
+                        self.on_accept(socket, peer, tls);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // EMFILE/ENFILE: the pending connection stays in the backlog.
+                        tracing::warn!(shard = self.id, error = %e, "accept failed");
+                        break;
+                    }
                 }
             }
         }
-        self.accept_pending = true;
     }
 
-    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr) {
+    /// Whether the connect rate and the handshake cap let one more connection in.
+    fn may_accept(&mut self, was_blocked: bool) -> bool {
+        if self.stopping {
+            return false;
+        }
+        let max = self.limits.max_handshaking;
+        if max > 0 && self.handshaking >= max {
+            if !was_blocked {
+                ShardMetrics::add(&self.metrics.accept_paused_handshaking, 1);
+                tracing::debug!(
+                    shard = self.id,
+                    handshaking = self.handshaking,
+                    "max_handshaking reached, not accepting"
+                );
+            }
+            return false;
+        }
+        if !self.connect_bucket.ready(Instant::now()) {
+            if !was_blocked {
+                ShardMetrics::add(&self.metrics.accept_paused_rate, 1);
+                tracing::debug!(shard = self.id, "max_connect_rate reached, not accepting");
+            }
+            self.wake_no_later_than(Instant::now() + self.connect_bucket.wait());
+            return false;
+        }
+        true
+    }
+
+    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr, tls: bool) {
+        self.connect_bucket.take();
         let open = self.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
         if open > self.limits.max_connections {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            self.metrics
-                .refuse(crate::metrics::RefuseReason::MaxConnections);
+            self.metrics.refuse(RefuseReason::MaxConnections);
             tracing::debug!(shard = self.id, %peer, "refused: max_connections reached");
             return; // dropping the socket closes it
         }
+        // Behind a proxy the real address is known only from the header.
+        let proxied = self.limits.proxy_protocol;
+        if !proxied && !self.per_ip.acquire(peer.ip()) {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.refuse(RefuseReason::PerIp);
+            tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
+            return;
+        }
+        let state = if proxied {
+            ConnState::ProxyHeader
+        } else {
+            ConnState::Handshake
+        };
         let deadline_ticks = self.limits.connect_timeout_ticks;
-        self.insert_conn(
-            socket,
-            peer,
-            ConnState::Handshake,
-            deadline_ticks,
-            self.now32(),
-        );
+        let Some(key) = self.insert_conn(socket, peer, state, deadline_ticks, self.now32()) else {
+            if !proxied {
+                self.per_ip.release(peer.ip());
+            }
+            return;
+        };
+        if tls {
+            let Some(config) = self.tls_config.clone() else {
+                return;
+            };
+            match rustls::ServerConnection::new(config) {
+                Ok(mut t) => {
+                    t.set_buffer_limit(Some(self.limits.tls_buffer));
+                    let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
+                    bufs.tls = Some(Box::new(t));
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.id, %peer, error = %e, "cannot start TLS");
+                    self.close_conn(key, DisconnectReason::SocketError, None);
+                }
+            }
+        }
     }
 
     /// Registers a socket and puts it in the slab with its one timer armed.
@@ -484,6 +651,9 @@ impl Shard {
         let timer = self
             .wheel
             .insert(u64::from(now) + u64::from(idle_ticks) + 1, key as u32);
+        if state != ConnState::Active {
+            self.handshaking += 1;
+        }
         entry.insert(Conn {
             socket,
             peer: Peer::from(peer),
@@ -505,8 +675,12 @@ impl Shard {
         Some(key)
     }
 
+    /// Reads a ready connection: through rustls on a TLS connection, into the scratch
+    /// buffer otherwise (and always for a PROXY header, which precedes the ClientHello).
+    /// A connection over its inbound rate is not read at all until it is back under.
     fn on_readable(&mut self, key: usize) {
         for _ in 0..READS_PER_EVENT {
+            let now_ns = self.now_ns();
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
@@ -514,17 +688,53 @@ impl Shard {
                 // Read again once accepted (TCP backpressure meanwhile).
                 return;
             }
-            let want = conn.predictor.next_size().min(self.scratch.len());
-            match conn.socket.read(&mut self.scratch[..want]) {
+            if conn.state == ConnState::Active {
+                if let Some(b) = conn.bufs.as_ref() {
+                    let over = self.limits.inbound.over_by(&b.rate, now_ns);
+                    if over > 0 || !b.held.is_empty() {
+                        self.pause_reads(key, over);
+                        return;
+                    }
+                }
+            }
+            let state = conn.state;
+            let tls = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
+                Some(t) if state != ConnState::ProxyHeader => Some(t),
+                _ => None,
+            };
+            let result = match tls {
+                Some(t) => t.read_tls(&mut conn.socket),
+                None => {
+                    let want = conn.predictor.next_size().min(self.scratch.len());
+                    conn.socket.read(&mut self.scratch[..want])
+                }
+            };
+            let via_tls = state != ConnState::ProxyHeader && conn.is_tls();
+            match result {
                 Ok(0) => {
                     self.close_conn(key, DisconnectReason::CloseWait, None);
                     return;
                 }
                 Ok(n) => {
-                    conn.predictor.record(n);
+                    if !via_tls {
+                        conn.predictor.record(n);
+                    }
                     conn.last_seen = self.now as u32;
                     ShardMetrics::add(&self.metrics.bytes_received, n as u64);
-                    if !self.ingest(key, n) {
+                    if state == ConnState::Active {
+                        if let Some(g) = self.limits.inbound.bytes {
+                            let b = conn.bufs.get_or_insert_with(Default::default);
+                            g.charge(&mut b.rate.bytes, now_ns, n as u64);
+                        }
+                    }
+                    let alive = if via_tls {
+                        self.tls_process(key)
+                    } else if state == ConnState::ProxyHeader {
+                        self.ingest_proxy(key, n)
+                    } else {
+                        self.ingest(key, n)
+                    };
+                    if !alive {
                         return;
                     }
                 }
@@ -540,6 +750,187 @@ impl Shard {
         self.reread.push(key as u32);
     }
 
+    /// Stops reading a connection over its inbound rate: its bytes wait in the kernel
+    /// and then in the client (TCP backpressure) until `resume_paused` reads it again.
+    fn pause_reads(&mut self, key: usize, over_ns: u64) {
+        if self.paused.insert(key as u32) {
+            ShardMetrics::add(&self.metrics.rate_limit_pauses, 1);
+            tracing::debug!(shard = self.id, client_id = %self.client_id_of(key), pause_ms = over_ns / 1_000_000, "inbound rate exceeded, pausing reads");
+        }
+        self.wake_no_later_than(self.now_instant + Duration::from_nanos(over_ns));
+    }
+
+    /// Reads again the paused connections that are back under their inbound rate.
+    fn resume_paused(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let now_ns = self.now_ns();
+        let keys: Vec<u32> = self.paused.drain().collect();
+        for key in keys {
+            let over = match self.conns.get(key as usize) {
+                None => continue,
+                Some(c) => c
+                    .bufs
+                    .as_ref()
+                    .map_or(0, |b| self.limits.inbound.over_by(&b.rate, now_ns)),
+            };
+            if over > 0 {
+                self.paused.insert(key);
+                self.wake_no_later_than(self.now_instant + Duration::from_nanos(over));
+            } else {
+                self.resume(key as usize);
+            }
+        }
+    }
+
+    /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
+    /// reads it again, unless that puts it over its rate once more.
+    fn resume(&mut self, key: usize) {
+        let held = self.take_held(key);
+        if !held.is_empty() {
+            let alive = self.ingest_bytes(key, &held);
+            self.pool.give(held, self.now);
+            if !alive || self.is_holding(key) {
+                return;
+            }
+        }
+        if self.conns[key].is_tls() && (!self.tls_process(key) || self.is_holding(key)) {
+            return;
+        }
+        self.on_readable(key);
+    }
+
+    /// Runs rustls over the ciphertext it holds, queues its handshake output, and feeds
+    /// the plaintext to the MQTT decoder. False when the connection is gone.
+    fn tls_process(&mut self, key: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) else {
+            return true;
+        };
+        if let Err(e) = tls.process_new_packets() {
+            // rustls has queued an alert for the peer; one best-effort write of it.
+            let _ = tls.write_tls(&mut conn.socket);
+            ShardMetrics::add(&self.metrics.tls_failures, 1);
+            tracing::info!(shard = self.id, peer = %conn.peer, error = %e, "TLS failed, closing");
+            self.close_conn(key, DisconnectReason::ProtocolError, None);
+            return false;
+        }
+        let mut plain = std::mem::take(&mut self.plain);
+        let alive = loop {
+            let Some(tls) = self
+                .conns
+                .get_mut(key)
+                .and_then(|c| c.bufs.as_mut())
+                .and_then(|b| b.tls.as_mut())
+            else {
+                break false;
+            };
+            match tls.reader().read(&mut plain) {
+                // close_notify: the client ended the TLS session.
+                Ok(0) => {
+                    self.close_conn(key, DisconnectReason::CloseWait, None);
+                    break false;
+                }
+                Ok(n) => {
+                    if !self.ingest_bytes(key, &plain[..n]) {
+                        break false;
+                    }
+                    if self.is_holding(key) {
+                        // Paused: the rest of the plaintext waits inside rustls.
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                Err(e) => {
+                    tracing::debug!(shard = self.id, error = %e, "TLS read failed");
+                    self.close_conn(key, DisconnectReason::SocketError, None);
+                    break false;
+                }
+            }
+        };
+        self.plain = plain;
+        if alive {
+            self.mark_dirty(key);
+        }
+        alive
+    }
+
+    /// Feeds ciphertext that arrived outside rustls (after a PROXY header) to it.
+    fn tls_feed(&mut self, key: usize, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            let Some(tls) = self
+                .conns
+                .get_mut(key)
+                .and_then(|c| c.bufs.as_mut())
+                .and_then(|b| b.tls.as_mut())
+            else {
+                return false;
+            };
+            if let Err(e) = tls.read_tls(&mut data) {
+                ShardMetrics::add(&self.metrics.tls_failures, 1);
+                tracing::info!(shard = self.id, error = %e, "TLS failed, closing");
+                self.close_conn(key, DisconnectReason::ProtocolError, None);
+                return false;
+            }
+            if !self.tls_process(key) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The `n` bytes just read into the scratch buffer, while the PROXY header is still
+    /// expected. The header may arrive over several reads; it is bounded by
+    /// `proxy_header_max_bytes`. False when the connection is gone.
+    fn ingest_proxy(&mut self, key: usize, n: usize) -> bool {
+        let mut buf = match self.conns[key].bufs.as_mut() {
+            Some(b) if !b.inbuf.is_empty() => std::mem::take(&mut b.inbuf),
+            _ => self.pool.take(n.min(self.limits.proxy_header_max)),
+        };
+        self.pool.reserve(&mut buf, n, self.now);
+        buf.extend_from_slice(&self.scratch[..n]);
+        let parsed = proxy::parse(&buf, self.limits.proxy_header_max);
+        let (header, len) = match parsed {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                self.put_inbuf(key, buf);
+                return true;
+            }
+            Err(e) => {
+                self.pool.give(buf, self.now);
+                ShardMetrics::add(&self.metrics.proxy_header_errors, 1);
+                tracing::info!(shard = self.id, peer = %self.conns[key].peer, error = %e, "bad PROXY header, closing");
+                self.close_conn(key, DisconnectReason::ProtocolError, None);
+                return false;
+            }
+        };
+        let conn = &mut self.conns[key];
+        let peer = match header {
+            ProxyHeader::Proxied(a) => a,
+            ProxyHeader::Local => conn.peer.addr(),
+        };
+        if !self.per_ip.acquire(peer.ip()) {
+            self.pool.give(buf, self.now);
+            self.metrics.refuse(RefuseReason::PerIp);
+            tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
+            // Still in ProxyHeader state: close_conn releases no per-IP count.
+            self.close_conn(key, DisconnectReason::Refused, None);
+            return false;
+        }
+        conn.peer = Peer::from(peer);
+        conn.state = ConnState::Handshake;
+        let alive = if conn.is_tls() {
+            self.tls_feed(key, &buf[len..])
+        } else {
+            self.ingest_bytes(key, &buf[len..])
+        };
+        self.pool.give(buf, self.now);
+        alive
+    }
+
     /// Decodes the `n` bytes just read into the scratch buffer, after completing any partial
     /// frame the connection holds. Returns false when the connection is gone (closed or
     /// handed to another shard).
@@ -552,6 +943,15 @@ impl Shard {
 
     fn ingest_bytes(&mut self, key: usize, mut data: &[u8]) -> bool {
         let max = self.limits.max_packet_size;
+        let limited = self.limits.inbound.enabled();
+        if limited && self.is_holding(key) {
+            // Paused with frames held: these bytes queue behind them, in order.
+            let mut held = self.take_held(key);
+            self.pool.reserve(&mut held, data.len(), self.now);
+            held.extend_from_slice(data);
+            self.put_held(key, held);
+            return true;
+        }
         // 1. Complete a partial frame held from an earlier read.
         let has_partial = self.conns[key]
             .bufs
@@ -588,7 +988,7 @@ impl Shard {
                             self.put_inbuf(key, inbuf);
                             return true;
                         }
-                        let alive = self.handle_frame(key, &inbuf, data);
+                        let alive = self.dispatch(key, &inbuf, data);
                         self.pool.give(inbuf, self.now);
                         if !alive {
                             return false;
@@ -606,8 +1006,19 @@ impl Shard {
             match codec::frame_len(data, max) {
                 Err(e) => return self.protocol_error(key, &e),
                 Ok(Some(len)) if len <= data.len() => {
+                    if limited && self.conns[key].state == ConnState::Active {
+                        let over = self.over_by(key);
+                        if over > 0 {
+                            // Over the inbound rate: keep the rest for later, read no more.
+                            let mut held = self.pool.take(data.len());
+                            held.extend_from_slice(data);
+                            self.put_held(key, held);
+                            self.pause_reads(key, over);
+                            return true;
+                        }
+                    }
                     let (frame, rest) = data.split_at(len);
-                    if !self.handle_frame(key, frame, rest) {
+                    if !self.dispatch(key, frame, rest) {
                         return false;
                     }
                     data = rest;
@@ -627,6 +1038,47 @@ impl Shard {
         }
     }
 
+    /// One whole frame to the MQTT layer, after charging a PUBLISH to the connection's
+    /// inbound message rate (the debt pauses reads; the frame itself is never dropped).
+    fn dispatch(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
+        if let Some(g) = self.limits.inbound.msgs {
+            let now_ns = self.now_ns();
+            let conn = &mut self.conns[key];
+            if frame[0] >> 4 == 3 && conn.state == ConnState::Active {
+                let b = conn.bufs.get_or_insert_with(Default::default);
+                g.charge(&mut b.rate.msgs, now_ns, 1);
+            }
+        }
+        self.handle_frame(key, frame, rest)
+    }
+
+    /// Nanoseconds until the connection is back under its inbound rate (0 = it is).
+    fn over_by(&self, key: usize) -> u64 {
+        self.conns[key]
+            .bufs
+            .as_ref()
+            .map_or(0, |b| self.limits.inbound.over_by(&b.rate, self.now_ns()))
+    }
+
+    fn is_holding(&self, key: usize) -> bool {
+        self.conns
+            .get(key)
+            .and_then(|c| c.bufs.as_ref())
+            .is_some_and(|b| !b.held.is_empty())
+    }
+
+    fn take_held(&mut self, key: usize) -> Vec<u8> {
+        match self.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
+            Some(b) => std::mem::take(&mut b.held),
+            None => Vec::new(),
+        }
+    }
+
+    fn put_held(&mut self, key: usize, held: Vec<u8>) {
+        let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
+        bufs.held = held;
+    }
+
     fn put_inbuf(&mut self, key: usize, inbuf: Vec<u8>) {
         let conn = &mut self.conns[key];
         let bufs = conn.bufs.get_or_insert_with(Default::default);
@@ -636,13 +1088,11 @@ impl Shard {
 
     /// Drops a connection's buffer box once it holds nothing.
     fn release_idle_bufs(&mut self, key: usize) {
+        let now_ns = self.now_ns();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let empty = conn
-            .bufs
-            .as_ref()
-            .is_some_and(|b| b.inbuf.is_empty() && b.out_pos >= b.out.len());
+        let empty = conn.bufs.as_ref().is_some_and(|b| b.is_idle(now_ns));
         if empty {
             if let Some(b) = conn.bufs.take() {
                 let b = *b;
@@ -717,7 +1167,37 @@ impl Shard {
             return;
         };
         let mut failed = false;
-        while bufs.out_pos < bufs.out.len() {
+        if let Some(tls) = bufs.tls.as_mut() {
+            // Plaintext into rustls as far as its buffer limit takes it, ciphertext out.
+            loop {
+                if bufs.out_pos < bufs.out.len() {
+                    match tls.writer().write(&bufs.out[bufs.out_pos..]) {
+                        Ok(n) => bufs.out_pos += n,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if !tls.wants_write() {
+                    break;
+                }
+                match tls.write_tls(&mut conn.socket) {
+                    Ok(0) => {
+                        failed = true;
+                        break;
+                    }
+                    Ok(n) => ShardMetrics::add(&self.metrics.bytes_sent, n as u64),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        while bufs.tls.is_none() && bufs.out_pos < bufs.out.len() {
             match conn.socket.write(&bufs.out[bufs.out_pos..]) {
                 Ok(0) => {
                     failed = true;
@@ -739,7 +1219,8 @@ impl Shard {
             self.close_conn(key, DisconnectReason::SocketError, None);
             return;
         }
-        let pending = bufs.out.len() - bufs.out_pos;
+        let tls_pending = bufs.tls.as_ref().is_some_and(|t| t.wants_write());
+        let pending = bufs.out.len() - bufs.out_pos + usize::from(tls_pending);
         if pending == 0 {
             bufs.out.clear();
             bufs.out_pos = 0;
@@ -817,6 +1298,8 @@ impl Shard {
         if deadline > self.now {
             let timer = self.wheel.insert(deadline, key as u32);
             self.conns[key].timer = timer;
+            // Forget inbound rate debt that has run out (an idle connection keeps no box).
+            self.release_idle_bufs(key);
             return;
         }
         let stalled = conn.stall_since != 0
@@ -855,9 +1338,24 @@ impl Shard {
                 None => Vec::new(),
             };
             codec::encode_disconnect(&mut out, code, None);
-            if conn.socket.write(&out).is_ok() {
+            let written = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
+                Some(tls) => tls.writer().write_all(&out).is_ok(),
+                None => conn.socket.write(&out).is_ok(),
+            };
+            if written {
                 self.metrics.packet_out(14);
             }
+        }
+        if let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
+            // Best effort: what rustls holds (a DISCONNECT, an alert) and close_notify.
+            tls.send_close_notify();
+            let _ = tls.write_tls(&mut conn.socket);
+        }
+        if conn.state != ConnState::Active {
+            self.handshaking = self.handshaking.saturating_sub(1);
+        }
+        if conn.state != ConnState::ProxyHeader {
+            self.per_ip.release(conn.peer.addr().ip());
         }
         let _ = self.poll.registry().deregister(&mut conn.socket);
         self.wheel.cancel(conn.timer);
@@ -865,6 +1363,7 @@ impl Shard {
             let b = *b;
             self.pool.give(b.inbuf, self.now);
             self.pool.give(b.out, self.now);
+            self.pool.give(b.held, self.now);
         }
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
         self.metrics.disconnect(reason);
@@ -922,6 +1421,7 @@ impl Shard {
     fn adopt(&mut self, h: Handoff) {
         if self.stopping {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            self.per_ip.release(h.peer.ip());
             return;
         }
         let elapsed = self.now_instant.saturating_duration_since(h.accepted_at);
@@ -931,10 +1431,23 @@ impl Shard {
         let idle = self.limits.connect_timeout_ticks;
         let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
         else {
+            self.per_ip.release(h.peer.ip());
             return;
         };
-        if self.on_connect(key, h.connect, false, &h.rest) && !h.rest.is_empty() {
-            self.ingest_bytes(key, &h.rest);
+        let tls = h.tls.is_some();
+        if tls {
+            self.conns[key]
+                .bufs
+                .get_or_insert_with(Default::default)
+                .tls = h.tls;
+        }
+        let mut alive = self.on_connect(key, h.connect, false, &h.rest);
+        if alive && !h.rest.is_empty() {
+            alive = self.ingest_bytes(key, &h.rest);
+        }
+        if alive && tls {
+            // Plaintext rustls decrypted after the CONNECT is still inside it.
+            self.tls_process(key);
         }
     }
 
@@ -943,7 +1456,10 @@ impl Shard {
             return;
         }
         self.stopping = true;
-        if let Some(mut l) = self.listener.take() {
+        for mut l in [self.listener.take(), self.tls_listener.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = self.poll.registry().deregister(&mut l);
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();

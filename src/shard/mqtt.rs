@@ -70,6 +70,23 @@ impl Shard {
 
     /// Sends the connection to its client id's home shard, or serves it here.
     fn route_connect(&mut self, key: usize, mut connect: Connect, rest: &[u8]) -> bool {
+        // Identity from the verified client certificate comes first: it decides the home.
+        if self.limits.use_cn_as_client_id && self.conns[key].is_tls() {
+            match self.peer_cn(key) {
+                Some(cn) => connect.client_id = cn,
+                None if self.limits.require_client_cert => {
+                    self.conns[key].version = connect.version;
+                    tracing::info!(shard = self.id, peer = %self.conns[key].peer, "client certificate has no CN, refused");
+                    return self.refuse(
+                        key,
+                        V3_IDENTIFIER_REJECTED,
+                        reason::CLIENT_ID_NOT_VALID,
+                        RefuseReason::ClientId,
+                    );
+                }
+                None => {}
+            }
+        }
         let mut assigned = false;
         if connect.client_id.is_empty() {
             if connect.version != Version::V5 && !connect.clean_start {
@@ -92,11 +109,15 @@ impl Shard {
         let mut conn = self.conns.remove(key);
         // Stop counting it here before the home shard can count it.
         ShardMetrics::set(&self.metrics.connections, self.conns.len() as u64);
+        self.handshaking = self.handshaking.saturating_sub(1);
         let _ = self.poll.registry().deregister(&mut conn.socket);
         self.wheel.cancel(conn.timer);
+        let mut tls = None;
         if let Some(b) = conn.bufs.take() {
+            let b = *b;
             self.pool.give(b.inbuf, self.now);
             self.pool.give(b.out, self.now);
+            tls = b.tls;
         }
         let accepted_at = self.started + self.limits.tick * conn.accepted_at;
         let version = connect.version;
@@ -106,6 +127,7 @@ impl Shard {
             connect,
             rest: rest.to_vec(),
             accepted_at,
+            tls,
         };
         if let Err(ShardMsg::Handoff(h)) = self
             .mailboxes
@@ -119,7 +141,18 @@ impl Shard {
                 V3_SERVER_UNAVAILABLE
             };
             codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
-            let _ = std::io::Write::write(&mut &h.socket, &out);
+            let mut h = h;
+            match h.tls.as_mut() {
+                Some(tls) => {
+                    let _ = std::io::Write::write_all(&mut tls.writer(), &out);
+                    tls.send_close_notify();
+                    let _ = tls.write_tls(&mut &h.socket);
+                }
+                None => {
+                    let _ = std::io::Write::write(&mut &h.socket, &out);
+                }
+            }
+            self.per_ip.release(h.peer.ip());
             self.open_connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.metrics.refuse(RefuseReason::Busy);
@@ -127,6 +160,13 @@ impl Shard {
             tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
         }
         false
+    }
+
+    /// The subject CN of the client certificate rustls verified on this connection.
+    fn peer_cn(&self, key: usize) -> Option<String> {
+        let tls = self.conns[key].bufs.as_ref()?.tls.as_ref()?;
+        let cert = tls.peer_certificates()?.first()?;
+        crate::tls::subject_cn(cert)
     }
 
     /// A client id that homes on this shard, for a client that sent an empty one.
@@ -243,6 +283,10 @@ impl Shard {
         }
         if self.conclude_auth(key, *p.connect, p.assigned, d.verdict) {
             if !p.rest.is_empty() && !self.ingest_bytes(key, &p.rest) {
+                return;
+            }
+            // Plaintext rustls decrypted after the CONNECT is still inside it.
+            if self.conns[key].is_tls() && !self.tls_process(key) {
                 return;
             }
             // It was not read from while waiting.
@@ -407,6 +451,7 @@ impl Shard {
         let now = self.now32();
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
+        self.handshaking = self.handshaking.saturating_sub(1);
         conn.session = skey as u32;
         conn.keep_alive = keep_alive;
         conn.idle_ticks = idle_ticks;

@@ -50,6 +50,8 @@ pub fn config(extra: &str) -> Config {
 pub struct TestServer {
     server: Option<Server>,
     pub mqtt: SocketAddr,
+    /// The TLS listener, when the config sets `mqtt.tls_listen`.
+    pub tls: Option<SocketAddr>,
     pub http: SocketAddr,
 }
 
@@ -58,6 +60,7 @@ impl TestServer {
         let server = Server::start(config(extra), None).expect("server starts");
         TestServer {
             mqtt: server.mqtt_addr,
+            tls: server.tls_addr,
             http: server.http_addr,
             server: Some(server),
         }
@@ -133,6 +136,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub struct GatewayProcess {
     pub child: Child,
     pub mqtt: SocketAddr,
+    /// The TLS listener, when the config sets `mqtt.tls_listen`.
+    pub tls: Option<SocketAddr>,
     pub http: SocketAddr,
     _dir: tempdir::Dir,
 }
@@ -801,8 +806,13 @@ impl GatewayProcess {
                 .parse()
                 .expect("address")
         };
+        let tls = plain.find("tls_addr=Some(").and_then(|i| {
+            let rest = &plain[i + "tls_addr=Some(".len()..];
+            rest[..rest.find(')')?].parse().ok()
+        });
         GatewayProcess {
             mqtt: field("mqtt_addr"),
+            tls,
             http: field("http_addr"),
             child,
             _dir: dir,
@@ -877,6 +887,7 @@ impl TestServer {
         let server = Server::start(config(extra), Some(log)).expect("server starts");
         TestServer {
             mqtt: server.mqtt_addr,
+            tls: server.tls_addr,
             http: server.http_addr,
             server: Some(server),
         }

@@ -1,0 +1,198 @@
+//! TLS for the MQTT listener: the rustls server configuration built once at startup from
+//! `[mqtt] tls_*`, and the client id a verified client certificate carries.
+//!
+//! The TLS state machine itself is driven by the shards (`shard/mod.rs`): a TLS
+//! connection is an ordinary connection whose bytes pass through a rustls
+//! `ServerConnection` on the way in and out, so handshakes run in the shard's
+//! non-blocking loop under the connect timeout like any other pre-CONNECT state.
+//! The crypto provider is `ring`; TLS 1.2 and 1.3 are both enabled.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::MqttConfig;
+
+fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what} {}: {e}", path.display()),
+    )
+}
+
+fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err("cannot read certificates from", path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("bad certificate in", path, e))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in", path, "empty"));
+    }
+    Ok(certs)
+}
+
+/// The rustls server configuration for `m` (which must have `tls_listen` set): the
+/// certificate chain and key, and a client-certificate verifier when `tls_client_ca` is
+/// set (mandatory certificates with `tls_require_client_cert`).
+pub fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
+    let missing =
+        |key: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{key} is not set"));
+    let cert_path = m
+        .tls_cert
+        .as_deref()
+        .ok_or_else(|| missing("mqtt.tls_cert"))?;
+    let key_path = m
+        .tls_key
+        .as_deref()
+        .ok_or_else(|| missing("mqtt.tls_key"))?;
+    let certs = load_certs(cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| err("cannot read a private key from", key_path, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let builder = match &m.tls_client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| err("bad CA certificate in", ca, e))?;
+            }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let v = if m.tls_require_client_cert {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            let verifier = v.build().map_err(|e| err("cannot use client CA", ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| err("certificate and key do not fit:", cert_path, e))?;
+    // MQTT has no ALPN requirement; devices that send "mqtt" still connect.
+    config.alpn_protocols = Vec::new();
+    // Resumption without server state: stateless tickets (keys rotate every 6 hours)
+    // let a reconnecting device skip the full handshake, and no session cache is shared
+    // (and locked) between shards or grows with the number of devices.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| io::Error::other(format!("cannot create TLS ticketer: {e}")))?;
+    Ok(Arc::new(config))
+}
+
+/// The subject Common Name of a DER X.509 certificate (the first CN if there are
+/// several), or `None` if it has none or the DER is not a certificate. Only reached for
+/// certificates rustls has already verified against `tls_client_ca`.
+pub fn subject_cn(cert: &[u8]) -> Option<String> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    //   serialNumber, signature, issuer, validity, subject, ... }, ... }
+    let (cert_body, _) = der_take(cert, 0x30)?;
+    let (tbs, _) = der_take(cert_body, 0x30)?;
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = der_skip(rest)?;
+    }
+    for _ in 0..4 {
+        // serialNumber, signature, issuer, validity
+        rest = der_skip(rest)?;
+    }
+    let (mut subject, _) = der_take(rest, 0x30)?;
+    // Name ::= SEQUENCE OF RelativeDistinguishedName (SET OF AttributeTypeAndValue)
+    const CN_OID: [u8; 3] = [0x55, 0x04, 0x03];
+    while !subject.is_empty() {
+        let (mut set, after) = der_take(subject, 0x31)?;
+        subject = after;
+        while !set.is_empty() {
+            let (atv, after) = der_take(set, 0x30)?;
+            set = after;
+            let (oid, value) = der_take(atv, 0x06)?;
+            if oid == CN_OID {
+                let (tag, body, _) = der_any(value)?;
+                // UTF8String, PrintableString, IA5String, TeletexString (as Latin-1 bytes).
+                return match tag {
+                    0x0c | 0x13 | 0x16 | 0x14 => std::str::from_utf8(body).ok().map(str::to_owned),
+                    _ => None,
+                };
+            }
+        }
+    }
+    None
+}
+
+/// One DER element: (tag, contents, bytes after it).
+fn der_any(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *buf.first()?;
+    let first = *buf.get(1)?;
+    let (len, header) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | usize::from(*buf.get(2 + i)?);
+        }
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    if end > buf.len() {
+        return None;
+    }
+    Some((tag, &buf[header..end], &buf[end..]))
+}
+
+fn der_take(buf: &[u8], want: u8) -> Option<(&[u8], &[u8])> {
+    let (tag, body, rest) = der_any(buf)?;
+    (tag == want).then_some((body, rest))
+}
+
+fn der_skip(buf: &[u8]) -> Option<&[u8]> {
+    der_any(buf).map(|(_, _, rest)| rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cn_of_generated_certificates() {
+        let mut params = rcgen::CertificateParams::new(vec!["device.local".into()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Acme");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "device-0042");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(subject_cn(cert.der()).as_deref(), Some("device-0042"));
+
+        let mut params = rcgen::CertificateParams::new(vec!["x".into()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "NoCn");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(subject_cn(cert.der()), None);
+    }
+
+    #[test]
+    fn garbage_is_no_cn() {
+        assert_eq!(subject_cn(&[]), None);
+        assert_eq!(subject_cn(&[0x30, 0x82, 0xff]), None);
+        assert_eq!(subject_cn(&[0x30, 0x03, 0x30, 0x01, 0x00]), None);
+    }
+}

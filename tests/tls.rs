@@ -1,0 +1,708 @@
+//! MQTT over TLS against the real gateway: TLS 1.2 and 1.3, client certificates and
+//! the CN as client id, a handshake that stalls (it must not block anyone else), the TLS
+//! session travelling with its socket to the client id's home shard, PROXY protocol in
+//! front of TLS, and mosquitto's clients over TLS. Certificates are generated per test.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::{tempdir, Raw, TestServer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+/// A throwaway CA, a server certificate for `localhost` and the files the gateway reads.
+struct Pki {
+    dir: tempdir::Dir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    ca_path: PathBuf,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+fn params(cn: &str, sans: Vec<String>) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::new(sans).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempdir::Dir::new("tls");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = params("Test Device CA", vec![]);
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server = params("gateway", vec!["localhost".into()])
+            .signed_by(&server_key, &ca, &ca_key)
+            .unwrap();
+        let ca_path = dir.0.join("ca.pem");
+        let cert_path = dir.0.join("server.pem");
+        let key_path = dir.0.join("server.key");
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        std::fs::write(&cert_path, server.pem()).unwrap();
+        std::fs::write(&key_path, server_key.serialize_pem()).unwrap();
+        Pki {
+            dir,
+            ca,
+            ca_key,
+            ca_path,
+            cert_path,
+            key_path,
+        }
+    }
+
+    /// The `[mqtt]` TLS keys for this PKI (plus `more` keys).
+    fn toml(&self, more: &str) -> String {
+        format!(
+            "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n{more}\n",
+            self.cert_path.display().to_string(),
+            self.key_path.display().to_string()
+        )
+    }
+
+    fn ca_toml(&self) -> String {
+        format!("tls_client_ca = {:?}", self.ca_path.display().to_string())
+    }
+
+    /// A client certificate with subject CN `cn`, signed by this CA; also written as
+    /// `<cn>.pem` / `<cn>.key` for command-line clients.
+    fn client(&self, cn: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params(cn, vec![])
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .unwrap();
+        std::fs::write(self.dir.0.join(format!("{cn}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.dir.0.join(format!("{cn}.key")), key.serialize_pem()).unwrap();
+        (
+            cert.der().clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    fn client_config(
+        &self,
+        cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+        tls12_only: bool,
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        let b =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots);
+        Arc::new(match cert {
+            Some((c, k)) => b.with_client_auth_cert(vec![c], k).unwrap(),
+            None => b.with_no_client_auth(),
+        })
+    }
+}
+
+/// A blocking MQTT-over-TLS client speaking raw frames.
+struct TlsClient {
+    s: StreamOwned<ClientConnection, std::net::TcpStream>,
+    buf: BytesMut,
+}
+
+impl TlsClient {
+    /// Connects, writes `prefix` in the clear (a PROXY header), and runs the handshake.
+    fn connect(
+        addr: SocketAddr,
+        cfg: Arc<ClientConfig>,
+        prefix: &[u8],
+    ) -> std::io::Result<TlsClient> {
+        let mut sock = std::net::TcpStream::connect(addr)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        sock.write_all(prefix)?;
+        let mut conn = ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap())
+            .map_err(std::io::Error::other)?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)?;
+        }
+        Ok(TlsClient {
+            s: StreamOwned::new(conn, sock),
+            buf: BytesMut::new(),
+        })
+    }
+
+    fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.s.conn.protocol_version()
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(bytes)?;
+        self.s.flush()
+    }
+
+    /// The next MQTT 3.1.1 packet, or why there is none ("closed", "timeout", an error).
+    fn recv(&mut self, timeout: Duration) -> Result<mqttbytes::v4::Packet, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match mqttbytes::v4::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Ok(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("undecodable: {e:?}")),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("timeout".into());
+            }
+            self.s
+                .sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut tmp = [0u8; 4096];
+            match self.s.read(&mut tmp) {
+                Ok(0) => return Err("closed".into()),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return Err("timeout".into())
+                }
+                Err(e) => return Err(format!("error: {e}")),
+            }
+        }
+    }
+
+    /// CONNECT as `id`; returns the CONNACK return code.
+    fn mqtt_connect(&mut self, id: &str) -> Result<u8, String> {
+        self.send(&Raw::connect_v4(id, 60, true))
+            .map_err(|e| e.to_string())?;
+        match self.recv(Duration::from_secs(10))? {
+            mqttbytes::v4::Packet::ConnAck(a) => Ok(a.code as u8),
+            other => Err(format!("expected CONNACK, got {other:?}")),
+        }
+    }
+
+    fn expect_publish(&mut self, timeout: Duration) -> Result<mqttbytes::v4::Publish, String> {
+        loop {
+            match self.recv(timeout)? {
+                mqttbytes::v4::Packet::Publish(p) => return Ok(p),
+                _ => continue,
+            }
+        }
+    }
+}
+
+fn suback(c: &mut TlsClient) {
+    loop {
+        match c.recv(Duration::from_secs(10)) {
+            Ok(mqttbytes::v4::Packet::SubAck(_)) => return,
+            Ok(_) => continue,
+            Err(e) => panic!("no SUBACK: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls12_and_tls13_clients_exchange_messages() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(""));
+    let tls = gw.tls.expect("tls listener");
+    for tls12 in [false, true] {
+        let tag = if tls12 { "12" } else { "13" };
+        let cfg = pki.client_config(None, tls12);
+        let mut sub = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        let want = if tls12 {
+            rustls::ProtocolVersion::TLSv1_2
+        } else {
+            rustls::ProtocolVersion::TLSv1_3
+        };
+        assert_eq!(sub.protocol_version(), Some(want));
+        assert_eq!(sub.mqtt_connect(&format!("tls-sub-{tag}")), Ok(0));
+        sub.send(&Raw::subscribe_v4(&format!("t/{tag}"), 1, 1))
+            .unwrap();
+        suback(&mut sub);
+        let mut publ = TlsClient::connect(tls, cfg, b"").unwrap();
+        assert_eq!(publ.mqtt_connect(&format!("tls-pub-{tag}")), Ok(0));
+        publ.send(&Raw::publish_v4(&format!("t/{tag}"), 0, 0, b"over tls"))
+            .unwrap();
+        let p = sub.expect_publish(Duration::from_secs(10)).unwrap();
+        assert_eq!(&p.payload[..], b"over tls");
+    }
+    // The plain listener keeps working next to the TLS one.
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v4("plain", 60, true)).await;
+    assert!(matches!(
+        raw.recv_v4(Duration::from_secs(10)).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+}
+
+/// CONNECT and SUBSCRIBE in one TLS record: whichever shard reads the CONNECT hands the
+/// socket, its TLS session and the bytes after the CONNECT to the client id's home shard.
+/// Eight client ids over two shards: some are handed off (all would stay home with
+/// probability 1/256 per id pair, and every one must work either way).
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_session_travels_to_the_home_shard() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(""));
+    let tls = gw.tls.unwrap();
+    let cfg = pki.client_config(None, false);
+    let mut subs = Vec::new();
+    for i in 0..8 {
+        let mut c = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        let mut bytes = Raw::connect_v4(&format!("roam-{i}"), 60, true);
+        bytes.extend(Raw::subscribe_v4(&format!("roam/{i}"), 0, 1));
+        c.send(&bytes).unwrap();
+        match c.recv(Duration::from_secs(10)) {
+            Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 0),
+            other => panic!("no CONNACK: {other:?}"),
+        }
+        suback(&mut c);
+        subs.push(c);
+    }
+    let mut publ = TlsClient::connect(tls, cfg, b"").unwrap();
+    assert_eq!(publ.mqtt_connect("roam-pub"), Ok(0));
+    for i in 0..8 {
+        publ.send(&Raw::publish_v4(
+            &format!("roam/{i}"),
+            0,
+            0,
+            format!("m{i}").as_bytes(),
+        ))
+        .unwrap();
+    }
+    for (i, s) in subs.iter_mut().enumerate() {
+        let p = s.expect_publish(Duration::from_secs(10)).unwrap();
+        assert_eq!(&p.payload[..], format!("m{i}").as_bytes());
+    }
+    let shards = common::metric_value(&gw.metrics().await, "gateway_connections");
+    assert_eq!(shards, 9.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_and_cn_as_client_id() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(&format!(
+        "{}\ntls_require_client_cert = true\nuse_cn_as_client_id = true",
+        pki.ca_toml()
+    )));
+    let tls = gw.tls.unwrap();
+
+    // A device certificate: the CONNECT's client id is replaced by the CN.
+    let cfg = pki.client_config(Some(pki.client("sensor-cn-7")), false);
+    let mut dev = TlsClient::connect(tls, cfg, b"").unwrap();
+    assert_eq!(dev.mqtt_connect("claims-to-be-someone-else"), Ok(0));
+    let (code, body) = common::http_get(gw.http, "/v1/clients/sensor-cn-7").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"online\":true"), "{body}");
+    let (code, _) = common::http_get(gw.http, "/v1/clients/claims-to-be-someone-else").await;
+    assert_eq!(code, 404);
+
+    // TLS 1.2 as well.
+    let cfg = pki.client_config(Some(pki.client("sensor-cn-8")), true);
+    let mut dev12 = TlsClient::connect(tls, cfg, b"").unwrap();
+    assert_eq!(dev12.mqtt_connect("x"), Ok(0));
+
+    // No certificate: the handshake fails (TLS 1.3 reports it on the first read).
+    let failures = gw.metric("gateway_tls_handshake_failures_total").await;
+    let cfg = pki.client_config(None, false);
+    if let Ok(mut anon) = TlsClient::connect(tls, cfg, b"") {
+        assert!(anon.mqtt_connect("anon").is_err());
+    }
+    // A certificate from another CA: refused too.
+    let other = Pki::new();
+    let cfg = pki_with_foreign_cert(&pki, &other);
+    if let Ok(mut foreign) = TlsClient::connect(tls, cfg, b"") {
+        assert!(foreign.mqtt_connect("foreign").is_err());
+    }
+    gw.wait_metric(
+        "gateway_tls_handshake_failures_total",
+        Duration::from_secs(5),
+        |v| v >= failures + 2.0,
+    )
+    .await;
+
+    // The devices that did get in are still served.
+    dev.send(&[0xc0, 0x00]).unwrap();
+    assert!(matches!(
+        dev.recv(Duration::from_secs(5)),
+        Ok(mqttbytes::v4::Packet::PingResp)
+    ));
+}
+
+/// A client config trusting `pki`'s CA but presenting a certificate from `other`.
+fn pki_with_foreign_cert(pki: &Pki, other: &Pki) -> Arc<ClientConfig> {
+    pki.client_config(Some(other.client("intruder")), false)
+}
+
+/// Half a ClientHello, then silence: the shard keeps serving other TLS clients and closes
+/// the stalled one after connect_timeout_secs (rumqttd blocked its accept loop here).
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_handshake_blocks_no_one_and_times_out() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&format!(
+        "{}\n[shards]\ncount = 1",
+        pki.toml("connect_timeout_secs = 3")
+    ));
+    let tls = gw.tls.unwrap();
+    let cfg = pki.client_config(None, false);
+
+    let mut hello = Vec::new();
+    let mut probe =
+        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    probe.write_tls(&mut hello).unwrap();
+    assert!(hello.len() > 100);
+    let mut stalled = std::net::TcpStream::connect(tls).unwrap();
+    stalled.write_all(&hello[..hello.len() / 2]).unwrap();
+    let opened = Instant::now();
+
+    // Meanwhile, on the same (single) shard, other TLS clients connect and are served.
+    for i in 0..5 {
+        let mut c = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        assert_eq!(c.mqtt_connect(&format!("honest-{i}")), Ok(0));
+    }
+    stalled
+        .set_read_timeout(Some(Duration::from_millis(1)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    let still_open = matches!(stalled.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+    if opened.elapsed() < Duration::from_secs(2) {
+        assert!(
+            still_open,
+            "the stalled client was closed before its timeout"
+        );
+    }
+
+    // ... and the stalled one is closed once connect_timeout_secs has passed.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    // (A TLS alert may come first; then the end of the stream.)
+    let closed = loop {
+        match stalled.read(&mut b) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => {
+                break e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            }
+        }
+    };
+    assert!(closed, "stalled handshake still open");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "closed before the timeout"
+    );
+    assert!(
+        gw.metric("gateway_disconnects_total{reason=\"connect_timeout\"}")
+            .await
+            >= 1.0
+    );
+}
+
+/// Plain bytes (an MQTT CONNECT) on the TLS port: a TLS failure, counted, closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_on_the_tls_port_is_closed() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(""));
+    let mut raw = Raw::connect(gw.tls.unwrap()).await;
+    raw.send(&Raw::connect_v4("confused", 60, true)).await;
+    assert!(raw.closed_within(Duration::from_secs(10)).await);
+    assert!(gw.metric("gateway_tls_handshake_failures_total").await >= 1.0);
+}
+
+/// A PROXY v2 header in the clear, then TLS: the header's address is the peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_header_precedes_the_client_hello() {
+    let pki = Pki::new();
+    // The device's address is not loopback: anonymous must be allowed from anywhere.
+    let gw = TestServer::start(&pki.toml("proxy_protocol = true\n[auth]\nanonymous = \"always\""));
+    let tls = gw.tls.unwrap();
+    let src: SocketAddr = "203.0.113.77:40001".parse().unwrap();
+    let header = gateway::proxy::encode_v2(src, tls);
+    let mut c = TlsClient::connect(tls, pki.client_config(None, false), &header).unwrap();
+    assert_eq!(c.mqtt_connect("behind-lb"), Ok(0));
+    let (code, body) = common::http_get(gw.http, "/v1/clients/behind-lb").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"peer\":\"203.0.113.77:40001\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mosquitto_clients_over_mutual_tls() {
+    if !(common::have_binary("mosquitto_sub", "mosquitto-clients")
+        && common::have_binary("mosquitto_pub", "mosquitto-clients"))
+    {
+        return;
+    }
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(&format!(
+        "{}\ntls_require_client_cert = true\nuse_cn_as_client_id = true",
+        pki.ca_toml()
+    )));
+    let port = gw.tls.unwrap().port().to_string();
+    pki.client("mosq-sub");
+    pki.client("mosq-pub");
+    let path = |f: &str| pki.dir.0.join(f).display().to_string();
+    let args = |cn: &str| {
+        vec![
+            "-h".to_string(),
+            "localhost".into(),
+            "-p".into(),
+            port.clone(),
+            "--cafile".into(),
+            path("ca.pem"),
+            "--cert".into(),
+            path(&format!("{cn}.pem")),
+            "--key".into(),
+            path(&format!("{cn}.key")),
+            "-t".into(),
+            "mosq/tls".into(),
+            "-q".into(),
+            "1".into(),
+        ]
+    };
+    let sub = std::process::Command::new("mosquitto_sub")
+        .args(args("mosq-sub"))
+        .args(["-C", "1", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub starts");
+    gw.wait_metric("gateway_subscriptions", Duration::from_secs(10), |v| {
+        v >= 1.0
+    })
+    .await;
+    // The subscriber is known by its certificate's CN.
+    let (code, _) = common::http_get(gw.http, "/v1/clients/mosq-sub").await;
+    assert_eq!(code, 200);
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(args("mosq-pub"))
+        .args(["-m", "hello over mutual tls"])
+        .status()
+        .expect("mosquitto_pub runs");
+    assert!(status.success());
+    let out = sub.wait_with_output().expect("mosquitto_sub exits");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello over mutual tls"
+    );
+}
+
+/// Per-connection memory of idle TLS connections against the real binary, compared with
+/// the same number of plain ones. Run by hand (the figures go to docs/SECURITY.md):
+/// `TLS_MEM_CONNS=2000 cargo test --release --test tls -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_idle_tls_memory() {
+    let n: usize = std::env::var("TLS_MEM_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let pki = Pki::new();
+    let measure = |tls: bool| {
+        let gw = common::GatewayProcess::start(&pki.toml(
+            "[limits]\nmax_connect_rate = 0\nmax_handshaking = 0\nmax_connections_per_ip = 0",
+        ));
+        let tls_addr = gw.tls.expect("the gateway announced tls_addr");
+        std::thread::sleep(Duration::from_millis(300));
+        let before = gw.rss_bytes();
+        let cfg = pki.client_config(None, false);
+        let mut plain = Vec::new();
+        let mut secure = Vec::new();
+        for i in 0..n {
+            if tls {
+                let mut c = TlsClient::connect(tls_addr, cfg.clone(), b"").unwrap();
+                assert_eq!(c.mqtt_connect(&format!("mem-{i}")), Ok(0));
+                secure.push(c);
+            } else {
+                let mut s = std::net::TcpStream::connect(gw.mqtt).unwrap();
+                s.write_all(&Raw::connect_v4(&format!("mem-{i}"), 600, true))
+                    .unwrap();
+                let mut ack = [0u8; 4];
+                s.read_exact(&mut ack).unwrap();
+                assert_eq!(ack[0], 0x20);
+                plain.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let after = gw.rss_bytes();
+        (before, after)
+    };
+    let (pb, pa) = measure(false);
+    let (tb, ta) = measure(true);
+    let per = |b: u64, a: u64| (a.saturating_sub(b)) as f64 / n as f64;
+    println!(
+        "{n} idle connections: plain RSS {} -> {} KiB ({:.0} B/conn); TLS 1.3 RSS {} -> {} KiB ({:.0} B/conn); TLS extra {:.0} B/conn",
+        pb / 1024,
+        pa / 1024,
+        per(pb, pa),
+        tb / 1024,
+        ta / 1024,
+        per(tb, ta),
+        per(tb, ta) - per(pb, pa)
+    );
+    assert!(per(tb, ta) > per(pb, pa));
+}
+
+/// A reconnecting device resumes its TLS session from a stateless ticket (no full
+/// handshake), on TLS 1.3 and 1.2.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnect_resumes_the_session() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(""));
+    let tls = gw.tls.unwrap();
+    for tls12 in [false, true] {
+        let cfg = pki.client_config(None, tls12);
+        let mut first = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        assert_eq!(first.mqtt_connect("resume-me"), Ok(0));
+        assert_eq!(
+            first.s.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        drop(first);
+        let mut again = TlsClient::connect(tls, cfg, b"").unwrap();
+        assert_eq!(
+            again.s.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "tls12 = {tls12}"
+        );
+        assert_eq!(again.mqtt_connect("resume-me"), Ok(0));
+    }
+}
+
+/// `gateway check-config` loads the certificate and key too: a wrong path or a key that
+/// does not match fails there, before a deploy.
+#[test]
+fn check_config_loads_the_tls_files() {
+    let pki = Pki::new();
+    let path = pki.dir.0.join("gw.toml");
+    std::fs::write(&path, pki.toml("")).unwrap();
+    let (code, out, err) = common::run_gateway(
+        &["check-config".as_ref(), path.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    let other = Pki::new();
+    let mismatched = pki.toml("").replace(
+        &pki.key_path.display().to_string(),
+        &other.key_path.display().to_string(),
+    );
+    std::fs::write(&path, mismatched).unwrap();
+    let (code, _, err) = common::run_gateway(
+        &["check-config".as_ref(), path.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("TLS"), "{err}");
+
+    let missing = pki.toml("").replace("server.pem", "nope.pem");
+    std::fs::write(&path, missing).unwrap();
+    let (code, _, err) = common::run_gateway(
+        &["check-config".as_ref(), path.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("nope.pem"), "{err}");
+}
+
+/// The inbound rate limit over TLS: the flood waits (in the socket and inside rustls),
+/// nothing is lost, order is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_rate_limit_over_tls_loses_nothing() {
+    const N: usize = 60;
+    let pki = Pki::new();
+    let gw = TestServer::start(
+        &pki.toml("[limits]\npublish_rate = 20\npublish_burst = 10\nbytes_rate = 0"),
+    );
+    let mut sub = Raw::connect(gw.mqtt).await;
+    sub.send(&Raw::connect_v4("tls-flood-sub", 60, true)).await;
+    assert!(sub.recv_v4(Duration::from_secs(10)).await.is_ok());
+    sub.send(&Raw::subscribe_v4("tlsflood/t", 0, 1)).await;
+    assert!(sub.recv_v4(Duration::from_secs(10)).await.is_ok());
+    let mut flood =
+        TlsClient::connect(gw.tls.unwrap(), pki.client_config(None, false), b"").unwrap();
+    assert_eq!(flood.mqtt_connect("tls-flooder"), Ok(0));
+    let mut bytes = Vec::new();
+    for i in 0..N {
+        bytes.extend(Raw::publish_v4(
+            "tlsflood/t",
+            0,
+            0,
+            format!("{i}").as_bytes(),
+        ));
+    }
+    let start = Instant::now();
+    flood.send(&bytes).unwrap();
+    for i in 0..N {
+        match sub.recv_v4(Duration::from_secs(30)).await {
+            Ok(mqttbytes::v4::Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], format!("{i}").as_bytes());
+                let t = start.elapsed().as_secs_f64();
+                assert!((i + 1) as f64 <= 20.0 * t * 1.5 + 11.0, "{i} by {t:.2}s");
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert!(gw.metric("gateway_rate_limit_pauses_total").await >= 1.0);
+}
+
+/// TLS and an authentication provider that answers off the shard (JWT runs on the
+/// business pool): CONNECT and SUBSCRIBE arrive in one TLS record, the connection waits
+/// for the verdict (and may be handed to its home shard first), then the SUBSCRIBE that
+/// waited inside rustls is answered. A bad token gets CONNACK 5 over TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_with_authentication_off_the_shard() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(
+        "[auth]\nproviders = [\"jwt\"]\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"tls-secret\"\n",
+    ));
+    let tls = gw.tls.unwrap();
+    let cfg = pki.client_config(None, false);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let connect = |id: &str, secret: &[u8]| {
+        let token = encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": id, "exp": exp}),
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap();
+        let mut c = mqttbytes::v4::Connect::new(id);
+        c.keep_alive = 60;
+        c.set_login("device", &token);
+        common::encode(|b| c.write(b))
+    };
+    for i in 0..6 {
+        let id = format!("tls-jwt-{i}");
+        let mut c = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        let mut bytes = connect(&id, b"tls-secret");
+        bytes.extend(Raw::subscribe_v4(&format!("tls-jwt/{i}"), 1, 7));
+        c.send(&bytes).unwrap();
+        match c.recv(Duration::from_secs(10)) {
+            Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 0, "{id}"),
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+        match c.recv(Duration::from_secs(10)) {
+            Ok(mqttbytes::v4::Packet::SubAck(a)) => assert_eq!(a.pkid, 7, "{id}"),
+            other => panic!("{id}: no SUBACK: {other:?}"),
+        }
+    }
+    let mut bad = TlsClient::connect(tls, cfg, b"").unwrap();
+    bad.send(&connect("tls-jwt-bad", b"wrong-secret")).unwrap();
+    match bad.recv(Duration::from_secs(10)) {
+        Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 5),
+        other => panic!("no CONNACK: {other:?}"),
+    }
+}
