@@ -28,5 +28,6 @@ pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod store;
 pub mod topic;
 pub mod wheel;

@@ -14,6 +14,7 @@
 
 mod conn;
 mod delivery;
+mod durable;
 mod mqtt;
 mod push;
 mod shared;
@@ -131,6 +132,14 @@ pub struct ShardContext {
     pub metrics: Arc<ShardMetrics>,
     /// Connections open across the whole gateway (for `max_connections`).
     pub open_connections: Arc<AtomicUsize>,
+    /// This shard's side of the durable store (`None` when `[store] enabled = false`).
+    pub store: Option<crate::store::StoreHandle>,
+    /// Stored sessions homed on this shard, restored before the first accept.
+    pub restore: Vec<crate::store::StoredSession>,
+    /// Stored retained messages (every shard keeps them all).
+    pub retained: Arc<Vec<Arc<Message>>>,
+    /// Told once the shard has restored its sessions and is about to accept.
+    pub ready: std::sync::mpsc::Sender<usize>,
 }
 
 pub struct Shard {
@@ -176,6 +185,7 @@ pub struct Shard {
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
     started_wall: std::time::SystemTime,
+    store: Option<crate::store::StoreHandle>,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -191,6 +201,7 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("shard-{}", ctx.id))
         .spawn(move || {
+            let mut ctx = ctx;
             let id = ctx.id;
             if ctx.config.shards.pin_cores {
                 pin_to_core(id);
@@ -205,13 +216,20 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
                     return;
                 }
             };
-            let (shard, rx) = match Shard::new(ctx) {
+            let restore = std::mem::take(&mut ctx.restore);
+            let retained = ctx.retained.clone();
+            let ready = ctx.ready.clone();
+            let (mut shard, rx) = match Shard::new(ctx) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(shard = id, error = %e, "cannot start shard");
                     return;
                 }
             };
+            let sessions = restore.len();
+            shard.restore(restore, &retained);
+            drop(retained);
+            let _ = ready.send(sessions);
             // tokio-metrics measures the shard's busy time per poll (gateway_shard_busy_ratio).
             let monitor = shard.metrics.monitor.clone();
             if let Err(e) = rt.block_on(monitor.instrument(shard.run(rx))) {
@@ -272,6 +290,7 @@ impl Shard {
                 stopping: false,
                 pending_replies: Vec::new(),
                 started_wall: std::time::SystemTime::now(),
+                store: ctx.store,
             },
             ctx.mailbox,
         ))
@@ -309,7 +328,7 @@ impl Shard {
             self.publish_gauges();
             self.flush_dirty();
             self.send_pending_replies();
-            let outbox_waiting = self.flush_outbox();
+            let outbox_waiting = self.flush_outbox() | self.flush_store();
             self.publish_gauges();
             if self.stopping && self.conns.is_empty() {
                 break;
@@ -336,6 +355,11 @@ impl Shard {
                 _ = tokio::time::sleep_until(next_tick.into()) => {}
                 _ = tokio::time::sleep(retry) => {}
             }
+        }
+        if let Some(store) = self.store.take() {
+            // Hands over the last changes (sessions detached by the shutdown), waiting
+            // for room if need be: the shard serves nobody any more.
+            store.close();
         }
         tracing::debug!(shard = self.id, "shard stopped");
         Ok(())

@@ -1,0 +1,376 @@
+//! The durable store against the real binary: what the backend was told is `queued`
+//! survives `kill -9`; subscriptions and retained messages survive a restart; sessions
+//! that expired during the downtime are gone; acknowledged messages are not sent again;
+//! a damaged store file stops the start with a clear error.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use common::{connect5, session_expiry_props, tempdir, v4, GatewayProcess, Raw};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(10);
+
+fn store_toml(dir: &tempdir::Dir) -> String {
+    format!(
+        "[store]\npath = \"{}\"\n",
+        dir.0.join("data").display().to_string().replace('\\', "/")
+    )
+}
+
+async fn post(gw: &GatewayProcess, path: &str, body: Value) -> (u16, Value) {
+    post_to(gw.http, path, body).await
+}
+
+async fn post_to(http: std::net::SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{http}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+fn kill9(gw: &mut GatewayProcess) {
+    gw.signal(libc::SIGKILL);
+    assert!(gw.wait_exit(T).is_some(), "gateway did not die");
+}
+
+fn stop(gw: &mut GatewayProcess) {
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait_exit(T).expect("gateway stops on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+/// A v3.1.1 device with a persistent session (clean_session = false).
+fn device(gw: &GatewayProcess, id: &str) -> v4::MqttOptions {
+    let mut o = v4::options(gw.mqtt, id);
+    o.set_clean_session(false);
+    o
+}
+
+/// Connects a persistent v4 device and returns it with CONNACK's session-present flag.
+async fn connect_device(gw: &GatewayProcess, id: &str) -> (v4::Client, bool) {
+    let mut c = v4::connect_raw(device(gw, id));
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match tokio::time::timeout_at(deadline, c.events.recv()).await {
+            Ok(Some(Ok(v4::Event::Incoming(v4::Packet::ConnAck(a))))) => {
+                return (c, a.session_present)
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+    }
+}
+
+async fn disconnect(c: v4::Client) {
+    c.client.disconnect().await.expect("disconnect");
+    let mut c = c;
+    let _ = c.wait_closed(T).await;
+    c.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_pushes_survive_kill_9_exactly_once_in_order_and_ttl_is_kept() {
+    const DEVICES: usize = 100;
+    const PER_DEVICE: usize = 100;
+    let dir = tempdir::Dir::new("crash");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+
+    // 100 persistent devices subscribe, then go offline.
+    for i in 0..DEVICES {
+        let (mut c, _) = connect_device(&gw, &format!("dev-{i}")).await;
+        c.subscribe(&format!("dev/{i}/cmd"), v4::QoS::AtLeastOnce)
+            .await;
+        disconnect(c).await;
+    }
+
+    // 10,000 QoS 1 pushes in batches of 500. Four senders run at once, each for its own
+    // quarter of the devices (so each device's order is defined), and their commits
+    // group. Every 10th message has a 1 s TTL that runs out while the gateway is down.
+    let senders: Vec<_> = (0..4)
+        .map(|g| {
+            let http = gw.http;
+            tokio::spawn(async move {
+                let mut items = Vec::new();
+                for k in 0..PER_DEVICE {
+                    for i in (g..DEVICES).step_by(4) {
+                        let mut m = json!({
+                            "client_id": format!("dev-{i}"),
+                            "topic": format!("dev/{i}/cmd"),
+                            "payload": format!("{i}:{k}"),
+                            "qos": 1,
+                        });
+                        if k % 10 == 0 {
+                            m["ttl_secs"] = json!(1);
+                        }
+                        items.push(m);
+                    }
+                }
+                for batch in items.chunks(500) {
+                    let (code, body) =
+                        post_to(http, "/v1/push/batch", json!({ "messages": batch })).await;
+                    assert_eq!(code, 200, "{body}");
+                    for r in body["results"].as_array().expect("results") {
+                        assert_eq!(r["status"], "queued", "{r}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.expect("sender");
+    }
+    assert!(gw.metric("gateway_store_bytes").await > 0.0);
+
+    kill9(&mut gw);
+    // Let the 1 s TTLs run out while the gateway is down.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gw = GatewayProcess::start(&extra);
+
+    let mut tasks = Vec::new();
+    for i in 0..DEVICES {
+        let gw_mqtt = gw.mqtt;
+        tasks.push(tokio::spawn(async move {
+            let mut o = v4::options(gw_mqtt, &format!("dev-{i}"));
+            o.set_clean_session(false);
+            let mut c = v4::connect_raw(o);
+            let want: Vec<usize> = (0..PER_DEVICE).filter(|k| k % 10 != 0).collect();
+            let mut got: Vec<usize> = Vec::new();
+            let mut present = None;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while got.len() < want.len() {
+                match tokio::time::timeout_at(deadline, c.events.recv()).await {
+                    Ok(Some(Ok(v4::Event::Incoming(v4::Packet::ConnAck(a))))) => {
+                        present = Some(a.session_present)
+                    }
+                    Ok(Some(Ok(v4::Event::Incoming(v4::Packet::Publish(p))))) => {
+                        assert_eq!(p.topic, format!("dev/{i}/cmd"));
+                        let text = String::from_utf8_lossy(&p.payload).to_string();
+                        let k: usize = text
+                            .split_once(':')
+                            .and_then(|(_, k)| k.parse().ok())
+                            .expect("payload i:k");
+                        if got.contains(&k) {
+                            assert!(p.dup, "dev-{i}: {k} again without DUP");
+                            continue;
+                        }
+                        got.push(k);
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    other => panic!("dev-{i}: {other:?} after {} of {}", got.len(), want.len()),
+                }
+            }
+            // Nothing more: no expired message comes late, no extra copy without DUP.
+            if let Some(p) = c.next_publish(Duration::from_millis(300)).await {
+                let text = String::from_utf8_lossy(&p.payload).to_string();
+                panic!("dev-{i}: unexpected extra message {text} (dup {})", p.dup);
+            }
+            assert_eq!(present, Some(true), "dev-{i}: session restored");
+            assert_eq!(got, want, "dev-{i}: every live message once, in order");
+            c.task.abort();
+        }));
+    }
+    for t in tasks {
+        t.await.expect("device task");
+    }
+    // Delivered and acknowledged: the store holds no message any more.
+    assert_eq!(gw.metric("gateway_queued_messages").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_and_retained_messages_survive_a_restart() {
+    let dir = tempdir::Dir::new("retain");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+
+    let (mut sub, _) = connect_device(&gw, "listener").await;
+    sub.subscribe("news/#", v4::QoS::AtLeastOnce).await;
+    disconnect(sub).await;
+
+    let (code, body) = post(
+        &gw,
+        "/v1/push",
+        json!({"topic": "config/site-1", "payload": "v42", "qos": 1, "retain": true}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // Replaced, then one deleted by an empty retained message: neither may come back.
+    for (t, p) in [("config/old", "x"), ("config/old", "")] {
+        let (code, body) = post(
+            &gw,
+            "/v1/push",
+            json!({"topic": t, "payload": p, "qos": 1, "retain": true}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+    }
+    stop(&mut gw);
+
+    let gw = GatewayProcess::start(&extra);
+    // The subscription came back with the session: no SUBSCRIBE after the restart.
+    let (mut sub, present) = connect_device(&gw, "listener").await;
+    assert!(present, "session present after restart");
+    let (code, body) = post(
+        &gw,
+        "/v1/push",
+        json!({"topic": "news/today", "payload": "hello", "qos": 1}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["matched"], 1, "{body}");
+    let p = sub.next_publish(T).await.expect("news after restart");
+    assert_eq!(p.topic, "news/today");
+    assert_eq!(&p.payload[..], b"hello");
+
+    // The retained message is given to a new subscriber; the deleted one is not.
+    let mut fresh = v4::connect(v4::options(gw.mqtt, "fresh")).await;
+    fresh.subscribe("config/#", v4::QoS::AtLeastOnce).await;
+    let r = fresh.next_publish(T).await.expect("retained after restart");
+    assert_eq!(r.topic, "config/site-1");
+    assert_eq!(&r.payload[..], b"v42");
+    assert!(r.retain);
+    assert!(
+        fresh
+            .next_publish(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a deleted retained message came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_expired_while_down_is_gone_after_restart() {
+    let dir = tempdir::Dir::new("expiry");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+
+    // Two MQTT 5 sessions: one lives 1 s offline, one an hour.
+    for (id, secs) in [("short", 1u32), ("long", 3600)] {
+        let c = connect5(id, 30, true, Some(session_expiry_props(secs)));
+        let (mut raw, _) = Raw::connected_v5(gw.mqtt, &c).await;
+        let ack = raw
+            .subscribe_v5(
+                1,
+                vec![mqttbytes::v5::SubscribeFilter::new(
+                    format!("{id}/t"),
+                    mqttbytes::QoS::AtLeastOnce,
+                )],
+            )
+            .await;
+        assert_eq!(ack.return_codes.len(), 1);
+        drop(raw);
+    }
+    // Both are offline (stored with the time they left) before the gateway stops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill9(&mut gw);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gw = GatewayProcess::start(&extra);
+
+    for (id, want) in [("short", false), ("long", true)] {
+        let c = connect5(id, 30, false, Some(session_expiry_props(3600)));
+        let (_raw, ack) = Raw::connected_v5(gw.mqtt, &c).await;
+        assert_eq!(ack.session_present, want, "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_are_not_sent_again_after_kill_9() {
+    let dir = tempdir::Dir::new("acked");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+
+    let (mut dev, _) = connect_device(&gw, "acker").await;
+    for k in 0..5 {
+        let (code, body) = post(
+            &gw,
+            "/v1/push",
+            json!({"client_id": "acker", "topic": "a/cmd", "payload": format!("on-{k}"), "qos": 1, "wait_ack": true}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "acked", "{body}");
+    }
+    disconnect(dev).await;
+    // Queued after the acknowledgements on the same shard: once this is answered, the
+    // acknowledgements before it are durable too (one writer, commits in order).
+    for k in 0..3 {
+        let (code, body) = post(
+            &gw,
+            "/v1/push",
+            json!({"client_id": "acker", "topic": "a/cmd", "payload": format!("off-{k}"), "qos": 1}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "queued", "{body}");
+    }
+    kill9(&mut gw);
+    let gw = GatewayProcess::start(&extra);
+
+    (dev, _) = connect_device(&gw, "acker").await;
+    for k in 0..3 {
+        let p = dev.next_publish(T).await.expect("queued message");
+        assert_eq!(
+            String::from_utf8_lossy(&p.payload),
+            format!("off-{k}"),
+            "acknowledged messages must not come again"
+        );
+    }
+    assert!(dev.next_publish(Duration::from_millis(500)).await.is_none());
+}
+
+#[test]
+fn a_corrupt_store_file_stops_the_start_with_a_clear_error() {
+    let dir = tempdir::Dir::new("corrupt");
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let file = data.join("gateway.redb");
+    let garbage: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&file, garbage).unwrap();
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}",
+            store_toml(&dir)
+        ),
+    )
+    .unwrap();
+
+    let (code, _out, err) = common::run_gateway(
+        &[OsStr::new("--config"), config.as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let path = file.display().to_string();
+    assert!(err.contains(&path), "names the file: {err}");
+    assert!(err.contains("gateway store-repair"), "offers repair: {err}");
+    assert!(
+        err.contains(&format!("mv {path}")),
+        "offers moving it aside: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    // The repair command says it cannot help with this one, and fails.
+    let (code, _out, err) = common::run_gateway(
+        &[
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("store-repair"),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&path), "{err}");
+
+    // Moved aside, the gateway starts with an empty store.
+    std::fs::rename(&file, data.join("gateway.redb.broken")).unwrap();
+    let gw = GatewayProcess::start(&store_toml(&dir));
+    drop(gw);
+}
