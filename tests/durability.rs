@@ -325,6 +325,66 @@ async fn acknowledged_messages_are_not_sent_again_after_kill_9() {
     assert!(dev.next_publish(Duration::from_millis(500)).await.is_none());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_file_stops_growing_when_messages_are_delivered() {
+    let gw = common::TestServer::start("");
+    let api = |body: Value| {
+        let http = gw.http;
+        async move { post_to(http, "/v1/push/batch", body).await }
+    };
+    let mut sizes = Vec::new();
+    for round in 0..8 {
+        // Ten offline devices get 300 queued messages each, then take them all.
+        for d in 0..10 {
+            let mut o = v4::options(gw.mqtt, &format!("grow-{d}"));
+            o.set_clean_session(false);
+            let c = v4::connect(o).await;
+            disconnect(c).await;
+        }
+        let items: Vec<Value> = (0..3000)
+            .map(|k| {
+                json!({"client_id": format!("grow-{}", k % 10), "topic": "g/cmd",
+                       "payload": format!("{round}-{k}-{}", "x".repeat(200)), "qos": 1})
+            })
+            .collect();
+        for chunk in items.chunks(1000) {
+            let (code, body) = api(json!({ "messages": chunk })).await;
+            assert_eq!(code, 200, "{body}");
+        }
+        for d in 0..10 {
+            let mut o = v4::options(gw.mqtt, &format!("grow-{d}"));
+            o.set_clean_session(false);
+            let mut c = v4::connect(o).await;
+            for _ in 0..300 {
+                assert!(
+                    c.next_publish(T).await.is_some(),
+                    "round {round} device {d}"
+                );
+            }
+            disconnect(c).await;
+        }
+        // The acknowledgements are committed once a later queued push is answered.
+        let (code, body) = api(json!({"messages": [
+            {"client_id": "grow-0", "topic": "g/cmd", "payload": "marker", "qos": 1}
+        ]}))
+        .await;
+        assert_eq!(code, 200, "{body}");
+        sizes.push(gw.metric("gateway_store_bytes").await);
+    }
+    // 8 × 3,000 messages of ~250 bytes went through (6 MB). Freed pages are reused: the
+    // file levels off (redb also trims its end, so it moves a little), well below what
+    // went through, instead of growing with every round.
+    let early = sizes[0].max(sizes[1]);
+    assert!(
+        sizes[2..].iter().all(|&s| s <= 2.0 * early),
+        "store grows: {sizes:?}"
+    );
+    assert!(
+        sizes[7] < 6_000_000.0 / 2.0,
+        "store keeps delivered messages: {sizes:?}"
+    );
+}
+
 #[test]
 fn a_corrupt_store_file_stops_the_start_with_a_clear_error() {
     let dir = tempdir::Dir::new("corrupt");
@@ -373,4 +433,166 @@ fn a_corrupt_store_file_stops_the_start_with_a_clear_error() {
     std::fs::rename(&file, data.join("gateway.redb.broken")).unwrap();
     let gw = GatewayProcess::start(&store_toml(&dir));
     drop(gw);
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurements for docs/BENCHMARKS.md (ignored: run them on purpose, in release):
+//   cargo test --release --test durability -- --ignored --nocapture --test-threads 1
+
+/// Creates `n` offline persistent sessions (v3.1.1, clean session 0), each subscribed to
+/// `dev/{id}/cmd`, with `parallel` clients at a time.
+async fn create_sessions(gw: &GatewayProcess, prefix: &str, n: usize, parallel: usize) {
+    let addr = gw.mqtt;
+    let tasks: Vec<_> = (0..parallel)
+        .map(|w| {
+            let prefix = prefix.to_string();
+            tokio::spawn(async move {
+                for i in (w..n).step_by(parallel) {
+                    let id = format!("{prefix}-{i}");
+                    let mut raw = Raw::connect(addr).await;
+                    raw.send(&Raw::connect_v4(&id, 60, false)).await;
+                    match raw.next_v4(T).await {
+                        Ok(mqttbytes::v4::Packet::ConnAck(_)) => {}
+                        other => panic!("{id}: {other:?}"),
+                    }
+                    raw.send(&Raw::subscribe_v4(&format!("dev/{id}/cmd"), 1, 1))
+                        .await;
+                    match raw.next_v4(T).await {
+                        Ok(mqttbytes::v4::Packet::SubAck(_)) => {}
+                        other => panic!("{id}: {other:?}"),
+                    }
+                    raw.send(&[0xE0, 0]).await; // DISCONNECT
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("session task");
+    }
+}
+
+/// `total` QoS 1 pushes to the `devices` sessions of `prefix`, in batches of `batch`, from
+/// `senders` concurrent senders. Returns (seconds, answers by status).
+async fn push_queued(
+    gw: &GatewayProcess,
+    prefix: &str,
+    devices: usize,
+    total: usize,
+    batch: usize,
+    senders: usize,
+) -> (f64, std::collections::BTreeMap<String, usize>) {
+    let started = std::time::Instant::now();
+    let per_sender = total / senders;
+    let tasks: Vec<_> = (0..senders)
+        .map(|s| {
+            let http = gw.http;
+            let prefix = prefix.to_string();
+            tokio::spawn(async move {
+                let mut counts = std::collections::BTreeMap::new();
+                let mut sent = 0;
+                while sent < per_sender {
+                    let items: Vec<Value> = (sent..(sent + batch).min(per_sender))
+                        .map(|k| {
+                            let i = (s + k * senders) % devices;
+                            json!({"client_id": format!("{prefix}-{i}"),
+                                   "topic": format!("dev/{prefix}-{i}/cmd"),
+                                   "payload": "0123456789abcdef0123456789abcdef", "qos": 1})
+                        })
+                        .collect();
+                    sent += items.len();
+                    let (code, body) =
+                        post_to(http, "/v1/push/batch", json!({ "messages": items })).await;
+                    assert_eq!(code, 200, "{body}");
+                    for r in body["results"].as_array().expect("results") {
+                        let st = r["status"].as_str().unwrap_or("?").to_string();
+                        *counts.entry(st).or_insert(0) += 1;
+                    }
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await.expect("sender") {
+            *counts.entry(k).or_insert(0) += v;
+        }
+    }
+    (started.elapsed().as_secs_f64(), counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/BENCHMARKS.md; run in release"]
+async fn measure_queued_pushes_per_second() {
+    const DEVICES: usize = 1000;
+    const PUSHES: usize = 200_000;
+    for (mode, store) in [
+        ("store off", "[store]\nenabled = false\n"),
+        ("immediate", "[store]\ndurability = \"immediate\"\n"),
+        ("eventual", "[store]\ndurability = \"eventual\"\n"),
+    ] {
+        let dir = tempdir::Dir::new("measure");
+        let extra = format!(
+            "{store}path = \"{}\"\n[mqtt]\nmax_queued_messages = 1000\n",
+            dir.0.join("data").display()
+        );
+        let gw = GatewayProcess::start(&extra);
+        create_sessions(&gw, "q", DEVICES, 32).await;
+        let (secs, counts) = push_queued(&gw, "q", DEVICES, PUSHES, 1000, 4).await;
+        let commits = if mode == "store off" {
+            0.0
+        } else {
+            gw.metric("gateway_store_commits_total").await
+        };
+        let bytes = if mode == "store off" {
+            0.0
+        } else {
+            gw.metric("gateway_store_bytes").await
+        };
+        println!(
+            "{}",
+            json!({"mode": mode, "pushes": PUSHES, "seconds": (secs * 1000.0).round() / 1000.0,
+                   "pushes_per_sec": (PUSHES as f64 / secs).round(), "answers": counts,
+                   "store_commits": commits, "store_bytes": bytes})
+        );
+        assert_eq!(counts.get("queued"), Some(&PUSHES), "{counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/BENCHMARKS.md; run in release"]
+async fn measure_restart_with_100k_sessions() {
+    const SESSIONS: usize = 100_000;
+    let dir = tempdir::Dir::new("restart");
+    let extra = format!("{}[mqtt]\nmax_queued_messages = 1000\n", store_toml(&dir));
+    let mut gw = GatewayProcess::start(&extra);
+    let t = std::time::Instant::now();
+    create_sessions(&gw, "r", SESSIONS, 64).await;
+    let create_secs = t.elapsed().as_secs_f64();
+    // One queued message per session.
+    let (_, counts) = push_queued(&gw, "r", SESSIONS, SESSIONS, 1000, 4).await;
+    assert_eq!(counts.get("queued"), Some(&SESSIONS), "{counts:?}");
+    let bytes = gw.metric("gateway_store_bytes").await;
+
+    for how in ["kill -9", "SIGTERM"] {
+        if how == "kill -9" {
+            kill9(&mut gw);
+        } else {
+            stop(&mut gw);
+        }
+        let t = std::time::Instant::now();
+        gw = GatewayProcess::start(&extra);
+        let listening = t.elapsed().as_secs_f64();
+        let sessions = gw.metric("gateway_sessions").await;
+        let queued = gw.metric("gateway_queued_messages").await;
+        println!(
+            "{}",
+            json!({"stopped_by": how, "stored_sessions": SESSIONS,
+                   "create_sessions_secs": (create_secs * 10.0).round() / 10.0,
+                   "store_bytes": bytes, "spawn_to_listening_secs": (listening * 1000.0).round() / 1000.0,
+                   "restored_sessions": sessions, "restored_queued": queued})
+        );
+        assert_eq!(sessions as usize, SESSIONS);
+        assert_eq!(queued as usize, SESSIONS);
+    }
 }
