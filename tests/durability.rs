@@ -596,3 +596,48 @@ async fn measure_restart_with_100k_sessions() {
         assert_eq!(queued as usize, SESSIONS);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement for docs/BENCHMARKS.md; run in release"]
+async fn measure_file_size_after_a_drained_backlog() {
+    const DEVICES: usize = 1000;
+    const PUSHES: usize = 200_000;
+    let dir = tempdir::Dir::new("compact");
+    let extra = format!("{}[mqtt]\nmax_queued_messages = 1000\n", store_toml(&dir));
+    let gw = GatewayProcess::start(&extra);
+    create_sessions(&gw, "c", DEVICES, 32).await;
+    let (_, counts) = push_queued(&gw, "c", DEVICES, PUSHES, 1000, 4).await;
+    assert_eq!(counts.get("queued"), Some(&PUSHES), "{counts:?}");
+    let backlog = gw.metric("gateway_store_bytes").await;
+    let drained = std::time::Instant::now();
+    let tasks: Vec<_> = (0..DEVICES)
+        .map(|i| {
+            let o = device(&gw, &format!("c-{i}"));
+            tokio::spawn(async move {
+                let mut c = v4::connect(o).await;
+                for _ in 0..PUSHES / DEVICES {
+                    assert!(c.next_publish(Duration::from_secs(60)).await.is_some());
+                }
+                disconnect(c).await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("drain");
+    }
+    let drain_secs = drained.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_drain = gw.metric("gateway_store_bytes").await;
+    // The writer looks at free space after 10 s without work.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    let after_idle = gw.metric("gateway_store_bytes").await;
+    let compactions = gw.metric("gateway_store_compactions_total").await;
+    println!(
+        "{}",
+        json!({"queued_messages": PUSHES, "bytes_with_backlog": backlog,
+               "drain_secs": (drain_secs * 10.0).round() / 10.0,
+               "bytes_after_drain": after_drain, "bytes_after_idle": after_idle,
+               "compactions": compactions})
+    );
+    assert_eq!(gw.metric("gateway_queued_messages").await, 0.0);
+}
