@@ -267,8 +267,31 @@ async fn a_session_that_expired_while_down_is_gone_after_restart() {
         assert_eq!(ack.return_codes.len(), 1);
         drop(raw);
     }
-    // Both are offline (stored with the time they left) before the gateway stops.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once a push to a session is answered `queued` (not `sent`), the shard has seen the
+    // device leave, and the commit that holds the push holds the session's offline time
+    // too (one writer, commits in order). The short one may have ended already.
+    for (id, ok) in [
+        ("short", ["queued", "offline"]),
+        ("long", ["queued", "queued"]),
+    ] {
+        loop {
+            let (code, body) = post(
+                &gw,
+                "/v1/push",
+                json!({"client_id": id, "topic": format!("{id}/t"), "payload": "p", "qos": 1}),
+            )
+            .await;
+            assert_eq!(code, 200, "{body}");
+            if body["status"] != "sent" {
+                assert!(
+                    ok.contains(&body["status"].as_str().unwrap_or("")),
+                    "{body}"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     kill9(&mut gw);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let gw = GatewayProcess::start(&extra);
