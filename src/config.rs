@@ -51,6 +51,7 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: crate::auth::AuthConfig,
     pub acl: crate::acl::AclConfig,
+    pub store: StoreConfig,
 }
 
 /// `[mqtt]`: the MQTT listener and the protocol limits it enforces.
@@ -191,6 +192,35 @@ pub struct LogConfig {
     #[serde(deserialize_with = "empty_path_as_none")]
     pub file: Option<PathBuf>,
     pub queue_lines: u32,
+}
+
+/// `[store]`: the durable store of persistent sessions, their messages and retained
+/// messages (see `crate::store`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub enabled: bool,
+    /// A directory; the database file `gateway.redb` is inside it.
+    pub path: PathBuf,
+    pub durability: StoreDurability,
+    /// Most changes in one write transaction (one group commit).
+    pub max_batch: u32,
+    /// Extra milliseconds the writer waits to gather a bigger group (0 = commit at once).
+    pub commit_interval_ms: u32,
+    /// With `eventual`: milliseconds between the fsyncs that make commits durable.
+    pub sync_interval_ms: u32,
+    /// Shard batches the writer's channel holds before shards keep theirs for next turn.
+    pub queue_batches: u32,
+}
+
+/// When a commit reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDurability {
+    /// Every commit is fsynced before anyone is told (a `queued` push is on disk).
+    Immediate,
+    /// Commits are not fsynced; an fsync follows within `sync_interval_ms`.
+    Eventual,
 }
 
 /// How log lines are written.
@@ -571,6 +601,14 @@ impl Config {
             key: "acl.rules".into(),
             message,
         })?;
+        let st = &self.store;
+        if st.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty".into()));
+        }
+        in_range("store.max_batch", st.max_batch, 1, 1_000_000)?;
+        in_range("store.commit_interval_ms", st.commit_interval_ms, 0, 10_000)?;
+        in_range("store.sync_interval_ms", st.sync_interval_ms, 1, 600_000)?;
+        in_range("store.queue_batches", st.queue_batches, 1, 1_000_000)?;
         Ok(())
     }
 

@@ -24,6 +24,8 @@ pub struct AdminState {
     /// Lines the lossy logger dropped (None when logging is not set up, e.g. in tests).
     pub log_dropped: Option<tracing_appender::non_blocking::ErrorCounter>,
     pub push: Arc<PushMetrics>,
+    /// The durable store's metrics (`None` when the store is off).
+    pub store: Option<Arc<crate::store::StoreMetrics>>,
     pub started: Instant,
 }
 
@@ -85,6 +87,9 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     let mut out = String::with_capacity(8192);
     metrics::render(&s.shards, &mut out);
     s.push.render(&mut out);
+    if let Some(st) = &s.store {
+        st.render(&mut out);
+    }
     let dropped = s.log_dropped.as_ref().map_or(0, |c| c.dropped_lines());
     metrics::render_process(&mut out, dropped as u64, s.started);
     (

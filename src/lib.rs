@@ -32,6 +32,7 @@ pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod store;
 pub mod tls;
 pub mod topic;
 pub mod wheel;

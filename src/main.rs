@@ -43,6 +43,9 @@ enum Command {
         #[arg(long)]
         password: Option<String>,
     },
+    /// Repair the durable store named by `[store] path` (redb's repair, an integrity check,
+    /// a full read and a compaction), then exit (0 repaired or sound, 1 not repairable).
+    StoreRepair,
     /// Print the kernel and process limits that matter for many connections, and what to set.
     Doctor {
         /// Connections to size the recommendations for.
@@ -95,6 +98,22 @@ fn main() -> ExitCode {
             user,
             password,
         }) => passwd(&file, &user, password),
+        Some(Command::StoreRepair) => {
+            let config = match load(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match gateway::store::repair(&config.store) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Some(Command::Doctor { connections }) => {
             print!("{}", doctor::report(connections));
             ExitCode::SUCCESS

@@ -351,7 +351,7 @@ fn get(a: &AtomicU64) -> u64 {
 }
 
 /// The family name prometheus-client wants for a counter: without the `_total` it adds.
-fn counter_family(name_total: &str) -> &str {
+pub(crate) fn counter_family(name_total: &str) -> &str {
     name_total.strip_suffix("_total").unwrap_or(name_total)
 }
 
@@ -674,7 +674,7 @@ impl Collector for ShardCollector {
 }
 
 /// Encodes a registry and appends it to `out` in the Prometheus text format 0.0.4.
-fn encode_into(registry: &Registry, out: &mut String) {
+pub(crate) fn encode_into(registry: &Registry, out: &mut String) {
     let mut openmetrics = String::with_capacity(8192);
     // Writing into a String cannot fail; an error here is a collector bug, and the
     // families encoded before it are still worth serving.

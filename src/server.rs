@@ -23,6 +23,7 @@ use crate::logging::LogGuard;
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::metrics::{PushMetrics, ShardMetrics};
 use crate::shard::{self, ShardContext};
+use crate::store::{self, Store};
 
 pub struct Server {
     pub mqtt_addr: SocketAddr,
@@ -35,6 +36,7 @@ pub struct Server {
     business: tokio::runtime::Runtime,
     ready: Arc<AtomicBool>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    store: Option<Store>,
 }
 
 /// A listener for shard `i`: SO_REUSEPORT so every shard can bind the same address.
@@ -54,6 +56,17 @@ impl Server {
         let config = Arc::new(config);
         let n = config.shard_count();
         let backlog = config.tcp.backlog as i32;
+        let started = Instant::now();
+
+        // The store is loaded before anything listens: a restarted gateway serves its
+        // devices their sessions from the first CONNECT.
+        let (store, mut restore, retained) = if config.store.enabled {
+            let (store, loaded) = store::open(&config.store, n).map_err(io::Error::other)?;
+            (Some(store), loaded.sessions, loaded.retained)
+        } else {
+            ((None), (0..n).map(|_| Vec::new()).collect(), Vec::new())
+        };
+        let retained = Arc::new(retained);
 
         // Bind all listeners before any shard runs; port 0 resolves on the first bind.
         let first = bind_reuseport(config.mqtt.listen, backlog)?;
@@ -96,6 +109,7 @@ impl Server {
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));
         let mut shards = Vec::with_capacity(n);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let per_shard = listeners.into_iter().zip(tls_listeners).zip(receivers);
         for (id, ((listener, tls), mailbox)) in per_shard.enumerate() {
             shards.push(shard::spawn(ShardContext {
@@ -110,8 +124,16 @@ impl Server {
                 open_connections: open.clone(),
                 auth: auth.clone(),
                 business: business.handle().clone(),
+                store: store.as_ref().and_then(Store::handle),
+                restore: std::mem::take(&mut restore[id]),
+                retained: retained.clone(),
+                ready: ready_tx.clone(),
             })?);
         }
+        drop(ready_tx);
+        // Every shard has its sessions before the gateway says it listens.
+        let restored: usize = ready_rx.iter().take(n).sum();
+        drop(retained);
 
         let http_listener = std::net::TcpListener::bind(config.http.listen)?;
         http_listener.set_nonblocking(true)?;
@@ -125,6 +147,7 @@ impl Server {
             push.clone(),
         );
         let state = AdminState {
+            store: store.as_ref().map(|s| s.metrics.clone()),
             shards: metrics,
             ready: ready.clone(),
             log_dropped: log.map(|g| g.dropped_counter()),
@@ -138,7 +161,15 @@ impl Server {
         };
         business.spawn(http::serve(listener, state, api, stop_rx));
 
-        tracing::info!(%mqtt_addr, tls_addr = ?tls_addr, %http_addr, shards = n, "gateway listening");
+        tracing::info!(
+            %mqtt_addr,
+            tls_addr = ?tls_addr,
+            %http_addr,
+            shards = n,
+            restored_sessions = restored,
+            startup_ms = started.elapsed().as_millis() as u64,
+            "gateway listening"
+        );
         Ok(Server {
             mqtt_addr,
             tls_addr,
@@ -149,6 +180,7 @@ impl Server {
             business,
             ready,
             http_stop: Some(stop_tx),
+            store,
         })
     }
 
@@ -193,6 +225,11 @@ impl Server {
             } else {
                 tracing::warn!("a shard did not finish within drain_timeout_secs");
             }
+        }
+        if let Some(store) = self.store.take() {
+            // The shards have handed over their last changes; let the writer commit them.
+            store
+                .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5));
         }
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());

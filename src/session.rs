@@ -38,6 +38,8 @@ pub struct Session {
     /// Alias Maximum capped by `[mqtt] outbound_topic_aliases` (0 = none).
     pub alias_max: u16,
     pub version: Version,
+    /// The session has rows in the durable store (it is persistent and the store is on).
+    pub stored: bool,
     pub extra: Option<Box<SessionState>>,
 }
 
@@ -130,6 +132,10 @@ pub struct Queued {
     pub shared: Option<Arc<str>>,
     /// Told when the client acknowledges this message (push API `wait_ack`).
     pub waiter: Option<AckWaiter>,
+    /// The message's key in the durable store (0 = not stored).
+    pub seq: u64,
+    /// Restored after a restart and perhaps sent before it: goes out with DUP set.
+    pub dup: bool,
 }
 
 /// The sending half that reports a device's PUBACK back to a waiting push request.
@@ -160,6 +166,7 @@ impl Session {
             next_pkid: 1,
             alias_max: 0,
             version,
+            stored: false,
             extra: None,
         }
     }
@@ -296,6 +303,8 @@ mod tests {
                 sub_ids: None,
                 shared: None,
                 waiter: None,
+                seq: 0,
+                dup: false,
             },
         }
     }

@@ -35,16 +35,27 @@ struct Gateway {
     server: Option<Server>,
     mqtt: SocketAddr,
     http: SocketAddr,
+    /// The gateway's own durable store directory, removed after it stops.
+    store: std::path::PathBuf,
 }
 
 impl Gateway {
     fn start() -> Gateway {
-        let config = Config::from_toml_str(BASE).expect("valid test config");
+        let store = std::env::temp_dir().join(format!(
+            "loadgen-test-store-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let toml = format!("{BASE}\n[store]\npath = \"{}\"\n", store.display());
+        let config = Config::from_toml_str(&toml).expect("valid test config");
         let server = Server::start(config, None).expect("gateway starts");
         Gateway {
             mqtt: server.mqtt_addr,
             http: server.http_addr,
             server: Some(server),
+            store,
         }
     }
 
@@ -94,6 +105,7 @@ impl Drop for Gateway {
         if let Some(s) = self.server.take() {
             let _ = std::thread::spawn(move || s.shutdown()).join();
         }
+        let _ = std::fs::remove_dir_all(&self.store);
     }
 }
 

@@ -61,10 +61,12 @@ impl Shard {
     fn store_retained(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
             self.retained.remove(&*msg.topic);
+            self.store_retained_msg(msg, true);
         } else if self.retained.len() < self.limits.max_retained
             || self.retained.contains_key(&*msg.topic)
         {
             self.retained.insert(msg.topic.clone(), msg.clone());
+            self.store_retained_msg(msg, false);
         } else {
             tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
         }
@@ -169,16 +171,20 @@ impl Shard {
             sub_ids,
             shared: None,
             waiter: None,
+            seq: 0,
+            dup: false,
         };
         self.deliver_item(skey, item)
     }
 
     /// Delivers or queues one item, and says exactly what happened to it.
-    pub(super) fn deliver_item(&mut self, skey: usize, item: Queued) -> Delivery {
+    pub(super) fn deliver_item(&mut self, skey: usize, mut item: Queued) -> Delivery {
         if item.msg.is_expired(self.now_instant) {
             self.metrics.drop_msg(DropReason::Expired, 1);
             return Delivery::Dropped(DropReason::Expired);
         }
+        // Stored before it is sent or queued: it stays stored until acknowledged.
+        self.store_message(skey, &mut item);
         let s = &self.sessions[skey];
         let conn = if s.is_online() {
             self.conns
@@ -224,20 +230,26 @@ impl Shard {
     fn enqueue(&mut self, skey: usize, item: Queued) {
         let max = self.limits.max_queued;
         let st = self.sessions[skey].state();
-        if st.queue.len() >= max {
-            st.queue.pop_front();
-            self.queued_total -= 1;
-            self.metrics.drop_msg(DropReason::QueueFull, 1);
-        }
+        let dropped = if st.queue.len() >= max {
+            st.queue.pop_front()
+        } else {
+            None
+        };
         st.queue.push_back(item);
         self.queued_total += 1;
+        if let Some(old) = dropped {
+            self.queued_total -= 1;
+            self.metrics.drop_msg(DropReason::QueueFull, 1);
+            self.store_forget(skey, &old);
+        }
     }
 
     /// Sends a QoS 1/2 message with a fresh packet id and tracks it until acknowledged.
     /// False if it was too large for the client (dropped).
     fn send_inflight(&mut self, skey: usize, ckey: usize, item: Queued) -> bool {
         let pkid = self.sessions[skey].next_packet_id();
-        if !self.send_publish(ckey, pkid, &item, false) {
+        if !self.send_publish(ckey, pkid, &item, item.dup) {
+            self.store_forget(skey, &item);
             return false;
         }
         self.sessions[skey].state().inflight.push_back(Inflight {
@@ -334,6 +346,7 @@ impl Shard {
             self.queued_total -= 1;
             if item.msg.is_expired(self.now_instant) {
                 self.metrics.drop_msg(DropReason::Expired, 1);
+                self.store_forget(skey, &item);
                 continue;
             }
             if item.qos == 0 {
@@ -362,6 +375,8 @@ impl Shard {
                 InflightState::Published => {
                     if self.send_publish(ckey, f.pkid, &f.item, true) {
                         kept.push_back(f);
+                    } else {
+                        self.store_forget(skey, &f.item);
                     }
                 }
                 InflightState::Released => {

@@ -14,6 +14,7 @@
 
 mod conn;
 mod delivery;
+mod durable;
 mod mqtt;
 mod push;
 mod shared;
@@ -160,6 +161,14 @@ pub struct ShardContext {
     pub auth: Arc<crate::auth::Authenticator>,
     /// The business runtime, where slow authentication runs.
     pub business: tokio::runtime::Handle,
+    /// This shard's side of the durable store (`None` when `[store] enabled = false`).
+    pub store: Option<crate::store::StoreHandle>,
+    /// Stored sessions homed on this shard, restored before the first accept.
+    pub restore: Vec<crate::store::StoredSession>,
+    /// Stored retained messages (every shard keeps them all).
+    pub retained: Arc<Vec<Arc<Message>>>,
+    /// Told once the shard has restored its sessions and is about to accept.
+    pub ready: std::sync::mpsc::Sender<usize>,
 }
 
 pub struct Shard {
@@ -228,6 +237,7 @@ pub struct Shard {
     /// token) or nothing.
     auth_pending: HashMap<usize, mqtt::PendingAuth>,
     next_auth_token: u64,
+    store: Option<crate::store::StoreHandle>,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -243,6 +253,7 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("shard-{}", ctx.id))
         .spawn(move || {
+            let mut ctx = ctx;
             let id = ctx.id;
             if ctx.config.shards.pin_cores {
                 pin_to_core(id);
@@ -257,13 +268,20 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
                     return;
                 }
             };
-            let (shard, rx) = match Shard::new(ctx) {
+            let restore = std::mem::take(&mut ctx.restore);
+            let retained = ctx.retained.clone();
+            let ready = ctx.ready.clone();
+            let (mut shard, rx) = match Shard::new(ctx) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(shard = id, error = %e, "cannot start shard");
                     return;
                 }
             };
+            let sessions = restore.len();
+            shard.restore(restore, &retained);
+            drop(retained);
+            let _ = ready.send(sessions);
             // tokio-metrics measures the shard's busy time per poll (gateway_shard_busy_ratio).
             let monitor = shard.metrics.monitor.clone();
             if let Err(e) = rt.block_on(monitor.instrument(shard.run(rx))) {
@@ -357,6 +375,7 @@ impl Shard {
                 acl,
                 auth_pending: HashMap::new(),
                 next_auth_token: 0,
+                store: ctx.store,
             },
             ctx.mailbox,
         ))
@@ -395,7 +414,7 @@ impl Shard {
             self.publish_gauges();
             self.flush_dirty();
             self.send_pending_replies();
-            let outbox_waiting = self.flush_outbox();
+            let outbox_waiting = self.flush_outbox() | self.flush_store();
             self.publish_gauges();
             if self.stopping && self.conns.is_empty() {
                 break;
@@ -425,6 +444,11 @@ impl Shard {
                 _ = tokio::time::sleep_until(next_tick.into()) => {}
                 _ = tokio::time::sleep(retry) => {}
             }
+        }
+        if let Some(store) = self.store.take() {
+            // Hands over the last changes (sessions detached by the shutdown), waiting
+            // for room if need be: the shard serves nobody any more.
+            store.close();
         }
         tracing::debug!(shard = self.id, "shard stopped");
         Ok(())

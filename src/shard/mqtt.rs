@@ -447,6 +447,7 @@ impl Shard {
         }
         s.compact();
         let client_id = s.client_id.clone();
+        self.store_session(skey, true);
 
         let now = self.now32();
         let conn = &mut self.conns[key];
@@ -502,7 +503,7 @@ impl Shard {
         (k.round() as u32).clamp(1, u32::from(self.limits.max_keepalive_secs)) as u16
     }
 
-    fn new_session(&mut self, client_id: &str, v: Version) -> usize {
+    pub(super) fn new_session(&mut self, client_id: &str, v: Version) -> usize {
         let id: Arc<str> = Arc::from(client_id);
         let skey = self.sessions.insert(Session::new(id, v));
         self.by_client.insert(skey as u32, &self.sessions);
@@ -794,6 +795,7 @@ impl Shard {
                 }
             };
             codes.push(qos);
+            self.store_sub(skey, &filter, options, sub_id);
             if let Some((group, inner)) = shared {
                 // Retained messages are not sent for shared subscriptions (4.8.2).
                 self.join_shared(skey, group, inner, options, sub_id);
@@ -870,6 +872,8 @@ impl Shard {
         };
         s.subs.swap_remove(i);
         self.subs_total -= 1;
+        self.store_unsub(skey, filter);
+        let s = &mut self.sessions[skey];
         match filter.strip_prefix("$share/") {
             Some(key) => {
                 let key: Arc<str> = Arc::from(key);
@@ -885,6 +889,9 @@ impl Shard {
                 }
                 self.queued_total -= items.len() as u64;
                 s.compact();
+                for item in &items {
+                    self.store_forget(skey, item);
+                }
                 self.leave_shared(&key, &client_id, items);
             }
             None => {
@@ -895,16 +902,18 @@ impl Shard {
     }
 
     fn on_puback(&mut self, skey: usize, pkid: u16) {
-        if let Some(st) = self.sessions[skey].extra.as_mut() {
-            if let Some(i) = st
+        let done = self.sessions[skey].extra.as_mut().and_then(|st| {
+            let i = st
                 .inflight
                 .iter()
-                .position(|f| f.pkid == pkid && f.item.qos == 1)
-            {
-                if let Some(w) = st.inflight.remove(i).and_then(|f| f.item.waiter) {
-                    let _ = w.send(());
-                }
+                .position(|f| f.pkid == pkid && f.item.qos == 1)?;
+            st.inflight.remove(i)
+        });
+        if let Some(mut f) = done {
+            if let Some(w) = f.item.waiter.take() {
+                let _ = w.send(());
             }
+            self.store_forget(skey, &f.item);
         }
         self.refill(skey);
     }
@@ -912,6 +921,7 @@ impl Shard {
     fn on_pubrec(&mut self, key: usize, skey: usize, pkid: u16, code: u8) {
         let v = self.conns[key].version;
         let mut found = false;
+        let mut refused = None;
         if let Some(st) = self.sessions[skey].extra.as_mut() {
             if let Some(i) = st
                 .inflight
@@ -921,11 +931,14 @@ impl Shard {
                 found = true;
                 if code >= 0x80 {
                     // The receiver refused it; the exchange ends here (MQTT 5 4.3.3).
-                    st.inflight.remove(i);
+                    refused = st.inflight.remove(i);
                 } else {
                     st.inflight[i].state = InflightState::Released;
                 }
             }
+        }
+        if let Some(f) = refused {
+            self.store_forget(skey, &f.item);
         }
         if code < 0x80 {
             let rc = if found {
@@ -941,16 +954,18 @@ impl Shard {
     }
 
     fn on_pubcomp(&mut self, skey: usize, pkid: u16) {
-        if let Some(st) = self.sessions[skey].extra.as_mut() {
-            if let Some(i) = st
+        let done = self.sessions[skey].extra.as_mut().and_then(|st| {
+            let i = st
                 .inflight
                 .iter()
-                .position(|f| f.pkid == pkid && f.state == InflightState::Released)
-            {
-                if let Some(w) = st.inflight.remove(i).and_then(|f| f.item.waiter) {
-                    let _ = w.send(());
-                }
+                .position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
+            st.inflight.remove(i)
+        });
+        if let Some(mut f) = done {
+            if let Some(w) = f.item.waiter.take() {
+                let _ = w.send(());
             }
+            self.store_forget(skey, &f.item);
         }
         self.refill(skey);
     }
@@ -980,6 +995,7 @@ impl Shard {
             let at = self.offline_deadline(now, expiry);
             self.sessions[skey].state().expires_at = Some(at);
         }
+        self.store_session(skey, false);
         self.sessions[skey].compact();
         self.arm_session_timer(skey);
         if let Some(w) = will {
@@ -990,7 +1006,7 @@ impl Shard {
     /// The tick by which `secs` have surely passed since `now`. `now` is the current tick
     /// rounded down, so one more tick is added: a session deadline is never early, and at
     /// most one tick late (as the connection deadlines in `Shard::conn_deadline`).
-    fn offline_deadline(&self, now: u64, secs: u32) -> u64 {
+    pub(super) fn offline_deadline(&self, now: u64, secs: u32) -> u64 {
         now + u64::from(self.limits.ticks(f64::from(secs))) + 1
     }
 
@@ -1010,7 +1026,7 @@ impl Shard {
         self.arm_session_timer(skey);
     }
 
-    fn arm_session_timer(&mut self, skey: usize) {
+    pub(super) fn arm_session_timer(&mut self, skey: usize) {
         let s = &mut self.sessions[skey];
         if let Some(t) = s.timer.take() {
             self.wheel.cancel(t);
@@ -1064,6 +1080,7 @@ impl Shard {
         // The index compares against the session's own id: remove it first.
         self.by_client.remove(&id, &self.sessions);
         let s = self.sessions.remove(skey);
+        self.store_session_ended(&s.client_id, s.stored);
         let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
             match filter.strip_prefix("$share/") {
@@ -1111,6 +1128,8 @@ impl Shard {
                     sub_ids: None,
                     shared: None,
                     waiter: None,
+                    seq: 0,
+                    dup: false,
                 })
                 .collect();
             self.leave_shared(&key, &s.client_id, items);

@@ -30,9 +30,19 @@ impl Shard {
         items: Vec<ClientPush>,
         reply: oneshot::Sender<Vec<PushOutcome>>,
     ) {
-        let outcomes = items.into_iter().map(|p| self.push_one(p)).collect();
-        self.pending_replies
-            .push(PendingReply::Push(reply, outcomes));
+        let puts = self.store.as_ref().map_or(0, |s| s.puts);
+        let outcomes: Vec<PushOutcome> = items.into_iter().map(|p| self.push_one(p)).collect();
+        // `queued` is answered only once the message is durable: the answer rides with
+        // this turn's store ops and the store writer sends it after the commit.
+        let stored = self.store.as_ref().map_or(0, |s| s.puts) != puts;
+        match self.store.as_mut() {
+            Some(st) if stored && outcomes.iter().any(|o| o.status == PushStatus::Queued) => {
+                st.defer((reply, outcomes));
+            }
+            _ => self
+                .pending_replies
+                .push(PendingReply::Push(reply, outcomes)),
+        }
     }
 
     fn push_one(&mut self, p: ClientPush) -> PushOutcome {
@@ -55,6 +65,8 @@ impl Shard {
             sub_ids: None,
             shared: None,
             waiter,
+            seq: 0,
+            dup: false,
         };
         match self.deliver_item(skey as usize, item) {
             Delivery::Sent => PushOutcome {

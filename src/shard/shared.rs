@@ -292,6 +292,8 @@ impl Shard {
             sub_ids: (d.sub_id != 0).then(|| Box::from([d.sub_id])),
             shared: (d.qos > 0).then_some(d.key),
             waiter: None,
+            seq: 0,
+            dup: false,
         };
         self.deliver_item(skey as usize, item);
     }

@@ -46,6 +46,20 @@ pub fn config(extra: &str) -> Config {
     Config::from_toml_str(&toml::to_string(&base).expect("toml")).expect("valid test config")
 }
 
+/// `extra` with `[store] path` set to `dir` unless it names a path itself: every test
+/// gateway gets its own durable store (redb locks its file), removed with the test.
+pub fn with_store_dir(extra: &str, dir: &std::path::Path) -> String {
+    let mut t: toml::Table = extra.parse().expect("extra toml");
+    let store = t
+        .entry("store")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(st) = store {
+        st.entry("path")
+            .or_insert_with(|| toml::Value::String(dir.join("data").display().to_string()));
+    }
+    toml::to_string(&t).expect("toml")
+}
+
 /// A gateway running inside the test process.
 pub struct TestServer {
     server: Option<Server>,
@@ -53,16 +67,21 @@ pub struct TestServer {
     /// The TLS listener, when the config sets `mqtt.tls_listen`.
     pub tls: Option<SocketAddr>,
     pub http: SocketAddr,
+    /// Its store directory (dropped after the server: field order).
+    _store: tempdir::Dir,
 }
 
 impl TestServer {
     pub fn start(extra: &str) -> TestServer {
-        let server = Server::start(config(extra), None).expect("server starts");
+        let dir = tempdir::Dir::new("store");
+        let server =
+            Server::start(config(&with_store_dir(extra, &dir.0)), None).expect("server starts");
         TestServer {
             mqtt: server.mqtt_addr,
             tls: server.tls_addr,
             http: server.http_addr,
             server: Some(server),
+            _store: dir,
         }
     }
 
@@ -762,7 +781,7 @@ impl GatewayProcess {
             "log".into(),
             toml::Value::Table("level = \"info\"".parse().unwrap()),
         );
-        let extra: toml::Table = extra.parse().unwrap();
+        let extra: toml::Table = with_store_dir(extra, &dir.0).parse().unwrap();
         for (k, v) in extra {
             match (base.get_mut(&k), v) {
                 (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
@@ -884,12 +903,15 @@ impl TestServer {
     /// Like [`TestServer::start`], but hands `log` to the server so that
     /// `gateway_log_lines_dropped_total` counts the lines that logger dropped.
     pub fn start_with_log(extra: &str, log: &gateway::logging::LogGuard) -> TestServer {
-        let server = Server::start(config(extra), Some(log)).expect("server starts");
+        let dir = tempdir::Dir::new("store");
+        let server = Server::start(config(&with_store_dir(extra, &dir.0)), Some(log))
+            .expect("server starts");
         TestServer {
             mqtt: server.mqtt_addr,
             tls: server.tls_addr,
             http: server.http_addr,
             server: Some(server),
+            _store: dir,
         }
     }
 }

@@ -1,0 +1,213 @@
+//! A shard's side of the durable store: which of its changes become store ops, restoring
+//! its sessions at start, and handing the turn's ops to the store writer.
+//!
+//! A session is stored while it is persistent (session expiry > 0) and the store is on;
+//! its QoS 1/2 messages are stored from the moment they are queued or sent until they are
+//! acknowledged, dropped or expire. Ops are collected during the loop turn and handed over
+//! once at its end (`flush_store`), after the turn's socket writes; push answers that
+//! promised `queued` ride along and are sent by the writer after the commit.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::mailbox::home_shard;
+use crate::message::Message;
+use crate::session::{Queued, NEVER_EXPIRES};
+use crate::store::{Op, StoredSession};
+use crate::topic::{self, Subscriber};
+
+use super::Shard;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shard {
+    /// Whether session `skey` has rows in the store.
+    pub(super) fn persistent(&self, skey: usize) -> bool {
+        self.store.is_some() && self.sessions.get(skey).is_some_and(|s| s.stored)
+    }
+
+    fn store_op(&mut self, op: Op) {
+        if let Some(st) = self.store.as_mut() {
+            st.push(op);
+        }
+    }
+
+    /// Writes the session's record: after CONNECT (`online`) or when its connection ended.
+    /// A session whose expiry became 0 leaves the store.
+    pub(super) fn store_session(&mut self, skey: usize, online: bool) {
+        if self.store.is_none() {
+            return;
+        }
+        let s = &mut self.sessions[skey];
+        if s.expiry_secs == 0 {
+            if s.stored {
+                s.stored = false;
+                let id = s.client_id.clone();
+                self.store_op(Op::DeleteSession(id));
+            }
+            return;
+        }
+        s.stored = true;
+        let op = Op::Session {
+            client_id: s.client_id.clone(),
+            version: s.version,
+            expiry_secs: s.expiry_secs,
+            offline_since_ms: if online { 0 } else { now_ms().max(1) },
+        };
+        self.store_op(op);
+    }
+
+    /// The session ended: its rows go.
+    pub(super) fn store_session_ended(&mut self, client_id: &Arc<str>, was_stored: bool) {
+        if was_stored {
+            self.store_op(Op::DeleteSession(client_id.clone()));
+        }
+    }
+
+    pub(super) fn store_sub(&mut self, skey: usize, filter: &Arc<str>, options: u8, sub_id: u32) {
+        if self.persistent(skey) {
+            let op = Op::Sub {
+                client_id: self.sessions[skey].client_id.clone(),
+                filter: filter.clone(),
+                options,
+                sub_id,
+            };
+            self.store_op(op);
+        }
+    }
+
+    pub(super) fn store_unsub(&mut self, skey: usize, filter: &str) {
+        if self.persistent(skey) {
+            let op = Op::DeleteSub {
+                client_id: self.sessions[skey].client_id.clone(),
+                filter: Arc::from(filter),
+            };
+            self.store_op(op);
+        }
+    }
+
+    /// A QoS 1/2 message given to a persistent session: stored under a fresh sequence.
+    pub(super) fn store_message(&mut self, skey: usize, item: &mut Queued) {
+        if item.qos == 0 || item.seq != 0 || !self.persistent(skey) {
+            return;
+        }
+        let client_id = self.sessions[skey].client_id.clone();
+        if let Some(st) = self.store.as_mut() {
+            item.seq = st.next_seq();
+            st.push(Op::Message {
+                client_id,
+                seq: item.seq,
+                msg: item.msg.clone(),
+                qos: item.qos,
+                retain: item.retain,
+            });
+        }
+    }
+
+    /// A stored message is finished (acknowledged, dropped or expired): its row goes.
+    pub(super) fn store_forget(&mut self, skey: usize, item: &Queued) {
+        if item.seq == 0 || self.store.is_none() {
+            return;
+        }
+        if let Some(s) = self.sessions.get(skey) {
+            let op = Op::DeleteMessage {
+                client_id: s.client_id.clone(),
+                seq: item.seq,
+            };
+            self.store_op(op);
+        }
+    }
+
+    /// A retained message (or its deletion): written by the topic's home shard only, as
+    /// every shard keeps the same copy.
+    pub(super) fn store_retained_msg(&mut self, msg: &Arc<Message>, delete: bool) {
+        if self.store.is_none() || home_shard(&msg.topic, self.mailboxes.len()) != self.id {
+            return;
+        }
+        let op = if delete {
+            Op::DeleteRetained(msg.topic.clone())
+        } else {
+            Op::Retained(msg.clone())
+        };
+        self.store_op(op);
+    }
+
+    /// Hands this turn's ops to the store writer; true if some must be offered again.
+    pub(super) fn flush_store(&mut self) -> bool {
+        self.store.as_mut().is_some_and(|s| s.flush())
+    }
+
+    /// At start, before the first accept: the sessions homed here, their subscriptions
+    /// re-indexed, their messages queued in order, their offline expiry re-armed from the
+    /// wall clock time they went offline; and the retained messages.
+    pub(super) fn restore(&mut self, sessions: Vec<StoredSession>, retained: &[Arc<Message>]) {
+        for m in retained {
+            self.retained.insert(m.topic.clone(), m.clone());
+        }
+        let now_wall = now_ms();
+        // The first messages of a session may have been sent (and even received) before
+        // the restart: they go out again with DUP set, as any redelivery.
+        let maybe_sent = usize::from(self.limits.max_inflight);
+        for stored in sessions {
+            let skey = self.new_session(&stored.client_id, stored.version);
+            let s = &mut self.sessions[skey];
+            s.expiry_secs = stored.expiry_secs;
+            s.stored = true;
+            s.subs.reserve_exact(stored.subs.len());
+            for (filter, options, sub_id) in stored.subs {
+                self.sessions[skey].subs.push((filter.clone(), options));
+                self.subs_total += 1;
+                match topic::parse_shared(&filter) {
+                    Some((group, inner)) if filter.starts_with("$share/") => {
+                        let (group, inner) = (group.to_string(), inner.to_string());
+                        self.join_shared(skey, &group, &inner, options, sub_id);
+                    }
+                    _ => {
+                        self.subs.insert(
+                            &filter,
+                            Subscriber {
+                                session: skey as u32,
+                                options,
+                                sub_id,
+                            },
+                        );
+                    }
+                }
+            }
+            let n = stored.messages.len();
+            if n > 0 {
+                let st = self.sessions[skey].state();
+                st.queue.reserve_exact(n);
+                for (i, m) in stored.messages.into_iter().enumerate() {
+                    st.queue.push_back(Queued {
+                        msg: m.msg,
+                        qos: m.qos,
+                        retain: m.retain,
+                        sub_ids: None,
+                        shared: None,
+                        waiter: None,
+                        seq: m.seq,
+                        dup: i < maybe_sent,
+                    });
+                }
+                self.queued_total += n as u64;
+            }
+            if stored.expiry_secs != NEVER_EXPIRES {
+                let total_ms = u64::from(stored.expiry_secs) * 1000;
+                let gone_ms = if stored.offline_since_ms == 0 {
+                    0
+                } else {
+                    now_wall.saturating_sub(stored.offline_since_ms)
+                };
+                let left_secs = total_ms.saturating_sub(gone_ms).div_ceil(1000) as u32;
+                let at = self.offline_deadline(self.now, left_secs);
+                self.sessions[skey].state().expires_at = Some(at);
+                self.arm_session_timer(skey);
+            }
+        }
+    }
+}
