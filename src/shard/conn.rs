@@ -78,16 +78,23 @@ pub struct ConnBufs {
     pub tls: Option<Box<rustls::ServerConnection>>,
     /// Inbound rate-limit debt (GCRA theoretical arrival times, see `limits.rs`).
     pub rate: crate::limits::RateDebt,
+    /// In the shard's `settling` list: the box holds nothing but rate debt and is dropped
+    /// once that has run out (an idle connection must not keep it).
+    pub settling: bool,
 }
 
 impl ConnBufs {
     /// True when dropping the box loses nothing. `now_ns` is the shard's clock.
     pub fn is_idle(&self, now_ns: u64) -> bool {
+        self.holds_only_debt() && self.rate.is_settled(now_ns)
+    }
+
+    /// True when nothing but inbound rate debt keeps the box alive.
+    pub fn holds_only_debt(&self) -> bool {
         self.inbuf.is_empty()
             && self.held.is_empty()
             && self.out_pos >= self.out.len()
             && self.tls.is_none()
-            && self.rate.is_settled(now_ns)
     }
 }
 

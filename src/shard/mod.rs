@@ -209,6 +209,10 @@ pub struct Shard {
     dirty: Vec<u32>,
     /// Connections whose read budget ran out while bytes were still waiting.
     reread: Vec<u32>,
+    /// Connections whose buffer box holds only inbound rate debt (see `sweep_settling`).
+    settling: Vec<u32>,
+    /// The tick `settling` was last swept.
+    settled_at: u64,
     /// Messages for each other shard, sent as one batch per turn.
     outbox: Vec<Vec<Arc<Message>>>,
     /// Shared-subscription control messages for each other shard, sent in order.
@@ -355,6 +359,8 @@ impl Shard {
                 pool,
                 dirty: Vec::new(),
                 reread: Vec::new(),
+                settling: Vec::new(),
+                settled_at: 0,
                 outbox: vec![Vec::new(); shards],
                 ctl_outbox: (0..shards).map(|_| VecDeque::new()).collect(),
                 shared: Default::default(),
@@ -409,6 +415,7 @@ impl Shard {
             // An accepted authentication queues its connection for reading.
             busy |= !rx.is_empty() || !self.reread.is_empty();
             busy |= self.run_timers();
+            self.sweep_settling();
             // Gauges before the writes, so whatever a client sees is already counted, and
             // after, for connections the writes closed.
             self.publish_gauges();
@@ -1116,14 +1123,55 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let empty = conn.bufs.as_ref().is_some_and(|b| b.is_idle(now_ns));
-        if empty {
+        let Some(b) = conn.bufs.as_mut() else {
+            return;
+        };
+        if b.is_idle(now_ns) {
             if let Some(b) = conn.bufs.take() {
                 let b = *b;
                 self.pool.give(b.inbuf, self.now);
                 self.pool.give(b.out, self.now);
             }
+        } else if !b.settling && b.holds_only_debt() {
+            // Only rate debt left (every read charges the byte rate): drop the box when
+            // the debt has run out, or every connection that spoke once keeps ~110 bytes.
+            b.settling = true;
+            self.settling.push(key as u32);
         }
+    }
+
+    /// Once per tick: drops the buffer boxes whose rate debt has run out; keeps waiting on
+    /// those still in debt; forgets those that got busy again (they come back here when
+    /// they are idle once more).
+    fn sweep_settling(&mut self) {
+        if self.settling.is_empty() || self.settled_at == self.now {
+            return;
+        }
+        self.settled_at = self.now;
+        let now_ns = self.now_ns();
+        let mut keys = std::mem::take(&mut self.settling);
+        keys.retain(|&key| {
+            let Some(conn) = self.conns.get_mut(key as usize) else {
+                return false;
+            };
+            let Some(b) = conn.bufs.as_mut().filter(|b| b.settling) else {
+                return false;
+            };
+            if !b.holds_only_debt() {
+                b.settling = false;
+                return false;
+            }
+            if !b.rate.is_settled(now_ns) {
+                return true;
+            }
+            if let Some(b) = conn.bufs.take() {
+                let b = *b;
+                self.pool.give(b.inbuf, self.now);
+                self.pool.give(b.out, self.now);
+            }
+            false
+        });
+        self.settling = keys;
     }
 
     /// Closes a connection for a protocol error, telling an MQTT 5 client why.
