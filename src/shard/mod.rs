@@ -79,6 +79,8 @@ pub struct Limits {
     pub high_watermark: usize,
     pub low_watermark: usize,
     pub expiry_batch: usize,
+    pub max_topic_len: usize,
+    pub max_subscriptions: usize,
     pub tick: Duration,
 }
 
@@ -106,6 +108,8 @@ impl Limits {
             high_watermark: c.buffers.outbound_high_watermark as usize,
             low_watermark: c.buffers.outbound_low_watermark as usize,
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
+            max_topic_len: c.mqtt.max_topic_len as usize,
+            max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,
             tick,
         }
     }
@@ -489,6 +493,12 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
+            if conn.outbound_len() >= self.limits.high_watermark {
+                // Answers pile up unread (say a PINGREQ flood from a peer that never
+                // reads): leave its bytes in the kernel, so TCP backpressure stops the
+                // peer, until `flush_conn` drains the output below the low watermark.
+                return;
+            }
             let want = conn.predictor.next_size().min(self.scratch.len());
             match conn.socket.read(&mut self.scratch[..want]) {
                 Ok(0) => {
@@ -497,7 +507,6 @@ impl Shard {
                 }
                 Ok(n) => {
                     conn.predictor.record(n);
-                    conn.last_seen = self.now as u32;
                     ShardMetrics::add(&self.metrics.bytes_received, n as u64);
                     if !self.ingest(key, n) {
                         return;
@@ -691,6 +700,7 @@ impl Shard {
         let Some(bufs) = conn.bufs.as_mut() else {
             return;
         };
+        let pending_before = bufs.out.len() - bufs.out_pos;
         let mut failed = false;
         while bufs.out_pos < bufs.out.len() {
             match conn.socket.write(&bufs.out[bufs.out_pos..]) {
@@ -715,6 +725,11 @@ impl Shard {
             return;
         }
         let pending = bufs.out.len() - bufs.out_pos;
+        if pending_before >= self.limits.low_watermark && pending < self.limits.low_watermark {
+            // Reading may have stopped at the high watermark (`on_readable`); with
+            // edge-triggered readiness no new event comes for bytes already waiting.
+            self.reread.push(key as u32);
+        }
         if pending == 0 {
             bufs.out.clear();
             bufs.out_pos = 0;
