@@ -96,6 +96,10 @@ pub struct MqttConfig {
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     pub proxy_header_max_bytes: u32,
+    /// Longest topic name or filter accepted, in bytes (1..=65535).
+    pub max_topic_len: u32,
+    /// Most subscriptions one session may hold (at least 1).
+    pub max_subscriptions_per_client: u32,
 }
 
 /// `[limits]`: overload protection (connect rate, handshakes, per-IP, inbound rate).
@@ -391,6 +395,12 @@ impl Config {
         at_least(
             "mqtt.write_stall_timeout_secs",
             m.write_stall_timeout_secs,
+            1,
+        )?;
+        in_range("mqtt.max_topic_len", m.max_topic_len, 1, 65_535)?;
+        at_least(
+            "mqtt.max_subscriptions_per_client",
+            m.max_subscriptions_per_client,
             1,
         )?;
 
@@ -782,6 +792,8 @@ mod tests {
         assert_eq!(c.mqtt.max_queued_messages, 1000);
         assert_eq!(c.mqtt.max_session_expiry_secs, 604_800);
         assert_eq!(c.mqtt.write_stall_timeout_secs, 30);
+        assert_eq!(c.mqtt.max_topic_len, 1024);
+        assert_eq!(c.mqtt.max_subscriptions_per_client, 1000);
         assert!(c.mqtt.retain_available);
         assert_eq!(c.mqtt.max_retained_messages, 100_000);
 
@@ -1123,6 +1135,21 @@ mod tests {
                 "[mqtt]\nwrite_stall_timeout_secs = 1",
                 "[mqtt]\nwrite_stall_timeout_secs = 0",
                 "mqtt.write_stall_timeout_secs",
+            ),
+            (
+                "[mqtt]\nmax_topic_len = 1",
+                "[mqtt]\nmax_topic_len = 0",
+                "mqtt.max_topic_len",
+            ),
+            (
+                "[mqtt]\nmax_topic_len = 65535",
+                "[mqtt]\nmax_topic_len = 65536",
+                "mqtt.max_topic_len",
+            ),
+            (
+                "[mqtt]\nmax_subscriptions_per_client = 1",
+                "[mqtt]\nmax_subscriptions_per_client = 0",
+                "mqtt.max_subscriptions_per_client",
             ),
             ("[tcp]\nbacklog = 1", "[tcp]\nbacklog = 0", "tcp.backlog"),
             (

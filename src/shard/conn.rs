@@ -38,7 +38,8 @@ pub struct Conn {
     pub session: u32,
     /// The one wheel entry of this connection (connect timeout, keep-alive, write stall).
     pub timer: TimerId,
-    /// Tick of the last bytes received (traffic only updates this; the wheel re-arms lazily).
+    /// Tick of accept, then of the last whole packet received (partial frames do not count,
+    /// so a byte-at-a-time peer cannot hold the connection open); the wheel re-arms lazily.
     pub last_seen: u32,
     /// Ticks of silence allowed after `last_seen` (connect timeout, then 1.5 × keep-alive).
     pub idle_ticks: u32,

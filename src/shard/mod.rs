@@ -83,6 +83,8 @@ pub struct Limits {
     pub high_watermark: usize,
     pub low_watermark: usize,
     pub expiry_batch: usize,
+    pub max_topic_len: usize,
+    pub max_subscriptions: usize,
     pub tick: Duration,
     pub proxy_protocol: bool,
     pub proxy_header_max: usize,
@@ -118,6 +120,8 @@ impl Limits {
             high_watermark: c.buffers.outbound_high_watermark as usize,
             low_watermark: c.buffers.outbound_low_watermark as usize,
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
+            max_topic_len: c.mqtt.max_topic_len as usize,
+            max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,
             tick,
             proxy_protocol: c.mqtt.proxy_protocol,
             proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
@@ -719,6 +723,12 @@ impl Shard {
                 // Read again once accepted (TCP backpressure meanwhile).
                 return;
             }
+            if conn.outbound_len() >= self.limits.high_watermark {
+                // Answers pile up unread (say a PINGREQ flood from a peer that never
+                // reads): leave its bytes in the kernel, so TCP backpressure stops the
+                // peer, until `flush_conn` drains the output below the low watermark.
+                return;
+            }
             if conn.state == ConnState::Active {
                 if let Some(b) = conn.bufs.as_ref() {
                     let over = self.limits.inbound.over_by(&b.rate, now_ns);
@@ -750,7 +760,6 @@ impl Shard {
                     if !via_tls {
                         conn.predictor.record(n);
                     }
-                    conn.last_seen = self.now as u32;
                     ShardMetrics::add(&self.metrics.bytes_received, n as u64);
                     if state == ConnState::Active {
                         if let Some(g) = self.limits.inbound.bytes {
@@ -1238,6 +1247,7 @@ impl Shard {
         let Some(bufs) = conn.bufs.as_mut() else {
             return;
         };
+        let pending_before = bufs.out.len() - bufs.out_pos;
         let mut failed = false;
         if let Some(tls) = bufs.tls.as_mut() {
             // Plaintext into rustls as far as its buffer limit takes it, ciphertext out.
@@ -1293,6 +1303,11 @@ impl Shard {
         }
         let tls_pending = bufs.tls.as_ref().is_some_and(|t| t.wants_write());
         let pending = bufs.out.len() - bufs.out_pos + usize::from(tls_pending);
+        if pending_before >= self.limits.low_watermark && pending < self.limits.low_watermark {
+            // Reading may have stopped at the high watermark (`on_readable`); with
+            // edge-triggered readiness no new event comes for bytes already waiting.
+            self.reread.push(key as u32);
+        }
         if pending == 0 {
             bufs.out.clear();
             bufs.out_pos = 0;

@@ -38,8 +38,16 @@ pub(super) struct PendingAuth {
 impl Shard {
     /// One whole frame from a connection. `rest` are the bytes after it in this read (a
     /// CONNECT handed to another shard takes them along). False when the connection is gone.
+    ///
+    /// Only a whole packet counts as a sign of life: the keep-alive (and, before CONNECT,
+    /// the connect timeout) is measured from the last complete frame, not the last byte,
+    /// as MQTT words it ("does not receive a Control Packet"). A peer trickling one byte
+    /// at a time cannot hold a connection open past either timer (slowloris).
     pub(super) fn handle_frame(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
         self.metrics.packet_in(frame[0] >> 4);
+        if self.conns[key].state == ConnState::Active {
+            self.conns[key].last_seen = self.now32();
+        }
         if self.conns[key].state == ConnState::Handshake {
             return match codec::decode_connect(frame) {
                 Ok(connect) => self.route_connect(key, connect, rest),
@@ -217,6 +225,19 @@ impl Shard {
         self.conns[key].version = v;
         if v == Version::V5 && c.auth_method.is_some() {
             return self.refuse(key, 0, reason::BAD_AUTH_METHOD, RefuseReason::Auth);
+        }
+        if c.will
+            .as_ref()
+            .is_some_and(|w| w.topic.len() > self.limits.max_topic_len)
+        {
+            tracing::info!(shard = self.id, client_id = %c.client_id, "will topic longer than max_topic_len, refused");
+            if v != Version::V5 {
+                // 3.1.1 has no return code for it: close without a CONNACK.
+                self.metrics.refuse(RefuseReason::Protocol);
+                self.close_conn(key, DisconnectReason::ProtocolError, None);
+                return false;
+            }
+            return self.refuse(key, 0, reason::TOPIC_NAME_INVALID, RefuseReason::Protocol);
         }
         if c.client_id.len() > self.limits.max_client_id_len {
             return self.refuse(
@@ -610,6 +631,13 @@ impl Shard {
 
     fn on_publish(&mut self, key: usize, skey: usize, p: Publish) -> bool {
         let v = self.conns[key].version;
+        if p.topic.len() > self.limits.max_topic_len {
+            return self.close_protocol(
+                key,
+                reason::TOPIC_NAME_INVALID,
+                "topic name longer than max_topic_len",
+            );
+        }
         let topic: Arc<str> = match p.topic_alias {
             None => Arc::from(p.topic),
             Some(a) if a == 0 || a > self.limits.topic_alias_maximum => {
@@ -741,7 +769,12 @@ impl Shard {
         };
         let mut codes = Vec::with_capacity(filters.len());
         let mut wanted_retained = Vec::new();
+        let mut quota_logged = false;
         for f in filters {
+            if f.filter.len() > self.limits.max_topic_len {
+                codes.push(invalid);
+                continue;
+            }
             let shared = if f.filter.starts_with("$share/") {
                 match topic::parse_shared(&f.filter) {
                     Some((g, inner)) if topic::valid_topic_filter(inner) => Some((g, inner)),
@@ -780,6 +813,15 @@ impl Shard {
                 | ((f.retain_handling & 3) << 4);
             let s = &mut self.sessions[skey];
             let existing = s.subs.iter().position(|(fl, _)| **fl == *f.filter);
+            if existing.is_none() && s.subs.len() >= self.limits.max_subscriptions {
+                // MQTT 5 0x97 Quota exceeded; encode_suback sends 0x80 to 3.1.1 clients.
+                if !quota_logged {
+                    quota_logged = true;
+                    tracing::info!(shard = self.id, client_id = %s.client_id, max = self.limits.max_subscriptions, "max_subscriptions_per_client reached, subscription refused");
+                }
+                codes.push(reason::QUOTA_EXCEEDED);
+                continue;
+            }
             let filter: Arc<str> = match existing {
                 Some(i) => {
                     s.subs[i].1 = options;
