@@ -860,12 +860,7 @@ impl Shard {
         }
         let mut plain = std::mem::take(&mut self.plain);
         let alive = loop {
-            let Some(tls) = self
-                .conns
-                .get_mut(key)
-                .and_then(|c| c.bufs.as_mut())
-                .and_then(|b| b.tls.as_mut())
-            else {
+            let Some(tls) = tls_of(&mut self.conns, key) else {
                 break false;
             };
             match tls.reader().read(&mut plain) {
@@ -901,12 +896,7 @@ impl Shard {
     /// Feeds ciphertext that arrived outside rustls (after a PROXY header) to it.
     fn tls_feed(&mut self, key: usize, mut data: &[u8]) -> bool {
         while !data.is_empty() {
-            let Some(tls) = self
-                .conns
-                .get_mut(key)
-                .and_then(|c| c.bufs.as_mut())
-                .and_then(|b| b.tls.as_mut())
-            else {
+            let Some(tls) = tls_of(&mut self.conns, key) else {
                 return false;
             };
             if let Err(e) = tls.read_tls(&mut data) {
@@ -1599,6 +1589,14 @@ impl Shard {
         ShardMetrics::set(&m.pool_hits, p.hits);
         ShardMetrics::set(&m.pool_misses, p.misses);
     }
+}
+
+/// The rustls session of connection `key`, if it is a live TLS connection.
+fn tls_of(conns: &mut Slab<Conn>, key: usize) -> Option<&mut rustls::ServerConnection> {
+    conns
+        .get_mut(key)
+        .and_then(|c| c.bufs.as_mut())
+        .and_then(|b| b.tls.as_deref_mut())
 }
 
 /// Pins the calling thread to core `id` modulo the cores this process may use.

@@ -869,25 +869,18 @@ impl Shard {
 
     /// The ACL's word on a PUBLISH to `topic` from session `skey`; a refusal is counted.
     fn publish_allowed(&mut self, skey: usize, topic: &str) -> bool {
-        if !self.acl.enabled() {
-            return true;
-        }
-        let s = &self.sessions[skey];
-        let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
-        let who = Who {
-            client_id: &s.client_id,
-            username: conn_acl.and_then(|a| a.username.as_deref()),
-        };
-        if self.acl.may_publish(&who, conn_acl, topic) {
-            return true;
-        }
-        self.metrics.acl_denied(false);
-        tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
-        false
+        self.acl_allows(skey, false, topic)
     }
 
     /// The ACL's word on a SUBSCRIBE filter from session `skey`; a refusal is counted.
     fn subscribe_allowed(&mut self, skey: usize, filter: &str) -> bool {
+        self.acl_allows(skey, true, filter)
+    }
+
+    /// Asks the ACL about a SUBSCRIBE filter (`subscribe`) or a PUBLISH topic. A refused
+    /// SUBSCRIBE is logged at info; a refused PUBLISH only at debug, so a device
+    /// publishing where it may not cannot flood the log. Both are counted.
+    fn acl_allows(&mut self, skey: usize, subscribe: bool, topic: &str) -> bool {
         if !self.acl.enabled() {
             return true;
         }
@@ -897,11 +890,20 @@ impl Shard {
             client_id: &s.client_id,
             username: conn_acl.and_then(|a| a.username.as_deref()),
         };
-        if self.acl.may_subscribe(&who, conn_acl, filter) {
+        let allowed = if subscribe {
+            self.acl.may_subscribe(&who, conn_acl, topic)
+        } else {
+            self.acl.may_publish(&who, conn_acl, topic)
+        };
+        if allowed {
             return true;
         }
-        self.metrics.acl_denied(true);
-        tracing::info!(shard = self.id, client_id = %s.client_id, filter, "SUBSCRIBE filter denied by the ACL");
+        self.metrics.acl_denied(subscribe);
+        if subscribe {
+            tracing::info!(shard = self.id, client_id = %s.client_id, filter = topic, "SUBSCRIBE filter denied by the ACL");
+        } else {
+            tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
+        }
         false
     }
 
