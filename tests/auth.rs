@@ -678,3 +678,46 @@ async fn webhook_acl_applies_to_that_connection() {
         }
     }
 }
+
+/// A device gives up on a connection whose verdict is slow and comes back on a new one,
+/// which is let in first. When the old verdict arrives it must not take the new
+/// connection over: the old one is closed without a CONNACK, the new one keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_verdict_does_not_take_over_a_newer_connection() {
+    let b = backend().await;
+    let s = TestServer::start(&format!(
+        "{}[shards]\ntick_ms = 100\n",
+        webhook_config(&format!("http://{}/auth", b.addr))
+    ));
+    let mut old = TcpStream::connect(s.mqtt).await.unwrap();
+    old.write_all(&connect_bytes(false, "flaky", Some("u"), Some("gate")))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while b.hanging.load(Ordering::SeqCst) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backend never called"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Accepted a few ticks later than the old one.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (code, mut new) = connack(s.mqtt, false, "flaky", Some("u"), Some("good")).await;
+    assert_eq!(code, V3_OK);
+    b.gate.notify_waiters();
+    let mut buf = [0u8; 4];
+    let n = tokio::time::timeout(T, old.read(&mut buf))
+        .await
+        .expect("the old connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the old connection got no CONNACK: {:?}", &buf[..n]);
+    // The new connection was not taken over: PINGREQ → PINGRESP.
+    new.write_all(&[0xC0, 0x00]).await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(T, new.read_exact(&mut pong))
+        .await
+        .expect("PINGRESP")
+        .expect("the new connection is open");
+    assert_eq!(pong, [0xD0, 0x00]);
+}

@@ -218,7 +218,7 @@ impl Authenticator {
 /// Runs [`Authenticator::check`] on the business runtime and posts the verdict to
 /// connection `conn` (authentication `token`) of `shard` as `ShardMsg::AuthDone`. A full
 /// mailbox is retried every few milliseconds (this is a business task, not the shard)
-/// until `give_up`, after which the connection has timed out anyway.
+/// until `deadline`, the connection's connect timeout.
 #[allow(clippy::too_many_arguments)]
 pub fn check_in_background(
     auth: Arc<Authenticator>,
@@ -228,16 +228,20 @@ pub fn check_in_background(
     shard: usize,
     conn: usize,
     token: u64,
-    give_up: Duration,
+    deadline: Instant,
 ) {
     business.spawn(async move {
-        let verdict = auth.check(req).await;
+        // Past `deadline` the connect timeout has closed the connection: drop the work
+        // (a queued argon2 hash included) instead of doing it for nobody. Under a
+        // reconnect storm that keeps the hashing queue made of live connections only.
+        let Ok(verdict) = tokio::time::timeout_at(deadline.into(), auth.check(req)).await else {
+            return;
+        };
         let mut msg = ShardMsg::AuthDone(Box::new(AuthDone {
             conn,
             token,
             verdict,
         }));
-        let deadline = Instant::now() + give_up;
         while let Err(m) = mailboxes.try_send(shard, msg) {
             if Instant::now() > deadline {
                 return;

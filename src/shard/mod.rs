@@ -430,6 +430,13 @@ impl Shard {
             if self.stopping && self.conns.is_empty() {
                 break;
             }
+            // Accepting stopped at max_handshaking and handshakes have finished since: the
+            // backlog gives no new event for connections already waiting in it.
+            let max = self.limits.max_handshaking;
+            busy |= self.accept_blocked
+                && !self.stopping
+                && (max == 0 || self.handshaking < max)
+                && self.connect_bucket.ready(Instant::now());
             if busy {
                 tokio::task::yield_now().await;
                 continue;
@@ -827,6 +834,10 @@ impl Shard {
     /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
     /// reads it again, unless that puts it over its rate once more.
     fn resume(&mut self, key: usize) {
+        if self.conns[key].state != ConnState::Active {
+            // A key freed and reused since it was paused: not the paused connection.
+            return;
+        }
         let held = self.take_held(key);
         if !held.is_empty() {
             let alive = self.ingest_bytes(key, &held);
@@ -1293,7 +1304,7 @@ impl Shard {
         }
         let tls_pending = bufs.tls.as_ref().is_some_and(|t| t.wants_write());
         let pending = bufs.out.len() - bufs.out_pos + usize::from(tls_pending);
-        if pending_before >= self.limits.low_watermark && pending < self.limits.low_watermark {
+        if pending_before > self.limits.low_watermark && pending <= self.limits.low_watermark {
             // Reading may have stopped at the high watermark (`on_readable`); with
             // edge-triggered readiness no new event comes for bytes already waiting.
             self.reread.push(key as u32);
@@ -1431,6 +1442,7 @@ impl Shard {
         if conn.state != ConnState::Active {
             self.handshaking = self.handshaking.saturating_sub(1);
         }
+        self.paused.remove(&(key as u32));
         if conn.state != ConnState::ProxyHeader {
             self.per_ip.release(conn.peer.addr().ip());
         }

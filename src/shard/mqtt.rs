@@ -69,6 +69,12 @@ impl Shard {
                 }
             };
         }
+        if self.conns[key].state != ConnState::Active {
+            // Bytes of a connection still waiting for its authentication verdict (or its
+            // PROXY header) are never decoded as packets: there is no session yet.
+            self.close_conn(key, DisconnectReason::ProtocolError, None);
+            return false;
+        }
         let version = self.conns[key].version;
         match codec::decode(frame, version) {
             Ok(packet) => self.handle_packet(key, packet),
@@ -272,8 +278,10 @@ impl Shard {
             },
         );
         self.conns[key].state = ConnState::Authenticating;
-        // Past the connect timeout the connection is gone; stop retrying a full mailbox.
-        let give_up = Duration::from_secs(u64::from(self.config.mqtt.connect_timeout_secs)) * 2;
+        // The connect timeout runs from accept; past it the connection is gone.
+        let deadline = self.started
+            + self.limits.tick * self.conns[key].accepted_at
+            + Duration::from_secs(u64::from(self.config.mqtt.connect_timeout_secs));
         crate::auth::check_in_background(
             self.auth.clone(),
             &self.business,
@@ -282,7 +290,7 @@ impl Shard {
             self.id,
             key,
             token,
-            give_up,
+            deadline,
         );
         false
     }
@@ -298,6 +306,13 @@ impl Shard {
         let Some(p) = self.auth_pending.remove(&key) else {
             return;
         };
+        if self.superseded(key, &p.connect.client_id) {
+            // The device gave up on this connection and came back on a newer one that
+            // is already in: a late verdict must not take that one over.
+            tracing::info!(shard = self.id, client_id = %p.connect.client_id, "authentication answered after a newer connection of the client id, closing the older one");
+            self.close_conn(key, DisconnectReason::Takeover, None);
+            return;
+        }
         self.conns[key].state = ConnState::Handshake;
         if !matches!(d.verdict, Verdict::Allow(_)) {
             self.discard_input(key);
@@ -313,6 +328,21 @@ impl Shard {
             // It was not read from while waiting.
             self.reread.push(key as u32);
         }
+    }
+
+    /// True when `client_id` already has a live connection accepted after `key`.
+    fn superseded(&self, key: usize, client_id: &str) -> bool {
+        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
+            return false;
+        };
+        let old = self.sessions[skey as usize].conn;
+        let mine = self.conns[key].accepted_at;
+        old != NO_CONN
+            && old as usize != key
+            && self
+                .conns
+                .get(old as usize)
+                .is_some_and(|o| o.accepted_at > mine)
     }
 
     /// Reads and drops what a refused client sent after its CONNECT, so closing does not
