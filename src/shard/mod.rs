@@ -1517,7 +1517,11 @@ impl Shard {
         let accepted_at = self
             .now32()
             .saturating_sub(self.limits.ticks(elapsed.as_secs_f64()));
-        let idle = self.limits.connect_timeout_ticks;
+        // The connect timeout runs from the accept on the other shard, not from now.
+        let idle = self
+            .limits
+            .connect_timeout_ticks
+            .saturating_sub(self.now32() - accepted_at);
         let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
         else {
             self.per_ip.release(h.peer.ip());
