@@ -123,6 +123,18 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).field(field)
     }
 
+    /// The shard (or, for `queued`, the durable store behind it) did not answer in time.
+    fn answer_timeout(after: Duration) -> Self {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "answer_timeout",
+            format!(
+                "no answer from the gateway within {} ms (a busy shard or a slow store); the push may still be delivered: retry with the same idempotency_key to learn its outcome",
+                after.as_millis()
+            ),
+        )
+    }
+
     fn overloaded() -> Self {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -434,8 +446,19 @@ impl Inner {
         Arc::new(m.with_expiry_secs(spec.ttl_secs))
     }
 
+    /// A shard's answer, or 504 once `answer_timeout_ms` has passed since `since` (the
+    /// request's arrival): a stalled store must not hold requests forever.
+    async fn answer<T>(&self, rx: oneshot::Receiver<T>, since: Instant) -> Result<T, ApiError> {
+        let limit = Duration::from_millis(u64::from(self.config.http.answer_timeout_ms));
+        match tokio::time::timeout_at((since + limit).into(), rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(shutting_down()),
+            Err(_) => Err(ApiError::answer_timeout(limit)),
+        }
+    }
+
     /// Sends to every shard and sums the matches (a topic push).
-    async fn push_topic(&self, msg: Arc<Message>) -> Result<usize, ApiError> {
+    async fn push_topic(&self, msg: Arc<Message>, since: Instant) -> Result<usize, ApiError> {
         let mut replies = Vec::with_capacity(self.mailboxes.len());
         for shard in 0..self.mailboxes.len() {
             let (tx, rx) = oneshot::channel();
@@ -452,7 +475,7 @@ impl Inner {
         }
         let mut matched = 0;
         for rx in replies {
-            matched += rx.await.map_err(|_| shutting_down())?;
+            matched += self.answer(rx, since).await?;
         }
         Ok(matched)
     }
@@ -540,7 +563,7 @@ impl Inner {
         let msg = self.message(spec, received);
         match &spec.client_id {
             None => {
-                let matched = self.push_topic(msg).await?;
+                let matched = self.push_topic(msg, received).await?;
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
                 Ok(json!({"id": id, "matched": matched}))
             }
@@ -555,9 +578,9 @@ impl Inner {
                 self.mailboxes
                     .try_send(shard, ShardMsg::Push { items, reply: tx })
                     .map_err(|_| ApiError::overloaded())?;
-                let outcome = rx
-                    .await
-                    .map_err(|_| shutting_down())?
+                let outcome = self
+                    .answer(rx, received)
+                    .await?
                     .pop()
                     .ok_or_else(shutting_down)?;
                 let r = self.finish(&id, spec, outcome).await;
@@ -690,7 +713,7 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
         waits.push((group, ids, rx));
     }
     for (group, ids, rx) in waits {
-        match rx.await {
+        match inner.answer(rx, received).await {
             Ok(outcomes) => {
                 for (((i, spec), id), outcome) in group.into_iter().zip(ids).zip(outcomes) {
                     let r = inner.finish(&id, &spec, outcome).await;
@@ -698,9 +721,11 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
                     results[i] = Some(r);
                 }
             }
-            Err(_) => {
+            Err(e) => {
                 for (i, _) in group {
-                    results[i] = Some(Err(shutting_down()));
+                    let r = Err(e.clone());
+                    inner.record(&r, received);
+                    results[i] = Some(r);
                 }
             }
         }
@@ -738,7 +763,7 @@ async fn ask_home<T>(
         .mailboxes
         .try_send(shard, make(tx))
         .map_err(|_| ApiError::overloaded())?;
-    rx.await.map_err(|_| shutting_down())
+    inner.answer(rx, Instant::now()).await
 }
 
 fn not_found(client_id: &str) -> ApiError {

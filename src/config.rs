@@ -184,6 +184,9 @@ pub struct HttpConfig {
     pub business_threads: usize,
     pub max_batch: u32,
     pub idempotency_window_secs: u32,
+    /// Longest a request waits for a shard's answer (which, for `queued`, includes the
+    /// store's commit), in milliseconds.
+    pub answer_timeout_ms: u32,
 }
 
 /// `[log]`: the lossy, non-blocking logger.
@@ -568,6 +571,7 @@ impl Config {
         }
         in_range("http.business_threads", h.business_threads, 0, MAX_THREADS)?;
         at_least("http.max_batch", h.max_batch, 1)?;
+        in_range("http.answer_timeout_ms", h.answer_timeout_ms, 100, 600_000)?;
 
         let l = &self.log;
         if l.level.trim().is_empty() {
@@ -823,6 +827,7 @@ mod tests {
         assert_eq!(c.http.business_threads, 2);
         assert_eq!(c.http.max_batch, 1000);
         assert_eq!(c.http.idempotency_window_secs, 300);
+        assert_eq!(c.http.answer_timeout_ms, 10_000);
 
         assert_eq!(c.log.level, "info");
         assert_eq!(c.log.format, LogFormat::Text);

@@ -557,3 +557,27 @@ async fn stats_and_openapi_are_served() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     assert!(doc["paths"]["/v1/push"]["post"].is_object());
 }
+
+/// A `queued` answer waits for the store's commit; a store slower than
+/// `answer_timeout_ms` (here: the writer gathers changes for 3 s before committing) gets
+/// 504 `answer_timeout` instead of holding the request, and the message is still
+/// delivered when the device comes back.
+#[tokio::test]
+async fn a_slow_store_answers_504_within_answer_timeout() {
+    let gw =
+        TestServer::start("[http]\nanswer_timeout_ms = 300\n[store]\ncommit_interval_ms = 3000\n");
+    let api = Api::new(&gw);
+    let dev = device(&gw, "dev-slow-store", true).await;
+    dev.client.disconnect().await.unwrap();
+    gw.wait_metric("gateway_connections", T, |v| v == 0.0).await;
+    let (code, b) = api
+        .push(json!({"client_id": "dev-slow-store", "topic": "cmd/s", "payload": "late", "qos": 1}))
+        .await;
+    assert_eq!(code, 504, "{b}");
+    assert_eq!(b["error"]["code"], "answer_timeout", "{b}");
+    let mut o = v4::options(gw.mqtt, "dev-slow-store");
+    o.set_clean_session(false);
+    let mut dev = v4::connect(o).await;
+    let m = dev.next_publish(T).await.expect("the push is delivered");
+    assert_eq!(&m.payload[..], b"late");
+}
