@@ -750,18 +750,22 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        let mut unsynced = false;
+        // With `durability = "eventual"`: when the oldest commit not yet on disk was made,
+        // and the answers that wait for it. A non-durable redb commit is lost on kill -9,
+        // so a `queued` answer is only released by the fsync that follows (at most
+        // `sync_interval` later, even under constant load).
+        let mut unsynced_since: Option<Instant> = None;
+        let mut held: Vec<DeferredReply> = Vec::new();
         loop {
-            let wait = if unsynced {
-                self.sync_interval
-            } else {
-                IDLE_CHECK
+            let wait = match unsynced_since {
+                Some(t) => self.sync_interval.saturating_sub(t.elapsed()),
+                None => IDLE_CHECK,
             };
             let first = match self.rx.recv_timeout(wait) {
                 Ok(b) => b,
                 Err(RecvTimeoutError::Timeout) => {
-                    if unsynced {
-                        unsynced = !self.sync();
+                    if unsynced_since.take().is_some() {
+                        self.sync_and_answer(&mut held);
                     } else {
                         maybe_compact(&mut self.db, &self.metrics);
                     }
@@ -794,24 +798,45 @@ impl Writer {
                 }
             }
             let ok = self.commit(&batches, ops);
-            if ok && self.durability == StoreDurability::Eventual {
-                unsynced = true;
+            let eventual = self.durability == StoreDurability::Eventual;
+            if ok && eventual {
+                unsynced_since.get_or_insert_with(Instant::now);
             }
             for b in batches {
-                if ok {
+                if !ok {
+                    fail_replies(b.replies);
+                } else if eventual {
+                    held.extend(b.replies);
+                } else {
                     for (tx, outcomes) in b.replies {
                         let _ = tx.send(outcomes);
                     }
-                } else {
-                    fail_replies(b.replies);
                 }
             }
+            if unsynced_since.is_some_and(|t| t.elapsed() >= self.sync_interval) {
+                unsynced_since = None;
+                self.sync_and_answer(&mut held);
+            }
         }
-        if unsynced {
-            self.sync();
+        if unsynced_since.is_some() {
+            self.sync_and_answer(&mut held);
         }
         self.metrics.refresh_size();
         tracing::debug!("store writer stopped");
+    }
+
+    /// Makes the earlier non-durable commits durable, then releases the answers that
+    /// waited for them (or fails them if the fsync failed).
+    fn sync_and_answer(&mut self, held: &mut Vec<DeferredReply>) {
+        let ok = self.sync();
+        let replies = std::mem::take(held);
+        if ok {
+            for (tx, outcomes) in replies {
+                let _ = tx.send(outcomes);
+            }
+        } else {
+            fail_replies(replies);
+        }
     }
 
     /// An empty fsync'ing commit: makes earlier non-durable commits durable.
@@ -853,7 +878,7 @@ impl Writer {
             Err(e) => {
                 self.metrics.errors.inc();
                 if !self.failing {
-                    tracing::error!(error = %e, file = %self.metrics.path.display(), "store commit failed; pushes are answered dropped/store_error until it works again");
+                    tracing::error!(error = %e, file = %self.metrics.path.display(), "store commit failed; pushes are answered dropped/store_error, and after an I/O error redb refuses every later write until the gateway is restarted");
                     self.failing = true;
                 }
                 false

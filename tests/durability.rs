@@ -664,3 +664,91 @@ async fn measure_file_size_after_a_drained_backlog() {
     );
     assert_eq!(gw.metric("gateway_queued_messages").await, 0.0);
 }
+
+/// `durability = "eventual"` commits without fsync and fsyncs once per `sync_interval_ms`;
+/// a `queued` answer must still mean durable, so it waits for that fsync. Pushes are
+/// answered `queued`, the gateway is killed at once, and every one is delivered after
+/// the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventual_durability_answers_queued_only_after_the_fsync() {
+    const DEVICES: usize = 5;
+    const PER_DEVICE: usize = 40;
+    let dir = tempdir::Dir::new("eventual");
+    let extra = format!(
+        "{}durability = \"eventual\"\nsync_interval_ms = 1000\n",
+        store_toml(&dir)
+    );
+    let mut gw = GatewayProcess::start(&extra);
+    for i in 0..DEVICES {
+        let (mut c, _) = connect_device(&gw, &format!("ev-{i}")).await;
+        c.subscribe(&format!("ev/{i}/cmd"), v4::QoS::AtLeastOnce)
+            .await;
+        disconnect(c).await;
+    }
+    // Let the sessions' own commit reach the disk, so only the pushes are at stake.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut items = Vec::new();
+    for k in 0..PER_DEVICE {
+        for i in 0..DEVICES {
+            items.push(json!({
+                "client_id": format!("ev-{i}"),
+                "topic": format!("ev/{i}/cmd"),
+                "payload": format!("{i}:{k}"),
+                "qos": 1,
+            }));
+        }
+    }
+    let (code, body) = post(&gw, "/v1/push/batch", json!({ "messages": items })).await;
+    assert_eq!(code, 200, "{body}");
+    for r in body["results"].as_array().expect("results") {
+        assert_eq!(r["status"], "queued", "{r}");
+    }
+    kill9(&mut gw);
+    let gw = GatewayProcess::start(&extra);
+    for i in 0..DEVICES {
+        let (mut c, present) = connect_device(&gw, &format!("ev-{i}")).await;
+        assert!(present, "ev-{i}: session restored");
+        let mut got = Vec::new();
+        while got.len() < PER_DEVICE {
+            let p = c
+                .next_publish(T)
+                .await
+                .unwrap_or_else(|| panic!("ev-{i}: {} of {PER_DEVICE} after kill -9", got.len()));
+            let text = String::from_utf8_lossy(&p.payload).to_string();
+            let k: usize = text
+                .split_once(':')
+                .and_then(|(_, k)| k.parse().ok())
+                .expect("i:k");
+            if !got.contains(&k) {
+                got.push(k);
+            }
+        }
+        assert_eq!(got, (0..PER_DEVICE).collect::<Vec<_>>(), "ev-{i}: in order");
+        c.task.abort();
+    }
+}
+
+/// A session whose device was online when the gateway crashed counts as offline from the
+/// restart on, and that is stored: a second crash and restart must not give it its whole
+/// expiry again (else frequent restarts would keep an abandoned session forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_online_at_a_crash_expires_across_later_restarts() {
+    let dir = tempdir::Dir::new("online-crash");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let c = connect5("was-online", 30, true, Some(session_expiry_props(3)));
+    let (_raw, _) = Raw::connected_v5(gw.mqtt, &c).await;
+    // The session's record (online) is committed well within this.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    kill9(&mut gw);
+    // Restart: the device is gone; its 3 s expiry starts now.
+    let mut gw = GatewayProcess::start(&extra);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    kill9(&mut gw);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // 3.5 s after the first restart: expired, even though it never reconnected.
+    let gw = GatewayProcess::start(&extra);
+    let c = connect5("was-online", 30, false, Some(session_expiry_props(3600)));
+    let (_raw, ack) = Raw::connected_v5(gw.mqtt, &c).await;
+    assert!(!ack.session_present, "the session outlived its expiry");
+}

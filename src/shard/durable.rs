@@ -196,6 +196,11 @@ impl Shard {
                 }
                 self.queued_total += n as u64;
             }
+            if stored.offline_since_ms == 0 {
+                // Online when the gateway stopped (a crash): offline from now on. Stored
+                // so that the next restart counts its expiry from here, not afresh.
+                self.store_session(skey, false);
+            }
             if stored.expiry_secs != NEVER_EXPIRES {
                 let total_ms = u64::from(stored.expiry_secs) * 1000;
                 let gone_ms = if stored.offline_since_ms == 0 {
