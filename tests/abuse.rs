@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{v4, Raw, TestServer};
+use common::{frame, s, v4, Raw, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(5);
@@ -54,32 +54,6 @@ impl Honest {
             }
         }
     }
-}
-
-/// A frame: first byte, Remaining Length, body.
-fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut f = vec![byte1];
-    let mut n = body.len();
-    loop {
-        let mut b = (n & 0x7F) as u8;
-        n >>= 7;
-        if n > 0 {
-            b |= 0x80;
-        }
-        f.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    f.extend_from_slice(body);
-    f
-}
-
-/// An MQTT string: 2-byte length, bytes.
-fn s(b: &[u8]) -> Vec<u8> {
-    let mut v = (b.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(b);
-    v
 }
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {

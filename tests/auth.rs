@@ -56,25 +56,9 @@ fn connect_bytes(v5: bool, id: &str, user: Option<&str>, pass: Option<&str>) -> 
 /// An MQTT 5 CONNECT with a password and no username.
 fn v5_password_only(id: &str, pass: &str) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02 | 0x40, 0, 30, 0];
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id.as_bytes());
-    body.extend_from_slice(&(pass.len() as u16).to_be_bytes());
-    body.extend_from_slice(pass.as_bytes());
-    let mut out = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend(body);
-    out
+    body.extend(common::s(id.as_bytes()));
+    body.extend(common::s(pass.as_bytes()));
+    common::frame(0x10, &body)
 }
 
 /// Connects, sends the CONNECT and returns the CONNACK code (byte 3 in both versions)

@@ -949,3 +949,30 @@ pub fn empty_publish_props() -> mqttbytes::v5::PublishProperties {
         content_type: None,
     }
 }
+
+/// A hand-built MQTT frame: first byte, Remaining Length (written here, not by the
+/// gateway's encoder), body. For byte-level tests of malformed and unusual packets.
+pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![byte1];
+    let mut n = body.len();
+    loop {
+        let mut b = (n & 0x7F) as u8;
+        n >>= 7;
+        if n > 0 {
+            b |= 0x80;
+        }
+        f.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    f.extend_from_slice(body);
+    f
+}
+
+/// An MQTT string: 2-byte length, bytes.
+pub fn s(b: &[u8]) -> Vec<u8> {
+    let mut v = (b.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(b);
+    v
+}
