@@ -1,6 +1,7 @@
 //! Buffers only while busy: idle connections hold none, frames split anywhere or packed
 //! many to a read decode the same, the packet size limit is exact, and a slow subscriber
-//! loses only QoS 0 (counted) while its QoS 1 messages wait for it.
+//! loses only QoS 0 (counted) while its QoS 1 messages wait for it — or, with
+//! `slow_consumer = "backpressure"`, nothing, its publishers paced instead.
 
 mod common;
 
@@ -252,4 +253,76 @@ async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
             .await,
         0.0
     );
+}
+
+#[tokio::test]
+async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing() {
+    let gw = TestServer::start(
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
+    );
+    let (client, mut el) = rumqttc::AsyncClient::new(v4::options(gw.mqtt, "slowpoke"), 10);
+    client
+        .subscribe("flood", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    // 400 KiB of QoS 0 for a subscriber that reads nothing meanwhile: far more than its
+    // high watermark and both sockets' buffers.
+    let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
+    const N: u32 = 400;
+    let payload = vec![7u8; 1024];
+    for i in 0..N {
+        let mut p = payload.clone();
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        publisher
+            .client
+            .publish("flood", rumqttc::QoS::AtMostOnce, false, p)
+            .await
+            .unwrap();
+    }
+    let pauses = gw
+        .wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
+        .await;
+    assert!(pauses >= 1.0, "the publisher is paced, not the subscriber shed");
+    assert!(gw.metric("gateway_congested_connections").await >= 1.0);
+
+    // Meanwhile other clients are served: CONNECT, SUBSCRIBE, PINGREQ are still read.
+    let mut bystander = v4::connect(v4::options(gw.mqtt, "bystander")).await;
+    bystander
+        .client
+        .subscribe("elsewhere", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(
+        bystander
+            .wait_for(T, |p| matches!(p, rumqttc::Packet::SubAck(_)))
+            .await
+    );
+
+    // Now read: every message arrives, once, in order, and nothing was dropped.
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < N as usize {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {N} arrived", got.len()))
+            .unwrap();
+        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+            got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
+        }
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    assert_eq!(
+        gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+    let congested = gw
+        .wait_metric("gateway_congested_connections", T, |v| v == 0.0)
+        .await;
+    assert_eq!(congested, 0.0, "congestion ends once the subscriber drained");
 }

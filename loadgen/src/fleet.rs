@@ -26,6 +26,10 @@ use crate::proto::{Control, FinalReport, RoundReport, Snapshot, WorkOrder};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
 
+/// Bytes a device reads at a time once its socket is readable (the buffer is released
+/// again when it holds no partial packet).
+const READ_CHUNK: usize = 16 * 1024;
+
 /// What every device of this process does, fixed by the work order.
 pub struct DeviceCfg {
     pub target: SocketAddr,
@@ -158,6 +162,8 @@ pub struct Fleet {
     ramp_start: std::sync::OnceLock<Instant>,
     ramp_count: AtomicU64,
     ramp_us: AtomicU64,
+    /// When the last stamped message arrived (ns since the UNIX epoch).
+    last_rx_ns: AtomicU64,
 }
 
 /// An established device connection.
@@ -244,6 +250,46 @@ impl Dedup {
     }
 }
 
+/// What the messages of one read brought, added to the fleet's shared counters once per
+/// read instead of once per message.
+struct Tally {
+    /// When the read returned: the receive time of every message in it.
+    now_ns: u64,
+    received: u64,
+    unique: u64,
+    duplicates: u64,
+    foreign: u64,
+    latencies_us: Vec<u64>,
+}
+
+impl Tally {
+    fn new(now_ns: u64) -> Tally {
+        Tally {
+            now_ns,
+            received: 0,
+            unique: 0,
+            duplicates: 0,
+            foreign: 0,
+            latencies_us: Vec::new(),
+        }
+    }
+
+    fn message(&mut self, stamp: Option<(u64, u64)>, dedup: &mut Dedup) {
+        self.received += 1;
+        let Some((seq, sent_ns)) = stamp else {
+            self.foreign += 1;
+            return;
+        };
+        if dedup.insert(seq) {
+            self.unique += 1;
+            self.latencies_us
+                .push(self.now_ns.saturating_sub(sent_ns) / 1000);
+        } else {
+            self.duplicates += 1;
+        }
+    }
+}
+
 impl Fleet {
     pub fn new(cfg: DeviceCfg, max_pending: usize) -> Arc<Fleet> {
         Arc::new(Fleet {
@@ -262,6 +308,7 @@ impl Fleet {
             ramp_start: std::sync::OnceLock::new(),
             ramp_count: AtomicU64::new(u64::MAX),
             ramp_us: AtomicU64::new(0),
+            last_rx_ns: AtomicU64::new(0),
         })
     }
 
@@ -282,6 +329,7 @@ impl Fleet {
             duplicates: get(&c.duplicates),
             foreign: get(&c.foreign),
             ramp_us: get(&self.ramp_us),
+            last_rx_ns: get(&self.last_rx_ns),
         }
     }
 
@@ -626,12 +674,23 @@ impl Fleet {
                         }
                     }
                 }
-                read = conn.stream.read_buf(&mut conn.buf) => {
-                    match read {
-                        Ok(0) => return End::Lost("closed_by_server".into()),
-                        Err(e) => return End::Lost(io_cause("read", &e)),
-                        Ok(_) => {}
+                ready = conn.stream.readable() => {
+                    if let Err(e) = ready {
+                        return End::Lost(io_cause("read", &e));
                     }
+                    // The buffer is taken only once the socket has data, and at least
+                    // READ_CHUNK at a time: an idle device holds none, a busy one reads
+                    // many packets per syscall (the measuring tool must not be the
+                    // bottleneck of a fan-out run).
+                    conn.buf.reserve(READ_CHUNK);
+                    match conn.stream.try_read_buf(&mut conn.buf) {
+                        Ok(0) => return End::Lost("closed_by_server".into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return End::Lost(io_cause("read", &e)),
+                    }
+                    // One clock reading and one counter/histogram update per read.
+                    let mut tally = Tally::new(now_ns());
                     loop {
                         match codec::next(self.cfg.protocol, &mut conn.buf) {
                             Ok(None) => break,
@@ -639,19 +698,21 @@ impl Fleet {
                                 inc(&self.c.pongs);
                                 awaiting_pong = false;
                             }
-                            Ok(Some(Incoming::Publish { qos, pkid, payload })) => {
-                                self.on_message(&payload, dedup);
+                            Ok(Some(Incoming::Publish { qos, pkid, stamp })) => {
+                                tally.message(stamp, dedup);
                                 if qos == 1 {
                                     out.extend_from_slice(&codec::puback(pkid));
                                 }
                             }
                             Ok(Some(Incoming::Disconnect { reason })) => {
+                                self.add_tally(&mut tally);
                                 return End::Lost(format!("disconnect_0x{reason:02x}"));
                             }
                             Ok(Some(_)) => {}
                             Err(_) => return End::Lost("protocol_error".into()),
                         }
                     }
+                    self.add_tally(&mut tally);
                     if !out.is_empty() {
                         if let Err(e) = conn.stream.write_all(&out).await {
                             return End::Lost(io_cause("write", &e));
@@ -678,19 +739,24 @@ impl Fleet {
         }
     }
 
-    fn on_message(&self, payload: &[u8], dedup: &mut Dedup) {
-        inc(&self.c.received);
-        let Some((seq, sent_ns)) = codec::parse_stamp(payload) else {
-            inc(&self.c.foreign);
+    /// Adds what one read brought to the fleet's counters and latency histogram.
+    fn add_tally(&self, t: &mut Tally) {
+        if t.received == 0 {
             return;
-        };
-        if dedup.insert(seq) {
-            inc(&self.c.unique);
-            let us = now_ns().saturating_sub(sent_ns) / 1000;
-            self.message_hist.lock().unwrap().record(us);
-        } else {
-            inc(&self.c.duplicates);
         }
+        self.c.received.fetch_add(t.received, Ordering::Relaxed);
+        self.c.unique.fetch_add(t.unique, Ordering::Relaxed);
+        self.c.duplicates.fetch_add(t.duplicates, Ordering::Relaxed);
+        self.c.foreign.fetch_add(t.foreign, Ordering::Relaxed);
+        if t.unique > 0 {
+            self.last_rx_ns.fetch_max(t.now_ns, Ordering::Relaxed);
+        }
+        let mut h = self.message_hist.lock().unwrap();
+        for &us in &t.latencies_us {
+            h.record(us);
+        }
+        drop(h);
+        *t = Tally::new(t.now_ns);
     }
 
     /// Storm: reconnect after a drop, at once or with full-jitter exponential backoff,

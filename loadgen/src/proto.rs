@@ -56,6 +56,10 @@ pub struct Snapshot {
     /// Microseconds from the first initial attempt to the last one settling (0 until
     /// then); the parent takes the longest over children.
     pub ramp_us: u64,
+    /// When the last stamped message arrived (ns since the UNIX epoch, 0 = none yet);
+    /// the parent takes the latest over children.
+    #[serde(default)]
+    pub last_rx_ns: u64,
 }
 
 impl Snapshot {
@@ -74,6 +78,7 @@ impl Snapshot {
         self.duplicates += o.duplicates;
         self.foreign += o.foreign;
         self.ramp_us = self.ramp_us.max(o.ramp_us);
+        self.last_rx_ns = self.last_rx_ns.max(o.last_rx_ns);
     }
 }
 
