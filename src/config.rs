@@ -171,6 +171,20 @@ pub struct BuffersConfig {
     pub pool_idle_secs: u32,
     pub outbound_high_watermark: u32,
     pub outbound_low_watermark: u32,
+    pub slow_consumer: SlowConsumer,
+    /// With `slow_consumer = "backpressure"`: the most output a connection holds.
+    pub outbound_max_bytes: u32,
+}
+
+/// What a subscriber above its outbound high watermark costs (`[buffers] slow_consumer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// Its QoS 0 messages are dropped; publishers never wait (the default).
+    Drop,
+    /// Its QoS 0 messages are still written (up to `outbound_max_bytes`) and PUBLISH
+    /// packets are not read from any client until every subscriber is back under.
+    Backpressure,
 }
 
 /// `[http]`: the push API and the business pool that serves it.
@@ -552,6 +566,15 @@ impl Config {
                 ),
             ));
         }
+        if b.outbound_max_bytes < b.outbound_high_watermark {
+            return Err(invalid(
+                "buffers.outbound_max_bytes",
+                format!(
+                    "must be at least buffers.outbound_high_watermark ({}), got {}",
+                    b.outbound_high_watermark, b.outbound_max_bytes
+                ),
+            ));
+        }
 
         let h = &self.http;
         if listeners_collide(m.listen, h.listen) {
@@ -821,6 +844,8 @@ mod tests {
         assert_eq!(c.buffers.pool_idle_secs, 30);
         assert_eq!(c.buffers.outbound_high_watermark, 65_536);
         assert_eq!(c.buffers.outbound_low_watermark, 16_384);
+        assert_eq!(c.buffers.slow_consumer, SlowConsumer::Drop);
+        assert_eq!(c.buffers.outbound_max_bytes, 1_048_576);
 
         assert_eq!(c.http.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
         assert!(c.http.tokens.is_empty());
@@ -1348,6 +1373,12 @@ mod tests {
             "buffers.outbound_low_watermark"
         );
         Config::from_toml_str("[buffers]\noutbound_high_watermark = 16385\n").unwrap();
+        assert_eq!(
+            invalid_key("[buffers]\noutbound_max_bytes = 65535\n"),
+            "buffers.outbound_max_bytes"
+        );
+        let c = Config::from_toml_str("[buffers]\nslow_consumer = \"backpressure\"\n").unwrap();
+        assert_eq!(c.buffers.slow_consumer, SlowConsumer::Backpressure);
 
         // The two listeners must not claim the same port.
         assert_eq!(

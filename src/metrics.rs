@@ -269,6 +269,10 @@ pub struct ShardMetrics {
     pub tls_failures: AtomicU64,
     /// Times a connection went over its inbound rate and stopped being read.
     pub rate_limit_pauses: AtomicU64,
+    /// Times a connection's PUBLISH packets stopped being read for backpressure.
+    pub publisher_pauses: AtomicU64,
+    /// Connections above the outbound high watermark (with backpressure on).
+    pub congested_connections: AtomicU64,
     /// Times a shard stopped accepting: connect rate (`max_connect_rate`).
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
@@ -459,6 +463,13 @@ impl Collector for ShardCollector {
             "shard",
             self.per_shard(|s| get(&s.wheel_entries)),
         )?;
+        labelled_gauges(
+            e,
+            "gateway_congested_connections",
+            "Connections above the outbound high watermark that pace publishers (slow_consumer = backpressure).",
+            "shard",
+            self.per_shard(|s| get(&s.congested_connections)),
+        )?;
         gauge(
             e,
             "gateway_subscriptions",
@@ -523,6 +534,12 @@ impl Collector for ShardCollector {
             "gateway_rate_limit_pauses_total",
             "Times a connection exceeded its inbound publish or byte rate and reading it was paused.",
             self.total(|s| get(&s.rate_limit_pauses)),
+        )?;
+        counter(
+            e,
+            "gateway_publisher_pauses_total",
+            "Times a client's PUBLISH packets stopped being read because a subscriber was congested (slow_consumer = backpressure).",
+            self.total(|s| get(&s.publisher_pauses)),
         )?;
         labelled_counters(
             e,

@@ -108,6 +108,7 @@ impl Server {
         let metrics: Vec<Arc<ShardMetrics>> =
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));
+        let congestion = Arc::new(shard::Congestion::new(n));
         let mut shards = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let per_shard = listeners.into_iter().zip(tls_listeners).zip(receivers);
@@ -122,6 +123,7 @@ impl Server {
                 mailboxes: mailboxes.clone(),
                 metrics: metrics[id].clone(),
                 open_connections: open.clone(),
+                congestion: congestion.clone(),
                 auth: auth.clone(),
                 business: business.handle().clone(),
                 store: store.as_ref().and_then(Store::handle),

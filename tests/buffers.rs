@@ -189,38 +189,64 @@ async fn a_packet_of_exactly_max_packet_size_works_and_one_byte_more_closes() {
     );
 }
 
+/// A subscriber to "flood" whose event loop the test does not poll until it wants to
+/// read: its socket is not read meanwhile.
+async fn stalled_subscriber(gw: &TestServer, qos: rumqttc::QoS) -> rumqttc::EventLoop {
+    let (client, mut el) = rumqttc::AsyncClient::new(v4::options(gw.mqtt, "slowpoke"), 10);
+    client.subscribe("flood", qos).await.unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
+            return el;
+        }
+    }
+}
+
+/// Publishes `n` 1 KiB messages numbered 0.. to "flood" at each of `qos`.
+async fn flood(publisher: &v4::Client, n: u32, qos: &[rumqttc::QoS]) {
+    let payload = vec![7u8; 1024];
+    for i in 0..n {
+        let mut p = payload.clone();
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        for &q in qos {
+            publisher
+                .client
+                .publish("flood", q, false, p.clone())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Polls the stalled subscriber until it has read `n` messages at `qos`; their numbers.
+async fn read_flood(el: &mut rumqttc::EventLoop, n: usize, qos: rumqttc::QoS) -> Vec<u32> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < n {
+        let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await else {
+            panic!("only {} of {n} arrived", got.len());
+        };
+        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev.unwrap() {
+            if p.qos == qos {
+                got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
+            }
+        }
+    }
+    got
+}
+
 #[tokio::test]
 async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
     let gw = TestServer::start(
         "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\n[mqtt]\nmax_queued_messages = 1000",
     );
-    // A subscriber whose event loop we stop polling: its socket is not read meanwhile.
-    let (client, mut el) = rumqttc::AsyncClient::new(v4::options(gw.mqtt, "slowpoke"), 10);
-    client
-        .subscribe("flood", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
-            break;
-        }
-    }
+    let mut el = stalled_subscriber(&gw, rumqttc::QoS::AtLeastOnce).await;
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
-    let payload = vec![7u8; 1024];
-    for i in 0..300u32 {
-        let mut p = payload.clone();
-        p[..4].copy_from_slice(&i.to_be_bytes());
-        publisher
-            .client
-            .publish("flood", rumqttc::QoS::AtLeastOnce, false, p.clone())
-            .await
-            .unwrap();
-        publisher
-            .client
-            .publish("flood", rumqttc::QoS::AtMostOnce, false, p)
-            .await
-            .unwrap();
-    }
+    flood(
+        &publisher,
+        300,
+        &[rumqttc::QoS::AtLeastOnce, rumqttc::QoS::AtMostOnce],
+    )
+    .await;
     let dropped = gw
         .wait_metric(
             "gateway_messages_dropped_total{reason=\"slow_consumer\"}",
@@ -234,19 +260,7 @@ async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
     );
 
     // Now read: every QoS 1 message arrives, once, in order.
-    let mut qos1 = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while qos1.len() < 300 {
-        let ev = tokio::time::timeout_at(deadline, el.poll())
-            .await
-            .expect("all QoS 1 in time")
-            .unwrap();
-        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
-            if p.qos == rumqttc::QoS::AtLeastOnce {
-                qos1.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
-            }
-        }
-    }
+    let qos1 = read_flood(&mut el, 300, rumqttc::QoS::AtLeastOnce).await;
     assert_eq!(qos1, (0..300).collect::<Vec<_>>());
     assert_eq!(
         gw.metric("gateway_messages_dropped_total{reason=\"queue_full\"}")
@@ -260,34 +274,19 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
     let gw = TestServer::start(
         "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
     );
-    let (client, mut el) = rumqttc::AsyncClient::new(v4::options(gw.mqtt, "slowpoke"), 10);
-    client
-        .subscribe("flood", rumqttc::QoS::AtMostOnce)
-        .await
-        .unwrap();
-    loop {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
-            break;
-        }
-    }
+    let mut el = stalled_subscriber(&gw, rumqttc::QoS::AtMostOnce).await;
     // 400 KiB of QoS 0 for a subscriber that reads nothing meanwhile: far more than its
     // high watermark and both sockets' buffers.
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
     const N: u32 = 400;
-    let payload = vec![7u8; 1024];
-    for i in 0..N {
-        let mut p = payload.clone();
-        p[..4].copy_from_slice(&i.to_be_bytes());
-        publisher
-            .client
-            .publish("flood", rumqttc::QoS::AtMostOnce, false, p)
-            .await
-            .unwrap();
-    }
+    flood(&publisher, N, &[rumqttc::QoS::AtMostOnce]).await;
     let pauses = gw
         .wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
         .await;
-    assert!(pauses >= 1.0, "the publisher is paced, not the subscriber shed");
+    assert!(
+        pauses >= 1.0,
+        "the publisher is paced, not the subscriber shed"
+    );
     assert!(gw.metric("gateway_congested_connections").await >= 1.0);
 
     // Meanwhile other clients are served: CONNECT, SUBSCRIBE, PINGREQ are still read.
@@ -304,17 +303,7 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
     );
 
     // Now read: every message arrives, once, in order, and nothing was dropped.
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while got.len() < N as usize {
-        let ev = tokio::time::timeout_at(deadline, el.poll())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {N} arrived", got.len()))
-            .unwrap();
-        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
-            got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
-        }
-    }
+    let got = read_flood(&mut el, N as usize, rumqttc::QoS::AtMostOnce).await;
     assert_eq!(got, (0..N).collect::<Vec<_>>());
     assert_eq!(
         gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
@@ -324,5 +313,8 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
     let congested = gw
         .wait_metric("gateway_congested_connections", T, |v| v == 0.0)
         .await;
-    assert_eq!(congested, 0.0, "congestion ends once the subscriber drained");
+    assert_eq!(
+        congested, 0.0,
+        "congestion ends once the subscriber drained"
+    );
 }

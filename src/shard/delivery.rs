@@ -4,7 +4,9 @@
 //! A message published on this shard is routed to local subscribers and handed once to
 //! every other shard (batched per loop turn). Delivery respects, per connection, the
 //! client's in-flight window and the outbound watermarks: QoS 0 above the high watermark
-//! is dropped and counted; QoS 1/2 waits in the session queue (bounded, oldest dropped).
+//! is dropped and counted (or, with `slow_consumer = "backpressure"`, still written while
+//! publishers are paused: `backpressure.rs`); QoS 1/2 waits in the session queue
+//! (bounded, oldest dropped).
 //!
 //! A session with several matching subscriptions gets one copy at the highest granted QoS,
 //! carrying the Subscription Identifiers of all of them. Shared groups are matched only on
@@ -202,18 +204,32 @@ impl Shard {
             return Delivery::Queued;
         };
         let ckey = s.conn as usize;
-        let congested = conn.outbound_len() >= self.limits.high_watermark;
+        let pending = conn.outbound_len();
+        let congested = pending >= self.limits.high_watermark;
         if item.qos == 0 {
-            if congested {
+            // Above the high watermark QoS 0 is shed, unless publishers are paced instead
+            // (backpressure), which still sheds at `outbound_max`.
+            let room = self.limits.backpressure && pending < self.limits.outbound_max;
+            if congested && !room {
                 self.metrics.drop_msg(DropReason::SlowConsumer, 1);
                 return Delivery::Dropped(DropReason::SlowConsumer);
             }
-            return if self.send_publish(ckey, 0, &item, false) {
+            let sent = self.send_publish(ckey, 0, &item, false);
+            if self.conns[ckey].outbound_len() >= self.limits.high_watermark {
+                self.note_congested(ckey);
+            }
+            return if sent {
                 Delivery::Sent
             } else {
                 Delivery::Dropped(DropReason::TooLarge)
             };
         }
+        if congested {
+            // QoS 1/2 waits in the session queue; with backpressure, publishers wait too.
+            self.note_congested(ckey);
+        }
+        let s = &self.sessions[skey];
+        let conn = &self.conns[ckey];
         let window_open = s.queued_len() == 0 && s.inflight_len() < usize::from(conn.window);
         if window_open && !congested {
             if self.send_inflight(skey, ckey, item) {

@@ -12,6 +12,8 @@
 //!
 //! The per-packet MQTT logic is in [`mqtt`]; routing and delivery in [`delivery`].
 
+mod backpressure;
+pub use backpressure::Congestion;
 mod conn;
 mod delivery;
 mod durable;
@@ -82,6 +84,10 @@ pub struct Limits {
     pub outbound_topic_aliases: u16,
     pub high_watermark: usize,
     pub low_watermark: usize,
+    /// `slow_consumer = "backpressure"`: pause publishers instead of dropping QoS 0.
+    pub backpressure: bool,
+    /// With backpressure: the most output one connection holds.
+    pub outbound_max: usize,
     pub expiry_batch: usize,
     pub max_topic_len: usize,
     pub max_subscriptions: usize,
@@ -119,6 +125,8 @@ impl Limits {
             outbound_topic_aliases: c.mqtt.outbound_topic_aliases.min(65_535) as u16,
             high_watermark: c.buffers.outbound_high_watermark as usize,
             low_watermark: c.buffers.outbound_low_watermark as usize,
+            backpressure: c.buffers.slow_consumer == crate::config::SlowConsumer::Backpressure,
+            outbound_max: c.buffers.outbound_max_bytes as usize,
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
             max_topic_len: c.mqtt.max_topic_len as usize,
             max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,
@@ -161,6 +169,8 @@ pub struct ShardContext {
     pub metrics: Arc<ShardMetrics>,
     /// Connections open across the whole gateway (for `max_connections`).
     pub open_connections: Arc<AtomicUsize>,
+    /// Congested connections per shard (`slow_consumer = "backpressure"`).
+    pub congestion: Arc<backpressure::Congestion>,
     /// The authentication providers, shared by all shards.
     pub auth: Arc<crate::auth::Authenticator>,
     /// The business runtime, where slow authentication runs.
@@ -191,8 +201,14 @@ pub struct Shard {
     /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
     handshaking: usize,
     per_ip: Arc<PerIpLimit>,
-    /// Connections not read because they are over their inbound rate.
+    /// Connections not read because they are over their inbound rate, or hold a
+    /// PUBLISH while the gateway is backpressured.
     paused: HashSet<u32>,
+    /// This shard's congested connections (see `backpressure.rs`), and all shards'.
+    congested: u32,
+    congestion: Arc<backpressure::Congestion>,
+    /// A batch for another shard found its mailbox full this turn.
+    outbox_blocked: bool,
     /// When the loop must wake for a paused connection or the connect bucket.
     wake_at: Option<Instant>,
     /// Plaintext out of rustls, on its way to the decoder.
@@ -350,6 +366,9 @@ impl Shard {
                 handshaking: 0,
                 per_ip: ctx.per_ip,
                 paused: HashSet::new(),
+                congested: 0,
+                congestion: ctx.congestion,
+                outbox_blocked: false,
                 wake_at: None,
                 conns: Slab::new(),
                 sessions: Slab::new(),
@@ -712,6 +731,7 @@ impl Shard {
             state,
             predictor: ReadSizePredictor::new(),
             dirty: false,
+            congested: false,
             bufs: None,
         });
         Some(key)
@@ -825,6 +845,9 @@ impl Shard {
             if over > 0 {
                 self.paused.insert(key);
                 self.wake_no_later_than(self.now_instant + Duration::from_nanos(over));
+            } else if self.holds_publish(key as usize) && self.backpressured() {
+                self.paused.insert(key);
+                self.wake_no_later_than(self.now_instant + backpressure::RECHECK);
             } else {
                 self.resume(key as usize);
             }
@@ -984,7 +1007,7 @@ impl Shard {
 
     fn ingest_bytes(&mut self, key: usize, mut data: &[u8]) -> bool {
         let max = self.limits.max_packet_size;
-        let limited = self.limits.inbound.enabled();
+        let limited = self.limits.inbound.enabled() || self.limits.backpressure;
         if limited && self.is_holding(key) {
             // Paused with frames held: these bytes queue behind them, in order.
             let mut held = self.take_held(key);
@@ -1049,12 +1072,18 @@ impl Shard {
                 Ok(Some(len)) if len <= data.len() => {
                     if limited && self.conns[key].state == ConnState::Active {
                         let over = self.over_by(key);
-                        if over > 0 {
-                            // Over the inbound rate: keep the rest for later, read no more.
+                        let hold = data[0] >> 4 == 3 && self.backpressured();
+                        if over > 0 || hold {
+                            // Over the inbound rate, or a PUBLISH while subscribers are
+                            // congested: keep the rest for later, read no more.
                             let mut held = self.pool.take(data.len());
                             held.extend_from_slice(data);
                             self.put_held(key, held);
-                            self.pause_reads(key, over);
+                            if over > 0 {
+                                self.pause_reads(key, over);
+                            } else {
+                                self.hold_publisher(key);
+                            }
                             return true;
                         }
                     }
@@ -1321,7 +1350,11 @@ impl Shard {
                 bufs.out.drain(..bufs.out_pos);
                 bufs.out_pos = 0;
             }
-            if conn.stall_since == 0 {
+            if conn.stall_since != 0 && pending < pending_before {
+                // Bytes went out: the socket is slow, not stalled. The clock restarts
+                // (the wheel entry re-arms lazily when it fires early).
+                conn.stall_since = now + 1;
+            } else if conn.stall_since == 0 {
                 conn.stall_since = now + 1;
                 let stall_deadline = u64::from(now) + u64::from(self.limits.write_stall_ticks) + 1;
                 let timer = conn.timer;
@@ -1335,6 +1368,9 @@ impl Shard {
             }
         }
         let session = conn.session;
+        if pending <= self.limits.low_watermark {
+            self.clear_congested(key);
+        }
         self.release_idle_bufs(key);
         if pending < self.limits.low_watermark && session != NO_SESSION {
             self.refill(session as usize);
@@ -1415,6 +1451,9 @@ impl Shard {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
+        if conn.congested {
+            self.uncount_congested();
+        }
         if conn.state == ConnState::Authenticating {
             self.auth_pending.remove(&key);
         }
@@ -1568,6 +1607,7 @@ impl Shard {
     /// Sends each other shard its batch of messages; true if some must be retried.
     fn flush_outbox(&mut self) -> bool {
         let mut waiting = self.flush_ctl();
+        self.outbox_blocked = false;
         for shard in 0..self.outbox.len() {
             if self.outbox[shard].is_empty() {
                 continue;
@@ -1576,10 +1616,12 @@ impl Shard {
             if let Err(ShardMsg::Publish(batch)) =
                 self.mailboxes.try_send(shard, ShardMsg::Publish(batch))
             {
-                // Keep it for the next turn, but never more than a mailbox's worth.
+                // Keep it for the next turn, but never more than a mailbox's worth
+                // (with backpressure no PUBLISH is read meanwhile, so it stops growing).
                 let cap = self.config.shards.mailbox_capacity as usize;
                 let mut batch = batch;
-                if batch.len() > cap {
+                self.outbox_blocked = true;
+                if batch.len() > cap && !self.limits.backpressure {
                     let excess = batch.len() - cap;
                     batch.drain(..excess);
                     self.metrics
@@ -1599,6 +1641,7 @@ impl Shard {
         ShardMetrics::set(&m.subscriptions, self.subs_total);
         ShardMetrics::set(&m.queued_messages, self.queued_total);
         ShardMetrics::set(&m.wheel_entries, self.wheel.len() as u64);
+        ShardMetrics::set(&m.congested_connections, u64::from(self.congested));
         let p = self.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
         ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);
