@@ -845,7 +845,7 @@ mod tests {
         assert_eq!(c.buffers.outbound_high_watermark, 65_536);
         assert_eq!(c.buffers.outbound_low_watermark, 16_384);
         assert_eq!(c.buffers.slow_consumer, SlowConsumer::Drop);
-        assert_eq!(c.buffers.outbound_max_bytes, 1_048_576);
+        assert_eq!(c.buffers.outbound_max_bytes, 4_194_304);
 
         assert_eq!(c.http.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
         assert!(c.http.tokens.is_empty());

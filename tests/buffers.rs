@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{v4, Raw, TestServer};
-use tokio::io::AsyncWriteExt;
+use mqttbytes::v4::Packet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -192,7 +193,9 @@ async fn a_packet_of_exactly_max_packet_size_works_and_one_byte_more_closes() {
 /// A subscriber to "flood" whose event loop the test does not poll until it wants to
 /// read: its socket is not read meanwhile.
 async fn stalled_subscriber(gw: &TestServer, qos: rumqttc::QoS) -> rumqttc::EventLoop {
-    let (client, mut el) = rumqttc::AsyncClient::new(v4::options(gw.mqtt, "slowpoke"), 10);
+    let mut o = v4::options(gw.mqtt, "slowpoke");
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
     client.subscribe("flood", qos).await.unwrap();
     loop {
         if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
@@ -317,4 +320,120 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
         congested, 0.0,
         "congestion ends once the subscriber drained"
     );
+}
+
+#[tokio::test]
+async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
+    let gw = TestServer::start(
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
+    );
+    // A raw subscriber with a small receive buffer that reads nothing for now (the
+    // kernel would otherwise take megabytes for it).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sub = Raw::from_stream(socket.connect(gw.mqtt).await.unwrap());
+    sub.send(&Raw::connect_v4("slowpoke", 60, true)).await;
+    assert!(matches!(sub.recv_v4(T).await, Ok(Packet::ConnAck(_))));
+    sub.send(&Raw::subscribe_v4("flood", 0, 1)).await;
+    assert!(matches!(sub.recv_v4(T).await, Ok(Packet::SubAck(_))));
+    // A raw publisher with a 2 s keep-alive that never sends PINGREQ: only the PUBLISHes
+    // we read show it is alive.
+    let mut publisher = Raw::connect(gw.mqtt).await;
+    publisher.send(&Raw::connect_v4("bigpub", 2, true)).await;
+    assert!(matches!(publisher.recv_v4(T).await, Ok(Packet::ConnAck(_))));
+    // Frames of 100 KiB span reads (a read takes at most 64 KiB): each must wait as a
+    // whole, not slip through a read at a time.
+    const N: u32 = 24;
+    let sender = tokio::spawn(async move {
+        let mut payload = vec![7u8; 100 * 1024];
+        for i in 0..N {
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            publisher
+                .send(&Raw::publish_v4("flood", 0, 0, &payload))
+                .await;
+        }
+        publisher
+    });
+    let pauses = gw
+        .wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
+        .await;
+    assert!(pauses >= 1.0);
+    // Held for longer than 1.5 times its keep-alive, and not closed for it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let handled = gw
+        .metric("gateway_packets_received_total{type=\"publish\"}")
+        .await;
+    assert!(handled < f64::from(N), "the publisher is still held");
+    assert_eq!(
+        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}")
+            .await,
+        0.0
+    );
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        match sub.recv_v4(Duration::from_secs(20)).await {
+            Ok(Packet::Publish(p)) => {
+                got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()))
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{e} after {} of {N}", got.len()),
+        }
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    sender.await.unwrap();
+    assert_eq!(
+        gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn with_backpressure_a_trickling_subscriber_is_closed_after_the_stall_timeout() {
+    let gw = TestServer::start(
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 32768\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100",
+    );
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sub = Raw::from_stream(socket.connect(gw.mqtt).await.unwrap());
+    sub.send(&Raw::connect_v4("trickle", 60, true)).await;
+    assert!(matches!(sub.recv_v4(T).await, Ok(Packet::ConnAck(_))));
+    sub.send(&Raw::subscribe_v4("flood", 0, 1)).await;
+    assert!(matches!(sub.recv_v4(T).await, Ok(Packet::SubAck(_))));
+    let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
+    flood(&publisher, 400, &[rumqttc::QoS::AtMostOnce]).await;
+    gw.wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
+        .await;
+    // 1 KiB every 100 ms: the socket takes bytes well within every 2 s, but getting back
+    // from the high watermark (32 KiB) to the low one (2 KiB) takes longer than the
+    // stall timeout (2 s). Pacing every publisher to such a subscriber is bounded by
+    // that timeout, not by the subscriber's patience.
+    let started = tokio::time::Instant::now();
+    let mut chunk = [0u8; 1024];
+    let closed = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // (What the kernel already holds for it is still readable after the close.)
+        let _ = tokio::time::timeout(T, sub.stream.read(&mut chunk)).await;
+        let stalls = gw
+            .metric("gateway_disconnects_total{reason=\"write_stall\"}")
+            .await;
+        if stalls >= 1.0 {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+    };
+    assert!(closed, "closed as a write stall while still trickling");
+    // Its congestion went with it: the publisher is read again.
+    let congested = gw
+        .wait_metric("gateway_congested_connections", T, |v| v == 0.0)
+        .await;
+    assert_eq!(congested, 0.0);
+    let handled = gw
+        .wait_metric("gateway_packets_received_total{type=\"publish\"}", T, |v| {
+            v >= 400.0
+        })
+        .await;
+    assert_eq!(handled, 400.0);
 }

@@ -6,10 +6,18 @@
 //! the opposite: nothing lost, the publishers slowed to what the consumers take. Here a
 //! connection above the high watermark is *congested*: it still gets QoS 0 (up to
 //! `outbound_max_bytes`), each shard publishes how many congested connections it has,
-//! and while any shard has one, no shard reads PUBLISH packets — the frame and what
-//! follows it are held (the same holding the inbound rate limit uses), and TCP carries
-//! the wait back to the publisher. Other packets (PUBACK, PINGREQ, SUBSCRIBE) are read
-//! as usual, so the subscribers' acknowledgements keep flowing.
+//! and while any shard has one, no shard handles PUBLISH packets — the frame and what
+//! follows it on that connection are held (the same holding the inbound rate limit
+//! uses; a PUBLISH larger than one read stops being read), and TCP carries the wait
+//! back to the publisher. Clients that are not publishing are read as usual, so the
+//! subscribers' acknowledgements keep flowing. A held connection is not timed out for
+//! keep-alive (its PINGREQs wait behind the held PUBLISH), and a congested subscriber
+//! must get back under the low watermark within `write_stall_timeout_secs` or it is
+//! closed: the slowest consumer paces the publishers, but only for so long.
+//!
+//! While publishers are held, each shard looks at them again every millisecond
+//! (`RECHECK`): the work is proportional to the held publishers, which in a pipeline
+//! are few.
 //!
 //! Why gateway-wide and not per publisher → subscriber edge: a message from shard A
 //! reaches shard B's subscribers through B's mailbox, so A would need B's verdict per
@@ -97,12 +105,14 @@ impl Shard {
         self.wake_no_later_than(self.now_instant + RECHECK);
     }
 
-    /// True if the frames connection `key` holds start with a PUBLISH.
+    /// True if what connection `key` has read but not handled starts with a PUBLISH:
+    /// frames held at a pause, or else the start of a frame larger than one read.
     pub(super) fn holds_publish(&self, key: usize) -> bool {
         self.conns
             .get(key)
+            .filter(|c| c.state == super::ConnState::Active)
             .and_then(|c| c.bufs.as_ref())
-            .and_then(|b| b.held.first())
+            .and_then(|b| b.held.first().or(b.inbuf.first()))
             .is_some_and(|&b| b >> 4 == 3)
     }
 }

@@ -743,6 +743,11 @@ impl Shard {
     fn on_readable(&mut self, key: usize) {
         for _ in 0..READS_PER_EVENT {
             let now_ns = self.now_ns();
+            if self.holds_publish(key) && self.backpressured() {
+                // The rest of a PUBLISH larger than one read waits too.
+                self.hold_publisher(key);
+                return;
+            }
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
@@ -1350,9 +1355,13 @@ impl Shard {
                 bufs.out.drain(..bufs.out_pos);
                 bufs.out_pos = 0;
             }
-            if conn.stall_since != 0 && pending < pending_before {
-                // Bytes went out: the socket is slow, not stalled. The clock restarts
-                // (the wheel entry re-arms lazily when it fires early).
+            // A congested connection (backpressure) must drain below the low watermark
+            // within the stall timeout, or one trickling reader would pace every
+            // publisher for ever; otherwise any bytes out show a slow socket, not a
+            // stalled one.
+            let pacing = conn.congested && pending > self.limits.low_watermark;
+            if conn.stall_since != 0 && pending < pending_before && !pacing {
+                // The clock restarts (the wheel entry re-arms lazily when it fires early).
                 conn.stall_since = now + 1;
             } else if conn.stall_since == 0 {
                 conn.stall_since = now + 1;
@@ -1430,6 +1439,16 @@ impl Shard {
             && u64::from(conn.stall_since - 1) + u64::from(self.limits.write_stall_ticks)
                 < self.now;
         let handshake = conn.state != ConnState::Active;
+        if !stalled && !handshake && self.paused.contains(&(key as u32)) {
+            // We stopped reading it (inbound rate, backpressure): its PINGREQs wait in
+            // our buffer or the kernel, so silence is ours, not the client's.
+            let now = self.now32();
+            self.conns[key].last_seen = now;
+            let deadline = self.conn_deadline(&self.conns[key]);
+            let timer = self.wheel.insert(deadline, key as u32);
+            self.conns[key].timer = timer;
+            return;
+        }
         // The fired timer is gone from the wheel; make sure close does not cancel a reused id.
         self.conns[key].timer = TimerId::default();
         if stalled {
