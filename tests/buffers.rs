@@ -322,13 +322,9 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
     );
 }
 
-#[tokio::test]
-async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
-    let gw = TestServer::start(
-        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
-    );
-    // A raw subscriber with a small receive buffer that reads nothing for now (the
-    // kernel would otherwise take megabytes for it).
+/// A raw QoS 0 subscriber to "flood" with a 4 KiB receive buffer (the kernel would
+/// otherwise take megabytes for it while the test does not read).
+async fn small_window_subscriber(gw: &TestServer) -> Raw {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut sub = Raw::from_stream(socket.connect(gw.mqtt).await.unwrap());
@@ -336,6 +332,16 @@ async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
     assert!(matches!(sub.recv_v4(T).await, Ok(Packet::ConnAck(_))));
     sub.send(&Raw::subscribe_v4("flood", 0, 1)).await;
     assert!(matches!(sub.recv_v4(T).await, Ok(Packet::SubAck(_))));
+    sub
+}
+
+#[tokio::test]
+async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
+    let gw = TestServer::start(
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
+    );
+    // Reads nothing for now.
+    let mut sub = small_window_subscriber(&gw).await;
     // A raw publisher with a 2 s keep-alive that never sends PINGREQ: only the PUBLISHes
     // we read show it is alive.
     let mut publisher = Raw::connect(gw.mqtt).await;
@@ -393,13 +399,7 @@ async fn with_backpressure_a_trickling_subscriber_is_closed_after_the_stall_time
     let gw = TestServer::start(
         "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 32768\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100",
     );
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut sub = Raw::from_stream(socket.connect(gw.mqtt).await.unwrap());
-    sub.send(&Raw::connect_v4("trickle", 60, true)).await;
-    assert!(matches!(sub.recv_v4(T).await, Ok(Packet::ConnAck(_))));
-    sub.send(&Raw::subscribe_v4("flood", 0, 1)).await;
-    assert!(matches!(sub.recv_v4(T).await, Ok(Packet::SubAck(_))));
+    let mut sub = small_window_subscriber(&gw).await;
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
     flood(&publisher, 400, &[rumqttc::QoS::AtMostOnce]).await;
     gw.wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
