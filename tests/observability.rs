@@ -498,6 +498,8 @@ async fn prometheus_scrapes_the_gateway_and_evaluates_every_dashboard_query_and_
         "gateway_push_requests_total",
         "gateway_push_duration_seconds_bucket",
         "gateway_messages_dropped_total",
+        "gateway_congested_connections",
+        "gateway_publisher_pauses_total",
         "process_resident_memory_bytes",
         "gateway_shard_busy_ratio",
         "gateway_log_lines_dropped_total",
