@@ -272,16 +272,21 @@ async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
     );
 }
 
+/// Backpressure with a slow subscriber, `[shards] count = 1` so the publisher's shard sees
+/// the congestion at once: on two shards it sees it up to a loop turn late, and when the
+/// machine is busy that turn can be long enough to read everything the publisher sent
+/// (which the subscriber's `outbound_max_bytes` then holds: nothing is lost, but there
+/// was no pause to count; `backpressure_across_shards_loses_nothing` covers that case).
+const BACKPRESSURE_ONE_SHARD: &str = "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[shards]\ncount = 1";
+
 #[tokio::test]
 async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing() {
-    let gw = TestServer::start(
-        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
-    );
+    let gw = TestServer::start(BACKPRESSURE_ONE_SHARD);
     let mut el = stalled_subscriber(&gw, rumqttc::QoS::AtMostOnce).await;
-    // 400 KiB of QoS 0 for a subscriber that reads nothing meanwhile: far more than its
+    // 1 MiB of QoS 0 for a subscriber that reads nothing meanwhile: far more than its
     // high watermark and both sockets' buffers.
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
-    const N: u32 = 400;
+    const N: u32 = 1000;
     flood(&publisher, N, &[rumqttc::QoS::AtMostOnce]).await;
     let pauses = gw
         .wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
@@ -336,10 +341,33 @@ async fn small_window_subscriber(gw: &TestServer) -> Raw {
 }
 
 #[tokio::test]
-async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
+async fn backpressure_across_shards_loses_nothing() {
     let gw = TestServer::start(
-        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0",
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[shards]\ncount = 2",
     );
+    // Publisher and subscriber on different shards (the home shard comes from the
+    // client id).
+    assert_ne!(
+        gateway::mailbox::home_shard("slowpoke", 2),
+        gateway::mailbox::home_shard("firehose", 2)
+    );
+    let mut el = stalled_subscriber(&gw, rumqttc::QoS::AtMostOnce).await;
+    let publisher = v4::connect(v4::options(gw.mqtt, "firehose")).await;
+    const N: u32 = 1000;
+    flood(&publisher, N, &[rumqttc::QoS::AtMostOnce]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = read_flood(&mut el, N as usize, rumqttc::QoS::AtMostOnce).await;
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    assert_eq!(
+        gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
+    let gw = TestServer::start(BACKPRESSURE_ONE_SHARD);
     // Reads nothing for now.
     let mut sub = small_window_subscriber(&gw).await;
     // A raw publisher with a 2 s keep-alive that never sends PINGREQ: only the PUBLISHes
