@@ -20,13 +20,14 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use hashbrown::HashMap;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::{oneshot, OnceCell};
 
 use crate::config::Config;
 use crate::mailbox::{home_shard, ClientPush, Mailboxes, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{PushMetrics, ShardMetrics};
+use crate::push_json::{BatchBody, Field, MaybeObject, Object};
 use crate::topic;
 
 /// The OpenAPI 3 description of this API.
@@ -220,13 +221,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------
 // Request bodies.
 
-/// Reads a JSON object body: 415 unless `Content-Type: application/json`, 413 over
-/// `limit` bytes, 400 if it is not a JSON object.
-async fn json_object(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Map<String, Value>, ApiError> {
+/// Reads a JSON body: 415 unless `Content-Type: application/json`, 413 over `limit`
+/// bytes. The caller parses it (see `push_json`).
+async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -243,26 +240,31 @@ async fn json_object(
         )
         .field("Content-Type"));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("request body over {limit} bytes"),
         )
-    })?;
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "the body must be a JSON object",
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("malformed JSON: {e}"),
-        )),
-    }
+    })
+}
+
+/// 400 for a body that is not JSON at all.
+fn malformed_json(e: serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+        format!("malformed JSON: {e}"),
+    )
+}
+
+/// 400 for a JSON body that is not an object.
+fn not_an_object() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+        "the body must be a JSON object",
+    )
 }
 
 /// One validated push.
@@ -291,16 +293,20 @@ const PUSH_FIELDS: [&str; 10] = [
     "idempotency_key",
 ];
 
-/// Validates a push object; errors name the field (with `prefix`, e.g. `messages[3].`).
-fn parse_push(m: &Map<String, Value>, config: &Config, prefix: &str) -> Result<PushSpec, ApiError> {
-    let f = |name: &str| format!("{prefix}{name}");
-    if let Some(k) = m.keys().find(|k| !PUSH_FIELDS.contains(&k.as_str())) {
+/// Validates a push object; errors name the field (`messages[3].qos` for item 3 of a
+/// batch). The field name is only formatted when there is an error.
+fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushSpec, ApiError> {
+    let f = |name: &str| match index {
+        Some(i) => format!("messages[{i}].{name}"),
+        None => name.to_owned(),
+    };
+    if let Some(k) = m.unknown(&PUSH_FIELDS) {
         return Err(ApiError::bad(&f(k), format!("unknown field `{k}`")));
     }
     let string = |name: &str| -> Result<Option<&str>, ApiError> {
         match m.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
+            None | Some(Field::Null) => Ok(None),
+            Some(Field::Str(s)) => Ok(Some(s)),
             Some(_) => Err(ApiError::bad(
                 &f(name),
                 format!("`{name}` must be a string"),
@@ -309,8 +315,8 @@ fn parse_push(m: &Map<String, Value>, config: &Config, prefix: &str) -> Result<P
     };
     let boolean = |name: &str| -> Result<bool, ApiError> {
         match m.get(name) {
-            None | Some(Value::Null) => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
+            None | Some(Field::Null) => Ok(false),
+            Some(Field::Bool(b)) => Ok(*b),
             Some(_) => Err(ApiError::bad(
                 &f(name),
                 format!("`{name}` must be true or false"),
@@ -319,9 +325,9 @@ fn parse_push(m: &Map<String, Value>, config: &Config, prefix: &str) -> Result<P
     };
     let integer = |name: &str, min: u64, max: u64| -> Result<Option<u64>, ApiError> {
         match m.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            None | Some(Field::Null) => Ok(None),
+            Some(v) => match v {
+                Field::UInt(n) if (min..=max).contains(n) => Ok(Some(*n)),
                 _ => Err(ApiError::bad(
                     &f(name),
                     format!("`{name}` must be an integer in {min}..={max}"),
@@ -613,9 +619,11 @@ async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Resp
     let inner = &s.inner;
     let limit = inner.config.mqtt.max_packet_size as usize * 2 + 4096;
     let result = async {
-        let m = json_object(&headers, body, limit).await?;
-        let spec = parse_push(&m, &inner.config, "")?;
-        Ok::<_, ApiError>(spec)
+        let bytes = json_body(&headers, body, limit).await?;
+        match serde_json::from_slice::<MaybeObject>(&bytes).map_err(malformed_json)? {
+            MaybeObject::Object(m) => parse_push(&m, &inner.config, None),
+            MaybeObject::NotObject => Err(not_an_object()),
+        }
     }
     .await;
     let spec = match result {
@@ -635,14 +643,19 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let received = Instant::now();
     let inner = &s.inner;
     let config = &inner.config;
-    let mut m = match json_object(&headers, body, body_limit(config)).await {
-        Ok(m) => m,
+    let bytes = match json_body(&headers, body, body_limit(config)).await {
+        Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    if let Some(k) = m.keys().find(|k| k.as_str() != "messages") {
-        return ApiError::bad(k, format!("unknown field `{k}`")).into_response();
+    let (messages, unknown) = match serde_json::from_slice::<BatchBody>(&bytes) {
+        Err(e) => return malformed_json(e).into_response(),
+        Ok(BatchBody::NotObject) => return not_an_object().into_response(),
+        Ok(BatchBody::Batch { messages, unknown }) => (messages, unknown),
+    };
+    if let Some(k) = unknown {
+        return ApiError::bad(&k, format!("unknown field `{k}`")).into_response();
     }
-    let Some(Value::Array(messages)) = m.remove("messages") else {
+    let Some(Some(messages)) = messages else {
         return ApiError::bad("messages", "`messages` must be an array").into_response();
     };
     if messages.len() > config.http.max_batch as usize {
@@ -663,10 +676,9 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let mut per_shard: Vec<Vec<(usize, PushSpec)>> = (0..shards).map(|_| Vec::new()).collect();
     let mut singles = Vec::new();
     for (i, item) in messages.into_iter().enumerate() {
-        let prefix = format!("messages[{i}].");
         let spec = match item {
-            Value::Object(obj) => parse_push(&obj, config, &prefix),
-            _ => Err(ApiError::bad(
+            MaybeObject::Object(obj) => parse_push(&obj, config, Some(i)),
+            MaybeObject::NotObject => Err(ApiError::bad(
                 &format!("messages[{i}]"),
                 "each message must be an object",
             )),
@@ -917,7 +929,11 @@ mod tests {
     }
 
     fn parse(v: Value) -> Result<PushSpec, ApiError> {
-        parse_push(v.as_object().unwrap(), &cfg(), "")
+        let text = v.to_string();
+        match serde_json::from_str::<MaybeObject>(&text).unwrap() {
+            MaybeObject::Object(m) => parse_push(&m, &cfg(), None),
+            MaybeObject::NotObject => panic!("not an object: {text}"),
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod mailbox;
 pub mod message;
 pub mod metrics;
 pub mod proxy;
+pub mod push_json;
 pub mod server;
 pub mod session;
 pub mod shard;

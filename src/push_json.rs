@@ -1,0 +1,368 @@
+//! Push request bodies parsed straight into borrowed fields.
+//!
+//! The push API validates each field itself (so an error can name it, `messages[3].qos`),
+//! so it only needs each member of an object as "null, a bool, a non-negative integer, a
+//! string, or something else". Parsing into `serde_json::Value` built a `BTreeMap`, a
+//! `String` per key and per string value for every message of a batch — half of the
+//! HTTP side's CPU at high push rates was malloc and free of those trees. Here a member
+//! is a [`Field`] whose strings borrow from the request body unless they contain escapes,
+//! and an object is a `Vec` of members in document order.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// One JSON value, as the push API reads it.
+#[derive(Debug, PartialEq)]
+pub enum Field<'a> {
+    Null,
+    Bool(bool),
+    /// A non-negative integer (what `serde_json::Value::as_u64` accepts).
+    UInt(u64),
+    Str(Cow<'a, str>),
+    /// Anything else: a negative or fractional number, an array, an object.
+    Other,
+}
+
+/// The members of a JSON object, in document order.
+#[derive(Debug, Default, PartialEq)]
+pub struct Object<'a>(pub Vec<(Cow<'a, str>, Field<'a>)>);
+
+impl<'a> Object<'a> {
+    /// A member by name; of a repeated key the last one counts (as with serde_json's
+    /// `Map`).
+    pub fn get(&self, name: &str) -> Option<&Field<'a>> {
+        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// The first key, in sort order, that is not in `known`.
+    pub fn unknown(&self, known: &[&str]) -> Option<&str> {
+        self.0
+            .iter()
+            .map(|(k, _)| k.as_ref())
+            .filter(|k| !known.contains(k))
+            .min()
+    }
+}
+
+/// A JSON value that should be an object.
+#[derive(Debug, PartialEq)]
+pub enum MaybeObject<'a> {
+    Object(Object<'a>),
+    NotObject,
+}
+
+/// The body of `POST /v1/push/batch`: `{"messages": [...]}`, or why it is not.
+#[derive(Debug, PartialEq)]
+pub enum BatchBody<'a> {
+    NotObject,
+    Batch {
+        /// `None` without a `messages` member; `Some(None)` if it is not an array.
+        messages: Option<Option<Vec<MaybeObject<'a>>>>,
+        /// The first member other than `messages`, in sort order.
+        unknown: Option<String>,
+    },
+}
+
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Visits any JSON value; `Other` for the kinds the caller does not take apart
+/// (consumed, so parsing goes on after them).
+macro_rules! scalar_visits {
+    ($out:ty, $other:expr) => {
+        fn visit_i64<E>(self, _: i64) -> Result<$out, E> {
+            Ok($other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$out, E> {
+            Ok($other)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<$out, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($other)
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for Field<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Field<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Null)
+            }
+            fn visit_none<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+                Ok(Field::Bool(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+                Ok(Field::UInt(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Owned(v)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field<'de>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+            scalar_visits!(Field<'de>, Field::Other);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Visits any JSON value; an object becomes `$object(members)`, anything else `$other`.
+macro_rules! not_an_object {
+    ($out:ty, $other:expr) => {
+        fn visit_unit<E>(self) -> Result<$out, E> {
+            Ok($other)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<$out, E> {
+            Ok($other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$out, E> {
+            Ok($other)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<$out, E> {
+            Ok($other)
+        }
+        scalar_visits!($out, $other);
+    };
+}
+
+impl<'de> Deserialize<'de> for MaybeObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeObject<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((Key(k), v)) = map.next_entry::<Key, Field>()? {
+                    members.push((k, v));
+                }
+                Ok(MaybeObject::Object(Object(members)))
+            }
+            not_an_object!(MaybeObject<'de>, MaybeObject::NotObject);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `messages` member: the items, or `None` if it is not an array.
+struct Messages<'a>(Option<Vec<MaybeObject<'a>>>);
+
+impl<'de> Deserialize<'de> for Messages<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Messages<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(16));
+                while let Some(item) = seq.next_element::<MaybeObject>()? {
+                    items.push(item);
+                }
+                Ok(Messages(Some(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Messages(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Messages(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchBody<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BatchBody<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut messages = None;
+                let mut unknown: Option<String> = None;
+                while let Some(Key(k)) = map.next_key::<Key>()? {
+                    if k == "messages" {
+                        messages = Some(map.next_value::<Messages>()?.0);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                        if unknown.as_deref().is_none_or(|u| k.as_ref() < u) {
+                            unknown = Some(k.into_owned());
+                        }
+                    }
+                }
+                Ok(BatchBody::Batch { messages, unknown })
+            }
+            not_an_object!(BatchBody<'de>, BatchBody::NotObject);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn object(json: &str) -> Object<'_> {
+        match serde_json::from_str::<MaybeObject>(json).unwrap() {
+            MaybeObject::Object(o) => o,
+            MaybeObject::NotObject => panic!("not an object: {json}"),
+        }
+    }
+
+    #[test]
+    fn members_keep_their_kind_and_borrow_unescaped_strings() {
+        let o = object(
+            r#"{"a": null, "b": true, "c": 7, "d": -1, "e": 1.5, "f": "x", "g": "\u00e9\n",
+                "h": [1, [2]], "i": {"j": {}}, "k": 18446744073709551615}"#,
+        );
+        assert_eq!(o.get("a"), Some(&Field::Null));
+        assert_eq!(o.get("b"), Some(&Field::Bool(true)));
+        assert_eq!(o.get("c"), Some(&Field::UInt(7)));
+        assert_eq!(o.get("d"), Some(&Field::Other));
+        assert_eq!(o.get("e"), Some(&Field::Other));
+        assert!(matches!(o.get("f"), Some(Field::Str(Cow::Borrowed("x")))));
+        assert!(matches!(o.get("g"), Some(Field::Str(Cow::Owned(s))) if s == "é\n"));
+        assert_eq!(o.get("h"), Some(&Field::Other));
+        assert_eq!(o.get("i"), Some(&Field::Other));
+        assert_eq!(o.get("k"), Some(&Field::UInt(u64::MAX)));
+        assert_eq!(o.get("z"), None);
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_key_counts_and_unknown_keys_come_in_sort_order() {
+        let o = object(r#"{"qos": 0, "zz": 1, "qos": 1, "aa": 2, "topic": "t"}"#);
+        assert_eq!(o.get("qos"), Some(&Field::UInt(1)));
+        assert_eq!(o.unknown(&["qos", "topic"]), Some("aa"));
+        assert_eq!(o.unknown(&["qos", "topic", "aa", "zz"]), None);
+    }
+
+    /// Agrees with `serde_json::Value` on what a member is, for arbitrary JSON.
+    #[test]
+    fn agrees_with_serde_json_value() {
+        let samples = [
+            r#"{"s": "a\"b", "n": 0, "neg": -0, "f": 0.0, "e": 1e3, "big": 12345678901234567890}"#,
+            r#"{"nested": {"a": [1, {"b": null}]}, "t": false, "u": "\ud83d\ude00"}"#,
+        ];
+        for json in samples {
+            let mine = object(json);
+            let Value::Object(theirs) = serde_json::from_str::<Value>(json).unwrap() else {
+                unreachable!()
+            };
+            assert_eq!(mine.0.len(), theirs.len(), "{json}");
+            for (k, v) in &theirs {
+                let expected = match v {
+                    Value::Null => Field::Null,
+                    Value::Bool(b) => Field::Bool(*b),
+                    Value::String(s) => Field::Str(Cow::Owned(s.clone())),
+                    v => v.as_u64().map_or(Field::Other, Field::UInt),
+                };
+                let got = match mine.get(k).unwrap() {
+                    Field::Str(s) => Field::Str(Cow::Owned(s.to_string())),
+                    other => match other {
+                        Field::Null => Field::Null,
+                        Field::Bool(b) => Field::Bool(*b),
+                        Field::UInt(n) => Field::UInt(*n),
+                        _ => Field::Other,
+                    },
+                };
+                assert_eq!(got, expected, "{k} in {json}");
+            }
+        }
+    }
+
+    #[test]
+    fn batches_say_what_is_wrong_with_them() {
+        let parse = |json: &'static str| serde_json::from_str::<BatchBody>(json).unwrap();
+        assert_eq!(parse("[1]"), BatchBody::NotObject);
+        assert_eq!(parse("\"x\""), BatchBody::NotObject);
+        assert_eq!(
+            parse(r#"{"zeta": 1, "messages": 3, "alpha": [2]}"#),
+            BatchBody::Batch {
+                messages: Some(None),
+                unknown: Some("alpha".into())
+            }
+        );
+        assert_eq!(
+            parse(r#"{}"#),
+            BatchBody::Batch {
+                messages: None,
+                unknown: None
+            }
+        );
+        let BatchBody::Batch {
+            messages: Some(Some(items)),
+            unknown: None,
+        } = parse(r#"{"messages": [{"topic": "t"}, 5, [], {}]}"#)
+        else {
+            panic!("a batch of four");
+        };
+        assert_eq!(items.len(), 4);
+        assert!(matches!(&items[0], MaybeObject::Object(o) if o.get("topic").is_some()));
+        assert_eq!(items[1], MaybeObject::NotObject);
+        assert_eq!(items[2], MaybeObject::NotObject);
+        assert_eq!(items[3], MaybeObject::Object(Object::default()));
+        assert!(serde_json::from_str::<BatchBody>(r#"{"messages": [}"#).is_err());
+    }
+}
