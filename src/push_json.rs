@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// One JSON value, as the push API reads it.
 #[derive(Debug, PartialEq)]
@@ -65,6 +65,50 @@ pub enum BatchBody<'a> {
     },
 }
 
+/// Any JSON value, checked as strictly as parsing it into a `serde_json::Value` would
+/// (numbers in range, strings valid, the nesting limit), then dropped. serde's
+/// `IgnoredAny` would skip it unchecked, so a body `Value` rejects could get through.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Skip;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+                while seq.next_element::<Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 struct Key<'a>(Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
@@ -100,7 +144,7 @@ macro_rules! scalar_visits {
             Ok($other)
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<$out, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            while seq.next_element::<Skip>()?.is_some() {}
             Ok($other)
         }
     };
@@ -136,7 +180,7 @@ impl<'de> Deserialize<'de> for Field<'de> {
                 Ok(Field::Str(Cow::Owned(v)))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field<'de>, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
                 Ok(Field::Other)
             }
             scalar_visits!(Field<'de>, Field::Other);
@@ -204,7 +248,7 @@ impl<'de> Deserialize<'de> for Messages<'de> {
                 Ok(Messages(Some(items)))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
                 Ok(Messages(None))
             }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
@@ -245,7 +289,7 @@ impl<'de> Deserialize<'de> for BatchBody<'de> {
                     if k == "messages" {
                         messages = Some(map.next_value::<Messages>()?.0);
                     } else {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                         if unknown.as_deref().is_none_or(|u| k.as_ref() < u) {
                             unknown = Some(k.into_owned());
                         }
@@ -330,6 +374,34 @@ mod tests {
                 assert_eq!(got, expected, "{k} in {json}");
             }
         }
+    }
+
+    /// Whatever `serde_json::Value` rejects is rejected here too, wherever it hides:
+    /// in a skipped member, a repeated key, an unknown field or a non-object item.
+    #[test]
+    fn rejects_what_a_value_parse_rejects() {
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        let bodies = [
+            r#"{"messages": [{"topic": "t", "payload": "x"}, [1e400]]}"#.to_string(),
+            r#"{"messages": [{"topic": "t"}, ["\ud800"]]}"#.to_string(),
+            r#"{"topic": "t", "payload": "x", "qos": [1e400], "qos": 1}"#.to_string(),
+            r#"{"topic": "t", "qos": {"a": 1e400}, "qos": 1}"#.to_string(),
+            r#"{"messages": {"a": 1e400}, "messages": []}"#.to_string(),
+            r#"{"messages": [], "zz": "\udc00"}"#.to_string(),
+            r#"{"x": [[1,]]}"#.to_string(),
+            r#"[1e400]"#.to_string(),
+            format!(r#"{{"messages": [{deep}]}}"#),
+            format!(r#"{{"topic": "t", "qos": {deep}, "qos": 1}}"#),
+        ];
+        for body in &bodies {
+            assert!(serde_json::from_str::<Value>(body).is_err(), "{body}");
+            assert!(serde_json::from_str::<MaybeObject>(body).is_err(), "{body}");
+            assert!(serde_json::from_str::<BatchBody>(body).is_err(), "{body}");
+        }
+        // Invalid UTF-8 inside a skipped member.
+        let raw = b"{\"topic\": \"t\", \"qos\": [\"\xff\"], \"qos\": 1}";
+        assert!(serde_json::from_slice::<Value>(raw).is_err());
+        assert!(serde_json::from_slice::<MaybeObject>(raw).is_err());
     }
 
     #[test]
