@@ -280,6 +280,64 @@ struct PushSpec {
     idempotency_key: Option<String>,
 }
 
+/// The answer to one accepted push, as `docs/API.md` documents it: built and
+/// serialized without a JSON value tree (a batch answers up to `max_batch` of them).
+#[derive(Clone, Debug)]
+enum PushAnswer {
+    /// `{"id", "status"}`, plus `"reason"` when the status is `dropped`.
+    Client {
+        id: String,
+        status: &'static str,
+        reason: Option<&'static str>,
+    },
+    /// `{"id", "matched"}`.
+    Topic { id: String, matched: usize },
+}
+
+impl PushAnswer {
+    /// The `status` label of `gateway_push_requests_total`.
+    fn status(&self) -> &'static str {
+        match self {
+            PushAnswer::Client { status, .. } => status,
+            PushAnswer::Topic { .. } => "matched",
+        }
+    }
+}
+
+impl serde::Serialize for PushAnswer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match self {
+            PushAnswer::Client { id, status, reason } => {
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("status", status)?;
+                if let Some(r) = reason {
+                    m.serialize_entry("reason", r)?;
+                }
+            }
+            PushAnswer::Topic { id, matched } => {
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("matched", matched)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// One item of a batch's `results`: its answer, or its error object.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum BatchResult {
+    Answer(PushAnswer),
+    Error(Value),
+}
+
+#[derive(serde::Serialize)]
+struct BatchAnswer<'a> {
+    results: &'a [BatchResult],
+}
+
 const PUSH_FIELDS: [&str; 10] = [
     "client_id",
     "topic",
@@ -486,24 +544,23 @@ impl Inner {
         Ok(matched)
     }
 
-    /// Answers one client push: status JSON, or 504 when `wait_ack` times out.
+    /// Answers one client push: its status, or 504 when `wait_ack` times out.
     async fn finish(
         &self,
-        id: &str,
+        id: String,
         spec: &PushSpec,
         outcome: PushOutcome,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<PushAnswer, ApiError> {
+        let answer = |status, reason| PushAnswer::Client { id, status, reason };
         let status = match outcome.status {
             PushStatus::Sent => "sent",
             PushStatus::Queued => "queued",
             PushStatus::Offline => "offline",
-            PushStatus::Dropped(reason) => {
-                return Ok(json!({"id": id, "status": "dropped", "reason": reason}));
-            }
+            PushStatus::Dropped(reason) => return Ok(answer("dropped", Some(reason))),
         };
         if let Some(ack) = outcome.ack {
             return match tokio::time::timeout(spec.timeout, ack).await {
-                Ok(Ok(())) => Ok(json!({"id": id, "status": "acked"})),
+                Ok(Ok(())) => Ok(answer("acked", None)),
                 _ => Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "ack_timeout",
@@ -514,20 +571,13 @@ impl Inner {
                 )),
             };
         }
-        Ok(json!({"id": id, "status": status}))
+        Ok(answer(status, None))
     }
 
-    fn record(&self, result: &Result<Value, ApiError>, received: Instant) {
+    fn record(&self, result: &Result<PushAnswer, ApiError>, received: Instant) {
         match result {
-            Ok(v) => {
-                let status = match v.get("status").and_then(Value::as_str) {
-                    Some("sent") => "sent",
-                    Some("acked") => "acked",
-                    Some("queued") => "queued",
-                    Some("offline") => "offline",
-                    Some("dropped") => "dropped",
-                    _ => "matched",
-                };
+            Ok(a) => {
+                let status = a.status();
                 let took = matches!(status, "sent" | "acked" | "matched")
                     .then(|| received.elapsed().as_secs_f64());
                 self.push_metrics.record(status, took);
@@ -537,7 +587,7 @@ impl Inner {
     }
 
     /// One push, remembered under its idempotency key if it has one.
-    async fn push_once(&self, spec: PushSpec, received: Instant) -> Result<Value, ApiError> {
+    async fn push_once(&self, spec: PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
         let Some(key) = spec.idempotency_key.clone() else {
             let r = self.push_now(&spec, received).await;
             self.record(&r, received);
@@ -564,14 +614,14 @@ impl Inner {
         answer
     }
 
-    async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<Value, ApiError> {
+    async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
         let id = self.next_id();
         let msg = self.message(spec, received);
         match &spec.client_id {
             None => {
                 let matched = self.push_topic(msg, received).await?;
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
-                Ok(json!({"id": id, "matched": matched}))
+                Ok(PushAnswer::Topic { id, matched })
             }
             Some(client_id) => {
                 let shard = home_shard(client_id, self.mailboxes.len());
@@ -589,8 +639,8 @@ impl Inner {
                     .await?
                     .pop()
                     .ok_or_else(shutting_down)?;
-                let r = self.finish(&id, spec, outcome).await;
-                tracing::debug!(message_id = %id, client_id = %client_id, result = ?r.as_ref().map(|v| v["status"].clone()), "client push");
+                let r = self.finish(id.clone(), spec, outcome).await;
+                tracing::debug!(message_id = %id, client_id = %client_id, result = ?r.as_ref().map(PushAnswer::status), "client push");
                 r
             }
         }
@@ -671,7 +721,7 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     // Validate each item; client pushes without an idempotency key go to their home shard
     // in one mailbox message per shard, everything else one by one.
     let n = messages.len();
-    let mut results: Vec<Option<Result<Value, ApiError>>> = (0..n).map(|_| None).collect();
+    let mut results: Vec<Option<Result<PushAnswer, ApiError>>> = (0..n).map(|_| None).collect();
     let shards = inner.mailboxes.len();
     let mut per_shard: Vec<Vec<(usize, PushSpec)>> = (0..shards).map(|_| Vec::new()).collect();
     let mut singles = Vec::new();
@@ -728,7 +778,7 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
         match inner.answer(rx, received).await {
             Ok(outcomes) => {
                 for (((i, spec), id), outcome) in group.into_iter().zip(ids).zip(outcomes) {
-                    let r = inner.finish(&id, &spec, outcome).await;
+                    let r = inner.finish(id, &spec, outcome).await;
                     inner.record(&r, received);
                     results[i] = Some(r);
                 }
@@ -745,19 +795,25 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     for (i, spec) in singles {
         results[i] = Some(inner.push_once(spec, received).await);
     }
-    let results: Vec<Value> = results
+    let results: Vec<BatchResult> = results
         .into_iter()
         .map(|r| match r {
-            Some(Ok(v)) => v,
+            Some(Ok(a)) => BatchResult::Answer(a),
             Some(Err(e)) => {
                 let mut b = e.body();
                 b["error"]["status"] = json!(e.status.as_u16());
-                b
+                BatchResult::Error(b)
             }
-            None => json!({"error": {"code": "internal", "message": "no answer"}}),
+            None => {
+                BatchResult::Error(json!({"error": {"code": "internal", "message": "no answer"}}))
+            }
         })
         .collect();
-    (StatusCode::OK, axum::Json(json!({ "results": results }))).into_response()
+    (
+        StatusCode::OK,
+        axum::Json(BatchAnswer { results: &results }),
+    )
+        .into_response()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -879,7 +935,7 @@ async fn openapi() -> Response {
 // ---------------------------------------------------------------------------------------
 // Idempotency.
 
-type CachedAnswer = Result<Value, ApiError>;
+type CachedAnswer = Result<PushAnswer, ApiError>;
 
 /// Answers by idempotency key for `idempotency_window_secs`. A repeated key waits for the
 /// first request's answer (`OnceCell`) and gets the same one: the device gets it once.
