@@ -743,7 +743,7 @@ impl Shard {
     fn on_readable(&mut self, key: usize) {
         for _ in 0..READS_PER_EVENT {
             let now_ns = self.now_ns();
-            if self.holds_publish(key) && self.backpressured() {
+            if self.backpressured() && self.holds_publish(key) {
                 // The rest of a PUBLISH larger than one read waits too.
                 self.hold_publisher(key);
                 return;
@@ -850,7 +850,7 @@ impl Shard {
             if over > 0 {
                 self.paused.insert(key);
                 self.wake_no_later_than(self.now_instant + Duration::from_nanos(over));
-            } else if self.holds_publish(key as usize) && self.backpressured() {
+            } else if self.backpressured() && self.holds_publish(key as usize) {
                 self.paused.insert(key);
                 self.wake_no_later_than(self.now_instant + backpressure::RECHECK);
             } else {
