@@ -306,6 +306,7 @@ impl<'de> Deserialize<'de> for BatchBody<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::Value;
 
     fn object(json: &str) -> Object<'_> {
@@ -436,5 +437,120 @@ mod tests {
         assert_eq!(items[2], MaybeObject::NotObject);
         assert_eq!(items[3], MaybeObject::Object(Object::default()));
         assert!(serde_json::from_str::<BatchBody>(r#"{"messages": [}"#).is_err());
+    }
+
+    /// What a member is, by `serde_json::Value`'s reading: the model `Field` must match.
+    fn model(v: &Value) -> Field<'static> {
+        match v {
+            Value::Null => Field::Null,
+            Value::Bool(b) => Field::Bool(*b),
+            Value::String(s) => Field::Str(Cow::Owned(s.clone())),
+            v => v.as_u64().map_or(Field::Other, Field::UInt),
+        }
+    }
+
+    fn owned(f: &Field) -> Field<'static> {
+        match f {
+            Field::Null => Field::Null,
+            Field::Bool(b) => Field::Bool(*b),
+            Field::UInt(n) => Field::UInt(*n),
+            Field::Str(s) => Field::Str(Cow::Owned(s.to_string())),
+            Field::Other => Field::Other,
+        }
+    }
+
+    /// JSON text for one value: scalars including the awkward ones (out-of-range
+    /// numbers, lone surrogates, escapes), arrays and objects nested a few deep, keys
+    /// from a small set so they repeat.
+    fn value_text() -> impl Strategy<Value = String> {
+        // Mostly valid values; the ones a Value parse rejects (out of range, lone
+        // surrogate) are rarer so that whole objects often parse.
+        let leaf = prop_oneof![
+            4 => Just("null"),
+            4 => Just("true"),
+            4 => Just("false"),
+            4 => Just("0"),
+            4 => Just("1"),
+            4 => Just("-1"),
+            4 => Just("-0"),
+            4 => Just("1.0"),
+            4 => Just("1e2"),
+            1 => Just("1e400"),
+            4 => Just("18446744073709551615"),
+            4 => Just("18446744073709551616"),
+            4 => Just("\"s\""),
+            4 => Just("\"\\n\""),
+            1 => Just("\"\\ud800\""),
+            4 => Just("\"\\ud83d\\ude00\""),
+        ]
+        .prop_map(str::to_owned);
+        leaf.prop_recursive(3, 24, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec((key_text(), inner), 0..3).prop_map(|m| {
+                    let m: Vec<String> = m.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    format!("{{{}}}", m.join(","))
+                }),
+            ]
+        })
+    }
+
+    fn key_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => Just("\"qos\""),
+            4 => Just("\"topic\""),
+            4 => Just("\"q\\u006fs\""),
+            4 => Just("\"messages\""),
+            4 => Just("\"x\""),
+            1 => Just("\"\\ud800\""),
+        ]
+        .prop_map(str::to_owned)
+    }
+
+    /// An object's text, sometimes damaged (a trailing comma, a cut-off end, a
+    /// missing colon), and sometimes not an object at all.
+    fn json_text() -> impl Strategy<Value = String> {
+        let object = proptest::collection::vec((key_text(), value_text()), 0..5).prop_map(|m| {
+            let m: Vec<String> = m.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            format!("{{{}}}", m.join(","))
+        });
+        (object, value_text(), 0..10u8).prop_map(|(o, v, damage)| match damage {
+            0 => format!("{},}}", &o[..o.len() - 1]),
+            1 => o[..o.len() / 2].to_owned(),
+            2 => o.replacen(':', " ", 1),
+            3 => v,
+            _ => o,
+        })
+    }
+
+    proptest! {
+        /// For any text: it parses as an object here exactly when it parses as a JSON
+        /// object with serde_json, and then every member reads the same.
+        #[test]
+        fn objects_agree_with_serde_json_on_any_text(
+            body in json_text()
+        ) {
+            let theirs = serde_json::from_str::<Value>(&body);
+            let mine = serde_json::from_str::<MaybeObject>(&body);
+            prop_assert_eq!(theirs.is_ok(), mine.is_ok(), "{}", body);
+            match (theirs, mine) {
+                (Ok(Value::Object(m)), Ok(MaybeObject::Object(o))) => {
+                    for (k, v) in &m {
+                        prop_assert_eq!(o.get(k).map(owned), Some(model(v)), "{} in {}", k, body);
+                    }
+                    let keys: std::collections::BTreeSet<&str> = o.0.iter().map(|(k, _)| k.as_ref()).collect();
+                    prop_assert_eq!(keys.len(), m.len());
+                    let first_unknown = m.keys().find(|k| k.as_str() != "topic");
+                    prop_assert_eq!(o.unknown(&["topic"]), first_unknown.map(String::as_str));
+                }
+                (Ok(Value::Object(_)), Ok(MaybeObject::NotObject)) | (Ok(_), Ok(MaybeObject::Object(_))) => {
+                    prop_assert!(false, "object-ness differs: {}", body);
+                }
+                _ => {}
+            }
+            // A batch body parses exactly when the text is valid JSON, too.
+            prop_assert_eq!(serde_json::from_str::<Value>(&body).is_ok(), serde_json::from_str::<BatchBody>(&body).is_ok(), "{}", body);
+        }
     }
 }
