@@ -282,7 +282,8 @@ const BACKPRESSURE_ONE_SHARD: &str = "[tcp]\nsend_buffer_bytes = 4096\n[buffers]
 #[tokio::test]
 async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing() {
     let gw = TestServer::start(BACKPRESSURE_ONE_SHARD);
-    let mut el = stalled_subscriber(&gw, rumqttc::QoS::AtMostOnce).await;
+    // A small receive window, so the kernel cannot take it all and end the congestion.
+    let mut sub = small_window_subscriber(&gw).await;
     // 1 MiB of QoS 0 for a subscriber that reads nothing meanwhile: far more than its
     // high watermark and both sockets' buffers.
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
@@ -295,7 +296,10 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
         pauses >= 1.0,
         "the publisher is paced, not the subscriber shed"
     );
-    assert!(gw.metric("gateway_congested_connections").await >= 1.0);
+    let congested = gw
+        .wait_metric("gateway_congested_connections", T, |v| v >= 1.0)
+        .await;
+    assert!(congested >= 1.0);
 
     // Meanwhile other clients are served: CONNECT, SUBSCRIBE, PINGREQ are still read.
     let mut bystander = v4::connect(v4::options(gw.mqtt, "bystander")).await;
@@ -311,7 +315,7 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
     );
 
     // Now read: every message arrives, once, in order, and nothing was dropped.
-    let got = read_flood(&mut el, N as usize, rumqttc::QoS::AtMostOnce).await;
+    let got = read_raw_flood(&mut sub, N as usize).await;
     assert_eq!(got, (0..N).collect::<Vec<_>>());
     assert_eq!(
         gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
@@ -325,6 +329,21 @@ async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing
         congested, 0.0,
         "congestion ends once the subscriber drained"
     );
+}
+
+/// Reads `n` PUBLISHes from a raw subscriber; their numbers.
+async fn read_raw_flood(sub: &mut Raw, n: usize) -> Vec<u32> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match sub.recv_v4(Duration::from_secs(20)).await {
+            Ok(Packet::Publish(p)) => {
+                got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()))
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{e} after {} of {n}", got.len()),
+        }
+    }
+    got
 }
 
 /// A raw QoS 0 subscriber to "flood" with a 4 KiB receive buffer (the kernel would
@@ -403,16 +422,7 @@ async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
             .await,
         0.0
     );
-    let mut got = Vec::new();
-    while got.len() < N as usize {
-        match sub.recv_v4(Duration::from_secs(20)).await {
-            Ok(Packet::Publish(p)) => {
-                got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()))
-            }
-            Ok(_) => {}
-            Err(e) => panic!("{e} after {} of {N}", got.len()),
-        }
-    }
+    let got = read_raw_flood(&mut sub, N as usize).await;
     assert_eq!(got, (0..N).collect::<Vec<_>>());
     sender.await.unwrap();
     assert_eq!(
