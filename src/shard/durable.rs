@@ -14,7 +14,7 @@ use crate::mailbox::home_shard;
 use crate::message::Message;
 use crate::session::{Queued, NEVER_EXPIRES};
 use crate::store::{Op, StoredSession};
-use crate::topic::{self, Subscriber};
+use crate::topic;
 
 use super::Shard;
 
@@ -161,22 +161,13 @@ impl Shard {
             for (filter, options, sub_id) in stored.subs {
                 self.sessions[skey].subs.push((filter.clone(), options));
                 self.subs_total += 1;
-                match topic::parse_shared(&filter) {
-                    Some((group, inner)) if filter.starts_with("$share/") => {
-                        let (group, inner) = (group.to_string(), inner.to_string());
-                        self.join_shared(skey, &group, &inner, options, sub_id);
-                    }
-                    _ => {
-                        self.subs.insert(
-                            &filter,
-                            Subscriber {
-                                session: skey as u32,
-                                options,
-                                sub_id,
-                            },
-                        );
-                    }
-                }
+                self.attach_subscription(
+                    skey,
+                    &filter,
+                    topic::parse_shared(&filter),
+                    options,
+                    sub_id,
+                );
             }
             let n = stored.messages.len();
             if n > 0 {

@@ -868,19 +868,11 @@ impl Shard {
             };
             codes.push(qos);
             self.store_sub(skey, &filter, options, sub_id);
-            if let Some((group, inner)) = shared {
+            self.attach_subscription(skey, &filter, shared, options, sub_id);
+            if shared.is_some() {
                 // Retained messages are not sent for shared subscriptions (4.8.2).
-                self.join_shared(skey, group, inner, options, sub_id);
                 continue;
             }
-            self.subs.insert(
-                &filter,
-                Subscriber {
-                    session: skey as u32,
-                    options,
-                    sub_id,
-                },
-            );
             // Retain Handling: 0 send retained, 1 only for a new subscription, 2 never.
             let handling = (options >> 4) & 3;
             if handling == 0 || (handling == 1 && existing.is_none()) {
@@ -895,6 +887,32 @@ impl Shard {
             self.send_retained(skey, &filter, qos, sub_id);
         }
         true
+    }
+
+    /// Puts a subscription of session `skey` where routing finds it: its shared group
+    /// (`shared` = group and inner filter of a `$share/` filter), or the shard's index.
+    /// SUBSCRIBE and the restore of stored sessions both come through here.
+    pub(super) fn attach_subscription(
+        &mut self,
+        skey: usize,
+        filter: &Arc<str>,
+        shared: Option<(&str, &str)>,
+        options: u8,
+        sub_id: u32,
+    ) {
+        match shared {
+            Some((group, inner)) => self.join_shared(skey, group, inner, options, sub_id),
+            None => {
+                self.subs.insert(
+                    filter,
+                    Subscriber {
+                        session: skey as u32,
+                        options,
+                        sub_id,
+                    },
+                );
+            }
+        }
     }
 
     /// The ACL's word on a PUBLISH to `topic` from session `skey`; a refusal is counted.
