@@ -248,13 +248,13 @@ async fn backend_pushes_are_not_subject_to_acls() {
         )]
     );
     // The backend pushes to the device by client id on a topic outside its tree.
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/push", s.http))
-        .json(&serde_json::json!({"client_id": "pushed", "topic": "fleet/all", "payload": "hi", "qos": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let (code, body) = post_json(
+        s.http,
+        "/v1/push",
+        &serde_json::json!({"client_id": "pushed", "topic": "fleet/all", "payload": "hi", "qos": 0}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
     match c.next_v4(T).await {
         Ok(mqttbytes::v4::Packet::Publish(p)) => assert_eq!(p.topic, "fleet/all"),
         other => panic!("expected the pushed PUBLISH, got {other:?}"),

@@ -8,7 +8,7 @@ mod common;
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use common::{connect5, session_expiry_props, tempdir, v4, GatewayProcess, Raw};
+use common::{connect5, post_json, session_expiry_props, tempdir, v4, GatewayProcess, Raw};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
@@ -21,18 +21,7 @@ fn store_toml(dir: &tempdir::Dir) -> String {
 }
 
 async fn post(gw: &GatewayProcess, path: &str, body: Value) -> (u16, Value) {
-    post_to(gw.http, path, body).await
-}
-
-async fn post_to(http: std::net::SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("http://{http}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap_or(Value::Null))
+    post_json(gw.http, path, &body).await
 }
 
 fn kill9(gw: &mut GatewayProcess) {
@@ -115,7 +104,7 @@ async fn queued_pushes_survive_kill_9_exactly_once_in_order_and_ttl_is_kept() {
                 }
                 for batch in items.chunks(500) {
                     let (code, body) =
-                        post_to(http, "/v1/push/batch", json!({ "messages": batch })).await;
+                        post_json(http, "/v1/push/batch", &json!({ "messages": batch })).await;
                     assert_eq!(code, 200, "{body}");
                     for r in body["results"].as_array().expect("results") {
                         assert_eq!(r["status"], "queued", "{r}");
@@ -353,7 +342,7 @@ async fn the_store_file_stops_growing_when_messages_are_delivered() {
     let gw = common::TestServer::start("");
     let api = |body: Value| {
         let http = gw.http;
-        async move { post_to(http, "/v1/push/batch", body).await }
+        async move { post_json(http, "/v1/push/batch", &body).await }
     };
     let mut sizes = Vec::new();
     for round in 0..8 {
@@ -524,7 +513,7 @@ async fn push_queued(
                         .collect();
                     sent += items.len();
                     let (code, body) =
-                        post_to(http, "/v1/push/batch", json!({ "messages": items })).await;
+                        post_json(http, "/v1/push/batch", &json!({ "messages": items })).await;
                     assert_eq!(code, 200, "{body}");
                     for r in body["results"].as_array().expect("results") {
                         let st = r["status"].as_str().unwrap_or("?").to_string();

@@ -90,13 +90,13 @@ async fn traffic(gw: &TestServer) -> v4::Client {
         .await
         .expect("publish");
     assert!(c.next_publish(Duration::from_secs(5)).await.is_some());
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/push", gw.http))
-        .json(&serde_json::json!({"client_id": "observer", "topic": "obs/push", "payload": "two", "qos": 1}))
-        .send()
-        .await
-        .expect("push request");
-    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+    let (code, body) = common::post_json(
+        gw.http,
+        "/v1/push",
+        &serde_json::json!({"client_id": "observer", "topic": "obs/push", "payload": "two", "qos": 1}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
     assert!(c.next_publish(Duration::from_secs(5)).await.is_some());
     // A second client that comes and goes: a connect, a DISCONNECT, a closed connection.
     let mut brief = v4::connect(v4::options(gw.mqtt, "brief")).await;

@@ -151,6 +151,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (code, resp.text().await.expect("body"))
 }
 
+/// POSTs a JSON body (no bearer token) and returns the status and the JSON answer
+/// (`null` if the answer is not JSON).
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("http post");
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// The real `gateway` binary, started with a config file; killed on drop if still running.
 pub struct GatewayProcess {
     pub child: Child,
