@@ -113,7 +113,7 @@ impl Shard {
             .filter(|c| c.state == super::ConnState::Active)
             .and_then(|c| c.bufs.as_ref())
             .and_then(|b| b.held.first().or(b.inbuf.first()))
-            .is_some_and(|&b| b >> 4 == 3)
+            .is_some_and(|&b| super::packet::type_of(b) == super::packet::PUBLISH)
     }
 }
 

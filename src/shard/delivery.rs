@@ -21,7 +21,7 @@ use crate::metrics::DropReason;
 use crate::session::{Inflight, InflightState, Queued};
 use crate::topic;
 
-use super::{ConnState, Shard};
+use super::{packet, ConnState, Shard};
 
 /// What happened to one message offered to one session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,7 +333,7 @@ impl Shard {
         self.output(ckey, len, |out| {
             codec::encode_publish(out, v, &p);
         });
-        self.metrics.packet_out(3);
+        self.metrics.packet_out(packet::PUBLISH);
         true
     }
 
@@ -397,7 +397,7 @@ impl Shard {
                 }
                 InflightState::Released => {
                     self.output(ckey, 16, |out| codec::encode_pubrel(out, v, f.pkid, 0));
-                    self.metrics.packet_out(6);
+                    self.metrics.packet_out(packet::PUBREL);
                     kept.push_back(f);
                 }
             }

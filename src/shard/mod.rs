@@ -3,13 +3,15 @@
 //! The shard runs a current-thread tokio runtime only for its mailbox and its tick. Its
 //! connections are driven by the shard's own `mio::Poll`, whose epoll fd is registered once
 //! with that runtime (`AsyncFd`, nested epoll). So a connection costs a slab entry, not a
-//! task, a tokio stream or a timer (ARCHITECTURE.md, "the crux").
+//! task, a tokio stream or a timer (see `docs/ARCHITECTURE.md`).
 //!
 //! One loop turn: drain ready sockets (bounded), drain the mailbox (bounded), fire due
 //! timers (bounded batches), flush every connection that got output this turn with one
 //! write each, and hand cross-shard messages to the other shards in one batch each. Only
 //! when nothing is left does the shard wait.
 //!
+//! A connection's reads go through [`read`]: the [`gate`] decides whether to read, the
+//! [`transport`] turns socket reads into plaintext, the [`framer`] cuts it into frames.
 //! The per-packet MQTT logic is in [`mqtt`]; routing and delivery in [`delivery`].
 
 mod backpressure;
@@ -17,12 +19,17 @@ pub use backpressure::Congestion;
 mod conn;
 mod delivery;
 mod durable;
+mod framer;
+mod gate;
 mod mqtt;
+mod packet;
 mod push;
+mod read;
 mod shared;
+mod transport;
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,7 +50,6 @@ use crate::limits::{Gcra, InboundLimits, PerIpLimit, TokenBucket};
 use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
-use crate::proxy::{self, ProxyHeader};
 use crate::session::{ClientIds, Session};
 use crate::topic::{Subscriber, SubscriptionIndex};
 use crate::wheel::{TimerId, TimingWheel};
@@ -737,430 +743,6 @@ impl Shard {
         Some(key)
     }
 
-    /// Reads a ready connection: through rustls on a TLS connection, into the scratch
-    /// buffer otherwise (and always for a PROXY header, which precedes the ClientHello).
-    /// A connection over its inbound rate is not read at all until it is back under.
-    fn on_readable(&mut self, key: usize) {
-        for _ in 0..READS_PER_EVENT {
-            let now_ns = self.now_ns();
-            if self.backpressured() && self.holds_publish(key) {
-                // The rest of a PUBLISH larger than one read waits too.
-                self.hold_publisher(key);
-                return;
-            }
-            let Some(conn) = self.conns.get_mut(key) else {
-                return;
-            };
-            if conn.state == ConnState::Authenticating {
-                // Read again once accepted (TCP backpressure meanwhile).
-                return;
-            }
-            if conn.outbound_len() >= self.limits.high_watermark {
-                // Answers pile up unread (say a PINGREQ flood from a peer that never
-                // reads): leave its bytes in the kernel, so TCP backpressure stops the
-                // peer, until `flush_conn` drains the output below the low watermark.
-                return;
-            }
-            if conn.state == ConnState::Active {
-                if let Some(b) = conn.bufs.as_ref() {
-                    let over = self.limits.inbound.over_by(&b.rate, now_ns);
-                    if over > 0 || !b.held.is_empty() {
-                        self.pause_reads(key, over);
-                        return;
-                    }
-                }
-            }
-            let state = conn.state;
-            let tls = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-                Some(t) if state != ConnState::ProxyHeader => Some(t),
-                _ => None,
-            };
-            let result = match tls {
-                Some(t) => t.read_tls(&mut conn.socket),
-                None => {
-                    let want = conn.predictor.next_size().min(self.scratch.len());
-                    conn.socket.read(&mut self.scratch[..want])
-                }
-            };
-            let via_tls = state != ConnState::ProxyHeader && conn.is_tls();
-            match result {
-                Ok(0) => {
-                    self.close_conn(key, DisconnectReason::CloseWait, None);
-                    return;
-                }
-                Ok(n) => {
-                    if !via_tls {
-                        conn.predictor.record(n);
-                    }
-                    ShardMetrics::add(&self.metrics.bytes_received, n as u64);
-                    if state == ConnState::Active {
-                        if let Some(g) = self.limits.inbound.bytes {
-                            let b = conn.bufs.get_or_insert_with(Default::default);
-                            g.charge(&mut b.rate.bytes, now_ns, n as u64);
-                        }
-                    }
-                    let alive = if via_tls {
-                        self.tls_process(key)
-                    } else if state == ConnState::ProxyHeader {
-                        self.ingest_proxy(key, n)
-                    } else {
-                        self.ingest(key, n)
-                    };
-                    if !alive {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!(shard = self.id, error = %e, "read failed");
-                    self.close_conn(key, DisconnectReason::SocketError, None);
-                    return;
-                }
-            }
-        }
-        self.reread.push(key as u32);
-    }
-
-    /// Stops reading a connection over its inbound rate: its bytes wait in the kernel
-    /// and then in the client (TCP backpressure) until `resume_paused` reads it again.
-    fn pause_reads(&mut self, key: usize, over_ns: u64) {
-        if self.paused.insert(key as u32) {
-            ShardMetrics::add(&self.metrics.rate_limit_pauses, 1);
-            tracing::debug!(shard = self.id, client_id = %self.client_id_of(key), pause_ms = over_ns / 1_000_000, "inbound rate exceeded, pausing reads");
-        }
-        self.wake_no_later_than(self.now_instant + Duration::from_nanos(over_ns));
-    }
-
-    /// Reads again the paused connections that are back under their inbound rate.
-    fn resume_paused(&mut self) {
-        if self.paused.is_empty() {
-            return;
-        }
-        let now_ns = self.now_ns();
-        let keys: Vec<u32> = self.paused.drain().collect();
-        for key in keys {
-            let over = match self.conns.get(key as usize) {
-                None => continue,
-                Some(c) => c
-                    .bufs
-                    .as_ref()
-                    .map_or(0, |b| self.limits.inbound.over_by(&b.rate, now_ns)),
-            };
-            if over > 0 {
-                self.paused.insert(key);
-                self.wake_no_later_than(self.now_instant + Duration::from_nanos(over));
-            } else if self.backpressured() && self.holds_publish(key as usize) {
-                self.paused.insert(key);
-                self.wake_no_later_than(self.now_instant + backpressure::RECHECK);
-            } else {
-                self.resume(key as usize);
-            }
-        }
-    }
-
-    /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
-    /// reads it again, unless that puts it over its rate once more.
-    fn resume(&mut self, key: usize) {
-        if self.conns[key].state != ConnState::Active {
-            // A key freed and reused since it was paused: not the paused connection.
-            return;
-        }
-        let held = self.take_held(key);
-        if !held.is_empty() {
-            let alive = self.ingest_bytes(key, &held);
-            self.pool.give(held, self.now);
-            if !alive || self.is_holding(key) {
-                return;
-            }
-        }
-        if self.conns[key].is_tls() && (!self.tls_process(key) || self.is_holding(key)) {
-            return;
-        }
-        self.on_readable(key);
-    }
-
-    /// Runs rustls over the ciphertext it holds, queues its handshake output, and feeds
-    /// the plaintext to the MQTT decoder. False when the connection is gone.
-    fn tls_process(&mut self, key: usize) -> bool {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return false;
-        };
-        let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) else {
-            return true;
-        };
-        if let Err(e) = tls.process_new_packets() {
-            // rustls has queued an alert for the peer; one best-effort write of it.
-            let _ = tls.write_tls(&mut conn.socket);
-            ShardMetrics::add(&self.metrics.tls_failures, 1);
-            tracing::info!(shard = self.id, peer = %conn.peer, error = %e, "TLS failed, closing");
-            self.close_conn(key, DisconnectReason::ProtocolError, None);
-            return false;
-        }
-        let mut plain = std::mem::take(&mut self.plain);
-        let alive = loop {
-            let Some(tls) = tls_of(&mut self.conns, key) else {
-                break false;
-            };
-            match tls.reader().read(&mut plain) {
-                // close_notify: the client ended the TLS session.
-                Ok(0) => {
-                    self.close_conn(key, DisconnectReason::CloseWait, None);
-                    break false;
-                }
-                Ok(n) => {
-                    if !self.ingest_bytes(key, &plain[..n]) {
-                        break false;
-                    }
-                    if self.is_holding(key) {
-                        // Paused: the rest of the plaintext waits inside rustls.
-                        break true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
-                Err(e) => {
-                    tracing::debug!(shard = self.id, error = %e, "TLS read failed");
-                    self.close_conn(key, DisconnectReason::SocketError, None);
-                    break false;
-                }
-            }
-        };
-        self.plain = plain;
-        if alive {
-            self.mark_dirty(key);
-        }
-        alive
-    }
-
-    /// Feeds ciphertext that arrived outside rustls (after a PROXY header) to it.
-    fn tls_feed(&mut self, key: usize, mut data: &[u8]) -> bool {
-        while !data.is_empty() {
-            let Some(tls) = tls_of(&mut self.conns, key) else {
-                return false;
-            };
-            if let Err(e) = tls.read_tls(&mut data) {
-                ShardMetrics::add(&self.metrics.tls_failures, 1);
-                tracing::info!(shard = self.id, error = %e, "TLS failed, closing");
-                self.close_conn(key, DisconnectReason::ProtocolError, None);
-                return false;
-            }
-            if !self.tls_process(key) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// The `n` bytes just read into the scratch buffer, while the PROXY header is still
-    /// expected. The header may arrive over several reads; it is bounded by
-    /// `proxy_header_max_bytes`. False when the connection is gone.
-    fn ingest_proxy(&mut self, key: usize, n: usize) -> bool {
-        let mut buf = match self.conns[key].bufs.as_mut() {
-            Some(b) if !b.inbuf.is_empty() => std::mem::take(&mut b.inbuf),
-            _ => self.pool.take(n.min(self.limits.proxy_header_max)),
-        };
-        self.pool.reserve(&mut buf, n, self.now);
-        buf.extend_from_slice(&self.scratch[..n]);
-        let parsed = proxy::parse(&buf, self.limits.proxy_header_max);
-        let (header, len) = match parsed {
-            Ok(Some(h)) => h,
-            Ok(None) => {
-                self.put_inbuf(key, buf);
-                return true;
-            }
-            Err(e) => {
-                self.pool.give(buf, self.now);
-                ShardMetrics::add(&self.metrics.proxy_header_errors, 1);
-                tracing::info!(shard = self.id, peer = %self.conns[key].peer, error = %e, "bad PROXY header, closing");
-                self.close_conn(key, DisconnectReason::ProtocolError, None);
-                return false;
-            }
-        };
-        let conn = &mut self.conns[key];
-        let peer = match header {
-            ProxyHeader::Proxied(a) => a,
-            ProxyHeader::Local => conn.peer.addr(),
-        };
-        if !self.per_ip.acquire(peer.ip()) {
-            self.pool.give(buf, self.now);
-            self.metrics.refuse(RefuseReason::PerIp);
-            tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
-            // Still in ProxyHeader state: close_conn releases no per-IP count.
-            self.close_conn(key, DisconnectReason::Refused, None);
-            return false;
-        }
-        conn.peer = Peer::from(peer);
-        conn.state = ConnState::Handshake;
-        let alive = if conn.is_tls() {
-            self.tls_feed(key, &buf[len..])
-        } else {
-            self.ingest_bytes(key, &buf[len..])
-        };
-        self.pool.give(buf, self.now);
-        alive
-    }
-
-    /// Decodes the `n` bytes just read into the scratch buffer, after completing any partial
-    /// frame the connection holds. Returns false when the connection is gone (closed or
-    /// handed to another shard).
-    fn ingest(&mut self, key: usize, n: usize) -> bool {
-        let scratch = std::mem::take(&mut self.scratch);
-        let alive = self.ingest_bytes(key, &scratch[..n]);
-        self.scratch = scratch;
-        alive
-    }
-
-    fn ingest_bytes(&mut self, key: usize, mut data: &[u8]) -> bool {
-        let max = self.limits.max_packet_size;
-        let limited = self.limits.inbound.enabled() || self.limits.backpressure;
-        if limited && self.is_holding(key) {
-            // Paused with frames held: these bytes queue behind them, in order.
-            let mut held = self.take_held(key);
-            self.pool.reserve(&mut held, data.len(), self.now);
-            held.extend_from_slice(data);
-            self.put_held(key, held);
-            return true;
-        }
-        // 1. Complete a partial frame held from an earlier read.
-        let has_partial = self.conns[key]
-            .bufs
-            .as_ref()
-            .is_some_and(|b| !b.inbuf.is_empty());
-        if has_partial {
-            let mut inbuf = match self.conns[key].bufs.as_mut() {
-                Some(b) => std::mem::take(&mut b.inbuf),
-                None => Vec::new(),
-            };
-            loop {
-                match codec::frame_len(&inbuf, max) {
-                    Err(e) => {
-                        self.pool.give(inbuf, self.now);
-                        return self.protocol_error(key, &e);
-                    }
-                    Ok(None) => {
-                        // Header incomplete: take one more byte (headers are at most 5).
-                        let Some((&b, rest)) = data.split_first() else {
-                            self.put_inbuf(key, inbuf);
-                            return true;
-                        };
-                        self.pool.reserve(&mut inbuf, 1, self.now);
-                        inbuf.push(b);
-                        data = rest;
-                    }
-                    Ok(Some(len)) => {
-                        let need = len - inbuf.len().min(len);
-                        let take = need.min(data.len());
-                        self.pool.reserve(&mut inbuf, take, self.now);
-                        inbuf.extend_from_slice(&data[..take]);
-                        data = &data[take..];
-                        if inbuf.len() < len {
-                            self.put_inbuf(key, inbuf);
-                            return true;
-                        }
-                        let alive = self.dispatch(key, &inbuf, data);
-                        self.pool.give(inbuf, self.now);
-                        if !alive {
-                            return false;
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        // 2. Every whole frame in place, straight from the scratch buffer.
-        loop {
-            if data.is_empty() {
-                return true;
-            }
-            match codec::frame_len(data, max) {
-                Err(e) => return self.protocol_error(key, &e),
-                Ok(Some(len)) if len <= data.len() => {
-                    if limited && self.conns[key].state == ConnState::Active {
-                        let over = self.over_by(key);
-                        let hold = data[0] >> 4 == 3 && self.backpressured();
-                        if over > 0 || hold {
-                            // Over the inbound rate, or a PUBLISH while subscribers are
-                            // congested: keep the rest for later, read no more.
-                            let mut held = self.pool.take(data.len());
-                            held.extend_from_slice(data);
-                            self.put_held(key, held);
-                            if over > 0 {
-                                self.pause_reads(key, over);
-                            } else {
-                                self.hold_publisher(key);
-                            }
-                            return true;
-                        }
-                    }
-                    let (frame, rest) = data.split_at(len);
-                    if !self.dispatch(key, frame, rest) {
-                        return false;
-                    }
-                    data = rest;
-                }
-                Ok(known) => {
-                    // 3. Only a trailing partial frame is copied out, into a pooled buffer
-                    //    sized for the whole frame when its length is known.
-                    let want = known.unwrap_or(data.len()).max(data.len());
-                    let mut inbuf = self
-                        .pool
-                        .take(want.min(crate::buffer::MAX_CLASS).max(data.len()));
-                    inbuf.extend_from_slice(data);
-                    self.put_inbuf(key, inbuf);
-                    return true;
-                }
-            }
-        }
-    }
-
-    /// One whole frame to the MQTT layer, after charging a PUBLISH to the connection's
-    /// inbound message rate (the debt pauses reads; the frame itself is never dropped).
-    fn dispatch(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
-        if let Some(g) = self.limits.inbound.msgs {
-            let now_ns = self.now_ns();
-            let conn = &mut self.conns[key];
-            if frame[0] >> 4 == 3 && conn.state == ConnState::Active {
-                let b = conn.bufs.get_or_insert_with(Default::default);
-                g.charge(&mut b.rate.msgs, now_ns, 1);
-            }
-        }
-        self.handle_frame(key, frame, rest)
-    }
-
-    /// Nanoseconds until the connection is back under its inbound rate (0 = it is).
-    fn over_by(&self, key: usize) -> u64 {
-        self.conns[key]
-            .bufs
-            .as_ref()
-            .map_or(0, |b| self.limits.inbound.over_by(&b.rate, self.now_ns()))
-    }
-
-    fn is_holding(&self, key: usize) -> bool {
-        self.conns
-            .get(key)
-            .and_then(|c| c.bufs.as_ref())
-            .is_some_and(|b| !b.held.is_empty())
-    }
-
-    fn take_held(&mut self, key: usize) -> Vec<u8> {
-        match self.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
-            Some(b) => std::mem::take(&mut b.held),
-            None => Vec::new(),
-        }
-    }
-
-    fn put_held(&mut self, key: usize, held: Vec<u8>) {
-        let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
-        bufs.held = held;
-    }
-
-    fn put_inbuf(&mut self, key: usize, inbuf: Vec<u8>) {
-        let conn = &mut self.conns[key];
-        let bufs = conn.bufs.get_or_insert_with(Default::default);
-        bufs.inbuf = inbuf;
-        self.release_idle_bufs(key);
-    }
-
     /// Drops a connection's buffer box once it holds nothing.
     fn release_idle_bufs(&mut self, key: usize) {
         let now_ns = self.now_ns();
@@ -1216,16 +798,6 @@ impl Shard {
             false
         });
         self.settling = keys;
-    }
-
-    /// Closes a connection for a protocol error, telling an MQTT 5 client why.
-    fn protocol_error(&mut self, key: usize, e: &codec::ProtocolError) -> bool {
-        let conn = &self.conns[key];
-        let client = self.client_id_of(key);
-        tracing::info!(shard = self.id, client_id = %client, peer = %conn.peer, error = %e, "protocol error, closing");
-        let reason = (conn.state == ConnState::Active).then(|| e.reason_code());
-        self.close_conn(key, DisconnectReason::ProtocolError, reason);
-        false
     }
 
     fn client_id_of(&self, key: usize) -> Arc<str> {
@@ -1489,7 +1061,7 @@ impl Shard {
                 None => conn.socket.write(&out).is_ok(),
             };
             if written {
-                self.metrics.packet_out(14);
+                self.metrics.packet_out(packet::DISCONNECT);
             }
         }
         if let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
@@ -1667,14 +1239,6 @@ impl Shard {
         ShardMetrics::set(&m.pool_hits, p.hits);
         ShardMetrics::set(&m.pool_misses, p.misses);
     }
-}
-
-/// The rustls session of connection `key`, if it is a live TLS connection.
-fn tls_of(conns: &mut Slab<Conn>, key: usize) -> Option<&mut rustls::ServerConnection> {
-    conns
-        .get_mut(key)
-        .and_then(|c| c.bufs.as_mut())
-        .and_then(|b| b.tls.as_deref_mut())
 }
 
 /// Pins the calling thread to core `id` modulo the cores this process may use.

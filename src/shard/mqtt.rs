@@ -19,7 +19,7 @@ use crate::session::{InflightState, Queued, Session, NEVER_EXPIRES, NO_CONN};
 use crate::topic::{self, Subscriber};
 use crate::wheel::TimerId;
 
-use super::{ConnState, Shard, NO_SESSION, SESSION_TIMER};
+use super::{packet, ConnState, Shard, NO_SESSION, SESSION_TIMER};
 
 /// CONNACK return codes of MQTT 3.1.1.
 const V3_IDENTIFIER_REJECTED: u8 = 0x02;
@@ -44,7 +44,7 @@ impl Shard {
     /// as MQTT words it ("does not receive a Control Packet"). A peer trickling one byte
     /// at a time cannot hold a connection open past either timer (slowloris).
     pub(super) fn handle_frame(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
-        self.metrics.packet_in(frame[0] >> 4);
+        self.metrics.packet_in(packet::type_of(frame[0]));
         if self.conns[key].state == ConnState::Active {
             self.conns[key].last_seen = self.now32();
         }
@@ -207,7 +207,7 @@ impl Shard {
         self.output(key, 64, |out| {
             codec::encode_connack(out, v, false, code, &ConnAckProps::default())
         });
-        self.metrics.packet_out(2);
+        self.metrics.packet_out(packet::CONNACK);
         self.metrics.refuse(why);
         self.flush_conn(key);
         self.close_conn(key, DisconnectReason::Refused, None);
@@ -533,7 +533,7 @@ impl Shard {
         self.output(key, 128, |out| {
             codec::encode_connack(out, v, present, 0, &props)
         });
-        self.metrics.packet_out(2);
+        self.metrics.packet_out(packet::CONNACK);
         ShardMetrics::add(&self.metrics.connects, 1);
         tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.conns[key].peer, keep_alive, session_present = present, "connected");
         if present {
@@ -587,7 +587,7 @@ impl Shard {
                     reason::PACKET_ID_NOT_FOUND
                 };
                 self.output(key, 16, |out| codec::encode_pubcomp(out, v, pkid, code));
-                self.metrics.packet_out(7);
+                self.metrics.packet_out(packet::PUBCOMP);
             }
             Packet::Subscribe {
                 pkid,
@@ -606,11 +606,11 @@ impl Shard {
                 self.output(key, 16 + codes.len(), |out| {
                     codec::encode_unsuback(out, v, pkid, &codes)
                 });
-                self.metrics.packet_out(11);
+                self.metrics.packet_out(packet::UNSUBACK);
             }
             Packet::PingReq => {
                 self.output(key, 2, codec::encode_pingresp);
-                self.metrics.packet_out(13);
+                self.metrics.packet_out(packet::PINGRESP);
             }
             Packet::Disconnect {
                 reason: code,
@@ -716,7 +716,7 @@ impl Shard {
             match p.qos {
                 1 => {
                     self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, code));
-                    self.metrics.packet_out(4);
+                    self.metrics.packet_out(packet::PUBACK);
                 }
                 2 => {
                     if v != Version::V5 {
@@ -728,7 +728,7 @@ impl Shard {
                         }
                     }
                     self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, code));
-                    self.metrics.packet_out(5);
+                    self.metrics.packet_out(packet::PUBREC);
                 }
                 _ => {}
             }
@@ -740,7 +740,7 @@ impl Shard {
             if st.inbound_qos2.contains(&p.pkid) {
                 // A resend of a message we already have: acknowledge, do not route again.
                 self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
-                self.metrics.packet_out(5);
+                self.metrics.packet_out(packet::PUBREC);
                 return true;
             }
             if st.inbound_qos2.len() >= max {
@@ -769,11 +769,11 @@ impl Shard {
         match p.qos {
             1 => {
                 self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, 0));
-                self.metrics.packet_out(4);
+                self.metrics.packet_out(packet::PUBACK);
             }
             2 => {
                 self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
-                self.metrics.packet_out(5);
+                self.metrics.packet_out(packet::PUBREC);
             }
             _ => {}
         }
@@ -882,7 +882,7 @@ impl Shard {
         self.output(key, 16 + codes.len(), |out| {
             codec::encode_suback(out, v, pkid, &codes)
         });
-        self.metrics.packet_out(9);
+        self.metrics.packet_out(packet::SUBACK);
         for (filter, qos) in wanted_retained {
             self.send_retained(skey, &filter, qos, sub_id);
         }
@@ -1039,7 +1039,7 @@ impl Shard {
                 reason::PACKET_ID_NOT_FOUND
             };
             self.output(key, 16, |out| codec::encode_pubrel(out, v, pkid, rc));
-            self.metrics.packet_out(6);
+            self.metrics.packet_out(packet::PUBREL);
         } else {
             self.refill(skey);
         }
