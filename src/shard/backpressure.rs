@@ -66,13 +66,13 @@ impl Shard {
     /// subscriber is congested, or this shard's messages for another shard are waiting
     /// for room in its mailbox.
     pub(super) fn backpressured(&self) -> bool {
-        self.limits.backpressure && (self.outbox_blocked || self.congestion.any())
+        self.settings.backpressure && (self.outbox_blocked || self.congestion.any())
     }
 
     /// Marks connection `key` congested (it was just given output above the high
     /// watermark); it stays so until `flush_conn` drains it below the low watermark.
     pub(super) fn note_congested(&mut self, key: usize) {
-        if !self.limits.backpressure {
+        if !self.settings.backpressure {
             return;
         }
         let conn = &mut self.conns[key];

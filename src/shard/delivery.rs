@@ -64,7 +64,7 @@ impl Shard {
         if msg.payload.is_empty() {
             self.retained.remove(&*msg.topic);
             self.store_retained_msg(msg, true);
-        } else if self.retained.len() < self.limits.max_retained
+        } else if self.retained.len() < self.settings.max_retained
             || self.retained.contains_key(&*msg.topic)
         {
             self.retained.insert(msg.topic.clone(), msg.clone());
@@ -205,17 +205,17 @@ impl Shard {
         };
         let ckey = s.conn as usize;
         let pending = conn.outbound_len();
-        let congested = pending >= self.limits.high_watermark;
+        let congested = pending >= self.settings.high_watermark;
         if item.qos == 0 {
             // Above the high watermark QoS 0 is shed, unless publishers are paced instead
             // (backpressure), which still sheds at `outbound_max`.
-            let room = self.limits.backpressure && pending < self.limits.outbound_max;
+            let room = self.settings.backpressure && pending < self.settings.outbound_max;
             if congested && !room {
                 self.metrics.drop_msg(DropReason::SlowConsumer, 1);
                 return Delivery::Dropped(DropReason::SlowConsumer);
             }
             let sent = self.send_publish(ckey, 0, &item, false);
-            if self.conns[ckey].outbound_len() >= self.limits.high_watermark {
+            if self.conns[ckey].outbound_len() >= self.settings.high_watermark {
                 self.note_congested(ckey);
             }
             return if sent {
@@ -244,7 +244,7 @@ impl Shard {
     }
 
     fn enqueue(&mut self, skey: usize, item: Queued) {
-        let max = self.limits.max_queued;
+        let max = self.settings.max_queued;
         let st = self.sessions[skey].state();
         let dropped = if st.queue.len() >= max {
             st.queue.pop_front()
@@ -351,7 +351,7 @@ impl Shard {
                 break;
             };
             if conn.state != ConnState::Active
-                || conn.outbound_len() >= self.limits.high_watermark
+                || conn.outbound_len() >= self.settings.high_watermark
                 || s.inflight_len() >= usize::from(conn.window)
             {
                 break;

@@ -151,7 +151,7 @@ impl Shard {
         let now_wall = now_ms();
         // The first messages of a session may have been sent (and even received) before
         // the restart: they go out again with DUP set, as any redelivery.
-        let maybe_sent = usize::from(self.limits.max_inflight);
+        let maybe_sent = usize::from(self.settings.max_inflight);
         for stored in sessions {
             let skey = self.new_session(&stored.client_id, stored.version);
             let s = &mut self.sessions[skey];

@@ -25,6 +25,7 @@ mod mqtt;
 mod packet;
 mod push;
 mod read;
+mod settings;
 mod shared;
 mod transport;
 
@@ -43,10 +44,10 @@ use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use crate::buffer::{BufferPool, PoolConfig, ReadSizePredictor};
+use crate::buffer::{BufferPool, ReadSizePredictor};
 use crate::codec::{self, Version};
-use crate::config::{Config, DuplicateClientId};
-use crate::limits::{Gcra, InboundLimits, PerIpLimit, TokenBucket};
+use crate::config::Config;
+use crate::limits::{PerIpLimit, TokenBucket};
 use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
@@ -55,6 +56,7 @@ use crate::topic::{Subscriber, SubscriptionIndex};
 use crate::wheel::{TimerId, TimingWheel};
 
 pub use conn::{Conn, ConnBufs, ConnState, Peer, NO_SESSION};
+pub use settings::Settings;
 
 const LISTENER: Token = Token(usize::MAX);
 const TLS_LISTENER: Token = Token(usize::MAX - 1);
@@ -70,100 +72,10 @@ const ACCEPTS_PER_TURN: usize = 256;
 /// Mailbox messages handled per loop turn.
 const MAILBOX_PER_TURN: usize = 256;
 
-/// The limits a shard enforces, taken from the config once.
-pub struct Limits {
-    pub max_packet_size: usize,
-    pub max_client_id_len: usize,
-    pub connect_timeout_ticks: u32,
-    pub max_keepalive_secs: u16,
-    pub keepalive_jitter_pct: u8,
-    pub takeover: bool,
-    pub max_connections: usize,
-    pub receive_maximum: u16,
-    pub max_inflight: u16,
-    pub max_queued: usize,
-    pub max_session_expiry_secs: u32,
-    pub write_stall_ticks: u32,
-    pub retain_available: bool,
-    pub max_retained: usize,
-    pub topic_alias_maximum: u16,
-    pub outbound_topic_aliases: u16,
-    pub high_watermark: usize,
-    pub low_watermark: usize,
-    /// `slow_consumer = "backpressure"`: pause publishers instead of dropping QoS 0.
-    pub backpressure: bool,
-    /// With backpressure: the most output one connection holds.
-    pub outbound_max: usize,
-    pub expiry_batch: usize,
-    pub max_topic_len: usize,
-    pub max_subscriptions: usize,
-    pub tick: Duration,
-    pub proxy_protocol: bool,
-    pub proxy_header_max: usize,
-    /// Per shard; 0 = unlimited.
-    pub max_handshaking: usize,
-    pub inbound: InboundLimits,
-    pub use_cn_as_client_id: bool,
-    pub require_client_cert: bool,
-    pub tls_buffer: usize,
-}
-
-impl Limits {
-    pub fn from_config(c: &Config) -> Self {
-        let tick = Duration::from_millis(c.shards.tick_ms as u64);
-        let ticks = |secs: u64| -> u32 { secs_to_ticks(secs as f64, tick) };
-        Limits {
-            max_packet_size: c.mqtt.max_packet_size as usize,
-            max_client_id_len: c.mqtt.max_client_id_len as usize,
-            connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
-            max_keepalive_secs: c.mqtt.max_keepalive_secs as u16,
-            keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct as u8,
-            takeover: matches!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover),
-            max_connections: c.mqtt.max_connections as usize,
-            receive_maximum: c.mqtt.receive_maximum as u16,
-            max_inflight: c.mqtt.max_inflight as u16,
-            max_queued: c.mqtt.max_queued_messages as usize,
-            max_session_expiry_secs: c.mqtt.max_session_expiry_secs,
-            write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
-            retain_available: c.mqtt.retain_available,
-            max_retained: c.mqtt.max_retained_messages as usize,
-            topic_alias_maximum: c.mqtt.topic_alias_maximum.min(65_535) as u16,
-            outbound_topic_aliases: c.mqtt.outbound_topic_aliases.min(65_535) as u16,
-            high_watermark: c.buffers.outbound_high_watermark as usize,
-            low_watermark: c.buffers.outbound_low_watermark as usize,
-            backpressure: c.buffers.slow_consumer == crate::config::SlowConsumer::Backpressure,
-            outbound_max: c.buffers.outbound_max_bytes as usize,
-            expiry_batch: (c.shards.expiry_batch as usize).max(1),
-            max_topic_len: c.mqtt.max_topic_len as usize,
-            max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,
-            tick,
-            proxy_protocol: c.mqtt.proxy_protocol,
-            proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
-            max_handshaking: c.limits.max_handshaking as usize,
-            inbound: InboundLimits {
-                msgs: Gcra::new(c.limits.publish_rate, c.limits.publish_burst),
-                bytes: Gcra::new(c.limits.bytes_rate, c.limits.bytes_burst),
-            },
-            use_cn_as_client_id: c.mqtt.use_cn_as_client_id,
-            require_client_cert: c.mqtt.tls_require_client_cert,
-            tls_buffer: c.mqtt.tls_buffer_bytes as usize,
-        }
-    }
-
-    pub fn ticks(&self, secs: f64) -> u32 {
-        secs_to_ticks(secs, self.tick)
-    }
-}
-
-/// Whole ticks covering `secs`, rounded up so a timer never fires early.
-fn secs_to_ticks(secs: f64, tick: Duration) -> u32 {
-    let t = (secs * 1000.0 / tick.as_millis().max(1) as f64).ceil();
-    t.clamp(0.0, f64::from(u32::MAX / 2)) as u32
-}
-
 /// Everything a shard is started with.
 pub struct ShardContext {
     pub id: usize,
+    /// Read once, into the shard's [`Settings`] and ACL.
     pub config: Arc<Config>,
     pub listener: std::net::TcpListener,
     /// This shard's SO_REUSEPORT socket on `tls_listen`, with the rustls configuration.
@@ -193,8 +105,7 @@ pub struct ShardContext {
 
 pub struct Shard {
     id: usize,
-    config: Arc<Config>,
-    limits: Limits,
+    settings: Settings,
     poll: Poll,
     events: Events,
     listener: Option<TcpListener>,
@@ -322,7 +233,9 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
 
 impl Shard {
     fn new(ctx: ShardContext) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
-        let limits = Limits::from_config(&ctx.config);
+        let settings = Settings::from_config(&ctx.config);
+        let acl = crate::acl::Acl::from_config(&ctx.config.acl)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let poll = Poll::new()?;
         ctx.listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(ctx.listener);
@@ -338,24 +251,19 @@ impl Shard {
             }
             None => (None, None),
         };
-        let lim = &ctx.config.limits;
-        let connect_bucket =
-            TokenBucket::new(lim.max_connect_rate, lim.connect_burst, Instant::now());
+        let connect_bucket = TokenBucket::new(
+            settings.connect_rate,
+            settings.connect_burst,
+            Instant::now(),
+        );
         let shards = ctx.mailboxes.len();
-        let b = &ctx.config.buffers;
-        let pool = BufferPool::new(PoolConfig {
-            max_pooled_bytes: b.pool_max_bytes as usize,
-            idle_ticks: limits.ticks(b.pool_idle_secs as f64) as u64,
-        });
+        let pool = BufferPool::new(settings.pool);
         let started = Instant::now();
-        let acl = crate::acl::Acl::from_config(&ctx.config.acl)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok((
             Shard {
                 id: ctx.id,
-                scratch: vec![0; b.scratch_bytes as usize],
-                config: ctx.config,
-                limits,
+                scratch: vec![0; settings.scratch_bytes],
+                settings,
                 poll,
                 events: Events::with_capacity(EVENTS_PER_TURN),
                 listener: Some(listener),
@@ -457,7 +365,7 @@ impl Shard {
             }
             // Accepting stopped at max_handshaking and handshakes have finished since: the
             // backlog gives no new event for connections already waiting in it.
-            let max = self.limits.max_handshaking;
+            let max = self.settings.max_handshaking;
             busy |= self.accept_blocked
                 && !self.stopping
                 && (max == 0 || self.handshaking < max)
@@ -466,7 +374,7 @@ impl Shard {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let next_tick = self.started + self.limits.tick * (self.now as u32 + 1);
+            let next_tick = self.started + self.settings.tick * (self.now as u32 + 1);
             let mut retry = if outbox_waiting {
                 Duration::from_millis(1)
             } else {
@@ -500,7 +408,7 @@ impl Shard {
     fn update_clock(&mut self) {
         self.now_instant = Instant::now();
         let elapsed = self.now_instant - self.started;
-        self.now = (elapsed.as_millis() / self.limits.tick.as_millis().max(1)) as u64;
+        self.now = (elapsed.as_millis() / self.settings.tick.as_millis().max(1)) as u64;
     }
 
     fn now32(&self) -> u32 {
@@ -619,7 +527,7 @@ impl Shard {
         if self.stopping {
             return false;
         }
-        let max = self.limits.max_handshaking;
+        let max = self.settings.max_handshaking;
         if max > 0 && self.handshaking >= max {
             if !was_blocked {
                 ShardMetrics::add(&self.metrics.accept_paused_handshaking, 1);
@@ -645,14 +553,14 @@ impl Shard {
     fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr, tls: bool) {
         self.connect_bucket.take();
         let open = self.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
-        if open > self.limits.max_connections {
+        if open > self.settings.max_connections {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.refuse(RefuseReason::MaxConnections);
             tracing::debug!(shard = self.id, %peer, "refused: max_connections reached");
             return; // dropping the socket closes it
         }
         // Behind a proxy the real address is known only from the header.
-        let proxied = self.limits.proxy_protocol;
+        let proxied = self.settings.proxy_protocol;
         if !proxied && !self.per_ip.acquire(peer.ip()) {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.refuse(RefuseReason::PerIp);
@@ -664,7 +572,7 @@ impl Shard {
         } else {
             ConnState::Handshake
         };
-        let deadline_ticks = self.limits.connect_timeout_ticks;
+        let deadline_ticks = self.settings.connect_timeout_ticks;
         let Some(key) = self.insert_conn(socket, peer, state, deadline_ticks, self.now32()) else {
             if !proxied {
                 self.per_ip.release(peer.ip());
@@ -677,7 +585,7 @@ impl Shard {
             };
             match rustls::ServerConnection::new(config) {
                 Ok(mut t) => {
-                    t.set_buffer_limit(Some(self.limits.tls_buffer));
+                    t.set_buffer_limit(Some(self.settings.tls_buffer));
                     let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
                     bufs.tls = Some(Box::new(t));
                 }
@@ -698,7 +606,7 @@ impl Shard {
         idle_ticks: u32,
         accepted_at: u32,
     ) -> Option<usize> {
-        apply_socket_options(&socket, &self.config);
+        self.settings.socket.apply(&socket);
         let now = self.now32();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
@@ -732,7 +640,7 @@ impl Shard {
             accepted_at,
             max_packet: u32::MAX,
             keep_alive: 0,
-            window: self.limits.max_inflight,
+            window: self.settings.max_inflight,
             version: Version::V311,
             state,
             predictor: ReadSizePredictor::new(),
@@ -910,7 +818,7 @@ impl Shard {
         }
         let tls_pending = bufs.tls.as_ref().is_some_and(|t| t.wants_write());
         let pending = bufs.out.len() - bufs.out_pos + usize::from(tls_pending);
-        if pending_before > self.limits.low_watermark && pending <= self.limits.low_watermark {
+        if pending_before > self.settings.low_watermark && pending <= self.settings.low_watermark {
             // Reading may have stopped at the high watermark (`on_readable`); with
             // edge-triggered readiness no new event comes for bytes already waiting.
             self.reread.push(key as u32);
@@ -931,13 +839,14 @@ impl Shard {
             // within the stall timeout, or one trickling reader would pace every
             // publisher for ever; otherwise any bytes out show a slow socket, not a
             // stalled one.
-            let pacing = conn.congested && pending > self.limits.low_watermark;
+            let pacing = conn.congested && pending > self.settings.low_watermark;
             if conn.stall_since != 0 && pending < pending_before && !pacing {
                 // The clock restarts (the wheel entry re-arms lazily when it fires early).
                 conn.stall_since = now + 1;
             } else if conn.stall_since == 0 {
                 conn.stall_since = now + 1;
-                let stall_deadline = u64::from(now) + u64::from(self.limits.write_stall_ticks) + 1;
+                let stall_deadline =
+                    u64::from(now) + u64::from(self.settings.write_stall_ticks) + 1;
                 let timer = conn.timer;
                 if self
                     .wheel
@@ -949,11 +858,11 @@ impl Shard {
             }
         }
         let session = conn.session;
-        if pending <= self.limits.low_watermark {
+        if pending <= self.settings.low_watermark {
             self.clear_congested(key);
         }
         self.release_idle_bufs(key);
-        if pending < self.limits.low_watermark && session != NO_SESSION {
+        if pending < self.settings.low_watermark && session != NO_SESSION {
             self.refill(session as usize);
         }
     }
@@ -962,7 +871,8 @@ impl Shard {
     fn conn_deadline(&self, c: &Conn) -> u64 {
         let idle = u64::from(c.last_seen) + u64::from(c.idle_ticks) + 1;
         if c.stall_since != 0 {
-            let stall = u64::from(c.stall_since - 1) + u64::from(self.limits.write_stall_ticks) + 1;
+            let stall =
+                u64::from(c.stall_since - 1) + u64::from(self.settings.write_stall_ticks) + 1;
             idle.min(stall)
         } else {
             idle
@@ -975,7 +885,7 @@ impl Shard {
         fired.clear();
         let more = self
             .wheel
-            .advance(self.now, self.limits.expiry_batch, &mut fired);
+            .advance(self.now, self.settings.expiry_batch, &mut fired);
         for &(id, payload) in &fired {
             if payload & SESSION_TIMER != 0 {
                 self.on_session_timer((payload & !SESSION_TIMER) as usize, id);
@@ -1008,7 +918,7 @@ impl Shard {
             return;
         }
         let stalled = conn.stall_since != 0
-            && u64::from(conn.stall_since - 1) + u64::from(self.limits.write_stall_ticks)
+            && u64::from(conn.stall_since - 1) + u64::from(self.settings.write_stall_ticks)
                 < self.now;
         let handshake = conn.state != ConnState::Active;
         if !stalled && !handshake && self.paused.contains(&(key as u32)) {
@@ -1086,7 +996,7 @@ impl Shard {
         }
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
         self.metrics.disconnect(reason);
-        let accepted = self.started + self.limits.tick * conn.accepted_at;
+        let accepted = self.started + self.settings.tick * conn.accepted_at;
         self.metrics.observe_connection_age(
             self.now_instant
                 .saturating_duration_since(accepted)
@@ -1146,10 +1056,10 @@ impl Shard {
         let elapsed = self.now_instant.saturating_duration_since(h.accepted_at);
         let accepted_at = self
             .now32()
-            .saturating_sub(self.limits.ticks(elapsed.as_secs_f64()));
+            .saturating_sub(self.settings.ticks(elapsed.as_secs_f64()));
         // The connect timeout runs from the accept on the other shard, not from now.
         let idle = self
-            .limits
+            .settings
             .connect_timeout_ticks
             .saturating_sub(self.now32() - accepted_at);
         let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
@@ -1209,10 +1119,10 @@ impl Shard {
             {
                 // Keep it for the next turn, but never more than a mailbox's worth
                 // (with backpressure no PUBLISH is read meanwhile, so it stops growing).
-                let cap = self.config.shards.mailbox_capacity as usize;
+                let cap = self.settings.mailbox_capacity;
                 let mut batch = batch;
                 self.outbox_blocked = true;
-                if batch.len() > cap && !self.limits.backpressure {
+                if batch.len() > cap && !self.settings.backpressure {
                     let excess = batch.len() - cap;
                     batch.drain(..excess);
                     self.metrics
@@ -1253,29 +1163,5 @@ fn pin_to_core(id: usize) {
     };
     if !ok {
         tracing::warn!(shard = id, error = %io::Error::last_os_error(), "cannot pin shard to its core");
-    }
-}
-
-/// TCP options from `[tcp]`: no delay, keepalive probes and TCP_USER_TIMEOUT to find
-/// half-open peers, and buffer sizes when set.
-fn apply_socket_options(socket: &TcpStream, config: &Config) {
-    let t = &config.tcp;
-    let s = socket2::SockRef::from(socket);
-    let _ = s.set_nodelay(t.nodelay);
-    if t.keepalive_idle_secs > 0 {
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(t.keepalive_idle_secs as u64))
-            .with_interval(Duration::from_secs(t.keepalive_interval_secs as u64))
-            .with_retries(t.keepalive_retries as u32);
-        let _ = s.set_tcp_keepalive(&ka);
-    }
-    if t.user_timeout_secs > 0 {
-        let _ = s.set_tcp_user_timeout(Some(Duration::from_secs(t.user_timeout_secs as u64)));
-    }
-    if t.send_buffer_bytes > 0 {
-        let _ = s.set_send_buffer_size(t.send_buffer_bytes as usize);
-    }
-    if t.recv_buffer_bytes > 0 {
-        let _ = s.set_recv_buffer_size(t.recv_buffer_bytes as usize);
     }
 }

@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::acl::{ConnAcl, Who};
 use crate::auth::{Request, Verdict};
@@ -85,10 +84,10 @@ impl Shard {
     /// Sends the connection to its client id's home shard, or serves it here.
     fn route_connect(&mut self, key: usize, mut connect: Connect, rest: &[u8]) -> bool {
         // Identity from the verified client certificate comes first: it decides the home.
-        if self.limits.use_cn_as_client_id && self.conns[key].is_tls() {
+        if self.settings.use_cn_as_client_id && self.conns[key].is_tls() {
             match self.peer_cn(key) {
                 Some(cn) => connect.client_id = cn,
-                None if self.limits.require_client_cert => {
+                None if self.settings.require_client_cert => {
                     self.conns[key].version = connect.version;
                     tracing::info!(shard = self.id, peer = %self.conns[key].peer, "client certificate has no CN, refused");
                     return self.refuse(
@@ -133,7 +132,7 @@ impl Shard {
             self.pool.give(b.out, self.now);
             tls = b.tls;
         }
-        let accepted_at = self.started + self.limits.tick * conn.accepted_at;
+        let accepted_at = self.started + self.settings.tick * conn.accepted_at;
         let version = connect.version;
         let handoff = Handoff {
             socket: conn.socket,
@@ -234,7 +233,7 @@ impl Shard {
         }
         if c.will
             .as_ref()
-            .is_some_and(|w| w.topic.len() > self.limits.max_topic_len)
+            .is_some_and(|w| w.topic.len() > self.settings.max_topic_len)
         {
             tracing::info!(shard = self.id, client_id = %c.client_id, "will topic longer than max_topic_len, refused");
             if v != Version::V5 {
@@ -245,7 +244,7 @@ impl Shard {
             }
             return self.refuse(key, 0, reason::TOPIC_NAME_INVALID, RefuseReason::Protocol);
         }
-        if c.client_id.len() > self.limits.max_client_id_len {
+        if c.client_id.len() > self.settings.max_client_id_len {
             return self.refuse(
                 key,
                 V3_IDENTIFIER_REJECTED,
@@ -280,8 +279,8 @@ impl Shard {
         self.conns[key].state = ConnState::Authenticating;
         // The connect timeout runs from accept; past it the connection is gone.
         let deadline = self.started
-            + self.limits.tick * self.conns[key].accepted_at
-            + Duration::from_secs(u64::from(self.config.mqtt.connect_timeout_secs));
+            + self.settings.tick * self.conns[key].accepted_at
+            + self.settings.connect_timeout;
         crate::auth::check_in_background(
             self.auth.clone(),
             &self.business,
@@ -422,7 +421,7 @@ impl Shard {
         if let Some(skey) = self.by_client.get(&c.client_id, &self.sessions) {
             let old = self.sessions[skey as usize].conn;
             if old != NO_CONN {
-                if !self.limits.takeover {
+                if !self.settings.takeover {
                     tracing::info!(shard = self.id, client_id = %c.client_id, "duplicate client id refused");
                     return self.refuse(
                         key,
@@ -449,24 +448,24 @@ impl Shard {
             }
             None => (self.new_session(&c.client_id, v), false),
         };
-        let limits = &self.limits;
+        let settings = &self.settings;
         let expiry = match v {
-            Version::V5 => c.session_expiry.min(limits.max_session_expiry_secs),
+            Version::V5 => c.session_expiry.min(settings.max_session_expiry_secs),
             _ if c.clean_start => 0,
-            _ => limits.max_session_expiry_secs,
+            _ => settings.max_session_expiry_secs,
         };
         let requested_ka = c.keep_alive;
-        let cap = limits.max_keepalive_secs;
+        let cap = settings.max_keepalive_secs;
         let mut keep_alive = if requested_ka == 0 || requested_ka > cap {
             cap
         } else {
             requested_ka
         };
-        if v == Version::V5 && limits.keepalive_jitter_pct > 0 {
+        if v == Version::V5 && settings.keepalive_jitter_pct > 0 {
             keep_alive = self.jitter(keep_alive);
         }
-        let idle_ticks = self.limits.ticks(f64::from(keep_alive) * 1.5);
-        let window = c.receive_maximum.min(self.limits.max_inflight).max(1);
+        let idle_ticks = self.settings.ticks(f64::from(keep_alive) * 1.5);
+        let window = c.receive_maximum.min(self.settings.max_inflight).max(1);
 
         // Attach the session.
         if let Some(t) = self.sessions[skey].timer.take() {
@@ -486,7 +485,7 @@ impl Shard {
             st.acl = None;
         }
         s.alias_max = if v == Version::V5 {
-            c.topic_alias_max.min(self.limits.outbound_topic_aliases)
+            c.topic_alias_max.min(self.settings.outbound_topic_aliases)
         } else {
             0
         };
@@ -521,10 +520,10 @@ impl Shard {
             server_keep_alive: (v == Version::V5 && keep_alive != requested_ka)
                 .then_some(keep_alive),
             session_expiry: (v == Version::V5 && expiry != c.session_expiry).then_some(expiry),
-            receive_maximum: self.limits.receive_maximum,
-            max_packet_size: self.limits.max_packet_size as u32,
-            topic_alias_max: self.limits.topic_alias_maximum,
-            retain_available: self.limits.retain_available,
+            receive_maximum: self.settings.receive_maximum,
+            max_packet_size: self.settings.max_packet_size as u32,
+            topic_alias_max: self.settings.topic_alias_maximum,
+            retain_available: self.settings.retain_available,
             wildcard_available: true,
             subscription_ids_available: true,
             shared_subscriptions_available: true,
@@ -549,9 +548,9 @@ impl Shard {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let r = (self.next_auto_id >> 33) as f64 / f64::from(1u32 << 31); // 0..1
-        let pct = f64::from(self.limits.keepalive_jitter_pct) / 100.0;
+        let pct = f64::from(self.settings.keepalive_jitter_pct) / 100.0;
         let k = f64::from(ka) * (1.0 + pct * (2.0 * r - 1.0));
-        (k.round() as u32).clamp(1, u32::from(self.limits.max_keepalive_secs)) as u16
+        (k.round() as u32).clamp(1, u32::from(self.settings.max_keepalive_secs)) as u16
     }
 
     pub(super) fn new_session(&mut self, client_id: &str, v: Version) -> usize {
@@ -626,7 +625,7 @@ impl Shard {
                             "session expiry set on DISCONNECT after 0 at CONNECT",
                         );
                     }
-                    s.expiry_secs = e.min(self.limits.max_session_expiry_secs);
+                    s.expiry_secs = e.min(self.settings.max_session_expiry_secs);
                 }
                 // Only "disconnect with will message" (0x04) keeps the will; it is then
                 // treated as after an abnormal close (Will Delay Interval included). It is
@@ -661,7 +660,7 @@ impl Shard {
 
     fn on_publish(&mut self, key: usize, skey: usize, p: Publish) -> bool {
         let v = self.conns[key].version;
-        if p.topic.len() > self.limits.max_topic_len {
+        if p.topic.len() > self.settings.max_topic_len {
             return self.close_protocol(
                 key,
                 reason::TOPIC_NAME_INVALID,
@@ -670,7 +669,7 @@ impl Shard {
         }
         let topic: Arc<str> = match p.topic_alias {
             None => Arc::from(p.topic),
-            Some(a) if a == 0 || a > self.limits.topic_alias_maximum => {
+            Some(a) if a == 0 || a > self.settings.topic_alias_maximum => {
                 return self.close_protocol(
                     key,
                     reason::TOPIC_ALIAS_INVALID,
@@ -699,7 +698,7 @@ impl Shard {
                 }
             }
         };
-        if p.retain && !self.limits.retain_available {
+        if p.retain && !self.settings.retain_available {
             return self.close_protocol(
                 key,
                 reason::RETAIN_NOT_SUPPORTED,
@@ -721,7 +720,7 @@ impl Shard {
                 2 => {
                     if v != Version::V5 {
                         // The client will PUBREL it; answer that as for any message.
-                        let max = usize::from(self.limits.receive_maximum);
+                        let max = usize::from(self.settings.receive_maximum);
                         let st = self.sessions[skey].state();
                         if !st.inbound_qos2.contains(&p.pkid) && st.inbound_qos2.len() < max {
                             st.inbound_qos2.push(p.pkid);
@@ -735,7 +734,7 @@ impl Shard {
             return true;
         }
         if p.qos == 2 {
-            let max = usize::from(self.limits.receive_maximum);
+            let max = usize::from(self.settings.receive_maximum);
             let st = self.sessions[skey].state();
             if st.inbound_qos2.contains(&p.pkid) {
                 // A resend of a message we already have: acknowledge, do not route again.
@@ -801,7 +800,7 @@ impl Shard {
         let mut wanted_retained = Vec::new();
         let mut quota_logged = false;
         for f in filters {
-            if f.filter.len() > self.limits.max_topic_len {
+            if f.filter.len() > self.settings.max_topic_len {
                 codes.push(invalid);
                 continue;
             }
@@ -843,11 +842,11 @@ impl Shard {
                 | ((f.retain_handling & 3) << 4);
             let s = &mut self.sessions[skey];
             let existing = s.subs.iter().position(|(fl, _)| **fl == *f.filter);
-            if existing.is_none() && s.subs.len() >= self.limits.max_subscriptions {
+            if existing.is_none() && s.subs.len() >= self.settings.max_subscriptions {
                 // MQTT 5 0x97 Quota exceeded; encode_suback sends 0x80 to 3.1.1 clients.
                 if !quota_logged {
                     quota_logged = true;
-                    tracing::info!(shard = self.id, client_id = %s.client_id, max = self.limits.max_subscriptions, "max_subscriptions_per_client reached, subscription refused");
+                    tracing::info!(shard = self.id, client_id = %s.client_id, max = self.settings.max_subscriptions, "max_subscriptions_per_client reached, subscription refused");
                 }
                 codes.push(reason::QUOTA_EXCEEDED);
                 continue;
@@ -1099,7 +1098,7 @@ impl Shard {
     /// rounded down, so one more tick is added: a session deadline is never early, and at
     /// most one tick late (as the connection deadlines in `Shard::conn_deadline`).
     pub(super) fn offline_deadline(&self, now: u64, secs: u32) -> u64 {
-        now + u64::from(self.limits.ticks(f64::from(secs))) + 1
+        now + u64::from(self.settings.ticks(f64::from(secs))) + 1
     }
 
     /// A will whose connection ended: published now, or, with a Will Delay Interval and a

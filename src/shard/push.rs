@@ -117,7 +117,7 @@ impl Shard {
             .flatten()
             .filter(|c| c.state == ConnState::Active);
         let connected_at = conn.map(|c| {
-            let at = self.started_wall + self.limits.tick * c.accepted_at;
+            let at = self.started_wall + self.settings.tick * c.accepted_at;
             at.duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
                 .as_secs()

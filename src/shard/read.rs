@@ -48,8 +48,8 @@ impl Shard {
             authenticating: conn.state == ConnState::Authenticating,
             active,
             outbound: conn.outbound_len(),
-            high_watermark: self.limits.high_watermark,
-            over_ns: bufs.map_or(0, |b| self.limits.inbound.over_by(&b.rate, self.now_ns())),
+            high_watermark: self.settings.high_watermark,
+            over_ns: bufs.map_or(0, |b| self.settings.inbound.over_by(&b.rate, self.now_ns())),
             holding: bufs.is_some_and(|b| !b.held.is_empty()),
             backpressured,
             publish: backpressured && self.holds_publish(key),
@@ -71,7 +71,7 @@ impl Shard {
             Ok(n) => {
                 ShardMetrics::add(&self.metrics.bytes_received, n as u64);
                 if state == ConnState::Active {
-                    if let Some(g) = self.limits.inbound.bytes {
+                    if let Some(g) = self.settings.inbound.bytes {
                         let b = conn.bufs.get_or_insert_with(Default::default);
                         g.charge(&mut b.rate.bytes, now_ns, n as u64);
                     }
@@ -117,7 +117,7 @@ impl Shard {
                 over_ns: conn
                     .bufs
                     .as_ref()
-                    .map_or(0, |b| self.limits.inbound.over_by(&b.rate, now_ns)),
+                    .map_or(0, |b| self.settings.inbound.over_by(&b.rate, now_ns)),
                 backpressured: self.backpressured(),
                 publish: self.holds_publish(key as usize),
                 ..Facts::default()
@@ -169,7 +169,7 @@ impl Shard {
     /// Plaintext bytes of a connection, in order: behind frames it holds (paused), else
     /// completing its partial frame, then framed in place. False when it is gone.
     pub(super) fn ingest_bytes(&mut self, key: usize, data: &[u8]) -> bool {
-        let limited = self.limits.inbound.enabled() || self.limits.backpressure;
+        let limited = self.settings.inbound.enabled() || self.settings.backpressure;
         if limited && self.is_holding(key) {
             // Paused with frames held: these bytes queue behind them, in order.
             let mut held = self.take_held(key);
@@ -200,7 +200,7 @@ impl Shard {
             Some(b) => std::mem::take(&mut b.inbuf),
             None => Vec::new(),
         };
-        let fill = match framer::fill(&inbuf, data, self.limits.max_packet_size) {
+        let fill = match framer::fill(&inbuf, data, self.settings.max_packet_size) {
             Ok(f) => f,
             Err(e) => {
                 self.pool.give(inbuf, self.now);
@@ -227,7 +227,7 @@ impl Shard {
     /// `limited`; a trailing partial frame, or the rest at a pause, is copied out.
     fn frame_in_place(&mut self, key: usize, mut data: &[u8], limited: bool) -> bool {
         while !data.is_empty() {
-            match framer::split(data, self.limits.max_packet_size) {
+            match framer::split(data, self.settings.max_packet_size) {
                 Err(e) => return self.protocol_error(key, &e),
                 Ok(Split::Whole(len)) => {
                     if limited && !self.frame_may_pass(key, data) {
@@ -281,7 +281,7 @@ impl Shard {
     /// One whole frame to the MQTT layer, after charging a PUBLISH to the connection's
     /// inbound message rate (the debt pauses reads; the frame itself is never dropped).
     fn dispatch(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
-        if let Some(g) = self.limits.inbound.msgs {
+        if let Some(g) = self.settings.inbound.msgs {
             let now_ns = self.now_ns();
             let conn = &mut self.conns[key];
             if type_of(frame[0]) == packet::PUBLISH && conn.state == ConnState::Active {
@@ -297,7 +297,7 @@ impl Shard {
         self.conns[key]
             .bufs
             .as_ref()
-            .map_or(0, |b| self.limits.inbound.over_by(&b.rate, self.now_ns()))
+            .map_or(0, |b| self.settings.inbound.over_by(&b.rate, self.now_ns()))
     }
 
     pub(super) fn is_holding(&self, key: usize) -> bool {

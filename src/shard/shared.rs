@@ -78,7 +78,7 @@ impl Shard {
 
     /// Sends the waiting control messages in order; true if some must be retried.
     pub(super) fn flush_ctl(&mut self) -> bool {
-        let cap = (self.config.shards.mailbox_capacity as usize).max(1);
+        let cap = (self.settings.mailbox_capacity).max(1);
         let mut waiting = false;
         for shard in 0..self.ctl_outbox.len() {
             while let Some(msg) = self.ctl_outbox[shard].pop_front() {

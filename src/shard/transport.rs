@@ -149,11 +149,11 @@ impl Shard {
     pub(super) fn ingest_proxy(&mut self, key: usize, n: usize) -> bool {
         let mut buf = match self.conns[key].bufs.as_mut() {
             Some(b) if !b.inbuf.is_empty() => std::mem::take(&mut b.inbuf),
-            _ => self.pool.take(n.min(self.limits.proxy_header_max)),
+            _ => self.pool.take(n.min(self.settings.proxy_header_max)),
         };
         self.pool.reserve(&mut buf, n, self.now);
         buf.extend_from_slice(&self.scratch[..n]);
-        let (header, len) = match proxy::parse(&buf, self.limits.proxy_header_max) {
+        let (header, len) = match proxy::parse(&buf, self.settings.proxy_header_max) {
             Ok(Some(h)) => h,
             Ok(None) => {
                 self.put_inbuf(key, buf);
