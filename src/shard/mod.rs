@@ -22,6 +22,7 @@ mod durable;
 mod framer;
 mod gate;
 mod mqtt;
+mod negotiate;
 mod packet;
 mod push;
 mod read;

@@ -18,6 +18,7 @@ use crate::session::{InflightState, Queued, Session, NEVER_EXPIRES, NO_CONN};
 use crate::topic::{self, Subscriber};
 use crate::wheel::TimerId;
 
+use super::negotiate::{negotiate, Terms};
 use super::{packet, ConnState, Shard, NO_SESSION, SESSION_TIMER};
 
 /// CONNACK return codes of MQTT 3.1.1.
@@ -384,97 +385,137 @@ impl Shard {
         }
     }
 
-    /// Accepts an authenticated CONNECT: will ACL, duplicate policy, session, keep-alive,
-    /// CONNACK, then redelivery. False if the connection was refused.
+    /// Accepts an authenticated CONNECT: will ACL, duplicate policy, session, the
+    /// negotiated terms (see `negotiate.rs`), CONNACK, then redelivery. False if the
+    /// connection was refused.
     fn accept_connect(
         &mut self,
         key: usize,
-        c: Connect,
+        mut c: Connect,
         assigned: bool,
-        mut conn_acl: Option<Box<ConnAcl>>,
+        conn_acl: Option<Box<ConnAcl>>,
     ) -> bool {
-        let v = c.version;
-        if self.acl.enabled() {
-            // %u rules and per-connection lists need the username at PUBLISH time.
-            if let Some(u) = c.username.as_deref() {
-                if self.acl.uses_username() || conn_acl.is_some() {
-                    conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
-                }
-            }
-            if let Some(w) = &c.will {
-                let who = Who {
-                    client_id: &c.client_id,
-                    username: c.username.as_deref(),
-                };
-                if !self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
-                    self.metrics.acl_denied(false);
-                    tracing::info!(shard = self.id, client_id = %c.client_id, topic = %w.topic, "will topic denied by the ACL, connection refused");
-                    return self.refuse(
-                        key,
-                        reason::V3_NOT_AUTHORIZED,
-                        reason::NOT_AUTHORIZED,
-                        RefuseReason::Auth,
-                    );
-                }
+        let Ok(conn_acl) = self.connect_acl(key, &c, conn_acl) else {
+            return false;
+        };
+        if !self.settle_duplicate(key, &c.client_id) {
+            return false;
+        }
+        let (skey, present) = self.open_session(&c);
+        let terms = negotiate(&c, &self.settings, || draw(&mut self.next_auto_id));
+        self.attach_session(skey, key, &terms, c.will.take(), conn_acl);
+        self.activate_conn(key, skey, &terms);
+        let client_id = self.sessions[skey].client_id.clone();
+        let props = terms.connack_props(&self.settings, assigned.then_some(&*client_id));
+        self.output(key, 128, |out| {
+            codec::encode_connack(out, terms.version, present, 0, &props)
+        });
+        self.metrics.packet_out(packet::CONNACK);
+        ShardMetrics::add(&self.metrics.connects, 1);
+        tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
+        if present {
+            self.resend_inflight(skey);
+        }
+        true
+    }
+
+    /// The connection's ACL state (with the username when `%u` rules or its own lists
+    /// need it), after checking its will topic. `Err` when the will is denied (refused).
+    fn connect_acl(
+        &mut self,
+        key: usize,
+        c: &Connect,
+        mut conn_acl: Option<Box<ConnAcl>>,
+    ) -> Result<Option<Box<ConnAcl>>, ()> {
+        if !self.acl.enabled() {
+            return Ok(conn_acl);
+        }
+        // %u rules and per-connection lists need the username at PUBLISH time.
+        if let Some(u) = c.username.as_deref() {
+            if self.acl.uses_username() || conn_acl.is_some() {
+                conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
             }
         }
-        if let Some(skey) = self.by_client.get(&c.client_id, &self.sessions) {
-            let old = self.sessions[skey as usize].conn;
-            if old != NO_CONN {
-                if !self.settings.takeover {
-                    tracing::info!(shard = self.id, client_id = %c.client_id, "duplicate client id refused");
-                    return self.refuse(
-                        key,
-                        V3_IDENTIFIER_REJECTED,
-                        reason::CLIENT_ID_NOT_VALID,
-                        RefuseReason::Duplicate,
-                    );
-                }
-                tracing::info!(shard = self.id, client_id = %c.client_id, "session taken over by a new connection");
-                self.close_conn(
-                    old as usize,
-                    DisconnectReason::Takeover,
-                    Some(reason::SESSION_TAKEN_OVER),
-                );
-            }
+        let Some(w) = &c.will else {
+            return Ok(conn_acl);
+        };
+        let who = Who {
+            client_id: &c.client_id,
+            username: c.username.as_deref(),
+        };
+        if self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
+            return Ok(conn_acl);
         }
-        // Closing the old connection may have ended a session with expiry 0.
-        let existing = self.by_client.get(&c.client_id, &self.sessions);
-        let (skey, present) = match existing {
+        self.metrics.acl_denied(false);
+        tracing::info!(shard = self.id, client_id = %c.client_id, topic = %w.topic, "will topic denied by the ACL, connection refused");
+        self.refuse(
+            key,
+            reason::V3_NOT_AUTHORIZED,
+            reason::NOT_AUTHORIZED,
+            RefuseReason::Auth,
+        );
+        Err(())
+    }
+
+    /// Applies `duplicate_client_id` when `client_id` is connected already: takes the
+    /// session over (closing the old connection) or refuses. False when refused.
+    fn settle_duplicate(&mut self, key: usize, client_id: &str) -> bool {
+        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
+            return true;
+        };
+        let old = self.sessions[skey as usize].conn;
+        if old == NO_CONN {
+            return true;
+        }
+        if !self.settings.takeover {
+            tracing::info!(shard = self.id, client_id = %client_id, "duplicate client id refused");
+            return self.refuse(
+                key,
+                V3_IDENTIFIER_REJECTED,
+                reason::CLIENT_ID_NOT_VALID,
+                RefuseReason::Duplicate,
+            );
+        }
+        tracing::info!(shard = self.id, client_id = %client_id, "session taken over by a new connection");
+        self.close_conn(
+            old as usize,
+            DisconnectReason::Takeover,
+            Some(reason::SESSION_TAKEN_OVER),
+        );
+        true
+    }
+
+    /// The session the CONNECT resumes, or a new one (a clean start ends the old one):
+    /// `(session key, session present)`.
+    fn open_session(&mut self, c: &Connect) -> (usize, bool) {
+        // Closing an old connection may have ended a session with expiry 0.
+        match self.by_client.get(&c.client_id, &self.sessions) {
             Some(s) if !c.clean_start => (s as usize, true),
             Some(s) => {
                 self.end_session(s as usize);
-                (self.new_session(&c.client_id, v), false)
+                (self.new_session(&c.client_id, c.version), false)
             }
-            None => (self.new_session(&c.client_id, v), false),
-        };
-        let settings = &self.settings;
-        let expiry = match v {
-            Version::V5 => c.session_expiry.min(settings.max_session_expiry_secs),
-            _ if c.clean_start => 0,
-            _ => settings.max_session_expiry_secs,
-        };
-        let requested_ka = c.keep_alive;
-        let cap = settings.max_keepalive_secs;
-        let mut keep_alive = if requested_ka == 0 || requested_ka > cap {
-            cap
-        } else {
-            requested_ka
-        };
-        if v == Version::V5 && settings.keepalive_jitter_pct > 0 {
-            keep_alive = self.jitter(keep_alive);
+            None => (self.new_session(&c.client_id, c.version), false),
         }
-        let idle_ticks = self.settings.ticks(f64::from(keep_alive) * 1.5);
-        let window = c.receive_maximum.min(self.settings.max_inflight).max(1);
+    }
 
-        // Attach the session.
+    /// Attaches session `skey` to connection `key` under `terms`, with the connection's
+    /// will and ACL state, and stores it.
+    fn attach_session(
+        &mut self,
+        skey: usize,
+        key: usize,
+        terms: &Terms,
+        will: Option<Box<Will>>,
+        conn_acl: Option<Box<ConnAcl>>,
+    ) {
         if let Some(t) = self.sessions[skey].timer.take() {
             self.wheel.cancel(t);
         }
         let s = &mut self.sessions[skey];
         s.conn = key as u32;
-        s.version = v;
-        s.expiry_secs = expiry;
+        s.version = terms.version;
+        s.expiry_secs = terms.session_expiry;
         if let Some(st) = s.extra.as_mut() {
             // Reconnected in time: a delayed will is not sent, the expiry is off.
             st.will = None;
@@ -484,73 +525,35 @@ impl Shard {
             st.aliases = None;
             st.acl = None;
         }
-        s.alias_max = if v == Version::V5 {
-            c.topic_alias_max.min(self.settings.outbound_topic_aliases)
-        } else {
-            0
-        };
-        if let Some(w) = c.will {
+        s.alias_max = terms.alias_max;
+        if let Some(w) = will {
             s.state().will = Some(w);
         }
         if conn_acl.is_some() {
             s.state().acl = conn_acl;
         }
         s.compact();
-        let client_id = s.client_id.clone();
         self.store_session(skey, true);
+    }
 
+    /// The connection is active under `terms`: its keep-alive deadline replaces the
+    /// connect timeout.
+    fn activate_conn(&mut self, key: usize, skey: usize, terms: &Terms) {
         let now = self.now32();
         let conn = &mut self.conns[key];
         conn.state = ConnState::Active;
         self.handshaking = self.handshaking.saturating_sub(1);
         conn.session = skey as u32;
-        conn.keep_alive = keep_alive;
-        conn.idle_ticks = idle_ticks;
+        conn.keep_alive = terms.keep_alive;
+        conn.idle_ticks = terms.idle_ticks;
         conn.last_seen = now;
-        conn.max_packet = c.max_packet_size;
-        conn.window = window;
-        let deadline = u64::from(now) + u64::from(idle_ticks) + 1;
+        conn.max_packet = terms.max_packet;
+        conn.window = terms.window;
+        let deadline = u64::from(now) + u64::from(terms.idle_ticks) + 1;
         let timer = conn.timer;
         if !self.wheel.reset(timer, deadline) {
             self.conns[key].timer = self.wheel.insert(deadline, key as u32);
         }
-
-        let props = ConnAckProps {
-            assigned_client_id: assigned.then_some(&*client_id),
-            server_keep_alive: (v == Version::V5 && keep_alive != requested_ka)
-                .then_some(keep_alive),
-            session_expiry: (v == Version::V5 && expiry != c.session_expiry).then_some(expiry),
-            receive_maximum: self.settings.receive_maximum,
-            max_packet_size: self.settings.max_packet_size as u32,
-            topic_alias_max: self.settings.topic_alias_maximum,
-            retain_available: self.settings.retain_available,
-            wildcard_available: true,
-            subscription_ids_available: true,
-            shared_subscriptions_available: true,
-            ..ConnAckProps::default()
-        };
-        self.output(key, 128, |out| {
-            codec::encode_connack(out, v, present, 0, &props)
-        });
-        self.metrics.packet_out(packet::CONNACK);
-        ShardMetrics::add(&self.metrics.connects, 1);
-        tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.conns[key].peer, keep_alive, session_present = present, "connected");
-        if present {
-            self.resend_inflight(skey);
-        }
-        true
-    }
-
-    /// Spreads keep-alives by up to ±`keepalive_jitter_pct` so reconnect herds drift apart.
-    fn jitter(&mut self, ka: u16) -> u16 {
-        self.next_auto_id = self
-            .next_auto_id
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let r = (self.next_auto_id >> 33) as f64 / f64::from(1u32 << 31); // 0..1
-        let pct = f64::from(self.settings.keepalive_jitter_pct) / 100.0;
-        let k = f64::from(ka) * (1.0 + pct * (2.0 * r - 1.0));
-        (k.round() as u32).clamp(1, u32::from(self.settings.max_keepalive_secs)) as u16
     }
 
     pub(super) fn new_session(&mut self, client_id: &str, v: Version) -> usize {
@@ -1247,4 +1250,13 @@ impl Shard {
         msg.props = w.props;
         self.publish(Arc::new(msg));
     }
+}
+
+/// A pseudo-random draw in [0, 1) for the keep-alive jitter, from the shard's LCG `state`
+/// (which also numbers assigned client ids).
+fn draw(state: &mut u64) -> f64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*state >> 33) as f64 / f64::from(1u32 << 31)
 }
