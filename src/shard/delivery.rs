@@ -228,9 +228,7 @@ impl Shard {
             // QoS 1/2 waits in the session queue; with backpressure, publishers wait too.
             self.note_congested(ckey);
         }
-        let s = &self.sessions[skey];
-        let conn = &self.conns[ckey];
-        let window_open = s.queued_len() == 0 && s.inflight_len() < usize::from(conn.window);
+        let window_open = self.sessions[skey].window_open(self.conns[ckey].window);
         if window_open && !congested {
             if self.send_inflight(skey, ckey, item) {
                 Delivery::Sent
@@ -352,11 +350,10 @@ impl Shard {
             };
             if conn.state != ConnState::Active
                 || conn.outbound_len() >= self.settings.high_watermark
-                || s.inflight_len() >= usize::from(conn.window)
             {
                 break;
             }
-            let Some(item) = s.extra.as_mut().and_then(|st| st.queue.pop_front()) else {
+            let Some(item) = s.next_to_send(conn.window) else {
                 break;
             };
             self.queued_total -= 1;

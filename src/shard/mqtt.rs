@@ -14,7 +14,7 @@ use crate::codec::{self, reason, ConnAckProps, Connect, Packet, Publish, Version
 use crate::mailbox::{home_shard, AuthDone, Handoff, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
-use crate::session::{InflightState, Queued, Session, NEVER_EXPIRES, NO_CONN};
+use crate::session::{Ack, Attach, InflightState, Queued, Session, NEVER_EXPIRES, NO_CONN};
 use crate::topic::{self, Subscriber};
 use crate::wheel::TimerId;
 
@@ -509,30 +509,17 @@ impl Shard {
         will: Option<Box<Will>>,
         conn_acl: Option<Box<ConnAcl>>,
     ) {
-        if let Some(t) = self.sessions[skey].timer.take() {
+        let offline_timer = self.sessions[skey].attach(Attach {
+            conn: key as u32,
+            version: terms.version,
+            expiry_secs: terms.session_expiry,
+            alias_max: terms.alias_max,
+            will,
+            acl: conn_acl,
+        });
+        if let Some(t) = offline_timer {
             self.wheel.cancel(t);
         }
-        let s = &mut self.sessions[skey];
-        s.conn = key as u32;
-        s.version = terms.version;
-        s.expiry_secs = terms.session_expiry;
-        if let Some(st) = s.extra.as_mut() {
-            // Reconnected in time: a delayed will is not sent, the expiry is off.
-            st.will = None;
-            st.will_due = None;
-            st.expires_at = None;
-            // Topic aliases belong to a connection (MQTT 5 3.3.2.3.4).
-            st.aliases = None;
-            st.acl = None;
-        }
-        s.alias_max = terms.alias_max;
-        if let Some(w) = will {
-            s.state().will = Some(w);
-        }
-        if conn_acl.is_some() {
-            s.state().acl = conn_acl;
-        }
-        s.compact();
         self.store_session(skey, true);
     }
 
@@ -568,9 +555,9 @@ impl Shard {
         let v = self.conns[key].version;
         match packet {
             Packet::Publish(p) => return self.on_publish(key, skey, p),
-            Packet::PubAck { pkid, .. } => self.on_puback(skey, pkid),
+            Packet::PubAck { pkid, .. } => self.on_ack(skey, pkid, Ack::PubAck),
             Packet::PubRec { pkid, reason: code } => self.on_pubrec(key, skey, pkid, code),
-            Packet::PubComp { pkid, .. } => self.on_pubcomp(skey, pkid),
+            Packet::PubComp { pkid, .. } => self.on_ack(skey, pkid, Ack::PubComp),
             Packet::PubRel { pkid, .. } => {
                 let known = match self.sessions[skey].extra.as_mut() {
                     Some(st) => match st.inbound_qos2.iter().position(|&p| p == pkid) {
@@ -995,15 +982,10 @@ impl Shard {
         true
     }
 
-    fn on_puback(&mut self, skey: usize, pkid: u16) {
-        let done = self.sessions[skey].extra.as_mut().and_then(|st| {
-            let i = st
-                .inflight
-                .iter()
-                .position(|f| f.pkid == pkid && f.item.qos == 1)?;
-            st.inflight.remove(i)
-        });
-        if let Some(mut f) = done {
+    /// A PUBACK or PUBCOMP: the exchange ends (a waiting push request is told, the
+    /// stored copy forgotten) and the window has room for the next queued message.
+    fn on_ack(&mut self, skey: usize, pkid: u16, ack: Ack) {
+        if let Some(mut f) = self.sessions[skey].complete(pkid, ack) {
             if let Some(w) = f.item.waiter.take() {
                 let _ = w.send(());
             }
@@ -1014,26 +996,15 @@ impl Shard {
 
     fn on_pubrec(&mut self, key: usize, skey: usize, pkid: u16, code: u8) {
         let v = self.conns[key].version;
-        let mut found = false;
-        let mut refused = None;
-        if let Some(st) = self.sessions[skey].extra.as_mut() {
-            if let Some(i) = st
-                .inflight
-                .iter()
-                .position(|f| f.pkid == pkid && f.item.qos == 2)
-            {
-                found = true;
-                if code >= 0x80 {
-                    // The receiver refused it; the exchange ends here (MQTT 5 4.3.3).
-                    refused = st.inflight.remove(i);
-                } else {
-                    st.inflight[i].state = InflightState::Released;
-                }
+        let found = if code >= 0x80 {
+            // The receiver refused it; the exchange ends here (MQTT 5 4.3.3).
+            if let Some(f) = self.sessions[skey].complete(pkid, Ack::PubRec) {
+                self.store_forget(skey, &f.item);
             }
-        }
-        if let Some(f) = refused {
-            self.store_forget(skey, &f.item);
-        }
+            false
+        } else {
+            self.sessions[skey].release(pkid)
+        };
         if code < 0x80 {
             let rc = if found {
                 0
@@ -1047,36 +1018,12 @@ impl Shard {
         }
     }
 
-    fn on_pubcomp(&mut self, skey: usize, pkid: u16) {
-        let done = self.sessions[skey].extra.as_mut().and_then(|st| {
-            let i = st
-                .inflight
-                .iter()
-                .position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
-            st.inflight.remove(i)
-        });
-        if let Some(mut f) = done {
-            if let Some(w) = f.item.waiter.take() {
-                let _ = w.send(());
-            }
-            self.store_forget(skey, &f.item);
-        }
-        self.refill(skey);
-    }
-
     /// The session's connection ended. Publishes or schedules the will, and ends the
     /// session now or arms its expiry.
     pub(super) fn detach_session(&mut self, skey: usize, will_allowed: bool) {
         let now = self.now;
         let s = &mut self.sessions[skey];
-        s.conn = NO_CONN;
-        s.alias_max = 0;
-        if let Some(st) = s.extra.as_mut() {
-            st.aliases = None;
-            st.acl = None;
-        }
-        let will: Option<Box<Will>> = s.extra.as_mut().and_then(|st| st.will.take());
-        let will = will.filter(|_| will_allowed);
+        let will = s.detach().filter(|_| will_allowed);
         if s.expiry_secs == 0 {
             if let Some(w) = will {
                 self.publish_will(*w);
