@@ -1,0 +1,524 @@
+//! CONNECT: where it goes (the client id's home shard), its authentication off the
+//! shard, and its acceptance under the negotiated terms (`negotiate.rs`).
+
+use std::sync::Arc;
+
+use crate::acl::{ConnAcl, Who};
+use crate::auth::{Request, Verdict};
+use crate::codec::{self, reason, ConnAckProps, Connect, Version, Will};
+use crate::mailbox::{home_shard, AuthDone, Handoff, ShardMsg};
+use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
+use crate::session::{Attach, Session, NO_CONN};
+
+use crate::shard::negotiate::{negotiate, Terms};
+use crate::shard::{packet, ConnState, Shard};
+
+/// CONNACK return codes of MQTT 3.1.1.
+pub(super) const V3_IDENTIFIER_REJECTED: u8 = 0x02;
+pub(super) const V3_SERVER_UNAVAILABLE: u8 = 0x03;
+
+/// A CONNECT whose credentials are being checked off the shard.
+pub(in crate::shard) struct PendingAuth {
+    /// Tells this connection's answer from one for an earlier connection with the same key.
+    token: u64,
+    connect: Box<Connect>,
+    assigned: bool,
+    /// Bytes that followed the CONNECT in the same read; ingested once accepted.
+    rest: Vec<u8>,
+}
+
+impl Shard {
+    /// Sends the connection to its client id's home shard, or serves it here.
+    pub(in crate::shard) fn route_connect(
+        &mut self,
+        key: usize,
+        mut connect: Connect,
+        rest: &[u8],
+    ) -> bool {
+        // Identity from the verified client certificate comes first: it decides the home.
+        if self.settings.use_cn_as_client_id && self.conns[key].is_tls() {
+            match self.peer_cn(key) {
+                Some(cn) => connect.client_id = cn,
+                None if self.settings.require_client_cert => {
+                    self.conns[key].version = connect.version;
+                    tracing::info!(shard = self.id, peer = %self.conns[key].peer, "client certificate has no CN, refused");
+                    return self.refuse(
+                        key,
+                        V3_IDENTIFIER_REJECTED,
+                        reason::CLIENT_ID_NOT_VALID,
+                        RefuseReason::ClientId,
+                    );
+                }
+                None => {}
+            }
+        }
+        let mut assigned = false;
+        if connect.client_id.is_empty() {
+            if connect.version != Version::V5 && !connect.clean_start {
+                // 3.1.1 [MQTT-3.1.3-8]: an empty id needs clean session.
+                self.conns[key].version = connect.version;
+                return self.refuse(
+                    key,
+                    V3_IDENTIFIER_REJECTED,
+                    reason::CLIENT_ID_NOT_VALID,
+                    RefuseReason::ClientId,
+                );
+            }
+            connect.client_id = self.assign_client_id();
+            assigned = true;
+        }
+        let home = home_shard(&connect.client_id, self.mailboxes.len());
+        if home == self.id {
+            return self.on_connect(key, connect, assigned, rest);
+        }
+        let mut conn = self.conns.remove(key);
+        // Stop counting it here before the home shard can count it.
+        ShardMetrics::set(&self.metrics.connections, self.conns.len() as u64);
+        self.handshaking = self.handshaking.saturating_sub(1);
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+        self.wheel.cancel(conn.timer);
+        let mut tls = None;
+        if let Some(b) = conn.bufs.take() {
+            let b = *b;
+            self.pool.give(b.inbuf, self.now);
+            self.pool.give(b.out, self.now);
+            tls = b.tls;
+        }
+        let accepted_at = self.started + self.settings.tick * conn.accepted_at;
+        let version = connect.version;
+        let handoff = Handoff {
+            socket: conn.socket,
+            peer: conn.peer.addr(),
+            connect,
+            rest: rest.to_vec(),
+            accepted_at,
+            tls,
+        };
+        if let Err(ShardMsg::Handoff(h)) = self
+            .mailboxes
+            .try_send(home, ShardMsg::Handoff(Box::new(handoff)))
+        {
+            // The home shard is overloaded: tell the client to come back later.
+            let mut out = Vec::with_capacity(16);
+            let code = if version == Version::V5 {
+                reason::SERVER_UNAVAILABLE
+            } else {
+                V3_SERVER_UNAVAILABLE
+            };
+            codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
+            let mut h = h;
+            match h.tls.as_mut() {
+                Some(tls) => {
+                    let _ = std::io::Write::write_all(&mut tls.writer(), &out);
+                    tls.send_close_notify();
+                    let _ = tls.write_tls(&mut &h.socket);
+                }
+                None => {
+                    let _ = std::io::Write::write(&mut &h.socket, &out);
+                }
+            }
+            self.per_ip.release(h.peer.ip());
+            self.open_connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.refuse(RefuseReason::Busy);
+            self.metrics.disconnect(DisconnectReason::Refused);
+            tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
+        }
+        false
+    }
+
+    /// The subject CN of the client certificate rustls verified on this connection.
+    pub(in crate::shard) fn peer_cn(&self, key: usize) -> Option<String> {
+        let tls = self.conns[key].bufs.as_ref()?.tls.as_ref()?;
+        let cert = tls.peer_certificates()?.first()?;
+        crate::tls::subject_cn(cert)
+    }
+
+    /// A client id that homes on this shard, for a client that sent an empty one.
+    pub(in crate::shard) fn assign_client_id(&mut self) -> String {
+        loop {
+            self.next_auto_id += 1;
+            let salt = self.started.elapsed().as_nanos() as u64;
+            let id = format!(
+                "auto-{:x}-{:x}-{:x}",
+                self.id,
+                self.next_auto_id,
+                salt & 0xffff_ffff
+            );
+            if home_shard(&id, self.mailboxes.len()) == self.id {
+                return id;
+            }
+        }
+    }
+
+    /// Writes a CONNACK with an error and closes. Always false.
+    pub(in crate::shard) fn refuse(
+        &mut self,
+        key: usize,
+        v3_code: u8,
+        v5_code: u8,
+        why: RefuseReason,
+    ) -> bool {
+        let v = self.conns[key].version;
+        let code = if v == Version::V5 { v5_code } else { v3_code };
+        self.output(key, 64, |out| {
+            codec::encode_connack(out, v, false, code, &ConnAckProps::default())
+        });
+        self.metrics.packet_out(packet::CONNACK);
+        self.metrics.refuse(why);
+        self.flush_conn(key);
+        self.close_conn(key, DisconnectReason::Refused, None);
+        false
+    }
+
+    /// A CONNECT on its home shard: checks, then authentication. Cheap providers decide
+    /// here and the CONNECT is accepted or refused at once; otherwise the providers run on
+    /// the business runtime, the connection waits (not read from) in
+    /// `ConnState::Authenticating`, `rest` (bytes after the CONNECT) waits with it, and
+    /// the answer arrives as `ShardMsg::AuthDone`. True only if accepted now: false means
+    /// refused, or waiting — either way the caller stops ingesting.
+    pub(in crate::shard) fn on_connect(
+        &mut self,
+        key: usize,
+        c: Connect,
+        assigned: bool,
+        rest: &[u8],
+    ) -> bool {
+        let v = c.version;
+        self.conns[key].version = v;
+        if v == Version::V5 && c.auth_method.is_some() {
+            return self.refuse(key, 0, reason::BAD_AUTH_METHOD, RefuseReason::Auth);
+        }
+        if c.will
+            .as_ref()
+            .is_some_and(|w| w.topic.len() > self.settings.max_topic_len)
+        {
+            tracing::info!(shard = self.id, client_id = %c.client_id, "will topic longer than max_topic_len, refused");
+            if v != Version::V5 {
+                // 3.1.1 has no return code for it: close without a CONNACK.
+                self.metrics.refuse(RefuseReason::Protocol);
+                self.close_conn(key, DisconnectReason::ProtocolError, None);
+                return false;
+            }
+            return self.refuse(key, 0, reason::TOPIC_NAME_INVALID, RefuseReason::Protocol);
+        }
+        if c.client_id.len() > self.settings.max_client_id_len {
+            return self.refuse(
+                key,
+                V3_IDENTIFIER_REJECTED,
+                reason::CLIENT_ID_NOT_VALID,
+                RefuseReason::ClientId,
+            );
+        }
+        let peer = self.conns[key].peer.addr();
+        if let Some(verdict) = self
+            .auth
+            .fast(c.username.as_deref(), c.password.as_deref(), peer)
+        {
+            return self.conclude_auth(key, c, assigned, verdict);
+        }
+        self.next_auth_token += 1;
+        let token = self.next_auth_token;
+        let req = Request {
+            client_id: c.client_id.clone(),
+            username: c.username.clone(),
+            password: c.password.clone(),
+            peer,
+        };
+        self.auth_pending.insert(
+            key,
+            PendingAuth {
+                token,
+                connect: Box::new(c),
+                assigned,
+                rest: rest.to_vec(),
+            },
+        );
+        self.conns[key].state = ConnState::Authenticating;
+        // The connect timeout runs from accept; past it the connection is gone.
+        let deadline = self.started
+            + self.settings.tick * self.conns[key].accepted_at
+            + self.settings.connect_timeout;
+        crate::auth::check_in_background(
+            self.auth.clone(),
+            &self.business,
+            req,
+            self.mailboxes.clone(),
+            self.id,
+            key,
+            token,
+            deadline,
+        );
+        false
+    }
+
+    /// An authentication answer from the business runtime.
+    pub(in crate::shard) fn on_auth_done(&mut self, d: AuthDone) {
+        let key = d.conn;
+        match self.auth_pending.get(&key) {
+            Some(p) if p.token == d.token => {}
+            // The connection closed (and its key may have been reused) meanwhile.
+            _ => return,
+        }
+        let Some(p) = self.auth_pending.remove(&key) else {
+            return;
+        };
+        if self.superseded(key, &p.connect.client_id) {
+            // The device gave up on this connection and came back on a newer one that
+            // is already in: a late verdict must not take that one over.
+            tracing::info!(shard = self.id, client_id = %p.connect.client_id, "authentication answered after a newer connection of the client id, closing the older one");
+            self.close_conn(key, DisconnectReason::Takeover, None);
+            return;
+        }
+        self.conns[key].state = ConnState::Handshake;
+        if !matches!(d.verdict, Verdict::Allow(_)) {
+            self.discard_input(key);
+        }
+        if self.conclude_auth(key, *p.connect, p.assigned, d.verdict) {
+            if !p.rest.is_empty() && !self.ingest_bytes(key, &p.rest) {
+                return;
+            }
+            // Plaintext rustls decrypted after the CONNECT is still inside it.
+            if self.conns[key].is_tls() && !self.tls_process(key) {
+                return;
+            }
+            // It was not read from while waiting.
+            self.reread.push(key as u32);
+        }
+    }
+
+    /// True when `client_id` already has a live connection accepted after `key`.
+    pub(in crate::shard) fn superseded(&self, key: usize, client_id: &str) -> bool {
+        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
+            return false;
+        };
+        let old = self.sessions[skey as usize].conn;
+        let mine = self.conns[key].accepted_at;
+        old != NO_CONN
+            && old as usize != key
+            && self
+                .conns
+                .get(old as usize)
+                .is_some_and(|o| o.accepted_at > mine)
+    }
+
+    /// Reads and drops what a refused client sent after its CONNECT, so closing does not
+    /// reset the connection before it reads its CONNACK.
+    pub(in crate::shard) fn discard_input(&mut self, key: usize) {
+        for _ in 0..4 {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            match std::io::Read::read(&mut conn.socket, &mut self.scratch) {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Acts on an authentication verdict; true if the connection was accepted.
+    pub(in crate::shard) fn conclude_auth(
+        &mut self,
+        key: usize,
+        c: Connect,
+        assigned: bool,
+        verdict: Verdict,
+    ) -> bool {
+        let peer = self.conns[key].peer.addr();
+        match verdict {
+            Verdict::Allow(acl) => self.accept_connect(key, c, assigned, acl),
+            Verdict::Deny(why) => {
+                tracing::info!(shard = self.id, client_id = %c.client_id, %peer, reason = %why, "authentication failed, connection refused");
+                self.refuse(
+                    key,
+                    reason::V3_NOT_AUTHORIZED,
+                    reason::BAD_USERNAME_OR_PASSWORD,
+                    RefuseReason::Auth,
+                )
+            }
+            Verdict::Unavailable(why) => {
+                tracing::warn!(shard = self.id, client_id = %c.client_id, %peer, reason = %why, "authentication unavailable, connection refused");
+                self.refuse(
+                    key,
+                    V3_SERVER_UNAVAILABLE,
+                    reason::SERVER_UNAVAILABLE,
+                    RefuseReason::AuthUnavailable,
+                )
+            }
+        }
+    }
+
+    /// Accepts an authenticated CONNECT: will ACL, duplicate policy, session, the
+    /// negotiated terms (see `negotiate.rs`), CONNACK, then redelivery. False if the
+    /// connection was refused.
+    pub(in crate::shard) fn accept_connect(
+        &mut self,
+        key: usize,
+        mut c: Connect,
+        assigned: bool,
+        conn_acl: Option<Box<ConnAcl>>,
+    ) -> bool {
+        let Ok(conn_acl) = self.connect_acl(key, &c, conn_acl) else {
+            return false;
+        };
+        if !self.settle_duplicate(key, &c.client_id) {
+            return false;
+        }
+        let (skey, present) = self.open_session(&c);
+        let terms = negotiate(&c, &self.settings, || draw(&mut self.next_auto_id));
+        self.attach_session(skey, key, &terms, c.will.take(), conn_acl);
+        self.activate_conn(key, skey, &terms);
+        let client_id = self.sessions[skey].client_id.clone();
+        let props = terms.connack_props(&self.settings, assigned.then_some(&*client_id));
+        self.output(key, 128, |out| {
+            codec::encode_connack(out, terms.version, present, 0, &props)
+        });
+        self.metrics.packet_out(packet::CONNACK);
+        ShardMetrics::add(&self.metrics.connects, 1);
+        tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
+        if present {
+            self.resend_inflight(skey);
+        }
+        true
+    }
+
+    /// The connection's ACL state (with the username when `%u` rules or its own lists
+    /// need it), after checking its will topic. `Err` when the will is denied (refused).
+    pub(in crate::shard) fn connect_acl(
+        &mut self,
+        key: usize,
+        c: &Connect,
+        mut conn_acl: Option<Box<ConnAcl>>,
+    ) -> Result<Option<Box<ConnAcl>>, ()> {
+        if !self.acl.enabled() {
+            return Ok(conn_acl);
+        }
+        // %u rules and per-connection lists need the username at PUBLISH time.
+        if let Some(u) = c.username.as_deref() {
+            if self.acl.uses_username() || conn_acl.is_some() {
+                conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
+            }
+        }
+        let Some(w) = &c.will else {
+            return Ok(conn_acl);
+        };
+        let who = Who {
+            client_id: &c.client_id,
+            username: c.username.as_deref(),
+        };
+        if self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
+            return Ok(conn_acl);
+        }
+        self.metrics.acl_denied(false);
+        tracing::info!(shard = self.id, client_id = %c.client_id, topic = %w.topic, "will topic denied by the ACL, connection refused");
+        self.refuse(
+            key,
+            reason::V3_NOT_AUTHORIZED,
+            reason::NOT_AUTHORIZED,
+            RefuseReason::Auth,
+        );
+        Err(())
+    }
+
+    /// Applies `duplicate_client_id` when `client_id` is connected already: takes the
+    /// session over (closing the old connection) or refuses. False when refused.
+    pub(in crate::shard) fn settle_duplicate(&mut self, key: usize, client_id: &str) -> bool {
+        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
+            return true;
+        };
+        let old = self.sessions[skey as usize].conn;
+        if old == NO_CONN {
+            return true;
+        }
+        if !self.settings.takeover {
+            tracing::info!(shard = self.id, client_id = %client_id, "duplicate client id refused");
+            return self.refuse(
+                key,
+                V3_IDENTIFIER_REJECTED,
+                reason::CLIENT_ID_NOT_VALID,
+                RefuseReason::Duplicate,
+            );
+        }
+        tracing::info!(shard = self.id, client_id = %client_id, "session taken over by a new connection");
+        self.close_conn(
+            old as usize,
+            DisconnectReason::Takeover,
+            Some(reason::SESSION_TAKEN_OVER),
+        );
+        true
+    }
+
+    /// The session the CONNECT resumes, or a new one (a clean start ends the old one):
+    /// `(session key, session present)`.
+    pub(in crate::shard) fn open_session(&mut self, c: &Connect) -> (usize, bool) {
+        // Closing an old connection may have ended a session with expiry 0.
+        match self.by_client.get(&c.client_id, &self.sessions) {
+            Some(s) if !c.clean_start => (s as usize, true),
+            Some(s) => {
+                self.end_session(s as usize);
+                (self.new_session(&c.client_id, c.version), false)
+            }
+            None => (self.new_session(&c.client_id, c.version), false),
+        }
+    }
+
+    /// Attaches session `skey` to connection `key` under `terms`, with the connection's
+    /// will and ACL state, and stores it.
+    pub(in crate::shard) fn attach_session(
+        &mut self,
+        skey: usize,
+        key: usize,
+        terms: &Terms,
+        will: Option<Box<Will>>,
+        conn_acl: Option<Box<ConnAcl>>,
+    ) {
+        let offline_timer = self.sessions[skey].attach(Attach {
+            conn: key as u32,
+            version: terms.version,
+            expiry_secs: terms.session_expiry,
+            alias_max: terms.alias_max,
+            will,
+            acl: conn_acl,
+        });
+        if let Some(t) = offline_timer {
+            self.wheel.cancel(t);
+        }
+        self.store_session(skey, true);
+    }
+
+    /// The connection is active under `terms`: its keep-alive deadline replaces the
+    /// connect timeout.
+    pub(in crate::shard) fn activate_conn(&mut self, key: usize, skey: usize, terms: &Terms) {
+        let now = self.now32();
+        let conn = &mut self.conns[key];
+        conn.state = ConnState::Active;
+        self.handshaking = self.handshaking.saturating_sub(1);
+        conn.session = skey as u32;
+        conn.keep_alive = terms.keep_alive;
+        conn.idle_ticks = terms.idle_ticks;
+        conn.last_seen = now;
+        conn.max_packet = terms.max_packet;
+        conn.window = terms.window;
+        let deadline = u64::from(now) + u64::from(terms.idle_ticks) + 1;
+        let timer = conn.timer;
+        if !self.wheel.reset(timer, deadline) {
+            self.conns[key].timer = self.wheel.insert(deadline, key as u32);
+        }
+    }
+
+    pub(in crate::shard) fn new_session(&mut self, client_id: &str, v: Version) -> usize {
+        let id: Arc<str> = Arc::from(client_id);
+        let skey = self.sessions.insert(Session::new(id, v));
+        self.by_client.insert(skey as u32, &self.sessions);
+        skey
+    }
+}
+
+/// A pseudo-random draw in [0, 1) for the keep-alive jitter, from the shard's LCG `state`
+/// (which also numbers assigned client ids).
+fn draw(state: &mut u64) -> f64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*state >> 33) as f64 / f64::from(1u32 << 31)
+}

@@ -1,0 +1,168 @@
+//! The MQTT conversation on a shard, by packet family: [`connect`] (CONNECT, its
+//! authentication and acceptance), [`publish`], [`subscribe`], [`acks`] (the QoS 1/2
+//! exchanges of outbound messages) and [`offline`] (the session's life when its
+//! connection ends: will, expiry). This file dispatches a frame to its family.
+//!
+//! Shared subscriptions are kept in the session like any other (under their full
+//! `$share/...` filter) but not in the shard's index: the group's owner shard routes them
+//! (see `shared.rs`).
+
+mod acks;
+mod connect;
+mod offline;
+mod publish;
+mod subscribe;
+
+pub(super) use connect::PendingAuth;
+
+use crate::codec::{self, reason, Packet};
+use crate::metrics::{DisconnectReason, RefuseReason};
+use crate::session::Ack;
+
+use crate::shard::{packet, ConnState, Shard};
+
+impl Shard {
+    /// One whole frame from a connection. `rest` are the bytes after it in this read (a
+    /// CONNECT handed to another shard takes them along). False when the connection is gone.
+    ///
+    /// Only a whole packet counts as a sign of life: the keep-alive (and, before CONNECT,
+    /// the connect timeout) is measured from the last complete frame, not the last byte,
+    /// as MQTT words it ("does not receive a Control Packet"). A peer trickling one byte
+    /// at a time cannot hold a connection open past either timer (slowloris).
+    pub(in crate::shard) fn handle_frame(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
+        self.metrics.packet_in(packet::type_of(frame[0]));
+        if self.conns[key].state == ConnState::Active {
+            self.conns[key].last_seen = self.now32();
+        }
+        if self.conns[key].state == ConnState::Handshake {
+            return match codec::decode_connect(frame) {
+                Ok(connect) => self.route_connect(key, connect, rest),
+                Err(e) => {
+                    let peer = self.conns[key].peer.addr();
+                    tracing::info!(shard = self.id, %peer, error = %e.error, "bad CONNECT, closing");
+                    match e.version {
+                        Some(v) => {
+                            self.conns[key].version = v;
+                            let code = e.connack_code();
+                            self.refuse(key, code, code, RefuseReason::Protocol)
+                        }
+                        None => {
+                            self.metrics.refuse(RefuseReason::Protocol);
+                            self.close_conn(key, DisconnectReason::ProtocolError, None);
+                            false
+                        }
+                    }
+                }
+            };
+        }
+        if self.conns[key].state != ConnState::Active {
+            // Bytes of a connection still waiting for its authentication verdict (or its
+            // PROXY header) are never decoded as packets: there is no session yet.
+            self.close_conn(key, DisconnectReason::ProtocolError, None);
+            return false;
+        }
+        let version = self.conns[key].version;
+        match codec::decode(frame, version) {
+            Ok(packet) => self.handle_packet(key, packet),
+            Err(e) => self.protocol_error(key, &e),
+        }
+    }
+
+    pub(in crate::shard) fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
+        let skey = self.conns[key].session as usize;
+        let v = self.conns[key].version;
+        match packet {
+            Packet::Publish(p) => return self.on_publish(key, skey, p),
+            Packet::PubAck { pkid, .. } => self.on_ack(skey, pkid, Ack::PubAck),
+            Packet::PubRec { pkid, reason: code } => self.on_pubrec(key, skey, pkid, code),
+            Packet::PubComp { pkid, .. } => self.on_ack(skey, pkid, Ack::PubComp),
+            Packet::PubRel { pkid, .. } => {
+                let known = match self.sessions[skey].extra.as_mut() {
+                    Some(st) => match st.inbound_qos2.iter().position(|&p| p == pkid) {
+                        Some(i) => {
+                            st.inbound_qos2.swap_remove(i);
+                            true
+                        }
+                        None => false,
+                    },
+                    None => false,
+                };
+                self.sessions[skey].compact();
+                let code = if known {
+                    0
+                } else {
+                    reason::PACKET_ID_NOT_FOUND
+                };
+                self.output(key, 16, |out| codec::encode_pubcomp(out, v, pkid, code));
+                self.metrics.packet_out(packet::PUBCOMP);
+            }
+            Packet::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => return self.on_subscribe(key, skey, pkid, filters, subscription_id),
+            Packet::Unsubscribe { pkid, filters } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                for f in &filters {
+                    codes.push(if self.unsubscribe(skey, f) {
+                        0
+                    } else {
+                        reason::NO_SUBSCRIPTION_EXISTED
+                    });
+                }
+                self.output(key, 16 + codes.len(), |out| {
+                    codec::encode_unsuback(out, v, pkid, &codes)
+                });
+                self.metrics.packet_out(packet::UNSUBACK);
+            }
+            Packet::PingReq => {
+                self.output(key, 2, codec::encode_pingresp);
+                self.metrics.packet_out(packet::PINGRESP);
+            }
+            Packet::Disconnect {
+                reason: code,
+                session_expiry,
+            } => {
+                let s = &mut self.sessions[skey];
+                if let Some(e) = session_expiry {
+                    if s.expiry_secs == 0 && e != 0 {
+                        // [MQTT-3.14.2-2]: cannot turn a session that ends into one that lasts.
+                        return self.close_protocol(
+                            key,
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set on DISCONNECT after 0 at CONNECT",
+                        );
+                    }
+                    s.expiry_secs = e.min(self.settings.max_session_expiry_secs);
+                }
+                // Only "disconnect with will message" (0x04) keeps the will; it is then
+                // treated as after an abnormal close (Will Delay Interval included). It is
+                // taken out before the close, which drops any will of a client that sent
+                // DISCONNECT, and placed once the session is detached.
+                let will = s.extra.as_mut().and_then(|st| st.will.take());
+                let session_ends = s.expiry_secs == 0;
+                self.close_conn(key, DisconnectReason::Client, None);
+                if let Some(w) = will.filter(|_| code == reason::DISCONNECT_WITH_WILL) {
+                    self.publish_or_delay_will((!session_ends).then_some(skey), w);
+                }
+                return false;
+            }
+            Packet::Auth => {
+                return self.close_protocol(
+                    key,
+                    reason::PROTOCOL_ERROR,
+                    "AUTH without enhanced authentication",
+                );
+            }
+        }
+        true
+    }
+
+    /// Closes for a protocol breach found above the codec, with an MQTT 5 reason code.
+    pub(in crate::shard) fn close_protocol(&mut self, key: usize, code: u8, why: &str) -> bool {
+        let client = self.client_id_of(key);
+        tracing::info!(shard = self.id, client_id = %client, error = why, "protocol error, closing");
+        self.close_conn(key, DisconnectReason::ProtocolError, Some(code));
+        false
+    }
+}

@@ -1,0 +1,227 @@
+//! SUBSCRIBE and UNSUBSCRIBE: the ACL, the subscription index or a shared group, and
+//! retained messages for a new subscription.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::acl::Who;
+use crate::codec::{self, reason, Version};
+use crate::session::Queued;
+use crate::topic::{self, Subscriber};
+
+use crate::shard::{packet, Shard};
+
+impl Shard {
+    /// SUBSCRIBE: each filter granted or refused in the SUBACK. False if the connection
+    /// was closed (No Local on a shared subscription is a protocol error, 3.8.3.1).
+    pub(in crate::shard) fn on_subscribe(
+        &mut self,
+        key: usize,
+        skey: usize,
+        pkid: u16,
+        filters: Vec<codec::SubscribeFilter>,
+        subscription_id: Option<u32>,
+    ) -> bool {
+        let v = self.conns[key].version;
+        let sub_id = subscription_id.unwrap_or(0);
+        let invalid = if v == Version::V5 {
+            reason::TOPIC_FILTER_INVALID
+        } else {
+            reason::V3_SUBACK_FAILURE
+        };
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut wanted_retained = Vec::new();
+        let mut quota_logged = false;
+        for f in filters {
+            if f.filter.len() > self.settings.max_topic_len {
+                codes.push(invalid);
+                continue;
+            }
+            let shared = if f.filter.starts_with("$share/") {
+                match topic::parse_shared(&f.filter) {
+                    Some((g, inner)) if topic::valid_topic_filter(inner) => Some((g, inner)),
+                    _ => {
+                        codes.push(invalid);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            if !topic::valid_topic_filter(&f.filter) {
+                codes.push(invalid);
+                continue;
+            }
+            if shared.is_some() && f.no_local {
+                return self.close_protocol(
+                    key,
+                    reason::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                );
+            }
+            let inner = shared.map_or(f.filter.as_str(), |(_, inner)| inner);
+            if !self.subscribe_allowed(skey, inner) {
+                codes.push(if v == Version::V5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::V3_SUBACK_FAILURE
+                });
+                continue;
+            }
+            let qos = f.qos.min(2);
+            let options = qos
+                | (u8::from(f.no_local) << 2)
+                | (u8::from(f.retain_as_published) << 3)
+                | ((f.retain_handling & 3) << 4);
+            let s = &mut self.sessions[skey];
+            let existing = s.subs.iter().position(|(fl, _)| **fl == *f.filter);
+            if existing.is_none() && s.subs.len() >= self.settings.max_subscriptions {
+                // MQTT 5 0x97 Quota exceeded; encode_suback sends 0x80 to 3.1.1 clients.
+                if !quota_logged {
+                    quota_logged = true;
+                    tracing::info!(shard = self.id, client_id = %s.client_id, max = self.settings.max_subscriptions, "max_subscriptions_per_client reached, subscription refused");
+                }
+                codes.push(reason::QUOTA_EXCEEDED);
+                continue;
+            }
+            let filter: Arc<str> = match existing {
+                Some(i) => {
+                    s.subs[i].1 = options;
+                    s.subs[i].0.clone()
+                }
+                None => {
+                    let a: Arc<str> = Arc::from(f.filter.as_str());
+                    // Most devices subscribe once: no spare capacity (Vec would take 4).
+                    s.subs.reserve_exact(1);
+                    s.subs.push((a.clone(), options));
+                    self.subs_total += 1;
+                    a
+                }
+            };
+            codes.push(qos);
+            self.store_sub(skey, &filter, options, sub_id);
+            self.attach_subscription(skey, &filter, shared, options, sub_id);
+            if shared.is_some() {
+                // Retained messages are not sent for shared subscriptions (4.8.2).
+                continue;
+            }
+            // Retain Handling: 0 send retained, 1 only for a new subscription, 2 never.
+            let handling = (options >> 4) & 3;
+            if handling == 0 || (handling == 1 && existing.is_none()) {
+                wanted_retained.push((filter, qos));
+            }
+        }
+        self.output(key, 16 + codes.len(), |out| {
+            codec::encode_suback(out, v, pkid, &codes)
+        });
+        self.metrics.packet_out(packet::SUBACK);
+        for (filter, qos) in wanted_retained {
+            self.send_retained(skey, &filter, qos, sub_id);
+        }
+        true
+    }
+
+    /// Puts a subscription of session `skey` where routing finds it: its shared group
+    /// (`shared` = group and inner filter of a `$share/` filter), or the shard's index.
+    /// SUBSCRIBE and the restore of stored sessions both come through here.
+    pub(in crate::shard) fn attach_subscription(
+        &mut self,
+        skey: usize,
+        filter: &Arc<str>,
+        shared: Option<(&str, &str)>,
+        options: u8,
+        sub_id: u32,
+    ) {
+        match shared {
+            Some((group, inner)) => self.join_shared(skey, group, inner, options, sub_id),
+            None => {
+                self.subs.insert(
+                    filter,
+                    Subscriber {
+                        session: skey as u32,
+                        options,
+                        sub_id,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The ACL's word on a SUBSCRIBE filter from session `skey`; a refusal is counted.
+    pub(in crate::shard) fn subscribe_allowed(&mut self, skey: usize, filter: &str) -> bool {
+        self.acl_allows(skey, true, filter)
+    }
+
+    /// Asks the ACL about a SUBSCRIBE filter (`subscribe`) or a PUBLISH topic. A refused
+    /// SUBSCRIBE is logged at info; a refused PUBLISH only at debug, so a device
+    /// publishing where it may not cannot flood the log. Both are counted.
+    pub(in crate::shard) fn acl_allows(
+        &mut self,
+        skey: usize,
+        subscribe: bool,
+        topic: &str,
+    ) -> bool {
+        if !self.acl.enabled() {
+            return true;
+        }
+        let s = &self.sessions[skey];
+        let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
+        let who = Who {
+            client_id: &s.client_id,
+            username: conn_acl.and_then(|a| a.username.as_deref()),
+        };
+        let allowed = if subscribe {
+            self.acl.may_subscribe(&who, conn_acl, topic)
+        } else {
+            self.acl.may_publish(&who, conn_acl, topic)
+        };
+        if allowed {
+            return true;
+        }
+        self.metrics.acl_denied(subscribe);
+        if subscribe {
+            tracing::info!(shard = self.id, client_id = %s.client_id, filter = topic, "SUBSCRIBE filter denied by the ACL");
+        } else {
+            tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
+        }
+        false
+    }
+
+    /// Removes one subscription of a session; true if it existed. Leaving a shared group
+    /// hands the group's messages still queued for the session back to the group.
+    pub(in crate::shard) fn unsubscribe(&mut self, skey: usize, filter: &str) -> bool {
+        let s = &mut self.sessions[skey];
+        let Some(i) = s.subs.iter().position(|(f, _)| &**f == filter) else {
+            return false;
+        };
+        s.subs.swap_remove(i);
+        self.subs_total -= 1;
+        self.store_unsub(skey, filter);
+        let s = &mut self.sessions[skey];
+        match filter.strip_prefix("$share/") {
+            Some(key) => {
+                let key: Arc<str> = Arc::from(key);
+                let client_id = s.client_id.clone();
+                let mut items = Vec::new();
+                if let Some(st) = s.extra.as_mut() {
+                    let (theirs, ours): (VecDeque<Queued>, VecDeque<Queued>) =
+                        std::mem::take(&mut st.queue)
+                            .into_iter()
+                            .partition(|q| q.shared.as_ref() == Some(&key));
+                    st.queue = ours;
+                    items = Vec::from(theirs);
+                }
+                self.queued_total -= items.len() as u64;
+                s.compact();
+                for item in &items {
+                    self.store_forget(skey, item);
+                }
+                self.leave_shared(&key, &client_id, items);
+            }
+            None => {
+                self.subs.remove(filter, skey as u32);
+            }
+        }
+        true
+    }
+}
