@@ -42,9 +42,9 @@ impl Shard {
             self.store_retained(&msg);
         }
         self.route(&msg);
-        for shard in 0..self.outbox.len() {
+        for shard in 0..self.routing.outbox.len() {
             if shard != self.id {
-                self.outbox[shard].push(msg.clone());
+                self.routing.outbox[shard].push(msg.clone());
             }
         }
     }
@@ -62,12 +62,12 @@ impl Shard {
     /// ask another shard. An empty payload deletes (MQTT 3.3.1.3).
     fn store_retained(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
-            self.retained.remove(&*msg.topic);
+            self.routing.retained.remove(&*msg.topic);
             self.store_retained_msg(msg, true);
-        } else if self.retained.len() < self.settings.max_retained
-            || self.retained.contains_key(&*msg.topic)
+        } else if self.routing.retained.len() < self.settings.max_retained
+            || self.routing.retained.contains_key(&*msg.topic)
         {
-            self.retained.insert(msg.topic.clone(), msg.clone());
+            self.routing.retained.insert(msg.topic.clone(), msg.clone());
             self.store_retained_msg(msg, false);
         } else {
             tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
@@ -79,15 +79,17 @@ impl Shard {
     /// subscription identifiers, then to one member of each shared group this shard owns.
     /// Returns the number of sessions and groups it matched.
     pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
-        if msg.is_expired(self.now_instant) {
-            self.metrics.drop_msg(DropReason::Expired, 1);
+        if msg.is_expired(self.clock.now_instant) {
+            self.services.metrics.drop_msg(DropReason::Expired, 1);
             return 0;
         }
         let mut matched = 0;
         // The shard's reusable match buffer: routing allocates nothing per message here.
-        let mut hits = std::mem::take(&mut self.match_buf);
+        let mut hits = std::mem::take(&mut self.routing.match_buf);
         hits.clear();
-        self.subs.for_each_match(&msg.topic, |s| hits.push(s));
+        self.routing
+            .subs
+            .for_each_match(&msg.topic, |s| hits.push(s));
         if hits.len() > 1 {
             hits.sort_unstable_by_key(|s| s.session);
         }
@@ -131,25 +133,31 @@ impl Shard {
                 matched += 1;
             }
         }
-        self.match_buf = hits;
+        self.routing.match_buf = hits;
         matched + self.route_shared(msg)
     }
 
     /// The retained messages matching a new subscription, sent with RETAIN set.
     pub(super) fn send_retained(&mut self, skey: usize, filter: &str, granted: u8, sub_id: u32) {
-        let now = self.now_instant;
+        let now = self.clock.now_instant;
         let matching: Vec<Arc<Message>> = if filter.contains(['+', '#']) {
-            self.retained
+            self.routing
+                .retained
                 .values()
                 .filter(|m| topic::matches(filter, &m.topic))
                 .cloned()
                 .collect()
         } else {
-            self.retained.get(filter).cloned().into_iter().collect()
+            self.routing
+                .retained
+                .get(filter)
+                .cloned()
+                .into_iter()
+                .collect()
         };
         for m in matching {
             if m.is_expired(now) {
-                self.retained.remove(&*m.topic);
+                self.routing.retained.remove(&*m.topic);
                 continue;
             }
             let sub_ids = (sub_id != 0).then(|| Box::from([sub_id]));
@@ -181,15 +189,16 @@ impl Shard {
 
     /// Delivers or queues one item, and says exactly what happened to it.
     pub(super) fn deliver_item(&mut self, skey: usize, mut item: Queued) -> Delivery {
-        if item.msg.is_expired(self.now_instant) {
-            self.metrics.drop_msg(DropReason::Expired, 1);
+        if item.msg.is_expired(self.clock.now_instant) {
+            self.services.metrics.drop_msg(DropReason::Expired, 1);
             return Delivery::Dropped(DropReason::Expired);
         }
         // Stored before it is sent or queued: it stays stored until acknowledged.
         self.store_message(skey, &mut item);
         let s = &self.sessions[skey];
         let conn = if s.is_online() {
-            self.conns
+            self.wire
+                .conns
                 .get(s.conn as usize)
                 .filter(|c| c.state == ConnState::Active)
         } else {
@@ -197,7 +206,7 @@ impl Shard {
         };
         let Some(conn) = conn else {
             if item.qos == 0 {
-                self.metrics.drop_msg(DropReason::Offline, 1);
+                self.services.metrics.drop_msg(DropReason::Offline, 1);
                 return Delivery::Dropped(DropReason::Offline);
             }
             self.enqueue(skey, item);
@@ -211,11 +220,11 @@ impl Shard {
             // (backpressure), which still sheds at `outbound_max`.
             let room = self.settings.backpressure && pending < self.settings.outbound_max;
             if congested && !room {
-                self.metrics.drop_msg(DropReason::SlowConsumer, 1);
+                self.services.metrics.drop_msg(DropReason::SlowConsumer, 1);
                 return Delivery::Dropped(DropReason::SlowConsumer);
             }
             let sent = self.send_publish(ckey, 0, &item, false);
-            if self.conns[ckey].outbound_len() >= self.settings.high_watermark {
+            if self.wire.conns[ckey].outbound_len() >= self.settings.high_watermark {
                 self.note_congested(ckey);
             }
             return if sent {
@@ -228,7 +237,7 @@ impl Shard {
             // QoS 1/2 waits in the session queue; with backpressure, publishers wait too.
             self.note_congested(ckey);
         }
-        let window_open = self.sessions[skey].window_open(self.conns[ckey].window);
+        let window_open = self.sessions[skey].window_open(self.wire.conns[ckey].window);
         if window_open && !congested {
             if self.send_inflight(skey, ckey, item) {
                 Delivery::Sent
@@ -250,10 +259,10 @@ impl Shard {
             None
         };
         st.queue.push_back(item);
-        self.queued_total += 1;
+        self.sessions.queued_total += 1;
         if let Some(old) = dropped {
-            self.queued_total -= 1;
-            self.metrics.drop_msg(DropReason::QueueFull, 1);
+            self.sessions.queued_total -= 1;
+            self.services.metrics.drop_msg(DropReason::QueueFull, 1);
             self.store_forget(skey, &old);
         }
     }
@@ -278,7 +287,7 @@ impl Shard {
     /// Packet Size (dropped and counted, MQTT 5 3.1.2.11.4). With MQTT 5 topic aliases
     /// allowed, the topic's alias goes along: with the topic the first time, alone after.
     fn send_publish(&mut self, ckey: usize, pkid: u16, item: &Queued, dup: bool) -> bool {
-        let conn = &self.conns[ckey];
+        let conn = &self.wire.conns[ckey];
         let v = conn.version;
         let v5 = v == Version::V5;
         let skey = conn.session as usize;
@@ -309,7 +318,7 @@ impl Shard {
             // per turn, so it may be a little older than the message.
             message_expiry: if v5 {
                 item.msg
-                    .remaining_expiry_secs(self.now_instant.max(item.msg.created))
+                    .remaining_expiry_secs(self.clock.now_instant.max(item.msg.created))
             } else {
                 None
             },
@@ -318,7 +327,7 @@ impl Shard {
         };
         let len = codec::publish_len(v, &p);
         if len > conn.max_packet as usize {
-            self.metrics.drop_msg(DropReason::TooLarge, 1);
+            self.services.metrics.drop_msg(DropReason::TooLarge, 1);
             return false;
         }
         if let Some((a, _)) = alias {
@@ -331,7 +340,7 @@ impl Shard {
         self.output(ckey, len, |out| {
             codec::encode_publish(out, v, &p);
         });
-        self.metrics.packet_out(packet::PUBLISH);
+        self.services.metrics.packet_out(packet::PUBLISH);
         true
     }
 
@@ -345,7 +354,7 @@ impl Shard {
                 break;
             }
             let ckey = s.conn as usize;
-            let Some(conn) = self.conns.get(ckey) else {
+            let Some(conn) = self.wire.conns.get(ckey) else {
                 break;
             };
             if conn.state != ConnState::Active
@@ -356,9 +365,9 @@ impl Shard {
             let Some(item) = s.next_to_send(conn.window) else {
                 break;
             };
-            self.queued_total -= 1;
-            if item.msg.is_expired(self.now_instant) {
-                self.metrics.drop_msg(DropReason::Expired, 1);
+            self.sessions.queued_total -= 1;
+            if item.msg.is_expired(self.clock.now_instant) {
+                self.services.metrics.drop_msg(DropReason::Expired, 1);
                 self.store_forget(skey, &item);
                 continue;
             }
@@ -377,7 +386,7 @@ impl Shard {
     /// original packet id, every unfinished PUBREL again, then the queue.
     pub(super) fn resend_inflight(&mut self, skey: usize) {
         let ckey = self.sessions[skey].conn as usize;
-        let v = self.conns[ckey].version;
+        let v = self.wire.conns[ckey].version;
         let inflight = match self.sessions[skey].extra.as_mut() {
             Some(st) => std::mem::take(&mut st.inflight),
             None => Default::default(),
@@ -394,7 +403,7 @@ impl Shard {
                 }
                 InflightState::Released => {
                     self.output(ckey, 16, |out| codec::encode_pubrel(out, v, f.pkid, 0));
-                    self.metrics.packet_out(packet::PUBREL);
+                    self.services.metrics.packet_out(packet::PUBREL);
                     kept.push_back(f);
                 }
             }

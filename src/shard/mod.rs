@@ -16,6 +16,8 @@
 
 mod backpressure;
 pub use backpressure::Congestion;
+mod accept;
+mod clock;
 mod conn;
 mod delivery;
 mod durable;
@@ -26,38 +28,45 @@ mod negotiate;
 mod packet;
 mod push;
 mod read;
+mod routing;
+mod services;
+mod sessions;
 mod settings;
 mod shared;
+mod timers;
 mod transport;
+mod wire;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use crate::buffer::{BufferPool, ReadSizePredictor};
+use crate::buffer::BufferPool;
 use crate::codec::{self, Version};
 use crate::config::Config;
 use crate::limits::{PerIpLimit, TokenBucket};
-use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
+use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::Message;
-use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
-use crate::session::{ClientIds, Session};
-use crate::topic::{Subscriber, SubscriptionIndex};
-use crate::wheel::{TimerId, TimingWheel};
+use crate::metrics::{DisconnectReason, ShardMetrics};
 
+use accept::Admission;
+use clock::Clock;
 pub use conn::{Conn, ConnBufs, ConnState, Peer, NO_SESSION};
+use routing::Routing;
+use services::Services;
+use sessions::Sessions;
 pub use settings::Settings;
+use timers::Timers;
+use wire::Wire;
 
 const LISTENER: Token = Token(usize::MAX);
 const TLS_LISTENER: Token = Token(usize::MAX - 1);
@@ -104,82 +113,26 @@ pub struct ShardContext {
     pub ready: std::sync::mpsc::Sender<usize>,
 }
 
+/// One shard: its parts, each owning its state, and the loop that drives them.
 pub struct Shard {
     id: usize,
     settings: Settings,
-    poll: Poll,
-    events: Events,
-    listener: Option<TcpListener>,
-    tls_listener: Option<TcpListener>,
-    tls_config: Option<Arc<rustls::ServerConfig>>,
-    accept_pending: bool,
-    /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
-    accept_blocked: bool,
-    connect_bucket: TokenBucket,
-    /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
-    handshaking: usize,
-    per_ip: Arc<PerIpLimit>,
-    /// Connections not read because they are over their inbound rate, or hold a
-    /// PUBLISH while the gateway is backpressured.
-    paused: HashSet<u32>,
-    /// This shard's congested connections (see `backpressure.rs`), and all shards'.
+    /// Sockets, connections and their buffers.
+    wire: Wire,
+    /// Accepting and the handshakes under way.
+    admission: Admission,
+    sessions: Sessions,
+    routing: Routing,
+    clock: Clock,
+    timers: Timers,
+    services: Services,
+    /// This shard's congested connections (see `backpressure.rs`).
     congested: u32,
-    congestion: Arc<backpressure::Congestion>,
-    /// A batch for another shard found its mailbox full this turn.
-    outbox_blocked: bool,
     /// When the loop must wake for a paused connection or the connect bucket.
     wake_at: Option<Instant>,
-    /// Plaintext out of rustls, on its way to the decoder.
-    plain: Vec<u8>,
-    conns: Slab<Conn>,
-    sessions: Slab<Session>,
-    by_client: ClientIds,
-    subs: SubscriptionIndex,
-    retained: HashMap<Arc<str>, Arc<Message>>,
-    wheel: TimingWheel<u32>,
-    fired: Vec<(TimerId, u32)>,
-    /// Subscribers matched by the message being routed (reused across messages).
-    match_buf: Vec<Subscriber>,
-    timers_pending: bool,
-    pool: BufferPool,
-    scratch: Vec<u8>,
-    /// Connections with output to write at the end of this turn.
-    dirty: Vec<u32>,
-    /// Connections whose read budget ran out while bytes were still waiting.
-    reread: Vec<u32>,
-    /// Connections whose buffer box holds only inbound rate debt (see `sweep_settling`).
-    settling: Vec<u32>,
-    /// The tick `settling` was last swept.
-    settled_at: u64,
-    /// Messages for each other shard, sent as one batch per turn.
-    outbox: Vec<Vec<Arc<Message>>>,
-    /// Shared-subscription control messages for each other shard, sent in order.
-    ctl_outbox: Vec<VecDeque<ShardMsg>>,
-    /// The shared subscription groups this shard owns.
-    shared: shared::SharedGroups,
-    mailboxes: Mailboxes,
-    metrics: Arc<ShardMetrics>,
-    open_connections: Arc<AtomicUsize>,
-    started: Instant,
-    now: u64,
-    now_instant: Instant,
-    queued_total: u64,
-    subs_total: u64,
-    next_auto_id: u64,
     stopping: bool,
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
-    started_wall: std::time::SystemTime,
-    auth: Arc<crate::auth::Authenticator>,
-    business: tokio::runtime::Handle,
-    /// This shard's compiled `[acl]` rules.
-    acl: crate::acl::Acl,
-    /// CONNECTs waiting for an authentication answer, by connection key. `close_conn`
-    /// removes a connection's entry, so an answer finds either its own connection (same
-    /// token) or nothing.
-    auth_pending: HashMap<usize, mqtt::PendingAuth>,
-    next_auth_token: u64,
-    store: Option<crate::store::StoreHandle>,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -225,7 +178,7 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
             drop(retained);
             let _ = ready.send(sessions);
             // tokio-metrics measures the shard's busy time per poll (gateway_shard_busy_ratio).
-            let monitor = shard.metrics.monitor.clone();
+            let monitor = shard.services.metrics.monitor.clone();
             if let Err(e) = rt.block_on(monitor.instrument(shard.run(rx))) {
                 tracing::error!(shard = id, error = %e, "shard stopped with an error");
             }
@@ -258,87 +211,71 @@ impl Shard {
             Instant::now(),
         );
         let shards = ctx.mailboxes.len();
-        let pool = BufferPool::new(settings.pool);
-        let started = Instant::now();
+        let wire = Wire {
+            poll,
+            events: Events::with_capacity(EVENTS_PER_TURN),
+            listener: Some(listener),
+            tls_listener,
+            plain: if tls_config.is_some() {
+                vec![0; 16 * 1024]
+            } else {
+                Vec::new()
+            },
+            tls_config,
+            conns: Slab::new(),
+            pool: BufferPool::new(settings.pool),
+            scratch: vec![0; settings.scratch_bytes],
+            dirty: Vec::new(),
+            reread: Vec::new(),
+            paused: HashSet::new(),
+            settling: Vec::new(),
+            settled_at: 0,
+        };
+        let services = Services {
+            auth: ctx.auth,
+            business: ctx.business,
+            acl,
+            store: ctx.store,
+            metrics: ctx.metrics,
+            mailboxes: ctx.mailboxes,
+            per_ip: ctx.per_ip,
+            open_connections: ctx.open_connections,
+            congestion: ctx.congestion,
+        };
         Ok((
             Shard {
                 id: ctx.id,
-                scratch: vec![0; settings.scratch_bytes],
+                clock: Clock::new(settings.tick),
                 settings,
-                poll,
-                events: Events::with_capacity(EVENTS_PER_TURN),
-                listener: Some(listener),
-                tls_listener,
-                plain: if tls_config.is_some() {
-                    vec![0; 16 * 1024]
-                } else {
-                    Vec::new()
-                },
-                tls_config,
-                accept_pending: false,
-                accept_blocked: false,
-                connect_bucket,
-                handshaking: 0,
-                per_ip: ctx.per_ip,
-                paused: HashSet::new(),
+                wire,
+                admission: Admission::new(connect_bucket),
+                sessions: Sessions::default(),
+                routing: Routing::new(shards),
+                timers: Timers::new(),
+                services,
                 congested: 0,
-                congestion: ctx.congestion,
-                outbox_blocked: false,
                 wake_at: None,
-                conns: Slab::new(),
-                sessions: Slab::new(),
-                by_client: ClientIds::default(),
-                subs: SubscriptionIndex::new(),
-                retained: HashMap::new(),
-                wheel: TimingWheel::new(0),
-                fired: Vec::new(),
-                match_buf: Vec::new(),
-                timers_pending: false,
-                pool,
-                dirty: Vec::new(),
-                reread: Vec::new(),
-                settling: Vec::new(),
-                settled_at: 0,
-                outbox: vec![Vec::new(); shards],
-                ctl_outbox: (0..shards).map(|_| VecDeque::new()).collect(),
-                shared: Default::default(),
-                mailboxes: ctx.mailboxes,
-                metrics: ctx.metrics,
-                open_connections: ctx.open_connections,
-                started,
-                now: 0,
-                now_instant: started,
-                queued_total: 0,
-                subs_total: 0,
-                next_auto_id: 0,
                 stopping: false,
                 pending_replies: Vec::new(),
-                started_wall: std::time::SystemTime::now(),
-                auth: ctx.auth,
-                business: ctx.business,
-                acl,
-                auth_pending: HashMap::new(),
-                next_auth_token: 0,
-                store: ctx.store,
             },
             ctx.mailbox,
         ))
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<ShardMsg>) -> io::Result<()> {
-        // SAFETY: the epoll fd belongs to `self.poll`, which lives (inside `self`) until
+        // SAFETY: the epoll fd belongs to `self.wire.poll`, which lives (inside `self`) until
         // this function returns; `poll_fd` is a local dropped before `self`, so the fd stays
         // open and unchanged for the whole registration.
         let poll_fd = unsafe {
             AsyncFd::register_with_interest(
-                PollFd(self.poll.as_raw_fd()),
+                PollFd(self.wire.poll.as_raw_fd()),
                 tokio::io::Interest::READABLE,
             )
         }
         .map_err(io::Error::from)?;
         tracing::debug!(shard = self.id, "shard started");
         loop {
-            self.update_clock();
+            self.clock.update();
             let mut busy = self.poll_sockets()?;
             for _ in 0..MAILBOX_PER_TURN {
                 match rx.try_recv() {
@@ -351,7 +288,7 @@ impl Shard {
                 }
             }
             // An accepted authentication queues its connection for reading.
-            busy |= !rx.is_empty() || !self.reread.is_empty();
+            busy |= !rx.is_empty() || !self.wire.reread.is_empty();
             busy |= self.run_timers();
             self.sweep_settling();
             // Gauges before the writes, so whatever a client sees is already counted, and
@@ -361,21 +298,21 @@ impl Shard {
             self.send_pending_replies();
             let outbox_waiting = self.flush_outbox() | self.flush_store();
             self.publish_gauges();
-            if self.stopping && self.conns.is_empty() {
+            if self.stopping && self.wire.conns.is_empty() {
                 break;
             }
             // Accepting stopped at max_handshaking and handshakes have finished since: the
             // backlog gives no new event for connections already waiting in it.
             let max = self.settings.max_handshaking;
-            busy |= self.accept_blocked
+            busy |= self.admission.accept_blocked
                 && !self.stopping
-                && (max == 0 || self.handshaking < max)
-                && self.connect_bucket.ready(Instant::now());
+                && (max == 0 || self.admission.handshaking < max)
+                && self.admission.connect_bucket.ready(Instant::now());
             if busy {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let next_tick = self.started + self.settings.tick * (self.now as u32 + 1);
+            let next_tick = self.clock.instant_of(self.clock.now32() + 1);
             let mut retry = if outbox_waiting {
                 Duration::from_millis(1)
             } else {
@@ -387,7 +324,7 @@ impl Shard {
             tokio::select! {
                 biased;
                 msg = rx.recv() => match msg {
-                    Some(m) => { self.update_clock(); self.handle_msg(m) }
+                    Some(m) => { self.clock.update(); self.handle_msg(m) }
                     None => self.begin_shutdown(),
                 },
                 guard = poll_fd.readable() => {
@@ -397,28 +334,13 @@ impl Shard {
                 _ = tokio::time::sleep(retry) => {}
             }
         }
-        if let Some(store) = self.store.take() {
+        if let Some(store) = self.services.store.take() {
             // Hands over the last changes (sessions detached by the shutdown), waiting
             // for room if need be: the shard serves nobody any more.
             store.close();
         }
         tracing::debug!(shard = self.id, "shard stopped");
         Ok(())
-    }
-
-    fn update_clock(&mut self) {
-        self.now_instant = Instant::now();
-        let elapsed = self.now_instant - self.started;
-        self.now = (elapsed.as_millis() / self.settings.tick.as_millis().max(1)) as u64;
-    }
-
-    fn now32(&self) -> u32 {
-        self.now as u32
-    }
-
-    /// The shard clock in nanoseconds since start (inbound rate limits).
-    fn now_ns(&self) -> u64 {
-        (self.now_instant - self.started).as_nanos() as u64
     }
 
     fn wake_no_later_than(&mut self, at: Instant) {
@@ -428,21 +350,26 @@ impl Shard {
     /// Handles ready sockets; true if more may be waiting.
     fn poll_sockets(&mut self) -> io::Result<bool> {
         self.wake_at = None;
-        let reread = std::mem::take(&mut self.reread);
+        let reread = std::mem::take(&mut self.wire.reread);
         for key in reread {
             self.on_readable(key as usize);
         }
         self.resume_paused();
-        if self.accept_pending || self.accept_blocked {
+        if self.admission.accept_pending || self.admission.accept_blocked {
             self.accept();
         }
-        match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+        match self
+            .wire
+            .poll
+            .poll(&mut self.wire.events, Some(Duration::ZERO))
+        {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
             Err(e) => return Err(e),
         }
-        let n = self.events.iter().count();
+        let n = self.wire.events.iter().count();
         let ready: Vec<(Token, bool, bool)> = self
+            .wire
             .events
             .iter()
             .map(|e| {
@@ -467,195 +394,13 @@ impl Shard {
                 self.on_readable(token.0);
             }
         }
-        Ok(n == EVENTS_PER_TURN || !self.reread.is_empty() || self.accept_pending)
-    }
-
-    /// Accepts from both listeners while the overload limits allow. When they do not,
-    /// the connections stay in the kernel backlog: they cost us no fd and no memory, and
-    /// get in once the bucket refills or handshakes finish (see `[limits]` in
-    /// gateway.toml for why this beats accepting and refusing with "server busy").
-    fn accept(&mut self) {
-        let was_blocked = self.accept_blocked;
-        self.accept_pending = false;
-        self.accept_blocked = false;
-        // Each listener gets its own budget, so a storm on one does not starve the other.
-        for tls in [false, true] {
-            let mut budget = ACCEPTS_PER_TURN;
-            loop {
-                let exists = if tls {
-                    self.tls_listener.is_some()
-                } else {
-                    self.listener.is_some()
-                };
-                if !exists {
-                    break;
-                }
-                if budget == 0 {
-                    self.accept_pending = true;
-                    break;
-                }
-                if !self.may_accept(was_blocked) {
-                    self.accept_blocked = true;
-                    return;
-                }
-                let listener = if tls {
-                    self.tls_listener.as_ref()
-                } else {
-                    self.listener.as_ref()
-                };
-                let Some(listener) = listener else {
-                    break;
-                };
-                match listener.accept() {
-                    Ok((socket, peer)) => {
-                        budget -= 1;
-                        self.on_accept(socket, peer, tls);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        // EMFILE/ENFILE: the pending connection stays in the backlog.
-                        tracing::warn!(shard = self.id, error = %e, "accept failed");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether the connect rate and the handshake cap let one more connection in.
-    fn may_accept(&mut self, was_blocked: bool) -> bool {
-        if self.stopping {
-            return false;
-        }
-        let max = self.settings.max_handshaking;
-        if max > 0 && self.handshaking >= max {
-            if !was_blocked {
-                ShardMetrics::add(&self.metrics.accept_paused_handshaking, 1);
-                tracing::debug!(
-                    shard = self.id,
-                    handshaking = self.handshaking,
-                    "max_handshaking reached, not accepting"
-                );
-            }
-            return false;
-        }
-        if !self.connect_bucket.ready(Instant::now()) {
-            if !was_blocked {
-                ShardMetrics::add(&self.metrics.accept_paused_rate, 1);
-                tracing::debug!(shard = self.id, "max_connect_rate reached, not accepting");
-            }
-            self.wake_no_later_than(Instant::now() + self.connect_bucket.wait());
-            return false;
-        }
-        true
-    }
-
-    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr, tls: bool) {
-        self.connect_bucket.take();
-        let open = self.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
-        if open > self.settings.max_connections {
-            self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.refuse(RefuseReason::MaxConnections);
-            tracing::debug!(shard = self.id, %peer, "refused: max_connections reached");
-            return; // dropping the socket closes it
-        }
-        // Behind a proxy the real address is known only from the header.
-        let proxied = self.settings.proxy_protocol;
-        if !proxied && !self.per_ip.acquire(peer.ip()) {
-            self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.refuse(RefuseReason::PerIp);
-            tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
-            return;
-        }
-        let state = if proxied {
-            ConnState::ProxyHeader
-        } else {
-            ConnState::Handshake
-        };
-        let deadline_ticks = self.settings.connect_timeout_ticks;
-        let Some(key) = self.insert_conn(socket, peer, state, deadline_ticks, self.now32()) else {
-            if !proxied {
-                self.per_ip.release(peer.ip());
-            }
-            return;
-        };
-        if tls {
-            let Some(config) = self.tls_config.clone() else {
-                return;
-            };
-            match rustls::ServerConnection::new(config) {
-                Ok(mut t) => {
-                    t.set_buffer_limit(Some(self.settings.tls_buffer));
-                    let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
-                    bufs.tls = Some(Box::new(t));
-                }
-                Err(e) => {
-                    tracing::warn!(shard = self.id, %peer, error = %e, "cannot start TLS");
-                    self.close_conn(key, DisconnectReason::SocketError, None);
-                }
-            }
-        }
-    }
-
-    /// Registers a socket and puts it in the slab with its one timer armed.
-    fn insert_conn(
-        &mut self,
-        mut socket: TcpStream,
-        peer: SocketAddr,
-        state: ConnState,
-        idle_ticks: u32,
-        accepted_at: u32,
-    ) -> Option<usize> {
-        self.settings.socket.apply(&socket);
-        let now = self.now32();
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        if key >= SESSION_TIMER as usize {
-            self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        if let Err(e) = self.poll.registry().register(
-            &mut socket,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            tracing::warn!(shard = self.id, %peer, error = %e, "cannot register connection");
-            self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        let timer = self
-            .wheel
-            .insert(u64::from(now) + u64::from(idle_ticks) + 1, key as u32);
-        if state != ConnState::Active {
-            self.handshaking += 1;
-        }
-        entry.insert(Conn {
-            socket,
-            peer: Peer::from(peer),
-            session: NO_SESSION,
-            timer,
-            last_seen: now,
-            idle_ticks,
-            stall_since: 0,
-            accepted_at,
-            max_packet: u32::MAX,
-            keep_alive: 0,
-            window: self.settings.max_inflight,
-            version: Version::V311,
-            state,
-            predictor: ReadSizePredictor::new(),
-            dirty: false,
-            congested: false,
-            bufs: None,
-        });
-        Some(key)
+        Ok(n == EVENTS_PER_TURN || !self.wire.reread.is_empty() || self.admission.accept_pending)
     }
 
     /// Drops a connection's buffer box once it holds nothing.
     fn release_idle_bufs(&mut self, key: usize) {
-        let now_ns = self.now_ns();
-        let Some(conn) = self.conns.get_mut(key) else {
+        let now_ns = self.clock.now_ns();
+        let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
         let Some(b) = conn.bufs.as_mut() else {
@@ -664,14 +409,14 @@ impl Shard {
         if b.is_idle(now_ns) {
             if let Some(b) = conn.bufs.take() {
                 let b = *b;
-                self.pool.give(b.inbuf, self.now);
-                self.pool.give(b.out, self.now);
+                self.wire.pool.give(b.inbuf, self.clock.now);
+                self.wire.pool.give(b.out, self.clock.now);
             }
         } else if !b.settling && b.holds_only_debt() {
             // Only rate debt left (every read charges the byte rate): drop the box when
             // the debt has run out, or every connection that spoke once keeps ~110 bytes.
             b.settling = true;
-            self.settling.push(key as u32);
+            self.wire.settling.push(key as u32);
         }
     }
 
@@ -679,14 +424,14 @@ impl Shard {
     /// those still in debt; forgets those that got busy again (they come back here when
     /// they are idle once more).
     fn sweep_settling(&mut self) {
-        if self.settling.is_empty() || self.settled_at == self.now {
+        if self.wire.settling.is_empty() || self.wire.settled_at == self.clock.now {
             return;
         }
-        self.settled_at = self.now;
-        let now_ns = self.now_ns();
-        let mut keys = std::mem::take(&mut self.settling);
+        self.wire.settled_at = self.clock.now;
+        let now_ns = self.clock.now_ns();
+        let mut keys = std::mem::take(&mut self.wire.settling);
         keys.retain(|&key| {
-            let Some(conn) = self.conns.get_mut(key as usize) else {
+            let Some(conn) = self.wire.conns.get_mut(key as usize) else {
                 return false;
             };
             let Some(b) = conn.bufs.as_mut().filter(|b| b.settling) else {
@@ -701,16 +446,16 @@ impl Shard {
             }
             if let Some(b) = conn.bufs.take() {
                 let b = *b;
-                self.pool.give(b.inbuf, self.now);
-                self.pool.give(b.out, self.now);
+                self.wire.pool.give(b.inbuf, self.clock.now);
+                self.wire.pool.give(b.out, self.clock.now);
             }
             false
         });
-        self.settling = keys;
+        self.wire.settling = keys;
     }
 
     fn client_id_of(&self, key: usize) -> Arc<str> {
-        match self.conns.get(key).map(|c| c.session) {
+        match self.wire.conns.get(key).map(|c| c.session) {
             Some(s) if s != NO_SESSION => self.sessions[s as usize].client_id.clone(),
             _ => Arc::from(""),
         }
@@ -718,35 +463,37 @@ impl Shard {
 
     /// Appends encoded output for a connection; it is written at the end of the turn.
     fn output(&mut self, key: usize, reserve: usize, encode: impl FnOnce(&mut Vec<u8>)) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
         let bufs = conn.bufs.get_or_insert_with(Default::default);
         if bufs.out.capacity() == 0 {
-            bufs.out = self.pool.take(reserve);
+            bufs.out = self.wire.pool.take(reserve);
         } else {
-            self.pool.reserve(&mut bufs.out, reserve, self.now);
+            self.wire
+                .pool
+                .reserve(&mut bufs.out, reserve, self.clock.now);
         }
         encode(&mut bufs.out);
         if !conn.dirty {
             conn.dirty = true;
-            self.dirty.push(key as u32);
+            self.wire.dirty.push(key as u32);
         }
     }
 
     fn mark_dirty(&mut self, key: usize) {
-        if let Some(conn) = self.conns.get_mut(key) {
+        if let Some(conn) = self.wire.conns.get_mut(key) {
             if !conn.dirty && conn.outbound_len() > 0 {
                 conn.dirty = true;
-                self.dirty.push(key as u32);
+                self.wire.dirty.push(key as u32);
             }
         }
     }
 
     fn flush_dirty(&mut self) {
         // Flushing can refill windows and dirty connections again; the windows bound it.
-        while let Some(key) = self.dirty.pop() {
-            if let Some(c) = self.conns.get_mut(key as usize) {
+        while let Some(key) = self.wire.dirty.pop() {
+            if let Some(c) = self.wire.conns.get_mut(key as usize) {
                 c.dirty = false;
                 self.flush_conn(key as usize);
             }
@@ -756,8 +503,8 @@ impl Shard {
     /// Writes what the socket takes. A socket that stops taking bytes starts the
     /// write-stall clock; draining below the low watermark refills the in-flight window.
     fn flush_conn(&mut self, key: usize) {
-        let now = self.now32();
-        let Some(conn) = self.conns.get_mut(key) else {
+        let now = self.clock.now32();
+        let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
         let Some(bufs) = conn.bufs.as_mut() else {
@@ -785,7 +532,7 @@ impl Shard {
                         failed = true;
                         break;
                     }
-                    Ok(n) => ShardMetrics::add(&self.metrics.bytes_sent, n as u64),
+                    Ok(n) => ShardMetrics::add(&self.services.metrics.bytes_sent, n as u64),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
@@ -803,7 +550,7 @@ impl Shard {
                 }
                 Ok(n) => {
                     bufs.out_pos += n;
-                    ShardMetrics::add(&self.metrics.bytes_sent, n as u64);
+                    ShardMetrics::add(&self.services.metrics.bytes_sent, n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -822,13 +569,13 @@ impl Shard {
         if pending_before > self.settings.low_watermark && pending <= self.settings.low_watermark {
             // Reading may have stopped at the high watermark (`on_readable`); with
             // edge-triggered readiness no new event comes for bytes already waiting.
-            self.reread.push(key as u32);
+            self.wire.reread.push(key as u32);
         }
         if pending == 0 {
             bufs.out.clear();
             bufs.out_pos = 0;
             let out = std::mem::take(&mut bufs.out);
-            self.pool.give(out, self.now);
+            self.wire.pool.give(out, self.clock.now);
             conn.stall_since = 0;
         } else {
             // Keep the unsent tail at the front so the buffer does not creep.
@@ -850,11 +597,12 @@ impl Shard {
                     u64::from(now) + u64::from(self.settings.write_stall_ticks) + 1;
                 let timer = conn.timer;
                 if self
+                    .timers
                     .wheel
                     .deadline(timer)
                     .is_some_and(|d| d > stall_deadline)
                 {
-                    self.wheel.reset(timer, stall_deadline);
+                    self.timers.wheel.reset(timer, stall_deadline);
                 }
             }
         }
@@ -868,96 +616,17 @@ impl Shard {
         }
     }
 
-    /// The deadline of a connection's single timer.
-    fn conn_deadline(&self, c: &Conn) -> u64 {
-        let idle = u64::from(c.last_seen) + u64::from(c.idle_ticks) + 1;
-        if c.stall_since != 0 {
-            let stall =
-                u64::from(c.stall_since - 1) + u64::from(self.settings.write_stall_ticks) + 1;
-            idle.min(stall)
-        } else {
-            idle
-        }
-    }
-
-    /// Fires due timers in batches of `expiry_batch`; true if more are due.
-    fn run_timers(&mut self) -> bool {
-        let mut fired = std::mem::take(&mut self.fired);
-        fired.clear();
-        let more = self
-            .wheel
-            .advance(self.now, self.settings.expiry_batch, &mut fired);
-        for &(id, payload) in &fired {
-            if payload & SESSION_TIMER != 0 {
-                self.on_session_timer((payload & !SESSION_TIMER) as usize, id);
-            } else {
-                self.on_conn_timer(payload as usize, id);
-            }
-        }
-        self.fired = fired;
-        if !more {
-            self.pool.shrink(self.now);
-        }
-        self.timers_pending = more;
-        more
-    }
-
-    /// Lazy re-arm: traffic only moved `last_seen`; act only if the deadline really passed.
-    fn on_conn_timer(&mut self, key: usize, id: TimerId) {
-        let Some(conn) = self.conns.get(key) else {
-            return;
-        };
-        if conn.timer != id {
-            return;
-        }
-        let deadline = self.conn_deadline(conn);
-        if deadline > self.now {
-            let timer = self.wheel.insert(deadline, key as u32);
-            self.conns[key].timer = timer;
-            // Forget inbound rate debt that has run out (an idle connection keeps no box).
-            self.release_idle_bufs(key);
-            return;
-        }
-        let stalled = conn.stall_since != 0
-            && u64::from(conn.stall_since - 1) + u64::from(self.settings.write_stall_ticks)
-                < self.now;
-        let handshake = conn.state != ConnState::Active;
-        if !stalled && !handshake && self.paused.contains(&(key as u32)) {
-            // We stopped reading it (inbound rate, backpressure): its PINGREQs wait in
-            // our buffer or the kernel, so silence is ours, not the client's.
-            let now = self.now32();
-            self.conns[key].last_seen = now;
-            let deadline = self.conn_deadline(&self.conns[key]);
-            let timer = self.wheel.insert(deadline, key as u32);
-            self.conns[key].timer = timer;
-            return;
-        }
-        // The fired timer is gone from the wheel; make sure close does not cancel a reused id.
-        self.conns[key].timer = TimerId::default();
-        if stalled {
-            self.close_conn(key, DisconnectReason::WriteStall, None);
-        } else if handshake {
-            self.close_conn(key, DisconnectReason::ConnectTimeout, None);
-        } else {
-            self.close_conn(
-                key,
-                DisconnectReason::Keepalive,
-                Some(codec::reason::KEEP_ALIVE_TIMEOUT),
-            );
-        }
-    }
-
     /// The one exit of every connection: removes it from the slab and the poll, cancels its
     /// timer, returns its buffers, detaches its session (will, expiry) and counts why.
     fn close_conn(&mut self, key: usize, reason: DisconnectReason, v5_reason: Option<u8>) {
-        let Some(mut conn) = self.conns.try_remove(key) else {
+        let Some(mut conn) = self.wire.conns.try_remove(key) else {
             return;
         };
         if conn.congested {
             self.uncount_congested();
         }
         if conn.state == ConnState::Authenticating {
-            self.auth_pending.remove(&key);
+            self.admission.auth_pending.remove(&key);
         }
         if let (Some(code), Version::V5, ConnState::Active) = (v5_reason, conn.version, conn.state)
         {
@@ -972,7 +641,7 @@ impl Shard {
                 None => conn.socket.write(&out).is_ok(),
             };
             if written {
-                self.metrics.packet_out(packet::DISCONNECT);
+                self.services.metrics.packet_out(packet::DISCONNECT);
             }
         }
         if let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
@@ -981,25 +650,28 @@ impl Shard {
             let _ = tls.write_tls(&mut conn.socket);
         }
         if conn.state != ConnState::Active {
-            self.handshaking = self.handshaking.saturating_sub(1);
+            self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
         }
-        self.paused.remove(&(key as u32));
+        self.wire.paused.remove(&(key as u32));
         if conn.state != ConnState::ProxyHeader {
-            self.per_ip.release(conn.peer.addr().ip());
+            self.services.per_ip.release(conn.peer.addr().ip());
         }
-        let _ = self.poll.registry().deregister(&mut conn.socket);
-        self.wheel.cancel(conn.timer);
+        let _ = self.wire.poll.registry().deregister(&mut conn.socket);
+        self.timers.wheel.cancel(conn.timer);
         if let Some(b) = conn.bufs.take() {
             let b = *b;
-            self.pool.give(b.inbuf, self.now);
-            self.pool.give(b.out, self.now);
-            self.pool.give(b.held, self.now);
+            self.wire.pool.give(b.inbuf, self.clock.now);
+            self.wire.pool.give(b.out, self.clock.now);
+            self.wire.pool.give(b.held, self.clock.now);
         }
-        self.open_connections.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.disconnect(reason);
-        let accepted = self.started + self.settings.tick * conn.accepted_at;
-        self.metrics.observe_connection_age(
-            self.now_instant
+        self.services
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.services.metrics.disconnect(reason);
+        let accepted = self.clock.instant_of(conn.accepted_at);
+        self.services.metrics.observe_connection_age(
+            self.clock
+                .now_instant
                 .saturating_duration_since(accepted)
                 .as_secs_f64(),
         );
@@ -1047,56 +719,18 @@ impl Shard {
         }
     }
 
-    /// Takes over a connection whose CONNECT another shard read.
-    fn adopt(&mut self, h: Handoff) {
-        if self.stopping {
-            self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            self.per_ip.release(h.peer.ip());
-            return;
-        }
-        let elapsed = self.now_instant.saturating_duration_since(h.accepted_at);
-        let accepted_at = self
-            .now32()
-            .saturating_sub(self.settings.ticks(elapsed.as_secs_f64()));
-        // The connect timeout runs from the accept on the other shard, not from now.
-        let idle = self
-            .settings
-            .connect_timeout_ticks
-            .saturating_sub(self.now32() - accepted_at);
-        let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
-        else {
-            self.per_ip.release(h.peer.ip());
-            return;
-        };
-        let tls = h.tls.is_some();
-        if tls {
-            self.conns[key]
-                .bufs
-                .get_or_insert_with(Default::default)
-                .tls = h.tls;
-        }
-        let mut alive = self.on_connect(key, h.connect, false, &h.rest);
-        if alive && !h.rest.is_empty() {
-            alive = self.ingest_bytes(key, &h.rest);
-        }
-        if alive && tls {
-            // Plaintext rustls decrypted after the CONNECT is still inside it.
-            self.tls_process(key);
-        }
-    }
-
     fn begin_shutdown(&mut self) {
         if self.stopping {
             return;
         }
         self.stopping = true;
-        for mut l in [self.listener.take(), self.tls_listener.take()]
+        for mut l in [self.wire.listener.take(), self.wire.tls_listener.take()]
             .into_iter()
             .flatten()
         {
-            let _ = self.poll.registry().deregister(&mut l);
+            let _ = self.wire.poll.registry().deregister(&mut l);
         }
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self.wire.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.close_conn(
                 key,
@@ -1109,27 +743,30 @@ impl Shard {
     /// Sends each other shard its batch of messages; true if some must be retried.
     fn flush_outbox(&mut self) -> bool {
         let mut waiting = self.flush_ctl();
-        self.outbox_blocked = false;
-        for shard in 0..self.outbox.len() {
-            if self.outbox[shard].is_empty() {
+        self.routing.outbox_blocked = false;
+        for shard in 0..self.routing.outbox.len() {
+            if self.routing.outbox[shard].is_empty() {
                 continue;
             }
-            let batch = std::mem::take(&mut self.outbox[shard]);
-            if let Err(ShardMsg::Publish(batch)) =
-                self.mailboxes.try_send(shard, ShardMsg::Publish(batch))
+            let batch = std::mem::take(&mut self.routing.outbox[shard]);
+            if let Err(ShardMsg::Publish(batch)) = self
+                .services
+                .mailboxes
+                .try_send(shard, ShardMsg::Publish(batch))
             {
                 // Keep it for the next turn, but never more than a mailbox's worth
                 // (with backpressure no PUBLISH is read meanwhile, so it stops growing).
                 let cap = self.settings.mailbox_capacity;
                 let mut batch = batch;
-                self.outbox_blocked = true;
+                self.routing.outbox_blocked = true;
                 if batch.len() > cap && !self.settings.backpressure {
                     let excess = batch.len() - cap;
                     batch.drain(..excess);
-                    self.metrics
+                    self.services
+                        .metrics
                         .drop_msg(crate::metrics::DropReason::MailboxFull, excess as u64);
                 }
-                self.outbox[shard] = batch;
+                self.routing.outbox[shard] = batch;
                 waiting = true;
             }
         }
@@ -1137,14 +774,14 @@ impl Shard {
     }
 
     fn publish_gauges(&mut self) {
-        let m = &self.metrics;
-        ShardMetrics::set(&m.connections, self.conns.len() as u64);
+        let m = &self.services.metrics;
+        ShardMetrics::set(&m.connections, self.wire.conns.len() as u64);
         ShardMetrics::set(&m.sessions, self.sessions.len() as u64);
-        ShardMetrics::set(&m.subscriptions, self.subs_total);
-        ShardMetrics::set(&m.queued_messages, self.queued_total);
-        ShardMetrics::set(&m.wheel_entries, self.wheel.len() as u64);
+        ShardMetrics::set(&m.subscriptions, self.routing.subs_total);
+        ShardMetrics::set(&m.queued_messages, self.sessions.queued_total);
+        ShardMetrics::set(&m.wheel_entries, self.timers.wheel.len() as u64);
         ShardMetrics::set(&m.congested_connections, u64::from(self.congested));
-        let p = self.pool.stats();
+        let p = self.wire.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
         ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);
         ShardMetrics::set(&m.pool_hits, p.hits);

@@ -35,12 +35,12 @@ impl Shard {
                 return;
             }
         }
-        self.reread.push(key as u32);
+        self.wire.reread.push(key as u32);
     }
 
     /// What the gate needs to know before reading connection `key` (`None`: it is gone).
     fn read_facts(&self, key: usize) -> Option<Facts> {
-        let conn = self.conns.get(key)?;
+        let conn = self.wire.conns.get(key)?;
         let active = conn.state == ConnState::Active;
         let bufs = conn.bufs.as_ref().filter(|_| active);
         let backpressured = self.backpressured();
@@ -49,7 +49,9 @@ impl Shard {
             active,
             outbound: conn.outbound_len(),
             high_watermark: self.settings.high_watermark,
-            over_ns: bufs.map_or(0, |b| self.settings.inbound.over_by(&b.rate, self.now_ns())),
+            over_ns: bufs.map_or(0, |b| {
+                self.settings.inbound.over_by(&b.rate, self.clock.now_ns())
+            }),
             holding: bufs.is_some_and(|b| !b.held.is_empty()),
             backpressured,
             publish: backpressured && self.holds_publish(key),
@@ -59,17 +61,17 @@ impl Shard {
     /// One read through the connection's transport, and the bytes on to the framer.
     /// True to read again; false when the socket has nothing more or the connection is gone.
     fn read_once(&mut self, key: usize) -> bool {
-        let now_ns = self.now_ns();
-        let conn = &mut self.conns[key];
+        let now_ns = self.clock.now_ns();
+        let conn = &mut self.wire.conns[key];
         let state = conn.state;
-        let (via, result) = transport::read(conn, &mut self.scratch);
+        let (via, result) = transport::read(conn, &mut self.wire.scratch);
         match result {
             Ok(0) => {
                 self.close_conn(key, DisconnectReason::CloseWait, None);
                 false
             }
             Ok(n) => {
-                ShardMetrics::add(&self.metrics.bytes_received, n as u64);
+                ShardMetrics::add(&self.services.metrics.bytes_received, n as u64);
                 if state == ConnState::Active {
                     if let Some(g) = self.settings.inbound.bytes {
                         let b = conn.bufs.get_or_insert_with(Default::default);
@@ -95,22 +97,22 @@ impl Shard {
     /// Stops reading a connection over its inbound rate: its bytes wait in the kernel
     /// and then in the client (TCP backpressure) until `resume_paused` reads it again.
     fn pause_reads(&mut self, key: usize, over_ns: u64) {
-        if self.paused.insert(key as u32) {
-            ShardMetrics::add(&self.metrics.rate_limit_pauses, 1);
+        if self.wire.paused.insert(key as u32) {
+            ShardMetrics::add(&self.services.metrics.rate_limit_pauses, 1);
             tracing::debug!(shard = self.id, client_id = %self.client_id_of(key), pause_ms = over_ns / 1_000_000, "inbound rate exceeded, pausing reads");
         }
-        self.wake_no_later_than(self.now_instant + Duration::from_nanos(over_ns));
+        self.wake_no_later_than(self.clock.now_instant + Duration::from_nanos(over_ns));
     }
 
     /// Reads again the paused connections the gate lets go.
     pub(super) fn resume_paused(&mut self) {
-        if self.paused.is_empty() {
+        if self.wire.paused.is_empty() {
             return;
         }
-        let now_ns = self.now_ns();
-        let keys: Vec<u32> = self.paused.drain().collect();
+        let now_ns = self.clock.now_ns();
+        let keys: Vec<u32> = self.wire.paused.drain().collect();
         for key in keys {
-            let Some(conn) = self.conns.get(key as usize) else {
+            let Some(conn) = self.wire.conns.get(key as usize) else {
                 continue;
             };
             let facts = Facts {
@@ -124,12 +126,12 @@ impl Shard {
             };
             match gate::on_recheck(&facts) {
                 Verdict::Pause(over) => {
-                    self.paused.insert(key);
-                    self.wake_no_later_than(self.now_instant + Duration::from_nanos(over));
+                    self.wire.paused.insert(key);
+                    self.wake_no_later_than(self.clock.now_instant + Duration::from_nanos(over));
                 }
                 Verdict::Hold => {
-                    self.paused.insert(key);
-                    self.wake_no_later_than(self.now_instant + backpressure::RECHECK);
+                    self.wire.paused.insert(key);
+                    self.wake_no_later_than(self.clock.now_instant + backpressure::RECHECK);
                 }
                 Verdict::Go | Verdict::Wait => self.resume(key as usize),
             }
@@ -139,19 +141,19 @@ impl Shard {
     /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
     /// reads it again, unless that puts it over its rate once more.
     fn resume(&mut self, key: usize) {
-        if self.conns[key].state != ConnState::Active {
+        if self.wire.conns[key].state != ConnState::Active {
             // A key freed and reused since it was paused: not the paused connection.
             return;
         }
         let held = self.take_held(key);
         if !held.is_empty() {
             let alive = self.ingest_bytes(key, &held);
-            self.pool.give(held, self.now);
+            self.wire.pool.give(held, self.clock.now);
             if !alive || self.is_holding(key) {
                 return;
             }
         }
-        if self.conns[key].is_tls() && (!self.tls_process(key) || self.is_holding(key)) {
+        if self.wire.conns[key].is_tls() && (!self.tls_process(key) || self.is_holding(key)) {
             return;
         }
         self.on_readable(key);
@@ -160,9 +162,9 @@ impl Shard {
     /// Frames the `n` bytes just read into the scratch buffer. False when the connection
     /// is gone (closed or handed to another shard).
     fn ingest(&mut self, key: usize, n: usize) -> bool {
-        let scratch = std::mem::take(&mut self.scratch);
+        let scratch = std::mem::take(&mut self.wire.scratch);
         let alive = self.ingest_bytes(key, &scratch[..n]);
-        self.scratch = scratch;
+        self.wire.scratch = scratch;
         alive
     }
 
@@ -173,12 +175,14 @@ impl Shard {
         if limited && self.is_holding(key) {
             // Paused with frames held: these bytes queue behind them, in order.
             let mut held = self.take_held(key);
-            self.pool.reserve(&mut held, data.len(), self.now);
+            self.wire
+                .pool
+                .reserve(&mut held, data.len(), self.clock.now);
             held.extend_from_slice(data);
             self.put_held(key, held);
             return true;
         }
-        let has_partial = self.conns[key]
+        let has_partial = self.wire.conns[key]
             .bufs
             .as_ref()
             .is_some_and(|b| !b.inbuf.is_empty());
@@ -196,18 +200,20 @@ impl Shard {
     /// Completes the partial frame held from an earlier read and handles it. `Ok` with
     /// the bytes after it; `Err(alive)` when there is nothing more to do.
     fn complete_partial<'a>(&mut self, key: usize, data: &'a [u8]) -> Result<&'a [u8], bool> {
-        let mut inbuf = match self.conns[key].bufs.as_mut() {
+        let mut inbuf = match self.wire.conns[key].bufs.as_mut() {
             Some(b) => std::mem::take(&mut b.inbuf),
             None => Vec::new(),
         };
         let fill = match framer::fill(&inbuf, data, self.settings.max_packet_size) {
             Ok(f) => f,
             Err(e) => {
-                self.pool.give(inbuf, self.now);
+                self.wire.pool.give(inbuf, self.clock.now);
                 return Err(self.protocol_error(key, &e));
             }
         };
-        self.pool.reserve(&mut inbuf, fill.take, self.now);
+        self.wire
+            .pool
+            .reserve(&mut inbuf, fill.take, self.clock.now);
         let (taken, rest) = data.split_at(fill.take);
         inbuf.extend_from_slice(taken);
         if !fill.complete {
@@ -215,7 +221,7 @@ impl Shard {
             return Err(true);
         }
         let alive = self.dispatch(key, &inbuf, rest);
-        self.pool.give(inbuf, self.now);
+        self.wire.pool.give(inbuf, self.clock.now);
         if alive {
             Ok(rest)
         } else {
@@ -242,6 +248,7 @@ impl Shard {
                 Ok(Split::Partial { want }) => {
                     // Sized for the whole frame when its length is known.
                     let mut inbuf = self
+                        .wire
                         .pool
                         .take(want.min(crate::buffer::MAX_CLASS).max(data.len()));
                     inbuf.extend_from_slice(data);
@@ -258,7 +265,7 @@ impl Shard {
     /// no more, and says no.
     fn frame_may_pass(&mut self, key: usize, data: &[u8]) -> bool {
         let facts = Facts {
-            active: self.conns[key].state == ConnState::Active,
+            active: self.wire.conns[key].state == ConnState::Active,
             over_ns: self.over_by(key),
             publish: type_of(data[0]) == packet::PUBLISH,
             backpressured: self.backpressured(),
@@ -268,7 +275,7 @@ impl Shard {
         if verdict == Verdict::Go {
             return true;
         }
-        let mut held = self.pool.take(data.len());
+        let mut held = self.wire.pool.take(data.len());
         held.extend_from_slice(data);
         self.put_held(key, held);
         match verdict {
@@ -282,8 +289,8 @@ impl Shard {
     /// inbound message rate (the debt pauses reads; the frame itself is never dropped).
     fn dispatch(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
         if let Some(g) = self.settings.inbound.msgs {
-            let now_ns = self.now_ns();
-            let conn = &mut self.conns[key];
+            let now_ns = self.clock.now_ns();
+            let conn = &mut self.wire.conns[key];
             if type_of(frame[0]) == packet::PUBLISH && conn.state == ConnState::Active {
                 let b = conn.bufs.get_or_insert_with(Default::default);
                 g.charge(&mut b.rate.msgs, now_ns, 1);
@@ -294,33 +301,35 @@ impl Shard {
 
     /// Nanoseconds until the connection is back under its inbound rate (0 = it is).
     fn over_by(&self, key: usize) -> u64 {
-        self.conns[key]
-            .bufs
-            .as_ref()
-            .map_or(0, |b| self.settings.inbound.over_by(&b.rate, self.now_ns()))
+        self.wire.conns[key].bufs.as_ref().map_or(0, |b| {
+            self.settings.inbound.over_by(&b.rate, self.clock.now_ns())
+        })
     }
 
     pub(super) fn is_holding(&self, key: usize) -> bool {
-        self.conns
+        self.wire
+            .conns
             .get(key)
             .and_then(|c| c.bufs.as_ref())
             .is_some_and(|b| !b.held.is_empty())
     }
 
     fn take_held(&mut self, key: usize) -> Vec<u8> {
-        match self.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
+        match self.wire.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
             Some(b) => std::mem::take(&mut b.held),
             None => Vec::new(),
         }
     }
 
     fn put_held(&mut self, key: usize, held: Vec<u8>) {
-        let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
+        let bufs = self.wire.conns[key]
+            .bufs
+            .get_or_insert_with(Default::default);
         bufs.held = held;
     }
 
     pub(super) fn put_inbuf(&mut self, key: usize, inbuf: Vec<u8>) {
-        let conn = &mut self.conns[key];
+        let conn = &mut self.wire.conns[key];
         let bufs = conn.bufs.get_or_insert_with(Default::default);
         bufs.inbuf = inbuf;
         self.release_idle_bufs(key);
@@ -328,7 +337,7 @@ impl Shard {
 
     /// Closes a connection for a protocol error, telling an MQTT 5 client why.
     pub(super) fn protocol_error(&mut self, key: usize, e: &codec::ProtocolError) -> bool {
-        let conn = &self.conns[key];
+        let conn = &self.wire.conns[key];
         let client = self.client_id_of(key);
         tracing::info!(shard = self.id, client_id = %client, peer = %conn.peer, error = %e, "protocol error, closing");
         let reason = (conn.state == ConnState::Active).then(|| e.reason_code());

@@ -69,7 +69,7 @@ impl Shard {
     /// Runs rustls over the ciphertext it holds, queues its handshake output, and feeds
     /// the plaintext to the framer. False when the connection is gone.
     pub(super) fn tls_process(&mut self, key: usize) -> bool {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(conn) = self.wire.conns.get_mut(key) else {
             return false;
         };
         let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) else {
@@ -78,14 +78,14 @@ impl Shard {
         if let Err(e) = tls.process_new_packets() {
             // rustls has queued an alert for the peer; one best-effort write of it.
             let _ = tls.write_tls(&mut conn.socket);
-            ShardMetrics::add(&self.metrics.tls_failures, 1);
+            ShardMetrics::add(&self.services.metrics.tls_failures, 1);
             tracing::info!(shard = self.id, peer = %conn.peer, error = %e, "TLS failed, closing");
             self.close_conn(key, DisconnectReason::ProtocolError, None);
             return false;
         }
-        let mut plain = std::mem::take(&mut self.plain);
+        let mut plain = std::mem::take(&mut self.wire.plain);
         let alive = self.tls_drain(key, &mut plain);
-        self.plain = plain;
+        self.wire.plain = plain;
         if alive {
             self.mark_dirty(key);
         }
@@ -96,7 +96,7 @@ impl Shard {
     /// until it has none or the connection pauses. False when the connection is gone.
     fn tls_drain(&mut self, key: usize, plain: &mut [u8]) -> bool {
         loop {
-            let Some(tls) = tls_of(&mut self.conns, key) else {
+            let Some(tls) = tls_of(&mut self.wire.conns, key) else {
                 return false;
             };
             match tls.reader().read(plain) {
@@ -127,11 +127,11 @@ impl Shard {
     /// Feeds ciphertext that arrived outside rustls (after a PROXY header) to it.
     fn tls_feed(&mut self, key: usize, mut data: &[u8]) -> bool {
         while !data.is_empty() {
-            let Some(tls) = tls_of(&mut self.conns, key) else {
+            let Some(tls) = tls_of(&mut self.wire.conns, key) else {
                 return false;
             };
             if let Err(e) = tls.read_tls(&mut data) {
-                ShardMetrics::add(&self.metrics.tls_failures, 1);
+                ShardMetrics::add(&self.services.metrics.tls_failures, 1);
                 tracing::info!(shard = self.id, error = %e, "TLS failed, closing");
                 self.close_conn(key, DisconnectReason::ProtocolError, None);
                 return false;
@@ -147,12 +147,12 @@ impl Shard {
     /// expected. The header may arrive over several reads; it is bounded by
     /// `proxy_header_max_bytes`. False when the connection is gone.
     pub(super) fn ingest_proxy(&mut self, key: usize, n: usize) -> bool {
-        let mut buf = match self.conns[key].bufs.as_mut() {
+        let mut buf = match self.wire.conns[key].bufs.as_mut() {
             Some(b) if !b.inbuf.is_empty() => std::mem::take(&mut b.inbuf),
-            _ => self.pool.take(n.min(self.settings.proxy_header_max)),
+            _ => self.wire.pool.take(n.min(self.settings.proxy_header_max)),
         };
-        self.pool.reserve(&mut buf, n, self.now);
-        buf.extend_from_slice(&self.scratch[..n]);
+        self.wire.pool.reserve(&mut buf, n, self.clock.now);
+        buf.extend_from_slice(&self.wire.scratch[..n]);
         let (header, len) = match proxy::parse(&buf, self.settings.proxy_header_max) {
             Ok(Some(h)) => h,
             Ok(None) => {
@@ -160,28 +160,28 @@ impl Shard {
                 return true;
             }
             Err(e) => {
-                self.pool.give(buf, self.now);
-                ShardMetrics::add(&self.metrics.proxy_header_errors, 1);
-                tracing::info!(shard = self.id, peer = %self.conns[key].peer, error = %e, "bad PROXY header, closing");
+                self.wire.pool.give(buf, self.clock.now);
+                ShardMetrics::add(&self.services.metrics.proxy_header_errors, 1);
+                tracing::info!(shard = self.id, peer = %self.wire.conns[key].peer, error = %e, "bad PROXY header, closing");
                 self.close_conn(key, DisconnectReason::ProtocolError, None);
                 return false;
             }
         };
         let alive = self.proxy_accepted(key, header, &buf[len..]);
-        self.pool.give(buf, self.now);
+        self.wire.pool.give(buf, self.clock.now);
         alive
     }
 
     /// The PROXY header is read: the connection takes the real peer address (counted per
     /// IP now) and `rest`, the bytes after the header, go on through its transport.
     fn proxy_accepted(&mut self, key: usize, header: ProxyHeader, rest: &[u8]) -> bool {
-        let conn = &mut self.conns[key];
+        let conn = &mut self.wire.conns[key];
         let peer = match header {
             ProxyHeader::Proxied(a) => a,
             ProxyHeader::Local => conn.peer.addr(),
         };
-        if !self.per_ip.acquire(peer.ip()) {
-            self.metrics.refuse(RefuseReason::PerIp);
+        if !self.services.per_ip.acquire(peer.ip()) {
+            self.services.metrics.refuse(RefuseReason::PerIp);
             tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
             // Still in ProxyHeader state: close_conn releases no per-IP count.
             self.close_conn(key, DisconnectReason::Refused, None);

@@ -20,7 +20,7 @@ impl Shard {
     }
 
     pub(in crate::shard) fn on_pubrec(&mut self, key: usize, skey: usize, pkid: u16, code: u8) {
-        let v = self.conns[key].version;
+        let v = self.wire.conns[key].version;
         let found = if code >= 0x80 {
             // The receiver refused it; the exchange ends here (MQTT 5 4.3.3).
             if let Some(f) = self.sessions[skey].complete(pkid, Ack::PubRec) {
@@ -37,7 +37,7 @@ impl Shard {
                 reason::PACKET_ID_NOT_FOUND
             };
             self.output(key, 16, |out| codec::encode_pubrel(out, v, pkid, rc));
-            self.metrics.packet_out(packet::PUBREL);
+            self.services.metrics.packet_out(packet::PUBREL);
         } else {
             self.refill(skey);
         }

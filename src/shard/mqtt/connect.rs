@@ -1,14 +1,12 @@
 //! CONNECT: where it goes (the client id's home shard), its authentication off the
 //! shard, and its acceptance under the negotiated terms (`negotiate.rs`).
 
-use std::sync::Arc;
-
 use crate::acl::{ConnAcl, Who};
 use crate::auth::{Request, Verdict};
 use crate::codec::{self, reason, ConnAckProps, Connect, Version, Will};
 use crate::mailbox::{home_shard, AuthDone, Handoff, ShardMsg};
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
-use crate::session::{Attach, Session, NO_CONN};
+use crate::session::{Attach, NO_CONN};
 
 use crate::shard::negotiate::{negotiate, Terms};
 use crate::shard::{packet, ConnState, Shard};
@@ -36,12 +34,12 @@ impl Shard {
         rest: &[u8],
     ) -> bool {
         // Identity from the verified client certificate comes first: it decides the home.
-        if self.settings.use_cn_as_client_id && self.conns[key].is_tls() {
+        if self.settings.use_cn_as_client_id && self.wire.conns[key].is_tls() {
             match self.peer_cn(key) {
                 Some(cn) => connect.client_id = cn,
                 None if self.settings.require_client_cert => {
-                    self.conns[key].version = connect.version;
-                    tracing::info!(shard = self.id, peer = %self.conns[key].peer, "client certificate has no CN, refused");
+                    self.wire.conns[key].version = connect.version;
+                    tracing::info!(shard = self.id, peer = %self.wire.conns[key].peer, "client certificate has no CN, refused");
                     return self.refuse(
                         key,
                         V3_IDENTIFIER_REJECTED,
@@ -56,7 +54,7 @@ impl Shard {
         if connect.client_id.is_empty() {
             if connect.version != Version::V5 && !connect.clean_start {
                 // 3.1.1 [MQTT-3.1.3-8]: an empty id needs clean session.
-                self.conns[key].version = connect.version;
+                self.wire.conns[key].version = connect.version;
                 return self.refuse(
                     key,
                     V3_IDENTIFIER_REJECTED,
@@ -67,24 +65,27 @@ impl Shard {
             connect.client_id = self.assign_client_id();
             assigned = true;
         }
-        let home = home_shard(&connect.client_id, self.mailboxes.len());
+        let home = home_shard(&connect.client_id, self.services.mailboxes.len());
         if home == self.id {
             return self.on_connect(key, connect, assigned, rest);
         }
-        let mut conn = self.conns.remove(key);
+        let mut conn = self.wire.conns.remove(key);
         // Stop counting it here before the home shard can count it.
-        ShardMetrics::set(&self.metrics.connections, self.conns.len() as u64);
-        self.handshaking = self.handshaking.saturating_sub(1);
-        let _ = self.poll.registry().deregister(&mut conn.socket);
-        self.wheel.cancel(conn.timer);
+        ShardMetrics::set(
+            &self.services.metrics.connections,
+            self.wire.conns.len() as u64,
+        );
+        self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
+        let _ = self.wire.poll.registry().deregister(&mut conn.socket);
+        self.timers.wheel.cancel(conn.timer);
         let mut tls = None;
         if let Some(b) = conn.bufs.take() {
             let b = *b;
-            self.pool.give(b.inbuf, self.now);
-            self.pool.give(b.out, self.now);
+            self.wire.pool.give(b.inbuf, self.clock.now);
+            self.wire.pool.give(b.out, self.clock.now);
             tls = b.tls;
         }
-        let accepted_at = self.started + self.settings.tick * conn.accepted_at;
+        let accepted_at = self.clock.instant_of(conn.accepted_at);
         let version = connect.version;
         let handoff = Handoff {
             socket: conn.socket,
@@ -95,6 +96,7 @@ impl Shard {
             tls,
         };
         if let Err(ShardMsg::Handoff(h)) = self
+            .services
             .mailboxes
             .try_send(home, ShardMsg::Handoff(Box::new(handoff)))
         {
@@ -117,11 +119,12 @@ impl Shard {
                     let _ = std::io::Write::write(&mut &h.socket, &out);
                 }
             }
-            self.per_ip.release(h.peer.ip());
-            self.open_connections
+            self.services.per_ip.release(h.peer.ip());
+            self.services
+                .open_connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            self.metrics.refuse(RefuseReason::Busy);
-            self.metrics.disconnect(DisconnectReason::Refused);
+            self.services.metrics.refuse(RefuseReason::Busy);
+            self.services.metrics.disconnect(DisconnectReason::Refused);
             tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
         }
         false
@@ -129,7 +132,7 @@ impl Shard {
 
     /// The subject CN of the client certificate rustls verified on this connection.
     pub(in crate::shard) fn peer_cn(&self, key: usize) -> Option<String> {
-        let tls = self.conns[key].bufs.as_ref()?.tls.as_ref()?;
+        let tls = self.wire.conns[key].bufs.as_ref()?.tls.as_ref()?;
         let cert = tls.peer_certificates()?.first()?;
         crate::tls::subject_cn(cert)
     }
@@ -137,15 +140,15 @@ impl Shard {
     /// A client id that homes on this shard, for a client that sent an empty one.
     pub(in crate::shard) fn assign_client_id(&mut self) -> String {
         loop {
-            self.next_auto_id += 1;
-            let salt = self.started.elapsed().as_nanos() as u64;
+            self.admission.next_auto_id += 1;
+            let salt = self.clock.started.elapsed().as_nanos() as u64;
             let id = format!(
                 "auto-{:x}-{:x}-{:x}",
                 self.id,
-                self.next_auto_id,
+                self.admission.next_auto_id,
                 salt & 0xffff_ffff
             );
-            if home_shard(&id, self.mailboxes.len()) == self.id {
+            if home_shard(&id, self.services.mailboxes.len()) == self.id {
                 return id;
             }
         }
@@ -159,13 +162,13 @@ impl Shard {
         v5_code: u8,
         why: RefuseReason,
     ) -> bool {
-        let v = self.conns[key].version;
+        let v = self.wire.conns[key].version;
         let code = if v == Version::V5 { v5_code } else { v3_code };
         self.output(key, 64, |out| {
             codec::encode_connack(out, v, false, code, &ConnAckProps::default())
         });
-        self.metrics.packet_out(packet::CONNACK);
-        self.metrics.refuse(why);
+        self.services.metrics.packet_out(packet::CONNACK);
+        self.services.metrics.refuse(why);
         self.flush_conn(key);
         self.close_conn(key, DisconnectReason::Refused, None);
         false
@@ -185,7 +188,7 @@ impl Shard {
         rest: &[u8],
     ) -> bool {
         let v = c.version;
-        self.conns[key].version = v;
+        self.wire.conns[key].version = v;
         if v == Version::V5 && c.auth_method.is_some() {
             return self.refuse(key, 0, reason::BAD_AUTH_METHOD, RefuseReason::Auth);
         }
@@ -196,7 +199,7 @@ impl Shard {
             tracing::info!(shard = self.id, client_id = %c.client_id, "will topic longer than max_topic_len, refused");
             if v != Version::V5 {
                 // 3.1.1 has no return code for it: close without a CONNACK.
-                self.metrics.refuse(RefuseReason::Protocol);
+                self.services.metrics.refuse(RefuseReason::Protocol);
                 self.close_conn(key, DisconnectReason::ProtocolError, None);
                 return false;
             }
@@ -210,22 +213,23 @@ impl Shard {
                 RefuseReason::ClientId,
             );
         }
-        let peer = self.conns[key].peer.addr();
-        if let Some(verdict) = self
-            .auth
-            .fast(c.username.as_deref(), c.password.as_deref(), peer)
+        let peer = self.wire.conns[key].peer.addr();
+        if let Some(verdict) =
+            self.services
+                .auth
+                .fast(c.username.as_deref(), c.password.as_deref(), peer)
         {
             return self.conclude_auth(key, c, assigned, verdict);
         }
-        self.next_auth_token += 1;
-        let token = self.next_auth_token;
+        self.admission.next_auth_token += 1;
+        let token = self.admission.next_auth_token;
         let req = Request {
             client_id: c.client_id.clone(),
             username: c.username.clone(),
             password: c.password.clone(),
             peer,
         };
-        self.auth_pending.insert(
+        self.admission.auth_pending.insert(
             key,
             PendingAuth {
                 token,
@@ -234,16 +238,15 @@ impl Shard {
                 rest: rest.to_vec(),
             },
         );
-        self.conns[key].state = ConnState::Authenticating;
+        self.wire.conns[key].state = ConnState::Authenticating;
         // The connect timeout runs from accept; past it the connection is gone.
-        let deadline = self.started
-            + self.settings.tick * self.conns[key].accepted_at
-            + self.settings.connect_timeout;
+        let deadline =
+            self.clock.instant_of(self.wire.conns[key].accepted_at) + self.settings.connect_timeout;
         crate::auth::check_in_background(
-            self.auth.clone(),
-            &self.business,
+            self.services.auth.clone(),
+            &self.services.business,
             req,
-            self.mailboxes.clone(),
+            self.services.mailboxes.clone(),
             self.id,
             key,
             token,
@@ -255,12 +258,12 @@ impl Shard {
     /// An authentication answer from the business runtime.
     pub(in crate::shard) fn on_auth_done(&mut self, d: AuthDone) {
         let key = d.conn;
-        match self.auth_pending.get(&key) {
+        match self.admission.auth_pending.get(&key) {
             Some(p) if p.token == d.token => {}
             // The connection closed (and its key may have been reused) meanwhile.
             _ => return,
         }
-        let Some(p) = self.auth_pending.remove(&key) else {
+        let Some(p) = self.admission.auth_pending.remove(&key) else {
             return;
         };
         if self.superseded(key, &p.connect.client_id) {
@@ -270,7 +273,7 @@ impl Shard {
             self.close_conn(key, DisconnectReason::Takeover, None);
             return;
         }
-        self.conns[key].state = ConnState::Handshake;
+        self.wire.conns[key].state = ConnState::Handshake;
         if !matches!(d.verdict, Verdict::Allow(_)) {
             self.discard_input(key);
         }
@@ -279,24 +282,25 @@ impl Shard {
                 return;
             }
             // Plaintext rustls decrypted after the CONNECT is still inside it.
-            if self.conns[key].is_tls() && !self.tls_process(key) {
+            if self.wire.conns[key].is_tls() && !self.tls_process(key) {
                 return;
             }
             // It was not read from while waiting.
-            self.reread.push(key as u32);
+            self.wire.reread.push(key as u32);
         }
     }
 
     /// True when `client_id` already has a live connection accepted after `key`.
     pub(in crate::shard) fn superseded(&self, key: usize, client_id: &str) -> bool {
-        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
+        let Some(skey) = self.sessions.find(client_id) else {
             return false;
         };
         let old = self.sessions[skey as usize].conn;
-        let mine = self.conns[key].accepted_at;
+        let mine = self.wire.conns[key].accepted_at;
         old != NO_CONN
             && old as usize != key
             && self
+                .wire
                 .conns
                 .get(old as usize)
                 .is_some_and(|o| o.accepted_at > mine)
@@ -306,10 +310,10 @@ impl Shard {
     /// reset the connection before it reads its CONNACK.
     pub(in crate::shard) fn discard_input(&mut self, key: usize) {
         for _ in 0..4 {
-            let Some(conn) = self.conns.get_mut(key) else {
+            let Some(conn) = self.wire.conns.get_mut(key) else {
                 return;
             };
-            match std::io::Read::read(&mut conn.socket, &mut self.scratch) {
+            match std::io::Read::read(&mut conn.socket, &mut self.wire.scratch) {
                 Ok(n) if n > 0 => {}
                 _ => return,
             }
@@ -324,7 +328,7 @@ impl Shard {
         assigned: bool,
         verdict: Verdict,
     ) -> bool {
-        let peer = self.conns[key].peer.addr();
+        let peer = self.wire.conns[key].peer.addr();
         match verdict {
             Verdict::Allow(acl) => self.accept_connect(key, c, assigned, acl),
             Verdict::Deny(why) => {
@@ -365,7 +369,9 @@ impl Shard {
             return false;
         }
         let (skey, present) = self.open_session(&c);
-        let terms = negotiate(&c, &self.settings, || draw(&mut self.next_auto_id));
+        let terms = negotiate(&c, &self.settings, || {
+            draw(&mut self.admission.next_auto_id)
+        });
         self.attach_session(skey, key, &terms, c.will.take(), conn_acl);
         self.activate_conn(key, skey, &terms);
         let client_id = self.sessions[skey].client_id.clone();
@@ -373,9 +379,9 @@ impl Shard {
         self.output(key, 128, |out| {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
-        self.metrics.packet_out(packet::CONNACK);
-        ShardMetrics::add(&self.metrics.connects, 1);
-        tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
+        self.services.metrics.packet_out(packet::CONNACK);
+        ShardMetrics::add(&self.services.metrics.connects, 1);
+        tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.wire.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
         if present {
             self.resend_inflight(skey);
         }
@@ -390,12 +396,12 @@ impl Shard {
         c: &Connect,
         mut conn_acl: Option<Box<ConnAcl>>,
     ) -> Result<Option<Box<ConnAcl>>, ()> {
-        if !self.acl.enabled() {
+        if !self.services.acl.enabled() {
             return Ok(conn_acl);
         }
         // %u rules and per-connection lists need the username at PUBLISH time.
         if let Some(u) = c.username.as_deref() {
-            if self.acl.uses_username() || conn_acl.is_some() {
+            if self.services.acl.uses_username() || conn_acl.is_some() {
                 conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
             }
         }
@@ -406,10 +412,14 @@ impl Shard {
             client_id: &c.client_id,
             username: c.username.as_deref(),
         };
-        if self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
+        if self
+            .services
+            .acl
+            .may_publish(&who, conn_acl.as_deref(), &w.topic)
+        {
             return Ok(conn_acl);
         }
-        self.metrics.acl_denied(false);
+        self.services.metrics.acl_denied(false);
         tracing::info!(shard = self.id, client_id = %c.client_id, topic = %w.topic, "will topic denied by the ACL, connection refused");
         self.refuse(
             key,
@@ -423,7 +433,7 @@ impl Shard {
     /// Applies `duplicate_client_id` when `client_id` is connected already: takes the
     /// session over (closing the old connection) or refuses. False when refused.
     pub(in crate::shard) fn settle_duplicate(&mut self, key: usize, client_id: &str) -> bool {
-        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
+        let Some(skey) = self.sessions.find(client_id) else {
             return true;
         };
         let old = self.sessions[skey as usize].conn;
@@ -452,7 +462,7 @@ impl Shard {
     /// `(session key, session present)`.
     pub(in crate::shard) fn open_session(&mut self, c: &Connect) -> (usize, bool) {
         // Closing an old connection may have ended a session with expiry 0.
-        match self.by_client.get(&c.client_id, &self.sessions) {
+        match self.sessions.find(&c.client_id) {
             Some(s) if !c.clean_start => (s as usize, true),
             Some(s) => {
                 self.end_session(s as usize);
@@ -481,7 +491,7 @@ impl Shard {
             acl: conn_acl,
         });
         if let Some(t) = offline_timer {
-            self.wheel.cancel(t);
+            self.timers.wheel.cancel(t);
         }
         self.store_session(skey, true);
     }
@@ -489,10 +499,10 @@ impl Shard {
     /// The connection is active under `terms`: its keep-alive deadline replaces the
     /// connect timeout.
     pub(in crate::shard) fn activate_conn(&mut self, key: usize, skey: usize, terms: &Terms) {
-        let now = self.now32();
-        let conn = &mut self.conns[key];
+        let now = self.clock.now32();
+        let conn = &mut self.wire.conns[key];
         conn.state = ConnState::Active;
-        self.handshaking = self.handshaking.saturating_sub(1);
+        self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
         conn.session = skey as u32;
         conn.keep_alive = terms.keep_alive;
         conn.idle_ticks = terms.idle_ticks;
@@ -501,16 +511,13 @@ impl Shard {
         conn.window = terms.window;
         let deadline = u64::from(now) + u64::from(terms.idle_ticks) + 1;
         let timer = conn.timer;
-        if !self.wheel.reset(timer, deadline) {
-            self.conns[key].timer = self.wheel.insert(deadline, key as u32);
+        if !self.timers.wheel.reset(timer, deadline) {
+            self.wire.conns[key].timer = self.timers.wheel.insert(deadline, key as u32);
         }
     }
 
     pub(in crate::shard) fn new_session(&mut self, client_id: &str, v: Version) -> usize {
-        let id: Arc<str> = Arc::from(client_id);
-        let skey = self.sessions.insert(Session::new(id, v));
-        self.by_client.insert(skey as u32, &self.sessions);
-        skey
+        self.sessions.open(client_id, v)
     }
 }
 

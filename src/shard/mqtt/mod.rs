@@ -30,24 +30,24 @@ impl Shard {
     /// as MQTT words it ("does not receive a Control Packet"). A peer trickling one byte
     /// at a time cannot hold a connection open past either timer (slowloris).
     pub(in crate::shard) fn handle_frame(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
-        self.metrics.packet_in(packet::type_of(frame[0]));
-        if self.conns[key].state == ConnState::Active {
-            self.conns[key].last_seen = self.now32();
+        self.services.metrics.packet_in(packet::type_of(frame[0]));
+        if self.wire.conns[key].state == ConnState::Active {
+            self.wire.conns[key].last_seen = self.clock.now32();
         }
-        if self.conns[key].state == ConnState::Handshake {
+        if self.wire.conns[key].state == ConnState::Handshake {
             return match codec::decode_connect(frame) {
                 Ok(connect) => self.route_connect(key, connect, rest),
                 Err(e) => {
-                    let peer = self.conns[key].peer.addr();
+                    let peer = self.wire.conns[key].peer.addr();
                     tracing::info!(shard = self.id, %peer, error = %e.error, "bad CONNECT, closing");
                     match e.version {
                         Some(v) => {
-                            self.conns[key].version = v;
+                            self.wire.conns[key].version = v;
                             let code = e.connack_code();
                             self.refuse(key, code, code, RefuseReason::Protocol)
                         }
                         None => {
-                            self.metrics.refuse(RefuseReason::Protocol);
+                            self.services.metrics.refuse(RefuseReason::Protocol);
                             self.close_conn(key, DisconnectReason::ProtocolError, None);
                             false
                         }
@@ -55,13 +55,13 @@ impl Shard {
                 }
             };
         }
-        if self.conns[key].state != ConnState::Active {
+        if self.wire.conns[key].state != ConnState::Active {
             // Bytes of a connection still waiting for its authentication verdict (or its
             // PROXY header) are never decoded as packets: there is no session yet.
             self.close_conn(key, DisconnectReason::ProtocolError, None);
             return false;
         }
-        let version = self.conns[key].version;
+        let version = self.wire.conns[key].version;
         match codec::decode(frame, version) {
             Ok(packet) => self.handle_packet(key, packet),
             Err(e) => self.protocol_error(key, &e),
@@ -69,8 +69,8 @@ impl Shard {
     }
 
     pub(in crate::shard) fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
-        let skey = self.conns[key].session as usize;
-        let v = self.conns[key].version;
+        let skey = self.wire.conns[key].session as usize;
+        let v = self.wire.conns[key].version;
         match packet {
             Packet::Publish(p) => return self.on_publish(key, skey, p),
             Packet::PubAck { pkid, .. } => self.on_ack(skey, pkid, Ack::PubAck),
@@ -94,7 +94,7 @@ impl Shard {
                     reason::PACKET_ID_NOT_FOUND
                 };
                 self.output(key, 16, |out| codec::encode_pubcomp(out, v, pkid, code));
-                self.metrics.packet_out(packet::PUBCOMP);
+                self.services.metrics.packet_out(packet::PUBCOMP);
             }
             Packet::Subscribe {
                 pkid,
@@ -113,11 +113,11 @@ impl Shard {
                 self.output(key, 16 + codes.len(), |out| {
                     codec::encode_unsuback(out, v, pkid, &codes)
                 });
-                self.metrics.packet_out(packet::UNSUBACK);
+                self.services.metrics.packet_out(packet::UNSUBACK);
             }
             Packet::PingReq => {
                 self.output(key, 2, codec::encode_pingresp);
-                self.metrics.packet_out(packet::PINGRESP);
+                self.services.metrics.packet_out(packet::PINGRESP);
             }
             Packet::Disconnect {
                 reason: code,

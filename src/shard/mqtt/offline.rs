@@ -14,7 +14,7 @@ impl Shard {
     /// The session's connection ended. Publishes or schedules the will, and ends the
     /// session now or arms its expiry.
     pub(in crate::shard) fn detach_session(&mut self, skey: usize, will_allowed: bool) {
-        let now = self.now;
+        let now = self.clock.now;
         let s = &mut self.sessions[skey];
         let will = s.detach().filter(|_| will_allowed);
         if s.expiry_secs == 0 {
@@ -53,7 +53,7 @@ impl Shard {
             return;
         };
         let delay = w.delay_secs.min(self.sessions[skey].expiry_secs);
-        let due = self.offline_deadline(self.now, delay);
+        let due = self.offline_deadline(self.clock.now, delay);
         let st = self.sessions[skey].state();
         st.will = Some(w);
         st.will_due = Some(due);
@@ -63,7 +63,7 @@ impl Shard {
     pub(in crate::shard) fn arm_session_timer(&mut self, skey: usize) {
         let s = &mut self.sessions[skey];
         if let Some(t) = s.timer.take() {
-            self.wheel.cancel(t);
+            self.timers.wheel.cancel(t);
         }
         let due = s
             .extra
@@ -73,7 +73,7 @@ impl Shard {
                 (a, b) => a.or(b),
             });
         if let Some(at) = due {
-            s.timer = Some(self.wheel.insert(at, skey as u32 | SESSION_TIMER));
+            s.timer = Some(self.timers.wheel.insert(at, skey as u32 | SESSION_TIMER));
         }
     }
 
@@ -85,7 +85,7 @@ impl Shard {
             return;
         }
         s.timer = None;
-        let now = self.now;
+        let now = self.clock.now;
         let (will_due, expires_at) = s
             .extra
             .as_ref()
@@ -108,32 +108,29 @@ impl Shard {
 
     /// Removes a session and everything it holds; a pending will is published now.
     pub(in crate::shard) fn end_session(&mut self, skey: usize) {
-        let Some(id) = self.sessions.get(skey).map(|s| s.client_id.clone()) else {
+        let Some(s) = self.sessions.remove(skey) else {
             return;
         };
-        // The index compares against the session's own id: remove it first.
-        self.by_client.remove(&id, &self.sessions);
-        let s = self.sessions.remove(skey);
         self.store_session_ended(&s.client_id, s.stored);
         let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
             match filter.strip_prefix("$share/") {
                 Some(key) => groups.push(Arc::from(key)),
                 None => {
-                    self.subs.remove(filter, skey as u32);
+                    self.routing.subs.remove(filter, skey as u32);
                 }
             }
         }
-        self.subs_total -= s.subs.len() as u64;
+        self.routing.subs_total -= s.subs.len() as u64;
         if let Some(t) = s.timer {
-            self.wheel.cancel(t);
+            self.timers.wheel.cancel(t);
         }
         // QoS 1/2 messages of shared groups that were not finished go to other members:
         // queued ones and those sent but not acknowledged (a QoS 2 message the client
         // has acknowledged with PUBREC is its own).
         let mut unfinished: Vec<Queued> = Vec::new();
         if let Some(st) = s.extra {
-            self.queued_total -= st.queue.len() as u64;
+            self.sessions.queued_total -= st.queue.len() as u64;
             if !groups.is_empty() {
                 let sent = st
                     .inflight
@@ -171,6 +168,7 @@ impl Shard {
         debug_assert!(
             s.conn == NO_CONN
                 || self
+                    .wire
                     .conns
                     .get(s.conn as usize)
                     .is_none_or(|c| c.session == NO_SESSION)

@@ -9,7 +9,7 @@ use crate::shard::{packet, Shard};
 
 impl Shard {
     pub(in crate::shard) fn on_publish(&mut self, key: usize, skey: usize, p: Publish) -> bool {
-        let v = self.conns[key].version;
+        let v = self.wire.conns[key].version;
         if p.topic.len() > self.settings.max_topic_len {
             return self.close_protocol(
                 key,
@@ -65,7 +65,7 @@ impl Shard {
             match p.qos {
                 1 => {
                     self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, code));
-                    self.metrics.packet_out(packet::PUBACK);
+                    self.services.metrics.packet_out(packet::PUBACK);
                 }
                 2 => {
                     if v != Version::V5 {
@@ -77,7 +77,7 @@ impl Shard {
                         }
                     }
                     self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, code));
-                    self.metrics.packet_out(packet::PUBREC);
+                    self.services.metrics.packet_out(packet::PUBREC);
                 }
                 _ => {}
             }
@@ -89,7 +89,7 @@ impl Shard {
             if st.inbound_qos2.contains(&p.pkid) {
                 // A resend of a message we already have: acknowledge, do not route again.
                 self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
-                self.metrics.packet_out(packet::PUBREC);
+                self.services.metrics.packet_out(packet::PUBREC);
                 return true;
             }
             if st.inbound_qos2.len() >= max {
@@ -118,11 +118,11 @@ impl Shard {
         match p.qos {
             1 => {
                 self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, 0));
-                self.metrics.packet_out(packet::PUBACK);
+                self.services.metrics.packet_out(packet::PUBACK);
             }
             2 => {
                 self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
-                self.metrics.packet_out(packet::PUBREC);
+                self.services.metrics.packet_out(packet::PUBREC);
             }
             _ => {}
         }

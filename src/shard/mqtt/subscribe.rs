@@ -22,7 +22,7 @@ impl Shard {
         filters: Vec<codec::SubscribeFilter>,
         subscription_id: Option<u32>,
     ) -> bool {
-        let v = self.conns[key].version;
+        let v = self.wire.conns[key].version;
         let sub_id = subscription_id.unwrap_or(0);
         let invalid = if v == Version::V5 {
             reason::TOPIC_FILTER_INVALID
@@ -94,7 +94,7 @@ impl Shard {
                     // Most devices subscribe once: no spare capacity (Vec would take 4).
                     s.subs.reserve_exact(1);
                     s.subs.push((a.clone(), options));
-                    self.subs_total += 1;
+                    self.routing.subs_total += 1;
                     a
                 }
             };
@@ -114,7 +114,7 @@ impl Shard {
         self.output(key, 16 + codes.len(), |out| {
             codec::encode_suback(out, v, pkid, &codes)
         });
-        self.metrics.packet_out(packet::SUBACK);
+        self.services.metrics.packet_out(packet::SUBACK);
         for (filter, qos) in wanted_retained {
             self.send_retained(skey, &filter, qos, sub_id);
         }
@@ -135,7 +135,7 @@ impl Shard {
         match shared {
             Some((group, inner)) => self.join_shared(skey, group, inner, options, sub_id),
             None => {
-                self.subs.insert(
+                self.routing.subs.insert(
                     filter,
                     Subscriber {
                         session: skey as u32,
@@ -161,7 +161,7 @@ impl Shard {
         subscribe: bool,
         topic: &str,
     ) -> bool {
-        if !self.acl.enabled() {
+        if !self.services.acl.enabled() {
             return true;
         }
         let s = &self.sessions[skey];
@@ -171,14 +171,14 @@ impl Shard {
             username: conn_acl.and_then(|a| a.username.as_deref()),
         };
         let allowed = if subscribe {
-            self.acl.may_subscribe(&who, conn_acl, topic)
+            self.services.acl.may_subscribe(&who, conn_acl, topic)
         } else {
-            self.acl.may_publish(&who, conn_acl, topic)
+            self.services.acl.may_publish(&who, conn_acl, topic)
         };
         if allowed {
             return true;
         }
-        self.metrics.acl_denied(subscribe);
+        self.services.metrics.acl_denied(subscribe);
         if subscribe {
             tracing::info!(shard = self.id, client_id = %s.client_id, filter = topic, "SUBSCRIBE filter denied by the ACL");
         } else {
@@ -195,7 +195,7 @@ impl Shard {
             return false;
         };
         s.subs.swap_remove(i);
-        self.subs_total -= 1;
+        self.routing.subs_total -= 1;
         self.store_unsub(skey, filter);
         let s = &mut self.sessions[skey];
         match filter.strip_prefix("$share/") {
@@ -211,15 +211,15 @@ impl Shard {
                     st.queue = ours;
                     items = Vec::from(theirs);
                 }
-                self.queued_total -= items.len() as u64;
                 s.compact();
+                self.sessions.queued_total -= items.len() as u64;
                 for item in &items {
                     self.store_forget(skey, item);
                 }
                 self.leave_shared(&key, &client_id, items);
             }
             None => {
-                self.subs.remove(filter, skey as u32);
+                self.routing.subs.remove(filter, skey as u32);
             }
         }
         true
