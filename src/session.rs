@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -16,16 +17,42 @@ use crate::codec::{Version, Will};
 use crate::message::Message;
 use crate::wheel::TimerId;
 
-/// `Session::conn` when the session has no live connection.
-pub const NO_CONN: u32 = u32::MAX;
+/// The key of a connection in its shard's slab. Stored as key + 1, so that an
+/// `Option<ConnKey>` takes 4 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey(NonZeroU32);
+
+/// The key of a session in its shard's slab (see [`ConnKey`] for the representation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey(NonZeroU32);
+
+macro_rules! slab_key {
+    ($t:ident) => {
+        impl $t {
+            /// The key of slab entry `index` (below `u32::MAX`: the shard refuses more).
+            pub fn new(index: usize) -> Self {
+                let k = u32::try_from(index)
+                    .ok()
+                    .and_then(|i| NonZeroU32::new(i.wrapping_add(1)));
+                $t(k.expect("slab key below u32::MAX"))
+            }
+
+            pub fn index(self) -> usize {
+                (self.0.get() - 1) as usize
+            }
+        }
+    };
+}
+slab_key!(ConnKey);
+slab_key!(SessionKey);
 
 /// Session expiry value meaning "never" (MQTT 5: 0xFFFFFFFF).
 pub const NEVER_EXPIRES: u32 = u32::MAX;
 
 pub struct Session {
     pub client_id: Arc<str>,
-    /// Key of the live connection in the shard's slab, or [`NO_CONN`].
-    pub conn: u32,
+    /// The live connection, if any.
+    pub conn: Option<ConnKey>,
     /// Subscriptions: the filter (shared with the shard's index) and the MQTT 5 options
     /// byte (bits 0-1 QoS, 2 no local, 3 retain as published, 4-5 retain handling).
     pub subs: Vec<(Arc<str>, u8)>,
@@ -180,8 +207,7 @@ impl Ack {
 
 /// What a connection brings to the session it attaches to.
 pub struct Attach {
-    /// Key of the connection in the shard's slab.
-    pub conn: u32,
+    pub conn: ConnKey,
     pub version: Version,
     pub expiry_secs: u32,
     pub alias_max: u16,
@@ -193,7 +219,7 @@ impl Session {
     pub fn new(client_id: Arc<str>, version: Version) -> Self {
         Session {
             client_id,
-            conn: NO_CONN,
+            conn: None,
             subs: Vec::new(),
             expiry_secs: 0,
             timer: None,
@@ -206,7 +232,7 @@ impl Session {
     }
 
     pub fn is_online(&self) -> bool {
-        self.conn != NO_CONN
+        self.conn.is_some()
     }
 
     pub fn state(&mut self) -> &mut SessionState {
@@ -258,7 +284,7 @@ impl Session {
     /// delayed will, the expiry, topic aliases: MQTT 5 3.3.2.3.4). Returns the offline
     /// timer, for the caller to cancel.
     pub fn attach(&mut self, a: Attach) -> Option<TimerId> {
-        self.conn = a.conn;
+        self.conn = Some(a.conn);
         self.version = a.version;
         self.expiry_secs = a.expiry_secs;
         self.alias_max = a.alias_max;
@@ -282,7 +308,7 @@ impl Session {
     /// Detaches the connection: the session is offline, without the connection's topic
     /// aliases and ACL state. Returns its will, for the caller to publish or delay.
     pub fn detach(&mut self) -> Option<Box<Will>> {
-        self.conn = NO_CONN;
+        self.conn = None;
         self.alias_max = 0;
         let st = self.extra.as_mut()?;
         st.aliases = None;
@@ -496,9 +522,9 @@ mod tests {
         })
     }
 
-    fn attach(conn: u32, will: Option<Box<Will>>) -> Attach {
+    fn attach(conn: usize, will: Option<Box<Will>>) -> Attach {
         Attach {
-            conn,
+            conn: ConnKey::new(conn),
             version: Version::V5,
             expiry_secs: 60,
             alias_max: 5,
@@ -523,7 +549,7 @@ mod tests {
         assert!(s.is_online() && s.timer.is_none());
         assert_eq!(
             (s.conn, s.version, s.expiry_secs, s.alias_max),
-            (7, Version::V5, 60, 5)
+            (Some(ConnKey::new(7)), Version::V5, 60, 5)
         );
         let st = s.extra.as_ref().expect("the will is kept");
         assert!(st.will_due.is_none() && st.expires_at.is_none() && st.aliases.is_none());
@@ -599,6 +625,16 @@ mod tests {
         assert_eq!(s.queued_len(), 1);
         s.state().queue.clear();
         assert!(s.window_open(2) && !s.window_open(1));
+    }
+
+    #[test]
+    fn keys_round_trip_and_fit_in_four_bytes() {
+        for i in [0, 1, 1000, u32::MAX as usize - 1] {
+            assert_eq!(ConnKey::new(i).index(), i);
+            assert_eq!(SessionKey::new(i).index(), i);
+        }
+        assert_eq!(std::mem::size_of::<Option<ConnKey>>(), 4);
+        assert_eq!(std::mem::size_of::<Option<SessionKey>>(), 4);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::limits::TokenBucket;
 use crate::mailbox::Handoff;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 
-use super::conn::{Conn, ConnState, Peer, NO_SESSION};
+use super::conn::{Conn, ConnState, Peer};
 use super::{Shard, ACCEPTS_PER_TURN, SESSION_TIMER};
 
 /// The state of accepting and of handshakes under way.
@@ -232,7 +232,7 @@ impl Shard {
         entry.insert(Conn {
             socket,
             peer: Peer::from(peer),
-            session: NO_SESSION,
+            session: None,
             timer,
             last_seen: now,
             idle_ticks,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::codec::{self, OutPublish, Version};
 use crate::message::{Message, Origin};
 use crate::metrics::DropReason;
-use crate::session::{Inflight, InflightState, Queued};
+use crate::session::{ConnKey, Inflight, InflightState, Queued, SessionKey};
 use crate::topic;
 
 use super::{packet, ConnState, Shard};
@@ -195,16 +195,11 @@ impl Shard {
         }
         // Stored before it is sent or queued: it stays stored until acknowledged.
         self.store_message(skey, &mut item);
-        let s = &self.sessions[skey];
-        let conn = if s.is_online() {
-            self.wire
-                .conns
-                .get(s.conn as usize)
-                .filter(|c| c.state == ConnState::Active)
-        } else {
-            None
-        };
-        let Some(conn) = conn else {
+        let ckey = self.sessions[skey].conn.map(ConnKey::index);
+        let conn = ckey
+            .and_then(|c| self.wire.conns.get(c))
+            .filter(|c| c.state == ConnState::Active);
+        let (Some(conn), Some(ckey)) = (conn, ckey) else {
             if item.qos == 0 {
                 self.services.metrics.drop_msg(DropReason::Offline, 1);
                 return Delivery::Dropped(DropReason::Offline);
@@ -212,7 +207,6 @@ impl Shard {
             self.enqueue(skey, item);
             return Delivery::Queued;
         };
-        let ckey = s.conn as usize;
         let pending = conn.outbound_len();
         let congested = pending >= self.settings.high_watermark;
         if item.qos == 0 {
@@ -290,11 +284,12 @@ impl Shard {
         let conn = &self.wire.conns[ckey];
         let v = conn.version;
         let v5 = v == Version::V5;
-        let skey = conn.session as usize;
-        let alias_max = match self.sessions.get(skey) {
-            Some(s) if v5 => s.alias_max,
-            _ => 0,
-        };
+        // Aliases only on an MQTT 5 connection with a session that allows them.
+        let skey = conn.session.map(SessionKey::index).filter(|_| v5);
+        let alias_max = skey
+            .and_then(|k| self.sessions.get(k))
+            .map_or(0, |s| s.alias_max);
+        let skey = skey.unwrap_or_default();
         let alias = (alias_max > 0).then(|| {
             self.sessions[skey]
                 .extra
@@ -350,10 +345,12 @@ impl Shard {
             let Some(s) = self.sessions.get_mut(skey) else {
                 return;
             };
-            if !s.is_online() || s.queued_len() == 0 {
+            let Some(ckey) = s.conn.map(ConnKey::index) else {
+                break;
+            };
+            if s.queued_len() == 0 {
                 break;
             }
-            let ckey = s.conn as usize;
             let Some(conn) = self.wire.conns.get(ckey) else {
                 break;
             };
@@ -385,7 +382,9 @@ impl Shard {
     /// On a resumed session: every unacknowledged PUBLISH again with DUP set and its
     /// original packet id, every unfinished PUBREL again, then the queue.
     pub(super) fn resend_inflight(&mut self, skey: usize) {
-        let ckey = self.sessions[skey].conn as usize;
+        let Some(ckey) = self.sessions[skey].conn.map(ConnKey::index) else {
+            return;
+        };
         let v = self.wire.conns[ckey].version;
         let inflight = match self.sessions[skey].extra.as_mut() {
             Some(st) => std::mem::take(&mut st.inflight),

@@ -60,7 +60,7 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 
 use accept::Admission;
 use clock::Clock;
-pub use conn::{Conn, ConnBufs, ConnState, Peer, NO_SESSION};
+pub use conn::{Conn, ConnBufs, ConnState, Peer};
 use routing::Routing;
 use services::Services;
 use sessions::Sessions;
@@ -455,8 +455,8 @@ impl Shard {
     }
 
     fn client_id_of(&self, key: usize) -> Arc<str> {
-        match self.wire.conns.get(key).map(|c| c.session) {
-            Some(s) if s != NO_SESSION => self.sessions[s as usize].client_id.clone(),
+        match self.wire.conns.get(key).and_then(|c| c.session) {
+            Some(s) => self.sessions[s.index()].client_id.clone(),
             _ => Arc::from(""),
         }
     }
@@ -611,8 +611,8 @@ impl Shard {
             self.clear_congested(key);
         }
         self.release_idle_bufs(key);
-        if pending < self.settings.low_watermark && session != NO_SESSION {
-            self.refill(session as usize);
+        if let Some(session) = session.filter(|_| pending < self.settings.low_watermark) {
+            self.refill(session.index());
         }
     }
 
@@ -675,8 +675,8 @@ impl Shard {
                 .saturating_duration_since(accepted)
                 .as_secs_f64(),
         );
-        let client_id = if conn.session != NO_SESSION {
-            let s = conn.session as usize;
+        let client_id = if let Some(s) = conn.session {
+            let s = s.index();
             let id = self.sessions[s].client_id.clone();
             let will = !matches!(
                 reason,

@@ -112,9 +112,8 @@ impl Shard {
         let skey = self.sessions.find(client_id)?;
         let s = &self.sessions[skey as usize];
         let conn = s
-            .is_online()
-            .then(|| self.wire.conns.get(s.conn as usize))
-            .flatten()
+            .conn
+            .and_then(|c| self.wire.conns.get(c.index()))
             .filter(|c| c.state == ConnState::Active);
         let connected_at = conn.map(|c| {
             let at = self.clock.started_wall + self.settings.tick * c.accepted_at;
@@ -154,11 +153,10 @@ impl Shard {
         let Some(skey) = self.sessions.find(client_id) else {
             return false;
         };
-        let conn = self.sessions[skey as usize].conn;
-        if self.sessions[skey as usize].is_online() {
+        if let Some(conn) = self.sessions[skey as usize].conn {
             tracing::info!(shard = self.id, client_id, "disconnected by the API");
             self.close_conn(
-                conn as usize,
+                conn.index(),
                 DisconnectReason::Admin,
                 Some(reason::ADMINISTRATIVE_ACTION),
             );

@@ -6,7 +6,7 @@ use crate::auth::{Request, Verdict};
 use crate::codec::{self, reason, ConnAckProps, Connect, Version, Will};
 use crate::mailbox::{home_shard, AuthDone, Handoff, ShardMsg};
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
-use crate::session::{Attach, NO_CONN};
+use crate::session::{Attach, ConnKey, SessionKey};
 
 use crate::shard::negotiate::{negotiate, Terms};
 use crate::shard::{packet, ConnState, Shard};
@@ -295,14 +295,15 @@ impl Shard {
         let Some(skey) = self.sessions.find(client_id) else {
             return false;
         };
-        let old = self.sessions[skey as usize].conn;
+        let Some(old) = self.sessions[skey as usize].conn.map(ConnKey::index) else {
+            return false;
+        };
         let mine = self.wire.conns[key].accepted_at;
-        old != NO_CONN
-            && old as usize != key
+        old != key
             && self
                 .wire
                 .conns
-                .get(old as usize)
+                .get(old)
                 .is_some_and(|o| o.accepted_at > mine)
     }
 
@@ -436,10 +437,9 @@ impl Shard {
         let Some(skey) = self.sessions.find(client_id) else {
             return true;
         };
-        let old = self.sessions[skey as usize].conn;
-        if old == NO_CONN {
+        let Some(old) = self.sessions[skey as usize].conn.map(ConnKey::index) else {
             return true;
-        }
+        };
         if !self.settings.takeover {
             tracing::info!(shard = self.id, client_id = %client_id, "duplicate client id refused");
             return self.refuse(
@@ -451,7 +451,7 @@ impl Shard {
         }
         tracing::info!(shard = self.id, client_id = %client_id, "session taken over by a new connection");
         self.close_conn(
-            old as usize,
+            old,
             DisconnectReason::Takeover,
             Some(reason::SESSION_TAKEN_OVER),
         );
@@ -483,7 +483,7 @@ impl Shard {
         conn_acl: Option<Box<ConnAcl>>,
     ) {
         let offline_timer = self.sessions[skey].attach(Attach {
-            conn: key as u32,
+            conn: ConnKey::new(key),
             version: terms.version,
             expiry_secs: terms.session_expiry,
             alias_max: terms.alias_max,
@@ -503,7 +503,7 @@ impl Shard {
         let conn = &mut self.wire.conns[key];
         conn.state = ConnState::Active;
         self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
-        conn.session = skey as u32;
+        conn.session = Some(SessionKey::new(skey));
         conn.keep_alive = terms.keep_alive;
         conn.idle_ticks = terms.idle_ticks;
         conn.last_seen = now;

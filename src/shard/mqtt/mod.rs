@@ -17,7 +17,7 @@ pub(super) use connect::PendingAuth;
 
 use crate::codec::{self, reason, Packet};
 use crate::metrics::{DisconnectReason, RefuseReason};
-use crate::session::Ack;
+use crate::session::{Ack, SessionKey};
 
 use crate::shard::{packet, ConnState, Shard};
 
@@ -69,7 +69,11 @@ impl Shard {
     }
 
     pub(in crate::shard) fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
-        let skey = self.wire.conns[key].session as usize;
+        let Some(skey) = self.wire.conns[key].session.map(SessionKey::index) else {
+            // Only an active connection's packets get here, and it has its session.
+            self.close_conn(key, DisconnectReason::ProtocolError, None);
+            return false;
+        };
         let v = self.wire.conns[key].version;
         match packet {
             Packet::Publish(p) => return self.on_publish(key, skey, p),

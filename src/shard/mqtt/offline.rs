@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use crate::codec::Will;
 use crate::message::{Message, Origin};
-use crate::session::{InflightState, Queued, NEVER_EXPIRES, NO_CONN};
+use crate::session::{InflightState, Queued, NEVER_EXPIRES};
 use crate::wheel::TimerId;
 
-use crate::shard::{Shard, NO_SESSION, SESSION_TIMER};
+use crate::shard::{Shard, SESSION_TIMER};
 
 impl Shard {
     /// The session's connection ended. Publishes or schedules the will, and ends the
@@ -165,14 +165,11 @@ impl Shard {
                 .collect();
             self.leave_shared(&key, &s.client_id, items);
         }
-        debug_assert!(
-            s.conn == NO_CONN
-                || self
-                    .wire
-                    .conns
-                    .get(s.conn as usize)
-                    .is_none_or(|c| c.session == NO_SESSION)
-        );
+        debug_assert!(s.conn.is_none_or(|c| self
+            .wire
+            .conns
+            .get(c.index())
+            .is_none_or(|c| c.session.is_none())));
     }
 
     pub(in crate::shard) fn publish_will(&mut self, w: Will) {
