@@ -332,7 +332,7 @@ impl Shard {
                 .get_or_insert_with(Default::default)
                 .commit(&item.msg.topic, a);
         }
-        self.output(ckey, len, |out| {
+        self.wire.output(&self.clock, ckey, len, |out| {
             codec::encode_publish(out, v, &p);
         });
         self.services.metrics.packet_out(packet::PUBLISH);
@@ -401,7 +401,9 @@ impl Shard {
                     }
                 }
                 InflightState::Released => {
-                    self.output(ckey, 16, |out| codec::encode_pubrel(out, v, f.pkid, 0));
+                    self.wire.output(&self.clock, ckey, 16, |out| {
+                        codec::encode_pubrel(out, v, f.pkid, 0)
+                    });
                     self.services.metrics.packet_out(packet::PUBREL);
                     kept.push_back(f);
                 }

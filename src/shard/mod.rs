@@ -36,11 +36,12 @@ mod shared;
 mod timers;
 mod transport;
 mod wire;
+mod write;
 
 use std::collections::HashSet;
-use std::io::{self, Write};
+use std::io::{self};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::buffer::BufferPool;
-use crate::codec::{self, Version};
+use crate::codec::{self};
 use crate::config::Config;
 use crate::limits::{PerIpLimit, TokenBucket};
 use crate::mailbox::{Mailboxes, ShardMsg};
@@ -290,7 +291,7 @@ impl Shard {
             // An accepted authentication queues its connection for reading.
             busy |= !rx.is_empty() || !self.wire.reread.is_empty();
             busy |= self.run_timers();
-            self.sweep_settling();
+            self.wire.sweep_settling(&self.clock);
             // Gauges before the writes, so whatever a client sees is already counted, and
             // after, for connections the writes closed.
             self.publish_gauges();
@@ -388,7 +389,7 @@ impl Shard {
             if writable {
                 // Written in `flush_dirty` with the turn's other output, after the gauges
                 // are published: a client never sees an answer before it is counted.
-                self.mark_dirty(token.0);
+                self.wire.mark_dirty(token.0);
             }
             if readable {
                 self.on_readable(token.0);
@@ -397,297 +398,11 @@ impl Shard {
         Ok(n == EVENTS_PER_TURN || !self.wire.reread.is_empty() || self.admission.accept_pending)
     }
 
-    /// Drops a connection's buffer box once it holds nothing.
-    fn release_idle_bufs(&mut self, key: usize) {
-        let now_ns = self.clock.now_ns();
-        let Some(conn) = self.wire.conns.get_mut(key) else {
-            return;
-        };
-        let Some(b) = conn.bufs.as_mut() else {
-            return;
-        };
-        if b.is_idle(now_ns) {
-            if let Some(b) = conn.bufs.take() {
-                let b = *b;
-                self.wire.pool.give(b.inbuf, self.clock.now);
-                self.wire.pool.give(b.out, self.clock.now);
-            }
-        } else if !b.settling && b.holds_only_debt() {
-            // Only rate debt left (every read charges the byte rate): drop the box when
-            // the debt has run out, or every connection that spoke once keeps ~110 bytes.
-            b.settling = true;
-            self.wire.settling.push(key as u32);
-        }
-    }
-
-    /// Once per tick: drops the buffer boxes whose rate debt has run out; keeps waiting on
-    /// those still in debt; forgets those that got busy again (they come back here when
-    /// they are idle once more).
-    fn sweep_settling(&mut self) {
-        if self.wire.settling.is_empty() || self.wire.settled_at == self.clock.now {
-            return;
-        }
-        self.wire.settled_at = self.clock.now;
-        let now_ns = self.clock.now_ns();
-        let mut keys = std::mem::take(&mut self.wire.settling);
-        keys.retain(|&key| {
-            let Some(conn) = self.wire.conns.get_mut(key as usize) else {
-                return false;
-            };
-            let Some(b) = conn.bufs.as_mut().filter(|b| b.settling) else {
-                return false;
-            };
-            if !b.holds_only_debt() {
-                b.settling = false;
-                return false;
-            }
-            if !b.rate.is_settled(now_ns) {
-                return true;
-            }
-            if let Some(b) = conn.bufs.take() {
-                let b = *b;
-                self.wire.pool.give(b.inbuf, self.clock.now);
-                self.wire.pool.give(b.out, self.clock.now);
-            }
-            false
-        });
-        self.wire.settling = keys;
-    }
-
     fn client_id_of(&self, key: usize) -> Arc<str> {
         match self.wire.conns.get(key).and_then(|c| c.session) {
             Some(s) => self.sessions[s.index()].client_id.clone(),
             _ => Arc::from(""),
         }
-    }
-
-    /// Appends encoded output for a connection; it is written at the end of the turn.
-    fn output(&mut self, key: usize, reserve: usize, encode: impl FnOnce(&mut Vec<u8>)) {
-        let Some(conn) = self.wire.conns.get_mut(key) else {
-            return;
-        };
-        let bufs = conn.bufs.get_or_insert_with(Default::default);
-        if bufs.out.capacity() == 0 {
-            bufs.out = self.wire.pool.take(reserve);
-        } else {
-            self.wire
-                .pool
-                .reserve(&mut bufs.out, reserve, self.clock.now);
-        }
-        encode(&mut bufs.out);
-        if !conn.dirty {
-            conn.dirty = true;
-            self.wire.dirty.push(key as u32);
-        }
-    }
-
-    fn mark_dirty(&mut self, key: usize) {
-        if let Some(conn) = self.wire.conns.get_mut(key) {
-            if !conn.dirty && conn.outbound_len() > 0 {
-                conn.dirty = true;
-                self.wire.dirty.push(key as u32);
-            }
-        }
-    }
-
-    fn flush_dirty(&mut self) {
-        // Flushing can refill windows and dirty connections again; the windows bound it.
-        while let Some(key) = self.wire.dirty.pop() {
-            if let Some(c) = self.wire.conns.get_mut(key as usize) {
-                c.dirty = false;
-                self.flush_conn(key as usize);
-            }
-        }
-    }
-
-    /// Writes what the socket takes. A socket that stops taking bytes starts the
-    /// write-stall clock; draining below the low watermark refills the in-flight window.
-    fn flush_conn(&mut self, key: usize) {
-        let now = self.clock.now32();
-        let Some(conn) = self.wire.conns.get_mut(key) else {
-            return;
-        };
-        let Some(bufs) = conn.bufs.as_mut() else {
-            return;
-        };
-        let pending_before = bufs.out.len() - bufs.out_pos;
-        let mut failed = false;
-        if let Some(tls) = bufs.tls.as_mut() {
-            // Plaintext into rustls as far as its buffer limit takes it, ciphertext out.
-            loop {
-                if bufs.out_pos < bufs.out.len() {
-                    match tls.writer().write(&bufs.out[bufs.out_pos..]) {
-                        Ok(n) => bufs.out_pos += n,
-                        Err(_) => {
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
-                if !tls.wants_write() {
-                    break;
-                }
-                match tls.write_tls(&mut conn.socket) {
-                    Ok(0) => {
-                        failed = true;
-                        break;
-                    }
-                    Ok(n) => ShardMetrics::add(&self.services.metrics.bytes_sent, n as u64),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-        }
-        while bufs.tls.is_none() && bufs.out_pos < bufs.out.len() {
-            match conn.socket.write(&bufs.out[bufs.out_pos..]) {
-                Ok(0) => {
-                    failed = true;
-                    break;
-                }
-                Ok(n) => {
-                    bufs.out_pos += n;
-                    ShardMetrics::add(&self.services.metrics.bytes_sent, n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if failed {
-            self.close_conn(key, DisconnectReason::SocketError, None);
-            return;
-        }
-        let tls_pending = bufs.tls.as_ref().is_some_and(|t| t.wants_write());
-        let pending = bufs.out.len() - bufs.out_pos + usize::from(tls_pending);
-        if pending_before > self.settings.low_watermark && pending <= self.settings.low_watermark {
-            // Reading may have stopped at the high watermark (`on_readable`); with
-            // edge-triggered readiness no new event comes for bytes already waiting.
-            self.wire.reread.push(key as u32);
-        }
-        if pending == 0 {
-            bufs.out.clear();
-            bufs.out_pos = 0;
-            let out = std::mem::take(&mut bufs.out);
-            self.wire.pool.give(out, self.clock.now);
-            conn.stall_since = 0;
-        } else {
-            // Keep the unsent tail at the front so the buffer does not creep.
-            if bufs.out_pos > bufs.out.len() / 2 {
-                bufs.out.drain(..bufs.out_pos);
-                bufs.out_pos = 0;
-            }
-            // A congested connection (backpressure) must drain below the low watermark
-            // within the stall timeout, or one trickling reader would pace every
-            // publisher for ever; otherwise any bytes out show a slow socket, not a
-            // stalled one.
-            let pacing = conn.congested && pending > self.settings.low_watermark;
-            if conn.stall_since != 0 && pending < pending_before && !pacing {
-                // The clock restarts (the wheel entry re-arms lazily when it fires early).
-                conn.stall_since = now + 1;
-            } else if conn.stall_since == 0 {
-                conn.stall_since = now + 1;
-                let stall_deadline =
-                    u64::from(now) + u64::from(self.settings.write_stall_ticks) + 1;
-                let timer = conn.timer;
-                if self
-                    .timers
-                    .wheel
-                    .deadline(timer)
-                    .is_some_and(|d| d > stall_deadline)
-                {
-                    self.timers.wheel.reset(timer, stall_deadline);
-                }
-            }
-        }
-        let session = conn.session;
-        if pending <= self.settings.low_watermark {
-            self.clear_congested(key);
-        }
-        self.release_idle_bufs(key);
-        if let Some(session) = session.filter(|_| pending < self.settings.low_watermark) {
-            self.refill(session.index());
-        }
-    }
-
-    /// The one exit of every connection: removes it from the slab and the poll, cancels its
-    /// timer, returns its buffers, detaches its session (will, expiry) and counts why.
-    fn close_conn(&mut self, key: usize, reason: DisconnectReason, v5_reason: Option<u8>) {
-        let Some(mut conn) = self.wire.conns.try_remove(key) else {
-            return;
-        };
-        if conn.congested {
-            self.uncount_congested();
-        }
-        if conn.state == ConnState::Authenticating {
-            self.admission.auth_pending.remove(&key);
-        }
-        if let (Some(code), Version::V5, ConnState::Active) = (v5_reason, conn.version, conn.state)
-        {
-            // One best-effort, non-blocking write of any pending output plus the DISCONNECT.
-            let mut out = match conn.bufs.as_mut() {
-                Some(b) => b.out.split_off(b.out_pos),
-                None => Vec::new(),
-            };
-            codec::encode_disconnect(&mut out, code, None);
-            let written = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-                Some(tls) => tls.writer().write_all(&out).is_ok(),
-                None => conn.socket.write(&out).is_ok(),
-            };
-            if written {
-                self.services.metrics.packet_out(packet::DISCONNECT);
-            }
-        }
-        if let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-            // Best effort: what rustls holds (a DISCONNECT, an alert) and close_notify.
-            tls.send_close_notify();
-            let _ = tls.write_tls(&mut conn.socket);
-        }
-        if conn.state != ConnState::Active {
-            self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
-        }
-        self.wire.paused.remove(&(key as u32));
-        if conn.state != ConnState::ProxyHeader {
-            self.services.per_ip.release(conn.peer.addr().ip());
-        }
-        let _ = self.wire.poll.registry().deregister(&mut conn.socket);
-        self.timers.wheel.cancel(conn.timer);
-        if let Some(b) = conn.bufs.take() {
-            let b = *b;
-            self.wire.pool.give(b.inbuf, self.clock.now);
-            self.wire.pool.give(b.out, self.clock.now);
-            self.wire.pool.give(b.held, self.clock.now);
-        }
-        self.services
-            .open_connections
-            .fetch_sub(1, Ordering::Relaxed);
-        self.services.metrics.disconnect(reason);
-        let accepted = self.clock.instant_of(conn.accepted_at);
-        self.services.metrics.observe_connection_age(
-            self.clock
-                .now_instant
-                .saturating_duration_since(accepted)
-                .as_secs_f64(),
-        );
-        let client_id = if let Some(s) = conn.session {
-            let s = s.index();
-            let id = self.sessions[s].client_id.clone();
-            let will = !matches!(
-                reason,
-                DisconnectReason::Client | DisconnectReason::Shutdown
-            );
-            self.detach_session(s, will);
-            id
-        } else {
-            Arc::from("")
-        };
-        tracing::debug!(shard = self.id, client_id = %client_id, peer = %conn.peer, reason = reason.as_str(), "connection closed");
     }
 
     fn handle_msg(&mut self, msg: ShardMsg) {

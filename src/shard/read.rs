@@ -145,15 +145,15 @@ impl Shard {
             // A key freed and reused since it was paused: not the paused connection.
             return;
         }
-        let held = self.take_held(key);
+        let held = self.wire.take_held(key);
         if !held.is_empty() {
             let alive = self.ingest_bytes(key, &held);
             self.wire.pool.give(held, self.clock.now);
-            if !alive || self.is_holding(key) {
+            if !alive || self.wire.is_holding(key) {
                 return;
             }
         }
-        if self.wire.conns[key].is_tls() && (!self.tls_process(key) || self.is_holding(key)) {
+        if self.wire.conns[key].is_tls() && (!self.tls_process(key) || self.wire.is_holding(key)) {
             return;
         }
         self.on_readable(key);
@@ -172,14 +172,14 @@ impl Shard {
     /// completing its partial frame, then framed in place. False when it is gone.
     pub(super) fn ingest_bytes(&mut self, key: usize, data: &[u8]) -> bool {
         let limited = self.settings.inbound.enabled() || self.settings.backpressure;
-        if limited && self.is_holding(key) {
+        if limited && self.wire.is_holding(key) {
             // Paused with frames held: these bytes queue behind them, in order.
-            let mut held = self.take_held(key);
+            let mut held = self.wire.take_held(key);
             self.wire
                 .pool
                 .reserve(&mut held, data.len(), self.clock.now);
             held.extend_from_slice(data);
-            self.put_held(key, held);
+            self.wire.put_held(key, held);
             return true;
         }
         let has_partial = self.wire.conns[key]
@@ -217,7 +217,7 @@ impl Shard {
         let (taken, rest) = data.split_at(fill.take);
         inbuf.extend_from_slice(taken);
         if !fill.complete {
-            self.put_inbuf(key, inbuf);
+            self.wire.put_inbuf(&self.clock, key, inbuf);
             return Err(true);
         }
         let alive = self.dispatch(key, &inbuf, rest);
@@ -252,7 +252,7 @@ impl Shard {
                         .pool
                         .take(want.min(crate::buffer::MAX_CLASS).max(data.len()));
                     inbuf.extend_from_slice(data);
-                    self.put_inbuf(key, inbuf);
+                    self.wire.put_inbuf(&self.clock, key, inbuf);
                     return true;
                 }
             }
@@ -277,7 +277,7 @@ impl Shard {
         }
         let mut held = self.wire.pool.take(data.len());
         held.extend_from_slice(data);
-        self.put_held(key, held);
+        self.wire.put_held(key, held);
         match verdict {
             Verdict::Pause(over) => self.pause_reads(key, over),
             _ => self.hold_publisher(key),
@@ -304,35 +304,6 @@ impl Shard {
         self.wire.conns[key].bufs.as_ref().map_or(0, |b| {
             self.settings.inbound.over_by(&b.rate, self.clock.now_ns())
         })
-    }
-
-    pub(super) fn is_holding(&self, key: usize) -> bool {
-        self.wire
-            .conns
-            .get(key)
-            .and_then(|c| c.bufs.as_ref())
-            .is_some_and(|b| !b.held.is_empty())
-    }
-
-    fn take_held(&mut self, key: usize) -> Vec<u8> {
-        match self.wire.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
-            Some(b) => std::mem::take(&mut b.held),
-            None => Vec::new(),
-        }
-    }
-
-    fn put_held(&mut self, key: usize, held: Vec<u8>) {
-        let bufs = self.wire.conns[key]
-            .bufs
-            .get_or_insert_with(Default::default);
-        bufs.held = held;
-    }
-
-    pub(super) fn put_inbuf(&mut self, key: usize, inbuf: Vec<u8>) {
-        let conn = &mut self.wire.conns[key];
-        let bufs = conn.bufs.get_or_insert_with(Default::default);
-        bufs.inbuf = inbuf;
-        self.release_idle_bufs(key);
     }
 
     /// Closes a connection for a protocol error, telling an MQTT 5 client why.

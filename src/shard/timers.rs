@@ -77,7 +77,7 @@ impl Shard {
             let timer = self.timers.wheel.insert(deadline, key as u32);
             self.wire.conns[key].timer = timer;
             // Forget inbound rate debt that has run out (an idle connection keeps no box).
-            self.release_idle_bufs(key);
+            self.wire.release_idle_bufs(&self.clock, key);
             return;
         }
         let stalled = conn.stall_since != 0

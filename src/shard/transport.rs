@@ -6,7 +6,7 @@
 //! plaintext to the framer. A WebSocket transport would be a fourth variant here: bytes in
 //! from the socket, plaintext frames' payload out.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use super::conn::{Conn, ConnState, Peer};
 use super::Shard;
@@ -87,7 +87,7 @@ impl Shard {
         let alive = self.tls_drain(key, &mut plain);
         self.wire.plain = plain;
         if alive {
-            self.mark_dirty(key);
+            self.wire.mark_dirty(key);
         }
         alive
     }
@@ -109,7 +109,7 @@ impl Shard {
                     if !self.ingest_bytes(key, &plain[..n]) {
                         return false;
                     }
-                    if self.is_holding(key) {
+                    if self.wire.is_holding(key) {
                         // Paused: the rest of the plaintext waits inside rustls.
                         return true;
                     }
@@ -156,7 +156,7 @@ impl Shard {
         let (header, len) = match proxy::parse(&buf, self.settings.proxy_header_max) {
             Ok(Some(h)) => h,
             Ok(None) => {
-                self.put_inbuf(key, buf);
+                self.wire.put_inbuf(&self.clock, key, buf);
                 return true;
             }
             Err(e) => {
@@ -193,6 +193,49 @@ impl Shard {
             self.tls_feed(key, rest)
         } else {
             self.ingest_bytes(key, rest)
+        }
+    }
+}
+
+/// Writes a connection's output as far as the socket takes it: on TLS, plaintext into
+/// rustls (up to its buffer limit) and ciphertext out; else straight to the socket.
+/// Returns the bytes the socket took, and false when writing failed (close it).
+pub fn write(conn: &mut Conn) -> (usize, bool) {
+    let Some(bufs) = conn.bufs.as_mut() else {
+        return (0, true);
+    };
+    let mut sent = 0;
+    let Some(tls) = bufs.tls.as_mut() else {
+        while bufs.out_pos < bufs.out.len() {
+            match conn.socket.write(&bufs.out[bufs.out_pos..]) {
+                Ok(0) => return (sent, false),
+                Ok(n) => {
+                    bufs.out_pos += n;
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return (sent, false),
+            }
+        }
+        return (sent, true);
+    };
+    loop {
+        if bufs.out_pos < bufs.out.len() {
+            match tls.writer().write(&bufs.out[bufs.out_pos..]) {
+                Ok(n) => bufs.out_pos += n,
+                Err(_) => return (sent, false),
+            }
+        }
+        if !tls.wants_write() {
+            return (sent, true);
+        }
+        match tls.write_tls(&mut conn.socket) {
+            Ok(0) => return (sent, false),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (sent, true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return (sent, false),
         }
     }
 }

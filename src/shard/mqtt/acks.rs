@@ -36,7 +36,9 @@ impl Shard {
             } else {
                 reason::PACKET_ID_NOT_FOUND
             };
-            self.output(key, 16, |out| codec::encode_pubrel(out, v, pkid, rc));
+            self.wire.output(&self.clock, key, 16, |out| {
+                codec::encode_pubrel(out, v, pkid, rc)
+            });
             self.services.metrics.packet_out(packet::PUBREL);
         } else {
             self.refill(skey);

@@ -164,7 +164,7 @@ impl Shard {
     ) -> bool {
         let v = self.wire.conns[key].version;
         let code = if v == Version::V5 { v5_code } else { v3_code };
-        self.output(key, 64, |out| {
+        self.wire.output(&self.clock, key, 64, |out| {
             codec::encode_connack(out, v, false, code, &ConnAckProps::default())
         });
         self.services.metrics.packet_out(packet::CONNACK);
@@ -377,7 +377,7 @@ impl Shard {
         self.activate_conn(key, skey, &terms);
         let client_id = self.sessions[skey].client_id.clone();
         let props = terms.connack_props(&self.settings, assigned.then_some(&*client_id));
-        self.output(key, 128, |out| {
+        self.wire.output(&self.clock, key, 128, |out| {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
         self.services.metrics.packet_out(packet::CONNACK);

@@ -97,7 +97,9 @@ impl Shard {
                 } else {
                     reason::PACKET_ID_NOT_FOUND
                 };
-                self.output(key, 16, |out| codec::encode_pubcomp(out, v, pkid, code));
+                self.wire.output(&self.clock, key, 16, |out| {
+                    codec::encode_pubcomp(out, v, pkid, code)
+                });
                 self.services.metrics.packet_out(packet::PUBCOMP);
             }
             Packet::Subscribe {
@@ -114,13 +116,14 @@ impl Shard {
                         reason::NO_SUBSCRIPTION_EXISTED
                     });
                 }
-                self.output(key, 16 + codes.len(), |out| {
+                self.wire.output(&self.clock, key, 16 + codes.len(), |out| {
                     codec::encode_unsuback(out, v, pkid, &codes)
                 });
                 self.services.metrics.packet_out(packet::UNSUBACK);
             }
             Packet::PingReq => {
-                self.output(key, 2, codec::encode_pingresp);
+                self.wire
+                    .output(&self.clock, key, 2, codec::encode_pingresp);
                 self.services.metrics.packet_out(packet::PINGRESP);
             }
             Packet::Disconnect {

@@ -64,7 +64,9 @@ impl Shard {
             };
             match p.qos {
                 1 => {
-                    self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, code));
+                    self.wire.output(&self.clock, key, 16, |out| {
+                        codec::encode_puback(out, v, p.pkid, code)
+                    });
                     self.services.metrics.packet_out(packet::PUBACK);
                 }
                 2 => {
@@ -76,7 +78,9 @@ impl Shard {
                             st.inbound_qos2.push(p.pkid);
                         }
                     }
-                    self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, code));
+                    self.wire.output(&self.clock, key, 16, |out| {
+                        codec::encode_pubrec(out, v, p.pkid, code)
+                    });
                     self.services.metrics.packet_out(packet::PUBREC);
                 }
                 _ => {}
@@ -88,7 +92,9 @@ impl Shard {
             let st = self.sessions[skey].state();
             if st.inbound_qos2.contains(&p.pkid) {
                 // A resend of a message we already have: acknowledge, do not route again.
-                self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
+                self.wire.output(&self.clock, key, 16, |out| {
+                    codec::encode_pubrec(out, v, p.pkid, 0)
+                });
                 self.services.metrics.packet_out(packet::PUBREC);
                 return true;
             }
@@ -117,11 +123,15 @@ impl Shard {
         self.publish(Arc::new(msg));
         match p.qos {
             1 => {
-                self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, 0));
+                self.wire.output(&self.clock, key, 16, |out| {
+                    codec::encode_puback(out, v, p.pkid, 0)
+                });
                 self.services.metrics.packet_out(packet::PUBACK);
             }
             2 => {
-                self.output(key, 16, |out| codec::encode_pubrec(out, v, p.pkid, 0));
+                self.wire.output(&self.clock, key, 16, |out| {
+                    codec::encode_pubrec(out, v, p.pkid, 0)
+                });
                 self.services.metrics.packet_out(packet::PUBREC);
             }
             _ => {}

@@ -111,7 +111,7 @@ impl Shard {
                 wanted_retained.push((filter, qos));
             }
         }
-        self.output(key, 16 + codes.len(), |out| {
+        self.wire.output(&self.clock, key, 16 + codes.len(), |out| {
             codec::encode_suback(out, v, pkid, &codes)
         });
         self.services.metrics.packet_out(packet::SUBACK);
