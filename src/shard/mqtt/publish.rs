@@ -8,8 +8,9 @@ use crate::message::{Message, Origin};
 use crate::shard::{packet, Shard};
 
 impl Shard {
+    /// An inbound PUBLISH: checked (topic length, alias, retain, ACL), then routed and
+    /// acknowledged. False when the connection was closed for it.
     pub(in crate::shard) fn on_publish(&mut self, key: usize, skey: usize, p: Publish) -> bool {
-        let v = self.wire.conns[key].version;
         if p.topic.len() > self.settings.max_topic_len {
             return self.close_protocol(
                 key,
@@ -17,36 +18,10 @@ impl Shard {
                 "topic name longer than max_topic_len",
             );
         }
-        let topic: Arc<str> = match p.topic_alias {
-            None => Arc::from(p.topic),
-            Some(a) if a == 0 || a > self.settings.topic_alias_maximum => {
-                return self.close_protocol(
-                    key,
-                    reason::TOPIC_ALIAS_INVALID,
-                    "topic alias 0 or above our Topic Alias Maximum",
-                );
-            }
-            Some(a) => {
-                let aliases = self.sessions[skey]
-                    .state()
-                    .aliases
-                    .get_or_insert_with(Default::default);
-                if p.topic.is_empty() {
-                    match aliases.inbound(a) {
-                        Some(t) => t,
-                        None => {
-                            return self.close_protocol(
-                                key,
-                                reason::PROTOCOL_ERROR,
-                                "topic alias used before it was set",
-                            )
-                        }
-                    }
-                } else {
-                    aliases.set_inbound(a, &p.topic);
-                    Arc::from(p.topic)
-                }
-            }
+        let (qos, pkid) = (p.qos, p.pkid);
+        let topic = match self.inbound_topic(key, skey, p.topic, p.topic_alias) {
+            Ok(t) => t,
+            Err(alive) => return alive,
         };
         if p.retain && !self.settings.retain_available {
             return self.close_protocol(
@@ -56,91 +31,136 @@ impl Shard {
             );
         }
         if !self.publish_allowed(skey, &topic) {
-            // 3.1.1 has no way to refuse: acknowledge and drop. MQTT 5: reason 0x87.
-            let code = if v == Version::V5 {
-                reason::NOT_AUTHORIZED
-            } else {
-                0
-            };
-            match p.qos {
-                1 => {
-                    self.wire.output(&self.clock, key, 16, |out| {
-                        codec::encode_puback(out, v, p.pkid, code)
-                    });
-                    self.services.metrics.packet_out(packet::PUBACK);
-                }
-                2 => {
-                    if v != Version::V5 {
-                        // The client will PUBREL it; answer that as for any message.
-                        let max = usize::from(self.settings.receive_maximum);
-                        let st = self.sessions[skey].state();
-                        if !st.inbound_qos2.contains(&p.pkid) && st.inbound_qos2.len() < max {
-                            st.inbound_qos2.push(p.pkid);
-                        }
-                    }
-                    self.wire.output(&self.clock, key, 16, |out| {
-                        codec::encode_pubrec(out, v, p.pkid, code)
-                    });
-                    self.services.metrics.packet_out(packet::PUBREC);
-                }
-                _ => {}
-            }
+            self.deny_publish(key, skey, qos, pkid);
             return true;
         }
-        if p.qos == 2 {
-            let max = usize::from(self.settings.receive_maximum);
-            let st = self.sessions[skey].state();
-            if st.inbound_qos2.contains(&p.pkid) {
-                // A resend of a message we already have: acknowledge, do not route again.
-                self.wire.output(&self.clock, key, 16, |out| {
-                    codec::encode_pubrec(out, v, p.pkid, 0)
-                });
-                self.services.metrics.packet_out(packet::PUBREC);
-                return true;
+        if qos == 2 {
+            match self.note_inbound_qos2(skey, pkid) {
+                Qos2::New => {}
+                Qos2::Resent => {
+                    // A resend of a message we already have: acknowledge, do not route again.
+                    self.ack_publish(key, qos, pkid, 0);
+                    return true;
+                }
+                Qos2::TooMany => {
+                    return self.close_protocol(
+                        key,
+                        reason::RECEIVE_MAXIMUM_EXCEEDED,
+                        "more QoS 2 messages in flight than Receive Maximum",
+                    )
+                }
             }
-            if st.inbound_qos2.len() >= max {
-                return self.close_protocol(
-                    key,
-                    reason::RECEIVE_MAXIMUM_EXCEEDED,
-                    "more QoS 2 messages in flight than Receive Maximum",
-                );
-            }
-            st.inbound_qos2.push(p.pkid);
         }
         let expiry = p.props.as_ref().and_then(|pr| pr.message_expiry);
-        let mut msg = Message::new(
-            topic,
-            p.payload,
-            p.qos,
-            p.retain,
-            Origin::Device {
-                shard: self.id as u16,
-                session: skey as u32,
-            },
-        )
-        .with_expiry_secs(expiry);
+        let origin = Origin::Device {
+            shard: self.id as u16,
+            session: skey as u32,
+        };
+        let mut msg =
+            Message::new(topic, p.payload, qos, p.retain, origin).with_expiry_secs(expiry);
         msg.props = p.props;
         self.publish(Arc::new(msg));
-        match p.qos {
-            1 => {
-                self.wire.output(&self.clock, key, 16, |out| {
-                    codec::encode_puback(out, v, p.pkid, 0)
-                });
-                self.services.metrics.packet_out(packet::PUBACK);
-            }
-            2 => {
-                self.wire.output(&self.clock, key, 16, |out| {
-                    codec::encode_pubrec(out, v, p.pkid, 0)
-                });
-                self.services.metrics.packet_out(packet::PUBREC);
-            }
-            _ => {}
-        }
+        self.ack_publish(key, qos, pkid, 0);
         true
+    }
+
+    /// The topic of an inbound PUBLISH: its name, or the one its MQTT 5 topic alias
+    /// stands for (an alias with a name sets it). `Err(alive)` when the alias is invalid.
+    fn inbound_topic(
+        &mut self,
+        key: usize,
+        skey: usize,
+        name: String,
+        alias: Option<u16>,
+    ) -> Result<Arc<str>, bool> {
+        let Some(a) = alias else {
+            return Ok(Arc::from(name));
+        };
+        if a == 0 || a > self.settings.topic_alias_maximum {
+            return Err(self.close_protocol(
+                key,
+                reason::TOPIC_ALIAS_INVALID,
+                "topic alias 0 or above our Topic Alias Maximum",
+            ));
+        }
+        let aliases = self.sessions[skey]
+            .state()
+            .aliases
+            .get_or_insert_with(Default::default);
+        if !name.is_empty() {
+            aliases.set_inbound(a, &name);
+            return Ok(Arc::from(name));
+        }
+        match aliases.inbound(a) {
+            Some(t) => Ok(t),
+            None => Err(self.close_protocol(
+                key,
+                reason::PROTOCOL_ERROR,
+                "topic alias used before it was set",
+            )),
+        }
+    }
+
+    /// A PUBLISH the ACL denies. MQTT 3.1.1 has no way to refuse: acknowledge and drop.
+    /// MQTT 5: acknowledge with reason 0x87.
+    fn deny_publish(&mut self, key: usize, skey: usize, qos: u8, pkid: u16) {
+        let v = self.wire.conns[key].version;
+        let code = if v == Version::V5 {
+            reason::NOT_AUTHORIZED
+        } else {
+            0
+        };
+        if qos == 2 && v != Version::V5 {
+            // The client will PUBREL it; answer that as for any message.
+            let max = usize::from(self.settings.receive_maximum);
+            let st = self.sessions[skey].state();
+            if !st.inbound_qos2.contains(&pkid) && st.inbound_qos2.len() < max {
+                st.inbound_qos2.push(pkid);
+            }
+        }
+        self.ack_publish(key, qos, pkid, code);
+    }
+
+    /// Records an inbound QoS 2 packet id until its PUBREL, within Receive Maximum.
+    fn note_inbound_qos2(&mut self, skey: usize, pkid: u16) -> Qos2 {
+        let max = usize::from(self.settings.receive_maximum);
+        let st = self.sessions[skey].state();
+        if st.inbound_qos2.contains(&pkid) {
+            return Qos2::Resent;
+        }
+        if st.inbound_qos2.len() >= max {
+            return Qos2::TooMany;
+        }
+        st.inbound_qos2.push(pkid);
+        Qos2::New
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) with reason `code`; nothing for QoS 0.
+    fn ack_publish(&mut self, key: usize, qos: u8, pkid: u16, code: u8) {
+        let v = self.wire.conns[key].version;
+        let kind = match qos {
+            1 => packet::PUBACK,
+            2 => packet::PUBREC,
+            _ => return,
+        };
+        self.wire.output(&self.clock, key, 16, |out| match qos {
+            1 => codec::encode_puback(out, v, pkid, code),
+            _ => codec::encode_pubrec(out, v, pkid, code),
+        });
+        self.services.metrics.packet_out(kind);
     }
 
     /// The ACL's word on a PUBLISH to `topic` from session `skey`; a refusal is counted.
     pub(in crate::shard) fn publish_allowed(&mut self, skey: usize, topic: &str) -> bool {
         self.acl_allows(skey, false, topic)
     }
+}
+
+/// What an inbound QoS 2 packet id is to the session.
+enum Qos2 {
+    New,
+    /// Already received, PUBREL not yet: the client resent it.
+    Resent,
+    /// More unreleased than Receive Maximum.
+    TooMany,
 }
