@@ -343,6 +343,23 @@ impl Session {
         }
     }
 
+    /// PUBREL of inbound QoS 2 message `pkid`: its id is free again. False when it was
+    /// not known.
+    pub fn release_inbound(&mut self, pkid: u16) -> bool {
+        let Some(st) = self.extra.as_mut() else {
+            return false;
+        };
+        let known = match st.inbound_qos2.iter().position(|&p| p == pkid) {
+            Some(i) => {
+                st.inbound_qos2.swap_remove(i);
+                true
+            }
+            None => false,
+        };
+        self.compact();
+        known
+    }
+
     /// True when a new QoS 1/2 message may go straight out: nothing queued ahead of it
     /// and fewer than `window` messages in flight.
     pub fn window_open(&self, window: u16) -> bool {
@@ -607,6 +624,17 @@ mod tests {
         assert!(s.complete(3, Ack::PubComp).is_none());
         assert!(s.release(3));
         assert_eq!(s.complete(3, Ack::PubComp).map(|f| f.pkid), Some(3));
+    }
+
+    #[test]
+    fn release_inbound_frees_a_known_id_once() {
+        let mut s = Session::new("c".into(), Version::V5);
+        assert!(!s.release_inbound(5));
+        s.state().inbound_qos2.extend([5, 6]);
+        assert!(s.release_inbound(5));
+        assert!(!s.release_inbound(5));
+        assert!(s.release_inbound(6));
+        assert!(s.extra.is_none(), "compacted once empty");
     }
 
     #[test]

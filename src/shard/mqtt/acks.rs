@@ -44,4 +44,18 @@ impl Shard {
             self.refill(skey);
         }
     }
+
+    /// PUBREL of an inbound QoS 2 message: the packet id is released; PUBCOMP.
+    pub(in crate::shard) fn on_pubrel(&mut self, key: usize, skey: usize, pkid: u16) {
+        let v = self.wire.conns[key].version;
+        let code = if self.sessions[skey].release_inbound(pkid) {
+            0
+        } else {
+            reason::PACKET_ID_NOT_FOUND
+        };
+        self.wire.output(&self.clock, key, 16, |out| {
+            codec::encode_pubcomp(out, v, pkid, code)
+        });
+        self.services.metrics.packet_out(packet::PUBCOMP);
+    }
 }

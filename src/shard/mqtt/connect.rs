@@ -9,6 +9,7 @@ use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 use crate::session::{Attach, ConnKey, SessionKey};
 
 use crate::shard::negotiate::{negotiate, Terms};
+use crate::shard::wire::give_bufs;
 use crate::shard::{packet, ConnState, Shard};
 
 /// CONNACK return codes of MQTT 3.1.1.
@@ -33,6 +34,21 @@ impl Shard {
         mut connect: Connect,
         rest: &[u8],
     ) -> bool {
+        let assigned = match self.resolve_client_id(key, &mut connect) {
+            Ok(assigned) => assigned,
+            Err(alive) => return alive,
+        };
+        let home = home_shard(&connect.client_id, self.services.mailboxes.len());
+        if home == self.id {
+            return self.on_connect(key, connect, assigned, rest);
+        }
+        self.hand_off(key, home, connect, rest);
+        false
+    }
+
+    /// The client id the connection goes by: its certificate's CN when so configured,
+    /// else its own, else one we assign (true). `Err(alive)` when it is refused.
+    fn resolve_client_id(&mut self, key: usize, connect: &mut Connect) -> Result<bool, bool> {
         // Identity from the verified client certificate comes first: it decides the home.
         if self.settings.use_cn_as_client_id && self.wire.conns[key].is_tls() {
             match self.peer_cn(key) {
@@ -40,35 +56,36 @@ impl Shard {
                 None if self.settings.require_client_cert => {
                     self.wire.conns[key].version = connect.version;
                     tracing::info!(shard = self.id, peer = %self.wire.conns[key].peer, "client certificate has no CN, refused");
-                    return self.refuse(
+                    return Err(self.refuse(
                         key,
                         V3_IDENTIFIER_REJECTED,
                         reason::CLIENT_ID_NOT_VALID,
                         RefuseReason::ClientId,
-                    );
+                    ));
                 }
                 None => {}
             }
         }
-        let mut assigned = false;
-        if connect.client_id.is_empty() {
-            if connect.version != Version::V5 && !connect.clean_start {
-                // 3.1.1 [MQTT-3.1.3-8]: an empty id needs clean session.
-                self.wire.conns[key].version = connect.version;
-                return self.refuse(
-                    key,
-                    V3_IDENTIFIER_REJECTED,
-                    reason::CLIENT_ID_NOT_VALID,
-                    RefuseReason::ClientId,
-                );
-            }
-            connect.client_id = self.assign_client_id();
-            assigned = true;
+        if !connect.client_id.is_empty() {
+            return Ok(false);
         }
-        let home = home_shard(&connect.client_id, self.services.mailboxes.len());
-        if home == self.id {
-            return self.on_connect(key, connect, assigned, rest);
+        if connect.version != Version::V5 && !connect.clean_start {
+            // 3.1.1 [MQTT-3.1.3-8]: an empty id needs clean session.
+            self.wire.conns[key].version = connect.version;
+            return Err(self.refuse(
+                key,
+                V3_IDENTIFIER_REJECTED,
+                reason::CLIENT_ID_NOT_VALID,
+                RefuseReason::ClientId,
+            ));
         }
+        connect.client_id = self.assign_client_id();
+        Ok(true)
+    }
+
+    /// Takes the connection off this shard and posts it, with its CONNECT, to shard
+    /// `home`; refuses it (server unavailable) when that shard's mailbox is full.
+    fn hand_off(&mut self, key: usize, home: usize, connect: Connect, rest: &[u8]) {
         let mut conn = self.wire.conns.remove(key);
         // Stop counting it here before the home shard can count it.
         ShardMetrics::set(
@@ -79,20 +96,16 @@ impl Shard {
         let _ = self.wire.poll.registry().deregister(&mut conn.socket);
         self.timers.wheel.cancel(conn.timer);
         let mut tls = None;
-        if let Some(b) = conn.bufs.take() {
-            let b = *b;
-            self.wire.pool.give(b.inbuf, self.clock.now);
-            self.wire.pool.give(b.out, self.clock.now);
-            tls = b.tls;
+        if let Some(mut b) = conn.bufs.take() {
+            tls = b.tls.take();
+            give_bufs(&mut self.wire.pool, *b, self.clock.now);
         }
-        let accepted_at = self.clock.instant_of(conn.accepted_at);
-        let version = connect.version;
         let handoff = Handoff {
             socket: conn.socket,
             peer: conn.peer.addr(),
             connect,
             rest: rest.to_vec(),
-            accepted_at,
+            accepted_at: self.clock.instant_of(conn.accepted_at),
             tls,
         };
         if let Err(ShardMsg::Handoff(h)) = self
@@ -100,34 +113,37 @@ impl Shard {
             .mailboxes
             .try_send(home, ShardMsg::Handoff(Box::new(handoff)))
         {
-            // The home shard is overloaded: tell the client to come back later.
-            let mut out = Vec::with_capacity(16);
-            let code = if version == Version::V5 {
-                reason::SERVER_UNAVAILABLE
-            } else {
-                V3_SERVER_UNAVAILABLE
-            };
-            codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
-            let mut h = h;
-            match h.tls.as_mut() {
-                Some(tls) => {
-                    let _ = std::io::Write::write_all(&mut tls.writer(), &out);
-                    tls.send_close_notify();
-                    let _ = tls.write_tls(&mut &h.socket);
-                }
-                None => {
-                    let _ = std::io::Write::write(&mut &h.socket, &out);
-                }
-            }
-            self.services.per_ip.release(h.peer.ip());
-            self.services
-                .open_connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            self.services.metrics.refuse(RefuseReason::Busy);
-            self.services.metrics.disconnect(DisconnectReason::Refused);
-            tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
+            self.refuse_handoff(home, *h);
         }
-        false
+    }
+
+    /// The home shard is overloaded: tells the client to come back later, and closes.
+    fn refuse_handoff(&mut self, home: usize, mut h: Handoff) {
+        let version = h.connect.version;
+        let mut out = Vec::with_capacity(16);
+        let code = if version == Version::V5 {
+            reason::SERVER_UNAVAILABLE
+        } else {
+            V3_SERVER_UNAVAILABLE
+        };
+        codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
+        match h.tls.as_mut() {
+            Some(tls) => {
+                let _ = std::io::Write::write_all(&mut tls.writer(), &out);
+                tls.send_close_notify();
+                let _ = tls.write_tls(&mut &h.socket);
+            }
+            None => {
+                let _ = std::io::Write::write(&mut &h.socket, &out);
+            }
+        }
+        self.services.per_ip.release(h.peer.ip());
+        self.services
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.services.metrics.refuse(RefuseReason::Busy);
+        self.services.metrics.disconnect(DisconnectReason::Refused);
+        tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
     }
 
     /// The subject CN of the client certificate rustls verified on this connection.

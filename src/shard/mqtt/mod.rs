@@ -68,59 +68,26 @@ impl Shard {
         }
     }
 
+    /// One packet of an active connection, to its family's handler. False when the
+    /// connection is gone.
     pub(in crate::shard) fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
         let Some(skey) = self.wire.conns[key].session.map(SessionKey::index) else {
             // Only an active connection's packets get here, and it has its session.
             self.close_conn(key, DisconnectReason::ProtocolError, None);
             return false;
         };
-        let v = self.wire.conns[key].version;
         match packet {
             Packet::Publish(p) => return self.on_publish(key, skey, p),
             Packet::PubAck { pkid, .. } => self.on_ack(skey, pkid, Ack::PubAck),
             Packet::PubRec { pkid, reason: code } => self.on_pubrec(key, skey, pkid, code),
             Packet::PubComp { pkid, .. } => self.on_ack(skey, pkid, Ack::PubComp),
-            Packet::PubRel { pkid, .. } => {
-                let known = match self.sessions[skey].extra.as_mut() {
-                    Some(st) => match st.inbound_qos2.iter().position(|&p| p == pkid) {
-                        Some(i) => {
-                            st.inbound_qos2.swap_remove(i);
-                            true
-                        }
-                        None => false,
-                    },
-                    None => false,
-                };
-                self.sessions[skey].compact();
-                let code = if known {
-                    0
-                } else {
-                    reason::PACKET_ID_NOT_FOUND
-                };
-                self.wire.output(&self.clock, key, 16, |out| {
-                    codec::encode_pubcomp(out, v, pkid, code)
-                });
-                self.services.metrics.packet_out(packet::PUBCOMP);
-            }
+            Packet::PubRel { pkid, .. } => self.on_pubrel(key, skey, pkid),
             Packet::Subscribe {
                 pkid,
                 filters,
                 subscription_id,
             } => return self.on_subscribe(key, skey, pkid, filters, subscription_id),
-            Packet::Unsubscribe { pkid, filters } => {
-                let mut codes = Vec::with_capacity(filters.len());
-                for f in &filters {
-                    codes.push(if self.unsubscribe(skey, f) {
-                        0
-                    } else {
-                        reason::NO_SUBSCRIPTION_EXISTED
-                    });
-                }
-                self.wire.output(&self.clock, key, 16 + codes.len(), |out| {
-                    codec::encode_unsuback(out, v, pkid, &codes)
-                });
-                self.services.metrics.packet_out(packet::UNSUBACK);
-            }
+            Packet::Unsubscribe { pkid, filters } => self.on_unsubscribe(key, skey, pkid, &filters),
             Packet::PingReq => {
                 self.wire
                     .output(&self.clock, key, 2, codec::encode_pingresp);
@@ -129,31 +96,7 @@ impl Shard {
             Packet::Disconnect {
                 reason: code,
                 session_expiry,
-            } => {
-                let s = &mut self.sessions[skey];
-                if let Some(e) = session_expiry {
-                    if s.expiry_secs == 0 && e != 0 {
-                        // [MQTT-3.14.2-2]: cannot turn a session that ends into one that lasts.
-                        return self.close_protocol(
-                            key,
-                            reason::PROTOCOL_ERROR,
-                            "session expiry set on DISCONNECT after 0 at CONNECT",
-                        );
-                    }
-                    s.expiry_secs = e.min(self.settings.max_session_expiry_secs);
-                }
-                // Only "disconnect with will message" (0x04) keeps the will; it is then
-                // treated as after an abnormal close (Will Delay Interval included). It is
-                // taken out before the close, which drops any will of a client that sent
-                // DISCONNECT, and placed once the session is detached.
-                let will = s.extra.as_mut().and_then(|st| st.will.take());
-                let session_ends = s.expiry_secs == 0;
-                self.close_conn(key, DisconnectReason::Client, None);
-                if let Some(w) = will.filter(|_| code == reason::DISCONNECT_WITH_WILL) {
-                    self.publish_or_delay_will((!session_ends).then_some(skey), w);
-                }
-                return false;
-            }
+            } => return self.on_disconnect(key, skey, code, session_expiry),
             Packet::Auth => {
                 return self.close_protocol(
                     key,

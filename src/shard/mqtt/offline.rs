@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::codec::Will;
+use crate::codec::{reason, Will};
 use crate::message::{Message, Origin};
+use crate::metrics::DisconnectReason;
 use crate::session::{InflightState, Queued, NEVER_EXPIRES};
 use crate::wheel::TimerId;
 
@@ -184,5 +185,38 @@ impl Shard {
         .with_expiry_secs(expiry);
         msg.props = w.props;
         self.publish(Arc::new(msg));
+    }
+
+    /// DISCONNECT from the client: its session expiry may change (not from 0), and
+    /// only "disconnect with will message" (0x04) keeps the will. Always false (closed).
+    pub(in crate::shard) fn on_disconnect(
+        &mut self,
+        key: usize,
+        skey: usize,
+        code: u8,
+        session_expiry: Option<u32>,
+    ) -> bool {
+        let s = &mut self.sessions[skey];
+        if let Some(e) = session_expiry {
+            if s.expiry_secs == 0 && e != 0 {
+                // [MQTT-3.14.2-2]: cannot turn a session that ends into one that lasts.
+                return self.close_protocol(
+                    key,
+                    reason::PROTOCOL_ERROR,
+                    "session expiry set on DISCONNECT after 0 at CONNECT",
+                );
+            }
+            s.expiry_secs = e.min(self.settings.max_session_expiry_secs);
+        }
+        // A kept will is treated as after an abnormal close (Will Delay Interval
+        // included). It is taken out before the close, which drops any will of a client
+        // that sent DISCONNECT, and placed once the session is detached.
+        let will = s.extra.as_mut().and_then(|st| st.will.take());
+        let session_ends = s.expiry_secs == 0;
+        self.close_conn(key, DisconnectReason::Client, None);
+        if let Some(w) = will.filter(|_| code == reason::DISCONNECT_WITH_WILL) {
+            self.publish_or_delay_will((!session_ends).then_some(skey), w);
+        }
+        false
     }
 }

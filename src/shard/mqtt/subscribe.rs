@@ -265,6 +265,31 @@ impl Shard {
         }
         true
     }
+
+    /// UNSUBSCRIBE: each filter removed or not found, in the UNSUBACK.
+    pub(in crate::shard) fn on_unsubscribe(
+        &mut self,
+        key: usize,
+        skey: usize,
+        pkid: u16,
+        filters: &[String],
+    ) {
+        let v = self.wire.conns[key].version;
+        let codes: Vec<u8> = filters
+            .iter()
+            .map(|f| {
+                if self.unsubscribe(skey, f) {
+                    0
+                } else {
+                    reason::NO_SUBSCRIPTION_EXISTED
+                }
+            })
+            .collect();
+        self.wire.output(&self.clock, key, 16 + codes.len(), |out| {
+            codec::encode_unsuback(out, v, pkid, &codes)
+        });
+        self.services.metrics.packet_out(packet::UNSUBACK);
+    }
 }
 
 /// What became of one filter of a SUBSCRIBE.
