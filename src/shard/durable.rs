@@ -155,7 +155,7 @@ impl Shard {
         // the restart: they go out again with DUP set, as any redelivery.
         let maybe_sent = usize::from(self.settings.max_inflight);
         for stored in sessions {
-            let skey = self.new_session(&stored.client_id, stored.version);
+            let skey = self.sessions.open(&stored.client_id, stored.version);
             let s = &mut self.sessions[skey];
             s.expiry_secs = stored.expiry_secs;
             s.stored = true;

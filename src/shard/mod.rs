@@ -10,13 +10,23 @@
 //! write each, and hand cross-shard messages to the other shards in one batch each. Only
 //! when nothing is left does the shard wait.
 //!
+//! The shard is a composition of owned parts, each in its own file: the [`wire`] (poll,
+//! listeners, connection slab, buffers), [`accept`] (admission: overload limits,
+//! handshakes), [`sessions`], [`routing`] (subscription index, retained messages, shared
+//! groups, outboxes), the [`clock`], [`timers`] (the wheel), the [`services`] it calls on
+//! (auth, ACL, store, metrics, mailboxes) and its [`settings`]. This file keeps the loop
+//! turn and the mailbox dispatch.
+//!
 //! A connection's reads go through [`read`]: the [`gate`] decides whether to read, the
 //! [`transport`] turns socket reads into plaintext, the [`framer`] cuts it into frames.
-//! The per-packet MQTT logic is in [`mqtt`]; routing and delivery in [`delivery`].
+//! Its writes go through [`write`]. The per-packet MQTT logic is in [`mqtt`] (by packet
+//! family; the CONNECT terms in [`negotiate`]); routing and delivery in [`delivery`] and
+//! [`shared`]; push API requests in [`push`]; the durable store's side in [`durable`];
+//! slow-consumer backpressure in [`backpressure`].
 
+mod accept;
 mod backpressure;
 pub use backpressure::Congestion;
-mod accept;
 mod clock;
 mod conn;
 mod delivery;
@@ -39,7 +49,7 @@ mod wire;
 mod write;
 
 use std::collections::HashSet;
-use std::io::{self};
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -52,7 +62,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::buffer::BufferPool;
-use crate::codec::{self};
+use crate::codec;
 use crate::config::Config;
 use crate::limits::{PerIpLimit, TokenBucket};
 use crate::mailbox::{Mailboxes, ShardMsg};

@@ -1,7 +1,7 @@
 //! The negotiation of a CONNECT: what the client asked for, clamped by the shard's
 //! settings, gives the connection's terms (keep-alive, session expiry, in-flight window,
 //! topic alias maximum) and the CONNACK properties that tell an MQTT 5 client what was
-//! changed. Pure: `accept_connect` (in `mqtt.rs`) applies the result.
+//! changed. Pure: `accept_connect` (in `mqtt/connect.rs`) applies the result.
 
 use crate::codec::{ConnAckProps, Connect, Version};
 

@@ -1,5 +1,5 @@
-//! Acknowledgements of outbound QoS 1/2 messages (PUBACK, PUBREC, PUBCOMP): the
-//! session ends the exchange, the window refills.
+//! Acknowledgements: of outbound QoS 1/2 messages (PUBACK, PUBREC, PUBCOMP: the
+//! session ends the exchange, the window refills), and PUBREL of inbound QoS 2 ones.
 
 use crate::codec::{self, reason};
 use crate::session::Ack;

@@ -482,9 +482,9 @@ impl Shard {
             Some(s) if !c.clean_start => (s as usize, true),
             Some(s) => {
                 self.end_session(s as usize);
-                (self.new_session(&c.client_id, c.version), false)
+                (self.sessions.open(&c.client_id, c.version), false)
             }
-            None => (self.new_session(&c.client_id, c.version), false),
+            None => (self.sessions.open(&c.client_id, c.version), false),
         }
     }
 
@@ -530,10 +530,6 @@ impl Shard {
         if !self.timers.wheel.reset(timer, deadline) {
             self.wire.conns[key].timer = self.timers.wheel.insert(deadline, key as u32);
         }
-    }
-
-    pub(in crate::shard) fn new_session(&mut self, client_id: &str, v: Version) -> usize {
-        self.sessions.open(client_id, v)
     }
 }
 

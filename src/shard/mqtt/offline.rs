@@ -1,5 +1,5 @@
-//! A session without its connection: the will (now or delayed), the expiry timer, and
-//! the end of the session.
+//! A session without its connection: DISCONNECT, the will (now or delayed), the expiry
+//! timer, and the end of the session.
 
 use std::sync::Arc;
 
