@@ -40,7 +40,7 @@ impl Shard {
 
     /// The tick by which `secs` have surely passed since `now`. `now` is the current tick
     /// rounded down, so one more tick is added: a session deadline is never early, and at
-    /// most one tick late (as the connection deadlines in `Shard::conn_deadline`).
+    /// most one tick late (as the connection deadlines in `timers::Timing::deadline`).
     pub(in crate::shard) fn offline_deadline(&self, now: u64, secs: u32) -> u64 {
         now + u64::from(self.settings.ticks(f64::from(secs))) + 1
     }
