@@ -5,7 +5,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use hashbrown::HashMap;
 use mio::net::TcpStream;
@@ -70,12 +69,12 @@ impl Shard {
             }
             return false;
         }
-        if !self.admission.connect_bucket.ready(Instant::now()) {
+        if !self.admission.connect_bucket.ready(self.clock.read()) {
             if !was_blocked {
                 ShardMetrics::add(&self.services.metrics.accept_paused_rate, 1);
                 tracing::debug!(shard = self.id, "max_connect_rate reached, not accepting");
             }
-            self.wake_no_later_than(Instant::now() + self.admission.connect_bucket.wait());
+            self.wake_no_later_than(self.clock.read() + self.admission.connect_bucket.wait());
             return false;
         }
         true

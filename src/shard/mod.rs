@@ -216,11 +216,9 @@ impl Shard {
             }
             None => (None, None),
         };
-        let connect_bucket = TokenBucket::new(
-            settings.connect_rate,
-            settings.connect_burst,
-            Instant::now(),
-        );
+        let clock = Clock::new(settings.tick);
+        let connect_bucket =
+            TokenBucket::new(settings.connect_rate, settings.connect_burst, clock.read());
         let shards = ctx.mailboxes.len();
         let wire = Wire {
             poll,
@@ -256,7 +254,7 @@ impl Shard {
         Ok((
             Shard {
                 id: ctx.id,
-                clock: Clock::new(settings.tick),
+                clock,
                 settings,
                 wire,
                 admission: Admission::new(connect_bucket),
@@ -318,7 +316,7 @@ impl Shard {
             busy |= self.admission.accept_blocked
                 && !self.stopping
                 && (max == 0 || self.admission.handshaking < max)
-                && self.admission.connect_bucket.ready(Instant::now());
+                && self.admission.connect_bucket.ready(self.clock.read());
             if busy {
                 tokio::task::yield_now().await;
                 continue;
@@ -330,7 +328,7 @@ impl Shard {
                 Duration::from_secs(3600)
             };
             if let Some(at) = self.wake_at {
-                retry = retry.min(at.saturating_duration_since(Instant::now()));
+                retry = retry.min(at.saturating_duration_since(self.clock.read()));
             }
             tokio::select! {
                 biased;
