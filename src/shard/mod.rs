@@ -305,7 +305,11 @@ impl Shard {
             self.publish_gauges();
             self.flush_dirty();
             self.send_pending_replies();
-            let outbox_waiting = self.flush_outbox() | self.flush_store();
+            let outbox_waiting = self.routing.flush(
+                &self.services.mailboxes,
+                &self.services.metrics,
+                &self.settings,
+            ) | self.flush_store();
             self.publish_gauges();
             if self.stopping && self.wire.conns.is_empty() {
                 break;
@@ -461,39 +465,6 @@ impl Shard {
                 Some(codec::reason::SERVER_SHUTTING_DOWN),
             );
         }
-    }
-
-    /// Sends each other shard its batch of messages; true if some must be retried.
-    fn flush_outbox(&mut self) -> bool {
-        let mut waiting = self.flush_ctl();
-        self.routing.outbox_blocked = false;
-        for shard in 0..self.routing.outbox.len() {
-            if self.routing.outbox[shard].is_empty() {
-                continue;
-            }
-            let batch = std::mem::take(&mut self.routing.outbox[shard]);
-            if let Err(ShardMsg::Publish(batch)) = self
-                .services
-                .mailboxes
-                .try_send(shard, ShardMsg::Publish(batch))
-            {
-                // Keep it for the next turn, but never more than a mailbox's worth
-                // (with backpressure no PUBLISH is read meanwhile, so it stops growing).
-                let cap = self.settings.mailbox_capacity;
-                let mut batch = batch;
-                self.routing.outbox_blocked = true;
-                if batch.len() > cap && !self.settings.backpressure {
-                    let excess = batch.len() - cap;
-                    batch.drain(..excess);
-                    self.services
-                        .metrics
-                        .drop_msg(crate::metrics::DropReason::MailboxFull, excess as u64);
-                }
-                self.routing.outbox[shard] = batch;
-                waiting = true;
-            }
-        }
-        waiting
     }
 
     fn publish_gauges(&mut self) {

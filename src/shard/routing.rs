@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use crate::mailbox::ShardMsg;
+use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::Message;
+use crate::metrics::{DropReason, ShardMetrics};
 use crate::topic::{Subscriber, SubscriptionIndex};
 
 use super::shared::SharedGroups;
+use super::Settings;
 
 pub struct Routing {
     pub subs: SubscriptionIndex,
@@ -42,5 +44,60 @@ impl Routing {
             ctl_outbox: (0..shards).map(|_| VecDeque::new()).collect(),
             outbox_blocked: false,
         }
+    }
+
+    /// Sends each other shard its control messages, then its batch of messages; true if
+    /// some must be retried. What does not fit stays for the next turn, but never more
+    /// than a mailbox's worth (the oldest are dropped and counted), except messages with
+    /// backpressure on (no PUBLISH is read meanwhile, so the batch stops growing).
+    pub fn flush(&mut self, mailboxes: &Mailboxes, metrics: &ShardMetrics, s: &Settings) -> bool {
+        let mut waiting = self.flush_ctl(mailboxes, metrics, s.mailbox_capacity.max(1));
+        self.outbox_blocked = false;
+        for shard in 0..self.outbox.len() {
+            if self.outbox[shard].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.outbox[shard]);
+            if let Err(ShardMsg::Publish(mut batch)) =
+                mailboxes.try_send(shard, ShardMsg::Publish(batch))
+            {
+                self.outbox_blocked = true;
+                if !s.backpressure {
+                    drop_oldest(&mut batch, s.mailbox_capacity, metrics);
+                }
+                self.outbox[shard] = batch;
+                waiting = true;
+            }
+        }
+        waiting
+    }
+
+    /// Shared-subscription control messages, in order, for each other shard.
+    fn flush_ctl(&mut self, mailboxes: &Mailboxes, metrics: &ShardMetrics, cap: usize) -> bool {
+        let mut waiting = false;
+        for (shard, list) in self.ctl_outbox.iter_mut().enumerate() {
+            while let Some(msg) = list.pop_front() {
+                if let Err(msg) = mailboxes.try_send(shard, msg) {
+                    list.push_front(msg);
+                    break;
+                }
+            }
+            if list.len() > cap {
+                let excess = list.len() - cap;
+                list.drain(..excess);
+                metrics.drop_msg(DropReason::MailboxFull, excess as u64);
+            }
+            waiting |= !list.is_empty();
+        }
+        waiting
+    }
+}
+
+/// Drops the oldest of `batch` beyond `cap`, counted as mailbox-full drops.
+fn drop_oldest<T>(batch: &mut Vec<T>, cap: usize, metrics: &ShardMetrics) {
+    if batch.len() > cap {
+        let excess = batch.len() - cap;
+        batch.drain(..excess);
+        metrics.drop_msg(DropReason::MailboxFull, excess as u64);
     }
 }

@@ -19,7 +19,6 @@
 //! `mailbox_full`), so a shard never blocks and a member's join, leave and bounces reach
 //! the owner in the order they were sent.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
@@ -74,30 +73,6 @@ impl Shard {
         } else {
             self.routing.ctl_outbox[shard].push_back(msg);
         }
-    }
-
-    /// Sends the waiting control messages in order; true if some must be retried.
-    pub(super) fn flush_ctl(&mut self) -> bool {
-        let cap = (self.settings.mailbox_capacity).max(1);
-        let mut waiting = false;
-        for shard in 0..self.routing.ctl_outbox.len() {
-            while let Some(msg) = self.routing.ctl_outbox[shard].pop_front() {
-                if let Err(msg) = self.services.mailboxes.try_send(shard, msg) {
-                    self.routing.ctl_outbox[shard].push_front(msg);
-                    break;
-                }
-            }
-            let list: &mut VecDeque<ShardMsg> = &mut self.routing.ctl_outbox[shard];
-            if list.len() > cap {
-                let excess = list.len() - cap;
-                list.drain(..excess);
-                self.services
-                    .metrics
-                    .drop_msg(DropReason::MailboxFull, excess as u64);
-            }
-            waiting |= !self.routing.ctl_outbox[shard].is_empty();
-        }
-        waiting
     }
 
     /// Session `skey` (homed here) joined `$share/{group}/{filter}`.
