@@ -10,19 +10,19 @@
 //! write each, and hand cross-shard messages to the other shards in one batch each. Only
 //! when nothing is left does the shard wait.
 //!
-//! The shard is a composition of owned parts, each in its own file: the [`wire`] (poll,
-//! listeners, connection slab, buffers), [`accept`] (admission: overload limits,
-//! handshakes), [`sessions`], [`routing`] (subscription index, retained messages, shared
-//! groups, outboxes), the [`clock`], [`timers`] (the wheel), the [`services`] it calls on
-//! (auth, ACL, store, metrics, mailboxes) and its [`settings`]. This file keeps the loop
+//! The shard is a composition of owned parts, each in its own file: the `wire` (poll,
+//! listeners, connection slab, buffers), `accept` (admission: overload limits,
+//! handshakes), `sessions`, `routing` (subscription index, retained messages, shared
+//! groups, outboxes), the `clock`, `timers` (the wheel), the `services` it calls on
+//! (auth, ACL, store, metrics, mailboxes) and its `settings`. This file keeps the loop
 //! turn and the mailbox dispatch.
 //!
-//! A connection's reads go through [`read`]: the [`gate`] decides whether to read, the
-//! [`transport`] turns socket reads into plaintext, the [`framer`] cuts it into frames.
-//! Its writes go through [`write`]. The per-packet MQTT logic is in [`mqtt`] (by packet
-//! family; the CONNECT terms in [`negotiate`]); routing and delivery in [`delivery`] and
-//! [`shared`]; push API requests in [`push`]; the durable store's side in [`durable`];
-//! slow-consumer backpressure in [`backpressure`].
+//! A connection's reads go through `read`: the `gate` decides whether to read, the
+//! `transport` turns socket reads into plaintext, the `framer` cuts it into frames.
+//! Its writes go through `write`. The per-packet MQTT logic is in `mqtt` (by packet
+//! family; the CONNECT terms in `negotiate`); routing and delivery in `delivery` and
+//! `shared`; push API requests in `push`; the durable store's side in `durable`;
+//! slow-consumer backpressure in `backpressure`.
 
 mod accept;
 mod backpressure;
