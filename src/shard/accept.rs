@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use mio::net::TcpStream;
@@ -51,33 +52,74 @@ impl Admission {
     }
 }
 
+/// Whether one more connection may be accepted now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// `max_handshaking` connections are between accept and CONNACK.
+    HandshakesFull,
+    /// `max_connect_rate`: a token is there again after this long.
+    RateLimited(Duration),
+}
+
+impl Admission {
+    /// True when `max` (0 = unlimited) handshakes are under way.
+    pub fn handshakes_full(&self, max: usize) -> bool {
+        max > 0 && self.handshaking >= max
+    }
+
+    /// The overload limits' word on one more connection at `now`.
+    pub fn admit(&mut self, max_handshaking: usize, now: Instant) -> Admit {
+        if self.handshakes_full(max_handshaking) {
+            Admit::HandshakesFull
+        } else if !self.connect_bucket.ready(now) {
+            Admit::RateLimited(self.connect_bucket.wait())
+        } else {
+            Admit::Yes
+        }
+    }
+}
+
 impl Shard {
-    /// Whether the connect rate and the handshake cap let one more connection in.
+    /// Whether the connect rate and the handshake cap let one more connection in; the
+    /// first refusal after accepting is counted and logged.
     fn may_accept(&mut self, was_blocked: bool) -> bool {
         if self.stopping {
             return false;
         }
-        let max = self.settings.max_handshaking;
-        if max > 0 && self.admission.handshaking >= max {
-            if !was_blocked {
-                ShardMetrics::add(&self.services.metrics.accept_paused_handshaking, 1);
-                tracing::debug!(
-                    shard = self.id,
-                    handshaking = self.admission.handshaking,
-                    "max_handshaking reached, not accepting"
-                );
+        let now = self.clock.read();
+        match self.admission.admit(self.settings.max_handshaking, now) {
+            Admit::Yes => true,
+            Admit::HandshakesFull => {
+                if !was_blocked {
+                    self.log_accept_paused(true);
+                }
+                false
             }
-            return false;
-        }
-        if !self.admission.connect_bucket.ready(self.clock.read()) {
-            if !was_blocked {
-                ShardMetrics::add(&self.services.metrics.accept_paused_rate, 1);
-                tracing::debug!(shard = self.id, "max_connect_rate reached, not accepting");
+            Admit::RateLimited(wait) => {
+                if !was_blocked {
+                    self.log_accept_paused(false);
+                }
+                self.wake_no_later_than(now + wait);
+                false
             }
-            self.wake_no_later_than(self.clock.read() + self.admission.connect_bucket.wait());
-            return false;
         }
-        true
+    }
+
+    /// Counts and logs that accepting stopped, at the handshake cap or the connect rate.
+    fn log_accept_paused(&self, handshakes: bool) {
+        let m = &self.services.metrics;
+        if handshakes {
+            ShardMetrics::add(&m.accept_paused_handshaking, 1);
+            tracing::debug!(
+                shard = self.id,
+                handshaking = self.admission.handshaking,
+                "max_handshaking reached, not accepting"
+            );
+        } else {
+            ShardMetrics::add(&m.accept_paused_rate, 1);
+            tracing::debug!(shard = self.id, "max_connect_rate reached, not accepting");
+        }
     }
 
     /// Accepts from both listeners while the overload limits allow. When they do not,
@@ -292,5 +334,27 @@ impl Shard {
             // Plaintext rustls decrypted after the CONNECT is still inside it.
             self.tls_process(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_table() {
+        let now = Instant::now();
+        // Burst 1, 10 per second: one now, the next 100 ms later.
+        let mut a = Admission::new(TokenBucket::new(10, 1, now));
+        assert_eq!(a.admit(2, now), Admit::Yes);
+        a.connect_bucket.take();
+        assert!(matches!(a.admit(2, now), Admit::RateLimited(w) if w > Duration::ZERO));
+        let later = now + Duration::from_millis(100);
+        assert_eq!(a.admit(2, later), Admit::Yes);
+        a.handshaking = 2;
+        assert_eq!(a.admit(2, later), Admit::HandshakesFull);
+        assert_eq!(a.admit(3, later), Admit::Yes);
+        assert_eq!(a.admit(0, later), Admit::Yes, "0 = no handshake cap");
+        assert!(a.handshakes_full(2) && !a.handshakes_full(0));
     }
 }

@@ -69,7 +69,7 @@ use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, ShardMetrics};
 
-use accept::Admission;
+use accept::{Admission, Admit};
 use clock::Clock;
 pub use conn::{Conn, ConnBufs, ConnState, Peer};
 use routing::Routing;
@@ -319,8 +319,7 @@ impl Shard {
             let max = self.settings.max_handshaking;
             busy |= self.admission.accept_blocked
                 && !self.stopping
-                && (max == 0 || self.admission.handshaking < max)
-                && self.admission.connect_bucket.ready(self.clock.read());
+                && self.admission.admit(max, self.clock.read()) == Admit::Yes;
             if busy {
                 tokio::task::yield_now().await;
                 continue;
