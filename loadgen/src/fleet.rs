@@ -22,7 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::cli::{expand, Command};
 use crate::codec::{self, Incoming, Protocol};
 use crate::limits::{bind_address_no_port, Sources};
-use crate::proto::{Control, FinalReport, RoundReport, Snapshot, WorkOrder};
+use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot, WorkOrder};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
 
@@ -56,9 +56,14 @@ impl DeviceCfg {
         let (topic, sub_qos, ordered) = match cmd {
             Command::Connect(a) => (a.topic.clone(), a.sub_qos, false),
             Command::Push(a) => (a.topic.clone(), a.qos, false),
-            Command::Fanout(a) => (a.topic.clone(), a.qos, true),
+            Command::Fanout(a) => (a.topic.clone(), a.sub_qos(), true),
             Command::Storm(a) => (a.topic.clone(), 1, false),
             Command::Churn(_) => (String::new(), 0, false),
+        };
+        // A fan-out's subscribers may speak another version than its publisher.
+        let protocol = match cmd {
+            Command::Fanout(a) => a.sub_version(),
+            _ => m.protocol,
         };
         let login = match (&m.username, &m.password) {
             (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
@@ -68,7 +73,7 @@ impl DeviceCfg {
         Ok(DeviceCfg {
             target: common.target,
             sources: Sources::parse(&common.source_range)?,
-            protocol: Protocol::from_level(m.protocol).ok_or("--protocol must be 4 or 5")?,
+            protocol: Protocol::from_level(protocol).ok_or("--protocol must be 4 or 5")?,
             keepalive: m.keepalive,
             clean: !m.persistent,
             login,
@@ -164,6 +169,8 @@ pub struct Fleet {
     ramp_us: AtomicU64,
     /// When the last stamped message arrived (ns since the UNIX epoch).
     last_rx_ns: AtomicU64,
+    /// What each subscriber received, recorded when its task ends (`fanout` only).
+    per_device: Mutex<Vec<DeviceCount>>,
 }
 
 /// An established device connection.
@@ -250,6 +257,13 @@ impl Dedup {
     }
 }
 
+/// One device's duplicate detection and its own running counts.
+struct Inbox {
+    dedup: Dedup,
+    unique: u64,
+    duplicates: u64,
+}
+
 /// What the messages of one read brought, added to the fleet's shared counters once per
 /// read instead of once per message.
 struct Tally {
@@ -274,18 +288,20 @@ impl Tally {
         }
     }
 
-    fn message(&mut self, stamp: Option<(u64, u64)>, dedup: &mut Dedup) {
+    fn message(&mut self, stamp: Option<(u64, u64)>, inbox: &mut Inbox) {
         self.received += 1;
         let Some((seq, sent_ns)) = stamp else {
             self.foreign += 1;
             return;
         };
-        if dedup.insert(seq) {
+        if inbox.dedup.insert(seq) {
             self.unique += 1;
+            inbox.unique += 1;
             self.latencies_us
                 .push(self.now_ns.saturating_sub(sent_ns) / 1000);
         } else {
             self.duplicates += 1;
+            inbox.duplicates += 1;
         }
     }
 }
@@ -309,6 +325,7 @@ impl Fleet {
             ramp_count: AtomicU64::new(u64::MAX),
             ramp_us: AtomicU64::new(0),
             last_rx_ns: AtomicU64::new(0),
+            per_device: Mutex::default(),
         })
     }
 
@@ -352,6 +369,7 @@ impl Fleet {
             connect_hist: self.connect_hist.lock().unwrap().clone(),
             subscribe_hist: self.subscribe_hist.lock().unwrap().clone(),
             message_hist: self.message_hist.lock().unwrap().clone(),
+            per_device: self.per_device.lock().unwrap().clone(),
         }
     }
 
@@ -604,10 +622,14 @@ impl Fleet {
     /// The life of one device: connect once, then hold, reconnecting only in a storm.
     pub async fn device(self: Arc<Self>, i: u64) {
         let mut phase = self.phase.subscribe();
-        let mut dedup = if self.cfg.ordered {
-            Dedup::Ordered(None)
-        } else {
-            Dedup::Set(HashSet::new())
+        let mut inbox = Inbox {
+            dedup: if self.cfg.ordered {
+                Dedup::Ordered(None)
+            } else {
+                Dedup::Set(HashSet::new())
+            },
+            unique: 0,
+            duplicates: 0,
         };
         let first = self.establish(i, true).await;
         self.settle();
@@ -624,20 +646,27 @@ impl Fleet {
         };
         loop {
             inc(&self.c.live);
-            let end = self.session(conn, &mut phase, &mut dedup).await;
+            let end = self.session(conn, &mut phase, &mut inbox).await;
             self.c.live.fetch_sub(1, Ordering::Relaxed);
             match end {
-                End::Stop => return,
+                End::Stop => break,
                 End::Lost(cause) => {
                     inc(&self.c.dropped);
                     count(&self.drops, cause);
-                    return;
+                    break;
                 }
                 End::Drop(p) => match self.reconnect(i, p, &mut phase).await {
                     Some(c) => conn = c,
-                    None => return,
+                    None => break,
                 },
             }
+        }
+        if self.cfg.ordered {
+            self.per_device.lock().unwrap().push(DeviceCount {
+                index: i,
+                unique: inbox.unique,
+                duplicates: inbox.duplicates,
+            });
         }
     }
 
@@ -647,7 +676,7 @@ impl Fleet {
         &self,
         mut conn: Conn,
         phase: &mut watch::Receiver<Phase>,
-        dedup: &mut Dedup,
+        inbox: &mut Inbox,
     ) -> End {
         let period = self.cfg.ping_period(&self.ticker);
         let mut next_ping = period.map(|p| self.ticker.now() + p);
@@ -699,10 +728,15 @@ impl Fleet {
                                 awaiting_pong = false;
                             }
                             Ok(Some(Incoming::Publish { qos, pkid, stamp })) => {
-                                tally.message(stamp, dedup);
-                                if qos == 1 {
-                                    out.extend_from_slice(&codec::puback(pkid));
+                                tally.message(stamp, inbox);
+                                match qos {
+                                    1 => out.extend_from_slice(&codec::puback(pkid)),
+                                    2 => out.extend_from_slice(&codec::pubrec(pkid)),
+                                    _ => {}
                                 }
+                            }
+                            Ok(Some(Incoming::PubRel { pkid })) => {
+                                out.extend_from_slice(&codec::pubcomp(pkid));
                             }
                             Ok(Some(Incoming::Disconnect { reason })) => {
                                 self.add_tally(&mut tally);
@@ -890,6 +924,9 @@ fn packet_name(p: &Incoming) -> &'static str {
         Incoming::SubAck { .. } => "suback",
         Incoming::Publish { .. } => "publish",
         Incoming::PubAck { .. } => "puback",
+        Incoming::PubRec { .. } => "pubrec",
+        Incoming::PubRel { .. } => "pubrel",
+        Incoming::PubComp { .. } => "pubcomp",
         Incoming::PingResp => "pingresp",
         Incoming::Disconnect { .. } => "disconnect",
         Incoming::Other(_) => "other",

@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use crate::cli::{Backoff, Command};
 use crate::cost::{self, Sample};
 use crate::limits::{self, Plan};
-use crate::plot::{self, Point};
-use crate::proto::{Control, Event, FinalReport, RoundReport, Snapshot, WorkOrder};
+use crate::plot::{self, Point, RoundMark};
+use crate::proto::{Control, DeviceCount, Event, FinalReport, RoundReport, Snapshot, WorkOrder};
 use crate::report::{self, Progress};
 use crate::stats::Histogram;
 use crate::{fleet, publisher, pusher};
@@ -33,6 +33,10 @@ const FINAL_WAIT: Duration = Duration::from_secs(30);
 const AFTER_PAUSE: Duration = Duration::from_secs(1);
 
 pub fn run(cmd: Command) -> ExitCode {
+    if let Err(msg) = cmd.validate() {
+        eprintln!("loadgen: {msg}");
+        return ExitCode::from(2);
+    }
     let plan = match limits::plan(&cmd) {
         Ok(p) => p,
         Err(msg) => {
@@ -61,6 +65,7 @@ pub fn run(cmd: Command) -> ExitCode {
         }
     };
     let json_only = cmd.common().json;
+    let order = cmd.clone();
     let result = rt.block_on(async move {
         let mut run = Run::start(cmd, plan).await?;
         let summary = run.scenario().await;
@@ -75,7 +80,13 @@ pub fn run(cmd: Command) -> ExitCode {
             for h in hints(&summary) {
                 eprintln!("loadgen: hint: {h}");
             }
-            ExitCode::SUCCESS
+            match verdict(&order, &summary) {
+                Some((code, why)) => {
+                    eprintln!("loadgen: {why}");
+                    ExitCode::from(code)
+                }
+                None => ExitCode::SUCCESS,
+            }
         }
         Err(e) => {
             eprintln!("loadgen: {e}");
@@ -100,6 +111,48 @@ impl Summary {
 
     pub fn fields(&self) -> &[(String, Value)] {
         &self.fields
+    }
+
+    /// The unsigned integer under `key`, if the summary has one.
+    fn u64(&self, key: &str) -> Option<u64> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.as_u64())
+    }
+}
+
+/// Exit status when the run measured nothing it was asked to (no connection, no
+/// subscriber, no delivery): its figures would describe nothing.
+pub const EXIT_MEASURED_NOTHING: u8 = 3;
+/// Exit status of a `fanout --expect-no-loss` run that lost messages.
+pub const EXIT_LOST: u8 = 4;
+
+/// Why a finished run failed its purpose, as `(exit status, reason)`; `None` if it did
+/// not. The summary is printed either way.
+fn verdict(cmd: &Command, s: &Summary) -> Option<(u8, String)> {
+    let must_not_be_zero: &[&str] = match cmd {
+        Command::Connect(_) | Command::Storm(_) => &["connected"],
+        Command::Push(_) => &["devices_connected", "accepted", "delivered"],
+        Command::Fanout(_) => &["subscribed", "published", "delivered"],
+        Command::Churn(_) => &["completed"],
+    };
+    if let Some(k) = must_not_be_zero.iter().find(|k| s.u64(k) == Some(0)) {
+        return Some((
+            EXIT_MEASURED_NOTHING,
+            format!("measured nothing: {k} is 0 (see the failures in the summary)"),
+        ));
+    }
+    let lost = s.u64("lost").unwrap_or(0);
+    match cmd {
+        Command::Fanout(a) if a.expect_no_loss && lost > 0 => Some((
+            EXIT_LOST,
+            format!(
+                "--expect-no-loss: {lost} of {} deliveries lost",
+                s.u64("expected").unwrap_or(0)
+            ),
+        )),
+        _ => None,
     }
 }
 
@@ -253,7 +306,9 @@ impl Kids {
             m.connect_hist.merge(&f.connect_hist);
             m.subscribe_hist.merge(&f.subscribe_hist);
             m.message_hist.merge(&f.message_hist);
+            m.per_device.extend_from_slice(&f.per_device);
         }
+        m.per_device.sort_by_key(|d| d.index);
         m
     }
 
@@ -282,17 +337,29 @@ impl Kids {
     }
 }
 
+/// Reads how many messages the pusher or publisher has sent so far.
+type SentCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// The progress bar and the timeline for `--plot`.
 struct Ui {
     bar: Progress,
     start: Instant,
     timeline: Vec<Point>,
+    /// Storm rounds, drawn over the timeline.
+    rounds: Vec<RoundMark>,
+    /// Messages sent, while a pusher or publisher runs.
+    sent: Option<SentCounter>,
     /// `(when, connected)` at the previous tick, for the connect rate.
     prev: (Instant, u64),
     rate: f64,
 }
 
 impl Ui {
+    /// Seconds since the start of the run.
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
     fn tick(&mut self, t: &Snapshot) {
         let now = Instant::now();
         let dt = now.duration_since(self.prev.0).as_secs_f64();
@@ -305,10 +372,14 @@ impl Ui {
             };
             self.prev = (now, t.connected);
         }
+        let sent = self.sent.as_ref().map_or(0, |f| f());
         self.timeline.push(Point {
-            t: self.start.elapsed().as_secs_f64(),
+            t: self.now(),
             live: t.live as f64,
             failed: t.failed as f64,
+            settled: t.settled as f64,
+            sent: sent as f64,
+            delivered: t.unique as f64,
         });
     }
 }
@@ -356,6 +427,8 @@ impl Run {
             bar: Progress::new(common.quiet),
             start: Instant::now(),
             timeline: Vec::new(),
+            rounds: Vec::new(),
+            sent: None,
             prev: (Instant::now(), 0),
             rate: 0.0,
         };
@@ -610,6 +683,8 @@ impl Run {
                 ),
             )
         };
+        let c = counters.clone();
+        self.ui.sent = Some(Arc::new(move || c.sent.load(Ordering::Relaxed)));
         let result = if self.interrupted() {
             Err("interrupted".to_string())
         } else {
@@ -702,8 +777,10 @@ impl Run {
         let ramp_secs = self.ramp("subscribe").await?;
         let ramped = self.kids.total();
         let subscribed = ramped.live;
-        let planned = (a.rate * a.duration as f64).round() as u64;
+        let planned = a.planned();
         let counters = Arc::new(publisher::PubCounters::default());
+        let c = counters.clone();
+        self.ui.sent = Some(Arc::new(move || c.published.load(Ordering::Relaxed)));
         let start_sample = self.sample().await;
         self.ui.bar.phase("publish", planned);
         let c = counters.clone();
@@ -747,6 +824,14 @@ impl Run {
         self.head(&mut s);
         s.put("topic", a.topic.clone());
         s.put("qos", a.qos);
+        s.put("sub_qos", a.sub_qos());
+        s.put("sub_protocol", a.sub_version());
+        if a.qos > 0 {
+            s.put("window", a.window);
+        }
+        if let Some(n) = a.burst {
+            s.put("burst", n);
+        }
         s.put("subscribers", a.subscribers);
         s.put("subscribed", subscribed);
         s.put("subscriber_failures", json!(f.failures));
@@ -755,7 +840,7 @@ impl Run {
             round1(ramped.connected as f64 / ramp_secs.max(1e-3)),
         );
         s.put("published", result.published);
-        if a.qos == 1 {
+        if a.qos > 0 {
             s.put("publish_acked", result.acked);
         }
         s.put(
@@ -766,6 +851,10 @@ impl Run {
         s.put("delivered", delivered);
         s.put("lost", expected.saturating_sub(delivered));
         s.put("duplicated", f.snapshot.duplicates);
+        s.put(
+            "lost_per_subscriber",
+            loss_per_subscriber(result.published, &f.per_device, &a.mqtt.client_id),
+        );
         // Over the time the deliveries took (first publish to last receipt), not the
         // time publishing took: a broker that buffers finishes delivering later.
         let delivery_secs = f.snapshot.last_rx_ns.saturating_sub(publish_start_ns) as f64 / 1e9;
@@ -840,6 +929,7 @@ impl Run {
             }
             self.hold("settle", a.settle).await;
             let round = n as u32 + 1;
+            let dropped_at = self.ui.now();
             self.kids
                 .send(Control::Drop {
                     round,
@@ -856,6 +946,9 @@ impl Run {
                 .await;
             let r = self.kids.merged_round(round);
             let all_back = r.back == r.dropped && self.kids.round_done(round);
+            self.ui
+                .rounds
+                .push(round_mark(round, dropped_at, &r, all_back));
             rounds.push(json!({
                 "backoff": if jitter { "jitter" } else { "none" },
                 "dropped": r.dropped,
@@ -897,14 +990,51 @@ impl Run {
         let Some(path) = &self.cmd.common().plot else {
             return Ok(());
         };
-        plot::draw(
-            path,
-            self.cmd.name(),
-            &self.ui.timeline,
-            &s.plot_hist,
-            &s.plot_label,
-        )
+        let top = plot::panel(self.cmd.name(), &self.ui.timeline, &self.ui.rounds);
+        plot::draw(path, &top, &s.plot_hist, &s.plot_label)
     }
+}
+
+/// A storm round for the plot: its drop time and every reconnect after it.
+fn round_mark(round: u32, dropped_at: f64, r: &RoundReport, all_back: bool) -> RoundMark {
+    let mut back = vec![(dropped_at, 0.0)];
+    let mut n = 0u64;
+    for (_, up_us, c) in r.back_hist.buckets() {
+        n += c;
+        back.push((dropped_at + up_us as f64 / 1e6, n as f64));
+    }
+    RoundMark {
+        round,
+        dropped_at,
+        back,
+        all_back_at: all_back.then(|| dropped_at + r.last_back_us as f64 / 1e6),
+    }
+}
+
+/// Loss per subscriber (`published` − what it received, duplicates apart): the spread,
+/// how many lost anything, and the ten that lost most by client id.
+fn loss_per_subscriber(published: u64, per_device: &[DeviceCount], client_id: &str) -> Value {
+    let mut lost: Vec<(u64, u64)> = per_device
+        .iter()
+        .map(|d| (published.saturating_sub(d.unique), d.index))
+        .collect();
+    lost.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let worst: serde_json::Map<String, Value> = lost
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .take(10)
+        .map(|&(n, i)| (crate::cli::expand(client_id, i, ""), n.into()))
+        .collect();
+    let total: u64 = lost.iter().map(|l| l.0).sum();
+    json!({
+        "subscribers": lost.len(),
+        "min": lost.last().map(|l| l.0),
+        "max": lost.first().map(|l| l.0),
+        "mean": (!lost.is_empty()).then(|| round3(total as f64 / lost.len() as f64)),
+        "with_loss": lost.iter().filter(|l| l.0 > 0).count(),
+        "with_duplicates": per_device.iter().filter(|d| d.duplicates > 0).count(),
+        "worst": worst,
+    })
 }
 
 fn round1(v: f64) -> f64 {
@@ -948,4 +1078,113 @@ fn hints(s: &Summary) -> Vec<String> {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cmd(args: &[&str]) -> Command {
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(args);
+        crate::cli::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+            .unwrap()
+    }
+
+    fn summary(fields: &[(&str, u64)]) -> Summary {
+        let mut s = Summary::default();
+        for (k, v) in fields {
+            s.put(k, *v);
+        }
+        s
+    }
+
+    #[test]
+    fn a_run_that_measured_nothing_fails() {
+        let connect = cmd(&["connect"]);
+        let nothing = summary(&[("connected", 0), ("failed", 50)]);
+        let (code, why) = verdict(&connect, &nothing).unwrap();
+        assert_eq!(code, EXIT_MEASURED_NOTHING);
+        assert!(why.contains("connected is 0"), "{why}");
+        assert_eq!(verdict(&connect, &summary(&[("connected", 1)])), None);
+
+        let fanout = cmd(&["fanout"]);
+        let no_delivery = summary(&[("subscribed", 5), ("published", 10), ("delivered", 0)]);
+        assert_eq!(
+            verdict(&fanout, &no_delivery).unwrap().0,
+            EXIT_MEASURED_NOTHING
+        );
+        let churn = cmd(&["churn"]);
+        assert_eq!(
+            verdict(&churn, &summary(&[("completed", 0)])).unwrap().0,
+            EXIT_MEASURED_NOTHING
+        );
+    }
+
+    #[test]
+    fn loss_fails_only_when_no_loss_was_expected() {
+        let lossy = summary(&[
+            ("subscribed", 2),
+            ("published", 10),
+            ("expected", 20),
+            ("delivered", 19),
+            ("lost", 1),
+        ]);
+        assert_eq!(verdict(&cmd(&["fanout"]), &lossy), None);
+        let (code, why) = verdict(&cmd(&["fanout", "--expect-no-loss"]), &lossy).unwrap();
+        assert_eq!(code, EXIT_LOST);
+        assert!(why.contains("1 of 20"), "{why}");
+    }
+
+    #[test]
+    fn loss_is_reported_per_subscriber() {
+        let d = |index, unique, duplicates| DeviceCount {
+            index,
+            unique,
+            duplicates,
+        };
+        let v = loss_per_subscriber(10, &[d(0, 10, 0), d(1, 7, 2), d(2, 9, 0)], "s-{i}");
+        assert_eq!(v["subscribers"], 3);
+        assert_eq!((v["min"].as_u64(), v["max"].as_u64()), (Some(0), Some(3)));
+        assert_eq!(v["mean"], 1.333);
+        assert_eq!(v["with_loss"], 2);
+        assert_eq!(v["with_duplicates"], 1);
+        assert_eq!(v["worst"], json!({"s-1": 3, "s-2": 1}));
+        assert!(loss_per_subscriber(10, &[], "s-{i}")["max"].is_null());
+    }
+
+    #[test]
+    fn fanout_options_for_a_plain_mqtt_burst() {
+        let Command::Fanout(a) = cmd(&[
+            "fanout",
+            "--qos",
+            "1",
+            "--sub-qos",
+            "2",
+            "--protocol",
+            "5",
+            "--sub-version",
+            "4",
+            "--window",
+            "100",
+            "--burst",
+            "20000",
+        ]) else {
+            panic!()
+        };
+        assert_eq!((a.sub_qos(), a.sub_version(), a.window), (2, 4, 100));
+        assert_eq!(a.planned(), 20000);
+        let Command::Fanout(b) = cmd(&["fanout", "--rate", "50", "--duration", "3"]) else {
+            panic!()
+        };
+        assert_eq!((b.sub_qos(), b.sub_version(), b.planned()), (0, 4, 150));
+        let err = cmd(&["fanout", "--rate", "0"]).validate().unwrap_err();
+        assert!(err.contains("--burst"), "{err}");
+        assert!(cmd(&["fanout", "--rate", "0", "--burst", "5"])
+            .validate()
+            .is_ok());
+    }
 }
