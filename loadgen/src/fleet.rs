@@ -6,6 +6,9 @@
 //! on the same ring. The parent steers all devices at once through a `watch` of the
 //! [`Phase`] (run, storm drop, stop). Counters are atomics and histograms sit behind
 //! mutexes, so the reporter can snapshot them at any time without stopping a device.
+//!
+//! The devices' fixed settings are in `cfg`, the receiving side's counting in `inbox`,
+//! the storm reconnect in `storm`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -19,84 +22,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::cli::{expand, Command};
-use crate::codec::{self, Incoming, Protocol};
-use crate::limits::{bind_address_no_port, Sources};
-use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot, WorkOrder};
+use crate::cli::expand;
+use crate::codec::{self, Incoming};
+use crate::limits::bind_address_no_port;
+use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
+
+mod cfg;
+mod inbox;
+mod storm;
+
+pub use cfg::DeviceCfg;
+use inbox::{Dedup, Inbox, Tally};
 
 /// Bytes a device reads at a time once its socket is readable (the buffer is released
 /// again when it holds no partial packet).
 const READ_CHUNK: usize = 16 * 1024;
-
-/// What every device of this process does, fixed by the work order.
-pub struct DeviceCfg {
-    pub target: SocketAddr,
-    pub sources: Sources,
-    pub protocol: Protocol,
-    pub keepalive: u16,
-    pub clean: bool,
-    pub login: Option<(String, String)>,
-    pub client_id: String,
-    /// Topic pattern to subscribe to (`{id}`, `{i}`), or `None` for no SUBSCRIBE.
-    pub topic: Option<String>,
-    pub sub_qos: u8,
-    pub connect_timeout: Duration,
-    /// Whether messages to one device arrive in publish order (one publisher), so the
-    /// highest sequence seen is enough to spot duplicates.
-    pub ordered: bool,
-}
-
-impl DeviceCfg {
-    pub fn from_order(order: &WorkOrder) -> Result<DeviceCfg, String> {
-        let cmd = &order.command;
-        let m = cmd.mqtt();
-        let common = cmd.common();
-        let (topic, sub_qos, ordered) = match cmd {
-            Command::Connect(a) => (a.topic.clone(), a.sub_qos, false),
-            Command::Push(a) => (a.topic.clone(), a.qos, false),
-            Command::Fanout(a) => (a.topic.clone(), a.sub_qos(), true),
-            Command::Storm(a) => (a.topic.clone(), 1, false),
-            Command::Churn(_) => (String::new(), 0, false),
-        };
-        // A fan-out's subscribers may speak another version than its publisher.
-        let protocol = match cmd {
-            Command::Fanout(a) => a.sub_version(),
-            _ => m.protocol,
-        };
-        let login = match (&m.username, &m.password) {
-            (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
-            (None, Some(_)) => return Err("--password needs --username".into()),
-            (None, None) => None,
-        };
-        Ok(DeviceCfg {
-            target: common.target,
-            sources: Sources::parse(&common.source_range)?,
-            protocol: Protocol::from_level(protocol).ok_or("--protocol must be 4 or 5")?,
-            keepalive: m.keepalive,
-            clean: !m.persistent,
-            login,
-            client_id: m.client_id.clone(),
-            topic: (!topic.is_empty()).then_some(topic),
-            sub_qos,
-            connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
-            ordered,
-        })
-    }
-
-    pub fn client_id(&self, i: u64) -> String {
-        expand(&self.client_id, i, "")
-    }
-
-    /// Ticks between PINGREQs: 3/4 of the keep-alive, so one late tick never matters.
-    fn ping_period(&self, ticker: &Ticker) -> Option<u64> {
-        (self.keepalive > 0).then(|| {
-            let ms = u64::from(self.keepalive) * 750;
-            ticker.after(Duration::from_millis(ms)) - ticker.now()
-        })
-    }
-}
 
 /// What all devices of this process are told to do.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -211,99 +153,6 @@ pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// splitmix64: a tiny seeded generator for backoff jitter (no crate needed).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
-
-/// Duplicate detection per device.
-enum Dedup {
-    Set(HashSet<u64>),
-    Ordered(Option<u64>),
-}
-
-impl Dedup {
-    /// True if `seq` is new.
-    fn insert(&mut self, seq: u64) -> bool {
-        match self {
-            Dedup::Set(s) => s.insert(seq),
-            Dedup::Ordered(max) => {
-                if max.is_some_and(|m| seq <= m) {
-                    false
-                } else {
-                    *max = Some(seq);
-                    true
-                }
-            }
-        }
-    }
-}
-
-/// One device's duplicate detection and its own running counts.
-struct Inbox {
-    dedup: Dedup,
-    unique: u64,
-    duplicates: u64,
-}
-
-/// What the messages of one read brought, added to the fleet's shared counters once per
-/// read instead of once per message.
-struct Tally {
-    /// When the read returned: the receive time of every message in it.
-    now_ns: u64,
-    received: u64,
-    unique: u64,
-    duplicates: u64,
-    foreign: u64,
-    latencies_us: Vec<u64>,
-}
-
-impl Tally {
-    fn new(now_ns: u64) -> Tally {
-        Tally {
-            now_ns,
-            received: 0,
-            unique: 0,
-            duplicates: 0,
-            foreign: 0,
-            latencies_us: Vec::new(),
-        }
-    }
-
-    fn message(&mut self, stamp: Option<(u64, u64)>, inbox: &mut Inbox) {
-        self.received += 1;
-        let Some((seq, sent_ns)) = stamp else {
-            self.foreign += 1;
-            return;
-        };
-        if inbox.dedup.insert(seq) {
-            self.unique += 1;
-            inbox.unique += 1;
-            self.latencies_us
-                .push(self.now_ns.saturating_sub(sent_ns) / 1000);
-        } else {
-            self.duplicates += 1;
-            inbox.duplicates += 1;
-        }
-    }
 }
 
 impl Fleet {
@@ -793,79 +642,6 @@ impl Fleet {
         *t = Tally::new(t.now_ns);
     }
 
-    /// Storm: reconnect after a drop, at once or with full-jitter exponential backoff,
-    /// until connected, the round deadline passes or the parent says stop.
-    async fn reconnect(
-        &self,
-        i: u64,
-        p: Phase,
-        phase: &mut watch::Receiver<Phase>,
-    ) -> Option<Conn> {
-        let Phase::Drop {
-            round,
-            jitter,
-            base_ms,
-            max_ms,
-            deadline_tick,
-            at,
-        } = p
-        else {
-            return None;
-        };
-        let mut rng = Rng(i.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ u64::from(round));
-        let mut attempt: u32 = 0;
-        let mut delay_ms = if jitter { rng.below(base_ms + 1) } else { 0 };
-        loop {
-            if delay_ms > 0 {
-                let wake = self
-                    .ticker
-                    .after(Duration::from_millis(delay_ms))
-                    .min(deadline_tick);
-                self.ticker.until(wake).await;
-            }
-            if *phase.borrow() == Phase::Stop || self.ticker.now() >= deadline_tick {
-                self.round.lock().unwrap().gave_up += 1;
-                return None;
-            }
-            self.round.lock().unwrap().report.attempts += 1;
-            match self.establish(i, false).await {
-                Ok(conn) => {
-                    let us = at.elapsed().as_micros() as u64;
-                    {
-                        let mut r = self.round.lock().unwrap();
-                        r.report.back += 1;
-                        r.report.last_back_us = r.report.last_back_us.max(us);
-                        r.report.back_hist.record(us);
-                    }
-                    // Mark the drop seen so the session does not act on it again; a stop
-                    // that came meanwhile is acted on here.
-                    let now = *phase.borrow_and_update();
-                    if now == Phase::Stop {
-                        let mut conn = conn;
-                        let _ = conn.stream.write_all(&codec::DISCONNECT).await;
-                        return None;
-                    }
-                    return Some(conn);
-                }
-                Err(cause) => {
-                    {
-                        let mut r = self.round.lock().unwrap();
-                        r.report.refused += 1;
-                        *r.report.causes.entry(cause).or_default() += 1;
-                    }
-                    attempt = attempt.saturating_add(1);
-                    delay_ms = if jitter {
-                        let ceiling = base_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms);
-                        rng.below(ceiling + 1)
-                    } else {
-                        tokio::task::yield_now().await;
-                        0
-                    };
-                }
-            }
-        }
-    }
-
     /// Churn: one load-balancer-style probe. `mqtt` sends CONNECT (and with
     /// `wait_connack` reads the answer) before closing with a reset; otherwise the probe
     /// is a bare TCP connect closed with FIN.
@@ -934,33 +710,4 @@ fn packet_name(p: &Incoming) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_by_set_and_by_order() {
-        let mut s = Dedup::Set(HashSet::new());
-        assert!(s.insert(5) && s.insert(1) && !s.insert(5));
-        let mut o = Dedup::Ordered(None);
-        assert!(o.insert(0) && o.insert(1) && !o.insert(1) && !o.insert(0) && o.insert(7));
-    }
-
-    #[test]
-    fn jitter_stays_below_its_ceiling() {
-        let mut r = Rng(42);
-        for n in [1, 2, 100, 5000] {
-            for _ in 0..1000 {
-                assert!(r.below(n) < n);
-            }
-        }
-        assert_eq!(r.below(0), 0);
-    }
-
-    #[test]
-    fn io_causes_are_named() {
-        let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(io_cause("tcp", &e), "tcp_refused");
-        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert_eq!(io_cause("socket", &e), "socket_too_many_open_files");
-    }
-}
+mod tests;
