@@ -24,6 +24,8 @@ pub mod config;
 pub mod doctor;
 pub mod http;
 pub mod limits;
+pub mod listen;
+pub mod lockholder;
 pub mod logging;
 pub mod mailbox;
 pub mod message;

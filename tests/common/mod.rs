@@ -31,9 +31,9 @@ level = "warn"
 enabled = false
 "#;
 
-/// Merges `extra` TOML (whole sections) over [`BASE`].
-pub fn config(extra: &str) -> Config {
-    let mut base: toml::Table = BASE.parse().expect("base toml");
+/// `extra` TOML merged over `base` section by section (keys of `extra` win).
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut base: toml::Table = base.parse().expect("base toml");
     let extra: toml::Table = extra.parse().expect("extra toml");
     for (k, v) in extra {
         match (base.get_mut(&k), v) {
@@ -43,7 +43,12 @@ pub fn config(extra: &str) -> Config {
             }
         }
     }
-    Config::from_toml_str(&toml::to_string(&base).expect("toml")).expect("valid test config")
+    toml::to_string(&base).expect("toml")
+}
+
+/// Merges `extra` TOML (whole sections) over [`BASE`].
+pub fn config(extra: &str) -> Config {
+    Config::from_toml_str(&merge_toml(BASE, extra)).expect("valid test config")
 }
 
 /// `extra` with `[store] path` set to `dir` unless it names a path itself: every test
@@ -793,21 +798,8 @@ impl GatewayProcess {
     pub fn start_with(extra: &str, configure: impl FnOnce(&mut Command)) -> GatewayProcess {
         let dir = tempdir::Dir::new("proc");
         let path = dir.0.join("gateway.toml");
-        let mut base: toml::Table = BASE.parse().unwrap();
-        base.insert(
-            "log".into(),
-            toml::Value::Table("level = \"info\"".parse().unwrap()),
-        );
-        let extra: toml::Table = with_store_dir(extra, &dir.0).parse().unwrap();
-        for (k, v) in extra {
-            match (base.get_mut(&k), v) {
-                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
-                (_, v) => {
-                    base.insert(k, v);
-                }
-            }
-        }
-        std::fs::write(&path, toml::to_string(&base).unwrap()).unwrap();
+        let base = merge_toml(BASE, "[log]\nlevel = \"info\"");
+        std::fs::write(&path, merge_toml(&base, &with_store_dir(extra, &dir.0))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
         cmd.arg("--config")
             .arg(&path)
@@ -931,6 +923,14 @@ impl TestServer {
             _store: dir,
         }
     }
+}
+
+/// The exit code `gateway doctor` owes for its report `out`: 1 when an item is LOW, else 0.
+pub fn doctor_exit_code(out: &str) -> Option<i32> {
+    let low = out
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("LOW"));
+    Some(if low { 1 } else { 0 })
 }
 
 /// True if `bin` is on PATH. Otherwise the test is skipped with a printed reason, except

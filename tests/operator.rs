@@ -1,0 +1,203 @@
+//! The operator's side against the real binary: a second gateway on a port or store in
+//! use is refused with a message naming the address or the process; errors name their
+//! subject and exit with the documented codes; the command line takes the config the
+//! same way everywhere.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{merge_toml, run_gateway, tempdir, v4, GatewayProcess, BASE};
+
+const T: Duration = Duration::from_secs(20);
+
+/// Writes BASE + `extra` (with `[store] path` in `dir` unless `extra` names one) as
+/// `dir/name` and returns its path.
+fn write_config(dir: &tempdir::Dir, name: &str, extra: &str) -> PathBuf {
+    let path = dir.0.join(name);
+    let text = merge_toml(BASE, &common::with_store_dir(extra, &dir.0));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `gateway --config FILE [args]` to completion: (exit code, stdout, stderr).
+fn gateway_with(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec![OsStr::new("--config"), config.as_os_str()];
+    all.extend(args.iter().map(OsStr::new));
+    run_gateway(&all, T)
+}
+
+/// A device still gets in (the first gateway still serves its port).
+async fn still_serves(gw: &GatewayProcess) {
+    let c = v4::connect(v4::options(gw.mqtt, "still-here")).await;
+    c.task.abort();
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_mqtt_port_exits_naming_the_address() {
+    let first = GatewayProcess::start("");
+    let dir = tempdir::Dir::new("second-mqtt");
+    let config = write_config(
+        &dir,
+        "second.toml",
+        &format!("[mqtt]\nlisten = \"{}\"\n", first.mqtt),
+    );
+    let (code, _out, err) = gateway_with(&config, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("mqtt.listen") && err.contains(&first.mqtt.to_string()),
+        "names the key and the address: {err}"
+    );
+    assert!(err.contains("already in use"), "{err}");
+    still_serves(&first).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_bind_error_names_the_address() {
+    let first = GatewayProcess::start("");
+    let dir = tempdir::Dir::new("second-http");
+    let config = write_config(
+        &dir,
+        "second.toml",
+        &format!("[http]\nlisten = \"{}\"\n", first.http),
+    );
+    let (code, _out, err) = gateway_with(&config, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("http.listen") && err.contains(&first.http.to_string()),
+        "names the key and the address: {err}"
+    );
+    still_serves(&first).await;
+}
+
+/// The PID-naming, never-move-it message of a store some process holds.
+fn assert_in_use_message(err: &str, pid: u32) {
+    assert!(err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!("PID {pid}")),
+        "names the holder: {err}"
+    );
+    assert!(
+        !err.contains("mv "),
+        "never suggests moving a live store: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_repair_and_a_second_gateway_on_a_held_store_name_the_holder() {
+    let dir = tempdir::Dir::new("held-store");
+    let store = format!("[store]\npath = {}\n", toml_str(&dir.0.join("data")));
+    let first = GatewayProcess::start(&store);
+    let config = write_config(&dir, "gateway.toml", &store);
+
+    let (code, _out, err) = gateway_with(&config, &["store-repair"]);
+    assert_eq!(code, Some(3), "store-repair on a held store: {err}");
+    assert_in_use_message(&err, first.pid());
+
+    let (code, _out, err) = gateway_with(&config, &[]);
+    assert_eq!(code, Some(3), "a second gateway on a held store: {err}");
+    assert_in_use_message(&err, first.pid());
+    still_serves(&first).await;
+}
+
+/// A password file that does not exist: `run` refuses it like `check-config` (exit 2, the
+/// same message) and creates nothing on disk first (not the store directory).
+#[test]
+fn a_bad_password_file_exits_2_from_run_as_from_check_config_and_creates_no_store() {
+    let dir = tempdir::Dir::new("bad-passwd");
+    let store = dir.0.join("never-created");
+    let config = write_config(
+        &dir,
+        "gateway.toml",
+        &format!(
+            "[auth]\nproviders = [\"password_file\"]\n[auth.password_file]\npath = {}\n\
+             [store]\npath = {}\n",
+            toml_str(&dir.0.join("missing.passwd")),
+            toml_str(&store)
+        ),
+    );
+    let (code, _out, checked) = gateway_with(&config, &["check-config"]);
+    assert_eq!(code, Some(2), "{checked}");
+    let message = checked.trim();
+    assert!(message.contains("missing.passwd"), "{message}");
+
+    let (code, _out, err) = gateway_with(&config, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(message),
+        "the same message as check-config: {err}"
+    );
+    assert!(
+        !store.exists(),
+        "the store directory was created before the check"
+    );
+}
+
+#[test]
+fn check_config_takes_the_file_as_argument_or_with_config() {
+    let dir = tempdir::Dir::new("check-config");
+    let config = write_config(&dir, "gateway.toml", "");
+    let (code, out, err) = gateway_with(&config, &["check-config"]);
+    assert_eq!(code, Some(0), "--config FILE check-config: {err}");
+    assert!(out.contains(": OK"), "{out}");
+    let (code, _out, err) = run_gateway(&[OsStr::new("check-config"), config.as_os_str()], T);
+    assert_eq!(code, Some(0), "check-config FILE: {err}");
+    let (code, _out, err) = run_gateway(
+        &[
+            OsStr::new("store-repair"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ],
+        T,
+    );
+    // No store file yet: not repairable (1), but the config was taken.
+    assert_eq!(code, Some(1), "store-repair --config FILE: {err}");
+    assert!(err.contains("no such file"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_64_not_the_invalid_config_code() {
+    for args in [
+        vec!["--no-such-flag"],
+        vec!["no-such-command"],
+        vec!["check-config"],
+        vec!["passwd"],
+    ] {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let (code, _out, err) = run_gateway(&args, T);
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+    }
+    let (code, out, _) = run_gateway(&[OsStr::new("--help")], T);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn doctor_exits_1_when_an_item_is_low() {
+    // Nothing is sized for a trillion connections.
+    let (code, out, _) = run_gateway(
+        &[
+            OsStr::new("doctor"),
+            OsStr::new("--connections"),
+            OsStr::new("1000000000000"),
+        ],
+        T,
+    );
+    assert!(out.contains("LOW"), "{out}");
+    assert_eq!(code, Some(1), "{out}");
+    // And 0 exactly when nothing is LOW.
+    let (code, out, _) = run_gateway(
+        &[
+            OsStr::new("doctor"),
+            OsStr::new("--connections"),
+            OsStr::new("1"),
+        ],
+        T,
+    );
+    assert_eq!(code, common::doctor_exit_code(&out), "{out}");
+}
