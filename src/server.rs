@@ -239,7 +239,7 @@ impl Server {
 
         tracing::info!(
             %mqtt_addr,
-            tls_addr = ?tls_addr,
+            tls_addr = tls_addr.map(tracing::field::display),
             %http_addr,
             shards = n,
             restored_sessions = restored,

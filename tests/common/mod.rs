@@ -834,10 +834,7 @@ impl GatewayProcess {
                 .parse()
                 .expect("address")
         };
-        let tls = plain.find("tls_addr=Some(").and_then(|i| {
-            let rest = &plain[i + "tls_addr=Some(".len()..];
-            rest[..rest.find(')')?].parse().ok()
-        });
+        let tls = plain.contains("tls_addr=").then(|| field("tls_addr"));
         GatewayProcess {
             mqtt: field("mqtt_addr"),
             tls,
