@@ -30,6 +30,7 @@ pub mod logging;
 pub mod mailbox;
 pub mod message;
 pub mod metrics;
+pub mod prompt;
 pub mod proxy;
 pub mod push_json;
 pub mod server;

@@ -158,15 +158,11 @@ fn store_repair(config: &Config) -> ExitCode {
 }
 
 fn passwd(file: &std::path::Path, user: &str, password: Option<String>) -> ExitCode {
-    let password = match password {
-        Some(p) => p,
-        None => {
-            let mut line = String::new();
-            if let Err(e) = std::io::stdin().read_line(&mut line) {
-                eprintln!("cannot read the password from stdin: {e}");
-                return ExitCode::from(2);
-            }
-            line.trim_end_matches(['\r', '\n']).to_string()
+    let password = match password.map_or_else(gateway::prompt::new_password, Ok) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
         }
     };
     match gateway::auth::password::set_password(file, user, password.as_bytes()) {

@@ -201,3 +201,109 @@ fn doctor_exits_1_when_an_item_is_low() {
     );
     assert_eq!(code, common::doctor_exit_code(&out), "{out}");
 }
+
+/// Runs `gateway ARGS` on a pseudo-terminal (through `script`), typing each answer once
+/// the output shows its prompt; returns the exit code and everything the terminal showed.
+fn on_a_terminal(args: &str, dialogue: &[(&str, &str)]) -> (Option<i32>, String) {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_gateway"));
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn script");
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut shown = String::new();
+    let mut stdin = child.stdin.take().unwrap();
+    let deadline = std::time::Instant::now() + T;
+    for (prompt, answer) in dialogue {
+        while !shown.contains(prompt) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(bytes) => shown.push_str(&String::from_utf8_lossy(&bytes)),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("no prompt {prompt:?} on the terminal; it showed {shown:?}");
+                }
+            }
+        }
+        shown = shown.replacen(prompt, "<asked>", 1);
+        writeln!(stdin, "{answer}").unwrap();
+    }
+    let status = child.wait().expect("script exits");
+    while let Ok(bytes) = rx.recv_timeout(Duration::from_millis(200)) {
+        shown.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    (status.code(), shown)
+}
+
+#[test]
+fn passwd_on_a_terminal_asks_twice_without_echo() {
+    if !common::have_binary("script", "bsdutils") {
+        return;
+    }
+    let dir = tempdir::Dir::new("passwd-tty");
+    let file = dir.0.join("users");
+    let args = format!("passwd {} alice", file.display());
+    let (code, shown) = on_a_terminal(
+        &args,
+        &[
+            ("Password: ", "s3cret-tty"),
+            ("Reenter password: ", "s3cret-tty"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        !shown.contains("s3cret-tty"),
+        "the password was echoed: {shown}"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("alice:$argon2id$"), "{text}");
+
+    // Two different entries: refused, the file unchanged.
+    let args = format!("passwd {} bob", file.display());
+    let (code, shown) = on_a_terminal(
+        &args,
+        &[("Password: ", "one"), ("Reenter password: ", "two")],
+    );
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("do not match"), "{shown}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+}
+
+#[test]
+fn passwd_from_a_pipe_reads_the_first_line_without_a_prompt() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempdir::Dir::new("passwd-pipe");
+    let file = dir.0.join("users");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("passwd")
+        .arg(&file)
+        .arg("carol")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "from-a-script").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("Password"), "prompted a script: {err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("carol:$argon2id$"), "{text}");
+}
