@@ -56,10 +56,14 @@ pub enum DisconnectReason {
     SocketError,
     /// The CONNECT was refused (CONNACK with an error code).
     Refused,
+    /// The peer closed or reset the connection before it sent CONNECT: a load-balancer
+    /// health check (a TCP connect, or a PROXY v2 LOCAL header, then a close or reset)
+    /// or a port scan, not a device's network failing.
+    Probe,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 11] = [
+    pub const ALL: [DisconnectReason; 12] = [
         DisconnectReason::Client,
         DisconnectReason::Keepalive,
         DisconnectReason::ConnectTimeout,
@@ -71,6 +75,7 @@ impl DisconnectReason {
         DisconnectReason::Admin,
         DisconnectReason::SocketError,
         DisconnectReason::Refused,
+        DisconnectReason::Probe,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +91,19 @@ impl DisconnectReason {
             DisconnectReason::Admin => "admin",
             DisconnectReason::SocketError => "socket_error",
             DisconnectReason::Refused => "refused",
+            DisconnectReason::Probe => "probe",
+        }
+    }
+
+    /// The reason to count for a connection that ended with `self`: one the peer closed
+    /// or reset before it sent CONNECT (`connect_read` false) is a [`Probe`](Self::Probe),
+    /// so health checks do not swamp the real `socket_error` and `close_wait` counts.
+    pub fn counted(self, connect_read: bool) -> DisconnectReason {
+        match self {
+            DisconnectReason::SocketError | DisconnectReason::CloseWait if !connect_read => {
+                DisconnectReason::Probe
+            }
+            r => r,
         }
     }
 }
@@ -260,7 +278,7 @@ pub struct ShardMetrics {
     pub connects: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
-    pub disconnects: [AtomicU64; 11],
+    pub disconnects: [AtomicU64; DisconnectReason::ALL.len()],
     pub refused: [AtomicU64; 8],
     /// PUBLISHes and SUBSCRIBE filters refused by the ACL: [publish, subscribe].
     pub acl_denied: [AtomicU64; 2],

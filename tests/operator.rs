@@ -307,3 +307,49 @@ fn passwd_from_a_pipe_reads_the_first_line_without_a_prompt() {
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.starts_with("carol:$argon2id$"), "{text}");
 }
+
+/// Closes `stream` with a reset (SO_LINGER 0), as a health checker often does.
+fn reset(stream: std::net::TcpStream) {
+    let s = socket2::Socket::from(stream);
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+}
+
+const PROBE: &str = "gateway_disconnects_total{reason=\"probe\"}";
+const SOCKET_ERROR: &str = "gateway_disconnects_total{reason=\"socket_error\"}";
+const CLOSE_WAIT: &str = "gateway_disconnects_total{reason=\"close_wait\"}";
+
+/// Load-balancer health checks (a TCP connect then a close or a reset; a PROXY v2 LOCAL
+/// header then a reset) are counted as `probe`, not as network errors; a device that
+/// resets after its CONNECT still counts as `socket_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_are_counted_as_probes_not_socket_errors() {
+    use std::io::Write;
+    let gw = common::TestServer::start("[mqtt]\nproxy_protocol = true\n");
+    let wait = Duration::from_secs(10);
+
+    // Connect, then FIN; connect, then RST.
+    drop(std::net::TcpStream::connect(gw.mqtt).unwrap());
+    reset(std::net::TcpStream::connect(gw.mqtt).unwrap());
+    // PROXY v2 LOCAL (a balancer's own check), then RST.
+    let mut s = std::net::TcpStream::connect(gw.mqtt).unwrap();
+    s.write_all(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00")
+        .unwrap();
+    reset(s);
+    assert_eq!(gw.wait_metric(PROBE, wait, |v| v >= 3.0).await, 3.0);
+    assert_eq!(gw.metric(SOCKET_ERROR).await, 0.0);
+    assert_eq!(gw.metric(CLOSE_WAIT).await, 0.0);
+
+    // A device that sent CONNECT and then resets is a real network error.
+    let mut s = std::net::TcpStream::connect(gw.mqtt).unwrap();
+    s.write_all(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00")
+        .unwrap();
+    s.write_all(&common::Raw::connect_v4("resets", 60, true))
+        .unwrap();
+    let mut ack = [0u8; 4];
+    std::io::Read::read_exact(&mut s, &mut ack).unwrap();
+    assert_eq!(ack[0], 0x20, "CONNACK");
+    reset(s);
+    assert_eq!(gw.wait_metric(SOCKET_ERROR, wait, |v| v >= 1.0).await, 1.0);
+    assert_eq!(gw.metric(PROBE).await, 3.0);
+}

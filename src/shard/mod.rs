@@ -1513,6 +1513,8 @@ impl Shard {
             self.pool.give(b.held, self.now);
         }
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        let connect_read = !matches!(conn.state, ConnState::ProxyHeader | ConnState::Handshake);
+        let reason = reason.counted(connect_read);
         self.metrics.disconnect(reason);
         let accepted = self.started + self.limits.tick * conn.accepted_at;
         self.metrics.observe_connection_age(
