@@ -147,6 +147,8 @@ pub struct TcpConfig {
     pub keepalive_retries: u8,
     /// TCP_USER_TIMEOUT; 0 disables.
     pub user_timeout_secs: u32,
+    /// After `accept()` fails for want of a file descriptor, retry this often.
+    pub accept_retry_ms: u32,
 }
 
 /// `[shards]`: the IO threads and their timing wheels.
@@ -488,6 +490,7 @@ impl Config {
         let t = &self.tcp;
         // listen(2) and setsockopt(2) take a C int.
         in_range("tcp.backlog", t.backlog, 1, i32::MAX as u32)?;
+        in_range("tcp.accept_retry_ms", t.accept_retry_ms, 1, 10_000)?;
         in_range(
             "tcp.send_buffer_bytes",
             t.send_buffer_bytes,
@@ -1182,6 +1185,11 @@ mod tests {
                 "mqtt.max_subscriptions_per_client",
             ),
             ("[tcp]\nbacklog = 1", "[tcp]\nbacklog = 0", "tcp.backlog"),
+            (
+                "[tcp]\naccept_retry_ms = 10000",
+                "[tcp]\naccept_retry_ms = 0",
+                "tcp.accept_retry_ms",
+            ),
             (
                 "[tcp]\nbacklog = 2147483647",
                 "[tcp]\nbacklog = 2147483648",

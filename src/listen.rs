@@ -8,12 +8,20 @@
 //! bind (no `SO_REUSEPORT`): Linux refuses it while any socket listens there, whoever owns
 //! it. Every device listener (MQTT, MQTT over TLS, and any later one) goes through
 //! [`bind_group`], so each gets the same check and the same error.
+//!
+//! [`AcceptRetry`] is the shard's memory of an `accept()` that failed for want of a file
+//! descriptor: the listeners are edge-triggered, so the devices already waiting in the
+//! backlog would get no new event and wait for the next SYN; the shard retries on a
+//! timer instead.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::metrics::ShardMetrics;
 
 /// A listener that could not be bound: the config key, the address, and why.
 #[derive(Debug)]
@@ -90,6 +98,95 @@ pub fn bind_group(
         .collect()
 }
 
+/// Whether `accept()` failed because the process or the system is out of file
+/// descriptors (or socket memory): the connection stays in the backlog.
+pub fn out_of_fds(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// What the shard does about a failed accept this turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCheck {
+    /// Nothing failed, or it has been retried with success.
+    Idle,
+    /// Accept again now.
+    Due,
+    /// Wake no later than this to accept again.
+    At(Instant),
+}
+
+/// A shard's pending retry of `accept()` after the fds ran out.
+#[derive(Debug)]
+pub struct AcceptRetry {
+    interval: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl AcceptRetry {
+    pub fn new(interval: Duration) -> AcceptRetry {
+        AcceptRetry {
+            interval,
+            retry_at: None,
+        }
+    }
+
+    /// Records a failed accept at `now`; true when it starts an episode (count and log it
+    /// then, not on every retry). The shard then wakes by [`AcceptRetry::check`].
+    pub fn failed(&mut self, now: Instant) -> bool {
+        let first = self.retry_at.is_none();
+        self.retry_at = Some(now + self.interval);
+        first
+    }
+
+    /// An accept succeeded: true when that ends an episode.
+    pub fn succeeded(&mut self) -> bool {
+        self.retry_at.take().is_some()
+    }
+
+    /// [`AcceptRetry::failed`] for the shard `shard`: counts and logs the start of an
+    /// episode; returns when to retry.
+    pub fn on_error(
+        &mut self,
+        now: Instant,
+        error: &io::Error,
+        shard: usize,
+        metrics: &ShardMetrics,
+    ) -> Instant {
+        if self.failed(now) {
+            ShardMetrics::add(&metrics.accept_paused_fds, 1);
+            tracing::warn!(
+                shard,
+                %error,
+                retry_ms = self.interval.as_millis() as u64,
+                "accept failed: out of file descriptors; devices wait in the backlog, retrying"
+            );
+        }
+        now + self.interval
+    }
+
+    /// [`AcceptRetry::succeeded`] for the shard `shard`: logs the end of an episode.
+    pub fn on_accept(&mut self, shard: usize) {
+        if self.succeeded() {
+            tracing::info!(
+                shard,
+                "accepting again after running out of file descriptors"
+            );
+        }
+    }
+
+    /// Whether to accept again now, later, or not at all.
+    pub fn check(&self, now: Instant) -> RetryCheck {
+        match self.retry_at {
+            None => RetryCheck::Idle,
+            Some(at) if at <= now => RetryCheck::Due,
+            Some(at) => RetryCheck::At(at),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +206,25 @@ mod tests {
         drop(first);
         // Once released, the address is free again.
         assert_eq!(bind_group("mqtt.listen", addr, 1, 16).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_accept_is_retried_after_the_interval_until_one_succeeds() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = AcceptRetry::new(ms(100));
+        assert_eq!(r.check(t0), RetryCheck::Idle);
+        assert!(r.failed(t0), "starts an episode");
+        assert_eq!(r.check(t0 + ms(50)), RetryCheck::At(t0 + ms(100)));
+        assert_eq!(r.check(t0 + ms(100)), RetryCheck::Due);
+        assert!(!r.failed(t0 + ms(100)), "the same episode");
+        assert_eq!(r.check(t0 + ms(150)), RetryCheck::At(t0 + ms(200)));
+        assert!(r.succeeded());
+        assert!(!r.succeeded());
+        assert_eq!(r.check(t0 + ms(500)), RetryCheck::Idle);
+        assert!(out_of_fds(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(!out_of_fds(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
     }
 }

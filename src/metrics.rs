@@ -295,6 +295,8 @@ pub struct ShardMetrics {
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
     pub accept_paused_handshaking: AtomicU64,
+    /// Times a shard's accept failed for want of a file descriptor (EMFILE/ENFILE).
+    pub accept_paused_fds: AtomicU64,
     /// Connections closed for a missing or invalid PROXY protocol header.
     pub proxy_header_errors: AtomicU64,
     pub dropped: [AtomicU64; 6],
@@ -562,7 +564,7 @@ impl Collector for ShardCollector {
         labelled_counters(
             e,
             "gateway_accept_paused_total",
-            "Times a shard stopped accepting (connections wait in the backlog), by limit.",
+            "Times a shard stopped accepting (connections wait in the backlog), by limit; fd_exhausted: accept() found no free file descriptor (retried every [tcp] accept_retry_ms).",
             "reason",
             [
                 (
@@ -572,6 +574,10 @@ impl Collector for ShardCollector {
                 (
                     "handshaking".to_owned(),
                     self.total(|s| get(&s.accept_paused_handshaking)),
+                ),
+                (
+                    "fd_exhausted".to_owned(),
+                    self.total(|s| get(&s.accept_paused_fds)),
                 ),
             ],
         )?;

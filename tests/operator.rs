@@ -353,3 +353,72 @@ async fn health_checks_are_counted_as_probes_not_socket_errors() {
     assert_eq!(gw.wait_metric(SOCKET_ERROR, wait, |v| v >= 1.0).await, 1.0);
     assert_eq!(gw.metric(PROBE).await, 3.0);
 }
+
+/// Connects a v3.1.1 device by raw TCP: the stream, and whether CONNACK came in `wait`.
+async fn device_connects(
+    addr: std::net::SocketAddr,
+    id: &str,
+    wait: Duration,
+) -> (common::Raw, bool) {
+    let mut raw = common::Raw::connect(addr).await;
+    raw.send(&common::Raw::connect_v4(id, 600, true)).await;
+    let acked = matches!(
+        raw.recv_v4(wait).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    );
+    (raw, acked)
+}
+
+/// How many of `gw`'s open fds have a number below `limit`.
+fn fds_below(gw: &GatewayProcess, limit: usize) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|&fd| fd < limit)
+        .count()
+}
+
+/// Out of file descriptors, accept() fails and the device stays in the kernel backlog.
+/// The listener is edge-triggered, so once fds are free again the shard must retry on
+/// its own: the waiting device gets in without another SYN arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_waiting_while_fds_ran_out_gets_in_once_some_are_free() {
+    const LIMIT: usize = 48;
+    let gw = GatewayProcess::start_with("[tcp]\naccept_retry_ms = 50\n", |cmd| {
+        common::limit_nofile(cmd, LIMIT as libc::rlim_t, true)
+    });
+    let mut devices = Vec::new();
+    // Full when every fd number below the limit is taken (fds inherited above it, such as
+    // cargo's jobserver pipe, do not count).
+    while fds_below(&gw, LIMIT) < LIMIT {
+        let id = format!("fill-{}", devices.len());
+        let (raw, acked) = device_connects(gw.mqtt, &id, T).await;
+        assert!(acked, "{id} got no CONNACK with {} fds open", gw.open_fds());
+        devices.push(raw);
+        assert!(
+            devices.len() < LIMIT,
+            "the fds never ran out: {:?}",
+            gw.fd_targets()
+        );
+    }
+    // Full: the next device waits in the backlog (its accept failed with EMFILE).
+    let (mut waiting, acked) =
+        device_connects(gw.mqtt, "waiting", Duration::from_millis(500)).await;
+    assert!(
+        !acked,
+        "served although every fd was in use: {} devices, {} fds: {:?}",
+        devices.len(),
+        gw.open_fds(),
+        gw.fd_targets()
+    );
+
+    // Two devices leave (one fd for the waiting device, one for the metrics scrape).
+    devices.truncate(devices.len() - 2);
+    let got_in = matches!(
+        waiting.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    );
+    assert!(got_in, "the waiting device was stranded in the backlog");
+    let paused = "gateway_accept_paused_total{reason=\"fd_exhausted\"}";
+    assert!(gw.metric(paused).await >= 1.0);
+}

@@ -40,6 +40,7 @@ use crate::buffer::{BufferPool, PoolConfig, ReadSizePredictor};
 use crate::codec::{self, Version};
 use crate::config::{Config, DuplicateClientId};
 use crate::limits::{Gcra, InboundLimits, PerIpLimit, TokenBucket};
+use crate::listen::{out_of_fds, AcceptRetry, RetryCheck};
 use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
@@ -197,6 +198,8 @@ pub struct Shard {
     accept_pending: bool,
     /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
     accept_blocked: bool,
+    /// Accepting failed for want of a file descriptor; retried on a timer.
+    accept_retry: AcceptRetry,
     connect_bucket: TokenBucket,
     /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
     handshaking: usize,
@@ -335,6 +338,8 @@ impl Shard {
         let lim = &ctx.config.limits;
         let connect_bucket =
             TokenBucket::new(lim.max_connect_rate, lim.connect_burst, Instant::now());
+        let accept_retry =
+            AcceptRetry::new(Duration::from_millis(ctx.config.tcp.accept_retry_ms as u64));
         let shards = ctx.mailboxes.len();
         let b = &ctx.config.buffers;
         let pool = BufferPool::new(PoolConfig {
@@ -362,6 +367,7 @@ impl Shard {
                 tls_config,
                 accept_pending: false,
                 accept_blocked: false,
+                accept_retry,
                 connect_bucket,
                 handshaking: 0,
                 per_ip: ctx.per_ip,
@@ -518,7 +524,15 @@ impl Shard {
             self.on_readable(key as usize);
         }
         self.resume_paused();
-        if self.accept_pending || self.accept_blocked {
+        let retry_due = match self.accept_retry.check(Instant::now()) {
+            RetryCheck::Due => true,
+            RetryCheck::At(at) => {
+                self.wake_no_later_than(at);
+                false
+            }
+            RetryCheck::Idle => false,
+        };
+        if self.accept_pending || self.accept_blocked || retry_due {
             self.accept();
         }
         match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
@@ -594,10 +608,18 @@ impl Shard {
                 match listener.accept() {
                     Ok((socket, peer)) => {
                         budget -= 1;
+                        self.accept_retry.on_accept(self.id);
                         self.on_accept(socket, peer, tls);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if out_of_fds(&e) => {
+                        // The listener is edge-triggered: retry on a timer.
+                        let now = Instant::now();
+                        let at = self.accept_retry.on_error(now, &e, self.id, &self.metrics);
+                        self.wake_no_later_than(at);
+                        break;
+                    }
                     Err(e) => {
                         // EMFILE/ENFILE: the pending connection stays in the backlog.
                         tracing::warn!(shard = self.id, error = %e, "accept failed");

@@ -922,6 +922,33 @@ impl TestServer {
     }
 }
 
+/// Makes `cmd` start with a soft RLIMIT_NOFILE of at most `low`, and the hard limit too
+/// when `hard` (the gateway raises its soft limit to the hard one at start).
+pub fn limit_nofile(cmd: &mut Command, low: libc::rlim_t, hard: bool) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // getrlimit/setrlimit, which are async-signal-safe, on its own stack data.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            l.rlim_cur = low.min(l.rlim_max);
+            if hard {
+                l.rlim_max = l.rlim_cur;
+            }
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The exit code `gateway doctor` owes for its report `out`: 1 when an item is LOW, else 0.
 pub fn doctor_exit_code(out: &str) -> Option<i32> {
     let low = out
