@@ -64,6 +64,8 @@ pub struct MqttConfig {
     pub max_client_id_len: u32,
     pub connect_timeout_secs: u32,
     pub max_keepalive_secs: u32,
+    /// What a CONNECT with keep-alive 0 gets.
+    pub keepalive_zero: KeepaliveZero,
     pub keepalive_jitter_pct: u32,
     pub duplicate_client_id: DuplicateClientId,
     pub max_connections: u32,
@@ -119,6 +121,29 @@ pub struct LimitsConfig {
     /// Inbound bytes per second per connection; 0 = unlimited.
     pub bytes_rate: u32,
     pub bytes_burst: u32,
+}
+
+/// What a client asking for keep-alive 0 ("no keep-alive") gets: `[mqtt] keepalive_zero`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepaliveZero {
+    /// `max_keepalive_secs`, so a silent dead peer is found even without TCP keepalive
+    /// (MQTT 5 clients are told in Server Keep Alive; 3.1.1 clients cannot be).
+    Max,
+    /// No keep-alive deadline, as MQTT 3.1.1 and 5 §3.1.2.10 say; dead peers are found
+    /// only by TCP keepalive and `[tcp] user_timeout_secs`.
+    Off,
+}
+
+impl KeepaliveZero {
+    /// The keep-alive granted for `requested` seconds under the cap `max` (0 = none).
+    pub fn granted(self, requested: u16, max: u16) -> u16 {
+        match (requested, self) {
+            (0, KeepaliveZero::Off) => 0,
+            (0, KeepaliveZero::Max) => max,
+            (r, _) => r.min(max),
+        }
+    }
 }
 
 /// What to do when a client id connects while a connection with that id is live.
@@ -1026,6 +1051,10 @@ mod tests {
         assert_eq!(
             invalid_key("[mqtt]\nduplicate_client_id = \"Takeover\"\n"),
             "mqtt.duplicate_client_id"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nkeepalive_zero = \"never\"\n"),
+            "mqtt.keepalive_zero"
         );
         let c = Config::from_toml_str("[mqtt]\nduplicate_client_id = \"reject\"\n").unwrap();
         assert_eq!(c.mqtt.duplicate_client_id, DuplicateClientId::Reject);

@@ -422,3 +422,49 @@ async fn a_device_waiting_while_fds_ran_out_gets_in_once_some_are_free() {
     let paused = "gateway_accept_paused_total{reason=\"fd_exhausted\"}";
     assert!(gw.metric(paused).await >= 1.0);
 }
+
+/// A raw v3.1.1 device that sends nothing after its CONNECT (a receive-only device).
+async fn silent_v4(addr: std::net::SocketAddr, id: &str, keep_alive: u16) -> common::Raw {
+    let mut raw = common::Raw::connect(addr).await;
+    raw.send(&common::Raw::connect_v4(id, keep_alive, true))
+        .await;
+    assert!(
+        matches!(raw.recv_v4(T).await, Ok(mqttbytes::v4::Packet::ConnAck(_))),
+        "{id}: no CONNACK"
+    );
+    raw
+}
+
+/// Keep-alive 0 with `keepalive_zero = "max"` (the default): the cap applies, and a
+/// silent 3.1.1 device is closed like one that asked for the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_zero_max_closes_a_silent_311_device_at_the_cap() {
+    let gw = common::TestServer::start("[mqtt]\nmax_keepalive_secs = 1\n");
+    let mut zero = silent_v4(gw.mqtt, "ka-zero", 0).await;
+    assert!(zero.closed_within(T).await, "keep-alive 0 got no deadline");
+}
+
+/// With `keepalive_zero = "off"` a 3.1.1 device asking for 0 has no keep-alive deadline
+/// (MQTT 3.1.1 §3.1.2.10): it outlives a device that asked for the cap, connected at
+/// the same time, by well more than the deadline, and is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_zero_off_keeps_a_silent_311_device() {
+    let gw =
+        common::TestServer::start("[mqtt]\nmax_keepalive_secs = 1\nkeepalive_zero = \"off\"\n");
+    let mut zero = silent_v4(gw.mqtt, "ka-zero", 0).await;
+    let mut capped = silent_v4(gw.mqtt, "ka-one", 1).await;
+    assert!(
+        capped.closed_within(T).await,
+        "the keep-alive 1 device was not reaped"
+    );
+    // Two more keep-alive periods than the capped device had.
+    assert!(
+        !zero.closed_within(Duration::from_secs(2)).await,
+        "keep-alive 0 was closed although keepalive_zero = \"off\""
+    );
+    zero.send(&[0xC0, 0x00]).await; // PINGREQ
+    assert!(
+        matches!(zero.recv_v4(T).await, Ok(mqttbytes::v4::Packet::PingResp)),
+        "no PINGRESP"
+    );
+}
