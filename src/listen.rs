@@ -6,7 +6,8 @@
 //! a botched blue/green restart) join the port silently and take half of the new devices.
 //! So before the shard sockets are bound, [`bind_group`] probes the address with a plain
 //! bind (no `SO_REUSEPORT`): Linux refuses it while any socket listens there, whoever owns
-//! it. Every device listener (MQTT, MQTT over TLS, and any later one) goes through
+//! it. The probe stays bound until the group is, so the port cannot change hands between
+//! the check and the binds. Every device listener (MQTT, MQTT over TLS, and any later one) goes through
 //! [`bind_group`], so each gets the same check and the same error.
 //!
 //! [`AcceptRetry`] is the shard's memory of an `accept()` that failed for want of a file
@@ -65,13 +66,17 @@ fn socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Binds `addr` without `SO_REUSEPORT` and releases it: fails with `AddrInUse` while any
-/// socket listens on it. Returns the address bound (port 0 resolves here).
-fn probe(addr: SocketAddr) -> io::Result<SocketAddr> {
+/// Binds `addr` without `SO_REUSEPORT`: fails with `AddrInUse` while any socket listens
+/// on it. Returns the bound socket (never listening) and its address (port 0 resolves
+/// here). Held while the group binds, it keeps a port 0 choice from going to another
+/// bind in between; with `SO_REUSEADDR` on both sides and this one not listening, it
+/// does not conflict with the group's own sockets.
+fn probe(addr: SocketAddr) -> io::Result<(Socket, SocketAddr)> {
     let s = socket(addr)?;
     s.bind(&addr.into())?;
     let bound = s.local_addr()?.as_socket();
-    bound.ok_or_else(|| io::Error::other("probe bound a non-IP address"))
+    let bound = bound.ok_or_else(|| io::Error::other("probe bound a non-IP address"))?;
+    Ok((s, bound))
 }
 
 /// One shard's listener: `SO_REUSEPORT` so every shard can bind the same address.
@@ -92,7 +97,7 @@ pub fn bind_group(
     backlog: i32,
 ) -> Result<Vec<TcpListener>, BindError> {
     let err = |addr, error| BindError { key, addr, error };
-    let resolved = probe(addr).map_err(|e| err(addr, e))?;
+    let (_probe, resolved) = probe(addr).map_err(|e| err(addr, e))?;
     (0..n.max(1))
         .map(|_| bind_reuseport(resolved, backlog).map_err(|e| err(resolved, e)))
         .collect()
