@@ -423,9 +423,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The store file of `config`.
+/// The store file of `config`, absolute (a relative `[store] path` is relative to the
+/// working directory; errors and logs name the file it resolved to).
 pub fn file_of(config: &StoreConfig) -> PathBuf {
-    config.path.join(FILE_NAME)
+    let file = config.path.join(FILE_NAME);
+    std::path::absolute(&file).unwrap_or(file)
 }
 
 fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), OpenError> {

@@ -468,3 +468,37 @@ async fn keepalive_zero_off_keeps_a_silent_311_device() {
         "no PINGRESP"
     );
 }
+
+/// A relative `[store] path` depends on the working directory: the start logs the
+/// absolute path it resolved to (here before the open fails on a file in its way).
+#[test]
+fn the_start_logs_the_absolute_store_path() {
+    let dir = tempdir::Dir::new("store-path");
+    std::fs::write(dir.0.join("in-the-way"), "not a directory").unwrap();
+    let config = dir.0.join("gateway.toml");
+    let text = merge_toml(
+        BASE,
+        "[log]\nlevel = \"info\"\n[store]\npath = \"in-the-way\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&config)
+        .current_dir(&dir.0)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let absolute = dir.0.join("in-the-way").display().to_string();
+    assert!(
+        stdout.contains(&format!("path={absolute}")),
+        "no absolute store path in: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{absolute}/gateway.redb")),
+        "the error names the absolute file: {stderr}"
+    );
+}
