@@ -623,7 +623,7 @@ impl Shard {
                         break;
                     }
                     Err(e) => {
-                        // EMFILE/ENFILE: the pending connection stays in the backlog.
+                        // Anything else (e.g. ECONNABORTED) concerns that one connection.
                         tracing::warn!(shard = self.id, error = %e, "accept failed");
                         break;
                     }
