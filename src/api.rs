@@ -640,7 +640,7 @@ impl Inner {
                     .pop()
                     .ok_or_else(shutting_down)?;
                 let r = self.finish(id.clone(), spec, outcome).await;
-                tracing::debug!(message_id = %id, client_id = %client_id, result = ?r.as_ref().map(PushAnswer::status), "client push");
+                tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push");
                 r
             }
         }

@@ -64,6 +64,8 @@ pub struct MqttConfig {
     pub max_client_id_len: u32,
     pub connect_timeout_secs: u32,
     pub max_keepalive_secs: u32,
+    /// What a CONNECT with keep-alive 0 gets.
+    pub keepalive_zero: KeepaliveZero,
     pub keepalive_jitter_pct: u32,
     pub duplicate_client_id: DuplicateClientId,
     pub max_connections: u32,
@@ -121,6 +123,29 @@ pub struct LimitsConfig {
     pub bytes_burst: u32,
 }
 
+/// What a client asking for keep-alive 0 ("no keep-alive") gets: `[mqtt] keepalive_zero`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepaliveZero {
+    /// `max_keepalive_secs`, so a silent dead peer is found even without TCP keepalive
+    /// (MQTT 5 clients are told in Server Keep Alive; 3.1.1 clients cannot be).
+    Max,
+    /// No keep-alive deadline, as MQTT 3.1.1 and 5 §3.1.2.10 say; dead peers are found
+    /// only by TCP keepalive and `[tcp] user_timeout_secs`.
+    Off,
+}
+
+impl KeepaliveZero {
+    /// The keep-alive granted for `requested` seconds under the cap `max` (0 = none).
+    pub fn granted(self, requested: u16, max: u16) -> u16 {
+        match (requested, self) {
+            (0, KeepaliveZero::Off) => 0,
+            (0, KeepaliveZero::Max) => max,
+            (r, _) => r.min(max),
+        }
+    }
+}
+
 /// What to do when a client id connects while a connection with that id is live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +172,8 @@ pub struct TcpConfig {
     pub keepalive_retries: u8,
     /// TCP_USER_TIMEOUT; 0 disables.
     pub user_timeout_secs: u32,
+    /// After `accept()` fails for want of a file descriptor, retry this often.
+    pub accept_retry_ms: u32,
 }
 
 /// `[shards]`: the IO threads and their timing wheels.
@@ -488,6 +515,7 @@ impl Config {
         let t = &self.tcp;
         // listen(2) and setsockopt(2) take a C int.
         in_range("tcp.backlog", t.backlog, 1, i32::MAX as u32)?;
+        in_range("tcp.accept_retry_ms", t.accept_retry_ms, 1, 10_000)?;
         in_range(
             "tcp.send_buffer_bytes",
             t.send_buffer_bytes,
@@ -1024,6 +1052,10 @@ mod tests {
             invalid_key("[mqtt]\nduplicate_client_id = \"Takeover\"\n"),
             "mqtt.duplicate_client_id"
         );
+        assert_eq!(
+            invalid_key("[mqtt]\nkeepalive_zero = \"never\"\n"),
+            "mqtt.keepalive_zero"
+        );
         let c = Config::from_toml_str("[mqtt]\nduplicate_client_id = \"reject\"\n").unwrap();
         assert_eq!(c.mqtt.duplicate_client_id, DuplicateClientId::Reject);
         assert_eq!(invalid_key("[log]\nformat = \"xml\"\n"), "log.format");
@@ -1182,6 +1214,11 @@ mod tests {
                 "mqtt.max_subscriptions_per_client",
             ),
             ("[tcp]\nbacklog = 1", "[tcp]\nbacklog = 0", "tcp.backlog"),
+            (
+                "[tcp]\naccept_retry_ms = 10000",
+                "[tcp]\naccept_retry_ms = 0",
+                "tcp.accept_retry_ms",
+            ),
             (
                 "[tcp]\nbacklog = 2147483647",
                 "[tcp]\nbacklog = 2147483648",

@@ -130,7 +130,8 @@ pub fn fd_limit_warning(nofile_soft: u64, max_connections: u64) -> Option<String
         format!(
             "RLIMIT_NOFILE is {nofile_soft}, below the {needed} that mqtt.max_connections = \
              {max_connections} needs: connections beyond ~{} will fail with \"too many open \
-             files\"; run `gateway doctor`",
+             files\"; run `gateway doctor`, or set mqtt.max_connections to what this node \
+             should hold",
             nofile_soft.saturating_sub(nofile_soft.div_ceil(10))
         )
     })
@@ -153,6 +154,14 @@ pub fn checks(target_connections: u64) -> Vec<Check> {
 #[must_use]
 pub fn report(target_connections: u64) -> String {
     render(target_connections, &evaluate_system(target_connections))
+}
+
+/// `gateway doctor`: the report, and whether any item is LOW (the command then exits 1).
+#[must_use]
+pub fn report_and_low(target_connections: u64) -> (String, bool) {
+    let results = evaluate_system(target_connections);
+    let low = results.iter().any(|(_, v)| *v == Verdict::Low);
+    (render(target_connections, &results), low)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns (soft_before, soft_after, hard).

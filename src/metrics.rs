@@ -56,10 +56,14 @@ pub enum DisconnectReason {
     SocketError,
     /// The CONNECT was refused (CONNACK with an error code).
     Refused,
+    /// The peer closed or reset the connection before it sent CONNECT: a load-balancer
+    /// health check (a TCP connect, or a PROXY v2 LOCAL header, then a close or reset)
+    /// or a port scan, not a device's network failing.
+    Probe,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 11] = [
+    pub const ALL: [DisconnectReason; 12] = [
         DisconnectReason::Client,
         DisconnectReason::Keepalive,
         DisconnectReason::ConnectTimeout,
@@ -71,6 +75,7 @@ impl DisconnectReason {
         DisconnectReason::Admin,
         DisconnectReason::SocketError,
         DisconnectReason::Refused,
+        DisconnectReason::Probe,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +91,19 @@ impl DisconnectReason {
             DisconnectReason::Admin => "admin",
             DisconnectReason::SocketError => "socket_error",
             DisconnectReason::Refused => "refused",
+            DisconnectReason::Probe => "probe",
+        }
+    }
+
+    /// The reason to count for a connection that ended with `self`: one the peer closed
+    /// or reset before it sent CONNECT (`connect_read` false) is a [`Probe`](Self::Probe),
+    /// so health checks do not swamp the real `socket_error` and `close_wait` counts.
+    pub fn counted(self, connect_read: bool) -> DisconnectReason {
+        match self {
+            DisconnectReason::SocketError | DisconnectReason::CloseWait if !connect_read => {
+                DisconnectReason::Probe
+            }
+            r => r,
         }
     }
 }
@@ -260,7 +278,7 @@ pub struct ShardMetrics {
     pub connects: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
-    pub disconnects: [AtomicU64; 11],
+    pub disconnects: [AtomicU64; DisconnectReason::ALL.len()],
     pub refused: [AtomicU64; 8],
     /// PUBLISHes and SUBSCRIBE filters refused by the ACL: [publish, subscribe].
     pub acl_denied: [AtomicU64; 2],
@@ -277,6 +295,8 @@ pub struct ShardMetrics {
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
     pub accept_paused_handshaking: AtomicU64,
+    /// Times a shard's accept failed for want of a file descriptor (EMFILE/ENFILE).
+    pub accept_paused_fds: AtomicU64,
     /// Connections closed for a missing or invalid PROXY protocol header.
     pub proxy_header_errors: AtomicU64,
     pub dropped: [AtomicU64; 6],
@@ -544,7 +564,7 @@ impl Collector for ShardCollector {
         labelled_counters(
             e,
             "gateway_accept_paused_total",
-            "Times a shard stopped accepting (connections wait in the backlog), by limit.",
+            "Times a shard stopped accepting (connections wait in the backlog), by limit; fd_exhausted: accept() found no free file descriptor (retried every [tcp] accept_retry_ms).",
             "reason",
             [
                 (
@@ -554,6 +574,10 @@ impl Collector for ShardCollector {
                 (
                     "handshaking".to_owned(),
                     self.total(|s| get(&s.accept_paused_handshaking)),
+                ),
+                (
+                    "fd_exhausted".to_owned(),
+                    self.total(|s| get(&s.accept_paused_fds)),
                 ),
             ],
         )?;

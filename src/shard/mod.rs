@@ -40,6 +40,7 @@ use crate::buffer::{BufferPool, PoolConfig, ReadSizePredictor};
 use crate::codec::{self, Version};
 use crate::config::{Config, DuplicateClientId};
 use crate::limits::{Gcra, InboundLimits, PerIpLimit, TokenBucket};
+use crate::listen::{out_of_fds, AcceptRetry, RetryCheck};
 use crate::mailbox::{Handoff, Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
@@ -70,6 +71,7 @@ pub struct Limits {
     pub max_client_id_len: usize,
     pub connect_timeout_ticks: u32,
     pub max_keepalive_secs: u16,
+    pub keepalive_zero: crate::config::KeepaliveZero,
     pub keepalive_jitter_pct: u8,
     pub takeover: bool,
     pub max_connections: usize,
@@ -111,6 +113,7 @@ impl Limits {
             max_client_id_len: c.mqtt.max_client_id_len as usize,
             connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
             max_keepalive_secs: c.mqtt.max_keepalive_secs as u16,
+            keepalive_zero: c.mqtt.keepalive_zero,
             keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct as u8,
             takeover: matches!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover),
             max_connections: c.mqtt.max_connections as usize,
@@ -197,6 +200,8 @@ pub struct Shard {
     accept_pending: bool,
     /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
     accept_blocked: bool,
+    /// Accepting failed for want of a file descriptor; retried on a timer.
+    accept_retry: AcceptRetry,
     connect_bucket: TokenBucket,
     /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
     handshaking: usize,
@@ -335,6 +340,8 @@ impl Shard {
         let lim = &ctx.config.limits;
         let connect_bucket =
             TokenBucket::new(lim.max_connect_rate, lim.connect_burst, Instant::now());
+        let accept_retry =
+            AcceptRetry::new(Duration::from_millis(ctx.config.tcp.accept_retry_ms as u64));
         let shards = ctx.mailboxes.len();
         let b = &ctx.config.buffers;
         let pool = BufferPool::new(PoolConfig {
@@ -362,6 +369,7 @@ impl Shard {
                 tls_config,
                 accept_pending: false,
                 accept_blocked: false,
+                accept_retry,
                 connect_bucket,
                 handshaking: 0,
                 per_ip: ctx.per_ip,
@@ -518,7 +526,15 @@ impl Shard {
             self.on_readable(key as usize);
         }
         self.resume_paused();
-        if self.accept_pending || self.accept_blocked {
+        let retry_due = match self.accept_retry.check(Instant::now()) {
+            RetryCheck::Due => true,
+            RetryCheck::At(at) => {
+                self.wake_no_later_than(at);
+                false
+            }
+            RetryCheck::Idle => false,
+        };
+        if self.accept_pending || self.accept_blocked || retry_due {
             self.accept();
         }
         match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
@@ -594,12 +610,20 @@ impl Shard {
                 match listener.accept() {
                     Ok((socket, peer)) => {
                         budget -= 1;
+                        self.accept_retry.on_accept(self.id);
                         self.on_accept(socket, peer, tls);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if out_of_fds(&e) => {
+                        // The listener is edge-triggered: retry on a timer.
+                        let now = Instant::now();
+                        let at = self.accept_retry.on_error(now, &e, self.id, &self.metrics);
+                        self.wake_no_later_than(at);
+                        break;
+                    }
                     Err(e) => {
-                        // EMFILE/ENFILE: the pending connection stays in the backlog.
+                        // Anything else (e.g. ECONNABORTED) concerns that one connection.
                         tracing::warn!(shard = self.id, error = %e, "accept failed");
                         break;
                     }
@@ -1513,6 +1537,8 @@ impl Shard {
             self.pool.give(b.held, self.now);
         }
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        let connect_read = !matches!(conn.state, ConnState::ProxyHeader | ConnState::Handshake);
+        let reason = reason.counted(connect_read);
         self.metrics.disconnect(reason);
         let accepted = self.started + self.limits.tick * conn.accepted_at;
         self.metrics.observe_connection_age(

@@ -457,15 +457,15 @@ impl Shard {
         };
         let requested_ka = c.keep_alive;
         let cap = limits.max_keepalive_secs;
-        let mut keep_alive = if requested_ka == 0 || requested_ka > cap {
-            cap
-        } else {
-            requested_ka
-        };
-        if v == Version::V5 && limits.keepalive_jitter_pct > 0 {
+        let mut keep_alive = limits.keepalive_zero.granted(requested_ka, cap);
+        if v == Version::V5 && limits.keepalive_jitter_pct > 0 && keep_alive != 0 {
             keep_alive = self.jitter(keep_alive);
         }
-        let idle_ticks = self.limits.ticks(f64::from(keep_alive) * 1.5);
+        // Keep-alive 0 granted (`keepalive_zero = "off"`): no idle deadline.
+        let idle_ticks = match keep_alive {
+            0 => u32::MAX,
+            ka => self.limits.ticks(f64::from(ka) * 1.5),
+        };
         let window = c.receive_maximum.min(self.limits.max_inflight).max(1);
 
         // Attach the session.
