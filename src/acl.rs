@@ -238,7 +238,9 @@ struct Rule {
 /// Allow lists carried by one connection (JWT claims or the auth webhook's answer).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConnAcl {
-    /// Kept only when some rule uses `%u` or the connection has its own lists.
+    /// The name authentication vouched for (see [`crate::auth::session_acl`]), never
+    /// the CONNECT's own username; kept only when some rule uses `%u` or the connection
+    /// has its own lists.
     pub username: Option<Box<str>>,
     /// Replaces the configured rules for PUBLISH when present.
     pub publish: Option<Box<[Pattern]>>,
@@ -261,6 +263,20 @@ impl ConnAcl {
             publish: compile(publish)?,
             subscribe: compile(subscribe)?,
         })
+    }
+
+    /// No lists: only the authenticated username that `%u` stands for.
+    pub fn named(username: &str) -> ConnAcl {
+        ConnAcl {
+            username: Some(username.into()),
+            ..ConnAcl::default()
+        }
+    }
+
+    /// These lists with `username` as the authenticated name (`None`: no `%u`).
+    pub fn with_username(mut self, username: Option<&str>) -> ConnAcl {
+        self.username = username.map(Into::into);
+        self
     }
 
     pub fn has_lists(&self) -> bool {

@@ -12,12 +12,14 @@ use mqttbytes::QoS;
 const T: Duration = Duration::from_secs(10);
 
 /// The default rules plus a team tree shared by all clients with the same username.
-/// Usernames need a provider that checks credentials: JWT (anonymous stays for the rest).
+/// Usernames need a provider that checks credentials: JWT, whose `team` claim is the
+/// authenticated username (anonymous stays for the rest).
 const ACL: &str = r#"
 [auth]
 providers = ["anonymous", "jwt"]
 [auth.jwt]
 secret = "acl-test"
+username_claim = "team"
 [acl]
 enabled = true
 no_match = "deny"
@@ -32,24 +34,35 @@ async fn denied(s: &TestServer, action: &str) -> f64 {
         .await
 }
 
-/// A raw 3.1.1 client, connected (optionally with a username).
+/// A token of the ACL test secret with `claims` and an expiry.
+fn token(mut claims: serde_json::Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    claims["exp"] = exp.into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"acl-test"),
+    )
+    .unwrap()
+}
+
+/// A raw 3.1.1 client, connected (optionally with a username, vouched for by the
+/// token's `team` claim).
 async fn raw_v4(s: &TestServer, id: &str, user: Option<&str>) -> Raw {
     let mut c = mqttbytes::v4::Connect::new(id);
     c.keep_alive = 30;
     if let Some(u) = user {
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &serde_json::json!({"sub": id, "exp": exp}),
-            &jsonwebtoken::EncodingKey::from_secret(b"acl-test"),
-        )
-        .unwrap();
-        c.set_login(u, &token);
+        c.set_login(u, &token(serde_json::json!({"sub": id, "team": u})));
     }
+    connected_v4(s, c).await
+}
+
+async fn connected_v4(s: &TestServer, c: mqttbytes::v4::Connect) -> Raw {
+    let id = c.client_id.clone();
     let mut raw = Raw::connect(s.mqtt).await;
     raw.send(&encode(|b| c.write(b))).await;
     match raw.next_v4(T).await {
@@ -259,4 +272,37 @@ async fn backend_pushes_are_not_subject_to_acls() {
         Ok(mqttbytes::v4::Packet::Publish(p)) => assert_eq!(p.topic, "fleet/all"),
         other => panic!("expected the pushed PUBLISH, got {other:?}"),
     }
+}
+
+/// Issue 17.5: a device with a valid token for `sub = dev-x` that connects with username
+/// `carol` is `dev-x` to a `users/%u/#` rule: it reaches its own tree, never carol's.
+/// Before, `%u` was the CONNECT's unverified username field.
+#[tokio::test]
+async fn a_jwt_username_is_the_token_claim_not_the_connect_field() {
+    let s = TestServer::start(
+        r#"
+[auth]
+providers = ["jwt"]
+[auth.jwt]
+secret = "acl-test"
+[acl]
+enabled = true
+no_match = "deny"
+rules = [{ permission = "allow", action = "all", topic = "users/%u/#" }]
+"#,
+    );
+    let mut c = mqttbytes::v4::Connect::new("dev-x");
+    c.keep_alive = 30;
+    c.set_login("carol", &token(serde_json::json!({"sub": "dev-x"})));
+    let mut raw = connected_v4(&s, c).await;
+    use mqttbytes::v4::SubscribeReasonCode as R4;
+    let codes = suback_v4(&mut raw, 1, &["users/carol/#", "users/dev-x/#"]).await;
+    assert_eq!(codes, vec![R4::Failure, R4::Success(QoS::AtLeastOnce)]);
+    raw.send(&Raw::publish_v4("users/carol/inbox", 1, 2, b"x"))
+        .await;
+    match raw.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, 2),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    assert_eq!(denied(&s, "publish").await, 1.0);
 }

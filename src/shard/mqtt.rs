@@ -392,20 +392,17 @@ impl Shard {
         key: usize,
         c: Connect,
         assigned: bool,
-        mut conn_acl: Option<Box<ConnAcl>>,
+        conn_acl: Option<Box<ConnAcl>>,
     ) -> bool {
         let v = c.version;
+        // %u is the authenticated name (the verdict's, else the certificate CN).
+        let cert_cn = self.limits.use_cn_as_client_id.then(|| self.peer_cn(key));
+        let conn_acl = crate::auth::session_acl(&self.acl, conn_acl, cert_cn.flatten());
         if self.acl.enabled() {
-            // %u rules and per-connection lists need the username at PUBLISH time.
-            if let Some(u) = c.username.as_deref() {
-                if self.acl.uses_username() || conn_acl.is_some() {
-                    conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
-                }
-            }
             if let Some(w) = &c.will {
                 let who = Who {
                     client_id: &c.client_id,
-                    username: c.username.as_deref(),
+                    username: conn_acl.as_ref().and_then(|a| a.username.as_deref()),
                 };
                 if !self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
                     self.metrics.acl_denied(false);
