@@ -96,6 +96,8 @@ pub struct MqttConfig {
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     pub proxy_header_max_bytes: u32,
+    /// Peers (addresses / CIDR blocks) allowed to send a PROXY header.
+    pub proxy_trusted: Vec<String>,
     /// Longest topic name or filter accepted, in bytes (1..=65535).
     pub max_topic_len: u32,
     /// Most subscriptions one session may hold (at least 1).
@@ -428,6 +430,14 @@ impl Config {
             107,
             65_551,
         )?;
+        crate::proxy::TrustedProxies::parse(&m.proxy_trusted)
+            .map_err(|(i, e)| invalid(&format!("mqtt.proxy_trusted[{i}]"), e))?;
+        if m.proxy_protocol && m.proxy_trusted.is_empty() {
+            return Err(invalid(
+                "mqtt.proxy_trusted",
+                "proxy_protocol needs at least one trusted proxy address".into(),
+            ));
+        }
         if let Some(tls) = m.tls_listen {
             if m.tls_cert.is_none() {
                 return Err(invalid(
@@ -1333,6 +1343,14 @@ mod tests {
         assert_eq!(
             invalid_key("[mqtt]\nproxy_header_max_bytes = 100\n"),
             "mqtt.proxy_header_max_bytes"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_trusted = [\"::1\", \"10.0.0.0/33\"]\n"),
+            "mqtt.proxy_trusted[1]"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_protocol = true\nproxy_trusted = []\n"),
+            "mqtt.proxy_trusted"
         );
         assert_eq!(
             invalid_key("[mqtt]\ntls_buffer_bytes = 10\n"),

@@ -94,6 +94,8 @@ pub struct Limits {
     pub tick: Duration,
     pub proxy_protocol: bool,
     pub proxy_header_max: usize,
+    /// `mqtt.proxy_trusted`: who may send the PROXY header.
+    pub proxy_trusted: proxy::TrustedProxies,
     /// Per shard; 0 = unlimited.
     pub max_handshaking: usize,
     pub inbound: InboundLimits,
@@ -133,6 +135,8 @@ impl Limits {
             tick,
             proxy_protocol: c.mqtt.proxy_protocol,
             proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
+            // Validated by Config::validate.
+            proxy_trusted: proxy::TrustedProxies::parse(&c.mqtt.proxy_trusted).unwrap_or_default(),
             max_handshaking: c.limits.max_handshaking as usize,
             inbound: InboundLimits {
                 msgs: Gcra::new(c.limits.publish_rate, c.limits.publish_burst),
@@ -976,6 +980,14 @@ impl Shard {
                 return false;
             }
         };
+        let socket_peer = self.conns[key].peer.addr();
+        if !self.limits.proxy_trusted.trusts(socket_peer.ip()) {
+            self.pool.give(buf, self.now);
+            self.metrics.refuse(RefuseReason::ProxyUntrusted);
+            tracing::info!(shard = self.id, peer = %socket_peer, "PROXY header from a peer not in mqtt.proxy_trusted, closing");
+            self.close_conn(key, DisconnectReason::Refused, None);
+            return false;
+        }
         let conn = &mut self.conns[key];
         let peer = match header {
             ProxyHeader::Proxied(a) => a,
