@@ -306,3 +306,69 @@ rules = [{ permission = "allow", action = "all", topic = "users/%u/#" }]
     }
     assert_eq!(denied(&s, "publish").await, 1.0);
 }
+
+/// Issue 24.2: `deny subscribe test/nosubscribe` with `no_match = "allow"` refuses that
+/// filter itself (0x80 / v5 0x87) but grants `#`, which then receives `TopicA` (live and
+/// retained) and never `test/nosubscribe`. Before, `#` was refused because the deny rule
+/// overlaps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_rule_filters_wildcards_instead_of_refusing_them() {
+    let s = TestServer::start(
+        r#"
+[acl]
+enabled = true
+no_match = "allow"
+rules = [{ permission = "deny", action = "subscribe", topic = "test/nosubscribe" }]
+"#,
+    );
+    let mut publisher = raw_v4(&s, "pub", None).await;
+    let publish = |topic: &str, pkid: u16, retain: bool| {
+        let mut p = mqttbytes::v4::Publish::new(topic, QoS::AtLeastOnce, topic.as_bytes().to_vec());
+        p.pkid = pkid;
+        p.retain = retain;
+        encode(|b| p.write(b))
+    };
+    let mut pkid = 0;
+    let mut send = async |p: &mut Raw, topic: &str, retain: bool| {
+        pkid += 1;
+        p.send(&publish(topic, pkid, retain)).await;
+        match p.next_v4(T).await {
+            Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, pkid),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    };
+    send(&mut publisher, "test/nosubscribe", true).await;
+    send(&mut publisher, "TopicR", true).await;
+
+    let mut sub = raw_v4(&s, "analytics", None).await;
+    use mqttbytes::v4::SubscribeReasonCode as R4;
+    let codes = suback_v4(&mut sub, 1, &["test/nosubscribe", "#"]).await;
+    assert_eq!(codes, vec![R4::Failure, R4::Success(QoS::AtLeastOnce)]);
+    send(&mut publisher, "test/nosubscribe", false).await;
+    send(&mut publisher, "TopicA", false).await;
+    // Everything up to the live TopicA (published last) has arrived by then.
+    let mut seen = vec![];
+    while !seen.contains(&"TopicA".to_string()) {
+        match sub.next_v4(T).await {
+            Ok(mqttbytes::v4::Packet::Publish(p)) => {
+                if p.qos == QoS::AtLeastOnce {
+                    sub.send(&encode(|b| mqttbytes::v4::PubAck::new(p.pkid).write(b)))
+                        .await;
+                }
+                seen.push(p.topic);
+            }
+            other => panic!("expected PUBLISHes, got {other:?} after {seen:?}"),
+        }
+    }
+    assert!(seen.contains(&"TopicR".to_string()), "{seen:?}");
+    assert!(!seen.iter().any(|t| t == "test/nosubscribe"), "{seen:?}");
+    assert_eq!(denied(&s, "subscribe").await, 1.0);
+
+    // MQTT 5: the same filter is refused with 0x87, `test/+` granted.
+    let (mut c5, _) = Raw::connected_v5(s.mqtt, &connect5("v5sub", 30, true, None)).await;
+    let f = |p: &str| mqttbytes::v5::SubscribeFilter::new(p.into(), QoS::AtLeastOnce);
+    let ack = c5
+        .subscribe_v5(2, vec![f("test/nosubscribe"), f("test/+")])
+        .await;
+    assert_eq!(ack.return_codes, vec![R5::NotAuthorized, R5::QoS1]);
+}

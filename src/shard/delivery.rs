@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use crate::acl::ACL_FILTERED;
 use crate::codec::{self, OutPublish, Version};
 use crate::message::{Message, Origin};
 use crate::metrics::DropReason;
@@ -101,6 +102,9 @@ impl Shard {
                 let o = hits[i].options;
                 let sub_id = hits[i].sub_id;
                 i += 1;
+                if o & ACL_FILTERED != 0 && !self.acl_receives(session as usize, &msg.topic) {
+                    continue;
+                }
                 let no_local = o & 0b100 != 0;
                 if no_local
                     && msg.origin
@@ -147,9 +151,15 @@ impl Shard {
         } else {
             self.retained.get(filter).cloned().into_iter().collect()
         };
+        let filtered = self.sessions[skey]
+            .subscription(filter)
+            .is_some_and(|o| o & ACL_FILTERED != 0);
         for m in matching {
             if m.is_expired(now) {
                 self.retained.remove(&*m.topic);
+                continue;
+            }
+            if filtered && !self.acl_receives(skey, &m.topic) {
                 continue;
             }
             let sub_ids = (sub_id != 0).then(|| Box::from([sub_id]));
