@@ -408,6 +408,7 @@ async fn backend() -> Backend {
                     Some("acl") => serde_json::json!({"result": "allow",
                         "acl": {"publish": ["up/%c"], "subscribe": ["down/%c"]}}),
                     Some("ignore") => serde_json::json!({"result": "ignore"}),
+                    Some("named") => serde_json::json!({"result": "allow", "username": "hooked"}),
                     Some("gate") => {
                         h.fetch_add(1, Ordering::SeqCst);
                         g.notified().await;
@@ -961,4 +962,66 @@ async fn a_storm_from_one_address_backs_off_and_the_honest_user_gets_in() {
         "the storming address is backed off"
     );
     drop(storming.await.unwrap());
+}
+
+/// Issue 17.5 for the other providers: `%u` is the password file's user, the name the
+/// webhook answered (or, without one, the username it allowed), and nothing for an
+/// anonymous client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_u_is_the_name_each_provider_vouched_for() {
+    let dir = tempdir::Dir::new("pct-u");
+    let file = dir.0.join("users");
+    std::fs::write(&file, "").unwrap();
+    passwd(&file, "alice", None, Some("s3cret"));
+    let b = backend().await;
+    let s = TestServer::start(&format!(
+        "[auth]\nproviders = [\"anonymous\", \"password_file\", \"http\"]\nfailure_backoff_after = 0\n\
+         [auth.password_file]\npath = \"{}\"\n\
+         [auth.http]\nurl = \"http://{}/auth\"\ntimeout_ms = 1000\n\
+         [acl]\nenabled = true\nno_match = \"deny\"\n\
+         rules = [{{ permission = \"allow\", action = \"all\", topic = \"users/%u/#\" }}]\n",
+        file.display(),
+        b.addr
+    ));
+    use mqttbytes::v4::SubscribeReasonCode as R4;
+    let ok = R4::Success(mqttbytes::QoS::AtLeastOnce);
+    let cases = [
+        // The password file's user.
+        ("p1", Some(("alice", "s3cret")), [ok, R4::Failure]),
+        // The webhook names "hooked" whatever username was sent.
+        ("h1", Some(("carol", "named")), [R4::Failure, ok]),
+        // The webhook allowed "carol" without naming anyone: carol it is.
+        ("h2", Some(("carol", "good")), [R4::Failure, R4::Failure]),
+        // Anonymous: no %u at all.
+        ("a1", None, [R4::Failure, R4::Failure]),
+    ];
+    for (id, login, want) in cases {
+        let (user, pass) = login.unzip();
+        let (code, stream) = connack(s.mqtt, false, id, user, pass).await;
+        assert_eq!(code, V3_OK, "{id}");
+        let mut raw = Raw::from_stream(stream);
+        let codes = suback(&mut raw, 1, &["users/alice/#", "users/hooked/#"]).await;
+        assert_eq!(codes, want, "{id}");
+        if id == "h2" {
+            assert_eq!(suback(&mut raw, 2, &["users/carol/#"]).await, vec![ok]);
+        }
+    }
+}
+
+/// SUBSCRIBE to `filters` (QoS 1, 3.1.1) and the SUBACK's codes.
+async fn suback(
+    raw: &mut Raw,
+    pkid: u16,
+    filters: &[&str],
+) -> Vec<mqttbytes::v4::SubscribeReasonCode> {
+    let mut sub = mqttbytes::v4::Subscribe::new(filters[0], mqttbytes::QoS::AtLeastOnce);
+    for f in &filters[1..] {
+        sub.add((*f).into(), mqttbytes::QoS::AtLeastOnce);
+    }
+    sub.pkid = pkid;
+    raw.send(&common::encode(|b| sub.write(b))).await;
+    match raw.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::SubAck(a)) => a.return_codes,
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
 }
