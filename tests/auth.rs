@@ -841,6 +841,11 @@ async fn a_password_storm_keeps_hashes_threads_and_memory_bounded() {
     sampling.store(false, Ordering::Relaxed);
     let (max_threads, max_rss) = sampler.await.unwrap();
     const MIB: u64 = 1 << 20;
+    eprintln!(
+        "storm: threads {base_threads} -> max {max_threads}; RSS {} MiB -> max {} MiB",
+        base_rss / MIB,
+        max_rss / MIB
+    );
     // 2 hashing threads at most beyond the warm-up one, and a little slack for the
     // runtime's own (an HTTP or store helper thread starting meanwhile).
     assert!(
@@ -859,6 +864,7 @@ async fn a_password_storm_keeps_hashes_threads_and_memory_bounded() {
         "alice after the storm"
     );
     let after = gw.rss_bytes();
+    eprintln!("storm: RSS after {} MiB", after / MIB);
     assert!(
         after <= base_rss + 2 * 19 * MIB + 32 * MIB,
         "RSS after the storm {} MiB, before {} MiB",
