@@ -372,3 +372,48 @@ rules = [{ permission = "deny", action = "subscribe", topic = "test/nosubscribe"
         .await;
     assert_eq!(ack.return_codes, vec![R5::NotAuthorized, R5::QoS1]);
 }
+
+/// A filtered subscription (issue 24.2) keeps its mark in the store: after a restart the
+/// restored `#` of a persistent session still receives `TopicA` and not
+/// `test/nosubscribe`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_subscription_stays_filtered_after_a_restart() {
+    let dir = tempdir::Dir::new("acl-restart");
+    let extra = format!(
+        "[store]\npath = \"{}\"\n[acl]\nenabled = true\nno_match = \"allow\"\n\
+         rules = [{{ permission = \"deny\", action = \"subscribe\", topic = \"test/nosubscribe\" }}]\n",
+        dir.0.join("data").display()
+    );
+    let persistent = |gw: &GatewayProcess| {
+        let mut o = v4::options(gw.mqtt, "analytics");
+        o.set_clean_session(false);
+        o
+    };
+    let mut gw = GatewayProcess::start(&extra);
+    let mut sub = v4::connect(persistent(&gw)).await;
+    sub.subscribe("#", v4::QoS::AtLeastOnce).await;
+    let _ = sub.client.disconnect().await;
+    let _ = tokio::time::timeout(T, sub.task).await;
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit(T).expect("stops on SIGTERM").success());
+
+    let gw = GatewayProcess::start(&extra);
+    let mut sub = v4::connect(persistent(&gw)).await;
+    let publisher = v4::connect(v4::options(gw.mqtt, "pub")).await;
+    for topic in ["test/nosubscribe", "TopicA"] {
+        publisher
+            .client
+            .publish(
+                topic,
+                v4::QoS::AtLeastOnce,
+                false,
+                topic.as_bytes().to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    // The subscription is the restored one (no SUBSCRIBE after the restart), and the
+    // denied topic, published first, does not come before TopicA.
+    let p = sub.next_publish(T).await.expect("TopicA after the restart");
+    assert_eq!(p.topic, "TopicA");
+}
