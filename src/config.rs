@@ -74,6 +74,10 @@ pub struct MqttConfig {
     pub write_stall_timeout_secs: u32,
     pub retain_available: bool,
     pub max_retained_messages: u32,
+    /// Bytes (topic + payload) of all retained messages; 0 = no bound.
+    pub max_retained_bytes: u64,
+    /// Bytes of the retained messages one client set; 0 = no bound.
+    pub max_retained_bytes_per_client: u64,
     /// Topic Alias Maximum announced to MQTT 5 clients (0..=65535; 0 = none accepted).
     pub topic_alias_maximum: u32,
     /// Outbound topic aliases per connection, least recently used replaced (0..=65535;
@@ -833,6 +837,8 @@ mod tests {
         assert_eq!(c.mqtt.max_subscriptions_per_client, 1000);
         assert!(c.mqtt.retain_available);
         assert_eq!(c.mqtt.max_retained_messages, 100_000);
+        assert_eq!(c.mqtt.max_retained_bytes, 256 << 20);
+        assert_eq!(c.mqtt.max_retained_bytes_per_client, 4 << 20);
 
         assert!(c.tcp.nodelay);
         assert_eq!(c.tcp.backlog, 4096);

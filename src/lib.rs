@@ -30,6 +30,7 @@ pub mod message;
 pub mod metrics;
 pub mod proxy;
 pub mod push_json;
+pub mod retained_budget;
 pub mod server;
 pub mod session;
 pub mod shard;

@@ -64,14 +64,29 @@ impl Shard {
     fn store_retained(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
             self.retained.remove(&*msg.topic);
+            self.retained_budget.remove(&msg.topic);
             self.store_retained_msg(msg, true);
         } else if self.retained.len() < self.limits.max_retained
             || self.retained.contains_key(&*msg.topic)
         {
             self.retained.insert(msg.topic.clone(), msg.clone());
+            let cost = crate::retained_budget::cost(&msg.topic, &msg.payload);
+            let owner = self.local_publisher(msg);
+            self.retained_budget.set(&msg.topic, cost, owner);
             self.store_retained_msg(msg, false);
         } else {
             tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
+        }
+    }
+
+    /// The client id of the device on this shard that published `msg`, if any.
+    fn local_publisher(&self, msg: &Message) -> Option<Arc<str>> {
+        match msg.origin {
+            Origin::Device { shard, session } if usize::from(shard) == self.id => self
+                .sessions
+                .get(session as usize)
+                .map(|s| s.client_id.clone()),
+            _ => None,
         }
     }
 
@@ -157,6 +172,7 @@ impl Shard {
         for m in matching {
             if m.is_expired(now) {
                 self.retained.remove(&*m.topic);
+                self.retained_budget.remove(&m.topic);
                 continue;
             }
             if filtered && !self.acl_receives(skey, &m.topic) {

@@ -222,6 +222,8 @@ pub struct Shard {
     by_client: ClientIds,
     subs: SubscriptionIndex,
     retained: HashMap<Arc<str>, Arc<Message>>,
+    /// The byte bounds on `retained` (mirrors it; see crate::retained_budget).
+    retained_budget: crate::retained_budget::RetainedBudget,
     wheel: TimingWheel<u32>,
     fired: Vec<(TimerId, u32)>,
     /// Subscribers matched by the message being routed (reused across messages).
@@ -321,6 +323,10 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
 impl Shard {
     fn new(ctx: ShardContext) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
         let limits = Limits::from_config(&ctx.config);
+        let retained_budget = crate::retained_budget::RetainedBudget::new(
+            ctx.config.mqtt.max_retained_bytes,
+            ctx.config.mqtt.max_retained_bytes_per_client,
+        );
         let poll = Poll::new()?;
         ctx.listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(ctx.listener);
@@ -379,6 +385,7 @@ impl Shard {
                 by_client: ClientIds::default(),
                 subs: SubscriptionIndex::new(),
                 retained: HashMap::new(),
+                retained_budget,
                 wheel: TimingWheel::new(0),
                 fired: Vec::new(),
                 match_buf: Vec::new(),

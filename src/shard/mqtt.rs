@@ -703,13 +703,16 @@ impl Shard {
                 "retain is not available",
             );
         }
-        if !self.publish_allowed(skey, &topic) {
-            // 3.1.1 has no way to refuse: acknowledge and drop. MQTT 5: reason 0x87.
-            let code = if v == Version::V5 {
-                reason::NOT_AUTHORIZED
-            } else {
-                0
-            };
+        let refusal = if !self.publish_allowed(skey, &topic) {
+            Some(reason::NOT_AUTHORIZED)
+        } else if p.retain && !self.retained_admitted(skey, &topic, &p.payload) {
+            Some(reason::QUOTA_EXCEEDED)
+        } else {
+            None
+        };
+        if let Some(v5_code) = refusal {
+            // 3.1.1 has no way to refuse: acknowledge and drop. MQTT 5: the reason.
+            let code = if v == Version::V5 { v5_code } else { 0 };
             match p.qos {
                 1 => {
                     self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, code));
@@ -955,6 +958,21 @@ impl Shard {
             tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
         }
         None
+    }
+
+    /// Whether session `skey` may set `topic` to a retained `payload` within the retained
+    /// byte bounds (an empty payload deletes: always). A refusal is logged.
+    fn retained_admitted(&self, skey: usize, topic: &str, payload: &[u8]) -> bool {
+        if payload.is_empty() {
+            return true;
+        }
+        let client = &self.sessions[skey].client_id;
+        let cost = crate::retained_budget::cost(topic, payload);
+        let Err(over) = self.retained_budget.admit(client, topic, cost) else {
+            return true;
+        };
+        tracing::info!(shard = self.id, client_id = %client, topic, bytes = cost, bound = over.key(), "retained PUBLISH refused: retained byte bound reached");
+        false
     }
 
     /// Whether a message on `topic` may reach session `skey` through a subscription
