@@ -410,8 +410,12 @@ impl Acl {
 
     /// May a message on `topic` be delivered to `who` through a subscription granted
     /// [`SubscribeGrant::Filtered`]? The first subscribe rule matching the topic decides,
-    /// else `no_match`.
+    /// else `no_match`. Always true with the ACL disabled (a restored subscription may
+    /// carry the mark from a run that had it enabled).
     pub fn may_receive(&self, who: &Who, topic: &str) -> bool {
+        if !self.enabled {
+            return true;
+        }
         for r in self.rules.iter().filter(|r| r.subscribe) {
             if r.pattern.matches(who, topic) {
                 return r.allow;
@@ -593,6 +597,12 @@ mod tests {
     #[test]
     fn disabled_allows_everything() {
         let a = Acl::disabled();
+        let off = acl(r#"
+            enabled = false
+            no_match = "deny"
+            rules = [{ permission = "deny", action = "subscribe", topic = "x" }]
+        "#);
+        assert!(off.may_receive(&C1, "x"));
         assert!(a.may_publish(&C1, None, "any/thing"));
         assert!(a.allows_subscribe(&C1, None, "#"));
     }
