@@ -846,10 +846,10 @@ async fn a_password_storm_keeps_hashes_threads_and_memory_bounded() {
         base_rss / MIB,
         max_rss / MIB
     );
-    // 2 hashing threads at most beyond the warm-up one, and a little slack for the
-    // runtime's own (an HTTP or store helper thread starting meanwhile).
+    // 2 hashing threads at most, and slack for the runtime's own (a store or HTTP
+    // helper thread starting meanwhile); before the fix this run reached base + 33.
     assert!(
-        max_threads <= base_threads + 4,
+        max_threads <= base_threads + 2 + 4,
         "threads grew from {base_threads} to {max_threads} during the storm"
     );
     // At most 2 memory areas of 19 MiB, plus connection buffers and slack.
