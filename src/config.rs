@@ -76,6 +76,10 @@ pub struct MqttConfig {
     pub write_stall_timeout_secs: u32,
     pub retain_available: bool,
     pub max_retained_messages: u32,
+    /// Bytes (topic + payload) of all retained messages; 0 = no bound.
+    pub max_retained_bytes: u64,
+    /// Bytes of the retained messages one client set; 0 = no bound.
+    pub max_retained_bytes_per_client: u64,
     /// Topic Alias Maximum announced to MQTT 5 clients (0..=65535; 0 = none accepted).
     pub topic_alias_maximum: u32,
     /// Outbound topic aliases per connection, least recently used replaced (0..=65535;
@@ -98,6 +102,8 @@ pub struct MqttConfig {
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     pub proxy_header_max_bytes: u32,
+    /// Peers (addresses / CIDR blocks) allowed to send a PROXY header.
+    pub proxy_trusted: Vec<String>,
     /// Longest topic name or filter accepted, in bytes (1..=65535).
     pub max_topic_len: u32,
     /// Most subscriptions one session may hold (at least 1).
@@ -455,6 +461,14 @@ impl Config {
             107,
             65_551,
         )?;
+        crate::proxy::TrustedProxies::parse(&m.proxy_trusted)
+            .map_err(|(i, e)| invalid(&format!("mqtt.proxy_trusted[{i}]"), e))?;
+        if m.proxy_protocol && m.proxy_trusted.is_empty() {
+            return Err(invalid(
+                "mqtt.proxy_trusted",
+                "proxy_protocol needs at least one trusted proxy address".into(),
+            ));
+        }
         if let Some(tls) = m.tls_listen {
             if m.tls_cert.is_none() {
                 return Err(invalid(
@@ -851,6 +865,8 @@ mod tests {
         assert_eq!(c.mqtt.max_subscriptions_per_client, 1000);
         assert!(c.mqtt.retain_available);
         assert_eq!(c.mqtt.max_retained_messages, 100_000);
+        assert_eq!(c.mqtt.max_retained_bytes, 256 << 20);
+        assert_eq!(c.mqtt.max_retained_bytes_per_client, 4 << 20);
 
         assert!(c.tcp.nodelay);
         assert_eq!(c.tcp.backlog, 4096);
@@ -1370,6 +1386,14 @@ mod tests {
         assert_eq!(
             invalid_key("[mqtt]\nproxy_header_max_bytes = 100\n"),
             "mqtt.proxy_header_max_bytes"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_trusted = [\"::1\", \"10.0.0.0/33\"]\n"),
+            "mqtt.proxy_trusted[1]"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_protocol = true\nproxy_trusted = []\n"),
+            "mqtt.proxy_trusted"
         );
         assert_eq!(
             invalid_key("[mqtt]\ntls_buffer_bytes = 10\n"),

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod prompt;
 pub mod proxy;
 pub mod push_json;
+pub mod retained_budget;
 pub mod server;
 pub mod session;
 pub mod shard;

@@ -122,10 +122,12 @@ pub enum RefuseReason {
     AuthUnavailable,
     /// `max_connections_per_ip` reached for the connection's address.
     PerIp,
+    /// A PROXY header from a peer not in `mqtt.proxy_trusted`.
+    ProxyUntrusted,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 8] = [
+    pub const ALL: [RefuseReason; 9] = [
         RefuseReason::Protocol,
         RefuseReason::ClientId,
         RefuseReason::Duplicate,
@@ -134,6 +136,7 @@ impl RefuseReason {
         RefuseReason::MaxConnections,
         RefuseReason::AuthUnavailable,
         RefuseReason::PerIp,
+        RefuseReason::ProxyUntrusted,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -145,6 +148,7 @@ impl RefuseReason {
             RefuseReason::MaxConnections => "max_connections",
             RefuseReason::AuthUnavailable => "auth_unavailable",
             RefuseReason::PerIp => "per_ip",
+            RefuseReason::ProxyUntrusted => "proxy_untrusted",
         }
     }
 }
@@ -279,7 +283,7 @@ pub struct ShardMetrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub disconnects: [AtomicU64; DisconnectReason::ALL.len()],
-    pub refused: [AtomicU64; 8],
+    pub refused: [AtomicU64; RefuseReason::ALL.len()],
     /// PUBLISHes and SUBSCRIBE filters refused by the ACL: [publish, subscribe].
     pub acl_denied: [AtomicU64; 2],
     /// TLS handshakes (or later TLS records) that failed: bad ClientHello, unknown CA,

@@ -96,6 +96,8 @@ pub struct Limits {
     pub tick: Duration,
     pub proxy_protocol: bool,
     pub proxy_header_max: usize,
+    /// `mqtt.proxy_trusted`: who may send the PROXY header.
+    pub proxy_trusted: proxy::TrustedProxies,
     /// Per shard; 0 = unlimited.
     pub max_handshaking: usize,
     pub inbound: InboundLimits,
@@ -136,6 +138,8 @@ impl Limits {
             tick,
             proxy_protocol: c.mqtt.proxy_protocol,
             proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
+            // Validated by Config::validate.
+            proxy_trusted: proxy::TrustedProxies::parse(&c.mqtt.proxy_trusted).unwrap_or_default(),
             max_handshaking: c.limits.max_handshaking as usize,
             inbound: InboundLimits {
                 msgs: Gcra::new(c.limits.publish_rate, c.limits.publish_burst),
@@ -223,6 +227,8 @@ pub struct Shard {
     by_client: ClientIds,
     subs: SubscriptionIndex,
     retained: HashMap<Arc<str>, Arc<Message>>,
+    /// The byte bounds on `retained` (mirrors it; see crate::retained_budget).
+    retained_budget: crate::retained_budget::RetainedBudget,
     wheel: TimingWheel<u32>,
     fired: Vec<(TimerId, u32)>,
     /// Subscribers matched by the message being routed (reused across messages).
@@ -322,6 +328,10 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
 impl Shard {
     fn new(ctx: ShardContext) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
         let limits = Limits::from_config(&ctx.config);
+        let retained_budget = crate::retained_budget::RetainedBudget::new(
+            ctx.config.mqtt.max_retained_bytes,
+            ctx.config.mqtt.max_retained_bytes_per_client,
+        );
         let poll = Poll::new()?;
         ctx.listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(ctx.listener);
@@ -383,6 +393,7 @@ impl Shard {
                 by_client: ClientIds::default(),
                 subs: SubscriptionIndex::new(),
                 retained: HashMap::new(),
+                retained_budget,
                 wheel: TimingWheel::new(0),
                 fired: Vec::new(),
                 match_buf: Vec::new(),
@@ -1000,6 +1011,14 @@ impl Shard {
                 return false;
             }
         };
+        let socket_peer = self.conns[key].peer.addr();
+        if !self.limits.proxy_trusted.trusts(socket_peer.ip()) {
+            self.pool.give(buf, self.now);
+            self.metrics.refuse(RefuseReason::ProxyUntrusted);
+            tracing::info!(shard = self.id, peer = %socket_peer, "PROXY header from a peer not in mqtt.proxy_trusted, closing");
+            self.close_conn(key, DisconnectReason::Refused, None);
+            return false;
+        }
         let conn = &mut self.conns[key];
         let peer = match header {
             ProxyHeader::Proxied(a) => a,

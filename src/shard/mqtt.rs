@@ -392,20 +392,17 @@ impl Shard {
         key: usize,
         c: Connect,
         assigned: bool,
-        mut conn_acl: Option<Box<ConnAcl>>,
+        conn_acl: Option<Box<ConnAcl>>,
     ) -> bool {
         let v = c.version;
+        // %u is the authenticated name (the verdict's, else the certificate CN).
+        let cert_cn = self.limits.use_cn_as_client_id.then(|| self.peer_cn(key));
+        let conn_acl = crate::auth::session_acl(&self.acl, conn_acl, cert_cn.flatten());
         if self.acl.enabled() {
-            // %u rules and per-connection lists need the username at PUBLISH time.
-            if let Some(u) = c.username.as_deref() {
-                if self.acl.uses_username() || conn_acl.is_some() {
-                    conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
-                }
-            }
             if let Some(w) = &c.will {
                 let who = Who {
                     client_id: &c.client_id,
-                    username: c.username.as_deref(),
+                    username: conn_acl.as_ref().and_then(|a| a.username.as_deref()),
                 };
                 if !self.acl.may_publish(&who, conn_acl.as_deref(), &w.topic) {
                     self.metrics.acl_denied(false);
@@ -706,13 +703,16 @@ impl Shard {
                 "retain is not available",
             );
         }
-        if !self.publish_allowed(skey, &topic) {
-            // 3.1.1 has no way to refuse: acknowledge and drop. MQTT 5: reason 0x87.
-            let code = if v == Version::V5 {
-                reason::NOT_AUTHORIZED
-            } else {
-                0
-            };
+        let refusal = if !self.publish_allowed(skey, &topic) {
+            Some(reason::NOT_AUTHORIZED)
+        } else if p.retain && !self.retained_admitted(skey, &topic, &p.payload) {
+            Some(reason::QUOTA_EXCEEDED)
+        } else {
+            None
+        };
+        if let Some(v5_code) = refusal {
+            // 3.1.1 has no way to refuse: acknowledge and drop. MQTT 5: the reason.
+            let code = if v == Version::V5 { v5_code } else { 0 };
             match p.qos {
                 1 => {
                     self.output(key, 16, |out| codec::encode_puback(out, v, p.pkid, code));
@@ -828,19 +828,20 @@ impl Shard {
                 );
             }
             let inner = shared.map_or(f.filter.as_str(), |(_, inner)| inner);
-            if !self.subscribe_allowed(skey, inner) {
+            let Some(acl_bits) = self.subscribe_allowed(skey, inner, shared.is_some()) else {
                 codes.push(if v == Version::V5 {
                     reason::NOT_AUTHORIZED
                 } else {
                     reason::V3_SUBACK_FAILURE
                 });
                 continue;
-            }
+            };
             let qos = f.qos.min(2);
             let options = qos
                 | (u8::from(f.no_local) << 2)
                 | (u8::from(f.retain_as_published) << 3)
-                | ((f.retain_handling & 3) << 4);
+                | ((f.retain_handling & 3) << 4)
+                | acl_bits;
             let s = &mut self.sessions[skey];
             let existing = s.subs.iter().position(|(fl, _)| **fl == *f.filter);
             if existing.is_none() && s.subs.len() >= self.limits.max_subscriptions {
@@ -917,20 +918,22 @@ impl Shard {
 
     /// The ACL's word on a PUBLISH to `topic` from session `skey`; a refusal is counted.
     fn publish_allowed(&mut self, skey: usize, topic: &str) -> bool {
-        self.acl_allows(skey, false, topic)
+        self.acl_allows(skey, None, topic).is_some()
     }
 
-    /// The ACL's word on a SUBSCRIBE filter from session `skey`; a refusal is counted.
-    fn subscribe_allowed(&mut self, skey: usize, filter: &str) -> bool {
-        self.acl_allows(skey, true, filter)
+    /// The ACL's word on a SUBSCRIBE filter (`shared`: inside `$share/`) from session
+    /// `skey`: the bits to add to the subscription's options (0, or `ACL_FILTERED`), or
+    /// None when refused (counted).
+    fn subscribe_allowed(&mut self, skey: usize, filter: &str, shared: bool) -> Option<u8> {
+        self.acl_allows(skey, Some(shared), filter)
     }
 
-    /// Asks the ACL about a SUBSCRIBE filter (`subscribe`) or a PUBLISH topic. A refused
-    /// SUBSCRIBE is logged at info; a refused PUBLISH only at debug, so a device
-    /// publishing where it may not cannot flood the log. Both are counted.
-    fn acl_allows(&mut self, skey: usize, subscribe: bool, topic: &str) -> bool {
+    /// Asks the ACL about a SUBSCRIBE filter (`subscribe` = Some(shared)) or a PUBLISH
+    /// topic. A refused SUBSCRIBE is logged at info; a refused PUBLISH only at debug, so a
+    /// device publishing where it may not cannot flood the log. Both are counted.
+    fn acl_allows(&mut self, skey: usize, subscribe: Option<bool>, topic: &str) -> Option<u8> {
         if !self.acl.enabled() {
-            return true;
+            return Some(0);
         }
         let s = &self.sessions[skey];
         let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
@@ -938,21 +941,50 @@ impl Shard {
             client_id: &s.client_id,
             username: conn_acl.and_then(|a| a.username.as_deref()),
         };
-        let allowed = if subscribe {
-            self.acl.may_subscribe(&who, conn_acl, topic)
-        } else {
-            self.acl.may_publish(&who, conn_acl, topic)
+        let allowed = match subscribe {
+            Some(shared) => self
+                .acl
+                .may_subscribe(&who, conn_acl, topic)
+                .option_bits(shared),
+            None => self.acl.may_publish(&who, conn_acl, topic).then_some(0),
         };
-        if allowed {
-            return true;
+        if allowed.is_some() {
+            return allowed;
         }
-        self.metrics.acl_denied(subscribe);
-        if subscribe {
+        self.metrics.acl_denied(subscribe.is_some());
+        if subscribe.is_some() {
             tracing::info!(shard = self.id, client_id = %s.client_id, filter = topic, "SUBSCRIBE filter denied by the ACL");
         } else {
             tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
         }
+        None
+    }
+
+    /// Whether session `skey` may set `topic` to a retained `payload` within the retained
+    /// byte bounds (an empty payload deletes: always). A refusal is logged.
+    fn retained_admitted(&self, skey: usize, topic: &str, payload: &[u8]) -> bool {
+        if payload.is_empty() {
+            return true;
+        }
+        let client = &self.sessions[skey].client_id;
+        let cost = crate::retained_budget::cost(topic, payload);
+        let Err(over) = self.retained_budget.admit(client, topic, cost) else {
+            return true;
+        };
+        tracing::info!(shard = self.id, client_id = %client, topic, bytes = cost, bound = over.key(), "retained PUBLISH refused: retained byte bound reached");
         false
+    }
+
+    /// Whether a message on `topic` may reach session `skey` through a subscription
+    /// marked `ACL_FILTERED` (a deny rule overlaps its filter).
+    pub(super) fn acl_receives(&self, skey: usize, topic: &str) -> bool {
+        let s = &self.sessions[skey];
+        let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
+        let who = Who {
+            client_id: &s.client_id,
+            username: conn_acl.and_then(|a| a.username.as_deref()),
+        };
+        self.acl.may_receive(&who, topic)
     }
 
     /// Removes one subscription of a session; true if it existed. Leaving a shared group
