@@ -7,12 +7,13 @@
 //! and `docs/openapi.json` (served at `/v1/openapi.json`).
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, OnceCell};
 
 use crate::config::Config;
+use crate::http::Network;
 use crate::mailbox::{home_shard, ClientPush, Mailboxes, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{PushMetrics, ShardMetrics};
@@ -48,10 +50,13 @@ pub struct ApiState {
 
 struct Inner {
     config: Arc<Config>,
+    access: Access,
     mailboxes: Mailboxes,
     shards: Vec<Arc<ShardMetrics>>,
     push_metrics: Arc<PushMetrics>,
     idempotency: Mutex<IdempotencyCache>,
+    /// Permits for reading bodies over [`LARGE_BODY`] (`http.max_large_bodies`).
+    large_bodies: tokio::sync::Semaphore,
     ids: AtomicU64,
     id_prefix: u64,
 }
@@ -68,6 +73,8 @@ impl ApiState {
             .map_or(0, |d| d.as_secs());
         ApiState {
             inner: Arc::new(Inner {
+                access: Access::from_config(&config.http),
+                large_bodies: tokio::sync::Semaphore::new(config.http.max_large_bodies as usize),
                 config,
                 mailboxes,
                 shards,
@@ -77,6 +84,12 @@ impl ApiState {
                 id_prefix,
             }),
         }
+    }
+}
+
+impl ApiState {
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
     }
 }
 
@@ -177,37 +190,113 @@ impl IntoResponse for ApiError {
 }
 
 // ---------------------------------------------------------------------------------------
-// Auth: bearer tokens for every /v1 route, compared in constant time.
+// Auth: bearer tokens for every /v1 route, compared in constant time; without tokens,
+// only the `tokenless_networks` sources (loopback by default) are answered.
+
+/// Who may use `/v1`, from `[http]`.
+struct Access {
+    tokens: Vec<String>,
+    tokenless: Vec<Network>,
+    allow_remote: bool,
+}
+
+/// Why a `/v1` request is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Tokens are set and the request has none, or a wrong one.
+    Unauthorized,
+    /// No tokens are set and the source is not in `tokenless_networks`.
+    RemoteWithoutToken,
+}
+
+impl Access {
+    fn from_config(h: &crate::config::HttpConfig) -> Access {
+        Access {
+            tokens: h.tokens.clone(),
+            // Validated by `Config::validate`; a bad entry cannot open anything.
+            tokenless: h
+                .tokenless_networks
+                .iter()
+                .filter_map(|n| Network::parse(n).ok())
+                .collect(),
+            allow_remote: h.allow_remote_without_token,
+        }
+    }
+
+    /// The decision for one request from `peer` with this `Authorization` header.
+    fn check(&self, peer: Option<IpAddr>, authorization: Option<&str>) -> Result<(), Refusal> {
+        if self.tokens.is_empty() {
+            let local = peer.is_some_and(|ip| self.tokenless.iter().any(|n| n.contains(ip)));
+            return if local || self.allow_remote {
+                Ok(())
+            } else {
+                Err(Refusal::RemoteWithoutToken)
+            };
+        }
+        let presented = authorization.and_then(bearer_token);
+        let ok = presented.is_some_and(|p| {
+            self.tokens.iter().fold(false, |acc, t| {
+                acc | constant_time_eq(t.as_bytes(), p.as_bytes())
+            })
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(Refusal::Unauthorized)
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
 
 async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let tokens = &s.inner.config.http.tokens;
-    if tokens.is_empty() {
-        return next.run(req).await;
-    }
-    let presented = req
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented.is_some_and(|p| {
-        tokens.iter().fold(false, |acc, t| {
-            acc | constant_time_eq(t.as_bytes(), p.as_bytes())
-        })
-    });
-    if ok {
-        return next.run(req).await;
-    }
+        .and_then(|v| v.to_str().ok());
+    let refusal = match s.inner.access.check(peer, authorization) {
+        Ok(()) => return next.run(req).await,
+        Err(r) => r,
+    };
     if req.uri().path().starts_with("/v1/push") {
         s.inner.push_metrics.record("unauthorized", None);
     }
-    ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "missing or wrong bearer token",
-    )
-    .field("Authorization")
-    .into_response()
+    match refusal {
+        Refusal::Unauthorized => {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            )
+            .field("Authorization")
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+        Refusal::RemoteWithoutToken => {
+            tracing::warn!(peer = ?peer, "/v1 request from outside http.tokenless_networks refused: no tokens are set");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "remote_api_disabled",
+                "the /v1 API answers only local clients while [http] tokens is empty: set [http] tokens (and send Authorization: Bearer <token>), add this source to [http] tokenless_networks, or set [http] allow_remote_without_token = true",
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Equal-length comparison whose time does not depend on where the bytes differ.
@@ -221,18 +310,53 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------
 // Request bodies.
 
-/// Reads a JSON body: 415 unless `Content-Type: application/json`, 413 over `limit`
-/// bytes. The caller parses it (see `push_json`).
-async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let is_json = headers
+/// Bodies over this many bytes are "large": at most `http.max_large_bodies` of them are
+/// read at once, so concurrent big batches cannot take the memory with them.
+const LARGE_BODY: usize = 64 << 10;
+
+/// The body limit of one push message, single or in a batch: its payload (at most
+/// `max_packet_size` bytes) and topic JSON-escaped at up to 6 bytes each (`\u0001`),
+/// plus the other fields.
+fn message_body_limit(config: &Config) -> usize {
+    (config.mqtt.max_packet_size as usize + config.mqtt.max_topic_len as usize) * 6 + 4096
+}
+
+/// The body limit of a batch: `max_batch` messages, at most `http.max_batch_body_bytes`
+/// but never less than one message's (what `POST /v1/push` accepts, a batch does too).
+pub fn batch_body_limit(config: &Config) -> usize {
+    let one = message_body_limit(config);
+    one.saturating_mul(config.http.max_batch as usize)
+        .min(config.http.max_batch_body_bytes as usize)
+        .max(one)
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body over {limit} bytes"),
+    )
+}
+
+/// `application/json`, with or without parameters (`; charset=utf-8`), in any case.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !is_json {
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Reads a JSON body: 415 unless `Content-Type: application/json`, 413 over `limit`
+/// bytes (at once when `Content-Length` says so, before reading any of it), 408 when it
+/// takes longer than `http.body_timeout_ms`. The caller parses it (see `push_json`).
+async fn json_body(
+    inner: &Inner,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    if !is_json(headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -240,13 +364,66 @@ async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         )
         .field("Content-Type"));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let timeout = Duration::from_millis(u64::from(inner.config.http.body_timeout_ms));
+    let read = read_body(
+        body,
+        limit,
+        declared.unwrap_or(0) as usize,
+        &inner.large_bodies,
+    );
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body over {limit} bytes"),
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
         )
-    })
+    })?
+}
+
+/// Collects a body of at most `limit` bytes, holding a `large` permit from the moment it
+/// is (or is declared) over [`LARGE_BODY`].
+async fn read_body(
+    body: Body,
+    limit: usize,
+    declared: usize,
+    large: &tokio::sync::Semaphore,
+) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let mut permit = None;
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(LARGE_BODY));
+    loop {
+        let size = buf.len().max(declared);
+        if permit.is_none() && size > LARGE_BODY {
+            permit = Some(large.acquire().await.map_err(|_| shutting_down())?);
+        }
+        let Some(frame) = body.frame().await else {
+            return Ok(buf.freeze());
+        };
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(too_large(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
 }
 
 /// 400 for a body that is not JSON at all.
@@ -655,21 +832,12 @@ fn shutting_down() -> ApiError {
     )
 }
 
-fn body_limit(config: &Config) -> usize {
-    // Base64 inflates by 4/3 and JSON escaping by up to 6x for control bytes; a batch
-    // carries up to max_batch messages.
-    let per_message = config.mqtt.max_packet_size as usize * 2 + 4096;
-    per_message
-        .saturating_mul(config.http.max_batch as usize)
-        .min(512 << 20)
-}
-
 async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let received = Instant::now();
     let inner = &s.inner;
-    let limit = inner.config.mqtt.max_packet_size as usize * 2 + 4096;
+    let limit = message_body_limit(&inner.config);
     let result = async {
-        let bytes = json_body(&headers, body, limit).await?;
+        let bytes = json_body(inner, &headers, body, limit).await?;
         match serde_json::from_slice::<MaybeObject>(&bytes).map_err(malformed_json)? {
             MaybeObject::Object(m) => parse_push(&m, &inner.config, None),
             MaybeObject::NotObject => Err(not_an_object()),
@@ -693,7 +861,7 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let received = Instant::now();
     let inner = &s.inner;
     let config = &inner.config;
-    let bytes = match json_body(&headers, body, body_limit(config)).await {
+    let bytes = match json_body(inner, &headers, body, batch_body_limit(config)).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -982,6 +1150,52 @@ mod tests {
 
     fn cfg() -> Config {
         Config::default()
+    }
+
+    fn access(toml: &str) -> Access {
+        Access::from_config(&Config::from_toml_str(toml).unwrap().http)
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn the_default_api_answers_only_loopback() {
+        let a = access("");
+        assert_eq!(a.check(ip("127.0.0.1"), None), Ok(()));
+        assert_eq!(a.check(ip("127.0.0.2"), None), Ok(()));
+        assert_eq!(a.check(ip("::1"), None), Ok(()));
+        assert_eq!(a.check(ip("::ffff:127.0.0.1"), None), Ok(()));
+        for remote in ["192.0.2.2", "10.0.0.1", "fd00::2", "::ffff:192.0.2.2"] {
+            assert_eq!(
+                a.check(ip(remote), None),
+                Err(Refusal::RemoteWithoutToken),
+                "{remote}"
+            );
+        }
+        assert_eq!(a.check(None, None), Err(Refusal::RemoteWithoutToken));
+        let open = access("[http]\nallow_remote_without_token = true\n");
+        assert_eq!(open.check(ip("192.0.2.2"), None), Ok(()));
+    }
+
+    #[test]
+    fn tokens_are_needed_from_every_source_once_set() {
+        let a = access("[http]\ntokens = [\"t0k\"]\nallow_remote_without_token = true\n");
+        for peer in ["127.0.0.1", "192.0.2.2"] {
+            assert_eq!(a.check(ip(peer), None), Err(Refusal::Unauthorized));
+            assert_eq!(
+                a.check(ip(peer), Some("Bearer nope")),
+                Err(Refusal::Unauthorized)
+            );
+            assert_eq!(
+                a.check(ip(peer), Some("Basic t0k")),
+                Err(Refusal::Unauthorized)
+            );
+            for ok in ["Bearer t0k", "bearer t0k", "BEARER  t0k "] {
+                assert_eq!(a.check(ip(peer), Some(ok)), Ok(()), "{ok}");
+            }
+        }
     }
 
     fn parse(v: Value) -> Result<PushSpec, ApiError> {
