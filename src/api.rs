@@ -6,7 +6,6 @@
 //! `Retry-After`; nothing here can stall an IO shard. The contract is in `docs/API.md`
 //! and `docs/openapi.json` (served at `/v1/openapi.json`).
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,12 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use hashbrown::HashMap;
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::{oneshot, watch};
 
 use crate::config::Config;
 use crate::http::Network;
+use crate::idempotency::{self, Claim, Keys};
 use crate::mailbox::{home_shard, ClientPush, Mailboxes, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{PushMetrics, ShardMetrics};
@@ -40,8 +39,6 @@ const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Longest accepted `idempotency_key`.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
-/// Idempotency keys remembered at most (oldest forgotten first beyond this).
-const MAX_IDEMPOTENCY_ENTRIES: usize = 1_000_000;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -54,7 +51,7 @@ struct Inner {
     mailboxes: Mailboxes,
     shards: Vec<Arc<ShardMetrics>>,
     push_metrics: Arc<PushMetrics>,
-    idempotency: Mutex<IdempotencyCache>,
+    idempotency: Mutex<Keys<Progress>>,
     /// Permits for reading bodies over [`LARGE_BODY`] (`http.max_large_bodies`).
     large_bodies: tokio::sync::Semaphore,
     ids: AtomicU64,
@@ -79,7 +76,7 @@ impl ApiState {
                 mailboxes,
                 shards,
                 push_metrics,
-                idempotency: Mutex::new(IdempotencyCache::default()),
+                idempotency: Mutex::new(Keys::default()),
                 ids: AtomicU64::new(0),
                 id_prefix,
             }),
@@ -698,27 +695,41 @@ impl Inner {
         }
     }
 
-    /// Sends to every shard and sums the matches (a topic push).
-    async fn push_topic(&self, msg: Arc<Message>, since: Instant) -> Result<usize, ApiError> {
+    /// Hands a topic push to every shard; their match counts come on the receivers.
+    fn send_topic(&self, msg: Arc<Message>) -> Result<Vec<oneshot::Receiver<usize>>, ApiError> {
         let mut replies = Vec::with_capacity(self.mailboxes.len());
         for shard in 0..self.mailboxes.len() {
             let (tx, rx) = oneshot::channel();
+            let push = ShardMsg::PushTopic {
+                msg: msg.clone(),
+                reply: tx,
+            };
             self.mailboxes
-                .try_send(
-                    shard,
-                    ShardMsg::PushTopic {
-                        msg: msg.clone(),
-                        reply: tx,
-                    },
-                )
+                .try_send(shard, push)
                 .map_err(|_| ApiError::overloaded())?;
             replies.push(rx);
         }
-        let mut matched = 0;
-        for rx in replies {
-            matched += self.answer(rx, since).await?;
-        }
-        Ok(matched)
+        Ok(replies)
+    }
+
+    /// Hands a client push to its home shard; its outcome comes on the receiver.
+    fn send_client(
+        &self,
+        client_id: &str,
+        msg: Arc<Message>,
+        wait_ack: bool,
+    ) -> Result<oneshot::Receiver<Vec<PushOutcome>>, ApiError> {
+        let shard = home_shard(client_id, self.mailboxes.len());
+        let (tx, rx) = oneshot::channel();
+        let items = vec![ClientPush {
+            client_id: client_id.to_owned(),
+            msg,
+            wait_ack,
+        }];
+        self.mailboxes
+            .try_send(shard, ShardMsg::Push { items, reply: tx })
+            .map_err(|_| ApiError::overloaded())?;
+        Ok(rx)
     }
 
     /// Answers one client push: its status, or 504 when `wait_ack` times out.
@@ -728,27 +739,15 @@ impl Inner {
         spec: &PushSpec,
         outcome: PushOutcome,
     ) -> Result<PushAnswer, ApiError> {
-        let answer = |status, reason| PushAnswer::Client { id, status, reason };
-        let status = match outcome.status {
-            PushStatus::Sent => "sent",
-            PushStatus::Queued => "queued",
-            PushStatus::Offline => "offline",
-            PushStatus::Dropped(reason) => return Ok(answer("dropped", Some(reason))),
-        };
-        if let Some(ack) = outcome.ack {
-            return match tokio::time::timeout(spec.timeout, ack).await {
-                Ok(Ok(())) => Ok(answer("acked", None)),
-                _ => Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "ack_timeout",
-                    format!(
-                        "the device did not acknowledge within {} ms (the message was {status})",
-                        spec.timeout.as_millis()
-                    ),
-                )),
-            };
+        match settle(id, outcome) {
+            Settled::Answer(a) => Ok(a),
+            Settled::AwaitAck { id, status, ack } => {
+                match tokio::time::timeout(spec.timeout, ack).await {
+                    Ok(Ok(())) => Ok(acked(id)),
+                    _ => Err(ack_timeout(status, spec.timeout)),
+                }
+            }
         }
-        Ok(answer(status, None))
     }
 
     fn record(&self, result: &Result<PushAnswer, ApiError>, received: Instant) {
@@ -764,31 +763,118 @@ impl Inner {
     }
 
     /// One push, remembered under its idempotency key if it has one.
-    async fn push_once(&self, spec: PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
-        let Some(key) = spec.idempotency_key.clone() else {
+    async fn push_once(
+        self: &Arc<Self>,
+        spec: PushSpec,
+        received: Instant,
+    ) -> Result<PushAnswer, ApiError> {
+        let Some(key) = &spec.idempotency_key else {
             let r = self.push_now(&spec, received).await;
             self.record(&r, received);
             return r;
         };
-        let window = Duration::from_secs(u64::from(self.config.http.idempotency_window_secs));
-        let cell = self.idempotency.lock().map_or_else(
-            |p| p.into_inner().entry(key.clone(), window),
-            |mut c| c.entry(key.clone(), window),
-        );
-        let mut ran = false;
-        let answer = cell
-            .get_or_init(|| async {
-                ran = true;
-                let r = self.push_now(&spec, received).await;
-                self.record(&r, received);
-                r
-            })
+        let scoped = match &spec.client_id {
+            Some(c) => idempotency::scoped("client", c, key),
+            None => idempotency::scoped("topic", &spec.topic, key),
+        };
+        let claim = self
+            .idempotency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .claim(scoped.clone(), fingerprint(&spec), self.window(), || {
+                Progress::Waiting
+            });
+        let ack_wait = spec.timeout;
+        let progress = match claim {
+            Claim::Mismatch => {
+                let e = key_reused();
+                self.push_metrics.record(e.metric_status(), None);
+                return Err(e);
+            }
+            Claim::Follower(rx) => {
+                tracing::debug!(idempotency_key = %key, "repeated push follows the first one's outcome");
+                rx
+            }
+            Claim::Owner(tx) => {
+                let rx = tx.subscribe();
+                tokio::spawn(self.clone().own(spec, received, scoped, tx));
+                rx
+            }
+        };
+        follow(progress, self.answer_limit(), ack_wait, received).await
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.http.idempotency_window_secs))
+    }
+
+    fn answer_limit(&self) -> Duration {
+        Duration::from_millis(u64::from(self.config.http.answer_timeout_ms))
+    }
+
+    /// Runs a keyed push to its outcome, whether or not the request that started it is
+    /// still there (for at most the key's window), and publishes it to the key. A push
+    /// that sent nothing (503) releases the key, so a retry sends afresh.
+    async fn own(
+        self: Arc<Self>,
+        spec: PushSpec,
+        received: Instant,
+        key: String,
+        progress: idempotency::Progress<Progress>,
+    ) {
+        let window = self.window();
+        let tracked = self.push_tracked(&spec, received, &progress);
+        let r = tokio::time::timeout(window, tracked)
             .await
-            .clone();
-        if !ran {
-            tracing::debug!(idempotency_key = %key, "repeated push answered from the idempotency cache");
+            .unwrap_or_else(|_| Err(ApiError::answer_timeout(window)));
+        self.record(&r, received);
+        match r {
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                self.idempotency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(&key, &progress);
+                progress.send_replace(Progress::NotSent(e));
+            }
+            r => {
+                progress.send_replace(Progress::Final(r));
+            }
         }
-        answer
+    }
+
+    /// One push, waiting for its outcome without the request's timeouts and telling
+    /// `progress` when it waits for the device's PUBACK.
+    async fn push_tracked(
+        &self,
+        spec: &PushSpec,
+        received: Instant,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<PushAnswer, ApiError> {
+        let id = self.next_id();
+        let msg = self.message(spec, received);
+        let Some(client_id) = &spec.client_id else {
+            let mut matched = 0;
+            for rx in self.send_topic(msg)? {
+                matched += rx.await.map_err(|_| shutting_down())?;
+            }
+            return Ok(PushAnswer::Topic { id, matched });
+        };
+        let rx = self.send_client(client_id, msg, spec.wait_ack)?;
+        let outcome = rx.await.map_err(|_| shutting_down())?;
+        match settle(id, outcome.into_iter().next().ok_or_else(shutting_down)?) {
+            Settled::Answer(a) => Ok(a),
+            Settled::AwaitAck { id, status, ack } => {
+                progress.send_replace(Progress::AwaitingAck(status));
+                match ack.await {
+                    Ok(()) => Ok(acked(id)),
+                    Err(_) => Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "ack_timeout",
+                        format!("the device's session ended before it acknowledged (the message was {status})"),
+                    )),
+                }
+            }
+        }
     }
 
     async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
@@ -796,21 +882,15 @@ impl Inner {
         let msg = self.message(spec, received);
         match &spec.client_id {
             None => {
-                let matched = self.push_topic(msg, received).await?;
+                let mut matched = 0;
+                for rx in self.send_topic(msg)? {
+                    matched += self.answer(rx, received).await?;
+                }
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
                 Ok(PushAnswer::Topic { id, matched })
             }
             Some(client_id) => {
-                let shard = home_shard(client_id, self.mailboxes.len());
-                let (tx, rx) = oneshot::channel();
-                let items = vec![ClientPush {
-                    client_id: client_id.clone(),
-                    msg,
-                    wait_ack: spec.wait_ack,
-                }];
-                self.mailboxes
-                    .try_send(shard, ShardMsg::Push { items, reply: tx })
-                    .map_err(|_| ApiError::overloaded())?;
+                let rx = self.send_client(client_id, msg, spec.wait_ack)?;
                 let outcome = self
                     .answer(rx, received)
                     .await?
@@ -822,6 +902,144 @@ impl Inner {
             }
         }
     }
+}
+
+/// What a keyed push has come to, as every request holding its key sees it.
+#[derive(Clone)]
+enum Progress {
+    /// Handed to the shard(s); no answer yet.
+    Waiting,
+    /// The shard answered this status; the device's PUBACK is awaited (`wait_ack`).
+    AwaitingAck(&'static str),
+    /// The outcome, answered to every repeat within the window.
+    Final(Result<PushAnswer, ApiError>),
+    /// Nothing was sent (e.g. a full mailbox); the key was released.
+    NotSent(ApiError),
+}
+
+/// A request's answer from its key's progress: the outcome once known; 504 when the
+/// shard has not answered within `answer_limit` of `received`, or the PUBACK has not
+/// come within `ack_wait` (the push goes on: a retry with the key learns its outcome).
+async fn follow(
+    mut rx: watch::Receiver<Progress>,
+    answer_limit: Duration,
+    ack_wait: Duration,
+    received: Instant,
+) -> Result<PushAnswer, ApiError> {
+    let answered = |p: &Progress| !matches!(p, Progress::Waiting);
+    let first = tokio::time::timeout_at((received + answer_limit).into(), next(&mut rx, answered))
+        .await
+        .map_err(|_| ApiError::answer_timeout(answer_limit))??;
+    let Progress::AwaitingAck(status) = first else {
+        return first.into_result();
+    };
+    let done = |p: &Progress| matches!(p, Progress::Final(_) | Progress::NotSent(_));
+    tokio::time::timeout(ack_wait, next(&mut rx, done))
+        .await
+        .map_err(|_| ack_timeout(status, ack_wait))??
+        .into_result()
+}
+
+/// The first progress that satisfies `pred`.
+async fn next(
+    rx: &mut watch::Receiver<Progress>,
+    pred: impl FnMut(&Progress) -> bool,
+) -> Result<Progress, ApiError> {
+    rx.wait_for(pred)
+        .await
+        .map(|p| p.clone())
+        .map_err(|_| shutting_down())
+}
+
+impl Progress {
+    fn into_result(self) -> Result<PushAnswer, ApiError> {
+        match self {
+            Progress::Final(r) => r,
+            Progress::NotSent(e) => Err(e),
+            Progress::Waiting | Progress::AwaitingAck(_) => Err(shutting_down()),
+        }
+    }
+}
+
+/// A shard's outcome for one client push: the answer, or its status and the PUBACK
+/// still awaited.
+enum Settled {
+    Answer(PushAnswer),
+    AwaitAck {
+        id: String,
+        status: &'static str,
+        ack: oneshot::Receiver<()>,
+    },
+}
+
+fn settle(id: String, outcome: PushOutcome) -> Settled {
+    let status = match outcome.status {
+        PushStatus::Sent => "sent",
+        PushStatus::Queued => "queued",
+        PushStatus::Offline => "offline",
+        PushStatus::Dropped(reason) => {
+            return Settled::Answer(PushAnswer::Client {
+                id,
+                status: "dropped",
+                reason: Some(reason),
+            })
+        }
+    };
+    match outcome.ack {
+        Some(ack) => Settled::AwaitAck { id, status, ack },
+        None => Settled::Answer(PushAnswer::Client {
+            id,
+            status,
+            reason: None,
+        }),
+    }
+}
+
+fn acked(id: String) -> PushAnswer {
+    PushAnswer::Client {
+        id,
+        status: "acked",
+        reason: None,
+    }
+}
+
+fn ack_timeout(status: &str, after: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "ack_timeout",
+        format!(
+            "the device did not acknowledge within {} ms (the message was {status}); retry with the same idempotency_key to learn whether it does",
+            after.as_millis()
+        ),
+    )
+}
+
+/// 422: the key names a different push of the same target.
+fn key_reused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "this idempotency_key was used within the idempotency window for a different push to the same client id (or topic): use a new key for a new push",
+    )
+    .field("idempotency_key")
+}
+
+/// What makes two pushes with one key the same push: everything but `timeout_ms` (and
+/// the key itself).
+fn fingerprint(spec: &PushSpec) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (
+        &spec.client_id,
+        &spec.topic,
+        &spec.payload[..],
+        spec.qos,
+        spec.retain,
+        spec.ttl_secs,
+        spec.wait_ack,
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 fn shutting_down() -> ApiError {
@@ -1100,43 +1318,6 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-// ---------------------------------------------------------------------------------------
-// Idempotency.
-
-type CachedAnswer = Result<PushAnswer, ApiError>;
-
-/// Answers by idempotency key for `idempotency_window_secs`. A repeated key waits for the
-/// first request's answer (`OnceCell`) and gets the same one: the device gets it once.
-#[derive(Default)]
-struct IdempotencyCache {
-    map: HashMap<String, (Instant, Arc<OnceCell<CachedAnswer>>)>,
-    order: VecDeque<(Instant, String)>,
-}
-
-impl IdempotencyCache {
-    fn entry(&mut self, key: String, window: Duration) -> Arc<OnceCell<CachedAnswer>> {
-        let now = Instant::now();
-        // Forget expired keys, oldest first; also bound the memory.
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < window && self.order.len() < MAX_IDEMPOTENCY_ENTRIES {
-                break;
-            }
-            if let Some((at, k)) = self.order.pop_front() {
-                if self.map.get(&k).is_some_and(|(t, _)| *t == at) {
-                    self.map.remove(&k);
-                }
-            }
-        }
-        if let Some((_, cell)) = self.map.get(&key) {
-            return cell.clone();
-        }
-        let cell = Arc::new(OnceCell::new());
-        self.map.insert(key.clone(), (now, cell.clone()));
-        self.order.push_back((now, key));
-        cell
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1243,16 +1424,5 @@ mod tests {
         let ok = parse(json!({"client_id": "d", "topic": "a", "payload": "aGk=", "encoding": "base64", "qos": 1, "wait_ack": true})).unwrap();
         assert_eq!(&ok.payload[..], b"hi");
         assert!(ok.wait_ack);
-    }
-
-    #[test]
-    fn idempotency_cache_forgets_after_the_window() {
-        let mut c = IdempotencyCache::default();
-        let a = c.entry("k".into(), Duration::from_secs(60));
-        let b = c.entry("k".into(), Duration::from_secs(60));
-        assert!(Arc::ptr_eq(&a, &b));
-        let fresh = c.entry("k2".into(), Duration::ZERO);
-        let again = c.entry("k2".into(), Duration::ZERO);
-        assert!(!Arc::ptr_eq(&fresh, &again), "expired key reused");
     }
 }
