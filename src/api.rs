@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -97,6 +98,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/clients/{client_id}",
             get(get_client).delete(delete_client),
+        )
+        .route(
+            "/v1/clients",
+            get(get_client_by_query).delete(delete_client_by_query),
         )
         .route("/v1/stats", get(stats))
         .route("/v1/openapi.json", get(openapi))
@@ -535,9 +540,19 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
     if let Some(k) = m.unknown(&PUSH_FIELDS) {
         return Err(ApiError::bad(&f(k), format!("unknown field `{k}`")));
     }
-    let string = |name: &str| -> Result<Option<&str>, ApiError> {
+    // A field is given or omitted: `null` is refused (the OpenAPI types are not nullable).
+    let get = |name: &str| -> Result<Option<&Field>, ApiError> {
         match m.get(name) {
-            None | Some(Field::Null) => Ok(None),
+            Some(Field::Null) => Err(ApiError::bad(
+                &f(name),
+                format!("`{name}` must not be null (omit it instead)"),
+            )),
+            v => Ok(v),
+        }
+    };
+    let string = |name: &str| -> Result<Option<&str>, ApiError> {
+        match get(name)? {
+            None => Ok(None),
             Some(Field::Str(s)) => Ok(Some(s)),
             Some(_) => Err(ApiError::bad(
                 &f(name),
@@ -546,8 +561,8 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
         }
     };
     let boolean = |name: &str| -> Result<bool, ApiError> {
-        match m.get(name) {
-            None | Some(Field::Null) => Ok(false),
+        match get(name)? {
+            None => Ok(false),
             Some(Field::Bool(b)) => Ok(*b),
             Some(_) => Err(ApiError::bad(
                 &f(name),
@@ -556,15 +571,13 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
         }
     };
     let integer = |name: &str, min: u64, max: u64| -> Result<Option<u64>, ApiError> {
-        match m.get(name) {
-            None | Some(Field::Null) => Ok(None),
-            Some(v) => match v {
-                Field::UInt(n) if (min..=max).contains(n) => Ok(Some(*n)),
-                _ => Err(ApiError::bad(
-                    &f(name),
-                    format!("`{name}` must be an integer in {min}..={max}"),
-                )),
-            },
+        match get(name)? {
+            None => Ok(None),
+            Some(Field::UInt(n)) if (min..=max).contains(n) => Ok(Some(*n)),
+            Some(_) => Err(ApiError::bad(
+                &f(name),
+                format!("`{name}` must be an integer in {min}..={max}"),
+            )),
         }
     };
 
@@ -573,6 +586,12 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
             return Err(ApiError::bad(
                 &f("client_id"),
                 "`client_id` must not be empty",
+            ))
+        }
+        Some(c) if c.contains('\0') => {
+            return Err(ApiError::bad(
+                &f("client_id"),
+                "`client_id` must not contain NUL (U+0000)",
             ))
         }
         Some(c) if c.len() > config.mqtt.max_client_id_len as usize => {
@@ -592,6 +611,15 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
         return Err(ApiError::bad(
             &f("topic"),
             "`topic` must be a valid MQTT topic name (non-empty, no `+` or `#`)",
+        ));
+    }
+    if topic.len() > config.mqtt.max_topic_len as usize {
+        return Err(ApiError::bad(
+            &f("topic"),
+            format!(
+                "`topic` is longer than mqtt.max_topic_len ({} bytes)",
+                config.mqtt.max_topic_len
+            ),
         ));
     }
     let raw =
@@ -1229,7 +1257,164 @@ fn not_found(client_id: &str) -> ApiError {
     .field("client_id")
 }
 
-async fn get_client(State(s): State<ApiState>, Path(client_id): Path<String>) -> Response {
+/// The query of a `/v1/clients` route, each parameter at most once.
+#[derive(Default)]
+struct ClientQuery {
+    client_id: Option<String>,
+    clear_session: bool,
+}
+
+type RawQuery = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// Parses `query`, refusing parameters not in `allowed`, repeated ones and bad values
+/// with a JSON 400 naming the parameter.
+fn client_query(query: RawQuery, allowed: &[&str]) -> Result<ClientQuery, ApiError> {
+    let Query(pairs) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("malformed query string: {e}"),
+        )
+    })?;
+    let mut out = ClientQuery::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for (k, v) in &pairs {
+        let Some(name) = allowed.iter().find(|a| **a == k.as_str()) else {
+            return Err(ApiError::bad(k, format!("unknown query parameter `{k}`")));
+        };
+        if seen.contains(name) {
+            return Err(ApiError::bad(k, format!("`{k}` is given more than once")));
+        }
+        seen.push(name);
+        match *name {
+            "client_id" if v.is_empty() => {
+                return Err(ApiError::bad(k, "`client_id` must not be empty"))
+            }
+            "client_id" => out.client_id = Some(v.clone()),
+            _ => {
+                out.clear_session = match v.as_str() {
+                    "false" => false,
+                    "true" => true,
+                    _ => return Err(ApiError::bad(k, "`clear_session` must be true or false")),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The client id of `/v1/clients/{client_id}`, or a JSON 400.
+fn path_client_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|e| ApiError::bad("client_id", format!("bad client id in the path: {e}")))
+}
+
+/// The target of `/v1/clients` (no id in the path): the `client_id` query parameter, or
+/// a JSON body `{"client_id", "clear_session"?}` for an id too long for a URI (HTTP/1
+/// URIs end at 65,534 bytes; MQTT allows 65,535-byte client ids).
+async fn unpathed_target(
+    s: &ApiState,
+    query: RawQuery,
+    headers: &HeaderMap,
+    body: Body,
+    kick: bool,
+) -> Result<(String, bool), ApiError> {
+    let allowed: &[&str] = if kick {
+        &["client_id", "clear_session"]
+    } else {
+        &["client_id"]
+    };
+    let q = client_query(query, allowed)?;
+    if let Some(id) = q.client_id {
+        return Ok((id, q.clear_session));
+    }
+    if headers.get(header::CONTENT_TYPE).is_none() {
+        return Err(ApiError::bad(
+            "client_id",
+            "give the client id as the `client_id` query parameter or in a JSON body",
+        ));
+    }
+    let limit = s.inner.config.mqtt.max_client_id_len as usize * 6 + 1024;
+    let bytes = json_body(&s.inner, headers, body, limit).await?;
+    let MaybeObject::Object(m) = serde_json::from_slice(&bytes).map_err(malformed_json)? else {
+        return Err(not_an_object());
+    };
+    if let Some(k) = m.unknown(allowed) {
+        return Err(ApiError::bad(k, format!("unknown field `{k}`")));
+    }
+    let client_id = match m.get("client_id") {
+        Some(Field::Str(id)) if !id.is_empty() => id.to_string(),
+        _ => {
+            return Err(ApiError::bad(
+                "client_id",
+                "`client_id` must be a non-empty string",
+            ))
+        }
+    };
+    let clear_session = match m.get("clear_session") {
+        None => false,
+        Some(Field::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "clear_session",
+                "`clear_session` must be true or false",
+            ))
+        }
+    };
+    Ok((client_id, clear_session))
+}
+
+async fn get_client(
+    State(s): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    query: RawQuery,
+) -> Response {
+    let target = client_query(query, &[]).and_then(|_| path_client_id(path));
+    answer_or_error(target, |id| client_info(s, id)).await
+}
+
+async fn get_client_by_query(
+    State(s): State<ApiState>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let target = unpathed_target(&s, query, &headers, body, false).await;
+    answer_or_error(target, |(id, _)| client_info(s, id)).await
+}
+
+async fn delete_client(
+    State(s): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    query: RawQuery,
+) -> Response {
+    let target = client_query(query, &["clear_session"])
+        .and_then(|q| Ok((path_client_id(path)?, q.clear_session)));
+    answer_or_error(target, |(id, clear)| kick(s, id, clear)).await
+}
+
+async fn delete_client_by_query(
+    State(s): State<ApiState>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let target = unpathed_target(&s, query, &headers, body, true).await;
+    answer_or_error(target, |(id, clear)| kick(s, id, clear)).await
+}
+
+/// The error of a bad request, or what `then` answers for its target.
+async fn answer_or_error<T, F: std::future::Future<Output = Response>>(
+    target: Result<T, ApiError>,
+    then: impl FnOnce(T) -> F,
+) -> Response {
+    match target {
+        Ok(t) => then(t).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn client_info(s: ApiState, client_id: String) -> Response {
     let id = client_id.clone();
     match ask_home(&s, &client_id, |reply| ShardMsg::ClientInfo {
         client_id: id,
@@ -1243,25 +1428,9 @@ async fn get_client(State(s): State<ApiState>, Path(client_id): Path<String>) ->
     }
 }
 
-#[derive(serde::Deserialize)]
-struct KickQuery {
-    #[serde(default)]
-    clear_session: Option<String>,
-}
-
-async fn delete_client(
-    State(s): State<ApiState>,
-    Path(client_id): Path<String>,
-    Query(q): Query<KickQuery>,
-) -> Response {
-    let clear_session = match q.clear_session.as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => {
-            return ApiError::bad("clear_session", "`clear_session` must be true or false")
-                .into_response()
-        }
-    };
+/// Disconnects a client (if online) and, with `clear_session`, ends its session;
+/// `disconnected` says whether a connection was closed.
+async fn kick(s: ApiState, client_id: String, clear_session: bool) -> Response {
     let id = client_id.clone();
     match ask_home(&s, &client_id, |reply| ShardMsg::Kick {
         client_id: id,
@@ -1270,12 +1439,12 @@ async fn delete_client(
     })
     .await
     {
-        Ok(true) => (
+        Ok(Some(was_online)) => (
             StatusCode::OK,
-            axum::Json(json!({"client_id": client_id, "disconnected": true, "session_cleared": clear_session})),
+            axum::Json(json!({"client_id": client_id, "disconnected": was_online, "session_cleared": clear_session})),
         )
             .into_response(),
-        Ok(false) => not_found(&client_id).into_response(),
+        Ok(None) => not_found(&client_id).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -55,6 +55,16 @@ impl Api {
         self.post("/v1/push", body).await
     }
 
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .req(reqwest::Method::DELETE, path)
+            .send()
+            .await
+            .expect("request");
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
     async fn get(&self, path: &str) -> (u16, Value) {
         let r = self
             .req(reqwest::Method::GET, path)
@@ -512,12 +522,9 @@ async fn clients_can_be_inspected_and_kicked() {
     assert!(info["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(info["connected_at"].as_u64().unwrap() > 1_700_000_000);
 
-    let r = api
-        .req(reqwest::Method::DELETE, "/v1/clients/dev-info")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    let (code, b) = api.delete("/v1/clients/dev-info").await;
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(b["disconnected"], true, "{b}");
     let got = dev.next_incoming(T).await;
     assert!(
         matches!(&got, Some(Err(e)) if e.contains("AdministrativeAction")),
@@ -525,15 +532,13 @@ async fn clients_can_be_inspected_and_kicked() {
     );
     let (_, info) = api.get("/v1/clients/dev-info").await;
     assert_eq!(info["online"], false, "persistent session stays");
-    let r = api
-        .req(
-            reqwest::Method::DELETE,
-            "/v1/clients/dev-info?clear_session=true",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    let (code, b) = api.delete("/v1/clients/dev-info?clear_session=true").await;
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(
+        (&b["disconnected"], &b["session_cleared"]),
+        (&json!(false), &json!(true)),
+        "an offline session is not disconnected again: {b}"
+    );
     assert_eq!(api.get("/v1/clients/dev-info").await.0, 404);
     assert_eq!(
         gw.metric("gateway_disconnects_total{reason=\"admin\"}")
@@ -777,4 +782,114 @@ async fn a_key_answered_503_is_free_for_the_retry() {
     assert_eq!((code, b["status"].as_str()), (200, Some("sent")), "{b}");
     let got = dev.next_publish(T).await.expect("the retry is delivered");
     assert_eq!(got.payload, body["payload"].as_str().unwrap().as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// The HTTP contract's corners (issue 17.13).
+
+#[tokio::test]
+async fn push_fields_refuse_null_nul_and_over_long_topics() {
+    let gw = TestServer::start("[mqtt]\nmax_topic_len = 32\n");
+    let api = Api::new(&gw);
+    for (body, field) in [
+        (
+            json!({"topic": "t", "payload": "x", "ttl_secs": null}),
+            "ttl_secs",
+        ),
+        (json!({"topic": "t", "payload": "x", "qos": null}), "qos"),
+        (
+            json!({"client_id": "a\u{0}b", "topic": "t", "payload": "x"}),
+            "client_id",
+        ),
+        (json!({"topic": "t".repeat(33), "payload": "x"}), "topic"),
+        (
+            json!({"messages": [{"topic": "t".repeat(33), "payload": "x"}]}),
+            "messages[0].topic",
+        ),
+    ] {
+        let (code, b) = if body.get("messages").is_some() {
+            let (_, b) = api.post("/v1/push/batch", body).await;
+            (
+                b["results"][0]["error"]["status"].as_u64().unwrap_or(0) as u16,
+                b["results"][0].clone(),
+            )
+        } else {
+            api.push(body).await
+        };
+        assert_eq!(
+            (code, b["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{b}"
+        );
+    }
+    let (code, b) = api
+        .push(json!({"topic": "t".repeat(32), "payload": "x"}))
+        .await;
+    assert_eq!(code, 200, "{b}");
+}
+
+#[tokio::test]
+async fn client_routes_answer_bad_queries_in_json_and_take_the_id_as_a_query_parameter() {
+    let gw = TestServer::start("[mqtt]\nmax_client_id_len = 65535\n");
+    let api = Api::new(&gw);
+    let (code, b) = api
+        .get("/v1/clients/x?clear_session=true&clear_session=false")
+        .await;
+    assert_eq!(
+        (code, b["error"]["field"].as_str()),
+        (400, Some("clear_session")),
+        "{b}"
+    );
+    let (code, b) = api
+        .delete("/v1/clients/x?clear_session=true&clear_session=true")
+        .await;
+    assert_eq!(code, 400, "{b}");
+    assert_eq!(b["error"]["field"], "clear_session");
+    let (code, b) = api.get("/v1/clients?client_id=a&client_id=b").await;
+    assert_eq!(
+        (code, b["error"]["field"].as_str()),
+        (400, Some("client_id")),
+        "{b}"
+    );
+    assert_eq!(api.get("/v1/clients").await.0, 400);
+
+    // The id as a query parameter (a device with a `/` in its id, say).
+    let (code, b) = api.get("/v1/clients?client_id=a%2Fb").await;
+    assert_eq!(
+        (code, b["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{b}"
+    );
+
+    // A 65,535-byte id does not fit an HTTP/1 URI (414): it goes in a JSON body.
+    let long = "d".repeat(65_535);
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v4(&long, 60, true)).await;
+    assert!(matches!(
+        raw.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    let r = api
+        .req(reqwest::Method::GET, "/v1/clients")
+        .json(&json!({"client_id": long}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let info: Value = r.json().await.unwrap();
+    assert_eq!(info["online"], true);
+    let r = api
+        .req(reqwest::Method::DELETE, "/v1/clients")
+        .json(&json!({"client_id": long, "clear_session": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&b["disconnected"], &b["session_cleared"]),
+        (&json!(true), &json!(true))
+    );
+    assert!(raw.closed_within(T).await, "kicked");
+    assert_eq!(api.get("/v1/clients?client_id=nobody").await.0, 404);
 }
