@@ -106,6 +106,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/openapi.json", get(openapi))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_push_requests,
+        ))
         .with_state(state)
 }
 
@@ -167,7 +171,7 @@ impl ApiError {
         json!({ "error": e })
     }
 
-    /// The `status` label of `gateway_push_requests_total` for this error.
+    /// The `status` label of `gateway_push_messages_total` for this error.
     fn metric_status(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "unauthorized",
@@ -299,6 +303,23 @@ async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
             .into_response()
         }
     }
+}
+
+/// Counts each request to the push endpoints by its answer's code
+/// (`gateway_push_requests_total`), refusals included; messages are counted apart.
+async fn count_push_requests(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let endpoint = match req.uri().path() {
+        "/v1/push" => Some("push"),
+        "/v1/push/batch" => Some("batch"),
+        _ => None,
+    };
+    let resp = next.run(req).await;
+    if let Some(endpoint) = endpoint {
+        s.inner
+            .push_metrics
+            .record_request(endpoint, resp.status().as_u16());
+    }
+    resp
 }
 
 /// Equal-length comparison whose time does not depend on where the bytes differ.
@@ -474,7 +495,7 @@ enum PushAnswer {
 }
 
 impl PushAnswer {
-    /// The `status` label of `gateway_push_requests_total`.
+    /// The `status` label of `gateway_push_messages_total`.
     fn status(&self) -> &'static str {
         match self {
             PushAnswer::Client { status, .. } => status,

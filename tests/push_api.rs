@@ -100,7 +100,7 @@ async fn push_to_a_connected_device_is_sent() {
     assert_eq!(&m.topic[..], "devices/dev-sent/cmd");
     assert_eq!(&m.payload[..], b"reboot");
     assert_eq!(
-        gw.metric("gateway_push_requests_total{status=\"sent\"}")
+        gw.metric("gateway_push_messages_total{status=\"sent\"}")
             .await,
         1.0
     );
@@ -373,7 +373,7 @@ async fn errors_have_the_right_status_and_name_the_field() {
         (404, Some("not_found"))
     );
     assert!(
-        gw.metric("gateway_push_requests_total{status=\"bad_request\"}")
+        gw.metric("gateway_push_messages_total{status=\"bad_request\"}")
             .await
             >= 6.0
     );
@@ -446,7 +446,7 @@ async fn a_full_mailbox_is_answered_503_with_retry_after() {
     assert_eq!(retry.as_deref(), Some("1"));
     assert_eq!(body["error"]["code"], "overloaded");
     assert!(
-        gw.metric("gateway_push_requests_total{status=\"overloaded\"}")
+        gw.metric("gateway_push_messages_total{status=\"overloaded\"}")
             .await
             >= 1.0
     );
@@ -892,4 +892,36 @@ async fn client_routes_answer_bad_queries_in_json_and_take_the_id_as_a_query_par
     );
     assert!(raw.closed_within(T).await, "kicked");
     assert_eq!(api.get("/v1/clients?client_id=nobody").await.0, 404);
+}
+
+/// `gateway_push_requests_total` counts HTTP requests, `gateway_push_messages_total`
+/// the messages in them (issue 16.12: a batch of 3 was counted as 3 requests).
+#[tokio::test]
+async fn push_metrics_count_requests_and_messages_apart() {
+    let gw = TestServer::start("");
+    let api = Api::new(&gw);
+    let item = json!({"topic": "m/t", "payload": "x"});
+    let (code, _) = api
+        .post("/v1/push/batch", json!({"messages": [item, item, item]}))
+        .await;
+    assert_eq!(code, 200);
+    let (code, _) = api.push(json!({"topic": "m/t"})).await;
+    assert_eq!(code, 400);
+    let metric = |s: &'static str| gw.metric(s);
+    assert_eq!(
+        metric("gateway_push_requests_total{endpoint=\"batch\",code=\"200\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric("gateway_push_requests_total{endpoint=\"push\",code=\"400\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric("gateway_push_messages_total{status=\"matched\"}").await,
+        3.0
+    );
+    assert_eq!(
+        metric("gateway_push_messages_total{status=\"bad_request\"}").await,
+        1.0
+    );
 }
