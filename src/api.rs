@@ -370,15 +370,19 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// A request body, with the permit that a large one holds while the caller uses it.
+type ReadBody<'a> = (Bytes, Option<tokio::sync::SemaphorePermit<'a>>);
+
 /// Reads a JSON body: 415 unless `Content-Type: application/json`, 413 over `limit`
 /// bytes (at once when `Content-Length` says so, before reading any of it), 408 when it
-/// takes longer than `http.body_timeout_ms`. The caller parses it (see `push_json`).
-async fn json_body(
-    inner: &Inner,
+/// takes longer than `http.body_timeout_ms`. The caller parses it (see `push_json`)
+/// while holding the permit.
+async fn json_body<'a>(
+    inner: &'a Inner,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<Bytes, ApiError> {
+) -> Result<ReadBody<'a>, ApiError> {
     if !is_json(headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -420,19 +424,17 @@ async fn read_body(
     limit: usize,
     declared: usize,
     large: &tokio::sync::Semaphore,
-) -> Result<Bytes, ApiError> {
+) -> Result<ReadBody<'_>, ApiError> {
     use http_body_util::BodyExt as _;
+    let acquire = || async { large.acquire().await.map_err(|_| shutting_down()) };
     let mut body = body;
-    let mut permit = None;
+    // A body declared large waits for its permit before any of it is read.
+    let mut permit = match declared > LARGE_BODY {
+        true => Some(acquire().await?),
+        false => None,
+    };
     let mut buf = bytes::BytesMut::with_capacity(declared.min(LARGE_BODY));
-    loop {
-        let size = buf.len().max(declared);
-        if permit.is_none() && size > LARGE_BODY {
-            permit = Some(large.acquire().await.map_err(|_| shutting_down())?);
-        }
-        let Some(frame) = body.frame().await else {
-            return Ok(buf.freeze());
-        };
+    while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -440,13 +442,20 @@ async fn read_body(
                 format!("cannot read the request body: {e}"),
             )
         })?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(too_large(limit));
-            }
-            buf.extend_from_slice(&data);
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let size = buf.len() + data.len();
+        if size > limit {
+            return Err(too_large(limit));
         }
+        // The frame that makes the body large is kept only once the permit is held.
+        if permit.is_none() && size > LARGE_BODY {
+            permit = Some(acquire().await?);
+        }
+        buf.extend_from_slice(&data);
     }
+    Ok((buf.freeze(), permit))
 }
 
 /// 400 for a body that is not JSON at all.
@@ -1104,7 +1113,7 @@ async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Resp
     let inner = &s.inner;
     let limit = message_body_limit(&inner.config);
     let result = async {
-        let bytes = json_body(inner, &headers, body, limit).await?;
+        let (bytes, _permit) = json_body(inner, &headers, body, limit).await?;
         match serde_json::from_slice::<MaybeObject>(&bytes).map_err(malformed_json)? {
             MaybeObject::Object(m) => parse_push(&m, &inner.config, None),
             MaybeObject::NotObject => Err(not_an_object()),
@@ -1128,7 +1137,7 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let received = Instant::now();
     let inner = &s.inner;
     let config = &inner.config;
-    let bytes = match json_body(inner, &headers, body, batch_body_limit(config)).await {
+    let (bytes, _permit) = match json_body(inner, &headers, body, batch_body_limit(config)).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -1356,7 +1365,7 @@ async fn unpathed_target(
         ));
     }
     let limit = s.inner.config.mqtt.max_client_id_len as usize * 6 + 1024;
-    let bytes = json_body(&s.inner, headers, body, limit).await?;
+    let (bytes, _permit) = json_body(&s.inner, headers, body, limit).await?;
     let MaybeObject::Object(m) = serde_json::from_slice(&bytes).map_err(malformed_json)? else {
         return Err(not_an_object());
     };
@@ -1529,6 +1538,30 @@ mod tests {
 
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
+    }
+
+    /// A body over `LARGE_BODY` waits for a permit; a small one does not need one.
+    #[tokio::test]
+    async fn large_bodies_wait_for_a_permit() {
+        let none = tokio::sync::Semaphore::new(0);
+        let small = Body::from(vec![b'x'; 1000]);
+        let (got, _) = read_body(small, 1 << 20, 1000, &none).await.unwrap();
+        assert_eq!(got.len(), 1000);
+        let large = || Body::from(vec![b'x'; LARGE_BODY + 1]);
+        let waiting = read_body(large(), 1 << 20, 0, &none);
+        let r = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+        assert!(r.is_err(), "read a large body without a permit");
+        let one = tokio::sync::Semaphore::new(1);
+        let (got, permit) = read_body(large(), 1 << 20, 0, &one).await.unwrap();
+        assert_eq!(got.len(), LARGE_BODY + 1);
+        assert_eq!(one.available_permits(), 0, "held while the body is used");
+        drop(permit);
+        assert_eq!(one.available_permits(), 1, "then given back");
+        let over = read_body(large(), LARGE_BODY, 0, &one).await;
+        assert_eq!(
+            over.err().map(|e| e.status),
+            Some(StatusCode::PAYLOAD_TOO_LARGE)
+        );
     }
 
     #[test]

@@ -335,3 +335,58 @@ async fn content_type_must_be_exactly_application_json() {
         assert_eq!(r.status().as_u16(), want, "{ct}");
     }
 }
+
+/// The first stdout line of the real binary, started with `toml`, that contains `needle`
+/// (or `None` once it says it listens and 2 s more pass without it).
+fn startup_line(toml: &str, needle: &str) -> Option<String> {
+    use std::io::BufRead;
+    let dir = common::tempdir::Dir::new("startup-log");
+    let path = dir.0.join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gateway");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut deadline = Instant::now() + Duration::from_secs(20);
+    let mut found = None;
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.contains(needle) {
+            found = Some(line);
+            break;
+        }
+        if line.contains("gateway listening") {
+            deadline = Instant::now() + Duration::from_secs(2);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    found
+}
+
+const STARTUP: &str = "[mqtt]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n[store]\nenabled = false\n[log]\nlevel = \"info\"\n";
+
+#[test]
+fn an_api_open_to_every_source_is_logged_loudly_and_the_default_says_who_it_answers() {
+    let open = STARTUP.replace("[http]\n", "[http]\nallow_remote_without_token = true\n");
+    let line = startup_line(&open, "OPEN TO EVERY SOURCE").expect("the warning is logged");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("set [http] tokens"), "{line}");
+    let line = startup_line(STARTUP, "/v1 API").expect("the default says who /v1 answers");
+    assert!(line.contains("tokenless_networks"), "{line}");
+}
