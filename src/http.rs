@@ -85,7 +85,9 @@ pub async fn serve(
     let config = api.config().clone();
     let h = &config.http;
     log_api_access(h);
-    let slots = Arc::new(tokio::sync::Semaphore::new(h.max_connections as usize));
+    let slots = Arc::new(tokio::sync::Semaphore::new(connection_cap(
+        h.max_connections,
+    )));
     let header_timeout = Duration::from_millis(u64::from(h.header_timeout_ms));
     let app = router(state, api);
     let (stopping, stopped) = tokio::sync::watch::channel(false);
@@ -112,6 +114,25 @@ pub async fn serve(
         });
     }
     let _ = stopping.send(true);
+}
+
+/// `http.max_connections`, but at most a quarter of RLIMIT_NOFILE: however many slow
+/// HTTP clients come, three quarters of the file descriptors stay for MQTT devices.
+fn connection_cap(configured: u32) -> usize {
+    let configured = configured as usize;
+    let Ok((soft, _)) = crate::doctor::nofile_limit() else {
+        return configured;
+    };
+    let share = usize::try_from(soft / 4).unwrap_or(usize::MAX).max(1);
+    if configured > share {
+        tracing::warn!(
+            max_connections = configured,
+            rlimit_nofile = soft,
+            cap = share,
+            "http.max_connections lowered to a quarter of RLIMIT_NOFILE, to keep descriptors for MQTT"
+        );
+    }
+    configured.min(share)
 }
 
 /// An accept error (EMFILE, ECONNABORTED, ...): logged, then a short pause so a process

@@ -390,3 +390,51 @@ fn an_api_open_to_every_source_is_logged_loudly_and_the_default_says_who_it_answ
     let line = startup_line(STARTUP, "/v1 API").expect("the default says who /v1 answers");
     assert!(line.contains("tokenless_networks"), "{line}");
 }
+
+/// Lowers RLIMIT_NOFILE (soft and hard, so the gateway cannot raise it) in the child.
+fn limit_fds(cmd: &mut std::process::Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// With few file descriptors (256) and the default cap (1024), HTTP takes at most a
+/// quarter of them: 150 half-sent requests leave room for 100 MQTT devices.
+#[tokio::test]
+async fn half_sent_requests_leave_file_descriptors_for_mqtt() {
+    let gw = GatewayProcess::start_with("[http]\nheader_timeout_ms = 60000\n", |cmd| {
+        limit_fds(cmd, 256)
+    });
+    let mut slow = Vec::new();
+    for i in 0..150 {
+        slow.push(half_sent(i, gw.http).await);
+    }
+    let mut devices = Vec::new();
+    for i in 0..100 {
+        let stream = common::connect_from(i + 7, gw.mqtt)
+            .await
+            .expect("tcp connect");
+        let mut dev = common::Raw::from_stream(stream);
+        dev.send(&common::Raw::connect_v4(&format!("fd-{i}"), 60, true))
+            .await;
+        let got = dev.recv_v4(T).await;
+        assert!(
+            matches!(got, Ok(mqttbytes::v4::Packet::ConnAck(_))),
+            "device {i} got {got:?} with {} fds open in the gateway",
+            gw.open_fds()
+        );
+        devices.push(dev);
+    }
+    assert_eq!(slow.len(), 150);
+}
