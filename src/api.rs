@@ -5,6 +5,11 @@
 //! and await the shard's answer on a oneshot channel. A full mailbox is answered 503 with
 //! `Retry-After`; nothing here can stall an IO shard. The contract is in `docs/API.md`
 //! and `docs/openapi.json` (served at `/v1/openapi.json`).
+//!
+//! It also decides who may use `/v1` (`Access`: a bearer token once `[http] tokens`
+//! is set, otherwise only the `tokenless_networks` sources, loopback by default), bounds
+//! request bodies (one per-message size rule, a permit for each large body, a read
+//! timeout), and runs keyed pushes through [`crate::idempotency`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -294,7 +299,8 @@ async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
             resp
         }
         Refusal::RemoteWithoutToken => {
-            tracing::warn!(peer = ?peer, "/v1 request from outside http.tokenless_networks refused: no tokens are set");
+            // Debug, not warn: anyone can send these, and the 403 says why.
+            tracing::debug!(peer = ?peer, "/v1 request from outside http.tokenless_networks refused: no tokens are set");
             ApiError::new(
                 StatusCode::FORBIDDEN,
                 "remote_api_disabled",
