@@ -61,6 +61,12 @@ fn log_api_access(h: &crate::config::HttpConfig) {
         tracing::info!(tokens = h.tokens.len(), "/v1 API: bearer token required");
     } else if h.allow_remote_without_token {
         tracing::warn!("[http] allow_remote_without_token = true and tokens is empty: the /v1 API is OPEN TO EVERY SOURCE that reaches {}: anyone can push to any device, kick devices and wipe their sessions; set [http] tokens", h.listen);
+    } else if let Some(wide) = h
+        .tokenless_networks
+        .iter()
+        .find(|n| Network::parse(n).is_ok_and(|n| !n.is_loopback_only()))
+    {
+        tracing::warn!(network = %wide, "[http] tokenless_networks reaches beyond loopback and tokens is empty: every source in it can push to any device, kick devices and wipe their sessions without a token");
     } else {
         tracing::info!(networks = ?h.tokenless_networks, "/v1 API: no tokens set, answering only http.tokenless_networks (others get 403)");
     }
@@ -205,6 +211,14 @@ impl Network {
         Ok(Network { addr, prefix })
     }
 
+    /// True if every address of the network is a loopback address.
+    pub fn is_loopback_only(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(a) => a.is_loopback() && self.prefix >= 8,
+            IpAddr::V6(a) => a.is_loopback() && self.prefix == 128,
+        }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let bits = |ip: IpAddr| -> u128 {
             match ip {
@@ -288,6 +302,9 @@ mod tests {
         assert!(host.contains(ip("10.1.2.3")) && !host.contains(ip("10.1.2.4")));
         let v6 = Network::parse("fd00::/8").unwrap();
         assert!(v6.contains(ip("fd00::2")) && !v6.contains(ip("fe80::1")));
+        let loopback = |s: &str| Network::parse(s).unwrap().is_loopback_only();
+        assert!(loopback("127.0.0.0/8") && loopback("127.0.0.2") && loopback("::1"));
+        assert!(!loopback("0.0.0.0/0") && !loopback("127.0.0.0/7") && !loopback("10.0.0.0/8"));
     }
 
     #[test]

@@ -389,6 +389,12 @@ fn an_api_open_to_every_source_is_logged_loudly_and_the_default_says_who_it_answ
     assert!(line.contains("set [http] tokens"), "{line}");
     let line = startup_line(STARTUP, "/v1 API").expect("the default says who /v1 answers");
     assert!(line.contains("tokenless_networks"), "{line}");
+    let wide = STARTUP.replace("[http]\n", "[http]\ntokenless_networks = [\"0.0.0.0/0\"]\n");
+    let line = startup_line(&wide, "reaches beyond loopback").expect("a wide list is logged");
+    assert!(
+        line.contains("WARN") && line.contains("0.0.0.0/0"),
+        "{line}"
+    );
 }
 
 /// Lowers RLIMIT_NOFILE (soft and hard, so the gateway cannot raise it) in the child.
