@@ -225,8 +225,25 @@ pub enum SlowConsumer {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// Bearer tokens for `/v1/*`; empty = open API.
+    /// Bearer tokens for `/v1/*`; empty = `/v1` answers only `tokenless_networks`.
     pub tokens: Vec<String>,
+    /// With `tokens` empty: the source networks (CIDRs) whose requests `/v1` answers
+    /// without a token; others get 403. Loopback by default.
+    pub tokenless_networks: Vec<String>,
+    /// With `tokens` empty: answer `/v1` from any source (logged loudly at startup).
+    pub allow_remote_without_token: bool,
+    /// Most HTTP connections open at once; beyond it new ones wait in the backlog, so
+    /// half-sent requests cannot use up the file descriptors MQTT needs.
+    pub max_connections: u32,
+    /// Milliseconds a connection may take to send a request's headers (also the idle
+    /// limit between keep-alive requests).
+    pub header_timeout_ms: u32,
+    /// Milliseconds a request may take to send its body.
+    pub body_timeout_ms: u32,
+    /// Largest `POST /v1/push/batch` body, in bytes (never below one message's limit).
+    pub max_batch_body_bytes: u32,
+    /// Request bodies over 64 KiB read at once; more wait their turn.
+    pub max_large_bodies: u32,
     /// 0 = one per available core; see [`Config::business_threads`].
     pub business_threads: usize,
     pub max_batch: u32,
@@ -634,6 +651,15 @@ impl Config {
                 ));
             }
         }
+        for (i, net) in h.tokenless_networks.iter().enumerate() {
+            crate::http::Network::parse(net)
+                .map_err(|e| invalid(&format!("http.tokenless_networks[{i}]"), e))?;
+        }
+        in_range("http.max_connections", h.max_connections, 1, 1_000_000)?;
+        in_range("http.header_timeout_ms", h.header_timeout_ms, 100, 600_000)?;
+        in_range("http.body_timeout_ms", h.body_timeout_ms, 100, 600_000)?;
+        at_least("http.max_batch_body_bytes", h.max_batch_body_bytes, 65_536)?;
+        in_range("http.max_large_bodies", h.max_large_bodies, 1, 100_000)?;
         in_range("http.business_threads", h.business_threads, 0, MAX_THREADS)?;
         at_least("http.max_batch", h.max_batch, 1)?;
         in_range("http.answer_timeout_ms", h.answer_timeout_ms, 100, 600_000)?;
@@ -893,6 +919,13 @@ mod tests {
 
         assert_eq!(c.http.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
         assert!(c.http.tokens.is_empty());
+        assert_eq!(c.http.tokenless_networks, ["127.0.0.0/8", "::1/128"]);
+        assert!(!c.http.allow_remote_without_token);
+        assert_eq!(c.http.max_connections, 1024);
+        assert_eq!(c.http.header_timeout_ms, 10_000);
+        assert_eq!(c.http.body_timeout_ms, 30_000);
+        assert_eq!(c.http.max_batch_body_bytes, 67_108_864);
+        assert_eq!(c.http.max_large_bodies, 4);
         assert_eq!(c.http.business_threads, 2);
         assert_eq!(c.http.max_batch, 1000);
         assert_eq!(c.http.idempotency_window_secs, 300);
@@ -1314,6 +1347,36 @@ mod tests {
                 "[http]\ntokens = [\"a-b_c.d\"]",
                 "[http]\ntokens = [\"has space\"]",
                 "http.tokens[0]",
+            ),
+            (
+                "[http]\ntokenless_networks = [\"10.0.0.0/8\", \"::1\"]",
+                "[http]\ntokenless_networks = [\"::1\", \"10.0.0.0/33\"]",
+                "http.tokenless_networks[1]",
+            ),
+            (
+                "[http]\nmax_connections = 1",
+                "[http]\nmax_connections = 0",
+                "http.max_connections",
+            ),
+            (
+                "[http]\nheader_timeout_ms = 100",
+                "[http]\nheader_timeout_ms = 99",
+                "http.header_timeout_ms",
+            ),
+            (
+                "[http]\nmax_large_bodies = 1",
+                "[http]\nmax_large_bodies = 0",
+                "http.max_large_bodies",
+            ),
+            (
+                "[http]\nmax_batch_body_bytes = 65536",
+                "[http]\nmax_batch_body_bytes = 65535",
+                "http.max_batch_body_bytes",
+            ),
+            (
+                "[http]\nbody_timeout_ms = 600000",
+                "[http]\nbody_timeout_ms = 600001",
+                "http.body_timeout_ms",
             ),
             (
                 "[http]\nbusiness_threads = 1024",

@@ -174,8 +174,9 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64, u64)> {
     Ok((before, after, hard))
 }
 
+/// RLIMIT_NOFILE as (soft, hard).
 #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, but not on every target
-fn nofile_limit() -> io::Result<(u64, u64)> {
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -23,6 +23,7 @@ pub mod codec;
 pub mod config;
 pub mod doctor;
 pub mod http;
+pub mod idempotency;
 pub mod limits;
 pub mod listen;
 pub mod lockholder;

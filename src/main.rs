@@ -189,9 +189,6 @@ fn run(config: Config) -> ExitCode {
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
-    if config.http.tokens.is_empty() {
-        tracing::warn!("[http] tokens is empty: the /v1 API is open to anyone who reaches it");
-    }
     let server = match Server::start(config, Some(&log)) {
         Ok(s) => s,
         Err(e) => {

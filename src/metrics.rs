@@ -769,7 +769,7 @@ pub fn render(shards: &[Arc<ShardMetrics>], out: &mut String) {
     encode_into(&registry, out);
 }
 
-/// The `status` label values of `gateway_push_requests_total`, all exported from the
+/// The `status` label values of `gateway_push_messages_total`, all exported from the
 /// start (at 0) so that rates and alerts see every series. Any other status string is
 /// counted as `other`.
 pub const PUSH_STATUSES: [&str; 12] = [
@@ -798,11 +798,22 @@ struct StatusLabel {
     status: &'static str,
 }
 
+/// The labels of `gateway_push_requests_total`: `endpoint` (`push` or `batch`) and the
+/// HTTP status `code` of the answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabel {
+    endpoint: &'static str,
+    code: u16,
+}
+
 /// Push API outcomes and latency. Shared (`Arc`) by the business pool's handlers; a
 /// push is not per packet, so prometheus-client's shared atomics and histogram lock are
 /// fine here.
 pub struct PushMetrics {
-    requests: Family<StatusLabel, Counter>,
+    /// HTTP requests to the push endpoints, by endpoint and answer code.
+    requests: Family<RequestLabel, Counter>,
+    /// Messages (a single push, or one item of a batch), by outcome.
+    messages: Family<StatusLabel, Counter>,
     /// The family's counter of each status in `PUSH_STATUSES`, resolved once: counting a
     /// push is then one atomic add, not a lock and a label hash per message.
     by_status: Vec<Counter>,
@@ -811,14 +822,22 @@ pub struct PushMetrics {
 
 impl Default for PushMetrics {
     fn default() -> Self {
-        let requests: Family<StatusLabel, Counter> = Family::default();
+        let messages: Family<StatusLabel, Counter> = Family::default();
         // Creates every series at 0 and keeps a handle (counters share their value).
         let by_status = PUSH_STATUSES
             .iter()
-            .map(|&status| requests.get_or_create(&StatusLabel { status }).clone())
+            .map(|&status| messages.get_or_create(&StatusLabel { status }).clone())
             .collect();
+        let requests: Family<RequestLabel, Counter> = Family::default();
+        for endpoint in ["push", "batch"] {
+            let _ = requests.get_or_create(&RequestLabel {
+                endpoint,
+                code: 200,
+            });
+        }
         PushMetrics {
             requests,
+            messages,
             by_status,
             duration: Histogram::new(PUSH_BUCKETS),
         }
@@ -826,7 +845,14 @@ impl Default for PushMetrics {
 }
 
 impl PushMetrics {
-    /// Counts one push answer (`gateway_push_requests_total{status}`) and, when given, its
+    /// Counts one push request's answer (`gateway_push_requests_total{endpoint, code}`).
+    pub fn record_request(&self, endpoint: &'static str, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabel { endpoint, code })
+            .inc();
+    }
+
+    /// Counts one message's answer (`gateway_push_messages_total{status}`) and, when given, its
     /// latency from HTTP receive to written to the device socket
     /// (`gateway_push_duration_seconds`).
     pub fn record(&self, status: &str, seconds: Option<f64>) {
@@ -835,7 +861,7 @@ impl PushMetrics {
                 self.by_status[i].inc();
             }
             None => {
-                self.requests
+                self.messages
                     .get_or_create(&StatusLabel { status: "other" })
                     .inc();
             }
@@ -851,8 +877,13 @@ impl PushMetrics {
         // Registry::register appends the final full stop to the help text.
         registry.register(
             counter_family("gateway_push_requests_total"),
-            "Push API requests, by outcome",
+            "HTTP requests to /v1/push and /v1/push/batch, by endpoint and answer code",
             self.requests.clone(),
+        );
+        registry.register(
+            counter_family("gateway_push_messages_total"),
+            "Messages pushed (one per /v1/push request or batch item), by outcome",
+            self.messages.clone(),
         );
         registry.register(
             "gateway_push_duration_seconds",
@@ -1138,20 +1169,20 @@ mod tests {
         let mut s = String::new();
         p.render(&mut s);
         assert_eq!(
-            value(&s, "gateway_push_requests_total{status=\"sent\"}"),
+            value(&s, "gateway_push_messages_total{status=\"sent\"}"),
             Some(2.0),
             "{s}"
         );
         assert_eq!(
-            value(&s, "gateway_push_requests_total{status=\"overloaded\"}"),
+            value(&s, "gateway_push_messages_total{status=\"overloaded\"}"),
             Some(1.0)
         );
         assert_eq!(
-            value(&s, "gateway_push_requests_total{status=\"other\"}"),
+            value(&s, "gateway_push_messages_total{status=\"other\"}"),
             Some(1.0)
         );
         for status in PUSH_STATUSES {
-            let sample = format!("gateway_push_requests_total{{status=\"{status}\"}}");
+            let sample = format!("gateway_push_messages_total{{status=\"{status}\"}}");
             assert!(value(&s, &sample).is_some(), "{sample} missing:\n{s}");
         }
         let bucket = |le: &str| {
@@ -1165,14 +1196,20 @@ mod tests {
         assert_eq!(bucket("2.5"), Some(2.0), "{s}");
         assert_eq!(bucket("+Inf"), Some(2.0), "{s}");
         assert_eq!(value(&s, "gateway_push_duration_seconds_count"), Some(2.0));
-        assert!(
-            s.contains("# TYPE gateway_push_requests_total counter\n"),
-            "{s}"
-        );
-        assert!(
-            s.contains("# HELP gateway_push_requests_total Push API requests, by outcome.\n"),
-            "{s}"
-        );
+        for family in ["gateway_push_requests_total", "gateway_push_messages_total"] {
+            assert!(s.contains(&format!("# TYPE {family} counter\n")), "{s}");
+        }
+        p.record_request("batch", 413);
+        let mut s = String::new();
+        p.render(&mut s);
+        let req = |endpoint: &str, code: u16| {
+            value(
+                &s,
+                &format!("gateway_push_requests_total{{endpoint=\"{endpoint}\",code=\"{code}\"}}"),
+            )
+        };
+        assert_eq!(req("batch", 413), Some(1.0), "{s}");
+        assert_eq!(req("push", 200), Some(0.0), "{s}");
     }
 
     #[test]

@@ -149,13 +149,12 @@ impl Shard {
     }
 
     /// Disconnects a client with MQTT 5 reason 0x98; with `clear_session` also ends its
-    /// session. False if the client id is unknown here.
-    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> bool {
-        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
-            return false;
-        };
+    /// session. `None` if the client id is unknown here, else whether it was online.
+    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> Option<bool> {
+        let skey = self.by_client.get(client_id, &self.sessions)?;
         let conn = self.sessions[skey as usize].conn;
-        if self.sessions[skey as usize].is_online() {
+        let online = self.sessions[skey as usize].is_online();
+        if online {
             tracing::info!(shard = self.id, client_id, "disconnected by the API");
             self.close_conn(
                 conn as usize,
@@ -169,6 +168,6 @@ impl Shard {
                 self.end_session(skey as usize);
             }
         }
-        true
+        Some(online)
     }
 }
