@@ -79,6 +79,17 @@ impl Command {
         }
     }
 
+    /// Checks what clap cannot: combinations of options.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Command::Fanout(a) if a.burst.is_none() && a.rate <= 0.0 => {
+                Err("--rate must be above 0 (or send as fast as possible with --burst N)".into())
+            }
+            Command::Fanout(a) if a.burst == Some(0) => Err("--burst must be at least 1".into()),
+            _ => Ok(()),
+        }
+    }
+
     /// How many sockets the children hold at once, at most (what the limits must allow).
     pub fn sockets(&self) -> u64 {
         match self {
@@ -273,15 +284,50 @@ pub struct FanoutArgs {
     /// The one topic.
     #[arg(long, default_value = "loadgen/fanout")]
     pub topic: String,
-    /// QoS of the publisher and the subscriptions.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// QoS of the publisher (and of the subscriptions unless --sub-qos is given).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
+    /// QoS of the subscriptions (default: --qos); 2 makes each subscriber answer PUBREC
+    /// and PUBCOMP.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub sub_qos: Option<u8>,
+    /// MQTT protocol level of the subscribers, 4 (3.1.1) or 5 (default: --protocol,
+    /// which the publisher uses).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(4..=5))]
+    pub sub_version: Option<u8>,
+    /// QoS 1/2 PUBLISHes the publisher keeps unacknowledged at most; it sends the next
+    /// only when a PUBACK (QoS 2: PUBCOMP) returns a slot.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65535))]
+    pub window: u64,
+    /// Send this many messages as fast as the broker takes them (within --window at
+    /// QoS 1), instead of --rate messages a second for --duration seconds.
+    #[arg(long, value_name = "N")]
+    pub burst: Option<u64>,
+    /// Exit with status 4 if any subscriber lost a message.
+    #[arg(long)]
+    pub expect_no_loss: bool,
     /// Payload size in bytes (at least the timestamp).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Seconds to wait after the last publish for deliveries still on their way.
     #[arg(long, default_value_t = 5)]
     pub drain: u64,
+}
+
+impl FanoutArgs {
+    /// Messages the publisher sends in all.
+    pub fn planned(&self) -> u64 {
+        self.burst
+            .unwrap_or_else(|| (self.rate * self.duration as f64).round() as u64)
+    }
+
+    pub fn sub_qos(&self) -> u8 {
+        self.sub_qos.unwrap_or(self.qos)
+    }
+
+    pub fn sub_version(&self) -> u8 {
+        self.sub_version.unwrap_or(self.mqtt.protocol)
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

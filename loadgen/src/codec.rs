@@ -1,9 +1,9 @@
 //! The client side of the MQTT wire format: what a device sends and what it must read.
 //!
 //! CONNECT, SUBSCRIBE and PUBLISH are encoded with `mqttbytes` (v4 for 3.1.1, v5 for 5);
-//! PINGREQ, PUBACK and DISCONNECT are fixed byte strings valid in both versions. Incoming
+//! PINGREQ, PUBACK, PUBREC, PUBREL, PUBCOMP and DISCONNECT are fixed byte strings valid in both versions. Incoming
 //! frames are split here (fixed header parsed by hand) and only PUBLISH is decoded by
-//! `mqttbytes`; CONNACK, SUBACK, PUBACK and DISCONNECT are read by hand because loadgen
+//! `mqttbytes`; CONNACK, SUBACK, PUBACK, PUBREC, PUBREL, PUBCOMP and DISCONNECT are read by hand because loadgen
 //! needs just their codes, and mqttbytes 0.6 refuses the valid short MQTT 5 DISCONNECT
 //! (reason code without properties) that a broker sends on takeover or shutdown.
 
@@ -138,6 +138,24 @@ pub fn puback(pkid: u16) -> [u8; 4] {
     [0x40, 0x02, hi, lo]
 }
 
+/// PUBREC for `pkid` (a QoS 2 subscriber's answer to PUBLISH).
+pub fn pubrec(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x50, 0x02, hi, lo]
+}
+
+/// PUBREL for `pkid` (a QoS 2 publisher's answer to PUBREC).
+pub fn pubrel(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x62, 0x02, hi, lo]
+}
+
+/// PUBCOMP for `pkid` (a QoS 2 subscriber's answer to PUBREL).
+pub fn pubcomp(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x70, 0x02, hi, lo]
+}
+
 /// A packet a device receives, reduced to what loadgen acts on.
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
@@ -156,6 +174,18 @@ pub enum Incoming {
         stamp: Option<(u64, u64)>,
     },
     PubAck {
+        pkid: u16,
+    },
+    /// The broker's PUBREC of a QoS 2 PUBLISH; the publisher answers PUBREL.
+    PubRec {
+        pkid: u16,
+    },
+    /// The broker's PUBREL of a QoS 2 delivery; the subscriber answers PUBCOMP.
+    PubRel {
+        pkid: u16,
+    },
+    /// The broker's PUBCOMP: the end of a QoS 2 PUBLISH.
+    PubComp {
         pkid: u16,
     },
     PingResp,
@@ -204,6 +234,17 @@ pub fn next(p: Protocol, buf: &mut BytesMut) -> Result<Option<Incoming>, String>
             }
             Incoming::PubAck {
                 pkid: body.get_u16(),
+            }
+        }
+        5..=7 => {
+            if body.len() < 2 {
+                return Err(short("PUBREC/PUBREL/PUBCOMP"));
+            }
+            let pkid = body.get_u16();
+            match byte1 >> 4 {
+                5 => Incoming::PubRec { pkid },
+                6 => Incoming::PubRel { pkid },
+                _ => Incoming::PubComp { pkid },
             }
         }
         9 => {
@@ -349,6 +390,31 @@ mod tests {
         // The half PINGREQ left over is not a frame yet.
         assert_eq!(next(p, &mut out).unwrap(), None);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn qos2_handshake_packets() {
+        // The broker's PUBREL (fixed header flags 0b0010) is read in both versions.
+        for p in [Protocol::V4, Protocol::V5] {
+            let mut buf = BytesMut::from(&[0x62, 0x02, 0x01, 0x02][..]);
+            assert_eq!(
+                next(p, &mut buf).unwrap(),
+                Some(Incoming::PubRel { pkid: 0x0102 })
+            );
+        }
+        let mut buf = BytesMut::from(&[0x50, 0x02, 0x00, 0x09, 0x70, 0x03, 0x00, 0x09, 0x00][..]);
+        assert_eq!(
+            next(Protocol::V5, &mut buf).unwrap(),
+            Some(Incoming::PubRec { pkid: 9 })
+        );
+        // MQTT 5 may add a reason code after the packet id.
+        assert_eq!(
+            next(Protocol::V5, &mut buf).unwrap(),
+            Some(Incoming::PubComp { pkid: 9 })
+        );
+        assert_eq!(pubrec(0x0102), [0x50, 0x02, 0x01, 0x02]);
+        assert_eq!(pubrel(0x0102), [0x62, 0x02, 0x01, 0x02]);
+        assert_eq!(pubcomp(7), [0x70, 0x02, 0x00, 0x07]);
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! on the same ring. The parent steers all devices at once through a `watch` of the
 //! [`Phase`] (run, storm drop, stop). Counters are atomics and histograms sit behind
 //! mutexes, so the reporter can snapshot them at any time without stopping a device.
+//!
+//! The devices' fixed settings are in `cfg`, the receiving side's counting in `inbox`,
+//! the storm reconnect in `storm`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -19,79 +22,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::cli::{expand, Command};
-use crate::codec::{self, Incoming, Protocol};
-use crate::limits::{bind_address_no_port, Sources};
-use crate::proto::{Control, FinalReport, RoundReport, Snapshot, WorkOrder};
+use crate::cli::expand;
+use crate::codec::{self, Incoming};
+use crate::limits::bind_address_no_port;
+use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
+
+mod cfg;
+mod inbox;
+mod storm;
+
+pub use cfg::DeviceCfg;
+use inbox::{Dedup, Inbox, Tally};
 
 /// Bytes a device reads at a time once its socket is readable (the buffer is released
 /// again when it holds no partial packet).
 const READ_CHUNK: usize = 16 * 1024;
-
-/// What every device of this process does, fixed by the work order.
-pub struct DeviceCfg {
-    pub target: SocketAddr,
-    pub sources: Sources,
-    pub protocol: Protocol,
-    pub keepalive: u16,
-    pub clean: bool,
-    pub login: Option<(String, String)>,
-    pub client_id: String,
-    /// Topic pattern to subscribe to (`{id}`, `{i}`), or `None` for no SUBSCRIBE.
-    pub topic: Option<String>,
-    pub sub_qos: u8,
-    pub connect_timeout: Duration,
-    /// Whether messages to one device arrive in publish order (one publisher), so the
-    /// highest sequence seen is enough to spot duplicates.
-    pub ordered: bool,
-}
-
-impl DeviceCfg {
-    pub fn from_order(order: &WorkOrder) -> Result<DeviceCfg, String> {
-        let cmd = &order.command;
-        let m = cmd.mqtt();
-        let common = cmd.common();
-        let (topic, sub_qos, ordered) = match cmd {
-            Command::Connect(a) => (a.topic.clone(), a.sub_qos, false),
-            Command::Push(a) => (a.topic.clone(), a.qos, false),
-            Command::Fanout(a) => (a.topic.clone(), a.qos, true),
-            Command::Storm(a) => (a.topic.clone(), 1, false),
-            Command::Churn(_) => (String::new(), 0, false),
-        };
-        let login = match (&m.username, &m.password) {
-            (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
-            (None, Some(_)) => return Err("--password needs --username".into()),
-            (None, None) => None,
-        };
-        Ok(DeviceCfg {
-            target: common.target,
-            sources: Sources::parse(&common.source_range)?,
-            protocol: Protocol::from_level(m.protocol).ok_or("--protocol must be 4 or 5")?,
-            keepalive: m.keepalive,
-            clean: !m.persistent,
-            login,
-            client_id: m.client_id.clone(),
-            topic: (!topic.is_empty()).then_some(topic),
-            sub_qos,
-            connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
-            ordered,
-        })
-    }
-
-    pub fn client_id(&self, i: u64) -> String {
-        expand(&self.client_id, i, "")
-    }
-
-    /// Ticks between PINGREQs: 3/4 of the keep-alive, so one late tick never matters.
-    fn ping_period(&self, ticker: &Ticker) -> Option<u64> {
-        (self.keepalive > 0).then(|| {
-            let ms = u64::from(self.keepalive) * 750;
-            ticker.after(Duration::from_millis(ms)) - ticker.now()
-        })
-    }
-}
 
 /// What all devices of this process are told to do.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -164,6 +111,8 @@ pub struct Fleet {
     ramp_us: AtomicU64,
     /// When the last stamped message arrived (ns since the UNIX epoch).
     last_rx_ns: AtomicU64,
+    /// What each subscriber received, recorded when its task ends (`fanout` only).
+    per_device: Mutex<Vec<DeviceCount>>,
 }
 
 /// An established device connection.
@@ -206,90 +155,6 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// splitmix64: a tiny seeded generator for backoff jitter (no crate needed).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
-
-/// Duplicate detection per device.
-enum Dedup {
-    Set(HashSet<u64>),
-    Ordered(Option<u64>),
-}
-
-impl Dedup {
-    /// True if `seq` is new.
-    fn insert(&mut self, seq: u64) -> bool {
-        match self {
-            Dedup::Set(s) => s.insert(seq),
-            Dedup::Ordered(max) => {
-                if max.is_some_and(|m| seq <= m) {
-                    false
-                } else {
-                    *max = Some(seq);
-                    true
-                }
-            }
-        }
-    }
-}
-
-/// What the messages of one read brought, added to the fleet's shared counters once per
-/// read instead of once per message.
-struct Tally {
-    /// When the read returned: the receive time of every message in it.
-    now_ns: u64,
-    received: u64,
-    unique: u64,
-    duplicates: u64,
-    foreign: u64,
-    latencies_us: Vec<u64>,
-}
-
-impl Tally {
-    fn new(now_ns: u64) -> Tally {
-        Tally {
-            now_ns,
-            received: 0,
-            unique: 0,
-            duplicates: 0,
-            foreign: 0,
-            latencies_us: Vec::new(),
-        }
-    }
-
-    fn message(&mut self, stamp: Option<(u64, u64)>, dedup: &mut Dedup) {
-        self.received += 1;
-        let Some((seq, sent_ns)) = stamp else {
-            self.foreign += 1;
-            return;
-        };
-        if dedup.insert(seq) {
-            self.unique += 1;
-            self.latencies_us
-                .push(self.now_ns.saturating_sub(sent_ns) / 1000);
-        } else {
-            self.duplicates += 1;
-        }
-    }
-}
-
 impl Fleet {
     pub fn new(cfg: DeviceCfg, max_pending: usize) -> Arc<Fleet> {
         Arc::new(Fleet {
@@ -309,6 +174,7 @@ impl Fleet {
             ramp_count: AtomicU64::new(u64::MAX),
             ramp_us: AtomicU64::new(0),
             last_rx_ns: AtomicU64::new(0),
+            per_device: Mutex::default(),
         })
     }
 
@@ -352,6 +218,7 @@ impl Fleet {
             connect_hist: self.connect_hist.lock().unwrap().clone(),
             subscribe_hist: self.subscribe_hist.lock().unwrap().clone(),
             message_hist: self.message_hist.lock().unwrap().clone(),
+            per_device: self.per_device.lock().unwrap().clone(),
         }
     }
 
@@ -604,10 +471,14 @@ impl Fleet {
     /// The life of one device: connect once, then hold, reconnecting only in a storm.
     pub async fn device(self: Arc<Self>, i: u64) {
         let mut phase = self.phase.subscribe();
-        let mut dedup = if self.cfg.ordered {
-            Dedup::Ordered(None)
-        } else {
-            Dedup::Set(HashSet::new())
+        let mut inbox = Inbox {
+            dedup: if self.cfg.ordered {
+                Dedup::Ordered(None)
+            } else {
+                Dedup::Set(HashSet::new())
+            },
+            unique: 0,
+            duplicates: 0,
         };
         let first = self.establish(i, true).await;
         self.settle();
@@ -624,20 +495,27 @@ impl Fleet {
         };
         loop {
             inc(&self.c.live);
-            let end = self.session(conn, &mut phase, &mut dedup).await;
+            let end = self.session(conn, &mut phase, &mut inbox).await;
             self.c.live.fetch_sub(1, Ordering::Relaxed);
             match end {
-                End::Stop => return,
+                End::Stop => break,
                 End::Lost(cause) => {
                     inc(&self.c.dropped);
                     count(&self.drops, cause);
-                    return;
+                    break;
                 }
                 End::Drop(p) => match self.reconnect(i, p, &mut phase).await {
                     Some(c) => conn = c,
-                    None => return,
+                    None => break,
                 },
             }
+        }
+        if self.cfg.ordered {
+            self.per_device.lock().unwrap().push(DeviceCount {
+                index: i,
+                unique: inbox.unique,
+                duplicates: inbox.duplicates,
+            });
         }
     }
 
@@ -647,7 +525,7 @@ impl Fleet {
         &self,
         mut conn: Conn,
         phase: &mut watch::Receiver<Phase>,
-        dedup: &mut Dedup,
+        inbox: &mut Inbox,
     ) -> End {
         let period = self.cfg.ping_period(&self.ticker);
         let mut next_ping = period.map(|p| self.ticker.now() + p);
@@ -699,10 +577,15 @@ impl Fleet {
                                 awaiting_pong = false;
                             }
                             Ok(Some(Incoming::Publish { qos, pkid, stamp })) => {
-                                tally.message(stamp, dedup);
-                                if qos == 1 {
-                                    out.extend_from_slice(&codec::puback(pkid));
+                                tally.message(stamp, inbox);
+                                match qos {
+                                    1 => out.extend_from_slice(&codec::puback(pkid)),
+                                    2 => out.extend_from_slice(&codec::pubrec(pkid)),
+                                    _ => {}
                                 }
+                            }
+                            Ok(Some(Incoming::PubRel { pkid })) => {
+                                out.extend_from_slice(&codec::pubcomp(pkid));
                             }
                             Ok(Some(Incoming::Disconnect { reason })) => {
                                 self.add_tally(&mut tally);
@@ -757,79 +640,6 @@ impl Fleet {
         }
         drop(h);
         *t = Tally::new(t.now_ns);
-    }
-
-    /// Storm: reconnect after a drop, at once or with full-jitter exponential backoff,
-    /// until connected, the round deadline passes or the parent says stop.
-    async fn reconnect(
-        &self,
-        i: u64,
-        p: Phase,
-        phase: &mut watch::Receiver<Phase>,
-    ) -> Option<Conn> {
-        let Phase::Drop {
-            round,
-            jitter,
-            base_ms,
-            max_ms,
-            deadline_tick,
-            at,
-        } = p
-        else {
-            return None;
-        };
-        let mut rng = Rng(i.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ u64::from(round));
-        let mut attempt: u32 = 0;
-        let mut delay_ms = if jitter { rng.below(base_ms + 1) } else { 0 };
-        loop {
-            if delay_ms > 0 {
-                let wake = self
-                    .ticker
-                    .after(Duration::from_millis(delay_ms))
-                    .min(deadline_tick);
-                self.ticker.until(wake).await;
-            }
-            if *phase.borrow() == Phase::Stop || self.ticker.now() >= deadline_tick {
-                self.round.lock().unwrap().gave_up += 1;
-                return None;
-            }
-            self.round.lock().unwrap().report.attempts += 1;
-            match self.establish(i, false).await {
-                Ok(conn) => {
-                    let us = at.elapsed().as_micros() as u64;
-                    {
-                        let mut r = self.round.lock().unwrap();
-                        r.report.back += 1;
-                        r.report.last_back_us = r.report.last_back_us.max(us);
-                        r.report.back_hist.record(us);
-                    }
-                    // Mark the drop seen so the session does not act on it again; a stop
-                    // that came meanwhile is acted on here.
-                    let now = *phase.borrow_and_update();
-                    if now == Phase::Stop {
-                        let mut conn = conn;
-                        let _ = conn.stream.write_all(&codec::DISCONNECT).await;
-                        return None;
-                    }
-                    return Some(conn);
-                }
-                Err(cause) => {
-                    {
-                        let mut r = self.round.lock().unwrap();
-                        r.report.refused += 1;
-                        *r.report.causes.entry(cause).or_default() += 1;
-                    }
-                    attempt = attempt.saturating_add(1);
-                    delay_ms = if jitter {
-                        let ceiling = base_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms);
-                        rng.below(ceiling + 1)
-                    } else {
-                        tokio::task::yield_now().await;
-                        0
-                    };
-                }
-            }
-        }
     }
 
     /// Churn: one load-balancer-style probe. `mqtt` sends CONNECT (and with
@@ -890,6 +700,9 @@ fn packet_name(p: &Incoming) -> &'static str {
         Incoming::SubAck { .. } => "suback",
         Incoming::Publish { .. } => "publish",
         Incoming::PubAck { .. } => "puback",
+        Incoming::PubRec { .. } => "pubrec",
+        Incoming::PubRel { .. } => "pubrel",
+        Incoming::PubComp { .. } => "pubcomp",
         Incoming::PingResp => "pingresp",
         Incoming::Disconnect { .. } => "disconnect",
         Incoming::Other(_) => "other",
@@ -897,33 +710,4 @@ fn packet_name(p: &Incoming) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_by_set_and_by_order() {
-        let mut s = Dedup::Set(HashSet::new());
-        assert!(s.insert(5) && s.insert(1) && !s.insert(5));
-        let mut o = Dedup::Ordered(None);
-        assert!(o.insert(0) && o.insert(1) && !o.insert(1) && !o.insert(0) && o.insert(7));
-    }
-
-    #[test]
-    fn jitter_stays_below_its_ceiling() {
-        let mut r = Rng(42);
-        for n in [1, 2, 100, 5000] {
-            for _ in 0..1000 {
-                assert!(r.below(n) < n);
-            }
-        }
-        assert_eq!(r.below(0), 0);
-    }
-
-    #[test]
-    fn io_causes_are_named() {
-        let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(io_cause("tcp", &e), "tcp_refused");
-        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert_eq!(io_cause("socket", &e), "socket_too_many_open_files");
-    }
-}
+mod tests;

@@ -7,25 +7,32 @@
 //! talks to each child over stdin/stdout (see [`crate::proto`]). Children run in their
 //! own process group so a Ctrl-C reaches only the parent, which then stops them cleanly
 //! and still prints what was measured.
+//!
+//! The scenarios' phases and summaries are in `scenarios`; the summary type, the verdict
+//! behind the exit status and the derived figures in `summary`.
 
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
-use crate::cli::{Backoff, Command};
+use crate::cli::Command;
 use crate::cost::{self, Sample};
 use crate::limits::{self, Plan};
-use crate::plot::{self, Point};
+use crate::plot::{self, Point, RoundMark};
 use crate::proto::{Control, Event, FinalReport, RoundReport, Snapshot, WorkOrder};
 use crate::report::{self, Progress};
-use crate::stats::Histogram;
-use crate::{fleet, publisher, pusher};
+
+mod scenarios;
+mod summary;
+
+use summary::Summary;
+use summary::{hints, round3, verdict};
 
 /// How long the parent waits for the children's final reports after `stop`.
 const FINAL_WAIT: Duration = Duration::from_secs(30);
@@ -33,6 +40,10 @@ const FINAL_WAIT: Duration = Duration::from_secs(30);
 const AFTER_PAUSE: Duration = Duration::from_secs(1);
 
 pub fn run(cmd: Command) -> ExitCode {
+    if let Err(msg) = cmd.validate() {
+        eprintln!("loadgen: {msg}");
+        return ExitCode::from(2);
+    }
     let plan = match limits::plan(&cmd) {
         Ok(p) => p,
         Err(msg) => {
@@ -61,6 +72,7 @@ pub fn run(cmd: Command) -> ExitCode {
         }
     };
     let json_only = cmd.common().json;
+    let order = cmd.clone();
     let result = rt.block_on(async move {
         let mut run = Run::start(cmd, plan).await?;
         let summary = run.scenario().await;
@@ -75,31 +87,18 @@ pub fn run(cmd: Command) -> ExitCode {
             for h in hints(&summary) {
                 eprintln!("loadgen: hint: {h}");
             }
-            ExitCode::SUCCESS
+            match verdict(&order, &summary) {
+                Some((code, why)) => {
+                    eprintln!("loadgen: {why}");
+                    ExitCode::from(code)
+                }
+                None => ExitCode::SUCCESS,
+            }
         }
         Err(e) => {
             eprintln!("loadgen: {e}");
             ExitCode::from(1)
         }
-    }
-}
-
-/// The summary as ordered key/value pairs (the table keeps this order).
-#[derive(Default)]
-pub struct Summary {
-    fields: Vec<(String, Value)>,
-    /// The histogram to draw with `--plot`, and its label.
-    plot_hist: Histogram,
-    plot_label: String,
-}
-
-impl Summary {
-    fn put(&mut self, k: &str, v: impl Into<Value>) {
-        self.fields.push((k.to_string(), v.into()));
-    }
-
-    pub fn fields(&self) -> &[(String, Value)] {
-        &self.fields
     }
 }
 
@@ -253,7 +252,9 @@ impl Kids {
             m.connect_hist.merge(&f.connect_hist);
             m.subscribe_hist.merge(&f.subscribe_hist);
             m.message_hist.merge(&f.message_hist);
+            m.per_device.extend_from_slice(&f.per_device);
         }
+        m.per_device.sort_by_key(|d| d.index);
         m
     }
 
@@ -282,17 +283,29 @@ impl Kids {
     }
 }
 
+/// Reads how many messages the pusher or publisher has sent so far.
+type SentCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// The progress bar and the timeline for `--plot`.
 struct Ui {
     bar: Progress,
     start: Instant,
     timeline: Vec<Point>,
+    /// Storm rounds, drawn over the timeline.
+    rounds: Vec<RoundMark>,
+    /// Messages sent, while a pusher or publisher runs.
+    sent: Option<SentCounter>,
     /// `(when, connected)` at the previous tick, for the connect rate.
     prev: (Instant, u64),
     rate: f64,
 }
 
 impl Ui {
+    /// Seconds since the start of the run.
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
     fn tick(&mut self, t: &Snapshot) {
         let now = Instant::now();
         let dt = now.duration_since(self.prev.0).as_secs_f64();
@@ -305,10 +318,14 @@ impl Ui {
             };
             self.prev = (now, t.connected);
         }
+        let sent = self.sent.as_ref().map_or(0, |f| f());
         self.timeline.push(Point {
-            t: self.start.elapsed().as_secs_f64(),
+            t: self.now(),
             live: t.live as f64,
             failed: t.failed as f64,
+            settled: t.settled as f64,
+            sent: sent as f64,
+            delivered: t.unique as f64,
         });
     }
 }
@@ -356,6 +373,8 @@ impl Run {
             bar: Progress::new(common.quiet),
             start: Instant::now(),
             timeline: Vec::new(),
+            rounds: Vec::new(),
+            sent: None,
             prev: (Instant::now(), 0),
             rate: 0.0,
         };
@@ -549,403 +568,14 @@ impl Run {
         self.probe.as_ref().map(|p| p.source()).unwrap_or_default()
     }
 
-    async fn connect(&mut self, conns: u64, hold: u64) -> Result<Summary, String> {
-        let before = self.sample().await;
-        let ramp_secs = self.ramp("connect").await?;
-        let ramped = self.kids.total();
-        self.hold("hold", hold).await;
-        let at_end = self.kids.total();
-        let loaded = self.sample().await;
-        let f = self.stop().await;
-        tokio::time::sleep(AFTER_PAUSE).await;
-        let after = self.sample().await;
-
-        let mut s = Summary::default();
-        self.head(&mut s);
-        s.put("conns", conns);
-        s.put("connected", f.snapshot.connected);
-        s.put("failed", f.snapshot.failed);
-        s.put("failures", json!(f.failures));
-        s.put(
-            "connect_rate",
-            round1(ramped.connected as f64 / ramp_secs.max(1e-3)),
-        );
-        s.put("ramp_secs", round3(ramp_secs));
-        s.put("latency_ms", f.connect_hist.summary_ms());
-        s.put("subscribe_latency_ms", f.subscribe_hist.summary_ms());
-        s.put("hold_secs", hold);
-        s.put("live_at_end", at_end.live);
-        s.put("dropped", f.snapshot.dropped);
-        s.put("drops", json!(f.drops));
-        s.put("pings", f.snapshot.pings);
-        s.put("pongs", f.snapshot.pongs);
-        s.put("pongs_missing", f.snapshot.pongs_missing);
-        let server = cost::summarize(&self.source(), &before, &loaded, &after, at_end.live, None);
-        self.tail(&mut s, Some(server));
-        s.plot_hist = f.connect_hist;
-        s.plot_label = "CONNACK latency".into();
-        Ok(s)
-    }
-
-    async fn push(&mut self) -> Result<Summary, String> {
-        let Command::Push(a) = self.cmd.clone() else {
-            unreachable!("push scenario")
-        };
-        let before = self.sample().await;
-        let ramp_secs = self.ramp("connect").await?;
-        let ramped = self.kids.total();
-        let planned = (a.rate * a.duration as f64).round() as u64;
-        let counters = Arc::new(pusher::PushCounters::default());
-        let start_sample = self.sample().await;
-        self.ui.bar.phase("push", planned);
-        let c = counters.clone();
-        let status = move |t: &Snapshot, _: f64| {
-            (
-                c.sent.load(Ordering::Relaxed),
-                format!(
-                    "{} accepted, {} delivered, {} dup",
-                    c.accepted.load(Ordering::Relaxed),
-                    t.unique,
-                    t.duplicates
-                ),
-            )
-        };
-        let result = if self.interrupted() {
-            Err("interrupted".to_string())
-        } else {
-            let fut = pusher::run(&a, counters.clone());
-            self.pump_while(fut, &status).await
-        };
-        let result = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.stop().await;
-                return Err(format!("push: {e}"));
-            }
-        };
-        // Drain: wait for deliveries still on their way.
-        self.ui.bar.phase("drain", result.accepted);
-        let accepted = result.accepted;
-        let drain_status = |t: &Snapshot, _: f64| (t.unique, format!("{} dup", t.duplicates));
-        self.pump(
-            move |k| k.total().unique >= accepted,
-            Some(Instant::now() + Duration::from_secs(a.drain)),
-            &drain_status,
-        )
-        .await;
-        let end_sample = self.sample().await;
-        let at_end = self.kids.total();
-        let f = self.stop().await;
-        tokio::time::sleep(AFTER_PAUSE).await;
-        let after = self.sample().await;
-
-        let delivered = f.snapshot.unique;
-        let mut s = Summary::default();
-        self.head(&mut s);
-        s.put("devices", a.conns);
-        s.put("devices_connected", ramped.connected);
-        s.put("device_failures", json!(f.failures));
-        s.put(
-            "connect_rate",
-            round1(ramped.connected as f64 / ramp_secs.max(1e-3)),
-        );
-        s.put(
-            "endpoint",
-            if a.batch > 1 {
-                "/v1/push/batch"
-            } else {
-                "/v1/push"
-            },
-        );
-        s.put("batch", a.batch);
-        s.put("qos", a.qos);
-        s.put("sent", result.sent);
-        s.put("accepted", result.accepted);
-        s.put("statuses", json!(result.statuses));
-        s.put("errors", json!(result.errors));
-        s.put("retries_503", result.retries_503);
-        s.put("delivered", delivered);
-        s.put("lost", result.accepted.saturating_sub(delivered));
-        s.put("duplicated", f.snapshot.duplicates);
-        s.put(
-            "unexpected",
-            delivered.saturating_sub(result.accepted) + f.snapshot.foreign,
-        );
-        s.put("target_rate", a.rate);
-        s.put(
-            "push_rate",
-            round1(result.sent as f64 / result.elapsed.as_secs_f64().max(1e-3)),
-        );
-        s.put("latency_ms", f.message_hist.summary_ms());
-        s.put("http_latency_ms", result.http_hist.summary_ms());
-        s.put("dropped", f.snapshot.dropped);
-        s.put("drops", json!(f.drops));
-        let server = cost::summarize(
-            &self.source(),
-            &before,
-            &end_sample,
-            &after,
-            at_end.live,
-            Some((delivered, &start_sample, &end_sample)),
-        );
-        self.tail(&mut s, Some(server));
-        s.plot_hist = f.message_hist;
-        s.plot_label = "push latency (HTTP send to device receipt)".into();
-        Ok(s)
-    }
-
-    async fn fanout(&mut self) -> Result<Summary, String> {
-        let Command::Fanout(a) = self.cmd.clone() else {
-            unreachable!("fanout scenario")
-        };
-        let before = self.sample().await;
-        let ramp_secs = self.ramp("subscribe").await?;
-        let ramped = self.kids.total();
-        let subscribed = ramped.live;
-        let planned = (a.rate * a.duration as f64).round() as u64;
-        let counters = Arc::new(publisher::PubCounters::default());
-        let start_sample = self.sample().await;
-        self.ui.bar.phase("publish", planned);
-        let c = counters.clone();
-        let status = move |t: &Snapshot, _: f64| {
-            (
-                c.published.load(Ordering::Relaxed),
-                format!("{} delivered, {} dup", t.unique, t.duplicates),
-            )
-        };
-        let publish_start_ns = fleet::now_ns();
-        let result = if self.interrupted() {
-            Err("interrupted".to_string())
-        } else {
-            let fut = publisher::run(&a, counters.clone());
-            self.pump_while(fut, &status).await
-        };
-        let result = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.stop().await;
-                return Err(format!("fanout: {e}"));
-            }
-        };
-        let expected = result.published * subscribed;
-        self.ui.bar.phase("drain", expected);
-        let drain_status = |t: &Snapshot, _: f64| (t.unique, format!("{} dup", t.duplicates));
-        self.pump(
-            move |k| k.total().unique >= expected,
-            Some(Instant::now() + Duration::from_secs(a.drain)),
-            &drain_status,
-        )
-        .await;
-        let end_sample = self.sample().await;
-        let at_end = self.kids.total();
-        let f = self.stop().await;
-        tokio::time::sleep(AFTER_PAUSE).await;
-        let after = self.sample().await;
-
-        let delivered = f.snapshot.unique;
-        let mut s = Summary::default();
-        self.head(&mut s);
-        s.put("topic", a.topic.clone());
-        s.put("qos", a.qos);
-        s.put("subscribers", a.subscribers);
-        s.put("subscribed", subscribed);
-        s.put("subscriber_failures", json!(f.failures));
-        s.put(
-            "connect_rate",
-            round1(ramped.connected as f64 / ramp_secs.max(1e-3)),
-        );
-        s.put("published", result.published);
-        if a.qos == 1 {
-            s.put("publish_acked", result.acked);
-        }
-        s.put(
-            "publish_rate",
-            round1(result.published as f64 / result.elapsed.as_secs_f64().max(1e-3)),
-        );
-        s.put("expected", expected);
-        s.put("delivered", delivered);
-        s.put("lost", expected.saturating_sub(delivered));
-        s.put("duplicated", f.snapshot.duplicates);
-        // Over the time the deliveries took (first publish to last receipt), not the
-        // time publishing took: a broker that buffers finishes delivering later.
-        let delivery_secs = f.snapshot.last_rx_ns.saturating_sub(publish_start_ns) as f64 / 1e9;
-        s.put("delivery_secs", round3(delivery_secs));
-        s.put(
-            "delivery_rate",
-            round1(delivered as f64 / delivery_secs.max(1e-3)),
-        );
-        s.put("latency_ms", f.message_hist.summary_ms());
-        s.put("dropped", f.snapshot.dropped);
-        s.put("drops", json!(f.drops));
-        let server = cost::summarize(
-            &self.source(),
-            &before,
-            &end_sample,
-            &after,
-            at_end.live,
-            Some((delivered, &start_sample, &end_sample)),
-        );
-        self.tail(&mut s, Some(server));
-        s.plot_hist = f.message_hist;
-        s.plot_label = "fan-out latency (publish to receipt)".into();
-        Ok(s)
-    }
-
-    async fn churn(&mut self) -> Result<Summary, String> {
-        let Command::Churn(a) = self.cmd.clone() else {
-            unreachable!("churn scenario")
-        };
-        let before = self.sample().await;
-        let secs = self.ramp("probes").await?;
-        let f = self.stop().await;
-        tokio::time::sleep(AFTER_PAUSE).await;
-        let after = self.sample().await;
-
-        let mut s = Summary::default();
-        self.head(&mut s);
-        s.put("mode", format!("{:?}", a.mode).to_lowercase());
-        s.put("probes", a.count);
-        s.put("completed", f.snapshot.connected);
-        s.put("failed", f.snapshot.failed);
-        s.put("failures", json!(f.failures));
-        s.put(
-            "probe_rate",
-            round1(f.snapshot.settled as f64 / secs.max(1e-3)),
-        );
-        s.put("latency_ms", f.connect_hist.summary_ms());
-        let server = cost::summarize(&self.source(), &before, &after, &after, 0, None);
-        self.tail(&mut s, Some(server));
-        s.plot_hist = f.connect_hist;
-        s.plot_label = "probe latency (connect start to close)".into();
-        Ok(s)
-    }
-
-    async fn storm(&mut self) -> Result<Summary, String> {
-        let Command::Storm(a) = self.cmd.clone() else {
-            unreachable!("storm scenario")
-        };
-        let before = self.sample().await;
-        let ramp_secs = self.ramp("connect").await?;
-        let ramped = self.kids.total();
-        let loaded = self.sample().await;
-        let modes: &[bool] = match a.backoff {
-            Backoff::None => &[false],
-            Backoff::Jitter => &[true],
-            Backoff::Both => &[false, true],
-        };
-        let mut rounds = Vec::new();
-        for (n, &jitter) in modes.iter().enumerate() {
-            if self.interrupted() {
-                break;
-            }
-            self.hold("settle", a.settle).await;
-            let round = n as u32 + 1;
-            self.kids
-                .send(Control::Drop {
-                    round,
-                    jitter,
-                    base_ms: a.backoff_base_ms,
-                    max_ms: a.backoff_max_ms,
-                    timeout_secs: a.round_timeout,
-                })
-                .await;
-            self.ui.bar.phase(&format!("storm {round}"), ramped.live);
-            let status = |t: &Snapshot, _: f64| (t.live, format!("{} up", t.live));
-            let deadline = Instant::now() + Duration::from_secs(a.round_timeout + 10);
-            self.pump(move |k| k.round_done(round), Some(deadline), &status)
-                .await;
-            let r = self.kids.merged_round(round);
-            let all_back = r.back == r.dropped && self.kids.round_done(round);
-            rounds.push(json!({
-                "backoff": if jitter { "jitter" } else { "none" },
-                "dropped": r.dropped,
-                "back": r.back,
-                "all_back": all_back,
-                "time_to_all_back_ms": all_back.then(|| round3(r.last_back_us as f64 / 1000.0)),
-                "attempts": r.attempts,
-                "refused": r.refused,
-                "refusals": r.causes,
-                "reconnect_ms": r.back_hist.summary_ms(),
-            }));
-        }
-        let f = self.stop().await;
-        tokio::time::sleep(AFTER_PAUSE).await;
-        let after = self.sample().await;
-
-        let mut s = Summary::default();
-        self.head(&mut s);
-        s.put("conns", a.conns);
-        s.put("connected", ramped.connected);
-        s.put("failed", ramped.failed);
-        s.put("failures", json!(f.failures));
-        s.put(
-            "connect_rate",
-            round1(ramped.connected as f64 / ramp_secs.max(1e-3)),
-        );
-        s.put("rounds", Value::Array(rounds));
-        s.put("latency_ms", f.connect_hist.summary_ms());
-        s.put("dropped", f.snapshot.dropped);
-        s.put("drops", json!(f.drops));
-        let server = cost::summarize(&self.source(), &before, &loaded, &after, ramped.live, None);
-        self.tail(&mut s, Some(server));
-        s.plot_hist = f.connect_hist;
-        s.plot_label = "CONNACK latency (initial and reconnects)".into();
-        Ok(s)
-    }
-
     fn plot(&self, s: &Summary) -> Result<(), String> {
         let Some(path) = &self.cmd.common().plot else {
             return Ok(());
         };
-        plot::draw(
-            path,
-            self.cmd.name(),
-            &self.ui.timeline,
-            &s.plot_hist,
-            &s.plot_label,
-        )
+        let top = plot::panel(self.cmd.name(), &self.ui.timeline, &self.ui.rounds);
+        plot::draw(path, &top, &s.plot_hist, &s.plot_label)
     }
 }
 
-fn round1(v: f64) -> f64 {
-    (v * 10.0).round() / 10.0
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-/// What to change when failures point at a limit rather than at the server.
-fn hints(s: &Summary) -> Vec<String> {
-    let mut causes: Vec<String> = Vec::new();
-    for (k, v) in s.fields() {
-        if k.ends_with("failures") || k == "drops" {
-            if let Value::Object(m) = v {
-                causes.extend(m.keys().cloned());
-            }
-        }
-    }
-    let any = |needle: &str| causes.iter().any(|c| c.contains(needle));
-    let mut out = Vec::new();
-    if any("too_many_open_files") {
-        out.push(
-            "a process ran out of file descriptors: use more --procs, or raise RLIMIT_NOFILE \
-             (ulimit -n); on the server side see `gateway doctor`"
-                .to_string(),
-        );
-    }
-    if any("addr_not_available") {
-        out.push(
-            "ephemeral ports ran out: widen --source-range or net.ipv4.ip_local_port_range"
-                .to_string(),
-        );
-    }
-    if any("timeout") {
-        out.push(
-            "handshakes timed out: lower --rate or --max-pending, raise --connect-timeout, or \
-             raise the server's listen backlog (net.core.somaxconn, [tcp] backlog)"
-                .to_string(),
-        );
-    }
-    out
-}
+#[cfg(test)]
+mod tests;

@@ -101,6 +101,16 @@ pub struct RoundReport {
     pub back_hist: Histogram,
 }
 
+/// What one subscriber received (`fanout`): the parent derives its loss from these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCount {
+    /// The device's index (its `{i}`).
+    pub index: u64,
+    /// Distinct messages (by sequence number).
+    pub unique: u64,
+    pub duplicates: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FinalReport {
     pub snapshot: Snapshot,
@@ -114,6 +124,9 @@ pub struct FinalReport {
     pub subscribe_hist: Histogram,
     /// Send timestamp in the payload to receipt, microseconds.
     pub message_hist: Histogram,
+    /// Per subscriber that got its SUBACK (`fanout` only; empty otherwise).
+    #[serde(default)]
+    pub per_device: Vec<DeviceCount>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

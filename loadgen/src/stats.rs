@@ -95,12 +95,10 @@ impl Histogram {
         self.count
     }
 
-    #[cfg(test)]
     pub fn max(&self) -> Option<u64> {
         (self.count > 0).then_some(self.max)
     }
 
-    #[cfg(test)]
     pub fn min(&self) -> Option<u64> {
         (self.count > 0).then_some(self.min)
     }

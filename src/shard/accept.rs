@@ -14,6 +14,7 @@ use mio::{Interest, Token};
 use crate::buffer::ReadSizePredictor;
 use crate::codec::Version;
 use crate::limits::TokenBucket;
+use crate::listen::{out_of_fds, AcceptRetry};
 use crate::mailbox::Handoff;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 
@@ -27,6 +28,8 @@ pub struct Admission {
     /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
     pub accept_blocked: bool,
     pub connect_bucket: TokenBucket,
+    /// Accepting failed for want of a file descriptor; retried on a timer.
+    pub accept_retry: AcceptRetry,
     /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
     pub handshaking: usize,
     /// CONNECTs waiting for an authentication answer, by connection key. `close_conn`
@@ -39,11 +42,12 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(connect_bucket: TokenBucket) -> Self {
+    pub fn new(connect_bucket: TokenBucket, accept_retry: AcceptRetry) -> Self {
         Admission {
             accept_pending: false,
             accept_blocked: false,
             connect_bucket,
+            accept_retry,
             handshaking: 0,
             auth_pending: HashMap::new(),
             next_auth_token: 0,
@@ -161,12 +165,24 @@ impl Shard {
                 match listener.accept() {
                     Ok((socket, peer)) => {
                         budget -= 1;
+                        self.admission.accept_retry.on_accept(self.id);
                         self.on_accept(socket, peer, tls);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if out_of_fds(&e) => {
+                        // The listener is edge-triggered: retry on a timer.
+                        let now = self.clock.read();
+                        let metrics = &self.services.metrics;
+                        let at = self
+                            .admission
+                            .accept_retry
+                            .on_error(now, &e, self.id, metrics);
+                        self.wake_no_later_than(at);
+                        break;
+                    }
                     Err(e) => {
-                        // EMFILE/ENFILE: the pending connection stays in the backlog.
+                        // Anything else (e.g. ECONNABORTED) concerns that one connection.
                         tracing::warn!(shard = self.id, error = %e, "accept failed");
                         break;
                     }
@@ -345,7 +361,8 @@ mod tests {
     fn admission_table() {
         let now = Instant::now();
         // Burst 1, 10 per second: one now, the next 100 ms later.
-        let mut a = Admission::new(TokenBucket::new(10, 1, now));
+        let retry = AcceptRetry::new(Duration::from_millis(100));
+        let mut a = Admission::new(TokenBucket::new(10, 1, now), retry);
         assert_eq!(a.admit(2, now), Admit::Yes);
         a.connect_bucket.take();
         assert!(matches!(a.admit(2, now), Admit::RateLimited(w) if w > Duration::ZERO));

@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use crate::acl::ACL_FILTERED;
 use crate::codec::{self, OutPublish, Version};
 use crate::message::{Message, Origin};
 use crate::metrics::DropReason;
@@ -63,14 +64,29 @@ impl Shard {
     fn store_retained(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
             self.routing.retained.remove(&*msg.topic);
+            self.routing.retained_budget.remove(&msg.topic);
             self.store_retained_msg(msg, true);
         } else if self.routing.retained.len() < self.settings.max_retained
             || self.routing.retained.contains_key(&*msg.topic)
         {
             self.routing.retained.insert(msg.topic.clone(), msg.clone());
+            let cost = crate::retained_budget::cost(&msg.topic, &msg.payload);
+            let owner = self.local_publisher(msg);
+            self.routing.retained_budget.set(&msg.topic, cost, owner);
             self.store_retained_msg(msg, false);
         } else {
             tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
+        }
+    }
+
+    /// The client id of the device on this shard that published `msg`, if any.
+    fn local_publisher(&self, msg: &Message) -> Option<Arc<str>> {
+        match msg.origin {
+            Origin::Device { shard, session } if usize::from(shard) == self.id => self
+                .sessions
+                .get(session as usize)
+                .map(|s| s.client_id.clone()),
+            _ => None,
         }
     }
 
@@ -103,6 +119,9 @@ impl Shard {
                 let o = hits[i].options;
                 let sub_id = hits[i].sub_id;
                 i += 1;
+                if o & ACL_FILTERED != 0 && !self.acl_receives(session as usize, &msg.topic) {
+                    continue;
+                }
                 let no_local = o & 0b100 != 0;
                 if no_local
                     && msg.origin
@@ -155,9 +174,18 @@ impl Shard {
                 .into_iter()
                 .collect()
         };
+        let filtered = self
+            .sessions
+            .get(skey)
+            .and_then(|s| s.subscription(filter))
+            .is_some_and(|o| o & ACL_FILTERED != 0);
         for m in matching {
             if m.is_expired(now) {
                 self.routing.retained.remove(&*m.topic);
+                self.routing.retained_budget.remove(&m.topic);
+                continue;
+            }
+            if filtered && !self.acl_receives(skey, &m.topic) {
                 continue;
             }
             let sub_ids = (sub_id != 0).then(|| Box::from([sub_id]));

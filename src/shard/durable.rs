@@ -149,6 +149,8 @@ impl Shard {
     pub(super) fn restore(&mut self, sessions: Vec<StoredSession>, retained: &[Arc<Message>]) {
         for m in retained {
             self.routing.retained.insert(m.topic.clone(), m.clone());
+            let cost = crate::retained_budget::cost(&m.topic, &m.payload);
+            self.routing.retained_budget.set(&m.topic, cost, None);
         }
         let now_wall = now_ms();
         // The first messages of a session may have been sent (and even received) before

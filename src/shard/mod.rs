@@ -65,6 +65,7 @@ use crate::buffer::BufferPool;
 use crate::codec;
 use crate::config::Config;
 use crate::limits::{PerIpLimit, TokenBucket};
+use crate::listen::{AcceptRetry, RetryCheck};
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DisconnectReason, ShardMetrics};
@@ -251,15 +252,17 @@ impl Shard {
             open_connections: ctx.open_connections,
             congestion: ctx.congestion,
         };
+        let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
+        let routing = Routing::new(shards, &settings);
         Ok((
             Shard {
                 id: ctx.id,
                 clock,
                 settings,
                 wire,
-                admission: Admission::new(connect_bucket),
+                admission,
                 sessions: Sessions::default(),
-                routing: Routing::new(shards),
+                routing,
                 timers: Timers::new(),
                 services,
                 congested: 0,
@@ -367,7 +370,15 @@ impl Shard {
             self.on_readable(key as usize);
         }
         self.resume_paused();
-        if self.admission.accept_pending || self.admission.accept_blocked {
+        let retry_due = match self.admission.accept_retry.check(self.clock.read()) {
+            RetryCheck::Due => true,
+            RetryCheck::At(at) => {
+                self.wake_no_later_than(at);
+                false
+            }
+            RetryCheck::Idle => false,
+        };
+        if self.admission.accept_pending || self.admission.accept_blocked || retry_due {
             self.accept();
         }
         match self

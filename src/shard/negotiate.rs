@@ -11,9 +11,10 @@ use super::Settings;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Terms {
     pub version: Version,
-    /// Effective keep-alive in seconds (never 0: a client asking for none gets the cap).
+    /// Effective keep-alive in seconds: a client asking for none (0) gets the cap, or 0
+    /// with `keepalive_zero = "off"`.
     pub keep_alive: u16,
-    /// Ticks of silence allowed: 1.5 × keep-alive.
+    /// Ticks of silence allowed: 1.5 × keep-alive (`u32::MAX`, none, for keep-alive 0).
     pub idle_ticks: u32,
     /// Session expiry in seconds (MQTT 3.1.1: 0 for a clean session, else the cap).
     pub session_expiry: u32,
@@ -38,18 +39,18 @@ pub fn negotiate(c: &Connect, s: &Settings, draw: impl FnOnce() -> f64) -> Terms
         _ => s.max_session_expiry_secs,
     };
     let cap = s.max_keepalive_secs;
-    let mut keep_alive = if c.keep_alive == 0 || c.keep_alive > cap {
-        cap
-    } else {
-        c.keep_alive
-    };
-    if v5 && s.keepalive_jitter_pct > 0 {
+    let mut keep_alive = s.keepalive_zero.granted(c.keep_alive, cap);
+    if v5 && s.keepalive_jitter_pct > 0 && keep_alive != 0 {
         keep_alive = jitter(keep_alive, s.keepalive_jitter_pct, cap, draw());
     }
+    let idle_ticks = match keep_alive {
+        0 => u32::MAX,
+        ka => s.ticks(f64::from(ka) * 1.5),
+    };
     Terms {
         version: c.version,
         keep_alive,
-        idle_ticks: s.ticks(f64::from(keep_alive) * 1.5),
+        idle_ticks,
         session_expiry,
         window: c.receive_maximum.min(s.max_inflight).max(1),
         alias_max: if v5 {
@@ -190,6 +191,20 @@ mod tests {
             assert_eq!(got, want, "row {i}");
             assert_eq!(t.idle_ticks, u32::from(t.keep_alive) * 15, "row {i}");
         }
+    }
+
+    #[test]
+    fn keepalive_zero_off_grants_no_keep_alive_and_no_idle_deadline() {
+        let mut s = settings(10);
+        s.keepalive_zero = crate::config::KeepaliveZero::Off;
+        for v in [V311, V5] {
+            let t = negotiate(&connect(v, true, 0, 0, 10), &s, || 0.9);
+            assert_eq!((t.keep_alive, t.idle_ticks), (0, u32::MAX), "{v:?}");
+            assert_eq!(t.connack_props(&s, None).server_keep_alive, None);
+        }
+        // A non-zero request is still capped and jittered as usual.
+        let t = negotiate(&connect(V311, true, 700, 0, 10), &s, || 0.9);
+        assert_eq!(t.keep_alive, 600);
     }
 
     #[test]

@@ -148,12 +148,11 @@ impl Shard {
     }
 
     /// Disconnects a client with MQTT 5 reason 0x98; with `clear_session` also ends its
-    /// session. False if the client id is unknown here.
-    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> bool {
-        let Some(skey) = self.sessions.find(client_id) else {
-            return false;
-        };
-        if let Some(conn) = self.sessions[skey as usize].conn {
+    /// session. `None` if the client id is unknown here, else whether it was online.
+    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> Option<bool> {
+        let skey = self.sessions.find(client_id)?;
+        let conn = self.sessions[skey as usize].conn;
+        if let Some(conn) = conn {
             tracing::info!(shard = self.id, client_id, "disconnected by the API");
             self.close_conn(
                 conn.index(),
@@ -167,6 +166,6 @@ impl Shard {
                 self.end_session(skey as usize);
             }
         }
-        true
+        Some(conn.is_some())
     }
 }

@@ -10,6 +10,7 @@ use hashbrown::HashMap;
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::Message;
 use crate::metrics::{DropReason, ShardMetrics};
+use crate::retained_budget::RetainedBudget;
 use crate::topic::{Subscriber, SubscriptionIndex};
 
 use super::shared::SharedGroups;
@@ -20,6 +21,8 @@ pub struct Routing {
     /// Subscriptions of all sessions (the `subscriptions` gauge).
     pub subs_total: u64,
     pub retained: HashMap<Arc<str>, Arc<Message>>,
+    /// The byte bounds on `retained` (mirrors it; see `crate::retained_budget`).
+    pub retained_budget: RetainedBudget,
     /// The shared subscription groups this shard owns.
     pub shared: SharedGroups,
     /// Subscribers matched by the message being routed (reused across messages).
@@ -33,11 +36,15 @@ pub struct Routing {
 }
 
 impl Routing {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, s: &Settings) -> Self {
         Routing {
             subs: SubscriptionIndex::new(),
             subs_total: 0,
             retained: HashMap::new(),
+            retained_budget: RetainedBudget::new(
+                s.max_retained_bytes,
+                s.max_retained_bytes_per_client,
+            ),
             shared: SharedGroups::default(),
             match_buf: Vec::new(),
             outbox: vec![Vec::new(); shards],

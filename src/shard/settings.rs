@@ -7,8 +7,9 @@ use std::time::Duration;
 use mio::net::TcpStream;
 
 use crate::buffer::PoolConfig;
-use crate::config::{Config, DuplicateClientId, SlowConsumer};
+use crate::config::{Config, DuplicateClientId, KeepaliveZero, SlowConsumer};
 use crate::limits::{Gcra, InboundLimits};
+use crate::proxy::TrustedProxies;
 
 pub struct Settings {
     pub max_packet_size: usize,
@@ -17,6 +18,8 @@ pub struct Settings {
     /// The same timeout as a duration, for the authentication deadline.
     pub connect_timeout: Duration,
     pub max_keepalive_secs: u16,
+    /// What a CONNECT with keep-alive 0 is granted (`mqtt.keepalive_zero`).
+    pub keepalive_zero: KeepaliveZero,
     pub keepalive_jitter_pct: u8,
     pub takeover: bool,
     pub max_connections: usize,
@@ -27,6 +30,9 @@ pub struct Settings {
     pub write_stall_ticks: u32,
     pub retain_available: bool,
     pub max_retained: usize,
+    /// `mqtt.max_retained_bytes` and `mqtt.max_retained_bytes_per_client`.
+    pub max_retained_bytes: u64,
+    pub max_retained_bytes_per_client: u64,
     pub topic_alias_maximum: u16,
     pub outbound_topic_aliases: u16,
     pub high_watermark: usize,
@@ -41,6 +47,8 @@ pub struct Settings {
     pub tick: Duration,
     pub proxy_protocol: bool,
     pub proxy_header_max: usize,
+    /// `mqtt.proxy_trusted`: who may send the PROXY header.
+    pub proxy_trusted: TrustedProxies,
     /// Per shard; 0 = unlimited.
     pub max_handshaking: usize,
     /// `max_connect_rate` and `connect_burst` (connections per second per shard).
@@ -55,6 +63,8 @@ pub struct Settings {
     pub scratch_bytes: usize,
     pub pool: PoolConfig,
     pub socket: SocketOptions,
+    /// How often accepting is retried after it ran out of file descriptors.
+    pub accept_retry: Duration,
 }
 
 impl Settings {
@@ -67,6 +77,7 @@ impl Settings {
             connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
             connect_timeout: Duration::from_secs(u64::from(c.mqtt.connect_timeout_secs)),
             max_keepalive_secs: c.mqtt.max_keepalive_secs as u16,
+            keepalive_zero: c.mqtt.keepalive_zero,
             keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct as u8,
             takeover: matches!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover),
             max_connections: c.mqtt.max_connections as usize,
@@ -77,6 +88,8 @@ impl Settings {
             write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
             retain_available: c.mqtt.retain_available,
             max_retained: c.mqtt.max_retained_messages as usize,
+            max_retained_bytes: c.mqtt.max_retained_bytes,
+            max_retained_bytes_per_client: c.mqtt.max_retained_bytes_per_client,
             topic_alias_maximum: c.mqtt.topic_alias_maximum.min(65_535) as u16,
             outbound_topic_aliases: c.mqtt.outbound_topic_aliases.min(65_535) as u16,
             high_watermark: c.buffers.outbound_high_watermark as usize,
@@ -89,6 +102,8 @@ impl Settings {
             tick,
             proxy_protocol: c.mqtt.proxy_protocol,
             proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
+            // Validated by Config::validate.
+            proxy_trusted: TrustedProxies::parse(&c.mqtt.proxy_trusted).unwrap_or_default(),
             max_handshaking: c.limits.max_handshaking as usize,
             connect_rate: c.limits.max_connect_rate,
             connect_burst: c.limits.connect_burst,
@@ -106,6 +121,7 @@ impl Settings {
                 idle_ticks: u64::from(secs_to_ticks(c.buffers.pool_idle_secs as f64, tick)),
             },
             socket: SocketOptions::from_config(c),
+            accept_retry: Duration::from_millis(u64::from(c.tcp.accept_retry_ms)),
         }
     }
 

@@ -167,6 +167,14 @@ impl Shard {
                 return false;
             }
         };
+        let socket_peer = self.wire.conns[key].peer.addr();
+        if !self.settings.proxy_trusted.trusts(socket_peer.ip()) {
+            self.wire.pool.give(buf, self.clock.now);
+            self.services.metrics.refuse(RefuseReason::ProxyUntrusted);
+            tracing::info!(shard = self.id, peer = %socket_peer, "PROXY header from a peer not in mqtt.proxy_trusted, closing");
+            self.close_conn(key, DisconnectReason::Refused, None);
+            return false;
+        }
         let alive = self.proxy_accepted(key, header, &buf[len..]);
         self.wire.pool.give(buf, self.clock.now);
         alive

@@ -156,6 +156,8 @@ impl Shard {
         self.services
             .open_connections
             .fetch_sub(1, Ordering::Relaxed);
+        let connect_read = !matches!(conn.state, ConnState::ProxyHeader | ConnState::Handshake);
+        let reason = reason.counted(connect_read);
         self.services.metrics.disconnect(reason);
         let accepted = self.clock.instant_of(conn.accepted_at);
         self.services.metrics.observe_connection_age(

@@ -405,29 +405,30 @@ impl Shard {
         true
     }
 
-    /// The connection's ACL state (with the username when `%u` rules or its own lists
-    /// need it), after checking its will topic. `Err` when the will is denied (refused).
+    /// The connection's ACL state, with `%u` the authenticated name (the verdict's, else
+    /// the certificate CN), after checking its will topic. `Err` when the will is denied
+    /// (refused).
     pub(in crate::shard) fn connect_acl(
         &mut self,
         key: usize,
         c: &Connect,
-        mut conn_acl: Option<Box<ConnAcl>>,
+        conn_acl: Option<Box<ConnAcl>>,
     ) -> Result<Option<Box<ConnAcl>>, ()> {
+        let cert_cn = self
+            .settings
+            .use_cn_as_client_id
+            .then(|| self.peer_cn(key))
+            .flatten();
+        let conn_acl = crate::auth::session_acl(&self.services.acl, conn_acl, cert_cn);
         if !self.services.acl.enabled() {
             return Ok(conn_acl);
-        }
-        // %u rules and per-connection lists need the username at PUBLISH time.
-        if let Some(u) = c.username.as_deref() {
-            if self.services.acl.uses_username() || conn_acl.is_some() {
-                conn_acl.get_or_insert_with(Default::default).username = Some(u.into());
-            }
         }
         let Some(w) = &c.will else {
             return Ok(conn_acl);
         };
         let who = Who {
             client_id: &c.client_id,
-            username: c.username.as_deref(),
+            username: conn_acl.as_ref().and_then(|a| a.username.as_deref()),
         };
         if self
             .services

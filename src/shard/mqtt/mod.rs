@@ -1,5 +1,6 @@
 //! The MQTT conversation on a shard, by packet family: [`connect`] (CONNECT, its
-//! authentication and acceptance), [`publish`], [`subscribe`], [`acks`] (the QoS 1/2
+//! authentication and acceptance), [`publish`], [`subscribe`], [`authorize`] (the ACL and
+//! the retained byte bounds), [`acks`] (the QoS 1/2
 //! exchanges of outbound messages) and [`offline`] (the session's life when its
 //! connection ends: will, expiry). This file dispatches a frame to its family.
 //!
@@ -8,6 +9,7 @@
 //! (see `shared.rs`).
 
 mod acks;
+mod authorize;
 mod connect;
 mod offline;
 mod publish;

@@ -30,8 +30,15 @@ impl Shard {
                 "retain is not available",
             );
         }
-        if !self.publish_allowed(skey, &topic) {
-            self.deny_publish(key, skey, qos, pkid);
+        let refusal = if !self.publish_allowed(skey, &topic) {
+            Some(reason::NOT_AUTHORIZED)
+        } else if p.retain && !self.retained_admitted(skey, &topic, &p.payload) {
+            Some(reason::QUOTA_EXCEEDED)
+        } else {
+            None
+        };
+        if let Some(v5_code) = refusal {
+            self.deny_publish(key, skey, qos, pkid, v5_code);
             return true;
         }
         if qos == 2 {
@@ -101,15 +108,11 @@ impl Shard {
         }
     }
 
-    /// A PUBLISH the ACL denies. MQTT 3.1.1 has no way to refuse: acknowledge and drop.
-    /// MQTT 5: acknowledge with reason 0x87.
-    fn deny_publish(&mut self, key: usize, skey: usize, qos: u8, pkid: u16) {
+    /// A PUBLISH refused (by the ACL, or the retained byte bounds). MQTT 3.1.1 has no
+    /// way to refuse: acknowledge and drop. MQTT 5: acknowledge with `v5_code`.
+    fn deny_publish(&mut self, key: usize, skey: usize, qos: u8, pkid: u16, v5_code: u8) {
         let v = self.wire.conns[key].version;
-        let code = if v == Version::V5 {
-            reason::NOT_AUTHORIZED
-        } else {
-            0
-        };
+        let code = if v == Version::V5 { v5_code } else { 0 };
         if qos == 2 && v != Version::V5 {
             // The client will PUBREL it; answer that as for any message.
             let max = usize::from(self.settings.receive_maximum);
@@ -148,11 +151,6 @@ impl Shard {
             _ => codec::encode_pubrec(out, v, pkid, code),
         });
         self.services.metrics.packet_out(kind);
-    }
-
-    /// The ACL's word on a PUBLISH to `topic` from session `skey`; a refusal is counted.
-    pub(in crate::shard) fn publish_allowed(&mut self, skey: usize, topic: &str) -> bool {
-        self.acl_allows(skey, false, topic)
     }
 }
 

@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::acl::Who;
 use crate::codec::{self, reason, Version};
 use crate::session::Queued;
 use crate::topic::{self, Subscriber};
@@ -78,14 +77,15 @@ impl Shard {
             return SubStep::Closed;
         }
         let inner = shared.map_or(f.filter.as_str(), |(_, inner)| inner);
-        if !self.subscribe_allowed(skey, inner) {
+        let Some(acl_bits) = self.subscribe_allowed(skey, inner, shared.is_some()) else {
             return SubStep::Refused(refused);
-        }
+        };
         let qos = f.qos.min(2);
         let options = qos
             | (u8::from(f.no_local) << 2)
             | (u8::from(f.retain_as_published) << 3)
-            | ((f.retain_handling & 3) << 4);
+            | ((f.retain_handling & 3) << 4)
+            | acl_bits;
         let Some((filter, existed)) =
             self.record_subscription(skey, &f.filter, options, quota_logged)
         else {
@@ -186,46 +186,6 @@ impl Shard {
                 );
             }
         }
-    }
-
-    /// The ACL's word on a SUBSCRIBE filter from session `skey`; a refusal is counted.
-    pub(in crate::shard) fn subscribe_allowed(&mut self, skey: usize, filter: &str) -> bool {
-        self.acl_allows(skey, true, filter)
-    }
-
-    /// Asks the ACL about a SUBSCRIBE filter (`subscribe`) or a PUBLISH topic. A refused
-    /// SUBSCRIBE is logged at info; a refused PUBLISH only at debug, so a device
-    /// publishing where it may not cannot flood the log. Both are counted.
-    pub(in crate::shard) fn acl_allows(
-        &mut self,
-        skey: usize,
-        subscribe: bool,
-        topic: &str,
-    ) -> bool {
-        if !self.services.acl.enabled() {
-            return true;
-        }
-        let s = &self.sessions[skey];
-        let conn_acl = s.extra.as_ref().and_then(|st| st.acl.as_deref());
-        let who = Who {
-            client_id: &s.client_id,
-            username: conn_acl.and_then(|a| a.username.as_deref()),
-        };
-        let allowed = if subscribe {
-            self.services.acl.may_subscribe(&who, conn_acl, topic)
-        } else {
-            self.services.acl.may_publish(&who, conn_acl, topic)
-        };
-        if allowed {
-            return true;
-        }
-        self.services.metrics.acl_denied(subscribe);
-        if subscribe {
-            tracing::info!(shard = self.id, client_id = %s.client_id, filter = topic, "SUBSCRIBE filter denied by the ACL");
-        } else {
-            tracing::debug!(shard = self.id, client_id = %s.client_id, topic, "PUBLISH denied by the ACL");
-        }
-        false
     }
 
     /// Removes one subscription of a session; true if it existed. Leaving a shared group

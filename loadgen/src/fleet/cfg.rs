@@ -1,0 +1,79 @@
+//! What every device of one child does, fixed by its work order: where it connects from
+//! and to, what it says in CONNECT and SUBSCRIBE, and how often it pings.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::cli::{expand, Command};
+use crate::codec::Protocol;
+use crate::limits::Sources;
+use crate::proto::WorkOrder;
+use crate::ticker::Ticker;
+
+/// What every device of this process does, fixed by the work order.
+pub struct DeviceCfg {
+    pub target: SocketAddr,
+    pub sources: Sources,
+    pub protocol: Protocol,
+    pub keepalive: u16,
+    pub clean: bool,
+    pub login: Option<(String, String)>,
+    pub client_id: String,
+    /// Topic pattern to subscribe to (`{id}`, `{i}`), or `None` for no SUBSCRIBE.
+    pub topic: Option<String>,
+    pub sub_qos: u8,
+    pub connect_timeout: Duration,
+    /// Whether messages to one device arrive in publish order (one publisher), so the
+    /// highest sequence seen is enough to spot duplicates.
+    pub ordered: bool,
+}
+
+impl DeviceCfg {
+    pub fn from_order(order: &WorkOrder) -> Result<DeviceCfg, String> {
+        let cmd = &order.command;
+        let m = cmd.mqtt();
+        let common = cmd.common();
+        let (topic, sub_qos, ordered) = match cmd {
+            Command::Connect(a) => (a.topic.clone(), a.sub_qos, false),
+            Command::Push(a) => (a.topic.clone(), a.qos, false),
+            Command::Fanout(a) => (a.topic.clone(), a.sub_qos(), true),
+            Command::Storm(a) => (a.topic.clone(), 1, false),
+            Command::Churn(_) => (String::new(), 0, false),
+        };
+        // A fan-out's subscribers may speak another version than its publisher.
+        let protocol = match cmd {
+            Command::Fanout(a) => a.sub_version(),
+            _ => m.protocol,
+        };
+        let login = match (&m.username, &m.password) {
+            (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
+            (None, Some(_)) => return Err("--password needs --username".into()),
+            (None, None) => None,
+        };
+        Ok(DeviceCfg {
+            target: common.target,
+            sources: Sources::parse(&common.source_range)?,
+            protocol: Protocol::from_level(protocol).ok_or("--protocol must be 4 or 5")?,
+            keepalive: m.keepalive,
+            clean: !m.persistent,
+            login,
+            client_id: m.client_id.clone(),
+            topic: (!topic.is_empty()).then_some(topic),
+            sub_qos,
+            connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
+            ordered,
+        })
+    }
+
+    pub fn client_id(&self, i: u64) -> String {
+        expand(&self.client_id, i, "")
+    }
+
+    /// Ticks between PINGREQs: 3/4 of the keep-alive, so one late tick never matters.
+    pub(super) fn ping_period(&self, ticker: &Ticker) -> Option<u64> {
+        (self.keepalive > 0).then(|| {
+            let ms = u64::from(self.keepalive) * 750;
+            ticker.after(Duration::from_millis(ms)) - ticker.now()
+        })
+    }
+}
