@@ -74,6 +74,12 @@ pub struct MqttConfig {
     pub max_queued_messages: u32,
     pub max_session_expiry_secs: u32,
     pub write_stall_timeout_secs: u32,
+    /// After the gateway ends a connection with something to say (a DISCONNECT, a
+    /// refusing CONNACK, pending output), how long it keeps reading and discarding before
+    /// it closes, so the client's late packets do not reset the socket (0 = no grace).
+    pub close_grace_ms: u32,
+    /// The most bytes discarded in that grace before the socket is closed anyway.
+    pub close_grace_bytes: u32,
     pub retain_available: bool,
     pub max_retained_messages: u32,
     /// Bytes (topic + payload) of all retained messages; 0 = no bound.
@@ -464,6 +470,8 @@ impl Config {
             m.write_stall_timeout_secs,
             1,
         )?;
+        in_range("mqtt.close_grace_ms", m.close_grace_ms, 0, 60_000)?;
+        in_range("mqtt.close_grace_bytes", m.close_grace_bytes, 0, 16 << 20)?;
         in_range("mqtt.max_topic_len", m.max_topic_len, 1, 65_535)?;
         at_least(
             "mqtt.max_subscriptions_per_client",
@@ -1186,6 +1194,16 @@ mod tests {
                 "[mqtt]\nmax_client_id_len = 65535",
                 "[mqtt]\nmax_client_id_len = 65536",
                 "mqtt.max_client_id_len",
+            ),
+            (
+                "[mqtt]\nclose_grace_ms = 60000",
+                "[mqtt]\nclose_grace_ms = 60001",
+                "mqtt.close_grace_ms",
+            ),
+            (
+                "[mqtt]\nclose_grace_bytes = 16777216",
+                "[mqtt]\nclose_grace_bytes = 16777217",
+                "mqtt.close_grace_bytes",
             ),
             (
                 "[mqtt]\nconnect_timeout_secs = 1",
