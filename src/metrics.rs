@@ -295,6 +295,8 @@ pub struct ShardMetrics {
     pub publisher_pauses: AtomicU64,
     /// Connections above the outbound high watermark (with backpressure on).
     pub congested_connections: AtomicU64,
+    /// Connections in their close grace: ended, still read and discarded (`close_grace_ms`).
+    pub closing_connections: AtomicU64,
     /// Times a shard stopped accepting: connect rate (`max_connect_rate`).
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
@@ -493,6 +495,13 @@ impl Collector for ShardCollector {
             "Connections above the outbound high watermark that pace publishers (slow_consumer = backpressure).",
             "shard",
             self.per_shard(|s| get(&s.congested_connections)),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_closing_connections",
+            "Connections ended and in their close grace (read and discarded until close_grace_ms or close_grace_bytes); also in gateway_connections.",
+            "shard",
+            self.per_shard(|s| get(&s.closing_connections)),
         )?;
         gauge(
             e,

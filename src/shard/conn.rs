@@ -27,6 +27,10 @@ pub enum ConnState {
     Authenticating,
     /// CONNACK sent; the session is attached.
     Active,
+    /// Ended, with its last words written and its write side shut down: read and
+    /// discarded for the close grace (`closing.rs`), then closed. No session, no buffers;
+    /// its one timer is the grace deadline and `max_packet` counts the grace bytes left.
+    Closing,
 }
 
 pub struct Conn {
@@ -45,7 +49,8 @@ pub struct Conn {
     pub stall_since: u32,
     /// Tick of accept (connection age).
     pub accepted_at: u32,
-    /// The client's MQTT 5 Maximum Packet Size (u32::MAX = none).
+    /// The client's MQTT 5 Maximum Packet Size (u32::MAX = none); in `Closing`, the bytes
+    /// the close grace still discards.
     pub max_packet: u32,
     /// Effective keep-alive in seconds.
     pub keep_alive: u16,

@@ -19,7 +19,8 @@
 //!
 //! A connection's reads go through `read`: the `gate` decides whether to read, the
 //! `transport` turns socket reads into plaintext, the `framer` cuts it into frames.
-//! Its writes go through `write`. The per-packet MQTT logic is in `mqtt` (by packet
+//! Its writes go through `write`; a connection ended with something to tell it lingers
+//! in `closing` (the close grace) before its socket is closed. The per-packet MQTT logic is in `mqtt` (by packet
 //! family; the CONNECT terms in `negotiate`); routing and delivery in `delivery` and
 //! `shared`; push API requests in `push`; the durable store's side in `durable`;
 //! slow-consumer backpressure in `backpressure`.
@@ -28,6 +29,7 @@ mod accept;
 mod backpressure;
 pub use backpressure::Congestion;
 mod clock;
+mod closing;
 mod conn;
 mod delivery;
 mod durable;
@@ -240,6 +242,7 @@ impl Shard {
             paused: HashSet::new(),
             settling: Vec::new(),
             settled_at: 0,
+            closing: 0,
         };
         let services = Services {
             auth: ctx.auth,
@@ -485,6 +488,7 @@ impl Shard {
         ShardMetrics::set(&m.queued_messages, self.sessions.queued_total);
         ShardMetrics::set(&m.wheel_entries, self.timers.wheel.len() as u64);
         ShardMetrics::set(&m.congested_connections, u64::from(self.congested));
+        ShardMetrics::set(&m.closing_connections, self.wire.closing as u64);
         let p = self.wire.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
         ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);

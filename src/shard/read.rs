@@ -21,6 +21,14 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 impl Shard {
     /// Reads a ready connection, up to `READS_PER_EVENT` times, while the gate lets it.
     pub(super) fn on_readable(&mut self, key: usize) {
+        if self
+            .wire
+            .conns
+            .get(key)
+            .is_some_and(|c| c.state == ConnState::Closing)
+        {
+            return self.discard_closing(key);
+        }
         for _ in 0..READS_PER_EVENT {
             let Some(facts) = self.read_facts(key) else {
                 return;

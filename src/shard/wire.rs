@@ -37,6 +37,8 @@ pub struct Wire {
     pub settling: Vec<u32>,
     /// The tick `settling` was last swept.
     pub settled_at: u64,
+    /// Connections in their close grace (`ConnState::Closing`, see `closing.rs`).
+    pub closing: usize,
 }
 
 impl Wire {

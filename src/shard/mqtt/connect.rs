@@ -170,7 +170,7 @@ impl Shard {
         }
     }
 
-    /// Writes a CONNACK with an error and closes. Always false.
+    /// Answers with a CONNACK with an error and closes. Always false.
     pub(in crate::shard) fn refuse(
         &mut self,
         key: usize,
@@ -185,7 +185,7 @@ impl Shard {
         });
         self.services.metrics.packet_out(packet::CONNACK);
         self.services.metrics.refuse(why);
-        self.flush_conn(key);
+        // close_conn writes the CONNACK, then the close grace lets the client read it.
         self.close_conn(key, DisconnectReason::Refused, None);
         false
     }
