@@ -202,3 +202,24 @@ async fn a_shutdown_lets_a_client_still_sending_read_0x8b_and_ends_within_the_dr
         .expect("gateway exits within drain_timeout_secs + margin");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_lingering_connection_holds_its_per_ip_slot_until_it_is_closed() {
+    let (gw, c) = ended(
+        "close_grace_ms = 60000\n[limits]\nmax_connections_per_ip = 1",
+        "grace-ip",
+    )
+    .await;
+    assert_eq!(closing(&gw, 1.0).await, 1.0);
+    // Its address is at its limit while it lingers: a newcomer gets no CONNACK.
+    let mut late = Raw::connect(gw.mqtt).await;
+    late.send(&encode(|b| connect5("grace-ip-2", 60, true, None).write(b)))
+        .await;
+    assert!(
+        late.next_v5(T).await.is_err(),
+        "a connection over the per-IP limit was served"
+    );
+    drop(c);
+    assert_eq!(closing(&gw, 0.0).await, 0.0);
+    Raw::connected_v5(gw.mqtt, &connect5("grace-ip-2", 60, true, None)).await;
+}
