@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::cli::{expand, Command};
+use crate::cli::{expand, Command, Transport};
 use crate::codec::Protocol;
 use crate::limits::Sources;
 use crate::proto::WorkOrder;
@@ -26,6 +26,9 @@ pub struct DeviceCfg {
     /// Whether messages to one device arrive in publish order (one publisher), so the
     /// highest sequence seen is enough to spot duplicates.
     pub ordered: bool,
+    pub transport: Transport,
+    /// The WebSocket upgrade's path (with `Transport::Ws`).
+    pub ws_path: String,
 }
 
 impl DeviceCfg {
@@ -62,6 +65,8 @@ impl DeviceCfg {
             sub_qos,
             connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
             ordered,
+            transport: m.transport,
+            ws_path: m.ws_path.clone(),
         })
     }
 
