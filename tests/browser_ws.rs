@@ -278,19 +278,21 @@ struct Mosquitto {
     _dir: TempDir,
 }
 
-/// A port free right now (Mosquitto's websockets listener cannot bind port 0).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct ports free right now (Mosquitto's websockets listener cannot bind
+/// port 0); both are held while the second is picked, so they differ.
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 impl Mosquitto {
     fn start() -> Mosquitto {
         let dir = TempDir::new("mosquitto");
-        let (tcp_port, ws_port) = (free_port(), free_port());
+        let (tcp_port, ws_port) = free_ports();
         let conf = dir.0.join("mosquitto.conf");
         std::fs::write(
             &conf,
