@@ -10,20 +10,25 @@
 //! transport is wired); the page receives it and publishes "echo:" + it to "out", and the
 //! TCP client must receive that.
 //!
-//! Today it runs against Mosquitto's websockets listener, as an ignored test (it needs
-//! Chromium and `npm ci` in tests/browser; `.ci/run` installs both):
-//! `cargo test --test browser_ws -- --ignored`, or tests/browser/run.sh.
+//! Today it runs against Mosquitto's websockets listener, and against the gateway behind
+//! the test bridge that runs `gateway::ws` in front of its TCP listener
+//! (tests/common/ws_bridge.rs; the message comes in through `/v1/push`), as ignored tests
+//! (they need Chromium and `npm ci` in tests/browser; `.ci/run` installs both and runs
+//! them): `cargo test --test browser_ws -- --ignored`, or tests/browser/run.sh. Once the
+//! gateway has `ws_listen`, the second test points at it instead of the bridge.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::tempdir::Dir;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 /// Long enough for a cold Chromium start on a loaded machine; only failures wait this long.
@@ -161,12 +166,12 @@ fn url_decode(s: &str) -> String {
 /// (the group, by its id) on drop.
 struct Chromium {
     child: Child,
-    _profile: TempDir,
+    _profile: Dir,
 }
 
 impl Chromium {
     fn open(url: &str) -> Chromium {
-        let profile = TempDir::new("chromium-profile");
+        let profile = Dir::new("chromium-profile");
         let child = Command::new("chromium")
             .args([
                 "--headless",
@@ -198,25 +203,6 @@ impl Drop for Chromium {
         // SAFETY: a plain kill(2) of the process group this test created for Chromium.
         unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("gateway-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -275,7 +261,7 @@ struct Mosquitto {
     child: Child,
     tcp: SocketAddr,
     ws: SocketAddr,
-    _dir: TempDir,
+    _dir: Dir,
 }
 
 /// Two distinct ports free right now (Mosquitto's websockets listener cannot bind
@@ -291,7 +277,7 @@ fn free_ports() -> (u16, u16) {
 
 impl Mosquitto {
     fn start() -> Mosquitto {
-        let dir = TempDir::new("mosquitto");
+        let dir = Dir::new("mosquitto");
         let (tcp_port, ws_port) = free_ports();
         let conf = dir.0.join("mosquitto.conf");
         std::fs::write(
@@ -365,5 +351,44 @@ fn mqtt_js_in_chromium_over_mosquitto_websockets() {
     let ws_url = format!("ws://{}/mqtt", broker.ws);
     browser_roundtrip(&ws_url, broker.tcp, &|topic, payload| {
         publish_over_tcp(broker.tcp, topic, payload)
+    });
+}
+
+/// POSTs `body` (JSON) to `path` over a plain HTTP/1.1 connection; returns the status.
+fn post_json(http: SocketAddr, path: &str, body: &str) -> u16 {
+    let mut s = TcpStream::connect(http).expect("connect to the HTTP API");
+    s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs Chromium and `npm ci` in tests/browser; run by tests/browser/run.sh"]
+fn mqtt_js_in_chromium_through_the_ws_codec_to_the_gateway() {
+    if let Some(why) = missing_prerequisite() {
+        panic!("cannot run the browser test: {why}");
+    }
+    let gw = common::TestServer::start("");
+    let ws = common::ws_bridge::start(gw.mqtt, Default::default());
+    let ws_url = format!("ws://{ws}/mqtt");
+    browser_roundtrip(&ws_url, gw.mqtt, &|topic, payload| {
+        let body = serde_json::json!({
+            "topic": topic,
+            "payload": String::from_utf8_lossy(payload),
+            "qos": 1,
+        });
+        let status = post_json(gw.http, "/v1/push", &body.to_string());
+        assert_eq!(status, 200, "POST /v1/push");
     });
 }
