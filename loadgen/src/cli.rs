@@ -194,13 +194,19 @@ pub struct MqttOpts {
     pub max_pending: usize,
 
     /// How devices reach --target: MQTT over TCP, or MQTT over WebSocket (`ws`: an HTTP
-    /// upgrade on --ws-path with the subprotocol `mqtt`, then masked binary frames).
+    /// upgrade on --ws-path with the subprotocol `mqtt`, then masked binary frames;
+    /// `wss`: the same over TLS).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
 
-    /// The HTTP path of the WebSocket upgrade (with --transport ws).
+    /// The HTTP path of the WebSocket upgrade (with --transport ws or wss).
     #[arg(long, default_value = "/mqtt")]
     pub ws_path: String,
+
+    /// PEM CA bundle to verify the server's certificate with (--transport wss); without
+    /// it the certificate is not checked.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]

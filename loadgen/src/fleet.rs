@@ -27,7 +27,8 @@ use crate::limits::bind_address_no_port;
 use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
-use crate::ws::Link;
+use crate::ws::{Link, Wire};
+use rustls::pki_types::ServerName;
 
 mod cfg;
 mod inbox;
@@ -362,11 +363,23 @@ impl Fleet {
         let stream = self.tcp_connect(i, deadline).await?;
         match self.cfg.transport {
             Transport::Tcp => Ok(Link::tcp(stream)),
-            Transport::Ws => {
+            Transport::Ws | Transport::Wss => {
+                let wire = match &self.cfg.tls {
+                    None => Wire::tcp(stream),
+                    Some(tls) => {
+                        let name = ServerName::IpAddress(self.cfg.target.ip().into());
+                        self.timed(deadline, "tls_timeout", async {
+                            Wire::tls(stream, tls.clone(), name)
+                                .await
+                                .map_err(|e| io_cause("tls", &e))
+                        })
+                        .await?
+                    }
+                };
                 let host = self.cfg.target.to_string();
                 let seed = i ^ now_ns();
                 self.timed(deadline, "ws_timeout", async {
-                    Link::upgrade(stream, &host, &self.cfg.ws_path, seed).await
+                    Link::upgrade(wire, &host, &self.cfg.ws_path, seed).await
                 })
                 .await
             }
@@ -563,7 +576,7 @@ impl Fleet {
                         }
                         Phase::Drop { .. } => {
                             // A network flap: the connection dies with a reset.
-                            let _ = conn.link.stream.set_zero_linger();
+                            let _ = conn.link.stream().set_zero_linger();
                             let mut r = self.round.lock().unwrap();
                             r.report.dropped += 1;
                             return End::Drop(p);
@@ -696,7 +709,7 @@ impl Fleet {
                         .await
                         .map_err(|e| io_cause("connect_write", &e))?;
                 }
-                let _ = link.stream.set_zero_linger();
+                let _ = link.stream().set_zero_linger();
             }
             let us = t0.elapsed().as_micros() as u64;
             self.connect_hist.lock().unwrap().record(us);

@@ -1,11 +1,12 @@
-//! MQTT over WebSocket, client side (`--transport ws`): the HTTP upgrade, masked binary
-//! frames around what a device writes, and the server's frames turned back into the
-//! MQTT byte stream the rest of loadgen reads.
+//! MQTT over WebSocket, client side (`--transport ws|wss`): the HTTP upgrade, masked
+//! binary frames around what a device writes, and the server's frames turned back into
+//! the MQTT byte stream the rest of loadgen reads.
 //!
-//! A device's connection is a [`Link`]: a TCP stream plus, over WebSocket, a little state
-//! (the payload left in the current server frame, a buffer that holds only a partial frame
-//! header or control frame and is released when empty, and the masking PRNG). Code that
-//! reads and writes MQTT bytes calls the link as it called the socket.
+//! A device's connection is a [`Link`]: a [`Wire`] (TCP, or TLS over TCP for `wss`) plus,
+//! over WebSocket, a little state (the payload left in the current server frame, a buffer
+//! that holds only a partial frame header or control frame and is released when empty,
+//! and the masking PRNG). Code that reads and writes MQTT bytes calls the link as it
+//! called the socket.
 
 use std::io;
 
@@ -13,10 +14,13 @@ use base64::Engine;
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::fleet::Rng;
+
+mod wire;
+
+pub use wire::{client_config, Wire};
 
 /// How devices reach the broker.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +30,8 @@ pub enum Transport {
     Tcp,
     /// MQTT over WebSocket (subprotocol `mqtt`) on `--ws-path`.
     Ws,
+    /// MQTT over WebSocket over TLS (`--tls-ca` to verify the server).
+    Wss,
 }
 
 impl Transport {
@@ -33,6 +39,7 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
     }
 }
@@ -59,22 +66,29 @@ struct WsState {
     rng: Rng,
 }
 
-/// A device's connection: TCP, or WebSocket over TCP.
+/// A device's connection: MQTT over TCP, or over a WebSocket on a [`Wire`].
 #[derive(Debug)]
 pub struct Link {
-    pub stream: TcpStream,
+    wire: Wire,
     ws: Option<WsState>,
 }
 
 impl Link {
     pub fn tcp(stream: TcpStream) -> Link {
-        Link { stream, ws: None }
+        Link {
+            wire: Wire::tcp(stream),
+            ws: None,
+        }
     }
 
-    /// Upgrades `stream` to a WebSocket on `path` (`Host` is `host`); `seed` varies the
+    pub fn stream(&self) -> &TcpStream {
+        &self.wire.stream
+    }
+
+    /// Upgrades `wire` to a WebSocket on `path` (`Host` is `host`); `seed` varies the
     /// key and the masks between devices.
     pub async fn upgrade(
-        mut stream: TcpStream,
+        mut wire: Wire,
         host: &str,
         path: &str,
         seed: u64,
@@ -82,8 +96,7 @@ impl Link {
         let mut rng = Rng(seed);
         let key_bytes: Vec<u8> = (0..2).flat_map(|_| rng.next().to_le_bytes()).collect();
         let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
-        stream
-            .write_all(upgrade_request(host, path, &key).as_bytes())
+        wire.send(upgrade_request(host, path, &key).as_bytes())
             .await
             .map_err(|e| crate::fleet::io_cause("ws_write", &e))?;
         let mut buf = BytesMut::new();
@@ -94,7 +107,7 @@ impl Link {
             if buf.len() >= MAX_RESPONSE {
                 return Err("ws_response_too_long".into());
             }
-            match stream.read_buf(&mut buf).await {
+            match wire.recv(&mut buf).await {
                 Ok(0) => return Err("ws_closed".into()),
                 Ok(_) => {}
                 Err(e) => return Err(crate::fleet::io_cause("ws_read", &e)),
@@ -103,7 +116,7 @@ impl Link {
         check_response(&buf[..head_len], &key)?;
         buf.advance(head_len);
         Ok(Link {
-            stream,
+            wire,
             ws: Some(WsState {
                 raw: buf,
                 left: 0,
@@ -117,12 +130,12 @@ impl Link {
     /// control replies).
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         match &mut self.ws {
-            None => self.stream.write_all(bytes).await,
+            None => self.wire.send(bytes).await,
             Some(ws) => {
                 let mut out = std::mem::take(&mut ws.replies);
                 let mask = ws.rng.next() as u32;
                 client_frame(OP_BINARY, bytes, mask.to_be_bytes(), &mut out);
-                self.stream.write_all(&out).await
+                self.wire.send(&out).await
             }
         }
     }
@@ -131,7 +144,7 @@ impl Link {
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
             let Some(ws) = &mut self.ws else {
-                return self.stream.read_buf(buf).await;
+                return self.wire.recv(buf).await;
             };
             if !ws.raw.is_empty() {
                 let n = ws.deframe(buf)?;
@@ -139,14 +152,14 @@ impl Link {
                     return Ok(n);
                 }
             }
-            if self.stream.read_buf(&mut ws.raw).await? == 0 {
+            if self.wire.recv(&mut ws.raw).await? == 0 {
                 return Ok(0);
             }
         }
     }
 
     pub async fn readable(&self) -> io::Result<()> {
-        self.stream.readable().await
+        self.wire.stream.readable().await
     }
 
     /// One non-blocking read into `buf` (at least `reserve` bytes of room). Over
@@ -154,11 +167,9 @@ impl Link {
     /// caller waits for readiness again (tokio has not cleared it: it re-polls at once).
     pub fn try_read_buf(&mut self, buf: &mut BytesMut, reserve: usize) -> io::Result<usize> {
         let Some(ws) = &mut self.ws else {
-            buf.reserve(reserve);
-            return self.stream.try_read_buf(buf);
+            return self.wire.try_recv(buf, reserve);
         };
-        ws.raw.reserve(reserve);
-        if self.stream.try_read_buf(&mut ws.raw)? == 0 {
+        if self.wire.try_recv(&mut ws.raw, reserve)? == 0 {
             return Ok(0);
         }
         let n = ws.deframe(buf)?;
@@ -181,7 +192,7 @@ impl Link {
         match &mut self.ws {
             Some(ws) if !ws.replies.is_empty() => {
                 let out = std::mem::take(&mut ws.replies);
-                self.stream.write_all(&out).await
+                self.wire.send(&out).await
             }
             _ => Ok(()),
         }
@@ -199,9 +210,9 @@ impl Link {
                 mask.to_be_bytes(),
                 &mut out,
             );
-            let _ = self.stream.write_all(&out).await;
+            let _ = self.wire.send(&out).await;
         }
-        let _ = self.stream.shutdown().await;
+        self.wire.shutdown().await;
     }
 }
 

@@ -2,6 +2,7 @@
 //! and to, what it says in CONNECT and SUBSCRIBE, and how often it pings.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::{expand, Command, Transport};
@@ -27,8 +28,10 @@ pub struct DeviceCfg {
     /// highest sequence seen is enough to spot duplicates.
     pub ordered: bool,
     pub transport: Transport,
-    /// The WebSocket upgrade's path (with `Transport::Ws`).
+    /// The WebSocket upgrade's path (with `Transport::Ws` and `Wss`).
     pub ws_path: String,
+    /// The TLS client settings (with `Transport::Wss`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl DeviceCfg {
@@ -67,6 +70,10 @@ impl DeviceCfg {
             ordered,
             transport: m.transport,
             ws_path: m.ws_path.clone(),
+            tls: match m.transport {
+                Transport::Wss => Some(crate::ws::client_config(m.tls_ca.as_deref())?),
+                _ => None,
+            },
         })
     }
 
