@@ -267,12 +267,21 @@ impl Decoder {
         Ok(())
     }
 
-    /// Unmasks `n` payload bytes from `buf[r..]` into `buf[w..]` (`w <= r`).
+    /// Unmasks `n` payload bytes from `buf[r..]` into `buf[w..]` (`w <= r`), eight at a
+    /// time: each word is read before anything at or after it is written.
     fn unmask_data(&self, buf: &mut [u8], r: usize, w: usize, n: usize) {
         let mask = self.mask();
         let offset = (self.payload_len() - self.left as u64) as usize;
-        for i in 0..n {
-            buf[w + i] = buf[r + i] ^ mask[(offset + i) & 3];
+        let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) & 3]);
+        let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = u64::from_ne_bytes(buf[r + i..r + i + 8].try_into().expect("8 bytes"));
+            buf[w + i..w + i + 8].copy_from_slice(&(v ^ word).to_ne_bytes());
+            i += 8;
+        }
+        for j in i..n {
+            buf[w + j] = buf[r + j] ^ m[j & 3];
         }
     }
 
