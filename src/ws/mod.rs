@@ -6,12 +6,22 @@
 //! feature work unchanged. Two steps:
 //!
 //! 1. [`handshake`]: the HTTP upgrade request, read into the connection's pooled buffer
-//!    until [`handshake::parse`] accepts it (write the 101 response, keep the bytes after
-//!    `consumed` as frames) or refuses it (write the 4xx response, close).
+//!    (after the PROXY header, if any; under TLS for wss) until [`handshake::parse`]
+//!    accepts it (write the 101 response, keep the bytes after `consumed` as frames) or
+//!    refuses it (write the 4xx response, close). It is bounded by
+//!    `ws_max_handshake_bytes` here, and in time by the connect timeout like a CONNECT.
 //! 2. [`frame`]: each read is decoded in place by the connection's inline
-//!    [`frame::Decoder`] (a few bytes, no buffer); `buf[..plain]` goes to the framer,
-//!    control replies go to the output, and outbound MQTT bytes are wrapped in binary
-//!    frames by [`frame::frame_in_place`] or [`frame::write_binary`].
+//!    [`frame::Decoder`] (20 bytes, no buffer): `buf[..plain]` goes to the framer exactly
+//!    as a plain TCP read would, `replies` (pong, close) go to the output, bytes from
+//!    `used` on (at most 125, a control frame not yet whole) are kept like a partial MQTT
+//!    packet and passed again in front of the next read, and an [`End`] closes the
+//!    connection after the replies are written. Outbound MQTT bytes are wrapped in binary
+//!    frames by [`frame::frame_in_place`] (after appending to the output buffer) or
+//!    [`frame::write_binary`].
+//!
+//! tests/common/ws_bridge.rs runs both steps over real sockets in front of a gateway's
+//! TCP listener, the way the transport will; tests/ws_codec.rs and tests/browser_ws.rs
+//! drive it with tungstenite and with MQTT.js in headless Chromium.
 
 pub mod frame;
 pub mod handshake;
