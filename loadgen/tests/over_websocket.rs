@@ -287,3 +287,25 @@ fn connect_over_websocket_over_tls_verified_by_the_ca() {
     let failures = s["failures"].as_object().unwrap();
     assert!(failures.keys().all(|k| k.starts_with("tls")), "{s}");
 }
+
+#[test]
+fn storm_devices_come_back_over_websocket() {
+    let Some(m) = Mosquitto::start("storm") else {
+        return;
+    };
+    let target = m.ws.to_string();
+    let out = loadgen_line(&format!(
+        "storm --target {target} --transport ws --conns 50 --connect-rate 2000 \
+         --backoff both --backoff-base-ms 50 --backoff-max-ms 500 --round-timeout 30 \
+         --settle 0 --json --quiet"
+    ));
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["connected"]), 50, "{s}");
+    let rounds = s["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "{s}");
+    for r in rounds {
+        assert_eq!(u(&r["back"]), 50, "{r}");
+        assert_eq!(r["all_back"], true, "{r}");
+    }
+}
