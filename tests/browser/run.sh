@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The browser test: MQTT.js (pinned by package-lock.json) in headless Chromium, over
-# WebSocket, against Mosquitto's websockets listener (tests/browser_ws.rs, an ignored
-# test). Installs what is missing first: Debian's chromium and mosquitto, and
-# node_modules (npm ci). Extra arguments go to the test binary.
+# The browser tests: MQTT.js (pinned by package-lock.json) in headless Chromium, over
+# WebSocket, against Mosquitto's websockets listener and against a gateway behind the
+# ws codec bridge (tests/browser_ws.rs, ignored tests). Installs what is missing first:
+# Debian's chromium and mosquitto, and node_modules (npm ci). Extra arguments go to the
+# test binary (e.g. a test name).
 set -euo pipefail
 cd "$(dirname "$0")"
 
