@@ -111,8 +111,11 @@ fn refused(bytes: &[u8], max: u32) -> (u16, Seen) {
 #[test]
 fn decoder_state_is_a_few_bytes() {
     let size = std::mem::size_of::<Decoder>();
-    println!("size_of::<ws::Decoder>() = {size}");
+    let optional = std::mem::size_of::<Option<Decoder>>();
+    println!("size_of::<ws::Decoder>() = {size}, as an Option in the connection: {optional}");
     assert!(size <= 24, "{size}");
+    // The budget: at most 64 bytes more per idle connection than TCP.
+    assert!(optional <= 64, "{optional}");
 }
 
 #[test]
