@@ -1,7 +1,6 @@
-//! `gateway::ws` (the upgrade and the frame codec) over real sockets with an independent
-//! WebSocket client (tungstenite), through the test bridge that stands in for the shard's
-//! WebSocket transport (tests/common/ws_bridge.rs) in front of a real gateway. When the
-//! transport is wired in, these tests point at the gateway's `ws_listen` instead.
+//! MQTT over WebSocket against the gateway's `ws_listen`, with an independent WebSocket
+//! client (tungstenite) and raw sockets: the upgrade, the frame codec in the shard's
+//! WebSocket transport, and bad input closing only the offender.
 
 mod common;
 
@@ -9,7 +8,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::ws_bridge::{self, BridgeConfig};
 use common::{Raw, TestServer};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -55,14 +53,17 @@ fn close_code(ws: &mut Ws) -> Option<CloseCode> {
     }
 }
 
-fn bridge(gw: &TestServer, cfg: BridgeConfig) -> SocketAddr {
-    ws_bridge::start(gw.mqtt, cfg)
+/// A gateway with a WebSocket listener on a free loopback port; `extra` more TOML.
+fn ws_gateway(extra: &str) -> (TestServer, SocketAddr) {
+    let gw = TestServer::start(&format!("[mqtt]\nws_listen = \"127.0.0.1:0\"\n{extra}"));
+    let addr = gw.ws.expect("ws listener");
+    (gw, addr)
 }
 
 #[test]
 fn mqtt_packets_split_across_frames_and_packed_in_one() {
-    let gw = TestServer::start("");
-    let mut ws = ws_connect(bridge(&gw, BridgeConfig::default()));
+    let (_gw, addr) = ws_gateway("");
+    let mut ws = ws_connect(addr);
     let connect = Raw::connect_v4("ws-split", 30, true);
     let (a, b) = connect.split_at(5);
     ws.send(Message::binary(a.to_vec())).unwrap();
@@ -83,8 +84,8 @@ fn mqtt_packets_split_across_frames_and_packed_in_one() {
 
 #[test]
 fn ping_is_answered_and_close_is_echoed() {
-    let gw = TestServer::start("");
-    let mut ws = ws_connect(bridge(&gw, BridgeConfig::default()));
+    let (_gw, addr) = ws_gateway("");
+    let mut ws = ws_connect(addr);
     ws.send(Message::Ping(b"are you there".to_vec().into()))
         .unwrap();
     match ws.read().unwrap() {
@@ -97,20 +98,16 @@ fn ping_is_answered_and_close_is_echoed() {
 
 #[test]
 fn text_frames_close_with_1003() {
-    let gw = TestServer::start("");
-    let mut ws = ws_connect(bridge(&gw, BridgeConfig::default()));
+    let (_gw, addr) = ws_gateway("");
+    let mut ws = ws_connect(addr);
     ws.send(Message::text("{\"mqtt\": false}")).unwrap();
     assert_eq!(close_code(&mut ws), Some(CloseCode::Unsupported));
 }
 
 #[test]
 fn a_frame_over_the_packet_limit_closes_with_1009() {
-    let gw = TestServer::start("");
-    let cfg = BridgeConfig {
-        max_payload: 1024,
-        ..BridgeConfig::default()
-    };
-    let mut ws = ws_connect(bridge(&gw, cfg));
+    let (_gw, addr) = ws_gateway("max_packet_size = 1024\n");
+    let mut ws = ws_connect(addr);
     ws.send(Message::binary(vec![0x30; 1025])).unwrap();
     assert_eq!(close_code(&mut ws), Some(CloseCode::Size));
 }
@@ -127,14 +124,8 @@ fn raw_upgrade(addr: SocketAddr, request: &[u8]) -> String {
 
 #[test]
 fn bad_upgrades_get_a_4xx_and_are_closed() {
-    let gw = TestServer::start("");
-    let addr = bridge(
-        &gw,
-        BridgeConfig {
-            max_handshake_bytes: 512,
-            allowed_origins: vec!["https://dash.example".into()],
-            ..BridgeConfig::default()
-        },
+    let (_gw, addr) = ws_gateway(
+        "ws_max_handshake_bytes = 512\nws_allowed_origins = [\"https://dash.example\"]\n",
     );
     let ok = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: mqtt\r\n";

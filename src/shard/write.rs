@@ -127,7 +127,11 @@ impl Shard {
                 Some(b) => b.out.split_off(b.out_pos),
                 None => Vec::new(),
             };
+            let start = out.len();
             codec::encode_disconnect(&mut out, code, None);
+            if conn.link.is_ws() {
+                crate::ws::frame::frame_in_place(&mut out, start);
+            }
             let written = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
                 Some(tls) => tls.writer().write_all(&out).is_ok(),
                 None => conn.socket.write(&out).is_ok(),
@@ -156,7 +160,10 @@ impl Shard {
         self.services
             .open_connections
             .fetch_sub(1, Ordering::Relaxed);
-        let connect_read = !matches!(conn.state, ConnState::ProxyHeader | ConnState::Handshake);
+        let connect_read = !matches!(
+            conn.state,
+            ConnState::ProxyHeader | ConnState::WsUpgrade | ConnState::Handshake
+        );
         let reason = reason.counted(connect_read);
         self.services.metrics.disconnect(reason);
         let accepted = self.clock.instant_of(conn.accepted_at);
