@@ -8,57 +8,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{Raw, TestServer};
-use tungstenite::client::IntoClientRequest;
+use common::Raw;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-type Ws = WebSocket<TcpStream>;
-
-/// A tungstenite client that offers the `mqtt` subprotocol.
-fn ws_connect(addr: SocketAddr) -> Ws {
-    let mut req = format!("ws://{addr}/mqtt").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
-    let stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let (ws, resp) = tungstenite::client(req, stream).expect("upgrade accepted");
-    assert_eq!(resp.headers()["sec-websocket-protocol"], "mqtt");
-    ws
-}
-
-/// Reads binary messages until `want` MQTT bytes have come; returns them.
-fn read_bytes(ws: &mut Ws, want: usize) -> Vec<u8> {
-    let mut got = Vec::new();
-    while got.len() < want {
-        match ws.read().expect("read") {
-            Message::Binary(b) => got.extend_from_slice(&b),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    got
-}
-
-/// The close code the server ends with.
-fn close_code(ws: &mut Ws) -> Option<CloseCode> {
-    loop {
-        match ws.read() {
-            Ok(Message::Close(f)) => return f.map(|f| f.code),
-            Ok(_) => {}
-            Err(e) => panic!("no close frame: {e}"),
-        }
-    }
-}
-
-/// A gateway with a WebSocket listener on a free loopback port; `extra` more TOML.
-fn ws_gateway(extra: &str) -> (TestServer, SocketAddr) {
-    let gw = TestServer::start(&format!("[mqtt]\nws_listen = \"127.0.0.1:0\"\n{extra}"));
-    let addr = gw.ws.expect("ws listener");
-    (gw, addr)
-}
+use common::ws::{close_code, connect as ws_connect, gateway as ws_gateway, read_bytes};
 
 #[test]
 fn mqtt_packets_split_across_frames_and_packed_in_one() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The browser tests: MQTT.js (pinned by package-lock.json) in headless Chromium, over
-# WebSocket, against Mosquitto's websockets listener and against a gateway behind the
-# ws codec bridge (tests/browser_ws.rs, ignored tests). Installs what is missing first:
+# WebSocket, against the gateway's ws_listen and against Mosquitto's websockets listener
+# (tests/browser_ws.rs; the Mosquitto one is ignored). Installs what is missing first:
 # Debian's chromium and mosquitto, and node_modules (npm ci). Extra arguments go to the
 # test binary (e.g. a test name).
 set -euo pipefail
@@ -19,4 +19,4 @@ fi
 [ -f node_modules/mqtt/dist/mqtt.min.js ] || npm ci --no-audit --no-fund
 
 cd ../..
-cargo test --test browser_ws -- --ignored "$@"
+cargo test --test browser_ws -- --include-ignored "$@"

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-pub mod ws_bridge;
+pub mod ws;
 
 /// The config every test starts from: loopback, ephemeral ports, two shards.
 pub const BASE: &str = r#"
