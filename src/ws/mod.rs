@@ -19,9 +19,9 @@
 //!    frames by [`frame::frame_in_place`] (after appending to the output buffer) or
 //!    [`frame::write_binary`].
 //!
-//! tests/common/ws_bridge.rs runs both steps over real sockets in front of a gateway's
-//! TCP listener, the way the transport will; tests/ws_codec.rs and tests/browser_ws.rs
-//! drive it with tungstenite and with MQTT.js in headless Chromium.
+//! The shard composes them in `shard/websocket.rs`; tests/ws_codec.rs, tests/ws_transport.rs
+//! and tests/browser_ws.rs drive the gateway's `ws_listen` with tungstenite, raw sockets
+//! and MQTT.js in headless Chromium.
 
 pub mod frame;
 pub mod handshake;
