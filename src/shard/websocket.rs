@@ -180,12 +180,17 @@ impl Shard {
         let Some(conn) = self.wire.conns.get(key) else {
             return;
         };
-        let reason = match end {
-            End::Closed { .. } => DisconnectReason::CloseWait,
-            End::Refused { .. } => DisconnectReason::ProtocolError,
-        };
         let client = self.client_id_of(key);
-        tracing::info!(shard = self.id, client_id = %client, peer = %conn.peer, %end, "WebSocket ended, closing");
+        let reason = match end {
+            End::Closed { .. } => {
+                tracing::debug!(shard = self.id, client_id = %client, peer = %conn.peer, %end, "WebSocket closed by the client");
+                DisconnectReason::CloseWait
+            }
+            End::Refused { .. } => {
+                tracing::info!(shard = self.id, client_id = %client, peer = %conn.peer, %end, "WebSocket refused, closing");
+                DisconnectReason::ProtocolError
+            }
+        };
         self.flush_conn(key);
         self.close_conn(key, reason, None);
     }
