@@ -282,3 +282,32 @@ fn proxy_header_before_the_upgrade_sets_the_peer() {
     );
     c.subscribe("x");
 }
+
+#[test]
+fn idle_websocket_clients_borrow_no_buffers() {
+    let (gw, addr) = ws::gateway("");
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let mut c = WsMqtt::new(ws::connect(addr));
+        assert_eq!(c.connect(&format!("idle-ws-{i}"), 180), 0);
+        c.subscribe(&format!("devices/idle-ws-{i}/cmd"));
+        clients.push(c);
+    }
+    // One whose last control frame came in two pieces: the carried bytes go back too.
+    let mut s = raw_upgraded(addr);
+    let ping = masked(0x89, b"in two");
+    s.write_all(&ping[..4]).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(&ping[4..]).unwrap();
+    let mut pong = [0u8; 8];
+    s.read_exact(&mut pong).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lent = rt.block_on(gw.wait_metric(
+        "gateway_buffer_pool_bytes{state=\"lent\"}",
+        WAIT,
+        |v| v == 0.0,
+    ));
+    assert_eq!(lent, 0.0, "idle WebSocket connections hold pooled buffers");
+    drop(clients);
+}
