@@ -311,3 +311,40 @@ fn idle_websocket_clients_borrow_no_buffers() {
     assert_eq!(lent, 0.0, "idle WebSocket connections hold pooled buffers");
     drop(clients);
 }
+
+/// A masked client frame of any length (mask key 0).
+fn masked_binary(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x82];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn a_frame_half_read_at_connect_travels_to_the_home_shard() {
+    // Four shards and eight client ids: most CONNECTs are handed to another shard, in the
+    // middle of the next frame's header.
+    let (_gw, addr) = ws::gateway("[shards]\ncount = 4\n");
+    for i in 0..8 {
+        let id = format!("half-{i}");
+        let mut s = raw_upgraded(addr);
+        let mut first = masked_binary(&Raw::connect_v4(&id, 30, true));
+        let subscribe = masked_binary(&Raw::subscribe_v4(&format!("devices/{id}/cmd"), 0, 1));
+        first.extend_from_slice(&subscribe[..3]);
+        s.write_all(&first).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(&subscribe[3..]).unwrap();
+        // CONNACK and SUBACK, each in its own unmasked binary frame.
+        let mut got = [0u8; 13];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got[..6], [0x82, 4, 0x20, 2, 0, 0], "{id}: CONNACK");
+        assert_eq!(got[6..], [0x82, 5, 0x90, 3, 0, 1, 0], "{id}: SUBACK");
+    }
+}
