@@ -36,6 +36,10 @@ pub struct Handoff {
     /// The TLS session of a connection from the TLS listener (it travels with the socket;
     /// it may still hold decrypted bytes that followed the CONNECT).
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// The listener it came in on (a WebSocket's output is framed on the home shard too).
+    pub link: crate::shard::Link,
+    /// A WebSocket's decoder, when a frame was half-read at the CONNECT.
+    pub ws: Option<crate::shard::WsBusy>,
 }
 
 /// One push addressed to a device by client id (HTTP push API).

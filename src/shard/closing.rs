@@ -38,7 +38,11 @@ impl Shard {
         let disconnect = v5_reason
             .filter(|_| conn.version == Version::V5 && conn.state == super::ConnState::Active);
         if let Some(code) = disconnect {
+            let start = out.len();
             codec::encode_disconnect(&mut out, code, None);
+            if conn.link.is_ws() {
+                crate::ws::frame::frame_in_place(&mut out, start);
+            }
         }
         let sent = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
             Some(tls) => {

@@ -14,11 +14,47 @@ use crate::codec::Version;
 use crate::session::SessionKey;
 use crate::wheel::TimerId;
 
+/// The listener a connection came in on: how its bytes are carried. One byte in
+/// [`Conn`] (it fits in the struct's padding); the `transport` label of the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    Tcp,
+    Tls,
+    /// MQTT over WebSocket (`ws_listen`).
+    Ws,
+    /// MQTT over WebSocket over TLS (`wss_listen`).
+    Wss,
+}
+
+impl Link {
+    pub const ALL: [Link; 4] = [Link::Tcp, Link::Tls, Link::Ws, Link::Wss];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Tcp => "tcp",
+            Link::Tls => "tls",
+            Link::Ws => "ws",
+            Link::Wss => "wss",
+        }
+    }
+
+    pub fn is_ws(self) -> bool {
+        matches!(self, Link::Ws | Link::Wss)
+    }
+
+    pub fn is_tls(self) -> bool {
+        matches!(self, Link::Tls | Link::Wss)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
     /// Accepted with `proxy_protocol` on; waiting for the PROXY header (within the
     /// connect timeout). Not yet counted against `max_connections_per_ip`.
     ProxyHeader,
+    /// Accepted on a WebSocket listener (after the PROXY header, and under TLS on wss);
+    /// waiting for the HTTP upgrade request within the connect timeout.
+    WsUpgrade,
     /// Accepted; waiting for CONNECT within the connect timeout (TLS handshake included).
     Handshake,
     /// CONNECT read; its credentials are being checked off the shard (the shard's
@@ -31,6 +67,18 @@ pub enum ConnState {
     /// discarded for the close grace (`closing.rs`), then closed. No session, no buffers;
     /// its one timer is the grace deadline and `max_packet` counts the grace bytes left.
     Closing,
+}
+
+impl ConnState {
+    /// The first state after accept (or after the PROXY header): a WebSocket connection
+    /// upgrades first, any other waits for CONNECT.
+    pub fn after_prefix(link: Link) -> Self {
+        if link.is_ws() {
+            ConnState::WsUpgrade
+        } else {
+            ConnState::Handshake
+        }
+    }
 }
 
 pub struct Conn {
@@ -58,6 +106,7 @@ pub struct Conn {
     pub window: u16,
     pub version: Version,
     pub state: ConnState,
+    pub link: Link,
     pub predictor: ReadSizePredictor,
     /// In the shard's list of connections with output to flush this turn.
     pub dirty: bool,
@@ -88,6 +137,9 @@ pub struct ConnBufs {
     /// In the shard's `settling` list: the box holds nothing but rate debt and is dropped
     /// once that has run out (an idle connection must not keep it).
     pub settling: bool,
+    /// A WebSocket connection's frame decoder while a frame is half-read (see
+    /// `websocket.rs`); between frames it is `None`, so an idle WebSocket holds no box.
+    pub ws: Option<super::websocket::WsBusy>,
 }
 
 impl ConnBufs {
@@ -102,6 +154,7 @@ impl ConnBufs {
             && self.held.is_empty()
             && self.out_pos >= self.out.len()
             && self.tls.is_none()
+            && self.ws.is_none()
     }
 }
 

@@ -47,6 +47,7 @@ mod settings;
 mod shared;
 mod timers;
 mod transport;
+mod websocket;
 mod wire;
 mod write;
 
@@ -74,16 +75,19 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 
 use accept::{Admission, Admit};
 use clock::Clock;
-pub use conn::{Conn, ConnBufs, ConnState, Peer};
+pub use conn::{Conn, ConnBufs, ConnState, Link, Peer};
 use routing::Routing;
 use services::Services;
 use sessions::Sessions;
 pub use settings::Settings;
 use timers::Timers;
+pub use websocket::WsBusy;
 use wire::Wire;
 
 const LISTENER: Token = Token(usize::MAX);
 const TLS_LISTENER: Token = Token(usize::MAX - 1);
+const WS_LISTENER: Token = Token(usize::MAX - 2);
+const WSS_LISTENER: Token = Token(usize::MAX - 3);
 /// Wheel payload bit marking a session timer (the rest is the session key); without it
 /// the payload is a connection key.
 const SESSION_TIMER: u32 = 1 << 31;
@@ -104,6 +108,10 @@ pub struct ShardContext {
     pub listener: std::net::TcpListener,
     /// This shard's SO_REUSEPORT socket on `tls_listen`, with the rustls configuration.
     pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// This shard's SO_REUSEPORT sockets on `ws_listen` and `wss_listen` (the latter with
+    /// the same rustls configuration as `tls_listen`).
+    pub ws: Option<std::net::TcpListener>,
+    pub wss: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
     /// Connections per IP across all shards (`max_connections_per_ip`).
     pub per_ip: Arc<PerIpLimit>,
     pub mailbox: mpsc::Receiver<ShardMsg>,
@@ -209,15 +217,24 @@ impl Shard {
         let mut listener = TcpListener::from_std(ctx.listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let (tls_listener, tls_config) = match ctx.tls {
-            Some((l, cfg)) => {
-                l.set_nonblocking(true)?;
-                let mut l = TcpListener::from_std(l);
-                poll.registry()
-                    .register(&mut l, TLS_LISTENER, Interest::READABLE)?;
-                (Some(l), Some(cfg))
-            }
+        let register = |l: std::net::TcpListener, token| -> io::Result<TcpListener> {
+            l.set_nonblocking(true)?;
+            let mut l = TcpListener::from_std(l);
+            poll.registry()
+                .register(&mut l, token, Interest::READABLE)?;
+            Ok(l)
+        };
+        let (tls_listener, mut tls_config) = match ctx.tls {
+            Some((l, cfg)) => (Some(register(l, TLS_LISTENER)?), Some(cfg)),
             None => (None, None),
+        };
+        let ws_listener = ctx.ws.map(|l| register(l, WS_LISTENER)).transpose()?;
+        let wss_listener = match ctx.wss {
+            Some((l, cfg)) => {
+                tls_config.get_or_insert(cfg);
+                Some(register(l, WSS_LISTENER)?)
+            }
+            None => None,
         };
         let clock = Clock::new(settings.tick);
         let connect_bucket =
@@ -228,6 +245,8 @@ impl Shard {
             events: Events::with_capacity(EVENTS_PER_TURN),
             listener: Some(listener),
             tls_listener,
+            ws_listener,
+            wss_listener,
             plain: if tls_config.is_some() {
                 vec![0; 16 * 1024]
             } else {
@@ -407,7 +426,7 @@ impl Shard {
             })
             .collect();
         for (token, readable, writable) in ready {
-            if token == LISTENER || token == TLS_LISTENER {
+            if [LISTENER, TLS_LISTENER, WS_LISTENER, WSS_LISTENER].contains(&token) {
                 self.accept();
                 continue;
             }
@@ -464,10 +483,13 @@ impl Shard {
             return;
         }
         self.stopping = true;
-        for mut l in [self.wire.listener.take(), self.wire.tls_listener.take()]
-            .into_iter()
-            .flatten()
-        {
+        let listeners = [
+            self.wire.listener.take(),
+            self.wire.tls_listener.take(),
+            self.wire.ws_listener.take(),
+            self.wire.wss_listener.take(),
+        ];
+        for mut l in listeners.into_iter().flatten() {
             let _ = self.wire.poll.registry().deregister(&mut l);
         }
         let keys: Vec<usize> = self.wire.conns.iter().map(|(k, _)| k).collect();

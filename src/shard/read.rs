@@ -89,7 +89,7 @@ impl Shard {
                 match via {
                     Transport::Tls => self.tls_process(key),
                     Transport::ProxyPrefix => self.ingest_proxy(key, n),
-                    Transport::Plain => self.ingest(key, n),
+                    Transport::Plain | Transport::WebSocket => self.ingest(key, n),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
@@ -167,11 +167,12 @@ impl Shard {
         self.on_readable(key);
     }
 
-    /// Frames the `n` bytes just read into the scratch buffer. False when the connection
-    /// is gone (closed or handed to another shard).
+    /// Frames the `n` bytes just read into the scratch buffer (through the WebSocket
+    /// layer first on a WebSocket connection, which decodes them in place). False when
+    /// the connection is gone (closed or handed to another shard).
     fn ingest(&mut self, key: usize, n: usize) -> bool {
-        let scratch = std::mem::take(&mut self.wire.scratch);
-        let alive = self.ingest_bytes(key, &scratch[..n]);
+        let mut scratch = std::mem::take(&mut self.wire.scratch);
+        let alive = self.ingest_plaintext(key, &mut scratch[..n]);
         self.wire.scratch = scratch;
         alive
     }

@@ -71,6 +71,15 @@ pub struct Settings {
     pub socket: SocketOptions,
     /// How often accepting is retried after it ran out of file descriptors.
     pub accept_retry: Duration,
+    /// The WebSocket upgrade's rules (`ws_path`, `ws_allowed_origins`,
+    /// `ws_max_handshake_bytes`).
+    pub ws: WsSettings,
+}
+
+pub struct WsSettings {
+    pub path: String,
+    pub allowed_origins: Vec<String>,
+    pub max_handshake_bytes: usize,
 }
 
 impl Settings {
@@ -134,6 +143,11 @@ impl Settings {
             },
             socket: SocketOptions::from_config(c),
             accept_retry: Duration::from_millis(u64::from(c.tcp.accept_retry_ms)),
+            ws: WsSettings {
+                path: c.mqtt.ws_path.clone(),
+                allowed_origins: c.mqtt.ws_allowed_origins.clone(),
+                max_handshake_bytes: c.mqtt.ws_max_handshake_bytes as usize,
+            },
         }
     }
 

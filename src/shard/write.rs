@@ -135,7 +135,10 @@ impl Shard {
             wire::give_bufs(&mut self.wire.pool, *b, self.clock.now);
         }
         let session = conn.session.take();
-        let connect_read = !matches!(state, ConnState::ProxyHeader | ConnState::Handshake);
+        let connect_read = !matches!(
+            state,
+            ConnState::ProxyHeader | ConnState::WsUpgrade | ConnState::Handshake
+        );
         let reason = reason.counted(connect_read);
         self.services.metrics.disconnect(reason);
         let accepted = self.clock.instant_of(conn.accepted_at);

@@ -95,9 +95,10 @@ impl Shard {
         self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
         let _ = self.wire.poll.registry().deregister(&mut conn.socket);
         self.timers.wheel.cancel(conn.timer);
-        let mut tls = None;
+        let (mut tls, mut ws) = (None, None);
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
+            ws = b.ws.take();
             give_bufs(&mut self.wire.pool, *b, self.clock.now);
         }
         let handoff = Handoff {
@@ -107,6 +108,8 @@ impl Shard {
             rest: rest.to_vec(),
             accepted_at: self.clock.instant_of(conn.accepted_at),
             tls,
+            link: conn.link,
+            ws,
         };
         if let Err(ShardMsg::Handoff(h)) = self
             .services
@@ -127,6 +130,9 @@ impl Shard {
             V3_SERVER_UNAVAILABLE
         };
         codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
+        if h.link.is_ws() {
+            crate::ws::frame::frame_in_place(&mut out, 0);
+        }
         match h.tls.as_mut() {
             Some(tls) => {
                 let _ = std::io::Write::write_all(&mut tls.writer(), &out);
@@ -397,7 +403,8 @@ impl Shard {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
         self.services.metrics.packet_out(packet::CONNACK);
-        ShardMetrics::add(&self.services.metrics.connects, 1);
+        let link = self.wire.conns[key].link as usize;
+        ShardMetrics::add(&self.services.metrics.connects[link], 1);
         tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.wire.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
         if present {
             self.resend_inflight(skey);
