@@ -741,3 +741,262 @@ async fn a_session_online_at_a_crash_expires_across_later_restarts() {
     let (_raw, ack) = Raw::connected_v5(gw.mqtt, &c).await;
     assert!(!ack.session_present, "the session outlived its expiry");
 }
+
+// ---------------------------------------------------------------------------------------
+// MQTT acknowledgements wait for the store commit (issue 17 item 2): each scenario kills
+// the gateway the moment the acknowledgement is read, restarts it, and checks that what
+// was acknowledged is there.
+
+use mqttbytes::v4::Packet as P4;
+
+/// Two client ids homed on the same shard of `shards` (the hold covers the acknowledging
+/// shard's own commit; see the README's durability section for the cross-shard case).
+fn same_home(prefix: &str, shards: usize) -> (String, String) {
+    let a = format!("{prefix}-pub");
+    let home = gateway::mailbox::home_shard(&a, shards);
+    let b = (0..)
+        .map(|i| format!("{prefix}-sub-{i}"))
+        .find(|b| gateway::mailbox::home_shard(b, shards) == home)
+        .expect("some id shares the home shard");
+    (a, b)
+}
+
+const SHARDS: usize = 2;
+
+fn acks_toml(dir: &tempdir::Dir) -> String {
+    format!("{}\n[shards]\ncount = {SHARDS}\n", store_toml(dir))
+}
+
+/// A raw 3.1.1 connection with a persistent (or clean) session, after its CONNACK.
+async fn raw_connect(gw: &GatewayProcess, id: &str, clean: bool) -> (Raw, bool) {
+    let mut r = Raw::connect(gw.mqtt).await;
+    r.send(&Raw::connect_v4(id, 60, clean)).await;
+    match r.recv_v4(T).await {
+        Ok(P4::ConnAck(a)) => (r, a.session_present),
+        other => panic!("{id}: no CONNACK: {other:?}"),
+    }
+}
+
+async fn expect_v4(r: &mut Raw, what: &str, f: impl Fn(&P4) -> bool) -> P4 {
+    loop {
+        match r.recv_v4(T).await {
+            Ok(p) if f(&p) => return p,
+            Ok(_) => continue,
+            Err(e) => panic!("no {what}: {e}"),
+        }
+    }
+}
+
+/// Subscribes `id` (persistent) to `filter` at QoS 1, disconnects it, and waits until
+/// that is durable: a push queued for it afterwards is answered after a later commit of
+/// the same shard (one writer, commits in order). Its reconnection skips that push.
+async fn offline_subscriber(gw: &GatewayProcess, id: &str, filter: &str) {
+    let (mut r, _) = raw_connect(gw, id, false).await;
+    r.send(&Raw::subscribe_v4(filter, 1, 1)).await;
+    expect_v4(&mut r, "SUBACK", |p| matches!(p, P4::SubAck(_))).await;
+    r.send(&[0xe0, 0]).await;
+    assert!(r.closed_within(T).await);
+    let (code, body) = post(
+        gw,
+        "/v1/push",
+        json!({"client_id": id, "topic": "sync", "payload": "sync", "qos": 1}),
+    )
+    .await;
+    assert_eq!((code, &body["status"]), (200, &json!("queued")), "{body}");
+}
+
+/// Reconnects persistent `id` and collects the payloads queued for it (but the sync
+/// push), acknowledging each, until `n` arrived or nothing more comes.
+async fn queued_payloads(gw: &GatewayProcess, id: &str, n: usize) -> Vec<String> {
+    let (mut r, present) = raw_connect(gw, id, false).await;
+    assert!(present, "{id}: session present after restart");
+    let mut got = Vec::new();
+    while got.len() < n {
+        let Ok(P4::Publish(p)) = r.recv_v4(Duration::from_secs(3)).await else {
+            break;
+        };
+        r.send(&common::encode(|b| {
+            mqttbytes::v4::PubAck::new(p.pkid).write(b)
+        }))
+        .await;
+        let payload = String::from_utf8_lossy(&p.payload).to_string();
+        if payload != "sync" {
+            got.push(payload);
+        }
+    }
+    got
+}
+
+/// A QoS 1 push to `topic`: the number of sessions it matched.
+async fn topic_push(gw: &GatewayProcess, topic: &str, payload: &str) -> u64 {
+    let (code, body) = post(
+        gw,
+        "/v1/push",
+        json!({"topic": topic, "payload": payload, "qos": 1}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    body["matched"].as_u64().expect("matched")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puback_means_the_message_for_an_offline_subscriber_survives_kill_9() {
+    for trial in 0..3 {
+        let dir = tempdir::Dir::new("puback");
+        let extra = acks_toml(&dir);
+        let mut gw = GatewayProcess::start(&extra);
+        let (publisher, sub) = same_home(&format!("pa{trial}"), SHARDS);
+        offline_subscriber(&gw, &sub, "acks/one").await;
+
+        let (mut p, _) = raw_connect(&gw, &publisher, true).await;
+        p.send(&Raw::publish_v4("acks/one", 1, 7, b"acknowledged"))
+            .await;
+        expect_v4(
+            &mut p,
+            "PUBACK",
+            |p| matches!(p, P4::PubAck(a) if a.pkid == 7),
+        )
+        .await;
+        kill9(&mut gw);
+
+        let gw = GatewayProcess::start(&extra);
+        let got = queued_payloads(&gw, &sub, 1).await;
+        assert_eq!(
+            got,
+            ["acknowledged"],
+            "trial {trial}: a PUBACKed message was lost"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_pubacked_messages_survives_kill_9_after_the_last_puback() {
+    const N: u16 = 300;
+    let dir = tempdir::Dir::new("pubstream");
+    let extra = acks_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let (publisher, sub) = same_home("ps", SHARDS);
+    offline_subscriber(&gw, &sub, "acks/stream").await;
+
+    let (mut p, _) = raw_connect(&gw, &publisher, true).await;
+    let mut burst = Vec::new();
+    for i in 1..=N {
+        burst.extend(Raw::publish_v4(
+            "acks/stream",
+            1,
+            i,
+            format!("m{i}").as_bytes(),
+        ));
+    }
+    p.send(&burst).await;
+    let mut acked = 0;
+    while acked < N {
+        expect_v4(&mut p, "PUBACK", |p| matches!(p, P4::PubAck(_))).await;
+        acked += 1;
+    }
+    kill9(&mut gw);
+
+    let gw = GatewayProcess::start(&extra);
+    let got = queued_payloads(&gw, &sub, N as usize).await;
+    let want: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "PUBACKed messages lost: the last one received is {:?}",
+        got.last()
+    );
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connack_and_suback_mean_the_session_and_subscription_survive_kill_9() {
+    for trial in 0..3 {
+        let dir = tempdir::Dir::new("suback");
+        let extra = acks_toml(&dir);
+        let mut gw = GatewayProcess::start(&extra);
+        let id = format!("sa{trial}");
+        let mut r = Raw::connect(gw.mqtt).await;
+        // CONNECT and SUBSCRIBE in one write: the SUBACK is read right after the CONNACK.
+        let mut both = Raw::connect_v4(&id, 60, false);
+        both.extend(Raw::subscribe_v4("acks/sub", 1, 3));
+        r.send(&both).await;
+        expect_v4(&mut r, "CONNACK", |p| matches!(p, P4::ConnAck(_))).await;
+        expect_v4(&mut r, "SUBACK", |p| matches!(p, P4::SubAck(_))).await;
+        kill9(&mut gw);
+
+        let gw = GatewayProcess::start(&extra);
+        let matched = topic_push(&gw, "acks/sub", "after").await;
+        assert_eq!(matched, 1, "trial {trial}: subscription lost");
+        let got = queued_payloads(&gw, &id, 1).await;
+        assert_eq!(got, ["after"], "trial {trial}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsuback_means_the_subscription_stays_gone_after_kill_9() {
+    for trial in 0..3 {
+        let dir = tempdir::Dir::new("unsuback");
+        let extra = acks_toml(&dir);
+        let mut gw = GatewayProcess::start(&extra);
+        let id = format!("ua{trial}");
+        offline_subscriber(&gw, &id, "acks/unsub").await;
+        let (mut r, _) = raw_connect(&gw, &id, false).await;
+        let unsub = mqttbytes::v4::Unsubscribe {
+            pkid: 4,
+            topics: vec!["acks/unsub".into()],
+        };
+        r.send(&common::encode(|b| unsub.write(b))).await;
+        expect_v4(&mut r, "UNSUBACK", |p| matches!(p, P4::UnsubAck(_))).await;
+        kill9(&mut gw);
+
+        let gw = GatewayProcess::start(&extra);
+        let matched = topic_push(&gw, "acks/unsub", "x").await;
+        assert_eq!(matched, 0, "trial {trial}: unsubscribed yet matched");
+    }
+}
+
+/// QoS 1 PUBLISH → PUBACK round trips to a topic nobody subscribes (nothing stored) and
+/// to one with an offline persistent subscriber (each stores a message): the latency the
+/// commit wait adds. Prints p50/p90/p99 of each and the store's mean commit time.
+/// `cargo test --test durability measure_qos1_round_trip -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_qos1_round_trip_with_a_persistent_subscriber() {
+    let dir = tempdir::Dir::new("rtt");
+    // No inbound publish rate (its 100/s default would pace the round trips).
+    let gw = GatewayProcess::start(&format!("{}[limits]\npublish_rate = 0\n", acks_toml(&dir)));
+    let (publisher, sub) = same_home("rtt", SHARDS);
+    offline_subscriber(&gw, &sub, "acks/rtt").await;
+    let (mut p, _) = raw_connect(&gw, &publisher, true).await;
+    p.stream.set_nodelay(true).expect("nodelay");
+    for topic in ["acks/nobody", "acks/rtt"] {
+        let commits = gw.metric("gateway_store_commit_seconds_count").await;
+        let secs = gw.metric("gateway_store_commit_seconds_sum").await;
+        let rtt = round_trips(&mut p, topic, 500).await;
+        let commits = gw.metric("gateway_store_commit_seconds_count").await - commits;
+        let secs = gw.metric("gateway_store_commit_seconds_sum").await - secs;
+        let at = |q: f64| rtt[((rtt.len() as f64 * q) as usize).min(rtt.len() - 1)];
+        println!(
+            "QoS 1 round trip to {topic}, {} sequential: p50 {:?} p90 {:?} p99 {:?}; \
+             {commits} commits, mean {:.2} ms",
+            rtt.len(),
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            secs * 1000.0 / commits.max(1.0)
+        );
+    }
+}
+
+/// `n` sequential QoS 1 PUBLISH → PUBACK round trips, sorted.
+async fn round_trips(p: &mut Raw, topic: &str, n: u16) -> Vec<Duration> {
+    let mut rtt = Vec::with_capacity(n as usize);
+    for pkid in 1..=n {
+        let t = std::time::Instant::now();
+        p.send(&Raw::publish_v4(topic, 1, pkid, b"x")).await;
+        expect_v4(p, "PUBACK", |p| matches!(p, P4::PubAck(_))).await;
+        rtt.push(t.elapsed());
+    }
+    rtt.sort();
+    rtt
+}

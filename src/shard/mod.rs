@@ -33,6 +33,7 @@ mod delivery;
 mod durable;
 mod framer;
 mod gate;
+mod held;
 mod mqtt;
 mod negotiate;
 mod packet;
@@ -145,6 +146,8 @@ pub struct Shard {
     stopping: bool,
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
+    /// MQTT acknowledgements waiting for the store commit (see `held.rs`).
+    held: held::Held,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -241,6 +244,13 @@ impl Shard {
             settling: Vec::new(),
             settled_at: 0,
         };
+        let immediate = ctx.config.store.durability == crate::config::StoreDurability::Immediate;
+        let held = held::Held::new(
+            ctx.store
+                .as_ref()
+                .filter(|_| immediate)
+                .map(|s| s.signal().clone()),
+        );
         let services = Services {
             auth: ctx.auth,
             business: ctx.business,
@@ -269,6 +279,7 @@ impl Shard {
                 wake_at: None,
                 stopping: false,
                 pending_replies: Vec::new(),
+                held,
             },
             ctx.mailbox,
         ))
@@ -306,6 +317,7 @@ impl Shard {
             // Gauges before the writes, so whatever a client sees is already counted, and
             // after, for connections the writes closed.
             self.publish_gauges();
+            self.release_held();
             self.flush_dirty();
             self.send_pending_replies();
             let outbox_waiting = self.routing.flush(
@@ -347,6 +359,7 @@ impl Shard {
                 }
                 _ = tokio::time::sleep_until(next_tick.into()) => {}
                 _ = tokio::time::sleep(retry) => {}
+                _ = held::Held::committed(self.held.signal()) => {}
             }
         }
         if let Some(store) = self.services.store.take() {

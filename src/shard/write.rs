@@ -29,7 +29,11 @@ impl Shard {
         let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
-        let Some(before) = conn.bufs.as_ref().map(|b| b.out.len() - b.out_pos) else {
+        let Some((before, held)) = conn
+            .bufs
+            .as_ref()
+            .map(|b| (b.out.len() - b.out_pos, b.held_len()))
+        else {
             return;
         };
         let (sent, ok) = transport::write(conn);
@@ -47,8 +51,11 @@ impl Shard {
         }
         if pending == 0 {
             self.drained(key);
+        } else if pending > held {
+            self.still_pending(key, before - held, pending - held);
         } else {
-            self.still_pending(key, before, pending);
+            // Only output waiting for the store commit is left: the socket is not slow.
+            conn.stall_since = 0;
         }
         let session = self.wire.conns[key].session;
         if pending <= low {
@@ -80,8 +87,7 @@ impl Shard {
         if let Some(bufs) = conn.bufs.as_mut() {
             // Keep the unsent tail at the front so the buffer does not creep.
             if bufs.out_pos > bufs.out.len() / 2 {
-                bufs.out.drain(..bufs.out_pos);
-                bufs.out_pos = 0;
+                bufs.compact();
             }
         }
         // A congested connection (backpressure) must drain below the low watermark
@@ -123,8 +129,9 @@ impl Shard {
         if let (Some(code), Version::V5, ConnState::Active) = (v5_reason, conn.version, conn.state)
         {
             // One best-effort, non-blocking write of any pending output plus the DISCONNECT.
+            // Acknowledgements still waiting for the store commit are not sent.
             let mut out = match conn.bufs.as_mut() {
-                Some(b) => b.out.split_off(b.out_pos),
+                Some(b) => b.out[b.out_pos..b.writable_end()].to_vec(),
                 None => Vec::new(),
             };
             codec::encode_disconnect(&mut out, code, None);

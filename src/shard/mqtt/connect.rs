@@ -379,6 +379,8 @@ impl Shard {
         assigned: bool,
         conn_acl: Option<Box<ConnAcl>>,
     ) -> bool {
+        // A CONNACK for a session that was stored (or changed) waits for the commit.
+        let mark = self.durable_mark(key);
         let Ok(conn_acl) = self.connect_acl(key, &c, conn_acl) else {
             return false;
         };
@@ -396,6 +398,7 @@ impl Shard {
         self.wire.output(&self.clock, key, 128, |out| {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
+        self.hold_if_durable(key, mark);
         self.services.metrics.packet_out(packet::CONNACK);
         ShardMetrics::add(&self.services.metrics.connects, 1);
         tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.wire.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
