@@ -749,15 +749,16 @@ async fn a_session_online_at_a_crash_expires_across_later_restarts() {
 
 use mqttbytes::v4::Packet as P4;
 
-/// Two client ids homed on the same shard of `shards` (the hold covers the acknowledging
-/// shard's own commit; see the README's durability section for the cross-shard case).
-fn same_home(prefix: &str, shards: usize) -> (String, String) {
+/// A publisher id and a subscriber id homed on the same shard of `shards`, or (`same`
+/// false) on different ones: then the subscriber's copy is stored by another shard than
+/// the one that acknowledges the PUBLISH.
+fn publisher_and_subscriber(prefix: &str, shards: usize, same: bool) -> (String, String) {
     let a = format!("{prefix}-pub");
     let home = gateway::mailbox::home_shard(&a, shards);
     let b = (0..)
         .map(|i| format!("{prefix}-sub-{i}"))
-        .find(|b| gateway::mailbox::home_shard(b, shards) == home)
-        .expect("some id shares the home shard");
+        .find(|b| (gateway::mailbox::home_shard(b, shards) == home) == same)
+        .expect("some id has the home wanted");
     (a, b)
 }
 
@@ -841,11 +842,22 @@ async fn topic_push(gw: &GatewayProcess, topic: &str, payload: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puback_means_the_message_for_an_offline_subscriber_survives_kill_9() {
+    puback_survives_kill_9(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puback_for_a_subscriber_homed_on_another_shard_survives_kill_9() {
+    puback_survives_kill_9(false).await;
+}
+
+/// One QoS 1 PUBLISH, `kill -9` once its PUBACK is read, three times: the offline
+/// subscriber (on the publisher's home shard, or `same` false: on another) gets it.
+async fn puback_survives_kill_9(same: bool) {
     for trial in 0..3 {
         let dir = tempdir::Dir::new("puback");
         let extra = acks_toml(&dir);
         let mut gw = GatewayProcess::start(&extra);
-        let (publisher, sub) = same_home(&format!("pa{trial}"), SHARDS);
+        let (publisher, sub) = publisher_and_subscriber(&format!("pa{trial}"), SHARDS, same);
         offline_subscriber(&gw, &sub, "acks/one").await;
 
         let (mut p, _) = raw_connect(&gw, &publisher, true).await;
@@ -871,11 +883,22 @@ async fn a_puback_means_the_message_for_an_offline_subscriber_survives_kill_9() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_pubacked_messages_survives_kill_9_after_the_last_puback() {
+    pubacked_stream_survives_kill_9(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubacked_stream_to_a_subscriber_homed_on_another_shard_survives_kill_9() {
+    pubacked_stream_survives_kill_9(false).await;
+}
+
+/// 300 QoS 1 PUBLISHes in one write, `kill -9` once the last PUBACK is read: the offline
+/// subscriber (on the publisher's home shard, or `same` false: on another) gets them all.
+async fn pubacked_stream_survives_kill_9(same: bool) {
     const N: u16 = 300;
     let dir = tempdir::Dir::new("pubstream");
     let extra = acks_toml(&dir);
     let mut gw = GatewayProcess::start(&extra);
-    let (publisher, sub) = same_home("ps", SHARDS);
+    let (publisher, sub) = publisher_and_subscriber("ps", SHARDS, same);
     offline_subscriber(&gw, &sub, "acks/stream").await;
 
     let (mut p, _) = raw_connect(&gw, &publisher, true).await;
@@ -955,9 +978,10 @@ async fn an_unsuback_means_the_subscription_stays_gone_after_kill_9() {
     }
 }
 
-/// QoS 1 PUBLISH → PUBACK round trips to a topic nobody subscribes (nothing stored) and
-/// to one with an offline persistent subscriber (each stores a message): the latency the
-/// commit wait adds. Prints p50/p90/p99 of each and the store's mean commit time.
+/// QoS 1 PUBLISH → PUBACK round trips to a topic nobody subscribes (nothing stored), to
+/// one with an offline persistent subscriber on the publisher's home shard and to one with
+/// a subscriber homed on the other shard (each stores a message): the latency the commit
+/// wait adds. Prints p50/p90/p99 of each and the store's mean commit time.
 /// `cargo test --test durability measure_qos1_round_trip -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
@@ -965,11 +989,13 @@ async fn measure_qos1_round_trip_with_a_persistent_subscriber() {
     let dir = tempdir::Dir::new("rtt");
     // No inbound publish rate (its 100/s default would pace the round trips).
     let gw = GatewayProcess::start(&format!("{}[limits]\npublish_rate = 0\n", acks_toml(&dir)));
-    let (publisher, sub) = same_home("rtt", SHARDS);
-    offline_subscriber(&gw, &sub, "acks/rtt").await;
+    let (publisher, near) = publisher_and_subscriber("rtt", SHARDS, true);
+    let (_, far) = publisher_and_subscriber("rtt", SHARDS, false);
+    offline_subscriber(&gw, &near, "acks/near").await;
+    offline_subscriber(&gw, &far, "acks/far").await;
     let (mut p, _) = raw_connect(&gw, &publisher, true).await;
     p.stream.set_nodelay(true).expect("nodelay");
-    for topic in ["acks/nobody", "acks/rtt"] {
+    for topic in ["acks/nobody", "acks/near", "acks/far"] {
         let commits = gw.metric("gateway_store_commit_seconds_count").await;
         let secs = gw.metric("gateway_store_commit_seconds_sum").await;
         let rtt = round_trips(&mut p, topic, 500).await;
@@ -999,4 +1025,73 @@ async fn round_trips(p: &mut Raw, topic: &str, n: u16) -> Vec<Duration> {
     }
     rtt.sort();
     rtt
+}
+
+/// Makes `cmd` start with writes past `bytes` of any file failing (EFBIG; SIGXFSZ
+/// ignored), so the store's commits fail once its file must grow beyond that.
+fn limit_file_size(cmd: &mut std::process::Command, bytes: libc::rlim_t) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls: signal, setrlimit.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_closes_the_connection_without_its_puback() {
+    const PAYLOAD: usize = 900 * 1024;
+    let dir = tempdir::Dir::new("efbig");
+    let extra = format!(
+        "{}[limits]\npublish_rate = 0\nbytes_rate = 0\n",
+        acks_toml(&dir)
+    );
+    let mut gw = GatewayProcess::start_with(&extra, |c| limit_file_size(c, 16 << 20));
+    let (publisher, sub) = publisher_and_subscriber("efbig", SHARDS, true);
+    offline_subscriber(&gw, &sub, "acks/big").await;
+    let (mut p, _) = raw_connect(&gw, &publisher, true).await;
+    let mut acked = Vec::new();
+    let mut closed = false;
+    for i in 1..=40u16 {
+        let mut payload = vec![b'.'; PAYLOAD];
+        payload[..8].copy_from_slice(format!("{i:08}").as_bytes());
+        p.send(&Raw::publish_v4("acks/big", 1, i, &payload)).await;
+        match p.recv_v4(T).await {
+            Ok(P4::PubAck(a)) => acked.push(a.pkid),
+            Err("closed") => {
+                closed = true;
+                break;
+            }
+            other => panic!("publish {i}: {other:?}"),
+        }
+    }
+    assert!(
+        closed,
+        "the store never failed: every publish was acknowledged"
+    );
+    let refused = gw
+        .metric("gateway_disconnects_total{reason=\"store_error\"}")
+        .await;
+    assert_eq!(refused, 1.0, "counted as a store error");
+    kill9(&mut gw);
+
+    // Without the limit: every acknowledged message is there.
+    let gw = GatewayProcess::start(&extra);
+    let got = queued_payloads(&gw, &sub, acked.len() + 1).await;
+    let got: Vec<u16> = got.iter().map(|p| p[..8].parse().unwrap()).collect();
+    for pkid in &acked {
+        assert!(
+            got.contains(pkid),
+            "PUBACKed message {pkid} lost: got {got:?}"
+        );
+    }
 }

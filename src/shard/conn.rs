@@ -75,9 +75,10 @@ pub struct ConnBufs {
     pub out: Vec<u8>,
     pub out_pos: usize,
     /// Acknowledgements waiting for the store commit (`held.rs`): (offset in `out`, the
-    /// shard's store batch number). Nothing from the first offset on is written before
-    /// that batch is committed, so later output cannot overtake an acknowledgement.
-    pub holds: VecDeque<(usize, u64)>,
+    /// shard's store batch, the routing stamp). Nothing from the first offset on is
+    /// written before those are committed, so later output cannot overtake an
+    /// acknowledgement.
+    pub holds: VecDeque<super::held::Hold>,
     /// Whole frames read but not yet handled because the connection went over its
     /// inbound rate mid-read; handled first when reading resumes.
     pub held: Vec<u8>,
@@ -191,13 +192,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(b.writable_end(), 10);
-        b.holds.push_back((6, 1));
-        b.holds.push_back((8, 2));
+        b.holds.push_back((6, 1, 0));
+        b.holds.push_back((8, 2, 2));
         assert_eq!((b.writable_end(), b.held_len()), (6, 4));
         b.out_pos = 4;
         b.compact();
         assert_eq!(b.out, b"456789");
-        assert_eq!(b.holds, [(2, 1), (4, 2)]);
+        assert_eq!(b.holds, [(2, 1, 0), (4, 2, 2)]);
         assert_eq!(&b.out[b.out_pos..b.writable_end()], b"45");
     }
 

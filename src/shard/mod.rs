@@ -250,6 +250,7 @@ impl Shard {
                 .as_ref()
                 .filter(|_| immediate)
                 .map(|s| s.signal().clone()),
+            shards,
         );
         let services = Services {
             auth: ctx.auth,
@@ -320,11 +321,14 @@ impl Shard {
             self.release_held();
             self.flush_dirty();
             self.send_pending_replies();
+            let stamp = self.route_stamp();
             let outbox_waiting = self.routing.flush(
                 &self.services.mailboxes,
                 &self.services.metrics,
                 &self.settings,
-            ) | self.flush_store();
+                (self.id as u16, stamp),
+            ) | self.flush_echoes()
+                | self.flush_store();
             self.publish_gauges();
             if self.stopping && self.wire.conns.is_empty() {
                 break;
@@ -443,11 +447,13 @@ impl Shard {
     fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Handoff(h) => self.adopt(*h),
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish { from, stamp, batch } => {
                 for m in batch {
                     self.accept_remote(&m);
                 }
+                self.note_remote(from, stamp);
             }
+            ShardMsg::Committed { from, stamp, ok } => self.on_committed(from, stamp, ok),
             ShardMsg::Push { items, reply } => self.on_push(items, reply),
             ShardMsg::PushTopic { msg, reply } => self.on_push_topic(msg, reply),
             ShardMsg::ClientInfo { client_id, reply } => {
