@@ -30,7 +30,10 @@
 //! Sessions with expiry 0 and QoS 0 messages are never written.
 //!
 //! **What waits for the disk.** A push answered `queued` for a persistent session waits
-//! for the commit that holds its message. A `sent` answer does not: the message is already
+//! for the commit that holds its message. With `durability = "immediate"` so do the MQTT
+//! acknowledgements of changes (PUBACK/PUBREC, SUBACK, UNSUBACK, CONNACK): the writer
+//! publishes every finished batch on its shard's [`CommitSignal`] and the shard releases
+//! them (`shard/held.rs`). A `sent` answer does not: the message is already
 //! on the device's socket; it is stored in the same group commit anyway and kept until the
 //! PUBACK deletes it, so a crash before the acknowledgement redelivers it. Messages
 //! restored after a restart lose their subscription identifiers and shared-group tag, and

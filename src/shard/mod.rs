@@ -21,8 +21,9 @@
 //! `transport` turns socket reads into plaintext, the `framer` cuts it into frames.
 //! Its writes go through `write`. The per-packet MQTT logic is in `mqtt` (by packet
 //! family; the CONNECT terms in `negotiate`); routing and delivery in `delivery` and
-//! `shared`; push API requests in `push`; the durable store's side in `durable`;
-//! slow-consumer backpressure in `backpressure`.
+//! `shared`; push API requests in `push`; the durable store's side in `durable`, and the
+//! MQTT acknowledgements that wait for its commits in `held`; slow-consumer backpressure
+//! in `backpressure`.
 
 mod accept;
 mod backpressure;
