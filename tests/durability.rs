@@ -932,6 +932,45 @@ async fn pubacked_stream_survives_kill_9(same: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubacked_streams_from_every_shard_survive_kill_9() {
+    const PUBLISHERS: usize = 4;
+    const N: u16 = 100;
+    let dir = tempdir::Dir::new("pubmany");
+    let extra = acks_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    offline_subscriber(&gw, "many-sub", "acks/many").await;
+    let mut tasks = Vec::new();
+    for k in 0..PUBLISHERS {
+        // Publisher k is homed on shard k % SHARDS: they publish on every shard at once.
+        let id = (0..)
+            .map(|j| format!("many-pub-{k}-{j}"))
+            .find(|id| gateway::mailbox::home_shard(id, SHARDS) == k % SHARDS)
+            .expect("an id for each shard");
+        let (mut p, _) = raw_connect(&gw, &id, true).await;
+        tasks.push(tokio::spawn(async move {
+            let mut burst = Vec::new();
+            for i in 1..=N {
+                let payload = format!("{k}-{i}");
+                burst.extend(Raw::publish_v4("acks/many", 1, i, payload.as_bytes()));
+            }
+            p.send(&burst).await;
+            for _ in 0..N {
+                expect_v4(&mut p, "PUBACK", |p| matches!(p, P4::PubAck(_))).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("publisher");
+    }
+    kill9(&mut gw);
+
+    let gw = GatewayProcess::start(&extra);
+    let total = PUBLISHERS * N as usize;
+    let got = queued_payloads(&gw, "many-sub", total).await;
+    assert_eq!(got.len(), total, "PUBACKed messages lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connack_and_suback_mean_the_session_and_subscription_survive_kill_9() {
     for trial in 0..3 {
         let dir = tempdir::Dir::new("suback");

@@ -372,3 +372,25 @@ impl Shard {
         self.close_conn(key, DisconnectReason::StoreError, Some(reason::UNSPECIFIED));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_shards_with_unanswered_batches_limit_what_is_durable() {
+        let mut h = Held::new(None, 3);
+        assert_eq!(
+            h.routed_durable(),
+            u64::MAX,
+            "nothing routed: nothing to wait for"
+        );
+        h.routed = vec![0, 5, 3];
+        h.answered = vec![0, 4, 3];
+        // Shard 1 answered up to 4 of 5: holds routed under 4 or earlier are done there;
+        // shard 2 answered everything routed to it.
+        assert_eq!(h.routed_durable(), 4);
+        h.answered[1] = 5;
+        assert_eq!(h.routed_durable(), u64::MAX);
+    }
+}
