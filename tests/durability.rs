@@ -1134,3 +1134,35 @@ async fn a_failed_commit_closes_the_connection_without_its_puback() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_eventual_durability_a_puback_does_not_wait_and_a_graceful_stop_keeps_it() {
+    let dir = tempdir::Dir::new("eventual-ack");
+    // An fsync only every minute: a PUBACK that waited for it would not come within T.
+    let extra = format!(
+        "{}durability = \"eventual\"\nsync_interval_ms = 60000\n[shards]\ncount = {SHARDS}\n",
+        store_toml(&dir)
+    );
+    let mut gw = GatewayProcess::start(&extra);
+    let (publisher, sub) = publisher_and_subscriber("ev", SHARDS, false);
+    let (mut s, _) = raw_connect(&gw, &sub, false).await;
+    s.send(&Raw::subscribe_v4("acks/eventual", 1, 1)).await;
+    expect_v4(&mut s, "SUBACK", |p| matches!(p, P4::SubAck(_))).await;
+    s.send(&[0xe0, 0]).await;
+    assert!(s.closed_within(T).await);
+
+    let (mut p, _) = raw_connect(&gw, &publisher, true).await;
+    p.send(&Raw::publish_v4("acks/eventual", 1, 9, b"kept"))
+        .await;
+    expect_v4(
+        &mut p,
+        "PUBACK",
+        |p| matches!(p, P4::PubAck(a) if a.pkid == 9),
+    )
+    .await;
+    stop(&mut gw);
+
+    let gw = GatewayProcess::start(&extra);
+    let got = queued_payloads(&gw, &sub, 1).await;
+    assert_eq!(got, ["kept"], "a graceful stop keeps what was acknowledged");
+}
