@@ -60,10 +60,12 @@ pub enum DisconnectReason {
     /// health check (a TCP connect, or a PROXY v2 LOCAL header, then a close or reset)
     /// or a port scan, not a device's network failing.
     Probe,
+    /// The store could not commit a change the connection's acknowledgement waited for.
+    StoreError,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 12] = [
+    pub const ALL: [DisconnectReason; 13] = [
         DisconnectReason::Client,
         DisconnectReason::Keepalive,
         DisconnectReason::ConnectTimeout,
@@ -76,6 +78,7 @@ impl DisconnectReason {
         DisconnectReason::SocketError,
         DisconnectReason::Refused,
         DisconnectReason::Probe,
+        DisconnectReason::StoreError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +95,7 @@ impl DisconnectReason {
             DisconnectReason::SocketError => "socket_error",
             DisconnectReason::Refused => "refused",
             DisconnectReason::Probe => "probe",
+            DisconnectReason::StoreError => "store_error",
         }
     }
 

@@ -31,8 +31,12 @@ impl Shard {
     /// then TLS close_notify. True if the socket took any of its output.
     pub(super) fn say_last_words(&mut self, key: usize, v5_reason: Option<u8>) -> bool {
         let conn = &mut self.wire.conns[key];
+        // Acknowledgements still waiting for the store commit are not sent.
         let mut out = match conn.bufs.as_mut() {
-            Some(b) => b.out.split_off(b.out_pos.min(b.out.len())),
+            Some(b) => {
+                let start = b.out_pos.min(b.out.len());
+                b.out[start..b.writable_end().max(start)].to_vec()
+            }
             None => Vec::new(),
         };
         let disconnect = v5_reason

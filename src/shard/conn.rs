@@ -4,6 +4,7 @@
 //! session, one timer handle on the shard's wheel and a few bytes of state. Buffers are
 //! borrowed from the shard's pool only while a frame is half-read or output is unsent.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -127,6 +128,11 @@ pub struct ConnBufs {
     /// this is plaintext not yet handed to rustls.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// Acknowledgements waiting for the store commit (`held.rs`): (offset in `out`, the
+    /// shard's store batch, the routing stamp). Nothing from the first offset on is
+    /// written before those are committed, so later output cannot overtake an
+    /// acknowledgement.
+    pub holds: VecDeque<super::held::Hold>,
     /// Whole frames read but not yet handled because the connection went over its
     /// inbound rate mid-read; handled first when reading resumes.
     pub held: Vec<u8>,
@@ -146,6 +152,26 @@ impl ConnBufs {
     /// True when dropping the box loses nothing. `now_ns` is the shard's clock.
     pub fn is_idle(&self, now_ns: u64) -> bool {
         self.holds_only_debt() && self.rate.is_settled(now_ns)
+    }
+
+    /// Where the output that may be written now ends (the first held acknowledgement).
+    pub fn writable_end(&self) -> usize {
+        self.holds.front().map_or(self.out.len(), |h| h.0)
+    }
+
+    /// Output bytes behind a held acknowledgement.
+    pub fn held_len(&self) -> usize {
+        self.out.len() - self.writable_end()
+    }
+
+    /// Drops the written head of `out`, keeping the held offsets in step.
+    pub fn compact(&mut self) {
+        let n = self.out_pos;
+        self.out.drain(..n);
+        self.out_pos = 0;
+        for h in &mut self.holds {
+            h.0 -= n;
+        }
     }
 
     /// True when nothing but inbound rate debt keeps the box alive.
@@ -215,6 +241,23 @@ mod tests {
         let limit = if cfg!(debug_assertions) { 88 } else { 72 };
         assert!(size <= limit, "Conn is {size} bytes");
         assert_eq!(std::mem::size_of::<Peer>(), 16);
+    }
+
+    #[test]
+    fn output_behind_a_hold_stays_and_compacting_keeps_the_offsets() {
+        let mut b = ConnBufs {
+            out: b"0123456789".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(b.writable_end(), 10);
+        b.holds.push_back((6, 1, 0));
+        b.holds.push_back((8, 2, 2));
+        assert_eq!((b.writable_end(), b.held_len()), (6, 4));
+        b.out_pos = 4;
+        b.compact();
+        assert_eq!(b.out, b"456789");
+        assert_eq!(b.holds, [(2, 1, 0), (4, 2, 2)]);
+        assert_eq!(&b.out[b.out_pos..b.writable_end()], b"45");
     }
 
     #[test]

@@ -22,8 +22,9 @@
 //! Its writes go through `write`; a connection ended with something to tell it lingers
 //! in `closing` (the close grace) before its socket is closed. The per-packet MQTT logic is in `mqtt` (by packet
 //! family; the CONNECT terms in `negotiate`); routing and delivery in `delivery` and
-//! `shared`; push API requests in `push`; the durable store's side in `durable`;
-//! slow-consumer backpressure in `backpressure`.
+//! `shared`; push API requests in `push`; the durable store's side in `durable`, and the
+//! MQTT acknowledgements that wait for its commits in `held`; slow-consumer backpressure
+//! in `backpressure`.
 
 mod accept;
 mod backpressure;
@@ -35,6 +36,7 @@ mod delivery;
 mod durable;
 mod framer;
 mod gate;
+mod held;
 mod mqtt;
 mod negotiate;
 mod packet;
@@ -155,6 +157,8 @@ pub struct Shard {
     stopping: bool,
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
+    /// MQTT acknowledgements waiting for the store commit (see `held.rs`).
+    held: held::Held,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -263,6 +267,14 @@ impl Shard {
             settled_at: 0,
             closing: 0,
         };
+        let immediate = ctx.config.store.durability == crate::config::StoreDurability::Immediate;
+        let held = held::Held::new(
+            ctx.store
+                .as_ref()
+                .filter(|_| immediate)
+                .map(|s| s.signal().clone()),
+            shards,
+        );
         let services = Services {
             auth: ctx.auth,
             business: ctx.business,
@@ -291,6 +303,7 @@ impl Shard {
                 wake_at: None,
                 stopping: false,
                 pending_replies: Vec::new(),
+                held,
             },
             ctx.mailbox,
         ))
@@ -328,13 +341,17 @@ impl Shard {
             // Gauges before the writes, so whatever a client sees is already counted, and
             // after, for connections the writes closed.
             self.publish_gauges();
+            self.release_held();
             self.flush_dirty();
             self.send_pending_replies();
+            let stamp = self.route_stamp();
             let outbox_waiting = self.routing.flush(
                 &self.services.mailboxes,
                 &self.services.metrics,
                 &self.settings,
-            ) | self.flush_store();
+                (self.id as u16, stamp),
+            ) | self.flush_echoes()
+                | self.flush_store();
             self.publish_gauges();
             if self.stopping && self.wire.conns.is_empty() {
                 break;
@@ -369,6 +386,7 @@ impl Shard {
                 }
                 _ = tokio::time::sleep_until(next_tick.into()) => {}
                 _ = tokio::time::sleep(retry) => {}
+                _ = held::Held::committed(self.held.signal()) => {}
             }
         }
         if let Some(store) = self.services.store.take() {
@@ -452,11 +470,13 @@ impl Shard {
     fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Handoff(h) => self.adopt(*h),
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish { from, stamp, batch } => {
                 for m in batch {
                     self.accept_remote(&m);
                 }
+                self.note_remote(from, stamp);
             }
+            ShardMsg::Committed { from, stamp, ok } => self.on_committed(from, stamp, ok),
             ShardMsg::Push { items, reply } => self.on_push(items, reply),
             ShardMsg::PushTopic { msg, reply } => self.on_push_topic(msg, reply),
             ShardMsg::ClientInfo { client_id, reply } => {

@@ -218,9 +218,11 @@ pub fn write(conn: &mut Conn) -> (usize, bool) {
         return (0, true);
     };
     let mut sent = 0;
+    // Acknowledgements waiting for the store commit, and what follows them, stay.
+    let end = bufs.writable_end();
     let Some(tls) = bufs.tls.as_mut() else {
-        while bufs.out_pos < bufs.out.len() {
-            match conn.socket.write(&bufs.out[bufs.out_pos..]) {
+        while bufs.out_pos < end {
+            match conn.socket.write(&bufs.out[bufs.out_pos..end]) {
                 Ok(0) => return (sent, false),
                 Ok(n) => {
                     bufs.out_pos += n;
@@ -234,8 +236,8 @@ pub fn write(conn: &mut Conn) -> (usize, bool) {
         return (sent, true);
     };
     loop {
-        if bufs.out_pos < bufs.out.len() {
-            match tls.writer().write(&bufs.out[bufs.out_pos..]) {
+        if bufs.out_pos < end {
+            match tls.writer().write(&bufs.out[bufs.out_pos..end]) {
                 Ok(n) => bufs.out_pos += n,
                 Err(_) => return (sent, false),
             }

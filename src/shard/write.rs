@@ -26,7 +26,11 @@ impl Shard {
         let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
-        let Some(before) = conn.bufs.as_ref().map(|b| b.out.len() - b.out_pos) else {
+        let Some((before, held)) = conn
+            .bufs
+            .as_ref()
+            .map(|b| (b.out.len() - b.out_pos, b.held_len()))
+        else {
             return;
         };
         let (sent, ok) = transport::write(conn);
@@ -44,8 +48,11 @@ impl Shard {
         }
         if pending == 0 {
             self.drained(key);
+        } else if pending > held {
+            self.still_pending(key, before - held, pending - held);
         } else {
-            self.still_pending(key, before, pending);
+            // Only output waiting for the store commit is left: the socket is not slow.
+            conn.stall_since = 0;
         }
         let session = self.wire.conns[key].session;
         if pending <= low {
@@ -77,8 +84,7 @@ impl Shard {
         if let Some(bufs) = conn.bufs.as_mut() {
             // Keep the unsent tail at the front so the buffer does not creep.
             if bufs.out_pos > bufs.out.len() / 2 {
-                bufs.out.drain(..bufs.out_pos);
-                bufs.out_pos = 0;
+                bufs.compact();
             }
         }
         // A congested connection (backpressure) must drain below the low watermark

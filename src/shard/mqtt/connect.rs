@@ -385,6 +385,8 @@ impl Shard {
         assigned: bool,
         conn_acl: Option<Box<ConnAcl>>,
     ) -> bool {
+        // A CONNACK for a session that was stored (or changed) waits for the commit.
+        let mark = self.durable_mark(key);
         let Ok(conn_acl) = self.connect_acl(key, &c, conn_acl) else {
             return false;
         };
@@ -402,6 +404,7 @@ impl Shard {
         self.wire.output(&self.clock, key, 128, |out| {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
+        self.hold_if_durable(key, mark);
         self.services.metrics.packet_out(packet::CONNACK);
         let link = self.wire.conns[key].link as usize;
         ShardMetrics::add(&self.services.metrics.connects[link], 1);
