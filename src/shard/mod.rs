@@ -43,6 +43,8 @@ mod services;
 mod sessions;
 mod settings;
 mod shared;
+#[cfg(test)]
+mod sim;
 mod timers;
 mod transport;
 mod wire;
