@@ -40,6 +40,8 @@ pub struct ConnectSpec<'a> {
     pub expiry: u32,
     /// MQTT 5 Receive Maximum.
     pub receive_max: u16,
+    /// A will: topic, QoS, payload, and (MQTT 5) its delay in seconds.
+    pub will: Option<(&'a str, u8, Vec<u8>, u32)>,
 }
 
 pub struct Client {
@@ -93,7 +95,8 @@ impl Client {
         let mut b = Vec::new();
         string(&mut b, "MQTT");
         b.push(if c.v5 { 5 } else { 4 });
-        b.push(if c.clean { 0x02 } else { 0 });
+        let will_flags = c.will.as_ref().map_or(0, |w| 0x04 | (w.1 << 3));
+        b.push(if c.clean { 0x02 } else { 0 } | will_flags);
         b.extend_from_slice(&c.keep_alive.to_be_bytes());
         if c.v5 {
             let mut p = vec![0x11];
@@ -104,6 +107,15 @@ impl Client {
             b.extend_from_slice(&p);
         }
         string(&mut b, c.client_id);
+        if let Some((topic, _, payload, delay)) = &c.will {
+            if c.v5 {
+                b.extend_from_slice(&[5, 0x18]);
+                b.extend_from_slice(&delay.to_be_bytes());
+            }
+            string(&mut b, topic);
+            b.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            b.extend_from_slice(payload);
+        }
         self.send(0x10, &b);
     }
 

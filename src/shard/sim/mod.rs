@@ -1,9 +1,10 @@
 //! The deterministic simulation test of the shard: one real [`Shard`] on a manual clock,
 //! driven by a seed through hundreds of random client actions — connect (3.1.1 and 5,
-//! clean or persistent), takeover, subscribe and unsubscribe (exact and wildcard
-//! filters), publish at QoS 0/1/2, acknowledge or withhold acknowledgements (to fill the
-//! window), stop reading and resume, DISCONNECT, abrupt reset, ping, and moving the clock
-//! (keep-alive, write stall, session expiry) — with invariants checked after every one.
+//! clean or persistent, with or without a will and will delay), takeover, subscribe and
+//! unsubscribe (exact and wildcard filters), publish at QoS 0/1/2 (small and large),
+//! acknowledge or withhold acknowledgements (to fill the window), stop reading and
+//! resume, DISCONNECT, abrupt reset, ping, and moving the clock (keep-alive, write stall,
+//! will delay, session expiry) — with invariants checked after every one.
 //!
 //! **Design.** The shard's loop is `Shard::turn` (what `run` repeats before it waits), so
 //! the sim calls turns itself and never waits. The wire stays real: each client is a
@@ -11,33 +12,42 @@
 //! Loopback delivers within the sending syscall (a connect is in the accept queue, a
 //! write readable by the peer, when the call returns), so `settle` — turns and client
 //! reads until two quiet rounds, bounded in turns, never in wall time — reaches the same
-//! state on every run. An in-memory transport would need a second kind of connection in
-//! the shard (its connections are `mio::net::TcpStream`; a Unix socketpair through
-//! `from_std` is not a TCP socket: `set_nodelay`, keep-alive and `peer_addr` fail), i.e.
-//! a seam in the production read and write path for the test's sake.
+//! state on every run. Two kernel timers would break that, and the clients avoid both:
+//! they acknowledge at once (`TCP_QUICKACK` after each read, else the shard's socket gets
+//! room only after the 40 ms delayed ACK), and their receive buffer is large enough that a
+//! drained one reopens its window in full (a small one waits for the sender's persist
+//! timer). An in-memory transport would need a second kind of connection in the shard
+//! (its connections are `mio::net::TcpStream`; a Unix socketpair through `from_std` is
+//! not a TCP socket: `set_nodelay`, keep-alive and `peer_addr` fail), i.e. a seam in the
+//! production read and write path for the test's sake.
 //!
 //! **What is checked** after every action (`check.rs`, `world.rs`):
 //! - at most one live connection per client id, connections and sessions pointing at
-//!   each other, a connection taken over is closed;
+//!   each other, as many connections on the shard as live clients (one taken over is
+//!   closed);
 //! - one wheel entry per connection and per offline session and no other; the index
 //!   and the slab agree; an offline session is a persistent one;
 //! - an idle connection holds no buffer box; in-flight never exceeds the window (on the
 //!   server and as the client counts it); `queued_total` is the sum of the queues;
 //! - the model's sessions (what exists, session present in the CONNACK) are the
-//!   server's; no close without a cause (keep-alive, write stall) and none missed; a
-//!   session lives until its expiry and is gone soon after;
+//!   server's; every CONNECT answered; no close without a cause (keep-alive, write
+//!   stall) and no keep-alive missed; a session lives until its expiry and is gone soon
+//!   after;
 //! - every delivered message was published on that topic while the session was
-//!   subscribed to it, at the granted QoS; at the end, every offline session is
-//!   resumed, every ack sent, and every QoS 1/2 message owed to a session that still
-//!   exists must have arrived.
+//!   subscribed to it, at the granted QoS; a will arrives only after its connection went
+//!   other than by DISCONNECT, not before its delay (or its session's end), on a topic
+//!   the receiver subscribed to;
+//! - at the end every client reads and acks, every offline session is resumed, and
+//!   every QoS 1/2 message owed to a session that still exists must have arrived.
 //!
 //! **Running.** `cargo test --lib shard::sim` runs `SIM_SEEDS` seeds (default 500, from
 //! `SIM_FIRST`, default 0) of `SIM_STEPS` actions (default 300); CI (`.ci/run`) runs
 //! 2,000. A failure prints its seed and last actions; `SIM_SEED=n` runs that one seed and
 //! prints its whole action trace (`-- --nocapture`).
 //!
-//! **Not simulated** (yet): wills and will delay, retained messages, shared
-//! subscriptions, MQTT 5 topic aliases, a second shard (handoffs), TLS and PROXY.
+//! **Not simulated** (yet): that a will is published at all (only when and where),
+//! retained messages, shared subscriptions, MQTT 5 topic aliases, a second shard
+//! (handoffs), TLS and PROXY, inbound rate limits and `slow_consumer = "backpressure"`.
 
 mod check;
 mod client;
@@ -69,6 +79,7 @@ fn run_seed(
     w.avoid_resume_over_window = !known_bugs;
     w.settle()?;
     for step in 0..steps {
+        w.begin_step();
         let action = step_once(&mut w);
         trace.push(format!("{step:4} t={:6}ms {action}", w.now));
         w.settle()?;
@@ -132,6 +143,10 @@ fn connect(w: &mut World, i: usize) -> String {
         receive_max = 10;
     }
     let id = w.slots[i].id.clone();
+    let will = w.rng.chance(30).then(|| make_will(w, i, v5, expiry));
+    let will_note = will.as_ref().map_or(String::new(), |(msg, t, q, d)| {
+        format!(" will #{msg} {t} qos {q} delay {d}s")
+    });
     let spec = ConnectSpec {
         client_id: &id,
         v5,
@@ -139,6 +154,9 @@ fn connect(w: &mut World, i: usize) -> String {
         keep_alive,
         expiry,
         receive_max,
+        will: will
+            .as_ref()
+            .map(|&(msg, t, q, d)| (t, q, payload(msg, t, 0), d)),
     };
     let takeover = if w.slots[i].live.is_some() {
         " (takeover)"
@@ -146,10 +164,37 @@ fn connect(w: &mut World, i: usize) -> String {
         ""
     };
     w.connect(i, &spec);
+    if let Some(live) = w.slots[i].live.as_mut() {
+        live.will = will.map(|(msg, ..)| msg);
+    }
     format!(
-        "{id} connect{takeover} v{} clean={clean} ka={keep_alive} expiry={expiry} rm={receive_max}",
+        "{id} connect{takeover} v{} clean={clean} ka={keep_alive} expiry={expiry} rm={receive_max}{will_note}",
         if v5 { 5 } else { 4 }
     )
+}
+
+/// A will for a new connection, known to the model: (message id, topic, QoS, delay).
+fn make_will(w: &mut World, slot: usize, v5: bool, expiry: u32) -> (u64, &'static str, u8, u32) {
+    let topic = *w.rng.pick(&TOPICS);
+    let qos = w.rng.below(3) as u8;
+    let delay = if v5 { *w.rng.pick(&[0u32, 2, 10]) } else { 0 };
+    let msg = w.next_msg;
+    w.next_msg += 1;
+    // The session's expiry as granted (3.1.1: 0 for a clean session, which the will
+    // never outlives anyway; the cap is 30 s).
+    let session = if v5 { expiry.min(30) } else { 0 };
+    let after_ms = u64::from(delay.min(session)) * 1000;
+    w.wills.insert(
+        msg,
+        world::MWill {
+            slot,
+            topic,
+            qos,
+            after_ms,
+            gone_at: None,
+        },
+    );
+    (msg, topic, qos, delay)
 }
 
 fn advance(w: &mut World) -> String {
@@ -170,6 +215,7 @@ fn subscribe(w: &mut World, i: usize) -> String {
     live.last_sent = w.now;
     let session = slot.session.as_mut().expect("session");
     session.subs.insert(filter.to_string(), qos);
+    session.ever.insert(filter.to_string());
     format!("{} subscribe {filter} qos {qos}", slot.id)
 }
 
@@ -235,6 +281,8 @@ fn toggle_stall(w: &mut World, i: usize) -> String {
 fn disconnect(w: &mut World, i: usize) -> String {
     let live = w.slots[i].live.as_mut().expect("live");
     live.client.send_disconnect();
+    // A DISCONNECT (reason 0) discards the will.
+    live.will = None;
     w.gone(i, true);
     format!("{} DISCONNECT", w.slots[i].id)
 }
@@ -275,6 +323,7 @@ fn finish(w: &mut World) -> Result<(), String> {
                 keep_alive: 0,
                 expiry: 30,
                 receive_max: 10,
+                will: None,
             };
             w.connect(i, &spec);
         }

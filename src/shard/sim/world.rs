@@ -3,7 +3,7 @@
 //! session, subscriptions, and the messages it may and must receive). Every action is
 //! followed by `settle` (loop turns and client reads until nothing moves) and the checks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -51,6 +51,9 @@ fn config() -> Config {
 #[derive(Default)]
 pub struct MSession {
     pub subs: BTreeMap<String, u8>,
+    /// Every filter it has had (a will may be published while one is held, and
+    /// delivered from the queue after it is gone).
+    pub ever: BTreeSet<String>,
     /// Seconds it outlives its connection.
     pub expiry_secs: u32,
     /// Offline since somewhere in (lo, hi) ms: exactly known when the client left, only
@@ -62,12 +65,30 @@ pub struct MSession {
     pub expect: BTreeMap<u64, u8>,
 }
 
+/// A will as the model knows it: published no earlier than its delay (or the session's
+/// end) after its connection went away other than by DISCONNECT, and never after one.
+pub struct MWill {
+    /// The slot whose connection set it.
+    pub slot: usize,
+    pub topic: &'static str,
+    pub qos: u8,
+    /// Its delay, capped by the session's expiry, in ms.
+    pub after_ms: u64,
+    /// When its connection went away: `None` while it is live (or ended by DISCONNECT).
+    pub gone_at: Option<u64>,
+}
+
+type WillArrival = (String, BTreeSet<String>, u64, u8, String, u64);
+
 /// A live connection as its client sees it.
 pub struct Live {
     pub client: Client,
     /// Effective keep-alive, seconds.
     pub keep_alive: u64,
     pub last_sent: u64,
+    /// `last_sent` when this step began: what the shard's timers went by if the step
+    /// moved the clock (acks sent while settling come after the timers fired).
+    pub sent_before_step: u64,
     pub window: usize,
     pub acking: bool,
     pub stalled: bool,
@@ -77,6 +98,8 @@ pub struct Live {
     pub open: HashMap<u16, u8>,
     pub withheld: Vec<(u8, u16)>,
     pub next_pkid: u16,
+    /// Its will's message id.
+    pub will: Option<u64>,
 }
 
 pub struct Slot {
@@ -96,6 +119,11 @@ pub struct World {
     pub rng: Rng,
     /// Connections taken over, read until the next `reconcile`.
     pub replaced: Vec<Client>,
+    /// Wills by message id.
+    pub wills: HashMap<u64, MWill>,
+    /// Wills delivered this action: receiver, its subscriptions, message id, QoS, topic,
+    /// time.
+    will_arrivals: Vec<WillArrival>,
     /// Never resume a session with a Receive Maximum below what it has in flight: the
     /// shard resends all of it at once, over the window (a known bug; the ignored test
     /// `resuming_with_a_smaller_window_stays_within_it` shows it).
@@ -145,6 +173,8 @@ impl World {
             rng: Rng::new(seed),
             replaced: Vec::new(),
             avoid_resume_over_window: true,
+            wills: HashMap::new(),
+            will_arrivals: Vec::new(),
         }
     }
 
@@ -155,6 +185,13 @@ impl World {
             .find(&self.slots[i].id)
             .and_then(|k| sessions.get(k as usize))
             .map_or(0, |s| s.inflight_len())
+    }
+
+    /// Marks the start of a step (see `Live::sent_before_step`).
+    pub fn begin_step(&mut self) {
+        for live in self.slots.iter_mut().filter_map(|s| s.live.as_mut()) {
+            live.sent_before_step = live.last_sent;
+        }
     }
 
     pub fn advance(&mut self, ms: u64) {
@@ -227,7 +264,15 @@ impl World {
                 payload,
             } => {
                 let session = slot.session.as_mut().expect("a live client has a session");
-                deliver(&id, session, qos, &topic, &payload)?;
+                let msg = u64::from_le_bytes(payload[..8].try_into().expect("8-byte id"));
+                if self.wills.contains_key(&msg) {
+                    // Checked in `reconcile`, once the model knows the connection closed.
+                    let subs = session.ever.clone();
+                    self.will_arrivals
+                        .push((id.clone(), subs, msg, qos, topic, now));
+                } else {
+                    deliver(&id, session, qos, &topic, &payload)?;
+                }
                 if qos > 0 {
                     if live.open.insert(pkid, qos).is_some() {
                         return Err(format!("{id}: packet id {pkid} sent while in flight"));
@@ -263,6 +308,9 @@ impl World {
         client.send_connect(spec);
         let slot = &mut self.slots[i];
         if let Some(old) = slot.live.take() {
+            if let Some(w) = old.will.and_then(|id| self.wills.get_mut(&id)) {
+                w.gone_at = Some(self.now);
+            }
             self.replaced.push(old.client);
             // Closing the old connection ends a session that ends with its connection.
             if slot.session.as_ref().is_some_and(|s| s.expiry_secs == 0) {
@@ -270,6 +318,15 @@ impl World {
             }
         }
         let present = !spec.clean && slot.session.is_some();
+        if spec.clean {
+            // The old session ends now, and with it the wait of its will.
+            let now = self.now;
+            for w in self.wills.values_mut().filter(|w| w.slot == i) {
+                if let Some(gone) = w.gone_at {
+                    w.after_ms = w.after_ms.min(now - gone);
+                }
+            }
+        }
         if !present {
             slot.session = Some(MSession::default());
         }
@@ -292,6 +349,7 @@ impl World {
                 k => u64::from(k),
             },
             last_sent: self.now,
+            sent_before_step: self.now,
             window,
             acking: true,
             stalled: false,
@@ -299,6 +357,7 @@ impl World {
             open: HashMap::new(),
             withheld: Vec::new(),
             next_pkid: 1,
+            will: None,
         });
     }
 
@@ -333,7 +392,10 @@ impl World {
         let Some(live) = slot.live.take() else {
             return;
         };
-        let lo = if known { now } else { live.last_sent };
+        let lo = if known { now } else { live.sent_before_step };
+        if let Some(w) = live.will.and_then(|id| self.wills.get_mut(&id)) {
+            w.gone_at = Some(lo);
+        }
         match slot.session.as_mut() {
             Some(s) if s.expiry_secs > 0 => s.offline = Some((lo, now)),
             _ => slot.session = None,
@@ -365,6 +427,7 @@ impl World {
             let since = self.now - live.last_sent;
             let allowed = live.keep_alive * 1500;
             if live.client.closed || !online {
+                let since = self.now - live.sent_before_step;
                 if !live.stalled && since + TICK_MS < allowed {
                     return Err(format!(
                         "{id}: closed by the server {since} ms after its last packet, \
@@ -378,6 +441,9 @@ impl World {
                      allows {allowed} ms"
                 ));
             }
+        }
+        for (id, subs, msg, qos, topic, at) in std::mem::take(&mut self.will_arrivals) {
+            will_delivered(&id, &subs, &self.wills[&msg], msg, qos, &topic, at)?;
         }
         self.reconcile_expiry()
     }
@@ -498,6 +564,39 @@ fn deliver(id: &str, s: &mut MSession, qos: u8, topic: &str, payload: &[u8]) -> 
             Ok(())
         }
     }
+}
+
+/// Checks a delivered will: its connection went away (not by DISCONNECT) at least its
+/// delay ago, the receiver has been subscribed to its topic, at no more than its QoS.
+fn will_delivered(
+    id: &str,
+    subs: &BTreeSet<String>,
+    w: &MWill,
+    msg: u64,
+    qos: u8,
+    topic: &str,
+    now: u64,
+) -> Result<(), String> {
+    let Some(gone) = w.gone_at else {
+        return Err(format!(
+            "{id}: will {msg} arrived while its connection lives or after a DISCONNECT"
+        ));
+    };
+    if now + TICK_MS < gone + w.after_ms {
+        return Err(format!(
+            "{id}: will {msg} arrived {} ms after its connection went, delay {} ms",
+            now - gone,
+            w.after_ms
+        ));
+    }
+    let subscribed = subs.iter().any(|f| topic_matches(f, topic));
+    if subscribed && topic == w.topic && qos <= w.qos {
+        return Ok(());
+    }
+    Err(format!(
+        "{id}: will {msg} on {topic} at QoS {qos} (set on {} at QoS {}), subscribed {subs:?}",
+        w.topic, w.qos
+    ))
 }
 
 /// A payload: the message id, the topic (so a mix-up shows), then padding.
