@@ -47,6 +47,8 @@ mod services;
 mod sessions;
 mod settings;
 mod shared;
+#[cfg(test)]
+mod sim;
 mod timers;
 mod transport;
 mod websocket;
@@ -161,6 +163,16 @@ pub struct Shard {
     held: held::Held,
 }
 
+/// What one loop turn left behind.
+struct TurnEnd {
+    /// More may be waiting: turn again before waiting.
+    busy: bool,
+    /// A batch for another shard found its mailbox full.
+    outbox_waiting: bool,
+    /// Shutting down and every connection is closed: the loop ends.
+    stopped: bool,
+}
+
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
 struct PollFd(RawFd);
 impl AsRawFd for PollFd {
@@ -213,6 +225,15 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
 
 impl Shard {
     fn new(ctx: ShardContext) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
+        Self::with_clock(ctx, Clock::new)
+    }
+
+    /// A shard reading time from the clock `clock` makes for its tick (the simulation
+    /// test gives it `Clock::manual`).
+    fn with_clock(
+        ctx: ShardContext,
+        clock: fn(Duration) -> Clock,
+    ) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
         let settings = Settings::from_config(&ctx.config);
         let acl = crate::acl::Acl::from_config(&ctx.config.acl)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -240,7 +261,7 @@ impl Shard {
             }
             None => None,
         };
-        let clock = Clock::new(settings.tick);
+        let clock = clock(settings.tick);
         let connect_bucket =
             TokenBucket::new(settings.connect_rate, settings.connect_burst, clock.read());
         let shards = ctx.mailboxes.len();
@@ -322,52 +343,16 @@ impl Shard {
         .map_err(io::Error::from)?;
         tracing::debug!(shard = self.id, "shard started");
         loop {
-            self.clock.update();
-            let mut busy = self.poll_sockets()?;
-            for _ in 0..MAILBOX_PER_TURN {
-                match rx.try_recv() {
-                    Ok(msg) => self.handle_msg(msg),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.begin_shutdown();
-                        break;
-                    }
-                }
-            }
-            // An accepted authentication queues its connection for reading.
-            busy |= !rx.is_empty() || !self.wire.reread.is_empty();
-            busy |= self.run_timers();
-            self.wire.sweep_settling(&self.clock);
-            // Gauges before the writes, so whatever a client sees is already counted, and
-            // after, for connections the writes closed.
-            self.publish_gauges();
-            self.release_held();
-            self.flush_dirty();
-            self.send_pending_replies();
-            let stamp = self.route_stamp();
-            let outbox_waiting = self.routing.flush(
-                &self.services.mailboxes,
-                &self.services.metrics,
-                &self.settings,
-                (self.id as u16, stamp),
-            ) | self.flush_echoes()
-                | self.flush_store();
-            self.publish_gauges();
-            if self.stopping && self.wire.conns.is_empty() {
+            let turn = self.turn(&mut rx)?;
+            if turn.stopped {
                 break;
             }
-            // Accepting stopped at max_handshaking and handshakes have finished since: the
-            // backlog gives no new event for connections already waiting in it.
-            let max = self.settings.max_handshaking;
-            busy |= self.admission.accept_blocked
-                && !self.stopping
-                && self.admission.admit(max, self.clock.read()) == Admit::Yes;
-            if busy {
+            if turn.busy {
                 tokio::task::yield_now().await;
                 continue;
             }
             let next_tick = self.clock.instant_of(self.clock.now32() + 1);
-            let mut retry = if outbox_waiting {
+            let mut retry = if turn.outbox_waiting {
                 Duration::from_millis(1)
             } else {
                 Duration::from_secs(3600)
@@ -396,6 +381,61 @@ impl Shard {
         }
         tracing::debug!(shard = self.id, "shard stopped");
         Ok(())
+    }
+
+    /// One loop turn, without waiting: read the clock, drain ready sockets, the mailbox
+    /// and due timers (each bounded), then write and hand on what the turn produced.
+    /// `run` calls it and waits when it was not busy; the simulation test drives it alone.
+    fn turn(&mut self, rx: &mut mpsc::Receiver<ShardMsg>) -> io::Result<TurnEnd> {
+        self.clock.update();
+        let mut busy = self.poll_sockets()?;
+        for _ in 0..MAILBOX_PER_TURN {
+            match rx.try_recv() {
+                Ok(msg) => self.handle_msg(msg),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.begin_shutdown();
+                    break;
+                }
+            }
+        }
+        // An accepted authentication queues its connection for reading.
+        busy |= !rx.is_empty() || !self.wire.reread.is_empty();
+        busy |= self.run_timers();
+        self.wire.sweep_settling(&self.clock);
+        // Gauges before the writes, so whatever a client sees is already counted, and
+        // after, for connections the writes closed.
+        self.publish_gauges();
+        self.release_held();
+        self.flush_dirty();
+        self.send_pending_replies();
+        let stamp = self.route_stamp();
+        let outbox_waiting = self.routing.flush(
+            &self.services.mailboxes,
+            &self.services.metrics,
+            &self.settings,
+            (self.id as u16, stamp),
+        ) | self.flush_echoes()
+            | self.flush_store();
+        self.publish_gauges();
+        if self.stopping && self.wire.conns.is_empty() {
+            return Ok(TurnEnd {
+                busy,
+                outbox_waiting,
+                stopped: true,
+            });
+        }
+        // Accepting stopped at max_handshaking and handshakes have finished since: the
+        // backlog gives no new event for connections already waiting in it.
+        let max = self.settings.max_handshaking;
+        busy |= self.admission.accept_blocked
+            && !self.stopping
+            && self.admission.admit(max, self.clock.read()) == Admit::Yes;
+        Ok(TurnEnd {
+            busy,
+            outbox_waiting,
+            stopped: false,
+        })
     }
 
     fn wake_no_later_than(&mut self, at: Instant) {

@@ -231,6 +231,8 @@ impl Shard {
         }
         let alive = self.dispatch(key, &inbuf, rest);
         self.wire.pool.give(inbuf, self.clock.now);
+        // The box may hold nothing now: an idle connection keeps none.
+        self.wire.release_idle_bufs(&self.clock, key);
         if alive {
             Ok(rest)
         } else {
