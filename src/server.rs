@@ -18,6 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::api::ApiState;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::events::{EventSender, Events};
 use crate::http::{self, AdminState};
 use crate::logging::LogGuard;
 use crate::mailbox::{Mailboxes, ShardMsg};
@@ -37,6 +38,7 @@ pub struct Server {
     ready: Arc<AtomicBool>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     store: Option<Store>,
+    events: Events,
 }
 
 /// A listener for shard `i`: SO_REUSEPORT so every shard can bind the same address.
@@ -104,6 +106,13 @@ impl Server {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
         );
 
+        // The event sinks run on the business pool; shards get their sender.
+        let events = Events::start(
+            &config.events,
+            &crate::events::host_name(),
+            business.handle(),
+        )?;
+
         let (mailboxes, receivers) = Mailboxes::new(n, config.shards.mailbox_capacity as usize);
         let metrics: Vec<Arc<ShardMetrics>> =
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
@@ -154,6 +163,7 @@ impl Server {
             ready: ready.clone(),
             log_dropped: log.map(|g| g.dropped_counter()),
             push,
+            events: config.events.enabled().then(|| events.metrics.clone()),
             started: Instant::now(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -183,7 +193,14 @@ impl Server {
             ready,
             http_stop: Some(stop_tx),
             store,
+            events,
         })
+    }
+
+    /// The handle through which shards emit events (disabled when `[events]` names no
+    /// sink).
+    pub fn event_sender(&self) -> EventSender {
+        self.events.sender.clone()
     }
 
     /// Blocks until SIGINT or SIGTERM.
@@ -233,6 +250,9 @@ impl Server {
             store
                 .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5));
         }
+        // The shards' last events (disconnected: shutdown) get one delivery attempt.
+        self.events
+            .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1));
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }

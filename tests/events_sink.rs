@@ -1,0 +1,645 @@
+//! The events pipeline driven directly (the shards do not emit yet): events go through
+//! `EventSender::try_emit` to a real webhook (an axum server on a free loopback port,
+//! plain and TLS with a test CA) and to a real `nats-server` (with JetStream).
+//!
+//! Outages are real (a closed port, a stopped server), and waits poll for a condition
+//! with a generous deadline; backoffs are configured short so the suite stays quick.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use gateway::codec::PublishProps;
+use gateway::config::Config;
+use gateway::events::webhook::signature;
+use gateway::events::{Connected, Event, EventKind, Events, SeqGen};
+use gateway::message::{Message, Origin};
+use gateway::metrics::DisconnectReason;
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The `[events]` config of `toml` (merged over the defaults and validated).
+fn events_config(toml: &str) -> gateway::events::EventsConfig {
+    Config::from_toml_str(&format!("[events]\n{toml}"))
+        .expect("valid [events]")
+        .events
+}
+
+/// Polls `f` every 20 ms until it is true; panics with `what` after [`DEADLINE`].
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One POST the webhook received.
+#[derive(Clone, Debug)]
+struct Post {
+    body: Vec<u8>,
+    /// Whether `X-Gateway-Signature` matched the receiver's own secret.
+    signature_ok: bool,
+}
+
+/// A webhook receiver that checks the signature with its own secret and answers 401 on a
+/// mismatch, 200 otherwise.
+#[derive(Clone)]
+struct Receiver {
+    secret: Arc<Vec<u8>>,
+    posts: Arc<Mutex<Vec<Post>>>,
+}
+
+impl Receiver {
+    fn new(secret: &str) -> Receiver {
+        Receiver {
+            secret: Arc::new(secret.as_bytes().to_vec()),
+            posts: Default::default(),
+        }
+    }
+
+    fn router(&self) -> Router {
+        Router::new()
+            .route("/hook", post(receive))
+            .with_state(self.clone())
+    }
+
+    /// Serves on `listener` (plain HTTP) in the background.
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let app = self.router();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    fn posts(&self) -> Vec<Post> {
+        self.posts.lock().unwrap().clone()
+    }
+
+    /// Every event received, in order of arrival.
+    fn events(&self) -> Vec<Value> {
+        self.posts()
+            .iter()
+            .flat_map(
+                |p| match serde_json::from_slice::<Value>(&p.body).unwrap() {
+                    Value::Array(items) => items,
+                    other => panic!("a POST body is not a JSON array: {other}"),
+                },
+            )
+            .collect()
+    }
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let got = headers
+        .get("x-gateway-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let signature_ok = got == signature(&r.secret, &body);
+    r.posts.lock().unwrap().push(Post {
+        body: body.to_vec(),
+        signature_ok,
+    });
+    if signature_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::UNAUTHORIZED
+    }
+}
+
+async fn free_listener() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+fn connected(seq: &mut SeqGen, id: &str, session_present: bool) -> Event {
+    Event::now(
+        seq.next_seq(),
+        id.into(),
+        EventKind::Connected(Box::new(Connected {
+            username: Some("alice".into()),
+            peer: "10.1.2.3:40000".parse().unwrap(),
+            protocol_version: 5,
+            keep_alive: 60,
+            clean_start: !session_present,
+            session_present,
+        })),
+    )
+}
+
+fn numbered(seq: &mut SeqGen, i: usize) -> Event {
+    Event::now(
+        seq.next_seq(),
+        format!("dev-{i}").into(),
+        EventKind::SessionExpired,
+    )
+}
+
+fn start(toml: &str) -> Events {
+    Events::start(
+        &events_config(toml),
+        "node-a",
+        &tokio::runtime::Handle::current(),
+    )
+    .expect("events start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_gets_every_kind_signed_batched_and_in_order() {
+    let listener = free_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::new("s3cret");
+    receiver.serve(listener);
+    let events = start(&format!(
+        "webhook_url = \"http://{addr}/hook\"\nwebhook_secret = \"s3cret\"\nbatch_max = 3\nlinger_ms = 100\n"
+    ));
+    let tx = events.sender.clone();
+    assert!(tx.enabled());
+    let mut seq = SeqGen::default();
+    let props = PublishProps {
+        content_type: Some("application/json".into()),
+        response_topic: Some("devices/d1/reply".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00\x01")),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    let mut text = Message::new(
+        "devices/d1/telemetry".into(),
+        bytes::Bytes::from_static(b"{\"t\":21.5}"),
+        1,
+        false,
+        Origin::Gateway,
+    );
+    text.props = Some(Box::new(props));
+    let binary = Message::new(
+        "devices/d1/telemetry".into(),
+        bytes::Bytes::from_static(b"\xff\x00"),
+        0,
+        true,
+        Origin::Gateway,
+    );
+    let sent = vec![
+        connected(&mut seq, "d1", false),
+        // A takeover: the old connection's end before the new connection.
+        Event::now(
+            seq.next_seq(),
+            "d1".into(),
+            EventKind::Disconnected {
+                reason: DisconnectReason::Takeover,
+            },
+        ),
+        connected(&mut seq, "d1", true),
+        Event::now(
+            seq.next_seq(),
+            "d1".into(),
+            EventKind::Subscribed {
+                filters: vec![("a/+".into(), 1), ("b/#".into(), 0)],
+            },
+        ),
+        Event::now(
+            seq.next_seq(),
+            "d1".into(),
+            EventKind::Unsubscribed {
+                filters: vec!["a/+".into()],
+            },
+        ),
+        Event::now(
+            seq.next_seq(),
+            "d1".into(),
+            EventKind::Uplink(Arc::new(text)),
+        ),
+        Event::now(
+            seq.next_seq(),
+            "d1".into(),
+            EventKind::Uplink(Arc::new(binary)),
+        ),
+        Event::now(seq.next_seq(), "d1".into(), EventKind::SessionExpired),
+    ];
+    for e in sent {
+        tx.try_emit(e);
+    }
+    wait_until("8 events", || receiver.events().len() == 8).await;
+    let posts = receiver.posts();
+    assert!(posts.iter().all(|p| p.signature_ok), "every body is signed");
+    assert!(
+        posts.iter().all(|p| {
+            let n = serde_json::from_slice::<Vec<Value>>(&p.body).unwrap().len();
+            (1..=3).contains(&n)
+        }),
+        "batches hold 1..=batch_max events"
+    );
+    assert!(posts.len() >= 3, "8 events in batches of at most 3");
+
+    let got = receiver.events();
+    let kinds: Vec<&str> = got.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "connected",
+            "disconnected",
+            "connected",
+            "subscribed",
+            "unsubscribed",
+            "uplink",
+            "uplink",
+            "session_expired"
+        ]
+    );
+    let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq increases: {seqs:?}"
+    );
+    for e in &got {
+        assert_eq!(e["client_id"], "d1");
+        assert_eq!(e["node"], "node-a");
+        assert!(e["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
+    }
+    let c = &got[0];
+    assert_eq!(c["username"], "alice");
+    assert_eq!(c["peer"], "10.1.2.3:40000");
+    assert_eq!(c["protocol_version"], 5);
+    assert_eq!(c["keep_alive"], 60);
+    assert_eq!(c["clean_start"], true);
+    assert_eq!(c["session_present"], false);
+    assert_eq!(got[1]["reason"], "takeover");
+    assert_eq!(got[2]["session_present"], true);
+    assert_eq!(
+        got[3]["filters"],
+        serde_json::json!([{"filter": "a/+", "qos": 1}, {"filter": "b/#", "qos": 0}])
+    );
+    assert_eq!(got[4]["filters"], serde_json::json!(["a/+"]));
+    let up = &got[5];
+    assert_eq!(up["topic"], "devices/d1/telemetry");
+    assert_eq!(up["payload"], "{\"t\":21.5}");
+    assert_eq!(up["payload_encoding"], "utf8");
+    assert_eq!(up["qos"], 1);
+    assert_eq!(up["retain"], false);
+    assert_eq!(up["content_type"], "application/json");
+    assert_eq!(up["response_topic"], "devices/d1/reply");
+    assert_eq!(up["correlation_data"], "AAE=");
+    assert_eq!(up["user_properties"], serde_json::json!([["k", "v"]]));
+    assert_eq!(got[6]["payload"], "/wA=");
+    assert_eq!(got[6]["payload_encoding"], "base64");
+    assert_eq!(got[6]["retain"], true);
+
+    // Linger: a lone event goes out although the batch is not full.
+    tx.try_emit(numbered(&mut seq, 9));
+    wait_until("the lone event", || receiver.events().len() == 9).await;
+    assert_eq!(
+        serde_json::from_slice::<Vec<Value>>(&receiver.posts().last().unwrap().body)
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let m = events.sink("webhook").unwrap();
+    assert_eq!(m.sent.get(), 9);
+    let mut text = String::new();
+    events.metrics.render(&mut text);
+    assert!(
+        text.contains("gateway_events_sent_total{sink=\"webhook\"} 9"),
+        "{text}"
+    );
+    assert!(text.contains("gateway_events_queue_depth{sink=\"webhook\"} 0"));
+    assert!(text
+        .contains("gateway_events_dropped_total{sink=\"webhook\",reason=\"queue_full_oldest\"} 0"));
+    assert!(text.contains("gateway_events_delivery_seconds_count{sink=\"webhook\"} 9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_is_visible_to_the_receiver_and_counted() {
+    let listener = free_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::new("the-real-secret");
+    receiver.serve(listener);
+    let events = start(&format!(
+        "webhook_url = \"http://{addr}/hook\"\nwebhook_secret = \"a-wrong-secret\"\nlinger_ms = 0\n"
+    ));
+    let mut seq = SeqGen::default();
+    events.sender.try_emit(numbered(&mut seq, 1));
+    let m = events.sink("webhook").unwrap().clone();
+    wait_until("the rejected batch", || m.dropped_count("rejected") == 1).await;
+    let posts = receiver.posts();
+    assert_eq!(posts.len(), 1, "a 401 is not retried");
+    assert!(!posts[0].signature_ok, "the receiver sees the mismatch");
+    assert_eq!(m.sent.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_down_then_back_gets_every_queued_event() {
+    // A port that refuses connections until the receiver binds it again.
+    let addr = free_listener().await.local_addr().unwrap();
+    let events = start(&format!(
+        "webhook_url = \"http://{addr}/hook\"\nwebhook_secret = \"k\"\nbatch_max = 10\nlinger_ms = 0\nretry_max_backoff_ms = 200\nwebhook_timeout_ms = 1000\n"
+    ));
+    let m = events.sink("webhook").unwrap().clone();
+    let mut seq = SeqGen::default();
+    for i in 0..25 {
+        events.sender.try_emit(numbered(&mut seq, i));
+    }
+    // Down for a while: many failed attempts (100 ms, then 200 ms apart).
+    wait_until("a dozen retries", || m.retried.get() >= 12 * 10).await;
+    for i in 25..50 {
+        events.sender.try_emit(numbered(&mut seq, i));
+    }
+    let receiver = Receiver::new("k");
+    receiver.serve(tokio::net::TcpListener::bind(addr).await.unwrap());
+    wait_until("all 50 events", || receiver.events().len() >= 50).await;
+    let ids: Vec<String> = receiver
+        .events()
+        .iter()
+        .map(|e| e["client_id"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..50).map(|i| format!("dev-{i}")).collect();
+    assert_eq!(ids, want, "every event once, in order");
+    assert_eq!(m.sent.get(), 50);
+    for reason in gateway::events::metrics::DROP_REASONS {
+        assert_eq!(m.dropped_count(reason), 0, "{reason}");
+    }
+}
+
+/// Fills a 5-slot queue while the webhook is down and one event is in flight, then
+/// brings it up: returns the client ids delivered and the drops counted for `policy`.
+async fn overflow(policy: &str) -> (Vec<String>, u64) {
+    let addr = free_listener().await.local_addr().unwrap();
+    let events = start(&format!(
+        "webhook_url = \"http://{addr}/hook\"\nbatch_max = 1\nlinger_ms = 0\nqueue_capacity = 5\ndrop_policy = \"{policy}\"\nretry_max_backoff_ms = 100\n"
+    ));
+    let m = events.sink("webhook").unwrap().clone();
+    let mut seq = SeqGen::default();
+    events.sender.try_emit(numbered(&mut seq, 0));
+    wait_until("event 0 in flight", || m.retried.get() >= 1).await;
+    for i in 1..=10 {
+        events.sender.try_emit(numbered(&mut seq, i));
+    }
+    let reason = format!("queue_full_{}", policy.trim_start_matches("drop_"));
+    assert_eq!(m.dropped_count(&reason), 5);
+    let receiver = Receiver::new("");
+    receiver.serve(tokio::net::TcpListener::bind(addr).await.unwrap());
+    wait_until("the kept events", || receiver.events().len() >= 6).await;
+    let ids = receiver
+        .events()
+        .iter()
+        .map(|e| e["client_id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, m.dropped_count(&reason))
+}
+
+fn ids(range: impl IntoIterator<Item = usize>) -> Vec<String> {
+    range.into_iter().map(|i| format!("dev-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_drops_the_oldest_and_counts() {
+    let (got, dropped) = overflow("drop_oldest").await;
+    assert_eq!(got, ids([0, 6, 7, 8, 9, 10]));
+    assert_eq!(dropped, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_drops_the_newest_and_counts() {
+    let (got, dropped) = overflow("drop_newest").await;
+    assert_eq!(got, ids(0..=5));
+    assert_eq!(dropped, 5);
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it.
+struct TestCa {
+    ca_pem: String,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+fn test_ca() -> TestCa {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    TestCa {
+        ca_pem: ca.pem(),
+        cert: cert.der().clone(),
+        key: rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    }
+}
+
+/// A TLS listener for axum: TCP accept, then the rustls handshake (failed ones skipped).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshakes_failed: Arc<AtomicBool>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            match self.acceptor.accept(tcp).await {
+                Ok(tls) => return (tls, peer),
+                Err(_) => self.handshakes_failed.store(true, Ordering::Relaxed),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Serves `receiver` over TLS; returns the address and a flag set on a failed handshake.
+async fn serve_tls(receiver: &Receiver, ca: &TestCa) -> (SocketAddr, Arc<AtomicBool>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ca.cert.clone()], ca.key.clone_key())
+        .unwrap();
+    let tcp = free_listener().await;
+    let addr = tcp.local_addr().unwrap();
+    let failed = Arc::new(AtomicBool::new(false));
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        handshakes_failed: failed.clone(),
+    };
+    let app = receiver.router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhook_trusts_the_configured_ca_only() {
+    let ca = test_ca();
+    let dir = std::env::temp_dir().join(format!("events-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let receiver = Receiver::new("k");
+    let (addr, handshake_failed) = serve_tls(&receiver, &ca).await;
+    let url = format!("https://{addr}/hook");
+
+    // With the test CA: delivered over TLS.
+    let events = start(&format!(
+        "webhook_url = \"{url}\"\nwebhook_secret = \"k\"\nwebhook_ca_file = \"{}\"\nlinger_ms = 0\n",
+        ca_file.display()
+    ));
+    let mut seq = SeqGen::default();
+    events.sender.try_emit(numbered(&mut seq, 1));
+    wait_until("the event over https", || receiver.events().len() == 1).await;
+    assert!(receiver.posts()[0].signature_ok);
+
+    // With the system roots the test CA is unknown: the handshake fails and is retried.
+    let untrusting = start(&format!(
+        "webhook_url = \"{url}\"\nlinger_ms = 0\nretry_max_backoff_ms = 100\n"
+    ));
+    untrusting.sender.try_emit(numbered(&mut seq, 2));
+    let m = untrusting.sink("webhook").unwrap().clone();
+    wait_until("a failed TLS attempt", || m.retried.get() >= 1).await;
+    wait_until("the server's failed handshake", || {
+        handshake_failed.load(Ordering::Relaxed)
+    })
+    .await;
+    assert_eq!(receiver.events().len(), 1);
+    assert_eq!(m.sent.get(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `nats-server` with JetStream on a free port, killed (by its PID) on drop.
+struct NatsServer {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl NatsServer {
+    fn start(tag: &str) -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("events-nats-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new(nats_server_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs (apt install nats-server)");
+        NatsServer { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A client, once the server accepts connections.
+    async fn client(&self) -> async_nats::Client {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match async_nats::connect(self.url()).await {
+                Ok(c) => return c,
+                Err(e) => assert!(tokio::time::Instant::now() < end, "nats-server: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nats_server_binary() -> String {
+    for path in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
+        if std::path::Path::new(path).exists() {
+            return path.into();
+        }
+    }
+    "nats-server".into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_events_arrive_on_their_subjects() {
+    use futures_util::StreamExt;
+    let nats = NatsServer::start("core");
+    let watcher = nats.client().await;
+    let mut sub = watcher.subscribe("gw.events.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let events = start(&format!(
+        "nats_url = \"{}\"\nnats_subject_prefix = \"gw\"\nlinger_ms = 0\n",
+        nats.url()
+    ));
+    let mut seq = SeqGen::default();
+    events.sender.try_emit(connected(&mut seq, "dev.1", false));
+    events.sender.try_emit(Event::now(
+        seq.next_seq(),
+        "dev.1".into(),
+        EventKind::Disconnected {
+            reason: DisconnectReason::Keepalive,
+        },
+    ));
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let msg = tokio::time::timeout(DEADLINE, sub.next())
+            .await
+            .expect("an event on NATS")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        got.push((msg.subject.to_string(), v));
+    }
+    assert_eq!(got[0].0, "gw.events.connected.dev%2E1");
+    assert_eq!(got[0].1["client_id"], "dev.1");
+    assert_eq!(got[1].0, "gw.events.disconnected.dev%2E1");
+    assert_eq!(got[1].1["reason"], "keepalive");
+    let m = events.sink("nats").unwrap().clone();
+    wait_until("sent counted", || m.sent.get() == 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_holds_every_acknowledged_event() {
+    let nats = NatsServer::start("js");
+    let client = nats.client().await;
+    let events = start(&format!(
+        "nats_url = \"{}\"\njetstream = true\njetstream_stream = \"EVT\"\nbatch_max = 20\nlinger_ms = 10\n",
+        nats.url()
+    ));
+    let mut seq = SeqGen::default();
+    for i in 0..100 {
+        events.sender.try_emit(numbered(&mut seq, i));
+    }
+    let m = events.sink("nats").unwrap().clone();
+    wait_until("100 acknowledged events", || m.sent.get() == 100).await;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("EVT").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 100);
+    let first = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(&*first.subject, "gateway.events.session_expired.dev-0");
+    let v: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(v["kind"], "session_expired");
+}
