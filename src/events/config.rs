@@ -136,10 +136,13 @@ impl EventsConfig {
 
     fn validate_nats(&self) -> Result<(), Invalid> {
         for server in self.nats_url.split(',').filter(|s| !s.trim().is_empty()) {
-            server
+            let addr = server
                 .trim()
                 .parse::<async_nats::ServerAddr>()
                 .map_err(|e| invalid("nats_url", format!("{server:?} is not a NATS URL: {e}")))?;
+            if addr.host().is_empty() {
+                return Err(invalid("nats_url", format!("{server:?} names no host")));
+            }
         }
         if !valid_subject(&self.nats_subject_prefix) {
             return Err(invalid(
@@ -164,5 +167,75 @@ impl EventsConfig {
             return Err(invalid("jetstream", "needs events.nats_url".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    /// The key the error of `[events]` + `body` names.
+    fn invalid_key(body: &str) -> String {
+        match Config::from_toml_str(&format!("[events]\n{body}")) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{body}: expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_off_and_valid() {
+        let c = Config::default().events;
+        assert!(!c.enabled());
+        assert_eq!(c.drop_policy, super::DropPolicy::DropOldest);
+        assert!(c.uplink_filters.is_empty());
+    }
+
+    #[test]
+    fn each_mistake_names_its_key() {
+        for (body, key) in [
+            ("webhook_url = \"ftp://x/y\"", "events.webhook_url"),
+            ("webhook_url = \"not a url\"", "events.webhook_url"),
+            ("webhook_timeout_ms = 0", "events.webhook_timeout_ms"),
+            (
+                "webhook_ca_file = \"/nonexistent/ca.pem\"",
+                "events.webhook_ca_file",
+            ),
+            ("batch_max = 0", "events.batch_max"),
+            ("linger_ms = 60001", "events.linger_ms"),
+            ("retry_max_backoff_ms = 0", "events.retry_max_backoff_ms"),
+            ("queue_capacity = 0", "events.queue_capacity"),
+            ("drop_policy = \"drop_random\"", "events.drop_policy"),
+            (
+                "uplink_filters = [\"a/#\", \"a/#/b\"]",
+                "events.uplink_filters[1]",
+            ),
+            (
+                "uplink_filters = [\"$share/g/a\"]",
+                "events.uplink_filters[0]",
+            ),
+            ("nats_url = \"nats://\"", "events.nats_url"),
+            (
+                "nats_subject_prefix = \"a..b\"",
+                "events.nats_subject_prefix",
+            ),
+            (
+                "nats_subject_prefix = \"a.*\"",
+                "events.nats_subject_prefix",
+            ),
+            ("jetstream_stream = \"a.b\"", "events.jetstream_stream"),
+            ("jetstream = true", "events.jetstream"),
+        ] {
+            assert_eq!(invalid_key(body), key, "{body}");
+        }
+    }
+
+    #[test]
+    fn sinks_turn_events_on() {
+        let c = Config::from_toml_str(
+            "[events]\nwebhook_url = \"https://backend.example/hook\"\nnats_url = \"nats://127.0.0.1:4222, nats://127.0.0.1:4223\"\njetstream = true\n",
+        )
+        .unwrap()
+        .events;
+        assert!(c.enabled());
     }
 }
