@@ -643,3 +643,43 @@ async fn jetstream_holds_every_acknowledged_event() {
     let v: Value = serde_json::from_slice(&first.payload).unwrap();
     assert_eq!(v["kind"], "session_expired");
 }
+
+/// A whole gateway with a webhook sink: `/metrics` has the events families, and events
+/// still queued at shutdown (waiting out a long linger) are delivered by the last flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_exports_event_metrics_and_flushes_at_shutdown() {
+    let listener = free_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::new("k");
+    receiver.serve(listener);
+    let config = Config::from_toml_str(&format!(
+        "[mqtt]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n[shards]\ncount = 1\n[store]\nenabled = false\n[log]\nlevel = \"warn\"\n[events]\nwebhook_url = \"http://{addr}/hook\"\nwebhook_secret = \"k\"\nlinger_ms = 60000\n"
+    ))
+    .unwrap();
+    let server = tokio::task::spawn_blocking(move || {
+        gateway::server::Server::start(config, None).expect("gateway starts")
+    })
+    .await
+    .unwrap();
+    let sender = server.event_sender();
+    assert!(sender.enabled());
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gateway_events_sent_total{sink=\"webhook\"} 0"),
+        "{metrics}"
+    );
+    let mut seq = SeqGen::default();
+    for i in 0..3 {
+        sender.try_emit(numbered(&mut seq, i));
+    }
+    tokio::task::spawn_blocking(move || server.shutdown())
+        .await
+        .unwrap();
+    assert_eq!(receiver.events().len(), 3, "flushed at shutdown");
+    assert!(receiver.posts().iter().all(|p| p.signature_ok));
+}
