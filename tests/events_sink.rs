@@ -126,7 +126,7 @@ fn connected(seq: &mut SeqGen, id: &str, session_present: bool) -> Event {
         EventKind::Connected(Box::new(Connected {
             username: Some("alice".into()),
             peer: "10.1.2.3:40000".parse().unwrap(),
-            protocol_version: 5,
+            version: gateway::codec::Version::V5,
             keep_alive: 60,
             clean_start: !session_present,
             session_present,

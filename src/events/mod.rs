@@ -4,9 +4,11 @@
 //!
 //! The pipeline runs from the IO shards outwards, and nothing in it can stall a shard:
 //!
-//! 1. A shard builds an [`Event`] ([`model`]) with a sequence number from its [`SeqGen`]
-//!    and calls [`EventSender::try_emit`] ([`queue`]), which puts it in each sink's
-//!    bounded lock-free queue or drops by the `drop_policy` — never waits.
+//! 1. A shard calls one of [`produce`]'s methods on its [`EventSender`] (`connected`,
+//!    `disconnected`, `uplink`, …), which builds an [`Event`] ([`model`]) only if it is
+//!    wanted, with a sequence number from the shard's [`SeqGen`], and hands it to
+//!    [`EventSender::try_emit`] ([`queue`]): into each sink's bounded lock-free queue, or
+//!    dropped by the `drop_policy` — never waits.
 //! 2. Each sink is a task on the business pool ([`sink`]): it gathers batches, delivers
 //!    them ([`webhook`], [`nats`]) and retries with capped exponential backoff.
 //! 3. [`metrics`] counts what was sent, retried and dropped, per sink.
@@ -19,6 +21,7 @@ pub mod filter;
 pub mod metrics;
 pub mod model;
 pub mod nats;
+pub mod produce;
 pub mod queue;
 pub mod sink;
 pub mod webhook;

@@ -22,6 +22,7 @@ use base64::Engine;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+use crate::codec::Version;
 use crate::message::Message;
 use crate::metrics::DisconnectReason;
 
@@ -58,8 +59,7 @@ pub enum EventKind {
 pub struct Connected {
     pub username: Option<String>,
     pub peer: SocketAddr,
-    /// 4 = MQTT 3.1.1, 5 = MQTT 5.
-    pub protocol_version: u8,
+    pub version: Version,
     pub keep_alive: u16,
     pub clean_start: bool,
     pub session_present: bool,
@@ -121,7 +121,7 @@ impl Serialize for WithNode<'_> {
             EventKind::Connected(c) => {
                 m.serialize_entry("username", &c.username)?;
                 m.serialize_entry("peer", &c.peer.to_string())?;
-                m.serialize_entry("protocol_version", &c.protocol_version)?;
+                m.serialize_entry("protocol_version", &protocol_level(c.version))?;
                 m.serialize_entry("keep_alive", &c.keep_alive)?;
                 m.serialize_entry("clean_start", &c.clean_start)?;
                 m.serialize_entry("session_present", &c.session_present)?;
@@ -145,6 +145,15 @@ impl Serialize for WithNode<'_> {
             EventKind::Uplink(msg) => serialize_uplink(&mut m, msg)?,
         }
         m.end()
+    }
+}
+
+/// The protocol level of the CONNECT: 3 (MQTT 3.1), 4 (3.1.1) or 5.
+fn protocol_level(v: Version) -> u8 {
+    match v {
+        Version::V31 => 3,
+        Version::V311 => 4,
+        Version::V5 => 5,
     }
 }
 
