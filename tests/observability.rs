@@ -70,7 +70,12 @@ const ALERTS: &[&str] = &[
     "GatewayShardBusy",
     "GatewayFdsNearLimit",
     "GatewayLogLinesDropped",
+    "GatewayEventsDropped",
 ];
+
+/// An events sink, so the gateway exports the `gateway_events_*` families the alerts use.
+/// Nothing listens on the discard port, and no event is emitted without devices asking.
+const EVENTS_SINK: &str = "[events]\nwebhook_url = \"http://127.0.0.1:9/hook\"\n";
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -459,7 +464,7 @@ async fn prometheus_scrapes_the_gateway_and_evaluates_every_dashboard_query_and_
     if !have("prometheus") {
         return;
     }
-    let gw = TestServer::start("");
+    let gw = TestServer::start(EVENTS_SINK);
     let _c = traffic(&gw).await;
     let scrape = gw.metrics().await;
     let mut exported = sample_names(&scrape);
