@@ -767,3 +767,61 @@ async fn jetstream_outage_loses_nothing() {
     assert_eq!(stream.info().await.unwrap().state.messages, 20);
     assert!(m.retried.get() >= 1, "the outage made publishes fail");
 }
+
+/// At shutdown a dead webhook gets one last attempt per batch; what it did not take is
+/// counted as dropped (`shutdown`), and the sink stops without waiting out its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_left_at_shutdown_are_counted() {
+    let addr = free_listener().await.local_addr().unwrap();
+    let events = start(&format!(
+        "webhook_url = \"http://{addr}/hook\"\nbatch_max = 2\nlinger_ms = 0\nretry_max_backoff_ms = 60000\n"
+    ));
+    let m = events.sink("webhook").unwrap().clone();
+    let mut seq = SeqGen::default();
+    for i in 0..5 {
+        events.sender.try_emit(numbered(&mut seq, i));
+    }
+    wait_until("a failed attempt", || m.retried.get() >= 2).await;
+    tokio::task::spawn_blocking(move || events.close(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(m.dropped_count("shutdown"), 5);
+    assert_eq!(m.sent.get(), 0);
+}
+
+/// A webhook that does not answer within `webhook_timeout_ms` is retried; the batch is
+/// delivered once it answers in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_times_out_and_is_retried() {
+    let hung = Arc::new(AtomicBool::new(true));
+    let received = Arc::new(Mutex::new(Vec::<Bytes>::new()));
+    let app = {
+        let (hung, received) = (hung.clone(), received.clone());
+        Router::new().route(
+            "/hook",
+            post(move |body: Bytes| async move {
+                if hung.swap(false, Ordering::SeqCst) {
+                    // Far longer than the timeout: only the first request hangs.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                received.lock().unwrap().push(body);
+                StatusCode::NO_CONTENT
+            }),
+        )
+    };
+    let listener = free_listener().await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let events = start(&format!(
+        "webhook_url = \"http://{addr}/hook\"\nwebhook_timeout_ms = 300\nlinger_ms = 0\nretry_max_backoff_ms = 100\n"
+    ));
+    let m = events.sink("webhook").unwrap().clone();
+    let mut seq = SeqGen::default();
+    events.sender.try_emit(numbered(&mut seq, 7));
+    wait_until("delivery after the timeout", || m.sent.get() == 1).await;
+    assert!(m.retried.get() >= 1);
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "the hung request never completed");
+    let v: Vec<Value> = serde_json::from_slice(&got[0]).unwrap();
+    assert_eq!(v[0]["client_id"], "dev-7");
+}
