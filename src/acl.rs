@@ -11,8 +11,13 @@
 //! - A SUBSCRIBE filter is allowed by an allow rule only if the rule *covers* it: every
 //!   topic the filter can match, the rule matches too (so `devices/#` is not allowed to a
 //!   client allowed `devices/%c/#`, but `devices/c1/+` is allowed to `c1`). A deny rule
-//!   applies as soon as it *overlaps* the filter (some topic matched by both), so a
-//!   wildcard subscription can never reach a denied topic.
+//!   that covers the filter refuses it. A deny rule that only *overlaps* it (some topic
+//!   matched by both, like `test/nosubscribe` and `#`) does not decide: the later rules
+//!   and `no_match` do, and if they grant the filter it is granted *filtered*
+//!   ([`SubscribeGrant::Filtered`]): the shard marks the subscription with
+//!   [`ACL_FILTERED`] and checks each message for it with [`Acl::may_receive`], so the
+//!   wildcard works but never delivers a denied topic. A subscription no deny rule
+//!   overlaps carries no mark and costs nothing at delivery.
 //!
 //! A connection may carry its own allow lists from its JWT claims or the auth webhook
 //! ([`ConnAcl`], kept behind an `Option<Box<_>>` in the session's rarely used state). A
@@ -23,6 +28,34 @@
 //! trusted, and it is the one that decides what devices may receive.
 
 use serde::Deserialize;
+
+/// Bit 7 of a subscription's options byte (reserved in MQTT 5, refused from clients by
+/// the decoder): the ACL granted the filter only in part, so each message delivered
+/// through it is checked with [`Acl::may_receive`].
+pub const ACL_FILTERED: u8 = 0x80;
+
+/// The ACL's answer to a SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeGrant {
+    Refused,
+    Granted,
+    /// Granted, but a deny rule overlaps it: check each message ([`ACL_FILTERED`]).
+    Filtered,
+}
+
+impl SubscribeGrant {
+    /// The bits to add to the subscription's options byte, or None when refused. A
+    /// shared subscription (`shared`) is never filtered per message (its group hands each
+    /// message to one member): an overlapping deny rule refuses it, as before.
+    pub fn option_bits(self, shared: bool) -> Option<u8> {
+        match self {
+            SubscribeGrant::Refused => None,
+            SubscribeGrant::Granted => Some(0),
+            SubscribeGrant::Filtered if shared => None,
+            SubscribeGrant::Filtered => Some(ACL_FILTERED),
+        }
+    }
+}
 
 /// `[acl]` of the config.
 #[derive(Debug, Clone, Deserialize)]
@@ -238,7 +271,9 @@ struct Rule {
 /// Allow lists carried by one connection (JWT claims or the auth webhook's answer).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConnAcl {
-    /// Kept only when some rule uses `%u` or the connection has its own lists.
+    /// The name authentication vouched for (see [`crate::auth::session_acl`]), never
+    /// the CONNECT's own username; kept only when some rule uses `%u` or the connection
+    /// has its own lists.
     pub username: Option<Box<str>>,
     /// Replaces the configured rules for PUBLISH when present.
     pub publish: Option<Box<[Pattern]>>,
@@ -261,6 +296,20 @@ impl ConnAcl {
             publish: compile(publish)?,
             subscribe: compile(subscribe)?,
         })
+    }
+
+    /// No lists: only the authenticated username that `%u` stands for.
+    pub fn named(username: &str) -> ConnAcl {
+        ConnAcl {
+            username: Some(username.into()),
+            ..ConnAcl::default()
+        }
+    }
+
+    /// These lists with `username` as the authenticated name (`None`: no `%u`).
+    pub fn with_username(mut self, username: Option<&str>) -> ConnAcl {
+        self.username = username.map(Into::into);
+        self
     }
 
     pub fn has_lists(&self) -> bool {
@@ -332,23 +381,57 @@ impl Acl {
     }
 
     /// May `who` subscribe to `filter` (a valid filter; for a shared subscription, the
-    /// filter inside `$share/{group}/`)?
-    pub fn may_subscribe(&self, who: &Who, conn: Option<&ConnAcl>, filter: &str) -> bool {
+    /// filter inside `$share/{group}/`)? See the module doc for `Filtered`.
+    pub fn may_subscribe(&self, who: &Who, conn: Option<&ConnAcl>, filter: &str) -> SubscribeGrant {
+        let grant = |filtered: bool| {
+            if filtered {
+                SubscribeGrant::Filtered
+            } else {
+                SubscribeGrant::Granted
+            }
+        };
+        if !self.enabled {
+            return SubscribeGrant::Granted;
+        }
+        if let Some(list) = conn.and_then(|c| c.subscribe.as_deref()) {
+            return grant(false).only_if(list.iter().any(|p| p.covers(who, filter)));
+        }
+        let mut filtered = false;
+        for r in self.rules.iter().filter(|r| r.subscribe) {
+            if r.pattern.covers(who, filter) {
+                return grant(filtered).only_if(r.allow);
+            }
+            if !r.allow && r.pattern.overlaps(who, filter) {
+                filtered = true;
+            }
+        }
+        grant(filtered).only_if(self.no_match_allow)
+    }
+
+    /// May a message on `topic` be delivered to `who` through a subscription granted
+    /// [`SubscribeGrant::Filtered`]? The first subscribe rule matching the topic decides,
+    /// else `no_match`. Always true with the ACL disabled (a restored subscription may
+    /// carry the mark from a run that had it enabled).
+    pub fn may_receive(&self, who: &Who, topic: &str) -> bool {
         if !self.enabled {
             return true;
         }
-        if let Some(list) = conn.and_then(|c| c.subscribe.as_deref()) {
-            return list.iter().any(|p| p.covers(who, filter));
-        }
         for r in self.rules.iter().filter(|r| r.subscribe) {
-            if r.allow && r.pattern.covers(who, filter) {
-                return true;
-            }
-            if !r.allow && r.pattern.overlaps(who, filter) {
-                return false;
+            if r.pattern.matches(who, topic) {
+                return r.allow;
             }
         }
         self.no_match_allow
+    }
+}
+
+impl SubscribeGrant {
+    fn only_if(self, ok: bool) -> SubscribeGrant {
+        if ok {
+            self
+        } else {
+            SubscribeGrant::Refused
+        }
     }
 }
 
@@ -361,6 +444,12 @@ mod tests {
         client_id: "c1",
         username: Some("alice"),
     };
+
+    impl Acl {
+        fn allows_subscribe(&self, who: &Who, conn: Option<&ConnAcl>, filter: &str) -> bool {
+            self.may_subscribe(who, conn, filter) != SubscribeGrant::Refused
+        }
+    }
 
     fn p(s: &str) -> Pattern {
         Pattern::parse(s).unwrap()
@@ -384,12 +473,12 @@ mod tests {
         assert!(a.may_publish(&C1, None, "devices/c1"));
         assert!(!a.may_publish(&C1, None, "devices/c2/telemetry"));
         assert!(!a.may_publish(&C1, None, "other"));
-        assert!(a.may_subscribe(&C1, None, "devices/c1/+"));
-        assert!(a.may_subscribe(&C1, None, "devices/c1/#"));
-        assert!(a.may_subscribe(&C1, None, "devices/c1/cmd/x"));
-        assert!(!a.may_subscribe(&C1, None, "devices/#"));
-        assert!(!a.may_subscribe(&C1, None, "devices/+/cmd"));
-        assert!(!a.may_subscribe(&C1, None, "#"));
+        assert!(a.allows_subscribe(&C1, None, "devices/c1/+"));
+        assert!(a.allows_subscribe(&C1, None, "devices/c1/#"));
+        assert!(a.allows_subscribe(&C1, None, "devices/c1/cmd/x"));
+        assert!(!a.allows_subscribe(&C1, None, "devices/#"));
+        assert!(!a.allows_subscribe(&C1, None, "devices/+/cmd"));
+        assert!(!a.allows_subscribe(&C1, None, "#"));
     }
 
     #[test]
@@ -400,8 +489,8 @@ mod tests {
                 client_id: id,
                 username: None,
             };
-            assert!(!a.may_subscribe(&who, None, "devices/+/x"), "{id}");
-            assert!(!a.may_subscribe(&who, None, "devices/#"), "{id}");
+            assert!(!a.allows_subscribe(&who, None, "devices/+/x"), "{id}");
+            assert!(!a.allows_subscribe(&who, None, "devices/#"), "{id}");
             assert!(!a.may_publish(&who, None, "devices/a/b/x"), "{id}");
         }
         // %u without a username matches nothing.
@@ -432,11 +521,66 @@ mod tests {
         "##);
         assert!(!a.may_publish(&C1, None, "devices/c1/secret"));
         assert!(a.may_publish(&C1, None, "devices/c1/open"));
-        assert!(!a.may_subscribe(&C1, None, "devices/c1/+"));
-        assert!(a.may_subscribe(&C1, None, "devices/c1/open/+"));
-        assert!(!a.may_subscribe(&C1, None, "elsewhere"));
+        // The deny rule overlaps devices/c1/+ without covering it: granted, filtered.
+        assert_eq!(
+            a.may_subscribe(&C1, None, "devices/c1/+"),
+            SubscribeGrant::Filtered
+        );
+        assert!(!a.may_receive(&C1, "devices/c1/secret"));
+        assert!(a.may_receive(&C1, "devices/c1/open"));
+        assert_eq!(
+            a.may_subscribe(&C1, None, "devices/c1/open/+"),
+            SubscribeGrant::Granted
+        );
+        assert!(!a.allows_subscribe(&C1, None, "devices/c1/secret"));
+        assert!(!a.allows_subscribe(&C1, None, "elsewhere"));
         // Publish-only deny rules do not apply to subscriptions, and no_match = allow.
         assert!(a.may_publish(&C1, None, "elsewhere"));
+    }
+
+    #[test]
+    fn a_deny_rule_refuses_what_it_covers_and_filters_what_it_overlaps() {
+        let a = acl(r#"
+            enabled = true
+            no_match = "allow"
+            rules = [{ permission = "deny", action = "subscribe", topic = "test/nosubscribe" }]
+        "#);
+        let grant = |f: &str| a.may_subscribe(&C1, None, f);
+        assert_eq!(grant("test/nosubscribe"), SubscribeGrant::Refused);
+        assert_eq!(grant("#"), SubscribeGrant::Filtered);
+        assert_eq!(grant("test/+"), SubscribeGrant::Filtered);
+        assert_eq!(grant("TopicA"), SubscribeGrant::Granted);
+        assert_eq!(grant("test/other/#"), SubscribeGrant::Granted);
+        assert!(a.may_receive(&C1, "TopicA"));
+        assert!(!a.may_receive(&C1, "test/nosubscribe"));
+        // With no_match = deny the allow side stays strict: an overlap grants nothing.
+        let strict = acl(r#"
+            enabled = true
+            no_match = "deny"
+            rules = [
+              { permission = "deny", action = "subscribe", topic = "a/secret" },
+              { permission = "allow", action = "subscribe", topic = "a/#" },
+            ]
+        "#);
+        assert_eq!(
+            strict.may_subscribe(&C1, None, "a/#"),
+            SubscribeGrant::Filtered
+        );
+        assert_eq!(
+            strict.may_subscribe(&C1, None, "#"),
+            SubscribeGrant::Refused
+        );
+        assert_eq!(
+            strict.may_subscribe(&C1, None, "a/secret"),
+            SubscribeGrant::Refused
+        );
+        assert_eq!(
+            SubscribeGrant::Filtered.option_bits(false),
+            Some(ACL_FILTERED)
+        );
+        assert_eq!(SubscribeGrant::Filtered.option_bits(true), None);
+        assert_eq!(SubscribeGrant::Granted.option_bits(true), Some(0));
+        assert_eq!(SubscribeGrant::Refused.option_bits(false), None);
     }
 
     #[test]
@@ -446,15 +590,21 @@ mod tests {
         assert!(a.may_publish(&C1, Some(&conn), "fleet/c1/up"));
         assert!(!a.may_publish(&C1, Some(&conn), "devices/c1/up"));
         // No subscribe list: the configured rules still apply.
-        assert!(a.may_subscribe(&C1, Some(&conn), "devices/c1/#"));
-        assert!(!a.may_subscribe(&C1, Some(&conn), "fleet/c1/up"));
+        assert!(a.allows_subscribe(&C1, Some(&conn), "devices/c1/#"));
+        assert!(!a.allows_subscribe(&C1, Some(&conn), "fleet/c1/up"));
     }
 
     #[test]
     fn disabled_allows_everything() {
         let a = Acl::disabled();
+        let off = acl(r#"
+            enabled = false
+            no_match = "deny"
+            rules = [{ permission = "deny", action = "subscribe", topic = "x" }]
+        "#);
+        assert!(off.may_receive(&C1, "x"));
         assert!(a.may_publish(&C1, None, "any/thing"));
-        assert!(a.may_subscribe(&C1, None, "#"));
+        assert!(a.allows_subscribe(&C1, None, "#"));
     }
 
     #[test]

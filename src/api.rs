@@ -5,25 +5,32 @@
 //! and await the shard's answer on a oneshot channel. A full mailbox is answered 503 with
 //! `Retry-After`; nothing here can stall an IO shard. The contract is in `docs/API.md`
 //! and `docs/openapi.json` (served at `/v1/openapi.json`).
+//!
+//! It also decides who may use `/v1` (`Access`: a bearer token once `[http] tokens`
+//! is set, otherwise only the `tokenless_networks` sources, loopback by default), bounds
+//! request bodies (one per-message size rule, a permit for each large body, a read
+//! timeout), and runs keyed pushes through [`crate::idempotency`].
 
-use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use hashbrown::HashMap;
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::{oneshot, watch};
 
 use crate::config::Config;
+use crate::http::Network;
+use crate::idempotency::{self, Claim, Keys};
 use crate::mailbox::{home_shard, ClientPush, Mailboxes, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::metrics::{PushMetrics, ShardMetrics};
@@ -38,8 +45,6 @@ const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Longest accepted `idempotency_key`.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
-/// Idempotency keys remembered at most (oldest forgotten first beyond this).
-const MAX_IDEMPOTENCY_ENTRIES: usize = 1_000_000;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -48,10 +53,13 @@ pub struct ApiState {
 
 struct Inner {
     config: Arc<Config>,
+    access: Access,
     mailboxes: Mailboxes,
     shards: Vec<Arc<ShardMetrics>>,
     push_metrics: Arc<PushMetrics>,
-    idempotency: Mutex<IdempotencyCache>,
+    idempotency: Mutex<Keys<Progress>>,
+    /// Permits for reading bodies over [`LARGE_BODY`] (`http.max_large_bodies`).
+    large_bodies: tokio::sync::Semaphore,
     ids: AtomicU64,
     id_prefix: u64,
 }
@@ -68,15 +76,23 @@ impl ApiState {
             .map_or(0, |d| d.as_secs());
         ApiState {
             inner: Arc::new(Inner {
+                access: Access::from_config(&config.http),
+                large_bodies: tokio::sync::Semaphore::new(config.http.max_large_bodies as usize),
                 config,
                 mailboxes,
                 shards,
                 push_metrics,
-                idempotency: Mutex::new(IdempotencyCache::default()),
+                idempotency: Mutex::new(Keys::default()),
                 ids: AtomicU64::new(0),
                 id_prefix,
             }),
         }
+    }
+}
+
+impl ApiState {
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
     }
 }
 
@@ -88,9 +104,17 @@ pub fn router(state: ApiState) -> Router {
             "/v1/clients/{client_id}",
             get(get_client).delete(delete_client),
         )
+        .route(
+            "/v1/clients",
+            get(get_client_by_query).delete(delete_client_by_query),
+        )
         .route("/v1/stats", get(stats))
         .route("/v1/openapi.json", get(openapi))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_push_requests,
+        ))
         .with_state(state)
 }
 
@@ -152,7 +176,7 @@ impl ApiError {
         json!({ "error": e })
     }
 
-    /// The `status` label of `gateway_push_requests_total` for this error.
+    /// The `status` label of `gateway_push_messages_total` for this error.
     fn metric_status(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "unauthorized",
@@ -177,37 +201,131 @@ impl IntoResponse for ApiError {
 }
 
 // ---------------------------------------------------------------------------------------
-// Auth: bearer tokens for every /v1 route, compared in constant time.
+// Auth: bearer tokens for every /v1 route, compared in constant time; without tokens,
+// only the `tokenless_networks` sources (loopback by default) are answered.
+
+/// Who may use `/v1`, from `[http]`.
+struct Access {
+    tokens: Vec<String>,
+    tokenless: Vec<Network>,
+    allow_remote: bool,
+}
+
+/// Why a `/v1` request is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Tokens are set and the request has none, or a wrong one.
+    Unauthorized,
+    /// No tokens are set and the source is not in `tokenless_networks`.
+    RemoteWithoutToken,
+}
+
+impl Access {
+    fn from_config(h: &crate::config::HttpConfig) -> Access {
+        Access {
+            tokens: h.tokens.clone(),
+            // Validated by `Config::validate`; a bad entry cannot open anything.
+            tokenless: h
+                .tokenless_networks
+                .iter()
+                .filter_map(|n| Network::parse(n).ok())
+                .collect(),
+            allow_remote: h.allow_remote_without_token,
+        }
+    }
+
+    /// The decision for one request from `peer` with this `Authorization` header.
+    fn check(&self, peer: Option<IpAddr>, authorization: Option<&str>) -> Result<(), Refusal> {
+        if self.tokens.is_empty() {
+            let local = peer.is_some_and(|ip| self.tokenless.iter().any(|n| n.contains(ip)));
+            return if local || self.allow_remote {
+                Ok(())
+            } else {
+                Err(Refusal::RemoteWithoutToken)
+            };
+        }
+        let presented = authorization.and_then(bearer_token);
+        let ok = presented.is_some_and(|p| {
+            self.tokens.iter().fold(false, |acc, t| {
+                acc | constant_time_eq(t.as_bytes(), p.as_bytes())
+            })
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(Refusal::Unauthorized)
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
 
 async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let tokens = &s.inner.config.http.tokens;
-    if tokens.is_empty() {
-        return next.run(req).await;
-    }
-    let presented = req
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented.is_some_and(|p| {
-        tokens.iter().fold(false, |acc, t| {
-            acc | constant_time_eq(t.as_bytes(), p.as_bytes())
-        })
-    });
-    if ok {
-        return next.run(req).await;
-    }
+        .and_then(|v| v.to_str().ok());
+    let refusal = match s.inner.access.check(peer, authorization) {
+        Ok(()) => return next.run(req).await,
+        Err(r) => r,
+    };
     if req.uri().path().starts_with("/v1/push") {
         s.inner.push_metrics.record("unauthorized", None);
     }
-    ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "missing or wrong bearer token",
-    )
-    .field("Authorization")
-    .into_response()
+    match refusal {
+        Refusal::Unauthorized => {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            )
+            .field("Authorization")
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+        Refusal::RemoteWithoutToken => {
+            // Debug, not warn: anyone can send these, and the 403 says why.
+            tracing::debug!(peer = ?peer, "/v1 request from outside http.tokenless_networks refused: no tokens are set");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "remote_api_disabled",
+                "the /v1 API answers only local clients while [http] tokens is empty: set [http] tokens (and send Authorization: Bearer <token>), add this source to [http] tokenless_networks, or set [http] allow_remote_without_token = true",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Counts each request to the push endpoints by its answer's code
+/// (`gateway_push_requests_total`), refusals included; messages are counted apart.
+async fn count_push_requests(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let endpoint = match req.uri().path() {
+        "/v1/push" => Some("push"),
+        "/v1/push/batch" => Some("batch"),
+        _ => None,
+    };
+    let resp = next.run(req).await;
+    if let Some(endpoint) = endpoint {
+        s.inner
+            .push_metrics
+            .record_request(endpoint, resp.status().as_u16());
+    }
+    resp
 }
 
 /// Equal-length comparison whose time does not depend on where the bytes differ.
@@ -221,18 +339,57 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------
 // Request bodies.
 
-/// Reads a JSON body: 415 unless `Content-Type: application/json`, 413 over `limit`
-/// bytes. The caller parses it (see `push_json`).
-async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let is_json = headers
+/// Bodies over this many bytes are "large": at most `http.max_large_bodies` of them are
+/// read at once, so concurrent big batches cannot take the memory with them.
+const LARGE_BODY: usize = 64 << 10;
+
+/// The body limit of one push message, single or in a batch: its payload (at most
+/// `max_packet_size` bytes) and topic JSON-escaped at up to 6 bytes each (`\u0001`),
+/// plus the other fields.
+fn message_body_limit(config: &Config) -> usize {
+    (config.mqtt.max_packet_size as usize + config.mqtt.max_topic_len as usize) * 6 + 4096
+}
+
+/// The body limit of a batch: `max_batch` messages, at most `http.max_batch_body_bytes`
+/// but never less than one message's (what `POST /v1/push` accepts, a batch does too).
+pub fn batch_body_limit(config: &Config) -> usize {
+    let one = message_body_limit(config);
+    one.saturating_mul(config.http.max_batch as usize)
+        .min(config.http.max_batch_body_bytes as usize)
+        .max(one)
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body over {limit} bytes"),
+    )
+}
+
+/// `application/json`, with or without parameters (`; charset=utf-8`), in any case.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !is_json {
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A request body, with the permit that a large one holds while the caller uses it.
+type ReadBody<'a> = (Bytes, Option<tokio::sync::SemaphorePermit<'a>>);
+
+/// Reads a JSON body: 415 unless `Content-Type: application/json`, 413 over `limit`
+/// bytes (at once when `Content-Length` says so, before reading any of it), 408 when it
+/// takes longer than `http.body_timeout_ms`. The caller parses it (see `push_json`)
+/// while holding the permit.
+async fn json_body<'a>(
+    inner: &'a Inner,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<ReadBody<'a>, ApiError> {
+    if !is_json(headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -240,13 +397,71 @@ async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         )
         .field("Content-Type"));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let timeout = Duration::from_millis(u64::from(inner.config.http.body_timeout_ms));
+    let read = read_body(
+        body,
+        limit,
+        declared.unwrap_or(0) as usize,
+        &inner.large_bodies,
+    );
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body over {limit} bytes"),
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
         )
-    })
+    })?
+}
+
+/// Collects a body of at most `limit` bytes, holding a `large` permit from the moment it
+/// is (or is declared) over [`LARGE_BODY`].
+async fn read_body(
+    body: Body,
+    limit: usize,
+    declared: usize,
+    large: &tokio::sync::Semaphore,
+) -> Result<ReadBody<'_>, ApiError> {
+    use http_body_util::BodyExt as _;
+    let acquire = || async { large.acquire().await.map_err(|_| shutting_down()) };
+    let mut body = body;
+    // A body declared large waits for its permit before any of it is read.
+    let mut permit = match declared > LARGE_BODY {
+        true => Some(acquire().await?),
+        false => None,
+    };
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(LARGE_BODY));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let size = buf.len() + data.len();
+        if size > limit {
+            return Err(too_large(limit));
+        }
+        // The frame that makes the body large is kept only once the permit is held.
+        if permit.is_none() && size > LARGE_BODY {
+            permit = Some(acquire().await?);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), permit))
 }
 
 /// 400 for a body that is not JSON at all.
@@ -295,7 +510,7 @@ enum PushAnswer {
 }
 
 impl PushAnswer {
-    /// The `status` label of `gateway_push_requests_total`.
+    /// The `status` label of `gateway_push_messages_total`.
     fn status(&self) -> &'static str {
         match self {
             PushAnswer::Client { status, .. } => status,
@@ -361,9 +576,19 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
     if let Some(k) = m.unknown(&PUSH_FIELDS) {
         return Err(ApiError::bad(&f(k), format!("unknown field `{k}`")));
     }
-    let string = |name: &str| -> Result<Option<&str>, ApiError> {
+    // A field is given or omitted: `null` is refused (the OpenAPI types are not nullable).
+    let get = |name: &str| -> Result<Option<&Field>, ApiError> {
         match m.get(name) {
-            None | Some(Field::Null) => Ok(None),
+            Some(Field::Null) => Err(ApiError::bad(
+                &f(name),
+                format!("`{name}` must not be null (omit it instead)"),
+            )),
+            v => Ok(v),
+        }
+    };
+    let string = |name: &str| -> Result<Option<&str>, ApiError> {
+        match get(name)? {
+            None => Ok(None),
             Some(Field::Str(s)) => Ok(Some(s)),
             Some(_) => Err(ApiError::bad(
                 &f(name),
@@ -372,8 +597,8 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
         }
     };
     let boolean = |name: &str| -> Result<bool, ApiError> {
-        match m.get(name) {
-            None | Some(Field::Null) => Ok(false),
+        match get(name)? {
+            None => Ok(false),
             Some(Field::Bool(b)) => Ok(*b),
             Some(_) => Err(ApiError::bad(
                 &f(name),
@@ -382,15 +607,13 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
         }
     };
     let integer = |name: &str, min: u64, max: u64| -> Result<Option<u64>, ApiError> {
-        match m.get(name) {
-            None | Some(Field::Null) => Ok(None),
-            Some(v) => match v {
-                Field::UInt(n) if (min..=max).contains(n) => Ok(Some(*n)),
-                _ => Err(ApiError::bad(
-                    &f(name),
-                    format!("`{name}` must be an integer in {min}..={max}"),
-                )),
-            },
+        match get(name)? {
+            None => Ok(None),
+            Some(Field::UInt(n)) if (min..=max).contains(n) => Ok(Some(*n)),
+            Some(_) => Err(ApiError::bad(
+                &f(name),
+                format!("`{name}` must be an integer in {min}..={max}"),
+            )),
         }
     };
 
@@ -399,6 +622,12 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
             return Err(ApiError::bad(
                 &f("client_id"),
                 "`client_id` must not be empty",
+            ))
+        }
+        Some(c) if c.contains('\0') => {
+            return Err(ApiError::bad(
+                &f("client_id"),
+                "`client_id` must not contain NUL (U+0000)",
             ))
         }
         Some(c) if c.len() > config.mqtt.max_client_id_len as usize => {
@@ -418,6 +647,15 @@ fn parse_push(m: &Object, config: &Config, index: Option<usize>) -> Result<PushS
         return Err(ApiError::bad(
             &f("topic"),
             "`topic` must be a valid MQTT topic name (non-empty, no `+` or `#`)",
+        ));
+    }
+    if topic.len() > config.mqtt.max_topic_len as usize {
+        return Err(ApiError::bad(
+            &f("topic"),
+            format!(
+                "`topic` is longer than mqtt.max_topic_len ({} bytes)",
+                config.mqtt.max_topic_len
+            ),
         ));
     }
     let raw =
@@ -521,27 +759,41 @@ impl Inner {
         }
     }
 
-    /// Sends to every shard and sums the matches (a topic push).
-    async fn push_topic(&self, msg: Arc<Message>, since: Instant) -> Result<usize, ApiError> {
+    /// Hands a topic push to every shard; their match counts come on the receivers.
+    fn send_topic(&self, msg: Arc<Message>) -> Result<Vec<oneshot::Receiver<usize>>, ApiError> {
         let mut replies = Vec::with_capacity(self.mailboxes.len());
         for shard in 0..self.mailboxes.len() {
             let (tx, rx) = oneshot::channel();
+            let push = ShardMsg::PushTopic {
+                msg: msg.clone(),
+                reply: tx,
+            };
             self.mailboxes
-                .try_send(
-                    shard,
-                    ShardMsg::PushTopic {
-                        msg: msg.clone(),
-                        reply: tx,
-                    },
-                )
+                .try_send(shard, push)
                 .map_err(|_| ApiError::overloaded())?;
             replies.push(rx);
         }
-        let mut matched = 0;
-        for rx in replies {
-            matched += self.answer(rx, since).await?;
-        }
-        Ok(matched)
+        Ok(replies)
+    }
+
+    /// Hands a client push to its home shard; its outcome comes on the receiver.
+    fn send_client(
+        &self,
+        client_id: &str,
+        msg: Arc<Message>,
+        wait_ack: bool,
+    ) -> Result<oneshot::Receiver<Vec<PushOutcome>>, ApiError> {
+        let shard = home_shard(client_id, self.mailboxes.len());
+        let (tx, rx) = oneshot::channel();
+        let items = vec![ClientPush {
+            client_id: client_id.to_owned(),
+            msg,
+            wait_ack,
+        }];
+        self.mailboxes
+            .try_send(shard, ShardMsg::Push { items, reply: tx })
+            .map_err(|_| ApiError::overloaded())?;
+        Ok(rx)
     }
 
     /// Answers one client push: its status, or 504 when `wait_ack` times out.
@@ -551,27 +803,15 @@ impl Inner {
         spec: &PushSpec,
         outcome: PushOutcome,
     ) -> Result<PushAnswer, ApiError> {
-        let answer = |status, reason| PushAnswer::Client { id, status, reason };
-        let status = match outcome.status {
-            PushStatus::Sent => "sent",
-            PushStatus::Queued => "queued",
-            PushStatus::Offline => "offline",
-            PushStatus::Dropped(reason) => return Ok(answer("dropped", Some(reason))),
-        };
-        if let Some(ack) = outcome.ack {
-            return match tokio::time::timeout(spec.timeout, ack).await {
-                Ok(Ok(())) => Ok(answer("acked", None)),
-                _ => Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "ack_timeout",
-                    format!(
-                        "the device did not acknowledge within {} ms (the message was {status})",
-                        spec.timeout.as_millis()
-                    ),
-                )),
-            };
+        match settle(id, outcome) {
+            Settled::Answer(a) => Ok(a),
+            Settled::AwaitAck { id, status, ack } => {
+                match tokio::time::timeout(spec.timeout, ack).await {
+                    Ok(Ok(())) => Ok(acked(id)),
+                    _ => Err(ack_timeout(status, spec.timeout)),
+                }
+            }
         }
-        Ok(answer(status, None))
     }
 
     fn record(&self, result: &Result<PushAnswer, ApiError>, received: Instant) {
@@ -587,31 +827,118 @@ impl Inner {
     }
 
     /// One push, remembered under its idempotency key if it has one.
-    async fn push_once(&self, spec: PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
-        let Some(key) = spec.idempotency_key.clone() else {
+    async fn push_once(
+        self: &Arc<Self>,
+        spec: PushSpec,
+        received: Instant,
+    ) -> Result<PushAnswer, ApiError> {
+        let Some(key) = &spec.idempotency_key else {
             let r = self.push_now(&spec, received).await;
             self.record(&r, received);
             return r;
         };
-        let window = Duration::from_secs(u64::from(self.config.http.idempotency_window_secs));
-        let cell = self.idempotency.lock().map_or_else(
-            |p| p.into_inner().entry(key.clone(), window),
-            |mut c| c.entry(key.clone(), window),
-        );
-        let mut ran = false;
-        let answer = cell
-            .get_or_init(|| async {
-                ran = true;
-                let r = self.push_now(&spec, received).await;
-                self.record(&r, received);
-                r
-            })
+        let scoped = match &spec.client_id {
+            Some(c) => idempotency::scoped("client", c, key),
+            None => idempotency::scoped("topic", &spec.topic, key),
+        };
+        let claim = self
+            .idempotency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .claim(scoped.clone(), fingerprint(&spec), self.window(), || {
+                Progress::Waiting
+            });
+        let ack_wait = spec.timeout;
+        let progress = match claim {
+            Claim::Mismatch => {
+                let e = key_reused();
+                self.push_metrics.record(e.metric_status(), None);
+                return Err(e);
+            }
+            Claim::Follower(rx) => {
+                tracing::debug!(idempotency_key = %key, "repeated push follows the first one's outcome");
+                rx
+            }
+            Claim::Owner(tx) => {
+                let rx = tx.subscribe();
+                tokio::spawn(self.clone().own(spec, received, scoped, tx));
+                rx
+            }
+        };
+        follow(progress, self.answer_limit(), ack_wait, received).await
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.http.idempotency_window_secs))
+    }
+
+    fn answer_limit(&self) -> Duration {
+        Duration::from_millis(u64::from(self.config.http.answer_timeout_ms))
+    }
+
+    /// Runs a keyed push to its outcome, whether or not the request that started it is
+    /// still there (for at most the key's window), and publishes it to the key. A push
+    /// that sent nothing (503) releases the key, so a retry sends afresh.
+    async fn own(
+        self: Arc<Self>,
+        spec: PushSpec,
+        received: Instant,
+        key: String,
+        progress: idempotency::Progress<Progress>,
+    ) {
+        let window = self.window();
+        let tracked = self.push_tracked(&spec, received, &progress);
+        let r = tokio::time::timeout(window, tracked)
             .await
-            .clone();
-        if !ran {
-            tracing::debug!(idempotency_key = %key, "repeated push answered from the idempotency cache");
+            .unwrap_or_else(|_| Err(ApiError::answer_timeout(window)));
+        self.record(&r, received);
+        match r {
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                self.idempotency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(&key, &progress);
+                progress.send_replace(Progress::NotSent(e));
+            }
+            r => {
+                progress.send_replace(Progress::Final(r));
+            }
         }
-        answer
+    }
+
+    /// One push, waiting for its outcome without the request's timeouts and telling
+    /// `progress` when it waits for the device's PUBACK.
+    async fn push_tracked(
+        &self,
+        spec: &PushSpec,
+        received: Instant,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<PushAnswer, ApiError> {
+        let id = self.next_id();
+        let msg = self.message(spec, received);
+        let Some(client_id) = &spec.client_id else {
+            let mut matched = 0;
+            for rx in self.send_topic(msg)? {
+                matched += rx.await.map_err(|_| shutting_down())?;
+            }
+            return Ok(PushAnswer::Topic { id, matched });
+        };
+        let rx = self.send_client(client_id, msg, spec.wait_ack)?;
+        let outcome = rx.await.map_err(|_| shutting_down())?;
+        match settle(id, outcome.into_iter().next().ok_or_else(shutting_down)?) {
+            Settled::Answer(a) => Ok(a),
+            Settled::AwaitAck { id, status, ack } => {
+                progress.send_replace(Progress::AwaitingAck(status));
+                match ack.await {
+                    Ok(()) => Ok(acked(id)),
+                    Err(_) => Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "ack_timeout",
+                        format!("the device's session ended before it acknowledged (the message was {status})"),
+                    )),
+                }
+            }
+        }
     }
 
     async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
@@ -619,32 +946,164 @@ impl Inner {
         let msg = self.message(spec, received);
         match &spec.client_id {
             None => {
-                let matched = self.push_topic(msg, received).await?;
+                let mut matched = 0;
+                for rx in self.send_topic(msg)? {
+                    matched += self.answer(rx, received).await?;
+                }
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
                 Ok(PushAnswer::Topic { id, matched })
             }
             Some(client_id) => {
-                let shard = home_shard(client_id, self.mailboxes.len());
-                let (tx, rx) = oneshot::channel();
-                let items = vec![ClientPush {
-                    client_id: client_id.clone(),
-                    msg,
-                    wait_ack: spec.wait_ack,
-                }];
-                self.mailboxes
-                    .try_send(shard, ShardMsg::Push { items, reply: tx })
-                    .map_err(|_| ApiError::overloaded())?;
+                let rx = self.send_client(client_id, msg, spec.wait_ack)?;
                 let outcome = self
                     .answer(rx, received)
                     .await?
                     .pop()
                     .ok_or_else(shutting_down)?;
                 let r = self.finish(id.clone(), spec, outcome).await;
-                tracing::debug!(message_id = %id, client_id = %client_id, result = ?r.as_ref().map(PushAnswer::status), "client push");
+                tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push");
                 r
             }
         }
     }
+}
+
+/// What a keyed push has come to, as every request holding its key sees it.
+#[derive(Clone)]
+enum Progress {
+    /// Handed to the shard(s); no answer yet.
+    Waiting,
+    /// The shard answered this status; the device's PUBACK is awaited (`wait_ack`).
+    AwaitingAck(&'static str),
+    /// The outcome, answered to every repeat within the window.
+    Final(Result<PushAnswer, ApiError>),
+    /// Nothing was sent (e.g. a full mailbox); the key was released.
+    NotSent(ApiError),
+}
+
+/// A request's answer from its key's progress: the outcome once known; 504 when the
+/// shard has not answered within `answer_limit` of `received`, or the PUBACK has not
+/// come within `ack_wait` (the push goes on: a retry with the key learns its outcome).
+async fn follow(
+    mut rx: watch::Receiver<Progress>,
+    answer_limit: Duration,
+    ack_wait: Duration,
+    received: Instant,
+) -> Result<PushAnswer, ApiError> {
+    let answered = |p: &Progress| !matches!(p, Progress::Waiting);
+    let first = tokio::time::timeout_at((received + answer_limit).into(), next(&mut rx, answered))
+        .await
+        .map_err(|_| ApiError::answer_timeout(answer_limit))??;
+    let Progress::AwaitingAck(status) = first else {
+        return first.into_result();
+    };
+    let done = |p: &Progress| matches!(p, Progress::Final(_) | Progress::NotSent(_));
+    tokio::time::timeout(ack_wait, next(&mut rx, done))
+        .await
+        .map_err(|_| ack_timeout(status, ack_wait))??
+        .into_result()
+}
+
+/// The first progress that satisfies `pred`.
+async fn next(
+    rx: &mut watch::Receiver<Progress>,
+    pred: impl FnMut(&Progress) -> bool,
+) -> Result<Progress, ApiError> {
+    rx.wait_for(pred)
+        .await
+        .map(|p| p.clone())
+        .map_err(|_| shutting_down())
+}
+
+impl Progress {
+    fn into_result(self) -> Result<PushAnswer, ApiError> {
+        match self {
+            Progress::Final(r) => r,
+            Progress::NotSent(e) => Err(e),
+            Progress::Waiting | Progress::AwaitingAck(_) => Err(shutting_down()),
+        }
+    }
+}
+
+/// A shard's outcome for one client push: the answer, or its status and the PUBACK
+/// still awaited.
+enum Settled {
+    Answer(PushAnswer),
+    AwaitAck {
+        id: String,
+        status: &'static str,
+        ack: oneshot::Receiver<()>,
+    },
+}
+
+fn settle(id: String, outcome: PushOutcome) -> Settled {
+    let status = match outcome.status {
+        PushStatus::Sent => "sent",
+        PushStatus::Queued => "queued",
+        PushStatus::Offline => "offline",
+        PushStatus::Dropped(reason) => {
+            return Settled::Answer(PushAnswer::Client {
+                id,
+                status: "dropped",
+                reason: Some(reason),
+            })
+        }
+    };
+    match outcome.ack {
+        Some(ack) => Settled::AwaitAck { id, status, ack },
+        None => Settled::Answer(PushAnswer::Client {
+            id,
+            status,
+            reason: None,
+        }),
+    }
+}
+
+fn acked(id: String) -> PushAnswer {
+    PushAnswer::Client {
+        id,
+        status: "acked",
+        reason: None,
+    }
+}
+
+fn ack_timeout(status: &str, after: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "ack_timeout",
+        format!(
+            "the device did not acknowledge within {} ms (the message was {status}); retry with the same idempotency_key to learn whether it does",
+            after.as_millis()
+        ),
+    )
+}
+
+/// 422: the key names a different push of the same target.
+fn key_reused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "this idempotency_key was used within the idempotency window for a different push to the same client id (or topic): use a new key for a new push",
+    )
+    .field("idempotency_key")
+}
+
+/// What makes two pushes with one key the same push: everything but `timeout_ms` (and
+/// the key itself).
+fn fingerprint(spec: &PushSpec) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (
+        &spec.client_id,
+        &spec.topic,
+        &spec.payload[..],
+        spec.qos,
+        spec.retain,
+        spec.ttl_secs,
+        spec.wait_ack,
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 fn shutting_down() -> ApiError {
@@ -655,21 +1114,12 @@ fn shutting_down() -> ApiError {
     )
 }
 
-fn body_limit(config: &Config) -> usize {
-    // Base64 inflates by 4/3 and JSON escaping by up to 6x for control bytes; a batch
-    // carries up to max_batch messages.
-    let per_message = config.mqtt.max_packet_size as usize * 2 + 4096;
-    per_message
-        .saturating_mul(config.http.max_batch as usize)
-        .min(512 << 20)
-}
-
 async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let received = Instant::now();
     let inner = &s.inner;
-    let limit = inner.config.mqtt.max_packet_size as usize * 2 + 4096;
+    let limit = message_body_limit(&inner.config);
     let result = async {
-        let bytes = json_body(&headers, body, limit).await?;
+        let (bytes, _permit) = json_body(inner, &headers, body, limit).await?;
         match serde_json::from_slice::<MaybeObject>(&bytes).map_err(malformed_json)? {
             MaybeObject::Object(m) => parse_push(&m, &inner.config, None),
             MaybeObject::NotObject => Err(not_an_object()),
@@ -693,7 +1143,7 @@ async fn push_batch(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let received = Instant::now();
     let inner = &s.inner;
     let config = &inner.config;
-    let bytes = match json_body(&headers, body, body_limit(config)).await {
+    let (bytes, _permit) = match json_body(inner, &headers, body, batch_body_limit(config)).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -843,7 +1293,164 @@ fn not_found(client_id: &str) -> ApiError {
     .field("client_id")
 }
 
-async fn get_client(State(s): State<ApiState>, Path(client_id): Path<String>) -> Response {
+/// The query of a `/v1/clients` route, each parameter at most once.
+#[derive(Default)]
+struct ClientQuery {
+    client_id: Option<String>,
+    clear_session: bool,
+}
+
+type RawQuery = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// Parses `query`, refusing parameters not in `allowed`, repeated ones and bad values
+/// with a JSON 400 naming the parameter.
+fn client_query(query: RawQuery, allowed: &[&str]) -> Result<ClientQuery, ApiError> {
+    let Query(pairs) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("malformed query string: {e}"),
+        )
+    })?;
+    let mut out = ClientQuery::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for (k, v) in &pairs {
+        let Some(name) = allowed.iter().find(|a| **a == k.as_str()) else {
+            return Err(ApiError::bad(k, format!("unknown query parameter `{k}`")));
+        };
+        if seen.contains(name) {
+            return Err(ApiError::bad(k, format!("`{k}` is given more than once")));
+        }
+        seen.push(name);
+        match *name {
+            "client_id" if v.is_empty() => {
+                return Err(ApiError::bad(k, "`client_id` must not be empty"))
+            }
+            "client_id" => out.client_id = Some(v.clone()),
+            _ => {
+                out.clear_session = match v.as_str() {
+                    "false" => false,
+                    "true" => true,
+                    _ => return Err(ApiError::bad(k, "`clear_session` must be true or false")),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The client id of `/v1/clients/{client_id}`, or a JSON 400.
+fn path_client_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|e| ApiError::bad("client_id", format!("bad client id in the path: {e}")))
+}
+
+/// The target of `/v1/clients` (no id in the path): the `client_id` query parameter, or
+/// a JSON body `{"client_id", "clear_session"?}` for an id too long for a URI (HTTP/1
+/// URIs end at 65,534 bytes; MQTT allows 65,535-byte client ids).
+async fn unpathed_target(
+    s: &ApiState,
+    query: RawQuery,
+    headers: &HeaderMap,
+    body: Body,
+    kick: bool,
+) -> Result<(String, bool), ApiError> {
+    let allowed: &[&str] = if kick {
+        &["client_id", "clear_session"]
+    } else {
+        &["client_id"]
+    };
+    let q = client_query(query, allowed)?;
+    if let Some(id) = q.client_id {
+        return Ok((id, q.clear_session));
+    }
+    if headers.get(header::CONTENT_TYPE).is_none() {
+        return Err(ApiError::bad(
+            "client_id",
+            "give the client id as the `client_id` query parameter or in a JSON body",
+        ));
+    }
+    let limit = s.inner.config.mqtt.max_client_id_len as usize * 6 + 1024;
+    let (bytes, _permit) = json_body(&s.inner, headers, body, limit).await?;
+    let MaybeObject::Object(m) = serde_json::from_slice(&bytes).map_err(malformed_json)? else {
+        return Err(not_an_object());
+    };
+    if let Some(k) = m.unknown(allowed) {
+        return Err(ApiError::bad(k, format!("unknown field `{k}`")));
+    }
+    let client_id = match m.get("client_id") {
+        Some(Field::Str(id)) if !id.is_empty() => id.to_string(),
+        _ => {
+            return Err(ApiError::bad(
+                "client_id",
+                "`client_id` must be a non-empty string",
+            ))
+        }
+    };
+    let clear_session = match m.get("clear_session") {
+        None => false,
+        Some(Field::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "clear_session",
+                "`clear_session` must be true or false",
+            ))
+        }
+    };
+    Ok((client_id, clear_session))
+}
+
+async fn get_client(
+    State(s): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    query: RawQuery,
+) -> Response {
+    let target = client_query(query, &[]).and_then(|_| path_client_id(path));
+    answer_or_error(target, |id| client_info(s, id)).await
+}
+
+async fn get_client_by_query(
+    State(s): State<ApiState>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let target = unpathed_target(&s, query, &headers, body, false).await;
+    answer_or_error(target, |(id, _)| client_info(s, id)).await
+}
+
+async fn delete_client(
+    State(s): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    query: RawQuery,
+) -> Response {
+    let target = client_query(query, &["clear_session"])
+        .and_then(|q| Ok((path_client_id(path)?, q.clear_session)));
+    answer_or_error(target, |(id, clear)| kick(s, id, clear)).await
+}
+
+async fn delete_client_by_query(
+    State(s): State<ApiState>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let target = unpathed_target(&s, query, &headers, body, true).await;
+    answer_or_error(target, |(id, clear)| kick(s, id, clear)).await
+}
+
+/// The error of a bad request, or what `then` answers for its target.
+async fn answer_or_error<T, F: std::future::Future<Output = Response>>(
+    target: Result<T, ApiError>,
+    then: impl FnOnce(T) -> F,
+) -> Response {
+    match target {
+        Ok(t) => then(t).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn client_info(s: ApiState, client_id: String) -> Response {
     let id = client_id.clone();
     match ask_home(&s, &client_id, |reply| ShardMsg::ClientInfo {
         client_id: id,
@@ -857,25 +1464,9 @@ async fn get_client(State(s): State<ApiState>, Path(client_id): Path<String>) ->
     }
 }
 
-#[derive(serde::Deserialize)]
-struct KickQuery {
-    #[serde(default)]
-    clear_session: Option<String>,
-}
-
-async fn delete_client(
-    State(s): State<ApiState>,
-    Path(client_id): Path<String>,
-    Query(q): Query<KickQuery>,
-) -> Response {
-    let clear_session = match q.clear_session.as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => {
-            return ApiError::bad("clear_session", "`clear_session` must be true or false")
-                .into_response()
-        }
-    };
+/// Disconnects a client (if online) and, with `clear_session`, ends its session;
+/// `disconnected` says whether a connection was closed.
+async fn kick(s: ApiState, client_id: String, clear_session: bool) -> Response {
     let id = client_id.clone();
     match ask_home(&s, &client_id, |reply| ShardMsg::Kick {
         client_id: id,
@@ -884,12 +1475,12 @@ async fn delete_client(
     })
     .await
     {
-        Ok(true) => (
+        Ok(Some(was_online)) => (
             StatusCode::OK,
-            axum::Json(json!({"client_id": client_id, "disconnected": true, "session_cleared": clear_session})),
+            axum::Json(json!({"client_id": client_id, "disconnected": was_online, "session_cleared": clear_session})),
         )
             .into_response(),
-        Ok(false) => not_found(&client_id).into_response(),
+        Ok(None) => not_found(&client_id).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -932,43 +1523,6 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-// ---------------------------------------------------------------------------------------
-// Idempotency.
-
-type CachedAnswer = Result<PushAnswer, ApiError>;
-
-/// Answers by idempotency key for `idempotency_window_secs`. A repeated key waits for the
-/// first request's answer (`OnceCell`) and gets the same one: the device gets it once.
-#[derive(Default)]
-struct IdempotencyCache {
-    map: HashMap<String, (Instant, Arc<OnceCell<CachedAnswer>>)>,
-    order: VecDeque<(Instant, String)>,
-}
-
-impl IdempotencyCache {
-    fn entry(&mut self, key: String, window: Duration) -> Arc<OnceCell<CachedAnswer>> {
-        let now = Instant::now();
-        // Forget expired keys, oldest first; also bound the memory.
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < window && self.order.len() < MAX_IDEMPOTENCY_ENTRIES {
-                break;
-            }
-            if let Some((at, k)) = self.order.pop_front() {
-                if self.map.get(&k).is_some_and(|(t, _)| *t == at) {
-                    self.map.remove(&k);
-                }
-            }
-        }
-        if let Some((_, cell)) = self.map.get(&key) {
-            return cell.clone();
-        }
-        let cell = Arc::new(OnceCell::new());
-        self.map.insert(key.clone(), (now, cell.clone()));
-        self.order.push_back((now, key));
-        cell
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -982,6 +1536,76 @@ mod tests {
 
     fn cfg() -> Config {
         Config::default()
+    }
+
+    fn access(toml: &str) -> Access {
+        Access::from_config(&Config::from_toml_str(toml).unwrap().http)
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    /// A body over `LARGE_BODY` waits for a permit; a small one does not need one.
+    #[tokio::test]
+    async fn large_bodies_wait_for_a_permit() {
+        let none = tokio::sync::Semaphore::new(0);
+        let small = Body::from(vec![b'x'; 1000]);
+        let (got, _) = read_body(small, 1 << 20, 1000, &none).await.unwrap();
+        assert_eq!(got.len(), 1000);
+        let large = || Body::from(vec![b'x'; LARGE_BODY + 1]);
+        let waiting = read_body(large(), 1 << 20, 0, &none);
+        let r = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+        assert!(r.is_err(), "read a large body without a permit");
+        let one = tokio::sync::Semaphore::new(1);
+        let (got, permit) = read_body(large(), 1 << 20, 0, &one).await.unwrap();
+        assert_eq!(got.len(), LARGE_BODY + 1);
+        assert_eq!(one.available_permits(), 0, "held while the body is used");
+        drop(permit);
+        assert_eq!(one.available_permits(), 1, "then given back");
+        let over = read_body(large(), LARGE_BODY, 0, &one).await;
+        assert_eq!(
+            over.err().map(|e| e.status),
+            Some(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+    }
+
+    #[test]
+    fn the_default_api_answers_only_loopback() {
+        let a = access("");
+        assert_eq!(a.check(ip("127.0.0.1"), None), Ok(()));
+        assert_eq!(a.check(ip("127.0.0.2"), None), Ok(()));
+        assert_eq!(a.check(ip("::1"), None), Ok(()));
+        assert_eq!(a.check(ip("::ffff:127.0.0.1"), None), Ok(()));
+        for remote in ["192.0.2.2", "10.0.0.1", "fd00::2", "::ffff:192.0.2.2"] {
+            assert_eq!(
+                a.check(ip(remote), None),
+                Err(Refusal::RemoteWithoutToken),
+                "{remote}"
+            );
+        }
+        assert_eq!(a.check(None, None), Err(Refusal::RemoteWithoutToken));
+        let open = access("[http]\nallow_remote_without_token = true\n");
+        assert_eq!(open.check(ip("192.0.2.2"), None), Ok(()));
+    }
+
+    #[test]
+    fn tokens_are_needed_from_every_source_once_set() {
+        let a = access("[http]\ntokens = [\"t0k\"]\nallow_remote_without_token = true\n");
+        for peer in ["127.0.0.1", "192.0.2.2"] {
+            assert_eq!(a.check(ip(peer), None), Err(Refusal::Unauthorized));
+            assert_eq!(
+                a.check(ip(peer), Some("Bearer nope")),
+                Err(Refusal::Unauthorized)
+            );
+            assert_eq!(
+                a.check(ip(peer), Some("Basic t0k")),
+                Err(Refusal::Unauthorized)
+            );
+            for ok in ["Bearer t0k", "bearer t0k", "BEARER  t0k "] {
+                assert_eq!(a.check(ip(peer), Some(ok)), Ok(()), "{ok}");
+            }
+        }
     }
 
     fn parse(v: Value) -> Result<PushSpec, ApiError> {
@@ -1029,16 +1653,5 @@ mod tests {
         let ok = parse(json!({"client_id": "d", "topic": "a", "payload": "aGk=", "encoding": "base64", "qos": 1, "wait_ack": true})).unwrap();
         assert_eq!(&ok.payload[..], b"hi");
         assert!(ok.wait_ack);
-    }
-
-    #[test]
-    fn idempotency_cache_forgets_after_the_window() {
-        let mut c = IdempotencyCache::default();
-        let a = c.entry("k".into(), Duration::from_secs(60));
-        let b = c.entry("k".into(), Duration::from_secs(60));
-        assert!(Arc::ptr_eq(&a, &b));
-        let fresh = c.entry("k2".into(), Duration::ZERO);
-        let again = c.entry("k2".into(), Duration::ZERO);
-        assert!(!Arc::ptr_eq(&fresh, &again), "expired key reused");
     }
 }

@@ -65,6 +65,8 @@ pub struct MqttConfig {
     pub max_client_id_len: u32,
     pub connect_timeout_secs: u32,
     pub max_keepalive_secs: u32,
+    /// What a CONNECT with keep-alive 0 gets.
+    pub keepalive_zero: KeepaliveZero,
     pub keepalive_jitter_pct: u32,
     pub duplicate_client_id: DuplicateClientId,
     pub max_connections: u32,
@@ -75,6 +77,10 @@ pub struct MqttConfig {
     pub write_stall_timeout_secs: u32,
     pub retain_available: bool,
     pub max_retained_messages: u32,
+    /// Bytes (topic + payload) of all retained messages; 0 = no bound.
+    pub max_retained_bytes: u64,
+    /// Bytes of the retained messages one client set; 0 = no bound.
+    pub max_retained_bytes_per_client: u64,
     /// Topic Alias Maximum announced to MQTT 5 clients (0..=65535; 0 = none accepted).
     pub topic_alias_maximum: u32,
     /// Outbound topic aliases per connection, least recently used replaced (0..=65535;
@@ -97,6 +103,8 @@ pub struct MqttConfig {
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     pub proxy_header_max_bytes: u32,
+    /// Peers (addresses / CIDR blocks) allowed to send a PROXY header.
+    pub proxy_trusted: Vec<String>,
     /// Longest topic name or filter accepted, in bytes (1..=65535).
     pub max_topic_len: u32,
     /// Most subscriptions one session may hold (at least 1).
@@ -120,6 +128,29 @@ pub struct LimitsConfig {
     /// Inbound bytes per second per connection; 0 = unlimited.
     pub bytes_rate: u32,
     pub bytes_burst: u32,
+}
+
+/// What a client asking for keep-alive 0 ("no keep-alive") gets: `[mqtt] keepalive_zero`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepaliveZero {
+    /// `max_keepalive_secs`, so a silent dead peer is found even without TCP keepalive
+    /// (MQTT 5 clients are told in Server Keep Alive; 3.1.1 clients cannot be).
+    Max,
+    /// No keep-alive deadline, as MQTT 3.1.1 and 5 §3.1.2.10 say; dead peers are found
+    /// only by TCP keepalive and `[tcp] user_timeout_secs`.
+    Off,
+}
+
+impl KeepaliveZero {
+    /// The keep-alive granted for `requested` seconds under the cap `max` (0 = none).
+    pub fn granted(self, requested: u16, max: u16) -> u16 {
+        match (requested, self) {
+            (0, KeepaliveZero::Off) => 0,
+            (0, KeepaliveZero::Max) => max,
+            (r, _) => r.min(max),
+        }
+    }
 }
 
 /// What to do when a client id connects while a connection with that id is live.
@@ -148,6 +179,8 @@ pub struct TcpConfig {
     pub keepalive_retries: u8,
     /// TCP_USER_TIMEOUT; 0 disables.
     pub user_timeout_secs: u32,
+    /// After `accept()` fails for want of a file descriptor, retry this often.
+    pub accept_retry_ms: u32,
 }
 
 /// `[shards]`: the IO threads and their timing wheels.
@@ -193,8 +226,25 @@ pub enum SlowConsumer {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// Bearer tokens for `/v1/*`; empty = open API.
+    /// Bearer tokens for `/v1/*`; empty = `/v1` answers only `tokenless_networks`.
     pub tokens: Vec<String>,
+    /// With `tokens` empty: the source networks (CIDRs) whose requests `/v1` answers
+    /// without a token; others get 403. Loopback by default.
+    pub tokenless_networks: Vec<String>,
+    /// With `tokens` empty: answer `/v1` from any source (logged loudly at startup).
+    pub allow_remote_without_token: bool,
+    /// Most HTTP connections open at once; beyond it new ones wait in the backlog, so
+    /// half-sent requests cannot use up the file descriptors MQTT needs.
+    pub max_connections: u32,
+    /// Milliseconds a connection may take to send a request's headers (also the idle
+    /// limit between keep-alive requests).
+    pub header_timeout_ms: u32,
+    /// Milliseconds a request may take to send its body.
+    pub body_timeout_ms: u32,
+    /// Largest `POST /v1/push/batch` body, in bytes (never below one message's limit).
+    pub max_batch_body_bytes: u32,
+    /// Request bodies over 64 KiB read at once; more wait their turn.
+    pub max_large_bodies: u32,
     /// 0 = one per available core; see [`Config::business_threads`].
     pub business_threads: usize,
     pub max_batch: u32,
@@ -429,6 +479,14 @@ impl Config {
             107,
             65_551,
         )?;
+        crate::proxy::TrustedProxies::parse(&m.proxy_trusted)
+            .map_err(|(i, e)| invalid(&format!("mqtt.proxy_trusted[{i}]"), e))?;
+        if m.proxy_protocol && m.proxy_trusted.is_empty() {
+            return Err(invalid(
+                "mqtt.proxy_trusted",
+                "proxy_protocol needs at least one trusted proxy address".into(),
+            ));
+        }
         if let Some(tls) = m.tls_listen {
             if m.tls_cert.is_none() {
                 return Err(invalid(
@@ -489,6 +547,7 @@ impl Config {
         let t = &self.tcp;
         // listen(2) and setsockopt(2) take a C int.
         in_range("tcp.backlog", t.backlog, 1, i32::MAX as u32)?;
+        in_range("tcp.accept_retry_ms", t.accept_retry_ms, 1, 10_000)?;
         in_range(
             "tcp.send_buffer_bytes",
             t.send_buffer_bytes,
@@ -593,6 +652,15 @@ impl Config {
                 ));
             }
         }
+        for (i, net) in h.tokenless_networks.iter().enumerate() {
+            crate::http::Network::parse(net)
+                .map_err(|e| invalid(&format!("http.tokenless_networks[{i}]"), e))?;
+        }
+        in_range("http.max_connections", h.max_connections, 1, 1_000_000)?;
+        in_range("http.header_timeout_ms", h.header_timeout_ms, 100, 600_000)?;
+        in_range("http.body_timeout_ms", h.body_timeout_ms, 100, 600_000)?;
+        at_least("http.max_batch_body_bytes", h.max_batch_body_bytes, 65_536)?;
+        in_range("http.max_large_bodies", h.max_large_bodies, 1, 100_000)?;
         in_range("http.business_threads", h.business_threads, 0, MAX_THREADS)?;
         at_least("http.max_batch", h.max_batch, 1)?;
         in_range("http.answer_timeout_ms", h.answer_timeout_ms, 100, 600_000)?;
@@ -827,6 +895,8 @@ mod tests {
         assert_eq!(c.mqtt.max_subscriptions_per_client, 1000);
         assert!(c.mqtt.retain_available);
         assert_eq!(c.mqtt.max_retained_messages, 100_000);
+        assert_eq!(c.mqtt.max_retained_bytes, 256 << 20);
+        assert_eq!(c.mqtt.max_retained_bytes_per_client, 4 << 20);
 
         assert!(c.tcp.nodelay);
         assert_eq!(c.tcp.backlog, 4096);
@@ -853,6 +923,13 @@ mod tests {
 
         assert_eq!(c.http.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
         assert!(c.http.tokens.is_empty());
+        assert_eq!(c.http.tokenless_networks, ["127.0.0.0/8", "::1/128"]);
+        assert!(!c.http.allow_remote_without_token);
+        assert_eq!(c.http.max_connections, 1024);
+        assert_eq!(c.http.header_timeout_ms, 10_000);
+        assert_eq!(c.http.body_timeout_ms, 30_000);
+        assert_eq!(c.http.max_batch_body_bytes, 67_108_864);
+        assert_eq!(c.http.max_large_bodies, 4);
         assert_eq!(c.http.business_threads, 2);
         assert_eq!(c.http.max_batch, 1000);
         assert_eq!(c.http.idempotency_window_secs, 300);
@@ -1028,6 +1105,10 @@ mod tests {
             invalid_key("[mqtt]\nduplicate_client_id = \"Takeover\"\n"),
             "mqtt.duplicate_client_id"
         );
+        assert_eq!(
+            invalid_key("[mqtt]\nkeepalive_zero = \"never\"\n"),
+            "mqtt.keepalive_zero"
+        );
         let c = Config::from_toml_str("[mqtt]\nduplicate_client_id = \"reject\"\n").unwrap();
         assert_eq!(c.mqtt.duplicate_client_id, DuplicateClientId::Reject);
         assert_eq!(invalid_key("[log]\nformat = \"xml\"\n"), "log.format");
@@ -1187,6 +1268,11 @@ mod tests {
             ),
             ("[tcp]\nbacklog = 1", "[tcp]\nbacklog = 0", "tcp.backlog"),
             (
+                "[tcp]\naccept_retry_ms = 10000",
+                "[tcp]\naccept_retry_ms = 0",
+                "tcp.accept_retry_ms",
+            ),
+            (
                 "[tcp]\nbacklog = 2147483647",
                 "[tcp]\nbacklog = 2147483648",
                 "tcp.backlog",
@@ -1267,6 +1353,36 @@ mod tests {
                 "http.tokens[0]",
             ),
             (
+                "[http]\ntokenless_networks = [\"10.0.0.0/8\", \"::1\"]",
+                "[http]\ntokenless_networks = [\"::1\", \"10.0.0.0/33\"]",
+                "http.tokenless_networks[1]",
+            ),
+            (
+                "[http]\nmax_connections = 1",
+                "[http]\nmax_connections = 0",
+                "http.max_connections",
+            ),
+            (
+                "[http]\nheader_timeout_ms = 100",
+                "[http]\nheader_timeout_ms = 99",
+                "http.header_timeout_ms",
+            ),
+            (
+                "[http]\nmax_large_bodies = 1",
+                "[http]\nmax_large_bodies = 0",
+                "http.max_large_bodies",
+            ),
+            (
+                "[http]\nmax_batch_body_bytes = 65536",
+                "[http]\nmax_batch_body_bytes = 65535",
+                "http.max_batch_body_bytes",
+            ),
+            (
+                "[http]\nbody_timeout_ms = 600000",
+                "[http]\nbody_timeout_ms = 600001",
+                "http.body_timeout_ms",
+            ),
+            (
                 "[http]\nbusiness_threads = 1024",
                 "[http]\nbusiness_threads = 1025",
                 "http.business_threads",
@@ -1337,6 +1453,14 @@ mod tests {
         assert_eq!(
             invalid_key("[mqtt]\nproxy_header_max_bytes = 100\n"),
             "mqtt.proxy_header_max_bytes"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_trusted = [\"::1\", \"10.0.0.0/33\"]\n"),
+            "mqtt.proxy_trusted[1]"
+        );
+        assert_eq!(
+            invalid_key("[mqtt]\nproxy_protocol = true\nproxy_trusted = []\n"),
+            "mqtt.proxy_trusted"
         );
         assert_eq!(
             invalid_key("[mqtt]\ntls_buffer_bytes = 10\n"),

@@ -130,7 +130,8 @@ pub fn fd_limit_warning(nofile_soft: u64, max_connections: u64) -> Option<String
         format!(
             "RLIMIT_NOFILE is {nofile_soft}, below the {needed} that mqtt.max_connections = \
              {max_connections} needs: connections beyond ~{} will fail with \"too many open \
-             files\"; run `gateway doctor`",
+             files\"; run `gateway doctor`, or set mqtt.max_connections to what this node \
+             should hold",
             nofile_soft.saturating_sub(nofile_soft.div_ceil(10))
         )
     })
@@ -155,6 +156,14 @@ pub fn report(target_connections: u64) -> String {
     render(target_connections, &evaluate_system(target_connections))
 }
 
+/// `gateway doctor`: the report, and whether any item is LOW (the command then exits 1).
+#[must_use]
+pub fn report_and_low(target_connections: u64) -> (String, bool) {
+    let results = evaluate_system(target_connections);
+    let low = results.iter().any(|(_, v)| *v == Verdict::Low);
+    (render(target_connections, &results), low)
+}
+
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns (soft_before, soft_after, hard).
 pub fn raise_nofile_limit() -> io::Result<(u64, u64, u64)> {
     let (before, hard) = nofile_limit()?;
@@ -165,8 +174,9 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64, u64)> {
     Ok((before, after, hard))
 }
 
+/// RLIMIT_NOFILE as (soft, hard).
 #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, but not on every target
-fn nofile_limit() -> io::Result<(u64, u64)> {
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -112,7 +112,8 @@ pub enum ShardMsg {
     Kick {
         client_id: String,
         clear_session: bool,
-        reply: oneshot::Sender<bool>,
+        /// `None`: no session; `Some(online)`: whether a connection was closed.
+        reply: oneshot::Sender<Option<bool>>,
     },
     /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
     Shutdown,

@@ -56,10 +56,14 @@ pub enum DisconnectReason {
     SocketError,
     /// The CONNECT was refused (CONNACK with an error code).
     Refused,
+    /// The peer closed or reset the connection before it sent CONNECT: a load-balancer
+    /// health check (a TCP connect, or a PROXY v2 LOCAL header, then a close or reset)
+    /// or a port scan, not a device's network failing.
+    Probe,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 11] = [
+    pub const ALL: [DisconnectReason; 12] = [
         DisconnectReason::Client,
         DisconnectReason::Keepalive,
         DisconnectReason::ConnectTimeout,
@@ -71,6 +75,7 @@ impl DisconnectReason {
         DisconnectReason::Admin,
         DisconnectReason::SocketError,
         DisconnectReason::Refused,
+        DisconnectReason::Probe,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +91,19 @@ impl DisconnectReason {
             DisconnectReason::Admin => "admin",
             DisconnectReason::SocketError => "socket_error",
             DisconnectReason::Refused => "refused",
+            DisconnectReason::Probe => "probe",
+        }
+    }
+
+    /// The reason to count for a connection that ended with `self`: one the peer closed
+    /// or reset before it sent CONNECT (`connect_read` false) is a [`Probe`](Self::Probe),
+    /// so health checks do not swamp the real `socket_error` and `close_wait` counts.
+    pub fn counted(self, connect_read: bool) -> DisconnectReason {
+        match self {
+            DisconnectReason::SocketError | DisconnectReason::CloseWait if !connect_read => {
+                DisconnectReason::Probe
+            }
+            r => r,
         }
     }
 }
@@ -104,10 +122,12 @@ pub enum RefuseReason {
     AuthUnavailable,
     /// `max_connections_per_ip` reached for the connection's address.
     PerIp,
+    /// A PROXY header from a peer not in `mqtt.proxy_trusted`.
+    ProxyUntrusted,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 8] = [
+    pub const ALL: [RefuseReason; 9] = [
         RefuseReason::Protocol,
         RefuseReason::ClientId,
         RefuseReason::Duplicate,
@@ -116,6 +136,7 @@ impl RefuseReason {
         RefuseReason::MaxConnections,
         RefuseReason::AuthUnavailable,
         RefuseReason::PerIp,
+        RefuseReason::ProxyUntrusted,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -127,6 +148,7 @@ impl RefuseReason {
             RefuseReason::MaxConnections => "max_connections",
             RefuseReason::AuthUnavailable => "auth_unavailable",
             RefuseReason::PerIp => "per_ip",
+            RefuseReason::ProxyUntrusted => "proxy_untrusted",
         }
     }
 }
@@ -260,8 +282,8 @@ pub struct ShardMetrics {
     pub connects: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
-    pub disconnects: [AtomicU64; 11],
-    pub refused: [AtomicU64; 8],
+    pub disconnects: [AtomicU64; DisconnectReason::ALL.len()],
+    pub refused: [AtomicU64; RefuseReason::ALL.len()],
     /// PUBLISHes and SUBSCRIBE filters refused by the ACL: [publish, subscribe].
     pub acl_denied: [AtomicU64; 2],
     /// TLS handshakes (or later TLS records) that failed: bad ClientHello, unknown CA,
@@ -277,6 +299,8 @@ pub struct ShardMetrics {
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
     pub accept_paused_handshaking: AtomicU64,
+    /// Times a shard's accept failed for want of a file descriptor (EMFILE/ENFILE).
+    pub accept_paused_fds: AtomicU64,
     /// Connections closed for a missing or invalid PROXY protocol header.
     pub proxy_header_errors: AtomicU64,
     pub dropped: [AtomicU64; 6],
@@ -544,7 +568,7 @@ impl Collector for ShardCollector {
         labelled_counters(
             e,
             "gateway_accept_paused_total",
-            "Times a shard stopped accepting (connections wait in the backlog), by limit.",
+            "Times a shard stopped accepting (connections wait in the backlog), by limit; fd_exhausted: accept() found no free file descriptor (retried every [tcp] accept_retry_ms).",
             "reason",
             [
                 (
@@ -554,6 +578,10 @@ impl Collector for ShardCollector {
                 (
                     "handshaking".to_owned(),
                     self.total(|s| get(&s.accept_paused_handshaking)),
+                ),
+                (
+                    "fd_exhausted".to_owned(),
+                    self.total(|s| get(&s.accept_paused_fds)),
                 ),
             ],
         )?;
@@ -741,7 +769,7 @@ pub fn render(shards: &[Arc<ShardMetrics>], out: &mut String) {
     encode_into(&registry, out);
 }
 
-/// The `status` label values of `gateway_push_requests_total`, all exported from the
+/// The `status` label values of `gateway_push_messages_total`, all exported from the
 /// start (at 0) so that rates and alerts see every series. Any other status string is
 /// counted as `other`.
 pub const PUSH_STATUSES: [&str; 12] = [
@@ -770,11 +798,22 @@ struct StatusLabel {
     status: &'static str,
 }
 
+/// The labels of `gateway_push_requests_total`: `endpoint` (`push` or `batch`) and the
+/// HTTP status `code` of the answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabel {
+    endpoint: &'static str,
+    code: u16,
+}
+
 /// Push API outcomes and latency. Shared (`Arc`) by the business pool's handlers; a
 /// push is not per packet, so prometheus-client's shared atomics and histogram lock are
 /// fine here.
 pub struct PushMetrics {
-    requests: Family<StatusLabel, Counter>,
+    /// HTTP requests to the push endpoints, by endpoint and answer code.
+    requests: Family<RequestLabel, Counter>,
+    /// Messages (a single push, or one item of a batch), by outcome.
+    messages: Family<StatusLabel, Counter>,
     /// The family's counter of each status in `PUSH_STATUSES`, resolved once: counting a
     /// push is then one atomic add, not a lock and a label hash per message.
     by_status: Vec<Counter>,
@@ -783,14 +822,22 @@ pub struct PushMetrics {
 
 impl Default for PushMetrics {
     fn default() -> Self {
-        let requests: Family<StatusLabel, Counter> = Family::default();
+        let messages: Family<StatusLabel, Counter> = Family::default();
         // Creates every series at 0 and keeps a handle (counters share their value).
         let by_status = PUSH_STATUSES
             .iter()
-            .map(|&status| requests.get_or_create(&StatusLabel { status }).clone())
+            .map(|&status| messages.get_or_create(&StatusLabel { status }).clone())
             .collect();
+        let requests: Family<RequestLabel, Counter> = Family::default();
+        for endpoint in ["push", "batch"] {
+            let _ = requests.get_or_create(&RequestLabel {
+                endpoint,
+                code: 200,
+            });
+        }
         PushMetrics {
             requests,
+            messages,
             by_status,
             duration: Histogram::new(PUSH_BUCKETS),
         }
@@ -798,7 +845,14 @@ impl Default for PushMetrics {
 }
 
 impl PushMetrics {
-    /// Counts one push answer (`gateway_push_requests_total{status}`) and, when given, its
+    /// Counts one push request's answer (`gateway_push_requests_total{endpoint, code}`).
+    pub fn record_request(&self, endpoint: &'static str, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabel { endpoint, code })
+            .inc();
+    }
+
+    /// Counts one message's answer (`gateway_push_messages_total{status}`) and, when given, its
     /// latency from HTTP receive to written to the device socket
     /// (`gateway_push_duration_seconds`).
     pub fn record(&self, status: &str, seconds: Option<f64>) {
@@ -807,7 +861,7 @@ impl PushMetrics {
                 self.by_status[i].inc();
             }
             None => {
-                self.requests
+                self.messages
                     .get_or_create(&StatusLabel { status: "other" })
                     .inc();
             }
@@ -823,8 +877,13 @@ impl PushMetrics {
         // Registry::register appends the final full stop to the help text.
         registry.register(
             counter_family("gateway_push_requests_total"),
-            "Push API requests, by outcome",
+            "HTTP requests to /v1/push and /v1/push/batch, by endpoint and answer code",
             self.requests.clone(),
+        );
+        registry.register(
+            counter_family("gateway_push_messages_total"),
+            "Messages pushed (one per /v1/push request or batch item), by outcome",
+            self.messages.clone(),
         );
         registry.register(
             "gateway_push_duration_seconds",
@@ -1110,20 +1169,20 @@ mod tests {
         let mut s = String::new();
         p.render(&mut s);
         assert_eq!(
-            value(&s, "gateway_push_requests_total{status=\"sent\"}"),
+            value(&s, "gateway_push_messages_total{status=\"sent\"}"),
             Some(2.0),
             "{s}"
         );
         assert_eq!(
-            value(&s, "gateway_push_requests_total{status=\"overloaded\"}"),
+            value(&s, "gateway_push_messages_total{status=\"overloaded\"}"),
             Some(1.0)
         );
         assert_eq!(
-            value(&s, "gateway_push_requests_total{status=\"other\"}"),
+            value(&s, "gateway_push_messages_total{status=\"other\"}"),
             Some(1.0)
         );
         for status in PUSH_STATUSES {
-            let sample = format!("gateway_push_requests_total{{status=\"{status}\"}}");
+            let sample = format!("gateway_push_messages_total{{status=\"{status}\"}}");
             assert!(value(&s, &sample).is_some(), "{sample} missing:\n{s}");
         }
         let bucket = |le: &str| {
@@ -1137,14 +1196,20 @@ mod tests {
         assert_eq!(bucket("2.5"), Some(2.0), "{s}");
         assert_eq!(bucket("+Inf"), Some(2.0), "{s}");
         assert_eq!(value(&s, "gateway_push_duration_seconds_count"), Some(2.0));
-        assert!(
-            s.contains("# TYPE gateway_push_requests_total counter\n"),
-            "{s}"
-        );
-        assert!(
-            s.contains("# HELP gateway_push_requests_total Push API requests, by outcome.\n"),
-            "{s}"
-        );
+        for family in ["gateway_push_requests_total", "gateway_push_messages_total"] {
+            assert!(s.contains(&format!("# TYPE {family} counter\n")), "{s}");
+        }
+        p.record_request("batch", 413);
+        let mut s = String::new();
+        p.render(&mut s);
+        let req = |endpoint: &str, code: u16| {
+            value(
+                &s,
+                &format!("gateway_push_requests_total{{endpoint=\"{endpoint}\",code=\"{code}\"}}"),
+            )
+        };
+        assert_eq!(req("batch", 413), Some(1.0), "{s}");
+        assert_eq!(req("push", 200), Some(0.0), "{s}");
     }
 
     #[test]

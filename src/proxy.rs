@@ -6,6 +6,13 @@
 //! answers "need more", the header and its length (the bytes after it are the client's
 //! own, TLS or MQTT), or an error as soon as the prefix cannot become a valid header.
 //! Headers are bounded (`max` bytes), so a peer cannot make us buffer without end.
+//!
+//! Only the proxies the operator runs may speak for a client: [`TrustedProxies`]
+//! (`[mqtt] proxy_trusted`, addresses and CIDRs, loopback by default) is checked against
+//! the socket's own peer address once a header is parsed, and a header from any other
+//! peer closes the connection (counted as `reason="proxy_untrusted"`). Without it any
+//! client could claim any address: the anonymous loopback rule, and a fresh address for
+//! every connection past `max_connections_per_ip`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -48,6 +55,73 @@ impl fmt::Display for ProxyError {
 }
 
 impl std::error::Error for ProxyError {}
+
+/// An address block: `addr/len`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    /// Parses `1.2.3.0/24`, `fd00::/8`, or a lone address (a /32 or /128).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { net, len })
+    }
+
+    /// Whether `ip` (an IPv4-mapped IPv6 address counts as IPv4) is inside the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The peers allowed to send a PROXY header (`[mqtt] proxy_trusted`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Box<[Cidr]>);
+
+impl TrustedProxies {
+    /// Parses the configured list; an error names the index of the bad entry.
+    pub fn parse(list: &[String]) -> Result<TrustedProxies, (usize, String)> {
+        list.iter()
+            .enumerate()
+            .map(|(i, s)| Cidr::parse(s).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| TrustedProxies(v.into()))
+    }
+
+    /// Whether `peer`, the socket's own peer address, may send a PROXY header.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(peer))
+    }
+}
 
 /// Parses the header at the start of `buf`. `Ok(None)`: a valid prefix, read more.
 /// `Ok(Some((header, len)))`: the header takes the first `len` bytes. `max` bounds the
@@ -219,6 +293,28 @@ pub fn encode_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_match_addresses_and_blocks() {
+        let list = |l: &[&str]| {
+            TrustedProxies::parse(&l.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        let t = list(&["127.0.0.1/32", "::1/128", "10.1.0.0/16"]).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for yes in ["127.0.0.1", "::1", "10.1.200.3", "::ffff:127.0.0.1"] {
+            assert!(t.trusts(ip(yes)), "{yes}");
+        }
+        for no in ["127.0.0.2", "10.2.0.1", "::2", "192.0.2.1"] {
+            assert!(!t.trusts(ip(no)), "{no}");
+        }
+        let any = list(&["0.0.0.0/0", "10.0.0.7"]).unwrap();
+        assert!(any.trusts(ip("203.0.113.9")));
+        assert!(!any.trusts(ip("2001:db8::1")));
+        assert_eq!(list(&["1.2.3.4", "x"]).unwrap_err().0, 1);
+        assert!(list(&["1.2.3.4/33"]).is_err());
+        assert!(list(&["::/129"]).is_err());
+        assert!(list(&["fd00::/8"]).unwrap().trusts(ip("fd12::1")));
+    }
     use proptest::prelude::*;
 
     const MAX: usize = 4096;

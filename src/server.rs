@@ -6,20 +6,21 @@
 //! stall device IO. `shutdown` asks every shard to close its connections and waits at most
 //! `drain_timeout_secs`.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::api::ApiState;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::events::{EventSender, Events};
 use crate::http::{self, AdminState};
+use crate::listen::{bind_group, BindError};
 use crate::logging::LogGuard;
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::metrics::{PushMetrics, ShardMetrics};
@@ -41,54 +42,126 @@ pub struct Server {
     events: Events,
 }
 
-/// A listener for shard `i`: SO_REUSEPORT so every shard can bind the same address.
-fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    Ok(socket.into())
+/// Why the gateway could not start; each kind has its exit code ([`StartError::exit_code`]).
+#[derive(Debug)]
+pub enum StartError {
+    /// A file the config names (password file, JWT key, TLS certificate) is unusable:
+    /// the config is invalid, as `gateway check-config` would say.
+    Config(String),
+    /// The durable store cannot be opened (damaged, or held by another process).
+    Store(store::OpenError),
+    /// A listener cannot be bound (the address is in use, or not ours).
+    Bind(BindError),
+    Io(io::Error),
+}
+
+/// Exit code of an invalid config (`check-config`, and `run` with the same config).
+pub const EXIT_INVALID_CONFIG: u8 = 2;
+/// Exit code of a store held by another process (`run` and `store-repair`).
+pub const EXIT_STORE_IN_USE: u8 = 3;
+
+impl StartError {
+    /// The process exit code: 2 invalid config, 3 store in use, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Config(_) => EXIT_INVALID_CONFIG,
+            StartError::Store(e) if e.in_use() => EXIT_STORE_IN_USE,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(m) => write!(f, "{m}"),
+            StartError::Store(e) => write!(f, "{e}"),
+            StartError::Bind(e) => write!(f, "{e}"),
+            StartError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<io::Error> for StartError {
+    fn from(e: io::Error) -> Self {
+        StartError::Io(e)
+    }
+}
+
+impl From<BindError> for StartError {
+    fn from(e: BindError) -> Self {
+        StartError::Bind(e)
+    }
+}
+
+/// Checks the files the config names (the password file and keys the auth providers need,
+/// the TLS certificate and key) and builds what they configure. `gateway check-config` and
+/// the start share it, so both refuse a bad file with the same message; the start calls it
+/// before it creates anything on disk.
+pub fn load_config_files(
+    config: &Config,
+) -> Result<(Authenticator, Option<Arc<rustls::ServerConfig>>), String> {
+    let auth = Authenticator::from_config(&config.auth, config.business_threads())
+        .map_err(|e| format!("config error: {e}"))?;
+    let tls = match config.mqtt.tls_listen {
+        Some(_) => Some(
+            crate::tls::server_config(&config.mqtt)
+                .map_err(|e| format!("config error: TLS: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok((auth, tls))
+}
+
+/// Logs where the store lives as an absolute path: a relative `[store] path` depends on
+/// the working directory the gateway was started in.
+fn log_store_path(path: &Path) {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    tracing::info!(
+        path = %absolute.display(),
+        configured = %path.display(),
+        "store path (a relative [store] path is relative to the working directory)"
+    );
 }
 
 impl Server {
     /// Binds, starts the shards and the business pool, and returns once all accept.
-    pub fn start(config: Config, log: Option<&LogGuard>) -> io::Result<Server> {
+    pub fn start(config: Config, log: Option<&LogGuard>) -> Result<Server, StartError> {
         let config = Arc::new(config);
         let n = config.shard_count();
         let backlog = config.tcp.backlog as i32;
         let started = Instant::now();
 
+        // The files the config names are checked before anything is created on disk.
+        let (auth, tls_config) = load_config_files(&config).map_err(StartError::Config)?;
+        let auth = Arc::new(auth);
+
         // The store is loaded before anything listens: a restarted gateway serves its
         // devices their sessions from the first CONNECT.
         let (store, mut restore, retained) = if config.store.enabled {
-            let (store, loaded) = store::open(&config.store, n).map_err(io::Error::other)?;
+            log_store_path(&config.store.path);
+            let (store, loaded) = store::open(&config.store, n).map_err(StartError::Store)?;
             (Some(store), loaded.sessions, loaded.retained)
         } else {
             ((None), (0..n).map(|_| Vec::new()).collect(), Vec::new())
         };
         let retained = Arc::new(retained);
 
-        // Bind all listeners before any shard runs; port 0 resolves on the first bind.
-        let first = bind_reuseport(config.mqtt.listen, backlog)?;
-        let mqtt_addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..n {
-            listeners.push(bind_reuseport(mqtt_addr, backlog)?);
-        }
+        // Bind all listeners before any shard runs; each group refuses an address another
+        // process already listens on, and port 0 resolves once for the whole group.
+        let listeners = bind_group("mqtt.listen", config.mqtt.listen, n, backlog)?;
+        let mqtt_addr = listeners[0].local_addr()?;
         // The TLS listener, likewise one socket per shard, and its rustls config.
         let mut tls_listeners: Vec<Option<(std::net::TcpListener, _)>> =
             (0..n).map(|_| None).collect();
         let mut tls_addr = None;
-        if let Some(addr) = config.mqtt.tls_listen {
-            let tls_config = crate::tls::server_config(&config.mqtt)?;
-            let first = bind_reuseport(addr, backlog)?;
-            let addr = first.local_addr()?;
-            tls_addr = Some(addr);
-            tls_listeners[0] = Some((first, tls_config.clone()));
-            for slot in tls_listeners.iter_mut().skip(1) {
-                *slot = Some((bind_reuseport(addr, backlog)?, tls_config.clone()));
+        if let (Some(addr), Some(tls_config)) = (config.mqtt.tls_listen, tls_config) {
+            let group = bind_group("mqtt.tls_listen", addr, n, backlog)?;
+            tls_addr = Some(group[0].local_addr()?);
+            for (slot, l) in tls_listeners.iter_mut().zip(group) {
+                *slot = Some((l, tls_config.clone()));
             }
         }
         let per_ip = Arc::new(crate::limits::PerIpLimit::new(
@@ -101,10 +174,6 @@ impl Server {
             .thread_name("business")
             .enable_all()
             .build()?;
-        let auth = Arc::new(
-            Authenticator::from_config(&config.auth, config.business_threads())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-        );
 
         // The event sinks run on the business pool; shards get their sender.
         let events = Events::start(
@@ -146,7 +215,12 @@ impl Server {
         let restored: usize = ready_rx.iter().take(n).sum();
         drop(retained);
 
-        let http_listener = std::net::TcpListener::bind(config.http.listen)?;
+        let http_listener =
+            std::net::TcpListener::bind(config.http.listen).map_err(|error| BindError {
+                key: "http.listen",
+                addr: config.http.listen,
+                error,
+            })?;
         http_listener.set_nonblocking(true)?;
         let http_addr = http_listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(true));
@@ -175,7 +249,7 @@ impl Server {
 
         tracing::info!(
             %mqtt_addr,
-            tls_addr = ?tls_addr,
+            tls_addr = tls_addr.map(tracing::field::display),
             %http_addr,
             shards = n,
             restored_sessions = restored,

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -16,16 +17,42 @@ use crate::codec::{Version, Will};
 use crate::message::Message;
 use crate::wheel::TimerId;
 
-/// `Session::conn` when the session has no live connection.
-pub const NO_CONN: u32 = u32::MAX;
+/// The key of a connection in its shard's slab. Stored as key + 1, so that an
+/// `Option<ConnKey>` takes 4 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey(NonZeroU32);
+
+/// The key of a session in its shard's slab (see [`ConnKey`] for the representation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey(NonZeroU32);
+
+macro_rules! slab_key {
+    ($t:ident) => {
+        impl $t {
+            /// The key of slab entry `index` (below `u32::MAX`: the shard refuses more).
+            pub fn new(index: usize) -> Self {
+                let k = u32::try_from(index)
+                    .ok()
+                    .and_then(|i| NonZeroU32::new(i.wrapping_add(1)));
+                $t(k.expect("slab key below u32::MAX"))
+            }
+
+            pub fn index(self) -> usize {
+                (self.0.get() - 1) as usize
+            }
+        }
+    };
+}
+slab_key!(ConnKey);
+slab_key!(SessionKey);
 
 /// Session expiry value meaning "never" (MQTT 5: 0xFFFFFFFF).
 pub const NEVER_EXPIRES: u32 = u32::MAX;
 
 pub struct Session {
     pub client_id: Arc<str>,
-    /// Key of the live connection in the shard's slab, or [`NO_CONN`].
-    pub conn: u32,
+    /// The live connection, if any.
+    pub conn: Option<ConnKey>,
     /// Subscriptions: the filter (shared with the shard's index) and the MQTT 5 options
     /// byte (bits 0-1 QoS, 2 no local, 3 retain as published, 4-5 retain handling).
     pub subs: Vec<(Arc<str>, u8)>,
@@ -155,11 +182,44 @@ pub struct Inflight {
     pub item: Queued,
 }
 
+/// An acknowledgement of an outbound QoS 1/2 message, by what it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// PUBACK: ends a QoS 1 exchange.
+    PubAck,
+    /// PUBREC: answers a QoS 2 PUBLISH (an error code ends the exchange).
+    PubRec,
+    /// PUBCOMP: ends a QoS 2 exchange after our PUBREL.
+    PubComp,
+}
+
+impl Ack {
+    /// True when in-flight entry `f` is the one this acknowledgement of `pkid` answers.
+    fn answers(self, f: &Inflight, pkid: u16) -> bool {
+        f.pkid == pkid
+            && match self {
+                Ack::PubAck => f.item.qos == 1,
+                Ack::PubRec => f.item.qos == 2,
+                Ack::PubComp => f.state == InflightState::Released,
+            }
+    }
+}
+
+/// What a connection brings to the session it attaches to.
+pub struct Attach {
+    pub conn: ConnKey,
+    pub version: Version,
+    pub expiry_secs: u32,
+    pub alias_max: u16,
+    pub will: Option<Box<Will>>,
+    pub acl: Option<Box<crate::acl::ConnAcl>>,
+}
+
 impl Session {
     pub fn new(client_id: Arc<str>, version: Version) -> Self {
         Session {
             client_id,
-            conn: NO_CONN,
+            conn: None,
             subs: Vec::new(),
             expiry_secs: 0,
             timer: None,
@@ -172,7 +232,7 @@ impl Session {
     }
 
     pub fn is_online(&self) -> bool {
-        self.conn != NO_CONN
+        self.conn.is_some()
     }
 
     pub fn state(&mut self) -> &mut SessionState {
@@ -217,6 +277,101 @@ impl Session {
                 return id;
             }
         }
+    }
+
+    /// Attaches a connection: the session is online under its terms, with its will and
+    /// ACL state. What belonged to the last connection or to the time offline goes (a
+    /// delayed will, the expiry, topic aliases: MQTT 5 3.3.2.3.4). Returns the offline
+    /// timer, for the caller to cancel.
+    pub fn attach(&mut self, a: Attach) -> Option<TimerId> {
+        self.conn = Some(a.conn);
+        self.version = a.version;
+        self.expiry_secs = a.expiry_secs;
+        self.alias_max = a.alias_max;
+        if let Some(st) = self.extra.as_mut() {
+            st.will = None;
+            st.will_due = None;
+            st.expires_at = None;
+            st.aliases = None;
+            st.acl = None;
+        }
+        if let Some(w) = a.will {
+            self.state().will = Some(w);
+        }
+        if a.acl.is_some() {
+            self.state().acl = a.acl;
+        }
+        self.compact();
+        self.timer.take()
+    }
+
+    /// Detaches the connection: the session is offline, without the connection's topic
+    /// aliases and ACL state. Returns its will, for the caller to publish or delay.
+    pub fn detach(&mut self) -> Option<Box<Will>> {
+        self.conn = None;
+        self.alias_max = 0;
+        let st = self.extra.as_mut()?;
+        st.aliases = None;
+        st.acl = None;
+        st.will.take()
+    }
+
+    /// Ends the in-flight exchange `ack` answers for packet id `pkid`, and returns it
+    /// (`None`: no such exchange, an unknown or late acknowledgement).
+    pub fn complete(&mut self, pkid: u16, ack: Ack) -> Option<Inflight> {
+        let st = self.extra.as_mut()?;
+        let i = st.inflight.iter().position(|f| ack.answers(f, pkid))?;
+        st.inflight.remove(i)
+    }
+
+    /// A PUBREC accepted the QoS 2 message `pkid`: it waits for PUBCOMP now (our PUBREL
+    /// goes out). False when no such message is in flight.
+    pub fn release(&mut self, pkid: u16) -> bool {
+        let Some(st) = self.extra.as_mut() else {
+            return false;
+        };
+        match st
+            .inflight
+            .iter_mut()
+            .find(|f| Ack::PubRec.answers(f, pkid))
+        {
+            Some(f) => {
+                f.state = InflightState::Released;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBREL of inbound QoS 2 message `pkid`: its id is free again. False when it was
+    /// not known.
+    pub fn release_inbound(&mut self, pkid: u16) -> bool {
+        let Some(st) = self.extra.as_mut() else {
+            return false;
+        };
+        let known = match st.inbound_qos2.iter().position(|&p| p == pkid) {
+            Some(i) => {
+                st.inbound_qos2.swap_remove(i);
+                true
+            }
+            None => false,
+        };
+        self.compact();
+        known
+    }
+
+    /// True when a new QoS 1/2 message may go straight out: nothing queued ahead of it
+    /// and fewer than `window` messages in flight.
+    pub fn window_open(&self, window: u16) -> bool {
+        self.queued_len() == 0 && self.inflight_len() < usize::from(window)
+    }
+
+    /// The next queued message to send, if the in-flight window has room for it.
+    pub fn next_to_send(&mut self, window: u16) -> Option<Queued> {
+        if self.inflight_len() >= usize::from(window) {
+            return None;
+        }
+        self.extra.as_mut()?.queue.pop_front()
     }
 
     /// Subscription options for `filter` if subscribed.
@@ -287,9 +442,13 @@ mod tests {
     use bytes::Bytes;
 
     fn queued(pkid: u16) -> Inflight {
+        sent(pkid, 1, InflightState::Published)
+    }
+
+    fn sent(pkid: u16, qos: u8, state: InflightState) -> Inflight {
         Inflight {
             pkid,
-            state: InflightState::Published,
+            state,
             item: Queued {
                 msg: Arc::new(Message::new(
                     "t".into(),
@@ -298,7 +457,7 @@ mod tests {
                     false,
                     Origin::Gateway,
                 )),
-                qos: 1,
+                qos,
                 retain: false,
                 sub_ids: None,
                 shared: None,
@@ -367,6 +526,143 @@ mod tests {
         assert_eq!(ids.get("dev-500", &sessions), None);
         assert_eq!(ids.remove("dev-500", &sessions), None);
         assert_eq!(ids.len(), 999);
+    }
+
+    fn will(topic: &str) -> Box<Will> {
+        Box::new(Will {
+            topic: topic.into(),
+            payload: Bytes::new(),
+            qos: 0,
+            retain: false,
+            delay_secs: 0,
+            props: None,
+        })
+    }
+
+    fn attach(conn: usize, will: Option<Box<Will>>) -> Attach {
+        Attach {
+            conn: ConnKey::new(conn),
+            version: Version::V5,
+            expiry_secs: 60,
+            alias_max: 5,
+            will,
+            acl: None,
+        }
+    }
+
+    #[test]
+    fn attach_clears_what_the_offline_time_left_and_detach_returns_the_will() {
+        let mut s = Session::new("c".into(), Version::V311);
+        s.timer = Some(TimerId::default());
+        let st = s.state();
+        st.will = Some(will("old"));
+        st.will_due = Some(10);
+        st.expires_at = Some(20);
+        st.aliases = Some(Box::default());
+        assert_eq!(
+            s.attach(attach(7, Some(will("new")))),
+            Some(TimerId::default())
+        );
+        assert!(s.is_online() && s.timer.is_none());
+        assert_eq!(
+            (s.conn, s.version, s.expiry_secs, s.alias_max),
+            (Some(ConnKey::new(7)), Version::V5, 60, 5)
+        );
+        let st = s.extra.as_ref().expect("the will is kept");
+        assert!(st.will_due.is_none() && st.expires_at.is_none() && st.aliases.is_none());
+        assert_eq!(s.detach().map(|w| w.topic), Some("new".to_string()));
+        assert!(!s.is_online());
+        assert_eq!(s.alias_max, 0);
+        assert!(s.detach().is_none());
+    }
+
+    #[test]
+    fn attach_without_will_or_leftovers_keeps_the_session_small() {
+        let mut s = Session::new("c".into(), Version::V5);
+        s.state();
+        assert_eq!(s.attach(attach(1, None)), None);
+        assert!(s.extra.is_none());
+    }
+
+    #[test]
+    fn each_ack_completes_only_the_exchange_it_answers() {
+        use InflightState::{Published, Released};
+        // (in flight: pkid, qos, state), ack, pkid → completed?
+        type Row = ((u16, u8, InflightState), Ack, u16, bool);
+        let rows: &[Row] = &[
+            ((1, 1, Published), Ack::PubAck, 1, true),
+            ((1, 1, Published), Ack::PubAck, 2, false),
+            ((1, 2, Published), Ack::PubAck, 1, false),
+            ((1, 2, Published), Ack::PubRec, 1, true),
+            ((1, 1, Published), Ack::PubRec, 1, false),
+            ((1, 2, Released), Ack::PubComp, 1, true),
+            ((1, 2, Published), Ack::PubComp, 1, false),
+            ((1, 1, Published), Ack::PubComp, 1, false),
+        ];
+        for (i, &((pkid, qos, state), ack, acked, want)) in rows.iter().enumerate() {
+            let mut s = Session::new("c".into(), Version::V5);
+            s.state().inflight.push_back(sent(pkid, qos, state));
+            let done = s.complete(acked, ack);
+            assert_eq!(done.is_some(), want, "row {i}");
+            assert_eq!(s.inflight_len(), usize::from(!want), "row {i}");
+        }
+        let mut s = Session::new("c".into(), Version::V5);
+        assert!(s.complete(1, Ack::PubAck).is_none());
+    }
+
+    #[test]
+    fn release_moves_a_qos2_message_to_await_pubcomp() {
+        let mut s = Session::new("c".into(), Version::V5);
+        assert!(!s.release(3));
+        s.state()
+            .inflight
+            .push_back(sent(3, 2, InflightState::Published));
+        s.state()
+            .inflight
+            .push_back(sent(4, 1, InflightState::Published));
+        assert!(!s.release(4));
+        assert!(s.complete(3, Ack::PubComp).is_none());
+        assert!(s.release(3));
+        assert_eq!(s.complete(3, Ack::PubComp).map(|f| f.pkid), Some(3));
+    }
+
+    #[test]
+    fn release_inbound_frees_a_known_id_once() {
+        let mut s = Session::new("c".into(), Version::V5);
+        assert!(!s.release_inbound(5));
+        s.state().inbound_qos2.extend([5, 6]);
+        assert!(s.release_inbound(5));
+        assert!(!s.release_inbound(5));
+        assert!(s.release_inbound(6));
+        assert!(s.extra.is_none(), "compacted once empty");
+    }
+
+    #[test]
+    fn next_to_send_respects_the_window() {
+        let mut s = Session::new("c".into(), Version::V5);
+        assert!(s.window_open(1));
+        assert!(s.next_to_send(1).is_none());
+        for pkid in [1, 2] {
+            let item = sent(pkid, 1, InflightState::Published).item;
+            s.state().queue.push_back(item);
+        }
+        assert!(!s.window_open(5), "a queue ahead closes the window");
+        s.state().inflight.push_back(queued(9));
+        assert!(s.next_to_send(1).is_none(), "window of 1 is full");
+        assert!(s.next_to_send(2).is_some());
+        assert_eq!(s.queued_len(), 1);
+        s.state().queue.clear();
+        assert!(s.window_open(2) && !s.window_open(1));
+    }
+
+    #[test]
+    fn keys_round_trip_and_fit_in_four_bytes() {
+        for i in [0, 1, 1000, u32::MAX as usize - 1] {
+            assert_eq!(ConnKey::new(i).index(), i);
+            assert_eq!(SessionKey::new(i).index(), i);
+        }
+        assert_eq!(std::mem::size_of::<Option<ConnKey>>(), 4);
+        assert_eq!(std::mem::size_of::<Option<SessionKey>>(), 4);
     }
 
     #[test]

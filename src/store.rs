@@ -60,6 +60,7 @@ use tokio::sync::oneshot;
 
 use crate::codec::{PublishProps, Version};
 use crate::config::{StoreConfig, StoreDurability};
+use crate::lockholder::PidFile;
 use crate::mailbox::{home_shard, PushOutcome, PushStatus};
 use crate::message::{Message, Origin};
 
@@ -357,21 +358,60 @@ impl Store {
 pub struct OpenError {
     pub file: PathBuf,
     pub message: String,
+    pub kind: OpenErrorKind,
+}
+
+/// Why a store could not be opened: the two call for opposite advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenErrorKind {
+    /// Missing, damaged or not a gateway store.
+    Unusable,
+    /// Another process (a running gateway, a store-repair) holds its lock; `pid` when known.
+    InUse { pid: Option<u32> },
+}
+
+impl OpenError {
+    fn unusable(file: &Path, message: String) -> OpenError {
+        OpenError {
+            file: file.to_path_buf(),
+            message,
+            kind: OpenErrorKind::Unusable,
+        }
+    }
+
+    /// True when another process holds the store (not a damaged file).
+    pub fn in_use(&self) -> bool {
+        matches!(self.kind, OpenErrorKind::InUse { .. })
+    }
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let file = self.file.display();
-        write!(
-            f,
-            "store error: cannot open {file}: {}\n\
-             The gateway keeps persistent sessions and queued messages there. Choices:\n  \
-             1. try to repair it: gateway store-repair [--config FILE]\n  \
-             2. move it aside and start with an empty store (persistent sessions, queued \
-             and retained messages in it are then not restored): mv {file} {file}.broken\n  \
-             3. or start without a store: [store] enabled = false",
-            self.message
-        )
+        match self.kind {
+            OpenErrorKind::InUse { pid } => {
+                let who = pid.map_or("its PID could not be found".to_string(), |p| {
+                    format!("PID {p}")
+                });
+                write!(
+                    f,
+                    "store error: {file} is in use by another process ({who}): a gateway \
+                     or a store-repair runs on this store. One process at a time uses a \
+                     store: stop that process first, or give this gateway its own [store] \
+                     path. Do not move or delete the file: it is a live store."
+                )
+            }
+            OpenErrorKind::Unusable => write!(
+                f,
+                "store error: cannot open {file}: {}\n\
+                 The gateway keeps persistent sessions and queued messages there. Choices:\n  \
+                 1. try to repair it: gateway store-repair [--config FILE]\n  \
+                 2. move it aside and start with an empty store (persistent sessions, queued \
+                 and retained messages in it are then not restored): mv {file} {file}.broken\n  \
+                 3. or start without a store: [store] enabled = false",
+                self.message
+            ),
+        }
     }
 }
 
@@ -383,16 +423,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The store file of `config`.
+/// The store file of `config`, absolute (a relative `[store] path` is relative to the
+/// working directory; errors and logs name the file it resolved to).
 pub fn file_of(config: &StoreConfig) -> PathBuf {
-    config.path.join(FILE_NAME)
+    let file = config.path.join(FILE_NAME);
+    std::path::absolute(&file).unwrap_or(file)
 }
 
-fn open_db(file: &Path, repair: bool) -> Result<Database, OpenError> {
-    let err = |message: String| OpenError {
-        file: file.to_path_buf(),
-        message,
-    };
+fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), OpenError> {
+    let err = |message: String| OpenError::unusable(file, message);
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
@@ -415,10 +454,13 @@ fn open_db(file: &Path, repair: bool) -> Result<Database, OpenError> {
         builder.create(&file_owned)
     }));
     match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(err(
-            "it is in use by another gateway process (each needs its own [store] path)".into(),
-        )),
+        Ok(Ok(db)) => Ok((db, PidFile::write(file))),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(OpenError {
+            kind: OpenErrorKind::InUse {
+                pid: crate::lockholder::holder(file),
+            },
+            ..err("it is in use by another process".into())
+        }),
         Ok(Err(e)) => Err(err(format!(
             "{e} (the file is damaged or not a gateway store)"
         ))),
@@ -432,11 +474,8 @@ fn open_db(file: &Path, repair: bool) -> Result<Database, OpenError> {
 pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), OpenError> {
     let file = file_of(config);
     let started = Instant::now();
-    let mut db = open_db(&file, false)?;
-    let err = |message: String| OpenError {
-        file: file.clone(),
-        message,
-    };
+    let (mut db, pid_file) = open_db(&file, false)?;
+    let err = |message: String| OpenError::unusable(&file, message);
     let (loaded, purged) = load(&db, shards).map_err(|e| err(e.to_string()))?;
     purge(&db, &purged).map_err(|e| err(e.to_string()))?;
     let metrics = Arc::new(StoreMetrics::new(file.clone()));
@@ -470,6 +509,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         sync_interval: Duration::from_millis(config.sync_interval_ms.max(1) as u64),
         metrics: metrics.clone(),
         failing: false,
+        _pid_file: pid_file,
     };
     let thread = std::thread::Builder::new()
         .name("store".into())
@@ -489,16 +529,10 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
 pub fn repair(config: &StoreConfig) -> Result<String, OpenError> {
     let file = file_of(config);
     if !file.exists() {
-        return Err(OpenError {
-            message: "no such file".into(),
-            file,
-        });
+        return Err(OpenError::unusable(&file, "no such file".into()));
     }
-    let mut db = open_db(&file, true)?;
-    let err = |message: String| OpenError {
-        file: file.clone(),
-        message,
-    };
+    let (mut db, _pid_file) = open_db(&file, true)?;
+    let err = |message: String| OpenError::unusable(&file, message);
     match db.check_integrity() {
         Ok(true) => {}
         Ok(false) => {
@@ -746,6 +780,8 @@ struct Writer {
     metrics: Arc<StoreMetrics>,
     /// A commit failed and nothing has succeeded since (logged once per episode).
     failing: bool,
+    /// Names this process as the store's holder; after `db` so it goes once the lock has.
+    _pid_file: PidFile,
 }
 
 impl Writer {

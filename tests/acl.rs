@@ -12,12 +12,14 @@ use mqttbytes::QoS;
 const T: Duration = Duration::from_secs(10);
 
 /// The default rules plus a team tree shared by all clients with the same username.
-/// Usernames need a provider that checks credentials: JWT (anonymous stays for the rest).
+/// Usernames need a provider that checks credentials: JWT, whose `team` claim is the
+/// authenticated username (anonymous stays for the rest).
 const ACL: &str = r#"
 [auth]
 providers = ["anonymous", "jwt"]
 [auth.jwt]
 secret = "acl-test"
+username_claim = "team"
 [acl]
 enabled = true
 no_match = "deny"
@@ -32,24 +34,35 @@ async fn denied(s: &TestServer, action: &str) -> f64 {
         .await
 }
 
-/// A raw 3.1.1 client, connected (optionally with a username).
+/// A token of the ACL test secret with `claims` and an expiry.
+fn token(mut claims: serde_json::Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    claims["exp"] = exp.into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"acl-test"),
+    )
+    .unwrap()
+}
+
+/// A raw 3.1.1 client, connected (optionally with a username, vouched for by the
+/// token's `team` claim).
 async fn raw_v4(s: &TestServer, id: &str, user: Option<&str>) -> Raw {
     let mut c = mqttbytes::v4::Connect::new(id);
     c.keep_alive = 30;
     if let Some(u) = user {
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &serde_json::json!({"sub": id, "exp": exp}),
-            &jsonwebtoken::EncodingKey::from_secret(b"acl-test"),
-        )
-        .unwrap();
-        c.set_login(u, &token);
+        c.set_login(u, &token(serde_json::json!({"sub": id, "team": u})));
     }
+    connected_v4(s, c).await
+}
+
+async fn connected_v4(s: &TestServer, c: mqttbytes::v4::Connect) -> Raw {
+    let id = c.client_id.clone();
     let mut raw = Raw::connect(s.mqtt).await;
     raw.send(&encode(|b| c.write(b))).await;
     match raw.next_v4(T).await {
@@ -259,4 +272,148 @@ async fn backend_pushes_are_not_subject_to_acls() {
         Ok(mqttbytes::v4::Packet::Publish(p)) => assert_eq!(p.topic, "fleet/all"),
         other => panic!("expected the pushed PUBLISH, got {other:?}"),
     }
+}
+
+/// Issue 17.5: a device with a valid token for `sub = dev-x` that connects with username
+/// `carol` is `dev-x` to a `users/%u/#` rule: it reaches its own tree, never carol's.
+/// Before, `%u` was the CONNECT's unverified username field.
+#[tokio::test]
+async fn a_jwt_username_is_the_token_claim_not_the_connect_field() {
+    let s = TestServer::start(
+        r#"
+[auth]
+providers = ["jwt"]
+[auth.jwt]
+secret = "acl-test"
+[acl]
+enabled = true
+no_match = "deny"
+rules = [{ permission = "allow", action = "all", topic = "users/%u/#" }]
+"#,
+    );
+    let mut c = mqttbytes::v4::Connect::new("dev-x");
+    c.keep_alive = 30;
+    c.set_login("carol", &token(serde_json::json!({"sub": "dev-x"})));
+    let mut raw = connected_v4(&s, c).await;
+    use mqttbytes::v4::SubscribeReasonCode as R4;
+    let codes = suback_v4(&mut raw, 1, &["users/carol/#", "users/dev-x/#"]).await;
+    assert_eq!(codes, vec![R4::Failure, R4::Success(QoS::AtLeastOnce)]);
+    raw.send(&Raw::publish_v4("users/carol/inbox", 1, 2, b"x"))
+        .await;
+    match raw.next_v4(T).await {
+        Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, 2),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    assert_eq!(denied(&s, "publish").await, 1.0);
+}
+
+/// Issue 24.2: `deny subscribe test/nosubscribe` with `no_match = "allow"` refuses that
+/// filter itself (0x80 / v5 0x87) but grants `#`, which then receives `TopicA` (live and
+/// retained) and never `test/nosubscribe`. Before, `#` was refused because the deny rule
+/// overlaps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_rule_filters_wildcards_instead_of_refusing_them() {
+    let s = TestServer::start(
+        r#"
+[acl]
+enabled = true
+no_match = "allow"
+rules = [{ permission = "deny", action = "subscribe", topic = "test/nosubscribe" }]
+"#,
+    );
+    let mut publisher = raw_v4(&s, "pub", None).await;
+    let publish = |topic: &str, pkid: u16, retain: bool| {
+        let mut p = mqttbytes::v4::Publish::new(topic, QoS::AtLeastOnce, topic.as_bytes().to_vec());
+        p.pkid = pkid;
+        p.retain = retain;
+        encode(|b| p.write(b))
+    };
+    let mut pkid = 0;
+    let mut send = async |p: &mut Raw, topic: &str, retain: bool| {
+        pkid += 1;
+        p.send(&publish(topic, pkid, retain)).await;
+        match p.next_v4(T).await {
+            Ok(mqttbytes::v4::Packet::PubAck(a)) => assert_eq!(a.pkid, pkid),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    };
+    send(&mut publisher, "test/nosubscribe", true).await;
+    send(&mut publisher, "TopicR", true).await;
+
+    let mut sub = raw_v4(&s, "analytics", None).await;
+    use mqttbytes::v4::SubscribeReasonCode as R4;
+    let codes = suback_v4(&mut sub, 1, &["test/nosubscribe", "#"]).await;
+    assert_eq!(codes, vec![R4::Failure, R4::Success(QoS::AtLeastOnce)]);
+    send(&mut publisher, "test/nosubscribe", false).await;
+    send(&mut publisher, "TopicA", false).await;
+    // Everything up to the live TopicA (published last) has arrived by then.
+    let mut seen = vec![];
+    while !seen.contains(&"TopicA".to_string()) {
+        match sub.next_v4(T).await {
+            Ok(mqttbytes::v4::Packet::Publish(p)) => {
+                if p.qos == QoS::AtLeastOnce {
+                    sub.send(&encode(|b| mqttbytes::v4::PubAck::new(p.pkid).write(b)))
+                        .await;
+                }
+                seen.push(p.topic);
+            }
+            other => panic!("expected PUBLISHes, got {other:?} after {seen:?}"),
+        }
+    }
+    assert!(seen.contains(&"TopicR".to_string()), "{seen:?}");
+    assert!(!seen.iter().any(|t| t == "test/nosubscribe"), "{seen:?}");
+    assert_eq!(denied(&s, "subscribe").await, 1.0);
+
+    // MQTT 5: the same filter is refused with 0x87, `test/+` granted.
+    let (mut c5, _) = Raw::connected_v5(s.mqtt, &connect5("v5sub", 30, true, None)).await;
+    let f = |p: &str| mqttbytes::v5::SubscribeFilter::new(p.into(), QoS::AtLeastOnce);
+    let ack = c5
+        .subscribe_v5(2, vec![f("test/nosubscribe"), f("test/+")])
+        .await;
+    assert_eq!(ack.return_codes, vec![R5::NotAuthorized, R5::QoS1]);
+}
+
+/// A filtered subscription (issue 24.2) keeps its mark in the store: after a restart the
+/// restored `#` of a persistent session still receives `TopicA` and not
+/// `test/nosubscribe`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_subscription_stays_filtered_after_a_restart() {
+    let dir = tempdir::Dir::new("acl-restart");
+    let extra = format!(
+        "[store]\npath = \"{}\"\n[acl]\nenabled = true\nno_match = \"allow\"\n\
+         rules = [{{ permission = \"deny\", action = \"subscribe\", topic = \"test/nosubscribe\" }}]\n",
+        dir.0.join("data").display()
+    );
+    let persistent = |gw: &GatewayProcess| {
+        let mut o = v4::options(gw.mqtt, "analytics");
+        o.set_clean_session(false);
+        o
+    };
+    let mut gw = GatewayProcess::start(&extra);
+    let mut sub = v4::connect(persistent(&gw)).await;
+    sub.subscribe("#", v4::QoS::AtLeastOnce).await;
+    let _ = sub.client.disconnect().await;
+    let _ = tokio::time::timeout(T, sub.task).await;
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit(T).expect("stops on SIGTERM").success());
+
+    let gw = GatewayProcess::start(&extra);
+    let mut sub = v4::connect(persistent(&gw)).await;
+    let publisher = v4::connect(v4::options(gw.mqtt, "pub")).await;
+    for topic in ["test/nosubscribe", "TopicA"] {
+        publisher
+            .client
+            .publish(
+                topic,
+                v4::QoS::AtLeastOnce,
+                false,
+                topic.as_bytes().to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    // The subscription is the restored one (no SUBSCRIBE after the restart), and the
+    // denied topic, published first, does not come before TopicA.
+    let p = sub.next_publish(T).await.expect("TopicA after the restart");
+    assert_eq!(p.topic, "TopicA");
 }

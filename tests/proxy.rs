@@ -2,7 +2,8 @@
 //! address becomes the connection's peer (seen through `GET /v1/clients/{id}`), headers
 //! split over many TCP segments still parse, a missing or garbage header closes the
 //! connection, a v2 LOCAL header (a balancer's health check) keeps the socket address,
-//! and `max_connections_per_ip` counts the header's address.
+//! `max_connections_per_ip` counts the header's address, and only `proxy_trusted` peers
+//! may send a header.
 
 mod common;
 
@@ -245,4 +246,30 @@ async fn per_ip_limit_uses_the_header_address() {
         e.is_some(),
         "the address stayed blocked after a connection closed"
     );
+}
+
+/// Issue 17.6: only `proxy_trusted` peers may send a header. With the list set to
+/// 127.0.0.1/32, a header from a socket bound to 127.0.0.2 (claiming the loopback
+/// address, which the anonymous loopback rule would admit) is refused and counted; the
+/// same header from 127.0.0.1 is accepted. Before, every peer was believed.
+#[tokio::test]
+async fn a_header_from_an_untrusted_peer_is_refused() {
+    let gw =
+        TestServer::start("[mqtt]\nproxy_protocol = true\nproxy_trusted = [\"127.0.0.1/32\"]\n");
+    let forged = proxy::encode_v1("127.0.0.1:4000".parse().unwrap(), gw.mqtt);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut raw = Raw::from_stream(socket.connect(gw.mqtt).await.unwrap());
+    let mut bytes = forged.clone();
+    bytes.extend(Raw::connect_v4("forger", 60, true));
+    raw.send(&bytes).await;
+    assert!(raw.closed_within(Duration::from_secs(10)).await);
+    assert_eq!(
+        gw.metric("gateway_connect_refused_total{reason=\"proxy_untrusted\"}")
+            .await,
+        1.0
+    );
+    let mut ok = connect_with(&gw, &forged, None, "trusted").await;
+    expect_connack(&mut ok).await;
+    assert_eq!(peer_of(&gw, "trusted").await, "127.0.0.1:4000");
 }

@@ -55,6 +55,16 @@ impl Api {
         self.post("/v1/push", body).await
     }
 
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .req(reqwest::Method::DELETE, path)
+            .send()
+            .await
+            .expect("request");
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
     async fn get(&self, path: &str) -> (u16, Value) {
         let r = self
             .req(reqwest::Method::GET, path)
@@ -90,7 +100,7 @@ async fn push_to_a_connected_device_is_sent() {
     assert_eq!(&m.topic[..], "devices/dev-sent/cmd");
     assert_eq!(&m.payload[..], b"reboot");
     assert_eq!(
-        gw.metric("gateway_push_requests_total{status=\"sent\"}")
+        gw.metric("gateway_push_messages_total{status=\"sent\"}")
             .await,
         1.0
     );
@@ -363,7 +373,7 @@ async fn errors_have_the_right_status_and_name_the_field() {
         (404, Some("not_found"))
     );
     assert!(
-        gw.metric("gateway_push_requests_total{status=\"bad_request\"}")
+        gw.metric("gateway_push_messages_total{status=\"bad_request\"}")
             .await
             >= 6.0
     );
@@ -436,7 +446,7 @@ async fn a_full_mailbox_is_answered_503_with_retry_after() {
     assert_eq!(retry.as_deref(), Some("1"));
     assert_eq!(body["error"]["code"], "overloaded");
     assert!(
-        gw.metric("gateway_push_requests_total{status=\"overloaded\"}")
+        gw.metric("gateway_push_messages_total{status=\"overloaded\"}")
             .await
             >= 1.0
     );
@@ -512,12 +522,9 @@ async fn clients_can_be_inspected_and_kicked() {
     assert!(info["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(info["connected_at"].as_u64().unwrap() > 1_700_000_000);
 
-    let r = api
-        .req(reqwest::Method::DELETE, "/v1/clients/dev-info")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    let (code, b) = api.delete("/v1/clients/dev-info").await;
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(b["disconnected"], true, "{b}");
     let got = dev.next_incoming(T).await;
     assert!(
         matches!(&got, Some(Err(e)) if e.contains("AdministrativeAction")),
@@ -525,15 +532,13 @@ async fn clients_can_be_inspected_and_kicked() {
     );
     let (_, info) = api.get("/v1/clients/dev-info").await;
     assert_eq!(info["online"], false, "persistent session stays");
-    let r = api
-        .req(
-            reqwest::Method::DELETE,
-            "/v1/clients/dev-info?clear_session=true",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    let (code, b) = api.delete("/v1/clients/dev-info?clear_session=true").await;
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(
+        (&b["disconnected"], &b["session_cleared"]),
+        (&json!(false), &json!(true)),
+        "an offline session is not disconnected again: {b}"
+    );
     assert_eq!(api.get("/v1/clients/dev-info").await.0, 404);
     assert_eq!(
         gw.metric("gateway_disconnects_total{reason=\"admin\"}")
@@ -580,4 +585,343 @@ async fn a_slow_store_answers_504_within_answer_timeout() {
     let mut dev = v4::connect(o).await;
     let m = dev.next_publish(T).await.expect("the push is delivered");
     assert_eq!(&m.payload[..], b"late");
+}
+
+// ---------------------------------------------------------------------------------------
+// Idempotency keys (issue 16.3).
+
+/// A raw MQTT 3.1.1 device that acknowledges only when told to.
+async fn silent_device(gw: &TestServer, id: &str) -> Raw {
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v4(id, 60, true)).await;
+    assert!(matches!(
+        raw.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    raw
+}
+
+/// The packet id of the next PUBLISH the raw device receives.
+async fn next_publish_pkid(raw: &mut Raw) -> u16 {
+    match raw.recv_v4(T).await {
+        Ok(mqttbytes::v4::Packet::Publish(p)) => p.pkid,
+        other => panic!("expected a PUBLISH, got {other:?}"),
+    }
+}
+
+async fn puback(raw: &mut Raw, pkid: u16) {
+    let ack = common::encode(|b| mqttbytes::v4::PubAck::new(pkid).write(b));
+    raw.send(&ack).await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_scoped_per_target() {
+    let gw = TestServer::start("");
+    let api = Api::new(&gw);
+    let mut a = device(&gw, "dev-scope-a", false).await;
+    let mut b = device(&gw, "dev-scope-b", false).await;
+    let (_, first) = api
+        .push(json!({"client_id": "dev-scope-a", "topic": "c", "payload": "x", "qos": 1, "idempotency_key": "k"}))
+        .await;
+    let (code, second) = api
+        .push(json!({"client_id": "dev-scope-b", "topic": "c", "payload": "x", "qos": 1, "idempotency_key": "k"}))
+        .await;
+    assert_eq!(
+        (code, second["status"].as_str()),
+        (200, Some("sent")),
+        "{second}"
+    );
+    assert_ne!(first["id"], second["id"], "devB got devA's answer");
+    assert!(a.next_publish(T).await.is_some());
+    assert!(b.next_publish(T).await.is_some(), "devB received nothing");
+
+    // Topic pushes are scoped by topic.
+    let mut sub = device(&gw, "dev-scope-sub", false).await;
+    sub.subscribe("news/#", rumqttc::QoS::AtLeastOnce).await;
+    for topic in ["news/a", "news/b"] {
+        let (code, r) = api
+            .push(json!({"topic": topic, "payload": "x", "idempotency_key": "k"}))
+            .await;
+        assert_eq!(
+            (code, r["matched"].as_u64()),
+            (200, Some(1)),
+            "{topic}: {r}"
+        );
+        assert_eq!(
+            sub.next_publish(T).await.map(|p| p.topic),
+            Some(topic.into())
+        );
+    }
+}
+
+#[tokio::test]
+async fn reusing_a_key_for_a_different_push_is_422() {
+    let gw = TestServer::start("");
+    let api = Api::new(&gw);
+    let body = |payload: &str| json!({"client_id": "dev-reuse", "topic": "c", "payload": payload, "idempotency_key": "k-reuse"});
+    let (code, _) = api.push(body("one")).await;
+    assert_eq!(code, 200);
+    let (code, b) = api.push(body("two")).await;
+    assert_eq!(code, 422, "{b}");
+    assert_eq!(b["error"]["code"], "idempotency_key_reused");
+    assert_eq!(b["error"]["field"], "idempotency_key");
+    // The same push again is still answered from the key.
+    assert_eq!(api.push(body("one")).await.0, 200);
+}
+
+/// The backend gives up on a `wait_ack` request (closes its socket): the push still owns
+/// its key, so the retry does not deliver a second copy and learns the outcome.
+#[tokio::test]
+async fn a_push_whose_caller_left_still_owns_its_key() {
+    let gw = TestServer::start("");
+    let mut raw = silent_device(&gw, "dev-left").await;
+    let body = json!({"client_id": "dev-left", "topic": "c", "payload": "x", "qos": 1,
+        "wait_ack": true, "timeout_ms": 5000, "idempotency_key": "k-left"});
+    // The caller sends the request, sees it delivered, and closes its socket.
+    let text = body.to_string();
+    let mut caller = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let request = format!(
+        "POST /v1/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut caller, request.as_bytes())
+        .await
+        .unwrap();
+    let pkid = next_publish_pkid(&mut raw).await;
+    drop(caller);
+    // Give the server time to see the close before the PUBACK (only the power of the
+    // test to catch a regression depends on it, not its outcome with the fix).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    puback(&mut raw, pkid).await;
+    let (code, b) = Api::new(&gw).push(body).await;
+    assert_eq!((code, b["status"].as_str()), (200, Some("acked")), "{b}");
+    assert!(
+        raw.recv_v4(Duration::from_millis(500)).await.is_err(),
+        "the retry delivered a second copy"
+    );
+}
+
+/// 504 is not an outcome: a retry after it waits for the outcome, without sending again.
+#[tokio::test]
+async fn a_retry_after_an_ack_timeout_gets_the_outcome_once_known() {
+    let gw = TestServer::start("");
+    let api = Api::new(&gw);
+    let mut raw = silent_device(&gw, "dev-late").await;
+    let body = json!({"client_id": "dev-late", "topic": "c", "payload": "x", "qos": 1,
+        "wait_ack": true, "timeout_ms": 300, "idempotency_key": "k-late"});
+    let (code, b) = api.push(body.clone()).await;
+    assert_eq!(
+        (code, b["error"]["code"].as_str()),
+        (504, Some("ack_timeout")),
+        "{b}"
+    );
+    let pkid = next_publish_pkid(&mut raw).await;
+    // Still unacknowledged: the retry times out too, and sends nothing.
+    let (code, _) = api.push(body.clone()).await;
+    assert_eq!(code, 504);
+    puback(&mut raw, pkid).await;
+    let deadline = Instant::now() + T;
+    let answer = loop {
+        let (code, b) = api.push(body.clone()).await;
+        if code == 200 || Instant::now() > deadline {
+            break (code, b);
+        }
+    };
+    assert_eq!(
+        (answer.0, answer.1["status"].as_str()),
+        (200, Some("acked")),
+        "{}",
+        answer.1
+    );
+    assert!(
+        raw.recv_v4(Duration::from_millis(500)).await.is_err(),
+        "a retry delivered a second copy"
+    );
+}
+
+/// A 503 sent nothing: it is not remembered, so the retry with the key is delivered.
+#[tokio::test]
+async fn a_key_answered_503_is_free_for_the_retry() {
+    let gw = TestServer::start(
+        "[shards]\ncount = 1\nmailbox_capacity = 1\n[http]\nbusiness_threads = 2",
+    );
+    let mut dev = device(&gw, "dev-503", false).await;
+    let base = format!("http://{}", gw.http);
+    // Fill the one-slot mailbox with concurrent topic pushes until a keyed push is refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut refused = None;
+    let mut n = 0;
+    while refused.is_none() && Instant::now() < deadline {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..32 {
+            let url = format!("{base}/v1/push");
+            tasks.spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(&url)
+                    .json(&json!({"topic": format!("t/{i}"), "payload": "x"}))
+                    .send()
+                    .await;
+                drop(r);
+            });
+        }
+        n += 1;
+        let key = format!("k-503-{n}");
+        let body =
+            json!({"client_id": "dev-503", "topic": "c", "payload": key, "idempotency_key": key});
+        let (code, b) = Api::new(&gw).push(body.clone()).await;
+        while tasks.join_next().await.is_some() {}
+        if code == 503 {
+            assert_eq!(b["error"]["code"], "overloaded");
+            refused = Some(body);
+        } else {
+            let _ = dev.next_publish(T).await;
+        }
+    }
+    let body = refused.expect("no 503 with a one-slot mailbox");
+    let (code, b) = Api::new(&gw).push(body.clone()).await;
+    assert_eq!((code, b["status"].as_str()), (200, Some("sent")), "{b}");
+    let got = dev.next_publish(T).await.expect("the retry is delivered");
+    assert_eq!(got.payload, body["payload"].as_str().unwrap().as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// The HTTP contract's corners (issue 17.13).
+
+#[tokio::test]
+async fn push_fields_refuse_null_nul_and_over_long_topics() {
+    let gw = TestServer::start("[mqtt]\nmax_topic_len = 32\n");
+    let api = Api::new(&gw);
+    for (body, field) in [
+        (
+            json!({"topic": "t", "payload": "x", "ttl_secs": null}),
+            "ttl_secs",
+        ),
+        (json!({"topic": "t", "payload": "x", "qos": null}), "qos"),
+        (
+            json!({"client_id": "a\u{0}b", "topic": "t", "payload": "x"}),
+            "client_id",
+        ),
+        (json!({"topic": "t".repeat(33), "payload": "x"}), "topic"),
+        (
+            json!({"messages": [{"topic": "t".repeat(33), "payload": "x"}]}),
+            "messages[0].topic",
+        ),
+    ] {
+        let (code, b) = if body.get("messages").is_some() {
+            let (_, b) = api.post("/v1/push/batch", body).await;
+            (
+                b["results"][0]["error"]["status"].as_u64().unwrap_or(0) as u16,
+                b["results"][0].clone(),
+            )
+        } else {
+            api.push(body).await
+        };
+        assert_eq!(
+            (code, b["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{b}"
+        );
+    }
+    let (code, b) = api
+        .push(json!({"topic": "t".repeat(32), "payload": "x"}))
+        .await;
+    assert_eq!(code, 200, "{b}");
+}
+
+#[tokio::test]
+async fn client_routes_answer_bad_queries_in_json_and_take_the_id_as_a_query_parameter() {
+    let gw = TestServer::start("[mqtt]\nmax_client_id_len = 65535\n");
+    let api = Api::new(&gw);
+    let (code, b) = api
+        .get("/v1/clients/x?clear_session=true&clear_session=false")
+        .await;
+    assert_eq!(
+        (code, b["error"]["field"].as_str()),
+        (400, Some("clear_session")),
+        "{b}"
+    );
+    let (code, b) = api
+        .delete("/v1/clients/x?clear_session=true&clear_session=true")
+        .await;
+    assert_eq!(code, 400, "{b}");
+    assert_eq!(b["error"]["field"], "clear_session");
+    let (code, b) = api.get("/v1/clients?client_id=a&client_id=b").await;
+    assert_eq!(
+        (code, b["error"]["field"].as_str()),
+        (400, Some("client_id")),
+        "{b}"
+    );
+    assert_eq!(api.get("/v1/clients").await.0, 400);
+
+    // The id as a query parameter (a device with a `/` in its id, say).
+    let (code, b) = api.get("/v1/clients?client_id=a%2Fb").await;
+    assert_eq!(
+        (code, b["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{b}"
+    );
+
+    // A 65,535-byte id does not fit an HTTP/1 URI (414): it goes in a JSON body.
+    let long = "d".repeat(65_535);
+    let mut raw = Raw::connect(gw.mqtt).await;
+    raw.send(&Raw::connect_v4(&long, 60, true)).await;
+    assert!(matches!(
+        raw.recv_v4(T).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    let r = api
+        .req(reqwest::Method::GET, "/v1/clients")
+        .json(&json!({"client_id": long}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let info: Value = r.json().await.unwrap();
+    assert_eq!(info["online"], true);
+    let r = api
+        .req(reqwest::Method::DELETE, "/v1/clients")
+        .json(&json!({"client_id": long, "clear_session": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&b["disconnected"], &b["session_cleared"]),
+        (&json!(true), &json!(true))
+    );
+    assert!(raw.closed_within(T).await, "kicked");
+    assert_eq!(api.get("/v1/clients?client_id=nobody").await.0, 404);
+}
+
+/// `gateway_push_requests_total` counts HTTP requests, `gateway_push_messages_total`
+/// the messages in them (issue 16.12: a batch of 3 was counted as 3 requests).
+#[tokio::test]
+async fn push_metrics_count_requests_and_messages_apart() {
+    let gw = TestServer::start("");
+    let api = Api::new(&gw);
+    let item = json!({"topic": "m/t", "payload": "x"});
+    let (code, _) = api
+        .post("/v1/push/batch", json!({"messages": [item, item, item]}))
+        .await;
+    assert_eq!(code, 200);
+    let (code, _) = api.push(json!({"topic": "m/t"})).await;
+    assert_eq!(code, 400);
+    let metric = |s: &'static str| gw.metric(s);
+    assert_eq!(
+        metric("gateway_push_requests_total{endpoint=\"batch\",code=\"200\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric("gateway_push_requests_total{endpoint=\"push\",code=\"400\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric("gateway_push_messages_total{status=\"matched\"}").await,
+        3.0
+    );
+    assert_eq!(
+        metric("gateway_push_messages_total{status=\"bad_request\"}").await,
+        1.0
+    );
 }

@@ -419,6 +419,28 @@ async fn plaintext_on_the_tls_port_is_closed() {
     assert!(gw.metric("gateway_tls_handshake_failures_total").await >= 1.0);
 }
 
+/// A second gateway whose `tls_listen` is already served by another is refused, naming
+/// the key and the address (SO_REUSEPORT would otherwise let it join the port silently).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_listen_address_in_use_is_refused_naming_it() {
+    let pki = Pki::new();
+    let first = TestServer::start(&pki.toml(""));
+    let taken = first.tls.unwrap();
+    let store = tempdir::Dir::new("tls-second");
+    let config = common::config(&common::with_store_dir(
+        &pki.toml("").replace("127.0.0.1:0", &taken.to_string()),
+        &store.0,
+    ));
+    let err = match gateway::server::Server::start(config, None) {
+        Ok(_) => panic!("a second gateway joined the TLS port {taken}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("mqtt.tls_listen") && err.contains(&taken.to_string()),
+        "{err}"
+    );
+}
+
 /// A PROXY v2 header in the clear, then TLS: the header's address is the peer.
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_header_precedes_the_client_hello() {

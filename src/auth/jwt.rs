@@ -4,7 +4,11 @@
 //! file); a token signed with any other algorithm is refused, so an RS256 public key can
 //! never be used as an HMAC secret. The token must carry `exp` (checked with
 //! `leeway_secs`), and its `client_id_claim` (default `sub`) must equal the CONNECT's
-//! client id. Optional `publish_claim` / `subscribe_claim` arrays of topic filters
+//! client id. The `username_claim` (default `sub`) is the connection's authenticated
+//! username, what `%u` stands for in ACL rules; the CONNECT's username field is not
+//! trusted (a token for `dev-x` sent with username `carol` is `dev-x` to the ACL), and a
+//! token without that claim (or `username_claim = ""`) gives no `%u` at all.
+//! Optional `publish_claim` / `subscribe_claim` arrays of topic filters
 //! (`%c`/`%u` allowed) become that connection's ACL, replacing the configured rules for
 //! that action (see [`crate::acl`]).
 //!
@@ -29,6 +33,8 @@ pub struct JwtConfig {
     /// RS256: PEM file of the RSA public key.
     pub public_key_file: String,
     pub client_id_claim: String,
+    /// The claim whose value `%u` stands for; "" = JWT connections have no `%u`.
+    pub username_claim: String,
     pub publish_claim: String,
     pub subscribe_claim: String,
     pub leeway_secs: u32,
@@ -63,6 +69,7 @@ pub struct Jwt {
     key: DecodingKey,
     validation: Validation,
     client_id_claim: String,
+    username_claim: String,
     publish_claim: String,
     subscribe_claim: String,
 }
@@ -101,6 +108,7 @@ impl Jwt {
             key,
             validation,
             client_id_claim: c.client_id_claim.clone(),
+            username_claim: c.username_claim.clone(),
             publish_claim: c.publish_claim.clone(),
             subscribe_claim: c.subscribe_claim.clone(),
         })
@@ -143,11 +151,14 @@ impl Jwt {
                 Some(_) => Err(format!("claim {name:?} is not an array of topic filters")),
             }
         };
+        let username = claims.get(&self.username_claim).and_then(Value::as_str);
         let acl = list(&self.publish_claim)
             .and_then(|p| Ok((p, list(&self.subscribe_claim)?)))
             .and_then(|(p, s)| ConnAcl::from_lists(p, s));
         match acl {
-            Ok(acl) if acl.has_lists() => Answer::Decided(Verdict::Allow(Some(Box::new(acl)))),
+            Ok(acl) if acl.has_lists() || username.is_some() => {
+                Answer::Decided(Verdict::Allow(Some(Box::new(acl.with_username(username)))))
+            }
             Ok(_) => Answer::Decided(Verdict::Allow(None)),
             Err(e) => deny(format!("bad ACL claim: {e}")),
         }
@@ -187,7 +198,7 @@ mod tests {
         let good = hs(serde_json::json!({"sub": "dev1", "exp": now() + 60}), "k");
         assert_eq!(
             j.check("dev1", Some(good.as_bytes())),
-            Answer::Decided(Verdict::Allow(None))
+            Answer::Decided(Verdict::Allow(Some(Box::new(ConnAcl::named("dev1")))))
         );
         let denied = |a: Answer| matches!(a, Answer::Decided(Verdict::Deny(_)));
         assert!(denied(j.check("dev2", Some(good.as_bytes()))));
@@ -202,6 +213,25 @@ mod tests {
         assert!(denied(j.check("dev1", Some(no_exp.as_bytes()))));
         assert_eq!(j.check("dev1", Some(b"plain password")), Answer::Ignore);
         assert_eq!(j.check("dev1", None), Answer::Ignore);
+    }
+
+    #[test]
+    fn the_username_is_the_configured_claim_never_the_connect_field() {
+        let mut c = config();
+        c.secret = "k".into();
+        c.username_claim = "user".into();
+        let j = Jwt::from_config(&c).unwrap();
+        let name = |t: &str| match j.check("d", Some(t.as_bytes())) {
+            Answer::Decided(Verdict::Allow(acl)) => acl.and_then(|a| a.username),
+            other => panic!("{other:?}"),
+        };
+        let with = hs(
+            serde_json::json!({"sub": "d", "user": "dave", "exp": now() + 60}),
+            "k",
+        );
+        assert_eq!(name(&with).as_deref(), Some("dave"));
+        let without = hs(serde_json::json!({"sub": "d", "exp": now() + 60}), "k");
+        assert_eq!(name(&without), None);
     }
 
     #[test]

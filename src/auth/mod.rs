@@ -16,8 +16,17 @@
 //! on purpose, a webhook waits on the network), so the shard hands them to the business
 //! runtime ([`Authenticator::check`]) and the answer comes back through its mailbox
 //! (`ShardMsg::AuthDone`). Argon2 runs on the runtime's blocking threads, at most
-//! one hash per business thread at a time, so a password storm cannot starve the HTTP API.
+//! one hash per business thread at a time whatever times out ([`password::Hashing`]), so
+//! a password storm cannot starve the HTTP API nor grow threads and memory; a failure
+//! back-off per address ([`backoff`]) stops a storm from costing hashes at all.
+//!
+//! `%u` in ACL rules is the name a provider authenticated, carried in the verdict's
+//! [`ConnAcl`]: the password file's user, the JWT's `username_claim`, the name the
+//! webhook confirmed, else the verified client certificate's CN when it is used as the
+//! client id ([`session_acl`]). The CONNECT's username field alone is never trusted, and
+//! an anonymous client has no `%u`.
 
+pub mod backoff;
 pub mod jwt;
 pub mod password;
 pub mod webhook;
@@ -29,7 +38,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::acl::ConnAcl;
+use crate::acl::{Acl, ConnAcl};
 use crate::mailbox::{AuthDone, Mailboxes, ShardMsg};
 
 /// `[auth]` of the config.
@@ -38,6 +47,11 @@ use crate::mailbox::{AuthDone, Mailboxes, ShardMsg};
 pub struct AuthConfig {
     pub providers: Vec<ProviderKind>,
     pub anonymous: AnonymousPolicy,
+    /// Failed password checks in a row from one address before its checks are refused
+    /// without hashing; 0 = no back-off.
+    pub failure_backoff_after: u32,
+    /// Seconds an address stays backed off.
+    pub failure_backoff_secs: u32,
     pub password_file: password::PasswordFileConfig,
     pub jwt: jwt::JwtConfig,
     pub http: webhook::WebhookConfig,
@@ -65,6 +79,15 @@ pub enum AnonymousPolicy {
 impl AuthConfig {
     /// The rules serde cannot express; `Config::validate` calls this.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.failure_backoff_after > 0 && !(1..=86_400).contains(&self.failure_backoff_secs) {
+            return Err((
+                "auth.failure_backoff_secs".into(),
+                format!(
+                    "must be within 1..=86400 when failure_backoff_after > 0, got {}",
+                    self.failure_backoff_secs
+                ),
+            ));
+        }
         for (i, p) in self.providers.iter().enumerate() {
             if self.providers[..i].contains(p) {
                 return Err((
@@ -127,7 +150,13 @@ enum Provider {
 pub struct Authenticator {
     providers: Vec<Provider>,
     /// Bounds concurrent argon2 hashes.
-    hashing: Arc<tokio::sync::Semaphore>,
+    hashing: Arc<password::Hashing>,
+    backoff: Arc<backoff::Backoff>,
+}
+
+/// A deadline that never comes, for checks nobody waits on with one.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 impl Authenticator {
@@ -149,7 +178,11 @@ impl Authenticator {
         }
         Ok(Authenticator {
             providers,
-            hashing: Arc::new(tokio::sync::Semaphore::new(hash_threads.max(1))),
+            hashing: password::Hashing::new(hash_threads),
+            backoff: Arc::new(backoff::Backoff::new(
+                c.failure_backoff_after,
+                c.failure_backoff_secs,
+            )),
         })
     }
 
@@ -176,6 +209,13 @@ impl Authenticator {
 
     /// Asks every provider in order (on the business runtime).
     pub async fn check(&self, req: Request) -> Verdict {
+        self.check_until(req, far_future()).await
+    }
+
+    /// Asks every provider in order; a password hash not started by `deadline` is not
+    /// started at all (the verdict is then "unavailable", for nobody).
+    pub async fn check_until(&self, req: Request, deadline: Instant) -> Verdict {
+        let mut unknown_user = None;
         for p in &self.providers {
             let answer = match p {
                 Provider::Anonymous(policy) => anonymous(
@@ -189,20 +229,10 @@ impl Authenticator {
                         continue;
                     };
                     if !f.knows(user) {
+                        unknown_user = Some(f);
                         continue;
                     }
-                    let Ok(_permit) = self.hashing.acquire().await else {
-                        return Verdict::Unavailable("shutting down".into());
-                    };
-                    let f = f.clone();
-                    let user = user.to_owned();
-                    let pw = req.password.clone().unwrap_or_default();
-                    match tokio::task::spawn_blocking(move || f.verify(&user, &pw)).await {
-                        Ok(a) => a,
-                        Err(e) => Answer::Decided(Verdict::Unavailable(format!(
-                            "password check failed: {e}"
-                        ))),
-                    }
+                    return self.password_check(f, &req, deadline, true).await;
                 }
                 Provider::Jwt(j) => j.check(&req.client_id, req.password.as_deref()),
                 Provider::Http(w) => w.check(&req).await,
@@ -211,8 +241,82 @@ impl Authenticator {
                 return v;
             }
         }
+        if let Some(f) = unknown_user {
+            // Nobody knows this username: take the time a wrong password takes.
+            return self.password_check(f, &req, deadline, false).await;
+        }
         no_provider()
     }
+
+    /// Verifies the password of `req`'s user under the hashing bound and the back-off:
+    /// against the user's hash when the file knows the user (`known`), else against the
+    /// dummy hash, then refused (an unknown user costs what a wrong password costs).
+    async fn password_check(
+        &self,
+        f: &Arc<password::PasswordFile>,
+        req: &Request,
+        deadline: Instant,
+        known: bool,
+    ) -> Verdict {
+        let ip = req.peer.ip().to_canonical();
+        if self.backoff.blocked(ip) {
+            return backed_off(ip);
+        }
+        let (f, user) = (f.clone(), req.username.clone().unwrap_or_default());
+        let pw = req.password.clone().unwrap_or_default();
+        // Checked again when its turn comes: the address may have backed off meanwhile.
+        let backoff = self.backoff.clone();
+        let work = move |mem: &mut _| {
+            if backoff.blocked(ip) {
+                return None;
+            }
+            if !known {
+                f.verify_unknown(&pw, mem);
+                return Some(no_provider());
+            }
+            match f.verify(&user, &pw, mem) {
+                Answer::Decided(v) => Some(v),
+                Answer::Ignore => Some(no_provider()),
+            }
+        };
+        let verdict = match self.hashing.run(deadline, work).await {
+            Ok(Some(Some(v))) => v,
+            Ok(Some(None)) => return backed_off(ip),
+            Ok(None) => return too_late(),
+            Err(e) => return Verdict::Unavailable(e),
+        };
+        self.backoff
+            .record(ip, matches!(verdict, Verdict::Allow(_)));
+        verdict
+    }
+}
+
+fn backed_off(ip: std::net::IpAddr) -> Verdict {
+    Verdict::Deny(format!(
+        "too many failed password checks from {ip}: backing off (auth.failure_backoff_secs)"
+    ))
+}
+
+fn too_late() -> Verdict {
+    Verdict::Unavailable("the connect timeout passed before the password check started".into())
+}
+
+/// The per-connection ACL state a session keeps: the verdict's `granted` lists and
+/// authenticated username, else — when the provider named nobody — `cert_cn`, the CN of
+/// a verified client certificate used as the client id. Never the CONNECT's own
+/// username. Kept only when the connection has lists or a `%u` rule needs the name.
+pub fn session_acl(
+    acl: &Acl,
+    granted: Option<Box<ConnAcl>>,
+    cert_cn: Option<String>,
+) -> Option<Box<ConnAcl>> {
+    let mut granted = granted;
+    if let Some(cn) = cert_cn {
+        if granted.as_ref().is_none_or(|g| g.username.is_none()) {
+            granted.get_or_insert_with(Default::default).username = Some(cn.into());
+        }
+    }
+    granted.filter(|g| g.has_lists() || (acl.enabled() && acl.uses_username()))
 }
 
 /// Runs [`Authenticator::check`] on the business runtime and posts the verdict to
@@ -234,7 +338,9 @@ pub fn check_in_background(
         // Past `deadline` the connect timeout has closed the connection: drop the work
         // (a queued argon2 hash included) instead of doing it for nobody. Under a
         // reconnect storm that keeps the hashing queue made of live connections only.
-        let Ok(verdict) = tokio::time::timeout_at(deadline.into(), auth.check(req)).await else {
+        // A hash already running keeps its permit until it ends (password::Hashing).
+        let check = auth.check_until(req, deadline);
+        let Ok(verdict) = tokio::time::timeout_at(deadline.into(), check).await else {
             return;
         };
         let mut msg = ShardMsg::AuthDone(Box::new(AuthDone {
@@ -357,6 +463,7 @@ mod tests {
                 "auth.jwt.public_key_file",
             ),
             ("[auth]\nproviders = [\"anonymous\", \"anonymous\"]\n", "auth.providers[1]"),
+            ("[auth]\nfailure_backoff_secs = 0\n", "auth.failure_backoff_secs"),
             (
                 "[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"https://x/a\"\n",
                 "auth.http.url",

@@ -4,7 +4,9 @@
 //! UTF-8 text, or `password_base64` when the bytes are not UTF-8; absent fields are null).
 //! The backend answers 200 with `{"result": "allow" | "deny" | "ignore"}` and, optionally,
 //! `"acl": {"publish": [...], "subscribe": [...]}` (topic filters, `%c`/`%u` allowed) that
-//! becomes the connection's ACL. Anything else — a timeout (`timeout_ms`, covering connect,
+//! becomes the connection's ACL, and optionally `"username"`: the name `%u` stands for in
+//! ACL rules. Without it, an "allow" confirms the username that was sent (the backend saw
+//! it and let it in). Anything else — a timeout (`timeout_ms`, covering connect,
 //! request and body), a refused connection, another status, unreadable JSON — is
 //! "unavailable": the client gets CONNACK "server unavailable" and may retry later.
 //!
@@ -85,6 +87,9 @@ struct Reply {
     result: Result_,
     #[serde(default)]
     acl: Option<AclLists>,
+    /// The authenticated name, when the backend maps credentials to one.
+    #[serde(default)]
+    username: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -247,14 +252,16 @@ impl Webhook {
         Ok(match reply.result {
             Result_::Deny => Cached::Deny("denied by the auth webhook".into()),
             Result_::Ignore => Cached::Ignore,
-            Result_::Allow => match reply.acl {
-                None => Cached::Allow(None),
-                Some(l) => {
-                    let acl = ConnAcl::from_lists(l.publish, l.subscribe)
-                        .map_err(|e| format!("bad ACL in the webhook answer: {e}"))?;
-                    Cached::Allow(acl.has_lists().then_some(acl))
-                }
-            },
+            Result_::Allow => {
+                let acl = match reply.acl {
+                    None => ConnAcl::default(),
+                    Some(l) => ConnAcl::from_lists(l.publish, l.subscribe)
+                        .map_err(|e| format!("bad ACL in the webhook answer: {e}"))?,
+                };
+                let name = reply.username.as_deref().or(req.username.as_deref());
+                let acl = acl.with_username(name);
+                Cached::Allow((acl.has_lists() || acl.username.is_some()).then_some(acl))
+            }
         })
     }
 }

@@ -9,7 +9,7 @@
 //! fanned-out PUBLISH is encoded once and its bytes copied to every subscriber, with the
 //! packet id patched in place at the offset [`encode_publish`] returns.
 //!
-//! Decoding goes through `mqttbytes`, which the design card fixes, wherever it is right,
+//! Decoding goes through `mqttbytes` (a maintained MQTT codec) wherever it is right,
 //! and this module adds what it skips: reserved flags, packet id 0, wildcards and empty
 //! topic names, DUP on QoS 0, MQTT 5 property sections (their length, duplicates, which
 //! packet may carry which property) and the payload format check. The few packets

@@ -66,26 +66,27 @@ impl Shard {
     /// subscriber is congested, or this shard's messages for another shard are waiting
     /// for room in its mailbox.
     pub(super) fn backpressured(&self) -> bool {
-        self.limits.backpressure && (self.outbox_blocked || self.congestion.any())
+        self.settings.backpressure
+            && (self.routing.outbox_blocked || self.services.congestion.any())
     }
 
     /// Marks connection `key` congested (it was just given output above the high
     /// watermark); it stays so until `flush_conn` drains it below the low watermark.
     pub(super) fn note_congested(&mut self, key: usize) {
-        if !self.limits.backpressure {
+        if !self.settings.backpressure {
             return;
         }
-        let conn = &mut self.conns[key];
+        let conn = &mut self.wire.conns[key];
         if !conn.congested {
             conn.congested = true;
             self.congested += 1;
-            self.congestion.set(self.id, self.congested);
+            self.services.congestion.set(self.id, self.congested);
         }
     }
 
     /// Connection `key` drained below the low watermark.
     pub(super) fn clear_congested(&mut self, key: usize) {
-        if let Some(conn) = self.conns.get_mut(key).filter(|c| c.congested) {
+        if let Some(conn) = self.wire.conns.get_mut(key).filter(|c| c.congested) {
             conn.congested = false;
             self.uncount_congested();
         }
@@ -94,26 +95,27 @@ impl Shard {
     /// A congested connection is gone (closed) or drained.
     pub(super) fn uncount_congested(&mut self) {
         self.congested -= 1;
-        self.congestion.set(self.id, self.congested);
+        self.services.congestion.set(self.id, self.congested);
     }
 
     /// Stops reading connection `key` at a PUBLISH while the gateway is backpressured.
     pub(super) fn hold_publisher(&mut self, key: usize) {
-        if self.paused.insert(key as u32) {
-            ShardMetrics::add(&self.metrics.publisher_pauses, 1);
+        if self.wire.paused.insert(key as u32) {
+            ShardMetrics::add(&self.services.metrics.publisher_pauses, 1);
         }
-        self.wake_no_later_than(self.now_instant + RECHECK);
+        self.wake_no_later_than(self.clock.now_instant + RECHECK);
     }
 
     /// True if what connection `key` has read but not handled starts with a PUBLISH:
     /// frames held at a pause, or else the start of a frame larger than one read.
     pub(super) fn holds_publish(&self, key: usize) -> bool {
-        self.conns
+        self.wire
+            .conns
             .get(key)
             .filter(|c| c.state == super::ConnState::Active)
             .and_then(|c| c.bufs.as_ref())
             .and_then(|b| b.held.first().or(b.inbuf.first()))
-            .is_some_and(|&b| b >> 4 == 3)
+            .is_some_and(|&b| super::packet::type_of(b) == super::packet::PUBLISH)
     }
 }
 

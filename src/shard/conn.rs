@@ -11,10 +11,8 @@ use mio::net::TcpStream;
 
 use crate::buffer::ReadSizePredictor;
 use crate::codec::Version;
+use crate::session::SessionKey;
 use crate::wheel::TimerId;
-
-/// `Conn::session` before the CONNECT is accepted.
-pub const NO_SESSION: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
@@ -34,8 +32,8 @@ pub enum ConnState {
 pub struct Conn {
     pub socket: TcpStream,
     pub peer: Peer,
-    /// Session key on this shard, or [`NO_SESSION`].
-    pub session: u32,
+    /// Its session on this shard, once the CONNECT is accepted.
+    pub session: Option<SessionKey>,
     /// The one wheel entry of this connection (connect timeout, keep-alive, write stall).
     pub timer: TimerId,
     /// Tick of accept, then of the last whole packet received (partial frames do not count,
@@ -144,10 +142,6 @@ impl Conn {
 
     pub fn is_tls(&self) -> bool {
         self.bufs.as_ref().is_some_and(|b| b.tls.is_some())
-    }
-
-    pub fn client_id_known(&self) -> bool {
-        self.session != NO_SESSION
     }
 }
 

@@ -15,13 +15,14 @@
 
 use std::sync::Arc;
 
+use crate::acl::ACL_FILTERED;
 use crate::codec::{self, OutPublish, Version};
 use crate::message::{Message, Origin};
 use crate::metrics::DropReason;
-use crate::session::{Inflight, InflightState, Queued};
+use crate::session::{ConnKey, Inflight, InflightState, Queued, SessionKey};
 use crate::topic;
 
-use super::{ConnState, Shard};
+use super::{packet, ConnState, Shard};
 
 /// What happened to one message offered to one session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,9 +43,9 @@ impl Shard {
             self.store_retained(&msg);
         }
         self.route(&msg);
-        for shard in 0..self.outbox.len() {
+        for shard in 0..self.routing.outbox.len() {
             if shard != self.id {
-                self.outbox[shard].push(msg.clone());
+                self.routing.outbox[shard].push(msg.clone());
             }
         }
     }
@@ -62,15 +63,30 @@ impl Shard {
     /// ask another shard. An empty payload deletes (MQTT 3.3.1.3).
     fn store_retained(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
-            self.retained.remove(&*msg.topic);
+            self.routing.retained.remove(&*msg.topic);
+            self.routing.retained_budget.remove(&msg.topic);
             self.store_retained_msg(msg, true);
-        } else if self.retained.len() < self.limits.max_retained
-            || self.retained.contains_key(&*msg.topic)
+        } else if self.routing.retained.len() < self.settings.max_retained
+            || self.routing.retained.contains_key(&*msg.topic)
         {
-            self.retained.insert(msg.topic.clone(), msg.clone());
+            self.routing.retained.insert(msg.topic.clone(), msg.clone());
+            let cost = crate::retained_budget::cost(&msg.topic, &msg.payload);
+            let owner = self.local_publisher(msg);
+            self.routing.retained_budget.set(&msg.topic, cost, owner);
             self.store_retained_msg(msg, false);
         } else {
             tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
+        }
+    }
+
+    /// The client id of the device on this shard that published `msg`, if any.
+    fn local_publisher(&self, msg: &Message) -> Option<Arc<str>> {
+        match msg.origin {
+            Origin::Device { shard, session } if usize::from(shard) == self.id => self
+                .sessions
+                .get(session as usize)
+                .map(|s| s.client_id.clone()),
+            _ => None,
         }
     }
 
@@ -79,15 +95,17 @@ impl Shard {
     /// subscription identifiers, then to one member of each shared group this shard owns.
     /// Returns the number of sessions and groups it matched.
     pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
-        if msg.is_expired(self.now_instant) {
-            self.metrics.drop_msg(DropReason::Expired, 1);
+        if msg.is_expired(self.clock.now_instant) {
+            self.services.metrics.drop_msg(DropReason::Expired, 1);
             return 0;
         }
         let mut matched = 0;
         // The shard's reusable match buffer: routing allocates nothing per message here.
-        let mut hits = std::mem::take(&mut self.match_buf);
+        let mut hits = std::mem::take(&mut self.routing.match_buf);
         hits.clear();
-        self.subs.for_each_match(&msg.topic, |s| hits.push(s));
+        self.routing
+            .subs
+            .for_each_match(&msg.topic, |s| hits.push(s));
         if hits.len() > 1 {
             hits.sort_unstable_by_key(|s| s.session);
         }
@@ -101,6 +119,9 @@ impl Shard {
                 let o = hits[i].options;
                 let sub_id = hits[i].sub_id;
                 i += 1;
+                if o & ACL_FILTERED != 0 && !self.acl_receives(session as usize, &msg.topic) {
+                    continue;
+                }
                 let no_local = o & 0b100 != 0;
                 if no_local
                     && msg.origin
@@ -131,25 +152,40 @@ impl Shard {
                 matched += 1;
             }
         }
-        self.match_buf = hits;
+        self.routing.match_buf = hits;
         matched + self.route_shared(msg)
     }
 
     /// The retained messages matching a new subscription, sent with RETAIN set.
     pub(super) fn send_retained(&mut self, skey: usize, filter: &str, granted: u8, sub_id: u32) {
-        let now = self.now_instant;
+        let now = self.clock.now_instant;
         let matching: Vec<Arc<Message>> = if filter.contains(['+', '#']) {
-            self.retained
+            self.routing
+                .retained
                 .values()
                 .filter(|m| topic::matches(filter, &m.topic))
                 .cloned()
                 .collect()
         } else {
-            self.retained.get(filter).cloned().into_iter().collect()
+            self.routing
+                .retained
+                .get(filter)
+                .cloned()
+                .into_iter()
+                .collect()
         };
+        let filtered = self
+            .sessions
+            .get(skey)
+            .and_then(|s| s.subscription(filter))
+            .is_some_and(|o| o & ACL_FILTERED != 0);
         for m in matching {
             if m.is_expired(now) {
-                self.retained.remove(&*m.topic);
+                self.routing.retained.remove(&*m.topic);
+                self.routing.retained_budget.remove(&m.topic);
+                continue;
+            }
+            if filtered && !self.acl_receives(skey, &m.topic) {
                 continue;
             }
             let sub_ids = (sub_id != 0).then(|| Box::from([sub_id]));
@@ -181,41 +217,36 @@ impl Shard {
 
     /// Delivers or queues one item, and says exactly what happened to it.
     pub(super) fn deliver_item(&mut self, skey: usize, mut item: Queued) -> Delivery {
-        if item.msg.is_expired(self.now_instant) {
-            self.metrics.drop_msg(DropReason::Expired, 1);
+        if item.msg.is_expired(self.clock.now_instant) {
+            self.services.metrics.drop_msg(DropReason::Expired, 1);
             return Delivery::Dropped(DropReason::Expired);
         }
         // Stored before it is sent or queued: it stays stored until acknowledged.
         self.store_message(skey, &mut item);
-        let s = &self.sessions[skey];
-        let conn = if s.is_online() {
-            self.conns
-                .get(s.conn as usize)
-                .filter(|c| c.state == ConnState::Active)
-        } else {
-            None
-        };
-        let Some(conn) = conn else {
+        let ckey = self.sessions[skey].conn.map(ConnKey::index);
+        let conn = ckey
+            .and_then(|c| self.wire.conns.get(c))
+            .filter(|c| c.state == ConnState::Active);
+        let (Some(conn), Some(ckey)) = (conn, ckey) else {
             if item.qos == 0 {
-                self.metrics.drop_msg(DropReason::Offline, 1);
+                self.services.metrics.drop_msg(DropReason::Offline, 1);
                 return Delivery::Dropped(DropReason::Offline);
             }
             self.enqueue(skey, item);
             return Delivery::Queued;
         };
-        let ckey = s.conn as usize;
         let pending = conn.outbound_len();
-        let congested = pending >= self.limits.high_watermark;
+        let congested = pending >= self.settings.high_watermark;
         if item.qos == 0 {
             // Above the high watermark QoS 0 is shed, unless publishers are paced instead
             // (backpressure), which still sheds at `outbound_max`.
-            let room = self.limits.backpressure && pending < self.limits.outbound_max;
+            let room = self.settings.backpressure && pending < self.settings.outbound_max;
             if congested && !room {
-                self.metrics.drop_msg(DropReason::SlowConsumer, 1);
+                self.services.metrics.drop_msg(DropReason::SlowConsumer, 1);
                 return Delivery::Dropped(DropReason::SlowConsumer);
             }
             let sent = self.send_publish(ckey, 0, &item, false);
-            if self.conns[ckey].outbound_len() >= self.limits.high_watermark {
+            if self.wire.conns[ckey].outbound_len() >= self.settings.high_watermark {
                 self.note_congested(ckey);
             }
             return if sent {
@@ -228,9 +259,7 @@ impl Shard {
             // QoS 1/2 waits in the session queue; with backpressure, publishers wait too.
             self.note_congested(ckey);
         }
-        let s = &self.sessions[skey];
-        let conn = &self.conns[ckey];
-        let window_open = s.queued_len() == 0 && s.inflight_len() < usize::from(conn.window);
+        let window_open = self.sessions[skey].window_open(self.wire.conns[ckey].window);
         if window_open && !congested {
             if self.send_inflight(skey, ckey, item) {
                 Delivery::Sent
@@ -244,7 +273,7 @@ impl Shard {
     }
 
     fn enqueue(&mut self, skey: usize, item: Queued) {
-        let max = self.limits.max_queued;
+        let max = self.settings.max_queued;
         let st = self.sessions[skey].state();
         let dropped = if st.queue.len() >= max {
             st.queue.pop_front()
@@ -252,10 +281,10 @@ impl Shard {
             None
         };
         st.queue.push_back(item);
-        self.queued_total += 1;
+        self.sessions.queued_total += 1;
         if let Some(old) = dropped {
-            self.queued_total -= 1;
-            self.metrics.drop_msg(DropReason::QueueFull, 1);
+            self.sessions.queued_total -= 1;
+            self.services.metrics.drop_msg(DropReason::QueueFull, 1);
             self.store_forget(skey, &old);
         }
     }
@@ -280,14 +309,15 @@ impl Shard {
     /// Packet Size (dropped and counted, MQTT 5 3.1.2.11.4). With MQTT 5 topic aliases
     /// allowed, the topic's alias goes along: with the topic the first time, alone after.
     fn send_publish(&mut self, ckey: usize, pkid: u16, item: &Queued, dup: bool) -> bool {
-        let conn = &self.conns[ckey];
+        let conn = &self.wire.conns[ckey];
         let v = conn.version;
         let v5 = v == Version::V5;
-        let skey = conn.session as usize;
-        let alias_max = match self.sessions.get(skey) {
-            Some(s) if v5 => s.alias_max,
-            _ => 0,
-        };
+        // Aliases only on an MQTT 5 connection with a session that allows them.
+        let skey = conn.session.map(SessionKey::index).filter(|_| v5);
+        let alias_max = skey
+            .and_then(|k| self.sessions.get(k))
+            .map_or(0, |s| s.alias_max);
+        let skey = skey.unwrap_or_default();
         let alias = (alias_max > 0).then(|| {
             self.sessions[skey]
                 .extra
@@ -311,7 +341,7 @@ impl Shard {
             // per turn, so it may be a little older than the message.
             message_expiry: if v5 {
                 item.msg
-                    .remaining_expiry_secs(self.now_instant.max(item.msg.created))
+                    .remaining_expiry_secs(self.clock.now_instant.max(item.msg.created))
             } else {
                 None
             },
@@ -320,7 +350,7 @@ impl Shard {
         };
         let len = codec::publish_len(v, &p);
         if len > conn.max_packet as usize {
-            self.metrics.drop_msg(DropReason::TooLarge, 1);
+            self.services.metrics.drop_msg(DropReason::TooLarge, 1);
             return false;
         }
         if let Some((a, _)) = alias {
@@ -330,10 +360,10 @@ impl Shard {
                 .get_or_insert_with(Default::default)
                 .commit(&item.msg.topic, a);
         }
-        self.output(ckey, len, |out| {
+        self.wire.output(&self.clock, ckey, len, |out| {
             codec::encode_publish(out, v, &p);
         });
-        self.metrics.packet_out(3);
+        self.services.metrics.packet_out(packet::PUBLISH);
         true
     }
 
@@ -343,25 +373,26 @@ impl Shard {
             let Some(s) = self.sessions.get_mut(skey) else {
                 return;
             };
-            if !s.is_online() || s.queued_len() == 0 {
+            let Some(ckey) = s.conn.map(ConnKey::index) else {
+                break;
+            };
+            if s.queued_len() == 0 {
                 break;
             }
-            let ckey = s.conn as usize;
-            let Some(conn) = self.conns.get(ckey) else {
+            let Some(conn) = self.wire.conns.get(ckey) else {
                 break;
             };
             if conn.state != ConnState::Active
-                || conn.outbound_len() >= self.limits.high_watermark
-                || s.inflight_len() >= usize::from(conn.window)
+                || conn.outbound_len() >= self.settings.high_watermark
             {
                 break;
             }
-            let Some(item) = s.extra.as_mut().and_then(|st| st.queue.pop_front()) else {
+            let Some(item) = s.next_to_send(conn.window) else {
                 break;
             };
-            self.queued_total -= 1;
-            if item.msg.is_expired(self.now_instant) {
-                self.metrics.drop_msg(DropReason::Expired, 1);
+            self.sessions.queued_total -= 1;
+            if item.msg.is_expired(self.clock.now_instant) {
+                self.services.metrics.drop_msg(DropReason::Expired, 1);
                 self.store_forget(skey, &item);
                 continue;
             }
@@ -379,8 +410,10 @@ impl Shard {
     /// On a resumed session: every unacknowledged PUBLISH again with DUP set and its
     /// original packet id, every unfinished PUBREL again, then the queue.
     pub(super) fn resend_inflight(&mut self, skey: usize) {
-        let ckey = self.sessions[skey].conn as usize;
-        let v = self.conns[ckey].version;
+        let Some(ckey) = self.sessions[skey].conn.map(ConnKey::index) else {
+            return;
+        };
+        let v = self.wire.conns[ckey].version;
         let inflight = match self.sessions[skey].extra.as_mut() {
             Some(st) => std::mem::take(&mut st.inflight),
             None => Default::default(),
@@ -396,8 +429,10 @@ impl Shard {
                     }
                 }
                 InflightState::Released => {
-                    self.output(ckey, 16, |out| codec::encode_pubrel(out, v, f.pkid, 0));
-                    self.metrics.packet_out(6);
+                    self.wire.output(&self.clock, ckey, 16, |out| {
+                        codec::encode_pubrel(out, v, f.pkid, 0)
+                    });
+                    self.services.metrics.packet_out(packet::PUBREL);
                     kept.push_back(f);
                 }
             }

@@ -27,11 +27,11 @@ fn now_ms() -> u64 {
 impl Shard {
     /// Whether session `skey` has rows in the store.
     pub(super) fn persistent(&self, skey: usize) -> bool {
-        self.store.is_some() && self.sessions.get(skey).is_some_and(|s| s.stored)
+        self.services.store.is_some() && self.sessions.get(skey).is_some_and(|s| s.stored)
     }
 
     fn store_op(&mut self, op: Op) {
-        if let Some(st) = self.store.as_mut() {
+        if let Some(st) = self.services.store.as_mut() {
             st.push(op);
         }
     }
@@ -39,7 +39,7 @@ impl Shard {
     /// Writes the session's record: after CONNECT (`online`) or when its connection ended.
     /// A session whose expiry became 0 leaves the store.
     pub(super) fn store_session(&mut self, skey: usize, online: bool) {
-        if self.store.is_none() {
+        if self.services.store.is_none() {
             return;
         }
         let s = &mut self.sessions[skey];
@@ -96,7 +96,7 @@ impl Shard {
             return;
         }
         let client_id = self.sessions[skey].client_id.clone();
-        if let Some(st) = self.store.as_mut() {
+        if let Some(st) = self.services.store.as_mut() {
             item.seq = st.next_seq();
             st.push(Op::Message {
                 client_id,
@@ -110,7 +110,7 @@ impl Shard {
 
     /// A stored message is finished (acknowledged, dropped or expired): its row goes.
     pub(super) fn store_forget(&mut self, skey: usize, item: &Queued) {
-        if item.seq == 0 || self.store.is_none() {
+        if item.seq == 0 || self.services.store.is_none() {
             return;
         }
         if let Some(s) = self.sessions.get(skey) {
@@ -125,7 +125,9 @@ impl Shard {
     /// A retained message (or its deletion): written by the topic's home shard only, as
     /// every shard keeps the same copy.
     pub(super) fn store_retained_msg(&mut self, msg: &Arc<Message>, delete: bool) {
-        if self.store.is_none() || home_shard(&msg.topic, self.mailboxes.len()) != self.id {
+        if self.services.store.is_none()
+            || home_shard(&msg.topic, self.services.mailboxes.len()) != self.id
+        {
             return;
         }
         let op = if delete {
@@ -138,7 +140,7 @@ impl Shard {
 
     /// Hands this turn's ops to the store writer; true if some must be offered again.
     pub(super) fn flush_store(&mut self) -> bool {
-        self.store.as_mut().is_some_and(|s| s.flush())
+        self.services.store.as_mut().is_some_and(|s| s.flush())
     }
 
     /// At start, before the first accept: the sessions homed here, their subscriptions
@@ -146,21 +148,23 @@ impl Shard {
     /// wall clock time they went offline; and the retained messages.
     pub(super) fn restore(&mut self, sessions: Vec<StoredSession>, retained: &[Arc<Message>]) {
         for m in retained {
-            self.retained.insert(m.topic.clone(), m.clone());
+            self.routing.retained.insert(m.topic.clone(), m.clone());
+            let cost = crate::retained_budget::cost(&m.topic, &m.payload);
+            self.routing.retained_budget.set(&m.topic, cost, None);
         }
         let now_wall = now_ms();
         // The first messages of a session may have been sent (and even received) before
         // the restart: they go out again with DUP set, as any redelivery.
-        let maybe_sent = usize::from(self.limits.max_inflight);
+        let maybe_sent = usize::from(self.settings.max_inflight);
         for stored in sessions {
-            let skey = self.new_session(&stored.client_id, stored.version);
+            let skey = self.sessions.open(&stored.client_id, stored.version);
             let s = &mut self.sessions[skey];
             s.expiry_secs = stored.expiry_secs;
             s.stored = true;
             s.subs.reserve_exact(stored.subs.len());
             for (filter, options, sub_id) in stored.subs {
                 self.sessions[skey].subs.push((filter.clone(), options));
-                self.subs_total += 1;
+                self.routing.subs_total += 1;
                 self.attach_subscription(
                     skey,
                     &filter,
@@ -185,7 +189,7 @@ impl Shard {
                         dup: i < maybe_sent,
                     });
                 }
-                self.queued_total += n as u64;
+                self.sessions.queued_total += n as u64;
             }
             if stored.offline_since_ms == 0 {
                 // Online when the gateway stopped (a crash): offline from now on. Stored
@@ -200,7 +204,7 @@ impl Shard {
                     now_wall.saturating_sub(stored.offline_since_ms)
                 };
                 let left_secs = total_ms.saturating_sub(gone_ms).div_ceil(1000) as u32;
-                let at = self.offline_deadline(self.now, left_secs);
+                let at = self.offline_deadline(self.clock.now, left_secs);
                 self.sessions[skey].state().expires_at = Some(at);
                 self.arm_session_timer(skey);
             }

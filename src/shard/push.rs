@@ -30,12 +30,12 @@ impl Shard {
         items: Vec<ClientPush>,
         reply: oneshot::Sender<Vec<PushOutcome>>,
     ) {
-        let puts = self.store.as_ref().map_or(0, |s| s.puts);
+        let puts = self.services.store.as_ref().map_or(0, |s| s.puts);
         let outcomes: Vec<PushOutcome> = items.into_iter().map(|p| self.push_one(p)).collect();
         // `queued` is answered only once the message is durable: the answer rides with
         // this turn's store ops and the store writer sends it after the commit.
-        let stored = self.store.as_ref().map_or(0, |s| s.puts) != puts;
-        match self.store.as_mut() {
+        let stored = self.services.store.as_ref().map_or(0, |s| s.puts) != puts;
+        match self.services.store.as_mut() {
             Some(st) if stored && outcomes.iter().any(|o| o.status == PushStatus::Queued) => {
                 st.defer((reply, outcomes));
             }
@@ -46,7 +46,7 @@ impl Shard {
     }
 
     fn push_one(&mut self, p: ClientPush) -> PushOutcome {
-        let Some(skey) = self.by_client.get(&p.client_id, &self.sessions) else {
+        let Some(skey) = self.sessions.find(&p.client_id) else {
             return PushOutcome {
                 status: PushStatus::Offline,
                 ack: None,
@@ -109,15 +109,14 @@ impl Shard {
     }
 
     pub(super) fn client_info(&self, client_id: &str) -> Option<ClientInfo> {
-        let skey = self.by_client.get(client_id, &self.sessions)?;
+        let skey = self.sessions.find(client_id)?;
         let s = &self.sessions[skey as usize];
         let conn = s
-            .is_online()
-            .then(|| self.conns.get(s.conn as usize))
-            .flatten()
+            .conn
+            .and_then(|c| self.wire.conns.get(c.index()))
             .filter(|c| c.state == ConnState::Active);
         let connected_at = conn.map(|c| {
-            let at = self.started_wall + self.limits.tick * c.accepted_at;
+            let at = self.clock.started_wall + self.settings.tick * c.accepted_at;
             at.duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
                 .as_secs()
@@ -149,26 +148,24 @@ impl Shard {
     }
 
     /// Disconnects a client with MQTT 5 reason 0x98; with `clear_session` also ends its
-    /// session. False if the client id is unknown here.
-    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> bool {
-        let Some(skey) = self.by_client.get(client_id, &self.sessions) else {
-            return false;
-        };
+    /// session. `None` if the client id is unknown here, else whether it was online.
+    pub(super) fn kick(&mut self, client_id: &str, clear_session: bool) -> Option<bool> {
+        let skey = self.sessions.find(client_id)?;
         let conn = self.sessions[skey as usize].conn;
-        if self.sessions[skey as usize].is_online() {
+        if let Some(conn) = conn {
             tracing::info!(shard = self.id, client_id, "disconnected by the API");
             self.close_conn(
-                conn as usize,
+                conn.index(),
                 DisconnectReason::Admin,
                 Some(reason::ADMINISTRATIVE_ACTION),
             );
         }
         if clear_session {
             // The close may already have ended a session with expiry 0.
-            if let Some(skey) = self.by_client.get(client_id, &self.sessions) {
+            if let Some(skey) = self.sessions.find(client_id) {
                 self.end_session(skey as usize);
             }
         }
-        true
+        Some(conn.is_some())
     }
 }

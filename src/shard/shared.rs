@@ -19,7 +19,6 @@
 //! `mailbox_full`), so a shard never blocks and a member's join, leave and bounces reach
 //! the owner in the order they were sent.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
@@ -72,31 +71,8 @@ impl Shard {
         if shard == self.id {
             self.handle_msg(msg);
         } else {
-            self.ctl_outbox[shard].push_back(msg);
+            self.routing.ctl_outbox[shard].push_back(msg);
         }
-    }
-
-    /// Sends the waiting control messages in order; true if some must be retried.
-    pub(super) fn flush_ctl(&mut self) -> bool {
-        let cap = (self.config.shards.mailbox_capacity as usize).max(1);
-        let mut waiting = false;
-        for shard in 0..self.ctl_outbox.len() {
-            while let Some(msg) = self.ctl_outbox[shard].pop_front() {
-                if let Err(msg) = self.mailboxes.try_send(shard, msg) {
-                    self.ctl_outbox[shard].push_front(msg);
-                    break;
-                }
-            }
-            let list: &mut VecDeque<ShardMsg> = &mut self.ctl_outbox[shard];
-            if list.len() > cap {
-                let excess = list.len() - cap;
-                list.drain(..excess);
-                self.metrics
-                    .drop_msg(DropReason::MailboxFull, excess as u64);
-            }
-            waiting |= !self.ctl_outbox[shard].is_empty();
-        }
-        waiting
     }
 
     /// Session `skey` (homed here) joined `$share/{group}/{filter}`.
@@ -116,7 +92,7 @@ impl Shard {
             options,
             sub_id,
         };
-        let owner = home_shard(&group_key(group, filter), self.mailboxes.len());
+        let owner = home_shard(&group_key(group, filter), self.services.mailboxes.len());
         self.send_ctl(owner, ShardMsg::SharedJoin(Box::new(member)));
     }
 
@@ -128,7 +104,7 @@ impl Shard {
         client_id: &Arc<str>,
         items: Vec<Queued>,
     ) {
-        let owner = home_shard(key, self.mailboxes.len());
+        let owner = home_shard(key, self.services.mailboxes.len());
         self.send_ctl(
             owner,
             ShardMsg::SharedLeave {
@@ -142,7 +118,7 @@ impl Shard {
     }
 
     fn bounce(&mut self, key: Arc<str>, from: Arc<str>, msg: Arc<Message>, attempts: u8) {
-        let owner = home_shard(&key, self.mailboxes.len());
+        let owner = home_shard(&key, self.services.mailboxes.len());
         let b = SharedBounce {
             key,
             from,
@@ -155,7 +131,7 @@ impl Shard {
     /// Owner: adds or updates a member.
     pub(super) fn on_shared_join(&mut self, m: SharedMember) {
         let key = group_key(&m.group, &m.filter);
-        let shared = &mut self.shared;
+        let shared = &mut self.routing.shared;
         let slot = match shared.by_key.get(&key) {
             Some(&slot) => slot,
             None => {
@@ -199,7 +175,7 @@ impl Shard {
 
     /// Owner: removes a member; the group goes with its last member.
     pub(super) fn on_shared_leave(&mut self, key: &str, client_id: &str) {
-        let shared = &mut self.shared;
+        let shared = &mut self.routing.shared;
         let Some(&slot) = shared.by_key.get(key) else {
             return;
         };
@@ -219,7 +195,7 @@ impl Shard {
 
     /// Owner: one member of each group matching `msg` gets it. Returns the groups matched.
     pub(super) fn route_shared(&mut self, msg: &Arc<Message>) -> usize {
-        let Some(index) = self.shared.index.as_ref() else {
+        let Some(index) = self.routing.shared.index.as_ref() else {
             return 0;
         };
         let mut slots: Vec<usize> = Vec::new();
@@ -239,7 +215,7 @@ impl Shard {
         exclude: Option<&str>,
         attempts: u8,
     ) {
-        let Some(g) = self.shared.groups.get_mut(slot) else {
+        let Some(g) = self.routing.shared.groups.get_mut(slot) else {
             return;
         };
         let n = g.members.len();
@@ -265,22 +241,19 @@ impl Shard {
         if shard == self.id {
             self.on_deliver_shared(d);
         } else {
-            self.ctl_outbox[shard].push_back(ShardMsg::DeliverShared(Box::new(d)));
+            self.routing.ctl_outbox[shard].push_back(ShardMsg::DeliverShared(Box::new(d)));
         }
     }
 
     /// Member's home shard: delivers a group's message, or bounces it to the owner when
     /// the client is no member (any more).
     pub(super) fn on_deliver_shared(&mut self, d: SharedDelivery) {
-        let member = self
-            .by_client
-            .get(&d.client_id, &self.sessions)
-            .filter(|&skey| {
-                self.sessions[skey as usize]
-                    .subs
-                    .iter()
-                    .any(|(f, _)| f.strip_prefix("$share/") == Some(&*d.key))
-            });
+        let member = self.sessions.find(&d.client_id).filter(|&skey| {
+            self.sessions[skey as usize]
+                .subs
+                .iter()
+                .any(|(f, _)| f.strip_prefix("$share/") == Some(&*d.key))
+        });
         let Some(skey) = member else {
             self.bounce(d.key, d.client_id, d.msg, d.attempts.saturating_add(1));
             return;
@@ -302,12 +275,12 @@ impl Shard {
     /// it back is no member any more.
     pub(super) fn on_shared_bounce(&mut self, b: SharedBounce) {
         self.on_shared_leave(&b.key, &b.from);
-        let slot = self.shared.by_key.get(&b.key).copied();
+        let slot = self.routing.shared.by_key.get(&b.key).copied();
         match slot {
             Some(slot) if b.attempts < MAX_ATTEMPTS => {
                 self.dispatch_shared(slot, &b.msg, Some(&b.from), b.attempts)
             }
-            _ => self.metrics.drop_msg(DropReason::Offline, 1),
+            _ => self.services.metrics.drop_msg(DropReason::Offline, 1),
         }
     }
 }

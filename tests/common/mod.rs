@@ -31,9 +31,9 @@ level = "warn"
 enabled = false
 "#;
 
-/// Merges `extra` TOML (whole sections) over [`BASE`].
-pub fn config(extra: &str) -> Config {
-    let mut base: toml::Table = BASE.parse().expect("base toml");
+/// `extra` TOML merged over `base` section by section (keys of `extra` win).
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut base: toml::Table = base.parse().expect("base toml");
     let extra: toml::Table = extra.parse().expect("extra toml");
     for (k, v) in extra {
         match (base.get_mut(&k), v) {
@@ -43,7 +43,12 @@ pub fn config(extra: &str) -> Config {
             }
         }
     }
-    Config::from_toml_str(&toml::to_string(&base).expect("toml")).expect("valid test config")
+    toml::to_string(&base).expect("toml")
+}
+
+/// Merges `extra` TOML (whole sections) over [`BASE`].
+pub fn config(extra: &str) -> Config {
+    Config::from_toml_str(&merge_toml(BASE, extra)).expect("valid test config")
 }
 
 /// `extra` with `[store] path` set to `dir` unless it names a path itself: every test
@@ -793,21 +798,8 @@ impl GatewayProcess {
     pub fn start_with(extra: &str, configure: impl FnOnce(&mut Command)) -> GatewayProcess {
         let dir = tempdir::Dir::new("proc");
         let path = dir.0.join("gateway.toml");
-        let mut base: toml::Table = BASE.parse().unwrap();
-        base.insert(
-            "log".into(),
-            toml::Value::Table("level = \"info\"".parse().unwrap()),
-        );
-        let extra: toml::Table = with_store_dir(extra, &dir.0).parse().unwrap();
-        for (k, v) in extra {
-            match (base.get_mut(&k), v) {
-                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
-                (_, v) => {
-                    base.insert(k, v);
-                }
-            }
-        }
-        std::fs::write(&path, toml::to_string(&base).unwrap()).unwrap();
+        let base = merge_toml(BASE, "[log]\nlevel = \"info\"");
+        std::fs::write(&path, merge_toml(&base, &with_store_dir(extra, &dir.0))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
         cmd.arg("--config")
             .arg(&path)
@@ -842,10 +834,7 @@ impl GatewayProcess {
                 .parse()
                 .expect("address")
         };
-        let tls = plain.find("tls_addr=Some(").and_then(|i| {
-            let rest = &plain[i + "tls_addr=Some(".len()..];
-            rest[..rest.find(')')?].parse().ok()
-        });
+        let tls = plain.contains("tls_addr=").then(|| field("tls_addr"));
         GatewayProcess {
             mqtt: field("mqtt_addr"),
             tls,
@@ -931,6 +920,41 @@ impl TestServer {
             _store: dir,
         }
     }
+}
+
+/// Makes `cmd` start with a soft RLIMIT_NOFILE of at most `low`, and the hard limit too
+/// when `hard` (the gateway raises its soft limit to the hard one at start).
+pub fn limit_nofile(cmd: &mut Command, low: libc::rlim_t, hard: bool) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // getrlimit/setrlimit, which are async-signal-safe, on its own stack data.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            l.rlim_cur = low.min(l.rlim_max);
+            if hard {
+                l.rlim_max = l.rlim_cur;
+            }
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The exit code `gateway doctor` owes for its report `out`: 1 when an item is LOW, else 0.
+pub fn doctor_exit_code(out: &str) -> Option<i32> {
+    let low = out
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("LOW"));
+    Some(if low { 1 } else { 0 })
 }
 
 /// True if `bin` is on PATH. Otherwise the test is skipped with a printed reason, except

@@ -1,0 +1,377 @@
+//! Admission: accepting connections within the overload limits (`max_connections`,
+//! per IP, `max_connect_rate`, `max_handshaking`), registering them on the wire with
+//! their one timer, and adopting connections other shards hand over.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+
+use crate::buffer::ReadSizePredictor;
+use crate::codec::Version;
+use crate::limits::TokenBucket;
+use crate::listen::{out_of_fds, AcceptRetry};
+use crate::mailbox::Handoff;
+use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
+
+use super::conn::{Conn, ConnState, Peer};
+use super::{Shard, ACCEPTS_PER_TURN, SESSION_TIMER};
+
+/// The state of accepting and of handshakes under way.
+pub struct Admission {
+    /// A listener's accept budget ran out this turn: accept again next turn.
+    pub accept_pending: bool,
+    /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
+    pub accept_blocked: bool,
+    pub connect_bucket: TokenBucket,
+    /// Accepting failed for want of a file descriptor; retried on a timer.
+    pub accept_retry: AcceptRetry,
+    /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
+    pub handshaking: usize,
+    /// CONNECTs waiting for an authentication answer, by connection key. `close_conn`
+    /// removes a connection's entry, so an answer finds either its own connection (same
+    /// token) or nothing.
+    pub auth_pending: HashMap<usize, super::mqtt::PendingAuth>,
+    pub next_auth_token: u64,
+    /// Numbers assigned client ids; also the state of the keep-alive jitter's draws.
+    pub next_auto_id: u64,
+}
+
+impl Admission {
+    pub fn new(connect_bucket: TokenBucket, accept_retry: AcceptRetry) -> Self {
+        Admission {
+            accept_pending: false,
+            accept_blocked: false,
+            connect_bucket,
+            accept_retry,
+            handshaking: 0,
+            auth_pending: HashMap::new(),
+            next_auth_token: 0,
+            next_auto_id: 0,
+        }
+    }
+}
+
+/// Whether one more connection may be accepted now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// `max_handshaking` connections are between accept and CONNACK.
+    HandshakesFull,
+    /// `max_connect_rate`: a token is there again after this long.
+    RateLimited(Duration),
+}
+
+impl Admission {
+    /// True when `max` (0 = unlimited) handshakes are under way.
+    pub fn handshakes_full(&self, max: usize) -> bool {
+        max > 0 && self.handshaking >= max
+    }
+
+    /// The overload limits' word on one more connection at `now`.
+    pub fn admit(&mut self, max_handshaking: usize, now: Instant) -> Admit {
+        if self.handshakes_full(max_handshaking) {
+            Admit::HandshakesFull
+        } else if !self.connect_bucket.ready(now) {
+            Admit::RateLimited(self.connect_bucket.wait())
+        } else {
+            Admit::Yes
+        }
+    }
+}
+
+impl Shard {
+    /// Whether the connect rate and the handshake cap let one more connection in; the
+    /// first refusal after accepting is counted and logged.
+    fn may_accept(&mut self, was_blocked: bool) -> bool {
+        if self.stopping {
+            return false;
+        }
+        let now = self.clock.read();
+        match self.admission.admit(self.settings.max_handshaking, now) {
+            Admit::Yes => true,
+            Admit::HandshakesFull => {
+                if !was_blocked {
+                    self.log_accept_paused(true);
+                }
+                false
+            }
+            Admit::RateLimited(wait) => {
+                if !was_blocked {
+                    self.log_accept_paused(false);
+                }
+                self.wake_no_later_than(now + wait);
+                false
+            }
+        }
+    }
+
+    /// Counts and logs that accepting stopped, at the handshake cap or the connect rate.
+    fn log_accept_paused(&self, handshakes: bool) {
+        let m = &self.services.metrics;
+        if handshakes {
+            ShardMetrics::add(&m.accept_paused_handshaking, 1);
+            tracing::debug!(
+                shard = self.id,
+                handshaking = self.admission.handshaking,
+                "max_handshaking reached, not accepting"
+            );
+        } else {
+            ShardMetrics::add(&m.accept_paused_rate, 1);
+            tracing::debug!(shard = self.id, "max_connect_rate reached, not accepting");
+        }
+    }
+
+    /// Accepts from both listeners while the overload limits allow. When they do not,
+    /// the connections stay in the kernel backlog: they cost us no fd and no memory, and
+    /// get in once the bucket refills or handshakes finish (see `[limits]` in
+    /// gateway.toml for why this beats accepting and refusing with "server busy").
+    pub(super) fn accept(&mut self) {
+        let was_blocked = self.admission.accept_blocked;
+        self.admission.accept_pending = false;
+        self.admission.accept_blocked = false;
+        // Each listener gets its own budget, so a storm on one does not starve the other.
+        for tls in [false, true] {
+            let mut budget = ACCEPTS_PER_TURN;
+            loop {
+                let exists = if tls {
+                    self.wire.tls_listener.is_some()
+                } else {
+                    self.wire.listener.is_some()
+                };
+                if !exists {
+                    break;
+                }
+                if budget == 0 {
+                    self.admission.accept_pending = true;
+                    break;
+                }
+                if !self.may_accept(was_blocked) {
+                    self.admission.accept_blocked = true;
+                    return;
+                }
+                let listener = if tls {
+                    self.wire.tls_listener.as_ref()
+                } else {
+                    self.wire.listener.as_ref()
+                };
+                let Some(listener) = listener else {
+                    break;
+                };
+                match listener.accept() {
+                    Ok((socket, peer)) => {
+                        budget -= 1;
+                        self.admission.accept_retry.on_accept(self.id);
+                        self.on_accept(socket, peer, tls);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if out_of_fds(&e) => {
+                        // The listener is edge-triggered: retry on a timer.
+                        let now = self.clock.read();
+                        let metrics = &self.services.metrics;
+                        let at = self
+                            .admission
+                            .accept_retry
+                            .on_error(now, &e, self.id, metrics);
+                        self.wake_no_later_than(at);
+                        break;
+                    }
+                    Err(e) => {
+                        // Anything else (e.g. ECONNABORTED) concerns that one connection.
+                        tracing::warn!(shard = self.id, error = %e, "accept failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr, tls: bool) {
+        self.admission.connect_bucket.take();
+        let open = self
+            .services
+            .open_connections
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if open > self.settings.max_connections {
+            self.services
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            self.services.metrics.refuse(RefuseReason::MaxConnections);
+            tracing::debug!(shard = self.id, %peer, "refused: max_connections reached");
+            return; // dropping the socket closes it
+        }
+        // Behind a proxy the real address is known only from the header.
+        let proxied = self.settings.proxy_protocol;
+        if !proxied && !self.services.per_ip.acquire(peer.ip()) {
+            self.services
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            self.services.metrics.refuse(RefuseReason::PerIp);
+            tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
+            return;
+        }
+        let state = if proxied {
+            ConnState::ProxyHeader
+        } else {
+            ConnState::Handshake
+        };
+        let deadline_ticks = self.settings.connect_timeout_ticks;
+        let Some(key) = self.insert_conn(socket, peer, state, deadline_ticks, self.clock.now32())
+        else {
+            if !proxied {
+                self.services.per_ip.release(peer.ip());
+            }
+            return;
+        };
+        if tls {
+            let Some(config) = self.wire.tls_config.clone() else {
+                return;
+            };
+            match rustls::ServerConnection::new(config) {
+                Ok(mut t) => {
+                    t.set_buffer_limit(Some(self.settings.tls_buffer));
+                    let bufs = self.wire.conns[key]
+                        .bufs
+                        .get_or_insert_with(Default::default);
+                    bufs.tls = Some(Box::new(t));
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.id, %peer, error = %e, "cannot start TLS");
+                    self.close_conn(key, DisconnectReason::SocketError, None);
+                }
+            }
+        }
+    }
+
+    /// Registers a socket and puts it in the slab with its one timer armed.
+    fn insert_conn(
+        &mut self,
+        mut socket: TcpStream,
+        peer: SocketAddr,
+        state: ConnState,
+        idle_ticks: u32,
+        accepted_at: u32,
+    ) -> Option<usize> {
+        self.settings.socket.apply(&socket);
+        let now = self.clock.now32();
+        let entry = self.wire.conns.vacant_entry();
+        let key = entry.key();
+        if key >= SESSION_TIMER as usize {
+            self.services
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        if let Err(e) = self.wire.poll.registry().register(
+            &mut socket,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(shard = self.id, %peer, error = %e, "cannot register connection");
+            self.services
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let timer = self
+            .timers
+            .wheel
+            .insert(u64::from(now) + u64::from(idle_ticks) + 1, key as u32);
+        if state != ConnState::Active {
+            self.admission.handshaking += 1;
+        }
+        entry.insert(Conn {
+            socket,
+            peer: Peer::from(peer),
+            session: None,
+            timer,
+            last_seen: now,
+            idle_ticks,
+            stall_since: 0,
+            accepted_at,
+            max_packet: u32::MAX,
+            keep_alive: 0,
+            window: self.settings.max_inflight,
+            version: Version::V311,
+            state,
+            predictor: ReadSizePredictor::new(),
+            dirty: false,
+            congested: false,
+            bufs: None,
+        });
+        Some(key)
+    }
+
+    /// Takes over a connection whose CONNECT another shard read.
+    pub(super) fn adopt(&mut self, h: Handoff) {
+        if self.stopping {
+            self.services
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            self.services.per_ip.release(h.peer.ip());
+            return;
+        }
+        let elapsed = self
+            .clock
+            .now_instant
+            .saturating_duration_since(h.accepted_at);
+        let accepted_at = self
+            .clock
+            .now32()
+            .saturating_sub(self.settings.ticks(elapsed.as_secs_f64()));
+        // The connect timeout runs from the accept on the other shard, not from now.
+        let idle = self
+            .settings
+            .connect_timeout_ticks
+            .saturating_sub(self.clock.now32() - accepted_at);
+        let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
+        else {
+            self.services.per_ip.release(h.peer.ip());
+            return;
+        };
+        let tls = h.tls.is_some();
+        if tls {
+            self.wire.conns[key]
+                .bufs
+                .get_or_insert_with(Default::default)
+                .tls = h.tls;
+        }
+        let mut alive = self.on_connect(key, h.connect, false, &h.rest);
+        if alive && !h.rest.is_empty() {
+            alive = self.ingest_bytes(key, &h.rest);
+        }
+        if alive && tls {
+            // Plaintext rustls decrypted after the CONNECT is still inside it.
+            self.tls_process(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_table() {
+        let now = Instant::now();
+        // Burst 1, 10 per second: one now, the next 100 ms later.
+        let retry = AcceptRetry::new(Duration::from_millis(100));
+        let mut a = Admission::new(TokenBucket::new(10, 1, now), retry);
+        assert_eq!(a.admit(2, now), Admit::Yes);
+        a.connect_bucket.take();
+        assert!(matches!(a.admit(2, now), Admit::RateLimited(w) if w > Duration::ZERO));
+        let later = now + Duration::from_millis(100);
+        assert_eq!(a.admit(2, later), Admit::Yes);
+        a.handshaking = 2;
+        assert_eq!(a.admit(2, later), Admit::HandshakesFull);
+        assert_eq!(a.admit(3, later), Admit::Yes);
+        assert_eq!(a.admit(0, later), Admit::Yes, "0 = no handshake cap");
+        assert!(a.handshakes_full(2) && !a.handshakes_full(0));
+    }
+}

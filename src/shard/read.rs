@@ -1,0 +1,318 @@
+//! The read path of a connection: ask the [`gate`](super::gate) whether to read, read once
+//! through the [`transport`](super::transport), cut the plaintext into frames with the
+//! [`framer`](super::framer) and hand each whole frame to the MQTT layer.
+//!
+//! Memory: whole frames are handled straight from the shard's scratch buffer (or the TLS
+//! plaintext buffer). A connection borrows a pooled buffer only for a trailing partial
+//! frame (`inbuf`) or for frames read past a pause (`held`), and gives it back as soon as
+//! it holds nothing, so an idle connection holds no buffer.
+
+use std::time::Duration;
+
+use super::conn::ConnState;
+use super::framer::{self, Split};
+use super::gate::{self, Facts, Verdict};
+use super::packet::{self, type_of};
+use super::transport::{self, Transport};
+use super::{backpressure, Shard, READS_PER_EVENT};
+use crate::codec;
+use crate::metrics::{DisconnectReason, ShardMetrics};
+
+impl Shard {
+    /// Reads a ready connection, up to `READS_PER_EVENT` times, while the gate lets it.
+    pub(super) fn on_readable(&mut self, key: usize) {
+        for _ in 0..READS_PER_EVENT {
+            let Some(facts) = self.read_facts(key) else {
+                return;
+            };
+            match gate::before_read(&facts) {
+                Verdict::Go => {}
+                Verdict::Wait => return,
+                Verdict::Pause(over) => return self.pause_reads(key, over),
+                Verdict::Hold => return self.hold_publisher(key),
+            }
+            if !self.read_once(key) {
+                return;
+            }
+        }
+        self.wire.reread.push(key as u32);
+    }
+
+    /// What the gate needs to know before reading connection `key` (`None`: it is gone).
+    fn read_facts(&self, key: usize) -> Option<Facts> {
+        let conn = self.wire.conns.get(key)?;
+        let active = conn.state == ConnState::Active;
+        let bufs = conn.bufs.as_ref().filter(|_| active);
+        let backpressured = self.backpressured();
+        Some(Facts {
+            authenticating: conn.state == ConnState::Authenticating,
+            active,
+            outbound: conn.outbound_len(),
+            high_watermark: self.settings.high_watermark,
+            over_ns: bufs.map_or(0, |b| {
+                self.settings.inbound.over_by(&b.rate, self.clock.now_ns())
+            }),
+            holding: bufs.is_some_and(|b| !b.held.is_empty()),
+            backpressured,
+            publish: backpressured && self.holds_publish(key),
+        })
+    }
+
+    /// One read through the connection's transport, and the bytes on to the framer.
+    /// True to read again; false when the socket has nothing more or the connection is gone.
+    fn read_once(&mut self, key: usize) -> bool {
+        let now_ns = self.clock.now_ns();
+        let conn = &mut self.wire.conns[key];
+        let state = conn.state;
+        let (via, result) = transport::read(conn, &mut self.wire.scratch);
+        match result {
+            Ok(0) => {
+                self.close_conn(key, DisconnectReason::CloseWait, None);
+                false
+            }
+            Ok(n) => {
+                ShardMetrics::add(&self.services.metrics.bytes_received, n as u64);
+                if state == ConnState::Active {
+                    if let Some(g) = self.settings.inbound.bytes {
+                        let b = conn.bufs.get_or_insert_with(Default::default);
+                        g.charge(&mut b.rate.bytes, now_ns, n as u64);
+                    }
+                }
+                match via {
+                    Transport::Tls => self.tls_process(key),
+                    Transport::ProxyPrefix => self.ingest_proxy(key, n),
+                    Transport::Plain => self.ingest(key, n),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                tracing::debug!(shard = self.id, error = %e, "read failed");
+                self.close_conn(key, DisconnectReason::SocketError, None);
+                false
+            }
+        }
+    }
+
+    /// Stops reading a connection over its inbound rate: its bytes wait in the kernel
+    /// and then in the client (TCP backpressure) until `resume_paused` reads it again.
+    fn pause_reads(&mut self, key: usize, over_ns: u64) {
+        if self.wire.paused.insert(key as u32) {
+            ShardMetrics::add(&self.services.metrics.rate_limit_pauses, 1);
+            tracing::debug!(shard = self.id, client_id = %self.client_id_of(key), pause_ms = over_ns / 1_000_000, "inbound rate exceeded, pausing reads");
+        }
+        self.wake_no_later_than(self.clock.now_instant + Duration::from_nanos(over_ns));
+    }
+
+    /// Reads again the paused connections the gate lets go.
+    pub(super) fn resume_paused(&mut self) {
+        if self.wire.paused.is_empty() {
+            return;
+        }
+        let now_ns = self.clock.now_ns();
+        let keys: Vec<u32> = self.wire.paused.drain().collect();
+        for key in keys {
+            let Some(conn) = self.wire.conns.get(key as usize) else {
+                continue;
+            };
+            let facts = Facts {
+                over_ns: conn
+                    .bufs
+                    .as_ref()
+                    .map_or(0, |b| self.settings.inbound.over_by(&b.rate, now_ns)),
+                backpressured: self.backpressured(),
+                publish: self.holds_publish(key as usize),
+                ..Facts::default()
+            };
+            match gate::on_recheck(&facts) {
+                Verdict::Pause(over) => {
+                    self.wire.paused.insert(key);
+                    self.wake_no_later_than(self.clock.now_instant + Duration::from_nanos(over));
+                }
+                Verdict::Hold => {
+                    self.wire.paused.insert(key);
+                    self.wake_no_later_than(self.clock.now_instant + backpressure::RECHECK);
+                }
+                Verdict::Go | Verdict::Wait => self.resume(key as usize),
+            }
+        }
+    }
+
+    /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
+    /// reads it again, unless that puts it over its rate once more.
+    fn resume(&mut self, key: usize) {
+        if self.wire.conns[key].state != ConnState::Active {
+            // A key freed and reused since it was paused: not the paused connection.
+            return;
+        }
+        let held = self.wire.take_held(key);
+        if !held.is_empty() {
+            let alive = self.ingest_bytes(key, &held);
+            self.wire.pool.give(held, self.clock.now);
+            if !alive || self.wire.is_holding(key) {
+                return;
+            }
+        }
+        if self.wire.conns[key].is_tls() && (!self.tls_process(key) || self.wire.is_holding(key)) {
+            return;
+        }
+        self.on_readable(key);
+    }
+
+    /// Frames the `n` bytes just read into the scratch buffer. False when the connection
+    /// is gone (closed or handed to another shard).
+    fn ingest(&mut self, key: usize, n: usize) -> bool {
+        let scratch = std::mem::take(&mut self.wire.scratch);
+        let alive = self.ingest_bytes(key, &scratch[..n]);
+        self.wire.scratch = scratch;
+        alive
+    }
+
+    /// Plaintext bytes of a connection, in order: behind frames it holds (paused), else
+    /// completing its partial frame, then framed in place. False when it is gone.
+    pub(super) fn ingest_bytes(&mut self, key: usize, data: &[u8]) -> bool {
+        let limited = self.settings.inbound.enabled() || self.settings.backpressure;
+        if limited && self.wire.is_holding(key) {
+            // Paused with frames held: these bytes queue behind them, in order.
+            let mut held = self.wire.take_held(key);
+            self.wire
+                .pool
+                .reserve(&mut held, data.len(), self.clock.now);
+            held.extend_from_slice(data);
+            self.wire.put_held(key, held);
+            return true;
+        }
+        let has_partial = self.wire.conns[key]
+            .bufs
+            .as_ref()
+            .is_some_and(|b| !b.inbuf.is_empty());
+        let data = if has_partial {
+            match self.complete_partial(key, data) {
+                Ok(rest) => rest,
+                Err(alive) => return alive,
+            }
+        } else {
+            data
+        };
+        self.frame_in_place(key, data, limited)
+    }
+
+    /// Completes the partial frame held from an earlier read and handles it. `Ok` with
+    /// the bytes after it; `Err(alive)` when there is nothing more to do.
+    fn complete_partial<'a>(&mut self, key: usize, data: &'a [u8]) -> Result<&'a [u8], bool> {
+        let mut inbuf = match self.wire.conns[key].bufs.as_mut() {
+            Some(b) => std::mem::take(&mut b.inbuf),
+            None => Vec::new(),
+        };
+        let fill = match framer::fill(&inbuf, data, self.settings.max_packet_size) {
+            Ok(f) => f,
+            Err(e) => {
+                self.wire.pool.give(inbuf, self.clock.now);
+                return Err(self.protocol_error(key, &e));
+            }
+        };
+        self.wire
+            .pool
+            .reserve(&mut inbuf, fill.take, self.clock.now);
+        let (taken, rest) = data.split_at(fill.take);
+        inbuf.extend_from_slice(taken);
+        if !fill.complete {
+            self.wire.put_inbuf(&self.clock, key, inbuf);
+            return Err(true);
+        }
+        let alive = self.dispatch(key, &inbuf, rest);
+        self.wire.pool.give(inbuf, self.clock.now);
+        if alive {
+            Ok(rest)
+        } else {
+            Err(false)
+        }
+    }
+
+    /// Handles every whole frame in `data` in place, asking the gate before each when
+    /// `limited`; a trailing partial frame, or the rest at a pause, is copied out.
+    fn frame_in_place(&mut self, key: usize, mut data: &[u8], limited: bool) -> bool {
+        while !data.is_empty() {
+            match framer::split(data, self.settings.max_packet_size) {
+                Err(e) => return self.protocol_error(key, &e),
+                Ok(Split::Whole(len)) => {
+                    if limited && !self.frame_may_pass(key, data) {
+                        return true;
+                    }
+                    let (frame, rest) = data.split_at(len);
+                    if !self.dispatch(key, frame, rest) {
+                        return false;
+                    }
+                    data = rest;
+                }
+                Ok(Split::Partial { want }) => {
+                    // Sized for the whole frame when its length is known.
+                    let mut inbuf = self
+                        .wire
+                        .pool
+                        .take(want.min(crate::buffer::MAX_CLASS).max(data.len()));
+                    inbuf.extend_from_slice(data);
+                    self.wire.put_inbuf(&self.clock, key, inbuf);
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Asks the gate about the frame at the front of `data`. Over the inbound rate, or a
+    /// PUBLISH while subscribers are congested: keeps all of `data` for later (held), reads
+    /// no more, and says no.
+    fn frame_may_pass(&mut self, key: usize, data: &[u8]) -> bool {
+        let facts = Facts {
+            active: self.wire.conns[key].state == ConnState::Active,
+            over_ns: self.over_by(key),
+            publish: type_of(data[0]) == packet::PUBLISH,
+            backpressured: self.backpressured(),
+            ..Facts::default()
+        };
+        let verdict = gate::before_frame(&facts);
+        if verdict == Verdict::Go {
+            return true;
+        }
+        let mut held = self.wire.pool.take(data.len());
+        held.extend_from_slice(data);
+        self.wire.put_held(key, held);
+        match verdict {
+            Verdict::Pause(over) => self.pause_reads(key, over),
+            _ => self.hold_publisher(key),
+        }
+        false
+    }
+
+    /// One whole frame to the MQTT layer, after charging a PUBLISH to the connection's
+    /// inbound message rate (the debt pauses reads; the frame itself is never dropped).
+    fn dispatch(&mut self, key: usize, frame: &[u8], rest: &[u8]) -> bool {
+        if let Some(g) = self.settings.inbound.msgs {
+            let now_ns = self.clock.now_ns();
+            let conn = &mut self.wire.conns[key];
+            if type_of(frame[0]) == packet::PUBLISH && conn.state == ConnState::Active {
+                let b = conn.bufs.get_or_insert_with(Default::default);
+                g.charge(&mut b.rate.msgs, now_ns, 1);
+            }
+        }
+        self.handle_frame(key, frame, rest)
+    }
+
+    /// Nanoseconds until the connection is back under its inbound rate (0 = it is).
+    fn over_by(&self, key: usize) -> u64 {
+        self.wire.conns[key].bufs.as_ref().map_or(0, |b| {
+            self.settings.inbound.over_by(&b.rate, self.clock.now_ns())
+        })
+    }
+
+    /// Closes a connection for a protocol error, telling an MQTT 5 client why.
+    pub(super) fn protocol_error(&mut self, key: usize, e: &codec::ProtocolError) -> bool {
+        let conn = &self.wire.conns[key];
+        let client = self.client_id_of(key);
+        tracing::info!(shard = self.id, client_id = %client, peer = %conn.peer, error = %e, "protocol error, closing");
+        let reason = (conn.state == ConnState::Active).then(|| e.reason_code());
+        self.close_conn(key, DisconnectReason::ProtocolError, reason);
+        false
+    }
+}

@@ -1,0 +1,30 @@
+//! The services a shard calls on, shared with the rest of the gateway: authentication
+//! and the business runtime it runs on, the ACL, the durable store, metrics, the other
+//! shards' mailboxes, and the gateway-wide connection counts.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use crate::limits::PerIpLimit;
+use crate::mailbox::Mailboxes;
+use crate::metrics::ShardMetrics;
+
+use super::backpressure::Congestion;
+
+pub struct Services {
+    pub auth: Arc<crate::auth::Authenticator>,
+    /// The business runtime, where slow authentication runs.
+    pub business: tokio::runtime::Handle,
+    /// This shard's compiled `[acl]` rules.
+    pub acl: crate::acl::Acl,
+    /// This shard's side of the durable store (`None` when `[store] enabled = false`).
+    pub store: Option<crate::store::StoreHandle>,
+    pub metrics: Arc<ShardMetrics>,
+    pub mailboxes: Mailboxes,
+    /// Connections per IP across all shards (`max_connections_per_ip`).
+    pub per_ip: Arc<PerIpLimit>,
+    /// Connections open across the whole gateway (for `max_connections`).
+    pub open_connections: Arc<AtomicUsize>,
+    /// Congested connections per shard (`slow_consumer = "backpressure"`).
+    pub congestion: Arc<Congestion>,
+}

@@ -1,0 +1,84 @@
+//! The shard's sessions: the slab they live in and the client-id index that finds them,
+//! kept in step (a session is in the index exactly while it is in the slab).
+
+use std::ops::{Index, IndexMut};
+use std::sync::Arc;
+
+use slab::Slab;
+
+use crate::codec::Version;
+use crate::session::{ClientIds, Session};
+
+#[derive(Default)]
+pub struct Sessions {
+    slab: Slab<Session>,
+    by_client: ClientIds,
+    /// Messages queued in all sessions (the `queued_messages` gauge).
+    pub queued_total: u64,
+}
+
+impl Sessions {
+    /// The key of `client_id`'s session.
+    pub fn find(&self, client_id: &str) -> Option<u32> {
+        self.by_client.get(client_id, &self.slab)
+    }
+
+    /// A new, empty session for `client_id` (which has none).
+    pub fn open(&mut self, client_id: &str, v: Version) -> usize {
+        let skey = self.slab.insert(Session::new(Arc::from(client_id), v));
+        self.by_client.insert(skey as u32, &self.slab);
+        skey
+    }
+
+    /// Takes session `skey` out of the slab and the index.
+    pub fn remove(&mut self, skey: usize) -> Option<Session> {
+        let id = self.slab.get(skey)?.client_id.clone();
+        // The index compares against the session's own id: remove it first.
+        self.by_client.remove(&id, &self.slab);
+        Some(self.slab.remove(skey))
+    }
+
+    pub fn get(&self, skey: usize) -> Option<&Session> {
+        self.slab.get(skey)
+    }
+
+    pub fn get_mut(&mut self, skey: usize) -> Option<&mut Session> {
+        self.slab.get_mut(skey)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+}
+
+impl Index<usize> for Sessions {
+    type Output = Session;
+    fn index(&self, skey: usize) -> &Session {
+        &self.slab[skey]
+    }
+}
+
+impl IndexMut<usize> for Sessions {
+    fn index_mut(&mut self, skey: usize) -> &mut Session {
+        &mut self.slab[skey]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_follows_the_slab() {
+        let mut s = Sessions::default();
+        let a = s.open("a", Version::V5);
+        let b = s.open("b", Version::V311);
+        assert_eq!(s.find("a"), Some(a as u32));
+        assert_eq!(s.find("b"), Some(b as u32));
+        assert_eq!(s.remove(a).map(|x| x.client_id), Some(Arc::from("a")));
+        assert_eq!(s.find("a"), None);
+        assert!(s.remove(a).is_none());
+        assert_eq!(s.len(), 1);
+        assert_eq!(&*s[b].client_id, "b");
+    }
+}

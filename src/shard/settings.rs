@@ -1,0 +1,192 @@
+//! The shard's settings: every configuration value a shard uses, read from the config
+//! once when the shard starts, in the types and units the shard works in (durations in
+//! wheel ticks, MQTT 16-bit values as `u16`). The shard keeps no `Config`.
+
+use std::time::Duration;
+
+use mio::net::TcpStream;
+
+use crate::buffer::PoolConfig;
+use crate::config::{Config, DuplicateClientId, KeepaliveZero, SlowConsumer};
+use crate::limits::{Gcra, InboundLimits};
+use crate::proxy::TrustedProxies;
+
+pub struct Settings {
+    pub max_packet_size: usize,
+    pub max_client_id_len: usize,
+    pub connect_timeout_ticks: u32,
+    /// The same timeout as a duration, for the authentication deadline.
+    pub connect_timeout: Duration,
+    pub max_keepalive_secs: u16,
+    /// What a CONNECT with keep-alive 0 is granted (`mqtt.keepalive_zero`).
+    pub keepalive_zero: KeepaliveZero,
+    pub keepalive_jitter_pct: u8,
+    pub takeover: bool,
+    pub max_connections: usize,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued: usize,
+    pub max_session_expiry_secs: u32,
+    pub write_stall_ticks: u32,
+    pub retain_available: bool,
+    pub max_retained: usize,
+    /// `mqtt.max_retained_bytes` and `mqtt.max_retained_bytes_per_client`.
+    pub max_retained_bytes: u64,
+    pub max_retained_bytes_per_client: u64,
+    pub topic_alias_maximum: u16,
+    pub outbound_topic_aliases: u16,
+    pub high_watermark: usize,
+    pub low_watermark: usize,
+    /// `slow_consumer = "backpressure"`: pause publishers instead of dropping QoS 0.
+    pub backpressure: bool,
+    /// With backpressure: the most output one connection holds.
+    pub outbound_max: usize,
+    pub expiry_batch: usize,
+    pub max_topic_len: usize,
+    pub max_subscriptions: usize,
+    pub tick: Duration,
+    pub proxy_protocol: bool,
+    pub proxy_header_max: usize,
+    /// `mqtt.proxy_trusted`: who may send the PROXY header.
+    pub proxy_trusted: TrustedProxies,
+    /// Per shard; 0 = unlimited.
+    pub max_handshaking: usize,
+    /// `max_connect_rate` and `connect_burst` (connections per second per shard).
+    pub connect_rate: u32,
+    pub connect_burst: u32,
+    pub inbound: InboundLimits,
+    pub use_cn_as_client_id: bool,
+    pub require_client_cert: bool,
+    pub tls_buffer: usize,
+    /// Capacity of each shard's mailbox: the most one cross-shard batch holds.
+    pub mailbox_capacity: usize,
+    pub scratch_bytes: usize,
+    pub pool: PoolConfig,
+    pub socket: SocketOptions,
+    /// How often accepting is retried after it ran out of file descriptors.
+    pub accept_retry: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        let tick = Duration::from_millis(c.shards.tick_ms as u64);
+        let ticks = |secs: u64| -> u32 { secs_to_ticks(secs as f64, tick) };
+        Settings {
+            max_packet_size: c.mqtt.max_packet_size as usize,
+            max_client_id_len: c.mqtt.max_client_id_len as usize,
+            connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
+            connect_timeout: Duration::from_secs(u64::from(c.mqtt.connect_timeout_secs)),
+            max_keepalive_secs: c.mqtt.max_keepalive_secs as u16,
+            keepalive_zero: c.mqtt.keepalive_zero,
+            keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct as u8,
+            takeover: matches!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover),
+            max_connections: c.mqtt.max_connections as usize,
+            receive_maximum: c.mqtt.receive_maximum as u16,
+            max_inflight: c.mqtt.max_inflight as u16,
+            max_queued: c.mqtt.max_queued_messages as usize,
+            max_session_expiry_secs: c.mqtt.max_session_expiry_secs,
+            write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
+            retain_available: c.mqtt.retain_available,
+            max_retained: c.mqtt.max_retained_messages as usize,
+            max_retained_bytes: c.mqtt.max_retained_bytes,
+            max_retained_bytes_per_client: c.mqtt.max_retained_bytes_per_client,
+            topic_alias_maximum: c.mqtt.topic_alias_maximum.min(65_535) as u16,
+            outbound_topic_aliases: c.mqtt.outbound_topic_aliases.min(65_535) as u16,
+            high_watermark: c.buffers.outbound_high_watermark as usize,
+            low_watermark: c.buffers.outbound_low_watermark as usize,
+            backpressure: c.buffers.slow_consumer == SlowConsumer::Backpressure,
+            outbound_max: c.buffers.outbound_max_bytes as usize,
+            expiry_batch: (c.shards.expiry_batch as usize).max(1),
+            max_topic_len: c.mqtt.max_topic_len as usize,
+            max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,
+            tick,
+            proxy_protocol: c.mqtt.proxy_protocol,
+            proxy_header_max: c.mqtt.proxy_header_max_bytes as usize,
+            // Validated by Config::validate.
+            proxy_trusted: TrustedProxies::parse(&c.mqtt.proxy_trusted).unwrap_or_default(),
+            max_handshaking: c.limits.max_handshaking as usize,
+            connect_rate: c.limits.max_connect_rate,
+            connect_burst: c.limits.connect_burst,
+            inbound: InboundLimits {
+                msgs: Gcra::new(c.limits.publish_rate, c.limits.publish_burst),
+                bytes: Gcra::new(c.limits.bytes_rate, c.limits.bytes_burst),
+            },
+            use_cn_as_client_id: c.mqtt.use_cn_as_client_id,
+            require_client_cert: c.mqtt.tls_require_client_cert,
+            tls_buffer: c.mqtt.tls_buffer_bytes as usize,
+            mailbox_capacity: c.shards.mailbox_capacity as usize,
+            scratch_bytes: c.buffers.scratch_bytes as usize,
+            pool: PoolConfig {
+                max_pooled_bytes: c.buffers.pool_max_bytes as usize,
+                idle_ticks: u64::from(secs_to_ticks(c.buffers.pool_idle_secs as f64, tick)),
+            },
+            socket: SocketOptions::from_config(c),
+            accept_retry: Duration::from_millis(u64::from(c.tcp.accept_retry_ms)),
+        }
+    }
+
+    /// Whole ticks covering `secs`, rounded up so a timer never fires early.
+    pub fn ticks(&self, secs: f64) -> u32 {
+        secs_to_ticks(secs, self.tick)
+    }
+}
+
+/// Whole ticks covering `secs`, rounded up so a timer never fires early.
+fn secs_to_ticks(secs: f64, tick: Duration) -> u32 {
+    let t = (secs * 1000.0 / tick.as_millis().max(1) as f64).ceil();
+    t.clamp(0.0, f64::from(u32::MAX / 2)) as u32
+}
+
+/// TCP options from `[tcp]` for every accepted socket.
+#[derive(Clone, Debug)]
+pub struct SocketOptions {
+    pub nodelay: bool,
+    /// TCP keepalive probes: idle, interval, retries (off when `None`).
+    pub keepalive: Option<(Duration, Duration, u32)>,
+    pub user_timeout: Option<Duration>,
+    pub send_buffer: usize,
+    pub recv_buffer: usize,
+}
+
+impl SocketOptions {
+    fn from_config(c: &Config) -> Self {
+        let t = &c.tcp;
+        SocketOptions {
+            nodelay: t.nodelay,
+            keepalive: (t.keepalive_idle_secs > 0).then(|| {
+                (
+                    Duration::from_secs(t.keepalive_idle_secs as u64),
+                    Duration::from_secs(t.keepalive_interval_secs as u64),
+                    t.keepalive_retries as u32,
+                )
+            }),
+            user_timeout: (t.user_timeout_secs > 0)
+                .then(|| Duration::from_secs(t.user_timeout_secs as u64)),
+            send_buffer: t.send_buffer_bytes as usize,
+            recv_buffer: t.recv_buffer_bytes as usize,
+        }
+    }
+
+    /// No delay, keepalive probes and TCP_USER_TIMEOUT to find half-open peers, and
+    /// buffer sizes when set. Best effort: a refused option leaves the kernel default.
+    pub fn apply(&self, socket: &TcpStream) {
+        let s = socket2::SockRef::from(socket);
+        let _ = s.set_nodelay(self.nodelay);
+        if let Some((idle, interval, retries)) = self.keepalive {
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(retries);
+            let _ = s.set_tcp_keepalive(&ka);
+        }
+        if let Some(t) = self.user_timeout {
+            let _ = s.set_tcp_user_timeout(Some(t));
+        }
+        if self.send_buffer > 0 {
+            let _ = s.set_send_buffer_size(self.send_buffer);
+        }
+        if self.recv_buffer > 0 {
+            let _ = s.set_recv_buffer_size(self.recv_buffer);
+        }
+    }
+}

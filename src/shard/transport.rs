@@ -1,0 +1,249 @@
+//! The transport: how a connection's socket reads become plaintext MQTT bytes.
+//!
+//! Three variants today, chosen per read by [`Transport::of`]: plain TCP, the PROXY
+//! protocol prefix (read in the clear before anything else, TLS included), and TLS through
+//! rustls. The read path (`read.rs`) asks the transport for one read, then hands the
+//! plaintext to the framer. A WebSocket transport would be a fourth variant here: bytes in
+//! from the socket, plaintext frames' payload out.
+
+use std::io::{self, Read, Write};
+
+use super::conn::{Conn, ConnState, Peer};
+use super::Shard;
+use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
+use crate::proxy::{self, ProxyHeader};
+
+/// How the next bytes of a connection are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    /// The PROXY header, expected before anything else (in the clear, even before TLS).
+    ProxyPrefix,
+    /// Ciphertext into rustls; plaintext comes out of [`Shard::tls_process`].
+    Tls,
+}
+
+impl Transport {
+    pub fn of(conn: &Conn) -> Self {
+        if conn.state == ConnState::ProxyHeader {
+            Transport::ProxyPrefix
+        } else if conn.is_tls() {
+            Transport::Tls
+        } else {
+            Transport::Plain
+        }
+    }
+}
+
+/// One read from the socket: into rustls on a TLS connection, else into `scratch` (as much
+/// as the connection's read-size predictor expects, which it then updates). `Ok(0)` is the
+/// peer's end of stream.
+pub fn read(conn: &mut Conn, scratch: &mut [u8]) -> (Transport, io::Result<usize>) {
+    let transport = Transport::of(conn);
+    let result = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
+        Some(t) if transport == Transport::Tls => t.read_tls(&mut conn.socket),
+        _ => {
+            let want = conn.predictor.next_size().min(scratch.len());
+            let r = conn.socket.read(&mut scratch[..want]);
+            if let Ok(n) = r {
+                conn.predictor.record(n);
+            }
+            r
+        }
+    };
+    (transport, result)
+}
+
+/// The rustls session of connection `key`, if it is a live TLS connection.
+pub(super) fn tls_of(
+    conns: &mut slab::Slab<Conn>,
+    key: usize,
+) -> Option<&mut rustls::ServerConnection> {
+    conns
+        .get_mut(key)
+        .and_then(|c| c.bufs.as_mut())
+        .and_then(|b| b.tls.as_deref_mut())
+}
+
+impl Shard {
+    /// Runs rustls over the ciphertext it holds, queues its handshake output, and feeds
+    /// the plaintext to the framer. False when the connection is gone.
+    pub(super) fn tls_process(&mut self, key: usize) -> bool {
+        let Some(conn) = self.wire.conns.get_mut(key) else {
+            return false;
+        };
+        let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) else {
+            return true;
+        };
+        if let Err(e) = tls.process_new_packets() {
+            // rustls has queued an alert for the peer; one best-effort write of it.
+            let _ = tls.write_tls(&mut conn.socket);
+            ShardMetrics::add(&self.services.metrics.tls_failures, 1);
+            tracing::info!(shard = self.id, peer = %conn.peer, error = %e, "TLS failed, closing");
+            self.close_conn(key, DisconnectReason::ProtocolError, None);
+            return false;
+        }
+        let mut plain = std::mem::take(&mut self.wire.plain);
+        let alive = self.tls_drain(key, &mut plain);
+        self.wire.plain = plain;
+        if alive {
+            self.wire.mark_dirty(key);
+        }
+        alive
+    }
+
+    /// Reads the plaintext rustls holds, in `plain`-sized pieces, into the read path,
+    /// until it has none or the connection pauses. False when the connection is gone.
+    fn tls_drain(&mut self, key: usize, plain: &mut [u8]) -> bool {
+        loop {
+            let Some(tls) = tls_of(&mut self.wire.conns, key) else {
+                return false;
+            };
+            match tls.reader().read(plain) {
+                // close_notify: the client ended the TLS session.
+                Ok(0) => {
+                    self.close_conn(key, DisconnectReason::CloseWait, None);
+                    return false;
+                }
+                Ok(n) => {
+                    if !self.ingest_bytes(key, &plain[..n]) {
+                        return false;
+                    }
+                    if self.wire.is_holding(key) {
+                        // Paused: the rest of the plaintext waits inside rustls.
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    tracing::debug!(shard = self.id, error = %e, "TLS read failed");
+                    self.close_conn(key, DisconnectReason::SocketError, None);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Feeds ciphertext that arrived outside rustls (after a PROXY header) to it.
+    fn tls_feed(&mut self, key: usize, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            let Some(tls) = tls_of(&mut self.wire.conns, key) else {
+                return false;
+            };
+            if let Err(e) = tls.read_tls(&mut data) {
+                ShardMetrics::add(&self.services.metrics.tls_failures, 1);
+                tracing::info!(shard = self.id, error = %e, "TLS failed, closing");
+                self.close_conn(key, DisconnectReason::ProtocolError, None);
+                return false;
+            }
+            if !self.tls_process(key) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The `n` bytes just read into the scratch buffer, while the PROXY header is still
+    /// expected. The header may arrive over several reads; it is bounded by
+    /// `proxy_header_max_bytes`. False when the connection is gone.
+    pub(super) fn ingest_proxy(&mut self, key: usize, n: usize) -> bool {
+        let mut buf = match self.wire.conns[key].bufs.as_mut() {
+            Some(b) if !b.inbuf.is_empty() => std::mem::take(&mut b.inbuf),
+            _ => self.wire.pool.take(n.min(self.settings.proxy_header_max)),
+        };
+        self.wire.pool.reserve(&mut buf, n, self.clock.now);
+        buf.extend_from_slice(&self.wire.scratch[..n]);
+        let (header, len) = match proxy::parse(&buf, self.settings.proxy_header_max) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                self.wire.put_inbuf(&self.clock, key, buf);
+                return true;
+            }
+            Err(e) => {
+                self.wire.pool.give(buf, self.clock.now);
+                ShardMetrics::add(&self.services.metrics.proxy_header_errors, 1);
+                tracing::info!(shard = self.id, peer = %self.wire.conns[key].peer, error = %e, "bad PROXY header, closing");
+                self.close_conn(key, DisconnectReason::ProtocolError, None);
+                return false;
+            }
+        };
+        let socket_peer = self.wire.conns[key].peer.addr();
+        if !self.settings.proxy_trusted.trusts(socket_peer.ip()) {
+            self.wire.pool.give(buf, self.clock.now);
+            self.services.metrics.refuse(RefuseReason::ProxyUntrusted);
+            tracing::info!(shard = self.id, peer = %socket_peer, "PROXY header from a peer not in mqtt.proxy_trusted, closing");
+            self.close_conn(key, DisconnectReason::Refused, None);
+            return false;
+        }
+        let alive = self.proxy_accepted(key, header, &buf[len..]);
+        self.wire.pool.give(buf, self.clock.now);
+        alive
+    }
+
+    /// The PROXY header is read: the connection takes the real peer address (counted per
+    /// IP now) and `rest`, the bytes after the header, go on through its transport.
+    fn proxy_accepted(&mut self, key: usize, header: ProxyHeader, rest: &[u8]) -> bool {
+        let conn = &mut self.wire.conns[key];
+        let peer = match header {
+            ProxyHeader::Proxied(a) => a,
+            ProxyHeader::Local => conn.peer.addr(),
+        };
+        if !self.services.per_ip.acquire(peer.ip()) {
+            self.services.metrics.refuse(RefuseReason::PerIp);
+            tracing::debug!(shard = self.id, %peer, "refused: max_connections_per_ip reached");
+            // Still in ProxyHeader state: close_conn releases no per-IP count.
+            self.close_conn(key, DisconnectReason::Refused, None);
+            return false;
+        }
+        conn.peer = Peer::from(peer);
+        conn.state = ConnState::Handshake;
+        if conn.is_tls() {
+            self.tls_feed(key, rest)
+        } else {
+            self.ingest_bytes(key, rest)
+        }
+    }
+}
+
+/// Writes a connection's output as far as the socket takes it: on TLS, plaintext into
+/// rustls (up to its buffer limit) and ciphertext out; else straight to the socket.
+/// Returns the bytes the socket took, and false when writing failed (close it).
+pub fn write(conn: &mut Conn) -> (usize, bool) {
+    let Some(bufs) = conn.bufs.as_mut() else {
+        return (0, true);
+    };
+    let mut sent = 0;
+    let Some(tls) = bufs.tls.as_mut() else {
+        while bufs.out_pos < bufs.out.len() {
+            match conn.socket.write(&bufs.out[bufs.out_pos..]) {
+                Ok(0) => return (sent, false),
+                Ok(n) => {
+                    bufs.out_pos += n;
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return (sent, false),
+            }
+        }
+        return (sent, true);
+    };
+    loop {
+        if bufs.out_pos < bufs.out.len() {
+            match tls.writer().write(&bufs.out[bufs.out_pos..]) {
+                Ok(n) => bufs.out_pos += n,
+                Err(_) => return (sent, false),
+            }
+        }
+        if !tls.wants_write() {
+            return (sent, true);
+        }
+        match tls.write_tls(&mut conn.socket) {
+            Ok(0) => return (sent, false),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (sent, true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return (sent, false),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The wire: everything between the shard and its sockets — the mio poll and its events,
+//! the listeners, the connection slab, the buffer pool and the scratch buffers, and the
+//! per-turn sets of connections to write, to read again, paused, or settling.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use mio::net::TcpListener;
+use mio::{Events, Poll};
+use slab::Slab;
+
+use crate::buffer::BufferPool;
+
+use super::clock::Clock;
+use super::conn::{Conn, ConnBufs};
+
+pub struct Wire {
+    pub poll: Poll,
+    pub events: Events,
+    pub listener: Option<TcpListener>,
+    pub tls_listener: Option<TcpListener>,
+    pub tls_config: Option<Arc<rustls::ServerConfig>>,
+    pub conns: Slab<Conn>,
+    pub pool: BufferPool,
+    /// Where plain reads land; whole frames are handled from here without a copy.
+    pub scratch: Vec<u8>,
+    /// Plaintext out of rustls, on its way to the framer.
+    pub plain: Vec<u8>,
+    /// Connections with output to write at the end of this turn.
+    pub dirty: Vec<u32>,
+    /// Connections whose read budget ran out while bytes were still waiting.
+    pub reread: Vec<u32>,
+    /// Connections not read because they are over their inbound rate, or hold a
+    /// PUBLISH while the gateway is backpressured.
+    pub paused: HashSet<u32>,
+    /// Connections whose buffer box holds only inbound rate debt (see `sweep_settling`).
+    pub settling: Vec<u32>,
+    /// The tick `settling` was last swept.
+    pub settled_at: u64,
+}
+
+impl Wire {
+    /// Appends encoded output for connection `key`, in a buffer from the pool; it is
+    /// written at the end of the turn (`flush_dirty`).
+    pub fn output(
+        &mut self,
+        clock: &Clock,
+        key: usize,
+        reserve: usize,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let bufs = conn.bufs.get_or_insert_with(Default::default);
+        if bufs.out.capacity() == 0 {
+            bufs.out = self.pool.take(reserve);
+        } else {
+            self.pool.reserve(&mut bufs.out, reserve, clock.now);
+        }
+        encode(&mut bufs.out);
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key as u32);
+        }
+    }
+
+    /// Queues connection `key` for writing at the end of the turn, if it has output.
+    pub fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dirty && conn.outbound_len() > 0 {
+                conn.dirty = true;
+                self.dirty.push(key as u32);
+            }
+        }
+    }
+
+    /// True when connection `key` holds frames read past a pause.
+    pub fn is_holding(&self, key: usize) -> bool {
+        self.conns
+            .get(key)
+            .and_then(|c| c.bufs.as_ref())
+            .is_some_and(|b| !b.held.is_empty())
+    }
+
+    pub fn take_held(&mut self, key: usize) -> Vec<u8> {
+        match self.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
+            Some(b) => std::mem::take(&mut b.held),
+            None => Vec::new(),
+        }
+    }
+
+    pub fn put_held(&mut self, key: usize, held: Vec<u8>) {
+        let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
+        bufs.held = held;
+    }
+
+    /// Keeps a partial frame (or PROXY header) for the next read.
+    pub fn put_inbuf(&mut self, clock: &Clock, key: usize, inbuf: Vec<u8>) {
+        let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
+        bufs.inbuf = inbuf;
+        self.release_idle_bufs(clock, key);
+    }
+
+    /// Drops a connection's buffer box once it holds nothing; one that holds only rate
+    /// debt goes on the `settling` list, to be dropped when the debt has run out.
+    pub fn release_idle_bufs(&mut self, clock: &Clock, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(b) = conn.bufs.as_mut() else {
+            return;
+        };
+        if b.is_idle(clock.now_ns()) {
+            if let Some(b) = conn.bufs.take() {
+                give_bufs(&mut self.pool, *b, clock.now);
+            }
+        } else if !b.settling && b.holds_only_debt() {
+            // Only rate debt left (every read charges the byte rate): drop the box when
+            // the debt has run out, or every connection that spoke once keeps ~110 bytes.
+            b.settling = true;
+            self.settling.push(key as u32);
+        }
+    }
+
+    /// Once per tick: drops the buffer boxes whose rate debt has run out; keeps waiting on
+    /// those still in debt; forgets those that got busy again (they come back here when
+    /// they are idle once more).
+    pub fn sweep_settling(&mut self, clock: &Clock) {
+        if self.settling.is_empty() || self.settled_at == clock.now {
+            return;
+        }
+        self.settled_at = clock.now;
+        let now_ns = clock.now_ns();
+        let mut keys = std::mem::take(&mut self.settling);
+        keys.retain(|&key| {
+            let Some(conn) = self.conns.get_mut(key as usize) else {
+                return false;
+            };
+            let Some(b) = conn.bufs.as_mut().filter(|b| b.settling) else {
+                return false;
+            };
+            if !b.holds_only_debt() {
+                b.settling = false;
+                return false;
+            }
+            if !b.rate.is_settled(now_ns) {
+                return true;
+            }
+            if let Some(b) = conn.bufs.take() {
+                give_bufs(&mut self.pool, *b, clock.now);
+            }
+            false
+        });
+        self.settling = keys;
+    }
+}
+
+/// Returns a connection's buffers to the pool (its TLS state, if any, is dropped).
+pub fn give_bufs(pool: &mut BufferPool, b: ConnBufs, now: u64) {
+    pool.give(b.inbuf, now);
+    pool.give(b.out, now);
+    pool.give(b.held, now);
+}
