@@ -208,6 +208,7 @@ impl Server {
                 restore: std::mem::take(&mut restore[id]),
                 retained: retained.clone(),
                 ready: ready_tx.clone(),
+                events: events.sender.clone(),
             })?);
         }
         drop(ready_tx);

@@ -1,4 +1,5 @@
-//! The events pipeline driven directly (the shards do not emit yet): events go through
+//! The events pipeline driven directly, without the shards (tests/events.rs has the whole
+//! gateway with MQTT clients): events go through
 //! `EventSender::try_emit` to a real webhook (an axum server on a free loopback port,
 //! plain and TLS with a test CA). The NATS sink is in tests/events_nats.rs.
 //!
@@ -11,91 +12,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use gateway::codec::PublishProps;
 use gateway::config::Config;
-use gateway::events::webhook::signature;
 use gateway::events::{Event, EventKind, SeqGen};
 use gateway::message::{Message, Origin};
 use gateway::metrics::DisconnectReason;
 use serde_json::Value;
 
 mod events_support;
+use events_support::receiver::Receiver;
 use events_support::{connected, free_listener, numbered, start, wait_until};
-
-/// One POST the webhook received.
-#[derive(Clone, Debug)]
-struct Post {
-    body: Vec<u8>,
-    /// Whether `X-Gateway-Signature` matched the receiver's own secret.
-    signature_ok: bool,
-}
-
-/// A webhook receiver that checks the signature with its own secret and answers 401 on a
-/// mismatch, 200 otherwise.
-#[derive(Clone)]
-struct Receiver {
-    secret: Arc<Vec<u8>>,
-    posts: Arc<Mutex<Vec<Post>>>,
-}
-
-impl Receiver {
-    fn new(secret: &str) -> Receiver {
-        Receiver {
-            secret: Arc::new(secret.as_bytes().to_vec()),
-            posts: Default::default(),
-        }
-    }
-
-    fn router(&self) -> Router {
-        Router::new()
-            .route("/hook", post(receive))
-            .with_state(self.clone())
-    }
-
-    /// Serves on `listener` (plain HTTP) in the background.
-    fn serve(&self, listener: tokio::net::TcpListener) {
-        let app = self.router();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-    }
-
-    fn posts(&self) -> Vec<Post> {
-        self.posts.lock().unwrap().clone()
-    }
-
-    /// Every event received, in order of arrival.
-    fn events(&self) -> Vec<Value> {
-        self.posts()
-            .iter()
-            .flat_map(
-                |p| match serde_json::from_slice::<Value>(&p.body).unwrap() {
-                    Value::Array(items) => items,
-                    other => panic!("a POST body is not a JSON array: {other}"),
-                },
-            )
-            .collect()
-    }
-}
-
-async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let got = headers
-        .get("x-gateway-signature")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let signature_ok = got == signature(&r.secret, &body);
-    r.posts.lock().unwrap().push(Post {
-        body: body.to_vec(),
-        signature_ok,
-    });
-    if signature_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::UNAUTHORIZED
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_every_kind_signed_batched_and_in_order() {

@@ -31,6 +31,7 @@ mod clock;
 mod conn;
 mod delivery;
 mod durable;
+mod events;
 mod framer;
 mod gate;
 mod mqtt;
@@ -123,6 +124,8 @@ pub struct ShardContext {
     pub retained: Arc<Vec<Arc<Message>>>,
     /// Told once the shard has restored its sessions and is about to accept.
     pub ready: std::sync::mpsc::Sender<usize>,
+    /// Where the shard's events to the backend go (see `events.rs`).
+    pub events: crate::events::EventSender,
 }
 
 /// One shard: its parts, each owning its state, and the loop that drives them.
@@ -145,6 +148,8 @@ pub struct Shard {
     stopping: bool,
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
+    /// Orders the events of this shard's clients (see `events.rs`).
+    seq: crate::events::SeqGen,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -251,6 +256,7 @@ impl Shard {
             per_ip: ctx.per_ip,
             open_connections: ctx.open_connections,
             congestion: ctx.congestion,
+            events: ctx.events,
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);
@@ -269,6 +275,7 @@ impl Shard {
                 wake_at: None,
                 stopping: false,
                 pending_replies: Vec::new(),
+                seq: Default::default(),
             },
             ctx.mailbox,
         ))

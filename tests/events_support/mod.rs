@@ -2,6 +2,8 @@
 //! pipeline on the test's runtime, events to send, and polling with a deadline.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::time::Duration;
 
 use gateway::codec::Version;
