@@ -1,7 +1,9 @@
 //! The NATS sink against a real `nats-server` with JetStream (started by each test on a
 //! free loopback port, killed by its PID): events on their subjects, in the stream once
-//! acknowledged, and nothing lost when NATS is down at start or killed mid-way.
+//! acknowledged, nothing lost when NATS is down at start or killed mid-way, and what it
+//! acknowledged kept when the gateway itself is killed.
 
+mod common;
 mod events_support;
 
 use std::time::Duration;
@@ -215,4 +217,56 @@ async fn jetstream_outage_loses_nothing() {
     let mut stream = js.get_stream("GATEWAY_EVENTS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 20);
     assert!(m.retried.get() >= 1, "the outage made publishes fail");
+}
+
+/// A gateway process with a JetStream sink is killed with SIGKILL while devices connect
+/// and disconnect in a loop: every event JetStream had acknowledged before the kill
+/// (`gateway_events_sent_total{sink="nats"}`, read just before it) is in the stream, once,
+/// as the shards produced it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_keeps_every_acknowledged_event_across_a_gateway_kill_9() {
+    use common::v4;
+    let nats = NatsServer::start("kill9");
+    let mut gw = common::GatewayProcess::start(&format!(
+        "[events]\nnats_url = \"{}\"\njetstream = true\njetstream_stream = \"K9\"\nlinger_ms = 5\n",
+        nats.url()
+    ));
+    let mqtt = gw.mqtt;
+    let churn = tokio::spawn(async move {
+        for i in 0.. {
+            let mut c = v4::connect(v4::options(mqtt, &format!("k-{i}"))).await;
+            let _ = c.client.disconnect().await;
+            c.wait_closed(Duration::from_secs(5)).await;
+        }
+    });
+    let sent = "gateway_events_sent_total{sink=\"nats\"}";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut acked = 0.0;
+    while acked < 60.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "events acknowledged: {acked}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        acked = gw.metric(sent).await;
+    }
+    gw.signal(libc::SIGKILL);
+    let _ = gw.child.wait();
+    churn.abort();
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("K9").await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    assert!(
+        messages as f64 >= acked,
+        "{messages} in the stream, {acked} acknowledged"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for n in 1..=messages {
+        let m = stream.get_raw_message(n).await.unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        let id = (v["client_id"].to_string(), v["seq"].as_u64().unwrap());
+        assert!(seen.insert(id.clone()), "{id:?} twice in the stream");
+        assert!(v["client_id"].as_str().unwrap().starts_with("k-"), "{v}");
+    }
 }
