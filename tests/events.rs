@@ -308,3 +308,29 @@ async fn webhook_down_for_a_while_then_back_gets_every_event() {
         assert!(line.ends_with(" 0"), "nothing dropped: {line}");
     }
 }
+
+/// A kick through the API ends the connection with `disconnected(admin)`; a clean start
+/// then replaces the offline session without a `session_expired` (only an expiry that
+/// passes yields one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_is_admin_and_a_clean_start_is_no_expiry() {
+    let (receiver, hook) = webhook().await;
+    let s = gateway(hook, "", "");
+    let mut o = v4::options(s.mqtt, "kicked");
+    o.set_clean_session(false);
+    let mut c = v4::connect(o).await;
+    let url = format!("http://{}/v1/clients/kicked", s.http);
+    let answer = reqwest::Client::new().delete(url).send().await.unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    c.wait_closed(WAIT).await;
+    let _clean = v4::connect(v4::options(s.mqtt, "kicked")).await;
+    wait_until("three events", || of(&receiver, "kicked").len() >= 3).await;
+    let got = of(&receiver, "kicked");
+    assert_eq!(
+        kinds(&got),
+        ["connected", "disconnected(admin)", "connected"]
+    );
+    assert_eq!(got[2]["clean_start"], true);
+    assert_eq!(got[2]["session_present"], false);
+    assert_ordered(&got);
+}
