@@ -75,6 +75,12 @@ pub struct MqttConfig {
     pub max_queued_messages: u32,
     pub max_session_expiry_secs: u32,
     pub write_stall_timeout_secs: u32,
+    /// After the gateway ends a connection with something to say (a DISCONNECT, a
+    /// refusing CONNACK, pending output), how long it keeps reading and discarding before
+    /// it closes, so the client's late packets do not reset the socket (0 = no grace).
+    pub close_grace_ms: u32,
+    /// The most bytes discarded in that grace before the socket is closed anyway.
+    pub close_grace_bytes: u32,
     pub retain_available: bool,
     pub max_retained_messages: u32,
     /// Bytes (topic + payload) of all retained messages; 0 = no bound.
@@ -105,6 +111,18 @@ pub struct MqttConfig {
     pub proxy_header_max_bytes: u32,
     /// Peers (addresses / CIDR blocks) allowed to send a PROXY header.
     pub proxy_trusted: Vec<String>,
+    /// The MQTT-over-WebSocket listener; `None` (`""` in TOML) = none.
+    #[serde(deserialize_with = "empty_addr_as_none")]
+    pub ws_listen: Option<SocketAddr>,
+    /// The MQTT-over-WebSocket-over-TLS listener (the `tls_*` certificate); `None` = none.
+    #[serde(deserialize_with = "empty_addr_as_none")]
+    pub wss_listen: Option<SocketAddr>,
+    /// The HTTP path of the WebSocket upgrade.
+    pub ws_path: String,
+    /// Origins a browser may connect from (`scheme://host[:port]`); empty = any.
+    pub ws_allowed_origins: Vec<String>,
+    /// Longest upgrade request accepted, in bytes.
+    pub ws_max_handshake_bytes: u32,
     /// Longest topic name or filter accepted, in bytes (1..=65535).
     pub max_topic_len: u32,
     /// Most subscriptions one session may hold (at least 1).
@@ -465,6 +483,8 @@ impl Config {
             m.write_stall_timeout_secs,
             1,
         )?;
+        in_range("mqtt.close_grace_ms", m.close_grace_ms, 0, 60_000)?;
+        in_range("mqtt.close_grace_bytes", m.close_grace_bytes, 0, 16 << 20)?;
         in_range("mqtt.max_topic_len", m.max_topic_len, 1, 65_535)?;
         at_least(
             "mqtt.max_subscriptions_per_client",
@@ -507,6 +527,7 @@ impl Config {
                 ));
             }
         }
+        validate_ws(m)?;
         for (key, on) in [
             ("mqtt.tls_require_client_cert", m.tls_require_client_cert),
             ("mqtt.use_cn_as_client_id", m.use_cn_as_client_id),
@@ -771,6 +792,70 @@ fn at_least<T: PartialOrd + fmt::Display>(key: &str, value: T, min: T) -> Result
 
 /// Whether two listeners would fight over one port: same port, and the same address or
 /// either one bound to every address. Port 0 asks the kernel for a free port, so never collides.
+/// The WebSocket keys: a path, origins that are origins, listeners that need the TLS
+/// certificate (wss) and do not collide with the other listeners.
+fn validate_ws(m: &MqttConfig) -> Result<(), ConfigError> {
+    let p = &m.ws_path;
+    if !p.starts_with('/') || p.contains(|c: char| c == '?' || c == '#' || !c.is_ascii_graphic()) {
+        return Err(invalid(
+            "mqtt.ws_path",
+            format!("{p:?} must be an absolute path like \"/mqtt\" (no query, no spaces)"),
+        ));
+    }
+    if let Some(bad) = m.ws_allowed_origins.iter().find(|o| !is_origin(o)) {
+        return Err(invalid(
+            "mqtt.ws_allowed_origins",
+            format!("{bad:?} is not an origin like \"https://dash.example.com\" or \"http://host:8080\""),
+        ));
+    }
+    in_range(
+        "mqtt.ws_max_handshake_bytes",
+        m.ws_max_handshake_bytes,
+        256,
+        65_536,
+    )?;
+    if m.wss_listen.is_some() && (m.tls_cert.is_none() || m.tls_key.is_none()) {
+        let key = if m.tls_cert.is_none() {
+            "mqtt.tls_cert"
+        } else {
+            "mqtt.tls_key"
+        };
+        return Err(invalid(key, "required when mqtt.wss_listen is set".into()));
+    }
+    let others = [
+        ("mqtt.listen", Some(m.listen)),
+        ("mqtt.tls_listen", m.tls_listen),
+    ];
+    let ws = [
+        ("mqtt.ws_listen", m.ws_listen),
+        ("mqtt.wss_listen", m.wss_listen),
+    ];
+    for (i, (key, addr)) in ws.iter().enumerate() {
+        let Some(addr) = addr else { continue };
+        for (other, at) in others.iter().chain(&ws[..i]) {
+            if let Some(at) = at.filter(|at| listeners_collide(*addr, *at)) {
+                return Err(invalid(key, format!("{addr} collides with {other} ({at})")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `scheme://host[:port]` as a browser sends it in `Origin`: no path, no spaces.
+fn is_origin(o: &str) -> bool {
+    match o.split_once("://") {
+        Some((scheme, host)) => {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && !host.is_empty()
+                && !host.contains(|c: char| c == '/' || !c.is_ascii_graphic())
+        }
+        None => false,
+    }
+}
+
 fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.port() != 0
@@ -1192,6 +1277,16 @@ mod tests {
                 "mqtt.max_client_id_len",
             ),
             (
+                "[mqtt]\nclose_grace_ms = 60000",
+                "[mqtt]\nclose_grace_ms = 60001",
+                "mqtt.close_grace_ms",
+            ),
+            (
+                "[mqtt]\nclose_grace_bytes = 16777216",
+                "[mqtt]\nclose_grace_bytes = 16777217",
+                "mqtt.close_grace_bytes",
+            ),
+            (
                 "[mqtt]\nconnect_timeout_secs = 1",
                 "[mqtt]\nconnect_timeout_secs = 0",
                 "mqtt.connect_timeout_secs",
@@ -1411,6 +1506,57 @@ mod tests {
         for (good, bad, key) in cases {
             ok(good);
             assert_eq!(invalid_key(bad), *key, "for {bad:?}");
+        }
+    }
+
+    #[test]
+    fn websocket_keys() {
+        let c = Config::default();
+        assert!(c.mqtt.ws_listen.is_none() && c.mqtt.wss_listen.is_none());
+        assert_eq!(c.mqtt.ws_path, "/mqtt");
+        assert!(c.mqtt.ws_allowed_origins.is_empty());
+        assert_eq!(c.mqtt.ws_max_handshake_bytes, 8192);
+        let c = Config::from_toml_str(
+            "[mqtt]\nws_listen = \"127.0.0.1:8083\"\nws_path = \"/ws/mqtt\"\n\
+             ws_allowed_origins = [\"https://dash.example.com\", \"http://localhost:8080\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.ws_listen, Some("127.0.0.1:8083".parse().unwrap()));
+        assert_eq!(c.mqtt.ws_allowed_origins.len(), 2);
+        let wss = "[mqtt]\nwss_listen = \"127.0.0.1:8084\"\n";
+        Config::from_toml_str(&format!("{wss}tls_cert = \"c\"\ntls_key = \"k\"\n")).unwrap();
+        let cases = [
+            (wss.to_string(), "mqtt.tls_cert"),
+            (format!("{wss}tls_cert = \"c\"\n"), "mqtt.tls_key"),
+            ("[mqtt]\nws_listen = \"nope\"\n".into(), "mqtt.ws_listen"),
+            (
+                "[mqtt]\nws_listen = \"0.0.0.0:1883\"\n".into(),
+                "mqtt.ws_listen",
+            ),
+            (
+                "[mqtt]\nws_listen = \"127.0.0.1:8083\"\nwss_listen = \"0.0.0.0:8083\"\n\
+                 tls_cert = \"c\"\ntls_key = \"k\"\n"
+                    .into(),
+                "mqtt.wss_listen",
+            ),
+            ("[mqtt]\nws_path = \"mqtt\"\n".into(), "mqtt.ws_path"),
+            ("[mqtt]\nws_path = \"/mqtt?x=1\"\n".into(), "mqtt.ws_path"),
+            ("[mqtt]\nws_path = \"/a b\"\n".into(), "mqtt.ws_path"),
+            (
+                "[mqtt]\nws_allowed_origins = [\"dash.example.com\"]\n".into(),
+                "mqtt.ws_allowed_origins",
+            ),
+            (
+                "[mqtt]\nws_allowed_origins = [\"https://dash.example.com/\"]\n".into(),
+                "mqtt.ws_allowed_origins",
+            ),
+            (
+                "[mqtt]\nws_max_handshake_bytes = 100\n".into(),
+                "mqtt.ws_max_handshake_bytes",
+            ),
+        ];
+        for (toml, key) in cases {
+            assert_eq!(invalid_key(&toml), key, "for {toml:?}");
         }
     }
 

@@ -44,3 +44,4 @@ pub mod store;
 pub mod tls;
 pub mod topic;
 pub mod wheel;
+pub mod ws;

@@ -36,6 +36,10 @@ pub struct Handoff {
     /// The TLS session of a connection from the TLS listener (it travels with the socket;
     /// it may still hold decrypted bytes that followed the CONNECT).
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// The listener it came in on (a WebSocket's output is framed on the home shard too).
+    pub link: crate::shard::Link,
+    /// A WebSocket's decoder, when a frame was half-read at the CONNECT.
+    pub ws: Option<crate::shard::WsBusy>,
 }
 
 /// One push addressed to a device by client id (HTTP push API).
@@ -92,8 +96,21 @@ pub struct SubscriptionInfo {
 /// What a shard can be asked to do.
 pub enum ShardMsg {
     Handoff(Box<Handoff>),
-    /// Messages to route to this shard's local subscribers (batched per loop turn).
-    Publish(Vec<Arc<Message>>),
+    /// Messages to route to this shard's local subscribers (batched per loop turn), from
+    /// shard `from`. A `stamp` other than 0 asks for a [`ShardMsg::Committed`] once the
+    /// store changes they caused here are committed (`shard/held.rs`).
+    Publish {
+        from: u16,
+        stamp: u64,
+        batch: Vec<Arc<Message>>,
+    },
+    /// Back to a publisher's shard: its batches up to `stamp` are routed here and what
+    /// they stored is committed (`ok`), or the commit failed (`!ok`).
+    Committed {
+        from: u16,
+        stamp: u64,
+        ok: bool,
+    },
     /// Pushes to devices whose home is this shard; answered after this turn's writes.
     Push {
         items: Vec<ClientPush>,

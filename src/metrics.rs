@@ -60,10 +60,12 @@ pub enum DisconnectReason {
     /// health check (a TCP connect, or a PROXY v2 LOCAL header, then a close or reset)
     /// or a port scan, not a device's network failing.
     Probe,
+    /// The store could not commit a change the connection's acknowledgement waited for.
+    StoreError,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 12] = [
+    pub const ALL: [DisconnectReason; 13] = [
         DisconnectReason::Client,
         DisconnectReason::Keepalive,
         DisconnectReason::ConnectTimeout,
@@ -76,6 +78,7 @@ impl DisconnectReason {
         DisconnectReason::SocketError,
         DisconnectReason::Refused,
         DisconnectReason::Probe,
+        DisconnectReason::StoreError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +95,7 @@ impl DisconnectReason {
             DisconnectReason::SocketError => "socket_error",
             DisconnectReason::Refused => "refused",
             DisconnectReason::Probe => "probe",
+            DisconnectReason::StoreError => "store_error",
         }
     }
 
@@ -124,10 +128,12 @@ pub enum RefuseReason {
     PerIp,
     /// A PROXY header from a peer not in `mqtt.proxy_trusted`.
     ProxyUntrusted,
+    /// A WebSocket upgrade request refused (answered with a 4xx).
+    WsUpgrade,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 9] = [
+    pub const ALL: [RefuseReason; 10] = [
         RefuseReason::Protocol,
         RefuseReason::ClientId,
         RefuseReason::Duplicate,
@@ -137,6 +143,7 @@ impl RefuseReason {
         RefuseReason::AuthUnavailable,
         RefuseReason::PerIp,
         RefuseReason::ProxyUntrusted,
+        RefuseReason::WsUpgrade,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -149,6 +156,7 @@ impl RefuseReason {
             RefuseReason::AuthUnavailable => "auth_unavailable",
             RefuseReason::PerIp => "per_ip",
             RefuseReason::ProxyUntrusted => "proxy_untrusted",
+            RefuseReason::WsUpgrade => "ws_upgrade",
         }
     }
 }
@@ -261,6 +269,10 @@ impl Default for BusySample {
 /// over a window too short to mean anything.
 const MIN_BUSY_WINDOW: Duration = Duration::from_millis(100);
 
+/// The `transport` label's values: how a connection's bytes are carried (the listener
+/// it came in on). Four values, so the label costs at most four series.
+pub const TRANSPORTS: [&str; 4] = ["tcp", "tls", "ws", "wss"];
+
 /// One shard's counters and gauges. Aligned so two shards never share a cache line.
 ///
 /// The shard writes the counters with [`ShardMetrics::add`] and the gauges with
@@ -279,7 +291,8 @@ pub struct ShardMetrics {
     pub pool_hits: AtomicU64,
     /// Buffer pool `take`s that allocated (cumulative, from `PoolStats::misses`).
     pub pool_misses: AtomicU64,
-    pub connects: AtomicU64,
+    /// Accepted CONNECTs by transport, in [`TRANSPORTS`] order.
+    pub connects: [AtomicU64; TRANSPORTS.len()],
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub disconnects: [AtomicU64; DisconnectReason::ALL.len()],
@@ -295,6 +308,8 @@ pub struct ShardMetrics {
     pub publisher_pauses: AtomicU64,
     /// Connections above the outbound high watermark (with backpressure on).
     pub congested_connections: AtomicU64,
+    /// Connections in their close grace: ended, still read and discarded (`close_grace_ms`).
+    pub closing_connections: AtomicU64,
     /// Times a shard stopped accepting: connect rate (`max_connect_rate`).
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).
@@ -494,6 +509,13 @@ impl Collector for ShardCollector {
             "shard",
             self.per_shard(|s| get(&s.congested_connections)),
         )?;
+        labelled_gauges(
+            e,
+            "gateway_closing_connections",
+            "Connections ended and in their close grace (read and discarded until close_grace_ms or close_grace_bytes); also in gateway_connections.",
+            "shard",
+            self.per_shard(|s| get(&s.closing_connections)),
+        )?;
         gauge(
             e,
             "gateway_subscriptions",
@@ -506,11 +528,15 @@ impl Collector for ShardCollector {
             "Messages waiting in session queues.",
             self.total(|s| get(&s.queued_messages)),
         )?;
-        counter(
+        labelled_counters(
             e,
             "gateway_connects_total",
-            "Accepted CONNECTs.",
-            self.total(|s| get(&s.connects)),
+            "Accepted CONNECTs, by transport (tcp, tls, ws, wss).",
+            "transport",
+            TRANSPORTS
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.to_string(), self.total(|s| get(&s.connects[i])))),
         )?;
         counter(
             e,
@@ -1046,8 +1072,8 @@ mod tests {
         let b = Arc::new(ShardMetrics::default());
         ShardMetrics::set(&a.connections, 3);
         ShardMetrics::set(&b.connections, 4);
-        ShardMetrics::add(&a.connects, 2);
-        ShardMetrics::add(&b.connects, 5);
+        ShardMetrics::add(&a.connects[0], 2);
+        ShardMetrics::add(&b.connects[2], 5);
         a.disconnect(DisconnectReason::Keepalive);
         b.disconnect(DisconnectReason::Keepalive);
         a.drop_msg(DropReason::MailboxFull, 7);
@@ -1057,7 +1083,14 @@ mod tests {
         render(&[a, b], &mut s);
         assert_eq!(value(&s, "gateway_connections{shard=\"0\"}"), Some(3.0));
         assert_eq!(value(&s, "gateway_connections{shard=\"1\"}"), Some(4.0));
-        assert_eq!(value(&s, "gateway_connects_total"), Some(7.0));
+        assert_eq!(
+            value(&s, "gateway_connects_total{transport=\"tcp\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&s, "gateway_connects_total{transport=\"ws\"}"),
+            Some(5.0)
+        );
         assert_eq!(
             value(&s, "gateway_disconnects_total{reason=\"keepalive\"}"),
             Some(2.0)
@@ -1087,7 +1120,7 @@ mod tests {
         );
         assert!(s.contains("# TYPE gateway_connects_total counter\n"), "{s}");
         assert!(
-            s.contains("# HELP gateway_connects_total Accepted CONNECTs.\n"),
+            s.contains("# HELP gateway_connects_total Accepted CONNECTs, by transport"),
             "{s}"
         );
         assert!(s.contains("# TYPE gateway_connections gauge\n"), "{s}");

@@ -31,6 +31,9 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// The TLS listener's address when `tls_listen` is set.
     pub tls_addr: Option<SocketAddr>,
+    /// The WebSocket listeners' addresses when `ws_listen` / `wss_listen` are set.
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     config: Arc<Config>,
     mailboxes: Mailboxes,
@@ -105,7 +108,7 @@ pub fn load_config_files(
 ) -> Result<(Authenticator, Option<Arc<rustls::ServerConfig>>), String> {
     let auth = Authenticator::from_config(&config.auth, config.business_threads())
         .map_err(|e| format!("config error: {e}"))?;
-    let tls = match config.mqtt.tls_listen {
+    let tls = match config.mqtt.tls_listen.or(config.mqtt.wss_listen) {
         Some(_) => Some(
             crate::tls::server_config(&config.mqtt)
                 .map_err(|e| format!("config error: TLS: {e}"))?,
@@ -113,6 +116,23 @@ pub fn load_config_files(
         None => None,
     };
     Ok((auth, tls))
+}
+
+/// One SO_REUSEPORT socket per shard on `addr` when it is set (`None` for every shard
+/// otherwise), and the address they listen on.
+#[allow(clippy::type_complexity)]
+fn bind_optional(
+    key: &'static str,
+    addr: Option<SocketAddr>,
+    n: usize,
+    backlog: i32,
+) -> Result<(Option<SocketAddr>, Vec<Option<std::net::TcpListener>>), StartError> {
+    let Some(addr) = addr else {
+        return Ok((None, (0..n).map(|_| None).collect()));
+    };
+    let group = bind_group(key, addr, n, backlog)?;
+    let bound = group[0].local_addr()?;
+    Ok((Some(bound), group.into_iter().map(Some).collect()))
 }
 
 /// Logs where the store lives as an absolute path: a relative `[store] path` depends on
@@ -157,13 +177,21 @@ impl Server {
         let mut tls_listeners: Vec<Option<(std::net::TcpListener, _)>> =
             (0..n).map(|_| None).collect();
         let mut tls_addr = None;
-        if let (Some(addr), Some(tls_config)) = (config.mqtt.tls_listen, tls_config) {
+        if let (Some(addr), Some(tls_config)) = (config.mqtt.tls_listen, &tls_config) {
             let group = bind_group("mqtt.tls_listen", addr, n, backlog)?;
             tls_addr = Some(group[0].local_addr()?);
             for (slot, l) in tls_listeners.iter_mut().zip(group) {
                 *slot = Some((l, tls_config.clone()));
             }
         }
+        // The WebSocket listeners, likewise (wss with the same rustls config).
+        let (ws_addr, ws_listeners) =
+            bind_optional("mqtt.ws_listen", config.mqtt.ws_listen, n, backlog)?;
+        let (wss_addr, wss_listeners) =
+            bind_optional("mqtt.wss_listen", config.mqtt.wss_listen, n, backlog)?;
+        let wss_listeners = wss_listeners
+            .into_iter()
+            .map(|l| l.and_then(|l| tls_config.clone().map(|c| (l, c))));
         let per_ip = Arc::new(crate::limits::PerIpLimit::new(
             config.limits.max_connections_per_ip,
         ));
@@ -189,13 +217,19 @@ impl Server {
         let congestion = Arc::new(shard::Congestion::new(n));
         let mut shards = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let per_shard = listeners.into_iter().zip(tls_listeners).zip(receivers);
-        for (id, ((listener, tls), mailbox)) in per_shard.enumerate() {
+        let per_shard = listeners
+            .into_iter()
+            .zip(tls_listeners)
+            .zip(ws_listeners.into_iter().zip(wss_listeners))
+            .zip(receivers);
+        for (id, (((listener, tls), (ws, wss)), mailbox)) in per_shard.enumerate() {
             shards.push(shard::spawn(ShardContext {
                 id,
                 config: config.clone(),
                 listener,
                 tls,
+                ws,
+                wss,
                 per_ip: per_ip.clone(),
                 mailbox,
                 mailboxes: mailboxes.clone(),
@@ -251,6 +285,8 @@ impl Server {
         tracing::info!(
             %mqtt_addr,
             tls_addr = tls_addr.map(tracing::field::display),
+            ws_addr = ws_addr.map(tracing::field::display),
+            wss_addr = wss_addr.map(tracing::field::display),
             %http_addr,
             shards = n,
             restored_sessions = restored,
@@ -260,6 +296,8 @@ impl Server {
         Ok(Server {
             mqtt_addr,
             tls_addr,
+            ws_addr,
+            wss_addr,
             http_addr,
             config,
             mailboxes,

@@ -30,7 +30,10 @@
 //! Sessions with expiry 0 and QoS 0 messages are never written.
 //!
 //! **What waits for the disk.** A push answered `queued` for a persistent session waits
-//! for the commit that holds its message. A `sent` answer does not: the message is already
+//! for the commit that holds its message. With `durability = "immediate"` so do the MQTT
+//! acknowledgements of changes (PUBACK/PUBREC, SUBACK, UNSUBACK, CONNACK): the writer
+//! publishes every finished batch on its shard's [`CommitSignal`] and the shard releases
+//! them (`shard/held.rs`). A `sent` answer does not: the message is already
 //! on the device's socket; it is stored in the same group commit anyway and kept until the
 //! PUBACK deletes it, so a crash before the acknowledgement redelivers it. Messages
 //! restored after a restart lose their subscription identifiers and shared-group tag, and
@@ -128,6 +131,36 @@ pub struct Batch {
     pub ops: Vec<Op>,
     /// Sent by the writer after the commit that holds `ops`.
     pub replies: Vec<DeferredReply>,
+    /// The shard's number for this batch (1, 2, …), published on `signal` once the
+    /// commit that holds it is done.
+    pub seq: u64,
+    pub signal: Option<Arc<CommitSignal>>,
+}
+
+/// How far one shard's batches have been committed, for the MQTT acknowledgements it
+/// holds until then (`shard/held.rs`). Written by the store writer after each commit (or
+/// by the shard's handle when the writer is gone), read by the shard; `notify` wakes the
+/// shard's loop. A permit is stored when the shard is not waiting, so no wake-up is lost.
+#[derive(Default)]
+pub struct CommitSignal {
+    /// The highest batch number whose commit has finished, successfully or not.
+    pub done: AtomicU64,
+    /// The highest batch number whose commit failed (0: none).
+    pub failed: AtomicU64,
+    pub notify: tokio::sync::Notify,
+}
+
+impl CommitSignal {
+    /// Batch `seq` and every earlier one of this shard are finished; `ok` says how.
+    fn finish(&self, seq: u64, ok: bool) {
+        if !ok {
+            self.failed.fetch_max(seq, Relaxed);
+        }
+        // Release: a shard that sees `done` also sees `failed`.
+        self.done
+            .fetch_max(seq, std::sync::atomic::Ordering::Release);
+        self.notify.notify_one();
+    }
 }
 
 /// A shard's side of the store: the ops of the current turn and the sequence numbers of
@@ -140,6 +173,9 @@ pub struct StoreHandle {
     next_seq: u64,
     /// Messages put this run (lets a push see whether it stored something).
     pub puts: u64,
+    /// The number of the last batch handed over (or queued in `backlog`).
+    batch_seq: u64,
+    signal: Arc<CommitSignal>,
 }
 
 impl StoreHandle {
@@ -161,11 +197,30 @@ impl StoreHandle {
         self.pending.replies.push(reply);
     }
 
+    /// Ops collected this turn so far (a packet that added some changed durable state).
+    pub fn pending_ops(&self) -> usize {
+        self.pending.ops.len()
+    }
+
+    /// The number the batch of this turn's ops will carry (see [`CommitSignal`]).
+    pub fn pending_seq(&self) -> u64 {
+        self.batch_seq + 1
+    }
+
+    /// Where the writer says how far this shard's batches are committed.
+    pub fn signal(&self) -> &Arc<CommitSignal> {
+        &self.signal
+    }
+
     /// Offers this turn's batch (and any older ones) to the writer without blocking.
     /// True if some are still waiting (retry next turn).
     pub fn flush(&mut self) -> bool {
         if !self.pending.ops.is_empty() || !self.pending.replies.is_empty() {
-            self.backlog.push_back(std::mem::take(&mut self.pending));
+            self.batch_seq += 1;
+            let mut b = std::mem::take(&mut self.pending);
+            b.seq = self.batch_seq;
+            b.signal = Some(self.signal.clone());
+            self.backlog.push_back(b);
         }
         while let Some(b) = self.backlog.pop_front() {
             match self.tx.try_send(b) {
@@ -176,6 +231,7 @@ impl StoreHandle {
                 }
                 Err(TrySendError::Disconnected(b)) => {
                     // The writer is gone (it logged why): nothing more becomes durable.
+                    self.signal.finish(b.seq, false);
                     fail_replies(b.replies);
                 }
             }
@@ -188,6 +244,7 @@ impl StoreHandle {
         self.flush();
         for b in self.backlog.drain(..) {
             if let Err(e) = self.tx.send(b) {
+                self.signal.finish(e.0.seq, false);
                 fail_replies(e.0.replies);
             }
         }
@@ -326,6 +383,8 @@ impl Store {
             backlog: VecDeque::new(),
             next_seq: self.next_seq,
             puts: 0,
+            batch_seq: 0,
+            signal: Arc::new(CommitSignal::default()),
         })
     }
 
@@ -839,6 +898,9 @@ impl Writer {
                 unsynced_since.get_or_insert_with(Instant::now);
             }
             for b in batches {
+                if let Some(signal) = &b.signal {
+                    signal.finish(b.seq, ok);
+                }
                 if !ok {
                     fail_replies(b.replies);
                 } else if eventual {

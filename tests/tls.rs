@@ -728,3 +728,68 @@ async fn tls_with_authentication_off_the_shard() {
         other => panic!("no CONNACK: {other:?}"),
     }
 }
+
+/// A TLS session to `addr` with `cfg`, handshake done, as a blocking stream.
+fn tls_stream(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+) -> std::io::Result<StreamOwned<ClientConnection, std::net::TcpStream>> {
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut conn = ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap())
+        .map_err(std::io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    Ok(StreamOwned::new(conn, sock))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wss_with_client_certificates_and_cn_as_client_id() {
+    let pki = Pki::new();
+    // wss only (no tls_listen): the certificate is loaded for it alone.
+    let gw = TestServer::start(&format!(
+        "[mqtt]\nwss_listen = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n{}\n\
+         tls_require_client_cert = true\nuse_cn_as_client_id = true\n[shards]\ncount = 4\n",
+        pki.cert_path.display().to_string(),
+        pki.key_path.display().to_string(),
+        pki.ca_toml()
+    ));
+    let wss = gw.wss.expect("wss listener");
+    let url = format!("wss://localhost:{}/mqtt", wss.port());
+    // Several devices, so most are handed to another home shard with their TLS and
+    // WebSocket state.
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let cn = format!("wss-dev-{i}");
+        let cfg = pki.client_config(Some(pki.client(&cn)), i % 2 == 1);
+        let stream = tls_stream(wss, cfg).unwrap();
+        let mut dev = common::ws::WsMqtt::new(common::ws::upgrade(&url, stream));
+        assert_eq!(dev.connect("claims-another-id", 30), 0);
+        let (code, body) = common::http_get(gw.http, &format!("/v1/clients/{cn}")).await;
+        assert_eq!(code, 200, "{body}");
+        dev.subscribe(&format!("to/{cn}"));
+        devices.push((cn, dev));
+    }
+    let body =
+        serde_json::json!({"client_id": "wss-dev-0", "topic": "to/wss-dev-0", "payload": "pushed"});
+    let (code, answer) = common::post_json(gw.http, "/v1/push", &body).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(devices[0].1.next_publish().1, b"pushed");
+    for (cn, dev) in devices.iter_mut() {
+        dev.send(&Raw::publish_v4(&format!("to/{cn}"), 0, 0, b"echo"));
+        assert_eq!(dev.next_publish(), (format!("to/{cn}"), b"echo".to_vec()));
+    }
+    // No client certificate: no WebSocket.
+    if let Ok(s) = tls_stream(wss, pki.client_config(None, false)) {
+        let mut req = tungstenite::client::IntoClientRequest::into_client_request(&*url).unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        assert!(
+            tungstenite::client(req, s).is_err(),
+            "upgraded without a certificate"
+        );
+    }
+    let wss_connects = gw.metric("gateway_connects_total{transport=\"wss\"}").await;
+    assert_eq!(wss_connects, 4.0);
+}

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+pub use crate::ws::Transport;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "loadgen",
@@ -190,6 +192,21 @@ pub struct MqttOpts {
     /// Connection handshakes in flight per process at most (keeps the SYN queue sane).
     #[arg(long, default_value_t = 512)]
     pub max_pending: usize,
+
+    /// How devices reach --target: MQTT over TCP, or MQTT over WebSocket (`ws`: an HTTP
+    /// upgrade on --ws-path with the subprotocol `mqtt`, then masked binary frames;
+    /// `wss`: the same over TLS).
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+
+    /// The HTTP path of the WebSocket upgrade (with --transport ws or wss).
+    #[arg(long, default_value = "/mqtt")]
+    pub ws_path: String,
+
+    /// PEM CA bundle to verify the server's certificate with (--transport wss); without
+    /// it the certificate is not checked.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
@@ -272,6 +289,11 @@ pub struct FanoutArgs {
     /// Subscribers of the topic.
     #[arg(long, default_value_t = 100)]
     pub subscribers: u64,
+    /// MQTT/TCP address of the publisher (default: --target). The publisher always speaks
+    /// MQTT over TCP, so with --transport ws (subscribers over WebSocket) this names the
+    /// broker's TCP listener.
+    #[arg(long)]
+    pub publisher_target: Option<SocketAddr>,
     /// Subscriber connections per second while ramping.
     #[arg(long, default_value_t = 2000.0)]
     pub connect_rate: f64,

@@ -18,20 +18,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::cli::expand;
+use crate::cli::{expand, Transport};
 use crate::codec::{self, Incoming};
 use crate::limits::bind_address_no_port;
 use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
+use crate::ws::{Link, Wire};
+use rustls::pki_types::ServerName;
 
 mod cfg;
 mod inbox;
 mod storm;
+
+pub(crate) use storm::Rng;
 
 pub use cfg::DeviceCfg;
 use inbox::{Dedup, Inbox, Tally};
@@ -117,7 +120,7 @@ pub struct Fleet {
 
 /// An established device connection.
 struct Conn {
-    stream: TcpStream,
+    link: Link,
     buf: BytesMut,
 }
 
@@ -354,6 +357,35 @@ impl Fleet {
         Ok(stream)
     }
 
+    /// A connection from device `i` to the target over the configured transport (TCP, or
+    /// TCP and the WebSocket upgrade).
+    pub async fn link_connect(&self, i: u64, deadline: u64) -> Result<Link, String> {
+        let stream = self.tcp_connect(i, deadline).await?;
+        match self.cfg.transport {
+            Transport::Tcp => Ok(Link::tcp(stream)),
+            Transport::Ws | Transport::Wss => {
+                let wire = match &self.cfg.tls {
+                    None => Wire::tcp(stream),
+                    Some(tls) => {
+                        let name = ServerName::IpAddress(self.cfg.target.ip().into());
+                        self.timed(deadline, "tls_timeout", async {
+                            Wire::tls(stream, tls.clone(), name)
+                                .await
+                                .map_err(|e| io_cause("tls", &e))
+                        })
+                        .await?
+                    }
+                };
+                let host = self.cfg.target.to_string();
+                let seed = i ^ now_ns();
+                self.timed(deadline, "ws_timeout", async {
+                    Link::upgrade(wire, &host, &self.cfg.ws_path, seed).await
+                })
+                .await
+            }
+        }
+    }
+
     /// Reads until one whole packet is there.
     async fn read_packet(&self, conn: &mut Conn, stage: &str) -> Result<Incoming, String> {
         loop {
@@ -362,7 +394,7 @@ impl Fleet {
             {
                 return Ok(p);
             }
-            match conn.stream.read_buf(&mut conn.buf).await {
+            match conn.link.read_buf(&mut conn.buf).await {
                 Ok(0) => return Err(format!("{stage}_closed")),
                 Ok(_) => {}
                 Err(e) => return Err(io_cause(stage, &e)),
@@ -373,10 +405,10 @@ impl Fleet {
     /// Writes CONNECT and waits for a successful CONNACK; returns when it came.
     pub async fn mqtt_connect(
         &self,
-        stream: TcpStream,
+        link: Link,
         client_id: &str,
         deadline: u64,
-    ) -> Result<(TcpStream, BytesMut), String> {
+    ) -> Result<(Link, BytesMut), String> {
         let cfg = &self.cfg;
         let mut out = BytesMut::new();
         let fields = codec::ConnectFields {
@@ -388,10 +420,10 @@ impl Fleet {
         };
         codec::connect(cfg.protocol, &fields, &mut out).map_err(|e| format!("encode_{e}"))?;
         let mut conn = Conn {
-            stream,
+            link,
             buf: BytesMut::new(),
         };
-        conn.stream
+        conn.link
             .write_all(&out)
             .await
             .map_err(|e| io_cause("connect_write", &e))?;
@@ -406,7 +438,7 @@ impl Fleet {
         if code != 0 {
             return Err(format!("connack_refused_0x{code:02x}"));
         }
-        Ok((conn.stream, conn.buf))
+        Ok((conn.link, conn.buf))
     }
 
     /// Connect, CONNECT/CONNACK and SUBSCRIBE/SUBACK for device `i`, recording latencies.
@@ -424,16 +456,16 @@ impl Fleet {
         let t0 = Instant::now();
         let deadline = self.ticker.after(self.cfg.connect_timeout);
         let client_id = self.cfg.client_id(i);
-        let stream = self.tcp_connect(i, deadline).await?;
-        let (stream, buf) = self.mqtt_connect(stream, &client_id, deadline).await?;
+        let link = self.link_connect(i, deadline).await?;
+        let (link, buf) = self.mqtt_connect(link, &client_id, deadline).await?;
         let t_connack = Instant::now();
-        let mut conn = Conn { stream, buf };
+        let mut conn = Conn { link, buf };
         if let Some(pattern) = &self.cfg.topic {
             let topic = expand(pattern, i, &client_id);
             let mut out = BytesMut::new();
             codec::subscribe(self.cfg.protocol, 1, &topic, self.cfg.sub_qos, &mut out)
                 .map_err(|e| format!("encode_{e}"))?;
-            conn.stream
+            conn.link
                 .write_all(&out)
                 .await
                 .map_err(|e| io_cause("subscribe_write", &e))?;
@@ -539,20 +571,19 @@ impl Fleet {
                     match p {
                         Phase::Run => {}
                         Phase::Stop => {
-                            let _ = conn.stream.write_all(&codec::DISCONNECT).await;
-                            let _ = conn.stream.shutdown().await;
+                            conn.link.close(&codec::DISCONNECT).await;
                             return End::Stop;
                         }
                         Phase::Drop { .. } => {
                             // A network flap: the connection dies with a reset.
-                            let _ = conn.stream.set_zero_linger();
+                            let _ = conn.link.stream().set_zero_linger();
                             let mut r = self.round.lock().unwrap();
                             r.report.dropped += 1;
                             return End::Drop(p);
                         }
                     }
                 }
-                ready = conn.stream.readable() => {
+                ready = conn.link.readable() => {
                     if let Err(e) = ready {
                         return End::Lost(io_cause("read", &e));
                     }
@@ -560,8 +591,7 @@ impl Fleet {
                     // READ_CHUNK at a time: an idle device holds none, a busy one reads
                     // many packets per syscall (the measuring tool must not be the
                     // bottleneck of a fan-out run).
-                    conn.buf.reserve(READ_CHUNK);
-                    match conn.stream.try_read_buf(&mut conn.buf) {
+                    match conn.link.try_read_buf(&mut conn.buf, READ_CHUNK) {
                         Ok(0) => return End::Lost("closed_by_server".into()),
                         Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -597,10 +627,15 @@ impl Fleet {
                     }
                     self.add_tally(&mut tally);
                     if !out.is_empty() {
-                        if let Err(e) = conn.stream.write_all(&out).await {
+                        if let Err(e) = conn.link.write_all(&out).await {
                             return End::Lost(io_cause("write", &e));
                         }
                         out.clear();
+                    }
+                    if conn.link.has_replies() {
+                        if let Err(e) = conn.link.flush_replies().await {
+                            return End::Lost(io_cause("write", &e));
+                        }
                     }
                     if conn.buf.is_empty() && conn.buf.capacity() > 0 {
                         conn.buf = BytesMut::new();
@@ -611,7 +646,7 @@ impl Fleet {
                     if awaiting_pong {
                         inc(&self.c.pongs_missing);
                     }
-                    if let Err(e) = conn.stream.write_all(&codec::PINGREQ).await {
+                    if let Err(e) = conn.link.write_all(&codec::PINGREQ).await {
                         return End::Lost(io_cause("ping", &e));
                     }
                     inc(&self.c.pings);
@@ -654,11 +689,11 @@ impl Fleet {
                 .map_err(|_| "closed".to_string())?;
             let t0 = Instant::now();
             let deadline = self.ticker.after(self.cfg.connect_timeout);
-            let mut stream = self.tcp_connect(i, deadline).await?;
+            let mut link = self.link_connect(i, deadline).await?;
             if mqtt {
                 let client_id = self.cfg.client_id(i);
                 if wait_connack {
-                    stream = self.mqtt_connect(stream, &client_id, deadline).await?.0;
+                    link = self.mqtt_connect(link, &client_id, deadline).await?.0;
                 } else {
                     let mut out = BytesMut::new();
                     let fields = codec::ConnectFields {
@@ -670,16 +705,15 @@ impl Fleet {
                     };
                     codec::connect(self.cfg.protocol, &fields, &mut out)
                         .map_err(|e| format!("encode_{e}"))?;
-                    stream
-                        .write_all(&out)
+                    link.write_all(&out)
                         .await
                         .map_err(|e| io_cause("connect_write", &e))?;
                 }
-                let _ = stream.set_zero_linger();
+                let _ = link.stream().set_zero_linger();
             }
             let us = t0.elapsed().as_micros() as u64;
             self.connect_hist.lock().unwrap().record(us);
-            drop(stream);
+            drop(link);
             Ok::<(), String>(())
         }
         .await;

@@ -15,6 +15,7 @@
 //! | `child`, `proto` | the child role and the JSON-lines protocol between the two |
 //! | `fleet`, `ticker` | simulated devices and the shared clock that replaces their timers |
 //! | `codec` | the client side of the MQTT wire format |
+//! | `ws` | `--transport ws`: the client side of MQTT over WebSocket (upgrade, frames) |
 //! | `pusher`, `publisher` | the HTTP push driver (`push`) and the MQTT publisher (`fanout`) |
 //! | `stats`, `cost` | mergeable latency histograms; server RSS/CPU sampling |
 //! | `report`, `plot` | progress bar, Markdown + JSON summary, SVG plot |
@@ -33,6 +34,7 @@ mod pusher;
 mod report;
 mod stats;
 mod ticker;
+mod ws;
 
 use std::process::ExitCode;
 

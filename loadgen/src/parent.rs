@@ -536,6 +536,7 @@ impl Run {
         s.put("command", self.cmd.name());
         s.put("target", common.target.to_string());
         s.put("protocol", self.cmd.mqtt().protocol);
+        s.put("transport", self.cmd.mqtt().transport.name());
         s.put("procs", self.plan.procs as u64);
         s.put("source_addresses", self.plan.sources.len());
         s.put("fd_limit_per_proc", self.plan.fd_limit);

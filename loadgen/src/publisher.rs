@@ -39,7 +39,7 @@ pub struct PubResult {
 
 pub async fn run(args: &FanoutArgs, counters: Arc<PubCounters>) -> Result<PubResult, String> {
     let p = Protocol::from_level(args.mqtt.protocol).ok_or("bad --protocol")?;
-    let mut stream = TcpStream::connect(args.common.target)
+    let mut stream = TcpStream::connect(args.publisher_target.unwrap_or(args.common.target))
         .await
         .map_err(|e| format!("publisher connect: {e}"))?;
     let _ = stream.set_nodelay(true);

@@ -7,12 +7,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{loadgen, u};
 use gateway::config::Config;
 use gateway::server::Server;
-use serde_json::Value;
 
 const BASE: &str = r#"
 [mqtt]
@@ -27,9 +28,6 @@ level = "warn"
 [acl]
 enabled = false
 "#;
-
-/// Longest any one loadgen run may take before the test fails (it is killed).
-const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 struct Gateway {
     server: Option<Server>,
@@ -109,65 +107,6 @@ impl Drop for Gateway {
     }
 }
 
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    /// The summary: the last line of stdout, as JSON.
-    fn summary(&self) -> Value {
-        let last = self.stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| {
-            panic!(
-                "last stdout line is not JSON ({e}); exit {}\nstdout:\n{}\nstderr:\n{}",
-                self.code, self.stdout, self.stderr
-            )
-        })
-    }
-}
-
-/// Runs the loadgen binary to completion (killed after [`RUN_LIMIT`]).
-fn loadgen(args: &[&str]) -> Outcome {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("loadgen starts");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("loadgen {args:?} did not finish within {RUN_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Outcome {
-        code: status.code().unwrap_or(-1),
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
-}
-
 /// Where a test's `--plot` goes (removed again by [`take_plot`]).
 fn plot_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("loadgen-{name}-{}.svg", std::process::id()))
@@ -178,11 +117,6 @@ fn take_plot(path: &std::path::Path) -> String {
     let svg = std::fs::read_to_string(path).expect("plot written");
     let _ = std::fs::remove_file(path);
     svg
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("expected an unsigned integer, got {v}"))
 }
 
 #[test]

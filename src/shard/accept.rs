@@ -18,7 +18,7 @@ use crate::listen::{out_of_fds, AcceptRetry};
 use crate::mailbox::Handoff;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 
-use super::conn::{Conn, ConnState, Peer};
+use super::conn::{Conn, ConnState, Link, Peer};
 use super::{Shard, ACCEPTS_PER_TURN, SESSION_TIMER};
 
 /// The state of accepting and of handshakes under way.
@@ -134,16 +134,11 @@ impl Shard {
         let was_blocked = self.admission.accept_blocked;
         self.admission.accept_pending = false;
         self.admission.accept_blocked = false;
-        // Each listener gets its own budget, so a storm on one does not starve the other.
-        for tls in [false, true] {
+        // Each listener gets its own budget, so a storm on one does not starve the others.
+        for link in Link::ALL {
             let mut budget = ACCEPTS_PER_TURN;
             loop {
-                let exists = if tls {
-                    self.wire.tls_listener.is_some()
-                } else {
-                    self.wire.listener.is_some()
-                };
-                if !exists {
+                if self.wire.listener_of(link).is_none() {
                     break;
                 }
                 if budget == 0 {
@@ -154,19 +149,14 @@ impl Shard {
                     self.admission.accept_blocked = true;
                     return;
                 }
-                let listener = if tls {
-                    self.wire.tls_listener.as_ref()
-                } else {
-                    self.wire.listener.as_ref()
-                };
-                let Some(listener) = listener else {
+                let Some(listener) = self.wire.listener_of(link) else {
                     break;
                 };
                 match listener.accept() {
                     Ok((socket, peer)) => {
                         budget -= 1;
                         self.admission.accept_retry.on_accept(self.id);
-                        self.on_accept(socket, peer, tls);
+                        self.on_accept(socket, peer, link);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -191,7 +181,7 @@ impl Shard {
         }
     }
 
-    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr, tls: bool) {
+    fn on_accept(&mut self, socket: TcpStream, peer: SocketAddr, link: Link) {
         self.admission.connect_bucket.take();
         let open = self
             .services
@@ -219,17 +209,17 @@ impl Shard {
         let state = if proxied {
             ConnState::ProxyHeader
         } else {
-            ConnState::Handshake
+            ConnState::after_prefix(link)
         };
         let deadline_ticks = self.settings.connect_timeout_ticks;
-        let Some(key) = self.insert_conn(socket, peer, state, deadline_ticks, self.clock.now32())
-        else {
+        let now = self.clock.now32();
+        let Some(key) = self.insert_conn(socket, peer, state, link, deadline_ticks, now) else {
             if !proxied {
                 self.services.per_ip.release(peer.ip());
             }
             return;
         };
-        if tls {
+        if link.is_tls() {
             let Some(config) = self.wire.tls_config.clone() else {
                 return;
             };
@@ -255,6 +245,7 @@ impl Shard {
         mut socket: TcpStream,
         peer: SocketAddr,
         state: ConnState,
+        link: Link,
         idle_ticks: u32,
         accepted_at: u32,
     ) -> Option<usize> {
@@ -300,6 +291,7 @@ impl Shard {
             window: self.settings.max_inflight,
             version: Version::V311,
             state,
+            link,
             predictor: ReadSizePredictor::new(),
             dirty: false,
             congested: false,
@@ -330,17 +322,18 @@ impl Shard {
             .settings
             .connect_timeout_ticks
             .saturating_sub(self.clock.now32() - accepted_at);
-        let Some(key) = self.insert_conn(h.socket, h.peer, ConnState::Handshake, idle, accepted_at)
-        else {
+        let state = ConnState::Handshake;
+        let Some(key) = self.insert_conn(h.socket, h.peer, state, h.link, idle, accepted_at) else {
             self.services.per_ip.release(h.peer.ip());
             return;
         };
         let tls = h.tls.is_some();
-        if tls {
-            self.wire.conns[key]
+        if tls || h.ws.is_some() {
+            let bufs = self.wire.conns[key]
                 .bufs
-                .get_or_insert_with(Default::default)
-                .tls = h.tls;
+                .get_or_insert_with(Default::default);
+            bufs.tls = h.tls;
+            bufs.ws = h.ws;
         }
         let mut alive = self.on_connect(key, h.connect, false, &h.rest);
         if alive && !h.rest.is_empty() {

@@ -4,6 +4,7 @@
 //! session, one timer handle on the shard's wheel and a few bytes of state. Buffers are
 //! borrowed from the shard's pool only while a frame is half-read or output is unsent.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -14,11 +15,47 @@ use crate::codec::Version;
 use crate::session::SessionKey;
 use crate::wheel::TimerId;
 
+/// The listener a connection came in on: how its bytes are carried. One byte in
+/// [`Conn`] (it fits in the struct's padding); the `transport` label of the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    Tcp,
+    Tls,
+    /// MQTT over WebSocket (`ws_listen`).
+    Ws,
+    /// MQTT over WebSocket over TLS (`wss_listen`).
+    Wss,
+}
+
+impl Link {
+    pub const ALL: [Link; 4] = [Link::Tcp, Link::Tls, Link::Ws, Link::Wss];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Tcp => "tcp",
+            Link::Tls => "tls",
+            Link::Ws => "ws",
+            Link::Wss => "wss",
+        }
+    }
+
+    pub fn is_ws(self) -> bool {
+        matches!(self, Link::Ws | Link::Wss)
+    }
+
+    pub fn is_tls(self) -> bool {
+        matches!(self, Link::Tls | Link::Wss)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
     /// Accepted with `proxy_protocol` on; waiting for the PROXY header (within the
     /// connect timeout). Not yet counted against `max_connections_per_ip`.
     ProxyHeader,
+    /// Accepted on a WebSocket listener (after the PROXY header, and under TLS on wss);
+    /// waiting for the HTTP upgrade request within the connect timeout.
+    WsUpgrade,
     /// Accepted; waiting for CONNECT within the connect timeout (TLS handshake included).
     Handshake,
     /// CONNECT read; its credentials are being checked off the shard (the shard's
@@ -27,6 +64,22 @@ pub enum ConnState {
     Authenticating,
     /// CONNACK sent; the session is attached.
     Active,
+    /// Ended, with its last words written and its write side shut down: read and
+    /// discarded for the close grace (`closing.rs`), then closed. No session, no buffers;
+    /// its one timer is the grace deadline and `max_packet` counts the grace bytes left.
+    Closing,
+}
+
+impl ConnState {
+    /// The first state after accept (or after the PROXY header): a WebSocket connection
+    /// upgrades first, any other waits for CONNECT.
+    pub fn after_prefix(link: Link) -> Self {
+        if link.is_ws() {
+            ConnState::WsUpgrade
+        } else {
+            ConnState::Handshake
+        }
+    }
 }
 
 pub struct Conn {
@@ -45,7 +98,8 @@ pub struct Conn {
     pub stall_since: u32,
     /// Tick of accept (connection age).
     pub accepted_at: u32,
-    /// The client's MQTT 5 Maximum Packet Size (u32::MAX = none).
+    /// The client's MQTT 5 Maximum Packet Size (u32::MAX = none); in `Closing`, the bytes
+    /// the close grace still discards.
     pub max_packet: u32,
     /// Effective keep-alive in seconds.
     pub keep_alive: u16,
@@ -53,6 +107,7 @@ pub struct Conn {
     pub window: u16,
     pub version: Version,
     pub state: ConnState,
+    pub link: Link,
     pub predictor: ReadSizePredictor,
     /// In the shard's list of connections with output to flush this turn.
     pub dirty: bool,
@@ -73,6 +128,11 @@ pub struct ConnBufs {
     /// this is plaintext not yet handed to rustls.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// Acknowledgements waiting for the store commit (`held.rs`): (offset in `out`, the
+    /// shard's store batch, the routing stamp). Nothing from the first offset on is
+    /// written before those are committed, so later output cannot overtake an
+    /// acknowledgement.
+    pub holds: VecDeque<super::held::Hold>,
     /// Whole frames read but not yet handled because the connection went over its
     /// inbound rate mid-read; handled first when reading resumes.
     pub held: Vec<u8>,
@@ -83,6 +143,9 @@ pub struct ConnBufs {
     /// In the shard's `settling` list: the box holds nothing but rate debt and is dropped
     /// once that has run out (an idle connection must not keep it).
     pub settling: bool,
+    /// A WebSocket connection's frame decoder while a frame is half-read (see
+    /// `websocket.rs`); between frames it is `None`, so an idle WebSocket holds no box.
+    pub ws: Option<super::websocket::WsBusy>,
 }
 
 impl ConnBufs {
@@ -91,12 +154,33 @@ impl ConnBufs {
         self.holds_only_debt() && self.rate.is_settled(now_ns)
     }
 
+    /// Where the output that may be written now ends (the first held acknowledgement).
+    pub fn writable_end(&self) -> usize {
+        self.holds.front().map_or(self.out.len(), |h| h.0)
+    }
+
+    /// Output bytes behind a held acknowledgement.
+    pub fn held_len(&self) -> usize {
+        self.out.len() - self.writable_end()
+    }
+
+    /// Drops the written head of `out`, keeping the held offsets in step.
+    pub fn compact(&mut self) {
+        let n = self.out_pos;
+        self.out.drain(..n);
+        self.out_pos = 0;
+        for h in &mut self.holds {
+            h.0 -= n;
+        }
+    }
+
     /// True when nothing but inbound rate debt keeps the box alive.
     pub fn holds_only_debt(&self) -> bool {
         self.inbuf.is_empty()
             && self.held.is_empty()
             && self.out_pos >= self.out.len()
             && self.tls.is_none()
+            && self.ws.is_none()
     }
 }
 
@@ -157,6 +241,23 @@ mod tests {
         let limit = if cfg!(debug_assertions) { 88 } else { 72 };
         assert!(size <= limit, "Conn is {size} bytes");
         assert_eq!(std::mem::size_of::<Peer>(), 16);
+    }
+
+    #[test]
+    fn output_behind_a_hold_stays_and_compacting_keeps_the_offsets() {
+        let mut b = ConnBufs {
+            out: b"0123456789".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(b.writable_end(), 10);
+        b.holds.push_back((6, 1, 0));
+        b.holds.push_back((8, 2, 2));
+        assert_eq!((b.writable_end(), b.held_len()), (6, 4));
+        b.out_pos = 4;
+        b.compact();
+        assert_eq!(b.out, b"456789");
+        assert_eq!(b.holds, [(2, 1, 0), (4, 2, 2)]);
+        assert_eq!(&b.out[b.out_pos..b.writable_end()], b"45");
     }
 
     #[test]

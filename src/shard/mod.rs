@@ -19,21 +19,25 @@
 //!
 //! A connection's reads go through `read`: the `gate` decides whether to read, the
 //! `transport` turns socket reads into plaintext, the `framer` cuts it into frames.
-//! Its writes go through `write`. The per-packet MQTT logic is in `mqtt` (by packet
+//! Its writes go through `write`; a connection ended with something to tell it lingers
+//! in `closing` (the close grace) before its socket is closed. The per-packet MQTT logic is in `mqtt` (by packet
 //! family; the CONNECT terms in `negotiate`); routing and delivery in `delivery` and
-//! `shared`; push API requests in `push`; the durable store's side in `durable`;
-//! slow-consumer backpressure in `backpressure`.
+//! `shared`; push API requests in `push`; the durable store's side in `durable`, and the
+//! MQTT acknowledgements that wait for its commits in `held`; slow-consumer backpressure
+//! in `backpressure`.
 
 mod accept;
 mod backpressure;
 pub use backpressure::Congestion;
 mod clock;
+mod closing;
 mod conn;
 mod delivery;
 mod durable;
 mod events;
 mod framer;
 mod gate;
+mod held;
 mod mqtt;
 mod negotiate;
 mod packet;
@@ -46,6 +50,7 @@ mod settings;
 mod shared;
 mod timers;
 mod transport;
+mod websocket;
 mod wire;
 mod write;
 
@@ -73,16 +78,19 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 
 use accept::{Admission, Admit};
 use clock::Clock;
-pub use conn::{Conn, ConnBufs, ConnState, Peer};
+pub use conn::{Conn, ConnBufs, ConnState, Link, Peer};
 use routing::Routing;
 use services::Services;
 use sessions::Sessions;
 pub use settings::Settings;
 use timers::Timers;
+pub use websocket::WsBusy;
 use wire::Wire;
 
 const LISTENER: Token = Token(usize::MAX);
 const TLS_LISTENER: Token = Token(usize::MAX - 1);
+const WS_LISTENER: Token = Token(usize::MAX - 2);
+const WSS_LISTENER: Token = Token(usize::MAX - 3);
 /// Wheel payload bit marking a session timer (the rest is the session key); without it
 /// the payload is a connection key.
 const SESSION_TIMER: u32 = 1 << 31;
@@ -103,6 +111,10 @@ pub struct ShardContext {
     pub listener: std::net::TcpListener,
     /// This shard's SO_REUSEPORT socket on `tls_listen`, with the rustls configuration.
     pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// This shard's SO_REUSEPORT sockets on `ws_listen` and `wss_listen` (the latter with
+    /// the same rustls configuration as `tls_listen`).
+    pub ws: Option<std::net::TcpListener>,
+    pub wss: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
     /// Connections per IP across all shards (`max_connections_per_ip`).
     pub per_ip: Arc<PerIpLimit>,
     pub mailbox: mpsc::Receiver<ShardMsg>,
@@ -150,6 +162,8 @@ pub struct Shard {
     pending_replies: Vec<push::PendingReply>,
     /// Orders the events of this shard's clients (see `events.rs`).
     seq: crate::events::SeqGen,
+    /// MQTT acknowledgements waiting for the store commit (see `held.rs`).
+    held: held::Held,
 }
 
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
@@ -212,15 +226,24 @@ impl Shard {
         let mut listener = TcpListener::from_std(ctx.listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let (tls_listener, tls_config) = match ctx.tls {
-            Some((l, cfg)) => {
-                l.set_nonblocking(true)?;
-                let mut l = TcpListener::from_std(l);
-                poll.registry()
-                    .register(&mut l, TLS_LISTENER, Interest::READABLE)?;
-                (Some(l), Some(cfg))
-            }
+        let register = |l: std::net::TcpListener, token| -> io::Result<TcpListener> {
+            l.set_nonblocking(true)?;
+            let mut l = TcpListener::from_std(l);
+            poll.registry()
+                .register(&mut l, token, Interest::READABLE)?;
+            Ok(l)
+        };
+        let (tls_listener, mut tls_config) = match ctx.tls {
+            Some((l, cfg)) => (Some(register(l, TLS_LISTENER)?), Some(cfg)),
             None => (None, None),
+        };
+        let ws_listener = ctx.ws.map(|l| register(l, WS_LISTENER)).transpose()?;
+        let wss_listener = match ctx.wss {
+            Some((l, cfg)) => {
+                tls_config.get_or_insert(cfg);
+                Some(register(l, WSS_LISTENER)?)
+            }
+            None => None,
         };
         let clock = Clock::new(settings.tick);
         let connect_bucket =
@@ -231,6 +254,8 @@ impl Shard {
             events: Events::with_capacity(EVENTS_PER_TURN),
             listener: Some(listener),
             tls_listener,
+            ws_listener,
+            wss_listener,
             plain: if tls_config.is_some() {
                 vec![0; 16 * 1024]
             } else {
@@ -245,7 +270,16 @@ impl Shard {
             paused: HashSet::new(),
             settling: Vec::new(),
             settled_at: 0,
+            closing: 0,
         };
+        let immediate = ctx.config.store.durability == crate::config::StoreDurability::Immediate;
+        let held = held::Held::new(
+            ctx.store
+                .as_ref()
+                .filter(|_| immediate)
+                .map(|s| s.signal().clone()),
+            shards,
+        );
         let services = Services {
             auth: ctx.auth,
             business: ctx.business,
@@ -276,6 +310,7 @@ impl Shard {
                 stopping: false,
                 pending_replies: Vec::new(),
                 seq: Default::default(),
+                held,
             },
             ctx.mailbox,
         ))
@@ -313,13 +348,17 @@ impl Shard {
             // Gauges before the writes, so whatever a client sees is already counted, and
             // after, for connections the writes closed.
             self.publish_gauges();
+            self.release_held();
             self.flush_dirty();
             self.send_pending_replies();
+            let stamp = self.route_stamp();
             let outbox_waiting = self.routing.flush(
                 &self.services.mailboxes,
                 &self.services.metrics,
                 &self.settings,
-            ) | self.flush_store();
+                (self.id as u16, stamp),
+            ) | self.flush_echoes()
+                | self.flush_store();
             self.publish_gauges();
             if self.stopping && self.wire.conns.is_empty() {
                 break;
@@ -354,6 +393,7 @@ impl Shard {
                 }
                 _ = tokio::time::sleep_until(next_tick.into()) => {}
                 _ = tokio::time::sleep(retry) => {}
+                _ = held::Held::committed(self.held.signal()) => {}
             }
         }
         if let Some(store) = self.services.store.take() {
@@ -411,7 +451,7 @@ impl Shard {
             })
             .collect();
         for (token, readable, writable) in ready {
-            if token == LISTENER || token == TLS_LISTENER {
+            if [LISTENER, TLS_LISTENER, WS_LISTENER, WSS_LISTENER].contains(&token) {
                 self.accept();
                 continue;
             }
@@ -437,11 +477,13 @@ impl Shard {
     fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Handoff(h) => self.adopt(*h),
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish { from, stamp, batch } => {
                 for m in batch {
                     self.accept_remote(&m);
                 }
+                self.note_remote(from, stamp);
             }
+            ShardMsg::Committed { from, stamp, ok } => self.on_committed(from, stamp, ok),
             ShardMsg::Push { items, reply } => self.on_push(items, reply),
             ShardMsg::PushTopic { msg, reply } => self.on_push_topic(msg, reply),
             ShardMsg::ClientInfo { client_id, reply } => {
@@ -468,10 +510,13 @@ impl Shard {
             return;
         }
         self.stopping = true;
-        for mut l in [self.wire.listener.take(), self.wire.tls_listener.take()]
-            .into_iter()
-            .flatten()
-        {
+        let listeners = [
+            self.wire.listener.take(),
+            self.wire.tls_listener.take(),
+            self.wire.ws_listener.take(),
+            self.wire.wss_listener.take(),
+        ];
+        for mut l in listeners.into_iter().flatten() {
             let _ = self.wire.poll.registry().deregister(&mut l);
         }
         let keys: Vec<usize> = self.wire.conns.iter().map(|(k, _)| k).collect();
@@ -492,6 +537,7 @@ impl Shard {
         ShardMetrics::set(&m.queued_messages, self.sessions.queued_total);
         ShardMetrics::set(&m.wheel_entries, self.timers.wheel.len() as u64);
         ShardMetrics::set(&m.congested_connections, u64::from(self.congested));
+        ShardMetrics::set(&m.closing_connections, self.wire.closing as u64);
         let p = self.wire.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
         ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);

@@ -21,6 +21,14 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 impl Shard {
     /// Reads a ready connection, up to `READS_PER_EVENT` times, while the gate lets it.
     pub(super) fn on_readable(&mut self, key: usize) {
+        if self
+            .wire
+            .conns
+            .get(key)
+            .is_some_and(|c| c.state == ConnState::Closing)
+        {
+            return self.discard_closing(key);
+        }
         for _ in 0..READS_PER_EVENT {
             let Some(facts) = self.read_facts(key) else {
                 return;
@@ -81,7 +89,7 @@ impl Shard {
                 match via {
                     Transport::Tls => self.tls_process(key),
                     Transport::ProxyPrefix => self.ingest_proxy(key, n),
-                    Transport::Plain => self.ingest(key, n),
+                    Transport::Plain | Transport::WebSocket => self.ingest(key, n),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
@@ -159,11 +167,12 @@ impl Shard {
         self.on_readable(key);
     }
 
-    /// Frames the `n` bytes just read into the scratch buffer. False when the connection
-    /// is gone (closed or handed to another shard).
+    /// Frames the `n` bytes just read into the scratch buffer (through the WebSocket
+    /// layer first on a WebSocket connection, which decodes them in place). False when
+    /// the connection is gone (closed or handed to another shard).
     fn ingest(&mut self, key: usize, n: usize) -> bool {
-        let scratch = std::mem::take(&mut self.wire.scratch);
-        let alive = self.ingest_bytes(key, &scratch[..n]);
+        let mut scratch = std::mem::take(&mut self.wire.scratch);
+        let alive = self.ingest_plaintext(key, &mut scratch[..n]);
         self.wire.scratch = scratch;
         alive
     }

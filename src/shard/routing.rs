@@ -53,11 +53,18 @@ impl Routing {
         }
     }
 
-    /// Sends each other shard its control messages, then its batch of messages; true if
-    /// some must be retried. What does not fit stays for the next turn, but never more
-    /// than a mailbox's worth (the oldest are dropped and counted), except messages with
-    /// backpressure on (no PUBLISH is read meanwhile, so the batch stops growing).
-    pub fn flush(&mut self, mailboxes: &Mailboxes, metrics: &ShardMetrics, s: &Settings) -> bool {
+    /// Sends each other shard its control messages, then its batch of messages (from
+    /// shard `from`, with `stamp`: see `held.rs`); true if some must be retried. What does
+    /// not fit stays for the next turn, but never more than a mailbox's worth (the oldest
+    /// are dropped and counted), except messages with backpressure on (no PUBLISH is read
+    /// meanwhile, so the batch stops growing).
+    pub fn flush(
+        &mut self,
+        mailboxes: &Mailboxes,
+        metrics: &ShardMetrics,
+        s: &Settings,
+        (from, stamp): (u16, u64),
+    ) -> bool {
         let mut waiting = self.flush_ctl(mailboxes, metrics, s.mailbox_capacity.max(1));
         self.outbox_blocked = false;
         for shard in 0..self.outbox.len() {
@@ -65,9 +72,8 @@ impl Routing {
                 continue;
             }
             let batch = std::mem::take(&mut self.outbox[shard]);
-            if let Err(ShardMsg::Publish(mut batch)) =
-                mailboxes.try_send(shard, ShardMsg::Publish(batch))
-            {
+            let msg = ShardMsg::Publish { from, stamp, batch };
+            if let Err(ShardMsg::Publish { mut batch, .. }) = mailboxes.try_send(shard, msg) {
                 self.outbox_blocked = true;
                 if !s.backpressure {
                     drop_oldest(&mut batch, s.mailbox_capacity, metrics);

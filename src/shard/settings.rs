@@ -28,6 +28,12 @@ pub struct Settings {
     pub max_queued: usize,
     pub max_session_expiry_secs: u32,
     pub write_stall_ticks: u32,
+    /// `mqtt.close_grace_ms` in ticks (0 = no grace), and `mqtt.close_grace_bytes`.
+    pub close_grace_ticks: u32,
+    /// The close grace at shutdown: cut so that it ends (one tick late at most, and a
+    /// tick to spare) within `shards.drain_timeout_secs`.
+    pub shutdown_grace_ticks: u32,
+    pub close_grace_bytes: u32,
     pub retain_available: bool,
     pub max_retained: usize,
     /// `mqtt.max_retained_bytes` and `mqtt.max_retained_bytes_per_client`.
@@ -65,6 +71,15 @@ pub struct Settings {
     pub socket: SocketOptions,
     /// How often accepting is retried after it ran out of file descriptors.
     pub accept_retry: Duration,
+    /// The WebSocket upgrade's rules (`ws_path`, `ws_allowed_origins`,
+    /// `ws_max_handshake_bytes`).
+    pub ws: WsSettings,
+}
+
+pub struct WsSettings {
+    pub path: String,
+    pub allowed_origins: Vec<String>,
+    pub max_handshake_bytes: usize,
 }
 
 impl Settings {
@@ -86,6 +101,12 @@ impl Settings {
             max_queued: c.mqtt.max_queued_messages as usize,
             max_session_expiry_secs: c.mqtt.max_session_expiry_secs,
             write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
+            close_grace_ticks: close_grace_ticks(c, tick),
+            shutdown_grace_ticks: close_grace_ticks(c, tick).min(
+                (u64::from(c.shards.drain_timeout_secs) * 1000 / tick.as_millis().max(1) as u64)
+                    .saturating_sub(2) as u32,
+            ),
+            close_grace_bytes: c.mqtt.close_grace_bytes,
             retain_available: c.mqtt.retain_available,
             max_retained: c.mqtt.max_retained_messages as usize,
             max_retained_bytes: c.mqtt.max_retained_bytes,
@@ -122,6 +143,11 @@ impl Settings {
             },
             socket: SocketOptions::from_config(c),
             accept_retry: Duration::from_millis(u64::from(c.tcp.accept_retry_ms)),
+            ws: WsSettings {
+                path: c.mqtt.ws_path.clone(),
+                allowed_origins: c.mqtt.ws_allowed_origins.clone(),
+                max_handshake_bytes: c.mqtt.ws_max_handshake_bytes as usize,
+            },
         }
     }
 
@@ -132,6 +158,10 @@ impl Settings {
 }
 
 /// Whole ticks covering `secs`, rounded up so a timer never fires early.
+fn close_grace_ticks(c: &Config, tick: Duration) -> u32 {
+    secs_to_ticks(f64::from(c.mqtt.close_grace_ms) / 1000.0, tick)
+}
+
 fn secs_to_ticks(secs: f64, tick: Duration) -> u32 {
     let t = (secs * 1000.0 / tick.as_millis().max(1) as f64).ceil();
     t.clamp(0.0, f64::from(u32::MAX / 2)) as u32
@@ -188,5 +218,32 @@ impl SocketOptions {
         if self.recv_buffer > 0 {
             let _ = s.set_recv_buffer_size(self.recv_buffer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grace(toml: &str) -> (u32, u32) {
+        let s = Settings::from_config(&Config::from_toml_str(toml).unwrap());
+        (s.close_grace_ticks, s.shutdown_grace_ticks)
+    }
+
+    #[test]
+    fn the_close_grace_at_shutdown_ends_within_the_drain_timeout() {
+        // Defaults: 1000 ms at 1 s ticks; at most 2 ticks of a 5 s drain.
+        assert_eq!(grace(""), (1, 1));
+        let long = "[mqtt]\nclose_grace_ms = 60000\n[shards]\ndrain_timeout_secs = 5";
+        assert_eq!(grace(long), (60, 3));
+        // A tick that does not fit twice in the drain timeout: no grace at shutdown.
+        assert_eq!(grace("[shards]\ndrain_timeout_secs = 1"), (1, 0));
+        assert_eq!(grace("[shards]\ntick_ms = 10000"), (1, 0));
+        assert_eq!(grace("[mqtt]\nclose_grace_ms = 0"), (0, 0));
+        // Finer ticks: the grace rounds up to whole ticks.
+        assert_eq!(
+            grace("[mqtt]\nclose_grace_ms = 250\n[shards]\ntick_ms = 100"),
+            (3, 3)
+        );
     }
 }

@@ -140,6 +140,9 @@ impl Shard {
         let Some(conn) = self.wire.conns.get(key).filter(|c| c.timer == id) else {
             return;
         };
+        if conn.state == ConnState::Closing {
+            return self.grace_over(key);
+        }
         let paused = self.wire.paused.contains(&(key as u32));
         let timing = Timing::of(conn, paused, self.settings.write_stall_ticks);
         match on_due(&timing, self.clock.now) {

@@ -1,10 +1,10 @@
 //! The transport: how a connection's socket reads become plaintext MQTT bytes.
 //!
-//! Three variants today, chosen per read by [`Transport::of`]: plain TCP, the PROXY
-//! protocol prefix (read in the clear before anything else, TLS included), and TLS through
-//! rustls. The read path (`read.rs`) asks the transport for one read, then hands the
-//! plaintext to the framer. A WebSocket transport would be a fourth variant here: bytes in
-//! from the socket, plaintext frames' payload out.
+//! Four variants, chosen per read by [`Transport::of`]: plain TCP, the PROXY protocol
+//! prefix (read in the clear before anything else, TLS included), TLS through rustls, and
+//! WebSocket (`websocket.rs`: the upgrade, then frames decoded in place into the MQTT
+//! stream). The read path (`read.rs`) asks the transport for one read, then hands the
+//! plaintext on. On wss the two layers stack: socket → rustls → WebSocket → framer.
 
 use std::io::{self, Read, Write};
 
@@ -19,8 +19,11 @@ pub enum Transport {
     Plain,
     /// The PROXY header, expected before anything else (in the clear, even before TLS).
     ProxyPrefix,
-    /// Ciphertext into rustls; plaintext comes out of [`Shard::tls_process`].
+    /// Ciphertext into rustls; plaintext comes out of [`Shard::tls_process`] (and goes
+    /// through the WebSocket layer on wss).
     Tls,
+    /// The HTTP upgrade, then WebSocket frames, in the clear (`ws_listen`).
+    WebSocket,
 }
 
 impl Transport {
@@ -29,6 +32,8 @@ impl Transport {
             Transport::ProxyPrefix
         } else if conn.is_tls() {
             Transport::Tls
+        } else if conn.link.is_ws() {
+            Transport::WebSocket
         } else {
             Transport::Plain
         }
@@ -106,7 +111,7 @@ impl Shard {
                     return false;
                 }
                 Ok(n) => {
-                    if !self.ingest_bytes(key, &plain[..n]) {
+                    if !self.ingest_plaintext(key, &mut plain[..n]) {
                         return false;
                     }
                     if self.wire.is_holding(key) {
@@ -175,14 +180,14 @@ impl Shard {
             self.close_conn(key, DisconnectReason::Refused, None);
             return false;
         }
-        let alive = self.proxy_accepted(key, header, &buf[len..]);
+        let alive = self.proxy_accepted(key, header, &mut buf[len..]);
         self.wire.pool.give(buf, self.clock.now);
         alive
     }
 
     /// The PROXY header is read: the connection takes the real peer address (counted per
     /// IP now) and `rest`, the bytes after the header, go on through its transport.
-    fn proxy_accepted(&mut self, key: usize, header: ProxyHeader, rest: &[u8]) -> bool {
+    fn proxy_accepted(&mut self, key: usize, header: ProxyHeader, rest: &mut [u8]) -> bool {
         let conn = &mut self.wire.conns[key];
         let peer = match header {
             ProxyHeader::Proxied(a) => a,
@@ -196,11 +201,11 @@ impl Shard {
             return false;
         }
         conn.peer = Peer::from(peer);
-        conn.state = ConnState::Handshake;
+        conn.state = ConnState::after_prefix(conn.link);
         if conn.is_tls() {
             self.tls_feed(key, rest)
         } else {
-            self.ingest_bytes(key, rest)
+            self.ingest_plaintext(key, rest)
         }
     }
 }
@@ -213,9 +218,11 @@ pub fn write(conn: &mut Conn) -> (usize, bool) {
         return (0, true);
     };
     let mut sent = 0;
+    // Acknowledgements waiting for the store commit, and what follows them, stay.
+    let end = bufs.writable_end();
     let Some(tls) = bufs.tls.as_mut() else {
-        while bufs.out_pos < bufs.out.len() {
-            match conn.socket.write(&bufs.out[bufs.out_pos..]) {
+        while bufs.out_pos < end {
+            match conn.socket.write(&bufs.out[bufs.out_pos..end]) {
                 Ok(0) => return (sent, false),
                 Ok(n) => {
                     bufs.out_pos += n;
@@ -229,8 +236,8 @@ pub fn write(conn: &mut Conn) -> (usize, bool) {
         return (sent, true);
     };
     loop {
-        if bufs.out_pos < bufs.out.len() {
-            match tls.writer().write(&bufs.out[bufs.out_pos..]) {
+        if bufs.out_pos < end {
+            match tls.writer().write(&bufs.out[bufs.out_pos..end]) {
                 Ok(n) => bufs.out_pos += n,
                 Err(_) => return (sent, false),
             }

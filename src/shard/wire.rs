@@ -12,13 +12,16 @@ use slab::Slab;
 use crate::buffer::BufferPool;
 
 use super::clock::Clock;
-use super::conn::{Conn, ConnBufs};
+use super::conn::{Conn, ConnBufs, ConnState, Link};
 
 pub struct Wire {
     pub poll: Poll,
     pub events: Events,
     pub listener: Option<TcpListener>,
     pub tls_listener: Option<TcpListener>,
+    /// MQTT over WebSocket (`ws_listen`) and over WebSocket over TLS (`wss_listen`).
+    pub ws_listener: Option<TcpListener>,
+    pub wss_listener: Option<TcpListener>,
     pub tls_config: Option<Arc<rustls::ServerConfig>>,
     pub conns: Slab<Conn>,
     pub pool: BufferPool,
@@ -37,16 +40,47 @@ pub struct Wire {
     pub settling: Vec<u32>,
     /// The tick `settling` was last swept.
     pub settled_at: u64,
+    /// Connections in their close grace (`ConnState::Closing`, see `closing.rs`).
+    pub closing: usize,
 }
 
 impl Wire {
+    /// The listener of connections that come in over `link`.
+    pub fn listener_of(&self, link: Link) -> Option<&TcpListener> {
+        match link {
+            Link::Tcp => self.listener.as_ref(),
+            Link::Tls => self.tls_listener.as_ref(),
+            Link::Ws => self.ws_listener.as_ref(),
+            Link::Wss => self.wss_listener.as_ref(),
+        }
+    }
+
     /// Appends encoded output for connection `key`, in a buffer from the pool; it is
-    /// written at the end of the turn (`flush_dirty`).
+    /// written at the end of the turn (`flush_dirty`). On an upgraded WebSocket
+    /// connection the bytes `encode` appends become one binary frame.
     pub fn output(
         &mut self,
         clock: &Clock,
         key: usize,
         reserve: usize,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) {
+        self.append(clock, key, reserve, true, encode);
+    }
+
+    /// Appends bytes that go out as they are (a WebSocket upgrade answer, control frames).
+    pub fn output_raw(&mut self, clock: &Clock, key: usize, bytes: &[u8]) {
+        self.append(clock, key, bytes.len(), false, |out| {
+            out.extend_from_slice(bytes)
+        });
+    }
+
+    fn append(
+        &mut self,
+        clock: &Clock,
+        key: usize,
+        reserve: usize,
+        frame: bool,
         encode: impl FnOnce(&mut Vec<u8>),
     ) {
         let Some(conn) = self.conns.get_mut(key) else {
@@ -58,7 +92,11 @@ impl Wire {
         } else {
             self.pool.reserve(&mut bufs.out, reserve, clock.now);
         }
+        let start = bufs.out.len();
         encode(&mut bufs.out);
+        if frame && conn.link.is_ws() && conn.state != ConnState::WsUpgrade {
+            crate::ws::frame::frame_in_place(&mut bufs.out, start);
+        }
         if !conn.dirty {
             conn.dirty = true;
             self.dirty.push(key as u32);
@@ -161,4 +199,7 @@ pub fn give_bufs(pool: &mut BufferPool, b: ConnBufs, now: u64) {
     pool.give(b.inbuf, now);
     pool.give(b.out, now);
     pool.give(b.held, now);
+    if let Some(ws) = b.ws {
+        pool.give(ws.carry, now);
+    }
 }

@@ -2,15 +2,12 @@
 //! its transport; the write-stall clock, the low watermark's refills, and the one exit
 //! of every connection, `close_conn`.
 
-use std::io::Write;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::codec::{self, Version};
 use crate::metrics::{DisconnectReason, ShardMetrics};
 
 use super::conn::ConnState;
-use super::{packet, transport, wire, Shard};
+use super::{transport, wire, Shard};
 
 impl Shard {
     pub(super) fn flush_dirty(&mut self) {
@@ -29,7 +26,11 @@ impl Shard {
         let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
-        let Some(before) = conn.bufs.as_ref().map(|b| b.out.len() - b.out_pos) else {
+        let Some((before, held)) = conn
+            .bufs
+            .as_ref()
+            .map(|b| (b.out.len() - b.out_pos, b.held_len()))
+        else {
             return;
         };
         let (sent, ok) = transport::write(conn);
@@ -47,8 +48,11 @@ impl Shard {
         }
         if pending == 0 {
             self.drained(key);
+        } else if pending > held {
+            self.still_pending(key, before - held, pending - held);
         } else {
-            self.still_pending(key, before, pending);
+            // Only output waiting for the store commit is left: the socket is not slow.
+            conn.stall_since = 0;
         }
         let session = self.wire.conns[key].session;
         if pending <= low {
@@ -80,8 +84,7 @@ impl Shard {
         if let Some(bufs) = conn.bufs.as_mut() {
             // Keep the unsent tail at the front so the buffer does not creep.
             if bufs.out_pos > bufs.out.len() / 2 {
-                bufs.out.drain(..bufs.out_pos);
-                bufs.out_pos = 0;
+                bufs.compact();
             }
         }
         // A congested connection (backpressure) must drain below the low watermark
@@ -103,60 +106,45 @@ impl Shard {
         }
     }
 
-    /// The one exit of every connection: removes it from the slab and the poll, cancels its
-    /// timer, returns its buffers, detaches its session (will, expiry) and counts why.
+    /// The one exit of every connection: writes what it still has to say (pending output,
+    /// an MQTT 5 DISCONNECT), cancels its timer, returns its buffers, detaches its session
+    /// (will, expiry) and counts why; then closes it, or, if it said something, lets it
+    /// linger in the close grace first (`closing.rs`). Closing a lingering connection ends
+    /// its grace.
     pub(super) fn close_conn(
         &mut self,
         key: usize,
         reason: DisconnectReason,
         v5_reason: Option<u8>,
     ) {
-        let Some(mut conn) = self.wire.conns.try_remove(key) else {
+        let Some(conn) = self.wire.conns.get_mut(key) else {
             return;
         };
-        if conn.congested {
+        let state = conn.state;
+        if state == ConnState::Closing {
+            return self.finish_close(key);
+        }
+        if std::mem::take(&mut conn.congested) {
             self.uncount_congested();
         }
-        if conn.state == ConnState::Authenticating {
+        if state == ConnState::Authenticating {
             self.admission.auth_pending.remove(&key);
         }
-        if let (Some(code), Version::V5, ConnState::Active) = (v5_reason, conn.version, conn.state)
-        {
-            // One best-effort, non-blocking write of any pending output plus the DISCONNECT.
-            let mut out = match conn.bufs.as_mut() {
-                Some(b) => b.out.split_off(b.out_pos),
-                None => Vec::new(),
-            };
-            codec::encode_disconnect(&mut out, code, None);
-            let written = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-                Some(tls) => tls.writer().write_all(&out).is_ok(),
-                None => conn.socket.write(&out).is_ok(),
-            };
-            if written {
-                self.services.metrics.packet_out(packet::DISCONNECT);
-            }
-        }
-        if let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-            // Best effort: what rustls holds (a DISCONNECT, an alert) and close_notify.
-            tls.send_close_notify();
-            let _ = tls.write_tls(&mut conn.socket);
-        }
-        if conn.state != ConnState::Active {
+        let said = self.say_last_words(key, v5_reason);
+        if state != ConnState::Active {
             self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
         }
         self.wire.paused.remove(&(key as u32));
-        if conn.state != ConnState::ProxyHeader {
-            self.services.per_ip.release(conn.peer.addr().ip());
-        }
-        let _ = self.wire.poll.registry().deregister(&mut conn.socket);
-        self.timers.wheel.cancel(conn.timer);
+        let conn = &mut self.wire.conns[key];
+        self.timers.wheel.cancel(std::mem::take(&mut conn.timer));
         if let Some(b) = conn.bufs.take() {
             wire::give_bufs(&mut self.wire.pool, *b, self.clock.now);
         }
-        self.services
-            .open_connections
-            .fetch_sub(1, Ordering::Relaxed);
-        let connect_read = !matches!(conn.state, ConnState::ProxyHeader | ConnState::Handshake);
+        let session = conn.session.take();
+        let connect_read = !matches!(
+            state,
+            ConnState::ProxyHeader | ConnState::WsUpgrade | ConnState::Handshake
+        );
         let reason = reason.counted(connect_read);
         self.services.metrics.disconnect(reason);
         let accepted = self.clock.instant_of(conn.accepted_at);
@@ -166,7 +154,7 @@ impl Shard {
                 .saturating_duration_since(accepted)
                 .as_secs_f64(),
         );
-        let client_id = if let Some(s) = conn.session {
+        let client_id = if let Some(s) = session {
             let s = s.index();
             let id = self.sessions[s].client_id.clone();
             let will = !matches!(
@@ -179,6 +167,12 @@ impl Shard {
         } else {
             Arc::from("")
         };
-        tracing::debug!(shard = self.id, client_id = %client_id, peer = %conn.peer, reason = reason.as_str(), "connection closed");
+        let peer = &self.wire.conns[key].peer;
+        tracing::debug!(shard = self.id, client_id = %client_id, peer = %peer, reason = reason.as_str(), "connection closed");
+        if said && state != ConnState::ProxyHeader {
+            self.linger(key);
+        } else {
+            self.finish_close(key);
+        }
     }
 }

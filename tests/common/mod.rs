@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+pub mod ws;
+
 /// The config every test starts from: loopback, ephemeral ports, two shards.
 pub const BASE: &str = r#"
 [mqtt]
@@ -71,6 +73,9 @@ pub struct TestServer {
     pub mqtt: SocketAddr,
     /// The TLS listener, when the config sets `mqtt.tls_listen`.
     pub tls: Option<SocketAddr>,
+    /// The WebSocket listeners, when the config sets `mqtt.ws_listen` / `mqtt.wss_listen`.
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     pub http: SocketAddr,
     /// Its store directory (dropped after the server: field order).
     _store: tempdir::Dir,
@@ -84,6 +89,8 @@ impl TestServer {
         TestServer {
             mqtt: server.mqtt_addr,
             tls: server.tls_addr,
+            ws: server.ws_addr,
+            wss: server.wss_addr,
             http: server.http_addr,
             server: Some(server),
             _store: dir,
@@ -915,6 +922,8 @@ impl TestServer {
         TestServer {
             mqtt: server.mqtt_addr,
             tls: server.tls_addr,
+            ws: server.ws_addr,
+            wss: server.wss_addr,
             http: server.http_addr,
             server: Some(server),
             _store: dir,

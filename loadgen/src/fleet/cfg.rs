@@ -2,9 +2,10 @@
 //! and to, what it says in CONNECT and SUBSCRIBE, and how often it pings.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{expand, Command};
+use crate::cli::{expand, Command, Transport};
 use crate::codec::Protocol;
 use crate::limits::Sources;
 use crate::proto::WorkOrder;
@@ -26,6 +27,11 @@ pub struct DeviceCfg {
     /// Whether messages to one device arrive in publish order (one publisher), so the
     /// highest sequence seen is enough to spot duplicates.
     pub ordered: bool,
+    pub transport: Transport,
+    /// The WebSocket upgrade's path (with `Transport::Ws` and `Wss`).
+    pub ws_path: String,
+    /// The TLS client settings (with `Transport::Wss`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl DeviceCfg {
@@ -62,6 +68,12 @@ impl DeviceCfg {
             sub_qos,
             connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
             ordered,
+            transport: m.transport,
+            ws_path: m.ws_path.clone(),
+            tls: match m.transport {
+                Transport::Wss => Some(crate::ws::client_config(m.tls_ca.as_deref())?),
+                _ => None,
+            },
         })
     }
 

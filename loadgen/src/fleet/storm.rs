@@ -3,17 +3,18 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::{Conn, Fleet, Phase};
 use crate::codec;
 
-/// splitmix64: a tiny seeded generator for backoff jitter (no crate needed).
-pub(super) struct Rng(pub(super) u64);
+/// splitmix64: a tiny seeded generator for backoff jitter and WebSocket masks (no crate
+/// needed).
+#[derive(Debug)]
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    pub(super) fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -80,7 +81,7 @@ impl Fleet {
                     let now = *phase.borrow_and_update();
                     if now == Phase::Stop {
                         let mut conn = conn;
-                        let _ = conn.stream.write_all(&codec::DISCONNECT).await;
+                        let _ = conn.link.write_all(&codec::DISCONNECT).await;
                         return None;
                     }
                     return Some(conn);

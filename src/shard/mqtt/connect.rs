@@ -95,9 +95,10 @@ impl Shard {
         self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
         let _ = self.wire.poll.registry().deregister(&mut conn.socket);
         self.timers.wheel.cancel(conn.timer);
-        let mut tls = None;
+        let (mut tls, mut ws) = (None, None);
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
+            ws = b.ws.take();
             give_bufs(&mut self.wire.pool, *b, self.clock.now);
         }
         let handoff = Handoff {
@@ -107,6 +108,8 @@ impl Shard {
             rest: rest.to_vec(),
             accepted_at: self.clock.instant_of(conn.accepted_at),
             tls,
+            link: conn.link,
+            ws,
         };
         if let Err(ShardMsg::Handoff(h)) = self
             .services
@@ -127,6 +130,9 @@ impl Shard {
             V3_SERVER_UNAVAILABLE
         };
         codec::encode_connack(&mut out, version, false, code, &ConnAckProps::default());
+        if h.link.is_ws() {
+            crate::ws::frame::frame_in_place(&mut out, 0);
+        }
         match h.tls.as_mut() {
             Some(tls) => {
                 let _ = std::io::Write::write_all(&mut tls.writer(), &out);
@@ -170,7 +176,7 @@ impl Shard {
         }
     }
 
-    /// Writes a CONNACK with an error and closes. Always false.
+    /// Answers with a CONNACK with an error and closes. Always false.
     pub(in crate::shard) fn refuse(
         &mut self,
         key: usize,
@@ -185,7 +191,7 @@ impl Shard {
         });
         self.services.metrics.packet_out(packet::CONNACK);
         self.services.metrics.refuse(why);
-        self.flush_conn(key);
+        // close_conn writes the CONNACK, then the close grace lets the client read it.
         self.close_conn(key, DisconnectReason::Refused, None);
         false
     }
@@ -379,6 +385,8 @@ impl Shard {
         assigned: bool,
         conn_acl: Option<Box<ConnAcl>>,
     ) -> bool {
+        // A CONNACK for a session that was stored (or changed) waits for the commit.
+        let mark = self.durable_mark(key);
         let Ok(conn_acl) = self.connect_acl(key, &c, conn_acl) else {
             return false;
         };
@@ -396,8 +404,10 @@ impl Shard {
         self.wire.output(&self.clock, key, 128, |out| {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
+        self.hold_if_durable(key, mark);
         self.services.metrics.packet_out(packet::CONNACK);
-        ShardMetrics::add(&self.services.metrics.connects, 1);
+        let link = self.wire.conns[key].link as usize;
+        ShardMetrics::add(&self.services.metrics.connects[link], 1);
         self.emit_connected(key, skey, &c, &terms, present);
         tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.wire.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
         if present {

@@ -70,9 +70,26 @@ impl Shard {
         }
     }
 
+    /// One packet of an active connection. The answer to a PUBLISH, SUBSCRIBE or
+    /// UNSUBSCRIBE that changed durable state waits for the store commit (`held.rs`).
+    /// False when the connection is gone.
+    pub(in crate::shard) fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
+        let mark = match packet {
+            Packet::Publish(_) | Packet::Subscribe { .. } | Packet::Unsubscribe { .. } => {
+                self.durable_mark(key)
+            }
+            _ => None,
+        };
+        let alive = self.dispatch_packet(key, packet);
+        if alive {
+            self.hold_if_durable(key, mark);
+        }
+        alive
+    }
+
     /// One packet of an active connection, to its family's handler. False when the
     /// connection is gone.
-    pub(in crate::shard) fn handle_packet(&mut self, key: usize, packet: Packet) -> bool {
+    fn dispatch_packet(&mut self, key: usize, packet: Packet) -> bool {
         let Some(skey) = self.wire.conns[key].session.map(SessionKey::index) else {
             // Only an active connection's packets get here, and it has its session.
             self.close_conn(key, DisconnectReason::ProtocolError, None);

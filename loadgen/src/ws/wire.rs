@@ -1,0 +1,231 @@
+//! The bytes under a device's MQTT: TCP, or TLS over TCP for `--transport wss`.
+//!
+//! rustls is driven by hand over the tokio socket (ciphertext in and out of the
+//! `ClientConnection`), so the device's read path keeps its shape: wait for readiness,
+//! one non-blocking read, all the plaintext it brought. Without `--tls-ca` the server's
+//! certificate is not checked: loadgen measures brokers, it carries no secrets.
+
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Ciphertext read per socket read.
+const CIPHER_CHUNK: usize = 16 * 1024;
+
+/// The TLS client settings of a `wss` run: verify against the PEM CA bundle `ca`, or
+/// (without one) accept any server certificate.
+pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let config = match ca {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?
+            {
+                let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Accepts any certificate, but still checks the handshake signatures with it.
+#[derive(Debug)]
+struct AnyServerCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// A TCP stream, with a TLS session over it or not.
+#[derive(Debug)]
+pub struct Wire {
+    pub stream: TcpStream,
+    tls: Option<Box<ClientConnection>>,
+}
+
+impl Wire {
+    pub fn tcp(stream: TcpStream) -> Wire {
+        Wire { stream, tls: None }
+    }
+
+    /// TLS over `stream`, handshake done.
+    pub async fn tls(
+        stream: TcpStream,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<Wire> {
+        let conn = ClientConnection::new(config, name).map_err(tls_error)?;
+        let mut wire = Wire {
+            stream,
+            tls: Some(Box::new(conn)),
+        };
+        wire.handshake().await?;
+        Ok(wire)
+    }
+
+    async fn handshake(&mut self) -> io::Result<()> {
+        let mut cipher = vec![0u8; CIPHER_CHUNK];
+        loop {
+            self.flush_tls().await?;
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(());
+            };
+            if !tls.is_handshaking() {
+                return Ok(());
+            }
+            self.stream.readable().await?;
+            match self.stream.try_read(&mut cipher) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => feed(tls, &cipher[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes what rustls has for the peer.
+    async fn flush_tls(&mut self) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut out)?;
+        }
+        self.stream.write_all(&out).await
+    }
+
+    /// Sends plaintext bytes.
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.tls.as_mut() {
+            None => self.stream.write_all(bytes).await,
+            Some(tls) => {
+                tls.writer().write_all(bytes)?;
+                self.flush_tls().await
+            }
+        }
+    }
+
+    /// One non-blocking read; the plaintext it brought goes to `into` (with at least
+    /// `reserve` bytes of room). `Ok(0)` is the end; `WouldBlock` when no plaintext came.
+    pub fn try_recv(&mut self, into: &mut BytesMut, reserve: usize) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            into.reserve(reserve);
+            return self.stream.try_read_buf(into);
+        };
+        let mut cipher = [0u8; CIPHER_CHUNK];
+        let n = self.stream.try_read(&mut cipher)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        feed(tls, &cipher[..n])?;
+        read_plain(tls, into)
+    }
+
+    /// Waits for plaintext and reads it into `into`; `Ok(0)` is the end.
+    pub async fn recv(&mut self, into: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            match self.try_recv(into, CIPHER_CHUNK) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
+    }
+
+    /// Ends the TLS session (close_notify) and the TCP stream (FIN).
+    pub async fn shutdown(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = self.flush_tls().await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Hands ciphertext to rustls and lets it process the records.
+fn feed(tls: &mut ClientConnection, mut cipher: &[u8]) -> io::Result<()> {
+    while !cipher.is_empty() {
+        tls.read_tls(&mut cipher)?;
+        tls.process_new_packets().map_err(tls_error)?;
+    }
+    Ok(())
+}
+
+/// All the plaintext rustls holds, into `into`. `Ok(0)`: the server ended the session.
+fn read_plain(tls: &mut ClientConnection, into: &mut BytesMut) -> io::Result<usize> {
+    let mut total = 0;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tls.reader().read(&mut chunk) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                into.extend_from_slice(&chunk[..n]);
+                total += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && total == 0 => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) => return Err(e),
+        }
+    }
+}

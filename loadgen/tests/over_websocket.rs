@@ -1,0 +1,311 @@
+//! `--transport ws|wss` against an independent server: Mosquitto's websockets listener
+//! (Debian's mosquitto, started here on loopback with a TCP and a websockets listener and
+//! killed by its PID), and for `wss` socat terminating TLS in front of it. This proves
+//! loadgen's client side of MQTT over WebSocket without the gateway's own WebSocket code.
+//! Skipped with a printed reason when mosquitto (or socat) is not installed locally;
+//! under CI (which installs both) a missing binary fails.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{loadgen_line, u};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+struct Mosquitto {
+    child: Child,
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    dir: PathBuf,
+}
+
+/// `N` distinct ports free right now (Mosquitto's websockets listener cannot bind port
+/// 0); all are held while the next is picked, so they differ.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, written as PEM files into
+/// `dir`: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let files = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto, or `None` (with the reason printed) when it is not installed.
+    fn start(tag: &str) -> Option<Mosquitto> {
+        if !Path::new(MOSQUITTO).exists() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{MOSQUITTO} missing under CI"
+            );
+            eprintln!("skipped: {MOSQUITTO} not installed (apt-get install mosquitto)");
+            return None;
+        }
+        let dir =
+            std::env::temp_dir().join(format!("loadgen-mosquitto-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let [tcp_port, ws_port] = free_ports();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "allow_anonymous true\nmax_keepalive 65535\n\
+                 listener {tcp_port} 127.0.0.1\n\
+                 listener {ws_port} 127.0.0.1\nprotocol websockets\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto starts");
+        let m = Mosquitto {
+            child,
+            tcp: loopback(tcp_port),
+            ws: loopback(ws_port),
+            dir,
+        };
+        if !listening(&[m.tcp, m.ws]) {
+            let log = std::fs::read_to_string(m.dir.join("mosquitto.log")).unwrap_or_default();
+            panic!("mosquitto did not start:\n{log}");
+        }
+        Some(m)
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Whether all of `addrs` accept connections within 60 s (generous: a loaded machine).
+fn listening(addrs: &[SocketAddr]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    addrs.iter().all(|&addr| loop {
+        if TcpStream::connect(addr).is_ok() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    })
+}
+
+/// Debian's Mosquitto cannot serve websockets over TLS (its libwebsockets listener
+/// fails to start with a certificate), so `wss` is socat terminating TLS (a certificate
+/// for 127.0.0.1 signed by `ca`) in front of Mosquitto's websockets listener. Killed by
+/// PID on drop.
+struct TlsFront {
+    child: Child,
+    addr: SocketAddr,
+    /// The CA's PEM file.
+    ca: PathBuf,
+}
+
+impl TlsFront {
+    fn start(m: &Mosquitto) -> Option<TlsFront> {
+        if Command::new("socat").arg("-V").output().is_err() {
+            assert!(std::env::var_os("CI").is_none(), "socat missing under CI");
+            eprintln!("skipped: socat not installed (apt-get install socat)");
+            return None;
+        }
+        let (ca, cert, key) = certificates(&m.dir);
+        let [port] = free_ports();
+        let child = Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                cert.display(),
+                key.display()
+            ))
+            .arg(format!("TCP:{}", m.ws))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat starts");
+        let front = TlsFront {
+            child,
+            addr: loopback(port),
+            ca,
+        };
+        assert!(listening(&[front.addr]), "socat did not start");
+        Some(front)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn connect_holds_websocket_connections_and_answers_keepalive() {
+    let Some(m) = Mosquitto::start("connect") else {
+        return;
+    };
+    let target = m.ws.to_string();
+    let out = loadgen_line(&format!(
+        "connect --target {target} --transport ws --conns 60 --rate 1000 --hold 2 --keepalive 1 --json --quiet"
+    ));
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(s["transport"], "ws", "{s}");
+    assert_eq!(u(&s["connected"]), 60, "{s}");
+    assert_eq!(u(&s["failed"]), 0, "{s}");
+    assert_eq!(u(&s["live_at_end"]), 60, "{s}");
+    assert_eq!(u(&s["subscribe_latency_ms"]["count"]), 60, "{s}");
+    // PINGREQ every 0.75 s over two seconds: answered over the WebSocket.
+    assert!(u(&s["pongs"]) >= 60, "{s}");
+}
+
+#[test]
+fn fanout_to_websocket_subscribers_from_a_tcp_publisher() {
+    let Some(m) = Mosquitto::start("fanout") else {
+        return;
+    };
+    let (ws, tcp) = (m.ws.to_string(), m.tcp.to_string());
+    let out = loadgen_line(&format!(
+        "fanout --target {ws} --transport ws --publisher-target {tcp} --subscribers 20 --rate 50 --duration 2 --qos 1 --json --quiet"
+    ));
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["subscribed"]), 20, "{s}");
+    assert_eq!(u(&s["published"]), 100, "{s}");
+    assert_eq!(u(&s["delivered"]), 2000, "{s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+}
+
+#[test]
+fn churn_probes_upgrade_and_connect_over_websocket() {
+    let Some(m) = Mosquitto::start("churn") else {
+        return;
+    };
+    let target = m.ws.to_string();
+    let out = loadgen_line(&format!(
+        "churn --target {target} --transport ws --count 40 --rate 500 --mode mqtt --wait-connack --json --quiet"
+    ));
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["probes"]), 40, "{s}");
+    assert_eq!(u(&s["completed"]), 40, "{s}");
+    assert_eq!(u(&s["failed"]), 0, "{s}");
+}
+
+#[test]
+fn a_websocket_client_at_a_plain_mqtt_port_fails_with_a_named_cause() {
+    let Some(m) = Mosquitto::start("mismatch") else {
+        return;
+    };
+    // The TCP listener reads the upgrade request as a malformed CONNECT and closes.
+    let target = m.tcp.to_string();
+    let out = loadgen_line(&format!(
+        "connect --target {target} --transport ws --conns 5 --rate 100 --hold 0 --connect-timeout 5 --json --quiet"
+    ));
+    let s = out.summary();
+    assert_eq!(u(&s["connected"]), 0, "{s}");
+    assert_eq!(u(&s["failed"]), 5, "{s}");
+    let failures = s["failures"].as_object().unwrap();
+    assert!(failures.keys().all(|k| k.starts_with("ws_")), "{s}");
+}
+
+#[test]
+fn connect_over_websocket_over_tls_verified_by_the_ca() {
+    let Some(m) = Mosquitto::start("wss") else {
+        return;
+    };
+    let Some(front) = TlsFront::start(&m) else {
+        return;
+    };
+    let (target, ca) = (front.addr.to_string(), front.ca.display().to_string());
+    let out = loadgen_line(&format!(
+        "connect --target {target} --transport wss --tls-ca {ca} --conns 30 --rate 1000 \
+         --hold 1 --keepalive 1 --json --quiet"
+    ));
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(s["transport"], "wss", "{s}");
+    assert_eq!(u(&s["connected"]), 30, "{s}");
+    assert_eq!(u(&s["live_at_end"]), 30, "{s}");
+    assert!(u(&s["pongs"]) >= 30, "{s}");
+
+    // Without --tls-ca the certificate is not checked; with another CA it is refused.
+    let out = loadgen_line(&format!(
+        "churn --target {target} --transport wss --count 10 --rate 500 --mode mqtt \
+         --wait-connack --json --quiet"
+    ));
+    assert_eq!(u(&out.summary()["completed"]), 10, "{}", out.stderr);
+    let other = std::env::temp_dir().join(format!("loadgen-other-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&other).unwrap();
+    let (other_ca, _, _) = certificates(&other);
+    let out = loadgen_line(&format!(
+        "connect --target {target} --transport wss --tls-ca {} --conns 3 --rate 100 \
+         --hold 0 --json --quiet",
+        other_ca.display()
+    ));
+    let _ = std::fs::remove_dir_all(&other);
+    let s = out.summary();
+    assert_eq!(u(&s["failed"]), 3, "{s}");
+    let failures = s["failures"].as_object().unwrap();
+    assert!(failures.keys().all(|k| k.starts_with("tls")), "{s}");
+}
+
+#[test]
+fn storm_devices_come_back_over_websocket() {
+    let Some(m) = Mosquitto::start("storm") else {
+        return;
+    };
+    let target = m.ws.to_string();
+    let out = loadgen_line(&format!(
+        "storm --target {target} --transport ws --conns 50 --connect-rate 2000 \
+         --backoff both --backoff-base-ms 50 --backoff-max-ms 500 --round-timeout 30 \
+         --settle 0 --json --quiet"
+    ));
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["connected"]), 50, "{s}");
+    let rounds = s["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "{s}");
+    for r in rounds {
+        assert_eq!(u(&r["back"]), 50, "{r}");
+        assert_eq!(r["all_back"], true, "{r}");
+    }
+}
