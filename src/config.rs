@@ -52,6 +52,7 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     pub acl: crate::acl::AclConfig,
     pub store: StoreConfig,
+    pub events: crate::events::EventsConfig,
 }
 
 /// `[mqtt]`: the MQTT listener and the protocol limits it enforces.
@@ -735,6 +736,9 @@ impl Config {
         in_range("store.commit_interval_ms", st.commit_interval_ms, 0, 10_000)?;
         in_range("store.sync_interval_ms", st.sync_interval_ms, 1, 600_000)?;
         in_range("store.queue_batches", st.queue_batches, 1, 1_000_000)?;
+        self.events
+            .validate()
+            .map_err(|(key, message)| invalid(&key, message))?;
         Ok(())
     }
 

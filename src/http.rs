@@ -33,6 +33,8 @@ pub struct AdminState {
     pub push: Arc<PushMetrics>,
     /// The durable store's metrics (`None` when the store is off).
     pub store: Option<Arc<crate::store::StoreMetrics>>,
+    /// The event sinks' metrics (`None` when `[events]` names no sink).
+    pub events: Option<Arc<crate::events::EventsMetrics>>,
     pub started: Instant,
 }
 
@@ -263,6 +265,9 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     s.push.render(&mut out);
     if let Some(st) = &s.store {
         st.render(&mut out);
+    }
+    if let Some(ev) = &s.events {
+        ev.render(&mut out);
     }
     let dropped = s.log_dropped.as_ref().map_or(0, |c| c.dropped_lines());
     metrics::render_process(&mut out, dropped as u64, s.started);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::api::ApiState;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::events::{EventSender, Events};
 use crate::http::{self, AdminState};
 use crate::listen::{bind_group, BindError};
 use crate::logging::LogGuard;
@@ -41,6 +42,7 @@ pub struct Server {
     ready: Arc<AtomicBool>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     store: Option<Store>,
+    events: Events,
 }
 
 /// Why the gateway could not start; each kind has its exit code ([`StartError::exit_code`]).
@@ -201,6 +203,13 @@ impl Server {
             .enable_all()
             .build()?;
 
+        // The event sinks run on the business pool; shards get their sender.
+        let events = Events::start(
+            &config.events,
+            &crate::events::host_name(),
+            business.handle(),
+        )?;
+
         let (mailboxes, receivers) = Mailboxes::new(n, config.shards.mailbox_capacity as usize);
         let metrics: Vec<Arc<ShardMetrics>> =
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
@@ -233,6 +242,7 @@ impl Server {
                 restore: std::mem::take(&mut restore[id]),
                 retained: retained.clone(),
                 ready: ready_tx.clone(),
+                events: events.sender.clone(),
             })?);
         }
         drop(ready_tx);
@@ -262,6 +272,7 @@ impl Server {
             ready: ready.clone(),
             log_dropped: log.map(|g| g.dropped_counter()),
             push,
+            events: config.events.enabled().then(|| events.metrics.clone()),
             started: Instant::now(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -295,7 +306,14 @@ impl Server {
             ready,
             http_stop: Some(stop_tx),
             store,
+            events,
         })
+    }
+
+    /// The handle through which shards emit events (disabled when `[events]` names no
+    /// sink).
+    pub fn event_sender(&self) -> EventSender {
+        self.events.sender.clone()
     }
 
     /// Blocks until SIGINT or SIGTERM.
@@ -345,6 +363,9 @@ impl Server {
             store
                 .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5));
         }
+        // The shards' last events (disconnected: shutdown) get one delivery attempt.
+        self.events
+            .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1));
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }

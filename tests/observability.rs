@@ -71,7 +71,20 @@ const ALERTS: &[&str] = &[
     "GatewayShardBusy",
     "GatewayFdsNearLimit",
     "GatewayLogLinesDropped",
+    "GatewayEventsDropped",
 ];
+
+/// A webhook that takes every batch (a real HTTP server on a free loopback port), and the
+/// `[events]` section sending to it: the traffic's events are delivered, so the
+/// `gateway_events_*` families the panels and the alert use have data.
+async fn events_sink() -> String {
+    use axum::routing::post;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/hook", post(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("[events]\nwebhook_url = \"http://{addr}/hook\"\nlinger_ms = 10\n")
+}
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -464,8 +477,17 @@ async fn prometheus_scrapes_the_gateway_and_evaluates_every_dashboard_query_and_
     if !have("prometheus") {
         return;
     }
-    let gw = TestServer::start("");
+    let gw = TestServer::start(&events_sink().await);
     let _c = traffic(&gw).await;
+    // The traffic's events: observer and brief connected, brief disconnected.
+    let sent = "gateway_events_sent_total{sink=\"webhook\"}";
+    let delivered = gw
+        .wait_metric(sent, Duration::from_secs(20), |v| v >= 3.0)
+        .await;
+    assert!(
+        delivered >= 3.0,
+        "events delivered to the webhook: {delivered}"
+    );
     let scrape = gw.metrics().await;
     let mut exported = sample_names(&scrape);
     exported.extend(types(&scrape).into_iter().map(|(name, _)| name));
@@ -510,6 +532,11 @@ async fn prometheus_scrapes_the_gateway_and_evaluates_every_dashboard_query_and_
         "gateway_shard_busy_ratio",
         "gateway_log_lines_dropped_total",
         "process_open_fds",
+        "gateway_events_sent_total",
+        "gateway_events_retried_total",
+        "gateway_events_dropped_total",
+        "gateway_events_queue_depth",
+        "gateway_events_delivery_seconds_bucket",
     ] {
         assert!(used.contains(needed), "no panel or rule uses {needed}");
     }

@@ -34,6 +34,7 @@ mod closing;
 mod conn;
 mod delivery;
 mod durable;
+mod events;
 mod framer;
 mod gate;
 mod held;
@@ -137,6 +138,8 @@ pub struct ShardContext {
     pub retained: Arc<Vec<Arc<Message>>>,
     /// Told once the shard has restored its sessions and is about to accept.
     pub ready: std::sync::mpsc::Sender<usize>,
+    /// Where the shard's events to the backend go (see `events.rs`).
+    pub events: crate::events::EventSender,
 }
 
 /// One shard: its parts, each owning its state, and the loop that drives them.
@@ -159,6 +162,8 @@ pub struct Shard {
     stopping: bool,
     /// Answers to the business pool, sent after this turn's writes.
     pending_replies: Vec<push::PendingReply>,
+    /// Orders the events of this shard's clients (see `events.rs`).
+    seq: crate::events::SeqGen,
     /// MQTT acknowledgements waiting for the store commit (see `held.rs`).
     held: held::Held,
 }
@@ -306,6 +311,7 @@ impl Shard {
             per_ip: ctx.per_ip,
             open_connections: ctx.open_connections,
             congestion: ctx.congestion,
+            events: ctx.events,
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);
@@ -324,6 +330,7 @@ impl Shard {
                 wake_at: None,
                 stopping: false,
                 pending_replies: Vec::new(),
+                seq: Default::default(),
                 held,
             },
             ctx.mailbox,

@@ -1,6 +1,6 @@
 //! The services a shard calls on, shared with the rest of the gateway: authentication
 //! and the business runtime it runs on, the ACL, the durable store, metrics, the other
-//! shards' mailboxes, and the gateway-wide connection counts.
+//! shards' mailboxes, the gateway-wide connection counts, and the events to the backend.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -27,4 +27,6 @@ pub struct Services {
     pub open_connections: Arc<AtomicUsize>,
     /// Congested connections per shard (`slow_consumer = "backpressure"`).
     pub congestion: Arc<Congestion>,
+    /// Events to the backend (`src/events/`); disabled unless `[events]` names a sink.
+    pub events: crate::events::EventSender,
 }

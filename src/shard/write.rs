@@ -162,6 +162,7 @@ impl Shard {
                 DisconnectReason::Client | DisconnectReason::Shutdown
             );
             self.detach_session(s, will);
+            self.emit_disconnected(&id, reason);
             id
         } else {
             Arc::from("")

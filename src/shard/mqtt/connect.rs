@@ -408,6 +408,7 @@ impl Shard {
         self.services.metrics.packet_out(packet::CONNACK);
         let link = self.wire.conns[key].link as usize;
         ShardMetrics::add(&self.services.metrics.connects[link], 1);
+        self.emit_connected(key, skey, &c, &terms, present);
         tracing::debug!(shard = self.id, client_id = %client_id, peer = %self.wire.conns[key].peer, keep_alive = terms.keep_alive, session_present = present, "connected");
         if present {
             self.resend_inflight(skey);

@@ -100,6 +100,7 @@ impl Shard {
         }
         if expires_at.is_some_and(|d| d <= now) {
             tracing::debug!(shard = self.id, client_id = %self.sessions[skey].client_id, "session expired");
+            self.emit_session_expired(skey);
             self.end_session(skey);
             return;
         }

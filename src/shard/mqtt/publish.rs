@@ -66,7 +66,9 @@ impl Shard {
         let mut msg =
             Message::new(topic, p.payload, qos, p.retain, origin).with_expiry_secs(expiry);
         msg.props = p.props;
-        self.publish(Arc::new(msg));
+        let msg = Arc::new(msg);
+        self.emit_uplink(skey, &msg);
+        self.publish(msg);
         self.ack_publish(key, qos, pkid, 0);
         true
     }

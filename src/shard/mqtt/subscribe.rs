@@ -26,12 +26,14 @@ impl Shard {
         let mut codes = Vec::with_capacity(filters.len());
         let mut wanted_retained = Vec::new();
         let mut quota_logged = false;
+        let mut granted = Vec::new();
         for f in filters {
             match self.subscribe_one(key, skey, &f, sub_id, &mut quota_logged) {
                 SubStep::Closed => return false,
                 SubStep::Refused(code) => codes.push(code),
                 SubStep::Granted { qos, retained } => {
                     codes.push(qos);
+                    self.note_granted(&mut granted, &f.filter, qos);
                     if let Some(filter) = retained {
                         wanted_retained.push((filter, qos));
                     }
@@ -42,6 +44,7 @@ impl Shard {
             codec::encode_suback(out, v, pkid, &codes)
         });
         self.services.metrics.packet_out(packet::SUBACK);
+        self.emit_subscribed(skey, granted);
         for (filter, qos) in wanted_retained {
             self.send_retained(skey, &filter, qos, sub_id);
         }
@@ -249,6 +252,7 @@ impl Shard {
             codec::encode_unsuback(out, v, pkid, &codes)
         });
         self.services.metrics.packet_out(packet::UNSUBACK);
+        self.emit_unsubscribed(skey, filters, &codes);
     }
 }
 
