@@ -64,41 +64,64 @@ impl Mosquitto {
             eprintln!("skipped: {MOSQUITTO} not installed (apt-get install mosquitto)");
             return None;
         }
-        let dir =
-            std::env::temp_dir().join(format!("loadgen-mosquitto-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let [tcp_port, ws_port] = free_ports();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "allow_anonymous true\nmax_keepalive 65535\n\
-                 listener {tcp_port} 127.0.0.1\n\
-                 listener {ws_port} 127.0.0.1\nprotocol websockets\n"
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-v")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto starts");
-        let m = Mosquitto {
-            child,
-            tcp: loopback(tcp_port),
-            ws: loopback(ws_port),
-            dir,
-        };
-        if !listening(&[m.tcp, m.ws]) {
-            let log = std::fs::read_to_string(m.dir.join("mosquitto.log")).unwrap_or_default();
-            panic!("mosquitto did not start:\n{log}");
+        // libwebsockets in Mosquitto 2.0.11 sometimes cannot bind a port that was free a
+        // moment ago (tests pick ports in parallel): try fresh ports a few times.
+        let mut last_log = String::new();
+        for attempt in 0..5 {
+            let dir = std::env::temp_dir().join(format!(
+                "loadgen-mosquitto-{tag}-{}-{attempt}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let [tcp_port, ws_port] = free_ports();
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "allow_anonymous true\nmax_keepalive 65535\n\
+                     listener {tcp_port} 127.0.0.1\n\
+                     listener {ws_port} 127.0.0.1\nprotocol websockets\n"
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
+            let child = Command::new(MOSQUITTO)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-v")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("mosquitto starts");
+            let mut m = Mosquitto {
+                child,
+                tcp: loopback(tcp_port),
+                ws: loopback(ws_port),
+                dir,
+            };
+            if up_or_exited(&mut m.child, &[m.tcp, m.ws]) {
+                return Some(m);
+            }
+            last_log = std::fs::read_to_string(m.dir.join("mosquitto.log")).unwrap_or_default();
+            eprintln!("mosquitto attempt {attempt} did not start:\n{last_log}");
         }
-        Some(m)
+        panic!("mosquitto did not start in 5 attempts:\n{last_log}");
+    }
+}
+
+/// Whether `child` accepts connections on all of `addrs` within 60 s; false at once when
+/// it exits first (Mosquitto gives up on a listener it cannot bind).
+fn up_or_exited(child: &mut Child, addrs: &[SocketAddr]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if addrs.iter().all(|&a| TcpStream::connect(a).is_ok()) {
+            return true;
+        }
+        if Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -157,6 +157,7 @@ impl World {
             restore: Vec::new(),
             retained: Arc::new(Vec::new()),
             ready: std::sync::mpsc::channel().0,
+            events: crate::events::EventSender::disabled(),
         };
         let (shard, rx) = Shard::with_clock(ctx, Clock::manual).expect("shard");
         let slots = (0..clients)
