@@ -751,7 +751,7 @@ impl Inner {
     /// A shard's answer, or 504 once `answer_timeout_ms` has passed since `since` (the
     /// request's arrival): a stalled store must not hold requests forever.
     async fn answer<T>(&self, rx: oneshot::Receiver<T>, since: Instant) -> Result<T, ApiError> {
-        let limit = Duration::from_millis(u64::from(self.config.http.answer_timeout_ms));
+        let limit = self.config.http.answer_timeout();
         match tokio::time::timeout_at((since + limit).into(), rx).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(shutting_down()),
@@ -873,7 +873,7 @@ impl Inner {
     }
 
     fn answer_limit(&self) -> Duration {
-        Duration::from_millis(u64::from(self.config.http.answer_timeout_ms))
+        self.config.http.answer_timeout()
     }
 
     /// Runs a keyed push to its outcome, whether or not the request that started it is

@@ -145,7 +145,7 @@ fn check_config_does_not_start_listeners() {
     );
 }
 
-/// The names `gateway doctor` must report (src/doctor.rs), each with a status word.
+/// The names `gateway doctor` must report (src/doctor/mod.rs), each with a status word.
 const DOCTOR_CHECKS: [&str; 11] = [
     "RLIMIT_NOFILE soft",
     "RLIMIT_NOFILE hard",

@@ -84,20 +84,20 @@ pub struct WsSettings {
 
 impl Settings {
     pub fn from_config(c: &Config) -> Self {
-        let tick = Duration::from_millis(c.shards.tick_ms as u64);
+        let tick = c.shards.tick();
         let ticks = |secs: u64| -> u32 { secs_to_ticks(secs as f64, tick) };
         Settings {
             max_packet_size: c.mqtt.max_packet_size as usize,
-            max_client_id_len: c.mqtt.max_client_id_len as usize,
+            max_client_id_len: usize::from(c.mqtt.max_client_id_len),
             connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
-            connect_timeout: Duration::from_secs(u64::from(c.mqtt.connect_timeout_secs)),
-            max_keepalive_secs: c.mqtt.max_keepalive_secs as u16,
+            connect_timeout: c.mqtt.connect_timeout(),
+            max_keepalive_secs: c.mqtt.max_keepalive_secs,
             keepalive_zero: c.mqtt.keepalive_zero,
-            keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct as u8,
+            keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct,
             takeover: matches!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover),
             max_connections: c.mqtt.max_connections as usize,
-            receive_maximum: c.mqtt.receive_maximum as u16,
-            max_inflight: c.mqtt.max_inflight as u16,
+            receive_maximum: c.mqtt.receive_maximum,
+            max_inflight: c.mqtt.max_inflight,
             max_queued: c.mqtt.max_queued_messages as usize,
             max_session_expiry_secs: c.mqtt.max_session_expiry_secs,
             write_stall_ticks: ticks(c.mqtt.write_stall_timeout_secs as u64),
@@ -111,14 +111,14 @@ impl Settings {
             max_retained: c.mqtt.max_retained_messages as usize,
             max_retained_bytes: c.mqtt.max_retained_bytes,
             max_retained_bytes_per_client: c.mqtt.max_retained_bytes_per_client,
-            topic_alias_maximum: c.mqtt.topic_alias_maximum.min(65_535) as u16,
-            outbound_topic_aliases: c.mqtt.outbound_topic_aliases.min(65_535) as u16,
+            topic_alias_maximum: c.mqtt.topic_alias_maximum,
+            outbound_topic_aliases: c.mqtt.outbound_topic_aliases,
             high_watermark: c.buffers.outbound_high_watermark as usize,
             low_watermark: c.buffers.outbound_low_watermark as usize,
             backpressure: c.buffers.slow_consumer == SlowConsumer::Backpressure,
             outbound_max: c.buffers.outbound_max_bytes as usize,
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
-            max_topic_len: c.mqtt.max_topic_len as usize,
+            max_topic_len: usize::from(c.mqtt.max_topic_len),
             max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,
             tick,
             proxy_protocol: c.mqtt.proxy_protocol,
@@ -142,7 +142,7 @@ impl Settings {
                 idle_ticks: u64::from(secs_to_ticks(c.buffers.pool_idle_secs as f64, tick)),
             },
             socket: SocketOptions::from_config(c),
-            accept_retry: Duration::from_millis(u64::from(c.tcp.accept_retry_ms)),
+            accept_retry: c.tcp.accept_retry(),
             ws: WsSettings {
                 path: c.mqtt.ws_path.clone(),
                 allowed_origins: c.mqtt.ws_allowed_origins.clone(),

@@ -37,7 +37,7 @@ fn config() -> Config {
     c.acl.enabled = false;
     c.store.enabled = false;
     c.shards.tick_ms = TICK_MS as u32;
-    c.mqtt.max_inflight = MAX_INFLIGHT as u32;
+    c.mqtt.max_inflight = MAX_INFLIGHT as u16;
     c.mqtt.max_session_expiry_secs = 30;
     c.mqtt.write_stall_timeout_secs = 10;
     c.limits.publish_rate = 0;

@@ -1,0 +1,60 @@
+//! `[limits]`: overload protection: the connect rate, handshakes in progress, connections
+//! per IP, and each connection's publish and byte rates. `crate::limits` holds the rate
+//! limiters and the per-IP counter that enforce it.
+
+use serde::Deserialize;
+
+use super::{invalid, ConfigError, Section};
+
+/// `[limits]`: overload protection (connect rate, handshakes, per-IP, inbound rate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Accepts per second per shard; 0 = unlimited.
+    pub max_connect_rate: u32,
+    pub connect_burst: u32,
+    /// Per shard; 0 = unlimited.
+    pub max_handshaking: u32,
+    /// Gateway-wide; 0 = unlimited.
+    pub max_connections_per_ip: u32,
+    /// PUBLISH packets per second per connection; 0 = unlimited.
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    /// Inbound bytes per second per connection; 0 = unlimited.
+    pub bytes_rate: u32,
+    pub bytes_burst: u32,
+}
+
+impl Section for LimitsConfig {
+    /// A rate needs a burst of at least one, or nothing would ever pass.
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, rate, burst_key, burst) in [
+            (
+                "limits.max_connect_rate",
+                self.max_connect_rate,
+                "limits.connect_burst",
+                self.connect_burst,
+            ),
+            (
+                "limits.publish_rate",
+                self.publish_rate,
+                "limits.publish_burst",
+                self.publish_burst,
+            ),
+            (
+                "limits.bytes_rate",
+                self.bytes_rate,
+                "limits.bytes_burst",
+                self.bytes_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(invalid(
+                    burst_key,
+                    format!("must be at least 1 when {key} is set"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+//! `[store]`: where the durable store keeps persistent sessions, their messages and
+//! retained messages, and how its group commits reach the disk (see `crate::store`).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{in_range, invalid, ConfigError, Section};
+
+/// `[store]`: the durable store of persistent sessions, their messages and retained
+/// messages (see `crate::store`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub enabled: bool,
+    /// A directory; the database file `gateway.redb` is inside it.
+    pub path: PathBuf,
+    pub durability: StoreDurability,
+    /// Most changes in one write transaction (one group commit).
+    pub max_batch: u32,
+    /// Extra milliseconds the writer waits to gather a bigger group (0 = commit at once).
+    pub commit_interval_ms: u32,
+    /// With `eventual`: milliseconds between the fsyncs that make commits durable.
+    pub sync_interval_ms: u32,
+    /// Shard batches the writer's channel holds before shards keep theirs for next turn.
+    pub queue_batches: u32,
+}
+
+/// When a commit reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDurability {
+    /// Every commit is fsynced before anyone is told (a `queued` push is on disk).
+    Immediate,
+    /// Commits are not fsynced; an fsync follows within `sync_interval_ms`.
+    Eventual,
+}
+
+impl Section for StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let st = self;
+        if st.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty".into()));
+        }
+        in_range("store.max_batch", st.max_batch, 1, 1_000_000)?;
+        in_range("store.commit_interval_ms", st.commit_interval_ms, 0, 10_000)?;
+        in_range("store.sync_interval_ms", st.sync_interval_ms, 1, 600_000)?;
+        in_range("store.queue_batches", st.queue_batches, 1, 1_000_000)
+    }
+}
