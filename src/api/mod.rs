@@ -10,6 +10,11 @@
 //! is set, otherwise only the `tokenless_networks` sources, loopback by default), bounds
 //! request bodies (one per-message size rule, a permit for each large body, a read
 //! timeout), and runs keyed pushes through [`crate::idempotency`].
+//!
+//! The parts: `access` (who may call), `body` (size limits, permits, JSON checks),
+//! `spec` (the validated push and its answers), `push` (the push handlers), `clients`
+//! (the clients routes and stats) and `error` (the error answers); this file holds the
+//! shared state, the router and the OpenAPI document.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
