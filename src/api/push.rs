@@ -477,8 +477,33 @@ pub(super) async fn push_batch(
     // in one mailbox message per shard, everything else one by one.
     let n = messages.len();
     let mut results: Vec<Option<Result<PushAnswer, ApiError>>> = (0..n).map(|_| None).collect();
+    let (per_shard, singles) = sort_batch(inner, messages, &mut results);
+    push_grouped(inner, per_shard, received, &mut results).await;
+    for (i, spec) in singles {
+        results[i] = Some(inner.push_once(spec, received).await);
+    }
+    let results: Vec<BatchResult> = results.into_iter().map(batch_result).collect();
+    (
+        StatusCode::OK,
+        axum::Json(BatchAnswer { results: &results }),
+    )
+        .into_response()
+}
+
+/// Items of a batch with their index in it.
+type Indexed = Vec<(usize, PushSpec)>;
+
+/// Validates each item of a batch and sorts it: client pushes without an idempotency key
+/// grouped by home shard, everything else (topic pushes, keyed pushes) to go one by one.
+/// An invalid item gets its error in `results` here.
+fn sort_batch(
+    inner: &Inner,
+    messages: Vec<MaybeObject<'_>>,
+    results: &mut [Option<Result<PushAnswer, ApiError>>],
+) -> (Vec<Indexed>, Indexed) {
+    let config = &inner.config;
     let shards = inner.mailboxes.len();
-    let mut per_shard: Vec<Vec<(usize, PushSpec)>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Indexed> = (0..shards).map(|_| Vec::new()).collect();
     let mut singles = Vec::new();
     for (i, item) in messages.into_iter().enumerate() {
         let spec = match item {
@@ -499,7 +524,17 @@ pub(super) async fn push_batch(
             },
         }
     }
+    (per_shard, singles)
+}
 
+/// Sends each shard its group of client pushes in one mailbox message and waits for the
+/// answers, writing each item's result.
+async fn push_grouped(
+    inner: &Inner,
+    per_shard: Vec<Indexed>,
+    received: Instant,
+    results: &mut [Option<Result<PushAnswer, ApiError>>],
+) {
     let mut waits = Vec::new();
     for (shard, group) in per_shard.into_iter().enumerate() {
         if group.is_empty() {
@@ -547,26 +582,17 @@ pub(super) async fn push_batch(
             }
         }
     }
-    for (i, spec) in singles {
-        results[i] = Some(inner.push_once(spec, received).await);
+}
+
+/// One item's entry in the batch answer.
+fn batch_result(r: Option<Result<PushAnswer, ApiError>>) -> BatchResult {
+    match r {
+        Some(Ok(a)) => BatchResult::Answer(a),
+        Some(Err(e)) => {
+            let mut b = e.body();
+            b["error"]["status"] = json!(e.status.as_u16());
+            BatchResult::Error(b)
+        }
+        None => BatchResult::Error(json!({"error": {"code": "internal", "message": "no answer"}})),
     }
-    let results: Vec<BatchResult> = results
-        .into_iter()
-        .map(|r| match r {
-            Some(Ok(a)) => BatchResult::Answer(a),
-            Some(Err(e)) => {
-                let mut b = e.body();
-                b["error"]["status"] = json!(e.status.as_u16());
-                BatchResult::Error(b)
-            }
-            None => {
-                BatchResult::Error(json!({"error": {"code": "internal", "message": "no answer"}}))
-            }
-        })
-        .collect();
-    (
-        StatusCode::OK,
-        axum::Json(BatchAnswer { results: &results }),
-    )
-        .into_response()
 }
