@@ -175,7 +175,8 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, batches: &[Batch]) -> Result<(), redb::Error> {
+    /// A write transaction with the configured durability.
+    fn begin(&self) -> Result<redb::WriteTransaction, redb::Error> {
         let mut tx = self.db.begin_write()?;
         let durability = match self.durability {
             StoreDurability::Immediate => redb::Durability::Immediate,
@@ -186,6 +187,11 @@ impl Writer {
         // Saves the allocator state with each commit, so a restart after a crash does not
         // walk the whole file to rebuild it.
         tx.set_quick_repair(true);
+        Ok(tx)
+    }
+
+    fn apply(&mut self, batches: &[Batch]) -> Result<(), redb::Error> {
+        let tx = self.begin()?;
         let now = Instant::now();
         let now_wall = now_ms();
         let mut buf = Vec::with_capacity(256);
@@ -208,24 +214,7 @@ impl Writer {
                     }
                     Op::DeleteSession(id) => {
                         sessions.remove(&**id)?;
-                        let filters: Vec<String> = subs
-                            .range((&**id, "")..)?
-                            .map_while(|r| {
-                                let (k, _) = r.ok()?;
-                                let (cid, f) = k.value();
-                                (cid == &**id).then(|| f.to_string())
-                            })
-                            .collect();
-                        for f in filters {
-                            subs.remove((&**id, f.as_str()))?;
-                        }
-                        let seqs: Vec<u64> = messages
-                            .range((&**id, 0u64)..=(&**id, u64::MAX))?
-                            .filter_map(|r| r.ok().map(|(k, _)| k.value().1))
-                            .collect();
-                        for seq in seqs {
-                            messages.remove((&**id, seq))?;
-                        }
+                        remove_client_rows(&mut subs, &mut messages, id)?;
                     }
                     Op::Sub {
                         client_id,
@@ -269,4 +258,31 @@ impl Writer {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Deletes a client's subscriptions and messages (its session row is deleted by the caller).
+fn remove_client_rows(
+    subs: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    messages: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    id: &str,
+) -> Result<(), redb::Error> {
+    let filters: Vec<String> = subs
+        .range((id, "")..)?
+        .map_while(|r| {
+            let (k, _) = r.ok()?;
+            let (cid, f) = k.value();
+            (cid == id).then(|| f.to_string())
+        })
+        .collect();
+    for f in filters {
+        subs.remove((id, f.as_str()))?;
+    }
+    let seqs: Vec<u64> = messages
+        .range((id, 0u64)..=(id, u64::MAX))?
+        .filter_map(|r| r.ok().map(|(k, _)| k.value().1))
+        .collect();
+    for seq in seqs {
+        messages.remove((id, seq))?;
+    }
+    Ok(())
 }
