@@ -110,7 +110,17 @@ impl ShardCollector {
 
 impl Collector for ShardCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let e = &mut enc;
+        self.encode_state(&mut enc)?;
+        self.encode_connections(&mut enc)?;
+        self.encode_traffic(&mut enc)?;
+        self.encode_connection_age(&mut enc)?;
+        self.encode_polls(&mut enc)
+    }
+}
+
+impl ShardCollector {
+    /// What the shards hold now: connections, sessions, timers, subscriptions, queues.
+    fn encode_state(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         labelled_gauges(
             e,
             "gateway_connections",
@@ -158,6 +168,11 @@ impl Collector for ShardCollector {
             "Messages waiting in session queues.",
             self.total(|s| get(&s.queued_messages)),
         )?;
+        Ok(())
+    }
+
+    /// Connections opened, ended, refused or paused, and the bytes they moved.
+    fn encode_connections(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         labelled_counters(
             e,
             "gateway_connects_total",
@@ -247,6 +262,11 @@ impl Collector for ShardCollector {
             "Connections closed for a missing, invalid or oversized PROXY protocol header.",
             self.total(|s| get(&s.proxy_header_errors)),
         )?;
+        Ok(())
+    }
+
+    /// ACL refusals, dropped messages, packets by type, the buffer pools.
+    fn encode_traffic(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         labelled_counters(
             e,
             "gateway_acl_denied_total",
@@ -310,8 +330,11 @@ impl Collector for ShardCollector {
                 ("miss".to_owned(), self.total(|s| get(&s.pool_misses))),
             ],
         )?;
+        Ok(())
+    }
 
-        // Connection age: the shards' buckets summed.
+    /// Connection age: the shards' buckets summed.
+    fn encode_connection_age(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
         let buckets: Vec<(f64, u64)> = CONNECTION_AGE_BUCKETS
             .iter()
             .copied()
@@ -332,8 +355,11 @@ impl Collector for ShardCollector {
             MetricType::Histogram,
         )?
         .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        Ok(())
+    }
 
-        // The shards' main futures, from their tokio-metrics TaskMonitors.
+    /// The shards' main futures, from their tokio-metrics TaskMonitors.
+    fn encode_polls(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         let now = Instant::now();
         let polls: Vec<_> = self
             .0
@@ -348,7 +374,6 @@ impl Collector for ShardCollector {
                 )
             })
             .collect();
-        let e = &mut enc;
         let shard = |i: usize| i.to_string();
         labelled_counters(
             e,
