@@ -106,113 +106,22 @@ pub(super) fn parse_push(
     config: &Config,
     index: Option<usize>,
 ) -> Result<PushSpec, ApiError> {
-    let f = |name: &str| match index {
-        Some(i) => format!("messages[{i}].{name}"),
-        None => name.to_owned(),
-    };
+    let fields = Fields { m, index };
+    let f = |name: &str| fields.name(name);
     if let Some(k) = m.unknown(&PUSH_FIELDS) {
         return Err(ApiError::bad(&f(k), format!("unknown field `{k}`")));
     }
-    // A field is given or omitted: `null` is refused (the OpenAPI types are not nullable).
-    let get = |name: &str| -> Result<Option<&Field>, ApiError> {
-        match m.get(name) {
-            Some(Field::Null) => Err(ApiError::bad(
-                &f(name),
-                format!("`{name}` must not be null (omit it instead)"),
-            )),
-            v => Ok(v),
-        }
-    };
-    let string = |name: &str| -> Result<Option<&str>, ApiError> {
-        match get(name)? {
-            None => Ok(None),
-            Some(Field::Str(s)) => Ok(Some(s)),
-            Some(_) => Err(ApiError::bad(
-                &f(name),
-                format!("`{name}` must be a string"),
-            )),
-        }
-    };
-    let boolean = |name: &str| -> Result<bool, ApiError> {
-        match get(name)? {
-            None => Ok(false),
-            Some(Field::Bool(b)) => Ok(*b),
-            Some(_) => Err(ApiError::bad(
-                &f(name),
-                format!("`{name}` must be true or false"),
-            )),
-        }
-    };
-    let integer = |name: &str, min: u64, max: u64| -> Result<Option<u64>, ApiError> {
-        match get(name)? {
-            None => Ok(None),
-            Some(Field::UInt(n)) if (min..=max).contains(n) => Ok(Some(*n)),
-            Some(_) => Err(ApiError::bad(
-                &f(name),
-                format!("`{name}` must be an integer in {min}..={max}"),
-            )),
-        }
-    };
+    let string = |name: &str| fields.string(name);
+    let boolean = |name: &str| fields.boolean(name);
+    let integer = |name: &str, min: u64, max: u64| fields.integer(name, min, max);
 
-    let client_id = match string("client_id")? {
-        Some("") => {
-            return Err(ApiError::bad(
-                &f("client_id"),
-                "`client_id` must not be empty",
-            ))
-        }
-        Some(c) if c.contains('\0') => {
-            return Err(ApiError::bad(
-                &f("client_id"),
-                "`client_id` must not contain NUL (U+0000)",
-            ))
-        }
-        Some(c) if c.len() > config.mqtt.max_client_id_len as usize => {
-            return Err(ApiError::bad(
-                &f("client_id"),
-                format!(
-                    "`client_id` is longer than {} bytes",
-                    config.mqtt.max_client_id_len
-                ),
-            ))
-        }
-        c => c.map(str::to_owned),
-    };
+    let client_id = check_client_id(string("client_id")?, config, &f)?;
     let topic =
         string("topic")?.ok_or_else(|| ApiError::bad(&f("topic"), "`topic` is required"))?;
-    if !topic::valid_topic_name(topic) {
-        return Err(ApiError::bad(
-            &f("topic"),
-            "`topic` must be a valid MQTT topic name (non-empty, no `+` or `#`)",
-        ));
-    }
-    if topic.len() > config.mqtt.max_topic_len as usize {
-        return Err(ApiError::bad(
-            &f("topic"),
-            format!(
-                "`topic` is longer than mqtt.max_topic_len ({} bytes)",
-                config.mqtt.max_topic_len
-            ),
-        ));
-    }
+    check_topic(topic, config, &f)?;
     let raw =
         string("payload")?.ok_or_else(|| ApiError::bad(&f("payload"), "`payload` is required"))?;
-    let payload = match string("encoding")?.unwrap_or("utf8") {
-        "utf8" => Bytes::copy_from_slice(raw.as_bytes()),
-        "base64" => Bytes::from(
-            base64::engine::general_purpose::STANDARD
-                .decode(raw)
-                .map_err(|e| {
-                    ApiError::bad(&f("payload"), format!("`payload` is not valid base64: {e}"))
-                })?,
-        ),
-        _ => {
-            return Err(ApiError::bad(
-                &f("encoding"),
-                "`encoding` must be \"utf8\" or \"base64\"",
-            ))
-        }
-    };
+    let payload = decode_payload(raw, string("encoding")?, &f)?;
     let max = config.mqtt.max_packet_size as usize;
     if payload.len() + topic.len() + 16 > max {
         return Err(ApiError::new(
@@ -261,4 +170,135 @@ pub(super) fn parse_push(
         timeout,
         idempotency_key,
     })
+}
+
+/// The fields of one push object, and the name each error gives a field.
+struct Fields<'a> {
+    m: &'a Object<'a>,
+    index: Option<usize>,
+}
+
+impl Fields<'_> {
+    /// The field's name in an error: `messages[3].qos` for item 3 of a batch.
+    fn name(&self, name: &str) -> String {
+        match self.index {
+            Some(i) => format!("messages[{i}].{name}"),
+            None => name.to_owned(),
+        }
+    }
+
+    /// A field is given or omitted: `null` is refused (the OpenAPI types are not nullable).
+    fn get(&self, name: &str) -> Result<Option<&Field<'_>>, ApiError> {
+        match self.m.get(name) {
+            Some(Field::Null) => Err(ApiError::bad(
+                &self.name(name),
+                format!("`{name}` must not be null (omit it instead)"),
+            )),
+            v => Ok(v),
+        }
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.get(name)? {
+            None => Ok(None),
+            Some(Field::Str(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::bad(
+                &self.name(name),
+                format!("`{name}` must be a string"),
+            )),
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<bool, ApiError> {
+        match self.get(name)? {
+            None => Ok(false),
+            Some(Field::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::bad(
+                &self.name(name),
+                format!("`{name}` must be true or false"),
+            )),
+        }
+    }
+
+    fn integer(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+        match self.get(name)? {
+            None => Ok(None),
+            Some(Field::UInt(n)) if (min..=max).contains(n) => Ok(Some(*n)),
+            Some(_) => Err(ApiError::bad(
+                &self.name(name),
+                format!("`{name}` must be an integer in {min}..={max}"),
+            )),
+        }
+    }
+}
+
+/// `client_id`: not empty, no NUL, at most `mqtt.max_client_id_len` bytes.
+fn check_client_id(
+    c: Option<&str>,
+    config: &Config,
+    f: &dyn Fn(&str) -> String,
+) -> Result<Option<String>, ApiError> {
+    match c {
+        Some("") => Err(ApiError::bad(
+            &f("client_id"),
+            "`client_id` must not be empty",
+        )),
+        Some(c) if c.contains('\0') => Err(ApiError::bad(
+            &f("client_id"),
+            "`client_id` must not contain NUL (U+0000)",
+        )),
+        Some(c) if c.len() > config.mqtt.max_client_id_len as usize => Err(ApiError::bad(
+            &f("client_id"),
+            format!(
+                "`client_id` is longer than {} bytes",
+                config.mqtt.max_client_id_len
+            ),
+        )),
+        c => Ok(c.map(str::to_owned)),
+    }
+}
+
+/// `topic`: a valid MQTT topic name within `mqtt.max_topic_len`.
+fn check_topic(topic: &str, config: &Config, f: &dyn Fn(&str) -> String) -> Result<(), ApiError> {
+    if !topic::valid_topic_name(topic) {
+        return Err(ApiError::bad(
+            &f("topic"),
+            "`topic` must be a valid MQTT topic name (non-empty, no `+` or `#`)",
+        ));
+    }
+    if topic.len() > config.mqtt.max_topic_len as usize {
+        return Err(ApiError::bad(
+            &f("topic"),
+            format!(
+                "`topic` is longer than mqtt.max_topic_len ({} bytes)",
+                config.mqtt.max_topic_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The payload's bytes, from `payload` in its `encoding` (utf8 by default, or base64).
+fn decode_payload(
+    raw: &str,
+    encoding: Option<&str>,
+    f: &dyn Fn(&str) -> String,
+) -> Result<Bytes, ApiError> {
+    let payload = match encoding.unwrap_or("utf8") {
+        "utf8" => Bytes::copy_from_slice(raw.as_bytes()),
+        "base64" => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(raw)
+                .map_err(|e| {
+                    ApiError::bad(&f("payload"), format!("`payload` is not valid base64: {e}"))
+                })?,
+        ),
+        _ => {
+            return Err(ApiError::bad(
+                &f("encoding"),
+                "`encoding` must be \"utf8\" or \"base64\"",
+            ))
+        }
+    };
+    Ok(payload)
 }
