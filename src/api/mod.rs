@@ -1,0 +1,133 @@
+//! The backend's HTTP push API (`/v1/*`), served on the business pool.
+//!
+//! Handlers never touch shard state: they validate the request, address the client id's
+//! home shard (or every shard, for a topic) through its bounded mailbox with `try_send`,
+//! and await the shard's answer on a oneshot channel. A full mailbox is answered 503 with
+//! `Retry-After`; nothing here can stall an IO shard. The contract is in `docs/API.md`
+//! and `docs/openapi.json` (served at `/v1/openapi.json`).
+//!
+//! It also decides who may use `/v1` (`Access`: a bearer token once `[http] tokens`
+//! is set, otherwise only the `tokenless_networks` sources, loopback by default), bounds
+//! request bodies (one per-message size rule, a permit for each large body, a read
+//! timeout), and runs keyed pushes through [`crate::idempotency`].
+//!
+//! The parts: `access` (who may call), `body` (size limits, permits, JSON checks),
+//! `spec` (the validated push and its answers), `push` (the push handlers), `clients`
+//! (the clients routes and stats) and `error` (the error answers); this file holds the
+//! shared state, the router and the OpenAPI document.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::config::Config;
+use crate::idempotency::Keys;
+use crate::mailbox::Mailboxes;
+use crate::metrics::{PushMetrics, ShardMetrics};
+
+mod access;
+mod body;
+mod clients;
+mod error;
+mod push;
+mod spec;
+#[cfg(test)]
+mod tests;
+
+use self::access::{auth, count_push_requests, Access};
+pub use self::body::batch_body_limit;
+use self::clients::{
+    delete_client, delete_client_by_query, get_client, get_client_by_query, stats,
+};
+pub use self::error::ApiError;
+use self::push::{push, push_batch, Progress};
+
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Default and largest `timeout_ms` for `wait_ack`.
+const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+/// Longest accepted `idempotency_key`.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    access: Access,
+    mailboxes: Mailboxes,
+    shards: Vec<Arc<ShardMetrics>>,
+    push_metrics: Arc<PushMetrics>,
+    idempotency: Mutex<Keys<Progress>>,
+    /// Permits for reading bodies over [`LARGE_BODY`] (`http.max_large_bodies`).
+    large_bodies: tokio::sync::Semaphore,
+    ids: AtomicU64,
+    id_prefix: u64,
+}
+
+impl ApiState {
+    pub fn new(
+        config: Arc<Config>,
+        mailboxes: Mailboxes,
+        shards: Vec<Arc<ShardMetrics>>,
+        push_metrics: Arc<PushMetrics>,
+    ) -> Self {
+        let id_prefix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        ApiState {
+            inner: Arc::new(Inner {
+                access: Access::from_config(&config.http),
+                large_bodies: tokio::sync::Semaphore::new(config.http.max_large_bodies as usize),
+                config,
+                mailboxes,
+                shards,
+                push_metrics,
+                idempotency: Mutex::new(Keys::default()),
+                ids: AtomicU64::new(0),
+                id_prefix,
+            }),
+        }
+    }
+}
+
+impl ApiState {
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/push", post(push))
+        .route("/v1/push/batch", post(push_batch))
+        .route(
+            "/v1/clients/{client_id}",
+            get(get_client).delete(delete_client),
+        )
+        .route(
+            "/v1/clients",
+            get(get_client_by_query).delete(delete_client_by_query),
+        )
+        .route("/v1/stats", get(stats))
+        .route("/v1/openapi.json", get(openapi))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_push_requests,
+        ))
+        .with_state(state)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}

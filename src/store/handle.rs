@@ -1,0 +1,194 @@
+//! What a shard holds: the `Op`s it collects during a loop turn, the `Batch` it hands to
+//! the writer without blocking (`StoreHandle`), and the `CommitSignal` on which the writer
+//! tells it which sequences are durable.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::codec::Version;
+use crate::mailbox::{PushOutcome, PushStatus};
+use crate::message::Message;
+
+/// One change a shard asks the store to make.
+pub enum Op {
+    /// Insert or replace a session's record.
+    Session {
+        client_id: Arc<str>,
+        version: Version,
+        expiry_secs: u32,
+        /// Wall clock ms at which it went offline; 0 while online.
+        offline_since_ms: u64,
+    },
+    /// Delete a session with its subscriptions and messages.
+    DeleteSession(Arc<str>),
+    Sub {
+        client_id: Arc<str>,
+        filter: Arc<str>,
+        options: u8,
+        sub_id: u32,
+    },
+    DeleteSub {
+        client_id: Arc<str>,
+        filter: Arc<str>,
+    },
+    /// A QoS 1/2 message for a session; encoded on the writer thread, not the shard.
+    Message {
+        client_id: Arc<str>,
+        seq: u64,
+        msg: Arc<Message>,
+        qos: u8,
+        retain: bool,
+    },
+    DeleteMessage {
+        client_id: Arc<str>,
+        seq: u64,
+    },
+    Retained(Arc<Message>),
+    DeleteRetained(Arc<str>),
+}
+
+/// A push answer that waits until its messages are durable.
+pub type DeferredReply = (oneshot::Sender<Vec<PushOutcome>>, Vec<PushOutcome>);
+
+/// What one shard hands the writer at the end of a loop turn.
+#[derive(Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+    /// Sent by the writer after the commit that holds `ops`.
+    pub replies: Vec<DeferredReply>,
+    /// The shard's number for this batch (1, 2, …), published on `signal` once the
+    /// commit that holds it is done.
+    pub seq: u64,
+    pub signal: Option<Arc<CommitSignal>>,
+}
+
+/// How far one shard's batches have been committed, for the MQTT acknowledgements it
+/// holds until then (`shard/held.rs`). Written by the store writer after each commit (or
+/// by the shard's handle when the writer is gone), read by the shard; `notify` wakes the
+/// shard's loop. A permit is stored when the shard is not waiting, so no wake-up is lost.
+#[derive(Default)]
+pub struct CommitSignal {
+    /// The highest batch number whose commit has finished, successfully or not.
+    pub done: AtomicU64,
+    /// The highest batch number whose commit failed (0: none).
+    pub failed: AtomicU64,
+    pub notify: tokio::sync::Notify,
+}
+
+impl CommitSignal {
+    /// Batch `seq` and every earlier one of this shard are finished; `ok` says how.
+    pub(super) fn finish(&self, seq: u64, ok: bool) {
+        if !ok {
+            self.failed.fetch_max(seq, Relaxed);
+        }
+        // Release: a shard that sees `done` also sees `failed`.
+        self.done
+            .fetch_max(seq, std::sync::atomic::Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+/// A shard's side of the store: the ops of the current turn and the sequence numbers of
+/// the messages it stores.
+pub struct StoreHandle {
+    pub(super) tx: SyncSender<Batch>,
+    pub(super) pending: Batch,
+    /// Batches the channel did not take yet, oldest first.
+    pub(super) backlog: VecDeque<Batch>,
+    pub(super) next_seq: u64,
+    /// Messages put this run (lets a push see whether it stored something).
+    pub puts: u64,
+    /// The number of the last batch handed over (or queued in `backlog`).
+    pub(super) batch_seq: u64,
+    pub(super) signal: Arc<CommitSignal>,
+}
+
+impl StoreHandle {
+    pub fn push(&mut self, op: Op) {
+        if matches!(op, Op::Message { .. }) {
+            self.puts += 1;
+        }
+        self.pending.ops.push(op);
+    }
+
+    /// A fresh message sequence number.
+    pub fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Holds `reply` until this turn's ops are committed.
+    pub fn defer(&mut self, reply: DeferredReply) {
+        self.pending.replies.push(reply);
+    }
+
+    /// Ops collected this turn so far (a packet that added some changed durable state).
+    pub fn pending_ops(&self) -> usize {
+        self.pending.ops.len()
+    }
+
+    /// The number the batch of this turn's ops will carry (see [`CommitSignal`]).
+    pub fn pending_seq(&self) -> u64 {
+        self.batch_seq + 1
+    }
+
+    /// Where the writer says how far this shard's batches are committed.
+    pub fn signal(&self) -> &Arc<CommitSignal> {
+        &self.signal
+    }
+
+    /// Offers this turn's batch (and any older ones) to the writer without blocking.
+    /// True if some are still waiting (retry next turn).
+    pub fn flush(&mut self) -> bool {
+        if !self.pending.ops.is_empty() || !self.pending.replies.is_empty() {
+            self.batch_seq += 1;
+            let mut b = std::mem::take(&mut self.pending);
+            b.seq = self.batch_seq;
+            b.signal = Some(self.signal.clone());
+            self.backlog.push_back(b);
+        }
+        while let Some(b) = self.backlog.pop_front() {
+            match self.tx.try_send(b) {
+                Ok(()) => {}
+                Err(TrySendError::Full(b)) => {
+                    self.backlog.push_front(b);
+                    return true;
+                }
+                Err(TrySendError::Disconnected(b)) => {
+                    // The writer is gone (it logged why): nothing more becomes durable.
+                    self.signal.finish(b.seq, false);
+                    fail_replies(b.replies);
+                }
+            }
+        }
+        false
+    }
+
+    /// At shard exit: hands everything over, waiting for room if need be.
+    pub fn close(mut self) {
+        self.flush();
+        for b in self.backlog.drain(..) {
+            if let Err(e) = self.tx.send(b) {
+                self.signal.finish(e.0.seq, false);
+                fail_replies(e.0.replies);
+            }
+        }
+    }
+}
+
+/// Answers pushes whose messages could not be made durable: `queued` was not earned.
+pub(super) fn fail_replies(replies: Vec<DeferredReply>) {
+    for (tx, mut outcomes) in replies {
+        for o in &mut outcomes {
+            if o.status == PushStatus::Queued {
+                o.status = PushStatus::Dropped("store_error");
+                o.ack = None;
+            }
+        }
+        let _ = tx.send(outcomes);
+    }
+}

@@ -1,0 +1,85 @@
+//! The store's metrics (`StoreMetrics`): commits, fsync latency, batch sizes and the file
+//! size, written by the writer alone and rendered for `/metrics`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The store's metrics, shared by the writer (only writer) and `/metrics`.
+pub struct StoreMetrics {
+    pub(super) path: PathBuf,
+    pub(super) commits: Counter,
+    pub(super) ops: Counter,
+    pub(super) errors: Counter,
+    pub(super) commit_seconds: Histogram,
+    pub(super) batch_ops: Histogram,
+    pub(super) compactions: Counter,
+    pub(super) file_bytes: AtomicU64,
+}
+
+impl StoreMetrics {
+    pub(super) fn new(path: PathBuf) -> Self {
+        StoreMetrics {
+            path,
+            commits: Counter::default(),
+            ops: Counter::default(),
+            errors: Counter::default(),
+            commit_seconds: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            batch_ops: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0]),
+            compactions: Counter::default(),
+            file_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn refresh_size(&self) {
+        if let Ok(m) = std::fs::metadata(&self.path) {
+            self.file_bytes.store(m.len(), Relaxed);
+        }
+    }
+
+    /// Appends the store families in the Prometheus text format 0.0.4.
+    pub fn render(&self, out: &mut String) {
+        self.refresh_size();
+        let mut r = Registry::default();
+        let bytes: Gauge = Gauge::default();
+        bytes.set(self.file_bytes.load(Relaxed) as i64);
+        r.register("gateway_store_bytes", "Size of the store file", bytes);
+        r.register(
+            crate::metrics::counter_family("gateway_store_commits_total"),
+            "Store write transactions committed",
+            self.commits.clone(),
+        );
+        r.register(
+            crate::metrics::counter_family("gateway_store_ops_total"),
+            "Store changes (session, subscription, message, retained) committed",
+            self.ops.clone(),
+        );
+        r.register(
+            crate::metrics::counter_family("gateway_store_errors_total"),
+            "Store commits that failed",
+            self.errors.clone(),
+        );
+        r.register(
+            crate::metrics::counter_family("gateway_store_compactions_total"),
+            "Store file compactions",
+            self.compactions.clone(),
+        );
+        r.register(
+            "gateway_store_commit_seconds",
+            "Time of one store commit including its fsync",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "gateway_store_batch_ops",
+            "Changes per store commit (group commit size)",
+            self.batch_ops.clone(),
+        );
+        crate::metrics::encode_into(&r, out);
+    }
+}

@@ -1,0 +1,71 @@
+//! The durable store: persistent sessions, their QoS 1/2 messages and retained messages
+//! survive a crash or restart.
+//!
+//! **Why redb.** It is pure Rust, embedded (no server, one file), ACID with copy-on-write
+//! B-trees and a checksummed commit, and reuses the pages that deletes free. sled is
+//! unmaintained on its stable line and its beta has known space-amplification issues;
+//! fjall (an LSM) writes faster but needs compaction threads and a directory of files
+//! for a workload whose rows mostly die young (queued, then acknowledged); RocksDB is C++
+//! behind FFI and a long build. Our write rate is bounded by fsyncs, not by the tree, and
+//! group commit turns many pushes into one fsync, so a B-tree is enough.
+//!
+//! **Threads.** The [`Database`] is owned by one OS thread, the store writer. Shards never
+//! touch it: during a loop turn a shard collects small [`Op`]s in its [`StoreHandle`] and at
+//! the end of the turn hands them over as one [`Batch`] with `try_send` on a bounded
+//! channel. A full channel does not block the shard: it keeps the batch and offers it
+//! again next turn (its outbox grows; the HTTP answers waiting on it wait longer, which is
+//! the backpressure a backend sees). The writer drains every waiting batch (up to
+//! `[store] max_batch` ops) into ONE write transaction, commits it — one fsync for all of
+//! them — and only then sends the push answers that waited for durability.
+//!
+//! **Layout.** Keys are chosen so an acknowledgement is the delete of one key:
+//! - `sessions`: client id → version, session expiry, offline-since (wall clock ms; 0 =
+//!   online when last written).
+//! - `subs`: (client id, filter) → options byte, subscription identifier.
+//! - `messages`: (client id, sequence) → one queued or in-flight QoS 1/2 message with
+//!   its absolute expiry. Sequences grow per gateway run and across restarts, so a
+//!   session's rows read back in delivery order.
+//! - `retained`: topic → message.
+//!
+//! Sessions with expiry 0 and QoS 0 messages are never written.
+//!
+//! **What waits for the disk.** A push answered `queued` for a persistent session waits
+//! for the commit that holds its message. With `durability = "immediate"` so do the MQTT
+//! acknowledgements of changes (PUBACK/PUBREC, SUBACK, UNSUBACK, CONNACK): the writer
+//! publishes every finished batch on its shard's [`CommitSignal`] and the shard releases
+//! them (`shard/held.rs`). A `sent` answer does not: the message is already
+//! on the device's socket; it is stored in the same group commit anyway and kept until the
+//! PUBACK deletes it, so a crash before the acknowledgement redelivers it. Messages
+//! restored after a restart lose their subscription identifiers and shared-group tag, and
+//! the first `max_inflight` of each session go out with DUP set (they may have been sent
+//! before the crash). A QoS 2 message is deleted at PUBCOMP; one caught between PUBREC and
+//! PUBCOMP by a restart is sent again as a PUBLISH with DUP set. Wills are not stored.
+//!
+//! **Start.** [`open`] loads everything before any shard accepts a connection, deletes
+//! what expired while the gateway was down, compacts the file when free pages dominate,
+//! and gives every shard its sessions ([`Loaded`]).
+//!
+//! The parts: `handle` (what a shard holds: ops, batches, the commit signal), `writer`
+//! (the writer thread and group commit), `open` (opening, lock errors, repair, `Store`),
+//! `load` (restore at start, purge, compaction), `records` (tables and value encodings)
+//! and `metrics` (`StoreMetrics`).
+//!
+//! [`Database`]: redb::Database
+
+mod handle;
+mod load;
+mod metrics;
+mod open;
+mod records;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+pub use self::handle::{Batch, CommitSignal, DeferredReply, Op, StoreHandle};
+pub use self::metrics::StoreMetrics;
+pub use self::open::{
+    file_of, open, repair, Loaded, OpenError, OpenErrorKind, Store, StoredMessage, StoredSession,
+};
+
+/// The database file inside `[store] path`.
+pub const FILE_NAME: &str = "gateway.redb";

@@ -1,0 +1,297 @@
+//! Opening the store: the file and its lock, the errors an operator can act on
+//! (`OpenError`), `repair`, and the `Store` that owns the writer thread and hands out
+//! handles.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redb::Database;
+
+use crate::codec::Version;
+use crate::config::StoreConfig;
+use crate::lockholder::PidFile;
+use crate::message::Message;
+
+use super::handle::{Batch, CommitSignal, StoreHandle};
+use super::load::{load, maybe_compact, purge};
+use super::metrics::StoreMetrics;
+use super::writer::Writer;
+use super::FILE_NAME;
+
+/// A session read back from the store.
+pub struct StoredSession {
+    pub client_id: Arc<str>,
+    pub version: Version,
+    pub expiry_secs: u32,
+    /// Wall clock ms it went offline (0: it was online when the gateway stopped).
+    pub offline_since_ms: u64,
+    pub subs: Vec<(Arc<str>, u8, u32)>,
+    pub messages: Vec<StoredMessage>,
+}
+
+pub struct StoredMessage {
+    pub seq: u64,
+    pub msg: Arc<Message>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// Everything loaded at start.
+pub struct Loaded {
+    /// Sessions by home shard.
+    pub sessions: Vec<Vec<StoredSession>>,
+    pub retained: Vec<Arc<Message>>,
+    /// The first message sequence number this run may use.
+    pub next_seq: u64,
+}
+
+/// The running writer: its channel, thread and metrics.
+pub struct Store {
+    tx: Option<SyncSender<Batch>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub metrics: Arc<StoreMetrics>,
+    next_seq: u64,
+}
+
+impl Store {
+    /// A handle for one shard.
+    pub fn handle(&self) -> Option<StoreHandle> {
+        Some(StoreHandle {
+            tx: self.tx.clone()?,
+            pending: Batch::default(),
+            backlog: VecDeque::new(),
+            next_seq: self.next_seq,
+            puts: 0,
+            batch_seq: 0,
+            signal: Arc::new(CommitSignal::default()),
+        })
+    }
+
+    /// Sets the sequence every later handle starts from. Shards own disjoint sessions,
+    /// so they may share the starting point: order matters only within a session.
+    fn set_next_seq(&mut self, seq: u64) {
+        self.next_seq = seq;
+    }
+
+    /// Stops taking work and waits (at most `timeout`) for the writer to commit what it
+    /// has. Call after every shard has exited (their handles are the other senders).
+    pub fn close(mut self, timeout: Duration) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + timeout;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!("the store writer did not finish in time");
+            }
+        }
+    }
+}
+
+/// A store that cannot be opened: the file, what went wrong, and what the operator can do.
+#[derive(Debug)]
+pub struct OpenError {
+    pub file: PathBuf,
+    pub message: String,
+    pub kind: OpenErrorKind,
+}
+
+/// Why a store could not be opened: the two call for opposite advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenErrorKind {
+    /// Missing, damaged or not a gateway store.
+    Unusable,
+    /// Another process (a running gateway, a store-repair) holds its lock; `pid` when known.
+    InUse { pid: Option<u32> },
+}
+
+impl OpenError {
+    fn unusable(file: &Path, message: String) -> OpenError {
+        OpenError {
+            file: file.to_path_buf(),
+            message,
+            kind: OpenErrorKind::Unusable,
+        }
+    }
+
+    /// True when another process holds the store (not a damaged file).
+    pub fn in_use(&self) -> bool {
+        matches!(self.kind, OpenErrorKind::InUse { .. })
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.display();
+        match self.kind {
+            OpenErrorKind::InUse { pid } => {
+                let who = pid.map_or("its PID could not be found".to_string(), |p| {
+                    format!("PID {p}")
+                });
+                write!(
+                    f,
+                    "store error: {file} is in use by another process ({who}): a gateway \
+                     or a store-repair runs on this store. One process at a time uses a \
+                     store: stop that process first, or give this gateway its own [store] \
+                     path. Do not move or delete the file: it is a live store."
+                )
+            }
+            OpenErrorKind::Unusable => write!(
+                f,
+                "store error: cannot open {file}: {}\n\
+                 The gateway keeps persistent sessions and queued messages there. Choices:\n  \
+                 1. try to repair it: gateway store-repair [--config FILE]\n  \
+                 2. move it aside and start with an empty store (persistent sessions, queued \
+                 and retained messages in it are then not restored): mv {file} {file}.broken\n  \
+                 3. or start without a store: [store] enabled = false",
+                self.message
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The store file of `config`, absolute (a relative `[store] path` is relative to the
+/// working directory; errors and logs name the file it resolved to).
+pub fn file_of(config: &StoreConfig) -> PathBuf {
+    let file = config.path.join(FILE_NAME);
+    std::path::absolute(&file).unwrap_or(file)
+}
+
+pub(super) fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), OpenError> {
+    let err = |message: String| OpenError::unusable(file, message);
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let mut builder = Database::builder();
+    builder.set_repair_callback(move |s| {
+        if repair {
+            eprintln!("repairing: {:.0}%", s.progress() * 100.0);
+        } else {
+            tracing::info!(
+                progress = format!("{:.0}%", s.progress() * 100.0),
+                "store was not closed cleanly; repairing"
+            );
+        }
+    });
+    // An open must not go on forever on a file that is not ours: the catch turns a redb
+    // panic on garbage into the same clear error.
+    let file_owned = file.to_path_buf();
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        builder.create(&file_owned)
+    }));
+    match opened {
+        Ok(Ok(db)) => Ok((db, PidFile::write(file))),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(OpenError {
+            kind: OpenErrorKind::InUse {
+                pid: crate::lockholder::holder(file),
+            },
+            ..err("it is in use by another process".into())
+        }),
+        Ok(Err(e)) => Err(err(format!(
+            "{e} (the file is damaged or not a gateway store)"
+        ))),
+        Err(_) => Err(err(
+            "reading it failed (the file is damaged or not a gateway store)".into(),
+        )),
+    }
+}
+
+/// Opens (or creates) the store, loads it, purges what expired, and starts the writer.
+pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), OpenError> {
+    let file = file_of(config);
+    let started = Instant::now();
+    let (mut db, pid_file) = open_db(&file, false)?;
+    let err = |message: String| OpenError::unusable(&file, message);
+    let (loaded, purged) = load(&db, shards).map_err(|e| err(e.to_string()))?;
+    purge(&db, &purged).map_err(|e| err(e.to_string()))?;
+    let metrics = Arc::new(StoreMetrics::new(file.clone()));
+    maybe_compact(&mut db, &metrics);
+    metrics.refresh_size();
+    let sessions: usize = loaded.sessions.iter().map(Vec::len).sum();
+    let messages: usize = loaded
+        .sessions
+        .iter()
+        .flatten()
+        .map(|s| s.messages.len())
+        .sum();
+    tracing::info!(
+        file = %file.display(),
+        sessions,
+        messages,
+        retained = loaded.retained.len(),
+        purged_sessions = purged.sessions.len(),
+        purged_messages = purged.messages.len() + purged.retained.len(),
+        bytes = metrics.file_bytes.load(Relaxed),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "store loaded"
+    );
+    let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_batches.max(1) as usize);
+    let writer = Writer {
+        db,
+        rx,
+        durability: config.durability,
+        max_batch: config.max_batch.max(1) as usize,
+        commit_interval: Duration::from_millis(config.commit_interval_ms as u64),
+        sync_interval: Duration::from_millis(config.sync_interval_ms.max(1) as u64),
+        metrics: metrics.clone(),
+        failing: false,
+        _pid_file: pid_file,
+    };
+    let thread = std::thread::Builder::new()
+        .name("store".into())
+        .spawn(move || writer.run())
+        .map_err(|e| err(format!("cannot start the store thread: {e}")))?;
+    let mut store = Store {
+        tx: Some(tx),
+        thread: Some(thread),
+        metrics,
+        next_seq: 0,
+    };
+    store.set_next_seq(loaded.next_seq);
+    Ok((store, loaded))
+}
+
+/// `gateway store-repair`: opens the file with redb's repair, checks it, and compacts it.
+pub fn repair(config: &StoreConfig) -> Result<String, OpenError> {
+    let file = file_of(config);
+    if !file.exists() {
+        return Err(OpenError::unusable(&file, "no such file".into()));
+    }
+    let (mut db, _pid_file) = open_db(&file, true)?;
+    let err = |message: String| OpenError::unusable(&file, message);
+    match db.check_integrity() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(err(
+                "redb repaired it but the check still fails; move it aside".into(),
+            ))
+        }
+        Err(e) => return Err(err(format!("integrity check failed: {e}"))),
+    }
+    // A full read proves every row decodes.
+    let (loaded, _) = load(&db, 1).map_err(|e| err(e.to_string()))?;
+    let _ = db.compact();
+    Ok(format!(
+        "{}: OK ({} sessions, {} retained messages)",
+        file.display(),
+        loaded.sessions[0].len(),
+        loaded.retained.len()
+    ))
+}

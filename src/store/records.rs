@@ -1,0 +1,207 @@
+//! The schema and its records: the four tables and the value encodings (little-endian,
+//! length-prefixed, a format byte first) of sessions, subscriptions and messages.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redb::TableDefinition;
+
+use crate::codec::{PublishProps, Version};
+use crate::message::{Message, Origin};
+
+pub(super) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+pub(super) const SUBS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subs");
+pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+pub(super) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
+/// Encoding version of session and message values.
+pub(super) const FORMAT: u8 = 1;
+// ---------------------------------------------------------------------------------------
+// Value encodings: little-endian, length-prefixed, a format byte first.
+
+pub(super) struct SessionRecord {
+    pub(super) version: Version,
+    pub(super) expiry_secs: u32,
+    pub(super) offline_since_ms: u64,
+}
+
+pub(super) fn version_byte(v: Version) -> u8 {
+    match v {
+        Version::V31 => 3,
+        Version::V311 => 4,
+        Version::V5 => 5,
+    }
+}
+
+pub(super) fn encode_session(
+    out: &mut Vec<u8>,
+    v: Version,
+    expiry_secs: u32,
+    offline_since_ms: u64,
+) {
+    out.push(FORMAT);
+    out.push(version_byte(v));
+    out.extend_from_slice(&expiry_secs.to_le_bytes());
+    out.extend_from_slice(&offline_since_ms.to_le_bytes());
+}
+
+pub(super) fn decode_session(b: &[u8]) -> Option<SessionRecord> {
+    let mut r = Reader(b);
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let version = match r.u8()? {
+        3 => Version::V31,
+        4 => Version::V311,
+        5 => Version::V5,
+        _ => return None,
+    };
+    Some(SessionRecord {
+        version,
+        expiry_secs: r.u32()?,
+        offline_since_ms: r.u64()?,
+    })
+}
+
+pub(super) fn decode_sub(b: &[u8]) -> Option<(u8, u32)> {
+    let mut r = Reader(b);
+    Some((r.u8()?, r.u32()?))
+}
+
+/// A message: qos, retain, absolute expiry (wall ms, 0 = none), topic, payload and the
+/// MQTT 5 properties that travel with it.
+pub(super) fn encode_message(
+    out: &mut Vec<u8>,
+    m: &Message,
+    qos: u8,
+    retain: bool,
+    now: Instant,
+    now_wall: u64,
+) {
+    out.push(FORMAT);
+    out.push(qos);
+    out.push(u8::from(retain));
+    let expires = m.expires.map_or(0, |e| {
+        let left = e.saturating_duration_since(now).as_millis() as u64;
+        (now_wall + left).max(1)
+    });
+    out.extend_from_slice(&expires.to_le_bytes());
+    put_bytes(out, m.topic.as_bytes());
+    put_bytes(out, &m.payload);
+    match m.props.as_deref() {
+        None => out.push(0),
+        Some(p) => {
+            out.push(1);
+            out.push(
+                p.payload_format_indicator
+                    .map_or(0, |v| v.saturating_add(1)),
+            );
+            put_opt(out, p.content_type.as_deref().map(str::as_bytes));
+            put_opt(out, p.response_topic.as_deref().map(str::as_bytes));
+            put_opt(out, p.correlation_data.as_deref());
+            out.extend_from_slice(&(p.user_properties.len() as u32).to_le_bytes());
+            for (k, v) in &p.user_properties {
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v.as_bytes());
+            }
+        }
+    }
+}
+
+/// The message and the QoS it is delivered at.
+pub(super) fn decode_message(b: &[u8], now: Instant, now_wall: u64) -> Option<(Message, u8)> {
+    let mut r = Reader(b);
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let qos = r.u8()?;
+    let retain = r.u8()? != 0;
+    let expires_wall = r.u64()?;
+    let topic: Arc<str> = Arc::from(std::str::from_utf8(r.bytes()?).ok()?);
+    let payload = Bytes::copy_from_slice(r.bytes()?);
+    let props = match r.u8()? {
+        0 => None,
+        _ => {
+            let pfi = r.u8()?;
+            let string = |b: Option<&[u8]>| -> Option<Option<String>> {
+                match b {
+                    None => Some(None),
+                    Some(b) => Some(Some(std::str::from_utf8(b).ok()?.to_string())),
+                }
+            };
+            let content_type = string(r.opt()?)?;
+            let response_topic = string(r.opt()?)?;
+            let correlation_data = r.opt()?.map(Bytes::copy_from_slice);
+            let n = r.u32()? as usize;
+            let mut user_properties = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                let k = std::str::from_utf8(r.bytes()?).ok()?.to_string();
+                let v = std::str::from_utf8(r.bytes()?).ok()?.to_string();
+                user_properties.push((k, v));
+            }
+            Some(Box::new(PublishProps {
+                payload_format_indicator: pfi.checked_sub(1),
+                message_expiry: None,
+                content_type,
+                response_topic,
+                correlation_data,
+                user_properties,
+            }))
+        }
+    };
+    let mut m = Message::new(topic, payload, qos, retain, Origin::Gateway);
+    m.props = props;
+    if expires_wall != 0 {
+        let left = Duration::from_millis(expires_wall.saturating_sub(now_wall));
+        m.expires = Some(now + left);
+    }
+    Some((m, qos))
+}
+
+pub(super) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+pub(super) fn put_opt(out: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        None => out.push(0),
+        Some(b) => {
+            out.push(1);
+            put_bytes(out, b);
+        }
+    }
+}
+
+pub(super) struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn opt(&mut self) -> Option<Option<&'a [u8]>> {
+        match self.u8()? {
+            0 => Some(None),
+            _ => Some(Some(self.bytes()?)),
+        }
+    }
+}
