@@ -214,6 +214,7 @@ impl Server {
         let metrics: Vec<Arc<ShardMetrics>> =
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(n));
         let congestion = Arc::new(shard::Congestion::new(n));
         let mut shards = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -235,6 +236,7 @@ impl Server {
                 mailboxes: mailboxes.clone(),
                 metrics: metrics[id].clone(),
                 open_connections: open.clone(),
+                shards_running: running.clone(),
                 congestion: congestion.clone(),
                 auth: auth.clone(),
                 business: business.handle().clone(),

@@ -59,7 +59,7 @@ mod write;
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,8 @@ pub struct ShardContext {
     pub metrics: Arc<ShardMetrics>,
     /// Connections open across the whole gateway (for `max_connections`).
     pub open_connections: Arc<AtomicUsize>,
+    /// Shards whose loop has not ended yet (see `Shard::drain_after_stop`).
+    pub shards_running: Arc<AtomicUsize>,
     /// Congested connections per shard (`slow_consumer = "backpressure"`).
     pub congestion: Arc<backpressure::Congestion>,
     /// The authentication providers, shared by all shards.
@@ -310,6 +312,7 @@ impl Shard {
             mailboxes: ctx.mailboxes,
             per_ip: ctx.per_ip,
             open_connections: ctx.open_connections,
+            shards_running: ctx.shards_running,
             congestion: ctx.congestion,
             events: ctx.events,
         };
@@ -381,6 +384,7 @@ impl Shard {
                 _ = held::Held::committed(self.held.signal()) => {}
             }
         }
+        self.drain_after_stop(&mut rx).await;
         if let Some(store) = self.services.store.take() {
             // Hands over the last changes (sessions detached by the shutdown), waiting
             // for room if need be: the shard serves nobody any more.
@@ -388,6 +392,42 @@ impl Shard {
         }
         tracing::debug!(shard = self.id, "shard stopped");
         Ok(())
+    }
+
+    /// Shards stop one by one, and a batch another shard routed in its last turns (a
+    /// message its device was already acknowledged for) may still be on its way here, or
+    /// still in that shard's outbox behind a full mailbox. So a stopped shard keeps
+    /// handling its mailbox and sending its outbox; once its outbox is empty it counts
+    /// itself out of `shards_running`, and when every shard has, it takes what is left
+    /// in its mailbox and hands the changes to the store. At most `drain_timeout_secs`.
+    async fn drain_after_stop(&mut self, rx: &mut mpsc::Receiver<ShardMsg>) {
+        let deadline = self.clock.read() + self.settings.drain_timeout;
+        let mut counted_out = false;
+        loop {
+            let everyone_out =
+                counted_out && self.services.shards_running.load(Ordering::Acquire) == 0;
+            while let Ok(msg) = rx.try_recv() {
+                self.clock.update();
+                self.handle_msg(msg);
+            }
+            let stamp = self.route_stamp();
+            let waiting = self.routing.flush(
+                &self.services.mailboxes,
+                &self.services.metrics,
+                &self.settings,
+                (self.id as u16, stamp),
+            );
+            self.flush_store();
+            let late = self.clock.read() >= deadline;
+            if !counted_out && (!waiting || late) {
+                self.services.shards_running.fetch_sub(1, Ordering::AcqRel);
+                counted_out = true;
+            }
+            if everyone_out || late {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// One loop turn, without waiting: read the clock, drain ready sockets, the mailbox

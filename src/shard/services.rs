@@ -25,6 +25,8 @@ pub struct Services {
     pub per_ip: Arc<PerIpLimit>,
     /// Connections open across the whole gateway (for `max_connections`).
     pub open_connections: Arc<AtomicUsize>,
+    /// Shards whose loop has not ended yet: a stopped shard drains its mailbox until 0.
+    pub shards_running: Arc<AtomicUsize>,
     /// Congested connections per shard (`slow_consumer = "backpressure"`).
     pub congestion: Arc<Congestion>,
     /// Events to the backend (`src/events/`); disabled unless `[events]` names a sink.

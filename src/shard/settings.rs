@@ -33,6 +33,8 @@ pub struct Settings {
     /// The close grace at shutdown: cut so that it ends (one tick late at most, and a
     /// tick to spare) within `shards.drain_timeout_secs`.
     pub shutdown_grace_ticks: u32,
+    /// `shards.drain_timeout_secs`: how long a stopped shard waits for the others.
+    pub drain_timeout: Duration,
     pub close_grace_bytes: u32,
     pub retain_available: bool,
     pub max_retained: usize,
@@ -107,6 +109,7 @@ impl Settings {
                     .saturating_sub(2) as u32,
             ),
             close_grace_bytes: c.mqtt.close_grace_bytes,
+            drain_timeout: Duration::from_secs(u64::from(c.shards.drain_timeout_secs)),
             retain_available: c.mqtt.retain_available,
             max_retained: c.mqtt.max_retained_messages as usize,
             max_retained_bytes: c.mqtt.max_retained_bytes,

@@ -150,6 +150,7 @@ impl World {
             mailboxes,
             metrics: Arc::new(ShardMetrics::default()),
             open_connections: Arc::new(AtomicUsize::new(0)),
+            shards_running: Arc::new(AtomicUsize::new(1)),
             congestion: Arc::new(super::super::Congestion::new(1)),
             auth: Arc::new(auth),
             business: tokio::runtime::Handle::current(),
