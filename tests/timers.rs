@@ -443,9 +443,10 @@ fn connections_own_no_timers_only_the_shard_loop_sleeps() {
         .collect();
     assert_eq!(
         sleeps.len(),
-        2,
-        "src/shard/mod.rs must sleep in exactly two places, both in Shard::run: the \
-         sleep_until of the next tick and the outbox retry; found {}",
+        3,
+        "src/shard/mod.rs must sleep in exactly three places, all in Shard::run: the \
+         sleep_until of the next tick, the outbox retry and, after the loop, the shutdown \
+         drain's wait for the other shards; found {}",
         sleeps.len()
     );
     assert!(

@@ -384,7 +384,11 @@ impl Shard {
                 _ = held::Held::committed(self.held.signal()) => {}
             }
         }
-        self.drain_after_stop(&mut rx).await;
+        // What other shards routed here in their last turns (see `drain_step`).
+        let (deadline, mut counted_out) = (self.clock.read() + self.settings.drain_timeout, false);
+        while !self.drain_step(&mut rx, &mut counted_out, deadline) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         if let Some(store) = self.services.store.take() {
             // Hands over the last changes (sessions detached by the shutdown), waiting
             // for room if need be: the shard serves nobody any more.
@@ -396,38 +400,37 @@ impl Shard {
 
     /// Shards stop one by one, and a batch another shard routed in its last turns (a
     /// message its device was already acknowledged for) may still be on its way here, or
-    /// still in that shard's outbox behind a full mailbox. So a stopped shard keeps
-    /// handling its mailbox and sending its outbox; once its outbox is empty it counts
-    /// itself out of `shards_running`, and when every shard has, it takes what is left
-    /// in its mailbox and hands the changes to the store. At most `drain_timeout_secs`.
-    async fn drain_after_stop(&mut self, rx: &mut mpsc::Receiver<ShardMsg>) {
-        let deadline = self.clock.read() + self.settings.drain_timeout;
-        let mut counted_out = false;
-        loop {
-            let everyone_out =
-                counted_out && self.services.shards_running.load(Ordering::Acquire) == 0;
-            while let Ok(msg) = rx.try_recv() {
-                self.clock.update();
-                self.handle_msg(msg);
-            }
-            let stamp = self.route_stamp();
-            let waiting = self.routing.flush(
-                &self.services.mailboxes,
-                &self.services.metrics,
-                &self.settings,
-                (self.id as u16, stamp),
-            );
-            self.flush_store();
-            let late = self.clock.read() >= deadline;
-            if !counted_out && (!waiting || late) {
-                self.services.shards_running.fetch_sub(1, Ordering::AcqRel);
-                counted_out = true;
-            }
-            if everyone_out || late {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    /// still in that shard's outbox behind a full mailbox. So after its loop a shard keeps
+    /// handling its mailbox and sending its outbox (`run` waits a millisecond between
+    /// steps); once its outbox is empty it counts itself out of `shards_running`, and when
+    /// every shard has, it takes what is left in its mailbox, hands the changes to the
+    /// store and is done. At most `drain_timeout_secs` (`deadline`). True when done.
+    fn drain_step(
+        &mut self,
+        rx: &mut mpsc::Receiver<ShardMsg>,
+        counted_out: &mut bool,
+        deadline: Instant,
+    ) -> bool {
+        let everyone_out =
+            *counted_out && self.services.shards_running.load(Ordering::Acquire) == 0;
+        while let Ok(msg) = rx.try_recv() {
+            self.clock.update();
+            self.handle_msg(msg);
         }
+        let stamp = self.route_stamp();
+        let waiting = self.routing.flush(
+            &self.services.mailboxes,
+            &self.services.metrics,
+            &self.settings,
+            (self.id as u16, stamp),
+        );
+        self.flush_store();
+        let late = self.clock.read() >= deadline;
+        if !*counted_out && (!waiting || late) {
+            self.services.shards_running.fetch_sub(1, Ordering::AcqRel);
+            *counted_out = true;
+        }
+        everyone_out || late
     }
 
     /// One loop turn, without waiting: read the clock, drain ready sockets, the mailbox
