@@ -32,7 +32,7 @@ use serde::Deserialize;
 /// Bit 7 of a subscription's options byte (reserved in MQTT 5, refused from clients by
 /// the decoder): the ACL granted the filter only in part, so each message delivered
 /// through it is checked with [`Acl::may_receive`].
-pub const ACL_FILTERED: u8 = 0x80;
+pub(crate) const ACL_FILTERED: u8 = 0x80;
 
 /// The ACL's answer to a SUBSCRIBE filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,9 +24,9 @@ use std::collections::VecDeque;
 use std::fmt;
 
 /// Smallest size class, in bytes. Smaller requests are rounded up to it.
-pub const MIN_CLASS: usize = 256;
+pub(crate) const MIN_CLASS: usize = 256;
 /// Largest size class, in bytes. Larger requests are allocated exactly and never pooled.
-pub const MAX_CLASS: usize = 64 * 1024;
+pub(crate) const MAX_CLASS: usize = 64 * 1024;
 
 /// Number of size classes: 256, 512, 1 Ki, 2 Ki, 4 Ki, 8 Ki, 16 Ki, 32 Ki, 64 Ki.
 const CLASS_COUNT: usize = (MAX_CLASS.trailing_zeros() - MIN_CLASS.trailing_zeros() + 1) as usize;
@@ -80,7 +80,7 @@ impl Default for PoolConfig {
 
 /// A snapshot of a pool's accounting, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolStats {
+pub(crate) struct PoolStats {
     /// Sum of the capacities of the buffers kept on the free lists.
     pub pooled_bytes: usize,
     /// Sum of the capacities of the buffers out on loan.
@@ -108,7 +108,7 @@ struct FreeBuffer {
 /// simply dropped. Any other is treated as if it had been lent: `lent_bytes` is reduced by
 /// its capacity, saturating at zero, and it is then pooled or freed like any returned
 /// buffer. Stats never underflow, but `lent_bytes` then under-reports what is still out.
-pub struct BufferPool {
+pub(crate) struct BufferPool {
     cfg: PoolConfig,
     /// One free list per class. Back = most recently returned, front = oldest; the
     /// `returned_at` ticks never decrease from front to back.
@@ -118,7 +118,7 @@ pub struct BufferPool {
 
 impl BufferPool {
     /// An empty pool; it allocates nothing until the first `take`.
-    pub fn new(cfg: PoolConfig) -> Self {
+    pub(crate) fn new(cfg: PoolConfig) -> Self {
         BufferPool {
             cfg,
             free: std::array::from_fn(|_| VecDeque::new()),
@@ -134,7 +134,7 @@ impl BufferPool {
     ///
     /// Like `Vec::with_capacity`, if `min_capacity` exceeds `isize::MAX`. Callers bound
     /// frame sizes (maximum packet size) far below that before asking.
-    pub fn take(&mut self, min_capacity: usize) -> Vec<u8> {
+    pub(crate) fn take(&mut self, min_capacity: usize) -> Vec<u8> {
         let buf = match class_for_request(min_capacity) {
             Some(class) => match self.free[class].pop_back() {
                 Some(free) => {
@@ -160,7 +160,7 @@ impl BufferPool {
     /// the pool stays within `max_pooled_bytes`, else freed. `now` is the current tick (for
     /// idle aging); a `now` earlier than the newest return in its class counts as that
     /// return's tick, so each free list stays ordered by age.
-    pub fn give(&mut self, mut buf: Vec<u8>, now: u64) {
+    pub(crate) fn give(&mut self, mut buf: Vec<u8>, now: u64) {
         let capacity = buf.capacity();
         if capacity == 0 {
             return;
@@ -195,7 +195,7 @@ impl BufferPool {
     /// # Panics
     ///
     /// As [`BufferPool::take`], if the needed capacity exceeds `isize::MAX`.
-    pub fn reserve(&mut self, buf: &mut Vec<u8>, additional: usize, now: u64) {
+    pub(crate) fn reserve(&mut self, buf: &mut Vec<u8>, additional: usize, now: u64) {
         if buf.capacity() - buf.len() >= additional {
             return;
         }
@@ -211,7 +211,7 @@ impl BufferPool {
     /// which only a lowered cap via `set_config` can leave, oldest first). Called once per
     /// shard tick; costs O(buffers freed + classes) (the rare cap trim looks at the front
     /// of each of the nine classes per buffer it frees).
-    pub fn shrink(&mut self, now: u64) {
+    pub(crate) fn shrink(&mut self, now: u64) {
         let idle_ticks = self.cfg.idle_ticks;
         for class in 0..CLASS_COUNT {
             while let Some(oldest) = self.free[class].front() {
@@ -232,14 +232,15 @@ impl BufferPool {
         }
     }
 
+    #[cfg(test)]
     /// Replaces the limits (e.g. on config reload). A lower cap is enforced at the next
     /// `shrink`; returns already respect it.
-    pub fn set_config(&mut self, cfg: PoolConfig) {
+    pub(crate) fn set_config(&mut self, cfg: PoolConfig) {
         self.cfg = cfg;
     }
 
     /// The current accounting.
-    pub fn stats(&self) -> PoolStats {
+    pub(crate) fn stats(&self) -> PoolStats {
         self.stats
     }
 

@@ -25,7 +25,7 @@ use crate::api::{self, ApiState};
 use crate::metrics::{self, PushMetrics, ShardMetrics};
 
 #[derive(Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub shards: Vec<Arc<ShardMetrics>>,
     pub ready: Arc<AtomicBool>,
     /// Lines the lossy logger dropped (None when logging is not set up, e.g. in tests).
@@ -39,7 +39,7 @@ pub struct AdminState {
 }
 
 /// `/healthz`, `/readyz` and `/metrics` (open), merged with the `/v1` API (token-guarded).
-pub fn router(state: AdminState, api: ApiState) -> Router {
+pub(crate) fn router(state: AdminState, api: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -84,7 +84,7 @@ async fn not_found() -> Response {
 /// Serves `listener` until `stop` fires: one task per connection, at most
 /// `http.max_connections` of them (the next accept waits for a free slot), each with
 /// hyper's header read timeout. On `stop`, open connections finish their request.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
     api: ApiState,
@@ -185,13 +185,13 @@ async fn serve_connection(
 /// An IP network (`10.0.0.0/8`, `::1/128`, or one address), as `http.tokenless_networks`
 /// lists them. An IPv4-mapped IPv6 peer matches as its IPv4 address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Network {
+pub(crate) struct Network {
     addr: IpAddr,
     prefix: u8,
 }
 
 impl Network {
-    pub fn parse(s: &str) -> Result<Network, String> {
+    pub(crate) fn parse(s: &str) -> Result<Network, String> {
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
@@ -214,14 +214,14 @@ impl Network {
     }
 
     /// True if every address of the network is a loopback address.
-    pub fn is_loopback_only(&self) -> bool {
+    pub(crate) fn is_loopback_only(&self) -> bool {
         match self.addr {
             IpAddr::V4(a) => a.is_loopback() && self.prefix >= 8,
             IpAddr::V6(a) => a.is_loopback() && self.prefix == 128,
         }
     }
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let bits = |ip: IpAddr| -> u128 {
             match ip {
                 IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,

@@ -19,10 +19,10 @@ use tokio::sync::watch;
 const MAX_ENTRIES: usize = 1_000_000;
 
 /// A key's progress channel, shared by its owner and the cache.
-pub type Progress<V> = Arc<watch::Sender<V>>;
+pub(crate) type Progress<V> = Arc<watch::Sender<V>>;
 
 /// What a request holding a key is to do.
-pub enum Claim<V> {
+pub(crate) enum Claim<V> {
     /// The key is new: push, and publish the progress here.
     Owner(Progress<V>),
     /// The key is taken by the same push: follow its progress.
@@ -38,7 +38,7 @@ struct Entry<V> {
 }
 
 /// Keys for `window`, by [`scoped`] key.
-pub struct Keys<V> {
+pub(crate) struct Keys<V> {
     map: HashMap<String, Entry<V>>,
     order: VecDeque<(Instant, String)>,
 }
@@ -53,14 +53,14 @@ impl<V> Default for Keys<V> {
 }
 
 /// The cache key of `key` for one target: `kind` ("client" or "topic") and its name.
-pub fn scoped(kind: &str, target: &str, key: &str) -> String {
+pub(crate) fn scoped(kind: &str, target: &str, key: &str) -> String {
     // The target's length keeps ("a:b", "c") and ("a", "b:c") apart.
     format!("{kind}:{}:{target}:{key}", target.len())
 }
 
 impl<V> Keys<V> {
     /// Claims `key` for a push whose fields hash to `fingerprint`.
-    pub fn claim(
+    pub(crate) fn claim(
         &mut self,
         key: String,
         fingerprint: u64,
@@ -88,7 +88,7 @@ impl<V> Keys<V> {
     }
 
     /// Forgets `key` if `progress` still holds it (its push sent nothing).
-    pub fn release(&mut self, key: &str, progress: &Progress<V>) {
+    pub(crate) fn release(&mut self, key: &str, progress: &Progress<V>) {
         if self
             .map
             .get(key)

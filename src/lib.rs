@@ -14,21 +14,27 @@
 //! 4. Bytes are decoded and encoded by [`codec`]; partial frames and unsent output borrow
 //!    buffers from the shard's [`buffer`] pool, so an idle connection holds none.
 //! 5. Messages ([`message`]) cross shards as `Arc`s through the mailboxes.
+//!
+//! The crate face: modules that `main.rs`, the tests, benches, fuzz targets, examples and
+//! loadgen use are `pub`; the rest are `pub(crate)`, and `unreachable_pub` is denied, so an
+//! item nobody outside can reach must say so and dead code warns.
 
-pub mod acl;
-pub mod api;
+#![deny(unreachable_pub)]
+
+pub(crate) mod acl;
+pub(crate) mod api;
 pub mod auth;
-pub mod buffer;
+pub(crate) mod buffer;
 pub mod codec;
 pub mod config;
 pub mod doctor;
 pub mod events;
-pub mod http;
-pub mod https_client;
-pub mod idempotency;
-pub mod limits;
-pub mod listen;
-pub mod lockholder;
+pub(crate) mod http;
+pub(crate) mod https_client;
+pub(crate) mod idempotency;
+pub(crate) mod limits;
+pub(crate) mod listen;
+pub(crate) mod lockholder;
 pub mod logging;
 pub mod mailbox;
 pub mod message;
@@ -36,12 +42,12 @@ pub mod metrics;
 pub mod prompt;
 pub mod proxy;
 pub mod push_json;
-pub mod retained_budget;
+pub(crate) mod retained_budget;
 pub mod server;
 pub mod session;
 pub mod shard;
 pub mod store;
-pub mod tls;
+pub(crate) mod tls;
 pub mod topic;
 pub mod wheel;
 pub mod ws;

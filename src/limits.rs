@@ -13,7 +13,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -22,7 +22,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// `rate` 0 = unlimited.
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
         TokenBucket {
             rate: f64::from(rate),
             burst: f64::from(burst.max(1)),
@@ -38,7 +38,7 @@ impl TokenBucket {
     }
 
     /// Whether a token is there (refilling first); [`take`](Self::take) spends it.
-    pub fn ready(&mut self, now: Instant) -> bool {
+    pub(crate) fn ready(&mut self, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
@@ -47,14 +47,15 @@ impl TokenBucket {
     }
 
     /// Spends one token (after [`ready`](Self::ready); never goes below zero).
-    pub fn take(&mut self) {
+    pub(crate) fn take(&mut self) {
         if self.rate != 0.0 {
             self.tokens = (self.tokens - 1.0).max(0.0);
         }
     }
 
+    #[cfg(test)]
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
@@ -68,7 +69,7 @@ impl TokenBucket {
     }
 
     /// How long until one token is there.
-    pub fn wait(&self) -> std::time::Duration {
+    pub(crate) fn wait(&self) -> std::time::Duration {
         if self.rate == 0.0 || self.tokens >= 1.0 {
             return std::time::Duration::ZERO;
         }

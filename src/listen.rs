@@ -90,7 +90,7 @@ fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
 
 /// `n` listeners on `addr` (the config key `key` names it), after checking that no other
 /// process listens there. Port 0 picks one free port for all `n`.
-pub fn bind_group(
+pub(crate) fn bind_group(
     key: &'static str,
     addr: SocketAddr,
     n: usize,
@@ -105,7 +105,7 @@ pub fn bind_group(
 
 /// Whether `accept()` failed because the process or the system is out of file
 /// descriptors (or socket memory): the connection stays in the backlog.
-pub fn out_of_fds(e: &io::Error) -> bool {
+pub(crate) fn out_of_fds(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -114,7 +114,7 @@ pub fn out_of_fds(e: &io::Error) -> bool {
 
 /// What the shard does about a failed accept this turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryCheck {
+pub(crate) enum RetryCheck {
     /// Nothing failed, or it has been retried with success.
     Idle,
     /// Accept again now.
@@ -125,13 +125,13 @@ pub enum RetryCheck {
 
 /// A shard's pending retry of `accept()` after the fds ran out.
 #[derive(Debug)]
-pub struct AcceptRetry {
+pub(crate) struct AcceptRetry {
     interval: Duration,
     retry_at: Option<Instant>,
 }
 
 impl AcceptRetry {
-    pub fn new(interval: Duration) -> AcceptRetry {
+    pub(crate) fn new(interval: Duration) -> AcceptRetry {
         AcceptRetry {
             interval,
             retry_at: None,
@@ -140,20 +140,20 @@ impl AcceptRetry {
 
     /// Records a failed accept at `now`; true when it starts an episode (count and log it
     /// then, not on every retry). The shard then wakes by [`AcceptRetry::check`].
-    pub fn failed(&mut self, now: Instant) -> bool {
+    pub(crate) fn failed(&mut self, now: Instant) -> bool {
         let first = self.retry_at.is_none();
         self.retry_at = Some(now + self.interval);
         first
     }
 
     /// An accept succeeded: true when that ends an episode.
-    pub fn succeeded(&mut self) -> bool {
+    pub(crate) fn succeeded(&mut self) -> bool {
         self.retry_at.take().is_some()
     }
 
     /// [`AcceptRetry::failed`] for the shard `shard`: counts and logs the start of an
     /// episode; returns when to retry.
-    pub fn on_error(
+    pub(crate) fn on_error(
         &mut self,
         now: Instant,
         error: &io::Error,
@@ -173,7 +173,7 @@ impl AcceptRetry {
     }
 
     /// [`AcceptRetry::succeeded`] for the shard `shard`: logs the end of an episode.
-    pub fn on_accept(&mut self, shard: usize) {
+    pub(crate) fn on_accept(&mut self, shard: usize) {
         if self.succeeded() {
             tracing::info!(
                 shard,
@@ -183,7 +183,7 @@ impl AcceptRetry {
     }
 
     /// Whether to accept again now, later, or not at all.
-    pub fn check(&self, now: Instant) -> RetryCheck {
+    pub(crate) fn check(&self, now: Instant) -> RetryCheck {
         match self.retry_at {
             None => RetryCheck::Idle,
             Some(at) if at <= now => RetryCheck::Due,

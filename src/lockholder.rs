@@ -12,16 +12,16 @@
 use std::path::{Path, PathBuf};
 
 /// The pid file beside the store file `file`.
-pub fn pid_file_of(file: &Path) -> PathBuf {
+pub(crate) fn pid_file_of(file: &Path) -> PathBuf {
     file.with_file_name("gateway.pid")
 }
 
 /// This process's PID in the pid file beside `file`; removed on drop.
-pub struct PidFile(PathBuf);
+pub(crate) struct PidFile(PathBuf);
 
 impl PidFile {
     /// Writes the pid file (best effort: a failure only costs the PID in a later message).
-    pub fn write(file: &Path) -> PidFile {
+    pub(crate) fn write(file: &Path) -> PidFile {
         let path = pid_file_of(file);
         if let Err(e) = std::fs::write(&path, format!("{}\n", std::process::id())) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the store pid file");
@@ -66,7 +66,7 @@ fn scan(file: &Path) -> Option<u32> {
 }
 
 /// The PID of the process that most likely holds the lock on the store file `file`.
-pub fn holder(file: &Path) -> Option<u32> {
+pub(crate) fn holder(file: &Path) -> Option<u32> {
     let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let recorded = read_pid(&pid_file_of(&file)).filter(|&p| p != std::process::id());
     if let Some(pid) = recorded {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 /// Why a retained PUBLISH was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverBudget {
+pub(crate) enum OverBudget {
     /// `max_retained_bytes` (gateway-wide) would be passed.
     Gateway,
     /// `max_retained_bytes_per_client` would be passed.
@@ -28,7 +28,7 @@ pub enum OverBudget {
 
 impl OverBudget {
     /// The config key of the bound, for the log.
-    pub fn key(self) -> &'static str {
+    pub(crate) fn key(self) -> &'static str {
         match self {
             OverBudget::Gateway => "mqtt.max_retained_bytes",
             OverBudget::Client => "mqtt.max_retained_bytes_per_client",
@@ -43,7 +43,7 @@ struct Entry {
 }
 
 /// One shard's mirror of the retained bytes.
-pub struct RetainedBudget {
+pub(crate) struct RetainedBudget {
     /// 0 = no bound.
     max_total: usize,
     /// 0 = no bound.
@@ -54,12 +54,12 @@ pub struct RetainedBudget {
 }
 
 /// What a retained message costs: its topic and payload.
-pub fn cost(topic: &str, payload: &[u8]) -> usize {
+pub(crate) fn cost(topic: &str, payload: &[u8]) -> usize {
     topic.len() + payload.len()
 }
 
 impl RetainedBudget {
-    pub fn new(max_total: u64, max_per_client: u64) -> RetainedBudget {
+    pub(crate) fn new(max_total: u64, max_per_client: u64) -> RetainedBudget {
         RetainedBudget {
             max_total: usize::try_from(max_total).unwrap_or(usize::MAX),
             max_per_client: usize::try_from(max_per_client).unwrap_or(usize::MAX),
@@ -71,7 +71,7 @@ impl RetainedBudget {
 
     /// May `client` (homed on this shard) set `topic` to a retained message of `bytes`
     /// (see [`cost`])? Replacing its own message counts only the difference.
-    pub fn admit(&self, client: &str, topic: &str, bytes: usize) -> Result<(), OverBudget> {
+    pub(crate) fn admit(&self, client: &str, topic: &str, bytes: usize) -> Result<(), OverBudget> {
         let old = self.topics.get(topic);
         let freed = old.map_or(0, |e| e.bytes);
         if self.max_total > 0 && self.total - freed + bytes > self.max_total {
@@ -90,7 +90,7 @@ impl RetainedBudget {
 
     /// `topic` now holds a retained message of `bytes`, set by `owner` when that client is
     /// homed on this shard.
-    pub fn set(&mut self, topic: &Arc<str>, bytes: usize, owner: Option<Arc<str>>) {
+    pub(crate) fn set(&mut self, topic: &Arc<str>, bytes: usize, owner: Option<Arc<str>>) {
         self.remove(topic);
         if let Some(o) = &owner {
             *self.per_client.entry(o.clone()).or_insert(0) += bytes;
@@ -100,7 +100,7 @@ impl RetainedBudget {
     }
 
     /// `topic` no longer holds a retained message (deleted, expired).
-    pub fn remove(&mut self, topic: &str) {
+    pub(crate) fn remove(&mut self, topic: &str) {
         let Some(old) = self.topics.remove(topic) else {
             return;
         };
@@ -115,8 +115,9 @@ impl RetainedBudget {
         }
     }
 
+    #[cfg(test)]
     /// Retained bytes this shard knows of (the gateway-wide total as this shard sees it).
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.total
     }
 }

@@ -39,7 +39,7 @@ fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
 /// The rustls server configuration for `m` (which must have `tls_listen` set): the
 /// certificate chain and key, and a client-certificate verifier when `tls_client_ca` is
 /// set (mandatory certificates with `tls_require_client_cert`).
-pub fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
+pub(crate) fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
     let missing =
         |key: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{key} is not set"));
     let cert_path = m
@@ -93,7 +93,7 @@ pub fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
 /// The subject Common Name of a DER X.509 certificate (the first CN if there are
 /// several), or `None` if it has none or the DER is not a certificate. Only reached for
 /// certificates rustls has already verified against `tls_client_ca`.
-pub fn subject_cn(cert: &[u8]) -> Option<String> {
+pub(crate) fn subject_cn(cert: &[u8]) -> Option<String> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
     //   serialNumber, signature, issuer, validity, subject, ... }, ... }
     let (cert_body, _) = der_take(cert, 0x30)?;

@@ -28,7 +28,7 @@ pub(super) fn message_body_limit(config: &Config) -> usize {
 
 /// The body limit of a batch: `max_batch` messages, at most `http.max_batch_body_bytes`
 /// but never less than one message's (what `POST /v1/push` accepts, a batch does too).
-pub fn batch_body_limit(config: &Config) -> usize {
+pub(super) fn batch_body_limit(config: &Config) -> usize {
     let one = message_body_limit(config);
     one.saturating_mul(config.http.max_batch as usize)
         .min(config.http.max_batch_body_bytes as usize)

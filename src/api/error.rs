@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 // Errors: `{"error": {"code", "message", "field"?}}`.
 
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub(super) struct ApiError {
     pub(super) status: StatusCode,
     pub(super) code: &'static str,
     message: String,

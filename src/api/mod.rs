@@ -40,15 +40,13 @@ mod spec;
 mod tests;
 
 use self::access::{auth, count_push_requests, Access};
-pub use self::body::batch_body_limit;
 use self::clients::{
     delete_client, delete_client_by_query, get_client, get_client_by_query, stats,
 };
-pub use self::error::ApiError;
 use self::push::{push, push_batch, Progress};
 
 /// The OpenAPI 3 description of this API.
-pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+pub(crate) const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// Default and largest `timeout_ms` for `wait_ack`.
 const DEFAULT_TIMEOUT_MS: u64 = 5_000;
@@ -57,7 +55,7 @@ const MAX_TIMEOUT_MS: u64 = 300_000;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     inner: Arc<Inner>,
 }
 
@@ -75,7 +73,7 @@ struct Inner {
 }
 
 impl ApiState {
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<Config>,
         mailboxes: Mailboxes,
         shards: Vec<Arc<ShardMetrics>>,
@@ -101,12 +99,12 @@ impl ApiState {
 }
 
 impl ApiState {
-    pub fn config(&self) -> &Arc<Config> {
+    pub(crate) fn config(&self) -> &Arc<Config> {
         &self.inner.config
     }
 }
 
-pub fn router(state: ApiState) -> Router {
+pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/push", post(push))
         .route("/v1/push/batch", post(push_batch))

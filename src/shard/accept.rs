@@ -22,7 +22,7 @@ use super::conn::{Conn, ConnState, Link, Peer};
 use super::{Shard, ACCEPTS_PER_TURN, SESSION_TIMER};
 
 /// The state of accepting and of handshakes under way.
-pub struct Admission {
+pub(super) struct Admission {
     /// A listener's accept budget ran out this turn: accept again next turn.
     pub accept_pending: bool,
     /// Accepting stopped by `max_connect_rate` or `max_handshaking`; retried every turn.
@@ -42,7 +42,7 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(connect_bucket: TokenBucket, accept_retry: AcceptRetry) -> Self {
+    pub(super) fn new(connect_bucket: TokenBucket, accept_retry: AcceptRetry) -> Self {
         Admission {
             accept_pending: false,
             accept_blocked: false,
@@ -58,7 +58,7 @@ impl Admission {
 
 /// Whether one more connection may be accepted now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admit {
+pub(super) enum Admit {
     Yes,
     /// `max_handshaking` connections are between accept and CONNACK.
     HandshakesFull,
@@ -68,12 +68,12 @@ pub enum Admit {
 
 impl Admission {
     /// True when `max` (0 = unlimited) handshakes are under way.
-    pub fn handshakes_full(&self, max: usize) -> bool {
+    pub(super) fn handshakes_full(&self, max: usize) -> bool {
         max > 0 && self.handshaking >= max
     }
 
     /// The overload limits' word on one more connection at `now`.
-    pub fn admit(&mut self, max_handshaking: usize, now: Instant) -> Admit {
+    pub(super) fn admit(&mut self, max_handshaking: usize, now: Instant) -> Admit {
         if self.handshakes_full(max_handshaking) {
             Admit::HandshakesFull
         } else if !self.connect_bucket.ready(now) {

@@ -36,7 +36,7 @@ use crate::metrics::ShardMetrics;
 
 /// How often a shard with held publishers looks again at the other shards' congestion
 /// (a remote shard's relief sends no event to this one).
-pub const RECHECK: Duration = Duration::from_millis(1);
+pub(super) const RECHECK: Duration = Duration::from_millis(1);
 
 /// Congested connections per shard, written by each shard for its own slot and read by
 /// all of them.

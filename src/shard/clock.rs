@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-pub struct Clock {
+pub(super) struct Clock {
     pub started: Instant,
     pub started_wall: SystemTime,
     pub tick: Duration,
@@ -26,13 +26,13 @@ enum Source {
 
 impl Clock {
     /// A clock on the system's monotonic time.
-    pub fn new(tick: Duration) -> Self {
+    pub(super) fn new(tick: Duration) -> Self {
         Self::with_source(tick, Source::System)
     }
 
     /// A clock that moves only by [`Clock::advance`].
     #[cfg(test)]
-    pub fn manual(tick: Duration) -> Self {
+    pub(super) fn manual(tick: Duration) -> Self {
         Self::with_source(tick, Source::Manual(Instant::now()))
     }
 
@@ -53,7 +53,7 @@ impl Clock {
 
     /// Moves a manual clock on by `d` (and reads it).
     #[cfg(test)]
-    pub fn advance(&mut self, d: Duration) {
+    pub(super) fn advance(&mut self, d: Duration) {
         if let Source::Manual(at) = &mut self.source {
             *at += d;
         }
@@ -61,7 +61,7 @@ impl Clock {
     }
 
     /// The time now, fresh (not the turn's reading).
-    pub fn read(&self) -> Instant {
+    pub(super) fn read(&self) -> Instant {
         match self.source {
             Source::System => Instant::now(),
             Source::Manual(at) => at,
@@ -69,24 +69,24 @@ impl Clock {
     }
 
     /// Reads the time for this turn.
-    pub fn update(&mut self) {
+    pub(super) fn update(&mut self) {
         self.now_instant = self.read();
         let elapsed = self.now_instant - self.started;
         self.now = (elapsed.as_millis() / self.tick.as_millis().max(1)) as u64;
     }
 
     /// The current tick as the 32-bit value connections store.
-    pub fn now32(&self) -> u32 {
+    pub(super) fn now32(&self) -> u32 {
         self.now as u32
     }
 
     /// Nanoseconds since start (inbound rate limits).
-    pub fn now_ns(&self) -> u64 {
+    pub(super) fn now_ns(&self) -> u64 {
         (self.now_instant - self.started).as_nanos() as u64
     }
 
     /// When tick `t` begins.
-    pub fn instant_of(&self, t: u32) -> Instant {
+    pub(super) fn instant_of(&self, t: u32) -> Instant {
         self.started + self.tick * t
     }
 }

@@ -26,7 +26,7 @@ use super::{packet, ConnState, Shard};
 
 /// What happened to one message offered to one session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delivery {
+pub(super) enum Delivery {
     /// Encoded onto the live connection (QoS 1/2: and tracked until acknowledged).
     Sent,
     /// Stored in the session queue: the device is offline, or its window is full.

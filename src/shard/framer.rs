@@ -18,14 +18,14 @@ const MAX_HEADER: usize = 5;
 /// What [`fill`] found: append `take` bytes of the new data to the partial frame; then
 /// the frame is whole when `complete`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fill {
+pub(super) struct Fill {
     pub take: usize,
     pub complete: bool,
 }
 
 /// How many bytes of `data` complete the partial frame `partial` (which holds less than
 /// one frame). A header still incomplete after `data` takes all of `data`.
-pub fn fill(partial: &[u8], data: &[u8], max: usize) -> Result<Fill, ProtocolError> {
+pub(super) fn fill(partial: &[u8], data: &[u8], max: usize) -> Result<Fill, ProtocolError> {
     let mut header = [0u8; MAX_HEADER];
     let from_partial = partial.len().min(MAX_HEADER);
     header[..from_partial].copy_from_slice(&partial[..from_partial]);
@@ -48,7 +48,7 @@ pub fn fill(partial: &[u8], data: &[u8], max: usize) -> Result<Fill, ProtocolErr
 
 /// What the front of some fresh (non-empty) bytes holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
+pub(super) enum Split {
     /// A whole frame of this many bytes.
     Whole(usize),
     /// Only the start of a frame: keep all of it, in a buffer of at least `want` bytes
@@ -57,7 +57,7 @@ pub enum Split {
 }
 
 /// Splits the front of `data` (non-empty) into a whole frame or a partial one.
-pub fn split(data: &[u8], max: usize) -> Result<Split, ProtocolError> {
+pub(super) fn split(data: &[u8], max: usize) -> Result<Split, ProtocolError> {
     match codec::frame_len(data, max)? {
         Some(len) if len <= data.len() => Ok(Split::Whole(len)),
         known => Ok(Split::Partial {
@@ -70,7 +70,7 @@ pub fn split(data: &[u8], max: usize) -> Result<Split, ProtocolError> {
 /// (without its gate): the property test's model of a connection's byte stream.
 #[cfg(test)]
 #[derive(Debug, Default)]
-pub struct Framer {
+pub(super) struct Framer {
     partial: Vec<u8>,
 }
 
@@ -78,7 +78,7 @@ pub struct Framer {
 impl Framer {
     /// Feeds bytes; calls `frame` with each whole frame, in order. On an error the framer
     /// is left as it was when the bad frame began.
-    pub fn push(
+    pub(super) fn push(
         &mut self,
         mut data: &[u8],
         max: usize,
@@ -110,7 +110,7 @@ impl Framer {
     }
 
     /// Bytes of a frame begun and not yet whole.
-    pub fn partial_len(&self) -> usize {
+    pub(super) fn partial_len(&self) -> usize {
         self.partial.len()
     }
 }

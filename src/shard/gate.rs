@@ -8,7 +8,7 @@
 
 /// What the gate knows about one connection at one moment.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Facts {
+pub(super) struct Facts {
     /// CONNECT read, authentication answer pending.
     pub authenticating: bool,
     /// CONNACK sent (rate limits apply only then).
@@ -28,7 +28,7 @@ pub struct Facts {
 
 /// The gate's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(super) enum Verdict {
     /// Read (or handle the frame).
     Go,
     /// Leave the bytes in the kernel; TCP backpressure stops the peer. Something else
@@ -41,7 +41,7 @@ pub enum Verdict {
 }
 
 /// Before reading a connection's socket.
-pub fn before_read(f: &Facts) -> Verdict {
+pub(super) fn before_read(f: &Facts) -> Verdict {
     if f.backpressured && f.publish {
         // The rest of a PUBLISH larger than one read waits too.
         return Verdict::Hold;
@@ -63,7 +63,7 @@ pub fn before_read(f: &Facts) -> Verdict {
 
 /// Before handling a whole frame of an active connection, when rate limits or
 /// backpressure are configured.
-pub fn before_frame(f: &Facts) -> Verdict {
+pub(super) fn before_frame(f: &Facts) -> Verdict {
     if !f.active {
         return Verdict::Go;
     }
@@ -77,7 +77,7 @@ pub fn before_frame(f: &Facts) -> Verdict {
 }
 
 /// When a paused connection is looked at again: `Go` resumes it.
-pub fn on_recheck(f: &Facts) -> Verdict {
+pub(super) fn on_recheck(f: &Facts) -> Verdict {
     if f.over_ns > 0 {
         return Verdict::Pause(f.over_ns);
     }

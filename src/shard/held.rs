@@ -52,7 +52,7 @@ use super::Shard;
 
 /// The shard's side: whether acknowledgements wait, the connections holding some, and
 /// the commit answers exchanged with the other shards.
-pub struct Held {
+pub(super) struct Held {
     signal: Option<Arc<CommitSignal>>,
     /// Connections with at least one hold (a key may repeat; stale keys are skipped).
     waiting: Vec<u32>,
@@ -79,7 +79,7 @@ pub struct Held {
 /// Where a connection's output ended, the turn's store ops, and an outbox's length,
 /// before a packet.
 #[derive(Clone, Copy)]
-pub struct Mark {
+pub(super) struct Mark {
     out_len: usize,
     ops: usize,
     routed: usize,
@@ -94,11 +94,11 @@ enum Release {
 
 /// One held acknowledgement: its offset in the output, the own store batch it waits for
 /// (0: none) and the routing stamp every other shard must answer (0: none).
-pub type Hold = (usize, u64, u64);
+pub(super) type Hold = (usize, u64, u64);
 
 impl Held {
     /// `signal` is the shard's store handle's, when acknowledgements wait for commits.
-    pub fn new(signal: Option<Arc<CommitSignal>>, shards: usize) -> Held {
+    pub(super) fn new(signal: Option<Arc<CommitSignal>>, shards: usize) -> Held {
         Held {
             signal,
             waiting: Vec::new(),
@@ -116,14 +116,14 @@ impl Held {
 
     /// Completes once the writer has reported a commit since the last call (never
     /// without a store, or with `durability = "eventual"`).
-    pub async fn committed(signal: Option<Arc<CommitSignal>>) {
+    pub(super) async fn committed(signal: Option<Arc<CommitSignal>>) {
         match signal {
             Some(s) => s.notify.notified().await,
             None => std::future::pending().await,
         }
     }
 
-    pub fn signal(&self) -> Option<Arc<CommitSignal>> {
+    pub(super) fn signal(&self) -> Option<Arc<CommitSignal>> {
         self.signal.clone()
     }
 

@@ -9,7 +9,7 @@ use super::Settings;
 
 /// The terms a connection runs under, as negotiated from its CONNECT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Terms {
+pub(super) struct Terms {
     pub version: Version,
     /// Effective keep-alive in seconds: a client asking for none (0) gets the cap, or 0
     /// with `keepalive_zero = "off"`.
@@ -31,7 +31,7 @@ pub struct Terms {
 
 /// Negotiates `c` against `s`. `draw` gives a number in [0, 1) to pick the keep-alive
 /// jitter; it is called only when there is one (MQTT 5 with `keepalive_jitter_pct`).
-pub fn negotiate(c: &Connect, s: &Settings, draw: impl FnOnce() -> f64) -> Terms {
+pub(super) fn negotiate(c: &Connect, s: &Settings, draw: impl FnOnce() -> f64) -> Terms {
     let v5 = c.version == Version::V5;
     let session_expiry = match c.version {
         Version::V5 => c.session_expiry.min(s.max_session_expiry_secs),
@@ -75,7 +75,11 @@ fn jitter(ka: u16, pct: u8, cap: u16, draw: f64) -> u16 {
 impl Terms {
     /// The CONNACK properties: the server's limits, and what was changed from the
     /// client's asks (MQTT 5 only). `assigned` is a client id the server chose.
-    pub fn connack_props<'a>(&self, s: &Settings, assigned: Option<&'a str>) -> ConnAckProps<'a> {
+    pub(super) fn connack_props<'a>(
+        &self,
+        s: &Settings,
+        assigned: Option<&'a str>,
+    ) -> ConnAckProps<'a> {
         let v5 = self.version == Version::V5;
         ConnAckProps {
             assigned_client_id: assigned,

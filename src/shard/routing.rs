@@ -16,7 +16,7 @@ use crate::topic::{Subscriber, SubscriptionIndex};
 use super::shared::SharedGroups;
 use super::Settings;
 
-pub struct Routing {
+pub(super) struct Routing {
     pub subs: SubscriptionIndex,
     /// Subscriptions of all sessions (the `subscriptions` gauge).
     pub subs_total: u64,
@@ -36,7 +36,7 @@ pub struct Routing {
 }
 
 impl Routing {
-    pub fn new(shards: usize, s: &Settings) -> Self {
+    pub(super) fn new(shards: usize, s: &Settings) -> Self {
         Routing {
             subs: SubscriptionIndex::new(),
             subs_total: 0,
@@ -58,7 +58,7 @@ impl Routing {
     /// not fit stays for the next turn, but never more than a mailbox's worth (the oldest
     /// are dropped and counted), except messages with backpressure on (no PUBLISH is read
     /// meanwhile, so the batch stops growing).
-    pub fn flush(
+    pub(super) fn flush(
         &mut self,
         mailboxes: &Mailboxes,
         metrics: &ShardMetrics,

@@ -11,7 +11,7 @@ use crate::metrics::ShardMetrics;
 
 use super::backpressure::Congestion;
 
-pub struct Services {
+pub(super) struct Services {
     pub auth: Arc<crate::auth::Authenticator>,
     /// The business runtime, where slow authentication runs.
     pub business: tokio::runtime::Handle,

@@ -10,7 +10,7 @@ use crate::codec::Version;
 use crate::session::{ClientIds, Session};
 
 #[derive(Default)]
-pub struct Sessions {
+pub(super) struct Sessions {
     slab: Slab<Session>,
     by_client: ClientIds,
     /// Messages queued in all sessions (the `queued_messages` gauge).
@@ -19,34 +19,34 @@ pub struct Sessions {
 
 impl Sessions {
     /// The key of `client_id`'s session.
-    pub fn find(&self, client_id: &str) -> Option<u32> {
+    pub(super) fn find(&self, client_id: &str) -> Option<u32> {
         self.by_client.get(client_id, &self.slab)
     }
 
     /// A new, empty session for `client_id` (which has none).
-    pub fn open(&mut self, client_id: &str, v: Version) -> usize {
+    pub(super) fn open(&mut self, client_id: &str, v: Version) -> usize {
         let skey = self.slab.insert(Session::new(Arc::from(client_id), v));
         self.by_client.insert(skey as u32, &self.slab);
         skey
     }
 
     /// Takes session `skey` out of the slab and the index.
-    pub fn remove(&mut self, skey: usize) -> Option<Session> {
+    pub(super) fn remove(&mut self, skey: usize) -> Option<Session> {
         let id = self.slab.get(skey)?.client_id.clone();
         // The index compares against the session's own id: remove it first.
         self.by_client.remove(&id, &self.slab);
         Some(self.slab.remove(skey))
     }
 
-    pub fn get(&self, skey: usize) -> Option<&Session> {
+    pub(super) fn get(&self, skey: usize) -> Option<&Session> {
         self.slab.get(skey)
     }
 
-    pub fn get_mut(&mut self, skey: usize) -> Option<&mut Session> {
+    pub(super) fn get_mut(&mut self, skey: usize) -> Option<&mut Session> {
         self.slab.get_mut(skey)
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.slab.len()
     }
 }

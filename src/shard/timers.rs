@@ -12,7 +12,7 @@ use crate::wheel::{TimerId, TimingWheel};
 use super::conn::{Conn, ConnState};
 use super::{Shard, SESSION_TIMER};
 
-pub struct Timers {
+pub(super) struct Timers {
     /// Payloads: a connection key, or a session key with [`SESSION_TIMER`] set.
     pub wheel: TimingWheel<u32>,
     /// The batch fired this turn (reused).
@@ -22,7 +22,7 @@ pub struct Timers {
 }
 
 impl Timers {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Timers {
             wheel: TimingWheel::new(0),
             fired: Vec::new(),
@@ -33,7 +33,7 @@ impl Timers {
 
 /// A connection's timing, as its timer sees it (ticks).
 #[derive(Clone, Copy, Debug)]
-pub struct Timing {
+pub(super) struct Timing {
     /// Tick of accept, then of the last whole packet.
     pub last_seen: u32,
     /// Silence allowed after `last_seen` (connect timeout, then 1.5 × keep-alive).
@@ -62,7 +62,7 @@ impl Timing {
 
     /// The tick at which the connection's timer is due: the earlier of its silence and
     /// its write-stall deadlines (each one tick late rather than early).
-    pub fn deadline(&self) -> u64 {
+    pub(super) fn deadline(&self) -> u64 {
         let idle = u64::from(self.last_seen) + u64::from(self.idle_ticks) + 1;
         match self.stall_since {
             0 => idle,
@@ -77,7 +77,7 @@ impl Timing {
 
 /// What a connection timer firing at tick `now` means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Due {
+pub(super) enum Due {
     /// Not due yet (traffic moved it): re-arm at this tick.
     Rearm(u64),
     /// Silent only because we stopped reading it: its silence starts over now; re-arm.
@@ -88,7 +88,7 @@ pub enum Due {
 
 /// Decides what a due connection timer means (lazy re-arm: traffic only moved
 /// `last_seen`; act only if the deadline really passed).
-pub fn on_due(t: &Timing, now: u64) -> Due {
+pub(super) fn on_due(t: &Timing, now: u64) -> Due {
     let deadline = t.deadline();
     if deadline > now {
         return Due::Rearm(deadline);

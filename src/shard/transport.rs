@@ -15,7 +15,7 @@ use crate::proxy::{self, ProxyHeader};
 
 /// How the next bytes of a connection are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
+pub(super) enum Transport {
     Plain,
     /// The PROXY header, expected before anything else (in the clear, even before TLS).
     ProxyPrefix,
@@ -27,7 +27,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn of(conn: &Conn) -> Self {
+    pub(super) fn of(conn: &Conn) -> Self {
         if conn.state == ConnState::ProxyHeader {
             Transport::ProxyPrefix
         } else if conn.is_tls() {
@@ -43,7 +43,7 @@ impl Transport {
 /// One read from the socket: into rustls on a TLS connection, else into `scratch` (as much
 /// as the connection's read-size predictor expects, which it then updates). `Ok(0)` is the
 /// peer's end of stream.
-pub fn read(conn: &mut Conn, scratch: &mut [u8]) -> (Transport, io::Result<usize>) {
+pub(super) fn read(conn: &mut Conn, scratch: &mut [u8]) -> (Transport, io::Result<usize>) {
     let transport = Transport::of(conn);
     let result = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
         Some(t) if transport == Transport::Tls => t.read_tls(&mut conn.socket),
@@ -213,7 +213,7 @@ impl Shard {
 /// Writes a connection's output as far as the socket takes it: on TLS, plaintext into
 /// rustls (up to its buffer limit) and ciphertext out; else straight to the socket.
 /// Returns the bytes the socket took, and false when writing failed (close it).
-pub fn write(conn: &mut Conn) -> (usize, bool) {
+pub(super) fn write(conn: &mut Conn) -> (usize, bool) {
     let Some(bufs) = conn.bufs.as_mut() else {
         return (0, true);
     };

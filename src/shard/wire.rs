@@ -14,7 +14,7 @@ use crate::buffer::BufferPool;
 use super::clock::Clock;
 use super::conn::{Conn, ConnBufs, ConnState, Link};
 
-pub struct Wire {
+pub(super) struct Wire {
     pub poll: Poll,
     pub events: Events,
     pub listener: Option<TcpListener>,
@@ -46,7 +46,7 @@ pub struct Wire {
 
 impl Wire {
     /// The listener of connections that come in over `link`.
-    pub fn listener_of(&self, link: Link) -> Option<&TcpListener> {
+    pub(super) fn listener_of(&self, link: Link) -> Option<&TcpListener> {
         match link {
             Link::Tcp => self.listener.as_ref(),
             Link::Tls => self.tls_listener.as_ref(),
@@ -58,7 +58,7 @@ impl Wire {
     /// Appends encoded output for connection `key`, in a buffer from the pool; it is
     /// written at the end of the turn (`flush_dirty`). On an upgraded WebSocket
     /// connection the bytes `encode` appends become one binary frame.
-    pub fn output(
+    pub(super) fn output(
         &mut self,
         clock: &Clock,
         key: usize,
@@ -69,7 +69,7 @@ impl Wire {
     }
 
     /// Appends bytes that go out as they are (a WebSocket upgrade answer, control frames).
-    pub fn output_raw(&mut self, clock: &Clock, key: usize, bytes: &[u8]) {
+    pub(super) fn output_raw(&mut self, clock: &Clock, key: usize, bytes: &[u8]) {
         self.append(clock, key, bytes.len(), false, |out| {
             out.extend_from_slice(bytes)
         });
@@ -104,7 +104,7 @@ impl Wire {
     }
 
     /// Queues connection `key` for writing at the end of the turn, if it has output.
-    pub fn mark_dirty(&mut self, key: usize) {
+    pub(super) fn mark_dirty(&mut self, key: usize) {
         if let Some(conn) = self.conns.get_mut(key) {
             if !conn.dirty && conn.outbound_len() > 0 {
                 conn.dirty = true;
@@ -114,27 +114,27 @@ impl Wire {
     }
 
     /// True when connection `key` holds frames read past a pause.
-    pub fn is_holding(&self, key: usize) -> bool {
+    pub(super) fn is_holding(&self, key: usize) -> bool {
         self.conns
             .get(key)
             .and_then(|c| c.bufs.as_ref())
             .is_some_and(|b| !b.held.is_empty())
     }
 
-    pub fn take_held(&mut self, key: usize) -> Vec<u8> {
+    pub(super) fn take_held(&mut self, key: usize) -> Vec<u8> {
         match self.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) {
             Some(b) => std::mem::take(&mut b.held),
             None => Vec::new(),
         }
     }
 
-    pub fn put_held(&mut self, key: usize, held: Vec<u8>) {
+    pub(super) fn put_held(&mut self, key: usize, held: Vec<u8>) {
         let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
         bufs.held = held;
     }
 
     /// Keeps a partial frame (or PROXY header) for the next read.
-    pub fn put_inbuf(&mut self, clock: &Clock, key: usize, inbuf: Vec<u8>) {
+    pub(super) fn put_inbuf(&mut self, clock: &Clock, key: usize, inbuf: Vec<u8>) {
         let bufs = self.conns[key].bufs.get_or_insert_with(Default::default);
         bufs.inbuf = inbuf;
         self.release_idle_bufs(clock, key);
@@ -142,7 +142,7 @@ impl Wire {
 
     /// Drops a connection's buffer box once it holds nothing; one that holds only rate
     /// debt goes on the `settling` list, to be dropped when the debt has run out.
-    pub fn release_idle_bufs(&mut self, clock: &Clock, key: usize) {
+    pub(super) fn release_idle_bufs(&mut self, clock: &Clock, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -164,7 +164,7 @@ impl Wire {
     /// Once per tick: drops the buffer boxes whose rate debt has run out; keeps waiting on
     /// those still in debt; forgets those that got busy again (they come back here when
     /// they are idle once more).
-    pub fn sweep_settling(&mut self, clock: &Clock) {
+    pub(super) fn sweep_settling(&mut self, clock: &Clock) {
         if self.settling.is_empty() || self.settled_at == clock.now {
             return;
         }
@@ -195,7 +195,7 @@ impl Wire {
 }
 
 /// Returns a connection's buffers to the pool (its TLS state, if any, is dropped).
-pub fn give_bufs(pool: &mut BufferPool, b: ConnBufs, now: u64) {
+pub(super) fn give_bufs(pool: &mut BufferPool, b: ConnBufs, now: u64) {
     pool.give(b.inbuf, now);
     pool.give(b.out, now);
     pool.give(b.held, now);

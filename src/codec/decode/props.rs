@@ -8,33 +8,33 @@ use super::{ProtocolError, Result};
 
 /// MQTT 5 property identifiers, and which ones each client packet may carry.
 pub(super) mod prop {
-    pub const PAYLOAD_FORMAT: u8 = 0x01;
-    pub const MESSAGE_EXPIRY: u8 = 0x02;
-    pub const CONTENT_TYPE: u8 = 0x03;
-    pub const RESPONSE_TOPIC: u8 = 0x08;
-    pub const CORRELATION_DATA: u8 = 0x09;
-    pub const SUBSCRIPTION_ID: u8 = 0x0B;
-    pub const SESSION_EXPIRY: u8 = 0x11;
-    pub const ASSIGNED_CLIENT_ID: u8 = 0x12;
-    pub const SERVER_KEEP_ALIVE: u8 = 0x13;
-    pub const AUTH_METHOD: u8 = 0x15;
-    pub const AUTH_DATA: u8 = 0x16;
-    pub const REQUEST_PROBLEM_INFO: u8 = 0x17;
-    pub const WILL_DELAY: u8 = 0x18;
-    pub const REQUEST_RESPONSE_INFO: u8 = 0x19;
-    pub const RESPONSE_INFO: u8 = 0x1A;
-    pub const SERVER_REFERENCE: u8 = 0x1C;
-    pub const REASON_STRING: u8 = 0x1F;
-    pub const RECEIVE_MAXIMUM: u8 = 0x21;
-    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
-    pub const TOPIC_ALIAS: u8 = 0x23;
-    pub const MAXIMUM_QOS: u8 = 0x24;
-    pub const RETAIN_AVAILABLE: u8 = 0x25;
-    pub const USER_PROPERTY: u8 = 0x26;
-    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
-    pub const WILDCARD_AVAILABLE: u8 = 0x28;
-    pub const SUB_IDS_AVAILABLE: u8 = 0x29;
-    pub const SHARED_AVAILABLE: u8 = 0x2A;
+    pub(crate) const PAYLOAD_FORMAT: u8 = 0x01;
+    pub(crate) const MESSAGE_EXPIRY: u8 = 0x02;
+    pub(crate) const CONTENT_TYPE: u8 = 0x03;
+    pub(crate) const RESPONSE_TOPIC: u8 = 0x08;
+    pub(crate) const CORRELATION_DATA: u8 = 0x09;
+    pub(crate) const SUBSCRIPTION_ID: u8 = 0x0B;
+    pub(crate) const SESSION_EXPIRY: u8 = 0x11;
+    pub(crate) const ASSIGNED_CLIENT_ID: u8 = 0x12;
+    pub(crate) const SERVER_KEEP_ALIVE: u8 = 0x13;
+    pub(crate) const AUTH_METHOD: u8 = 0x15;
+    pub(crate) const AUTH_DATA: u8 = 0x16;
+    pub(crate) const REQUEST_PROBLEM_INFO: u8 = 0x17;
+    pub(crate) const WILL_DELAY: u8 = 0x18;
+    pub(crate) const REQUEST_RESPONSE_INFO: u8 = 0x19;
+    pub(crate) const RESPONSE_INFO: u8 = 0x1A;
+    pub(crate) const SERVER_REFERENCE: u8 = 0x1C;
+    pub(crate) const REASON_STRING: u8 = 0x1F;
+    pub(crate) const RECEIVE_MAXIMUM: u8 = 0x21;
+    pub(crate) const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+    pub(crate) const TOPIC_ALIAS: u8 = 0x23;
+    pub(crate) const MAXIMUM_QOS: u8 = 0x24;
+    pub(crate) const RETAIN_AVAILABLE: u8 = 0x25;
+    pub(crate) const USER_PROPERTY: u8 = 0x26;
+    pub(crate) const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+    pub(crate) const WILDCARD_AVAILABLE: u8 = 0x28;
+    pub(crate) const SUB_IDS_AVAILABLE: u8 = 0x29;
+    pub(crate) const SHARED_AVAILABLE: u8 = 0x2A;
 
     /// A set of identifiers as a bitmask: every identifier is below 64.
     const fn set(ids: &[u8]) -> u64 {
@@ -47,7 +47,7 @@ pub(super) mod prop {
         mask
     }
 
-    pub const IN_CONNECT: u64 = set(&[
+    pub(crate) const IN_CONNECT: u64 = set(&[
         SESSION_EXPIRY,
         RECEIVE_MAXIMUM,
         MAXIMUM_PACKET_SIZE,
@@ -58,7 +58,7 @@ pub(super) mod prop {
         AUTH_METHOD,
         AUTH_DATA,
     ]);
-    pub const IN_WILL: u64 = set(&[
+    pub(crate) const IN_WILL: u64 = set(&[
         WILL_DELAY,
         PAYLOAD_FORMAT,
         MESSAGE_EXPIRY,
@@ -68,7 +68,7 @@ pub(super) mod prop {
         USER_PROPERTY,
     ]);
     /// No Subscription Identifier: a client must not send one ([MQTT-3.3.4-6]).
-    pub const IN_PUBLISH: u64 = set(&[
+    pub(crate) const IN_PUBLISH: u64 = set(&[
         PAYLOAD_FORMAT,
         MESSAGE_EXPIRY,
         CONTENT_TYPE,
@@ -77,16 +77,16 @@ pub(super) mod prop {
         TOPIC_ALIAS,
         USER_PROPERTY,
     ]);
-    pub const IN_ACK: u64 = set(&[REASON_STRING, USER_PROPERTY]);
-    pub const IN_SUBSCRIBE: u64 = set(&[SUBSCRIPTION_ID, USER_PROPERTY]);
-    pub const IN_UNSUBSCRIBE: u64 = set(&[USER_PROPERTY]);
-    pub const IN_DISCONNECT: u64 = set(&[
+    pub(crate) const IN_ACK: u64 = set(&[REASON_STRING, USER_PROPERTY]);
+    pub(crate) const IN_SUBSCRIBE: u64 = set(&[SUBSCRIPTION_ID, USER_PROPERTY]);
+    pub(crate) const IN_UNSUBSCRIBE: u64 = set(&[USER_PROPERTY]);
+    pub(crate) const IN_DISCONNECT: u64 = set(&[
         SESSION_EXPIRY,
         REASON_STRING,
         USER_PROPERTY,
         SERVER_REFERENCE,
     ]);
-    pub const IN_AUTH: u64 = set(&[AUTH_METHOD, AUTH_DATA, REASON_STRING, USER_PROPERTY]);
+    pub(crate) const IN_AUTH: u64 = set(&[AUTH_METHOD, AUTH_DATA, REASON_STRING, USER_PROPERTY]);
 }
 
 /// One property value, borrowed from the frame.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::super::{ConnState, Shard};
 
-pub fn shard(shard: &Shard, client_ids: &[&str]) -> Result<(), String> {
+pub(super) fn shard(shard: &Shard, client_ids: &[&str]) -> Result<(), String> {
     connections(shard)?;
     sessions(shard, client_ids)
 }

@@ -9,7 +9,7 @@ use socket2::{Domain, Socket, Type};
 
 /// What a client got from the server.
 #[derive(Debug)]
-pub enum Packet {
+pub(super) enum Packet {
     ConnAck {
         session_present: bool,
         code: u8,
@@ -31,7 +31,7 @@ pub enum Packet {
 }
 
 /// What a CONNECT asks for.
-pub struct ConnectSpec<'a> {
+pub(super) struct ConnectSpec<'a> {
     pub client_id: &'a str,
     pub v5: bool,
     pub clean: bool,
@@ -44,7 +44,7 @@ pub struct ConnectSpec<'a> {
     pub will: Option<(&'a str, u8, Vec<u8>, u32)>,
 }
 
-pub struct Client {
+pub(super) struct Client {
     sock: Socket,
     v5: bool,
     inbuf: Vec<u8>,
@@ -55,7 +55,7 @@ pub struct Client {
 impl Client {
     /// Connects to the shard's listener. On loopback `connect` returns once the kernel has
     /// queued the connection for `accept`, so the next loop turn sees it.
-    pub fn connect(addr: SocketAddr, v5: bool) -> Client {
+    pub(super) fn connect(addr: SocketAddr, v5: bool) -> Client {
         let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
         // Not small: a receive window that reopens by less than a segment waits for the
         // sender's persist timer (wall time); this one reopens in full when drained.
@@ -72,7 +72,7 @@ impl Client {
     }
 
     /// Makes closing send a reset (SO_LINGER 0), as a device that vanishes.
-    pub fn reset_on_close(&self) {
+    pub(super) fn reset_on_close(&self) {
         let _ = self.sock.set_linger(Some(std::time::Duration::ZERO));
     }
 
@@ -91,7 +91,7 @@ impl Client {
         }
     }
 
-    pub fn send_connect(&mut self, c: &ConnectSpec) {
+    pub(super) fn send_connect(&mut self, c: &ConnectSpec) {
         let mut b = Vec::new();
         string(&mut b, "MQTT");
         b.push(if c.v5 { 5 } else { 4 });
@@ -119,7 +119,7 @@ impl Client {
         self.send(0x10, &b);
     }
 
-    pub fn send_subscribe(&mut self, pkid: u16, filter: &str, qos: u8) {
+    pub(super) fn send_subscribe(&mut self, pkid: u16, filter: &str, qos: u8) {
         let mut b = pkid.to_be_bytes().to_vec();
         self.no_props(&mut b);
         string(&mut b, filter);
@@ -127,14 +127,14 @@ impl Client {
         self.send(0x82, &b);
     }
 
-    pub fn send_unsubscribe(&mut self, pkid: u16, filter: &str) {
+    pub(super) fn send_unsubscribe(&mut self, pkid: u16, filter: &str) {
         let mut b = pkid.to_be_bytes().to_vec();
         self.no_props(&mut b);
         string(&mut b, filter);
         self.send(0xA2, &b);
     }
 
-    pub fn send_publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) {
+    pub(super) fn send_publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) {
         let mut b = Vec::new();
         string(&mut b, topic);
         if qos > 0 {
@@ -146,15 +146,15 @@ impl Client {
     }
 
     /// PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70), success.
-    pub fn send_ack(&mut self, first: u8, pkid: u16) {
+    pub(super) fn send_ack(&mut self, first: u8, pkid: u16) {
         self.send(first, &pkid.to_be_bytes());
     }
 
-    pub fn send_ping(&mut self) {
+    pub(super) fn send_ping(&mut self) {
         self.send(0xC0, &[]);
     }
 
-    pub fn send_disconnect(&mut self) {
+    pub(super) fn send_disconnect(&mut self) {
         self.send(0xE0, &[]);
     }
 
@@ -166,7 +166,7 @@ impl Client {
 
     /// Reads what the socket holds and decodes the whole frames; true if any byte came or
     /// the server closed it.
-    pub fn read(&mut self, out: &mut Vec<Packet>) -> bool {
+    pub(super) fn read(&mut self, out: &mut Vec<Packet>) -> bool {
         let was_closed = self.closed;
         let mut got = false;
         let mut buf = [0u8; 8192];

@@ -24,8 +24,8 @@ use super::{check, topic_matches};
 
 /// Loop turns `settle` may take before the harness calls the shard stuck.
 const MAX_SETTLE_TURNS: usize = 10_000;
-pub const TICK_MS: u64 = 100;
-pub const MAX_INFLIGHT: usize = 4;
+pub(super) const TICK_MS: u64 = 100;
+pub(super) const MAX_INFLIGHT: usize = 4;
 /// `max_keepalive_secs`, granted for keep-alive 0 (`keepalive_zero = "max"`).
 const MAX_KEEPALIVE: u64 = 180;
 
@@ -50,7 +50,7 @@ fn config() -> Config {
 
 /// What the model expects the server to hold for one client id.
 #[derive(Default)]
-pub struct MSession {
+pub(super) struct MSession {
     pub subs: BTreeMap<String, u8>,
     /// Every filter it has had (a will may be published while one is held, and
     /// delivered from the queue after it is gone).
@@ -68,7 +68,7 @@ pub struct MSession {
 
 /// A will as the model knows it: published no earlier than its delay (or the session's
 /// end) after its connection went away other than by DISCONNECT, and never after one.
-pub struct MWill {
+pub(super) struct MWill {
     /// The slot whose connection set it.
     pub slot: usize,
     pub topic: &'static str,
@@ -82,7 +82,7 @@ pub struct MWill {
 type WillArrival = (String, BTreeSet<String>, u64, u8, String, u64);
 
 /// A live connection as its client sees it.
-pub struct Live {
+pub(super) struct Live {
     pub client: Client,
     /// Effective keep-alive, seconds.
     pub keep_alive: u64,
@@ -103,13 +103,13 @@ pub struct Live {
     pub will: Option<u64>,
 }
 
-pub struct Slot {
+pub(super) struct Slot {
     pub id: String,
     pub live: Option<Live>,
     pub session: Option<MSession>,
 }
 
-pub struct World {
+pub(super) struct World {
     pub shard: Shard,
     rx: mpsc::Receiver<ShardMsg>,
     addr: SocketAddr,
@@ -132,7 +132,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64, clients: usize) -> World {
+    pub(super) fn new(seed: u64, clients: usize) -> World {
         let config = Arc::new(config());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");
@@ -184,7 +184,7 @@ impl World {
     }
 
     /// Messages slot `i`'s session has in flight on the server.
-    pub fn server_inflight(&self, i: usize) -> usize {
+    pub(super) fn server_inflight(&self, i: usize) -> usize {
         let sessions = &self.shard.sessions;
         sessions
             .find(&self.slots[i].id)
@@ -193,13 +193,13 @@ impl World {
     }
 
     /// Marks the start of a step (see `Live::sent_before_step`).
-    pub fn begin_step(&mut self) {
+    pub(super) fn begin_step(&mut self) {
         for live in self.slots.iter_mut().filter_map(|s| s.live.as_mut()) {
             live.sent_before_step = live.last_sent;
         }
     }
 
-    pub fn advance(&mut self, ms: u64) {
+    pub(super) fn advance(&mut self, ms: u64) {
         self.now += ms;
         self.shard.clock.advance(Duration::from_millis(ms));
     }
@@ -207,7 +207,7 @@ impl World {
     /// Loop turns and client reads until two quiet rounds in a row: the shard not busy
     /// and no client read or wrote. Loopback delivers within the syscall, so quiet means
     /// done; a bound turns a livelock into a failure, never a wall-clock wait.
-    pub fn settle(&mut self) -> Result<(), String> {
+    pub(super) fn settle(&mut self) -> Result<(), String> {
         let mut quiet = 0;
         for _ in 0..MAX_SETTLE_TURNS {
             let end = self.shard.turn(&mut self.rx).map_err(|e| e.to_string())?;
@@ -308,7 +308,7 @@ impl World {
     }
 
     /// Connects client `i` (a takeover when it has a live connection).
-    pub fn connect(&mut self, i: usize, spec: &ConnectSpec) {
+    pub(super) fn connect(&mut self, i: usize, spec: &ConnectSpec) {
         let mut client = Client::connect(self.addr, spec.v5);
         client.send_connect(spec);
         let slot = &mut self.slots[i];
@@ -368,7 +368,7 @@ impl World {
 
     /// A message published now on `topic` at `qos`: every session subscribed to it may
     /// get it, and must get a QoS 1/2 copy. Returns the message id.
-    pub fn expect_publish(&mut self, topic: &str, qos: u8) -> u64 {
+    pub(super) fn expect_publish(&mut self, topic: &str, qos: u8) -> u64 {
         let id = self.next_msg;
         self.next_msg += 1;
         for s in self.slots.iter_mut().filter_map(|s| s.session.as_mut()) {
@@ -391,7 +391,7 @@ impl World {
     /// The client of slot `i` went away (its own doing when `known`, at `self.now`; else
     /// the server closed it some time after its last packet). Its session goes offline,
     /// or ends.
-    pub fn gone(&mut self, i: usize, known: bool) {
+    pub(super) fn gone(&mut self, i: usize, known: bool) {
         let now = self.now;
         let slot = &mut self.slots[i];
         let Some(live) = slot.live.take() else {
@@ -411,7 +411,7 @@ impl World {
 
     /// After a settle: notices connections the server closed, and checks that each
     /// close had a cause (keep-alive, a write stall) and that no overdue one was missed.
-    pub fn reconcile(&mut self) -> Result<(), String> {
+    pub(super) fn reconcile(&mut self) -> Result<(), String> {
         // The shard's side of a connection taken over is checked in `check` (the
         // connection count); its client may still be reading what was sent before.
         self.replaced.clear();
@@ -487,7 +487,7 @@ impl World {
     }
 
     /// The shard's bookkeeping, and the model's sessions against the shard's.
-    pub fn check(&self) -> Result<(), String> {
+    pub(super) fn check(&self) -> Result<(), String> {
         let ids: Vec<&str> = self.slots.iter().map(|s| s.id.as_str()).collect();
         check::shard(&self.shard, &ids)?;
         let live = self.slots.iter().filter(|s| s.live.is_some()).count();
@@ -522,7 +522,7 @@ impl World {
 
 impl Live {
     /// Sends ack `first` for `pkid`, or withholds it.
-    pub fn ack(&mut self, first: u8, pkid: u16, now: u64) {
+    pub(super) fn ack(&mut self, first: u8, pkid: u16, now: u64) {
         if !self.acking {
             self.withheld.push((first, pkid));
             return;
@@ -536,14 +536,14 @@ impl Live {
     }
 
     /// Sends every withheld ack.
-    pub fn release(&mut self, now: u64) {
+    pub(super) fn release(&mut self, now: u64) {
         self.acking = true;
         for (first, pkid) in std::mem::take(&mut self.withheld) {
             self.ack(first, pkid, now);
         }
     }
 
-    pub fn pkid(&mut self) -> u16 {
+    pub(super) fn pkid(&mut self) -> u16 {
         let p = self.next_pkid;
         self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
         p
@@ -609,7 +609,7 @@ fn will_delivered(
 }
 
 /// A payload: the message id, the topic (so a mix-up shows), then padding.
-pub fn payload(msg: u64, topic: &str, pad: usize) -> Vec<u8> {
+pub(super) fn payload(msg: u64, topic: &str, pad: usize) -> Vec<u8> {
     let mut p = msg.to_le_bytes().to_vec();
     p.push(topic.len() as u8);
     p.extend_from_slice(topic.as_bytes());
