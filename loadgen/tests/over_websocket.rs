@@ -10,6 +10,7 @@ mod common;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{loadgen_line, u};
@@ -21,7 +22,13 @@ struct Mosquitto {
     tcp: SocketAddr,
     ws: SocketAddr,
     dir: PathBuf,
+    /// One Mosquitto at a time: Debian's Mosquitto 2.0.11 often fails to create its
+    /// websockets listener ("Unable to create websockets listener") while another
+    /// instance starts beside it, on whatever port, so these tests take turns.
+    _turn: MutexGuard<'static, ()>,
 }
+
+static TURN: Mutex<()> = Mutex::new(());
 
 /// `N` distinct ports free right now (Mosquitto's websockets listener cannot bind port
 /// 0); all are held while the next is picked, so they differ.
@@ -66,6 +73,7 @@ impl Mosquitto {
         }
         // libwebsockets in Mosquitto 2.0.11 sometimes cannot bind a port that was free a
         // moment ago (tests pick ports in parallel): try fresh ports a few times.
+        let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut last_log = String::new();
         for attempt in 0..5 {
             let dir = std::env::temp_dir().join(format!(
@@ -94,16 +102,19 @@ impl Mosquitto {
                 .stderr(log)
                 .spawn()
                 .expect("mosquitto starts");
-            let mut m = Mosquitto {
-                child,
-                tcp: loopback(tcp_port),
-                ws: loopback(ws_port),
-                dir,
-            };
-            if up_or_exited(&mut m.child, &[m.tcp, m.ws]) {
-                return Some(m);
+            let mut child = child;
+            if up_or_exited(&mut child, &[loopback(tcp_port), loopback(ws_port)]) {
+                return Some(Mosquitto {
+                    child,
+                    tcp: loopback(tcp_port),
+                    ws: loopback(ws_port),
+                    dir,
+                    _turn: turn,
+                });
             }
-            last_log = std::fs::read_to_string(m.dir.join("mosquitto.log")).unwrap_or_default();
+            let _ = child.kill();
+            let _ = child.wait();
+            last_log = std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default();
             eprintln!("mosquitto attempt {attempt} did not start:\n{last_log}");
         }
         panic!("mosquitto did not start in 5 attempts:\n{last_log}");
