@@ -417,13 +417,7 @@ impl Shard {
             self.clock.update();
             self.handle_msg(msg);
         }
-        let stamp = self.route_stamp();
-        let waiting = self.routing.flush(
-            &self.services.mailboxes,
-            &self.services.metrics,
-            &self.settings,
-            (self.id as u16, stamp),
-        );
+        let waiting = self.flush_outbox();
         self.flush_store();
         let late = self.clock.read() >= deadline;
         if !*counted_out && (!waiting || late) {
@@ -459,14 +453,7 @@ impl Shard {
         self.release_held();
         self.flush_dirty();
         self.send_pending_replies();
-        let stamp = self.route_stamp();
-        let outbox_waiting = self.routing.flush(
-            &self.services.mailboxes,
-            &self.services.metrics,
-            &self.settings,
-            (self.id as u16, stamp),
-        ) | self.flush_echoes()
-            | self.flush_store();
+        let outbox_waiting = self.flush_outbox() | self.flush_echoes() | self.flush_store();
         self.publish_gauges();
         if self.stopping && self.wire.conns.is_empty() {
             return Ok(TurnEnd {
@@ -486,6 +473,18 @@ impl Shard {
             outbox_waiting,
             stopped: false,
         })
+    }
+
+    /// Hands this turn's message batches (stamped for the commit answers) to the other
+    /// shards; true if some must be retried.
+    fn flush_outbox(&mut self) -> bool {
+        let stamp = self.route_stamp();
+        self.routing.flush(
+            &self.services.mailboxes,
+            &self.services.metrics,
+            &self.settings,
+            (self.id as u16, stamp),
+        )
     }
 
     fn wake_no_later_than(&mut self, at: Instant) {
