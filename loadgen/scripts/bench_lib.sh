@@ -1,0 +1,48 @@
+# Shared by the benchmark scripts here (source it): the gateway configs they measure
+# with, and starting and stopping a fresh gateway for each run.
+#
+#   write_configs DIR [EXTRA]   DIR/defaults.toml: the shipped defaults with loopback
+#                               listen addresses and [log] level = "warn";
+#                               DIR/fanout.toml: the same with the ACL off, [limits]
+#                               raised and the store off (docs/BENCHMARKS.md);
+#                               EXTRA: more [mqtt] lines for both (e.g. ws_listen)
+#   start_gateway GW DIR CONFIG  starts GW in DIR on DIR/CONFIG with an empty store and
+#                               waits for /readyz; its PID is in $PID
+#   stop_gateway                 SIGTERM to $PID, and waits for it
+
+write_configs() {
+  local dir=$1 extra=${2:-}
+  local base
+  base=$(printf '[mqtt]\nlisten = "127.0.0.1:18830"\n%s\n[http]\nlisten = "127.0.0.1:18080"\n[log]\nlevel = "warn"\n' "$extra")
+  printf '%s\n' "$base" > "$dir/defaults.toml"
+  cat > "$dir/fanout.toml" <<TOML
+$base
+[acl]
+enabled = false
+[limits]
+max_connect_rate = 1000000
+connect_burst = 1000000
+max_handshaking = 1000000
+publish_rate = 1000000
+bytes_rate = 1073741824
+[store]
+enabled = false
+TOML
+}
+
+start_gateway() {
+  local gw=$1 dir=$2 config=$3
+  (cd "$dir" && rm -rf data && exec "$gw" --config "$config" > "$dir/gw.log" 2>&1) &
+  PID=$!
+  for _ in $(seq 100); do
+    curl -sf http://127.0.0.1:18080/readyz > /dev/null && return 0
+    sleep 0.1
+  done
+  echo "gateway did not become ready; see $dir/gw.log" >&2
+  return 1
+}
+
+stop_gateway() {
+  kill "$PID"
+  wait "$PID" 2> /dev/null
+}
