@@ -6,6 +6,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -103,7 +104,12 @@ pub enum ShardMsg {
         from: u16,
         stamp: u64,
         batch: Vec<Arc<Message>>,
+        /// What the batch costs (see [`Mailboxes::send_routed`]).
+        bytes: usize,
     },
+    /// Back to a publisher's shard: how many more (or fewer) congested subscribers pace
+    /// each of its sessions (`shard/pacing.rs`), as (session key, change).
+    Pace(Vec<(u32, i32)>),
     /// Back to a publisher's shard: its batches up to `stamp` are routed here and what
     /// they stored is committed (`ok`), or the commit failed (`!ok`).
     Committed {
@@ -197,13 +203,41 @@ pub struct SharedBounce {
 #[derive(Clone)]
 pub struct Mailboxes {
     senders: Arc<[mpsc::Sender<ShardMsg>]>,
+    /// Per shard: the bytes of the routed messages ([`ShardMsg::Publish`]) sent to it and
+    /// not yet handled, so a sender can bound a busy shard's mailbox by bytes.
+    routed_bytes: Arc<[AtomicUsize]>,
 }
 
 impl Mailboxes {
     /// Creates `shards` mailboxes of `capacity` each; returns the senders and the receivers.
     pub fn new(shards: usize, capacity: usize) -> (Self, Vec<mpsc::Receiver<ShardMsg>>) {
         let (tx, rx): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(capacity)).unzip();
-        (Mailboxes { senders: tx.into() }, rx)
+        let routed_bytes = (0..shards).map(|_| AtomicUsize::new(0)).collect();
+        let boxes = Mailboxes {
+            senders: tx.into(),
+            routed_bytes,
+        };
+        (boxes, rx)
+    }
+
+    /// Bytes of routed messages waiting in `shard`'s mailbox.
+    pub fn routed_bytes(&self, shard: usize) -> usize {
+        self.routed_bytes[shard].load(Ordering::Relaxed)
+    }
+
+    /// Sends `shard` a batch of routed messages costing `bytes` (see [`Message::cost`]);
+    /// the receiver gives the bytes back with [`Mailboxes::routed_done`].
+    pub fn send_routed(&self, shard: usize, msg: ShardMsg, bytes: usize) -> Result<(), ShardMsg> {
+        // Counted before it can be handled, so the count never goes below zero.
+        self.routed_bytes[shard].fetch_add(bytes, Ordering::Relaxed);
+        self.try_send(shard, msg).inspect_err(|_| {
+            self.routed_bytes[shard].fetch_sub(bytes, Ordering::Relaxed);
+        })
+    }
+
+    /// `shard` handled routed messages costing `bytes`.
+    pub fn routed_done(&self, shard: usize, bytes: usize) {
+        self.routed_bytes[shard].fetch_sub(bytes, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {

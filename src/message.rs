@@ -56,6 +56,11 @@ impl Message {
         self
     }
 
+    /// Bytes this message keeps in memory, roughly: its topic, payload and header.
+    pub fn cost(&self) -> usize {
+        self.topic.len() + self.payload.len() + std::mem::size_of::<Message>()
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|e| now >= e)
     }

@@ -215,7 +215,6 @@ impl Server {
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(n));
-        let congestion = Arc::new(shard::Congestion::new(n));
         let mut shards = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let per_shard = listeners
@@ -237,7 +236,6 @@ impl Server {
                 metrics: metrics[id].clone(),
                 open_connections: open.clone(),
                 shards_running: running.clone(),
-                congestion: congestion.clone(),
                 auth: auth.clone(),
                 business: business.handle().clone(),
                 store: store.as_ref().and_then(Store::handle),

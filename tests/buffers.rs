@@ -1,7 +1,8 @@
 //! Buffers only while busy: idle connections hold none, frames split anywhere or packed
 //! many to a read decode the same, the packet size limit is exact, and a slow subscriber
-//! loses only QoS 0 (counted) while its QoS 1 messages wait for it — or, with
-//! `slow_consumer = "backpressure"`, nothing, its publishers paced instead.
+//! loses nothing, its publishers paced instead (the default) — or, with
+//! `slow_consumer = "drop"`, only QoS 0 (counted) while its QoS 1 messages wait for it.
+//! `tests/flow_control.rs` has the pacing's isolation, fan-in and memory bounds.
 
 mod common;
 
@@ -238,9 +239,9 @@ async fn read_flood(el: &mut rumqttc::EventLoop, n: usize, qos: rumqttc::QoS) ->
 }
 
 #[tokio::test]
-async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
+async fn with_drop_a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
     let gw = TestServer::start(
-        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\n[mqtt]\nmax_queued_messages = 1000",
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"drop\"\n[mqtt]\nmax_queued_messages = 1000",
     );
     let mut el = stalled_subscriber(&gw, rumqttc::QoS::AtLeastOnce).await;
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
@@ -272,16 +273,16 @@ async fn a_slow_subscriber_loses_only_qos0_and_gets_every_qos1_once_it_reads() {
     );
 }
 
-/// Backpressure with a slow subscriber, `[shards] count = 1` so the publisher's shard sees
+/// Pacing with a slow subscriber, `[shards] count = 1` so the publisher's shard sees
 /// the congestion at once: on two shards it sees it up to a loop turn late, and when the
 /// machine is busy that turn can be long enough to read everything the publisher sent
 /// (which the subscriber's `outbound_max_bytes` then holds: nothing is lost, but there
-/// was no pause to count; `backpressure_across_shards_loses_nothing` covers that case).
-const BACKPRESSURE_ONE_SHARD: &str = "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[shards]\ncount = 1";
+/// was no pause to count; `pacing_across_shards_loses_nothing` covers that case).
+const PACE_ONE_SHARD: &str = "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[shards]\ncount = 1";
 
 #[tokio::test]
-async fn with_backpressure_a_slow_subscriber_pauses_publishers_and_loses_nothing() {
-    let gw = TestServer::start(BACKPRESSURE_ONE_SHARD);
+async fn a_slow_subscriber_paces_its_publisher_and_loses_nothing() {
+    let gw = TestServer::start(PACE_ONE_SHARD);
     // A small receive window, so the kernel cannot take it all and end the congestion.
     let mut sub = small_window_subscriber(&gw).await;
     // 1 MiB of QoS 0 for a subscriber that reads nothing meanwhile: far more than its
@@ -360,9 +361,9 @@ async fn small_window_subscriber(gw: &TestServer) -> Raw {
 }
 
 #[tokio::test]
-async fn backpressure_across_shards_loses_nothing() {
+async fn pacing_across_shards_loses_nothing() {
     let gw = TestServer::start(
-        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[shards]\ncount = 2",
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[shards]\ncount = 2",
     );
     // Publisher and subscriber on different shards (the home shard comes from the
     // client id).
@@ -386,7 +387,7 @@ async fn backpressure_across_shards_loses_nothing() {
 
 #[tokio::test]
 async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
-    let gw = TestServer::start(BACKPRESSURE_ONE_SHARD);
+    let gw = TestServer::start(PACE_ONE_SHARD);
     // Reads nothing for now.
     let mut sub = small_window_subscriber(&gw).await;
     // A raw publisher with a 2 s keep-alive that never sends PINGREQ: only the PUBLISHes
@@ -433,9 +434,9 @@ async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
 }
 
 #[tokio::test]
-async fn with_backpressure_a_trickling_subscriber_is_closed_after_the_stall_timeout() {
+async fn a_trickling_subscriber_is_closed_as_a_slow_consumer_after_the_stall_timeout() {
     let gw = TestServer::start(
-        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 32768\noutbound_low_watermark = 2048\nslow_consumer = \"backpressure\"\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100",
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 32768\noutbound_low_watermark = 2048\n[limits]\npublish_rate = 0\nbytes_rate = 0\n[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100",
     );
     let mut sub = small_window_subscriber(&gw).await;
     let publisher = v4::connect(v4::options(gw.mqtt, "flooder")).await;
@@ -453,7 +454,7 @@ async fn with_backpressure_a_trickling_subscriber_is_closed_after_the_stall_time
         // (What the kernel already holds for it is still readable after the close.)
         let _ = tokio::time::timeout(T, sub.stream.read(&mut chunk)).await;
         let stalls = gw
-            .metric("gateway_disconnects_total{reason=\"write_stall\"}")
+            .metric("gateway_disconnects_total{reason=\"slow_consumer\"}")
             .await;
         if stalls >= 1.0 {
             break true;
@@ -462,7 +463,7 @@ async fn with_backpressure_a_trickling_subscriber_is_closed_after_the_stall_time
             break false;
         }
     };
-    assert!(closed, "closed as a write stall while still trickling");
+    assert!(closed, "closed as a slow consumer while still trickling");
     // Its congestion went with it: the publisher is read again.
     let congested = gw
         .wait_metric("gateway_congested_connections", T, |v| v == 0.0)

@@ -225,7 +225,7 @@ async fn probe_churn_returns_to_baseline() {
 #[tokio::test]
 async fn subscriber_that_stops_reading_is_closed_for_write_stall() {
     let gw = TestServer::start(
-        "[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100\n[tcp]\nsend_buffer_bytes = 4096",
+        "[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100\n[tcp]\nsend_buffer_bytes = 4096\n[buffers]\nslow_consumer = \"drop\"",
     );
     // A subscriber with a tiny receive window that never reads after SUBACK.
     let sock = TcpSocket::new_v4().unwrap();

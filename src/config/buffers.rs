@@ -18,19 +18,26 @@ pub struct BuffersConfig {
     pub outbound_high_watermark: u32,
     pub outbound_low_watermark: u32,
     pub slow_consumer: SlowConsumer,
-    /// With `slow_consumer = "backpressure"`: the most output a connection holds.
+    /// With `slow_consumer = "pace"`: a QoS 1/2 session queue this long congests its
+    /// connection as the high watermark does.
+    pub pace_queued_messages: u32,
+    /// With `slow_consumer = "pace"`: the most a connected session's queue holds.
+    pub paced_max_queued_messages: u32,
+    /// With `slow_consumer = "pace"`: the most output a connection holds.
     pub outbound_max_bytes: u32,
+    /// The most unsent output all connections of the gateway hold together.
+    pub output_max_bytes: u64,
 }
 
 /// What a subscriber above its outbound high watermark costs (`[buffers] slow_consumer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowConsumer {
-    /// Its QoS 0 messages are dropped; publishers never wait (the default).
+    /// The publishers whose messages reach it are paced until it drains (the default;
+    /// see `shard/pacing.rs`): nothing is lost.
+    Pace,
+    /// Its QoS 0 messages are dropped; publishers never wait.
     Drop,
-    /// Its QoS 0 messages are still written (up to `outbound_max_bytes`) and PUBLISH
-    /// packets are not read from any client until every subscriber is back under.
-    Backpressure,
 }
 
 impl Section for BuffersConfig {
@@ -54,6 +61,16 @@ impl Section for BuffersConfig {
                 format!(
                     "must be less than buffers.outbound_high_watermark ({}), got {}",
                     b.outbound_high_watermark, b.outbound_low_watermark
+                ),
+            ));
+        }
+        at_least("buffers.pace_queued_messages", b.pace_queued_messages, 1)?;
+        if u64::from(b.outbound_max_bytes) > b.output_max_bytes {
+            return Err(invalid(
+                "buffers.output_max_bytes",
+                format!(
+                    "must be at least buffers.outbound_max_bytes ({}), got {}",
+                    b.outbound_max_bytes, b.output_max_bytes
                 ),
             ));
         }

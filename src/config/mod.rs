@@ -268,6 +268,16 @@ impl Config {
                 ),
             ));
         }
+        if self.buffers.pace_queued_messages >= m.max_queued_messages {
+            // The queue must congest its connection before it drops anything.
+            return Err(invalid(
+                "buffers.pace_queued_messages",
+                format!(
+                    "must be less than mqtt.max_queued_messages ({}), got {}",
+                    m.max_queued_messages, self.buffers.pace_queued_messages
+                ),
+            ));
+        }
         let h = &self.http;
         if listeners_collide(m.listen, h.listen) {
             return Err(invalid(

@@ -14,6 +14,8 @@ pub struct ShardsConfig {
     /// 0 = one per available core; see [`Config::shard_count`].
     pub count: usize,
     pub mailbox_capacity: u32,
+    /// The most bytes of messages from other shards waiting in one shard's mailbox.
+    pub mailbox_max_bytes: u64,
     pub tick_ms: u32,
     pub expiry_batch: u32,
     pub pin_cores: bool,
@@ -31,6 +33,7 @@ impl Section for ShardsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         in_range("shards.count", self.count, 0, MAX_THREADS)?;
         at_least("shards.mailbox_capacity", self.mailbox_capacity, 1)?;
+        at_least("shards.mailbox_max_bytes", self.mailbox_max_bytes, 65536)?;
         in_range("shards.tick_ms", self.tick_ms, 100, 60_000)?;
         at_least("shards.expiry_batch", self.expiry_batch, 1)
     }

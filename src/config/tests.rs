@@ -53,7 +53,8 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(c.buffers.pool_idle_secs, 30);
     assert_eq!(c.buffers.outbound_high_watermark, 65_536);
     assert_eq!(c.buffers.outbound_low_watermark, 16_384);
-    assert_eq!(c.buffers.slow_consumer, SlowConsumer::Drop);
+    assert_eq!(c.buffers.slow_consumer, SlowConsumer::Pace);
+    assert_eq!(c.buffers.pace_queued_messages, 100);
     assert_eq!(c.buffers.outbound_max_bytes, 4_194_304);
 
     assert_eq!(c.http.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
@@ -730,8 +731,25 @@ fn validate_cross_field_rules() {
         invalid_key("[buffers]\noutbound_max_bytes = 65535\n"),
         "buffers.outbound_max_bytes"
     );
-    let c = Config::from_toml_str("[buffers]\nslow_consumer = \"backpressure\"\n").unwrap();
-    assert_eq!(c.buffers.slow_consumer, SlowConsumer::Backpressure);
+    let c = Config::from_toml_str("[buffers]\nslow_consumer = \"drop\"\n").unwrap();
+    assert_eq!(c.buffers.slow_consumer, SlowConsumer::Drop);
+    assert!(Config::from_toml_str("[buffers]\nslow_consumer = \"backpressure\"\n").is_err());
+    assert_eq!(
+        invalid_key("[buffers]\npace_queued_messages = 1000\n"),
+        "buffers.pace_queued_messages"
+    );
+    assert_eq!(
+        invalid_key("[buffers]\npace_queued_messages = 0\n"),
+        "buffers.pace_queued_messages"
+    );
+    assert_eq!(
+        invalid_key("[buffers]\noutput_max_bytes = 65536\n"),
+        "buffers.output_max_bytes"
+    );
+    assert_eq!(
+        invalid_key("[shards]\nmailbox_max_bytes = 100\n"),
+        "shards.mailbox_max_bytes"
+    );
 
     // The two listeners must not claim the same port.
     assert_eq!(

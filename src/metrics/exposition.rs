@@ -145,7 +145,7 @@ impl ShardCollector {
         labelled_gauges(
             e,
             "gateway_congested_connections",
-            "Connections above the outbound high watermark that pace publishers (slow_consumer = backpressure).",
+            "Connections congested (output above outbound_high_watermark, or QoS 1/2 queue at pace_queued_messages) that pace their publishers (slow_consumer = pace).",
             "shard",
             self.per_shard(|s| get(&s.congested_connections)),
         )?;
@@ -233,8 +233,28 @@ impl ShardCollector {
         counter(
             e,
             "gateway_publisher_pauses_total",
-            "Times a client's PUBLISH packets stopped being read because a subscriber was congested (slow_consumer = backpressure).",
+            "Times a client's PUBLISH packets stopped being read because a subscriber its messages reach was congested (slow_consumer = pace).",
             self.total(|s| get(&s.publisher_pauses)),
+        )?;
+        counter(
+            e,
+            "gateway_publisher_pause_seconds_total",
+            "Seconds publishers spent paced, counted when each pause ends (slow_consumer = pace).",
+            self.total(|s| get(&s.publisher_pause_ns)) as f64 / 1e9,
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_paced_publishers",
+            "Connections whose PUBLISH packets are not read right now because a subscriber their messages reach is congested.",
+            "shard",
+            self.per_shard(|s| get(&s.paced_publishers)),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_output_buffer_bytes",
+            "Unsent output bytes held for connections (bounded by [buffers] output_max_bytes).",
+            "shard",
+            self.per_shard(|s| get(&s.output_bytes)),
         )?;
         labelled_counters(
             e,

@@ -34,10 +34,14 @@ pub enum DisconnectReason {
     Probe,
     /// The store could not commit a change the connection's acknowledgement waited for.
     StoreError,
+    /// A congested subscriber (`slow_consumer = "pace"`) did not get back under its
+    /// watermark and queue mark within `write_stall_timeout_secs`: it stopped reading or
+    /// stopped acknowledging.
+    SlowConsumer,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 13] = [
+    pub const ALL: [DisconnectReason; 14] = [
         DisconnectReason::Client,
         DisconnectReason::Keepalive,
         DisconnectReason::ConnectTimeout,
@@ -51,6 +55,7 @@ impl DisconnectReason {
         DisconnectReason::Refused,
         DisconnectReason::Probe,
         DisconnectReason::StoreError,
+        DisconnectReason::SlowConsumer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +73,7 @@ impl DisconnectReason {
             DisconnectReason::Refused => "refused",
             DisconnectReason::Probe => "probe",
             DisconnectReason::StoreError => "store_error",
+            DisconnectReason::SlowConsumer => "slow_consumer",
         }
     }
 

@@ -87,10 +87,18 @@ pub struct ShardMetrics {
     pub tls_failures: AtomicU64,
     /// Times a connection went over its inbound rate and stopped being read.
     pub rate_limit_pauses: AtomicU64,
-    /// Times a connection's PUBLISH packets stopped being read for backpressure.
+    /// Times a connection's PUBLISH packets stopped being read because a subscriber its
+    /// messages reach was congested (`slow_consumer = "pace"`).
     pub publisher_pauses: AtomicU64,
-    /// Connections above the outbound high watermark (with backpressure on).
+    /// Nanoseconds publishers spent paced, counted when each pause ends.
+    pub publisher_pause_ns: AtomicU64,
+    /// Connections paced right now.
+    pub paced_publishers: AtomicU64,
+    /// Congested connections: above the outbound high watermark or the queue mark
+    /// (`slow_consumer = "pace"`).
     pub congested_connections: AtomicU64,
+    /// Unsent output bytes of the shard's connections.
+    pub output_bytes: AtomicU64,
     /// Connections in their close grace: ended, still read and discarded (`close_grace_ms`).
     pub closing_connections: AtomicU64,
     /// Times a shard stopped accepting: connect rate (`max_connect_rate`).

@@ -111,8 +111,8 @@ pub struct Conn {
     pub predictor: ReadSizePredictor,
     /// In the shard's list of connections with output to flush this turn.
     pub dirty: bool,
-    /// Above the outbound high watermark with `slow_consumer = "backpressure"` (see
-    /// `backpressure.rs`); counted in the shard's congestion until it drains.
+    /// Congested (`slow_consumer = "pace"`): above the outbound high watermark or the
+    /// queue mark, until it is back under both (see `pacing.rs`); its stall clock runs.
     pub congested: bool,
     pub bufs: Option<Box<ConnBufs>>,
 }
@@ -128,6 +128,8 @@ pub struct ConnBufs {
     /// this is plaintext not yet handed to rustls.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// The part of the shard's `Wire::output_bytes` that is this connection's.
+    pub out_counted: usize,
     /// Acknowledgements waiting for the store commit (`held.rs`): (offset in `out`, the
     /// shard's store batch, the routing stamp). Nothing from the first offset on is
     /// written before those are committed, so later output cannot overtake an

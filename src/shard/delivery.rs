@@ -3,10 +3,11 @@
 //!
 //! A message published on this shard is routed to local subscribers and handed once to
 //! every other shard (batched per loop turn). Delivery respects, per connection, the
-//! client's in-flight window and the outbound watermarks: QoS 0 above the high watermark
-//! is dropped and counted (or, with `slow_consumer = "backpressure"`, still written while
-//! publishers are paused: `backpressure.rs`); QoS 1/2 waits in the session queue
-//! (bounded, oldest dropped).
+//! client's in-flight window and the outbound watermarks: QoS 1/2 waits in the session
+//! queue (bounded, oldest dropped); QoS 0 above the high watermark is still written (up
+//! to `outbound_max_bytes`) while the publishers whose messages reach a congested
+//! connection are paced (`pacing.rs`), or, with `slow_consumer = "drop"`, dropped and
+//! counted.
 //!
 //! A session with several matching subscriptions gets one copy at the highest granted QoS,
 //! carrying the Subscription Identifiers of all of them. Shared groups are matched only on
@@ -45,7 +46,7 @@ impl Shard {
         self.route(&msg);
         for shard in 0..self.routing.outbox.len() {
             if shard != self.id {
-                self.routing.outbox[shard].push(msg.clone());
+                self.routing.route_to(shard, &msg);
             }
         }
     }
@@ -235,54 +236,74 @@ impl Shard {
             self.enqueue(skey, item);
             return Delivery::Queued;
         };
-        let pending = conn.outbound_len();
-        let congested = pending >= self.settings.high_watermark;
-        if item.qos == 0 {
-            // Above the high watermark QoS 0 is shed, unless publishers are paced instead
-            // (backpressure), which still sheds at `outbound_max`.
-            let room = self.settings.backpressure && pending < self.settings.outbound_max;
-            if congested && !room {
-                self.services.metrics.drop_msg(DropReason::SlowConsumer, 1);
-                return Delivery::Dropped(DropReason::SlowConsumer);
-            }
-            let sent = self.send_publish(ckey, 0, &item, false);
-            if self.wire.conns[ckey].outbound_len() >= self.settings.high_watermark {
-                self.note_congested(ckey);
-            }
-            return if sent {
-                Delivery::Sent
-            } else {
-                Delivery::Dropped(DropReason::TooLarge)
-            };
-        }
-        if congested {
-            // QoS 1/2 waits in the session queue; with backpressure, publishers wait too.
-            self.note_congested(ckey);
-        }
-        let window_open = self.sessions[skey].window_open(self.wire.conns[ckey].window);
-        if window_open && !congested {
+        let over_high = conn.outbound_len() >= self.settings.high_watermark;
+        let origin = item.msg.origin;
+        let delivery = if item.qos == 0 {
+            self.deliver_qos0(ckey, &item, over_high)
+        } else if !over_high && self.sessions[skey].window_open(self.wire.conns[ckey].window) {
             if self.send_inflight(skey, ckey, item) {
                 Delivery::Sent
             } else {
                 Delivery::Dropped(DropReason::TooLarge)
             }
         } else {
+            // QoS 1/2 waits in the session queue.
             self.enqueue(skey, item);
             Delivery::Queued
+        };
+        if self.settings.pace {
+            let over_high = self.wire.conns[ckey].outbound_len() >= self.settings.high_watermark;
+            if over_high || self.sessions[skey].queued_len() >= self.settings.pace_queued {
+                self.note_congested(ckey);
+            }
+            self.pace_publisher(ckey, origin);
+        }
+        delivery
+    }
+
+    /// A QoS 0 message onto a live connection. Above the high watermark it is dropped,
+    /// unless publishers are paced instead, which still drops it at `outbound_max` or
+    /// when the shard's output reached its share of `output_max_bytes`.
+    fn deliver_qos0(&mut self, ckey: usize, item: &Queued, over_high: bool) -> Delivery {
+        let s = &self.settings;
+        let room = s.pace
+            && self.wire.conns[ckey].outbound_len() < s.outbound_max
+            && self.wire.output_bytes < s.output_max;
+        if over_high && !room {
+            self.services.metrics.drop_msg(DropReason::SlowConsumer, 1);
+            return Delivery::Dropped(DropReason::SlowConsumer);
+        }
+        if self.send_publish(ckey, 0, item, false) {
+            Delivery::Sent
+        } else {
+            Delivery::Dropped(DropReason::TooLarge)
         }
     }
 
+    /// Queues a QoS 1/2 message, dropping the oldest beyond the session's bound:
+    /// `max_queued_messages`, or, for a connected session whose publishers are paced,
+    /// `paced_max_queued_messages` (each publisher gets a message or a loop turn's worth
+    /// in before it is paced, so a subscriber thousands of devices publish to needs room
+    /// for one from each; `pacing.rs`).
     fn enqueue(&mut self, skey: usize, item: Queued) {
-        let max = self.settings.max_queued;
-        let st = self.sessions[skey].state();
-        let dropped = if st.queue.len() >= max {
-            st.queue.pop_front()
+        let online = self.sessions[skey].conn.is_some();
+        let max = if online && self.settings.pace {
+            self.settings.paced_max_queued
         } else {
-            None
+            self.settings.max_queued
         };
-        st.queue.push_back(item);
+        self.trim_queue(skey, max.saturating_sub(1));
+        self.sessions[skey].state().queue.push_back(item);
         self.sessions.queued_total += 1;
-        if let Some(old) = dropped {
+    }
+
+    /// Drops the oldest queued messages of session `skey` beyond `max` (counted as
+    /// `queue_full`, and forgotten by the store).
+    pub(super) fn trim_queue(&mut self, skey: usize, max: usize) {
+        while self.sessions[skey].queued_len() > max {
+            let Some(old) = self.sessions[skey].state().queue.pop_front() else {
+                return;
+            };
             self.sessions.queued_total -= 1;
             self.services.metrics.drop_msg(DropReason::QueueFull, 1);
             self.store_forget(skey, &old);
@@ -404,6 +425,9 @@ impl Shard {
         }
         if let Some(s) = self.sessions.get_mut(skey) {
             s.compact();
+            if let Some(ckey) = s.conn {
+                self.settle_congestion(ckey.index());
+            }
         }
     }
 

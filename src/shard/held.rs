@@ -33,7 +33,7 @@
 //! with `dropped`/`store_error`.
 //!
 //! **What is not covered.** A message dropped because another shard's mailbox stayed full
-//! (`gateway_messages_dropped_total{reason="mailbox_full"}`, not with backpressure), and
+//! (`gateway_messages_dropped_total{reason="mailbox_full"}`, only with `slow_consumer = "drop"`), and
 //! a shared-subscription delivery that its group's owner shard forwards to a member homed
 //! on a third shard: the acknowledgement covers the owner's turn, not the forwarded copy.
 //!

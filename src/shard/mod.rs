@@ -23,12 +23,10 @@
 //! in `closing` (the close grace) before its socket is closed. The per-packet MQTT logic is in `mqtt` (by packet
 //! family; the CONNECT terms in `negotiate`); routing and delivery in `delivery` and
 //! `shared`; push API requests in `push`; the durable store's side in `durable`, and the
-//! MQTT acknowledgements that wait for its commits in `held`; slow-consumer backpressure
-//! in `backpressure`.
+//! MQTT acknowledgements that wait for its commits in `held`; flow control from congested
+//! subscribers back to each publisher in `pacing`.
 
 mod accept;
-mod backpressure;
-pub use backpressure::Congestion;
 mod clock;
 mod closing;
 mod conn;
@@ -40,6 +38,7 @@ mod gate;
 mod held;
 mod mqtt;
 mod negotiate;
+mod pacing;
 mod packet;
 mod push;
 mod read;
@@ -126,8 +125,6 @@ pub struct ShardContext {
     pub open_connections: Arc<AtomicUsize>,
     /// Shards whose loop has not ended yet (see `Shard::drain_after_stop`).
     pub shards_running: Arc<AtomicUsize>,
-    /// Congested connections per shard (`slow_consumer = "backpressure"`).
-    pub congestion: Arc<backpressure::Congestion>,
     /// The authentication providers, shared by all shards.
     pub auth: Arc<crate::auth::Authenticator>,
     /// The business runtime, where slow authentication runs.
@@ -157,8 +154,8 @@ pub struct Shard {
     clock: Clock,
     timers: Timers,
     services: Services,
-    /// This shard's congested connections (see `backpressure.rs`).
-    congested: u32,
+    /// Congested subscribers and the publishers they pace (see `pacing.rs`).
+    pacing: pacing::Pacing,
     /// When the loop must wake for a paused connection or the connect bucket.
     wake_at: Option<Instant>,
     stopping: bool,
@@ -294,6 +291,7 @@ impl Shard {
             settling: Vec::new(),
             settled_at: 0,
             closing: 0,
+            output_bytes: 0,
         };
         let immediate = ctx.config.store.durability == crate::config::StoreDurability::Immediate;
         let held = held::Held::new(
@@ -313,7 +311,6 @@ impl Shard {
             per_ip: ctx.per_ip,
             open_connections: ctx.open_connections,
             shards_running: ctx.shards_running,
-            congestion: ctx.congestion,
             events: ctx.events,
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
@@ -329,7 +326,7 @@ impl Shard {
                 routing,
                 timers: Timers::new(),
                 services,
-                congested: 0,
+                pacing: pacing::Pacing::new(shards),
                 wake_at: None,
                 stopping: false,
                 pending_replies: Vec::new(),
@@ -479,12 +476,17 @@ impl Shard {
     /// shards; true if some must be retried.
     fn flush_outbox(&mut self) -> bool {
         let stamp = self.route_stamp();
-        self.routing.flush(
+        let was_blocked = self.routing.outbox_blocked;
+        let waiting = self.routing.flush(
             &self.services.mailboxes,
             &self.services.metrics,
             &self.settings,
             (self.id as u16, stamp),
-        )
+        );
+        if was_blocked && !self.routing.outbox_blocked {
+            self.outbox_unblocked();
+        }
+        self.flush_pace() | waiting
     }
 
     fn wake_no_later_than(&mut self, at: Instant) {
@@ -499,6 +501,7 @@ impl Shard {
             self.on_readable(key as usize);
         }
         self.resume_paused();
+        self.resume_released();
         let retry_due = match self.admission.accept_retry.check(self.clock.read()) {
             RetryCheck::Due => true,
             RetryCheck::At(at) => {
@@ -559,12 +562,19 @@ impl Shard {
     fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Handoff(h) => self.adopt(*h),
-            ShardMsg::Publish { from, stamp, batch } => {
+            ShardMsg::Publish {
+                from,
+                stamp,
+                batch,
+                bytes,
+            } => {
                 for m in batch {
                     self.accept_remote(&m);
                 }
+                self.services.mailboxes.routed_done(self.id, bytes);
                 self.note_remote(from, stamp);
             }
+            ShardMsg::Pace(changes) => self.on_pace(changes),
             ShardMsg::Committed { from, stamp, ok } => self.on_committed(from, stamp, ok),
             ShardMsg::Push { items, reply } => self.on_push(items, reply),
             ShardMsg::PushTopic { msg, reply } => self.on_push_topic(msg, reply),
@@ -618,7 +628,9 @@ impl Shard {
         ShardMetrics::set(&m.subscriptions, self.routing.subs_total);
         ShardMetrics::set(&m.queued_messages, self.sessions.queued_total);
         ShardMetrics::set(&m.wheel_entries, self.timers.wheel.len() as u64);
-        ShardMetrics::set(&m.congested_connections, u64::from(self.congested));
+        ShardMetrics::set(&m.congested_connections, u64::from(self.pacing.congested));
+        ShardMetrics::set(&m.paced_publishers, self.pacing.held_count() as u64);
+        ShardMetrics::set(&m.output_bytes, self.wire.output_bytes as u64);
         ShardMetrics::set(&m.closing_connections, self.wire.closing as u64);
         let p = self.wire.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);

@@ -8,6 +8,7 @@ pub(super) const PUBREC: u8 = 5;
 pub(super) const PUBREL: u8 = 6;
 pub(super) const PUBCOMP: u8 = 7;
 pub(super) const SUBACK: u8 = 9;
+pub(super) const PINGREQ: u8 = 12;
 pub(super) const UNSUBACK: u8 = 11;
 pub(super) const PINGRESP: u8 = 13;
 pub(super) const DISCONNECT: u8 = 14;

@@ -14,7 +14,7 @@ use super::framer::{self, Split};
 use super::gate::{self, Facts, Verdict};
 use super::packet::{self, type_of};
 use super::transport::{self, Transport};
-use super::{backpressure, Shard, READS_PER_EVENT};
+use super::{Shard, READS_PER_EVENT};
 use crate::codec;
 use crate::metrics::{DisconnectReason, ShardMetrics};
 
@@ -51,7 +51,7 @@ impl Shard {
         let conn = self.wire.conns.get(key)?;
         let active = conn.state == ConnState::Active;
         let bufs = conn.bufs.as_ref().filter(|_| active);
-        let backpressured = self.backpressured();
+        let paced = self.publish_paced(key);
         Some(Facts {
             authenticating: conn.state == ConnState::Authenticating,
             active,
@@ -61,8 +61,9 @@ impl Shard {
                 self.settings.inbound.over_by(&b.rate, self.clock.now_ns())
             }),
             holding: bufs.is_some_and(|b| !b.held.is_empty()),
-            backpressured,
-            publish: backpressured && self.holds_publish(key),
+            held_room: bufs.is_some_and(|b| b.held.len() < self.settings.high_watermark),
+            paced,
+            publish: paced && self.holds_publish(key),
         })
     }
 
@@ -128,7 +129,7 @@ impl Shard {
                     .bufs
                     .as_ref()
                     .map_or(0, |b| self.settings.inbound.over_by(&b.rate, now_ns)),
-                backpressured: self.backpressured(),
+                paced: self.publish_paced(key as usize),
                 publish: self.holds_publish(key as usize),
                 ..Facts::default()
             };
@@ -137,10 +138,7 @@ impl Shard {
                     self.wire.paused.insert(key);
                     self.wake_no_later_than(self.clock.now_instant + Duration::from_nanos(over));
                 }
-                Verdict::Hold => {
-                    self.wire.paused.insert(key);
-                    self.wake_no_later_than(self.clock.now_instant + backpressure::RECHECK);
-                }
+                Verdict::Hold => self.hold_publisher(key as usize),
                 Verdict::Go | Verdict::Wait => self.resume(key as usize),
             }
         }
@@ -148,7 +146,7 @@ impl Shard {
 
     /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
     /// reads it again, unless that puts it over its rate once more.
-    fn resume(&mut self, key: usize) {
+    pub(super) fn resume(&mut self, key: usize) {
         if self.wire.conns[key].state != ConnState::Active {
             // A key freed and reused since it was paused: not the paused connection.
             return;
@@ -180,16 +178,15 @@ impl Shard {
     /// Plaintext bytes of a connection, in order: behind frames it holds (paused), else
     /// completing its partial frame, then framed in place. False when it is gone.
     pub(super) fn ingest_bytes(&mut self, key: usize, data: &[u8]) -> bool {
-        let limited = self.settings.inbound.enabled() || self.settings.backpressure;
-        if limited && self.wire.is_holding(key) {
-            // Paused with frames held: these bytes queue behind them, in order.
+        if self.wire.is_holding(key) {
+            // Paused with frames held: these bytes queue behind them, in order, and the
+            // acknowledgements among them are handled now.
             let mut held = self.wire.take_held(key);
             self.wire
                 .pool
                 .reserve(&mut held, data.len(), self.clock.now);
             held.extend_from_slice(data);
-            self.wire.put_held(key, held);
-            return true;
+            return self.hold_frames(key, held);
         }
         let has_partial = self.wire.conns[key]
             .bufs
@@ -203,7 +200,7 @@ impl Shard {
         } else {
             data
         };
-        self.frame_in_place(key, data, limited)
+        self.frame_in_place(key, data)
     }
 
     /// Completes the partial frame held from an earlier read and handles it. `Ok` with
@@ -240,15 +237,18 @@ impl Shard {
         }
     }
 
-    /// Handles every whole frame in `data` in place, asking the gate before each when
-    /// `limited`; a trailing partial frame, or the rest at a pause, is copied out.
-    fn frame_in_place(&mut self, key: usize, mut data: &[u8], limited: bool) -> bool {
+    /// Handles every whole frame in `data` in place, asking the gate before each while
+    /// rate limits or pacing are in force; a trailing partial frame, or the rest at a
+    /// pause, is copied out.
+    fn frame_in_place(&mut self, key: usize, mut data: &[u8]) -> bool {
         while !data.is_empty() {
             match framer::split(data, self.settings.max_packet_size) {
                 Err(e) => return self.protocol_error(key, &e),
                 Ok(Split::Whole(len)) => {
-                    if limited && !self.frame_may_pass(key, data) {
-                        return true;
+                    if self.gate_frames() {
+                        if let Some(alive) = self.frame_may_pass(key, data) {
+                            return alive;
+                        }
                     }
                     let (frame, rest) = data.split_at(len);
                     if !self.dispatch(key, frame, rest) {
@@ -271,29 +271,67 @@ impl Shard {
         true
     }
 
-    /// Asks the gate about the frame at the front of `data`. Over the inbound rate, or a
-    /// PUBLISH while subscribers are congested: keeps all of `data` for later (held), reads
-    /// no more, and says no.
-    fn frame_may_pass(&mut self, key: usize, data: &[u8]) -> bool {
+    /// Asks the gate about the frame at the front of `data`: `None` to handle it. Over
+    /// the inbound rate, or a PUBLISH while it is paced: keeps all of `data` for later
+    /// (held; the acknowledgements in it are handled now) and says whether the
+    /// connection is still alive.
+    fn frame_may_pass(&mut self, key: usize, data: &[u8]) -> Option<bool> {
         let facts = Facts {
             active: self.wire.conns[key].state == ConnState::Active,
             over_ns: self.over_by(key),
             publish: type_of(data[0]) == packet::PUBLISH,
-            backpressured: self.backpressured(),
+            paced: self.publish_paced(key),
             ..Facts::default()
         };
         let verdict = gate::before_frame(&facts);
         if verdict == Verdict::Go {
-            return true;
+            return None;
         }
-        let mut held = self.wire.pool.take(data.len());
-        held.extend_from_slice(data);
-        self.wire.put_held(key, held);
         match verdict {
             Verdict::Pause(over) => self.pause_reads(key, over),
             _ => self.hold_publisher(key),
         }
-        false
+        let mut held = self.wire.pool.take(data.len());
+        held.extend_from_slice(data);
+        Some(self.hold_frames(key, held))
+    }
+
+    /// Keeps `held` (whole frames and maybe a partial one, in order) for when the
+    /// connection is read again, handling at once the acknowledgements and PINGREQs among
+    /// them: they answer what the gateway sent, so they need not wait behind a held
+    /// PUBLISH, and a paced client that also subscribes keeps its window open. False when
+    /// the connection is gone.
+    fn hold_frames(&mut self, key: usize, mut held: Vec<u8>) -> bool {
+        let (mut at, mut kept) = (0, 0);
+        while let Ok(Split::Whole(len)) = framer::split(&held[at..], self.settings.max_packet_size)
+        {
+            let kind = type_of(held[at]);
+            if matches!(
+                kind,
+                packet::PUBACK
+                    | packet::PUBREC
+                    | packet::PUBREL
+                    | packet::PUBCOMP
+                    | packet::PINGREQ
+            ) {
+                if !self.dispatch(key, &held[at..at + len], &[]) {
+                    self.wire.pool.give(held, self.clock.now);
+                    return false;
+                }
+            } else {
+                held.copy_within(at..at + len, kept);
+                kept += len;
+            }
+            at += len;
+        }
+        held.copy_within(at.., kept);
+        held.truncate(kept + held.len() - at);
+        if held.is_empty() {
+            self.wire.pool.give(held, self.clock.now);
+        } else {
+            self.wire.put_held(key, held);
+        }
+        true
     }
 
     /// One whole frame to the MQTT layer, after charging a PUBLISH to the connection's

@@ -27,8 +27,10 @@ pub(super) struct Routing {
     pub shared: SharedGroups,
     /// Subscribers matched by the message being routed (reused across messages).
     pub match_buf: Vec<Subscriber>,
-    /// Messages for each other shard, sent as one batch per turn.
+    /// Messages for each other shard, sent as one batch per turn, and what each batch
+    /// costs (`Message::cost`).
     pub outbox: Vec<Vec<Arc<Message>>>,
+    pub outbox_bytes: Vec<usize>,
     /// Shared-subscription control messages for each other shard, sent in order.
     pub ctl_outbox: Vec<VecDeque<ShardMsg>>,
     /// A batch for another shard found its mailbox full this turn.
@@ -48,16 +50,25 @@ impl Routing {
             shared: SharedGroups::default(),
             match_buf: Vec::new(),
             outbox: vec![Vec::new(); shards],
+            outbox_bytes: vec![0; shards],
             ctl_outbox: (0..shards).map(|_| VecDeque::new()).collect(),
             outbox_blocked: false,
         }
     }
 
+    /// Hands `msg` to shard `shard` with this turn's batch.
+    pub(super) fn route_to(&mut self, shard: usize, msg: &Arc<Message>) {
+        self.outbox[shard].push(msg.clone());
+        self.outbox_bytes[shard] += msg.cost();
+    }
+
     /// Sends each other shard its control messages, then its batch of messages (from
-    /// shard `from`, with `stamp`: see `held.rs`); true if some must be retried. What does
-    /// not fit stays for the next turn, but never more than a mailbox's worth (the oldest
-    /// are dropped and counted), except messages with backpressure on (no PUBLISH is read
-    /// meanwhile, so the batch stops growing).
+    /// shard `from`, with `stamp`: see `held.rs`); true if some must be retried. A batch
+    /// waits while the other shard's mailbox is full or already holds
+    /// `mailbox_max_bytes` of messages (unless it holds none: one batch always goes).
+    /// What waits stays for the next turn; with `slow_consumer = "pace"` no PUBLISH is
+    /// read meanwhile (`outbox_blocked`), so it stops growing; with `"drop"` never more
+    /// than a mailbox's worth (the oldest are dropped and counted).
     pub(super) fn flush(
         &mut self,
         mailboxes: &Mailboxes,
@@ -71,15 +82,38 @@ impl Routing {
             if self.outbox[shard].is_empty() {
                 continue;
             }
-            let batch = std::mem::take(&mut self.outbox[shard]);
-            let msg = ShardMsg::Publish { from, stamp, batch };
-            if let Err(ShardMsg::Publish { mut batch, .. }) = mailboxes.try_send(shard, msg) {
-                self.outbox_blocked = true;
-                if !s.backpressure {
-                    drop_oldest(&mut batch, s.mailbox_capacity, metrics);
+            let bytes = self.outbox_bytes[shard];
+            let queued = mailboxes.routed_bytes(shard);
+            let sent = if queued > 0 && queued + bytes > s.mailbox_max_bytes {
+                false
+            } else {
+                let batch = std::mem::take(&mut self.outbox[shard]);
+                let msg = ShardMsg::Publish {
+                    from,
+                    stamp,
+                    batch,
+                    bytes,
+                };
+                match mailboxes.send_routed(shard, msg, bytes) {
+                    Ok(()) => true,
+                    Err(ShardMsg::Publish { batch, .. }) => {
+                        self.outbox[shard] = batch;
+                        false
+                    }
+                    Err(_) => unreachable!("send_routed gives back what it was given"),
                 }
-                self.outbox[shard] = batch;
-                waiting = true;
+            };
+            if sent {
+                self.outbox_bytes[shard] = 0;
+                continue;
+            }
+            self.outbox_blocked = true;
+            waiting = true;
+            if !s.pace {
+                let cap = (s.mailbox_capacity, s.mailbox_max_bytes);
+                let dropped = drop_oldest(&mut self.outbox[shard], cap);
+                self.outbox_bytes[shard] -= dropped.1;
+                metrics.drop_msg(DropReason::MailboxFull, dropped.0);
             }
         }
         waiting
@@ -106,11 +140,52 @@ impl Routing {
     }
 }
 
-/// Drops the oldest of `batch` beyond `cap`, counted as mailbox-full drops.
-fn drop_oldest<T>(batch: &mut Vec<T>, cap: usize, metrics: &ShardMetrics) {
-    if batch.len() > cap {
-        let excess = batch.len() - cap;
-        batch.drain(..excess);
-        metrics.drop_msg(DropReason::MailboxFull, excess as u64);
+/// Drops the oldest of `batch` beyond `max_len` messages or `max_bytes` bytes (the last
+/// message always stays); returns how many and their bytes.
+fn drop_oldest(
+    batch: &mut Vec<Arc<Message>>,
+    (max_len, max_bytes): (usize, usize),
+) -> (u64, usize) {
+    let mut total: usize = batch.iter().map(|m| m.cost()).sum();
+    let mut n = batch.len().saturating_sub(max_len);
+    let mut dropped = batch[..n].iter().map(|m| m.cost()).sum::<usize>();
+    total -= dropped;
+    while total > max_bytes && n + 1 < batch.len() {
+        let c = batch[n].cost();
+        total -= c;
+        dropped += c;
+        n += 1;
+    }
+    batch.drain(..n);
+    (n as u64, dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Origin;
+
+    fn msg(payload: usize) -> Arc<Message> {
+        let body = bytes::Bytes::from(vec![0u8; payload]);
+        Arc::new(Message::new(
+            Arc::from("t"),
+            body,
+            0,
+            false,
+            Origin::Gateway,
+        ))
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_within_both_bounds() {
+        let mut batch: Vec<_> = (0..10).map(|_| msg(100)).collect();
+        let cost = batch[0].cost();
+        assert_eq!(drop_oldest(&mut batch, (8, usize::MAX)), (2, 2 * cost));
+        assert_eq!(batch.len(), 8);
+        assert_eq!(drop_oldest(&mut batch, (100, 3 * cost)), (5, 5 * cost));
+        assert_eq!(batch.len(), 3);
+        // The newest message always stays, however big.
+        assert_eq!(drop_oldest(&mut batch, (100, 1)), (2, 2 * cost));
+        assert_eq!(batch.len(), 1);
     }
 }

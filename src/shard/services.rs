@@ -9,8 +9,6 @@ use crate::limits::PerIpLimit;
 use crate::mailbox::Mailboxes;
 use crate::metrics::ShardMetrics;
 
-use super::backpressure::Congestion;
-
 pub(super) struct Services {
     pub auth: Arc<crate::auth::Authenticator>,
     /// The business runtime, where slow authentication runs.
@@ -27,8 +25,6 @@ pub(super) struct Services {
     pub open_connections: Arc<AtomicUsize>,
     /// Shards whose loop has not ended yet: a stopped shard drains its mailbox until 0.
     pub shards_running: Arc<AtomicUsize>,
-    /// Congested connections per shard (`slow_consumer = "backpressure"`).
-    pub congestion: Arc<Congestion>,
     /// Events to the backend (`src/events/`); disabled unless `[events]` names a sink.
     pub events: crate::events::EventSender,
 }

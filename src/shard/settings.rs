@@ -45,10 +45,20 @@ pub struct Settings {
     pub outbound_topic_aliases: u16,
     pub high_watermark: usize,
     pub low_watermark: usize,
-    /// `slow_consumer = "backpressure"`: pause publishers instead of dropping QoS 0.
-    pub backpressure: bool,
-    /// With backpressure: the most output one connection holds.
+    /// `slow_consumer = "pace"`: pace the publishers of congested subscribers instead
+    /// of dropping QoS 0 (`pacing.rs`).
+    pub pace: bool,
+    /// With pace: a QoS 1/2 queue this long congests its connection; below half of it
+    /// (and below the low watermark) the connection is no longer congested.
+    pub pace_queued: usize,
+    /// With pace: the most QoS 1/2 messages a connected session's queue holds.
+    pub paced_max_queued: usize,
+    /// With pace: the most output one connection holds.
     pub outbound_max: usize,
+    /// `output_max_bytes` over the shard count: the most unsent output of this shard.
+    pub output_max: usize,
+    /// `shards.mailbox_max_bytes`: the most message bytes waiting in one mailbox.
+    pub mailbox_max_bytes: usize,
     pub expiry_batch: usize,
     pub max_topic_len: usize,
     pub max_subscriptions: usize,
@@ -118,8 +128,15 @@ impl Settings {
             outbound_topic_aliases: c.mqtt.outbound_topic_aliases,
             high_watermark: c.buffers.outbound_high_watermark as usize,
             low_watermark: c.buffers.outbound_low_watermark as usize,
-            backpressure: c.buffers.slow_consumer == SlowConsumer::Backpressure,
+            pace: c.buffers.slow_consumer == SlowConsumer::Pace,
+            pace_queued: c.buffers.pace_queued_messages as usize,
+            paced_max_queued: (c.buffers.paced_max_queued_messages as usize)
+                .max(c.mqtt.max_queued_messages as usize),
             outbound_max: c.buffers.outbound_max_bytes as usize,
+            output_max: (c.buffers.output_max_bytes / c.shard_count().max(1) as u64)
+                .try_into()
+                .unwrap_or(usize::MAX),
+            mailbox_max_bytes: c.shards.mailbox_max_bytes.try_into().unwrap_or(usize::MAX),
             expiry_batch: (c.shards.expiry_batch as usize).max(1),
             max_topic_len: usize::from(c.mqtt.max_topic_len),
             max_subscriptions: c.mqtt.max_subscriptions_per_client as usize,

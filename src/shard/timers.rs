@@ -42,7 +42,7 @@ pub(super) struct Timing {
     pub stall_since: u32,
     /// Before its CONNACK.
     pub handshake: bool,
-    /// The shard stopped reading it (inbound rate, backpressure).
+    /// The shard stopped reading it (inbound rate, or held at a paced PUBLISH).
     pub paused: bool,
     /// `write_stall_timeout_secs` in ticks.
     pub stall_ticks: u32,
@@ -143,7 +143,7 @@ impl Shard {
         if conn.state == ConnState::Closing {
             return self.grace_over(key);
         }
-        let paused = self.wire.paused.contains(&(key as u32));
+        let paused = self.wire.paused.contains(&(key as u32)) || self.pacing.is_held(key);
         let timing = Timing::of(conn, paused, self.settings.write_stall_ticks);
         match on_due(&timing, self.clock.now) {
             Due::Rearm(at) => {
@@ -159,8 +159,21 @@ impl Shard {
             Due::Close(reason) => {
                 // The fired timer is gone from the wheel; close must not cancel a reused id.
                 self.wire.conns[key].timer = TimerId::default();
-                let v5 = (reason == DisconnectReason::Keepalive)
-                    .then_some(codec::reason::KEEP_ALIVE_TIMEOUT);
+                let reason = match reason {
+                    // Congested all along: it stopped reading or acknowledging.
+                    DisconnectReason::WriteStall if self.wire.conns[key].congested => {
+                        DisconnectReason::SlowConsumer
+                    }
+                    r => r,
+                };
+                let v5 = match reason {
+                    DisconnectReason::Keepalive => Some(codec::reason::KEEP_ALIVE_TIMEOUT),
+                    DisconnectReason::SlowConsumer => Some(codec::reason::QUOTA_EXCEEDED),
+                    _ => None,
+                };
+                if reason == DisconnectReason::SlowConsumer {
+                    tracing::info!(shard = self.id, client_id = %self.client_id_of(key), "slow consumer: congested for write_stall_timeout_secs, disconnecting");
+                }
                 self.close_conn(key, reason, v5);
             }
         }

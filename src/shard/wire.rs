@@ -33,8 +33,8 @@ pub(super) struct Wire {
     pub dirty: Vec<u32>,
     /// Connections whose read budget ran out while bytes were still waiting.
     pub reread: Vec<u32>,
-    /// Connections not read because they are over their inbound rate, or hold a
-    /// PUBLISH while the gateway is backpressured.
+    /// Connections not read because they are over their inbound rate (connections held
+    /// at a paced PUBLISH are in `Pacing`).
     pub paused: HashSet<u32>,
     /// Connections whose buffer box holds only inbound rate debt (see `sweep_settling`).
     pub settling: Vec<u32>,
@@ -42,6 +42,8 @@ pub(super) struct Wire {
     pub settled_at: u64,
     /// Connections in their close grace (`ConnState::Closing`, see `closing.rs`).
     pub closing: usize,
+    /// Unsent output of all connections: the sum of their `ConnBufs::out_counted`.
+    pub output_bytes: usize,
 }
 
 impl Wire {
@@ -97,6 +99,7 @@ impl Wire {
         if frame && conn.link.is_ws() && conn.state != ConnState::WsUpgrade {
             crate::ws::frame::frame_in_place(&mut bufs.out, start);
         }
+        recount_output(&mut self.output_bytes, conn);
         if !conn.dirty {
             conn.dirty = true;
             self.dirty.push(key as u32);
@@ -151,7 +154,7 @@ impl Wire {
         };
         if b.is_idle(clock.now_ns()) {
             if let Some(b) = conn.bufs.take() {
-                give_bufs(&mut self.pool, *b, clock.now);
+                give_bufs(&mut self.pool, &mut self.output_bytes, *b, clock.now);
             }
         } else if !b.settling && b.holds_only_debt() {
             // Only rate debt left (every read charges the byte rate): drop the box when
@@ -186,7 +189,7 @@ impl Wire {
                 return true;
             }
             if let Some(b) = conn.bufs.take() {
-                give_bufs(&mut self.pool, *b, clock.now);
+                give_bufs(&mut self.pool, &mut self.output_bytes, *b, clock.now);
             }
             false
         });
@@ -194,12 +197,23 @@ impl Wire {
     }
 }
 
-/// Returns a connection's buffers to the pool (its TLS state, if any, is dropped).
-pub(super) fn give_bufs(pool: &mut BufferPool, b: ConnBufs, now: u64) {
+/// Returns a connection's buffers to the pool (its TLS state, if any, is dropped), and
+/// takes its unsent output out of the shard's `output_bytes`.
+pub(super) fn give_bufs(pool: &mut BufferPool, output_bytes: &mut usize, b: ConnBufs, now: u64) {
+    *output_bytes -= b.out_counted;
     pool.give(b.inbuf, now);
     pool.give(b.out, now);
     pool.give(b.held, now);
     if let Some(ws) = b.ws {
         pool.give(ws.carry, now);
+    }
+}
+
+/// Brings the shard's `output_bytes` up to date with connection `conn`'s unsent output.
+pub(super) fn recount_output(output_bytes: &mut usize, conn: &mut Conn) {
+    if let Some(b) = conn.bufs.as_mut() {
+        let now = b.out.len() - b.out_pos.min(b.out.len());
+        *output_bytes = *output_bytes - b.out_counted + now;
+        b.out_counted = now;
     }
 }

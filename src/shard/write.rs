@@ -35,6 +35,7 @@ impl Shard {
         };
         let (sent, ok) = transport::write(conn);
         ShardMetrics::add(&self.services.metrics.bytes_sent, sent as u64);
+        wire::recount_output(&mut self.wire.output_bytes, conn);
         if !ok {
             self.close_conn(key, DisconnectReason::SocketError, None);
             return;
@@ -50,24 +51,25 @@ impl Shard {
             self.drained(key);
         } else if pending > held {
             self.still_pending(key, before - held, pending - held);
-        } else {
+        } else if !conn.congested {
             // Only output waiting for the store commit is left: the socket is not slow.
             conn.stall_since = 0;
         }
         let session = self.wire.conns[key].session;
-        if pending <= low {
-            self.clear_congested(key);
-        }
         self.wire.release_idle_bufs(&self.clock, key);
         if let Some(session) = session.filter(|_| pending < low) {
             self.refill(session.index());
         }
+        self.settle_congestion(key);
     }
 
     /// All output written: the buffer goes back to the pool, the stall clock stops.
     fn drained(&mut self, key: usize) {
         let conn = &mut self.wire.conns[key];
-        conn.stall_since = 0;
+        if !conn.congested {
+            // A congested connection's clock runs until it is no longer congested.
+            conn.stall_since = 0;
+        }
         if let Some(bufs) = conn.bufs.as_mut() {
             bufs.out_pos = 0;
             let mut out = std::mem::take(&mut bufs.out);
@@ -87,22 +89,28 @@ impl Shard {
                 bufs.compact();
             }
         }
-        // A congested connection (backpressure) must drain below the low watermark
-        // within the stall timeout, or one trickling reader would pace every
-        // publisher for ever; otherwise any bytes out show a slow socket, not a
-        // stalled one.
-        let pacing = conn.congested && pending > self.settings.low_watermark;
-        if conn.stall_since != 0 && pending < before && !pacing {
+        // A congested connection (`pacing.rs`) must stop being congested within the
+        // stall timeout, or one trickling reader would pace its publishers for ever;
+        // otherwise any bytes out show a slow socket, not a stalled one.
+        if conn.stall_since != 0 && pending < before && !conn.congested {
             // The clock restarts (the wheel entry re-arms lazily when it fires early).
             conn.stall_since = now + 1;
         } else if conn.stall_since == 0 {
-            conn.stall_since = now + 1;
-            let stall_deadline = u64::from(now) + u64::from(self.settings.write_stall_ticks) + 1;
-            let timer = conn.timer;
-            let wheel = &mut self.timers.wheel;
-            if wheel.deadline(timer).is_some_and(|d| d > stall_deadline) {
-                wheel.reset(timer, stall_deadline);
-            }
+            self.start_stall_clock(key);
+        }
+    }
+
+    /// Starts connection `key`'s write-stall clock: it is closed if the clock still runs
+    /// `write_stall_timeout_secs` from now.
+    pub(super) fn start_stall_clock(&mut self, key: usize) {
+        let now = self.clock.now32();
+        let conn = &mut self.wire.conns[key];
+        conn.stall_since = now + 1;
+        let stall_deadline = u64::from(now) + u64::from(self.settings.write_stall_ticks) + 1;
+        let timer = conn.timer;
+        let wheel = &mut self.timers.wheel;
+        if wheel.deadline(timer).is_some_and(|d| d > stall_deadline) {
+            wheel.reset(timer, stall_deadline);
         }
     }
 
@@ -124,9 +132,7 @@ impl Shard {
         if state == ConnState::Closing {
             return self.finish_close(key);
         }
-        if std::mem::take(&mut conn.congested) {
-            self.uncount_congested();
-        }
+        self.forget_congestion(key);
         if state == ConnState::Authenticating {
             self.admission.auth_pending.remove(&key);
         }
@@ -138,7 +144,12 @@ impl Shard {
         let conn = &mut self.wire.conns[key];
         self.timers.wheel.cancel(std::mem::take(&mut conn.timer));
         if let Some(b) = conn.bufs.take() {
-            wire::give_bufs(&mut self.wire.pool, *b, self.clock.now);
+            wire::give_bufs(
+                &mut self.wire.pool,
+                &mut self.wire.output_bytes,
+                *b,
+                self.clock.now,
+            );
         }
         let session = conn.session.take();
         let connect_read = !matches!(

@@ -99,7 +99,12 @@ impl Shard {
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
             ws = b.ws.take();
-            give_bufs(&mut self.wire.pool, *b, self.clock.now);
+            give_bufs(
+                &mut self.wire.pool,
+                &mut self.wire.output_bytes,
+                *b,
+                self.clock.now,
+            );
         }
         let handoff = Handoff {
             socket: conn.socket,

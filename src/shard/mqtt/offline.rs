@@ -30,6 +30,9 @@ impl Shard {
             let at = self.offline_deadline(now, expiry);
             self.sessions[skey].state().expires_at = Some(at);
         }
+        // A queue that grew past the bound while its publishers were paced goes back
+        // under it: offline, nothing paces them any more.
+        self.trim_queue(skey, self.settings.max_queued);
         self.store_session(skey, false);
         self.sessions[skey].compact();
         self.arm_session_timer(skey);

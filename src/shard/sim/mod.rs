@@ -47,7 +47,7 @@
 //!
 //! **Not simulated** (yet): that a will is published at all (only when and where),
 //! retained messages, shared subscriptions, MQTT 5 topic aliases, a second shard
-//! (handoffs), TLS and PROXY, inbound rate limits and `slow_consumer = "backpressure"`.
+//! (handoffs), TLS and PROXY, inbound rate limits, and pacing across shards (one shard paces its own publishers).
 
 mod check;
 mod client;
@@ -247,6 +247,7 @@ fn publish(w: &mut World, i: usize) -> String {
     live.client
         .send_publish(topic, qos, pkid, &payload(msg, topic, pad));
     live.last_sent = now;
+    live.unread.push(msg);
     format!("{} publish #{msg} {topic} qos {qos} +{pad}B", slot.id)
 }
 
@@ -331,6 +332,14 @@ fn finish(w: &mut World) -> Result<(), String> {
     w.settle()?;
     w.reconcile()?;
     w.check()?;
+    // Everyone reads and acknowledges: nobody is congested, so nobody may stay paced.
+    let held = w.shard.pacing.held_count();
+    if held > 0 || w.shard.pacing.congested > 0 {
+        return Err(format!(
+            "{held} publishers still held, {} connections congested, after every client read and acknowledged",
+            w.shard.pacing.congested
+        ));
+    }
     for slot in &w.slots {
         if let Some(s) = &slot.session {
             if let Some((msg, qos)) = s.expect.iter().next() {

@@ -3,7 +3,7 @@
 //! session, subscriptions, and the messages it may and must receive). Every action is
 //! followed by `settle` (loop turns and client reads until nothing moves) and the checks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -101,6 +101,8 @@ pub(super) struct Live {
     pub next_pkid: u16,
     /// Its will's message id.
     pub will: Option<u64>,
+    /// Messages it published since the shard was last seen not holding its PUBLISHes.
+    pub unread: Vec<u64>,
 }
 
 pub(super) struct Slot {
@@ -117,6 +119,10 @@ pub(super) struct World {
     /// The manual clock, ms since start.
     pub now: u64,
     pub next_msg: u64,
+    /// Messages whose PUBLISH the shard held (`pacing.rs`): handled later than sent, so
+    /// against later subscriptions, or never if their connection ended first (their
+    /// publisher got no acknowledgement): they may arrive anywhere, or not at all.
+    pub deferred: HashSet<u64>,
     pub rng: Rng,
     /// Connections taken over, read until the next `reconcile`.
     pub replaced: Vec<Client>,
@@ -151,7 +157,6 @@ impl World {
             metrics: Arc::new(ShardMetrics::default()),
             open_connections: Arc::new(AtomicUsize::new(0)),
             shards_running: Arc::new(AtomicUsize::new(1)),
-            congestion: Arc::new(super::super::Congestion::new(1)),
             auth: Arc::new(auth),
             business: tokio::runtime::Handle::current(),
             store: None,
@@ -175,6 +180,7 @@ impl World {
             slots,
             now: 0,
             next_msg: 1,
+            deferred: HashSet::new(),
             rng: Rng::new(seed),
             replaced: Vec::new(),
             avoid_resume_over_window: true,
@@ -211,17 +217,48 @@ impl World {
         let mut quiet = 0;
         for _ in 0..MAX_SETTLE_TURNS {
             let end = self.shard.turn(&mut self.rx).map_err(|e| e.to_string())?;
+            self.excuse_held();
             let moved = self.pump()?;
             if end.busy || moved {
                 quiet = 0;
             } else {
                 quiet += 1;
                 if quiet == 2 {
+                    // Whatever was sent is handled now, unless it is still held.
+                    self.slots
+                        .iter_mut()
+                        .filter_map(|s| s.live.as_mut())
+                        .for_each(|l| l.unread.clear());
                     return Ok(());
                 }
             }
         }
         Err(format!("not settled after {MAX_SETTLE_TURNS} turns"))
+    }
+
+    /// A client whose PUBLISH the shard holds (a subscriber its messages reach is
+    /// congested, `pacing.rs`) is silent because of the shard: its keep-alive allowance
+    /// starts over, as the shard's own timer excuses it.
+    fn excuse_held(&mut self) {
+        for slot in &mut self.slots {
+            let Some(live) = slot.live.as_mut() else {
+                continue;
+            };
+            let held = self
+                .shard
+                .sessions
+                .find(&slot.id)
+                .and_then(|k| self.shard.sessions.get(k as usize))
+                .and_then(|s| s.conn)
+                .is_some_and(|c| self.shard.pacing.is_held(c.index()));
+            if held {
+                live.last_sent = self.now;
+                self.deferred.extend(live.unread.drain(..));
+            }
+        }
+        for s in self.slots.iter_mut().filter_map(|s| s.session.as_mut()) {
+            s.expect.retain(|m, _| !self.deferred.contains(m));
+        }
     }
 
     /// Reads every client that reads; true if anything moved.
@@ -276,7 +313,7 @@ impl World {
                     self.will_arrivals
                         .push((id.clone(), subs, msg, qos, topic, now));
                 } else {
-                    deliver(&id, session, qos, &topic, &payload)?;
+                    deliver(&id, session, qos, &topic, &payload, &self.deferred)?;
                 }
                 if qos > 0 {
                     if live.open.insert(pkid, qos).is_some() {
@@ -363,6 +400,7 @@ impl World {
             withheld: Vec::new(),
             next_pkid: 1,
             will: None,
+            unread: Vec::new(),
         });
     }
 
@@ -552,8 +590,19 @@ impl Live {
 
 /// Checks a delivered message against the model: the session was subscribed when it was
 /// published, and it comes at the granted QoS.
-fn deliver(id: &str, s: &mut MSession, qos: u8, topic: &str, payload: &[u8]) -> Result<(), String> {
+fn deliver(
+    id: &str,
+    s: &mut MSession,
+    qos: u8,
+    topic: &str,
+    payload: &[u8],
+    deferred: &HashSet<u64>,
+) -> Result<(), String> {
     let msg = u64::from_le_bytes(payload[..8].try_into().expect("8-byte id"));
+    if deferred.contains(&msg) {
+        s.expect.remove(&msg);
+        return Ok(());
+    }
     let want = topic_of(payload);
     if want != topic.as_bytes() {
         return Err(format!(
