@@ -220,6 +220,21 @@ impl Mailboxes {
             mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
         })
     }
+
+    /// Sends `make(shard)` to every shard, or to none: room is reserved in every mailbox
+    /// before anything is sent, so a full (or closed) mailbox leaves the others untouched
+    /// and the caller can answer "not sent" truthfully. Err names the first shard without
+    /// room.
+    pub fn try_send_all(&self, mut make: impl FnMut(usize) -> ShardMsg) -> Result<(), usize> {
+        let mut permits = Vec::with_capacity(self.senders.len());
+        for (shard, sender) in self.senders.iter().enumerate() {
+            permits.push(sender.try_reserve().map_err(|_| shard)?);
+        }
+        for (shard, permit) in permits.into_iter().enumerate() {
+            permit.send(make(shard));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -245,5 +260,20 @@ mod tests {
             mb.try_send(0, ShardMsg::Shutdown),
             Err(ShardMsg::Shutdown)
         ));
+    }
+
+    #[test]
+    fn send_all_sends_to_every_shard_or_to_none() {
+        let (mb, mut rx) = Mailboxes::new(3, 1);
+        assert!(mb.try_send(1, ShardMsg::Shutdown).is_ok());
+        assert_eq!(mb.try_send_all(|_| ShardMsg::Shutdown), Err(1));
+        assert!(
+            rx[0].try_recv().is_err(),
+            "shard 0 got a message though shard 1 was full"
+        );
+        assert!(rx[2].try_recv().is_err());
+        assert!(rx[1].try_recv().is_ok());
+        assert_eq!(mb.try_send_all(|_| ShardMsg::Shutdown), Ok(()));
+        assert!(rx.iter_mut().all(|r| r.try_recv().is_ok()));
     }
 }

@@ -60,20 +60,21 @@ impl Inner {
         }
     }
 
-    /// Hands a topic push to every shard; their match counts come on the receivers.
+    /// Hands a topic push to every shard or to none (issue 17.11: a 503 after some shards
+    /// delivered made the backend's retry a duplicate); their match counts come on the
+    /// receivers.
     fn send_topic(&self, msg: Arc<Message>) -> Result<Vec<oneshot::Receiver<usize>>, ApiError> {
         let mut replies = Vec::with_capacity(self.mailboxes.len());
-        for shard in 0..self.mailboxes.len() {
-            let (tx, rx) = oneshot::channel();
-            let push = ShardMsg::PushTopic {
-                msg: msg.clone(),
-                reply: tx,
-            };
-            self.mailboxes
-                .try_send(shard, push)
-                .map_err(|_| ApiError::overloaded())?;
-            replies.push(rx);
-        }
+        self.mailboxes
+            .try_send_all(|_| {
+                let (tx, rx) = oneshot::channel();
+                replies.push(rx);
+                ShardMsg::PushTopic {
+                    msg: msg.clone(),
+                    reply: tx,
+                }
+            })
+            .map_err(|_| ApiError::overloaded())?;
         Ok(replies)
     }
 
