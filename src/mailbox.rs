@@ -74,6 +74,14 @@ pub struct PushOutcome {
 /// A device as the API shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClientInfo {
+    #[serde(flatten)]
+    pub summary: ClientSummary,
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+/// A device as a list of clients (`GET /v1/clients`) shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientSummary {
     pub client_id: String,
     pub online: bool,
     pub protocol_version: Option<u8>,
@@ -82,10 +90,29 @@ pub struct ClientInfo {
     pub connected_at: Option<u64>,
     pub peer: Option<String>,
     pub shard: usize,
-    pub subscriptions: Vec<SubscriptionInfo>,
     pub queued_messages: usize,
     pub inflight_messages: usize,
     pub session_expiry_secs: u32,
+}
+
+/// One shard's part of a listing page (`GET /v1/clients`, `GET /v1/retained`), in key
+/// order (client id, topic), each key after the request's `after`.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The shard looked at every key up to this one (inclusive) and will not list one of
+    /// them on the next page; `None`: it looked at every key it has.
+    pub covered: Option<Arc<str>>,
+}
+
+/// What a shard is asked to list: at most `limit` entries with keys after `after`,
+/// looking at no more than `scan` keys (so one page is bounded work on the shard).
+#[derive(Debug, Clone)]
+pub struct ListRequest {
+    pub after: Option<Arc<str>>,
+    pub limit: usize,
+    pub scan: usize,
+    /// Stop adding entries once their payloads take this many bytes (retained only).
+    pub bytes: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -131,6 +158,27 @@ pub enum ShardMsg {
         client_id: String,
         reply: oneshot::Sender<Option<ClientInfo>>,
     },
+    /// A page of the sessions homed here (`online`: only those with, or without, a live
+    /// connection).
+    ListClients {
+        req: ListRequest,
+        online: Option<bool>,
+        reply: oneshot::Sender<Page<ClientSummary>>,
+    },
+    /// A page of the retained messages whose topic is homed here (each shard holds them
+    /// all; the topic's home shard is the one that stores it), matching `filter` if any.
+    ListRetained {
+        req: ListRequest,
+        filter: Option<Arc<str>>,
+        reply: oneshot::Sender<Page<Arc<Message>>>,
+    },
+    /// Forget the retained message of `topic` (sent to every shard); the topic's home
+    /// shard also deletes it from the store. The answer: whether this shard had one, and
+    /// from the home shard with a store, the receiver that fires after the commit.
+    DeleteRetained {
+        topic: Arc<str>,
+        reply: oneshot::Sender<RetainedDeleted>,
+    },
     /// Disconnect a client (MQTT 5 reason 0x98); optionally drop its session too.
     Kick {
         client_id: String,
@@ -159,6 +207,16 @@ pub enum ShardMsg {
     SharedBounce(Box<SharedBounce>),
     /// The business runtime's answer to an authentication the shard handed it.
     AuthDone(Box<AuthDone>),
+}
+
+/// A shard's answer to [`ShardMsg::DeleteRetained`].
+pub struct RetainedDeleted {
+    /// The shard held a retained message for the topic.
+    pub existed: bool,
+    /// From the topic's home shard when the store is on: fires once the deletion is
+    /// committed, with one outcome that is still `Queued` if it was and `Dropped` if the
+    /// commit failed (the store writer's answer to a deferred push).
+    pub committed: Option<oneshot::Receiver<Vec<PushOutcome>>>,
 }
 
 /// An authentication answer for connection `conn` of the shard; `token` tells it from a
@@ -254,6 +312,21 @@ impl Mailboxes {
             mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
         })
     }
+
+    /// Sends `make(shard)` to every shard, or to none: room is reserved in every mailbox
+    /// before anything is sent, so a full (or closed) mailbox leaves the others untouched
+    /// and the caller can answer "not sent" truthfully. Err names the first shard without
+    /// room.
+    pub fn try_send_all(&self, mut make: impl FnMut(usize) -> ShardMsg) -> Result<(), usize> {
+        let mut permits = Vec::with_capacity(self.senders.len());
+        for (shard, sender) in self.senders.iter().enumerate() {
+            permits.push(sender.try_reserve().map_err(|_| shard)?);
+        }
+        for (shard, permit) in permits.into_iter().enumerate() {
+            permit.send(make(shard));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -279,5 +352,20 @@ mod tests {
             mb.try_send(0, ShardMsg::Shutdown),
             Err(ShardMsg::Shutdown)
         ));
+    }
+
+    #[test]
+    fn send_all_sends_to_every_shard_or_to_none() {
+        let (mb, mut rx) = Mailboxes::new(3, 1);
+        assert!(mb.try_send(1, ShardMsg::Shutdown).is_ok());
+        assert_eq!(mb.try_send_all(|_| ShardMsg::Shutdown), Err(1));
+        assert!(
+            rx[0].try_recv().is_err(),
+            "shard 0 got a message though shard 1 was full"
+        );
+        assert!(rx[2].try_recv().is_err());
+        assert!(rx[1].try_recv().is_ok());
+        assert_eq!(mb.try_send_all(|_| ShardMsg::Shutdown), Ok(()));
+        assert!(rx.iter_mut().all(|r| r.try_recv().is_ok()));
     }
 }

@@ -55,9 +55,12 @@ pub(super) struct ClientQuery {
 
 pub(super) type RawQuery = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
-/// Parses `query`, refusing parameters not in `allowed`, repeated ones and bad values
-/// with a JSON 400 naming the parameter.
-pub(super) fn client_query(query: RawQuery, allowed: &[&str]) -> Result<ClientQuery, ApiError> {
+/// The query's parameters, each one of `allowed` and given at most once, or a JSON 400
+/// naming the first that is not.
+pub(super) fn checked_query<'a>(
+    query: RawQuery,
+    allowed: &[&'a str],
+) -> Result<Vec<(&'a str, String)>, ApiError> {
     let Query(pairs) = query.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -65,21 +68,29 @@ pub(super) fn client_query(query: RawQuery, allowed: &[&str]) -> Result<ClientQu
             format!("malformed query string: {e}"),
         )
     })?;
-    let mut out = ClientQuery::default();
-    let mut seen: Vec<&str> = Vec::new();
-    for (k, v) in &pairs {
+    let mut out: Vec<(&str, String)> = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
         let Some(name) = allowed.iter().find(|a| **a == k.as_str()) else {
-            return Err(ApiError::bad(k, format!("unknown query parameter `{k}`")));
+            return Err(ApiError::bad(&k, format!("unknown query parameter `{k}`")));
         };
-        if seen.contains(name) {
-            return Err(ApiError::bad(k, format!("`{k}` is given more than once")));
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(ApiError::bad(&k, format!("`{k}` is given more than once")));
         }
-        seen.push(name);
-        match *name {
+        out.push((name, v));
+    }
+    Ok(out)
+}
+
+/// Parses `query`, refusing parameters not in `allowed`, repeated ones and bad values
+/// with a JSON 400 naming the parameter.
+pub(super) fn client_query(query: RawQuery, allowed: &[&str]) -> Result<ClientQuery, ApiError> {
+    let mut out = ClientQuery::default();
+    for (k, v) in checked_query(query, allowed)? {
+        match k {
             "client_id" if v.is_empty() => {
                 return Err(ApiError::bad(k, "`client_id` must not be empty"))
             }
-            "client_id" => out.client_id = Some(v.clone()),
+            "client_id" => out.client_id = Some(v),
             _ => {
                 out.clear_session = match v.as_str() {
                     "false" => false,

@@ -13,7 +13,8 @@
 //!
 //! The parts: `access` (who may call), `body` (size limits, permits, JSON checks),
 //! `spec` (the validated push and its answers), `push` (the push handlers), `clients`
-//! (the clients routes and stats) and `error` (the error answers); this file holds the
+//! (the clients routes and stats), `listing` (the paged lists of clients and retained
+//! messages, deleting a retained message) and `error` (the error answers); this file holds the
 //! shared state, the router and the OpenAPI document.
 
 use std::sync::atomic::AtomicU64;
@@ -34,15 +35,15 @@ mod access;
 mod body;
 mod clients;
 mod error;
+mod listing;
 mod push;
 mod spec;
 #[cfg(test)]
 mod tests;
 
 use self::access::{auth, count_push_requests, Access};
-use self::clients::{
-    delete_client, delete_client_by_query, get_client, get_client_by_query, stats,
-};
+use self::clients::{delete_client, delete_client_by_query, get_client, stats};
+use self::listing::{delete_retained, get_clients, list_retained};
 use self::push::{push, push_batch, Progress};
 
 /// The OpenAPI 3 description of this API.
@@ -114,8 +115,9 @@ pub(crate) fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/clients",
-            get(get_client_by_query).delete(delete_client_by_query),
+            get(get_clients).delete(delete_client_by_query),
         )
+        .route("/v1/retained", get(list_retained).delete(delete_retained))
         .route("/v1/stats", get(stats))
         .route("/v1/openapi.json", get(openapi))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))

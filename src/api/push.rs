@@ -60,20 +60,21 @@ impl Inner {
         }
     }
 
-    /// Hands a topic push to every shard; their match counts come on the receivers.
+    /// Hands a topic push to every shard or to none (issue 17.11: a 503 after some shards
+    /// delivered made the backend's retry a duplicate); their match counts come on the
+    /// receivers.
     fn send_topic(&self, msg: Arc<Message>) -> Result<Vec<oneshot::Receiver<usize>>, ApiError> {
         let mut replies = Vec::with_capacity(self.mailboxes.len());
-        for shard in 0..self.mailboxes.len() {
-            let (tx, rx) = oneshot::channel();
-            let push = ShardMsg::PushTopic {
-                msg: msg.clone(),
-                reply: tx,
-            };
-            self.mailboxes
-                .try_send(shard, push)
-                .map_err(|_| ApiError::overloaded())?;
-            replies.push(rx);
-        }
+        self.mailboxes
+            .try_send_all(|_| {
+                let (tx, rx) = oneshot::channel();
+                replies.push(rx);
+                ShardMsg::PushTopic {
+                    msg: msg.clone(),
+                    reply: tx,
+                }
+            })
+            .map_err(|_| ApiError::overloaded())?;
         Ok(replies)
     }
 
@@ -218,10 +219,10 @@ impl Inner {
         let id = self.next_id();
         let msg = self.message(spec, received);
         let Some(client_id) = &spec.client_id else {
-            let mut matched = 0;
-            for rx in self.send_topic(msg)? {
-                matched += rx.await.map_err(|_| shutting_down())?;
-            }
+            let replies = self.send_topic(msg)?.into_iter();
+            let matched =
+                topic_matched(replies.map(|rx| async { rx.await.map_err(|_| shutting_down()) }))
+                    .await?;
             return Ok(PushAnswer::Topic { id, matched });
         };
         let rx = self.send_client(client_id, msg, spec.wait_ack)?;
@@ -247,10 +248,8 @@ impl Inner {
         let msg = self.message(spec, received);
         match &spec.client_id {
             None => {
-                let mut matched = 0;
-                for rx in self.send_topic(msg)? {
-                    matched += self.answer(rx, received).await?;
-                }
+                let replies = self.send_topic(msg)?.into_iter();
+                let matched = topic_matched(replies.map(|rx| self.answer(rx, received))).await?;
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
                 Ok(PushAnswer::Topic { id, matched })
             }
@@ -267,6 +266,25 @@ impl Inner {
             }
         }
     }
+}
+
+/// The sum of the shards' answers to a topic push. A shard that ended before it answered
+/// (the gateway is shutting down) delivered nothing and counts 0: the push is answered
+/// 503 `shutting_down` only when no shard answered, never once some shard delivered it
+/// (issue 17.11). Any other error (504 `answer_timeout`) is the answer.
+pub(super) async fn topic_matched<F>(answers: impl Iterator<Item = F>) -> Result<usize, ApiError>
+where
+    F: std::future::Future<Output = Result<usize, ApiError>>,
+{
+    let (mut matched, mut answered) = (0, false);
+    for answer in answers {
+        match answer.await {
+            Ok(n) => (matched, answered) = (matched + n, true),
+            Err(e) if e.code == "shutting_down" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    answered.then_some(matched).ok_or_else(shutting_down)
 }
 
 /// What a keyed push has come to, as every request holding its key sees it.

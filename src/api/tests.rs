@@ -142,3 +142,18 @@ fn push_validation_names_the_field() {
     assert_eq!(&ok.payload[..], b"hi");
     assert!(ok.wait_ack);
 }
+
+/// A topic push some shard answered is not 503 because another shard ended first (it
+/// delivered nothing there); with no answer at all it is (issue 17.11).
+#[tokio::test]
+async fn a_topic_push_answered_by_some_shard_is_not_503() {
+    use super::push::{shutting_down, topic_matched};
+    let answers = |rs: Vec<Result<usize, ApiError>>| rs.into_iter().map(std::future::ready);
+    let r = topic_matched(answers(vec![Ok(2), Err(shutting_down()), Ok(1)])).await;
+    assert_eq!(r.map_err(|e| e.status), Ok(3));
+    let r = topic_matched(answers(vec![Err(shutting_down()), Err(shutting_down())])).await;
+    assert_eq!(r.map_err(|e| e.code), Err("shutting_down"));
+    let timeout = ApiError::answer_timeout(Duration::from_millis(1));
+    let r = topic_matched(answers(vec![Ok(1), Err(timeout)])).await;
+    assert_eq!(r.map_err(|e| e.status), Err(StatusCode::GATEWAY_TIMEOUT));
+}

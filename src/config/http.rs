@@ -40,6 +40,14 @@ pub struct HttpConfig {
     /// Longest a request waits for a shard's answer (which, for `queued`, includes the
     /// store's commit), in milliseconds.
     pub answer_timeout_ms: u32,
+    /// Most entries on one page of `GET /v1/clients` and `GET /v1/retained` (`limit`).
+    pub list_max_limit: u32,
+    /// Most keys (client ids, retained topics) one shard looks at for one page; a page
+    /// whose filter skips more ends early with a cursor to go on from.
+    pub list_scan_max: u32,
+    /// A shard stops adding retained messages to a page once their payloads take this
+    /// many bytes (a page always holds at least one).
+    pub list_page_bytes: u32,
 }
 
 impl HttpConfig {
@@ -72,6 +80,9 @@ impl Section for HttpConfig {
         in_range("http.max_large_bodies", h.max_large_bodies, 1, 100_000)?;
         in_range("http.business_threads", h.business_threads, 0, MAX_THREADS)?;
         at_least("http.max_batch", h.max_batch, 1)?;
-        in_range("http.answer_timeout_ms", h.answer_timeout_ms, 100, 600_000)
+        in_range("http.answer_timeout_ms", h.answer_timeout_ms, 100, 600_000)?;
+        in_range("http.list_max_limit", h.list_max_limit, 1, 100_000)?;
+        in_range("http.list_scan_max", h.list_scan_max, 1, 10_000_000)?;
+        at_least("http.list_page_bytes", h.list_page_bytes, 1)
     }
 }

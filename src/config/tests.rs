@@ -70,6 +70,9 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(c.http.max_batch, 1000);
     assert_eq!(c.http.idempotency_window_secs, 300);
     assert_eq!(c.http.answer_timeout_ms, 10_000);
+    assert_eq!(c.http.list_max_limit, 1000);
+    assert_eq!(c.http.list_scan_max, 10_000);
+    assert_eq!(c.http.list_page_bytes, 4 << 20);
 
     assert_eq!(c.log.level, "info");
     assert_eq!(c.log.format, LogFormat::Text);
@@ -568,6 +571,21 @@ fn validate_rules_name_their_keys() {
             "[http]\nmax_batch = 1",
             "[http]\nmax_batch = 0",
             "http.max_batch",
+        ),
+        (
+            "[http]\nlist_max_limit = 100000",
+            "[http]\nlist_max_limit = 0",
+            "http.list_max_limit",
+        ),
+        (
+            "[http]\nlist_scan_max = 1",
+            "[http]\nlist_scan_max = 0",
+            "http.list_scan_max",
+        ),
+        (
+            "[http]\nlist_page_bytes = 1",
+            "[http]\nlist_page_bytes = 0",
+            "http.list_page_bytes",
         ),
         (
             "[log]\nlevel = \"warn\"",

@@ -36,6 +36,7 @@ mod events;
 mod framer;
 mod gate;
 mod held;
+mod listing;
 mod mqtt;
 mod negotiate;
 mod pacing;
@@ -580,6 +581,15 @@ impl Shard {
             ShardMsg::PushTopic { msg, reply } => self.on_push_topic(msg, reply),
             ShardMsg::ClientInfo { client_id, reply } => {
                 let _ = reply.send(self.client_info(&client_id));
+            }
+            ShardMsg::ListClients { req, online, reply } => {
+                let _ = reply.send(self.list_clients(&req, online));
+            }
+            ShardMsg::ListRetained { req, filter, reply } => {
+                let _ = reply.send(self.list_retained(&req, filter.as_deref()));
+            }
+            ShardMsg::DeleteRetained { topic, reply } => {
+                let _ = reply.send(self.delete_retained(topic));
             }
             ShardMsg::Kick {
                 client_id,

