@@ -453,6 +453,9 @@ impl Shard {
         self.send_pending_replies();
         let outbox_waiting = self.flush_outbox() | self.flush_echoes() | self.flush_store();
         self.publish_gauges();
+        // A publisher released this turn (by the mailbox or a drained subscriber) is read
+        // again next turn, not at the next tick.
+        busy |= self.pacing.resume_pending();
         if self.stopping && self.wire.conns.is_empty() {
             return Ok(TurnEnd {
                 busy,

@@ -91,6 +91,12 @@ impl Pacing {
         self.held.contains_key(&(key as u32))
     }
 
+    /// True if held connections wait to be looked at again (`resume_released`): the
+    /// loop must turn again at once rather than wait for a socket or the tick.
+    pub(super) fn resume_pending(&self) -> bool {
+        !self.released.is_empty() || self.recheck_all
+    }
+
     /// True if any session of this shard is paced.
     pub(super) fn any_paced(&self) -> bool {
         !self.paced.is_empty()

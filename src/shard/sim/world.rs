@@ -217,6 +217,11 @@ impl World {
         let mut quiet = 0;
         for _ in 0..MAX_SETTLE_TURNS {
             let end = self.shard.turn(&mut self.rx).map_err(|e| e.to_string())?;
+            if !end.busy && self.shard.pacing.resume_pending() {
+                // The real loop would now wait for a socket or the tick (up to a second)
+                // with a released publisher still held.
+                return Err("a turn ended idle with released publishers not read again".into());
+            }
             self.excuse_held();
             let moved = self.pump()?;
             if end.busy || moved {
