@@ -22,7 +22,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(c.mqtt.duplicate_client_id, DuplicateClientId::Takeover);
     assert_eq!(c.mqtt.max_connections, 1_000_000);
     assert_eq!(c.mqtt.receive_maximum, 64);
-    assert_eq!(c.mqtt.max_inflight, 32);
+    assert_eq!(c.mqtt.max_inflight, 100);
     assert_eq!(c.mqtt.max_queued_messages, 1000);
     assert_eq!(c.mqtt.max_session_expiry_secs, 604_800);
     assert_eq!(c.mqtt.write_stall_timeout_secs, 30);
