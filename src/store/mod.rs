@@ -27,7 +27,9 @@
 //!   session's rows read back in delivery order.
 //! - `retained`: topic → message.
 //!
-//! Sessions with expiry 0 and QoS 0 messages are never written.
+//! Sessions with expiry 0 and QoS 0 messages are never written. Every value carries a
+//! CRC-32 of its key and itself (`records`): a record damaged on disk is refused at start,
+//! counted and deleted, never delivered.
 //!
 //! **What waits for the disk.** A push answered `queued` for a persistent session waits
 //! for the commit that holds its message. With `durability = "immediate"` so do the MQTT
@@ -43,15 +45,18 @@
 //!
 //! **Start.** [`open`] loads everything before any shard accepts a connection, deletes
 //! what expired while the gateway was down, compacts the file when free pages dominate,
-//! and gives every shard its sessions ([`Loaded`]).
+//! and gives every shard its sessions ([`Loaded`]). A damaged file stops the start with
+//! [`OpenError`], also where redb panics on it, and so does an empty one.
 //!
 //! The parts: `handle` (what a shard holds: ops, batches, the commit signal), `writer`
 //! (the writer thread and group commit), `open` (opening, lock errors, repair, `Store`),
+//! `guard` (redb's panics on a damaged file made errors),
 //! `load` (restore at start, purge, compaction), `records` (tables and value encodings)
 //! and `metrics` (`StoreMetrics`).
 //!
 //! [`Database`]: redb::Database
 
+mod guard;
 mod handle;
 mod load;
 mod metrics;

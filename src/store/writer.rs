@@ -15,7 +15,9 @@ use super::handle::{fail_replies, Batch, DeferredReply, Op};
 use super::load::maybe_compact;
 use super::metrics::StoreMetrics;
 use super::open::now_ms;
-use super::records::{encode_message, encode_session, MESSAGES, RETAINED, SESSIONS, SUBS};
+use super::records::{
+    encode_message, encode_session, encode_sub, MESSAGES, RETAINED, SESSIONS, SUBS,
+};
 
 /// The writer looks at free space after being idle this long.
 pub(super) const IDLE_CHECK: Duration = Duration::from_secs(10);
@@ -208,8 +210,13 @@ impl Writer {
                         expiry_secs,
                         offline_since_ms,
                     } => {
-                        buf.clear();
-                        encode_session(&mut buf, *version, *expiry_secs, *offline_since_ms);
+                        encode_session(
+                            &mut buf,
+                            client_id,
+                            *version,
+                            *expiry_secs,
+                            *offline_since_ms,
+                        );
                         sessions.insert(&**client_id, buf.as_slice())?;
                     }
                     Op::DeleteSession(id) => {
@@ -222,10 +229,8 @@ impl Writer {
                         options,
                         sub_id,
                     } => {
-                        let mut v = [0u8; 5];
-                        v[0] = *options;
-                        v[1..].copy_from_slice(&sub_id.to_le_bytes());
-                        subs.insert((&**client_id, &**filter), v.as_slice())?;
+                        encode_sub(&mut buf, client_id, filter, *options, *sub_id);
+                        subs.insert((&**client_id, &**filter), buf.as_slice())?;
                     }
                     Op::DeleteSub { client_id, filter } => {
                         subs.remove((&**client_id, &**filter))?;
@@ -237,16 +242,16 @@ impl Writer {
                         qos,
                         retain,
                     } => {
-                        buf.clear();
-                        encode_message(&mut buf, msg, *qos, *retain, now, now_wall);
+                        let key: [&[u8]; 2] = [client_id.as_bytes(), &seq.to_le_bytes()];
+                        encode_message(&mut buf, &key, msg, *qos, *retain, now, now_wall);
                         messages.insert((&**client_id, *seq), buf.as_slice())?;
                     }
                     Op::DeleteMessage { client_id, seq } => {
                         messages.remove((&**client_id, *seq))?;
                     }
                     Op::Retained(msg) => {
-                        buf.clear();
-                        encode_message(&mut buf, msg, msg.qos, true, now, now_wall);
+                        let key: [&[u8]; 1] = [msg.topic.as_bytes()];
+                        encode_message(&mut buf, &key, msg, msg.qos, true, now, now_wall);
                         retained.insert(&*msg.topic, buf.as_slice())?;
                     }
                     Op::DeleteRetained(topic) => {
