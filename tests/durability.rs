@@ -555,6 +555,83 @@ async fn a_corrupt_record_on_disk_is_refused_and_counted_while_the_good_ones_loa
     assert_eq!(gw.metric("gateway_store_corrupt_records_total").await, 1.0);
 }
 
+/// Issue 24 part 3: a `$share/` subscription restored from the store works. Two persistent
+/// members subscribe before a restart and never again; after it, the group's messages
+/// published while they are offline and once they are back each reach exactly one member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_shared_subscription_delivers_after_a_restart() {
+    let dir = tempdir::Dir::new("shared-restart");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let members = ["worker-1", "worker-2"];
+    for id in members {
+        let (mut c, _) = connect_device(&gw, id).await;
+        c.subscribe("$share/workers/jobs/#", v4::QoS::AtLeastOnce)
+            .await;
+        disconnect(c).await;
+    }
+    stop(&mut gw);
+
+    let gw = GatewayProcess::start(&extra);
+    let mut producer = v4::connect(v4::options(gw.mqtt, "producer")).await;
+    let sender = producer.client.clone();
+    let publish = |k: usize| {
+        let client = sender.clone();
+        async move {
+            client
+                .publish(
+                    format!("jobs/{k}"),
+                    v4::QoS::AtLeastOnce,
+                    false,
+                    format!("job-{k}"),
+                )
+                .await
+                .expect("publish");
+        }
+    };
+    // While both members are offline: queued in their restored sessions (PUBACKed
+    // before they come back).
+    for k in 0..5 {
+        publish(k).await;
+    }
+    for k in 0..5 {
+        let acked = producer
+            .wait_for(T, |p| matches!(p, v4::Packet::PubAck(_)))
+            .await;
+        assert!(acked, "PUBACK {k} of the offline publishes");
+    }
+    let mut workers = Vec::new();
+    for id in members {
+        let (c, present) = connect_device(&gw, id).await;
+        assert!(present, "{id}: session present after restart");
+        workers.push(c);
+    }
+    for k in 5..10 {
+        publish(k).await;
+    }
+    let want: Vec<String> = (0..10).map(|k| format!("job-{k}")).collect();
+    let mut got: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while got.len() < want.len() && tokio::time::Instant::now() < deadline {
+        for w in &mut workers {
+            if let Some(p) = w.next_publish(Duration::from_millis(100)).await {
+                assert!(p.topic.starts_with("jobs/"), "{}", p.topic);
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+    }
+    for w in &mut workers {
+        if let Some(p) = w.next_publish(Duration::from_millis(300)).await {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    got.sort_by_key(|p| p[4..].parse::<usize>().unwrap_or(usize::MAX));
+    assert_eq!(
+        got, want,
+        "each job to exactly one member of the restored group"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Measurements for docs/BENCHMARKS.md (ignored: run them on purpose, in release):
 //   cargo test --release --test durability -- --ignored --nocapture --test-threads 1
