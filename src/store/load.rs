@@ -14,9 +14,10 @@ use crate::message::Message;
 
 use super::metrics::StoreMetrics;
 use super::open::{now_ms, Loaded, StoredMessage, StoredSession};
+use super::qos2::Qos2State;
 use super::records::{
-    decode_message, decode_session, decode_sub, RecordError, SessionRecord, MESSAGES, RETAINED,
-    SESSIONS, SUBS,
+    decode_message, decode_session, decode_sub, RecordError, SessionRecord, MESSAGES, QOS2_IN,
+    QOS2_OUT, RETAINED, SESSIONS, SUBS,
 };
 
 /// A load logs its progress every this many sessions.
@@ -31,6 +32,8 @@ pub(super) struct Purge {
     subs: Vec<(String, String)>,
     pub(super) messages: Vec<(String, u64)>,
     pub(super) retained: Vec<String>,
+    pub(super) qos2_out: Vec<(String, u64)>,
+    pub(super) qos2_in: Vec<(String, u16)>,
     /// Rows refused because their checksum failed or they did not decode.
     pub(super) refused: u64,
 }
@@ -41,7 +44,13 @@ pub(super) const LOG_REFUSED: u64 = 100;
 impl Purge {
     /// Counts and logs a row refused as corrupt (it is deleted with the purge). `item`
     /// names the row within the client: the filter, the sequence, or a retained topic.
-    fn refuse(&mut self, table: &'static str, client_id: &str, item: &str, e: RecordError) {
+    pub(super) fn refuse(
+        &mut self,
+        table: &'static str,
+        client_id: &str,
+        item: &str,
+        e: RecordError,
+    ) {
         self.refused += 1;
         if self.refused <= LOG_REFUSED {
             tracing::warn!(
@@ -89,6 +98,7 @@ pub(super) fn load(db: &Database, shards: usize) -> Result<(Loaded, Purge), redb
     };
     let subs = tx.open_table(SUBS)?;
     let messages = tx.open_table(MESSAGES)?;
+    let mut qos2 = Qos2State::read(&tx, &mut purge)?;
     // All three tables are sorted by client id: walk them side by side.
     let mut sub_iter = subs.iter()?.peekable();
     let mut msg_iter = messages.iter()?.peekable();
@@ -110,6 +120,7 @@ pub(super) fn load(db: &Database, shards: usize) -> Result<(Loaded, Purge), redb
                 offline_since_ms: r.offline_since_ms,
                 subs: Vec::new(),
                 messages: Vec::new(),
+                inbound_qos2: Vec::new(),
             });
         take_subs(&mut sub_iter, id, s.as_mut(), &mut purge);
         take_messages(
@@ -120,10 +131,11 @@ pub(super) fn load(db: &Database, shards: usize) -> Result<(Loaded, Purge), redb
             clock,
             &mut max_seq,
         );
-        let Some(s) = s else {
+        let Some(mut s) = s else {
             purge.sessions.push(id.to_string());
             continue;
         };
+        qos2.attach(&mut s, &mut purge);
         by_shard[home_shard(id, shards)].push(s);
         count += 1;
         if count.is_multiple_of(PROGRESS_EVERY) {
@@ -146,6 +158,7 @@ pub(super) fn load(db: &Database, shards: usize) -> Result<(Loaded, Purge), redb
         max_seq = max_seq.max(seq);
         purge.messages.push((cid.to_string(), seq));
     }
+    qos2.leftovers(&mut purge);
     let retained = load_retained(&tx, &mut purge, clock)?;
     if purge.refused > LOG_REFUSED {
         tracing::warn!(
@@ -253,6 +266,7 @@ fn take_messages(
                     qos,
                     retain: m.retain,
                     msg: Arc::new(m),
+                    inflight: None,
                 })
             }
             _ => purge.messages.push((cid.to_string(), seq)),
@@ -291,6 +305,14 @@ pub(super) fn purge(db: &Database, p: &Purge) -> Result<(), redb::Error> {
         let mut subs = tx.open_table(SUBS)?;
         let mut messages = tx.open_table(MESSAGES)?;
         let mut retained = tx.open_table(RETAINED)?;
+        let mut qos2_out = tx.open_table(QOS2_OUT)?;
+        let mut qos2_in = tx.open_table(QOS2_IN)?;
+        for (id, seq) in &p.qos2_out {
+            qos2_out.remove((id.as_str(), *seq))?;
+        }
+        for (id, pkid) in &p.qos2_in {
+            qos2_in.remove((id.as_str(), *pkid))?;
+        }
         for id in &p.sessions {
             sessions.remove(id.as_str())?;
         }

@@ -33,6 +33,8 @@ pub struct StoredSession {
     pub offline_since_ms: u64,
     pub subs: Vec<(Arc<str>, u8, u32)>,
     pub messages: Vec<StoredMessage>,
+    /// Packet ids of inbound QoS 2 messages received (PUBREC sent) awaiting PUBREL.
+    pub inbound_qos2: Vec<u16>,
 }
 
 pub struct StoredMessage {
@@ -40,6 +42,8 @@ pub struct StoredMessage {
     pub msg: Arc<Message>,
     pub qos: u8,
     pub retain: bool,
+    /// A QoS 2 message in flight: its packet id, and whether PUBREL went out.
+    pub inflight: Option<(u16, bool)>,
 }
 
 /// Everything loaded at start.

@@ -21,6 +21,12 @@ pub(super) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("
 pub(super) const SUBS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subs");
 pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 pub(super) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// (client id, message sequence) → packet id and whether PUBREL went out, of an outbound
+/// QoS 2 message in flight.
+pub(super) const QOS2_OUT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("qos2_out");
+/// (client id, packet id) of an inbound QoS 2 message received (PUBREC sent), until its
+/// PUBREL.
+pub(super) const QOS2_IN: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("qos2_in");
 
 /// Encoding version of the values written now: format byte, CRC-32, body.
 pub(super) const FORMAT: u8 = 2;
@@ -146,6 +152,47 @@ fn session_body(b: &[u8]) -> Option<SessionRecord> {
         expiry_secs: r.u32()?,
         offline_since_ms: r.u64()?,
     })
+}
+
+/// A `qos2_out` value: the packet id and whether PUBREL went out.
+pub(super) fn encode_qos2_out(
+    out: &mut Vec<u8>,
+    client_id: &str,
+    seq: u64,
+    pkid: u16,
+    released: bool,
+) {
+    begin(out);
+    out.extend_from_slice(&pkid.to_le_bytes());
+    out.push(u8::from(released));
+    seal(out, &[client_id.as_bytes(), &seq.to_le_bytes()]);
+}
+
+pub(super) fn decode_qos2_out(
+    b: &[u8],
+    client_id: &str,
+    seq: u64,
+) -> Result<(u16, bool), RecordError> {
+    let b = body(b, &[client_id.as_bytes(), &seq.to_le_bytes()])?;
+    match b {
+        [lo, hi, released @ (0 | 1)] if (*lo, *hi) != (0, 0) => {
+            Ok((u16::from_le_bytes([*lo, *hi]), *released == 1))
+        }
+        _ => Err(RecordError::Undecodable),
+    }
+}
+
+/// A `qos2_in` value: nothing but the checksum of its key.
+pub(super) fn encode_qos2_in(out: &mut Vec<u8>, client_id: &str, pkid: u16) {
+    begin(out);
+    seal(out, &[client_id.as_bytes(), &pkid.to_le_bytes()]);
+}
+
+pub(super) fn decode_qos2_in(b: &[u8], client_id: &str, pkid: u16) -> Result<(), RecordError> {
+    match body(b, &[client_id.as_bytes(), &pkid.to_le_bytes()])? {
+        [] if pkid != 0 => Ok(()),
+        _ => Err(RecordError::Undecodable),
+    }
 }
 
 /// Length of a subscription value written before checksums: options, identifier.

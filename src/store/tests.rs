@@ -318,3 +318,74 @@ fn random_damage_never_panics_out_of_open_nor_loads_a_changed_payload() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// QoS 2 state (issue 24 part 3): the packet id and PUBREL state of an outbound message
+/// and the inbound packet ids survive a reopen; a message's state goes with the message;
+/// state whose message or session is gone is deleted at start.
+#[test]
+fn qos2_state_survives_reopen_and_goes_with_its_message() {
+    let dir = std::env::temp_dir().join(format!("gateway-store-qos2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = config(&dir);
+    let (store, _) = open(&cfg, 1).expect("opens");
+    let mut h = store.handle().expect("handle");
+    let id = |s: &str| -> Arc<str> { Arc::from(s) };
+    h.push(Op::Session {
+        client_id: id("q"),
+        version: Version::V311,
+        expiry_secs: crate::session::NEVER_EXPIRES,
+        offline_since_ms: now_ms(),
+    });
+    for seq in [1, 2, 3] {
+        let m = Message::new("q/t".into(), Bytes::new(), 2, false, Origin::Gateway);
+        h.push(Op::Message {
+            client_id: id("q"),
+            seq,
+            msg: Arc::new(m),
+            qos: 2,
+            retain: false,
+        });
+    }
+    let out = |seq: u64, pkid: u16, released: bool| Op::Qos2Out {
+        client_id: id("q"),
+        seq,
+        pkid,
+        released,
+    };
+    h.push(out(1, 41, false));
+    h.push(out(1, 41, true));
+    h.push(out(2, 42, false));
+    h.push(out(3, 43, false));
+    h.push(Op::DeleteMessage {
+        client_id: id("q"),
+        seq: 3,
+    });
+    h.push(out(9, 49, false)); // no such message: deleted at start
+    for pkid in [7, 8] {
+        h.push(Op::Qos2In {
+            client_id: id("q"),
+            pkid,
+        });
+    }
+    h.push(Op::DeleteQos2In {
+        client_id: id("q"),
+        pkid: 8,
+    });
+    h.push(Op::Qos2In {
+        client_id: id("gone"),
+        pkid: 5,
+    });
+    h.close();
+    store.close(Duration::from_secs(10));
+
+    for _ in 0..2 {
+        let (store, loaded) = open(&cfg, 1).expect("reopens");
+        let q = &loaded.sessions[0][0];
+        let state: Vec<(u64, Option<(u16, bool)>)> =
+            q.messages.iter().map(|m| (m.seq, m.inflight)).collect();
+        assert_eq!(state, [(1, Some((41, true))), (2, Some((42, false)))]);
+        assert_eq!(q.inbound_qos2, [7]);
+        store.close(Duration::from_secs(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
