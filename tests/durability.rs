@@ -1,7 +1,8 @@
 //! The durable store against the real binary: what the backend was told is `queued`
 //! survives `kill -9`; subscriptions and retained messages survive a restart; sessions
 //! that expired during the downtime are gone; acknowledged messages are not sent again;
-//! a damaged store file stops the start with a clear error.
+//! a damaged or empty store file stops the start with a clear error, even where redb
+//! panics on it; a record whose bytes changed on disk is refused and counted.
 
 mod common;
 
@@ -397,28 +398,27 @@ async fn the_store_file_stops_growing_when_messages_are_delivered() {
     );
 }
 
-#[test]
-fn a_corrupt_store_file_stops_the_start_with_a_clear_error() {
-    let dir = tempdir::Dir::new("corrupt");
-    let data = dir.0.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let file = data.join("gateway.redb");
-    let garbage: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
-    std::fs::write(&file, garbage).unwrap();
+/// Writes a config for the store in `dir` and runs the gateway (or `args` after it) to its
+/// exit: the exit code and stderr.
+fn run_on_store(dir: &tempdir::Dir, args: &[&str]) -> (Option<i32>, String) {
     let config = dir.0.join("gateway.toml");
     std::fs::write(
         &config,
         format!(
             "[mqtt]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}",
-            store_toml(&dir)
+            store_toml(dir)
         ),
     )
     .unwrap();
+    let mut argv = vec![OsStr::new("--config"), config.as_os_str()];
+    argv.extend(args.iter().map(OsStr::new));
+    let (code, _out, err) = common::run_gateway(&argv, Duration::from_secs(20));
+    (code, err)
+}
 
-    let (code, _out, err) = common::run_gateway(
-        &[OsStr::new("--config"), config.as_os_str()],
-        Duration::from_secs(20),
-    );
+/// The documented store error: exit 1, the file named, repair and moving it aside offered,
+/// no panic message.
+fn assert_store_error(code: Option<i32>, err: &str, file: &std::path::Path) {
     assert_eq!(code, Some(1), "{err}");
     let path = file.display().to_string();
     assert!(err.contains(&path), "names the file: {err}");
@@ -428,23 +428,394 @@ fn a_corrupt_store_file_stops_the_start_with_a_clear_error() {
         "offers moving it aside: {err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Replaces every occurrence of `from` in `file` by `to` (same length); returns how many.
+fn patch_file(file: &std::path::Path, from: &[u8], to: &[u8]) -> usize {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(file).expect("store file");
+    let mut count = 0;
+    let mut at = 0;
+    while let Some(i) = bytes[at..].windows(from.len()).position(|w| w == from) {
+        bytes[at + i..at + i + to.len()].copy_from_slice(to);
+        at += i + from.len();
+        count += 1;
+    }
+    std::fs::write(file, bytes).expect("write store file");
+    count
+}
+
+#[test]
+fn a_corrupt_store_file_stops_the_start_with_a_clear_error() {
+    let dir = tempdir::Dir::new("corrupt");
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let file = data.join("gateway.redb");
+    let garbage: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&file, garbage).unwrap();
+
+    let (code, err) = run_on_store(&dir, &[]);
+    assert_store_error(code, &err, &file);
 
     // The repair command says it cannot help with this one, and fails.
-    let (code, _out, err) = common::run_gateway(
-        &[
-            OsStr::new("--config"),
-            config.as_os_str(),
-            OsStr::new("store-repair"),
-        ],
-        Duration::from_secs(20),
-    );
+    let (code, err) = run_on_store(&dir, &["store-repair"]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains(&path), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
 
     // Moved aside, the gateway starts with an empty store.
     std::fs::rename(&file, data.join("gateway.redb.broken")).unwrap();
     let gw = GatewayProcess::start(&store_toml(&dir));
     drop(gw);
+}
+
+/// Issue 17 item 9: an empty store file is not taken for a new store (it may be one a
+/// failed disk or copy truncated): the start stops with the store error and leaves it.
+#[test]
+fn a_zero_byte_store_file_stops_the_start_with_the_store_error() {
+    let dir = tempdir::Dir::new("empty-store");
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let file = data.join("gateway.redb");
+    std::fs::write(&file, b"").unwrap();
+
+    let (code, err) = run_on_store(&dir, &[]);
+    assert_store_error(code, &err, &file);
+    assert!(err.contains("empty (0 bytes)"), "says why: {err}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "left as it was");
+    let (code, err) = run_on_store(&dir, &["store-repair"]);
+    assert_eq!(code, Some(1), "store-repair on an empty file: {err}");
+}
+
+/// Issue 17 item 9: a key that is no longer UTF-8 makes redb panic while the start reads
+/// the store (it unwraps the key's UTF-8); the start ends with the store error, exit 1,
+/// not a panic (exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_redb_panics_on_stops_the_start_with_the_store_error() {
+    let dir = tempdir::Dir::new("panic-store");
+    let mut gw = GatewayProcess::start(&store_toml(&dir));
+    let (mut c, _) = connect_device(&gw, "panic-key-0001").await;
+    c.subscribe("panic/key", v4::QoS::AtLeastOnce).await;
+    disconnect(c).await;
+    stop(&mut gw);
+    let file = dir.0.join("data").join("gateway.redb");
+    assert!(patch_file(&file, b"panic-key-0001", b"panic-key-\xff001") > 0);
+
+    let (code, err) = run_on_store(&dir, &[]);
+    assert_store_error(code, &err, &file);
+    let (code, err) = run_on_store(&dir, &["store-repair"]);
+    assert_eq!(code, Some(1), "store-repair: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Issue 17 item 9: a stored message whose payload bytes changed on disk is refused, not
+/// delivered: counted in `gateway_store_corrupt_records_total` and deleted, while the
+/// other sessions and messages of the store load and are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_on_disk_is_refused_and_counted_while_the_good_ones_load() {
+    let dir = tempdir::Dir::new("corrupt-record");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let ids = ["rec-a", "rec-b", "rec-c"];
+    for id in ids {
+        let (mut c, _) = connect_device(&gw, id).await;
+        c.subscribe(&format!("rec/{id}"), v4::QoS::AtLeastOnce)
+            .await;
+        disconnect(c).await;
+        let push = json!({"client_id": id, "topic": format!("rec/{id}"),
+                          "payload": format!("payload-of-{id}-0123456789"), "qos": 1});
+        let (code, body) = post(&gw, "/v1/push", push).await;
+        assert_eq!((code, &body["status"]), (200, &json!("queued")), "{body}");
+    }
+    stop(&mut gw);
+    let file = dir.0.join("data").join("gateway.redb");
+    let changed = patch_file(
+        &file,
+        b"payload-of-rec-b-0123456789",
+        b"payload-of-rec-b-0123456788",
+    );
+    assert!(changed > 0, "the payload is in the file");
+
+    let gw = GatewayProcess::start(&extra);
+    for id in ids {
+        let (mut c, present) = connect_device(&gw, id).await;
+        assert!(present, "{id}: the session loaded");
+        let got = c.next_publish(Duration::from_millis(if id == "rec-b" {
+            500
+        } else {
+            10_000
+        }));
+        match (id, got.await) {
+            ("rec-b", None) => {}
+            ("rec-b", Some(p)) => panic!("the corrupt message was delivered: {p:?}"),
+            (_, Some(p)) => assert_eq!(p.payload, format!("payload-of-{id}-0123456789")),
+            (_, None) => panic!("{id}: its message did not come"),
+        }
+        c.task.abort();
+    }
+    assert_eq!(gw.metric("gateway_store_corrupt_records_total").await, 1.0);
+}
+
+/// Issue 24 part 3: a `$share/` subscription restored from the store works. Two persistent
+/// members subscribe before a restart and never again; after it, the group's messages
+/// published while they are offline and once they are back each reach exactly one member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_shared_subscription_delivers_after_a_restart() {
+    let dir = tempdir::Dir::new("shared-restart");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let members = ["worker-1", "worker-2"];
+    for id in members {
+        let (mut c, _) = connect_device(&gw, id).await;
+        c.subscribe("$share/workers/jobs/#", v4::QoS::AtLeastOnce)
+            .await;
+        disconnect(c).await;
+    }
+    stop(&mut gw);
+
+    let gw = GatewayProcess::start(&extra);
+    let mut producer = v4::connect(v4::options(gw.mqtt, "producer")).await;
+    let sender = producer.client.clone();
+    let publish = |k: usize| {
+        let client = sender.clone();
+        async move {
+            client
+                .publish(
+                    format!("jobs/{k}"),
+                    v4::QoS::AtLeastOnce,
+                    false,
+                    format!("job-{k}"),
+                )
+                .await
+                .expect("publish");
+        }
+    };
+    // While both members are offline: queued in their restored sessions (PUBACKed
+    // before they come back).
+    for k in 0..5 {
+        publish(k).await;
+    }
+    for k in 0..5 {
+        let acked = producer
+            .wait_for(T, |p| matches!(p, v4::Packet::PubAck(_)))
+            .await;
+        assert!(acked, "PUBACK {k} of the offline publishes");
+    }
+    let mut workers = Vec::new();
+    for id in members {
+        let (c, present) = connect_device(&gw, id).await;
+        assert!(present, "{id}: session present after restart");
+        workers.push(c);
+    }
+    for k in 5..10 {
+        publish(k).await;
+    }
+    let want: Vec<String> = (0..10).map(|k| format!("job-{k}")).collect();
+    let mut got: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while got.len() < want.len() && tokio::time::Instant::now() < deadline {
+        for w in &mut workers {
+            if let Some(p) = w.next_publish(Duration::from_millis(100)).await {
+                assert!(p.topic.starts_with("jobs/"), "{}", p.topic);
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+    }
+    for w in &mut workers {
+        if let Some(p) = w.next_publish(Duration::from_millis(300)).await {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    got.sort_by_key(|p| p[4..].parse::<usize>().unwrap_or(usize::MAX));
+    assert_eq!(
+        got, want,
+        "each job to exactly one member of the restored group"
+    );
+}
+
+/// A QoS 2 acknowledgement from the client: PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70).
+fn ack_bytes(first: u8, pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [first, 2, hi, lo]
+}
+
+/// Publishes `topic` at QoS 2 from `publisher` through the whole exchange.
+async fn publish_qos2(publisher: &mut Raw, topic: &str, pkid: u16) {
+    publisher
+        .send(&Raw::publish_v4(topic, 2, pkid, topic.as_bytes()))
+        .await;
+    expect_v4(
+        publisher,
+        "PUBREC",
+        |p| matches!(p, P4::PubRec(r) if r.pkid == pkid),
+    )
+    .await;
+    publisher.send(&ack_bytes(0x62, pkid)).await;
+    expect_v4(
+        publisher,
+        "PUBCOMP",
+        |p| matches!(p, P4::PubComp(c) if c.pkid == pkid),
+    )
+    .await;
+}
+
+/// The next PUBLISH `r` gets: its topic, packet id and DUP flag.
+async fn next_publish_v4(r: &mut Raw, what: &str) -> (String, u16, bool) {
+    match expect_v4(r, what, |p| matches!(p, P4::Publish(_))).await {
+        P4::Publish(p) => (p.topic, p.pkid, p.dup),
+        _ => unreachable!(),
+    }
+}
+
+/// Issue 24 part 3: outbound QoS 2 state survives a restart exactly. A persistent
+/// subscriber holds one message past PUBREC (the gateway's PUBREL came) and one before it.
+/// After a restart it gets the PUBREL again under the first one's packet id, not the
+/// message (which it would deliver twice), and the second message again with DUP under
+/// its original packet id (which its duplicate check goes by).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_qos2_state_survives_a_restart_exactly() {
+    let dir = tempdir::Dir::new("qos2-out");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let (released, published) = leave_qos2_in_flight(&gw).await;
+    stop(&mut gw);
+    let gw = GatewayProcess::start(&extra);
+    resume_qos2_in_flight(&gw, released, published).await;
+}
+
+/// A persistent subscriber of `q2/#` ends up with one QoS 2 message past PUBREC and one
+/// before it: their packet ids.
+async fn leave_qos2_in_flight(gw: &GatewayProcess) -> (u16, u16) {
+    let (mut sub, _) = raw_connect(gw, "q2-out", false).await;
+    sub.send(&Raw::subscribe_v4("q2/#", 2, 1)).await;
+    expect_v4(&mut sub, "SUBACK", |p| matches!(p, P4::SubAck(_))).await;
+    let (mut publisher, _) = raw_connect(gw, "q2-out-pub", true).await;
+    // Two finished first, so the next ids are not the first ones a fresh start gives.
+    for (k, topic) in ["q2/warm-1", "q2/warm-2"].into_iter().enumerate() {
+        publish_qos2(&mut publisher, topic, k as u16 + 1).await;
+        let (_, pkid, _) = next_publish_v4(&mut sub, topic).await;
+        sub.send(&ack_bytes(0x50, pkid)).await;
+        expect_v4(
+            &mut sub,
+            "PUBREL",
+            |p| matches!(p, P4::PubRel(r) if r.pkid == pkid),
+        )
+        .await;
+        sub.send(&ack_bytes(0x70, pkid)).await;
+    }
+    publish_qos2(&mut publisher, "q2/released", 3).await;
+    let (topic, released, _) = next_publish_v4(&mut sub, "q2/released").await;
+    assert_eq!(topic, "q2/released");
+    sub.send(&ack_bytes(0x50, released)).await;
+    expect_v4(
+        &mut sub,
+        "PUBREL",
+        |p| matches!(p, P4::PubRel(r) if r.pkid == released),
+    )
+    .await;
+    publish_qos2(&mut publisher, "q2/published", 4).await;
+    let (topic, published, _) = next_publish_v4(&mut sub, "q2/published").await;
+    assert_eq!(topic, "q2/published");
+    assert!(released > 2 && published > 2, "ids {released}, {published}");
+    (released, published)
+}
+
+/// After the restart: PUBREL for `released`, `published` again with DUP, both under
+/// their packet ids, and nothing else.
+async fn resume_qos2_in_flight(gw: &GatewayProcess, released: u16, published: u16) {
+    let (mut sub, present) = raw_connect(gw, "q2-out", false).await;
+    assert!(present, "session present after restart");
+    match sub.recv_v4(T).await {
+        Ok(P4::PubRel(r)) => assert_eq!(r.pkid, released, "PUBREL under its packet id"),
+        other => panic!("expected PUBREL {released} first, got {other:?}"),
+    }
+    match sub.recv_v4(T).await {
+        Ok(P4::Publish(p)) => {
+            assert_eq!(p.topic, "q2/published");
+            assert_eq!(
+                p.pkid, published,
+                "the same packet id as before the restart"
+            );
+            assert!(p.dup, "DUP set");
+        }
+        other => panic!("expected q2/published again, got {other:?}"),
+    }
+    sub.send(&ack_bytes(0x70, released)).await;
+    sub.send(&ack_bytes(0x50, published)).await;
+    expect_v4(
+        &mut sub,
+        "PUBREL",
+        |p| matches!(p, P4::PubRel(r) if r.pkid == published),
+    )
+    .await;
+    sub.send(&ack_bytes(0x70, published)).await;
+    match sub.recv_v4(Duration::from_millis(500)).await {
+        Err("timeout") => {}
+        other => panic!("nothing more expected, got {other:?}"),
+    }
+    assert_eq!(gw.metric("gateway_queued_messages").await, 0.0);
+}
+
+/// Issue 24 part 3: an inbound QoS 2 message whose PUBREC was sent is not delivered twice
+/// after a restart. The publisher (persistent) did not see the PUBREC and sends the
+/// PUBLISH again with DUP after the restart: it is acknowledged, not routed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_qos2_message_acknowledged_before_a_restart_is_not_routed_again() {
+    let dir = tempdir::Dir::new("qos2-in");
+    let extra = store_toml(&dir);
+    let mut gw = GatewayProcess::start(&extra);
+    let (mut publisher, _) = raw_connect(&gw, "q2-in", false).await;
+    publisher
+        .send(&Raw::publish_v4("q2in/x", 2, 9, b"once"))
+        .await;
+    expect_v4(
+        &mut publisher,
+        "PUBREC",
+        |p| matches!(p, P4::PubRec(r) if r.pkid == 9),
+    )
+    .await;
+    stop(&mut gw);
+    let gw = GatewayProcess::start(&extra);
+    resend_qos2_after_restart(&gw).await;
+}
+
+/// The publisher sends its QoS 2 message again with DUP and finishes it, then a marker:
+/// a watcher subscribed since the restart gets the marker first.
+async fn resend_qos2_after_restart(gw: &GatewayProcess) {
+    let (mut watcher, _) = raw_connect(gw, "q2-in-watch", true).await;
+    watcher.send(&Raw::subscribe_v4("q2in/#", 1, 1)).await;
+    expect_v4(&mut watcher, "SUBACK", |p| matches!(p, P4::SubAck(_))).await;
+    let (mut publisher, present) = raw_connect(gw, "q2-in", false).await;
+    assert!(present, "session present after restart");
+    let mut again = Raw::publish_v4("q2in/x", 2, 9, b"once");
+    again[0] |= 0x08; // DUP
+    publisher.send(&again).await;
+    expect_v4(
+        &mut publisher,
+        "PUBREC",
+        |p| matches!(p, P4::PubRec(r) if r.pkid == 9),
+    )
+    .await;
+    publisher.send(&ack_bytes(0x62, 9)).await;
+    expect_v4(
+        &mut publisher,
+        "PUBCOMP",
+        |p| matches!(p, P4::PubComp(c) if c.pkid == 9),
+    )
+    .await;
+    publisher
+        .send(&Raw::publish_v4("q2in/marker", 1, 10, b"marker"))
+        .await;
+    expect_v4(
+        &mut publisher,
+        "PUBACK",
+        |p| matches!(p, P4::PubAck(a) if a.pkid == 10),
+    )
+    .await;
+    let (topic, _, _) = next_publish_v4(&mut watcher, "the marker").await;
+    assert_eq!(
+        topic, "q2in/marker",
+        "the resent QoS 2 message was routed again"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

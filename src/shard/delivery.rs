@@ -318,6 +318,7 @@ impl Shard {
             self.store_forget(skey, &item);
             return false;
         }
+        self.store_qos2_sent(skey, pkid, &item);
         self.sessions[skey].state().inflight.push_back(Inflight {
             pkid,
             state: InflightState::Published,

@@ -6,14 +6,19 @@
 //! acknowledged, dropped or expire. Ops are collected during the loop turn and handed over
 //! once at its end (`flush_store`), after the turn's socket writes; push answers that
 //! promised `queued` ride along and are sent by the writer after the commit.
+//!
+//! QoS 2 state is stored too, so a restart resumes it as a reconnect would: the packet id
+//! of a stored outbound QoS 2 message once sent and whether our PUBREL went out (restored
+//! in flight), and the packet ids of inbound QoS 2 messages whose PUBREC went out (a
+//! resend of one after the restart is acknowledged, not routed again).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::mailbox::home_shard;
 use crate::message::Message;
-use crate::session::{Queued, NEVER_EXPIRES};
-use crate::store::{Op, StoredSession};
+use crate::session::{Inflight, InflightState, Queued, Session, NEVER_EXPIRES};
+use crate::store::{Op, StoredMessage, StoredSession};
 use crate::topic;
 
 use super::Shard;
@@ -122,6 +127,54 @@ impl Shard {
         }
     }
 
+    /// A stored QoS 2 message went out under `pkid`: kept, so that after a restart it goes
+    /// out again under the same packet id (the client's duplicate check is by packet id).
+    pub(super) fn store_qos2_sent(&mut self, skey: usize, pkid: u16, item: &Queued) {
+        if item.qos == 2 && item.seq != 0 && self.persistent(skey) {
+            self.store_qos2_out(skey, item.seq, pkid, false);
+        }
+    }
+
+    /// PUBREC came for QoS 2 message `pkid` and our PUBREL goes out: after a restart the
+    /// PUBREL is sent again, never the message.
+    pub(super) fn store_qos2_released(&mut self, skey: usize, pkid: u16) {
+        let seq = self.sessions[skey].extra.as_ref().and_then(|st| {
+            st.inflight
+                .iter()
+                .find(|f| f.pkid == pkid && f.state == InflightState::Released)
+                .map(|f| f.item.seq)
+        });
+        if let Some(seq) = seq.filter(|&s| s != 0) {
+            if self.persistent(skey) {
+                self.store_qos2_out(skey, seq, pkid, true);
+            }
+        }
+    }
+
+    fn store_qos2_out(&mut self, skey: usize, seq: u64, pkid: u16, released: bool) {
+        let op = Op::Qos2Out {
+            client_id: self.sessions[skey].client_id.clone(),
+            seq,
+            pkid,
+            released,
+        };
+        self.store_op(op);
+    }
+
+    /// An inbound QoS 2 packet id is taken (`taken`: PUBREC goes out) or free again (its
+    /// PUBREL came). A resend after a restart of a message taken is not routed again.
+    pub(super) fn store_qos2_in(&mut self, skey: usize, pkid: u16, taken: bool) {
+        if !self.persistent(skey) {
+            return;
+        }
+        let client_id = self.sessions[skey].client_id.clone();
+        self.store_op(if taken {
+            Op::Qos2In { client_id, pkid }
+        } else {
+            Op::DeleteQos2In { client_id, pkid }
+        });
+    }
+
     /// A retained message (or its deletion): written by the topic's home shard only, as
     /// every shard keeps the same copy.
     pub(super) fn store_retained_msg(&mut self, msg: &Arc<Message>, delete: bool) {
@@ -173,23 +226,11 @@ impl Shard {
                     sub_id,
                 );
             }
-            let n = stored.messages.len();
-            if n > 0 {
-                let st = self.sessions[skey].state();
-                st.queue.reserve_exact(n);
-                for (i, m) in stored.messages.into_iter().enumerate() {
-                    st.queue.push_back(Queued {
-                        msg: m.msg,
-                        qos: m.qos,
-                        retain: m.retain,
-                        sub_ids: None,
-                        shared: None,
-                        waiter: None,
-                        seq: m.seq,
-                        dup: i < maybe_sent,
-                    });
-                }
-                self.sessions.queued_total += n as u64;
+            restore_messages(&mut self.sessions[skey], stored.messages, maybe_sent);
+            let queued = self.sessions[skey].queued_len();
+            self.sessions.queued_total += queued as u64;
+            if !stored.inbound_qos2.is_empty() {
+                self.sessions[skey].state().inbound_qos2 = stored.inbound_qos2;
             }
             if stored.offline_since_ms == 0 {
                 // Online when the gateway stopped (a crash): offline from now on. Stored
@@ -208,6 +249,41 @@ impl Shard {
                 self.sessions[skey].state().expires_at = Some(at);
                 self.arm_session_timer(skey);
             }
+        }
+    }
+}
+
+/// A restored session's messages: a QoS 2 message that was in flight goes back in flight
+/// under its packet id (sent again as PUBLISH with DUP, or as PUBREL if that went out, when
+/// the client comes back); the others are queued, the first `maybe_sent` with DUP.
+fn restore_messages(s: &mut Session, messages: Vec<StoredMessage>, maybe_sent: usize) {
+    if messages.is_empty() {
+        return;
+    }
+    let st = s.state();
+    st.queue.reserve_exact(messages.len());
+    for m in messages {
+        let item = Queued {
+            msg: m.msg,
+            qos: m.qos,
+            retain: m.retain,
+            sub_ids: None,
+            shared: None,
+            waiter: None,
+            seq: m.seq,
+            dup: st.queue.len() + st.inflight.len() < maybe_sent,
+        };
+        match m.inflight {
+            Some((pkid, released)) => st.inflight.push_back(Inflight {
+                pkid,
+                state: if released {
+                    InflightState::Released
+                } else {
+                    InflightState::Published
+                },
+                item,
+            }),
+            None => st.queue.push_back(item),
         }
     }
 }

@@ -43,12 +43,32 @@ pub enum Op {
         qos: u8,
         retain: bool,
     },
+    /// Delete a message (and its QoS 2 state, if any).
     DeleteMessage {
         client_id: Arc<str>,
         seq: u64,
     },
     Retained(Arc<Message>),
     DeleteRetained(Arc<str>),
+    /// Stored QoS 2 message `seq` went out under `pkid`; `released`: its PUBREC came and
+    /// our PUBREL went out. Deleted with the message.
+    Qos2Out {
+        client_id: Arc<str>,
+        seq: u64,
+        pkid: u16,
+        released: bool,
+    },
+    /// An inbound QoS 2 message `pkid` was received (PUBREC sent): a resend of it after a
+    /// restart is acknowledged, not routed again.
+    Qos2In {
+        client_id: Arc<str>,
+        pkid: u16,
+    },
+    /// Its PUBREL came: the packet id is free.
+    DeleteQos2In {
+        client_id: Arc<str>,
+        pkid: u16,
+    },
 }
 
 /// A push answer that waits until its messages are durable.

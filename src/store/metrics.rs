@@ -18,6 +18,8 @@ pub struct StoreMetrics {
     pub(super) commit_seconds: Histogram,
     pub(super) batch_ops: Histogram,
     pub(super) compactions: Counter,
+    /// Rows refused at start because their checksum failed or they did not decode.
+    pub(super) corrupt_records: Counter,
     pub(super) file_bytes: AtomicU64,
 }
 
@@ -33,6 +35,7 @@ impl StoreMetrics {
             ]),
             batch_ops: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0]),
             compactions: Counter::default(),
+            corrupt_records: Counter::default(),
             file_bytes: AtomicU64::new(0),
         }
     }
@@ -69,6 +72,11 @@ impl StoreMetrics {
             crate::metrics::counter_family("gateway_store_compactions_total"),
             "Store file compactions",
             self.compactions.clone(),
+        );
+        r.register(
+            crate::metrics::counter_family("gateway_store_corrupt_records_total"),
+            "Stored records refused (and deleted) at start: their checksum failed or they did not decode",
+            self.corrupt_records.clone(),
         );
         r.register(
             "gateway_store_commit_seconds",

@@ -26,8 +26,14 @@
 //!   its absolute expiry. Sequences grow per gateway run and across restarts, so a
 //!   session's rows read back in delivery order.
 //! - `retained`: topic → message.
+//! - `qos2_out`: (client id, sequence) → packet id and whether PUBREL went out, of a
+//!   stored QoS 2 message in flight; deleted with the message.
+//! - `qos2_in`: (client id, packet id) of an inbound QoS 2 message whose PUBREC went out,
+//!   until its PUBREL.
 //!
-//! Sessions with expiry 0 and QoS 0 messages are never written.
+//! Sessions with expiry 0 and QoS 0 messages are never written. Every value carries a
+//! CRC-32 of its key and itself (`records`): a record damaged on disk is refused at start,
+//! counted and deleted, never delivered.
 //!
 //! **What waits for the disk.** A push answered `queued` for a persistent session waits
 //! for the commit that holds its message. With `durability = "immediate"` so do the MQTT
@@ -39,23 +45,33 @@
 //! restored after a restart lose their subscription identifiers and shared-group tag, and
 //! the first `max_inflight` of each session go out with DUP set (they may have been sent
 //! before the crash). A QoS 2 message is deleted at PUBCOMP; one caught between PUBREC and
-//! PUBCOMP by a restart is sent again as a PUBLISH with DUP set. Wills are not stored.
+//! PUBCOMP by a restart is resumed exactly, as on a reconnect: PUBREL again under its
+//! packet id (not the message), and one sent but not yet PUBREC'd goes out again under its
+//! own packet id with DUP set (`qos2_out`); an inbound QoS 2 message resent after a restart
+//! whose PUBREC went out before it is acknowledged and not routed again (`qos2_in`).
+//! PUBREC and PUBREL wait for the commit of that state (with `"immediate"`); the packet id
+//! of a PUBLISH sent does not, so after a `kill -9` in the turn that sent it the message
+//! may go out under a new id, as before. Wills are not stored.
 //!
 //! **Start.** [`open`] loads everything before any shard accepts a connection, deletes
 //! what expired while the gateway was down, compacts the file when free pages dominate,
-//! and gives every shard its sessions ([`Loaded`]).
+//! and gives every shard its sessions ([`Loaded`]). A damaged file stops the start with
+//! [`OpenError`], also where redb panics on it, and so does an empty one.
 //!
 //! The parts: `handle` (what a shard holds: ops, batches, the commit signal), `writer`
 //! (the writer thread and group commit), `open` (opening, lock errors, repair, `Store`),
+//! `guard` (redb's panics on a damaged file made errors),
 //! `load` (restore at start, purge, compaction), `records` (tables and value encodings)
 //! and `metrics` (`StoreMetrics`).
 //!
 //! [`Database`]: redb::Database
 
+mod guard;
 mod handle;
 mod load;
 mod metrics;
 mod open;
+mod qos2;
 mod records;
 #[cfg(test)]
 mod tests;

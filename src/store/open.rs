@@ -1,6 +1,6 @@
 //! Opening the store: the file and its lock, the errors an operator can act on
-//! (`OpenError`), `repair`, and the `Store` that owns the writer thread and hands out
-//! handles.
+//! (`OpenError`; a damaged file is one even where redb panics on it, and so is an empty
+//! one), `repair`, and the `Store` that owns the writer thread and hands out handles.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -17,8 +17,9 @@ use crate::config::StoreConfig;
 use crate::lockholder::PidFile;
 use crate::message::Message;
 
+use super::guard::quietly;
 use super::handle::{Batch, CommitSignal, StoreHandle};
-use super::load::{load, maybe_compact, purge};
+use super::load::{load, maybe_compact, purge, Purge};
 use super::metrics::StoreMetrics;
 use super::writer::Writer;
 use super::FILE_NAME;
@@ -32,6 +33,8 @@ pub struct StoredSession {
     pub offline_since_ms: u64,
     pub subs: Vec<(Arc<str>, u8, u32)>,
     pub messages: Vec<StoredMessage>,
+    /// Packet ids of inbound QoS 2 messages received (PUBREC sent) awaiting PUBREL.
+    pub inbound_qos2: Vec<u16>,
 }
 
 pub struct StoredMessage {
@@ -39,6 +42,8 @@ pub struct StoredMessage {
     pub msg: Arc<Message>,
     pub qos: u8,
     pub retain: bool,
+    /// A QoS 2 message in flight: its packet id, and whether PUBREL went out.
+    pub inflight: Option<(u16, bool)>,
 }
 
 /// Everything loaded at start.
@@ -173,12 +178,28 @@ pub fn file_of(config: &StoreConfig) -> PathBuf {
     std::path::absolute(&file).unwrap_or(file)
 }
 
+/// An existing store file of 0 bytes. redb would make it a new empty store; but a store
+/// that a failed disk, a full file system or a bad copy truncated looks the same, and
+/// starting empty over it would lose every session in it silently.
+fn refuse_empty(file: &Path) -> Result<(), OpenError> {
+    match std::fs::metadata(file) {
+        Ok(m) if m.is_file() && m.len() == 0 => Err(OpenError::unusable(
+            file,
+            "the file is empty (0 bytes): a store truncated or never finished; \
+             the gateway does not start a new store over it"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), OpenError> {
     let err = |message: String| OpenError::unusable(file, message);
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     }
+    refuse_empty(file)?;
     let mut builder = Database::builder();
     builder.set_repair_callback(move |s| {
         if repair {
@@ -190,13 +211,7 @@ pub(super) fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), 
             );
         }
     });
-    // An open must not go on forever on a file that is not ours: the catch turns a redb
-    // panic on garbage into the same clear error.
-    let file_owned = file.to_path_buf();
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        builder.create(&file_owned)
-    }));
-    match opened {
+    match quietly(|| builder.create(file)) {
         Ok(Ok(db)) => Ok((db, PidFile::write(file))),
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(OpenError {
             kind: OpenErrorKind::InUse {
@@ -207,22 +222,67 @@ pub(super) fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), 
         Ok(Err(e)) => Err(err(format!(
             "{e} (the file is damaged or not a gateway store)"
         ))),
-        Err(_) => Err(err(
-            "reading it failed (the file is damaged or not a gateway store)".into(),
-        )),
+        Err(panic) => Err(read_failed(file, &panic)),
     }
+}
+
+/// The error of a redb panic on a damaged file; the panic's text is logged, not shown.
+fn read_failed(file: &Path, panic: &str) -> OpenError {
+    tracing::error!(file = %file.display(), panic, "store: redb failed reading the file");
+    OpenError::unusable(
+        file,
+        "reading it failed (the file is damaged or not a gateway store)".into(),
+    )
+}
+
+/// Runs `f` on the open database with redb's panics turned into the store error. After a
+/// panic the database is leaked, not dropped: its drop would run redb again on the same
+/// damaged state, and could panic where nothing catches it (the process exits next).
+fn guarded<T>(
+    file: &Path,
+    db: &mut Option<Database>,
+    f: impl FnOnce(&mut Database) -> Result<T, OpenError>,
+) -> Result<T, OpenError> {
+    let Some(d) = db.as_mut() else {
+        return Err(OpenError::unusable(file, "the store is not open".into()));
+    };
+    match quietly(|| f(d)) {
+        Ok(r) => r,
+        Err(panic) => {
+            std::mem::forget(db.take());
+            Err(read_failed(file, &panic))
+        }
+    }
+}
+
+/// Loads the store, deletes what expired or was refused as corrupt (counted in
+/// `metrics`), and compacts the file if it is mostly free pages.
+fn load_and_tidy(
+    db: &mut Database,
+    file: &Path,
+    shards: usize,
+    metrics: &StoreMetrics,
+) -> Result<(Loaded, Purge), OpenError> {
+    let err = |message: String| OpenError::unusable(file, message);
+    let (loaded, purged) = load(db, shards).map_err(|e| err(e.to_string()))?;
+    purge(db, &purged).map_err(|e| err(e.to_string()))?;
+    metrics.corrupt_records.inc_by(purged.refused);
+    maybe_compact(db, metrics);
+    Ok((loaded, purged))
 }
 
 /// Opens (or creates) the store, loads it, purges what expired, and starts the writer.
 pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), OpenError> {
     let file = file_of(config);
     let started = Instant::now();
-    let (mut db, pid_file) = open_db(&file, false)?;
+    let (db, pid_file) = open_db(&file, false)?;
     let err = |message: String| OpenError::unusable(&file, message);
-    let (loaded, purged) = load(&db, shards).map_err(|e| err(e.to_string()))?;
-    purge(&db, &purged).map_err(|e| err(e.to_string()))?;
     let metrics = Arc::new(StoreMetrics::new(file.clone()));
-    maybe_compact(&mut db, &metrics);
+    let mut db = Some(db);
+    let (loaded, purged) = guarded(&file, &mut db, |db| {
+        load_and_tidy(db, &file, shards, &metrics)
+    })?;
+    let db = db.expect("not taken: no panic");
     metrics.refresh_size();
     let sessions: usize = loaded.sessions.iter().map(Vec::len).sum();
     let messages: usize = loaded
@@ -238,6 +298,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         retained = loaded.retained.len(),
         purged_sessions = purged.sessions.len(),
         purged_messages = purged.messages.len() + purged.retained.len(),
+        corrupt_records = purged.refused,
         bytes = metrics.file_bytes.load(Relaxed),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "store loaded"
@@ -268,30 +329,39 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
     Ok((store, loaded))
 }
 
-/// `gateway store-repair`: opens the file with redb's repair, checks it, and compacts it.
+/// `gateway store-repair`: opens the file with redb's repair, checks it, reads every row
+/// (deleting what expired and the records whose checksum fails), and compacts it.
 pub fn repair(config: &StoreConfig) -> Result<String, OpenError> {
     let file = file_of(config);
     if !file.exists() {
         return Err(OpenError::unusable(&file, "no such file".into()));
     }
-    let (mut db, _pid_file) = open_db(&file, true)?;
-    let err = |message: String| OpenError::unusable(&file, message);
-    match db.check_integrity() {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(err(
-                "redb repaired it but the check still fails; move it aside".into(),
-            ))
-        }
-        Err(e) => return Err(err(format!("integrity check failed: {e}"))),
-    }
-    // A full read proves every row decodes.
-    let (loaded, _) = load(&db, 1).map_err(|e| err(e.to_string()))?;
-    let _ = db.compact();
+    let (db, _pid_file) = open_db(&file, true)?;
+    let metrics = StoreMetrics::new(file.clone());
+    let mut db = Some(db);
+    let (loaded, purged) = guarded(&file, &mut db, |db| {
+        check(db, &file)?;
+        let loaded = load_and_tidy(db, &file, 1, &metrics)?;
+        let _ = db.compact();
+        Ok(loaded)
+    })?;
     Ok(format!(
-        "{}: OK ({} sessions, {} retained messages)",
+        "{}: OK ({} sessions, {} retained messages; {} corrupt records deleted)",
         file.display(),
         loaded.sessions[0].len(),
-        loaded.retained.len()
+        loaded.retained.len(),
+        purged.refused
     ))
+}
+
+/// redb's integrity check, after its repair.
+fn check(db: &mut Database, file: &Path) -> Result<(), OpenError> {
+    let err = |message: String| OpenError::unusable(file, message);
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(err(
+            "redb repaired it but the check still fails; move it aside".into(),
+        )),
+        Err(e) => Err(err(format!("integrity check failed: {e}"))),
+    }
 }

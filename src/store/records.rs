@@ -1,5 +1,12 @@
 //! The schema and its records: the four tables and the value encodings (little-endian,
 //! length-prefixed, a format byte first) of sessions, subscriptions and messages.
+//!
+//! **Checksums.** redb checksums its commits, not what a read returns: a damaged page
+//! can hand back a value with other bytes in it. So every value this gateway writes
+//! (format 2) carries a CRC-32 of its key and body after the format byte, and a value whose
+//! checksum fails is refused ([`RecordError`]) rather than delivered. Values of stores
+//! written before (format 1, and 5-byte subscriptions without a format byte) are still
+//! read, without a check, and get one when they are next written.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,9 +21,87 @@ pub(super) const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("
 pub(super) const SUBS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subs");
 pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 pub(super) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// (client id, message sequence) → packet id and whether PUBREL went out, of an outbound
+/// QoS 2 message in flight.
+pub(super) const QOS2_OUT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("qos2_out");
+/// (client id, packet id) of an inbound QoS 2 message received (PUBREC sent), until its
+/// PUBREL.
+pub(super) const QOS2_IN: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("qos2_in");
 
-/// Encoding version of session and message values.
-pub(super) const FORMAT: u8 = 1;
+/// Encoding version of the values written now: format byte, CRC-32, body.
+pub(super) const FORMAT: u8 = 2;
+/// The format of stores written before checksums: format byte, body.
+const FORMAT_UNCHECKED: u8 = 1;
+/// Bytes before a value's body: the format byte and the checksum.
+const HEADER: usize = 5;
+
+/// Why a stored value was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RecordError {
+    /// The CRC-32 of its key and body is not the one stored with it.
+    Checksum,
+    /// Its format byte is not one this gateway writes or reads.
+    Format(u8),
+    /// It passed its check (or has none) but does not decode.
+    Undecodable,
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Checksum => f.write_str("its checksum does not match"),
+            RecordError::Format(b) => write!(f, "unknown record format {b}"),
+            RecordError::Undecodable => f.write_str("it does not decode"),
+        }
+    }
+}
+
+/// The CRC-32 of a key (its parts separated by 0xFF, a byte UTF-8 never contains) and a
+/// value's body.
+fn checksum(key: &[&[u8]], body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (i, part) in key.iter().enumerate() {
+        if i > 0 {
+            h.update(&[0xFF]);
+        }
+        h.update(part);
+    }
+    h.update(body);
+    h.finalize()
+}
+
+/// Starts a value in `out` (cleared): the format byte and room for the checksum.
+fn begin(out: &mut Vec<u8>) {
+    out.clear();
+    out.push(FORMAT);
+    out.extend_from_slice(&[0; 4]);
+}
+
+/// Ends a value `begin` started: writes the checksum of `key` and the body.
+fn seal(out: &mut [u8], key: &[&[u8]]) {
+    let crc = checksum(key, &out[HEADER..]);
+    out[1..HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The body of a stored value once its checksum holds (format 2), or the body of an
+/// unchecked format 1 value.
+fn body<'a>(b: &'a [u8], key: &[&[u8]]) -> Result<&'a [u8], RecordError> {
+    match b.first() {
+        Some(&FORMAT) if b.len() >= HEADER => {
+            let stored = u32::from_le_bytes(b[1..HEADER].try_into().expect("4 bytes"));
+            let body = &b[HEADER..];
+            if checksum(key, body) == stored {
+                Ok(body)
+            } else {
+                Err(RecordError::Checksum)
+            }
+        }
+        Some(&FORMAT_UNCHECKED) => Ok(&b[1..]),
+        Some(&FORMAT) | None => Err(RecordError::Undecodable),
+        Some(&other) => Err(RecordError::Format(other)),
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Value encodings: little-endian, length-prefixed, a format byte first.
 
@@ -34,23 +119,28 @@ pub(super) fn version_byte(v: Version) -> u8 {
     }
 }
 
+/// A `sessions` value of `client_id`.
 pub(super) fn encode_session(
     out: &mut Vec<u8>,
+    client_id: &str,
     v: Version,
     expiry_secs: u32,
     offline_since_ms: u64,
 ) {
-    out.push(FORMAT);
+    begin(out);
     out.push(version_byte(v));
     out.extend_from_slice(&expiry_secs.to_le_bytes());
     out.extend_from_slice(&offline_since_ms.to_le_bytes());
+    seal(out, &[client_id.as_bytes()]);
 }
 
-pub(super) fn decode_session(b: &[u8]) -> Option<SessionRecord> {
+pub(super) fn decode_session(b: &[u8], client_id: &str) -> Result<SessionRecord, RecordError> {
+    let b = body(b, &[client_id.as_bytes()])?;
+    session_body(b).ok_or(RecordError::Undecodable)
+}
+
+fn session_body(b: &[u8]) -> Option<SessionRecord> {
     let mut r = Reader(b);
-    if r.u8()? != FORMAT {
-        return None;
-    }
     let version = match r.u8()? {
         3 => Version::V31,
         4 => Version::V311,
@@ -64,22 +154,86 @@ pub(super) fn decode_session(b: &[u8]) -> Option<SessionRecord> {
     })
 }
 
-pub(super) fn decode_sub(b: &[u8]) -> Option<(u8, u32)> {
-    let mut r = Reader(b);
-    Some((r.u8()?, r.u32()?))
+/// A `qos2_out` value: the packet id and whether PUBREL went out.
+pub(super) fn encode_qos2_out(
+    out: &mut Vec<u8>,
+    client_id: &str,
+    seq: u64,
+    pkid: u16,
+    released: bool,
+) {
+    begin(out);
+    out.extend_from_slice(&pkid.to_le_bytes());
+    out.push(u8::from(released));
+    seal(out, &[client_id.as_bytes(), &seq.to_le_bytes()]);
 }
 
-/// A message: qos, retain, absolute expiry (wall ms, 0 = none), topic, payload and the
-/// MQTT 5 properties that travel with it.
+pub(super) fn decode_qos2_out(
+    b: &[u8],
+    client_id: &str,
+    seq: u64,
+) -> Result<(u16, bool), RecordError> {
+    let b = body(b, &[client_id.as_bytes(), &seq.to_le_bytes()])?;
+    match b {
+        [lo, hi, released @ (0 | 1)] if (*lo, *hi) != (0, 0) => {
+            Ok((u16::from_le_bytes([*lo, *hi]), *released == 1))
+        }
+        _ => Err(RecordError::Undecodable),
+    }
+}
+
+/// A `qos2_in` value: nothing but the checksum of its key.
+pub(super) fn encode_qos2_in(out: &mut Vec<u8>, client_id: &str, pkid: u16) {
+    begin(out);
+    seal(out, &[client_id.as_bytes(), &pkid.to_le_bytes()]);
+}
+
+pub(super) fn decode_qos2_in(b: &[u8], client_id: &str, pkid: u16) -> Result<(), RecordError> {
+    match body(b, &[client_id.as_bytes(), &pkid.to_le_bytes()])? {
+        [] if pkid != 0 => Ok(()),
+        _ => Err(RecordError::Undecodable),
+    }
+}
+
+/// Length of a subscription value written before checksums: options, identifier.
+const SUB_UNCHECKED_LEN: usize = 5;
+
+/// A `subs` value: options byte and subscription identifier.
+pub(super) fn encode_sub(out: &mut Vec<u8>, client_id: &str, filter: &str, options: u8, id: u32) {
+    begin(out);
+    out.push(options);
+    out.extend_from_slice(&id.to_le_bytes());
+    seal(out, &[client_id.as_bytes(), filter.as_bytes()]);
+}
+
+/// Options and identifier of a `subs` value (the old unchecked 5-byte form included).
+pub(super) fn decode_sub(
+    b: &[u8],
+    client_id: &str,
+    filter: &str,
+) -> Result<(u8, u32), RecordError> {
+    let b = if b.len() == SUB_UNCHECKED_LEN {
+        b
+    } else {
+        body(b, &[client_id.as_bytes(), filter.as_bytes()])?
+    };
+    let mut r = Reader(b);
+    (|| Some((r.u8()?, r.u32()?)))().ok_or(RecordError::Undecodable)
+}
+
+/// A message stored under `key` (a `messages` row: client id and sequence, little-endian;
+/// a retained message: its topic): qos, retain, absolute expiry (wall ms, 0 = none), topic, payload and the MQTT 5
+/// properties that travel with it.
 pub(super) fn encode_message(
     out: &mut Vec<u8>,
+    key: &[&[u8]],
     m: &Message,
     qos: u8,
     retain: bool,
     now: Instant,
     now_wall: u64,
 ) {
-    out.push(FORMAT);
+    begin(out);
     out.push(qos);
     out.push(u8::from(retain));
     let expires = m.expires.map_or(0, |e| {
@@ -107,14 +261,22 @@ pub(super) fn encode_message(
             }
         }
     }
+    seal(out, key);
 }
 
-/// The message and the QoS it is delivered at.
-pub(super) fn decode_message(b: &[u8], now: Instant, now_wall: u64) -> Option<(Message, u8)> {
+/// The message stored under `key` and the QoS it is delivered at.
+pub(super) fn decode_message(
+    b: &[u8],
+    key: &[&[u8]],
+    now: Instant,
+    now_wall: u64,
+) -> Result<(Message, u8), RecordError> {
+    let b = body(b, key)?;
+    message_body(b, now, now_wall).ok_or(RecordError::Undecodable)
+}
+
+fn message_body(b: &[u8], now: Instant, now_wall: u64) -> Option<(Message, u8)> {
     let mut r = Reader(b);
-    if r.u8()? != FORMAT {
-        return None;
-    }
     let qos = r.u8()?;
     let retain = r.u8()? != 0;
     let expires_wall = r.u64()?;

@@ -13,7 +13,10 @@ use crate::message::{Message, Origin};
 
 use super::handle::Op;
 use super::open::{now_ms, open};
-use super::records::{decode_message, decode_session, encode_message, encode_session};
+use super::records::{
+    decode_message, decode_session, decode_sub, encode_message, encode_session, encode_sub,
+    RecordError,
+};
 
 #[test]
 fn message_round_trips_with_props_and_expiry() {
@@ -36,8 +39,9 @@ fn message_round_trips_with_props_and_expiry() {
         user_properties: vec![("k".into(), "v".into())],
     }));
     let mut buf = Vec::new();
-    encode_message(&mut buf, &m, 1, true, now, wall);
-    let (back, qos) = decode_message(&buf, now, wall).expect("decodes");
+    let key: [&[u8]; 2] = [b"dev-1", &7u64.to_le_bytes()];
+    encode_message(&mut buf, &key, &m, 1, true, now, wall);
+    let (back, qos) = decode_message(&buf, &key, now, wall).expect("decodes");
     assert_eq!(qos, 1);
     assert!(back.retain);
     assert_eq!(&*back.topic, "a/b");
@@ -46,7 +50,59 @@ fn message_round_trips_with_props_and_expiry() {
     let left = back.remaining_expiry_secs(now).expect("has expiry");
     assert!((59..=60).contains(&left), "{left}");
     // A truncated value is refused, not misread.
-    assert!(decode_message(&buf[..buf.len() - 1], now, wall).is_none());
+    let truncated = decode_message(&buf[..buf.len() - 1], &key, now, wall);
+    assert_eq!(truncated.err(), Some(RecordError::Checksum));
+}
+
+#[test]
+fn a_changed_byte_or_another_key_fails_the_checksum() {
+    let (now, wall) = (Instant::now(), now_ms());
+    let key: [&[u8]; 2] = [b"dev-1", &7u64.to_le_bytes()];
+    let mut buf = Vec::new();
+    encode_message(&mut buf, &key, &msg("a/b", None), 1, false, now, wall);
+    let payload_at = buf.len() - 2; // the payload "p", before the "no properties" byte
+    buf[payload_at] ^= 0x01;
+    let refused = decode_message(&buf, &key, now, wall);
+    assert_eq!(refused.err(), Some(RecordError::Checksum));
+    buf[payload_at] ^= 0x01;
+    let other: [&[u8]; 2] = [b"dev-1", &8u64.to_le_bytes()];
+    let moved = decode_message(&buf, &other, now, wall);
+    assert_eq!(moved.err(), Some(RecordError::Checksum));
+    assert!(decode_message(&buf, &key, now, wall).is_ok());
+    buf[0] = 9;
+    let unknown = decode_message(&buf, &key, now, wall);
+    assert_eq!(unknown.err(), Some(RecordError::Format(9)));
+
+    encode_sub(&mut buf, "dev-1", "a/#", 1, 7);
+    assert_eq!(decode_sub(&buf, "dev-1", "a/#"), Ok((1, 7)));
+    assert_eq!(decode_sub(&buf, "dev-1", "b/#"), Err(RecordError::Checksum));
+}
+
+/// Values of a store written before checksums (format 1, 5-byte subscriptions) still
+/// load, without a check.
+#[test]
+fn values_written_before_checksums_still_decode() {
+    let (now, wall) = (Instant::now(), now_ms());
+    let key: [&[u8]; 1] = [b"r/1"];
+    let mut buf = Vec::new();
+    encode_message(&mut buf, &key, &msg("r/1", None), 1, true, now, wall);
+    let old = unchecked(&buf);
+    let (m, qos) = decode_message(&old, &[b"anything"], now, wall).expect("format 1 decodes");
+    assert_eq!((&*m.topic, &m.payload[..], qos), ("r/1", &b"p"[..], 1));
+    encode_session(&mut buf, "dev-1", Version::V311, 60, 5);
+    let s = decode_session(&unchecked(&buf), "dev-1").expect("format 1 decodes");
+    assert_eq!(
+        (s.version, s.expiry_secs, s.offline_since_ms),
+        (Version::V311, 60, 5)
+    );
+    assert_eq!(decode_sub(&[1, 7, 0, 0, 0], "dev-1", "a/#"), Ok((1, 7)));
+}
+
+/// The format 1 form of a value encoded now: format byte 1, no checksum.
+fn unchecked(value: &[u8]) -> Vec<u8> {
+    let mut old = vec![1u8];
+    old.extend_from_slice(&value[5..]);
+    old
 }
 
 fn config(dir: &Path) -> StoreConfig {
@@ -163,10 +219,173 @@ fn ops_survive_reopen_and_start_purges_what_expired() {
 #[test]
 fn session_round_trips() {
     let mut buf = Vec::new();
-    encode_session(&mut buf, Version::V5, 3600, 12345);
-    let r = decode_session(&buf).expect("decodes");
+    encode_session(&mut buf, "dev-1", Version::V5, 3600, 12345);
+    let r = decode_session(&buf, "dev-1").expect("decodes");
     assert_eq!(r.version, Version::V5);
     assert_eq!(r.expiry_secs, 3600);
     assert_eq!(r.offline_since_ms, 12345);
-    assert!(decode_session(&[9, 5]).is_none());
+    assert_eq!(
+        decode_session(&[9, 5], "dev-1").err(),
+        Some(RecordError::Format(9))
+    );
+}
+
+/// A store of `n` persistent sessions, each with a subscription and one queued message
+/// whose payload is 200 × `A`, closed; returns the file's bytes.
+fn store_of_sessions(dir: &Path, n: u64) -> Vec<u8> {
+    let (store, _) = open(&config(dir), 1).expect("opens");
+    let mut h = store.handle().expect("handle");
+    for i in 0..n {
+        let id: Arc<str> = Arc::from(format!("dev-{i:04}").as_str());
+        h.push(Op::Session {
+            client_id: id.clone(),
+            version: Version::V311,
+            expiry_secs: 3600,
+            offline_since_ms: now_ms(),
+        });
+        h.push(Op::Sub {
+            client_id: id.clone(),
+            filter: Arc::from(format!("cmd/{i}").as_str()),
+            options: 1,
+            sub_id: 0,
+        });
+        let m = Message::new(
+            "cmd/x".into(),
+            Bytes::from(vec![b'A'; 200]),
+            1,
+            false,
+            Origin::Gateway,
+        );
+        h.push(Op::Message {
+            client_id: id,
+            seq: i + 1,
+            msg: Arc::new(m),
+            qos: 1,
+            retain: false,
+        });
+    }
+    h.close();
+    store.close(Duration::from_secs(10));
+    std::fs::read(dir.join(super::FILE_NAME)).expect("store file")
+}
+
+/// Issue 17 item 9: random damage to a real store file. redb panics on some of it (an
+/// index past a page, a key that is not UTF-8): each such open must come back as the
+/// store error, and a store that does open must not hand out a changed payload.
+#[test]
+fn random_damage_never_panics_out_of_open_nor_loads_a_changed_payload() {
+    let base = std::env::temp_dir().join(format!("gateway-store-damage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let original = store_of_sessions(&base.join("original"), 300);
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut opened, mut caught) = (0, 0);
+    for trial in 0..40 {
+        let mut bytes = original.clone();
+        for _ in 0..16 {
+            let at = random() as usize % bytes.len();
+            bytes[at] = random() as u8;
+        }
+        let dir = base.join(format!("trial-{trial}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(super::FILE_NAME), &bytes).expect("write");
+        match open(&config(&dir), 1) {
+            Ok((store, loaded)) => {
+                opened += 1;
+                store.close(Duration::from_secs(10));
+                for m in loaded.sessions[0].iter().flat_map(|s| &s.messages) {
+                    assert_eq!(&m.msg.payload[..], &[b'A'; 200][..], "trial {trial}");
+                }
+            }
+            Err(e) => {
+                assert!(!e.in_use(), "trial {trial}: {e}");
+                caught += usize::from(e.message.starts_with("reading it failed"));
+            }
+        }
+    }
+    assert!(
+        caught > 0,
+        "no redb panic was caught: the test lost its point"
+    );
+    assert!(
+        opened > 0,
+        "no damaged store opened: the payload check lost its point"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// QoS 2 state (issue 24 part 3): the packet id and PUBREL state of an outbound message
+/// and the inbound packet ids survive a reopen; a message's state goes with the message;
+/// state whose message or session is gone is deleted at start.
+#[test]
+fn qos2_state_survives_reopen_and_goes_with_its_message() {
+    let dir = std::env::temp_dir().join(format!("gateway-store-qos2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = config(&dir);
+    let (store, _) = open(&cfg, 1).expect("opens");
+    let mut h = store.handle().expect("handle");
+    let id = |s: &str| -> Arc<str> { Arc::from(s) };
+    h.push(Op::Session {
+        client_id: id("q"),
+        version: Version::V311,
+        expiry_secs: crate::session::NEVER_EXPIRES,
+        offline_since_ms: now_ms(),
+    });
+    for seq in [1, 2, 3] {
+        let m = Message::new("q/t".into(), Bytes::new(), 2, false, Origin::Gateway);
+        h.push(Op::Message {
+            client_id: id("q"),
+            seq,
+            msg: Arc::new(m),
+            qos: 2,
+            retain: false,
+        });
+    }
+    let out = |seq: u64, pkid: u16, released: bool| Op::Qos2Out {
+        client_id: id("q"),
+        seq,
+        pkid,
+        released,
+    };
+    h.push(out(1, 41, false));
+    h.push(out(1, 41, true));
+    h.push(out(2, 42, false));
+    h.push(out(3, 43, false));
+    h.push(Op::DeleteMessage {
+        client_id: id("q"),
+        seq: 3,
+    });
+    h.push(out(9, 49, false)); // no such message: deleted at start
+    for pkid in [7, 8] {
+        h.push(Op::Qos2In {
+            client_id: id("q"),
+            pkid,
+        });
+    }
+    h.push(Op::DeleteQos2In {
+        client_id: id("q"),
+        pkid: 8,
+    });
+    h.push(Op::Qos2In {
+        client_id: id("gone"),
+        pkid: 5,
+    });
+    h.close();
+    store.close(Duration::from_secs(10));
+
+    for _ in 0..2 {
+        let (store, loaded) = open(&cfg, 1).expect("reopens");
+        let q = &loaded.sessions[0][0];
+        let state: Vec<(u64, Option<(u16, bool)>)> =
+            q.messages.iter().map(|m| (m.seq, m.inflight)).collect();
+        assert_eq!(state, [(1, Some((41, true))), (2, Some((42, false)))]);
+        assert_eq!(q.inbound_qos2, [7]);
+        store.close(Duration::from_secs(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

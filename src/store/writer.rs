@@ -15,7 +15,10 @@ use super::handle::{fail_replies, Batch, DeferredReply, Op};
 use super::load::maybe_compact;
 use super::metrics::StoreMetrics;
 use super::open::now_ms;
-use super::records::{encode_message, encode_session, MESSAGES, RETAINED, SESSIONS, SUBS};
+use super::records::{
+    encode_message, encode_qos2_in, encode_qos2_out, encode_session, encode_sub, MESSAGES, QOS2_IN,
+    QOS2_OUT, RETAINED, SESSIONS, SUBS,
+};
 
 /// The writer looks at free space after being idle this long.
 pub(super) const IDLE_CHECK: Duration = Duration::from_secs(10);
@@ -192,97 +195,164 @@ impl Writer {
 
     fn apply(&mut self, batches: &[Batch]) -> Result<(), redb::Error> {
         let tx = self.begin()?;
-        let now = Instant::now();
-        let now_wall = now_ms();
-        let mut buf = Vec::with_capacity(256);
-        {
-            let mut sessions = tx.open_table(SESSIONS)?;
-            let mut subs = tx.open_table(SUBS)?;
-            let mut messages = tx.open_table(MESSAGES)?;
-            let mut retained = tx.open_table(RETAINED)?;
-            for op in batches.iter().flat_map(|b| &b.ops) {
-                match op {
-                    Op::Session {
-                        client_id,
-                        version,
-                        expiry_secs,
-                        offline_since_ms,
-                    } => {
-                        buf.clear();
-                        encode_session(&mut buf, *version, *expiry_secs, *offline_since_ms);
-                        sessions.insert(&**client_id, buf.as_slice())?;
-                    }
-                    Op::DeleteSession(id) => {
-                        sessions.remove(&**id)?;
-                        remove_client_rows(&mut subs, &mut messages, id)?;
-                    }
-                    Op::Sub {
-                        client_id,
-                        filter,
-                        options,
-                        sub_id,
-                    } => {
-                        let mut v = [0u8; 5];
-                        v[0] = *options;
-                        v[1..].copy_from_slice(&sub_id.to_le_bytes());
-                        subs.insert((&**client_id, &**filter), v.as_slice())?;
-                    }
-                    Op::DeleteSub { client_id, filter } => {
-                        subs.remove((&**client_id, &**filter))?;
-                    }
-                    Op::Message {
-                        client_id,
-                        seq,
-                        msg,
-                        qos,
-                        retain,
-                    } => {
-                        buf.clear();
-                        encode_message(&mut buf, msg, *qos, *retain, now, now_wall);
-                        messages.insert((&**client_id, *seq), buf.as_slice())?;
-                    }
-                    Op::DeleteMessage { client_id, seq } => {
-                        messages.remove((&**client_id, *seq))?;
-                    }
-                    Op::Retained(msg) => {
-                        buf.clear();
-                        encode_message(&mut buf, msg, msg.qos, true, now, now_wall);
-                        retained.insert(&*msg.topic, buf.as_slice())?;
-                    }
-                    Op::DeleteRetained(topic) => {
-                        retained.remove(&**topic)?;
-                    }
-                }
-            }
+        let mut t = Tables {
+            sessions: tx.open_table(SESSIONS)?,
+            subs: tx.open_table(SUBS)?,
+            messages: tx.open_table(MESSAGES)?,
+            retained: tx.open_table(RETAINED)?,
+            qos2_out: tx.open_table(QOS2_OUT)?,
+            qos2_in: tx.open_table(QOS2_IN)?,
+            buf: Vec::with_capacity(256),
+            now: Instant::now(),
+            now_wall: now_ms(),
+        };
+        for op in batches.iter().flat_map(|b| &b.ops) {
+            t.apply(op)?;
         }
+        drop(t);
         tx.commit()?;
         Ok(())
     }
 }
 
-/// Deletes a client's subscriptions and messages (its session row is deleted by the caller).
-fn remove_client_rows(
-    subs: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
-    messages: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+/// The tables of one write transaction, and what encoding values needs.
+struct Tables<'tx> {
+    sessions: redb::Table<'tx, &'static str, &'static [u8]>,
+    subs: redb::Table<'tx, (&'static str, &'static str), &'static [u8]>,
+    messages: redb::Table<'tx, (&'static str, u64), &'static [u8]>,
+    retained: redb::Table<'tx, &'static str, &'static [u8]>,
+    qos2_out: redb::Table<'tx, (&'static str, u64), &'static [u8]>,
+    qos2_in: redb::Table<'tx, (&'static str, u16), &'static [u8]>,
+    buf: Vec<u8>,
+    now: Instant,
+    now_wall: u64,
+}
+
+impl Tables<'_> {
+    fn apply(&mut self, op: &Op) -> Result<(), redb::Error> {
+        let buf = &mut self.buf;
+        match op {
+            Op::Session {
+                client_id,
+                version,
+                expiry_secs,
+                offline_since_ms,
+            } => {
+                encode_session(buf, client_id, *version, *expiry_secs, *offline_since_ms);
+                self.sessions.insert(&**client_id, buf.as_slice())?;
+            }
+            Op::DeleteSession(id) => {
+                self.sessions.remove(&**id)?;
+                self.remove_client_rows(id)?;
+            }
+            Op::Sub {
+                client_id,
+                filter,
+                options,
+                sub_id,
+            } => {
+                encode_sub(buf, client_id, filter, *options, *sub_id);
+                self.subs
+                    .insert((&**client_id, &**filter), buf.as_slice())?;
+            }
+            Op::DeleteSub { client_id, filter } => {
+                self.subs.remove((&**client_id, &**filter))?;
+            }
+            Op::Message {
+                client_id,
+                seq,
+                msg,
+                qos,
+                retain,
+            } => {
+                let key: [&[u8]; 2] = [client_id.as_bytes(), &seq.to_le_bytes()];
+                encode_message(buf, &key, msg, *qos, *retain, self.now, self.now_wall);
+                self.messages.insert((&**client_id, *seq), buf.as_slice())?;
+            }
+            Op::DeleteMessage { client_id, seq } => {
+                self.messages.remove((&**client_id, *seq))?;
+                self.qos2_out.remove((&**client_id, *seq))?;
+            }
+            Op::Retained(msg) => {
+                let key: [&[u8]; 1] = [msg.topic.as_bytes()];
+                encode_message(buf, &key, msg, msg.qos, true, self.now, self.now_wall);
+                self.retained.insert(&*msg.topic, buf.as_slice())?;
+            }
+            Op::DeleteRetained(topic) => {
+                self.retained.remove(&**topic)?;
+            }
+            Op::Qos2Out {
+                client_id,
+                seq,
+                pkid,
+                released,
+            } => {
+                encode_qos2_out(buf, client_id, *seq, *pkid, *released);
+                self.qos2_out.insert((&**client_id, *seq), buf.as_slice())?;
+            }
+            Op::Qos2In { client_id, pkid } => {
+                encode_qos2_in(buf, client_id, *pkid);
+                self.qos2_in.insert((&**client_id, *pkid), buf.as_slice())?;
+            }
+            Op::DeleteQos2In { client_id, pkid } => {
+                self.qos2_in.remove((&**client_id, *pkid))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a client's subscriptions, messages and QoS 2 state (its session row is
+    /// deleted by the caller).
+    fn remove_client_rows(&mut self, id: &str) -> Result<(), redb::Error> {
+        let filters: Vec<String> = self
+            .subs
+            .range((id, "")..)?
+            .map_while(|r| {
+                let (k, _) = r.ok()?;
+                let (cid, f) = k.value();
+                (cid == id).then(|| f.to_string())
+            })
+            .collect();
+        for f in filters {
+            self.subs.remove((id, f.as_str()))?;
+        }
+        for seq in keys_of(&self.messages, id)? {
+            self.messages.remove((id, seq))?;
+            self.qos2_out.remove((id, seq))?;
+        }
+        for pkid in keys_of(&self.qos2_in, id)? {
+            self.qos2_in.remove((id, pkid))?;
+        }
+        Ok(())
+    }
+}
+
+/// The second key parts of client `id`'s rows in a table keyed (client id, number).
+fn keys_of<N>(
+    table: &redb::Table<'_, (&'static str, N), &'static [u8]>,
     id: &str,
-) -> Result<(), redb::Error> {
-    let filters: Vec<String> = subs
-        .range((id, "")..)?
-        .map_while(|r| {
-            let (k, _) = r.ok()?;
-            let (cid, f) = k.value();
-            (cid == id).then(|| f.to_string())
-        })
-        .collect();
-    for f in filters {
-        subs.remove((id, f.as_str()))?;
-    }
-    let seqs: Vec<u64> = messages
-        .range((id, 0u64)..=(id, u64::MAX))?
+) -> Result<Vec<N>, redb::Error>
+where
+    N: redb::Key + for<'a> redb::Value<SelfType<'a> = N> + Copy + Bounded + 'static,
+{
+    Ok(table
+        .range((id, N::MIN)..=(id, N::MAX))?
         .filter_map(|r| r.ok().map(|(k, _)| k.value().1))
-        .collect();
-    for seq in seqs {
-        messages.remove((id, seq))?;
-    }
-    Ok(())
+        .collect())
+}
+
+/// The smallest and largest numbers of a key part.
+trait Bounded {
+    const MIN: Self;
+    const MAX: Self;
+}
+
+impl Bounded for u64 {
+    const MIN: u64 = 0;
+    const MAX: u64 = u64::MAX;
+}
+
+impl Bounded for u16 {
+    const MIN: u16 = 0;
+    const MAX: u16 = u16::MAX;
 }

@@ -570,14 +570,13 @@ impl Raw {
         b.to_vec()
     }
 
+    /// Reads more into the buffer (straight into it: a 64 KiB array here would sit in every
+    /// future awaiting a packet and overflow a test thread's stack in deep test helpers).
     async fn fill(&mut self, deadline: tokio::time::Instant) -> Result<(), &'static str> {
-        let mut tmp = [0u8; 65536];
-        match tokio::time::timeout_at(deadline, self.stream.read(&mut tmp)).await {
+        self.buf.reserve(65536);
+        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
             Ok(Ok(0)) => Err("closed"),
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                Ok(())
-            }
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err("closed"),
             Err(_) => Err("timeout"),
         }

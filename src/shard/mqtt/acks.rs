@@ -28,7 +28,11 @@ impl Shard {
             }
             false
         } else {
-            self.sessions[skey].release(pkid)
+            let released = self.sessions[skey].release(pkid);
+            if released {
+                self.store_qos2_released(skey, pkid);
+            }
+            released
         };
         if code < 0x80 {
             let rc = if found {
@@ -49,6 +53,7 @@ impl Shard {
     pub(in crate::shard) fn on_pubrel(&mut self, key: usize, skey: usize, pkid: u16) {
         let v = self.wire.conns[key].version;
         let code = if self.sessions[skey].release_inbound(pkid) {
+            self.store_qos2_in(skey, pkid, false);
             0
         } else {
             reason::PACKET_ID_NOT_FOUND

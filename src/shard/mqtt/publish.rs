@@ -121,6 +121,7 @@ impl Shard {
             let st = self.sessions[skey].state();
             if !st.inbound_qos2.contains(&pkid) && st.inbound_qos2.len() < max {
                 st.inbound_qos2.push(pkid);
+                self.store_qos2_in(skey, pkid, true);
             }
         }
         self.ack_publish(key, qos, pkid, code);
@@ -137,6 +138,7 @@ impl Shard {
             return Qos2::TooMany;
         }
         st.inbound_qos2.push(pkid);
+        self.store_qos2_in(skey, pkid, true);
         Qos2::New
     }
 
