@@ -1,7 +1,8 @@
 //! Retained messages in one order per topic (issue 17.7): concurrent retained PUBLISHes to
 //! one topic from devices homed on different shards leave every shard's copy and the
 //! store with the same value, and `max_retained_messages` bounds the retained topics of
-//! the whole gateway, the same ones on every shard and after a restart.
+//! the whole gateway, the same ones on every shard and after a restart. The byte bounds
+//! (issue 17.8) still hold when the topic's home is another shard than the device's.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use gateway::mailbox::home_shard;
+use mqttbytes::v5::PubAckReason;
 use mqttbytes::QoS;
 
 const T: Duration = Duration::from_secs(10);
@@ -27,6 +29,15 @@ fn ids_per_shard(prefix: &str) -> Vec<String> {
                 .find(|id| home_shard(id, SHARDS) == shard)
                 .expect("an id for every shard")
         })
+        .collect()
+}
+
+/// `n` topics `"t/{i}"` whose home is `shard`.
+fn topics_homed(shard: usize, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("t/{i}"))
+        .filter(|t| home_shard(t, SHARDS) == shard)
+        .take(n)
         .collect()
 }
 
@@ -177,14 +188,9 @@ async fn max_retained_messages_bounds_the_whole_gateway_the_same_on_every_shard(
     let dir = tempdir::Dir::new("retained-max");
     let s = start(&dir, MQTT);
     // Three topics homed on each shard: each shard's share of 4 is 2.
-    let mut topics: Vec<String> = Vec::new();
-    for shard in 0..SHARDS {
-        let homed = (0..)
-            .map(|n| format!("t/{n}"))
-            .filter(|t| home_shard(t, SHARDS) == shard)
-            .take(3);
-        topics.extend(homed);
-    }
+    let topics: Vec<String> = (0..SHARDS)
+        .flat_map(|shard| topics_homed(shard, 3))
+        .collect();
     let ids = ids_per_shard("pub");
     let (mut a, mut b) = (connect_v4(&s, &ids[0]).await, connect_v4(&s, &ids[1]).await);
     // One device sets the six topics in one order, the other in the reverse order.
@@ -203,4 +209,68 @@ async fn max_retained_messages_bounds_the_whole_gateway_the_same_on_every_shard(
         let homed = kept.keys().filter(|t| home_shard(t, SHARDS) == shard);
         assert_eq!(homed.count(), 2, "shard {shard}'s share: {:?}", kept.keys());
     }
+}
+
+/// Retained QoS 1 PUBLISHes from a v5 client in one write, each `(topic, cost)` with a
+/// payload making its retained cost (topic + payload) `cost`; their PUBACK reasons.
+async fn retain_v5(c: &mut Raw, msgs: &[(&str, usize)]) -> Vec<PubAckReason> {
+    let mut bytes = Vec::new();
+    for (i, (topic, cost)) in msgs.iter().enumerate() {
+        let payload = vec![b'x'; cost - topic.len()];
+        let mut p = mqttbytes::v5::Publish::new(*topic, QoS::AtLeastOnce, payload);
+        p.retain = true;
+        p.pkid = i as u16 + 1;
+        bytes.extend(encode(|b| p.write(b)));
+    }
+    c.send(&bytes).await;
+    let mut reasons = Vec::new();
+    for _ in msgs {
+        match c.next_v5(T).await {
+            Ok(mqttbytes::v5::Packet::PubAck(a)) => reasons.push(a.reason),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    reasons
+}
+
+/// A v5 device homed on shard 0.
+async fn device_on_shard_0(s: &TestServer) -> Raw {
+    let id = &ids_per_shard("dev")[0];
+    Raw::connected_v5(s.mqtt, &connect5(id, 30, true, None))
+        .await
+        .0
+}
+
+#[tokio::test]
+async fn a_devices_retained_bytes_count_before_the_topics_home_shard_decides() {
+    use PubAckReason::{QuotaExceeded, Success};
+    let dir = tempdir::Dir::new("retained-bytes");
+    let s = start(&dir, "max_retained_bytes_per_client = 1000\n");
+    let mut a = device_on_shard_0(&s).await;
+    // Two topics homed on the other shard, in one write: the second passes the bound
+    // though the home's decision on the first has not come back yet.
+    let far = topics_homed(1, 2);
+    let reasons = retain_v5(&mut a, &[(&far[0], 600), (&far[1], 600)]).await;
+    assert_eq!(reasons, [Success, QuotaExceeded]);
+    assert_one_copy(s, &dir, "", 1).await;
+}
+
+#[tokio::test]
+async fn a_topic_refused_by_count_does_not_count_against_its_publishers_bytes() {
+    use PubAckReason::Success;
+    const MQTT: &str = "max_retained_messages = 2\nmax_retained_bytes_per_client = 1000\n";
+    let dir = tempdir::Dir::new("retained-refused");
+    let s = start(&dir, MQTT);
+    let mut a = device_on_shard_0(&s).await;
+    let (far, near) = (topics_homed(1, 2), topics_homed(0, 1));
+    // Shard 1's share is one topic: the second is delivered but not retained (MQTT has
+    // no refusal for it), and its 300 bytes must not stay counted for the device.
+    let reasons = retain_v5(&mut a, &[(&far[0], 600), (&far[1], 300)]).await;
+    assert_eq!(reasons, [Success, Success]);
+    assert_eq!(retain_v5(&mut a, &[(&near[0], 300)]).await, [Success]);
+    let kept = assert_one_copy(s, &dir, MQTT, 2).await;
+    let topics: Vec<_> = kept.keys().cloned().collect();
+    let mut expected = vec![far[0].clone(), near[0].clone()];
+    expected.sort();
+    assert_eq!(topics, expected);
 }
