@@ -134,6 +134,9 @@ pub enum ShardMsg {
         /// What the batch costs (see [`Mailboxes::send_routed`]).
         bytes: usize,
     },
+    /// From a topic's home shard: its retained updates (an empty payload deletes), the
+    /// latest of each topic, in the order it applied them (`shard/retained.rs`).
+    Retained(Vec<Arc<Message>>),
     /// Back to a publisher's shard: how many more (or fewer) congested subscribers pace
     /// each of its sessions (`shard/pacing.rs`), as (session key, change).
     Pace(Vec<(u32, i32)>),

@@ -2,14 +2,15 @@
 //! client (`max_retained_bytes_per_client`).
 //!
 //! `max_retained_messages` bounds the count only, so devices could pin 100,000 × 1 MiB of
-//! memory and disk. Each shard keeps a full copy of the retained messages and sees every
-//! retained update (its own devices' at once, the others' a loop turn later), so each
-//! shard keeps one [`RetainedBudget`] that mirrors its copy: the bytes of every retained
-//! topic (topic plus payload), and for the topics last set by a client homed on this
-//! shard, that client. A client's PUBLISHes are handled on its home shard, so the home
-//! shard knows both totals when it decides on a retained PUBLISH ([`RetainedBudget::admit`]).
-//! The gateway-wide view of a shard can lag the others by the retained updates they
-//! accepted in the same loop turn; the bound may be passed by that much.
+//! memory and disk. Each shard keeps a full copy of the retained messages, applied in the
+//! order each topic's home shard decided (`shard/retained.rs`), so each shard keeps one
+//! [`RetainedBudget`] that mirrors its copy: the bytes of every retained topic (topic plus
+//! payload), and for the topics last set by a client homed on this shard, that client.
+//! A client's PUBLISHes are handled on its home shard, which counts them at once (before
+//! the topic's home decides), so it knows both totals when it decides on a retained
+//! PUBLISH ([`RetainedBudget::admit`]). The gateway-wide view of a shard can lag the
+//! others by the retained updates they accepted in the same moment; the bound may be
+//! passed by that much.
 //!
 //! Retained messages pushed by the backend (HTTP API) count toward the gateway-wide total
 //! but are not refused by it: the backend is trusted (as with ACLs).

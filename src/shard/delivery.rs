@@ -37,11 +37,11 @@ pub(super) enum Delivery {
 }
 
 impl Shard {
-    /// A message published by a device or will on this shard: retained store, local
-    /// subscribers, then every other shard.
+    /// A message published by a device or will on this shard: local subscribers, then
+    /// every other shard; a retained one to its topic's home shard's order (`retained.rs`).
     pub(super) fn publish(&mut self, msg: Arc<Message>) {
         if msg.retain {
-            self.store_retained(&msg);
+            self.order_retained(&msg);
         }
         self.route(&msg);
         for shard in 0..self.routing.outbox.len() {
@@ -55,40 +55,9 @@ impl Shard {
     /// Returns the number of local sessions it matched.
     pub(super) fn accept_remote(&mut self, msg: &Arc<Message>) -> usize {
         if msg.retain {
-            self.store_retained(msg);
+            self.order_retained(msg);
         }
         self.route(msg)
-    }
-
-    /// Each shard keeps a full copy of the retained messages, so a SUBSCRIBE never has to
-    /// ask another shard. An empty payload deletes (MQTT 3.3.1.3).
-    fn store_retained(&mut self, msg: &Arc<Message>) {
-        if msg.payload.is_empty() {
-            self.routing.retained.remove(&*msg.topic);
-            self.routing.retained_budget.remove(&msg.topic);
-            self.store_retained_msg(msg, true);
-        } else if self.routing.retained.len() < self.settings.max_retained
-            || self.routing.retained.contains_key(&*msg.topic)
-        {
-            self.routing.retained.insert(msg.topic.clone(), msg.clone());
-            let cost = crate::retained_budget::cost(&msg.topic, &msg.payload);
-            let owner = self.local_publisher(msg);
-            self.routing.retained_budget.set(&msg.topic, cost, owner);
-            self.store_retained_msg(msg, false);
-        } else {
-            tracing::warn!(shard = self.id, topic = %msg.topic, "max_retained_messages reached; not retained");
-        }
-    }
-
-    /// The client id of the device on this shard that published `msg`, if any.
-    fn local_publisher(&self, msg: &Message) -> Option<Arc<str>> {
-        match msg.origin {
-            Origin::Device { shard, session } if usize::from(shard) == self.id => self
-                .sessions
-                .get(session as usize)
-                .map(|s| s.client_id.clone()),
-            _ => None,
-        }
     }
 
     /// Delivers to every local session with a matching subscription, once per session
@@ -182,8 +151,7 @@ impl Shard {
             .is_some_and(|o| o & ACL_FILTERED != 0);
         for m in matching {
             if m.is_expired(now) {
-                self.routing.retained.remove(&*m.topic);
-                self.routing.retained_budget.remove(&m.topic);
+                self.forget_retained(&m.topic);
                 continue;
             }
             if filtered && !self.acl_receives(skey, &m.topic) {

@@ -43,6 +43,7 @@ mod pacing;
 mod packet;
 mod push;
 mod read;
+mod retained;
 mod routing;
 mod services;
 mod sessions;
@@ -578,6 +579,7 @@ impl Shard {
                 self.services.mailboxes.routed_done(self.id, bytes);
                 self.note_remote(from, stamp);
             }
+            ShardMsg::Retained(updates) => self.on_retained(updates),
             ShardMsg::Pace(changes) => self.on_pace(changes),
             ShardMsg::Committed { from, stamp, ok } => self.on_committed(from, stamp, ok),
             ShardMsg::Push { items, reply } => self.on_push(items, reply),

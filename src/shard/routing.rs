@@ -1,6 +1,7 @@
 //! Routing state: the subscription index, retained messages, the shared subscription
 //! groups this shard owns, and the per-turn outboxes to the other shards. The routing
-//! logic itself is in `delivery.rs` and `shared.rs`.
+//! logic itself is in `delivery.rs` and `shared.rs`, the retained messages' order in
+//! `retained.rs`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use crate::metrics::{DropReason, ShardMetrics};
 use crate::retained_budget::RetainedBudget;
 use crate::topic::{Subscriber, SubscriptionIndex};
 
+use super::retained::RetainedOrder;
 use super::shared::SharedGroups;
 use super::Settings;
 
@@ -22,6 +24,8 @@ pub(super) struct Routing {
     pub retained: BTreeMap<Arc<str>, Arc<Message>>,
     /// The byte bounds on `retained` (mirrors it; see `crate::retained_budget`).
     pub retained_budget: RetainedBudget,
+    /// Retained updates this shard decided as their topics' home, for the others.
+    pub retained_order: RetainedOrder,
     /// The shared subscription groups this shard owns.
     pub shared: SharedGroups,
     /// Subscribers matched by the message being routed (reused across messages).
@@ -46,6 +50,7 @@ impl Routing {
                 s.max_retained_bytes,
                 s.max_retained_bytes_per_client,
             ),
+            retained_order: RetainedOrder::new(shards),
             shared: SharedGroups::default(),
             match_buf: Vec::new(),
             outbox: vec![Vec::new(); shards],
@@ -61,8 +66,9 @@ impl Routing {
         self.outbox_bytes[shard] += msg.cost();
     }
 
-    /// Sends each other shard its control messages, then its batch of messages (from
-    /// shard `from`, with `stamp`: see `held.rs`); true if some must be retried. A batch
+    /// Sends each other shard its control messages and retained decisions (`retained.rs`),
+    /// then its batch of messages (from shard `from`, with `stamp`: see `held.rs`); true
+    /// if some must be retried. A batch
     /// waits while the other shard's mailbox is full or already holds
     /// `mailbox_max_bytes` of messages (unless it holds none: one batch always goes).
     /// What waits stays for the next turn; with `slow_consumer = "pace"` no PUBLISH is
@@ -76,6 +82,7 @@ impl Routing {
         (from, stamp): (u16, u64),
     ) -> bool {
         let mut waiting = self.flush_ctl(mailboxes, metrics, s.mailbox_capacity.max(1));
+        waiting |= self.retained_order.flush(mailboxes);
         self.outbox_blocked = false;
         for shard in 0..self.outbox.len() {
             if self.outbox[shard].is_empty() {
