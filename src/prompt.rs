@@ -73,10 +73,12 @@ fn read_line() -> io::Result<String> {
 }
 
 /// Prints `prompt` on stderr and reads one line from the terminal on stdin without echo.
+/// Echo goes off before the prompt shows: whatever is typed (or pasted) as soon as the
+/// prompt appears must not be echoed.
 fn hidden(prompt: &str) -> io::Result<String> {
+    let _echo_off = EchoOff::new(io::stdin().as_raw_fd())?;
     eprint!("{prompt}");
     io::stderr().flush()?;
-    let _echo_off = EchoOff::new(io::stdin().as_raw_fd())?;
     read_line()
 }
 
