@@ -10,8 +10,10 @@
 # settings and one v4 listener. Each broker is fresh for each run.
 #
 # Usage: burst.sh GATEWAY_BIN LOADGEN_BIN RUMQTTD_BIN OUT_DIR [REPEATS]
+#   QOS="0 1" and BROKERS="gateway mosquitto rumqttd" (the defaults) pick the runs.
 set -u
 gw=$1 lg=$2 rumqttd=$3 out=$4 repeats=${5:-1}
+qos_list=${QOS:-0 1} brokers=${BROKERS:-gateway mosquitto rumqttd}
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=bench_lib.sh
 . "$here/bench_lib.sh"
@@ -73,10 +75,15 @@ burst() { # NAME QOS
 }
 
 for r in $(seq "$repeats"); do
-  for qos in 0 1; do
-    start_gateway "$gw" "$dir" burst.toml && burst "gateway-q$qos-$r" $qos; stop_gateway
-    start_peer mosquitto -c "$dir/mosquitto.conf" && burst "mosquitto-q$qos-$r" $qos; stop_gateway
-    start_peer "$rumqttd" -c "$dir/rumqttd.toml" && burst "rumqttd-q$qos-$r" $qos; stop_gateway
+  for qos in $qos_list; do
+    for b in $brokers; do
+      case $b in
+        gateway) start_gateway "$gw" "$dir" burst.toml ;;
+        mosquitto) start_peer mosquitto -c "$dir/mosquitto.conf" ;;
+        rumqttd) start_peer "$rumqttd" -c "$dir/rumqttd.toml" ;;
+      esac && burst "$b-q$qos-$r" "$qos"
+      stop_gateway
+    done
   done
 done
 rm -rf "$dir"
