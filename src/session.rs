@@ -174,6 +174,10 @@ pub enum InflightState {
     Published,
     /// QoS 2: PUBREL sent, waiting for PUBCOMP.
     Released,
+    /// Sent on an earlier connection and not yet again on this one, because the client
+    /// came back with a smaller Receive Maximum (MQTT 5 §3.3.4): resent, with DUP and its
+    /// packet id, once the window has room, before anything queued.
+    Waiting,
 }
 
 pub struct Inflight {
@@ -363,15 +367,40 @@ impl Session {
     /// True when a new QoS 1/2 message may go straight out: nothing queued ahead of it
     /// and fewer than `window` messages in flight.
     pub fn window_open(&self, window: u16) -> bool {
-        self.queued_len() == 0 && self.inflight_len() < usize::from(window)
+        self.queued_len() == 0
+            && self.on_wire_len() == self.inflight_len()
+            && self.inflight_len() < usize::from(window)
     }
 
-    /// The next queued message to send, if the in-flight window has room for it.
+    /// In-flight messages sent on this connection (not `Waiting`): what the client's
+    /// Receive Maximum counts.
+    pub fn on_wire_len(&self) -> usize {
+        self.extra.as_ref().map_or(0, |s| {
+            s.inflight
+                .iter()
+                .filter(|f| f.state != InflightState::Waiting)
+                .count()
+        })
+    }
+
+    /// The next queued message to send, if the in-flight window has room for it and no
+    /// message of an earlier connection waits to be resent.
     pub fn next_to_send(&mut self, window: u16) -> Option<Queued> {
-        if self.inflight_len() >= usize::from(window) {
+        if self.on_wire_len() >= usize::from(window) || self.on_wire_len() < self.inflight_len() {
             return None;
         }
         self.extra.as_mut()?.queue.pop_front()
+    }
+
+    /// The position of the first `Waiting` message, if the window has room to resend it.
+    pub fn next_waiting(&self, window: u16) -> Option<usize> {
+        if self.on_wire_len() >= usize::from(window) {
+            return None;
+        }
+        let st = self.extra.as_ref()?;
+        st.inflight
+            .iter()
+            .position(|f| f.state == InflightState::Waiting)
     }
 
     /// Subscription options for `filter` if subscribed.

@@ -357,8 +357,10 @@ impl Shard {
         true
     }
 
-    /// Moves queued messages onto the connection while its window and watermark allow.
+    /// Moves queued messages onto the connection while its window and watermark allow:
+    /// first the messages of an earlier connection still waiting to be resent.
     pub(super) fn refill(&mut self, skey: usize) {
+        self.resend_waiting(skey);
         loop {
             let Some(s) = self.sessions.get_mut(skey) else {
                 return;
@@ -400,22 +402,70 @@ impl Shard {
         }
     }
 
-    /// On a resumed session: every unacknowledged PUBLISH again with DUP set and its
-    /// original packet id, every unfinished PUBREL again, then the queue.
+    /// Resends, with DUP and their packet ids, the messages of an earlier connection that
+    /// wait for room in the window (`InflightState::Waiting`), oldest first.
+    fn resend_waiting(&mut self, skey: usize) {
+        loop {
+            let Some(s) = self.sessions.get(skey) else {
+                return;
+            };
+            let Some(ckey) = s.conn.map(ConnKey::index) else {
+                return;
+            };
+            let Some(conn) = self.wire.conns.get(ckey) else {
+                return;
+            };
+            if conn.state != ConnState::Active
+                || conn.outbound_len() >= self.settings.high_watermark
+            {
+                return;
+            }
+            let Some(i) = s.next_waiting(conn.window) else {
+                return;
+            };
+            let st = self.sessions[skey].state();
+            let Some(mut f) = st.inflight.remove(i) else {
+                return;
+            };
+            if self.send_publish(ckey, f.pkid, &f.item, true) {
+                f.state = InflightState::Published;
+                self.sessions[skey].state().inflight.insert(i, f);
+            } else {
+                self.store_forget(skey, &f.item);
+            }
+        }
+    }
+
+    /// On a resumed session: every unfinished PUBREL again, and every unacknowledged
+    /// PUBLISH again with DUP set and its original packet id as far as the client's
+    /// window allows (the rest wait their turn, before the queue: MQTT 5 §3.3.4), then
+    /// the queue.
     pub(super) fn resend_inflight(&mut self, skey: usize) {
         let Some(ckey) = self.sessions[skey].conn.map(ConnKey::index) else {
             return;
         };
         let v = self.wire.conns[ckey].version;
+        let window = usize::from(self.wire.conns[ckey].window);
         let inflight = match self.sessions[skey].extra.as_mut() {
             Some(st) => std::mem::take(&mut st.inflight),
             None => Default::default(),
         };
+        // PUBRELs go out whatever the window; they count in it.
+        let mut on_wire = inflight
+            .iter()
+            .filter(|f| f.state == InflightState::Released)
+            .count();
         let mut kept = std::collections::VecDeque::with_capacity(inflight.len());
-        for f in inflight {
+        for mut f in inflight {
             match f.state {
-                InflightState::Published => {
+                InflightState::Published | InflightState::Waiting if on_wire >= window => {
+                    f.state = InflightState::Waiting;
+                    kept.push_back(f);
+                }
+                InflightState::Published | InflightState::Waiting => {
                     if self.send_publish(ckey, f.pkid, &f.item, true) {
+                        f.state = InflightState::Published;
+                        on_wire += 1;
                         kept.push_back(f);
                     } else {
                         self.store_forget(skey, &f.item);

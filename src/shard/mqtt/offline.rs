@@ -140,7 +140,7 @@ impl Shard {
                 let sent = st
                     .inflight
                     .into_iter()
-                    .filter(|f| f.state == InflightState::Published)
+                    .filter(|f| f.state != InflightState::Released)
                     .map(|f| f.item);
                 unfinished.extend(
                     sent.chain(st.queue)

@@ -57,11 +57,11 @@ fn connections(shard: &Shard) -> Result<(), String> {
                 s.conn.map(|c| c.index())
             ));
         }
-        if s.inflight_len() > usize::from(c.window) {
+        if s.on_wire_len() > usize::from(c.window) {
             return Err(format!(
                 "{}: {} in flight, window {}",
                 s.client_id,
-                s.inflight_len(),
+                s.on_wire_len(),
                 c.window
             ));
         }

@@ -131,10 +131,6 @@ pub(super) struct World {
     /// Wills delivered this action: receiver, its subscriptions, message id, QoS, topic,
     /// time.
     will_arrivals: Vec<WillArrival>,
-    /// Never resume a session with a Receive Maximum below what it has in flight: the
-    /// shard resends all of it at once, over the window (a known bug; the ignored test
-    /// `resuming_with_a_smaller_window_stays_within_it` shows it).
-    pub avoid_resume_over_window: bool,
 }
 
 impl World {
@@ -183,19 +179,9 @@ impl World {
             deferred: HashSet::new(),
             rng: Rng::new(seed),
             replaced: Vec::new(),
-            avoid_resume_over_window: true,
             wills: HashMap::new(),
             will_arrivals: Vec::new(),
         }
-    }
-
-    /// Messages slot `i`'s session has in flight on the server.
-    pub(super) fn server_inflight(&self, i: usize) -> usize {
-        let sessions = &self.shard.sessions;
-        sessions
-            .find(&self.slots[i].id)
-            .and_then(|k| sessions.get(k as usize))
-            .map_or(0, |s| s.inflight_len())
     }
 
     /// Marks the start of a step (see `Live::sent_before_step`).
