@@ -76,7 +76,9 @@ impl Shard {
         let (via, result) = transport::read(conn, &mut self.wire.scratch);
         match result {
             Ok(0) => {
-                self.close_conn(key, DisconnectReason::CloseWait, None);
+                if self.handle_held_at_eof(key) {
+                    self.close_conn(key, DisconnectReason::CloseWait, None);
+                }
                 false
             }
             Ok(n) => {
@@ -101,6 +103,26 @@ impl Shard {
                 false
             }
         }
+    }
+
+    /// The peer closed its side while frames it sent were held (paced or over its rate):
+    /// they are handled now, in order, pacing or not (at most a high watermark's worth),
+    /// so what it sent before closing is not lost and a DISCONNECT among them still
+    /// discards its will. False when that closed the connection.
+    fn handle_held_at_eof(&mut self, key: usize) -> bool {
+        let held = self.wire.take_held(key);
+        let mut at = 0;
+        let mut alive = true;
+        while let Ok(Split::Whole(len)) = framer::split(&held[at..], self.settings.max_packet_size)
+        {
+            alive = self.dispatch(key, &held[at..at + len], &[]);
+            if !alive {
+                break;
+            }
+            at += len;
+        }
+        self.wire.pool.give(held, self.clock.now);
+        alive
     }
 
     /// Stops reading a connection over its inbound rate: its bytes wait in the kernel
@@ -158,6 +180,8 @@ impl Shard {
             if !alive || self.wire.is_holding(key) {
                 return;
             }
+            // Everything held was handled: an idle connection keeps no box.
+            self.wire.release_idle_bufs(&self.clock, key);
         }
         if self.wire.conns[key].is_tls() && (!self.tls_process(key) || self.wire.is_holding(key)) {
             return;
@@ -327,7 +351,9 @@ impl Shard {
         held.copy_within(at.., kept);
         held.truncate(kept + held.len() - at);
         if held.is_empty() {
+            // Only acknowledgements were held: an idle connection keeps no box.
             self.wire.pool.give(held, self.clock.now);
+            self.wire.release_idle_bufs(&self.clock, key);
         } else {
             self.wire.put_held(key, held);
         }
