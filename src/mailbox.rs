@@ -248,6 +248,11 @@ impl Mailboxes {
         self.senders.is_empty()
     }
 
+    /// Whether `shard` has stopped (its mailbox is closed).
+    pub fn is_closed(&self, shard: usize) -> bool {
+        self.senders[shard].is_closed()
+    }
+
     /// Non-blocking send; gives the message back when the mailbox is full or closed.
     pub fn try_send(&self, shard: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
         self.senders[shard].try_send(msg).map_err(|e| match e {

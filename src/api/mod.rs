@@ -12,7 +12,8 @@
 //! timeout), and runs keyed pushes through [`crate::idempotency`].
 //!
 //! The parts: `access` (who may call), `body` (size limits, permits, JSON checks),
-//! `spec` (the validated push and its answers), `push` (the push handlers), `clients`
+//! `spec` (the validated push and its answers), `push` (the push handlers), `fleet`
+//! (client pushes to devices on other nodes of a fleet), `clients`
 //! (the clients routes and stats) and `error` (the error answers); this file holds the
 //! shared state, the router and the OpenAPI document.
 
@@ -25,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::cluster::Fleet;
 use crate::config::Config;
 use crate::idempotency::Keys;
 use crate::mailbox::Mailboxes;
@@ -34,6 +36,7 @@ mod access;
 mod body;
 mod clients;
 mod error;
+mod fleet;
 mod push;
 mod spec;
 #[cfg(test)]
@@ -65,6 +68,9 @@ struct Inner {
     mailboxes: Mailboxes,
     shards: Vec<Arc<ShardMetrics>>,
     push_metrics: Arc<PushMetrics>,
+    /// This node's place in the fleet (`[cluster] enabled`): pushes to devices on other
+    /// nodes go there (`fleet`).
+    fleet: Option<Arc<Fleet>>,
     idempotency: Mutex<Keys<Progress>>,
     /// Permits for reading bodies over [`LARGE_BODY`] (`http.max_large_bodies`).
     large_bodies: tokio::sync::Semaphore,
@@ -78,6 +84,7 @@ impl ApiState {
         mailboxes: Mailboxes,
         shards: Vec<Arc<ShardMetrics>>,
         push_metrics: Arc<PushMetrics>,
+        fleet: Option<Arc<Fleet>>,
     ) -> Self {
         let id_prefix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -90,6 +97,7 @@ impl ApiState {
                 mailboxes,
                 shards,
                 push_metrics,
+                fleet,
                 idempotency: Mutex::new(Keys::default()),
                 ids: AtomicU64::new(0),
                 id_prefix,

@@ -1,0 +1,278 @@
+//! The registry of who is where: client id → node, in a JetStream key-value bucket
+//! (`cluster.registry_bucket`), and each node's lease in `<bucket>_nodes`.
+//!
+//! - **Writes.** [`Registry::follow`] drains the `connected` / `disconnected` events this
+//!   node's shards produce (a bounded queue, never waited on by a shard) in order: a
+//!   `connected` puts `<client key> = <node>`. A `disconnected` asks the device's home
+//!   shard (through its mailbox, `try_send`) whether the session lives on (a persistent
+//!   session, offline): then the entry stays, so pushes from other nodes still reach it
+//!   and answer `queued` as this node would; otherwise, and at `session_expired`, the
+//!   entry is deleted, only if it still names this node, with the revision read
+//!   (compare-and-set), so a device that moved on to another node keeps that node's
+//!   entry.
+//! - **Leases.** `<bucket>_nodes` keeps entries `lease_secs` at most (the bucket's max
+//!   age); each node renews its own every third of that. A node that died stops renewing,
+//!   and the entries naming it count as gone once its lease expired
+//!   ([`Registry::alive`]); a push that finds such a stale entry deletes it (again by
+//!   revision).
+//! - **Reads.** [`Registry::locate`] answers where a client id is held: here when one of
+//!   this node's shards reported it connected (an in-memory set, no NATS round trip), else
+//!   what the bucket says.
+//!
+//! Keys are the client id with every byte other than an ASCII letter, digit, `-` or `_`
+//! written `=XX` (hex), so any client id is one valid key and the escape is reversible.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+
+use crate::config::ClusterConfig;
+use crate::events::sink::{Batcher, OutageLog};
+use crate::events::{Event, EventKind};
+use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+
+/// The registry buckets and what this node knows it holds.
+pub struct Registry {
+    clients: kv::Store,
+    nodes: kv::Store,
+    node: Arc<str>,
+    /// Client ids connected to this node, as its shards reported them.
+    here: Mutex<HashSet<Arc<str>>>,
+}
+
+/// Where a client id is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// On this node, or nowhere in the registry (this node then answers for itself).
+    Here,
+    /// On `node`, by the registry entry of `revision`.
+    Elsewhere { node: String, revision: u64 },
+}
+
+/// Opens bucket `name`, creating it (one value per key, entries kept at most `max_age`,
+/// zero = for ever) if it does not exist yet.
+///
+/// The bucket's stream is created directly, as a key-value bucket's stream is
+/// (`KV_<name>` on `$KV.<name>.>`): async-nats's `create_key_value` first reads the
+/// account's JetStream info, which it cannot parse from a nats-server before 2.10
+/// (Debian's is 2.9).
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    max_age: std::time::Duration,
+) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let config = async_nats::jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    let created = js.create_stream(config).await;
+    // Another node may have created it in between: open it either way.
+    js.get_key_value(name).await.map_err(|e| {
+        let why = created
+            .err()
+            .map_or_else(|| e.to_string(), |c| c.to_string());
+        format!("cluster: cannot open the key-value bucket {name}: {why}")
+    })
+}
+
+/// The registry key of `client_id`.
+pub fn key(client_id: &str) -> String {
+    crate::events::nats::escape(client_id, '=')
+}
+
+impl Registry {
+    /// Opens (or creates) the two buckets.
+    pub(super) async fn open(
+        client: &async_nats::Client,
+        config: &ClusterConfig,
+        node: Arc<str>,
+    ) -> Result<Registry, String> {
+        let js = async_nats::jetstream::new(client.clone());
+        let clients_name = config.registry_bucket.clone();
+        let nodes_name = format!("{}_nodes", config.registry_bucket);
+        let clients = open_bucket(&js, &clients_name, Default::default()).await?;
+        let nodes = open_bucket(&js, &nodes_name, config.lease()).await?;
+        Ok(Registry {
+            clients,
+            nodes,
+            node,
+            here: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Writes (or renews) this node's lease.
+    pub(super) async fn renew_lease(&self) -> Result<(), kv::PutError> {
+        self.nodes
+            .put(&*self.node, Bytes::from_static(b"alive"))
+            .await
+            .map(drop)
+    }
+
+    /// Gives this node's lease up (on a clean shutdown).
+    pub(super) async fn drop_lease(&self) {
+        if let Err(e) = self.nodes.delete(&*self.node).await {
+            tracing::warn!(node = %self.node, error = %e, "cluster: cannot give up the lease");
+        }
+    }
+
+    /// Whether `node` holds a lease now.
+    pub async fn alive(&self, node: &str) -> Result<bool, kv::EntryError> {
+        Ok(self.nodes.get(node).await?.is_some())
+    }
+
+    fn is_here(&self, client_id: &str) -> bool {
+        self.here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(client_id)
+    }
+
+    /// Where `client_id` is held.
+    pub async fn locate(&self, client_id: &str) -> Result<Located, kv::EntryError> {
+        if self.is_here(client_id) {
+            return Ok(Located::Here);
+        }
+        Ok(match self.clients.entry(key(client_id)).await? {
+            Some(e) if e.operation == kv::Operation::Put && *e.value != *self.node.as_bytes() => {
+                Located::Elsewhere {
+                    node: String::from_utf8_lossy(&e.value).into_owned(),
+                    revision: e.revision,
+                }
+            }
+            _ => Located::Here,
+        })
+    }
+
+    /// Deletes `client_id`'s entry if it is still the one of `revision` (a stale entry
+    /// of a node whose lease expired).
+    pub async fn forget(&self, client_id: &str, revision: u64) {
+        let deleted = self
+            .clients
+            .delete_expect_revision(key(client_id), Some(revision))
+            .await;
+        tracing::debug!(
+            client_id,
+            revision,
+            ok = deleted.is_ok(),
+            "cluster: stale registry entry removed"
+        );
+    }
+
+    /// Applies the shards' `connected` / `disconnected` in order until the events stop.
+    pub(super) async fn follow(self: Arc<Self>, changes: Batcher, shards: Mailboxes) {
+        let (mut batch, mut log) = (Vec::new(), OutageLog::default());
+        while changes.next(&mut batch).await {
+            for event in batch.drain(..) {
+                match self.apply(&event, &shards).await {
+                    Ok(()) => {
+                        log.succeeded(changes.name);
+                        changes.queue.metrics.sent.inc();
+                    }
+                    Err(e) => {
+                        log.failed(changes.name, &e);
+                        changes.dropped("rejected", 1);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, event: &Event, shards: &Mailboxes) -> Result<(), String> {
+        let id = &event.client_id;
+        match &event.kind {
+            EventKind::Connected(_) => {
+                self.set_here(id, true);
+                let value = Bytes::copy_from_slice(self.node.as_bytes());
+                self.clients
+                    .put(key(id), value)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("put {id}: {e}"))
+            }
+            EventKind::Disconnected { .. } => {
+                self.set_here(id, false);
+                match session_lives_on(shards, id).await {
+                    true => Ok(()),
+                    false => self.release(id).await,
+                }
+            }
+            EventKind::SessionExpired => self.release(id).await,
+            _ => Ok(()),
+        }
+    }
+
+    fn set_here(&self, client_id: &Arc<str>, here: bool) {
+        let mut set = self.here.lock().unwrap_or_else(|p| p.into_inner());
+        if here {
+            set.insert(client_id.clone());
+        } else {
+            set.remove(client_id);
+        }
+    }
+
+    /// Deletes `client_id`'s entry if it names this node, by the revision read (also the
+    /// entry of a session that ended while the device was offline).
+    async fn release(&self, client_id: &str) -> Result<(), String> {
+        let k = key(client_id);
+        let entry = self
+            .clients
+            .entry(k.clone())
+            .await
+            .map_err(|e| format!("get {client_id}: {e}"))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put && *e.value == *self.node.as_bytes() => {
+                // Another node's put in between makes this fail, as it should.
+                let _ = self
+                    .clients
+                    .delete_expect_revision(k, Some(e.revision))
+                    .await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether `client_id` still has a session on its home shard here (asked through the
+/// shard's mailbox). A full mailbox counts as yes: the entry then stays, and a push
+/// through it is answered by this node, truthfully. A stopped shard (the node is
+/// shutting down) has no session any more.
+async fn session_lives_on(shards: &Mailboxes, client_id: &str) -> bool {
+    let home = home_shard(client_id, shards.len());
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let ask = ShardMsg::ClientInfo {
+        client_id: client_id.to_string(),
+        reply,
+    };
+    if shards.try_send(home, ask).is_err() {
+        return !shards.is_closed(home);
+    }
+    matches!(answer.await, Ok(Some(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key;
+
+    #[test]
+    fn any_client_id_is_one_reversible_key() {
+        assert_eq!(key("dev-1_a"), "dev-1_a");
+        assert_eq!(key("a.b/c d"), "a=2Eb=2Fc=20d");
+        assert_eq!(key("x=y"), "x=3Dy");
+        assert_eq!(key("é"), "=C3=A9");
+        // Distinct ids stay distinct, `=` itself included.
+        assert_ne!(key("=2E"), key("."));
+    }
+}

@@ -1,0 +1,315 @@
+//! The fleet on NATS (`[cluster]`): real gateway processes on loopback sharing one real
+//! `nats-server` with JetStream. A push sent to any node reaches a device connected to
+//! any other with the holding node's exact outcome; the registry follows devices; a node
+//! killed with SIGKILL is answered truthfully, never as `sent`.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use common::nats::NatsServer;
+use common::v4;
+use common::{post_json, GatewayProcess};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// Short, so a killed node's lease expires quickly in the tests.
+const LEASE_SECS: u32 = 3;
+
+/// A gateway process in the fleet as `node`.
+fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
+    GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\n[store]\nenabled = false\n",
+        nats.url()
+    ))
+}
+
+/// A `nats-server` and gateway processes named `nodes` on it, and the registry bucket.
+async fn fleet(tag: &str, nodes: &[&str]) -> (NatsServer, Vec<GatewayProcess>, kv::Store) {
+    let nats = NatsServer::start(tag);
+    // The gateways do not start without NATS: wait until it accepts connections.
+    drop(nats.client().await);
+    let gateways = nodes.iter().map(|n| node(&nats, n)).collect();
+    let kv = registry(&nats).await;
+    (nats, gateways, kv)
+}
+
+/// Device `id` connected to `gw`, once the registry names `node` for it.
+async fn device_on(gw: &GatewayProcess, id: &str, kv: &kv::Store, node: &str) -> v4::Client {
+    let dev = device(gw, id).await;
+    wait_registry(kv, id, Some(node)).await;
+    dev
+}
+
+async fn registry(nats: &NatsServer) -> kv::Store {
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.get_key_value("gateway_registry")
+        .await
+        .expect("registry bucket")
+}
+
+/// Waits until the registry names `node` for `client_id` (`None`: no entry).
+async fn wait_registry(kv: &kv::Store, client_id: &str, node: Option<&str>) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let v = kv.get(client_id).await.expect("registry get");
+        let v = v.map(|b| String::from_utf8_lossy(&b).into_owned());
+        if v.as_deref() == node {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "registry entry of {client_id}: {v:?}, expected {node:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `gw`'s registry writer has applied `n` changes.
+async fn wait_registry_changes(gw: &GatewayProcess, n: u32) {
+    let sample = "gateway_events_sent_total{sink=\"registry\"}";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while gw.metric(sample).await < f64::from(n) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{sample} never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn push(gw: &GatewayProcess, body: Value) -> (u16, Value) {
+    post_json(gw.http, "/v1/push", &body).await
+}
+
+fn status(v: &Value) -> &str {
+    v["status"].as_str().unwrap_or("")
+}
+
+async fn device(gw: &GatewayProcess, id: &str) -> v4::Client {
+    v4::connect(v4::options(gw.mqtt, id)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_any_node_reaches_a_device_on_another_with_its_exact_outcome() {
+    let (_nats, gw, kv) = fleet("fleet-push", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let mut dev = device_on(a, "dev-1", &kv, "node-a").await;
+
+    // Sent through node B, delivered by node A.
+    let (code, v) = push(
+        b,
+        json!({"client_id": "dev-1", "topic": "devices/dev-1/cmd", "payload": "hello", "qos": 1}),
+    )
+    .await;
+    assert_eq!((code, status(&v)), (200, "sent"), "{v}");
+    let p = dev.next_publish(DEADLINE).await.expect("the push arrives");
+    assert_eq!(
+        (&p.topic[..], &p.payload[..]),
+        ("devices/dev-1/cmd", &b"hello"[..])
+    );
+
+    // wait_ack: node A waits for the device's PUBACK.
+    let (code, v) = push(b, json!({"client_id": "dev-1", "topic": "devices/dev-1/cmd", "payload": "ack me", "qos": 1, "wait_ack": true})).await;
+    assert_eq!((code, status(&v)), (200, "acked"), "{v}");
+    let p = dev
+        .next_publish(DEADLINE)
+        .await
+        .expect("the acked push arrives");
+    assert_eq!(&p.payload[..], b"ack me");
+
+    // A client id nobody holds.
+    let (code, v) = push(
+        b,
+        json!({"client_id": "nobody", "topic": "t", "payload": "x"}),
+    )
+    .await;
+    assert_eq!((code, status(&v)), (200, "offline"), "{v}");
+
+    // A clean disconnect removes the entry: node B then answers for itself.
+    dev.client.disconnect().await.unwrap();
+    wait_registry(&kv, "dev-1", None).await;
+    let (code, v) = push(
+        b,
+        json!({"client_id": "dev-1", "topic": "t", "payload": "x"}),
+    )
+    .await;
+    assert_eq!((code, status(&v)), (200, "offline"), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_spread_over_nodes_keeps_one_answer_per_item_in_order() {
+    let (_nats, gw, kv) = fleet("fleet-batch", &["node-a", "node-b", "node-c"]).await;
+    let b = &gw[1];
+    let mut on_a = device_on(&gw[0], "on-a", &kv, "node-a").await;
+    let mut on_b = device_on(b, "on-b", &kv, "node-b").await;
+    let mut on_c = device_on(&gw[2], "on-c", &kv, "node-c").await;
+    let item = |id: &str, n: u32| json!({"client_id": id, "topic": format!("devices/{id}"), "payload": format!("{n}"), "qos": 1});
+    let messages = vec![
+        item("on-c", 0),
+        item("on-a", 1),
+        item("nobody", 2),
+        item("on-b", 3),
+        item("on-c", 4),
+        json!({"client_id": "on-a", "topic": "devices/on-a", "payload": "5", "qos": 7}),
+        item("on-a", 6),
+    ];
+    let (code, v) = post_json(b.http, "/v1/push/batch", &json!({ "messages": messages })).await;
+    assert_eq!(code, 200, "{v}");
+    let results = v["results"].as_array().expect("results");
+    let got: Vec<&str> = results
+        .iter()
+        .map(|r| {
+            r["status"]
+                .as_str()
+                .or(r["error"]["code"].as_str())
+                .unwrap_or("?")
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "sent",
+            "sent",
+            "offline",
+            "sent",
+            "sent",
+            "invalid_field",
+            "sent"
+        ],
+        "{v}"
+    );
+    // Each device got its own, in order.
+    for (dev, want) in [(&mut on_a, ["1", "6"]), (&mut on_c, ["0", "4"])] {
+        for w in want {
+            let p = dev
+                .next_publish(DEADLINE)
+                .await
+                .expect("a batch item arrives");
+            assert_eq!(&p.payload[..], w.as_bytes());
+        }
+    }
+    let p = on_b
+        .next_publish(DEADLINE)
+        .await
+        .expect("the local item arrives");
+    assert_eq!(&p.payload[..], b"3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_device_on_a_killed_node_is_answered_truthfully() {
+    let (_nats, mut gw, kv) = fleet("fleet-kill", &["node-a", "node-b"]).await;
+    let mut dev = device_on(&gw[0], "dev-k", &kv, "node-a").await;
+    let (a, b) = gw.split_at_mut(1);
+    let (a, b) = (&mut a[0], &b[0]);
+    let (code, v) = push(
+        b,
+        json!({"client_id": "dev-k", "topic": "t", "payload": "x", "qos": 1}),
+    )
+    .await;
+    assert_eq!((code, status(&v)), (200, "sent"), "{v}");
+    assert!(dev.next_publish(DEADLINE).await.is_some());
+
+    // SIGKILL: no goodbye to NATS, the registry entry stays behind.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+
+    // Every answer is true: the node is unreachable (503) until its lease expires, then
+    // the device is offline; never `sent`.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut seen_offline = false;
+    while !seen_offline {
+        let asked = tokio::time::Instant::now();
+        let (code, v) = push(
+            b,
+            json!({"client_id": "dev-k", "topic": "t", "payload": "x", "qos": 1}),
+        )
+        .await;
+        // Well within the request timeout: "no responders" is immediate.
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            asked.elapsed()
+        );
+        match (code, status(&v), v["error"]["code"].as_str()) {
+            (503, _, Some("node_unreachable")) => {}
+            (200, "offline", _) => seen_offline = true,
+            other => panic!("untruthful answer for a dead node: {other:?} {v}"),
+        }
+        assert!(tokio::time::Instant::now() < end, "the lease never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stale entry is gone.
+    wait_registry(&kv, "dev-k", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_cleanly_leaves_the_registry() {
+    let (nats, mut gw, kv) = fleet("fleet-stop", &["node-a"]).await;
+    let a = &mut gw[0];
+    let js = async_nats::jetstream::new(nats.client().await);
+    let leases = js.get_key_value("gateway_registry_nodes").await.unwrap();
+    assert!(
+        leases.get("node-a").await.unwrap().is_some(),
+        "node-a holds a lease"
+    );
+    let _dev = device_on(a, "dev-s", &kv, "node-a").await;
+
+    a.signal(libc::SIGTERM);
+    assert!(a.wait_exit(DEADLINE).is_some(), "the node stops");
+    wait_registry(&kv, "dev-s", None).await;
+    assert!(
+        leases.get("node-a").await.unwrap().is_none(),
+        "the lease is given up"
+    );
+}
+
+#[test]
+fn a_fleet_node_without_nats_does_not_start_and_says_why() {
+    let port = common::nats::free_port();
+    let dir = common::tempdir::Dir::new("fleet-no-nats");
+    let path = dir.0.join("gateway.toml");
+    let toml = format!(
+        "{}\n[cluster]\nenabled = true\nnats_url = \"nats://127.0.0.1:{port}\"\n[store]\nenabled = false\n",
+        common::BASE
+    );
+    std::fs::write(&path, toml).unwrap();
+    let (code, out, err) = common::run_gateway(
+        &["--config".as_ref(), path.as_os_str()],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("cluster: cannot connect to NATS"),
+        "{out}{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_an_offline_persistent_session_on_another_node_is_queued_there() {
+    let (_nats, gw, kv) = fleet("fleet-queued", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let mut o = v4::options(a.mqtt, "dev-p");
+    o.set_clean_session(false);
+    let dev = v4::connect(o.clone()).await;
+    wait_registry(&kv, "dev-p", Some("node-a")).await;
+    dev.client.disconnect().await.unwrap();
+    // Node A's registry writer has applied the disconnect (its second change).
+    wait_registry_changes(a, 2).await;
+    // The session lives on at node A, so its entry stays and node A answers.
+    wait_registry(&kv, "dev-p", Some("node-a")).await;
+    let (code, v) = push(
+        b,
+        json!({"client_id": "dev-p", "topic": "devices/dev-p", "payload": "later", "qos": 1}),
+    )
+    .await;
+    assert_eq!((code, status(&v)), (200, "queued"), "{v}");
+    // Back on node A, the device gets it.
+    let mut dev = v4::connect(o).await;
+    let p = dev
+        .next_publish(DEADLINE)
+        .await
+        .expect("the queued push arrives");
+    assert_eq!(&p.payload[..], b"later");
+}
