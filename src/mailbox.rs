@@ -159,6 +159,11 @@ pub enum ShardMsg {
     SharedBounce(Box<SharedBounce>),
     /// The business runtime's answer to an authentication the shard handed it.
     AuthDone(Box<AuthDone>),
+    /// From the fleet (`crate::cluster`): another node accepted `client_id`; its live
+    /// connection here, if any, is closed as taken over (MQTT 5 0x8E).
+    TakenOver {
+        client_id: String,
+    },
 }
 
 /// An authentication answer for connection `conn` of the shard; `token` tells it from a

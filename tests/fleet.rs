@@ -83,6 +83,17 @@ async fn push(gw: &GatewayProcess, body: Value) -> (u16, Value) {
     post_json(gw.http, "/v1/push", &body).await
 }
 
+/// Pushes `body` through `via`, expects `want` and `dev` to receive its payload.
+async fn push_arrives(via: &GatewayProcess, dev: &mut v4::Client, body: Value, want: &str) {
+    let (code, v) = push(via, body.clone()).await;
+    assert_eq!((code, status(&v)), (200, want), "{v}");
+    let p = dev.next_publish(DEADLINE).await.expect("the push arrives");
+    assert_eq!(
+        p.payload,
+        body["payload"].as_str().unwrap_or_default().as_bytes()
+    );
+}
+
 fn status(v: &Value) -> &str {
     v["status"].as_str().unwrap_or("")
 }
@@ -111,13 +122,8 @@ async fn a_push_to_any_node_reaches_a_device_on_another_with_its_exact_outcome()
     );
 
     // wait_ack: node A waits for the device's PUBACK.
-    let (code, v) = push(b, json!({"client_id": "dev-1", "topic": "devices/dev-1/cmd", "payload": "ack me", "qos": 1, "wait_ack": true})).await;
-    assert_eq!((code, status(&v)), (200, "acked"), "{v}");
-    let p = dev
-        .next_publish(DEADLINE)
-        .await
-        .expect("the acked push arrives");
-    assert_eq!(&p.payload[..], b"ack me");
+    let ack_me = json!({"client_id": "dev-1", "topic": "t", "payload": "ack me", "qos": 1, "wait_ack": true});
+    push_arrives(b, &mut dev, ack_me, "acked").await;
 
     // A client id nobody holds.
     let (code, v) = push(
@@ -312,4 +318,30 @@ async fn a_push_to_an_offline_persistent_session_on_another_node_is_queued_there
         .await
         .expect("the queued push arrives");
     assert_eq!(&p.payload[..], b"later");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connecting_to_another_node_takes_it_over() {
+    use common::{connect5, Raw};
+    let (_nats, gw, kv) = fleet("fleet-takeover", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let (mut old, _) = Raw::connected_v5(a.mqtt, &connect5("dev-t", 60, true, None)).await;
+    wait_registry(&kv, "dev-t", Some("node-a")).await;
+
+    let mut new = device(b, "dev-t").await;
+    // Node A closes its connection: MQTT 5 DISCONNECT 0x8E, session taken over.
+    assert_eq!(old.expect_disconnect_v5(DEADLINE).await, 0x8E);
+    assert!(old.wait_closed(DEADLINE).await);
+    wait_registry(&kv, "dev-t", Some("node-b")).await;
+    assert!(
+        a.metric("gateway_disconnects_total{reason=\"takeover\"}")
+            .await
+            >= 1.0,
+        "counted as a takeover on node A"
+    );
+    // Pushes through either node reach the new connection.
+    for via in [a, b] {
+        let body = json!({"client_id": "dev-t", "topic": "t", "payload": "here", "qos": 1});
+        push_arrives(via, &mut new, body, "sent").await;
+    }
 }

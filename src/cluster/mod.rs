@@ -13,7 +13,10 @@
 //! - the node-addressed request subject on which other nodes hand this node pushes for
 //!   its devices ([`Fleet::serve`]), and the requests this node sends them
 //!   ([`Fleet::request`]). What a push means is the HTTP API's business (`crate::api`):
-//!   this module moves bytes and tells "no responders" from a timeout.
+//!   this module moves bytes and tells "no responders" from a timeout;
+//! - takeover across nodes: when a device connects here while the registry named another
+//!   node, that node is asked (on its `takeover` subject) to close its connection, which
+//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
 pub mod registry;
 
@@ -30,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
 use crate::events::sink::Batcher;
-use crate::mailbox::Mailboxes;
+use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 
 pub use registry::{Located, Registry};
 
@@ -59,6 +62,7 @@ pub struct Fleet {
     client: Client,
     prefix: String,
     lease: Duration,
+    request_timeout: Duration,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -105,6 +109,7 @@ impl Fleet {
             client,
             prefix: config.subject_prefix.clone(),
             lease: config.lease(),
+            request_timeout: config.request_timeout(),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         }))
@@ -126,15 +131,72 @@ impl Fleet {
         shards: Mailboxes,
         handler: Handler,
     ) -> Result<(), String> {
-        let subject = self.push_subject(&self.node);
-        let subscriber = runtime
-            .block_on(self.client.subscribe(subject.clone()))
-            .map_err(|e| format!("cluster: cannot subscribe {subject}: {e}"))?;
+        let pushes = self.subscribe(runtime, self.push_subject(&self.node))?;
+        let takeovers = self.subscribe(runtime, self.takeover_subject(&self.node))?;
+        let fleet = self.clone();
+        let taken = move |node: String, client_id: Arc<str>| {
+            tokio::spawn(fleet.clone().take_over(node, client_id));
+        };
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.push(runtime.spawn(self.clone().serve(subscriber, handler)));
+        tasks.push(runtime.spawn(self.clone().serve(pushes, handler)));
+        tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
         tasks.push(runtime.spawn(self.clone().heartbeat()));
-        tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards)));
+        tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
+    }
+
+    fn subscribe(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        subject: String,
+    ) -> Result<async_nats::Subscriber, String> {
+        runtime
+            .block_on(self.client.subscribe(subject.clone()))
+            .map_err(|e| format!("cluster: cannot subscribe {subject}: {e}"))
+    }
+
+    /// The subject on which `node` hears that another node accepted one of its devices.
+    fn takeover_subject(&self, node: &str) -> String {
+        format!("{}.node.{node}.takeover", self.prefix)
+    }
+
+    /// Tells `node`, which held `client_id` before it connected here, to close its
+    /// connection. A node that is gone has nothing to close.
+    async fn take_over(self: Arc<Self>, node: String, client_id: Arc<str>) {
+        let request = Request::new()
+            .payload(Bytes::copy_from_slice(client_id.as_bytes()))
+            .timeout(Some(self.request_timeout));
+        let subject = self.takeover_subject(&node);
+        match self.client.send_request(subject, request).await {
+            Ok(_) => {
+                tracing::debug!(%client_id, node, "cluster: took the client id over from another node")
+            }
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+            Err(e) => {
+                tracing::warn!(%client_id, node, error = %e, "cluster: the node that held this client id did not confirm the takeover")
+            }
+        }
+    }
+
+    /// Closes the local connection of each client id another node took over, unless the
+    /// registry names this node again (the device came back here since).
+    async fn serve_takeovers(self: Arc<Self>, mut sub: async_nats::Subscriber, shards: Mailboxes) {
+        while let Some(msg) = tokio::select! {
+            m = sub.next() => m,
+            _ = self.stop.cancelled() => None,
+        } {
+            let client_id = String::from_utf8_lossy(&msg.payload).into_owned();
+            if !self.registry.names_this_node(&client_id).await {
+                // Pushes here go to the other node from now on, not after the close.
+                self.registry.left(&client_id);
+                let home = home_shard(&client_id, shards.len());
+                // A full mailbox: the device stays online here too, as before the fleet.
+                let _ = shards.try_send(home, ShardMsg::TakenOver { client_id });
+            }
+            if let Some(reply) = msg.reply {
+                let _ = self.client.publish(reply, Bytes::new()).await;
+            }
+        }
     }
 
     /// Answers each request on this node's subject with `handler`, each in its own task.

@@ -10,6 +10,8 @@
 //!   entry is deleted, only if it still names this node, with the revision read
 //!   (compare-and-set), so a device that moved on to another node keeps that node's
 //!   entry.
+//! - **Takeover.** A `connected` whose entry named another node before is reported
+//!   (`taken`), and `crate::cluster` asks that node to close its connection.
 //! - **Leases.** `<bucket>_nodes` keeps entries `lease_secs` at most (the bucket's max
 //!   age); each node renews its own every third of that. A node that died stops renewing,
 //!   and the entries naming it count as gone once its lease expired
@@ -170,13 +172,23 @@ impl Registry {
         );
     }
 
-    /// Applies the shards' `connected` / `disconnected` in order until the events stop.
-    pub(super) async fn follow(self: Arc<Self>, changes: Batcher, shards: Mailboxes) {
+    /// Applies the shards' `connected` / `disconnected` / `session_expired` in order until
+    /// the events stop; `taken(node, client id)` for each device that another node held
+    /// when it connected here.
+    pub(super) async fn follow(
+        self: Arc<Self>,
+        changes: Batcher,
+        shards: Mailboxes,
+        taken: impl Fn(String, Arc<str>) + Send,
+    ) {
         let (mut batch, mut log) = (Vec::new(), OutageLog::default());
         while changes.next(&mut batch).await {
             for event in batch.drain(..) {
                 match self.apply(&event, &shards).await {
-                    Ok(()) => {
+                    Ok(before) => {
+                        if let Some(node) = before {
+                            taken(node, event.client_id.clone());
+                        }
                         log.succeeded(changes.name);
                         changes.queue.metrics.sent.inc();
                     }
@@ -189,28 +201,64 @@ impl Registry {
         }
     }
 
-    async fn apply(&self, event: &Event, shards: &Mailboxes) -> Result<(), String> {
+    /// Applies one change: `Some(node)` when a device that connected here was held by
+    /// another node.
+    async fn apply(&self, event: &Event, shards: &Mailboxes) -> Result<Option<String>, String> {
         let id = &event.client_id;
         match &event.kind {
             EventKind::Connected(_) => {
                 self.set_here(id, true);
-                let value = Bytes::copy_from_slice(self.node.as_bytes());
-                self.clients
-                    .put(key(id), value)
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("put {id}: {e}"))
+                self.claim(id).await
             }
             EventKind::Disconnected { .. } => {
                 self.set_here(id, false);
                 match session_lives_on(shards, id).await {
-                    true => Ok(()),
-                    false => self.release(id).await,
+                    true => Ok(None),
+                    false => self.release(id).await.map(|()| None),
                 }
             }
-            EventKind::SessionExpired => self.release(id).await,
-            _ => Ok(()),
+            EventKind::SessionExpired => self.release(id).await.map(|()| None),
+            _ => Ok(None),
         }
+    }
+
+    /// Puts `client_id → this node`; the other node that held it before, if any.
+    async fn claim(&self, client_id: &str) -> Result<Option<String>, String> {
+        let before = self
+            .holder(client_id)
+            .await
+            .map_err(|e| format!("get {client_id}: {e}"))?;
+        let value = Bytes::copy_from_slice(self.node.as_bytes());
+        self.clients
+            .put(key(client_id), value)
+            .await
+            .map_err(|e| format!("put {client_id}: {e}"))?;
+        Ok(before.filter(|n| **n != *self.node))
+    }
+
+    /// The node the registry names for `client_id`, if any.
+    pub async fn holder(&self, client_id: &str) -> Result<Option<String>, kv::EntryError> {
+        let entry = self.clients.entry(key(client_id)).await?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    /// Whether the registry names this node for `client_id` (a read error counts as
+    /// yes: nothing is closed on a guess).
+    pub async fn names_this_node(&self, client_id: &str) -> bool {
+        match self.holder(client_id).await {
+            Ok(holder) => holder.as_deref() == Some(&*self.node),
+            Err(_) => true,
+        }
+    }
+
+    /// `client_id` is no longer online here (taken over by another node).
+    pub(super) fn left(&self, client_id: &str) {
+        self.here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(client_id);
     }
 
     fn set_here(&self, client_id: &Arc<str>, here: bool) {
