@@ -345,3 +345,25 @@ async fn a_client_id_connecting_to_another_node_takes_it_over() {
         push_arrives(via, &mut new, body, "sent").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holding_nodes_errors_come_back_unchanged() {
+    let (_nats, gw, kv) = fleet("fleet-errors", &["node-a", "node-b"]).await;
+    let b = &gw[1];
+    // A device that never acknowledges.
+    let mut o = v4::options(gw[0].mqtt, "dev-silent");
+    o.set_manual_acks(true);
+    let mut dev = v4::connect(o).await;
+    wait_registry(&kv, "dev-silent", Some("node-a")).await;
+    let body = json!({"client_id": "dev-silent", "topic": "t", "payload": "x", "qos": 1, "wait_ack": true, "timeout_ms": 300});
+    let (code, v) = push(b, body).await;
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (504, Some("ack_timeout")),
+        "{v}"
+    );
+    assert!(
+        dev.next_publish(DEADLINE).await.is_some(),
+        "it was delivered"
+    );
+}

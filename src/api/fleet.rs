@@ -301,11 +301,16 @@ pub(super) async fn split_remote(
     if inner.fleet.is_none() {
         return remote;
     }
+    // Every item's lookup at once.
+    let lookups = per_shard
+        .iter()
+        .flatten()
+        .map(|(_, spec)| inner.remote_home(spec.client_id.as_deref().unwrap_or_default()));
+    let mut homes = futures_util::future::join_all(lookups).await.into_iter();
     for group in per_shard.iter_mut() {
         let mut local = Vec::with_capacity(group.len());
-        for (i, spec) in group.drain(..) {
-            let client_id = spec.client_id.as_deref().unwrap_or_default();
-            match inner.remote_home(client_id).await {
+        for ((i, spec), home) in group.drain(..).zip(homes.by_ref()) {
+            match home {
                 Ok(None) => local.push((i, spec)),
                 Ok(Some(r)) => remote
                     .entry(r.node)
