@@ -124,6 +124,9 @@ async fn a_push_to_any_node_reaches_a_device_on_another_with_its_exact_outcome()
     // wait_ack: node A waits for the device's PUBACK.
     let ack_me = json!({"client_id": "dev-1", "topic": "t", "payload": "ack me", "qos": 1, "wait_ack": true});
     push_arrives(b, &mut dev, ack_me, "acked").await;
+    let answered = "gateway_fleet_requests_total{outcome=\"answered\"}";
+    assert_eq!(b.metric(answered).await, 2.0, "node B forwarded both");
+    assert_eq!(a.metric("gateway_fleet_requests_served_total").await, 2.0);
 
     // A client id nobody holds.
     let (code, v) = push(
@@ -248,6 +251,8 @@ async fn a_push_to_a_device_on_a_killed_node_is_answered_truthfully() {
     }
     // The stale entry is gone.
     wait_registry(&kv, "dev-k", None).await;
+    let gone = "gateway_fleet_requests_total{outcome=\"no_responders\"}";
+    assert!(b.metric(gone).await >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,6 +338,7 @@ async fn a_client_id_connecting_to_another_node_takes_it_over() {
     assert_eq!(old.expect_disconnect_v5(DEADLINE).await, 0x8E);
     assert!(old.wait_closed(DEADLINE).await);
     wait_registry(&kv, "dev-t", Some("node-b")).await;
+    assert_eq!(b.metric("gateway_fleet_takeovers_total").await, 1.0);
     assert!(
         a.metric("gateway_disconnects_total{reason=\"takeover\"}")
             .await

@@ -18,6 +18,7 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
+pub mod metrics;
 pub mod registry;
 
 use std::future::Future;
@@ -35,6 +36,7 @@ use crate::config::ClusterConfig;
 use crate::events::sink::Batcher;
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 
+pub use metrics::FleetMetrics;
 pub use registry::{Located, Registry};
 
 /// How long the start waits for NATS and the buckets.
@@ -59,6 +61,7 @@ pub struct Fleet {
     /// This node's id (`cluster.node_id` or the host name).
     pub node: Arc<str>,
     pub registry: Arc<Registry>,
+    pub metrics: Arc<FleetMetrics>,
     client: Client,
     prefix: String,
     lease: Duration,
@@ -106,6 +109,7 @@ impl Fleet {
         Ok(Arc::new(Fleet {
             node,
             registry: Arc::new(registry),
+            metrics: Arc::default(),
             client,
             prefix: config.subject_prefix.clone(),
             lease: config.lease(),
@@ -163,6 +167,7 @@ impl Fleet {
     /// Tells `node`, which held `client_id` before it connected here, to close its
     /// connection. A node that is gone has nothing to close.
     async fn take_over(self: Arc<Self>, node: String, client_id: Arc<str>) {
+        self.metrics.takeovers.inc();
         let request = Request::new()
             .payload(Bytes::copy_from_slice(client_id.as_bytes()))
             .timeout(Some(self.request_timeout));
@@ -209,6 +214,7 @@ impl Fleet {
             let Some(msg) = msg else { break };
             let Some(reply) = msg.reply else { continue };
             let (client, handler) = (self.client.clone(), handler.clone());
+            self.metrics.served.inc();
             tokio::spawn(async move {
                 let answer = handler(msg.payload).await;
                 if let Err(e) = client.publish(reply, answer).await {
@@ -250,18 +256,24 @@ impl Fleet {
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
         let request = Request::new().payload(payload).timeout(Some(timeout));
-        match self
+        let started = std::time::Instant::now();
+        let answer = self
             .client
             .send_request(self.push_subject(node), request)
-            .await
-        {
-            Ok(m) => Ok(m.payload),
-            Err(e) => Err(match e.kind() {
-                RequestErrorKind::NoResponders => RequestError::NoResponders,
-                RequestErrorKind::TimedOut => RequestError::TimedOut,
-                _ => RequestError::Nats(e.to_string()),
-            }),
-        }
+            .await;
+        let (outcome, result) = match answer {
+            Ok(m) => ("answered", Ok(m.payload)),
+            Err(e) => match e.kind() {
+                RequestErrorKind::NoResponders => {
+                    ("no_responders", Err(RequestError::NoResponders))
+                }
+                RequestErrorKind::TimedOut => ("timeout", Err(RequestError::TimedOut)),
+                _ => ("error", Err(RequestError::Nats(e.to_string()))),
+            },
+        };
+        let took = result.is_ok().then(|| started.elapsed().as_secs_f64());
+        self.metrics.request(outcome, took);
+        result
     }
 
     /// Leaves the fleet: waits up to `timeout` for the registry writer to finish (call
