@@ -373,3 +373,37 @@ async fn the_holding_nodes_errors_come_back_unchanged() {
         "it was delivered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_devices_on_two_nodes_all_get_their_batch_item() {
+    const N: usize = 200;
+    let (_nats, gw, kv) = fleet("fleet-many", &["node-a", "node-b"]).await;
+    let mut devices = Vec::with_capacity(N);
+    for i in 0..N {
+        devices.push(device(&gw[i % 2], &format!("many-{i}")).await);
+    }
+    for i in 0..N {
+        let node = ["node-a", "node-b"][i % 2];
+        wait_registry(&kv, &format!("many-{i}"), Some(node)).await;
+    }
+    let messages: Vec<Value> = (0..N)
+        .map(|i| json!({"client_id": format!("many-{i}"), "topic": "t", "payload": format!("{i}"), "qos": 1}))
+        .collect();
+    let (code, v) = post_json(
+        gw[0].http,
+        "/v1/push/batch",
+        &json!({ "messages": messages }),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), N);
+    assert!(results.iter().all(|r| r["status"] == "sent"), "{v}");
+    for (i, dev) in devices.iter_mut().enumerate() {
+        let p = dev
+            .next_publish(DEADLINE)
+            .await
+            .expect("each device gets its item");
+        assert_eq!(p.payload, format!("{i}").as_bytes());
+    }
+}

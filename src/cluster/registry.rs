@@ -2,8 +2,9 @@
 //! (`cluster.registry_bucket`), and each node's lease in `<bucket>_nodes`.
 //!
 //! - **Writes.** [`Registry::follow`] drains the `connected` / `disconnected` events this
-//!   node's shards produce (a bounded queue, never waited on by a shard) in order: a
-//!   `connected` puts `<client key> = <node>`. A `disconnected` asks the device's home
+//!   node's shards produce (a bounded queue, never waited on by a shard), each client's
+//!   in order (different clients' at the same time): a `connected` puts
+//!   `<client key> = <node>`. A `disconnected` asks the device's home
 //!   shard (through its mailbox, `try_send`) whether the session lives on (a persistent
 //!   session, offline): then the entry stays, so pushes from other nodes still reach it
 //!   and answer `queued` as this node would; otherwise, and at `session_expired`, the
@@ -183,11 +184,25 @@ impl Registry {
     ) {
         let (mut batch, mut log) = (Vec::new(), OutageLog::default());
         while changes.next(&mut batch).await {
-            for event in batch.drain(..) {
-                match self.apply(&event, &shards).await {
+            // Each client's changes in order; different clients' at the same time.
+            let per_client = by_client(batch.drain(..));
+            let (this, shards) = (&*self, &shards);
+            let applied = per_client.iter().map(|events| async move {
+                let mut out = Vec::with_capacity(events.len());
+                for event in events {
+                    out.push((event.client_id.clone(), this.apply(event, shards).await));
+                }
+                out
+            });
+            for (client_id, result) in futures_util::future::join_all(applied)
+                .await
+                .into_iter()
+                .flatten()
+            {
+                match result {
                     Ok(before) => {
                         if let Some(node) = before {
-                            taken(node, event.client_id.clone());
+                            taken(node, client_id);
                         }
                         log.succeeded(changes.name);
                         changes.queue.metrics.sent.inc();
@@ -293,6 +308,20 @@ impl Registry {
     }
 }
 
+/// `events` grouped by client id, each client's in their order.
+fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
+    let mut index: std::collections::HashMap<Arc<str>, usize> = Default::default();
+    let mut groups: Vec<Vec<Arc<Event>>> = Vec::new();
+    for e in events {
+        let i = *index.entry(e.client_id.clone()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[i].push(e);
+    }
+    groups
+}
+
 /// Whether `client_id` still has a session on its home shard here (asked through the
 /// shard's mailbox). A full mailbox counts as yes: the entry then stays, and a push
 /// through it is answered by this node, truthfully. A stopped shard (the node is
@@ -312,7 +341,22 @@ async fn session_lives_on(shards: &Mailboxes, client_id: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::key;
+
+    #[test]
+    fn changes_keep_their_order_per_client() {
+        use crate::events::{Event, EventKind};
+        let ev = |id: &str, n: u64| Arc::new(Event::now(n, id.into(), EventKind::SessionExpired));
+        let events = vec![ev("a", 1), ev("b", 2), ev("a", 3), ev("c", 4), ev("b", 5)];
+        let groups = super::by_client(events.into_iter());
+        let seqs: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|e| e.seq).collect())
+            .collect();
+        assert_eq!(seqs, [vec![1, 3], vec![2, 5], vec![4]]);
+    }
 
     #[test]
     fn any_client_id_is_one_reversible_key() {
