@@ -290,7 +290,7 @@ impl Server {
                     business.handle(),
                     changes,
                     mailboxes.clone(),
-                    api.fleet_handler(),
+                    api.fleet_handlers(),
                 )
                 .map_err(StartError::Fleet)?;
         }

@@ -128,6 +128,19 @@ async fn a_push_to_any_node_reaches_a_device_on_another_with_its_exact_outcome()
     assert_eq!(b.metric(answered).await, 2.0, "node B forwarded both");
     assert_eq!(a.metric("gateway_fleet_requests_served_total").await, 2.0);
 
+    // Any node says where the device is and what it looks like there.
+    for via in [a, b] {
+        let (code, body) = common::http_get(via.http, "/v1/clients/dev-1").await;
+        let info: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            (info["node"].as_str(), info["online"].as_bool()),
+            (Some("node-a"), Some(true)),
+            "{body}"
+        );
+    }
+    assert_eq!(common::http_get(b.http, "/v1/clients/nobody").await.0, 404);
+
     // A client id nobody holds.
     let (code, v) = push(
         b,

@@ -206,6 +206,13 @@ pub(super) async fn answer_or_error<T, F: std::future::Future<Output = Response>
 }
 
 pub(super) async fn client_info(s: ApiState, client_id: String) -> Response {
+    if s.inner.fleet.is_some() {
+        return match s.inner.fleet_client_info(&s, &client_id).await {
+            Ok(Some(info)) => (StatusCode::OK, axum::Json(info)).into_response(),
+            Ok(None) => not_found(&client_id).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     let id = client_id.clone();
     match ask_home(&s, &client_id, |reply| ShardMsg::ClientInfo {
         client_id: id,

@@ -26,9 +26,10 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Handler, Located, RequestError};
-use crate::mailbox::home_shard;
+use crate::cluster::{Handler, Located, RequestError, Service};
+use crate::mailbox::{home_shard, ShardMsg};
 
+use super::clients::ask_home;
 use super::error::ApiError;
 use super::push::push_grouped;
 use super::spec::{PushAnswer, PushSpec};
@@ -176,7 +177,7 @@ impl Inner {
             items: items.iter().map(|(s, _)| wire_item(s)).collect(),
         };
         let payload = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
-        let answer = fleet.request(node, payload, timeout).await;
+        let answer = fleet.request(node, Service::Push, payload, timeout).await;
         let reply = match answer {
             Ok(bytes) => serde_json::from_slice::<WireReply>(&bytes)
                 .map_err(|e| remote_error(&format!("unreadable answer from node {node}: {e}"))),
@@ -279,14 +280,103 @@ impl Inner {
     }
 }
 
-impl ApiState {
-    /// What this node answers to other nodes' push requests (`crate::cluster`).
-    pub(crate) fn fleet_handler(&self) -> Handler {
-        let inner = self.inner.clone();
-        Arc::new(move |bytes| {
-            let inner = inner.clone();
-            Box::pin(async move { inner.serve_remote(bytes).await })
+/// A device's state as another node answers it: `info` (`null`: no session there), or
+/// `error`.
+#[derive(Serialize, Deserialize, Default)]
+struct WireClient {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<WireError>,
+}
+
+impl Inner {
+    /// `GET /v1/clients/{id}` in a fleet: the state from the node holding the device, or
+    /// from this node, with `node` saying which.
+    pub(super) async fn fleet_client_info(
+        &self,
+        state: &ApiState,
+        client_id: &str,
+    ) -> Result<Option<serde_json::Value>, ApiError> {
+        let (Some(fleet), Some(remote)) = (&self.fleet, self.remote_home(client_id).await?) else {
+            return self.local_client_info(state, client_id).await;
+        };
+        let payload = Bytes::copy_from_slice(client_id.as_bytes());
+        let timeout = self.config.cluster.request_timeout();
+        let node = &remote.node;
+        match fleet.request(node, Service::Client, payload, timeout).await {
+            Ok(bytes) => {
+                let answer: WireClient = serde_json::from_slice(&bytes).map_err(|e| {
+                    remote_error(&format!("unreadable answer from node {node}: {e}"))
+                })?;
+                match answer.error {
+                    Some(e) => Err(wire_error(e)),
+                    None => Ok(answer.info),
+                }
+            }
+            Err(RequestError::NoResponders) => match fleet.registry.alive(node).await {
+                Ok(false) => {
+                    fleet.registry.forget(client_id, remote.revision).await;
+                    Ok(None)
+                }
+                Ok(true) => Err(node_unreachable(node)),
+                Err(e) => Err(fleet_unavailable(e)),
+            },
+            Err(RequestError::TimedOut) => Err(ApiError::answer_timeout(timeout)),
+            Err(RequestError::Nats(e)) => Err(fleet_unavailable(e)),
+        }
+    }
+
+    /// This node's own answer for `client_id`, with `node` set to this node.
+    async fn local_client_info(
+        &self,
+        state: &ApiState,
+        client_id: &str,
+    ) -> Result<Option<serde_json::Value>, ApiError> {
+        let id = client_id.to_string();
+        let info = ask_home(state, client_id, |reply| ShardMsg::ClientInfo {
+            client_id: id,
+            reply,
         })
+        .await?;
+        Ok(info.map(|i| {
+            let mut v = serde_json::to_value(i).unwrap_or_default();
+            if let Some(fleet) = &self.fleet {
+                v["node"] = serde_json::Value::from(&*fleet.node);
+            }
+            v
+        }))
+    }
+}
+
+/// Answers another node's question about a device held here.
+async fn serve_client_info(state: ApiState, bytes: Bytes) -> Bytes {
+    let client_id = String::from_utf8_lossy(&bytes);
+    let answer = match state.inner.local_client_info(&state, &client_id).await {
+        Ok(info) => WireClient { info, error: None },
+        Err(e) => WireClient {
+            info: None,
+            error: Some(to_wire_error(&e)),
+        },
+    };
+    Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
+}
+
+impl ApiState {
+    /// What this node answers to other nodes' requests (`crate::cluster`): pushes, and
+    /// a device's state.
+    pub(crate) fn fleet_handlers(&self) -> [(Service, Handler); 2] {
+        let push_inner = self.inner.clone();
+        let push: Handler = Arc::new(move |bytes| {
+            let inner = push_inner.clone();
+            Box::pin(async move { inner.serve_remote(bytes).await })
+        });
+        let state = self.clone();
+        let client: Handler = Arc::new(move |bytes| {
+            let state = state.clone();
+            Box::pin(serve_client_info(state, bytes))
+        });
+        [(Service::Push, push), (Service::Client, client)]
     }
 }
 
@@ -396,21 +486,30 @@ fn to_wire(r: Result<PushAnswer, ApiError>) -> WireResult {
         },
         Ok(PushAnswer::Topic { .. }) => WireResult::default(),
         Err(e) => WireResult {
-            error: Some(WireError {
-                http: e.status.as_u16(),
-                code: e.code.into(),
-                message: e.message().into(),
-            }),
+            error: Some(to_wire_error(&e)),
             ..Default::default()
         },
     }
 }
 
+fn to_wire_error(e: &ApiError) -> WireError {
+    WireError {
+        http: e.status.as_u16(),
+        code: e.code.into(),
+        message: e.message().into(),
+    }
+}
+
+/// An error another node answered, with its status and (known) code.
+fn wire_error(e: WireError) -> ApiError {
+    let status = StatusCode::from_u16(e.http).unwrap_or(StatusCode::BAD_GATEWAY);
+    let code = known(&CODES, &e.code).unwrap_or("remote_error");
+    ApiError::new(status, code, e.message)
+}
+
 fn from_wire(id: String, r: WireResult) -> Result<PushAnswer, ApiError> {
     if let Some(e) = r.error {
-        let status = StatusCode::from_u16(e.http).unwrap_or(StatusCode::BAD_GATEWAY);
-        let code = known(&CODES, &e.code).unwrap_or("remote_error");
-        return Err(ApiError::new(status, code, e.message));
+        return Err(wire_error(e));
     }
     let status = r.status.as_deref().and_then(|s| known(&STATUSES, s));
     let reason = r.reason.as_deref().and_then(|s| known(&REASONS, s));

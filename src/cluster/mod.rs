@@ -10,9 +10,9 @@
 //! - the registry of which node holds which client id ([`registry`]): a JetStream
 //!   key-value bucket written as devices come and go here, and this node's lease in a
 //!   second bucket whose entries age out, renewed by a heartbeat task;
-//! - the node-addressed request subject on which other nodes hand this node pushes for
-//!   its devices ([`Fleet::serve`]), and the requests this node sends them
-//!   ([`Fleet::request`]). What a push means is the HTTP API's business (`crate::api`):
+//! - the node-addressed request subjects on which other nodes hand this node pushes for
+//!   its devices and ask for a device's state ([`Service`]), and the requests this node
+//!   sends them ([`Fleet::request`]). What a push means is the HTTP API's business (`crate::api`):
 //!   this module moves bytes and tells "no responders" from a timeout;
 //! - takeover across nodes: when a device connects here while the registry named another
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
@@ -44,6 +44,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a node does with a request another node sent it: the reply's bytes.
 pub type Handler = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> + Send + Sync>;
+
+/// What a node answers other nodes for its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Pushes to its devices (`POST /v1/push`, `/v1/push/batch`).
+    Push,
+    /// A device's state (`GET /v1/clients/{id}`).
+    Client,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Push => "push",
+            Service::Client => "client",
+        }
+    }
+}
 
 /// Why a request to another node got no answer.
 #[derive(Debug)]
@@ -119,30 +137,38 @@ impl Fleet {
         }))
     }
 
-    /// The subject on which `node` takes pushes for its devices.
-    fn push_subject(&self, node: &str) -> String {
-        format!("{}.node.{node}.push", self.prefix)
+    /// The subject on which `node` answers `service` for its devices.
+    fn subject(&self, node: &str, service: Service) -> String {
+        format!("{}.node.{node}.{}", self.prefix, service.name())
     }
 
     /// Starts the background work on `runtime`: the lease heartbeat, the registry writer
     /// draining `changes` (asking the `shards` whether a disconnected device's session
-    /// lives on), and the answers to other nodes' pushes through `handler`
-    /// (subscribed before this returns, so the node is reachable once it listens).
+    /// lives on), and the answers to other nodes' requests, each service through its
+    /// handler (subscribed before this returns, so the node is reachable once it listens).
     pub fn start(
         self: &Arc<Self>,
         runtime: &tokio::runtime::Handle,
         changes: Batcher,
         shards: Mailboxes,
-        handler: Handler,
+        handlers: [(Service, Handler); 2],
     ) -> Result<(), String> {
-        let pushes = self.subscribe(runtime, self.push_subject(&self.node))?;
+        let mut served = Vec::with_capacity(handlers.len());
+        for (service, handler) in handlers {
+            served.push((
+                self.subscribe(runtime, self.subject(&self.node, service))?,
+                handler,
+            ));
+        }
         let takeovers = self.subscribe(runtime, self.takeover_subject(&self.node))?;
         let fleet = self.clone();
         let taken = move |node: String, client_id: Arc<str>| {
             tokio::spawn(fleet.clone().take_over(node, client_id));
         };
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.push(runtime.spawn(self.clone().serve(pushes, handler)));
+        for (subscriber, handler) in served {
+            tasks.push(runtime.spawn(self.clone().serve(subscriber, handler)));
+        }
         tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
         tasks.push(runtime.spawn(self.clone().heartbeat()));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
@@ -248,10 +274,12 @@ impl Fleet {
         }
     }
 
-    /// Sends `payload` to `node`'s push subject and waits at most `timeout` for its answer.
+    /// Sends `payload` to `node`'s `service` subject and waits at most `timeout` for its
+    /// answer.
     pub async fn request(
         &self,
         node: &str,
+        service: Service,
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
@@ -259,7 +287,7 @@ impl Fleet {
         let started = std::time::Instant::now();
         let answer = self
             .client
-            .send_request(self.push_subject(node), request)
+            .send_request(self.subject(node, service), request)
             .await;
         let (outcome, result) = match answer {
             Ok(m) => ("answered", Ok(m.payload)),

@@ -91,7 +91,10 @@ impl Events {
         if let Some(capacity) = registry {
             // Its own capacity; a full ring drops the oldest change.
             let q = QueueSpec::new(capacity, DropPolicy::DropOldest, true);
-            events.registry = Some(events.batcher("registry", config, q, &mut queues));
+            let mut b = events.batcher("registry", config, q, &mut queues);
+            // A device is reachable from other nodes once written: no lingering.
+            b.linger = Duration::ZERO;
+            events.registry = Some(b);
         }
         if !config.webhook_url.is_empty() {
             let webhook = webhook::Webhook {
