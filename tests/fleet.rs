@@ -420,3 +420,24 @@ async fn hundreds_of_devices_on_two_nodes_all_get_their_batch_item() {
         assert_eq!(p.payload, format!("{i}").as_bytes());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_push_to_another_node_is_sent_once() {
+    let (_nats, gw, kv) = fleet("fleet-keyed", &["node-a", "node-b"]).await;
+    let mut dev = device_on(&gw[0], "dev-key", &kv, "node-a").await;
+    let body = json!({"client_id": "dev-key", "topic": "t", "payload": "once", "qos": 1, "idempotency_key": "k1"});
+    let (code, first) = push(&gw[1], body.clone()).await;
+    assert_eq!((code, status(&first)), (200, "sent"), "{first}");
+    let (code, again) = push(&gw[1], body).await;
+    assert_eq!(
+        (code, &again),
+        (200, &first),
+        "the repeat gets the first outcome"
+    );
+    let p = dev.next_publish(DEADLINE).await.expect("delivered");
+    assert_eq!(&p.payload[..], b"once");
+    assert!(
+        dev.next_publish(Duration::from_millis(300)).await.is_none(),
+        "delivered once"
+    );
+}
