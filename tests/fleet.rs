@@ -441,3 +441,42 @@ async fn a_keyed_push_to_another_node_is_sent_once() {
         "delivered once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_node_serves_its_own_devices_and_rejoins_after() {
+    let (mut nats, gw, kv) = fleet("fleet-outage", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let mut dev = device_on(a, "dev-o", &kv, "node-a").await;
+    nats.kill();
+
+    // Its own device is still served; a device it cannot place is a clear 503.
+    let body = json!({"client_id": "dev-o", "topic": "t", "payload": "local", "qos": 1});
+    push_arrives(a, &mut dev, body, "sent").await;
+    let (code, v) = push(
+        a,
+        json!({"client_id": "elsewhere", "topic": "t", "payload": "x"}),
+    )
+    .await;
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (503, Some("fleet_unavailable")),
+        "{v}"
+    );
+    // A device that connects meanwhile cannot be registered yet.
+    let mut late = device(a, "dev-late").await;
+    // Its registry write failed (not merely waiting for NATS).
+    let failed = "gateway_events_dropped_total{sink=\"registry\",reason=\"rejected\"}";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while a.metric(failed).await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "the write never failed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    nats.respawn();
+    let kv = registry(&nats).await;
+    // Once NATS is back, node A writes its devices again: node B reaches both.
+    wait_registry(&kv, "dev-late", Some("node-a")).await;
+    wait_registry(&kv, "dev-o", Some("node-a")).await;
+    let body = json!({"client_id": "dev-late", "topic": "t", "payload": "back", "qos": 1});
+    push_arrives(b, &mut late, body, "sent").await;
+}

@@ -250,7 +250,8 @@ impl Fleet {
         }
     }
 
-    /// Renews this node's lease every third of `lease_secs` until stopped.
+    /// Renews this node's lease every third of `lease_secs` until stopped; after NATS
+    /// failed (a renewal or a registry write), writes this node's devices again.
     async fn heartbeat(self: Arc<Self>) {
         let every = self.lease / 3;
         let mut failing = false;
@@ -260,8 +261,9 @@ impl Fleet {
                 _ = self.stop.cancelled() => return,
             }
             match self.registry.renew_lease().await {
-                Ok(()) if failing => {
-                    tracing::info!(node = %self.node, "cluster: lease renewed again");
+                Ok(()) if failing || self.registry.take_dirty() => {
+                    let n = self.registry.resync().await;
+                    tracing::info!(node = %self.node, devices = n, "cluster: NATS answers again; lease renewed and this node's devices written to the registry again");
                     failing = false;
                 }
                 Ok(()) => {}

@@ -11,6 +11,8 @@
 //!   entry is deleted, only if it still names this node, with the revision read
 //!   (compare-and-set), so a device that moved on to another node keeps that node's
 //!   entry.
+//! - **After an outage.** A failed write marks the registry dirty; once the heartbeat
+//!   reaches NATS again, every device online here is written again ([`Registry::resync`]).
 //! - **Takeover.** A `connected` whose entry named another node before is reported
 //!   (`taken`), and `crate::cluster` asks that node to close its connection.
 //! - **Leases.** `<bucket>_nodes` keeps entries `lease_secs` at most (the bucket's max
@@ -26,6 +28,7 @@
 //! written `=XX` (hex), so any client id is one valid key and the escape is reversible.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
@@ -43,6 +46,8 @@ pub struct Registry {
     node: Arc<str>,
     /// Client ids connected to this node, as its shards reported them.
     here: Mutex<HashSet<Arc<str>>>,
+    /// A registry write failed since the last [`Registry::resync`].
+    dirty: AtomicBool,
 }
 
 /// Where a client id is held.
@@ -112,6 +117,7 @@ impl Registry {
             nodes,
             node,
             here: Mutex::new(HashSet::new()),
+            dirty: AtomicBool::new(false),
         })
     }
 
@@ -128,6 +134,35 @@ impl Registry {
         if let Err(e) = self.nodes.delete(&*self.node).await {
             tracing::warn!(node = %self.node, error = %e, "cluster: cannot give up the lease");
         }
+    }
+
+    /// Whether a registry write failed since the last resync (and clears it).
+    pub(super) fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    /// Writes every device online here into the registry again (after NATS was away,
+    /// when writes may have been lost or the entries expired with the bucket's stream);
+    /// how many. 100 at a time.
+    pub(super) async fn resync(&self) -> usize {
+        let ids: Vec<Arc<str>> = {
+            let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
+            here.iter().cloned().collect()
+        };
+        for chunk in ids.chunks(100) {
+            let puts = chunk.iter().map(|id| {
+                let value = Bytes::copy_from_slice(self.node.as_bytes());
+                self.clients.put(key(id), value)
+            });
+            if futures_util::future::join_all(puts)
+                .await
+                .iter()
+                .any(Result::is_err)
+            {
+                self.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+        ids.len()
     }
 
     /// Whether `node` holds a lease now.
@@ -210,6 +245,7 @@ impl Registry {
                     Err(e) => {
                         log.failed(changes.name, &e);
                         changes.dropped("rejected", 1);
+                        self.dirty.store(true, Ordering::Relaxed);
                     }
                 }
             }
