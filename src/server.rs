@@ -302,7 +302,7 @@ impl Server {
             push,
             events: (config.events.enabled() || config.cluster.enabled)
                 .then(|| events.metrics.clone()),
-            fleet: fleet.as_ref().map(|f| f.metrics.clone()),
+            fleet: fleet.clone(),
             started: Instant::now(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

@@ -447,6 +447,7 @@ async fn without_nats_a_node_serves_its_own_devices_and_rejoins_after() {
     let (mut nats, gw, kv) = fleet("fleet-outage", &["node-a", "node-b"]).await;
     let (a, b) = (&gw[0], &gw[1]);
     let mut dev = device_on(a, "dev-o", &kv, "node-a").await;
+    assert_eq!(a.metric("gateway_fleet_nats_connected").await, 1.0);
     nats.kill();
 
     // Its own device is still served; a device it cannot place is a clear 503.
@@ -462,6 +463,7 @@ async fn without_nats_a_node_serves_its_own_devices_and_rejoins_after() {
         (503, Some("fleet_unavailable")),
         "{v}"
     );
+    assert_eq!(a.metric("gateway_fleet_nats_connected").await, 0.0);
     // A device that connects meanwhile cannot be registered yet.
     let mut late = device(a, "dev-late").await;
     // Its registry write failed (not merely waiting for NATS).

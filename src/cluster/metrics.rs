@@ -1,11 +1,12 @@
 //! The fleet's metrics (`FleetMetrics`): pushes this node forwarded to other nodes by
 //! outcome and their round-trip time, the pushes it answered for other nodes, and the
-//! takeovers it asked of other nodes. Counted on the business pool; rendered with
+//! takeovers it asked of other nodes, and whether its NATS connection is up. Counted on the business pool; rendered with
 //! `/metrics` when `[cluster] enabled`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -24,6 +25,8 @@ pub struct FleetMetrics {
     duration: Histogram,
     pub served: Counter,
     pub takeovers: Counter,
+    /// 1 while the NATS connection is up (set at each scrape).
+    pub nats_connected: Gauge,
 }
 
 impl Default for FleetMetrics {
@@ -37,6 +40,7 @@ impl Default for FleetMetrics {
             duration: Histogram::new(PUSH_BUCKETS),
             served: Counter::default(),
             takeovers: Counter::default(),
+            nats_connected: Gauge::default(),
         }
     }
 }
@@ -73,6 +77,11 @@ impl FleetMetrics {
             counter_family("gateway_fleet_takeovers_total"),
             "Devices that connected here while another node held them (that node was asked to close its connection)",
             self.takeovers.clone(),
+        );
+        registry.register(
+            "gateway_fleet_nats_connected",
+            "1 while this node's connection to the fleet's NATS is up, 0 while it reconnects",
+            self.nats_connected.clone(),
         );
         encode_into(&registry, out);
     }

@@ -175,6 +175,13 @@ impl Fleet {
         Ok(())
     }
 
+    /// Appends the fleet's metrics, with the NATS connection's state now.
+    pub fn render_metrics(&self, out: &mut String) {
+        let up = self.client.connection_state() == async_nats::connection::State::Connected;
+        self.metrics.nats_connected.set(i64::from(up));
+        self.metrics.render(out);
+    }
+
     fn subscribe(
         &self,
         runtime: &tokio::runtime::Handle,
