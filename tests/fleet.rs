@@ -479,6 +479,7 @@ async fn without_nats_a_node_serves_its_own_devices_and_rejoins_after() {
     // Once NATS is back, node A writes its devices again: node B reaches both.
     wait_registry(&kv, "dev-late", Some("node-a")).await;
     wait_registry(&kv, "dev-o", Some("node-a")).await;
+    assert_eq!(a.metric("gateway_fleet_nats_connected").await, 1.0);
     let body = json!({"client_id": "dev-late", "topic": "t", "payload": "back", "qos": 1});
     push_arrives(b, &mut late, body, "sent").await;
 }
