@@ -483,3 +483,24 @@ async fn without_nats_a_node_serves_its_own_devices_and_rejoins_after() {
     let body = json!({"client_id": "dev-late", "topic": "t", "payload": "back", "qos": 1});
     push_arrives(b, &mut late, body, "sent").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_disconnects_a_device_on_another() {
+    use common::{connect5, Raw};
+    let (_nats, gw, kv) = fleet("fleet-kick", &["node-a", "node-b"]).await;
+    let (mut dev, _) = Raw::connected_v5(gw[0].mqtt, &connect5("dev-d", 60, true, None)).await;
+    wait_registry(&kv, "dev-d", Some("node-a")).await;
+    let delete = |id: &str| {
+        reqwest::Client::new()
+            .delete(format!("http://{}/v1/clients/{id}", gw[1].http))
+            .send()
+    };
+    let r = delete("dev-d").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["disconnected"], true, "{v}");
+    // Node A closed it: MQTT 5 DISCONNECT 0x98, administrative action.
+    assert_eq!(dev.expect_disconnect_v5(DEADLINE).await, 0x98);
+    wait_registry(&kv, "dev-d", None).await;
+    assert_eq!(delete("nobody").await.unwrap().status(), 404);
+}

@@ -298,13 +298,45 @@ impl Inner {
         state: &ApiState,
         client_id: &str,
     ) -> Result<Option<serde_json::Value>, ApiError> {
-        let (Some(fleet), Some(remote)) = (&self.fleet, self.remote_home(client_id).await?) else {
-            return self.local_client_info(state, client_id).await;
-        };
         let payload = Bytes::copy_from_slice(client_id.as_bytes());
+        let local = self.local_client_info(state, client_id);
+        self.ask_holder(client_id, Service::Client, payload, local)
+            .await
+    }
+
+    /// `DELETE /v1/clients/{id}` in a fleet: done by the node holding the device (or
+    /// here); `None` when nobody has a session, else whether a connection was closed.
+    pub(super) async fn fleet_kick(
+        &self,
+        state: &ApiState,
+        client_id: &str,
+        clear_session: bool,
+    ) -> Result<Option<bool>, ApiError> {
+        let request = WireKick {
+            client_id: client_id.to_string(),
+            clear_session,
+        };
+        let payload = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+        let local = local_kick(state, request);
+        let answer = self.ask_holder(client_id, Service::Kick, payload, local);
+        Ok(answer.await?.map(|v| v["disconnected"] == true))
+    }
+
+    /// `service` for `client_id` from the node the registry names, or `local` when that
+    /// is this node (or none): the answer's JSON, `None` for no session.
+    async fn ask_holder(
+        &self,
+        client_id: &str,
+        service: Service,
+        payload: Bytes,
+        local: impl std::future::Future<Output = Result<Option<serde_json::Value>, ApiError>>,
+    ) -> Result<Option<serde_json::Value>, ApiError> {
+        let (Some(fleet), Some(remote)) = (&self.fleet, self.remote_home(client_id).await?) else {
+            return local.await;
+        };
         let timeout = self.config.cluster.request_timeout();
         let node = &remote.node;
-        match fleet.request(node, Service::Client, payload, timeout).await {
+        match fleet.request(node, service, payload, timeout).await {
             Ok(bytes) => {
                 let answer: WireClient = serde_json::from_slice(&bytes).map_err(|e| {
                     remote_error(&format!("unreadable answer from node {node}: {e}"))
@@ -349,10 +381,31 @@ impl Inner {
     }
 }
 
-/// Answers another node's question about a device held here.
-async fn serve_client_info(state: ApiState, bytes: Bytes) -> Bytes {
-    let client_id = String::from_utf8_lossy(&bytes);
-    let answer = match state.inner.local_client_info(&state, &client_id).await {
+/// A `DELETE /v1/clients` for a device another node holds.
+#[derive(Serialize, Deserialize)]
+struct WireKick {
+    client_id: String,
+    clear_session: bool,
+}
+
+/// The kick done here: `{"disconnected": …}`, `None` for no session.
+async fn local_kick(
+    state: &ApiState,
+    request: WireKick,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let client_id = request.client_id.clone();
+    let kicked = ask_home(state, &client_id, |reply| ShardMsg::Kick {
+        client_id: request.client_id,
+        clear_session: request.clear_session,
+        reply,
+    })
+    .await?;
+    Ok(kicked.map(|was_online| serde_json::json!({ "disconnected": was_online })))
+}
+
+/// Another node's answer as the bytes of a [`WireClient`].
+fn client_reply(r: Result<Option<serde_json::Value>, ApiError>) -> Bytes {
+    let answer = match r {
         Ok(info) => WireClient { info, error: None },
         Err(e) => WireClient {
             info: None,
@@ -362,21 +415,39 @@ async fn serve_client_info(state: ApiState, bytes: Bytes) -> Bytes {
     Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
 }
 
+/// Answers another node's question about a device held here.
+async fn serve_client_info(state: ApiState, bytes: Bytes) -> Bytes {
+    let client_id = String::from_utf8_lossy(&bytes);
+    client_reply(state.inner.local_client_info(&state, &client_id).await)
+}
+
+/// Disconnects a device held here for another node.
+async fn serve_kick(state: ApiState, bytes: Bytes) -> Bytes {
+    match serde_json::from_slice::<WireKick>(&bytes) {
+        Ok(request) => client_reply(local_kick(&state, request).await),
+        Err(e) => client_reply(Err(remote_error(&format!("unreadable kick request: {e}")))),
+    }
+}
+
 impl ApiState {
     /// What this node answers to other nodes' requests (`crate::cluster`): pushes, and
     /// a device's state.
-    pub(crate) fn fleet_handlers(&self) -> [(Service, Handler); 2] {
+    pub(crate) fn fleet_handlers(&self) -> [(Service, Handler); 3] {
         let push_inner = self.inner.clone();
         let push: Handler = Arc::new(move |bytes| {
             let inner = push_inner.clone();
             Box::pin(async move { inner.serve_remote(bytes).await })
         });
         let state = self.clone();
-        let client: Handler = Arc::new(move |bytes| {
-            let state = state.clone();
-            Box::pin(serve_client_info(state, bytes))
-        });
-        [(Service::Push, push), (Service::Client, client)]
+        let client: Handler =
+            Arc::new(move |bytes| Box::pin(serve_client_info(state.clone(), bytes)));
+        let state = self.clone();
+        let kick: Handler = Arc::new(move |bytes| Box::pin(serve_kick(state.clone(), bytes)));
+        [
+            (Service::Push, push),
+            (Service::Client, client),
+            (Service::Kick, kick),
+        ]
     }
 }
 

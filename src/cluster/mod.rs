@@ -52,6 +52,8 @@ pub enum Service {
     Push,
     /// A device's state (`GET /v1/clients/{id}`).
     Client,
+    /// Disconnecting a device (`DELETE /v1/clients/{id}`).
+    Kick,
 }
 
 impl Service {
@@ -59,6 +61,7 @@ impl Service {
         match self {
             Service::Push => "push",
             Service::Client => "client",
+            Service::Kick => "kick",
         }
     }
 }
@@ -151,7 +154,7 @@ impl Fleet {
         runtime: &tokio::runtime::Handle,
         changes: Batcher,
         shards: Mailboxes,
-        handlers: [(Service, Handler); 2],
+        handlers: [(Service, Handler); 3],
     ) -> Result<(), String> {
         let mut served = Vec::with_capacity(handlers.len());
         for (service, handler) in handlers {
