@@ -35,6 +35,8 @@ pub(crate) struct AdminState {
     pub store: Option<Arc<crate::store::StoreMetrics>>,
     /// The event sinks' metrics (`None` when `[events]` names no sink).
     pub events: Option<Arc<crate::events::EventsMetrics>>,
+    /// The fleet, for its metrics (`None` unless `[cluster] enabled`).
+    pub fleet: Option<Arc<crate::cluster::Fleet>>,
     pub started: Instant,
 }
 
@@ -268,6 +270,9 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     }
     if let Some(ev) = &s.events {
         ev.render(&mut out);
+    }
+    if let Some(f) = &s.fleet {
+        f.render_metrics(&mut out);
     }
     let dropped = s.log_dropped.as_ref().map_or(0, |c| c.dropped_lines());
     metrics::render_process(&mut out, dropped as u64, s.started);

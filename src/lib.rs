@@ -25,6 +25,7 @@ pub(crate) mod acl;
 pub(crate) mod api;
 pub mod auth;
 pub(crate) mod buffer;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod doctor;

@@ -210,6 +210,11 @@ pub enum ShardMsg {
     SharedBounce(Box<SharedBounce>),
     /// The business runtime's answer to an authentication the shard handed it.
     AuthDone(Box<AuthDone>),
+    /// From the fleet (`crate::cluster`): another node accepted `client_id`; its live
+    /// connection here, if any, is closed as taken over (MQTT 5 0x8E).
+    TakenOver {
+        client_id: String,
+    },
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].
@@ -307,6 +312,11 @@ impl Mailboxes {
 
     pub fn is_empty(&self) -> bool {
         self.senders.is_empty()
+    }
+
+    /// Whether `shard` has stopped (its mailbox is closed).
+    pub fn is_closed(&self, shard: usize) -> bool {
+        self.senders[shard].is_closed()
     }
 
     /// Non-blocking send; gives the message back when the mailbox is full or closed.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::ApiState;
 use crate::auth::Authenticator;
+use crate::cluster::Fleet;
 use crate::config::Config;
 use crate::events::{EventSender, Events};
 use crate::http::{self, AdminState};
@@ -43,6 +44,7 @@ pub struct Server {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     store: Option<Store>,
     events: Events,
+    fleet: Option<Arc<Fleet>>,
 }
 
 /// Why the gateway could not start; each kind has its exit code ([`StartError::exit_code`]).
@@ -55,6 +57,8 @@ pub enum StartError {
     Store(store::OpenError),
     /// A listener cannot be bound (the address is in use, or not ours).
     Bind(BindError),
+    /// `[cluster] enabled` and NATS or its buckets cannot be reached.
+    Fleet(String),
     Io(io::Error),
 }
 
@@ -80,6 +84,7 @@ impl fmt::Display for StartError {
             StartError::Config(m) => write!(f, "{m}"),
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Bind(e) => write!(f, "{e}"),
+            StartError::Fleet(m) => write!(f, "{m}"),
             StartError::Io(e) => write!(f, "{e}"),
         }
     }
@@ -203,12 +208,24 @@ impl Server {
             .enable_all()
             .build()?;
 
-        // The event sinks run on the business pool; shards get their sender.
-        let events = Events::start(
-            &config.events,
-            &crate::events::host_name(),
-            business.handle(),
-        )?;
+        // The fleet's NATS before any device: the registry must hear every connect.
+        let fleet = match config.cluster.enabled {
+            true => Some(
+                Fleet::connect(&config.cluster, business.handle()).map_err(StartError::Fleet)?,
+            ),
+            false => None,
+        };
+        // The event sinks run on the business pool; shards get their sender (which also
+        // feeds the fleet's registry).
+        let node = match &fleet {
+            Some(f) => f.node.to_string(),
+            None => crate::events::host_name(),
+        };
+        let registry_queue = fleet
+            .as_ref()
+            .map(|_| config.cluster.registry_queue_capacity as usize);
+        let mut events =
+            Events::start_with_registry(&config.events, &node, business.handle(), registry_queue)?;
 
         let (mailboxes, receivers) = Mailboxes::new(n, config.shards.mailbox_capacity as usize);
         let metrics: Vec<Arc<ShardMetrics>> =
@@ -265,14 +282,27 @@ impl Server {
             mailboxes.clone(),
             metrics.clone(),
             push.clone(),
+            fleet.clone(),
         );
+        if let (Some(fleet), Some(changes)) = (&fleet, events.registry.take()) {
+            fleet
+                .start(
+                    business.handle(),
+                    changes,
+                    mailboxes.clone(),
+                    api.fleet_handlers(),
+                )
+                .map_err(StartError::Fleet)?;
+        }
         let state = AdminState {
             store: store.as_ref().map(|s| s.metrics.clone()),
             shards: metrics,
             ready: ready.clone(),
             log_dropped: log.map(|g| g.dropped_counter()),
             push,
-            events: config.events.enabled().then(|| events.metrics.clone()),
+            events: (config.events.enabled() || config.cluster.enabled)
+                .then(|| events.metrics.clone()),
+            fleet: fleet.clone(),
             started: Instant::now(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -307,6 +337,7 @@ impl Server {
             http_stop: Some(stop_tx),
             store,
             events,
+            fleet,
         })
     }
 
@@ -366,6 +397,10 @@ impl Server {
         // The shards' last events (disconnected: shutdown) get one delivery attempt.
         self.events
             .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1));
+        // The registry writer has the shards' last `disconnected`; then the lease goes.
+        if let Some(fleet) = self.fleet.take() {
+            fleet.close(self.business.handle(), Duration::from_secs(2));
+        }
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }

@@ -8,94 +8,11 @@ mod events_support;
 
 use std::time::Duration;
 
+use common::nats::{free_port, NatsServer};
 use events_support::{connected, numbered, start, wait_until, DEADLINE};
 use gateway::events::{Event, EventKind, SeqGen};
 use gateway::metrics::DisconnectReason;
 use serde_json::Value;
-
-/// A `nats-server` with JetStream on a free port, killed (by its PID) on drop.
-struct NatsServer {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl NatsServer {
-    fn start(tag: &str) -> NatsServer {
-        NatsServer::start_on(tag, free_port())
-    }
-
-    fn start_on(tag: &str, port: u16) -> NatsServer {
-        let dir = std::env::temp_dir().join(format!("events-nats-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = spawn_nats(port, &dir);
-        NatsServer { child, port, dir }
-    }
-
-    /// Kills the server (SIGKILL, by its PID); its store directory stays.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts the killed server again on the same port and store directory.
-    fn respawn(&mut self) {
-        self.child = spawn_nats(self.port, &self.dir);
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// A client, once the server accepts connections.
-    async fn client(&self) -> async_nats::Client {
-        let end = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match async_nats::connect(self.url()).await {
-                Ok(c) => return c,
-                Err(e) => assert!(tokio::time::Instant::now() < end, "nats-server: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn spawn_nats(port: u16, dir: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(nats_server_binary())
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nats-server runs (apt install nats-server)")
-}
-
-/// A loopback port nothing listens on (until someone binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nats_server_binary() -> String {
-    for path in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
-        if std::path::Path::new(path).exists() {
-            return path.into();
-        }
-    }
-    "nats-server".into()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_events_arrive_on_their_subjects() {

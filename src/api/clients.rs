@@ -217,6 +217,13 @@ pub(super) async fn answer_or_error<T, F: std::future::Future<Output = Response>
 }
 
 pub(super) async fn client_info(s: ApiState, client_id: String) -> Response {
+    if s.inner.fleet.is_some() {
+        return match s.inner.fleet_client_info(&s, &client_id).await {
+            Ok(Some(info)) => (StatusCode::OK, axum::Json(info)).into_response(),
+            Ok(None) => not_found(&client_id).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     let id = client_id.clone();
     match ask_home(&s, &client_id, |reply| ShardMsg::ClientInfo {
         client_id: id,
@@ -234,13 +241,18 @@ pub(super) async fn client_info(s: ApiState, client_id: String) -> Response {
 /// `disconnected` says whether a connection was closed.
 pub(super) async fn kick(s: ApiState, client_id: String, clear_session: bool) -> Response {
     let id = client_id.clone();
-    match ask_home(&s, &client_id, |reply| ShardMsg::Kick {
-        client_id: id,
-        clear_session,
-        reply,
-    })
-    .await
-    {
+    let kicked = match &s.inner.fleet {
+        Some(_) => s.inner.fleet_kick(&s, &client_id, clear_session).await,
+        None => {
+            let ask = |reply| ShardMsg::Kick {
+                client_id: id,
+                clear_session,
+                reply,
+            };
+            ask_home(&s, &client_id, ask).await
+        }
+    };
+    match kicked {
         Ok(Some(was_online)) => (
             StatusCode::OK,
             axum::Json(json!({"client_id": client_id, "disconnected": was_online, "session_cleared": clear_session})),

@@ -57,6 +57,10 @@ impl ApiError {
         )
     }
 
+    pub(super) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(super) fn body(&self) -> Value {
         let mut e = json!({"code": self.code, "message": self.message});
         if let Some(f) = &self.field {

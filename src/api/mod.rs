@@ -12,9 +12,10 @@
 //! timeout), and runs keyed pushes through [`crate::idempotency`].
 //!
 //! The parts: `access` (who may call), `body` (size limits, permits, JSON checks),
-//! `spec` (the validated push and its answers), `push` (the push handlers), `clients`
-//! (the clients routes and stats), `listing` (the paged lists of clients and retained
-//! messages, deleting a retained message) and `error` (the error answers); this file holds the
+//! `spec` (the validated push and its answers), `push` (the push handlers), `fleet`
+//! (client pushes to devices on other nodes of a fleet), `clients` (the clients routes
+//! and stats), `listing` (the paged lists of clients and retained messages, deleting a
+//! retained message) and `error` (the error answers); this file holds the
 //! shared state, the router and the OpenAPI document.
 
 use std::sync::atomic::AtomicU64;
@@ -26,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::cluster::Fleet;
 use crate::config::Config;
 use crate::idempotency::Keys;
 use crate::mailbox::Mailboxes;
@@ -35,6 +37,7 @@ mod access;
 mod body;
 mod clients;
 mod error;
+mod fleet;
 mod listing;
 mod push;
 mod spec;
@@ -66,6 +69,9 @@ struct Inner {
     mailboxes: Mailboxes,
     shards: Vec<Arc<ShardMetrics>>,
     push_metrics: Arc<PushMetrics>,
+    /// This node's place in the fleet (`[cluster] enabled`): pushes to devices on other
+    /// nodes go there (`fleet`).
+    fleet: Option<Arc<Fleet>>,
     idempotency: Mutex<Keys<Progress>>,
     /// Permits for reading bodies over [`LARGE_BODY`] (`http.max_large_bodies`).
     large_bodies: tokio::sync::Semaphore,
@@ -79,6 +85,7 @@ impl ApiState {
         mailboxes: Mailboxes,
         shards: Vec<Arc<ShardMetrics>>,
         push_metrics: Arc<PushMetrics>,
+        fleet: Option<Arc<Fleet>>,
     ) -> Self {
         let id_prefix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -91,6 +98,7 @@ impl ApiState {
                 mailboxes,
                 shards,
                 push_metrics,
+                fleet,
                 idempotency: Mutex::new(Keys::default()),
                 ids: AtomicU64::new(0),
                 id_prefix,

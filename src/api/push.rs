@@ -20,6 +20,7 @@ use crate::push_json::{BatchBody, MaybeObject};
 
 use super::body::{batch_body_limit, json_body, malformed_json, message_body_limit, not_an_object};
 use super::error::ApiError;
+use super::fleet::{push_remote_groups, split_remote};
 use super::spec::{parse_push, BatchAnswer, BatchResult, PushAnswer, PushSpec};
 use super::{ApiState, Inner};
 
@@ -27,12 +28,12 @@ use super::{ApiState, Inner};
 // Pushing.
 
 impl Inner {
-    fn next_id(&self) -> String {
+    pub(super) fn next_id(&self) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         format!("{:x}-{n:x}", self.id_prefix)
     }
 
-    fn message(&self, spec: &PushSpec, received: Instant) -> Arc<Message> {
+    pub(super) fn message(&self, spec: &PushSpec, received: Instant) -> Arc<Message> {
         let mut m = Message::new(
             Arc::from(spec.topic.as_str()),
             spec.payload.clone(),
@@ -116,7 +117,7 @@ impl Inner {
         }
     }
 
-    fn record(&self, result: &Result<PushAnswer, ApiError>, received: Instant) {
+    pub(super) fn record(&self, result: &Result<PushAnswer, ApiError>, received: Instant) {
         match result {
             Ok(a) => {
                 let status = a.status();
@@ -225,6 +226,13 @@ impl Inner {
                     .await?;
             return Ok(PushAnswer::Topic { id, matched });
         };
+        if let Some(remote) = self.remote_home(client_id).await? {
+            if spec.wait_ack {
+                // The other node waits for the PUBACK; its answer is the final one.
+                progress.send_replace(Progress::AwaitingAck("forwarded to another node"));
+            }
+            return self.push_remote_one(id, spec, remote, received).await;
+        }
         let rx = self.send_client(client_id, msg, spec.wait_ack)?;
         let outcome = rx.await.map_err(|_| shutting_down())?;
         match settle(id, outcome.into_iter().next().ok_or_else(shutting_down)?) {
@@ -254,6 +262,13 @@ impl Inner {
                 Ok(PushAnswer::Topic { id, matched })
             }
             Some(client_id) => {
+                if let Some(remote) = self.remote_home(client_id).await? {
+                    let r = self
+                        .push_remote_one(id.clone(), spec, remote, received)
+                        .await;
+                    tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push to another node");
+                    return r;
+                }
                 let rx = self.send_client(client_id, msg, spec.wait_ack)?;
                 let outcome = self
                     .answer(rx, received)
@@ -495,8 +510,10 @@ pub(super) async fn push_batch(
     // in one mailbox message per shard, everything else one by one.
     let n = messages.len();
     let mut results: Vec<Option<Result<PushAnswer, ApiError>>> = (0..n).map(|_| None).collect();
-    let (per_shard, singles) = sort_batch(inner, messages, &mut results);
-    push_grouped(inner, per_shard, received, &mut results).await;
+    let (mut per_shard, singles) = sort_batch(inner, messages, &mut results);
+    let remote = split_remote(inner, &mut per_shard, &mut results).await;
+    push_remote_groups(inner, remote, received, &mut results).await;
+    push_grouped(inner, per_shard, received, &mut results, true).await;
     for (i, spec) in singles {
         results[i] = Some(inner.push_once(spec, received).await);
     }
@@ -546,12 +563,13 @@ fn sort_batch(
 }
 
 /// Sends each shard its group of client pushes in one mailbox message and waits for the
-/// answers, writing each item's result.
-async fn push_grouped(
+/// answers, writing each item's result (counted in the push metrics with `record`).
+pub(super) async fn push_grouped(
     inner: &Inner,
     per_shard: Vec<Indexed>,
     received: Instant,
     results: &mut [Option<Result<PushAnswer, ApiError>>],
+    record: bool,
 ) {
     let mut waits = Vec::new();
     for (shard, group) in per_shard.into_iter().enumerate() {
@@ -575,7 +593,9 @@ async fn push_grouped(
         {
             for (i, _) in group {
                 let r = Err(ApiError::overloaded());
-                inner.record(&r, received);
+                if record {
+                    inner.record(&r, received);
+                }
                 results[i] = Some(r);
             }
             continue;
@@ -587,14 +607,18 @@ async fn push_grouped(
             Ok(outcomes) => {
                 for (((i, spec), id), outcome) in group.into_iter().zip(ids).zip(outcomes) {
                     let r = inner.finish(id, &spec, outcome).await;
-                    inner.record(&r, received);
+                    if record {
+                        inner.record(&r, received);
+                    }
                     results[i] = Some(r);
                 }
             }
             Err(e) => {
                 for (i, _) in group {
                     let r = Err(e.clone());
-                    inner.record(&r, received);
+                    if record {
+                        inner.record(&r, received);
+                    }
                     results[i] = Some(r);
                 }
             }

@@ -16,6 +16,7 @@
 //! IO shard's path.
 
 mod buffers;
+mod cluster;
 mod http;
 mod limits;
 mod load;
@@ -35,6 +36,7 @@ use serde::{Deserialize, Deserializer};
 use toml::{Table, Value};
 
 pub use buffers::{BuffersConfig, SlowConsumer, MAX_SCRATCH_BYTES};
+pub use cluster::ClusterConfig;
 pub use http::HttpConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
@@ -72,6 +74,7 @@ pub struct Config {
     pub acl: crate::acl::AclConfig,
     pub store: StoreConfig,
     pub events: crate::events::EventsConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// A section of the configuration that checks its own keys, naming the key of each
@@ -247,6 +250,7 @@ impl Config {
             &self.acl,
             &self.store,
             &self.events,
+            &self.cluster,
         ];
         for section in sections {
             section.validate()?;

@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn invalid_key(toml: &str) -> String {
+pub(super) fn invalid_key(toml: &str) -> String {
     match Config::from_toml_str(toml) {
         Err(ConfigError::Invalid { key, .. }) => key,
         other => panic!("expected an Invalid error for {toml:?}, got {other:?}"),

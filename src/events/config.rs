@@ -78,7 +78,7 @@ fn range(key: &str, v: u32, min: u32, max: u32) -> Result<(), Invalid> {
 }
 
 /// Whether `s` is a NATS subject token or dot-separated tokens without wildcards.
-fn valid_subject(s: &str) -> bool {
+pub(crate) fn valid_subject(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|t| {
             !t.is_empty() && !t.contains(['*', '>']) && !t.chars().any(char::is_whitespace)

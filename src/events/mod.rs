@@ -48,6 +48,9 @@ pub struct Events {
     pub metrics: Arc<EventsMetrics>,
     /// Each sink's metrics by name (`webhook`, `nats`), for tests and logs.
     pub sinks: Vec<(&'static str, SinkMetrics)>,
+    /// The fleet registry's queue of `connected` / `disconnected` / `session_expired`, when
+    /// [`Events::start_with_registry`] asked for one: taken by `crate::cluster`.
+    pub registry: Option<Batcher>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -60,6 +63,19 @@ impl Events {
         node: &str,
         runtime: &tokio::runtime::Handle,
     ) -> io::Result<Events> {
+        Events::start_with_registry(config, node, runtime, None)
+    }
+
+    /// Like [`Events::start`], plus, with `registry` (a queue capacity), a queue of
+    /// `connected`, `disconnected` and `session_expired` for the fleet's registry
+    /// (`Events::registry`), which
+    /// turns lifecycle events on even with no sink configured.
+    pub fn start_with_registry(
+        config: &EventsConfig,
+        node: &str,
+        runtime: &tokio::runtime::Handle,
+        registry: Option<usize>,
+    ) -> io::Result<Events> {
         let node: Arc<str> = node.into();
         let metrics = Arc::new(EventsMetrics::default());
         let stop = CancellationToken::new();
@@ -67,10 +83,19 @@ impl Events {
             sender: EventSender::disabled(),
             metrics: metrics.clone(),
             sinks: Vec::new(),
+            registry: None,
             stop: stop.clone(),
             tasks: Vec::new(),
         };
         let mut queues = Vec::new();
+        if let Some(capacity) = registry {
+            // Its own capacity; a full ring drops the oldest change.
+            let q = QueueSpec::new(capacity, DropPolicy::DropOldest, true);
+            let mut b = events.batcher("registry", config, q, &mut queues);
+            // A device is reachable from other nodes once written: no lingering.
+            b.linger = Duration::ZERO;
+            events.registry = Some(b);
+        }
         if !config.webhook_url.is_empty() {
             let webhook = webhook::Webhook {
                 client: crate::https_client::HttpsClient::new(config.webhook_ca_file.as_deref())?,
@@ -79,7 +104,7 @@ impl Events {
                 timeout: Duration::from_millis(u64::from(config.webhook_timeout_ms)),
                 node: node.clone(),
             };
-            let b = events.batcher("webhook", config, &mut queues);
+            let b = events.batcher("webhook", config, QueueSpec::sink(config), &mut queues);
             events.tasks.push(runtime.spawn(webhook.run(b)));
         }
         if !config.nats_url.is_empty() {
@@ -93,7 +118,7 @@ impl Events {
                 stream: config.jetstream.then(|| config.jetstream_stream.clone()),
                 node: node.clone(),
             };
-            let b = events.batcher("nats", config, &mut queues);
+            let b = events.batcher("nats", config, QueueSpec::sink(config), &mut queues);
             events.tasks.push(runtime.spawn(sink.run(b)));
         }
         events.sender = EventSender::new(
@@ -109,17 +134,18 @@ impl Events {
         &mut self,
         name: &'static str,
         config: &EventsConfig,
+        spec: QueueSpec,
         queues: &mut Vec<SinkQueue>,
     ) -> Batcher {
-        let capacity = config.queue_capacity as usize;
-        let ring = Arc::new(crossbeam_queue::ArrayQueue::new(capacity.max(1)));
+        let ring = Arc::new(crossbeam_queue::ArrayQueue::new(spec.capacity.max(1)));
         let sink_metrics = self.metrics.sink(name, ring.clone());
         self.sinks.push((name, sink_metrics.clone()));
         let queue = SinkQueue {
             ring,
             notify: Default::default(),
-            policy: config.drop_policy,
+            policy: spec.policy,
             metrics: sink_metrics,
+            presence_only: spec.presence_only,
         };
         queues.push(queue.clone());
         Batcher {
@@ -151,6 +177,28 @@ impl Events {
                 task.abort();
             }
         }
+    }
+}
+
+/// A sink queue's size, drop policy and what it takes.
+struct QueueSpec {
+    capacity: usize,
+    policy: DropPolicy,
+    presence_only: bool,
+}
+
+impl QueueSpec {
+    fn new(capacity: usize, policy: DropPolicy, presence_only: bool) -> QueueSpec {
+        QueueSpec {
+            capacity,
+            policy,
+            presence_only,
+        }
+    }
+
+    /// A backend sink's queue, as `[events]` configures it.
+    fn sink(config: &EventsConfig) -> QueueSpec {
+        QueueSpec::new(config.queue_capacity as usize, config.drop_policy, false)
     }
 }
 

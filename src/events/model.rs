@@ -66,6 +66,15 @@ pub struct Connected {
 }
 
 impl EventKind {
+    /// `connected`, `disconnected` or `session_expired`: what the fleet's registry
+    /// follows.
+    pub fn is_presence(&self) -> bool {
+        matches!(
+            self,
+            EventKind::Connected(_) | EventKind::Disconnected { .. } | EventKind::SessionExpired
+        )
+    }
+
     /// The `kind` field and the NATS subject token.
     pub fn name(&self) -> &'static str {
         match self {

@@ -31,16 +31,23 @@ pub struct NatsSink {
 /// `-` and `_` become `%XX` (so `.`, `*`, `>` and spaces cannot split or widen a subject,
 /// and the escape is reversible).
 pub fn escape_token(s: &str) -> String {
+    let mut out = escape(s, '%');
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+/// `s` with every byte other than an ASCII letter, digit, `-` or `_` written as `marker`
+/// and two hex digits (the marker itself included, so the escape is reversible).
+pub fn escape(s: &str, marker: char) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push_str(&format!("{marker}{b:02X}"));
         }
-    }
-    if out.is_empty() {
-        out.push_str("%00");
     }
     out
 }

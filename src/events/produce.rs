@@ -116,6 +116,7 @@ mod tests {
             notify: Default::default(),
             policy: DropPolicy::DropNewest,
             metrics: metrics.sink("webhook", ring.clone()),
+            presence_only: false,
         };
         let tx = EventSender::new(vec![queue], UplinkFilter::new(&["a/+".into()]), false);
         let mut seq = SeqGen::default();

@@ -28,11 +28,17 @@ pub struct SinkQueue {
     pub notify: Arc<Notify>,
     pub policy: DropPolicy,
     pub metrics: SinkMetrics,
+    /// Takes only `connected`, `disconnected` and `session_expired` (the fleet's
+    /// registry): uplinks and subscriptions never crowd them out of the ring.
+    pub presence_only: bool,
 }
 
 impl SinkQueue {
     /// Queues `event` or drops one event by the policy; never waits.
     pub fn push(&self, event: Arc<Event>) {
+        if self.presence_only && !event.kind.is_presence() {
+            return;
+        }
         let dropped = match self.policy {
             DropPolicy::DropOldest => self.ring.force_push(event).is_some(),
             DropPolicy::DropNewest => self.ring.push(event).is_err(),

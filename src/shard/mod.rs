@@ -33,6 +33,7 @@ mod conn;
 mod delivery;
 mod durable;
 mod events;
+mod fleet;
 mod framer;
 mod gate;
 mod held;
@@ -609,6 +610,7 @@ impl Shard {
             ShardMsg::DeliverShared(d) => self.on_deliver_shared(*d),
             ShardMsg::SharedBounce(b) => self.on_shared_bounce(*b),
             ShardMsg::AuthDone(d) => self.on_auth_done(*d),
+            ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
         }
     }
 

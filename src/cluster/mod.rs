@@ -1,0 +1,343 @@
+//! The fleet: several gateways sharing one NATS deployment, so that a push to any node
+//! reaches a device connected to any node (`[cluster]`, off by default).
+//!
+//! What this owns, all on the business pool (never on an IO shard: shards only push
+//! `connected` / `disconnected` into the registry's bounded lock-free queue, see
+//! `crate::events`):
+//!
+//! - the NATS connection of this node ([`Fleet::connect`]; the gateway does not start
+//!   when no NATS server answers);
+//! - the registry of which node holds which client id ([`registry`]): a JetStream
+//!   key-value bucket written as devices come and go here, and this node's lease in a
+//!   second bucket whose entries age out, renewed by a heartbeat task;
+//! - the node-addressed request subjects on which other nodes hand this node pushes for
+//!   its devices and ask for a device's state ([`Service`]), and the requests this node
+//!   sends them ([`Fleet::request`]). What a push means is the HTTP API's business (`crate::api`):
+//!   this module moves bytes and tells "no responders" from a timeout;
+//! - takeover across nodes: when a device connects here while the registry named another
+//!   node, that node is asked (on its `takeover` subject) to close its connection, which
+//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
+
+pub mod metrics;
+pub mod registry;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{Client, Request, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::events::sink::Batcher;
+use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+
+pub use metrics::FleetMetrics;
+pub use registry::{Located, Registry};
+
+/// How long the start waits for NATS and the buckets.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a node does with a request another node sent it: the reply's bytes.
+pub type Handler = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> + Send + Sync>;
+
+/// What a node answers other nodes for its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Pushes to its devices (`POST /v1/push`, `/v1/push/batch`).
+    Push,
+    /// A device's state (`GET /v1/clients/{id}`).
+    Client,
+    /// Disconnecting a device (`DELETE /v1/clients/{id}`).
+    Kick,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Push => "push",
+            Service::Client => "client",
+            Service::Kick => "kick",
+        }
+    }
+}
+
+/// Why a request to another node got no answer.
+#[derive(Debug)]
+pub enum RequestError {
+    /// NATS says nobody listens on that node's subject: the node is gone.
+    NoResponders,
+    /// The node did not answer within the timeout.
+    TimedOut,
+    /// NATS itself failed (disconnected, or another error).
+    Nats(String),
+}
+
+/// This node's membership of the fleet.
+pub struct Fleet {
+    /// This node's id (`cluster.node_id` or the host name).
+    pub node: Arc<str>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<FleetMetrics>,
+    client: Client,
+    prefix: String,
+    lease: Duration,
+    request_timeout: Duration,
+    stop: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Fleet {
+    /// Connects to NATS, opens (or creates) the registry buckets and takes this node's
+    /// lease, on `runtime`; an error names what failed.
+    pub fn connect(
+        config: &ClusterConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<Fleet>, String> {
+        let connecting =
+            async { tokio::time::timeout(CONNECT_TIMEOUT, Fleet::connect_async(config)).await };
+        runtime.block_on(connecting).unwrap_or_else(|_| {
+            Err(format!(
+                "cluster: no answer from NATS ({}) within {} s",
+                config.nats_url,
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })
+    }
+
+    async fn connect_async(config: &ClusterConfig) -> Result<Arc<Fleet>, String> {
+        let node: Arc<str> = config.node().into();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("gateway-fleet-{node}"))
+            .connection_timeout(Duration::from_secs(2));
+        if !config.nats_token.is_empty() {
+            options = options.token(config.nats_token.clone());
+        }
+        let client = options
+            .connect(config.urls())
+            .await
+            .map_err(|e| format!("cluster: cannot connect to NATS ({}): {e}", config.nats_url))?;
+        let registry = Registry::open(&client, config, node.clone()).await?;
+        registry
+            .renew_lease()
+            .await
+            .map_err(|e| format!("cluster: cannot take this node's lease: {e}"))?;
+        tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
+        Ok(Arc::new(Fleet {
+            node,
+            registry: Arc::new(registry),
+            metrics: Arc::default(),
+            client,
+            prefix: config.subject_prefix.clone(),
+            lease: config.lease(),
+            request_timeout: config.request_timeout(),
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The subject on which `node` answers `service` for its devices.
+    fn subject(&self, node: &str, service: Service) -> String {
+        format!("{}.node.{node}.{}", self.prefix, service.name())
+    }
+
+    /// Starts the background work on `runtime`: the lease heartbeat, the registry writer
+    /// draining `changes` (asking the `shards` whether a disconnected device's session
+    /// lives on), and the answers to other nodes' requests, each service through its
+    /// handler (subscribed before this returns, so the node is reachable once it listens).
+    pub fn start(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        changes: Batcher,
+        shards: Mailboxes,
+        handlers: [(Service, Handler); 3],
+    ) -> Result<(), String> {
+        let mut served = Vec::with_capacity(handlers.len());
+        for (service, handler) in handlers {
+            served.push((
+                self.subscribe(runtime, self.subject(&self.node, service))?,
+                handler,
+            ));
+        }
+        let takeovers = self.subscribe(runtime, self.takeover_subject(&self.node))?;
+        let fleet = self.clone();
+        let taken = move |node: String, client_id: Arc<str>| {
+            tokio::spawn(fleet.clone().take_over(node, client_id));
+        };
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for (subscriber, handler) in served {
+            tasks.push(runtime.spawn(self.clone().serve(subscriber, handler)));
+        }
+        tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
+        tasks.push(runtime.spawn(self.clone().heartbeat()));
+        tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
+        Ok(())
+    }
+
+    /// Appends the fleet's metrics, with the NATS connection's state now.
+    pub fn render_metrics(&self, out: &mut String) {
+        let up = self.client.connection_state() == async_nats::connection::State::Connected;
+        self.metrics.nats_connected.set(i64::from(up));
+        self.metrics.render(out);
+    }
+
+    fn subscribe(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        subject: String,
+    ) -> Result<async_nats::Subscriber, String> {
+        runtime
+            .block_on(self.client.subscribe(subject.clone()))
+            .map_err(|e| format!("cluster: cannot subscribe {subject}: {e}"))
+    }
+
+    /// The subject on which `node` hears that another node accepted one of its devices.
+    fn takeover_subject(&self, node: &str) -> String {
+        format!("{}.node.{node}.takeover", self.prefix)
+    }
+
+    /// Tells `node`, which held `client_id` before it connected here, to close its
+    /// connection. A node that is gone has nothing to close.
+    async fn take_over(self: Arc<Self>, node: String, client_id: Arc<str>) {
+        self.metrics.takeovers.inc();
+        let request = Request::new()
+            .payload(Bytes::copy_from_slice(client_id.as_bytes()))
+            .timeout(Some(self.request_timeout));
+        let subject = self.takeover_subject(&node);
+        match self.client.send_request(subject, request).await {
+            Ok(_) => {
+                tracing::debug!(%client_id, node, "cluster: took the client id over from another node")
+            }
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+            Err(e) => {
+                tracing::warn!(%client_id, node, error = %e, "cluster: the node that held this client id did not confirm the takeover")
+            }
+        }
+    }
+
+    /// Closes the local connection of each client id another node took over, unless the
+    /// registry names this node again (the device came back here since).
+    async fn serve_takeovers(self: Arc<Self>, mut sub: async_nats::Subscriber, shards: Mailboxes) {
+        while let Some(msg) = tokio::select! {
+            m = sub.next() => m,
+            _ = self.stop.cancelled() => None,
+        } {
+            let client_id = String::from_utf8_lossy(&msg.payload).into_owned();
+            if !self.registry.names_this_node(&client_id).await {
+                // Pushes here go to the other node from now on, not after the close.
+                self.registry.left(&client_id);
+                let home = home_shard(&client_id, shards.len());
+                // A full mailbox: the device stays online here too, as before the fleet.
+                let _ = shards.try_send(home, ShardMsg::TakenOver { client_id });
+            }
+            if let Some(reply) = msg.reply {
+                let _ = self.client.publish(reply, Bytes::new()).await;
+            }
+        }
+    }
+
+    /// Answers each request on this node's subject with `handler`, each in its own task.
+    async fn serve(self: Arc<Self>, mut sub: async_nats::Subscriber, handler: Handler) {
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => m,
+                _ = self.stop.cancelled() => None,
+            };
+            let Some(msg) = msg else { break };
+            let Some(reply) = msg.reply else { continue };
+            let (client, handler) = (self.client.clone(), handler.clone());
+            self.metrics.served.inc();
+            tokio::spawn(async move {
+                let answer = handler(msg.payload).await;
+                if let Err(e) = client.publish(reply, answer).await {
+                    tracing::warn!(error = %e, "cluster: cannot answer a push from another node");
+                }
+            });
+        }
+    }
+
+    /// Renews this node's lease every third of `lease_secs` until stopped; after NATS
+    /// failed (a renewal or a registry write), writes this node's devices again.
+    async fn heartbeat(self: Arc<Self>) {
+        let every = self.lease / 3;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            match self.registry.renew_lease().await {
+                Ok(()) if failing || self.registry.take_dirty() => {
+                    let n = self.registry.resync().await;
+                    tracing::info!(node = %self.node, devices = n, "cluster: NATS answers again; lease renewed and this node's devices written to the registry again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    tracing::warn!(node = %self.node, error = %e, "cluster: cannot renew this node's lease; other nodes will count its devices offline once it expires");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Sends `payload` to `node`'s `service` subject and waits at most `timeout` for its
+    /// answer.
+    pub async fn request(
+        &self,
+        node: &str,
+        service: Service,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RequestError> {
+        let request = Request::new().payload(payload).timeout(Some(timeout));
+        let started = std::time::Instant::now();
+        let answer = self
+            .client
+            .send_request(self.subject(node, service), request)
+            .await;
+        let (outcome, result) = match answer {
+            Ok(m) => ("answered", Ok(m.payload)),
+            Err(e) => match e.kind() {
+                RequestErrorKind::NoResponders => {
+                    ("no_responders", Err(RequestError::NoResponders))
+                }
+                RequestErrorKind::TimedOut => ("timeout", Err(RequestError::TimedOut)),
+                _ => ("error", Err(RequestError::Nats(e.to_string()))),
+            },
+        };
+        let took = result.is_ok().then(|| started.elapsed().as_secs_f64());
+        self.metrics.request(outcome, took);
+        result
+    }
+
+    /// Leaves the fleet: waits up to `timeout` for the registry writer to finish (call
+    /// after the events' `close`, which stops it once the shards' last `disconnected`
+    /// are written), then gives up this node's lease and stops the other tasks.
+    pub fn close(&self, runtime: &tokio::runtime::Handle, timeout: Duration) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let deadline = tokio::time::Instant::now() + timeout;
+        runtime.block_on(async {
+            // The registry writer is the last task; it ends when the events stop.
+            if let Some(writer) = tasks.last() {
+                while !writer.is_finished() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            self.stop.cancel();
+            let leaving = self.registry.drop_lease();
+            if tokio::time::timeout_at(deadline, leaving).await.is_err() {
+                tracing::warn!(node = %self.node, "cluster: could not give up the lease; it expires by itself");
+            }
+            let _ = tokio::time::timeout_at(deadline, self.client.flush()).await;
+        });
+        for t in tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The registry of who is where: client id → node, in a JetStream key-value bucket
+//! (`cluster.registry_bucket`), and each node's lease in `<bucket>_nodes`.
+//!
+//! - **Writes.** [`Registry::follow`] drains the `connected` / `disconnected` events this
+//!   node's shards produce (a bounded queue, never waited on by a shard), each client's
+//!   in order (different clients' at the same time): a `connected` puts
+//!   `<client key> = <node>`. A `disconnected` asks the device's home
+//!   shard (through its mailbox, `try_send`) whether the session lives on (a persistent
+//!   session, offline): then the entry stays, so pushes from other nodes still reach it
+//!   and answer `queued` as this node would; otherwise, and at `session_expired`, the
+//!   entry is deleted, only if it still names this node, with the revision read
+//!   (compare-and-set), so a device that moved on to another node keeps that node's
+//!   entry.
+//! - **After an outage.** A failed write marks the registry dirty; once the heartbeat
+//!   reaches NATS again, every device online here is written again ([`Registry::resync`]).
+//! - **Takeover.** A `connected` whose entry named another node before is reported
+//!   (`taken`), and `crate::cluster` asks that node to close its connection.
+//! - **Leases.** `<bucket>_nodes` keeps entries `lease_secs` at most (the bucket's max
+//!   age); each node renews its own every third of that. A node that died stops renewing,
+//!   and the entries naming it count as gone once its lease expired
+//!   ([`Registry::alive`]); a push that finds such a stale entry deletes it (again by
+//!   revision).
+//! - **Reads.** [`Registry::locate`] answers where a client id is held: here when one of
+//!   this node's shards reported it connected (an in-memory set, no NATS round trip), else
+//!   what the bucket says.
+//!
+//! Keys are the client id with every byte other than an ASCII letter, digit, `-` or `_`
+//! written `=XX` (hex), so any client id is one valid key and the escape is reversible.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+
+use crate::config::ClusterConfig;
+use crate::events::sink::{Batcher, OutageLog};
+use crate::events::{Event, EventKind};
+use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+
+/// The registry buckets and what this node knows it holds.
+pub struct Registry {
+    clients: kv::Store,
+    nodes: kv::Store,
+    node: Arc<str>,
+    /// Client ids connected to this node, as its shards reported them.
+    here: Mutex<HashSet<Arc<str>>>,
+    /// A registry write failed since the last [`Registry::resync`].
+    dirty: AtomicBool,
+}
+
+/// Where a client id is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// On this node, or nowhere in the registry (this node then answers for itself).
+    Here,
+    /// On `node`, by the registry entry of `revision`.
+    Elsewhere { node: String, revision: u64 },
+}
+
+/// Opens bucket `name`, creating it (one value per key, entries kept at most `max_age`,
+/// zero = for ever) if it does not exist yet.
+///
+/// The bucket's stream is created directly, as a key-value bucket's stream is
+/// (`KV_<name>` on `$KV.<name>.>`): async-nats's `create_key_value` first reads the
+/// account's JetStream info, which it cannot parse from a nats-server before 2.10
+/// (Debian's is 2.9).
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    max_age: std::time::Duration,
+) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let config = async_nats::jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    let created = js.create_stream(config).await;
+    // Another node may have created it in between: open it either way.
+    js.get_key_value(name).await.map_err(|e| {
+        let why = created
+            .err()
+            .map_or_else(|| e.to_string(), |c| c.to_string());
+        format!("cluster: cannot open the key-value bucket {name}: {why}")
+    })
+}
+
+/// The registry key of `client_id`.
+pub fn key(client_id: &str) -> String {
+    crate::events::nats::escape(client_id, '=')
+}
+
+impl Registry {
+    /// Opens (or creates) the two buckets.
+    pub(super) async fn open(
+        client: &async_nats::Client,
+        config: &ClusterConfig,
+        node: Arc<str>,
+    ) -> Result<Registry, String> {
+        let js = async_nats::jetstream::new(client.clone());
+        let clients_name = config.registry_bucket.clone();
+        let nodes_name = format!("{}_nodes", config.registry_bucket);
+        let clients = open_bucket(&js, &clients_name, Default::default()).await?;
+        let nodes = open_bucket(&js, &nodes_name, config.lease()).await?;
+        Ok(Registry {
+            clients,
+            nodes,
+            node,
+            here: Mutex::new(HashSet::new()),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// Writes (or renews) this node's lease.
+    pub(super) async fn renew_lease(&self) -> Result<(), kv::PutError> {
+        self.nodes
+            .put(&*self.node, Bytes::from_static(b"alive"))
+            .await
+            .map(drop)
+    }
+
+    /// Gives this node's lease up (on a clean shutdown).
+    pub(super) async fn drop_lease(&self) {
+        if let Err(e) = self.nodes.delete(&*self.node).await {
+            tracing::warn!(node = %self.node, error = %e, "cluster: cannot give up the lease");
+        }
+    }
+
+    /// Whether a registry write failed since the last resync (and clears it).
+    pub(super) fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    /// Writes every device online here into the registry again (after NATS was away,
+    /// when writes may have been lost or the entries expired with the bucket's stream);
+    /// how many. 100 at a time.
+    pub(super) async fn resync(&self) -> usize {
+        let ids: Vec<Arc<str>> = {
+            let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
+            here.iter().cloned().collect()
+        };
+        for chunk in ids.chunks(100) {
+            let puts = chunk.iter().map(|id| {
+                let value = Bytes::copy_from_slice(self.node.as_bytes());
+                self.clients.put(key(id), value)
+            });
+            if futures_util::future::join_all(puts)
+                .await
+                .iter()
+                .any(Result::is_err)
+            {
+                self.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+        ids.len()
+    }
+
+    /// Whether `node` holds a lease now.
+    pub async fn alive(&self, node: &str) -> Result<bool, kv::EntryError> {
+        Ok(self.nodes.get(node).await?.is_some())
+    }
+
+    fn is_here(&self, client_id: &str) -> bool {
+        self.here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(client_id)
+    }
+
+    /// Where `client_id` is held.
+    pub async fn locate(&self, client_id: &str) -> Result<Located, kv::EntryError> {
+        if self.is_here(client_id) {
+            return Ok(Located::Here);
+        }
+        Ok(match self.clients.entry(key(client_id)).await? {
+            Some(e) if e.operation == kv::Operation::Put && *e.value != *self.node.as_bytes() => {
+                Located::Elsewhere {
+                    node: String::from_utf8_lossy(&e.value).into_owned(),
+                    revision: e.revision,
+                }
+            }
+            _ => Located::Here,
+        })
+    }
+
+    /// Deletes `client_id`'s entry if it is still the one of `revision` (a stale entry
+    /// of a node whose lease expired).
+    pub async fn forget(&self, client_id: &str, revision: u64) {
+        let deleted = self
+            .clients
+            .delete_expect_revision(key(client_id), Some(revision))
+            .await;
+        tracing::debug!(
+            client_id,
+            revision,
+            ok = deleted.is_ok(),
+            "cluster: stale registry entry removed"
+        );
+    }
+
+    /// Applies the shards' `connected` / `disconnected` / `session_expired` in order until
+    /// the events stop; `taken(node, client id)` for each device that another node held
+    /// when it connected here.
+    pub(super) async fn follow(
+        self: Arc<Self>,
+        changes: Batcher,
+        shards: Mailboxes,
+        taken: impl Fn(String, Arc<str>) + Send,
+    ) {
+        let (mut batch, mut log) = (Vec::new(), OutageLog::default());
+        while changes.next(&mut batch).await {
+            // Each client's changes in order; different clients' at the same time.
+            let per_client = by_client(batch.drain(..));
+            let (this, shards) = (&*self, &shards);
+            let applied = per_client.iter().map(|events| async move {
+                let mut out = Vec::with_capacity(events.len());
+                for event in events {
+                    out.push((event.client_id.clone(), this.apply(event, shards).await));
+                }
+                out
+            });
+            for (client_id, result) in futures_util::future::join_all(applied)
+                .await
+                .into_iter()
+                .flatten()
+            {
+                match result {
+                    Ok(before) => {
+                        if let Some(node) = before {
+                            taken(node, client_id);
+                        }
+                        log.succeeded(changes.name);
+                        changes.queue.metrics.sent.inc();
+                    }
+                    Err(e) => {
+                        log.failed(changes.name, &e);
+                        changes.dropped("rejected", 1);
+                        self.dirty.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one change: `Some(node)` when a device that connected here was held by
+    /// another node.
+    async fn apply(&self, event: &Event, shards: &Mailboxes) -> Result<Option<String>, String> {
+        let id = &event.client_id;
+        match &event.kind {
+            EventKind::Connected(_) => {
+                self.set_here(id, true);
+                self.claim(id).await
+            }
+            EventKind::Disconnected { .. } => {
+                self.set_here(id, false);
+                match session_lives_on(shards, id).await {
+                    true => Ok(None),
+                    false => self.release(id).await.map(|()| None),
+                }
+            }
+            EventKind::SessionExpired => self.release(id).await.map(|()| None),
+            _ => Ok(None),
+        }
+    }
+
+    /// Puts `client_id → this node`; the other node that held it before, if any.
+    async fn claim(&self, client_id: &str) -> Result<Option<String>, String> {
+        let before = self
+            .holder(client_id)
+            .await
+            .map_err(|e| format!("get {client_id}: {e}"))?;
+        let value = Bytes::copy_from_slice(self.node.as_bytes());
+        self.clients
+            .put(key(client_id), value)
+            .await
+            .map_err(|e| format!("put {client_id}: {e}"))?;
+        Ok(before.filter(|n| **n != *self.node))
+    }
+
+    /// The node the registry names for `client_id`, if any.
+    pub async fn holder(&self, client_id: &str) -> Result<Option<String>, kv::EntryError> {
+        let entry = self.clients.entry(key(client_id)).await?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    /// Whether the registry names this node for `client_id` (a read error counts as
+    /// yes: nothing is closed on a guess).
+    pub async fn names_this_node(&self, client_id: &str) -> bool {
+        match self.holder(client_id).await {
+            Ok(holder) => holder.as_deref() == Some(&*self.node),
+            Err(_) => true,
+        }
+    }
+
+    /// `client_id` is no longer online here (taken over by another node).
+    pub(super) fn left(&self, client_id: &str) {
+        self.here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(client_id);
+    }
+
+    fn set_here(&self, client_id: &Arc<str>, here: bool) {
+        let mut set = self.here.lock().unwrap_or_else(|p| p.into_inner());
+        if here {
+            set.insert(client_id.clone());
+        } else {
+            set.remove(client_id);
+        }
+    }
+
+    /// Deletes `client_id`'s entry if it names this node, by the revision read (also the
+    /// entry of a session that ended while the device was offline).
+    async fn release(&self, client_id: &str) -> Result<(), String> {
+        let k = key(client_id);
+        let entry = self
+            .clients
+            .entry(k.clone())
+            .await
+            .map_err(|e| format!("get {client_id}: {e}"))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put && *e.value == *self.node.as_bytes() => {
+                // Another node's put in between makes this fail, as it should.
+                let _ = self
+                    .clients
+                    .delete_expect_revision(k, Some(e.revision))
+                    .await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `events` grouped by client id, each client's in their order.
+fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
+    let mut index: std::collections::HashMap<Arc<str>, usize> = Default::default();
+    let mut groups: Vec<Vec<Arc<Event>>> = Vec::new();
+    for e in events {
+        let i = *index.entry(e.client_id.clone()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[i].push(e);
+    }
+    groups
+}
+
+/// Whether `client_id` still has a session on its home shard here (asked through the
+/// shard's mailbox). A full mailbox counts as yes: the entry then stays, and a push
+/// through it is answered by this node, truthfully. A stopped shard (the node is
+/// shutting down) has no session any more.
+async fn session_lives_on(shards: &Mailboxes, client_id: &str) -> bool {
+    let home = home_shard(client_id, shards.len());
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let ask = ShardMsg::ClientInfo {
+        client_id: client_id.to_string(),
+        reply,
+    };
+    if shards.try_send(home, ask).is_err() {
+        return !shards.is_closed(home);
+    }
+    matches!(answer.await, Ok(Some(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::key;
+
+    #[test]
+    fn changes_keep_their_order_per_client() {
+        use crate::events::{Event, EventKind};
+        let ev = |id: &str, n: u64| Arc::new(Event::now(n, id.into(), EventKind::SessionExpired));
+        let events = vec![ev("a", 1), ev("b", 2), ev("a", 3), ev("c", 4), ev("b", 5)];
+        let groups = super::by_client(events.into_iter());
+        let seqs: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|e| e.seq).collect())
+            .collect();
+        assert_eq!(seqs, [vec![1, 3], vec![2, 5], vec![4]]);
+    }
+
+    #[test]
+    fn any_client_id_is_one_reversible_key() {
+        assert_eq!(key("dev-1_a"), "dev-1_a");
+        assert_eq!(key("a.b/c d"), "a=2Eb=2Fc=20d");
+        assert_eq!(key("x=y"), "x=3Dy");
+        assert_eq!(key("é"), "=C3=A9");
+        // Distinct ids stay distinct, `=` itself included.
+        assert_ne!(key("=2E"), key("."));
+    }
+}

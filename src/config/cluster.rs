@@ -1,0 +1,212 @@
+//! `[cluster]`: joining a fleet of gateways on NATS (see `crate::cluster`): this node's
+//! name, the NATS servers, the subjects and the registry bucket, the node's lease and how
+//! long a push forwarded to another node may wait.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{in_range, invalid, ConfigError, Section};
+
+/// Longest `node_id`: it is one subject token and part of registry values.
+pub(crate) const MAX_NODE_ID_LEN: usize = 64;
+
+/// `[cluster]`: the fleet on NATS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// Empty = the host name ([`ClusterConfig::node`]).
+    pub node_id: String,
+    /// One or more NATS URLs, comma-separated.
+    pub nats_url: String,
+    /// The server's authorization token; empty = none.
+    pub nats_token: String,
+    pub subject_prefix: String,
+    pub registry_bucket: String,
+    pub lease_secs: u32,
+    pub request_timeout_ms: u32,
+    pub registry_queue_capacity: u32,
+}
+
+/// Whether `s` is a node id: letters, digits, `-` and `_`, 1 to [`MAX_NODE_ID_LEN`].
+fn valid_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl ClusterConfig {
+    /// This node's id: `node_id`, or the host name with other characters as `-`.
+    pub fn node(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host: String = crate::events::host_name()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(MAX_NODE_ID_LEN)
+            .collect();
+        if host.is_empty() {
+            "node".into()
+        } else {
+            host
+        }
+    }
+
+    /// The NATS URLs, trimmed.
+    pub fn urls(&self) -> Vec<String> {
+        self.nats_url
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(u64::from(self.lease_secs))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.request_timeout_ms))
+    }
+
+    fn validate_names(&self) -> Result<(), ConfigError> {
+        if !self.node_id.is_empty() && !valid_node_id(&self.node_id) {
+            return Err(invalid(
+                "cluster.node_id",
+                format!(
+                    "{:?} must be 1 to {MAX_NODE_ID_LEN} letters, digits, - or _",
+                    self.node_id
+                ),
+            ));
+        }
+        if !crate::events::config::valid_subject(&self.subject_prefix) {
+            return Err(invalid(
+                "cluster.subject_prefix",
+                format!(
+                    "{:?} must be dot-separated subject tokens without spaces or wildcards",
+                    self.subject_prefix
+                ),
+            ));
+        }
+        // `_nodes` is appended for the lease bucket.
+        if !valid_node_id(&self.registry_bucket) || self.registry_bucket.len() > 200 {
+            return Err(invalid(
+                "cluster.registry_bucket",
+                format!(
+                    "{:?} must be letters, digits, - or _ (a JetStream key-value bucket name)",
+                    self.registry_bucket
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_urls(&self) -> Result<(), ConfigError> {
+        let urls = self.urls();
+        if self.enabled && urls.is_empty() {
+            return Err(invalid(
+                "cluster.nats_url",
+                "names no NATS server; a fleet needs one".into(),
+            ));
+        }
+        for server in urls {
+            let addr = server.parse::<async_nats::ServerAddr>().map_err(|e| {
+                invalid(
+                    "cluster.nats_url",
+                    format!("{server:?} is not a NATS URL: {e}"),
+                )
+            })?;
+            if addr.host().is_empty() {
+                return Err(invalid(
+                    "cluster.nats_url",
+                    format!("{server:?} names no host"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Section for ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_names()?;
+        self.validate_urls()?;
+        in_range("cluster.lease_secs", self.lease_secs, 3, 300)?;
+        in_range(
+            "cluster.request_timeout_ms",
+            self.request_timeout_ms,
+            100,
+            60_000,
+        )?;
+        in_range(
+            "cluster.registry_queue_capacity",
+            self.registry_queue_capacity,
+            1,
+            10_000_000,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::invalid_key;
+    use crate::config::Config;
+
+    #[test]
+    fn the_defaults_are_off_and_valid() {
+        let c = Config::default().cluster;
+        assert!(!c.enabled);
+        assert_eq!(c.node_id, "");
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.subject_prefix, "gateway.fleet");
+        assert_eq!(c.registry_bucket, "gateway_registry");
+        assert_eq!(c.lease_secs, 10);
+        assert_eq!(c.request_timeout_ms, 2000);
+        assert_eq!(c.registry_queue_capacity, 100_000);
+        assert!(!c.node().is_empty());
+        assert!(super::valid_node_id(&c.node()));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases = [
+            ("node_id = \"a.b\"", "cluster.node_id"),
+            ("node_id = \"has space\"", "cluster.node_id"),
+            ("nats_url = \"nats://\"", "cluster.nats_url"),
+            ("enabled = true\nnats_url = \"\"", "cluster.nats_url"),
+            ("subject_prefix = \"a.*\"", "cluster.subject_prefix"),
+            ("subject_prefix = \"\"", "cluster.subject_prefix"),
+            ("registry_bucket = \"a.b\"", "cluster.registry_bucket"),
+            ("lease_secs = 2", "cluster.lease_secs"),
+            ("lease_secs = 301", "cluster.lease_secs"),
+            ("request_timeout_ms = 99", "cluster.request_timeout_ms"),
+            (
+                "registry_queue_capacity = 0",
+                "cluster.registry_queue_capacity",
+            ),
+        ];
+        for (body, key) in cases {
+            assert_eq!(invalid_key(&format!("[cluster]\n{body}\n")), key, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_fleet_node_parses() {
+        let c = Config::from_toml_str(
+            "[cluster]\nenabled = true\nnode_id = \"node-a_1\"\nnats_url = \"nats://10.0.0.1:4222, nats://10.0.0.2:4222\"\n",
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!(c.node(), "node-a_1");
+        assert_eq!(c.urls().len(), 2);
+    }
+}
