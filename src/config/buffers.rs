@@ -86,3 +86,39 @@ impl Section for BuffersConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SlowConsumer;
+    use crate::config::tests::invalid_key;
+    use crate::config::Config;
+
+    #[test]
+    fn flow_control_keys_are_checked_naming_them() {
+        let c = Config::from_toml_str("[buffers]\nslow_consumer = \"drop\"\n").unwrap();
+        assert_eq!(c.buffers.slow_consumer, SlowConsumer::Drop);
+        // The gateway-wide mode is gone; pacing per publisher replaced it.
+        assert!(Config::from_toml_str("[buffers]\nslow_consumer = \"backpressure\"\n").is_err());
+        for (toml, key) in [
+            // The queue must congest its connection before it drops anything.
+            (
+                "[buffers]\npace_queued_messages = 1000\n",
+                "buffers.pace_queued_messages",
+            ),
+            (
+                "[buffers]\npace_queued_messages = 0\n",
+                "buffers.pace_queued_messages",
+            ),
+            (
+                "[buffers]\noutput_max_bytes = 65536\n",
+                "buffers.output_max_bytes",
+            ),
+            (
+                "[shards]\nmailbox_max_bytes = 100\n",
+                "shards.mailbox_max_bytes",
+            ),
+        ] {
+            assert_eq!(invalid_key(toml), key, "{toml}");
+        }
+    }
+}

@@ -749,25 +749,6 @@ fn validate_cross_field_rules() {
         invalid_key("[buffers]\noutbound_max_bytes = 65535\n"),
         "buffers.outbound_max_bytes"
     );
-    let c = Config::from_toml_str("[buffers]\nslow_consumer = \"drop\"\n").unwrap();
-    assert_eq!(c.buffers.slow_consumer, SlowConsumer::Drop);
-    assert!(Config::from_toml_str("[buffers]\nslow_consumer = \"backpressure\"\n").is_err());
-    assert_eq!(
-        invalid_key("[buffers]\npace_queued_messages = 1000\n"),
-        "buffers.pace_queued_messages"
-    );
-    assert_eq!(
-        invalid_key("[buffers]\npace_queued_messages = 0\n"),
-        "buffers.pace_queued_messages"
-    );
-    assert_eq!(
-        invalid_key("[buffers]\noutput_max_bytes = 65536\n"),
-        "buffers.output_max_bytes"
-    );
-    assert_eq!(
-        invalid_key("[shards]\nmailbox_max_bytes = 100\n"),
-        "shards.mailbox_max_bytes"
-    );
 
     // The two listeners must not claim the same port.
     assert_eq!(
