@@ -35,6 +35,15 @@ impl Shard {
         self.services.store.is_some() && self.sessions.get(skey).is_some_and(|s| s.stored)
     }
 
+    /// Why a QoS `qos` message for session `skey` is refused before delivery, if it is:
+    /// the store would have to hold it (QoS 1/2, persistent session) and cannot now.
+    pub(super) fn store_refusal(&self, skey: usize, qos: u8) -> Option<&'static str> {
+        if qos == 0 || !self.persistent(skey) {
+            return None;
+        }
+        self.services.store.as_ref()?.refusal()
+    }
+
     fn store_op(&mut self, op: Op) {
         if let Some(st) = self.services.store.as_mut() {
             st.push(op);

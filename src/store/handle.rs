@@ -125,9 +125,20 @@ pub struct StoreHandle {
     /// The number of the last batch handed over (or queued in `backlog`).
     pub(super) batch_seq: u64,
     pub(super) signal: Arc<CommitSignal>,
+    /// Whether the store is up (the writer's metrics).
+    pub(super) metrics: Arc<super::StoreMetrics>,
 }
 
+/// Why a push the store would have to hold is refused (answered 503 with this code).
+pub const REFUSED_DOWN: &str = "store_unavailable";
+
 impl StoreHandle {
+    /// Why a message the store would have to hold is refused now, if it is: the store is
+    /// down (a failed commit, not yet reopened).
+    pub fn refusal(&self) -> Option<&'static str> {
+        (!self.metrics.up()).then_some(REFUSED_DOWN)
+    }
+
     pub fn push(&mut self, op: Op) {
         if matches!(op, Op::Message { .. }) {
             self.puts += 1;

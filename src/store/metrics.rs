@@ -2,7 +2,7 @@
 //! size, written by the writer alone and rendered for `/metrics`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,6 +21,9 @@ pub struct StoreMetrics {
     /// Rows refused at start because their checksum failed or they did not decode.
     pub(super) corrupt_records: Counter,
     pub(super) file_bytes: AtomicU64,
+    /// False from a failed commit until the reopened database took a commit again; read
+    /// by the shards (pushes that need the store are refused meanwhile) and `/readyz`.
+    up: AtomicBool,
 }
 
 impl StoreMetrics {
@@ -37,7 +40,17 @@ impl StoreMetrics {
             compactions: Counter::default(),
             corrupt_records: Counter::default(),
             file_bytes: AtomicU64::new(0),
+            up: AtomicBool::new(true),
         }
+    }
+
+    /// Whether the store takes commits (false while the writer reopens it after a failure).
+    pub fn up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    pub(super) fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
     }
 
     pub(super) fn refresh_size(&self) {
@@ -53,6 +66,13 @@ impl StoreMetrics {
         let bytes: Gauge = Gauge::default();
         bytes.set(self.file_bytes.load(Relaxed) as i64);
         r.register("gateway_store_bytes", "Size of the store file", bytes);
+        let up: Gauge = Gauge::default();
+        up.set(i64::from(self.up()));
+        r.register(
+            "gateway_store_up",
+            "1 while the store takes commits; 0 from a failed commit until the writer has reopened it",
+            up,
+        );
         r.register(
             crate::metrics::counter_family("gateway_store_commits_total"),
             "Store write transactions committed",

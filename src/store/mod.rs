@@ -77,7 +77,7 @@ mod records;
 mod tests;
 mod writer;
 
-pub use self::handle::{Batch, CommitSignal, DeferredReply, Op, StoreHandle};
+pub use self::handle::{Batch, CommitSignal, DeferredReply, Op, StoreHandle, REFUSED_DOWN};
 pub use self::metrics::StoreMetrics;
 pub use self::open::{
     file_of, open, repair, Loaded, OpenError, OpenErrorKind, Store, StoredMessage, StoredSession,

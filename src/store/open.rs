@@ -74,6 +74,7 @@ impl Store {
             puts: 0,
             batch_seq: 0,
             signal: Arc::new(CommitSignal::default()),
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -304,16 +305,17 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         "store loaded"
     );
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_batches.max(1) as usize);
+    ignore_file_size_signal();
     let writer = Writer {
-        db,
+        db: Some(db),
         rx,
         durability: config.durability,
         max_batch: config.max_batch.max(1) as usize,
         commit_interval: Duration::from_millis(config.commit_interval_ms as u64),
         sync_interval: Duration::from_millis(config.sync_interval_ms.max(1) as u64),
         metrics: metrics.clone(),
-        failing: false,
-        _pid_file: pid_file,
+        backoff: config.reopen_backoff(),
+        pid_file: Some(pid_file),
     };
     let thread = std::thread::Builder::new()
         .name("store".into())
@@ -327,6 +329,15 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
     };
     store.set_next_seq(loaded.next_seq);
     Ok((store, loaded))
+}
+
+/// A file size limit (`ulimit -f`) makes a store write that passes it fail with EFBIG,
+/// which the writer recovers from, instead of killing the process with SIGXFSZ.
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no handler to race with.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 /// `gateway store-repair`: opens the file with redb's repair, checks it, reads every row

@@ -114,6 +114,8 @@ fn config(dir: &Path) -> StoreConfig {
         commit_interval_ms: 0,
         sync_interval_ms: 1000,
         queue_batches: 16,
+        reopen_backoff_min_ms: 10,
+        reopen_backoff_max_ms: 100,
     }
 }
 
