@@ -29,6 +29,10 @@ pub struct StoreConfig {
     /// failed attempt doubles the wait up to `reopen_backoff_max_ms`.
     pub reopen_backoff_min_ms: u32,
     pub reopen_backoff_max_ms: u32,
+    /// Most bytes of changes one shard holds for the writer (handed over and not yet
+    /// committed, or waiting for room in the channel); past it the shard refuses pushes
+    /// the store would have to hold and reads no PUBLISH until it is back under.
+    pub backlog_max_bytes: u64,
 }
 
 /// When a commit reaches the disk.
@@ -73,6 +77,12 @@ impl Section for StoreConfig {
             st.reopen_backoff_max_ms,
             st.reopen_backoff_min_ms,
             600_000,
+        )?;
+        in_range(
+            "store.backlog_max_bytes",
+            st.backlog_max_bytes,
+            4096,
+            1 << 40,
         )
     }
 }

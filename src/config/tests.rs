@@ -810,7 +810,7 @@ fn edit_distance_counts_single_edits() {
 }
 
 #[test]
-fn store_reopen_backoff_is_checked_naming_its_key() {
+fn store_reopen_backoff_and_backlog_bound_are_checked_naming_their_keys() {
     let c = Config::default();
     assert_eq!(
         (c.store.reopen_backoff_min_ms, c.store.reopen_backoff_max_ms),
@@ -823,5 +823,10 @@ fn store_reopen_backoff_is_checked_naming_its_key() {
     assert_eq!(
         invalid_key("[store]\nreopen_backoff_min_ms = 500\nreopen_backoff_max_ms = 400\n"),
         "store.reopen_backoff_max_ms"
+    );
+    assert_eq!(c.store.backlog_max_bytes, 16 << 20);
+    assert_eq!(
+        invalid_key("[store]\nbacklog_max_bytes = 100\n"),
+        "store.backlog_max_bytes"
     );
 }

@@ -24,6 +24,10 @@ pub struct StoreMetrics {
     /// False from a failed commit until the reopened database took a commit again; read
     /// by the shards (pushes that need the store are refused meanwhile) and `/readyz`.
     up: AtomicBool,
+    /// What every shard's batches handed over and not yet committed (or waiting for room)
+    /// cost, and the most it has been.
+    backlog_bytes: AtomicU64,
+    backlog_peak_bytes: AtomicU64,
 }
 
 impl StoreMetrics {
@@ -41,7 +45,18 @@ impl StoreMetrics {
             corrupt_records: Counter::default(),
             file_bytes: AtomicU64::new(0),
             up: AtomicBool::new(true),
+            backlog_bytes: AtomicU64::new(0),
+            backlog_peak_bytes: AtomicU64::new(0),
         }
+    }
+
+    pub(super) fn backlog_more(&self, bytes: u64) {
+        let now = self.backlog_bytes.fetch_add(bytes, Relaxed) + bytes;
+        self.backlog_peak_bytes.fetch_max(now, Relaxed);
+    }
+
+    pub(super) fn backlog_less(&self, bytes: u64) {
+        self.backlog_bytes.fetch_sub(bytes, Relaxed);
     }
 
     /// Whether the store takes commits (false while the writer reopens it after a failure).
@@ -63,16 +78,33 @@ impl StoreMetrics {
     pub fn render(&self, out: &mut String) {
         self.refresh_size();
         let mut r = Registry::default();
-        let bytes: Gauge = Gauge::default();
-        bytes.set(self.file_bytes.load(Relaxed) as i64);
-        r.register("gateway_store_bytes", "Size of the store file", bytes);
-        let up: Gauge = Gauge::default();
-        up.set(i64::from(self.up()));
-        r.register(
-            "gateway_store_up",
-            "1 while the store takes commits; 0 from a failed commit until the writer has reopened it",
-            up,
-        );
+        let gauges = [
+            (
+                "gateway_store_bytes",
+                "Size of the store file",
+                self.file_bytes.load(Relaxed),
+            ),
+            (
+                "gateway_store_up",
+                "1 while the store takes commits; 0 from a failed commit until the writer has reopened it",
+                u64::from(self.up()),
+            ),
+            (
+                "gateway_store_backlog_bytes",
+                "Changes the shards hold for the store writer (handed over and not yet committed, or waiting for room), by what they cost in memory",
+                self.backlog_bytes.load(Relaxed),
+            ),
+            (
+                "gateway_store_backlog_peak_bytes",
+                "The most gateway_store_backlog_bytes has been since the start",
+                self.backlog_peak_bytes.load(Relaxed),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g: Gauge = Gauge::default();
+            g.set(value as i64);
+            r.register(name, help, g);
+        }
         r.register(
             crate::metrics::counter_family("gateway_store_commits_total"),
             "Store write transactions committed",

@@ -61,6 +61,8 @@ pub struct Store {
     thread: Option<std::thread::JoinHandle<()>>,
     pub metrics: Arc<StoreMetrics>,
     next_seq: u64,
+    /// `[store] backlog_max_bytes`, for each shard's handle.
+    backlog_max: u64,
 }
 
 impl Store {
@@ -75,6 +77,9 @@ impl Store {
             batch_seq: 0,
             signal: Arc::new(CommitSignal::default()),
             metrics: self.metrics.clone(),
+            pending_bytes: 0,
+            backlog_max: self.backlog_max,
+            was_over: false,
         })
     }
 
@@ -315,6 +320,8 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         sync_interval: Duration::from_millis(config.sync_interval_ms.max(1) as u64),
         metrics: metrics.clone(),
         backoff: config.reopen_backoff(),
+        unsynced_since: None,
+        unsynced: Batch::default(),
         pid_file: Some(pid_file),
     };
     let thread = std::thread::Builder::new()
@@ -326,6 +333,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         thread: Some(thread),
         metrics,
         next_seq: 0,
+        backlog_max: config.backlog_max_bytes,
     };
     store.set_next_seq(loaded.next_seq);
     Ok((store, loaded))

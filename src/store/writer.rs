@@ -20,7 +20,7 @@ use crate::config::StoreDurability;
 use crate::lockholder::PidFile;
 
 use super::guard::quietly;
-use super::handle::{fail_replies, Batch, DeferredReply, Op};
+use super::handle::{fail_replies, Batch, Op};
 use super::load::maybe_compact;
 use super::metrics::StoreMetrics;
 use super::open::{now_ms, open_db};
@@ -43,28 +43,28 @@ pub(super) struct Writer {
     pub(super) metrics: Arc<StoreMetrics>,
     /// The first and the longest wait between reopens after a failure.
     pub(super) backoff: (Duration, Duration),
+    /// With `durability = "eventual"`: when the oldest commit not yet on disk was made,
+    /// and its changes and the answers that wait for it. A non-durable redb commit is
+    /// lost on kill -9 (and on a reopen), so a `queued` answer is only released by the
+    /// fsync that follows (at most `sync_interval` later, even under constant load).
+    pub(super) unsynced_since: Option<Instant>,
+    pub(super) unsynced: Batch,
     /// Names this process as the store's holder; after `db` so it goes once the lock has.
     pub(super) pid_file: Option<PidFile>,
 }
 
 impl Writer {
     pub(super) fn run(mut self) {
-        // With `durability = "eventual"`: when the oldest commit not yet on disk was made,
-        // and the answers that wait for it. A non-durable redb commit is lost on kill -9,
-        // so a `queued` answer is only released by the fsync that follows (at most
-        // `sync_interval` later, even under constant load).
-        let mut unsynced_since: Option<Instant> = None;
-        let mut held: Vec<DeferredReply> = Vec::new();
         loop {
-            let wait = match unsynced_since {
+            let wait = match self.unsynced_since {
                 Some(t) => self.sync_interval.saturating_sub(t.elapsed()),
                 None => IDLE_CHECK,
             };
             let first = match self.rx.recv_timeout(wait) {
                 Ok(b) => b,
                 Err(RecvTimeoutError::Timeout) => {
-                    if unsynced_since.take().is_some() {
-                        if !self.sync_and_answer(&mut held) && !self.recover(Batch::default()) {
+                    if self.unsynced_since.is_some() {
+                        if !self.sync_and_answer() && !self.recover(Vec::new()) {
                             break;
                         }
                     } else if let Some(db) = self.db.as_mut() {
@@ -74,23 +74,58 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let mut batches = vec![first];
-            let mut ops = batches[0].ops.len();
-            if !self.commit_interval.is_zero() {
-                let deadline = Instant::now() + self.commit_interval;
-                while ops < self.max_batch {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.rx.recv_timeout(left) {
-                        Ok(b) => {
-                            ops += b.ops.len();
-                            batches.push(b);
-                        }
-                        Err(_) => break,
+            let (mut batches, ops) = self.gather(first);
+            let ok = self.commit(&batches, ops);
+            let eventual = self.durability == StoreDurability::Eventual;
+            let mut failed = Vec::new();
+            for b in &mut batches {
+                if !ok {
+                    failed.append(&mut b.ops);
+                } else if eventual {
+                    // Kept until the fsync: a reopen after a failure loses non-durable
+                    // commits, and they are written again then.
+                    self.unsynced.ops.append(&mut b.ops);
+                }
+            }
+            if ok && eventual {
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            for b in batches {
+                b.finish(ok, &self.metrics);
+                if !ok {
+                    fail_replies(b.replies);
+                } else if eventual {
+                    self.unsynced.replies.extend(b.replies);
+                } else {
+                    for (tx, outcomes) in b.replies {
+                        let _ = tx.send(outcomes);
                     }
                 }
             }
+            if !ok && !self.recover(failed) {
+                break;
+            }
+            if self.sync_due() && !self.sync_and_answer() && !self.recover(Vec::new()) {
+                break;
+            }
+        }
+        if self.unsynced_since.is_some() {
+            self.sync_and_answer();
+        }
+        self.metrics.refresh_size();
+        tracing::debug!("store writer stopped");
+    }
+
+    /// `first` and every batch waiting (for `commit_interval` more if set), up to
+    /// `max_batch` changes; and how many changes they hold.
+    fn gather(&mut self, first: Batch) -> (Vec<Batch>, usize) {
+        let mut ops = first.ops.len();
+        let mut batches = vec![first];
+        if !self.commit_interval.is_zero() {
+            let deadline = Instant::now() + self.commit_interval;
             while ops < self.max_batch {
-                match self.rx.try_recv() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
                     Ok(b) => {
                         ops += b.ops.len();
                         batches.push(b);
@@ -98,65 +133,40 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let ok = self.commit(&batches, ops);
-            let eventual = self.durability == StoreDurability::Eventual;
-            if ok && eventual {
-                unsynced_since.get_or_insert_with(Instant::now);
-            }
-            let mut redo = Batch::default();
-            if !ok {
-                redo.ops = batches.iter_mut().flat_map(|b| b.ops.drain(..)).collect();
-            }
-            for b in batches {
-                if let Some(signal) = &b.signal {
-                    signal.finish(b.seq, ok);
+        }
+        while ops < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(b) => {
+                    ops += b.ops.len();
+                    batches.push(b);
                 }
-                if !ok {
-                    fail_replies(b.replies);
-                } else if eventual {
-                    held.extend(b.replies);
-                } else {
-                    for (tx, outcomes) in b.replies {
-                        let _ = tx.send(outcomes);
-                    }
-                }
-            }
-            if !ok {
-                // The non-durable commits before it may not reach the disk either.
-                unsynced_since = None;
-                fail_replies(std::mem::take(&mut held));
-                if !self.recover(redo) {
-                    break;
-                }
-            }
-            if unsynced_since.is_some_and(|t| t.elapsed() >= self.sync_interval) {
-                unsynced_since = None;
-                if !self.sync_and_answer(&mut held) && !self.recover(Batch::default()) {
-                    break;
-                }
+                Err(_) => break,
             }
         }
-        if unsynced_since.is_some() {
-            self.sync_and_answer(&mut held);
-        }
-        self.metrics.refresh_size();
-        tracing::debug!("store writer stopped");
+        (batches, ops)
+    }
+
+    /// With `eventual`: the fsync is due `sync_interval` after the oldest commit not yet
+    /// on disk, or once `max_batch` changes wait for it (they are kept until then).
+    fn sync_due(&self) -> bool {
+        self.unsynced_since
+            .is_some_and(|t| t.elapsed() >= self.sync_interval)
+            || self.unsynced.ops.len() >= self.max_batch
     }
 
     /// Makes the earlier non-durable commits durable, then releases the answers that
-    /// waited for them (or fails them if the fsync failed). False if it failed.
-    fn sync_and_answer(&mut self, held: &mut Vec<DeferredReply>) -> bool {
-        let ok = self.sync();
-        let replies = std::mem::take(held);
-        if ok {
-            for (tx, outcomes) in replies {
-                let _ = tx.send(outcomes);
-            }
-        } else {
+    /// waited for them. False if the fsync failed (the answers are failed by `recover`).
+    fn sync_and_answer(&mut self) -> bool {
+        if !self.sync() {
             self.metrics.errors.inc();
-            fail_replies(replies);
+            return false;
         }
-        ok
+        self.unsynced_since = None;
+        self.unsynced.ops.clear();
+        for (tx, outcomes) in std::mem::take(&mut self.unsynced.replies) {
+            let _ = tx.send(outcomes);
+        }
+        true
     }
 
     /// An empty fsync'ing commit: makes earlier non-durable commits durable.
@@ -181,8 +191,14 @@ impl Writer {
     /// it waits, reopens the database with doubling backoff and writes the changes of the
     /// failed batches (`redo`) first. True once it is back; false if the shards are gone
     /// (the gateway stops) before it came back.
-    fn recover(&mut self, mut redo: Batch) -> bool {
+    fn recover(&mut self, failed: Vec<Op>) -> bool {
         self.metrics.set_up(false);
+        // The non-durable commits since the last fsync are lost with the database too:
+        // their answers fail, their changes are written again first.
+        self.unsynced_since = None;
+        fail_replies(std::mem::take(&mut self.unsynced.replies));
+        let mut redo = std::mem::take(&mut self.unsynced);
+        redo.ops.extend(failed);
         let started = Instant::now();
         let (mut delay, longest) = self.backoff;
         let mut attempts = 0u32;
@@ -237,9 +253,7 @@ impl Writer {
             match self.rx.recv_timeout(left) {
                 Ok(mut b) => {
                     redo.ops.append(&mut b.ops);
-                    if let Some(signal) = &b.signal {
-                        signal.finish(b.seq, false);
-                    }
+                    b.finish(false, &self.metrics);
                     fail_replies(b.replies);
                 }
                 Err(RecvTimeoutError::Timeout) => return true,
