@@ -225,6 +225,11 @@ pub(super) fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), 
             },
             ..err("it is in use by another process".into())
         }),
+        // An I/O error (a full disk, a file size limit) says what it is; anything else
+        // is the file's fault.
+        Ok(Err(e @ redb::DatabaseError::Storage(redb::StorageError::Io(_)))) => {
+            Err(err(e.to_string()))
+        }
         Ok(Err(e)) => Err(err(format!(
             "{e} (the file is damaged or not a gateway store)"
         ))),
