@@ -246,8 +246,14 @@ async fn healthz() -> Response {
     json(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
+/// Ready until shutdown. A store that is down (reopening after a failed commit) keeps
+/// the node ready (its connections and non-durable traffic work) and is named in the
+/// body; `gateway_store_up` is what to alert on.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
+    let store_down = s.store.as_ref().is_some_and(|st| !st.up());
+    if s.ready.load(Ordering::Relaxed) && store_down {
+        json(StatusCode::OK, r#"{"status":"ready","store":"down"}"#)
+    } else if s.ready.load(Ordering::Relaxed) {
         json(StatusCode::OK, r#"{"status":"ready"}"#)
     } else {
         json(

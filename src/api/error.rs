@@ -61,6 +61,27 @@ impl ApiError {
         &self.message
     }
 
+    /// Whether a shard's `dropped` reason is the store refusing a push it would have to
+    /// hold (answered 503, not `dropped`).
+    pub(super) fn is_store_refusal(reason: &str) -> bool {
+        reason == crate::store::REFUSED_DOWN || reason == crate::store::REFUSED_BACKLOG
+    }
+
+    /// 503: the push needs the store (QoS 1/2 to a persistent session) and the store
+    /// cannot take it now; nothing was stored or sent.
+    pub(super) fn store_refused(code: &'static str) -> Self {
+        let why = if code == crate::store::REFUSED_BACKLOG {
+            "the durable store is behind: this device's shard holds [store] backlog_max_bytes of changes not yet committed"
+        } else {
+            "the durable store is down after a failed commit and is being reopened"
+        };
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            format!("{why}: a QoS 1/2 push to a persistent session cannot be stored now; nothing was stored or sent, retry later"),
+        )
+    }
+
     pub(super) fn body(&self) -> Value {
         let mut e = json!({"code": self.code, "message": self.message});
         if let Some(f) = &self.field {

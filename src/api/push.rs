@@ -106,7 +106,7 @@ impl Inner {
         spec: &PushSpec,
         outcome: PushOutcome,
     ) -> Result<PushAnswer, ApiError> {
-        match settle(id, outcome) {
+        match settle(id, outcome)? {
             Settled::Answer(a) => Ok(a),
             Settled::AwaitAck { id, status, ack } => {
                 match tokio::time::timeout(spec.timeout, ack).await {
@@ -235,7 +235,7 @@ impl Inner {
         }
         let rx = self.send_client(client_id, msg, spec.wait_ack)?;
         let outcome = rx.await.map_err(|_| shutting_down())?;
-        match settle(id, outcome.into_iter().next().ok_or_else(shutting_down)?) {
+        match settle(id, outcome.into_iter().next().ok_or_else(shutting_down)?)? {
             Settled::Answer(a) => Ok(a),
             Settled::AwaitAck { id, status, ack } => {
                 progress.send_replace(Progress::AwaitingAck(status));
@@ -370,27 +370,32 @@ pub(super) enum Settled {
     },
 }
 
-pub(super) fn settle(id: String, outcome: PushOutcome) -> Settled {
+/// A push the store would have to hold but cannot take now is refused with 503 (nothing
+/// was stored or sent); every other outcome is an answer.
+pub(super) fn settle(id: String, outcome: PushOutcome) -> Result<Settled, ApiError> {
     let status = match outcome.status {
         PushStatus::Sent => "sent",
         PushStatus::Queued => "queued",
         PushStatus::Offline => "offline",
+        PushStatus::Dropped(reason) if ApiError::is_store_refusal(reason) => {
+            return Err(ApiError::store_refused(reason))
+        }
         PushStatus::Dropped(reason) => {
-            return Settled::Answer(PushAnswer::Client {
+            return Ok(Settled::Answer(PushAnswer::Client {
                 id,
                 status: "dropped",
                 reason: Some(reason),
-            })
+            }))
         }
     };
-    match outcome.ack {
+    Ok(match outcome.ack {
         Some(ack) => Settled::AwaitAck { id, status, ack },
         None => Settled::Answer(PushAnswer::Client {
             id,
             status,
             reason: None,
         }),
-    }
+    })
 }
 
 pub(super) fn acked(id: String) -> PushAnswer {

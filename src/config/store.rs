@@ -2,6 +2,7 @@
 //! retained messages, and how its group commits reach the disk (see `crate::store`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -24,6 +25,14 @@ pub struct StoreConfig {
     pub sync_interval_ms: u32,
     /// Shard batches the writer's channel holds before shards keep theirs for next turn.
     pub queue_batches: u32,
+    /// After a failed commit: milliseconds before the first reopen of the database; each
+    /// failed attempt doubles the wait up to `reopen_backoff_max_ms`.
+    pub reopen_backoff_min_ms: u32,
+    pub reopen_backoff_max_ms: u32,
+    /// Most bytes of changes one shard holds for the writer (handed over and not yet
+    /// committed, or waiting for room in the channel); past it the shard refuses pushes
+    /// the store would have to hold and reads no PUBLISH until it is back under.
+    pub backlog_max_bytes: u64,
 }
 
 /// When a commit reaches the disk.
@@ -36,6 +45,17 @@ pub enum StoreDurability {
     Eventual,
 }
 
+impl StoreConfig {
+    /// The first and the longest wait between reopens of a failed store.
+    pub fn reopen_backoff(&self) -> (Duration, Duration) {
+        let ms = |v: u32| Duration::from_millis(u64::from(v.max(1)));
+        (
+            ms(self.reopen_backoff_min_ms),
+            ms(self.reopen_backoff_max_ms),
+        )
+    }
+}
+
 impl Section for StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let st = self;
@@ -45,6 +65,24 @@ impl Section for StoreConfig {
         in_range("store.max_batch", st.max_batch, 1, 1_000_000)?;
         in_range("store.commit_interval_ms", st.commit_interval_ms, 0, 10_000)?;
         in_range("store.sync_interval_ms", st.sync_interval_ms, 1, 600_000)?;
-        in_range("store.queue_batches", st.queue_batches, 1, 1_000_000)
+        in_range("store.queue_batches", st.queue_batches, 1, 1_000_000)?;
+        in_range(
+            "store.reopen_backoff_min_ms",
+            st.reopen_backoff_min_ms,
+            1,
+            60_000,
+        )?;
+        in_range(
+            "store.reopen_backoff_max_ms",
+            st.reopen_backoff_max_ms,
+            st.reopen_backoff_min_ms,
+            600_000,
+        )?;
+        in_range(
+            "store.backlog_max_bytes",
+            st.backlog_max_bytes,
+            4096,
+            1 << 40,
+        )
     }
 }

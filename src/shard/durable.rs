@@ -35,6 +35,15 @@ impl Shard {
         self.services.store.is_some() && self.sessions.get(skey).is_some_and(|s| s.stored)
     }
 
+    /// Why a QoS `qos` message for session `skey` is refused before delivery, if it is:
+    /// the store would have to hold it (QoS 1/2, persistent session) and cannot now.
+    pub(super) fn store_refusal(&self, skey: usize, qos: u8) -> Option<&'static str> {
+        if qos == 0 || !self.persistent(skey) {
+            return None;
+        }
+        self.services.store.as_ref()?.refusal()
+    }
+
     fn store_op(&mut self, op: Op) {
         if let Some(st) = self.services.store.as_mut() {
             st.push(op);
@@ -191,9 +200,25 @@ impl Shard {
         self.store_op(op);
     }
 
-    /// Hands this turn's ops to the store writer; true if some must be offered again.
+    /// Hands this turn's ops to the store writer; true if some must be offered again, or
+    /// while the backlog is past `[store] backlog_max_bytes` (the shard looks again in a
+    /// millisecond: with `durability = "eventual"` no commit wakes it). Once it is back
+    /// under, the publishers held for it are read again.
     pub(super) fn flush_store(&mut self) -> bool {
-        self.services.store.as_mut().is_some_and(|s| s.flush())
+        let Some(st) = self.services.store.as_mut() else {
+            return false;
+        };
+        let waiting = st.flush() || st.over_bound();
+        if st.back_under_bound() {
+            self.outbox_unblocked();
+        }
+        waiting
+    }
+
+    /// This shard holds `[store] backlog_max_bytes` of changes for the writer: no PUBLISH
+    /// is read on it until the writer catches up (`publish_paced`).
+    pub(super) fn store_backlogged(&self) -> bool {
+        self.services.store.as_ref().is_some_and(|s| s.over_bound())
     }
 
     /// At start, before the first accept: the sessions homed here, their subscriptions

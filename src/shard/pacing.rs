@@ -239,8 +239,12 @@ impl Shard {
     }
 
     /// True when connection `key` must not have a PUBLISH handled now: its session is
-    /// paced, or this shard's messages for another shard wait for room.
+    /// paced, or this shard's messages for another shard wait for room, or its changes
+    /// for the store writer are past their bound (whatever `slow_consumer` says).
     pub(super) fn publish_paced(&self, key: usize) -> bool {
+        if self.store_backlogged() {
+            return true;
+        }
         if !self.settings.pace {
             return false;
         }
@@ -261,6 +265,7 @@ impl Shard {
     pub(super) fn gate_frames(&self) -> bool {
         self.settings.inbound.enabled()
             || (self.settings.pace && (self.routing.outbox_blocked || self.pacing.any_paced()))
+            || self.store_backlogged()
     }
 
     /// True if what connection `key` has read but not handled starts with a PUBLISH:

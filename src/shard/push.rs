@@ -54,6 +54,12 @@ impl Shard {
                 ack: None,
             };
         };
+        if let Some(reason) = self.store_refusal(skey as usize, p.msg.qos) {
+            return PushOutcome {
+                status: PushStatus::Dropped(reason),
+                ack: None,
+            };
+        }
         let (waiter, ack) = if p.wait_ack && p.msg.qos > 0 {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))

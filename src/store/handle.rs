@@ -1,6 +1,12 @@
 //! What a shard holds: the `Op`s it collects during a loop turn, the `Batch` it hands to
 //! the writer without blocking (`StoreHandle`), and the `CommitSignal` on which the writer
 //! tells it which sequences are durable.
+//!
+//! The handle also bounds what the shard holds for the writer: every op costs its strings
+//! and payload plus 64 bytes, counted in `CommitSignal::outstanding_bytes` from the end
+//! of its turn until the writer finished its commit; at `[store] backlog_max_bytes`
+//! (this turn's ops included) the shard refuses pushes the store would have to hold and
+//! holds its PUBLISH reads (`shard/durable.rs`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -12,6 +18,8 @@ use tokio::sync::oneshot;
 use crate::codec::Version;
 use crate::mailbox::{PushOutcome, PushStatus};
 use crate::message::Message;
+
+use super::StoreMetrics;
 
 /// One change a shard asks the store to make.
 pub enum Op {
@@ -84,6 +92,44 @@ pub struct Batch {
     /// commit that holds it is done.
     pub seq: u64,
     pub signal: Option<Arc<CommitSignal>>,
+    /// What `ops` cost (`Op::cost`), counted in the shard's backlog until finished.
+    pub bytes: u64,
+}
+
+impl Batch {
+    /// The commit that held this batch is finished (`ok` says how): the shard hears of
+    /// it and its backlog is lighter by the batch.
+    pub(super) fn finish(&self, ok: bool, metrics: &StoreMetrics) {
+        if let Some(signal) = &self.signal {
+            signal.outstanding_bytes.fetch_sub(self.bytes, Relaxed);
+            metrics.backlog_less(self.bytes);
+            signal.finish(self.seq, ok);
+        }
+    }
+}
+
+impl Op {
+    /// Roughly what the op holds in memory: its strings and payload, plus 64 bytes.
+    fn cost(&self) -> u64 {
+        let strings = match self {
+            Op::Session { client_id, .. }
+            | Op::DeleteSession(client_id)
+            | Op::DeleteMessage { client_id, .. }
+            | Op::Qos2Out { client_id, .. }
+            | Op::Qos2In { client_id, .. }
+            | Op::DeleteQos2In { client_id, .. } => client_id.len(),
+            Op::Sub {
+                client_id, filter, ..
+            }
+            | Op::DeleteSub { client_id, filter } => client_id.len() + filter.len(),
+            Op::Message { client_id, msg, .. } => {
+                client_id.len() + msg.topic.len() + msg.payload.len()
+            }
+            Op::Retained(msg) => msg.topic.len() + msg.payload.len(),
+            Op::DeleteRetained(topic) => topic.len(),
+        };
+        strings as u64 + 64
+    }
 }
 
 /// How far one shard's batches have been committed, for the MQTT acknowledgements it
@@ -96,6 +142,8 @@ pub struct CommitSignal {
     pub done: AtomicU64,
     /// The highest batch number whose commit failed (0: none).
     pub failed: AtomicU64,
+    /// What the batches handed over and not yet finished cost (`Op::cost`).
+    pub outstanding_bytes: AtomicU64,
     pub notify: tokio::sync::Notify,
 }
 
@@ -125,13 +173,53 @@ pub struct StoreHandle {
     /// The number of the last batch handed over (or queued in `backlog`).
     pub(super) batch_seq: u64,
     pub(super) signal: Arc<CommitSignal>,
+    /// Whether the store is up, and the backlog of every shard (the writer's metrics).
+    pub(super) metrics: Arc<StoreMetrics>,
+    /// What this turn's ops cost so far (`Op::cost`).
+    pub(super) pending_bytes: u64,
+    /// `[store] backlog_max_bytes`.
+    pub(super) backlog_max: u64,
+    /// The backlog was past its bound at the end of the last turn.
+    pub(super) was_over: bool,
 }
 
+/// Why a push the store would have to hold is refused (answered 503 with this code): the
+/// store is down.
+pub const REFUSED_DOWN: &str = "store_unavailable";
+/// The shard's backlog of changes for the writer is past `[store] backlog_max_bytes`.
+pub const REFUSED_BACKLOG: &str = "store_backlog";
+
 impl StoreHandle {
+    /// Why a message the store would have to hold is refused now, if it is: the store is
+    /// down (a failed commit, not yet reopened), or this shard's backlog is past its bound.
+    pub fn refusal(&self) -> Option<&'static str> {
+        if !self.metrics.up() {
+            Some(REFUSED_DOWN)
+        } else if self.over_bound() {
+            Some(REFUSED_BACKLOG)
+        } else {
+            None
+        }
+    }
+
+    /// This shard holds `[store] backlog_max_bytes` or more of changes for the writer
+    /// (this turn's included).
+    pub fn over_bound(&self) -> bool {
+        self.signal.outstanding_bytes.load(Relaxed) + self.pending_bytes >= self.backlog_max
+    }
+
+    /// At the end of a turn: true once when the backlog got back under its bound since
+    /// the last call (the publishers held for it may be read again).
+    pub fn back_under_bound(&mut self) -> bool {
+        let over = self.over_bound();
+        std::mem::replace(&mut self.was_over, over) && !over
+    }
+
     pub fn push(&mut self, op: Op) {
         if matches!(op, Op::Message { .. }) {
             self.puts += 1;
         }
+        self.pending_bytes += op.cost();
         self.pending.ops.push(op);
     }
 
@@ -169,6 +257,9 @@ impl StoreHandle {
             let mut b = std::mem::take(&mut self.pending);
             b.seq = self.batch_seq;
             b.signal = Some(self.signal.clone());
+            b.bytes = std::mem::take(&mut self.pending_bytes);
+            self.signal.outstanding_bytes.fetch_add(b.bytes, Relaxed);
+            self.metrics.backlog_more(b.bytes);
             self.backlog.push_back(b);
         }
         while let Some(b) = self.backlog.pop_front() {
@@ -180,7 +271,7 @@ impl StoreHandle {
                 }
                 Err(TrySendError::Disconnected(b)) => {
                     // The writer is gone (it logged why): nothing more becomes durable.
-                    self.signal.finish(b.seq, false);
+                    b.finish(false, &self.metrics);
                     fail_replies(b.replies);
                 }
             }
@@ -193,7 +284,7 @@ impl StoreHandle {
         self.flush();
         for b in self.backlog.drain(..) {
             if let Err(e) = self.tx.send(b) {
-                self.signal.finish(e.0.seq, false);
+                e.0.finish(false, &self.metrics);
                 fail_replies(e.0.replies);
             }
         }

@@ -2,7 +2,7 @@
 //! size, written by the writer alone and rendered for `/metrics`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,6 +21,13 @@ pub struct StoreMetrics {
     /// Rows refused at start because their checksum failed or they did not decode.
     pub(super) corrupt_records: Counter,
     pub(super) file_bytes: AtomicU64,
+    /// False from a failed commit until the reopened database took a commit again; read
+    /// by the shards (pushes that need the store are refused meanwhile) and `/readyz`.
+    up: AtomicBool,
+    /// What every shard's batches handed over and not yet committed (or waiting for room)
+    /// cost, and the most it has been.
+    backlog_bytes: AtomicU64,
+    backlog_peak_bytes: AtomicU64,
 }
 
 impl StoreMetrics {
@@ -37,7 +44,28 @@ impl StoreMetrics {
             compactions: Counter::default(),
             corrupt_records: Counter::default(),
             file_bytes: AtomicU64::new(0),
+            up: AtomicBool::new(true),
+            backlog_bytes: AtomicU64::new(0),
+            backlog_peak_bytes: AtomicU64::new(0),
         }
+    }
+
+    pub(super) fn backlog_more(&self, bytes: u64) {
+        let now = self.backlog_bytes.fetch_add(bytes, Relaxed) + bytes;
+        self.backlog_peak_bytes.fetch_max(now, Relaxed);
+    }
+
+    pub(super) fn backlog_less(&self, bytes: u64) {
+        self.backlog_bytes.fetch_sub(bytes, Relaxed);
+    }
+
+    /// Whether the store takes commits (false while the writer reopens it after a failure).
+    pub fn up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    pub(super) fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
     }
 
     pub(super) fn refresh_size(&self) {
@@ -50,9 +78,33 @@ impl StoreMetrics {
     pub fn render(&self, out: &mut String) {
         self.refresh_size();
         let mut r = Registry::default();
-        let bytes: Gauge = Gauge::default();
-        bytes.set(self.file_bytes.load(Relaxed) as i64);
-        r.register("gateway_store_bytes", "Size of the store file", bytes);
+        let gauges = [
+            (
+                "gateway_store_bytes",
+                "Size of the store file",
+                self.file_bytes.load(Relaxed),
+            ),
+            (
+                "gateway_store_up",
+                "1 while the store takes commits; 0 from a failed commit until the writer has reopened it",
+                u64::from(self.up()),
+            ),
+            (
+                "gateway_store_backlog_bytes",
+                "Changes the shards hold for the store writer (handed over and not yet committed, or waiting for room), by what they cost in memory",
+                self.backlog_bytes.load(Relaxed),
+            ),
+            (
+                "gateway_store_backlog_peak_bytes",
+                "The most gateway_store_backlog_bytes has been since the start",
+                self.backlog_peak_bytes.load(Relaxed),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g: Gauge = Gauge::default();
+            g.set(value as i64);
+            r.register(name, help, g);
+        }
         r.register(
             crate::metrics::counter_family("gateway_store_commits_total"),
             "Store write transactions committed",

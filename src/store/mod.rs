@@ -13,8 +13,13 @@
 //! touch it: during a loop turn a shard collects small [`Op`]s in its [`StoreHandle`] and at
 //! the end of the turn hands them over as one [`Batch`] with `try_send` on a bounded
 //! channel. A full channel does not block the shard: it keeps the batch and offers it
-//! again next turn (its outbox grows; the HTTP answers waiting on it wait longer, which is
-//! the backpressure a backend sees). The writer drains every waiting batch (up to
+//! again next turn (the HTTP answers waiting on it wait longer, which is the backpressure
+//! a backend sees). What a shard holds for the writer is bounded by `[store]
+//! backlog_max_bytes` (`handle`: each op's cost counts until its commit is finished):
+//! past it the shard refuses QoS 1/2 pushes to persistent sessions (503 `store_backlog`)
+//! and reads no PUBLISH until the writer has caught up. A failed commit makes the store
+//! down until the writer has reopened it (`writer`); pushes get 503 `store_unavailable`
+//! meanwhile. The writer drains every waiting batch (up to
 //! `[store] max_batch` ops) into ONE write transaction, commits it — one fsync for all of
 //! them — and only then sends the push answers that waited for durability.
 //!
@@ -77,7 +82,9 @@ mod records;
 mod tests;
 mod writer;
 
-pub use self::handle::{Batch, CommitSignal, DeferredReply, Op, StoreHandle};
+pub use self::handle::{
+    Batch, CommitSignal, DeferredReply, Op, StoreHandle, REFUSED_BACKLOG, REFUSED_DOWN,
+};
 pub use self::metrics::StoreMetrics;
 pub use self::open::{
     file_of, open, repair, Loaded, OpenError, OpenErrorKind, Store, StoredMessage, StoredSession,

@@ -61,6 +61,8 @@ pub struct Store {
     thread: Option<std::thread::JoinHandle<()>>,
     pub metrics: Arc<StoreMetrics>,
     next_seq: u64,
+    /// `[store] backlog_max_bytes`, for each shard's handle.
+    backlog_max: u64,
 }
 
 impl Store {
@@ -74,6 +76,10 @@ impl Store {
             puts: 0,
             batch_seq: 0,
             signal: Arc::new(CommitSignal::default()),
+            metrics: self.metrics.clone(),
+            pending_bytes: 0,
+            backlog_max: self.backlog_max,
+            was_over: false,
         })
     }
 
@@ -219,6 +225,11 @@ pub(super) fn open_db(file: &Path, repair: bool) -> Result<(Database, PidFile), 
             },
             ..err("it is in use by another process".into())
         }),
+        // An I/O error (a full disk, a file size limit) says what it is; anything else
+        // is the file's fault.
+        Ok(Err(e @ redb::DatabaseError::Storage(redb::StorageError::Io(_)))) => {
+            Err(err(e.to_string()))
+        }
         Ok(Err(e)) => Err(err(format!(
             "{e} (the file is damaged or not a gateway store)"
         ))),
@@ -304,16 +315,19 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         "store loaded"
     );
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_batches.max(1) as usize);
+    ignore_file_size_signal();
     let writer = Writer {
-        db,
+        db: Some(db),
         rx,
         durability: config.durability,
         max_batch: config.max_batch.max(1) as usize,
         commit_interval: Duration::from_millis(config.commit_interval_ms as u64),
         sync_interval: Duration::from_millis(config.sync_interval_ms.max(1) as u64),
         metrics: metrics.clone(),
-        failing: false,
-        _pid_file: pid_file,
+        backoff: config.reopen_backoff(),
+        unsynced_since: None,
+        unsynced: Batch::default(),
+        pid_file: Some(pid_file),
     };
     let thread = std::thread::Builder::new()
         .name("store".into())
@@ -324,9 +338,19 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         thread: Some(thread),
         metrics,
         next_seq: 0,
+        backlog_max: config.backlog_max_bytes,
     };
     store.set_next_seq(loaded.next_seq);
     Ok((store, loaded))
+}
+
+/// A file size limit (`ulimit -f`) makes a store write that passes it fail with EFBIG,
+/// which the writer recovers from, instead of killing the process with SIGXFSZ.
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no handler to race with.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 /// `gateway store-repair`: opens the file with redb's repair, checks it, reads every row

@@ -114,6 +114,9 @@ fn config(dir: &Path) -> StoreConfig {
         commit_interval_ms: 0,
         sync_interval_ms: 1000,
         queue_batches: 16,
+        reopen_backoff_min_ms: 10,
+        reopen_backoff_max_ms: 100,
+        backlog_max_bytes: 16 << 20,
     }
 }
 
@@ -388,4 +391,74 @@ fn qos2_state_survives_reopen_and_goes_with_its_message() {
         store.close(Duration::from_secs(10));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A shard's backlog: past `backlog_max_bytes` (this turn's ops counted) pushes are
+/// refused with `store_backlog`, and the shard hears once when the writer's commits
+/// brought it back under; a store that is down is named first.
+#[test]
+fn a_backlog_past_its_bound_refuses_until_the_writer_finishes_it() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::handle::{CommitSignal, StoreHandle, REFUSED_BACKLOG, REFUSED_DOWN};
+    use super::metrics::StoreMetrics;
+
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let metrics = Arc::new(StoreMetrics::new("x".into()));
+    let mut h = StoreHandle {
+        tx,
+        pending: Default::default(),
+        backlog: Default::default(),
+        next_seq: 0,
+        puts: 0,
+        batch_seq: 0,
+        signal: Arc::new(CommitSignal::default()),
+        metrics: metrics.clone(),
+        pending_bytes: 0,
+        backlog_max: 1000,
+        was_over: false,
+    };
+    let op = |n: u64| Op::Message {
+        client_id: "c".into(),
+        seq: n,
+        msg: msg("t", None),
+        qos: 1,
+        retain: false,
+    };
+    for n in 0..10 {
+        h.push(op(n));
+    }
+    assert_eq!(h.refusal(), None, "10 small ops are under 1000 bytes");
+    for n in 10..20 {
+        h.push(op(n));
+    }
+    assert_eq!(h.refusal(), Some(REFUSED_BACKLOG), "this turn's ops count");
+    assert!(!h.flush(), "the channel took the batch");
+    assert!(!h.back_under_bound(), "still over once handed over");
+    assert_eq!(h.refusal(), Some(REFUSED_BACKLOG));
+    metrics.set_up(false);
+    assert_eq!(h.refusal(), Some(REFUSED_DOWN), "down is named first");
+    metrics.set_up(true);
+    // The writer commits it.
+    let batch = rx.try_recv().expect("batch");
+    assert_eq!(batch.ops.len(), 20);
+    let mut text = String::new();
+    metrics.render(&mut text);
+    // 20 × (client id, topic, payload: 1 byte each, + 64).
+    assert!(
+        text.contains("gateway_store_backlog_bytes 1340\n"),
+        "{text}"
+    );
+    batch.finish(true, &metrics);
+    text.clear();
+    metrics.render(&mut text);
+    assert!(text.contains("gateway_store_backlog_bytes 0\n"), "{text}");
+    assert!(
+        text.contains("gateway_store_backlog_peak_bytes 1340\n"),
+        "{text}"
+    );
+    assert_eq!(h.signal().outstanding_bytes.load(Relaxed), 0);
+    assert_eq!(h.refusal(), None);
+    assert!(h.back_under_bound(), "told once");
+    assert!(!h.back_under_bound());
 }

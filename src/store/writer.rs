@@ -1,6 +1,14 @@
 //! The writer thread: owns the database, drains waiting batches into one write
 //! transaction (group commit: one fsync for all of them), then answers the pushes that
 //! waited for durability and publishes each shard's commit on its `CommitSignal`.
+//!
+//! **Recovery.** After a failed commit redb refuses every later write, so the writer
+//! answers that group as failed and then reopens the database with backoff (`recover`):
+//! meanwhile the store is down (`StoreMetrics::up`, `gateway_store_up 0`), batches that
+//! arrive are answered as failed at once, and the changes of every failed batch are kept
+//! (up to `max_batch`; past that the writer stops taking batches and the shards hold
+//! theirs) and written first, in order, once a reopened database takes a commit. So the
+//! file never misses a change the shards' memory made, even one whose answer failed.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -11,10 +19,11 @@ use redb::{Database, ReadableTable};
 use crate::config::StoreDurability;
 use crate::lockholder::PidFile;
 
-use super::handle::{fail_replies, Batch, DeferredReply, Op};
+use super::guard::quietly;
+use super::handle::{fail_replies, Batch, Op};
 use super::load::maybe_compact;
 use super::metrics::StoreMetrics;
-use super::open::now_ms;
+use super::open::{now_ms, open_db};
 use super::records::{
     encode_message, encode_qos2_in, encode_qos2_out, encode_session, encode_sub, MESSAGES, QOS2_IN,
     QOS2_OUT, RETAINED, SESSIONS, SUBS,
@@ -24,61 +33,99 @@ use super::records::{
 pub(super) const IDLE_CHECK: Duration = Duration::from_secs(10);
 /// The writer thread: owns the database, commits batches in groups.
 pub(super) struct Writer {
-    pub(super) db: Database,
+    /// None only while a reopen after a failure has not succeeded.
+    pub(super) db: Option<Database>,
     pub(super) rx: Receiver<Batch>,
     pub(super) durability: StoreDurability,
     pub(super) max_batch: usize,
     pub(super) commit_interval: Duration,
     pub(super) sync_interval: Duration,
     pub(super) metrics: Arc<StoreMetrics>,
-    /// A commit failed and nothing has succeeded since (logged once per episode).
-    pub(super) failing: bool,
+    /// The first and the longest wait between reopens after a failure.
+    pub(super) backoff: (Duration, Duration),
+    /// With `durability = "eventual"`: when the oldest commit not yet on disk was made,
+    /// and its changes and the answers that wait for it. A non-durable redb commit is
+    /// lost on kill -9 (and on a reopen), so a `queued` answer is only released by the
+    /// fsync that follows (at most `sync_interval` later, even under constant load).
+    pub(super) unsynced_since: Option<Instant>,
+    pub(super) unsynced: Batch,
     /// Names this process as the store's holder; after `db` so it goes once the lock has.
-    pub(super) _pid_file: PidFile,
+    pub(super) pid_file: Option<PidFile>,
 }
 
 impl Writer {
     pub(super) fn run(mut self) {
-        // With `durability = "eventual"`: when the oldest commit not yet on disk was made,
-        // and the answers that wait for it. A non-durable redb commit is lost on kill -9,
-        // so a `queued` answer is only released by the fsync that follows (at most
-        // `sync_interval` later, even under constant load).
-        let mut unsynced_since: Option<Instant> = None;
-        let mut held: Vec<DeferredReply> = Vec::new();
         loop {
-            let wait = match unsynced_since {
+            let wait = match self.unsynced_since {
                 Some(t) => self.sync_interval.saturating_sub(t.elapsed()),
                 None => IDLE_CHECK,
             };
             let first = match self.rx.recv_timeout(wait) {
                 Ok(b) => b,
                 Err(RecvTimeoutError::Timeout) => {
-                    if unsynced_since.take().is_some() {
-                        self.sync_and_answer(&mut held);
-                    } else {
-                        maybe_compact(&mut self.db, &self.metrics);
+                    if self.unsynced_since.is_some() {
+                        if !self.sync_and_answer() && !self.recover(Vec::new()) {
+                            break;
+                        }
+                    } else if let Some(db) = self.db.as_mut() {
+                        maybe_compact(db, &self.metrics);
                     }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let mut batches = vec![first];
-            let mut ops = batches[0].ops.len();
-            if !self.commit_interval.is_zero() {
-                let deadline = Instant::now() + self.commit_interval;
-                while ops < self.max_batch {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.rx.recv_timeout(left) {
-                        Ok(b) => {
-                            ops += b.ops.len();
-                            batches.push(b);
-                        }
-                        Err(_) => break,
+            let (mut batches, ops) = self.gather(first);
+            let ok = self.commit(&batches, ops);
+            let eventual = self.durability == StoreDurability::Eventual;
+            let mut failed = Vec::new();
+            for b in &mut batches {
+                if !ok {
+                    failed.append(&mut b.ops);
+                } else if eventual {
+                    // Kept until the fsync: a reopen after a failure loses non-durable
+                    // commits, and they are written again then.
+                    self.unsynced.ops.append(&mut b.ops);
+                }
+            }
+            if ok && eventual {
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            for b in batches {
+                b.finish(ok, &self.metrics);
+                if !ok {
+                    fail_replies(b.replies);
+                } else if eventual {
+                    self.unsynced.replies.extend(b.replies);
+                } else {
+                    for (tx, outcomes) in b.replies {
+                        let _ = tx.send(outcomes);
                     }
                 }
             }
+            if !ok && !self.recover(failed) {
+                break;
+            }
+            if self.sync_due() && !self.sync_and_answer() && !self.recover(Vec::new()) {
+                break;
+            }
+        }
+        if self.unsynced_since.is_some() {
+            self.sync_and_answer();
+        }
+        self.metrics.refresh_size();
+        tracing::debug!("store writer stopped");
+    }
+
+    /// `first` and every batch waiting (for `commit_interval` more if set), up to
+    /// `max_batch` changes; and how many changes they hold.
+    fn gather(&mut self, first: Batch) -> (Vec<Batch>, usize) {
+        let mut ops = first.ops.len();
+        let mut batches = vec![first];
+        if !self.commit_interval.is_zero() {
+            let deadline = Instant::now() + self.commit_interval;
             while ops < self.max_batch {
-                match self.rx.try_recv() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
                     Ok(b) => {
                         ops += b.ops.len();
                         batches.push(b);
@@ -86,65 +133,163 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let ok = self.commit(&batches, ops);
-            let eventual = self.durability == StoreDurability::Eventual;
-            if ok && eventual {
-                unsynced_since.get_or_insert_with(Instant::now);
-            }
-            for b in batches {
-                if let Some(signal) = &b.signal {
-                    signal.finish(b.seq, ok);
+        }
+        while ops < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(b) => {
+                    ops += b.ops.len();
+                    batches.push(b);
                 }
-                if !ok {
-                    fail_replies(b.replies);
-                } else if eventual {
-                    held.extend(b.replies);
-                } else {
-                    for (tx, outcomes) in b.replies {
-                        let _ = tx.send(outcomes);
-                    }
-                }
-            }
-            if unsynced_since.is_some_and(|t| t.elapsed() >= self.sync_interval) {
-                unsynced_since = None;
-                self.sync_and_answer(&mut held);
+                Err(_) => break,
             }
         }
-        if unsynced_since.is_some() {
-            self.sync_and_answer(&mut held);
-        }
-        self.metrics.refresh_size();
-        tracing::debug!("store writer stopped");
+        (batches, ops)
+    }
+
+    /// With `eventual`: the fsync is due `sync_interval` after the oldest commit not yet
+    /// on disk, or once `max_batch` changes wait for it (they are kept until then).
+    fn sync_due(&self) -> bool {
+        self.unsynced_since
+            .is_some_and(|t| t.elapsed() >= self.sync_interval)
+            || self.unsynced.ops.len() >= self.max_batch
     }
 
     /// Makes the earlier non-durable commits durable, then releases the answers that
-    /// waited for them (or fails them if the fsync failed).
-    fn sync_and_answer(&mut self, held: &mut Vec<DeferredReply>) {
-        let ok = self.sync();
-        let replies = std::mem::take(held);
-        if ok {
-            for (tx, outcomes) in replies {
-                let _ = tx.send(outcomes);
-            }
-        } else {
-            fail_replies(replies);
+    /// waited for them. False if the fsync failed (the answers are failed by `recover`).
+    fn sync_and_answer(&mut self) -> bool {
+        if !self.sync() {
+            self.metrics.errors.inc();
+            return false;
         }
+        self.unsynced_since = None;
+        self.unsynced.ops.clear();
+        for (tx, outcomes) in std::mem::take(&mut self.unsynced.replies) {
+            let _ = tx.send(outcomes);
+        }
+        true
     }
 
     /// An empty fsync'ing commit: makes earlier non-durable commits durable.
     fn sync(&mut self) -> bool {
-        let r = self
-            .db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|tx| {
-                tx.commit()?;
-                Ok(())
-            });
+        let r = self.db().and_then(|db| {
+            db.begin_write()?.commit()?;
+            Ok(())
+        });
         if let Err(e) = &r {
-            tracing::error!(error = %e, "store sync failed");
+            tracing::error!(error = %e, file = %self.metrics.path.display(), "store sync failed; the store is down until the writer has reopened it");
         }
         r.is_ok()
+    }
+
+    fn db(&self) -> Result<&Database, redb::Error> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| redb::Error::Corrupted("the store is not open".into()))
+    }
+
+    /// The store is down after a failed commit: answers arriving batches as failed while
+    /// it waits, reopens the database with doubling backoff and writes the changes of the
+    /// failed batches (`redo`) first. True once it is back; false if the shards are gone
+    /// (the gateway stops) before it came back.
+    fn recover(&mut self, failed: Vec<Op>) -> bool {
+        self.metrics.set_up(false);
+        // The non-durable commits since the last fsync are lost with the database too:
+        // their answers fail, their changes are written again first.
+        self.unsynced_since = None;
+        fail_replies(std::mem::take(&mut self.unsynced.replies));
+        let mut redo = std::mem::take(&mut self.unsynced);
+        redo.ops.extend(failed);
+        let started = Instant::now();
+        let (mut delay, longest) = self.backoff;
+        let mut attempts = 0u32;
+        loop {
+            if !self.wait_down(delay, &mut redo) {
+                tracing::warn!(
+                    unwritten = redo.ops.len(),
+                    "the gateway stops while the store is down: changes of failed commits are not written"
+                );
+                return false;
+            }
+            attempts += 1;
+            match self.reopen().and_then(|()| self.write_redo(&redo)) {
+                Ok(()) => {
+                    self.metrics.set_up(true);
+                    tracing::info!(
+                        file = %self.metrics.path.display(),
+                        attempts,
+                        down_ms = started.elapsed().as_millis() as u64,
+                        rewritten = redo.ops.len(),
+                        "store recovered: reopened and committing again"
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    delay = (delay * 2).min(longest);
+                    tracing::warn!(
+                        error = %e,
+                        attempts,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "store still down: reopening it failed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits `delay` while the store is down, answering each batch that arrives as failed
+    /// and keeping its changes in `redo` (up to `max_batch`; past that batches stay in
+    /// the channel). False if the channel closed.
+    fn wait_down(&mut self, delay: Duration, redo: &mut Batch) -> bool {
+        let deadline = Instant::now() + delay;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            if redo.ops.len() >= self.max_batch {
+                std::thread::sleep(left);
+                return true;
+            }
+            match self.rx.recv_timeout(left) {
+                Ok(mut b) => {
+                    redo.ops.append(&mut b.ops);
+                    b.finish(false, &self.metrics);
+                    fail_replies(b.replies);
+                }
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Closes the failed database (its lock and pid file go with it) and opens it again.
+    fn reopen(&mut self) -> Result<(), String> {
+        if let Some(db) = self.db.take() {
+            // A database that failed may fail again closing: caught, never fatal.
+            let _ = quietly(move || drop(db));
+        }
+        self.pid_file = None;
+        let (db, pid_file) = open_db(&self.metrics.path, false).map_err(|e| e.message)?;
+        self.db = Some(db);
+        self.pid_file = Some(pid_file);
+        Ok(())
+    }
+
+    /// The first commit of a reopened database: the changes of the failed batches, made
+    /// durable (even empty, it proves the disk takes writes again).
+    fn write_redo(&mut self, redo: &Batch) -> Result<(), String> {
+        let r = self.apply(std::slice::from_ref(redo));
+        let r = r.map_err(|e| e.to_string()).and_then(|()| {
+            let eventual = self.durability == StoreDurability::Eventual;
+            if eventual && !self.sync() {
+                return Err("fsync failed".to_string());
+            }
+            Ok(())
+        });
+        if r.is_err() {
+            self.metrics.errors.inc();
+        }
+        r
     }
 
     fn commit(&mut self, batches: &[Batch], ops: usize) -> bool {
@@ -155,10 +300,6 @@ impl Writer {
         let result = self.apply(batches);
         match result {
             Ok(()) => {
-                if self.failing {
-                    tracing::info!("store commits succeed again");
-                    self.failing = false;
-                }
                 self.metrics.commits.inc();
                 self.metrics.ops.inc_by(ops as u64);
                 self.metrics
@@ -169,10 +310,7 @@ impl Writer {
             }
             Err(e) => {
                 self.metrics.errors.inc();
-                if !self.failing {
-                    tracing::error!(error = %e, file = %self.metrics.path.display(), "store commit failed; pushes are answered dropped/store_error, and after an I/O error redb refuses every later write until the gateway is restarted");
-                    self.failing = true;
-                }
+                tracing::error!(error = %e, file = %self.metrics.path.display(), ops, "store commit failed; its pushes are answered dropped/store_error, and the store is down (pushes that need it get 503 store_unavailable) until the writer has reopened it");
                 false
             }
         }
@@ -180,7 +318,7 @@ impl Writer {
 
     /// A write transaction with the configured durability.
     fn begin(&self) -> Result<redb::WriteTransaction, redb::Error> {
-        let mut tx = self.db.begin_write()?;
+        let mut tx = self.db()?.begin_write()?;
         let durability = match self.durability {
             StoreDurability::Immediate => redb::Durability::Immediate,
             StoreDurability::Eventual => redb::Durability::None,
