@@ -80,9 +80,14 @@ impl Client {
         let mut frame = vec![first];
         varint(&mut frame, body.len());
         frame.extend_from_slice(body);
+        self.send_frame(&frame);
+    }
+
+    /// Writes a whole frame (or any bytes) as they are.
+    pub(super) fn send_frame(&mut self, frame: &[u8]) {
         // Small frames into a socket the server keeps reading: a short write would mean
         // the harness is wrong, not the shard.
-        match self.sock.write_all(&frame) {
+        match self.sock.write_all(frame) {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
                 self.closed = true
@@ -167,6 +172,22 @@ impl Client {
     /// Reads what the socket holds and decodes the whole frames; true if any byte came or
     /// the server closed it.
     pub(super) fn read(&mut self, out: &mut Vec<Packet>) -> bool {
+        let moved = self.fill();
+        while let Some((p, used)) = decode(&self.inbuf, self.v5) {
+            self.inbuf.drain(..used);
+            out.push(p);
+        }
+        moved
+    }
+
+    /// The bytes read and not yet decoded, for a caller that decodes them itself.
+    pub(super) fn take_input(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.inbuf)
+    }
+
+    /// Reads what the socket holds into the input buffer; true if any byte came or the
+    /// server closed it.
+    pub(super) fn fill(&mut self) -> bool {
         let was_closed = self.closed;
         let mut got = false;
         let mut buf = [0u8; 8192];
@@ -184,10 +205,6 @@ impl Client {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => self.closed = true,
             }
-        }
-        while let Some((p, used)) = decode(&self.inbuf, self.v5) {
-            self.inbuf.drain(..used);
-            out.push(p);
         }
         got || self.closed != was_closed
     }

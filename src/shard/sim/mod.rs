@@ -51,7 +51,9 @@
 
 mod check;
 mod client;
+mod rig;
 mod rng;
+mod timed;
 mod world;
 
 use std::panic::AssertUnwindSafe;

@@ -1,0 +1,87 @@
+//! Keep-alive and the connect timeout on a manual clock: a silent connection is closed at
+//! 1.5 × its keep-alive (told 0x8D in MQTT 5), keep-alive 0 means the cap, PINGREQs keep
+//! a connection open, a socket that never sends CONNECT is closed at the connect timeout,
+//! and thousands expiring at once are closed in bounded batches without starving a live
+//! client.
+
+use crate::metrics::DisconnectReason;
+
+use super::{assert_on_time, ping, spec, to_phase, Got, Rig};
+
+#[test]
+fn keep_alive_zero_means_the_cap_and_a_v5_client_is_told_0x8d() {
+    let mut rig = Rig::new("[mqtt]\nmax_keepalive_secs = 2\n[shards]\ntick_ms = 100");
+    let (dev, _, keep_alive) = rig.connected(&spec("ka-zero", true, true, 0, 0));
+    assert_eq!(
+        keep_alive,
+        Some(2),
+        "keep-alive 0 is replaced by max_keepalive_secs"
+    );
+    let at = rig.until(50, 10_000, |r| {
+        r.disconnects(DisconnectReason::Keepalive) > 0
+    });
+    assert_on_time("keep-alive close", at, 3000, &rig, 50);
+    let got = rig.take(dev);
+    assert!(
+        matches!(got.as_slice(), [Got::Disconnect(0x8D)]),
+        "DISCONNECT 0x8D (keep-alive timeout), got {got:?}"
+    );
+    // It lingers in its close grace at most, then its socket is closed.
+    rig.advance(2000);
+    assert!(rig.closed(dev), "socket closed after the DISCONNECT");
+    assert_eq!(rig.connections(), 0);
+}
+
+#[test]
+fn a_silent_client_expires_at_one_and_a_half_keep_alives_at_any_phase_of_the_tick() {
+    // The default tick of 1 s: a deadline rounded the wrong way would be most of a tick
+    // early.
+    let mut rig = Rig::new("");
+    assert_eq!(rig.tick_ms(), 1000);
+    for (n, phase) in [0, 300, 600, 999].into_iter().enumerate() {
+        to_phase(&mut rig, phase);
+        let id = format!("silent-{n}");
+        let (dev, ..) = rig.connected(&spec(&id, false, true, 2, 0));
+        let at = rig.until(100, 8000, |r| r.closed(dev));
+        assert_on_time(
+            &format!("{id} (phase {phase} ms) closed"),
+            at,
+            3000,
+            &rig,
+            100,
+        );
+        assert_eq!(
+            rig.disconnects(DisconnectReason::Keepalive),
+            n as u64 + 1,
+            "closed for keep-alive"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_pings_within_its_keep_alive_stays_connected() {
+    let mut rig = Rig::new("");
+    let (dev, ..) = rig.connected(&spec("pinger", false, true, 2, 0));
+    // A PINGREQ every 2.9 s (under 1.5 × 2 s) for 20 s.
+    for _ in 0..7 {
+        rig.advance(2900);
+        assert!(!rig.closed(dev), "closed while pinging at {} ms", rig.now);
+        ping(&mut rig, dev);
+    }
+    assert_eq!(rig.disconnects(DisconnectReason::Keepalive), 0);
+    assert_eq!(rig.connections(), 1);
+    // And silent from now on, it goes 1.5 × 2 s after its last PINGREQ.
+    let at = rig.until(100, 8000, |r| r.closed(dev));
+    assert_on_time("closed after the last PINGREQ", at, 3000, &rig, 100);
+}
+
+#[test]
+fn a_socket_that_sends_no_connect_is_closed_at_the_connect_timeout() {
+    let mut rig = Rig::new("[mqtt]\nconnect_timeout_secs = 1\n[shards]\ntick_ms = 100");
+    to_phase(&mut rig, 50);
+    let dev = rig.open(false);
+    let at = rig.until(50, 5000, |r| r.closed(dev));
+    assert_on_time("silent socket closed", at, 1000, &rig, 50);
+    assert_eq!(rig.disconnects(DisconnectReason::ConnectTimeout), 1);
+    assert_eq!(rig.connections(), 0);
+}
