@@ -145,6 +145,40 @@ impl Rig {
         self.peers.len() - 1
     }
 
+    /// Connects many clients at once (in rounds the listen backlog holds), each with
+    /// the CONNECT `spec` makes of its number; their indexes. The CONNACKs are in `take`.
+    pub(super) fn connect_many(
+        &mut self,
+        n: usize,
+        spec: impl Fn(usize) -> (String, u16),
+    ) -> std::ops::Range<usize> {
+        let first = self.peers.len();
+        for round in (0..n).collect::<Vec<_>>().chunks(64) {
+            for &k in round {
+                let (id, keep_alive) = spec(k);
+                let mut client = Client::connect(self.addr, false);
+                client.send_connect(&ConnectSpec {
+                    client_id: &id,
+                    v5: false,
+                    clean: true,
+                    keep_alive,
+                    expiry: 0,
+                    receive_max: 0,
+                    will: None,
+                });
+                self.peers.push(Peer {
+                    client: Some(client),
+                    v5: false,
+                    input: BytesMut::new(),
+                    got: Vec::new(),
+                    reading: true,
+                });
+            }
+            self.settle();
+        }
+        first..self.peers.len()
+    }
+
     /// Opens a connection and sends CONNECT; its index. The CONNACK is in `take`.
     pub(super) fn connect(&mut self, spec: &ConnectSpec) -> usize {
         let i = self.open(spec.v5);
@@ -202,9 +236,14 @@ impl Rig {
 
     /// Moves the clock on by `ms`, then settles.
     pub(super) fn advance(&mut self, ms: u64) {
+        self.move_clock(ms);
+        self.settle();
+    }
+
+    /// Moves the clock on by `ms`, without turning the shard.
+    pub(super) fn move_clock(&mut self, ms: u64) {
         self.now += ms;
         self.shard.clock.advance(Duration::from_millis(ms));
-        self.settle();
     }
 
     /// Moves the clock on in steps of `step` ms until `done` holds, at most `limit` ms;

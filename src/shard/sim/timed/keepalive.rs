@@ -85,3 +85,62 @@ fn a_socket_that_sends_no_connect_is_closed_at_the_connect_timeout() {
     assert_eq!(rig.disconnects(DisconnectReason::ConnectTimeout), 1);
     assert_eq!(rig.connections(), 0);
 }
+
+/// 2,000 clients with keep-alive 1 s go silent at the same moment on a shard whose wheel
+/// fires at most 64 timers per batch; one live client pings through the storm.
+#[test]
+fn a_mass_keep_alive_expiry_closes_all_in_bounded_batches_and_never_starves_a_live_client() {
+    const N: usize = 2000;
+    const BATCH: u64 = 64;
+    // 2,000 client sockets and 2,000 shard sockets live in this process.
+    let _ = crate::doctor::raise_nofile_limit();
+    let mut rig = Rig::new(
+        "[shards]\ntick_ms = 100\nexpiry_batch = 64\n[limits]\nmax_connect_rate = 0\nmax_handshaking = 0",
+    );
+    let (live, ..) = rig.connected(&spec("live", false, true, 5, 0));
+    let silent = rig.connect_many(N, |k| (format!("silent-{k}"), 1));
+    for i in silent.clone() {
+        assert!(
+            matches!(rig.take(i).as_slice(), [Got::ConnAck { code: 0, .. }]),
+            "silent-{i} accepted"
+        );
+    }
+    assert_eq!(rig.connections(), N + 1);
+    // Just before 1.5 s of silence nothing is due; then all are at once.
+    rig.advance(1500);
+    assert_eq!(rig.disconnects(DisconnectReason::Keepalive), 0);
+    ping(&mut rig, live);
+    rig.move_clock(100);
+    // Turn by turn: at most one batch closed per turn, and the live client's PINGREQ,
+    // sent before each turn, answered by the end of it.
+    let mut turns = 0;
+    while rig.disconnects(DisconnectReason::Keepalive) < N as u64 {
+        let before = rig.disconnects(DisconnectReason::Keepalive);
+        rig.client(live).send_ping();
+        rig.turn();
+        rig.pump();
+        turns += 1;
+        let closed = rig.disconnects(DisconnectReason::Keepalive) - before;
+        assert!(
+            closed <= BATCH,
+            "turn {turns} closed {closed}, batch {BATCH}"
+        );
+        let got = rig.take(live);
+        assert!(
+            matches!(got.as_slice(), [Got::Other(s)] if s == "PingResp"),
+            "turn {turns} ({before} closed before it): live client got {got:?}"
+        );
+        assert!(turns < 10 * N, "the storm never ends");
+    }
+    assert!(
+        turns as u64 >= N as u64 / BATCH,
+        "{N} closed in {turns} turns: more than a batch of {BATCH} a turn"
+    );
+    rig.settle();
+    assert!(
+        silent.clone().all(|i| rig.closed(i)),
+        "every silent client saw its socket closed"
+    );
+    ping(&mut rig, live);
+    assert_eq!(rig.connections(), 1, "only the live client is left");
+}
