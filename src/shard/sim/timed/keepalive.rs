@@ -76,7 +76,7 @@ fn a_client_that_pings_within_its_keep_alive_stays_connected() {
 }
 
 #[test]
-fn a_socket_that_sends_no_connect_is_closed_at_the_connect_timeout() {
+fn a_socket_that_sends_no_connect_is_closed_after_connect_timeout_secs() {
     let mut rig = Rig::new("[mqtt]\nconnect_timeout_secs = 1\n[shards]\ntick_ms = 100");
     to_phase(&mut rig, 50);
     let dev = rig.open(false);

@@ -32,7 +32,7 @@ fn wait_for_will(rig: &mut Rig, watcher: usize) -> (Option<u64>, Vec<Vec<u8>>) {
 }
 
 #[test]
-fn the_will_delay_interval_delays_the_will() {
+fn a_will_waits_its_will_delay() {
     // The default 1 s tick, closed in the middle of a tick: a deadline rounded down to
     // the current tick would fire most of a tick early.
     let mut rig = Rig::new("");
