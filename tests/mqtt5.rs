@@ -1,17 +1,16 @@
 //! The MQTT 5 features the README claims, over real TCP with a byte-level client: No
-//! Local, Retain As Published, Retain Handling, Message Expiry, DISCONNECT 0x04, property
-//! passthrough, the payload format check, what is declined (topic aliases
+//! Local, Retain As Published, Retain Handling, DISCONNECT 0x04, property passthrough, the payload format check, what is declined (topic aliases
 //! above the maximum, AUTH), `$`-topics, inbound Receive Maximum and the client's Maximum
 //! Packet Size. Shared subscriptions, subscription identifiers and topic aliases are
-//! tested in tests/mqtt5_more.rs; the Will Delay Interval on a manual clock in
-//! `src/shard/sim/timed/will.rs`.
+//! tested in tests/mqtt5_more.rs; the Will Delay Interval and Message Expiry on a manual
+//! clock in `src/shard/sim/timed/`.
 //!
 //! Where a test must show that something did NOT arrive, it then sends a sentinel on the
 //! same path and asserts the sentinel is the next message: no waiting for silence.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{connect5, encode, session_expiry_props, Raw, TestServer};
@@ -181,62 +180,6 @@ async fn retain_handling_0_1_2_on_subscribe_and_resubscribe() {
             }
         }
     }
-}
-
-#[tokio::test]
-async fn message_expiry_counts_down_while_queued_and_expired_ones_are_dropped() {
-    let gw = TestServer::start("");
-    let dev_connect = |clean| connect5("me-dev", 60, clean, Some(session_expiry_props(60)));
-    let (mut dev, _) = Raw::connected_v5(gw.mqtt, &dev_connect(true)).await;
-    subscribe(&mut dev, filter("me/t", QoS::AtLeastOnce)).await;
-    dev.send(&encode(|b| Disconnect::new().write(b))).await;
-    assert!(dev.wait_closed(T).await);
-
-    let mut publisher = client(&gw, "me-pub").await;
-    let mut m = msg("me/t", QoS::AtLeastOnce, "short-lived");
-    m.properties = Some(PublishProperties {
-        message_expiry_interval: Some(2),
-        ..common::empty_publish_props()
-    });
-    publish(&mut publisher, m.clone()).await;
-    let published = Instant::now();
-    gw.wait_metric("gateway_queued_messages", T, |v| v == 1.0)
-        .await;
-
-    // Back after 1 s: delivered, with the interval minus the time it waited.
-    tokio::time::sleep_until((published + Duration::from_secs(1)).into()).await;
-    let (mut dev, ack) = Raw::connected_v5(gw.mqtt, &dev_connect(false)).await;
-    assert!(ack.session_present);
-    let got = dev.next_publish_v5(T).await.expect("queued message");
-    assert_eq!(&got.payload[..], b"short-lived");
-    assert_eq!(
-        got.properties.and_then(|p| p.message_expiry_interval),
-        Some(1),
-        "remaining Message Expiry Interval after ~1 s of 2"
-    );
-    dev.send(&encode(|b| Disconnect::new().write(b))).await;
-    assert!(dev.wait_closed(T).await);
-
-    // Away for 3 s: the message expired in the queue and is never sent.
-    let expired_before = gw
-        .metric("gateway_messages_dropped_total{reason=\"expired\"}")
-        .await;
-    publish(&mut publisher, m).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (mut dev, ack) = Raw::connected_v5(gw.mqtt, &dev_connect(false)).await;
-    assert!(ack.session_present);
-    publish(&mut publisher, msg("me/t", QoS::AtLeastOnce, "fresh")).await;
-    assert_eq!(
-        payloads(&publishes_until(&mut dev, "fresh").await),
-        Vec::<String>::new(),
-        "an expired message was delivered"
-    );
-    assert!(
-        gw.metric("gateway_messages_dropped_total{reason=\"expired\"}")
-            .await
-            > expired_before,
-        "the expired message is counted"
-    );
 }
 
 /// A CONNECT with a will on `topic` (QoS 1) with `delay` and the given session expiry.

@@ -76,6 +76,8 @@ pub(super) enum Got {
         qos: u8,
         pkid: u16,
         payload: Vec<u8>,
+        /// MQTT 5 Message Expiry Interval.
+        expiry: Option<u32>,
     },
     /// DISCONNECT with its reason code (MQTT 5).
     Disconnect(u8),
@@ -351,6 +353,7 @@ impl Got {
                 qos: p.qos as u8,
                 pkid: p.pkid,
                 payload: p.payload.to_vec(),
+                expiry: p.properties.and_then(|p| p.message_expiry_interval),
             },
             P::Disconnect(d) => Got::Disconnect(d.reason_code as u8),
             other => Got::Other(format!("{other:?}")),
@@ -369,6 +372,7 @@ impl Got {
                 qos: p.qos as u8,
                 pkid: p.pkid,
                 payload: p.payload.to_vec(),
+                expiry: None,
             },
             P::Disconnect => Got::Disconnect(0),
             other => Got::Other(format!("{other:?}")),

@@ -1,13 +1,14 @@
 //! The shard's timers, tested on a manual clock (`rig.rs`) instead of wall time: keep-alive
 //! (`keepalive.rs`: the 1.5 × rule, keep-alive 0, PINGREQ, the connect timeout, a mass
-//! expiry in bounded batches), session expiry (`expiry.rs`), will delay (`will.rs`) and
-//! the write stall (`stall.rs`). Each test moves the clock in small steps and asserts
+//! expiry in bounded batches), session expiry (`expiry.rs`), will delay (`will.rs`),
+//! message expiry (`message.rs`) and the write stall (`stall.rs`). Each test moves the clock in small steps and asserts
 //! when, to the step, a timer acted: never before its time, at most a tick after it.
 //!
 //! Run with `cargo test --lib shard::sim::timed`.
 
 mod expiry;
 mod keepalive;
+mod message;
 mod stall;
 mod will;
 
