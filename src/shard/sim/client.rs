@@ -77,10 +77,19 @@ impl Client {
     }
 
     fn send(&mut self, first: u8, body: &[u8]) {
-        let mut frame = vec![first];
-        varint(&mut frame, body.len());
-        frame.extend_from_slice(body);
-        self.send_frame(&frame);
+        self.send_frame(&frame(first, body));
+    }
+
+    /// Writes what the socket takes of `bytes` now; how much it took.
+    pub(super) fn write_some(&mut self, bytes: &[u8]) -> usize {
+        match self.sock.write(bytes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                self.closed = true;
+                0
+            }
+        }
     }
 
     /// Writes a whole frame (or any bytes) as they are.
@@ -140,6 +149,12 @@ impl Client {
     }
 
     pub(super) fn send_publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) {
+        let f = self.publish_frame(topic, qos, pkid, payload);
+        self.send_frame(&f);
+    }
+
+    /// The PUBLISH frame `send_publish` sends.
+    pub(super) fn publish_frame(&self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
         string(&mut b, topic);
         if qos > 0 {
@@ -147,7 +162,7 @@ impl Client {
         }
         self.no_props(&mut b);
         b.extend_from_slice(payload);
-        self.send(0x30 | (qos << 1), &b);
+        frame(0x30 | (qos << 1), &b)
     }
 
     /// PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70), success.
@@ -208,6 +223,14 @@ impl Client {
         }
         got || self.closed != was_closed
     }
+}
+
+/// A frame: first byte, Remaining Length, body.
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![first];
+    varint(&mut frame, body.len());
+    frame.extend_from_slice(body);
+    frame
 }
 
 fn string(b: &mut Vec<u8>, s: &str) {

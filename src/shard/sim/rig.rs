@@ -94,6 +94,8 @@ struct Peer {
     got: Vec<Got>,
     /// False: the client does not read its socket (a stalled subscriber).
     reading: bool,
+    /// Bytes queued by `queue`, written as the socket takes them.
+    out: Vec<u8>,
 }
 
 pub(super) struct Rig {
@@ -142,6 +144,7 @@ impl Rig {
             input: BytesMut::new(),
             got: Vec::new(),
             reading: true,
+            out: Vec::new(),
         });
         self.settle();
         self.peers.len() - 1
@@ -174,6 +177,7 @@ impl Rig {
                     input: BytesMut::new(),
                     got: Vec::new(),
                     reading: true,
+                    out: Vec::new(),
                 });
             }
             self.settle();
@@ -219,6 +223,12 @@ impl Rig {
     pub(super) fn hang_up(&mut self, i: usize) {
         self.peers[i].client = None;
         self.settle();
+    }
+
+    /// Queues `bytes` for client `i` to write as its socket takes them (while the shard
+    /// does not read it, more than the kernel holds).
+    pub(super) fn queue(&mut self, i: usize, bytes: &[u8]) {
+        self.peers[i].out.extend_from_slice(bytes);
     }
 
     /// Client `i` stops (false) or resumes (true) reading its socket.
@@ -305,9 +315,17 @@ impl Rig {
         self.shard.turn(&mut self.rx).expect("turn").busy
     }
 
-    /// Reads every client that reads; true if anything moved.
+    /// Writes what clients have queued and reads every client that reads; true if
+    /// anything moved.
     pub(super) fn pump(&mut self) -> bool {
         let mut moved = false;
+        for p in self.peers.iter_mut().filter(|p| !p.out.is_empty()) {
+            if let Some(client) = p.client.as_mut() {
+                let n = client.write_some(&p.out);
+                p.out.drain(..n);
+                moved |= n > 0;
+            }
+        }
         for p in self.peers.iter_mut().filter(|p| p.reading) {
             let Some(client) = p.client.as_mut() else {
                 continue;

@@ -1,8 +1,8 @@
 //! Keep-alive and the connect timeout on a manual clock: a silent connection is closed at
 //! 1.5 × its keep-alive (told 0x8D in MQTT 5), keep-alive 0 means the cap, PINGREQs keep
 //! a connection open, a socket that never sends CONNECT is closed at the connect timeout,
-//! and thousands expiring at once are closed in bounded batches without starving a live
-//! client.
+//! thousands expiring at once are closed in bounded batches without starving a live
+//! client, and a publisher the shard holds (pacing) is not closed for its silence.
 
 use crate::metrics::DisconnectReason;
 
@@ -143,4 +143,67 @@ fn a_mass_keep_alive_expiry_closes_all_in_bounded_batches_and_never_starves_a_li
     );
     ping(&mut rig, live);
     assert_eq!(rig.connections(), 1, "only the live client is left");
+}
+
+/// A publisher held at a PUBLISH for a congested subscriber (`pacing.rs`) is silent
+/// because of the shard: held longer than 1.5 × its keep-alive, it is neither closed for
+/// keep-alive nor shed, and everything arrives once the subscriber reads.
+#[test]
+fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
+    const N: u32 = 24;
+    let mut rig = Rig::new(
+        "[tcp]\nsend_buffer_bytes = 4096\n[buffers]\noutbound_high_watermark = 8192\noutbound_low_watermark = 2048\n[limits]\npublish_rate = 0\nbytes_rate = 0",
+    );
+    let (sub, ..) = rig.connected(&spec("slowpoke", false, true, 60, 0));
+    super::subscribe(&mut rig, sub, "flood", 0);
+    rig.set_reading(sub, false);
+    // A publisher with a 2 s keep-alive that never sends PINGREQ. Frames of 100 KiB span
+    // reads (a read takes at most 64 KiB): each must wait as a whole.
+    let (publisher, ..) = rig.connected(&spec("bigpub", false, true, 2, 0));
+    let mut payload = vec![7u8; 100 * 1024];
+    for i in 0..N {
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        let frame = rig.client(publisher).publish_frame("flood", 0, 0, &payload);
+        rig.queue(publisher, &frame);
+    }
+    rig.settle();
+    let metrics = rig.shard.services.metrics.clone();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        load(&metrics.publisher_pauses) >= 1,
+        "the publisher is held"
+    );
+    // Held for longer than 1.5 times its keep-alive, and not closed for it.
+    for _ in 0..40 {
+        rig.advance(100);
+        assert!(
+            !rig.closed(publisher),
+            "held publisher closed at {} ms",
+            rig.now
+        );
+    }
+    let handled = load(&metrics.packets_received[3]);
+    assert!(
+        handled < u64::from(N),
+        "the publisher is still held ({handled} read)"
+    );
+    assert_eq!(rig.disconnects(DisconnectReason::Keepalive), 0);
+    // The subscriber reads: everything arrives, in order, nothing shed.
+    rig.set_reading(sub, true);
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        rig.settle();
+        for g in rig.take(sub) {
+            if let Got::Publish { payload, .. } = g {
+                got.push(u32::from_be_bytes(payload[..4].try_into().expect("id")));
+            }
+        }
+        if got.len() == N as usize {
+            break;
+        }
+        rig.advance(100);
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    let shed = load(&metrics.dropped[crate::metrics::DropReason::SlowConsumer as usize]);
+    assert_eq!(shed, 0, "nothing shed");
 }
