@@ -21,7 +21,7 @@ fn gone_after_disconnect(rig: &mut Rig, dev: usize, id: &str) -> Option<u64> {
     rig.client(dev).send_disconnect();
     rig.settle();
     assert!(rig.has_session(id), "{id}: session ended at the DISCONNECT");
-    rig.until(50, 5000, |r| !r.has_session(id))
+    rig.until(10, 5000, |r| !r.has_session(id))
 }
 
 /// The life of a persistent session of expiry 2 s: kept across an absence of 1 s with
@@ -40,7 +40,7 @@ fn two_second_session(rig: &mut Rig, id: &str, v5: bool) {
     assert_eq!(publishes(rig, dev), vec![b"while-offline".to_vec()]);
 
     let at = gone_after_disconnect(rig, dev, id);
-    assert_on_time(&format!("{id}: session ended"), at, 2000, rig, 50);
+    assert_on_time(&format!("{id}: session ended"), at, 2000, rig, 10);
     back(rig, id, v5, 2, false);
 }
 
@@ -72,7 +72,7 @@ fn offline_session_timers_never_fire_early_with_a_coarse_tick() {
             at,
             1000,
             &rig,
-            50,
+            10,
         );
     }
 }
