@@ -2,7 +2,9 @@
 //! many to a read decode the same, the packet size limit is exact, and a slow subscriber
 //! loses nothing, its publishers paced instead (the default) — or, with
 //! `slow_consumer = "drop"`, only QoS 0 (counted) while its QoS 1 messages wait for it.
-//! `tests/flow_control.rs` has the pacing's isolation, fan-in and memory bounds.
+//! `tests/flow_control.rs` has the pacing's isolation, fan-in and memory bounds; a
+//! held publisher outliving its keep-alive is tested on a manual clock
+//! (`src/shard/sim/timed/keepalive.rs`).
 
 mod common;
 
@@ -378,54 +380,6 @@ async fn pacing_across_shards_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = read_flood(&mut el, N as usize, rumqttc::QoS::AtMostOnce).await;
     assert_eq!(got, (0..N).collect::<Vec<_>>());
-    assert_eq!(
-        gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
-            .await,
-        0.0
-    );
-}
-
-#[tokio::test]
-async fn a_held_publisher_of_large_messages_is_neither_timed_out_nor_shed() {
-    let gw = TestServer::start(PACE_ONE_SHARD);
-    // Reads nothing for now.
-    let mut sub = small_window_subscriber(&gw).await;
-    // A raw publisher with a 2 s keep-alive that never sends PINGREQ: only the PUBLISHes
-    // we read show it is alive.
-    let mut publisher = Raw::connect(gw.mqtt).await;
-    publisher.send(&Raw::connect_v4("bigpub", 2, true)).await;
-    assert!(matches!(publisher.recv_v4(T).await, Ok(Packet::ConnAck(_))));
-    // Frames of 100 KiB span reads (a read takes at most 64 KiB): each must wait as a
-    // whole, not slip through a read at a time.
-    const N: u32 = 24;
-    let sender = tokio::spawn(async move {
-        let mut payload = vec![7u8; 100 * 1024];
-        for i in 0..N {
-            payload[..4].copy_from_slice(&i.to_be_bytes());
-            publisher
-                .send(&Raw::publish_v4("flood", 0, 0, &payload))
-                .await;
-        }
-        publisher
-    });
-    let pauses = gw
-        .wait_metric("gateway_publisher_pauses_total", T, |v| v >= 1.0)
-        .await;
-    assert!(pauses >= 1.0);
-    // Held for longer than 1.5 times its keep-alive, and not closed for it.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let handled = gw
-        .metric("gateway_packets_received_total{type=\"publish\"}")
-        .await;
-    assert!(handled < f64::from(N), "the publisher is still held");
-    assert_eq!(
-        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}")
-            .await,
-        0.0
-    );
-    let got = read_raw_flood(&mut sub, N as usize).await;
-    assert_eq!(got, (0..N).collect::<Vec<_>>());
-    sender.await.unwrap();
     assert_eq!(
         gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
             .await,

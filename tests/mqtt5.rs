@@ -1,16 +1,16 @@
 //! The MQTT 5 features the README claims, over real TCP with a byte-level client: No
-//! Local, Retain As Published, Retain Handling, Message Expiry, Will Delay, DISCONNECT
-//! 0x04, property passthrough, the payload format check, what is declined (topic aliases
+//! Local, Retain As Published, Retain Handling, DISCONNECT 0x04, property passthrough, the payload format check, what is declined (topic aliases
 //! above the maximum, AUTH), `$`-topics, inbound Receive Maximum and the client's Maximum
 //! Packet Size. Shared subscriptions, subscription identifiers and topic aliases are
-//! tested in tests/mqtt5_more.rs.
+//! tested in tests/mqtt5_more.rs; the Will Delay Interval and Message Expiry on a manual
+//! clock in `src/shard/sim/timed/`.
 //!
 //! Where a test must show that something did NOT arrive, it then sends a sentinel on the
 //! same path and asserts the sentinel is the next message: no waiting for silence.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{connect5, encode, session_expiry_props, Raw, TestServer};
@@ -182,62 +182,6 @@ async fn retain_handling_0_1_2_on_subscribe_and_resubscribe() {
     }
 }
 
-#[tokio::test]
-async fn message_expiry_counts_down_while_queued_and_expired_ones_are_dropped() {
-    let gw = TestServer::start("");
-    let dev_connect = |clean| connect5("me-dev", 60, clean, Some(session_expiry_props(60)));
-    let (mut dev, _) = Raw::connected_v5(gw.mqtt, &dev_connect(true)).await;
-    subscribe(&mut dev, filter("me/t", QoS::AtLeastOnce)).await;
-    dev.send(&encode(|b| Disconnect::new().write(b))).await;
-    assert!(dev.wait_closed(T).await);
-
-    let mut publisher = client(&gw, "me-pub").await;
-    let mut m = msg("me/t", QoS::AtLeastOnce, "short-lived");
-    m.properties = Some(PublishProperties {
-        message_expiry_interval: Some(2),
-        ..common::empty_publish_props()
-    });
-    publish(&mut publisher, m.clone()).await;
-    let published = Instant::now();
-    gw.wait_metric("gateway_queued_messages", T, |v| v == 1.0)
-        .await;
-
-    // Back after 1 s: delivered, with the interval minus the time it waited.
-    tokio::time::sleep_until((published + Duration::from_secs(1)).into()).await;
-    let (mut dev, ack) = Raw::connected_v5(gw.mqtt, &dev_connect(false)).await;
-    assert!(ack.session_present);
-    let got = dev.next_publish_v5(T).await.expect("queued message");
-    assert_eq!(&got.payload[..], b"short-lived");
-    assert_eq!(
-        got.properties.and_then(|p| p.message_expiry_interval),
-        Some(1),
-        "remaining Message Expiry Interval after ~1 s of 2"
-    );
-    dev.send(&encode(|b| Disconnect::new().write(b))).await;
-    assert!(dev.wait_closed(T).await);
-
-    // Away for 3 s: the message expired in the queue and is never sent.
-    let expired_before = gw
-        .metric("gateway_messages_dropped_total{reason=\"expired\"}")
-        .await;
-    publish(&mut publisher, m).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (mut dev, ack) = Raw::connected_v5(gw.mqtt, &dev_connect(false)).await;
-    assert!(ack.session_present);
-    publish(&mut publisher, msg("me/t", QoS::AtLeastOnce, "fresh")).await;
-    assert_eq!(
-        payloads(&publishes_until(&mut dev, "fresh").await),
-        Vec::<String>::new(),
-        "an expired message was delivered"
-    );
-    assert!(
-        gw.metric("gateway_messages_dropped_total{reason=\"expired\"}")
-            .await
-            > expired_before,
-        "the expired message is counted"
-    );
-}
-
 /// A CONNECT with a will on `topic` (QoS 1) with `delay` and the given session expiry.
 fn with_will(id: &str, topic: &str, delay: u32, session_expiry: u32) -> mqttbytes::v5::Connect {
     let mut c = connect5(id, 60, true, Some(session_expiry_props(session_expiry)));
@@ -260,77 +204,6 @@ async fn will_watcher(gw: &TestServer, id: &str) -> Raw {
     let mut w = client(gw, id).await;
     subscribe(&mut w, filter("will/#", QoS::AtLeastOnce)).await;
     w
-}
-
-#[tokio::test]
-async fn will_delay_interval_delays_the_will() {
-    // Default 1 s tick: a delayed will must not fire a tick early.
-    let gw = TestServer::start("");
-    let mut watcher = will_watcher(&gw, "wd-watch").await;
-    let (dev, _) = Raw::connected_v5(gw.mqtt, &with_will("wd-1", "will/wd-1", 2, 10)).await;
-    // Close in the middle of a tick: a deadline rounded down to the current tick would
-    // fire most of a tick early.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    drop(dev); // abnormal close: no DISCONNECT
-    let closed = Instant::now();
-    let will = watcher
-        .next_publish_v5(Duration::from_secs(8))
-        .await
-        .expect("delayed will published");
-    let after = closed.elapsed();
-    assert_eq!(&will.payload[..], b"will-of-wd-1");
-    assert!(
-        after >= Duration::from_millis(1900),
-        "will with delay 2 s sent after {after:?}"
-    );
-    assert!(after <= Duration::from_secs(6), "will sent late: {after:?}");
-    println!("will with delay 2 s published {after:?} after the close");
-}
-
-#[tokio::test]
-async fn reconnecting_within_the_will_delay_cancels_the_will() {
-    let gw = TestServer::start("[shards]\ntick_ms = 100");
-    let mut watcher = will_watcher(&gw, "wc-watch").await;
-    let (dev, _) = Raw::connected_v5(gw.mqtt, &with_will("wc-1", "will/wc-1", 2, 10)).await;
-    drop(dev);
-    let closed = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let back = connect5("wc-1", 60, false, Some(session_expiry_props(10)));
-    let (_dev, ack) = Raw::connected_v5(gw.mqtt, &back).await;
-    assert!(ack.session_present);
-    // Past the delay (and a few ticks): still no will.
-    tokio::time::sleep_until((closed + Duration::from_millis(3000)).into()).await;
-    let mut publisher = client(&gw, "wc-pub").await;
-    publish(
-        &mut publisher,
-        msg("will/sentinel", QoS::AtLeastOnce, "sentinel"),
-    )
-    .await;
-    assert_eq!(
-        payloads(&publishes_until(&mut watcher, "sentinel").await),
-        Vec::<String>::new(),
-        "will sent although the client came back within the delay"
-    );
-}
-
-#[tokio::test]
-async fn will_is_sent_at_once_when_the_session_ends_before_the_delay() {
-    let gw = TestServer::start("[shards]\ntick_ms = 100");
-    let mut watcher = will_watcher(&gw, "we-watch").await;
-    let (dev, _) = Raw::connected_v5(gw.mqtt, &with_will("we-1", "will/we-1", 5, 0)).await;
-    drop(dev);
-    let closed = Instant::now();
-    let will = watcher
-        .next_publish_v5(Duration::from_secs(8))
-        .await
-        .expect("will published when the session ends");
-    let after = closed.elapsed();
-    assert_eq!(&will.payload[..], b"will-of-we-1");
-    assert!(
-        after < Duration::from_millis(4500),
-        "session expiry 0 ends the session at once, so the will (delay 5 s) goes then; \
-         it came after {after:?}"
-    );
 }
 
 #[tokio::test]

@@ -311,24 +311,6 @@ async fn clean_session_discards_state() {
 }
 
 #[tokio::test]
-async fn connect_timeout_closes_silent_sockets() {
-    let gw = TestServer::start("[mqtt]\nconnect_timeout_secs = 1\n[shards]\ntick_ms = 100");
-    let started = std::time::Instant::now();
-    let mut raw = Raw::connect(gw.mqtt).await;
-    assert!(raw.closed_within(T).await, "silent socket closed");
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1000),
-        "closed early: {waited:?}"
-    );
-    assert_eq!(
-        gw.metric("gateway_disconnects_total{reason=\"connect_timeout\"}")
-            .await,
-        1.0
-    );
-}
-
-#[tokio::test]
 async fn first_packet_must_be_connect() {
     let gw = TestServer::start("");
     let mut raw = Raw::connect(gw.mqtt).await;

@@ -1,91 +1,15 @@
-//! No dead connection is ever left behind: keep-alive expiry on the timing wheel, peers
-//! that half-close, load-balancer probe churn, and subscribers that stop reading.
+//! No dead connection is ever left behind: peers that half-close and load-balancer probe
+//! churn. Keep-alive expiry and subscribers that stop reading (write stall) are timers,
+//! tested on a manual clock in `src/shard/sim/timed/`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect_from, v4, GatewayProcess, Raw, TestServer};
+use common::{connect_from, GatewayProcess, Raw, TestServer};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpSocket;
 
 const T: Duration = Duration::from_secs(5);
-
-#[tokio::test]
-async fn silent_client_expires_at_one_and_a_half_keep_alives() {
-    let gw = TestServer::start(""); // default tick: 1 s
-    let mut raw = Raw::connect(gw.mqtt).await;
-    raw.send(&Raw::connect_v4("silent", 2, true)).await;
-    assert!(matches!(
-        raw.recv_v4(T).await,
-        Ok(mqttbytes::v4::Packet::ConnAck(_))
-    ));
-    let started = Instant::now();
-    assert!(
-        raw.closed_within(Duration::from_secs(8)).await,
-        "silent client not disconnected"
-    );
-    let waited = started.elapsed();
-    // 1.5 × 2 s = 3 s, plus at most one 1 s tick.
-    assert!(
-        waited >= Duration::from_millis(2900),
-        "expired early: {waited:?}"
-    );
-    assert!(
-        waited <= Duration::from_millis(4500),
-        "expired late: {waited:?}"
-    );
-    assert_eq!(
-        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}")
-            .await,
-        1.0
-    );
-}
-
-#[tokio::test]
-async fn pinging_client_stays_connected() {
-    let gw = TestServer::start("");
-    let mut raw = Raw::connect(gw.mqtt).await;
-    raw.send(&Raw::connect_v4("pinger", 2, true)).await;
-    assert!(matches!(
-        raw.recv_v4(T).await,
-        Ok(mqttbytes::v4::Packet::ConnAck(_))
-    ));
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        raw.send(&[0xc0, 0x00]).await;
-        assert!(
-            matches!(raw.recv_v4(T).await, Ok(mqttbytes::v4::Packet::PingResp)),
-            "PINGRESP"
-        );
-    }
-    assert_eq!(
-        gw.metric("gateway_disconnects_total{reason=\"keepalive\"}")
-            .await,
-        0.0
-    );
-    assert_eq!(gw.metric("gateway_connections").await, 1.0);
-}
-
-#[tokio::test]
-async fn v5_keep_alive_timeout_is_told_0x8d() {
-    let gw = TestServer::start("[shards]\ntick_ms = 100");
-    let mut raw = Raw::connect(gw.mqtt).await;
-    raw.send(&Raw::connect_v5("silent5", 1, None)).await;
-    assert!(matches!(
-        raw.recv_v5(T).await,
-        Ok(mqttbytes::v5::Packet::ConnAck(_))
-    ));
-    match raw.recv_v5(T).await {
-        Ok(mqttbytes::v5::Packet::Disconnect(d)) => {
-            assert_eq!(
-                d.reason_code,
-                mqttbytes::v5::DisconnectReasonCode::KeepAliveTimeout
-            )
-        }
-        other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
-    }
-}
 
 /// Counts sockets in CLOSE_WAIT whose local port is `port` (/proc/net/tcp, state 08).
 fn close_wait_on(port: u16) -> usize {
@@ -220,62 +144,4 @@ async fn probe_churn_returns_to_baseline() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gw.metric("gateway_connects_total").await >= 5000.0);
-}
-
-#[tokio::test]
-async fn subscriber_that_stops_reading_is_closed_for_write_stall() {
-    let gw = TestServer::start(
-        "[mqtt]\nwrite_stall_timeout_secs = 2\n[shards]\ntick_ms = 100\n[tcp]\nsend_buffer_bytes = 4096\n[buffers]\nslow_consumer = \"drop\"",
-    );
-    // A subscriber with a tiny receive window that never reads after SUBACK.
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = Raw::from_stream(sock.connect(gw.mqtt).await.unwrap());
-    stalled.send(&Raw::connect_v4("stalled", 60, true)).await;
-    assert!(matches!(
-        stalled.recv_v4(T).await,
-        Ok(mqttbytes::v4::Packet::ConnAck(_))
-    ));
-    stalled.send(&Raw::subscribe_v4("firehose", 0, 1)).await;
-    assert!(matches!(
-        stalled.recv_v4(T).await,
-        Ok(mqttbytes::v4::Packet::SubAck(_))
-    ));
-
-    let publisher = v4::connect(v4::options(gw.mqtt, "firehose-pub")).await;
-    let payload = vec![0x42u8; 8 * 1024]; // under rumqttc's default 10 KiB packet limit
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while gw
-        .metric("gateway_disconnects_total{reason=\"write_stall\"}")
-        .await
-        < 1.0
-        && Instant::now() < deadline
-    {
-        for _ in 0..20 {
-            publisher
-                .client
-                .publish("firehose", v4::QoS::AtMostOnce, false, payload.clone())
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        gw.metric("gateway_disconnects_total{reason=\"write_stall\"}")
-            .await,
-        1.0
-    );
-    assert!(
-        gw.metric("gateway_messages_dropped_total{reason=\"slow_consumer\"}")
-            .await
-            > 0.0,
-        "QoS 0 above the high watermark is dropped and counted"
-    );
-    // The stalled connection lingers in its close grace (`close_grace_ms`, counted in
-    // `gateway_connections`) until the grace ends, since it never closes its side.
-    assert_eq!(
-        gw.wait_metric("gateway_connections", T, |v| v == 1.0).await,
-        1.0,
-        "only the stalled one was closed"
-    );
 }

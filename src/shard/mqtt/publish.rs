@@ -63,8 +63,10 @@ impl Shard {
             shard: self.id as u16,
             session: skey as u32,
         };
-        let mut msg =
-            Message::new(topic, p.payload, qos, p.retain, origin).with_expiry_secs(expiry);
+        let mut msg = Message::new(topic, p.payload, qos, p.retain, origin);
+        // Its expiry counts from the shard's clock, as every deadline the shard keeps.
+        msg.created = self.clock.now_instant;
+        let mut msg = msg.with_expiry_secs(expiry);
         msg.props = p.props;
         let msg = Arc::new(msg);
         self.emit_uplink(skey, &msg);

@@ -77,12 +77,26 @@ impl Client {
     }
 
     fn send(&mut self, first: u8, body: &[u8]) {
-        let mut frame = vec![first];
-        varint(&mut frame, body.len());
-        frame.extend_from_slice(body);
+        self.send_frame(&frame(first, body));
+    }
+
+    /// Writes what the socket takes of `bytes` now; how much it took.
+    pub(super) fn write_some(&mut self, bytes: &[u8]) -> usize {
+        match self.sock.write(bytes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                self.closed = true;
+                0
+            }
+        }
+    }
+
+    /// Writes a whole frame (or any bytes) as they are.
+    pub(super) fn send_frame(&mut self, frame: &[u8]) {
         // Small frames into a socket the server keeps reading: a short write would mean
         // the harness is wrong, not the shard.
-        match self.sock.write_all(&frame) {
+        match self.sock.write_all(frame) {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
                 self.closed = true
@@ -135,6 +149,12 @@ impl Client {
     }
 
     pub(super) fn send_publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) {
+        let f = self.publish_frame(topic, qos, pkid, payload);
+        self.send_frame(&f);
+    }
+
+    /// The PUBLISH frame `send_publish` sends.
+    pub(super) fn publish_frame(&self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
         string(&mut b, topic);
         if qos > 0 {
@@ -142,7 +162,7 @@ impl Client {
         }
         self.no_props(&mut b);
         b.extend_from_slice(payload);
-        self.send(0x30 | (qos << 1), &b);
+        frame(0x30 | (qos << 1), &b)
     }
 
     /// PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70), success.
@@ -167,6 +187,22 @@ impl Client {
     /// Reads what the socket holds and decodes the whole frames; true if any byte came or
     /// the server closed it.
     pub(super) fn read(&mut self, out: &mut Vec<Packet>) -> bool {
+        let moved = self.fill();
+        while let Some((p, used)) = decode(&self.inbuf, self.v5) {
+            self.inbuf.drain(..used);
+            out.push(p);
+        }
+        moved
+    }
+
+    /// The bytes read and not yet decoded, for a caller that decodes them itself.
+    pub(super) fn take_input(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.inbuf)
+    }
+
+    /// Reads what the socket holds into the input buffer; true if any byte came or the
+    /// server closed it.
+    pub(super) fn fill(&mut self) -> bool {
         let was_closed = self.closed;
         let mut got = false;
         let mut buf = [0u8; 8192];
@@ -185,12 +221,16 @@ impl Client {
                 Err(_) => self.closed = true,
             }
         }
-        while let Some((p, used)) = decode(&self.inbuf, self.v5) {
-            self.inbuf.drain(..used);
-            out.push(p);
-        }
         got || self.closed != was_closed
     }
+}
+
+/// A frame: first byte, Remaining Length, body.
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![first];
+    varint(&mut frame, body.len());
+    frame.extend_from_slice(body);
+    frame
 }
 
 fn string(b: &mut Vec<u8>, s: &str) {

@@ -40,6 +40,9 @@
 //! - at the end every client reads and acks, every offline session is resumed, and
 //!   every QoS 1/2 message owed to a session that still exists must have arrived.
 //!
+//! **Timers.** `timed/` tests the timers by script on the same footing (`rig.rs`: a
+//! shard on a manual clock, loopback clients driven by hand, `settle`), with no sleeps.
+//!
 //! **Running.** `cargo test --lib shard::sim` runs `SIM_SEEDS` seeds (default 500, from
 //! `SIM_FIRST`, default 0) of `SIM_STEPS` actions (default 300); CI (`.ci/run`) runs
 //! 2,000. A failure prints its seed and last actions; `SIM_SEED=n` runs that one seed and
@@ -51,7 +54,9 @@
 
 mod check;
 mod client;
+mod rig;
 mod rng;
+mod timed;
 mod world;
 
 use std::panic::AssertUnwindSafe;

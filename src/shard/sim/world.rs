@@ -5,20 +5,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::mailbox::{Mailboxes, ShardMsg};
-use crate::metrics::ShardMetrics;
+use crate::mailbox::ShardMsg;
 
-use super::super::clock::Clock;
 use super::super::ConnState;
-use super::super::{Shard, ShardContext};
+use super::super::Shard;
 use super::client::{Client, ConnectSpec, Packet};
+use super::rig::manual_shard;
 use super::rng::Rng;
 use super::{check, topic_matches};
 
@@ -135,33 +132,7 @@ pub(super) struct World {
 
 impl World {
     pub(super) fn new(seed: u64, clients: usize) -> World {
-        let config = Arc::new(config());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let (mailboxes, mut rxs) = Mailboxes::new(1, 64);
-        let auth = crate::auth::Authenticator::from_config(&config.auth, 1).expect("auth");
-        let ctx = ShardContext {
-            id: 0,
-            config: config.clone(),
-            listener,
-            tls: None,
-            ws: None,
-            wss: None,
-            per_ip: Arc::new(crate::limits::PerIpLimit::new(0)),
-            mailbox: rxs.remove(0),
-            mailboxes,
-            metrics: Arc::new(ShardMetrics::default()),
-            open_connections: Arc::new(AtomicUsize::new(0)),
-            shards_running: Arc::new(AtomicUsize::new(1)),
-            auth: Arc::new(auth),
-            business: tokio::runtime::Handle::current(),
-            store: None,
-            restore: Vec::new(),
-            retained: Arc::new(Vec::new()),
-            ready: std::sync::mpsc::channel().0,
-            events: crate::events::EventSender::disabled(),
-        };
-        let (shard, rx) = Shard::with_clock(ctx, Clock::manual).expect("shard");
+        let (shard, rx, addr) = manual_shard(config(), tokio::runtime::Handle::current());
         let slots = (0..clients)
             .map(|i| Slot {
                 id: format!("c{i}"),
