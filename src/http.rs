@@ -37,6 +37,8 @@ pub(crate) struct AdminState {
     pub events: Option<Arc<crate::events::EventsMetrics>>,
     /// The fleet, for its metrics (`None` unless `[cluster] enabled`).
     pub fleet: Option<Arc<crate::cluster::Fleet>>,
+    /// `gateway_config_reloads_total`.
+    pub reloads: Arc<crate::reload::ReloadMetrics>,
     pub started: Instant,
 }
 
@@ -280,6 +282,7 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     if let Some(f) = &s.fleet {
         f.render_metrics(&mut out);
     }
+    s.reloads.render(&mut out);
     let dropped = s.log_dropped.as_ref().map_or(0, |c| c.dropped_lines());
     metrics::render_process(&mut out, dropped as u64, s.started);
     (

@@ -119,7 +119,7 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Run) | None => match load(cli.config.as_ref()) {
-            Ok(config) => run(config),
+            Ok(config) => run(config, cli.config.clone()),
             Err(code) => code,
         },
     }
@@ -177,7 +177,7 @@ fn passwd(file: &std::path::Path, user: &str, password: Option<String>) -> ExitC
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     let log = logging::init(&config.log);
     match doctor::raise_nofile_limit() {
         Ok((before, after, hard)) => {
@@ -189,7 +189,7 @@ fn run(config: Config) -> ExitCode {
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
-    let server = match Server::start(config, Some(&log)) {
+    let server = match Server::start_from(config, path, Some(&log)) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");

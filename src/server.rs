@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,6 +25,7 @@ use crate::listen::{bind_group, BindError};
 use crate::logging::LogGuard;
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::metrics::{PushMetrics, ShardMetrics};
+use crate::reload::Reloader;
 use crate::shard::{self, ShardContext};
 use crate::store::{self, Store};
 
@@ -45,6 +46,7 @@ pub struct Server {
     store: Option<Store>,
     events: Events,
     fleet: Option<Arc<Fleet>>,
+    reloader: Arc<Reloader>,
 }
 
 /// Why the gateway could not start; each kind has its exit code ([`StartError::exit_code`]).
@@ -108,9 +110,16 @@ impl From<BindError> for StartError {
 /// the TLS certificate and key) and builds what they configure. `gateway check-config` and
 /// the start share it, so both refuse a bad file with the same message; the start calls it
 /// before it creates anything on disk.
+#[allow(clippy::type_complexity)]
 pub fn load_config_files(
     config: &Config,
-) -> Result<(Authenticator, Option<Arc<rustls::ServerConfig>>), String> {
+) -> Result<
+    (
+        Authenticator,
+        Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::TlsReload>)>,
+    ),
+    String,
+> {
     let auth = Authenticator::from_config(&config.auth, config.business_threads())
         .map_err(|e| format!("config error: {e}"))?;
     let tls = match config.mqtt.tls_listen.or(config.mqtt.wss_listen) {
@@ -153,15 +162,27 @@ fn log_store_path(path: &Path) {
 
 impl Server {
     /// Binds, starts the shards and the business pool, and returns once all accept.
+    /// Without a config file to read again, a reload answers that it cannot.
     pub fn start(config: Config, log: Option<&LogGuard>) -> Result<Server, StartError> {
+        Server::start_from(config, None, log)
+    }
+
+    /// Like [`Server::start`] for a config read from `path`, which a reload (SIGHUP,
+    /// `POST /v1/admin/reload`) reads again.
+    pub fn start_from(
+        config: Config,
+        path: Option<PathBuf>,
+        log: Option<&LogGuard>,
+    ) -> Result<Server, StartError> {
         let config = Arc::new(config);
         let n = config.shard_count();
         let backlog = config.tcp.backlog as i32;
         let started = Instant::now();
 
         // The files the config names are checked before anything is created on disk.
-        let (auth, tls_config) = load_config_files(&config).map_err(StartError::Config)?;
+        let (auth, tls) = load_config_files(&config).map_err(StartError::Config)?;
         let auth = Arc::new(auth);
+        let (tls_config, tls_reload) = tls.unzip();
 
         // The store is loaded before anything listens: a restarted gateway serves its
         // devices their sessions from the first CONNECT.
@@ -277,7 +298,15 @@ impl Server {
         let http_addr = http_listener.local_addr()?;
         let ready = Arc::new(AtomicBool::new(true));
         let push = Arc::new(PushMetrics::default());
+        let reloader = Arc::new(Reloader::new(
+            path,
+            config.clone(),
+            auth.clone(),
+            tls_reload,
+            mailboxes.clone(),
+        ));
         let api = ApiState::new(
+            reloader.clone(),
             config.clone(),
             mailboxes.clone(),
             metrics.clone(),
@@ -303,6 +332,7 @@ impl Server {
             events: (config.events.enabled() || config.cluster.enabled)
                 .then(|| events.metrics.clone()),
             fleet: fleet.clone(),
+            reloads: reloader.metrics.clone(),
             started: Instant::now(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -338,6 +368,7 @@ impl Server {
             store,
             events,
             fleet,
+            reloader,
         })
     }
 
@@ -347,20 +378,33 @@ impl Server {
         self.events.sender.clone()
     }
 
-    /// Blocks until SIGINT or SIGTERM.
+    /// Blocks until SIGINT or SIGTERM; each SIGHUP reloads the config meanwhile.
     pub fn wait_for_signal(&self) {
         self.business.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
-            let mut term = match signal(SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+            let (mut term, mut hup) = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(t), Ok(h)) => (t, h),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM/SIGHUP handler");
                     return;
                 }
             };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {
+                        tracing::info!("SIGINT received, shutting down");
+                        return;
+                    }
+                    _ = term.recv() => {
+                        tracing::info!("SIGTERM received, shutting down");
+                        return;
+                    }
+                    // The reload logs its outcome itself.
+                    _ = hup.recv() => drop(self.reloader.reload("SIGHUP").await),
+                }
             }
         });
     }

@@ -1,5 +1,5 @@
-//! TLS for the MQTT listener: the rustls server configuration built once at startup from
-//! `[mqtt] tls_*`, and the client id a verified client certificate carries.
+//! TLS for the MQTT listener: the rustls server configuration built at startup from
+//! `[mqtt] tls_*` (its certificate and client CA swappable by a reload, [`TlsReload`]), and the client id a verified client certificate carries.
 //!
 //! The TLS state machine itself is driven by the shards (`shard/mod.rs`): a TLS
 //! connection is an ordinary connection whose bytes pass through a rustls
@@ -9,12 +9,18 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 
 use crate::config::MqttConfig;
 
@@ -36,10 +42,27 @@ fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// The rustls server configuration for `m` (which must have `tls_listen` set): the
-/// certificate chain and key, and a client-certificate verifier when `tls_client_ca` is
-/// set (mandatory certificates with `tls_require_client_cert`).
-pub(crate) fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
+/// What a reload can swap under a running TLS listener: the certificate chain and key
+/// new handshakes are served, and the client-certificate verifier they are checked by.
+/// Handshakes already done keep what they were made with; connections stay up.
+#[derive(Debug)]
+pub struct TlsReload {
+    cert: RwLock<Arc<CertifiedKey>>,
+    verifier: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+/// The pieces read from `[mqtt] tls_*` (files read, checked, nothing installed yet).
+pub struct TlsFiles {
+    cert: Arc<CertifiedKey>,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads and checks the certificate, key and client CA that `m` names.
+pub(crate) fn read_files(m: &MqttConfig) -> io::Result<TlsFiles> {
     let missing =
         |key: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{key} is not set"));
     let cert_path = m
@@ -53,12 +76,11 @@ pub(crate) fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
     let certs = load_certs(cert_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| err("cannot read a private key from", key_path, e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let builder = match &m.tls_client_ca {
-        None => builder.with_no_client_auth(),
+    let provider = provider();
+    let cert = CertifiedKey::from_der(certs, key, &provider)
+        .map_err(|e| err("certificate and key do not fit:", cert_path, e))?;
+    let verifier: Arc<dyn ClientCertVerifier> = match &m.tls_client_ca {
+        None => Arc::new(rustls::server::NoClientAuth),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for c in load_certs(ca)? {
@@ -72,13 +94,94 @@ pub(crate) fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
             } else {
                 v.allow_unauthenticated()
             };
-            let verifier = v.build().map_err(|e| err("cannot use client CA", ca, e))?;
-            builder.with_client_cert_verifier(verifier)
+            v.build().map_err(|e| err("cannot use client CA", ca, e))?
         }
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| err("certificate and key do not fit:", cert_path, e))?;
+    Ok(TlsFiles {
+        cert: Arc::new(cert),
+        verifier,
+    })
+}
+
+impl TlsReload {
+    /// New handshakes from now on use `files`.
+    pub(crate) fn install(&self, files: TlsFiles) {
+        *self.cert.write().unwrap_or_else(|e| e.into_inner()) = files.cert;
+        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = files.verifier;
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.verifier
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for TlsReload {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.cert.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// Asks the verifier in force at each step. It names no acceptable CAs in its
+/// CertificateRequest (the list would have to outlive a swap): clients send the
+/// certificate they are configured with, as rustls and OpenSSL clients do anyway.
+impl ClientCertVerifier for TlsReload {
+    fn offer_client_auth(&self) -> bool {
+        self.verifier().offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.verifier().client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
+/// The rustls server configuration for `m` (which must have `tls_listen` set): the
+/// certificate chain and key, and a client-certificate verifier when `tls_client_ca` is
+/// set (mandatory certificates with `tls_require_client_cert`); both are served through
+/// the returned [`TlsReload`], which a config reload swaps.
+pub(crate) fn server_config(m: &MqttConfig) -> io::Result<(Arc<ServerConfig>, Arc<TlsReload>)> {
+    let files = read_files(m)?;
+    let reload = Arc::new(TlsReload {
+        cert: RwLock::new(files.cert),
+        verifier: RwLock::new(files.verifier),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+        .with_client_cert_verifier(reload.clone())
+        .with_cert_resolver(reload.clone());
     // MQTT has no ALPN requirement; devices that send "mqtt" still connect.
     config.alpn_protocols = Vec::new();
     // Resumption without server state: stateless tickets (keys rotate every 6 hours)
@@ -87,7 +190,7 @@ pub(crate) fn server_config(m: &MqttConfig) -> io::Result<Arc<ServerConfig>> {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| io::Error::other(format!("cannot create TLS ticketer: {e}")))?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), reload))
 }
 
 /// The subject Common Name of a DER X.509 certificate (the first CN if there are

@@ -15,7 +15,7 @@
 //! `spec` (the validated push and its answers), `push` (the push handlers), `fleet`
 //! (client pushes to devices on other nodes of a fleet), `clients` (the clients routes
 //! and stats), `listing` (the paged lists of clients and retained messages, deleting a
-//! retained message) and `error` (the error answers); this file holds the
+//! retained message), `admin` (the config reload) and `error` (the error answers); this file holds the
 //! shared state, the router and the OpenAPI document.
 
 use std::sync::atomic::AtomicU64;
@@ -34,6 +34,7 @@ use crate::mailbox::Mailboxes;
 use crate::metrics::{PushMetrics, ShardMetrics};
 
 mod access;
+mod admin;
 mod body;
 mod clients;
 mod error;
@@ -65,6 +66,8 @@ pub(crate) struct ApiState {
 
 struct Inner {
     config: Arc<Config>,
+    /// Reads the config file again (`POST /v1/admin/reload`).
+    reloader: Arc<crate::reload::Reloader>,
     access: Access,
     mailboxes: Mailboxes,
     shards: Vec<Arc<ShardMetrics>>,
@@ -81,6 +84,7 @@ struct Inner {
 
 impl ApiState {
     pub(crate) fn new(
+        reloader: Arc<crate::reload::Reloader>,
         config: Arc<Config>,
         mailboxes: Mailboxes,
         shards: Vec<Arc<ShardMetrics>>,
@@ -95,6 +99,7 @@ impl ApiState {
                 access: Access::from_config(&config.http),
                 large_bodies: tokio::sync::Semaphore::new(config.http.max_large_bodies as usize),
                 config,
+                reloader,
                 mailboxes,
                 shards,
                 push_metrics,
@@ -127,6 +132,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         )
         .route("/v1/retained", get(list_retained).delete(delete_retained))
         .route("/v1/stats", get(stats))
+        .route("/v1/admin/reload", post(admin::reload))
         .route("/v1/openapi.json", get(openapi))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -146,13 +146,34 @@ enum Provider {
     Http(Box<webhook::Webhook>),
 }
 
-/// The configured providers, built once at start and shared by every shard.
+/// The configured providers, built at start and shared by every shard. A config reload
+/// (`src/reload.rs`) swaps the whole provider list ([`Authenticator::replace_providers`]):
+/// a check already running finishes with the list it started with.
 pub struct Authenticator {
-    providers: Vec<Provider>,
+    providers: std::sync::RwLock<Arc<[Provider]>>,
     /// Bounds concurrent argon2 hashes.
     hashing: Arc<password::Hashing>,
     backoff: Arc<backoff::Backoff>,
 }
+
+/// The providers `c` lists, reading the password file and key files now.
+fn build_providers(c: &AuthConfig) -> Result<Arc<[Provider]>, String> {
+    let mut providers = Vec::with_capacity(c.providers.len());
+    for p in &c.providers {
+        providers.push(match p {
+            ProviderKind::Anonymous => Provider::Anonymous(c.anonymous),
+            ProviderKind::PasswordFile => Provider::PasswordFile(Arc::new(
+                password::PasswordFile::load(std::path::Path::new(&c.password_file.path))?,
+            )),
+            ProviderKind::Jwt => Provider::Jwt(Box::new(jwt::Jwt::from_config(&c.jwt)?)),
+            ProviderKind::Http => Provider::Http(Box::new(webhook::Webhook::from_config(&c.http)?)),
+        });
+    }
+    Ok(providers.into())
+}
+
+/// Providers built by [`Authenticator::prepare`], not yet in force.
+pub struct Providers(Arc<[Provider]>);
 
 /// A deadline that never comes, for checks nobody waits on with one.
 fn far_future() -> Instant {
@@ -163,27 +184,35 @@ impl Authenticator {
     /// Builds the providers, reading the password file and key files now (at start, not
     /// on a shard). `hash_threads` bounds concurrent argon2 verifications.
     pub fn from_config(c: &AuthConfig, hash_threads: usize) -> Result<Authenticator, String> {
-        let mut providers = Vec::with_capacity(c.providers.len());
-        for p in &c.providers {
-            providers.push(match p {
-                ProviderKind::Anonymous => Provider::Anonymous(c.anonymous),
-                ProviderKind::PasswordFile => Provider::PasswordFile(Arc::new(
-                    password::PasswordFile::load(std::path::Path::new(&c.password_file.path))?,
-                )),
-                ProviderKind::Jwt => Provider::Jwt(Box::new(jwt::Jwt::from_config(&c.jwt)?)),
-                ProviderKind::Http => {
-                    Provider::Http(Box::new(webhook::Webhook::from_config(&c.http)?))
-                }
-            });
-        }
         Ok(Authenticator {
-            providers,
+            providers: std::sync::RwLock::new(build_providers(c)?),
             hashing: password::Hashing::new(hash_threads),
             backoff: Arc::new(backoff::Backoff::new(
                 c.failure_backoff_after,
                 c.failure_backoff_secs,
             )),
         })
+    }
+
+    /// Builds the providers `c` lists (reading the password file and key files again)
+    /// without putting them in place: a reload prepares everything before it changes
+    /// anything ([`Authenticator::install`]).
+    pub fn prepare(c: &AuthConfig) -> Result<Providers, String> {
+        build_providers(c).map(Providers)
+    }
+
+    /// Puts `p` in place for the next check. The back-off and hashing bounds stay as
+    /// they started.
+    pub fn install(&self, p: Providers) {
+        *self.providers.write().unwrap_or_else(|e| e.into_inner()) = p.0;
+    }
+
+    /// The providers in force now.
+    fn current(&self) -> Arc<[Provider]> {
+        self.providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Decides on the shard if the cheap providers ahead of any slow one decide, or if
@@ -194,7 +223,7 @@ impl Authenticator {
         password: Option<&[u8]>,
         peer: SocketAddr,
     ) -> Option<Verdict> {
-        for p in &self.providers {
+        for p in self.current().iter() {
             match p {
                 Provider::Anonymous(policy) => {
                     if let Answer::Decided(v) = anonymous(*policy, username, password, peer) {
@@ -215,8 +244,9 @@ impl Authenticator {
     /// Asks every provider in order; a password hash not started by `deadline` is not
     /// started at all (the verdict is then "unavailable", for nobody).
     pub async fn check_until(&self, req: Request, deadline: Instant) -> Verdict {
+        let providers = self.current();
         let mut unknown_user = None;
-        for p in &self.providers {
+        for p in providers.iter() {
             let answer = match p {
                 Provider::Anonymous(policy) => anonymous(
                     *policy,

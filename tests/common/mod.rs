@@ -263,6 +263,18 @@ impl GatewayProcess {
     pub async fn metric(&self, sample: &str) -> f64 {
         metric_value(&http_get(self.http, "/metrics").await.1, sample)
     }
+
+    /// The config file the process was started with (a reload reads it again).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.0.join("gateway.toml")
+    }
+
+    /// Merges `extra` TOML (whole sections) into the config file on disk.
+    pub fn edit_config(&self, extra: &str) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, merge_toml(&text, extra)).unwrap();
+    }
 }
 
 impl Drop for GatewayProcess {
