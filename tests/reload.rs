@@ -326,4 +326,29 @@ async fn an_invalid_file_changes_nothing_and_names_the_key() {
     assert_eq!(gw.metric(RELOADS_OK).await, 0.0);
     let c = TlsClient::connect(tls, pki.client_config(), "still-old");
     assert_eq!(c.server_cert(), first);
+    // The same through SIGHUP: counted, and the process keeps serving.
+    gw.signal(libc::SIGHUP);
+    wait_metric(&gw, RELOADS_FAILED, 3.0).await;
+    let c = TlsClient::connect(tls, pki.client_config(), "after-hup");
+    assert_eq!(c.server_cert(), first);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_takes_the_api_token_and_needs_a_config_file() {
+    let gw = common::TestServer::start("[http]\ntokens = [\"r3load\"]\n");
+    let url = format!("http://{}/v1/admin/reload", gw.http);
+    let client = reqwest::Client::new();
+    let r = client.post(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "no token, no reload");
+    // Started in-process from a config with no file behind it: nothing to read again.
+    let r = client
+        .post(&url)
+        .bearer_auth("r3load")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_config_file", "{body}");
+    assert_eq!(gw.metric(RELOADS_FAILED).await, 1.0);
 }
