@@ -67,15 +67,40 @@ impl Pki {
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::new(self.client_builder().with_no_client_auth())
+    }
+
+    fn client_builder(
+        &self,
+    ) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+    }
+
+    /// A client configuration trusting this CA and presenting a certificate for `cn`
+    /// signed by `issuer`'s CA.
+    fn client_config_with_cert(&self, issuer: &Pki, cn: &str) -> Arc<ClientConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let cert = p.signed_by(&key, &issuer.ca, &issuer.ca_key).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
         Arc::new(
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
+            self.client_builder()
+                .with_client_auth_cert(vec![cert.der().clone()], key)
+                .unwrap(),
         )
+    }
+
+    /// Writes this CA as `ca.pem` into `dir` and returns the path.
+    fn write_ca(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca.pem()).unwrap();
+        path
     }
 }
 
@@ -351,4 +376,58 @@ async fn reload_takes_the_api_token_and_needs_a_config_file() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_config_file", "{body}");
     assert_eq!(gw.metric(RELOADS_FAILED).await, 1.0);
+}
+
+/// Whether a TLS handshake and MQTT CONNECT with `cfg` succeed.
+fn handshake_ok(addr: SocketAddr, cfg: Arc<ClientConfig>) -> bool {
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let mut conn = ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap()).unwrap();
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut sock).is_err() {
+            return false;
+        }
+    }
+    // TLS 1.3 reports a refused client certificate after the handshake, on the next read.
+    let mut s = StreamOwned::new(conn, sock);
+    if s.write_all(&Raw::connect_v4("ca-probe", 60, true)).is_err() {
+        return false;
+    }
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).is_ok() && b[0] == 0x20 && b[3] == 0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_swaps_the_client_ca_for_new_handshakes() {
+    let server = Pki::new();
+    server.issue("gateway");
+    let (old_ca, new_ca) = (Pki::new(), Pki::new());
+    let ca_file = old_ca.write_ca(&server.dir.0);
+    let gw = GatewayProcess::start(&format!(
+        "{}tls_client_ca = {:?}\ntls_require_client_cert = true\n",
+        server.toml(),
+        ca_file.display().to_string()
+    ));
+    let tls = gw.tls.expect("tls listener");
+    let by_old = || server.client_config_with_cert(&old_ca, "dev-old");
+    let by_new = || server.client_config_with_cert(&new_ca, "dev-new");
+    assert!(handshake_ok(tls, by_old()));
+    assert!(
+        !handshake_ok(tls, by_new()),
+        "the new CA is not trusted yet"
+    );
+    let mut open = TlsClient::connect(tls, by_old(), "kept");
+
+    new_ca.write_ca(&server.dir.0);
+    let (code, body) = reload(&gw).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["changed"], serde_json::json!(["mqtt.tls"]), "{body}");
+    assert!(
+        handshake_ok(tls, by_new()),
+        "the new CA signs new handshakes"
+    );
+    assert!(!handshake_ok(tls, by_old()), "the old CA no longer does");
+    // The connection made under the old CA stays up.
+    open.send(&Raw::subscribe_v4("still/here", 0, 1));
+    assert!(matches!(open.recv(), mqttbytes::v4::Packet::SubAck(_)));
 }
