@@ -431,3 +431,39 @@ async fn reload_swaps_the_client_ca_for_new_handshakes() {
     open.send(&Raw::subscribe_v4("still/here", 0, 1));
     assert!(matches!(open.recv(), mqttbytes::v4::Packet::SubAck(_)));
 }
+
+/// An HS256 token for client id `sub`, valid ten minutes, signed with `secret`.
+fn token(sub: &str, secret: &[u8]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_rotates_the_jwt_secret() {
+    let jwt = |secret: &str| {
+        format!("[auth]\nproviders = [\"jwt\"]\n[auth.jwt]\nsecret = \"{secret}\"\n")
+    };
+    let gw = GatewayProcess::start(&jwt("first-secret"));
+    let (old, new) = (token("d1", b"first-secret"), token("d1", b"second-secret"));
+    assert_eq!(connack(gw.mqtt, "d1", "u", &old).await, 0);
+    assert_eq!(connack(gw.mqtt, "d1", "u", &new).await, 5);
+
+    gw.edit_config(&jwt("second-secret"));
+    gw.signal(libc::SIGHUP);
+    wait_metric(&gw, RELOADS_OK, 1.0).await;
+    assert_eq!(connack(gw.mqtt, "d1", "u", &new).await, 0, "the new secret");
+    assert_eq!(
+        connack(gw.mqtt, "d1", "u", &old).await,
+        5,
+        "not the old one"
+    );
+}
