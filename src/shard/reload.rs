@@ -9,6 +9,6 @@ use super::Shard;
 impl Shard {
     pub(super) fn replace_acl(&mut self, acl: crate::acl::Acl) {
         self.services.acl = acl;
-        tracing::info!(shard = self.id, "ACL rules reloaded");
+        tracing::debug!(shard = self.id, "ACL rules reloaded");
     }
 }
