@@ -789,25 +789,3 @@ fn edit_distance_counts_single_edits() {
     assert_eq!(edit_distance("max_inflight", "max_inflite"), 3);
     assert_eq!(edit_distance("", "abc"), 3);
 }
-
-#[test]
-fn store_reopen_backoff_and_backlog_bound_are_checked_naming_their_keys() {
-    let c = Config::default();
-    assert_eq!(
-        (c.store.reopen_backoff_min_ms, c.store.reopen_backoff_max_ms),
-        (100, 10_000)
-    );
-    assert_eq!(
-        invalid_key("[store]\nreopen_backoff_min_ms = 0\n"),
-        "store.reopen_backoff_min_ms"
-    );
-    assert_eq!(
-        invalid_key("[store]\nreopen_backoff_min_ms = 500\nreopen_backoff_max_ms = 400\n"),
-        "store.reopen_backoff_max_ms"
-    );
-    assert_eq!(c.store.backlog_max_bytes, 16 << 20);
-    assert_eq!(
-        invalid_key("[store]\nbacklog_max_bytes = 100\n"),
-        "store.backlog_max_bytes"
-    );
-}
