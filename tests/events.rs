@@ -68,21 +68,7 @@ fn assert_ordered(events: &[Value]) {
 /// A password file with user `alice` (password `pw`), made by `gateway passwd`.
 fn password_file(dir: &std::path::Path) -> std::path::PathBuf {
     let file = dir.join("users");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "passwd",
-            file.to_str().unwrap(),
-            "alice",
-            "--password",
-            "pw",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::passwd(&file, "alice", "pw");
     file
 }
 

@@ -8,12 +8,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{post_json, tempdir, GatewayProcess, Raw};
+use common::{passwd, post_json, tempdir, GatewayProcess, Raw};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,23 +209,6 @@ async fn sighup_rotates_the_certificate_and_open_tls_connections_stay() {
         "the open connection kept its handshake"
     );
     assert_eq!(gw.metric(RELOADS_FAILED).await, 0.0);
-}
-
-/// Runs `gateway passwd FILE USER --password PASS`.
-fn passwd(file: &Path, user: &str, pass: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("passwd")
-        .arg(file)
-        .arg(user)
-        .arg("--password")
-        .arg(pass)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The CONNACK code for a 3.1.1 CONNECT with credentials.

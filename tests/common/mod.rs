@@ -878,6 +878,24 @@ impl GatewayProcess {
     }
 }
 
+/// Adds (or changes) `user` with password `pass` in the password file `file`, with
+/// `gateway passwd FILE USER --password PASS`; panics with its stderr if that fails.
+pub fn passwd(file: &std::path::Path, user: &str, pass: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("passwd")
+        .arg(file)
+        .arg(user)
+        .arg("--password")
+        .arg(pass)
+        .output()
+        .expect("gateway passwd runs");
+    assert!(
+        out.status.success(),
+        "gateway passwd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs the `gateway` binary with `args` to completion (killed after `timeout`, which
 /// then panics): (exit code, stdout, stderr).
 pub fn run_gateway(args: &[&std::ffi::OsStr], timeout: Duration) -> (Option<i32>, String, String) {
