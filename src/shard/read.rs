@@ -111,18 +111,7 @@ impl Shard {
     /// discards its will. False when that closed the connection.
     fn handle_held_at_eof(&mut self, key: usize) -> bool {
         let held = self.wire.take_held(key);
-        let mut at = 0;
-        let mut alive = true;
-        while let Ok(Split::Whole(len)) = framer::split(&held[at..], self.settings.max_packet_size)
-        {
-            alive = self.dispatch(key, &held[at..at + len], &[]);
-            if !alive {
-                break;
-            }
-            at += len;
-        }
-        self.wire.pool.give(held, self.clock.now);
-        alive
+        self.handle_held(key, held, |_| true)
     }
 
     /// Stops reading a connection over its inbound rate: its bytes wait in the kernel
@@ -325,19 +314,27 @@ impl Shard {
     /// them: they answer what the gateway sent, so they need not wait behind a held
     /// PUBLISH, and a paced client that also subscribes keeps its window open. False when
     /// the connection is gone.
-    fn hold_frames(&mut self, key: usize, mut held: Vec<u8>) -> bool {
-        let (mut at, mut kept) = (0, 0);
-        while let Ok(Split::Whole(len)) = framer::split(&held[at..], self.settings.max_packet_size)
-        {
-            let kind = type_of(held[at]);
-            if matches!(
+    fn hold_frames(&mut self, key: usize, held: Vec<u8>) -> bool {
+        self.handle_held(key, held, |kind| {
+            matches!(
                 kind,
                 packet::PUBACK
                     | packet::PUBREC
                     | packet::PUBREL
                     | packet::PUBCOMP
                     | packet::PINGREQ
-            ) {
+            )
+        })
+    }
+
+    /// Handles, in order, the whole frames of `held` whose packet type `now` accepts, and
+    /// keeps the rest (and a trailing partial frame) held; a connection left holding
+    /// nothing keeps no box. False when the connection is gone.
+    fn handle_held(&mut self, key: usize, mut held: Vec<u8>, now: impl Fn(u8) -> bool) -> bool {
+        let (mut at, mut kept) = (0, 0);
+        while let Ok(Split::Whole(len)) = framer::split(&held[at..], self.settings.max_packet_size)
+        {
+            if now(type_of(held[at])) {
                 if !self.dispatch(key, &held[at..at + len], &[]) {
                     self.wire.pool.give(held, self.clock.now);
                     return false;
@@ -351,7 +348,6 @@ impl Shard {
         held.copy_within(at.., kept);
         held.truncate(kept + held.len() - at);
         if held.is_empty() {
-            // Only acknowledgements were held: an idle connection keeps no box.
             self.wire.pool.give(held, self.clock.now);
             self.wire.release_idle_bufs(&self.clock, key);
         } else {
