@@ -33,6 +33,7 @@ pub mod events;
 pub(crate) mod http;
 pub(crate) mod https_client;
 pub(crate) mod idempotency;
+pub mod interest;
 pub(crate) mod limits;
 pub(crate) mod listen;
 pub(crate) mod lockholder;

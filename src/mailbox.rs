@@ -13,6 +13,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::Connect;
+use crate::interest::ShardInterest;
 use crate::message::Message;
 
 /// A client id's home shard: the one shard that owns its session, so duplicate-login
@@ -275,6 +276,8 @@ pub struct Mailboxes {
     /// Per shard: the bytes of the routed messages ([`ShardMsg::Publish`]) sent to it and
     /// not yet handled, so a sender can bound a busy shard's mailbox by bytes.
     routed_bytes: Arc<[AtomicUsize]>,
+    /// Which shards may hold a subscription matching a topic (`crate::interest`).
+    interest: Arc<ShardInterest>,
 }
 
 impl Mailboxes {
@@ -285,8 +288,21 @@ impl Mailboxes {
         let boxes = Mailboxes {
             senders: tx.into(),
             routed_bytes,
+            interest: Arc::new(ShardInterest::off()),
         };
         (boxes, rx)
+    }
+
+    /// Routes by interest: a counting filter of `buckets` per shard (0 = off, every shard
+    /// gets every message).
+    pub fn with_interest(mut self, buckets: usize) -> Self {
+        self.interest = Arc::new(ShardInterest::new(self.senders.len(), buckets));
+        self
+    }
+
+    /// Which shards may hold a subscription matching a topic.
+    pub fn interest(&self) -> &ShardInterest {
+        &self.interest
     }
 
     /// Bytes of routed messages waiting in `shard`'s mailbox.
@@ -333,12 +349,23 @@ impl Mailboxes {
     /// before anything is sent, so a full (or closed) mailbox leaves the others untouched
     /// and the caller can answer "not sent" truthfully. Err names the first shard without
     /// room.
-    pub fn try_send_all(&self, mut make: impl FnMut(usize) -> ShardMsg) -> Result<(), usize> {
+    pub fn try_send_all(&self, make: impl FnMut(usize) -> ShardMsg) -> Result<(), usize> {
+        self.try_send_to(|_| true, make)
+    }
+
+    /// [`Mailboxes::try_send_all`] to the shards for which `to` says yes.
+    pub fn try_send_to(
+        &self,
+        to: impl Fn(usize) -> bool,
+        mut make: impl FnMut(usize) -> ShardMsg,
+    ) -> Result<(), usize> {
         let mut permits = Vec::with_capacity(self.senders.len());
         for (shard, sender) in self.senders.iter().enumerate() {
-            permits.push(sender.try_reserve().map_err(|_| shard)?);
+            if to(shard) {
+                permits.push((shard, sender.try_reserve().map_err(|_| shard)?));
+            }
         }
-        for (shard, permit) in permits.into_iter().enumerate() {
+        for (shard, permit) in permits {
             permit.send(make(shard));
         }
         Ok(())

@@ -249,6 +249,7 @@ impl Server {
             Events::start_with_registry(&config.events, &node, business.handle(), registry_queue)?;
 
         let (mailboxes, receivers) = Mailboxes::new(n, config.shards.mailbox_capacity as usize);
+        let mailboxes = mailboxes.with_interest(config.shards.interest_buckets as usize);
         let metrics: Vec<Arc<ShardMetrics>> =
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));

@@ -407,6 +407,10 @@ async fn a_full_mailbox_is_answered_503_with_retry_after() {
     let gw = TestServer::start(
         "[shards]\ncount = 1\nmailbox_capacity = 1\n[http]\nbusiness_threads = 2",
     );
+    // Someone subscribes to the flood's topics: a topic push goes only to the shards
+    // whose subscriptions may match it.
+    let mut sink = device(&gw, "flood-sink", false).await;
+    sink.subscribe("t/#", v4::QoS::AtMostOnce).await;
     let base = format!("http://{}", gw.http);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = None;
@@ -746,6 +750,8 @@ async fn a_key_answered_503_is_free_for_the_retry() {
         "[shards]\ncount = 1\nmailbox_capacity = 1\n[http]\nbusiness_threads = 2",
     );
     let mut dev = device(&gw, "dev-503", false).await;
+    let mut sink = device(&gw, "flood-sink", false).await;
+    sink.subscribe("t/#", v4::QoS::AtMostOnce).await;
     let base = format!("http://{}", gw.http);
     // Fill the one-slot mailbox with concurrent topic pushes until a keyed push is refused.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -803,6 +809,10 @@ async fn a_topic_push_answered_503_was_delivered_nowhere() {
     let mut sub = device(&gw, &id_homed_on("probe-sub", 0, 2), false).await;
     sub.subscribe("probe/#", v4::QoS::AtMostOnce).await;
     let busy = id_homed_on("busy", 1, 2);
+    // A subscriber on the busy shard too, so the probes go to both shards (a topic push
+    // goes only to the shards whose subscriptions may match it).
+    let mut busy_sub = device(&gw, &id_homed_on("probe-sub-1", 1, 2), false).await;
+    busy_sub.subscribe("probe/#", v4::QoS::AtMostOnce).await;
     let base = format!("http://{}", gw.http);
     let api = Api::new(&gw);
     let (mut refused, mut answered) = (Vec::new(), 0);

@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
 use crate::idempotency::{self, Claim};
+use crate::interest::TopicKeys;
 use crate::mailbox::{home_shard, ClientPush, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::push_json::{BatchBody, MaybeObject};
@@ -61,20 +62,26 @@ impl Inner {
         }
     }
 
-    /// Hands a topic push to every shard or to none (issue 17.11: a 503 after some shards
+    /// Hands a topic push to every shard whose subscriptions may match it (every shard,
+    /// when retained: they all keep it) or to none (issue 17.11: a 503 after some shards
     /// delivered made the backend's retry a duplicate); their match counts come on the
     /// receivers.
     fn send_topic(&self, msg: Arc<Message>) -> Result<Vec<oneshot::Receiver<usize>>, ApiError> {
         let mut replies = Vec::with_capacity(self.mailboxes.len());
+        let keys = TopicKeys::of(&msg.topic);
+        let interest = self.mailboxes.interest();
         self.mailboxes
-            .try_send_all(|_| {
-                let (tx, rx) = oneshot::channel();
-                replies.push(rx);
-                ShardMsg::PushTopic {
-                    msg: msg.clone(),
-                    reply: tx,
-                }
-            })
+            .try_send_to(
+                |shard| msg.retain || interest.may_match(shard, &keys),
+                |_| {
+                    let (tx, rx) = oneshot::channel();
+                    replies.push(rx);
+                    ShardMsg::PushTopic {
+                        msg: msg.clone(),
+                        reply: tx,
+                    }
+                },
+            )
             .map_err(|_| ApiError::overloaded())?;
         Ok(replies)
     }
@@ -286,11 +293,16 @@ impl Inner {
 /// The sum of the shards' answers to a topic push. A shard that ended before it answered
 /// (the gateway is shutting down) delivered nothing and counts 0: the push is answered
 /// 503 `shutting_down` only when no shard answered, never once some shard delivered it
-/// (issue 17.11). Any other error (504 `answer_timeout`) is the answer.
+/// (issue 17.11). Any other error (504 `answer_timeout`) is the answer. No answers at
+/// all (no shard's subscriptions may match the topic, so none was asked) is 0 matched.
 pub(super) async fn topic_matched<F>(answers: impl Iterator<Item = F>) -> Result<usize, ApiError>
 where
     F: std::future::Future<Output = Result<usize, ApiError>>,
 {
+    let mut answers = answers.peekable();
+    if answers.peek().is_none() {
+        return Ok(0);
+    }
     let (mut matched, mut answered) = (0, false);
     for answer in answers {
         match answer.await {

@@ -154,6 +154,8 @@ async fn a_topic_push_answered_by_some_shard_is_not_503() {
     let r = topic_matched(answers(vec![Err(shutting_down()), Err(shutting_down())])).await;
     assert_eq!(r.map_err(|e| e.code), Err("shutting_down"));
     let timeout = ApiError::answer_timeout(Duration::from_millis(1));
+    let r = topic_matched(answers(vec![])).await;
+    assert_eq!(r.ok(), Some(0), "no shard asked: none matched");
     let r = topic_matched(answers(vec![Ok(1), Err(timeout)])).await;
     assert_eq!(r.map_err(|e| e.status), Err(StatusCode::GATEWAY_TIMEOUT));
 }

@@ -16,6 +16,8 @@ pub struct ShardsConfig {
     pub mailbox_capacity: u32,
     /// The most bytes of messages from other shards waiting in one shard's mailbox.
     pub mailbox_max_bytes: u64,
+    /// Buckets of each shard's interest filter (`crate::interest`); 0 = off.
+    pub interest_buckets: u32,
     pub tick_ms: u32,
     pub expiry_batch: u32,
     pub pin_cores: bool,
@@ -34,6 +36,14 @@ impl Section for ShardsConfig {
         in_range("shards.count", self.count, 0, MAX_THREADS)?;
         at_least("shards.mailbox_capacity", self.mailbox_capacity, 1)?;
         at_least("shards.mailbox_max_bytes", self.mailbox_max_bytes, 65536)?;
+        if self.interest_buckets != 0 {
+            in_range(
+                "shards.interest_buckets",
+                self.interest_buckets,
+                1024,
+                1 << 26,
+            )?;
+        }
         in_range("shards.tick_ms", self.tick_ms, 100, 60_000)?;
         at_least("shards.expiry_batch", self.expiry_batch, 1)
     }

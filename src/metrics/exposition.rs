@@ -238,6 +238,18 @@ impl ShardCollector {
         )?;
         counter(
             e,
+            "gateway_shard_handoff_messages_total",
+            "Messages a shard handed to another shard whose subscriptions may match them ([shards] interest_buckets).",
+            self.total(|s| get(&s.handoff_messages)),
+        )?;
+        counter(
+            e,
+            "gateway_shard_handoff_batches_total",
+            "Batches those messages rode in: one mailbox send and at most one wake-up per shard and loop turn.",
+            self.total(|s| get(&s.handoff_batches)),
+        )?;
+        counter(
+            e,
             "gateway_publisher_pause_seconds_total",
             "Seconds publishers spent paced, counted when each pause ends (slow_consumer = pace).",
             self.total(|s| get(&s.publisher_pause_ns)) as f64 / 1e9,

@@ -101,6 +101,10 @@ pub struct ShardMetrics {
     pub output_bytes: AtomicU64,
     /// Connections in their close grace: ended, still read and discarded (`close_grace_ms`).
     pub closing_connections: AtomicU64,
+    /// Messages this shard handed to other shards (each one's subscribers are there).
+    pub handoff_messages: AtomicU64,
+    /// Batches they rode in: one mailbox send, at most one wake-up, per shard and turn.
+    pub handoff_batches: AtomicU64,
     /// Times a shard stopped accepting: connect rate (`max_connect_rate`).
     pub accept_paused_rate: AtomicU64,
     /// Times a shard stopped accepting: too many handshakes (`max_handshaking`).

@@ -2,7 +2,7 @@
 //! connection, or into its session queue.
 //!
 //! A message published on this shard is routed to local subscribers and handed once to
-//! every other shard (batched per loop turn). Delivery respects, per connection, the
+//! every other shard that may hold a matching subscription (batched per loop turn). Delivery respects, per connection, the
 //! client's in-flight window and the outbound watermarks: QoS 1/2 waits in the session
 //! queue (bounded, oldest dropped); QoS 0 above the high watermark is still written (up
 //! to `outbound_max_bytes`) while the publishers whose messages reach a congested
@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::acl::ACL_FILTERED;
 use crate::codec::{self, OutPublish, Version};
+use crate::interest::TopicKeys;
 use crate::message::{Message, Origin};
 use crate::metrics::DropReason;
 use crate::session::{ConnKey, Inflight, InflightState, Queued, SessionKey};
@@ -38,14 +39,19 @@ pub(super) enum Delivery {
 
 impl Shard {
     /// A message published by a device or will on this shard: local subscribers, then
-    /// every other shard; a retained one to its topic's home shard's order (`retained.rs`).
+    /// the other shards whose subscriptions may match it (`crate::interest`); a retained
+    /// one to its topic's home shard's order (`retained.rs`) and to every shard, which all
+    /// keep the retained messages.
     pub(super) fn publish(&mut self, msg: Arc<Message>) {
         if msg.retain {
             self.order_retained(&msg);
         }
         self.route(&msg);
+        let keys = TopicKeys::of(&msg.topic);
         for shard in 0..self.routing.outbox.len() {
-            if shard != self.id {
+            if shard != self.id
+                && (msg.retain || self.services.mailboxes.interest().may_match(shard, &keys))
+            {
                 self.routing.route_to(shard, &msg);
             }
         }

@@ -242,7 +242,7 @@ impl Shard {
             s.subs.reserve_exact(stored.subs.len());
             for (filter, options, sub_id) in stored.subs {
                 self.sessions[skey].subs.push((filter.clone(), options));
-                self.routing.subs_total += 1;
+                self.count_subscription(&filter, true);
                 self.attach_subscription(
                     skey,
                     &filter,

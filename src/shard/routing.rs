@@ -94,6 +94,7 @@ impl Routing {
                 false
             } else {
                 let batch = std::mem::take(&mut self.outbox[shard]);
+                let n = batch.len() as u64;
                 let msg = ShardMsg::Publish {
                     from,
                     stamp,
@@ -101,7 +102,11 @@ impl Routing {
                     bytes,
                 };
                 match mailboxes.send_routed(shard, msg, bytes) {
-                    Ok(()) => true,
+                    Ok(()) => {
+                        ShardMetrics::add(&metrics.handoff_messages, n);
+                        ShardMetrics::add(&metrics.handoff_batches, 1);
+                        true
+                    }
                     Err(ShardMsg::Publish { batch, .. }) => {
                         self.outbox[shard] = batch;
                         false

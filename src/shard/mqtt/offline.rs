@@ -119,6 +119,7 @@ impl Shard {
         self.store_session_ended(&s.client_id, s.stored);
         let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
+            self.services.mailboxes.interest().remove(self.id, filter);
             match filter.strip_prefix("$share/") {
                 Some(key) => groups.push(Arc::from(key)),
                 None => {

@@ -161,8 +161,22 @@ impl Shard {
         // Most devices subscribe once: no spare capacity (Vec would take 4).
         s.subs.reserve_exact(1);
         s.subs.push((a.clone(), options));
-        self.routing.subs_total += 1;
+        self.count_subscription(&a, true);
         Some((a, false))
+    }
+
+    /// A session's subscription list gained (`added`) or lost `filter`: the shard's count
+    /// and the interest filter other shards route by (`crate::interest`; every add is
+    /// paired with exactly one remove here).
+    pub(in crate::shard) fn count_subscription(&mut self, filter: &str, added: bool) {
+        let interest = self.services.mailboxes.interest();
+        if added {
+            self.routing.subs_total += 1;
+            interest.add(self.id, filter);
+        } else {
+            self.routing.subs_total -= 1;
+            interest.remove(self.id, filter);
+        }
     }
 
     /// Puts a subscription of session `skey` where routing finds it: its shared group
@@ -199,7 +213,7 @@ impl Shard {
             return false;
         };
         s.subs.swap_remove(i);
-        self.routing.subs_total -= 1;
+        self.count_subscription(filter, false);
         self.store_unsub(skey, filter);
         let s = &mut self.sessions[skey];
         match filter.strip_prefix("$share/") {

@@ -9,7 +9,24 @@ use super::super::{ConnState, Shard};
 
 pub(super) fn shard(shard: &Shard, client_ids: &[&str]) -> Result<(), String> {
     connections(shard)?;
-    sessions(shard, client_ids)
+    sessions(shard, client_ids)?;
+    interest(shard, client_ids)
+}
+
+/// The interest filter counts every subscription of every session once (one shard: the
+/// shared groups' owner is this shard too).
+fn interest(shard: &Shard, client_ids: &[&str]) -> Result<(), String> {
+    let counted = shard.services.mailboxes.interest().total(shard.id);
+    let subs: u64 = (client_ids.iter())
+        .filter_map(|id| shard.sessions.find(id))
+        .map(|sk| shard.sessions[sk as usize].subs.len() as u64)
+        .sum();
+    if counted != subs {
+        return Err(format!(
+            "the interest filter counts {counted} subscriptions, the sessions hold {subs}"
+        ));
+    }
+    Ok(())
 }
 
 fn connections(shard: &Shard) -> Result<(), String> {

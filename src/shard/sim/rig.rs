@@ -37,6 +37,8 @@ pub(super) fn manual_shard(
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     let (mailboxes, mut rxs) = Mailboxes::new(1, 64);
+    // Few buckets: the simulation checks the counts (`check::interest`), not the spread.
+    let mailboxes = mailboxes.with_interest(1024);
     let auth = crate::auth::Authenticator::from_config(&config.auth, 1).expect("auth");
     let ctx = ShardContext {
         id: 0,
