@@ -59,9 +59,7 @@ impl ShardInterest {
             };
         }
         let buckets = buckets.next_power_of_two();
-        let tables = (0..shards)
-            .map(|_| (0..buckets).map(|_| AtomicU32::new(0)).collect())
-            .collect();
+        let tables = (0..shards).map(|_| zeroed_counters(buckets)).collect();
         ShardInterest {
             tables,
             mask: buckets as u64 - 1,
@@ -171,6 +169,15 @@ impl TopicKeys {
         keys.len = n + 2;
         keys
     }
+}
+
+/// `n` counters at zero, from zeroed memory: the pages are the kernel's zero page until
+/// a subscription first counts in them, so an unused table costs no resident memory.
+fn zeroed_counters(n: usize) -> Box<[AtomicU32]> {
+    let zeros: Box<[u32]> = vec![0u32; n].into_boxed_slice();
+    // SAFETY: AtomicU32 has the same size, alignment and bit validity as u32, and the
+    // box is moved, so nothing else refers to the memory.
+    unsafe { Box::from_raw(Box::into_raw(zeros) as *mut [AtomicU32]) }
 }
 
 /// The key hash of a filter (no `$share/` prefix).
