@@ -303,7 +303,9 @@ pub struct FanoutArgs {
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// The one topic.
+    /// The one topic. With `{i}` or `{id}` in it, each subscriber subscribes to its own
+    /// topic and the publisher sends round robin to them: message n goes to subscriber
+    /// n mod --subscribers only (a device command channel, not a fan-out).
     #[arg(long, default_value = "loadgen/fanout")]
     pub topic: String,
     /// QoS of the publisher (and of the subscriptions unless --sub-qos is given).
@@ -345,6 +347,30 @@ impl FanoutArgs {
 
     pub fn sub_qos(&self) -> u8 {
         self.sub_qos.unwrap_or(self.qos)
+    }
+
+    /// Whether each subscriber has its own topic (`{i}` / `{id}` in --topic).
+    pub fn per_subscriber(&self) -> bool {
+        self.topic.contains("{i}") || self.topic.contains("{id}")
+    }
+
+    /// The topic of message `seq`: the one topic, or subscriber `seq mod subscribers`'s.
+    pub fn topic_of(&self, seq: u64) -> std::borrow::Cow<'_, str> {
+        if !self.per_subscriber() {
+            return std::borrow::Cow::Borrowed(&self.topic);
+        }
+        let i = seq % self.subscribers.max(1);
+        let id = expand(&self.mqtt.client_id, i, "");
+        std::borrow::Cow::Owned(expand(&self.topic, i, &id))
+    }
+
+    /// How many of `published` messages subscriber `index` should receive.
+    pub fn expected_by(&self, index: u64, published: u64) -> u64 {
+        if !self.per_subscriber() {
+            return published;
+        }
+        let n = self.subscribers.max(1);
+        published / n + u64::from(index < published % n)
     }
 
     pub fn sub_version(&self) -> u8 {
@@ -436,6 +462,29 @@ pub fn expand(pattern: &str, i: u64, client_id: &str) -> String {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn per_subscriber_topics_go_round_robin() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "fanout",
+            "--subscribers",
+            "3",
+            "--topic",
+            "dev/{id}/cmd",
+            "--client-id",
+            "d-{i}",
+        ])
+        .expect("parses");
+        let Some(Command::Fanout(a)) = cli.command else {
+            panic!("fanout")
+        };
+        assert!(a.per_subscriber());
+        assert_eq!(a.topic_of(4), "dev/d-1/cmd");
+        assert_eq!(a.topic_of(5), "dev/d-2/cmd");
+        let expected: Vec<u64> = (0..3).map(|i| a.expected_by(i, 10)).collect();
+        assert_eq!(expected, [4, 3, 3]);
+    }
 
     #[test]
     fn cli_is_consistent() {

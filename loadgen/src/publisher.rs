@@ -1,6 +1,7 @@
 //! `fanout`: the one MQTT publisher, run by the parent once every subscriber is up.
 //!
-//! It publishes `rate` messages a second for `duration` seconds to one topic — or, with
+//! It publishes `rate` messages a second for `duration` seconds to one topic (or round
+//! robin to each subscriber's own topic, `--topic` with `{i}`) — or, with
 //! `--burst N`, N messages as fast as the broker takes them — each payload stamped with
 //! its sequence number and send time. At QoS 1 and 2 it keeps at most `--window` PUBLISHes
 //! unacknowledged (a reader task returns a permit per PUBACK, at QoS 2 per PUBCOMP after
@@ -129,7 +130,7 @@ pub async fn run(args: &FanoutArgs, counters: Arc<PubCounters>) -> Result<PubRes
                 pkid = pkid % u16::MAX + 1;
             }
             let payload = Bytes::from(codec::stamp(seq, now_ns(), args.size));
-            codec::publish(p, &args.topic, args.qos, pkid, payload, &mut out)?;
+            codec::publish(p, &args.topic_of(seq), args.qos, pkid, payload, &mut out)?;
             seq += 1;
         }
         if !out.is_empty() {

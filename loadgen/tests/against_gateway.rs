@@ -422,6 +422,38 @@ fn fanout_reaches_every_subscriber() {
     assert_eq!(u(&s["latency_ms"]["count"]), 8000, "{s}");
 }
 
+/// `--topic` with `{id}`: each subscriber has its own topic, the publisher goes round
+/// robin, and each subscriber expects only its share.
+#[test]
+fn fanout_to_per_device_topics_sends_each_message_to_one_subscriber() {
+    let gw = Gateway::start();
+    let target = gw.mqtt.to_string();
+    let out = loadgen(&[
+        "fanout",
+        "--target",
+        &target,
+        "--subscribers",
+        "30",
+        "--topic",
+        "dev/{id}/cmd",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--qos",
+        "1",
+        "--json",
+        "--quiet",
+    ]);
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    let s = out.summary();
+    assert_eq!(u(&s["published"]), 200, "{s}");
+    assert_eq!(u(&s["expected"]), 200, "{s}");
+    assert_eq!(u(&s["delivered"]), 200, "{s}");
+    assert_eq!(u(&s["lost"]), 0, "{s}");
+    assert_eq!(u(&s["lost_per_subscriber"]["with_loss"]), 0, "{s}");
+}
+
 #[test]
 fn fanout_burst_to_qos2_v311_subscribers_reports_loss_per_subscriber() {
     let gw = Gateway::start();

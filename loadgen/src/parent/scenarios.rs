@@ -164,7 +164,15 @@ impl Run {
         let result = self
             .send("fanout", publisher::run(&a, counters.clone()), &status)
             .await?;
-        let expected = result.published * subscribed;
+        let expected = if a.per_subscriber() {
+            // Each message goes to its one subscriber (one that failed to subscribe counts
+            // its messages as lost, and shows in subscriber_failures).
+            (0..a.subscribers)
+                .map(|i| a.expected_by(i, result.published))
+                .sum()
+        } else {
+            result.published * subscribed
+        };
         let d = self.drain(expected, a.drain).await;
         let f = &d.f;
         let delivered = f.snapshot.unique;
@@ -201,7 +209,11 @@ impl Run {
         s.put("duplicated", f.snapshot.duplicates);
         s.put(
             "lost_per_subscriber",
-            loss_per_subscriber(result.published, &f.per_device, &a.mqtt.client_id),
+            loss_per_subscriber(
+                |i| a.expected_by(i, result.published),
+                &f.per_device,
+                &a.mqtt.client_id,
+            ),
         );
         // Over the time the deliveries took (first publish to last receipt), not the
         // time publishing took: a broker that buffers finishes delivering later.

@@ -68,16 +68,17 @@ pub(super) fn verdict(cmd: &Command, s: &Summary) -> Option<(u8, String)> {
     }
 }
 
-/// Loss per subscriber (`published` − what it received, duplicates apart): the spread,
-/// how many lost anything, and the ten that lost most by client id.
+/// Loss per subscriber (what it should have received, `expected(index)`, − what it
+/// received, duplicates apart): the spread, how many lost anything, and the ten that lost
+/// most by client id.
 pub(super) fn loss_per_subscriber(
-    published: u64,
+    expected: impl Fn(u64) -> u64,
     per_device: &[DeviceCount],
     client_id: &str,
 ) -> Value {
     let mut lost: Vec<(u64, u64)> = per_device
         .iter()
-        .map(|d| (published.saturating_sub(d.unique), d.index))
+        .map(|d| (expected(d.index).saturating_sub(d.unique), d.index))
         .collect();
     lost.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let worst: serde_json::Map<String, Value> = lost

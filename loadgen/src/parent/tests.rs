@@ -68,14 +68,14 @@ fn loss_is_reported_per_subscriber() {
         unique,
         duplicates,
     };
-    let v = loss_per_subscriber(10, &[d(0, 10, 0), d(1, 7, 2), d(2, 9, 0)], "s-{i}");
+    let v = loss_per_subscriber(|_| 10, &[d(0, 10, 0), d(1, 7, 2), d(2, 9, 0)], "s-{i}");
     assert_eq!(v["subscribers"], 3);
     assert_eq!((v["min"].as_u64(), v["max"].as_u64()), (Some(0), Some(3)));
     assert_eq!(v["mean"], 1.333);
     assert_eq!(v["with_loss"], 2);
     assert_eq!(v["with_duplicates"], 1);
     assert_eq!(v["worst"], json!({"s-1": 3, "s-2": 1}));
-    assert!(loss_per_subscriber(10, &[], "s-{i}")["max"].is_null());
+    assert!(loss_per_subscriber(|_| 10, &[], "s-{i}")["max"].is_null());
 }
 
 #[test]
