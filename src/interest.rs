@@ -20,14 +20,23 @@
 //!   under a leading wildcard) only cost a hop: the receiving shard matches exactly.
 //! - Every add has exactly one remove (the callers tie both to a session's subscription
 //!   list gaining and losing the entry), so a count never goes below what is subscribed.
+//!   Counters are one byte and stick at 255: a bucket that many subscriptions share
+//!   stays busy (a false positive) rather than wrap.
+//!
+//! Memory: one byte per bucket per shard (`interest_buckets`, default 1 Mi: 1 MiB per
+//! shard), allocated zeroed so only the pages subscriptions touch become resident.
 //!
 //! With `[shards] interest_buckets = 0`, or a topic deeper than [`MAX_LEVELS`], every
 //! shard may match.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::mailbox::home_shard;
 use crate::topic::parse_shared;
+
+/// A bucket counted this high stays there: one byte per bucket, and a filter that
+/// thousands subscribe to (a broadcast topic) keeps its bucket busy for good.
+const STUCK: u8 = u8::MAX;
 
 /// Topics with more levels than this go to every shard (their keys would not fit the
 /// fixed array [`TopicKeys`] keeps on the stack).
@@ -36,7 +45,7 @@ pub const MAX_LEVELS: usize = 30;
 /// Counting filters of the shards' subscriptions.
 pub struct ShardInterest {
     /// Per shard; empty when off.
-    tables: Box<[Box<[AtomicU32]>]>,
+    tables: Box<[Box<[AtomicU8]>]>,
     /// `buckets - 1` (buckets is a power of two).
     mask: u64,
 }
@@ -79,16 +88,24 @@ impl ShardInterest {
     /// for a session living on shard `home`.
     pub fn add(&self, home: usize, filter: &str) {
         if let Some((shard, bucket)) = self.slot(home, filter) {
-            self.tables[shard][bucket].fetch_add(1, Ordering::Release);
+            // Saturating: a bucket that reached STUCK stays there (a permanent false
+            // positive, never a false negative).
+            let counter = &self.tables[shard][bucket];
+            let _ = counter.fetch_update(Ordering::Release, Ordering::Relaxed, |n| {
+                (n < STUCK).then(|| n + 1)
+            });
         }
     }
 
     /// The subscription [`ShardInterest::add`] counted is gone.
     pub fn remove(&self, home: usize, filter: &str) {
         if let Some((shard, bucket)) = self.slot(home, filter) {
-            let before = self.tables[shard][bucket].fetch_sub(1, Ordering::Relaxed);
+            let counter = &self.tables[shard][bucket];
+            let before = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n != STUCK && n != 0).then(|| n - 1)
+            });
             debug_assert!(
-                before > 0,
+                before != Err(0),
                 "interest removed more often than added: {filter}"
             );
         }
@@ -173,11 +190,11 @@ impl TopicKeys {
 
 /// `n` counters at zero, from zeroed memory: the pages are the kernel's zero page until
 /// a subscription first counts in them, so an unused table costs no resident memory.
-fn zeroed_counters(n: usize) -> Box<[AtomicU32]> {
-    let zeros: Box<[u32]> = vec![0u32; n].into_boxed_slice();
-    // SAFETY: AtomicU32 has the same size, alignment and bit validity as u32, and the
-    // box is moved, so nothing else refers to the memory.
-    unsafe { Box::from_raw(Box::into_raw(zeros) as *mut [AtomicU32]) }
+fn zeroed_counters(n: usize) -> Box<[AtomicU8]> {
+    let zeros: Box<[u8]> = vec![0u8; n].into_boxed_slice();
+    // SAFETY: AtomicU8 has the same size, alignment and bit validity as u8, and the box
+    // is moved, so nothing else refers to the memory.
+    unsafe { Box::from_raw(Box::into_raw(zeros) as *mut [AtomicU8]) }
 }
 
 /// The key hash of a filter (no `$share/` prefix).

@@ -109,3 +109,21 @@ fn off_or_too_deep_means_every_shard() {
     on.add(1, &just_fits);
     assert!(on.may_match(1, &TopicKeys::of(&just_fits)));
 }
+
+#[test]
+fn a_bucket_shared_by_more_than_255_subscriptions_stays_busy_rather_than_wrap() {
+    let interest = ShardInterest::new(1, 1 << 10);
+    let keys = TopicKeys::of("broadcast/all");
+    for _ in 0..300 {
+        interest.add(0, "broadcast/all");
+    }
+    for _ in 0..299 {
+        interest.remove(0, "broadcast/all");
+    }
+    // One subscription is left: it must still be found (a wrapped counter would read 0
+    // after 256 adds).
+    assert!(interest.may_match(0, &keys));
+    interest.remove(0, "broadcast/all");
+    assert!(interest.may_match(0, &keys), "stuck at 255: busy for good");
+    assert_eq!(interest.occupied(0), 1);
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue 25's device-command benchmark, side by side with Mosquitto in one run
+# (docs/BENCHMARKS.md, "Per-device topics"): 10,000 MQTT 3.1.1 devices, each subscribed at
+# QoS 1 to its own topic dev/<client id>/cmd, one publisher sending QoS 0 messages round
+# robin to their topics at RATE a second for SECS seconds (64-byte payloads).
+# The gateway runs with the shipped defaults except [acl] enabled = false (the publisher
+# writes to other devices' topics) and [limits] raised for the one publisher and the
+# connect ramp; three variants: the default shard count (one per core), interest routing
+# off ([shards] interest_buckets = 0), and one shard. Mosquitto with allow_anonymous and no
+# persistence. Each broker is fresh for each run; the runs are interleaved.
+#
+# Usage: per_device.sh GATEWAY_BIN LOADGEN_BIN OUT_DIR [REPEATS]
+#   BROKERS="gateway gateway-nointerest gateway-1shard mosquitto" (the default) picks the
+#   runs; RATE (5000), SECS (30), DEVICES (10000).
+set -u
+gw=$1 lg=$2 out=$3 repeats=${4:-1}
+brokers=${BROKERS:-gateway gateway-nointerest gateway-1shard mosquitto}
+rate=${RATE:-5000} secs=${SECS:-30} devices=${DEVICES:-10000}
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench_lib.sh
+. "$here/bench_lib.sh"
+mkdir -p "$out"
+dir=$(mktemp -d)
+write_configs "$dir"
+cat "$dir/defaults.toml" - > "$dir/gateway.toml" <<'TOML'
+[acl]
+enabled = false
+[limits]
+publish_rate = 1000000
+bytes_rate = 1073741824
+max_connect_rate = 1000000
+connect_burst = 1000000
+max_handshaking = 1000000
+TOML
+cp "$dir/gateway.toml" "$dir/gateway-nointerest.toml"
+printf '[shards]\ninterest_buckets = 0\n' >> "$dir/gateway-nointerest.toml"
+cp "$dir/gateway.toml" "$dir/gateway-1shard.toml"
+printf '[shards]\ncount = 1\n' >> "$dir/gateway-1shard.toml"
+cat > "$dir/mosquitto.conf" <<'CONF'
+listener 18830 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 1000
+CONF
+
+start_peer() {
+  ("$@" > "$dir/peer.log" 2>&1) &
+  PID=$!
+  for _ in $(seq 100); do
+    (exec 3<> /dev/tcp/127.0.0.1/18830) 2> /dev/null && return 0
+    sleep 0.1
+  done
+  echo "$1 did not listen; see $dir/peer.log" >&2
+  return 1
+}
+
+run() { # NAME
+  "$lg" fanout --target 127.0.0.1:18830 --protocol 4 --subscribers "$devices" \
+    --connect-rate 5000 --topic 'dev/{id}/cmd' --client-id 'pd-{i}' --rate "$rate" \
+    --duration "$secs" --qos 0 --sub-qos 1 --size 64 --drain 10 --server-pid "$PID" \
+    --json > "$out/$1.json" 2> "$out/$1.err"
+  echo "$1: $(tail -c 400 "$out/$1.json")"
+}
+
+for r in $(seq "$repeats"); do
+  for b in $brokers; do
+    case $b in
+      gateway*) start_gateway "$gw" "$dir" "$b.toml" ;;
+      mosquitto) start_peer mosquitto -c "$dir/mosquitto.conf" ;;
+    esac && run "$b-$r"
+    stop_gateway
+  done
+done
+rm -rf "$dir"
