@@ -278,6 +278,9 @@ pub struct Mailboxes {
     routed_bytes: Arc<[AtomicUsize]>,
     /// Which shards may hold a subscription matching a topic (`crate::interest`).
     interest: Arc<ShardInterest>,
+    /// Per shard: its sessions kept in the store (the only ones a routed message can be
+    /// stored for), so a publisher's acknowledgement waits only for shards that may store.
+    stored_sessions: Arc<[AtomicUsize]>,
 }
 
 impl Mailboxes {
@@ -289,6 +292,7 @@ impl Mailboxes {
             senders: tx.into(),
             routed_bytes,
             interest: Arc::new(ShardInterest::off()),
+            stored_sessions: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
         };
         (boxes, rx)
     }
@@ -303,6 +307,22 @@ impl Mailboxes {
     /// Which shards may hold a subscription matching a topic.
     pub fn interest(&self) -> &ShardInterest {
         &self.interest
+    }
+
+    /// A session of `shard` started (`added`) or stopped being kept in the store. Raised
+    /// before its CONNACK is written, so a PUBLISH read after that sees it.
+    pub fn stored_session(&self, shard: usize, added: bool) {
+        if added {
+            self.stored_sessions[shard].fetch_add(1, Ordering::Release);
+        } else {
+            self.stored_sessions[shard].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a message routed to `shard` may be stored there (it keeps some session in
+    /// the store).
+    pub fn may_store(&self, shard: usize) -> bool {
+        self.stored_sessions[shard].load(Ordering::Acquire) > 0
     }
 
     /// Bytes of routed messages waiting in `shard`'s mailbox.

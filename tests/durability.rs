@@ -1304,10 +1304,13 @@ async fn pubacked_stream_survives_kill_9(same: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubacked_streams_from_every_shard_survive_kill_9() {
-    const PUBLISHERS: usize = 4;
+    // Three shards: a message is routed only to the shards whose subscriptions may match
+    // it, so some publishers' shards hand it to one shard and not the other.
+    const SHARDS: usize = 3;
+    const PUBLISHERS: usize = 6;
     const N: u16 = 100;
     let dir = tempdir::Dir::new("pubmany");
-    let extra = acks_toml(&dir);
+    let extra = format!("{}\n[shards]\ncount = {SHARDS}\n", store_toml(&dir));
     let mut gw = GatewayProcess::start(&extra);
     offline_subscriber(&gw, "many-sub", "acks/many").await;
     let mut tasks = Vec::new();

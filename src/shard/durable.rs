@@ -56,16 +56,17 @@ impl Shard {
         if self.services.store.is_none() {
             return;
         }
-        let s = &mut self.sessions[skey];
+        let s = &self.sessions[skey];
         if s.expiry_secs == 0 {
             if s.stored {
-                s.stored = false;
                 let id = s.client_id.clone();
+                self.set_stored(skey, false);
                 self.store_op(Op::DeleteSession(id));
             }
             return;
         }
-        s.stored = true;
+        self.set_stored(skey, true);
+        let s = &self.sessions[skey];
         let op = Op::Session {
             client_id: s.client_id.clone(),
             version: s.version,
@@ -73,6 +74,16 @@ impl Shard {
             offline_since_ms: if online { 0 } else { now_ms().max(1) },
         };
         self.store_op(op);
+    }
+
+    /// Whether session `skey` is kept in the store, counted per shard for the publishers'
+    /// acknowledgements (`Mailboxes::may_store`, `held.rs`).
+    pub(super) fn set_stored(&mut self, skey: usize, stored: bool) {
+        let s = &mut self.sessions[skey];
+        if s.stored != stored {
+            s.stored = stored;
+            self.services.mailboxes.stored_session(self.id, stored);
+        }
     }
 
     /// The session ended: its rows go.
@@ -236,9 +247,9 @@ impl Shard {
         let maybe_sent = usize::from(self.settings.max_inflight);
         for stored in sessions {
             let skey = self.sessions.open(&stored.client_id, stored.version);
+            self.set_stored(skey, true);
             let s = &mut self.sessions[skey];
             s.expiry_secs = stored.expiry_secs;
-            s.stored = true;
             s.subs.reserve_exact(stored.subs.len());
             for (filter, options, sub_id) in stored.subs {
                 self.sessions[skey].subs.push((filter.clone(), options));

@@ -15,8 +15,11 @@
 //! releases the holds that are done and writes those connections. Nothing blocks: a held
 //! connection keeps its output buffer until the commit; an idle connection holds nothing.
 //!
-//! **Across shards.** A PUBLISH goes to every other shard, which may store a copy for an
-//! offline persistent session homed there, in a later turn and batch of its own. So the
+//! **Across shards.** A PUBLISH goes to the other shards whose subscriptions may match
+//! it, which may store a copy for a persistent session homed there, in a later turn and
+//! batch of its own. Only a shard that keeps some session in the store can
+//! (`Mailboxes::may_store`, counted before the session's CONNACK), so a PUBLISH routed
+//! only to shards without one is not held for them. So the
 //! publisher's shard stamps each message batch it hands another shard with a number that
 //! grows every turn that routes something; the receiver, once the store changes of the
 //! turn that routed it are committed (at once if it had none), answers
@@ -147,7 +150,7 @@ impl Shard {
         let ops = self.services.store.as_ref()?.pending_ops();
         let conn = self.wire.conns.get(key)?;
         let out_len = conn.bufs.as_ref().map_or(0, |b| b.out.len());
-        let routed = self.peer_outbox_len();
+        let routed = self.routed_to_storing_shards();
         Some(Mark {
             out_len,
             ops,
@@ -155,13 +158,15 @@ impl Shard {
         })
     }
 
-    /// Messages waiting for one other shard (every PUBLISH goes to each of them).
-    fn peer_outbox_len(&self) -> usize {
-        let n = self.routing.outbox.len();
-        match n {
-            1 => 0,
-            _ => self.routing.outbox[(self.id + 1) % n].len(),
-        }
+    /// Messages waiting for the other shards that keep sessions in the store: only there
+    /// can a routed message be stored, so only their commits hold a PUBACK. (A message
+    /// routed only to shards of clean sessions is acknowledged at once.)
+    fn routed_to_storing_shards(&self) -> usize {
+        let mailboxes = &self.services.mailboxes;
+        (self.routing.outbox.iter().enumerate())
+            .filter(|&(p, _)| p != self.id && mailboxes.may_store(p))
+            .map(|(_, outbox)| outbox.len())
+            .sum()
     }
 
     /// After the packet: if it added store ops or routed a message to the other shards,
@@ -180,7 +185,7 @@ impl Shard {
             0
         };
         let stamp = self.held.stamp;
-        let route = if self.peer_outbox_len() > mark.routed {
+        let route = if self.routed_to_storing_shards() > mark.routed {
             stamp
         } else {
             0

@@ -116,6 +116,9 @@ impl Shard {
         let Some(s) = self.sessions.remove(skey) else {
             return;
         };
+        if s.stored {
+            self.services.mailboxes.stored_session(self.id, false);
+        }
         self.store_session_ended(&s.client_id, s.stored);
         let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
