@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 pub mod https;
 pub mod nats;
+pub mod tls;
 pub mod ws;
 
 /// The config every test starts from: loopback, ephemeral ports, two shards.
