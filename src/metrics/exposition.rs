@@ -237,6 +237,12 @@ impl ShardCollector {
         )?;
         counter(
             e,
+            "gateway_tls_handshakes_deferred_total",
+            "Reads of TLS connections in their handshake put off to the next loop turn because the turn's limits.tls_handshakes_per_turn were spent.",
+            self.total(|s| get(&s.tls_handshakes_deferred)),
+        )?;
+        counter(
+            e,
             "gateway_tls_handshake_failures_total",
             "TLS connections closed because the TLS layer failed (handshake or record error).",
             self.total(|s| get(&s.tls_failures)),

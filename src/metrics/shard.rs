@@ -89,6 +89,9 @@ pub struct ShardMetrics {
     pub tls_failures: AtomicU64,
     /// TLS handshakes by how they ended, in [`TlsHandshake::ALL`] order.
     pub tls_handshakes: [AtomicU64; TlsHandshake::ALL.len()],
+    /// Reads of handshaking TLS connections put off to the next loop turn because the
+    /// turn's `tls_handshakes_per_turn` were spent.
+    pub tls_handshakes_deferred: AtomicU64,
     /// Times a connection went over its inbound rate and stopped being read.
     pub rate_limit_pauses: AtomicU64,
     /// Times a connection's PUBLISH packets stopped being read because a subscriber its

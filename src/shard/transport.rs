@@ -81,6 +81,9 @@ impl Shard {
             return true;
         };
         let was_handshaking = tls.is_handshaking();
+        if was_handshaking {
+            self.admission.handshake_budget.spend();
+        }
         let processed = tls.process_new_packets().map(drop);
         if let Some(kind) = crate::tls::handshake_outcome(was_handshaking, tls, processed.is_err())
         {
