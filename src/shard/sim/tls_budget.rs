@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
 
 use super::rig::manual_shard_tls;
@@ -20,34 +20,31 @@ use crate::metrics::TlsHandshake;
 const CLIENTS: usize = 6;
 const BUDGET: usize = 2;
 
-/// A server configuration with a self-signed certificate for `localhost`, and a client
-/// configuration trusting it.
-fn tls_pair() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+/// The gateway's own server configuration (`tls::server_config`) with a self-signed
+/// certificate for `localhost` written to `dir`, and a client configuration trusting it.
+fn tls_pair(dir: &std::path::Path) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
         .unwrap()
         .self_signed(&key)
         .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut m = Config::default().mqtt;
+    m.tls_cert = Some(dir.join("cert.pem"));
+    m.tls_key = Some(dir.join("key.pem"));
+    let (server, _) = crate::tls::server_config(&m).unwrap();
     let mut roots = RootCertStore::empty();
     roots
         .add(CertificateDer::from(cert.der().to_vec()))
         .unwrap();
-    let client = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
+    let client =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    (server, Arc::new(client))
 }
 
 /// Whether the server has answered `s` (bytes wait to be read).
@@ -69,7 +66,10 @@ fn each_turn_runs_at_most_its_budget_of_handshakes() {
     .unwrap();
     config.acl.enabled = false;
     config.store.enabled = false;
-    let (server, client) = tls_pair();
+    let dir = std::env::temp_dir().join(format!("tls-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (server, client) = tls_pair(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
     let (mut shard, mut rx, _, tls_addr) =
         manual_shard_tls(config, rt.handle().clone(), Some(server));
     let tls_addr = tls_addr.unwrap();
