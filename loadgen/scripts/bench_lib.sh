@@ -9,6 +9,8 @@
 #   start_gateway GW DIR CONFIG  starts GW in DIR on DIR/CONFIG with an empty store and
 #                               waits for /readyz; its PID is in $PID
 #   stop_gateway                 SIGTERM to $PID, and waits for it
+#   make_tls_certs DIR           DIR/ca.pem, DIR/server.pem, DIR/server.key: a throwaway
+#                               ECDSA P-256 CA and a server certificate for 127.0.0.1
 
 write_configs() {
   local dir=$1 extra=${2:-}
@@ -45,4 +47,15 @@ start_gateway() {
 stop_gateway() {
   kill "$PID"
   wait "$PID" 2> /dev/null
+}
+
+make_tls_certs() {
+  local dir=$1
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=test-ca -keyout "$dir/ca.key" -out "$dir/ca.pem" 2> /dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2> /dev/null
+  printf 'subjectAltName=IP:127.0.0.1\n' > "$dir/san.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 2 -extfile "$dir/san.ext" -out "$dir/server.pem" 2> /dev/null
 }

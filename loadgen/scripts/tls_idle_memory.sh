@@ -17,13 +17,8 @@ mqtt=$port; tls=$((port + 1)); http=$((port + 2)); mq=$((port + 3)); mqtls=$((po
 dir=$(mktemp -d)
 ulimit -n "$(ulimit -Hn)"
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj /CN=test-ca -keyout "$dir/ca.key" -out "$dir/ca.pem" 2> /dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
-  -keyout "$dir/server.key" -out "$dir/server.csr" 2> /dev/null
-printf 'subjectAltName=IP:127.0.0.1\n' > "$dir/san.ext"
-openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
-  -CAcreateserial -days 2 -extfile "$dir/san.ext" -out "$dir/server.pem" 2> /dev/null
+. "$(dirname "$0")/bench_lib.sh"
+make_tls_certs "$dir"
 
 cat > "$dir/gateway.toml" <<TOML
 [mqtt]
