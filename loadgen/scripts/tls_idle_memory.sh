@@ -20,24 +20,7 @@ ulimit -n "$(ulimit -Hn)"
 . "$(dirname "$0")/bench_lib.sh"
 make_tls_certs "$dir"
 
-cat > "$dir/gateway.toml" <<TOML
-[mqtt]
-listen = "127.0.0.1:$mqtt"
-tls_listen = "127.0.0.1:$tls"
-tls_cert = "$dir/server.pem"
-tls_key = "$dir/server.key"
-[http]
-listen = "127.0.0.1:$http"
-[log]
-level = "warn"
-[limits]
-max_connect_rate = 1000000
-connect_burst = 1000000
-max_handshaking = 1000000
-max_connections_per_ip = 0
-[store]
-enabled = false
-TOML
+write_tls_config "$dir" "$mqtt" "$tls" "$http"
 
 cat > "$dir/mosquitto.conf" <<CONF
 per_listener_settings false
@@ -75,12 +58,6 @@ print(f"| {sys.argv[2]} | {s.get('connected')} | {srv.get('rss_before_mb')} | {s
 PY
 }
 
-start_gateway() {
-  "$gw" --config "$dir/gateway.toml" > "$dir/gw.log" 2>&1 &
-  PID=$!
-  wait_port "$http"
-}
-
 start_mosquitto() {
   mosquitto -c "$dir/mosquitto.conf" > "$dir/mosquitto.log" 2>&1 &
   PID=$!
@@ -94,8 +71,8 @@ stop() {
 
 echo "| server, $n idle connections | connected | RSS before (MB) | RSS loaded (MB) | bytes per connection |"
 echo "|---|---|---|---|---|"
-start_gateway && run gateway-plain "$mqtt"; stop
-start_gateway && run gateway-tls "$tls" --tls --ca "$dir/ca.pem"; stop
+start_gateway "$gw" "$dir" gateway.toml "$http" && run gateway-plain "$mqtt"; stop
+start_gateway "$gw" "$dir" gateway.toml "$http" && run gateway-tls "$tls" --tls --ca "$dir/ca.pem"; stop
 if [ "${MOSQUITTO:-1}" != 0 ] && command -v mosquitto > /dev/null; then
   start_mosquitto && run mosquitto-plain "$mq"; stop
   start_mosquitto && run mosquitto-tls "$mqtls" --tls --ca "$dir/ca.pem"; stop

@@ -24,24 +24,7 @@ ulimit -n "$(ulimit -Hn)"
 . "$(dirname "$0")/bench_lib.sh"
 make_tls_certs "$dir"
 
-cat > "$dir/gateway.toml" <<TOML
-[mqtt]
-listen = "127.0.0.1:$mqtt"
-tls_listen = "127.0.0.1:$tls"
-tls_cert = "$dir/server.pem"
-tls_key = "$dir/server.key"
-[http]
-listen = "127.0.0.1:$http"
-[log]
-level = "warn"
-[limits]
-max_connect_rate = 1000000
-connect_burst = 1000000
-max_handshaking = 1000000
-max_connections_per_ip = 0
-[store]
-enabled = false
-TOML
+write_tls_config "$dir" "$mqtt" "$tls" "$http"
 
 tls_args="--tls --ca $dir/ca.pem"
 metric() {
@@ -49,19 +32,11 @@ metric() {
 }
 
 start() {
-  "$gw" --config "$dir/gateway.toml" > "$dir/gw.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$http/readyz" > /dev/null && return 0
-    sleep 0.1
-  done
-  echo "gateway did not become ready; see $dir/gw.log" >&2
-  return 1
+  start_gateway "$gw" "$dir" gateway.toml "$http"
 }
 
 stop() {
-  kill "$PID"
-  wait "$PID" 2> /dev/null
+  stop_gateway
 }
 
 pushes() {
