@@ -4,7 +4,7 @@
 //! Server certificates are checked against the system's roots, or only against a
 //! configured PEM CA bundle (a private CA, or a test CA). hyper-util's pooled client keeps
 //! connections alive between requests. Built once at start; runs on the business pool.
-//! The events webhook uses it; the auth webhook can move onto it for `https://`.
+//! The events webhook and the auth webhook use it.
 
 use std::io;
 use std::path::Path;
@@ -64,13 +64,19 @@ fn roots(ca_file: Option<&Path>) -> io::Result<RootCertStore> {
         None => rustls_native_certs::load_native_certs().certs,
     };
     let (added, _ignored) = roots.add_parsable_certificates(certs);
-    if added == 0 && ca_file.is_some() {
+    if let (0, Some(path)) = (added, ca_file) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "no usable CA certificate in the CA file",
+            format!("no usable CA certificate in {}", path.display()),
         ));
     }
     Ok(roots)
+}
+
+/// Checks that `ca_file` holds at least one usable PEM CA certificate (for
+/// `gateway check-config`: the error says what is wrong with the file).
+pub(crate) fn check_ca_file(ca_file: &Path) -> io::Result<()> {
+    roots(Some(ca_file)).map(drop)
 }
 
 impl HttpsClient {
@@ -82,11 +88,14 @@ impl HttpsClient {
             .map_err(io::Error::other)?
             .with_root_certificates(roots(ca_file)?)
             .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         Ok(HttpsClient {
             client: Client::builder(TokioExecutor::new()).build(connector),
         })

@@ -5,7 +5,9 @@
 //! connection is an ordinary connection whose bytes pass through a rustls
 //! `ServerConnection` on the way in and out, so handshakes run in the shard's
 //! non-blocking loop under the connect timeout like any other pre-CONNECT state.
-//! The crypto provider is `ring`; TLS 1.2 and 1.3 are both enabled.
+//! The crypto provider is `ring`; TLS 1.2 and 1.3 are both enabled. Session tickets
+//! (`tls_session_tickets`) let a reconnecting device resume; [`handshake_outcome`] says
+//! how each handshake ended, for `gateway_tls_handshakes_total{kind}`.
 
 use std::io;
 use std::path::Path;
@@ -23,6 +25,7 @@ use rustls::{
 };
 
 use crate::config::MqttConfig;
+use crate::metrics::TlsHandshake;
 
 fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> io::Error {
     io::Error::new(
@@ -186,11 +189,38 @@ pub(crate) fn server_config(m: &MqttConfig) -> io::Result<(Arc<ServerConfig>, Ar
     config.alpn_protocols = Vec::new();
     // Resumption without server state: stateless tickets (keys rotate every 6 hours)
     // let a reconnecting device skip the full handshake, and no session cache is shared
-    // (and locked) between shards or grows with the number of devices.
+    // (and locked) between shards or grows with the number of devices. One ticketer for
+    // every shard (the config is shared), so a device resumes whichever shard takes it.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.ticketer = rustls::crypto::ring::Ticketer::new()
-        .map_err(|e| io::Error::other(format!("cannot create TLS ticketer: {e}")))?;
+    if m.tls_session_tickets {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| io::Error::other(format!("cannot create TLS ticketer: {e}")))?;
+    } else {
+        // rustls' default ticketer issues none; no TLS 1.3 tickets are sent either.
+        config.send_tls13_tickets = 0;
+    }
     Ok((Arc::new(config), reload))
+}
+
+/// How the handshake of `conn` ended, if it ended in the step that found it
+/// `was_handshaking` (`failed`: that step's records were refused). `None` while it goes
+/// on, and for records after it.
+pub(crate) fn handshake_outcome(
+    was_handshaking: bool,
+    conn: &rustls::ServerConnection,
+    failed: bool,
+) -> Option<TlsHandshake> {
+    if !was_handshaking {
+        return None;
+    }
+    if failed {
+        return Some(TlsHandshake::Failed);
+    }
+    match conn.handshake_kind() {
+        _ if conn.is_handshaking() => None,
+        Some(rustls::HandshakeKind::Resumed) => Some(TlsHandshake::Resumed),
+        _ => Some(TlsHandshake::Full),
+    }
 }
 
 /// The subject Common Name of a DER X.509 certificate (the first CN if there are

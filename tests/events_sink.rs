@@ -6,7 +6,6 @@
 //! Outages are real (a closed port, a stopped server), and waits poll for a condition
 //! with a generous deadline; backoffs are configured short so the suite stays quick.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,8 +22,11 @@ use gateway::metrics::DisconnectReason;
 use serde_json::Value;
 
 mod events_support;
+#[path = "common/https.rs"]
+mod https;
 use events_support::receiver::Receiver;
 use events_support::{connected, free_listener, numbered, start, wait_until};
+use https::{serve_tls, test_ca};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_every_kind_signed_batched_and_in_order() {
@@ -286,80 +288,6 @@ async fn full_queue_drops_the_newest_and_counts() {
     assert_eq!(dropped, 5);
 }
 
-/// A test CA and a server certificate for 127.0.0.1 signed by it.
-struct TestCa {
-    ca_pem: String,
-    cert: rustls::pki_types::CertificateDer<'static>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-}
-
-fn test_ca() -> TestCa {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    TestCa {
-        ca_pem: ca.pem(),
-        cert: cert.der().clone(),
-        key: rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    }
-}
-
-/// A TLS listener for axum: TCP accept, then the rustls handshake (failed ones skipped).
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    handshakes_failed: Arc<AtomicBool>,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
-        loop {
-            let Ok((tcp, peer)) = self.tcp.accept().await else {
-                continue;
-            };
-            match self.acceptor.accept(tcp).await {
-                Ok(tls) => return (tls, peer),
-                Err(_) => self.handshakes_failed.store(true, Ordering::Relaxed),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
-    }
-}
-
-/// Serves `receiver` over TLS; returns the address and a flag set on a failed handshake.
-async fn serve_tls(receiver: &Receiver, ca: &TestCa) -> (SocketAddr, Arc<AtomicBool>) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ca.cert.clone()], ca.key.clone_key())
-        .unwrap();
-    let tcp = free_listener().await;
-    let addr = tcp.local_addr().unwrap();
-    let failed = Arc::new(AtomicBool::new(false));
-    let listener = TlsListener {
-        tcp,
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        handshakes_failed: failed.clone(),
-    };
-    let app = receiver.router();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, failed)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_webhook_trusts_the_configured_ca_only() {
     let ca = test_ca();
@@ -368,7 +296,7 @@ async fn https_webhook_trusts_the_configured_ca_only() {
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, &ca.ca_pem).unwrap();
     let receiver = Receiver::new("k");
-    let (addr, handshake_failed) = serve_tls(&receiver, &ca).await;
+    let (addr, handshake_failed) = serve_tls(free_listener().await, receiver.router(), &ca);
     let url = format!("https://{addr}/hook");
 
     // With the test CA: delivered over TLS.

@@ -6,9 +6,16 @@
 #                               DIR/fanout.toml: the same with the ACL off, [limits]
 #                               raised and the store off (docs/BENCHMARKS.md);
 #                               EXTRA: more [mqtt] lines for both (e.g. ws_listen)
-#   start_gateway GW DIR CONFIG  starts GW in DIR on DIR/CONFIG with an empty store and
-#                               waits for /readyz; its PID is in $PID
+#   start_gateway GW DIR CONFIG [HTTP_PORT]
+#                               starts GW in DIR on DIR/CONFIG with an empty store and
+#                               waits for /readyz (on HTTP_PORT, default 18080); its PID
+#                               is in $PID
 #   stop_gateway                 SIGTERM to $PID, and waits for it
+#   make_tls_certs DIR           DIR/ca.pem, DIR/server.pem, DIR/server.key: a throwaway
+#                               ECDSA P-256 CA and a server certificate for 127.0.0.1
+#   write_tls_config DIR MQTT TLS HTTP
+#                               DIR/gateway.toml: loopback listeners on those ports (TLS
+#                               with DIR's certificates), connect limits raised, no store
 
 write_configs() {
   local dir=$1 extra=${2:-}
@@ -31,11 +38,11 @@ TOML
 }
 
 start_gateway() {
-  local gw=$1 dir=$2 config=$3
+  local gw=$1 dir=$2 config=$3 http=${4:-18080}
   (cd "$dir" && rm -rf data && exec "$gw" --config "$config" > "$dir/gw.log" 2>&1) &
   PID=$!
   for _ in $(seq 100); do
-    curl -sf http://127.0.0.1:18080/readyz > /dev/null && return 0
+    curl -sf "http://127.0.0.1:$http/readyz" > /dev/null && return 0
     sleep 0.1
   done
   echo "gateway did not become ready; see $dir/gw.log" >&2
@@ -45,4 +52,37 @@ start_gateway() {
 stop_gateway() {
   kill "$PID"
   wait "$PID" 2> /dev/null
+}
+
+make_tls_certs() {
+  local dir=$1
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=test-ca -keyout "$dir/ca.key" -out "$dir/ca.pem" 2> /dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2> /dev/null
+  printf 'subjectAltName=IP:127.0.0.1\n' > "$dir/san.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 2 -extfile "$dir/san.ext" -out "$dir/server.pem" 2> /dev/null
+}
+
+write_tls_config() {
+  local dir=$1 mqtt=$2 tls=$3 http=$4
+  cat > "$dir/gateway.toml" <<TOML
+[mqtt]
+listen = "127.0.0.1:$mqtt"
+tls_listen = "127.0.0.1:$tls"
+tls_cert = "$dir/server.pem"
+tls_key = "$dir/server.key"
+[http]
+listen = "127.0.0.1:$http"
+[log]
+level = "warn"
+[limits]
+max_connect_rate = 1000000
+connect_burst = 1000000
+max_handshaking = 1000000
+max_connections_per_ip = 0
+[store]
+enabled = false
+TOML
 }

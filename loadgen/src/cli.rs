@@ -193,20 +193,62 @@ pub struct MqttOpts {
     #[arg(long, default_value_t = 512)]
     pub max_pending: usize,
 
-    /// How devices reach --target: MQTT over TCP, or MQTT over WebSocket (`ws`: an HTTP
-    /// upgrade on --ws-path with the subprotocol `mqtt`, then masked binary frames;
-    /// `wss`: the same over TLS).
+    /// How devices reach --target: MQTT over TCP, MQTT over TLS (`tls`), or MQTT over
+    /// WebSocket (`ws`: an HTTP upgrade on --ws-path with the subprotocol `mqtt`, then
+    /// masked binary frames; `wss`: the same over TLS).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
+
+    /// Shorthand for --transport tls: MQTT over TLS to --target (the broker's TLS port).
+    #[arg(long, conflicts_with = "transport")]
+    #[serde(default)]
+    pub tls: bool,
 
     /// The HTTP path of the WebSocket upgrade (with --transport ws or wss).
     #[arg(long, default_value = "/mqtt")]
     pub ws_path: String,
 
-    /// PEM CA bundle to verify the server's certificate with (--transport wss); without
-    /// it the certificate is not checked.
-    #[arg(long)]
+    /// PEM CA bundle to verify the server's certificate with (--tls, --transport wss);
+    /// without it the certificate is not checked. The name checked is --target's address.
+    #[arg(long, visible_alias = "ca")]
     pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate (chain) each device presents, for mutual TLS; with
+    /// --tls-key.
+    #[arg(long, requires = "tls_key")]
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+
+    /// TLS session resumption: `on`, each device keeps the session tickets it got and
+    /// resumes with one when it reconnects (a storm's reconnects, churn); `off`, every
+    /// handshake is full.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[serde(default)]
+    pub tls_resume: OnOff,
+}
+
+/// A switch given as `on` or `off`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnOff {
+    #[default]
+    On,
+    Off,
+}
+
+impl MqttOpts {
+    /// The transport, `--tls` resolved.
+    pub fn transport(&self) -> Transport {
+        if self.tls {
+            Transport::Tls
+        } else {
+            self.transport
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]

@@ -8,7 +8,7 @@
 //! mutexes, so the reporter can snapshot them at any time without stopping a device.
 //!
 //! The devices' fixed settings are in `cfg`, the receiving side's counting in `inbox`,
-//! the storm reconnect in `storm`.
+//! the storm reconnect in `storm`, the TLS handshake (each device's own tickets) in `tls`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -28,11 +28,11 @@ use crate::proto::{Control, DeviceCount, FinalReport, RoundReport, Snapshot};
 use crate::stats::Histogram;
 use crate::ticker::Ticker;
 use crate::ws::{Link, Wire};
-use rustls::pki_types::ServerName;
 
 mod cfg;
 mod inbox;
 mod storm;
+mod tls;
 
 pub(crate) use storm::Rng;
 
@@ -116,6 +116,8 @@ pub struct Fleet {
     last_rx_ns: AtomicU64,
     /// What each subscriber received, recorded when its task ends (`fanout` only).
     per_device: Mutex<Vec<DeviceCount>>,
+    /// Each device's TLS sessions and the handshake counts (`tls`).
+    tls: tls::TlsDevices,
 }
 
 /// An established device connection.
@@ -178,6 +180,7 @@ impl Fleet {
             ramp_us: AtomicU64::new(0),
             last_rx_ns: AtomicU64::new(0),
             per_device: Mutex::default(),
+            tls: tls::TlsDevices::default(),
         })
     }
 
@@ -199,6 +202,8 @@ impl Fleet {
             foreign: get(&c.foreign),
             ramp_us: get(&self.ramp_us),
             last_rx_ns: get(&self.last_rx_ns),
+            tls_full: get(&self.tls.full),
+            tls_resumed: get(&self.tls.resumed),
         }
     }
 
@@ -361,21 +366,13 @@ impl Fleet {
     /// TCP and the WebSocket upgrade).
     pub async fn link_connect(&self, i: u64, deadline: u64) -> Result<Link, String> {
         let stream = self.tcp_connect(i, deadline).await?;
+        let wire = match &self.cfg.tls {
+            None => Wire::tcp(stream),
+            Some(tls) => self.tls_connect(i, tls, stream, deadline).await?,
+        };
         match self.cfg.transport {
-            Transport::Tcp => Ok(Link::tcp(stream)),
+            Transport::Tcp | Transport::Tls => Ok(Link::plain(wire)),
             Transport::Ws | Transport::Wss => {
-                let wire = match &self.cfg.tls {
-                    None => Wire::tcp(stream),
-                    Some(tls) => {
-                        let name = ServerName::IpAddress(self.cfg.target.ip().into());
-                        self.timed(deadline, "tls_timeout", async {
-                            Wire::tls(stream, tls.clone(), name)
-                                .await
-                                .map_err(|e| io_cause("tls", &e))
-                        })
-                        .await?
-                    }
-                };
                 let host = self.cfg.target.to_string();
                 let seed = i ^ now_ns();
                 self.timed(deadline, "ws_timeout", async {

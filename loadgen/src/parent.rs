@@ -536,13 +536,21 @@ impl Run {
         s.put("command", self.cmd.name());
         s.put("target", common.target.to_string());
         s.put("protocol", self.cmd.mqtt().protocol);
-        s.put("transport", self.cmd.mqtt().transport.name());
+        s.put("transport", self.cmd.mqtt().transport().name());
         s.put("procs", self.plan.procs as u64);
         s.put("source_addresses", self.plan.sources.len());
         s.put("fd_limit_per_proc", self.plan.fd_limit);
     }
 
     fn tail(&self, s: &mut Summary, server: Option<Value>) {
+        if self.cmd.mqtt().transport().is_tls() {
+            let t = self.kids.total();
+            let resume = self.cmd.mqtt().tls_resume == crate::cli::OnOff::On;
+            s.put(
+                "tls_handshakes",
+                serde_json::json!({"full": t.tls_full, "resumed": t.tls_resumed, "resume": resume}),
+            );
+        }
         if self.probe.is_some() {
             s.put("server", server.unwrap_or(Value::Null));
         }

@@ -60,6 +60,11 @@ pub struct Snapshot {
     /// the parent takes the latest over children.
     #[serde(default)]
     pub last_rx_ns: u64,
+    /// TLS handshakes that were full, and that resumed a session (`--tls`, `wss`).
+    #[serde(default)]
+    pub tls_full: u64,
+    #[serde(default)]
+    pub tls_resumed: u64,
 }
 
 impl Snapshot {
@@ -77,6 +82,8 @@ impl Snapshot {
         self.unique += o.unique;
         self.duplicates += o.duplicates;
         self.foreign += o.foreign;
+        self.tls_full += o.tls_full;
+        self.tls_resumed += o.tls_resumed;
         self.ramp_us = self.ramp_us.max(o.ramp_us);
         self.last_rx_ns = self.last_rx_ns.max(o.last_rx_ns);
     }

@@ -1,4 +1,5 @@
-//! MQTT over WebSocket, client side (`--transport ws|wss`): the HTTP upgrade, masked
+//! MQTT over WebSocket, client side (`--transport ws|wss`; `tls` is a [`Link`] with no
+//! WebSocket over a TLS [`Wire`]): the HTTP upgrade, masked
 //! binary frames around what a device writes, and the server's frames turned back into
 //! the MQTT byte stream the rest of loadgen reads.
 //!
@@ -20,7 +21,7 @@ use crate::fleet::Rng;
 
 mod wire;
 
-pub use wire::{client_config, Wire};
+pub use wire::{client_config, per_device, TlsOpts, Wire};
 
 /// How devices reach the broker.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +33,8 @@ pub enum Transport {
     Ws,
     /// MQTT over WebSocket over TLS (`--tls-ca` to verify the server).
     Wss,
+    /// MQTT over TLS (`--tls-ca` to verify the server).
+    Tls,
 }
 
 impl Transport {
@@ -40,7 +43,13 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
             Transport::Wss => "wss",
+            Transport::Tls => "tls",
         }
+    }
+
+    /// Whether the device's bytes go through TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Wss | Transport::Tls)
     }
 }
 
@@ -74,11 +83,9 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn tcp(stream: TcpStream) -> Link {
-        Link {
-            wire: Wire::tcp(stream),
-            ws: None,
-        }
+    /// MQTT straight over `wire` (TCP or TLS).
+    pub fn plain(wire: Wire) -> Link {
+        Link { wire, ws: None }
     }
 
     pub fn stream(&self) -> &TcpStream {

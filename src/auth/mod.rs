@@ -495,7 +495,7 @@ mod tests {
             ("[auth]\nproviders = [\"anonymous\", \"anonymous\"]\n", "auth.providers[1]"),
             ("[auth]\nfailure_backoff_secs = 0\n", "auth.failure_backoff_secs"),
             (
-                "[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"https://x/a\"\n",
+                "[auth]\nproviders = [\"http\"]\n[auth.http]\nurl = \"ftp://x/a\"\n",
                 "auth.http.url",
             ),
             (

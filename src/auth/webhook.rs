@@ -15,28 +15,26 @@
 //! address, which changes with every connection). A full cache drops its oldest entry.
 //! So a reconnect storm of known devices does not become a storm on the backend.
 //!
-//! The client is hyper 1's (via hyper-util), already in the build for axum; reqwest would
-//! add a second HTTP stack for one POST. It speaks plain HTTP/1.1: the webhook is meant for
-//! a backend on the same trusted network (an `https` URL is refused at start).
-//! It runs on the business runtime only.
+//! The client is the gateway's [`HttpsClient`] (hyper 1 with rustls, shared with the events
+//! webhook): `http://` or `https://`, the server certificate checked against `ca_file` or
+//! the system's roots. A certificate that does not check out is "unavailable" like any
+//! other failed exchange (fails closed), and the reason logged with the client id names
+//! it (e.g. `invalid peer certificate: UnknownIssuer`). It runs on the business runtime
+//! only.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::Uri;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::{Answer, Request, Verdict};
 use crate::acl::ConnAcl;
-
-/// Largest webhook answer read, in bytes.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
+use crate::https_client::{HttpsClient, RequestError};
 
 /// `[auth.http]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +46,9 @@ pub struct WebhookConfig {
     /// 0 = no cache.
     pub cache_entries: u32,
     pub cache_ttl_secs: u32,
+    /// PEM CA bundle trusted for an `https://` url; `None` = the system's roots.
+    #[serde(deserialize_with = "crate::config::empty_path_as_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl WebhookConfig {
@@ -58,11 +59,18 @@ impl WebhookConfig {
                 format!("{:?} is not a URL: {e}", self.url),
             )
         })?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err((
                 "auth.http.url".into(),
-                format!("{:?} must be an http:// URL with a host", self.url),
+                format!(
+                    "{:?} must be an http:// or https:// URL with a host",
+                    self.url
+                ),
             ));
+        }
+        if let Some(ca) = &self.ca_file {
+            crate::https_client::check_ca_file(ca)
+                .map_err(|e| ("auth.http.ca_file".to_string(), e.to_string()))?;
         }
         if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
             return Err((
@@ -129,7 +137,7 @@ struct Cache {
 pub struct Webhook {
     url: Uri,
     timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpsClient,
     cache: Mutex<Cache>,
     cache_entries: usize,
     ttl: Duration,
@@ -138,13 +146,12 @@ pub struct Webhook {
 impl Webhook {
     pub fn from_config(c: &WebhookConfig) -> Result<Webhook, String> {
         c.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(c.timeout_ms.into())));
-        connector.set_nodelay(true);
+        let client = HttpsClient::new(c.ca_file.as_deref())
+            .map_err(|e| format!("auth.http.ca_file: {e}"))?;
         Ok(Webhook {
             url: c.url.parse().map_err(|e| format!("auth.http.url: {e}"))?,
             timeout: Duration::from_millis(c.timeout_ms.into()),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client,
             cache: Mutex::new(Cache {
                 map: HashMap::new(),
                 order: VecDeque::new(),
@@ -163,15 +170,9 @@ impl Webhook {
         if let Some(hit) = self.cached(&key) {
             return hit.answer();
         }
-        let answer = match tokio::time::timeout(self.timeout, self.ask(req)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(why)) => return Answer::Decided(Verdict::Unavailable(why)),
-            Err(_) => {
-                return Answer::Decided(Verdict::Unavailable(format!(
-                    "auth webhook did not answer within {} ms",
-                    self.timeout.as_millis()
-                )))
-            }
+        let answer = match self.ask(req).await {
+            Ok(a) => a,
+            Err(why) => return Answer::Decided(Verdict::Unavailable(why)),
         };
         self.remember(key, answer.clone());
         answer.answer()
@@ -233,20 +234,19 @@ impl Webhook {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| format!("cannot build the webhook request: {e}"))?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| format!("auth webhook unreachable: {e}"))?;
-        let status = response.status();
+        let (status, bytes) = match self.client.send(request, self.timeout).await {
+            Ok(answer) => answer,
+            Err(RequestError::Timeout) => {
+                return Err(format!(
+                    "auth webhook did not answer within {} ms",
+                    self.timeout.as_millis()
+                ))
+            }
+            Err(RequestError::Failed(e)) => return Err(format!("auth webhook unreachable: {e}")),
+        };
         if status != hyper::StatusCode::OK {
             return Err(format!("auth webhook answered HTTP {status}"));
         }
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("cannot read the webhook answer: {e}"))?
-            .to_bytes();
         let reply: Reply = serde_json::from_slice(&bytes)
             .map_err(|e| format!("unreadable webhook answer: {e}"))?;
         Ok(match reply.result {
@@ -263,5 +263,47 @@ impl Webhook {
                 Cached::Allow((acl.has_lists() || acl.username.is_some()).then_some(acl))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str, ca_file: Option<&str>) -> WebhookConfig {
+        WebhookConfig {
+            url: url.into(),
+            timeout_ms: 1000,
+            cache_entries: 0,
+            cache_ttl_secs: 1,
+            ca_file: ca_file.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn http_and_https_urls_are_accepted_others_named() {
+        assert!(config("http://127.0.0.1:1/a", None).validate().is_ok());
+        assert!(config("https://backend.example/a", None).validate().is_ok());
+        let (key, _) = config("ftp://backend.example/a", None)
+            .validate()
+            .unwrap_err();
+        assert_eq!(key, "auth.http.url");
+    }
+
+    #[test]
+    fn a_missing_or_empty_ca_file_is_named() {
+        let (key, why) = config("https://b.example/", Some("/nonexistent/ca.pem"))
+            .validate()
+            .unwrap_err();
+        assert_eq!(key, "auth.http.ca_file");
+        assert!(why.contains("/nonexistent/ca.pem"), "{why}");
+        let empty = std::env::temp_dir().join(format!("empty-ca-{}.pem", std::process::id()));
+        std::fs::write(&empty, "").unwrap();
+        let (key, why) = config("https://b.example/", empty.to_str())
+            .validate()
+            .unwrap_err();
+        let _ = std::fs::remove_file(&empty);
+        assert_eq!(key, "auth.http.ca_file");
+        assert!(why.contains("no usable CA certificate"), "{why}");
     }
 }

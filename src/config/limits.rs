@@ -15,6 +15,8 @@ pub struct LimitsConfig {
     pub connect_burst: u32,
     /// Per shard; 0 = unlimited.
     pub max_handshaking: u32,
+    /// TLS handshake steps a shard runs per loop turn; 0 = unlimited.
+    pub tls_handshakes_per_turn: u32,
     /// Gateway-wide; 0 = unlimited.
     pub max_connections_per_ip: u32,
     /// PUBLISH packets per second per connection; 0 = unlimited.
@@ -56,5 +58,17 @@ impl Section for LimitsConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn the_tls_handshake_budget_defaults_to_16_and_0_is_unlimited() {
+        assert_eq!(Config::default().limits.tls_handshakes_per_turn, 16);
+        let c = Config::from_toml_str("[limits]\ntls_handshakes_per_turn = 0\n").unwrap();
+        assert_eq!(c.limits.tls_handshakes_per_turn, 0);
     }
 }

@@ -105,7 +105,9 @@ impl Section for crate::acl::AclConfig {
     }
 }
 
-fn empty_path_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+pub(crate) fn empty_path_as_none<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<PathBuf>, D::Error> {
     let s = String::deserialize(d)?;
     Ok(if s.is_empty() {
         None

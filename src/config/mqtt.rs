@@ -67,6 +67,8 @@ pub struct MqttConfig {
     pub use_cn_as_client_id: bool,
     /// rustls `set_buffer_limit` per TLS connection, in bytes.
     pub tls_buffer_bytes: u32,
+    /// Issue TLS session tickets, so a reconnecting device resumes (no full handshake).
+    pub tls_session_tickets: bool,
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     pub proxy_header_max_bytes: u32,

@@ -15,7 +15,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::labels::{
-    DisconnectReason, DropReason, RefuseReason, CONNECTION_AGE_BUCKETS, PACKET_TYPES,
+    DisconnectReason, DropReason, RefuseReason, TlsHandshake, CONNECTION_AGE_BUCKETS, PACKET_TYPES,
 };
 use super::shard::{ShardMetrics, TRANSPORTS};
 
@@ -97,6 +97,18 @@ impl fmt::Debug for ShardCollector {
 impl ShardCollector {
     fn total(&self, f: impl Fn(&ShardMetrics) -> u64) -> u64 {
         self.0.iter().map(|s| f(s)).sum()
+    }
+
+    /// For each `(label, index)`, the label and the sum over shards of the counter at
+    /// that index of the array `counters` picks.
+    fn label_totals<'a, const N: usize>(
+        &'a self,
+        labels: [(&'static str, usize); N],
+        counters: impl Fn(&ShardMetrics) -> &[AtomicU64] + Copy + 'a,
+    ) -> impl Iterator<Item = (String, u64)> + 'a {
+        labels
+            .into_iter()
+            .map(move |(label, i)| (label.to_owned(), self.total(|s| get(&counters(s)[i]))))
     }
 
     fn per_shard<V>(&self, f: impl Fn(&ShardMetrics) -> V) -> Vec<(String, V)> {
@@ -200,23 +212,34 @@ impl ShardCollector {
             "gateway_disconnects_total",
             "Connections ended, by reason.",
             "reason",
-            DisconnectReason::ALL.iter().map(|r| {
-                let i = *r as usize;
-                (
-                    r.as_str().to_owned(),
-                    self.total(|s| get(&s.disconnects[i])),
-                )
-            }),
+            self.label_totals(
+                DisconnectReason::ALL.map(|r| (r.as_str(), r as usize)),
+                |s| &s.disconnects,
+            ),
         )?;
         labelled_counters(
             e,
             "gateway_connect_refused_total",
             "CONNECTs refused, by reason.",
             "reason",
-            RefuseReason::ALL.iter().map(|r| {
-                let i = *r as usize;
-                (r.as_str().to_owned(), self.total(|s| get(&s.refused[i])))
+            self.label_totals(RefuseReason::ALL.map(|r| (r.as_str(), r as usize)), |s| {
+                &s.refused
             }),
+        )?;
+        labelled_counters(
+            e,
+            "gateway_tls_handshakes_total",
+            "TLS handshakes by how they ended: full, resumed (from a session ticket), failed.",
+            "kind",
+            self.label_totals(TlsHandshake::ALL.map(|k| (k.as_str(), k as usize)), |s| {
+                &s.tls_handshakes
+            }),
+        )?;
+        counter(
+            e,
+            "gateway_tls_handshakes_deferred_total",
+            "Reads of TLS connections in their handshake put off to the next loop turn because the turn's limits.tls_handshakes_per_turn were spent.",
+            self.total(|s| get(&s.tls_handshakes_deferred)),
         )?;
         counter(
             e,

@@ -1,6 +1,6 @@
 //! The label values the gateway's metrics carry: why a connection ended
 //! (`DisconnectReason`), why a CONNECT was refused (`RefuseReason`), why a message was
-//! dropped (`DropReason`), the packet types and the connection-age buckets.
+//! dropped (`DropReason`), how a TLS handshake ended (`TlsHandshake`), the packet types and the connection-age buckets.
 
 /// Why a connection ended; the `reason` label of `gateway_disconnects_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +135,34 @@ impl RefuseReason {
             RefuseReason::PerIp => "per_ip",
             RefuseReason::ProxyUntrusted => "proxy_untrusted",
             RefuseReason::WsUpgrade => "ws_upgrade",
+        }
+    }
+}
+
+/// How a TLS handshake ended; the `kind` label of `gateway_tls_handshakes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TlsHandshake {
+    /// A full handshake (certificate, key exchange; with or without a HelloRetryRequest).
+    Full,
+    /// Resumed from a session ticket: no certificate, no signature.
+    Resumed,
+    /// Failed before it completed (bad ClientHello, unknown CA, missing client
+    /// certificate, plaintext on the TLS port).
+    Failed,
+}
+
+impl TlsHandshake {
+    pub const ALL: [TlsHandshake; 3] = [
+        TlsHandshake::Full,
+        TlsHandshake::Resumed,
+        TlsHandshake::Failed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsHandshake::Full => "full",
+            TlsHandshake::Resumed => "resumed",
+            TlsHandshake::Failed => "failed",
         }
     }
 }

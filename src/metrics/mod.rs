@@ -30,7 +30,7 @@ mod tests;
 pub(crate) use self::exposition::{counter_family, encode_into};
 pub use self::exposition::{render, to_prometheus_text};
 pub use self::labels::{
-    DisconnectReason, DropReason, RefuseReason, CONNECTION_AGE_BUCKETS, PACKET_TYPES,
+    DisconnectReason, DropReason, RefuseReason, TlsHandshake, CONNECTION_AGE_BUCKETS, PACKET_TYPES,
 };
 pub use self::process::render_process;
 pub use self::push::{PushMetrics, PUSH_BUCKETS, PUSH_STATUSES};

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio_metrics::TaskMonitor;
 
-use super::labels::{DisconnectReason, DropReason, RefuseReason, CONNECTION_AGE_BUCKETS};
+use super::labels::{
+    DisconnectReason, DropReason, RefuseReason, TlsHandshake, CONNECTION_AGE_BUCKETS,
+};
 
 /// A histogram with one writer (its shard) and any number of readers (scrapes): a count
 /// per bucket (not cumulative; the last one is `+Inf`) and the sum as `f64` bits. The
@@ -85,6 +87,11 @@ pub struct ShardMetrics {
     /// TLS handshakes (or later TLS records) that failed: bad ClientHello, unknown CA,
     /// missing client certificate, garbage on the TLS port.
     pub tls_failures: AtomicU64,
+    /// TLS handshakes by how they ended, in [`TlsHandshake::ALL`] order.
+    pub tls_handshakes: [AtomicU64; TlsHandshake::ALL.len()],
+    /// Reads of handshaking TLS connections put off to the next loop turn because the
+    /// turn's `tls_handshakes_per_turn` were spent.
+    pub tls_handshakes_deferred: AtomicU64,
     /// Times a connection went over its inbound rate and stopped being read.
     pub rate_limit_pauses: AtomicU64,
     /// Times a connection's PUBLISH packets stopped being read because a subscriber its
@@ -143,6 +150,9 @@ impl ShardMetrics {
     }
     pub fn refuse(&self, r: RefuseReason) {
         Self::add(&self.refused[r as usize], 1);
+    }
+    pub fn tls_handshake(&self, kind: TlsHandshake) {
+        Self::add(&self.tls_handshakes[kind as usize], 1);
     }
     /// An ACL refusal: a PUBLISH (`subscribe` false) or one SUBSCRIBE filter.
     pub fn acl_denied(&self, subscribe: bool) {

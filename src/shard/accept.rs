@@ -32,6 +32,8 @@ pub(super) struct Admission {
     pub accept_retry: AcceptRetry,
     /// Connections accepted here and not yet CONNACKed (`max_handshaking`).
     pub handshaking: usize,
+    /// TLS handshake steps left this turn (`tls_handshakes_per_turn`, `handshake.rs`).
+    pub handshake_budget: super::handshake::HandshakeBudget,
     /// CONNECTs waiting for an authentication answer, by connection key. `close_conn`
     /// removes a connection's entry, so an answer finds either its own connection (same
     /// token) or nothing.
@@ -49,6 +51,7 @@ impl Admission {
             connect_bucket,
             accept_retry,
             handshaking: 0,
+            handshake_budget: Default::default(),
             auth_pending: HashMap::new(),
             next_auth_token: 0,
             next_auto_id: 0,

@@ -36,6 +36,7 @@ mod events;
 mod fleet;
 mod framer;
 mod gate;
+mod handshake;
 mod held;
 mod listing;
 mod mqtt;
@@ -433,6 +434,8 @@ impl Shard {
     /// `run` calls it and waits when it was not busy; the simulation test drives it alone.
     fn turn(&mut self, rx: &mut mpsc::Receiver<ShardMsg>) -> io::Result<TurnEnd> {
         self.clock.update();
+        let per_turn = self.settings.tls_handshakes_per_turn;
+        self.admission.handshake_budget.refill(per_turn);
         let mut busy = self.poll_sockets()?;
         for _ in 0..MAILBOX_PER_TURN {
             match rx.try_recv() {

@@ -29,6 +29,9 @@ impl Shard {
         {
             return self.discard_closing(key);
         }
+        if self.defer_handshake(key) {
+            return;
+        }
         for _ in 0..READS_PER_EVENT {
             let Some(facts) = self.read_facts(key) else {
                 return;

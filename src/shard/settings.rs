@@ -69,6 +69,8 @@ pub struct Settings {
     pub proxy_trusted: TrustedProxies,
     /// Per shard; 0 = unlimited.
     pub max_handshaking: usize,
+    /// `limits.tls_handshakes_per_turn`: TLS handshake steps per loop turn; 0 = unlimited.
+    pub tls_handshakes_per_turn: u32,
     /// `max_connect_rate` and `connect_burst` (connections per second per shard).
     pub connect_rate: u32,
     pub connect_burst: u32,
@@ -146,6 +148,7 @@ impl Settings {
             // Validated by Config::validate.
             proxy_trusted: TrustedProxies::parse(&c.mqtt.proxy_trusted).unwrap_or_default(),
             max_handshaking: c.limits.max_handshaking as usize,
+            tls_handshakes_per_turn: c.limits.tls_handshakes_per_turn,
             connect_rate: c.limits.max_connect_rate,
             connect_burst: c.limits.connect_burst,
             inbound: InboundLimits {

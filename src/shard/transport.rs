@@ -80,7 +80,16 @@ impl Shard {
         let Some(tls) = conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) else {
             return true;
         };
-        if let Err(e) = tls.process_new_packets() {
+        let was_handshaking = tls.is_handshaking();
+        if was_handshaking {
+            self.admission.handshake_budget.spend();
+        }
+        let processed = tls.process_new_packets().map(drop);
+        if let Some(kind) = crate::tls::handshake_outcome(was_handshaking, tls, processed.is_err())
+        {
+            self.services.metrics.tls_handshake(kind);
+        }
+        if let Err(e) = processed {
             // rustls has queued an alert for the peer; one best-effort write of it.
             let _ = tls.write_tls(&mut conn.socket);
             ShardMetrics::add(&self.services.metrics.tls_failures, 1);

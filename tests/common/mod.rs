@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+pub mod https;
 pub mod nats;
+pub mod tls;
 pub mod ws;
 
 /// The config every test starts from: loopback, ephemeral ports, two shards.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{expand, Command, Transport};
+use crate::cli::{expand, Command, MqttOpts, OnOff, Transport};
 use crate::codec::Protocol;
 use crate::limits::Sources;
 use crate::proto::WorkOrder;
@@ -30,8 +30,19 @@ pub struct DeviceCfg {
     pub transport: Transport,
     /// The WebSocket upgrade's path (with `Transport::Ws` and `Wss`).
     pub ws_path: String,
-    /// The TLS client settings (with `Transport::Wss`).
+    /// The TLS client settings (with `Transport::Tls` and `Wss`).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `--tls-resume on`: each device keeps its tickets and resumes with them.
+    pub tls_resume: bool,
+}
+
+/// The TLS options `m` gives.
+fn tls_opts(m: &MqttOpts) -> crate::ws::TlsOpts {
+    crate::ws::TlsOpts {
+        ca: m.tls_ca.clone(),
+        cert: m.tls_cert.clone().zip(m.tls_key.clone()),
+        resume: m.tls_resume == OnOff::On,
+    }
 }
 
 impl DeviceCfg {
@@ -68,12 +79,13 @@ impl DeviceCfg {
             sub_qos,
             connect_timeout: Duration::from_secs(m.connect_timeout.max(1)),
             ordered,
-            transport: m.transport,
+            transport: m.transport(),
             ws_path: m.ws_path.clone(),
-            tls: match m.transport {
-                Transport::Wss => Some(crate::ws::client_config(m.tls_ca.as_deref())?),
-                _ => None,
+            tls: match m.transport().is_tls() {
+                true => Some(crate::ws::client_config(&tls_opts(m))?),
+                false => None,
             },
+            tls_resume: m.tls_resume == OnOff::On,
         })
     }
 

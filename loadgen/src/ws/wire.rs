@@ -1,4 +1,6 @@
-//! The bytes under a device's MQTT: TCP, or TLS over TCP for `--transport wss`.
+//! The bytes under a device's MQTT: TCP, or TLS over TCP for `--tls` and
+//! `--transport wss` (with a client certificate for mutual TLS, and session resumption
+//! on or off).
 //!
 //! rustls is driven by hand over the tokio socket (ciphertext in and out of the
 //! `ClientConnection`), so the device's read path keeps its shape: wait for readiness,
@@ -6,14 +8,14 @@
 //! certificate is not checked: loadgen measures brokers, it carries no secrets.
 
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -23,32 +25,76 @@ use tokio::net::TcpStream;
 /// Ciphertext read per socket read.
 const CIPHER_CHUNK: usize = 16 * 1024;
 
-/// The TLS client settings of a `wss` run: verify against the PEM CA bundle `ca`, or
-/// (without one) accept any server certificate.
-pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// The TLS options of a run (`--tls-ca`, `--tls-cert`, `--tls-key`, `--tls-resume`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOpts {
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain and its key (PEM), for mutual TLS.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Keep session tickets and resume with them.
+    pub resume: bool,
+}
+
+/// The TLS client settings of a `tls` or `wss` run: verify against the PEM CA bundle
+/// `ca`, or (without one) accept any server certificate; present the client certificate
+/// if given; resumption as asked (a device that resumes needs its own copy, see
+/// [`per_device`]).
+pub fn client_config(o: &TlsOpts) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;
-    let config = match ca {
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?
-            {
-                let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+    let builder = match &o.ca {
+        Some(path) => builder.with_root_certificates(roots(path)?),
         None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider))),
     };
+    let mut config = match &o.cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = pem_certs("--tls-cert", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("--tls-cert: {e}"))?
+        }
+    };
+    if !o.resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
+}
+
+/// A device's own copy of `config` with its own session cache, so the tickets it gets
+/// are its own to resume with (a shared cache keeps only a few tickets per server, and a
+/// TLS 1.3 ticket is used once).
+pub fn per_device(config: &ClientConfig) -> Arc<ClientConfig> {
+    let mut own = config.clone();
+    own.resumption = rustls::client::Resumption::in_memory_sessions(1);
+    Arc::new(own)
+}
+
+fn pem_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{flag} {}: no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in pem_certs("--tls-ca", path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
+    }
+    Ok(roots)
 }
 
 /// Accepts any certificate, but still checks the handshake signatures with it.
@@ -141,6 +187,11 @@ impl Wire {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// How the TLS handshake went (`None` without TLS).
+    pub fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.tls.as_ref().and_then(|t| t.handshake_kind())
     }
 
     /// Writes what rustls has for the peer.

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod gateway;
+pub mod pki;
+
 /// Longest any one loadgen run may take before the test fails (it is killed).
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 

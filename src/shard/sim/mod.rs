@@ -50,13 +50,14 @@
 //!
 //! **Not simulated** (yet): that a will is published at all (only when and where),
 //! retained messages, shared subscriptions, MQTT 5 topic aliases, a second shard
-//! (handoffs), TLS and PROXY, inbound rate limits, and pacing across shards (one shard paces its own publishers).
+//! (handoffs), TLS (but for the handshake budget, `tls_budget.rs`) and PROXY, inbound rate limits, and pacing across shards (one shard paces its own publishers).
 
 mod check;
 mod client;
 mod rig;
 mod rng;
 mod timed;
+mod tls_budget;
 mod world;
 
 use std::panic::AssertUnwindSafe;

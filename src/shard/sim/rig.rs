@@ -33,9 +33,34 @@ pub(super) fn manual_shard(
     config: Config,
     business: tokio::runtime::Handle,
 ) -> (Shard, mpsc::Receiver<ShardMsg>, SocketAddr) {
+    let (shard, rx, addr, _) = manual_shard_tls(config, business, None);
+    (shard, rx, addr)
+}
+
+/// [`manual_shard`], and with `tls` also a TLS listener on a free loopback port serving
+/// that rustls configuration (its address last).
+pub(super) fn manual_shard_tls(
+    config: Config,
+    business: tokio::runtime::Handle,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (
+    Shard,
+    mpsc::Receiver<ShardMsg>,
+    SocketAddr,
+    Option<SocketAddr>,
+) {
     let config = Arc::new(config);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
+    let tls = tls.map(|cfg| {
+        (
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind tls"),
+            cfg,
+        )
+    });
+    let tls_addr = tls
+        .as_ref()
+        .map(|(l, _)| l.local_addr().expect("tls address"));
     let (mailboxes, mut rxs) = Mailboxes::new(1, 64);
     // Few buckets: the simulation checks the counts (`check::interest`), not the spread.
     let mailboxes = mailboxes.with_interest(1024);
@@ -44,7 +69,7 @@ pub(super) fn manual_shard(
         id: 0,
         config: config.clone(),
         listener,
-        tls: None,
+        tls,
         ws: None,
         wss: None,
         per_ip: Arc::new(crate::limits::PerIpLimit::new(0)),
@@ -62,7 +87,7 @@ pub(super) fn manual_shard(
         events: crate::events::EventSender::disabled(),
     };
     let (shard, rx) = Shard::with_clock(ctx, Clock::manual).expect("shard");
-    (shard, rx, addr)
+    (shard, rx, addr, tls_addr)
 }
 
 /// What a client got from the server, decoded by `mqttbytes` (MQTT 3.1.1 or 5).
