@@ -77,6 +77,9 @@ pub struct SessionState {
     pub queue: VecDeque<Queued>,
     /// Sent QoS 1/2 messages not yet acknowledged, oldest first.
     pub inflight: VecDeque<Inflight>,
+    /// Some of `inflight` may be `Waiting` (set whenever one is made `Waiting`, cleared
+    /// by a look that finds none), so the window counts skip the scan otherwise.
+    pub maybe_waiting: bool,
     /// Packet ids of QoS 2 messages received (PUBREC sent) awaiting PUBREL.
     pub inbound_qos2: Vec<u16>,
     /// The will of the current (or last) connection.
@@ -376,6 +379,9 @@ impl Session {
     /// Receive Maximum counts.
     pub fn on_wire_len(&self) -> usize {
         self.extra.as_ref().map_or(0, |s| {
+            if !s.maybe_waiting {
+                return s.inflight.len();
+            }
             s.inflight
                 .iter()
                 .filter(|f| f.state != InflightState::Waiting)
@@ -393,14 +399,18 @@ impl Session {
     }
 
     /// The position of the first `Waiting` message, if the window has room to resend it.
-    pub fn next_waiting(&self, window: u16) -> Option<usize> {
+    /// Finding none clears `maybe_waiting`.
+    pub fn next_waiting(&mut self, window: u16) -> Option<usize> {
         if self.on_wire_len() >= usize::from(window) {
             return None;
         }
-        let st = self.extra.as_ref()?;
-        st.inflight
-            .iter()
-            .position(|f| f.state == InflightState::Waiting)
+        let st = self.extra.as_mut()?;
+        if !st.maybe_waiting {
+            return None;
+        }
+        let found = (st.inflight.iter()).position(|f| f.state == InflightState::Waiting);
+        st.maybe_waiting = found.is_some();
+        found
     }
 
     /// Subscription options for `filter` if subscribed.

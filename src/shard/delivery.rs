@@ -412,7 +412,7 @@ impl Shard {
     /// wait for room in the window (`InflightState::Waiting`), oldest first.
     fn resend_waiting(&mut self, skey: usize) {
         loop {
-            let Some(s) = self.sessions.get(skey) else {
+            let Some(s) = self.sessions.get_mut(skey) else {
                 return;
             };
             let Some(ckey) = s.conn.map(ConnKey::index) else {
@@ -462,10 +462,12 @@ impl Shard {
             .filter(|f| f.state == InflightState::Released)
             .count();
         let mut kept = std::collections::VecDeque::with_capacity(inflight.len());
+        let mut maybe_waiting = false;
         for mut f in inflight {
             match f.state {
                 InflightState::Published | InflightState::Waiting if on_wire >= window => {
                     f.state = InflightState::Waiting;
+                    maybe_waiting = true;
                     kept.push_back(f);
                 }
                 InflightState::Published | InflightState::Waiting => {
@@ -487,7 +489,9 @@ impl Shard {
             }
         }
         if !kept.is_empty() {
-            self.sessions[skey].state().inflight = kept;
+            let st = self.sessions[skey].state();
+            st.inflight = kept;
+            st.maybe_waiting = maybe_waiting;
         }
         self.refill(skey);
     }
