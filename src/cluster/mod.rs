@@ -18,7 +18,9 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
+pub mod arbiter;
 pub mod metrics;
+pub mod ops_metrics;
 pub mod registry;
 
 use std::future::Future;
@@ -183,6 +185,7 @@ impl Fleet {
         let up = self.client.connection_state() == async_nats::connection::State::Connected;
         self.metrics.nats_connected.set(i64::from(up));
         self.metrics.render(out);
+        self.registry.metrics.render(out);
     }
 
     fn subscribe(
@@ -230,6 +233,7 @@ impl Fleet {
             if !self.registry.names_this_node(&client_id).await {
                 // Pushes here go to the other node from now on, not after the close.
                 self.registry.left(&client_id);
+                self.registry.metrics.lost.inc();
                 let home = home_shard(&client_id, shards.len());
                 // A full mailbox: the device stays online here too, as before the fleet.
                 let _ = shards.try_send(home, ShardMsg::TakenOver { client_id });
