@@ -180,10 +180,14 @@ impl Fleet {
         Ok(())
     }
 
+    /// Whether this node's NATS connection is up now.
+    pub fn nats_up(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Appends the fleet's metrics, with the NATS connection's state now.
     pub fn render_metrics(&self, out: &mut String) {
-        let up = self.client.connection_state() == async_nats::connection::State::Connected;
-        self.metrics.nats_connected.set(i64::from(up));
+        self.metrics.nats_connected.set(i64::from(self.nats_up()));
         self.metrics.render(out);
         self.registry.metrics.render(out);
     }
