@@ -30,6 +30,15 @@ async fn wait_ready_nats_down(gw: &GatewayProcess, down: bool) {
     }
 }
 
+/// Waits until `sample` on `gw` has counted at least one.
+async fn wait_counted(gw: &GatewayProcess, sample: &str) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while gw.metric(sample).await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "{sample} stayed 0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn push(gw: &GatewayProcess, id: &str, payload: &str) -> (u16, Value) {
     let body = json!({"client_id": id, "topic": "t", "payload": payload, "qos": 1});
     post_json(gw.http, "/v1/push", &body).await
@@ -73,12 +82,11 @@ async fn without_nats_a_node_says_so_serves_its_own_devices_and_comes_back() {
         "{v}"
     );
     // The lease renewals fail and are counted.
-    let failed = "gateway_fleet_registry_ops_total{op=\"lease\",outcome=\"error\"}";
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while a.metric(failed).await < 1.0 {
-        assert!(tokio::time::Instant::now() < end, "{failed} stayed 0");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_counted(
+        a,
+        "gateway_fleet_registry_ops_total{op=\"lease\",outcome=\"error\"}",
+    )
+    .await;
 
     // NATS back: node A says so by itself and reaches node B's device again.
     nats.respawn();
@@ -89,4 +97,37 @@ async fn without_nats_a_node_says_so_serves_its_own_devices_and_comes_back() {
     assert_eq!((code, v["status"].as_str()), (200, Some("sent")), "{v}");
     let p = far.next_publish(DEADLINE).await.expect("the push arrives");
     assert_eq!(&p.payload[..], b"across again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connected_to_two_nodes_while_nats_was_away_keeps_the_later_one() {
+    use common::{connect5, Raw};
+    let (mut nats, gw, kv) = fleet::start("fleet-heal", &["node-a", "node-b"], "").await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let (mut old, _) = Raw::connected_v5(b.mqtt, &connect5("split", 60, true, None)).await;
+    wait_holder(&kv, "split", Some("node-b")).await;
+
+    nats.kill();
+    wait_ready_nats_down(a, true).await;
+    wait_ready_nats_down(b, true).await;
+    // The second connection is accepted over two seconds later: connected_at counts
+    // whole seconds on each shard's clock of 1 s ticks, so the order is then certain.
+    // Node A cannot tell node B, whose registry entry stays.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (mut new, _) = Raw::connected_v5(a.mqtt, &connect5("split", 60, true, None)).await;
+    // Node A's claim failed (not merely waiting for NATS).
+    wait_counted(
+        a,
+        "gateway_events_dropped_total{sink=\"registry\",reason=\"rejected\"}",
+    )
+    .await;
+
+    // NATS back: both nodes write their devices again; the later connection wins.
+    nats.respawn();
+    assert_eq!(old.expect_disconnect_v5(DEADLINE).await, 0x8E);
+    assert!(old.wait_closed(DEADLINE).await);
+    let kv = fleet::registry(&nats).await;
+    wait_holder(&kv, "split", Some("node-a")).await;
+    assert!(new.ping_v5(DEADLINE).await, "the later connection stays");
+    assert_eq!(b.metric("gateway_fleet_arbitration_lost_total").await, 1.0);
 }

@@ -44,7 +44,7 @@ pub enum Claim {
 
 /// The entry of `key` now: its revision (0: none) and the node it names (`None`: none,
 /// or deleted).
-async fn read(
+pub(super) async fn read(
     clients: &kv::Store,
     key: &str,
     metrics: &RegistryMetrics,
@@ -64,7 +64,7 @@ async fn read(
 
 /// Writes `key → node` on top of the entry of `revision`: `Ok(false)` when another write
 /// came first.
-async fn write(
+pub(super) async fn write(
     clients: &kv::Store,
     key: &str,
     node: &str,

@@ -22,6 +22,7 @@ pub mod arbiter;
 pub mod metrics;
 pub mod ops_metrics;
 pub mod registry;
+mod rejoin;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -175,7 +176,7 @@ impl Fleet {
             tasks.push(runtime.spawn(self.clone().serve(subscriber, handler)));
         }
         tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
-        tasks.push(runtime.spawn(self.clone().heartbeat()));
+        tasks.push(runtime.spawn(self.clone().heartbeat(shards.clone())));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
@@ -269,8 +270,9 @@ impl Fleet {
     }
 
     /// Renews this node's lease every third of `lease_secs` until stopped; after NATS
-    /// failed (a renewal or a registry write), writes this node's devices again.
-    async fn heartbeat(self: Arc<Self>) {
+    /// failed (a renewal or a registry write), writes this node's devices again
+    /// (`rejoin`, asking the `shards` when each connection was accepted).
+    async fn heartbeat(self: Arc<Self>, shards: Mailboxes) {
         let every = self.lease / 3;
         let mut failing = false;
         loop {
@@ -280,7 +282,7 @@ impl Fleet {
             }
             match self.registry.renew_lease().await {
                 Ok(()) if failing || self.registry.take_dirty() => {
-                    let n = self.registry.resync().await;
+                    let n = self.rejoin(&shards).await;
                     tracing::info!(node = %self.node, devices = n, "cluster: NATS answers again; lease renewed and this node's devices written to the registry again");
                     failing = false;
                 }

@@ -12,7 +12,8 @@
 //!   (compare-and-set), so a device that moved on to another node keeps that node's
 //!   entry.
 //! - **After an outage.** A failed write marks the registry dirty; once the heartbeat
-//!   reaches NATS again, every device online here is written again ([`Registry::resync`]).
+//!   reaches NATS again, every device online here is written again, arbitrated against
+//!   claims other nodes made meanwhile (`super::rejoin`).
 //! - **Takeover.** A `connected` claims the entry by compare-and-set on its revision
 //!   (`super::arbiter`: one winner when two nodes claim at once); one whose entry named
 //!   another node before is reported (`taken`), and `crate::cluster` asks that node to
@@ -47,12 +48,12 @@ use super::ops_metrics::RegistryMetrics;
 
 /// The registry buckets and what this node knows it holds.
 pub struct Registry {
-    clients: kv::Store,
+    pub(super) clients: kv::Store,
     nodes: kv::Store,
     node: Arc<str>,
     /// Client ids connected to this node, as its shards reported them.
     here: Mutex<HashSet<Arc<str>>>,
-    /// A registry write failed since the last [`Registry::resync`].
+    /// A registry write failed since the last rejoin (`super::rejoin`).
     dirty: AtomicBool,
     /// `cluster.takeover_min_interval_ms`, per client id.
     throttle: Throttle,
@@ -147,33 +148,20 @@ impl Registry {
         }
     }
 
-    /// Whether a registry write failed since the last resync (and clears it).
+    /// Whether a registry write failed since the last rejoin (and clears it).
     pub(super) fn take_dirty(&self) -> bool {
         self.dirty.swap(false, Ordering::Relaxed)
     }
 
-    /// Writes every device online here into the registry again (after NATS was away,
-    /// when writes may have been lost or the entries expired with the bucket's stream);
-    /// how many. 100 at a time.
-    pub(super) async fn resync(&self) -> usize {
-        let ids: Vec<Arc<str>> = {
-            let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
-            here.iter().cloned().collect()
-        };
-        for chunk in ids.chunks(100) {
-            let puts = chunk.iter().map(|id| {
-                let value = Bytes::copy_from_slice(self.node.as_bytes());
-                self.clients.put(key(id), value)
-            });
-            if futures_util::future::join_all(puts)
-                .await
-                .iter()
-                .any(Result::is_err)
-            {
-                self.dirty.store(true, Ordering::Relaxed);
-            }
-        }
-        ids.len()
+    /// A registry write failed: the next lease renewal rejoins (`super::rejoin`).
+    pub(super) fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// The client ids online here now.
+    pub(super) fn online_here(&self) -> Vec<Arc<str>> {
+        let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
+        here.iter().cloned().collect()
     }
 
     /// Whether `node` holds a lease now.
