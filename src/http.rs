@@ -250,13 +250,19 @@ async fn healthz() -> Response {
 
 /// Ready until shutdown. A store that is down (reopening after a failed commit) keeps
 /// the node ready (its connections and non-durable traffic work) and is named in the
-/// body; `gateway_store_up` is what to alert on.
+/// body; `gateway_store_up` is what to alert on. So does a fleet node whose NATS is
+/// away (it serves its own devices; `gateway_fleet_nats_connected`).
 async fn readyz(State(s): State<AdminState>) -> Response {
     let store_down = s.store.as_ref().is_some_and(|st| !st.up());
-    if s.ready.load(Ordering::Relaxed) && store_down {
-        json(StatusCode::OK, r#"{"status":"ready","store":"down"}"#)
-    } else if s.ready.load(Ordering::Relaxed) {
-        json(StatusCode::OK, r#"{"status":"ready"}"#)
+    let nats_down = s.fleet.as_ref().is_some_and(|f| !f.nats_up());
+    if s.ready.load(Ordering::Relaxed) {
+        let body = match (store_down, nats_down) {
+            (true, true) => r#"{"status":"ready","store":"down","nats":"down"}"#,
+            (true, false) => r#"{"status":"ready","store":"down"}"#,
+            (false, true) => r#"{"status":"ready","nats":"down"}"#,
+            (false, false) => r#"{"status":"ready"}"#,
+        };
+        json(StatusCode::OK, body)
     } else {
         json(
             StatusCode::SERVICE_UNAVAILABLE,

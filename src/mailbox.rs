@@ -219,6 +219,12 @@ pub enum ShardMsg {
     TakenOver {
         client_id: String,
     },
+    /// From the fleet: `client_id` connected here while another node held it, again
+    /// within `cluster.takeover_min_interval_ms`; its live connection here is closed
+    /// (MQTT 5 0x9F, connection rate exceeded) and the other node keeps it.
+    FleetThrottled {
+        client_id: Arc<str>,
+    },
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].

@@ -323,6 +323,14 @@ impl Session {
         st.will.take()
     }
 
+    /// Drops the will of the connection attached now (it ended without one: the device
+    /// went on elsewhere).
+    pub fn discard_will(&mut self) {
+        if let Some(st) = self.extra.as_mut() {
+            st.will = None;
+        }
+    }
+
     /// Ends the in-flight exchange `ack` answers for packet id `pkid`, and returns it
     /// (`None`: no such exchange, an unknown or late acknowledgement).
     pub fn complete(&mut self, pkid: u16, ack: Ack) -> Option<Inflight> {

@@ -13,26 +13,11 @@ use common::v4;
 use common::{post_json, GatewayProcess};
 use serde_json::{json, Value};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-/// Short, so a killed node's lease expires quickly in the tests.
-const LEASE_SECS: u32 = 3;
-
-/// A gateway process in the fleet as `node`.
-fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
-    GatewayProcess::start(&format!(
-        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\n[store]\nenabled = false\n",
-        nats.url()
-    ))
-}
+use common::fleet::{registry, wait_holder as wait_registry, DEADLINE};
 
 /// A `nats-server` and gateway processes named `nodes` on it, and the registry bucket.
 async fn fleet(tag: &str, nodes: &[&str]) -> (NatsServer, Vec<GatewayProcess>, kv::Store) {
-    let nats = NatsServer::start(tag);
-    // The gateways do not start without NATS: wait until it accepts connections.
-    drop(nats.client().await);
-    let gateways = nodes.iter().map(|n| node(&nats, n)).collect();
-    let kv = registry(&nats).await;
-    (nats, gateways, kv)
+    common::fleet::start(tag, nodes, "").await
 }
 
 /// Device `id` connected to `gw`, once the registry names `node` for it.
@@ -40,43 +25,6 @@ async fn device_on(gw: &GatewayProcess, id: &str, kv: &kv::Store, node: &str) ->
     let dev = device(gw, id).await;
     wait_registry(kv, id, Some(node)).await;
     dev
-}
-
-async fn registry(nats: &NatsServer) -> kv::Store {
-    let js = async_nats::jetstream::new(nats.client().await);
-    js.get_key_value("gateway_registry")
-        .await
-        .expect("registry bucket")
-}
-
-/// Waits until the registry names `node` for `client_id` (`None`: no entry).
-async fn wait_registry(kv: &kv::Store, client_id: &str, node: Option<&str>) {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let v = kv.get(client_id).await.expect("registry get");
-        let v = v.map(|b| String::from_utf8_lossy(&b).into_owned());
-        if v.as_deref() == node {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "registry entry of {client_id}: {v:?}, expected {node:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until `gw`'s registry writer has applied `n` changes.
-async fn wait_registry_changes(gw: &GatewayProcess, n: u32) {
-    let sample = "gateway_events_sent_total{sink=\"registry\"}";
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while gw.metric(sample).await < f64::from(n) {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "{sample} never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn push(gw: &GatewayProcess, body: Value) -> (u16, Value) {
@@ -320,7 +268,7 @@ async fn a_push_to_an_offline_persistent_session_on_another_node_is_queued_there
     wait_registry(&kv, "dev-p", Some("node-a")).await;
     dev.client.disconnect().await.unwrap();
     // Node A's registry writer has applied the disconnect (its second change).
-    wait_registry_changes(a, 2).await;
+    common::fleet::wait_applied(std::slice::from_ref(a), 2).await;
     // The session lives on at node A, so its entry stays and node A answers.
     wait_registry(&kv, "dev-p", Some("node-a")).await;
     let (code, v) = push(

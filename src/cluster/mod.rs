@@ -18,8 +18,11 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
+pub mod arbiter;
 pub mod metrics;
+pub mod ops_metrics;
 pub mod registry;
+mod rejoin;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -173,16 +176,21 @@ impl Fleet {
             tasks.push(runtime.spawn(self.clone().serve(subscriber, handler)));
         }
         tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
-        tasks.push(runtime.spawn(self.clone().heartbeat()));
+        tasks.push(runtime.spawn(self.clone().heartbeat(shards.clone())));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
 
+    /// Whether this node's NATS connection is up now.
+    pub fn nats_up(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Appends the fleet's metrics, with the NATS connection's state now.
     pub fn render_metrics(&self, out: &mut String) {
-        let up = self.client.connection_state() == async_nats::connection::State::Connected;
-        self.metrics.nats_connected.set(i64::from(up));
+        self.metrics.nats_connected.set(i64::from(self.nats_up()));
         self.metrics.render(out);
+        self.registry.metrics.render(out);
     }
 
     fn subscribe(
@@ -230,6 +238,7 @@ impl Fleet {
             if !self.registry.names_this_node(&client_id).await {
                 // Pushes here go to the other node from now on, not after the close.
                 self.registry.left(&client_id);
+                self.registry.metrics.lost.inc();
                 let home = home_shard(&client_id, shards.len());
                 // A full mailbox: the device stays online here too, as before the fleet.
                 let _ = shards.try_send(home, ShardMsg::TakenOver { client_id });
@@ -261,8 +270,9 @@ impl Fleet {
     }
 
     /// Renews this node's lease every third of `lease_secs` until stopped; after NATS
-    /// failed (a renewal or a registry write), writes this node's devices again.
-    async fn heartbeat(self: Arc<Self>) {
+    /// failed (a renewal or a registry write), writes this node's devices again
+    /// (`rejoin`, asking the `shards` when each connection was accepted).
+    async fn heartbeat(self: Arc<Self>, shards: Mailboxes) {
         let every = self.lease / 3;
         let mut failing = false;
         loop {
@@ -272,7 +282,7 @@ impl Fleet {
             }
             match self.registry.renew_lease().await {
                 Ok(()) if failing || self.registry.take_dirty() => {
-                    let n = self.registry.resync().await;
+                    let n = self.rejoin(&shards).await;
                     tracing::info!(node = %self.node, devices = n, "cluster: NATS answers again; lease renewed and this node's devices written to the registry again");
                     failing = false;
                 }

@@ -12,9 +12,13 @@
 //!   (compare-and-set), so a device that moved on to another node keeps that node's
 //!   entry.
 //! - **After an outage.** A failed write marks the registry dirty; once the heartbeat
-//!   reaches NATS again, every device online here is written again ([`Registry::resync`]).
-//! - **Takeover.** A `connected` whose entry named another node before is reported
-//!   (`taken`), and `crate::cluster` asks that node to close its connection.
+//!   reaches NATS again, every device online here is written again, arbitrated against
+//!   claims other nodes made meanwhile (`super::rejoin`).
+//! - **Takeover.** A `connected` claims the entry by compare-and-set on its revision
+//!   (`super::arbiter`: one winner when two nodes claim at once); one whose entry named
+//!   another node before is reported (`taken`), and `crate::cluster` asks that node to
+//!   close its connection. A takeover refused by the flapping throttle closes the new
+//!   connection here instead (`ShardMsg::FleetThrottled`).
 //! - **Leases.** `<bucket>_nodes` keeps entries `lease_secs` at most (the bucket's max
 //!   age); each node renews its own every third of that. A node that died stops renewing,
 //!   and the entries naming it count as gone once its lease expired
@@ -39,15 +43,21 @@ use crate::events::sink::{Batcher, OutageLog};
 use crate::events::{Event, EventKind};
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 
+use super::arbiter::{self, Claim, Throttle};
+use super::ops_metrics::RegistryMetrics;
+
 /// The registry buckets and what this node knows it holds.
 pub struct Registry {
-    clients: kv::Store,
+    pub(super) clients: kv::Store,
     nodes: kv::Store,
     node: Arc<str>,
     /// Client ids connected to this node, as its shards reported them.
     here: Mutex<HashSet<Arc<str>>>,
-    /// A registry write failed since the last [`Registry::resync`].
+    /// A registry write failed since the last rejoin (`super::rejoin`).
     dirty: AtomicBool,
+    /// `cluster.takeover_min_interval_ms`, per client id.
+    throttle: Throttle,
+    pub metrics: Arc<RegistryMetrics>,
 }
 
 /// Where a client id is held.
@@ -118,15 +128,17 @@ impl Registry {
             node,
             here: Mutex::new(HashSet::new()),
             dirty: AtomicBool::new(false),
+            throttle: Throttle::new(config.takeover_min_interval()),
+            metrics: Arc::default(),
         })
     }
 
     /// Writes (or renews) this node's lease.
     pub(super) async fn renew_lease(&self) -> Result<(), kv::PutError> {
-        self.nodes
-            .put(&*self.node, Bytes::from_static(b"alive"))
-            .await
-            .map(drop)
+        let put = self.nodes.put(&*self.node, Bytes::from_static(b"alive"));
+        let result = put.await.map(drop);
+        self.metrics.count("lease", result.is_ok());
+        result
     }
 
     /// Gives this node's lease up (on a clean shutdown).
@@ -136,33 +148,20 @@ impl Registry {
         }
     }
 
-    /// Whether a registry write failed since the last resync (and clears it).
+    /// Whether a registry write failed since the last rejoin (and clears it).
     pub(super) fn take_dirty(&self) -> bool {
         self.dirty.swap(false, Ordering::Relaxed)
     }
 
-    /// Writes every device online here into the registry again (after NATS was away,
-    /// when writes may have been lost or the entries expired with the bucket's stream);
-    /// how many. 100 at a time.
-    pub(super) async fn resync(&self) -> usize {
-        let ids: Vec<Arc<str>> = {
-            let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
-            here.iter().cloned().collect()
-        };
-        for chunk in ids.chunks(100) {
-            let puts = chunk.iter().map(|id| {
-                let value = Bytes::copy_from_slice(self.node.as_bytes());
-                self.clients.put(key(id), value)
-            });
-            if futures_util::future::join_all(puts)
-                .await
-                .iter()
-                .any(Result::is_err)
-            {
-                self.dirty.store(true, Ordering::Relaxed);
-            }
-        }
-        ids.len()
+    /// A registry write failed: the next lease renewal rejoins (`super::rejoin`).
+    pub(super) fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// The client ids online here now.
+    pub(super) fn online_here(&self) -> Vec<Arc<str>> {
+        let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
+        here.iter().cloned().collect()
     }
 
     /// Whether `node` holds a lease now.
@@ -210,7 +209,7 @@ impl Registry {
 
     /// Applies the shards' `connected` / `disconnected` / `session_expired` in order until
     /// the events stop; `taken(node, client id)` for each device that another node held
-    /// when it connected here.
+    /// when it connected here; a throttled takeover closes the new connection here.
     pub(super) async fn follow(
         self: Arc<Self>,
         changes: Batcher,
@@ -235,9 +234,13 @@ impl Registry {
                 .flatten()
             {
                 match result {
-                    Ok(before) => {
-                        if let Some(node) = before {
-                            taken(node, client_id);
+                    Ok(claim) => {
+                        match claim {
+                            Some(Claim::Won { before: Some(node) }) => taken(node, client_id),
+                            Some(Claim::Throttled { holder }) => {
+                                throttled(shards, client_id, &holder)
+                            }
+                            _ => {}
                         }
                         log.succeeded(changes.name);
                         changes.queue.metrics.sent.inc();
@@ -252,14 +255,19 @@ impl Registry {
         }
     }
 
-    /// Applies one change: `Some(node)` when a device that connected here was held by
-    /// another node.
-    async fn apply(&self, event: &Event, shards: &Mailboxes) -> Result<Option<String>, String> {
+    /// Applies one change: a `connected`'s claim (`super::arbiter`).
+    async fn apply(&self, event: &Event, shards: &Mailboxes) -> Result<Option<Claim>, String> {
         let id = &event.client_id;
         match &event.kind {
             EventKind::Connected(_) => {
                 self.set_here(id, true);
-                self.claim(id).await
+                let (k, node) = (key(id), &self.node);
+                let claim = arbiter::claim(&self.clients, &k, node, &self.throttle, &self.metrics);
+                let claim = claim.await?;
+                if matches!(claim, Claim::Throttled { .. }) {
+                    self.set_here(id, false);
+                }
+                Ok(Some(claim))
             }
             EventKind::Disconnected { .. } => {
                 self.set_here(id, false);
@@ -271,20 +279,6 @@ impl Registry {
             EventKind::SessionExpired => self.release(id).await.map(|()| None),
             _ => Ok(None),
         }
-    }
-
-    /// Puts `client_id → this node`; the other node that held it before, if any.
-    async fn claim(&self, client_id: &str) -> Result<Option<String>, String> {
-        let before = self
-            .holder(client_id)
-            .await
-            .map_err(|e| format!("get {client_id}: {e}"))?;
-        let value = Bytes::copy_from_slice(self.node.as_bytes());
-        self.clients
-            .put(key(client_id), value)
-            .await
-            .map_err(|e| format!("put {client_id}: {e}"))?;
-        Ok(before.filter(|n| **n != *self.node))
     }
 
     /// The node the registry names for `client_id`, if any.
@@ -325,23 +319,30 @@ impl Registry {
     /// entry of a session that ended while the device was offline).
     async fn release(&self, client_id: &str) -> Result<(), String> {
         let k = key(client_id);
-        let entry = self
-            .clients
-            .entry(k.clone())
-            .await
-            .map_err(|e| format!("get {client_id}: {e}"))?;
-        match entry {
+        let entry = self.clients.entry(k.clone()).await;
+        self.metrics.count("get", entry.is_ok());
+        match entry.map_err(|e| format!("get {client_id}: {e}"))? {
             Some(e) if e.operation == kv::Operation::Put && *e.value == *self.node.as_bytes() => {
-                // Another node's put in between makes this fail, as it should.
-                let _ = self
-                    .clients
-                    .delete_expect_revision(k, Some(e.revision))
-                    .await;
+                // Another node's claim in between makes this fail, as it should.
+                let deleted = self.clients.delete_expect_revision(k, Some(e.revision));
+                match deleted.await {
+                    Ok(()) => self.metrics.count("delete", true),
+                    Err(_) => self.metrics.conflict_on("delete"),
+                }
                 Ok(())
             }
             _ => Ok(()),
         }
     }
+}
+
+/// A takeover of `client_id` from `holder` refused by the flapping throttle: the new
+/// connection here is closed (MQTT 5 0x9F) by its home shard, and the registry keeps
+/// naming `holder`.
+fn throttled(shards: &Mailboxes, client_id: Arc<str>, holder: &str) {
+    tracing::info!(%client_id, holder, "cluster: client id moved here from another node again within takeover_min_interval_ms; the new connection is closed");
+    let home = home_shard(&client_id, shards.len());
+    let _ = shards.try_send(home, ShardMsg::FleetThrottled { client_id });
 }
 
 /// `events` grouped by client id, each client's in their order.

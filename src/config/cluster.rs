@@ -27,6 +27,7 @@ pub struct ClusterConfig {
     pub lease_secs: u32,
     pub request_timeout_ms: u32,
     pub registry_queue_capacity: u32,
+    pub takeover_min_interval_ms: u32,
 }
 
 /// Whether `s` is a node id: letters, digits, `-` and `_`, 1 to [`MAX_NODE_ID_LEN`].
@@ -72,6 +73,10 @@ impl ClusterConfig {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(u64::from(self.lease_secs))
+    }
+
+    pub fn takeover_min_interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.takeover_min_interval_ms))
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -148,6 +153,12 @@ impl Section for ClusterConfig {
             60_000,
         )?;
         in_range(
+            "cluster.takeover_min_interval_ms",
+            self.takeover_min_interval_ms,
+            0,
+            600_000,
+        )?;
+        in_range(
             "cluster.registry_queue_capacity",
             self.registry_queue_capacity,
             1,
@@ -172,6 +183,7 @@ mod tests {
         assert_eq!(c.lease_secs, 10);
         assert_eq!(c.request_timeout_ms, 2000);
         assert_eq!(c.registry_queue_capacity, 100_000);
+        assert_eq!(c.takeover_min_interval_ms, 1000);
         assert!(!c.node().is_empty());
         assert!(super::valid_node_id(&c.node()));
     }
@@ -192,6 +204,10 @@ mod tests {
             (
                 "registry_queue_capacity = 0",
                 "cluster.registry_queue_capacity",
+            ),
+            (
+                "takeover_min_interval_ms = 600001",
+                "cluster.takeover_min_interval_ms",
             ),
         ];
         for (body, key) in cases {

@@ -1,22 +1,23 @@
 //! The fleet's requests on a shard (`crate::cluster`): a client id this shard has online
-//! was accepted by another node, so its connection here is closed as taken over.
+//! was accepted by another node, so its connection here is closed as taken over, without
+//! its will (the device is online elsewhere); or it came here from another node too soon
+//! after the last time (`cluster.takeover_min_interval_ms`), so the new connection here
+//! is closed and the other node keeps it.
 //!
 //! The session itself stays here (a persistent one goes offline, as after any takeover
 //! of its connection); moving it to the other node is not built.
 
 use crate::codec::reason;
 use crate::metrics::DisconnectReason;
+use crate::session::ConnKey;
 
 use super::Shard;
 
 impl Shard {
     /// Closes `client_id`'s live connection, if any, with MQTT 5 DISCONNECT 0x8E
-    /// (session taken over), counted as `takeover`.
+    /// (session taken over), counted as `takeover`; its will is not published.
     pub(super) fn taken_over_elsewhere(&mut self, client_id: &str) {
-        let Some(skey) = self.sessions.find(client_id) else {
-            return;
-        };
-        let Some(conn) = self.sessions[skey as usize].conn else {
+        let Some(conn) = self.fleet_conn_without_will(client_id) else {
             return;
         };
         tracing::info!(
@@ -29,5 +30,27 @@ impl Shard {
             DisconnectReason::Takeover,
             Some(reason::SESSION_TAKEN_OVER),
         );
+    }
+
+    /// Closes `client_id`'s live connection, if any, with MQTT 5 DISCONNECT 0x9F
+    /// (connection rate exceeded), counted as `refused`, without its will: another node
+    /// holds the client id and keeps it.
+    pub(super) fn fleet_throttled(&mut self, client_id: &str) {
+        let Some(conn) = self.fleet_conn_without_will(client_id) else {
+            return;
+        };
+        self.close_conn(
+            conn.index(),
+            DisconnectReason::Refused,
+            Some(reason::CONNECTION_RATE_EXCEEDED),
+        );
+    }
+
+    /// `client_id`'s live connection here, its will dropped.
+    fn fleet_conn_without_will(&mut self, client_id: &str) -> Option<ConnKey> {
+        let skey = self.sessions.find(client_id)? as usize;
+        let conn = self.sessions[skey].conn?;
+        self.sessions[skey].discard_will();
+        Some(conn)
     }
 }

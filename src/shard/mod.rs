@@ -616,6 +616,7 @@ impl Shard {
             ShardMsg::SharedBounce(b) => self.on_shared_bounce(*b),
             ShardMsg::AuthDone(d) => self.on_auth_done(*d),
             ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
+            ShardMsg::FleetThrottled { client_id } => self.fleet_throttled(&client_id),
         }
     }
 

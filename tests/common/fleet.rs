@@ -1,0 +1,92 @@
+//! A fleet for the tests that need several gateway processes on one real `nats-server`
+//! with JetStream (tests/fleet_arbitration.rs, tests/fleet_haproxy.rs): starting the
+//! nodes, the registry bucket, and waiting for what the registry and the nodes' registry
+//! writers say.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+
+use super::nats::NatsServer;
+use super::GatewayProcess;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+/// Short, so a killed node's lease expires quickly in the tests.
+pub const LEASE_SECS: u32 = 3;
+
+/// The `[cluster]` section of node `node` on `nats`, with `extra` keys.
+pub fn cluster_toml(nats: &NatsServer, node: &str, extra: &str) -> String {
+    format!(
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\n{extra}\n[store]\nenabled = false\n",
+        nats.url()
+    )
+}
+
+/// A `nats-server` and gateway processes named `nodes` on it (each with the `[cluster]`
+/// keys `extra`), and the registry bucket.
+pub async fn start(
+    tag: &str,
+    nodes: &[&str],
+    extra: &str,
+) -> (NatsServer, Vec<GatewayProcess>, kv::Store) {
+    let nats = NatsServer::start(tag);
+    // The gateways do not start without NATS: wait until it accepts connections.
+    drop(nats.client().await);
+    let gateways = nodes
+        .iter()
+        .map(|n| GatewayProcess::start(&cluster_toml(&nats, n, extra)))
+        .collect();
+    let kv = registry(&nats).await;
+    (nats, gateways, kv)
+}
+
+pub async fn registry(nats: &NatsServer) -> kv::Store {
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.get_key_value("gateway_registry")
+        .await
+        .expect("registry bucket")
+}
+
+/// The node the registry names for `client_id`, if any.
+pub async fn holder(kv: &kv::Store, client_id: &str) -> Option<String> {
+    let v = kv.get(client_id).await.expect("registry get");
+    v.map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Waits until the registry names `node` for `client_id` (`None`: no entry).
+pub async fn wait_holder(kv: &kv::Store, client_id: &str, node: Option<&str>) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let v = holder(kv, client_id).await;
+        if v.as_deref() == node {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "registry entry of {client_id}: {v:?}, expected {node:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sum of `sample` over `nodes`.
+pub async fn total(nodes: &[GatewayProcess], sample: &str) -> f64 {
+    let mut sum = 0.0;
+    for n in nodes {
+        sum += n.metric(sample).await;
+    }
+    sum
+}
+
+/// Waits until the registry writers of `nodes` have applied `n` changes together.
+pub async fn wait_applied(nodes: &[GatewayProcess], n: usize) {
+    let sample = "gateway_events_sent_total{sink=\"registry\"}";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while total(nodes, sample).await < n as f64 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the registry writers never applied {n} changes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

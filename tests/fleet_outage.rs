@@ -1,0 +1,133 @@
+//! The fleet without NATS (issue 19 point 5): a node whose NATS is away keeps serving its
+//! own devices (device-to-device routing and pushes on the node), answers a push to a
+//! device on another node with a clear 503, says so on `/readyz` and in its metrics, and
+//! rejoins by itself when NATS is back. (The killed-node half of point 5 is in
+//! tests/fleet.rs, a push to a dead node's device, and tests/fleet_haproxy.rs, its
+//! devices reconnecting elsewhere.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::fleet::{self, wait_holder, DEADLINE};
+use common::v4::{self, QoS};
+use common::{http_get, post_json, GatewayProcess};
+use serde_json::{json, Value};
+
+/// Waits until `/readyz` on `gw` answers 200 and its body does (`true`) or does not
+/// mention NATS being down.
+async fn wait_ready_nats_down(gw: &GatewayProcess, down: bool) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (code, body) = http_get(gw.http, "/readyz").await;
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!((code, v["status"].as_str()), (200, Some("ready")), "{body}");
+        if (v["nats"] == "down") == down {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < end, "/readyz: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `sample` on `gw` has counted at least one.
+async fn wait_counted(gw: &GatewayProcess, sample: &str) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while gw.metric(sample).await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "{sample} stayed 0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn push(gw: &GatewayProcess, id: &str, payload: &str) -> (u16, Value) {
+    let body = json!({"client_id": id, "topic": "t", "payload": payload, "qos": 1});
+    post_json(gw.http, "/v1/push", &body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_node_says_so_serves_its_own_devices_and_comes_back() {
+    let (mut nats, gw, kv) = fleet::start("fleet-away", &["node-a", "node-b"], "").await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let mut sub = v4::connect(v4::options(a.mqtt, "sub-a")).await;
+    sub.subscribe("local/#", QoS::AtLeastOnce).await;
+    let publisher = v4::connect(v4::options(a.mqtt, "pub-a")).await;
+    let mut far = v4::connect(v4::options(b.mqtt, "far-b")).await;
+    wait_holder(&kv, "far-b", Some("node-b")).await;
+    wait_ready_nats_down(a, false).await;
+
+    nats.kill();
+    wait_ready_nats_down(a, true).await;
+    assert_eq!(a.metric("gateway_fleet_nats_connected").await, 0.0);
+
+    // Devices on node A still reach each other, and pushes to them are delivered.
+    publisher
+        .client
+        .publish("local/x", QoS::AtLeastOnce, false, "still here")
+        .await
+        .unwrap();
+    let p = sub
+        .next_publish(DEADLINE)
+        .await
+        .expect("local routing works");
+    assert_eq!(&p.payload[..], b"still here");
+    let (code, v) = push(a, "sub-a", "pushed").await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("sent")), "{v}");
+    assert!(sub.next_publish(DEADLINE).await.is_some());
+
+    // A device on node B cannot be reached from node A: a clear 503.
+    let (code, v) = push(a, "far-b", "x").await;
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (503, Some("fleet_unavailable")),
+        "{v}"
+    );
+    // The lease renewals fail and are counted.
+    wait_counted(
+        a,
+        "gateway_fleet_registry_ops_total{op=\"lease\",outcome=\"error\"}",
+    )
+    .await;
+
+    // NATS back: node A says so by itself and reaches node B's device again.
+    nats.respawn();
+    wait_ready_nats_down(a, false).await;
+    let kv = fleet::registry(&nats).await;
+    wait_holder(&kv, "far-b", Some("node-b")).await;
+    let (code, v) = push(a, "far-b", "across again").await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("sent")), "{v}");
+    let p = far.next_publish(DEADLINE).await.expect("the push arrives");
+    assert_eq!(&p.payload[..], b"across again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connected_to_two_nodes_while_nats_was_away_keeps_the_later_one() {
+    use common::{connect5, Raw};
+    let (mut nats, gw, kv) = fleet::start("fleet-heal", &["node-a", "node-b"], "").await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let (mut old, _) = Raw::connected_v5(b.mqtt, &connect5("split", 60, true, None)).await;
+    wait_holder(&kv, "split", Some("node-b")).await;
+
+    nats.kill();
+    wait_ready_nats_down(a, true).await;
+    wait_ready_nats_down(b, true).await;
+    // The second connection is accepted over two seconds later: connected_at counts
+    // whole seconds on each shard's clock of 1 s ticks, so the order is then certain.
+    // Node A cannot tell node B, whose registry entry stays.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (mut new, _) = Raw::connected_v5(a.mqtt, &connect5("split", 60, true, None)).await;
+    // Node A's claim failed (not merely waiting for NATS).
+    wait_counted(
+        a,
+        "gateway_events_dropped_total{sink=\"registry\",reason=\"rejected\"}",
+    )
+    .await;
+
+    // NATS back: both nodes write their devices again; the later connection wins.
+    nats.respawn();
+    assert_eq!(old.expect_disconnect_v5(DEADLINE).await, 0x8E);
+    assert!(old.wait_closed(DEADLINE).await);
+    let kv = fleet::registry(&nats).await;
+    wait_holder(&kv, "split", Some("node-a")).await;
+    assert!(new.ping_v5(DEADLINE).await, "the later connection stays");
+    assert_eq!(b.metric("gateway_fleet_arbitration_lost_total").await, 1.0);
+}
