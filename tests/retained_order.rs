@@ -233,6 +233,28 @@ async fn retain_v5(c: &mut Raw, msgs: &[(&str, usize)]) -> Vec<PubAckReason> {
     reasons
 }
 
+/// Waits until shard 0 keeps a retained message on `topic` (its home shard decided it and
+/// shard 0 applied the decision): a subscriber homed on shard 0 is sent it.
+async fn wait_retained_on_shard_0(s: &TestServer, topic: &str) {
+    let id = &ids_per_shard("probe")[0];
+    let deadline = tokio::time::Instant::now() + T;
+    for pkid in 1.. {
+        let mut c = connect_v4(s, id).await;
+        c.send(&Raw::subscribe_v4(topic, 0, pkid)).await;
+        assert!(matches!(
+            c.next_v4(T).await,
+            Ok(mqttbytes::v4::Packet::SubAck(_))
+        ));
+        if let Ok(mqttbytes::v4::Packet::Publish(_)) = c.next_v4(Duration::from_millis(100)).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{topic} never retained on shard 0"
+        );
+    }
+}
+
 /// A v5 device homed on shard 0.
 async fn device_on_shard_0(s: &TestServer) -> Raw {
     let id = &ids_per_shard("dev")[0];
@@ -267,6 +289,9 @@ async fn a_topic_refused_by_count_does_not_count_against_its_publishers_bytes() 
     // no refusal for it), and its 300 bytes must not stay counted for the device.
     let reasons = retain_v5(&mut a, &[(&far[0], 600), (&far[1], 300)]).await;
     assert_eq!(reasons, [Success, Success]);
+    // The PUBACKs do not wait for shard 1's decisions (nothing is stored there): wait
+    // until shard 0 has applied them before the device publishes again.
+    wait_retained_on_shard_0(&s, &far[0]).await;
     assert_eq!(retain_v5(&mut a, &[(&near[0], 300)]).await, [Success]);
     let kept = assert_one_copy(s, &dir, MQTT, 2).await;
     let topics: Vec<_> = kept.keys().cloned().collect();
