@@ -236,6 +236,9 @@ pub struct AuthDone {
     pub conn: usize,
     pub token: u64,
     pub verdict: crate::auth::Verdict,
+    /// The client's session as the fleet kept it, to adopt before accepting (`None`
+    /// without the fleet, or when it keeps none).
+    pub session: Option<Box<crate::store::StoredSession>>,
 }
 
 /// A member joining a shared subscription group (see [`ShardMsg::SharedJoin`]).

@@ -236,6 +236,14 @@ impl Server {
             ),
             false => None,
         };
+        // With the store, persistent sessions are also kept in the fleet's JetStream.
+        let fleet_sessions = match (&fleet, &store) {
+            (Some(f), Some(s)) => {
+                s.set_mirror(f.sessions.start(business.handle()));
+                Some(f.sessions.clone())
+            }
+            _ => None,
+        };
         // The event sinks run on the business pool; shards get their sender (which also
         // feeds the fleet's registry).
         let node = match &fleet {
@@ -278,6 +286,7 @@ impl Server {
                 business: business.handle().clone(),
                 store: store.as_ref().and_then(Store::handle),
                 restore: std::mem::take(&mut restore[id]),
+                sessions: fleet_sessions.clone(),
                 retained: retained.clone(),
                 ready: ready_tx.clone(),
                 events: events.sender.clone(),

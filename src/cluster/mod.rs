@@ -20,6 +20,7 @@
 
 pub mod metrics;
 pub mod registry;
+pub mod sessions;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,6 +84,8 @@ pub struct Fleet {
     pub node: Arc<str>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<FleetMetrics>,
+    /// The persistent sessions in JetStream (`sessions`).
+    pub sessions: Arc<sessions::SessionStore>,
     client: Client,
     prefix: String,
     lease: Duration,
@@ -122,6 +125,7 @@ impl Fleet {
             .await
             .map_err(|e| format!("cluster: cannot connect to NATS ({}): {e}", config.nats_url))?;
         let registry = Registry::open(&client, config, node.clone()).await?;
+        let sessions = sessions::SessionStore::open(&client, config).await?;
         registry
             .renew_lease()
             .await
@@ -131,6 +135,7 @@ impl Fleet {
             node,
             registry: Arc::new(registry),
             metrics: Arc::default(),
+            sessions,
             client,
             prefix: config.subject_prefix.clone(),
             lease: config.lease(),

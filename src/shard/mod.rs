@@ -27,6 +27,7 @@
 //! subscribers back to each publisher in `pacing`.
 
 mod accept;
+mod adopt;
 mod clock;
 mod closing;
 mod conn;
@@ -137,6 +138,8 @@ pub struct ShardContext {
     pub store: Option<crate::store::StoreHandle>,
     /// Stored sessions homed on this shard, restored before the first accept.
     pub restore: Vec<crate::store::StoredSession>,
+    /// The fleet's copy of the persistent sessions (`[cluster]` on, with the store).
+    pub sessions: Option<Arc<crate::cluster::sessions::SessionStore>>,
     /// Stored retained messages (every shard keeps them all).
     pub retained: Arc<Vec<Arc<Message>>>,
     /// Told once the shard has restored its sessions and is about to accept.
@@ -316,6 +319,7 @@ impl Shard {
             open_connections: ctx.open_connections,
             shards_running: ctx.shards_running,
             events: ctx.events,
+            sessions: ctx.sessions,
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);

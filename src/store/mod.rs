@@ -75,6 +75,7 @@ mod guard;
 mod handle;
 mod load;
 mod metrics;
+pub mod mirror;
 mod open;
 mod qos2;
 mod records;
@@ -83,7 +84,8 @@ mod tests;
 mod writer;
 
 pub use self::handle::{
-    Batch, CommitSignal, DeferredReply, Op, StoreHandle, REFUSED_BACKLOG, REFUSED_DOWN,
+    fail_replies, Batch, CommitSignal, DeferredReply, Op, StoreHandle, REFUSED_BACKLOG,
+    REFUSED_DOWN,
 };
 pub use self::metrics::StoreMetrics;
 pub use self::open::{

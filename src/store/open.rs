@@ -63,6 +63,8 @@ pub struct Store {
     next_seq: u64,
     /// `[store] backlog_max_bytes`, for each shard's handle.
     backlog_max: u64,
+    /// Where the writer also hands what it commits (the fleet's sessions), once set.
+    mirror: super::mirror::MirrorSlot,
 }
 
 impl Store {
@@ -81,6 +83,12 @@ impl Store {
             backlog_max: self.backlog_max,
             was_over: false,
         })
+    }
+
+    /// From now on the writer hands every commit group's changes, and the `queued`
+    /// answers that wait for them, to `mirror` (set once; later calls are ignored).
+    pub fn set_mirror(&self, mirror: Box<dyn super::mirror::Mirror>) {
+        let _ = self.mirror.set(mirror);
     }
 
     /// Sets the sequence every later handle starts from. Shards own disjoint sessions,
@@ -316,6 +324,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
     );
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_batches.max(1) as usize);
     ignore_file_size_signal();
+    let mirror = super::mirror::MirrorSlot::default();
     let writer = Writer {
         db: Some(db),
         rx,
@@ -328,6 +337,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         unsynced_since: None,
         unsynced: Batch::default(),
         pid_file: Some(pid_file),
+        mirror: mirror.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("store".into())
@@ -339,6 +349,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         metrics,
         next_seq: 0,
         backlog_max: config.backlog_max_bytes,
+        mirror,
     };
     store.set_next_seq(loaded.next_seq);
     Ok((store, loaded))

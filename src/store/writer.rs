@@ -51,6 +51,8 @@ pub(super) struct Writer {
     pub(super) unsynced: Batch,
     /// Names this process as the store's holder; after `db` so it goes once the lock has.
     pub(super) pid_file: Option<PidFile>,
+    /// The fleet's copy of the sessions, if set (`mirror`).
+    pub(super) mirror: super::mirror::MirrorSlot,
 }
 
 impl Writer {
@@ -77,6 +79,7 @@ impl Writer {
             let (mut batches, ops) = self.gather(first);
             let ok = self.commit(&batches, ops);
             let eventual = self.durability == StoreDurability::Eventual;
+            self.mirror(&mut batches, ok && !eventual);
             let mut failed = Vec::new();
             for b in &mut batches {
                 if !ok {
@@ -114,6 +117,24 @@ impl Writer {
         }
         self.metrics.refresh_size();
         tracing::debug!("store writer stopped");
+    }
+
+    /// Hands the group's changes to the mirror, if one is set, with the answers that
+    /// wait for them when `answers` (the commit made them durable here): the mirror sends
+    /// those once the changes are in the fleet too.
+    fn mirror(&self, batches: &mut [Batch], answers: bool) {
+        let Some(mirror) = self.mirror.get() else {
+            return;
+        };
+        let replies = match answers {
+            true => batches
+                .iter_mut()
+                .flat_map(|b| b.replies.drain(..))
+                .collect(),
+            false => Vec::new(),
+        };
+        let ops: Vec<&Op> = batches.iter().flat_map(|b| &b.ops).collect();
+        mirror.mirror(&ops, replies);
     }
 
     /// `first` and every batch waiting (for `commit_interval` more if set), up to

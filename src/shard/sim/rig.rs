@@ -55,6 +55,7 @@ pub(super) fn manual_shard(
         business,
         store: None,
         restore: Vec::new(),
+        sessions: None,
         retained: Arc::new(Vec::new()),
         ready: std::sync::mpsc::channel().0,
         events: crate::events::EventSender::disabled(),

@@ -1,0 +1,621 @@
+//! Persistent sessions in JetStream, so that a device's session survives the loss of the
+//! node that held it (issue 20): any node restores it when the device connects there.
+//!
+//! **What is written, and when.** Nothing here runs on an IO shard. The store writer
+//! hands every commit group's session changes to [`SessionMirror`] after committing them
+//! to the local redb file (`crate::store::mirror`); one task applies them to NATS in
+//! order, batched (publishes pipelined, their acks awaited together before anything that
+//! depends on them), and only then sends the push answers that promised `queued`. MQTT
+//! acknowledgements to devices never wait for NATS: they wait for the local commit only.
+//!
+//! **Layout** (no consumer per device: restores read with direct gets):
+//! - key-value bucket `cluster.session_bucket` (stream `KV_<bucket>`): `<id>.meta` → the
+//!   session record (version, expiry, offline since), `<id>.sub.<filter>` → one
+//!   subscription; `<id>` and `<filter>` escaped as registry keys are (`=XX`);
+//! - stream `cluster.session_stream`: the session's queued and unacknowledged QoS 1/2
+//!   messages on subject `<subject_prefix>.smsg.<id>`, in delivery order. An acknowledged
+//!   message is deleted by its stream sequence (kept here in memory per stored message);
+//!   an ended session is purged by subject from both.
+//!
+//! The values are the local store's own checksummed records (`store::mirror`).
+//!
+//! **Restore.** A CONNECT that resumes a session (clean start 0) for which this node has
+//! none is held, like a slow authentication, while [`SessionStore::load`] reads the
+//! record, subscriptions and messages; the shard adopts them (`shard/adopt.rs`) under its
+//! own message sequences and stores them locally, and the mirror maps those sequences to
+//! the messages already in the stream instead of publishing them again. A clean start
+//! for which this node has no session purges what the fleet kept for the client id.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+
+use crate::config::ClusterConfig;
+use crate::events::nats::escape;
+use crate::store::mirror::{self, Mirror};
+use crate::store::{fail_replies, DeferredReply, Op, StoredMessage, StoredSession};
+
+/// Commit groups waiting for the mirror task; past this the store writer waits.
+const QUEUE: usize = 64;
+
+/// One change to a session's state in JetStream, encoded on the store writer thread.
+enum Change {
+    /// The latest value of a key-value subject (a session record or a subscription).
+    Put { subject: String, value: Bytes },
+    /// A subscription ended: its subject is purged.
+    Unsub { subject: String },
+    /// The session ended: everything of the client id is purged.
+    Gone { client_id: Arc<str> },
+    /// A message stored under local sequence `seq`.
+    Msg {
+        client_id: Arc<str>,
+        seq: u64,
+        value: Bytes,
+    },
+    /// Message `seq` is finished (acknowledged, dropped, expired).
+    Acked { client_id: Arc<str>, seq: u64 },
+}
+
+/// Publishes whose acks are awaited together: a message's (client id, local sequence),
+/// or `None` for a key-value put.
+type Pending = Vec<(Option<(Arc<str>, u64)>, PublishAckFuture)>;
+
+/// Why a group's changes did not reach JetStream: a client id it concerned (`-` for
+/// none in particular) and the error.
+type Failed = (Arc<str>, String);
+
+/// What the mirror task takes: one commit group.
+struct Work {
+    changes: Vec<Change>,
+    replies: Vec<DeferredReply>,
+}
+
+/// The stream sequences of this node's stored messages, and of messages restored from
+/// the fleet that the shard is adopting.
+#[derive(Default)]
+struct Seqs {
+    stored: HashMap<Arc<str>, HashMap<u64, u64>>,
+    adopting: HashMap<Arc<str>, VecDeque<u64>>,
+}
+
+/// The fleet's copy of the persistent sessions.
+pub struct SessionStore {
+    js: jetstream::Context,
+    kv: stream::Stream,
+    msgs: stream::Stream,
+    /// `$KV.<bucket>`.
+    kv_prefix: String,
+    /// `<subject_prefix>.smsg`.
+    msg_prefix: String,
+    seqs: Mutex<Seqs>,
+}
+
+/// A session's key (its client id escaped).
+fn key(client_id: &str) -> String {
+    escape(client_id, '=')
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Opens stream `config.name`, creating it if it does not exist yet.
+async fn open_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, String> {
+    if let Ok(s) = js.get_stream(&config.name).await {
+        return Ok(s);
+    }
+    let name = config.name.clone();
+    let created = js.create_stream(config).await;
+    // Another node may have created it in between: open it either way.
+    js.get_stream(&name).await.map_err(|e| {
+        let why = created
+            .err()
+            .map_or_else(|| e.to_string(), |c| c.to_string());
+        format!("cluster: cannot open the session stream {name}: {why}")
+    })
+}
+
+impl SessionStore {
+    /// Opens (or creates, with `session_replicas`) the bucket and the stream.
+    pub async fn open(
+        client: &async_nats::Client,
+        config: &ClusterConfig,
+    ) -> Result<Arc<SessionStore>, String> {
+        let js = jetstream::new(client.clone());
+        let replicas = config.session_replicas as usize;
+        let bucket = &config.session_bucket;
+        let kv = open_stream(
+            &js,
+            stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                allow_rollup: true,
+                allow_direct: true,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let msg_prefix = format!("{}.smsg", config.subject_prefix);
+        let msgs = open_stream(
+            &js,
+            stream::Config {
+                name: config.session_stream.clone(),
+                subjects: vec![format!("{msg_prefix}.>")],
+                allow_direct: true,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Arc::new(SessionStore {
+            js,
+            kv,
+            msgs,
+            kv_prefix: format!("$KV.{bucket}"),
+            msg_prefix,
+            seqs: Mutex::default(),
+        }))
+    }
+
+    fn seqs(&self) -> std::sync::MutexGuard<'_, Seqs> {
+        self.seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn meta_subject(&self, client_id: &str) -> String {
+        format!("{}.{}.meta", self.kv_prefix, key(client_id))
+    }
+
+    fn sub_subject(&self, client_id: &str, filter: &str) -> String {
+        format!("{}.{}.sub.{}", self.kv_prefix, key(client_id), key(filter))
+    }
+
+    fn msg_subject(&self, client_id: &str) -> String {
+        format!("{}.{}", self.msg_prefix, key(client_id))
+    }
+
+    /// Starts the task that applies the store writer's changes on `runtime`; the mirror
+    /// to give the store (`Store::set_mirror`).
+    pub fn start(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> Box<dyn Mirror> {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        runtime.spawn(self.clone().apply_all(rx));
+        Box::new(SessionMirror {
+            store: self.clone(),
+            tx,
+        })
+    }
+
+    /// Applies each commit group in order, then answers its pushes (failed if NATS did
+    /// not take the changes: `queued` was not earned in the fleet).
+    async fn apply_all(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Work>) {
+        let mut failing = false;
+        while let Some(work) = rx.recv().await {
+            match self.apply(work.changes).await {
+                Ok(()) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("cluster: session changes reach JetStream again");
+                    }
+                    for (tx, outcomes) in work.replies {
+                        let _ = tx.send(outcomes);
+                    }
+                }
+                Err((client_id, e)) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(%client_id, error = %e, "cluster: cannot write session changes to JetStream; pushes waiting for them answer dropped (store_error)");
+                    }
+                    fail_replies(work.replies);
+                }
+            }
+        }
+    }
+
+    /// Applies one group's changes in order: publishes are pipelined, and their acks
+    /// awaited before a delete or purge (which may concern what they wrote).
+    async fn apply(&self, changes: Vec<Change>) -> Result<(), Failed> {
+        let changes = cancel_acked(changes);
+        let mut pending: Pending = Vec::new();
+        let mut deletes: Vec<u64> = Vec::new();
+        let fail = |id: &Arc<str>| {
+            let id = id.clone();
+            move |e: String| (id, e)
+        };
+        for change in changes {
+            match change {
+                Change::Put { subject, value } => {
+                    self.flush_deletes(&mut deletes).await?;
+                    let ack = self.js.publish(subject, value).await;
+                    pending.push((None, ack.map_err(|e| (Arc::from("-"), e.to_string()))?));
+                }
+                Change::Msg {
+                    client_id,
+                    seq,
+                    value,
+                } => {
+                    if let Some(js_seq) = self.adopted(&client_id) {
+                        self.remember(&client_id, seq, js_seq);
+                        continue;
+                    }
+                    self.flush_deletes(&mut deletes).await?;
+                    let subject = self.msg_subject(&client_id);
+                    let ack = self.js.publish(subject, value).await;
+                    let ack = ack.map_err(|e| fail(&client_id)(e.to_string()))?;
+                    pending.push((Some((client_id, seq)), ack));
+                }
+                Change::Acked { client_id, seq } => {
+                    self.settle(&mut pending).await?;
+                    deletes.extend(self.forget_seq(&client_id, seq));
+                }
+                Change::Unsub { subject } => {
+                    self.settle(&mut pending).await?;
+                    self.flush_deletes(&mut deletes).await?;
+                    let purged = self.kv.purge().filter(subject).await;
+                    purged.map_err(|e| (Arc::from("-"), e.to_string()))?;
+                }
+                Change::Gone { client_id } => {
+                    self.settle(&mut pending).await?;
+                    self.flush_deletes(&mut deletes).await?;
+                    self.purge(&client_id).await.map_err(fail(&client_id))?;
+                }
+            }
+        }
+        self.settle(&mut pending).await?;
+        self.flush_deletes(&mut deletes).await
+    }
+
+    /// Awaits the acks of the publishes in flight and remembers the stream sequence of
+    /// each message.
+    async fn settle(&self, pending: &mut Pending) -> Result<(), Failed> {
+        let (keys, acks): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
+        let acked = futures_util::future::join_all(acks.into_iter().map(|a| a.into_future()));
+        for (key, ack) in keys.into_iter().zip(acked.await) {
+            let who = key.as_ref().map_or_else(|| Arc::from("-"), |k| k.0.clone());
+            let ack = ack.map_err(|e| (who, e.to_string()))?;
+            if let Some((client_id, seq)) = key {
+                self.remember(&client_id, seq, ack.sequence);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the messages of stream sequences `deletes` (acknowledged), all at once.
+    async fn flush_deletes(&self, deletes: &mut Vec<u64>) -> Result<(), Failed> {
+        let sent = deletes.drain(..).map(|s| self.msgs.delete_message(s));
+        for r in futures_util::future::join_all(sent).await {
+            // Already gone (purged with its session, or deleted before) is fine.
+            if let Err(e) = r {
+                if !e.to_string().contains("no message found") {
+                    return Err((Arc::from("-"), e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&self, client_id: &Arc<str>, seq: u64, js_seq: u64) {
+        let mut seqs = self.seqs();
+        let of = seqs.stored.entry(client_id.clone()).or_default();
+        of.insert(seq, js_seq);
+    }
+
+    fn forget_seq(&self, client_id: &str, seq: u64) -> Option<u64> {
+        let mut seqs = self.seqs();
+        let of = seqs.stored.get_mut(client_id)?;
+        let js_seq = of.remove(&seq);
+        if of.is_empty() {
+            seqs.stored.remove(client_id);
+        }
+        js_seq
+    }
+
+    /// The stream sequence of the next restored message of `client_id` the shard adopts.
+    fn adopted(&self, client_id: &str) -> Option<u64> {
+        let mut seqs = self.seqs();
+        let queue = seqs.adopting.get_mut(client_id)?;
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            seqs.adopting.remove(client_id);
+        }
+        next
+    }
+
+    /// Purges everything the fleet keeps for `client_id`.
+    pub async fn purge(&self, client_id: &str) -> Result<(), String> {
+        {
+            let mut seqs = self.seqs();
+            seqs.stored.remove(client_id);
+            seqs.adopting.remove(client_id);
+        }
+        let kv = self
+            .kv
+            .purge()
+            .filter(format!("{}.{}.>", self.kv_prefix, key(client_id)));
+        let msgs = self.msgs.purge().filter(self.msg_subject(client_id));
+        let (a, b) = futures_util::join!(kv.into_future(), msgs.into_future());
+        a.map_err(|e| e.to_string())?;
+        b.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The session the fleet keeps for `client_id`, if any (one that expired while
+    /// nobody held it is purged, not returned). Its messages are registered for the
+    /// mirror as being adopted (see the module doc).
+    pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
+        let meta = match self
+            .kv
+            .direct_get_last_for_subject(self.meta_subject(client_id))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("session record: {e}")),
+        };
+        let Some((version, expiry_secs, offline_since_ms)) =
+            mirror::parse_session(&meta.payload, client_id)
+        else {
+            return Err("the session record does not decode".into());
+        };
+        if expired(expiry_secs, offline_since_ms) {
+            self.purge(client_id).await?;
+            return Ok(None);
+        }
+        let subs = self.load_subs(client_id).await?;
+        let (messages, js_seqs) = self.load_messages(client_id).await?;
+        self.seqs()
+            .adopting
+            .insert(Arc::from(client_id), js_seqs.into());
+        Ok(Some(StoredSession {
+            client_id: Arc::from(client_id),
+            version,
+            expiry_secs,
+            offline_since_ms,
+            subs,
+            messages,
+            inbound_qos2: Vec::new(),
+        }))
+    }
+
+    async fn load_subs(&self, client_id: &str) -> Result<Vec<(Arc<str>, u8, u32)>, String> {
+        let filter = format!("{}.{}.sub.>", self.kv_prefix, key(client_id));
+        let mut info = self
+            .kv
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| format!("subscriptions: {e}"))?;
+        let mut subjects = Vec::new();
+        while let Some((subject, _)) = info.try_next().await.map_err(|e| e.to_string())? {
+            subjects.push(subject);
+        }
+        let mut subs = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            match self.kv.direct_get_last_for_subject(subject).await {
+                Ok(m) => subs.extend(mirror::parse_sub(&m.payload, client_id)),
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(format!("subscription: {e}")),
+            }
+        }
+        Ok(subs)
+    }
+
+    /// The queued messages of `client_id` in order, and their stream sequences.
+    async fn load_messages(
+        &self,
+        client_id: &str,
+    ) -> Result<(Vec<StoredMessage>, Vec<u64>), String> {
+        let subject = self.msg_subject(client_id);
+        let (mut messages, mut seqs, mut next) = (Vec::new(), Vec::new(), 1);
+        loop {
+            let got = self
+                .msgs
+                .direct_get_next_for_subject(subject.clone(), Some(next))
+                .await;
+            let m = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(format!("queued message: {e}")),
+            };
+            next = m.sequence + 1;
+            let Some((msg, qos)) = mirror::parse_message(&m.payload, client_id) else {
+                tracing::warn!(
+                    client_id,
+                    sequence = m.sequence,
+                    "cluster: a queued message in JetStream does not decode; skipped"
+                );
+                continue;
+            };
+            seqs.push(m.sequence);
+            messages.push(StoredMessage {
+                seq: 0,
+                msg: Arc::new(msg),
+                qos,
+                retain: false,
+                inflight: None,
+            });
+        }
+        Ok((messages, seqs))
+    }
+
+    /// Purges `client_id`'s session in the fleet if there is one (a clean start here).
+    pub async fn forget(&self, client_id: &str) -> Result<(), String> {
+        match self
+            .kv
+            .direct_get_last_for_subject(self.meta_subject(client_id))
+            .await
+        {
+            Ok(_) => self.purge(client_id).await,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("session record: {e}")),
+        }
+    }
+
+    /// Reads (or forgets, on a clean start) `client_id`'s session within `timeout`.
+    pub async fn on_connect(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        timeout: Duration,
+    ) -> Result<Option<StoredSession>, String> {
+        let work = async {
+            if clean_start {
+                self.forget(client_id).await.map(|()| None)
+            } else {
+                self.load(client_id).await
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err("no answer from JetStream in time".into()))
+    }
+}
+
+/// Whether a session offline since `offline_since_ms` (0: it was online) has expired.
+fn expired(expiry_secs: u32, offline_since_ms: u64) -> bool {
+    expiry_secs != crate::session::NEVER_EXPIRES
+        && offline_since_ms != 0
+        && now_ms().saturating_sub(offline_since_ms) >= u64::from(expiry_secs) * 1000
+}
+
+/// `changes` without the messages stored and finished within the same group (a message
+/// to an online device acknowledged quickly never reaches NATS).
+fn cancel_acked(changes: Vec<Change>) -> Vec<Change> {
+    let acked: std::collections::HashSet<(Arc<str>, u64)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Acked { client_id, seq } => Some((client_id.clone(), *seq)),
+            _ => None,
+        })
+        .collect();
+    if acked.is_empty() {
+        return changes;
+    }
+    let stored: std::collections::HashSet<(Arc<str>, u64)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Msg { client_id, seq, .. } => Some((client_id.clone(), *seq)),
+            _ => None,
+        })
+        .filter(|k| acked.contains(k))
+        .collect();
+    changes
+        .into_iter()
+        .filter(|c| match c {
+            Change::Msg { client_id, seq, .. } | Change::Acked { client_id, seq } => {
+                !stored.contains(&(client_id.clone(), *seq))
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// The store writer's side: turns ops into changes and queues them for the task.
+struct SessionMirror {
+    store: Arc<SessionStore>,
+    tx: tokio::sync::mpsc::Sender<Work>,
+}
+
+impl SessionMirror {
+    fn change(&self, op: &Op) -> Option<Change> {
+        let s = &self.store;
+        Some(match op {
+            Op::Session {
+                client_id,
+                version,
+                expiry_secs,
+                offline_since_ms,
+            } => Change::Put {
+                subject: s.meta_subject(client_id),
+                value: mirror::session_bytes(client_id, *version, *expiry_secs, *offline_since_ms)
+                    .into(),
+            },
+            Op::DeleteSession(client_id) => Change::Gone {
+                client_id: client_id.clone(),
+            },
+            Op::Sub {
+                client_id,
+                filter,
+                options,
+                sub_id,
+            } => Change::Put {
+                subject: s.sub_subject(client_id, filter),
+                value: mirror::sub_bytes(client_id, filter, *options, *sub_id).into(),
+            },
+            Op::DeleteSub { client_id, filter } => Change::Unsub {
+                subject: s.sub_subject(client_id, filter),
+            },
+            Op::Message {
+                client_id,
+                seq,
+                msg,
+                qos,
+                retain,
+            } => Change::Msg {
+                client_id: client_id.clone(),
+                seq: *seq,
+                value: mirror::message_bytes(client_id, msg, *qos, *retain).into(),
+            },
+            Op::DeleteMessage { client_id, seq } => Change::Acked {
+                client_id: client_id.clone(),
+                seq: *seq,
+            },
+            // Retained messages and QoS 2 packet-id state stay local.
+            _ => return None,
+        })
+    }
+}
+
+impl Mirror for SessionMirror {
+    fn mirror(&self, ops: &[&Op], replies: Vec<DeferredReply>) {
+        let changes: Vec<Change> = ops.iter().filter_map(|op| self.change(op)).collect();
+        if changes.is_empty() && replies.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tx.blocking_send(Work { changes, replies }) {
+            // The task is gone (the gateway is stopping): nothing more reaches NATS.
+            fail_replies(e.0.replies);
+        }
+    }
+}
+
+/// What a CONNECT for which this node has no session asks of the fleet, after its
+/// authentication: its session read back, or purged on a clean start.
+pub struct FleetStep {
+    pub store: Arc<SessionStore>,
+    pub client_id: String,
+    pub clean_start: bool,
+}
+
+impl FleetStep {
+    /// The verdict and the session to adopt; an allowed client whose session cannot be
+    /// read by `deadline` is refused as unavailable (rather than given an empty one).
+    pub async fn after(
+        self,
+        verdict: crate::auth::Verdict,
+        deadline: std::time::Instant,
+    ) -> (crate::auth::Verdict, Option<Box<StoredSession>>) {
+        if !matches!(verdict, crate::auth::Verdict::Allow(_)) {
+            return (verdict, None);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match self
+            .store
+            .on_connect(&self.client_id, self.clean_start, left)
+            .await
+        {
+            Ok(session) => (verdict, session.map(Box::new)),
+            Err(e) => {
+                let why = format!("the fleet's copy of the session cannot be read: {e}");
+                (crate::auth::Verdict::Unavailable(why), None)
+            }
+        }
+    }
+}
