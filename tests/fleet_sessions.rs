@@ -227,3 +227,21 @@ async fn takeover_of_a_dead_nodes_sessions_is_measured() {
         n * PER
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_answered_queued_only_once_jetstream_holds_it() {
+    let (nats, gw, kv) = fleet("fs-queued", &["node-a"]).await;
+    offline_devices(&gw[0], &kv, "q", 1, "node-a").await;
+    push_queued(&gw[0], "q", 1, 1).await;
+    // Without the stream, JetStream cannot take the message: the local commit alone does
+    // not earn `queued`.
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.delete_stream("gateway_session_messages")
+        .await
+        .expect("delete the stream");
+    let push = json!({"client_id": "q-0", "topic": "t/q-0", "payload": "x", "qos": 1});
+    let (code, v) = post_json(gw[0].http, "/v1/push", &push).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "dropped", "{v}");
+    assert_eq!(v["reason"], "store_error", "{v}");
+}
