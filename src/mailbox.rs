@@ -218,6 +218,14 @@ pub enum ShardMsg {
     TakenOver {
         client_id: String,
     },
+    /// From the fleet (`crate::cluster::handover`): another node is about to resume
+    /// `client_id`'s session; this shard closes its connection (0x8E, no will) and lets the
+    /// session go without purging the fleet's copy. `reply`: whether a stored session went
+    /// (its deletion then reaches the fleet's mirror, which says when it is through).
+    HandOver {
+        client_id: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].

@@ -62,7 +62,11 @@ async fn wait_registry(kv: &kv::Store, client_id: &str, node: &str) {
 async fn connect(gw: &GatewayProcess, id: &str) -> (v4::Client, bool) {
     let mut o = v4::options(gw.mqtt, id);
     o.set_clean_session(false);
-    let mut c = v4::connect_raw(o);
+    connack(v4::connect_raw(o), id).await
+}
+
+/// Waits for `c`'s successful CONNACK: the client and its session-present flag.
+async fn connack(mut c: v4::Client, id: &str) -> (v4::Client, bool) {
     let end = tokio::time::Instant::now() + DEADLINE;
     loop {
         match tokio::time::timeout_at(end, c.events.recv()).await {
@@ -244,4 +248,71 @@ async fn a_push_is_answered_queued_only_once_jetstream_holds_it() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["status"], "dropped", "{v}");
     assert_eq!(v["reason"], "store_error", "{v}");
+}
+
+/// The sessions node `gw` holds (online and offline), over its shards.
+async fn sessions_on(gw: &GatewayProcess) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", gw.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|l| l.starts_with("gateway_sessions{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_sessions_on(gw: &GatewayProcess, n: f64) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while sessions_on(gw).await != n {
+        assert!(tokio::time::Instant::now() < end, "never {n} sessions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_nodes_session_moves_to_the_node_its_device_resumes_on_without_its_will() {
+    let (_nats, gw, kv) = fleet("fs-move", &["node-a", "node-b"]).await;
+    offline_devices(&gw[0], &kv, "mv", 1, "node-a").await;
+    push_queued(&gw[0], "mv", 1, 3).await;
+    let mut watcher = v4::connect(v4::options(gw[1].mqtt, "watcher")).await;
+    watcher.subscribe("will/#", v4::QoS::AtLeastOnce).await;
+
+    // Node A is alive and holds the session offline: it moves to B with its messages.
+    let mut o = v4::options(gw[1].mqtt, "mv-0");
+    o.set_clean_session(false);
+    o.set_last_will(v4::LastWill::new(
+        "will/mv-0",
+        "gone",
+        v4::QoS::AtLeastOnce,
+        false,
+    ));
+    let (mut on_b, present) = connack(v4::connect_raw(o), "mv-0").await;
+    assert!(present, "the session did not move to B");
+    expect_in_order(&mut on_b, "mv-0", 3).await;
+    wait_sessions_on(&gw[0], 0.0).await;
+
+    // Live on B, it resumes on A: B closes its connection and publishes no will.
+    let (mut on_a, present) = connect(&gw[0], "mv-0").await;
+    assert!(present);
+    assert!(
+        on_b.wait_closed(DEADLINE).await.is_some(),
+        "B kept the connection"
+    );
+    wait_sessions_on(&gw[1], 1.0).await; // the watcher's only
+    assert!(
+        watcher.next_publish(Duration::from_secs(1)).await.is_none(),
+        "the will of the connection taken over was published"
+    );
+    let push = json!({"topic": "t/mv-0", "payload": "live", "qos": 1});
+    let (code, v) = post_json(gw[0].http, "/v1/push", &push).await;
+    assert_eq!(code, 200, "{v}");
+    let p = on_a.next_publish(DEADLINE).await.expect("the live message");
+    assert_eq!(
+        &p.payload[..],
+        b"live",
+        "a message acknowledged on B came again"
+    );
 }

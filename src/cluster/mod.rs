@@ -18,6 +18,7 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
+pub mod handover;
 pub mod metrics;
 pub mod registry;
 pub mod sessions;
@@ -124,8 +125,9 @@ impl Fleet {
             .connect(config.urls())
             .await
             .map_err(|e| format!("cluster: cannot connect to NATS ({}): {e}", config.nats_url))?;
-        let registry = Registry::open(&client, config, node.clone()).await?;
-        let sessions = sessions::SessionStore::open(&client, config).await?;
+        let registry = Arc::new(Registry::open(&client, config, node.clone()).await?);
+        let link = handover::Link::new(&client, config, &registry, &node);
+        let sessions = sessions::SessionStore::open(&client, config, link).await?;
         registry
             .renew_lease()
             .await
@@ -133,7 +135,7 @@ impl Fleet {
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
         Ok(Arc::new(Fleet {
             node,
-            registry: Arc::new(registry),
+            registry,
             metrics: Arc::default(),
             sessions,
             client,
@@ -169,6 +171,7 @@ impl Fleet {
             ));
         }
         let takeovers = self.subscribe(runtime, self.takeover_subject(&self.node))?;
+        let handovers = self.subscribe(runtime, handover::subject(&self.prefix, &self.node))?;
         let fleet = self.clone();
         let taken = move |node: String, client_id: Arc<str>| {
             tokio::spawn(fleet.clone().take_over(node, client_id));
@@ -179,6 +182,11 @@ impl Fleet {
         }
         tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
         tasks.push(runtime.spawn(self.clone().heartbeat()));
+        let handing = self
+            .sessions
+            .clone()
+            .serve_handovers(handovers, shards.clone());
+        tasks.push(runtime.spawn(handing));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }

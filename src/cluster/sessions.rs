@@ -78,9 +78,12 @@ struct Work {
 /// The stream sequences of this node's stored messages, and of messages restored from
 /// the fleet that the shard is adopting.
 #[derive(Default)]
-struct Seqs {
+pub(super) struct Seqs {
     stored: HashMap<Arc<str>, HashMap<u64, u64>>,
     adopting: HashMap<Arc<str>, VecDeque<u64>>,
+    /// Sessions being handed over to another node (`handover`): their end here keeps
+    /// the fleet's copy, and is reported once everything before it is in JetStream.
+    pub(super) moving: HashMap<Arc<str>, tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The fleet's copy of the persistent sessions.
@@ -93,6 +96,8 @@ pub struct SessionStore {
     /// `<subject_prefix>.smsg`.
     msg_prefix: String,
     seqs: Mutex<Seqs>,
+    /// What a handover between nodes needs (`handover`).
+    pub(super) link: super::handover::Link,
 }
 
 /// A session's key (its client id escaped).
@@ -130,6 +135,7 @@ impl SessionStore {
     pub async fn open(
         client: &async_nats::Client,
         config: &ClusterConfig,
+        link: super::handover::Link,
     ) -> Result<Arc<SessionStore>, String> {
         let js = jetstream::new(client.clone());
         let replicas = config.session_replicas as usize;
@@ -166,10 +172,11 @@ impl SessionStore {
             kv_prefix: format!("$KV.{bucket}"),
             msg_prefix,
             seqs: Mutex::default(),
+            link,
         }))
     }
 
-    fn seqs(&self) -> std::sync::MutexGuard<'_, Seqs> {
+    pub(super) fn seqs(&self) -> std::sync::MutexGuard<'_, Seqs> {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -265,7 +272,9 @@ impl SessionStore {
                 Change::Gone { client_id } => {
                     self.settle(&mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
-                    self.purge(&client_id).await.map_err(fail(&client_id))?;
+                    if !self.moved(&client_id) {
+                        self.purge(&client_id).await.map_err(fail(&client_id))?;
+                    }
                 }
             }
         }
@@ -327,6 +336,18 @@ impl SessionStore {
             seqs.adopting.remove(client_id);
         }
         next
+    }
+
+    /// Whether `client_id`'s session ended here because another node resumes it: then
+    /// what this node wrote for it is all in JetStream by now, which the handover hears.
+    fn moved(&self, client_id: &str) -> bool {
+        let mut seqs = self.seqs();
+        let Some(done) = seqs.moving.remove(client_id) else {
+            return false;
+        };
+        seqs.stored.remove(client_id);
+        let _ = done.send(());
+        true
     }
 
     /// Purges everything the fleet keeps for `client_id`.
@@ -466,6 +487,7 @@ impl SessionStore {
         timeout: Duration,
     ) -> Result<Option<StoredSession>, String> {
         let work = async {
+            self.take_from_holder(client_id).await?;
             if clean_start {
                 self.forget(client_id).await.map(|()| None)
             } else {

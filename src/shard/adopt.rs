@@ -1,12 +1,14 @@
 //! Sessions that come from the fleet (`crate::cluster::sessions`): a CONNECT that resumes
 //! a session this node does not hold has it read from JetStream off the shard, with its
 //! authentication; the shard adopts it here before accepting the CONNECT, as if it had
-//! been restored from its own store at start, and stores it locally.
+//! been restored from its own store at start, and stores it locally. When another node
+//! resumes a session this shard holds, the shard hands it over (`hand_over`).
 
 use std::sync::Arc;
 
 use crate::cluster::sessions::{FleetStep, SessionStore};
-use crate::codec::Connect;
+use crate::codec::{reason, Connect};
+use crate::metrics::DisconnectReason;
 use crate::store::{Op, StoredSession};
 
 use super::Shard;
@@ -58,5 +60,39 @@ impl Shard {
         }
         tracing::info!(shard = self.id, client_id = %stored.client_id, subscriptions = stored.subs.len(), messages = stored.messages.len(), "session restored from the fleet");
         self.restore(vec![stored], &[]);
+    }
+}
+
+impl Shard {
+    /// Another node resumes `client_id`'s session: its connection here is closed as taken
+    /// over (MQTT 5 DISCONNECT 0x8E) without its will (the device lives on, there), and
+    /// the session ends here. True if it was stored: its deletion goes to the store, and
+    /// the fleet's mirror, told beforehand, keeps the fleet's copy.
+    pub(super) fn hand_over(&mut self, client_id: &str) -> bool {
+        let Some(skey) = self.sessions.find(client_id).map(|k| k as usize) else {
+            return false;
+        };
+        let st = self.sessions[skey].state();
+        st.will = None;
+        st.will_due = None;
+        if let Some(conn) = self.sessions[skey].conn {
+            tracing::info!(
+                shard = self.id,
+                client_id,
+                "session handed over to another node"
+            );
+            self.close_conn(
+                conn.index(),
+                DisconnectReason::Takeover,
+                Some(reason::SESSION_TAKEN_OVER),
+            );
+        }
+        // Closing may have ended a session with expiry 0.
+        let Some(skey) = self.sessions.find(client_id).map(|k| k as usize) else {
+            return false;
+        };
+        let stored = self.persistent(skey);
+        self.end_session(skey);
+        stored
     }
 }
