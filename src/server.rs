@@ -239,6 +239,14 @@ impl Server {
         // With the store, persistent sessions are also kept in the fleet's JetStream.
         let fleet_sessions = match (&fleet, &store) {
             (Some(f), Some(s)) => {
+                let stale = crate::cluster::restart::drop_stale(
+                    f,
+                    &config.cluster,
+                    &mut restore,
+                    business.handle(),
+                )
+                .map_err(StartError::Fleet)?;
+                s.forget_local(stale);
                 s.set_mirror(f.sessions.start(business.handle()));
                 Some(f.sessions.clone())
             }

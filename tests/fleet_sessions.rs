@@ -316,3 +316,40 @@ async fn a_live_nodes_session_moves_to_the_node_its_device_resumes_on_without_it
         "a message acknowledged on B came again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_again_does_not_bring_back_sessions_resumed_elsewhere() {
+    let (nats, mut gw, kv) = fleet("fs-again", &["node-b"]).await;
+    let store = common::tempdir::Dir::new("fs-again-a");
+    let node_a = |nats: &NatsServer| {
+        GatewayProcess::start(&format!(
+            "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = 3\n[store]\npath = \"{}\"\n",
+            nats.url(),
+            store.0.display()
+        ))
+    };
+    let mut a = node_a(&nats);
+    offline_devices(&a, &kv, "again", 2, "node-a").await;
+    push_queued(&a, "again", 2, 2).await;
+    kill_9(&mut a);
+    // again-0 resumes on B and takes its messages; again-1 waits for A.
+    let (mut c, present) = connect(&gw[0], "again-0").await;
+    assert!(present);
+    expect_in_order(&mut c, "again-0", 2).await;
+    disconnect(c).await;
+    wait_registry(&kv, "again-0", "node-b").await;
+
+    let a = node_a(&nats);
+    wait_sessions_on(&a, 1.0).await;
+    let (mut c, present) = connect(&a, "again-1").await;
+    assert!(present);
+    expect_in_order(&mut c, "again-1", 2).await;
+    // again-0 comes back to A from B: its messages were delivered there, not again here.
+    let (mut c, present) = connect(&a, "again-0").await;
+    assert!(present);
+    assert!(
+        c.next_publish(Duration::from_millis(500)).await.is_none(),
+        "a message acknowledged on B came again from A's stale copy"
+    );
+    kill_9(&mut gw[0]);
+}

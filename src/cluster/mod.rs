@@ -21,6 +21,7 @@
 pub mod handover;
 pub mod metrics;
 pub mod registry;
+pub mod restart;
 pub mod sessions;
 
 use std::future::Future;

@@ -18,7 +18,7 @@ use crate::lockholder::PidFile;
 use crate::message::Message;
 
 use super::guard::quietly;
-use super::handle::{Batch, CommitSignal, StoreHandle};
+use super::handle::{Batch, CommitSignal, Op, StoreHandle};
 use super::load::{load, maybe_compact, purge, Purge};
 use super::metrics::StoreMetrics;
 use super::writer::Writer;
@@ -89,6 +89,27 @@ impl Store {
     /// answers that wait for them, to `mirror` (set once; later calls are ignored).
     pub fn set_mirror(&self, mirror: Box<dyn super::mirror::Mirror>) {
         let _ = self.mirror.set(mirror);
+    }
+
+    /// Deletes the sessions of `client_ids` from the file and waits (at most 10 s) for the
+    /// commit: call before [`Store::set_mirror`], so that only this file forgets them.
+    pub fn forget_local(&self, client_ids: Vec<Arc<str>>) {
+        let Some(mut h) = self.handle() else {
+            return;
+        };
+        if client_ids.is_empty() {
+            return;
+        }
+        for id in client_ids {
+            h.push(Op::DeleteSession(id));
+        }
+        let seq = h.pending_seq();
+        let signal = h.signal().clone();
+        h.close();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while signal.done.load(Relaxed) < seq && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Sets the sequence every later handle starts from. Shards own disjoint sessions,
