@@ -69,10 +69,12 @@ type Pending = Vec<(Option<(Arc<str>, u64)>, PublishAckFuture)>;
 /// none in particular) and the error.
 type Failed = (Arc<str>, String);
 
-/// What the mirror task takes: one commit group.
-struct Work {
-    changes: Vec<Change>,
-    replies: Vec<DeferredReply>,
+/// What the mirror task takes, in the store writer's order.
+enum Work {
+    /// One commit group's changes (maybe none), handed over as the writer commits them.
+    Changes(Vec<Change>),
+    /// The answers waiting for the group just before, once it is committed locally.
+    Answers(Vec<DeferredReply>),
 }
 
 /// The stream sequences of this node's stored messages, and of messages restored from
@@ -203,26 +205,35 @@ impl SessionStore {
         })
     }
 
-    /// Applies each commit group in order, then answers its pushes (failed if NATS did
-    /// not take the changes: `queued` was not earned in the fleet).
+    /// Applies each commit group's changes in order, and answers the pushes that wait for
+    /// a group once it is through (failed if NATS did not take the group's changes:
+    /// `queued` was not earned in the fleet).
     async fn apply_all(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Work>) {
-        let mut failing = false;
+        let (mut failing, mut last) = (false, Ok(()));
         while let Some(work) = rx.recv().await {
-            match self.apply(work.changes).await {
-                Ok(()) => {
-                    if std::mem::take(&mut failing) {
-                        tracing::info!("cluster: session changes reach JetStream again");
+            let replies = match work {
+                Work::Changes(changes) => {
+                    last = self.apply(changes).await;
+                    match &last {
+                        Ok(()) if std::mem::take(&mut failing) => {
+                            tracing::info!("cluster: session changes reach JetStream again");
+                        }
+                        Err((client_id, e)) if !std::mem::replace(&mut failing, true) => {
+                            tracing::warn!(%client_id, error = %e, "cluster: cannot write session changes to JetStream; pushes waiting for them answer dropped (store_error)");
+                        }
+                        _ => {}
                     }
-                    for (tx, outcomes) in work.replies {
+                    continue;
+                }
+                Work::Answers(replies) => replies,
+            };
+            match last {
+                Ok(()) => {
+                    for (tx, outcomes) in replies {
                         let _ = tx.send(outcomes);
                     }
                 }
-                Err((client_id, e)) => {
-                    if !std::mem::replace(&mut failing, true) {
-                        tracing::warn!(%client_id, error = %e, "cluster: cannot write session changes to JetStream; pushes waiting for them answer dropped (store_error)");
-                    }
-                    fail_replies(work.replies);
-                }
+                Err(_) => fail_replies(replies),
             }
         }
     }
@@ -596,14 +607,20 @@ impl SessionMirror {
 }
 
 impl Mirror for SessionMirror {
-    fn mirror(&self, ops: &[&Op], replies: Vec<DeferredReply>) {
-        let changes: Vec<Change> = ops.iter().filter_map(|op| self.change(op)).collect();
-        if changes.is_empty() && replies.is_empty() {
+    fn changes(&self, ops: &[&Op]) {
+        let changes = ops.iter().filter_map(|op| self.change(op)).collect();
+        // The task is gone only once the gateway stops: nothing more reaches NATS then.
+        let _ = self.tx.blocking_send(Work::Changes(changes));
+    }
+
+    fn answers(&self, replies: Vec<DeferredReply>) {
+        if replies.is_empty() {
             return;
         }
-        if let Err(e) = self.tx.blocking_send(Work { changes, replies }) {
-            // The task is gone (the gateway is stopping): nothing more reaches NATS.
-            fail_replies(e.0.replies);
+        if let Err(e) = self.tx.blocking_send(Work::Answers(replies)) {
+            if let Work::Answers(replies) = e.0 {
+                fail_replies(replies);
+            }
         }
     }
 }

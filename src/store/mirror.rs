@@ -1,7 +1,8 @@
 //! A second home for what the writer commits: with the fleet on, every commit group's
 //! session changes are handed to a [`Mirror`] (`crate::cluster::sessions` writes them to
-//! JetStream), and so are the push answers that promised `queued`, which the mirror sends
-//! once the changes are in the fleet as well as on this disk.
+//! JetStream) as the writer commits them, and after the commit so are the push answers
+//! that promised `queued`, which the mirror sends once the changes are in the fleet as
+//! well as on this disk.
 //!
 //! Also the portable encodings of a session record, a subscription and a message: the
 //! store's own record formats (checksummed), so that another node reads back exactly what
@@ -19,12 +20,15 @@ use super::records::{
     put_bytes,
 };
 
-/// Where the writer hands each commit group's changes after committing them.
+/// Where the writer hands each commit group's changes, as it commits them. Called on the
+/// writer thread; may block it (that is the backpressure the shards see).
 pub trait Mirror: Send + Sync {
-    /// The changes of one commit group, in order, and the answers that wait for them
-    /// (empty unless the commit succeeded with `durability = "immediate"`). Called on the
-    /// writer thread; may block it (that is the backpressure the shards see).
-    fn mirror(&self, ops: &[&Op], replies: Vec<DeferredReply>);
+    /// The changes of one commit group, in order, before the local commit (so that the
+    /// fleet and the disk take them at the same time).
+    fn changes(&self, ops: &[&Op]);
+    /// The answers that wait for the group just committed (with `durability =
+    /// "immediate"`); sent once its changes are in the fleet too.
+    fn answers(&self, replies: Vec<DeferredReply>);
 }
 
 /// The writer's mirror, set once the fleet has joined (after the store opened).

@@ -77,9 +77,11 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let (mut batches, ops) = self.gather(first);
+            // NATS takes the changes while the disk does.
+            self.mirror_changes(&batches);
             let ok = self.commit(&batches, ops);
             let eventual = self.durability == StoreDurability::Eventual;
-            self.mirror(&mut batches, ok && !eventual);
+            self.mirror_answers(&mut batches, ok && !eventual);
             let mut failed = Vec::new();
             for b in &mut batches {
                 if !ok {
@@ -119,22 +121,26 @@ impl Writer {
         tracing::debug!("store writer stopped");
     }
 
-    /// Hands the group's changes to the mirror, if one is set, with the answers that
-    /// wait for them when `answers` (the commit made them durable here): the mirror sends
-    /// those once the changes are in the fleet too.
-    fn mirror(&self, batches: &mut [Batch], answers: bool) {
-        let Some(mirror) = self.mirror.get() else {
-            return;
-        };
-        let replies = match answers {
-            true => batches
-                .iter_mut()
-                .flat_map(|b| b.replies.drain(..))
-                .collect(),
-            false => Vec::new(),
-        };
-        let ops: Vec<&Op> = batches.iter().flat_map(|b| &b.ops).collect();
-        mirror.mirror(&ops, replies);
+    /// Hands the group's changes to the mirror, if one is set, before they are committed.
+    fn mirror_changes(&self, batches: &[Batch]) {
+        if let Some(mirror) = self.mirror.get() {
+            let ops: Vec<&Op> = batches.iter().flat_map(|b| &b.ops).collect();
+            mirror.changes(&ops);
+        }
+    }
+
+    /// After the commit: when `durable` (it made the group durable here), the answers
+    /// that wait for it go to the mirror, which sends them once the group's changes are
+    /// in the fleet too.
+    fn mirror_answers(&self, batches: &mut [Batch], durable: bool) {
+        if let (Some(mirror), true) = (self.mirror.get(), durable) {
+            mirror.answers(
+                batches
+                    .iter_mut()
+                    .flat_map(|b| b.replies.drain(..))
+                    .collect(),
+            );
+        }
     }
 
     /// `first` and every batch waiting (for `commit_interval` more if set), up to
