@@ -380,3 +380,42 @@ async fn a_node_started_again_does_not_bring_back_sessions_resumed_elsewhere() {
     );
     kill_9(&mut gw[0]);
 }
+
+/// Whether the fleet keeps a session record for `client_id`.
+async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js.get_key_value("gateway_sessions").await.expect("bucket");
+    kv.get(format!("{client_id}.meta"))
+        .await
+        .expect("get")
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_that_expires_leaves_the_fleets_copy_alone() {
+    let nats = NatsServer::start("fs-stale");
+    let js = async_nats::jetstream::new(nats.client().await);
+    // Offline sessions of node A expire 1 s after their device left.
+    let a = GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\n[mqtt]\nmax_session_expiry_secs = 1\n",
+        nats.url()
+    ));
+    let kv = js
+        .get_key_value("gateway_registry")
+        .await
+        .expect("registry");
+    offline_devices(&a, &kv, "stale", 1, "node-a").await;
+    assert!(in_fleet(&nats, "stale-0").await);
+    // As if node B had resumed it while A was cut off from NATS: A's copy is stale.
+    kv.put("stale-0", "node-b".into()).await.expect("put");
+    wait_sessions_on(&a, 0.0).await;
+    // A session of A's own that expires after it is purged from the fleet...
+    offline_devices(&a, &kv, "own", 1, "node-a").await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while in_fleet(&nats, "own-0").await {
+        assert!(tokio::time::Instant::now() < end, "own-0 never purged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and by then the stale copy's end has been applied, leaving B's.
+    assert!(in_fleet(&nats, "stale-0").await, "the live copy was purged");
+}

@@ -27,8 +27,8 @@ use super::sessions::SessionStore;
 /// What a handover needs from the fleet: NATS, the registry and this node's name.
 pub struct Link {
     client: async_nats::Client,
-    registry: Arc<Registry>,
-    node: Arc<str>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) node: Arc<str>,
     prefix: String,
     timeout: Duration,
 }

@@ -283,7 +283,7 @@ impl SessionStore {
                 Change::Gone { client_id } => {
                     self.settle(&mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
-                    if !self.moved(&client_id) {
+                    if !self.moved(&client_id) && self.still_ours(&client_id).await? {
                         self.purge(&client_id).await.map_err(fail(&client_id))?;
                     }
                 }
@@ -359,6 +359,20 @@ impl SessionStore {
         seqs.stored.remove(client_id);
         let _ = done.send(());
         true
+    }
+
+    /// Whether the fleet's copy of `client_id`'s session, which ended here, is this
+    /// node's to purge: the registry names this node or nobody. A node that held a stale
+    /// copy (cut off from NATS while another node resumed the session) leaves the live
+    /// one alone.
+    async fn still_ours(&self, client_id: &Arc<str>) -> Result<bool, Failed> {
+        let holder = self.link.registry.holder(client_id).await;
+        let holder = holder.map_err(|e| (client_id.clone(), format!("registry: {e}")))?;
+        let ours = holder.is_none_or(|n| *n == *self.link.node);
+        if !ours {
+            tracing::info!(%client_id, "cluster: a stale copy of a session resumed on another node ended here; the fleet's copy stays");
+        }
+        Ok(ours)
     }
 
     /// Purges everything the fleet keeps for `client_id`.
