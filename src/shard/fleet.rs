@@ -1,8 +1,9 @@
 //! The fleet's requests on a shard (`crate::cluster`): a client id this shard has online
 //! was accepted by another node, so its connection here is closed as taken over.
 //!
-//! The session itself stays here (a persistent one goes offline, as after any takeover
-//! of its connection); moving it to the other node is not built.
+//! With the store on, a persistent session was handed over before this (`adopt.rs`,
+//! `hand_over`); otherwise the session stays here (a persistent one goes offline, as
+//! after any takeover of its connection).
 
 use crate::codec::reason;
 use crate::metrics::DisconnectReason;
