@@ -672,3 +672,46 @@ impl FleetStep {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{cancel_acked, Change};
+
+    fn msg(id: &str, seq: u64) -> Change {
+        Change::Msg {
+            client_id: Arc::from(id),
+            seq,
+            value: bytes::Bytes::new(),
+        }
+    }
+
+    fn acked(id: &str, seq: u64) -> Change {
+        Change::Acked {
+            client_id: Arc::from(id),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_message_stored_and_finished_in_one_group_never_reaches_nats() {
+        let group = vec![
+            msg("a", 1),
+            msg("a", 2),
+            acked("a", 1),
+            acked("b", 1),
+            msg("b", 2),
+        ];
+        let left: Vec<String> = cancel_acked(group)
+            .iter()
+            .map(|c| match c {
+                Change::Msg { client_id, seq, .. } => format!("msg {client_id} {seq}"),
+                Change::Acked { client_id, seq } => format!("acked {client_id} {seq}"),
+                _ => "other".into(),
+            })
+            .collect();
+        // b 1 was stored in an earlier group: its deletion stays.
+        assert_eq!(left, ["msg a 2", "acked b 1", "msg b 2"]);
+    }
+}

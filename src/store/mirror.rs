@@ -86,3 +86,45 @@ pub fn parse_message(b: &[u8], client_id: &str) -> Option<(Message, u8)> {
     let now_wall = super::open::now_ms();
     decode_message(b, &[client_id.as_bytes()], Instant::now(), now_wall).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::message::Origin;
+
+    #[test]
+    fn records_read_back_as_written_and_only_for_their_client() {
+        let b = session_bytes("dev-1", Version::V5, 3600, 1234);
+        assert_eq!(parse_session(&b, "dev-1"), Some((Version::V5, 3600, 1234)));
+        assert_eq!(
+            parse_session(&b, "dev-2"),
+            None,
+            "checksummed with its client id"
+        );
+
+        let b = sub_bytes("dev-1", "a/+/#", 1, 7);
+        let (filter, options, id) = parse_sub(&b, "dev-1").expect("sub");
+        assert_eq!((&*filter, options, id), ("a/+/#", 1, 7));
+        assert!(parse_sub(&b, "dev-2").is_none());
+        assert!(parse_sub(&b[..3], "dev-1").is_none());
+
+        let m = Message::new(
+            Arc::from("t/x"),
+            Bytes::from_static(b"hi"),
+            1,
+            false,
+            Origin::Gateway,
+        );
+        let b = message_bytes("dev-1", &m, 1, false);
+        let (back, qos) = parse_message(&b, "dev-1").expect("message");
+        assert_eq!(
+            (&*back.topic, &back.payload[..], qos),
+            ("t/x", &b"hi"[..], 1)
+        );
+        assert!(parse_message(&b, "dev-2").is_none());
+    }
+}
