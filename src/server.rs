@@ -247,7 +247,7 @@ impl Server {
                 )
                 .map_err(StartError::Fleet)?;
                 s.forget_local(stale);
-                s.set_mirror(f.sessions.start(business.handle()));
+                s.set_mirror(f.sessions.start(business.handle(), &restore));
                 Some(f.sessions.clone())
             }
             _ => None,

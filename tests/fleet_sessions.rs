@@ -24,6 +24,15 @@ fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
     ))
 }
 
+/// Node `node` with its store in `dir`, which outlives the process (a restart keeps it).
+fn node_with_store(nats: &NatsServer, node: &str, dir: &common::tempdir::Dir) -> GatewayProcess {
+    GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = 3\n[store]\npath = \"{}\"\n",
+        nats.url(),
+        dir.0.display()
+    ))
+}
+
 /// A `nats-server` and gateway processes named `nodes` on it, and the registry bucket.
 async fn fleet(tag: &str, nodes: &[&str]) -> (NatsServer, Vec<GatewayProcess>, kv::Store) {
     let nats = NatsServer::start(tag);
@@ -275,6 +284,8 @@ async fn a_push_is_answered_queued_only_once_jetstream_holds_it() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["status"], "dropped", "{v}");
     assert_eq!(v["reason"], "store_error", "{v}");
+    let failed = "gateway_fleet_session_changes_total{outcome=\"failed\"}";
+    assert!(gw[0].metric(failed).await >= 1.0);
 }
 
 /// The sessions node `gw` holds (online and offline), over its shards.
@@ -320,6 +331,12 @@ async fn a_live_nodes_session_moves_to_the_node_its_device_resumes_on_without_it
     assert!(present, "the session did not move to B");
     expect_in_order(&mut on_b, "mv-0", 3).await;
     wait_sessions_on(&gw[0], 0.0).await;
+    let handed = gw[0]
+        .metric("gateway_fleet_sessions_handed_over_total")
+        .await;
+    assert_eq!(handed, 1.0);
+    let restored = gw[1].metric("gateway_fleet_sessions_restored_total").await;
+    assert_eq!(restored, 1.0);
 
     // Live on B, it resumes on A: B closes its connection and publishes no will.
     let (mut on_a, present) = connect(&gw[0], "mv-0").await;
@@ -348,13 +365,7 @@ async fn a_live_nodes_session_moves_to_the_node_its_device_resumes_on_without_it
 async fn a_node_started_again_does_not_bring_back_sessions_resumed_elsewhere() {
     let (nats, mut gw, kv) = fleet("fs-again", &["node-b"]).await;
     let store = common::tempdir::Dir::new("fs-again-a");
-    let node_a = |nats: &NatsServer| {
-        GatewayProcess::start(&format!(
-            "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = 3\n[store]\npath = \"{}\"\n",
-            nats.url(),
-            store.0.display()
-        ))
-    };
+    let node_a = |nats: &NatsServer| node_with_store(nats, "node-a", &store);
     let mut a = node_a(&nats);
     offline_devices(&a, &kv, "again", 2, "node-a").await;
     push_queued(&a, "again", 2, 2).await;
@@ -418,4 +429,39 @@ async fn a_stale_copy_that_expires_leaves_the_fleets_copy_alone() {
     }
     // ...and by then the stale copy's end has been applied, leaving B's.
     assert!(in_fleet(&nats, "stale-0").await, "the live copy was purged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_acknowledged_after_a_restart_are_not_delivered_again_elsewhere() {
+    let (nats, mut gw, kv) = fleet("fs-restart", &["node-b"]).await;
+    let store = common::tempdir::Dir::new("fs-restart-a");
+    let node_a = |nats: &NatsServer| node_with_store(nats, "node-a", &store);
+    let mut a = node_a(&nats);
+    offline_devices(&a, &kv, "rs", 1, "node-a").await;
+    push_queued(&a, "rs", 1, 3).await;
+    kill_9(&mut a);
+    // Back on A after its restart: the messages come from A's own store and are
+    // acknowledged there.
+    let mut a = node_a(&nats);
+    let (mut c, present) = connect(&a, "rs-0").await;
+    assert!(present);
+    expect_in_order(&mut c, "rs-0", 3).await;
+    disconnect(c).await;
+    wait_sessions_on(&a, 1.0).await;
+    // Answered once JetStream has this and everything A's store took before it.
+    push_queued(&a, "rs", 1, 1).await;
+    kill_9(&mut a);
+    // On B, only what A's device did not acknowledge comes.
+    let (mut c, present) = connect(&gw[0], "rs-0").await;
+    assert!(present);
+    let p = c
+        .next_publish(DEADLINE)
+        .await
+        .expect("the message queued last on A");
+    assert_eq!(&p.payload[..], b"m0");
+    assert!(
+        c.next_publish(Duration::from_millis(500)).await.is_none(),
+        "a message acknowledged on A after its restart came again on B"
+    );
+    kill_9(&mut gw[0]);
 }

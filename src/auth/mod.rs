@@ -354,7 +354,7 @@ pub fn session_acl(
 /// mailbox is retried every few milliseconds (this is a business task, not the shard)
 /// until `deadline`, the connection's connect timeout. With `fleet`, an allowed client's
 /// session is then read from (or, on a clean start, purged in) the fleet's JetStream
-/// (`crate::cluster::sessions`); a failure there makes the verdict `Unavailable`.
+/// (`crate::cluster::restore`); a failure there makes the verdict `Unavailable`.
 #[allow(clippy::too_many_arguments)]
 pub fn check_in_background(
     auth: Arc<Authenticator>,
@@ -365,7 +365,7 @@ pub fn check_in_background(
     conn: usize,
     token: u64,
     deadline: Instant,
-    fleet: Option<crate::cluster::sessions::FleetStep>,
+    fleet: Option<crate::cluster::restore::FleetStep>,
 ) {
     business.spawn(async move {
         // Past `deadline` the connect timeout has closed the connection: drop the work

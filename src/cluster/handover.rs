@@ -118,6 +118,7 @@ impl SessionStore {
         let asked = shards.try_send(home, ShardMsg::HandOver { client_id, reply });
         let wait = async {
             if asked.is_ok() && stored.await == Ok(true) {
+                self.metrics.handed_over.inc();
                 let _ = written.await;
             }
         };

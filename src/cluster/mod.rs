@@ -22,6 +22,8 @@ pub mod handover;
 pub mod metrics;
 pub mod registry;
 pub mod restart;
+pub mod restore;
+pub mod session_metrics;
 pub mod sessions;
 
 use std::future::Future;
@@ -197,6 +199,7 @@ impl Fleet {
         let up = self.client.connection_state() == async_nats::connection::State::Connected;
         self.metrics.nats_connected.set(i64::from(up));
         self.metrics.render(out);
+        self.sessions.metrics.render(out);
     }
 
     fn subscribe(

@@ -24,21 +24,22 @@
 //! record, subscriptions and messages; the shard adopts them (`shard/adopt.rs`) under its
 //! own message sequences and stores them locally, and the mirror maps those sequences to
 //! the messages already in the stream instead of publishing them again. A clean start
-//! for which this node has no session purges what the fleet kept for the client id.
+//! for which this node has no session purges what the fleet kept for the client id
+//! (`restore`). The sessions a node restores from its own store at start are written to
+//! the fleet again first ([`SessionStore::start`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 
 use crate::config::ClusterConfig;
 use crate::events::nats::escape;
 use crate::store::mirror::{self, Mirror};
-use crate::store::{fail_replies, DeferredReply, Op, StoredMessage, StoredSession};
+use crate::store::{fail_replies, DeferredReply, Op, StoredSession};
 
 /// Commit groups waiting for the mirror task; past this the store writer waits.
 const QUEUE: usize = 64;
@@ -51,6 +52,10 @@ enum Change {
     Unsub { subject: String },
     /// The session ended: everything of the client id is purged.
     Gone { client_id: Arc<str> },
+    /// At start, before a restored session is written again: everything of the client
+    /// id is purged (what JetStream held may lack the last changes before a crash, and
+    /// the stream sequences of its messages were in the memory of the last run).
+    Reset { client_id: Arc<str> },
     /// A message stored under local sequence `seq`.
     Msg {
         client_id: Arc<str>,
@@ -82,7 +87,7 @@ enum Work {
 #[derive(Default)]
 pub(super) struct Seqs {
     stored: HashMap<Arc<str>, HashMap<u64, u64>>,
-    adopting: HashMap<Arc<str>, VecDeque<u64>>,
+    pub(super) adopting: HashMap<Arc<str>, VecDeque<u64>>,
     /// Sessions being handed over to another node (`handover`): their end here keeps
     /// the fleet's copy, and is reported once everything before it is in JetStream.
     pub(super) moving: HashMap<Arc<str>, tokio::sync::oneshot::Sender<()>>,
@@ -91,23 +96,24 @@ pub(super) struct Seqs {
 /// The fleet's copy of the persistent sessions.
 pub struct SessionStore {
     js: jetstream::Context,
-    kv: stream::Stream,
-    msgs: stream::Stream,
+    pub(super) kv: stream::Stream,
+    pub(super) msgs: stream::Stream,
     /// `$KV.<bucket>`.
-    kv_prefix: String,
+    pub(super) kv_prefix: String,
     /// `<subject_prefix>.smsg`.
     msg_prefix: String,
     seqs: Mutex<Seqs>,
     /// What a handover between nodes needs (`handover`).
     pub(super) link: super::handover::Link,
+    pub metrics: super::session_metrics::SessionMetrics,
 }
 
 /// A session's key (its client id escaped).
-fn key(client_id: &str) -> String {
+pub(super) fn key(client_id: &str) -> String {
     escape(client_id, '=')
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -175,6 +181,7 @@ impl SessionStore {
             msg_prefix,
             seqs: Mutex::default(),
             link,
+            metrics: Default::default(),
         }))
     }
 
@@ -182,7 +189,7 @@ impl SessionStore {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn meta_subject(&self, client_id: &str) -> String {
+    pub(super) fn meta_subject(&self, client_id: &str) -> String {
         format!("{}.{}.meta", self.kv_prefix, key(client_id))
     }
 
@@ -190,19 +197,62 @@ impl SessionStore {
         format!("{}.{}.sub.{}", self.kv_prefix, key(client_id), key(filter))
     }
 
-    fn msg_subject(&self, client_id: &str) -> String {
+    pub(super) fn msg_subject(&self, client_id: &str) -> String {
         format!("{}.{}", self.msg_prefix, key(client_id))
     }
 
     /// Starts the task that applies the store writer's changes on `runtime`; the mirror
     /// to give the store (`Store::set_mirror`).
-    pub fn start(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> Box<dyn Mirror> {
+    ///
+    /// The sessions `restored` from the local store at start are written again first,
+    /// as this node holds them (before any change the shards make to them).
+    pub fn start(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        restored: &[Vec<StoredSession>],
+    ) -> Box<dyn Mirror> {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let again: Vec<Change> = restored
+            .iter()
+            .flatten()
+            .flat_map(|s| self.again(s))
+            .collect();
+        if !again.is_empty() {
+            let _ = tx.try_send(Work::Changes(again));
+        }
         runtime.spawn(self.clone().apply_all(rx));
         Box::new(SessionMirror {
             store: self.clone(),
             tx,
         })
+    }
+
+    /// A session restored from the local store, written to the fleet again.
+    fn again(&self, s: &StoredSession) -> Vec<Change> {
+        let id = &s.client_id;
+        let mut changes = Vec::with_capacity(2 + s.subs.len() + s.messages.len());
+        changes.push(Change::Reset {
+            client_id: id.clone(),
+        });
+        let record = mirror::session_bytes(id, s.version, s.expiry_secs, s.offline_since_ms);
+        changes.push(Change::Put {
+            subject: self.meta_subject(id),
+            value: record.into(),
+        });
+        for (filter, options, sub_id) in &s.subs {
+            changes.push(Change::Put {
+                subject: self.sub_subject(id, filter),
+                value: mirror::sub_bytes(id, filter, *options, *sub_id).into(),
+            });
+        }
+        for m in &s.messages {
+            changes.push(Change::Msg {
+                client_id: id.clone(),
+                seq: m.seq,
+                value: mirror::message_bytes(id, &m.msg, m.qos, m.retain).into(),
+            });
+        }
+        changes
     }
 
     /// Applies each commit group's changes in order, and answers the pushes that wait for
@@ -213,7 +263,9 @@ impl SessionStore {
         while let Some(work) = rx.recv().await {
             let replies = match work {
                 Work::Changes(changes) => {
+                    let n = changes.len();
                     last = self.apply(changes).await;
+                    self.metrics.changes(n, last.is_ok());
                     match &last {
                         Ok(()) if std::mem::take(&mut failing) => {
                             tracing::info!("cluster: session changes reach JetStream again");
@@ -279,6 +331,10 @@ impl SessionStore {
                     self.flush_deletes(&mut deletes).await?;
                     let purged = self.kv.purge().filter(subject).await;
                     purged.map_err(|e| (Arc::from("-"), e.to_string()))?;
+                }
+                Change::Reset { client_id } => {
+                    self.settle(&mut pending).await?;
+                    self.purge(&client_id).await.map_err(fail(&client_id))?;
                 }
                 Change::Gone { client_id } => {
                     self.settle(&mut pending).await?;
@@ -392,144 +448,6 @@ impl SessionStore {
         b.map_err(|e| e.to_string())?;
         Ok(())
     }
-
-    /// The session the fleet keeps for `client_id`, if any (one that expired while
-    /// nobody held it is purged, not returned). Its messages are registered for the
-    /// mirror as being adopted (see the module doc).
-    pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
-        let meta = match self
-            .kv
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("session record: {e}")),
-        };
-        let Some((version, expiry_secs, offline_since_ms)) =
-            mirror::parse_session(&meta.payload, client_id)
-        else {
-            return Err("the session record does not decode".into());
-        };
-        if expired(expiry_secs, offline_since_ms) {
-            self.purge(client_id).await?;
-            return Ok(None);
-        }
-        let subs = self.load_subs(client_id).await?;
-        let (messages, js_seqs) = self.load_messages(client_id).await?;
-        self.seqs()
-            .adopting
-            .insert(Arc::from(client_id), js_seqs.into());
-        Ok(Some(StoredSession {
-            client_id: Arc::from(client_id),
-            version,
-            expiry_secs,
-            offline_since_ms,
-            subs,
-            messages,
-            inbound_qos2: Vec::new(),
-        }))
-    }
-
-    async fn load_subs(&self, client_id: &str) -> Result<Vec<(Arc<str>, u8, u32)>, String> {
-        let filter = format!("{}.{}.sub.>", self.kv_prefix, key(client_id));
-        let mut info = self
-            .kv
-            .info_with_subjects(&filter)
-            .await
-            .map_err(|e| format!("subscriptions: {e}"))?;
-        let mut subjects = Vec::new();
-        while let Some((subject, _)) = info.try_next().await.map_err(|e| e.to_string())? {
-            subjects.push(subject);
-        }
-        let mut subs = Vec::with_capacity(subjects.len());
-        for subject in subjects {
-            match self.kv.direct_get_last_for_subject(subject).await {
-                Ok(m) => subs.extend(mirror::parse_sub(&m.payload, client_id)),
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
-                Err(e) => return Err(format!("subscription: {e}")),
-            }
-        }
-        Ok(subs)
-    }
-
-    /// The queued messages of `client_id` in order, and their stream sequences.
-    async fn load_messages(
-        &self,
-        client_id: &str,
-    ) -> Result<(Vec<StoredMessage>, Vec<u64>), String> {
-        let subject = self.msg_subject(client_id);
-        let (mut messages, mut seqs, mut next) = (Vec::new(), Vec::new(), 1);
-        loop {
-            let got = self
-                .msgs
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await;
-            let m = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(format!("queued message: {e}")),
-            };
-            next = m.sequence + 1;
-            let Some((msg, qos)) = mirror::parse_message(&m.payload, client_id) else {
-                tracing::warn!(
-                    client_id,
-                    sequence = m.sequence,
-                    "cluster: a queued message in JetStream does not decode; skipped"
-                );
-                continue;
-            };
-            seqs.push(m.sequence);
-            messages.push(StoredMessage {
-                seq: 0,
-                msg: Arc::new(msg),
-                qos,
-                retain: false,
-                inflight: None,
-            });
-        }
-        Ok((messages, seqs))
-    }
-
-    /// Purges `client_id`'s session in the fleet if there is one (a clean start here).
-    pub async fn forget(&self, client_id: &str) -> Result<(), String> {
-        match self
-            .kv
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await
-        {
-            Ok(_) => self.purge(client_id).await,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("session record: {e}")),
-        }
-    }
-
-    /// Reads (or forgets, on a clean start) `client_id`'s session within `timeout`.
-    pub async fn on_connect(
-        &self,
-        client_id: &str,
-        clean_start: bool,
-        timeout: Duration,
-    ) -> Result<Option<StoredSession>, String> {
-        let work = async {
-            self.take_from_holder(client_id).await?;
-            if clean_start {
-                self.forget(client_id).await.map(|()| None)
-            } else {
-                self.load(client_id).await
-            }
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| Err("no answer from JetStream in time".into()))
-    }
-}
-
-/// Whether a session offline since `offline_since_ms` (0: it was online) has expired.
-fn expired(expiry_secs: u32, offline_since_ms: u64) -> bool {
-    expiry_secs != crate::session::NEVER_EXPIRES
-        && offline_since_ms != 0
-        && now_ms().saturating_sub(offline_since_ms) >= u64::from(expiry_secs) * 1000
 }
 
 /// `changes` without the messages stored and finished within the same group (a message
@@ -634,40 +552,6 @@ impl Mirror for SessionMirror {
         if let Err(e) = self.tx.blocking_send(Work::Answers(replies)) {
             if let Work::Answers(replies) = e.0 {
                 fail_replies(replies);
-            }
-        }
-    }
-}
-
-/// What a CONNECT for which this node has no session asks of the fleet, after its
-/// authentication: its session read back, or purged on a clean start.
-pub struct FleetStep {
-    pub store: Arc<SessionStore>,
-    pub client_id: String,
-    pub clean_start: bool,
-}
-
-impl FleetStep {
-    /// The verdict and the session to adopt; an allowed client whose session cannot be
-    /// read by `deadline` is refused as unavailable (rather than given an empty one).
-    pub async fn after(
-        self,
-        verdict: crate::auth::Verdict,
-        deadline: std::time::Instant,
-    ) -> (crate::auth::Verdict, Option<Box<StoredSession>>) {
-        if !matches!(verdict, crate::auth::Verdict::Allow(_)) {
-            return (verdict, None);
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match self
-            .store
-            .on_connect(&self.client_id, self.clean_start, left)
-            .await
-        {
-            Ok(session) => (verdict, session.map(Box::new)),
-            Err(e) => {
-                let why = format!("the fleet's copy of the session cannot be read: {e}");
-                (crate::auth::Verdict::Unavailable(why), None)
             }
         }
     }

@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use crate::cluster::sessions::{FleetStep, SessionStore};
+use crate::cluster::restore::FleetStep;
+use crate::cluster::sessions::SessionStore;
 use crate::codec::{reason, Connect};
 use crate::metrics::DisconnectReason;
 use crate::store::{Op, StoredSession};
