@@ -465,3 +465,24 @@ async fn messages_acknowledged_after_a_restart_are_not_delivered_again_elsewhere
     );
     kill_9(&mut gw[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_session_replicas_than_nats_servers_stop_the_start_naming_the_key() {
+    let nats = NatsServer::start("fs-replicas");
+    drop(nats.client().await);
+    let dir = common::tempdir::Dir::new("fs-replicas");
+    let path = dir.0.join("gateway.toml");
+    let extra = format!(
+        "[cluster]\nenabled = true\nnode_id = \"node-r\"\nnats_url = \"{}\"\nsession_replicas = 3\n",
+        nats.url()
+    );
+    let config = common::merge_toml(common::BASE, &common::with_store_dir(&extra, &dir.0));
+    std::fs::write(&path, config).expect("config");
+    let args = [std::ffi::OsStr::new("--config"), path.as_os_str()];
+    let (code, out, err) = common::run_gateway(&args, DEADLINE);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("cluster.session_replicas"),
+        "{out}{err}"
+    );
+}

@@ -124,6 +124,7 @@ async fn open_stream(
     js: &jetstream::Context,
     config: stream::Config,
 ) -> Result<stream::Stream, String> {
+    let config_replicas = config.num_replicas;
     if let Ok(s) = js.get_stream(&config.name).await {
         return Ok(s);
     }
@@ -134,7 +135,10 @@ async fn open_stream(
         let why = created
             .err()
             .map_or_else(|| e.to_string(), |c| c.to_string());
-        format!("cluster: cannot open the session stream {name}: {why}")
+        format!(
+            "cluster: cannot open the session stream {name} with {} replica(s) (cluster.session_replicas): {why}",
+            config_replicas
+        )
     })
 }
 
