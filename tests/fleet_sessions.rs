@@ -486,3 +486,30 @@ async fn more_session_replicas_than_nats_servers_stop_the_start_naming_the_key()
         "{out}{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_node_with_sessions_keeps_serving_its_own_devices() {
+    let (mut nats, gw, kv) = fleet("fs-nonats", &["node-a"]).await;
+    offline_devices(&gw[0], &kv, "off", 1, "node-a").await;
+    nats.kill();
+    // New devices get in (a clean start needs nothing from the fleet), and messages
+    // that the offline persistent session stores keep flowing: its changes fail to
+    // reach JetStream at once, they do not hold the store writer and the shards.
+    let mut sub = v4::connect(v4::options(gw[0].mqtt, "sub")).await;
+    sub.subscribe("t/#", v4::QoS::AtLeastOnce).await;
+    let publisher = v4::connect(v4::options(gw[0].mqtt, "pub")).await;
+    for i in 0..300 {
+        publisher
+            .client
+            .publish("t/off-0", v4::QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .expect("publish");
+    }
+    for i in 0..300 {
+        let p = sub
+            .next_publish(DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("message {i} of 300 never came"));
+        assert_eq!(p.payload, format!("{i}").as_bytes());
+    }
+}

@@ -50,6 +50,13 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Whether this node's NATS connection is up now.
+    pub(super) fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
 /// The subject on which `node` hands its sessions over.
 pub fn subject(prefix: &str, node: &str) -> String {
     format!("{prefix}.node.{node}.handover")

@@ -135,6 +135,9 @@ impl SessionStore {
         clean_start: bool,
         timeout: Duration,
     ) -> Result<Option<StoredSession>, String> {
+        if !self.link.connected() {
+            return Err("NATS is unreachable".into());
+        }
         let work = async {
             self.take_from_holder(client_id).await?;
             if clean_start {
@@ -166,7 +169,9 @@ pub struct FleetStep {
 
 impl FleetStep {
     /// The verdict and the session to adopt; an allowed client whose session cannot be
-    /// read by `deadline` is refused as unavailable (rather than given an empty one).
+    /// read by `deadline` is refused as unavailable (rather than given an empty one). A
+    /// clean start goes ahead when the fleet's copy cannot be purged (NATS away: the
+    /// node keeps serving devices on its own).
     pub async fn after(
         self,
         verdict: crate::auth::Verdict,
@@ -182,6 +187,10 @@ impl FleetStep {
             .await
         {
             Ok(session) => (verdict, session.map(Box::new)),
+            Err(e) if self.clean_start => {
+                tracing::debug!(client_id = %self.client_id, error = %e, "cluster: clean start without purging the fleet's copy of the session");
+                (verdict, None)
+            }
             Err(e) => {
                 let why = format!("the fleet's copy of the session cannot be read: {e}");
                 (crate::auth::Verdict::Unavailable(why), None)

@@ -297,6 +297,11 @@ impl SessionStore {
     /// Applies one group's changes in order: publishes are pipelined, and their acks
     /// awaited before a delete or purge (which may concern what they wrote).
     async fn apply(&self, changes: Vec<Change>) -> Result<(), Failed> {
+        if !self.link.connected() {
+            // Failed at once: a queue of groups each waiting out its ack timeout would
+            // stall the store writer, and with it the shards.
+            return Err((Arc::from("-"), "NATS is unreachable".into()));
+        }
         let changes = cancel_acked(changes);
         let mut pending: Pending = Vec::new();
         let mut deletes: Vec<u64> = Vec::new();
