@@ -513,3 +513,56 @@ async fn without_nats_a_node_with_sessions_keeps_serving_its_own_devices() {
         assert_eq!(p.payload, format!("{i}").as_bytes());
     }
 }
+
+/// Issue 20's latency figure: single pushes to offline persistent sessions at 2,000/s for
+/// 2 s, each answered `queued` once the local store (and, in the fleet, JetStream) holds
+/// it; a fleet node and a single node without the fleet side by side. Prints p50, p99
+/// and the rate reached (no timing assert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_answers_at_2000_pushes_per_second_are_measured() {
+    let (_nats, gw, kv) = fleet("fs-rate", &["node-a"]).await;
+    offline_devices(&gw[0], &kv, "r", 20, "node-a").await;
+    let single = GatewayProcess::start("");
+    for i in 0..20 {
+        let (mut c, _) = connect(&single, &format!("r-{i}")).await;
+        c.subscribe("t", v4::QoS::AtLeastOnce).await;
+        disconnect(c).await;
+    }
+    for (name, gw) in [("fleet node", &gw[0]), ("single node, no fleet", &single)] {
+        let (rate, p50, p99, max) = push_at_2000_per_second(gw, 20).await;
+        println!(
+            "fleet sessions: {name}: 4000 single pushes to 20 offline persistent sessions at {rate:.0}/s: queued answers p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        );
+    }
+}
+
+/// 4,000 pushes at 2,000/s to devices `r-0..devices` of `gw`, all `queued`: the rate
+/// reached, and p50, p99 and max of the answer times in ms.
+async fn push_at_2000_per_second(gw: &GatewayProcess, devices: usize) -> (f64, f64, f64, f64) {
+    const PUSHES: usize = 4000;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/push", gw.http);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_micros(500));
+    let mut sent = Vec::with_capacity(PUSHES);
+    for i in 0..PUSHES {
+        tick.tick().await;
+        let (http, url) = (http.clone(), url.clone());
+        let body = json!({"client_id": format!("r-{}", i % devices), "topic": "t", "payload": "x", "qos": 1});
+        sent.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = http.post(url).json(&body).send().await.expect("push");
+            let v: Value = r.json().await.expect("json");
+            (t.elapsed().as_secs_f64() * 1000.0, v)
+        }));
+    }
+    let mut ms = Vec::with_capacity(PUSHES);
+    for s in sent {
+        let (took, v) = s.await.expect("push task");
+        assert_eq!(v["status"], "queued", "{v}");
+        ms.push(took);
+    }
+    let rate = PUSHES as f64 / started.elapsed().as_secs_f64();
+    ms.sort_by(f64::total_cmp);
+    (rate, ms[PUSHES / 2], ms[PUSHES * 99 / 100], ms[PUSHES - 1])
+}
