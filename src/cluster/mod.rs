@@ -18,6 +18,7 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
+mod acker;
 pub mod handover;
 pub mod metrics;
 pub mod registry;

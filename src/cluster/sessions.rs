@@ -41,6 +41,8 @@ use crate::events::nats::escape;
 use crate::store::mirror::{self, Mirror};
 use crate::store::{fail_replies, DeferredReply, Op, StoredSession};
 
+use super::acker::Ack;
+
 /// Commit groups waiting for the mirror task; past this the store writer waits.
 const QUEUE: usize = 64;
 
@@ -68,11 +70,11 @@ enum Change {
 
 /// Publishes whose acks are awaited together: a message's (client id, local sequence),
 /// or `None` for a key-value put.
-type Pending = Vec<(Option<(Arc<str>, u64)>, PublishAckFuture)>;
+pub(super) type Pending = Vec<(Option<(Arc<str>, u64)>, PublishAckFuture)>;
 
 /// Why a group's changes did not reach JetStream: a client id it concerned (`-` for
 /// none in particular) and the error.
-type Failed = (Arc<str>, String);
+pub(super) type Failed = (Arc<str>, String);
 
 /// What the mirror task takes, in the store writer's order.
 enum Work {
@@ -259,44 +261,34 @@ impl SessionStore {
         changes
     }
 
-    /// Applies each commit group's changes in order, and answers the pushes that wait for
-    /// a group once it is through (failed if NATS did not take the group's changes:
-    /// `queued` was not earned in the fleet).
+    /// Applies each commit group's changes in order; the acks of its publishes are
+    /// awaited, and the pushes waiting for it answered, by a task of their own (`acker`).
     async fn apply_all(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Work>) {
-        let (mut failing, mut last) = (false, Ok(()));
+        let (acks, acked) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(self.clone().ack_all(acked));
         while let Some(work) = rx.recv().await {
-            let replies = match work {
+            let ack = match work {
                 Work::Changes(changes) => {
                     let n = changes.len();
-                    last = self.apply(changes).await;
-                    self.metrics.changes(n, last.is_ok());
-                    match &last {
-                        Ok(()) if std::mem::take(&mut failing) => {
-                            tracing::info!("cluster: session changes reach JetStream again");
-                        }
-                        Err((client_id, e)) if !std::mem::replace(&mut failing, true) => {
-                            tracing::warn!(%client_id, error = %e, "cluster: cannot write session changes to JetStream; pushes waiting for them answer dropped (store_error)");
-                        }
-                        _ => {}
-                    }
-                    continue;
+                    let result = self.apply(changes, &acks).await;
+                    Ack::End { changes: n, result }
                 }
-                Work::Answers(replies) => replies,
+                Work::Answers(replies) => Ack::Answers(replies),
             };
-            match last {
-                Ok(()) => {
-                    for (tx, outcomes) in replies {
-                        let _ = tx.send(outcomes);
-                    }
-                }
-                Err(_) => fail_replies(replies),
+            if acks.send(ack).await.is_err() {
+                return;
             }
         }
     }
 
-    /// Applies one group's changes in order: publishes are pipelined, and their acks
-    /// awaited before a delete or purge (which may concern what they wrote).
-    async fn apply(&self, changes: Vec<Change>) -> Result<(), Failed> {
+    /// Applies one group's changes in order: publishes are pipelined, their acks awaited
+    /// by the acknowledging task, and everything acked before a delete or purge (which
+    /// may concern what they wrote).
+    async fn apply(
+        &self,
+        changes: Vec<Change>,
+        acks: &tokio::sync::mpsc::Sender<Ack>,
+    ) -> Result<(), Failed> {
         if !self.link.connected() {
             // Failed at once: a queue of groups each waiting out its ack timeout would
             // stall the store writer, and with it the shards.
@@ -332,21 +324,21 @@ impl SessionStore {
                     pending.push((Some((client_id, seq)), ack));
                 }
                 Change::Acked { client_id, seq } => {
-                    self.settle(&mut pending).await?;
+                    self.barrier(acks, &mut pending).await?;
                     deletes.extend(self.forget_seq(&client_id, seq));
                 }
                 Change::Unsub { subject } => {
-                    self.settle(&mut pending).await?;
+                    self.barrier(acks, &mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
                     let purged = self.kv.purge().filter(subject).await;
                     purged.map_err(|e| (Arc::from("-"), e.to_string()))?;
                 }
                 Change::Reset { client_id } => {
-                    self.settle(&mut pending).await?;
+                    self.barrier(acks, &mut pending).await?;
                     self.purge(&client_id).await.map_err(fail(&client_id))?;
                 }
                 Change::Gone { client_id } => {
-                    self.settle(&mut pending).await?;
+                    self.barrier(acks, &mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
                     if !self.moved(&client_id) && self.still_ours(&client_id).await? {
                         self.purge(&client_id).await.map_err(fail(&client_id))?;
@@ -354,14 +346,17 @@ impl SessionStore {
                 }
             }
         }
-        self.settle(&mut pending).await?;
-        self.flush_deletes(&mut deletes).await
+        self.flush_deletes(&mut deletes).await?;
+        if !pending.is_empty() && acks.send(Ack::Part(pending)).await.is_err() {
+            return Err((Arc::from("-"), "the mirror is stopping".into()));
+        }
+        Ok(())
     }
 
     /// Awaits the acks of the publishes in flight and remembers the stream sequence of
     /// each message.
-    async fn settle(&self, pending: &mut Pending) -> Result<(), Failed> {
-        let (keys, acks): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
+    pub(super) async fn settle(&self, pending: Pending) -> Result<(), Failed> {
+        let (keys, acks): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
         let acked = futures_util::future::join_all(acks.into_iter().map(|a| a.into_future()));
         for (key, ack) in keys.into_iter().zip(acked.await) {
             let who = key.as_ref().map_or_else(|| Arc::from("-"), |k| k.0.clone());
