@@ -225,6 +225,14 @@ pub enum ShardMsg {
     FleetThrottled {
         client_id: Arc<str>,
     },
+    /// From the fleet (`crate::cluster::handover`): another node is about to resume
+    /// `client_id`'s session; this shard closes its connection (0x8E, no will) and lets the
+    /// session go without purging the fleet's copy. `reply`: whether a stored session went
+    /// (its deletion then reaches the fleet's mirror, which says when it is through).
+    HandOver {
+        client_id: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].
@@ -243,6 +251,9 @@ pub struct AuthDone {
     pub conn: usize,
     pub token: u64,
     pub verdict: crate::auth::Verdict,
+    /// The client's session as the fleet kept it, to adopt before accepting (`None`
+    /// without the fleet, or when it keeps none).
+    pub session: Option<Box<crate::store::StoredSession>>,
 }
 
 /// A member joining a shared subscription group (see [`ShardMsg::SharedJoin`]).

@@ -236,6 +236,22 @@ impl Server {
             ),
             false => None,
         };
+        // With the store, persistent sessions are also kept in the fleet's JetStream.
+        let fleet_sessions = match (&fleet, &store) {
+            (Some(f), Some(s)) => {
+                let stale = crate::cluster::restart::drop_stale(
+                    f,
+                    &config.cluster,
+                    &mut restore,
+                    business.handle(),
+                )
+                .map_err(StartError::Fleet)?;
+                s.forget_local(stale);
+                s.set_mirror(f.sessions.start(business.handle(), &restore));
+                Some(f.sessions.clone())
+            }
+            _ => None,
+        };
         // The event sinks run on the business pool; shards get their sender (which also
         // feeds the fleet's registry).
         let node = match &fleet {
@@ -279,6 +295,7 @@ impl Server {
                 business: business.handle().clone(),
                 store: store.as_ref().and_then(Store::handle),
                 restore: std::mem::take(&mut restore[id]),
+                sessions: fleet_sessions.clone(),
                 retained: retained.clone(),
                 ready: ready_tx.clone(),
                 events: events.sender.clone(),

@@ -352,7 +352,9 @@ pub fn session_acl(
 /// Runs [`Authenticator::check`] on the business runtime and posts the verdict to
 /// connection `conn` (authentication `token`) of `shard` as `ShardMsg::AuthDone`. A full
 /// mailbox is retried every few milliseconds (this is a business task, not the shard)
-/// until `deadline`, the connection's connect timeout.
+/// until `deadline`, the connection's connect timeout. With `fleet`, an allowed client's
+/// session is then read from (or, on a clean start, purged in) the fleet's JetStream
+/// (`crate::cluster::restore`); a failure there makes the verdict `Unavailable`.
 #[allow(clippy::too_many_arguments)]
 pub fn check_in_background(
     auth: Arc<Authenticator>,
@@ -363,6 +365,7 @@ pub fn check_in_background(
     conn: usize,
     token: u64,
     deadline: Instant,
+    fleet: Option<crate::cluster::restore::FleetStep>,
 ) {
     business.spawn(async move {
         // Past `deadline` the connect timeout has closed the connection: drop the work
@@ -373,10 +376,15 @@ pub fn check_in_background(
         let Ok(verdict) = tokio::time::timeout_at(deadline.into(), check).await else {
             return;
         };
+        let (verdict, session) = match fleet {
+            Some(step) => step.after(verdict, deadline).await,
+            None => (verdict, None),
+        };
         let mut msg = ShardMsg::AuthDone(Box::new(AuthDone {
             conn,
             token,
             verdict,
+            session,
         }));
         while let Err(m) = mailboxes.try_send(shard, msg) {
             if Instant::now() > deadline {

@@ -19,10 +19,16 @@
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
 pub mod arbiter;
+mod acker;
+pub mod handover;
 pub mod metrics;
 pub mod ops_metrics;
 pub mod registry;
 mod rejoin;
+pub mod restart;
+pub mod restore;
+pub mod session_metrics;
+pub mod sessions;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -86,6 +92,8 @@ pub struct Fleet {
     pub node: Arc<str>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<FleetMetrics>,
+    /// The persistent sessions in JetStream (`sessions`).
+    pub sessions: Arc<sessions::SessionStore>,
     client: Client,
     prefix: String,
     lease: Duration,
@@ -124,7 +132,9 @@ impl Fleet {
             .connect(config.urls())
             .await
             .map_err(|e| format!("cluster: cannot connect to NATS ({}): {e}", config.nats_url))?;
-        let registry = Registry::open(&client, config, node.clone()).await?;
+        let registry = Arc::new(Registry::open(&client, config, node.clone()).await?);
+        let link = handover::Link::new(&client, config, &registry, &node);
+        let sessions = sessions::SessionStore::open(&client, config, link).await?;
         registry
             .renew_lease()
             .await
@@ -132,8 +142,9 @@ impl Fleet {
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
         Ok(Arc::new(Fleet {
             node,
-            registry: Arc::new(registry),
+            registry,
             metrics: Arc::default(),
+            sessions,
             client,
             prefix: config.subject_prefix.clone(),
             lease: config.lease(),
@@ -167,6 +178,7 @@ impl Fleet {
             ));
         }
         let takeovers = self.subscribe(runtime, self.takeover_subject(&self.node))?;
+        let handovers = self.subscribe(runtime, handover::subject(&self.prefix, &self.node))?;
         let fleet = self.clone();
         let taken = move |node: String, client_id: Arc<str>| {
             tokio::spawn(fleet.clone().take_over(node, client_id));
@@ -177,6 +189,11 @@ impl Fleet {
         }
         tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
         tasks.push(runtime.spawn(self.clone().heartbeat(shards.clone())));
+        let handing = self
+            .sessions
+            .clone()
+            .serve_handovers(handovers, shards.clone());
+        tasks.push(runtime.spawn(handing));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
@@ -191,6 +208,7 @@ impl Fleet {
         self.metrics.nats_connected.set(i64::from(self.nats_up()));
         self.metrics.render(out);
         self.registry.metrics.render(out);
+        self.sessions.metrics.render(out);
     }
 
     fn subscribe(

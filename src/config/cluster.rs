@@ -28,6 +28,12 @@ pub struct ClusterConfig {
     pub request_timeout_ms: u32,
     pub registry_queue_capacity: u32,
     pub takeover_min_interval_ms: u32,
+    /// Persistent sessions in JetStream (`crate::cluster::sessions`): the key-value
+    /// bucket of their records and subscriptions, the stream of their queued messages,
+    /// and the replicas of both.
+    pub session_bucket: String,
+    pub session_stream: String,
+    pub session_replicas: u32,
 }
 
 /// Whether `s` is a node id: letters, digits, `-` and `_`, 1 to [`MAX_NODE_ID_LEN`].
@@ -112,6 +118,17 @@ impl ClusterConfig {
                 ),
             ));
         }
+        for (key, name) in [
+            ("cluster.session_bucket", &self.session_bucket),
+            ("cluster.session_stream", &self.session_stream),
+        ] {
+            if !valid_node_id(name) || name.len() > 200 {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} must be letters, digits, - or _ (a JetStream name)"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -163,7 +180,8 @@ impl Section for ClusterConfig {
             self.registry_queue_capacity,
             1,
             10_000_000,
-        )
+        )?;
+        in_range("cluster.session_replicas", self.session_replicas, 1, 5)
     }
 }
 
@@ -184,6 +202,9 @@ mod tests {
         assert_eq!(c.request_timeout_ms, 2000);
         assert_eq!(c.registry_queue_capacity, 100_000);
         assert_eq!(c.takeover_min_interval_ms, 1000);
+        assert_eq!(c.session_bucket, "gateway_sessions");
+        assert_eq!(c.session_stream, "gateway_session_messages");
+        assert_eq!(c.session_replicas, 1);
         assert!(!c.node().is_empty());
         assert!(super::valid_node_id(&c.node()));
     }
@@ -209,6 +230,10 @@ mod tests {
                 "takeover_min_interval_ms = 600001",
                 "cluster.takeover_min_interval_ms",
             ),
+            ("session_bucket = \"a.b\"", "cluster.session_bucket"),
+            ("session_stream = \"\"", "cluster.session_stream"),
+            ("session_replicas = 0", "cluster.session_replicas"),
+            ("session_replicas = 6", "cluster.session_replicas"),
         ];
         for (body, key) in cases {
             assert_eq!(invalid_key(&format!("[cluster]\n{body}\n")), key, "{body}");

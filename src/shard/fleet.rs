@@ -4,8 +4,9 @@
 //! after the last time (`cluster.takeover_min_interval_ms`), so the new connection here
 //! is closed and the other node keeps it.
 //!
-//! The session itself stays here (a persistent one goes offline, as after any takeover
-//! of its connection); moving it to the other node is not built.
+//! With the store on, a persistent session was handed over before this (`adopt.rs`,
+//! `hand_over`); otherwise the session stays here (a persistent one goes offline, as
+//! after any takeover of its connection).
 
 use crate::codec::reason;
 use crate::metrics::DisconnectReason;

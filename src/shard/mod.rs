@@ -27,6 +27,7 @@
 //! subscribers back to each publisher in `pacing`.
 
 mod accept;
+mod adopt;
 mod clock;
 mod closing;
 mod conn;
@@ -138,6 +139,8 @@ pub struct ShardContext {
     pub store: Option<crate::store::StoreHandle>,
     /// Stored sessions homed on this shard, restored before the first accept.
     pub restore: Vec<crate::store::StoredSession>,
+    /// The fleet's copy of the persistent sessions (`[cluster]` on, with the store).
+    pub sessions: Option<Arc<crate::cluster::sessions::SessionStore>>,
     /// Stored retained messages (every shard keeps them all).
     pub retained: Arc<Vec<Arc<Message>>>,
     /// Told once the shard has restored its sessions and is about to accept.
@@ -317,6 +320,7 @@ impl Shard {
             open_connections: ctx.open_connections,
             shards_running: ctx.shards_running,
             events: ctx.events,
+            sessions: ctx.sessions,
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);
@@ -617,6 +621,9 @@ impl Shard {
             ShardMsg::AuthDone(d) => self.on_auth_done(*d),
             ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
             ShardMsg::FleetThrottled { client_id } => self.fleet_throttled(&client_id),
+            ShardMsg::HandOver { client_id, reply } => {
+                let _ = reply.send(self.hand_over(&client_id));
+            }
         }
     }
 

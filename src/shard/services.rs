@@ -27,4 +27,6 @@ pub(super) struct Services {
     pub shards_running: Arc<AtomicUsize>,
     /// Events to the backend (`src/events/`); disabled unless `[events]` names a sink.
     pub events: crate::events::EventSender,
+    /// The fleet's copy of the persistent sessions (`[cluster]` on, with the store).
+    pub sessions: Option<Arc<crate::cluster::sessions::SessionStore>>,
 }

@@ -292,7 +292,7 @@ impl StoreHandle {
 }
 
 /// Answers pushes whose messages could not be made durable: `queued` was not earned.
-pub(super) fn fail_replies(replies: Vec<DeferredReply>) {
+pub fn fail_replies(replies: Vec<DeferredReply>) {
     for (tx, mut outcomes) in replies {
         for o in &mut outcomes {
             if o.status == PushStatus::Queued {

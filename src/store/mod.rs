@@ -63,6 +63,10 @@
 //! and gives every shard its sessions ([`Loaded`]). A damaged file stops the start with
 //! [`OpenError`], also where redb panics on it, and so does an empty one.
 //!
+//! **In a fleet** the writer also hands every commit group's session changes to the
+//! fleet's mirror (`mirror`, set by `crate::cluster::sessions`) as it commits them, and
+//! the `queued` answers after the commit: those wait for JetStream too.
+//!
 //! The parts: `handle` (what a shard holds: ops, batches, the commit signal), `writer`
 //! (the writer thread and group commit), `open` (opening, lock errors, repair, `Store`),
 //! `guard` (redb's panics on a damaged file made errors),
@@ -75,6 +79,7 @@ mod guard;
 mod handle;
 mod load;
 mod metrics;
+pub mod mirror;
 mod open;
 mod qos2;
 mod records;
@@ -83,7 +88,8 @@ mod tests;
 mod writer;
 
 pub use self::handle::{
-    Batch, CommitSignal, DeferredReply, Op, StoreHandle, REFUSED_BACKLOG, REFUSED_DOWN,
+    fail_replies, Batch, CommitSignal, DeferredReply, Op, StoreHandle, REFUSED_BACKLOG,
+    REFUSED_DOWN,
 };
 pub use self::metrics::StoreMetrics;
 pub use self::open::{

@@ -18,7 +18,7 @@ use crate::lockholder::PidFile;
 use crate::message::Message;
 
 use super::guard::quietly;
-use super::handle::{Batch, CommitSignal, StoreHandle};
+use super::handle::{Batch, CommitSignal, Op, StoreHandle};
 use super::load::{load, maybe_compact, purge, Purge};
 use super::metrics::StoreMetrics;
 use super::writer::Writer;
@@ -63,6 +63,8 @@ pub struct Store {
     next_seq: u64,
     /// `[store] backlog_max_bytes`, for each shard's handle.
     backlog_max: u64,
+    /// Where the writer also hands what it commits (the fleet's sessions), once set.
+    mirror: super::mirror::MirrorSlot,
 }
 
 impl Store {
@@ -81,6 +83,33 @@ impl Store {
             backlog_max: self.backlog_max,
             was_over: false,
         })
+    }
+
+    /// From now on the writer hands every commit group's changes, and the `queued`
+    /// answers that wait for them, to `mirror` (set once; later calls are ignored).
+    pub fn set_mirror(&self, mirror: Box<dyn super::mirror::Mirror>) {
+        let _ = self.mirror.set(mirror);
+    }
+
+    /// Deletes the sessions of `client_ids` from the file and waits (at most 10 s) for the
+    /// commit: call before [`Store::set_mirror`], so that only this file forgets them.
+    pub fn forget_local(&self, client_ids: Vec<Arc<str>>) {
+        let Some(mut h) = self.handle() else {
+            return;
+        };
+        if client_ids.is_empty() {
+            return;
+        }
+        for id in client_ids {
+            h.push(Op::DeleteSession(id));
+        }
+        let seq = h.pending_seq();
+        let signal = h.signal().clone();
+        h.close();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while signal.done.load(Relaxed) < seq && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Sets the sequence every later handle starts from. Shards own disjoint sessions,
@@ -316,6 +345,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
     );
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_batches.max(1) as usize);
     ignore_file_size_signal();
+    let mirror = super::mirror::MirrorSlot::default();
     let writer = Writer {
         db: Some(db),
         rx,
@@ -328,6 +358,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         unsynced_since: None,
         unsynced: Batch::default(),
         pid_file: Some(pid_file),
+        mirror: mirror.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("store".into())
@@ -339,6 +370,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         metrics,
         next_seq: 0,
         backlog_max: config.backlog_max_bytes,
+        mirror,
     };
     store.set_next_seq(loaded.next_seq);
     Ok((store, loaded))

@@ -51,6 +51,8 @@ pub(super) struct Writer {
     pub(super) unsynced: Batch,
     /// Names this process as the store's holder; after `db` so it goes once the lock has.
     pub(super) pid_file: Option<PidFile>,
+    /// The fleet's copy of the sessions, if set (`mirror`).
+    pub(super) mirror: super::mirror::MirrorSlot,
 }
 
 impl Writer {
@@ -75,8 +77,11 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let (mut batches, ops) = self.gather(first);
+            // NATS takes the changes while the disk does.
+            self.mirror_changes(&batches);
             let ok = self.commit(&batches, ops);
             let eventual = self.durability == StoreDurability::Eventual;
+            self.mirror_answers(&mut batches, ok && !eventual);
             let mut failed = Vec::new();
             for b in &mut batches {
                 if !ok {
@@ -114,6 +119,28 @@ impl Writer {
         }
         self.metrics.refresh_size();
         tracing::debug!("store writer stopped");
+    }
+
+    /// Hands the group's changes to the mirror, if one is set, before they are committed.
+    fn mirror_changes(&self, batches: &[Batch]) {
+        if let Some(mirror) = self.mirror.get() {
+            let ops: Vec<&Op> = batches.iter().flat_map(|b| &b.ops).collect();
+            mirror.changes(&ops);
+        }
+    }
+
+    /// After the commit: when `durable` (it made the group durable here), the answers
+    /// that wait for it go to the mirror, which sends them once the group's changes are
+    /// in the fleet too.
+    fn mirror_answers(&self, batches: &mut [Batch], durable: bool) {
+        if let (Some(mirror), true) = (self.mirror.get(), durable) {
+            mirror.answers(
+                batches
+                    .iter_mut()
+                    .flat_map(|b| b.replies.drain(..))
+                    .collect(),
+            );
+        }
     }
 
     /// `first` and every batch waiting (for `commit_interval` more if set), up to

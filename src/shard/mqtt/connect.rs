@@ -241,10 +241,13 @@ impl Shard {
             );
         }
         let peer = self.wire.conns[key].peer.addr();
-        if let Some(verdict) =
-            self.services
-                .auth
-                .fast(c.username.as_deref(), c.password.as_deref(), peer)
+        // A session the fleet may hold is read off the shard, after the verdict.
+        let fleet = self.fleet_step(&c);
+        if let Some(verdict) = self
+            .services
+            .auth
+            .fast(c.username.as_deref(), c.password.as_deref(), peer)
+            .filter(|_| fleet.is_none())
         {
             return self.conclude_auth(key, c, assigned, verdict);
         }
@@ -278,6 +281,7 @@ impl Shard {
             key,
             token,
             deadline,
+            fleet,
         );
         false
     }
@@ -303,6 +307,8 @@ impl Shard {
         self.wire.conns[key].state = ConnState::Handshake;
         if !matches!(d.verdict, Verdict::Allow(_)) {
             self.discard_input(key);
+        } else if let Some(session) = d.session {
+            self.adopt_session(*session);
         }
         if self.conclude_auth(key, *p.connect, p.assigned, d.verdict) {
             if !p.rest.is_empty() && !self.ingest_bytes(key, &p.rest) {

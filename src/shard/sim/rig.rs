@@ -82,6 +82,7 @@ pub(super) fn manual_shard_tls(
         business,
         store: None,
         restore: Vec::new(),
+        sessions: None,
         retained: Arc::new(Vec::new()),
         ready: std::sync::mpsc::channel().0,
         events: crate::events::EventSender::disabled(),

@@ -1,0 +1,89 @@
+//! The acknowledgements of the session mirror's publishes (`sessions`), awaited by a task
+//! of their own, in order, so that the mirror sends the next commit group's changes while
+//! JetStream still acks the previous group's: at 2,000 pushes/s a `queued` answer then
+//! waits for its own group's acks, not for every group before it in turn.
+//!
+//! The mirror asks for a barrier (everything published so far acked, and the stream
+//! sequences of its messages known) before a delete or a purge, which may concern what it
+//! published: an acknowledged message is deleted by that sequence, and a purge must come
+//! after the puts it removes.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{fail_replies, DeferredReply};
+
+use super::sessions::{Failed, Pending, SessionStore};
+
+/// What the mirror hands the acknowledging task, in order.
+pub(super) enum Ack {
+    /// Publishes of the current commit group, whose acks are awaited in order.
+    Part(Pending),
+    /// Everything handed over before is acked: the current group's outcome so far.
+    Barrier(oneshot::Sender<Result<(), Failed>>),
+    /// The current group ended (`result`: how applying it went, besides its acks).
+    End {
+        changes: usize,
+        result: Result<(), Failed>,
+    },
+    /// The answers waiting for the group that just ended.
+    Answers(Vec<DeferredReply>),
+}
+
+impl SessionStore {
+    /// Awaits the acks handed over, group by group, and answers each group's pushes
+    /// (failed if JetStream did not take the group).
+    pub(super) async fn ack_all(self: Arc<Self>, mut rx: mpsc::Receiver<Ack>) {
+        let (mut group, mut last, mut failing) = (Ok(()), Ok(()), false);
+        while let Some(ack) = rx.recv().await {
+            match ack {
+                Ack::Part(pending) if group.is_ok() => group = self.settle(pending).await,
+                Ack::Part(_) => {}
+                Ack::Barrier(tx) => {
+                    let _ = tx.send(group.clone());
+                }
+                Ack::End { changes, result } => {
+                    last = std::mem::replace(&mut group, Ok(())).and(result);
+                    self.metrics.changes(changes, last.is_ok());
+                    log_transition(&last, &mut failing);
+                }
+                Ack::Answers(replies) if last.is_ok() => {
+                    for (tx, outcomes) in replies {
+                        let _ = tx.send(outcomes);
+                    }
+                }
+                Ack::Answers(replies) => fail_replies(replies),
+            }
+        }
+    }
+
+    /// Waits until everything handed to `acks` so far, and `pending`, is acked.
+    pub(super) async fn barrier(
+        &self,
+        acks: &mpsc::Sender<Ack>,
+        pending: &mut Pending,
+    ) -> Result<(), Failed> {
+        let gone = || (Arc::from("-"), "the mirror is stopping".to_string());
+        if !pending.is_empty() {
+            let part = Ack::Part(std::mem::take(pending));
+            acks.send(part).await.map_err(|_| gone())?;
+        }
+        let (tx, rx) = oneshot::channel();
+        acks.send(Ack::Barrier(tx)).await.map_err(|_| gone())?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+/// Logs once when session changes stop reaching JetStream, and once when they do again.
+fn log_transition(last: &Result<(), Failed>, failing: &mut bool) {
+    match last {
+        Ok(()) if std::mem::take(failing) => {
+            tracing::info!("cluster: session changes reach JetStream again");
+        }
+        Err((client_id, e)) if !std::mem::replace(failing, true) => {
+            tracing::warn!(%client_id, error = %e, "cluster: cannot write session changes to JetStream; pushes waiting for them answer dropped (store_error)");
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,200 @@
+//! Reading a session back from the fleet (`sessions`): for a CONNECT that resumes a
+//! session this node does not hold, after its authentication (`FleetStep`), the node
+//! that holds it lets it go first (`handover`), then its record, subscriptions and
+//! queued messages are read with direct gets (no consumer); a clean start purges the
+//! fleet's copy instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+use futures_util::TryStreamExt;
+
+use crate::store::mirror;
+use crate::store::{StoredMessage, StoredSession};
+
+use super::sessions::{key, now_ms, SessionStore};
+
+impl SessionStore {
+    /// The session the fleet keeps for `client_id`, if any (one that expired while
+    /// nobody held it is purged, not returned). Its messages are registered for the
+    /// mirror as being adopted (see the module doc).
+    pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
+        let meta = match self
+            .kv
+            .direct_get_last_for_subject(self.meta_subject(client_id))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("session record: {e}")),
+        };
+        let Some((version, expiry_secs, offline_since_ms)) =
+            mirror::parse_session(&meta.payload, client_id)
+        else {
+            return Err("the session record does not decode".into());
+        };
+        if expired(expiry_secs, offline_since_ms) {
+            self.purge(client_id).await?;
+            return Ok(None);
+        }
+        let subs = self.load_subs(client_id).await?;
+        let (messages, js_seqs) = self.load_messages(client_id).await?;
+        self.seqs()
+            .adopting
+            .insert(Arc::from(client_id), js_seqs.into());
+        self.metrics.restored.inc();
+        Ok(Some(StoredSession {
+            client_id: Arc::from(client_id),
+            version,
+            expiry_secs,
+            offline_since_ms,
+            subs,
+            messages,
+            inbound_qos2: Vec::new(),
+        }))
+    }
+
+    async fn load_subs(&self, client_id: &str) -> Result<Vec<(Arc<str>, u8, u32)>, String> {
+        let filter = format!("{}.{}.sub.>", self.kv_prefix, key(client_id));
+        let mut info = self
+            .kv
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| format!("subscriptions: {e}"))?;
+        let mut subjects = Vec::new();
+        while let Some((subject, _)) = info.try_next().await.map_err(|e| e.to_string())? {
+            subjects.push(subject);
+        }
+        let mut subs = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            match self.kv.direct_get_last_for_subject(subject).await {
+                Ok(m) => subs.extend(mirror::parse_sub(&m.payload, client_id)),
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(format!("subscription: {e}")),
+            }
+        }
+        Ok(subs)
+    }
+
+    /// The queued messages of `client_id` in order, and their stream sequences.
+    async fn load_messages(
+        &self,
+        client_id: &str,
+    ) -> Result<(Vec<StoredMessage>, Vec<u64>), String> {
+        let subject = self.msg_subject(client_id);
+        let (mut messages, mut seqs, mut next) = (Vec::new(), Vec::new(), 1);
+        loop {
+            let got = self
+                .msgs
+                .direct_get_next_for_subject(subject.clone(), Some(next))
+                .await;
+            let m = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(format!("queued message: {e}")),
+            };
+            next = m.sequence + 1;
+            let Some((msg, qos)) = mirror::parse_message(&m.payload, client_id) else {
+                tracing::warn!(
+                    client_id,
+                    sequence = m.sequence,
+                    "cluster: a queued message in JetStream does not decode; skipped"
+                );
+                continue;
+            };
+            seqs.push(m.sequence);
+            messages.push(StoredMessage {
+                seq: 0,
+                msg: Arc::new(msg),
+                qos,
+                retain: false,
+                inflight: None,
+            });
+        }
+        Ok((messages, seqs))
+    }
+
+    /// Purges `client_id`'s session in the fleet if there is one (a clean start here).
+    pub async fn forget(&self, client_id: &str) -> Result<(), String> {
+        match self
+            .kv
+            .direct_get_last_for_subject(self.meta_subject(client_id))
+            .await
+        {
+            Ok(_) => self.purge(client_id).await,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("session record: {e}")),
+        }
+    }
+
+    /// Reads (or forgets, on a clean start) `client_id`'s session within `timeout`.
+    pub async fn on_connect(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        timeout: Duration,
+    ) -> Result<Option<StoredSession>, String> {
+        if !self.link.connected() {
+            return Err("NATS is unreachable".into());
+        }
+        let work = async {
+            self.take_from_holder(client_id).await?;
+            if clean_start {
+                self.forget(client_id).await.map(|()| None)
+            } else {
+                self.load(client_id).await
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err("no answer from JetStream in time".into()))
+    }
+}
+
+/// Whether a session offline since `offline_since_ms` (0: it was online) has expired.
+fn expired(expiry_secs: u32, offline_since_ms: u64) -> bool {
+    expiry_secs != crate::session::NEVER_EXPIRES
+        && offline_since_ms != 0
+        && now_ms().saturating_sub(offline_since_ms) >= u64::from(expiry_secs) * 1000
+}
+
+/// What a CONNECT for which this node has no session asks of the fleet, after its
+/// authentication: its session read back, or purged on a clean start.
+pub struct FleetStep {
+    pub store: Arc<SessionStore>,
+    pub client_id: String,
+    pub clean_start: bool,
+}
+
+impl FleetStep {
+    /// The verdict and the session to adopt; an allowed client whose session cannot be
+    /// read by `deadline` is refused as unavailable (rather than given an empty one). A
+    /// clean start goes ahead when the fleet's copy cannot be purged (NATS away: the
+    /// node keeps serving devices on its own).
+    pub async fn after(
+        self,
+        verdict: crate::auth::Verdict,
+        deadline: std::time::Instant,
+    ) -> (crate::auth::Verdict, Option<Box<StoredSession>>) {
+        if !matches!(verdict, crate::auth::Verdict::Allow(_)) {
+            return (verdict, None);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match self
+            .store
+            .on_connect(&self.client_id, self.clean_start, left)
+            .await
+        {
+            Ok(session) => (verdict, session.map(Box::new)),
+            Err(e) if self.clean_start => {
+                tracing::debug!(client_id = %self.client_id, error = %e, "cluster: clean start without purging the fleet's copy of the session");
+                (verdict, None)
+            }
+            Err(e) => {
+                let why = format!("the fleet's copy of the session cannot be read: {e}");
+                (crate::auth::Verdict::Unavailable(why), None)
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The metrics of the fleet's persistent sessions (`sessions`, `handover`): session
+//! changes written to JetStream or not, sessions restored here from the fleet, sessions
+//! handed over from here to another node. Rendered with the fleet's metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{counter_family, encode_into};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+pub struct SessionMetrics {
+    changes: Family<OutcomeLabel, Counter>,
+    pub restored: Counter,
+    pub handed_over: Counter,
+}
+
+impl Default for SessionMetrics {
+    fn default() -> Self {
+        let changes: Family<OutcomeLabel, Counter> = Family::default();
+        for outcome in ["written", "failed"] {
+            let _ = changes.get_or_create(&OutcomeLabel { outcome });
+        }
+        SessionMetrics {
+            changes,
+            restored: Counter::default(),
+            handed_over: Counter::default(),
+        }
+    }
+}
+
+impl SessionMetrics {
+    /// `n` session changes of one commit group were written to JetStream (`ok`) or not.
+    pub fn changes(&self, n: usize, ok: bool) {
+        let outcome = if ok { "written" } else { "failed" };
+        let family = self.changes.get_or_create(&OutcomeLabel { outcome });
+        family.inc_by(n as u64);
+    }
+
+    /// Appends the families in the Prometheus text format 0.0.4.
+    pub fn render(&self, out: &mut String) {
+        let mut registry = Registry::default();
+        registry.register(
+            counter_family("gateway_fleet_session_changes_total"),
+            "Persistent-session changes (records, subscriptions, queued messages and their deletions) for JetStream, by outcome: written, failed (the pushes waiting for them answered dropped, store_error)",
+            self.changes.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_sessions_restored_total"),
+            "Sessions read from JetStream for a device resuming here",
+            self.restored.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_sessions_handed_over_total"),
+            "Sessions this node let go because another node resumes them",
+            self.handed_over.clone(),
+        );
+        encode_into(&registry, out);
+    }
+}

@@ -1,0 +1,605 @@
+//! Persistent sessions in JetStream, so that a device's session survives the loss of the
+//! node that held it (issue 20): any node restores it when the device connects there.
+//!
+//! **What is written, and when.** Nothing here runs on an IO shard. The store writer
+//! hands every commit group's session changes to [`SessionMirror`] after committing them
+//! to the local redb file (`crate::store::mirror`); one task applies them to NATS in
+//! order, batched (publishes pipelined, their acks awaited together before anything that
+//! depends on them), and only then sends the push answers that promised `queued`. MQTT
+//! acknowledgements to devices never wait for NATS: they wait for the local commit only.
+//!
+//! **Layout** (no consumer per device: restores read with direct gets):
+//! - key-value bucket `cluster.session_bucket` (stream `KV_<bucket>`): `<id>.meta` → the
+//!   session record (version, expiry, offline since), `<id>.sub.<filter>` → one
+//!   subscription; `<id>` and `<filter>` escaped as registry keys are (`=XX`);
+//! - stream `cluster.session_stream`: the session's queued and unacknowledged QoS 1/2
+//!   messages on subject `<subject_prefix>.smsg.<id>`, in delivery order. An acknowledged
+//!   message is deleted by its stream sequence (kept here in memory per stored message);
+//!   an ended session is purged by subject from both.
+//!
+//! The values are the local store's own checksummed records (`store::mirror`).
+//!
+//! **Restore.** A CONNECT that resumes a session (clean start 0) for which this node has
+//! none is held, like a slow authentication, while [`SessionStore::load`] reads the
+//! record, subscriptions and messages; the shard adopts them (`shard/adopt.rs`) under its
+//! own message sequences and stores them locally, and the mirror maps those sequences to
+//! the messages already in the stream instead of publishing them again. A clean start
+//! for which this node has no session purges what the fleet kept for the client id
+//! (`restore`). The sessions a node restores from its own store at start are written to
+//! the fleet again first ([`SessionStore::start`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use bytes::Bytes;
+
+use crate::config::ClusterConfig;
+use crate::events::nats::escape;
+use crate::store::mirror::{self, Mirror};
+use crate::store::{fail_replies, DeferredReply, Op, StoredSession};
+
+use super::acker::Ack;
+
+/// Commit groups waiting for the mirror task; past this the store writer waits.
+const QUEUE: usize = 64;
+
+/// One change to a session's state in JetStream, encoded on the store writer thread.
+enum Change {
+    /// The latest value of a key-value subject (a session record or a subscription).
+    Put { subject: String, value: Bytes },
+    /// A subscription ended: its subject is purged.
+    Unsub { subject: String },
+    /// The session ended: everything of the client id is purged.
+    Gone { client_id: Arc<str> },
+    /// At start, before a restored session is written again: everything of the client
+    /// id is purged (what JetStream held may lack the last changes before a crash, and
+    /// the stream sequences of its messages were in the memory of the last run).
+    Reset { client_id: Arc<str> },
+    /// A message stored under local sequence `seq`.
+    Msg {
+        client_id: Arc<str>,
+        seq: u64,
+        value: Bytes,
+    },
+    /// Message `seq` is finished (acknowledged, dropped, expired).
+    Acked { client_id: Arc<str>, seq: u64 },
+}
+
+/// Publishes whose acks are awaited together: a message's (client id, local sequence),
+/// or `None` for a key-value put.
+pub(super) type Pending = Vec<(Option<(Arc<str>, u64)>, PublishAckFuture)>;
+
+/// Why a group's changes did not reach JetStream: a client id it concerned (`-` for
+/// none in particular) and the error.
+pub(super) type Failed = (Arc<str>, String);
+
+/// What the mirror task takes, in the store writer's order.
+enum Work {
+    /// One commit group's changes (maybe none), handed over as the writer commits them.
+    Changes(Vec<Change>),
+    /// The answers waiting for the group just before, once it is committed locally.
+    Answers(Vec<DeferredReply>),
+}
+
+/// The stream sequences of this node's stored messages, and of messages restored from
+/// the fleet that the shard is adopting.
+#[derive(Default)]
+pub(super) struct Seqs {
+    stored: HashMap<Arc<str>, HashMap<u64, u64>>,
+    pub(super) adopting: HashMap<Arc<str>, VecDeque<u64>>,
+    /// Sessions being handed over to another node (`handover`): their end here keeps
+    /// the fleet's copy, and is reported once everything before it is in JetStream.
+    pub(super) moving: HashMap<Arc<str>, tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The fleet's copy of the persistent sessions.
+pub struct SessionStore {
+    js: jetstream::Context,
+    pub(super) kv: stream::Stream,
+    pub(super) msgs: stream::Stream,
+    /// `$KV.<bucket>`.
+    pub(super) kv_prefix: String,
+    /// `<subject_prefix>.smsg`.
+    msg_prefix: String,
+    seqs: Mutex<Seqs>,
+    /// What a handover between nodes needs (`handover`).
+    pub(super) link: super::handover::Link,
+    pub metrics: super::session_metrics::SessionMetrics,
+}
+
+/// A session's key (its client id escaped).
+pub(super) fn key(client_id: &str) -> String {
+    escape(client_id, '=')
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Opens stream `config.name`, creating it if it does not exist yet.
+async fn open_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, String> {
+    let config_replicas = config.num_replicas;
+    if let Ok(s) = js.get_stream(&config.name).await {
+        return Ok(s);
+    }
+    let name = config.name.clone();
+    let created = js.create_stream(config).await;
+    // Another node may have created it in between: open it either way.
+    js.get_stream(&name).await.map_err(|e| {
+        let why = created
+            .err()
+            .map_or_else(|| e.to_string(), |c| c.to_string());
+        format!(
+            "cluster: cannot open the session stream {name} with {} replica(s) (cluster.session_replicas): {why}",
+            config_replicas
+        )
+    })
+}
+
+impl SessionStore {
+    /// Opens (or creates, with `session_replicas`) the bucket and the stream.
+    pub async fn open(
+        client: &async_nats::Client,
+        config: &ClusterConfig,
+        link: super::handover::Link,
+    ) -> Result<Arc<SessionStore>, String> {
+        let js = jetstream::new(client.clone());
+        let replicas = config.session_replicas as usize;
+        let bucket = &config.session_bucket;
+        let kv = open_stream(
+            &js,
+            stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                allow_rollup: true,
+                allow_direct: true,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let msg_prefix = format!("{}.smsg", config.subject_prefix);
+        let msgs = open_stream(
+            &js,
+            stream::Config {
+                name: config.session_stream.clone(),
+                subjects: vec![format!("{msg_prefix}.>")],
+                allow_direct: true,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Arc::new(SessionStore {
+            js,
+            kv,
+            msgs,
+            kv_prefix: format!("$KV.{bucket}"),
+            msg_prefix,
+            seqs: Mutex::default(),
+            link,
+            metrics: Default::default(),
+        }))
+    }
+
+    pub(super) fn seqs(&self) -> std::sync::MutexGuard<'_, Seqs> {
+        self.seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn meta_subject(&self, client_id: &str) -> String {
+        format!("{}.{}.meta", self.kv_prefix, key(client_id))
+    }
+
+    fn sub_subject(&self, client_id: &str, filter: &str) -> String {
+        format!("{}.{}.sub.{}", self.kv_prefix, key(client_id), key(filter))
+    }
+
+    pub(super) fn msg_subject(&self, client_id: &str) -> String {
+        format!("{}.{}", self.msg_prefix, key(client_id))
+    }
+
+    /// Starts the task that applies the store writer's changes on `runtime`; the mirror
+    /// to give the store (`Store::set_mirror`).
+    ///
+    /// The sessions `restored` from the local store at start are written again first,
+    /// as this node holds them (before any change the shards make to them).
+    pub fn start(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        restored: &[Vec<StoredSession>],
+    ) -> Box<dyn Mirror> {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let again: Vec<Change> = restored
+            .iter()
+            .flatten()
+            .flat_map(|s| self.again(s))
+            .collect();
+        if !again.is_empty() {
+            let _ = tx.try_send(Work::Changes(again));
+        }
+        runtime.spawn(self.clone().apply_all(rx));
+        Box::new(SessionMirror {
+            store: self.clone(),
+            tx,
+        })
+    }
+
+    /// A session restored from the local store, written to the fleet again.
+    fn again(&self, s: &StoredSession) -> Vec<Change> {
+        let id = &s.client_id;
+        let mut changes = Vec::with_capacity(2 + s.subs.len() + s.messages.len());
+        changes.push(Change::Reset {
+            client_id: id.clone(),
+        });
+        let record = mirror::session_bytes(id, s.version, s.expiry_secs, s.offline_since_ms);
+        changes.push(Change::Put {
+            subject: self.meta_subject(id),
+            value: record.into(),
+        });
+        for (filter, options, sub_id) in &s.subs {
+            changes.push(Change::Put {
+                subject: self.sub_subject(id, filter),
+                value: mirror::sub_bytes(id, filter, *options, *sub_id).into(),
+            });
+        }
+        for m in &s.messages {
+            changes.push(Change::Msg {
+                client_id: id.clone(),
+                seq: m.seq,
+                value: mirror::message_bytes(id, &m.msg, m.qos, m.retain).into(),
+            });
+        }
+        changes
+    }
+
+    /// Applies each commit group's changes in order; the acks of its publishes are
+    /// awaited, and the pushes waiting for it answered, by a task of their own (`acker`).
+    async fn apply_all(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Work>) {
+        let (acks, acked) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(self.clone().ack_all(acked));
+        while let Some(work) = rx.recv().await {
+            let ack = match work {
+                Work::Changes(changes) => {
+                    let n = changes.len();
+                    let result = self.apply(changes, &acks).await;
+                    Ack::End { changes: n, result }
+                }
+                Work::Answers(replies) => Ack::Answers(replies),
+            };
+            if acks.send(ack).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Applies one group's changes in order: publishes are pipelined, their acks awaited
+    /// by the acknowledging task, and everything acked before a delete or purge (which
+    /// may concern what they wrote).
+    async fn apply(
+        &self,
+        changes: Vec<Change>,
+        acks: &tokio::sync::mpsc::Sender<Ack>,
+    ) -> Result<(), Failed> {
+        if !self.link.connected() {
+            // Failed at once: a queue of groups each waiting out its ack timeout would
+            // stall the store writer, and with it the shards.
+            return Err((Arc::from("-"), "NATS is unreachable".into()));
+        }
+        let changes = cancel_acked(changes);
+        let mut pending: Pending = Vec::new();
+        let mut deletes: Vec<u64> = Vec::new();
+        let fail = |id: &Arc<str>| {
+            let id = id.clone();
+            move |e: String| (id, e)
+        };
+        for change in changes {
+            match change {
+                Change::Put { subject, value } => {
+                    self.flush_deletes(&mut deletes).await?;
+                    let ack = self.js.publish(subject, value).await;
+                    pending.push((None, ack.map_err(|e| (Arc::from("-"), e.to_string()))?));
+                }
+                Change::Msg {
+                    client_id,
+                    seq,
+                    value,
+                } => {
+                    if let Some(js_seq) = self.adopted(&client_id) {
+                        self.remember(&client_id, seq, js_seq);
+                        continue;
+                    }
+                    self.flush_deletes(&mut deletes).await?;
+                    let subject = self.msg_subject(&client_id);
+                    let ack = self.js.publish(subject, value).await;
+                    let ack = ack.map_err(|e| fail(&client_id)(e.to_string()))?;
+                    pending.push((Some((client_id, seq)), ack));
+                }
+                Change::Acked { client_id, seq } => {
+                    self.barrier(acks, &mut pending).await?;
+                    deletes.extend(self.forget_seq(&client_id, seq));
+                }
+                Change::Unsub { subject } => {
+                    self.barrier(acks, &mut pending).await?;
+                    self.flush_deletes(&mut deletes).await?;
+                    let purged = self.kv.purge().filter(subject).await;
+                    purged.map_err(|e| (Arc::from("-"), e.to_string()))?;
+                }
+                Change::Reset { client_id } => {
+                    self.barrier(acks, &mut pending).await?;
+                    self.purge(&client_id).await.map_err(fail(&client_id))?;
+                }
+                Change::Gone { client_id } => {
+                    self.barrier(acks, &mut pending).await?;
+                    self.flush_deletes(&mut deletes).await?;
+                    if !self.moved(&client_id) && self.still_ours(&client_id).await? {
+                        self.purge(&client_id).await.map_err(fail(&client_id))?;
+                    }
+                }
+            }
+        }
+        self.flush_deletes(&mut deletes).await?;
+        if !pending.is_empty() && acks.send(Ack::Part(pending)).await.is_err() {
+            return Err((Arc::from("-"), "the mirror is stopping".into()));
+        }
+        Ok(())
+    }
+
+    /// Awaits the acks of the publishes in flight and remembers the stream sequence of
+    /// each message.
+    pub(super) async fn settle(&self, pending: Pending) -> Result<(), Failed> {
+        let (keys, acks): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+        let acked = futures_util::future::join_all(acks.into_iter().map(|a| a.into_future()));
+        for (key, ack) in keys.into_iter().zip(acked.await) {
+            let who = key.as_ref().map_or_else(|| Arc::from("-"), |k| k.0.clone());
+            let ack = ack.map_err(|e| (who, e.to_string()))?;
+            if let Some((client_id, seq)) = key {
+                self.remember(&client_id, seq, ack.sequence);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the messages of stream sequences `deletes` (acknowledged), all at once.
+    async fn flush_deletes(&self, deletes: &mut Vec<u64>) -> Result<(), Failed> {
+        let sent = deletes.drain(..).map(|s| self.msgs.delete_message(s));
+        for r in futures_util::future::join_all(sent).await {
+            // Already gone (purged with its session, or deleted before) is fine.
+            if let Err(e) = r {
+                if !e.to_string().contains("no message found") {
+                    return Err((Arc::from("-"), e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&self, client_id: &Arc<str>, seq: u64, js_seq: u64) {
+        let mut seqs = self.seqs();
+        let of = seqs.stored.entry(client_id.clone()).or_default();
+        of.insert(seq, js_seq);
+    }
+
+    fn forget_seq(&self, client_id: &str, seq: u64) -> Option<u64> {
+        let mut seqs = self.seqs();
+        let of = seqs.stored.get_mut(client_id)?;
+        let js_seq = of.remove(&seq);
+        if of.is_empty() {
+            seqs.stored.remove(client_id);
+        }
+        js_seq
+    }
+
+    /// The stream sequence of the next restored message of `client_id` the shard adopts.
+    fn adopted(&self, client_id: &str) -> Option<u64> {
+        let mut seqs = self.seqs();
+        let queue = seqs.adopting.get_mut(client_id)?;
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            seqs.adopting.remove(client_id);
+        }
+        next
+    }
+
+    /// Whether `client_id`'s session ended here because another node resumes it: then
+    /// what this node wrote for it is all in JetStream by now, which the handover hears.
+    fn moved(&self, client_id: &str) -> bool {
+        let mut seqs = self.seqs();
+        let Some(done) = seqs.moving.remove(client_id) else {
+            return false;
+        };
+        seqs.stored.remove(client_id);
+        let _ = done.send(());
+        true
+    }
+
+    /// Whether the fleet's copy of `client_id`'s session, which ended here, is this
+    /// node's to purge: the registry names this node or nobody. A node that held a stale
+    /// copy (cut off from NATS while another node resumed the session) leaves the live
+    /// one alone.
+    async fn still_ours(&self, client_id: &Arc<str>) -> Result<bool, Failed> {
+        let holder = self.link.registry.holder(client_id).await;
+        let holder = holder.map_err(|e| (client_id.clone(), format!("registry: {e}")))?;
+        let ours = holder.is_none_or(|n| *n == *self.link.node);
+        if !ours {
+            tracing::info!(%client_id, "cluster: a stale copy of a session resumed on another node ended here; the fleet's copy stays");
+        }
+        Ok(ours)
+    }
+
+    /// Purges everything the fleet keeps for `client_id`.
+    pub async fn purge(&self, client_id: &str) -> Result<(), String> {
+        {
+            let mut seqs = self.seqs();
+            seqs.stored.remove(client_id);
+            seqs.adopting.remove(client_id);
+        }
+        let kv = self
+            .kv
+            .purge()
+            .filter(format!("{}.{}.>", self.kv_prefix, key(client_id)));
+        let msgs = self.msgs.purge().filter(self.msg_subject(client_id));
+        let (a, b) = futures_util::join!(kv.into_future(), msgs.into_future());
+        a.map_err(|e| e.to_string())?;
+        b.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// `changes` without the messages stored and finished within the same group (a message
+/// to an online device acknowledged quickly never reaches NATS).
+fn cancel_acked(changes: Vec<Change>) -> Vec<Change> {
+    let acked: std::collections::HashSet<(Arc<str>, u64)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Acked { client_id, seq } => Some((client_id.clone(), *seq)),
+            _ => None,
+        })
+        .collect();
+    if acked.is_empty() {
+        return changes;
+    }
+    let stored: std::collections::HashSet<(Arc<str>, u64)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Msg { client_id, seq, .. } => Some((client_id.clone(), *seq)),
+            _ => None,
+        })
+        .filter(|k| acked.contains(k))
+        .collect();
+    changes
+        .into_iter()
+        .filter(|c| match c {
+            Change::Msg { client_id, seq, .. } | Change::Acked { client_id, seq } => {
+                !stored.contains(&(client_id.clone(), *seq))
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// The store writer's side: turns ops into changes and queues them for the task.
+struct SessionMirror {
+    store: Arc<SessionStore>,
+    tx: tokio::sync::mpsc::Sender<Work>,
+}
+
+impl SessionMirror {
+    fn change(&self, op: &Op) -> Option<Change> {
+        let s = &self.store;
+        Some(match op {
+            Op::Session {
+                client_id,
+                version,
+                expiry_secs,
+                offline_since_ms,
+            } => Change::Put {
+                subject: s.meta_subject(client_id),
+                value: mirror::session_bytes(client_id, *version, *expiry_secs, *offline_since_ms)
+                    .into(),
+            },
+            Op::DeleteSession(client_id) => Change::Gone {
+                client_id: client_id.clone(),
+            },
+            Op::Sub {
+                client_id,
+                filter,
+                options,
+                sub_id,
+            } => Change::Put {
+                subject: s.sub_subject(client_id, filter),
+                value: mirror::sub_bytes(client_id, filter, *options, *sub_id).into(),
+            },
+            Op::DeleteSub { client_id, filter } => Change::Unsub {
+                subject: s.sub_subject(client_id, filter),
+            },
+            Op::Message {
+                client_id,
+                seq,
+                msg,
+                qos,
+                retain,
+            } => Change::Msg {
+                client_id: client_id.clone(),
+                seq: *seq,
+                value: mirror::message_bytes(client_id, msg, *qos, *retain).into(),
+            },
+            Op::DeleteMessage { client_id, seq } => Change::Acked {
+                client_id: client_id.clone(),
+                seq: *seq,
+            },
+            // Retained messages and QoS 2 packet-id state stay local.
+            _ => return None,
+        })
+    }
+}
+
+impl Mirror for SessionMirror {
+    fn changes(&self, ops: &[&Op]) {
+        let changes = ops.iter().filter_map(|op| self.change(op)).collect();
+        // The task is gone only once the gateway stops: nothing more reaches NATS then.
+        let _ = self.tx.blocking_send(Work::Changes(changes));
+    }
+
+    fn answers(&self, replies: Vec<DeferredReply>) {
+        if replies.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tx.blocking_send(Work::Answers(replies)) {
+            if let Work::Answers(replies) = e.0 {
+                fail_replies(replies);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{cancel_acked, Change};
+
+    fn msg(id: &str, seq: u64) -> Change {
+        Change::Msg {
+            client_id: Arc::from(id),
+            seq,
+            value: bytes::Bytes::new(),
+        }
+    }
+
+    fn acked(id: &str, seq: u64) -> Change {
+        Change::Acked {
+            client_id: Arc::from(id),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_message_stored_and_finished_in_one_group_never_reaches_nats() {
+        let group = vec![
+            msg("a", 1),
+            msg("a", 2),
+            acked("a", 1),
+            acked("b", 1),
+            msg("b", 2),
+        ];
+        let left: Vec<String> = cancel_acked(group)
+            .iter()
+            .map(|c| match c {
+                Change::Msg { client_id, seq, .. } => format!("msg {client_id} {seq}"),
+                Change::Acked { client_id, seq } => format!("acked {client_id} {seq}"),
+                _ => "other".into(),
+            })
+            .collect();
+        // b 1 was stored in an earlier group: its deletion stays.
+        assert_eq!(left, ["msg a 2", "acked b 1", "msg b 2"]);
+    }
+}

@@ -1,0 +1,130 @@
+//! A second home for what the writer commits: with the fleet on, every commit group's
+//! session changes are handed to a [`Mirror`] (`crate::cluster::sessions` writes them to
+//! JetStream) as the writer commits them, and after the commit so are the push answers
+//! that promised `queued`, which the mirror sends once the changes are in the fleet as
+//! well as on this disk.
+//!
+//! Also the portable encodings of a session record, a subscription and a message: the
+//! store's own record formats (checksummed), so that another node reads back exactly what
+//! this one would.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use crate::codec::Version;
+use crate::message::Message;
+
+use super::handle::{DeferredReply, Op};
+use super::records::{
+    decode_message, decode_session, decode_sub, encode_message, encode_session, encode_sub,
+    put_bytes,
+};
+
+/// Where the writer hands each commit group's changes, as it commits them. Called on the
+/// writer thread; may block it (that is the backpressure the shards see).
+pub trait Mirror: Send + Sync {
+    /// The changes of one commit group, in order, before the local commit (so that the
+    /// fleet and the disk take them at the same time).
+    fn changes(&self, ops: &[&Op]);
+    /// The answers that wait for the group just committed (with `durability =
+    /// "immediate"`); sent once its changes are in the fleet too.
+    fn answers(&self, replies: Vec<DeferredReply>);
+}
+
+/// The writer's mirror, set once the fleet has joined (after the store opened).
+pub type MirrorSlot = Arc<OnceLock<Box<dyn Mirror>>>;
+
+/// A session record of `client_id`.
+pub fn session_bytes(client_id: &str, v: Version, expiry_secs: u32, offline_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    encode_session(&mut out, client_id, v, expiry_secs, offline_ms);
+    out
+}
+
+/// A session record of `client_id`: version, expiry, offline since (wall ms, 0 = online).
+pub fn parse_session(b: &[u8], client_id: &str) -> Option<(Version, u32, u64)> {
+    let r = decode_session(b, client_id).ok()?;
+    Some((r.version, r.expiry_secs, r.offline_since_ms))
+}
+
+/// A subscription of `client_id`: the filter (length-prefixed), then its record.
+pub fn sub_bytes(client_id: &str, filter: &str, options: u8, sub_id: u32) -> Vec<u8> {
+    let mut record = Vec::with_capacity(16);
+    encode_sub(&mut record, client_id, filter, options, sub_id);
+    let mut out = Vec::with_capacity(filter.len() + record.len() + 4);
+    put_bytes(&mut out, filter.as_bytes());
+    out.extend_from_slice(&record);
+    out
+}
+
+/// A subscription of `client_id` written by [`sub_bytes`]: filter, options, identifier.
+pub fn parse_sub(b: &[u8], client_id: &str) -> Option<(Arc<str>, u8, u32)> {
+    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let filter = std::str::from_utf8(b.get(4..4 + len)?).ok()?;
+    let (options, id) = decode_sub(b.get(4 + len..)?, client_id, filter).ok()?;
+    Some((Arc::from(filter), options, id))
+}
+
+/// A queued message of `client_id`.
+pub fn message_bytes(client_id: &str, m: &Message, qos: u8, retain: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.topic.len() + m.payload.len() + 32);
+    let now_wall = super::open::now_ms();
+    encode_message(
+        &mut out,
+        &[client_id.as_bytes()],
+        m,
+        qos,
+        retain,
+        Instant::now(),
+        now_wall,
+    );
+    out
+}
+
+/// A queued message of `client_id` written by [`message_bytes`], and its QoS.
+pub fn parse_message(b: &[u8], client_id: &str) -> Option<(Message, u8)> {
+    let now_wall = super::open::now_ms();
+    decode_message(b, &[client_id.as_bytes()], Instant::now(), now_wall).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::message::Origin;
+
+    #[test]
+    fn records_read_back_as_written_and_only_for_their_client() {
+        let b = session_bytes("dev-1", Version::V5, 3600, 1234);
+        assert_eq!(parse_session(&b, "dev-1"), Some((Version::V5, 3600, 1234)));
+        assert_eq!(
+            parse_session(&b, "dev-2"),
+            None,
+            "checksummed with its client id"
+        );
+
+        let b = sub_bytes("dev-1", "a/+/#", 1, 7);
+        let (filter, options, id) = parse_sub(&b, "dev-1").expect("sub");
+        assert_eq!((&*filter, options, id), ("a/+/#", 1, 7));
+        assert!(parse_sub(&b, "dev-2").is_none());
+        assert!(parse_sub(&b[..3], "dev-1").is_none());
+
+        let m = Message::new(
+            Arc::from("t/x"),
+            Bytes::from_static(b"hi"),
+            1,
+            false,
+            Origin::Gateway,
+        );
+        let b = message_bytes("dev-1", &m, 1, false);
+        let (back, qos) = parse_message(&b, "dev-1").expect("message");
+        assert_eq!(
+            (&*back.topic, &back.payload[..], qos),
+            ("t/x", &b"hi"[..], 1)
+        );
+        assert!(parse_message(&b, "dev-2").is_none());
+    }
+}
