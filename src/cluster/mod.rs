@@ -18,8 +18,8 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
 
-pub mod arbiter;
 mod acker;
+pub mod arbiter;
 pub mod handover;
 pub mod metrics;
 pub mod ops_metrics;
