@@ -218,6 +218,9 @@ pub enum ShardMsg {
     TakenOver {
         client_id: String,
     },
+    /// From the fleet's routing (`crate::cluster::routing`): messages published on other
+    /// nodes, for this shard's subscribers (not its shared groups, not its retained store).
+    FleetPublish(Vec<Arc<Message>>),
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].
@@ -327,6 +330,12 @@ impl Mailboxes {
         self.senders[shard].try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
         })
+    }
+
+    /// Sends `msg` to `shard`, waiting for room: for tasks on the business pool only,
+    /// never a shard. Gives the message back when the shard has stopped.
+    pub async fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.senders[shard].send(msg).await.map_err(|e| e.0)
     }
 
     /// Sends `make(shard)` to every shard, or to none: room is reserved in every mailbox

@@ -16,10 +16,13 @@
 //!   this module moves bytes and tells "no responders" from a timeout;
 //! - takeover across nodes: when a device connects here while the registry named another
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
-//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
+//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`);
+//! - topic routing between nodes ([`routing`]): messages published here reach the
+//!   matching sessions of other nodes, through NATS subscriptions for the filters held.
 
 pub mod metrics;
 pub mod registry;
+pub mod routing;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,6 +86,8 @@ pub struct Fleet {
     pub node: Arc<str>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<FleetMetrics>,
+    /// Topic routing between nodes (its own NATS connection, see [`routing`]).
+    pub routing: Arc<routing::Router>,
     client: Client,
     prefix: String,
     lease: Duration,
@@ -127,10 +132,12 @@ impl Fleet {
             .await
             .map_err(|e| format!("cluster: cannot take this node's lease: {e}"))?;
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
+        let routing = routing::Router::new(config, &node);
         Ok(Arc::new(Fleet {
             node,
             registry: Arc::new(registry),
             metrics: Arc::default(),
+            routing,
             client,
             prefix: config.subject_prefix.clone(),
             lease: config.lease(),
@@ -174,6 +181,8 @@ impl Fleet {
         }
         tasks.push(runtime.spawn(self.clone().serve_takeovers(takeovers, shards.clone())));
         tasks.push(runtime.spawn(self.clone().heartbeat()));
+        let stop = self.stop.clone();
+        tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
@@ -183,6 +192,7 @@ impl Fleet {
         let up = self.client.connection_state() == async_nats::connection::State::Connected;
         self.metrics.nats_connected.set(i64::from(up));
         self.metrics.render(out);
+        self.routing.render_metrics(out);
     }
 
     fn subscribe(

@@ -27,6 +27,8 @@ pub struct ClusterConfig {
     pub lease_secs: u32,
     pub request_timeout_ms: u32,
     pub registry_queue_capacity: u32,
+    /// Messages waiting to be published to other nodes (`crate::cluster::routing`).
+    pub routing_queue_capacity: u32,
 }
 
 /// Whether `s` is a node id: letters, digits, `-` and `_`, 1 to [`MAX_NODE_ID_LEN`].
@@ -152,6 +154,12 @@ impl Section for ClusterConfig {
             self.registry_queue_capacity,
             1,
             10_000_000,
+        )?;
+        in_range(
+            "cluster.routing_queue_capacity",
+            self.routing_queue_capacity,
+            1,
+            10_000_000,
         )
     }
 }
@@ -172,6 +180,7 @@ mod tests {
         assert_eq!(c.lease_secs, 10);
         assert_eq!(c.request_timeout_ms, 2000);
         assert_eq!(c.registry_queue_capacity, 100_000);
+        assert_eq!(c.routing_queue_capacity, 65_536);
         assert!(!c.node().is_empty());
         assert!(super::valid_node_id(&c.node()));
     }
@@ -192,6 +201,14 @@ mod tests {
             (
                 "registry_queue_capacity = 0",
                 "cluster.registry_queue_capacity",
+            ),
+            (
+                "routing_queue_capacity = 0",
+                "cluster.routing_queue_capacity",
+            ),
+            (
+                "routing_queue_capacity = 10000001",
+                "cluster.routing_queue_capacity",
             ),
         ];
         for (body, key) in cases {

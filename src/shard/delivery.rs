@@ -44,6 +44,7 @@ impl Shard {
             self.order_retained(&msg);
         }
         self.route(&msg);
+        self.offer_to_fleet(&msg);
         for shard in 0..self.routing.outbox.len() {
             if shard != self.id {
                 self.routing.route_to(shard, &msg);
@@ -65,6 +66,11 @@ impl Shard {
     /// subscription identifiers, then to one member of each shared group this shard owns.
     /// Returns the number of sessions and groups it matched.
     pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
+        self.route_subscribers(msg) + self.route_shared(msg)
+    }
+
+    /// The non-shared part of [`Shard::route`]: the local sessions' subscriptions.
+    pub(super) fn route_subscribers(&mut self, msg: &Arc<Message>) -> usize {
         if msg.is_expired(self.clock.now_instant) {
             self.services.metrics.drop_msg(DropReason::Expired, 1);
             return 0;
@@ -123,7 +129,7 @@ impl Shard {
             }
         }
         self.routing.match_buf = hits;
-        matched + self.route_shared(msg)
+        matched
     }
 
     /// The retained messages matching a new subscription, sent with RETAIN set.

@@ -34,6 +34,7 @@ mod delivery;
 mod durable;
 mod events;
 mod fleet;
+mod fleet_route;
 mod framer;
 mod gate;
 mod held;
@@ -143,6 +144,8 @@ pub struct ShardContext {
     pub ready: std::sync::mpsc::Sender<usize>,
     /// Where the shard's events to the backend go (see `events.rs`).
     pub events: crate::events::EventSender,
+    /// The fleet's message routing (`[cluster] enabled`; see `fleet_route.rs`).
+    pub fleet_route: Option<crate::cluster::routing::RouteHandle>,
 }
 
 /// One shard: its parts, each owning its state, and the loop that drives them.
@@ -316,6 +319,7 @@ impl Shard {
             open_connections: ctx.open_connections,
             shards_running: ctx.shards_running,
             events: ctx.events,
+            fleet_route: ctx.fleet_route,
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);
@@ -613,6 +617,7 @@ impl Shard {
             ShardMsg::SharedBounce(b) => self.on_shared_bounce(*b),
             ShardMsg::AuthDone(d) => self.on_auth_done(*d),
             ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
+            ShardMsg::FleetPublish(batch) => self.on_fleet_publish(batch),
         }
     }
 

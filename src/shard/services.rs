@@ -27,4 +27,6 @@ pub(super) struct Services {
     pub shards_running: Arc<AtomicUsize>,
     /// Events to the backend (`src/events/`); disabled unless `[events]` names a sink.
     pub events: crate::events::EventSender,
+    /// The fleet's message routing (`[cluster] enabled`; `fleet_route.rs`).
+    pub fleet_route: Option<crate::cluster::routing::RouteHandle>,
 }

@@ -1,0 +1,532 @@
+//! Topic routing between the nodes of a fleet (issue 19 point 2): a device PUBLISH, a
+//! will or an HTTP topic push on one node reaches the matching sessions on every other
+//! node, once each, and only nodes with a matching subscription receive it.
+//!
+//! **Interest in NATS.** Each node subscribes in NATS to the subjects of the MQTT filters
+//! its sessions hold ([`subject`]), counted per node: a shard reports a filter when its
+//! index gains its first subscriber and again when it loses its last ([`Interest`]); the
+//! routing task counts the shards holding each filter and sends SUB at the first, UNSUB
+//! at the last. A message goes out once, on `<prefix>.msg.<topic subject>`, and NATS's
+//! own interest graph takes it to the nodes subscribed to a matching subject and to no
+//! other: a node without a matching filter costs nothing and counts 0 messages in. The
+//! alternative, publishing to every node and filtering there, sends every message to
+//! every node; replicating every node's filters to every publisher would keep millions of
+//! filters on each node. NATS already keeps the interest graph, and across a NATS cluster
+//! too.
+//!
+//! **Exactly once.** A node whose filters overlap (`a/+` and `+/b`) holds two NATS
+//! subscriptions matching `a/b` and receives one copy per subscription; each copy is
+//! routed through the shards' whole index, so only the first may be delivered. Every
+//! message carries its origin (node id and start time) and a sequence number counted by
+//! the one task that publishes for the node ([`envelope`]). The NATS server handles one
+//! connection's publishes one after the other and delivers each to all matching
+//! subscriptions before the next, in order on the receiving connection, so all copies of
+//! message n from an origin arrive before any copy of n+1: a copy whose sequence is not
+//! above the last one seen from its origin is a duplicate ([`Dedup`]), exactly. That
+//! needs the order of the receiving socket, which is why routing speaks the NATS protocol
+//! on its own connection ([`proto`]) instead of async-nats's per-subscription channels.
+//! The same order keeps QoS 1 messages of one publisher in order for each subscriber:
+//! one shard queues them in order, one task publishes them, one task reads them and hands
+//! them to each shard's mailbox in that order.
+//!
+//! **Shards never wait.** A shard offers each message to a bounded lock-free queue
+//! ([`RouteHandle::offer`], `[cluster] routing_queue_capacity`); when it is full the
+//! message does not go to other nodes and is counted
+//! (`gateway_fleet_messages_dropped_total{reason="queue_full"}`); its local delivery is
+//! unaffected. Interest changes go through an unbounded channel: losing one would lose
+//! messages, and there is at most one per SUBSCRIBE or UNSUBSCRIBE filter. Messages from
+//! other nodes reach the shards through their mailboxes (`ShardMsg::FleetPublish`); the
+//! routing task awaits room there, so a slow node stops reading NATS rather than drop.
+//!
+//! **What is not exact.** Core NATS is at most once: while the routing connection is
+//! down (it reconnects by itself with backoff) messages leave only through the queue
+//! once it is back, within its capacity, and messages from other nodes meanwhile are
+//! not received. Retained messages and `$share/` groups are still per node.
+
+pub mod envelope;
+pub mod metrics;
+pub mod proto;
+pub mod subject;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, BytesMut};
+use crossbeam_queue::ArrayQueue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::mailbox::{Mailboxes, ShardMsg};
+use crate::message::{Message, Origin};
+
+use envelope::Envelope;
+pub use metrics::{RouteDrop, RouteMetrics};
+use proto::ServerOp;
+
+/// Messages published per write to the socket at most.
+const WRITE_BATCH: usize = 1024;
+/// Longest subject sent (the NATS server's default control line is 4 KiB).
+const MAX_SUBJECT: usize = 3800;
+
+/// A change of a shard's interest in a filter.
+#[derive(Debug)]
+pub enum Interest {
+    /// The shard's index gained the filter's first subscriber.
+    Add(Arc<str>),
+    /// The shard's index lost the filter's last subscriber.
+    Remove(Arc<str>),
+}
+
+/// What a shard (or the HTTP API) holds to route messages to the fleet. Never blocks.
+#[derive(Clone)]
+pub struct RouteHandle {
+    queue: Arc<ArrayQueue<Arc<Message>>>,
+    wake: Arc<Notify>,
+    interest: mpsc::UnboundedSender<Interest>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+impl RouteHandle {
+    /// Queues `msg` for the other nodes; counted and not routed to them when the queue
+    /// is full.
+    pub fn offer(&self, msg: &Arc<Message>) {
+        if self.queue.push(msg.clone()).is_err() {
+            self.metrics.drop_msg(RouteDrop::QueueFull);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Reports a change of this shard's interest in a filter.
+    pub fn interest(&self, change: Interest) {
+        // Closed only once the routing task has ended (shutdown).
+        let _ = self.interest.send(change);
+    }
+}
+
+/// The last sequence number seen from each origin (see the module doc).
+#[derive(Default)]
+pub struct Dedup {
+    last: HashMap<String, u64>,
+}
+
+impl Dedup {
+    /// True the first time `(origin, seq)` is seen, false for a later copy.
+    pub fn first(&mut self, origin: &str, seq: u64) -> bool {
+        match self.last.get_mut(origin) {
+            Some(last) if seq <= *last => false,
+            Some(last) => {
+                *last = seq;
+                true
+            }
+            None => {
+                self.last.insert(origin.to_string(), seq);
+                true
+            }
+        }
+    }
+}
+
+/// One filter this node holds: how many shards hold it and its NATS subscription ids.
+struct Held {
+    shards: u32,
+    sids: Vec<u64>,
+}
+
+/// This node's NATS subscriptions for its filters.
+#[derive(Default)]
+struct InterestTable {
+    filters: HashMap<Arc<str>, Held>,
+    next_sid: u64,
+}
+
+impl InterestTable {
+    /// Applies `change`; appends the SUB/UNSUB lines it needs to `out`.
+    fn apply(&mut self, change: Interest, prefix: &str, out: &mut BytesMut) {
+        match change {
+            Interest::Add(filter) => {
+                let held = self.filters.entry(filter.clone()).or_insert(Held {
+                    shards: 0,
+                    sids: Vec::new(),
+                });
+                held.shards += 1;
+                if held.shards == 1 {
+                    held.sids = subscribe(&mut self.next_sid, &filter, prefix, out);
+                }
+            }
+            Interest::Remove(filter) => {
+                let Some(held) = self.filters.get_mut(&filter) else {
+                    return;
+                };
+                held.shards -= 1;
+                if held.shards == 0 {
+                    for sid in &held.sids {
+                        out.put_slice(format!("UNSUB {sid}\r\n").as_bytes());
+                    }
+                    self.filters.remove(&filter);
+                }
+            }
+        }
+    }
+
+    /// Subscribes every held filter again (a new connection), with new ids.
+    fn resubscribe(&mut self, prefix: &str, out: &mut BytesMut) {
+        for (filter, held) in &mut self.filters {
+            held.sids = subscribe(&mut self.next_sid, filter, prefix, out);
+        }
+    }
+
+    fn subscriptions(&self) -> usize {
+        self.filters.values().map(|h| h.sids.len()).sum()
+    }
+}
+
+fn subscribe(next_sid: &mut u64, filter: &str, prefix: &str, out: &mut BytesMut) -> Vec<u64> {
+    subject::filter_subjects(filter)
+        .into_iter()
+        .map(|s| {
+            *next_sid += 1;
+            out.put_slice(format!("SUB {prefix}.{s} {next_sid}\r\n").as_bytes());
+            *next_sid
+        })
+        .collect()
+}
+
+/// The routing of this node: the queue shards offer to and the task that talks to NATS.
+pub struct Router {
+    handle: RouteHandle,
+    changes: Mutex<Option<mpsc::UnboundedReceiver<Interest>>>,
+    /// `<subject_prefix>.msg`
+    prefix: String,
+    origin: String,
+    urls: Vec<String>,
+    token: String,
+    name: String,
+}
+
+impl Router {
+    pub fn new(config: &ClusterConfig, node: &str) -> Arc<Router> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Arc::new(Router {
+            handle: RouteHandle {
+                queue: Arc::new(ArrayQueue::new(
+                    (config.routing_queue_capacity as usize).max(1),
+                )),
+                wake: Arc::new(Notify::new()),
+                interest: tx,
+                metrics: Arc::default(),
+            },
+            changes: Mutex::new(Some(rx)),
+            prefix: format!("{}.msg", config.subject_prefix),
+            origin: format!("{node}/{started}"),
+            urls: config.urls(),
+            token: config.nats_token.clone(),
+            name: format!("gateway-route-{node}"),
+        })
+    }
+
+    pub fn handle(&self) -> RouteHandle {
+        self.handle.clone()
+    }
+
+    pub fn render_metrics(&self, out: &mut String) {
+        self.handle.metrics.render(out);
+    }
+
+    /// Connects, routes until `stop`, and connects again whenever the connection ends.
+    pub async fn run(self: Arc<Self>, shards: Mailboxes, stop: CancellationToken) {
+        let Some(mut changes) = self
+            .changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let mut table = InterestTable::default();
+        let dedup = Arc::new(Mutex::new(Dedup::default()));
+        let mut seq = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        let mut failing = false;
+        while !stop.is_cancelled() {
+            let conn = tokio::select! {
+                c = proto::connect(&self.urls, &self.token, &self.name) => c,
+                _ = stop.cancelled() => return,
+            };
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cluster: message routing cannot reach NATS; messages to other nodes wait in the queue (within routing_queue_capacity)");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            tracing::info!(origin = %self.origin, "cluster: message routing connected to NATS");
+            failing = false;
+            backoff = Duration::from_millis(100);
+            self.handle.metrics.connected.set(1);
+            let (read, write) = conn.stream.into_split();
+            let pong = Arc::new(Notify::new());
+            let reader = tokio::spawn(self.clone().read_loop(
+                read,
+                conn.rest,
+                dedup.clone(),
+                shards.clone(),
+                pong.clone(),
+            ));
+            let mut session = Session {
+                router: &self,
+                write,
+                table: &mut table,
+                changes: &mut changes,
+                seq: &mut seq,
+                max_payload: conn.max_payload,
+            };
+            let ended = session.write_loop(reader, pong, &stop).await;
+            self.handle.metrics.connected.set(0);
+            if let Err(e) = ended {
+                tracing::warn!(error = %e, "cluster: message routing lost its NATS connection; reconnecting");
+            }
+        }
+    }
+
+    /// Reads the server's operations: messages for this node's shards, PINGs answered.
+    async fn read_loop(
+        self: Arc<Self>,
+        mut read: OwnedReadHalf,
+        mut buf: BytesMut,
+        dedup: Arc<Mutex<Dedup>>,
+        shards: Mailboxes,
+        pong: Arc<Notify>,
+    ) -> String {
+        let mut batch = Vec::new();
+        loop {
+            loop {
+                match proto::parse(&mut buf) {
+                    Ok(Some(ServerOp::Msg { subject, payload })) => {
+                        if let Some(m) = self.arrived(&subject, payload, &dedup) {
+                            batch.push(m);
+                        }
+                    }
+                    Ok(Some(ServerOp::Ping)) => pong.notify_one(),
+                    Ok(Some(ServerOp::Err(e))) => {
+                        tracing::warn!(error = %e, "cluster: NATS reports an error on the routing connection")
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return e.to_string(),
+                }
+            }
+            if !batch.is_empty() {
+                self.handle.metrics.received(batch.len() as u64);
+                let batch = std::mem::take(&mut batch);
+                for shard in 0..shards.len() {
+                    // Awaits room: a slow node stops reading NATS rather than drop.
+                    if shards
+                        .send(shard, ShardMsg::FleetPublish(batch.clone()))
+                        .await
+                        .is_err()
+                    {
+                        return "the gateway is stopping".into();
+                    }
+                }
+            }
+            match read.read_buf(&mut buf).await {
+                Ok(0) => return "closed by the server".into(),
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    /// The message a NATS message carries, unless it is a duplicate, malformed or expired.
+    fn arrived(
+        &self,
+        subject: &str,
+        body: bytes::Bytes,
+        dedup: &Mutex<Dedup>,
+    ) -> Option<Arc<Message>> {
+        let metrics = &self.handle.metrics;
+        let topic = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(subject::decode_topic);
+        let (Some(topic), Ok(env)) = (topic, Envelope::decode(body)) else {
+            metrics.drop_msg(RouteDrop::Malformed);
+            return None;
+        };
+        if !dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first(&env.origin, env.seq)
+        {
+            metrics.drop_msg(RouteDrop::Duplicate);
+            return None;
+        }
+        if env.expiry_ms == Some(0) {
+            metrics.drop_msg(RouteDrop::Expired);
+            return None;
+        }
+        let mut msg = Message::new(
+            topic.into(),
+            env.payload,
+            env.qos,
+            env.retain,
+            Origin::Gateway,
+        );
+        msg.props = env.props;
+        msg.expires = env
+            .expiry_ms
+            .map(|ms| msg.created + Duration::from_millis(ms));
+        Some(Arc::new(msg))
+    }
+}
+
+/// One connection's writing side and the state it works on.
+struct Session<'a> {
+    router: &'a Router,
+    write: OwnedWriteHalf,
+    table: &'a mut InterestTable,
+    changes: &'a mut mpsc::UnboundedReceiver<Interest>,
+    seq: &'a mut u64,
+    max_payload: usize,
+}
+
+impl Session<'_> {
+    /// Subscribes the held filters, then writes interest changes, queued messages and
+    /// PONGs until the reader ends, a write fails or the gateway stops.
+    async fn write_loop(
+        &mut self,
+        mut reader: tokio::task::JoinHandle<String>,
+        pong: Arc<Notify>,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut out = BytesMut::new();
+        self.table.resubscribe(&self.router.prefix, &mut out);
+        self.flush(&mut out).await?;
+        let wake = self.router.handle.wake.clone();
+        loop {
+            tokio::select! {
+                ended = &mut reader => {
+                    return Err(ended.unwrap_or_else(|e| e.to_string()));
+                }
+                _ = stop.cancelled() => {
+                    reader.abort();
+                    return Ok(());
+                }
+                _ = pong.notified() => out.put_slice(b"PONG\r\n"),
+                change = self.changes.recv() => {
+                    let Some(change) = change else { return Ok(()) };
+                    self.table.apply(change, &self.router.prefix, &mut out);
+                    while let Ok(change) = self.changes.try_recv() {
+                        self.table.apply(change, &self.router.prefix, &mut out);
+                    }
+                    let subs = self.table.subscriptions();
+                    self.router.handle.metrics.subscriptions.set(subs as i64);
+                }
+                _ = wake.notified() => self.publish_queued(&mut out),
+            }
+            if let Err(e) = self.flush(&mut out).await {
+                reader.abort();
+                return Err(e);
+            }
+        }
+    }
+
+    /// Encodes up to [`WRITE_BATCH`] queued messages as PUBs (wakes itself for the rest).
+    fn publish_queued(&mut self, out: &mut BytesMut) {
+        let handle = &self.router.handle;
+        let now = Instant::now();
+        let mut sent = 0;
+        for _ in 0..WRITE_BATCH {
+            let Some(msg) = handle.queue.pop() else { break };
+            if msg.is_expired(now) {
+                handle.metrics.drop_msg(RouteDrop::Expired);
+                continue;
+            }
+            *self.seq += 1;
+            let env = Envelope {
+                origin: self.router.origin.clone(),
+                seq: *self.seq,
+                qos: msg.qos,
+                retain: msg.retain,
+                expiry_ms: msg
+                    .expires
+                    .map(|e| e.saturating_duration_since(now).as_millis().max(1) as u64),
+                props: msg.props.clone(),
+                payload: msg.payload.clone(),
+            };
+            let body = env.encode();
+            let subject = subject::topic_subject(&msg.topic);
+            if body.len() > self.max_payload || subject.len() > MAX_SUBJECT {
+                handle.metrics.drop_msg(RouteDrop::TooLarge);
+                continue;
+            }
+            let line = format!("PUB {}.{subject} {}\r\n", self.router.prefix, body.len());
+            out.put_slice(line.as_bytes());
+            out.put_slice(&body);
+            out.put_slice(b"\r\n");
+            sent += 1;
+        }
+        handle.metrics.sent(sent);
+        if !handle.queue.is_empty() {
+            handle.wake.notify_one();
+        }
+    }
+
+    async fn flush(&mut self, out: &mut BytesMut) -> Result<(), String> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let r = self.write.write_all(out).await.map_err(|e| e.to_string());
+        out.clear();
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_drops_later_copies_per_origin() {
+        let mut d = Dedup::default();
+        assert!(d.first("a/1", 1));
+        assert!(!d.first("a/1", 1));
+        assert!(d.first("b/1", 1));
+        assert!(d.first("a/1", 3));
+        assert!(!d.first("a/1", 2));
+        assert!(d.first("a/2", 1), "a restarted node is a new origin");
+    }
+
+    #[test]
+    fn a_filter_is_subscribed_at_its_first_shard_and_unsubscribed_at_its_last() {
+        let mut t = InterestTable::default();
+        let mut out = BytesMut::new();
+        let f: Arc<str> = "a/#".into();
+        t.apply(Interest::Add(f.clone()), "p.msg", &mut out);
+        assert_eq!(&out[..], b"SUB p.msg.u.a 1\r\nSUB p.msg.u.a.> 2\r\n");
+        out.clear();
+        t.apply(Interest::Add(f.clone()), "p.msg", &mut out);
+        t.apply(Interest::Remove(f.clone()), "p.msg", &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.subscriptions(), 2);
+        t.apply(Interest::Remove(f), "p.msg", &mut out);
+        assert_eq!(&out[..], b"UNSUB 1\r\nUNSUB 2\r\n");
+        assert_eq!(t.subscriptions(), 0);
+    }
+}

@@ -1,0 +1,51 @@
+//! The shard's side of routing messages between the nodes of a fleet
+//! (`crate::cluster::routing`, only with `[cluster] enabled`): it tells the routing task
+//! which filters its index holds (the first subscriber of a filter, the last one gone),
+//! offers each message published here to the other nodes, and delivers the messages
+//! other nodes published to its subscribers. Nothing here waits: the offer is a push on a
+//! bounded lock-free queue, an interest change a send on an unbounded channel.
+
+use std::sync::Arc;
+
+use crate::cluster::routing::Interest;
+use crate::message::Message;
+use crate::topic::Subscriber;
+
+use super::Shard;
+
+impl Shard {
+    /// Adds `sub` to the index under `filter`; the fleet hears of a filter new here.
+    pub(super) fn index_insert(&mut self, filter: &Arc<str>, sub: Subscriber) {
+        let fresh = self.services.fleet_route.is_some() && !self.routing.subs.has_filter(filter);
+        self.routing.subs.insert(filter, sub);
+        if let (true, Some(route)) = (fresh, &self.services.fleet_route) {
+            route.interest(Interest::Add(filter.clone()));
+        }
+    }
+
+    /// Removes `session` from `filter` in the index; the fleet hears of a filter gone here.
+    pub(super) fn index_remove(&mut self, filter: &str, session: u32) -> Option<u8> {
+        let removed = self.routing.subs.remove(filter, session);
+        if let (Some(_), Some(route)) = (removed, &self.services.fleet_route) {
+            if !self.routing.subs.has_filter(filter) {
+                route.interest(Interest::Remove(Arc::from(filter)));
+            }
+        }
+        removed
+    }
+
+    /// Offers a message published on this shard to the other nodes.
+    pub(super) fn offer_to_fleet(&self, msg: &Arc<Message>) {
+        if let Some(route) = &self.services.fleet_route {
+            route.offer(msg);
+        }
+    }
+
+    /// Messages published on other nodes: to this shard's matching sessions (their
+    /// retained flag is not a retained update here, and shared groups are per node).
+    pub(super) fn on_fleet_publish(&mut self, batch: Vec<Arc<Message>>) {
+        for msg in &batch {
+            self.route_subscribers(msg);
+        }
+    }
+}

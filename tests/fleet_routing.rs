@@ -1,0 +1,225 @@
+//! Topic routing across the fleet (issue 19 point 2): real gateway processes on loopback
+//! sharing one real `nats-server`. A device PUBLISH or an HTTP topic push on one node
+//! reaches the matching subscribers on the others once each, in order for QoS 1, and only
+//! nodes with a matching subscription receive it (`gateway_fleet_messages_total`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::nats::NatsServer;
+use common::v4::{self, QoS};
+use common::{post_json, GatewayProcess};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
+    GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\n[store]\nenabled = false\n",
+        nats.url()
+    ))
+}
+
+async fn fleet(tag: &str, nodes: &[&str]) -> (NatsServer, Vec<GatewayProcess>) {
+    let nats = NatsServer::start(tag);
+    drop(nats.client().await);
+    let gateways = nodes.iter().map(|n| node(&nats, n)).collect();
+    (nats, gateways)
+}
+
+async fn client(gw: &GatewayProcess, id: &str) -> v4::Client {
+    v4::connect(v4::options(gw.mqtt, id)).await
+}
+
+fn in_total(gw: &GatewayProcess) -> impl std::future::Future<Output = f64> + '_ {
+    gw.metric("gateway_fleet_messages_total{direction=\"in\"}")
+}
+
+/// Publishes QoS 0 probes to `topic` through `publisher` until `subscriber` receives
+/// one: then the subscriber's node holds its NATS subscription for `topic`. Returns the
+/// number of probes sent.
+async fn until_routed(publisher: &v4::Client, subscriber: &mut v4::Client, topic: &str) -> u32 {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut sent = 0;
+    loop {
+        publisher
+            .client
+            .publish(topic, QoS::AtMostOnce, false, "probe")
+            .await
+            .unwrap();
+        sent += 1;
+        while let Some(p) = subscriber.next_publish(Duration::from_millis(200)).await {
+            if p.topic == topic {
+                return sent;
+            }
+        }
+        assert!(tokio::time::Instant::now() < end, "{topic} never routed");
+    }
+}
+
+/// The payloads of the next `n` messages on topics other than `probe`.
+async fn receive(sub: &mut v4::Client, n: usize, probe: &str) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let p = sub
+            .next_publish(DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("only {} of {n} messages arrived: {got:?}", got.len()));
+        if p.topic != probe {
+            got.push((p.topic, String::from_utf8_lossy(&p.payload).into_owned()));
+        }
+    }
+    got
+}
+
+/// Nothing but probes arrives within a short while.
+async fn nothing_more(sub: &mut v4::Client, probe: &str) {
+    while let Some(p) = sub.next_publish(Duration::from_millis(500)).await {
+        assert_eq!(p.topic, probe, "an unexpected message arrived: {p:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_reaches_other_nodes_once_each_and_only_interested_ones() {
+    let (_nats, gw) = fleet("route-once", &["node-a", "node-b", "node-c"]).await;
+    let (a, b, c) = (&gw[0], &gw[1], &gw[2]);
+    let publisher = client(a, "pub-a").await;
+    // Overlapping filters on node B: each message matches both, and is delivered once.
+    let mut sub_b = client(b, "sub-b").await;
+    sub_b.subscribe("sensors/+/temp", QoS::AtLeastOnce).await;
+    sub_b.subscribe("sensors/#", QoS::AtLeastOnce).await;
+    // A local subscriber on node A gets each message once too (NATS does not echo).
+    let mut sub_a = client(a, "sub-a").await;
+    sub_a.subscribe("sensors/#", QoS::AtLeastOnce).await;
+    let probe = "sensors/probe/temp";
+    until_routed(&publisher, &mut sub_b, probe).await;
+
+    for i in 0..10 {
+        let qos = if i % 2 == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let topic = format!("sensors/{i}/temp");
+        publisher
+            .client
+            .publish(topic, qos, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let want: Vec<(String, String)> = (0..10)
+        .map(|i| (format!("sensors/{i}/temp"), format!("m{i}")))
+        .collect();
+    assert_eq!(receive(&mut sub_b, 10, probe).await, want);
+    assert_eq!(receive(&mut sub_a, 10, probe).await, want);
+    nothing_more(&mut sub_b, probe).await;
+    nothing_more(&mut sub_a, probe).await;
+
+    // Node B received the second copies through its other subscription and dropped them.
+    let dups = b
+        .metric("gateway_fleet_messages_dropped_total{reason=\"duplicate\"}")
+        .await;
+    assert!(dups >= 10.0, "duplicates dropped on node B: {dups}");
+    assert!(in_total(b).await >= 10.0);
+    assert!(
+        a.metric("gateway_fleet_messages_total{direction=\"out\"}")
+            .await
+            >= 10.0
+    );
+    // Node C holds no subscription: NATS sent it nothing.
+    assert_eq!(in_total(c).await, 0.0);
+    assert_eq!(c.metric("gateway_fleet_route_subscriptions").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_push_on_one_node_reaches_a_subscriber_on_another() {
+    let (_nats, gw) = fleet("route-push", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let publisher = client(a, "pub-a").await;
+    let mut sub_b = client(b, "sub-b").await;
+    sub_b.subscribe("cmd/#", QoS::AtLeastOnce).await;
+    let probe = "cmd/probe";
+    until_routed(&publisher, &mut sub_b, probe).await;
+
+    let body = json!({"topic": "cmd/all", "payload": "reboot", "qos": 1});
+    let (code, v) = post_json(a.http, "/v1/push", &body).await;
+    assert_eq!(code, 200, "{v}");
+    let got = receive(&mut sub_b, 1, probe).await;
+    assert_eq!(got, [("cmd/all".to_string(), "reboot".to_string())]);
+    nothing_more(&mut sub_b, probe).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_messages_of_one_publisher_keep_their_order_on_another_node() {
+    let (_nats, gw) = fleet("route-order", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let publisher = client(a, "pub-a").await;
+    let mut sub_b = client(b, "sub-b").await;
+    // Two overlapping filters: two NATS subscriptions that both carry every message.
+    sub_b.subscribe("order/#", QoS::AtLeastOnce).await;
+    sub_b.subscribe("order/+", QoS::AtLeastOnce).await;
+    // A second subscriber on another topic of the same publisher, on another filter.
+    let probe = "order/probe";
+    until_routed(&publisher, &mut sub_b, probe).await;
+
+    for i in 0..200 {
+        let topic = if i % 3 == 0 { "order/x" } else { "order/y" };
+        publisher
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let got: Vec<String> = receive(&mut sub_b, 200, probe)
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let want: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+    nothing_more(&mut sub_b, probe).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_ends_the_nodes_interest() {
+    let (_nats, gw) = fleet("route-unsub", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let publisher = client(a, "pub-a").await;
+    let mut sub_b = client(b, "sub-b").await;
+    sub_b.subscribe("gone/+", QoS::AtLeastOnce).await;
+    sub_b.subscribe("kept/+", QoS::AtLeastOnce).await;
+    until_routed(&publisher, &mut sub_b, "gone/probe").await;
+    assert_eq!(b.metric("gateway_fleet_route_subscriptions").await, 2.0);
+
+    sub_b.client.unsubscribe("gone/+").await.unwrap();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while b.metric("gateway_fleet_route_subscriptions").await != 1.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "never unsubscribed in NATS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while sub_b
+        .next_publish(Duration::from_millis(200))
+        .await
+        .is_some()
+    {}
+    let before = in_total(b).await;
+    for i in 0..20 {
+        publisher
+            .client
+            .publish(format!("gone/{i}"), QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+    }
+    // The publisher's later messages come after: once a probe arrived, the others
+    // would have too.
+    let probes = until_routed(&publisher, &mut sub_b, "kept/probe").await;
+    let arrived = in_total(b).await - before;
+    assert!(
+        arrived <= f64::from(probes),
+        "node B still received messages it has no subscriber for: {arrived} in, {probes} probes"
+    );
+}
