@@ -221,6 +221,10 @@ pub enum ShardMsg {
     /// From the fleet's routing (`crate::cluster::routing`): messages published on other
     /// nodes, for this shard's subscribers (not its shared groups, not its retained store).
     FleetPublish(Vec<Arc<Message>>),
+    /// From the fleet's retained messages bucket, to the topic's home shard: a retained
+    /// update (an empty payload clears) to decide as one of its own devices' (not routed
+    /// to subscribers).
+    FleetRetained(Arc<Message>),
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].

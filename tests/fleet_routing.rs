@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::nats::NatsServer;
 use common::v4::{self, QoS};
-use common::{post_json, GatewayProcess};
+use common::{http_get, post_json, GatewayProcess};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -222,4 +222,114 @@ async fn an_unsubscribe_ends_the_nodes_interest() {
         arrived <= f64::from(probes),
         "node B still received messages it has no subscriber for: {arrived} in, {probes} probes"
     );
+}
+
+/// The payload of `gw`'s retained message for `topic`, as its API lists it.
+async fn retained_on(gw: &GatewayProcess, topic: &str) -> Option<String> {
+    let (code, body) = http_get(gw.http, "/v1/retained?limit=1000").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["retained"]
+        .as_array()?
+        .iter()
+        .find(|m| m["topic"] == topic)
+        .and_then(|m| m["payload"].as_str().map(str::to_string))
+}
+
+/// Waits until `gw` holds `want` as the retained message of `topic`.
+async fn wait_retained(gw: &GatewayProcess, topic: &str, want: Option<&str>) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let got = retained_on(gw, topic).await;
+        if got.as_deref() == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "retained {topic}: {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_and_its_clear_reach_every_node() {
+    let (nats, mut gw) = fleet("route-retained", &["node-a", "node-b"]).await;
+    let publisher = client(&gw[0], "pub-a").await;
+    publisher
+        .client
+        .publish("status/lamp", QoS::AtLeastOnce, true, "on")
+        .await
+        .unwrap();
+    wait_retained(&gw[1], "status/lamp", Some("on")).await;
+    // A later subscriber on node B gets it, flagged retained.
+    let mut sub_b = client(&gw[1], "sub-b").await;
+    sub_b.subscribe("status/#", QoS::AtLeastOnce).await;
+    let p = sub_b
+        .next_publish(DEADLINE)
+        .await
+        .expect("the retained message");
+    assert_eq!(
+        (&p.topic[..], &p.payload[..], p.retain),
+        ("status/lamp", &b"on"[..], true)
+    );
+
+    // A node that joins later has it too.
+    gw.push(node(&nats, "node-c"));
+    wait_retained(&gw[2], "status/lamp", Some("on")).await;
+
+    // A clear on node A clears it everywhere.
+    publisher
+        .client
+        .publish("status/lamp", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    for g in &gw {
+        wait_retained(g, "status/lamp", None).await;
+    }
+    let mut late = client(&gw[2], "late-c").await;
+    late.subscribe("status/#", QoS::AtLeastOnce).await;
+    assert!(late
+        .next_publish(Duration::from_millis(500))
+        .await
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retained_updates_on_two_nodes_end_with_one_value_everywhere() {
+    let (_nats, gw) = fleet("route-retained-race", &["node-a", "node-b"]).await;
+    let pub_a = client(&gw[0], "pub-a").await;
+    let pub_b = client(&gw[1], "pub-b").await;
+    for i in 0..50 {
+        for (p, n) in [(&pub_a, "a"), (&pub_b, "b")] {
+            p.client
+                .publish("race/t", QoS::AtMostOnce, true, format!("{n}{i}"))
+                .await
+                .unwrap();
+        }
+    }
+    // Both nodes settle on the same last value.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (a, b) = (
+            retained_on(&gw[0], "race/t").await,
+            retained_on(&gw[1], "race/t").await,
+        );
+        if a.is_some() && a == b && a.as_deref().is_some_and(|v| v.ends_with("49")) {
+            // Still the same a moment later: settled.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let again = (
+                retained_on(&gw[0], "race/t").await,
+                retained_on(&gw[1], "race/t").await,
+            );
+            if again == (a.clone(), b.clone()) {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "retained race/t: {a:?} on A, {b:?} on B"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

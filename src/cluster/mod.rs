@@ -18,7 +18,8 @@
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
 //!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`);
 //! - topic routing between nodes ([`routing`]): messages published here reach the
-//!   matching sessions of other nodes, through NATS subscriptions for the filters held.
+//!   matching sessions of other nodes, through NATS subscriptions for the filters held;
+//!   retained messages through a key-value bucket every node follows.
 
 pub mod metrics;
 pub mod registry;
@@ -132,7 +133,8 @@ impl Fleet {
             .await
             .map_err(|e| format!("cluster: cannot take this node's lease: {e}"))?;
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
-        let routing = routing::Router::new(config, &node);
+        let retained = routing::retained::open(&client, config).await?;
+        let routing = routing::Router::new(config, &node, retained);
         Ok(Arc::new(Fleet {
             node,
             registry: Arc::new(registry),

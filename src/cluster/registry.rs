@@ -66,7 +66,7 @@ pub enum Located {
 /// (`KV_<name>` on `$KV.<name>.>`): async-nats's `create_key_value` first reads the
 /// account's JetStream info, which it cannot parse from a nats-server before 2.10
 /// (Debian's is 2.9).
-async fn open_bucket(
+pub(super) async fn open_bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
     max_age: std::time::Duration,

@@ -2,7 +2,9 @@
 //! (`crate::cluster::routing`, only with `[cluster] enabled`): it tells the routing task
 //! which filters its index holds (the first subscriber of a filter, the last one gone),
 //! offers each message published here to the other nodes, and delivers the messages
-//! other nodes published to its subscribers. Nothing here waits: the offer is a push on a
+//! other nodes published to its subscribers. (The fleet's retained updates arrive as
+//! `ShardMsg::FleetRetained` and are decided in `retained.rs` like a device's.) Nothing
+//! here waits: the offer is a push on a
 //! bounded lock-free queue, an interest change a send on an unbounded channel.
 
 use std::sync::Arc;

@@ -618,6 +618,7 @@ impl Shard {
             ShardMsg::AuthDone(d) => self.on_auth_done(*d),
             ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
             ShardMsg::FleetPublish(batch) => self.on_fleet_publish(batch),
+            ShardMsg::FleetRetained(msg) => self.order_retained(&msg),
         }
     }
 

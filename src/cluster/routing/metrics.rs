@@ -57,6 +57,7 @@ struct ReasonLabel {
 
 pub struct RouteMetrics {
     messages: Family<DirectionLabel, Counter>,
+    retained: Family<DirectionLabel, Counter>,
     dropped: Family<ReasonLabel, Counter>,
     /// NATS subscriptions held for this node's filters.
     pub subscriptions: Gauge,
@@ -67,8 +68,10 @@ pub struct RouteMetrics {
 impl Default for RouteMetrics {
     fn default() -> Self {
         let messages: Family<DirectionLabel, Counter> = Family::default();
+        let retained: Family<DirectionLabel, Counter> = Family::default();
         for direction in ["in", "out"] {
             let _ = messages.get_or_create(&DirectionLabel { direction });
+            let _ = retained.get_or_create(&DirectionLabel { direction });
         }
         let dropped: Family<ReasonLabel, Counter> = Family::default();
         for r in RouteDrop::ALL {
@@ -76,6 +79,7 @@ impl Default for RouteMetrics {
         }
         RouteMetrics {
             messages,
+            retained,
             dropped,
             subscriptions: Gauge::default(),
             connected: Gauge::default(),
@@ -96,6 +100,20 @@ impl RouteMetrics {
             .inc_by(n);
     }
 
+    /// A retained update put into the fleet's bucket.
+    pub fn retained_out(&self) {
+        self.retained
+            .get_or_create(&DirectionLabel { direction: "out" })
+            .inc();
+    }
+
+    /// A retained update read from the fleet's bucket and applied here.
+    pub fn retained_in(&self) {
+        self.retained
+            .get_or_create(&DirectionLabel { direction: "in" })
+            .inc();
+    }
+
     pub fn drop_msg(&self, reason: RouteDrop) {
         self.dropped
             .get_or_create(&ReasonLabel {
@@ -111,6 +129,11 @@ impl RouteMetrics {
             counter_family("gateway_fleet_messages_total"),
             "Messages routed between nodes through NATS: out = published by this node, in = delivered here from another node (after the duplicate check)",
             self.messages.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_retained_total"),
+            "Retained updates in the fleet's bucket: out = put by this node, in = read from it and applied here (this node's own included)",
+            self.retained.clone(),
         );
         registry.register(
             counter_family("gateway_fleet_messages_dropped_total"),

@@ -41,11 +41,13 @@
 //! **What is not exact.** Core NATS is at most once: while the routing connection is
 //! down (it reconnects by itself with backoff) messages leave only through the queue
 //! once it is back, within its capacity, and messages from other nodes meanwhile are
-//! not received. Retained messages and `$share/` groups are still per node.
+//! not received. Retained messages go through a key-value bucket every node follows
+//! ([`retained`]); `$share/` groups are still per node.
 
 pub mod envelope;
 pub mod metrics;
 pub mod proto;
+pub mod retained;
 pub mod subject;
 
 use std::collections::HashMap;
@@ -205,10 +207,17 @@ pub struct Router {
     urls: Vec<String>,
     token: String,
     name: String,
+    /// The fleet's retained messages (see [`retained`]) and its subjects' prefix.
+    retained: async_nats::jetstream::kv::Store,
+    retained_prefix: String,
 }
 
 impl Router {
-    pub fn new(config: &ClusterConfig, node: &str) -> Arc<Router> {
+    pub fn new(
+        config: &ClusterConfig,
+        node: &str,
+        retained: async_nats::jetstream::kv::Store,
+    ) -> Arc<Router> {
         let (tx, rx) = mpsc::unbounded_channel();
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -229,6 +238,8 @@ impl Router {
             urls: config.urls(),
             token: config.nats_token.clone(),
             name: format!("gateway-route-{node}"),
+            retained,
+            retained_prefix: format!("$KV.{}", retained::bucket(config)),
         })
     }
 
@@ -250,6 +261,9 @@ impl Router {
         else {
             return;
         };
+        let metrics = self.handle.metrics.clone();
+        let follow = retained::follow(self.retained.clone(), shards.clone(), metrics, stop.clone());
+        tokio::spawn(follow);
         let mut table = InterestTable::default();
         let dedup = Arc::new(Mutex::new(Dedup::default()));
         let mut seq = 0u64;
@@ -476,16 +490,32 @@ impl Session<'_> {
                 handle.metrics.drop_msg(RouteDrop::TooLarge);
                 continue;
             }
-            let line = format!("PUB {}.{subject} {}\r\n", self.router.prefix, body.len());
-            out.put_slice(line.as_bytes());
-            out.put_slice(&body);
-            out.put_slice(b"\r\n");
+            put_pub(out, &self.router.prefix, &subject, &body);
             sent += 1;
+            if msg.retain {
+                self.put_retained(out, &msg, env);
+            }
         }
         handle.metrics.sent(sent);
         if !handle.queue.is_empty() {
             handle.wake.notify_one();
         }
+    }
+
+    /// Puts a retained message (or its clear) into the fleet's bucket.
+    fn put_retained(&self, out: &mut BytesMut, msg: &Message, env: Envelope) {
+        let key = retained::key(&msg.topic);
+        let body = Envelope {
+            seq: retained::now_ms(),
+            ..env
+        }
+        .encode();
+        if key.len() > MAX_SUBJECT || body.len() > self.max_payload {
+            self.router.handle.metrics.drop_msg(RouteDrop::TooLarge);
+            return;
+        }
+        put_pub(out, &self.router.retained_prefix, &key, &body);
+        self.router.handle.metrics.retained_out();
     }
 
     async fn flush(&mut self, out: &mut BytesMut) -> Result<(), String> {
@@ -496,6 +526,13 @@ impl Session<'_> {
         out.clear();
         r
     }
+}
+
+/// Appends `PUB <prefix>.<subject> <len>` and the body.
+fn put_pub(out: &mut BytesMut, prefix: &str, subject: &str, body: &[u8]) {
+    out.put_slice(format!("PUB {prefix}.{subject} {}\r\n", body.len()).as_bytes());
+    out.put_slice(body);
+    out.put_slice(b"\r\n");
 }
 
 #[cfg(test)]
