@@ -225,6 +225,12 @@ pub enum ShardMsg {
     /// update (an empty payload clears) to decide as one of its own devices' (not routed
     /// to subscribers).
     FleetRetained(Arc<Message>),
+    /// From the fleet's routing, to the owner shard of shared group `key`
+    /// (`{group}/{filter}`): NATS picked this node's members for `msg`; one of them gets it.
+    FleetShared {
+        key: Arc<str>,
+        msg: Arc<Message>,
+    },
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].

@@ -333,3 +333,70 @@ async fn concurrent_retained_updates_on_two_nodes_end_with_one_value_everywhere(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_with_members_on_two_nodes_gets_each_message_once() {
+    let (_nats, gw) = fleet("route-share", &["node-a", "node-b", "node-c"]).await;
+    let (a, b, c) = (&gw[0], &gw[1], &gw[2]);
+    // One member on the publisher's node, one on another; the publisher is on node A.
+    let publisher = client(a, "pub-a").await;
+    let mut members = [client(a, "member-a").await, client(b, "member-b").await];
+    for m in &mut members {
+        m.subscribe("$share/workers/jobs/+", QoS::AtLeastOnce).await;
+    }
+    // Probes until each member got one: both nodes' queue subscriptions are in place.
+    let probe = "jobs/probe";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut probed = [false, false];
+    while probed != [true, true] {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "probes reached {probed:?}"
+        );
+        publisher
+            .client
+            .publish(probe, QoS::AtMostOnce, false, "probe")
+            .await
+            .unwrap();
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(p) = m.next_publish(Duration::from_millis(100)).await {
+                probed[i] |= p.topic == probe;
+            }
+        }
+    }
+
+    let n = 40;
+    for i in 0..n {
+        publisher
+            .client
+            .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    // Each message reaches exactly one member, fleet-wide.
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(), Vec::new()];
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while got.iter().map(Vec::len).sum::<usize>() < n as usize {
+        assert!(tokio::time::Instant::now() < end, "received {got:?}");
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(p) = m.next_publish(Duration::from_millis(100)).await {
+                if p.topic != probe {
+                    got[i].push(String::from_utf8_lossy(&p.payload).parse().unwrap());
+                }
+            }
+        }
+    }
+    for (i, m) in members.iter_mut().enumerate() {
+        while let Some(p) = m.next_publish(Duration::from_millis(500)).await {
+            assert_eq!(p.topic, probe, "member {i} got one more: {p:?}");
+        }
+    }
+    let mut all: Vec<u32> = got.concat();
+    all.sort_unstable();
+    assert_eq!(all, (0..n).collect::<Vec<_>>(), "received {got:?}");
+    assert!(
+        got.iter().all(|g| !g.is_empty()),
+        "one member got nothing: {got:?}"
+    );
+    assert_eq!(in_total(c).await, 0.0);
+}

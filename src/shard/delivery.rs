@@ -65,8 +65,14 @@ impl Shard {
     /// with the highest granted QoS among its matching subscriptions and all their
     /// subscription identifiers, then to one member of each shared group this shard owns.
     /// Returns the number of sessions and groups it matched.
+    /// In a fleet, shared groups get their messages through NATS, which picks one node's
+    /// members per group (`fleet_route.rs`), never here.
     pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
-        self.route_subscribers(msg) + self.route_shared(msg)
+        let shared = match self.services.fleet_route {
+            None => self.route_shared(msg),
+            Some(_) => 0,
+        };
+        self.route_subscribers(msg) + shared
     }
 
     /// The non-shared part of [`Shard::route`]: the local sessions' subscriptions.

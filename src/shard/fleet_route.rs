@@ -3,7 +3,8 @@
 //! which filters its index holds (the first subscriber of a filter, the last one gone),
 //! offers each message published here to the other nodes, and delivers the messages
 //! other nodes published to its subscribers. (The fleet's retained updates arrive as
-//! `ShardMsg::FleetRetained` and are decided in `retained.rs` like a device's.) Nothing
+//! `ShardMsg::FleetRetained` and are decided in `retained.rs` like a device's; shared
+//! groups' messages as `ShardMsg::FleetShared`, see `shared.rs`.) Nothing
 //! here waits: the offer is a push on a
 //! bounded lock-free queue, an interest change a send on an unbounded channel.
 

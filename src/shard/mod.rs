@@ -619,6 +619,7 @@ impl Shard {
             ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
             ShardMsg::FleetPublish(batch) => self.on_fleet_publish(batch),
             ShardMsg::FleetRetained(msg) => self.order_retained(&msg),
+            ShardMsg::FleetShared { key, msg } => self.on_fleet_shared(&key, &msg),
         }
     }
 

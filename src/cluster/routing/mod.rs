@@ -42,7 +42,18 @@
 //! down (it reconnects by itself with backoff) messages leave only through the queue
 //! once it is back, within its capacity, and messages from other nodes meanwhile are
 //! not received. Retained messages go through a key-value bucket every node follows
-//! ([`retained`]); `$share/` groups are still per node.
+//! ([`retained`]).
+//!
+//! **Shared subscriptions.** A node with members of `$share/{group}/{filter}` holds a
+//! NATS *queue* subscription for the filter's subjects, in a queue group named after
+//! `{group}/{filter}`: NATS gives each message to one subscriber of the queue group,
+//! that is to one node, whose group owner shard picks one of its members. With a fleet,
+//! no node delivers to a shared group on its own, not even the publishing node: the
+//! routing connection says `echo: true`, so NATS may pick the publisher's node too
+//! (plain copies of a node's own messages coming back are dropped by origin). So each
+//! message reaches one member fleet-wide; NATS picks among nodes, not members (a node
+//! with one member gets as many messages as a node with ten). A message for a group
+//! whose members here all left meanwhile is dropped (counted `offline`).
 
 pub mod envelope;
 pub mod metrics;
@@ -143,21 +154,25 @@ struct Held {
 struct InterestTable {
     filters: HashMap<Arc<str>, Held>,
     next_sid: u64,
+    /// The queue subscriptions of shared groups: sid → group key (`{group}/{filter}`),
+    /// read by the reader to tell a group's message from a subscriber's.
+    groups: SharedSids,
 }
+
+/// Subscription id → shared group key.
+type SharedSids = Arc<Mutex<HashMap<u64, Arc<str>>>>;
 
 impl InterestTable {
     /// Applies `change`; appends the SUB/UNSUB lines it needs to `out`.
     fn apply(&mut self, change: Interest, prefix: &str, out: &mut BytesMut) {
         match change {
             Interest::Add(filter) => {
-                let held = self.filters.entry(filter.clone()).or_insert(Held {
-                    shards: 0,
-                    sids: Vec::new(),
-                });
-                held.shards += 1;
-                if held.shards == 1 {
-                    held.sids = subscribe(&mut self.next_sid, &filter, prefix, out);
+                if let Some(held) = self.filters.get_mut(&filter) {
+                    held.shards += 1;
+                    return;
                 }
+                let sids = self.subscribe(&filter, prefix, out);
+                self.filters.insert(filter, Held { shards: 1, sids });
             }
             Interest::Remove(filter) => {
                 let Some(held) = self.filters.get_mut(&filter) else {
@@ -165,8 +180,10 @@ impl InterestTable {
                 };
                 held.shards -= 1;
                 if held.shards == 0 {
+                    let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
                     for sid in &held.sids {
                         out.put_slice(format!("UNSUB {sid}\r\n").as_bytes());
+                        groups.remove(sid);
                     }
                     self.filters.remove(&filter);
                 }
@@ -176,25 +193,50 @@ impl InterestTable {
 
     /// Subscribes every held filter again (a new connection), with new ids.
     fn resubscribe(&mut self, prefix: &str, out: &mut BytesMut) {
-        for (filter, held) in &mut self.filters {
-            held.sids = subscribe(&mut self.next_sid, filter, prefix, out);
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let filters: Vec<Arc<str>> = self.filters.keys().cloned().collect();
+        for filter in filters {
+            let sids = self.subscribe(&filter, prefix, out);
+            if let Some(held) = self.filters.get_mut(&filter) {
+                held.sids = sids;
+            }
         }
+    }
+
+    /// SUBs for `filter`'s subjects; for a shared filter `$share/{group}/{f}`, queue
+    /// subscriptions for `f`'s subjects in a queue group named after the group key
+    /// (hex, so any group and filter is one valid name).
+    fn subscribe(&mut self, filter: &str, prefix: &str, out: &mut BytesMut) -> Vec<u64> {
+        let (inner, queue) = match crate::topic::parse_shared(filter) {
+            Some((_, inner)) => {
+                let key = &filter["$share/".len()..];
+                let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+                (inner, Some((Arc::<str>::from(key), format!(" q{hex}"))))
+            }
+            None => (filter, None),
+        };
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        subject::filter_subjects(inner)
+            .into_iter()
+            .map(|s| {
+                self.next_sid += 1;
+                let sid = self.next_sid;
+                let q = queue.as_ref().map_or("", |(_, q)| q.as_str());
+                out.put_slice(format!("SUB {prefix}.{s}{q} {sid}\r\n").as_bytes());
+                if let Some((key, _)) = &queue {
+                    groups.insert(sid, key.clone());
+                }
+                sid
+            })
+            .collect()
     }
 
     fn subscriptions(&self) -> usize {
         self.filters.values().map(|h| h.sids.len()).sum()
     }
-}
-
-fn subscribe(next_sid: &mut u64, filter: &str, prefix: &str, out: &mut BytesMut) -> Vec<u64> {
-    subject::filter_subjects(filter)
-        .into_iter()
-        .map(|s| {
-            *next_sid += 1;
-            out.put_slice(format!("SUB {prefix}.{s} {next_sid}\r\n").as_bytes());
-            *next_sid
-        })
-        .collect()
 }
 
 /// The routing of this node: the queue shards offer to and the task that talks to NATS.
@@ -295,13 +337,16 @@ impl Router {
             self.handle.metrics.connected.set(1);
             let (read, write) = conn.stream.into_split();
             let pong = Arc::new(Notify::new());
-            let reader = tokio::spawn(self.clone().read_loop(
-                read,
-                conn.rest,
-                dedup.clone(),
-                shards.clone(),
-                pong.clone(),
-            ));
+            let reading = Reading {
+                buf: conn.rest,
+                dedup: dedup.clone(),
+                groups: table.groups.clone(),
+                shards: shards.clone(),
+                pong: pong.clone(),
+                batch: Vec::new(),
+                shared: Vec::new(),
+            };
+            let reader = tokio::spawn(self.clone().read_loop(read, reading));
             let mut session = Session {
                 router: &self,
                 write,
@@ -319,24 +364,16 @@ impl Router {
     }
 
     /// Reads the server's operations: messages for this node's shards, PINGs answered.
-    async fn read_loop(
-        self: Arc<Self>,
-        mut read: OwnedReadHalf,
-        mut buf: BytesMut,
-        dedup: Arc<Mutex<Dedup>>,
-        shards: Mailboxes,
-        pong: Arc<Notify>,
-    ) -> String {
-        let mut batch = Vec::new();
+    async fn read_loop(self: Arc<Self>, mut read: OwnedReadHalf, mut ctx: Reading) -> String {
         loop {
             loop {
-                match proto::parse(&mut buf) {
-                    Ok(Some(ServerOp::Msg { subject, payload })) => {
-                        if let Some(m) = self.arrived(&subject, payload, &dedup) {
-                            batch.push(m);
-                        }
-                    }
-                    Ok(Some(ServerOp::Ping)) => pong.notify_one(),
+                match proto::parse(&mut ctx.buf) {
+                    Ok(Some(ServerOp::Msg {
+                        subject,
+                        sid,
+                        payload,
+                    })) => self.arrived(&subject, sid, payload, &mut ctx),
+                    Ok(Some(ServerOp::Ping)) => ctx.pong.notify_one(),
                     Ok(Some(ServerOp::Err(e))) => {
                         tracing::warn!(error = %e, "cluster: NATS reports an error on the routing connection")
                     }
@@ -345,21 +382,10 @@ impl Router {
                     Err(e) => return e.to_string(),
                 }
             }
-            if !batch.is_empty() {
-                self.handle.metrics.received(batch.len() as u64);
-                let batch = std::mem::take(&mut batch);
-                for shard in 0..shards.len() {
-                    // Awaits room: a slow node stops reading NATS rather than drop.
-                    if shards
-                        .send(shard, ShardMsg::FleetPublish(batch.clone()))
-                        .await
-                        .is_err()
-                    {
-                        return "the gateway is stopping".into();
-                    }
-                }
+            if let Err(e) = self.hand_over(&mut ctx).await {
+                return e;
             }
-            match read.read_buf(&mut buf).await {
+            match read.read_buf(&mut ctx.buf).await {
                 Ok(0) => return "closed by the server".into(),
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
@@ -367,13 +393,30 @@ impl Router {
         }
     }
 
-    /// The message a NATS message carries, unless it is a duplicate, malformed or expired.
-    fn arrived(
-        &self,
-        subject: &str,
-        body: bytes::Bytes,
-        dedup: &Mutex<Dedup>,
-    ) -> Option<Arc<Message>> {
+    /// Hands what one read brought to the shards: the subscribers' messages to every
+    /// shard, each shared group's message to the group's owner shard. Awaits room in
+    /// their mailboxes: a slow node stops reading NATS rather than drop.
+    async fn hand_over(&self, ctx: &mut Reading) -> Result<(), String> {
+        let stopping = |_| "the gateway is stopping".to_string();
+        if !ctx.batch.is_empty() {
+            let batch = std::mem::take(&mut ctx.batch);
+            for shard in 0..ctx.shards.len() {
+                let msg = ShardMsg::FleetPublish(batch.clone());
+                ctx.shards.send(shard, msg).await.map_err(stopping)?;
+            }
+        }
+        for (key, msg) in std::mem::take(&mut ctx.shared) {
+            let owner = crate::mailbox::home_shard(&key, ctx.shards.len());
+            let msg = ShardMsg::FleetShared { key, msg };
+            ctx.shards.send(owner, msg).await.map_err(stopping)?;
+        }
+        Ok(())
+    }
+
+    /// Takes in one NATS message: for a shared group when it came through the group's
+    /// queue subscription (NATS picked this node), else for the subscribers, unless it
+    /// is this node's own or a duplicate. Malformed or expired ones are counted.
+    fn arrived(&self, subject: &str, sid: u64, body: bytes::Bytes, ctx: &mut Reading) {
         let metrics = &self.handle.metrics;
         let topic = subject
             .strip_prefix(self.prefix.as_str())
@@ -381,19 +424,31 @@ impl Router {
             .and_then(subject::decode_topic);
         let (Some(topic), Ok(env)) = (topic, Envelope::decode(body)) else {
             metrics.drop_msg(RouteDrop::Malformed);
-            return None;
+            return;
         };
-        if !dedup
+        let own = env.origin == self.origin;
+        let group = ctx
+            .groups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .first(&env.origin, env.seq)
-        {
-            metrics.drop_msg(RouteDrop::Duplicate);
-            return None;
+            .get(&sid)
+            .cloned();
+        if group.is_none() {
+            if own {
+                return;
+            }
+            let mut dedup = ctx.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            if !dedup.first(&env.origin, env.seq) {
+                metrics.drop_msg(RouteDrop::Duplicate);
+                return;
+            }
         }
         if env.expiry_ms == Some(0) {
             metrics.drop_msg(RouteDrop::Expired);
-            return None;
+            return;
+        }
+        if !own {
+            metrics.received(1);
         }
         let mut msg = Message::new(
             topic.into(),
@@ -406,8 +461,26 @@ impl Router {
         msg.expires = env
             .expiry_ms
             .map(|ms| msg.created + Duration::from_millis(ms));
-        Some(Arc::new(msg))
+        let msg = Arc::new(msg);
+        match group {
+            Some(key) => ctx.shared.push((key, msg)),
+            None => ctx.batch.push(msg),
+        }
     }
+}
+
+/// What the reader of one connection works with.
+struct Reading {
+    /// Bytes read and not parsed yet.
+    buf: BytesMut,
+    /// The last sequence seen per origin; kept across connections.
+    dedup: Arc<Mutex<Dedup>>,
+    groups: SharedSids,
+    shards: Mailboxes,
+    pong: Arc<Notify>,
+    /// Messages for the subscribers, and for shared groups, from the current read.
+    batch: Vec<Arc<Message>>,
+    shared: Vec<(Arc<str>, Arc<Message>)>,
 }
 
 /// One connection's writing side and the state it works on.
@@ -565,5 +638,24 @@ mod tests {
         t.apply(Interest::Remove(f), "p.msg", &mut out);
         assert_eq!(&out[..], b"UNSUB 1\r\nUNSUB 2\r\n");
         assert_eq!(t.subscriptions(), 0);
+    }
+
+    #[test]
+    fn a_shared_group_is_a_queue_subscription_known_by_its_sid() {
+        let mut t = InterestTable::default();
+        let mut out = BytesMut::new();
+        t.apply(Interest::Add("$share/g/a/+".into()), "p.msg", &mut out);
+        // The queue group is the hex of the group key "g/a/+".
+        assert_eq!(&out[..], b"SUB p.msg.u.a.* q672f612f2b 1\r\n");
+        assert_eq!(
+            t.groups.lock().unwrap().get(&1).map(|k| &**k),
+            Some("g/a/+")
+        );
+        out.clear();
+        t.resubscribe("p.msg", &mut out);
+        assert_eq!(&out[..], b"SUB p.msg.u.a.* q672f612f2b 2\r\n");
+        assert!(t.groups.lock().unwrap().get(&1).is_none());
+        t.apply(Interest::Remove("$share/g/a/+".into()), "p.msg", &mut out);
+        assert!(t.groups.lock().unwrap().is_empty());
     }
 }

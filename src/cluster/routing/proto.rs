@@ -5,7 +5,8 @@
 //! Why not async-nats here: it hands each subscription its own channel, so a node that
 //! subscribes to `a.*` and `*.b` cannot tell in which order the server sent the copies of
 //! different messages, and the exact duplicate check (`super::Dedup`) and the
-//! per-publisher order both rely on that order. One socket read in one place keeps it;
+//! per-publisher order both rely on that order; the subscription id of each copy also
+//! tells a shared group's copy from a subscriber's. One socket read in one place keeps it;
 //! it also spares a channel per subscribed filter (a node may hold a million).
 
 use std::time::Duration;
@@ -21,7 +22,12 @@ const MAX_LINE: usize = 64 * 1024;
 #[derive(Debug, PartialEq)]
 pub enum ServerOp {
     Info(String),
-    Msg { subject: String, payload: Bytes },
+    Msg {
+        subject: String,
+        /// The subscription it came through.
+        sid: u64,
+        payload: Bytes,
+    },
     Ping,
     Pong,
     Ok,
@@ -66,10 +72,13 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<ServerOp>, ProtoError> {
 fn parse_msg(buf: &mut BytesMut, end: usize) -> Result<Option<ServerOp>, ProtoError> {
     let line = std::str::from_utf8(&buf[..end]).unwrap_or_default();
     let args: Vec<&str> = line.split_ascii_whitespace().collect();
-    let (subject, len) = match args.as_slice() {
-        [_, subject, _sid, len] | [_, subject, _sid, _, len] => (subject.to_string(), len),
+    let (subject, sid, len) = match args.as_slice() {
+        [_, subject, sid, len] | [_, subject, sid, _, len] => (subject.to_string(), sid, len),
         _ => return Err(ProtoError(format!("bad MSG line {line:?}"))),
     };
+    let sid: u64 = sid
+        .parse()
+        .map_err(|_| ProtoError(format!("bad MSG sid in {line:?}")))?;
     let len: usize = len
         .parse()
         .map_err(|_| ProtoError(format!("bad MSG size in {line:?}")))?;
@@ -79,7 +88,11 @@ fn parse_msg(buf: &mut BytesMut, end: usize) -> Result<Option<ServerOp>, ProtoEr
     buf.advance(end + 2);
     let payload = buf.split_to(len).freeze();
     buf.advance(2);
-    Ok(Some(ServerOp::Msg { subject, payload }))
+    Ok(Some(ServerOp::Msg {
+        subject,
+        sid,
+        payload,
+    }))
 }
 
 /// The `host:port` of a `nats://` URL (port 4222 by default); an error for other schemes.
@@ -115,8 +128,7 @@ pub struct Connected {
     pub rest: BytesMut,
 }
 
-/// Connects to the first of `urls` that answers, says CONNECT (no echo: this node never
-/// gets its own messages back) and waits for the PONG of a PING, so a refused token is an
+/// Connects to the first of `urls` that answers, says CONNECT and waits for the PONG of a PING, so a refused token is an
 /// error here.
 pub async fn connect(urls: &[String], token: &str, name: &str) -> Result<Connected, String> {
     let mut last = String::from("no NATS URL");
@@ -138,7 +150,7 @@ async fn handshake(url: &str, token: &str, name: &str) -> Result<Connected, Stri
     let _ = stream.set_nodelay(true);
     let mut connect = serde_json::json!({
         "verbose": false, "pedantic": false, "lang": "rust", "version": env!("CARGO_PKG_VERSION"),
-        "protocol": 1, "echo": false, "headers": false, "name": name,
+        "protocol": 1, "echo": true, "headers": false, "name": name,
     });
     if !token.is_empty() {
         connect["auth_token"] = token.into();
@@ -198,6 +210,7 @@ mod tests {
             parse(&mut buf),
             Ok(Some(ServerOp::Msg {
                 subject: "a.b".into(),
+                sid: 7,
                 payload: Bytes::from_static(b"hello")
             }))
         );
@@ -205,6 +218,7 @@ mod tests {
             parse(&mut buf),
             Ok(Some(ServerOp::Msg {
                 subject: "c".into(),
+                sid: 1,
                 payload: Bytes::new()
             }))
         );
