@@ -400,3 +400,28 @@ async fn a_shared_group_with_members_on_two_nodes_gets_each_message_once() {
     );
     assert_eq!(in_total(c).await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_comes_back_with_its_subscriptions_after_nats_restarts() {
+    let (mut nats, gw) = fleet("route-restart", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let publisher = client(a, "pub-a").await;
+    let mut sub_b = client(b, "sub-b").await;
+    sub_b.subscribe("alarm/+", QoS::AtLeastOnce).await;
+    until_routed(&publisher, &mut sub_b, "alarm/before").await;
+
+    nats.kill();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while b.metric("gateway_fleet_route_connected").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the routing never saw NATS go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nats.respawn();
+    // Node B subscribes again on its own: messages from A reach its subscriber again.
+    until_routed(&publisher, &mut sub_b, "alarm/after").await;
+    assert_eq!(b.metric("gateway_fleet_route_connected").await, 1.0);
+    assert_eq!(b.metric("gateway_fleet_route_subscriptions").await, 1.0);
+}

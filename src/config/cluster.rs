@@ -133,6 +133,10 @@ impl ClusterConfig {
                     format!("{server:?} names no host"),
                 ));
             }
+            // Message routing speaks the NATS protocol on a plain TCP connection.
+            if let Err(why) = crate::cluster::routing::proto::address(&server) {
+                return Err(invalid("cluster.nats_url", why));
+            }
         }
         Ok(())
     }
@@ -191,6 +195,7 @@ mod tests {
             ("node_id = \"a.b\"", "cluster.node_id"),
             ("node_id = \"has space\"", "cluster.node_id"),
             ("nats_url = \"nats://\"", "cluster.nats_url"),
+            ("nats_url = \"tls://h:4222\"", "cluster.nats_url"),
             ("enabled = true\nnats_url = \"\"", "cluster.nats_url"),
             ("subject_prefix = \"a.*\"", "cluster.subject_prefix"),
             ("subject_prefix = \"\"", "cluster.subject_prefix"),

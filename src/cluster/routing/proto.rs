@@ -120,6 +120,16 @@ pub fn address(url: &str) -> Result<String, String> {
     )
 }
 
+/// The credentials in a URL's user part: `user:password@` or `token@`.
+fn credentials(url: &str) -> Option<(&str, Option<&str>)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (user, _) = rest.rsplit_once('@')?;
+    Some(match user.split_once(':') {
+        Some((u, p)) => (u, Some(p)),
+        None => (user, None),
+    })
+}
+
 /// A connected, authenticated routing connection, and the server's `max_payload`.
 pub struct Connected {
     pub stream: TcpStream,
@@ -154,6 +164,14 @@ async fn handshake(url: &str, token: &str, name: &str) -> Result<Connected, Stri
     });
     if !token.is_empty() {
         connect["auth_token"] = token.into();
+    }
+    match credentials(url) {
+        Some((user, Some(pass))) => {
+            connect["user"] = user.into();
+            connect["pass"] = pass.into();
+        }
+        Some((token, None)) => connect["auth_token"] = token.into(),
+        None => {}
     }
     let hello = format!("CONNECT {connect}\r\nPING\r\n");
     stream
@@ -237,5 +255,8 @@ mod tests {
         assert_eq!(address("nats://host").unwrap(), "host:4222");
         assert_eq!(address("nats://tok@host:1/").unwrap(), "host:1");
         assert!(address("tls://host:1").is_err());
+        assert_eq!(credentials("nats://u:p@h:1"), Some(("u", Some("p"))));
+        assert_eq!(credentials("nats://t@h"), Some(("t", None)));
+        assert_eq!(credentials("nats://h:1"), None);
     }
 }
