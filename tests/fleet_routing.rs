@@ -15,8 +15,13 @@ use serde_json::json;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
+    node_with(nats, node, "")
+}
+
+/// A node with more `[cluster]` settings.
+fn node_with(nats: &NatsServer, node: &str, cluster: &str) -> GatewayProcess {
     GatewayProcess::start(&format!(
-        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\n[store]\nenabled = false\n",
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\n{cluster}\n[store]\nenabled = false\n",
         nats.url()
     ))
 }
@@ -424,4 +429,44 @@ async fn routing_comes_back_with_its_subscriptions_after_nats_restarts() {
     until_routed(&publisher, &mut sub_b, "alarm/after").await;
     assert_eq!(b.metric("gateway_fleet_route_connected").await, 1.0);
     assert_eq!(b.metric("gateway_fleet_route_subscriptions").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_routing_queue_drops_for_other_nodes_only_and_counts() {
+    let nats = NatsServer::start("route-full");
+    drop(nats.client().await);
+    let mut nats = nats;
+    let a = node_with(&nats, "node-a", "routing_queue_capacity = 1");
+    let publisher = client(&a, "pub-a").await;
+    let mut local = client(&a, "sub-a").await;
+    local.subscribe("full/+", QoS::AtLeastOnce).await;
+    nats.kill();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while a.metric("gateway_fleet_route_connected").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the routing never saw NATS go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..20 {
+        publisher
+            .client
+            .publish(format!("full/{i}"), QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+    }
+    // The local subscriber gets every one; one waits for NATS, the others are counted.
+    assert_eq!(receive(&mut local, 20, "").await.len(), 20);
+    let sample = "gateway_fleet_messages_dropped_total{reason=\"queue_full\"}";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while a.metric(sample).await < 19.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{sample}: {}",
+            a.metric(sample).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.metric(sample).await, 19.0);
 }
