@@ -470,3 +470,46 @@ async fn a_full_routing_queue_drops_for_other_nodes_only_and_counts() {
     }
     assert_eq!(a.metric(sample).await, 19.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_and_the_expiry_travel_to_another_node() {
+    use common::v5;
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let (_nats, gw) = fleet("route-props", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let publisher = v5::connect(v5::options(a.mqtt, "pub-a")).await;
+    let mut sub = v5::connect(v5::options(b.mqtt, "sub-b")).await;
+    sub.subscribe("props/#", v5::QoS::AtLeastOnce).await;
+    let sent = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        topic_alias: None,
+        response_topic: Some("props/reply/ü".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00corr\xff")),
+        user_properties: vec![("k".into(), "v1".into()), ("k".into(), "v2".into())],
+        subscription_identifiers: Vec::new(),
+        content_type: Some("application/json".into()),
+    };
+    // Probes until node B's subscription is in NATS; then the message with properties.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let got = loop {
+        assert!(tokio::time::Instant::now() < end, "nothing reached node B");
+        publisher
+            .client
+            .publish_with_properties("props/t", v5::QoS::AtLeastOnce, false, "{}", sent.clone())
+            .await
+            .unwrap();
+        if let Some(p) = sub.next_publish(Duration::from_millis(300)).await {
+            break p;
+        }
+    };
+    let props = got.properties.expect("properties");
+    assert_eq!(props.payload_format_indicator, Some(1));
+    assert_eq!(props.response_topic, sent.response_topic);
+    assert_eq!(props.correlation_data, sent.correlation_data);
+    assert_eq!(props.user_properties, sent.user_properties);
+    assert_eq!(props.content_type, sent.content_type);
+    // What is left of the expiry: never more than it was sent with.
+    let left = props.message_expiry_interval.expect("expiry");
+    assert!((3500..=3600).contains(&left), "{left}");
+}
