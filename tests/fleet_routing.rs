@@ -186,6 +186,19 @@ async fn qos1_messages_of_one_publisher_keep_their_order_on_another_node() {
     nothing_more(&mut sub_b, probe).await;
 }
 
+/// Waits until `gw` holds `n` NATS subscriptions for its filters.
+async fn subscriptions_become(gw: &GatewayProcess, n: f64) {
+    let sample = "gateway_fleet_route_subscriptions";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while gw.metric(sample).await != n {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{sample} never became {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsubscribe_ends_the_nodes_interest() {
     let (_nats, gw) = fleet("route-unsub", &["node-a", "node-b"]).await;
@@ -195,17 +208,10 @@ async fn an_unsubscribe_ends_the_nodes_interest() {
     sub_b.subscribe("gone/+", QoS::AtLeastOnce).await;
     sub_b.subscribe("kept/+", QoS::AtLeastOnce).await;
     until_routed(&publisher, &mut sub_b, "gone/probe").await;
-    assert_eq!(b.metric("gateway_fleet_route_subscriptions").await, 2.0);
+    subscriptions_become(b, 2.0).await;
 
     sub_b.client.unsubscribe("gone/+").await.unwrap();
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while b.metric("gateway_fleet_route_subscriptions").await != 1.0 {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "never unsubscribed in NATS"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    subscriptions_become(b, 1.0).await;
     while sub_b
         .next_publish(Duration::from_millis(200))
         .await

@@ -505,6 +505,8 @@ impl Session<'_> {
         let mut out = BytesMut::new();
         self.table.resubscribe(&self.router.prefix, &mut out);
         self.flush(&mut out).await?;
+        let subs = self.table.subscriptions() as i64;
+        self.router.handle.metrics.subscriptions.set(subs);
         let wake = self.router.handle.wake.clone();
         loop {
             tokio::select! {
