@@ -307,6 +307,29 @@ async fn a_retained_message_and_its_clear_reach_every_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_retained_message_through_the_api_deletes_it_on_every_node() {
+    let (_nats, gw) = fleet("route-retained-delete", &["node-a", "node-b"]).await;
+    let publisher = client(&gw[0], "pub-a").await;
+    publisher
+        .client
+        .publish("cfg/mode", QoS::AtLeastOnce, true, "eco")
+        .await
+        .unwrap();
+    wait_retained(&gw[1], "cfg/mode", Some("eco")).await;
+    let url = format!("http://{}/v1/retained?topic=cfg/mode", gw[0].http);
+    let resp = reqwest::Client::new().delete(url).send().await.unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    for g in &gw {
+        wait_retained(g, "cfg/mode", None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_retained_updates_on_two_nodes_end_with_one_value_everywhere() {
     let (_nats, gw) = fleet("route-retained-race", &["node-a", "node-b"]).await;
     let pub_a = client(&gw[0], "pub-a").await;

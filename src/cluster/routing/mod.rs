@@ -289,6 +289,11 @@ impl Router {
         self.handle.clone()
     }
 
+    /// Clears `topic`'s retained message on every node (see [`retained::clear`]).
+    pub async fn clear_retained(&self, topic: &str) -> Result<(), String> {
+        retained::clear(&self.retained, topic, &self.origin).await
+    }
+
     pub fn render_metrics(&self, out: &mut String) {
         self.handle.metrics.render(out);
     }

@@ -80,6 +80,25 @@ pub async fn open(
     super::super::registry::open_bucket(&js, &bucket(config), Duration::ZERO).await
 }
 
+/// Clears `topic`'s retained message fleet-wide (`DELETE /v1/retained` in a fleet): an
+/// empty payload put into the bucket, as a device's clear is.
+pub async fn clear(kv: &kv::Store, topic: &str, origin: &str) -> Result<(), String> {
+    let body = Envelope {
+        origin: origin.to_string(),
+        seq: now_ms(),
+        qos: 0,
+        retain: true,
+        expiry_ms: None,
+        props: None,
+        payload: Default::default(),
+    }
+    .encode();
+    kv.put(key(topic), body)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Applies every value of the bucket, then every update, until `stop`; watches again
 /// (from each key's last value) after an error.
 pub async fn follow(
