@@ -542,3 +542,38 @@ async fn mqtt5_properties_and_the_expiry_travel_to_another_node() {
     let left = props.message_expiry_interval.expect("expiry");
     assert!((3500..=3600).contains(&left), "{left}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlogged_routing_queue_paces_the_publisher_instead_of_dropping() {
+    let nats = NatsServer::start("route-pace");
+    drop(nats.client().await);
+    // A small queue and no inbound rate limit: a burst fills the queue at once unless
+    // the publisher waits for it.
+    let a = node_with(
+        &nats,
+        "node-a",
+        "routing_queue_capacity = 4\n[limits]\npublish_rate = 0",
+    );
+    let b = node(&nats, "node-b");
+    let publisher = client(&a, "pub-a").await;
+    let mut sub_b = client(&b, "sub-b").await;
+    sub_b.subscribe("burst/+", QoS::AtMostOnce).await;
+    until_routed(&publisher, &mut sub_b, "burst/probe").await;
+
+    let n = 2000;
+    for i in 0..n {
+        publisher
+            .client
+            .publish("burst/x", QoS::AtMostOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let got: Vec<String> = receive(&mut sub_b, n, "burst/probe")
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(got, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
+    let sample = "gateway_fleet_messages_dropped_total{reason=\"queue_full\"}";
+    assert_eq!(a.metric(sample).await, 0.0);
+}

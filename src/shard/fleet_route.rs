@@ -6,7 +6,8 @@
 //! `ShardMsg::FleetRetained` and are decided in `retained.rs` like a device's; shared
 //! groups' messages as `ShardMsg::FleetShared`, see `shared.rs`.) Nothing
 //! here waits: the offer is a push on a
-//! bounded lock-free queue, an interest change a send on an unbounded channel.
+//! bounded lock-free queue, an interest change a send on an unbounded channel; while the
+//! queue is backlogged, publishers are held as for a full outbox (`pacing.rs`).
 
 use std::sync::Arc;
 
@@ -42,6 +43,32 @@ impl Shard {
         if let Some(route) = &self.services.fleet_route {
             route.offer(msg);
         }
+    }
+
+    /// The fleet's routing queue is backlogged (`RouteHandle::backlogged`): with
+    /// `slow_consumer = "pace"` no PUBLISH is read meanwhile (`publish_paced`).
+    /// Remembers that it was, so the publishers it held are read again once it is not.
+    pub(super) fn fleet_backlogged(&self) -> bool {
+        let over = self
+            .services
+            .fleet_route
+            .as_ref()
+            .is_some_and(|r| r.backlogged());
+        if over {
+            self.services.fleet_paced.set(true);
+        }
+        over
+    }
+
+    /// At the end of a turn: true while the routing queue is backlogged (the shard looks
+    /// again in a millisecond); once it drained (possibly within the turn that held a
+    /// publisher), the publishers held for it are read again.
+    pub(super) fn flush_fleet(&mut self) -> bool {
+        let over = self.fleet_backlogged();
+        if !over && self.services.fleet_paced.replace(false) {
+            self.outbox_unblocked();
+        }
+        over
     }
 
     /// Messages published on other nodes: to this shard's matching sessions (their

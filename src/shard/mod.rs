@@ -320,6 +320,7 @@ impl Shard {
             shards_running: ctx.shards_running,
             events: ctx.events,
             fleet_route: ctx.fleet_route,
+            fleet_paced: Default::default(),
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);
@@ -458,7 +459,8 @@ impl Shard {
         self.release_held();
         self.flush_dirty();
         self.send_pending_replies();
-        let outbox_waiting = self.flush_outbox() | self.flush_echoes() | self.flush_store();
+        let outbox_waiting =
+            self.flush_outbox() | self.flush_echoes() | self.flush_store() | self.flush_fleet();
         self.publish_gauges();
         // A publisher released this turn (by the mailbox or a drained subscriber) is read
         // again next turn, not at the next tick.

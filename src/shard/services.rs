@@ -29,4 +29,6 @@ pub(super) struct Services {
     pub events: crate::events::EventSender,
     /// The fleet's message routing (`[cluster] enabled`; `fleet_route.rs`).
     pub fleet_route: Option<crate::cluster::routing::RouteHandle>,
+    /// The routing queue was seen backlogged since the last turn's end (`fleet_route.rs`).
+    pub fleet_paced: std::cell::Cell<bool>,
 }

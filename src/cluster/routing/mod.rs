@@ -30,8 +30,11 @@
 //! them to each shard's mailbox in that order.
 //!
 //! **Shards never wait.** A shard offers each message to a bounded lock-free queue
-//! ([`RouteHandle::offer`], `[cluster] routing_queue_capacity`); when it is full the
-//! message does not go to other nodes and is counted
+//! ([`RouteHandle::offer`], `[cluster] routing_queue_capacity`). With
+//! `slow_consumer = "pace"` a shard reads no PUBLISH while the queue holds half its
+//! capacity and the routing connection is up ([`RouteHandle::backlogged`]), as for a
+//! full outbox to another shard (`shard/pacing.rs`). When it is full anyway (NATS away,
+//! `"drop"`, topic pushes) the message does not go to other nodes and is counted
 //! (`gateway_fleet_messages_dropped_total{reason="queue_full"}`); its local delivery is
 //! unaffected. Interest changes go through an unbounded channel: losing one would lose
 //! messages, and there is at most one per SUBSCRIBE or UNSUBSCRIBE filter. Messages from
@@ -111,6 +114,13 @@ impl RouteHandle {
             self.metrics.drop_msg(RouteDrop::QueueFull);
         }
         self.wake.notify_one();
+    }
+
+    /// Whether the queue holds half its capacity while the routing connection is up: a
+    /// shard then reads no PUBLISH until it drains (`shard/fleet_route.rs`). While NATS
+    /// is away the queue fills and drops instead, so local delivery goes on.
+    pub fn backlogged(&self) -> bool {
+        self.metrics.connected.get() == 1 && self.queue.len() * 2 >= self.queue.capacity()
     }
 
     /// Reports a change of this shard's interest in a filter.
