@@ -59,8 +59,9 @@ pub struct RouteMetrics {
     messages: Family<DirectionLabel, Counter>,
     retained: Family<DirectionLabel, Counter>,
     dropped: Family<ReasonLabel, Counter>,
-    /// NATS subscriptions held for this node's filters.
-    pub subscriptions: Gauge,
+    /// NATS subscriptions held for this node's filters (the sum of `by_connection`).
+    subscriptions: Gauge,
+    by_connection: [std::sync::atomic::AtomicI64; 2],
     /// 1 while the routing connection to NATS is up.
     pub connected: Gauge,
 }
@@ -82,6 +83,7 @@ impl Default for RouteMetrics {
             retained,
             dropped,
             subscriptions: Gauge::default(),
+            by_connection: Default::default(),
             connected: Gauge::default(),
         }
     }
@@ -98,6 +100,14 @@ impl RouteMetrics {
         self.messages
             .get_or_create(&DirectionLabel { direction: "in" })
             .inc_by(n);
+    }
+
+    /// Connection `i` (messages 0, groups 1) holds `n` subscriptions.
+    pub fn set_subscriptions(&self, i: usize, n: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.by_connection[i].store(n, Relaxed);
+        let total = self.by_connection.iter().map(|c| c.load(Relaxed)).sum();
+        self.subscriptions.set(total);
     }
 
     /// A retained update put into the fleet's bucket.

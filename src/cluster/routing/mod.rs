@@ -52,9 +52,9 @@
 //! `{group}/{filter}`: NATS gives each message to one subscriber of the queue group,
 //! that is to one node, whose group owner shard picks one of its members. With a fleet,
 //! no node delivers to a shared group on its own, not even the publishing node: the
-//! routing connection says `echo: true`, so NATS may pick the publisher's node too
-//! (plain copies of a node's own messages coming back are dropped by origin). So each
-//! message reaches one member fleet-wide; NATS picks among nodes, not members (a node
+//! queue subscriptions live on a second connection of the node ([`Role::Groups`]), and
+//! NATS's no-echo only spares the publishing connection, so NATS may pick the
+//! publisher's node too. So each message reaches one member fleet-wide; NATS picks among nodes, not members (a node
 //! with one member gets as many messages as a node with ten). A message for a group
 //! whose members here all left meanwhile is dropped (counted `offline`).
 
@@ -97,12 +97,25 @@ pub enum Interest {
     Remove(Arc<str>),
 }
 
+/// Which of a node's two routing connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Publishes the node's messages and subscribes its sessions' filters. Without echo:
+    /// the node's own messages never come back to it.
+    Messages,
+    /// Holds the queue subscriptions of the node's shared groups: another connection, so
+    /// NATS may pick this node's members for its own messages too.
+    Groups,
+}
+
 /// What a shard (or the HTTP API) holds to route messages to the fleet. Never blocks.
 #[derive(Clone)]
 pub struct RouteHandle {
     queue: Arc<ArrayQueue<Arc<Message>>>,
     wake: Arc<Notify>,
     interest: mpsc::UnboundedSender<Interest>,
+    /// Interest changes of shared groups (`$share/…`), for the groups connection.
+    groups: mpsc::UnboundedSender<Interest>,
     pub metrics: Arc<RouteMetrics>,
 }
 
@@ -125,8 +138,12 @@ impl RouteHandle {
 
     /// Reports a change of this shard's interest in a filter.
     pub fn interest(&self, change: Interest) {
+        let shared = match &change {
+            Interest::Add(f) | Interest::Remove(f) => f.starts_with("$share/"),
+        };
+        let to = if shared { &self.groups } else { &self.interest };
         // Closed only once the routing task has ended (shutdown).
-        let _ = self.interest.send(change);
+        let _ = to.send(change);
     }
 }
 
@@ -252,7 +269,8 @@ impl InterestTable {
 /// The routing of this node: the queue shards offer to and the task that talks to NATS.
 pub struct Router {
     handle: RouteHandle,
-    changes: Mutex<Option<mpsc::UnboundedReceiver<Interest>>>,
+    /// The interest changes for the messages connection and for the groups connection.
+    changes: Mutex<Option<[mpsc::UnboundedReceiver<Interest>; 2]>>,
     /// `<subject_prefix>.msg`
     prefix: String,
     origin: String,
@@ -271,6 +289,7 @@ impl Router {
         retained: async_nats::jetstream::kv::Store,
     ) -> Arc<Router> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (groups_tx, groups_rx) = mpsc::unbounded_channel();
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -282,9 +301,10 @@ impl Router {
                 )),
                 wake: Arc::new(Notify::new()),
                 interest: tx,
+                groups: groups_tx,
                 metrics: Arc::default(),
             },
-            changes: Mutex::new(Some(rx)),
+            changes: Mutex::new(Some([rx, groups_rx])),
             prefix: format!("{}.msg", config.subject_prefix),
             origin: format!("{node}/{started}"),
             urls: config.urls(),
@@ -308,9 +328,9 @@ impl Router {
         self.handle.metrics.render(out);
     }
 
-    /// Connects, routes until `stop`, and connects again whenever the connection ends.
+    /// Follows the retained messages bucket and runs both connections until `stop`.
     pub async fn run(self: Arc<Self>, shards: Mailboxes, stop: CancellationToken) {
-        let Some(mut changes) = self
+        let Some([changes, groups]) = self
             .changes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -321,21 +341,43 @@ impl Router {
         let metrics = self.handle.metrics.clone();
         let follow = retained::follow(self.retained.clone(), shards.clone(), metrics, stop.clone());
         tokio::spawn(follow);
-        let mut table = InterestTable::default();
         let dedup = Arc::new(Mutex::new(Dedup::default()));
+        let messages = self.clone().connection(
+            Role::Messages,
+            changes,
+            (shards.clone(), dedup.clone()),
+            stop.clone(),
+        );
+        let groups = self
+            .clone()
+            .connection(Role::Groups, groups, (shards, dedup), stop);
+        tokio::join!(messages, groups);
+    }
+
+    /// Connects as `role`, routes until `stop`, and connects again whenever the
+    /// connection ends.
+    async fn connection(
+        self: Arc<Self>,
+        role: Role,
+        mut changes: mpsc::UnboundedReceiver<Interest>,
+        (shards, dedup): (Mailboxes, Arc<Mutex<Dedup>>),
+        stop: CancellationToken,
+    ) {
+        let mut table = InterestTable::default();
+        let name = format!("{}-{role:?}", self.name);
         let mut seq = 0u64;
         let mut backoff = Duration::from_millis(100);
         let mut failing = false;
         while !stop.is_cancelled() {
             let conn = tokio::select! {
-                c = proto::connect(&self.urls, &self.token, &self.name) => c,
+                c = proto::connect(&self.urls, &self.token, &name) => c,
                 _ = stop.cancelled() => return,
             };
             let conn = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     if !failing {
-                        tracing::warn!(error = %e, "cluster: message routing cannot reach NATS; messages to other nodes wait in the queue (within routing_queue_capacity)");
+                        tracing::warn!(error = %e, connection = ?role, "cluster: message routing cannot reach NATS; messages to other nodes wait in the queue (within routing_queue_capacity)");
                         failing = true;
                     }
                     tokio::select! {
@@ -346,10 +388,12 @@ impl Router {
                     continue;
                 }
             };
-            tracing::info!(origin = %self.origin, "cluster: message routing connected to NATS");
+            tracing::info!(origin = %self.origin, connection = ?role, "cluster: message routing connected to NATS");
             failing = false;
             backoff = Duration::from_millis(100);
-            self.handle.metrics.connected.set(1);
+            if role == Role::Messages {
+                self.handle.metrics.connected.set(1);
+            }
             let (read, write) = conn.stream.into_split();
             let pong = Arc::new(Notify::new());
             let reading = Reading {
@@ -364,6 +408,7 @@ impl Router {
             let reader = tokio::spawn(self.clone().read_loop(read, reading));
             let mut session = Session {
                 router: &self,
+                role,
                 write,
                 table: &mut table,
                 changes: &mut changes,
@@ -371,9 +416,11 @@ impl Router {
                 max_payload: conn.max_payload,
             };
             let ended = session.write_loop(reader, pong, &stop).await;
-            self.handle.metrics.connected.set(0);
+            if role == Role::Messages {
+                self.handle.metrics.connected.set(0);
+            }
             if let Err(e) = ended {
-                tracing::warn!(error = %e, "cluster: message routing lost its NATS connection; reconnecting");
+                tracing::warn!(error = %e, connection = ?role, "cluster: message routing lost its NATS connection; reconnecting");
             }
         }
     }
@@ -430,7 +477,8 @@ impl Router {
 
     /// Takes in one NATS message: for a shared group when it came through the group's
     /// queue subscription (NATS picked this node), else for the subscribers, unless it
-    /// is this node's own or a duplicate. Malformed or expired ones are counted.
+    /// is this node's own (never, without echo; checked all the same) or a duplicate.
+    /// Malformed or expired ones are counted.
     fn arrived(&self, subject: &str, sid: u64, body: bytes::Bytes, ctx: &mut Reading) {
         let metrics = &self.handle.metrics;
         let topic = subject
@@ -501,6 +549,7 @@ struct Reading {
 /// One connection's writing side and the state it works on.
 struct Session<'a> {
     router: &'a Router,
+    role: Role,
     write: OwnedWriteHalf,
     table: &'a mut InterestTable,
     changes: &'a mut mpsc::UnboundedReceiver<Interest>,
@@ -520,8 +569,7 @@ impl Session<'_> {
         let mut out = BytesMut::new();
         self.table.resubscribe(&self.router.prefix, &mut out);
         self.flush(&mut out).await?;
-        let subs = self.table.subscriptions() as i64;
-        self.router.handle.metrics.subscriptions.set(subs);
+        self.count_subscriptions();
         let wake = self.router.handle.wake.clone();
         loop {
             tokio::select! {
@@ -539,16 +587,21 @@ impl Session<'_> {
                     while let Ok(change) = self.changes.try_recv() {
                         self.table.apply(change, &self.router.prefix, &mut out);
                     }
-                    let subs = self.table.subscriptions();
-                    self.router.handle.metrics.subscriptions.set(subs as i64);
+                    self.count_subscriptions();
                 }
-                _ = wake.notified() => self.publish_queued(&mut out),
+                _ = wake.notified(), if self.role == Role::Messages => self.publish_queued(&mut out),
             }
             if let Err(e) = self.flush(&mut out).await {
                 reader.abort();
                 return Err(e);
             }
         }
+    }
+
+    fn count_subscriptions(&self) {
+        let n = self.table.subscriptions() as i64;
+        let i = usize::from(self.role == Role::Groups);
+        self.router.handle.metrics.set_subscriptions(i, n);
     }
 
     /// Encodes up to [`WRITE_BATCH`] queued messages as PUBs (wakes itself for the rest).

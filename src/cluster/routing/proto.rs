@@ -138,7 +138,8 @@ pub struct Connected {
     pub rest: BytesMut,
 }
 
-/// Connects to the first of `urls` that answers, says CONNECT and waits for the PONG of a PING, so a refused token is an
+/// Connects to the first of `urls` that answers, says CONNECT (no echo: a connection never
+/// gets its own messages back) and waits for the PONG of a PING, so a refused token is an
 /// error here.
 pub async fn connect(urls: &[String], token: &str, name: &str) -> Result<Connected, String> {
     let mut last = String::from("no NATS URL");
@@ -160,7 +161,7 @@ async fn handshake(url: &str, token: &str, name: &str) -> Result<Connected, Stri
     let _ = stream.set_nodelay(true);
     let mut connect = serde_json::json!({
         "verbose": false, "pedantic": false, "lang": "rust", "version": env!("CARGO_PKG_VERSION"),
-        "protocol": 1, "echo": true, "headers": false, "name": name,
+        "protocol": 1, "echo": false, "headers": false, "name": name,
     });
     if !token.is_empty() {
         connect["auth_token"] = token.into();
