@@ -87,7 +87,7 @@ pub struct Fleet {
     pub node: Arc<str>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<FleetMetrics>,
-    /// Topic routing between nodes (its own NATS connection, see [`routing`]).
+    /// Topic routing between nodes (its own NATS connections, see [`routing`]).
     pub routing: Arc<routing::Router>,
     client: Client,
     prefix: String,
