@@ -233,6 +233,19 @@ pub enum ShardMsg {
         client_id: String,
         reply: oneshot::Sender<bool>,
     },
+    /// From the fleet's routing (`crate::cluster::routing`): messages published on other
+    /// nodes, for this shard's subscribers (not its shared groups, not its retained store).
+    FleetPublish(Vec<Arc<Message>>),
+    /// From the fleet's retained messages bucket, to the topic's home shard: a retained
+    /// update (an empty payload clears) to decide as one of its own devices' (not routed
+    /// to subscribers).
+    FleetRetained(Arc<Message>),
+    /// From the fleet's routing, to the owner shard of shared group `key`
+    /// (`{group}/{filter}`): NATS picked this node's members for `msg`; one of them gets it.
+    FleetShared {
+        key: Arc<str>,
+        msg: Arc<Message>,
+    },
 }
 
 /// A shard's answer to [`ShardMsg::DeleteRetained`].
@@ -380,6 +393,12 @@ impl Mailboxes {
         self.senders[shard].try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
         })
+    }
+
+    /// Sends `msg` to `shard`, waiting for room: for tasks on the business pool only,
+    /// never a shard. Gives the message back when the shard has stopped.
+    pub async fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.senders[shard].send(msg).await.map_err(|e| e.0)
     }
 
     /// Sends `make(shard)` to every shard, or to none: room is reserved in every mailbox

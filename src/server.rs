@@ -299,6 +299,7 @@ impl Server {
                 retained: retained.clone(),
                 ready: ready_tx.clone(),
                 events: events.sender.clone(),
+                fleet_route: fleet.as_ref().map(|f| f.routing.handle()),
             })?);
         }
         drop(ready_tx);

@@ -564,6 +564,25 @@ impl SubscriptionIndex {
         }
     }
 
+    /// Whether some session subscribed to exactly `filter`.
+    pub fn has_filter(&self, filter: &str) -> bool {
+        if !has_wildcard(filter) {
+            return self.exact.contains_key(filter);
+        }
+        let (path, slot) = trie_path(filter);
+        let mut node = &self.wildcard;
+        for level in levels(path) {
+            match node.child(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        match slot {
+            Slot::Exact => node.subs.is_some(),
+            Slot::Hash => node.hash.is_some(),
+        }
+    }
+
     /// Number of (filter, session) entries.
     pub fn len(&self) -> usize {
         self.entries

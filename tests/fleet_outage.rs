@@ -9,26 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::fleet::{self, wait_holder, DEADLINE};
+use common::fleet::{self, wait_holder, wait_ready_nats_down, DEADLINE};
 use common::v4::{self, QoS};
-use common::{http_get, post_json, GatewayProcess};
+use common::{post_json, GatewayProcess};
 use serde_json::{json, Value};
-
-/// Waits until `/readyz` on `gw` answers 200 and its body does (`true`) or does not
-/// mention NATS being down.
-async fn wait_ready_nats_down(gw: &GatewayProcess, down: bool) {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let (code, body) = http_get(gw.http, "/readyz").await;
-        let v: Value = serde_json::from_str(&body).unwrap_or_default();
-        assert_eq!((code, v["status"].as_str()), (200, Some("ready")), "{body}");
-        if (v["nats"] == "down") == down {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < end, "/readyz: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Waits until `sample` on `gw` has counted at least one.
 async fn wait_counted(gw: &GatewayProcess, sample: &str) {

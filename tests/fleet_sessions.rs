@@ -492,6 +492,8 @@ async fn without_nats_a_node_with_sessions_keeps_serving_its_own_devices() {
     let (mut nats, gw, kv) = fleet("fs-nonats", &["node-a"]).await;
     offline_devices(&gw[0], &kv, "off", 1, "node-a").await;
     nats.kill();
+    // Once the node knows: a CONNECT in the instant before waits for JetStream's answer.
+    common::fleet::wait_ready_nats_down(&gw[0], true).await;
     // New devices get in (a clean start needs nothing from the fleet), and messages
     // that the offline persistent session stores keep flowing: its changes fail to
     // reach JetStream at once, they do not hold the store writer and the shards.

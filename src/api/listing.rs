@@ -242,6 +242,18 @@ pub(super) async fn delete_retained(State(s): State<ApiState>, query: RawQuery) 
             .await?;
         let existed = answers.iter().any(|a| a.existed);
         await_commit(inner, answers).await?;
+        // In a fleet, every node forgets it too (the fleet's retained messages bucket).
+        if let Some(fleet) = &inner.fleet {
+            fleet.routing.clear_retained(&topic).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fleet_unavailable",
+                    format!(
+                        "deleted on this node, but the fleet's NATS cannot be reached ({e}); retry"
+                    ),
+                )
+            })?;
+        }
         if !existed {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,

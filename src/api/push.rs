@@ -83,6 +83,10 @@ impl Inner {
                 },
             )
             .map_err(|_| ApiError::overloaded())?;
+        // In a fleet, the other nodes' subscribers too (their matches are not counted).
+        if let Some(fleet) = &self.fleet {
+            fleet.routing.handle().offer(&msg);
+        }
         Ok(replies)
     }
 

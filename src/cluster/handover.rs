@@ -119,7 +119,7 @@ impl SessionStore {
         let id: Arc<str> = Arc::from(client_id.as_str());
         let (done, written) = tokio::sync::oneshot::channel();
         self.seqs().moving.insert(id.clone(), done);
-        self.link.registry.left(&client_id);
+        let _ = self.link.registry.left(&client_id);
         let (reply, stored) = tokio::sync::oneshot::channel();
         let home = home_shard(&client_id, shards.len());
         let asked = shards.try_send(home, ShardMsg::HandOver { client_id, reply });

@@ -16,7 +16,10 @@
 //!   this module moves bytes and tells "no responders" from a timeout;
 //! - takeover across nodes: when a device connects here while the registry named another
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
-//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`).
+//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`);
+//! - topic routing between nodes ([`routing`]): messages published here reach the
+//!   matching sessions of other nodes, through NATS subscriptions for the filters held;
+//!   retained messages through a key-value bucket every node follows.
 
 mod acker;
 pub mod arbiter;
@@ -27,6 +30,7 @@ pub mod registry;
 mod rejoin;
 pub mod restart;
 pub mod restore;
+pub mod routing;
 pub mod session_metrics;
 pub mod sessions;
 
@@ -94,6 +98,8 @@ pub struct Fleet {
     pub metrics: Arc<FleetMetrics>,
     /// The persistent sessions in JetStream (`sessions`).
     pub sessions: Arc<sessions::SessionStore>,
+    /// Topic routing between nodes (its own NATS connections, see [`routing`]).
+    pub routing: Arc<routing::Router>,
     client: Client,
     prefix: String,
     lease: Duration,
@@ -140,11 +146,14 @@ impl Fleet {
             .await
             .map_err(|e| format!("cluster: cannot take this node's lease: {e}"))?;
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
+        let retained = routing::retained::open(&client, config).await?;
+        let routing = routing::Router::new(config, &node, retained);
         Ok(Arc::new(Fleet {
             node,
             registry,
             metrics: Arc::default(),
             sessions,
+            routing,
             client,
             prefix: config.subject_prefix.clone(),
             lease: config.lease(),
@@ -194,6 +203,8 @@ impl Fleet {
             .clone()
             .serve_handovers(handovers, shards.clone());
         tasks.push(runtime.spawn(handing));
+        let stop = self.stop.clone();
+        tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
@@ -209,6 +220,7 @@ impl Fleet {
         self.metrics.render(out);
         self.registry.metrics.render(out);
         self.sessions.metrics.render(out);
+        self.routing.render_metrics(out);
     }
 
     fn subscribe(
@@ -255,8 +267,11 @@ impl Fleet {
             let client_id = String::from_utf8_lossy(&msg.payload).into_owned();
             if !self.registry.names_this_node(&client_id).await {
                 // Pushes here go to the other node from now on, not after the close.
-                self.registry.left(&client_id);
-                self.registry.metrics.lost.inc();
+                // Counted once per connection: a second request for one already gone
+                // (the rejoin and a claim can both ask) finds it left.
+                if self.registry.left(&client_id) {
+                    self.registry.metrics.lost.inc();
+                }
                 let home = home_shard(&client_id, shards.len());
                 // A full mailbox: the device stays online here too, as before the fleet.
                 let _ = shards.try_send(home, ShardMsg::TakenOver { client_id });

@@ -76,7 +76,7 @@ pub enum Located {
 /// (`KV_<name>` on `$KV.<name>.>`): async-nats's `create_key_value` first reads the
 /// account's JetStream info, which it cannot parse from a nats-server before 2.10
 /// (Debian's is 2.9).
-async fn open_bucket(
+pub(super) async fn open_bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
     max_age: std::time::Duration,
@@ -298,12 +298,12 @@ impl Registry {
         }
     }
 
-    /// `client_id` is no longer online here (taken over by another node).
-    pub(super) fn left(&self, client_id: &str) {
+    /// `client_id` is no longer online here (taken over by another node); true if it was.
+    pub(super) fn left(&self, client_id: &str) -> bool {
         self.here
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
+            .remove(client_id)
     }
 
     fn set_here(&self, client_id: &Arc<str>, here: bool) {

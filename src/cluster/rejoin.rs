@@ -104,8 +104,9 @@ impl Fleet {
     /// Another node's later connection holds `client_id`: this node's is closed.
     fn lost_while_away(&self, client_id: Arc<str>, shards: &Mailboxes) {
         tracing::info!(%client_id, node = %self.node, "cluster: another node accepted this client id later while NATS was away; closing the connection here");
-        self.registry.left(&client_id);
-        self.registry.metrics.lost.inc();
+        if self.registry.left(&client_id) {
+            self.registry.metrics.lost.inc();
+        }
         let home = home_shard(&client_id, shards.len());
         let msg = ShardMsg::TakenOver {
             client_id: client_id.to_string(),

@@ -34,6 +34,8 @@ pub struct ClusterConfig {
     pub session_bucket: String,
     pub session_stream: String,
     pub session_replicas: u32,
+    /// Messages waiting to be published to other nodes (`crate::cluster::routing`).
+    pub routing_queue_capacity: u32,
 }
 
 /// Whether `s` is a node id: letters, digits, `-` and `_`, 1 to [`MAX_NODE_ID_LEN`].
@@ -153,6 +155,10 @@ impl ClusterConfig {
                     format!("{server:?} names no host"),
                 ));
             }
+            // Message routing speaks the NATS protocol on a plain TCP connection.
+            if let Err(why) = crate::cluster::routing::proto::address(&server) {
+                return Err(invalid("cluster.nats_url", why));
+            }
         }
         Ok(())
     }
@@ -181,7 +187,13 @@ impl Section for ClusterConfig {
             1,
             10_000_000,
         )?;
-        in_range("cluster.session_replicas", self.session_replicas, 1, 5)
+        in_range("cluster.session_replicas", self.session_replicas, 1, 5)?;
+        in_range(
+            "cluster.routing_queue_capacity",
+            self.routing_queue_capacity,
+            1,
+            10_000_000,
+        )
     }
 }
 
@@ -205,6 +217,7 @@ mod tests {
         assert_eq!(c.session_bucket, "gateway_sessions");
         assert_eq!(c.session_stream, "gateway_session_messages");
         assert_eq!(c.session_replicas, 1);
+        assert_eq!(c.routing_queue_capacity, 65_536);
         assert!(!c.node().is_empty());
         assert!(super::valid_node_id(&c.node()));
     }
@@ -215,6 +228,7 @@ mod tests {
             ("node_id = \"a.b\"", "cluster.node_id"),
             ("node_id = \"has space\"", "cluster.node_id"),
             ("nats_url = \"nats://\"", "cluster.nats_url"),
+            ("nats_url = \"tls://h:4222\"", "cluster.nats_url"),
             ("enabled = true\nnats_url = \"\"", "cluster.nats_url"),
             ("subject_prefix = \"a.*\"", "cluster.subject_prefix"),
             ("subject_prefix = \"\"", "cluster.subject_prefix"),
@@ -234,6 +248,14 @@ mod tests {
             ("session_stream = \"\"", "cluster.session_stream"),
             ("session_replicas = 0", "cluster.session_replicas"),
             ("session_replicas = 6", "cluster.session_replicas"),
+            (
+                "routing_queue_capacity = 0",
+                "cluster.routing_queue_capacity",
+            ),
+            (
+                "routing_queue_capacity = 10000001",
+                "cluster.routing_queue_capacity",
+            ),
         ];
         for (body, key) in cases {
             assert_eq!(invalid_key(&format!("[cluster]\n{body}\n")), key, "{body}");

@@ -47,6 +47,7 @@ impl Shard {
             self.order_retained(&msg);
         }
         self.route(&msg);
+        self.offer_to_fleet(&msg);
         let keys = TopicKeys::of(&msg.topic);
         for shard in 0..self.routing.outbox.len() {
             if shard != self.id
@@ -70,7 +71,18 @@ impl Shard {
     /// with the highest granted QoS among its matching subscriptions and all their
     /// subscription identifiers, then to one member of each shared group this shard owns.
     /// Returns the number of sessions and groups it matched.
+    /// In a fleet, shared groups get their messages through NATS, which picks one node's
+    /// members per group (`fleet_route.rs`), never here.
     pub(super) fn route(&mut self, msg: &Arc<Message>) -> usize {
+        let shared = match self.services.fleet_route {
+            None => self.route_shared(msg),
+            Some(_) => 0,
+        };
+        self.route_subscribers(msg) + shared
+    }
+
+    /// The non-shared part of [`Shard::route`]: the local sessions' subscriptions.
+    pub(super) fn route_subscribers(&mut self, msg: &Arc<Message>) -> usize {
         if msg.is_expired(self.clock.now_instant) {
             self.services.metrics.drop_msg(DropReason::Expired, 1);
             return 0;
@@ -129,7 +141,7 @@ impl Shard {
             }
         }
         self.routing.match_buf = hits;
-        matched + self.route_shared(msg)
+        matched
     }
 
     /// The retained messages matching a new subscription, sent with RETAIN set.

@@ -35,6 +35,7 @@ mod delivery;
 mod durable;
 mod events;
 mod fleet;
+mod fleet_route;
 mod framer;
 mod gate;
 mod handshake;
@@ -147,6 +148,8 @@ pub struct ShardContext {
     pub ready: std::sync::mpsc::Sender<usize>,
     /// Where the shard's events to the backend go (see `events.rs`).
     pub events: crate::events::EventSender,
+    /// The fleet's message routing (`[cluster] enabled`; see `fleet_route.rs`).
+    pub fleet_route: Option<crate::cluster::routing::RouteHandle>,
 }
 
 /// One shard: its parts, each owning its state, and the loop that drives them.
@@ -321,6 +324,8 @@ impl Shard {
             shards_running: ctx.shards_running,
             events: ctx.events,
             sessions: ctx.sessions,
+            fleet_route: ctx.fleet_route,
+            fleet_paced: Default::default(),
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
         let routing = Routing::new(shards, &settings);
@@ -461,7 +466,8 @@ impl Shard {
         self.release_held();
         self.flush_dirty();
         self.send_pending_replies();
-        let outbox_waiting = self.flush_outbox() | self.flush_echoes() | self.flush_store();
+        let outbox_waiting =
+            self.flush_outbox() | self.flush_echoes() | self.flush_store() | self.flush_fleet();
         self.publish_gauges();
         // A publisher released this turn (by the mailbox or a drained subscriber) is read
         // again next turn, not at the next tick.
@@ -624,6 +630,9 @@ impl Shard {
             ShardMsg::HandOver { client_id, reply } => {
                 let _ = reply.send(self.hand_over(&client_id));
             }
+            ShardMsg::FleetPublish(batch) => self.on_fleet_publish(batch),
+            ShardMsg::FleetRetained(msg) => self.order_retained(&msg),
+            ShardMsg::FleetShared { key, msg } => self.on_fleet_shared(&key, &msg),
         }
     }
 

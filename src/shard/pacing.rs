@@ -248,7 +248,7 @@ impl Shard {
         if !self.settings.pace {
             return false;
         }
-        if self.routing.outbox_blocked {
+        if self.routing.outbox_blocked || self.fleet_backlogged() {
             return true;
         }
         self.pacing.any_paced()
@@ -264,7 +264,10 @@ impl Shard {
     /// may have to be held).
     pub(super) fn gate_frames(&self) -> bool {
         self.settings.inbound.enabled()
-            || (self.settings.pace && (self.routing.outbox_blocked || self.pacing.any_paced()))
+            || (self.settings.pace
+                && (self.routing.outbox_blocked
+                    || self.pacing.any_paced()
+                    || self.fleet_backlogged()))
             || self.store_backlogged()
     }
 

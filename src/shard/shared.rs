@@ -18,12 +18,18 @@
 //! full (bounded by `mailbox_capacity`; beyond that the oldest are dropped and counted as
 //! `mailbox_full`), so a shard never blocks and a member's join, leave and bounces reach
 //! the owner in the order they were sent.
+//!
+//! In a fleet (`crate::cluster::routing`) the owner reports a group that gets its first
+//! member here, or loses its last, to the fleet's routing, which holds a NATS queue
+//! subscription for it; no shard then matches messages against its groups itself: NATS
+//! picks one node per message and the owner gets it as `ShardMsg::FleetShared`.
 
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 use slab::Slab;
 
+use crate::cluster::routing::Interest;
 use crate::mailbox::{home_shard, ShardMsg, SharedBounce, SharedDelivery, SharedMember};
 use crate::message::Message;
 use crate::metrics::DropReason;
@@ -141,7 +147,10 @@ impl Shard {
                     members: Vec::new(),
                     next: 0,
                 });
-                shared.by_key.insert(key, slot);
+                shared.by_key.insert(key.clone(), slot);
+                if let Some(route) = &self.services.fleet_route {
+                    route.interest(Interest::Add(format!("$share/{key}").into()));
+                }
                 shared
                     .index
                     .get_or_insert_with(|| Box::new(SubscriptionIndex::new()))
@@ -184,6 +193,9 @@ impl Shard {
         if g.members.is_empty() {
             let g = shared.groups.remove(slot);
             shared.by_key.remove(&g.key);
+            if let Some(route) = &self.services.fleet_route {
+                route.interest(Interest::Remove(format!("$share/{}", g.key).into()));
+            }
             if let Some(index) = shared.index.as_mut() {
                 index.remove(&g.filter, slot as u32);
                 if index.is_empty() {
@@ -204,6 +216,14 @@ impl Shard {
             self.dispatch_shared(slot, msg, None, 0);
         }
         slots.len()
+    }
+
+    /// Owner, in a fleet: NATS picked this node's members of group `key` for `msg`.
+    pub(super) fn on_fleet_shared(&mut self, key: &str, msg: &Arc<Message>) {
+        match self.routing.shared.by_key.get(key).copied() {
+            Some(slot) => self.dispatch_shared(slot, msg, None, 0),
+            None => self.services.metrics.drop_msg(DropReason::Offline, 1),
+        }
     }
 
     /// Owner: gives `msg` to the next member of group `slot` (not `exclude` if another

@@ -502,6 +502,9 @@ proptest! {
             let distinct: std::collections::HashSet<&String> =
                 model.keys().map(|(filter, _)| filter).collect();
             prop_assert_eq!(index.filters(), distinct.len());
+            for f in &filters {
+                prop_assert_eq!(index.has_filter(f), distinct.contains(f), "filter {:?}", f);
+            }
         }
         for topic in &topics {
             let mut expected: Vec<(u32, u8)> = model

@@ -90,3 +90,19 @@ pub async fn wait_applied(nodes: &[GatewayProcess], n: usize) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits until `/readyz` on `gw` answers 200 and its body does (`true`) or does not
+/// mention NATS being down.
+pub async fn wait_ready_nats_down(gw: &GatewayProcess, down: bool) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (code, body) = super::http_get(gw.http, "/readyz").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!((code, v["status"].as_str()), (200, Some("ready")), "{body}");
+        if (v["nats"] == "down") == down {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < end, "/readyz: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -126,7 +126,7 @@ impl Shard {
             match filter.strip_prefix("$share/") {
                 Some(key) => groups.push(Arc::from(key)),
                 None => {
-                    self.routing.subs.remove(filter, skey as u32);
+                    self.index_remove(filter, skey as u32);
                 }
             }
         }

@@ -193,7 +193,7 @@ impl Shard {
         match shared {
             Some((group, inner)) => self.join_shared(skey, group, inner, options, sub_id),
             None => {
-                self.routing.subs.insert(
+                self.index_insert(
                     filter,
                     Subscriber {
                         session: skey as u32,
@@ -237,7 +237,7 @@ impl Shard {
                 self.leave_shared(&key, &client_id, items);
             }
             None => {
-                self.routing.subs.remove(filter, skey as u32);
+                self.index_remove(filter, skey as u32);
             }
         }
         true

@@ -86,6 +86,7 @@ pub(super) fn manual_shard_tls(
         retained: Arc::new(Vec::new()),
         ready: std::sync::mpsc::channel().0,
         events: crate::events::EventSender::disabled(),
+        fleet_route: None,
     };
     let (shard, rx) = Shard::with_clock(ctx, Clock::manual).expect("shard");
     (shard, rx, addr, tls_addr)

@@ -1,0 +1,731 @@
+//! Topic routing between the nodes of a fleet (issue 19 point 2): a device PUBLISH, a
+//! will or an HTTP topic push on one node reaches the matching sessions on every other
+//! node, once each, and only nodes with a matching subscription receive it.
+//!
+//! **Interest in NATS.** Each node subscribes in NATS to the subjects of the MQTT filters
+//! its sessions hold ([`subject`]), counted per node: a shard reports a filter when its
+//! index gains its first subscriber and again when it loses its last ([`Interest`]); the
+//! routing task counts the shards holding each filter and sends SUB at the first, UNSUB
+//! at the last. A message goes out once, on `<prefix>.msg.<topic subject>`, and NATS's
+//! own interest graph takes it to the nodes subscribed to a matching subject and to no
+//! other: a node without a matching filter costs nothing and counts 0 messages in. The
+//! alternative, publishing to every node and filtering there, sends every message to
+//! every node; replicating every node's filters to every publisher would keep millions of
+//! filters on each node. NATS already keeps the interest graph, and across a NATS cluster
+//! too.
+//!
+//! **Exactly once.** A node whose filters overlap (`a/+` and `+/b`) holds two NATS
+//! subscriptions matching `a/b` and receives one copy per subscription; each copy is
+//! routed through the shards' whole index, so only the first may be delivered. Every
+//! message carries its origin (node id and start time) and a sequence number counted by
+//! the one task that publishes for the node ([`envelope`]). The NATS server handles one
+//! connection's publishes one after the other and delivers each to all matching
+//! subscriptions before the next, in order on the receiving connection, so all copies of
+//! message n from an origin arrive before any copy of n+1: a copy whose sequence is not
+//! above the last one seen from its origin is a duplicate ([`Dedup`]), exactly. That
+//! needs the order of the receiving socket, which is why routing speaks the NATS protocol
+//! on its own connection ([`proto`]) instead of async-nats's per-subscription channels.
+//! The same order keeps QoS 1 messages of one publisher in order for each subscriber:
+//! one shard queues them in order, one task publishes them, one task reads them and hands
+//! them to each shard's mailbox in that order.
+//!
+//! **Shards never wait.** A shard offers each message to a bounded lock-free queue
+//! ([`RouteHandle::offer`], `[cluster] routing_queue_capacity`). With
+//! `slow_consumer = "pace"` a shard reads no PUBLISH while the queue holds half its
+//! capacity and the routing connection is up ([`RouteHandle::backlogged`]), as for a
+//! full outbox to another shard (`shard/pacing.rs`). When it is full anyway (NATS away,
+//! `"drop"`, topic pushes) the message does not go to other nodes and is counted
+//! (`gateway_fleet_messages_dropped_total{reason="queue_full"}`); its local delivery is
+//! unaffected. Interest changes go through an unbounded channel: losing one would lose
+//! messages, and there is at most one per SUBSCRIBE or UNSUBSCRIBE filter. Messages from
+//! other nodes reach the shards through their mailboxes (`ShardMsg::FleetPublish`); the
+//! routing task awaits room there, so a slow node stops reading NATS rather than drop.
+//!
+//! **What is not exact.** Core NATS is at most once: while the routing connection is
+//! down (it reconnects by itself with backoff) messages leave only through the queue
+//! once it is back, within its capacity, and messages from other nodes meanwhile are
+//! not received. Retained messages go through a key-value bucket every node follows
+//! ([`retained`]).
+//!
+//! **Shared subscriptions.** A node with members of `$share/{group}/{filter}` holds a
+//! NATS *queue* subscription for the filter's subjects, in a queue group named after
+//! `{group}/{filter}`: NATS gives each message to one subscriber of the queue group,
+//! that is to one node, whose group owner shard picks one of its members. With a fleet,
+//! no node delivers to a shared group on its own, not even the publishing node: the
+//! queue subscriptions live on a second connection of the node ([`Role::Groups`]), and
+//! NATS's no-echo only spares the publishing connection, so NATS may pick the
+//! publisher's node too. So each message reaches one member fleet-wide; NATS picks among nodes, not members (a node
+//! with one member gets as many messages as a node with ten). A message for a group
+//! whose members here all left meanwhile is dropped (counted `offline`).
+
+pub mod envelope;
+pub mod metrics;
+pub mod proto;
+pub mod retained;
+pub mod subject;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, BytesMut};
+use crossbeam_queue::ArrayQueue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::mailbox::{Mailboxes, ShardMsg};
+use crate::message::{Message, Origin};
+
+use envelope::Envelope;
+pub use metrics::{RouteDrop, RouteMetrics};
+use proto::ServerOp;
+
+/// Messages published per write to the socket at most.
+const WRITE_BATCH: usize = 1024;
+/// Longest subject sent (the NATS server's default control line is 4 KiB).
+const MAX_SUBJECT: usize = 3800;
+
+/// A change of a shard's interest in a filter.
+#[derive(Debug)]
+pub enum Interest {
+    /// The shard's index gained the filter's first subscriber.
+    Add(Arc<str>),
+    /// The shard's index lost the filter's last subscriber.
+    Remove(Arc<str>),
+}
+
+/// Which of a node's two routing connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Publishes the node's messages and subscribes its sessions' filters. Without echo:
+    /// the node's own messages never come back to it.
+    Messages,
+    /// Holds the queue subscriptions of the node's shared groups: another connection, so
+    /// NATS may pick this node's members for its own messages too.
+    Groups,
+}
+
+/// What a shard (or the HTTP API) holds to route messages to the fleet. Never blocks.
+#[derive(Clone)]
+pub struct RouteHandle {
+    queue: Arc<ArrayQueue<Arc<Message>>>,
+    wake: Arc<Notify>,
+    interest: mpsc::UnboundedSender<Interest>,
+    /// Interest changes of shared groups (`$share/…`), for the groups connection.
+    groups: mpsc::UnboundedSender<Interest>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+impl RouteHandle {
+    /// Queues `msg` for the other nodes; counted and not routed to them when the queue
+    /// is full.
+    pub fn offer(&self, msg: &Arc<Message>) {
+        if self.queue.push(msg.clone()).is_err() {
+            self.metrics.drop_msg(RouteDrop::QueueFull);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether the queue holds half its capacity while the routing connection is up: a
+    /// shard then reads no PUBLISH until it drains (`shard/fleet_route.rs`). While NATS
+    /// is away the queue fills and drops instead, so local delivery goes on.
+    pub fn backlogged(&self) -> bool {
+        self.metrics.connected.get() == 1 && self.queue.len() * 2 >= self.queue.capacity()
+    }
+
+    /// Reports a change of this shard's interest in a filter.
+    pub fn interest(&self, change: Interest) {
+        let shared = match &change {
+            Interest::Add(f) | Interest::Remove(f) => f.starts_with("$share/"),
+        };
+        let to = if shared { &self.groups } else { &self.interest };
+        // Closed only once the routing task has ended (shutdown).
+        let _ = to.send(change);
+    }
+}
+
+/// The last sequence number seen from each origin (see the module doc).
+#[derive(Default)]
+pub struct Dedup {
+    last: HashMap<String, u64>,
+}
+
+impl Dedup {
+    /// True the first time `(origin, seq)` is seen, false for a later copy.
+    pub fn first(&mut self, origin: &str, seq: u64) -> bool {
+        match self.last.get_mut(origin) {
+            Some(last) if seq <= *last => false,
+            Some(last) => {
+                *last = seq;
+                true
+            }
+            None => {
+                self.last.insert(origin.to_string(), seq);
+                true
+            }
+        }
+    }
+}
+
+/// One filter this node holds: how many shards hold it and its NATS subscription ids.
+struct Held {
+    shards: u32,
+    sids: Vec<u64>,
+}
+
+/// This node's NATS subscriptions for its filters.
+#[derive(Default)]
+struct InterestTable {
+    filters: HashMap<Arc<str>, Held>,
+    next_sid: u64,
+    /// The queue subscriptions of shared groups: sid → group key (`{group}/{filter}`),
+    /// read by the reader to tell a group's message from a subscriber's.
+    groups: SharedSids,
+}
+
+/// Subscription id → shared group key.
+type SharedSids = Arc<Mutex<HashMap<u64, Arc<str>>>>;
+
+impl InterestTable {
+    /// Applies `change`; appends the SUB/UNSUB lines it needs to `out`.
+    fn apply(&mut self, change: Interest, prefix: &str, out: &mut BytesMut) {
+        match change {
+            Interest::Add(filter) => {
+                if let Some(held) = self.filters.get_mut(&filter) {
+                    held.shards += 1;
+                    return;
+                }
+                let sids = self.subscribe(&filter, prefix, out);
+                self.filters.insert(filter, Held { shards: 1, sids });
+            }
+            Interest::Remove(filter) => {
+                let Some(held) = self.filters.get_mut(&filter) else {
+                    return;
+                };
+                held.shards -= 1;
+                if held.shards == 0 {
+                    let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+                    for sid in &held.sids {
+                        out.put_slice(format!("UNSUB {sid}\r\n").as_bytes());
+                        groups.remove(sid);
+                    }
+                    self.filters.remove(&filter);
+                }
+            }
+        }
+    }
+
+    /// Subscribes every held filter again (a new connection), with new ids.
+    fn resubscribe(&mut self, prefix: &str, out: &mut BytesMut) {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let filters: Vec<Arc<str>> = self.filters.keys().cloned().collect();
+        for filter in filters {
+            let sids = self.subscribe(&filter, prefix, out);
+            if let Some(held) = self.filters.get_mut(&filter) {
+                held.sids = sids;
+            }
+        }
+    }
+
+    /// SUBs for `filter`'s subjects; for a shared filter `$share/{group}/{f}`, queue
+    /// subscriptions for `f`'s subjects in a queue group named after the group key
+    /// (hex, so any group and filter is one valid name).
+    fn subscribe(&mut self, filter: &str, prefix: &str, out: &mut BytesMut) -> Vec<u64> {
+        let (inner, queue) = match crate::topic::parse_shared(filter) {
+            Some((_, inner)) => {
+                let key = &filter["$share/".len()..];
+                let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+                (inner, Some((Arc::<str>::from(key), format!(" q{hex}"))))
+            }
+            None => (filter, None),
+        };
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        subject::filter_subjects(inner)
+            .into_iter()
+            .map(|s| {
+                self.next_sid += 1;
+                let sid = self.next_sid;
+                let q = queue.as_ref().map_or("", |(_, q)| q.as_str());
+                out.put_slice(format!("SUB {prefix}.{s}{q} {sid}\r\n").as_bytes());
+                if let Some((key, _)) = &queue {
+                    groups.insert(sid, key.clone());
+                }
+                sid
+            })
+            .collect()
+    }
+
+    fn subscriptions(&self) -> usize {
+        self.filters.values().map(|h| h.sids.len()).sum()
+    }
+}
+
+/// The routing of this node: the queue shards offer to and the task that talks to NATS.
+pub struct Router {
+    handle: RouteHandle,
+    /// The interest changes for the messages connection and for the groups connection.
+    changes: Mutex<Option<[mpsc::UnboundedReceiver<Interest>; 2]>>,
+    /// `<subject_prefix>.msg`
+    prefix: String,
+    origin: String,
+    urls: Vec<String>,
+    token: String,
+    name: String,
+    /// The fleet's retained messages (see [`retained`]) and its subjects' prefix.
+    retained: async_nats::jetstream::kv::Store,
+    retained_prefix: String,
+}
+
+impl Router {
+    pub fn new(
+        config: &ClusterConfig,
+        node: &str,
+        retained: async_nats::jetstream::kv::Store,
+    ) -> Arc<Router> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (groups_tx, groups_rx) = mpsc::unbounded_channel();
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Arc::new(Router {
+            handle: RouteHandle {
+                queue: Arc::new(ArrayQueue::new(
+                    (config.routing_queue_capacity as usize).max(1),
+                )),
+                wake: Arc::new(Notify::new()),
+                interest: tx,
+                groups: groups_tx,
+                metrics: Arc::default(),
+            },
+            changes: Mutex::new(Some([rx, groups_rx])),
+            prefix: format!("{}.msg", config.subject_prefix),
+            origin: format!("{node}/{started}"),
+            urls: config.urls(),
+            token: config.nats_token.clone(),
+            name: format!("gateway-route-{node}"),
+            retained,
+            retained_prefix: format!("$KV.{}", retained::bucket(config)),
+        })
+    }
+
+    pub fn handle(&self) -> RouteHandle {
+        self.handle.clone()
+    }
+
+    /// Clears `topic`'s retained message on every node (see [`retained::clear`]).
+    pub async fn clear_retained(&self, topic: &str) -> Result<(), String> {
+        retained::clear(&self.retained, topic, &self.origin).await
+    }
+
+    pub fn render_metrics(&self, out: &mut String) {
+        self.handle.metrics.render(out);
+    }
+
+    /// Follows the retained messages bucket and runs both connections until `stop`.
+    pub async fn run(self: Arc<Self>, shards: Mailboxes, stop: CancellationToken) {
+        let Some([changes, groups]) = self
+            .changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let metrics = self.handle.metrics.clone();
+        let follow = retained::follow(self.retained.clone(), shards.clone(), metrics, stop.clone());
+        tokio::spawn(follow);
+        let dedup = Arc::new(Mutex::new(Dedup::default()));
+        let messages = self.clone().connection(
+            Role::Messages,
+            changes,
+            (shards.clone(), dedup.clone()),
+            stop.clone(),
+        );
+        let groups = self
+            .clone()
+            .connection(Role::Groups, groups, (shards, dedup), stop);
+        tokio::join!(messages, groups);
+    }
+
+    /// Connects as `role`, routes until `stop`, and connects again whenever the
+    /// connection ends.
+    async fn connection(
+        self: Arc<Self>,
+        role: Role,
+        mut changes: mpsc::UnboundedReceiver<Interest>,
+        (shards, dedup): (Mailboxes, Arc<Mutex<Dedup>>),
+        stop: CancellationToken,
+    ) {
+        let mut table = InterestTable::default();
+        let name = format!("{}-{role:?}", self.name);
+        let mut seq = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        let mut failing = false;
+        while !stop.is_cancelled() {
+            let conn = tokio::select! {
+                c = proto::connect(&self.urls, &self.token, &name) => c,
+                _ = stop.cancelled() => return,
+            };
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, connection = ?role, "cluster: message routing cannot reach NATS; messages to other nodes wait in the queue (within routing_queue_capacity)");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            tracing::info!(origin = %self.origin, connection = ?role, "cluster: message routing connected to NATS");
+            failing = false;
+            backoff = Duration::from_millis(100);
+            if role == Role::Messages {
+                self.handle.metrics.connected.set(1);
+            }
+            let (read, write) = conn.stream.into_split();
+            let pong = Arc::new(Notify::new());
+            let reading = Reading {
+                buf: conn.rest,
+                dedup: dedup.clone(),
+                groups: table.groups.clone(),
+                shards: shards.clone(),
+                pong: pong.clone(),
+                batch: Vec::new(),
+                shared: Vec::new(),
+            };
+            let reader = tokio::spawn(self.clone().read_loop(read, reading));
+            let mut session = Session {
+                router: &self,
+                role,
+                write,
+                table: &mut table,
+                changes: &mut changes,
+                seq: &mut seq,
+                max_payload: conn.max_payload,
+            };
+            let ended = session.write_loop(reader, pong, &stop).await;
+            if role == Role::Messages {
+                self.handle.metrics.connected.set(0);
+            }
+            if let Err(e) = ended {
+                tracing::warn!(error = %e, connection = ?role, "cluster: message routing lost its NATS connection; reconnecting");
+            }
+        }
+    }
+
+    /// Reads the server's operations: messages for this node's shards, PINGs answered.
+    async fn read_loop(self: Arc<Self>, mut read: OwnedReadHalf, mut ctx: Reading) -> String {
+        loop {
+            loop {
+                match proto::parse(&mut ctx.buf) {
+                    Ok(Some(ServerOp::Msg {
+                        subject,
+                        sid,
+                        payload,
+                    })) => self.arrived(&subject, sid, payload, &mut ctx),
+                    Ok(Some(ServerOp::Ping)) => ctx.pong.notify_one(),
+                    Ok(Some(ServerOp::Err(e))) => {
+                        tracing::warn!(error = %e, "cluster: NATS reports an error on the routing connection")
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return e.to_string(),
+                }
+            }
+            if let Err(e) = self.hand_over(&mut ctx).await {
+                return e;
+            }
+            match read.read_buf(&mut ctx.buf).await {
+                Ok(0) => return "closed by the server".into(),
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    /// Hands what one read brought to the shards: the subscribers' messages to every
+    /// shard, each shared group's message to the group's owner shard. Awaits room in
+    /// their mailboxes: a slow node stops reading NATS rather than drop.
+    async fn hand_over(&self, ctx: &mut Reading) -> Result<(), String> {
+        let stopping = |_| "the gateway is stopping".to_string();
+        if !ctx.batch.is_empty() {
+            let batch = std::mem::take(&mut ctx.batch);
+            for shard in 0..ctx.shards.len() {
+                let msg = ShardMsg::FleetPublish(batch.clone());
+                ctx.shards.send(shard, msg).await.map_err(stopping)?;
+            }
+        }
+        for (key, msg) in std::mem::take(&mut ctx.shared) {
+            let owner = crate::mailbox::home_shard(&key, ctx.shards.len());
+            let msg = ShardMsg::FleetShared { key, msg };
+            ctx.shards.send(owner, msg).await.map_err(stopping)?;
+        }
+        Ok(())
+    }
+
+    /// Takes in one NATS message: for a shared group when it came through the group's
+    /// queue subscription (NATS picked this node), else for the subscribers, unless it
+    /// is this node's own (never, without echo; checked all the same) or a duplicate.
+    /// Malformed or expired ones are counted.
+    fn arrived(&self, subject: &str, sid: u64, body: bytes::Bytes, ctx: &mut Reading) {
+        let metrics = &self.handle.metrics;
+        let topic = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(subject::decode_topic);
+        let (Some(topic), Ok(env)) = (topic, Envelope::decode(body)) else {
+            metrics.drop_msg(RouteDrop::Malformed);
+            return;
+        };
+        let own = env.origin == self.origin;
+        let group = ctx
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sid)
+            .cloned();
+        if group.is_none() {
+            if own {
+                return;
+            }
+            let mut dedup = ctx.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            if !dedup.first(&env.origin, env.seq) {
+                metrics.drop_msg(RouteDrop::Duplicate);
+                return;
+            }
+        }
+        if env.expiry_ms == Some(0) {
+            metrics.drop_msg(RouteDrop::Expired);
+            return;
+        }
+        if !own {
+            metrics.received(1);
+        }
+        let mut msg = Message::new(
+            topic.into(),
+            env.payload,
+            env.qos,
+            env.retain,
+            Origin::Gateway,
+        );
+        msg.props = env.props;
+        msg.expires = env
+            .expiry_ms
+            .map(|ms| msg.created + Duration::from_millis(ms));
+        let msg = Arc::new(msg);
+        match group {
+            Some(key) => ctx.shared.push((key, msg)),
+            None => ctx.batch.push(msg),
+        }
+    }
+}
+
+/// What the reader of one connection works with.
+struct Reading {
+    /// Bytes read and not parsed yet.
+    buf: BytesMut,
+    /// The last sequence seen per origin; kept across connections.
+    dedup: Arc<Mutex<Dedup>>,
+    groups: SharedSids,
+    shards: Mailboxes,
+    pong: Arc<Notify>,
+    /// Messages for the subscribers, and for shared groups, from the current read.
+    batch: Vec<Arc<Message>>,
+    shared: Vec<(Arc<str>, Arc<Message>)>,
+}
+
+/// One connection's writing side and the state it works on.
+struct Session<'a> {
+    router: &'a Router,
+    role: Role,
+    write: OwnedWriteHalf,
+    table: &'a mut InterestTable,
+    changes: &'a mut mpsc::UnboundedReceiver<Interest>,
+    seq: &'a mut u64,
+    max_payload: usize,
+}
+
+impl Session<'_> {
+    /// Subscribes the held filters, then writes interest changes, queued messages and
+    /// PONGs until the reader ends, a write fails or the gateway stops.
+    async fn write_loop(
+        &mut self,
+        mut reader: tokio::task::JoinHandle<String>,
+        pong: Arc<Notify>,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut out = BytesMut::new();
+        self.table.resubscribe(&self.router.prefix, &mut out);
+        self.flush(&mut out).await?;
+        self.count_subscriptions();
+        let wake = self.router.handle.wake.clone();
+        loop {
+            tokio::select! {
+                ended = &mut reader => {
+                    return Err(ended.unwrap_or_else(|e| e.to_string()));
+                }
+                _ = stop.cancelled() => {
+                    reader.abort();
+                    return Ok(());
+                }
+                _ = pong.notified() => out.put_slice(b"PONG\r\n"),
+                change = self.changes.recv() => {
+                    let Some(change) = change else { return Ok(()) };
+                    self.table.apply(change, &self.router.prefix, &mut out);
+                    while let Ok(change) = self.changes.try_recv() {
+                        self.table.apply(change, &self.router.prefix, &mut out);
+                    }
+                    self.count_subscriptions();
+                }
+                _ = wake.notified(), if self.role == Role::Messages => self.publish_queued(&mut out),
+            }
+            if let Err(e) = self.flush(&mut out).await {
+                reader.abort();
+                return Err(e);
+            }
+        }
+    }
+
+    fn count_subscriptions(&self) {
+        let n = self.table.subscriptions() as i64;
+        let i = usize::from(self.role == Role::Groups);
+        self.router.handle.metrics.set_subscriptions(i, n);
+    }
+
+    /// Encodes up to [`WRITE_BATCH`] queued messages as PUBs (wakes itself for the rest).
+    fn publish_queued(&mut self, out: &mut BytesMut) {
+        let handle = &self.router.handle;
+        let now = Instant::now();
+        let mut sent = 0;
+        for _ in 0..WRITE_BATCH {
+            let Some(msg) = handle.queue.pop() else { break };
+            if msg.is_expired(now) {
+                handle.metrics.drop_msg(RouteDrop::Expired);
+                continue;
+            }
+            *self.seq += 1;
+            let env = Envelope {
+                origin: self.router.origin.clone(),
+                seq: *self.seq,
+                qos: msg.qos,
+                retain: msg.retain,
+                expiry_ms: msg
+                    .expires
+                    .map(|e| e.saturating_duration_since(now).as_millis().max(1) as u64),
+                props: msg.props.clone(),
+                payload: msg.payload.clone(),
+            };
+            let body = env.encode();
+            let subject = subject::topic_subject(&msg.topic);
+            if body.len() > self.max_payload || subject.len() > MAX_SUBJECT {
+                handle.metrics.drop_msg(RouteDrop::TooLarge);
+                continue;
+            }
+            put_pub(out, &self.router.prefix, &subject, &body);
+            sent += 1;
+            if msg.retain {
+                self.put_retained(out, &msg, env);
+            }
+        }
+        handle.metrics.sent(sent);
+        if !handle.queue.is_empty() {
+            handle.wake.notify_one();
+        }
+    }
+
+    /// Puts a retained message (or its clear) into the fleet's bucket.
+    fn put_retained(&self, out: &mut BytesMut, msg: &Message, env: Envelope) {
+        let key = retained::key(&msg.topic);
+        let body = Envelope {
+            seq: retained::now_ms(),
+            ..env
+        }
+        .encode();
+        if key.len() > MAX_SUBJECT || body.len() > self.max_payload {
+            self.router.handle.metrics.drop_msg(RouteDrop::TooLarge);
+            return;
+        }
+        put_pub(out, &self.router.retained_prefix, &key, &body);
+        self.router.handle.metrics.retained_out();
+    }
+
+    async fn flush(&mut self, out: &mut BytesMut) -> Result<(), String> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let r = self.write.write_all(out).await.map_err(|e| e.to_string());
+        out.clear();
+        r
+    }
+}
+
+/// Appends `PUB <prefix>.<subject> <len>` and the body.
+fn put_pub(out: &mut BytesMut, prefix: &str, subject: &str, body: &[u8]) {
+    out.put_slice(format!("PUB {prefix}.{subject} {}\r\n", body.len()).as_bytes());
+    out.put_slice(body);
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_drops_later_copies_per_origin() {
+        let mut d = Dedup::default();
+        assert!(d.first("a/1", 1));
+        assert!(!d.first("a/1", 1));
+        assert!(d.first("b/1", 1));
+        assert!(d.first("a/1", 3));
+        assert!(!d.first("a/1", 2));
+        assert!(d.first("a/2", 1), "a restarted node is a new origin");
+    }
+
+    #[test]
+    fn a_filter_is_subscribed_at_its_first_shard_and_unsubscribed_at_its_last() {
+        let mut t = InterestTable::default();
+        let mut out = BytesMut::new();
+        let f: Arc<str> = "a/#".into();
+        t.apply(Interest::Add(f.clone()), "p.msg", &mut out);
+        assert_eq!(&out[..], b"SUB p.msg.u.a 1\r\nSUB p.msg.u.a.> 2\r\n");
+        out.clear();
+        t.apply(Interest::Add(f.clone()), "p.msg", &mut out);
+        t.apply(Interest::Remove(f.clone()), "p.msg", &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.subscriptions(), 2);
+        t.apply(Interest::Remove(f), "p.msg", &mut out);
+        assert_eq!(&out[..], b"UNSUB 1\r\nUNSUB 2\r\n");
+        assert_eq!(t.subscriptions(), 0);
+    }
+
+    #[test]
+    fn a_shared_group_is_a_queue_subscription_known_by_its_sid() {
+        let mut t = InterestTable::default();
+        let mut out = BytesMut::new();
+        t.apply(Interest::Add("$share/g/a/+".into()), "p.msg", &mut out);
+        // The queue group is the hex of the group key "g/a/+".
+        assert_eq!(&out[..], b"SUB p.msg.u.a.* q672f612f2b 1\r\n");
+        assert_eq!(
+            t.groups.lock().unwrap().get(&1).map(|k| &**k),
+            Some("g/a/+")
+        );
+        out.clear();
+        t.resubscribe("p.msg", &mut out);
+        assert_eq!(&out[..], b"SUB p.msg.u.a.* q672f612f2b 2\r\n");
+        assert!(t.groups.lock().unwrap().get(&1).is_none());
+        t.apply(Interest::Remove("$share/g/a/+".into()), "p.msg", &mut out);
+        assert!(t.groups.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,81 @@
+//! The shard's side of routing messages between the nodes of a fleet
+//! (`crate::cluster::routing`, only with `[cluster] enabled`): it tells the routing task
+//! which filters its index holds (the first subscriber of a filter, the last one gone),
+//! offers each message published here to the other nodes, and delivers the messages
+//! other nodes published to its subscribers. (The fleet's retained updates arrive as
+//! `ShardMsg::FleetRetained` and are decided in `retained.rs` like a device's; shared
+//! groups' messages as `ShardMsg::FleetShared`, see `shared.rs`.) Nothing
+//! here waits: the offer is a push on a
+//! bounded lock-free queue, an interest change a send on an unbounded channel; while the
+//! queue is backlogged, publishers are held as for a full outbox (`pacing.rs`).
+
+use std::sync::Arc;
+
+use crate::cluster::routing::Interest;
+use crate::message::Message;
+use crate::topic::Subscriber;
+
+use super::Shard;
+
+impl Shard {
+    /// Adds `sub` to the index under `filter`; the fleet hears of a filter new here.
+    pub(super) fn index_insert(&mut self, filter: &Arc<str>, sub: Subscriber) {
+        let fresh = self.services.fleet_route.is_some() && !self.routing.subs.has_filter(filter);
+        self.routing.subs.insert(filter, sub);
+        if let (true, Some(route)) = (fresh, &self.services.fleet_route) {
+            route.interest(Interest::Add(filter.clone()));
+        }
+    }
+
+    /// Removes `session` from `filter` in the index; the fleet hears of a filter gone here.
+    pub(super) fn index_remove(&mut self, filter: &str, session: u32) -> Option<u8> {
+        let removed = self.routing.subs.remove(filter, session);
+        if let (Some(_), Some(route)) = (removed, &self.services.fleet_route) {
+            if !self.routing.subs.has_filter(filter) {
+                route.interest(Interest::Remove(Arc::from(filter)));
+            }
+        }
+        removed
+    }
+
+    /// Offers a message published on this shard to the other nodes.
+    pub(super) fn offer_to_fleet(&self, msg: &Arc<Message>) {
+        if let Some(route) = &self.services.fleet_route {
+            route.offer(msg);
+        }
+    }
+
+    /// The fleet's routing queue is backlogged (`RouteHandle::backlogged`): with
+    /// `slow_consumer = "pace"` no PUBLISH is read meanwhile (`publish_paced`).
+    /// Remembers that it was, so the publishers it held are read again once it is not.
+    pub(super) fn fleet_backlogged(&self) -> bool {
+        let over = self
+            .services
+            .fleet_route
+            .as_ref()
+            .is_some_and(|r| r.backlogged());
+        if over {
+            self.services.fleet_paced.set(true);
+        }
+        over
+    }
+
+    /// At the end of a turn: true while the routing queue is backlogged (the shard looks
+    /// again in a millisecond); once it drained (possibly within the turn that held a
+    /// publisher), the publishers held for it are read again.
+    pub(super) fn flush_fleet(&mut self) -> bool {
+        let over = self.fleet_backlogged();
+        if !over && self.services.fleet_paced.replace(false) {
+            self.outbox_unblocked();
+        }
+        over
+    }
+
+    /// Messages published on other nodes: to this shard's matching sessions (their
+    /// retained flag is not a retained update here, and shared groups are per node).
+    pub(super) fn on_fleet_publish(&mut self, batch: Vec<Arc<Message>>) {
+        for msg in &batch {
+            self.route_subscribers(msg);
+        }
+    }
+}
