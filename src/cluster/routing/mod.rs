@@ -76,6 +76,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
+use crate::interest::TopicKeys;
 use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::{Message, Origin};
 
@@ -455,15 +456,25 @@ impl Router {
         }
     }
 
-    /// Hands what one read brought to the shards: the subscribers' messages to every
-    /// shard, each shared group's message to the group's owner shard. Awaits room in
-    /// their mailboxes: a slow node stops reading NATS rather than drop.
+    /// Hands what one read brought to the shards: the subscribers' messages to each
+    /// shard whose subscriptions may match them (`crate::interest`), each shared group's
+    /// message to the group's owner shard. Awaits room in their mailboxes: a slow node
+    /// stops reading NATS rather than drop.
     async fn hand_over(&self, ctx: &mut Reading) -> Result<(), String> {
         let stopping = |_| "the gateway is stopping".to_string();
         if !ctx.batch.is_empty() {
             let batch = std::mem::take(&mut ctx.batch);
+            let keys: Vec<TopicKeys> = batch.iter().map(|m| TopicKeys::of(&m.topic)).collect();
             for shard in 0..ctx.shards.len() {
-                let msg = ShardMsg::FleetPublish(batch.clone());
+                let interest = ctx.shards.interest();
+                let part: Vec<Arc<Message>> = (batch.iter().zip(&keys))
+                    .filter(|(_, k)| interest.may_match(shard, k))
+                    .map(|(m, _)| m.clone())
+                    .collect();
+                if part.is_empty() {
+                    continue;
+                }
+                let msg = ShardMsg::FleetPublish(part);
                 ctx.shards.send(shard, msg).await.map_err(stopping)?;
             }
         }
