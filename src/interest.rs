@@ -23,7 +23,7 @@
 //!   Counters are one byte and stick at 255: a bucket that many subscriptions share
 //!   stays busy (a false positive) rather than wrap.
 //!
-//! Memory: one byte per bucket per shard (`interest_buckets`, default 1 Mi: 1 MiB per
+//! Memory: one byte per bucket per shard (`interest_buckets`, default 64 Ki: 64 KiB per
 //! shard), allocated zeroed so only the pages subscriptions touch become resident.
 //!
 //! With `[shards] interest_buckets = 0`, or a topic deeper than [`MAX_LEVELS`], every

@@ -38,7 +38,9 @@ TOML
 }
 
 start_gateway() {
-  local gw=$1 dir=$2 config=$3 http=${4:-18080}
+  local gw dir=$2 config=$3 http=${4:-18080}
+  # Absolute: the gateway runs in DIR (its store goes there).
+  gw=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
   (cd "$dir" && rm -rf data && exec "$gw" --config "$config" > "$dir/gw.log" 2>&1) &
   PID=$!
   for _ in $(seq 100); do
