@@ -48,6 +48,9 @@ impl Shard {
         }
         self.route(&msg);
         self.offer_to_fleet(&msg);
+        if self.routing.outbox.len() == 1 {
+            return;
+        }
         let keys = TopicKeys::of(&msg.topic);
         for shard in 0..self.routing.outbox.len() {
             if shard != self.id

@@ -122,7 +122,7 @@ impl Shard {
         self.store_session_ended(&s.client_id, s.stored);
         let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
-            self.services.mailboxes.interest().remove(self.id, filter);
+            self.count_subscription(filter, false);
             match filter.strip_prefix("$share/") {
                 Some(key) => groups.push(Arc::from(key)),
                 None => {
@@ -130,7 +130,6 @@ impl Shard {
                 }
             }
         }
-        self.routing.subs_total -= s.subs.len() as u64;
         if let Some(t) = s.timer {
             self.timers.wheel.cancel(t);
         }
