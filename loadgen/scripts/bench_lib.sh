@@ -10,7 +10,9 @@
 #                               starts GW in DIR on DIR/CONFIG with an empty store and
 #                               waits for /readyz (on HTTP_PORT, default 18080); its PID
 #                               is in $PID
-#   stop_gateway                 SIGTERM to $PID, and waits for it
+#   start_peer DIR CMD...        starts a peer broker (CMD) listening on 127.0.0.1:18830,
+#                               its output in DIR/peer.log; its PID is in $PID
+#   stop_gateway                 SIGTERM to $PID, and waits for it (a peer too)
 #   make_tls_certs DIR           DIR/ca.pem, DIR/server.pem, DIR/server.key: a throwaway
 #                               ECDSA P-256 CA and a server certificate for 127.0.0.1
 #   write_tls_config DIR MQTT TLS HTTP
@@ -48,6 +50,19 @@ start_gateway() {
     sleep 0.1
   done
   echo "gateway did not become ready; see $dir/gw.log" >&2
+  return 1
+}
+
+start_peer() {
+  local dir=$1
+  shift
+  ("$@" > "$dir/peer.log" 2>&1) &
+  PID=$!
+  for _ in $(seq 100); do
+    (exec 3<> /dev/tcp/127.0.0.1/18830) 2> /dev/null && return 0
+    sleep 0.1
+  done
+  echo "$1 did not listen; see $dir/peer.log" >&2
   return 1
 }
 

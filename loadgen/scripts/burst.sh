@@ -51,17 +51,6 @@ max_inflight_count = 100
 dynamic_filters = true
 TOML
 
-start_peer() {
-  ("$@" > "$dir/peer.log" 2>&1) &
-  PID=$!
-  for _ in $(seq 100); do
-    (exec 3<> /dev/tcp/127.0.0.1/18830) 2> /dev/null && return 0
-    sleep 0.1
-  done
-  echo "$1 did not listen; see $dir/peer.log" >&2
-  return 1
-}
-
 burst() { # NAME QOS
   local name=$1 qos=$2
   case $qos in
@@ -79,8 +68,8 @@ for r in $(seq "$repeats"); do
     for b in $brokers; do
       case $b in
         gateway) start_gateway "$gw" "$dir" burst.toml ;;
-        mosquitto) start_peer mosquitto -c "$dir/mosquitto.conf" ;;
-        rumqttd) start_peer "$rumqttd" -c "$dir/rumqttd.toml" ;;
+        mosquitto) start_peer "$dir" mosquitto -c "$dir/mosquitto.conf" ;;
+        rumqttd) start_peer "$dir" "$rumqttd" -c "$dir/rumqttd.toml" ;;
       esac && burst "$b-q$qos-$r" "$qos"
       stop_gateway
     done

@@ -43,17 +43,6 @@ persistence false
 max_queued_messages 1000
 CONF
 
-start_peer() {
-  ("$@" > "$dir/peer.log" 2>&1) &
-  PID=$!
-  for _ in $(seq 100); do
-    (exec 3<> /dev/tcp/127.0.0.1/18830) 2> /dev/null && return 0
-    sleep 0.1
-  done
-  echo "$1 did not listen; see $dir/peer.log" >&2
-  return 1
-}
-
 run() { # NAME
   "$lg" fanout --target 127.0.0.1:18830 --protocol 4 --subscribers "$devices" \
     --connect-rate 5000 --topic 'dev/{id}/cmd' --client-id 'pd-{i}' --rate "$rate" \
@@ -66,7 +55,7 @@ for r in $(seq "$repeats"); do
   for b in $brokers; do
     case $b in
       gateway*) start_gateway "$gw" "$dir" "$b.toml" ;;
-      mosquitto) start_peer mosquitto -c "$dir/mosquitto.conf" ;;
+      mosquitto) start_peer "$dir" mosquitto -c "$dir/mosquitto.conf" ;;
     esac && run "$b-$r"
     stop_gateway
   done
