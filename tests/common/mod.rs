@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 pub mod fleet;
 pub mod https;
 pub mod nats;
+pub mod store;
 pub mod tls;
 pub mod ws;
 
