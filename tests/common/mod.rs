@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 pub mod api;
+pub mod auth;
 pub mod fleet;
 pub mod https;
 pub mod nats;
