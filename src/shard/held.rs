@@ -62,8 +62,13 @@ pub(super) struct Held {
     /// The last own `done` value acted on.
     seen: u64,
     /// The stamp of the message batches this turn hands the other shards: one more for
-    /// every turn that routed something, so a later answer covers every earlier batch.
+    /// every turn that routed something a hold waits for, so a later answer covers every
+    /// earlier batch.
     stamp: u64,
+    /// A hold waits for `stamp`: the batches carry it (and are answered) until the
+    /// outboxes holding its messages are empty. Otherwise they carry 0 and nobody
+    /// answers them, which spares the other shard a wake-up back per batch.
+    stamp_wanted: bool,
     /// Per other shard: the last stamp routed to it, the last it answered committed.
     routed: Vec<u64>,
     answered: Vec<u64>,
@@ -107,6 +112,7 @@ impl Held {
             waiting: Vec::new(),
             seen: 0,
             stamp: 1,
+            stamp_wanted: false,
             routed: vec![0; shards],
             answered: vec![0; shards],
             route_failed: 0,
@@ -186,6 +192,7 @@ impl Shard {
         };
         let stamp = self.held.stamp;
         let route = if self.routed_to_storing_shards() > mark.routed {
+            self.held.stamp_wanted = true;
             stamp
         } else {
             0
@@ -227,7 +234,7 @@ impl Shard {
     }
 
     /// At the end of a turn, before the outboxes go: the stamp their batches carry (0 when
-    /// acknowledgements do not wait), and the answers owed for the batches received this
+    /// acknowledgements do not wait or no hold waits for them), and the answers owed for the batches received this
     /// turn (after this turn's store batch, if it has ops; else after those owed before).
     pub(super) fn route_stamp(&mut self) -> u64 {
         if self.held.signal.is_none() {
@@ -244,11 +251,22 @@ impl Shard {
         for (from, stamp) in std::mem::take(&mut self.held.received) {
             self.held.owed.push_back((after, from, stamp));
         }
+        if !self.held.stamp_wanted {
+            return 0;
+        }
         let stamp = self.held.stamp;
         if self.note_routed() {
             self.held.stamp += 1;
         }
         stamp
+    }
+
+    /// After the outboxes were flushed: once none holds messages any more, the next
+    /// batches carry no stamp until a hold waits for one again.
+    pub(super) fn outboxes_flushed(&mut self, waiting: bool) {
+        if !waiting {
+            self.held.stamp_wanted = false;
+        }
     }
 
     /// A batch of messages from shard `from` was routed here: it is owed an answer.

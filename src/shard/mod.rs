@@ -188,6 +188,22 @@ struct TurnEnd {
     stopped: bool,
 }
 
+/// True when tokio has seen the shard's epoll fd readable since the turn last cleared it;
+/// it is cleared here, as the turn that follows polls the sockets.
+async fn take_io_ready(fd: &AsyncFd<PollFd>) -> bool {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match fd.poll_read_ready(cx) {
+            std::task::Poll::Ready(Ok(mut g)) => {
+                g.clear_ready();
+                true
+            }
+            std::task::Poll::Ready(Err(_)) => true,
+            std::task::Poll::Pending => false,
+        })
+    })
+    .await
+}
+
 /// The mio Poll's epoll fd as seen by tokio (not owned: the Poll closes it).
 struct PollFd(RawFd);
 impl AsRawFd for PollFd {
@@ -298,6 +314,8 @@ impl Shard {
             scratch: vec![0; settings.scratch_bytes],
             dirty: Vec::new(),
             reread: Vec::new(),
+            stop_at_short_read: false,
+            skip_io_poll: false,
             paused: HashSet::new(),
             settling: Vec::new(),
             settled_at: 0,
@@ -381,19 +399,23 @@ impl Shard {
             if let Some(at) = self.wake_at {
                 retry = retry.min(at.saturating_duration_since(self.clock.read()));
             }
-            tokio::select! {
+            let woke_by_mailbox = tokio::select! {
                 biased;
                 msg = rx.recv() => match msg {
-                    Some(m) => { self.clock.update(); self.handle_msg(m) }
-                    None => self.begin_shutdown(),
+                    Some(m) => { self.clock.update(); self.handle_msg(m); true }
+                    None => { self.begin_shutdown(); false }
                 },
                 guard = poll_fd.readable() => {
                     if let Ok(mut g) = guard { g.clear_ready(); }
+                    false
                 }
-                _ = tokio::time::sleep_until(next_tick.into()) => {}
-                _ = tokio::time::sleep(retry) => {}
-                _ = held::Held::committed(self.held.signal()) => {}
-            }
+                _ = tokio::time::sleep_until(next_tick.into()) => false,
+                _ = tokio::time::sleep(retry) => false,
+                _ = held::Held::committed(self.held.signal()) => false,
+            };
+            // Woken by another shard or the business pool alone: the sockets have nothing
+            // new unless tokio has seen the poll's fd readable, so the turn skips asking.
+            self.wire.skip_io_poll = woke_by_mailbox && !take_io_ready(&poll_fd).await;
         }
         // What other shards routed here in their last turns (see `drain_step`).
         let (deadline, mut counted_out) = (self.clock.read() + self.settings.drain_timeout, false);
@@ -503,6 +525,7 @@ impl Shard {
             &self.settings,
             (self.id as u16, stamp),
         );
+        self.outboxes_flushed(waiting);
         if was_blocked && !self.routing.outbox_blocked {
             self.outbox_unblocked();
         }
@@ -533,29 +556,35 @@ impl Shard {
         if self.admission.accept_pending || self.admission.accept_blocked || retry_due {
             self.accept();
         }
-        match self
-            .wire
-            .poll
-            .poll(&mut self.wire.events, Some(Duration::ZERO))
-        {
+        let polled = if std::mem::take(&mut self.wire.skip_io_poll) {
+            self.wire.events.clear();
+            Ok(())
+        } else {
+            self.wire
+                .poll
+                .poll(&mut self.wire.events, Some(Duration::ZERO))
+        };
+        match polled {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
             Err(e) => return Err(e),
         }
         let n = self.wire.events.iter().count();
-        let ready: Vec<(Token, bool, bool)> = self
+        let ready: Vec<(Token, bool, bool, bool)> = self
             .wire
             .events
             .iter()
             .map(|e| {
+                let closed = e.is_read_closed() || e.is_error();
                 (
                     e.token(),
-                    e.is_readable() || e.is_read_closed() || e.is_error(),
+                    e.is_readable() || closed,
+                    closed,
                     e.is_writable(),
                 )
             })
             .collect();
-        for (token, readable, writable) in ready {
+        for (token, readable, closed, writable) in ready {
             if [LISTENER, TLS_LISTENER, WS_LISTENER, WSS_LISTENER].contains(&token) {
                 self.accept();
                 continue;
@@ -566,7 +595,9 @@ impl Shard {
                 self.wire.mark_dirty(token.0);
             }
             if readable {
+                self.wire.stop_at_short_read = !closed;
                 self.on_readable(token.0);
+                self.wire.stop_at_short_read = false;
             }
         }
         Ok(n == EVENTS_PER_TURN || !self.wire.reread.is_empty() || self.admission.accept_pending)

@@ -76,7 +76,11 @@ impl Shard {
         let now_ns = self.clock.now_ns();
         let conn = &mut self.wire.conns[key];
         let state = conn.state;
-        let (via, result) = transport::read(conn, &mut self.wire.scratch);
+        let transport::ReadResult { via, result, short } =
+            transport::read(conn, &mut self.wire.scratch);
+        // A short read ends this event's reads unless the event also reported the peer's
+        // close (then the end of stream is read now: no later event would report it).
+        let more = !(short && self.wire.stop_at_short_read);
         match result {
             Ok(0) => {
                 if self.handle_held_at_eof(key) {
@@ -92,11 +96,12 @@ impl Shard {
                         g.charge(&mut b.rate.bytes, now_ns, n as u64);
                     }
                 }
-                match via {
+                let alive = match via {
                     Transport::Tls => self.tls_process(key),
                     Transport::ProxyPrefix => self.ingest_proxy(key, n),
                     Transport::Plain | Transport::WebSocket => self.ingest(key, n),
-                }
+                };
+                alive && more
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,

@@ -40,23 +40,34 @@ impl Transport {
     }
 }
 
+/// What one read from the socket gave.
+pub(super) struct ReadResult {
+    pub via: Transport,
+    pub result: io::Result<usize>,
+    /// A plain read that got fewer bytes than it asked for: the socket's receive queue
+    /// was empty at that moment, so (with edge-triggered readiness, which reports every
+    /// later arrival) another read now would only return `WouldBlock`.
+    pub short: bool,
+}
+
 /// One read from the socket: into rustls on a TLS connection, else into `scratch` (as much
 /// as the connection's read-size predictor expects, which it then updates). `Ok(0)` is the
 /// peer's end of stream.
-pub(super) fn read(conn: &mut Conn, scratch: &mut [u8]) -> (Transport, io::Result<usize>) {
-    let transport = Transport::of(conn);
-    let result = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-        Some(t) if transport == Transport::Tls => t.read_tls(&mut conn.socket),
+pub(super) fn read(conn: &mut Conn, scratch: &mut [u8]) -> ReadResult {
+    let via = Transport::of(conn);
+    let (result, short) = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
+        Some(t) if via == Transport::Tls => (t.read_tls(&mut conn.socket), false),
         _ => {
             let want = conn.predictor.next_size().min(scratch.len());
             let r = conn.socket.read(&mut scratch[..want]);
+            let short = matches!(r, Ok(n) if n > 0 && n < want);
             if let Ok(n) = r {
                 conn.predictor.record(n);
             }
-            r
+            (r, short)
         }
     };
-    (transport, result)
+    ReadResult { via, result, short }
 }
 
 /// The rustls session of connection `key`, if it is a live TLS connection.
