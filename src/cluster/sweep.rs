@@ -127,7 +127,9 @@ impl Sweeper {
         let left = match self.registry.leases().entry(node).await {
             Ok(Some(e)) => e.operation != kv::Operation::Put,
             Ok(None) => false,
-            Err(_) => false,
+            // Not known: no node is announced dead on a guess (the sweep itself deletes
+            // only entries of nodes without a lease, whoever asked for it).
+            Err(_) => true,
         };
         if left {
             return false;
