@@ -555,7 +555,9 @@ impl Run {
                 serde_json::json!({"full": t.tls_full, "resumed": t.tls_resumed, "resume": resume}),
             );
         }
-        if !self.cmd.common().targets.is_empty() {
+        // Probes (churn) are spread too but hold no device.
+        let probes = matches!(self.cmd, crate::cli::Command::Churn(_));
+        if !self.cmd.common().targets.is_empty() && !probes {
             s.put("devices_per_node", self.devices_per_node());
         }
         if self.probe.is_some() {
