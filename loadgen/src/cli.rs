@@ -551,6 +551,22 @@ mod tests {
     }
 
     #[test]
+    fn targets_default_to_target_and_parse_as_a_list() {
+        let common = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            cli.command.unwrap().common().device_targets()
+        };
+        let one = common(&["loadgen", "connect", "--target", "127.0.0.1:1"]);
+        assert_eq!(one, ["127.0.0.1:1".parse().unwrap()]);
+        let two = common(&["loadgen", "storm", "--targets", "127.0.0.1:1,127.0.0.1:2"]);
+        let want: Vec<SocketAddr> = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        assert_eq!(two, want);
+    }
+
+    #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }
