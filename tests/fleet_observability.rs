@@ -44,6 +44,7 @@ async fn the_dashboard_and_the_alerts_use_what_a_fleet_node_exports() {
         "gateway_fleet_request_seconds_bucket",
         "gateway_fleet_requests_served_total",
         "gateway_fleet_registry_ops_total",
+        "gateway_fleet_registry_swept_total",
         "gateway_fleet_takeovers_total",
         "gateway_fleet_arbitration_lost_total",
         "gateway_fleet_takeovers_throttled_total",

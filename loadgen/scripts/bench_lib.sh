@@ -13,6 +13,11 @@
 #   start_peer DIR CMD...        starts a peer broker (CMD) listening on 127.0.0.1:18830,
 #                               its output in DIR/peer.log; its PID is in $PID
 #   stop_gateway                 SIGTERM to $PID, and waits for it (a peer too)
+#   start_nats DIR PORT          starts nats-server with JetStream on 127.0.0.1:PORT, its
+#                               store in DIR/nats, its output in DIR/nats.log, and waits
+#                               until it listens; its PID is in $PID
+#   cpu_secs PID...              the CPU seconds (user + system) the processes used so far
+#                               (/proc/PID/stat), summed
 #   make_tls_certs DIR           DIR/ca.pem, DIR/server.pem, DIR/server.key: a throwaway
 #                               ECDSA P-256 CA and a server certificate for 127.0.0.1
 #   write_tls_config DIR MQTT TLS HTTP
@@ -69,6 +74,29 @@ start_peer() {
 stop_gateway() {
   kill "$PID"
   wait "$PID" 2> /dev/null
+}
+
+start_nats() {
+  local dir=$1 port=$2
+  (exec nats-server -js -a 127.0.0.1 -p "$port" -sd "$dir/nats" > "$dir/nats.log" 2>&1) &
+  PID=$!
+  for _ in $(seq 100); do
+    (exec 3<> "/dev/tcp/127.0.0.1/$port") 2> /dev/null && return 0
+    sleep 0.1
+  done
+  echo "nats-server did not listen; see $dir/nats.log" >&2
+  return 1
+}
+
+cpu_secs() {
+  local ticks=0 pid stat f
+  for pid in "$@"; do
+    stat=$(cat "/proc/$pid/stat") || continue
+    # The fields after the ") " that ends the command name: utime is the 12th, stime the 13th.
+    read -ra f <<< "${stat##*) }"
+    ticks=$((ticks + f[11] + f[12]))
+  done
+  awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f\n", t / hz }'
 }
 
 make_tls_certs() {

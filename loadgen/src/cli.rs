@@ -119,6 +119,14 @@ pub struct Common {
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub target: SocketAddr,
 
+    /// MQTT addresses of several nodes of one fleet, comma-separated: device `i` connects
+    /// to address `i mod N` (round-robin by device index), and the summary counts the
+    /// devices connected to each (`devices_per_node`). Default: --target alone. A fan-out's
+    /// publisher still connects to --target (or --publisher-target).
+    #[arg(long, value_delimiter = ',', value_name = "ADDR,ADDR,...")]
+    #[serde(default)]
+    pub targets: Vec<SocketAddr>,
+
     /// Source addresses to bind before connecting, round-robin: `FIRST-LAST` (IPv4,
     /// inclusive) or `none` to let the kernel choose. Each address gives its own range of
     /// ephemeral ports, so 253 addresses hold millions of connections to one port.
@@ -158,6 +166,16 @@ pub struct Common {
     /// load-tests someone else's machine).
     #[arg(long)]
     pub allow_remote: bool,
+}
+
+impl Common {
+    /// The addresses devices connect to: --targets, or --target alone.
+    pub fn device_targets(&self) -> Vec<SocketAddr> {
+        match self.targets.is_empty() {
+            true => vec![self.target],
+            false => self.targets.clone(),
+        }
+    }
 }
 
 /// What every simulated device says in its CONNECT and SUBSCRIBE.
@@ -293,7 +311,11 @@ pub struct PushArgs {
     /// Seconds of pushing.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Base URL of the gateway's HTTP API.
+    /// Base URL of the gateway's HTTP API; several (comma-separated, e.g. one per node
+    /// of a fleet) take the requests in turn: request `k` goes to URL `k mod N`. With
+    /// --batch 1 and --targets naming the same nodes in the same order, each push goes
+    /// to the node holding its device; in another order (e.g. reversed for two nodes),
+    /// to another node.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub http: String,
     /// Bearer token for the API.
@@ -526,6 +548,22 @@ mod tests {
         assert_eq!(a.topic_of(5), "dev/d-2/cmd");
         let expected: Vec<u64> = (0..3).map(|i| a.expected_by(i, 10)).collect();
         assert_eq!(expected, [4, 3, 3]);
+    }
+
+    #[test]
+    fn targets_default_to_target_and_parse_as_a_list() {
+        let common = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            cli.command.unwrap().common().device_targets()
+        };
+        let one = common(&["loadgen", "connect", "--target", "127.0.0.1:1"]);
+        assert_eq!(one, ["127.0.0.1:1".parse().unwrap()]);
+        let two = common(&["loadgen", "storm", "--targets", "127.0.0.1:1,127.0.0.1:2"]);
+        let want: Vec<SocketAddr> = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        assert_eq!(two, want);
     }
 
     #[test]

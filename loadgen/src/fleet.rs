@@ -118,6 +118,8 @@ pub struct Fleet {
     per_device: Mutex<Vec<DeviceCount>>,
     /// Each device's TLS sessions and the handshake counts (`tls`).
     tls: tls::TlsDevices,
+    /// Devices connected on their first attempt, per target (`--targets`).
+    per_node: Vec<AtomicU64>,
 }
 
 /// An established device connection.
@@ -162,6 +164,7 @@ pub fn now_ns() -> u64 {
 
 impl Fleet {
     pub fn new(cfg: DeviceCfg, max_pending: usize) -> Arc<Fleet> {
+        let per_node = cfg.targets.iter().map(|_| AtomicU64::new(0)).collect();
         Arc::new(Fleet {
             cfg,
             ticker: Ticker::start(),
@@ -181,6 +184,7 @@ impl Fleet {
             last_rx_ns: AtomicU64::new(0),
             per_device: Mutex::default(),
             tls: tls::TlsDevices::default(),
+            per_node,
         })
     }
 
@@ -227,6 +231,7 @@ impl Fleet {
             subscribe_hist: self.subscribe_hist.lock().unwrap().clone(),
             message_hist: self.message_hist.lock().unwrap().clone(),
             per_device: self.per_device.lock().unwrap().clone(),
+            per_node: self.per_node.iter().map(get).collect(),
         }
     }
 
@@ -337,7 +342,7 @@ impl Fleet {
 
     /// A TCP connection from device `i`'s source address.
     pub async fn tcp_connect(&self, i: u64, deadline: u64) -> Result<TcpStream, String> {
-        let target = self.cfg.target;
+        let target = self.cfg.target(i);
         let socket = if target.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -373,7 +378,7 @@ impl Fleet {
         match self.cfg.transport {
             Transport::Tcp | Transport::Tls => Ok(Link::plain(wire)),
             Transport::Ws | Transport::Wss => {
-                let host = self.cfg.target.to_string();
+                let host = self.cfg.target(i).to_string();
                 let seed = i ^ now_ns();
                 self.timed(deadline, "ws_timeout", async {
                     Link::upgrade(wire, &host, &self.cfg.ws_path, seed).await
@@ -514,6 +519,7 @@ impl Fleet {
         let mut conn = match first {
             Ok(c) => {
                 inc(&self.c.connected);
+                inc(&self.per_node[self.cfg.node_of(i)]);
                 c
             }
             Err(cause) => {

@@ -153,26 +153,28 @@ pub struct Plan {
 pub fn plan(cmd: &Command) -> Result<Plan, String> {
     let common = cmd.common();
     let sources = Sources::parse(&common.source_range)?;
-    let target = common.target;
     let mut warnings = Vec::new();
-
-    if !target.ip().is_loopback() && !common.allow_remote {
-        return Err(format!(
-            "target {target} is outside 127.0.0.0/8; pass --allow-remote if you really mean \
-             to load another machine (and a --source-range of addresses you own, or `none`)"
-        ));
+    // The devices' addresses and the publisher's (--target).
+    for target in common.device_targets().into_iter().chain([common.target]) {
+        if !target.ip().is_loopback() && !common.allow_remote {
+            return Err(format!(
+                "target {target} is outside 127.0.0.0/8; pass --allow-remote if you really mean \
+                 to load another machine (and a --source-range of addresses you own, or `none`)"
+            ));
+        }
+        if target.ip().is_loopback() && !sources.all_loopback() {
+            return Err(format!(
+                "--source-range {} is not inside 127.0.0.0/8, so it cannot reach the loopback \
+                 target {target}; use e.g. 127.0.0.2-127.0.0.254",
+                common.source_range
+            ));
+        }
+        if let (Sources::Range { .. }, IpAddr::V6(_)) = (&sources, target.ip()) {
+            return Err("an IPv6 target needs --source-range none".into());
+        }
+        check_bind(&sources, target)?;
     }
-    if target.ip().is_loopback() && !sources.all_loopback() {
-        return Err(format!(
-            "--source-range {} is not inside 127.0.0.0/8, so it cannot reach the loopback \
-             target {target}; use e.g. 127.0.0.2-127.0.0.254",
-            common.source_range
-        ));
-    }
-    if let (Sources::Range { .. }, IpAddr::V6(_)) = (&sources, target.ip()) {
-        return Err("an IPv6 target needs --source-range none".into());
-    }
-    check_bind(&sources, target)?;
+    let target = common.target;
 
     let sockets = cmd.sockets();
     let units = cmd.units().max(1);

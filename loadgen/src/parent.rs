@@ -253,6 +253,10 @@ impl Kids {
             m.subscribe_hist.merge(&f.subscribe_hist);
             m.message_hist.merge(&f.message_hist);
             m.per_device.extend_from_slice(&f.per_device);
+            m.per_node.resize(m.per_node.len().max(f.per_node.len()), 0);
+            for (sum, n) in m.per_node.iter_mut().zip(&f.per_node) {
+                *sum += n;
+            }
         }
         m.per_device.sort_by_key(|d| d.index);
         m
@@ -551,6 +555,11 @@ impl Run {
                 serde_json::json!({"full": t.tls_full, "resumed": t.tls_resumed, "resume": resume}),
             );
         }
+        // Probes (churn) are spread too but hold no device.
+        let probes = matches!(self.cmd, crate::cli::Command::Churn(_));
+        if !self.cmd.common().targets.is_empty() && !probes {
+            s.put("devices_per_node", self.devices_per_node());
+        }
         if self.probe.is_some() {
             s.put("server", server.unwrap_or(Value::Null));
         }
@@ -561,6 +570,18 @@ impl Run {
         if self.interrupted() {
             s.put("interrupted", true);
         }
+    }
+
+    /// `{"address": devices connected there on their first attempt}` over --targets.
+    fn devices_per_node(&self) -> Value {
+        let counts = self.kids.merged_final().per_node;
+        let targets = self.cmd.common().device_targets();
+        let per: serde_json::Map<String, Value> = targets
+            .iter()
+            .enumerate()
+            .map(|(k, t)| (t.to_string(), counts.get(k).copied().unwrap_or(0).into()))
+            .collect();
+        Value::Object(per)
     }
 
     async fn scenario(&mut self) -> Result<Summary, String> {

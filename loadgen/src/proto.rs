@@ -134,6 +134,9 @@ pub struct FinalReport {
     /// Per subscriber that got its SUBACK (`fanout` only; empty otherwise).
     #[serde(default)]
     pub per_device: Vec<DeviceCount>,
+    /// Devices connected on their first attempt, per `--targets` address (in its order).
+    #[serde(default)]
+    pub per_node: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

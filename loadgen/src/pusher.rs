@@ -2,7 +2,8 @@
 //!
 //! Messages go round-robin over the devices, one per `/v1/push` request or `--batch` per
 //! `/v1/push/batch` request, with at most `--concurrency` requests in flight (if the
-//! server is slower than the rate, the achieved rate says so). Every payload starts with
+//! server is slower than the rate, the achieved rate says so), in turn to each `--http`
+//! URL when several are given (the nodes of a fleet). Every payload starts with
 //! `"<seq>:<send ns>"`; the devices parse it, so latency is measured send-to-receipt
 //! across processes on one clock. A 503 is retried after its `Retry-After`, up to
 //! `--max-retries` times, and counted.
@@ -51,15 +52,18 @@ pub async fn run(args: &PushArgs, counters: Arc<PushCounters>) -> Result<PushRes
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| format!("http client: {e}"))?;
-    let base = args.http.trim_end_matches('/');
-    let url = if args.batch > 1 {
-        format!("{base}/v1/push/batch")
-    } else {
-        format!("{base}/v1/push")
+    let path = match args.batch > 1 {
+        true => "/v1/push/batch",
+        false => "/v1/push",
     };
+    let urls: Vec<String> = args
+        .http
+        .split(',')
+        .map(|base| format!("{}{path}", base.trim().trim_end_matches('/')))
+        .collect();
     let ctx = Arc::new(Ctx {
         client,
-        url,
+        urls,
         token: args.token.clone(),
         batch: args.batch > 1,
         max_retries: args.max_retries,
@@ -95,11 +99,12 @@ pub async fn run(args: &PushArgs, counters: Arc<PushCounters>) -> Result<PushRes
                     })
                 })
                 .collect();
+            let url = ctx.urls[(seq / batch) as usize % ctx.urls.len()].clone();
             seq += n;
             ctx.counters.sent.fetch_add(n, Ordering::Relaxed);
             let ctx = ctx.clone();
             tasks.spawn(async move {
-                ctx.request(messages).await;
+                ctx.request(&url, messages).await;
                 drop(permit);
             });
         }
@@ -116,7 +121,8 @@ pub async fn run(args: &PushArgs, counters: Arc<PushCounters>) -> Result<PushRes
 
 struct Ctx {
     client: reqwest::Client,
-    url: String,
+    /// The push endpoint on each `--http` base URL, taken in turn per request.
+    urls: Vec<String>,
     token: Option<String>,
     batch: bool,
     max_retries: u32,
@@ -125,7 +131,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn request(&self, messages: Vec<Value>) {
+    async fn request(&self, url: &str, messages: Vec<Value>) {
         let n = messages.len() as u64;
         let body = if self.batch {
             json!({ "messages": messages })
@@ -135,7 +141,7 @@ impl Ctx {
         let mut attempt = 0;
         loop {
             let t0 = Instant::now();
-            let mut req = self.client.post(&self.url).json(&body);
+            let mut req = self.client.post(url).json(&body);
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }

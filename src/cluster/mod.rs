@@ -33,6 +33,7 @@ pub mod restore;
 pub mod routing;
 pub mod session_metrics;
 pub mod sessions;
+pub mod sweep;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -100,6 +101,8 @@ pub struct Fleet {
     pub sessions: Arc<sessions::SessionStore>,
     /// Topic routing between nodes (its own NATS connections, see [`routing`]).
     pub routing: Arc<routing::Router>,
+    /// Sweeping dead nodes' registry entries; its `dead_nodes()` says which node died.
+    pub sweep: Arc<sweep::Sweeper>,
     client: Client,
     prefix: String,
     lease: Duration,
@@ -148,8 +151,10 @@ impl Fleet {
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
         let retained = routing::retained::open(&client, config).await?;
         let routing = routing::Router::new(config, &node, retained);
+        let sweep = sweep::Sweeper::new(config, registry.clone());
         Ok(Arc::new(Fleet {
             node,
+            sweep,
             registry,
             metrics: Arc::default(),
             sessions,
@@ -205,6 +210,7 @@ impl Fleet {
         tasks.push(runtime.spawn(handing));
         let stop = self.stop.clone();
         tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
+        tasks.push(runtime.spawn(self.sweep.clone().run(self.stop.clone())));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
@@ -221,6 +227,7 @@ impl Fleet {
         self.registry.metrics.render(out);
         self.sessions.metrics.render(out);
         self.routing.render_metrics(out);
+        self.sweep.render_metrics(out);
     }
 
     fn subscribe(

@@ -164,6 +164,16 @@ impl Registry {
         here.iter().cloned().collect()
     }
 
+    /// The lease bucket (`super::sweep` lists it and keeps its marker there).
+    pub(super) fn leases(&self) -> &kv::Store {
+        &self.nodes
+    }
+
+    /// This node's id.
+    pub(super) fn node_id(&self) -> &Arc<str> {
+        &self.node
+    }
+
     /// Whether `node` holds a lease now.
     pub async fn alive(&self, node: &str) -> Result<bool, kv::EntryError> {
         Ok(self.nodes.get(node).await?.is_some())

@@ -27,6 +27,9 @@ pub struct ClusterConfig {
     pub lease_secs: u32,
     pub request_timeout_ms: u32,
     pub registry_queue_capacity: u32,
+    /// Registry entries a node sweeping a dead node's entries reads per second at most
+    /// (`crate::cluster::sweep`); 0 = no sweeping.
+    pub registry_sweep_rate: u32,
     pub takeover_min_interval_ms: u32,
     /// Persistent sessions in JetStream (`crate::cluster::sessions`): the key-value
     /// bucket of their records and subscriptions, the stream of their queued messages,
@@ -187,6 +190,12 @@ impl Section for ClusterConfig {
             1,
             10_000_000,
         )?;
+        in_range(
+            "cluster.registry_sweep_rate",
+            self.registry_sweep_rate,
+            0,
+            1_000_000,
+        )?;
         in_range("cluster.session_replicas", self.session_replicas, 1, 5)?;
         in_range(
             "cluster.routing_queue_capacity",
@@ -213,6 +222,7 @@ mod tests {
         assert_eq!(c.lease_secs, 10);
         assert_eq!(c.request_timeout_ms, 2000);
         assert_eq!(c.registry_queue_capacity, 100_000);
+        assert_eq!(c.registry_sweep_rate, 10_000);
         assert_eq!(c.takeover_min_interval_ms, 1000);
         assert_eq!(c.session_bucket, "gateway_sessions");
         assert_eq!(c.session_stream, "gateway_session_messages");
@@ -239,6 +249,10 @@ mod tests {
             (
                 "registry_queue_capacity = 0",
                 "cluster.registry_queue_capacity",
+            ),
+            (
+                "registry_sweep_rate = 1000001",
+                "cluster.registry_sweep_rate",
             ),
             (
                 "takeover_min_interval_ms = 600001",

@@ -13,7 +13,8 @@ use crate::ticker::Ticker;
 
 /// What every device of this process does, fixed by the work order.
 pub struct DeviceCfg {
-    pub target: SocketAddr,
+    /// The nodes' MQTT addresses; device `i` connects to `targets[i mod N]`.
+    pub targets: Vec<SocketAddr>,
     pub sources: Sources,
     pub protocol: Protocol,
     pub keepalive: u16,
@@ -68,7 +69,7 @@ impl DeviceCfg {
             (None, None) => None,
         };
         Ok(DeviceCfg {
-            target: common.target,
+            targets: common.device_targets(),
             sources: Sources::parse(&common.source_range)?,
             protocol: Protocol::from_level(protocol).ok_or("--protocol must be 4 or 5")?,
             keepalive: m.keepalive,
@@ -87,6 +88,16 @@ impl DeviceCfg {
             },
             tls_resume: m.tls_resume == OnOff::On,
         })
+    }
+
+    /// Which of the targets device `i` connects to (round-robin by index).
+    pub fn node_of(&self, i: u64) -> usize {
+        (i % self.targets.len().max(1) as u64) as usize
+    }
+
+    /// The MQTT address device `i` connects to.
+    pub fn target(&self, i: u64) -> SocketAddr {
+        self.targets[self.node_of(i)]
     }
 
     pub fn client_id(&self, i: u64) -> String {

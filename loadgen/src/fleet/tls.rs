@@ -37,7 +37,7 @@ impl Fleet {
             true => self.device_tls(i, base),
             false => base.clone(),
         };
-        let name = ServerName::IpAddress(self.cfg.target.ip().into());
+        let name = ServerName::IpAddress(self.cfg.target(i).ip().into());
         let wire = self
             .timed(deadline, "tls_timeout", async {
                 Wire::tls(stream, config, name)

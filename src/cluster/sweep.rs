@@ -1,0 +1,291 @@
+//! Sweeping a dead node's registry entries (`[cluster] registry_sweep_rate`).
+//!
+//! A node killed with `kill -9` leaves its entries in the registry bucket; without this
+//! each one stays until a push or a reconnect of its device meets it. What this owns:
+//!
+//! - **Noticing.** Every node lists the leases every third of `lease_secs`. A node whose
+//!   lease was there and is gone without a delete marker (it expired: the node did not
+//!   leave cleanly) is dead: [`Sweeper::dead_nodes`] announces it (the hook for other
+//!   work on a dead node's behalf, e.g. its devices' wills), and a sweep is due.
+//! - **One sweeper.** The node that creates the marker key [`MARKER`] in the lease bucket
+//!   sweeps; the marker ages out with the bucket's `max_age` (`lease_secs`) unless the
+//!   sweeper renews it (by revision) at each step, so a sweeper that dies is replaced once
+//!   its own lease expires and another node notices that. A node that finds the marker
+//!   held by a live node leaves the sweep to it.
+//! - **The sweep.** One pass over the bucket's latest entries (a pull consumer, last per
+//!   subject), at most `registry_sweep_rate` entries read per second in steps of at most
+//!   [`MAX_STEP`]: each entry naming a node without a lease is deleted by its revision,
+//!   so a device that reconnected meanwhile (a newer revision) keeps its entry. Counted in
+//!   `gateway_fleet_registry_swept_total`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+
+use super::registry::Registry;
+
+/// The sweep marker's key in the lease bucket (a `.`: no node id has one).
+pub const MARKER: &str = "sweep.marker";
+/// Entries read per step at most (the consumer's unacknowledged limit).
+pub const MAX_STEP: u32 = 1000;
+
+/// This node's part in sweeping dead nodes' registry entries.
+pub struct Sweeper {
+    registry: Arc<Registry>,
+    /// Entries read per second at most; 0 = no sweeping.
+    rate: u32,
+    every: Duration,
+    dead: broadcast::Sender<Arc<str>>,
+    swept: AtomicU64,
+    /// The last sweep failed (logged once until one succeeds).
+    failing: AtomicBool,
+}
+
+impl Sweeper {
+    pub fn new(config: &ClusterConfig, registry: Arc<Registry>) -> Arc<Sweeper> {
+        Arc::new(Sweeper {
+            registry,
+            rate: config.registry_sweep_rate,
+            every: config.lease() / 3,
+            dead: broadcast::channel(64).0,
+            swept: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// "Node X is dead" (its lease expired), on every node that noticed it; a receiver
+    /// that falls more than 64 behind misses the oldest.
+    pub fn dead_nodes(&self) -> broadcast::Receiver<Arc<str>> {
+        self.dead.subscribe()
+    }
+
+    /// Entries this node deleted as a dead node's.
+    pub fn swept(&self) -> u64 {
+        self.swept.load(Ordering::Relaxed)
+    }
+
+    /// Appends `gateway_fleet_registry_swept_total`.
+    pub fn render_metrics(&self, out: &mut String) {
+        out.push_str("# HELP gateway_fleet_registry_swept_total Registry entries of nodes whose lease expired, deleted by this node's sweep.\n");
+        out.push_str("# TYPE gateway_fleet_registry_swept_total counter\n");
+        out.push_str(&format!(
+            "gateway_fleet_registry_swept_total {}\n",
+            self.swept()
+        ));
+    }
+
+    /// Watches the leases until `stop`; sweeps when a node died and this node holds the
+    /// marker.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut known = self.leases().await.unwrap_or_default();
+        let mut due = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let Ok(now) = self.leases().await else {
+                continue;
+            };
+            for gone in known.difference(&now) {
+                due |= self.gone(gone).await;
+            }
+            known = now;
+            if due && self.rate > 0 {
+                due = self.sweep_if_first().await;
+            }
+        }
+    }
+
+    /// The node ids holding a lease now.
+    async fn leases(&self) -> Result<HashSet<String>, String> {
+        let keys = self
+            .registry
+            .leases()
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys: Vec<_> = keys.collect().await;
+        keys.into_iter()
+            .map(|k| k.map_err(|e| e.to_string()))
+            .filter(|k| k.as_ref().map_or(true, |k| !k.contains('.')))
+            .collect()
+    }
+
+    /// `node`'s lease is gone: true if it expired (the node died) rather than was given
+    /// up (a clean stop deletes its entries itself).
+    async fn gone(&self, node: &str) -> bool {
+        let left = match self.registry.leases().entry(node).await {
+            Ok(Some(e)) => e.operation != kv::Operation::Put,
+            Ok(None) => false,
+            // Not known: no node is announced dead on a guess (the sweep itself deletes
+            // only entries of nodes without a lease, whoever asked for it).
+            Err(_) => true,
+        };
+        if left {
+            return false;
+        }
+        tracing::info!(
+            node,
+            "cluster: a node's lease expired; its registry entries are swept"
+        );
+        let _ = self.dead.send(node.into());
+        true
+    }
+
+    /// Sweeps if this node takes the marker; whether a sweep is still due (the sweep
+    /// failed, or the marker is held by a node without a lease).
+    async fn sweep_if_first(&self) -> bool {
+        let me = self.registry.node_id();
+        let leases = self.registry.leases();
+        match leases.create(MARKER, me.as_bytes().to_vec().into()).await {
+            Ok(revision) => {
+                let swept = self.sweep(revision).await;
+                let _ = leases.delete(MARKER).await;
+                match swept {
+                    Ok(()) => self.failing.store(false, Ordering::Relaxed),
+                    Err(e) if !self.failing.swap(true, Ordering::Relaxed) => {
+                        tracing::warn!(error = %e, "cluster: the registry sweep stopped; it is tried again every third of lease_secs");
+                    }
+                    Err(_) => {}
+                }
+                self.failing.load(Ordering::Relaxed)
+            }
+            Err(_) => match leases.get(MARKER).await {
+                Ok(Some(holder)) => {
+                    let holder = String::from_utf8_lossy(&holder).into_owned();
+                    !matches!(self.registry.alive(&holder).await, Ok(true))
+                }
+                // Gone in between: try again at the next look.
+                _ => true,
+            },
+        }
+    }
+
+    /// One pass over the registry, deleting the entries of nodes without a lease.
+    async fn sweep(&self, mut marker: u64) -> Result<(), String> {
+        let stream = &self.registry.clients.stream;
+        let consumer: PullConsumer = stream
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                filter_subject: format!("{}>", self.registry.clients.prefix),
+                // nats-server 2.9 refuses a pull consumer without acknowledgements.
+                ack_policy: AckPolicy::All,
+                max_ack_pending: i64::from(MAX_STEP),
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("sweep consumer: {e}"))?;
+        let name = consumer.cached_info().name.clone();
+        let step = (self.rate / 10).clamp(1, MAX_STEP);
+        let pause = Duration::from_secs_f64(f64::from(step) / f64::from(self.rate.max(1)));
+        // The entries there were when the pass began: what is written after (claims of
+        // live nodes, this pass's own deletes) is not read, so a busy registry ends too.
+        let mut left = consumer.cached_info().num_pending;
+        let result = async {
+            loop {
+                let read = self.step(&consumer, step as usize).await?;
+                left = left.saturating_sub(read);
+                if read == 0 || left == 0 {
+                    return Ok(());
+                }
+                let renewed = self.registry.leases().update(
+                    MARKER,
+                    self.registry.node_id().as_bytes().to_vec().into(),
+                    marker,
+                );
+                marker = renewed
+                    .await
+                    .map_err(|e| format!("the sweep marker: {e}"))?;
+                tokio::time::sleep(pause).await;
+            }
+        }
+        .await;
+        let _ = stream.delete_consumer(&name).await;
+        result
+    }
+
+    /// Reads up to `n` entries and deletes those of nodes without a lease; how many it
+    /// read.
+    async fn step(&self, consumer: &PullConsumer, n: usize) -> Result<u64, String> {
+        let fetch = consumer.fetch().max_messages(n).messages();
+        let mut batch = fetch.await.map_err(|e| format!("sweep fetch: {e}"))?;
+        let (mut entries, mut last, mut read) = (Vec::new(), None, 0);
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| format!("sweep read: {e}"))?;
+            let info = m.info().map_err(|e| format!("sweep read: {e}"))?;
+            read += 1;
+            if let Some((key, node)) = held_entry(&m, &self.registry.clients.prefix) {
+                entries.push((key, node, info.stream_sequence));
+            }
+            last = Some(m);
+        }
+        // Acknowledging the last acknowledges the step (`AckPolicy::All`).
+        if let Some(m) = last {
+            let _ = m.ack().await;
+        }
+        let dead = self.dead_among(&entries).await;
+        let deletes = entries
+            .iter()
+            .filter(|(_, node, _)| dead.contains(node.as_str()))
+            .map(|(key, _, revision)| self.delete(key, *revision));
+        futures_util::future::join_all(deletes).await;
+        Ok(read)
+    }
+
+    /// The nodes named in `entries` that hold no lease (a read error counts as alive).
+    async fn dead_among(&self, entries: &[(String, String, u64)]) -> HashSet<String> {
+        let mut seen: HashMap<&str, bool> = HashMap::new();
+        for (_, node, _) in entries {
+            if !seen.contains_key(node.as_str()) {
+                let alive = node.as_str() == &**self.registry.node_id()
+                    || !matches!(self.registry.alive(node).await, Ok(false));
+                seen.insert(node, alive);
+            }
+        }
+        seen.into_iter()
+            .filter(|(_, alive)| !alive)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+
+    /// Deletes `key` if it is still the entry of `revision`.
+    async fn delete(&self, key: &str, revision: u64) {
+        let clients = &self.registry.clients;
+        match clients.delete_expect_revision(key, Some(revision)).await {
+            Ok(()) => {
+                self.swept.fetch_add(1, Ordering::Relaxed);
+                self.registry.metrics.count("delete", true);
+            }
+            // Claimed again meanwhile (a newer revision): the entry stays.
+            Err(_) => self.registry.metrics.conflict_on("delete"),
+        }
+    }
+}
+
+/// `(key, node)` of a registry message that names a node (a put); `prefix` is the
+/// bucket's subject prefix (`$KV.<bucket>.`).
+fn held_entry(m: &async_nats::jetstream::Message, prefix: &str) -> Option<(String, String)> {
+    let put = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_none();
+    let key = m.subject.as_str().strip_prefix(prefix)?;
+    (put && !m.payload.is_empty()).then(|| {
+        (
+            key.to_string(),
+            String::from_utf8_lossy(&m.payload).into_owned(),
+        )
+    })
+}
