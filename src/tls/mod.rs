@@ -9,6 +9,8 @@
 //! (`tls_session_tickets`) let a reconnecting device resume; [`handshake_outcome`] says
 //! how each handshake ended, for `gateway_tls_handshakes_total{kind}`.
 
+pub mod record;
+
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
