@@ -147,6 +147,44 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     Ok((buf.len() >= total).then_some(total))
 }
 
+/// Where in its record a stream of ciphertext ends: the bytes of a record header seen so
+/// far, or the body bytes still to come. The shard keeps one per connection while rustls
+/// runs, to know when rustls holds no partial record (then it may be dropped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    header: [u8; HEADER_LEN],
+    have: u8,
+    left: u16,
+}
+
+impl Cursor {
+    /// `bytes` more of the stream went by.
+    pub fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let take = bytes.len().min(usize::from(self.left));
+                self.left -= take as u16;
+                bytes = &bytes[take..];
+                continue;
+            }
+            let have = usize::from(self.have);
+            let take = bytes.len().min(HEADER_LEN - have);
+            self.header[have..have + take].copy_from_slice(&bytes[..take]);
+            self.have += take as u8;
+            bytes = &bytes[take..];
+            if usize::from(self.have) == HEADER_LEN {
+                self.have = 0;
+                self.left = u16::from_be_bytes([self.header[3], self.header[4]]);
+            }
+        }
+    }
+
+    /// The stream so far ends with a whole record (or is empty).
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+}
+
 /// One direction's traffic key, IV and next sequence number (56 bytes).
 pub struct DirectionKeys {
     key: [u8; 32],
@@ -304,6 +342,46 @@ impl Opener<'_> {
             HANDSHAKE => Err(handshake(&plain[..end])),
             _ => Err(RecordError::UnexpectedMessage("content type")),
         }
+    }
+}
+
+/// What [`Opener::open_many`] did with a buffer of records.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The application bytes of the opened records, now at the front of the buffer.
+    pub plain: usize,
+    /// The bytes of whole records consumed; a partial record from here on is left.
+    pub used: usize,
+    /// Why it stopped before the end: the peer's close_notify, or a refused record.
+    pub end: Option<Result<(), RecordError>>,
+}
+
+impl Opener<'_> {
+    /// Opens the whole records at the front of `buf` in place and moves their
+    /// application bytes to its front, in order; stops at a partial record, at the
+    /// peer's close_notify or at the first refused record.
+    pub fn open_many(&mut self, buf: &mut [u8]) -> Batch {
+        let (mut plain, mut used) = (0, 0);
+        let end = loop {
+            let len = match record_len(&buf[used..]) {
+                Ok(Some(len)) => len,
+                Ok(None) => break None,
+                Err(e) => break Some(Err(e)),
+            };
+            let record = &mut buf[used..used + len];
+            match self.open(record) {
+                Ok(Opened::Data(r)) => {
+                    let n = r.len();
+                    buf.copy_within(used + r.start..used + r.end, plain);
+                    plain += n;
+                }
+                Ok(Opened::Nothing) => {}
+                Ok(Opened::CloseNotify) => break Some(Ok(())),
+                Err(e) => break Some(Err(e)),
+            }
+            used += len;
+        };
+        Batch { plain, used, end }
     }
 }
 

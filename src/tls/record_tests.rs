@@ -320,3 +320,55 @@ fn an_idle_connection_keeps_only_its_keys() {
     assert_eq!(std::mem::size_of::<DirectionKeys>(), 56);
     assert_eq!(std::mem::size_of::<RecordKeys>(), 112);
 }
+
+#[test]
+fn many_records_open_to_the_front_in_order() {
+    let (mut client, mut keys) = session(SUITES[0]);
+    let mut wire = Vec::new();
+    for part in [&b"one"[..], b"", b"three", &pattern(MAX_PLAINTEXT + 5)] {
+        wire.extend(client_sends(&mut client, part));
+    }
+    let whole = wire.len();
+    wire.extend_from_slice(&client_sends(&mut client, b"tail")[..7]);
+    let batch = keys.opener().open_many(&mut wire);
+    let mut want = b"onethree".to_vec();
+    want.extend(pattern(MAX_PLAINTEXT + 5));
+    assert_eq!(
+        (batch.plain, batch.used, batch.end),
+        (want.len(), whole, None)
+    );
+    assert_eq!(&wire[..batch.plain], &want[..]);
+
+    let (mut client, mut keys) = session(SUITES[2]);
+    let mut wire = client_sends(&mut client, b"last");
+    client.send_close_notify();
+    client.write_tls(&mut wire).unwrap();
+    wire.extend_from_slice(b"ignored after close_notify");
+    let batch = keys.opener().open_many(&mut wire);
+    assert_eq!((batch.plain, batch.end), (4, Some(Ok(()))));
+    assert_eq!(&wire[..4], b"last");
+}
+
+#[test]
+fn the_cursor_knows_record_boundaries_at_any_split() {
+    let (mut client, _keys) = session(SUITES[0]);
+    let mut wire = client_sends(&mut client, b"a");
+    wire.extend(client_sends(&mut client, &pattern(MAX_PLAINTEXT + 10)));
+    let mut ends = Vec::new();
+    let mut end = 0;
+    while end < wire.len() {
+        end += record_len(&wire[end..]).unwrap().unwrap();
+        ends.push(end);
+    }
+    assert_eq!(ends.len(), 3);
+    for step in [1, 2, 3, 4, 5, 6, 7, 100, 4096] {
+        let mut c = Cursor::default();
+        let mut at = 0;
+        for piece in wire.chunks(step) {
+            c.advance(piece);
+            at += piece.len();
+            let boundary = ends.contains(&at);
+            assert_eq!(c.at_boundary(), boundary, "step {step} at {at}");
+        }
+    }
+}
