@@ -155,3 +155,39 @@ fn an_idle_tls_connection_costs_about_what_a_plain_one_costs() {
         tls - plain
     );
 }
+
+/// A read that ends inside a record right after the CONNECT: the partial record is
+/// inside rustls, so the connection must not leave rustls until the record is whole —
+/// also on the home shard after a handoff (eight ids over two shards: some are handed
+/// off). The rest of the record arrives after the CONNACK and is read whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_split_after_the_connect_is_read_whole() {
+    let pki = Pki::new();
+    let gw = TestServer::start(&pki.toml(""));
+    let tls = gw.tls.expect("tls listener");
+    let cfg = pki.client_config(None, false);
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let mut c = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        let records = |c: &mut TlsClient, plain: &[u8]| {
+            c.s.conn.writer().write_all(plain).unwrap();
+            let mut wire = Vec::new();
+            while c.s.conn.wants_write() {
+                c.s.conn.write_tls(&mut wire).unwrap();
+            }
+            wire
+        };
+        let mut first = records(&mut c, &Raw::connect_v4(&format!("split-{i}"), 60, true));
+        let second = records(&mut c, &Raw::subscribe_v4(&format!("split/{i}"), 0, 1));
+        first.extend_from_slice(&second[..3]);
+        c.s.sock.write_all(&first).unwrap();
+        match c.recv(Duration::from_secs(10)) {
+            Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 0),
+            other => panic!("no CONNACK: {other:?}"),
+        }
+        c.s.sock.write_all(&second[3..]).unwrap();
+        suback(&mut c);
+        clients.push(c);
+    }
+    wait_for(&gw, RECORDS, 8.0).await;
+}

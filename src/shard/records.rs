@@ -131,6 +131,8 @@ impl Shard {
     /// trailing partial record waits in `tls_in`. False when the connection is gone.
     fn records_open(&mut self, key: usize, data: &mut [u8]) -> bool {
         let Some(keys) = self.wire.records.get_mut(&(key as u32)) else {
+            // A TLS connection with neither rustls nor keys has no way to read.
+            self.close_conn(key, DisconnectReason::ProtocolError, None);
             return false;
         };
         let Batch { plain, used, end } = keys.opener().open_many(data);
