@@ -191,3 +191,56 @@ async fn a_record_split_after_the_connect_is_read_whole() {
     }
     wait_for(&gw, RECORDS, 8.0).await;
 }
+
+/// A paused connection keeps the ciphertext it has not handled yet: a flood of
+/// one-record PUBLISHes over TLS 1.2 (rustls for life: the rest of a read waits in
+/// `tls_in` before rustls) and TLS 1.3 (the record layer) under a publish rate loses
+/// nothing and keeps order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_tls_flood_loses_nothing_on_either_layer() {
+    const N: usize = 40;
+    let pki = Pki::new();
+    let gw = TestServer::start(
+        &pki.toml("[limits]\npublish_rate = 40\npublish_burst = 5\nbytes_rate = 0"),
+    );
+    let mut sub = Raw::connect(gw.mqtt).await;
+    sub.send(&Raw::connect_v4("flood-sub", 60, true)).await;
+    assert!(sub.recv_v4(Duration::from_secs(10)).await.is_ok());
+    sub.send(&Raw::subscribe_v4("flood/t", 0, 1)).await;
+    assert!(sub.recv_v4(Duration::from_secs(10)).await.is_ok());
+    for tls12 in [true, false] {
+        let mut flood =
+            TlsClient::connect(tls_of(&gw), pki.client_config(None, tls12), b"").unwrap();
+        assert_eq!(flood.mqtt_connect(&format!("flooder-{tls12}")), Ok(0));
+        wait_for(&gw, RECORDS, if tls12 { 0.0 } else { 1.0 }).await;
+        // One TLS record per PUBLISH, all written at once.
+        let mut wire = Vec::new();
+        for i in 0..N {
+            let payload = format!("{i:04}").repeat(250);
+            let publish = Raw::publish_v4("flood/t", 0, 0, payload.as_bytes());
+            flood.s.conn.writer().write_all(&publish).unwrap();
+            while flood.s.conn.wants_write() {
+                flood.s.conn.write_tls(&mut wire).unwrap();
+            }
+        }
+        flood.s.sock.write_all(&wire).unwrap();
+        for i in 0..N {
+            match sub.recv_v4(Duration::from_secs(30)).await {
+                Ok(mqttbytes::v4::Packet::Publish(p)) => {
+                    assert_eq!(
+                        &p.payload[..4],
+                        format!("{i:04}").as_bytes(),
+                        "tls12 {tls12}"
+                    );
+                    assert_eq!(p.payload.len(), 1000);
+                }
+                other => panic!("message {i} (tls12 {tls12}): {other:?}"),
+            }
+        }
+    }
+    assert!(gw.metric("gateway_rate_limit_pauses_total").await >= 2.0);
+}
+
+fn tls_of(gw: &TestServer) -> std::net::SocketAddr {
+    gw.tls.expect("tls listener")
+}
