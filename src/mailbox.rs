@@ -38,6 +38,8 @@ pub struct Handoff {
     /// The TLS session of a connection from the TLS listener (it travels with the socket;
     /// it may still hold decrypted bytes that followed the CONNECT).
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// Where in its record the ciphertext given to that rustls session ends.
+    pub tls_cursor: crate::tls::record::Cursor,
     /// The listener it came in on (a WebSocket's output is framed on the home shard too).
     pub link: crate::shard::Link,
     /// A WebSocket's decoder, when a frame was half-read at the CONNECT.

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::tls::{suback, Pki, TlsClient};
+use common::tls::{idle_client, suback, Pki, TlsClient};
 use common::{tempdir, Raw, TestServer};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -341,23 +341,10 @@ async fn measure_idle_tls_memory() {
         std::thread::sleep(Duration::from_millis(300));
         let before = gw.rss_bytes();
         let cfg = pki.client_config(None, false);
-        let mut plain = Vec::new();
-        let mut secure = Vec::new();
-        for i in 0..n {
-            if tls {
-                let mut c = TlsClient::connect(tls_addr, cfg.clone(), b"").unwrap();
-                assert_eq!(c.mqtt_connect(&format!("mem-{i}")), Ok(0));
-                secure.push(c);
-            } else {
-                let mut s = std::net::TcpStream::connect(gw.mqtt).unwrap();
-                s.write_all(&Raw::connect_v4(&format!("mem-{i}"), 600, true))
-                    .unwrap();
-                let mut ack = [0u8; 4];
-                s.read_exact(&mut ack).unwrap();
-                assert_eq!(ack[0], 0x20);
-                plain.push(s);
-            }
-        }
+        let via = Some((tls_addr, &cfg)).filter(|_| tls);
+        let _idle: Vec<_> = (0..n)
+            .map(|i| idle_client(gw.mqtt, via, &format!("mem-{i}")))
+            .collect();
         std::thread::sleep(Duration::from_secs(2));
         let after = gw.rss_bytes();
         (before, after)

@@ -6,6 +6,10 @@
 //! at each step, and how many of them are the receive (deframer) buffer that the
 //! buffered API keeps at its 4 KiB read size once the connection has been read.
 //!
+//! Since TLS 1.3 connections leave rustls once their CONNECT is answered (the shard's own
+//! record layer, `tests/tls_idle.rs`), this is what a TLS 1.2 connection, or one in its
+//! handshake, holds.
+//!
 //! The test pins the figures as a bound, so a rustls upgrade or a change in how the
 //! shard drives rustls that makes idle TLS connections dearer fails here;
 //! `-- --nocapture` prints them (docs/SECURITY.md, "Memory per TLS connection").
@@ -81,7 +85,7 @@ fn as_server<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// The gateway's server settings (src/tls.rs) with a throwaway certificate, and a
+/// The gateway's server settings (src/tls/mod.rs) with a throwaway certificate, and a
 /// client trusting it.
 fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     let key = rcgen::KeyPair::generate().unwrap();

@@ -108,6 +108,9 @@ pub struct ShardMetrics {
     pub output_bytes: AtomicU64,
     /// Connections in their close grace: ended, still read and discarded (`close_grace_ms`).
     pub closing_connections: AtomicU64,
+    /// TLS 1.3 connections past their handshake on the shard's own record layer
+    /// (rustls dropped; `shard/records.rs`).
+    pub tls_record_connections: AtomicU64,
     /// Messages this shard handed to other shards (each one's subscribers are there).
     pub handoff_messages: AtomicU64,
     /// Batches they rode in: one mailbox send, at most one wake-up, per shard and turn.

@@ -336,6 +336,7 @@ impl Shard {
                 .bufs
                 .get_or_insert_with(Default::default);
             bufs.tls = h.tls;
+            bufs.tls_cursor = h.tls_cursor;
             bufs.ws = h.ws;
         }
         let mut alive = self.on_connect(key, h.connect, false, &h.rest);

@@ -61,6 +61,13 @@ impl Shard {
                     0
                 }
             }
+            // Past its handshake: sealed by the record layer (nothing in the clear).
+            None if conn.link.is_tls() => super::records::last_words(
+                &mut conn.socket,
+                conn.bufs.as_deref_mut(),
+                self.wire.records.remove(&(key as u32)),
+                &out,
+            ),
             None if out.is_empty() => 0,
             None => conn.socket.write(&out).unwrap_or(0),
         };
@@ -136,6 +143,7 @@ impl Shard {
         if conn.state == ConnState::Closing {
             self.wire.closing -= 1;
         }
+        self.wire.records.remove(&(key as u32));
         if conn.state != ConnState::ProxyHeader {
             self.services.per_ip.release(conn.peer.addr().ip());
         }

@@ -119,7 +119,9 @@ pub struct Conn {
 
 /// Buffers a busy connection borrows from the shard's pool, and the rarer state that
 /// would make every idle [`Conn`] bigger: TLS and inbound rate-limit debt. The box is
-/// dropped once it holds nothing (a TLS connection keeps it for its whole life).
+/// dropped once it holds nothing. A TLS connection keeps it while rustls runs (its
+/// handshake until the CONNECT is answered; a TLS 1.2 connection for life); a TLS 1.3
+/// one then keeps only its record keys outside it (`shard/records.rs`).
 #[derive(Default)]
 pub struct ConnBufs {
     /// A partial inbound frame (or a partial PROXY header).
@@ -138,8 +140,16 @@ pub struct ConnBufs {
     /// Whole frames read but not yet handled because the connection went over its
     /// inbound rate mid-read; handled first when reading resumes.
     pub held: Vec<u8>,
-    /// The rustls state of a connection accepted on the TLS listener.
+    /// The rustls state of a connection accepted on the TLS listener, until it hands
+    /// over to the record layer (`shard/records.rs`).
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// TLS ciphertext read but not yet given to rustls or the record layer (a partial
+    /// record, or what followed a pause).
+    pub tls_in: Vec<u8>,
+    /// Where in its record the ciphertext given to rustls ends.
+    pub tls_cursor: crate::tls::record::Cursor,
+    /// Sealed TLS records the socket has not taken yet (record layer).
+    pub tls_out: Vec<u8>,
     /// Inbound rate-limit debt (GCRA theoretical arrival times, see `limits.rs`).
     pub rate: crate::limits::RateDebt,
     /// In the shard's `settling` list: the box holds nothing but rate debt and is dropped
@@ -182,6 +192,8 @@ impl ConnBufs {
             && self.held.is_empty()
             && self.out_pos >= self.out.len()
             && self.tls.is_none()
+            && self.tls_in.is_empty()
+            && self.tls_out.is_empty()
             && self.ws.is_none()
     }
 }
@@ -219,10 +231,13 @@ impl fmt::Display for Peer {
 }
 
 impl Conn {
-    /// Bytes waiting to be written: unsent output, plus 1 while rustls holds ciphertext.
+    /// Bytes waiting to be written: unsent output and sealed records, plus 1 while
+    /// rustls holds ciphertext.
     pub fn outbound_len(&self) -> usize {
         self.bufs.as_ref().map_or(0, |b| {
-            b.out.len() - b.out_pos + usize::from(b.tls.as_ref().is_some_and(|t| t.wants_write()))
+            b.out.len() - b.out_pos
+                + b.tls_out.len()
+                + usize::from(b.tls.as_ref().is_some_and(|t| t.wants_write()))
         })
     }
 

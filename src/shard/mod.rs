@@ -47,6 +47,7 @@ mod pacing;
 mod packet;
 mod push;
 mod read;
+mod records;
 mod reload;
 mod retained;
 mod routing;
@@ -309,6 +310,7 @@ impl Shard {
                 Vec::new()
             },
             tls_config,
+            records: Default::default(),
             conns: Slab::new(),
             pool: BufferPool::new(settings.pool),
             scratch: vec![0; settings.scratch_bytes],
@@ -702,6 +704,7 @@ impl Shard {
         ShardMetrics::set(&m.paced_publishers, self.pacing.held_count() as u64);
         ShardMetrics::set(&m.output_bytes, self.wire.output_bytes as u64);
         ShardMetrics::set(&m.closing_connections, self.wire.closing as u64);
+        ShardMetrics::set(&m.tls_record_connections, self.wire.records.len() as u64);
         let p = self.wire.pool.stats();
         ShardMetrics::set(&m.pool_pooled_bytes, p.pooled_bytes as u64);
         ShardMetrics::set(&m.pool_lent_bytes, p.lent_bytes as u64);

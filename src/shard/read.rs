@@ -97,7 +97,8 @@ impl Shard {
                     }
                 }
                 let alive = match via {
-                    Transport::Tls => self.tls_process(key),
+                    Transport::Tls => self.tls_read(key, n),
+                    Transport::Records => self.records_read(key, n),
                     Transport::ProxyPrefix => self.ingest_proxy(key, n),
                     Transport::Plain | Transport::WebSocket => self.ingest(key, n),
                 };
@@ -163,7 +164,7 @@ impl Shard {
         }
     }
 
-    /// Handles what a paused connection holds (frames, then plaintext inside rustls) and
+    /// Handles what a paused connection holds (frames, then TLS plaintext and ciphertext) and
     /// reads it again, unless that puts it over its rate once more.
     pub(super) fn resume(&mut self, key: usize) {
         if self.wire.conns[key].state != ConnState::Active {
@@ -180,7 +181,7 @@ impl Shard {
             // Everything held was handled: an idle connection keeps no box.
             self.wire.release_idle_bufs(&self.clock, key);
         }
-        if self.wire.conns[key].is_tls() && (!self.tls_process(key) || self.wire.is_holding(key)) {
+        if !self.tls_continue(key) {
             return;
         }
         self.on_readable(key);

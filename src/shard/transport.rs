@@ -1,10 +1,12 @@
 //! The transport: how a connection's socket reads become plaintext MQTT bytes.
 //!
-//! Four variants, chosen per read by [`Transport::of`]: plain TCP, the PROXY protocol
-//! prefix (read in the clear before anything else, TLS included), TLS through rustls, and
-//! WebSocket (`websocket.rs`: the upgrade, then frames decoded in place into the MQTT
-//! stream). The read path (`read.rs`) asks the transport for one read, then hands the
-//! plaintext on. On wss the two layers stack: socket → rustls → WebSocket → framer.
+//! Five variants, chosen per read by [`Transport::of`]: plain TCP, the PROXY protocol
+//! prefix (read in the clear before anything else, TLS included), TLS through rustls
+//! (the handshake, and TLS 1.2 for life), TLS 1.3 records through our own record layer
+//! once rustls is done (`records.rs`), and WebSocket (`websocket.rs`: the upgrade, then
+//! frames decoded in place into the MQTT stream). The read path (`read.rs`) asks the
+//! transport for one read, then hands the bytes on. On wss the layers stack:
+//! socket → TLS → WebSocket → framer.
 
 use std::io::{self, Read, Write};
 
@@ -19,9 +21,11 @@ pub(super) enum Transport {
     Plain,
     /// The PROXY header, expected before anything else (in the clear, even before TLS).
     ProxyPrefix,
-    /// Ciphertext into rustls; plaintext comes out of [`Shard::tls_process`] (and goes
-    /// through the WebSocket layer on wss).
+    /// Ciphertext into rustls (`Shard::tls_feed`); plaintext comes out of
+    /// [`Shard::tls_process`] (and goes through the WebSocket layer on wss).
     Tls,
+    /// TLS 1.3 records opened by the record layer (`Shard::records_in`).
+    Records,
     /// The HTTP upgrade, then WebSocket frames, in the clear (`ws_listen`).
     WebSocket,
 }
@@ -32,6 +36,8 @@ impl Transport {
             Transport::ProxyPrefix
         } else if conn.is_tls() {
             Transport::Tls
+        } else if conn.link.is_tls() {
+            Transport::Records
         } else if conn.link.is_ws() {
             Transport::WebSocket
         } else {
@@ -44,29 +50,23 @@ impl Transport {
 pub(super) struct ReadResult {
     pub via: Transport,
     pub result: io::Result<usize>,
-    /// A plain read that got fewer bytes than it asked for: the socket's receive queue
-    /// was empty at that moment, so (with edge-triggered readiness, which reports every
-    /// later arrival) another read now would only return `WouldBlock`.
+    /// A read that got fewer bytes than it asked for: the socket's receive queue was
+    /// empty at that moment, so (with edge-triggered readiness, which reports every later
+    /// arrival) another read now would only return `WouldBlock`.
     pub short: bool,
 }
 
-/// One read from the socket: into rustls on a TLS connection, else into `scratch` (as much
-/// as the connection's read-size predictor expects, which it then updates). `Ok(0)` is the
+/// One read from the socket into `scratch` (as much as the connection's read-size
+/// predictor expects, which it then updates), whatever the transport. `Ok(0)` is the
 /// peer's end of stream.
 pub(super) fn read(conn: &mut Conn, scratch: &mut [u8]) -> ReadResult {
     let via = Transport::of(conn);
-    let (result, short) = match conn.bufs.as_mut().and_then(|b| b.tls.as_mut()) {
-        Some(t) if via == Transport::Tls => (t.read_tls(&mut conn.socket), false),
-        _ => {
-            let want = conn.predictor.next_size().min(scratch.len());
-            let r = conn.socket.read(&mut scratch[..want]);
-            let short = matches!(r, Ok(n) if n > 0 && n < want);
-            if let Ok(n) = r {
-                conn.predictor.record(n);
-            }
-            (r, short)
-        }
-    };
+    let want = conn.predictor.next_size().min(scratch.len());
+    let result = conn.socket.read(&mut scratch[..want]);
+    let short = matches!(result, Ok(n) if n > 0 && n < want);
+    if let Ok(n) = result {
+        conn.predictor.record(n);
+    }
     ReadResult { via, result, short }
 }
 
@@ -149,25 +149,6 @@ impl Shard {
         }
     }
 
-    /// Feeds ciphertext that arrived outside rustls (after a PROXY header) to it.
-    fn tls_feed(&mut self, key: usize, mut data: &[u8]) -> bool {
-        while !data.is_empty() {
-            let Some(tls) = tls_of(&mut self.wire.conns, key) else {
-                return false;
-            };
-            if let Err(e) = tls.read_tls(&mut data) {
-                ShardMetrics::add(&self.services.metrics.tls_failures, 1);
-                tracing::info!(shard = self.id, error = %e, "TLS failed, closing");
-                self.close_conn(key, DisconnectReason::ProtocolError, None);
-                return false;
-            }
-            if !self.tls_process(key) {
-                return false;
-            }
-        }
-        true
-    }
-
     /// The `n` bytes just read into the scratch buffer, while the PROXY header is still
     /// expected. The header may arrive over several reads; it is bounded by
     /// `proxy_header_max_bytes`. False when the connection is gone.
@@ -231,15 +212,22 @@ impl Shard {
 }
 
 /// Writes a connection's output as far as the socket takes it: on TLS, plaintext into
-/// rustls (up to its buffer limit) and ciphertext out; else straight to the socket.
+/// rustls (up to its buffer limit) and ciphertext out, or sealed by the record layer
+/// with `records`, the connection's record keys; else straight to the socket.
 /// Returns the bytes the socket took, and false when writing failed (close it).
-pub(super) fn write(conn: &mut Conn) -> (usize, bool) {
+pub(super) fn write(
+    conn: &mut Conn,
+    records: Option<&mut crate::tls::record::RecordKeys>,
+) -> (usize, bool) {
     let Some(bufs) = conn.bufs.as_mut() else {
         return (0, true);
     };
     let mut sent = 0;
     // Acknowledgements waiting for the store commit, and what follows them, stay.
     let end = bufs.writable_end();
+    if let Some(keys) = records.filter(|_| bufs.tls.is_none()) {
+        return super::records::write_records(&mut conn.socket, bufs, keys);
+    }
     let Some(tls) = bufs.tls.as_mut() else {
         while bufs.out_pos < end {
             match conn.socket.write(&bufs.out[bufs.out_pos..end]) {

@@ -29,6 +29,9 @@ pub(super) struct Wire {
     pub scratch: Vec<u8>,
     /// Plaintext out of rustls, on its way to the framer.
     pub plain: Vec<u8>,
+    /// The record keys of TLS 1.3 connections past their handshake, by connection key
+    /// (outside `Conn` and its buffer box: see `records.rs`).
+    pub records: std::collections::HashMap<u32, crate::tls::record::RecordKeys>,
     /// Connections with output to write at the end of this turn.
     pub dirty: Vec<u32>,
     /// Connections whose read budget ran out while bytes were still waiting.
@@ -210,6 +213,8 @@ pub(super) fn give_bufs(pool: &mut BufferPool, output_bytes: &mut usize, b: Conn
     pool.give(b.inbuf, now);
     pool.give(b.out, now);
     pool.give(b.held, now);
+    pool.give(b.tls_in, now);
+    pool.give(b.tls_out, now);
     if let Some(ws) = b.ws {
         pool.give(ws.carry, now);
     }

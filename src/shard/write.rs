@@ -16,6 +16,8 @@ impl Shard {
             if let Some(c) = self.wire.conns.get_mut(key as usize) {
                 c.dirty = false;
                 self.flush_conn(key as usize);
+                // Between reads: where a TLS 1.3 connection leaves rustls.
+                self.tls_settle(key as usize);
             }
         }
     }
@@ -33,7 +35,7 @@ impl Shard {
         else {
             return;
         };
-        let (sent, ok) = transport::write(conn);
+        let (sent, ok) = transport::write(conn, self.wire.records.get_mut(&(key as u32)));
         ShardMetrics::add(&self.services.metrics.bytes_sent, sent as u64);
         wire::recount_output(&mut self.wire.output_bytes, conn);
         if !ok {

@@ -207,3 +207,23 @@ pub fn suback(c: &mut TlsClient) {
         }
     }
 }
+
+/// One connected MQTT client left idle, kept open by the returned value: over TLS to
+/// `tls` with `cfg` when given, else plain TCP to `mqtt`.
+pub fn idle_client(
+    mqtt: SocketAddr,
+    tls: Option<(SocketAddr, &Arc<ClientConfig>)>,
+    id: &str,
+) -> Box<dyn std::any::Any> {
+    if let Some((addr, cfg)) = tls {
+        let mut c = TlsClient::connect(addr, cfg.clone(), b"").unwrap();
+        assert_eq!(c.mqtt_connect(id), Ok(0));
+        return Box::new(c);
+    }
+    let mut s = std::net::TcpStream::connect(mqtt).unwrap();
+    s.write_all(&Raw::connect_v4(id, 600, true)).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[0], 0x20);
+    Box::new(s)
+}

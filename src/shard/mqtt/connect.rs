@@ -95,9 +95,10 @@ impl Shard {
         self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
         let _ = self.wire.poll.registry().deregister(&mut conn.socket);
         self.timers.wheel.cancel(conn.timer);
-        let (mut tls, mut ws) = (None, None);
+        let (mut tls, mut ws, mut tls_cursor) = (None, None, Default::default());
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
+            tls_cursor = b.tls_cursor;
             ws = b.ws.take();
             give_bufs(
                 &mut self.wire.pool,
@@ -113,6 +114,7 @@ impl Shard {
             rest: rest.to_vec(),
             accepted_at: self.clock.instant_of(conn.accepted_at),
             tls,
+            tls_cursor,
             link: conn.link,
             ws,
         };

@@ -1,13 +1,17 @@
 //! TLS for the MQTT listener: the rustls server configuration built at startup from
 //! `[mqtt] tls_*` (its certificate and client CA swappable by a reload, [`TlsReload`]), and the client id a verified client certificate carries.
 //!
-//! The TLS state machine itself is driven by the shards (`shard/mod.rs`): a TLS
+//! The TLS state machine itself is driven by the shards (`shard/records.rs`): a TLS
 //! connection is an ordinary connection whose bytes pass through a rustls
-//! `ServerConnection` on the way in and out, so handshakes run in the shard's
-//! non-blocking loop under the connect timeout like any other pre-CONNECT state.
+//! `ServerConnection` during its handshake, so handshakes run in the shard's
+//! non-blocking loop under the connect timeout like any other pre-CONNECT state; once
+//! its CONNECT is answered a TLS 1.3 connection hands its keys to our own record layer
+//! ([`record`]) and drops rustls (TLS 1.2 ones stay on rustls).
 //! The crypto provider is `ring`; TLS 1.2 and 1.3 are both enabled. Session tickets
 //! (`tls_session_tickets`) let a reconnecting device resume; [`handshake_outcome`] says
 //! how each handshake ended, for `gateway_tls_handshakes_total{kind}`.
+
+pub mod record;
 
 use std::io;
 use std::path::Path;
@@ -185,6 +189,9 @@ pub(crate) fn server_config(m: &MqttConfig) -> io::Result<(Arc<ServerConfig>, Ar
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
         .with_client_cert_verifier(reload.clone())
         .with_cert_resolver(reload.clone());
+    // Past a TLS 1.3 handshake the shard takes the traffic keys and drops the rustls
+    // connection (`tls/record.rs`, `shard/records.rs`).
+    config.enable_secret_extraction = true;
     // MQTT has no ALPN requirement; devices that send "mqtt" still connect.
     config.alpn_protocols = Vec::new();
     // Resumption without server state: stateless tickets (keys rotate every 6 hours)

@@ -1,0 +1,455 @@
+//! The TLS 1.3 record layer a connection uses once rustls has finished its handshake.
+//!
+//! rustls' buffered `ServerConnection` keeps ~7.4 KB of heap per connection for its whole
+//! life (its receive buffer, its send queue, the key schedule). An idle MQTT device sends
+//! a PINGREQ every minute or so; it should cost what a plain connection costs. So rustls
+//! runs the handshake (certificates, mTLS, tickets, reload all stay its business), and at
+//! its end the shard takes the traffic keys out of it (`extract`) and drops it. From then
+//! on this module protects and opens the application records itself (RFC 8446 §5):
+//!
+//! - per direction one [`DirectionKeys`]: the AEAD key, the 12-byte IV and the sequence
+//!   number (nonce = IV xor the sequence number, big-endian, left-padded), 56 bytes;
+//! - AAD = the 5-byte record header; inner plaintext = data ‖ content type ‖ zero
+//!   padding; at most 2^14 plaintext bytes per record, 2^14 + 256 ciphertext bytes;
+//! - the ring `LessSafeKey` (AES round keys and GHASH tables, ~0.5 KB) is built per
+//!   read or write batch ([`RecordKeys::opener`], [`RecordKeys::sealer`]) and dropped
+//!   with it, so nothing key-schedule-sized stays with an idle connection.
+//!
+//! Invariants: a sequence number is used once per key (it only grows; a record that fails
+//! to open ends the connection, so no number is retried); records are opened in place
+//! (the caller's buffer holds exactly one whole record, see [`record_len`]); nothing here
+//! keeps a buffer. What it refuses, [`RecordError`] names, with the alert to send.
+//!
+//! Not supported, and refused with an alert (the connection closes and the device
+//! reconnects): a KeyUpdate from the client — rustls' buffered connection gives out the
+//! traffic keys but not the traffic secrets the next generation is derived from (only
+//! its unbuffered API hands over a `KernelConnection` that can update them); and
+//! sending past the AES-GCM confidentiality limit (2^24.5 records, RFC 8446 §5.5), which
+//! would need our own KeyUpdate. TLS 1.2 connections stay on rustls for their whole life.
+
+use std::fmt;
+use std::ops::Range;
+
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use rustls::ConnectionTrafficSecrets;
+
+/// The record header: type, legacy version (2 bytes), length (2 bytes).
+pub const HEADER_LEN: usize = 5;
+/// The most plaintext one record carries.
+pub const MAX_PLAINTEXT: usize = 1 << 14;
+/// The most ciphertext one TLS 1.3 record may carry (RFC 8446 §5.2).
+pub const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+const TAG_LEN: usize = 16;
+const NONCE_LEN: usize = 12;
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+
+const CLOSE_NOTIFY: u8 = 0;
+const UNEXPECTED_MESSAGE: u8 = 10;
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const INTERNAL_ERROR: u8 = 80;
+const USER_CANCELED: u8 = 90;
+const KEY_UPDATE: u8 = 24;
+
+/// Records one AES-GCM key may protect (2^24.5, RFC 8446 §5.5).
+const AES_GCM_RECORD_LIMIT: u64 = 23_726_566;
+
+/// The AEAD a connection negotiated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl Suite {
+    fn algorithm(self) -> &'static aead::Algorithm {
+        match self {
+            Suite::Aes128Gcm => &aead::AES_128_GCM,
+            Suite::Aes256Gcm => &aead::AES_256_GCM,
+            Suite::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        }
+    }
+
+    /// Records one key may send.
+    fn record_limit(self) -> u64 {
+        match self {
+            Suite::Chacha20Poly1305 => u64::MAX,
+            _ => AES_GCM_RECORD_LIMIT,
+        }
+    }
+}
+
+/// Why a record was refused (or could not be sent); the connection ends with
+/// [`RecordError::alert`] sent to the peer, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// A record failed authentication (tampered, or not from this session).
+    BadRecordMac,
+    /// A record longer than TLS 1.3 allows.
+    RecordOverflow,
+    /// A record or message this layer does not accept after the handshake.
+    UnexpectedMessage(&'static str),
+    /// The client sent a KeyUpdate (not supported here, see the module doc).
+    KeyUpdate,
+    /// The peer sent a fatal alert (its description code).
+    PeerAlert(u8),
+    /// The sending key reached its record limit.
+    KeyExhausted,
+    /// rustls negotiated something this layer does not handle.
+    Unsupported(&'static str),
+}
+
+impl RecordError {
+    /// The alert description to send the peer before closing (none after its own alert).
+    pub fn alert(&self) -> Option<u8> {
+        match self {
+            RecordError::BadRecordMac => Some(BAD_RECORD_MAC),
+            RecordError::RecordOverflow => Some(RECORD_OVERFLOW),
+            RecordError::UnexpectedMessage(_) | RecordError::KeyUpdate => Some(UNEXPECTED_MESSAGE),
+            RecordError::PeerAlert(_) => None,
+            RecordError::KeyExhausted | RecordError::Unsupported(_) => Some(INTERNAL_ERROR),
+        }
+    }
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordError::BadRecordMac => f.write_str("TLS record failed authentication"),
+            RecordError::RecordOverflow => f.write_str("TLS record too long"),
+            RecordError::UnexpectedMessage(what) => write!(f, "unexpected TLS {what}"),
+            RecordError::KeyUpdate => f.write_str("TLS KeyUpdate from the client is not supported"),
+            RecordError::PeerAlert(d) => write!(f, "peer sent TLS alert {d}"),
+            RecordError::KeyExhausted => f.write_str("TLS sending key used up"),
+            RecordError::Unsupported(what) => write!(f, "unsupported TLS {what}"),
+        }
+    }
+}
+
+impl std::error::Error for RecordError {}
+
+/// The length of the whole record at the front of `buf` (header included), once all of
+/// it is there; `Ok(None)` while it is not. Refuses a length TLS 1.3 does not allow.
+pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if len > MAX_CIPHERTEXT {
+        return Err(RecordError::RecordOverflow);
+    }
+    let total = HEADER_LEN + len;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// Where in its record a stream of ciphertext ends: the bytes of a record header seen so
+/// far, or the body bytes still to come. The shard keeps one per connection while rustls
+/// runs, to know when rustls holds no partial record (then it may be dropped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    header: [u8; HEADER_LEN],
+    have: u8,
+    left: u16,
+}
+
+impl Cursor {
+    /// `bytes` more of the stream went by.
+    pub fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let take = bytes.len().min(usize::from(self.left));
+                self.left -= take as u16;
+                bytes = &bytes[take..];
+                continue;
+            }
+            let have = usize::from(self.have);
+            let take = bytes.len().min(HEADER_LEN - have);
+            self.header[have..have + take].copy_from_slice(&bytes[..take]);
+            self.have += take as u8;
+            bytes = &bytes[take..];
+            if usize::from(self.have) == HEADER_LEN {
+                self.have = 0;
+                self.left = u16::from_be_bytes([self.header[3], self.header[4]]);
+            }
+        }
+    }
+
+    /// The stream so far ends with a whole record (or is empty).
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+}
+
+/// One direction's traffic key, IV and next sequence number (56 bytes).
+pub struct DirectionKeys {
+    key: [u8; 32],
+    iv: [u8; NONCE_LEN],
+    seq: u64,
+    key_len: u8,
+    suite: Suite,
+}
+
+impl DirectionKeys {
+    fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<Self, RecordError> {
+        let (suite, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Suite::Chacha20Poly1305, key, iv)
+            }
+            _ => return Err(RecordError::Unsupported("cipher suite")),
+        };
+        let (key, iv) = (key.as_ref(), iv.as_ref());
+        if key.len() > 32 || iv.len() != NONCE_LEN {
+            return Err(RecordError::Unsupported("key or IV length"));
+        }
+        let mut d = DirectionKeys {
+            key: [0; 32],
+            iv: [0; NONCE_LEN],
+            seq,
+            key_len: key.len() as u8,
+            suite,
+        };
+        d.key[..key.len()].copy_from_slice(key);
+        d.iv.copy_from_slice(iv);
+        Ok(d)
+    }
+
+    /// The ring key for one batch of records.
+    fn less_safe_key(&self) -> LessSafeKey {
+        let key = &self.key[..usize::from(self.key_len)];
+        // The length matched the algorithm when rustls derived it.
+        let unbound = UnboundKey::new(self.suite.algorithm(), key)
+            .expect("a traffic key of its suite's length");
+        LessSafeKey::new(unbound)
+    }
+
+    /// The nonce of the next record, and the number taken.
+    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+        if self.seq >= self.suite.record_limit() {
+            return Err(RecordError::KeyExhausted);
+        }
+        let mut nonce = self.iv;
+        for (n, s) in nonce[NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(self.seq.to_be_bytes())
+        {
+            *n ^= s;
+        }
+        self.seq += 1;
+        Ok(Nonce::assume_unique_for_key(nonce))
+    }
+}
+
+impl Drop for DirectionKeys {
+    fn drop(&mut self) {
+        // Best effort: the key does not outlive the connection in freed memory.
+        self.key = [0; 32];
+        self.iv = [0; NONCE_LEN];
+    }
+}
+
+/// Both directions of one connection's record protection.
+pub struct RecordKeys {
+    rx: DirectionKeys,
+    tx: DirectionKeys,
+}
+
+/// What an opened record carried.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// Application data: these bytes of the record buffer (possibly none).
+    Data(Range<usize>),
+    /// The peer's close_notify: the end of its stream.
+    CloseNotify,
+    /// Nothing for the application (a user_canceled warning).
+    Nothing,
+}
+
+impl RecordKeys {
+    /// The keys and sequence numbers rustls hands over at the end of a TLS 1.3 handshake.
+    pub fn from_secrets(s: &rustls::ExtractedSecrets) -> Result<Self, RecordError> {
+        Ok(RecordKeys {
+            rx: DirectionKeys::new(s.rx.0, &s.rx.1)?,
+            tx: DirectionKeys::new(s.tx.0, &s.tx.1)?,
+        })
+    }
+
+    /// The suite both directions use.
+    pub fn suite(&self) -> Suite {
+        self.tx.suite
+    }
+
+    /// Opens the records of one read batch.
+    pub fn opener(&mut self) -> Opener<'_> {
+        Opener {
+            key: self.rx.less_safe_key(),
+            dir: &mut self.rx,
+        }
+    }
+
+    /// Seals the records of one write batch.
+    pub fn sealer(&mut self) -> Sealer<'_> {
+        Sealer {
+            key: self.tx.less_safe_key(),
+            dir: &mut self.tx,
+        }
+    }
+}
+
+/// The receiving key of one read batch.
+pub struct Opener<'a> {
+    key: LessSafeKey,
+    dir: &'a mut DirectionKeys,
+}
+
+impl Opener<'_> {
+    /// Opens one whole record (`record` is exactly it, see [`record_len`]) in place.
+    pub fn open(&mut self, record: &mut [u8]) -> Result<Opened, RecordError> {
+        let (header, body) = record.split_at_mut(HEADER_LEN);
+        match header[0] {
+            APPLICATION_DATA => {}
+            CHANGE_CIPHER_SPEC => return Err(RecordError::UnexpectedMessage("change_cipher_spec")),
+            _ => return Err(RecordError::UnexpectedMessage("plaintext record")),
+        }
+        if body.len() < TAG_LEN + 1 {
+            return Err(RecordError::BadRecordMac);
+        }
+        let nonce = self.dir.next_nonce()?;
+        let aad = Aad::from([header[0], header[1], header[2], header[3], header[4]]);
+        let plain = self
+            .key
+            .open_in_place(nonce, aad, body)
+            .map_err(|_| RecordError::BadRecordMac)?;
+        // The content type is the last non-zero byte; zeros after it are padding.
+        let Some(end) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(RecordError::UnexpectedMessage(
+                "record without content type",
+            ));
+        };
+        if end > MAX_PLAINTEXT {
+            return Err(RecordError::RecordOverflow);
+        }
+        let data = HEADER_LEN..HEADER_LEN + end;
+        match plain[end] {
+            APPLICATION_DATA => Ok(Opened::Data(data)),
+            ALERT => alert(&plain[..end]),
+            HANDSHAKE => Err(handshake(&plain[..end])),
+            _ => Err(RecordError::UnexpectedMessage("content type")),
+        }
+    }
+}
+
+/// What [`Opener::open_many`] did with a buffer of records.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The application bytes of the opened records, now at the front of the buffer.
+    pub plain: usize,
+    /// The bytes of whole records consumed; a partial record from here on is left.
+    pub used: usize,
+    /// Why it stopped before the end: the peer's close_notify, or a refused record.
+    pub end: Option<Result<(), RecordError>>,
+}
+
+impl Opener<'_> {
+    /// Opens the whole records at the front of `buf` in place and moves their
+    /// application bytes to its front, in order; stops at a partial record, at the
+    /// peer's close_notify or at the first refused record.
+    pub fn open_many(&mut self, buf: &mut [u8]) -> Batch {
+        let (mut plain, mut used) = (0, 0);
+        let end = loop {
+            let len = match record_len(&buf[used..]) {
+                Ok(Some(len)) => len,
+                Ok(None) => break None,
+                Err(e) => break Some(Err(e)),
+            };
+            let record = &mut buf[used..used + len];
+            match self.open(record) {
+                Ok(Opened::Data(r)) => {
+                    let n = r.len();
+                    buf.copy_within(used + r.start..used + r.end, plain);
+                    plain += n;
+                }
+                Ok(Opened::Nothing) => {}
+                Ok(Opened::CloseNotify) => break Some(Ok(())),
+                Err(e) => break Some(Err(e)),
+            }
+            used += len;
+        };
+        Batch { plain, used, end }
+    }
+}
+
+/// An alert from the peer: its close_notify ends the stream, anything but a warning
+/// ends the connection.
+fn alert(body: &[u8]) -> Result<Opened, RecordError> {
+    match body {
+        [_, CLOSE_NOTIFY] => Ok(Opened::CloseNotify),
+        [_, USER_CANCELED] => Ok(Opened::Nothing),
+        [_, d] => Err(RecordError::PeerAlert(*d)),
+        _ => Err(RecordError::UnexpectedMessage("alert length")),
+    }
+}
+
+/// A post-handshake handshake message from the client: none is accepted here.
+fn handshake(body: &[u8]) -> RecordError {
+    match body.first() {
+        Some(&KEY_UPDATE) => RecordError::KeyUpdate,
+        _ => RecordError::UnexpectedMessage("handshake message after the handshake"),
+    }
+}
+
+/// The sending key of one write batch.
+pub struct Sealer<'a> {
+    key: LessSafeKey,
+    dir: &'a mut DirectionKeys,
+}
+
+impl Sealer<'_> {
+    /// Appends `data` to `out` as application-data records of at most 2^14 bytes each.
+    pub fn seal_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        for chunk in data.chunks(MAX_PLAINTEXT) {
+            self.seal(APPLICATION_DATA, chunk, out)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a close_notify alert record to `out`.
+    pub fn seal_close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal(ALERT, &[1, CLOSE_NOTIFY], out)
+    }
+
+    /// Appends a fatal alert record with description `alert` to `out`.
+    pub fn seal_alert(&mut self, alert: u8, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal(ALERT, &[2, alert], out)
+    }
+
+    /// One record: header, then `plain` ‖ `typ` encrypted in place, then the tag.
+    fn seal(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        debug_assert!(plain.len() <= MAX_PLAINTEXT);
+        let nonce = self.dir.next_nonce()?;
+        let len = (plain.len() + 1 + TAG_LEN) as u16;
+        let [hi, lo] = len.to_be_bytes();
+        let header = [APPLICATION_DATA, 3, 3, hi, lo];
+        out.reserve(HEADER_LEN + usize::from(len));
+        out.extend_from_slice(&header);
+        let start = out.len();
+        out.extend_from_slice(plain);
+        out.push(typ);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start..])
+            .map_err(|_| RecordError::Unsupported("sealing"))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "record_tests.rs"]
+mod tests;

@@ -1,0 +1,374 @@
+//! The record layer against rustls itself: a rustls client in memory talks to a rustls
+//! server until its handshake is done, then to [`RecordKeys`] made from that server's
+//! secrets.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use rustls::crypto::{ring as provider, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::{
+    ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection,
+    SupportedCipherSuite,
+};
+
+use super::*;
+
+const SUITES: [SupportedCipherSuite; 3] = [
+    provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+];
+
+fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = CertificateDer::from(cert.der().to_vec());
+    let pk = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let one_suite = Arc::new(CryptoProvider {
+        cipher_suites: vec![suite],
+        ..provider::default_provider()
+    });
+    let mut server = ServerConfig::builder_with_provider(one_suite.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], pk)
+        .unwrap();
+    server.enable_secret_extraction = true;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = ClientConfig::builder_with_provider(one_suite)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+/// Moves what `a` has to send into `b`.
+fn transfer(a: &mut Connection, b: &mut Connection) {
+    let mut buf = Vec::new();
+    while a.wants_write() {
+        a.write_tls(&mut buf).unwrap();
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        b.read_tls(&mut rd).unwrap();
+    }
+    b.process_new_packets().unwrap();
+}
+
+/// A finished handshake: the client, and the server's keys (rustls dropped).
+fn session(suite: SupportedCipherSuite) -> (ClientConnection, RecordKeys) {
+    let (sc, cc) = configs(suite);
+    let client = ClientConnection::new(cc, ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut client = Connection::Client(client);
+    let mut server = Connection::Server(ServerConnection::new(sc).unwrap());
+    while server.is_handshaking() || client.is_handshaking() || server.wants_write() {
+        transfer(&mut client, &mut server);
+        transfer(&mut server, &mut client);
+    }
+    let (Connection::Client(client), Connection::Server(server)) = (client, server) else {
+        unreachable!()
+    };
+    let mut client = client;
+    client.set_buffer_limit(None);
+    let secrets = server.dangerous_extract_secrets().unwrap();
+    let keys = RecordKeys::from_secrets(&secrets).unwrap();
+    (client, keys)
+}
+
+/// Opens every whole record of `wire`, as the shard does, feeding it in `step`-byte
+/// reads; returns the application bytes.
+fn open_all(keys: &mut RecordKeys, wire: &[u8], step: usize) -> Result<Vec<u8>, RecordError> {
+    let mut pending = Vec::new();
+    let mut got = Vec::new();
+    for piece in wire.chunks(step.max(1)) {
+        pending.extend_from_slice(piece);
+        let mut opener = keys.opener();
+        while let Some(len) = record_len(&pending)? {
+            let mut record: Vec<u8> = pending.drain(..len).collect();
+            if let Opened::Data(r) = opener.open(&mut record)? {
+                got.extend_from_slice(&record[r]);
+            }
+        }
+    }
+    assert!(pending.is_empty(), "a partial record is left");
+    Ok(got)
+}
+
+fn client_sends(client: &mut ClientConnection, data: &[u8]) -> Vec<u8> {
+    client.writer().write_all(data).unwrap();
+    let mut wire = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut wire).unwrap();
+    }
+    wire
+}
+
+fn client_reads(client: &mut ClientConnection, wire: &[u8]) -> Vec<u8> {
+    let mut rd = wire;
+    let mut got = Vec::new();
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).unwrap();
+        client.process_new_packets().unwrap();
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            match client.reader().read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+    }
+    got
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn both_directions_every_suite_and_size() {
+    for suite in SUITES {
+        let (mut client, mut keys) = session(suite);
+        for len in [
+            0,
+            1,
+            2,
+            100,
+            MAX_PLAINTEXT - 1,
+            MAX_PLAINTEXT,
+            MAX_PLAINTEXT + 1,
+            70_000,
+        ] {
+            let data = pattern(len);
+            let wire = client_sends(&mut client, &data);
+            assert_eq!(
+                open_all(&mut keys, &wire, wire.len()).unwrap(),
+                data,
+                "{suite:?} {len}"
+            );
+            let mut out = Vec::new();
+            keys.sealer().seal_data(&data, &mut out).unwrap();
+            assert_eq!(client_reads(&mut client, &out), data, "{suite:?} {len}");
+        }
+    }
+}
+
+#[test]
+fn records_split_at_every_byte_boundary() {
+    let (mut client, mut keys) = session(SUITES[0]);
+    let data = pattern(300);
+    for step in 1..=40 {
+        let wire = client_sends(&mut client, &data);
+        assert_eq!(
+            open_all(&mut keys, &wire, step).unwrap(),
+            data,
+            "step {step}"
+        );
+    }
+    // Two records in one read, split at every byte.
+    for cut in 0..=60 {
+        let mut wire = client_sends(&mut client, b"first");
+        wire.extend(client_sends(&mut client, b"second"));
+        let (a, b) = wire.split_at(cut.min(wire.len()));
+        let mut got = open_all_keep(&mut keys, a);
+        got.extend(open_all_keep_finish(&mut keys, b));
+        assert_eq!(got, b"firstsecond", "cut {cut}");
+    }
+}
+
+thread_local! {
+    static CARRY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Opens the whole records of `piece` after what an earlier call kept.
+fn open_all_keep(keys: &mut RecordKeys, piece: &[u8]) -> Vec<u8> {
+    CARRY.with(|c| {
+        let mut pending = c.take();
+        pending.extend_from_slice(piece);
+        let mut got = Vec::new();
+        let mut opener = keys.opener();
+        while let Some(len) = record_len(&pending).unwrap() {
+            let mut record: Vec<u8> = pending.drain(..len).collect();
+            if let Opened::Data(r) = opener.open(&mut record).unwrap() {
+                got.extend_from_slice(&record[r]);
+            }
+        }
+        *c.borrow_mut() = pending;
+        got
+    })
+}
+
+fn open_all_keep_finish(keys: &mut RecordKeys, piece: &[u8]) -> Vec<u8> {
+    let got = open_all_keep(keys, piece);
+    CARRY.with(|c| assert!(c.borrow().is_empty()));
+    got
+}
+
+#[test]
+fn a_flipped_byte_is_a_bad_record_mac() {
+    for suite in SUITES {
+        let (mut client, keys) = session(suite);
+        let wire = client_sends(&mut client, b"hello there");
+        for at in HEADER_LEN..wire.len() {
+            let mut keys = RecordKeys {
+                rx: clone_dir(&keys.rx),
+                tx: clone_dir(&keys.tx),
+            };
+            let mut bad = wire.clone();
+            bad[at] ^= 0x40;
+            assert_eq!(
+                open_all(&mut keys, &bad, bad.len()),
+                Err(RecordError::BadRecordMac),
+                "{suite:?} byte {at}"
+            );
+        }
+        let mut keys = keys;
+        assert_eq!(open_all(&mut keys, &wire, 3).unwrap(), b"hello there");
+    }
+}
+
+fn clone_dir(d: &DirectionKeys) -> DirectionKeys {
+    DirectionKeys {
+        key: d.key,
+        iv: d.iv,
+        seq: d.seq,
+        key_len: d.key_len,
+        suite: d.suite,
+    }
+}
+
+#[test]
+fn close_notify_both_ways() {
+    let (mut client, mut keys) = session(SUITES[2]);
+    let mut out = Vec::new();
+    let mut sealer = keys.sealer();
+    sealer.seal_data(b"bye", &mut out).unwrap();
+    sealer.seal_close_notify(&mut out).unwrap();
+    assert_eq!(client_reads(&mut client, &out), b"bye");
+    let mut buf = [0; 8];
+    assert_eq!(
+        client.reader().read(&mut buf).unwrap(),
+        0,
+        "clean end of stream"
+    );
+
+    client.send_close_notify();
+    let mut wire = Vec::new();
+    client.write_tls(&mut wire).unwrap();
+    let len = record_len(&wire).unwrap().unwrap();
+    assert_eq!(
+        keys.opener().open(&mut wire[..len]),
+        Ok(Opened::CloseNotify)
+    );
+}
+
+#[test]
+fn a_key_update_from_the_client_is_refused() {
+    let (mut client, mut keys) = session(SUITES[0]);
+    client.refresh_traffic_keys().unwrap();
+    let wire = client_sends(&mut client, b"after");
+    assert_eq!(
+        open_all(&mut keys, &wire, wire.len()),
+        Err(RecordError::KeyUpdate)
+    );
+    assert_eq!(RecordError::KeyUpdate.alert(), Some(UNEXPECTED_MESSAGE));
+}
+
+#[test]
+fn our_alert_reaches_the_client() {
+    let (mut client, mut keys) = session(SUITES[1]);
+    let mut out = Vec::new();
+    keys.sealer().seal_alert(BAD_RECORD_MAC, &mut out).unwrap();
+    client.read_tls(&mut &out[..]).unwrap();
+    let e = client.process_new_packets().unwrap_err();
+    assert!(e.to_string().contains("BadRecordMac"), "{e}");
+}
+
+#[test]
+fn headers_are_checked() {
+    assert_eq!(record_len(&[23, 3, 3, 0]), Ok(None));
+    assert_eq!(record_len(&[23, 3, 3, 0, 1]), Ok(None));
+    assert_eq!(record_len(&[23, 3, 3, 0, 1, 9]), Ok(Some(6)));
+    let too_long = (MAX_CIPHERTEXT + 1) as u16;
+    let [hi, lo] = too_long.to_be_bytes();
+    assert_eq!(
+        record_len(&[23, 3, 3, hi, lo]),
+        Err(RecordError::RecordOverflow)
+    );
+    let (_client, mut keys) = session(SUITES[0]);
+    let mut ccs = [20, 3, 3, 0, 1, 1];
+    assert!(matches!(
+        keys.opener().open(&mut ccs),
+        Err(RecordError::UnexpectedMessage(_))
+    ));
+    let mut short = [23, 3, 3, 0, 3, 1, 2, 3];
+    assert_eq!(
+        keys.opener().open(&mut short),
+        Err(RecordError::BadRecordMac)
+    );
+}
+
+#[test]
+fn an_idle_connection_keeps_only_its_keys() {
+    assert_eq!(std::mem::size_of::<DirectionKeys>(), 56);
+    assert_eq!(std::mem::size_of::<RecordKeys>(), 112);
+}
+
+#[test]
+fn many_records_open_to_the_front_in_order() {
+    let (mut client, mut keys) = session(SUITES[0]);
+    let mut wire = Vec::new();
+    for part in [&b"one"[..], b"", b"three", &pattern(MAX_PLAINTEXT + 5)] {
+        wire.extend(client_sends(&mut client, part));
+    }
+    let whole = wire.len();
+    wire.extend_from_slice(&client_sends(&mut client, b"tail")[..7]);
+    let batch = keys.opener().open_many(&mut wire);
+    let mut want = b"onethree".to_vec();
+    want.extend(pattern(MAX_PLAINTEXT + 5));
+    assert_eq!(
+        (batch.plain, batch.used, batch.end),
+        (want.len(), whole, None)
+    );
+    assert_eq!(&wire[..batch.plain], &want[..]);
+
+    let (mut client, mut keys) = session(SUITES[2]);
+    let mut wire = client_sends(&mut client, b"last");
+    client.send_close_notify();
+    client.write_tls(&mut wire).unwrap();
+    wire.extend_from_slice(b"ignored after close_notify");
+    let batch = keys.opener().open_many(&mut wire);
+    assert_eq!((batch.plain, batch.end), (4, Some(Ok(()))));
+    assert_eq!(&wire[..4], b"last");
+}
+
+#[test]
+fn the_cursor_knows_record_boundaries_at_any_split() {
+    let (mut client, _keys) = session(SUITES[0]);
+    let mut wire = client_sends(&mut client, b"a");
+    wire.extend(client_sends(&mut client, &pattern(MAX_PLAINTEXT + 10)));
+    let mut ends = Vec::new();
+    let mut end = 0;
+    while end < wire.len() {
+        end += record_len(&wire[end..]).unwrap().unwrap();
+        ends.push(end);
+    }
+    assert_eq!(ends.len(), 3);
+    for step in [1, 2, 3, 4, 5, 6, 7, 100, 4096] {
+        let mut c = Cursor::default();
+        let mut at = 0;
+        for piece in wire.chunks(step) {
+            c.advance(piece);
+            at += piece.len();
+            let boundary = ends.contains(&at);
+            assert_eq!(c.at_boundary(), boundary, "step {step} at {at}");
+        }
+    }
+}
