@@ -18,10 +18,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A gateway process in the fleet as `node`, with its own store.
 fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
-    GatewayProcess::start(&format!(
-        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = 3\n",
-        nats.url()
-    ))
+    common::fleet::session_node(nats, node)
 }
 
 /// Node `node` with its store in `dir`, which outlives the process (a restart keeps it).

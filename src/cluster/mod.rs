@@ -32,6 +32,7 @@ pub mod restart;
 pub mod restore;
 pub mod routing;
 pub mod session_metrics;
+mod session_qos2;
 pub mod sessions;
 
 use std::future::Future;

@@ -11,7 +11,8 @@
 //! **Layout** (no consumer per device: restores read with direct gets):
 //! - key-value bucket `cluster.session_bucket` (stream `KV_<bucket>`): `<id>.meta` → the
 //!   session record (version, expiry, offline since), `<id>.sub.<filter>` → one
-//!   subscription; `<id>` and `<filter>` escaped as registry keys are (`=XX`);
+//!   subscription, `<id>.q2in.<pkid>` / `<id>.q2out.<sequence>` its QoS 2 state
+//!   (`session_qos2`); `<id>` and `<filter>` escaped as registry keys are (`=XX`);
 //! - stream `cluster.session_stream`: the session's queued and unacknowledged QoS 1/2
 //!   messages on subject `<subject_prefix>.smsg.<id>`, in delivery order. An acknowledged
 //!   message is deleted by its stream sequence (kept here in memory per stored message);
@@ -66,6 +67,13 @@ enum Change {
     },
     /// Message `seq` is finished (acknowledged, dropped, expired).
     Acked { client_id: Arc<str>, seq: u64 },
+    /// QoS 2 message `seq` went out under `pkid`; `released`: our PUBREL went out too.
+    Qos2Out {
+        client_id: Arc<str>,
+        seq: u64,
+        pkid: u16,
+        released: bool,
+    },
 }
 
 /// Publishes whose acks are awaited together: a message's (client id, local sequence),
@@ -88,7 +96,9 @@ enum Work {
 /// the fleet that the shard is adopting.
 #[derive(Default)]
 pub(super) struct Seqs {
-    stored: HashMap<Arc<str>, HashMap<u64, u64>>,
+    pub(super) stored: HashMap<Arc<str>, HashMap<u64, u64>>,
+    /// The stored messages whose QoS 2 state is in the bucket (`session_qos2`).
+    pub(super) qos2_out: HashMap<Arc<str>, std::collections::HashSet<u64>>,
     pub(super) adopting: HashMap<Arc<str>, VecDeque<u64>>,
     /// Sessions being handed over to another node (`handover`): their end here keeps
     /// the fleet's copy, and is reported once everything before it is in JetStream.
@@ -258,6 +268,8 @@ impl SessionStore {
                 value: mirror::message_bytes(id, &m.msg, m.qos, m.retain).into(),
             });
         }
+        let qos2 = mirror::qos2_ops(s);
+        changes.extend(qos2.iter().filter_map(|op| self.change(op)));
         changes
     }
 
@@ -305,8 +317,20 @@ impl SessionStore {
             match change {
                 Change::Put { subject, value } => {
                     self.flush_deletes(&mut deletes).await?;
-                    let ack = self.js.publish(subject, value).await;
-                    pending.push((None, ack.map_err(|e| (Arc::from("-"), e.to_string()))?));
+                    self.put(subject, value, &mut pending).await?;
+                }
+                Change::Qos2Out {
+                    client_id,
+                    seq,
+                    pkid,
+                    released,
+                } => {
+                    let state = (seq, pkid, released);
+                    let put = self.qos2_out_put(&client_id, state, acks, &mut pending);
+                    if let Some((subject, value)) = put.await? {
+                        self.flush_deletes(&mut deletes).await?;
+                        self.put(subject, value, &mut pending).await?;
+                    }
                 }
                 Change::Msg {
                     client_id,
@@ -325,7 +349,10 @@ impl SessionStore {
                 }
                 Change::Acked { client_id, seq } => {
                     self.barrier(acks, &mut pending).await?;
-                    deletes.extend(self.forget_seq(&client_id, seq));
+                    if let Some(js_seq) = self.forget_seq(&client_id, seq) {
+                        self.qos2_out_done(&client_id, seq, js_seq).await?;
+                        deletes.push(js_seq);
+                    }
                 }
                 Change::Unsub { subject } => {
                     self.barrier(acks, &mut pending).await?;
@@ -350,6 +377,18 @@ impl SessionStore {
         if !pending.is_empty() && acks.send(Ack::Part(pending)).await.is_err() {
             return Err((Arc::from("-"), "the mirror is stopping".into()));
         }
+        Ok(())
+    }
+
+    /// Publishes a key-value put; its ack is awaited with the others in `pending`.
+    async fn put(
+        &self,
+        subject: String,
+        value: Bytes,
+        pending: &mut Pending,
+    ) -> Result<(), Failed> {
+        let ack = self.js.publish(subject, value).await;
+        pending.push((None, ack.map_err(|e| (Arc::from("-"), e.to_string()))?));
         Ok(())
     }
 
@@ -417,6 +456,7 @@ impl SessionStore {
             return false;
         };
         seqs.stored.remove(client_id);
+        seqs.qos2_out.remove(client_id);
         let _ = done.send(());
         true
     }
@@ -441,6 +481,7 @@ impl SessionStore {
             let mut seqs = self.seqs();
             seqs.stored.remove(client_id);
             seqs.adopting.remove(client_id);
+            seqs.qos2_out.remove(client_id);
         }
         let kv = self
             .kv
@@ -478,7 +519,9 @@ fn cancel_acked(changes: Vec<Change>) -> Vec<Change> {
     changes
         .into_iter()
         .filter(|c| match c {
-            Change::Msg { client_id, seq, .. } | Change::Acked { client_id, seq } => {
+            Change::Msg { client_id, seq, .. }
+            | Change::Acked { client_id, seq }
+            | Change::Qos2Out { client_id, seq, .. } => {
                 !stored.contains(&(client_id.clone(), *seq))
             }
             _ => true,
@@ -492,9 +535,10 @@ struct SessionMirror {
     tx: tokio::sync::mpsc::Sender<Work>,
 }
 
-impl SessionMirror {
+impl SessionStore {
+    /// The change a store op makes to the fleet's copy, if any.
     fn change(&self, op: &Op) -> Option<Change> {
-        let s = &self.store;
+        let s = self;
         Some(match op {
             Op::Session {
                 client_id,
@@ -536,15 +580,34 @@ impl SessionMirror {
                 client_id: client_id.clone(),
                 seq: *seq,
             },
-            // Retained messages and QoS 2 packet-id state stay local.
-            _ => return None,
+            Op::Qos2Out {
+                client_id,
+                seq,
+                pkid,
+                released,
+            } => Change::Qos2Out {
+                client_id: client_id.clone(),
+                seq: *seq,
+                pkid: *pkid,
+                released: *released,
+            },
+            Op::Qos2In { client_id, pkid } | Op::DeleteQos2In { client_id, pkid } => Change::Put {
+                subject: s.qos2_in_subject(client_id, *pkid),
+                value: SessionStore::qos2_in_value(
+                    client_id,
+                    *pkid,
+                    matches!(op, Op::Qos2In { .. }),
+                ),
+            },
+            // Retained messages stay local (the fleet keeps them in their own bucket).
+            Op::Retained(_) | Op::DeleteRetained(_) => return None,
         })
     }
 }
 
 impl Mirror for SessionMirror {
     fn changes(&self, ops: &[&Op]) {
-        let changes = ops.iter().filter_map(|op| self.change(op)).collect();
+        let changes = ops.iter().filter_map(|op| self.store.change(op)).collect();
         // The task is gone only once the gateway stops: nothing more reaches NATS then.
         let _ = self.tx.blocking_send(Work::Changes(changes));
     }

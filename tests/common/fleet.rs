@@ -40,6 +40,15 @@ pub async fn start(
     (nats, gateways, kv)
 }
 
+/// Node `node` on `nats` with the default store on, so that its persistent sessions are
+/// mirrored to JetStream (tests/fleet_sessions.rs, tests/fleet_qos2.rs).
+pub fn session_node(nats: &NatsServer, node: &str) -> GatewayProcess {
+    GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\n",
+        nats.url()
+    ))
+}
+
 pub async fn registry(nats: &NatsServer) -> kv::Store {
     let js = async_nats::jetstream::new(nats.client().await);
     js.get_key_value("gateway_registry")
