@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use common::fleet::{registry, session_node, wait_holder, DEADLINE};
+use common::fleet::{kill_9, registry, session_node, wait_holder, DEADLINE};
 use common::nats::NatsServer;
 use common::{post_json, v4, GatewayProcess, Raw};
 use mqttbytes::v4::Packet;
@@ -23,11 +23,6 @@ async fn fleet(tag: &str) -> (NatsServer, Vec<GatewayProcess>, kv::Store, kv::St
     let sessions = js.get_key_value("gateway_sessions").await.expect("bucket");
     let reg = registry(&nats).await;
     (nats, gw, reg, sessions)
-}
-
-fn kill_9(gw: &mut GatewayProcess) {
-    let _ = gw.child.kill();
-    let _ = gw.child.wait();
 }
 
 /// PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70) for `pkid`.

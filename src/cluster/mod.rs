@@ -33,6 +33,7 @@ pub mod restore;
 pub mod routing;
 pub mod session_metrics;
 mod session_qos2;
+mod session_resync;
 pub mod sessions;
 
 use std::future::Future;

@@ -48,7 +48,8 @@ use super::acker::Ack;
 const QUEUE: usize = 64;
 
 /// One change to a session's state in JetStream, encoded on the store writer thread.
-enum Change {
+#[derive(Clone)]
+pub(super) enum Change {
     /// The latest value of a key-value subject (a session record or a subscription).
     Put { subject: String, value: Bytes },
     /// A subscription ended: its subject is purged.
@@ -74,6 +75,22 @@ enum Change {
         pkid: u16,
         released: bool,
     },
+}
+
+impl Change {
+    /// Roughly what the change holds in memory (kept for the re-sync, `session_resync`).
+    pub(super) fn cost(&self) -> u64 {
+        let held = match self {
+            Change::Put { subject, value } => subject.len() + value.len(),
+            Change::Unsub { subject } => subject.len(),
+            Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
+            Change::Msg {
+                client_id, value, ..
+            } => client_id.len() + value.len(),
+            Change::Acked { client_id, .. } | Change::Qos2Out { client_id, .. } => client_id.len(),
+        };
+        held as u64 + 64
+    }
 }
 
 /// Publishes whose acks are awaited together: a message's (client id, local sequence),
@@ -118,6 +135,8 @@ pub struct SessionStore {
     /// What a handover between nodes needs (`handover`).
     pub(super) link: super::handover::Link,
     pub metrics: super::session_metrics::SessionMetrics,
+    /// Changes JetStream did not take, written again once NATS is back.
+    pub(super) resync: super::session_resync::Resync,
 }
 
 /// A session's key (its client id escaped).
@@ -198,6 +217,7 @@ impl SessionStore {
             seqs: Mutex::default(),
             link,
             metrics: Default::default(),
+            resync: super::session_resync::Resync::new(config.session_resync_max_mib),
         }))
     }
 
@@ -278,13 +298,18 @@ impl SessionStore {
     async fn apply_all(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Work>) {
         let (acks, acked) = tokio::sync::mpsc::channel(QUEUE);
         tokio::spawn(self.clone().ack_all(acked));
-        while let Some(work) = rx.recv().await {
-            let ack = match work {
-                Work::Changes(changes) => {
-                    let n = changes.len();
-                    let result = self.apply(changes, &acks).await;
-                    Ack::End { changes: n, result }
+        let mut tick = tokio::time::interval(super::session_resync::TICK);
+        loop {
+            let work = tokio::select! {
+                work = rx.recv() => work,
+                _ = tick.tick() => {
+                    self.resync_step(&acks).await;
+                    continue;
                 }
+            };
+            let Some(work) = work else { return };
+            let ack = match work {
+                Work::Changes(changes) => self.apply_group(changes, &acks).await,
                 Work::Answers(replies) => Ack::Answers(replies),
             };
             if acks.send(ack).await.is_err() {
@@ -293,10 +318,38 @@ impl SessionStore {
         }
     }
 
+    /// Applies one commit group, or, while changes wait for the re-sync, puts it behind
+    /// them; a group JetStream does not take is kept for the re-sync (`session_resync`).
+    async fn apply_group(
+        &self,
+        changes: Vec<Change>,
+        acks: &tokio::sync::mpsc::Sender<Ack>,
+    ) -> Ack {
+        let n = changes.len();
+        if self.resync.waiting() {
+            let result = Err((
+                Arc::from("-"),
+                "kept for the re-sync after a NATS outage".into(),
+            ));
+            return Ack::End {
+                changes: n,
+                result,
+                kept: Some(changes),
+            };
+        }
+        let kept = Some(changes.clone());
+        let result = self.apply(changes, acks).await;
+        Ack::End {
+            changes: n,
+            result,
+            kept,
+        }
+    }
+
     /// Applies one group's changes in order: publishes are pipelined, their acks awaited
     /// by the acknowledging task, and everything acked before a delete or purge (which
     /// may concern what they wrote).
-    async fn apply(
+    pub(super) async fn apply(
         &self,
         changes: Vec<Change>,
         acks: &tokio::sync::mpsc::Sender<Ack>,
