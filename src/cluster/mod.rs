@@ -34,6 +34,7 @@ pub mod routing;
 pub mod session_metrics;
 mod session_qos2;
 mod session_resync;
+mod session_will;
 pub mod sessions;
 
 use std::future::Future;
@@ -205,6 +206,13 @@ impl Fleet {
             .clone()
             .serve_handovers(handovers, shards.clone());
         tasks.push(runtime.spawn(handing));
+        let wills = self.sessions.clone().watch_wills(
+            shards.clone(),
+            self.routing.clone(),
+            self.lease,
+            self.stop.clone(),
+        );
+        tasks.push(runtime.spawn(wills));
         let stop = self.stop.clone();
         tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));

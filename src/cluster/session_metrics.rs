@@ -23,6 +23,15 @@ pub struct SessionMetrics {
     pub resync_pending: Gauge,
     pub resync_written: Counter,
     pub resync_dropped: Counter,
+    /// Dead nodes' wills (`session_will`).
+    pub wills: WillCounters,
+}
+
+/// Wills a dead node left, taken here: published, or not (the client came back).
+#[derive(Clone, Default)]
+pub struct WillCounters {
+    pub published: Counter,
+    pub cancelled: Counter,
 }
 
 impl Default for SessionMetrics {
@@ -38,6 +47,7 @@ impl Default for SessionMetrics {
             resync_pending: Gauge::default(),
             resync_written: Counter::default(),
             resync_dropped: Counter::default(),
+            wills: WillCounters::default(),
         }
     }
 }
@@ -51,6 +61,16 @@ impl SessionMetrics {
     }
 
     fn render_resync(&self, registry: &mut Registry) {
+        registry.register(
+            counter_family("gateway_fleet_dead_node_wills_published_total"),
+            "Wills of a dead node's devices this node took and published",
+            self.wills.published.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_dead_node_wills_cancelled_total"),
+            "Wills of a dead node's devices this node took and did not publish: the device was back on a live node after the will delay",
+            self.wills.cancelled.clone(),
+        );
         registry.register(
             "gateway_fleet_session_resync_pending",
             "Session changes made while NATS was away, waiting to be written to JetStream",

@@ -124,7 +124,7 @@ pub(super) struct Seqs {
 
 /// The fleet's copy of the persistent sessions.
 pub struct SessionStore {
-    js: jetstream::Context,
+    pub(super) js: jetstream::Context,
     pub(super) kv: stream::Stream,
     pub(super) msgs: stream::Stream,
     /// `$KV.<bucket>`.
@@ -248,14 +248,9 @@ impl SessionStore {
         restored: &[Vec<StoredSession>],
     ) -> Box<dyn Mirror> {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        let again: Vec<Change> = restored
-            .iter()
-            .flatten()
-            .flat_map(|s| self.again(s))
-            .collect();
-        if !again.is_empty() {
-            let _ = tx.try_send(Work::Changes(again));
-        }
+        let mut again: Vec<Change> = vec![self.will_node_change()];
+        again.extend(restored.iter().flatten().flat_map(|s| self.again(s)));
+        let _ = tx.try_send(Work::Changes(again));
         runtime.spawn(self.clone().apply_all(rx));
         Box::new(SessionMirror {
             store: self.clone(),
@@ -652,6 +647,7 @@ impl SessionStore {
                     matches!(op, Op::Qos2In { .. }),
                 ),
             },
+            Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
             // Retained messages stay local (the fleet keeps them in their own bucket).
             Op::Retained(_) | Op::DeleteRetained(_) => return None,
         })

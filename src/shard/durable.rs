@@ -74,6 +74,22 @@ impl Shard {
             offline_since_ms: if online { 0 } else { now_ms().max(1) },
         };
         self.store_op(op);
+        self.store_will(skey, online);
+    }
+
+    /// With the fleet's sessions on: the will of the session's connection while online,
+    /// none once offline, for the fleet to publish if this node dies (`cluster::session_will`).
+    fn store_will(&mut self, skey: usize, online: bool) {
+        if self.services.sessions.is_none() {
+            return;
+        }
+        let s = &self.sessions[skey];
+        let will = online.then(|| s.extra.as_ref()?.will.clone()).flatten();
+        let op = Op::Will {
+            client_id: s.client_id.clone(),
+            will,
+        };
+        self.store_op(op);
     }
 
     /// Whether session `skey` is kept in the store, counted per shard for the publishers'
