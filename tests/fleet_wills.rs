@@ -1,6 +1,7 @@
 //! Wills that survive their node (issue 20): the will of an online persistent session is
 //! in JetStream, and when its node dies (`kill -9`, its lease expires) exactly one
-//! surviving node publishes it, after its delay, unless the device came back elsewhere.
+//! surviving node publishes it, after its delay, unless the device came back elsewhere;
+//! a session that ended cleanly leaves none.
 //! Real gateway processes (three nodes) on one real `nats-server -js`.
 
 mod common;
@@ -10,7 +11,9 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use common::fleet::{disconnect, kill_9, persistent, session_node, total, DEADLINE};
 use common::nats::NatsServer;
-use common::{v4, v5, GatewayProcess};
+use common::{connect5, encode, session_expiry_props, v4, v5, GatewayProcess, Raw};
+use mqttbytes::v5::{LastWill, Packet as V5Packet};
+use mqttbytes::QoS;
 
 const PUBLISHED: &str = "gateway_fleet_dead_node_wills_published_total";
 const CANCELLED: &str = "gateway_fleet_dead_node_wills_cancelled_total";
@@ -109,6 +112,18 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
     let _w2 = with_delayed_will(&gw[0], "w2", 8).await;
     let w3 = with_will(&gw[0], "w3").await;
     disconnect(w3).await;
+    // w4 ends its session on DISCONNECT (MQTT 5, session expiry set to 0): no will either.
+    let mut w4 = Raw::connect(gw[0].mqtt).await;
+    let mut c = connect5("w4", 60, false, Some(session_expiry_props(300)));
+    c.last_will = Some(LastWill::new("will/w4", "w4", QoS::AtLeastOnce, false));
+    w4.send(&encode(|b| c.write(b))).await;
+    let ack = w4.next_v5(DEADLINE).await;
+    assert!(matches!(ack, Ok(V5Packet::ConnAck(_))), "w4: {ack:?}");
+    wait_will(&sessions, "will.node-a.w4", |v| !v.is_empty()).await;
+    // DISCONNECT 0x00 with Session Expiry Interval (0x11) 0.
+    w4.send(&[0xE0, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 0]).await;
+    assert!(w4.wait_closed(DEADLINE).await);
+    wait_will(&sessions, "will.node-a.w4", |v| v.is_empty()).await;
     wait_will(&sessions, "will.node-a.w1", |v| !v.is_empty()).await;
     wait_will(&sessions, "will.node-a.w2", |v| !v.is_empty()).await;
     wait_will(&sessions, "will.node-a.w3", |v| v.is_empty()).await;
