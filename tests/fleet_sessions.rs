@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
+use common::fleet::{connack, disconnect, kill_9, persistent as connect};
 use common::nats::NatsServer;
 use common::v4;
 use common::{post_json, GatewayProcess};
@@ -18,10 +19,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A gateway process in the fleet as `node`, with its own store.
 fn node(nats: &NatsServer, node: &str) -> GatewayProcess {
-    GatewayProcess::start(&format!(
-        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = 3\n",
-        nats.url()
-    ))
+    common::fleet::session_node(nats, node)
 }
 
 /// Node `node` with its store in `dir`, which outlives the process (a restart keeps it).
@@ -45,11 +43,6 @@ async fn fleet(tag: &str, nodes: &[&str]) -> (NatsServer, Vec<GatewayProcess>, k
     (nats, gateways, kv)
 }
 
-fn kill_9(gw: &mut GatewayProcess) {
-    let _ = gw.child.kill();
-    let _ = gw.child.wait();
-}
-
 /// Waits until the registry names `node` for `client_id`.
 async fn wait_registry(kv: &kv::Store, client_id: &str, node: &str) {
     let end = tokio::time::Instant::now() + DEADLINE;
@@ -64,35 +57,6 @@ async fn wait_registry(kv: &kv::Store, client_id: &str, node: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Connects persistent (clean session 0) device `id` to `gw`: the client and CONNACK's
-/// session-present flag.
-async fn connect(gw: &GatewayProcess, id: &str) -> (v4::Client, bool) {
-    let mut o = v4::options(gw.mqtt, id);
-    o.set_clean_session(false);
-    connack(v4::connect_raw(o), id).await
-}
-
-/// Waits for `c`'s successful CONNACK: the client and its session-present flag.
-async fn connack(mut c: v4::Client, id: &str) -> (v4::Client, bool) {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match tokio::time::timeout_at(end, c.events.recv()).await {
-            Ok(Some(Ok(v4::Event::Incoming(v4::Packet::ConnAck(a))))) => {
-                assert_eq!(a.code, rumqttc::ConnectReturnCode::Success, "{id}");
-                return (c, a.session_present);
-            }
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("{id}: no CONNACK: {other:?}"),
-        }
-    }
-}
-
-async fn disconnect(mut c: v4::Client) {
-    c.client.disconnect().await.expect("disconnect");
-    let _ = c.wait_closed(DEADLINE).await;
-    c.task.abort();
 }
 
 /// `n` persistent devices `<tag>-<i>` on `gw`, each subscribed to `t/<id>` at QoS 1, then

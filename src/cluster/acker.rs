@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{fail_replies, DeferredReply};
 
-use super::sessions::{Failed, Pending, SessionStore};
+use super::sessions::{Change, Failed, Pending, SessionStore};
 
 /// What the mirror hands the acknowledging task, in order.
 pub(super) enum Ack {
@@ -22,10 +22,12 @@ pub(super) enum Ack {
     Part(Pending),
     /// Everything handed over before is acked: the current group's outcome so far.
     Barrier(oneshot::Sender<Result<(), Failed>>),
-    /// The current group ended (`result`: how applying it went, besides its acks).
+    /// The current group ended (`result`: how applying it went, besides its acks);
+    /// `kept`: its changes, kept for the re-sync if it failed (`session_resync`).
     End {
         changes: usize,
         result: Result<(), Failed>,
+        kept: Option<Vec<Change>>,
     },
     /// The answers waiting for the group that just ended.
     Answers(Vec<DeferredReply>),
@@ -43,10 +45,17 @@ impl SessionStore {
                 Ack::Barrier(tx) => {
                     let _ = tx.send(group.clone());
                 }
-                Ack::End { changes, result } => {
+                Ack::End {
+                    changes,
+                    result,
+                    kept,
+                } => {
                     last = std::mem::replace(&mut group, Ok(())).and(result);
                     self.metrics.changes(changes, last.is_ok());
                     log_transition(&last, &mut failing);
+                    if let (Err(_), Some(kept)) = (&last, kept) {
+                        self.keep_for_resync(kept);
+                    }
                 }
                 Ack::Answers(replies) if last.is_ok() => {
                     for (tx, outcomes) in replies {

@@ -32,6 +32,9 @@ pub mod restart;
 pub mod restore;
 pub mod routing;
 pub mod session_metrics;
+mod session_qos2;
+mod session_resync;
+mod session_will;
 pub mod sessions;
 pub mod sweep;
 
@@ -208,6 +211,13 @@ impl Fleet {
             .clone()
             .serve_handovers(handovers, shards.clone());
         tasks.push(runtime.spawn(handing));
+        let wills = self.sessions.clone().watch_wills(
+            shards.clone(),
+            self.routing.clone(),
+            self.lease,
+            self.stop.clone(),
+        );
+        tasks.push(runtime.spawn(wills));
         let stop = self.stop.clone();
         tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
         tasks.push(runtime.spawn(self.sweep.clone().run(self.stop.clone())));

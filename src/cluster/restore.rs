@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use futures_util::TryStreamExt;
 
 use crate::store::mirror;
 use crate::store::{StoredMessage, StoredSession};
@@ -39,7 +38,8 @@ impl SessionStore {
             return Ok(None);
         }
         let subs = self.load_subs(client_id).await?;
-        let (messages, js_seqs) = self.load_messages(client_id).await?;
+        let (mut messages, js_seqs) = self.load_messages(client_id).await?;
+        let inbound_qos2 = self.load_qos2(client_id, &mut messages, &js_seqs).await?;
         self.seqs()
             .adopting
             .insert(Arc::from(client_id), js_seqs.into());
@@ -51,30 +51,18 @@ impl SessionStore {
             offline_since_ms,
             subs,
             messages,
-            inbound_qos2: Vec::new(),
+            inbound_qos2,
         }))
     }
 
     async fn load_subs(&self, client_id: &str) -> Result<Vec<(Arc<str>, u8, u32)>, String> {
         let filter = format!("{}.{}.sub.>", self.kv_prefix, key(client_id));
-        let mut info = self
-            .kv
-            .info_with_subjects(&filter)
-            .await
-            .map_err(|e| format!("subscriptions: {e}"))?;
-        let mut subjects = Vec::new();
-        while let Some((subject, _)) = info.try_next().await.map_err(|e| e.to_string())? {
-            subjects.push(subject);
-        }
-        let mut subs = Vec::with_capacity(subjects.len());
-        for subject in subjects {
-            match self.kv.direct_get_last_for_subject(subject).await {
-                Ok(m) => subs.extend(mirror::parse_sub(&m.payload, client_id)),
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
-                Err(e) => return Err(format!("subscription: {e}")),
-            }
-        }
-        Ok(subs)
+        let values = self.last_values(filter).await;
+        let values = values.map_err(|e| format!("subscriptions: {e}"))?;
+        Ok(values
+            .iter()
+            .filter_map(|(_, v)| mirror::parse_sub(v, client_id))
+            .collect())
     }
 
     /// The queued messages of `client_id` in order, and their stream sequences.

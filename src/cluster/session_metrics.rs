@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::{counter_family, encode_into};
@@ -18,6 +19,19 @@ pub struct SessionMetrics {
     changes: Family<OutcomeLabel, Counter>,
     pub restored: Counter,
     pub handed_over: Counter,
+    /// The re-sync after a NATS outage (`session_resync`).
+    pub resync_pending: Gauge,
+    pub resync_written: Counter,
+    pub resync_dropped: Counter,
+    /// Dead nodes' wills (`session_will`).
+    pub wills: WillCounters,
+}
+
+/// Wills a dead node left, taken here: published, or not (the client came back).
+#[derive(Clone, Default)]
+pub struct WillCounters {
+    pub published: Counter,
+    pub cancelled: Counter,
 }
 
 impl Default for SessionMetrics {
@@ -30,6 +44,10 @@ impl Default for SessionMetrics {
             changes,
             restored: Counter::default(),
             handed_over: Counter::default(),
+            resync_pending: Gauge::default(),
+            resync_written: Counter::default(),
+            resync_dropped: Counter::default(),
+            wills: WillCounters::default(),
         }
     }
 }
@@ -40,6 +58,34 @@ impl SessionMetrics {
         let outcome = if ok { "written" } else { "failed" };
         let family = self.changes.get_or_create(&OutcomeLabel { outcome });
         family.inc_by(n as u64);
+    }
+
+    fn render_resync(&self, registry: &mut Registry) {
+        registry.register(
+            counter_family("gateway_fleet_dead_node_wills_published_total"),
+            "Wills of a dead node's devices this node took and published",
+            self.wills.published.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_dead_node_wills_cancelled_total"),
+            "Wills of a dead node's devices this node took and did not publish: the device was back on a live node after the will delay",
+            self.wills.cancelled.clone(),
+        );
+        registry.register(
+            "gateway_fleet_session_resync_pending",
+            "Session changes made while NATS was away, waiting to be written to JetStream",
+            self.resync_pending.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_session_resync_written_total"),
+            "Session changes made while NATS was away, written to JetStream once it was back",
+            self.resync_written.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_session_resync_dropped_total"),
+            "Session changes made while NATS was away not kept for the re-sync (past cluster.session_resync_max_mib)",
+            self.resync_dropped.clone(),
+        );
     }
 
     /// Appends the families in the Prometheus text format 0.0.4.
@@ -60,6 +106,7 @@ impl SessionMetrics {
             "Sessions this node let go because another node resumes them",
             self.handed_over.clone(),
         );
+        self.render_resync(&mut registry);
         encode_into(&registry, out);
     }
 }

@@ -11,7 +11,8 @@
 //! **Layout** (no consumer per device: restores read with direct gets):
 //! - key-value bucket `cluster.session_bucket` (stream `KV_<bucket>`): `<id>.meta` → the
 //!   session record (version, expiry, offline since), `<id>.sub.<filter>` → one
-//!   subscription; `<id>` and `<filter>` escaped as registry keys are (`=XX`);
+//!   subscription, `<id>.q2in.<pkid>` / `<id>.q2out.<sequence>` its QoS 2 state
+//!   (`session_qos2`); `<id>` and `<filter>` escaped as registry keys are (`=XX`);
 //! - stream `cluster.session_stream`: the session's queued and unacknowledged QoS 1/2
 //!   messages on subject `<subject_prefix>.smsg.<id>`, in delivery order. An acknowledged
 //!   message is deleted by its stream sequence (kept here in memory per stored message);
@@ -47,7 +48,8 @@ use super::acker::Ack;
 const QUEUE: usize = 64;
 
 /// One change to a session's state in JetStream, encoded on the store writer thread.
-enum Change {
+#[derive(Clone)]
+pub(super) enum Change {
     /// The latest value of a key-value subject (a session record or a subscription).
     Put { subject: String, value: Bytes },
     /// A subscription ended: its subject is purged.
@@ -66,6 +68,29 @@ enum Change {
     },
     /// Message `seq` is finished (acknowledged, dropped, expired).
     Acked { client_id: Arc<str>, seq: u64 },
+    /// QoS 2 message `seq` went out under `pkid`; `released`: our PUBREL went out too.
+    Qos2Out {
+        client_id: Arc<str>,
+        seq: u64,
+        pkid: u16,
+        released: bool,
+    },
+}
+
+impl Change {
+    /// Roughly what the change holds in memory (kept for the re-sync, `session_resync`).
+    pub(super) fn cost(&self) -> u64 {
+        let held = match self {
+            Change::Put { subject, value } => subject.len() + value.len(),
+            Change::Unsub { subject } => subject.len(),
+            Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
+            Change::Msg {
+                client_id, value, ..
+            } => client_id.len() + value.len(),
+            Change::Acked { client_id, .. } | Change::Qos2Out { client_id, .. } => client_id.len(),
+        };
+        held as u64 + 64
+    }
 }
 
 /// Publishes whose acks are awaited together: a message's (client id, local sequence),
@@ -88,7 +113,9 @@ enum Work {
 /// the fleet that the shard is adopting.
 #[derive(Default)]
 pub(super) struct Seqs {
-    stored: HashMap<Arc<str>, HashMap<u64, u64>>,
+    pub(super) stored: HashMap<Arc<str>, HashMap<u64, u64>>,
+    /// The stored messages whose QoS 2 state is in the bucket (`session_qos2`).
+    pub(super) qos2_out: HashMap<Arc<str>, std::collections::HashSet<u64>>,
     pub(super) adopting: HashMap<Arc<str>, VecDeque<u64>>,
     /// Sessions being handed over to another node (`handover`): their end here keeps
     /// the fleet's copy, and is reported once everything before it is in JetStream.
@@ -97,7 +124,7 @@ pub(super) struct Seqs {
 
 /// The fleet's copy of the persistent sessions.
 pub struct SessionStore {
-    js: jetstream::Context,
+    pub(super) js: jetstream::Context,
     pub(super) kv: stream::Stream,
     pub(super) msgs: stream::Stream,
     /// `$KV.<bucket>`.
@@ -108,6 +135,8 @@ pub struct SessionStore {
     /// What a handover between nodes needs (`handover`).
     pub(super) link: super::handover::Link,
     pub metrics: super::session_metrics::SessionMetrics,
+    /// Changes JetStream did not take, written again once NATS is back.
+    pub(super) resync: super::session_resync::Resync,
 }
 
 /// A session's key (its client id escaped).
@@ -188,6 +217,7 @@ impl SessionStore {
             seqs: Mutex::default(),
             link,
             metrics: Default::default(),
+            resync: super::session_resync::Resync::new(config.session_resync_max_mib),
         }))
     }
 
@@ -218,14 +248,9 @@ impl SessionStore {
         restored: &[Vec<StoredSession>],
     ) -> Box<dyn Mirror> {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        let again: Vec<Change> = restored
-            .iter()
-            .flatten()
-            .flat_map(|s| self.again(s))
-            .collect();
-        if !again.is_empty() {
-            let _ = tx.try_send(Work::Changes(again));
-        }
+        let mut again: Vec<Change> = vec![self.will_node_change()];
+        again.extend(restored.iter().flatten().flat_map(|s| self.again(s)));
+        let _ = tx.try_send(Work::Changes(again));
         runtime.spawn(self.clone().apply_all(rx));
         Box::new(SessionMirror {
             store: self.clone(),
@@ -258,6 +283,8 @@ impl SessionStore {
                 value: mirror::message_bytes(id, &m.msg, m.qos, m.retain).into(),
             });
         }
+        let qos2 = mirror::qos2_ops(s);
+        changes.extend(qos2.iter().filter_map(|op| self.change(op)));
         changes
     }
 
@@ -266,13 +293,18 @@ impl SessionStore {
     async fn apply_all(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Work>) {
         let (acks, acked) = tokio::sync::mpsc::channel(QUEUE);
         tokio::spawn(self.clone().ack_all(acked));
-        while let Some(work) = rx.recv().await {
-            let ack = match work {
-                Work::Changes(changes) => {
-                    let n = changes.len();
-                    let result = self.apply(changes, &acks).await;
-                    Ack::End { changes: n, result }
+        let mut tick = tokio::time::interval(super::session_resync::TICK);
+        loop {
+            let work = tokio::select! {
+                work = rx.recv() => work,
+                _ = tick.tick() => {
+                    self.resync_step(&acks).await;
+                    continue;
                 }
+            };
+            let Some(work) = work else { return };
+            let ack = match work {
+                Work::Changes(changes) => self.apply_group(changes, &acks).await,
                 Work::Answers(replies) => Ack::Answers(replies),
             };
             if acks.send(ack).await.is_err() {
@@ -281,10 +313,38 @@ impl SessionStore {
         }
     }
 
+    /// Applies one commit group, or, while changes wait for the re-sync, puts it behind
+    /// them; a group JetStream does not take is kept for the re-sync (`session_resync`).
+    async fn apply_group(
+        &self,
+        changes: Vec<Change>,
+        acks: &tokio::sync::mpsc::Sender<Ack>,
+    ) -> Ack {
+        let n = changes.len();
+        if self.resync.waiting() {
+            let result = Err((
+                Arc::from("-"),
+                "kept for the re-sync after a NATS outage".into(),
+            ));
+            return Ack::End {
+                changes: n,
+                result,
+                kept: Some(changes),
+            };
+        }
+        let kept = Some(changes.clone());
+        let result = self.apply(changes, acks).await;
+        Ack::End {
+            changes: n,
+            result,
+            kept,
+        }
+    }
+
     /// Applies one group's changes in order: publishes are pipelined, their acks awaited
     /// by the acknowledging task, and everything acked before a delete or purge (which
     /// may concern what they wrote).
-    async fn apply(
+    pub(super) async fn apply(
         &self,
         changes: Vec<Change>,
         acks: &tokio::sync::mpsc::Sender<Ack>,
@@ -305,8 +365,20 @@ impl SessionStore {
             match change {
                 Change::Put { subject, value } => {
                     self.flush_deletes(&mut deletes).await?;
-                    let ack = self.js.publish(subject, value).await;
-                    pending.push((None, ack.map_err(|e| (Arc::from("-"), e.to_string()))?));
+                    self.put(subject, value, &mut pending).await?;
+                }
+                Change::Qos2Out {
+                    client_id,
+                    seq,
+                    pkid,
+                    released,
+                } => {
+                    let state = (seq, pkid, released);
+                    let put = self.qos2_out_put(&client_id, state, acks, &mut pending);
+                    if let Some((subject, value)) = put.await? {
+                        self.flush_deletes(&mut deletes).await?;
+                        self.put(subject, value, &mut pending).await?;
+                    }
                 }
                 Change::Msg {
                     client_id,
@@ -325,7 +397,10 @@ impl SessionStore {
                 }
                 Change::Acked { client_id, seq } => {
                     self.barrier(acks, &mut pending).await?;
-                    deletes.extend(self.forget_seq(&client_id, seq));
+                    if let Some(js_seq) = self.forget_seq(&client_id, seq) {
+                        self.qos2_out_done(&client_id, seq, js_seq).await?;
+                        deletes.push(js_seq);
+                    }
                 }
                 Change::Unsub { subject } => {
                     self.barrier(acks, &mut pending).await?;
@@ -350,6 +425,18 @@ impl SessionStore {
         if !pending.is_empty() && acks.send(Ack::Part(pending)).await.is_err() {
             return Err((Arc::from("-"), "the mirror is stopping".into()));
         }
+        Ok(())
+    }
+
+    /// Publishes a key-value put; its ack is awaited with the others in `pending`.
+    async fn put(
+        &self,
+        subject: String,
+        value: Bytes,
+        pending: &mut Pending,
+    ) -> Result<(), Failed> {
+        let ack = self.js.publish(subject, value).await;
+        pending.push((None, ack.map_err(|e| (Arc::from("-"), e.to_string()))?));
         Ok(())
     }
 
@@ -417,6 +504,7 @@ impl SessionStore {
             return false;
         };
         seqs.stored.remove(client_id);
+        seqs.qos2_out.remove(client_id);
         let _ = done.send(());
         true
     }
@@ -441,6 +529,7 @@ impl SessionStore {
             let mut seqs = self.seqs();
             seqs.stored.remove(client_id);
             seqs.adopting.remove(client_id);
+            seqs.qos2_out.remove(client_id);
         }
         let kv = self
             .kv
@@ -478,7 +567,9 @@ fn cancel_acked(changes: Vec<Change>) -> Vec<Change> {
     changes
         .into_iter()
         .filter(|c| match c {
-            Change::Msg { client_id, seq, .. } | Change::Acked { client_id, seq } => {
+            Change::Msg { client_id, seq, .. }
+            | Change::Acked { client_id, seq }
+            | Change::Qos2Out { client_id, seq, .. } => {
                 !stored.contains(&(client_id.clone(), *seq))
             }
             _ => true,
@@ -492,9 +583,10 @@ struct SessionMirror {
     tx: tokio::sync::mpsc::Sender<Work>,
 }
 
-impl SessionMirror {
+impl SessionStore {
+    /// The change a store op makes to the fleet's copy, if any.
     fn change(&self, op: &Op) -> Option<Change> {
-        let s = &self.store;
+        let s = self;
         Some(match op {
             Op::Session {
                 client_id,
@@ -536,15 +628,35 @@ impl SessionMirror {
                 client_id: client_id.clone(),
                 seq: *seq,
             },
-            // Retained messages and QoS 2 packet-id state stay local.
-            _ => return None,
+            Op::Qos2Out {
+                client_id,
+                seq,
+                pkid,
+                released,
+            } => Change::Qos2Out {
+                client_id: client_id.clone(),
+                seq: *seq,
+                pkid: *pkid,
+                released: *released,
+            },
+            Op::Qos2In { client_id, pkid } | Op::DeleteQos2In { client_id, pkid } => Change::Put {
+                subject: s.qos2_in_subject(client_id, *pkid),
+                value: SessionStore::qos2_in_value(
+                    client_id,
+                    *pkid,
+                    matches!(op, Op::Qos2In { .. }),
+                ),
+            },
+            Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
+            // Retained messages stay local (the fleet keeps them in their own bucket).
+            Op::Retained(_) | Op::DeleteRetained(_) => return None,
         })
     }
 }
 
 impl Mirror for SessionMirror {
     fn changes(&self, ops: &[&Op]) {
-        let changes = ops.iter().filter_map(|op| self.change(op)).collect();
+        let changes = ops.iter().filter_map(|op| self.store.change(op)).collect();
         // The task is gone only once the gateway stops: nothing more reaches NATS then.
         let _ = self.tx.blocking_send(Work::Changes(changes));
     }

@@ -37,6 +37,8 @@ pub struct ClusterConfig {
     pub session_bucket: String,
     pub session_stream: String,
     pub session_replicas: u32,
+    /// Session changes kept while NATS is away, for the re-sync (`cluster::session_resync`).
+    pub session_resync_max_mib: u32,
     /// Messages waiting to be published to other nodes (`crate::cluster::routing`).
     pub routing_queue_capacity: u32,
 }
@@ -198,6 +200,12 @@ impl Section for ClusterConfig {
         )?;
         in_range("cluster.session_replicas", self.session_replicas, 1, 5)?;
         in_range(
+            "cluster.session_resync_max_mib",
+            self.session_resync_max_mib,
+            1,
+            65_536,
+        )?;
+        in_range(
             "cluster.routing_queue_capacity",
             self.routing_queue_capacity,
             1,
@@ -227,6 +235,7 @@ mod tests {
         assert_eq!(c.session_bucket, "gateway_sessions");
         assert_eq!(c.session_stream, "gateway_session_messages");
         assert_eq!(c.session_replicas, 1);
+        assert_eq!(c.session_resync_max_mib, 256);
         assert_eq!(c.routing_queue_capacity, 65_536);
         assert!(!c.node().is_empty());
         assert!(super::valid_node_id(&c.node()));
@@ -262,6 +271,10 @@ mod tests {
             ("session_stream = \"\"", "cluster.session_stream"),
             ("session_replicas = 0", "cluster.session_replicas"),
             ("session_replicas = 6", "cluster.session_replicas"),
+            (
+                "session_resync_max_mib = 0",
+                "cluster.session_resync_max_mib",
+            ),
             (
                 "routing_queue_capacity = 0",
                 "cluster.routing_queue_capacity",

@@ -31,9 +31,10 @@ impl Shard {
     }
 
     /// Takes over `stored`, a session the fleet kept for a client connecting here: its
-    /// messages get this shard's sequences and, with its subscriptions, go to the local
-    /// store (the fleet's mirror knows them for the messages it already has). A session
-    /// this shard holds by now (another connection of the client id got in first) wins.
+    /// messages get this shard's sequences and, with its subscriptions and QoS 2 state
+    /// (packet ids in flight, inbound ones awaiting PUBREL), go to the local store (the
+    /// fleet's mirror knows them for the messages it already has). A session this shard
+    /// holds by now (another connection of the client id got in first) wins.
     pub(super) fn adopt_session(&mut self, mut stored: StoredSession) {
         if self.sessions.find(&stored.client_id).is_some() {
             return;
@@ -49,6 +50,9 @@ impl Shard {
                     qos: m.qos,
                     retain: m.retain,
                 });
+            }
+            for op in crate::store::mirror::qos2_ops(&stored) {
+                st.push(op);
             }
             for (filter, options, sub_id) in &stored.subs {
                 st.push(Op::Sub {

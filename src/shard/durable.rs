@@ -74,6 +74,24 @@ impl Shard {
             offline_since_ms: if online { 0 } else { now_ms().max(1) },
         };
         self.store_op(op);
+        self.store_will(skey, online);
+    }
+
+    /// With the fleet's sessions on: the will of the session's connection while online,
+    /// none once offline, for the fleet to publish if this node dies (`cluster::session_will`).
+    fn store_will(&mut self, skey: usize, online: bool) {
+        if self.services.sessions.is_none() {
+            return; // without the fleet: no clone of the will
+        }
+        let s = &self.sessions[skey];
+        let will = online.then(|| s.extra.as_ref()?.will.clone()).flatten();
+        self.store_will_of(s.client_id.clone(), will);
+    }
+
+    fn store_will_of(&mut self, client_id: Arc<str>, will: Option<Box<crate::codec::Will>>) {
+        if self.services.sessions.is_some() {
+            self.store_op(Op::Will { client_id, will });
+        }
     }
 
     /// Whether session `skey` is kept in the store, counted per shard for the publishers'
@@ -90,6 +108,7 @@ impl Shard {
     pub(super) fn store_session_ended(&mut self, client_id: &Arc<str>, was_stored: bool) {
         if was_stored {
             self.store_op(Op::DeleteSession(client_id.clone()));
+            self.store_will_of(client_id.clone(), None);
         }
     }
 

@@ -77,6 +77,13 @@ pub enum Op {
         client_id: Arc<str>,
         pkid: u16,
     },
+    /// The will of the session's connection (`None`: offline, or none): for the fleet's
+    /// copy only (`crate::cluster::session_will`), pushed only with the fleet on; not
+    /// written to the local file.
+    Will {
+        client_id: Arc<str>,
+        will: Option<Box<crate::codec::Will>>,
+    },
 }
 
 /// A push answer that waits until its messages are durable.
@@ -127,6 +134,9 @@ impl Op {
             }
             Op::Retained(msg) => msg.topic.len() + msg.payload.len(),
             Op::DeleteRetained(topic) => topic.len(),
+            Op::Will { client_id, will } => {
+                client_id.len() + will.as_ref().map_or(0, |w| w.topic.len() + w.payload.len())
+            }
         };
         strings as u64 + 64
     }

@@ -15,9 +15,10 @@ use crate::codec::Version;
 use crate::message::Message;
 
 use super::handle::{DeferredReply, Op};
+use super::open::StoredSession;
 use super::records::{
-    decode_message, decode_session, decode_sub, encode_message, encode_session, encode_sub,
-    put_bytes,
+    decode_message, decode_qos2_in, decode_qos2_out, decode_session, decode_sub, encode_message,
+    encode_qos2_in, encode_qos2_out, encode_session, encode_sub, put_bytes,
 };
 
 /// Where the writer hands each commit group's changes, as it commits them. Called on the
@@ -87,6 +88,51 @@ pub fn parse_message(b: &[u8], client_id: &str) -> Option<(Message, u8)> {
     decode_message(b, &[client_id.as_bytes()], Instant::now(), now_wall).ok()
 }
 
+/// The QoS 2 state of `client_id`'s message kept under `key` (in the fleet: its stream
+/// sequence): its packet id and whether PUBREL went out.
+pub fn qos2_out_bytes(client_id: &str, key: u64, pkid: u16, released: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    encode_qos2_out(&mut out, client_id, key, pkid, released);
+    out
+}
+
+/// A value written by [`qos2_out_bytes`] for the same client id and key.
+pub fn parse_qos2_out(b: &[u8], client_id: &str, key: u64) -> Option<(u16, bool)> {
+    decode_qos2_out(b, client_id, key).ok()
+}
+
+/// The ops that store session `s`'s QoS 2 state: its messages in flight under their
+/// sequences, and its inbound packet ids awaiting PUBREL.
+pub fn qos2_ops(s: &StoredSession) -> Vec<Op> {
+    let client_id = &s.client_id;
+    let out = s.messages.iter().filter_map(|m| {
+        let (pkid, released) = m.inflight?;
+        Some(Op::Qos2Out {
+            client_id: client_id.clone(),
+            seq: m.seq,
+            pkid,
+            released,
+        })
+    });
+    let inbound = s.inbound_qos2.iter().map(|&pkid| Op::Qos2In {
+        client_id: client_id.clone(),
+        pkid,
+    });
+    out.chain(inbound).collect()
+}
+
+/// Inbound QoS 2 packet id `pkid` of `client_id` is taken (PUBREC went out).
+pub fn qos2_in_bytes(client_id: &str, pkid: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12);
+    encode_qos2_in(&mut out, client_id, pkid);
+    out
+}
+
+/// Whether `b` says inbound packet id `pkid` of `client_id` is taken.
+pub fn parse_qos2_in(b: &[u8], client_id: &str, pkid: u16) -> bool {
+    decode_qos2_in(b, client_id, pkid).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -126,5 +172,12 @@ mod tests {
             ("t/x", &b"hi"[..], 1)
         );
         assert!(parse_message(&b, "dev-2").is_none());
+
+        let b = qos2_out_bytes("dev-1", 42, 7, true);
+        assert_eq!(parse_qos2_out(&b, "dev-1", 42), Some((7, true)));
+        assert_eq!(parse_qos2_out(&b, "dev-1", 43), None, "sealed with its key");
+        assert!(parse_qos2_in(&qos2_in_bytes("dev-1", 9), "dev-1", 9));
+        assert!(!parse_qos2_in(&qos2_in_bytes("dev-1", 9), "dev-1", 8));
+        assert!(!parse_qos2_in(b"", "dev-1", 9), "an empty value frees it");
     }
 }

@@ -459,6 +459,8 @@ impl Tables<'_> {
                 encode_qos2_in(buf, client_id, *pkid);
                 self.qos2_in.insert((&**client_id, *pkid), buf.as_slice())?;
             }
+            // The fleet's only (`crate::cluster::session_will`).
+            Op::Will { .. } => {}
             Op::DeleteQos2In { client_id, pkid } => {
                 self.qos2_in.remove((&**client_id, *pkid))?;
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 
 use super::nats::NatsServer;
-use super::GatewayProcess;
+use super::{v4, GatewayProcess};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Short, so a killed node's lease expires quickly in the tests.
@@ -38,6 +38,15 @@ pub async fn start(
         .collect();
     let kv = registry(&nats).await;
     (nats, gateways, kv)
+}
+
+/// Node `node` on `nats` with the default store on, so that its persistent sessions are
+/// mirrored to JetStream (tests/fleet_sessions.rs, tests/fleet_qos2.rs).
+pub fn session_node(nats: &NatsServer, node: &str) -> GatewayProcess {
+    GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\n",
+        nats.url()
+    ))
 }
 
 pub async fn registry(nats: &NatsServer) -> kv::Store {
@@ -105,4 +114,40 @@ pub async fn wait_ready_nats_down(gw: &GatewayProcess, down: bool) {
         assert!(tokio::time::Instant::now() < end, "/readyz: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `kill -9` of a gateway process (by its PID).
+pub fn kill_9(gw: &mut GatewayProcess) {
+    let _ = gw.child.kill();
+    let _ = gw.child.wait();
+}
+
+/// Connects persistent (clean session 0) device `id` to `gw`: the client and CONNACK's
+/// session-present flag.
+pub async fn persistent(gw: &GatewayProcess, id: &str) -> (v4::Client, bool) {
+    let mut o = v4::options(gw.mqtt, id);
+    o.set_clean_session(false);
+    connack(v4::connect_raw(o), id).await
+}
+
+/// Waits for `c`'s successful CONNACK: the client and its session-present flag.
+pub async fn connack(mut c: v4::Client, id: &str) -> (v4::Client, bool) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(end, c.events.recv()).await {
+            Ok(Some(Ok(v4::Event::Incoming(v4::Packet::ConnAck(a))))) => {
+                assert_eq!(a.code, rumqttc::ConnectReturnCode::Success, "{id}");
+                return (c, a.session_present);
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+    }
+}
+
+/// A clean DISCONNECT, once the connection is closed.
+pub async fn disconnect(mut c: v4::Client) {
+    c.client.disconnect().await.expect("disconnect");
+    let _ = c.wait_closed(DEADLINE).await;
+    c.task.abort();
 }

@@ -1,0 +1,171 @@
+//! QoS 2 exchanges that move with a persistent session between nodes (issue 20): the
+//! fleet's copy of a session (`sessions`) holds its QoS 2 packet-id state as the local
+//! store does (`shard/durable.rs`), so that the node that resumes it — after a live
+//! takeover or a `kill -9` — completes each exchange exactly once.
+//!
+//! Key-value subjects in the session bucket, beside the record and the subscriptions:
+//! - `<id>.q2in.<pkid>`: an inbound QoS 2 message whose PUBREC went out. A resend of it on
+//!   the new node is acknowledged, not routed again. Its PUBREL frees the packet id with
+//!   an empty value (a put, pipelined like the others, rather than a purge that would wait
+//!   for every ack before it); at most 65,535 such keys per session.
+//! - `<id>.q2out.<stream sequence>`: an outbound QoS 2 message of the session stream that
+//!   went out under a packet id, and whether our PUBREL went out. The new node sends it
+//!   again under that packet id (PUBLISH with DUP, or the PUBREL). Purged with its message.
+//!
+//! The values are the local store's checksummed records (`store::mirror`), sealed with
+//! the client id and the packet id or stream sequence.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::stream;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+
+use crate::store::{mirror, StoredMessage};
+
+use super::acker::Ack;
+use super::sessions::{key, Failed, Pending, SessionStore};
+
+impl SessionStore {
+    /// The subject of inbound QoS 2 packet id `pkid` of `client_id`.
+    pub(super) fn qos2_in_subject(&self, client_id: &str, pkid: u16) -> String {
+        format!("{}.{}.q2in.{pkid}", self.kv_prefix, key(client_id))
+    }
+
+    fn qos2_out_subject(&self, client_id: &str, js_seq: u64) -> String {
+        format!("{}.{}.q2out.{js_seq}", self.kv_prefix, key(client_id))
+    }
+
+    /// What the subject of inbound packet id `pkid` holds: the record while it is taken,
+    /// empty once it is free.
+    pub(super) fn qos2_in_value(client_id: &str, pkid: u16, taken: bool) -> Bytes {
+        if taken {
+            mirror::qos2_in_bytes(client_id, pkid).into()
+        } else {
+            Bytes::new()
+        }
+    }
+
+    /// The stream sequence of `client_id`'s stored message `seq`, once JetStream acked it.
+    fn js_seq(&self, client_id: &str, seq: u64) -> Option<u64> {
+        self.seqs().stored.get(client_id)?.get(&seq).copied()
+    }
+
+    /// The key-value put that records the QoS 2 state of `client_id`'s message `seq`
+    /// (keyed by its stream sequence, so the publishes before it are acked first when
+    /// that is not known yet); `None` if the message is not in the stream.
+    pub(super) async fn qos2_out_put(
+        &self,
+        client_id: &Arc<str>,
+        (seq, pkid, released): (u64, u16, bool),
+        acks: &tokio::sync::mpsc::Sender<Ack>,
+        pending: &mut Pending,
+    ) -> Result<Option<(String, Bytes)>, Failed> {
+        let mut js_seq = self.js_seq(client_id, seq);
+        if js_seq.is_none() {
+            self.barrier(acks, pending).await?;
+            js_seq = self.js_seq(client_id, seq);
+        }
+        let Some(js_seq) = js_seq else {
+            return Ok(None);
+        };
+        let mut seqs = self.seqs();
+        seqs.qos2_out
+            .entry(client_id.clone())
+            .or_default()
+            .insert(seq);
+        let value = mirror::qos2_out_bytes(client_id, js_seq, pkid, released);
+        Ok(Some((
+            self.qos2_out_subject(client_id, js_seq),
+            value.into(),
+        )))
+    }
+
+    /// `client_id`'s message `seq` (stream sequence `js_seq`) is finished: its QoS 2
+    /// state, if it had one, is purged (the caller has everything before acked).
+    pub(super) async fn qos2_out_done(
+        &self,
+        client_id: &Arc<str>,
+        seq: u64,
+        js_seq: u64,
+    ) -> Result<(), Failed> {
+        let had = {
+            let mut seqs = self.seqs();
+            let of = seqs.qos2_out.get_mut(client_id);
+            let had = of.is_some_and(|of| of.remove(&seq));
+            if seqs.qos2_out.get(client_id).is_some_and(|of| of.is_empty()) {
+                seqs.qos2_out.remove(client_id);
+            }
+            had
+        };
+        if !had {
+            return Ok(());
+        }
+        let subject = self.qos2_out_subject(client_id, js_seq);
+        let purged = self.kv.purge().filter(subject).await;
+        purged.map_err(|e| (client_id.clone(), e.to_string()))?;
+        Ok(())
+    }
+
+    /// The last value of every key-value subject matching `filter`.
+    pub(super) async fn last_values(&self, filter: String) -> Result<Vec<(String, Bytes)>, String> {
+        let mut info = self
+            .kv
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut subjects = Vec::new();
+        while let Some((subject, _)) = info.try_next().await.map_err(|e| e.to_string())? {
+            subjects.push(subject);
+        }
+        let mut values = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            match self.kv.direct_get_last_for_subject(subject.clone()).await {
+                Ok(m) => values.push((subject, m.payload)),
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(values)
+    }
+
+    /// Gives `messages` (read from the stream under `js_seqs`) the packet ids they went
+    /// out under, and returns the inbound packet ids taken.
+    pub(super) async fn load_qos2(
+        &self,
+        client_id: &str,
+        messages: &mut [StoredMessage],
+        js_seqs: &[u64],
+    ) -> Result<Vec<u16>, String> {
+        let prefix = format!("{}.{}", self.kv_prefix, key(client_id));
+        let out = self.last_values(format!("{prefix}.q2out.>")).await;
+        for (subject, value) in out.map_err(|e| format!("QoS 2 state: {e}"))? {
+            let Some(js_seq) = last_number::<u64>(&subject) else {
+                continue;
+            };
+            let Ok(i) = js_seqs.binary_search(&js_seq) else {
+                continue;
+            };
+            let m = &mut messages[i];
+            if m.qos == 2 {
+                m.inflight = mirror::parse_qos2_out(&value, client_id, js_seq);
+            }
+        }
+        let taken = self.last_values(format!("{prefix}.q2in.>")).await;
+        let taken = taken.map_err(|e| format!("QoS 2 state: {e}"))?;
+        let mut inbound: Vec<u16> = taken
+            .into_iter()
+            .filter_map(|(subject, value)| {
+                let pkid = last_number::<u16>(&subject)?;
+                mirror::parse_qos2_in(&value, client_id, pkid).then_some(pkid)
+            })
+            .collect();
+        inbound.sort_unstable();
+        Ok(inbound)
+    }
+}
+
+/// The number a subject ends with (`….q2in.7` → 7).
+fn last_number<T: std::str::FromStr>(subject: &str) -> Option<T> {
+    subject.rsplit('.').next()?.parse().ok()
+}

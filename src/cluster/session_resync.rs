@@ -1,0 +1,169 @@
+//! Re-sync of the fleet's copy of the persistent sessions after a NATS outage (issue 20):
+//! the session changes this node made while it could not write them to JetStream
+//! (records, subscriptions added or removed, queued and acknowledged messages, sessions
+//! ended, QoS 2 state) reach JetStream once NATS is back, so that a later `kill -9` of the
+//! node loses nothing acknowledged after the outage.
+//!
+//! Each commit group JetStream did not take is kept here, in order, as its changes (the
+//! acknowledging task, `acker`, appends it, so the order is the store writer's); while
+//! some are kept, later groups are appended too instead of being written past them. The
+//! mirror task (`sessions`) writes them again once NATS is up, a batch of at most
+//! [`BATCH`] changes per step, each batch acked before the next (so a batch that fails
+//! again goes back to the front), between the groups it hands on. What is kept is bounded
+//! by `cluster.session_resync_max_mib` of values and subjects: past that, a group is not
+//! kept (counted, logged once per outage) and the fleet's copy stays behind until the
+//! node's next start writes every session it holds again (`SessionStore::start`).
+//!
+//! Pushes waiting for a kept group are answered `dropped` (`store_error`) at once, as
+//! before: their messages are in this node's store and reach JetStream with the re-sync,
+//! but that was not true when they were answered.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::acker::Ack;
+use super::sessions::{Change, Failed, SessionStore};
+
+/// Changes written again per step of the re-sync.
+pub(super) const BATCH: usize = 1000;
+
+/// How often the mirror task looks for kept changes to write again.
+pub(super) const TICK: Duration = Duration::from_millis(200);
+
+/// The changes kept for the re-sync, in order, and what they cost.
+pub(super) struct Resync {
+    state: Mutex<Kept>,
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct Kept {
+    changes: VecDeque<Change>,
+    bytes: u64,
+    /// A group was not kept since the last re-sync finished (logged once).
+    overflowed: bool,
+    /// When the re-sync now under way began, and how many changes it wrote so far.
+    running: Option<(Instant, u64)>,
+}
+
+impl Resync {
+    pub(super) fn new(max_mib: u32) -> Resync {
+        Resync {
+            state: Mutex::default(),
+            max_bytes: u64::from(max_mib) << 20,
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether changes are waiting: a new group goes behind them.
+    pub(super) fn waiting(&self) -> bool {
+        !self.kept().changes.is_empty()
+    }
+}
+
+impl SessionStore {
+    /// Keeps a group JetStream did not take (called in order by the acknowledging task).
+    pub(super) fn keep_for_resync(&self, group: Vec<Change>) {
+        let cost: u64 = group.iter().map(Change::cost).sum();
+        let mut kept = self.resync.kept();
+        if kept.bytes + cost > self.resync.max_bytes {
+            self.metrics.resync_dropped.inc_by(group.len() as u64);
+            if !std::mem::replace(&mut kept.overflowed, true) {
+                tracing::error!(
+                    kept_changes = kept.changes.len(),
+                    "cluster: session changes made while NATS is away exceed cluster.session_resync_max_mib; later ones are not re-synced (the fleet's copy stays behind until this node restarts)"
+                );
+            }
+            return;
+        }
+        kept.bytes += cost;
+        kept.changes.extend(group);
+        self.metrics.resync_pending.set(kept.changes.len() as i64);
+    }
+
+    /// One step of the re-sync, if changes are kept and NATS is up: everything handed to
+    /// the acknowledging task before is settled first (its failures kept), then a batch is
+    /// written and acked; one that fails goes back to the front.
+    pub(super) async fn resync_step(&self, acks: &tokio::sync::mpsc::Sender<Ack>) {
+        if !self.link.connected() || !self.resync.waiting() {
+            return;
+        }
+        let mut none = Vec::new();
+        // Errors of earlier groups are the acknowledging task's (kept there).
+        let _ = self.barrier(acks, &mut none).await;
+        let batch = self.take_batch();
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len();
+        let mut result = self.apply(batch.clone(), acks).await;
+        if result.is_ok() {
+            result = self.barrier(acks, &mut none).await;
+        }
+        // Ends the step's group in the acknowledging task (nothing to keep or answer).
+        let _ = acks
+            .send(Ack::End {
+                changes: 0,
+                result: Ok(()),
+                kept: None,
+            })
+            .await;
+        match result {
+            Ok(()) => self.resynced(n),
+            Err(e) => self.put_back(batch, &e),
+        }
+    }
+
+    fn take_batch(&self) -> Vec<Change> {
+        let mut kept = self.resync.kept();
+        if kept.running.is_none() {
+            tracing::info!(
+                changes = kept.changes.len(),
+                "cluster: NATS is back; re-syncing the session changes made while it was away"
+            );
+            kept.running = Some((Instant::now(), 0));
+        }
+        let n = kept.changes.len().min(BATCH);
+        let batch: Vec<Change> = kept.changes.drain(..n).collect();
+        kept.bytes = kept
+            .bytes
+            .saturating_sub(batch.iter().map(Change::cost).sum());
+        batch
+    }
+
+    fn resynced(&self, n: usize) {
+        self.metrics.resync_written.inc_by(n as u64);
+        let mut kept = self.resync.kept();
+        let left = kept.changes.len();
+        self.metrics.resync_pending.set(left as i64);
+        let Some((began, done)) = kept.running.as_mut() else {
+            return;
+        };
+        *done += n as u64;
+        let (began, done) = (*began, *done);
+        if left > 0 {
+            tracing::debug!(written = done, left, "cluster: re-sync progress");
+            return;
+        }
+        kept.running = None;
+        kept.overflowed = false;
+        tracing::info!(
+            changes = done,
+            ms = began.elapsed().as_millis() as u64,
+            "cluster: session changes made while NATS was away are in JetStream"
+        );
+    }
+
+    fn put_back(&self, batch: Vec<Change>, (client_id, e): &Failed) {
+        tracing::debug!(%client_id, error = %e, "cluster: a re-sync batch failed; it is tried again");
+        let mut kept = self.resync.kept();
+        kept.bytes += batch.iter().map(Change::cost).sum::<u64>();
+        for c in batch.into_iter().rev() {
+            kept.changes.push_front(c);
+        }
+    }
+}

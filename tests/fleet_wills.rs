@@ -1,0 +1,156 @@
+//! Wills that survive their node (issue 20): the will of an online persistent session is
+//! in JetStream, and when its node dies (`kill -9`, its lease expires) exactly one
+//! surviving node publishes it, after its delay, unless the device came back elsewhere;
+//! a session that ended cleanly leaves none.
+//! Real gateway processes (three nodes) on one real `nats-server -js`.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use common::fleet::{disconnect, kill_9, persistent, session_node, total, DEADLINE};
+use common::nats::NatsServer;
+use common::{connect5, encode, session_expiry_props, v4, v5, GatewayProcess, Raw};
+use mqttbytes::v5::{LastWill, Packet as V5Packet};
+use mqttbytes::QoS;
+
+const PUBLISHED: &str = "gateway_fleet_dead_node_wills_published_total";
+const CANCELLED: &str = "gateway_fleet_dead_node_wills_cancelled_total";
+
+/// Waits until the session bucket's `key` holds a value `ok` accepts.
+async fn wait_will(sessions: &kv::Store, key: &str, ok: impl Fn(&[u8]) -> bool) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let v = sessions.get(key).await.expect("bucket get");
+        if v.as_deref().is_some_and(&ok) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < end, "{key}: {v:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Persistent 3.1.1 device `id` on `gw` with a will on `will/<id>`.
+async fn with_will(gw: &GatewayProcess, id: &str) -> v4::Client {
+    let mut o = v4::options(gw.mqtt, id);
+    o.set_clean_session(false);
+    let will = format!("will/{id}");
+    o.set_last_will(v4::LastWill::new(will, id, v4::QoS::AtLeastOnce, false));
+    common::fleet::connack(v4::connect_raw(o), id).await.0
+}
+
+/// Persistent MQTT 5 device `id` on `gw` whose will waits `delay` seconds.
+async fn with_delayed_will(gw: &GatewayProcess, id: &str, delay: u32) -> v5::Client {
+    use rumqttc::v5::mqttbytes::v5::{ConnectProperties, LastWill, LastWillProperties};
+    let mut o = v5::options(gw.mqtt, id);
+    o.set_clean_start(false);
+    let mut props = ConnectProperties::new();
+    props.session_expiry_interval = Some(300);
+    o.set_connect_properties(props);
+    let will_props = LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    let will = LastWill::new(
+        format!("will/{id}"),
+        id,
+        v5::QoS::AtLeastOnce,
+        false,
+        Some(will_props),
+    );
+    o.set_last_will(will);
+    v5::connect(o).await
+}
+
+/// Publishes probes on `will/probe` from `from` until `sub` gets one.
+async fn until_routed(from: &GatewayProcess, sub: &mut v4::Client) {
+    let p = v4::connect(v4::options(
+        from.mqtt,
+        &format!("probe-{}", from.mqtt.port()),
+    ))
+    .await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let sent = p
+            .client
+            .publish("will/probe", v4::QoS::AtMostOnce, false, "p");
+        sent.await.expect("probe");
+        if sub.next_publish(Duration::from_millis(200)).await.is_some() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no route from {}",
+            from.mqtt
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
+    let nats = NatsServer::start("wills");
+    drop(nats.client().await);
+    let mut gw: Vec<GatewayProcess> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| session_node(&nats, n))
+        .collect();
+    let js = async_nats::jetstream::new(nats.client().await);
+    let sessions = js.get_key_value("gateway_sessions").await.expect("bucket");
+    let mut sub = v4::connect(v4::options(gw[1].mqtt, "will-sub")).await;
+    sub.subscribe("will/#", v4::QoS::AtLeastOnce).await;
+    until_routed(&gw[2], &mut sub).await;
+    until_routed(&gw[1], &mut sub).await;
+
+    // On node A: w1 with a will, w2 with a will delayed 8 s, w3 that leaves cleanly.
+    let _w1 = with_will(&gw[0], "w1").await;
+    let _w2 = with_delayed_will(&gw[0], "w2", 8).await;
+    let w3 = with_will(&gw[0], "w3").await;
+    disconnect(w3).await;
+    // w4 ends its session on DISCONNECT (MQTT 5, session expiry set to 0): no will either.
+    let mut w4 = Raw::connect(gw[0].mqtt).await;
+    let mut c = connect5("w4", 60, false, Some(session_expiry_props(300)));
+    c.last_will = Some(LastWill::new("will/w4", "w4", QoS::AtLeastOnce, false));
+    w4.send(&encode(|b| c.write(b))).await;
+    let ack = w4.next_v5(DEADLINE).await;
+    assert!(matches!(ack, Ok(V5Packet::ConnAck(_))), "w4: {ack:?}");
+    wait_will(&sessions, "will.node-a.w4", |v| !v.is_empty()).await;
+    // DISCONNECT 0x00 with Session Expiry Interval (0x11) 0.
+    w4.send(&[0xE0, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 0]).await;
+    assert!(w4.wait_closed(DEADLINE).await);
+    wait_will(&sessions, "will.node-a.w4", |v| v.is_empty()).await;
+    wait_will(&sessions, "will.node-a.w1", |v| !v.is_empty()).await;
+    wait_will(&sessions, "will.node-a.w2", |v| !v.is_empty()).await;
+    wait_will(&sessions, "will.node-a.w3", |v| v.is_empty()).await;
+
+    kill_9(&mut gw[0]);
+    // w2 comes back on node B within its will delay: its will is not published.
+    let (_w2, present) = persistent(&gw[1], "w2").await;
+    assert!(present, "w2: no session present on node B");
+
+    let p = sub.next_publish(DEADLINE).await.expect("w1's will");
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("will/w1", &b"w1"[..]));
+    // Both survivors have looked (w2's delay is over and it was not published) ...
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while total(&gw[1..], CANCELLED).await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "w2's will never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and only one published w1's.
+    assert_eq!(total(&gw[1..], PUBLISHED).await, 1.0);
+    let marker = v4::connect(v4::options(gw[1].mqtt, "will-marker")).await;
+    let sent = marker
+        .client
+        .publish("will/marker", v4::QoS::AtLeastOnce, false, "end");
+    sent.await.expect("marker");
+    let p = sub.next_publish(DEADLINE).await.expect("the marker");
+    assert_eq!(
+        p.topic, "will/marker",
+        "a will came twice, or w2's or w3's came: {p:?}"
+    );
+}
