@@ -13,7 +13,8 @@
 # Usage: loadgen/scripts/tls_storm.sh GATEWAY_BIN LOADGEN_BIN [STORM] [PUSH] [RATE]
 #   defaults 5000 storm devices, 1000 push devices, 1000 pushes/s (issue 23's storm).
 #   PORT (default 28930) is the first of three loopback ports; OUT (default .) where
-#   the JSON summaries go.
+#   the JSON summaries go; PER_TURN sets [limits] tls_handshakes_per_turn;
+#   STORM_NICE=19 runs the storm's clients at the lowest CPU priority.
 set -u
 gw=${1:?gateway binary}; lg=${2:?loadgen binary}
 storm=${3:-5000}; push=${4:-1000}; rate=${5:-1000}
@@ -25,6 +26,11 @@ ulimit -n "$(ulimit -Hn)"
 make_tls_certs "$dir"
 
 write_tls_config "$dir" "$mqtt" "$tls" "$http"
+# STORM_NICE=N runs the storm's clients at nice N (they share this machine's cores with
+# the gateway; on a real network they are other machines): the default 0 does not.
+storm_nice=""; [ "${STORM_NICE:-0}" != 0 ] && storm_nice="nice -n $STORM_NICE"
+# PER_TURN: the gateway's [limits] tls_handshakes_per_turn (default: the shipped one)
+[ -n "${PER_TURN:-}" ] && sed -i "/^\[limits\]/a tls_handshakes_per_turn = $PER_TURN" "$dir/gateway.toml"
 
 tls_args="--tls --ca $dir/ca.pem"
 metric() {
@@ -76,7 +82,7 @@ for resume in on off; do
   pushes 20 "$name" &
   pusher=$!
   sleep 3
-  "$lg" storm --target "127.0.0.1:$tls" $tls_args --tls-resume $resume --conns "$storm" \
+  $storm_nice "$lg" storm --target "127.0.0.1:$tls" $tls_args --tls-resume $resume --conns "$storm" \
     --connect-rate 5000 --backoff none --settle 2 --round-timeout 60 --client-id 's-{i}' \
     --json --quiet > "$out/$name-storm.json" 2> "$out/$name-storm.err"
   wait $pusher
