@@ -488,10 +488,19 @@ impl Shard {
         // after, for connections the writes closed.
         self.publish_gauges();
         self.release_held();
+        // Group joins and leaves reach their owner shard before the SUBACK or UNSUBACK
+        // that follows them is written: a client publishing right after its SUBACK must
+        // find the group known where the message goes (messages go after the writes).
+        let cap = self.settings.mailbox_capacity.max(1);
+        let ctl_waiting =
+            (self.routing).flush_ctl(&self.services.mailboxes, &self.services.metrics, cap);
         self.flush_dirty();
         self.send_pending_replies();
-        let outbox_waiting =
-            self.flush_outbox() | self.flush_echoes() | self.flush_store() | self.flush_fleet();
+        let outbox_waiting = ctl_waiting
+            | self.flush_outbox()
+            | self.flush_echoes()
+            | self.flush_store()
+            | self.flush_fleet();
         self.publish_gauges();
         // A publisher released this turn (by the mailbox or a drained subscriber) is read
         // again next turn, not at the next tick.

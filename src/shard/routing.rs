@@ -131,7 +131,12 @@ impl Routing {
     }
 
     /// Shared-subscription control messages, in order, for each other shard.
-    fn flush_ctl(&mut self, mailboxes: &Mailboxes, metrics: &ShardMetrics, cap: usize) -> bool {
+    pub(super) fn flush_ctl(
+        &mut self,
+        mailboxes: &Mailboxes,
+        metrics: &ShardMetrics,
+        cap: usize,
+    ) -> bool {
         let mut waiting = false;
         for (shard, list) in self.ctl_outbox.iter_mut().enumerate() {
             while let Some(msg) = list.pop_front() {
