@@ -4,7 +4,8 @@
 //! device on the other node goes through the fleet's async-nats client; a device publish
 //! reaching a subscriber on the other node goes through the routing connections (the
 //! NATS protocol spoken by `cluster::routing::proto`); both must speak TLS or get
-//! nothing. A node trusting the wrong CA does not start, and says why and where.
+//! nothing. A node trusting the wrong CA does not start, and says why and where. The
+//! events sink (`[events] nats_url` and its own three TLS keys) reaches the same server.
 
 mod common;
 
@@ -69,12 +70,30 @@ impl TlsNats {
     /// Node `node`'s `[cluster]` section, trusting `ca`.
     fn node_toml(&self, node: &str, ca: &Path) -> String {
         format!(
-            "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\nnats_ca_file = {:?}\nnats_cert_file = {:?}\nnats_key_file = {:?}\n[store]\nenabled = false\n",
+            "[cluster]\nenabled = true\nnode_id = \"{node}\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\n{}[store]\nenabled = false\n",
             self.url(),
+            self.tls_keys(ca),
+        )
+    }
+
+    /// The `nats_ca_file`, `nats_cert_file` and `nats_key_file` keys, trusting `ca`.
+    fn tls_keys(&self, ca: &Path) -> String {
+        format!(
+            "nats_ca_file = {:?}\nnats_cert_file = {:?}\nnats_key_file = {:?}\n",
             ca.display().to_string(),
             self.client_cert.display().to_string(),
             self.client_key.display().to_string(),
         )
+    }
+
+    /// A NATS client of this server over mutual TLS.
+    async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(self.pki.ca_path.clone())
+            .add_client_certificate(self.client_cert.clone(), self.client_key.clone())
+            .connect(self.url())
+            .await
+            .expect("a TLS client of nats-server")
     }
 
     fn node(&self, node: &str) -> GatewayProcess {
@@ -174,4 +193,24 @@ fn a_node_trusting_another_ca_does_not_join_and_names_the_url() {
         said.contains("UnknownIssuer") || said.contains("certificate"),
         "says the certificate is not trusted: {said}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_nats_over_mutual_tls() {
+    use futures_util::StreamExt;
+    let nats = TlsNats::start("tls-events");
+    let watcher = nats.client().await;
+    let mut events = watcher.subscribe("gw.events.connected.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let gw = GatewayProcess::start(&format!(
+        "[events]\nnats_url = \"{}\"\nnats_subject_prefix = \"gw\"\nlinger_ms = 0\n{}",
+        nats.url(),
+        nats.tls_keys(&nats.pki.ca_path)
+    ));
+    let _dev = v4::connect(v4::options(gw.mqtt, "dev-events")).await;
+    let msg = tokio::time::timeout(DEADLINE, events.next())
+        .await
+        .expect("the connected event over TLS")
+        .unwrap();
+    assert_eq!(msg.subject.as_str(), "gw.events.connected.dev-events");
 }

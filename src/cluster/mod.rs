@@ -37,7 +37,6 @@ mod session_resync;
 mod session_will;
 pub mod sessions;
 pub mod sweep;
-pub mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -152,7 +151,10 @@ impl Fleet {
 
     async fn connect_async(config: &ClusterConfig) -> Result<Arc<Fleet>, String> {
         let node: Arc<str> = config.node().into();
-        let tls = tls::client_config(config).map_err(|e| format!("cluster: {e}"))?;
+        let tls = config
+            .tls_files()
+            .client_config()
+            .map_err(|e| format!("cluster: {e}"))?;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("gateway-fleet-{node}"))
             .tls_client_config((*tls).clone())

@@ -23,7 +23,7 @@ pub struct ClusterConfig {
     pub nats_url: String,
     /// The server's authorization token; empty = none.
     pub nats_token: String,
-    /// TLS to NATS (`crate::cluster::tls`): the PEM CA bundle trusted for the NATS
+    /// TLS to NATS (`crate::nats_tls`): the PEM CA bundle trusted for the NATS
     /// servers' certificates (`None` = the system's roots), and a client certificate and
     /// key for servers that verify clients (mutual TLS), given together.
     #[serde(deserialize_with = "crate::config::empty_path_as_none")]
@@ -92,6 +92,16 @@ impl ClusterConfig {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect()
+    }
+
+    /// The TLS files of the fleet's NATS connections.
+    pub(crate) fn tls_files(&self) -> crate::nats_tls::TlsFiles<'_> {
+        crate::nats_tls::TlsFiles {
+            section: "cluster",
+            ca: self.nats_ca_file.as_deref(),
+            cert: self.nats_cert_file.as_deref(),
+            key: self.nats_key_file.as_deref(),
+        }
     }
 
     pub fn lease(&self) -> Duration {
@@ -183,7 +193,9 @@ impl Section for ClusterConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.validate_names()?;
         self.validate_urls()?;
-        crate::cluster::tls::check(self).map_err(|e| invalid(e.key, e.message))?;
+        self.tls_files()
+            .check()
+            .map_err(|e| invalid(&e.key, e.message))?;
         in_range("cluster.lease_secs", self.lease_secs, 3, 300)?;
         in_range(
             "cluster.request_timeout_ms",
@@ -348,7 +360,7 @@ mod tests {
         };
         let config = Config::from_toml_str(&toml(&k)).unwrap().cluster;
         assert_eq!(config.nats_cert_file.as_deref(), Some(c.as_path()));
-        assert!(crate::cluster::tls::client_config(&config).is_ok());
+        assert!(config.tls_files().client_config().is_ok());
         assert_eq!(invalid_key(&toml(&c)), "cluster.nats_key_file");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -277,7 +277,7 @@ pub struct Router {
     origin: String,
     urls: Vec<String>,
     token: String,
-    /// TLS to NATS (`crate::cluster::tls`), shared with the fleet's async-nats client.
+    /// TLS to NATS (`crate::nats_tls`), shared with the fleet's async-nats client.
     tls: Arc<rustls::ClientConfig>,
     name: String,
     /// The fleet's retained messages (see [`retained`]) and its subjects' prefix.

@@ -9,7 +9,7 @@
 //! tells a shared group's copy from a subscriber's. One socket read in one place keeps it;
 //! it also spares a channel per subscribed filter (a node may hold a million).
 //!
-//! TLS (`crate::cluster::tls`): the server sends its INFO in the clear; when the URL is
+//! TLS (`crate::nats_tls`): the server sends its INFO in the clear; when the URL is
 //! `tls://` or the INFO says `tls_required`, the socket is upgraded with rustls right
 //! after it, and CONNECT goes over TLS.
 
@@ -163,7 +163,7 @@ pub struct Connected {
 }
 
 /// How the routing connections reach NATS: the URLs, the token, the TLS settings
-/// (`crate::cluster::tls`) and the connection's name.
+/// (`crate::nats_tls`) and the connection's name.
 pub struct Dial<'a> {
     pub urls: &'a [String],
     pub token: &'a str,
