@@ -50,7 +50,7 @@ impl std::fmt::Display for RequestError {
 }
 
 /// The trusted roots: the PEM certificates in `ca_file`, or the system's.
-fn roots(ca_file: Option<&Path>) -> io::Result<RootCertStore> {
+pub(crate) fn roots(ca_file: Option<&Path>) -> io::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     let certs: Vec<CertificateDer<'static>> = match ca_file {
         Some(path) => CertificateDer::pem_file_iter(path)

@@ -41,6 +41,7 @@ pub mod logging;
 pub mod mailbox;
 pub mod message;
 pub mod metrics;
+pub(crate) mod nats_tls;
 pub mod prompt;
 pub mod proxy;
 pub mod push_json;

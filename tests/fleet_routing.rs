@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::fleet::until_routed;
 use common::nats::NatsServer;
 use common::v4::{self, QoS};
 use common::{http_get, post_json, GatewayProcess};
@@ -39,28 +40,6 @@ async fn client(gw: &GatewayProcess, id: &str) -> v4::Client {
 
 fn in_total(gw: &GatewayProcess) -> impl std::future::Future<Output = f64> + '_ {
     gw.metric("gateway_fleet_messages_total{direction=\"in\"}")
-}
-
-/// Publishes QoS 0 probes to `topic` through `publisher` until `subscriber` receives
-/// one: then the subscriber's node holds its NATS subscription for `topic`. Returns the
-/// number of probes sent.
-async fn until_routed(publisher: &v4::Client, subscriber: &mut v4::Client, topic: &str) -> u32 {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    let mut sent = 0;
-    loop {
-        publisher
-            .client
-            .publish(topic, QoS::AtMostOnce, false, "probe")
-            .await
-            .unwrap();
-        sent += 1;
-        while let Some(p) = subscriber.next_publish(Duration::from_millis(200)).await {
-            if p.topic == topic {
-                return sent;
-            }
-        }
-        assert!(tokio::time::Instant::now() < end, "{topic} never routed");
-    }
 }
 
 /// The payloads of the next `n` messages on topics other than `probe`.

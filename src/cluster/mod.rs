@@ -114,6 +114,23 @@ pub struct Fleet {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Why the fleet's client could not connect; a certificate error says what it was
+/// checked against.
+fn connect_error(config: &ClusterConfig, e: &str) -> String {
+    let hint = if e.contains("certificate") {
+        match &config.nats_ca_file {
+            Some(ca) => format!(" (checked against cluster.nats_ca_file {})", ca.display()),
+            None => " (checked against the system's roots: cluster.nats_ca_file is empty)".into(),
+        }
+    } else {
+        String::new()
+    };
+    format!(
+        "cluster: cannot connect to NATS ({}): {e}{hint}",
+        config.nats_url
+    )
+}
+
 impl Fleet {
     /// Connects to NATS, opens (or creates) the registry buckets and takes this node's
     /// lease, on `runtime`; an error names what failed.
@@ -134,8 +151,13 @@ impl Fleet {
 
     async fn connect_async(config: &ClusterConfig) -> Result<Arc<Fleet>, String> {
         let node: Arc<str> = config.node().into();
+        let tls = config
+            .tls_files()
+            .client_config()
+            .map_err(|e| format!("cluster: {e}"))?;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("gateway-fleet-{node}"))
+            .tls_client_config((*tls).clone())
             .connection_timeout(Duration::from_secs(2));
         if !config.nats_token.is_empty() {
             options = options.token(config.nats_token.clone());
@@ -143,7 +165,7 @@ impl Fleet {
         let client = options
             .connect(config.urls())
             .await
-            .map_err(|e| format!("cluster: cannot connect to NATS ({}): {e}", config.nats_url))?;
+            .map_err(|e| connect_error(config, &e.to_string()))?;
         let registry = Arc::new(Registry::open(&client, config, node.clone()).await?);
         let link = handover::Link::new(&client, config, &registry, &node);
         let sessions = sessions::SessionStore::open(&client, config, link).await?;
@@ -153,7 +175,7 @@ impl Fleet {
             .map_err(|e| format!("cluster: cannot take this node's lease: {e}"))?;
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
         let retained = routing::retained::open(&client, config).await?;
-        let routing = routing::Router::new(config, &node, retained);
+        let routing = routing::Router::new(config, &node, retained, tls);
         let sweep = sweep::Sweeper::new(config, registry.clone());
         Ok(Arc::new(Fleet {
             node,

@@ -2,6 +2,7 @@
 //! name, the NATS servers, the subjects and the registry bucket, the node's lease and how
 //! long a push forwarded to another node may wait.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -22,6 +23,15 @@ pub struct ClusterConfig {
     pub nats_url: String,
     /// The server's authorization token; empty = none.
     pub nats_token: String,
+    /// TLS to NATS (`crate::nats_tls`): the PEM CA bundle trusted for the NATS
+    /// servers' certificates (`None` = the system's roots), and a client certificate and
+    /// key for servers that verify clients (mutual TLS), given together.
+    #[serde(deserialize_with = "crate::config::empty_path_as_none")]
+    pub nats_ca_file: Option<PathBuf>,
+    #[serde(deserialize_with = "crate::config::empty_path_as_none")]
+    pub nats_cert_file: Option<PathBuf>,
+    #[serde(deserialize_with = "crate::config::empty_path_as_none")]
+    pub nats_key_file: Option<PathBuf>,
     pub subject_prefix: String,
     pub registry_bucket: String,
     pub lease_secs: u32,
@@ -82,6 +92,16 @@ impl ClusterConfig {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect()
+    }
+
+    /// The TLS files of the fleet's NATS connections.
+    pub(crate) fn tls_files(&self) -> crate::nats_tls::TlsFiles<'_> {
+        crate::nats_tls::TlsFiles {
+            section: "cluster",
+            ca: self.nats_ca_file.as_deref(),
+            cert: self.nats_cert_file.as_deref(),
+            key: self.nats_key_file.as_deref(),
+        }
     }
 
     pub fn lease(&self) -> Duration {
@@ -160,7 +180,7 @@ impl ClusterConfig {
                     format!("{server:?} names no host"),
                 ));
             }
-            // Message routing speaks the NATS protocol on a plain TCP connection.
+            // Message routing speaks the NATS protocol itself, over `nats://` or `tls://`.
             if let Err(why) = crate::cluster::routing::proto::address(&server) {
                 return Err(invalid("cluster.nats_url", why));
             }
@@ -173,6 +193,9 @@ impl Section for ClusterConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.validate_names()?;
         self.validate_urls()?;
+        self.tls_files()
+            .check()
+            .map_err(|e| invalid(&e.key, e.message))?;
         in_range("cluster.lease_secs", self.lease_secs, 3, 300)?;
         in_range(
             "cluster.request_timeout_ms",
@@ -247,7 +270,23 @@ mod tests {
             ("node_id = \"a.b\"", "cluster.node_id"),
             ("node_id = \"has space\"", "cluster.node_id"),
             ("nats_url = \"nats://\"", "cluster.nats_url"),
-            ("nats_url = \"tls://h:4222\"", "cluster.nats_url"),
+            ("nats_url = \"ws://h:4222\"", "cluster.nats_url"),
+            (
+                "nats_ca_file = \"/nonexistent/ca.pem\"",
+                "cluster.nats_ca_file",
+            ),
+            (
+                "nats_cert_file = \"/etc/hostname\"",
+                "cluster.nats_key_file",
+            ),
+            (
+                "nats_key_file = \"/etc/hostname\"",
+                "cluster.nats_cert_file",
+            ),
+            (
+                "nats_cert_file = \"/nonexistent/c.pem\"\nnats_key_file = \"/nonexistent/k.pem\"",
+                "cluster.nats_cert_file",
+            ),
             ("enabled = true\nnats_url = \"\"", "cluster.nats_url"),
             ("subject_prefix = \"a.*\"", "cluster.subject_prefix"),
             ("subject_prefix = \"\"", "cluster.subject_prefix"),
@@ -298,5 +337,31 @@ mod tests {
         .cluster;
         assert_eq!(c.node(), "node-a_1");
         assert_eq!(c.urls().len(), 2);
+    }
+
+    /// `tls://` URLs, a CA file and a client certificate with its key are accepted; a
+    /// key that is not a key is refused under its own name.
+    #[test]
+    fn tls_to_nats_parses_and_its_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("cluster-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["nats".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let toml = |key_file: &std::path::Path| {
+            format!(
+                "[cluster]\nnats_url = \"tls://n1:4222,nats://n2\"\nnats_ca_file = {c:?}\nnats_cert_file = {c:?}\nnats_key_file = {key_file:?}\n"
+            )
+        };
+        let config = Config::from_toml_str(&toml(&k)).unwrap().cluster;
+        assert_eq!(config.nats_cert_file.as_deref(), Some(c.as_path()));
+        assert!(config.tls_files().client_config().is_ok());
+        assert_eq!(invalid_key(&toml(&c)), "cluster.nats_key_file");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

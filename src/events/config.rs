@@ -51,6 +51,14 @@ pub struct EventsConfig {
     pub include_subscriptions: bool,
     /// "" = no NATS sink.
     pub nats_url: String,
+    /// TLS to the sink's NATS (`crate::nats_tls`): the CA trusted (`None` = the system's
+    /// roots) and a client certificate and key for mutual TLS, given together.
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub nats_ca_file: Option<PathBuf>,
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub nats_cert_file: Option<PathBuf>,
+    #[serde(deserialize_with = "empty_path_as_none")]
+    pub nats_key_file: Option<PathBuf>,
     pub nats_subject_prefix: String,
     pub jetstream: bool,
     pub jetstream_stream: String,
@@ -89,6 +97,16 @@ impl EventsConfig {
     /// Whether any sink is configured.
     pub fn enabled(&self) -> bool {
         !self.webhook_url.is_empty() || !self.nats_url.is_empty()
+    }
+
+    /// The TLS files of the NATS sink's connection.
+    pub(crate) fn nats_tls_files(&self) -> crate::nats_tls::TlsFiles<'_> {
+        crate::nats_tls::TlsFiles {
+            section: "events",
+            ca: self.nats_ca_file.as_deref(),
+            cert: self.nats_cert_file.as_deref(),
+            key: self.nats_key_file.as_deref(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -163,6 +181,9 @@ impl EventsConfig {
                 format!("{stream:?} is not a stream name (no dots, wildcards, slashes or spaces)"),
             ));
         }
+        self.nats_tls_files()
+            .check()
+            .map_err(|e| (e.key, e.message))?;
         if self.jetstream && self.nats_url.is_empty() {
             return Err(invalid("jetstream", "needs events.nats_url".into()));
         }
@@ -196,6 +217,11 @@ mod tests {
             ("webhook_url = \"ftp://x/y\"", "events.webhook_url"),
             ("webhook_url = \"not a url\"", "events.webhook_url"),
             ("webhook_timeout_ms = 0", "events.webhook_timeout_ms"),
+            (
+                "nats_ca_file = \"/nonexistent/ca.pem\"",
+                "events.nats_ca_file",
+            ),
+            ("nats_cert_file = \"/etc/hostname\"", "events.nats_key_file"),
             (
                 "webhook_ca_file = \"/nonexistent/ca.pem\"",
                 "events.webhook_ca_file",

@@ -108,7 +108,12 @@ impl Events {
             events.tasks.push(runtime.spawn(webhook.run(b)));
         }
         if !config.nats_url.is_empty() {
+            let tls = config
+                .nats_tls_files()
+                .client_config()
+                .map_err(|e| io::Error::other(e.to_string()))?;
             let sink = nats::NatsSink {
+                tls,
                 urls: config
                     .nats_url
                     .split(',')

@@ -25,6 +25,8 @@ pub struct NatsSink {
     /// `Some(stream name)` with `jetstream = true`.
     pub stream: Option<String>,
     pub node: Arc<str>,
+    /// TLS to NATS (`[events] nats_ca_file`, `nats_cert_file`, `nats_key_file`).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// Escapes a client id into one subject token: bytes other than ASCII letters, digits,
@@ -68,6 +70,7 @@ impl NatsSink {
         let client = match async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .name("gateway-events")
+            .tls_client_config((*self.tls).clone())
             .connect(self.urls.clone())
             .await
         {

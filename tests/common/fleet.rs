@@ -151,3 +151,25 @@ pub async fn disconnect(mut c: v4::Client) {
     let _ = c.wait_closed(DEADLINE).await;
     c.task.abort();
 }
+
+/// Publishes QoS 0 probes to `topic` through `publisher` until `subscriber` receives
+/// one: then the subscriber's node holds its NATS subscription for `topic`. Returns the
+/// number of probes sent.
+pub async fn until_routed(publisher: &v4::Client, subscriber: &mut v4::Client, topic: &str) -> u32 {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut sent = 0;
+    loop {
+        publisher
+            .client
+            .publish(topic, v4::QoS::AtMostOnce, false, "probe")
+            .await
+            .unwrap();
+        sent += 1;
+        while let Some(p) = subscriber.next_publish(Duration::from_millis(200)).await {
+            if p.topic == topic {
+                return sent;
+            }
+        }
+        assert!(tokio::time::Instant::now() < end, "{topic} never routed");
+    }
+}

@@ -9,6 +9,8 @@ pub struct NatsServer {
     child: std::process::Child,
     port: u16,
     dir: std::path::PathBuf,
+    /// More command-line options (TLS, tests/fleet_tls.rs).
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -17,11 +19,25 @@ impl NatsServer {
     }
 
     pub fn start_on(tag: &str, port: u16) -> NatsServer {
+        NatsServer::start_with(tag, port, Vec::new())
+    }
+
+    /// A server on `port` with more command-line options `args` (e.g. `--tls ...`).
+    pub fn start_with(tag: &str, port: u16, args: Vec<String>) -> NatsServer {
         let dir = std::env::temp_dir().join(format!("nats-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let child = spawn_nats(port, &dir);
-        NatsServer { child, port, dir }
+        let child = spawn_nats(port, &dir, &args);
+        NatsServer {
+            child,
+            port,
+            dir,
+            args,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Kills the server (SIGKILL, by its PID); its store directory stays.
@@ -32,7 +48,7 @@ impl NatsServer {
 
     /// Starts the killed server again on the same port and store directory.
     pub fn respawn(&mut self) {
-        self.child = spawn_nats(self.port, &self.dir);
+        self.child = spawn_nats(self.port, &self.dir, &self.args);
     }
 
     pub fn url(&self) -> String {
@@ -60,10 +76,11 @@ impl Drop for NatsServer {
     }
 }
 
-fn spawn_nats(port: u16, dir: &std::path::Path) -> std::process::Child {
+fn spawn_nats(port: u16, dir: &std::path::Path, args: &[String]) -> std::process::Child {
     std::process::Command::new(nats_server_binary())
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -71,7 +71,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, BytesMut};
 use crossbeam_queue::ArrayQueue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -277,6 +277,8 @@ pub struct Router {
     origin: String,
     urls: Vec<String>,
     token: String,
+    /// TLS to NATS (`crate::nats_tls`), shared with the fleet's async-nats client.
+    tls: Arc<rustls::ClientConfig>,
     name: String,
     /// The fleet's retained messages (see [`retained`]) and its subjects' prefix.
     retained: async_nats::jetstream::kv::Store,
@@ -288,6 +290,7 @@ impl Router {
         config: &ClusterConfig,
         node: &str,
         retained: async_nats::jetstream::kv::Store,
+        tls: Arc<rustls::ClientConfig>,
     ) -> Arc<Router> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (groups_tx, groups_rx) = mpsc::unbounded_channel();
@@ -310,6 +313,7 @@ impl Router {
             origin: format!("{node}/{started}"),
             urls: config.urls(),
             token: config.nats_token.clone(),
+            tls,
             name: format!("gateway-route-{node}"),
             retained,
             retained_prefix: format!("$KV.{}", retained::bucket(config)),
@@ -369,9 +373,15 @@ impl Router {
         let mut seq = 0u64;
         let mut backoff = Duration::from_millis(100);
         let mut failing = false;
+        let dial = proto::Dial {
+            urls: &self.urls,
+            token: &self.token,
+            tls: &self.tls,
+            name: &name,
+        };
         while !stop.is_cancelled() {
             let conn = tokio::select! {
-                c = proto::connect(&self.urls, &self.token, &name) => c,
+                c = proto::connect(&dial) => c,
                 _ = stop.cancelled() => return,
             };
             let conn = match conn {
@@ -395,7 +405,7 @@ impl Router {
             if role == Role::Messages {
                 self.handle.metrics.connected.set(1);
             }
-            let (read, write) = conn.stream.into_split();
+            let (read, write) = tokio::io::split(conn.stream);
             let pong = Arc::new(Notify::new());
             let reading = Reading {
                 buf: conn.rest,
@@ -427,7 +437,11 @@ impl Router {
     }
 
     /// Reads the server's operations: messages for this node's shards, PINGs answered.
-    async fn read_loop(self: Arc<Self>, mut read: OwnedReadHalf, mut ctx: Reading) -> String {
+    async fn read_loop(
+        self: Arc<Self>,
+        mut read: ReadHalf<proto::Stream>,
+        mut ctx: Reading,
+    ) -> String {
         loop {
             loop {
                 match proto::parse(&mut ctx.buf) {
@@ -561,7 +575,7 @@ struct Reading {
 struct Session<'a> {
     router: &'a Router,
     role: Role,
-    write: OwnedWriteHalf,
+    write: WriteHalf<proto::Stream>,
     table: &'a mut InterestTable,
     changes: &'a mut mpsc::UnboundedReceiver<Interest>,
     seq: &'a mut u64,

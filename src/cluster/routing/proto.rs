@@ -1,6 +1,6 @@
-//! The part of the NATS client protocol the routing connection speaks, on one plain TCP
-//! socket: CONNECT, PING/PONG, SUB, UNSUB and PUB out; INFO, MSG, PING, PONG, +OK and
-//! -ERR in.
+//! The part of the NATS client protocol the routing connection speaks, on one TCP
+//! socket, plain or TLS: CONNECT, PING/PONG, SUB, UNSUB and PUB out; INFO, MSG, PING,
+//! PONG, +OK and -ERR in.
 //!
 //! Why not async-nats here: it hands each subscription its own channel, so a node that
 //! subscribes to `a.*` and `*.b` cannot tell in which order the server sent the copies of
@@ -8,12 +8,23 @@
 //! per-publisher order both rely on that order; the subscription id of each copy also
 //! tells a shared group's copy from a subscriber's. One socket read in one place keeps it;
 //! it also spares a channel per subscribed filter (a node may hold a million).
+//!
+//! TLS (`crate::nats_tls`): the server sends its INFO in the clear; when the URL is
+//! `tls://` or the INFO says `tls_required`, the socket is upgraded with rustls right
+//! after it, and CONNECT goes over TLS.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
+
+/// A routing connection's socket: plain TCP, or TLS over it.
+pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
 
 /// Longest control line accepted from the server.
 const MAX_LINE: usize = 64 * 1024;
@@ -95,13 +106,14 @@ fn parse_msg(buf: &mut BytesMut, end: usize) -> Result<Option<ServerOp>, ProtoEr
     }))
 }
 
-/// The `host:port` of a `nats://` URL (port 4222 by default); an error for other schemes.
+/// The `host:port` of a `nats://` or `tls://` URL (port 4222 by default); an error for
+/// other schemes.
 pub fn address(url: &str) -> Result<String, String> {
     let rest = match url.split_once("://") {
-        Some(("nats", rest)) => rest,
+        Some(("nats" | "tls", rest)) => rest,
         Some((scheme, _)) => {
             return Err(format!(
-                "{url:?}: message routing speaks plain nats:// only, not {scheme}://"
+                "{url:?}: the fleet speaks nats:// or tls:// only, not {scheme}://"
             ))
         }
         None => url,
@@ -120,6 +132,18 @@ pub fn address(url: &str) -> Result<String, String> {
     )
 }
 
+/// Whether `url` asks for TLS whatever the server says.
+fn is_tls(url: &str) -> bool {
+    url.starts_with("tls://")
+}
+
+/// The host of a `host:port` address, without an IPv6 address' brackets: the name the
+/// server's certificate must carry.
+fn host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// The credentials in a URL's user part: `user:password@` or `token@`.
 fn credentials(url: &str) -> Option<(&str, Option<&str>)> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -132,19 +156,28 @@ fn credentials(url: &str) -> Option<(&str, Option<&str>)> {
 
 /// A connected, authenticated routing connection, and the server's `max_payload`.
 pub struct Connected {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub max_payload: usize,
     /// Bytes read after the handshake's PONG.
     pub rest: BytesMut,
 }
 
-/// Connects to the first of `urls` that answers, says CONNECT (no echo: a connection never
-/// gets its own messages back) and waits for the PONG of a PING, so a refused token is an
-/// error here.
-pub async fn connect(urls: &[String], token: &str, name: &str) -> Result<Connected, String> {
+/// How the routing connections reach NATS: the URLs, the token, the TLS settings
+/// (`crate::nats_tls`) and the connection's name.
+pub struct Dial<'a> {
+    pub urls: &'a [String],
+    pub token: &'a str,
+    pub tls: &'a Arc<rustls::ClientConfig>,
+    pub name: &'a str,
+}
+
+/// Connects to the first of the URLs that answers, says CONNECT (no echo: a connection
+/// never gets its own messages back) and waits for the PONG of a PING, so a refused token
+/// or certificate is an error here, naming the URL.
+pub async fn connect(dial: &Dial<'_>) -> Result<Connected, String> {
     let mut last = String::from("no NATS URL");
-    for url in urls {
-        match tokio::time::timeout(Duration::from_secs(2), handshake(url, token, name)).await {
+    for url in dial.urls {
+        match tokio::time::timeout(Duration::from_secs(2), handshake(url, dial)).await {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(e)) => last = e,
             Err(_) => last = format!("{url}: no answer within 2 s"),
@@ -153,18 +186,72 @@ pub async fn connect(urls: &[String], token: &str, name: &str) -> Result<Connect
     Err(last)
 }
 
-async fn handshake(url: &str, token: &str, name: &str) -> Result<Connected, String> {
+async fn handshake(url: &str, dial: &Dial<'_>) -> Result<Connected, String> {
     let addr = address(url)?;
-    let mut stream = TcpStream::connect(&addr)
+    let mut tcp = TcpStream::connect(&addr)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(4096);
+    let info = match next_op(&mut tcp, &mut buf, url).await? {
+        ServerOp::Info(json) => {
+            serde_json::from_str::<serde_json::Value>(&json).unwrap_or_default()
+        }
+        op => return Err(format!("{url}: expected INFO first, got {op:?}")),
+    };
+    let max_payload = info["max_payload"]
+        .as_u64()
+        .map_or(1024 * 1024, |m| m as usize);
+    let secure = is_tls(url) || info["tls_required"].as_bool() == Some(true);
+    let mut stream = if secure {
+        Either::Right(upgrade(tcp, &addr, dial.tls, url).await?)
+    } else {
+        Either::Left(tcp)
+    };
+    let hello = format!("CONNECT {}\r\nPING\r\n", hello(url, dial, secure));
+    stream
+        .write_all(hello.as_bytes())
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    loop {
+        match next_op(&mut stream, &mut buf, url).await? {
+            ServerOp::Pong => {
+                return Ok(Connected {
+                    stream,
+                    max_payload,
+                    rest: buf,
+                })
+            }
+            ServerOp::Err(e) => return Err(format!("{url}: the server refused: {e}")),
+            _ => {}
+        }
+    }
+}
+
+/// The TLS handshake on `tcp`, the server's certificate checked for `addr`'s host.
+async fn upgrade(
+    tcp: TcpStream,
+    addr: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    url: &str,
+) -> Result<TlsStream<TcpStream>, String> {
+    let name = ServerName::try_from(host(addr).to_string())
+        .map_err(|e| format!("{url}: {:?} is not a TLS server name: {e}", host(addr)))?;
+    tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("{url}: TLS handshake with NATS failed: {e}"))
+}
+
+/// The CONNECT operation's JSON: no echo, the token or the URL's credentials.
+fn hello(url: &str, dial: &Dial<'_>, secure: bool) -> serde_json::Value {
     let mut connect = serde_json::json!({
         "verbose": false, "pedantic": false, "lang": "rust", "version": env!("CARGO_PKG_VERSION"),
-        "protocol": 1, "echo": false, "headers": false, "name": name,
+        "protocol": 1, "echo": false, "headers": false, "name": dial.name,
+        "tls_required": secure,
     });
-    if !token.is_empty() {
-        connect["auth_token"] = token.into();
+    if !dial.token.is_empty() {
+        connect["auth_token"] = dial.token.into();
     }
     match credentials(url) {
         Some((user, Some(pass))) => {
@@ -174,35 +261,21 @@ async fn handshake(url: &str, token: &str, name: &str) -> Result<Connected, Stri
         Some((token, None)) => connect["auth_token"] = token.into(),
         None => {}
     }
-    let hello = format!("CONNECT {connect}\r\nPING\r\n");
-    stream
-        .write_all(hello.as_bytes())
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut max_payload = 1024 * 1024;
+    connect
+}
+
+/// The next whole operation from the server during the handshake.
+async fn next_op<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    url: &str,
+) -> Result<ServerOp, String> {
     loop {
-        while let Some(op) = parse(&mut buf).map_err(|e| format!("{url}: {e}"))? {
-            match op {
-                ServerOp::Info(json) => {
-                    let info: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-                    if let Some(m) = info["max_payload"].as_u64() {
-                        max_payload = m as usize;
-                    }
-                }
-                ServerOp::Pong => {
-                    return Ok(Connected {
-                        stream,
-                        max_payload,
-                        rest: buf,
-                    })
-                }
-                ServerOp::Err(e) => return Err(format!("{url}: the server refused: {e}")),
-                _ => {}
-            }
+        if let Some(op) = parse(buf).map_err(|e| format!("{url}: {e}"))? {
+            return Ok(op);
         }
         let n = stream
-            .read_buf(&mut buf)
+            .read_buf(buf)
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         if n == 0 {
@@ -255,7 +328,11 @@ mod tests {
         assert_eq!(address("nats://127.0.0.1:4333").unwrap(), "127.0.0.1:4333");
         assert_eq!(address("nats://host").unwrap(), "host:4222");
         assert_eq!(address("nats://tok@host:1/").unwrap(), "host:1");
-        assert!(address("tls://host:1").is_err());
+        assert_eq!(address("tls://host:1").unwrap(), "host:1");
+        assert!(address("ws://host:1").is_err());
+        assert_eq!(host("127.0.0.1:4222"), "127.0.0.1");
+        assert_eq!(host("[::1]:4222"), "::1");
+        assert!(is_tls("tls://h:1") && !is_tls("nats://h:1"));
         assert_eq!(credentials("nats://u:p@h:1"), Some(("u", Some("p"))));
         assert_eq!(credentials("nats://t@h"), Some(("t", None)));
         assert_eq!(credentials("nats://h:1"), None);
