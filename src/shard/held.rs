@@ -234,8 +234,9 @@ impl Shard {
     }
 
     /// At the end of a turn, before the outboxes go: the stamp their batches carry (0 when
-    /// acknowledgements do not wait or no hold waits for them), and the answers owed for the batches received this
-    /// turn (after this turn's store batch, if it has ops; else after those owed before).
+    /// acknowledgements do not wait or no hold waits for them), and the answers owed for
+    /// the batches received this turn (after this turn's store batch, if it has ops; else
+    /// after those owed before).
     pub(super) fn route_stamp(&mut self) -> u64 {
         if self.held.signal.is_none() {
             return 0;

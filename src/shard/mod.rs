@@ -316,7 +316,6 @@ impl Shard {
             scratch: vec![0; settings.scratch_bytes],
             dirty: Vec::new(),
             reread: Vec::new(),
-            stop_at_short_read: false,
             skip_io_poll: false,
             paused: HashSet::new(),
             settling: Vec::new(),
@@ -491,9 +490,11 @@ impl Shard {
         // Group joins and leaves reach their owner shard before the SUBACK or UNSUBACK
         // that follows them is written: a client publishing right after its SUBACK must
         // find the group known where the message goes (messages go after the writes).
-        let cap = self.settings.mailbox_capacity.max(1);
-        let ctl_waiting =
-            (self.routing).flush_ctl(&self.services.mailboxes, &self.services.metrics, cap);
+        let ctl_waiting = (self.routing).flush_ctl(
+            &self.services.mailboxes,
+            &self.services.metrics,
+            &self.settings,
+        );
         self.flush_dirty();
         self.send_pending_replies();
         let outbox_waiting = ctl_waiting
@@ -552,7 +553,7 @@ impl Shard {
         self.wake_at = None;
         let reread = std::mem::take(&mut self.wire.reread);
         for key in reread {
-            self.on_readable(key as usize);
+            self.on_readable(key as usize, false);
         }
         self.resume_paused();
         self.resume_released();
@@ -606,9 +607,7 @@ impl Shard {
                 self.wire.mark_dirty(token.0);
             }
             if readable {
-                self.wire.stop_at_short_read = !closed;
-                self.on_readable(token.0);
-                self.wire.stop_at_short_read = false;
+                self.on_readable(token.0, !closed);
             }
         }
         Ok(n == EVENTS_PER_TURN || !self.wire.reread.is_empty() || self.admission.accept_pending)

@@ -20,7 +20,12 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 
 impl Shard {
     /// Reads a ready connection, up to `READS_PER_EVENT` times, while the gate lets it.
-    pub(super) fn on_readable(&mut self, key: usize) {
+    /// `stop_at_short_read`: a read that gets fewer bytes than it asked for ends the reads
+    /// (the socket is empty, and edge-triggered readiness reports the next arrival), sparing
+    /// the read that would only say `WouldBlock`. Only for a readiness event that did not
+    /// also report the peer's close: that end of stream must be read now, as no later
+    /// event would report it.
+    pub(super) fn on_readable(&mut self, key: usize, stop_at_short_read: bool) {
         if self
             .wire
             .conns
@@ -42,7 +47,7 @@ impl Shard {
                 Verdict::Pause(over) => return self.pause_reads(key, over),
                 Verdict::Hold => return self.hold_publisher(key),
             }
-            if !self.read_once(key) {
+            if !self.read_once(key, stop_at_short_read) {
                 return;
             }
         }
@@ -72,15 +77,13 @@ impl Shard {
 
     /// One read through the connection's transport, and the bytes on to the framer.
     /// True to read again; false when the socket has nothing more or the connection is gone.
-    fn read_once(&mut self, key: usize) -> bool {
+    fn read_once(&mut self, key: usize, stop_at_short_read: bool) -> bool {
         let now_ns = self.clock.now_ns();
         let conn = &mut self.wire.conns[key];
         let state = conn.state;
         let transport::ReadResult { via, result, short } =
             transport::read(conn, &mut self.wire.scratch);
-        // A short read ends this event's reads unless the event also reported the peer's
-        // close (then the end of stream is read now: no later event would report it).
-        let more = !(short && self.wire.stop_at_short_read);
+        let more = !(short && stop_at_short_read);
         match result {
             Ok(0) => {
                 if self.handle_held_at_eof(key) {
@@ -184,7 +187,7 @@ impl Shard {
         if !self.tls_continue(key) {
             return;
         }
-        self.on_readable(key);
+        self.on_readable(key, false);
     }
 
     /// Frames the `n` bytes just read into the scratch buffer (through the WebSocket

@@ -81,7 +81,7 @@ impl Routing {
         s: &Settings,
         (from, stamp): (u16, u64),
     ) -> bool {
-        let mut waiting = self.flush_ctl(mailboxes, metrics, s.mailbox_capacity.max(1));
+        let mut waiting = self.flush_ctl(mailboxes, metrics, s);
         waiting |= self.retained_order.flush(mailboxes);
         self.outbox_blocked = false;
         for shard in 0..self.outbox.len() {
@@ -135,8 +135,9 @@ impl Routing {
         &mut self,
         mailboxes: &Mailboxes,
         metrics: &ShardMetrics,
-        cap: usize,
+        s: &Settings,
     ) -> bool {
+        let cap = s.mailbox_capacity.max(1);
         let mut waiting = false;
         for (shard, list) in self.ctl_outbox.iter_mut().enumerate() {
             while let Some(msg) = list.pop_front() {

@@ -36,9 +36,6 @@ pub(super) struct Wire {
     pub dirty: Vec<u32>,
     /// Connections whose read budget ran out while bytes were still waiting.
     pub reread: Vec<u32>,
-    /// Set while a readiness event without the peer's close is handled: a short read
-    /// then ends its reads, sparing the read that would only say `WouldBlock`.
-    pub stop_at_short_read: bool,
     /// The next turn does not ask the poll for ready sockets: the shard was woken by its
     /// mailbox alone and tokio saw no readiness on the poll's fd (see `Shard::run`).
     pub skip_io_poll: bool,
