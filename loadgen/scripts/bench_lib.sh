@@ -13,6 +13,8 @@
 #   start_peer DIR CMD...        starts a peer broker (CMD) listening on 127.0.0.1:18830,
 #                               its output in DIR/peer.log; its PID is in $PID
 #   stop_gateway                 SIGTERM to $PID, and waits for it (a peer too)
+#   wait_port PORT               waits (up to 10 s) until something listens on
+#                               127.0.0.1:PORT
 #   start_nats DIR PORT          starts nats-server with JetStream on 127.0.0.1:PORT, its
 #                               store in DIR/nats, its output in DIR/nats.log, and waits
 #                               until it listens; its PID is in $PID
@@ -63,11 +65,15 @@ start_peer() {
   shift
   ("$@" > "$dir/peer.log" 2>&1) &
   PID=$!
+  wait_port 18830 || { echo "$1 did not listen; see $dir/peer.log" >&2; return 1; }
+}
+
+wait_port() {
   for _ in $(seq 100); do
-    (exec 3<> /dev/tcp/127.0.0.1/18830) 2> /dev/null && return 0
+    (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0
     sleep 0.1
   done
-  echo "$1 did not listen; see $dir/peer.log" >&2
+  echo "nothing listens on port $1" >&2
   return 1
 }
 
@@ -80,12 +86,7 @@ start_nats() {
   local dir=$1 port=$2
   (exec nats-server -js -a 127.0.0.1 -p "$port" -sd "$dir/nats" > "$dir/nats.log" 2>&1) &
   PID=$!
-  for _ in $(seq 100); do
-    (exec 3<> "/dev/tcp/127.0.0.1/$port") 2> /dev/null && return 0
-    sleep 0.1
-  done
-  echo "nats-server did not listen; see $dir/nats.log" >&2
-  return 1
+  wait_port "$port" || { echo "nats-server did not listen; see $dir/nats.log" >&2; return 1; }
 }
 
 cpu_secs() {

@@ -36,15 +36,6 @@ certfile $dir/server.pem
 keyfile $dir/server.key
 CONF
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
-
 # run NAME TARGET_PORT [LOADGEN_ARGS...]: N idle devices against the server $PID.
 run() {
   local name=$1 target=$2; shift 2
