@@ -27,6 +27,8 @@ use crate::metrics::{self, PushMetrics, ShardMetrics};
 #[derive(Clone)]
 pub(crate) struct AdminState {
     pub shards: Vec<Arc<ShardMetrics>>,
+    /// What threads count on the shards' behalf (the TLS handshake threads): in totals.
+    pub off_shard: Vec<Arc<ShardMetrics>>,
     pub ready: Arc<AtomicBool>,
     /// Lines the lossy logger dropped (None when logging is not set up, e.g. in tests).
     pub log_dropped: Option<tracing_appender::non_blocking::ErrorCounter>,
@@ -277,7 +279,7 @@ fn json(code: StatusCode, body: &'static str) -> Response {
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
     let mut out = String::with_capacity(8192);
-    metrics::render(&s.shards, &mut out);
+    metrics::render(&s.shards, &s.off_shard, &mut out);
     s.push.render(&mut out);
     if let Some(st) = &s.store {
         st.render(&mut out);

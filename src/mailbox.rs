@@ -127,6 +127,8 @@ pub struct SubscriptionInfo {
 /// What a shard can be asked to do.
 pub enum ShardMsg {
     Handoff(Box<Handoff>),
+    /// From a TLS handshake thread: a connection this shard accepted, its handshake done.
+    Handshaken(Box<crate::tls::handshaker::Handshaken>),
     /// Messages to route to this shard's local subscribers (batched per loop turn), from
     /// shard `from`. A `stamp` other than 0 asks for a [`ShardMsg::Committed`] once the
     /// store changes they caused here are committed (`shard/held.rs`).

@@ -28,6 +28,7 @@ use crate::metrics::{PushMetrics, ShardMetrics};
 use crate::reload::Reloader;
 use crate::shard::{self, ShardContext};
 use crate::store::{self, Store};
+use crate::tls::handshaker::HandshakeThreads;
 
 pub struct Server {
     pub mqtt_addr: SocketAddr,
@@ -47,6 +48,8 @@ pub struct Server {
     events: Events,
     fleet: Option<Arc<Fleet>>,
     reloader: Arc<Reloader>,
+    /// The TLS handshake threads (`[limits] tls_handshake_threads`), with a TLS listener.
+    handshakers: Option<HandshakeThreads>,
 }
 
 /// Why the gateway could not start; each kind has its exit code ([`StartError::exit_code`]).
@@ -147,6 +150,31 @@ fn bind_optional(
     let group = bind_group(key, addr, n, backlog)?;
     let bound = group[0].local_addr()?;
     Ok((Some(bound), group.into_iter().map(Some).collect()))
+}
+
+/// Starts the TLS handshake threads when there is a TLS listener and
+/// `[limits] tls_handshake_threads` is above 0.
+fn start_handshakers(
+    config: &Config,
+    tls_config: &Option<Arc<rustls::ServerConfig>>,
+    mailboxes: &Mailboxes,
+    metrics: &[Arc<ShardMetrics>],
+    per_ip: &Arc<crate::limits::PerIpLimit>,
+    open: &Arc<AtomicUsize>,
+) -> io::Result<Option<HandshakeThreads>> {
+    let threads = config.limits.tls_handshake_threads as usize;
+    if tls_config.is_none() || threads == 0 {
+        return Ok(None);
+    }
+    let shared = crate::tls::handshaker::Shared {
+        mailboxes: mailboxes.clone(),
+        shards: metrics.to_vec(),
+        per_ip: per_ip.clone(),
+        open_connections: open.clone(),
+        connect_timeout: config.mqtt.connect_timeout(),
+    };
+    let nice = config.limits.tls_handshake_nice;
+    crate::tls::handshaker::start(threads, nice, shared).map(Some)
 }
 
 /// Logs where the store lives as an absolute path: a relative `[store] path` depends on
@@ -270,6 +298,8 @@ impl Server {
             (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
         let open = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(n));
+        let handshakers =
+            start_handshakers(&config, &tls_config, &mailboxes, &metrics, &per_ip, &open)?;
         let mut shards = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let per_shard = listeners
@@ -300,6 +330,7 @@ impl Server {
                 ready: ready_tx.clone(),
                 events: events.sender.clone(),
                 fleet_route: fleet.as_ref().map(|f| f.routing.handle()),
+                handshakers: handshakers.as_ref().map(HandshakeThreads::handle),
             })?);
         }
         drop(ready_tx);
@@ -345,6 +376,10 @@ impl Server {
         let state = AdminState {
             store: store.as_ref().map(|s| s.metrics.clone()),
             shards: metrics,
+            off_shard: handshakers
+                .as_ref()
+                .map(|h| h.metrics.clone())
+                .unwrap_or_default(),
             ready: ready.clone(),
             log_dropped: log.map(|g| g.dropped_counter()),
             push,
@@ -388,6 +423,7 @@ impl Server {
             events,
             fleet,
             reloader,
+            handshakers,
         })
     }
 
@@ -432,6 +468,10 @@ impl Server {
     /// connection, and wait at most `drain_timeout_secs` for the shards to finish.
     pub fn shutdown(mut self) {
         self.ready.store(false, Ordering::Relaxed);
+        // Handshakes under way end first: none comes back to a shard that is stopping.
+        if let Some(h) = self.handshakers.take() {
+            h.stop();
+        }
         let deadline =
             Instant::now() + Duration::from_secs(self.config.shards.drain_timeout_secs as u64);
         for shard in 0..self.mailboxes.len() {

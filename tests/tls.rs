@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,13 +160,7 @@ async fn stalled_handshake_blocks_no_one_and_times_out() {
     let tls = gw.tls.unwrap();
     let cfg = pki.client_config(None, false);
 
-    let mut hello = Vec::new();
-    let mut probe =
-        ClientConnection::new(cfg.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
-    probe.write_tls(&mut hello).unwrap();
-    assert!(hello.len() > 100);
-    let mut stalled = std::net::TcpStream::connect(tls).unwrap();
-    stalled.write_all(&hello[..hello.len() / 2]).unwrap();
+    let mut stalled = pki.stalled_handshake(tls);
     let opened = Instant::now();
 
     // Meanwhile, on the same (single) shard, other TLS clients connect and are served.

@@ -17,6 +17,10 @@ pub struct LimitsConfig {
     pub max_handshaking: u32,
     /// TLS handshake steps a shard runs per loop turn; 0 = unlimited.
     pub tls_handshakes_per_turn: u32,
+    /// Threads that run the TLS handshakes off the shards; 0 = on the shards.
+    pub tls_handshake_threads: u32,
+    /// Their nice value (0 = the shards' priority, 19 = the lowest).
+    pub tls_handshake_nice: i32,
     /// Gateway-wide; 0 = unlimited.
     pub max_connections_per_ip: u32,
     /// PUBLISH packets per second per connection; 0 = unlimited.
@@ -30,6 +34,18 @@ pub struct LimitsConfig {
 impl Section for LimitsConfig {
     /// A rate needs a burst of at least one, or nothing would ever pass.
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_handshake_threads > 64 {
+            return Err(invalid(
+                "limits.tls_handshake_threads",
+                format!("{} is more than 64", self.tls_handshake_threads),
+            ));
+        }
+        if !(0..=19).contains(&self.tls_handshake_nice) {
+            return Err(invalid(
+                "limits.tls_handshake_nice",
+                format!("{} is outside 0..=19", self.tls_handshake_nice),
+            ));
+        }
         for (key, rate, burst_key, burst) in [
             (
                 "limits.max_connect_rate",
@@ -70,5 +86,21 @@ mod tests {
         assert_eq!(Config::default().limits.tls_handshakes_per_turn, 16);
         let c = Config::from_toml_str("[limits]\ntls_handshakes_per_turn = 0\n").unwrap();
         assert_eq!(c.limits.tls_handshakes_per_turn, 0);
+    }
+
+    #[test]
+    fn tls_handshakes_run_on_one_low_priority_thread_by_default() {
+        let d = Config::default().limits;
+        assert_eq!((d.tls_handshake_threads, d.tls_handshake_nice), (1, 10));
+        let c = Config::from_toml_str("[limits]\ntls_handshake_threads = 0\n").unwrap();
+        assert_eq!(c.limits.tls_handshake_threads, 0);
+        for (bad, key) in [
+            ("tls_handshake_threads = 65", "limits.tls_handshake_threads"),
+            ("tls_handshake_nice = 20", "limits.tls_handshake_nice"),
+            ("tls_handshake_nice = -1", "limits.tls_handshake_nice"),
+        ] {
+            let e = Config::from_toml_str(&format!("[limits]\n{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 }

@@ -83,20 +83,25 @@ pub(super) fn labelled_counters<V: EncodeCounterValue>(
     Ok(())
 }
 
-/// Reads every shard's atomics at scrape time.
-pub(super) struct ShardCollector(Vec<Arc<ShardMetrics>>);
+/// Reads every shard's atomics at scrape time. `all` holds the shards' metrics, in shard
+/// order, then those of the threads that count on the shards' behalf (the TLS handshake
+/// threads): their counts go into the totals but get no `shard` label of their own.
+pub(super) struct ShardCollector {
+    all: Vec<Arc<ShardMetrics>>,
+    shards: usize,
+}
 
 impl fmt::Debug for ShardCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShardCollector")
-            .field("shards", &self.0.len())
+            .field("shards", &self.shards)
             .finish()
     }
 }
 
 impl ShardCollector {
     fn total(&self, f: impl Fn(&ShardMetrics) -> u64) -> u64 {
-        self.0.iter().map(|s| f(s)).sum()
+        self.all.iter().map(|s| f(s)).sum()
     }
 
     /// For each `(label, index)`, the label and the sum over shards of the counter at
@@ -112,7 +117,7 @@ impl ShardCollector {
     }
 
     fn per_shard<V>(&self, f: impl Fn(&ShardMetrics) -> V) -> Vec<(String, V)> {
-        self.0
+        self.all[..self.shards]
             .iter()
             .enumerate()
             .map(|(i, s)| (i.to_string(), f(s)))
@@ -173,6 +178,13 @@ impl ShardCollector {
             "gateway_tls_record_connections",
             "TLS 1.3 connections past their handshake whose records the gateway's own record layer protects (rustls dropped; an idle one keeps only its keys). TLS 1.2 connections and handshakes stay on rustls.",
             self.total(|s| get(&s.tls_record_connections)),
+        )?;
+        labelled_gauges(
+            e,
+            "gateway_tls_handshakes_in_progress",
+            "TLS connections the shard accepted whose handshake runs on a TLS handshake thread (limits.tls_handshake_threads); they count against limits.max_handshaking.",
+            "shard",
+            self.per_shard(|s| get(&s.tls_handshaking)),
         )?;
         gauge(
             e,
@@ -405,7 +417,7 @@ impl ShardCollector {
             .collect();
         let count = buckets.iter().map(|(_, n)| n).sum();
         let sum = self
-            .0
+            .all
             .iter()
             .map(|s| f64::from_bits(get(&s.connection_age.sum_bits)))
             .sum();
@@ -422,8 +434,7 @@ impl ShardCollector {
     /// The shards' main futures, from their tokio-metrics TaskMonitors.
     fn encode_polls(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         let now = Instant::now();
-        let polls: Vec<_> = self
-            .0
+        let polls: Vec<_> = self.all[..self.shards]
             .iter()
             .map(|s| {
                 let m = s.monitor.cumulative();
@@ -504,9 +515,14 @@ pub fn to_prometheus_text(openmetrics: &str, out: &mut String) {
     }
 }
 
-/// Renders all shards' metrics in the Prometheus text format (version 0.0.4).
-pub fn render(shards: &[Arc<ShardMetrics>], out: &mut String) {
+/// Renders all shards' metrics in the Prometheus text format (version 0.0.4), with
+/// `off_shard`'s counts (threads counting for the shards) added to the totals.
+pub fn render(shards: &[Arc<ShardMetrics>], off_shard: &[Arc<ShardMetrics>], out: &mut String) {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(ShardCollector(shards.to_vec())));
+    let all = shards.iter().chain(off_shard).cloned().collect();
+    registry.register_collector(Box::new(ShardCollector {
+        all,
+        shards: shards.len(),
+    }));
     encode_into(&registry, out);
 }

@@ -111,6 +111,10 @@ pub struct ShardMetrics {
     /// TLS 1.3 connections past their handshake on the shard's own record layer
     /// (rustls dropped; `shard/records.rs`).
     pub tls_record_connections: AtomicU64,
+    /// TLS connections this shard accepted whose handshake runs on a TLS handshake
+    /// thread (`tls/handshaker.rs`). The one field two threads write: only with atomic
+    /// `fetch_add` / `fetch_sub`, never [`ShardMetrics::add`].
+    pub tls_handshaking: AtomicU64,
     /// Messages this shard handed to other shards (each one's subscribers are there).
     pub handoff_messages: AtomicU64,
     /// Batches they rode in: one mailbox send, at most one wake-up, per shard and turn.

@@ -29,10 +29,15 @@ fn renders_per_shard_and_totals() {
     a.drop_msg(DropReason::MailboxFull, 7);
     a.packet_in(12);
     ShardMetrics::set(&b.pool_hits, 9);
+    // A TLS handshake thread's counts: in the totals, under no shard label.
+    let off = Arc::new(ShardMetrics::default());
+    off.disconnect(DisconnectReason::Keepalive);
+    ShardMetrics::set(&off.connections, 100);
     let mut s = String::new();
-    render(&[a, b], &mut s);
+    render(&[a, b], &[off], &mut s);
     assert_eq!(value(&s, "gateway_connections{shard=\"0\"}"), Some(3.0));
     assert_eq!(value(&s, "gateway_connections{shard=\"1\"}"), Some(4.0));
+    assert_eq!(value(&s, "gateway_connections{shard=\"2\"}"), None);
     assert_eq!(
         value(&s, "gateway_connects_total{transport=\"tcp\"}"),
         Some(2.0)
@@ -43,7 +48,7 @@ fn renders_per_shard_and_totals() {
     );
     assert_eq!(
         value(&s, "gateway_disconnects_total{reason=\"keepalive\"}"),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         value(&s, "gateway_disconnects_total{reason=\"client\"}"),
@@ -86,7 +91,7 @@ fn connection_age_buckets_are_summed_over_shards_and_cumulative() {
     b.observe_connection_age(1_000_000.0);
     b.observe_connection_age(f64::NAN);
     let mut s = String::new();
-    render(&[a, b], &mut s);
+    render(&[a, b], &[], &mut s);
     let bucket = |le: &str| {
         value(
             &s,
@@ -132,7 +137,7 @@ async fn shard_polls_come_from_the_task_monitor() {
         })
         .await;
     let mut s = String::new();
-    render(&[m], &mut s);
+    render(&[m], &[], &mut s);
     assert_eq!(
         value(&s, "gateway_shard_polls_total{shard=\"0\"}"),
         Some(4.0),

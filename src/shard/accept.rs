@@ -19,6 +19,7 @@ use crate::mailbox::Handoff;
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 
 use super::conn::{Conn, ConnState, Link, Peer};
+use super::wire::give_bufs;
 use super::{Shard, ACCEPTS_PER_TURN, SESSION_TIMER};
 
 /// The state of accepting and of handshakes under way.
@@ -59,6 +60,17 @@ impl Admission {
     }
 }
 
+/// A connection taken off the shard before its CONNECT was answered ([`Shard::detach`]).
+pub(super) struct Detached {
+    pub socket: TcpStream,
+    pub peer: SocketAddr,
+    pub accepted_at: Instant,
+    pub link: Link,
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    pub tls_cursor: crate::tls::record::Cursor,
+    pub ws: Option<super::WsBusy>,
+}
+
 /// Whether one more connection may be accepted now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Admit {
@@ -70,14 +82,21 @@ pub(super) enum Admit {
 }
 
 impl Admission {
-    /// True when `max` (0 = unlimited) handshakes are under way.
-    pub(super) fn handshakes_full(&self, max: usize) -> bool {
-        max > 0 && self.handshaking >= max
+    /// True when `max` (0 = unlimited) handshakes are under way: here, and `elsewhere`
+    /// (on the TLS handshake threads).
+    pub(super) fn handshakes_full(&self, max: usize, elsewhere: usize) -> bool {
+        max > 0 && self.handshaking + elsewhere >= max
     }
 
-    /// The overload limits' word on one more connection at `now`.
-    pub(super) fn admit(&mut self, max_handshaking: usize, now: Instant) -> Admit {
-        if self.handshakes_full(max_handshaking) {
+    /// The overload limits' word on one more connection at `now`, with `elsewhere`
+    /// handshakes of this shard's on the TLS handshake threads.
+    pub(super) fn admit(
+        &mut self,
+        max_handshaking: usize,
+        elsewhere: usize,
+        now: Instant,
+    ) -> Admit {
+        if self.handshakes_full(max_handshaking, elsewhere) {
             Admit::HandshakesFull
         } else if !self.connect_bucket.ready(now) {
             Admit::RateLimited(self.connect_bucket.wait())
@@ -95,7 +114,11 @@ impl Shard {
             return false;
         }
         let now = self.clock.read();
-        match self.admission.admit(self.settings.max_handshaking, now) {
+        let elsewhere = self.handshaking_elsewhere();
+        match self
+            .admission
+            .admit(self.settings.max_handshaking, elsewhere, now)
+        {
             Admit::Yes => true,
             Admit::HandshakesFull => {
                 if !was_blocked {
@@ -233,6 +256,9 @@ impl Shard {
                         .bufs
                         .get_or_insert_with(Default::default);
                     bufs.tls = Some(Box::new(t));
+                    if !proxied {
+                        self.outsource_handshake(key, &[]);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(shard = self.id, %peer, error = %e, "cannot start TLS");
@@ -303,31 +329,81 @@ impl Shard {
         Some(key)
     }
 
-    /// Takes over a connection whose CONNECT another shard read.
-    pub(super) fn adopt(&mut self, h: Handoff) {
+    /// Takes connection `key` off this shard, before its CONNECT is answered, to go on
+    /// elsewhere (its home shard, a TLS handshake thread): deregistered, its timer
+    /// cancelled, its buffers returned; what it carries comes out.
+    pub(super) fn detach(&mut self, key: usize) -> Detached {
+        let mut conn = self.wire.conns.remove(key);
+        // Stop counting it here before the other side can count it.
+        ShardMetrics::set(
+            &self.services.metrics.connections,
+            self.wire.conns.len() as u64,
+        );
+        self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
+        let _ = self.wire.poll.registry().deregister(&mut conn.socket);
+        self.timers.wheel.cancel(conn.timer);
+        let (mut tls, mut ws, mut tls_cursor) = (None, None, Default::default());
+        if let Some(mut b) = conn.bufs.take() {
+            tls = b.tls.take();
+            tls_cursor = b.tls_cursor;
+            ws = b.ws.take();
+            give_bufs(
+                &mut self.wire.pool,
+                &mut self.wire.output_bytes,
+                *b,
+                self.clock.now,
+            );
+        }
+        Detached {
+            socket: conn.socket,
+            peer: conn.peer.addr(),
+            accepted_at: self.clock.instant_of(conn.accepted_at),
+            link: conn.link,
+            tls,
+            tls_cursor,
+            ws,
+        }
+    }
+
+    /// Registers a connection accepted at `accepted_at` by another thread (another
+    /// shard, a TLS handshake thread), in `state`; its connect timeout runs from that
+    /// accept, not from now. `None` when it was closed instead (this shard is stopping,
+    /// or cannot register it), its counts released.
+    pub(super) fn adopt_socket(
+        &mut self,
+        socket: TcpStream,
+        peer: SocketAddr,
+        state: ConnState,
+        link: Link,
+        accepted: Instant,
+    ) -> Option<usize> {
         if self.stopping {
             self.services
                 .open_connections
                 .fetch_sub(1, Ordering::Relaxed);
-            self.services.per_ip.release(h.peer.ip());
-            return;
+            self.services.per_ip.release(peer.ip());
+            return None;
         }
-        let elapsed = self
-            .clock
-            .now_instant
-            .saturating_duration_since(h.accepted_at);
+        let elapsed = self.clock.now_instant.saturating_duration_since(accepted);
         let accepted_at = self
             .clock
             .now32()
             .saturating_sub(self.settings.ticks(elapsed.as_secs_f64()));
-        // The connect timeout runs from the accept on the other shard, not from now.
         let idle = self
             .settings
             .connect_timeout_ticks
             .saturating_sub(self.clock.now32() - accepted_at);
+        let key = self.insert_conn(socket, peer, state, link, idle, accepted_at);
+        if key.is_none() {
+            self.services.per_ip.release(peer.ip());
+        }
+        key
+    }
+
+    /// Takes over a connection whose CONNECT another shard read.
+    pub(super) fn adopt(&mut self, h: Handoff) {
         let state = ConnState::Handshake;
-        let Some(key) = self.insert_conn(h.socket, h.peer, state, h.link, idle, accepted_at) else {
-            self.services.per_ip.release(h.peer.ip());
+        let Some(key) = self.adopt_socket(h.socket, h.peer, state, h.link, h.accepted_at) else {
             return;
         };
         let tls = h.tls.is_some();
@@ -360,15 +436,20 @@ mod tests {
         // Burst 1, 10 per second: one now, the next 100 ms later.
         let retry = AcceptRetry::new(Duration::from_millis(100));
         let mut a = Admission::new(TokenBucket::new(10, 1, now), retry);
-        assert_eq!(a.admit(2, now), Admit::Yes);
+        assert_eq!(a.admit(2, 0, now), Admit::Yes);
         a.connect_bucket.take();
-        assert!(matches!(a.admit(2, now), Admit::RateLimited(w) if w > Duration::ZERO));
+        assert!(matches!(a.admit(2, 0, now), Admit::RateLimited(w) if w > Duration::ZERO));
         let later = now + Duration::from_millis(100);
-        assert_eq!(a.admit(2, later), Admit::Yes);
+        assert_eq!(a.admit(2, 0, later), Admit::Yes);
         a.handshaking = 2;
-        assert_eq!(a.admit(2, later), Admit::HandshakesFull);
-        assert_eq!(a.admit(3, later), Admit::Yes);
-        assert_eq!(a.admit(0, later), Admit::Yes, "0 = no handshake cap");
-        assert!(a.handshakes_full(2) && !a.handshakes_full(0));
+        assert_eq!(a.admit(2, 0, later), Admit::HandshakesFull);
+        assert_eq!(a.admit(3, 0, later), Admit::Yes);
+        assert_eq!(a.admit(0, 0, later), Admit::Yes, "0 = no handshake cap");
+        assert!(a.handshakes_full(2, 0) && !a.handshakes_full(0, 0));
+        // Handshakes on the TLS handshake threads count too.
+        a.handshaking = 1;
+        assert_eq!(a.admit(3, 1, later), Admit::Yes);
+        assert_eq!(a.admit(3, 2, later), Admit::HandshakesFull);
+        assert_eq!(a.admit(0, 9, later), Admit::Yes);
     }
 }

@@ -1,4 +1,13 @@
-//! The TLS handshake budget of one loop turn (`[limits] tls_handshakes_per_turn`).
+//! Where a TLS connection's handshake runs.
+//!
+//! With `[limits] tls_handshake_threads` above 0 (the default), not here: the shard
+//! accepts it (its admission limits apply), then hands the socket and its rustls session
+//! to a handshake thread (`crate::tls::handshaker`), which gives it back once the
+//! handshake is done ([`Shard::adopt_handshaken`]); the shard reads its CONNECT as usual.
+//! Behind a PROXY header, the shard reads the header first.
+//!
+//! With 0, handshakes run on the shard, under the budget of one loop turn
+//! (`[limits] tls_handshakes_per_turn`):
 //!
 //! A handshake step — rustls processing what a connection still in its handshake sent:
 //! the ClientHello (key exchange and the certificate signature of a full handshake), the
@@ -12,10 +21,13 @@
 //! A connection's own reads within one readiness event are not cut short once begun, so a
 //! turn may exceed the budget by the few steps one handshake flight makes.
 
+use std::sync::atomic::Ordering;
+
 use super::conn::Conn;
 use super::transport::Transport;
 use super::Shard;
 use crate::metrics::ShardMetrics;
+use crate::tls::handshaker::{Arrival, Handshaken};
 
 /// Handshake steps left in this turn.
 #[derive(Debug, Default)]
@@ -54,6 +66,61 @@ fn in_tls_handshake(conn: &Conn) -> bool {
 }
 
 impl Shard {
+    /// This shard's TLS handshakes under way on the handshake threads.
+    pub(super) fn handshaking_elsewhere(&self) -> usize {
+        self.services
+            .metrics
+            .tls_handshaking
+            .load(Ordering::Relaxed) as usize
+    }
+
+    /// With handshake threads, hands TLS connection `key` (accepted, its PROXY header
+    /// read if one was expected) to one with `early`, the ciphertext already read. True
+    /// when it went; false when handshakes run here.
+    pub(super) fn outsource_handshake(&mut self, key: usize, early: &[u8]) -> bool {
+        let Some(handshakers) = self.services.handshakers.clone() else {
+            return false;
+        };
+        let d = self.detach(key);
+        let Some(tls) = d.tls else {
+            return false;
+        };
+        self.services
+            .metrics
+            .tls_handshaking
+            .fetch_add(1, Ordering::Relaxed);
+        handshakers.submit(Arrival {
+            socket: d.socket,
+            peer: d.peer,
+            link: d.link,
+            tls,
+            accepted_at: d.accepted_at,
+            shard: self.id,
+            early: early.to_vec(),
+        });
+        true
+    }
+
+    /// A TLS connection this shard accepted is back from its handshake thread: it
+    /// waits for its CONNECT here, within what is left of the connect timeout.
+    pub(super) fn adopt_handshaken(&mut self, h: Handshaken) {
+        let state = super::ConnState::after_prefix(h.link);
+        let Some(key) = self.adopt_socket(h.socket, h.peer, state, h.link, h.accepted_at) else {
+            return;
+        };
+        let bufs = self.wire.conns[key]
+            .bufs
+            .get_or_insert_with(Default::default);
+        bufs.tls = Some(h.tls);
+        bufs.tls_cursor = h.tls_cursor;
+        // The plaintext rustls decrypted with the handshake's last flight (a CONNECT
+        // sent at once) is inside it; the ciphertext it did not take follows.
+        let mut rest = h.rest;
+        if self.tls_process(key) && !rest.is_empty() {
+            self.tls_feed(key, &mut rest);
+        }
+    }
+
     /// True when connection `key` is in its TLS handshake and this turn's budget is
     /// spent: then it is queued to be read next turn instead, and counted.
     pub(super) fn defer_handshake(&mut self, key: usize) -> bool {

@@ -151,6 +151,8 @@ pub struct ShardContext {
     pub events: crate::events::EventSender,
     /// The fleet's message routing (`[cluster] enabled`; see `fleet_route.rs`).
     pub fleet_route: Option<crate::cluster::routing::RouteHandle>,
+    /// The TLS handshake threads (`[limits] tls_handshake_threads`; `None`: none).
+    pub handshakers: Option<crate::tls::handshaker::Handshakers>,
 }
 
 /// One shard: its parts, each owning its state, and the loop that drives them.
@@ -344,6 +346,7 @@ impl Shard {
             events: ctx.events,
             sessions: ctx.sessions,
             fleet_route: ctx.fleet_route,
+            handshakers: ctx.handshakers,
             fleet_paced: Default::default(),
         };
         let admission = Admission::new(connect_bucket, AcceptRetry::new(settings.accept_retry));
@@ -518,7 +521,10 @@ impl Shard {
         let max = self.settings.max_handshaking;
         busy |= self.admission.accept_blocked
             && !self.stopping
-            && self.admission.admit(max, self.clock.read()) == Admit::Yes;
+            && self
+                .admission
+                .admit(max, self.handshaking_elsewhere(), self.clock.read())
+                == Admit::Yes;
         Ok(TurnEnd {
             busy,
             outbox_waiting,
@@ -623,6 +629,7 @@ impl Shard {
     fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Handoff(h) => self.adopt(*h),
+            ShardMsg::Handshaken(h) => self.adopt_handshaken(*h),
             ShardMsg::Publish {
                 from,
                 stamp,

@@ -204,7 +204,8 @@ impl Shard {
         conn.peer = Peer::from(peer);
         conn.state = ConnState::after_prefix(conn.link);
         if conn.is_tls() {
-            self.tls_feed(key, rest)
+            // On a handshake thread, the connection is gone from here.
+            !self.outsource_handshake(key, rest) && self.tls_feed(key, rest)
         } else {
             self.ingest_plaintext(key, rest)
         }

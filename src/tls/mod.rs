@@ -1,16 +1,17 @@
 //! TLS for the MQTT listener: the rustls server configuration built at startup from
 //! `[mqtt] tls_*` (its certificate and client CA swappable by a reload, [`TlsReload`]), and the client id a verified client certificate carries.
 //!
-//! The TLS state machine itself is driven by the shards (`shard/records.rs`): a TLS
-//! connection is an ordinary connection whose bytes pass through a rustls
-//! `ServerConnection` during its handshake, so handshakes run in the shard's
-//! non-blocking loop under the connect timeout like any other pre-CONNECT state; once
+//! The handshake runs on a TLS handshake thread ([`handshaker`]) at a lower priority
+//! than the shards (or, with `tls_handshake_threads = 0`, on the shard); after it the
+//! shard drives the connection (`shard/records.rs`): its bytes pass through the rustls
+//! `ServerConnection` up to the CONNECT, under the connect timeout; once
 //! its CONNECT is answered a TLS 1.3 connection hands its keys to our own record layer
 //! ([`record`]) and drops rustls (TLS 1.2 ones stay on rustls).
 //! The crypto provider is `ring`; TLS 1.2 and 1.3 are both enabled. Session tickets
 //! (`tls_session_tickets`) let a reconnecting device resume; [`handshake_outcome`] says
 //! how each handshake ended, for `gateway_tls_handshakes_total{kind}`.
 
+pub mod handshaker;
 pub mod record;
 
 use std::io;

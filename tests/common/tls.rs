@@ -86,6 +86,19 @@ impl Pki {
         )
     }
 
+    /// A TCP connection to `addr` that sent half a ClientHello: a handshake that stalls.
+    pub fn stalled_handshake(&self, addr: SocketAddr) -> std::net::TcpStream {
+        let mut hello = Vec::new();
+        let cfg = self.client_config(None, false);
+        let mut probe =
+            ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap()).unwrap();
+        probe.write_tls(&mut hello).unwrap();
+        assert!(hello.len() > 100);
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(&hello[..hello.len() / 2]).unwrap();
+        s
+    }
+
     pub fn client_config(
         &self,
         cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,

@@ -9,7 +9,6 @@ use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 use crate::session::{Attach, ConnKey, SessionKey};
 
 use crate::shard::negotiate::{negotiate, Terms};
-use crate::shard::wire::give_bufs;
 use crate::shard::{packet, ConnState, Shard};
 
 /// CONNACK return codes of MQTT 3.1.1.
@@ -86,37 +85,17 @@ impl Shard {
     /// Takes the connection off this shard and posts it, with its CONNECT, to shard
     /// `home`; refuses it (server unavailable) when that shard's mailbox is full.
     fn hand_off(&mut self, key: usize, home: usize, connect: Connect, rest: &[u8]) {
-        let mut conn = self.wire.conns.remove(key);
-        // Stop counting it here before the home shard can count it.
-        ShardMetrics::set(
-            &self.services.metrics.connections,
-            self.wire.conns.len() as u64,
-        );
-        self.admission.handshaking = self.admission.handshaking.saturating_sub(1);
-        let _ = self.wire.poll.registry().deregister(&mut conn.socket);
-        self.timers.wheel.cancel(conn.timer);
-        let (mut tls, mut ws, mut tls_cursor) = (None, None, Default::default());
-        if let Some(mut b) = conn.bufs.take() {
-            tls = b.tls.take();
-            tls_cursor = b.tls_cursor;
-            ws = b.ws.take();
-            give_bufs(
-                &mut self.wire.pool,
-                &mut self.wire.output_bytes,
-                *b,
-                self.clock.now,
-            );
-        }
+        let d = self.detach(key);
         let handoff = Handoff {
-            socket: conn.socket,
-            peer: conn.peer.addr(),
+            socket: d.socket,
+            peer: d.peer,
             connect,
             rest: rest.to_vec(),
-            accepted_at: self.clock.instant_of(conn.accepted_at),
-            tls,
-            tls_cursor,
-            link: conn.link,
-            ws,
+            accepted_at: d.accepted_at,
+            tls: d.tls,
+            tls_cursor: d.tls_cursor,
+            link: d.link,
+            ws: d.ws,
         };
         if let Err(ShardMsg::Handoff(h)) = self
             .services

@@ -78,6 +78,7 @@ pub(super) fn manual_shard_tls(
         metrics: Arc::new(ShardMetrics::default()),
         open_connections: Arc::new(AtomicUsize::new(0)),
         shards_running: Arc::new(AtomicUsize::new(1)),
+        handshakers: None,
         auth: Arc::new(auth),
         business,
         store: None,

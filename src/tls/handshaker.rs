@@ -1,0 +1,504 @@
+//! TLS handshakes off the IO shards (`[limits] tls_handshake_threads`).
+//!
+//! A full handshake is the most CPU a connection ever costs (key exchange, and a
+//! signature with the certificate's key). After a network flap thousands arrive at once;
+//! run on a shard, they delay every established connection of that shard, however the
+//! work is sliced per loop turn, because the shard thread's time is the established
+//! connections' time. So a shard that accepts a TLS connection hands the socket and its
+//! fresh rustls session to a handshake thread, which runs at a lower scheduling priority
+//! (`tls_handshake_nice`): when the cores are busy, the shards run first and the storm
+//! waits; when they are idle, the storm gets them all.
+//!
+//! A handshake thread has its own `mio::Poll`, a slab of the connections it is shaking
+//! hands with and their connect deadlines, oldest first (every one has the same timeout,
+//! so the queue is in deadline order). Once rustls finishes, the connection goes back to
+//! the shard that accepted it (`ShardMsg::Handshaken`), which reads the CONNECT as usual;
+//! the ciphertext read past the handshake travels with it. A handshake that fails, times
+//! out, or whose shard's mailbox is full is closed here, with the per-IP and connection
+//! counts released as the shard would. The thread counts what it sees in a
+//! `ShardMetrics` of its own (a shard's counters have one writer, the shard), which the
+//! exposition adds to the totals.
+//!
+//! Each shard's handshakes handed out and not yet back (`ShardMetrics::tls_handshaking`,
+//! the one gauge two threads write, with atomic adds) count against its
+//! `max_handshaking`, so its admission limits hold as before.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::limits::PerIpLimit;
+use crate::mailbox::{Mailboxes, ShardMsg};
+use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
+use crate::shard::Link;
+use crate::tls::record::Cursor;
+
+const WAKER: Token = Token(usize::MAX);
+/// Socket events handled per poll.
+const EVENTS: usize = 256;
+/// Reads of one connection per readiness event before others are served.
+const READS_PER_EVENT: usize = 4;
+/// One read's size: a ClientHello, a client certificate chain and its Finished fit.
+const SCRATCH: usize = 16 * 1024;
+
+/// A connection a shard accepted, for a handshake thread.
+pub struct Arrival {
+    pub socket: TcpStream,
+    /// The client's address (the PROXY header's, behind a proxy); counted per IP.
+    pub peer: SocketAddr,
+    pub link: Link,
+    pub tls: Box<rustls::ServerConnection>,
+    pub accepted_at: Instant,
+    /// The shard that accepted it, and gets it back.
+    pub shard: usize,
+    /// Ciphertext already read (what followed a PROXY header).
+    pub early: Vec<u8>,
+}
+
+/// A connection whose TLS handshake finished, back to the shard that accepted it.
+pub struct Handshaken {
+    pub socket: TcpStream,
+    pub peer: SocketAddr,
+    pub link: Link,
+    pub tls: Box<rustls::ServerConnection>,
+    /// Where in its record the ciphertext given to rustls ends.
+    pub tls_cursor: Cursor,
+    pub accepted_at: Instant,
+    /// Ciphertext read after the handshake that rustls did not take.
+    pub rest: Vec<u8>,
+}
+
+/// What the handshake threads share with the rest of the gateway.
+pub struct Shared {
+    pub mailboxes: Mailboxes,
+    /// The shards' metrics, by shard id: only their `tls_handshaking` gauge is written here.
+    pub shards: Vec<Arc<ShardMetrics>>,
+    pub per_ip: Arc<PerIpLimit>,
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
+    pub connect_timeout: Duration,
+}
+
+/// One thread's inbox: arrivals, and whether to stop.
+struct Inbox {
+    arrivals: Mutex<Vec<Arrival>>,
+    waker: Waker,
+    stop: AtomicBool,
+}
+
+/// The handle shards submit connections through; cloned into every shard.
+#[derive(Clone)]
+pub struct Handshakers {
+    inboxes: Arc<[Arc<Inbox>]>,
+}
+
+/// The running threads, joined at shutdown.
+pub struct HandshakeThreads {
+    handle: Handshakers,
+    threads: Vec<JoinHandle<()>>,
+    /// Each thread's counts, for the exposition's totals.
+    pub metrics: Vec<Arc<ShardMetrics>>,
+}
+
+/// Starts `threads` handshake threads at scheduling priority `nice`.
+pub fn start(threads: usize, nice: i32, shared: Shared) -> io::Result<HandshakeThreads> {
+    let shared = Arc::new(shared);
+    let mut inboxes = Vec::with_capacity(threads);
+    let mut handles = Vec::with_capacity(threads);
+    let mut metrics = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let poll = Poll::new()?;
+        let inbox = Arc::new(Inbox {
+            arrivals: Mutex::new(Vec::new()),
+            waker: Waker::new(poll.registry(), WAKER)?,
+            stop: AtomicBool::new(false),
+        });
+        metrics.push(Arc::new(ShardMetrics::default()));
+        let worker = Worker::new(poll, inbox.clone(), shared.clone(), metrics[i].clone());
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("tls-handshake-{i}"))
+                .spawn(move || {
+                    lower_priority(nice);
+                    worker.run();
+                })?,
+        );
+        inboxes.push(inbox);
+    }
+    Ok(HandshakeThreads {
+        handle: Handshakers {
+            inboxes: inboxes.into(),
+        },
+        threads: handles,
+        metrics,
+    })
+}
+
+/// Sets the calling thread's nice value (Linux: per thread). Raising it needs no
+/// privilege; a failure is logged and the thread runs at normal priority.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority on the calling thread's own id; no memory is passed.
+    let rc = unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            nice as libc::c_int,
+        )
+    };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        tracing::warn!(nice, %error, "cannot lower the TLS handshake thread's priority");
+    }
+}
+
+impl Handshakers {
+    /// Hands `a` to the handshake thread of its shard.
+    pub fn submit(&self, a: Arrival) {
+        let inbox = &self.inboxes[a.shard % self.inboxes.len()];
+        inbox
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(a);
+        if let Err(error) = inbox.waker.wake() {
+            tracing::error!(%error, "cannot wake a TLS handshake thread");
+        }
+    }
+}
+
+impl HandshakeThreads {
+    pub fn handle(&self) -> Handshakers {
+        self.handle.clone()
+    }
+
+    /// Closes every handshake under way and joins the threads.
+    pub fn stop(self) {
+        for inbox in self.handle.inboxes.iter() {
+            inbox.stop.store(true, Ordering::Release);
+            let _ = inbox.waker.wake();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection in its handshake on this thread.
+struct Pending {
+    socket: TcpStream,
+    peer: SocketAddr,
+    link: Link,
+    tls: Box<rustls::ServerConnection>,
+    cursor: Cursor,
+    accepted_at: Instant,
+    shard: usize,
+    /// Tells this connection's deadline entry from one of an earlier occupant of its key.
+    serial: u64,
+}
+
+/// How feeding ciphertext to a handshake ended.
+enum Fed {
+    /// Still in the handshake.
+    More,
+    /// Finished; the connection went back to its shard.
+    Done,
+    /// Closed.
+    Gone,
+}
+
+struct Worker {
+    poll: Poll,
+    inbox: Arc<Inbox>,
+    shared: Arc<Shared>,
+    /// This thread's counts.
+    metrics: Arc<ShardMetrics>,
+    conns: Slab<Pending>,
+    /// (key, serial, deadline), in deadline order.
+    deadlines: VecDeque<(usize, u64, Instant)>,
+    serial: u64,
+    scratch: Vec<u8>,
+}
+
+impl Worker {
+    fn new(poll: Poll, inbox: Arc<Inbox>, shared: Arc<Shared>, metrics: Arc<ShardMetrics>) -> Self {
+        Worker {
+            poll,
+            inbox,
+            shared,
+            metrics,
+            conns: Slab::new(),
+            deadlines: VecDeque::new(),
+            serial: 0,
+            scratch: vec![0; SCRATCH],
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS);
+        loop {
+            let timeout = self
+                .deadlines
+                .front()
+                .map(|d| d.2.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "TLS handshake thread cannot poll; it stops");
+                    return self.close_all();
+                }
+            }
+            if self.inbox.stop.load(Ordering::Acquire) {
+                return self.close_all();
+            }
+            for event in events.iter() {
+                if event.token() != WAKER {
+                    self.drive(event.token().0);
+                }
+            }
+            let arrivals = std::mem::take(
+                &mut *self
+                    .inbox
+                    .arrivals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for a in arrivals {
+                self.admit(a);
+            }
+            self.expire(Instant::now());
+        }
+    }
+
+    /// Takes a connection on: registered (epoll reports bytes already waiting), its
+    /// deadline queued, and any early ciphertext fed.
+    fn admit(&mut self, mut a: Arrival) {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut a.socket,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(peer = %a.peer, error = %e, "cannot register a TLS handshake");
+            return self.release(
+                a.shard,
+                a.peer,
+                a.accepted_at,
+                DisconnectReason::SocketError,
+            );
+        }
+        self.serial += 1;
+        let deadline = a.accepted_at + self.shared.connect_timeout;
+        self.deadlines.push_back((key, self.serial, deadline));
+        entry.insert(Pending {
+            socket: a.socket,
+            peer: a.peer,
+            link: a.link,
+            tls: a.tls,
+            cursor: Cursor::default(),
+            accepted_at: a.accepted_at,
+            shard: a.shard,
+            serial: self.serial,
+        });
+        if !a.early.is_empty() {
+            self.feed(key, &a.early);
+        }
+    }
+
+    /// A readiness event: read what arrived into rustls, write what it answers.
+    fn drive(&mut self, key: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for _ in 0..READS_PER_EVENT {
+            let Some(p) = self.conns.get_mut(key) else {
+                break;
+            };
+            match p.socket.read(&mut scratch) {
+                Ok(0) => {
+                    self.close(key, DisconnectReason::CloseWait);
+                    break;
+                }
+                Ok(n) => match self.feed(key, &scratch[..n]) {
+                    Fed::More if n == scratch.len() => continue,
+                    _ => break,
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.flush(key);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close(key, DisconnectReason::SocketError);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Gives `data` to connection `key`'s rustls session, a record at a time as rustls
+    /// takes it; hands the connection back once the handshake is done.
+    fn feed(&mut self, key: usize, data: &[u8]) -> Fed {
+        let mut at = 0;
+        while at < data.len() {
+            let p = &mut self.conns[key];
+            let taken = match p.tls.read_tls(&mut &data[at..]) {
+                Ok(0) => return self.fail(key, "closed during the handshake"),
+                Ok(n) => n,
+                Err(e) => return self.fail(key, &e.to_string()),
+            };
+            p.cursor.advance(&data[at..at + taken]);
+            at += taken;
+            let processed = p.tls.process_new_packets().map(drop);
+            let outcome = crate::tls::handshake_outcome(true, &p.tls, processed.is_err());
+            if let Some(kind) = outcome {
+                self.metrics.tls_handshake(kind);
+            }
+            if let Err(e) = processed {
+                // rustls has queued an alert for the peer; one best-effort write of it.
+                let _ = p.tls.write_tls(&mut p.socket);
+                return self.fail(key, &e.to_string());
+            }
+            if !p.tls.is_handshaking() {
+                self.flush(key);
+                return self.hand_back(key, data[at..].to_vec());
+            }
+        }
+        self.flush(key);
+        Fed::More
+    }
+
+    /// Writes what rustls has for the peer, as far as the socket takes it (the rest on
+    /// the next writable event).
+    fn flush(&mut self, key: usize) {
+        let Some(p) = self.conns.get_mut(key) else {
+            return;
+        };
+        while p.tls.wants_write() {
+            match p.tls.write_tls(&mut p.socket) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close(key, DisconnectReason::SocketError);
+                    return;
+                }
+            }
+        }
+        let _ = p.socket.flush();
+    }
+
+    /// The handshake is done: the connection goes back to the shard that accepted it.
+    fn hand_back(&mut self, key: usize, rest: Vec<u8>) -> Fed {
+        let Some(mut p) = self.conns.try_remove(key) else {
+            return Fed::Gone;
+        };
+        let _ = self.poll.registry().deregister(&mut p.socket);
+        self.handed_out(p.shard);
+        let done = Handshaken {
+            socket: p.socket,
+            peer: p.peer,
+            link: p.link,
+            tls: p.tls,
+            tls_cursor: p.cursor,
+            accepted_at: p.accepted_at,
+            rest,
+        };
+        let sent = self
+            .shared
+            .mailboxes
+            .try_send(p.shard, ShardMsg::Handshaken(Box::new(done)));
+        if sent.is_err() {
+            // The shard is overloaded; its mailbox full is the same answer as its
+            // accept paused: try again later.
+            self.metrics.refuse(RefuseReason::Busy);
+            tracing::warn!(shard = p.shard, peer = %p.peer, "shard mailbox full after a TLS handshake, connection closed");
+            self.release_counts(p.shard, p.peer, p.accepted_at, DisconnectReason::Refused);
+        }
+        Fed::Done
+    }
+
+    /// The handshake failed: counted, logged once, closed.
+    fn fail(&mut self, key: usize, error: &str) -> Fed {
+        let p = &self.conns[key];
+        ShardMetrics::add(&self.metrics.tls_failures, 1);
+        tracing::info!(shard = p.shard, peer = %p.peer, %error, "TLS failed, closing");
+        self.close(key, DisconnectReason::ProtocolError);
+        Fed::Gone
+    }
+
+    /// Closes the connection `key` (the socket is dropped) and releases its counts.
+    fn close(&mut self, key: usize, reason: DisconnectReason) {
+        let Some(mut p) = self.conns.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut p.socket);
+        self.release(p.shard, p.peer, p.accepted_at, reason);
+    }
+
+    /// A connection this thread held is gone: the shard's counts, as `close_conn` would.
+    fn release(&self, shard: usize, peer: SocketAddr, accepted: Instant, reason: DisconnectReason) {
+        self.handed_out(shard);
+        self.release_counts(shard, peer, accepted, reason);
+    }
+
+    /// One of `shard`'s handshakes is no longer here.
+    fn handed_out(&self, shard: usize) {
+        self.shared.shards[shard]
+            .tls_handshaking
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn release_counts(
+        &self,
+        shard: usize,
+        peer: SocketAddr,
+        accepted: Instant,
+        reason: DisconnectReason,
+    ) {
+        self.metrics.disconnect(reason.counted(false));
+        self.metrics
+            .observe_connection_age(accepted.elapsed().as_secs_f64());
+        self.shared.per_ip.release(peer.ip());
+        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(shard, %peer, reason = reason.as_str(), "connection closed in its TLS handshake");
+    }
+
+    /// Closes the handshakes whose connect timeout passed.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(key, serial, deadline)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self.conns.get(key).is_some_and(|p| p.serial == serial) {
+                self.close(key, DisconnectReason::ConnectTimeout);
+            }
+        }
+    }
+
+    /// At shutdown: every handshake under way is closed.
+    fn close_all(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, DisconnectReason::Shutdown);
+        }
+        for a in std::mem::take(
+            &mut *self
+                .inbox
+                .arrivals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            self.release(a.shard, a.peer, a.accepted_at, DisconnectReason::Shutdown);
+        }
+    }
+}
