@@ -13,8 +13,10 @@
 # Usage: loadgen/scripts/tls_storm.sh GATEWAY_BIN LOADGEN_BIN [STORM] [PUSH] [RATE]
 #   defaults 5000 storm devices, 1000 push devices, 1000 pushes/s (issue 23's storm).
 #   PORT (default 28930) is the first of three loopback ports; OUT (default .) where
-#   the JSON summaries go; PER_TURN sets [limits] tls_handshakes_per_turn;
-#   STORM_NICE=19 runs the storm's clients at the lowest CPU priority.
+#   the JSON summaries go; PER_TURN sets [limits] tls_handshakes_per_turn; HS_THREADS
+#   and HS_NICE set [limits] tls_handshake_threads and tls_handshake_nice
+#   (HS_THREADS=0: handshakes on the shards); STORM_NICE=19 runs the storm's clients at
+#   the lowest CPU priority.
 set -u
 gw=${1:?gateway binary}; lg=${2:?loadgen binary}
 storm=${3:-5000}; push=${4:-1000}; rate=${5:-1000}
@@ -31,6 +33,9 @@ write_tls_config "$dir" "$mqtt" "$tls" "$http"
 storm_nice=""; [ "${STORM_NICE:-0}" != 0 ] && storm_nice="nice -n $STORM_NICE"
 # PER_TURN: the gateway's [limits] tls_handshakes_per_turn (default: the shipped one)
 [ -n "${PER_TURN:-}" ] && sed -i "/^\[limits\]/a tls_handshakes_per_turn = $PER_TURN" "$dir/gateway.toml"
+# HS_THREADS / HS_NICE: the TLS handshake threads (default: the shipped ones)
+[ -n "${HS_THREADS:-}" ] && sed -i "/^\[limits\]/a tls_handshake_threads = $HS_THREADS" "$dir/gateway.toml"
+[ -n "${HS_NICE:-}" ] && sed -i "/^\[limits\]/a tls_handshake_nice = $HS_NICE" "$dir/gateway.toml"
 
 tls_args="--tls --ca $dir/ca.pem"
 metric() {
