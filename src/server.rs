@@ -162,10 +162,12 @@ fn start_handshakers(
     per_ip: &Arc<crate::limits::PerIpLimit>,
     open: &Arc<AtomicUsize>,
 ) -> io::Result<Option<HandshakeThreads>> {
-    let threads = config.limits.tls_handshake_threads as usize;
-    if tls_config.is_none() || threads == 0 {
+    let Some(threads) = config
+        .tls_handshake_threads()
+        .filter(|_| tls_config.is_some())
+    else {
         return Ok(None);
-    }
+    };
     let shared = crate::tls::handshaker::Shared {
         mailboxes: mailboxes.clone(),
         shards: metrics.to_vec(),

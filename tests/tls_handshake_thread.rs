@@ -1,9 +1,9 @@
-//! TLS handshakes on their own low-priority thread (`[limits] tls_handshake_threads`,
-//! `tls_handshake_nice`), against the real gateway binary: the thread exists at its
-//! priority and the devices it shakes hands with are served; its handshakes count
-//! against `max_handshaking` and release their counts when they time out; a shutdown
-//! with handshakes under way ends; and `tls_handshake_threads = 0` keeps them on the
-//! shards.
+//! TLS handshakes on their own low-priority threads (`[limits] tls_handshake_threads`,
+//! `tls_handshake_nice`), against the real gateway binary: one thread per shard by
+//! default, at its priority, and the devices they shake hands with are served; their
+//! handshakes count against `max_handshaking` and release their counts when they time
+//! out; a shutdown with handshakes under way ends; and `tls_handshakes_on_shards`
+//! keeps them on the shards.
 
 mod common;
 
@@ -13,23 +13,25 @@ use std::time::{Duration, Instant};
 use common::tls::{Pki, TlsClient};
 use common::GatewayProcess;
 
-/// The nice value of each of process `pid`'s threads named `name`.
-fn thread_nices(pid: u32, name: &str) -> Vec<i32> {
-    let mut nices = Vec::new();
+/// The name and nice value of each of process `pid`'s TLS handshake threads, by name.
+fn handshake_threads(pid: u32) -> Vec<(String, i32)> {
+    let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
+        let name = comm.trim().to_owned();
+        if !name.starts_with("tls-handshake-") {
             continue;
         }
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
         // Fields after the parenthesised command name: state is field 3, nice field 19.
         let after = &stat[stat.rfind(')').unwrap() + 2..];
-        nices.push(after.split(' ').nth(16).unwrap().parse().unwrap());
+        threads.push((name, after.split(' ').nth(16).unwrap().parse().unwrap()));
     }
-    nices
+    threads.sort();
+    threads
 }
 
 /// Waits until `n` handshakes are on the handshake thread.
@@ -65,11 +67,14 @@ fn closed_within(s: &mut std::net::TcpStream, timeout: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn handshakes_run_on_a_low_priority_thread_and_devices_are_served() {
     let pki = Pki::new();
-    let gw = GatewayProcess::start(&pki.toml(""));
+    let gw = GatewayProcess::start(&format!("{}\n[shards]\ncount = 2\n", pki.toml("")));
     assert_eq!(
-        thread_nices(gw.pid(), "tls-handshake-0"),
-        vec![10],
-        "one handshake thread at the default nice 10"
+        handshake_threads(gw.pid()),
+        [
+            ("tls-handshake-0".to_owned(), 10),
+            ("tls-handshake-1".to_owned(), 10)
+        ],
+        "one handshake thread per shard, at the default nice 10"
     );
     let cfg = pki.client_config(None, false);
     let tls = gw.tls.unwrap();
@@ -159,13 +164,21 @@ async fn shutdown_ends_handshakes_under_way() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_0_threads_handshakes_run_on_the_shards() {
+async fn handshakes_can_run_on_a_set_number_of_threads_or_on_the_shards() {
     let pki = Pki::new();
+    let threads =
+        "[shards]\ncount = 2\n[limits]\ntls_handshake_threads = 1\ntls_handshake_nice = 19\n";
+    let gw = GatewayProcess::start(&format!("{}\n{threads}", pki.toml("")));
+    assert_eq!(
+        handshake_threads(gw.pid()),
+        [("tls-handshake-0".to_owned(), 19)]
+    );
+    drop(gw);
     let gw = GatewayProcess::start(&format!(
-        "{}\n[limits]\ntls_handshake_threads = 0\n",
+        "{}\n[limits]\ntls_handshakes_on_shards = true\n",
         pki.toml("")
     ));
-    assert!(thread_nices(gw.pid(), "tls-handshake-0").is_empty());
+    assert!(handshake_threads(gw.pid()).is_empty());
     let mut c = TlsClient::connect(gw.tls.unwrap(), pki.client_config(None, false), b"").unwrap();
     assert_eq!(c.mqtt_connect("on-the-shard"), Ok(0));
     assert_eq!(

@@ -15,7 +15,7 @@
 #   PORT (default 28930) is the first of three loopback ports; OUT (default .) where
 #   the JSON summaries go; PER_TURN sets [limits] tls_handshakes_per_turn; HS_THREADS
 #   and HS_NICE set [limits] tls_handshake_threads and tls_handshake_nice
-#   (HS_THREADS=0: handshakes on the shards); STORM_NICE=19 runs the storm's clients at
+#   (HS_THREADS=shards: handshakes on the shards); STORM_NICE=19 runs the storm's clients at
 #   the lowest CPU priority.
 set -u
 gw=${1:?gateway binary}; lg=${2:?loadgen binary}
@@ -34,7 +34,11 @@ storm_nice=""; [ "${STORM_NICE:-0}" != 0 ] && storm_nice="nice -n $STORM_NICE"
 # PER_TURN: the gateway's [limits] tls_handshakes_per_turn (default: the shipped one)
 [ -n "${PER_TURN:-}" ] && sed -i "/^\[limits\]/a tls_handshakes_per_turn = $PER_TURN" "$dir/gateway.toml"
 # HS_THREADS / HS_NICE: the TLS handshake threads (default: the shipped ones)
-[ -n "${HS_THREADS:-}" ] && sed -i "/^\[limits\]/a tls_handshake_threads = $HS_THREADS" "$dir/gateway.toml"
+case "${HS_THREADS:-}" in
+  "") ;;
+  shards) sed -i "/^\[limits\]/a tls_handshakes_on_shards = true" "$dir/gateway.toml" ;;
+  *) sed -i "/^\[limits\]/a tls_handshake_threads = $HS_THREADS" "$dir/gateway.toml" ;;
+esac
 [ -n "${HS_NICE:-}" ] && sed -i "/^\[limits\]/a tls_handshake_nice = $HS_NICE" "$dir/gateway.toml"
 
 tls_args="--tls --ca $dir/ca.pem"

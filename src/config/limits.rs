@@ -17,8 +17,10 @@ pub struct LimitsConfig {
     pub max_handshaking: u32,
     /// TLS handshake steps a shard runs per loop turn; 0 = unlimited.
     pub tls_handshakes_per_turn: u32,
-    /// Threads that run the TLS handshakes off the shards; 0 = on the shards.
+    /// Threads that run the TLS handshakes off the shards; 0 = one per shard.
     pub tls_handshake_threads: u32,
+    /// Run the TLS handshakes on the shards instead (under `tls_handshakes_per_turn`).
+    pub tls_handshakes_on_shards: bool,
     /// Their nice value (0 = the shards' priority, 19 = the lowest).
     pub tls_handshake_nice: i32,
     /// Gateway-wide; 0 = unlimited.
@@ -89,11 +91,18 @@ mod tests {
     }
 
     #[test]
-    fn tls_handshakes_run_on_one_low_priority_thread_by_default() {
-        let d = Config::default().limits;
-        assert_eq!((d.tls_handshake_threads, d.tls_handshake_nice), (1, 10));
-        let c = Config::from_toml_str("[limits]\ntls_handshake_threads = 0\n").unwrap();
-        assert_eq!(c.limits.tls_handshake_threads, 0);
+    fn tls_handshakes_run_on_a_low_priority_thread_per_shard_by_default() {
+        let d = Config::default();
+        assert_eq!(
+            (d.limits.tls_handshake_threads, d.limits.tls_handshake_nice),
+            (0, 10)
+        );
+        assert!(!d.limits.tls_handshakes_on_shards);
+        assert_eq!(d.tls_handshake_threads(), Some(d.shard_count()));
+        let c = Config::from_toml_str("[limits]\ntls_handshake_threads = 3\n").unwrap();
+        assert_eq!(c.tls_handshake_threads(), Some(3));
+        let c = Config::from_toml_str("[limits]\ntls_handshakes_on_shards = true\n").unwrap();
+        assert_eq!(c.tls_handshake_threads(), None);
         for (bad, key) in [
             ("tls_handshake_threads = 65", "limits.tls_handshake_threads"),
             ("tls_handshake_nice = 20", "limits.tls_handshake_nice"),

@@ -314,6 +314,19 @@ impl Config {
         or_cores(self.shards.count)
     }
 
+    /// TLS handshake threads: `limits.tls_handshake_threads`, or one per shard when 0;
+    /// `None` when handshakes run on the shards (`limits.tls_handshakes_on_shards`).
+    pub fn tls_handshake_threads(&self) -> Option<usize> {
+        match (
+            self.limits.tls_handshakes_on_shards,
+            self.limits.tls_handshake_threads,
+        ) {
+            (true, _) => None,
+            (false, 0) => Some(self.shard_count()),
+            (false, n) => Some(n as usize),
+        }
+    }
+
     /// Business pool threads: `http.business_threads`, or one per available core when 0.
     pub fn business_threads(&self) -> usize {
         or_cores(self.http.business_threads)

@@ -1,12 +1,13 @@
 //! Where a TLS connection's handshake runs.
 //!
-//! With `[limits] tls_handshake_threads` above 0 (the default), not here: the shard
+//! By default (`[limits] tls_handshakes_on_shards = false`), not here: the shard
 //! accepts it (its admission limits apply), then hands the socket and its rustls session
 //! to a handshake thread (`crate::tls::handshaker`), which gives it back once the
 //! handshake is done ([`Shard::adopt_handshaken`]); the shard reads its CONNECT as usual.
 //! Behind a PROXY header, the shard reads the header first.
 //!
-//! With 0, handshakes run on the shard, under the budget of one loop turn
+//! With `tls_handshakes_on_shards = true`, they run on the shard, under the budget of
+//! one loop turn
 //! (`[limits] tls_handshakes_per_turn`):
 //!
 //! A handshake step — rustls processing what a connection still in its handshake sent:

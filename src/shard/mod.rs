@@ -151,7 +151,7 @@ pub struct ShardContext {
     pub events: crate::events::EventSender,
     /// The fleet's message routing (`[cluster] enabled`; see `fleet_route.rs`).
     pub fleet_route: Option<crate::cluster::routing::RouteHandle>,
-    /// The TLS handshake threads (`[limits] tls_handshake_threads`; `None`: none).
+    /// The TLS handshake threads (`None` with `[limits] tls_handshakes_on_shards`).
     pub handshakers: Option<crate::tls::handshaker::Handshakers>,
 }
 

@@ -29,7 +29,7 @@ pub(super) struct Services {
     pub events: crate::events::EventSender,
     /// The fleet's copy of the persistent sessions (`[cluster]` on, with the store).
     pub sessions: Option<Arc<crate::cluster::sessions::SessionStore>>,
-    /// Where TLS handshakes run when not here (`[limits] tls_handshake_threads`).
+    /// The TLS handshake threads (`None` with `[limits] tls_handshakes_on_shards`).
     pub handshakers: Option<crate::tls::handshaker::Handshakers>,
     /// The fleet's message routing (`[cluster] enabled`; `fleet_route.rs`).
     pub fleet_route: Option<crate::cluster::routing::RouteHandle>,

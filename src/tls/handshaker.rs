@@ -1,4 +1,5 @@
-//! TLS handshakes off the IO shards (`[limits] tls_handshake_threads`).
+//! TLS handshakes off the IO shards (`[limits] tls_handshake_threads`, one per shard by
+//! default; shard i's go to thread i mod threads).
 //!
 //! A full handshake is the most CPU a connection ever costs (key exchange, and a
 //! signature with the certificate's key). After a network flap thousands arrive at once;

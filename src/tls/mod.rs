@@ -2,7 +2,7 @@
 //! `[mqtt] tls_*` (its certificate and client CA swappable by a reload, [`TlsReload`]), and the client id a verified client certificate carries.
 //!
 //! The handshake runs on a TLS handshake thread ([`handshaker`]) at a lower priority
-//! than the shards (or, with `tls_handshake_threads = 0`, on the shard); after it the
+//! than the shards (or, with `tls_handshakes_on_shards`, on the shard); after it the
 //! shard drives the connection (`shard/records.rs`): its bytes pass through the rustls
 //! `ServerConnection` up to the CONNECT, under the connect timeout; once
 //! its CONNECT is answered a TLS 1.3 connection hands its keys to our own record layer
