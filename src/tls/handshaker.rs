@@ -49,6 +49,8 @@ const EVENTS: usize = 256;
 const READS_PER_EVENT: usize = 4;
 /// One read's size: a ClientHello, a client certificate chain and its Finished fit.
 const SCRATCH: usize = 16 * 1024;
+/// Handshakes' worth of capacity kept between storms.
+const KEEP_CAPACITY: usize = 1024;
 
 /// A connection a shard accepted, for a handshake thread.
 pub struct Arrival {
@@ -276,6 +278,18 @@ impl Worker {
                 self.admit(a);
             }
             self.expire(Instant::now());
+            self.shrink_after_a_storm();
+        }
+    }
+
+    /// Once a storm is over, gives back what its peak took (the slab and the deadline
+    /// queue keep their capacity otherwise).
+    fn shrink_after_a_storm(&mut self) {
+        if self.conns.is_empty() && self.conns.capacity() > KEEP_CAPACITY {
+            self.conns = Slab::new();
+        }
+        if self.deadlines.capacity() > KEEP_CAPACITY && self.deadlines.len() < KEEP_CAPACITY / 4 {
+            self.deadlines.shrink_to(KEEP_CAPACITY / 2);
         }
     }
 
