@@ -116,6 +116,8 @@ pub fn start(threads: usize, nice: i32, shared: Shared) -> io::Result<HandshakeT
     let mut inboxes = Vec::with_capacity(threads);
     let mut handles = Vec::with_capacity(threads);
     let mut metrics = Vec::with_capacity(threads);
+    // Each thread says when it runs at its priority: the gateway announces itself after.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for i in 0..threads {
         let poll = Poll::new()?;
         let inbox = Arc::new(Inbox {
@@ -125,16 +127,20 @@ pub fn start(threads: usize, nice: i32, shared: Shared) -> io::Result<HandshakeT
         });
         metrics.push(Arc::new(ShardMetrics::default()));
         let worker = Worker::new(poll, inbox.clone(), shared.clone(), metrics[i].clone());
+        let ready = ready_tx.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("tls-handshake-{i}"))
                 .spawn(move || {
                     lower_priority(nice);
+                    let _ = ready.send(());
                     worker.run();
                 })?,
         );
         inboxes.push(inbox);
     }
+    drop(ready_tx);
+    let _ = ready_rx.iter().take(threads).count();
     Ok(HandshakeThreads {
         handle: Handshakers {
             inboxes: inboxes.into(),
