@@ -141,7 +141,7 @@ impl ShardCollector {
         labelled_gauges(
             e,
             "gateway_connections",
-            "Open connections, by shard.",
+            "Open connections, by shard (TLS connections in their handshake on a TLS handshake thread are in gateway_tls_handshakes_in_progress instead).",
             "shard",
             self.per_shard(|s| get(&s.connections)),
         )?;
