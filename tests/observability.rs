@@ -548,6 +548,8 @@ async fn prometheus_scrapes_the_gateway_and_evaluates_every_dashboard_query_and_
         "gateway_events_dropped_total",
         "gateway_events_queue_depth",
         "gateway_events_delivery_seconds_bucket",
+        "gateway_tls_handshakes_total",
+        "gateway_tls_handshakes_in_progress",
     ] {
         assert!(used.contains(needed), "no panel or rule uses {needed}");
     }
