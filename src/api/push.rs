@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,7 @@ use crate::push_json::{BatchBody, MaybeObject};
 use super::body::{batch_body_limit, json_body, malformed_json, message_body_limit, not_an_object};
 use super::error::ApiError;
 use super::fleet::{push_remote_groups, split_remote};
+use super::message_id::MessageId;
 use super::spec::{parse_push, BatchAnswer, BatchResult, PushAnswer, PushSpec};
 use super::{ApiState, Inner};
 
@@ -29,15 +30,26 @@ use super::{ApiState, Inner};
 // Pushing.
 
 impl Inner {
-    pub(super) fn next_id(&self) -> String {
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{n:x}", self.id_prefix)
+    pub(super) fn next_id(&self) -> MessageId {
+        MessageId::new(self.id_prefix, self.ids.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// The message of `spec`, sharing its topic and payload.
     pub(super) fn message(&self, spec: &PushSpec, received: Instant) -> Arc<Message> {
+        self.message_with(spec, spec.payload.clone(), received)
+    }
+
+    /// The message of `spec` with `payload`: a batch moves each item's payload in (a
+    /// clone of a `Bytes` fresh from the body allocates its shared header).
+    pub(super) fn message_with(
+        &self,
+        spec: &PushSpec,
+        payload: Bytes,
+        received: Instant,
+    ) -> Arc<Message> {
         let mut m = Message::new(
-            Arc::from(spec.topic.as_str()),
-            spec.payload.clone(),
+            spec.topic.clone(),
+            payload,
             spec.qos,
             spec.retain,
             Origin::Gateway,
@@ -113,7 +125,7 @@ impl Inner {
     /// Answers one client push: its status, or 504 when `wait_ack` times out.
     async fn finish(
         &self,
-        id: String,
+        id: MessageId,
         spec: &PushSpec,
         outcome: PushOutcome,
     ) -> Result<PushAnswer, ApiError> {
@@ -274,9 +286,7 @@ impl Inner {
             }
             Some(client_id) => {
                 if let Some(remote) = self.remote_home(client_id).await? {
-                    let r = self
-                        .push_remote_one(id.clone(), spec, remote, received)
-                        .await;
+                    let r = self.push_remote_one(id, spec, remote, received).await;
                     tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push to another node");
                     return r;
                 }
@@ -286,7 +296,7 @@ impl Inner {
                     .await?
                     .pop()
                     .ok_or_else(shutting_down)?;
-                let r = self.finish(id.clone(), spec, outcome).await;
+                let r = self.finish(id, spec, outcome).await;
                 tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push");
                 r
             }
@@ -380,7 +390,7 @@ impl Progress {
 pub(super) enum Settled {
     Answer(PushAnswer),
     AwaitAck {
-        id: String,
+        id: MessageId,
         status: &'static str,
         ack: oneshot::Receiver<()>,
     },
@@ -388,7 +398,7 @@ pub(super) enum Settled {
 
 /// A push the store would have to hold but cannot take now is refused with 503 (nothing
 /// was stored or sent); every other outcome is an answer.
-pub(super) fn settle(id: String, outcome: PushOutcome) -> Result<Settled, ApiError> {
+pub(super) fn settle(id: MessageId, outcome: PushOutcome) -> Result<Settled, ApiError> {
     let status = match outcome.status {
         PushStatus::Sent => "sent",
         PushStatus::Queued => "queued",
@@ -414,7 +424,7 @@ pub(super) fn settle(id: String, outcome: PushOutcome) -> Result<Settled, ApiErr
     })
 }
 
-pub(super) fn acked(id: String) -> PushAnswer {
+pub(super) fn acked(id: MessageId) -> PushAnswer {
     PushAnswer::Client {
         id,
         status: "acked",
@@ -593,17 +603,22 @@ pub(super) async fn push_grouped(
     record: bool,
 ) {
     let mut waits = Vec::new();
-    for (shard, group) in per_shard.into_iter().enumerate() {
+    for (shard, mut group) in per_shard.into_iter().enumerate() {
         if group.is_empty() {
             continue;
         }
-        let ids: Vec<String> = group.iter().map(|_| inner.next_id()).collect();
+        let ids: Vec<MessageId> = group.iter().map(|_| inner.next_id()).collect();
+        // The client id and payload move into the mailbox message: what is left of each
+        // spec answers for it (its timeout).
         let items = group
-            .iter()
-            .map(|(_, spec)| ClientPush {
-                client_id: spec.client_id.clone().unwrap_or_default(),
-                msg: inner.message(spec, received),
-                wait_ack: spec.wait_ack,
+            .iter_mut()
+            .map(|(_, spec)| {
+                let payload = std::mem::take(&mut spec.payload);
+                ClientPush {
+                    client_id: spec.client_id.take().unwrap_or_default(),
+                    msg: inner.message_with(spec, payload, received),
+                    wait_ack: spec.wait_ack,
+                }
             })
             .collect();
         let (tx, rx) = oneshot::channel();

@@ -1,6 +1,7 @@
 //! A push request as validated: the fields `/v1/push` accepts (`parse_push`, each error
 //! naming its field), and the answers a push and a batch give back.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -13,12 +14,14 @@ use crate::push_json::{Field, Object};
 use crate::topic;
 
 use super::error::ApiError;
+use super::message_id::MessageId;
 use super::{DEFAULT_TIMEOUT_MS, MAX_IDEMPOTENCY_KEY, MAX_TIMEOUT_MS};
 
 /// One validated push.
 pub(super) struct PushSpec {
     pub(super) client_id: Option<String>,
-    pub(super) topic: String,
+    /// Shared with the [`crate::message::Message`] built from it.
+    pub(super) topic: Arc<str>,
     pub(super) payload: Bytes,
     pub(super) qos: u8,
     pub(super) retain: bool,
@@ -34,12 +37,12 @@ pub(super) struct PushSpec {
 pub(super) enum PushAnswer {
     /// `{"id", "status"}`, plus `"reason"` when the status is `dropped`.
     Client {
-        id: String,
+        id: MessageId,
         status: &'static str,
         reason: Option<&'static str>,
     },
     /// `{"id", "matched"}`.
-    Topic { id: String, matched: usize },
+    Topic { id: MessageId, matched: usize },
 }
 
 impl PushAnswer {
@@ -161,7 +164,7 @@ pub(super) fn parse_push(
     };
     Ok(PushSpec {
         client_id,
-        topic: topic.to_owned(),
+        topic: Arc::from(topic),
         payload,
         qos,
         retain,
