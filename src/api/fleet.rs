@@ -600,7 +600,11 @@ mod tests {
         let answers = [
             Ok(client_answer(MessageId::new(1, 1), "sent", None)),
             Ok(client_answer(MessageId::new(1, 2), "acked", None)),
-            Ok(client_answer(MessageId::new(1, 3), "dropped", Some("too_large"))),
+            Ok(client_answer(
+                MessageId::new(1, 3),
+                "dropped",
+                Some("too_large"),
+            )),
             Err(ApiError::overloaded()),
         ];
         for a in answers {

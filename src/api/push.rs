@@ -17,7 +17,7 @@ use crate::idempotency::{self, Claim};
 use crate::interest::TopicKeys;
 use crate::mailbox::{home_shard, ClientPush, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
-use crate::push_json::{BatchBody, MaybeObject};
+use crate::push_json::{BatchBody, MaybePush};
 
 use super::body::{batch_body_limit, json_body, malformed_json, message_body_limit, not_an_object};
 use super::error::ApiError;
@@ -485,9 +485,9 @@ pub(super) async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Bo
     let limit = message_body_limit(&inner.config);
     let result = async {
         let (bytes, _permit) = json_body(inner, &headers, body, limit).await?;
-        match serde_json::from_slice::<MaybeObject>(&bytes).map_err(malformed_json)? {
-            MaybeObject::Object(m) => parse_push(&m, &inner.config, None),
-            MaybeObject::NotObject => Err(not_an_object()),
+        match serde_json::from_slice::<MaybePush>(&bytes).map_err(malformed_json)? {
+            MaybePush::Object(m) => parse_push(&m, &inner.config, None),
+            MaybePush::NotObject => Err(not_an_object()),
         }
     }
     .await;
@@ -564,7 +564,7 @@ type Indexed = Vec<(usize, PushSpec)>;
 /// An invalid item gets its error in `results` here.
 fn sort_batch(
     inner: &Inner,
-    messages: Vec<MaybeObject<'_>>,
+    messages: Vec<MaybePush<'_>>,
     results: &mut [Option<Result<PushAnswer, ApiError>>],
 ) -> (Vec<Indexed>, Indexed) {
     let config = &inner.config;
@@ -573,8 +573,8 @@ fn sort_batch(
     let mut singles = Vec::new();
     for (i, item) in messages.into_iter().enumerate() {
         let spec = match item {
-            MaybeObject::Object(obj) => parse_push(&obj, config, Some(i)),
-            MaybeObject::NotObject => Err(ApiError::bad(
+            MaybePush::Object(obj) => parse_push(&obj, config, Some(i)),
+            MaybePush::NotObject => Err(ApiError::bad(
                 &format!("messages[{i}]"),
                 "each message must be an object",
             )),

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::push_json::{Field, Object};
+use crate::push_json::{Field, PushField, PushObject};
 use crate::topic;
 
 use super::error::ApiError;
@@ -89,42 +89,30 @@ pub(super) struct BatchAnswer<'a> {
     pub(super) results: &'a [BatchResult],
 }
 
-pub(super) const PUSH_FIELDS: [&str; 10] = [
-    "client_id",
-    "topic",
-    "payload",
-    "encoding",
-    "qos",
-    "retain",
-    "ttl_secs",
-    "wait_ack",
-    "timeout_ms",
-    "idempotency_key",
-];
-
 /// Validates a push object; errors name the field (`messages[3].qos` for item 3 of a
 /// batch). The field name is only formatted when there is an error.
 pub(super) fn parse_push(
-    m: &Object,
+    m: &PushObject,
     config: &Config,
     index: Option<usize>,
 ) -> Result<PushSpec, ApiError> {
+    use PushField as P;
     let fields = Fields { m, index };
     let f = |name: &str| fields.name(name);
-    if let Some(k) = m.unknown(&PUSH_FIELDS) {
+    if let Some(k) = m.unknown() {
         return Err(ApiError::bad(&f(k), format!("unknown field `{k}`")));
     }
-    let string = |name: &str| fields.string(name);
-    let boolean = |name: &str| fields.boolean(name);
-    let integer = |name: &str, min: u64, max: u64| fields.integer(name, min, max);
+    let string = |field| fields.string(field);
+    let boolean = |field| fields.boolean(field);
+    let integer = |field, min: u64, max: u64| fields.integer(field, min, max);
 
-    let client_id = check_client_id(string("client_id")?, config, &f)?;
+    let client_id = check_client_id(string(P::ClientId)?, config, &f)?;
     let topic =
-        string("topic")?.ok_or_else(|| ApiError::bad(&f("topic"), "`topic` is required"))?;
+        string(P::Topic)?.ok_or_else(|| ApiError::bad(&f("topic"), "`topic` is required"))?;
     check_topic(topic, config, &f)?;
     let raw =
-        string("payload")?.ok_or_else(|| ApiError::bad(&f("payload"), "`payload` is required"))?;
-    let payload = decode_payload(raw, string("encoding")?, &f)?;
+        string(P::Payload)?.ok_or_else(|| ApiError::bad(&f("payload"), "`payload` is required"))?;
+    let payload = decode_payload(raw, string(P::Encoding)?, &f)?;
     let max = config.mqtt.max_packet_size as usize;
     if payload.len() + topic.len() + 16 > max {
         return Err(ApiError::new(
@@ -134,16 +122,16 @@ pub(super) fn parse_push(
         )
         .field(f("payload")));
     }
-    let qos = integer("qos", 0, 1)?.unwrap_or(0) as u8;
-    let retain = boolean("retain")?;
+    let qos = integer(P::Qos, 0, 1)?.unwrap_or(0) as u8;
+    let retain = boolean(P::Retain)?;
     if retain && client_id.is_some() {
         return Err(ApiError::bad(
             &f("retain"),
             "`retain` applies to topic pushes; omit it when `client_id` is set",
         ));
     }
-    let ttl_secs = integer("ttl_secs", 1, u64::from(u32::MAX))?.map(|n| n as u32);
-    let wait_ack = boolean("wait_ack")?;
+    let ttl_secs = integer(P::TtlSecs, 1, u64::from(u32::MAX))?.map(|n| n as u32);
+    let wait_ack = boolean(P::WaitAck)?;
     if wait_ack && (qos != 1 || client_id.is_none()) {
         return Err(ApiError::bad(
             &f("wait_ack"),
@@ -151,9 +139,9 @@ pub(super) fn parse_push(
         ));
     }
     let timeout = Duration::from_millis(
-        integer("timeout_ms", 1, MAX_TIMEOUT_MS)?.unwrap_or(DEFAULT_TIMEOUT_MS),
+        integer(P::TimeoutMs, 1, MAX_TIMEOUT_MS)?.unwrap_or(DEFAULT_TIMEOUT_MS),
     );
-    let idempotency_key = match string("idempotency_key")? {
+    let idempotency_key = match string(P::IdempotencyKey)? {
         Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY => {
             return Err(ApiError::bad(
                 &f("idempotency_key"),
@@ -177,7 +165,7 @@ pub(super) fn parse_push(
 
 /// The fields of one push object, and the name each error gives a field.
 struct Fields<'a> {
-    m: &'a Object<'a>,
+    m: &'a PushObject<'a>,
     index: Option<usize>,
 }
 
@@ -191,46 +179,43 @@ impl Fields<'_> {
     }
 
     /// A field is given or omitted: `null` is refused (the OpenAPI types are not nullable).
-    fn get(&self, name: &str) -> Result<Option<&Field<'_>>, ApiError> {
-        match self.m.get(name) {
+    fn get(&self, field: PushField) -> Result<Option<&Field<'_>>, ApiError> {
+        match self.m.get(field) {
             Some(Field::Null) => Err(ApiError::bad(
-                &self.name(name),
-                format!("`{name}` must not be null (omit it instead)"),
+                &self.name(field.name()),
+                format!("`{}` must not be null (omit it instead)", field.name()),
             )),
             v => Ok(v),
         }
     }
 
-    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
-        match self.get(name)? {
+    /// 400 naming `field`, which is not of its type (`what` it must be).
+    fn wrong(&self, field: PushField, what: &str) -> ApiError {
+        let name = field.name();
+        ApiError::bad(&self.name(name), format!("`{name}` must be {what}"))
+    }
+
+    fn string(&self, field: PushField) -> Result<Option<&str>, ApiError> {
+        match self.get(field)? {
             None => Ok(None),
             Some(Field::Str(s)) => Ok(Some(s)),
-            Some(_) => Err(ApiError::bad(
-                &self.name(name),
-                format!("`{name}` must be a string"),
-            )),
+            Some(_) => Err(self.wrong(field, "a string")),
         }
     }
 
-    fn boolean(&self, name: &str) -> Result<bool, ApiError> {
-        match self.get(name)? {
+    fn boolean(&self, field: PushField) -> Result<bool, ApiError> {
+        match self.get(field)? {
             None => Ok(false),
             Some(Field::Bool(b)) => Ok(*b),
-            Some(_) => Err(ApiError::bad(
-                &self.name(name),
-                format!("`{name}` must be true or false"),
-            )),
+            Some(_) => Err(self.wrong(field, "true or false")),
         }
     }
 
-    fn integer(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
-        match self.get(name)? {
+    fn integer(&self, field: PushField, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+        match self.get(field)? {
             None => Ok(None),
             Some(Field::UInt(n)) if (min..=max).contains(n) => Ok(Some(*n)),
-            Some(_) => Err(ApiError::bad(
-                &self.name(name),
-                format!("`{name}` must be an integer in {min}..={max}"),
-            )),
+            Some(_) => Err(self.wrong(field, &format!("an integer in {min}..={max}"))),
         }
     }
 }
