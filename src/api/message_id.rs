@@ -41,6 +41,13 @@ fn put_hex(buf: &mut [u8], at: usize, v: u64) -> usize {
     at + digits
 }
 
+impl MessageId {
+    /// Appends the id's text to `out`.
+    pub(super) fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.text(&mut [0; MAX_LEN]).as_bytes());
+    }
+}
+
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.text(&mut [0; MAX_LEN]))
@@ -69,6 +76,9 @@ mod tests {
         ] {
             let id = MessageId::new(p, n);
             assert_eq!(id.to_string(), format!("{p:x}-{n:x}"));
+            let mut out = b"x".to_vec();
+            id.write_to(&mut out);
+            assert_eq!(out, format!("x{p:x}-{n:x}").into_bytes());
             assert_eq!(
                 serde_json::to_string(&id).unwrap(),
                 format!("\"{p:x}-{n:x}\"")

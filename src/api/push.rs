@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -549,9 +549,11 @@ pub(super) async fn push_batch(
         results[i] = Some(inner.push_once(spec, received).await);
     }
     let results: Vec<BatchResult> = results.into_iter().map(batch_result).collect();
+    let json = BatchAnswer { results: &results }.to_json();
     (
         StatusCode::OK,
-        axum::Json(BatchAnswer { results: &results }),
+        [(header::CONTENT_TYPE, "application/json")],
+        json,
     )
         .into_response()
 }
