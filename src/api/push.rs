@@ -19,7 +19,9 @@ use crate::mailbox::{home_shard, ClientPush, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::push_json::{BatchBody, MaybePush};
 
-use super::body::{batch_body_limit, json_body, malformed_json, message_body_limit, not_an_object};
+use super::body::{
+    batch_body_limit, json_body, json_text, malformed_json, message_body_limit, not_an_object,
+};
 use super::error::ApiError;
 use super::fleet::{push_remote_groups, split_remote};
 use super::message_id::MessageId;
@@ -485,7 +487,7 @@ pub(super) async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Bo
     let limit = message_body_limit(&inner.config);
     let result = async {
         let (bytes, _permit) = json_body(inner, &headers, body, limit).await?;
-        match serde_json::from_slice::<MaybePush>(&bytes).map_err(malformed_json)? {
+        match serde_json::from_str::<MaybePush>(json_text(&bytes)?).map_err(malformed_json)? {
             MaybePush::Object(m) => parse_push(&m, &inner.config, None),
             MaybePush::NotObject => Err(not_an_object()),
         }
@@ -516,7 +518,11 @@ pub(super) async fn push_batch(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let (messages, unknown) = match serde_json::from_slice::<BatchBody>(&bytes) {
+    let text = match json_text(&bytes) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let (messages, unknown) = match serde_json::from_str::<BatchBody>(text) {
         Err(e) => return malformed_json(e).into_response(),
         Ok(BatchBody::NotObject) => return not_an_object().into_response(),
         Ok(BatchBody::Batch { messages, unknown }) => (messages, unknown),
