@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -157,11 +157,11 @@ impl Inner {
     /// One push, remembered under its idempotency key if it has one.
     async fn push_once(
         self: &Arc<Self>,
-        spec: PushSpec,
+        mut spec: PushSpec,
         received: Instant,
     ) -> Result<PushAnswer, ApiError> {
         let Some(key) = &spec.idempotency_key else {
-            let r = self.push_now(&spec, received).await;
+            let r = self.push_now(&mut spec, received).await;
             self.record(&r, received);
             return r;
         };
@@ -276,11 +276,17 @@ impl Inner {
         }
     }
 
-    async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
+    /// One push without an idempotency key; its payload moves into the message.
+    async fn push_now(
+        &self,
+        spec: &mut PushSpec,
+        received: Instant,
+    ) -> Result<PushAnswer, ApiError> {
         let id = self.next_id();
-        let msg = self.message(spec, received);
+        let payload = std::mem::take(&mut spec.payload);
         match &spec.client_id {
             None => {
+                let msg = self.message_with(spec, payload, received);
                 let replies = self.send_topic(msg)?.into_iter();
                 let matched = topic_matched(replies.map(|rx| self.answer(rx, received))).await?;
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
@@ -288,10 +294,12 @@ impl Inner {
             }
             Some(client_id) => {
                 if let Some(remote) = self.remote_home(client_id).await? {
+                    spec.payload = payload;
                     let r = self.push_remote_one(id, spec, remote, received).await;
                     tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push to another node");
                     return r;
                 }
+                let msg = self.message_with(spec, payload, received);
                 let rx = self.send_client(client_id, msg, spec.wait_ack)?;
                 let outcome = self
                     .answer(rx, received)
@@ -481,12 +489,14 @@ pub(super) fn shutting_down() -> ApiError {
     )
 }
 
-pub(super) async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+/// The request's headers are read in place (axum's `HeaderMap` extractor clones them).
+pub(super) async fn push(State(s): State<ApiState>, req: Request) -> Response {
     let received = Instant::now();
     let inner = &s.inner;
     let limit = message_body_limit(&inner.config);
+    let (parts, body) = req.into_parts();
     let result = async {
-        let (bytes, _permit) = json_body(inner, &headers, body, limit).await?;
+        let (bytes, _permit) = json_body(inner, &parts.headers, body, limit).await?;
         match serde_json::from_str::<MaybePush>(json_text(&bytes)?).map_err(malformed_json)? {
             MaybePush::Object(m) => parse_push(&m, &inner.config, None),
             MaybePush::NotObject => Err(not_an_object()),
@@ -506,15 +516,13 @@ pub(super) async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Bo
     }
 }
 
-pub(super) async fn push_batch(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub(super) async fn push_batch(State(s): State<ApiState>, req: Request) -> Response {
     let received = Instant::now();
     let inner = &s.inner;
     let config = &inner.config;
-    let (bytes, _permit) = match json_body(inner, &headers, body, batch_body_limit(config)).await {
+    let (parts, body) = req.into_parts();
+    let limit = batch_body_limit(config);
+    let (bytes, _permit) = match json_body(inner, &parts.headers, body, limit).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
