@@ -258,6 +258,35 @@ async fn errors_have_the_right_status_and_name_the_field() {
     );
     let r = raw("{}", "text/plain").await.unwrap();
     assert_eq!(r.status().as_u16(), 415);
+    // A byte that is not UTF-8, in a string or outside one, single or batched.
+    for (path, body) in [
+        (
+            "/v1/push",
+            &b"{\"topic\": \"a\", \"payload\": \"\xff\"}"[..],
+        ),
+        (
+            "/v1/push",
+            &b"{\"topic\": \"a\", \"payload\": \"x\"}\xff"[..],
+        ),
+        (
+            "/v1/push/batch",
+            &b"{\"messages\": [{\"topic\": \"\xc3\"}]}"[..],
+        ),
+    ] {
+        let r = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"]["code"],
+            "invalid_json"
+        );
+    }
 
     for (body, field) in [
         (json!({"payload": "x"}), "topic"),

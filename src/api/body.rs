@@ -140,6 +140,20 @@ pub(super) async fn read_body(
     Ok((buf.freeze(), permit))
 }
 
+/// The body as text for `serde_json::from_str`, or 400 `invalid_json`: JSON is UTF-8
+/// (a string with a bad byte is refused by any JSON parse, and outside strings only
+/// ASCII is JSON), and one check of the whole body spares serde_json's check of every
+/// string it reads from a slice, ~800 instructions per item of a batch.
+pub(super) fn json_text(bytes: &[u8]) -> Result<&str, ApiError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("malformed JSON: the body is not UTF-8 ({e})"),
+        )
+    })
+}
+
 /// 400 for a body that is not JSON at all.
 pub(super) fn malformed_json(e: serde_json::Error) -> ApiError {
     ApiError::new(

@@ -31,6 +31,7 @@ use crate::mailbox::{home_shard, ShardMsg};
 
 use super::clients::ask_home;
 use super::error::ApiError;
+use super::message_id::MessageId;
 use super::push::push_grouped;
 use super::spec::{PushAnswer, PushSpec};
 use super::{ApiState, Inner};
@@ -143,7 +144,7 @@ impl Inner {
     /// One client push to the node holding its device.
     pub(super) async fn push_remote_one(
         &self,
-        id: String,
+        id: MessageId,
         spec: &PushSpec,
         remote: Remote,
         received: Instant,
@@ -161,7 +162,7 @@ impl Inner {
         &self,
         node: &str,
         items: Vec<(&PushSpec, u64)>,
-        ids: Vec<String>,
+        ids: Vec<MessageId>,
         received: Instant,
     ) -> Vec<Result<PushAnswer, ApiError>> {
         let Some(fleet) = &self.fleet else {
@@ -207,7 +208,7 @@ impl Inner {
         &self,
         node: &str,
         items: &[(&PushSpec, u64)],
-        ids: Vec<String>,
+        ids: Vec<MessageId>,
     ) -> Vec<Result<PushAnswer, ApiError>> {
         let Some(fleet) = &self.fleet else {
             return Vec::new();
@@ -514,14 +515,14 @@ fn remote_error(what: &str) -> ApiError {
     )
 }
 
-fn client_answer(id: String, status: &'static str, reason: Option<&'static str>) -> PushAnswer {
+fn client_answer(id: MessageId, status: &'static str, reason: Option<&'static str>) -> PushAnswer {
     PushAnswer::Client { id, status, reason }
 }
 
 fn wire_item(s: &PushSpec) -> WireItem {
     WireItem {
         client_id: s.client_id.clone().unwrap_or_default(),
-        topic: s.topic.clone(),
+        topic: s.topic.to_string(),
         payload: BASE64.encode(&s.payload),
         qos: s.qos,
         retain: s.retain,
@@ -537,7 +538,7 @@ fn spec_of(item: WireItem) -> Result<PushSpec, ApiError> {
         .map_err(|e| ApiError::bad("payload", format!("not base64 from another node: {e}")))?;
     Ok(PushSpec {
         client_id: Some(item.client_id),
-        topic: item.topic,
+        topic: Arc::from(item.topic),
         payload: Bytes::from(payload),
         qos: item.qos,
         retain: item.retain,
@@ -578,7 +579,7 @@ fn wire_error(e: WireError) -> ApiError {
     ApiError::new(status, code, e.message)
 }
 
-fn from_wire(id: String, r: WireResult) -> Result<PushAnswer, ApiError> {
+fn from_wire(id: MessageId, r: WireResult) -> Result<PushAnswer, ApiError> {
     if let Some(e) = r.error {
         return Err(wire_error(e));
     }
@@ -597,9 +598,13 @@ mod tests {
     #[test]
     fn outcomes_and_errors_cross_the_wire_unchanged() {
         let answers = [
-            Ok(client_answer("a".into(), "sent", None)),
-            Ok(client_answer("b".into(), "acked", None)),
-            Ok(client_answer("c".into(), "dropped", Some("too_large"))),
+            Ok(client_answer(MessageId::new(1, 1), "sent", None)),
+            Ok(client_answer(MessageId::new(1, 2), "acked", None)),
+            Ok(client_answer(
+                MessageId::new(1, 3),
+                "dropped",
+                Some("too_large"),
+            )),
             Err(ApiError::overloaded()),
         ];
         for a in answers {
@@ -608,7 +613,7 @@ mod tests {
                 a.as_ref().map(PushAnswer::status).map_err(|e| e.code)
             );
             let json = serde_json::to_vec(&to_wire(a)).unwrap();
-            let back = from_wire("x".into(), serde_json::from_slice(&json).unwrap());
+            let back = from_wire(MessageId::new(1, 4), serde_json::from_slice(&json).unwrap());
             let got = format!(
                 "{:?}",
                 back.as_ref().map(PushAnswer::status).map_err(|e| e.code)
@@ -620,7 +625,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            from_wire("x".into(), unknown).unwrap_err().code,
+            from_wire(MessageId::new(1, 4), unknown).unwrap_err().code,
             "remote_error"
         );
     }

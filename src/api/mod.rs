@@ -40,6 +40,7 @@ mod clients;
 mod error;
 mod fleet;
 mod listing;
+mod message_id;
 mod push;
 mod spec;
 #[cfg(test)]

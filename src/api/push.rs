@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -17,11 +17,14 @@ use crate::idempotency::{self, Claim};
 use crate::interest::TopicKeys;
 use crate::mailbox::{home_shard, ClientPush, PushOutcome, PushStatus, ShardMsg};
 use crate::message::{Message, Origin};
-use crate::push_json::{BatchBody, MaybeObject};
+use crate::push_json::{BatchBody, MaybePush};
 
-use super::body::{batch_body_limit, json_body, malformed_json, message_body_limit, not_an_object};
+use super::body::{
+    batch_body_limit, json_body, json_text, malformed_json, message_body_limit, not_an_object,
+};
 use super::error::ApiError;
 use super::fleet::{push_remote_groups, split_remote};
+use super::message_id::MessageId;
 use super::spec::{parse_push, BatchAnswer, BatchResult, PushAnswer, PushSpec};
 use super::{ApiState, Inner};
 
@@ -29,15 +32,26 @@ use super::{ApiState, Inner};
 // Pushing.
 
 impl Inner {
-    pub(super) fn next_id(&self) -> String {
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{n:x}", self.id_prefix)
+    pub(super) fn next_id(&self) -> MessageId {
+        MessageId::new(self.id_prefix, self.ids.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// The message of `spec`, sharing its topic and payload.
     pub(super) fn message(&self, spec: &PushSpec, received: Instant) -> Arc<Message> {
+        self.message_with(spec, spec.payload.clone(), received)
+    }
+
+    /// The message of `spec` with `payload`: a batch moves each item's payload in (a
+    /// clone of a `Bytes` fresh from the body allocates its shared header).
+    pub(super) fn message_with(
+        &self,
+        spec: &PushSpec,
+        payload: Bytes,
+        received: Instant,
+    ) -> Arc<Message> {
         let mut m = Message::new(
-            Arc::from(spec.topic.as_str()),
-            spec.payload.clone(),
+            spec.topic.clone(),
+            payload,
             spec.qos,
             spec.retain,
             Origin::Gateway,
@@ -113,7 +127,7 @@ impl Inner {
     /// Answers one client push: its status, or 504 when `wait_ack` times out.
     async fn finish(
         &self,
-        id: String,
+        id: MessageId,
         spec: &PushSpec,
         outcome: PushOutcome,
     ) -> Result<PushAnswer, ApiError> {
@@ -143,11 +157,11 @@ impl Inner {
     /// One push, remembered under its idempotency key if it has one.
     async fn push_once(
         self: &Arc<Self>,
-        spec: PushSpec,
+        mut spec: PushSpec,
         received: Instant,
     ) -> Result<PushAnswer, ApiError> {
         let Some(key) = &spec.idempotency_key else {
-            let r = self.push_now(&spec, received).await;
+            let r = self.push_now(&mut spec, received).await;
             self.record(&r, received);
             return r;
         };
@@ -262,11 +276,17 @@ impl Inner {
         }
     }
 
-    async fn push_now(&self, spec: &PushSpec, received: Instant) -> Result<PushAnswer, ApiError> {
+    /// One push without an idempotency key; its payload moves into the message.
+    async fn push_now(
+        &self,
+        spec: &mut PushSpec,
+        received: Instant,
+    ) -> Result<PushAnswer, ApiError> {
         let id = self.next_id();
-        let msg = self.message(spec, received);
+        let payload = std::mem::take(&mut spec.payload);
         match &spec.client_id {
             None => {
+                let msg = self.message_with(spec, payload, received);
                 let replies = self.send_topic(msg)?.into_iter();
                 let matched = topic_matched(replies.map(|rx| self.answer(rx, received))).await?;
                 tracing::debug!(message_id = %id, topic = %spec.topic, matched, "topic push");
@@ -274,19 +294,19 @@ impl Inner {
             }
             Some(client_id) => {
                 if let Some(remote) = self.remote_home(client_id).await? {
-                    let r = self
-                        .push_remote_one(id.clone(), spec, remote, received)
-                        .await;
+                    spec.payload = payload;
+                    let r = self.push_remote_one(id, spec, remote, received).await;
                     tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push to another node");
                     return r;
                 }
+                let msg = self.message_with(spec, payload, received);
                 let rx = self.send_client(client_id, msg, spec.wait_ack)?;
                 let outcome = self
                     .answer(rx, received)
                     .await?
                     .pop()
                     .ok_or_else(shutting_down)?;
-                let r = self.finish(id.clone(), spec, outcome).await;
+                let r = self.finish(id, spec, outcome).await;
                 tracing::debug!(message_id = %id, client_id = %client_id, status = r.as_ref().map_or_else(|e| e.code, PushAnswer::status), "client push");
                 r
             }
@@ -380,7 +400,7 @@ impl Progress {
 pub(super) enum Settled {
     Answer(PushAnswer),
     AwaitAck {
-        id: String,
+        id: MessageId,
         status: &'static str,
         ack: oneshot::Receiver<()>,
     },
@@ -388,7 +408,7 @@ pub(super) enum Settled {
 
 /// A push the store would have to hold but cannot take now is refused with 503 (nothing
 /// was stored or sent); every other outcome is an answer.
-pub(super) fn settle(id: String, outcome: PushOutcome) -> Result<Settled, ApiError> {
+pub(super) fn settle(id: MessageId, outcome: PushOutcome) -> Result<Settled, ApiError> {
     let status = match outcome.status {
         PushStatus::Sent => "sent",
         PushStatus::Queued => "queued",
@@ -414,7 +434,7 @@ pub(super) fn settle(id: String, outcome: PushOutcome) -> Result<Settled, ApiErr
     })
 }
 
-pub(super) fn acked(id: String) -> PushAnswer {
+pub(super) fn acked(id: MessageId) -> PushAnswer {
     PushAnswer::Client {
         id,
         status: "acked",
@@ -469,15 +489,17 @@ pub(super) fn shutting_down() -> ApiError {
     )
 }
 
-pub(super) async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+/// The request's headers are read in place (axum's `HeaderMap` extractor clones them).
+pub(super) async fn push(State(s): State<ApiState>, req: Request) -> Response {
     let received = Instant::now();
     let inner = &s.inner;
     let limit = message_body_limit(&inner.config);
+    let (parts, body) = req.into_parts();
     let result = async {
-        let (bytes, _permit) = json_body(inner, &headers, body, limit).await?;
-        match serde_json::from_slice::<MaybeObject>(&bytes).map_err(malformed_json)? {
-            MaybeObject::Object(m) => parse_push(&m, &inner.config, None),
-            MaybeObject::NotObject => Err(not_an_object()),
+        let (bytes, _permit) = json_body(inner, &parts.headers, body, limit).await?;
+        match serde_json::from_str::<MaybePush>(json_text(&bytes)?).map_err(malformed_json)? {
+            MaybePush::Object(m) => parse_push(&m, &inner.config, None),
+            MaybePush::NotObject => Err(not_an_object()),
         }
     }
     .await;
@@ -494,19 +516,21 @@ pub(super) async fn push(State(s): State<ApiState>, headers: HeaderMap, body: Bo
     }
 }
 
-pub(super) async fn push_batch(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub(super) async fn push_batch(State(s): State<ApiState>, req: Request) -> Response {
     let received = Instant::now();
     let inner = &s.inner;
     let config = &inner.config;
-    let (bytes, _permit) = match json_body(inner, &headers, body, batch_body_limit(config)).await {
+    let (parts, body) = req.into_parts();
+    let limit = batch_body_limit(config);
+    let (bytes, _permit) = match json_body(inner, &parts.headers, body, limit).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let (messages, unknown) = match serde_json::from_slice::<BatchBody>(&bytes) {
+    let text = match json_text(&bytes) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let (messages, unknown) = match serde_json::from_str::<BatchBody>(text) {
         Err(e) => return malformed_json(e).into_response(),
         Ok(BatchBody::NotObject) => return not_an_object().into_response(),
         Ok(BatchBody::Batch { messages, unknown }) => (messages, unknown),
@@ -539,9 +563,11 @@ pub(super) async fn push_batch(
         results[i] = Some(inner.push_once(spec, received).await);
     }
     let results: Vec<BatchResult> = results.into_iter().map(batch_result).collect();
+    let json = BatchAnswer { results: &results }.to_json();
     (
         StatusCode::OK,
-        axum::Json(BatchAnswer { results: &results }),
+        [(header::CONTENT_TYPE, "application/json")],
+        json,
     )
         .into_response()
 }
@@ -554,7 +580,7 @@ type Indexed = Vec<(usize, PushSpec)>;
 /// An invalid item gets its error in `results` here.
 fn sort_batch(
     inner: &Inner,
-    messages: Vec<MaybeObject<'_>>,
+    messages: Vec<MaybePush<'_>>,
     results: &mut [Option<Result<PushAnswer, ApiError>>],
 ) -> (Vec<Indexed>, Indexed) {
     let config = &inner.config;
@@ -563,8 +589,8 @@ fn sort_batch(
     let mut singles = Vec::new();
     for (i, item) in messages.into_iter().enumerate() {
         let spec = match item {
-            MaybeObject::Object(obj) => parse_push(&obj, config, Some(i)),
-            MaybeObject::NotObject => Err(ApiError::bad(
+            MaybePush::Object(obj) => parse_push(&obj, config, Some(i)),
+            MaybePush::NotObject => Err(ApiError::bad(
                 &format!("messages[{i}]"),
                 "each message must be an object",
             )),
@@ -593,17 +619,22 @@ pub(super) async fn push_grouped(
     record: bool,
 ) {
     let mut waits = Vec::new();
-    for (shard, group) in per_shard.into_iter().enumerate() {
+    for (shard, mut group) in per_shard.into_iter().enumerate() {
         if group.is_empty() {
             continue;
         }
-        let ids: Vec<String> = group.iter().map(|_| inner.next_id()).collect();
+        let ids: Vec<MessageId> = group.iter().map(|_| inner.next_id()).collect();
+        // The client id and payload move into the mailbox message: what is left of each
+        // spec answers for it (its timeout).
         let items = group
-            .iter()
-            .map(|(_, spec)| ClientPush {
-                client_id: spec.client_id.clone().unwrap_or_default(),
-                msg: inner.message(spec, received),
-                wait_ack: spec.wait_ack,
+            .iter_mut()
+            .map(|(_, spec)| {
+                let payload = std::mem::take(&mut spec.payload);
+                ClientPush {
+                    client_id: spec.client_id.take().unwrap_or_default(),
+                    msg: inner.message_with(spec, payload, received),
+                    wait_ack: spec.wait_ack,
+                }
             })
             .collect();
         let (tx, rx) = oneshot::channel();

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::push_json::MaybeObject;
+use crate::push_json::MaybePush;
 
 #[test]
 fn constant_time_eq_compares() {
@@ -98,9 +98,9 @@ fn tokens_are_needed_from_every_source_once_set() {
 
 fn parse(v: Value) -> Result<PushSpec, ApiError> {
     let text = v.to_string();
-    match serde_json::from_str::<MaybeObject>(&text).unwrap() {
-        MaybeObject::Object(m) => parse_push(&m, &cfg(), None),
-        MaybeObject::NotObject => panic!("not an object: {text}"),
+    match serde_json::from_str::<MaybePush>(&text).unwrap() {
+        MaybePush::Object(m) => parse_push(&m, &cfg(), None),
+        MaybePush::NotObject => panic!("not an object: {text}"),
     }
 }
 

@@ -406,41 +406,30 @@ fn publish(frame: &[u8], header: &Header, v5: bool) -> Result<Packet> {
 
 /// PUBACK, PUBREC, PUBREL and PUBCOMP, whose flags the caller has checked.
 fn ack(frame: &[u8], header: &Header, v5: bool) -> Result<Packet> {
-    if !v5 && header.remaining != 2 {
-        return Err(ProtocolError::Malformed("acknowledgement length is not 2"));
+    let kind = header.byte1 >> 4;
+    if !v5 {
+        // MQTT 3.1.1: the packet id is all there is, read in place (mqttbytes wants the
+        // frame copied into a `Bytes`: an allocation per acknowledgement).
+        return match header.body(frame).get(..2) {
+            Some(&[hi, lo]) if header.remaining == 2 => {
+                ack_packet(kind, u16::from_be_bytes([hi, lo]), 0)
+            }
+            _ => Err(ProtocolError::Malformed("acknowledgement length is not 2")),
+        };
     }
     let fixed = header.mqttbytes();
     let bytes = Bytes::copy_from_slice(frame);
-    use mqttbytes::{v4, v5 as m5};
-    let kind = header.byte1 >> 4;
-    let (pkid, reason) = match (kind, v5) {
-        (4, false) => (
-            v4::PubAck::read(fixed, bytes).map_err(from_mqttbytes)?.pkid,
-            0,
-        ),
-        (5, false) => (
-            v4::PubRec::read(fixed, bytes).map_err(from_mqttbytes)?.pkid,
-            0,
-        ),
-        (6, false) => (
-            v4::PubRel::read(fixed, bytes).map_err(from_mqttbytes)?.pkid,
-            0,
-        ),
-        (7, false) => (
-            v4::PubComp::read(fixed, bytes)
-                .map_err(from_mqttbytes)?
-                .pkid,
-            0,
-        ),
-        (4, true) => {
+    use mqttbytes::v5 as m5;
+    let (pkid, reason) = match kind {
+        4 => {
             let a = m5::PubAck::read(fixed, bytes).map_err(from_mqttbytes)?;
             (a.pkid, a.reason as u8)
         }
-        (5, true) => {
+        5 => {
             let a = m5::PubRec::read(fixed, bytes).map_err(from_mqttbytes)?;
             (a.pkid, a.reason as u8)
         }
-        (6, true) => {
+        6 => {
             let a = m5::PubRel::read(fixed, bytes).map_err(from_mqttbytes)?;
             (a.pkid, a.reason as u8)
         }
@@ -449,7 +438,7 @@ fn ack(frame: &[u8], header: &Header, v5: bool) -> Result<Packet> {
             (a.pkid, a.reason as u8)
         }
     };
-    if v5 && header.remaining >= 4 {
+    if header.remaining >= 4 {
         // Packet id (2) and reason code (1), then properties to the end.
         let mut r = Reader::new(header.body(frame).get(3..).unwrap_or_default());
         properties(&mut r, prop::IN_ACK, |_, _| Ok(()))?;
@@ -457,6 +446,11 @@ fn ack(frame: &[u8], header: &Header, v5: bool) -> Result<Packet> {
             return Err(ProtocolError::Malformed("bytes after the properties"));
         }
     }
+    ack_packet(kind, pkid, reason)
+}
+
+/// The acknowledgement of `kind` (4 to 7); packet id 0 is refused.
+fn ack_packet(kind: u8, pkid: u16, reason: u8) -> Result<Packet> {
     if pkid == 0 {
         return Err(ProtocolError::ZeroPacketId);
     }
