@@ -9,7 +9,8 @@
 # Usage: loadgen/scripts/tls_idle_memory.sh GATEWAY_BIN LOADGEN_BIN [N]
 #   N (default 3000) connections per run; the issue-23 figure is N=19000 on a quiet
 #   machine with release builds. PORT (default 28830) is the first of five loopback
-#   ports used; OUT (default .) where the JSON summaries go; MOSQUITTO=0 skips Mosquitto.
+#   ports used; OUT (default .) where the JSON summaries go; MOSQUITTO=0 skips Mosquitto;
+#   HS_THREADS=shards runs the gateway's TLS handshakes on its shards.
 set -u
 gw=${1:?gateway binary}; lg=${2:?loadgen binary}; n=${3:-3000}
 port=${PORT:-28830}; out=${OUT:-.}/tls-idle-memory; mkdir -p "$out"
@@ -21,6 +22,8 @@ ulimit -n "$(ulimit -Hn)"
 make_tls_certs "$dir"
 
 write_tls_config "$dir" "$mqtt" "$tls" "$http"
+# HS_THREADS=shards: the TLS handshakes on the shards (tls_handshakes_on_shards).
+[ "${HS_THREADS:-}" = shards ] && sed -i "/^\[limits\]/a tls_handshakes_on_shards = true" "$dir/gateway.toml"
 
 cat > "$dir/mosquitto.conf" <<CONF
 per_listener_settings false

@@ -493,14 +493,17 @@ impl Worker {
         tracing::debug!(shard, %peer, reason = reason.as_str(), "connection closed in its TLS handshake");
     }
 
-    /// Closes the handshakes whose connect timeout passed.
+    /// Closes the handshakes whose connect timeout passed, and drops the entries of
+    /// those already gone from the front (handshakes end mostly in the order they
+    /// began, so the queue stays about as long as the handshakes under way).
     fn expire(&mut self, now: Instant) {
         while let Some(&(key, serial, deadline)) = self.deadlines.front() {
-            if deadline > now {
+            let live = self.conns.get(key).is_some_and(|p| p.serial == serial);
+            if live && deadline > now {
                 break;
             }
             self.deadlines.pop_front();
-            if self.conns.get(key).is_some_and(|p| p.serial == serial) {
+            if live {
                 self.close(key, DisconnectReason::ConnectTimeout);
             }
         }
