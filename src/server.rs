@@ -470,10 +470,6 @@ impl Server {
     /// connection, and wait at most `drain_timeout_secs` for the shards to finish.
     pub fn shutdown(mut self) {
         self.ready.store(false, Ordering::Relaxed);
-        // Handshakes under way end first: none comes back to a shard that is stopping.
-        if let Some(h) = self.handshakers.take() {
-            h.stop();
-        }
         let deadline =
             Instant::now() + Duration::from_secs(self.config.shards.drain_timeout_secs as u64);
         for shard in 0..self.mailboxes.len() {
@@ -483,6 +479,12 @@ impl Server {
             {
                 std::thread::sleep(Duration::from_millis(5));
             }
+        }
+        // The shards stop accepting; the handshakes under way end here. A shard that has
+        // not yet read its Shutdown and submits one more gets it back and closes it; one
+        // handed back to a stopping shard is closed there.
+        if let Some(h) = self.handshakers.take() {
+            h.stop();
         }
         for handle in self.shards.drain(..) {
             while !handle.is_finished() && Instant::now() < deadline {

@@ -22,6 +22,10 @@ use super::conn::{Conn, ConnState, Link, Peer};
 use super::wire::give_bufs;
 use super::{Shard, ACCEPTS_PER_TURN, SESSION_TIMER};
 
+/// How soon a shard that stopped accepting at `max_handshaking`, with handshakes on the
+/// TLS handshake threads, looks again.
+const HANDSHAKES_ELSEWHERE_RECHECK: Duration = Duration::from_millis(5);
+
 /// The state of accepting and of handshakes under way.
 pub(super) struct Admission {
     /// A listener's accept budget ran out this turn: accept again next turn.
@@ -123,6 +127,11 @@ impl Shard {
             Admit::HandshakesFull => {
                 if !was_blocked {
                     self.log_accept_paused(true);
+                }
+                // A handshake ending on a TLS handshake thread by failure or time-out
+                // sends no message that would wake this shard: look again soon.
+                if elsewhere > 0 {
+                    self.wake_no_later_than(now + HANDSHAKES_ELSEWHERE_RECHECK);
                 }
                 false
             }

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use super::conn::Conn;
 use super::transport::Transport;
 use super::Shard;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{DisconnectReason, ShardMetrics};
 use crate::tls::handshaker::{Arrival, Handshaken};
 
 /// Handshake steps left in this turn.
@@ -86,11 +86,10 @@ impl Shard {
         let Some(tls) = d.tls else {
             return false;
         };
-        self.services
-            .metrics
-            .tls_handshaking
-            .fetch_add(1, Ordering::Relaxed);
-        handshakers.submit(Arrival {
+        // Counted before the thread can see it (its release subtracts).
+        let in_progress = &self.services.metrics.tls_handshaking;
+        in_progress.fetch_add(1, Ordering::Relaxed);
+        let submitted = handshakers.submit(Arrival {
             socket: d.socket,
             peer: d.peer,
             link: d.link,
@@ -99,6 +98,15 @@ impl Shard {
             shard: self.id,
             early: early.to_vec(),
         });
+        if let Err(a) = submitted {
+            // The thread takes no more (the gateway is stopping): closed here.
+            in_progress.fetch_sub(1, Ordering::Relaxed);
+            self.services.per_ip.release(a.peer.ip());
+            self.services
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            self.services.metrics.disconnect(DisconnectReason::Shutdown);
+        }
         true
     }
 

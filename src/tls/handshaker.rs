@@ -49,6 +49,8 @@ const EVENTS: usize = 256;
 const READS_PER_EVENT: usize = 4;
 /// One read's size: a ClientHello, a client certificate chain and its Finished fit.
 const SCRATCH: usize = 16 * 1024;
+/// How soon a hand-back that found its shard's mailbox full is tried again.
+const RETRY_HAND_BACK: Duration = Duration::from_millis(2);
 /// Handshakes' worth of capacity kept between storms.
 const KEEP_CAPACITY: usize = 1024;
 
@@ -89,9 +91,10 @@ pub struct Shared {
     pub connect_timeout: Duration,
 }
 
-/// One thread's inbox: arrivals, and whether to stop.
+/// One thread's inbox: arrivals (`None` once the thread takes no more), and whether to
+/// stop.
 struct Inbox {
-    arrivals: Mutex<Vec<Arrival>>,
+    arrivals: Mutex<Option<Vec<Arrival>>>,
     waker: Waker,
     stop: AtomicBool,
 }
@@ -121,17 +124,19 @@ pub fn start(threads: usize, nice: i32, shared: Shared) -> io::Result<HandshakeT
     for i in 0..threads {
         let poll = Poll::new()?;
         let inbox = Arc::new(Inbox {
-            arrivals: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Some(Vec::new())),
             waker: Waker::new(poll.registry(), WAKER)?,
             stop: AtomicBool::new(false),
         });
         metrics.push(Arc::new(ShardMetrics::default()));
         let worker = Worker::new(poll, inbox.clone(), shared.clone(), metrics[i].clone());
+        let closer = CloseOnExit(inbox.clone(), shared.clone());
         let ready = ready_tx.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("tls-handshake-{i}"))
                 .spawn(move || {
+                    let _closer = closer;
                     lower_priority(nice);
                     let _ = ready.send(());
                     worker.run();
@@ -148,6 +153,29 @@ pub fn start(threads: usize, nice: i32, shared: Shared) -> io::Result<HandshakeT
         threads: handles,
         metrics,
     })
+}
+
+/// However a handshake thread ends (a panic included), its inbox takes no more: the
+/// shards close what they would submit (and release its counts) instead of leaving it
+/// unread; what was waiting in it is released here.
+struct CloseOnExit(Arc<Inbox>, Arc<Shared>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        for a in left.unwrap_or_default() {
+            self.1.shards[a.shard]
+                .tls_handshaking
+                .fetch_sub(1, Ordering::Relaxed);
+            self.1.per_ip.release(a.peer.ip());
+            self.1.open_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Sets the calling thread's nice value (Linux: per thread). Raising it needs no
@@ -171,17 +199,23 @@ fn lower_priority(nice: i32) {
 }
 
 impl Handshakers {
-    /// Hands `a` to the handshake thread of its shard.
-    pub fn submit(&self, a: Arrival) {
+    /// Hands `a` to the handshake thread of its shard; gives it back when that thread
+    /// takes no more (it stopped: the gateway is shutting down).
+    pub fn submit(&self, a: Arrival) -> Result<(), Box<Arrival>> {
         let inbox = &self.inboxes[a.shard % self.inboxes.len()];
-        inbox
+        match inbox
             .arrivals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(a);
+            .as_mut()
+        {
+            Some(arrivals) => arrivals.push(a),
+            None => return Err(Box::new(a)),
+        }
         if let Err(error) = inbox.waker.wake() {
             tracing::error!(%error, "cannot wake a TLS handshake thread");
         }
+        Ok(())
     }
 }
 
@@ -236,6 +270,11 @@ struct Worker {
     deadlines: VecDeque<(usize, u64, Instant)>,
     serial: u64,
     scratch: Vec<u8>,
+    /// Connections read [`READS_PER_EVENT`] times with more waiting: read again next.
+    reread: Vec<usize>,
+    /// Finished handshakes whose shard's mailbox was full, oldest first, with their
+    /// connect deadline: still counted in the shard's `tls_handshaking` until delivered.
+    undelivered: VecDeque<(Instant, Box<Handshaken>, usize)>,
 }
 
 impl Worker {
@@ -249,16 +288,15 @@ impl Worker {
             deadlines: VecDeque::new(),
             serial: 0,
             scratch: vec![0; SCRATCH],
+            reread: Vec::new(),
+            undelivered: VecDeque::new(),
         }
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS);
         loop {
-            let timeout = self
-                .deadlines
-                .front()
-                .map(|d| d.2.saturating_duration_since(Instant::now()));
+            let timeout = self.poll_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "TLS handshake thread cannot poll; it stops");
@@ -273,18 +311,45 @@ impl Worker {
                     self.drive(event.token().0);
                 }
             }
-            let arrivals = std::mem::take(
-                &mut *self
-                    .inbox
-                    .arrivals
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            for a in arrivals {
+            for key in std::mem::take(&mut self.reread) {
+                self.drive(key);
+            }
+            for a in self.take_arrivals(false) {
                 self.admit(a);
             }
             self.expire(Instant::now());
+            self.retry_undelivered(Instant::now());
             self.shrink_after_a_storm();
+        }
+    }
+
+    /// Until the next connect deadline; at once with connections to read again; soon
+    /// with hand-backs waiting for room.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.reread.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let deadline = self
+            .deadlines
+            .front()
+            .map(|d| d.2.saturating_duration_since(now));
+        match self.undelivered.is_empty() {
+            true => deadline,
+            false => Some(deadline.map_or(RETRY_HAND_BACK, |d| d.min(RETRY_HAND_BACK))),
+        }
+    }
+
+    /// The connections the shards submitted since the last look; with `close`, the
+    /// inbox takes no more (a later `submit` gets its arrival back).
+    fn take_arrivals(&self, close: bool) -> Vec<Arrival> {
+        let mut arrivals = self
+            .inbox
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match close {
+            true => arrivals.take().unwrap_or_default(),
+            false => arrivals.as_mut().map(std::mem::take).unwrap_or_default(),
         }
     }
 
@@ -338,7 +403,7 @@ impl Worker {
     /// A readiness event: read what arrived into rustls, write what it answers.
     fn drive(&mut self, key: usize) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        for _ in 0..READS_PER_EVENT {
+        for read in 1..=READS_PER_EVENT {
             let Some(p) = self.conns.get_mut(key) else {
                 break;
             };
@@ -348,6 +413,10 @@ impl Worker {
                     break;
                 }
                 Ok(n) => match self.feed(key, &scratch[..n]) {
+                    // More may wait (edge-triggered: no new event says so).
+                    Fed::More if n == scratch.len() && read == READS_PER_EVENT => {
+                        self.reread.push(key)
+                    }
                     Fed::More if n == scratch.len() => continue,
                     _ => break,
                 },
@@ -423,7 +492,7 @@ impl Worker {
             return Fed::Gone;
         };
         let _ = self.poll.registry().deregister(&mut p.socket);
-        self.handed_out(p.shard);
+        let deadline = p.accepted_at + self.shared.connect_timeout;
         let done = Handshaken {
             socket: p.socket,
             peer: p.peer,
@@ -433,18 +502,48 @@ impl Worker {
             accepted_at: p.accepted_at,
             rest,
         };
-        let sent = self
-            .shared
-            .mailboxes
-            .try_send(p.shard, ShardMsg::Handshaken(Box::new(done)));
-        if sent.is_err() {
-            // The shard is overloaded; its mailbox full is the same answer as its
-            // accept paused: try again later.
-            self.metrics.refuse(RefuseReason::Busy);
-            tracing::warn!(shard = p.shard, peer = %p.peer, "shard mailbox full after a TLS handshake, connection closed");
-            self.release_counts(p.shard, p.peer, p.accepted_at, DisconnectReason::Refused);
+        if let Err(h) = self.deliver(p.shard, Box::new(done)) {
+            // The shard's mailbox is full: tried again shortly, until the deadline.
+            self.undelivered.push_back((deadline, h, p.shard));
         }
         Fed::Done
+    }
+
+    /// Sends a finished handshake to its shard; gives it back when the mailbox is full
+    /// (or closed: the shard stopped).
+    fn deliver(&mut self, shard: usize, h: Box<Handshaken>) -> Result<(), Box<Handshaken>> {
+        match self
+            .shared
+            .mailboxes
+            .try_send(shard, ShardMsg::Handshaken(h))
+        {
+            Ok(()) => {
+                self.handed_out(shard);
+                Ok(())
+            }
+            Err(ShardMsg::Handshaken(h)) => Err(h),
+            Err(_) => unreachable!("try_send gives back what it was given"),
+        }
+    }
+
+    /// Tries the waiting hand-backs again, oldest first; one whose connect deadline
+    /// passed is closed ("server busy": its shard was too loaded to take it in time).
+    fn retry_undelivered(&mut self, now: Instant) {
+        for _ in 0..self.undelivered.len() {
+            let Some((deadline, h, shard)) = self.undelivered.pop_front() else {
+                break;
+            };
+            let Err(h) = self.deliver(shard, h) else {
+                continue;
+            };
+            if now < deadline {
+                self.undelivered.push_back((deadline, h, shard));
+                continue;
+            }
+            self.metrics.refuse(RefuseReason::Busy);
+            tracing::warn!(shard, peer = %h.peer, "shard mailbox full until the connect timeout after a TLS handshake, connection closed");
+            self.release(shard, h.peer, h.accepted_at, DisconnectReason::Refused);
+        }
     }
 
     /// The handshake failed: counted, logged once, closed.
@@ -515,14 +614,125 @@ impl Worker {
         for key in keys {
             self.close(key, DisconnectReason::Shutdown);
         }
-        for a in std::mem::take(
-            &mut *self
-                .inbox
-                .arrivals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        ) {
+        while let Some((_, h, shard)) = self.undelivered.pop_front() {
+            self.release(shard, h.peer, h.accepted_at, DisconnectReason::Shutdown);
+        }
+        for a in self.take_arrivals(true) {
             self.release(a.shard, a.peer, a.accepted_at, DisconnectReason::Shutdown);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A server session (nothing here reads it) and a loopback socket.
+    fn handshaken() -> Box<Handshaken> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        Box::new(Handshaken {
+            socket: TcpStream::from_std(client),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            link: Link::Tls,
+            tls: Box::new(rustls::ServerConnection::new(Arc::new(config)).unwrap()),
+            tls_cursor: Cursor::default(),
+            accepted_at: Instant::now(),
+            rest: Vec::new(),
+        })
+    }
+
+    /// A worker for one shard whose mailbox holds one message, and that mailbox.
+    fn worker() -> (Worker, tokio::sync::mpsc::Receiver<ShardMsg>) {
+        let (mailboxes, mut rx) = Mailboxes::new(1, 1);
+        let shared = Arc::new(Shared {
+            mailboxes,
+            shards: vec![Arc::new(ShardMetrics::default())],
+            per_ip: Arc::new(PerIpLimit::new(0)),
+            open_connections: Arc::new(AtomicUsize::new(1)),
+            connect_timeout: Duration::from_secs(10),
+        });
+        shared.shards[0].tls_handshaking.store(1, Ordering::Relaxed);
+        let poll = Poll::new().unwrap();
+        let inbox = Arc::new(Inbox {
+            arrivals: Mutex::new(Some(Vec::new())),
+            waker: Waker::new(poll.registry(), WAKER).unwrap(),
+            stop: AtomicBool::new(false),
+        });
+        let metrics = Arc::new(ShardMetrics::default());
+        (Worker::new(poll, inbox, shared, metrics), rx.remove(0))
+    }
+
+    fn in_progress(w: &Worker) -> u64 {
+        w.shared.shards[0].tls_handshaking.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_hand_back_to_a_full_mailbox_waits_and_goes_once_there_is_room() {
+        let (mut w, mut rx) = worker();
+        w.shared.mailboxes.try_send(0, ShardMsg::Shutdown).ok().unwrap();
+        let h = w.deliver(0, handshaken()).unwrap_err();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        w.undelivered.push_back((deadline, h, 0));
+        assert_eq!(w.poll_timeout(Instant::now()), Some(RETRY_HAND_BACK));
+        w.retry_undelivered(Instant::now());
+        assert_eq!((w.undelivered.len(), in_progress(&w)), (1, 1), "still full");
+        assert!(matches!(rx.try_recv(), Ok(ShardMsg::Shutdown)));
+        w.retry_undelivered(Instant::now());
+        assert_eq!((w.undelivered.len(), in_progress(&w)), (0, 0));
+        assert!(matches!(rx.try_recv(), Ok(ShardMsg::Handshaken(_))));
+        assert_eq!(w.shared.open_connections.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_hand_back_still_waiting_at_its_deadline_is_closed_and_released() {
+        let (mut w, _rx) = worker();
+        w.shared.mailboxes.try_send(0, ShardMsg::Shutdown).ok().unwrap();
+        let h = w.deliver(0, handshaken()).unwrap_err();
+        let deadline = Instant::now();
+        w.undelivered.push_back((deadline, h, 0));
+        w.retry_undelivered(deadline + Duration::from_millis(1));
+        assert_eq!((w.undelivered.len(), in_progress(&w)), (0, 0));
+        assert_eq!(w.shared.open_connections.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            w.metrics.refused[RefuseReason::Busy as usize].load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_closed_inbox_gives_arrivals_back() {
+        let (w, _rx) = worker();
+        assert!(w.take_arrivals(true).is_empty());
+        let handshakers = Handshakers {
+            inboxes: vec![w.inbox.clone()].into(),
+        };
+        let h = handshaken();
+        let a = Arrival {
+            socket: h.socket,
+            peer: h.peer,
+            link: h.link,
+            tls: h.tls,
+            accepted_at: h.accepted_at,
+            shard: 0,
+            early: Vec::new(),
+        };
+        assert!(handshakers.submit(a).is_err());
     }
 }
