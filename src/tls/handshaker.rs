@@ -686,7 +686,8 @@ mod tests {
     #[test]
     fn a_hand_back_to_a_full_mailbox_waits_and_goes_once_there_is_room() {
         let (mut w, mut rx) = worker();
-        w.shared.mailboxes.try_send(0, ShardMsg::Shutdown).ok().unwrap();
+        let filled = w.shared.mailboxes.try_send(0, ShardMsg::Shutdown);
+        assert!(filled.is_ok(), "the mailbox takes one message");
         let h = w.deliver(0, handshaken()).unwrap_err();
         let deadline = Instant::now() + Duration::from_secs(10);
         w.undelivered.push_back((deadline, h, 0));
@@ -703,7 +704,8 @@ mod tests {
     #[test]
     fn a_hand_back_still_waiting_at_its_deadline_is_closed_and_released() {
         let (mut w, _rx) = worker();
-        w.shared.mailboxes.try_send(0, ShardMsg::Shutdown).ok().unwrap();
+        let filled = w.shared.mailboxes.try_send(0, ShardMsg::Shutdown);
+        assert!(filled.is_ok(), "the mailbox takes one message");
         let h = w.deliver(0, handshaken()).unwrap_err();
         let deadline = Instant::now();
         w.undelivered.push_back((deadline, h, 0));
