@@ -82,9 +82,14 @@ impl Shard {
         let Some(handshakers) = self.services.handshakers.clone() else {
             return false;
         };
+        // Only a connection with its rustls session goes (checked before it leaves the
+        // shard: one detached and not handed over would be lost uncounted).
+        if !self.wire.conns.get(key).is_some_and(|c| c.is_tls()) {
+            return false;
+        }
         let d = self.detach(key);
         let Some(tls) = d.tls else {
-            return false;
+            unreachable!("a TLS connection's rustls session travels with it");
         };
         // Counted before the thread can see it (its release subtracts).
         let in_progress = &self.services.metrics.tls_handshaking;

@@ -91,6 +91,18 @@ pub struct Shared {
     pub connect_timeout: Duration,
 }
 
+impl Shared {
+    /// A connection of `shard`'s that a handshake thread held is gone: its handshake in
+    /// progress, its per-IP count and its place among the open connections.
+    fn forget(&self, shard: usize, peer: SocketAddr) {
+        self.shards[shard]
+            .tls_handshaking
+            .fetch_sub(1, Ordering::Relaxed);
+        self.per_ip.release(peer.ip());
+        self.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One thread's inbox: arrivals (`None` once the thread takes no more), and whether to
 /// stop.
 struct Inbox {
@@ -169,11 +181,7 @@ impl Drop for CloseOnExit {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         for a in left.unwrap_or_default() {
-            self.1.shards[a.shard]
-                .tls_handshaking
-                .fetch_sub(1, Ordering::Relaxed);
-            self.1.per_ip.release(a.peer.ip());
-            self.1.open_connections.fetch_sub(1, Ordering::Relaxed);
+            self.1.forget(a.shard, a.peer);
         }
     }
 }
@@ -564,10 +572,14 @@ impl Worker {
         self.release(p.shard, p.peer, p.accepted_at, reason);
     }
 
-    /// A connection this thread held is gone: the shard's counts, as `close_conn` would.
+    /// A connection this thread held is gone: the shard's counts, as `close_conn` would,
+    /// and this thread's own.
     fn release(&self, shard: usize, peer: SocketAddr, accepted: Instant, reason: DisconnectReason) {
-        self.handed_out(shard);
-        self.release_counts(shard, peer, accepted, reason);
+        self.shared.forget(shard, peer);
+        self.metrics.disconnect(reason.counted(false));
+        self.metrics
+            .observe_connection_age(accepted.elapsed().as_secs_f64());
+        tracing::debug!(shard, %peer, reason = reason.as_str(), "connection closed in its TLS handshake");
     }
 
     /// One of `shard`'s handshakes is no longer here.
@@ -575,21 +587,6 @@ impl Worker {
         self.shared.shards[shard]
             .tls_handshaking
             .fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn release_counts(
-        &self,
-        shard: usize,
-        peer: SocketAddr,
-        accepted: Instant,
-        reason: DisconnectReason,
-    ) {
-        self.metrics.disconnect(reason.counted(false));
-        self.metrics
-            .observe_connection_age(accepted.elapsed().as_secs_f64());
-        self.shared.per_ip.release(peer.ip());
-        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(shard, %peer, reason = reason.as_str(), "connection closed in its TLS handshake");
     }
 
     /// Closes the handshakes whose connect timeout passed, and drops the entries of
