@@ -519,17 +519,23 @@ impl Worker {
 
     /// Sends a finished handshake to its shard; gives it back when the mailbox is full
     /// (or closed: the shard stopped).
+    ///
+    /// The shard's gauge drops before the send, so that once the shard has the
+    /// connection it is no longer counted here (this thread, at a low priority, may be
+    /// preempted right after the send); a failed send counts it again.
     fn deliver(&mut self, shard: usize, h: Box<Handshaken>) -> Result<(), Box<Handshaken>> {
+        let in_progress = &self.shared.shards[shard].tls_handshaking;
+        in_progress.fetch_sub(1, Ordering::Relaxed);
         match self
             .shared
             .mailboxes
             .try_send(shard, ShardMsg::Handshaken(h))
         {
-            Ok(()) => {
-                self.handed_out(shard);
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(ShardMsg::Handshaken(h)) => {
+                in_progress.fetch_add(1, Ordering::Relaxed);
+                Err(h)
             }
-            Err(ShardMsg::Handshaken(h)) => Err(h),
             Err(_) => unreachable!("try_send gives back what it was given"),
         }
     }
@@ -580,13 +586,6 @@ impl Worker {
         self.metrics
             .observe_connection_age(accepted.elapsed().as_secs_f64());
         tracing::debug!(shard, %peer, reason = reason.as_str(), "connection closed in its TLS handshake");
-    }
-
-    /// One of `shard`'s handshakes is no longer here.
-    fn handed_out(&self, shard: usize) {
-        self.shared.shards[shard]
-            .tls_handshaking
-            .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Closes the handshakes whose connect timeout passed, and drops the entries of
