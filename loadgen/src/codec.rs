@@ -329,14 +329,22 @@ fn varint(buf: &[u8]) -> Result<Option<(usize, usize)>, String> {
 /// The sequence number and send time (ns since the UNIX epoch) loadgen writes at the
 /// start of every payload as `"<seq>:<ns>"`, followed by padding.
 pub fn stamp(seq: u64, sent_ns: u64, size: usize) -> String {
-    let mut s = format!("{seq}:{sent_ns}");
-    if s.len() < size {
+    let mut s = String::new();
+    stamp_into(&mut s, seq, sent_ns, size);
+    s
+}
+
+/// [`stamp`], appended to `s`.
+pub fn stamp_into(s: &mut String, seq: u64, sent_ns: u64, size: usize) {
+    use std::fmt::Write;
+    let start = s.len();
+    let _ = write!(s, "{seq}:{sent_ns}");
+    if s.len() - start < size {
         s.push(' ');
-        while s.len() < size {
+        while s.len() - start < size {
             s.push('.');
         }
     }
-    s
 }
 
 pub fn parse_stamp(payload: &[u8]) -> Option<(u64, u64)> {
