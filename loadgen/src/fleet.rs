@@ -31,6 +31,7 @@ use crate::ws::{Link, Wire};
 
 mod cfg;
 mod inbox;
+mod spare;
 mod storm;
 mod tls;
 
@@ -590,14 +591,21 @@ impl Fleet {
                     if let Err(e) = ready {
                         return End::Lost(io_cause("read", &e));
                     }
-                    // The buffer is taken only once the socket has data, and at least
-                    // READ_CHUNK at a time: an idle device holds none, a busy one reads
-                    // many packets per syscall (the measuring tool must not be the
-                    // bottleneck of a fan-out run).
+                    // The buffer is taken only once the socket has data (the worker
+                    // thread's spare, `spare.rs`), and at least READ_CHUNK at a time: an
+                    // idle device holds none, a busy one reads many packets per syscall
+                    // (the measuring tool must not be the bottleneck of a fan-out run).
+                    // `out`, the PUBACKs of one read, keeps its few bytes of capacity.
+                    if conn.buf.capacity() == 0 {
+                        conn.buf = spare::lend();
+                    }
                     match conn.link.try_read_buf(&mut conn.buf, READ_CHUNK) {
                         Ok(0) => return End::Lost("closed_by_server".into()),
                         Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            spare::give_back(&mut conn.buf);
+                            continue;
+                        }
                         Err(e) => return End::Lost(io_cause("read", &e)),
                     }
                     // One clock reading and one counter/histogram update per read.
@@ -640,10 +648,7 @@ impl Fleet {
                             return End::Lost(io_cause("write", &e));
                         }
                     }
-                    if conn.buf.is_empty() && conn.buf.capacity() > 0 {
-                        conn.buf = BytesMut::new();
-                        out = BytesMut::new();
-                    }
+                    spare::give_back(&mut conn.buf);
                 }
                 _ = self.ticker.until(next_ping.unwrap_or(u64::MAX)), if next_ping.is_some() => {
                     if awaiting_pong {
