@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 /// Ciphertext read per socket read.
@@ -220,12 +220,14 @@ impl Wire {
     /// One non-blocking read; the plaintext it brought goes to `into` (with at least
     /// `reserve` bytes of room). `Ok(0)` is the end; `WouldBlock` when no plaintext came.
     pub fn try_recv(&mut self, into: &mut BytesMut, reserve: usize) -> io::Result<usize> {
+        let stream = &self.stream;
         let Some(tls) = self.tls.as_mut() else {
             into.reserve(reserve);
-            return self.stream.try_read_buf(into);
+            let room = into.capacity() - into.len();
+            return read_drained(stream, room, || stream.try_read_buf(into));
         };
         let mut cipher = [0u8; CIPHER_CHUNK];
-        let n = self.stream.try_read(&mut cipher)?;
+        let n = read_drained(stream, CIPHER_CHUNK, || stream.try_read(&mut cipher))?;
         if n == 0 {
             return Ok(0);
         }
@@ -251,6 +253,32 @@ impl Wire {
             let _ = self.flush_tls().await;
         }
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// One non-blocking `read` of `stream` that had `room` bytes to fill. A read that
+/// filled less found the socket drained: tokio's read readiness is cleared with it, so
+/// the device next waits for new data instead of making a second read only to learn it
+/// would block (one system call per message instead of two, when each read brings
+/// one). Data arriving meanwhile is not missed: its readiness event comes after the
+/// read, and tokio keeps readiness that changed since it was observed.
+fn read_drained(
+    stream: &TcpStream,
+    room: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut got = None;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = read()?;
+        got = Some(n);
+        match n > 0 && n < room {
+            true => Err(io::ErrorKind::WouldBlock.into()),
+            false => Ok(n),
+        }
+    });
+    match (r, got) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (r, _) => r,
     }
 }
 
