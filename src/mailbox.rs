@@ -40,6 +40,8 @@ pub struct Handoff {
     pub tls: Option<Box<rustls::ServerConnection>>,
     /// Where in its record the ciphertext given to that rustls session ends.
     pub tls_cursor: crate::tls::record::Cursor,
+    /// Ciphertext read past the CONNECT and not yet given to that rustls session.
+    pub tls_in: Vec<u8>,
     /// The listener it came in on (a WebSocket's output is framed on the home shard too).
     pub link: crate::shard::Link,
     /// A WebSocket's decoder, when a frame was half-read at the CONNECT.

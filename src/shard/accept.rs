@@ -72,6 +72,8 @@ pub(super) struct Detached {
     pub link: Link,
     pub tls: Option<Box<rustls::ServerConnection>>,
     pub tls_cursor: crate::tls::record::Cursor,
+    /// Ciphertext read and not yet given to rustls.
+    pub tls_in: Vec<u8>,
     pub ws: Option<super::WsBusy>,
 }
 
@@ -352,9 +354,11 @@ impl Shard {
         let _ = self.wire.poll.registry().deregister(&mut conn.socket);
         self.timers.wheel.cancel(conn.timer);
         let (mut tls, mut ws, mut tls_cursor) = (None, None, Default::default());
+        let mut tls_in = Vec::new();
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
             tls_cursor = b.tls_cursor;
+            tls_in = std::mem::take(&mut b.tls_in);
             ws = b.ws.take();
             give_bufs(
                 &mut self.wire.pool,
@@ -370,6 +374,7 @@ impl Shard {
             link: conn.link,
             tls,
             tls_cursor,
+            tls_in,
             ws,
         }
     }
@@ -429,8 +434,11 @@ impl Shard {
             alive = self.ingest_bytes(key, &h.rest);
         }
         if alive && tls {
-            // Plaintext rustls decrypted after the CONNECT is still inside it.
-            self.tls_process(key);
+            // Plaintext rustls decrypted after the CONNECT is still inside it; then the
+            // ciphertext the other shard had read past it.
+            if self.tls_process(key) {
+                self.tls_carried(key, h.tls_in);
+            }
         }
     }
 }

@@ -101,7 +101,8 @@ impl Shard {
             tls,
             accepted_at: d.accepted_at,
             shard: self.id,
-            early: early.to_vec(),
+            // Any ciphertext the connection kept comes before what was just read.
+            early: [&d.tls_in[..], early].concat(),
         });
         if let Err(a) = submitted {
             // The thread takes no more (the gateway is stopping): closed here.

@@ -116,8 +116,22 @@ impl Shard {
             };
             bufs.tls_cursor.advance(&data[at..at + taken]);
             at += taken;
+            // Before its CONNECT, the plaintext may send the connection to its home
+            // shard: the ciphertext rustls has not taken yet goes with it (`detach`).
+            let may_move = at < data.len()
+                && matches!(
+                    self.wire.conns[key].state,
+                    ConnState::Handshake | ConnState::WsUpgrade
+                );
+            if may_move {
+                self.keep_tls_in(key, &data[at..]);
+            }
             if !self.tls_process(key) {
                 return false;
+            }
+            if may_move {
+                let copy = self.take_tls_in(key);
+                self.wire.pool.give(copy, self.clock.now);
             }
             if self.wire.is_holding(key) && at < data.len() {
                 self.keep_tls_in(key, &data[at..]);
@@ -170,6 +184,22 @@ impl Shard {
         ShardMetrics::add(&self.services.metrics.tls_failures, 1);
         tracing::info!(shard = self.id, client_id = %self.client_id_of(key), peer = %self.wire.conns[key].peer, error = %e, "TLS record refused, closing");
         self.close_conn(key, DisconnectReason::ProtocolError, None);
+    }
+
+    /// Ciphertext read on another shard past the CONNECT of a connection handed over
+    /// here, fed as if just read (kept while the connection pauses). False when the
+    /// connection is gone.
+    pub(super) fn tls_carried(&mut self, key: usize, mut carried: Vec<u8>) -> bool {
+        if carried.is_empty() {
+            return true;
+        }
+        if self.wire.is_holding(key) {
+            self.keep_tls_in(key, &carried);
+            return true;
+        }
+        let alive = self.tls_feed(key, &mut carried);
+        self.wire.pool.give(carried, self.clock.now);
+        alive
     }
 
     /// Handles, after a pause, the TLS bytes a connection still holds: plaintext inside

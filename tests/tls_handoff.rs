@@ -1,0 +1,84 @@
+//! A TLS device whose CONNECT is read on a shard other than its client id's home shard
+//! moves there with everything it sent: the plaintext after the CONNECT, what rustls still
+//! holds, and the ciphertext read but not yet given to rustls (rustls takes 4 KB at a
+//! time, so a device that sends its CONNECT and ~20 KB of publishes in one write right
+//! after its handshake has most of its bytes in that last part).
+
+mod common;
+
+use std::time::Duration;
+
+use common::tls::{suback, Pki, TlsClient};
+use common::GatewayProcess;
+use common::Raw;
+use gateway::mailbox::home_shard;
+
+const PUBLISHES: usize = 40;
+
+#[test]
+fn a_device_handed_to_its_home_shard_loses_nothing_it_sent_with_its_connect() {
+    first_flights_arrive_whole("");
+}
+
+#[test]
+fn the_same_with_the_handshakes_on_the_shards() {
+    first_flights_arrive_whole("[limits]\ntls_handshakes_on_shards = true\n");
+}
+
+/// Devices homed on each shard send their CONNECT and PUBLISHES publishes in one write
+/// after the handshake; a subscriber gets every one, in order.
+fn first_flights_arrive_whole(extra: &str) {
+    let pki = Pki::new();
+    let gw = GatewayProcess::start(&format!("{}\n[shards]\ncount = 2\n{extra}", pki.toml("")));
+    let tls = gw.tls.unwrap();
+    let cfg = pki.client_config(None, false);
+    let mut sub = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+    assert_eq!(sub.mqtt_connect("carry-sub"), Ok(0));
+    sub.send(&common::frame(
+        0x82,
+        &[&[0, 1, 0, 7][..], b"carry/#", &[0]].concat(),
+    ))
+    .unwrap();
+    suback(&mut sub);
+    // Devices homed on each shard: whichever shard accepts a device, some are handed
+    // over.
+    let ids: Vec<String> = (0..)
+        .map(|i| format!("carry-{i}"))
+        .filter(|id| home_shard(id, 2) == 0)
+        .take(4)
+        .chain(
+            (0..)
+                .map(|i| format!("carry-{i}"))
+                .filter(|id| home_shard(id, 2) == 1)
+                .take(4),
+        )
+        .collect();
+    for id in &ids {
+        let mut first_flight = Raw::connect_v4(id, 60, true);
+        for n in 0..PUBLISHES {
+            let payload = format!("{id}/{n:03}/{}", "x".repeat(480));
+            first_flight.extend(Raw::publish_v4(
+                &format!("carry/{id}"),
+                0,
+                0,
+                payload.as_bytes(),
+            ));
+        }
+        let mut device = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+        device.send(&first_flight).unwrap();
+        match device.recv(Duration::from_secs(10)) {
+            Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 0, "{id}"),
+            other => panic!("{id}: expected CONNACK, got {other:?}"),
+        }
+        for n in 0..PUBLISHES {
+            let p = sub
+                .expect_publish(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{id}: publish {n} of {PUBLISHES}: {e}"));
+            let expected = format!("{id}/{n:03}/");
+            assert!(
+                p.payload.starts_with(expected.as_bytes()),
+                "{id}: publish {n}"
+            );
+        }
+    }
+}
