@@ -17,23 +17,61 @@ const PUBLISHES: usize = 40;
 
 #[test]
 fn a_device_handed_to_its_home_shard_loses_nothing_it_sent_with_its_connect() {
-    first_flights_arrive_whole("");
+    first_flights_arrive_whole("", false);
 }
 
 #[test]
 fn the_same_with_the_handshakes_on_the_shards() {
-    first_flights_arrive_whole("[limits]\ntls_handshakes_on_shards = true\n");
+    first_flights_arrive_whole("[limits]\ntls_handshakes_on_shards = true\n", false);
+}
+
+#[test]
+fn the_same_with_the_password_checked_off_the_shard() {
+    // The CONNECT waits for the business pool's answer on the home shard; what came
+    // with it is read once the device is in.
+    let dir = std::env::temp_dir().join(format!("tls-handoff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = dir.join("users");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["passwd", users.to_str().unwrap(), "dev", "--password", "pw"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    first_flights_arrive_whole(
+        &format!(
+            "[auth]\nproviders = [\"password_file\"]\n[auth.password_file]\npath = \"{}\"\n",
+            users.display()
+        ),
+        true,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CONNECT as `id`, with the login `dev`/`pw` if `login`.
+fn connect(id: &str, login: bool) -> Vec<u8> {
+    let mut c = mqttbytes::v4::Connect::new(id);
+    c.keep_alive = 60;
+    if login {
+        c.set_login("dev", "pw");
+    }
+    let mut out = bytes::BytesMut::new();
+    c.write(&mut out).unwrap();
+    out.to_vec()
 }
 
 /// Devices homed on each shard send their CONNECT and PUBLISHES publishes in one write
 /// after the handshake; a subscriber gets every one, in order.
-fn first_flights_arrive_whole(extra: &str) {
+fn first_flights_arrive_whole(extra: &str, login: bool) {
     let pki = Pki::new();
     let gw = GatewayProcess::start(&format!("{}\n[shards]\ncount = 2\n{extra}", pki.toml("")));
     let tls = gw.tls.unwrap();
     let cfg = pki.client_config(None, false);
     let mut sub = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
-    assert_eq!(sub.mqtt_connect("carry-sub"), Ok(0));
+    sub.send(&connect("carry-sub", login)).unwrap();
+    assert!(matches!(
+        sub.recv(Duration::from_secs(10)),
+        Ok(mqttbytes::v4::Packet::ConnAck(a)) if a.code as u8 == 0
+    ));
     sub.send(&common::frame(
         0x82,
         &[&[0, 1, 0, 7][..], b"carry/#", &[0]].concat(),
@@ -54,7 +92,7 @@ fn first_flights_arrive_whole(extra: &str) {
         )
         .collect();
     for id in &ids {
-        let mut first_flight = Raw::connect_v4(id, 60, true);
+        let mut first_flight = connect(id, login);
         for n in 0..PUBLISHES {
             let payload = format!("{id}/{n:03}/{}", "x".repeat(480));
             first_flight.extend(Raw::publish_v4(

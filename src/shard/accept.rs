@@ -439,6 +439,9 @@ impl Shard {
             if self.tls_process(key) {
                 self.tls_carried(key, h.tls_in);
             }
+        } else if tls {
+            // Its credentials are being checked: read once it is let in (`on_auth_done`).
+            self.keep_carried(key, h.tls_in);
         }
     }
 }

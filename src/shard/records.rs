@@ -202,6 +202,25 @@ impl Shard {
         alive
     }
 
+    /// Keeps `carried` (as [`Shard::tls_carried`]) for later on a connection not read from
+    /// now (its credentials are being checked), if it is still here.
+    pub(super) fn keep_carried(&mut self, key: usize, carried: Vec<u8>) {
+        let waiting = self
+            .wire
+            .conns
+            .get(key)
+            .is_some_and(|c| c.state == ConnState::Authenticating);
+        if waiting && !carried.is_empty() {
+            self.keep_tls_in(key, &carried);
+        }
+    }
+
+    /// Feeds what [`Shard::keep_carried`] kept. False when the connection is gone.
+    pub(super) fn tls_carried_kept(&mut self, key: usize) -> bool {
+        let kept = self.take_tls_in(key);
+        self.tls_carried(key, kept)
+    }
+
     /// Handles, after a pause, the TLS bytes a connection still holds: plaintext inside
     /// rustls, then ciphertext kept in `tls_in`. True to read it again.
     pub(super) fn tls_continue(&mut self, key: usize) -> bool {

@@ -296,8 +296,11 @@ impl Shard {
             if !p.rest.is_empty() && !self.ingest_bytes(key, &p.rest) {
                 return;
             }
-            // Plaintext rustls decrypted after the CONNECT is still inside it.
-            if self.wire.conns[key].is_tls() && !self.tls_process(key) {
+            // Plaintext rustls decrypted after the CONNECT is still inside it, and the
+            // ciphertext another shard read past it came along (`adopt`).
+            if self.wire.conns[key].is_tls()
+                && !(self.tls_process(key) && self.tls_carried_kept(key))
+            {
                 return;
             }
             // It was not read from while waiting.
