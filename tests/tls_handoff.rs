@@ -2,11 +2,19 @@
 //! moves there with everything it sent: the plaintext after the CONNECT, what rustls still
 //! holds, and the ciphertext read but not yet given to rustls (rustls takes 4 KB at a
 //! time, so a device that sends its CONNECT and ~20 KB of publishes in one write right
-//! after its handshake has most of its bytes in that last part).
+//! after its handshake has most of its bytes in that last part). Half the devices send it
+//! right after the handshake, half in the same write as their TLS Finished (then the TLS
+//! handshake thread reads it with the Finished and hands the rest back with the
+//! connection).
 
 mod common;
 
+use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use common::tls::{suback, Pki, TlsClient};
 use common::GatewayProcess;
@@ -91,19 +99,25 @@ fn first_flights_arrive_whole(extra: &str, login: bool) {
                 .take(4),
         )
         .collect();
-    for id in &ids {
-        let mut first_flight = connect(id, login);
+    for (i, id) in ids.iter().enumerate() {
+        let mut publishes = Vec::new();
         for n in 0..PUBLISHES {
             let payload = format!("{id}/{n:03}/{}", "x".repeat(480));
-            first_flight.extend(Raw::publish_v4(
+            publishes.extend(Raw::publish_v4(
                 &format!("carry/{id}"),
                 0,
                 0,
                 payload.as_bytes(),
             ));
         }
-        let mut device = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
-        device.send(&first_flight).unwrap();
+        let mut device = match i % 2 {
+            0 => {
+                let mut d = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
+                d.send(&[connect(id, login), publishes].concat()).unwrap();
+                d
+            }
+            _ => with_the_finished(tls, cfg.clone(), &connect(id, login), &publishes),
+        };
         match device.recv(Duration::from_secs(10)) {
             Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 0, "{id}"),
             other => panic!("{id}: expected CONNACK, got {other:?}"),
@@ -118,5 +132,39 @@ fn first_flights_arrive_whole(extra: &str, login: bool) {
                 "{id}: publish {n}"
             );
         }
+    }
+}
+
+/// A TLS client that writes its handshake's Finished, `connect` (a record of its own) and
+/// `then` in one write.
+fn with_the_finished(
+    addr: std::net::SocketAddr,
+    cfg: Arc<ClientConfig>,
+    connect: &[u8],
+    then: &[u8],
+) -> TlsClient {
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = ClientConnection::new(cfg, name).unwrap();
+    while conn.is_handshaking() {
+        if conn.wants_write() {
+            conn.write_tls(&mut sock).unwrap();
+            continue;
+        }
+        conn.read_tls(&mut sock).unwrap();
+        conn.process_new_packets().unwrap();
+    }
+    conn.writer().write_all(connect).unwrap();
+    conn.writer().write_all(then).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    sock.write_all(&out).unwrap();
+    TlsClient {
+        s: StreamOwned::new(conn, sock),
+        buf: Default::default(),
     }
 }

@@ -198,7 +198,10 @@ impl Ctx {
         for item in &items {
             match (&item.status, &item.error) {
                 (Some(status), _) => bump(&mut r.statuses, status, 1),
-                (None, Some(e)) => bump(&mut r.errors, &format!("item_{}", e.code), 1),
+                (None, Some(e)) => {
+                    let code = e.code.as_deref().unwrap_or("unknown");
+                    bump(&mut r.errors, &format!("item_{code}"), 1)
+                }
                 (None, None) => bump(&mut r.errors, "item_unknown", 1),
             }
         }
@@ -307,8 +310,8 @@ struct Outcome<'a> {
 
 #[derive(Deserialize)]
 struct ItemError<'a> {
-    #[serde(borrow)]
-    code: Cow<'a, str>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
 }
 
 impl Outcome<'_> {
@@ -376,9 +379,10 @@ mod tests {
             {"status": "queued"},
             {"status": "offline"},
             {"error": {"code": "bad_topic", "message": "…"}},
+            {"error": {"message": "no code"}},
             {}
         ]});
-        c.answer(answer.to_string().as_bytes(), 6);
+        c.answer(answer.to_string().as_bytes(), 7);
         c.answer(b"{\"nope\": 1}", 2);
         let r = c.result.lock().unwrap();
         assert_eq!(c.counters.accepted.load(Ordering::Relaxed), 2);
@@ -390,7 +394,7 @@ mod tests {
             [
                 ("bad_json_answer", 2),
                 ("item_bad_topic", 1),
-                ("item_unknown", 1),
+                ("item_unknown", 2),
                 ("missing_result", 1)
             ]
         );

@@ -171,7 +171,8 @@ impl Link {
 
     /// One non-blocking read into `buf` (at least `reserve` bytes of room). Over
     /// WebSocket, a read that brought only frame overhead answers `WouldBlock`, so the
-    /// caller waits for readiness again (tokio has not cleared it: it re-polls at once).
+    /// caller waits for readiness again (cleared only if the read found the socket drained,
+    /// `wire::read_drained`; else tokio re-polls at once).
     pub fn try_read_buf(&mut self, buf: &mut BytesMut, reserve: usize) -> io::Result<usize> {
         let Some(ws) = &mut self.ws else {
             return self.wire.try_recv(buf, reserve);

@@ -358,7 +358,8 @@ impl Shard {
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
             tls_cursor = b.tls_cursor;
-            tls_in = std::mem::take(&mut b.tls_in);
+            // A plain copy: the pool buffer stays with this shard's pool.
+            tls_in = b.tls_in.to_vec();
             ws = b.ws.take();
             give_bufs(
                 &mut self.wire.pool,
@@ -433,15 +434,17 @@ impl Shard {
         if alive && !h.rest.is_empty() {
             alive = self.ingest_bytes(key, &h.rest);
         }
+        let mut carried = h.tls_in;
         if alive && tls {
             // Plaintext rustls decrypted after the CONNECT is still inside it; then the
             // ciphertext the other shard had read past it.
             if self.tls_process(key) {
-                self.tls_carried(key, h.tls_in);
+                self.tls_carried(key, &mut carried);
             }
         } else if tls {
-            // Its credentials are being checked: read once it is let in (`on_auth_done`).
-            self.keep_carried(key, h.tls_in);
+            // Its credentials are being checked: kept, read once it is let in
+            // (`on_auth_done`).
+            self.tls_carried(key, &mut carried);
         }
     }
 }

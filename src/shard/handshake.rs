@@ -129,10 +129,12 @@ impl Shard {
         bufs.tls = Some(h.tls);
         bufs.tls_cursor = h.tls_cursor;
         // The plaintext rustls decrypted with the handshake's last flight (a CONNECT
-        // sent at once) is inside it; the ciphertext it did not take follows.
-        let mut rest = h.rest;
-        if self.tls_process(key) && !rest.is_empty() {
-            self.tls_feed(key, &mut rest);
+        // sent at once) is inside it; the ciphertext it did not take follows, kept with
+        // the connection meanwhile: it goes along if that CONNECT sends the connection
+        // to its home shard, and waits while its credentials are being checked.
+        self.append_tls_in(key, &h.rest);
+        if self.tls_process(key) && self.wire.conns[key].state != super::ConnState::Authenticating {
+            self.tls_carried_kept(key);
         }
     }
 

@@ -318,6 +318,8 @@ impl Shard {
             scratch: vec![0; settings.scratch_bytes],
             dirty: Vec::new(),
             reread: Vec::new(),
+            tls_feeding: None,
+            deferred_handoff: None,
             skip_io_poll: false,
             paused: HashSet::new(),
             settling: Vec::new(),

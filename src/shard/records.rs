@@ -80,16 +80,6 @@ impl Shard {
         }
     }
 
-    /// Keeps ciphertext for the next read (or the resumption of a paused connection).
-    fn keep_tls_in(&mut self, key: usize, bytes: &[u8]) {
-        let mut kept = self.wire.pool.take(bytes.len());
-        kept.extend_from_slice(bytes);
-        let bufs = self.wire.conns[key]
-            .bufs
-            .get_or_insert_with(Default::default);
-        bufs.tls_in = kept;
-    }
-
     /// Gives ciphertext to rustls and processes it (its plaintext goes on to the
     /// framer); if the connection pauses, the rest waits in `tls_in`. False when the
     /// connection is gone.
@@ -116,25 +106,11 @@ impl Shard {
             };
             bufs.tls_cursor.advance(&data[at..at + taken]);
             at += taken;
-            // Before its CONNECT, the plaintext may send the connection to its home
-            // shard: the ciphertext rustls has not taken yet goes with it (`detach`).
-            let may_move = at < data.len()
-                && matches!(
-                    self.wire.conns[key].state,
-                    ConnState::Handshake | ConnState::WsUpgrade
-                );
-            if may_move {
-                self.keep_tls_in(key, &data[at..]);
-            }
-            if !self.tls_process(key) {
+            if !self.tls_process_feeding(key, &data[at..]) {
                 return false;
             }
-            if may_move {
-                let copy = self.take_tls_in(key);
-                self.wire.pool.give(copy, self.clock.now);
-            }
             if self.wire.is_holding(key) && at < data.len() {
-                self.keep_tls_in(key, &data[at..]);
+                self.append_tls_in(key, &data[at..]);
                 return true;
             }
         }
@@ -151,7 +127,7 @@ impl Shard {
         };
         let Batch { plain, used, end } = keys.opener().open_many(data);
         if end.is_none() && used < data.len() {
-            self.keep_tls_in(key, &data[used..]);
+            self.append_tls_in(key, &data[used..]);
         }
         if plain > 0 && !self.ingest_plaintext(key, &mut data[..plain]) {
             return false;
@@ -186,39 +162,70 @@ impl Shard {
         self.close_conn(key, DisconnectReason::ProtocolError, None);
     }
 
-    /// Ciphertext read on another shard past the CONNECT of a connection handed over
-    /// here, fed as if just read (kept while the connection pauses). False when the
-    /// connection is gone.
-    pub(super) fn tls_carried(&mut self, key: usize, mut carried: Vec<u8>) -> bool {
-        if carried.is_empty() {
-            return true;
+    /// [`Shard::tls_process`] within [`Shard::tls_feed`], `untaken` the ciphertext rustls
+    /// has not taken yet: if the plaintext sends the connection to its home shard
+    /// (`hand_off`), that ciphertext goes with it, after what the connection kept. False
+    /// when the connection is gone.
+    /// When the plaintext was a CONNECT whose credentials are now checked off the
+    /// shard, that ciphertext waits in `tls_in` (`on_auth_done` reads it).
+    fn tls_process_feeding(&mut self, key: usize, untaken: &[u8]) -> bool {
+        let outer = self.wire.tls_feeding.replace(key);
+        let alive = self.tls_process(key);
+        self.wire.tls_feeding = outer;
+        if let Some((home, mut handoff)) = self.wire.deferred_handoff.take() {
+            handoff.tls_in.extend_from_slice(untaken);
+            self.post_handoff(home, handoff);
+        } else if !alive && self.authenticating(key) {
+            self.append_tls_in(key, untaken);
         }
-        if self.wire.is_holding(key) {
-            self.keep_tls_in(key, &carried);
-            return true;
-        }
-        let alive = self.tls_feed(key, &mut carried);
-        self.wire.pool.give(carried, self.clock.now);
         alive
     }
 
-    /// Keeps `carried` (as [`Shard::tls_carried`]) for later on a connection not read from
-    /// now (its credentials are being checked), if it is still here.
-    pub(super) fn keep_carried(&mut self, key: usize, carried: Vec<u8>) {
-        let waiting = self
-            .wire
-            .conns
-            .get(key)
-            .is_some_and(|c| c.state == ConnState::Authenticating);
-        if waiting && !carried.is_empty() {
-            self.keep_tls_in(key, &carried);
-        }
+    fn authenticating(&self, key: usize) -> bool {
+        (self.wire.conns.get(key)).is_some_and(|c| c.state == ConnState::Authenticating)
     }
 
-    /// Feeds what [`Shard::keep_carried`] kept. False when the connection is gone.
+    /// Keeps ciphertext for the next read (or the resumption of a paused connection),
+    /// after what connection `key` already keeps.
+    pub(super) fn append_tls_in(&mut self, key: usize, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut kept = self.take_tls_in(key);
+        self.wire
+            .pool
+            .reserve(&mut kept, bytes.len(), self.clock.now);
+        kept.extend_from_slice(bytes);
+        let bufs = self.wire.conns[key]
+            .bufs
+            .get_or_insert_with(Default::default);
+        bufs.tls_in = kept;
+    }
+
+    /// Ciphertext read past the CONNECT elsewhere (on another shard, or by the TLS
+    /// handshake thread), fed as if just read; kept in `tls_in` while the connection
+    /// pauses or its credentials are being checked. False when the connection is gone.
+    pub(super) fn tls_carried(&mut self, key: usize, carried: &mut [u8]) -> bool {
+        let Some(conn) = self.wire.conns.get(key) else {
+            return false;
+        };
+        if carried.is_empty() {
+            return true;
+        }
+        if conn.state == ConnState::Authenticating || self.wire.is_holding(key) {
+            self.append_tls_in(key, carried);
+            return true;
+        }
+        self.tls_feed(key, carried)
+    }
+
+    /// Feeds the ciphertext a connection kept (`tls_carried`) once it may be read. False
+    /// when the connection is gone.
     pub(super) fn tls_carried_kept(&mut self, key: usize) -> bool {
-        let kept = self.take_tls_in(key);
-        self.tls_carried(key, kept)
+        let mut kept = self.take_tls_in(key);
+        let alive = self.tls_carried(key, &mut kept);
+        self.wire.pool.give(kept, self.clock.now);
+        alive
     }
 
     /// Handles, after a pause, the TLS bytes a connection still holds: plaintext inside

@@ -36,6 +36,11 @@ pub(super) struct Wire {
     pub dirty: Vec<u32>,
     /// Connections whose read budget ran out while bytes were still waiting.
     pub reread: Vec<u32>,
+    /// The TLS connection whose ciphertext `Shard::tls_feed` is giving to rustls now: a
+    /// hand-off to its home shard waits in `deferred_handoff` until `tls_feed` adds the
+    /// ciphertext rustls has not taken yet, and sends it.
+    pub tls_feeding: Option<usize>,
+    pub deferred_handoff: Option<(usize, Box<crate::mailbox::Handoff>)>,
     /// The next turn does not ask the poll for ready sockets: the shard was woken by its
     /// mailbox alone and tokio saw no readiness on the poll's fd (see `Shard::run`).
     pub skip_io_poll: bool,

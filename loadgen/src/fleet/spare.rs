@@ -24,11 +24,15 @@ pub(super) fn lend() -> BytesMut {
 /// (kept as this thread's spare unless it already has one); a buffer holding a partial
 /// packet stays with its device.
 pub(super) fn give_back(buf: &mut BytesMut) {
-    if !buf.is_empty() || buf.capacity() == 0 {
+    if !buf.is_empty() {
         return;
     }
-    let mut b = std::mem::take(buf);
-    b.clear();
+    // Taken even at capacity 0: a buffer whose every byte was split off still holds
+    // its allocation until the last piece goes.
+    let b = std::mem::take(buf);
+    if b.capacity() == 0 {
+        return;
+    }
     SPARE.with(|s| {
         let kept = s.take().unwrap_or(b);
         s.set(Some(kept));

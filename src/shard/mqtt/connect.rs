@@ -83,10 +83,11 @@ impl Shard {
     }
 
     /// Takes the connection off this shard and posts it, with its CONNECT, to shard
-    /// `home`; refuses it (server unavailable) when that shard's mailbox is full.
+    /// `home` (once `tls_feed` has added the ciphertext rustls has not taken, when it is
+    /// feeding this connection).
     fn hand_off(&mut self, key: usize, home: usize, connect: Connect, rest: &[u8]) {
         let d = self.detach(key);
-        let handoff = Handoff {
+        let handoff = Box::new(Handoff {
             socket: d.socket,
             peer: d.peer,
             connect,
@@ -97,11 +98,20 @@ impl Shard {
             tls_in: d.tls_in,
             link: d.link,
             ws: d.ws,
-        };
+        });
+        match self.wire.tls_feeding == Some(key) {
+            true => self.wire.deferred_handoff = Some((home, handoff)),
+            false => self.post_handoff(home, handoff),
+        }
+    }
+
+    /// Posts a hand-off to shard `home`; refuses the connection (server unavailable)
+    /// when that shard's mailbox is full.
+    pub(in crate::shard) fn post_handoff(&mut self, home: usize, handoff: Box<Handoff>) {
         if let Err(ShardMsg::Handoff(h)) = self
             .services
             .mailboxes
-            .try_send(home, ShardMsg::Handoff(Box::new(handoff)))
+            .try_send(home, ShardMsg::Handoff(handoff))
         {
             self.refuse_handoff(home, *h);
         }
