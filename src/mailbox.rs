@@ -197,8 +197,11 @@ pub enum ShardMsg {
     /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
     Shutdown,
     /// The `[acl]` rules a config reload compiled (`src/reload.rs`): in force for this
-    /// shard's next check (`shard/reload.rs`).
-    Acl(Box<crate::acl::Acl>),
+    /// shard's next check (`shard/reload.rs`), which `applied` then tells the reload.
+    Acl {
+        acl: Box<crate::acl::Acl>,
+        applied: oneshot::Sender<()>,
+    },
     /// To a shared group's owner shard: `client_id` (homed on `shard`) subscribed to
     /// `$share/{group}/{filter}` with `options` (the subscription options byte) and
     /// subscription identifier `sub_id` (0 = none). A repeat updates the member.
