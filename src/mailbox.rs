@@ -199,8 +199,11 @@ pub enum ShardMsg {
     /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
     Shutdown,
     /// The `[acl]` rules a config reload compiled (`src/reload.rs`): in force for this
-    /// shard's next check (`shard/reload.rs`).
-    Acl(Box<crate::acl::Acl>),
+    /// shard's next check (`shard/reload.rs`), which `applied` then tells the reload.
+    Acl {
+        acl: Box<crate::acl::Acl>,
+        applied: oneshot::Sender<()>,
+    },
     /// To a shared group's owner shard: `client_id` (homed on `shard`) subscribed to
     /// `$share/{group}/{filter}` with `options` (the subscription options byte) and
     /// subscription identifier `sub_id` (0 = none). A repeat updates the member.
@@ -367,13 +370,25 @@ impl Mailboxes {
     }
 
     /// Sends `shard` a batch of routed messages costing `bytes` (see [`Message::cost`]);
-    /// the receiver gives the bytes back with [`Mailboxes::routed_done`].
-    pub fn send_routed(&self, shard: usize, msg: ShardMsg, bytes: usize) -> Result<(), ShardMsg> {
+    /// the receiver gives the bytes back with [`Mailboxes::routed_done`]. `counted` runs
+    /// once there is room, before the batch can be handled: what it counts is counted by
+    /// the time a message of the batch reaches a device (counted after the send, a
+    /// sender preempted in between showed a delivered batch uncounted).
+    pub fn send_routed(
+        &self,
+        shard: usize,
+        msg: ShardMsg,
+        bytes: usize,
+        counted: impl FnOnce(),
+    ) -> Result<(), ShardMsg> {
+        let Ok(permit) = self.senders[shard].try_reserve() else {
+            return Err(msg);
+        };
         // Counted before it can be handled, so the count never goes below zero.
         self.routed_bytes[shard].fetch_add(bytes, Ordering::Relaxed);
-        self.try_send(shard, msg).inspect_err(|_| {
-            self.routed_bytes[shard].fetch_sub(bytes, Ordering::Relaxed);
-        })
+        counted();
+        permit.send(msg);
+        Ok(())
     }
 
     /// `shard` handled routed messages costing `bytes`.
@@ -447,6 +462,25 @@ mod tests {
             counts[home_shard(&format!("device-{i:08}"), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    /// What a routed batch's sender counts is counted before the receiver can take the
+    /// batch (a sender preempted after the send left delivered messages uncounted), and
+    /// not at all when the mailbox is full.
+    #[test]
+    fn a_routed_batch_is_counted_before_it_can_be_handled_and_not_when_refused() {
+        let (mb, mut rx) = Mailboxes::new(1, 1);
+        let mut counted = 0;
+        let sent = mb.send_routed(0, ShardMsg::Shutdown, 10, || {
+            assert!(rx[0].try_recv().is_err(), "handled before it was counted");
+            counted += 1;
+        });
+        assert!(sent.is_ok());
+        assert_eq!((counted, mb.routed_bytes(0)), (1, 10));
+        let refused = mb.send_routed(0, ShardMsg::Shutdown, 5, || counted += 1);
+        assert!(matches!(refused, Err(ShardMsg::Shutdown)));
+        assert_eq!((counted, mb.routed_bytes(0)), (1, 10));
+        assert!(matches!(rx[0].try_recv(), Ok(ShardMsg::Shutdown)));
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! anything: the TLS certificate, key and client CA (read and checked), the auth
 //! providers (password file and JWT keys read again), and the `[acl]` rules (compiled
 //! for every shard). Only when all of that succeeds are they put in place: the ACL goes
-//! to every shard in one reserved round of mailbox messages (all shards or none), then
-//! the auth providers and the TLS files are swapped. A reload that fails leaves the old
-//! settings in force and says why, naming the key.
+//! to every shard in one reserved round of mailbox messages (all shards or none), and
+//! the reload waits until each shard has it in force; then the auth providers and the
+//! TLS files are swapped. So when the reload answers, the new settings judge whatever a
+//! client sends next. A reload that fails leaves the old settings in force and says
+//! why, naming the key.
 //!
 //! New handshakes use the new certificate; connections already open keep theirs. Keys
 //! that only a restart can change (listen addresses, shard count and every other
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::acl::Acl;
 use crate::auth::Authenticator;
@@ -218,15 +221,27 @@ impl Reloader {
         Ok(report)
     }
 
-    /// Sends every shard its compiled ACL, all or none, waiting a while for room.
+    /// Sends every shard its compiled ACL, all or none, waiting a while for room, then
+    /// until every shard has put it in force. A shard reads its sockets before its
+    /// mailbox in a loop turn: without that wait, a PUBLISH a client sends right after
+    /// the reload's answer could still be judged by the old rules.
     async fn send_acls(&self, mut acls: Vec<Option<Acl>>) -> Result<(), ReloadError> {
         let deadline = Instant::now() + MAILBOX_WAIT;
+        let mut applied = Vec::with_capacity(acls.len());
         loop {
             let sent = self.mailboxes.try_send_all(|shard| {
-                ShardMsg::Acl(Box::new(acls[shard].take().expect("one ACL per shard")))
+                let (tx, rx) = oneshot::channel();
+                applied.push(rx);
+                ShardMsg::Acl {
+                    acl: Box::new(acls[shard].take().expect("one ACL per shard")),
+                    applied: tx,
+                }
             });
             match sent {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    wait_applied(applied).await;
+                    return Ok(());
+                }
                 Err(shard) if Instant::now() >= deadline => {
                     return Err(ReloadError::Busy(format!(
                         "shard {shard}'s mailbox stayed full for {}s; nothing was changed, try again",
@@ -235,6 +250,21 @@ impl Reloader {
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
+        }
+    }
+}
+
+/// Waits until every shard has said its new ACL is in force. A shard that stopped
+/// meanwhile has nothing to judge; one still silent after [`MAILBOX_WAIT`] (it cannot
+/// be: a shard never blocks) has the rules in its mailbox and takes them next.
+async fn wait_applied(applied: Vec<oneshot::Receiver<()>>) {
+    let deadline = tokio::time::Instant::now() + MAILBOX_WAIT;
+    for (shard, rx) in applied.into_iter().enumerate() {
+        if tokio::time::timeout_at(deadline, rx).await.is_err() {
+            tracing::warn!(
+                shard,
+                "config reload: the shard has not put the new ACL in force yet; it takes it from its mailbox"
+            );
         }
     }
 }
@@ -379,4 +409,67 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
 
 fn dbg(v: &impl std::fmt::Debug) -> String {
     format!("{v:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reloader for two shards whose config file holds an `[acl]` section, and the
+    /// shards' mailboxes (no shard runs: the test answers for them).
+    fn reloader(tag: &str) -> (Arc<Reloader>, Vec<tokio::sync::mpsc::Receiver<ShardMsg>>) {
+        let dir = std::env::temp_dir().join(format!("gateway-reload-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(
+            &path,
+            "[acl]\nenabled = true\nno_match = \"allow\"\n\
+             rules = [{ permission = \"deny\", action = \"publish\", topic = \"locked/#\" }]\n",
+        )
+        .unwrap();
+        let config = Arc::new(Config::default());
+        let auth = Arc::new(Authenticator::from_config(&config.auth, 1).unwrap());
+        let (mailboxes, rx) = Mailboxes::new(2, 4);
+        let r = Reloader::new(Some(path), config, auth, None, mailboxes);
+        (Arc::new(r), rx)
+    }
+
+    /// The shard's side of an ACL message: what tells the reload it is in force.
+    fn applied(msg: Option<ShardMsg>) -> oneshot::Sender<()> {
+        match msg {
+            Some(ShardMsg::Acl { applied, .. }) => applied,
+            _ => panic!("expected the reloaded ACL"),
+        }
+    }
+
+    /// The reload answers only once every shard has the new rules in force: a shard
+    /// reads its sockets before its mailbox, so a PUBLISH sent right after an earlier
+    /// answer could be judged by the old rules.
+    #[tokio::test]
+    async fn a_reload_answers_once_every_shard_has_the_new_acl_in_force() {
+        let (r, mut rx) = reloader("acl");
+        let reload = tokio::spawn({
+            let r = r.clone();
+            async move { r.reload("test").await }
+        });
+        let first = applied(rx[0].recv().await);
+        let second = applied(rx[1].recv().await);
+        let _ = first.send(());
+        // (A wait that cannot fail the fix: the reload waits for the second shard.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !reload.is_finished(),
+            "answered before shard 1 had the new ACL in force"
+        );
+        let _ = second.send(());
+        let report = tokio::time::timeout(Duration::from_secs(10), reload)
+            .await
+            .expect("answered once both shards have it")
+            .unwrap()
+            .expect("reloaded");
+        assert!(report.reloaded.contains(&"acl"), "{report:?}");
+        assert_eq!(r.metrics.ok.load(Ordering::Relaxed), 1);
+        let dir = r.path.as_ref().and_then(|p| p.parent()).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

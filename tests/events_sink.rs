@@ -177,7 +177,10 @@ async fn webhook_gets_every_kind_signed_batched_and_in_order() {
         1
     );
 
+    // The sink counts a batch once the receiver has answered it: after the receiver
+    // holds it.
     let m = events.sink("webhook").unwrap();
+    wait_until("9 events counted as sent", || m.sent.get() >= 9).await;
     assert_eq!(m.sent.get(), 9);
     let mut text = String::new();
     events.metrics.render(&mut text);
@@ -237,6 +240,8 @@ async fn webhook_down_then_back_gets_every_queued_event() {
         .collect();
     let want: Vec<String> = (0..50).map(|i| format!("dev-{i}")).collect();
     assert_eq!(ids, want, "every event once, in order");
+    // Counted once the receiver has answered the last batch.
+    wait_until("50 events counted as sent", || m.sent.get() >= 50).await;
     assert_eq!(m.sent.get(), 50);
     for reason in gateway::events::metrics::DROP_REASONS {
         assert_eq!(m.dropped_count(reason), 0, "{reason}");

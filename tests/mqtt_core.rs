@@ -98,15 +98,26 @@ async fn messages_cross_shards_to_every_subscriber() {
     assert_eq!(gw.metric("gateway_sessions").await, 13.0);
 }
 
+/// Waits for the next PUBACK `c` is sent.
+async fn puback(c: &mut v4::Client) {
+    assert!(
+        c.wait_for(T, |p| matches!(p, v4::Packet::PubAck(_))).await,
+        "no PUBACK"
+    );
+}
+
 #[tokio::test]
 async fn retained_message_reaches_late_subscriber_and_is_cleared() {
     let gw = TestServer::start("");
-    let p = v4::connect(v4::options(gw.mqtt, "ret-pub")).await;
+    let mut p = v4::connect(v4::options(gw.mqtt, "ret-pub")).await;
     p.client
         .publish("cfg/device9", v4::QoS::AtLeastOnce, true, "v1")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The PUBACK waits for the topic's home shard to store the update, and the
+    // publisher's shard has it by then (src/shard/retained.rs): with two shards, every
+    // shard holds it. (A fixed wait here was too short on a loaded machine.)
+    puback(&mut p).await;
     let mut late = v4::connect(v4::options(gw.mqtt, "ret-late")).await;
     late.subscribe("cfg/+", v4::QoS::AtLeastOnce).await;
     let m = late.next_publish(T).await.expect("retained delivered");
@@ -119,6 +130,7 @@ async fn retained_message_reaches_late_subscriber_and_is_cleared() {
         .unwrap();
     let m = late.next_publish(T).await.expect("live delivery");
     assert!(!m.retain);
+    puback(&mut p).await;
     // An empty retained payload clears it.
     p.client
         .publish("cfg/device9", v4::QoS::AtLeastOnce, true, "")
@@ -127,7 +139,9 @@ async fn retained_message_reaches_late_subscriber_and_is_cleared() {
     late.next_publish(T)
         .await
         .expect("the clearing message is delivered");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Live delivery does not wait for the store: the clear is in every shard's copy
+    // once its PUBACK came.
+    puback(&mut p).await;
     let mut later = v4::connect(v4::options(gw.mqtt, "ret-later")).await;
     later.subscribe("cfg/#", v4::QoS::AtLeastOnce).await;
     assert!(

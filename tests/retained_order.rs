@@ -90,36 +90,52 @@ async fn publish_retained(c: &mut Raw, msgs: &[(String, String)]) {
     }
 }
 
-/// What a fresh subscriber `id` to `filter` is given: waits for `expected` topics (the
-/// shards may take a moment to agree), then a little longer for any beyond them.
-async fn retained_seen_by(s: &TestServer, id: &str, filter: &str, expected: usize) -> Retained {
+/// What a fresh subscriber `id` to `filter` is given: the retained messages its shard
+/// holds when it subscribes, sent with the SUBACK (taken until 300 ms pass without one).
+async fn retained_seen_by(s: &TestServer, id: &str, filter: &str) -> Retained {
     let mut c = connect_v4(s, id).await;
     c.send(&Raw::subscribe_v4(filter, 0, 1)).await;
     let mut seen = Retained::new();
+    let mut subscribed = false;
     loop {
-        let wait = if seen.len() < expected {
-            T
-        } else {
+        let wait = if subscribed {
             Duration::from_millis(300)
+        } else {
+            T
         };
         match c.next_v4(wait).await {
             Ok(mqttbytes::v4::Packet::Publish(p)) => {
                 assert!(p.retain, "{id}: a live message on {}", p.topic);
                 seen.insert(p.topic, p.payload.to_vec());
             }
+            Ok(mqttbytes::v4::Packet::SubAck(_)) => subscribed = true,
             Ok(_) => {}
-            Err(_) => return seen,
+            Err(e) => {
+                assert!(subscribed, "{id}: no SUBACK ({e})");
+                return seen;
+            }
         }
     }
 }
 
-/// The retained messages a subscriber homed on each shard is given.
+/// The retained messages a subscriber homed on each shard is given, looked at again
+/// until every shard holds `expected` topics, the same messages (or `3 × T` passed).
+/// The PUBACKs do not wait for a topic's home shard to decide and the other shards to
+/// apply the decision, and a subscriber is given only what its shard holds when it
+/// subscribes: on a loaded machine one look can come too early.
 async fn retained_per_shard(s: &TestServer, filter: &str, expected: usize) -> Vec<Retained> {
-    let mut out = Vec::new();
-    for id in ids_per_shard("probe") {
-        out.push(retained_seen_by(s, &id, filter, expected).await);
+    let deadline = tokio::time::Instant::now() + 3 * T;
+    loop {
+        let mut out = Vec::new();
+        for id in ids_per_shard("probe") {
+            out.push(retained_seen_by(s, &id, filter).await);
+        }
+        let agreed = out.iter().all(|c| c.len() == expected && *c == out[0]);
+        if agreed || tokio::time::Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    out
 }
 
 /// Every shard's copy and the store after a restart must hold `expected` topics, the

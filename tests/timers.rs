@@ -31,12 +31,15 @@ fn disconnect_v5() -> Vec<u8> {
 #[tokio::test]
 async fn a_real_gateway_closes_a_silent_client_and_ends_an_expired_session() {
     let gw = TestServer::start("[shards]\ntick_ms = 100");
-    let (mut silent, _) = Raw::connected_v5(gw.mqtt, &connect5("rt-silent", 1, true, None)).await;
+    // Each instant is taken before the gateway can start its timer (before the CONNECT,
+    // before the DISCONNECT is sent): a test thread preempted after the send cannot make
+    // a timer that ran its full time look early.
     let connected = Instant::now();
+    let (mut silent, _) = Raw::connected_v5(gw.mqtt, &connect5("rt-silent", 1, true, None)).await;
     let c = connect5("rt-session", 30, true, Some(session_expiry_props(1)));
     let (mut dev, _) = Raw::connected_v5(gw.mqtt, &c).await;
-    dev.send(&disconnect_v5()).await;
     let offline = Instant::now();
+    dev.send(&disconnect_v5()).await;
     assert!(dev.wait_closed(T).await);
 
     let code = silent.expect_disconnect_v5(Duration::from_secs(30)).await;
@@ -44,7 +47,7 @@ async fn a_real_gateway_closes_a_silent_client_and_ends_an_expired_session() {
     let waited = connected.elapsed();
     assert!(
         waited >= Duration::from_millis(1400),
-        "closed {waited:?} after CONNACK, before 1.5 x 1 s"
+        "closed {waited:?} after the CONNECT, before 1.5 x 1 s"
     );
     assert!(silent.wait_closed(T).await);
 

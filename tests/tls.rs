@@ -160,8 +160,9 @@ async fn stalled_handshake_blocks_no_one_and_times_out() {
     let tls = gw.tls.unwrap();
     let cfg = pki.client_config(None, false);
 
-    let mut stalled = pki.stalled_handshake(tls);
+    // Taken before the connect: the gateway's connect timeout cannot have started earlier.
     let opened = Instant::now();
+    let mut stalled = pki.stalled_handshake(tls);
 
     // Meanwhile, on the same (single) shard, other TLS clients connect and are served.
     for i in 0..5 {

@@ -115,10 +115,11 @@ fn oversized_frame_and_garbage_close_only_the_offender() {
 #[test]
 fn slowloris_upgrade_is_closed_at_the_connect_timeout() {
     let (gw, addr) = ws::gateway("connect_timeout_secs = 1\n");
+    // Taken before the connect: the gateway's timer cannot have started earlier.
+    let started = Instant::now();
     let mut slow = TcpStream::connect(addr).unwrap();
     slow.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let started = Instant::now();
     let mut closed = false;
     // One byte of the upgrade every 100 ms: never whole before the connect timeout.
     for b in UPGRADE.as_bytes().iter().take(200) {

@@ -44,6 +44,8 @@ pub struct Sweeper {
     /// Entries read per second at most; 0 = no sweeping.
     rate: u32,
     every: Duration,
+    /// How long one listing of the leases may take (`request_timeout_ms`).
+    list_timeout: Duration,
     dead: broadcast::Sender<Arc<str>>,
     swept: AtomicU64,
     /// The last sweep failed (logged once until one succeeds).
@@ -56,6 +58,7 @@ impl Sweeper {
             registry,
             rate: config.registry_sweep_rate,
             every: config.lease() / 3,
+            list_timeout: config.request_timeout(),
             dead: broadcast::channel(64).0,
             swept: AtomicU64::new(0),
             failing: AtomicBool::new(false),
@@ -106,8 +109,17 @@ impl Sweeper {
         }
     }
 
-    /// The node ids holding a lease now.
+    /// The node ids holding a lease now. Bounded: listing a bucket whose entries expire
+    /// or are replaced meanwhile (leases do both) can wait for an entry that is gone
+    /// (nats-io/nats.rs#642), and the sweeper looked no more: a node that died then was
+    /// never swept. A listing cut off is tried again at the next look.
     async fn leases(&self) -> Result<HashSet<String>, String> {
+        tokio::time::timeout(self.list_timeout, self.list_leases())
+            .await
+            .map_err(|_| format!("listing the leases took over {:?}", self.list_timeout))?
+    }
+
+    async fn list_leases(&self) -> Result<HashSet<String>, String> {
         let keys = self
             .registry
             .leases()

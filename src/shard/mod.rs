@@ -669,7 +669,7 @@ impl Shard {
                 let _ = reply.send(self.kick(&client_id, clear_session));
             }
             ShardMsg::Shutdown => self.begin_shutdown(),
-            ShardMsg::Acl(acl) => self.replace_acl(*acl),
+            ShardMsg::Acl { acl, applied } => self.replace_acl(*acl, applied),
             ShardMsg::SharedJoin(m) => self.on_shared_join(*m),
             ShardMsg::SharedLeave { key, client_id } => self.on_shared_leave(&key, &client_id),
             ShardMsg::DeliverShared(d) => self.on_deliver_shared(*d),

@@ -101,12 +101,12 @@ impl Routing {
                     batch,
                     bytes,
                 };
-                match mailboxes.send_routed(shard, msg, bytes) {
-                    Ok(()) => {
-                        ShardMetrics::add(&metrics.handoff_messages, n);
-                        ShardMetrics::add(&metrics.handoff_batches, 1);
-                        true
-                    }
+                let counted = || {
+                    ShardMetrics::add(&metrics.handoff_messages, n);
+                    ShardMetrics::add(&metrics.handoff_batches, 1);
+                };
+                match mailboxes.send_routed(shard, msg, bytes, counted) {
+                    Ok(()) => true,
                     Err(ShardMsg::Publish { batch, .. }) => {
                         self.outbox[shard] = batch;
                         false

@@ -131,14 +131,25 @@ impl TestServer {
         timeout: Duration,
         pred: impl Fn(f64) -> bool,
     ) -> f64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.metric(sample).await;
-            if pred(v) || Instant::now() > deadline {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_metric(self.http, sample, timeout, pred).await
+    }
+}
+
+/// Polls `sample` on the `/metrics` of `http` until `pred` holds or `timeout` passes;
+/// returns the last value (a `GatewayProcess`'s, for one: its `http`).
+pub async fn wait_metric(
+    http: SocketAddr,
+    sample: &str,
+    timeout: Duration,
+    pred: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = metric_value(&http_get(http, "/metrics").await.1, sample);
+        if pred(v) || Instant::now() > deadline {
+            return v;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
