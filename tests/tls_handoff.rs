@@ -5,7 +5,7 @@
 //! after its handshake has most of its bytes in that last part). Half the devices send it
 //! right after the handshake, half in the same write as their TLS Finished (then the TLS
 //! handshake thread reads it with the Finished and hands the rest back with the
-//! connection).
+//! connection), and devices over WebSocket over TLS (wss).
 
 mod common;
 
@@ -17,8 +17,9 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use common::tls::{suback, Pki, TlsClient};
-use common::GatewayProcess;
+use common::ws::{self, WsMqtt};
 use common::Raw;
+use common::{GatewayProcess, TestServer};
 use gateway::mailbox::home_shard;
 
 const PUBLISHES: usize = 40;
@@ -74,42 +75,9 @@ fn first_flights_arrive_whole(extra: &str, login: bool) {
     let gw = GatewayProcess::start(&format!("{}\n[shards]\ncount = 2\n{extra}", pki.toml("")));
     let tls = gw.tls.unwrap();
     let cfg = pki.client_config(None, false);
-    let mut sub = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
-    sub.send(&connect("carry-sub", login)).unwrap();
-    assert!(matches!(
-        sub.recv(Duration::from_secs(10)),
-        Ok(mqttbytes::v4::Packet::ConnAck(a)) if a.code as u8 == 0
-    ));
-    sub.send(&common::frame(
-        0x82,
-        &[&[0, 1, 0, 7][..], b"carry/#", &[0]].concat(),
-    ))
-    .unwrap();
-    suback(&mut sub);
-    // Devices homed on each shard: whichever shard accepts a device, some are handed
-    // over.
-    let ids: Vec<String> = (0..)
-        .map(|i| format!("carry-{i}"))
-        .filter(|id| home_shard(id, 2) == 0)
-        .take(4)
-        .chain(
-            (0..)
-                .map(|i| format!("carry-{i}"))
-                .filter(|id| home_shard(id, 2) == 1)
-                .take(4),
-        )
-        .collect();
-    for (i, id) in ids.iter().enumerate() {
-        let mut publishes = Vec::new();
-        for n in 0..PUBLISHES {
-            let payload = format!("{id}/{n:03}/{}", "x".repeat(480));
-            publishes.extend(Raw::publish_v4(
-                &format!("carry/{id}"),
-                0,
-                0,
-                payload.as_bytes(),
-            ));
-        }
+    let mut sub = subscriber(tls, cfg.clone(), login);
+    for (i, id) in device_ids().iter().enumerate() {
+        let publishes = publishes(id);
         let mut device = match i % 2 {
             0 => {
                 let mut d = TlsClient::connect(tls, cfg.clone(), b"").unwrap();
@@ -122,16 +90,87 @@ fn first_flights_arrive_whole(extra: &str, login: bool) {
             Ok(mqttbytes::v4::Packet::ConnAck(a)) => assert_eq!(a.code as u8, 0, "{id}"),
             other => panic!("{id}: expected CONNACK, got {other:?}"),
         }
-        for n in 0..PUBLISHES {
-            let p = sub
-                .expect_publish(Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("{id}: publish {n} of {PUBLISHES}: {e}"));
-            let expected = format!("{id}/{n:03}/");
-            assert!(
-                p.payload.starts_with(expected.as_bytes()),
-                "{id}: publish {n}"
-            );
-        }
+        all_arrive(&mut sub, id);
+    }
+}
+
+#[test]
+fn the_same_over_websocket_over_tls() {
+    // The WebSocket frame carrying the first flight is decoded from rustls' plaintext on
+    // the accepting shard; the rest of its ciphertext goes along with the decoder state.
+    let pki = Pki::new();
+    let gw = TestServer::start(&format!(
+        "{}\n[shards]\ncount = 2\n",
+        pki.toml("wss_listen = \"127.0.0.1:0\"")
+    ));
+    let (tls, wss) = (gw.tls.unwrap(), gw.wss.unwrap());
+    let cfg = pki.client_config(None, false);
+    let mut sub = subscriber(tls, cfg.clone(), false);
+    let url = format!("wss://localhost:{}/mqtt", wss.port());
+    for id in device_ids() {
+        let stream = TlsClient::connect(wss, cfg.clone(), b"").unwrap().s;
+        let mut device = WsMqtt::new(ws::upgrade(&url, stream));
+        device.send(&[connect(&id, false), publishes(&id)].concat());
+        assert_eq!(device.connack(), 0, "{id}");
+        all_arrive(&mut sub, &id);
+    }
+}
+
+/// A TLS subscriber to `carry/#`.
+fn subscriber(tls: std::net::SocketAddr, cfg: Arc<ClientConfig>, login: bool) -> TlsClient {
+    let mut sub = TlsClient::connect(tls, cfg, b"").unwrap();
+    sub.send(&connect("carry-sub", login)).unwrap();
+    assert!(matches!(
+        sub.recv(Duration::from_secs(10)),
+        Ok(mqttbytes::v4::Packet::ConnAck(a)) if a.code as u8 == 0
+    ));
+    sub.send(&common::frame(
+        0x82,
+        &[&[0, 1, 0, 7][..], b"carry/#", &[0]].concat(),
+    ))
+    .unwrap();
+    suback(&mut sub);
+    sub
+}
+
+/// Four client ids homed on each of two shards: whichever shard accepts a device, some
+/// are handed over.
+fn device_ids() -> Vec<String> {
+    let homed = |shard| {
+        (0..)
+            .map(|i| format!("carry-{i}"))
+            .filter(move |id| home_shard(id, 2) == shard)
+            .take(4)
+    };
+    homed(0).chain(homed(1)).collect()
+}
+
+/// `PUBLISHES` QoS 0 publishes to `carry/<id>`, ~500 bytes each, numbered.
+fn publishes(id: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in 0..PUBLISHES {
+        let payload = format!("{id}/{n:03}/{}", "x".repeat(480));
+        out.extend(Raw::publish_v4(
+            &format!("carry/{id}"),
+            0,
+            0,
+            payload.as_bytes(),
+        ));
+    }
+    out
+}
+
+/// `sub` gets device `id`'s publishes, all of them, in order.
+fn all_arrive(sub: &mut TlsClient, id: &str) {
+    for n in 0..PUBLISHES {
+        let p = sub
+            .expect_publish(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{id}: publish {n} of {PUBLISHES}: {e}"));
+        let expected = format!("{id}/{n:03}/");
+        assert!(
+            p.payload.starts_with(expected.as_bytes()),
+            "{id}: publish {n}"
+        );
     }
 }
 
