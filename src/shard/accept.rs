@@ -380,6 +380,15 @@ impl Shard {
         }
     }
 
+    /// A connection no longer in this shard's slab (detached, or never adopted) is
+    /// closed: its per-IP count and its place among the open connections go.
+    pub(super) fn release_detached(&self, peer: SocketAddr) {
+        self.services.per_ip.release(peer.ip());
+        self.services
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Registers a connection accepted at `accepted_at` by another thread (another
     /// shard, a TLS handshake thread), in `state`; its connect timeout runs from that
     /// accept, not from now. `None` when it was closed instead (this shard is stopping,
@@ -393,10 +402,7 @@ impl Shard {
         accepted: Instant,
     ) -> Option<usize> {
         if self.stopping {
-            self.services
-                .open_connections
-                .fetch_sub(1, Ordering::Relaxed);
-            self.services.per_ip.release(peer.ip());
+            self.release_detached(peer);
             return None;
         }
         let elapsed = self.clock.now_instant.saturating_duration_since(accepted);

@@ -107,10 +107,7 @@ impl Shard {
         if let Err(a) = submitted {
             // The thread takes no more (the gateway is stopping): closed here.
             in_progress.fetch_sub(1, Ordering::Relaxed);
-            self.services.per_ip.release(a.peer.ip());
-            self.services
-                .open_connections
-                .fetch_sub(1, Ordering::Relaxed);
+            self.release_detached(a.peer);
             self.services.metrics.disconnect(DisconnectReason::Shutdown);
         }
         true

@@ -140,10 +140,7 @@ impl Shard {
                 let _ = std::io::Write::write(&mut &h.socket, &out);
             }
         }
-        self.services.per_ip.release(h.peer.ip());
-        self.services
-            .open_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.release_detached(h.peer);
         self.services.metrics.refuse(RefuseReason::Busy);
         self.services.metrics.disconnect(DisconnectReason::Refused);
         tracing::warn!(shard = self.id, home, client_id = %h.connect.client_id, "home shard mailbox full, connection refused");
