@@ -130,7 +130,7 @@ impl Shard {
         // the connection meanwhile: it goes along if that CONNECT sends the connection
         // to its home shard, and waits while its credentials are being checked.
         self.append_tls_in(key, &h.rest);
-        if self.tls_process(key) && self.wire.conns[key].state != super::ConnState::Authenticating {
+        if self.tls_process(key) {
             self.tls_carried_kept(key);
         }
     }

@@ -164,10 +164,9 @@ impl Shard {
 
     /// [`Shard::tls_process`] within [`Shard::tls_feed`], `untaken` the ciphertext rustls
     /// has not taken yet: if the plaintext sends the connection to its home shard
-    /// (`hand_off`), that ciphertext goes with it, after what the connection kept. False
-    /// when the connection is gone.
-    /// When the plaintext was a CONNECT whose credentials are now checked off the
-    /// shard, that ciphertext waits in `tls_in` (`on_auth_done` reads it).
+    /// (`hand_off`), that ciphertext goes with it, after what the connection kept; if it
+    /// was a CONNECT whose credentials are now checked off the shard, that ciphertext
+    /// waits in `tls_in` (`on_auth_done` reads it). False when the connection is gone.
     fn tls_process_feeding(&mut self, key: usize, untaken: &[u8]) -> bool {
         let outer = self.wire.tls_feeding.replace(key);
         let alive = self.tls_process(key);
@@ -206,13 +205,13 @@ impl Shard {
     /// handshake thread), fed as if just read; kept in `tls_in` while the connection
     /// pauses or its credentials are being checked. False when the connection is gone.
     pub(super) fn tls_carried(&mut self, key: usize, carried: &mut [u8]) -> bool {
-        let Some(conn) = self.wire.conns.get(key) else {
+        if !self.wire.conns.contains(key) {
             return false;
-        };
+        }
         if carried.is_empty() {
             return true;
         }
-        if conn.state == ConnState::Authenticating || self.wire.is_holding(key) {
+        if self.authenticating(key) || self.wire.is_holding(key) {
             self.append_tls_in(key, carried);
             return true;
         }
