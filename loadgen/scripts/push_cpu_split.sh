@@ -11,16 +11,15 @@
 set -u
 gw=$1 lg=$2 out=$3 rate=${4:-30000}
 mqtt=${MQTT_PORT:-28830} http=${HTTP_PORT:-28080}
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench_lib.sh
+. "$here/bench_lib.sh"
 mkdir -p "$out"
 d=$(mktemp -d)
 printf '[mqtt]\nlisten = "127.0.0.1:%s"\n[http]\nlisten = "127.0.0.1:%s"\n[log]\nlevel = "warn"\n' \
   "$mqtt" "$http" > "$d/gw.toml"
-"$gw" --config "$d/gw.toml" > "$d/gw.log" 2>&1 &
-gpid=$!
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$http/readyz" > /dev/null && break
-  sleep 0.1
-done
+start_gateway "$gw" "$d" gw.toml "$http" || exit 1
+gpid=$PID
 "$lg" push --target "127.0.0.1:$mqtt" --http "http://127.0.0.1:$http" --conns 10000 \
   --connect-rate 5000 --rate "$rate" --duration 12 --batch 1000 --concurrency 8 \
   --client-id 'split-{i}' --qos 1 --json > "$out/push.json" 2> "$out/push.err" &
@@ -35,8 +34,7 @@ for p in "gateway:$gpid" "pusher:$lpid" "devices:$cpid"; do
 done
 wait "$lpid"
 wait "${perfs[@]}"
-kill "$gpid"
-wait "$gpid" 2> /dev/null
+stop_gateway
 rm -rf "$d"
 msgs=$((rate * 6))
 for p in gateway pusher devices; do
