@@ -303,6 +303,18 @@ fn der_skip(buf: &[u8]) -> Option<&[u8]> {
     der_any(buf).map(|(_, _, rest)| rest)
 }
 
+/// A fresh self-signed certificate for `localhost` and its key (unit tests).
+#[cfg(test)]
+pub(crate) fn localhost_cert() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = CertificateDer::from(cert.der().to_vec());
+    (der, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

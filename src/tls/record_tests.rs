@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use rustls::crypto::{ring as provider, CryptoProvider};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{
     ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection,
     SupportedCipherSuite,
@@ -21,13 +21,7 @@ const SUITES: [SupportedCipherSuite; 3] = [
 ];
 
 fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let der = CertificateDer::from(cert.der().to_vec());
-    let pk = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let (der, pk) = crate::tls::localhost_cert();
     let one_suite = Arc::new(CryptoProvider {
         cipher_suites: vec![suite],
         ..provider::default_provider()
