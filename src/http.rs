@@ -6,9 +6,10 @@
 //!
 //! It also owns the HTTP connections themselves ([`serve`]): at most
 //! `http.max_connections` at once, each closed when its headers take longer than
-//! `http.header_timeout_ms`, so slow or half-sent requests cannot use up the file
-//! descriptors the MQTT listeners need; and the source networks ([`Network`]) the
-//! tokenless `/v1` API answers.
+//! `http.header_timeout_ms` or when its answer makes no progress for
+//! `http.write_timeout_ms` ([`write_deadline`]), so slow or half-sent requests and
+//! clients that never read cannot use up the file descriptors the MQTT listeners need;
+//! and the source networks ([`Network`]) the tokenless `/v1` API answers.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,9 @@ use axum::Router;
 
 use crate::api::{self, ApiState};
 use crate::metrics::{self, PushMetrics, ShardMetrics};
+
+mod write_deadline;
+use write_deadline::WriteDeadline;
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
@@ -89,7 +93,8 @@ async fn not_found() -> Response {
 
 /// Serves `listener` until `stop` fires: one task per connection, at most
 /// `http.max_connections` of them (the next accept waits for a free slot), each with
-/// hyper's header read timeout. On `stop`, open connections finish their request.
+/// hyper's header read timeout and a write deadline. On `stop`, open connections finish
+/// their request.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
@@ -102,7 +107,10 @@ pub(crate) async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(connection_cap(
         h.max_connections,
     )));
-    let header_timeout = Duration::from_millis(u64::from(h.header_timeout_ms));
+    let timeouts = Timeouts {
+        header: Duration::from_millis(u64::from(h.header_timeout_ms)),
+        write: Duration::from_millis(u64::from(h.write_timeout_ms)),
+    };
     let app = router(state, api);
     let (stopping, stopped) = tokio::sync::watch::channel(false);
     loop {
@@ -123,7 +131,7 @@ pub(crate) async fn serve(
         let app = app.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, app, header_timeout, stopped).await;
+            serve_connection(stream, peer, app, timeouts, stopped).await;
             drop(permit);
         });
     }
@@ -156,12 +164,19 @@ async fn accept_failed(e: &std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// How long one connection may take to send its headers, and to take its answer.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    write: Duration,
+}
+
 /// One HTTP/1 connection; the router sees the peer as `ConnectInfo<SocketAddr>`.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     app: Router,
-    header_timeout: Duration,
+    timeouts: Timeouts,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -173,8 +188,9 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+        .header_read_timeout(timeouts.header);
+    let io = TokioIo::new(WriteDeadline::new(stream, timeouts.write));
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -239,17 +239,63 @@ async fn half_sent_requests_are_capped_and_timed_out_and_do_not_stop_mqtt_or_pus
 
     // The first half-sent connections were closed by the gateway.
     let mut first = slow.swap_remove(0);
-    let mut b = [0u8; 1024];
-    let closed = tokio::time::timeout(T, async {
+    assert!(
+        closed_by_gateway(&mut first).await,
+        "a half-sent request was never closed"
+    );
+}
+
+/// Reads `s` until the gateway closes it (EOF or reset): true if that happens within `T`.
+async fn closed_by_gateway(s: &mut TcpStream) -> bool {
+    let mut b = vec![0u8; 65536];
+    let drained = tokio::time::timeout(T, async {
         loop {
-            match first.read(&mut b).await {
-                Ok(0) | Err(_) => return true,
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
                 Ok(_) => continue,
             }
         }
-    })
-    .await;
-    assert_eq!(closed, Ok(true), "a half-sent request was never closed");
+    });
+    drained.await.is_ok()
+}
+
+/// A client that pipelines requests and never reads an answer, with the only connection
+/// slot (`max_connections = 1`): once its socket buffers are full the gateway's writes
+/// make no progress, and after `write_timeout_ms` the connection is closed, so the slot
+/// frees and another client is served. (Without the write deadline the slot is held for
+/// as long as the client stays, and the second client waits forever.)
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_closed_after_write_timeout_ms() {
+    let gw = GatewayProcess::start("[http]\nmax_connections = 1\nwrite_timeout_ms = 1000\n");
+    // A small receive buffer, so the answers back up after a few kilobytes.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&gw.http.into()).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut hog = TcpStream::from_std(sock.into()).unwrap();
+    // Enough /metrics answers to fill any loopback buffer many times over.
+    let one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    hog.write_all(&one.repeat(2000)).await.unwrap();
+
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/healthz", gw.http))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("served once the stalled connection is closed");
+    assert_eq!(r.status().as_u16(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "served after {waited:?}: the slot was never held, so this shows nothing"
+    );
+
+    // The stalled connection was closed: draining it ends (EOF or reset).
+    assert!(
+        closed_by_gateway(&mut hog).await,
+        "the stalled connection was never closed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

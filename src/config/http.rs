@@ -29,6 +29,9 @@ pub struct HttpConfig {
     pub header_timeout_ms: u32,
     /// Milliseconds a request may take to send its body.
     pub body_timeout_ms: u32,
+    /// Milliseconds an answer may wait for the client to take any of it; then the
+    /// connection is closed.
+    pub write_timeout_ms: u32,
     /// Largest `POST /v1/push/batch` body, in bytes (never below one message's limit).
     pub max_batch_body_bytes: u32,
     /// Request bodies over 64 KiB read at once; more wait their turn.
@@ -76,6 +79,7 @@ impl Section for HttpConfig {
         in_range("http.max_connections", h.max_connections, 1, 1_000_000)?;
         in_range("http.header_timeout_ms", h.header_timeout_ms, 100, 600_000)?;
         in_range("http.body_timeout_ms", h.body_timeout_ms, 100, 600_000)?;
+        in_range("http.write_timeout_ms", h.write_timeout_ms, 100, 600_000)?;
         at_least("http.max_batch_body_bytes", h.max_batch_body_bytes, 65_536)?;
         in_range("http.max_large_bodies", h.max_large_bodies, 1, 100_000)?;
         in_range("http.business_threads", h.business_threads, 0, MAX_THREADS)?;

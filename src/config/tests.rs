@@ -64,6 +64,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(c.http.max_connections, 1024);
     assert_eq!(c.http.header_timeout_ms, 10_000);
     assert_eq!(c.http.body_timeout_ms, 30_000);
+    assert_eq!(c.http.write_timeout_ms, 30_000);
     assert_eq!(c.http.max_batch_body_bytes, 67_108_864);
     assert_eq!(c.http.max_large_bodies, 4);
     assert_eq!(c.http.business_threads, 2);
@@ -561,6 +562,11 @@ fn validate_rules_name_their_keys() {
             "[http]\nbody_timeout_ms = 600000",
             "[http]\nbody_timeout_ms = 600001",
             "http.body_timeout_ms",
+        ),
+        (
+            "[http]\nwrite_timeout_ms = 100",
+            "[http]\nwrite_timeout_ms = 99",
+            "http.write_timeout_ms",
         ),
         (
             "[http]\nbusiness_threads = 1024",
