@@ -257,6 +257,9 @@ async fn proxy_header_precedes_the_client_hello() {
     assert!(body.contains("\"peer\":\"203.0.113.77:40001\""), "{body}");
 }
 
+/// Mosquitto's clients (OpenSSL) over mutual TLS, once on TLS 1.3 and once on TLS 1.2:
+/// both reach the gateway's own record layer after their CONNECT, so a short message
+/// and one of several records (40,000 bytes) cross it in OpenSSL's own framing.
 #[tokio::test(flavor = "multi_thread")]
 async fn mosquitto_clients_over_mutual_tls() {
     if !(common::have_binary("mosquitto_sub", "mosquitto-clients")
@@ -269,9 +272,22 @@ async fn mosquitto_clients_over_mutual_tls() {
         "{}\ntls_require_client_cert = true\nuse_cn_as_client_id = true",
         pki.ca_toml()
     )));
+    let big: String = (0..40_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    for version in ["tlsv1.3", "tlsv1.2"] {
+        for message in ["hello over mutual tls", &big] {
+            mosquitto_round_trip(&pki, &gw, version, message).await;
+        }
+    }
+}
+
+/// One `mosquitto_sub` and one `mosquitto_pub` on `version`, `message` between them.
+async fn mosquitto_round_trip(pki: &Pki, gw: &TestServer, version: &str, message: &str) {
     let port = gw.tls.unwrap().port().to_string();
-    pki.client("mosq-sub");
-    pki.client("mosq-pub");
+    let (sub_cn, pub_cn) = (format!("mosq-sub-{version}"), format!("mosq-pub-{version}"));
+    pki.client(&sub_cn);
+    pki.client(&pub_cn);
     let path = |f: &str| pki.dir.0.join(f).display().to_string();
     let args = |cn: &str| {
         vec![
@@ -285,35 +301,47 @@ async fn mosquitto_clients_over_mutual_tls() {
             path(&format!("{cn}.pem")),
             "--key".into(),
             path(&format!("{cn}.key")),
+            "--tls-version".into(),
+            version.into(),
             "-t".into(),
-            "mosq/tls".into(),
+            format!("mosq/{version}"),
             "-q".into(),
             "1".into(),
         ]
     };
+    let subs = gw.metric("gateway_subscriptions").await;
     let sub = std::process::Command::new("mosquitto_sub")
-        .args(args("mosq-sub"))
+        .args(args(&sub_cn))
         .args(["-C", "1", "-W", "20"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub starts");
     gw.wait_metric("gateway_subscriptions", Duration::from_secs(10), |v| {
-        v >= 1.0
+        v > subs
     })
     .await;
-    // The subscriber is known by its certificate's CN.
-    let (code, _) = common::http_get(gw.http, "/v1/clients/mosq-sub").await;
+    // The subscriber is known by its certificate's CN, and past rustls: the message
+    // reaches it sealed by the record layer.
+    let (code, _) = common::http_get(gw.http, &format!("/v1/clients/{sub_cn}")).await;
     assert_eq!(code, 200);
+    gw.wait_metric(
+        "gateway_tls_record_connections",
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    )
+    .await;
     let status = std::process::Command::new("mosquitto_pub")
-        .args(args("mosq-pub"))
-        .args(["-m", "hello over mutual tls"])
+        .args(args(&pub_cn))
+        .args(["-m", message])
         .status()
         .expect("mosquitto_pub runs");
-    assert!(status.success());
+    assert!(status.success(), "{version}");
     let out = sub.wait_with_output().expect("mosquitto_sub exits");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "hello over mutual tls"
+        message,
+        "{version}, {} bytes",
+        message.len()
     );
 }
 

@@ -1,5 +1,5 @@
-//! TLS 1.3 connections past their CONNECT leave rustls for the gateway's own record
-//! layer (`src/tls/record.rs`, `src/shard/records.rs`): they keep working both ways,
+//! TLS 1.3 and 1.2 connections past their CONNECT leave rustls for the gateway's own
+//! record layer (`src/tls/record.rs`, `src/shard/records.rs`): they keep working both ways,
 //! records the layer refuses close them with an alert, and an idle one costs about what
 //! a plain one costs.
 
@@ -26,11 +26,10 @@ async fn wait_for(gw: &TestServer, metric: &str, want: f64) {
     }
 }
 
-/// TLS 1.3 connections move to the record layer once connected and still carry small
-/// and large (multi-record) messages both ways; TLS 1.2 ones stay on rustls; closed ones
-/// leave the count.
+/// TLS 1.3 and TLS 1.2 connections move to the record layer once connected and still
+/// carry small and large (multi-record) messages both ways; closed ones leave the count.
 #[tokio::test(flavor = "multi_thread")]
-async fn tls13_connections_move_to_the_record_layer_and_keep_working() {
+async fn tls_connections_move_to_the_record_layer_and_keep_working() {
     let pki = Pki::new();
     let gw = TestServer::start(&pki.toml(""));
     let tls = gw.tls.expect("tls listener");
@@ -41,7 +40,7 @@ async fn tls13_connections_move_to_the_record_layer_and_keep_working() {
     assert_eq!(publ.mqtt_connect("rec-pub"), Ok(0));
     let mut old = TlsClient::connect(tls, pki.client_config(None, true), b"").unwrap();
     assert_eq!(old.mqtt_connect("rec-tls12"), Ok(0));
-    wait_for(&gw, RECORDS, 2.0).await;
+    wait_for(&gw, RECORDS, 3.0).await;
 
     sub.send(&Raw::subscribe_v4("rec/#", 1, 1)).unwrap();
     suback(&mut sub);
@@ -61,11 +60,19 @@ async fn tls13_connections_move_to_the_record_layer_and_keep_working() {
         .unwrap();
     let p = sub.expect_publish(Duration::from_secs(10)).unwrap();
     assert_eq!(&p.payload[..], b"from 1.2");
-    assert_eq!(gw.metric(RECORDS).await, 2.0);
+    // And a large one, in several TLS 1.2 records.
+    let big: Vec<u8> = (0..70_000).map(|i| (i % 253) as u8).collect();
+    old.send(&Raw::publish_v4("rec/old", 0, 0, &big)).unwrap();
+    let p = sub.expect_publish(Duration::from_secs(10)).unwrap();
+    assert_eq!(&p.payload[..], &big[..]);
+    assert_eq!(gw.metric(RECORDS).await, 3.0);
 
-    // A clean close_notify ends one; the count follows.
+    // A clean close_notify ends one (on either version); the count follows.
     publ.s.conn.send_close_notify();
     publ.s.flush().unwrap();
+    wait_for(&gw, RECORDS, 2.0).await;
+    old.s.conn.send_close_notify();
+    old.s.flush().unwrap();
     wait_for(&gw, RECORDS, 1.0).await;
     drop(sub);
     wait_for(&gw, RECORDS, 0.0).await;
@@ -85,7 +92,9 @@ async fn refused_records_close_the_connection_with_an_alert() {
     assert_eq!(tampered.mqtt_connect("tampered"), Ok(0));
     let mut updating = TlsClient::connect(tls, cfg, b"").unwrap();
     assert_eq!(updating.mqtt_connect("updating"), Ok(0));
-    wait_for(&gw, RECORDS, 3.0).await;
+    let mut tampered12 = TlsClient::connect(tls, pki.client_config(None, true), b"").unwrap();
+    assert_eq!(tampered12.mqtt_connect("tampered12"), Ok(0));
+    wait_for(&gw, RECORDS, 4.0).await;
     let failures = "gateway_tls_handshake_failures_total";
     let before = gw.metric(failures).await;
 
@@ -99,13 +108,19 @@ async fn refused_records_close_the_connection_with_an_alert() {
         .unwrap();
     let err = tampered.recv(Duration::from_secs(10)).unwrap_err();
     assert!(err.contains("BadRecordMac"), "{err}");
+    // The same over TLS 1.2: the alert comes back in a TLS 1.2 record.
+    let mut forged = vec![23, 3, 3, 0, 40];
+    forged.extend(1..=40u8);
+    tampered12.s.sock.write_all(&forged).unwrap();
+    let err = tampered12.recv(Duration::from_secs(10)).unwrap_err();
+    assert!(err.contains("BadRecordMac"), "{err}");
 
     updating.s.conn.refresh_traffic_keys().unwrap();
     updating.send(&[0xc0, 0]).unwrap();
     let err = updating.recv(Duration::from_secs(10)).unwrap_err();
     assert!(err.contains("UnexpectedMessage"), "{err}");
 
-    wait_for(&gw, failures, before + 2.0).await;
+    wait_for(&gw, failures, before + 3.0).await;
     wait_for(&gw, RECORDS, 1.0).await;
     bystander.send(&[0xc0, 0]).unwrap();
     assert!(matches!(
@@ -114,46 +129,52 @@ async fn refused_records_close_the_connection_with_an_alert() {
     ));
 }
 
-/// An idle TLS 1.3 connection costs at most 2 KiB of resident memory more than a plain
-/// one (with rustls kept for life it was ~7.6 KiB more; `tls_idle_memory.sh` measures
+/// An idle TLS 1.3 or TLS 1.2 connection costs at most 2 KiB of resident memory more
+/// than a plain one (with rustls kept for life it was ~7.6 KiB more; `tls_idle_memory.sh` measures
 /// the figure at scale). Both gateways are fresh processes, measured the same way.
 #[test]
 fn an_idle_tls_connection_costs_about_what_a_plain_one_costs() {
     let n = 600;
     let pki = Pki::new();
-    let measure = |tls: bool| {
+    // None: plain; Some(tls12): TLS of that version.
+    let measure = |tls: Option<bool>| {
         let gw = GatewayProcess::start(&pki.toml(
             "[limits]\nmax_connect_rate = 0\nmax_handshaking = 0\nmax_connections_per_ip = 0",
         ));
         let tls_addr = gw.tls.expect("the gateway announced tls_addr");
-        let cfg = pki.client_config(None, false);
+        let cfg = pki.client_config(None, tls == Some(true));
         // Warm up (first handshake, pools, thread stacks) before the baseline.
         let warm = TlsClient::connect(tls_addr, cfg.clone(), b"").unwrap();
         drop(warm);
         std::thread::sleep(Duration::from_millis(300));
         let before = gw.rss_bytes();
-        let via = Some((tls_addr, &cfg)).filter(|_| tls);
+        let via = Some((tls_addr, &cfg)).filter(|_| tls.is_some());
         let _idle: Vec<_> = (0..n)
             .map(|i| idle_client(gw.mqtt, via, &format!("idle-{i}")))
             .collect();
         // Settled: every TLS connection on the record layer (it is idle by then).
         let deadline = Instant::now() + Duration::from_secs(60);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        while tls && rt.block_on(gw.metric(RECORDS)) != n as f64 {
+        while tls.is_some() && rt.block_on(gw.metric(RECORDS)) != n as f64 {
             assert!(Instant::now() < deadline, "not all on the record layer");
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(500));
         gw.rss_bytes().saturating_sub(before) as f64 / n as f64
     };
-    let plain = measure(false);
-    let tls = measure(true);
-    println!("{n} idle connections: plain {plain:.0} B/conn, TLS 1.3 {tls:.0} B/conn");
-    assert!(
-        tls - plain <= 2048.0,
-        "an idle TLS connection costs {:.0} B more than a plain one",
-        tls - plain
+    let plain = measure(None);
+    let tls13 = measure(Some(false));
+    let tls12 = measure(Some(true));
+    println!(
+        "{n} idle connections: plain {plain:.0} B/conn, TLS 1.3 {tls13:.0}, TLS 1.2 {tls12:.0}"
     );
+    for (version, tls) in [("1.3", tls13), ("1.2", tls12)] {
+        assert!(
+            tls - plain <= 2048.0,
+            "an idle TLS {version} connection costs {:.0} B more than a plain one",
+            tls - plain
+        );
+    }
 }
 
 /// A read that ends inside a record right after the CONNECT: the partial record is
@@ -193,9 +214,8 @@ async fn a_record_split_after_the_connect_is_read_whole() {
 }
 
 /// A paused connection keeps the ciphertext it has not handled yet: a flood of
-/// one-record PUBLISHes over TLS 1.2 (rustls for life: the rest of a read waits in
-/// `tls_in` before rustls) and TLS 1.3 (the record layer) under a publish rate loses
-/// nothing and keeps order.
+/// one-record PUBLISHes over TLS 1.2 and TLS 1.3 (both on the record layer: the rest of
+/// a read waits in `tls_in`) under a publish rate loses nothing and keeps order.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_tls_flood_loses_nothing_on_either_layer() {
     const N: usize = 40;
@@ -212,7 +232,7 @@ async fn a_paused_tls_flood_loses_nothing_on_either_layer() {
         let mut flood =
             TlsClient::connect(tls_of(&gw), pki.client_config(None, tls12), b"").unwrap();
         assert_eq!(flood.mqtt_connect(&format!("flooder-{tls12}")), Ok(0));
-        wait_for(&gw, RECORDS, if tls12 { 0.0 } else { 1.0 }).await;
+        wait_for(&gw, RECORDS, 1.0).await;
         // One TLS record per PUBLISH, all written at once.
         let mut wire = Vec::new();
         for i in 0..N {

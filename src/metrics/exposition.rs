@@ -176,7 +176,7 @@ impl ShardCollector {
         gauge(
             e,
             "gateway_tls_record_connections",
-            "TLS 1.3 connections past their handshake whose records the gateway's own record layer protects (rustls dropped; an idle one keeps only its keys). TLS 1.2 connections and handshakes stay on rustls.",
+            "TLS 1.3 and 1.2 connections past their handshake whose records the gateway's own record layer protects (rustls dropped; an idle one keeps only its keys). Handshakes stay on rustls.",
             self.total(|s| get(&s.tls_record_connections)),
         )?;
         labelled_gauges(

@@ -120,8 +120,8 @@ pub struct Conn {
 /// Buffers a busy connection borrows from the shard's pool, and the rarer state that
 /// would make every idle [`Conn`] bigger: TLS and inbound rate-limit debt. The box is
 /// dropped once it holds nothing. A TLS connection keeps it while rustls runs (its
-/// handshake until the CONNECT is answered; a TLS 1.2 connection for life); a TLS 1.3
-/// one then keeps only its record keys outside it (`shard/records.rs`).
+/// handshake until the CONNECT is answered); it then keeps only its record keys outside
+/// it (`shard/records.rs`).
 #[derive(Default)]
 pub struct ConnBufs {
     /// A partial inbound frame (or a partial PROXY header).

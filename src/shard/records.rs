@@ -1,5 +1,5 @@
-//! A TLS connection's bytes after the socket: into rustls for the handshake, then — TLS 1.3
-//! — through the shard's own record layer (`tls/record.rs`), so that an idle TLS
+//! A TLS connection's bytes after the socket: into rustls for the handshake, then through
+//! the shard's own record layer (`tls/record.rs`, TLS 1.3 and 1.2), so that an idle TLS
 //! connection holds what an idle plain one holds plus its record keys (112 bytes in the
 //! wire's `records` map), not rustls' ~7.4 KB.
 //!
@@ -10,7 +10,7 @@
 //!    not yet given waits in `ConnBufs::tls_in` ([`Shard::tls_continue`] resumes it).
 //! 2. Hand-over ([`Shard::tls_settle`], between reads, at the end of the turn's
 //!    flush): once the CONNECT is answered (`Active`; a handoff to another shard and
-//!    the client certificate's CN still use rustls), on TLS 1.3, when rustls holds no
+//!    the client certificate's CN still use rustls), when rustls holds no
 //!    partial record and no undelivered plaintext, what it still has to send moves to
 //!    `ConnBufs::tls_out`, its traffic keys and sequence numbers are taken
 //!    (`dangerous_extract_secrets`) into the `records` map, and rustls is dropped.
@@ -19,15 +19,13 @@
 //!    takes it ([`write_records`]); last words end with close_notify ([`last_words`]).
 //!    A refused record (bad MAC, KeyUpdate, an alert…) is answered with its alert,
 //!    logged once and closes the connection ([`Shard::records_fail`]).
-//!
-//! TLS 1.2 connections stay in step 1 for life.
 
 use std::io::{self, Write};
 
 use mio::net::TcpStream;
 
 use crate::metrics::{DisconnectReason, ShardMetrics};
-use crate::tls::record::{Batch, RecordError, RecordKeys};
+use crate::tls::record::{Batch, RecordError, RecordKeys, Version};
 
 use super::conn::{ConnBufs, ConnState};
 use super::transport::Transport;
@@ -249,7 +247,7 @@ impl Shard {
         alive && !self.wire.is_holding(key)
     }
 
-    /// Moves an established TLS 1.3 connection from rustls to the record layer when
+    /// Moves an established TLS 1.2 or 1.3 connection from rustls to the record layer when
     /// rustls holds nothing half-done (see the module doc); else leaves it for a later
     /// turn. Called between reads.
     pub(super) fn tls_settle(&mut self, key: usize) {
@@ -266,8 +264,12 @@ impl Shard {
         let Some(tls) = bufs.tls.as_mut() else {
             return;
         };
+        let version = match tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => Version::Tls13,
+            Some(rustls::ProtocolVersion::TLSv1_2) => Version::Tls12,
+            _ => return,
+        };
         if tls.is_handshaking()
-            || tls.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
             || !bufs.tls_cursor.at_boundary()
             || !tls
                 .process_new_packets()
@@ -288,7 +290,7 @@ impl Shard {
         let keys = tls
             .dangerous_extract_secrets()
             .map_err(|e| e.to_string())
-            .and_then(|s| RecordKeys::from_secrets(&s).map_err(|e| e.to_string()));
+            .and_then(|s| RecordKeys::from_secrets(&s, version).map_err(|e| e.to_string()));
         match keys {
             Ok(keys) => {
                 self.wire.records.insert(key as u32, keys);

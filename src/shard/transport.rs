@@ -2,7 +2,7 @@
 //!
 //! Five variants, chosen per read by [`Transport::of`]: plain TCP, the PROXY protocol
 //! prefix (read in the clear before anything else, TLS included), TLS through rustls
-//! (the handshake, and TLS 1.2 for life), TLS 1.3 records through our own record layer
+//! (the handshake), TLS 1.3 and 1.2 records through our own record layer
 //! once rustls is done (`records.rs`), and WebSocket (`websocket.rs`: the upgrade, then
 //! frames decoded in place into the MQTT stream). The read path (`read.rs`) asks the
 //! transport for one read, then hands the bytes on. On wss the layers stack:

@@ -5,8 +5,8 @@
 //! than the shards (or, with `tls_handshakes_on_shards`, on the shard); after it the
 //! shard drives the connection (`shard/records.rs`): its bytes pass through the rustls
 //! `ServerConnection` up to the CONNECT, under the connect timeout; once
-//! its CONNECT is answered a TLS 1.3 connection hands its keys to our own record layer
-//! ([`record`]) and drops rustls (TLS 1.2 ones stay on rustls).
+//! its CONNECT is answered a connection (TLS 1.3 or 1.2) hands its keys to our own record
+//! layer ([`record`]) and drops rustls.
 //! The crypto provider is `ring`; TLS 1.2 and 1.3 are both enabled. Session tickets
 //! (`tls_session_tickets`) let a reconnecting device resume; [`handshake_outcome`] says
 //! how each handshake ended, for `gateway_tls_handshakes_total{kind}`.

@@ -1,16 +1,25 @@
-//! The TLS 1.3 record layer a connection uses once rustls has finished its handshake.
+//! The TLS 1.3 and TLS 1.2 record layer a connection uses once rustls has finished its
+//! handshake.
 //!
 //! rustls' buffered `ServerConnection` keeps ~7.4 KB of heap per connection for its whole
 //! life (its receive buffer, its send queue, the key schedule). An idle MQTT device sends
 //! a PINGREQ every minute or so; it should cost what a plain connection costs. So rustls
 //! runs the handshake (certificates, mTLS, tickets, reload all stay its business), and at
 //! its end the shard takes the traffic keys out of it (`extract`) and drops it. From then
-//! on this module protects and opens the application records itself (RFC 8446 §5):
+//! on this module protects and opens the application records itself:
 //!
-//! - per direction one [`DirectionKeys`]: the AEAD key, the 12-byte IV and the sequence
-//!   number (nonce = IV xor the sequence number, big-endian, left-padded), 56 bytes;
-//! - AAD = the 5-byte record header; inner plaintext = data ‖ content type ‖ zero
-//!   padding; at most 2^14 plaintext bytes per record, 2^14 + 256 ciphertext bytes;
+//! - per direction one [`DirectionKeys`]: the AEAD key, the 12-byte IV, the sequence
+//!   number and the protocol version, 56 bytes;
+//! - TLS 1.3 (RFC 8446 §5): nonce = IV xor the sequence number (big-endian,
+//!   left-padded); AAD = the 5-byte record header; inner plaintext = data ‖ content type
+//!   ‖ zero padding; the outer type is always application data;
+//! - TLS 1.2 (RFC 5246 §6.2.3.3): AAD = sequence number ‖ type ‖ version ‖ plaintext
+//!   length; AES-GCM (RFC 5288) sends an 8-byte explicit nonce before the ciphertext
+//!   (ours: the last 8 bytes of IV xor the sequence number, as rustls does; the peer's is
+//!   read from its record, behind the 4-byte salt), ChaCha20-Poly1305 (RFC 7905) none
+//!   (nonce as in TLS 1.3); the header carries the real content type;
+//! - at most 2^14 plaintext bytes per record, 2^14 + 256 ciphertext bytes (a TLS 1.2
+//!   AEAD record never needs more);
 //! - the ring `LessSafeKey` (AES round keys and GHASH tables, ~0.5 KB) is built per
 //!   read or write batch ([`RecordKeys::opener`], [`RecordKeys::sealer`]) and dropped
 //!   with it, so nothing key-schedule-sized stays with an idle connection.
@@ -23,9 +32,10 @@
 //! Not supported, and refused with an alert (the connection closes and the device
 //! reconnects): a KeyUpdate from the client — rustls' buffered connection gives out the
 //! traffic keys but not the traffic secrets the next generation is derived from (only
-//! its unbuffered API hands over a `KernelConnection` that can update them); and
-//! sending past the AES-GCM confidentiality limit (2^24.5 records, RFC 8446 §5.5), which
-//! would need our own KeyUpdate. TLS 1.2 connections stay on rustls for their whole life.
+//! its unbuffered API hands over a `KernelConnection` that can update them); a TLS 1.2
+//! renegotiation (rustls refuses those too); and sending past the AES-GCM
+//! confidentiality limit (2^24.5 records, RFC 8446 §5.5), which would need our own
+//! KeyUpdate.
 
 use std::fmt;
 use std::ops::Range;
@@ -58,6 +68,13 @@ const KEY_UPDATE: u8 = 24;
 /// Records one AES-GCM key may protect (2^24.5, RFC 8446 §5.5).
 const AES_GCM_RECORD_LIMIT: u64 = 23_726_566;
 
+/// The protocol version a connection negotiated: it decides the record format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Tls12,
+    Tls13,
+}
+
 /// The AEAD a connection negotiated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suite {
@@ -72,6 +89,15 @@ impl Suite {
             Suite::Aes128Gcm => &aead::AES_128_GCM,
             Suite::Aes256Gcm => &aead::AES_256_GCM,
             Suite::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        }
+    }
+
+    /// Bytes of explicit nonce a TLS 1.2 record of this suite carries before its
+    /// ciphertext (RFC 5288 §3; none for ChaCha20-Poly1305, RFC 7905 §2).
+    fn explicit_nonce_len(self) -> usize {
+        match self {
+            Suite::Chacha20Poly1305 => 0,
+            _ => 8,
         }
     }
 
@@ -185,17 +211,22 @@ impl Cursor {
     }
 }
 
-/// One direction's traffic key, IV and next sequence number (56 bytes).
+/// One direction's traffic key, IV, next sequence number and record format (56 bytes).
 pub struct DirectionKeys {
     key: [u8; 32],
     iv: [u8; NONCE_LEN],
     seq: u64,
     key_len: u8,
     suite: Suite,
+    version: Version,
 }
 
 impl DirectionKeys {
-    fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<Self, RecordError> {
+    fn new(
+        seq: u64,
+        secrets: &ConnectionTrafficSecrets,
+        version: Version,
+    ) -> Result<Self, RecordError> {
         let (suite, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
@@ -214,6 +245,7 @@ impl DirectionKeys {
             seq,
             key_len: key.len() as u8,
             suite,
+            version,
         };
         d.key[..key.len()].copy_from_slice(key);
         d.iv.copy_from_slice(iv);
@@ -229,20 +261,19 @@ impl DirectionKeys {
         LessSafeKey::new(unbound)
     }
 
-    /// The nonce of the next record, and the number taken.
-    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+    /// Takes the next sequence number: it, and IV xor it (the nonce of every record but
+    /// a received TLS 1.2 AES-GCM one).
+    fn next(&mut self) -> Result<(u64, [u8; NONCE_LEN]), RecordError> {
         if self.seq >= self.suite.record_limit() {
             return Err(RecordError::KeyExhausted);
         }
+        let seq = self.seq;
         let mut nonce = self.iv;
-        for (n, s) in nonce[NONCE_LEN - 8..]
-            .iter_mut()
-            .zip(self.seq.to_be_bytes())
-        {
+        for (n, s) in nonce[NONCE_LEN - 8..].iter_mut().zip(seq.to_be_bytes()) {
             *n ^= s;
         }
         self.seq += 1;
-        Ok(Nonce::assume_unique_for_key(nonce))
+        Ok((seq, nonce))
     }
 }
 
@@ -272,11 +303,15 @@ pub enum Opened {
 }
 
 impl RecordKeys {
-    /// The keys and sequence numbers rustls hands over at the end of a TLS 1.3 handshake.
-    pub fn from_secrets(s: &rustls::ExtractedSecrets) -> Result<Self, RecordError> {
+    /// The keys and sequence numbers rustls hands over at the end of a handshake that
+    /// negotiated `version`.
+    pub fn from_secrets(
+        s: &rustls::ExtractedSecrets,
+        version: Version,
+    ) -> Result<Self, RecordError> {
         Ok(RecordKeys {
-            rx: DirectionKeys::new(s.rx.0, &s.rx.1)?,
-            tx: DirectionKeys::new(s.tx.0, &s.tx.1)?,
+            rx: DirectionKeys::new(s.rx.0, &s.rx.1, version)?,
+            tx: DirectionKeys::new(s.tx.0, &s.tx.1, version)?,
         })
     }
 
@@ -311,20 +346,25 @@ pub struct Opener<'a> {
 impl Opener<'_> {
     /// Opens one whole record (`record` is exactly it, see [`record_len`]) in place.
     pub fn open(&mut self, record: &mut [u8]) -> Result<Opened, RecordError> {
-        let (header, body) = record.split_at_mut(HEADER_LEN);
-        match header[0] {
-            APPLICATION_DATA => {}
-            CHANGE_CIPHER_SPEC => return Err(RecordError::UnexpectedMessage("change_cipher_spec")),
-            _ => return Err(RecordError::UnexpectedMessage("plaintext record")),
+        match record[0] {
+            CHANGE_CIPHER_SPEC => Err(RecordError::UnexpectedMessage("change_cipher_spec")),
+            _ if self.dir.version == Version::Tls12 => self.open12(record),
+            APPLICATION_DATA => self.open13(record),
+            _ => Err(RecordError::UnexpectedMessage("plaintext record")),
         }
+    }
+
+    /// A TLS 1.3 record: the real content type is inside.
+    fn open13(&mut self, record: &mut [u8]) -> Result<Opened, RecordError> {
+        let (header, body) = record.split_at_mut(HEADER_LEN);
         if body.len() < TAG_LEN + 1 {
             return Err(RecordError::BadRecordMac);
         }
-        let nonce = self.dir.next_nonce()?;
+        let (_, nonce) = self.dir.next()?;
         let aad = Aad::from([header[0], header[1], header[2], header[3], header[4]]);
         let plain = self
             .key
-            .open_in_place(nonce, aad, body)
+            .open_in_place(Nonce::assume_unique_for_key(nonce), aad, body)
             .map_err(|_| RecordError::BadRecordMac)?;
         // The content type is the last non-zero byte; zeros after it are padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
@@ -343,6 +383,52 @@ impl Opener<'_> {
             _ => Err(RecordError::UnexpectedMessage("content type")),
         }
     }
+
+    /// A TLS 1.2 record: the header's type is the content type; a handshake message
+    /// now would be a renegotiation, refused unread.
+    fn open12(&mut self, record: &mut [u8]) -> Result<Opened, RecordError> {
+        let (header, body) = record.split_at_mut(HEADER_LEN);
+        let typ = header[0];
+        match typ {
+            APPLICATION_DATA | ALERT => {}
+            HANDSHAKE => return Err(RecordError::UnexpectedMessage("renegotiation")),
+            _ => return Err(RecordError::UnexpectedMessage("content type")),
+        }
+        let explicit = self.dir.suite.explicit_nonce_len();
+        if body.len() < explicit + TAG_LEN {
+            return Err(RecordError::BadRecordMac);
+        }
+        let plain_len = body.len() - explicit - TAG_LEN;
+        if plain_len > MAX_PLAINTEXT {
+            return Err(RecordError::RecordOverflow);
+        }
+        let (seq, mut nonce) = self.dir.next()?;
+        if explicit > 0 {
+            // AES-GCM: the salt (the IV's first 4 bytes), then the sender's explicit part.
+            nonce[..4].copy_from_slice(&self.dir.iv[..4]);
+            nonce[4..].copy_from_slice(&body[..explicit]);
+        }
+        let aad = tls12_aad(seq, typ, [header[1], header[2]], plain_len);
+        let nonce = Nonce::assume_unique_for_key(nonce);
+        let plain = self
+            .key
+            .open_within(nonce, aad, body, explicit..)
+            .map_err(|_| RecordError::BadRecordMac)?;
+        if typ == ALERT {
+            return alert(plain);
+        }
+        Ok(Opened::Data(HEADER_LEN..HEADER_LEN + plain_len))
+    }
+}
+
+/// The TLS 1.2 additional data: sequence number, type, version, plaintext length.
+fn tls12_aad(seq: u64, typ: u8, version: [u8; 2], len: usize) -> Aad<[u8; 13]> {
+    let mut aad = [0u8; 13];
+    aad[..8].copy_from_slice(&seq.to_be_bytes());
+    aad[8] = typ;
+    aad[9..11].copy_from_slice(&version);
+    aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
+    Aad::from(aad)
 }
 
 /// What [`Opener::open_many`] did with a buffer of records.
@@ -429,10 +515,18 @@ impl Sealer<'_> {
         self.seal(ALERT, &[2, alert], out)
     }
 
-    /// One record: header, then `plain` ‖ `typ` encrypted in place, then the tag.
+    /// One record of content type `typ` in the connection's format.
     fn seal(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         debug_assert!(plain.len() <= MAX_PLAINTEXT);
-        let nonce = self.dir.next_nonce()?;
+        match self.dir.version {
+            Version::Tls13 => self.seal13(typ, plain, out),
+            Version::Tls12 => self.seal12(typ, plain, out),
+        }
+    }
+
+    /// TLS 1.3: header, then `plain` ‖ `typ` encrypted in place, then the tag.
+    fn seal13(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let (_, nonce) = self.dir.next()?;
         let len = (plain.len() + 1 + TAG_LEN) as u16;
         let [hi, lo] = len.to_be_bytes();
         let header = [APPLICATION_DATA, 3, 3, hi, lo];
@@ -441,9 +535,37 @@ impl Sealer<'_> {
         let start = out.len();
         out.extend_from_slice(plain);
         out.push(typ);
+        self.encrypt(nonce, Aad::from(header), start, out)
+    }
+
+    /// TLS 1.2: header (with the real type), the explicit nonce (AES-GCM), then `plain`
+    /// encrypted in place, then the tag.
+    fn seal12(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let (seq, nonce) = self.dir.next()?;
+        let explicit = self.dir.suite.explicit_nonce_len();
+        let len = (explicit + plain.len() + TAG_LEN) as u16;
+        let [hi, lo] = len.to_be_bytes();
+        out.reserve(HEADER_LEN + usize::from(len));
+        out.extend_from_slice(&[typ, 3, 3, hi, lo]);
+        out.extend_from_slice(&nonce[NONCE_LEN - explicit..]);
+        let start = out.len();
+        out.extend_from_slice(plain);
+        let aad = tls12_aad(seq, typ, [3, 3], plain.len());
+        self.encrypt(nonce, aad, start, out)
+    }
+
+    /// Encrypts `out[start..]` in place and appends the tag.
+    fn encrypt<A: AsRef<[u8]>>(
+        &mut self,
+        nonce: [u8; NONCE_LEN],
+        aad: Aad<A>,
+        start: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        let nonce = Nonce::assume_unique_for_key(nonce);
         let tag = self
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start..])
+            .seal_in_place_separate_tag(nonce, aad, &mut out[start..])
             .map_err(|_| RecordError::Unsupported("sealing"))?;
         out.extend_from_slice(tag.as_ref());
         Ok(())

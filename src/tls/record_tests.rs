@@ -1,6 +1,6 @@
 //! The record layer against rustls itself: a rustls client in memory talks to a rustls
 //! server until its handshake is done, then to [`RecordKeys`] made from that server's
-//! secrets.
+//! secrets; every suite of TLS 1.3 and of TLS 1.2 (ECDSA certificates).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -20,14 +20,37 @@ const SUITES: [SupportedCipherSuite; 3] = [
     provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
 ];
 
+const SUITES12: [SupportedCipherSuite; 3] = [
+    provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+/// Every suite of both versions.
+fn all_suites() -> impl Iterator<Item = SupportedCipherSuite> {
+    SUITES.into_iter().chain(SUITES12)
+}
+
+/// The record format of `suite`'s protocol version.
+fn version_of(suite: SupportedCipherSuite) -> Version {
+    match suite {
+        SupportedCipherSuite::Tls13(_) => Version::Tls13,
+        SupportedCipherSuite::Tls12(_) => Version::Tls12,
+    }
+}
+
 fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     let (der, pk) = crate::tls::localhost_cert();
     let one_suite = Arc::new(CryptoProvider {
         cipher_suites: vec![suite],
         ..provider::default_provider()
     });
+    let version = match version_of(suite) {
+        Version::Tls13 => &rustls::version::TLS13,
+        Version::Tls12 => &rustls::version::TLS12,
+    };
     let mut server = ServerConfig::builder_with_provider(one_suite.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(vec![der.clone()], pk)
@@ -36,7 +59,7 @@ fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
     let client = ClientConfig::builder_with_provider(one_suite)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -72,7 +95,7 @@ fn session(suite: SupportedCipherSuite) -> (ClientConnection, RecordKeys) {
     let mut client = client;
     client.set_buffer_limit(None);
     let secrets = server.dangerous_extract_secrets().unwrap();
-    let keys = RecordKeys::from_secrets(&secrets).unwrap();
+    let keys = RecordKeys::from_secrets(&secrets, version_of(suite)).unwrap();
     (client, keys)
 }
 
@@ -128,7 +151,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn both_directions_every_suite_and_size() {
-    for suite in SUITES {
+    for suite in all_suites() {
         let (mut client, mut keys) = session(suite);
         for len in [
             0,
@@ -156,7 +179,13 @@ fn both_directions_every_suite_and_size() {
 
 #[test]
 fn records_split_at_every_byte_boundary() {
-    let (mut client, mut keys) = session(SUITES[0]);
+    records_split_at_every_byte_boundary_with(SUITES[0]);
+    records_split_at_every_byte_boundary_with(SUITES12[0]);
+    records_split_at_every_byte_boundary_with(SUITES12[2]);
+}
+
+fn records_split_at_every_byte_boundary_with(suite: SupportedCipherSuite) {
+    let (mut client, mut keys) = session(suite);
     let data = pattern(300);
     for step in 1..=40 {
         let wire = client_sends(&mut client, &data);
@@ -207,7 +236,7 @@ fn open_all_keep_finish(keys: &mut RecordKeys, piece: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_flipped_byte_is_a_bad_record_mac() {
-    for suite in SUITES {
+    for suite in all_suites() {
         let (mut client, keys) = session(suite);
         let wire = client_sends(&mut client, b"hello there");
         for at in HEADER_LEN..wire.len() {
@@ -235,12 +264,19 @@ fn clone_dir(d: &DirectionKeys) -> DirectionKeys {
         seq: d.seq,
         key_len: d.key_len,
         suite: d.suite,
+        version: d.version,
     }
 }
 
 #[test]
 fn close_notify_both_ways() {
-    let (mut client, mut keys) = session(SUITES[2]);
+    for suite in [SUITES[2], SUITES12[0], SUITES12[2]] {
+        close_notify_both_ways_with(suite);
+    }
+}
+
+fn close_notify_both_ways_with(suite: SupportedCipherSuite) {
+    let (mut client, mut keys) = session(suite);
     let mut out = Vec::new();
     let mut sealer = keys.sealer();
     sealer.seal_data(b"bye", &mut out).unwrap();
@@ -277,12 +313,65 @@ fn a_key_update_from_the_client_is_refused() {
 
 #[test]
 fn our_alert_reaches_the_client() {
-    let (mut client, mut keys) = session(SUITES[1]);
-    let mut out = Vec::new();
-    keys.sealer().seal_alert(BAD_RECORD_MAC, &mut out).unwrap();
-    client.read_tls(&mut &out[..]).unwrap();
-    let e = client.process_new_packets().unwrap_err();
-    assert!(e.to_string().contains("BadRecordMac"), "{e}");
+    for suite in [SUITES[1], SUITES12[1], SUITES12[2]] {
+        let (mut client, mut keys) = session(suite);
+        let mut out = Vec::new();
+        keys.sealer().seal_alert(BAD_RECORD_MAC, &mut out).unwrap();
+        client.read_tls(&mut &out[..]).unwrap();
+        let e = client.process_new_packets().unwrap_err();
+        assert!(e.to_string().contains("BadRecordMac"), "{suite:?}: {e}");
+    }
+}
+
+/// TLS 1.2 after the handshake: a handshake record (a renegotiation) and a
+/// change_cipher_spec are refused; a record too short for its explicit nonce and tag is a
+/// bad MAC; a record whose plaintext would pass 2^14 is an overflow.
+#[test]
+fn tls12_refuses_what_follows_no_application_record() {
+    let (_client, mut keys) = session(SUITES12[0]);
+    let mut hello = [HANDSHAKE, 3, 3, 0, 4, 1, 0, 0, 0];
+    assert_eq!(
+        keys.opener().open(&mut hello),
+        Err(RecordError::UnexpectedMessage("renegotiation"))
+    );
+    let mut ccs = [CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1];
+    assert!(matches!(
+        keys.opener().open(&mut ccs),
+        Err(RecordError::UnexpectedMessage(_))
+    ));
+    // 23 body bytes: one short of an explicit nonce and a tag.
+    let mut short = [&[APPLICATION_DATA, 3, 3, 0, 23][..], &[0u8; 23]].concat();
+    assert_eq!(
+        keys.opener().open(&mut short),
+        Err(RecordError::BadRecordMac)
+    );
+    let body = 8 + MAX_PLAINTEXT + 1 + TAG_LEN;
+    let mut long = vec![0u8; HEADER_LEN + body];
+    long[..3].copy_from_slice(&[APPLICATION_DATA, 3, 3]);
+    long[3..5].copy_from_slice(&(body as u16).to_be_bytes());
+    assert_eq!(
+        keys.opener().open(&mut long),
+        Err(RecordError::RecordOverflow)
+    );
+}
+
+/// The explicit nonce a TLS 1.2 AES-GCM record carries is ours to choose and rustls
+/// reads it from the record: two records never repeat one, and a ChaCha20 record has
+/// none (its length is the plaintext's plus the tag).
+#[test]
+fn tls12_record_shapes() {
+    let (_client, mut keys) = session(SUITES12[0]);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    keys.sealer().seal_data(b"x", &mut a).unwrap();
+    keys.sealer().seal_data(b"x", &mut b).unwrap();
+    assert_eq!(a.len(), HEADER_LEN + 8 + 1 + TAG_LEN);
+    assert_eq!(a[0], APPLICATION_DATA);
+    assert_ne!(a[5..13], b[5..13], "an explicit nonce was used twice");
+    let (_client, mut keys) = session(SUITES12[2]);
+    let mut c = Vec::new();
+    keys.sealer().seal_alert(BAD_RECORD_MAC, &mut c).unwrap();
+    assert_eq!(c.len(), HEADER_LEN + 2 + TAG_LEN);
+    assert_eq!(c[0], ALERT, "a TLS 1.2 alert record says so in its header");
 }
 
 #[test]
