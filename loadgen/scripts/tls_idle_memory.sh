@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# User-space memory per idle connection: plain MQTT vs MQTT over TLS 1.3, on the gateway
+# User-space memory per idle connection: plain MQTT vs MQTT over TLS 1.3 and TLS 1.2
+# (`loadgen --tls-version 1.2`), on the gateway
 # and on Mosquitto's TLS listener (OpenSSL), measured the same way: N devices connect
 # (CONNECT/CONNACK, one SUBSCRIBE, then idle) and loadgen reads the server's RSS before
 # and while they are held (`server.bytes_per_conn` = RSS growth / connections). Each
@@ -67,8 +68,10 @@ echo "| server, $n idle connections | connected | RSS before (MB) | RSS loaded (
 echo "|---|---|---|---|---|"
 start_gateway "$gw" "$dir" gateway.toml "$http" && run gateway-plain "$mqtt"; stop
 start_gateway "$gw" "$dir" gateway.toml "$http" && run gateway-tls "$tls" --tls --ca "$dir/ca.pem"; stop
+start_gateway "$gw" "$dir" gateway.toml "$http" && run gateway-tls1.2 "$tls" --tls --ca "$dir/ca.pem" --tls-version 1.2; stop
 if [ "${MOSQUITTO:-1}" != 0 ] && command -v mosquitto > /dev/null; then
   start_mosquitto && run mosquitto-plain "$mq"; stop
   start_mosquitto && run mosquitto-tls "$mqtls" --tls --ca "$dir/ca.pem"; stop
+  start_mosquitto && run mosquitto-tls1.2 "$mqtls" --tls --ca "$dir/ca.pem" --tls-version 1.2; stop
 fi
 rm -rf "$dir"

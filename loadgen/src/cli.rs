@@ -248,6 +248,23 @@ pub struct MqttOpts {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     #[serde(default)]
     pub tls_resume: OnOff,
+
+    /// The TLS versions devices offer: `any` (1.3 and 1.2, so 1.3 with a server that
+    /// has it), `1.3` or `1.2` only.
+    #[arg(long, value_enum, default_value_t = TlsVersion::Any)]
+    #[serde(default)]
+    pub tls_version: TlsVersion,
+}
+
+/// `--tls-version`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    Any,
+    #[value(name = "1.3")]
+    Tls13,
+    #[value(name = "1.2")]
+    Tls12,
 }
 
 /// A switch given as `on` or `off`.

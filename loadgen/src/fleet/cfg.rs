@@ -43,6 +43,7 @@ fn tls_opts(m: &MqttOpts) -> crate::ws::TlsOpts {
         ca: m.tls_ca.clone(),
         cert: m.tls_cert.clone().zip(m.tls_key.clone()),
         resume: m.tls_resume == OnOff::On,
+        version: m.tls_version,
     }
 }
 

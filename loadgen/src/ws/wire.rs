@@ -22,6 +22,8 @@ use rustls::{
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
+use crate::cli::TlsVersion;
+
 /// Ciphertext read per socket read.
 const CIPHER_CHUNK: usize = 16 * 1024;
 
@@ -33,6 +35,8 @@ pub struct TlsOpts {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// Keep session tickets and resume with them.
     pub resume: bool,
+    /// The versions offered (`--tls-version`).
+    pub version: crate::cli::TlsVersion,
 }
 
 /// The TLS client settings of a `tls` or `wss` run: verify against the PEM CA bundle
@@ -41,8 +45,13 @@ pub struct TlsOpts {
 /// [`per_device`]).
 pub fn client_config(o: &TlsOpts) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match o.version {
+        TlsVersion::Any => rustls::DEFAULT_VERSIONS,
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        TlsVersion::Tls12 => &[&rustls::version::TLS12],
+    };
     let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| format!("TLS: {e}"))?;
     let builder = match &o.ca {
         Some(path) => builder.with_root_certificates(roots(path)?),
