@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use common::nats::NatsServer;
@@ -237,13 +237,23 @@ async fn a_node_that_stops_cleanly_leaves_the_registry() {
     );
 }
 
+/// With `startup_wait_secs = 0`, one attempt: a node that cannot reach NATS exits 1 and
+/// says why. (With the default it keeps trying: the next test.)
 #[test]
 fn a_fleet_node_without_nats_does_not_start_and_says_why() {
+    let (code, text) = start_without_nats("fleet-no-nats", 0);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cluster: cannot connect to NATS"), "{text}");
+}
+
+/// Runs a node whose NATS is nowhere, with `startup_wait_secs = wait`, to its exit: its
+/// exit code and its output.
+fn start_without_nats(tag: &str, wait: u32) -> (Option<i32>, String) {
     let port = common::nats::free_port();
-    let dir = common::tempdir::Dir::new("fleet-no-nats");
+    let dir = common::tempdir::Dir::new(tag);
     let path = dir.0.join("gateway.toml");
     let toml = format!(
-        "{}\n[cluster]\nenabled = true\nnats_url = \"nats://127.0.0.1:{port}\"\n[store]\nenabled = false\n",
+        "{}\n[cluster]\nenabled = true\nstartup_wait_secs = {wait}\nnats_url = \"nats://127.0.0.1:{port}\"\n[store]\nenabled = false\n",
         common::BASE
     );
     std::fs::write(&path, toml).unwrap();
@@ -251,11 +261,45 @@ fn a_fleet_node_without_nats_does_not_start_and_says_why() {
         &["--config".as_ref(), path.as_os_str()],
         Duration::from_secs(30),
     );
-    assert_eq!(code, Some(1), "{out}{err}");
-    assert!(
-        format!("{out}{err}").contains("cluster: cannot connect to NATS"),
-        "{out}{err}"
+    (code, format!("{out}{err}"))
+}
+
+/// A node started before its NATS server keeps trying (`startup_wait_secs`, 60 by
+/// default) and joins once NATS is up: it announces its addresses only after NATS
+/// started, takes its lease and serves devices through the fleet's registry. With a
+/// short wait and no NATS at all it gives up, naming the attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_nats_joins_once_nats_is_up() {
+    let port = common::nats::free_port();
+    let toml = format!(
+        "[cluster]\nenabled = true\nnode_id = \"early\"\nnats_url = \"nats://127.0.0.1:{port}\"\n[store]\nenabled = false\n"
     );
+    let starting = std::thread::spawn(move || {
+        let gw = GatewayProcess::start(&toml);
+        (gw, Instant::now())
+    });
+    // The node is trying (connection refused) while NATS is not there.
+    std::thread::sleep(Duration::from_secs(2));
+    let nats = NatsServer::start_on("fleet-early", port);
+    let nats_started = Instant::now();
+    let (gw, announced) = starting.join().expect("the node starts once NATS is up");
+    assert!(
+        announced > nats_started,
+        "the node announced its addresses before NATS was up"
+    );
+    let kv = registry(&nats).await;
+    let dev = v4::connect(v4::options(gw.mqtt, "early-dev")).await;
+    wait_registry(&kv, "early-dev", Some("early")).await;
+    drop(dev);
+
+    // No NATS at all, two seconds of waiting: it gives up and says how long it tried.
+    let (code, text) = start_without_nats("fleet-no-nats-wait", 2);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("cannot join the fleet yet, trying again"),
+        "{text}"
+    );
+    assert!(text.contains("cluster.startup_wait_secs"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,7 @@
 mod acker;
 pub mod arbiter;
 pub mod handover;
+mod join;
 pub mod metrics;
 pub mod ops_metrics;
 pub mod registry;
@@ -49,15 +50,11 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ClusterConfig;
 use crate::events::sink::Batcher;
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 
 pub use metrics::FleetMetrics;
 pub use registry::{Located, Registry};
-
-/// How long the start waits for NATS and the buckets.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a node does with a request another node sent it: the reply's bytes.
 pub type Handler = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> + Send + Sync>;
@@ -114,85 +111,7 @@ pub struct Fleet {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// Why the fleet's client could not connect; a certificate error says what it was
-/// checked against.
-fn connect_error(config: &ClusterConfig, e: &str) -> String {
-    let hint = if e.contains("certificate") {
-        match &config.nats_ca_file {
-            Some(ca) => format!(" (checked against cluster.nats_ca_file {})", ca.display()),
-            None => " (checked against the system's roots: cluster.nats_ca_file is empty)".into(),
-        }
-    } else {
-        String::new()
-    };
-    format!(
-        "cluster: cannot connect to NATS ({}): {e}{hint}",
-        config.nats_url
-    )
-}
-
 impl Fleet {
-    /// Connects to NATS, opens (or creates) the registry buckets and takes this node's
-    /// lease, on `runtime`; an error names what failed.
-    pub fn connect(
-        config: &ClusterConfig,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<Arc<Fleet>, String> {
-        let connecting =
-            async { tokio::time::timeout(CONNECT_TIMEOUT, Fleet::connect_async(config)).await };
-        runtime.block_on(connecting).unwrap_or_else(|_| {
-            Err(format!(
-                "cluster: no answer from NATS ({}) within {} s",
-                config.nats_url,
-                CONNECT_TIMEOUT.as_secs()
-            ))
-        })
-    }
-
-    async fn connect_async(config: &ClusterConfig) -> Result<Arc<Fleet>, String> {
-        let node: Arc<str> = config.node().into();
-        let tls = config
-            .tls_files()
-            .client_config()
-            .map_err(|e| format!("cluster: {e}"))?;
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("gateway-fleet-{node}"))
-            .tls_client_config((*tls).clone())
-            .connection_timeout(Duration::from_secs(2));
-        if !config.nats_token.is_empty() {
-            options = options.token(config.nats_token.clone());
-        }
-        let client = options
-            .connect(config.urls())
-            .await
-            .map_err(|e| connect_error(config, &e.to_string()))?;
-        let registry = Arc::new(Registry::open(&client, config, node.clone()).await?);
-        let link = handover::Link::new(&client, config, &registry, &node);
-        let sessions = sessions::SessionStore::open(&client, config, link).await?;
-        registry
-            .renew_lease()
-            .await
-            .map_err(|e| format!("cluster: cannot take this node's lease: {e}"))?;
-        tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
-        let retained = routing::retained::open(&client, config).await?;
-        let routing = routing::Router::new(config, &node, retained, tls);
-        let sweep = sweep::Sweeper::new(config, registry.clone());
-        Ok(Arc::new(Fleet {
-            node,
-            sweep,
-            registry,
-            metrics: Arc::default(),
-            sessions,
-            routing,
-            client,
-            prefix: config.subject_prefix.clone(),
-            lease: config.lease(),
-            request_timeout: config.request_timeout(),
-            stop: CancellationToken::new(),
-            tasks: Mutex::new(Vec::new()),
-        }))
-    }
-
     /// The subject on which `node` answers `service` for its devices.
     fn subject(&self, node: &str, service: Service) -> String {
         format!("{}.node.{node}.{}", self.prefix, service.name())

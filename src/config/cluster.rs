@@ -35,6 +35,9 @@ pub struct ClusterConfig {
     pub subject_prefix: String,
     pub registry_bucket: String,
     pub lease_secs: u32,
+    /// How long a start keeps trying to join while NATS cannot be reached
+    /// (`crate::cluster::join`); 0 = one attempt.
+    pub startup_wait_secs: u32,
     pub request_timeout_ms: u32,
     pub registry_queue_capacity: u32,
     /// Registry entries a node sweeping a dead node's entries reads per second at most
@@ -110,6 +113,11 @@ impl ClusterConfig {
 
     pub fn takeover_min_interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.takeover_min_interval_ms))
+    }
+
+    /// `startup_wait_secs` as a duration.
+    pub fn startup_wait(&self) -> Duration {
+        Duration::from_secs(u64::from(self.startup_wait_secs))
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -198,6 +206,12 @@ impl Section for ClusterConfig {
             .map_err(|e| invalid(&e.key, e.message))?;
         in_range("cluster.lease_secs", self.lease_secs, 3, 300)?;
         in_range(
+            "cluster.startup_wait_secs",
+            self.startup_wait_secs,
+            0,
+            86_400,
+        )?;
+        in_range(
             "cluster.request_timeout_ms",
             self.request_timeout_ms,
             100,
@@ -251,6 +265,7 @@ mod tests {
         assert_eq!(c.subject_prefix, "gateway.fleet");
         assert_eq!(c.registry_bucket, "gateway_registry");
         assert_eq!(c.lease_secs, 10);
+        assert_eq!(c.startup_wait_secs, 60);
         assert_eq!(c.request_timeout_ms, 2000);
         assert_eq!(c.registry_queue_capacity, 100_000);
         assert_eq!(c.registry_sweep_rate, 10_000);
@@ -293,6 +308,7 @@ mod tests {
             ("registry_bucket = \"a.b\"", "cluster.registry_bucket"),
             ("lease_secs = 2", "cluster.lease_secs"),
             ("lease_secs = 301", "cluster.lease_secs"),
+            ("startup_wait_secs = 86401", "cluster.startup_wait_secs"),
             ("request_timeout_ms = 99", "cluster.request_timeout_ms"),
             (
                 "registry_queue_capacity = 0",
