@@ -33,9 +33,11 @@
 //! reconnects): a KeyUpdate from the client — rustls' buffered connection gives out the
 //! traffic keys but not the traffic secrets the next generation is derived from (only
 //! its unbuffered API hands over a `KernelConnection` that can update them); a TLS 1.2
-//! renegotiation (rustls refuses those too); and sending past the AES-GCM
-//! confidentiality limit (2^24.5 records, RFC 8446 §5.5), which would need our own
-//! KeyUpdate.
+//! renegotiation request (rustls answers the first with a no_renegotiation warning and
+//! goes on; closing is stricter and a device just reconnects); and sending past the
+//! AES-GCM confidentiality limit (2^24.5 records in TLS 1.3, RFC 8446 §5.5; 2^24 in
+//! TLS 1.2, as rustls keeps), which would need our own KeyUpdate — TLS 1.2 has none, so
+//! such a connection closes and the device reconnects. Receiving has no limit of ours.
 
 use std::fmt;
 use std::ops::Range;
@@ -65,8 +67,11 @@ const INTERNAL_ERROR: u8 = 80;
 const USER_CANCELED: u8 = 90;
 const KEY_UPDATE: u8 = 24;
 
-/// Records one AES-GCM key may protect (2^24.5, RFC 8446 §5.5).
+/// Records one AES-GCM key may send in TLS 1.3 (2^24.5, RFC 8446 §5.5).
 const AES_GCM_RECORD_LIMIT: u64 = 23_726_566;
+/// Records one AES-GCM key may send in TLS 1.2, where no KeyUpdate exists (2^24, the
+/// limit rustls applies to its own TLS 1.2 connections).
+const AES_GCM_TLS12_RECORD_LIMIT: u64 = 1 << 24;
 
 /// The protocol version a connection negotiated: it decides the record format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,11 +106,13 @@ impl Suite {
         }
     }
 
-    /// Records one key may send.
-    fn record_limit(self) -> u64 {
-        match self {
-            Suite::Chacha20Poly1305 => u64::MAX,
-            _ => AES_GCM_RECORD_LIMIT,
+    /// Records one key may send in `version` (receiving has no limit but the sequence
+    /// number's own: the sender keeps to its limit).
+    fn send_limit(self, version: Version) -> u64 {
+        match (self, version) {
+            (Suite::Chacha20Poly1305, _) => u64::MAX,
+            (_, Version::Tls13) => AES_GCM_RECORD_LIMIT,
+            (_, Version::Tls12) => AES_GCM_TLS12_RECORD_LIMIT,
         }
     }
 }
@@ -236,7 +243,7 @@ impl DirectionKeys {
             _ => return Err(RecordError::Unsupported("cipher suite")),
         };
         let (key, iv) = (key.as_ref(), iv.as_ref());
-        if key.len() > 32 || iv.len() != NONCE_LEN {
+        if key.len() != suite.algorithm().key_len() || iv.len() != NONCE_LEN {
             return Err(RecordError::Unsupported("key or IV length"));
         }
         let mut d = DirectionKeys {
@@ -261,10 +268,10 @@ impl DirectionKeys {
         LessSafeKey::new(unbound)
     }
 
-    /// Takes the next sequence number: it, and IV xor it (the nonce of every record but
-    /// a received TLS 1.2 AES-GCM one).
-    fn next(&mut self) -> Result<(u64, [u8; NONCE_LEN]), RecordError> {
-        if self.seq >= self.suite.record_limit() {
+    /// Takes the next sequence number, below `limit`: it, and IV xor it (the nonce of
+    /// every record but a received TLS 1.2 AES-GCM one).
+    fn next(&mut self, limit: u64) -> Result<(u64, [u8; NONCE_LEN]), RecordError> {
+        if self.seq >= limit.min(u64::MAX - 1) {
             return Err(RecordError::KeyExhausted);
         }
         let seq = self.seq;
@@ -277,11 +284,27 @@ impl DirectionKeys {
     }
 }
 
+impl DirectionKeys {
+    /// The next number of a record to open.
+    fn next_in(&mut self) -> Result<(u64, [u8; NONCE_LEN]), RecordError> {
+        self.next(u64::MAX)
+    }
+
+    /// The next number of a record to seal, within the key's sending limit.
+    fn next_out(&mut self) -> Result<(u64, [u8; NONCE_LEN]), RecordError> {
+        self.next(self.suite.send_limit(self.version))
+    }
+}
+
 impl Drop for DirectionKeys {
     fn drop(&mut self) {
-        // Best effort: the key does not outlive the connection in freed memory.
-        self.key = [0; 32];
-        self.iv = [0; NONCE_LEN];
+        // Best effort: this copy of the key and IV is wiped (volatile writes, which the
+        // compiler keeps). Copies a map left behind when it moved or grew are not.
+        for b in self.key.iter_mut().chain(self.iv.iter_mut()) {
+            // SAFETY: `b` is a valid, aligned, exclusive reference to one byte.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -360,7 +383,7 @@ impl Opener<'_> {
         if body.len() < TAG_LEN + 1 {
             return Err(RecordError::BadRecordMac);
         }
-        let (_, nonce) = self.dir.next()?;
+        let (_, nonce) = self.dir.next_in()?;
         let aad = Aad::from([header[0], header[1], header[2], header[3], header[4]]);
         let plain = self
             .key
@@ -378,7 +401,7 @@ impl Opener<'_> {
         let data = HEADER_LEN..HEADER_LEN + end;
         match plain[end] {
             APPLICATION_DATA => Ok(Opened::Data(data)),
-            ALERT => alert(&plain[..end]),
+            ALERT => alert(&plain[..end], Version::Tls13),
             HANDSHAKE => Err(handshake(&plain[..end])),
             _ => Err(RecordError::UnexpectedMessage("content type")),
         }
@@ -402,7 +425,7 @@ impl Opener<'_> {
         if plain_len > MAX_PLAINTEXT {
             return Err(RecordError::RecordOverflow);
         }
-        let (seq, mut nonce) = self.dir.next()?;
+        let (seq, mut nonce) = self.dir.next_in()?;
         if explicit > 0 {
             // AES-GCM: the salt (the IV's first 4 bytes), then the sender's explicit part.
             nonce[..4].copy_from_slice(&self.dir.iv[..4]);
@@ -415,7 +438,7 @@ impl Opener<'_> {
             .open_within(nonce, aad, body, explicit..)
             .map_err(|_| RecordError::BadRecordMac)?;
         if typ == ALERT {
-            return alert(plain);
+            return alert(plain, Version::Tls12);
         }
         Ok(Opened::Data(HEADER_LEN..HEADER_LEN + plain_len))
     }
@@ -471,13 +494,22 @@ impl Opener<'_> {
     }
 }
 
-/// An alert from the peer: its close_notify ends the stream, anything but a warning
-/// ends the connection.
-fn alert(body: &[u8]) -> Result<Opened, RecordError> {
-    match body {
-        [_, CLOSE_NOTIFY] => Ok(Opened::CloseNotify),
-        [_, USER_CANCELED] => Ok(Opened::Nothing),
-        [_, d] => Err(RecordError::PeerAlert(*d)),
+/// An alert from the peer: its close_notify ends the stream, a user_canceled warning is
+/// nothing (a close_notify follows), anything else ends the connection. TLS 1.3 ignores
+/// the level (RFC 8446 §6); TLS 1.2 ends on a fatal user_canceled and refuses a level
+/// that is neither warning (1) nor fatal (2).
+fn alert(body: &[u8], version: Version) -> Result<Opened, RecordError> {
+    const WARNING: u8 = 1;
+    const FATAL: u8 = 2;
+    match (version, body) {
+        (_, [_, CLOSE_NOTIFY]) => Ok(Opened::CloseNotify),
+        (Version::Tls13, [_, USER_CANCELED]) | (Version::Tls12, [WARNING, USER_CANCELED]) => {
+            Ok(Opened::Nothing)
+        }
+        (Version::Tls12, [level, _]) if *level != WARNING && *level != FATAL => {
+            Err(RecordError::UnexpectedMessage("alert level"))
+        }
+        (_, [_, d]) => Err(RecordError::PeerAlert(*d)),
         _ => Err(RecordError::UnexpectedMessage("alert length")),
     }
 }
@@ -526,7 +558,7 @@ impl Sealer<'_> {
 
     /// TLS 1.3: header, then `plain` ‖ `typ` encrypted in place, then the tag.
     fn seal13(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
-        let (_, nonce) = self.dir.next()?;
+        let (_, nonce) = self.dir.next_out()?;
         let len = (plain.len() + 1 + TAG_LEN) as u16;
         let [hi, lo] = len.to_be_bytes();
         let header = [APPLICATION_DATA, 3, 3, hi, lo];
@@ -541,7 +573,7 @@ impl Sealer<'_> {
     /// TLS 1.2: header (with the real type), the explicit nonce (AES-GCM), then `plain`
     /// encrypted in place, then the tag.
     fn seal12(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
-        let (seq, nonce) = self.dir.next()?;
+        let (seq, nonce) = self.dir.next_out()?;
         let explicit = self.dir.suite.explicit_nonce_len();
         let len = (explicit + plain.len() + TAG_LEN) as u16;
         let [hi, lo] = len.to_be_bytes();

@@ -58,11 +58,12 @@ fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>
     server.enable_secret_extraction = true;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
-    let client = ClientConfig::builder_with_provider(one_suite)
+    let mut client = ClientConfig::builder_with_provider(one_suite)
         .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    client.enable_secret_extraction = true;
     (Arc::new(server), Arc::new(client))
 }
 
@@ -480,4 +481,68 @@ fn random_records_are_refused_without_panicking() {
             keys.rx = rx;
         }
     }
+}
+
+/// Both ends on the record layer: the client's keys (to seal what a rustls client
+/// cannot be made to send) and the server's.
+fn both_ends(suite: SupportedCipherSuite) -> (RecordKeys, RecordKeys) {
+    let (client, server) = session(suite);
+    let secrets = client.dangerous_extract_secrets().unwrap();
+    (
+        RecordKeys::from_secrets(&secrets, version_of(suite)).unwrap(),
+        server,
+    )
+}
+
+/// Alert levels: TLS 1.3 ignores them (RFC 8446 §6); TLS 1.2 ends the connection on a
+/// fatal user_canceled, passes over a warning one, and refuses an unknown level.
+#[test]
+fn alert_levels_per_version() {
+    let cases: [(SupportedCipherSuite, [u8; 2], Result<Opened, RecordError>); 6] = [
+        (SUITES[0], [2, USER_CANCELED], Ok(Opened::Nothing)),
+        (SUITES[0], [2, CLOSE_NOTIFY], Ok(Opened::CloseNotify)),
+        (SUITES12[0], [1, USER_CANCELED], Ok(Opened::Nothing)),
+        (
+            SUITES12[0],
+            [2, USER_CANCELED],
+            Err(RecordError::PeerAlert(USER_CANCELED)),
+        ),
+        (
+            SUITES12[2],
+            [3, USER_CANCELED],
+            Err(RecordError::UnexpectedMessage("alert level")),
+        ),
+        (SUITES12[2], [1, CLOSE_NOTIFY], Ok(Opened::CloseNotify)),
+    ];
+    for (suite, body, want) in cases {
+        let (mut client, mut server) = both_ends(suite);
+        let mut wire = Vec::new();
+        client.sealer().seal(ALERT, &body, &mut wire).unwrap();
+        assert_eq!(server.opener().open(&mut wire), want, "{suite:?} {body:?}");
+    }
+}
+
+/// The AES-GCM limit binds what we send (2^24.5 records in TLS 1.3, 2^24 in TLS 1.2),
+/// not what we receive: a client that keeps to its own limit is not cut off early.
+#[test]
+fn only_sending_has_a_record_limit() {
+    for (suite, limit) in [
+        (SUITES[0], AES_GCM_RECORD_LIMIT),
+        (SUITES12[0], AES_GCM_TLS12_RECORD_LIMIT),
+    ] {
+        let (_client, mut keys) = session(suite);
+        keys.tx.seq = limit - 1;
+        let mut out = Vec::new();
+        assert!(keys.sealer().seal_data(b"last", &mut out).is_ok());
+        assert_eq!(
+            keys.sealer().seal_data(b"one too many", &mut out),
+            Err(RecordError::KeyExhausted),
+            "{suite:?}"
+        );
+        keys.rx.seq = limit + 1_000;
+        assert!(keys.rx.next_in().is_ok(), "{suite:?}");
+    }
+    let (_client, mut keys) = session(SUITES12[2]);
+    keys.tx.seq = AES_GCM_RECORD_LIMIT * 4;
+    assert!(keys.sealer().seal_data(b"chacha", &mut Vec::new()).is_ok());
 }
