@@ -302,6 +302,49 @@ async fn a_node_started_before_nats_joins_once_nats_is_up() {
     assert!(text.contains("cluster.startup_wait_secs"), "{text}");
 }
 
+/// `GET /v1/stats?scope=fleet` on one node answers for both: each node's figures and
+/// their totals; without the scope, the receiving node only. A node killed with -9 (its
+/// lease still held) is listed with its error and left out of the totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_stats_answer_for_every_node() {
+    let (_nats, mut gw, _kv) = fleet("fleet-stats", &["node-a", "node-b"]).await;
+    let _a1 = v4::connect(v4::options(gw[0].mqtt, "stats-a1")).await;
+    let _b1 = v4::connect(v4::options(gw[1].mqtt, "stats-b1")).await;
+    let _b2 = v4::connect(v4::options(gw[1].mqtt, "stats-b2")).await;
+    let url = |gw: &GatewayProcess, q: &str| format!("http://{}/v1/stats{q}", gw.http);
+    let get = |u: String| async move {
+        let r = reqwest::get(u).await.expect("stats");
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (code, here) = get(url(&gw[0], "")).await;
+    assert_eq!(
+        (code, here["connections"].clone()),
+        (200, json!(1)),
+        "{here}"
+    );
+    let (code, all) = get(url(&gw[0], "?scope=fleet")).await;
+    assert_eq!(code, 200, "{all}");
+    assert_eq!(all["connections"], 3, "{all}");
+    let nodes = all["nodes"].as_array().unwrap();
+    let of = |id: &str| nodes.iter().find(|n| n["node"] == id).cloned();
+    assert_eq!(of("node-a").unwrap()["connections"], 1, "{all}");
+    assert_eq!(of("node-b").unwrap()["connections"], 2, "{all}");
+    assert_eq!(of("node-b").unwrap()["shards"].as_array().unwrap().len(), 2);
+
+    // Node B dies; its lease lasts a little longer: listed with an error, not counted.
+    common::fleet::kill_9(&mut gw[1]);
+    let (code, all) = get(url(&gw[0], "?scope=fleet")).await;
+    assert_eq!(code, 200, "{all}");
+    assert_eq!(all["connections"], 1, "{all}");
+    // Its lease (3 s, not given up by a killed node) still names it.
+    let b = all["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "node-b");
+    assert!(b.is_some_and(|b| b["error"].is_string()), "{all}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_to_an_offline_persistent_session_on_another_node_is_queued_there() {
     let (_nats, gw, kv) = fleet("fleet-queued", &["node-a", "node-b"]).await;

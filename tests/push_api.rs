@@ -520,6 +520,15 @@ async fn stats_and_openapi_are_served() {
     assert_eq!(s["connections"], 1);
     assert_eq!(s["sessions"], 1);
     assert_eq!(s["shards"].as_array().unwrap().len(), 2);
+    // Without a fleet, scope=fleet is this node alone; another scope is a 400 naming it.
+    let (code, f) = api.get("/v1/stats?scope=fleet").await;
+    assert_eq!(code, 200, "{f}");
+    assert_eq!(f["connections"], 1);
+    assert_eq!(f["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(f["nodes"][0]["sessions"], 1);
+    let (code, e) = api.get("/v1/stats?scope=world").await;
+    assert_eq!(code, 400);
+    assert_eq!(e["error"]["field"], "scope");
     let (code, doc) = api.get("/v1/openapi.json").await;
     assert_eq!(code, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));

@@ -1,7 +1,6 @@
 //! The clients routes (`/v1/clients`: look up or disconnect a client id on its home
-//! shard) and `/v1/stats`.
+//! shard).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -9,7 +8,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::mailbox::{home_shard, ShardMsg};
@@ -261,38 +260,4 @@ pub(super) async fn kick(s: ApiState, client_id: String, clear_session: bool) ->
         Ok(None) => not_found(&client_id).into_response(),
         Err(e) => e.into_response(),
     }
-}
-
-pub(super) async fn stats(State(s): State<ApiState>) -> Response {
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let shards: Vec<Value> = s
-        .inner
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            json!({
-                "shard": i,
-                "connections": load(&m.connections),
-                "sessions": load(&m.sessions),
-                "subscriptions": load(&m.subscriptions),
-                "queued_messages": load(&m.queued_messages),
-                "wheel_entries": load(&m.wheel_entries),
-            })
-        })
-        .collect();
-    let sum = |k: &str| {
-        shards
-            .iter()
-            .map(|v| v[k].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
-    let body = json!({
-        "connections": sum("connections"),
-        "sessions": sum("sessions"),
-        "subscriptions": sum("subscriptions"),
-        "queued_messages": sum("queued_messages"),
-        "shards": shards,
-    });
-    (StatusCode::OK, axum::Json(body)).into_response()
 }

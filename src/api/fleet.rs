@@ -431,9 +431,9 @@ async fn serve_kick(state: ApiState, bytes: Bytes) -> Bytes {
 }
 
 impl ApiState {
-    /// What this node answers to other nodes' requests (`crate::cluster`): pushes, and
-    /// a device's state.
-    pub(crate) fn fleet_handlers(&self) -> [(Service, Handler); 3] {
+    /// What this node answers to other nodes' requests (`crate::cluster`): pushes, a
+    /// device's state, kicks, and its figures.
+    pub(crate) fn fleet_handlers(&self) -> [(Service, Handler); 4] {
         let push_inner = self.inner.clone();
         let push: Handler = Arc::new(move |bytes| {
             let inner = push_inner.clone();
@@ -444,10 +444,14 @@ impl ApiState {
             Arc::new(move |bytes| Box::pin(serve_client_info(state.clone(), bytes)));
         let state = self.clone();
         let kick: Handler = Arc::new(move |bytes| Box::pin(serve_kick(state.clone(), bytes)));
+        let state = self.clone();
+        let stats: Handler =
+            Arc::new(move |bytes| Box::pin(super::stats::serve_stats(state.clone(), bytes)));
         [
             (Service::Push, push),
             (Service::Client, client),
             (Service::Kick, kick),
+            (Service::Stats, stats),
         ]
     }
 }

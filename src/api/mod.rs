@@ -43,13 +43,15 @@ mod listing;
 mod message_id;
 mod push;
 mod spec;
+mod stats;
 #[cfg(test)]
 mod tests;
 
 use self::access::{auth, count_push_requests, Access};
-use self::clients::{delete_client, delete_client_by_query, get_client, stats};
+use self::clients::{delete_client, delete_client_by_query, get_client};
 use self::listing::{delete_retained, get_clients, list_retained};
 use self::push::{push, push_batch, Progress};
+use self::stats::stats;
 
 /// The OpenAPI 3 description of this API.
 pub(crate) const OPENAPI: &str = include_str!("../../docs/openapi.json");

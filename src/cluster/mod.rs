@@ -68,6 +68,8 @@ pub enum Service {
     Client,
     /// Disconnecting a device (`DELETE /v1/clients/{id}`).
     Kick,
+    /// Its figures (`GET /v1/stats?scope=fleet`).
+    Stats,
 }
 
 impl Service {
@@ -76,6 +78,7 @@ impl Service {
             Service::Push => "push",
             Service::Client => "client",
             Service::Kick => "kick",
+            Service::Stats => "stats",
         }
     }
 }
@@ -126,7 +129,7 @@ impl Fleet {
         runtime: &tokio::runtime::Handle,
         changes: Batcher,
         shards: Mailboxes,
-        handlers: [(Service, Handler); 3],
+        handlers: [(Service, Handler); 4],
     ) -> Result<(), String> {
         let mut served = Vec::with_capacity(handlers.len());
         for (service, handler) in handlers {
@@ -285,6 +288,13 @@ impl Fleet {
                 Err(_) => {}
             }
         }
+    }
+
+    /// The nodes holding a lease now (this one included), sorted.
+    pub async fn live_nodes(&self) -> Result<Vec<String>, String> {
+        let mut nodes: Vec<String> = self.sweep.leases().await?.into_iter().collect();
+        nodes.sort();
+        Ok(nodes)
     }
 
     /// Sends `payload` to `node`'s `service` subject and waits at most `timeout` for its

@@ -113,7 +113,7 @@ impl Sweeper {
     /// or are replaced meanwhile (leases do both) can wait for an entry that is gone
     /// (nats-io/nats.rs#642), and the sweeper looked no more: a node that died then was
     /// never swept. A listing cut off is tried again at the next look.
-    async fn leases(&self) -> Result<HashSet<String>, String> {
+    pub(crate) async fn leases(&self) -> Result<HashSet<String>, String> {
         tokio::time::timeout(self.list_timeout, self.list_leases())
             .await
             .map_err(|_| format!("listing the leases took over {:?}", self.list_timeout))?
