@@ -2,8 +2,9 @@
 //! messages, in all and per shard, read from the shards' single-writer counters; with
 //! `?scope=fleet`, every node holding a lease answers its own (`Service::Stats` over
 //! NATS, all asked at once, each within `cluster.request_timeout_ms`) and the totals
-//! are their sum. A node that does not answer is listed with its error and left out of
-//! the totals, so the answer always comes.
+//! are their sum. A node that does not answer in time is listed with its error and left
+//! out of the totals, so one dead node does not hold the answer; only when the leases
+//! themselves cannot be listed is the answer a 503.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -92,7 +93,10 @@ fn sum<'a>(items: impl Iterator<Item = &'a Value>, key: &str) -> u64 {
 /// Every live node's figures (this one's read here), and their totals. Without a
 /// fleet, this node alone.
 async fn fleet(inner: &Inner) -> Result<Value, ApiError> {
-    let here = inner.config.cluster.node();
+    let here = match &inner.fleet {
+        Some(fleet) => fleet.node.to_string(),
+        None => inner.config.cluster.node(),
+    };
     let mut nodes = vec![with_node(&here, local(inner))];
     if let Some(fleet) = &inner.fleet {
         let live = fleet.live_nodes().await.map_err(|e| {
@@ -123,7 +127,7 @@ async fn fleet(inner: &Inner) -> Result<Value, ApiError> {
     Ok(body)
 }
 
-/// A node's figures with its id first.
+/// A node's figures with its id.
 fn with_node(node: &str, mut figures: Value) -> Value {
     figures["node"] = node.into();
     figures

@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use super::{handover, routing, sessions, sweep, Fleet, Registry};
 use crate::config::ClusterConfig;
 
-/// Longest one attempt may take (NATS, then each bucket).
+/// Longest one attempt may take (NATS, then each bucket); later attempts get at most
+/// the time left, but never less than [`MIN_ATTEMPT`].
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_ATTEMPT: Duration = Duration::from_secs(2);
 /// The first pause between attempts; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(250);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
@@ -33,18 +35,28 @@ enum JoinError {
 }
 
 impl JoinError {
-    /// A bucket or stream that could not be opened once NATS answered: worth waiting
-    /// for when JetStream is not there yet (no responders, a timeout, the connection
-    /// lost); not when JetStream refused the request (more replicas than servers, a
-    /// bucket of another shape), which the next attempt would meet again.
+    /// A bucket, stream or lease that could not be had once NATS answered: worth
+    /// waiting for when JetStream is not there yet — no responders or "jetstream
+    /// unavailable" (a server still starting), "temporarily unavailable" (10008: no
+    /// meta leader yet) or not enough servers (10005) while a NATS cluster restarts, no
+    /// stream yet for the lease, a timeout, the connection lost; not when JetStream
+    /// refused the request for good (more replicas than a single server has, a bucket
+    /// of another shape), which the next attempt would meet again.
     fn of_bucket(e: String) -> JoinError {
         let text = e.to_ascii_lowercase();
         let transient = [
             "no responders",
+            "unavailable",
+            "10008",
+            "10005",
+            "not enough",
+            "no stream found",
             "timed out",
             "timeout",
             "disconnected",
             "not connected",
+            "broken pipe",
+            "connection reset",
         ];
         if transient.iter().any(|t| text.contains(t)) {
             JoinError::Again(e)
@@ -65,14 +77,16 @@ impl Fleet {
         let wait = config.startup_wait();
         let started = Instant::now();
         let mut pause = FIRST_PAUSE;
+        let mut limit = ATTEMPT_TIMEOUT;
         for attempt in 1u32.. {
-            let error = match Self::attempt(config, runtime) {
+            let error = match Self::attempt(config, runtime, limit) {
                 Ok(fleet) => return Ok(fleet),
                 Err(JoinError::Fatal(e)) => return Err(e),
                 Err(JoinError::Again(e)) => e,
             };
             let waited = started.elapsed();
-            if waited + pause > wait {
+            let left = wait.saturating_sub(waited);
+            if left.is_zero() {
                 return Err(match attempt {
                     1 => error,
                     n => format!(
@@ -81,32 +95,36 @@ impl Fleet {
                     ),
                 });
             }
+            let this_pause = pause.min(left);
             tracing::warn!(
                 attempt,
                 error = %error,
-                retry_in_ms = pause.as_millis() as u64,
-                gives_up_in_s = (wait - waited).as_secs(),
+                retry_in_ms = this_pause.as_millis() as u64,
+                gives_up_in_s = left.as_secs(),
                 "cluster: cannot join the fleet yet, trying again"
             );
             // The start runs on the main thread, before any shard: nothing else waits.
-            std::thread::sleep(pause);
+            std::thread::sleep(this_pause);
             pause = (pause * 2).min(MAX_PAUSE);
+            let left = wait.saturating_sub(started.elapsed());
+            limit = ATTEMPT_TIMEOUT.min(left).max(MIN_ATTEMPT);
         }
         unreachable!("the attempts end by returning")
     }
 
-    /// One attempt, bounded by [`ATTEMPT_TIMEOUT`].
+    /// One attempt, bounded by `limit`.
     fn attempt(
         config: &ClusterConfig,
         runtime: &tokio::runtime::Handle,
+        limit: Duration,
     ) -> Result<Arc<Fleet>, JoinError> {
         // The timer is made inside the runtime (it needs its clock).
-        let joining = async { tokio::time::timeout(ATTEMPT_TIMEOUT, Fleet::join(config)).await };
+        let joining = async { tokio::time::timeout(limit, Fleet::join(config)).await };
         runtime.block_on(joining).unwrap_or_else(|_| {
             Err(JoinError::Again(format!(
                 "cluster: no answer from NATS ({}) within {} s",
                 config.nats_url,
-                ATTEMPT_TIMEOUT.as_secs()
+                limit.as_secs()
             )))
         })
     }
@@ -147,13 +165,15 @@ impl Fleet {
         let sessions = sessions::SessionStore::open(&client, config, link)
             .await
             .map_err(JoinError::of_bucket)?;
+        let retained = routing::retained::open(&client, config)
+            .await
+            .map_err(JoinError::of_bucket)?;
+        // The lease last: an attempt that fails leaves no lease naming a node that is
+        // not there.
         registry.renew_lease().await.map_err(|e| {
             JoinError::of_bucket(format!("cluster: cannot take this node's lease: {e}"))
         })?;
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
-        let retained = routing::retained::open(&client, config)
-            .await
-            .map_err(JoinError::of_bucket)?;
         let routing = routing::Router::new(config, &node, retained, tls);
         let sweep = sweep::Sweeper::new(config, registry.clone());
         Ok(Arc::new(Fleet {
