@@ -150,9 +150,19 @@ impl Shard {
         let keys = self.wire.records.remove(&(key as u32));
         let conn = &mut self.wire.conns[key];
         if let (Some(mut keys), Some(alert)) = (keys, e.alert()) {
-            let mut out = Vec::new();
+            // The alert goes after whatever sealed bytes still wait, and only if all of
+            // them went out: in the middle of a record it would garble the stream.
+            let mut out = conn
+                .bufs
+                .as_mut()
+                .map(|b| std::mem::take(&mut b.tls_out))
+                .unwrap_or_default();
+            let waiting = out.len();
             if keys.sealer().seal_alert(alert, &mut out).is_ok() {
-                let _ = conn.socket.write(&out);
+                let (sent, _) = write_some(&mut conn.socket, &out[..waiting]);
+                if sent == waiting {
+                    let _ = conn.socket.write(&out[waiting..]);
+                }
             }
         }
         ShardMetrics::add(&self.services.metrics.tls_failures, 1);
