@@ -3,8 +3,9 @@
 //! `?scope=fleet`, every node holding a lease answers its own (`Service::Stats` over
 //! NATS, all asked at once, each within `cluster.request_timeout_ms`) and the totals
 //! are their sum. A node that does not answer in time is listed with its error and left
-//! out of the totals, so one dead node does not hold the answer; only when the leases
-//! themselves cannot be listed is the answer a 503.
+//! out of the totals, so one dead node does not hold the answer. The leases are listed
+//! per request; when that fails, the node's own last look at them stands in, and only
+//! without a recent one is the answer a 503.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

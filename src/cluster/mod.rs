@@ -290,11 +290,10 @@ impl Fleet {
         }
     }
 
-    /// The nodes holding a lease now (this one included), sorted.
+    /// The nodes holding a lease (this one included), sorted: listed now, or as this
+    /// node last looked when the listing fails.
     pub async fn live_nodes(&self) -> Result<Vec<String>, String> {
-        let mut nodes: Vec<String> = self.sweep.leases().await?.into_iter().collect();
-        nodes.sort();
-        Ok(nodes)
+        self.sweep.live().await
     }
 
     /// Sends `payload` to `node`'s `service` subject and waits at most `timeout` for its

@@ -50,6 +50,9 @@ pub struct Sweeper {
     swept: AtomicU64,
     /// The last sweep failed (logged once until one succeeds).
     failing: AtomicBool,
+    /// The leases of the last look (every `every`) and when it was taken: what
+    /// `GET /v1/stats?scope=fleet` asks when listing them itself fails.
+    seen: std::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
 
 impl Sweeper {
@@ -62,6 +65,7 @@ impl Sweeper {
             dead: broadcast::channel(64).0,
             swept: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            seen: std::sync::Mutex::new(None),
         })
     }
 
@@ -89,14 +93,14 @@ impl Sweeper {
     /// Watches the leases until `stop`; sweeps when a node died and this node holds the
     /// marker.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut known = self.leases().await.unwrap_or_default();
+        let mut known = self.look().await.unwrap_or_default();
         let mut due = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.every) => {}
                 _ = stop.cancelled() => return,
             }
-            let Ok(now) = self.leases().await else {
+            let Ok(now) = self.look().await else {
                 continue;
             };
             for gone in known.difference(&now) {
@@ -109,11 +113,42 @@ impl Sweeper {
         }
     }
 
+    /// The leases now, kept as the last look.
+    async fn look(&self) -> Result<HashSet<String>, String> {
+        let now = self.leases().await?;
+        let mut sorted: Vec<String> = now.iter().cloned().collect();
+        sorted.sort();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        *seen = Some((std::time::Instant::now(), sorted));
+        Ok(now)
+    }
+
+    /// The node ids holding a lease, sorted: listed now, or, when that fails, as the
+    /// last look saw them (at most a few periods old).
+    pub(crate) async fn live(&self) -> Result<Vec<String>, String> {
+        let listed = self.leases().await;
+        let mut nodes: Vec<String> = match listed {
+            Ok(now) => now.into_iter().collect(),
+            Err(e) => {
+                let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                match seen
+                    .as_ref()
+                    .filter(|(at, _)| at.elapsed() <= self.every * 4)
+                {
+                    Some((_, nodes)) => nodes.clone(),
+                    None => return Err(e),
+                }
+            }
+        };
+        nodes.sort();
+        Ok(nodes)
+    }
+
     /// The node ids holding a lease now. Bounded: listing a bucket whose entries expire
     /// or are replaced meanwhile (leases do both) can wait for an entry that is gone
     /// (nats-io/nats.rs#642), and the sweeper looked no more: a node that died then was
     /// never swept. A listing cut off is tried again at the next look.
-    pub(crate) async fn leases(&self) -> Result<HashSet<String>, String> {
+    async fn leases(&self) -> Result<HashSet<String>, String> {
         tokio::time::timeout(self.list_timeout, self.list_leases())
             .await
             .map_err(|_| format!("listing the leases took over {:?}", self.list_timeout))?
