@@ -111,7 +111,7 @@ fn known(list: &[&'static str], s: &str) -> Option<&'static str> {
     list.iter().find(|k| **k == s).copied()
 }
 
-fn fleet_unavailable(what: impl std::fmt::Display) -> ApiError {
+pub(super) fn fleet_unavailable(what: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "fleet_unavailable",

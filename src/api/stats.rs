@@ -19,6 +19,7 @@ use crate::cluster::{RequestError, Service};
 
 use super::clients::{checked_query, RawQuery};
 use super::error::ApiError;
+use super::fleet::fleet_unavailable;
 use super::{ApiState, Inner};
 
 /// The counters summed into the totals.
@@ -100,13 +101,10 @@ async fn fleet(inner: &Inner) -> Result<Value, ApiError> {
     };
     let mut nodes = vec![with_node(&here, local(inner))];
     if let Some(fleet) = &inner.fleet {
-        let live = fleet.live_nodes().await.map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "fleet_unavailable",
-                format!("the fleet's node leases cannot be read ({e}); retry later"),
-            )
-        })?;
+        let live = fleet
+            .live_nodes()
+            .await
+            .map_err(|e| fleet_unavailable(format!("listing the node leases: {e}")))?;
         let timeout = inner.config.cluster.request_timeout();
         let others = live.iter().filter(|n| **n != *fleet.node);
         let asks = others.map(|node| async move {

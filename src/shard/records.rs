@@ -150,20 +150,11 @@ impl Shard {
         let keys = self.wire.records.remove(&(key as u32));
         let conn = &mut self.wire.conns[key];
         if let (Some(mut keys), Some(alert)) = (keys, e.alert()) {
-            // The alert goes after whatever sealed bytes still wait, and only if all of
-            // them went out: in the middle of a record it would garble the stream.
-            let mut out = conn
-                .bufs
-                .as_mut()
-                .map(|b| std::mem::take(&mut b.tls_out))
-                .unwrap_or_default();
-            let waiting = out.len();
-            if keys.sealer().seal_alert(alert, &mut out).is_ok() {
-                let (sent, _) = write_some(&mut conn.socket, &out[..waiting]);
-                if sent == waiting {
-                    let _ = conn.socket.write(&out[waiting..]);
-                }
-            }
+            // Behind whatever sealed bytes still wait: alone, it could land in the middle
+            // of a record.
+            write_behind_sealed(&mut conn.socket, conn.bufs.as_deref_mut(), |wire| {
+                let _ = keys.sealer().seal_alert(alert, wire);
+            });
         }
         ShardMetrics::add(&self.services.metrics.tls_failures, 1);
         tracing::info!(shard = self.id, client_id = %self.client_id_of(key), peer = %self.wire.conns[key].peer, error = %e, "TLS record refused, closing");
@@ -376,17 +367,31 @@ pub(super) fn last_words(
     let Some(mut keys) = keys else {
         return 0;
     };
-    let mut wire = bufs
-        .map(|b| std::mem::take(&mut b.tls_out))
-        .unwrap_or_default();
-    let held = !wire.is_empty();
-    let mut sealer = keys.sealer();
-    let taken = !out.is_empty() && sealer.seal_data(out, &mut wire).is_ok();
-    let _ = sealer.seal_close_notify(&mut wire);
-    let written = socket.write(&wire).unwrap_or(0);
+    let mut taken = false;
+    let (written, held) = write_behind_sealed(socket, bufs, |wire| {
+        let mut sealer = keys.sealer();
+        taken = !out.is_empty() && sealer.seal_data(out, wire).is_ok();
+        let _ = sealer.seal_close_notify(wire);
+    });
     if (held || taken) && written > 0 {
         written
     } else {
         0
     }
+}
+
+/// One write of what is sealed and waiting in `tls_out`, then what `seal` appends: a
+/// short write cuts the stream, it never puts the new records first. The bytes written,
+/// and whether anything was waiting.
+fn write_behind_sealed(
+    socket: &mut TcpStream,
+    bufs: Option<&mut ConnBufs>,
+    seal: impl FnOnce(&mut Vec<u8>),
+) -> (usize, bool) {
+    let mut wire = bufs
+        .map(|b| std::mem::take(&mut b.tls_out))
+        .unwrap_or_default();
+    let held = !wire.is_empty();
+    seal(&mut wire);
+    (socket.write(&wire).unwrap_or(0), held)
 }
