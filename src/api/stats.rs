@@ -95,35 +95,38 @@ fn sum<'a>(items: impl Iterator<Item = &'a Value>, key: &str) -> u64 {
 /// Every live node's figures (this one's read here), and their totals. Without a
 /// fleet, this node alone.
 async fn fleet(inner: &Inner) -> Result<Value, ApiError> {
-    let here = match &inner.fleet {
-        Some(fleet) => fleet.node.to_string(),
-        None => inner.config.cluster.node(),
+    let Some(fleet) = &inner.fleet else {
+        let here = inner.config.cluster.node();
+        return Ok(totalled(vec![with_node(&here, local(inner))]));
     };
-    let mut nodes = vec![with_node(&here, local(inner))];
-    if let Some(fleet) = &inner.fleet {
-        let live = fleet
-            .live_nodes()
-            .await
-            .map_err(|e| fleet_unavailable(format!("listing the node leases: {e}")))?;
-        let timeout = inner.config.cluster.request_timeout();
-        let others = live.iter().filter(|n| **n != *fleet.node);
-        let asks = others.map(|node| async move {
-            let answer = fleet
-                .request(node, Service::Stats, Bytes::new(), timeout)
-                .await;
-            (node, answer)
-        });
-        for (node, answer) in futures_util::future::join_all(asks).await {
-            nodes.push(answered(node, answer));
-        }
+    let mut nodes = vec![with_node(&fleet.node, local(inner))];
+    let live = fleet
+        .live_nodes()
+        .await
+        .map_err(|e| fleet_unavailable(format!("listing the node leases: {e}")))?;
+    let timeout = inner.config.cluster.request_timeout();
+    let others = live.iter().filter(|n| **n != *fleet.node);
+    let asks = others.map(|node| async move {
+        let answer = fleet
+            .request(node, Service::Stats, Bytes::new(), timeout)
+            .await;
+        (node, answer)
+    });
+    for (node, answer) in futures_util::future::join_all(asks).await {
+        nodes.push(answered(node, answer));
     }
+    Ok(totalled(nodes))
+}
+
+/// `nodes` and the totals of those that answered.
+fn totalled(nodes: Vec<Value>) -> Value {
     let answered = nodes.iter().filter(|n| n.get("error").is_none());
     let mut body = json!({});
     for key in TOTALS {
         body[key] = sum(answered.clone(), key).into();
     }
     body["nodes"] = Value::Array(nodes);
-    Ok(body)
+    body
 }
 
 /// A node's figures with its id.

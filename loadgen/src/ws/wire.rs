@@ -36,7 +36,7 @@ pub struct TlsOpts {
     /// Keep session tickets and resume with them.
     pub resume: bool,
     /// The versions offered (`--tls-version`).
-    pub version: crate::cli::TlsVersion,
+    pub version: TlsVersion,
 }
 
 /// The TLS client settings of a `tls` or `wss` run: verify against the PEM CA bundle
