@@ -67,6 +67,9 @@ pub struct Session {
     pub version: Version,
     /// The session has rows in the durable store (it is persistent and the store is on).
     pub stored: bool,
+    /// The fleet keeps a will of this non-persistent session (`shard/durable.rs`): it
+    /// must be emptied when the session ends.
+    pub volatile_will_kept: bool,
     pub extra: Option<Box<SessionState>>,
 }
 
@@ -234,6 +237,7 @@ impl Session {
             alias_max: 0,
             version,
             stored: false,
+            volatile_will_kept: false,
             extra: None,
         }
     }

@@ -1,7 +1,8 @@
-//! Wills that survive their node (issue 20): the will of an online persistent session is
-//! in JetStream, and when its node dies (`kill -9`, its lease expires) exactly one
-//! surviving node publishes it, after its delay, unless the device came back elsewhere;
-//! a session that ended cleanly leaves none.
+//! Wills that survive their node (issue 20): the will of an online session is in
+//! JetStream, and when its node dies (`kill -9`, its lease expires) exactly one surviving
+//! node publishes it, after its delay (none for a session that ends with its
+//! connection), unless the device came back elsewhere; a session that ended cleanly
+//! leaves none, and a device without a will writes nothing.
 //! Real gateway processes (three nodes) on one real `nats-server -js`.
 
 mod common;
@@ -40,13 +41,27 @@ async fn with_will(gw: &GatewayProcess, id: &str) -> v4::Client {
     common::fleet::connack(v4::connect_raw(o), id).await.0
 }
 
+/// Clean-session 3.1.1 device `id` on `gw` with a will on `will/<id>`.
+async fn clean_with_will(gw: &GatewayProcess, id: &str) -> v4::Client {
+    let mut o = v4::options(gw.mqtt, id);
+    let will = format!("will/{id}");
+    o.set_last_will(v4::LastWill::new(will, id, v4::QoS::AtLeastOnce, false));
+    v4::connect(o).await
+}
+
 /// Persistent MQTT 5 device `id` on `gw` whose will waits `delay` seconds.
 async fn with_delayed_will(gw: &GatewayProcess, id: &str, delay: u32) -> v5::Client {
+    with_will_v5(gw, id, delay, 300).await
+}
+
+/// MQTT 5 device `id` on `gw` whose session lasts `expiry` seconds offline and whose
+/// will waits `delay` seconds.
+async fn with_will_v5(gw: &GatewayProcess, id: &str, delay: u32, expiry: u32) -> v5::Client {
     use rumqttc::v5::mqttbytes::v5::{ConnectProperties, LastWill, LastWillProperties};
     let mut o = v5::options(gw.mqtt, id);
-    o.set_clean_start(false);
+    o.set_clean_start(expiry == 0);
     let mut props = ConnectProperties::new();
-    props.session_expiry_interval = Some(300);
+    props.session_expiry_interval = Some(expiry);
     o.set_connect_properties(props);
     let will_props = LastWillProperties {
         delay_interval: Some(delay),
@@ -127,22 +142,52 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
     wait_will(&sessions, "will.node-a.w1", |v| !v.is_empty()).await;
     wait_will(&sessions, "will.node-a.w2", |v| !v.is_empty()).await;
     wait_will(&sessions, "will.node-a.w3", |v| v.is_empty()).await;
+    // Sessions that end with their connection: v1 (3.1.1 clean session) and v2 (MQTT 5,
+    // session expiry 0, a will delay longer than this test: it ends with its session)
+    // keep their wills while online; v3 leaves cleanly; v4 has no will and writes
+    // nothing (it connects before v5, whose will is written after anything of v4's).
+    let _v1 = clean_with_will(&gw[0], "v1").await;
+    let _v2 = with_will_v5(&gw[0], "v2", 600, 0).await;
+    let v3 = clean_with_will(&gw[0], "v3").await;
+    disconnect(v3).await;
+    let _v4 = v4::connect(v4::options(gw[0].mqtt, "v4")).await;
+    let _v5 = clean_with_will(&gw[0], "v5").await;
+    wait_will(&sessions, "will.node-a.v3", |v| v.is_empty()).await;
+    for id in ["v1", "v2", "v5"] {
+        wait_will(&sessions, &format!("will.node-a.{id}"), |v| !v.is_empty()).await;
+    }
+    let v4_will = sessions.get("will.node-a.v4").await.expect("bucket get");
+    assert_eq!(v4_will, None, "a device without a will wrote one");
 
     kill_9(&mut gw[0]);
     // w2 comes back on node B within its will delay: its will is not published.
     let (_w2, present) = persistent(&gw[1], "w2").await;
     assert!(present, "w2: no session present on node B");
 
-    let p = sub.next_publish(DEADLINE).await.expect("w1's will");
-    assert_eq!((p.topic.as_str(), &p.payload[..]), ("will/w1", &b"w1"[..]));
+    let mut wills = Vec::new();
+    while wills.len() < 4 {
+        let p = sub
+            .next_publish(DEADLINE)
+            .await
+            .expect("a dead node's will");
+        if p.topic != "will/probe" {
+            wills.push((p.topic, String::from_utf8_lossy(&p.payload).into_owned()));
+        }
+    }
+    wills.sort();
+    let expected: Vec<(String, String)> = ["v1", "v2", "v5", "w1"]
+        .iter()
+        .map(|id| (format!("will/{id}"), id.to_string()))
+        .collect();
+    assert_eq!(wills, expected);
     // Both survivors have looked (w2's delay is over and it was not published) ...
     let end = tokio::time::Instant::now() + DEADLINE;
     while total(&gw[1..], CANCELLED).await < 1.0 {
         assert!(tokio::time::Instant::now() < end, "w2's will never settled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // ... and only one published w1's.
-    assert_eq!(total(&gw[1..], PUBLISHED).await, 1.0);
+    // ... and only one published each of the four.
+    assert_eq!(total(&gw[1..], PUBLISHED).await, 4.0);
     let marker = v4::connect(v4::options(gw[1].mqtt, "will-marker")).await;
     let sent = marker
         .client
@@ -151,6 +196,6 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
     let p = sub.next_publish(DEADLINE).await.expect("the marker");
     assert_eq!(
         p.topic, "will/marker",
-        "a will came twice, or w2's or w3's came: {p:?}"
+        "a will came twice, or w2's, w3's or v3's came: {p:?}"
     );
 }

@@ -1,11 +1,12 @@
-//! Wills that survive the node (issue 20): the will of every online persistent session is
-//! kept in the session bucket, so that when its node dies one surviving node publishes
-//! it, once fleet-wide.
+//! Wills that survive the node (issue 20): the will of every online session is kept in
+//! the session bucket, so that when its node dies one surviving node publishes it, once
+//! fleet-wide.
 //!
 //! **Kept.** The shard hands the will of the session's connection to the store when the
 //! session comes online, and "none" when it goes offline (`Op::Will`, not written to the
 //! local file): a clean DISCONNECT, a will the node published itself, a session handed
-//! over, all leave nothing. The mirror writes it to `will.<node>.<id>` (an empty value
+//! over, all leave nothing. A session that ends with its connection hands its will with
+//! no delay, and nothing at all without a will (`shard/durable.rs`). The mirror writes it to `will.<node>.<id>` (an empty value
 //! for none) and, once at start, `wnode.<node>`, which lists the nodes that may leave
 //! wills behind.
 //!

@@ -58,11 +58,13 @@ impl Shard {
         }
         let s = &self.sessions[skey];
         if s.expiry_secs == 0 {
-            if s.stored {
+            let was_stored = s.stored;
+            if was_stored {
                 let id = s.client_id.clone();
                 self.set_stored(skey, false);
                 self.store_op(Op::DeleteSession(id));
             }
+            self.store_volatile_will(skey, online, was_stored);
             return;
         }
         self.set_stored(skey, true);
@@ -88,6 +90,32 @@ impl Shard {
         self.store_will_of(s.client_id.clone(), will);
     }
 
+    /// With the fleet's sessions on, the will of a non-persistent session's connection
+    /// too, so that the fleet publishes it if this node dies, at once: the session ends
+    /// with its node, and a will is not delayed past the end of its session (MQTT 5
+    /// 3.1.3.2.2). Unlike a persistent session's, it is written only when there is a
+    /// will, and emptied only when one was written (`stale`: a persistent session's may
+    /// be there), so devices without a will cost the fleet nothing.
+    fn store_volatile_will(&mut self, skey: usize, online: bool, stale: bool) {
+        if self.services.sessions.is_none() {
+            return;
+        }
+        let s = &mut self.sessions[skey];
+        let will = online
+            .then(|| s.extra.as_ref()?.will.clone())
+            .flatten()
+            .map(|mut w| {
+                w.delay_secs = 0;
+                w
+            });
+        if will.is_none() && !s.volatile_will_kept && !stale {
+            return;
+        }
+        s.volatile_will_kept = will.is_some();
+        let client_id = s.client_id.clone();
+        self.store_will_of(client_id, will);
+    }
+
     fn store_will_of(&mut self, client_id: Arc<str>, will: Option<Box<crate::codec::Will>>) {
         if self.services.sessions.is_some() {
             self.store_op(Op::Will { client_id, will });
@@ -105,10 +133,13 @@ impl Shard {
     }
 
     /// The session ended: its rows go.
-    pub(super) fn store_session_ended(&mut self, client_id: &Arc<str>, was_stored: bool) {
-        if was_stored {
-            self.store_op(Op::DeleteSession(client_id.clone()));
-            self.store_will_of(client_id.clone(), None);
+    /// The session ended: its rows go, and the fleet's copy of its will, if it has one.
+    pub(super) fn store_session_ended(&mut self, s: &Session) {
+        if s.stored {
+            self.store_op(Op::DeleteSession(s.client_id.clone()));
+        }
+        if s.stored || s.volatile_will_kept {
+            self.store_will_of(s.client_id.clone(), None);
         }
     }
 

@@ -116,6 +116,11 @@ impl Batch {
 }
 
 impl Op {
+    /// Whether the op changes the local file (all but the fleet's own `Op::Will`).
+    pub fn is_local(&self) -> bool {
+        !matches!(self, Op::Will { .. })
+    }
+
     /// Roughly what the op holds in memory: its strings and payload, plus 64 bytes.
     fn cost(&self) -> u64 {
         let strings = match self {
@@ -187,6 +192,9 @@ pub struct StoreHandle {
     pub(super) metrics: Arc<StoreMetrics>,
     /// What this turn's ops cost so far (`Op::cost`).
     pub(super) pending_bytes: u64,
+    /// This turn's ops that only the fleet's copy takes (`Op::Will`): they change nothing
+    /// an acknowledgement must wait for.
+    pub(super) pending_fleet_only: usize,
     /// `[store] backlog_max_bytes`.
     pub(super) backlog_max: u64,
     /// The backlog was past its bound at the end of the last turn.
@@ -230,6 +238,7 @@ impl StoreHandle {
             self.puts += 1;
         }
         self.pending_bytes += op.cost();
+        self.pending_fleet_only += usize::from(!op.is_local());
         self.pending.ops.push(op);
     }
 
@@ -244,9 +253,10 @@ impl StoreHandle {
         self.pending.replies.push(reply);
     }
 
-    /// Ops collected this turn so far (a packet that added some changed durable state).
+    /// Ops collected this turn so far that change the local file (a packet that added
+    /// some changed durable state).
     pub fn pending_ops(&self) -> usize {
-        self.pending.ops.len()
+        self.pending.ops.len() - self.pending_fleet_only
     }
 
     /// The number the batch of this turn's ops will carry (see [`CommitSignal`]).
@@ -268,6 +278,7 @@ impl StoreHandle {
             b.seq = self.batch_seq;
             b.signal = Some(self.signal.clone());
             b.bytes = std::mem::take(&mut self.pending_bytes);
+            self.pending_fleet_only = 0;
             self.signal.outstanding_bytes.fetch_add(b.bytes, Relaxed);
             self.metrics.backlog_more(b.bytes);
             self.backlog.push_back(b);

@@ -80,6 +80,7 @@ impl Store {
             signal: Arc::new(CommitSignal::default()),
             metrics: self.metrics.clone(),
             pending_bytes: 0,
+            pending_fleet_only: 0,
             backlog_max: self.backlog_max,
             was_over: false,
         })

@@ -415,6 +415,7 @@ fn a_backlog_past_its_bound_refuses_until_the_writer_finishes_it() {
         signal: Arc::new(CommitSignal::default()),
         metrics: metrics.clone(),
         pending_bytes: 0,
+        pending_fleet_only: 0,
         backlog_max: 1000,
         was_over: false,
     };
@@ -461,4 +462,56 @@ fn a_backlog_past_its_bound_refuses_until_the_writer_finishes_it() {
     assert_eq!(h.refusal(), None);
     assert!(h.back_under_bound(), "told once");
     assert!(!h.back_under_bound());
+}
+
+/// A will is the fleet's copy only (`Op::Will`): a CONNACK does not wait for it (it is
+/// not counted as a change of this turn), and a group of nothing else commits nothing.
+#[test]
+fn a_will_alone_is_not_waited_for_and_commits_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let dir = std::env::temp_dir().join(format!("gateway-store-will-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (store, _) = open(&config(&dir), 1).expect("opens");
+    let mut h = store.handle().expect("handle");
+    let will = |w: Option<&str>| Op::Will {
+        client_id: Arc::from("c"),
+        will: w.map(|t| {
+            Box::new(crate::codec::Will {
+                topic: t.into(),
+                payload: Default::default(),
+                qos: 1,
+                retain: false,
+                delay_secs: 0,
+                props: None,
+            })
+        }),
+    };
+    let finished = |h: &super::handle::StoreHandle, seq: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.signal.done.load(Relaxed) < seq {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "batch {seq} never finished"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    h.push(will(Some("w/c")));
+    h.push(will(None));
+    assert_eq!(h.pending_ops(), 0, "a will is not a durable change");
+    let seq = h.pending_seq();
+    assert!(!h.flush(), "the channel took the batch");
+    finished(&h, seq);
+    assert_eq!(h.metrics.commits.get(), 0, "a transaction for wills alone");
+    h.push(will(Some("w/c")));
+    h.push(Op::DeleteSession(Arc::from("c")));
+    assert_eq!(h.pending_ops(), 1, "the session's deletion is");
+    let seq = h.pending_seq();
+    assert!(!h.flush());
+    finished(&h, seq);
+    assert_eq!(h.metrics.commits.get(), 1);
+    h.close();
+    store.close(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
 }

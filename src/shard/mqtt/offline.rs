@@ -119,7 +119,7 @@ impl Shard {
         if s.stored {
             self.services.mailboxes.stored_session(self.id, false);
         }
-        self.store_session_ended(&s.client_id, s.stored);
+        self.store_session_ended(&s);
         let mut groups: Vec<Arc<str>> = Vec::new();
         for (filter, _) in &s.subs {
             self.count_subscription(filter, false);
