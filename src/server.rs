@@ -181,22 +181,6 @@ fn start_handshakers(
 
 /// Logs where the store lives as an absolute path: a relative `[store] path` depends on
 /// the working directory the gateway was started in.
-/// Claims, before any device connects, the wills this node's last run left unpublished
-/// (it died and came back within its lease); they are published once the fleet runs. A
-/// failure costs those wills, not the start.
-fn claim_leftover_wills(fleet: &Fleet, runtime: &tokio::runtime::Handle) {
-    let claim = async {
-        let limit = std::time::Duration::from_secs(30);
-        tokio::time::timeout(limit, fleet.sessions.claim_leftover_wills()).await
-    };
-    match runtime.block_on(claim) {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::info!(wills = n, "cluster: claimed the wills this node's last run left"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cluster: the wills this node's last run left could not be read; they are not published"),
-        Err(_) => tracing::warn!("cluster: the wills this node's last run left were not read within 30 s; they are not published"),
-    }
-}
-
 fn log_store_path(path: &Path) {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     tracing::info!(
@@ -293,7 +277,6 @@ impl Server {
                 )
                 .map_err(StartError::Fleet)?;
                 s.forget_local(stale);
-                claim_leftover_wills(f, business.handle());
                 s.set_mirror(f.sessions.start(business.handle(), &restore));
                 Some(f.sessions.clone())
             }

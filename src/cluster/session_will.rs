@@ -20,12 +20,6 @@
 //! elsewhere). Then the key is purged; a dead node with no will left loses its
 //! `wnode` entry. A survivor that dies while it holds a claimed will (during its delay)
 //! loses that will.
-//!
-//! **Back within its lease.** A node that died and started again before its lease
-//! expired was never counted dead: at start, before any device connects, it claims the
-//! wills its last run left (`claim_leftover_wills`) and publishes them as a survivor
-//! would, its own devices back here counting as back too; then only the claim is
-//! emptied (compare-and-set on its revision), so a new will written since stays.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +29,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::Will;
-use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::message::{Message, Origin};
 use crate::store::mirror;
 
@@ -78,25 +72,6 @@ impl SessionStore {
         every: Duration,
         stop: CancellationToken,
     ) {
-        let leftover = std::mem::take(
-            &mut *self
-                .leftover_wills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        if !leftover.is_empty() {
-            match self.will_bucket().await {
-                Ok(kv) => {
-                    tracing::info!(wills = leftover.len(), "cluster: this node's last run ended without its wills published; publishing them");
-                    for will in leftover {
-                        self.spawn_will(kv.clone(), will, &self.link.node, &shards, &router);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cluster: the wills this node's last run left are lost")
-                }
-            }
-        }
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
@@ -136,35 +111,12 @@ impl SessionStore {
         shards: &Mailboxes,
         router: &Arc<Router>,
     ) -> Result<(), String> {
-        let kv = self.will_bucket().await?;
-        let (claimed, left) = self.claim_wills(&kv, node).await?;
-        for will in claimed {
-            self.spawn_will(kv.clone(), will, node, shards, router);
-        }
-        if !left {
-            let _ = kv.purge(format!("wnode.{node}")).await;
-        }
-        Ok(())
-    }
-
-    async fn will_bucket(&self) -> Result<kv::Store, String> {
         let bucket = self.kv_prefix.trim_start_matches("$KV.").to_string();
-        self.js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// Claims each non-empty will `node` left by compare-and-set (of all claimants one
-    /// wins each); also whether it left any, claimed by another or not.
-    async fn claim_wills(
-        &self,
-        kv: &kv::Store,
-        node: &str,
-    ) -> Result<(Vec<Claimed>, bool), String> {
+        let kv = self.js.get_key_value(bucket).await;
+        let kv = kv.map_err(|e| e.to_string())?;
         let prefix = format!("{}.will.{node}.", self.kv_prefix);
         let wills = self.last_values(format!("{prefix}*")).await?;
-        let (mut claimed, mut left) = (Vec::new(), false);
+        let mut left = false;
         for (subject, value) in wills {
             if value.is_empty() {
                 continue;
@@ -179,48 +131,28 @@ impl SessionStore {
                 continue;
             }
             let claim = kv.update(&key, Bytes::from_static(CLAIMED), entry.revision);
-            let Ok(revision) = claim.await else {
-                continue; // another node took it
-            };
-            claimed.push(Claimed {
-                key,
-                value: entry.value,
-                revision,
-            });
+            if claim.await.is_err() {
+                continue; // another survivor took it
+            }
+            self.spawn_will(kv.clone(), key, entry.value, node, shards, router);
         }
-        Ok((claimed, left))
-    }
-
-    /// At start, before any device connects: claims the wills this node's last run left.
-    /// It died and came back before its lease expired, so no other node took them; they
-    /// are published once the node runs (`watch_wills`), as another node would have.
-    pub async fn claim_leftover_wills(&self) -> Result<usize, String> {
-        let kv = self.will_bucket().await?;
-        let (claimed, _) = self.claim_wills(&kv, &self.link.node).await?;
-        let n = claimed.len();
-        *self
-            .leftover_wills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = claimed;
-        Ok(n)
+        if !left {
+            let _ = kv.purge(format!("wnode.{node}")).await;
+        }
+        Ok(())
     }
 
     /// Publishes a will taken from dead `node` after its delay, unless its client came
-    /// back meanwhile (on a live node; for this node's own last run's, here too); then
-    /// empties its key.
+    /// back on a live node meanwhile; then purges its key.
     fn spawn_will(
         &self,
         kv: kv::Store,
-        taken: Claimed,
+        key: String,
+        value: Bytes,
         node: &str,
         shards: &Mailboxes,
         router: &Arc<Router>,
     ) {
-        let Claimed {
-            key,
-            value,
-            revision,
-        } = taken;
         let Some((client_id, will)) = parse_will(&value) else {
             tracing::warn!(key, "cluster: a dead node's will does not decode; dropped");
             tokio::spawn(async move { kv.purge(key).await });
@@ -228,56 +160,21 @@ impl SessionStore {
         };
         let (shards, router) = (shards.clone(), router.clone());
         let (registry, dead) = (self.link.registry.clone(), node.to_string());
-        let own = *node == *self.link.node;
         let metrics = self.metrics.wills.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(will.delay_secs))).await;
             let holder = registry.holder(&client_id).await.ok().flatten();
-            let back = holder.is_some_and(|n| n != dead)
-                || (own && online_here(&shards, &client_id).await);
-            if back {
-                tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back");
+            if holder.is_some_and(|n| n != dead) {
+                tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back on another node");
                 metrics.cancelled.inc();
             } else {
                 tracing::info!(%client_id, node = %dead, topic = %will.topic, "cluster: publishing the will a dead node left");
                 publish(&shards, &router, &will);
                 metrics.published.inc();
             }
-            if own {
-                // Its device may have connected here since, with a new will: only the
-                // claim is emptied.
-                let _ = kv.update(&key, Bytes::new(), revision).await;
-            } else {
-                let _ = kv.purge(key).await;
-            }
+            let _ = kv.purge(key).await;
         });
     }
-}
-
-/// A will claimed from a dead node (or from this node's last run): its key, its value,
-/// and the revision of the claim.
-pub(super) struct Claimed {
-    key: String,
-    value: Bytes,
-    revision: u64,
-}
-
-/// Whether `client_id` has a live connection on this node.
-async fn online_here(shards: &Mailboxes, client_id: &str) -> bool {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let home = home_shard(client_id, shards.len());
-    let ask = ShardMsg::ClientInfo {
-        client_id: client_id.to_string(),
-        reply,
-    };
-    if shards.try_send(home, ask).is_err() {
-        return false;
-    }
-    answer
-        .await
-        .ok()
-        .flatten()
-        .is_some_and(|c| c.summary.online)
 }
 
 /// Publishes `will` here as a device's PUBLISH would be: every shard's subscribers (and

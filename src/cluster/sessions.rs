@@ -137,8 +137,6 @@ pub struct SessionStore {
     pub metrics: super::session_metrics::SessionMetrics,
     /// Changes JetStream did not take, written again once NATS is back.
     pub(super) resync: super::session_resync::Resync,
-    /// Wills this node's last run left, claimed at start (`session_will`).
-    pub(super) leftover_wills: Mutex<Vec<super::session_will::Claimed>>,
 }
 
 /// A session's key (its client id escaped).
@@ -220,7 +218,6 @@ impl SessionStore {
             link,
             metrics: Default::default(),
             resync: super::session_resync::Resync::new(config.session_resync_max_mib),
-            leftover_wills: Mutex::default(),
         }))
     }
 
