@@ -93,7 +93,7 @@ impl SessionMetrics {
         let mut registry = Registry::default();
         registry.register(
             counter_family("gateway_fleet_session_changes_total"),
-            "Persistent-session changes (records, subscriptions, queued messages and their deletions) for JetStream, by outcome: written, failed (the pushes waiting for them answered dropped, store_error)",
+            "Persistent-session changes (records, subscriptions, queued messages and their deletions) and the wills of online sessions for JetStream, by outcome: written, failed (the pushes waiting for them answered dropped, store_error)",
             self.changes.clone(),
         );
         registry.register(

@@ -132,7 +132,6 @@ impl Shard {
         }
     }
 
-    /// The session ended: its rows go.
     /// The session ended: its rows go, and the fleet's copy of its will, if it has one.
     pub(super) fn store_session_ended(&mut self, s: &Session) {
         if s.stored {

@@ -76,11 +76,15 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let (mut batches, ops) = self.gather(first);
+            let mut batches = self.gather(first);
             // NATS takes the changes while the disk does.
             self.mirror_changes(&batches);
-            let ok = self.commit(&batches, ops);
-            let eventual = self.durability == StoreDurability::Eventual;
+            // Wills are the fleet's only: a group of nothing else needs no transaction,
+            // and nothing of it waits for an fsync.
+            let local = batches.iter().flat_map(|b| &b.ops).filter(|o| o.is_local());
+            let local = local.count();
+            let ok = self.commit(&batches, local);
+            let eventual = self.durability == StoreDurability::Eventual && local > 0;
             self.mirror_answers(&mut batches, ok && !eventual);
             let mut failed = Vec::new();
             for b in &mut batches {
@@ -144,8 +148,8 @@ impl Writer {
     }
 
     /// `first` and every batch waiting (for `commit_interval` more if set), up to
-    /// `max_batch` changes; and how many changes they hold.
-    fn gather(&mut self, first: Batch) -> (Vec<Batch>, usize) {
+    /// `max_batch` changes.
+    fn gather(&mut self, first: Batch) -> Vec<Batch> {
         let mut ops = first.ops.len();
         let mut batches = vec![first];
         if !self.commit_interval.is_zero() {
@@ -170,7 +174,7 @@ impl Writer {
                 Err(_) => break,
             }
         }
-        (batches, ops)
+        batches
     }
 
     /// With `eventual`: the fsync is due `sync_interval` after the oldest commit not yet
@@ -319,10 +323,9 @@ impl Writer {
         r
     }
 
+    /// Commits the group's `ops` changes of the local file (none: nothing to do).
     fn commit(&mut self, batches: &[Batch], ops: usize) -> bool {
-        // Wills are the fleet's only: a group of nothing else needs no transaction.
-        let local = batches.iter().flat_map(|b| &b.ops).filter(|o| o.is_local());
-        if ops == 0 || local.count() == 0 {
+        if ops == 0 {
             return true;
         }
         let started = Instant::now();
