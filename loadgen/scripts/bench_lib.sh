@@ -6,6 +6,8 @@
 #                               DIR/fanout.toml: the same with the ACL off, [limits]
 #                               raised and the store off (docs/BENCHMARKS.md);
 #                               EXTRA: more [mqtt] lines for both (e.g. ws_listen)
+#   write_per_device_configs DIR the per-device benchmark's gateway and Mosquitto configs
+#                               (below)
 #   start_gateway GW DIR CONFIG [HTTP_PORT]
 #                               starts GW in DIR on DIR/CONFIG with an empty store and
 #                               waits for /readyz (on HTTP_PORT, default 18080); its PID
@@ -44,6 +46,31 @@ bytes_rate = 1073741824
 [store]
 enabled = false
 TOML
+}
+
+# The per-device benchmark's brokers in DIR (per_device.sh, per_device_threads.sh):
+# gateway.toml (the shipped defaults, [acl] off for the one publisher writing to every
+# device's topic, [limits] raised for it and the connect ramp), gateway-nointerest.toml
+# ([shards] interest_buckets = 0), gateway-1shard.toml ([shards] count = 1), and
+# mosquitto.conf (anonymous, no persistence).
+write_per_device_configs() {
+  local dir=$1
+  write_configs "$dir"
+  cat "$dir/defaults.toml" - > "$dir/gateway.toml" <<'TOML'
+[acl]
+enabled = false
+[limits]
+publish_rate = 1000000
+bytes_rate = 1073741824
+max_connect_rate = 1000000
+connect_burst = 1000000
+max_handshaking = 1000000
+TOML
+  cp "$dir/gateway.toml" "$dir/gateway-nointerest.toml"
+  printf '[shards]\ninterest_buckets = 0\n' >> "$dir/gateway-nointerest.toml"
+  cp "$dir/gateway.toml" "$dir/gateway-1shard.toml"
+  printf '[shards]\ncount = 1\n' >> "$dir/gateway-1shard.toml"
+  printf 'listener 18830 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000\n' > "$dir/mosquitto.conf"
 }
 
 start_gateway() {

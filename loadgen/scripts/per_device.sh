@@ -21,27 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/bench_lib.sh"
 mkdir -p "$out"
 dir=$(mktemp -d)
-write_configs "$dir"
-cat "$dir/defaults.toml" - > "$dir/gateway.toml" <<'TOML'
-[acl]
-enabled = false
-[limits]
-publish_rate = 1000000
-bytes_rate = 1073741824
-max_connect_rate = 1000000
-connect_burst = 1000000
-max_handshaking = 1000000
-TOML
-cp "$dir/gateway.toml" "$dir/gateway-nointerest.toml"
-printf '[shards]\ninterest_buckets = 0\n' >> "$dir/gateway-nointerest.toml"
-cp "$dir/gateway.toml" "$dir/gateway-1shard.toml"
-printf '[shards]\ncount = 1\n' >> "$dir/gateway-1shard.toml"
-cat > "$dir/mosquitto.conf" <<'CONF'
-listener 18830 127.0.0.1
-allow_anonymous true
-persistence false
-max_queued_messages 1000
-CONF
+write_per_device_configs "$dir"
 
 run() { # NAME
   "$lg" fanout --target 127.0.0.1:18830 --protocol 4 --subscribers "$devices" \
