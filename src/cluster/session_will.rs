@@ -131,10 +131,11 @@ impl SessionStore {
                 continue;
             }
             let claim = kv.update(&key, Bytes::from_static(CLAIMED), entry.revision);
-            if claim.await.is_err() {
+            let Ok(claimed) = claim.await else {
                 continue; // another survivor took it
-            }
-            self.spawn_will(kv.clone(), key, entry.value, node, shards, router);
+            };
+            let taken = (key, claimed, entry.value);
+            self.spawn_will(kv.clone(), taken, node, shards, router);
         }
         if !left {
             let _ = kv.purge(format!("wnode.{node}")).await;
@@ -143,19 +144,19 @@ impl SessionStore {
     }
 
     /// Publishes a will taken from dead `node` after its delay, unless its client came
-    /// back on a live node meanwhile; then purges its key.
+    /// back on a live node meanwhile; then purges its key, unless it changed since the
+    /// `claimed` revision.
     fn spawn_will(
         &self,
         kv: kv::Store,
-        key: String,
-        value: Bytes,
+        (key, claimed, value): (String, u64, Bytes),
         node: &str,
         shards: &Mailboxes,
         router: &Arc<Router>,
     ) {
         let Some((client_id, will)) = parse_will(&value) else {
             tracing::warn!(key, "cluster: a dead node's will does not decode; dropped");
-            tokio::spawn(async move { kv.purge(key).await });
+            tokio::spawn(async move { kv.purge_expect_revision(key, Some(claimed)).await });
             return;
         };
         let (shards, router) = (shards.clone(), router.clone());
@@ -172,7 +173,9 @@ impl SessionStore {
                 publish(&shards, &router, &will);
                 metrics.published.inc();
             }
-            let _ = kv.purge(key).await;
+            // Only the claim: should the node be back under its id, a device of it
+            // may have written a new will there meanwhile.
+            let _ = kv.purge_expect_revision(key, Some(claimed)).await;
         });
     }
 }
