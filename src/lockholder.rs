@@ -17,24 +17,34 @@ pub(crate) fn pid_file_of(file: &Path) -> PathBuf {
 }
 
 /// This process's PID in the pid file beside `file`; removed on drop.
-pub(crate) struct PidFile(PathBuf);
+pub(crate) struct PidFile {
+    path: PathBuf,
+    /// A pid file was there already: the last process that held the store ended without
+    /// letting go of it (a crash, `kill -9`), since this one holds its lock now.
+    pub(crate) left_by_crash: bool,
+}
 
 impl PidFile {
     /// Writes the pid file (best effort: a failure only costs the PID in a later message).
+    /// Called once the store's lock is held.
     pub(crate) fn write(file: &Path) -> PidFile {
         let path = pid_file_of(file);
+        let left_by_crash = path.exists();
         if let Err(e) = std::fs::write(&path, format!("{}\n", std::process::id())) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the store pid file");
         }
-        PidFile(path)
+        PidFile {
+            path,
+            left_by_crash,
+        }
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
         // Only our own: a later holder may have rewritten it.
-        if read_pid(&self.0) == Some(std::process::id()) {
-            let _ = std::fs::remove_file(&self.0);
+        if read_pid(&self.path) == Some(std::process::id()) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -90,9 +100,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("gateway.redb");
         let pid = PidFile::write(&file);
+        assert!(!pid.left_by_crash);
         assert_eq!(read_pid(&pid_file_of(&file)), Some(std::process::id()));
         drop(pid);
         assert!(!pid_file_of(&file).exists());
+        // A holder that never let go (a crash: no drop) is seen by the next one.
+        std::mem::forget(PidFile::write(&file));
+        assert!(PidFile::write(&file).left_by_crash);
+        assert!(!PidFile::write(&file).left_by_crash, "the last one let go");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

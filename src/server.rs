@@ -179,6 +179,21 @@ fn start_handshakers(
     crate::tls::handshaker::start(threads, nice, shared).map(Some)
 }
 
+/// After a crash, before any device connects: reads the wills this node's last run left,
+/// published once the fleet runs (`cluster::session_leftover`). A failure costs those
+/// wills (they stay where they are, unclaimed), not the start.
+fn read_leftover_wills(fleet: &Fleet, runtime: &tokio::runtime::Handle) {
+    let read = async {
+        let limit = std::time::Duration::from_secs(60);
+        tokio::time::timeout(limit, fleet.sessions.read_leftover_wills()).await
+    };
+    match runtime.block_on(read) {
+        Ok(Ok(n)) => tracing::info!(wills = n, "cluster: the last run ended without letting go of the store; its wills will be published"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cluster: the wills the last run left could not be read; they are not published"),
+        Err(_) => tracing::warn!("cluster: the wills the last run left were not read within 60 s; they are not published"),
+    }
+}
+
 /// Logs where the store lives as an absolute path: a relative `[store] path` depends on
 /// the working directory the gateway was started in.
 fn log_store_path(path: &Path) {
@@ -277,6 +292,9 @@ impl Server {
                 )
                 .map_err(StartError::Fleet)?;
                 s.forget_local(stale);
+                if s.previous_run_crashed {
+                    read_leftover_wills(f, business.handle());
+                }
                 s.set_mirror(f.sessions.start(business.handle(), &restore));
                 Some(f.sessions.clone())
             }

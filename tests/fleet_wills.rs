@@ -83,6 +83,39 @@ async fn with_will_v5(gw: &GatewayProcess, id: &str, delay: u32, expiry: u32) ->
     v5::connect(o).await
 }
 
+/// Waits for the wills of `ids` on `sub` (probes aside), in any order, and checks each
+/// carries its client id as payload.
+async fn expect_wills(sub: &mut v4::Client, ids: &[&str]) {
+    let mut wills = Vec::new();
+    while wills.len() < ids.len() {
+        let p = sub
+            .next_publish(DEADLINE)
+            .await
+            .expect("a dead node's will");
+        if p.topic != "will/probe" {
+            wills.push((p.topic, String::from_utf8_lossy(&p.payload).into_owned()));
+        }
+    }
+    wills.sort();
+    let expected: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (format!("will/{id}"), id.to_string()))
+        .collect();
+    assert_eq!(wills, expected);
+}
+
+/// Publishes a marker on `will/marker` through `gw` and checks it is the next message
+/// `sub` gets: nothing else (`what`) came after the wills.
+async fn expect_marker(gw: &GatewayProcess, sub: &mut v4::Client, what: &str) {
+    let marker = v4::connect(v4::options(gw.mqtt, &format!("marker-{}", gw.mqtt.port()))).await;
+    let sent = marker
+        .client
+        .publish("will/marker", v4::QoS::AtLeastOnce, false, "end");
+    sent.await.expect("marker");
+    let p = sub.next_publish(DEADLINE).await.expect("the marker");
+    assert_eq!(p.topic, "will/marker", "{what}: {p:?}");
+}
+
 /// Publishes probes on `will/probe` from `from` until `sub` gets one.
 async fn until_routed(from: &GatewayProcess, sub: &mut v4::Client) {
     let p = v4::connect(v4::options(
@@ -164,22 +197,7 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
     let (_w2, present) = persistent(&gw[1], "w2").await;
     assert!(present, "w2: no session present on node B");
 
-    let mut wills = Vec::new();
-    while wills.len() < 4 {
-        let p = sub
-            .next_publish(DEADLINE)
-            .await
-            .expect("a dead node's will");
-        if p.topic != "will/probe" {
-            wills.push((p.topic, String::from_utf8_lossy(&p.payload).into_owned()));
-        }
-    }
-    wills.sort();
-    let expected: Vec<(String, String)> = ["v1", "v2", "v5", "w1"]
-        .iter()
-        .map(|id| (format!("will/{id}"), id.to_string()))
-        .collect();
-    assert_eq!(wills, expected);
+    expect_wills(&mut sub, &["v1", "v2", "v5", "w1"]).await;
     // Both survivors have looked (w2's delay is over and it was not published) ...
     let end = tokio::time::Instant::now() + DEADLINE;
     while total(&gw[1..], CANCELLED).await < 1.0 {
@@ -188,14 +206,85 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
     }
     // ... and only one published each of the four.
     assert_eq!(total(&gw[1..], PUBLISHED).await, 4.0);
-    let marker = v4::connect(v4::options(gw[1].mqtt, "will-marker")).await;
-    let sent = marker
-        .client
-        .publish("will/marker", v4::QoS::AtLeastOnce, false, "end");
-    sent.await.expect("marker");
-    let p = sub.next_publish(DEADLINE).await.expect("the marker");
-    assert_eq!(
-        p.topic, "will/marker",
-        "a will came twice, or w2's, w3's or v3's came: {p:?}"
+    expect_marker(
+        &gw[1],
+        &mut sub,
+        "a will came twice, or w2's, w3's or v3's came",
+    )
+    .await;
+}
+
+/// A node that crashed and started again before its lease expired publishes the wills
+/// its last run left (no other node took them: the lease never expired), a clean
+/// session's and a persistent session's alike, except that of a device back on it within
+/// its will's delay, whose new will stays; a node stopped cleanly publishes none when it
+/// starts again (a clean stop publishes no wills).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_wills() {
+    let nats = NatsServer::start("wills-back");
+    drop(nats.client().await);
+    let store = common::tempdir::Dir::new("wills-back-a");
+    // A lease far longer than the restart: node B never counts A dead.
+    let node_a = || {
+        GatewayProcess::start(&format!(
+            "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = 60\n[store]\npath = \"{}\"\n",
+            nats.url(),
+            store.0.display()
+        ))
+    };
+    let mut a = node_a();
+    let b = session_node(&nats, "node-b");
+    let js = async_nats::jetstream::new(nats.client().await);
+    let sessions = js.get_key_value("gateway_sessions").await.expect("bucket");
+    let mut sub = v4::connect(v4::options(b.mqtt, "back-sub")).await;
+    sub.subscribe("will/#", v4::QoS::AtLeastOnce).await;
+    until_routed(&a, &mut sub).await;
+
+    let _r1 = clean_with_will(&a, "r1").await;
+    let _r2 = with_will(&a, "r2").await;
+    // r4's will waits 3 s: it comes back within them.
+    let r4 = with_delayed_will(&a, "r4", 3).await;
+    for id in ["r1", "r2", "r4"] {
+        wait_will(&sessions, &format!("will.node-a.{id}"), |v| !v.is_empty()).await;
+    }
+    kill_9(&mut a);
+    drop(r4);
+    let mut a = node_a();
+    // Once A has claimed r4's will, r4 connects to A again (with a new will).
+    wait_will(&sessions, "will.node-a.r4", |v| v == b"claimed").await;
+    let _r4 = with_delayed_will(&a, "r4", 3).await;
+    expect_wills(&mut sub, &["r1", "r2"]).await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while total(std::slice::from_ref(&a), CANCELLED).await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "r4's will never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its new will stays: only the claim would have been purged.
+    let r4_will = sessions.get("will.node-a.r4").await.expect("bucket get");
+    assert!(
+        r4_will.as_deref().is_some_and(|v| v.len() > 16),
+        "r4's new will: {r4_will:?}"
     );
+    assert_eq!(total(std::slice::from_ref(&a), PUBLISHED).await, 2.0);
+    assert_eq!(total(std::slice::from_ref(&b), PUBLISHED).await, 0.0);
+    // Their claims were purged.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    for id in ["r1", "r2"] {
+        let key = format!("will.node-a.{id}");
+        while sessions.get(&key).await.expect("bucket get").is_some() {
+            assert!(tokio::time::Instant::now() < end, "{key} was not purged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    expect_marker(&b, &mut sub, "a will came twice, or r4's came").await;
+
+    // A clean stop: r3's will is neither published by the stop nor by the next start.
+    let _r3 = clean_with_will(&a, "r3").await;
+    wait_will(&sessions, "will.node-a.r3", |v| !v.is_empty()).await;
+    a.signal(libc::SIGTERM);
+    assert!(a.wait_exit(DEADLINE).is_some(), "node A did not stop");
+    let a = node_a();
+    until_routed(&a, &mut sub).await;
+    expect_marker(&b, &mut sub, "r3's will came after a clean stop").await;
+    assert_eq!(total(std::slice::from_ref(&a), PUBLISHED).await, 0.0);
 }

@@ -63,12 +63,12 @@ impl SessionMetrics {
     fn render_resync(&self, registry: &mut Registry) {
         registry.register(
             counter_family("gateway_fleet_dead_node_wills_published_total"),
-            "Wills of a dead node's devices this node took and published",
+            "Wills of a dead node's devices (or of this node's run before a crash) this node took and published",
             self.wills.published.clone(),
         );
         registry.register(
             counter_family("gateway_fleet_dead_node_wills_cancelled_total"),
-            "Wills of a dead node's devices this node took and did not publish: the device was back on a live node after the will delay",
+            "Wills of a dead node's devices (or of this node's run before a crash) this node took and did not publish: the device was back on a live node after the will delay",
             self.wills.cancelled.clone(),
         );
         registry.register(

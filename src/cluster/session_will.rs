@@ -6,9 +6,9 @@
 //! session comes online, and "none" when it goes offline (`Op::Will`, not written to the
 //! local file): a clean DISCONNECT, a will the node published itself, a session handed
 //! over, all leave nothing. A session that ends with its connection hands its will with
-//! no delay, and nothing at all without a will (`shard/durable.rs`). The mirror writes it to `will.<node>.<id>` (an empty value
-//! for none) and, once at start, `wnode.<node>`, which lists the nodes that may leave
-//! wills behind.
+//! no delay, and nothing at all without a will (`shard/durable.rs`). The mirror writes
+//! it to `will.<node>.<id>` (an empty value for none) and, once at start,
+//! `wnode.<node>`, which lists the nodes that may leave wills behind.
 //!
 //! **Published.** Every `cluster.lease_secs` each node reads `wnode.>` and asks the
 //! registry whether each other node still holds its lease. For a node that does not, it
@@ -19,7 +19,8 @@
 //! unless the registry names a live node for the client id by then (the device came back
 //! elsewhere). Then the key is purged; a dead node with no will left loses its
 //! `wnode` entry. A survivor that dies while it holds a claimed will (during its delay)
-//! loses that will.
+//! loses that will. A node back after a crash within its lease publishes its own
+//! (`session_leftover`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,10 +35,11 @@ use crate::message::{Message, Origin};
 use crate::store::mirror;
 
 use super::routing::Router;
+use super::session_leftover::online_here;
 use super::sessions::{key, Change, SessionStore};
 
 /// The value of a will a survivor took (it is not a will: nobody else publishes it).
-const CLAIMED: &[u8] = b"claimed";
+pub(super) const CLAIMED: &[u8] = b"claimed";
 
 impl SessionStore {
     /// The bucket key of `client_id`'s will on `node`.
@@ -72,6 +74,7 @@ impl SessionStore {
         every: Duration,
         stop: CancellationToken,
     ) {
+        self.publish_leftover_wills(&shards, &router).await;
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
@@ -111,9 +114,7 @@ impl SessionStore {
         shards: &Mailboxes,
         router: &Arc<Router>,
     ) -> Result<(), String> {
-        let bucket = self.kv_prefix.trim_start_matches("$KV.").to_string();
-        let kv = self.js.get_key_value(bucket).await;
-        let kv = kv.map_err(|e| e.to_string())?;
+        let kv = self.will_bucket().await?;
         let prefix = format!("{}.will.{node}.", self.kv_prefix);
         let wills = self.last_values(format!("{prefix}*")).await?;
         let mut left = false;
@@ -143,10 +144,18 @@ impl SessionStore {
         Ok(())
     }
 
+    pub(super) async fn will_bucket(&self) -> Result<kv::Store, String> {
+        let bucket = self.kv_prefix.trim_start_matches("$KV.").to_string();
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Publishes a will taken from dead `node` after its delay, unless its client came
-    /// back on a live node meanwhile; then purges its key, unless it changed since the
-    /// `claimed` revision.
-    fn spawn_will(
+    /// back meanwhile (on a live node; for this node's own last run's, here too); then
+    /// purges its key, unless it changed since the `claimed` revision.
+    pub(super) fn spawn_will(
         &self,
         kv: kv::Store,
         (key, claimed, value): (String, u64, Bytes),
@@ -161,12 +170,15 @@ impl SessionStore {
         };
         let (shards, router) = (shards.clone(), router.clone());
         let (registry, dead) = (self.link.registry.clone(), node.to_string());
+        let own = *node == *self.link.node;
         let metrics = self.metrics.wills.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(will.delay_secs))).await;
             let holder = registry.holder(&client_id).await.ok().flatten();
-            if holder.is_some_and(|n| n != dead) {
-                tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back on another node");
+            let back = holder.is_some_and(|n| n != dead)
+                || (own && online_here(&shards, &client_id).await);
+            if back {
+                tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back");
                 metrics.cancelled.inc();
             } else {
                 tracing::info!(%client_id, node = %dead, topic = %will.topic, "cluster: publishing the will a dead node left");

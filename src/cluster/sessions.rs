@@ -137,6 +137,8 @@ pub struct SessionStore {
     pub metrics: super::session_metrics::SessionMetrics,
     /// Changes JetStream did not take, written again once NATS is back.
     pub(super) resync: super::session_resync::Resync,
+    /// Wills this node's last run left, read at start after a crash (`session_leftover`).
+    pub(super) leftover_wills: Mutex<Vec<super::session_leftover::Leftover>>,
 }
 
 /// A session's key (its client id escaped).
@@ -218,6 +220,7 @@ impl SessionStore {
             link,
             metrics: Default::default(),
             resync: super::session_resync::Resync::new(config.session_resync_max_mib),
+            leftover_wills: Mutex::default(),
         }))
     }
 

@@ -50,11 +50,20 @@ impl Shard {
         }
     }
 
-    /// Writes the session's record: after CONNECT (`online`) or when its connection ended.
-    /// A session whose expiry became 0 leaves the store.
+    /// Writes the session's record and the fleet's copy of its will: after CONNECT
+    /// (`online`) or when its connection ended. A session whose expiry became 0 leaves
+    /// the store.
     pub(super) fn store_session(&mut self, skey: usize, online: bool) {
+        if self.store_session_record(skey, online) {
+            self.store_will(skey, online);
+        }
+    }
+
+    /// The record alone; true if the session is persistent (false: it left the store,
+    /// or never was in it; its will is handled here).
+    fn store_session_record(&mut self, skey: usize, online: bool) -> bool {
         if self.services.store.is_none() {
-            return;
+            return false;
         }
         let s = &self.sessions[skey];
         if s.expiry_secs == 0 {
@@ -65,7 +74,7 @@ impl Shard {
                 self.store_op(Op::DeleteSession(id));
             }
             self.store_volatile_will(skey, online, was_stored);
-            return;
+            return false;
         }
         self.set_stored(skey, true);
         let s = &self.sessions[skey];
@@ -76,7 +85,7 @@ impl Shard {
             offline_since_ms: if online { 0 } else { now_ms().max(1) },
         };
         self.store_op(op);
-        self.store_will(skey, online);
+        true
     }
 
     /// With the fleet's sessions on: the will of the session's connection while online,
@@ -319,8 +328,10 @@ impl Shard {
             }
             if stored.offline_since_ms == 0 {
                 // Online when the gateway stopped (a crash): offline from now on. Stored
-                // so that the next restart counts its expiry from here, not afresh.
-                self.store_session(skey, false);
+                // so that the next restart counts its expiry from here, not afresh. The
+                // fleet's copy of its will stays as the crash left it, for the fleet to
+                // publish (`cluster::session_will`, "Back after a crash").
+                self.store_session_record(skey, false);
             }
             if stored.expiry_secs != NEVER_EXPIRES {
                 let total_ms = u64::from(stored.expiry_secs) * 1000;

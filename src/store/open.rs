@@ -65,6 +65,8 @@ pub struct Store {
     backlog_max: u64,
     /// Where the writer also hands what it commits (the fleet's sessions), once set.
     mirror: super::mirror::MirrorSlot,
+    /// The last process that held this store ended without letting go of it (a crash).
+    pub previous_run_crashed: bool,
 }
 
 impl Store {
@@ -317,6 +319,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
     let file = file_of(config);
     let started = Instant::now();
     let (db, pid_file) = open_db(&file, false)?;
+    let previous_run_crashed = pid_file.left_by_crash;
     let err = |message: String| OpenError::unusable(&file, message);
     let metrics = Arc::new(StoreMetrics::new(file.clone()));
     let mut db = Some(db);
@@ -372,6 +375,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
         next_seq: 0,
         backlog_max: config.backlog_max_bytes,
         mirror,
+        previous_run_crashed,
     };
     store.set_next_seq(loaded.next_seq);
     Ok((store, loaded))
