@@ -16,27 +16,35 @@ pub(crate) fn pid_file_of(file: &Path) -> PathBuf {
     file.with_file_name("gateway.pid")
 }
 
+/// The crash marker beside the store file `file`: written when a pid file was found
+/// left behind (the last holder crashed), removed by whoever handled what the crash left
+/// (the fleet's wills, `cluster::session_leftover`), so that a start that fails, a
+/// `store-repair` or a start without the fleet in between does not forget the crash.
+pub(crate) fn crash_marker_of(file: &Path) -> PathBuf {
+    file.with_file_name("gateway.crashed")
+}
+
 /// This process's PID in the pid file beside `file`; removed on drop.
 pub(crate) struct PidFile {
     path: PathBuf,
-    /// A pid file was there already: the last process that held the store ended without
-    /// letting go of it (a crash, `kill -9`), since this one holds its lock now.
-    pub(crate) left_by_crash: bool,
 }
 
 impl PidFile {
     /// Writes the pid file (best effort: a failure only costs the PID in a later message).
-    /// Called once the store's lock is held.
+    /// Called once the store's lock is held, so a pid file already there was left by a
+    /// holder that never let go (a crash, `kill -9`): the crash marker is written.
     pub(crate) fn write(file: &Path) -> PidFile {
         let path = pid_file_of(file);
-        let left_by_crash = path.exists();
+        if path.exists() {
+            let marker = crash_marker_of(file);
+            if let Err(e) = std::fs::write(&marker, b"") {
+                tracing::warn!(path = %marker.display(), error = %e, "cannot write the crash marker");
+            }
+        }
         if let Err(e) = std::fs::write(&path, format!("{}\n", std::process::id())) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the store pid file");
         }
-        PidFile {
-            path,
-            left_by_crash,
-        }
+        PidFile { path }
     }
 }
 
@@ -100,14 +108,22 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("gateway.redb");
         let pid = PidFile::write(&file);
-        assert!(!pid.left_by_crash);
         assert_eq!(read_pid(&pid_file_of(&file)), Some(std::process::id()));
         drop(pid);
         assert!(!pid_file_of(&file).exists());
         // A holder that never let go (a crash: no drop) is seen by the next one.
+        assert!(!crash_marker_of(&file).exists(), "the last holder let go");
         std::mem::forget(PidFile::write(&file));
-        assert!(PidFile::write(&file).left_by_crash);
-        assert!(!PidFile::write(&file).left_by_crash, "the last one let go");
+        drop(PidFile::write(&file));
+        assert!(
+            crash_marker_of(&file).exists(),
+            "the last holder never let go"
+        );
+        drop(PidFile::write(&file));
+        assert!(
+            crash_marker_of(&file).exists(),
+            "kept until what it left is handled"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

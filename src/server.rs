@@ -179,18 +179,19 @@ fn start_handshakers(
     crate::tls::handshaker::start(threads, nice, shared).map(Some)
 }
 
-/// After a crash, before any device connects: reads the wills this node's last run left,
-/// published once the fleet runs (`cluster::session_leftover`). A failure costs those
-/// wills (they stay where they are, unclaimed), not the start.
-fn read_leftover_wills(fleet: &Fleet, runtime: &tokio::runtime::Handle) {
-    let read = async {
-        let limit = std::time::Duration::from_secs(60);
-        tokio::time::timeout(limit, fleet.sessions.read_leftover_wills()).await
+/// After a crash (now or before an earlier start that did not handle it), before any
+/// device connects: notes up to where the bucket holds the last run's wills, published
+/// once the fleet runs (`cluster::session_leftover`). A failure leaves them to the next
+/// start.
+fn note_leftover_wills(fleet: &Fleet, marker: PathBuf, runtime: &tokio::runtime::Handle) {
+    let note = async {
+        let limit = std::time::Duration::from_secs(10);
+        tokio::time::timeout(limit, fleet.sessions.note_leftover_wills(marker)).await
     };
-    match runtime.block_on(read) {
-        Ok(Ok(n)) => tracing::info!(wills = n, "cluster: the last run ended without letting go of the store; its wills will be published"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cluster: the wills the last run left could not be read; they are not published"),
-        Err(_) => tracing::warn!("cluster: the wills the last run left were not read within 60 s; they are not published"),
+    match runtime.block_on(note) {
+        Ok(Ok(())) => tracing::info!("cluster: the last run ended without letting go of the store; its devices' wills are published once this node runs"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cluster: cannot note the wills the last run left; the next start tries again"),
+        Err(_) => tracing::warn!("cluster: the wills the last run left were not noted within 10 s; the next start tries again"),
     }
 }
 
@@ -293,7 +294,9 @@ impl Server {
                 .map_err(StartError::Fleet)?;
                 s.forget_local(stale);
                 if s.previous_run_crashed {
-                    read_leftover_wills(f, business.handle());
+                    let store_file = crate::store::file_of(&config.store);
+                    let marker = crate::lockholder::crash_marker_of(&store_file);
+                    note_leftover_wills(f, marker, business.handle());
                 }
                 s.set_mirror(f.sessions.start(business.handle(), &restore));
                 Some(f.sessions.clone())

@@ -249,6 +249,15 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
     }
     kill_9(&mut a);
     drop(r4);
+    // A start without the fleet in between does not make A forget the crash.
+    let crashed = store.0.join("gateway.crashed");
+    let mut alone = GatewayProcess::start(&format!("[store]\npath = \"{}\"\n", store.0.display()));
+    assert!(crashed.exists(), "no crash marker");
+    alone.signal(libc::SIGTERM);
+    assert!(
+        alone.wait_exit(DEADLINE).is_some(),
+        "the lone node did not stop"
+    );
     let mut a = node_a();
     // Once A has claimed r4's will, r4 connects to A again (with a new will).
     wait_will(&sessions, "will.node-a.r4", |v| v == b"claimed").await;
@@ -277,6 +286,11 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
         }
     }
     expect_marker(&b, &mut sub, "a will came twice, or r4's came").await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while crashed.exists() {
+        assert!(tokio::time::Instant::now() < end, "the crash marker stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A clean stop: r3's will is neither published by the stop nor by the next start.
     let _r3 = clean_with_will(&a, "r3").await;

@@ -32,7 +32,7 @@ mod rejoin;
 pub mod restart;
 pub mod restore;
 pub mod routing;
-mod session_leftover;
+pub mod session_leftover;
 pub mod session_metrics;
 mod session_qos2;
 mod session_resync;

@@ -12,9 +12,9 @@
 //!
 //! **Published.** Every `cluster.lease_secs` each node reads `wnode.>` and asks the
 //! registry whether each other node still holds its lease. For a node that does not, it
-//! takes each of its non-empty wills by compare-and-set on the key's revision (a value
-//! naming the claiming node: two survivors never both win), waits the will's delay
-//! (MQTT 5 Will Delay Interval), and publishes it as the node's own PUBLISH would (local
+//! takes each of its non-empty wills by compare-and-set on the key's revision (the value
+//! `claimed`: two survivors never both win), waits the will's delay (MQTT 5 Will Delay
+//! Interval), and publishes it as the node's own PUBLISH would (at most 256 at once; local
 //! subscribers through the shards, other nodes through routing, retained if asked) —
 //! unless the registry names a live node for the client id by then (the device came back
 //! elsewhere). Then the key is purged; a dead node with no will left loses its
@@ -74,7 +74,10 @@ impl SessionStore {
         every: Duration,
         stop: CancellationToken,
     ) {
-        self.publish_leftover_wills(&shards, &router).await;
+        let leftover =
+            self.clone()
+                .handle_leftover_wills(shards.clone(), router.clone(), every, stop.clone());
+        tokio::spawn(leftover);
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
@@ -171,9 +174,12 @@ impl SessionStore {
         let (shards, router) = (shards.clone(), router.clone());
         let (registry, dead) = (self.link.registry.clone(), node.to_string());
         let own = *node == *self.link.node;
-        let metrics = self.metrics.wills.clone();
+        let (metrics, permits) = (self.metrics.wills.clone(), self.will_permits.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(will.delay_secs))).await;
+            let Ok(_permit) = permits.acquire().await else {
+                return;
+            };
             let holder = registry.holder(&client_id).await.ok().flatten();
             let back = holder.is_some_and(|n| n != dead)
                 || (own && online_here(&shards, &client_id).await);

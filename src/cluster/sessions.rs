@@ -122,6 +122,9 @@ pub(super) struct Seqs {
     pub(super) moving: HashMap<Arc<str>, tokio::sync::oneshot::Sender<()>>,
 }
 
+/// Wills of dead nodes published (looked up, then handed to the shards) at once.
+const WILLS_AT_ONCE: usize = 256;
+
 /// The fleet's copy of the persistent sessions.
 pub struct SessionStore {
     pub(super) js: jetstream::Context,
@@ -137,8 +140,11 @@ pub struct SessionStore {
     pub metrics: super::session_metrics::SessionMetrics,
     /// Changes JetStream did not take, written again once NATS is back.
     pub(super) resync: super::session_resync::Resync,
-    /// Wills this node's last run left, read at start after a crash (`session_leftover`).
-    pub(super) leftover_wills: Mutex<Vec<super::session_leftover::Leftover>>,
+    /// The wills the last run left, noted at start after a crash (`session_leftover`).
+    pub(super) leftover_wills: Mutex<Option<super::session_leftover::Pending>>,
+    /// Wills of dead nodes (or of the last run) being published at once: a node with a
+    /// million devices dying must not start a million lookups and publications at once.
+    pub(super) will_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// A session's key (its client id escaped).
@@ -221,6 +227,7 @@ impl SessionStore {
             metrics: Default::default(),
             resync: super::session_resync::Resync::new(config.session_resync_max_mib),
             leftover_wills: Mutex::default(),
+            will_permits: Arc::new(tokio::sync::Semaphore::new(WILLS_AT_ONCE)),
         }))
     }
 

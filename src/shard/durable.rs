@@ -330,7 +330,7 @@ impl Shard {
                 // Online when the gateway stopped (a crash): offline from now on. Stored
                 // so that the next restart counts its expiry from here, not afresh. The
                 // fleet's copy of its will stays as the crash left it, for the fleet to
-                // publish (`cluster::session_will`, "Back after a crash").
+                // publish (`cluster::session_leftover`).
                 self.store_session_record(skey, false);
             }
             if stored.expiry_secs != NEVER_EXPIRES {

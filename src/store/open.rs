@@ -65,7 +65,8 @@ pub struct Store {
     backlog_max: u64,
     /// Where the writer also hands what it commits (the fleet's sessions), once set.
     mirror: super::mirror::MirrorSlot,
-    /// The last process that held this store ended without letting go of it (a crash).
+    /// A process that held this store ended without letting go of it (a crash), and
+    /// what it left has not been handled yet: the crash marker is there.
     pub previous_run_crashed: bool,
 }
 
@@ -319,7 +320,7 @@ pub fn open(config: &StoreConfig, shards: usize) -> Result<(Store, Loaded), Open
     let file = file_of(config);
     let started = Instant::now();
     let (db, pid_file) = open_db(&file, false)?;
-    let previous_run_crashed = pid_file.left_by_crash;
+    let previous_run_crashed = crate::lockholder::crash_marker_of(&file).exists();
     let err = |message: String| OpenError::unusable(&file, message);
     let metrics = Arc::new(StoreMetrics::new(file.clone()));
     let mut db = Some(db);
