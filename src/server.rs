@@ -185,8 +185,18 @@ fn start_handshakers(
 /// start.
 fn note_leftover_wills(fleet: &Fleet, marker: PathBuf, runtime: &tokio::runtime::Handle) {
     let note = async {
-        let limit = std::time::Duration::from_secs(10);
-        tokio::time::timeout(limit, fleet.sessions.note_leftover_wills(marker)).await
+        let attempts = async {
+            let mut failed = String::new();
+            for _ in 0..3 {
+                match fleet.sessions.note_leftover_wills(marker.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => failed = e,
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(failed)
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), attempts).await
     };
     match runtime.block_on(note) {
         Ok(Ok(())) => tracing::info!("cluster: the last run ended without letting go of the store; its devices' wills are published once this node runs"),

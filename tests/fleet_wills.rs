@@ -242,8 +242,8 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
 
     let _r1 = clean_with_will(&a, "r1").await;
     let _r2 = with_will(&a, "r2").await;
-    // r4's will waits 3 s: it comes back within them.
-    let r4 = with_delayed_will(&a, "r4", 3).await;
+    // r4's will waits 15 s: it comes back within them.
+    let r4 = with_delayed_will(&a, "r4", 15).await;
     for id in ["r1", "r2", "r4"] {
         wait_will(&sessions, &format!("will.node-a.{id}"), |v| !v.is_empty()).await;
     }
@@ -261,7 +261,7 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
     let mut a = node_a();
     // Once A has claimed r4's will, r4 connects to A again (with a new will).
     wait_will(&sessions, "will.node-a.r4", |v| v == b"claimed").await;
-    let _r4 = with_delayed_will(&a, "r4", 3).await;
+    let _r4 = with_delayed_will(&a, "r4", 15).await;
     expect_wills(&mut sub, &["r1", "r2"]).await;
     let end = tokio::time::Instant::now() + DEADLINE;
     while total(std::slice::from_ref(&a), CANCELLED).await < 1.0 {
@@ -297,8 +297,11 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
     wait_will(&sessions, "will.node-a.r3", |v| !v.is_empty()).await;
     a.signal(libc::SIGTERM);
     assert!(a.wait_exit(DEADLINE).is_some(), "node A did not stop");
+    assert!(!crashed.exists(), "a clean stop left a crash marker");
+    wait_will(&sessions, "will.node-a.r3", |v| v.is_empty()).await;
     let a = node_a();
     until_routed(&a, &mut sub).await;
+    assert!(!crashed.exists(), "a start after a clean stop saw a crash");
     expect_marker(&b, &mut sub, "r3's will came after a clean stop").await;
     assert_eq!(total(std::slice::from_ref(&a), PUBLISHED).await, 0.0);
 }

@@ -156,45 +156,114 @@ impl SessionStore {
     }
 
     /// Publishes a will taken from dead `node` after its delay, unless its client came
-    /// back meanwhile (on a live node; for this node's own last run's, here too); then
-    /// purges its key, unless it changed since the `claimed` revision.
+    /// back meanwhile (on a live node); then purges its key, unless it changed since the
+    /// `claimed` revision.
     pub(super) fn spawn_will(
+        &self,
+        kv: kv::Store,
+        taken: (String, u64, Bytes),
+        node: &str,
+        shards: &Mailboxes,
+        router: &Arc<Router>,
+    ) {
+        tokio::spawn(self.will_task(kv, taken, node, shards, router));
+    }
+
+    /// What [`spawn_will`](Self::spawn_will) runs. For this node's own wills (of its run
+    /// before a crash, `session_leftover`) the device also counts as back when its key
+    /// was written since the claim (it connected here again) or it is online here; when
+    /// that cannot be told, the claim is given back and the answer is `Unknown`.
+    pub(super) fn will_task(
         &self,
         kv: kv::Store,
         (key, claimed, value): (String, u64, Bytes),
         node: &str,
         shards: &Mailboxes,
         router: &Arc<Router>,
-    ) {
-        let Some((client_id, will)) = parse_will(&value) else {
-            tracing::warn!(key, "cluster: a dead node's will does not decode; dropped");
-            tokio::spawn(async move { kv.purge_expect_revision(key, Some(claimed)).await });
-            return;
-        };
+    ) -> impl std::future::Future<Output = Settled> + Send + 'static {
         let (shards, router) = (shards.clone(), router.clone());
         let (registry, dead) = (self.link.registry.clone(), node.to_string());
         let own = *node == *self.link.node;
         let (metrics, permits) = (self.metrics.wills.clone(), self.will_permits.clone());
-        tokio::spawn(async move {
+        async move {
+            let Some((client_id, will)) = parse_will(&value) else {
+                tracing::warn!(key, "cluster: a dead node's will does not decode; dropped");
+                let _ = kv.purge_expect_revision(key, Some(claimed)).await;
+                return Settled::Cancelled;
+            };
             tokio::time::sleep(Duration::from_secs(u64::from(will.delay_secs))).await;
-            let Ok(_permit) = permits.acquire().await else {
-                return;
+            let Ok(permit) = permits.acquire().await else {
+                return Settled::Unknown;
             };
             let holder = registry.holder(&client_id).await.ok().flatten();
-            let back = holder.is_some_and(|n| n != dead)
-                || (own && online_here(&shards, &client_id).await);
-            if back {
-                tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back");
-                metrics.cancelled.inc();
-            } else {
-                tracing::info!(%client_id, node = %dead, topic = %will.topic, "cluster: publishing the will a dead node left");
-                publish(&shards, &router, &will);
-                metrics.published.inc();
-            }
+            let back = match holder.is_some_and(|n| n != dead) {
+                true => Back::Yes,
+                false if own => own_back(&kv, &key, claimed, &shards, &client_id).await,
+                false => Back::No,
+            };
+            let settled = match back {
+                Back::Yes => {
+                    tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back");
+                    metrics.cancelled.inc();
+                    Settled::Cancelled
+                }
+                Back::No => {
+                    tracing::info!(%client_id, node = %dead, topic = %will.topic, "cluster: publishing the will a dead node left");
+                    publish(&shards, &router, &will);
+                    metrics.published.inc();
+                    Settled::Published
+                }
+                Back::Unknown => {
+                    drop(permit);
+                    // Given back: the next pass (or start) claims it again.
+                    let _ = kv.update(&key, value, claimed).await;
+                    return Settled::Unknown;
+                }
+            };
+            drop(permit);
             // Only the claim: should the node be back under its id, a device of it
             // may have written a new will there meanwhile.
             let _ = kv.purge_expect_revision(key, Some(claimed)).await;
-        });
+            settled
+        }
+    }
+}
+
+/// What became of a claimed will.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Settled {
+    Published,
+    Cancelled,
+    /// Whether its device is back could not be told: the claim was given back.
+    Unknown,
+}
+
+/// Whether a will's device is back.
+enum Back {
+    Yes,
+    No,
+    Unknown,
+}
+
+/// For one of this node's own wills: back when its key changed since the `claimed`
+/// revision (the device connected here again, which writes its will, or none) or it is
+/// online here (a clean session without a will writes nothing).
+async fn own_back(
+    kv: &kv::Store,
+    key: &str,
+    claimed: u64,
+    shards: &Mailboxes,
+    client_id: &str,
+) -> Back {
+    match kv.entry(key).await {
+        Ok(Some(e)) if e.revision == claimed => {}
+        Ok(_) => return Back::Yes,
+        Err(_) => return Back::Unknown,
+    }
+    match online_here(shards, client_id).await {
+        Some(true) => Back::Yes,
+        Some(false) => Back::No,
+        None => Back::Unknown,
     }
 }
 

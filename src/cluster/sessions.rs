@@ -149,7 +149,13 @@ pub struct SessionStore {
 
 /// A session's key (its client id escaped).
 pub(super) fn key(client_id: &str) -> String {
-    escape(client_id, '=')
+    let k = escape(client_id, '=');
+    // `will.` and `wnode.` hold the wills (`session_will`): a client id spelled so has its
+    // first letter escaped, so that purging its keys (`<key>.>`) never purges theirs.
+    match k.as_str() {
+        "will" | "wnode" => format!("={:02X}{}", k.as_bytes()[0], &k[1..]),
+        _ => k,
+    }
 }
 
 pub(super) fn now_ms() -> u64 {
@@ -686,6 +692,15 @@ impl Mirror for SessionMirror {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    #[test]
+    fn no_client_id_keys_fall_under_the_wills() {
+        assert_eq!(super::key("will"), "=77ill");
+        assert_eq!(super::key("wnode"), "=77node");
+        assert_eq!(super::key("wills"), "wills");
+        assert_eq!(super::key("w.ill"), "w=2Eill");
+        assert_ne!(super::key("=77ill"), super::key("will"));
+    }
 
     use super::{cancel_acked, Change};
 
