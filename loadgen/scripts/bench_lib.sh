@@ -6,6 +6,7 @@
 #                               DIR/fanout.toml: the same with the ACL off, [limits]
 #                               raised and the store off (docs/BENCHMARKS.md);
 #                               EXTRA: more [mqtt] lines for both (e.g. ws_listen)
+#   fleet_configs, start_fleet, stop_fleet: a two-node fleet on nats-server (below)
 #   write_per_device_configs DIR the per-device benchmark's gateway and Mosquitto configs
 #                               (below)
 #   start_gateway GW DIR CONFIG [HTTP_PORT]
@@ -114,6 +115,55 @@ start_nats() {
   (exec nats-server -js -a 127.0.0.1 -p "$port" -sd "$dir/nats" > "$dir/nats.log" 2>&1) &
   PID=$!
   wait_port "$port" || { echo "nats-server did not listen; see $dir/nats.log" >&2; return 1; }
+}
+
+# A two-node fleet in DIR: nats-server with JetStream on FLEET_NATS_PORT (14222), nodes a (MQTT 18830,
+# HTTP 18080) and b (18831, 18081) on the shipped defaults plus [cluster] enabled,
+# [acl] enabled = false and [limits] publish_rate / bytes_rate raised (fleet_fanout.sh,
+# fleet_wills.sh). fleet_configs writes the configs; start_fleet starts all three
+# (fresh NATS storage, fresh stores) with their PIDs in FLEET_PIDS; stop_fleet stops
+# them, gateways first.
+FLEET_NATS_PORT=14222
+fleet_configs() { # DIR
+  local node mqtt http
+  for node in a:18830:18080 b:18831:18081; do
+    IFS=: read -r node mqtt http <<< "$node"
+    mkdir -p "$1/$node"
+    cat > "$1/$node/gateway.toml" <<TOML
+[mqtt]
+listen = "127.0.0.1:$mqtt"
+[http]
+listen = "127.0.0.1:$http"
+[log]
+level = "warn"
+[acl]
+enabled = false
+[limits]
+publish_rate = 1000000
+bytes_rate = 1073741824
+[cluster]
+enabled = true
+node_id = "$node"
+nats_url = "nats://127.0.0.1:$FLEET_NATS_PORT"
+TOML
+  done
+}
+
+FLEET_PIDS=()
+start_fleet() { # GW DIR
+  rm -rf "$2/nats"
+  start_nats "$2" "$FLEET_NATS_PORT" && FLEET_PIDS=("$PID") &&
+    start_gateway "$1" "$2/a" gateway.toml 18080 && FLEET_PIDS+=("$PID") &&
+    start_gateway "$1" "$2/b" gateway.toml 18081 && FLEET_PIDS+=("$PID")
+}
+
+stop_fleet() { # only the PIDs start_fleet started, gateways first
+  local i
+  for ((i = ${#FLEET_PIDS[@]} - 1; i >= 0; i--)); do
+    kill "${FLEET_PIDS[i]}" 2> /dev/null
+    wait "${FLEET_PIDS[i]}" 2> /dev/null
+  done
+  FLEET_PIDS=()
 }
 
 cpu_secs() {

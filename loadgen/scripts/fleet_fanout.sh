@@ -31,61 +31,22 @@ here=$(cd "$(dirname "$0")" && pwd)
 lg=$(cd "$(dirname "$lg")" && pwd)/$(basename "$lg")
 mkdir -p "$out"
 dir=$(mktemp -d)
-nats_port=14222
-
-node_config() { # NODE MQTT_PORT HTTP_PORT
-  mkdir -p "$dir/$1"
-  cat > "$dir/$1/gateway.toml" <<TOML
-[mqtt]
-listen = "127.0.0.1:$2"
-[http]
-listen = "127.0.0.1:$3"
-[log]
-level = "warn"
-[acl]
-enabled = false
-[limits]
-publish_rate = 1000000
-bytes_rate = 1073741824
-[cluster]
-enabled = true
-node_id = "$1"
-nats_url = "nats://127.0.0.1:$nats_port"
-TOML
-}
-node_config a 18830 18080
-node_config b 18831 18081
+fleet_configs "$dir"
 
 metric() { # HTTP_PORT SERIES
   curl -sf "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s { print $2; f = 1 } END { if (!f) print 0 }'
 }
 
-pids=()
-start_fleet() {
-  rm -rf "$dir/nats"
-  start_nats "$dir" "$nats_port" && pids=("$PID") &&
-    start_gateway "$gw" "$dir/a" gateway.toml 18080 && pids+=("$PID") &&
-    start_gateway "$gw" "$dir/b" gateway.toml 18081 && pids+=("$PID")
-}
-
-stop_fleet() { # only the PIDs this script started, gateways first
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[i]}" 2> /dev/null
-    wait "${pids[i]}" 2> /dev/null
-  done
-  pids=()
-}
 trap 'stop_fleet; rm -rf "$dir"' EXIT
 
 run() { # NAME LAYOUT
   local name=$1 spread=() cpu0 cpu1 cross
   [ "$2" = two-nodes ] && spread=(--targets 127.0.0.1:18830,127.0.0.1:18831)
-  cpu0=$(cpu_secs "${pids[@]}")
+  cpu0=$(cpu_secs "${FLEET_PIDS[@]}")
   "$lg" fanout --target 127.0.0.1:18830 "${spread[@]}" --protocol 4 --subscribers "$subs" \
     --burst "$msgs" --qos 1 --sub-qos 1 --window 100 --size 64 --drain 15 \
     --client-id 'ff-{i}' --json > "$out/$name.json" 2> "$out/$name.err"
-  cpu1=$(cpu_secs "${pids[@]}")
+  cpu1=$(cpu_secs "${FLEET_PIDS[@]}")
   cross=$(metric 18081 'gateway_fleet_messages_total{direction="in"}')
   printf '%s %s %s %s %s\n' "$name" "$2" "$cpu0" "$cpu1" "$cross" >> "$out/runs.txt"
   echo "$name: $(tail -c 300 "$out/$name.json")"
@@ -94,7 +55,7 @@ run() { # NAME LAYOUT
 : > "$out/runs.txt"
 for r in $(seq "$repeats"); do
   for layout in $layouts; do
-    start_fleet && run "$layout-$r" "$layout"
+    start_fleet "$gw" "$dir" && run "$layout-$r" "$layout"
     stop_fleet
   done
 done

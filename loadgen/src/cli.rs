@@ -203,6 +203,12 @@ pub struct MqttOpts {
     #[arg(long)]
     pub persistent: bool,
 
+    /// Give each device a will on this topic pattern (`{id}`: the client id), QoS 1,
+    /// payload `offline`.
+    #[arg(long)]
+    #[serde(default)]
+    pub will_topic: Option<String>,
+
     /// Seconds a device waits for CONNACK (and for SUBACK) before counting a failure.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,

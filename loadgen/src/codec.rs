@@ -47,6 +47,8 @@ pub struct ConnectFields<'a> {
     pub login: Option<(&'a str, &'a str)>,
     /// MQTT 5 Session Expiry Interval (ignored for 3.1.1).
     pub session_expiry: Option<u32>,
+    /// A will on this topic (QoS 1, payload `offline`).
+    pub will: Option<&'a str>,
 }
 
 pub fn connect(p: Protocol, f: &ConnectFields, out: &mut BytesMut) -> Result<(), String> {
@@ -58,6 +60,9 @@ pub fn connect(p: Protocol, f: &ConnectFields, out: &mut BytesMut) -> Result<(),
             if let Some((u, pw)) = f.login {
                 c.set_login(u, pw);
             }
+            c.last_will = f
+                .will
+                .map(|t| mqttbytes::v4::LastWill::new(t, "offline", QoS::AtLeastOnce, false));
             c.write(out).map(drop).map_err(|e| format!("{e:?}"))
         }
         Protocol::V5 => {
@@ -67,6 +72,9 @@ pub fn connect(p: Protocol, f: &ConnectFields, out: &mut BytesMut) -> Result<(),
             if let Some((u, pw)) = f.login {
                 c.set_login(u, pw);
             }
+            c.last_will = f
+                .will
+                .map(|t| mqttbytes::v5::LastWill::new(t, "offline", QoS::AtLeastOnce, false));
             if let Some(secs) = f.session_expiry {
                 c.properties = Some(mqttbytes::v5::ConnectProperties {
                     session_expiry_interval: Some(secs),

@@ -414,12 +414,17 @@ impl Fleet {
     ) -> Result<(Link, BytesMut), String> {
         let cfg = &self.cfg;
         let mut out = BytesMut::new();
+        let will = cfg
+            .will_topic
+            .as_ref()
+            .map(|t| t.replace("{id}", client_id));
         let fields = codec::ConnectFields {
             client_id,
             keep_alive: cfg.keepalive,
             clean: cfg.clean,
             login: cfg.login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
             session_expiry: (!cfg.clean).then_some(u32::MAX),
+            will: will.as_deref(),
         };
         codec::connect(cfg.protocol, &fields, &mut out).map_err(|e| format!("encode_{e}"))?;
         let mut conn = Conn {
@@ -710,6 +715,7 @@ impl Fleet {
                         clean: true,
                         login: None,
                         session_expiry: None,
+                        will: None,
                     };
                     codec::connect(self.cfg.protocol, &fields, &mut out)
                         .map_err(|e| format!("encode_{e}"))?;

@@ -60,6 +60,7 @@ pub async fn run(args: &FanoutArgs, counters: Arc<PubCounters>) -> Result<PubRes
             clean: true,
             login,
             session_expiry: None,
+            will: None,
         },
         &mut out,
     )?;

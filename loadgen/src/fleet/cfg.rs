@@ -19,6 +19,8 @@ pub struct DeviceCfg {
     pub protocol: Protocol,
     pub keepalive: u16,
     pub clean: bool,
+    /// A will topic pattern (`{id}`), for `--will-topic`.
+    pub will_topic: Option<String>,
     pub login: Option<(String, String)>,
     pub client_id: String,
     /// Topic pattern to subscribe to (`{id}`, `{i}`), or `None` for no SUBSCRIBE.
@@ -75,6 +77,7 @@ impl DeviceCfg {
             protocol: Protocol::from_level(protocol).ok_or("--protocol must be 4 or 5")?,
             keepalive: m.keepalive,
             clean: !m.persistent,
+            will_topic: m.will_topic.clone(),
             login,
             client_id: m.client_id.clone(),
             topic: (!topic.is_empty()).then_some(topic),
