@@ -35,8 +35,7 @@ impl PidFile {
     /// holder that never let go (a crash, `kill -9`): the crash marker is written.
     pub(crate) fn write(file: &Path) -> PidFile {
         let path = pid_file_of(file);
-        // Not our own (the writer reopening the store after a failure writes it again).
-        if path.exists() && read_pid(&path) != Some(std::process::id()) {
+        if path.exists() {
             let marker = crash_marker_of(file);
             if let Err(e) = std::fs::write(&marker, b"") {
                 tracing::warn!(path = %marker.display(), error = %e, "cannot write the crash marker");

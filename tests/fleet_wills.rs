@@ -259,8 +259,13 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
         "the lone node did not stop"
     );
     let mut a = node_a();
-    // Once A has claimed r4's will, r4 connects to A again (with a new will).
-    wait_will(&sessions, "will.node-a.r4", |v| v == b"claimed").await;
+    // Once A has read r4's will (it waits its delay), r4 connects to A again (with a
+    // new will).
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while a.metric("gateway_fleet_crash_wills_pending").await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "A never read the wills");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _r4 = with_delayed_will(&a, "r4", 15).await;
     expect_wills(&mut sub, &["r1", "r2"]).await;
     let end = tokio::time::Instant::now() + DEADLINE;
@@ -268,7 +273,7 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
         assert!(tokio::time::Instant::now() < end, "r4's will never settled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Its new will stays: only the claim would have been purged.
+    // Its new will stays: only its old will would have been purged.
     let r4_will = sessions.get("will.node-a.r4").await.expect("bucket get");
     assert!(
         r4_will.as_deref().is_some_and(|v| v.len() > 16),

@@ -12,22 +12,24 @@
 //! connection that ended with the crash; anything written later is this run's. Sessions
 //! restored as offline leave their keys as the crash left them (`shard/durable.rs`).
 //!
-//! **Claimed and published once the node runs,** in the background: the node's will keys
-//! are read (last value per key, one pass), and each will at or below the noted revision
-//! is claimed by compare-and-set on its revision (a survivor that took it first, the
-//! lease having run out, keeps it), then published as a survivor would publish it
-//! (`session_will::will_task`; at most 256 at once), after its delay, unless its device
-//! is back: on another node, or here (its key written since the claim, or online now);
-//! when that cannot be told, the claim is given back. A device back before its will is
-//! read (a persistent session, or a connection with a will) has written its key again,
-//! so its old will is not published at all: for the usual retained "offline" will,
-//! publishing it after the device's "online" would be wrong. What a pass did not settle
-//! (a failed read, a claim that failed or timed out, a claim given back) is taken up by
-//! the next pass, every `lease_secs`; the marker goes once a pass settled everything.
+//! **Published once the node runs,** in the background: the node's will keys are read
+//! (last value per key, one pass, every `lease_secs` until a read succeeds), and each
+//! will at or below the noted revision waits its delay, then is published unless its
+//! device is back: on another node (the registry), or here (online now, or its key
+//! written since: the claim by compare-and-set on the revision read, made just before
+//! publishing, fails). So no will sits claimed during its delay, and a stop or crash
+//! meanwhile leaves it where the next start finds it. A device back before its will
+//! was read (a persistent session, or a connection with a will) has written its key
+//! again, so its old will is not published at all: for the usual retained "offline"
+//! will, publishing it after the device's "online" would be wrong. A will whose device
+//! cannot be told back or not (NATS away, a shard that cannot be asked) is tried again
+//! next tick; the marker goes once every will is settled. At most 256 are looked up and
+//! published at once (`SessionStore::will_permits`, shared with the survivors' path).
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
@@ -38,45 +40,50 @@ use tokio_util::sync::CancellationToken;
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 
 use super::routing::Router;
-use super::session_will::{Settled, CLAIMED};
+use super::session_will::{parse_will, publish, CLAIMED};
 use super::sessions::SessionStore;
 
-/// Claims in flight at once.
-const CLAIMS_AT_ONCE: usize = 64;
 /// Entries read per request.
 const READ_BATCH: usize = 1000;
 /// How long the read waits for the next entry.
 const READ_WAIT: Duration = Duration::from_secs(10);
 
-/// What the start noted: the stream revision up to which will keys are the last run's,
-/// the marker to remove once they are handled, and the wills a pass could not settle.
+/// What the start noted, and how far handling it got.
 pub(super) struct Pending {
+    /// The stream revision up to which will keys are the last run's.
     up_to: u64,
+    /// The crash marker, removed once everything is settled.
     marker: PathBuf,
-    retry: Vec<Retry>,
+    /// Whether the keys were read (the wills found are running, or settled).
+    read: bool,
+    /// The keys of the wills being handled now.
+    running: HashSet<String>,
+    /// Wills whose device could not be told back or not: handled again next tick.
+    retry: HashMap<String, Leftover>,
 }
 
-/// A will a pass could not settle: its key and value (its claim may or may not have
-/// been written, or was given back).
-type Retry = (String, Bytes);
+/// A will the last run left: its revision, its value, and when it is due.
+type Leftover = (u64, Bytes, Instant);
 
-/// A will the last run left: its key, revision, and value.
-type Leftover = (String, u64, Bytes);
-
-/// A will to hand to `will_task`: claimed by this pass, or (`true`) found claimed
-/// already by an earlier pass whose claim timed out.
-type Claim = (Leftover, bool);
+/// What became of one of them.
+enum Outcome {
+    Published,
+    Cancelled,
+    /// Whether its device is back could not be told: tried again.
+    Unknown,
+}
 
 impl SessionStore {
     /// At start, before any device connects, with the marker there: notes the bucket's
     /// last revision (see the module doc).
     pub async fn note_leftover_wills(&self, marker: PathBuf) -> Result<(), String> {
         let info = self.kv.get_info().await.map_err(|e| e.to_string())?;
-        let up_to = info.state.last_sequence;
         let pending = Pending {
-            up_to,
+            up_to: info.state.last_sequence,
             marker,
-            retry: Vec::new(),
+            read: false,
+            running: HashSet::new(),
+            retry: HashMap::new(),
         };
         *self.leftover() = Some(pending);
         Ok(())
@@ -88,8 +95,9 @@ impl SessionStore {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Handles the noted wills in passes every `every` until one settles them all (then
-    /// the marker goes), or `stop`.
+    /// Handles the noted wills: every `every`, reads the keys until a read succeeds, then
+    /// starts each will found (and each to retry) that is not running; once all are
+    /// settled the marker goes. Until `stop`.
     pub(super) async fn handle_leftover_wills(
         self: Arc<Self>,
         shards: Mailboxes,
@@ -98,118 +106,175 @@ impl SessionStore {
         stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let Some((up_to, retry)) = self
-                .leftover()
-                .as_mut()
-                .map(|p| (p.up_to, std::mem::take(&mut p.retry)))
-            else {
+            let Some((up_to, read)) = self.leftover().as_ref().map(|p| (p.up_to, p.read)) else {
                 return;
             };
             if !self.link.connected() {
-                self.keep_for_retry(retry);
                 continue;
             }
-            let pass = self.leftover_pass(up_to, retry.clone(), &shards, &router, &stop);
-            match pass.await {
-                Ok(left) if left.is_empty() && !stop.is_cancelled() => break,
-                Ok(left) => {
-                    tracing::info!(
-                        wills = left.len(),
-                        "cluster: some wills the last run left are not settled yet; trying again"
-                    );
-                    self.keep_for_retry(left);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cluster: handling the wills the last run left did not finish; trying again");
-                    self.keep_for_retry(retry);
-                }
+            let found = match read {
+                true => Vec::new(),
+                false => match self.read_leftover(up_to).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: reading the wills the last run left failed; trying again");
+                        continue;
+                    }
+                },
+            };
+            let start = self.to_start(found, read);
+            for (key, will) in start {
+                tokio::spawn(
+                    self.clone()
+                        .own_will(key, will, shards.clone(), router.clone()),
+                );
             }
-        }
-        let done = self.leftover().take();
-        if let Some(p) = done {
-            let _ = tokio::fs::remove_file(&p.marker).await;
+            self.finish_if_settled().await;
         }
     }
 
-    fn keep_for_retry(&self, mut retry: Vec<Retry>) {
+    /// Once the keys were read and every will is settled: the marker goes, and the
+    /// handling ends.
+    async fn finish_if_settled(&self) {
+        let marker = {
+            let mut guard = self.leftover();
+            let settled = guard
+                .as_ref()
+                .is_some_and(|p| p.read && p.running.is_empty() && p.retry.is_empty());
+            match settled {
+                true => guard.take().map(|p| p.marker),
+                false => None,
+            }
+        };
+        if let Some(marker) = marker {
+            let _ = tokio::fs::remove_file(marker).await;
+            tracing::info!("cluster: the wills the last run left are settled");
+        }
+    }
+
+    /// The wills to start now: those `found` by the first read (`read`: there was one
+    /// already), and those to retry; each marked running.
+    fn to_start(&self, found: Vec<(String, u64, Bytes)>, read: bool) -> Vec<(String, Leftover)> {
+        let mut guard = self.leftover();
+        let Some(p) = guard.as_mut() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut start: HashMap<String, Leftover> = std::mem::take(&mut p.retry);
+        if !read {
+            tracing::info!(
+                wills = found.len(),
+                "cluster: publishing the wills the last run left"
+            );
+            for (key, revision, value) in found {
+                start.entry(key).or_insert((revision, value, now));
+            }
+            p.read = true;
+        }
+        start.retain(|key, _| p.running.insert(key.clone()));
+        self.count_pending(p);
+        start.into_iter().collect()
+    }
+
+    /// One will the last run left: after its delay, published (claimed by
+    /// compare-and-set on the revision read, just before) unless its device is back: on
+    /// another node, or here (its key written since, which a claim finds, or online
+    /// now). A device back leaves its old will unpublished and the key, if unchanged,
+    /// purged. When that cannot be told, it is tried again next tick.
+    async fn own_will(
+        self: Arc<Self>,
+        key: String,
+        (revision, value, due): Leftover,
+        shards: Mailboxes,
+        router: Arc<Router>,
+    ) {
+        let outcome = self
+            .settle_own(&key, revision, &value, due, &shards, &router)
+            .await;
+        match outcome {
+            Outcome::Published => {
+                self.metrics.wills.published.inc();
+            }
+            Outcome::Cancelled => {
+                self.metrics.wills.cancelled.inc();
+            }
+            Outcome::Unknown => {}
+        }
         if let Some(p) = self.leftover().as_mut() {
-            p.retry.append(&mut retry);
+            p.running.remove(&key);
+            if matches!(outcome, Outcome::Unknown) {
+                p.retry.insert(key, (revision, value, due));
+            }
+            self.count_pending(p);
         }
+        self.finish_if_settled().await;
     }
 
-    /// One pass: reads (and looks up the wills left to retry), claims, and awaits what
-    /// became of each claimed will; the wills left unsettled.
-    async fn leftover_pass(
+    fn count_pending(&self, p: &Pending) {
+        let n = p.running.len() + p.retry.len();
+        self.metrics.wills.crash_pending.set(n as i64);
+    }
+
+    async fn settle_own(
         &self,
-        up_to: u64,
-        retry: Vec<Retry>,
+        key: &str,
+        revision: u64,
+        value: &Bytes,
+        due: Instant,
         shards: &Mailboxes,
         router: &Arc<Router>,
-        stop: &CancellationToken,
-    ) -> Result<Vec<Retry>, String> {
-        let kv = self.will_bucket().await?;
-        let mut wills: Vec<Claim> = self
-            .read_leftover(up_to)
-            .await?
-            .into_iter()
-            .map(|w| (w, false))
-            .collect();
-        let (again, unknown) = again(&kv, retry).await;
-        wills.extend(again);
-        let total = wills.len();
-        let left = std::sync::Mutex::new(unknown);
-        let tasks = std::sync::Mutex::new(Vec::new());
-        futures_util::stream::iter(wills)
-            .for_each_concurrent(CLAIMS_AT_ONCE, |((key, revision, value), ours)| {
-                let (kv, left, tasks) = (&kv, &left, &tasks);
-                async move {
-                    if stop.is_cancelled() {
-                        return;
-                    }
-                    let claimed = match ours {
-                        true => Ok(revision),
-                        false => kv.update(&key, Bytes::from_static(CLAIMED), revision).await,
-                    };
-                    match claimed {
-                        Ok(revision) => {
-                            let node = self.link.node.clone();
-                            let taken = (key.clone(), revision, value.clone());
-                            let task = self.will_task(kv.clone(), taken, &node, shards, router);
-                            let task = tokio::spawn(task);
-                            tasks
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push((task, (key, value)));
-                        }
-                        // Written since: its device is back, or a survivor took it.
-                        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
-                        Err(_) => left
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((key, value)),
-                    }
-                }
-            })
-            .await;
-        let tasks = tasks.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut left = left.into_inner().unwrap_or_else(|p| p.into_inner());
-        let claimed = tasks.len();
-        tracing::info!(wills = total, claimed, "cluster: claimed the wills the last run left (the others were written since: their device is back, or another node took them)");
-        for (task, will) in tasks {
-            if !matches!(task.await, Ok(Settled::Published | Settled::Cancelled)) {
-                left.push(will);
+    ) -> Outcome {
+        let Some((client_id, will)) = parse_will(value) else {
+            tracing::warn!(
+                key,
+                "cluster: a will the last run left does not decode; dropped"
+            );
+            return Outcome::Cancelled;
+        };
+        let due = due + Duration::from_secs(u64::from(will.delay_secs));
+        tokio::time::sleep_until(due.into()).await;
+        let Ok(_permit) = self.will_permits.acquire().await else {
+            return Outcome::Unknown;
+        };
+        let Ok(kv) = self.will_bucket().await else {
+            return Outcome::Unknown;
+        };
+        let here = self.link.node.clone();
+        let back = match self.link.registry.holder(&client_id).await {
+            Ok(holder) if holder.as_deref().is_some_and(|n| *n != *here) => Some(true),
+            Ok(_) => online_here(shards, &client_id).await,
+            Err(_) => None,
+        };
+        match back {
+            None => return Outcome::Unknown,
+            Some(true) => {
+                tracing::info!(%client_id, "cluster: a will the last run left is not published: its client is back");
+                let _ = kv.purge_expect_revision(key, Some(revision)).await;
+                return Outcome::Cancelled;
             }
+            Some(false) => {}
         }
-        Ok(left)
+        match claim(&kv, key, revision).await {
+            Claimed::Yes(claimed) => {
+                tracing::info!(%client_id, topic = %will.topic, "cluster: publishing a will the last run left");
+                publish(shards, router, &will);
+                let _ = kv.purge_expect_revision(key, Some(claimed)).await;
+                Outcome::Published
+            }
+            // Written since: the device connected here again, or another node took it.
+            Claimed::No => Outcome::Cancelled,
+            Claimed::Unknown => Outcome::Unknown,
+        }
     }
 
     /// This node's will keys holding a will written at or before revision `up_to`.
-    async fn read_leftover(&self, up_to: u64) -> Result<Vec<Leftover>, String> {
+    async fn read_leftover(&self, up_to: u64) -> Result<Vec<(String, u64, Bytes)>, String> {
         let consumer: PullConsumer = self
             .kv
             .create_consumer(pull::Config {
@@ -236,7 +301,7 @@ impl SessionStore {
         consumer: &PullConsumer,
         mut left: u64,
         up_to: u64,
-    ) -> Result<Vec<Leftover>, String> {
+    ) -> Result<Vec<(String, u64, Bytes)>, String> {
         let why = |e: &dyn std::fmt::Display| format!("reading the wills the last run left: {e}");
         let prefix = format!("{}.", self.kv_prefix);
         let (mut wills, mut seen) = (Vec::new(), 0u64);
@@ -274,21 +339,28 @@ impl SessionStore {
     }
 }
 
-/// The wills an earlier pass left unsettled, as they stand now: still the will (claimed
-/// again at its revision), or still `claimed` (an earlier claim that timed out was
-/// written: ours); anything else was written since, and is left alone.
-/// Those that could not be looked up are kept for the next pass.
-async fn again(kv: &kv::Store, retry: Vec<Retry>) -> (Vec<Claim>, Vec<Retry>) {
-    let (mut wills, mut unknown) = (Vec::new(), Vec::new());
-    for (key, value) in retry {
-        match kv.entry(&key).await {
-            Ok(Some(e)) if e.value == value => wills.push(((key, e.revision, value), false)),
-            Ok(Some(e)) if *e.value == *CLAIMED => wills.push(((key, e.revision, value), true)),
-            Ok(_) => {}
-            Err(_) => unknown.push((key, value)),
-        }
+/// What a claim came to.
+enum Claimed {
+    /// Ours, at this revision.
+    Yes(u64),
+    No,
+    Unknown,
+}
+
+/// Claims `key` by compare-and-set on `revision`. A claim whose answer was lost is
+/// looked up: the key at `revision` still means not written; `claimed` means ours (a
+/// survivor only claims once this node's lease is gone).
+async fn claim(kv: &kv::Store, key: &str, revision: u64) -> Claimed {
+    match kv.update(key, Bytes::from_static(CLAIMED), revision).await {
+        Ok(claimed) => Claimed::Yes(claimed),
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Claimed::No,
+        Err(_) => match kv.entry(key).await {
+            Ok(Some(e)) if e.revision == revision => Claimed::Unknown,
+            Ok(Some(e)) if *e.value == *CLAIMED => Claimed::Yes(e.revision),
+            Ok(_) => Claimed::No,
+            Err(_) => Claimed::Unknown,
+        },
     }
-    (wills, unknown)
 }
 
 /// Whether `client_id` has a live connection on this node; `None` when the shard cannot

@@ -27,11 +27,13 @@ pub struct SessionMetrics {
     pub wills: WillCounters,
 }
 
-/// Wills a dead node left, taken here: published, or not (the client came back).
+/// Wills a dead node left, taken here: published, or not (the client came back); and
+/// the wills this node's run before a crash left, not settled yet.
 #[derive(Clone, Default)]
 pub struct WillCounters {
     pub published: Counter,
     pub cancelled: Counter,
+    pub crash_pending: Gauge,
 }
 
 impl Default for SessionMetrics {
@@ -68,8 +70,13 @@ impl SessionMetrics {
         );
         registry.register(
             counter_family("gateway_fleet_dead_node_wills_cancelled_total"),
-            "Wills of a dead node's devices (or of this node's run before a crash) this node took and did not publish: the device was back on a live node after the will delay",
+            "Wills of a dead node's devices (or of this node's run before a crash) this node took and did not publish: the device was back after the will delay (on a live node; for this node's own, here too)",
             self.wills.cancelled.clone(),
+        );
+        registry.register(
+            "gateway_fleet_crash_wills_pending",
+            "Wills this node's run before a crash left, read after the restart and not settled yet (waiting for their delay, or to be tried again)",
+            self.wills.crash_pending.clone(),
         );
         registry.register(
             "gateway_fleet_session_resync_pending",

@@ -35,7 +35,6 @@ use crate::message::{Message, Origin};
 use crate::store::mirror;
 
 use super::routing::Router;
-use super::session_leftover::online_here;
 use super::sessions::{key, Change, SessionStore};
 
 /// The value of a will a survivor took (it is not a will: nobody else publishes it).
@@ -97,9 +96,11 @@ impl SessionStore {
         let nodes = self
             .last_values(format!("{}.wnode.*", self.kv_prefix))
             .await?;
-        for (_, node) in nodes {
+        for (subject, node) in nodes {
             let node = String::from_utf8_lossy(&node).into_owned();
-            if node.is_empty() || *node == *self.link.node {
+            // An entry is `wnode.<node>` = `<node>`; anything else is not one.
+            let named = subject.rsplit('.').next() == Some(node.as_str());
+            if node.is_empty() || *node == *self.link.node || !named {
                 continue;
             }
             let alive = self.link.registry.alive(&node).await;
@@ -156,120 +157,49 @@ impl SessionStore {
     }
 
     /// Publishes a will taken from dead `node` after its delay, unless its client came
-    /// back meanwhile (on a live node); then purges its key, unless it changed since the
+    /// back on a live node meanwhile; then purges its key, unless it changed since the
     /// `claimed` revision.
-    pub(super) fn spawn_will(
-        &self,
-        kv: kv::Store,
-        taken: (String, u64, Bytes),
-        node: &str,
-        shards: &Mailboxes,
-        router: &Arc<Router>,
-    ) {
-        tokio::spawn(self.will_task(kv, taken, node, shards, router));
-    }
-
-    /// What [`spawn_will`](Self::spawn_will) runs. For this node's own wills (of its run
-    /// before a crash, `session_leftover`) the device also counts as back when its key
-    /// was written since the claim (it connected here again) or it is online here; when
-    /// that cannot be told, the claim is given back and the answer is `Unknown`.
-    pub(super) fn will_task(
+    fn spawn_will(
         &self,
         kv: kv::Store,
         (key, claimed, value): (String, u64, Bytes),
         node: &str,
         shards: &Mailboxes,
         router: &Arc<Router>,
-    ) -> impl std::future::Future<Output = Settled> + Send + 'static {
+    ) {
+        let Some((client_id, will)) = parse_will(&value) else {
+            tracing::warn!(key, "cluster: a dead node's will does not decode; dropped");
+            tokio::spawn(async move { kv.purge_expect_revision(key, Some(claimed)).await });
+            return;
+        };
         let (shards, router) = (shards.clone(), router.clone());
         let (registry, dead) = (self.link.registry.clone(), node.to_string());
-        let own = *node == *self.link.node;
         let (metrics, permits) = (self.metrics.wills.clone(), self.will_permits.clone());
-        async move {
-            let Some((client_id, will)) = parse_will(&value) else {
-                tracing::warn!(key, "cluster: a dead node's will does not decode; dropped");
-                let _ = kv.purge_expect_revision(key, Some(claimed)).await;
-                return Settled::Cancelled;
-            };
+        tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(will.delay_secs))).await;
             let Ok(permit) = permits.acquire().await else {
-                return Settled::Unknown;
+                return;
             };
             let holder = registry.holder(&client_id).await.ok().flatten();
-            let back = match holder.is_some_and(|n| n != dead) {
-                true => Back::Yes,
-                false if own => own_back(&kv, &key, claimed, &shards, &client_id).await,
-                false => Back::No,
-            };
-            let settled = match back {
-                Back::Yes => {
-                    tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back");
-                    metrics.cancelled.inc();
-                    Settled::Cancelled
-                }
-                Back::No => {
-                    tracing::info!(%client_id, node = %dead, topic = %will.topic, "cluster: publishing the will a dead node left");
-                    publish(&shards, &router, &will);
-                    metrics.published.inc();
-                    Settled::Published
-                }
-                Back::Unknown => {
-                    drop(permit);
-                    // Given back: the next pass (or start) claims it again.
-                    let _ = kv.update(&key, value, claimed).await;
-                    return Settled::Unknown;
-                }
-            };
+            if holder.is_some_and(|n| n != dead) {
+                tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back on another node");
+                metrics.cancelled.inc();
+            } else {
+                tracing::info!(%client_id, node = %dead, topic = %will.topic, "cluster: publishing the will a dead node left");
+                publish(&shards, &router, &will);
+                metrics.published.inc();
+            }
             drop(permit);
             // Only the claim: should the node be back under its id, a device of it
             // may have written a new will there meanwhile.
             let _ = kv.purge_expect_revision(key, Some(claimed)).await;
-            settled
-        }
-    }
-}
-
-/// What became of a claimed will.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Settled {
-    Published,
-    Cancelled,
-    /// Whether its device is back could not be told: the claim was given back.
-    Unknown,
-}
-
-/// Whether a will's device is back.
-enum Back {
-    Yes,
-    No,
-    Unknown,
-}
-
-/// For one of this node's own wills: back when its key changed since the `claimed`
-/// revision (the device connected here again, which writes its will, or none) or it is
-/// online here (a clean session without a will writes nothing).
-async fn own_back(
-    kv: &kv::Store,
-    key: &str,
-    claimed: u64,
-    shards: &Mailboxes,
-    client_id: &str,
-) -> Back {
-    match kv.entry(key).await {
-        Ok(Some(e)) if e.revision == claimed => {}
-        Ok(_) => return Back::Yes,
-        Err(_) => return Back::Unknown,
-    }
-    match online_here(shards, client_id).await {
-        Some(true) => Back::Yes,
-        Some(false) => Back::No,
-        None => Back::Unknown,
+        });
     }
 }
 
 /// Publishes `will` here as a device's PUBLISH would be: every shard's subscribers (and
 /// retained copy), and the other nodes through routing.
-fn publish(shards: &Mailboxes, router: &Arc<Router>, will: &Will) {
+pub(super) fn publish(shards: &Mailboxes, router: &Arc<Router>, will: &Will) {
     let expiry = will.props.as_ref().and_then(|p| p.message_expiry);
     let msg = Arc::new(will_message(will).with_expiry_secs(expiry));
     let sent = shards.try_send_to(
@@ -306,7 +236,7 @@ fn will_bytes(client_id: &str, w: &Will) -> Vec<u8> {
 }
 
 /// The client id and will written by [`will_bytes`].
-fn parse_will(b: &[u8]) -> Option<(String, Will)> {
+pub(super) fn parse_will(b: &[u8]) -> Option<(String, Will)> {
     let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
     let client_id = std::str::from_utf8(b.get(4..4 + len)?).ok()?.to_string();
     let rest = b.get(4 + len..)?;

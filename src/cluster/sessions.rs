@@ -246,7 +246,8 @@ impl SessionStore {
     }
 
     fn sub_subject(&self, client_id: &str, filter: &str) -> String {
-        format!("{}.{}.sub.{}", self.kv_prefix, key(client_id), key(filter))
+        let filter = escape(filter, '=');
+        format!("{}.{}.sub.{filter}", self.kv_prefix, key(client_id))
     }
 
     pub(super) fn msg_subject(&self, client_id: &str) -> String {
