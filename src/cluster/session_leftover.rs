@@ -22,8 +22,8 @@
 //! was read (a persistent session, or a connection with a will) has written its key
 //! again, so its old will is not published at all: for the usual retained "offline"
 //! will, publishing it after the device's "online" would be wrong. A will whose device
-//! cannot be told back or not (NATS away, a shard that cannot be asked) is tried again
-//! next tick; the marker goes once every will is settled. At most 256 are looked up and
+//! cannot be told back or not (NATS away, changes still waiting to be written to it, a
+//! shard that cannot be asked, a stop) is tried again next tick; the marker goes once every will is settled. At most 256 are looked up and
 //! published at once (`SessionStore::will_permits`, shared with the survivors' path).
 
 use std::collections::{HashMap, HashSet};
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 
 use super::routing::Router;
-use super::session_will::{parse_will, publish, CLAIMED};
+use super::session_will::{is_claim, parse_will, publish};
 use super::sessions::SessionStore;
 
 /// Entries read per request.
@@ -64,6 +64,14 @@ pub(super) struct Pending {
 
 /// A will the last run left: its revision, its value, and when it is due.
 type Leftover = (u64, Bytes, Instant);
+
+/// What the wills' tasks share: the bucket, the way to the subscribers, the stop.
+struct Ctx {
+    kv: kv::Store,
+    shards: Mailboxes,
+    router: Arc<Router>,
+    stop: CancellationToken,
+}
 
 /// What became of one of them.
 enum Outcome {
@@ -118,6 +126,13 @@ impl SessionStore {
             if !self.link.connected() {
                 continue;
             }
+            let kv = match self.will_bucket().await {
+                Ok(kv) => kv,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: the session bucket is out of reach; the wills the last run left wait");
+                    continue;
+                }
+            };
             let found = match read {
                 true => Vec::new(),
                 false => match self.read_leftover(up_to).await {
@@ -129,11 +144,14 @@ impl SessionStore {
                 },
             };
             let start = self.to_start(found, read);
+            let ctx = Arc::new(Ctx {
+                kv,
+                shards: shards.clone(),
+                router: router.clone(),
+                stop: stop.clone(),
+            });
             for (key, will) in start {
-                tokio::spawn(
-                    self.clone()
-                        .own_will(key, will, shards.clone(), router.clone()),
-                );
+                tokio::spawn(self.clone().own_will(key, will, ctx.clone()));
             }
             self.finish_if_settled().await;
         }
@@ -191,12 +209,9 @@ impl SessionStore {
         self: Arc<Self>,
         key: String,
         (revision, value, due): Leftover,
-        shards: Mailboxes,
-        router: Arc<Router>,
+        ctx: Arc<Ctx>,
     ) {
-        let outcome = self
-            .settle_own(&key, revision, &value, due, &shards, &router)
-            .await;
+        let outcome = self.settle_own(&key, revision, &value, due, &ctx).await;
         match outcome {
             Outcome::Published => {
                 self.metrics.wills.published.inc();
@@ -227,8 +242,7 @@ impl SessionStore {
         revision: u64,
         value: &Bytes,
         due: Instant,
-        shards: &Mailboxes,
-        router: &Arc<Router>,
+        ctx: &Ctx,
     ) -> Outcome {
         let Some((client_id, will)) = parse_will(value) else {
             tracing::warn!(
@@ -238,13 +252,18 @@ impl SessionStore {
             return Outcome::Cancelled;
         };
         let due = due + Duration::from_secs(u64::from(will.delay_secs));
-        tokio::time::sleep_until(due.into()).await;
+        tokio::select! {
+            _ = ctx.stop.cancelled() => return Outcome::Unknown,
+            _ = tokio::time::sleep_until(due.into()) => {}
+        }
         let Ok(_permit) = self.will_permits.acquire().await else {
             return Outcome::Unknown;
         };
-        let Ok(kv) = self.will_bucket().await else {
+        // Changes waiting for NATS (after an outage) may be this device's, back here.
+        if ctx.stop.is_cancelled() || self.resync.waiting() {
             return Outcome::Unknown;
-        };
+        }
+        let (kv, shards) = (&ctx.kv, &ctx.shards);
         let here = self.link.node.clone();
         let back = match self.link.registry.holder(&client_id).await {
             Ok(holder) if holder.as_deref().is_some_and(|n| *n != *here) => Some(true),
@@ -260,10 +279,13 @@ impl SessionStore {
             }
             Some(false) => {}
         }
-        match claim(&kv, key, revision).await {
+        if ctx.stop.is_cancelled() {
+            return Outcome::Unknown;
+        }
+        match claim(kv, key, revision, &here).await {
             Claimed::Yes(claimed) => {
                 tracing::info!(%client_id, topic = %will.topic, "cluster: publishing a will the last run left");
-                publish(shards, router, &will);
+                publish(shards, &ctx.router, &will);
                 let _ = kv.purge_expect_revision(key, Some(claimed)).await;
                 Outcome::Published
             }
@@ -316,7 +338,7 @@ impl SessionStore {
                 let m = m.map_err(|e| why(&e))?;
                 let revision = m.info().map_err(|e| why(&e))?.stream_sequence;
                 (left, seen) = (left.saturating_sub(1), seen + 1);
-                if revision <= up_to && !m.payload.is_empty() && *m.payload != *CLAIMED {
+                if revision <= up_to && !m.payload.is_empty() && !is_claim(&m.payload) {
                     let key = m.subject.trim_start_matches(&prefix).to_string();
                     wills.push((key, revision, m.payload.clone()));
                 }
@@ -347,19 +369,24 @@ enum Claimed {
     Unknown,
 }
 
-/// Claims `key` by compare-and-set on `revision`. A claim whose answer was lost is
-/// looked up: the key at `revision` still means not written; `claimed` means ours (a
-/// survivor only claims once this node's lease is gone).
-async fn claim(kv: &kv::Store, key: &str, revision: u64) -> Claimed {
-    match kv.update(key, Bytes::from_static(CLAIMED), revision).await {
-        Ok(claimed) => Claimed::Yes(claimed),
-        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Claimed::No,
-        Err(_) => match kv.entry(key).await {
-            Ok(Some(e)) if e.revision == revision => Claimed::Unknown,
-            Ok(Some(e)) if *e.value == *CLAIMED => Claimed::Yes(e.revision),
-            Ok(_) => Claimed::No,
-            Err(_) => Claimed::Unknown,
-        },
+/// Claims `key` by compare-and-set on `revision`, with a value no other claim has
+/// (`claimed:<node>:<pid>:<n>`), so that a claim whose answer was lost is told apart
+/// from another node's when it is looked up: ours means claimed, the key still at
+/// `revision` means not written (unknown: tried again), anything else means not ours.
+async fn claim(kv: &kv::Store, key: &str, revision: u64, node: &str) -> Claimed {
+    static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token = Bytes::from(format!("claimed:{node}:{}:{n}", std::process::id()));
+    match kv.update(key, token.clone(), revision).await {
+        Ok(claimed) => return Claimed::Yes(claimed),
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+        Err(_) => {}
+    }
+    match kv.entry(key).await {
+        Ok(Some(e)) if e.value == token => Claimed::Yes(e.revision),
+        Ok(Some(e)) if e.revision == revision => Claimed::Unknown,
+        Ok(_) => Claimed::No,
+        Err(_) => Claimed::Unknown,
     }
 }
 

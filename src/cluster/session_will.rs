@@ -38,7 +38,13 @@ use super::routing::Router;
 use super::sessions::{key, Change, SessionStore};
 
 /// The value of a will a survivor took (it is not a will: nobody else publishes it).
-pub(super) const CLAIMED: &[u8] = b"claimed";
+const CLAIMED: &[u8] = b"claimed";
+
+/// Whether a will key's value is a claim (`claimed`, or a node's own unique
+/// `claimed:…`, `session_leftover`): not a will.
+pub(super) fn is_claim(value: &[u8]) -> bool {
+    value.starts_with(CLAIMED)
+}
 
 impl SessionStore {
     /// The bucket key of `client_id`'s will on `node`.
@@ -123,7 +129,9 @@ impl SessionStore {
         let wills = self.last_values(format!("{prefix}*")).await?;
         let mut left = false;
         for (subject, value) in wills {
-            if value.is_empty() {
+            // A claim left behind (its claimant died) is no will left: it does not keep
+            // the node's `wnode` entry.
+            if value.is_empty() || is_claim(&value) {
                 continue;
             }
             left = true;
@@ -132,7 +140,7 @@ impl SessionStore {
             let Some(entry) = kv.entry(&key).await.map_err(|e| e.to_string())? else {
                 continue;
             };
-            if entry.value.is_empty() || *entry.value == *CLAIMED {
+            if entry.value.is_empty() || is_claim(&entry.value) {
                 continue;
             }
             let claim = kv.update(&key, Bytes::from_static(CLAIMED), entry.revision);
