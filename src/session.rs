@@ -70,6 +70,10 @@ pub struct Session {
     /// The fleet keeps a will of this non-persistent session (`shard/durable.rs`): it
     /// must be emptied when the session ends.
     pub volatile_will_kept: bool,
+    /// Restored at start, and not connected since: the fleet's copy of its will is the
+    /// last run's (after a crash, `cluster::session_leftover` publishes it), and its end
+    /// leaves it.
+    pub will_from_last_run: bool,
     pub extra: Option<Box<SessionState>>,
 }
 
@@ -238,6 +242,7 @@ impl Session {
             version,
             stored: false,
             volatile_will_kept: false,
+            will_from_last_run: false,
             extra: None,
         }
     }

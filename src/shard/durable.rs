@@ -54,6 +54,9 @@ impl Shard {
     /// (`online`) or when its connection ended. A session whose expiry became 0 leaves
     /// the store.
     pub(super) fn store_session(&mut self, skey: usize, online: bool) {
+        if online {
+            self.sessions[skey].will_from_last_run = false;
+        }
         if self.store_session_record(skey, online) {
             self.store_will(skey, online);
         }
@@ -146,7 +149,11 @@ impl Shard {
         if s.stored {
             self.store_op(Op::DeleteSession(s.client_id.clone()));
         }
-        if s.stored || s.volatile_will_kept {
+        // A restored session that ended before its device came back leaves the last
+        // run's will to the fleet: after a crash, the fleet publishes it (MQTT 5: at the
+        // end of the session at the latest; here at the end of its delay); else the key
+        // was emptied when the session went offline.
+        if (s.stored && !s.will_from_last_run) || s.volatile_will_kept {
             self.store_will_of(s.client_id.clone(), None);
         }
     }
@@ -306,6 +313,7 @@ impl Shard {
         for stored in sessions {
             let skey = self.sessions.open(&stored.client_id, stored.version);
             self.set_stored(skey, true);
+            self.sessions[skey].will_from_last_run = true;
             let s = &mut self.sessions[skey];
             s.expiry_secs = stored.expiry_secs;
             s.subs.reserve_exact(stored.subs.len());
