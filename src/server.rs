@@ -358,6 +358,7 @@ impl Server {
                 business: business.handle().clone(),
                 store: store.as_ref().and_then(Store::handle),
                 restore: std::mem::take(&mut restore[id]),
+                restored_after_crash: store.as_ref().is_some_and(|s| s.previous_run_crashed),
                 sessions: fleet_sessions.clone(),
                 retained: retained.clone(),
                 ready: ready_tx.clone(),

@@ -70,9 +70,9 @@ pub struct Session {
     /// The fleet keeps a will of this non-persistent session (`shard/durable.rs`): it
     /// must be emptied when the session ends.
     pub volatile_will_kept: bool,
-    /// Restored at start, and not connected since: the fleet's copy of its will is the
-    /// last run's (after a crash, `cluster::session_leftover` publishes it), and its end
-    /// leaves it.
+    /// Restored at start after a crash, and neither connected nor handed over since: the
+    /// fleet's copy of its will is the crash's (`cluster::session_leftover` publishes
+    /// it), and its end leaves it.
     pub will_from_last_run: bool,
     pub extra: Option<Box<SessionState>>,
 }

@@ -64,7 +64,7 @@ impl Shard {
             }
         }
         tracing::info!(shard = self.id, client_id = %stored.client_id, subscriptions = stored.subs.len(), messages = stored.messages.len(), "session restored from the fleet");
-        self.restore(vec![stored], &[]);
+        self.restore(vec![stored], &[], false);
     }
 }
 
@@ -97,6 +97,8 @@ impl Shard {
             return false;
         };
         let stored = self.persistent(skey);
+        // Back elsewhere: the will the last run left is not to be published.
+        self.sessions[skey].will_from_last_run = false;
         self.end_session(skey);
         stored
     }

@@ -300,7 +300,12 @@ impl Shard {
     /// At start, before the first accept: the sessions homed here, their subscriptions
     /// re-indexed, their messages queued in order, their offline expiry re-armed from the
     /// wall clock time they went offline; and the retained messages.
-    pub(super) fn restore(&mut self, sessions: Vec<StoredSession>, retained: &[Arc<Message>]) {
+    pub(super) fn restore(
+        &mut self,
+        sessions: Vec<StoredSession>,
+        retained: &[Arc<Message>],
+        after_crash: bool,
+    ) {
         for m in retained {
             self.routing.retained.insert(m.topic.clone(), m.clone());
             let cost = crate::retained_budget::cost(&m.topic, &m.payload);
@@ -313,7 +318,7 @@ impl Shard {
         for stored in sessions {
             let skey = self.sessions.open(&stored.client_id, stored.version);
             self.set_stored(skey, true);
-            self.sessions[skey].will_from_last_run = true;
+            self.sessions[skey].will_from_last_run = after_crash;
             let s = &mut self.sessions[skey];
             s.expiry_secs = stored.expiry_secs;
             s.subs.reserve_exact(stored.subs.len());

@@ -141,6 +141,9 @@ pub struct ShardContext {
     pub store: Option<crate::store::StoreHandle>,
     /// Stored sessions homed on this shard, restored before the first accept.
     pub restore: Vec<crate::store::StoredSession>,
+    /// The last run crashed (`Store::previous_run_crashed`): the fleet's copies of the
+    /// restored sessions' wills are the crash's (`cluster::session_leftover`).
+    pub restored_after_crash: bool,
     /// The fleet's copy of the persistent sessions (`[cluster]` on, with the store).
     pub sessions: Option<Arc<crate::cluster::sessions::SessionStore>>,
     /// Stored retained messages (every shard keeps them all).
@@ -236,6 +239,7 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
                 }
             };
             let restore = std::mem::take(&mut ctx.restore);
+            let crashed = ctx.restored_after_crash;
             let retained = ctx.retained.clone();
             let ready = ctx.ready.clone();
             let (mut shard, rx) = match Shard::new(ctx) {
@@ -246,7 +250,7 @@ pub fn spawn(ctx: ShardContext) -> io::Result<std::thread::JoinHandle<()>> {
                 }
             };
             let sessions = restore.len();
-            shard.restore(restore, &retained);
+            shard.restore(restore, &retained, crashed);
             drop(retained);
             let _ = ready.send(sessions);
             // tokio-metrics measures the shard's busy time per poll (gateway_shard_busy_ratio).

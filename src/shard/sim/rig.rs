@@ -83,6 +83,7 @@ pub(super) fn manual_shard_tls(
         business,
         store: None,
         restore: Vec::new(),
+        restored_after_crash: false,
         sessions: None,
         retained: Arc::new(Vec::new()),
         ready: std::sync::mpsc::channel().0,
