@@ -57,6 +57,25 @@ use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
 pub use metrics::FleetMetrics;
 pub use registry::{Located, Registry};
 
+/// A short-lived pull consumer's settings that read the last value of each subject
+/// under `filter` once (the sweep's pass over the registry, the leftover wills' read),
+/// acknowledging at most `max_ack_pending` at a time.
+fn last_per_subject(
+    filter: String,
+    max_ack_pending: i64,
+) -> async_nats::jetstream::consumer::pull::Config {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+    async_nats::jetstream::consumer::pull::Config {
+        deliver_policy: DeliverPolicy::LastPerSubject,
+        filter_subject: filter,
+        // nats-server 2.9 refuses a pull consumer without acknowledgements.
+        ack_policy: AckPolicy::All,
+        max_ack_pending,
+        inactive_threshold: Duration::from_secs(60),
+        ..Default::default()
+    }
+}
+
 /// What a node does with a request another node sent it: the reply's bytes.
 pub type Handler = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> + Send + Sync>;
 

@@ -31,8 +31,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::kv::{self, UpdateErrorKind};
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,7 @@ impl SessionStore {
     ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ctx: Option<Arc<Ctx>> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -126,12 +127,22 @@ impl SessionStore {
             if !self.link.connected() {
                 continue;
             }
-            let kv = match self.will_bucket().await {
-                Ok(kv) => kv,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cluster: the session bucket is out of reach; the wills the last run left wait");
-                    continue;
-                }
+            let ctx = match &ctx {
+                Some(ctx) => ctx.clone(),
+                None => match self.will_bucket().await {
+                    Ok(kv) => ctx
+                        .insert(Arc::new(Ctx {
+                            kv,
+                            shards: shards.clone(),
+                            router: router.clone(),
+                            stop: stop.clone(),
+                        }))
+                        .clone(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: the session bucket is out of reach; the wills the last run left wait");
+                        continue;
+                    }
+                },
             };
             let found = match read {
                 true => Vec::new(),
@@ -144,12 +155,6 @@ impl SessionStore {
                 },
             };
             let start = self.to_start(found, read);
-            let ctx = Arc::new(Ctx {
-                kv,
-                shards: shards.clone(),
-                router: router.clone(),
-                stop: stop.clone(),
-            });
             for (key, will) in start {
                 tokio::spawn(self.clone().own_will(key, will, ctx.clone()));
             }
@@ -299,15 +304,10 @@ impl SessionStore {
     async fn read_leftover(&self, up_to: u64) -> Result<Vec<(String, u64, Bytes)>, String> {
         let consumer: PullConsumer = self
             .kv
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                filter_subject: format!("{}.will.{}.>", self.kv_prefix, self.link.node),
-                // nats-server 2.9 refuses a pull consumer without acknowledgements.
-                ack_policy: AckPolicy::All,
-                max_ack_pending: READ_BATCH as i64,
-                inactive_threshold: Duration::from_secs(60),
-                ..Default::default()
-            })
+            .create_consumer(super::last_per_subject(
+                format!("{}.will.{}.>", self.kv_prefix, self.link.node),
+                READ_BATCH as i64,
+            ))
             .await
             .map_err(|e| format!("leftover wills consumer: {e}"))?;
         let name = consumer.cached_info().name.clone();
@@ -377,10 +377,9 @@ async fn claim(kv: &kv::Store, key: &str, revision: u64, node: &str) -> Claimed 
     static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let token = Bytes::from(format!("claimed:{node}:{}:{n}", std::process::id()));
-    match kv.update(key, token.clone(), revision).await {
-        Ok(claimed) => return Claimed::Yes(claimed),
-        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
-        Err(_) => {}
+    // Refused or unanswered alike: the key as it is now tells.
+    if let Ok(claimed) = kv.update(key, token.clone(), revision).await {
+        return Claimed::Yes(claimed);
     }
     match kv.entry(key).await {
         Ok(Some(e)) if e.value == token => Claimed::Yes(e.revision),
@@ -392,7 +391,7 @@ async fn claim(kv: &kv::Store, key: &str, revision: u64, node: &str) -> Claimed 
 
 /// Whether `client_id` has a live connection on this node; `None` when the shard cannot
 /// be asked (stopping, or its mailbox full for 5 s) or does not answer within 5 s.
-pub(super) async fn online_here(shards: &Mailboxes, client_id: &str) -> Option<bool> {
+async fn online_here(shards: &Mailboxes, client_id: &str) -> Option<bool> {
     let home = home_shard(client_id, shards.len());
     if shards.is_closed(home) {
         return None;

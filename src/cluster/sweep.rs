@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
@@ -222,15 +222,10 @@ impl Sweeper {
     async fn sweep(&self, mut marker: u64) -> Result<(), String> {
         let stream = &self.registry.clients.stream;
         let consumer: PullConsumer = stream
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                filter_subject: format!("{}>", self.registry.clients.prefix),
-                // nats-server 2.9 refuses a pull consumer without acknowledgements.
-                ack_policy: AckPolicy::All,
-                max_ack_pending: i64::from(MAX_STEP),
-                inactive_threshold: Duration::from_secs(60),
-                ..Default::default()
-            })
+            .create_consumer(super::last_per_subject(
+                format!("{}>", self.registry.clients.prefix),
+                i64::from(MAX_STEP),
+            ))
             .await
             .map_err(|e| format!("sweep consumer: {e}"))?;
         let name = consumer.cached_info().name.clone();
