@@ -32,6 +32,15 @@ async fn wait_will(sessions: &kv::Store, key: &str, ok: impl Fn(&[u8]) -> bool) 
     }
 }
 
+/// Waits until the session bucket holds no value under `key` (purged).
+async fn wait_purged(sessions: &kv::Store, key: &str) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while sessions.get(key).await.expect("bucket get").is_some() {
+        assert!(tokio::time::Instant::now() < end, "{key} was not purged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Persistent 3.1.1 device `id` on `gw` with a will on `will/<id>`.
 async fn with_will(gw: &GatewayProcess, id: &str) -> v4::Client {
     let mut o = v4::options(gw.mqtt, id);
@@ -210,6 +219,10 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
         "a will came twice, or w2's, w3's or v3's came",
     )
     .await;
+    // The survivor that published a will purged its claim.
+    for id in ["w1", "v1"] {
+        wait_purged(&sessions, &format!("will.node-a.{id}")).await;
+    }
 }
 
 /// A node that crashed and started again before its lease expired publishes the wills
@@ -262,11 +275,9 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
     let mut a = node_a();
     // Once A has read r4's will (it waits its delay), r4 connects to A again (with a
     // new will).
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while a.metric("gateway_fleet_crash_wills_pending").await < 1.0 {
-        assert!(tokio::time::Instant::now() < end, "A never read the wills");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pending = "gateway_fleet_crash_wills_pending";
+    let read = common::wait_metric(a.http, pending, DEADLINE, |v| v >= 1.0).await;
+    assert!(read >= 1.0, "A never read the wills");
     let _r4 = with_delayed_will(&a, "r4", 15).await;
     expect_wills(&mut sub, &["r1", "r2", "r5"]).await;
     let end = tokio::time::Instant::now() + DEADLINE;
@@ -283,13 +294,8 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
     assert_eq!(total(std::slice::from_ref(&a), PUBLISHED).await, 3.0);
     assert_eq!(total(std::slice::from_ref(&b), PUBLISHED).await, 0.0);
     // Their claims were purged.
-    let end = tokio::time::Instant::now() + DEADLINE;
     for id in ["r1", "r2", "r5"] {
-        let key = format!("will.node-a.{id}");
-        while sessions.get(&key).await.expect("bucket get").is_some() {
-            assert!(tokio::time::Instant::now() < end, "{key} was not purged");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_purged(&sessions, &format!("will.node-a.{id}")).await;
     }
     expect_marker(&b, &mut sub, "a will came twice, or r4's came").await;
     let end = tokio::time::Instant::now() + DEADLINE;
