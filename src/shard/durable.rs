@@ -23,6 +23,15 @@ use crate::topic;
 
 use super::Shard;
 
+/// What [`Shard::store_session_record`] did: wrote a persistent session's record, found
+/// a session that ends with its connection (and deleted its rows if it `was_stored`), or
+/// nothing (the store is off).
+enum Record {
+    Persistent,
+    Volatile { was_stored: bool },
+    NoStore,
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -57,16 +66,17 @@ impl Shard {
         if online {
             self.sessions[skey].will_from_last_run = false;
         }
-        if self.store_session_record(skey, online) {
-            self.store_will(skey, online);
+        match self.store_session_record(skey, online) {
+            Record::Persistent => self.store_will(skey, online),
+            Record::Volatile { was_stored } => self.store_volatile_will(skey, online, was_stored),
+            Record::NoStore => {}
         }
     }
 
-    /// The record alone; true if the session is persistent (false: it left the store,
-    /// or never was in it; its will is handled here).
-    fn store_session_record(&mut self, skey: usize, online: bool) -> bool {
+    /// The record alone (the will is the caller's).
+    fn store_session_record(&mut self, skey: usize, online: bool) -> Record {
         if self.services.store.is_none() {
-            return false;
+            return Record::NoStore;
         }
         let s = &self.sessions[skey];
         if s.expiry_secs == 0 {
@@ -76,8 +86,7 @@ impl Shard {
                 self.set_stored(skey, false);
                 self.store_op(Op::DeleteSession(id));
             }
-            self.store_volatile_will(skey, online, was_stored);
-            return false;
+            return Record::Volatile { was_stored };
         }
         self.set_stored(skey, true);
         let s = &self.sessions[skey];
@@ -88,7 +97,13 @@ impl Shard {
             offline_since_ms: if online { 0 } else { now_ms().max(1) },
         };
         self.store_op(op);
-        true
+        Record::Persistent
+    }
+
+    /// The will of session `skey`'s connection while `online`; none once offline.
+    fn connection_will(&self, skey: usize, online: bool) -> Option<Box<crate::codec::Will>> {
+        let s = &self.sessions[skey];
+        online.then(|| s.extra.as_ref()?.will.clone()).flatten()
     }
 
     /// With the fleet's sessions on: the will of the session's connection while online,
@@ -97,9 +112,8 @@ impl Shard {
         if self.services.sessions.is_none() {
             return; // without the fleet: no clone of the will
         }
-        let s = &self.sessions[skey];
-        let will = online.then(|| s.extra.as_ref()?.will.clone()).flatten();
-        self.store_will_of(s.client_id.clone(), will);
+        let will = self.connection_will(skey, online);
+        self.store_will_of(self.sessions[skey].client_id.clone(), will);
     }
 
     /// With the fleet's sessions on, the will of a non-persistent session's connection
@@ -112,14 +126,11 @@ impl Shard {
         if self.services.sessions.is_none() {
             return;
         }
+        let will = self.connection_will(skey, online).map(|mut w| {
+            w.delay_secs = 0;
+            w
+        });
         let s = &mut self.sessions[skey];
-        let will = online
-            .then(|| s.extra.as_ref()?.will.clone())
-            .flatten()
-            .map(|mut w| {
-                w.delay_secs = 0;
-                w
-            });
         if will.is_none() && !s.volatile_will_kept && !stale {
             return;
         }
