@@ -115,3 +115,48 @@ async fn a_client_id_connected_to_two_nodes_while_nats_was_away_keeps_the_later_
     assert!(new.ping_v5(DEADLINE).await, "the later connection stays");
     assert_eq!(b.metric("gateway_fleet_arbitration_lost_total").await, 1.0);
 }
+
+/// A registry queue that overflows drops devices' `connected` changes (here while NATS
+/// hangs, with a queue of 2): the node notices the drop, asks its shards which devices
+/// are online and writes them all to the registry again, so every one of them is
+/// reachable through another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_whose_registry_changes_were_dropped_are_written_again() {
+    let (nats, gw, kv) = fleet::start(
+        "fleet-overflow",
+        &["node-a", "node-b"],
+        "registry_queue_capacity = 2",
+    )
+    .await;
+    let (a, b) = (&gw[0], &gw[1]);
+    wait_ready_nats_down(a, false).await;
+
+    // The first `connected` waits on the hung server; the others fill the queue of 2.
+    nats.pause();
+    let mut devices = Vec::new();
+    for i in 0..20 {
+        devices.push(v4::connect(v4::options(a.mqtt, &format!("dev-{i}"))).await);
+    }
+    wait_counted(
+        a,
+        "gateway_events_dropped_total{sink=\"registry\",reason=\"queue_full_oldest\"}",
+    )
+    .await;
+    nats.resume();
+
+    for (i, device) in devices.iter_mut().enumerate() {
+        let id = format!("dev-{i}");
+        wait_holder(&kv, &id, Some("node-a")).await;
+        let (code, v) = push(b, &id, "found").await;
+        assert_eq!(
+            (code, v["status"].as_str()),
+            (200, Some("sent")),
+            "{id}: {v}"
+        );
+        let p = device
+            .next_publish(DEADLINE)
+            .await
+            .expect("the push arrives");
+        assert_eq!(&p.payload[..], b"found");
+    }
+}

@@ -284,7 +284,8 @@ impl Fleet {
     }
 
     /// Renews this node's lease every third of `lease_secs` until stopped; after NATS
-    /// failed (a renewal or a registry write), writes this node's devices again
+    /// failed (a renewal or a registry write) or the registry queue dropped changes,
+    /// writes this node's devices again
     /// (`rejoin`, asking the `shards` when each connection was accepted).
     async fn heartbeat(self: Arc<Self>, shards: Mailboxes) {
         let every = self.lease / 3;
@@ -297,7 +298,12 @@ impl Fleet {
             match self.registry.renew_lease().await {
                 Ok(()) if failing || self.registry.take_dirty() => {
                     let n = self.rejoin(&shards).await;
-                    tracing::info!(node = %self.node, devices = n, "cluster: NATS answers again; lease renewed and this node's devices written to the registry again");
+                    let why = if failing {
+                        "NATS answers again; lease renewed and"
+                    } else {
+                        "after failed or dropped registry changes,"
+                    };
+                    tracing::info!(node = %self.node, devices = n, "cluster: {why} this node's devices written to the registry again");
                     failing = false;
                 }
                 Ok(()) => {}

@@ -14,6 +14,11 @@
 //! - **After an outage.** A failed write marks the registry dirty; once the heartbeat
 //!   reaches NATS again, every device online here is written again, arbitrated against
 //!   claims other nodes made meanwhile (`super::rejoin`).
+//! - **After an overflow.** A full queue (`cluster.registry_queue_capacity`) drops its
+//!   oldest change, so which devices came online here is no longer known from the
+//!   changes alone: [`Registry::follow`] sees the drop counted and marks the registry
+//!   overflowed (and dirty), and the next rejoin first asks the shards which devices are
+//!   online here now.
 //! - **Takeover.** A `connected` claims the entry by compare-and-set on its revision
 //!   (`super::arbiter`: one winner when two nodes claim at once); one whose entry named
 //!   another node before is reported (`taken`), and `crate::cluster` asks that node to
@@ -39,6 +44,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 
 use crate::config::ClusterConfig;
+use crate::events::config::DropPolicy;
 use crate::events::sink::{Batcher, OutageLog};
 use crate::events::{Event, EventKind};
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
@@ -55,6 +61,8 @@ pub struct Registry {
     here: Mutex<HashSet<Arc<str>>>,
     /// A registry write failed since the last rejoin (`super::rejoin`).
     dirty: AtomicBool,
+    /// The queue dropped changes since the last rejoin: `here` may miss devices.
+    overflowed: AtomicBool,
     /// `cluster.takeover_min_interval_ms`, per client id.
     throttle: Throttle,
     pub metrics: Arc<RegistryMetrics>,
@@ -128,6 +136,7 @@ impl Registry {
             node,
             here: Mutex::new(HashSet::new()),
             dirty: AtomicBool::new(false),
+            overflowed: AtomicBool::new(false),
             throttle: Throttle::new(config.takeover_min_interval()),
             metrics: Arc::default(),
         })
@@ -156,6 +165,24 @@ impl Registry {
     /// A registry write failed: the next lease renewal rejoins (`super::rejoin`).
     pub(super) fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the queue dropped changes since the last rejoin (and clears it).
+    pub(super) fn take_overflowed(&self) -> bool {
+        self.overflowed.swap(false, Ordering::Relaxed)
+    }
+
+    /// Dropped changes are still to be made up for: the next rejoin asks the shards again.
+    pub(super) fn mark_overflowed(&self) {
+        self.overflowed.store(true, Ordering::Relaxed);
+        self.mark_dirty();
+    }
+
+    /// Adds the client ids the shards say are online here (after an overflow); the
+    /// rejoin then drops those it finds offline.
+    pub(super) fn also_here(&self, ids: impl IntoIterator<Item = Arc<str>>) {
+        let mut here = self.here.lock().unwrap_or_else(|p| p.into_inner());
+        here.extend(ids);
     }
 
     /// The client ids online here now.
@@ -227,7 +254,15 @@ impl Registry {
         taken: impl Fn(String, Arc<str>) + Send,
     ) {
         let (mut batch, mut log) = (Vec::new(), OutageLog::default());
+        let overflow = DropPolicy::DropOldest.reason();
+        let mut dropped = changes.queue.metrics.dropped_count(overflow);
         while changes.next(&mut batch).await {
+            let now_dropped = changes.queue.metrics.dropped_count(overflow);
+            if now_dropped > dropped {
+                tracing::warn!(node = %self.node, dropped = now_dropped - dropped, "cluster: the registry queue was full and dropped changes (cluster.registry_queue_capacity); this node's devices are written to the registry again at the next lease renewal");
+                dropped = now_dropped;
+                self.mark_overflowed();
+            }
             // Each client's changes in order; different clients' at the same time.
             let per_client = by_client(batch.drain(..));
             let (this, shards) = (&*self, &shards);

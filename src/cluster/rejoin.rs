@@ -1,5 +1,6 @@
-//! Rejoining the fleet after NATS was away: every device online here is written into the
-//! registry again, arbitrated like a claim (`super::arbiter`) instead of overwriting.
+//! Rejoining the fleet after NATS was away or the registry queue overflowed: every device
+//! online here is written into the registry again, arbitrated like a claim (`super::arbiter`)
+//! instead of overwriting.
 //!
 //! While this node could not reach NATS, its registry writes failed, and another node
 //! may have claimed one of its devices (the device, or another with the same client id,
@@ -15,14 +16,21 @@
 //!   its connection; otherwise this node closes its own (MQTT 5 0x8E, without the will).
 //!   A node that does not answer (gone) has no connection to compare.
 //!
-//! A lookup that fails (NATS away again, no answer) marks the registry dirty, so the
-//! next lease renewal tries again.
+//! A device the home shard no longer has online is dropped from this node's list of
+//! devices here, and its entry is left as it is.
+//!
+//! After the registry queue overflowed, the list of devices here may miss some whose
+//! `connected` was dropped: the rejoin first adds every device the shards have online
+//! (`ListClients` pages, `online_on_shards`).
+//!
+//! A lookup that fails (NATS away again, no answer, a shard that cannot be asked) marks
+//! the registry dirty, so the next lease renewal tries again.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+use crate::mailbox::{home_shard, ListRequest, Mailboxes, ShardMsg};
 
 use super::arbiter::{read, write};
 use super::registry::key;
@@ -40,6 +48,12 @@ impl Fleet {
     /// Writes every device online here into the registry again, each arbitrated against
     /// another node's claim (module doc); how many devices were looked at.
     pub(super) async fn rejoin(self: &Arc<Self>, shards: &Mailboxes) -> usize {
+        if self.registry.take_overflowed() {
+            match online_on_shards(shards).await {
+                Ok(ids) => self.registry.also_here(ids),
+                Err(()) => self.registry.mark_overflowed(),
+            }
+        }
         let ids = self.registry.online_here();
         for chunk in ids.chunks(CHUNK) {
             let each = chunk.iter().map(|id| self.rejoin_one(id.clone(), shards));
@@ -50,6 +64,8 @@ impl Fleet {
 
     async fn rejoin_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) {
         let Some(mine) = accepted_here(shards, &client_id).await else {
+            // Gone since (its `disconnected` was dropped, or is still on its way).
+            self.registry.left(&client_id);
             return;
         };
         let (k, node, metrics) = (key(&client_id), &*self.node, &self.registry.metrics);
@@ -131,6 +147,40 @@ async fn accepted_here(shards: &Mailboxes, client_id: &str) -> Option<u64> {
     shards.try_send(home, ask).ok()?;
     let info = answer.await.ok()??;
     info.summary.connected_at.filter(|_| info.summary.online)
+}
+
+/// Client ids listed per page when asking the shards which devices are online.
+const PAGE: usize = 1_000;
+
+/// Every client id online on the shards now, a bounded page at a time (`Err`: a shard's
+/// mailbox was full or it did not answer).
+async fn online_on_shards(shards: &Mailboxes) -> Result<Vec<Arc<str>>, ()> {
+    let mut ids = Vec::new();
+    for shard in 0..shards.len() {
+        let mut after = None;
+        loop {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let req = ListRequest {
+                after: after.take(),
+                limit: PAGE,
+                scan: 10 * PAGE,
+                bytes: usize::MAX,
+            };
+            let ask = ShardMsg::ListClients {
+                req,
+                online: Some(true),
+                reply,
+            };
+            shards.try_send(shard, ask).map_err(drop)?;
+            let page = answer.await.map_err(drop)?;
+            ids.extend(page.items.into_iter().map(|c| Arc::from(c.client_id)));
+            match page.covered {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+    }
+    Ok(ids)
 }
 
 #[cfg(test)]

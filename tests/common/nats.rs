@@ -46,6 +46,22 @@ impl NatsServer {
         let _ = self.child.wait();
     }
 
+    /// Stops the server where it is (SIGSTOP): its connections stay open and every
+    /// request waits, as on a server that hangs.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
     /// Starts the killed server again on the same port and store directory.
     pub fn respawn(&mut self) {
         self.child = spawn_nats(self.port, &self.dir, &self.args);
