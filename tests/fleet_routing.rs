@@ -414,6 +414,77 @@ async fn a_shared_group_with_members_on_two_nodes_gets_each_message_once() {
     assert_eq!(in_total(c).await, 0.0);
 }
 
+/// NATS picks uniformly among a queue group's subscriptions and a node holds one per
+/// member it has: a node with one member of a group gets about a quarter of its messages
+/// when another node has three (half, when NATS picked among nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_a_groups_messages_by_their_members() {
+    let (_nats, gw) = fleet("route-share-weight", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    let publisher = client(a, "pub-a").await;
+    let mut members = vec![client(a, "member-a").await];
+    for i in 0..3 {
+        members.push(client(b, &format!("member-b{i}")).await);
+    }
+    for m in &mut members {
+        m.subscribe("$share/workers/jobs/+", QoS::AtLeastOnce).await;
+    }
+    // One queue subscription per member (the filter is one subject).
+    let held = "gateway_fleet_route_subscriptions";
+    assert_eq!(
+        common::wait_metric(a.http, held, DEADLINE, |v| v == 1.0).await,
+        1.0
+    );
+    assert_eq!(
+        common::wait_metric(b.http, held, DEADLINE, |v| v == 3.0).await,
+        3.0
+    );
+    // Probes until node A's member got one: its subscription is in place at NATS, and so
+    // are node B's, sent before it was by connections that were already up.
+    let probe = "jobs/probe";
+    let end = tokio::time::Instant::now() + DEADLINE;
+    'probing: loop {
+        assert!(tokio::time::Instant::now() < end, "no probe reached node A");
+        publisher
+            .client
+            .publish(probe, QoS::AtMostOnce, false, "probe")
+            .await
+            .unwrap();
+        while let Some(p) = members[0].next_publish(Duration::from_millis(100)).await {
+            if p.topic == probe {
+                break 'probing;
+            }
+        }
+    }
+
+    let n = 400;
+    for i in 0..n {
+        publisher
+            .client
+            .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let mut got = vec![0usize; members.len()];
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while got.iter().sum::<usize>() < n {
+        assert!(tokio::time::Instant::now() < end, "received {got:?} of {n}");
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(p) = m.next_publish(Duration::from_millis(50)).await {
+                got[i] += usize::from(p.topic != probe);
+            }
+        }
+    }
+    assert_eq!(got.iter().sum::<usize>(), n, "received {got:?}");
+    // Node A's share: 100 expected (a binomial of 400 at 1/4, standard deviation 8.7);
+    // picking among nodes would give 200.
+    assert!((50..=150).contains(&got[0]), "node A's member got {got:?}");
+    assert!(
+        got[1..].iter().all(|&g| g > 0),
+        "a member on B got nothing: {got:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_comes_back_with_its_subscriptions_after_nats_restarts() {
     let (mut nats, gw) = fleet("route-restart", &["node-a", "node-b"]).await;

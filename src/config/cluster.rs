@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     pub session_resync_max_mib: u32,
     /// Messages waiting to be published to other nodes (`crate::cluster::routing`).
     pub routing_queue_capacity: u32,
+    /// NATS queue subscriptions a node holds per shared group at most: one per member
+    /// here, so nodes share a group's messages by their members (`crate::cluster::routing`).
+    pub shared_group_subscriptions: u32,
 }
 
 /// Whether `s` is a node id: letters, digits, `-` and `_`, 1 to [`MAX_NODE_ID_LEN`].
@@ -247,6 +250,12 @@ impl Section for ClusterConfig {
             self.routing_queue_capacity,
             1,
             10_000_000,
+        )?;
+        in_range(
+            "cluster.shared_group_subscriptions",
+            self.shared_group_subscriptions,
+            1,
+            1_000,
         )
     }
 }
@@ -275,6 +284,7 @@ mod tests {
         assert_eq!(c.session_replicas, 1);
         assert_eq!(c.session_resync_max_mib, 256);
         assert_eq!(c.routing_queue_capacity, 65_536);
+        assert_eq!(c.shared_group_subscriptions, 64);
         assert!(!c.node().is_empty());
         assert!(super::valid_node_id(&c.node()));
     }
@@ -337,6 +347,14 @@ mod tests {
             (
                 "routing_queue_capacity = 10000001",
                 "cluster.routing_queue_capacity",
+            ),
+            (
+                "shared_group_subscriptions = 0",
+                "cluster.shared_group_subscriptions",
+            ),
+            (
+                "shared_group_subscriptions = 1001",
+                "cluster.shared_group_subscriptions",
             ),
         ];
         for (body, key) in cases {

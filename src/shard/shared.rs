@@ -19,10 +19,11 @@
 //! `mailbox_full`), so a shard never blocks and a member's join, leave and bounces reach
 //! the owner in the order they were sent.
 //!
-//! In a fleet (`crate::cluster::routing`) the owner reports a group that gets its first
-//! member here, or loses its last, to the fleet's routing, which holds a NATS queue
-//! subscription for it; no shard then matches messages against its groups itself: NATS
-//! picks one node per message and the owner gets it as `ShardMsg::FleetShared`.
+//! In a fleet (`crate::cluster::routing`) the owner reports each member a group gains or
+//! loses here to the fleet's routing, which holds NATS queue subscriptions for the group
+//! (one per member, up to a bound, so nodes get its messages by their members); no shard
+//! then matches messages against its groups itself: NATS picks one node per message and
+//! the owner gets it as `ShardMsg::FleetShared`.
 
 use std::sync::Arc;
 
@@ -148,9 +149,6 @@ impl Shard {
                     next: 0,
                 });
                 shared.by_key.insert(key.clone(), slot);
-                if let Some(route) = &self.services.fleet_route {
-                    route.interest(Interest::Add(format!("$share/{key}").into()));
-                }
                 shared
                     .index
                     .get_or_insert_with(|| Box::new(SubscriptionIndex::new()))
@@ -178,7 +176,13 @@ impl Shard {
             .find(|x| x.client_id == member.client_id)
         {
             Some(x) => *x = member,
-            None => g.members.push(member),
+            None => {
+                g.members.push(member);
+                // One per member: the fleet holds a queue subscription per member here.
+                if let Some(route) = &self.services.fleet_route {
+                    route.interest(Interest::Add(format!("$share/{key}").into()));
+                }
+            }
         }
     }
 
@@ -189,13 +193,16 @@ impl Shard {
             return;
         };
         let g = &mut shared.groups[slot];
+        let before = g.members.len();
         g.members.retain(|m| &*m.client_id != client_id);
-        if g.members.is_empty() {
-            let g = shared.groups.remove(slot);
-            shared.by_key.remove(&g.key);
+        if g.members.len() < before {
             if let Some(route) = &self.services.fleet_route {
                 route.interest(Interest::Remove(format!("$share/{}", g.key).into()));
             }
+        }
+        if g.members.is_empty() {
+            let g = shared.groups.remove(slot);
+            shared.by_key.remove(&g.key);
             if let Some(index) = shared.index.as_mut() {
                 index.remove(&g.filter, slot as u32);
                 if index.is_empty() {

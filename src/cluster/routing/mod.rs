@@ -54,9 +54,12 @@
 //! no node delivers to a shared group on its own, not even the publishing node: the
 //! queue subscriptions live on a second connection of the node ([`Role::Groups`]), and
 //! NATS's no-echo only spares the publishing connection, so NATS may pick the
-//! publisher's node too. So each message reaches one member fleet-wide; NATS picks among nodes, not members (a node
-//! with one member gets as many messages as a node with ten). A message for a group
-//! whose members here all left meanwhile is dropped (counted `offline`).
+//! publisher's node too. So each message reaches one member fleet-wide. A node holds one
+//! queue subscription per member it has (up to `cluster.shared_group_subscriptions`) and
+//! NATS picks uniformly among a queue group's subscriptions, so each node gets a share
+//! of the group's messages in proportion to its members (a node with one member a
+//! quarter when another has three). A message for a group whose members here all left
+//! meanwhile is dropped (counted `offline`).
 
 pub mod envelope;
 pub mod metrics;
@@ -171,10 +174,13 @@ impl Dedup {
     }
 }
 
-/// One filter this node holds: how many shards hold it and its NATS subscription ids.
+/// One filter this node holds: how many hold it here and its NATS subscription ids.
 struct Held {
-    shards: u32,
-    sids: Vec<u64>,
+    /// The shards holding a plain filter; the members here of a shared group.
+    holders: u32,
+    /// The subscription ids of one subscription per subject of the filter: one such set
+    /// for a plain filter, one per member up to `sets_per_group` for a shared group.
+    sets: Vec<Vec<u64>>,
 }
 
 /// This node's NATS subscriptions for its filters.
@@ -182,6 +188,9 @@ struct Held {
 struct InterestTable {
     filters: HashMap<Arc<str>, Held>,
     next_sid: u64,
+    /// Queue subscription sets held per shared group at most
+    /// (`cluster.shared_group_subscriptions`; 0 counts as 1).
+    sets_per_group: usize,
     /// The queue subscriptions of shared groups: sid → group key (`{group}/{filter}`),
     /// read by the reader to tell a group's message from a subscriber's.
     groups: SharedSids,
@@ -192,28 +201,55 @@ type SharedSids = Arc<Mutex<HashMap<u64, Arc<str>>>>;
 
 impl InterestTable {
     /// Applies `change`; appends the SUB/UNSUB lines it needs to `out`.
+    ///
+    /// A plain filter is subscribed at its first holder (shard) and unsubscribed at its
+    /// last. A shared group gets one queue subscription set per member here, up to
+    /// `sets_per_group`: NATS picks uniformly among a queue group's subscriptions, so a
+    /// node's share of the group's messages follows its number of members.
     fn apply(&mut self, change: Interest, prefix: &str, out: &mut BytesMut) {
+        let most = match &change {
+            Interest::Add(f) | Interest::Remove(f) if f.starts_with("$share/") => {
+                self.sets_per_group.max(1)
+            }
+            _ => 1,
+        };
         match change {
             Interest::Add(filter) => {
-                if let Some(held) = self.filters.get_mut(&filter) {
-                    held.shards += 1;
-                    return;
+                let wanted = match self.filters.get_mut(&filter) {
+                    Some(held) => {
+                        held.holders += 1;
+                        held.sets.len() < most
+                    }
+                    None => {
+                        let held = Held {
+                            holders: 1,
+                            sets: Vec::new(),
+                        };
+                        self.filters.insert(filter.clone(), held);
+                        true
+                    }
+                };
+                if wanted {
+                    let sids = self.subscribe(&filter, prefix, out);
+                    if let Some(held) = self.filters.get_mut(&filter) {
+                        held.sets.push(sids);
+                    }
                 }
-                let sids = self.subscribe(&filter, prefix, out);
-                self.filters.insert(filter, Held { shards: 1, sids });
             }
             Interest::Remove(filter) => {
                 let Some(held) = self.filters.get_mut(&filter) else {
                     return;
                 };
-                held.shards -= 1;
-                if held.shards == 0 {
-                    let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
-                    for sid in &held.sids {
-                        out.put_slice(format!("UNSUB {sid}\r\n").as_bytes());
-                        groups.remove(sid);
-                    }
+                held.holders -= 1;
+                let keep = (held.holders as usize).min(most);
+                let gone: Vec<Vec<u64>> = held.sets.drain(keep.min(held.sets.len())..).collect();
+                if held.holders == 0 {
                     self.filters.remove(&filter);
+                }
+                let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+                for sid in gone.iter().flatten() {
+                    out.put_slice(format!("UNSUB {sid}\r\n").as_bytes());
+                    groups.remove(sid);
                 }
             }
         }
@@ -225,11 +261,17 @@ impl InterestTable {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        let filters: Vec<Arc<str>> = self.filters.keys().cloned().collect();
-        for filter in filters {
-            let sids = self.subscribe(&filter, prefix, out);
+        let filters: Vec<(Arc<str>, usize)> = self
+            .filters
+            .iter()
+            .map(|(f, held)| (f.clone(), held.sets.len()))
+            .collect();
+        for (filter, n) in filters {
+            let sets = (0..n)
+                .map(|_| self.subscribe(&filter, prefix, out))
+                .collect();
             if let Some(held) = self.filters.get_mut(&filter) {
-                held.sids = sids;
+                held.sets = sets;
             }
         }
     }
@@ -263,7 +305,11 @@ impl InterestTable {
     }
 
     fn subscriptions(&self) -> usize {
-        self.filters.values().map(|h| h.sids.len()).sum()
+        self.filters
+            .values()
+            .flat_map(|h| &h.sets)
+            .map(Vec::len)
+            .sum()
     }
 }
 
@@ -283,6 +329,8 @@ pub struct Router {
     /// The fleet's retained messages (see [`retained`]) and its subjects' prefix.
     retained: async_nats::jetstream::kv::Store,
     retained_prefix: String,
+    /// `cluster.shared_group_subscriptions`.
+    sets_per_group: usize,
 }
 
 impl Router {
@@ -317,6 +365,7 @@ impl Router {
             name: format!("gateway-route-{node}"),
             retained,
             retained_prefix: format!("$KV.{}", retained::bucket(config)),
+            sets_per_group: config.shared_group_subscriptions as usize,
         })
     }
 
@@ -368,7 +417,10 @@ impl Router {
         (shards, dedup): (Mailboxes, Arc<Mutex<Dedup>>),
         stop: CancellationToken,
     ) {
-        let mut table = InterestTable::default();
+        let mut table = InterestTable {
+            sets_per_group: self.sets_per_group,
+            ..InterestTable::default()
+        };
         let name = format!("{}-{role:?}", self.name);
         let mut seq = 0u64;
         let mut backoff = Duration::from_millis(100);
@@ -752,5 +804,43 @@ mod tests {
         assert!(t.groups.lock().unwrap().get(&1).is_none());
         t.apply(Interest::Remove("$share/g/a/+".into()), "p.msg", &mut out);
         assert!(t.groups.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_shared_group_holds_one_queue_subscription_per_member_up_to_the_bound() {
+        let mut t = InterestTable {
+            sets_per_group: 2,
+            ..InterestTable::default()
+        };
+        let (mut out, g): (_, Arc<str>) = (BytesMut::new(), "$share/g/a/#".into());
+        for _ in 0..3 {
+            t.apply(Interest::Add(g.clone()), "p.msg", &mut out);
+        }
+        // Two members' worth (the bound), each set one SUB per subject of `a/#`.
+        let q = "q672f612f23";
+        let subs = format!(
+            "SUB p.msg.u.a {q} 1\r\nSUB p.msg.u.a.> {q} 2\r\nSUB p.msg.u.a {q} 3\r\nSUB p.msg.u.a.> {q} 4\r\n"
+        );
+        assert_eq!(std::str::from_utf8(&out).unwrap(), subs);
+        assert_eq!((t.subscriptions(), t.groups.lock().unwrap().len()), (4, 4));
+        out.clear();
+        // Three members, two sets: the first to leave keeps both.
+        t.apply(Interest::Remove(g.clone()), "p.msg", &mut out);
+        assert!(out.is_empty());
+        t.apply(Interest::Remove(g.clone()), "p.msg", &mut out);
+        assert_eq!(&out[..], b"UNSUB 3\r\nUNSUB 4\r\n");
+        out.clear();
+        // A new connection subscribes as many sets as are held.
+        t.resubscribe("p.msg", &mut out);
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
+        out.clear();
+        t.apply(Interest::Remove(g), "p.msg", &mut out);
+        assert_eq!(&out[..], b"UNSUB 5\r\nUNSUB 6\r\n");
+        assert_eq!((t.subscriptions(), t.groups.lock().unwrap().len()), (0, 0));
+        // A plain filter is one set however many shards hold it.
+        let f: Arc<str> = "b".into();
+        t.apply(Interest::Add(f.clone()), "p.msg", &mut out);
+        t.apply(Interest::Add(f), "p.msg", &mut out);
+        assert_eq!(t.subscriptions(), 1);
     }
 }
