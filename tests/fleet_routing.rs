@@ -57,6 +57,17 @@ async fn receive(sub: &mut v4::Client, n: usize, probe: &str) -> Vec<(String, St
     got
 }
 
+/// Publishes `jobs/0` … `jobs/{n-1}` at QoS 1, each with its number as the payload.
+async fn publish_jobs(publisher: &v4::Client, n: u32) {
+    for i in 0..n {
+        publisher
+            .client
+            .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+}
+
 /// Nothing but probes arrives within a short while.
 async fn nothing_more(sub: &mut v4::Client, probe: &str) {
     while let Some(p) = sub.next_publish(Duration::from_millis(500)).await {
@@ -379,13 +390,7 @@ async fn a_shared_group_with_members_on_two_nodes_gets_each_message_once() {
     }
 
     let n = 40;
-    for i in 0..n {
-        publisher
-            .client
-            .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
-            .await
-            .unwrap();
-    }
+    publish_jobs(&publisher, n).await;
     // Each message reaches exactly one member, fleet-wide.
     let mut got: Vec<Vec<u32>> = vec![Vec::new(), Vec::new()];
     let end = tokio::time::Instant::now() + DEADLINE;
@@ -458,13 +463,7 @@ async fn nodes_share_a_groups_messages_by_their_members() {
     }
 
     let n = 400;
-    for i in 0..n {
-        publisher
-            .client
-            .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, format!("{i}"))
-            .await
-            .unwrap();
-    }
+    publish_jobs(&publisher, n as u32).await;
     let mut got = vec![0usize; members.len()];
     let end = tokio::time::Instant::now() + DEADLINE;
     while got.iter().sum::<usize>() < n {
