@@ -185,6 +185,7 @@ impl Fleet {
         let stop = self.stop.clone();
         tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
         tasks.push(runtime.spawn(self.sweep.clone().run(self.stop.clone())));
+        tasks.push(runtime.spawn(self.clone().register_missed(shards.clone())));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
         Ok(())
     }
@@ -284,26 +285,26 @@ impl Fleet {
     }
 
     /// Renews this node's lease every third of `lease_secs` until stopped; after NATS
-    /// failed (a renewal or a registry write) or the registry queue dropped changes,
-    /// writes this node's devices again
-    /// (`rejoin`, asking the `shards` when each connection was accepted).
+    /// failed (a renewal or a registry write), writes this node's devices again
+    /// (`rejoin`, asking the `shards` when each connection was accepted), in a task of
+    /// its own, one at a time, so the renewals go on meanwhile.
     async fn heartbeat(self: Arc<Self>, shards: Mailboxes) {
         let every = self.lease / 3;
         let mut failing = false;
+        let mut rejoining: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = self.stop.cancelled() => return,
             }
+            let idle = rejoining.as_ref().is_none_or(|t| t.is_finished());
             match self.registry.renew_lease().await {
-                Ok(()) if failing || self.registry.take_dirty() => {
-                    let n = self.rejoin(&shards).await;
-                    let why = if failing {
-                        "NATS answers again; lease renewed and"
-                    } else {
-                        "after failed or dropped registry changes,"
-                    };
-                    tracing::info!(node = %self.node, devices = n, "cluster: {why} this node's devices written to the registry again");
+                Ok(()) if idle && (failing || self.registry.take_dirty()) => {
+                    let (fleet, shards) = (self.clone(), shards.clone());
+                    rejoining = Some(tokio::spawn(async move {
+                        let n = fleet.rejoin(&shards).await;
+                        tracing::info!(node = %fleet.node, devices = n, "cluster: NATS answers again; lease renewed and this node's devices written to the registry again");
+                    }));
                     failing = false;
                 }
                 Ok(()) => {}

@@ -15,10 +15,9 @@
 //!   reaches NATS again, every device online here is written again, arbitrated against
 //!   claims other nodes made meanwhile (`super::rejoin`).
 //! - **After an overflow.** A full queue (`cluster.registry_queue_capacity`) drops its
-//!   oldest change, so which devices came online here is no longer known from the
-//!   changes alone: [`Registry::follow`] sees the drop counted and marks the registry
-//!   overflowed (and dirty), and the next rejoin first asks the shards which devices are
-//!   online here now.
+//!   oldest change. [`Registry::follow`] sees the drop counted and says so
+//!   ([`Registry::overflowed`]); the devices online on the shards but not known here
+//!   are then written as in a rejoin (`super::rejoin`).
 //! - **Takeover.** A `connected` claims the entry by compare-and-set on its revision
 //!   (`super::arbiter`: one winner when two nodes claim at once); one whose entry named
 //!   another node before is reported (`taken`), and `crate::cluster` asks that node to
@@ -42,6 +41,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::config::ClusterConfig;
 use crate::events::config::DropPolicy;
@@ -61,8 +61,9 @@ pub struct Registry {
     here: Mutex<HashSet<Arc<str>>>,
     /// A registry write failed since the last rejoin (`super::rejoin`).
     dirty: AtomicBool,
-    /// The queue dropped changes since the last rejoin: `here` may miss devices.
+    /// The queue dropped changes since the devices missed were last looked for.
     overflowed: AtomicBool,
+    overflow: Notify,
     /// `cluster.takeover_min_interval_ms`, per client id.
     throttle: Throttle,
     pub metrics: Arc<RegistryMetrics>,
@@ -137,6 +138,7 @@ impl Registry {
             here: Mutex::new(HashSet::new()),
             dirty: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
+            overflow: Notify::new(),
             throttle: Throttle::new(config.takeover_min_interval()),
             metrics: Arc::default(),
         })
@@ -167,22 +169,20 @@ impl Registry {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the queue dropped changes since the last rejoin (and clears it).
+    /// Waits until the queue dropped changes (at once if it did since the last look).
+    pub(super) async fn overflowed(&self) {
+        self.overflow.notified().await;
+    }
+
+    /// Whether the queue dropped changes since the last look (and clears it).
     pub(super) fn take_overflowed(&self) -> bool {
-        self.overflowed.swap(false, Ordering::Relaxed)
+        self.overflowed.swap(false, Ordering::AcqRel)
     }
 
-    /// Dropped changes are still to be made up for: the next rejoin asks the shards again.
+    /// Devices missed after an overflow are to be looked for (again).
     pub(super) fn mark_overflowed(&self) {
-        self.overflowed.store(true, Ordering::Relaxed);
-        self.mark_dirty();
-    }
-
-    /// Adds the client ids the shards say are online here (after an overflow); the
-    /// rejoin then drops those it finds offline.
-    pub(super) fn also_here(&self, ids: impl IntoIterator<Item = Arc<str>>) {
-        let mut here = self.here.lock().unwrap_or_else(|p| p.into_inner());
-        here.extend(ids);
+        self.overflowed.store(true, Ordering::Release);
+        self.overflow.notify_one();
     }
 
     /// The client ids online here now.
@@ -206,7 +206,7 @@ impl Registry {
         Ok(self.nodes.get(node).await?.is_some())
     }
 
-    fn is_here(&self, client_id: &str) -> bool {
+    pub(super) fn is_here(&self, client_id: &str) -> bool {
         self.here
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -254,12 +254,12 @@ impl Registry {
         taken: impl Fn(String, Arc<str>) + Send,
     ) {
         let (mut batch, mut log) = (Vec::new(), OutageLog::default());
-        let overflow = DropPolicy::DropOldest.reason();
-        let mut dropped = changes.queue.metrics.dropped_count(overflow);
+        // Counted from 0: the shards run, and may fill the queue, before this task starts.
+        let (overflow, mut dropped) = (DropPolicy::DropOldest.reason(), 0);
         while changes.next(&mut batch).await {
             let now_dropped = changes.queue.metrics.dropped_count(overflow);
             if now_dropped > dropped {
-                tracing::warn!(node = %self.node, dropped = now_dropped - dropped, "cluster: the registry queue was full and dropped changes (cluster.registry_queue_capacity); this node's devices are written to the registry again at the next lease renewal");
+                tracing::warn!(node = %self.node, dropped = now_dropped - dropped, "cluster: the registry queue was full and dropped changes (cluster.registry_queue_capacity); the devices online here that it missed are written to the registry again");
                 dropped = now_dropped;
                 self.mark_overflowed();
             }
@@ -351,7 +351,7 @@ impl Registry {
             .remove(client_id)
     }
 
-    fn set_here(&self, client_id: &Arc<str>, here: bool) {
+    pub(super) fn set_here(&self, client_id: &Arc<str>, here: bool) {
         let mut set = self.here.lock().unwrap_or_else(|p| p.into_inner());
         if here {
             set.insert(client_id.clone());

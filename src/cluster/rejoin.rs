@@ -1,6 +1,5 @@
-//! Rejoining the fleet after NATS was away or the registry queue overflowed: every device
-//! online here is written into the registry again, arbitrated like a claim (`super::arbiter`)
-//! instead of overwriting.
+//! Rejoining the fleet after NATS was away: every device online here is written into the
+//! registry again, arbitrated like a claim (`super::arbiter`) instead of overwriting.
 //!
 //! While this node could not reach NATS, its registry writes failed, and another node
 //! may have claimed one of its devices (the device, or another with the same client id,
@@ -16,21 +15,26 @@
 //!   its connection; otherwise this node closes its own (MQTT 5 0x8E, without the will).
 //!   A node that does not answer (gone) has no connection to compare.
 //!
-//! A device the home shard no longer has online is dropped from this node's list of
-//! devices here, and its entry is left as it is.
-//!
-//! After the registry queue overflowed, the list of devices here may miss some whose
-//! `connected` was dropped: the rejoin first adds every device the shards have online
-//! (`ListClients` pages, `online_on_shards`).
-//!
 //! A lookup that fails (NATS away again, no answer, a shard that cannot be asked) marks
-//! the registry dirty, so the next lease renewal tries again.
+//! the registry dirty, so the next lease renewal tries again. The rejoin runs in its own
+//! task, so the lease is renewed meanwhile however many devices it has to write.
+//!
+//! **After the registry queue overflowed** (`super::registry`) the devices whose
+//! `connected` was dropped are not in the set of devices here, so a rejoin of that set
+//! would not find them: [`Fleet::register_missed`] asks the shards which devices are
+//! online, a page at a time (`ListClients`), and writes each one not in the set as a
+//! rejoin would (its home shard says it is online; another node's entry is arbitrated).
+//! A device that went offline since it was listed may be left in the set with an entry
+//! naming this node: pushes from other nodes are then answered here, truthfully, and the
+//! entry goes with the device's next connection on another node (whose takeover request
+//! takes it out of the set).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::mailbox::{home_shard, ListRequest, Mailboxes, ShardMsg};
+use crate::mailbox::{home_shard, ClientSummary, ListRequest, Mailboxes, Page, ShardMsg};
 
 use super::arbiter::{read, write};
 use super::registry::key;
@@ -40,6 +44,12 @@ use super::{Fleet, RequestError, Service};
 const CHUNK: usize = 100;
 /// Reads again after a lost compare-and-set at most this often.
 const ATTEMPTS: u32 = 4;
+/// Sessions listed per page when looking for the devices an overflow missed.
+const PAGE: usize = 1_000;
+/// Longest wait for a shard's room and answer.
+const SHARD_ANSWER: Duration = Duration::from_secs(5);
+/// Looks again this long after a listing failed.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// When a connection was accepted (UNIX seconds) and on which node.
 type Stamp<'a> = (u64, &'a str);
@@ -48,14 +58,11 @@ impl Fleet {
     /// Writes every device online here into the registry again, each arbitrated against
     /// another node's claim (module doc); how many devices were looked at.
     pub(super) async fn rejoin(self: &Arc<Self>, shards: &Mailboxes) -> usize {
-        if self.registry.take_overflowed() {
-            match online_on_shards(shards).await {
-                Ok(ids) => self.registry.also_here(ids),
-                Err(()) => self.registry.mark_overflowed(),
-            }
-        }
         let ids = self.registry.online_here();
         for chunk in ids.chunks(CHUNK) {
+            if self.stop.is_cancelled() {
+                break;
+            }
             let each = chunk.iter().map(|id| self.rejoin_one(id.clone(), shards));
             futures_util::future::join_all(each).await;
         }
@@ -63,11 +70,77 @@ impl Fleet {
     }
 
     async fn rejoin_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) {
-        let Some(mine) = accepted_here(shards, &client_id).await else {
-            // Gone since (its `disconnected` was dropped, or is still on its way).
-            self.registry.left(&client_id);
-            return;
-        };
+        match accepted_here(shards, &client_id).await {
+            Ok(Some(mine)) => self.arbitrate(client_id, mine, shards).await,
+            Ok(None) => {}
+            Err(()) => self.registry.mark_dirty(),
+        }
+    }
+
+    /// After each overflow of the registry queue, until stopped: writes the devices
+    /// online on the shards that the set of devices here misses (module doc).
+    pub(super) async fn register_missed(self: Arc<Self>, shards: Mailboxes) {
+        loop {
+            tokio::select! {
+                _ = self.registry.overflowed() => {}
+                _ = self.stop.cancelled() => return,
+            }
+            while self.registry.take_overflowed() && !self.stop.is_cancelled() {
+                match self.register_online_missing(&shards).await {
+                    Ok(n) => {
+                        tracing::info!(node = %self.node, devices = n, "cluster: devices the registry queue missed written to the registry again");
+                    }
+                    Err(()) => {
+                        self.registry.mark_overflowed();
+                        tokio::select! {
+                            _ = tokio::time::sleep(RETRY) => {}
+                            _ = self.stop.cancelled() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lists each shard's online sessions a page at a time and writes those not in the
+    /// set of devices here; how many it wrote (`Err`: a shard could not be asked).
+    async fn register_online_missing(self: &Arc<Self>, shards: &Mailboxes) -> Result<usize, ()> {
+        let mut written = 0;
+        for shard in 0..shards.len() {
+            let mut pages = OnlinePages::of(shard);
+            while let Some(online) = pages.next(shards).await? {
+                let missing: Vec<Arc<str>> = (online.iter())
+                    .filter(|c| !self.registry.is_here(&c.client_id))
+                    .map(|c| Arc::from(c.client_id.as_str()))
+                    .collect();
+                for chunk in missing.chunks(CHUNK) {
+                    let each = chunk.iter().map(|id| self.register_one(id.clone(), shards));
+                    futures_util::future::join_all(each).await;
+                }
+                written += missing.len();
+                if self.stop.is_cancelled() {
+                    break;
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// A device listed online but missing here: into the set, and into the registry.
+    async fn register_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) {
+        match accepted_here(shards, &client_id).await {
+            Ok(Some(mine)) => {
+                self.registry.set_here(&client_id, true);
+                self.arbitrate(client_id, mine, shards).await;
+            }
+            Ok(None) => {}
+            Err(()) => self.registry.mark_overflowed(),
+        }
+    }
+
+    /// Writes `client_id`, accepted here at `mine`, into the registry unless another
+    /// node's entry names a later connection (module doc).
+    async fn arbitrate(self: &Arc<Self>, client_id: Arc<str>, mine: u64, shards: &Mailboxes) {
         let (k, node, metrics) = (key(&client_id), &*self.node, &self.registry.metrics);
         for _ in 0..ATTEMPTS {
             let Ok((revision, holder)) = read(&self.registry.clients, &k, metrics).await else {
@@ -136,56 +209,133 @@ fn later(mine: Stamp, theirs: Option<Stamp>) -> bool {
     theirs.is_none_or(|t| mine > t)
 }
 
-/// When this node's home shard accepted `client_id`'s live connection, if it has one.
-async fn accepted_here(shards: &Mailboxes, client_id: &str) -> Option<u64> {
+/// When this node's home shard accepted `client_id`'s live connection, if it has one
+/// (`Err`: the shard could not be asked).
+async fn accepted_here(shards: &Mailboxes, client_id: &str) -> Result<Option<u64>, ()> {
     let home = home_shard(client_id, shards.len());
     let (reply, answer) = tokio::sync::oneshot::channel();
     let ask = ShardMsg::ClientInfo {
         client_id: client_id.to_string(),
         reply,
     };
-    shards.try_send(home, ask).ok()?;
-    let info = answer.await.ok()??;
-    info.summary.connected_at.filter(|_| info.summary.online)
+    let info = ask_shard(shards, home, ask, answer).await?;
+    Ok(info.and_then(|i| i.summary.connected_at.filter(|_| i.summary.online)))
 }
 
-/// Client ids listed per page when asking the shards which devices are online.
-const PAGE: usize = 1_000;
+/// A shard's online sessions, a page at a time, in client id order.
+struct OnlinePages {
+    shard: usize,
+    /// Where the next page starts (after this client id); `None` with `done`: the end.
+    after: Option<Arc<str>>,
+    done: bool,
+}
 
-/// Every client id online on the shards now, a bounded page at a time (`Err`: a shard's
-/// mailbox was full or it did not answer).
-async fn online_on_shards(shards: &Mailboxes) -> Result<Vec<Arc<str>>, ()> {
-    let mut ids = Vec::new();
-    for shard in 0..shards.len() {
-        let mut after = None;
-        loop {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let req = ListRequest {
-                after: after.take(),
-                limit: PAGE,
-                scan: 10 * PAGE,
-                bytes: usize::MAX,
-            };
-            let ask = ShardMsg::ListClients {
-                req,
-                online: Some(true),
-                reply,
-            };
-            shards.try_send(shard, ask).map_err(drop)?;
-            let page = answer.await.map_err(drop)?;
-            ids.extend(page.items.into_iter().map(|c| Arc::from(c.client_id)));
-            match page.covered {
-                Some(last) => after = Some(last),
-                None => break,
-            }
+impl OnlinePages {
+    fn of(shard: usize) -> OnlinePages {
+        OnlinePages {
+            shard,
+            after: None,
+            done: false,
         }
     }
-    Ok(ids)
+
+    /// The next page (possibly empty: the shard looked at `10 × PAGE` sessions), or
+    /// `None` once the shard has shown them all.
+    async fn next(&mut self, shards: &Mailboxes) -> Result<Option<Vec<ClientSummary>>, ()> {
+        if self.done {
+            return Ok(None);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let req = ListRequest {
+            after: self.after.take(),
+            limit: PAGE,
+            scan: 10 * PAGE,
+            bytes: usize::MAX,
+        };
+        let ask = ShardMsg::ListClients {
+            req,
+            online: Some(true),
+            reply,
+        };
+        let page: Page<ClientSummary> = ask_shard(shards, self.shard, ask, answer).await?;
+        match page.covered {
+            Some(last) => self.after = Some(last),
+            None => self.done = true,
+        }
+        Ok(Some(page.items))
+    }
+}
+
+/// Sends `ask` to `shard`, waiting for room, and waits for its `answer`: at most
+/// [`SHARD_ANSWER`] in all (`Err`: no room, no answer, or the shard stopped).
+async fn ask_shard<T>(
+    shards: &Mailboxes,
+    shard: usize,
+    ask: ShardMsg,
+    answer: tokio::sync::oneshot::Receiver<T>,
+) -> Result<T, ()> {
+    let asked = async {
+        shards.send(shard, ask).await.map_err(drop)?;
+        answer.await.map_err(drop)
+    };
+    tokio::time::timeout(SHARD_ANSWER, asked)
+        .await
+        .unwrap_or(Err(()))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::later;
+    use std::sync::Arc;
+
+    use super::{later, OnlinePages, PAGE};
+    use crate::mailbox::{ClientSummary, Mailboxes, Page, ShardMsg};
+
+    fn online(id: &str) -> ClientSummary {
+        ClientSummary {
+            client_id: id.to_string(),
+            online: true,
+            protocol_version: Some(4),
+            keep_alive: Some(60),
+            connected_at: Some(1),
+            peer: None,
+            shard: 0,
+            queued_messages: 0,
+            inflight_messages: 0,
+            session_expiry_secs: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pages_of_a_shard_list_each_online_session_once() {
+        let (shards, mut rx) = Mailboxes::new(1, 4);
+        let mut ids: Vec<String> = (0..2 * PAGE + 7).map(|i| format!("d{i:05}")).collect();
+        ids.sort();
+        let sessions = ids.clone();
+        // A shard answering as `shard::listing` does: up to `limit` after the cursor,
+        // and how far it looked when it stopped early.
+        let shard = tokio::spawn(async move {
+            while let Some(msg) = rx[0].recv().await {
+                let ShardMsg::ListClients { req, reply, .. } = msg else {
+                    continue;
+                };
+                let after = req.after.as_deref().unwrap_or("");
+                let rest: Vec<&String> = sessions.iter().filter(|s| s.as_str() > after).collect();
+                let items: Vec<ClientSummary> =
+                    rest.iter().take(req.limit).map(|s| online(s)).collect();
+                let covered =
+                    (rest.len() > req.limit).then(|| Arc::from(rest[req.limit - 1].as_str()));
+                let _ = reply.send(Page { items, covered });
+            }
+        });
+        let (mut pages, mut listed, mut n) = (OnlinePages::of(0), Vec::new(), 0);
+        while let Some(page) = pages.next(&shards).await.unwrap() {
+            listed.extend(page.into_iter().map(|c| c.client_id));
+            n += 1;
+        }
+        assert_eq!((n, listed), (3, ids));
+        drop(shards);
+        shard.await.unwrap();
+    }
 
     #[test]
     fn the_later_connection_wins_and_a_tie_goes_to_the_larger_node_id() {
