@@ -62,6 +62,7 @@
 //! meanwhile is dropped (counted `offline`).
 
 pub mod envelope;
+mod group_sids;
 pub mod metrics;
 pub mod proto;
 pub mod retained;
@@ -92,12 +93,13 @@ const WRITE_BATCH: usize = 1024;
 /// Longest subject sent (the NATS server's default control line is 4 KiB).
 const MAX_SUBJECT: usize = 3800;
 
-/// A change of a shard's interest in a filter.
+/// A change of a shard's interest in a filter; for a shared group (`$share/…`), of the
+/// owner shard's members of it.
 #[derive(Debug)]
 pub enum Interest {
-    /// The shard's index gained the filter's first subscriber.
+    /// The shard's index gained the filter's first subscriber; a group, one member.
     Add(Arc<str>),
-    /// The shard's index lost the filter's last subscriber.
+    /// The shard's index lost the filter's last subscriber; a group, one member.
     Remove(Arc<str>),
 }
 
@@ -196,8 +198,8 @@ struct InterestTable {
     groups: SharedSids,
 }
 
-/// Subscription id → shared group key.
-type SharedSids = Arc<Mutex<HashMap<u64, Arc<str>>>>;
+/// Subscription id → shared group key (`group_sids`), shared with the reader.
+type SharedSids = Arc<Mutex<group_sids::GroupSids>>;
 
 impl InterestTable {
     /// Applies `change`; appends the SUB/UNSUB lines it needs to `out`.
@@ -246,11 +248,11 @@ impl InterestTable {
                 if held.holders == 0 {
                     self.filters.remove(&filter);
                 }
-                let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
                 for sid in gone.iter().flatten() {
                     out.put_slice(format!("UNSUB {sid}\r\n").as_bytes());
-                    groups.remove(sid);
                 }
+                let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+                groups.retire(gone.into_iter().flatten(), out);
             }
         }
     }
@@ -503,6 +505,10 @@ impl Router {
                         payload,
                     })) => self.arrived(&subject, sid, payload, &mut ctx),
                     Ok(Some(ServerOp::Ping)) => ctx.pong.notify_one(),
+                    Ok(Some(ServerOp::Pong)) => {
+                        let mut groups = ctx.groups.lock().unwrap_or_else(|p| p.into_inner());
+                        groups.ponged();
+                    }
                     Ok(Some(ServerOp::Err(e))) => {
                         tracing::warn!(error = %e, "cluster: NATS reports an error on the routing connection")
                     }
@@ -567,12 +573,9 @@ impl Router {
             return;
         };
         let own = env.origin == self.origin;
-        let group = ctx
-            .groups
-            .lock()
+        let group = (ctx.groups.lock())
             .unwrap_or_else(|p| p.into_inner())
-            .get(&sid)
-            .cloned();
+            .group(sid);
         if group.is_none() {
             if own {
                 return;
@@ -794,16 +797,18 @@ mod tests {
         t.apply(Interest::Add("$share/g/a/+".into()), "p.msg", &mut out);
         // The queue group is the hex of the group key "g/a/+".
         assert_eq!(&out[..], b"SUB p.msg.u.a.* q672f612f2b 1\r\n");
-        assert_eq!(
-            t.groups.lock().unwrap().get(&1).map(|k| &**k),
-            Some("g/a/+")
-        );
+        assert_eq!(t.groups.lock().unwrap().group(1).as_deref(), Some("g/a/+"));
         out.clear();
         t.resubscribe("p.msg", &mut out);
         assert_eq!(&out[..], b"SUB p.msg.u.a.* q672f612f2b 2\r\n");
-        assert!(t.groups.lock().unwrap().get(&1).is_none());
+        assert!(t.groups.lock().unwrap().group(1).is_none());
+        out.clear();
+        // Unsubscribed, and known until the server answered the PING after it.
         t.apply(Interest::Remove("$share/g/a/+".into()), "p.msg", &mut out);
-        assert!(t.groups.lock().unwrap().is_empty());
+        assert_eq!(&out[..], b"UNSUB 2\r\nPING\r\n");
+        assert!(t.groups.lock().unwrap().group(2).is_some());
+        t.groups.lock().unwrap().ponged();
+        assert_eq!(t.groups.lock().unwrap().len(), 0);
     }
 
     #[test]
@@ -828,14 +833,15 @@ mod tests {
         t.apply(Interest::Remove(g.clone()), "p.msg", &mut out);
         assert!(out.is_empty());
         t.apply(Interest::Remove(g.clone()), "p.msg", &mut out);
-        assert_eq!(&out[..], b"UNSUB 3\r\nUNSUB 4\r\n");
+        assert_eq!(&out[..], b"UNSUB 3\r\nUNSUB 4\r\nPING\r\n");
         out.clear();
         // A new connection subscribes as many sets as are held.
         t.resubscribe("p.msg", &mut out);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
         out.clear();
         t.apply(Interest::Remove(g), "p.msg", &mut out);
-        assert_eq!(&out[..], b"UNSUB 5\r\nUNSUB 6\r\n");
+        assert_eq!(&out[..], b"UNSUB 5\r\nUNSUB 6\r\nPING\r\n");
+        t.groups.lock().unwrap().ponged();
         assert_eq!((t.subscriptions(), t.groups.lock().unwrap().len()), (0, 0));
         // A plain filter is one set however many shards hold it.
         let f: Arc<str> = "b".into();

@@ -1,0 +1,107 @@
+//! The shared groups' queue subscriptions of the groups connection: subscription id →
+//! group key (`{group}/{filter}`), which the reader looks up to tell a group's message
+//! from a subscriber's.
+//!
+//! A member leaving a group unsubscribes one of its node's queue subscriptions while
+//! NATS may already have sent messages on it (in the socket, or in the reader's buffer).
+//! Such a message is still the group's: the node gives it to another member, or counts
+//! it `offline`. So an unsubscribed id stays known until the server has answered a PING
+//! written after its UNSUB: the server writes to a connection in order, so once that
+//! PONG is read, nothing more can arrive on the id. Ids are never reused on a
+//! connection, and a new connection starts from an empty table.
+//!
+//! Invariant: `retiring` is in PING order, and every PING written on the connection
+//! after its handshake is counted in `pings` (the routing writes no other PING), so the
+//! n-th PONG read answers PING n.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+#[derive(Default)]
+pub(super) struct GroupSids {
+    keys: HashMap<u64, Arc<str>>,
+    /// Unsubscribed ids, each with the number of the PING written after its UNSUB.
+    retiring: VecDeque<(u64, u64)>,
+    pings: u64,
+    pongs: u64,
+}
+
+impl GroupSids {
+    pub(super) fn insert(&mut self, sid: u64, key: Arc<str>) {
+        self.keys.insert(sid, key);
+    }
+
+    /// The group of a message that arrived on `sid`, if it is a group's subscription.
+    pub(super) fn group(&self, sid: u64) -> Option<Arc<str>> {
+        self.keys.get(&sid).cloned()
+    }
+
+    /// Ids known, retiring ones included.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// `sids` were just unsubscribed in `out`: writes the PING after which they are
+    /// forgotten (when any of them is a group's).
+    pub(super) fn retire(&mut self, sids: impl IntoIterator<Item = u64>, out: &mut BytesMut) {
+        let ping = self.pings + 1;
+        let before = self.retiring.len();
+        (self.retiring).extend(
+            sids.into_iter()
+                .filter(|s| self.keys.contains_key(s))
+                .map(|s| (ping, s)),
+        );
+        if self.retiring.len() > before {
+            self.pings = ping;
+            out.put_slice(b"PING\r\n");
+        }
+    }
+
+    /// The server answered the next PING: forgets the ids unsubscribed before it.
+    pub(super) fn ponged(&mut self) {
+        self.pongs += 1;
+        while let Some(&(ping, sid)) = self.retiring.front() {
+            if ping > self.pongs {
+                break;
+            }
+            self.retiring.pop_front();
+            self.keys.remove(&sid);
+        }
+    }
+
+    /// A new connection: nothing subscribed, nothing pinged.
+    pub(super) fn clear(&mut self) {
+        *self = GroupSids::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsubscribed_group_id_is_known_until_the_pong_of_the_ping_after_it() {
+        let (mut g, mut out) = (GroupSids::default(), BytesMut::new());
+        for sid in 1..=3 {
+            g.insert(sid, Arc::from("g/a"));
+        }
+        g.retire([3], &mut out);
+        assert_eq!(&out[..], b"PING\r\n");
+        g.retire([2, 9], &mut out);
+        // 9 is no group's: nothing to keep, but 2 is.
+        assert_eq!(out.len(), 12);
+        g.retire([9], &mut out);
+        assert_eq!(out.len(), 12, "no PING for ids that are no group's");
+        assert!(g.group(3).is_some() && g.group(2).is_some());
+        g.ponged();
+        assert_eq!((g.group(3), g.group(2).is_some()), (None, true));
+        g.ponged();
+        assert_eq!((g.group(2), g.len()), (None, 1));
+        assert!(g.group(1).is_some());
+        g.clear();
+        assert_eq!(g.len(), 0);
+    }
+}
