@@ -171,3 +171,41 @@ async fn a_client_id_flapping_between_nodes_is_slowed_down() {
     assert!(conns[alive[0]].ping_v5(DEADLINE).await);
     assert_eq!(holder, nodes[alive[0] % 2]);
 }
+
+/// A node whose registry writes lag (its path to NATS hangs) applies a device's
+/// `connected` after the device has left it and connected to another node: that late
+/// change must not take the client id from the newer connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_connected_does_not_take_the_client_id_from_a_newer_connection() {
+    use common::nats::NatsServer;
+    use common::pausable::PausableProxy;
+    let nats = NatsServer::start("arb-late");
+    drop(nats.client().await);
+    let to_nats: std::net::SocketAddr = format!("127.0.0.1:{}", nats.port()).parse().unwrap();
+    let proxy = PausableProxy::to(to_nats).await;
+    let via_proxy = fleet::cluster_toml(&nats, "node-a", "")
+        .replace(&nats.url(), &format!("nats://{}", proxy.addr));
+    let a = common::GatewayProcess::start(&via_proxy);
+    let b = common::GatewayProcess::start(&fleet::cluster_toml(&nats, "node-b", ""));
+    let kv = fleet::registry(&nats).await;
+    let (_first, _) = Raw::connected_v5(a.mqtt, &connect5("first", 60, true, None)).await;
+    fleet::wait_holder(&kv, "first", Some("node-a")).await;
+
+    // Node A's registry task waits on `busy`'s claim while "mover" comes and goes.
+    proxy.pause();
+    let (_busy, _) = Raw::connected_v5(a.mqtt, &connect5("busy", 60, true, None)).await;
+    let (mut old, _) = Raw::connected_v5(a.mqtt, &connect5("mover", 60, true, None)).await;
+    old.send(&[0xE0, 0x00]).await;
+    assert!(old.wait_closed(DEADLINE).await);
+    let (mut new, _) = Raw::connected_v5(b.mqtt, &connect5("mover", 60, true, None)).await;
+    fleet::wait_holder(&kv, "mover", Some("node-b")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.resume();
+
+    // Node A applies busy's and mover's changes (its own connect counted first).
+    let sent = "gateway_events_sent_total{sink=\"registry\"}";
+    let applied = common::wait_metric(a.http, sent, DEADLINE, |v| v >= 4.0).await;
+    assert!(applied >= 4.0, "node A applied {applied} changes");
+    assert_eq!(fleet::holder(&kv, "mover").await.as_deref(), Some("node-b"));
+    assert!(new.ping_v5(DEADLINE).await, "the newer connection stays");
+}

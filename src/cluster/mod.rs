@@ -295,7 +295,10 @@ impl Fleet {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = self.stop.cancelled() => return,
+                _ = self.stop.cancelled() => {
+                    rejoining.inspect(|t| t.abort());
+                    return;
+                }
             }
             let idle = rejoining.as_ref().is_none_or(|t| t.is_finished());
             match self.registry.renew_lease().await {

@@ -36,7 +36,7 @@
 //! written `=XX` (hex), so any client id is one valid key and the escape is reversible.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
@@ -47,7 +47,7 @@ use crate::config::ClusterConfig;
 use crate::events::config::DropPolicy;
 use crate::events::sink::{Batcher, OutageLog};
 use crate::events::{Event, EventKind};
-use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+use crate::mailbox::{home_shard, ClientInfo, Mailboxes, ShardMsg};
 
 use super::arbiter::{self, Claim, Throttle};
 use super::ops_metrics::RegistryMetrics;
@@ -64,6 +64,9 @@ pub struct Registry {
     /// The queue dropped changes since the devices missed were last looked for.
     overflowed: AtomicBool,
     overflow: Notify,
+    /// When the newest change the queue dropped happened (Unix ms): the changes of
+    /// devices that connected later are still queued, not missed.
+    dropped_up_to_ms: AtomicU64,
     /// `cluster.takeover_min_interval_ms`, per client id.
     throttle: Throttle,
     pub metrics: Arc<RegistryMetrics>,
@@ -139,6 +142,7 @@ impl Registry {
             dirty: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
             overflow: Notify::new(),
+            dropped_up_to_ms: AtomicU64::new(0),
             throttle: Throttle::new(config.takeover_min_interval()),
             metrics: Arc::default(),
         })
@@ -167,6 +171,11 @@ impl Registry {
     /// A registry write failed: the next lease renewal rejoins (`super::rejoin`).
     pub(super) fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// When the newest change the queue dropped happened (Unix ms).
+    pub(super) fn dropped_up_to_ms(&self) -> u64 {
+        self.dropped_up_to_ms.load(Ordering::SeqCst)
     }
 
     /// Waits until the queue dropped changes (at once if it did since the last look).
@@ -259,6 +268,8 @@ impl Registry {
         while changes.next(&mut batch).await {
             let now_dropped = changes.queue.metrics.dropped_count(overflow);
             if now_dropped > dropped {
+                let up_to = changes.queue.newest_dropped_ms.load(Ordering::SeqCst);
+                self.dropped_up_to_ms.fetch_max(up_to, Ordering::SeqCst);
                 tracing::warn!(node = %self.node, dropped = now_dropped - dropped, "cluster: the registry queue was full and dropped changes (cluster.registry_queue_capacity); the devices online here that it missed are written to the registry again");
                 dropped = now_dropped;
                 self.mark_overflowed();
@@ -307,9 +318,10 @@ impl Registry {
             EventKind::Connected(_) => {
                 self.set_here(id, true);
                 let (k, node) = (key(id), &self.node);
-                let claim = arbiter::claim(&self.clients, &k, node, &self.throttle, &self.metrics);
+                let checks = (&self.throttle, || online_now(shards, id));
+                let claim = arbiter::claim(&self.clients, &k, node, checks, &self.metrics);
                 let claim = claim.await?;
-                if matches!(claim, Claim::Throttled { .. }) {
+                if !matches!(claim, Claim::Won { .. }) {
                     self.set_here(id, false);
                 }
                 Ok(Some(claim))
@@ -321,7 +333,11 @@ impl Registry {
                     false => self.release(id).await.map(|()| None),
                 }
             }
-            EventKind::SessionExpired => self.release(id).await.map(|()| None),
+            EventKind::SessionExpired => {
+                // Offline already; its `disconnected` may have been dropped.
+                self.set_here(id, false);
+                self.release(id).await.map(|()| None)
+            }
             _ => Ok(None),
         }
     }
@@ -404,11 +420,29 @@ fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
     groups
 }
 
+/// Whether `client_id` has a live connection on its home shard here now (a full mailbox
+/// counts as yes: the takeover goes ahead, as it did before this was asked).
+async fn online_now(shards: &Mailboxes, client_id: &str) -> bool {
+    match ask_home(shards, client_id).await {
+        Ok(info) => info.is_some_and(|i| i.summary.online),
+        Err(full) => full,
+    }
+}
+
 /// Whether `client_id` still has a session on its home shard here (asked through the
 /// shard's mailbox). A full mailbox counts as yes: the entry then stays, and a push
 /// through it is answered by this node, truthfully. A stopped shard (the node is
 /// shutting down) has no session any more.
 async fn session_lives_on(shards: &Mailboxes, client_id: &str) -> bool {
+    match ask_home(shards, client_id).await {
+        Ok(info) => info.is_some(),
+        Err(full) => full,
+    }
+}
+
+/// What `client_id`'s home shard knows of it, or `Err(full)` when it cannot be asked:
+/// its mailbox is full (`true`) or closed (the node is stopping, `false`).
+async fn ask_home(shards: &Mailboxes, client_id: &str) -> Result<Option<ClientInfo>, bool> {
     let home = home_shard(client_id, shards.len());
     let (reply, answer) = tokio::sync::oneshot::channel();
     let ask = ShardMsg::ClientInfo {
@@ -416,9 +450,9 @@ async fn session_lives_on(shards: &Mailboxes, client_id: &str) -> bool {
         reply,
     };
     if shards.try_send(home, ask).is_err() {
-        return !shards.is_closed(home);
+        return Err(!shards.is_closed(home));
     }
-    matches!(answer.await, Ok(Some(_)))
+    Ok(answer.await.ok().flatten())
 }
 
 #[cfg(test)]

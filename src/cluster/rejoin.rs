@@ -48,8 +48,12 @@ const ATTEMPTS: u32 = 4;
 const PAGE: usize = 1_000;
 /// Longest wait for a shard's room and answer.
 const SHARD_ANSWER: Duration = Duration::from_secs(5);
-/// Looks again this long after a listing failed.
+/// Looks again this long after a listing failed, or after a pass while changes keep
+/// being dropped.
 const RETRY: Duration = Duration::from_secs(1);
+/// How far a shard's `connected_at` (whole seconds on its clock) may run behind the
+/// Unix time of its `connected` change.
+const CLOCK_SLACK_SECS: u64 = 2;
 
 /// When a connection was accepted (UNIX seconds) and on which node.
 type Stamp<'a> = (u64, &'a str);
@@ -72,69 +76,95 @@ impl Fleet {
     async fn rejoin_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) {
         match accepted_here(shards, &client_id).await {
             Ok(Some(mine)) => self.arbitrate(client_id, mine, shards).await,
-            Ok(None) => {}
+            // Gone since (its `disconnected` dropped, or on its way).
+            Ok(None) => {
+                self.registry.left(&client_id);
+            }
             Err(()) => self.registry.mark_dirty(),
         }
     }
 
     /// After each overflow of the registry queue, until stopped: writes the devices
-    /// online on the shards that the set of devices here misses (module doc).
+    /// online on the shards that the set of devices here misses (module doc), at most
+    /// one pass a [`RETRY`] while changes keep being dropped.
     pub(super) async fn register_missed(self: Arc<Self>, shards: Mailboxes) {
         loop {
             tokio::select! {
                 _ = self.registry.overflowed() => {}
                 _ = self.stop.cancelled() => return,
             }
-            while self.registry.take_overflowed() && !self.stop.is_cancelled() {
-                match self.register_online_missing(&shards).await {
-                    Ok(n) => {
-                        tracing::info!(node = %self.node, devices = n, "cluster: devices the registry queue missed written to the registry again");
-                    }
-                    Err(()) => {
-                        self.registry.mark_overflowed();
-                        tokio::select! {
-                            _ = tokio::time::sleep(RETRY) => {}
-                            _ = self.stop.cancelled() => return,
-                        }
-                    }
+            while self.registry.take_overflowed() {
+                let Some(n) = self.register_online_missing(&shards).await else {
+                    return;
+                };
+                tracing::info!(node = %self.node, devices = n, "cluster: devices the registry queue missed written to the registry again");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = self.stop.cancelled() => return,
                 }
             }
         }
     }
 
     /// Lists each shard's online sessions a page at a time and writes those not in the
-    /// set of devices here; how many it wrote (`Err`: a shard could not be asked).
-    async fn register_online_missing(self: &Arc<Self>, shards: &Mailboxes) -> Result<usize, ()> {
+    /// set of devices here that connected before the newest dropped change (a later
+    /// one's `connected` is still queued); a shard that cannot be asked is asked again
+    /// from where it stopped, [`RETRY`] later. How many it wrote; `None` when stopping.
+    async fn register_online_missing(self: &Arc<Self>, shards: &Mailboxes) -> Option<usize> {
+        let up_to_secs = self.registry.dropped_up_to_ms() / 1000 + CLOCK_SLACK_SECS;
+        let mut pages: Vec<OnlinePages> = (0..shards.len()).map(OnlinePages::of).collect();
         let mut written = 0;
-        for shard in 0..shards.len() {
-            let mut pages = OnlinePages::of(shard);
-            while let Some(online) = pages.next(shards).await? {
-                let missing: Vec<Arc<str>> = (online.iter())
-                    .filter(|c| !self.registry.is_here(&c.client_id))
-                    .map(|c| Arc::from(c.client_id.as_str()))
-                    .collect();
-                for chunk in missing.chunks(CHUNK) {
-                    let each = chunk.iter().map(|id| self.register_one(id.clone(), shards));
-                    futures_util::future::join_all(each).await;
-                }
-                written += missing.len();
-                if self.stop.is_cancelled() {
-                    break;
+        loop {
+            let mut failed = false;
+            for shard in &mut pages {
+                loop {
+                    if self.stop.is_cancelled() {
+                        return None;
+                    }
+                    let online = match shard.next(shards).await {
+                        Ok(Some(online)) => online,
+                        Ok(None) => break,
+                        Err(()) => {
+                            failed = true;
+                            break;
+                        }
+                    };
+                    let missing: Vec<Arc<str>> = (online.iter())
+                        .filter(|c| c.connected_at.is_some_and(|t| t <= up_to_secs))
+                        .filter(|c| !self.registry.is_here(&c.client_id))
+                        .map(|c| Arc::from(c.client_id.as_str()))
+                        .collect();
+                    for chunk in missing.chunks(CHUNK) {
+                        let each = chunk.iter().map(|id| self.register_one(id.clone(), shards));
+                        let done = futures_util::future::join_all(each).await;
+                        written += done.into_iter().filter(|&w| w).count();
+                    }
                 }
             }
+            if !failed {
+                return Some(written);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = self.stop.cancelled() => return None,
+            }
         }
-        Ok(written)
     }
 
-    /// A device listed online but missing here: into the set, and into the registry.
-    async fn register_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) {
+    /// A device listed online but missing here: into the set, and into the registry;
+    /// whether it was still online.
+    async fn register_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) -> bool {
         match accepted_here(shards, &client_id).await {
             Ok(Some(mine)) => {
                 self.registry.set_here(&client_id, true);
                 self.arbitrate(client_id, mine, shards).await;
+                true
             }
-            Ok(None) => {}
-            Err(()) => self.registry.mark_overflowed(),
+            Ok(None) => false,
+            Err(()) => {
+                self.registry.mark_overflowed();
+                false
+            }
         }
     }
 
@@ -247,7 +277,7 @@ impl OnlinePages {
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let req = ListRequest {
-            after: self.after.take(),
+            after: self.after.clone(),
             limit: PAGE,
             scan: 10 * PAGE,
             bytes: usize::MAX,
@@ -285,12 +315,15 @@ async fn ask_shard<T>(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::ops::Bound::{Excluded, Unbounded};
     use std::sync::Arc;
 
-    use super::{later, OnlinePages, PAGE};
-    use crate::mailbox::{ClientSummary, Mailboxes, Page, ShardMsg};
+    use super::{later, OnlinePages};
+    use crate::mailbox::{ClientSummary, Mailboxes, ShardMsg};
+    use crate::shard::list_page;
 
-    fn online(id: &str) -> ClientSummary {
+    fn summary(id: &str) -> ClientSummary {
         ClientSummary {
             client_id: id.to_string(),
             online: true,
@@ -308,23 +341,26 @@ mod tests {
     #[tokio::test]
     async fn the_pages_of_a_shard_list_each_online_session_once() {
         let (shards, mut rx) = Mailboxes::new(1, 4);
-        let mut ids: Vec<String> = (0..2 * PAGE + 7).map(|i| format!("d{i:05}")).collect();
-        ids.sort();
-        let sessions = ids.clone();
-        // A shard answering as `shard::listing` does: up to `limit` after the cursor,
-        // and how far it looked when it stopped early.
+        // 2,500 online sessions, then 25,000 offline ones (more than a page may look
+        // at: empty pages that are not the end), then 7 online ones.
+        let mut sessions: BTreeMap<Arc<str>, bool> = BTreeMap::new();
+        for i in 0..2_500 + 25_000 + 7 {
+            sessions.insert(format!("d{i:06}").into(), !(2_500..27_500).contains(&i));
+        }
+        let online: Vec<String> = (sessions.iter())
+            .filter(|(_, &on)| on)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        // The shard's side, with the shard's own paging.
         let shard = tokio::spawn(async move {
             while let Some(msg) = rx[0].recv().await {
                 let ShardMsg::ListClients { req, reply, .. } = msg else {
                     continue;
                 };
-                let after = req.after.as_deref().unwrap_or("");
-                let rest: Vec<&String> = sessions.iter().filter(|s| s.as_str() > after).collect();
-                let items: Vec<ClientSummary> =
-                    rest.iter().take(req.limit).map(|s| online(s)).collect();
-                let covered =
-                    (rest.len() > req.limit).then(|| Arc::from(rest[req.limit - 1].as_str()));
-                let _ = reply.send(Page { items, covered });
+                let from = req.after.clone().map_or(Unbounded, Excluded);
+                let keys = sessions.range((from, Unbounded)).map(|(k, _)| k);
+                let page = list_page(keys, &req, |id| sessions[id].then(|| (summary(id), 0)));
+                let _ = reply.send(page);
             }
         });
         let (mut pages, mut listed, mut n) = (OnlinePages::of(0), Vec::new(), 0);
@@ -332,7 +368,10 @@ mod tests {
             listed.extend(page.into_iter().map(|c| c.client_id));
             n += 1;
         }
-        assert_eq!((n, listed), (3, ids));
+        assert_eq!(listed, online);
+        // 1,000 + 1,000 online; 500 online and 9,500 offline looked at; 10,000 offline
+        // (an empty page, not the end); the last 5,000 offline and 7 online.
+        assert_eq!(n, 5);
         drop(shards);
         shard.await.unwrap();
     }

@@ -151,6 +151,7 @@ impl Events {
             policy: spec.policy,
             metrics: sink_metrics,
             presence_only: spec.presence_only,
+            newest_dropped_ms: Default::default(),
         };
         queues.push(queue.clone());
         Batcher {

@@ -117,6 +117,7 @@ mod tests {
             policy: DropPolicy::DropNewest,
             metrics: metrics.sink("webhook", ring.clone()),
             presence_only: false,
+            newest_dropped_ms: Default::default(),
         };
         let tx = EventSender::new(vec![queue], UplinkFilter::new(&["a/+".into()]), false);
         let mut seq = SeqGen::default();

@@ -8,6 +8,7 @@
 //! is counted by reason. The sink task is woken through a `tokio::sync::Notify`, whose
 //! `notify_one` takes no lock when nobody waits.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
@@ -31,6 +32,9 @@ pub struct SinkQueue {
     /// Takes only `connected`, `disconnected` and `session_expired` (the fleet's
     /// registry): uplinks and subscriptions never crowd them out of the ring.
     pub presence_only: bool,
+    /// With [`DropPolicy::DropOldest`], when the newest event dropped happened (Unix ms;
+    /// 0: none): every event still queued is at least as new (`cluster::registry`).
+    pub newest_dropped_ms: Arc<AtomicU64>,
 }
 
 impl SinkQueue {
@@ -40,7 +44,13 @@ impl SinkQueue {
             return;
         }
         let dropped = match self.policy {
-            DropPolicy::DropOldest => self.ring.force_push(event).is_some(),
+            DropPolicy::DropOldest => match self.ring.force_push(event) {
+                Some(old) => {
+                    (self.newest_dropped_ms).fetch_max(old.time_ms, Ordering::SeqCst);
+                    true
+                }
+                None => false,
+            },
             DropPolicy::DropNewest => self.ring.push(event).is_err(),
         };
         if dropped {

@@ -92,7 +92,7 @@ impl Shard {
 
 /// Walks `keys` in order, keeping what `pick` makes of each key (with its payload bytes),
 /// until `req.limit` entries, `req.scan` keys or `req.bytes` bytes are reached.
-fn page<'a, T>(
+pub(crate) fn page<'a, T>(
     keys: impl Iterator<Item = &'a Arc<str>>,
     req: &ListRequest,
     mut pick: impl FnMut(&Arc<str>) -> Option<(T, usize)>,

@@ -88,6 +88,9 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 use accept::{Admission, Admit};
 use clock::Clock;
 pub use conn::{Conn, ConnBufs, ConnState, Link, Peer};
+/// How a shard cuts a listing into pages (the fleet's tests page through it too).
+#[cfg(test)]
+pub(crate) use listing::page as list_page;
 use routing::Routing;
 use services::Services;
 use sessions::Sessions;

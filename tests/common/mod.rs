@@ -20,6 +20,7 @@ pub mod auth;
 pub mod fleet;
 pub mod https;
 pub mod nats;
+pub mod pausable;
 mod raw;
 pub mod store;
 pub mod tempdir;
