@@ -208,4 +208,26 @@ async fn a_late_connected_does_not_take_the_client_id_from_a_newer_connection() 
     assert!(applied >= 4.0, "node A applied {applied} changes");
     assert_eq!(fleet::holder(&kv, "mover").await.as_deref(), Some("node-b"));
     assert!(new.ping_v5(DEADLINE).await, "the newer connection stays");
+
+    // A device whose session stays here offline (persistent) keeps the late claim: it
+    // left node B for node A and went at once, and node A holds its session now.
+    let sleepy = || connect5("sleepy", 60, false, Some(common::session_expiry_props(300)));
+    let (mut on_b, _) = Raw::connected_v5(b.mqtt, &sleepy()).await;
+    on_b.send(&[0xE0, 0x00]).await;
+    assert!(on_b.wait_closed(DEADLINE).await);
+    fleet::wait_holder(&kv, "sleepy", Some("node-b")).await;
+    proxy.pause();
+    let (_busy2, _) = Raw::connected_v5(a.mqtt, &connect5("busy2", 60, true, None)).await;
+    let (mut on_a, _) = Raw::connected_v5(a.mqtt, &sleepy()).await;
+    on_a.send(&[0xE0, 0x00]).await;
+    assert!(on_a.wait_closed(DEADLINE).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.resume();
+    fleet::wait_holder(&kv, "sleepy", Some("node-a")).await;
+    let applied = common::wait_metric(a.http, sent, DEADLINE, |v| v >= 7.0).await;
+    assert!(applied >= 7.0, "node A applied {applied} changes");
+    assert_eq!(
+        fleet::holder(&kv, "sleepy").await.as_deref(),
+        Some("node-a")
+    );
 }

@@ -11,10 +11,11 @@
 //!   (`crate::cluster`, `takeover` subject). The last claim in revision order is the
 //!   later connection, as MQTT wants (the later CONNECT takes the session over); its
 //!   node is the one the registry names, and the only one left connected.
-//! - **Only a live connection takes over.** A claim that finds another node's entry
-//!   first asks whether its own connection is still online: a change applied late (the
-//!   registry task behind) for a device that has since gone on to that node must not
-//!   close its newer connection there.
+//! - **Only a session still here takes over.** A claim that finds another node's entry
+//!   first asks whether the session is still here (online, or offline and persistent): a
+//!   change applied late (the registry task behind) for a device that has since gone on
+//!   to that node (its session ended here, or was handed over) must not close its newer
+//!   connection there.
 //! - **Flapping.** A node takes a given client id over from another node at most once
 //!   per `cluster.takeover_min_interval_ms`; a connection that would take it over sooner
 //!   is not written to the registry and is closed (MQTT 5 DISCONNECT 0x9F, connection
@@ -44,8 +45,8 @@ pub enum Claim {
     Won { before: Option<String> },
     /// Another node held it and this node took it over too recently: not written.
     Throttled { holder: String },
-    /// Another node held it and the connection here had ended by then (a late change,
-    /// the device gone on to that node, say): not written.
+    /// Another node held it and the session here had ended by then (a late change, the
+    /// device gone on to that node, say): not written.
     Gone,
 }
 
@@ -95,21 +96,21 @@ pub(super) async fn write(
     }
 }
 
-/// Claims `key` for `node` by compare-and-set, unless the connection is no longer
-/// `online` (asked once another node's entry is read: a takeover) or `throttle`
+/// Claims `key` for `node` by compare-and-set, unless its session is no longer here
+/// (`still_here`, asked once another node's entry is read: a takeover) or `throttle`
 /// refuses a takeover from the node holding it.
 pub async fn claim<F: std::future::Future<Output = bool>>(
     clients: &kv::Store,
     key: &str,
     node: &str,
-    (throttle, online): (&Throttle, impl Fn() -> F),
+    (throttle, still_here): (&Throttle, impl Fn() -> F),
     metrics: &RegistryMetrics,
 ) -> Result<Claim, String> {
     for _ in 0..MAX_ATTEMPTS {
         let (revision, holder) = read(clients, key, metrics).await?;
         let before = holder.filter(|h| h != node);
         if let Some(holder) = &before {
-            if !online().await {
+            if !still_here().await {
                 return Ok(Claim::Gone);
             }
             if !throttle.allow(key, Instant::now()) {

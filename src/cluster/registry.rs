@@ -318,7 +318,7 @@ impl Registry {
             EventKind::Connected(_) => {
                 self.set_here(id, true);
                 let (k, node) = (key(id), &self.node);
-                let checks = (&self.throttle, || online_now(shards, id));
+                let checks = (&self.throttle, || session_lives_on(shards, id));
                 let claim = arbiter::claim(&self.clients, &k, node, checks, &self.metrics);
                 let claim = claim.await?;
                 if !matches!(claim, Claim::Won { .. }) {
@@ -418,15 +418,6 @@ fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
         groups[i].push(e);
     }
     groups
-}
-
-/// Whether `client_id` has a live connection on its home shard here now (a full mailbox
-/// counts as yes: the takeover goes ahead, as it did before this was asked).
-async fn online_now(shards: &Mailboxes, client_id: &str) -> bool {
-    match ask_home(shards, client_id).await {
-        Ok(info) => info.is_some_and(|i| i.summary.online),
-        Err(full) => full,
-    }
 }
 
 /// Whether `client_id` still has a session on its home shard here (asked through the

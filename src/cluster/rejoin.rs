@@ -51,8 +51,9 @@ const SHARD_ANSWER: Duration = Duration::from_secs(5);
 /// Looks again this long after a listing failed, or after a pass while changes keep
 /// being dropped.
 const RETRY: Duration = Duration::from_secs(1);
-/// How far a shard's `connected_at` (whole seconds on its clock) may run behind the
-/// Unix time of its `connected` change.
+/// How far a shard's `connected_at` (whole seconds from its start on its own tick clock)
+/// may run ahead of the Unix time of its `connected` change (the wall clock stepped back
+/// since the shard started).
 const CLOCK_SLACK_SECS: u64 = 2;
 
 /// When a connection was accepted (UNIX seconds) and on which node.
@@ -74,13 +75,21 @@ impl Fleet {
     }
 
     async fn rejoin_one(self: &Arc<Self>, client_id: Arc<str>, shards: &Mailboxes) {
+        // Out of the set while its shard is asked, back in if online: a `connected`
+        // applied meanwhile puts it back too, so a reconnect is never left out (a
+        // `disconnected` applied meanwhile may leave it in: a push then asks its shard).
+        let was_here = self.registry.left(&client_id);
         match accepted_here(shards, &client_id).await {
-            Ok(Some(mine)) => self.arbitrate(client_id, mine, shards).await,
-            // Gone since (its `disconnected` dropped, or on its way).
-            Ok(None) => {
-                self.registry.left(&client_id);
+            Ok(Some(mine)) => {
+                self.registry.set_here(&client_id, true);
+                self.arbitrate(client_id, mine, shards).await;
             }
-            Err(()) => self.registry.mark_dirty(),
+            // Gone since (its `disconnected` dropped, or on its way).
+            Ok(None) => {}
+            Err(()) => {
+                self.registry.set_here(&client_id, was_here);
+                self.registry.mark_dirty();
+            }
         }
     }
 
@@ -370,7 +379,7 @@ mod tests {
         }
         assert_eq!(listed, online);
         // 1,000 + 1,000 online; 500 online and 9,500 offline looked at; 10,000 offline
-        // (an empty page, not the end); the last 5,000 offline and 7 online.
+        // (an empty page, not the end); the last 5,500 offline and 7 online.
         assert_eq!(n, 5);
         drop(shards);
         shard.await.unwrap();
