@@ -167,3 +167,29 @@ async fn devices_whose_registry_changes_were_dropped_are_written_again() {
         assert_eq!(a.metric(sample).await, 0.0, "{sample}");
     }
 }
+
+/// A NATS server that hangs (stopped, its connections open: as behind a path that drops
+/// packets) is counted away after a few unanswered pings, and meanwhile a node with
+/// persistent sessions in the fleet still admits clean-session devices: the purge of the
+/// fleet's copy that a clean start asks for waits at most `request_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_nats_hangs_still_admits_devices_and_says_nats_is_down() {
+    let nats = common::nats::NatsServer::start("fleet-hang");
+    drop(nats.client().await);
+    let a = fleet::session_node(&nats, "node-a");
+    wait_ready_nats_down(&a, false).await;
+    nats.pause();
+    let mut first = v4::connect(v4::options(a.mqtt, "during-the-hang")).await;
+    wait_ready_nats_down(&a, true).await;
+    let second = v4::connect(v4::options(a.mqtt, "once-counted-away")).await;
+    first.subscribe("local/+", QoS::AtLeastOnce).await;
+    second
+        .client
+        .publish("local/x", QoS::AtLeastOnce, false, "served")
+        .await
+        .unwrap();
+    let p = first.next_publish(DEADLINE).await.expect("local routing");
+    assert_eq!(&p.payload[..], b"served");
+    nats.resume();
+    wait_ready_nats_down(&a, false).await;
+}

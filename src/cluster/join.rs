@@ -138,7 +138,11 @@ impl Fleet {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("gateway-fleet-{node}"))
             .tls_client_config((*tls).clone())
-            .connection_timeout(Duration::from_secs(2));
+            .connection_timeout(Duration::from_secs(2))
+            // A server that stops answering (hung, or cut off without a reset) counts as
+            // away after about three unanswered pings, so the fleet's callers fail fast
+            // instead of each waiting out its own timeout.
+            .ping_interval(config.request_timeout());
         if !config.nats_token.is_empty() {
             options = options.token(config.nats_token.clone());
         }

@@ -158,8 +158,9 @@ pub struct FleetStep {
 impl FleetStep {
     /// The verdict and the session to adopt; an allowed client whose session cannot be
     /// read by `deadline` is refused as unavailable (rather than given an empty one). A
-    /// clean start goes ahead when the fleet's copy cannot be purged (NATS away: the
-    /// node keeps serving devices on its own).
+    /// clean start goes ahead when the fleet's copy cannot be purged within
+    /// `request_timeout_ms` (NATS away or hung: the node keeps serving devices on its
+    /// own).
     pub async fn after(
         self,
         verdict: crate::auth::Verdict,
@@ -168,7 +169,12 @@ impl FleetStep {
         if !matches!(verdict, crate::auth::Verdict::Allow(_)) {
             return (verdict, None);
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut left = deadline.saturating_duration_since(std::time::Instant::now());
+        if self.clean_start {
+            // It goes ahead without the purge anyway: a NATS that hangs must not hold
+            // every new connection until its connect timeout.
+            left = left.min(self.store.link.timeout);
+        }
         match self
             .store
             .on_connect(&self.client_id, self.clean_start, left)
