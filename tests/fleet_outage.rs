@@ -170,26 +170,46 @@ async fn devices_whose_registry_changes_were_dropped_are_written_again() {
 
 /// A NATS server that hangs (stopped, its connections open: as behind a path that drops
 /// packets) is counted away after a few unanswered pings, and meanwhile a node with
-/// persistent sessions in the fleet still admits clean-session devices: the purge of the
-/// fleet's copy that a clean start asks for waits at most `request_timeout_ms`.
+/// persistent sessions in the fleet still admits clean-session devices (the purge of the
+/// fleet's copy that a clean start asks for waits at most `request_timeout_ms`) and
+/// routes between them: its routing connection, whose writes stop once the socket's
+/// buffers are full (32 MiB of messages here) and whose queue to NATS then fills (8
+/// messages here), is given up too, so its publishers are not held back waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_nats_hangs_still_admits_devices_and_says_nats_is_down() {
+async fn a_node_whose_nats_hangs_still_serves_its_devices_and_says_nats_is_down() {
     let nats = common::nats::NatsServer::start("fleet-hang");
     drop(nats.client().await);
-    let a = fleet::session_node(&nats, "node-a");
+    let a = common::GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = {}\nrouting_queue_capacity = 8\n[limits]\npublish_rate = 1000000\nbytes_rate = 1073741824\n",
+        nats.url(),
+        fleet::LEASE_SECS
+    ));
     wait_ready_nats_down(&a, false).await;
+    let mut sub = v4::connect(v4::options(a.mqtt, "local-sub")).await;
+    sub.subscribe("local/+", QoS::AtLeastOnce).await;
     nats.pause();
-    let mut first = v4::connect(v4::options(a.mqtt, "during-the-hang")).await;
+    let publisher = v4::connect(v4::options(a.mqtt, "during-the-hang")).await;
+    let (n, payload) = (4_000, vec![b'x'; 8192]);
+    let jobs = publisher.client.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..n {
+            let topic = format!("local/{i}");
+            let sent = jobs.publish(topic, QoS::AtLeastOnce, false, payload.clone());
+            sent.await.unwrap();
+        }
+    });
+    for i in 0..n {
+        let p = sub.next_publish(DEADLINE).await;
+        assert!(p.is_some(), "only {i} of {n} local messages arrived");
+    }
+    publishing.await.unwrap();
     wait_ready_nats_down(&a, true).await;
-    let second = v4::connect(v4::options(a.mqtt, "once-counted-away")).await;
-    first.subscribe("local/+", QoS::AtLeastOnce).await;
-    second
-        .client
-        .publish("local/x", QoS::AtLeastOnce, false, "served")
-        .await
-        .unwrap();
-    let p = first.next_publish(DEADLINE).await.expect("local routing");
-    assert_eq!(&p.payload[..], b"served");
+    let route = "gateway_fleet_route_connected";
+    assert_eq!(
+        common::wait_metric(a.http, route, DEADLINE, |v| v == 0.0).await,
+        0.0
+    );
+    let _later = v4::connect(v4::options(a.mqtt, "once-counted-away")).await;
     nats.resume();
     wait_ready_nats_down(&a, false).await;
 }

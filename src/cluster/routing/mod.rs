@@ -90,6 +90,9 @@ use proto::ServerOp;
 
 /// Messages published per write to the socket at most.
 const WRITE_BATCH: usize = 1024;
+/// PINGs left unanswered in a row after which a routing connection is given up (the
+/// server hangs; `ping_every` apart).
+const UNANSWERED_PINGS: u64 = 3;
 /// Longest subject sent (the NATS server's default control line is 4 KiB).
 const MAX_SUBJECT: usize = 3800;
 
@@ -333,6 +336,8 @@ pub struct Router {
     retained_prefix: String,
     /// `cluster.shared_group_subscriptions`.
     sets_per_group: usize,
+    /// `cluster.request_timeout_ms`: how often each connection pings NATS.
+    ping_every: Duration,
 }
 
 impl Router {
@@ -368,6 +373,7 @@ impl Router {
             retained,
             retained_prefix: format!("$KV.{}", retained::bucket(config)),
             sets_per_group: config.shared_group_subscriptions as usize,
+            ping_every: config.request_timeout(),
         })
     }
 
@@ -638,8 +644,9 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Subscribes the held filters, then writes interest changes, queued messages and
-    /// PONGs until the reader ends, a write fails or the gateway stops.
+    /// Subscribes the held filters, then writes interest changes, queued messages,
+    /// PINGs and PONGs until the reader ends, a write fails or does not finish, NATS
+    /// answers none of [`UNANSWERED_PINGS`] PINGs in a row, or the gateway stops.
     async fn write_loop(
         &mut self,
         mut reader: tokio::task::JoinHandle<String>,
@@ -651,8 +658,18 @@ impl Session<'_> {
         self.flush(&mut out).await?;
         self.count_subscriptions();
         let wake = self.router.handle.wake.clone();
+        let every = self.router.ping_every;
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
+                _ = keepalive.tick() => {
+                    let mut sids = self.table.groups.lock().unwrap_or_else(|p| p.into_inner());
+                    if sids.unanswered() >= UNANSWERED_PINGS {
+                        reader.abort();
+                        return Err(format!("NATS answered none of the last {UNANSWERED_PINGS} PINGs"));
+                    }
+                    sids.ping(&mut out);
+                }
                 ended = &mut reader => {
                     return Err(ended.unwrap_or_else(|e| e.to_string()));
                 }
@@ -671,7 +688,11 @@ impl Session<'_> {
                 }
                 _ = wake.notified(), if self.role == Role::Messages => self.publish_queued(&mut out),
             }
-            if let Err(e) = self.flush(&mut out).await {
+            let write = tokio::time::timeout(every * UNANSWERED_PINGS as u32, self.flush(&mut out));
+            if let Err(e) = write
+                .await
+                .unwrap_or_else(|_| Err("a write to NATS did not finish".into()))
+            {
                 reader.abort();
                 return Err(e);
             }
