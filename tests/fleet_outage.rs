@@ -169,18 +169,18 @@ async fn devices_whose_registry_changes_were_dropped_are_written_again() {
 }
 
 /// A NATS server that hangs (stopped, its connections open: as behind a path that drops
-/// packets) is counted away after a few unanswered pings, and meanwhile a node with
-/// persistent sessions in the fleet still admits clean-session devices (the purge of the
-/// fleet's copy that a clean start asks for waits at most `request_timeout_ms`) and
-/// routes between them: its routing connection, whose writes stop once the socket's
-/// buffers are full (32 MiB of messages here) and whose queue to NATS then fills (8
-/// messages here), is given up too, so its publishers are not held back waiting for it.
+/// packets) is counted away after three silent ping intervals (a second here), and a
+/// node with persistent sessions in the fleet still admits clean-session devices (the
+/// purge of the fleet's copy that a clean start asks for is given up then) and routes
+/// between them: its routing connection, whose writes stop once the socket's buffers
+/// are full (32 MiB of messages here) and whose queue to NATS then fills (8 messages
+/// here), is given up too, so its publishers are not held back waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_nats_hangs_still_serves_its_devices_and_says_nats_is_down() {
     let nats = common::nats::NatsServer::start("fleet-hang");
     drop(nats.client().await);
     let a = common::GatewayProcess::start(&format!(
-        "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = {}\nrouting_queue_capacity = 8\n[limits]\npublish_rate = 1000000\nbytes_rate = 1073741824\n",
+        "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = {}\nrouting_queue_capacity = 8\nrequest_timeout_ms = 1000\n[limits]\npublish_rate = 1000000\nbytes_rate = 1073741824\n",
         nats.url(),
         fleet::LEASE_SECS
     ));

@@ -149,6 +149,11 @@ TOML
   done
 }
 
+# Makes OUT and a temporary directory, in $dir, holding the fleet's configs.
+fleet_workdir() { # OUT
+  mkdir -p "$1" && dir=$(mktemp -d) && fleet_configs "$dir"
+}
+
 FLEET_PIDS=()
 start_fleet() { # GW DIR
   rm -rf "$2/nats"

@@ -29,9 +29,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=bench_lib.sh
 . "$here/bench_lib.sh"
 lg=$(cd "$(dirname "$lg")" && pwd)/$(basename "$lg")
-mkdir -p "$out"
-dir=$(mktemp -d)
-fleet_configs "$dir"
+fleet_workdir "$out"
 
 metric() { # HTTP_PORT SERIES
   curl -sf "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s { print $2; f = 1 } END { if (!f) print 0 }'

@@ -18,9 +18,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=bench_lib.sh
 . "$here/bench_lib.sh"
 lg=$(cd "$(dirname "$lg")" && pwd)/$(basename "$lg")
-mkdir -p "$out"
-dir=$(mktemp -d)
-fleet_configs "$dir"
+fleet_workdir "$out"
 trap 'stop_fleet; rm -rf "$dir"' EXIT
 
 written() { # HTTP_PORT

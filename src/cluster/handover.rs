@@ -30,7 +30,7 @@ pub struct Link {
     pub(super) registry: Arc<Registry>,
     pub(super) node: Arc<str>,
     prefix: String,
-    pub(super) timeout: Duration,
+    timeout: Duration,
 }
 
 impl Link {

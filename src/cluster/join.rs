@@ -142,7 +142,7 @@ impl Fleet {
             // A server that stops answering (hung, or cut off without a reset) counts as
             // away after about three unanswered pings, so the fleet's callers fail fast
             // instead of each waiting out its own timeout.
-            .ping_interval(config.request_timeout());
+            .ping_interval(config.request_timeout().max(Duration::from_secs(1)));
         if !config.nats_token.is_empty() {
             options = options.token(config.nats_token.clone());
         }

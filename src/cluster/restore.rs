@@ -116,7 +116,9 @@ impl SessionStore {
         }
     }
 
-    /// Reads (or forgets, on a clean start) `client_id`'s session within `timeout`.
+    /// Reads (or forgets, on a clean start) `client_id`'s session within `timeout`, or
+    /// until NATS counts as away (a hung server is noticed by the client's pings: the
+    /// connections waiting on it then go on at once, not each at its own timeout).
     pub async fn on_connect(
         &self,
         client_id: &str,
@@ -134,9 +136,17 @@ impl SessionStore {
                 self.load(client_id).await
             }
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| Err("no answer from JetStream in time".into()))
+        let away = async {
+            while self.link.connected() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            done = tokio::time::timeout(timeout, work) => {
+                done.unwrap_or_else(|_| Err("no answer from JetStream in time".into()))
+            }
+            () = away => Err("NATS is unreachable".into()),
+        }
     }
 }
 
@@ -158,9 +168,8 @@ pub struct FleetStep {
 impl FleetStep {
     /// The verdict and the session to adopt; an allowed client whose session cannot be
     /// read by `deadline` is refused as unavailable (rather than given an empty one). A
-    /// clean start goes ahead when the fleet's copy cannot be purged within
-    /// `request_timeout_ms` (NATS away or hung: the node keeps serving devices on its
-    /// own).
+    /// clean start goes ahead when the fleet's copy cannot be purged (NATS away: the
+    /// node keeps serving devices on its own).
     pub async fn after(
         self,
         verdict: crate::auth::Verdict,
@@ -169,12 +178,7 @@ impl FleetStep {
         if !matches!(verdict, crate::auth::Verdict::Allow(_)) {
             return (verdict, None);
         }
-        let mut left = deadline.saturating_duration_since(std::time::Instant::now());
-        if self.clean_start {
-            // It goes ahead without the purge anyway: a NATS that hangs must not hold
-            // every new connection until its connect timeout.
-            left = left.min(self.store.link.timeout);
-        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         match self
             .store
             .on_connect(&self.client_id, self.clean_start, left)

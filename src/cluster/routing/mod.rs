@@ -63,6 +63,7 @@
 
 pub mod envelope;
 mod group_sids;
+mod keepalive;
 pub mod metrics;
 pub mod proto;
 pub mod retained;
@@ -72,7 +73,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use crossbeam_queue::ArrayQueue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{ReadHalf, WriteHalf};
@@ -90,9 +91,6 @@ use proto::ServerOp;
 
 /// Messages published per write to the socket at most.
 const WRITE_BATCH: usize = 1024;
-/// PINGs left unanswered in a row after which a routing connection is given up (the
-/// server hangs; `ping_every` apart).
-const UNANSWERED_PINGS: u64 = 3;
 /// Longest subject sent (the NATS server's default control line is 4 KiB).
 const MAX_SUBJECT: usize = 3800;
 
@@ -336,7 +334,8 @@ pub struct Router {
     retained_prefix: String,
     /// `cluster.shared_group_subscriptions`.
     sets_per_group: usize,
-    /// `cluster.request_timeout_ms`: how often each connection pings NATS.
+    /// `cluster.request_timeout_ms` (at least a second): how often each connection
+    /// looks whether NATS still answers (`keepalive`).
     ping_every: Duration,
 }
 
@@ -373,7 +372,7 @@ impl Router {
             retained,
             retained_prefix: format!("$KV.{}", retained::bucket(config)),
             sets_per_group: config.shared_group_subscriptions as usize,
-            ping_every: config.request_timeout(),
+            ping_every: config.request_timeout().max(Duration::from_secs(1)),
         })
     }
 
@@ -467,7 +466,9 @@ impl Router {
             }
             let (read, write) = tokio::io::split(conn.stream);
             let pong = Arc::new(Notify::new());
+            let alive = Arc::new(keepalive::Keepalive::new());
             let reading = Reading {
+                alive: alive.clone(),
                 buf: conn.rest,
                 dedup: dedup.clone(),
                 groups: table.groups.clone(),
@@ -486,7 +487,7 @@ impl Router {
                 seq: &mut seq,
                 max_payload: conn.max_payload,
             };
-            let ended = session.write_loop(reader, pong, &stop).await;
+            let ended = session.write_loop(reader, (pong, &alive), &stop).await;
             if role == Role::Messages {
                 self.handle.metrics.connected.set(0);
             }
@@ -523,12 +524,15 @@ impl Router {
                     Err(e) => return e.to_string(),
                 }
             }
-            if let Err(e) = self.hand_over(&mut ctx).await {
+            ctx.alive.waiting_on_shards(true);
+            let handed = self.hand_over(&mut ctx).await;
+            ctx.alive.waiting_on_shards(false);
+            if let Err(e) = handed {
                 return e;
             }
             match read.read_buf(&mut ctx.buf).await {
                 Ok(0) => return "closed by the server".into(),
-                Ok(_) => {}
+                Ok(_) => ctx.alive.heard(),
                 Err(e) => return e.to_string(),
             }
         }
@@ -620,6 +624,8 @@ impl Router {
 
 /// What the reader of one connection works with.
 struct Reading {
+    /// What the writer knows of this reader's reads (`keepalive`).
+    alive: Arc<keepalive::Keepalive>,
     /// Bytes read and not parsed yet.
     buf: BytesMut,
     /// The last sequence seen per origin; kept across connections.
@@ -630,6 +636,15 @@ struct Reading {
     /// Messages for the subscribers, and for shared groups, from the current read.
     batch: Vec<Arc<Message>>,
     shared: Vec<(Arc<str>, Arc<Message>)>,
+}
+
+/// Why a connection's writer stopped.
+enum Exit {
+    /// The reader ended (the connection broke), with why.
+    ReaderEnded(String),
+    /// The gateway stops.
+    Stopped,
+    Failed(String),
 }
 
 /// One connection's writing side and the state it works on.
@@ -645,41 +660,63 @@ struct Session<'a> {
 
 impl Session<'_> {
     /// Subscribes the held filters, then writes interest changes, queued messages,
-    /// PINGs and PONGs until the reader ends, a write fails or does not finish, NATS
-    /// answers none of [`UNANSWERED_PINGS`] PINGs in a row, or the gateway stops.
+    /// PINGs and PONGs until the reader ends, a write makes no progress, the server
+    /// stays silent (`keepalive`), or the gateway stops. The reader is stopped, and
+    /// waited for, before this returns: the next connection's table is its own.
     async fn write_loop(
         &mut self,
         mut reader: tokio::task::JoinHandle<String>,
-        pong: Arc<Notify>,
+        (pong, alive): (Arc<Notify>, &keepalive::Keepalive),
         stop: &CancellationToken,
     ) -> Result<(), String> {
+        let exit = self.serve(&mut reader, (pong, alive), stop).await;
+        if let Exit::ReaderEnded(why) = exit {
+            return Err(why);
+        }
+        reader.abort();
+        let _ = reader.await;
+        match exit {
+            Exit::Failed(why) => Err(why),
+            _ => Ok(()),
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        reader: &mut tokio::task::JoinHandle<String>,
+        (pong, alive): (Arc<Notify>, &keepalive::Keepalive),
+        stop: &CancellationToken,
+    ) -> Exit {
         let mut out = BytesMut::new();
         self.table.resubscribe(&self.router.prefix, &mut out);
-        self.flush(&mut out).await?;
+        if let Err(e) = self.flush(&mut out).await {
+            return Exit::Failed(e);
+        }
         self.count_subscriptions();
         let wake = self.router.handle.wake.clone();
         let every = self.router.ping_every;
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = keepalive.tick() => {
-                    let mut sids = self.table.groups.lock().unwrap_or_else(|p| p.into_inner());
-                    if sids.unanswered() >= UNANSWERED_PINGS {
-                        reader.abort();
-                        return Err(format!("NATS answered none of the last {UNANSWERED_PINGS} PINGs"));
+                _ = ticks.tick() => match alive.tick(every) {
+                    keepalive::Tick::Nothing => {}
+                    keepalive::Tick::Ping => {
+                        let mut sids = self.table.groups.lock().unwrap_or_else(|p| p.into_inner());
+                        sids.ping(&mut out);
                     }
-                    sids.ping(&mut out);
+                    keepalive::Tick::GiveUp => {
+                        let silent = every * keepalive::SILENT_PINGS;
+                        return Exit::Failed(format!("NATS sent nothing for {silent:?}, PINGs unanswered"));
+                    }
+                },
+                ended = &mut *reader => {
+                    return Exit::ReaderEnded(ended.unwrap_or_else(|e| e.to_string()));
                 }
-                ended = &mut reader => {
-                    return Err(ended.unwrap_or_else(|e| e.to_string()));
-                }
-                _ = stop.cancelled() => {
-                    reader.abort();
-                    return Ok(());
-                }
+                _ = stop.cancelled() => return Exit::Stopped,
                 _ = pong.notified() => out.put_slice(b"PONG\r\n"),
                 change = self.changes.recv() => {
-                    let Some(change) = change else { return Ok(()) };
+                    let Some(change) = change else { return Exit::Stopped };
                     self.table.apply(change, &self.router.prefix, &mut out);
                     while let Ok(change) = self.changes.try_recv() {
                         self.table.apply(change, &self.router.prefix, &mut out);
@@ -688,13 +725,8 @@ impl Session<'_> {
                 }
                 _ = wake.notified(), if self.role == Role::Messages => self.publish_queued(&mut out),
             }
-            let write = tokio::time::timeout(every * UNANSWERED_PINGS as u32, self.flush(&mut out));
-            if let Err(e) = write
-                .await
-                .unwrap_or_else(|_| Err("a write to NATS did not finish".into()))
-            {
-                reader.abort();
-                return Err(e);
+            if let Err(e) = self.flush(&mut out).await {
+                return Exit::Failed(e);
             }
         }
     }
@@ -762,13 +794,19 @@ impl Session<'_> {
         self.router.handle.metrics.retained_out();
     }
 
+    /// Writes `out` to the server; fails when a write makes no progress for
+    /// `SILENT_PINGS` × `ping_every` (a server that stopped reading).
     async fn flush(&mut self, out: &mut BytesMut) -> Result<(), String> {
-        if out.is_empty() {
-            return Ok(());
+        let limit = self.router.ping_every * keepalive::SILENT_PINGS;
+        while !out.is_empty() {
+            match tokio::time::timeout(limit, self.write.write(out)).await {
+                Ok(Ok(0)) => return Err("the connection is closed".into()),
+                Ok(Ok(n)) => out.advance(n),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("a write to NATS made no progress for {limit:?}")),
+            }
         }
-        let r = self.write.write_all(out).await.map_err(|e| e.to_string());
-        out.clear();
-        r
+        Ok(())
     }
 }
 
