@@ -43,15 +43,16 @@ impl Keepalive {
     /// The reader read something (or stopped waiting on the shards).
     pub(super) fn heard(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        self.last_ms.fetch_max(ms, Ordering::Release);
     }
 
     /// The reader waits for room in the shards' mailboxes (`true`) or is done waiting.
     pub(super) fn waiting_on_shards(&self, waiting: bool) {
-        self.waiting_on_shards.store(waiting, Ordering::Relaxed);
         if !waiting {
+            // Before the flag: a tick between the two must not see an old `last_ms`.
             self.heard();
         }
+        self.waiting_on_shards.store(waiting, Ordering::Release);
     }
 
     /// At a tick of the writer's `every`.
@@ -60,11 +61,11 @@ impl Keepalive {
     }
 
     fn tick_at(&self, now: Duration, every: Duration) -> Tick {
-        if self.waiting_on_shards.load(Ordering::Relaxed) {
+        if self.waiting_on_shards.load(Ordering::Acquire) {
             return Tick::Nothing;
         }
         let silent =
-            now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)));
+            now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)));
         if silent >= every * SILENT_PINGS {
             Tick::GiveUp
         } else if silent >= every {

@@ -806,7 +806,11 @@ impl Session<'_> {
                 Err(_) => return Err(format!("a write to NATS made no progress for {limit:?}")),
             }
         }
-        Ok(())
+        // TLS may keep the tail of a write in its own buffer until flushed.
+        match tokio::time::timeout(limit, self.write.flush()).await {
+            Ok(flushed) => flushed.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("a write to NATS made no progress for {limit:?}")),
+        }
     }
 }
 
