@@ -24,6 +24,7 @@
 mod acker;
 pub mod arbiter;
 pub mod handover;
+mod home;
 mod join;
 pub mod metrics;
 pub mod ops_metrics;

@@ -37,6 +37,7 @@ use bytes::Bytes;
 use crate::mailbox::{home_shard, ClientSummary, ListRequest, Mailboxes, Page, ShardMsg};
 
 use super::arbiter::{read, write};
+use super::home::{ask_shard, client_info};
 use super::registry::key;
 use super::{Fleet, RequestError, Service};
 
@@ -46,8 +47,6 @@ const CHUNK: usize = 100;
 const ATTEMPTS: u32 = 4;
 /// Sessions listed per page when looking for the devices an overflow missed.
 const PAGE: usize = 1_000;
-/// Longest wait for a shard's room and answer.
-const SHARD_ANSWER: Duration = Duration::from_secs(5);
 /// Looks again this long after a listing failed, or after a pass while changes keep
 /// being dropped.
 const RETRY: Duration = Duration::from_secs(1);
@@ -251,13 +250,7 @@ fn later(mine: Stamp, theirs: Option<Stamp>) -> bool {
 /// When this node's home shard accepted `client_id`'s live connection, if it has one
 /// (`Err`: the shard could not be asked).
 async fn accepted_here(shards: &Mailboxes, client_id: &str) -> Result<Option<u64>, ()> {
-    let home = home_shard(client_id, shards.len());
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let ask = ShardMsg::ClientInfo {
-        client_id: client_id.to_string(),
-        reply,
-    };
-    let info = ask_shard(shards, home, ask, answer).await?;
+    let info = client_info(shards, client_id).await?;
     Ok(info.and_then(|i| i.summary.connected_at.filter(|_| i.summary.online)))
 }
 
@@ -303,23 +296,6 @@ impl OnlinePages {
         }
         Ok(Some(page.items))
     }
-}
-
-/// Sends `ask` to `shard`, waiting for room, and waits for its `answer`: at most
-/// [`SHARD_ANSWER`] in all (`Err`: no room, no answer, or the shard stopped).
-async fn ask_shard<T>(
-    shards: &Mailboxes,
-    shard: usize,
-    ask: ShardMsg,
-    answer: tokio::sync::oneshot::Receiver<T>,
-) -> Result<T, ()> {
-    let asked = async {
-        shards.send(shard, ask).await.map_err(drop)?;
-        answer.await.map_err(drop)
-    };
-    tokio::time::timeout(SHARD_ANSWER, asked)
-        .await
-        .unwrap_or(Err(()))
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
+use crate::mailbox::Mailboxes;
 
 use super::routing::Router;
 use super::session_will::{is_claim, parse_will, publish};
@@ -389,25 +389,9 @@ async fn claim(kv: &kv::Store, key: &str, revision: u64, node: &str) -> Claimed 
     }
 }
 
-/// Whether `client_id` has a live connection on this node; `None` when the shard cannot
-/// be asked (stopping, or its mailbox full for 5 s) or does not answer within 5 s.
+/// Whether `client_id` has a live connection on this node; `None` when its shard cannot
+/// be asked (stopping, or its mailbox full) or does not answer (`super::home`).
 async fn online_here(shards: &Mailboxes, client_id: &str) -> Option<bool> {
-    let home = home_shard(client_id, shards.len());
-    if shards.is_closed(home) {
-        return None;
-    }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let ask = ShardMsg::ClientInfo {
-        client_id: client_id.to_string(),
-        reply,
-    };
-    let limit = Duration::from_secs(5);
-    let asked = tokio::time::timeout(limit, shards.send(home, ask)).await;
-    if !matches!(asked, Ok(Ok(()))) {
-        return None;
-    }
-    match tokio::time::timeout(limit, answer).await {
-        Ok(Ok(info)) => Some(info.is_some_and(|c| c.summary.online)),
-        _ => None,
-    }
+    let info = super::home::client_info(shards, client_id).await.ok()?;
+    Some(info.is_some_and(|c| c.summary.online))
 }
