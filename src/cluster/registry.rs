@@ -61,8 +61,8 @@ pub struct Registry {
     here: Mutex<HashSet<Arc<str>>>,
     /// A registry write failed since the last rejoin (`super::rejoin`).
     dirty: AtomicBool,
-    /// The queue dropped changes since the devices missed were last looked for.
-    overflowed: AtomicBool,
+    /// Woken when the queue dropped changes (a permit kept until looked at, so a drop
+    /// during a look brings another).
     overflow: Notify,
     /// When the newest change the queue dropped happened (Unix ms): the changes of
     /// devices that connected later are still queued, not missed.
@@ -140,7 +140,6 @@ impl Registry {
             node,
             here: Mutex::new(HashSet::new()),
             dirty: AtomicBool::new(false),
-            overflowed: AtomicBool::new(false),
             overflow: Notify::new(),
             dropped_up_to_ms: AtomicU64::new(0),
             throttle: Throttle::new(config.takeover_min_interval()),
@@ -183,14 +182,8 @@ impl Registry {
         self.overflow.notified().await;
     }
 
-    /// Whether the queue dropped changes since the last look (and clears it).
-    pub(super) fn take_overflowed(&self) -> bool {
-        self.overflowed.swap(false, Ordering::AcqRel)
-    }
-
     /// Devices missed after an overflow are to be looked for (again).
     pub(super) fn mark_overflowed(&self) {
-        self.overflowed.store(true, Ordering::Release);
         self.overflow.notify_one();
     }
 

@@ -101,15 +101,13 @@ impl Fleet {
                 _ = self.registry.overflowed() => {}
                 _ = self.stop.cancelled() => return,
             }
-            while self.registry.take_overflowed() {
-                let Some(n) = self.register_online_missing(&shards).await else {
-                    return;
-                };
-                tracing::info!(node = %self.node, devices = n, "cluster: devices the registry queue missed written to the registry again");
-                tokio::select! {
-                    _ = tokio::time::sleep(RETRY) => {}
-                    _ = self.stop.cancelled() => return,
-                }
+            let Some(n) = self.register_online_missing(&shards).await else {
+                return;
+            };
+            tracing::info!(node = %self.node, devices = n, "cluster: devices the registry queue missed written to the registry again");
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = self.stop.cancelled() => return,
             }
         }
     }
