@@ -40,6 +40,8 @@ pub struct Handoff {
     pub tls: Option<Box<rustls::ServerConnection>>,
     /// Where in its record the ciphertext given to that rustls session ends.
     pub tls_cursor: crate::tls::record::Cursor,
+    /// Its TLS 1.3 traffic secrets, from rustls' key log.
+    pub tls_secrets: Option<Box<crate::tls::traffic_secret::LoggedSecrets>>,
     /// Ciphertext read past the CONNECT and not yet given to that rustls session.
     pub tls_in: Vec<u8>,
     /// The listener it came in on (a WebSocket's output is framed on the home shard too).

@@ -72,6 +72,7 @@ pub(super) struct Detached {
     pub link: Link,
     pub tls: Option<Box<rustls::ServerConnection>>,
     pub tls_cursor: crate::tls::record::Cursor,
+    pub tls_secrets: Option<Box<crate::tls::traffic_secret::LoggedSecrets>>,
     /// Ciphertext read and not yet given to rustls.
     pub tls_in: Vec<u8>,
     pub ws: Option<super::WsBusy>,
@@ -354,10 +355,11 @@ impl Shard {
         let _ = self.wire.poll.registry().deregister(&mut conn.socket);
         self.timers.wheel.cancel(conn.timer);
         let (mut tls, mut ws, mut tls_cursor) = (None, None, Default::default());
-        let mut tls_in = Vec::new();
+        let (mut tls_in, mut tls_secrets) = (Vec::new(), None);
         if let Some(mut b) = conn.bufs.take() {
             tls = b.tls.take();
             tls_cursor = b.tls_cursor;
+            tls_secrets = b.tls_secrets.take();
             // A plain copy: the pool buffer stays with this shard's pool.
             tls_in = b.tls_in.to_vec();
             ws = b.ws.take();
@@ -375,6 +377,7 @@ impl Shard {
             link: conn.link,
             tls,
             tls_cursor,
+            tls_secrets,
             tls_in,
             ws,
         }
@@ -434,6 +437,7 @@ impl Shard {
                 .get_or_insert_with(Default::default);
             bufs.tls = h.tls;
             bufs.tls_cursor = h.tls_cursor;
+            bufs.tls_secrets = h.tls_secrets;
             bufs.ws = h.ws;
         }
         let mut alive = self.on_connect(key, h.connect, false, &h.rest);

@@ -148,6 +148,9 @@ pub struct ConnBufs {
     pub tls_in: Vec<u8>,
     /// Where in its record the ciphertext given to rustls ends.
     pub tls_cursor: crate::tls::record::Cursor,
+    /// The TLS 1.3 traffic secrets rustls' key log gave at the handshake, for the
+    /// record layer to follow a KeyUpdate (`tls/traffic_secret.rs`).
+    pub tls_secrets: Option<Box<crate::tls::traffic_secret::LoggedSecrets>>,
     /// Sealed TLS records the socket has not taken yet (record layer).
     pub tls_out: Vec<u8>,
     /// Inbound rate-limit debt (GCRA theoretical arrival times, see `limits.rs`).

@@ -125,6 +125,7 @@ impl Shard {
             .get_or_insert_with(Default::default);
         bufs.tls = Some(h.tls);
         bufs.tls_cursor = h.tls_cursor;
+        bufs.tls_secrets = h.tls_secrets;
         // The plaintext rustls decrypted with the handshake's last flight (a CONNECT
         // sent at once) is inside it; the ciphertext it did not take follows, kept with
         // the connection meanwhile: it goes along if that CONNECT sends the connection

@@ -1,7 +1,8 @@
 //! A TLS connection's bytes after the socket: into rustls for the handshake, then through
 //! the shard's own record layer (`tls/record.rs`, TLS 1.3 and 1.2), so that an idle TLS
-//! connection holds what an idle plain one holds plus its record keys (112 bytes in the
-//! wire's `records` map), not rustls' ~7.4 KB.
+//! connection holds what an idle plain one holds plus its record keys (120 bytes in the
+//! wire's `records` map, and for TLS 1.3 its traffic secrets, 112 bytes of heap), not
+//! rustls' ~7.4 KB.
 //!
 //! Life of a TLS connection:
 //! 1. rustls: each read lands in the scratch buffer and is given to rustls
@@ -13,12 +14,15 @@
 //!    the client certificate's CN still use rustls), when rustls holds no
 //!    partial record and no undelivered plaintext, what it still has to send moves to
 //!    `ConnBufs::tls_out`, its traffic keys and sequence numbers are taken
-//!    (`dangerous_extract_secrets`) into the `records` map, and rustls is dropped.
+//!    (`dangerous_extract_secrets`) into the `records` map with the TLS 1.3 traffic
+//!    secrets its key log gave at the handshake (`ConnBufs::tls_secrets`), and rustls
+//!    is dropped.
 //! 3. Records: reads are opened in place in the scratch buffer ([`Shard::records_read`]),
 //!    a partial record waits in `tls_in`; output is sealed into `tls_out` as the socket
 //!    takes it ([`write_records`]); last words end with close_notify ([`last_words`]).
-//!    A refused record (bad MAC, KeyUpdate, an alert…) is answered with its alert,
-//!    logged once and closes the connection ([`Shard::records_fail`]).
+//!    A refused record (bad MAC, an alert, a KeyUpdate that cannot be followed…) is
+//!    answered with its alert, logged once and closes the connection
+//!    ([`Shard::records_fail`]).
 
 use std::io::{self, Write};
 
@@ -288,10 +292,13 @@ impl Shard {
         let Some(tls) = bufs.tls.take() else {
             return;
         };
+        let logged = bufs.tls_secrets.take();
         let keys = tls
             .dangerous_extract_secrets()
             .map_err(|e| e.to_string())
-            .and_then(|s| RecordKeys::from_secrets(&s, version).map_err(|e| e.to_string()));
+            .and_then(|s| {
+                RecordKeys::from_secrets(&s, version, logged.as_deref()).map_err(|e| e.to_string())
+            });
         match keys {
             Ok(keys) => {
                 self.wire.records.insert(key as u32, keys);

@@ -96,6 +96,7 @@ impl Shard {
             self.admission.handshake_budget.spend();
         }
         let processed = tls.process_new_packets().map(drop);
+        let logged = crate::tls::traffic_secret::take_logged();
         if let Some(kind) = crate::tls::handshake_outcome(was_handshaking, tls, processed.is_err())
         {
             self.services.metrics.tls_handshake(kind);
@@ -107,6 +108,9 @@ impl Shard {
             tracing::info!(shard = self.id, peer = %conn.peer, error = %e, "TLS failed, closing");
             self.close_conn(key, DisconnectReason::ProtocolError, None);
             return false;
+        }
+        if let (Some(logged), Some(bufs)) = (logged, conn.bufs.as_mut()) {
+            bufs.tls_secrets = Some(logged);
         }
         let mut plain = std::mem::take(&mut self.wire.plain);
         let alive = self.tls_drain(key, &mut plain);

@@ -41,6 +41,7 @@ use crate::mailbox::{Mailboxes, ShardMsg};
 use crate::metrics::{DisconnectReason, RefuseReason, ShardMetrics};
 use crate::shard::Link;
 use crate::tls::record::Cursor;
+use crate::tls::traffic_secret::{take_logged, LoggedSecrets};
 
 const WAKER: Token = Token(usize::MAX);
 /// Socket events handled per poll.
@@ -76,6 +77,8 @@ pub struct Handshaken {
     pub tls: Box<rustls::ServerConnection>,
     /// Where in its record the ciphertext given to rustls ends.
     pub tls_cursor: Cursor,
+    /// Its TLS 1.3 traffic secrets, from rustls' key log.
+    pub tls_secrets: Option<Box<LoggedSecrets>>,
     pub accepted_at: Instant,
     /// Ciphertext read after the handshake that rustls did not take.
     pub rest: Vec<u8>,
@@ -251,6 +254,8 @@ struct Pending {
     link: Link,
     tls: Box<rustls::ServerConnection>,
     cursor: Cursor,
+    /// The TLS 1.3 traffic secrets, once its key log gave them.
+    secrets: Option<Box<LoggedSecrets>>,
     accepted_at: Instant,
     shard: usize,
     /// Tells this connection's deadline entry from one of an earlier occupant of its key.
@@ -399,6 +404,7 @@ impl Worker {
             link: a.link,
             tls: a.tls,
             cursor: Cursor::default(),
+            secrets: None,
             accepted_at: a.accepted_at,
             shard: a.shard,
             serial: self.serial,
@@ -456,6 +462,9 @@ impl Worker {
             p.cursor.advance(&data[at..at + taken]);
             at += taken;
             let processed = p.tls.process_new_packets().map(drop);
+            if let Some(logged) = take_logged() {
+                p.secrets = Some(logged);
+            }
             let outcome = crate::tls::handshake_outcome(true, &p.tls, processed.is_err());
             if let Some(kind) = outcome {
                 self.metrics.tls_handshake(kind);
@@ -507,6 +516,7 @@ impl Worker {
             link: p.link,
             tls: p.tls,
             tls_cursor: p.cursor,
+            tls_secrets: p.secrets,
             accepted_at: p.accepted_at,
             rest,
         };
@@ -642,6 +652,7 @@ mod tests {
             link: Link::Tls,
             tls: Box::new(rustls::ServerConnection::new(Arc::new(config)).unwrap()),
             tls_cursor: Cursor::default(),
+            tls_secrets: None,
             accepted_at: Instant::now(),
             rest: Vec::new(),
         })

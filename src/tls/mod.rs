@@ -13,6 +13,7 @@
 
 pub mod handshaker;
 pub mod record;
+pub mod traffic_secret;
 
 use std::io;
 use std::path::Path;
@@ -193,6 +194,8 @@ pub(crate) fn server_config(m: &MqttConfig) -> io::Result<(Arc<ServerConfig>, Ar
     // Past a TLS 1.3 handshake the shard takes the traffic keys and drops the rustls
     // connection (`tls/record.rs`, `shard/records.rs`).
     config.enable_secret_extraction = true;
+    // ...and the traffic secrets, to follow a KeyUpdate (`tls/traffic_secret.rs`).
+    config.key_log = Arc::new(traffic_secret::SecretLog);
     // MQTT has no ALPN requirement; devices that send "mqtt" still connect.
     config.alpn_protocols = Vec::new();
     // Resumption without server state: stateless tickets (keys rotate every 6 hours)

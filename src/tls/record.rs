@@ -9,7 +9,8 @@
 //! on this module protects and opens the application records itself:
 //!
 //! - per direction one [`DirectionKeys`]: the AEAD key, the 12-byte IV, the sequence
-//!   number and the protocol version, 56 bytes;
+//!   number and the protocol version, 56 bytes; and for TLS 1.3, out of line, both
+//!   traffic secrets ([`KeyUpdates`], 112 bytes of heap);
 //! - TLS 1.3 (RFC 8446 §5): nonce = IV xor the sequence number (big-endian,
 //!   left-padded); AAD = the 5-byte record header; inner plaintext = data ‖ content type
 //!   ‖ zero padding; the outer type is always application data;
@@ -29,21 +30,29 @@
 //! (the caller's buffer holds exactly one whole record, see [`record_len`]); nothing here
 //! keeps a buffer. What it refuses, [`RecordError`] names, with the alert to send.
 //!
+//! KeyUpdate (TLS 1.3, RFC 8446 §4.6.3): the traffic secrets come from rustls' key log
+//! (`tls/traffic_secret.rs`; its buffered connection gives out keys, not secrets). A
+//! client's KeyUpdate, alone in its record, moves the receiving key to the next
+//! generation for the records after it; if it asks for ours (update_requested), our
+//! KeyUpdate goes out before our next record (`KeyUpdates::owed`), and the sending key moves
+//! on after it. Our sending key also moves on by itself one record before the AES-GCM
+//! confidentiality limit (2^24.5 records, RFC 8446 §5.5). A connection whose secrets are
+//! unknown (rustls updated its keys before the hand-over) refuses a KeyUpdate with an
+//! alert, and closes at the limit, as one without this support would.
+//!
 //! Not supported, and refused with an alert (the connection closes and the device
-//! reconnects): a KeyUpdate from the client — rustls' buffered connection gives out the
-//! traffic keys but not the traffic secrets the next generation is derived from (only
-//! its unbuffered API hands over a `KernelConnection` that can update them); a TLS 1.2
-//! renegotiation request (rustls answers the first with a no_renegotiation warning and
-//! goes on; closing is stricter and a device just reconnects); and sending past the
-//! AES-GCM confidentiality limit (2^24.5 records in TLS 1.3, RFC 8446 §5.5; 2^24 in
-//! TLS 1.2, as rustls keeps), which would need our own KeyUpdate — TLS 1.2 has none, so
-//! such a connection closes and the device reconnects. Receiving has no limit of ours.
+//! reconnects): a TLS 1.2 renegotiation request (rustls answers the first with a
+//! no_renegotiation warning and goes on; closing is stricter and a device just
+//! reconnects); and sending past the AES-GCM limit of TLS 1.2 (2^24 records, as rustls
+//! keeps), which has no KeyUpdate. Receiving has no limit of ours.
 
 use std::fmt;
 use std::ops::Range;
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
+
+use super::traffic_secret::{wipe, LoggedSecrets, TrafficSecret};
 
 /// The record header: type, legacy version (2 bytes), length (2 bytes).
 pub const HEADER_LEN: usize = 5;
@@ -63,9 +72,12 @@ const CLOSE_NOTIFY: u8 = 0;
 const UNEXPECTED_MESSAGE: u8 = 10;
 const BAD_RECORD_MAC: u8 = 20;
 const RECORD_OVERFLOW: u8 = 22;
+const ILLEGAL_PARAMETER: u8 = 47;
 const INTERNAL_ERROR: u8 = 80;
 const USER_CANCELED: u8 = 90;
 const KEY_UPDATE: u8 = 24;
+/// Our KeyUpdate: the message type, its 3-byte length (1), update_not_requested.
+const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
 
 /// Records one AES-GCM key may send in TLS 1.3 (2^24.5, RFC 8446 §5.5).
 const AES_GCM_RECORD_LIMIT: u64 = 23_726_566;
@@ -127,8 +139,10 @@ pub enum RecordError {
     RecordOverflow,
     /// A record or message this layer does not accept after the handshake.
     UnexpectedMessage(&'static str),
-    /// The client sent a KeyUpdate (not supported here, see the module doc).
+    /// The client sent a KeyUpdate on a connection whose traffic secret is unknown.
     KeyUpdate,
+    /// A field with a value the protocol does not define.
+    IllegalParameter(&'static str),
     /// The peer sent a fatal alert (its description code).
     PeerAlert(u8),
     /// The sending key reached its record limit.
@@ -144,6 +158,7 @@ impl RecordError {
             RecordError::BadRecordMac => Some(BAD_RECORD_MAC),
             RecordError::RecordOverflow => Some(RECORD_OVERFLOW),
             RecordError::UnexpectedMessage(_) | RecordError::KeyUpdate => Some(UNEXPECTED_MESSAGE),
+            RecordError::IllegalParameter(_) => Some(ILLEGAL_PARAMETER),
             RecordError::PeerAlert(_) => None,
             RecordError::KeyExhausted | RecordError::Unsupported(_) => Some(INTERNAL_ERROR),
         }
@@ -156,7 +171,10 @@ impl fmt::Display for RecordError {
             RecordError::BadRecordMac => f.write_str("TLS record failed authentication"),
             RecordError::RecordOverflow => f.write_str("TLS record too long"),
             RecordError::UnexpectedMessage(what) => write!(f, "unexpected TLS {what}"),
-            RecordError::KeyUpdate => f.write_str("TLS KeyUpdate from the client is not supported"),
+            RecordError::KeyUpdate => {
+                f.write_str("TLS KeyUpdate from the client, whose traffic secret is unknown")
+            }
+            RecordError::IllegalParameter(what) => write!(f, "illegal TLS {what}"),
             RecordError::PeerAlert(d) => write!(f, "peer sent TLS alert {d}"),
             RecordError::KeyExhausted => f.write_str("TLS sending key used up"),
             RecordError::Unsupported(what) => write!(f, "unsupported TLS {what}"),
@@ -259,6 +277,26 @@ impl DirectionKeys {
         Ok(d)
     }
 
+    /// Whether `secret` (TLS 1.3) derives exactly this key and IV.
+    fn derives_from(&self, secret: &TrafficSecret) -> bool {
+        let key = &self.key[..usize::from(self.key_len)];
+        self.version == Version::Tls13 && secret.derives(key, &self.iv)
+    }
+
+    /// Moves to the next generation of keys (a KeyUpdate), `secret` with it, numbering
+    /// from 0 again.
+    fn update(&mut self, secret: &mut TrafficSecret) {
+        *secret = secret.next();
+        let len = usize::from(self.key_len);
+        secret.derive(&mut self.key[..len], &mut self.iv);
+        self.seq = 0;
+    }
+
+    /// One record is left under the sending limit (for our KeyUpdate).
+    fn at_last_record(&self) -> bool {
+        self.seq + 1 >= self.suite.send_limit(self.version)
+    }
+
     /// The ring key for one batch of records.
     fn less_safe_key(&self) -> LessSafeKey {
         let key = &self.key[..usize::from(self.key_len)];
@@ -299,12 +337,10 @@ impl DirectionKeys {
 impl Drop for DirectionKeys {
     fn drop(&mut self) {
         // Best effort: this copy of the key and IV is wiped (volatile writes, which the
-        // compiler keeps). Copies a map left behind when it moved or grew are not.
-        for b in self.key.iter_mut().chain(self.iv.iter_mut()) {
-            // SAFETY: `b` is a valid, aligned, exclusive reference to one byte.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
-        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        // compiler keeps; the secret wipes itself). Copies a map left behind when it
+        // moved or grew are not.
+        wipe(&mut self.key);
+        wipe(&mut self.iv);
     }
 }
 
@@ -312,6 +348,19 @@ impl Drop for DirectionKeys {
 pub struct RecordKeys {
     rx: DirectionKeys,
     tx: DirectionKeys,
+    /// What following KeyUpdates takes: TLS 1.3 with both secrets known.
+    updates: Option<Box<KeyUpdates>>,
+}
+
+/// A TLS 1.3 connection's traffic secrets, out of line: an idle TLS 1.2 connection, or
+/// one whose secrets are unknown, pays one pointer for them.
+struct KeyUpdates {
+    /// The client's: the receiving key derives from it.
+    rx: TrafficSecret,
+    /// Ours: the sending key derives from it.
+    tx: TrafficSecret,
+    /// The client asked for our KeyUpdate; it goes before our next record.
+    owed: bool,
 }
 
 /// What an opened record carried.
@@ -327,15 +376,30 @@ pub enum Opened {
 
 impl RecordKeys {
     /// The keys and sequence numbers rustls hands over at the end of a handshake that
-    /// negotiated `version`.
+    /// negotiated `version`, with the traffic secrets its key log gave (TLS 1.3), each
+    /// kept only if it derives its direction's key.
     pub fn from_secrets(
         s: &rustls::ExtractedSecrets,
         version: Version,
+        logged: Option<&LoggedSecrets>,
     ) -> Result<Self, RecordError> {
-        Ok(RecordKeys {
-            rx: DirectionKeys::new(s.rx.0, &s.rx.1, version)?,
-            tx: DirectionKeys::new(s.tx.0, &s.tx.1, version)?,
-        })
+        let rx = DirectionKeys::new(s.rx.0, &s.rx.1, version)?;
+        let tx = DirectionKeys::new(s.tx.0, &s.tx.1, version)?;
+        let updates = logged
+            .filter(|l| rx.derives_from(&l.client) && tx.derives_from(&l.server))
+            .map(|l| {
+                Box::new(KeyUpdates {
+                    rx: l.client.clone(),
+                    tx: l.server.clone(),
+                    owed: false,
+                })
+            });
+        Ok(RecordKeys { rx, tx, updates })
+    }
+
+    /// Whether KeyUpdates can be followed (TLS 1.3 with known secrets).
+    pub fn follows_key_updates(&self) -> bool {
+        self.updates.is_some()
     }
 
     /// The suite both directions use.
@@ -348,6 +412,7 @@ impl RecordKeys {
         Opener {
             key: self.rx.less_safe_key(),
             dir: &mut self.rx,
+            updates: self.updates.as_deref_mut(),
         }
     }
 
@@ -356,6 +421,7 @@ impl RecordKeys {
         Sealer {
             key: self.tx.less_safe_key(),
             dir: &mut self.tx,
+            updates: self.updates.as_deref_mut(),
         }
     }
 }
@@ -364,6 +430,7 @@ impl RecordKeys {
 pub struct Opener<'a> {
     key: LessSafeKey,
     dir: &'a mut DirectionKeys,
+    updates: Option<&'a mut KeyUpdates>,
 }
 
 impl Opener<'_> {
@@ -402,7 +469,7 @@ impl Opener<'_> {
         match plain[end] {
             APPLICATION_DATA => Ok(Opened::Data(data)),
             ALERT => alert(&plain[..end], Version::Tls13),
-            HANDSHAKE => Err(handshake(&plain[..end])),
+            HANDSHAKE => self.key_update(&plain[..end]),
             _ => Err(RecordError::UnexpectedMessage("content type")),
         }
     }
@@ -514,11 +581,32 @@ fn alert(body: &[u8], version: Version) -> Result<Opened, RecordError> {
     }
 }
 
-/// A post-handshake handshake message from the client: none is accepted here.
-fn handshake(body: &[u8]) -> RecordError {
-    match body.first() {
-        Some(&KEY_UPDATE) => RecordError::KeyUpdate,
-        _ => RecordError::UnexpectedMessage("handshake message after the handshake"),
+impl Opener<'_> {
+    /// A handshake message after the handshake: only a KeyUpdate (RFC 8446 §4.6.3), the
+    /// whole of its record (a key change must end its record, §5.1). The records after
+    /// it open with the next generation's key; an update_requested owes ours.
+    fn key_update(&mut self, msg: &[u8]) -> Result<Opened, RecordError> {
+        let requested = match msg {
+            [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => *request == 1,
+            [KEY_UPDATE, 0, 0, 1, _] => return Err(RecordError::IllegalParameter("KeyUpdate")),
+            [KEY_UPDATE, ..] => {
+                return Err(RecordError::UnexpectedMessage(
+                    "KeyUpdate not alone in its record",
+                ))
+            }
+            _ => {
+                return Err(RecordError::UnexpectedMessage(
+                    "handshake message after the handshake",
+                ))
+            }
+        };
+        let Some(updates) = self.updates.as_deref_mut() else {
+            return Err(RecordError::KeyUpdate);
+        };
+        self.dir.update(&mut updates.rx);
+        updates.owed |= requested;
+        self.key = self.dir.less_safe_key();
+        Ok(Opened::Nothing)
     }
 }
 
@@ -526,6 +614,7 @@ fn handshake(body: &[u8]) -> RecordError {
 pub struct Sealer<'a> {
     key: LessSafeKey,
     dir: &'a mut DirectionKeys,
+    updates: Option<&'a mut KeyUpdates>,
 }
 
 impl Sealer<'_> {
@@ -556,8 +645,28 @@ impl Sealer<'_> {
         }
     }
 
-    /// TLS 1.3: header, then `plain` ‖ `typ` encrypted in place, then the tag.
+    /// TLS 1.3: our KeyUpdate first if one is owed or due, then the record.
     fn seal13(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let due = self.dir.at_last_record();
+        if self.updates.as_ref().is_some_and(|u| u.owed || due) {
+            self.seal13_record(HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED, out)?;
+            if let Some(updates) = self.updates.as_deref_mut() {
+                self.dir.update(&mut updates.tx);
+                updates.owed = false;
+            }
+            self.key = self.dir.less_safe_key();
+        }
+        self.seal13_record(typ, plain, out)
+    }
+
+    /// One TLS 1.3 record: header, then `plain` ‖ `typ` encrypted in place, then the
+    /// tag.
+    fn seal13_record(
+        &mut self,
+        typ: u8,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         let (_, nonce) = self.dir.next_out()?;
         let len = (plain.len() + 1 + TAG_LEN) as u16;
         let [hi, lo] = len.to_be_bytes();

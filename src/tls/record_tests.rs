@@ -13,6 +13,7 @@ use rustls::{
 };
 
 use super::*;
+use crate::tls::traffic_secret::{take_logged, SecretLog};
 
 const SUITES: [SupportedCipherSuite; 3] = [
     provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
@@ -56,6 +57,7 @@ fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>
         .with_single_cert(vec![der.clone()], pk)
         .unwrap();
     server.enable_secret_extraction = true;
+    server.key_log = Arc::new(SecretLog);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
     let mut client = ClientConfig::builder_with_provider(one_suite)
@@ -64,6 +66,7 @@ fn configs(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConfig>
         .with_root_certificates(roots)
         .with_no_client_auth();
     client.enable_secret_extraction = true;
+    client.key_log = Arc::new(SecretLog);
     (Arc::new(server), Arc::new(client))
 }
 
@@ -80,24 +83,41 @@ fn transfer(a: &mut Connection, b: &mut Connection) {
     b.process_new_packets().unwrap();
 }
 
-/// A finished handshake: the client, and the server's keys (rustls dropped).
+/// A finished handshake: the client, and the server's keys (rustls dropped) with the
+/// traffic secrets its key log gave.
 fn session(suite: SupportedCipherSuite) -> (ClientConnection, RecordKeys) {
+    let (client, server, logged) = handshake(suite);
+    let secrets = server.dangerous_extract_secrets().unwrap();
+    let keys = RecordKeys::from_secrets(&secrets, version_of(suite), logged.as_deref()).unwrap();
+    (client, keys)
+}
+
+/// A finished handshake in memory: the client, the server, and the secrets the server's
+/// key log gave (the client's log is taken and dropped on the way).
+fn handshake(
+    suite: SupportedCipherSuite,
+) -> (
+    ClientConnection,
+    ServerConnection,
+    Option<Box<LoggedSecrets>>,
+) {
     let (sc, cc) = configs(suite);
     let client = ClientConnection::new(cc, ServerName::try_from("localhost").unwrap()).unwrap();
     let mut client = Connection::Client(client);
     let mut server = Connection::Server(ServerConnection::new(sc).unwrap());
+    let mut logged = None;
     while server.is_handshaking() || client.is_handshaking() || server.wants_write() {
         transfer(&mut client, &mut server);
+        logged = take_logged().or(logged);
         transfer(&mut server, &mut client);
+        take_logged();
     }
     let (Connection::Client(client), Connection::Server(server)) = (client, server) else {
         unreachable!()
     };
     let mut client = client;
     client.set_buffer_limit(None);
-    let secrets = server.dangerous_extract_secrets().unwrap();
-    let keys = RecordKeys::from_secrets(&secrets, version_of(suite)).unwrap();
-    (client, keys)
+    (client, server, logged)
 }
 
 /// Opens every whole record of `wire`, as the shard does, feeding it in `step`-byte
@@ -244,6 +264,7 @@ fn a_flipped_byte_is_a_bad_record_mac() {
             let mut keys = RecordKeys {
                 rx: clone_dir(&keys.rx),
                 tx: clone_dir(&keys.tx),
+                updates: None,
             };
             let mut bad = wire.clone();
             bad[at] ^= 0x40;
@@ -300,9 +321,79 @@ fn close_notify_both_ways_with(suite: SupportedCipherSuite) {
     );
 }
 
+/// A rustls client's KeyUpdate (it asks for ours): every suite, several generations,
+/// the records after it split at odd sizes. We open what follows with the next key,
+/// answer with our KeyUpdate before our next record, and the client reads what we seal
+/// after it.
 #[test]
-fn a_key_update_from_the_client_is_refused() {
-    let (mut client, mut keys) = session(SUITES[0]);
+fn a_key_update_from_the_client_is_followed_and_answered() {
+    for suite in SUITES {
+        let (mut client, mut keys) = session(suite);
+        assert!(keys.follows_key_updates(), "{suite:?}");
+        for round in 0..5u8 {
+            client.refresh_traffic_keys().unwrap();
+            let wire = client_sends(&mut client, &[round; 40]);
+            assert_eq!(open_all(&mut keys, &wire, 7).unwrap(), [round; 40]);
+            assert!(owed(&keys), "{suite:?}: the client asked for our update");
+            let rx_seq = keys.rx.seq;
+            assert_eq!(rx_seq, 1, "{suite:?}: numbered from 0 after the update");
+            let mut out = Vec::new();
+            keys.sealer().seal_data(&[round; 30], &mut out).unwrap();
+            assert!(!owed(&keys));
+            assert_eq!(
+                keys.tx.seq, 1,
+                "{suite:?}: our key moved on after our update"
+            );
+            assert_eq!(
+                client_reads(&mut client, &out),
+                [round; 30],
+                "{suite:?} {round}"
+            );
+        }
+    }
+}
+
+/// Whether `keys` owe the client a KeyUpdate.
+fn owed(keys: &RecordKeys) -> bool {
+    keys.updates.as_ref().is_some_and(|u| u.owed)
+}
+
+/// Our sending key moves on by itself one record before the AES-GCM limit, and the
+/// other end reads on across it (both ends on this layer: a rustls client cannot be
+/// made to read 2^24 records in a test). ChaCha20-Poly1305 has no such limit.
+#[test]
+fn our_sending_key_moves_on_before_its_limit() {
+    for suite in [SUITES[0], SUITES[1]] {
+        let (mut client, mut server) = both_ends(suite);
+        server.tx.seq = AES_GCM_RECORD_LIMIT - 3;
+        client.rx.seq = AES_GCM_RECORD_LIMIT - 3;
+        let mut out = Vec::new();
+        for i in 0..4u8 {
+            server.sealer().seal_data(&[i; 10], &mut out).unwrap();
+        }
+        assert_eq!(server.tx.seq, 2, "{suite:?}: two records on the new key");
+        let got = open_all(&mut client, &out, 9).unwrap();
+        assert_eq!(
+            got,
+            [[0u8; 10], [1; 10], [2; 10], [3; 10]].concat(),
+            "{suite:?}"
+        );
+        assert!(!owed(&client));
+    }
+    let (_client, mut keys) = session(SUITES[2]);
+    keys.tx.seq = u64::MAX - 10;
+    keys.sealer().seal_data(b"chacha", &mut Vec::new()).unwrap();
+    assert_eq!(keys.tx.seq, u64::MAX - 9);
+}
+
+/// Without known secrets (rustls updated its keys before the hand-over, or TLS 1.2) a
+/// KeyUpdate cannot be followed: refused with unexpected_message, as before.
+#[test]
+fn a_key_update_without_known_secrets_is_refused() {
+    let (mut client, server, _) = handshake(SUITES[0]);
+    let secrets = server.dangerous_extract_secrets().unwrap();
+    let mut keys = RecordKeys::from_secrets(&secrets, Version::Tls13, None).unwrap();
+    assert!(!keys.follows_key_updates());
     client.refresh_traffic_keys().unwrap();
     let wire = client_sends(&mut client, b"after");
     assert_eq!(
@@ -310,6 +401,73 @@ fn a_key_update_from_the_client_is_refused() {
         Err(RecordError::KeyUpdate)
     );
     assert_eq!(RecordError::KeyUpdate.alert(), Some(UNEXPECTED_MESSAGE));
+}
+
+/// A logged secret that does not derive its direction's key is not kept (it could only
+/// be another connection's).
+#[test]
+fn secrets_that_do_not_derive_the_keys_are_not_kept() {
+    let (_, server, logged) = handshake(SUITES[1]);
+    let logged = logged.expect("the key log gave the secrets");
+    let swapped = LoggedSecrets {
+        client: logged.server.clone(),
+        server: logged.client.clone(),
+    };
+    let secrets = server.dangerous_extract_secrets().unwrap();
+    let keys = RecordKeys::from_secrets(&secrets, Version::Tls13, Some(&swapped)).unwrap();
+    assert!(!keys.follows_key_updates());
+}
+
+/// A KeyUpdate must be the whole of its record and ask 0 or 1.
+#[test]
+fn a_key_update_is_alone_and_well_formed() {
+    let cases: [(&[u8], RecordError); 3] = [
+        (
+            &[KEY_UPDATE, 0, 0, 1, 2],
+            RecordError::IllegalParameter("KeyUpdate"),
+        ),
+        (
+            &[KEY_UPDATE, 0, 0, 1, 0, KEY_UPDATE, 0, 0, 1, 0],
+            RecordError::UnexpectedMessage("KeyUpdate not alone in its record"),
+        ),
+        (
+            &[4, 0, 0, 1, 0],
+            RecordError::UnexpectedMessage("handshake message after the handshake"),
+        ),
+    ];
+    for (msg, want) in cases {
+        let (mut client, mut server) = both_ends(SUITES[0]);
+        let mut wire = Vec::new();
+        client.sealer().seal(HANDSHAKE, msg, &mut wire).unwrap();
+        assert_eq!(server.opener().open(&mut wire), Err(want.clone()));
+        assert!(want.alert().is_some());
+    }
+    assert_eq!(
+        RecordError::IllegalParameter("KeyUpdate").alert(),
+        Some(ILLEGAL_PARAMETER)
+    );
+}
+
+/// Both ends on this record layer, updating each other for many generations in turn:
+/// each side opens what the other seals after its update.
+#[test]
+fn both_ends_follow_each_others_updates() {
+    for suite in SUITES {
+        let (mut client, mut server) = both_ends(suite);
+        assert!(client.follows_key_updates() && server.follows_key_updates());
+        for round in 0..40u8 {
+            let (from, to) = if round % 2 == 0 {
+                (&mut client, &mut server)
+            } else {
+                (&mut server, &mut client)
+            };
+            from.updates.as_mut().unwrap().owed = true;
+            let mut wire = Vec::new();
+            from.sealer().seal_data(&[round; 3], &mut wire).unwrap();
+            assert_eq!(open_all(to, &wire, 5).unwrap(), [round; 3], "{suite:?}");
+            assert!(!owed(to), "update_not_requested asks nothing back");
+        }
+    }
 }
 
 #[test]
@@ -402,7 +560,9 @@ fn headers_are_checked() {
 #[test]
 fn an_idle_connection_keeps_only_its_keys() {
     assert_eq!(std::mem::size_of::<DirectionKeys>(), 56);
-    assert_eq!(std::mem::size_of::<RecordKeys>(), 112);
+    assert_eq!(std::mem::size_of::<RecordKeys>(), 120);
+    // Out of line, TLS 1.3 only: a 112-byte malloc chunk.
+    assert!(std::mem::size_of::<KeyUpdates>() <= 104);
 }
 
 #[test]
@@ -486,10 +646,18 @@ fn random_records_are_refused_without_panicking() {
 /// Both ends on the record layer: the client's keys (to seal what a rustls client
 /// cannot be made to send) and the server's.
 fn both_ends(suite: SupportedCipherSuite) -> (RecordKeys, RecordKeys) {
-    let (client, server) = session(suite);
+    let (client, server, logged) = handshake(suite);
+    let version = version_of(suite);
+    let server_secrets = server.dangerous_extract_secrets().unwrap();
+    let server = RecordKeys::from_secrets(&server_secrets, version, logged.as_deref()).unwrap();
+    // The client receives with the server's secret and sends with its own.
+    let mirrored = logged.map(|l| LoggedSecrets {
+        client: l.server.clone(),
+        server: l.client.clone(),
+    });
     let secrets = client.dangerous_extract_secrets().unwrap();
     (
-        RecordKeys::from_secrets(&secrets, version_of(suite)).unwrap(),
+        RecordKeys::from_secrets(&secrets, version, mirrored.as_ref()).unwrap(),
         server,
     )
 }
@@ -523,7 +691,8 @@ fn alert_levels_per_version() {
 }
 
 /// The AES-GCM limit binds what we send (2^24.5 records in TLS 1.3, 2^24 in TLS 1.2),
-/// not what we receive: a client that keeps to its own limit is not cut off early.
+/// not what we receive: a client that keeps to its own limit is not cut off early. A
+/// key that cannot move on (TLS 1.2; TLS 1.3 without known secrets) is used up there.
 #[test]
 fn only_sending_has_a_record_limit() {
     for (suite, limit) in [
@@ -531,6 +700,7 @@ fn only_sending_has_a_record_limit() {
         (SUITES12[0], AES_GCM_TLS12_RECORD_LIMIT),
     ] {
         let (_client, mut keys) = session(suite);
+        keys.updates = None;
         keys.tx.seq = limit - 1;
         let mut out = Vec::new();
         assert!(keys.sealer().seal_data(b"last", &mut out).is_ok());

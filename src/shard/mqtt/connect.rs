@@ -95,6 +95,7 @@ impl Shard {
             accepted_at: d.accepted_at,
             tls: d.tls,
             tls_cursor: d.tls_cursor,
+            tls_secrets: d.tls_secrets,
             tls_in: d.tls_in,
             link: d.link,
             ws: d.ws,
