@@ -335,6 +335,7 @@ impl Server {
             start_handshakers(&config, &tls_config, &mailboxes, &metrics, &per_ip, &open)?;
         let mut shards = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let clock_start = shard::ClockStart::now();
         let per_shard = listeners
             .into_iter()
             .zip(tls_listeners)
@@ -343,6 +344,7 @@ impl Server {
         for (id, (((listener, tls), (ws, wss)), mailbox)) in per_shard.enumerate() {
             shards.push(shard::spawn(ShardContext {
                 id,
+                clock_start,
                 config: config.clone(),
                 listener,
                 tls,

@@ -95,10 +95,9 @@ async fn a_client_id_connected_to_two_nodes_while_nats_was_away_keeps_the_later_
     wait_ready_nats_down(a, true).await;
     wait_ready_nats_down(b, true).await;
     // The second connection is accepted over three seconds later: connected_at counts
-    // whole seconds on each shard's clock of 1 s ticks, and a connection handed from the
-    // shard that read its CONNECT to its home shard is rounded down twice (up to two
-    // seconds early), so the order is then certain. Node A cannot tell node B, whose
-    // registry entry stays.
+    // whole seconds (the tick it was accepted in, on clocks of 1 s ticks; each node's
+    // shards share one start, and the two nodes' starts differ), so the order is then
+    // certain. Node A cannot tell node B, whose registry entry stays.
     tokio::time::sleep(Duration::from_millis(3200)).await;
     let (mut new, _) = Raw::connected_v5(a.mqtt, &connect5("split", 60, true, None)).await;
     // Node A's claim failed (not merely waiting for NATS).

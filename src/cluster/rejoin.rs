@@ -8,7 +8,8 @@
 //! - no entry (or a deleted one): it is created by compare-and-set;
 //! - this node's: nothing to do;
 //! - another node's: the two connections are compared by the time each was accepted
-//!   (`connected_at`: whole seconds on the shard's clock, so to a tick, `[shards] tick_ms`;
+//!   (`connected_at`: whole seconds, the start of the tick it was accepted in, `[shards]
+//!   tick_ms`, the same on every shard of a node;
 //!   equal: the larger node id), asking that node on its
 //!   `client` subject. The later one wins, as in a takeover: if it is this node's, the
 //!   entry is claimed on top of the other's revision and the other node is asked to close

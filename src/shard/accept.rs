@@ -408,11 +408,7 @@ impl Shard {
             self.release_detached(peer);
             return None;
         }
-        let elapsed = self.clock.now_instant.saturating_duration_since(accepted);
-        let accepted_at = self
-            .clock
-            .now32()
-            .saturating_sub(self.settings.ticks(elapsed.as_secs_f64()));
+        let accepted_at = self.clock.tick_of(accepted);
         let idle = self
             .settings
             .connect_timeout_ticks

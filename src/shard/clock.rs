@@ -1,11 +1,29 @@
 //! The shard's clock: read once per loop turn, in ticks (the timing wheel's unit) and as
-//! an `Instant` (message expiry, rate limits), both counted from the shard's start.
+//! an `Instant` (message expiry, rate limits), both counted from the shards' common start
+//! ([`ClockStart`]): tick `t` is the same moment on every shard, so a connection handed
+//! from one shard to another keeps the tick it was accepted in.
 //!
 //! The shard reads time only through its clock. A clock follows the system's monotonic
 //! time, or, made with [`Clock::manual`], moves only when told (for tests of the timing
 //! logic that must not sleep).
 
 use std::time::{Duration, Instant, SystemTime};
+
+/// When every shard's clock starts: taken once, before the shards are spawned.
+#[derive(Clone, Copy, Debug)]
+pub struct ClockStart {
+    pub instant: Instant,
+    pub wall: SystemTime,
+}
+
+impl ClockStart {
+    pub fn now() -> Self {
+        ClockStart {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
 
 pub(super) struct Clock {
     pub started: Instant,
@@ -25,28 +43,24 @@ enum Source {
 }
 
 impl Clock {
-    /// A clock on the system's monotonic time.
-    pub(super) fn new(tick: Duration) -> Self {
-        Self::with_source(tick, Source::System)
+    /// A clock on the system's monotonic time, counting from `start`.
+    pub(super) fn new(tick: Duration, start: ClockStart) -> Self {
+        Self::with_source(tick, start, Source::System)
     }
 
-    /// A clock that moves only by [`Clock::advance`].
+    /// A clock that moves only by [`Clock::advance`], from `start`.
     #[cfg(test)]
-    pub(super) fn manual(tick: Duration) -> Self {
-        Self::with_source(tick, Source::Manual(Instant::now()))
+    pub(super) fn manual(tick: Duration, start: ClockStart) -> Self {
+        Self::with_source(tick, start, Source::Manual(start.instant))
     }
 
-    fn with_source(tick: Duration, source: Source) -> Self {
-        let started = match source {
-            Source::System => Instant::now(),
-            Source::Manual(at) => at,
-        };
+    fn with_source(tick: Duration, start: ClockStart, source: Source) -> Self {
         Clock {
-            started,
-            started_wall: SystemTime::now(),
+            started: start.instant,
+            started_wall: start.wall,
             tick,
             now: 0,
-            now_instant: started,
+            now_instant: start.instant,
             source,
         }
     }
@@ -89,6 +103,14 @@ impl Clock {
     pub(super) fn instant_of(&self, t: u32) -> Instant {
         self.started + self.tick * t
     }
+
+    /// The tick `at` falls in (0 before the start), at most the current one: the inverse
+    /// of [`Clock::instant_of`], so a tick's start maps back to that tick exactly.
+    pub(super) fn tick_of(&self, at: Instant) -> u32 {
+        let since = at.saturating_duration_since(self.started).as_millis();
+        let tick = (since / self.tick.as_millis().max(1)) as u64;
+        tick.min(self.now) as u32
+    }
 }
 
 #[cfg(test)]
@@ -99,7 +121,7 @@ mod tests {
 
     #[test]
     fn a_manual_clock_counts_whole_ticks_and_moves_only_when_told() {
-        let mut c = Clock::manual(Duration::from_millis(100));
+        let mut c = Clock::manual(Duration::from_millis(100), ClockStart::now());
         c.update();
         assert_eq!((c.now, c.now_ns()), (0, 0));
         c.advance(Duration::from_millis(99));
@@ -112,10 +134,31 @@ mod tests {
         assert_eq!(c.read(), c.now_instant);
     }
 
+    /// Two shards' clocks from one start agree on ticks: the start of a tick on one maps
+    /// to that same tick on the other (a connection handed between them keeps its
+    /// accept tick), never past the current one, and 0 before the start.
+    #[test]
+    fn clocks_from_one_start_agree_on_ticks() {
+        let start = ClockStart::now();
+        let (mut a, mut b) = (
+            Clock::manual(Duration::from_millis(1000), start),
+            Clock::manual(Duration::from_millis(1000), start),
+        );
+        a.advance(Duration::from_millis(7_999));
+        b.advance(Duration::from_millis(9_500));
+        assert_eq!(a.now32(), 7);
+        for t in 0..=7 {
+            assert_eq!(b.tick_of(a.instant_of(t)), t);
+            assert_eq!(b.tick_of(a.instant_of(t) + Duration::from_millis(999)), t);
+        }
+        assert_eq!(a.tick_of(b.now_instant), 7, "not past the current tick");
+        assert_eq!(a.tick_of(start.instant - Duration::from_millis(1)), 0);
+    }
+
     #[test]
     fn keep_alive_expires_at_one_and_a_half_times_on_a_manual_clock() {
         // Keep-alive 2 s at 100 ms ticks: 30 ticks of silence allowed, closed on the 31st.
-        let mut c = Clock::manual(Duration::from_millis(100));
+        let mut c = Clock::manual(Duration::from_millis(100), ClockStart::now());
         let t = Timing {
             last_seen: 0,
             idle_ticks: 30,

@@ -87,6 +87,7 @@ use crate::metrics::{DisconnectReason, ShardMetrics};
 
 use accept::{Admission, Admit};
 use clock::Clock;
+pub use clock::ClockStart;
 pub use conn::{Conn, ConnBufs, ConnState, Link, Peer};
 /// How a shard cuts a listing into pages (the fleet's tests page through it too).
 #[cfg(test)]
@@ -118,6 +119,8 @@ const MAILBOX_PER_TURN: usize = 256;
 /// Everything a shard is started with.
 pub struct ShardContext {
     pub id: usize,
+    /// When the shards' clocks start (the same for all of them).
+    pub clock_start: ClockStart,
     /// Read once, into the shard's [`Settings`] and ACL.
     pub config: Arc<Config>,
     pub listener: std::net::TcpListener,
@@ -273,7 +276,7 @@ impl Shard {
     /// test gives it `Clock::manual`).
     fn with_clock(
         ctx: ShardContext,
-        clock: fn(Duration) -> Clock,
+        clock: fn(Duration, ClockStart) -> Clock,
     ) -> io::Result<(Self, mpsc::Receiver<ShardMsg>)> {
         let settings = Settings::from_config(&ctx.config);
         let acl = crate::acl::Acl::from_config(&ctx.config.acl)
@@ -302,7 +305,7 @@ impl Shard {
             }
             None => None,
         };
-        let clock = clock(settings.tick);
+        let clock = clock(settings.tick, ctx.clock_start);
         let connect_bucket =
             TokenBucket::new(settings.connect_rate, settings.connect_burst, clock.read());
         let shards = ctx.mailboxes.len();

@@ -67,6 +67,7 @@ pub(super) fn manual_shard_tls(
     let auth = crate::auth::Authenticator::from_config(&config.auth, 1).expect("auth");
     let ctx = ShardContext {
         id: 0,
+        clock_start: crate::shard::ClockStart::now(),
         config: config.clone(),
         listener,
         tls,
