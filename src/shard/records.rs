@@ -282,7 +282,9 @@ impl Shard {
         {
             return;
         }
-        // What rustls still has to send (session tickets, output) goes out first.
+        // What rustls still has to send (session tickets, output, the KeyUpdate it owes)
+        // goes out first.
+        crate::tls::traffic_secret::release_owed_key_update(tls);
         while tls.wants_write() {
             if tls.write_tls(&mut bufs.tls_out).is_err() {
                 return;

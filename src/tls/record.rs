@@ -37,8 +37,10 @@
 //! KeyUpdate goes out before our next record (`KeyUpdates::owed`), and the sending key moves
 //! on after it. Our sending key also moves on by itself one record before the AES-GCM
 //! confidentiality limit (2^24.5 records, RFC 8446 §5.5). A connection whose secrets are
-//! unknown (rustls updated its keys before the hand-over) refuses a KeyUpdate with an
-//! alert, and closes at the limit, as one without this support would.
+//! unknown refuses a KeyUpdate with an alert, and closes at the limit, as one without
+//! this support would; KeyUpdates rustls followed before the hand-over are caught up
+//! with (up to 32 generations). More than 32 KeyUpdates without application data
+//! between them close the connection (each costs key derivations; rustls allows 32).
 //!
 //! Not supported, and refused with an alert (the connection closes and the device
 //! reconnects): a TLS 1.2 renegotiation request (rustls answers the first with a
@@ -277,10 +279,21 @@ impl DirectionKeys {
         Ok(d)
     }
 
-    /// Whether `secret` (TLS 1.3) derives exactly this key and IV.
-    fn derives_from(&self, secret: &TrafficSecret) -> bool {
+    /// The generation of `secret` (TLS 1.3) that derives exactly this key and IV: the
+    /// logged one, or a later one if rustls followed KeyUpdates before the hand-over.
+    fn current(&self, secret: &TrafficSecret) -> Option<TrafficSecret> {
+        if self.version != Version::Tls13 {
+            return None;
+        }
         let key = &self.key[..usize::from(self.key_len)];
-        self.version == Version::Tls13 && secret.derives(key, &self.iv)
+        let mut s = secret.clone();
+        for _ in 0..=GENERATIONS_BEHIND {
+            if s.derives(key, &self.iv) {
+                return Some(s);
+            }
+            s = s.next();
+        }
+        None
     }
 
     /// Moves to the next generation of keys (a KeyUpdate), `secret` with it, numbering
@@ -361,7 +374,16 @@ struct KeyUpdates {
     tx: TrafficSecret,
     /// The client asked for our KeyUpdate; it goes before our next record.
     owed: bool,
+    /// The client's KeyUpdates since its last non-empty application data.
+    in_a_row: u8,
 }
+
+/// The most KeyUpdates a client may send without application data between them.
+const KEY_UPDATES_IN_A_ROW: u8 = 32;
+
+/// How many generations a secret may have moved on before the hand-over (KeyUpdates
+/// rustls followed while it still ran the connection).
+const GENERATIONS_BEHIND: usize = 32;
 
 /// What an opened record carried.
 #[derive(Debug, PartialEq, Eq)]
@@ -385,15 +407,14 @@ impl RecordKeys {
     ) -> Result<Self, RecordError> {
         let rx = DirectionKeys::new(s.rx.0, &s.rx.1, version)?;
         let tx = DirectionKeys::new(s.tx.0, &s.tx.1, version)?;
-        let updates = logged
-            .filter(|l| rx.derives_from(&l.client) && tx.derives_from(&l.server))
-            .map(|l| {
-                Box::new(KeyUpdates {
-                    rx: l.client.clone(),
-                    tx: l.server.clone(),
-                    owed: false,
-                })
-            });
+        let updates = logged.and_then(|l| {
+            Some(Box::new(KeyUpdates {
+                rx: rx.current(&l.client)?,
+                tx: tx.current(&l.server)?,
+                owed: false,
+                in_a_row: 0,
+            }))
+        });
         Ok(RecordKeys { rx, tx, updates })
     }
 
@@ -467,7 +488,12 @@ impl Opener<'_> {
         }
         let data = HEADER_LEN..HEADER_LEN + end;
         match plain[end] {
-            APPLICATION_DATA => Ok(Opened::Data(data)),
+            APPLICATION_DATA => {
+                if let (Some(u), true) = (self.updates.as_deref_mut(), end > 0) {
+                    u.in_a_row = 0;
+                }
+                Ok(Opened::Data(data))
+            }
             ALERT => alert(&plain[..end], Version::Tls13),
             HANDSHAKE => self.key_update(&plain[..end]),
             _ => Err(RecordError::UnexpectedMessage("content type")),
@@ -603,6 +629,14 @@ impl Opener<'_> {
         let Some(updates) = self.updates.as_deref_mut() else {
             return Err(RecordError::KeyUpdate);
         };
+        // Each costs three key derivations and a new AES key schedule: a client sending
+        // nothing else must not keep the shard busy with them (rustls allows 32 too).
+        updates.in_a_row += 1;
+        if updates.in_a_row > KEY_UPDATES_IN_A_ROW {
+            return Err(RecordError::UnexpectedMessage(
+                "KeyUpdates without application data",
+            ));
+        }
         self.dir.update(&mut updates.rx);
         updates.owed |= requested;
         self.key = self.dir.less_safe_key();
@@ -637,12 +671,18 @@ impl Sealer<'_> {
     }
 
     /// One record of content type `typ` in the connection's format.
+    /// A record that cannot be sealed leaves nothing in `out` (no plaintext goes out).
     fn seal(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         debug_assert!(plain.len() <= MAX_PLAINTEXT);
-        match self.dir.version {
+        let at = out.len();
+        let sealed = match self.dir.version {
             Version::Tls13 => self.seal13(typ, plain, out),
             Version::Tls12 => self.seal12(typ, plain, out),
+        };
+        if sealed.is_err() {
+            out.truncate(at);
         }
+        sealed
     }
 
     /// TLS 1.3: our KeyUpdate first if one is owed or due, then the record.

@@ -353,6 +353,110 @@ fn a_key_update_from_the_client_is_followed_and_answered() {
     }
 }
 
+/// The client side of [`both_ends`] sends a KeyUpdate (`request` 0 or 1) and moves its
+/// own sending key on, as a TLS 1.3 peer does.
+fn send_key_update(client: &mut RecordKeys, request: u8, wire: &mut Vec<u8>) {
+    let msg = [KEY_UPDATE, 0, 0, 1, request];
+    client.sealer().seal(HANDSHAKE, &msg, wire).unwrap();
+    let updates = client.updates.as_deref_mut().unwrap();
+    client.tx.update(&mut updates.tx);
+}
+
+/// Records after a KeyUpdate in the same read are opened with the next key
+/// (`open_many`), and a request is still owed after a later unrequested update.
+#[test]
+fn one_read_spans_key_updates_and_a_request_stays_owed() {
+    let (mut client, mut server) = both_ends(SUITES[1]);
+    let mut wire = Vec::new();
+    client.sealer().seal_data(b"one ", &mut wire).unwrap();
+    send_key_update(&mut client, 1, &mut wire);
+    client.sealer().seal_data(b"two ", &mut wire).unwrap();
+    send_key_update(&mut client, 0, &mut wire);
+    client.sealer().seal_data(b"three", &mut wire).unwrap();
+    let batch = server.opener().open_many(&mut wire);
+    assert_eq!((batch.plain, batch.used, batch.end), (13, wire.len(), None));
+    assert_eq!(&wire[..13], b"one two three");
+    assert!(owed(&server), "the first update asked for ours");
+    let mut back = Vec::new();
+    server.sealer().seal_data(b"ok", &mut back).unwrap();
+    assert_eq!(open_all(&mut client, &back, 4).unwrap(), b"ok");
+}
+
+/// More than 32 KeyUpdates without application data between them close the connection;
+/// application data starts the count again.
+#[test]
+fn key_updates_without_data_are_limited() {
+    let (mut client, mut server) = both_ends(SUITES[0]);
+    for round in 0..3 {
+        let mut wire = Vec::new();
+        for _ in 0..KEY_UPDATES_IN_A_ROW {
+            send_key_update(&mut client, 0, &mut wire);
+        }
+        client.sealer().seal_data(&[round], &mut wire).unwrap();
+        assert_eq!(open_all(&mut server, &wire, wire.len()).unwrap(), [round]);
+    }
+    let mut wire = Vec::new();
+    for _ in 0..=KEY_UPDATES_IN_A_ROW {
+        send_key_update(&mut client, 0, &mut wire);
+    }
+    assert_eq!(
+        open_all(&mut server, &wire, wire.len()),
+        Err(RecordError::UnexpectedMessage(
+            "KeyUpdates without application data"
+        ))
+    );
+}
+
+/// KeyUpdates rustls followed while it still ran the connection (a client updating
+/// right after its handshake) are caught up with at the hand-over.
+#[test]
+fn key_updates_before_the_hand_over_are_caught_up_with() {
+    let (client, server, logged) = handshake(SUITES[2]);
+    let (mut client, mut server) = (Connection::Client(client), Connection::Server(server));
+    for _ in 0..3 {
+        let Connection::Client(c) = &mut client else {
+            unreachable!()
+        };
+        c.refresh_traffic_keys().unwrap();
+        c.writer().write_all(b"x").unwrap();
+        transfer(&mut client, &mut server);
+        transfer(&mut server, &mut client);
+    }
+    let (Connection::Client(mut client), Connection::Server(mut server)) = (client, server) else {
+        unreachable!()
+    };
+    let mut got = [0; 3];
+    server.reader().read_exact(&mut got).unwrap();
+    // As the shard's hand-over does: what rustls owes goes out before its keys are taken.
+    crate::tls::traffic_secret::release_owed_key_update(&mut server);
+    let mut owed = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut owed).unwrap();
+    }
+    assert!(!owed.is_empty(), "rustls owed the client a KeyUpdate");
+    client_reads(&mut client, &owed);
+    let secrets = server.dangerous_extract_secrets().unwrap();
+    let mut keys = RecordKeys::from_secrets(&secrets, Version::Tls13, logged.as_deref()).unwrap();
+    assert!(keys.follows_key_updates());
+    client.refresh_traffic_keys().unwrap();
+    let wire = client_sends(&mut client, b"later");
+    assert_eq!(open_all(&mut keys, &wire, 3).unwrap(), b"later");
+    let mut out = Vec::new();
+    keys.sealer().seal_data(b"answer", &mut out).unwrap();
+    assert_eq!(client_reads(&mut client, &out), b"answer");
+}
+
+/// TLS 1.2 has no KeyUpdate: nothing is kept for one, and its handshake logs nothing
+/// (rustls logs its master secret without asking `will_log`).
+#[test]
+fn tls12_keeps_no_secrets() {
+    let (_client, server, logged) = handshake(SUITES12[0]);
+    assert!(logged.is_none());
+    let secrets = server.dangerous_extract_secrets().unwrap();
+    let keys = RecordKeys::from_secrets(&secrets, Version::Tls12, None).unwrap();
+    assert!(!keys.follows_key_updates());
+}
+
 /// Whether `keys` owe the client a KeyUpdate.
 fn owed(keys: &RecordKeys) -> bool {
     keys.updates.as_ref().is_some_and(|u| u.owed)

@@ -14,7 +14,9 @@
 //! dropped, never used.
 //!
 //! Invariants: a secret is 32 bytes (SHA-256 suites) or 48 (SHA-384), or unknown
-//! (`len == 0`); every copy is wiped when dropped.
+//! (`len == 0`). A `TrafficSecret` is wiped when dropped; that is best effort, as for
+//! the keys: copies a move leaves behind, and ring's HMAC key built from it for a
+//! derivation, are not.
 
 use std::cell::RefCell;
 
@@ -157,6 +159,10 @@ pub struct SecretLog;
 
 impl rustls::KeyLog for SecretLog {
     fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        // rustls logs TLS 1.2's master secret without asking `will_log`.
+        if !self.will_log(label) {
+            return;
+        }
         let Some(secret) = TrafficSecret::new(secret) else {
             return;
         };
@@ -174,6 +180,16 @@ impl rustls::KeyLog for SecretLog {
     fn will_log(&self, label: &str) -> bool {
         label == CLIENT_SECRET || label == SERVER_SECRET
     }
+}
+
+/// Has rustls queue for sending the KeyUpdate it owes the client, if any. rustls answers a
+/// client's update_requested by moving its sending key on at once but keeps our
+/// KeyUpdate aside until it next sends something (`wants_write` says nothing of it); a
+/// hand-over without it would leave the client on the old key. An empty write makes
+/// rustls put it out and sends nothing else.
+pub fn release_owed_key_update(conn: &mut rustls::ServerConnection) {
+    use std::io::Write;
+    let _ = conn.writer().write(&[]);
 }
 
 /// What [`SecretLog`] kept on this thread since the last call: the secrets of the
