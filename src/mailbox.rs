@@ -251,6 +251,9 @@ pub enum ShardMsg {
     /// update (an empty payload clears) to decide as one of its own devices' (not routed
     /// to subscribers).
     FleetRetained(Arc<Message>),
+    /// From the fleet's routing: NATS holds the subscriptions of some of this shard's
+    /// subscribe barriers (`RouteHandle::subscribed`); their SUBACKs may go.
+    FleetSubscribed,
     /// From the fleet's routing, to the owner shard of shared group `key`
     /// (`{group}/{filter}`): NATS picked this node's members for `msg`; one of them gets it.
     FleetShared {

@@ -177,6 +177,57 @@ async fn qos1_messages_of_one_publisher_keep_their_order_on_another_node() {
 }
 
 /// Waits until `gw` holds `n` NATS subscriptions for its filters.
+/// A SUBACK on one node means the other nodes reach the subscriber: a message published
+/// on node A right after a device on node B read the SUBACK of a filter new to B
+/// arrives, every time (without the SUBACK waiting for NATS to hold the subscription,
+/// about one in twelve was lost here). Each round is a new device and a new filter, so
+/// each SUBSCRIBE gives node B a filter NATS has not seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_elsewhere_right_after_the_suback_arrives() {
+    use common::Raw;
+    let (_nats, gw) = fleet("route-suback", &["node-a", "node-b"]).await;
+    let (a, b) = (&gw[0], &gw[1]);
+    // While a routing connection is still coming up a SUBACK does not wait (nothing
+    // could be promised then): start once both are up.
+    for node in [a, b] {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        while node.metric("gateway_fleet_route_connected").await != 1.0 {
+            assert!(tokio::time::Instant::now() < end, "routing never connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut publisher = Raw::connect(a.mqtt).await;
+    publisher
+        .send(&Raw::connect_v4("suback-pub", 60, true))
+        .await;
+    assert!(matches!(
+        publisher.next_v4(DEADLINE).await,
+        Ok(mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    for round in 0..150 {
+        let mut sub = Raw::connect(b.mqtt).await;
+        sub.send(&Raw::connect_v4(&format!("suback-{round}"), 60, true))
+            .await;
+        assert!(matches!(
+            sub.next_v4(DEADLINE).await,
+            Ok(mqttbytes::v4::Packet::ConnAck(_))
+        ));
+        let topic = format!("suback/{round}");
+        sub.send(&Raw::subscribe_v4(&topic, 0, 1)).await;
+        assert!(matches!(
+            sub.next_v4(DEADLINE).await,
+            Ok(mqttbytes::v4::Packet::SubAck(_))
+        ));
+        publisher
+            .send(&Raw::publish_v4(&topic, 0, 0, b"right after"))
+            .await;
+        match sub.next_v4(DEADLINE).await {
+            Ok(mqttbytes::v4::Packet::Publish(p)) => assert_eq!(p.topic, topic),
+            other => panic!("round {round}: {other:?} instead of the message"),
+        }
+    }
+}
+
 async fn subscriptions_become(gw: &GatewayProcess, n: f64) {
     let sample = "gateway_fleet_route_subscriptions";
     let end = tokio::time::Instant::now() + DEADLINE;

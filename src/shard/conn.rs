@@ -270,13 +270,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(b.writable_end(), 10);
-        b.holds.push_back((6, 1, 0));
-        b.holds.push_back((8, 2, 2));
+        b.holds.push_back((6, 1, 0, 0));
+        b.holds.push_back((8, 2, 2, 1));
         assert_eq!((b.writable_end(), b.held_len()), (6, 4));
         b.out_pos = 4;
         b.compact();
         assert_eq!(b.out, b"456789");
-        assert_eq!(b.holds, [(2, 1, 0), (4, 2, 2)]);
+        assert_eq!(b.holds, [(2, 1, 0, 0), (4, 2, 2, 1)]);
         assert_eq!(&b.out[b.out_pos..b.writable_end()], b"45");
     }
 

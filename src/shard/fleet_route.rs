@@ -8,14 +8,32 @@
 //! here waits: the offer is a push on a
 //! bounded lock-free queue, an interest change a send on an unbounded channel; while the
 //! queue is backlogged, publishers are held as for a full outbox (`pacing.rs`).
+//!
+//! A SUBACK waits until the fleet can reach the subscriber ([`FleetSubacks`]; the
+//! routing module doc says why): a SUBSCRIBE that reported a filter new here sends an
+//! `Interest::Barrier` with the next ticket after it, and its output (the SUBACK, then
+//! retained messages) is held (`held.rs`) until the routing task confirms the ticket,
+//! the routing connection is down, or `cluster.request_timeout_ms` passed.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::cluster::routing::Interest;
 use crate::message::Message;
 use crate::topic::Subscriber;
 
 use super::Shard;
+
+/// This shard's subscribe barriers: the last ticket sent, whether a filter new here was
+/// reported since, and the tickets SUBACKs wait for, in order, each with the time it is
+/// let go anyway. Tickets and those times only grow.
+#[derive(Default)]
+pub(super) struct FleetSubacks {
+    ticket: u64,
+    added: bool,
+    waiting: VecDeque<(u64, Instant)>,
+}
 
 impl Shard {
     /// Adds `sub` to the index under `filter`; the fleet hears of a filter new here.
@@ -24,6 +42,53 @@ impl Shard {
         self.routing.subs.insert(filter, sub);
         if let (true, Some(route)) = (fresh, &self.services.fleet_route) {
             route.interest(Interest::Add(filter.clone()));
+            self.fleet_subacks.added = true;
+        }
+    }
+
+    /// After a SUBSCRIBE whose output starts at `out_len`: if filters new here were
+    /// reported since the last barrier, a barrier follows them; if a barrier is not
+    /// confirmed yet, the output waits for it. Nothing waits while the routing connection
+    /// is down.
+    pub(super) fn suback_barrier(&mut self, key: usize, out_len: usize) {
+        let Some(route) = &self.services.fleet_route else {
+            return;
+        };
+        let subacks = &mut self.fleet_subacks;
+        if std::mem::take(&mut subacks.added) {
+            subacks.ticket += 1;
+            let (shard, ticket) = (self.id as u16, subacks.ticket);
+            route.interest(Interest::Barrier { shard, ticket });
+            let until = self.clock.now_instant + self.settings.fleet_suback_wait;
+            subacks.waiting.push_back((ticket, until));
+        }
+        let ticket = subacks.ticket;
+        if route.connected() && route.subscribed.confirmed(self.id) < ticket {
+            self.hold_for_fleet(key, out_len, ticket);
+        }
+    }
+
+    /// Lets go the barrier tickets NATS confirmed, or that waited their time, or all of
+    /// them while the routing connection is down (`held.rs` then writes their SUBACKs).
+    pub(super) fn fleet_release(&mut self) {
+        let Some(route) = &self.services.fleet_route else {
+            return;
+        };
+        let waiting = &mut self.fleet_subacks.waiting;
+        if waiting.is_empty() {
+            return;
+        }
+        let confirmed = match route.connected() {
+            true => route.subscribed.confirmed(self.id),
+            false => u64::MAX,
+        };
+        let now = self.clock.now_instant;
+        while let Some(&(ticket, until)) = waiting.front() {
+            if ticket > confirmed && now < until {
+                break;
+            }
+            waiting.pop_front();
+            self.held.fleet_released(ticket);
         }
     }
 

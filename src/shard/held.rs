@@ -40,7 +40,12 @@
 //! a shared-subscription delivery that its group's owner shard forwards to a member homed
 //! on a third shard: the acknowledgement covers the owner's turn, not the forwarded copy.
 //!
-//! Only with `[store] durability = "immediate"`. With `"eventual"` nothing is held.
+//! Only with `[store] durability = "immediate"`. With `"eventual"` nothing is held for the
+//! store.
+//!
+//! **The fleet.** A SUBACK in a fleet is held the same way until NATS holds the
+//! subscriptions of the filters it granted (`Interest::Barrier`, `fleet_route.rs`), so
+//! that a message another node publishes after the client read its SUBACK reaches it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -82,6 +87,11 @@ pub(super) struct Held {
     owed: VecDeque<(u64, u16, u64)>,
     /// Answers ready to send (the mailbox was full): per shard, (stamp, ok).
     unsent: Vec<Option<(u64, bool)>>,
+    /// The highest fleet barrier ticket let go (confirmed by NATS, or waited out):
+    /// holds for it or an earlier one are ready.
+    fleet: u64,
+    /// `fleet` moved since the holds were last looked at.
+    fleet_changed: bool,
 }
 
 /// Where a connection's output ended, the turn's store ops, and an outbox's length,
@@ -101,8 +111,9 @@ enum Release {
 }
 
 /// One held acknowledgement: its offset in the output, the own store batch it waits for
-/// (0: none) and the routing stamp every other shard must answer (0: none).
-pub(super) type Hold = (usize, u64, u64);
+/// (0: none), the routing stamp every other shard must answer (0: none) and the fleet
+/// barrier ticket it waits for (0: none).
+pub(super) type Hold = (usize, u64, u64, u64);
 
 impl Held {
     /// `signal` is the shard's store handle's, when acknowledgements wait for commits.
@@ -120,6 +131,16 @@ impl Held {
             received: Vec::new(),
             owed: VecDeque::new(),
             unsent: vec![None; shards],
+            fleet: 0,
+            fleet_changed: false,
+        }
+    }
+
+    /// Fleet barrier tickets up to `ticket` are let go.
+    pub(super) fn fleet_released(&mut self, ticket: u64) {
+        if ticket > self.fleet {
+            self.fleet = ticket;
+            self.fleet_changed = true;
         }
     }
 
@@ -216,9 +237,36 @@ impl Shard {
                 if bufs.holds.is_empty() {
                     self.held.waiting.push(key as u32);
                 }
-                bufs.holds.push_back((mark.out_len, own, route));
+                bufs.holds.push_back((mark.out_len, own, route, 0));
             }
         }
+    }
+
+    /// After a SUBSCRIBE in a fleet: its output from `out_len` on (the SUBACK, then any
+    /// retained messages) waits for fleet barrier `ticket` (with the store hold this
+    /// packet may have got, if any: it is the last one, at the same offset).
+    pub(super) fn hold_for_fleet(&mut self, key: usize, out_len: usize, ticket: u64) {
+        let Some(bufs) = self.wire.conns.get_mut(key).and_then(|c| c.bufs.as_mut()) else {
+            return;
+        };
+        if bufs.out.len() <= out_len {
+            return;
+        }
+        match bufs.holds.back_mut() {
+            Some(h) if h.0 == out_len => h.3 = h.3.max(ticket),
+            _ => {
+                if bufs.holds.is_empty() {
+                    self.held.waiting.push(key as u32);
+                }
+                bufs.holds.push_back((out_len, 0, 0, ticket));
+            }
+        }
+    }
+
+    /// Where connection `key`'s output ends now.
+    pub(super) fn output_len(&self, key: usize) -> usize {
+        let bufs = self.wire.conns.get(key).and_then(|c| c.bufs.as_ref());
+        bufs.map_or(0, |b| b.out.len())
     }
 
     /// Messages still in an outbox were routed this turn or earlier; true if there are.
@@ -327,20 +375,30 @@ impl Shard {
     /// Once per turn, before the writes: releases the holds that are done (the connection
     /// is written this turn) and closes the connections whose batch failed.
     pub(super) fn release_held(&mut self) {
-        let Some(signal) = self.held.signal.as_ref() else {
-            return;
+        self.fleet_release();
+        let (done, failed) = match self.held.signal.as_ref() {
+            Some(s) => (
+                s.done.load(Ordering::Acquire),
+                s.failed.load(Ordering::Relaxed),
+            ),
+            None if self.held.fleet_changed => (u64::MAX, 0),
+            None => return,
         };
-        let done = signal.done.load(Ordering::Acquire);
-        if done == self.held.seen && !self.held.answers_changed {
+        if done == self.held.seen && !self.held.answers_changed && !self.held.fleet_changed {
             return;
         }
         self.held.seen = done;
         self.held.answers_changed = false;
-        let failed = signal.failed.load(Ordering::Relaxed);
-        self.note_routed();
-        let routed = self.held.routed_durable();
+        self.held.fleet_changed = false;
+        let routed = if self.held.signal.is_some() {
+            self.note_routed();
+            self.held.routed_durable()
+        } else {
+            u64::MAX
+        };
         let route_failed = self.held.route_failed;
-        let ready = move |h: &Hold| (h.1 <= done) && (h.2 <= routed);
+        let fleet = self.held.fleet;
+        let ready = move |h: &Hold| (h.1 <= done) && (h.2 <= routed) && (h.3 <= fleet);
         let lost = move |h: &Hold| (h.1 != 0 && h.1 <= failed) || (h.2 != 0 && h.2 <= route_failed);
         let mut waiting = std::mem::take(&mut self.held.waiting);
         waiting.sort_unstable();

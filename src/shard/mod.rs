@@ -188,6 +188,8 @@ pub struct Shard {
     seq: crate::events::SeqGen,
     /// MQTT acknowledgements waiting for the store commit (see `held.rs`).
     held: held::Held,
+    /// SUBACKs waiting for the fleet to hold their filters (see `fleet_route.rs`).
+    fleet_subacks: fleet_route::FleetSubacks,
 }
 
 /// What one loop turn left behind.
@@ -380,6 +382,7 @@ impl Shard {
                 pending_replies: Vec::new(),
                 seq: Default::default(),
                 held,
+                fleet_subacks: Default::default(),
             },
             ctx.mailbox,
         ))
@@ -693,6 +696,8 @@ impl Shard {
             ShardMsg::FleetPublish(batch) => self.on_fleet_publish(batch),
             ShardMsg::FleetRetained(msg) => self.order_retained(&msg),
             ShardMsg::FleetShared { key, msg } => self.on_fleet_shared(&key, &msg),
+            // The turn's `release_held` looks at the confirmed tickets.
+            ShardMsg::FleetSubscribed => {}
         }
     }
 

@@ -17,6 +17,9 @@ pub struct Settings {
     pub connect_timeout_ticks: u32,
     /// The same timeout as a duration, for the authentication deadline.
     pub connect_timeout: Duration,
+    /// The longest a SUBACK waits for the fleet to hold its filters
+    /// (`cluster.request_timeout_ms`, see `fleet_route.rs`).
+    pub fleet_suback_wait: Duration,
     pub max_keepalive_secs: u16,
     /// What a CONNECT with keep-alive 0 is granted (`mqtt.keepalive_zero`).
     pub keepalive_zero: KeepaliveZero,
@@ -105,6 +108,7 @@ impl Settings {
             max_client_id_len: usize::from(c.mqtt.max_client_id_len),
             connect_timeout_ticks: ticks(c.mqtt.connect_timeout_secs as u64),
             connect_timeout: c.mqtt.connect_timeout(),
+            fleet_suback_wait: c.cluster.request_timeout(),
             max_keepalive_secs: c.mqtt.max_keepalive_secs,
             keepalive_zero: c.mqtt.keepalive_zero,
             keepalive_jitter_pct: c.mqtt.keepalive_jitter_pct,

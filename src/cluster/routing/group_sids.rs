@@ -10,7 +10,9 @@
 //! PONG is read, nothing more can arrive on the id. Ids are never reused on a
 //! connection, and a new connection starts from an empty table.
 //!
-//! It also counts the connection's PINGs, the keep-alive ones (`keepalive`) included.
+//! It also counts the connection's PINGs, the keep-alive ones (`keepalive`) included,
+//! and keeps the shards' subscribe barriers (`Interest::Barrier`) until the PONG of the
+//! PING written after them: the SUBs written before it are then in force.
 //!
 //! Invariant: `retiring` is in PING order, and every PING written on the connection
 //! after its handshake goes through [`GroupSids::ping`], so the n-th PONG read answers
@@ -26,6 +28,8 @@ pub(super) struct GroupSids {
     keys: HashMap<u64, Arc<str>>,
     /// Unsubscribed ids, each with the number of the PING written after its UNSUB.
     retiring: VecDeque<(u64, u64)>,
+    /// Barriers (shard, ticket), each with the number of the PING written after it.
+    barriers: VecDeque<(u64, u16, u64)>,
     pings: u64,
     pongs: u64,
 }
@@ -61,14 +65,28 @@ impl GroupSids {
         }
     }
 
+    /// `barriers` follow the SUBs just written to `out`: writes the PING whose PONG
+    /// confirms them.
+    pub(super) fn barrier(&mut self, barriers: Vec<(u16, u64)>, out: &mut BytesMut) {
+        let ping = self.pings + 1;
+        (self.barriers).extend(barriers.into_iter().map(|(s, t)| (ping, s, t)));
+        self.ping(out);
+    }
+
+    /// The barriers not confirmed yet, taken (the connection ended).
+    pub(super) fn take_barriers(&mut self) -> Vec<(u16, u64)> {
+        self.barriers.drain(..).map(|(_, s, t)| (s, t)).collect()
+    }
+
     /// Writes a PING to `out`.
     pub(super) fn ping(&mut self, out: &mut BytesMut) {
         self.pings += 1;
         out.put_slice(b"PING\r\n");
     }
 
-    /// The server answered the next PING: forgets the ids unsubscribed before it.
-    pub(super) fn ponged(&mut self) {
+    /// The server answered the next PING: forgets the ids unsubscribed before it, and
+    /// gives the barriers it confirms.
+    pub(super) fn ponged(&mut self) -> Vec<(u16, u64)> {
         self.pongs += 1;
         while let Some(&(ping, sid)) = self.retiring.front() {
             if ping > self.pongs {
@@ -77,6 +95,15 @@ impl GroupSids {
             self.retiring.pop_front();
             self.keys.remove(&sid);
         }
+        let mut done = Vec::new();
+        while let Some(&(ping, shard, ticket)) = self.barriers.front() {
+            if ping > self.pongs {
+                break;
+            }
+            self.barriers.pop_front();
+            done.push((shard, ticket));
+        }
+        done
     }
 
     /// A new connection: nothing subscribed, nothing pinged.
@@ -114,5 +141,26 @@ mod tests {
         assert!(g.group(1).is_some());
         g.clear();
         assert_eq!(g.len(), 0);
+    }
+
+    /// A barrier is confirmed by the PONG of the PING written after it, in PING order
+    /// with the other PINGs; those of a connection that ended are all given back.
+    #[test]
+    fn barriers_are_confirmed_by_the_pong_of_their_ping() {
+        let (mut g, mut out) = (GroupSids::default(), BytesMut::new());
+        g.ping(&mut out);
+        g.barrier(vec![(0, 1), (1, 1)], &mut out);
+        g.barrier(vec![(0, 2)], &mut out);
+        assert_eq!(&out[..], b"PING\r\nPING\r\nPING\r\n");
+        assert_eq!(
+            g.ponged(),
+            [],
+            "the keep-alive PING's answer confirms nothing"
+        );
+        assert_eq!(g.ponged(), [(0, 1), (1, 1)]);
+        g.barrier(vec![(1, 2)], &mut out);
+        assert_eq!(g.ponged(), [(0, 2)]);
+        assert_eq!(g.take_barriers(), [(1, 2)]);
+        assert_eq!(g.ponged(), []);
     }
 }

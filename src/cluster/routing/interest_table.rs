@@ -79,6 +79,8 @@ impl InterestTable {
                     }
                 }
             }
+            // Kept by the connection's writer (`Session::apply`), never given here.
+            Interest::Barrier { .. } => {}
             Interest::Remove(filter) => {
                 let Some(held) = self.filters.get_mut(&filter) else {
                     return;

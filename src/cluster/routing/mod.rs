@@ -41,6 +41,19 @@
 //! other nodes reach the shards through their mailboxes (`ShardMsg::FleetPublish`); the
 //! routing task awaits room there, so a slow node stops reading NATS rather than drop.
 //!
+//! **A SUBACK means the fleet can reach the subscriber.** NATS learns a node's new filter
+//! from its SUB, written by the routing task some time after the shard granted the
+//! subscription; a message another node publishes before the server has read that SUB
+//! misses it (about one in sixteen, measured with a publish on node A right after the
+//! SUBACK on node B). So a SUBSCRIBE that gave its shard a filter new there (or comes
+//! while an earlier one waits) reports an [`Interest::Barrier`] after the filters, and
+//! its SUBACK waits (`shard/fleet_route.rs`) until the routing task has read the PONG of
+//! a PING written after their SUBs ([`Subscribed`]): the server reads a connection in
+//! order, so the subscriptions are in force by then. The SUBACK does not wait while the
+//! routing connection is down, and at most `request_timeout_ms`. With a cluster of NATS
+//! servers the subscription still reaches the other servers a little later. Shared
+//! groups (`$share/…`, the groups connection) do not wait.
+//!
 //! **What is not exact.** Core NATS is at most once: while the routing connection is
 //! down (it reconnects by itself with backoff) messages leave only through the queue
 //! once it is back, within its capacity, and messages from other nodes meanwhile are
@@ -71,6 +84,7 @@ pub mod retained;
 pub mod subject;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -104,6 +118,48 @@ pub enum Interest {
     Add(Arc<str>),
     /// The shard's index lost the filter's last subscriber; a group, one member.
     Remove(Arc<str>),
+    /// Shard `shard` waits for the filters it reported before this to be subscribed in
+    /// NATS: [`Subscribed`] reaches `ticket` once they are.
+    Barrier { shard: u16, ticket: u64 },
+}
+
+/// Per shard, the highest [`Interest::Barrier`] ticket whose subscriptions NATS has (or
+/// that was let go because the routing connection ended).
+pub struct Subscribed {
+    confirmed: Box<[AtomicU64]>,
+}
+
+impl Subscribed {
+    fn new() -> Self {
+        Subscribed {
+            confirmed: (0..crate::config::MAX_THREADS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// The highest ticket of shard `shard` confirmed so far.
+    pub fn confirmed(&self, shard: usize) -> u64 {
+        self.confirmed
+            .get(shard)
+            .map_or(u64::MAX, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Confirms `done` (shard, ticket) and wakes those shards.
+    fn confirm(&self, done: &[(u16, u64)], shards: &Mailboxes) {
+        for &(shard, ticket) in done {
+            if let Some(c) = self.confirmed.get(usize::from(shard)) {
+                c.fetch_max(ticket, Ordering::AcqRel);
+            }
+        }
+        let mut woken: Vec<u16> = done.iter().map(|d| d.0).collect();
+        woken.sort_unstable();
+        woken.dedup();
+        for shard in woken {
+            // A full mailbox means a busy shard: it looks at the tickets every turn.
+            let _ = shards.try_send(usize::from(shard), ShardMsg::FleetSubscribed);
+        }
+    }
 }
 
 /// Which of a node's two routing connections.
@@ -126,6 +182,8 @@ pub struct RouteHandle {
     /// Interest changes of shared groups (`$share/…`), for the groups connection.
     groups: mpsc::UnboundedSender<Interest>,
     pub metrics: Arc<RouteMetrics>,
+    /// The shards' confirmed barriers (SUBACKs waiting for NATS).
+    pub subscribed: Arc<Subscribed>,
 }
 
 impl RouteHandle {
@@ -145,10 +203,16 @@ impl RouteHandle {
         self.metrics.connected.get() == 1 && self.queue.len() * 2 >= self.queue.capacity()
     }
 
+    /// Whether the connection that holds the filters' subscriptions is up.
+    pub fn connected(&self) -> bool {
+        self.metrics.connected.get() == 1
+    }
+
     /// Reports a change of this shard's interest in a filter.
     pub fn interest(&self, change: Interest) {
         let shared = match &change {
             Interest::Add(f) | Interest::Remove(f) => f.starts_with("$share/"),
+            Interest::Barrier { .. } => false,
         };
         let to = if shared { &self.groups } else { &self.interest };
         // Closed only once the routing task has ended (shutdown).
@@ -224,6 +288,7 @@ impl Router {
                 interest: tx,
                 groups: groups_tx,
                 metrics: Arc::default(),
+                subscribed: Arc::new(Subscribed::new()),
             },
             changes: Mutex::new(Some([rx, groups_rx])),
             prefix: format!("{}.msg", config.subject_prefix),
@@ -351,6 +416,14 @@ impl Router {
             if role == Role::Messages {
                 self.handle.metrics.connected.set(0);
             }
+            // SUBACKs waiting for this connection's PONGs wait no more: the next one
+            // subscribes everything again, and messages meanwhile are missed anyway.
+            let pending = table
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_barriers();
+            self.handle.subscribed.confirm(&pending, &shards);
             if let Err(e) = ended {
                 tracing::warn!(error = %e, connection = ?role, "cluster: message routing lost its NATS connection; reconnecting");
             }
@@ -374,7 +447,11 @@ impl Router {
                     Ok(Some(ServerOp::Ping)) => ctx.pong.notify_one(),
                     Ok(Some(ServerOp::Pong)) => {
                         let mut groups = ctx.groups.lock().unwrap_or_else(|p| p.into_inner());
-                        groups.ponged();
+                        let done = groups.ponged();
+                        drop(groups);
+                        if !done.is_empty() {
+                            self.handle.subscribed.confirm(&done, &ctx.shards);
+                        }
                     }
                     Ok(Some(ServerOp::Err(e))) => {
                         tracing::warn!(error = %e, "cluster: NATS reports an error on the routing connection")
@@ -577,9 +654,14 @@ impl Session<'_> {
                 _ = pong.notified() => out.put_slice(b"PONG\r\n"),
                 change = self.changes.recv() => {
                     let Some(change) = change else { return Exit::Stopped };
-                    self.table.apply(change, &self.router.prefix, &mut out);
+                    let mut barriers = Vec::new();
+                    self.apply(change, &mut barriers, &mut out);
                     while let Ok(change) = self.changes.try_recv() {
-                        self.table.apply(change, &self.router.prefix, &mut out);
+                        self.apply(change, &mut barriers, &mut out);
+                    }
+                    if !barriers.is_empty() {
+                        let mut sids = self.table.groups.lock().unwrap_or_else(|p| p.into_inner());
+                        sids.barrier(barriers, &mut out);
                     }
                     self.count_subscriptions();
                 }
@@ -588,6 +670,15 @@ impl Session<'_> {
             if let Err(e) = self.flush(&mut out).await {
                 return Exit::Failed(e);
             }
+        }
+    }
+
+    /// One interest change: SUB or UNSUB into `out`, or a barrier kept for the PING
+    /// written after this batch.
+    fn apply(&mut self, change: Interest, barriers: &mut Vec<(u16, u64)>, out: &mut BytesMut) {
+        match change {
+            Interest::Barrier { shard, ticket } => barriers.push((shard, ticket)),
+            change => self.table.apply(change, &self.router.prefix, out),
         }
     }
 

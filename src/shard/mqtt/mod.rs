@@ -80,9 +80,15 @@ impl Shard {
             }
             _ => None,
         };
+        let subscribe_at = matches!(packet, Packet::Subscribe { .. })
+            .then(|| self.output_len(key))
+            .filter(|_| self.services.fleet_route.is_some());
         let alive = self.dispatch_packet(key, packet);
         if alive {
             self.hold_if_durable(key, mark);
+            if let Some(out_len) = subscribe_at {
+                self.suback_barrier(key, out_len);
+            }
         }
         alive
     }
