@@ -177,14 +177,9 @@ async fn a_client_id_flapping_between_nodes_is_slowed_down() {
 /// change must not take the client id from the newer connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_connected_does_not_take_the_client_id_from_a_newer_connection() {
-    use common::nats::NatsServer;
     use common::pausable::PausableProxy;
-    let nats = NatsServer::start("arb-late");
-    drop(nats.client().await);
-    let to_nats: std::net::SocketAddr = format!("127.0.0.1:{}", nats.port()).parse().unwrap();
-    let proxy = PausableProxy::to(to_nats).await;
-    let via_proxy = fleet::cluster_toml(&nats, "node-a", "")
-        .replace(&nats.url(), &format!("nats://{}", proxy.addr));
+    let (nats, proxy) = PausableProxy::nats("arb-late").await;
+    let via_proxy = fleet::cluster_toml(&nats, "node-a", "").replace(&nats.url(), &proxy.url());
     let a = common::GatewayProcess::start(&via_proxy);
     let b = common::GatewayProcess::start(&fleet::cluster_toml(&nats, "node-b", ""));
     let kv = fleet::registry(&nats).await;

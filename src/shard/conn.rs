@@ -132,10 +132,10 @@ pub struct ConnBufs {
     pub out_pos: usize,
     /// The part of the shard's `Wire::output_bytes` that is this connection's.
     pub out_counted: usize,
-    /// Acknowledgements waiting for the store commit (`held.rs`): (offset in `out`, the
-    /// shard's store batch, the routing stamp). Nothing from the first offset on is
-    /// written before those are committed, so later output cannot overtake an
-    /// acknowledgement.
+    /// Acknowledgements waiting for the store commit or the fleet (`held.rs`): (offset in
+    /// `out`, the shard's store batch, the routing stamp, the fleet barrier ticket).
+    /// Nothing from the first offset on is written before those are done, so later
+    /// output cannot overtake an acknowledgement.
     pub holds: VecDeque<super::held::Hold>,
     /// Whole frames read but not yet handled because the connection went over its
     /// inbound rate mid-read; handled first when reading resumes.

@@ -55,6 +55,8 @@ impl Shard {
             return;
         };
         let subacks = &mut self.fleet_subacks;
+        // Just reconnected, NATS may not hold the filters this shard already had yet.
+        subacks.added |= route.connected() && !route.subscribed.ready();
         if std::mem::take(&mut subacks.added) {
             subacks.ticket += 1;
             let (shard, ticket) = (self.id as u16, subacks.ticket);
@@ -62,8 +64,11 @@ impl Shard {
             let until = self.clock.now_instant + self.settings.fleet_suback_wait;
             subacks.waiting.push_back((ticket, until));
         }
+        // A ticket already let go (waited out, or while the connection was down) holds
+        // nothing any more: nothing would release it.
         let ticket = subacks.ticket;
-        if route.connected() && route.subscribed.confirmed(self.id) < ticket {
+        let pending = subacks.waiting.back().is_some_and(|w| w.0 == ticket);
+        if pending && route.connected() && route.subscribed.confirmed(self.id) < ticket {
             self.hold_for_fleet(key, out_len, ticket);
         }
     }
@@ -85,7 +90,15 @@ impl Shard {
         let now = self.clock.now_instant;
         while let Some(&(ticket, until)) = waiting.front() {
             if ticket > confirmed && now < until {
+                // The loop wakes for it even if nothing else happens.
+                self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
                 break;
+            }
+            if ticket > confirmed && confirmed != u64::MAX {
+                route.metrics.subacks_waited_out.inc();
+                // Counted (gateway_fleet_subacks_waited_out_total); a hung NATS would
+                // otherwise log one line per new filter.
+                tracing::debug!(shard = self.id, ticket, "fleet: a SUBACK waited cluster.request_timeout_ms for NATS to confirm its subscription; sent without it");
             }
             waiting.pop_front();
             self.held.fleet_released(ticket);

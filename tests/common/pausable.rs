@@ -41,6 +41,21 @@ impl PausableProxy {
         }
     }
 
+    /// A fresh `nats-server` (accepting connections) and a proxy to it: a node whose
+    /// `nats_url` is [`PausableProxy::url`] can have its path to NATS hang alone.
+    pub async fn nats(tag: &str) -> (super::nats::NatsServer, PausableProxy) {
+        let nats = super::nats::NatsServer::start(tag);
+        drop(nats.client().await);
+        let to: SocketAddr = format!("127.0.0.1:{}", nats.port()).parse().unwrap();
+        let proxy = PausableProxy::to(to).await;
+        (nats, proxy)
+    }
+
+    /// The proxy's NATS URL.
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
     pub fn pause(&self) {
         self.paused.store(true, Ordering::SeqCst);
     }

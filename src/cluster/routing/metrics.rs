@@ -64,6 +64,9 @@ pub struct RouteMetrics {
     by_connection: [std::sync::atomic::AtomicI64; 2],
     /// 1 while the routing connection to NATS is up.
     pub connected: Gauge,
+    /// SUBACKs let go before NATS confirmed their subscription (waited
+    /// `request_timeout_ms`).
+    pub subacks_waited_out: Counter,
 }
 
 impl Default for RouteMetrics {
@@ -85,6 +88,7 @@ impl Default for RouteMetrics {
             subscriptions: Gauge::default(),
             by_connection: Default::default(),
             connected: Gauge::default(),
+            subacks_waited_out: Counter::default(),
         }
     }
 }
@@ -159,6 +163,11 @@ impl RouteMetrics {
             "gateway_fleet_route_connected",
             "1 while this node's message routing connection to NATS is up",
             self.connected.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_subacks_waited_out_total"),
+            "SUBACKs sent after waiting cluster.request_timeout_ms for NATS to confirm their new subscription, without its confirmation",
+            self.subacks_waited_out.clone(),
         );
         encode_into(&registry, out);
     }

@@ -44,13 +44,16 @@
 //! **A SUBACK means the fleet can reach the subscriber.** NATS learns a node's new filter
 //! from its SUB, written by the routing task some time after the shard granted the
 //! subscription; a message another node publishes before the server has read that SUB
-//! misses it (about one in sixteen, measured with a publish on node A right after the
-//! SUBACK on node B). So a SUBSCRIBE that gave its shard a filter new there (or comes
+//! misses it (about 6%, measured with a publish on node A right after the SUBACK on
+//! node B: `loadgen/scripts/fleet_suback_race.sh`). So a SUBSCRIBE that gave its shard a filter new there (or comes
 //! while an earlier one waits) reports an [`Interest::Barrier`] after the filters, and
 //! its SUBACK waits (`shard/fleet_route.rs`) until the routing task has read the PONG of
 //! a PING written after their SUBs ([`Subscribed`]): the server reads a connection in
-//! order, so the subscriptions are in force by then. The SUBACK does not wait while the
-//! routing connection is down, and at most `request_timeout_ms`. With a cluster of NATS
+//! order, so the subscriptions are in force by then. After a (re)connection every
+//! SUBSCRIBE waits so until the PONG of the PING written after the resubscription
+//! ([`Subscribed::ready`]). The SUBACK does not wait while the routing connection is
+//! down, and at most `request_timeout_ms` (then counted,
+//! `gateway_fleet_subacks_waited_out_total`). With a cluster of NATS
 //! servers the subscription still reaches the other servers a little later. Shared
 //! groups (`$share/…`, the groups connection) do not wait.
 //!
@@ -84,7 +87,7 @@ pub mod retained;
 pub mod subject;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -124,10 +127,16 @@ pub enum Interest {
 }
 
 /// Per shard, the highest [`Interest::Barrier`] ticket whose subscriptions NATS has (or
-/// that was let go because the routing connection ended).
+/// that was let go because the routing connection ended); and whether the messages
+/// connection's subscriptions are all in NATS since it last connected (the PONG of a
+/// PING after its resubscription).
 pub struct Subscribed {
     confirmed: Box<[AtomicU64]>,
+    ready: AtomicBool,
 }
+
+/// The barrier "shard" of the PING written after a connection's resubscription.
+const RESUBSCRIBED: u16 = u16::MAX;
 
 impl Subscribed {
     fn new() -> Self {
@@ -135,7 +144,15 @@ impl Subscribed {
             confirmed: (0..crate::config::MAX_THREADS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            ready: AtomicBool::new(false),
         }
+    }
+
+    /// Whether NATS holds every subscription the messages connection had when it
+    /// (re)connected: until then a SUBACK waits for a barrier even for a filter its shard
+    /// already held.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// The highest ticket of shard `shard` confirmed so far.
@@ -148,11 +165,15 @@ impl Subscribed {
     /// Confirms `done` (shard, ticket) and wakes those shards.
     fn confirm(&self, done: &[(u16, u64)], shards: &Mailboxes) {
         for &(shard, ticket) in done {
-            if let Some(c) = self.confirmed.get(usize::from(shard)) {
+            if shard == RESUBSCRIBED {
+                self.ready.store(true, Ordering::Release);
+            } else if let Some(c) = self.confirmed.get(usize::from(shard)) {
                 c.fetch_max(ticket, Ordering::AcqRel);
             }
         }
-        let mut woken: Vec<u16> = done.iter().map(|d| d.0).collect();
+        let mut woken: Vec<u16> = (done.iter().map(|d| d.0))
+            .filter(|&s| s != RESUBSCRIBED)
+            .collect();
         woken.sort_unstable();
         woken.dedup();
         for shard in woken {
@@ -418,12 +439,18 @@ impl Router {
             }
             // SUBACKs waiting for this connection's PONGs wait no more: the next one
             // subscribes everything again, and messages meanwhile are missed anyway.
-            let pending = table
-                .groups
-                .lock()
+            // Every shard looks again (some barriers may still be in the channel).
+            let pending = (table.groups.lock())
                 .unwrap_or_else(|p| p.into_inner())
                 .take_barriers();
-            self.handle.subscribed.confirm(&pending, &shards);
+            let subscribed = &self.handle.subscribed;
+            subscribed.confirm(&pending, &shards);
+            if role == Role::Messages {
+                subscribed.ready.store(false, Ordering::Release);
+                for shard in 0..shards.len() {
+                    let _ = shards.try_send(shard, ShardMsg::FleetSubscribed);
+                }
+            }
             if let Err(e) = ended {
                 tracing::warn!(error = %e, connection = ?role, "cluster: message routing lost its NATS connection; reconnecting");
             }
@@ -626,6 +653,10 @@ impl Session<'_> {
     ) -> Exit {
         let mut out = BytesMut::new();
         self.table.resubscribe(&self.router.prefix, &mut out);
+        if self.role == Role::Messages {
+            let mut sids = self.table.groups.lock().unwrap_or_else(|p| p.into_inner());
+            sids.barrier(vec![(RESUBSCRIBED, 0)], &mut out);
+        }
         if let Err(e) = self.flush(&mut out).await {
             return Exit::Failed(e);
         }
