@@ -195,22 +195,9 @@ async fn a_message_published_elsewhere_right_after_the_suback_arrives() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let mut publisher = Raw::connect(a.mqtt).await;
-    publisher
-        .send(&Raw::connect_v4("suback-pub", 60, true))
-        .await;
-    assert!(matches!(
-        publisher.next_v4(DEADLINE).await,
-        Ok(mqttbytes::v4::Packet::ConnAck(_))
-    ));
+    let (mut publisher, _) = Raw::connected_v4(a.mqtt, "suback-pub", true).await;
     for round in 0..150 {
-        let mut sub = Raw::connect(b.mqtt).await;
-        sub.send(&Raw::connect_v4(&format!("suback-{round}"), 60, true))
-            .await;
-        assert!(matches!(
-            sub.next_v4(DEADLINE).await,
-            Ok(mqttbytes::v4::Packet::ConnAck(_))
-        ));
+        let (mut sub, _) = Raw::connected_v4(b.mqtt, &format!("suback-{round}"), true).await;
         let topic = format!("suback/{round}");
         sub.send(&Raw::subscribe_v4(&topic, 0, 1)).await;
         assert!(matches!(
@@ -243,12 +230,7 @@ async fn a_suback_nats_does_not_confirm_goes_after_the_request_timeout() {
     ));
     let connected = "gateway_fleet_route_connected";
     common::wait_metric(b.http, connected, DEADLINE, |v| v == 1.0).await;
-    let mut sub = Raw::connect(b.mqtt).await;
-    sub.send(&Raw::connect_v4("hang-sub", 60, true)).await;
-    assert!(matches!(
-        sub.next_v4(DEADLINE).await,
-        Ok(Packet::ConnAck(_))
-    ));
+    let (mut sub, _) = Raw::connected_v4(b.mqtt, "hang-sub", true).await;
     // Confirmed while NATS answers.
     sub.send(&Raw::subscribe_v4("hang/a", 0, 1)).await;
     assert!(matches!(sub.next_v4(DEADLINE).await, Ok(Packet::SubAck(_))));

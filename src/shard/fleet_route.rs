@@ -13,7 +13,9 @@
 //! routing module doc says why): a SUBSCRIBE that reported a filter new here sends an
 //! `Interest::Barrier` with the next ticket after it, and its output (the SUBACK, then
 //! retained messages) is held (`held.rs`) until the routing task confirms the ticket,
-//! the routing connection is down, or `cluster.request_timeout_ms` passed.
+//! the routing connection is down, or `cluster.request_timeout_ms` passed. So does the
+//! CONNACK of a resumed session with subscriptions (one adopted from another node
+//! brings its filters here).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -46,11 +48,11 @@ impl Shard {
         }
     }
 
-    /// After a SUBSCRIBE whose output starts at `out_len`: if filters new here were
-    /// reported since the last barrier, a barrier follows them; if a barrier is not
-    /// confirmed yet, the output waits for it. Nothing waits while the routing connection
-    /// is down.
-    pub(super) fn suback_barrier(&mut self, key: usize, out_len: usize) {
+    /// After a SUBSCRIBE (or a CONNACK resuming a session with subscriptions) whose
+    /// output starts at `out_len`: if filters new here were reported since the last
+    /// barrier, a barrier follows them; if a barrier is not confirmed yet, the output
+    /// waits for it. Nothing waits while the routing connection is down.
+    pub(super) fn fleet_barrier(&mut self, key: usize, out_len: usize) {
         let Some(route) = &self.services.fleet_route else {
             return;
         };

@@ -173,6 +173,21 @@ impl Raw {
         (raw, ack)
     }
 
+    /// Connects a raw MQTT 3.1.1 client as `id` (keep-alive 60, `clean` session) and
+    /// panics unless the first packet back is a successful CONNACK; gives its
+    /// session-present flag.
+    pub async fn connected_v4(addr: SocketAddr, id: &str, clean: bool) -> (Raw, bool) {
+        let mut raw = Raw::connect(addr).await;
+        raw.send(&Raw::connect_v4(id, 60, clean)).await;
+        match raw.next_v4(Duration::from_secs(30)).await {
+            Ok(mqttbytes::v4::Packet::ConnAck(a)) => {
+                assert_eq!(a.code, mqttbytes::v4::ConnectReturnCode::Success, "{id}");
+                (raw, a.session_present)
+            }
+            other => panic!("CONNACK for {id}: {other:?}"),
+        }
+    }
+
     /// Sends a SUBSCRIBE and returns its SUBACK (PUBLISHes that come first are an error).
     pub async fn subscribe_v5(
         &mut self,

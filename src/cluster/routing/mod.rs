@@ -53,9 +53,10 @@
 //! SUBSCRIBE waits so until the PONG of the PING written after the resubscription
 //! ([`Subscribed::ready`]). The SUBACK does not wait while the routing connection is
 //! down, and at most `request_timeout_ms` (then counted,
-//! `gateway_fleet_subacks_waited_out_total`). With a cluster of NATS
-//! servers the subscription still reaches the other servers a little later. Shared
-//! groups (`$share/…`, the groups connection) do not wait.
+//! `gateway_fleet_subacks_waited_out_total`). The CONNACK of a resumed session with
+//! subscriptions (one adopted from another node brings its filters) waits the same way.
+//! With a cluster of NATS servers the subscription still reaches the other servers a
+//! little later. Shared groups (`$share/…`, the groups connection) do not wait.
 //!
 //! **What is not exact.** Core NATS is at most once: while the routing connection is
 //! down (it reconnects by itself with backoff) messages leave only through the queue

@@ -405,10 +405,16 @@ impl Shard {
         self.activate_conn(key, skey, &terms);
         let client_id = self.sessions[skey].client_id.clone();
         let props = terms.connack_props(&self.settings, assigned.then_some(&*client_id));
+        let connack_at = self.output_len(key);
         self.wire.output(&self.clock, key, 128, |out| {
             codec::encode_connack(out, terms.version, present, 0, &props)
         });
         self.hold_if_durable(key, mark);
+        // A resumed session's filters (adopted from another node, new here) reach the
+        // fleet before its CONNACK, as a SUBSCRIBE's before its SUBACK.
+        if present && !self.sessions[skey].subs.is_empty() {
+            self.fleet_barrier(key, connack_at);
+        }
         self.services.metrics.packet_out(packet::CONNACK);
         let link = self.wire.conns[key].link as usize;
         ShardMetrics::add(&self.services.metrics.connects[link], 1);

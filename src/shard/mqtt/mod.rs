@@ -87,7 +87,7 @@ impl Shard {
         if alive {
             self.hold_if_durable(key, mark);
             if let Some(out_len) = subscribe_at {
-                self.suback_barrier(key, out_len);
+                self.fleet_barrier(key, out_len);
             }
         }
         alive
