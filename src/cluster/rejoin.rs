@@ -51,9 +51,9 @@ const PAGE: usize = 1_000;
 /// Looks again this long after a listing failed, or after a pass while changes keep
 /// being dropped.
 const RETRY: Duration = Duration::from_secs(1);
-/// How far a shard's `connected_at` (whole seconds from its start on its own tick clock)
-/// may run ahead of the Unix time of its `connected` change (the wall clock stepped back
-/// since the shard started).
+/// How far a shard's `connected_at` (whole seconds from the shards' common start on their
+/// tick clock) may run ahead of the Unix time of its `connected` change (the wall clock
+/// stepped back since the shards started).
 const CLOCK_SLACK_SECS: u64 = 2;
 
 /// When a connection was accepted (UNIX seconds) and on which node.

@@ -58,8 +58,11 @@ impl Shard {
         };
         let subacks = &mut self.fleet_subacks;
         // Just reconnected, NATS may not hold the filters this shard already had yet.
-        subacks.added |= route.connected() && !route.subscribed.ready();
-        if std::mem::take(&mut subacks.added) {
+        // While disconnected nothing waits, and filters added meanwhile stay to be
+        // covered by the first barrier once connected.
+        let connected = route.connected();
+        subacks.added |= connected && !route.subscribed.ready();
+        if connected && std::mem::take(&mut subacks.added) {
             subacks.ticket += 1;
             let (shard, ticket) = (self.id as u16, subacks.ticket);
             route.interest(Interest::Barrier { shard, ticket });
@@ -70,7 +73,7 @@ impl Shard {
         // nothing any more: nothing would release it.
         let ticket = subacks.ticket;
         let pending = subacks.waiting.back().is_some_and(|w| w.0 == ticket);
-        if pending && route.connected() && route.subscribed.confirmed(self.id) < ticket {
+        if pending && connected && route.subscribed.confirmed(self.id) < ticket {
             self.hold_for_fleet(key, out_len, ticket);
         }
     }

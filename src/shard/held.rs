@@ -233,12 +233,12 @@ impl Shard {
                 h.1 = h.1.max(own);
                 h.2 = h.2.max(route);
             }
-            _ => {
-                if bufs.holds.is_empty() {
-                    self.held.waiting.push(key as u32);
-                }
-                bufs.holds.push_back((mark.out_len, own, route, 0));
-            }
+            _ => push_hold(
+                &mut self.held.waiting,
+                &mut bufs.holds,
+                key,
+                (mark.out_len, own, route, 0),
+            ),
         }
     }
 
@@ -254,12 +254,12 @@ impl Shard {
         }
         match bufs.holds.back_mut() {
             Some(h) if h.0 == out_len => h.3 = h.3.max(ticket),
-            _ => {
-                if bufs.holds.is_empty() {
-                    self.held.waiting.push(key as u32);
-                }
-                bufs.holds.push_back((out_len, 0, 0, ticket));
-            }
+            _ => push_hold(
+                &mut self.held.waiting,
+                &mut bufs.holds,
+                key,
+                (out_len, 0, 0, ticket),
+            ),
         }
     }
 
@@ -453,6 +453,15 @@ impl Shard {
         tracing::warn!(shard = self.id, client_id = %client, "store commit failed: closing the connection without its acknowledgement");
         self.close_conn(key, DisconnectReason::StoreError, Some(reason::UNSPECIFIED));
     }
+}
+
+/// Appends `hold` to connection `key`'s holds; a connection's first hold puts it among
+/// the connections `waiting`.
+fn push_hold(waiting: &mut Vec<u32>, holds: &mut VecDeque<Hold>, key: usize, hold: Hold) {
+    if holds.is_empty() {
+        waiting.push(key as u32);
+    }
+    holds.push_back(hold);
 }
 
 #[cfg(test)]

@@ -535,6 +535,41 @@ impl Opener<'_> {
         }
         Ok(Opened::Data(HEADER_LEN..HEADER_LEN + plain_len))
     }
+
+    /// A handshake message after the handshake: only a KeyUpdate (RFC 8446 §4.6.3), the
+    /// whole of its record (a key change must end its record, §5.1). The records after
+    /// it open with the next generation's key; an update_requested owes ours.
+    fn key_update(&mut self, msg: &[u8]) -> Result<Opened, RecordError> {
+        let requested = match msg {
+            [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => *request == 1,
+            [KEY_UPDATE, 0, 0, 1, _] => return Err(RecordError::IllegalParameter("KeyUpdate")),
+            [KEY_UPDATE, ..] => {
+                return Err(RecordError::UnexpectedMessage(
+                    "KeyUpdate not alone in its record",
+                ))
+            }
+            _ => {
+                return Err(RecordError::UnexpectedMessage(
+                    "handshake message after the handshake",
+                ))
+            }
+        };
+        let Some(updates) = self.updates.as_deref_mut() else {
+            return Err(RecordError::KeyUpdate);
+        };
+        // Each costs three key derivations and a new AES key schedule: a client sending
+        // nothing else must not keep the shard busy with them (rustls allows 32 too).
+        updates.in_a_row += 1;
+        if updates.in_a_row > KEY_UPDATES_IN_A_ROW {
+            return Err(RecordError::UnexpectedMessage(
+                "KeyUpdates without application data",
+            ));
+        }
+        self.dir.update(&mut updates.rx);
+        updates.owed |= requested;
+        self.key = self.dir.less_safe_key();
+        Ok(Opened::Nothing)
+    }
 }
 
 /// The TLS 1.2 additional data: sequence number, type, version, plaintext length.
@@ -604,43 +639,6 @@ fn alert(body: &[u8], version: Version) -> Result<Opened, RecordError> {
         }
         (_, [_, d]) => Err(RecordError::PeerAlert(*d)),
         _ => Err(RecordError::UnexpectedMessage("alert length")),
-    }
-}
-
-impl Opener<'_> {
-    /// A handshake message after the handshake: only a KeyUpdate (RFC 8446 §4.6.3), the
-    /// whole of its record (a key change must end its record, §5.1). The records after
-    /// it open with the next generation's key; an update_requested owes ours.
-    fn key_update(&mut self, msg: &[u8]) -> Result<Opened, RecordError> {
-        let requested = match msg {
-            [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => *request == 1,
-            [KEY_UPDATE, 0, 0, 1, _] => return Err(RecordError::IllegalParameter("KeyUpdate")),
-            [KEY_UPDATE, ..] => {
-                return Err(RecordError::UnexpectedMessage(
-                    "KeyUpdate not alone in its record",
-                ))
-            }
-            _ => {
-                return Err(RecordError::UnexpectedMessage(
-                    "handshake message after the handshake",
-                ))
-            }
-        };
-        let Some(updates) = self.updates.as_deref_mut() else {
-            return Err(RecordError::KeyUpdate);
-        };
-        // Each costs three key derivations and a new AES key schedule: a client sending
-        // nothing else must not keep the shard busy with them (rustls allows 32 too).
-        updates.in_a_row += 1;
-        if updates.in_a_row > KEY_UPDATES_IN_A_ROW {
-            return Err(RecordError::UnexpectedMessage(
-                "KeyUpdates without application data",
-            ));
-        }
-        self.dir.update(&mut updates.rx);
-        updates.owed |= requested;
-        self.key = self.dir.less_safe_key();
-        Ok(Opened::Nothing)
     }
 }
 

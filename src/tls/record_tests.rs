@@ -490,8 +490,9 @@ fn our_sending_key_moves_on_before_its_limit() {
     assert_eq!(keys.tx.seq, u64::MAX - 9);
 }
 
-/// Without known secrets (rustls updated its keys before the hand-over, or TLS 1.2) a
-/// KeyUpdate cannot be followed: refused with unexpected_message, as before.
+/// Without known secrets (none logged, or none that derives the handed-over keys within
+/// 32 generations) a KeyUpdate cannot be followed: refused with unexpected_message, as
+/// before.
 #[test]
 fn a_key_update_without_known_secrets_is_refused() {
     let (mut client, server, _) = handshake(SUITES[0]);

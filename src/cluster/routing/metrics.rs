@@ -64,8 +64,8 @@ pub struct RouteMetrics {
     by_connection: [std::sync::atomic::AtomicI64; 2],
     /// 1 while the routing connection to NATS is up.
     pub connected: Gauge,
-    /// SUBACKs let go before NATS confirmed their subscription (waited
-    /// `request_timeout_ms`).
+    /// Subscribe barriers (each holding SUBACKs, or a resumed session's CONNACK) let go
+    /// before NATS confirmed their subscriptions (they waited `request_timeout_ms`).
     pub subacks_waited_out: Counter,
 }
 
@@ -166,7 +166,7 @@ impl RouteMetrics {
         );
         registry.register(
             counter_family("gateway_fleet_subacks_waited_out_total"),
-            "SUBACKs sent after waiting cluster.request_timeout_ms for NATS to confirm their new subscription, without its confirmation",
+            "Subscribe barriers (held SUBACKs, or a resumed session's CONNACK) let go after cluster.request_timeout_ms without NATS confirming their new subscriptions",
             self.subacks_waited_out.clone(),
         );
         encode_into(&registry, out);

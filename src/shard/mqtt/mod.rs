@@ -80,9 +80,9 @@ impl Shard {
             }
             _ => None,
         };
-        let subscribe_at = matches!(packet, Packet::Subscribe { .. })
-            .then(|| self.output_len(key))
-            .filter(|_| self.services.fleet_route.is_some());
+        let subscribe_at = (matches!(packet, Packet::Subscribe { .. })
+            && self.services.fleet_route.is_some())
+        .then(|| self.output_len(key));
         let alive = self.dispatch_packet(key, packet);
         if alive {
             self.hold_if_durable(key, mark);
