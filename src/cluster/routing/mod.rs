@@ -86,9 +86,9 @@ pub mod metrics;
 pub mod proto;
 pub mod retained;
 pub mod subject;
+mod subscribed;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -108,6 +108,8 @@ use envelope::Envelope;
 use interest_table::{InterestTable, SharedSids};
 pub use metrics::{RouteDrop, RouteMetrics};
 use proto::ServerOp;
+pub use subscribed::Subscribed;
+use subscribed::RESUBSCRIBED;
 
 /// Messages published per write to the socket at most.
 const WRITE_BATCH: usize = 1024;
@@ -125,63 +127,6 @@ pub enum Interest {
     /// Shard `shard` waits for the filters it reported before this to be subscribed in
     /// NATS: [`Subscribed`] reaches `ticket` once they are.
     Barrier { shard: u16, ticket: u64 },
-}
-
-/// Per shard, the highest [`Interest::Barrier`] ticket whose subscriptions NATS has (or
-/// that was let go because the routing connection ended); and whether the messages
-/// connection's subscriptions are all in NATS since it last connected (the PONG of a
-/// PING after its resubscription).
-pub struct Subscribed {
-    confirmed: Box<[AtomicU64]>,
-    ready: AtomicBool,
-}
-
-/// The barrier "shard" of the PING written after a connection's resubscription.
-const RESUBSCRIBED: u16 = u16::MAX;
-
-impl Subscribed {
-    fn new() -> Self {
-        Subscribed {
-            confirmed: (0..crate::config::MAX_THREADS)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            ready: AtomicBool::new(false),
-        }
-    }
-
-    /// Whether NATS holds every subscription the messages connection had when it
-    /// (re)connected: until then a SUBACK waits for a barrier even for a filter its shard
-    /// already held.
-    pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// The highest ticket of shard `shard` confirmed so far.
-    pub fn confirmed(&self, shard: usize) -> u64 {
-        self.confirmed
-            .get(shard)
-            .map_or(u64::MAX, |c| c.load(Ordering::Acquire))
-    }
-
-    /// Confirms `done` (shard, ticket) and wakes those shards.
-    fn confirm(&self, done: &[(u16, u64)], shards: &Mailboxes) {
-        for &(shard, ticket) in done {
-            if shard == RESUBSCRIBED {
-                self.ready.store(true, Ordering::Release);
-            } else if let Some(c) = self.confirmed.get(usize::from(shard)) {
-                c.fetch_max(ticket, Ordering::AcqRel);
-            }
-        }
-        let mut woken: Vec<u16> = (done.iter().map(|d| d.0))
-            .filter(|&s| s != RESUBSCRIBED)
-            .collect();
-        woken.sort_unstable();
-        woken.dedup();
-        for shard in woken {
-            // A full mailbox means a busy shard: it looks at the tickets every turn.
-            let _ = shards.try_send(usize::from(shard), ShardMsg::FleetSubscribed);
-        }
-    }
 }
 
 /// Which of a node's two routing connections.
@@ -447,7 +392,7 @@ impl Router {
             let subscribed = &self.handle.subscribed;
             subscribed.confirm(&pending, &shards);
             if role == Role::Messages {
-                subscribed.ready.store(false, Ordering::Release);
+                subscribed.disconnected();
                 for shard in 0..shards.len() {
                     let _ = shards.try_send(shard, ShardMsg::FleetSubscribed);
                 }
