@@ -66,30 +66,7 @@ async fn with_delayed_will(gw: &GatewayProcess, id: &str, delay: u32) -> v5::Cli
 /// MQTT 5 device `id` on `gw` whose session lasts `expiry` seconds offline and whose
 /// will waits `delay` seconds.
 async fn with_will_v5(gw: &GatewayProcess, id: &str, delay: u32, expiry: u32) -> v5::Client {
-    use rumqttc::v5::mqttbytes::v5::{ConnectProperties, LastWill, LastWillProperties};
-    let mut o = v5::options(gw.mqtt, id);
-    o.set_clean_start(expiry == 0);
-    let mut props = ConnectProperties::new();
-    props.session_expiry_interval = Some(expiry);
-    o.set_connect_properties(props);
-    let will_props = LastWillProperties {
-        delay_interval: Some(delay),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    let will = LastWill::new(
-        format!("will/{id}"),
-        id,
-        v5::QoS::AtLeastOnce,
-        false,
-        Some(will_props),
-    );
-    o.set_last_will(will);
-    v5::connect(o).await
+    v5::connect_with_will(gw.mqtt, id, delay, expiry).await
 }
 
 /// Waits for the wills of `ids` on `sub` (probes aside), in any order, and checks each
@@ -229,8 +206,8 @@ async fn a_dead_nodes_wills_are_published_once_unless_the_device_came_back() {
 /// its last run left (no other node took them: the lease never expired), a clean
 /// session's and a persistent session's alike, one whose session expired during its
 /// delay too, except that of a device back on it within its will's delay, whose new will
-/// stays; a node stopped cleanly publishes none when it starts again (a clean stop
-/// publishes no wills).
+/// stays; a node stopped cleanly publishes its devices' wills as it stops, and none when
+/// it starts again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_wills() {
     let nats = NatsServer::start("wills-back");
@@ -304,16 +281,19 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // A clean stop: r3's will is neither published by the stop nor by the next start.
+    // A clean stop publishes the wills of the devices it disconnects (`[mqtt]
+    // wills_on_stop`): r3's, and r4's although its delay has not passed (no node would
+    // publish it later). Once: the next start publishes neither.
     let _r3 = clean_with_will(&a, "r3").await;
     wait_will(&sessions, "will.node-a.r3", |v| !v.is_empty()).await;
     a.signal(libc::SIGTERM);
     assert!(a.wait_exit(DEADLINE).is_some(), "node A did not stop");
+    expect_wills(&mut sub, &["r3", "r4"]).await;
     assert!(!crashed.exists(), "a clean stop left a crash marker");
     wait_will(&sessions, "will.node-a.r3", |v| v.is_empty()).await;
     let a = node_a();
     until_routed(&a, &mut sub).await;
     assert!(!crashed.exists(), "a start after a clean stop saw a crash");
-    expect_marker(&b, &mut sub, "r3's will came after a clean stop").await;
+    expect_marker(&b, &mut sub, "a will came again after a clean stop").await;
     assert_eq!(total(std::slice::from_ref(&a), PUBLISHED).await, 0.0);
 }

@@ -193,6 +193,7 @@ impl Fleet {
             request_timeout: config.request_timeout(),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
+            routing_task: Mutex::new(None),
         }))
     }
 }

@@ -133,6 +133,9 @@ pub struct Fleet {
     request_timeout: Duration,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Message routing, which ends by itself once stopped, after its last words
+    /// (`routing/last_words.rs`): `close` waits for it.
+    routing_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Fleet {
@@ -184,7 +187,8 @@ impl Fleet {
         );
         tasks.push(runtime.spawn(wills));
         let stop = self.stop.clone();
-        tasks.push(runtime.spawn(self.routing.clone().run(shards.clone(), stop)));
+        let routing = runtime.spawn(self.routing.clone().run(shards.clone(), stop));
+        *self.routing_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(routing);
         tasks.push(runtime.spawn(self.sweep.clone().run(self.stop.clone())));
         tasks.push(runtime.spawn(self.clone().register_missed(shards.clone())));
         tasks.push(runtime.spawn(self.registry.clone().follow(changes, shards, taken)));
@@ -359,9 +363,14 @@ impl Fleet {
 
     /// Leaves the fleet: waits up to `timeout` for the registry writer to finish (call
     /// after the events' `close`, which stops it once the shards' last `disconnected`
-    /// are written), then gives up this node's lease and stops the other tasks.
+    /// are written), then gives up this node's lease, waits (within `timeout`) for message
+    /// routing to have NATS read its last messages (the wills of the stop), and stops the
+    /// other tasks.
     pub fn close(&self, runtime: &tokio::runtime::Handle, timeout: Duration) {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let routing = (self.routing_task.lock())
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let deadline = tokio::time::Instant::now() + timeout;
         runtime.block_on(async {
             // The registry writer is the last task; it ends when the events stop.
@@ -376,8 +385,14 @@ impl Fleet {
                 tracing::warn!(node = %self.node, "cluster: could not give up the lease; it expires by itself");
             }
             let _ = tokio::time::timeout_at(deadline, self.client.flush()).await;
+            // The wills of the stop go out before the routing connection closes.
+            if let Some(routing) = routing.as_ref() {
+                while !routing.is_finished() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
         });
-        for t in tasks {
+        for t in tasks.into_iter().chain(routing) {
             t.abort();
         }
     }

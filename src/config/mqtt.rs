@@ -42,6 +42,9 @@ pub struct MqttConfig {
     pub close_grace_ms: u32,
     /// The most bytes discarded in that grace before the socket is closed anyway.
     pub close_grace_bytes: u32,
+    /// Whether a graceful stop publishes the wills of the devices it disconnects (and
+    /// the delayed wills of offline sessions), early if they have a delay.
+    pub wills_on_stop: bool,
     pub retain_available: bool,
     pub max_retained_messages: u32,
     /// Bytes (topic + payload) of all retained messages; 0 = no bound.

@@ -723,6 +723,9 @@ impl Shard {
                 Some(codec::reason::SERVER_SHUTTING_DOWN),
             );
         }
+        if self.settings.wills_on_stop {
+            self.publish_delayed_wills();
+        }
     }
 
     fn publish_gauges(&mut self) {

@@ -57,6 +57,11 @@ impl Sessions {
         self.slab.len()
     }
 
+    /// Every session with its key, in slab order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (usize, &Session)> {
+        self.slab.iter()
+    }
+
     /// The client ids after `after` (all of them for `None`), in order.
     pub(super) fn ids_after<'a>(
         &'a self,

@@ -39,6 +39,8 @@ pub struct Settings {
     /// `shards.drain_timeout_secs`: how long a stopped shard waits for the others.
     pub drain_timeout: Duration,
     pub close_grace_bytes: u32,
+    /// `mqtt.wills_on_stop`: a graceful stop publishes the wills (`Shard::begin_shutdown`).
+    pub wills_on_stop: bool,
     pub retain_available: bool,
     pub max_retained: usize,
     /// `mqtt.max_retained_bytes` and `mqtt.max_retained_bytes_per_client`.
@@ -126,6 +128,7 @@ impl Settings {
             ),
             close_grace_bytes: c.mqtt.close_grace_bytes,
             drain_timeout: Duration::from_secs(u64::from(c.shards.drain_timeout_secs)),
+            wills_on_stop: c.mqtt.wills_on_stop,
             retain_available: c.mqtt.retain_available,
             max_retained: c.mqtt.max_retained_messages as usize,
             max_retained_bytes: c.mqtt.max_retained_bytes,

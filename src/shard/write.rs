@@ -170,10 +170,11 @@ impl Shard {
         let client_id = if let Some(s) = session {
             let s = s.index();
             let id = self.sessions[s].client_id.clone();
-            let will = !matches!(
-                reason,
-                DisconnectReason::Client | DisconnectReason::Shutdown
-            );
+            let will = match reason {
+                DisconnectReason::Client => false,
+                DisconnectReason::Shutdown => self.settings.wills_on_stop,
+                _ => true,
+            };
             self.detach_session(s, will);
             self.emit_disconnected(&id, reason);
             id

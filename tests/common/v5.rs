@@ -102,3 +102,32 @@ impl Client {
         );
     }
 }
+
+/// MQTT 5 device `id` on `addr` whose session lasts `expiry` seconds offline and whose
+/// will (on `will/<id>`, payload `id`, QoS 1) waits `delay` seconds.
+pub async fn connect_with_will(addr: SocketAddr, id: &str, delay: u32, expiry: u32) -> Client {
+    use rumqttc::v5::mqttbytes::v5::{ConnectProperties, LastWill, LastWillProperties};
+    let mut o = options(addr, id);
+    o.set_clean_start(expiry == 0);
+    let mut props = ConnectProperties::new();
+    props.session_expiry_interval = Some(expiry);
+    o.set_connect_properties(props);
+    let will_props = LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    let will = LastWill::new(
+        format!("will/{id}"),
+        id,
+        QoS::AtLeastOnce,
+        false,
+        Some(will_props),
+    );
+    o.set_last_will(will);
+    connect(o).await
+}

@@ -82,6 +82,7 @@ pub mod envelope;
 mod group_sids;
 mod interest_table;
 mod keepalive;
+mod last_words;
 pub mod metrics;
 pub mod proto;
 pub mod retained;
@@ -627,7 +628,10 @@ impl Session<'_> {
                 ended = &mut *reader => {
                     return Exit::ReaderEnded(ended.unwrap_or_else(|e| e.to_string()));
                 }
-                _ = stop.cancelled() => return Exit::Stopped,
+                _ = stop.cancelled() => return match self.role {
+                    Role::Messages => self.last_words(reader, &mut out).await,
+                    Role::Groups => Exit::Stopped,
+                },
                 _ = pong.notified() => out.put_slice(b"PONG\r\n"),
                 change = self.changes.recv() => {
                     let Some(change) = change else { return Exit::Stopped };

@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::sync::Notify;
+
 use crate::mailbox::{Mailboxes, ShardMsg};
 
 /// Per shard, the highest [`Interest::Barrier`](super::Interest::Barrier) ticket whose subscriptions NATS has (or
@@ -14,10 +16,14 @@ use crate::mailbox::{Mailboxes, ShardMsg};
 pub struct Subscribed {
     confirmed: Box<[AtomicU64]>,
     ready: AtomicBool,
+    /// The PONG after the last words of a stopping node (`last_words.rs`) was read.
+    last_words: Notify,
 }
 
 /// The barrier "shard" of the PING written after a connection's resubscription.
 pub(super) const RESUBSCRIBED: u16 = u16::MAX;
+/// The barrier "shard" of the PING written after a stopping node's last messages.
+pub(super) const LAST_WORDS: u16 = u16::MAX - 1;
 
 impl Subscribed {
     pub(super) fn new() -> Self {
@@ -26,7 +32,14 @@ impl Subscribed {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             ready: AtomicBool::new(false),
+            last_words: Notify::new(),
         }
+    }
+
+    /// Resolves once the PING after the last words is answered (or its connection
+    /// ended); at once if that happened before.
+    pub(super) async fn last_words_read(&self) {
+        self.last_words.notified().await;
     }
 
     /// Whether NATS holds every subscription the messages connection had when it
@@ -53,12 +66,14 @@ impl Subscribed {
         for &(shard, ticket) in done {
             if shard == RESUBSCRIBED {
                 self.ready.store(true, Ordering::Release);
+            } else if shard == LAST_WORDS {
+                self.last_words.notify_one();
             } else if let Some(c) = self.confirmed.get(usize::from(shard)) {
                 c.fetch_max(ticket, Ordering::AcqRel);
             }
         }
         let mut woken: Vec<u16> = (done.iter().map(|d| d.0))
-            .filter(|&s| s != RESUBSCRIBED)
+            .filter(|&s| s != RESUBSCRIBED && s != LAST_WORDS)
             .collect();
         woken.sort_unstable();
         woken.dedup();

@@ -50,9 +50,9 @@ impl Shard {
 
     /// A will whose connection ended: published now, or, with a Will Delay Interval and a
     /// session `skey` that lives on offline, at the delay or when the session ends,
-    /// whichever is first.
+    /// whichever is first. While the shard stops, now: no timer fires after the stop.
     pub(in crate::shard) fn publish_or_delay_will(&mut self, skey: Option<usize>, w: Box<Will>) {
-        let Some(skey) = skey.filter(|_| w.delay_secs > 0) else {
+        let Some(skey) = skey.filter(|_| w.delay_secs > 0 && !self.stopping) else {
             self.publish_will(*w);
             return;
         };
@@ -62,6 +62,23 @@ impl Shard {
         st.will = Some(w);
         st.will_due = Some(due);
         self.arm_session_timer(skey);
+    }
+
+    /// The gateway stops (`mqtt.wills_on_stop`): the wills of offline sessions still
+    /// waiting out their delay are published now, as nothing would publish them later.
+    pub(in crate::shard) fn publish_delayed_wills(&mut self) {
+        let waiting: Vec<usize> = (self.sessions.iter())
+            .filter(|(_, s)| !s.is_online())
+            .filter(|(_, s)| s.extra.as_ref().is_some_and(|st| st.will.is_some()))
+            .map(|(k, _)| k)
+            .collect();
+        for skey in waiting {
+            let st = self.sessions[skey].state();
+            st.will_due = None;
+            if let Some(w) = st.will.take() {
+                self.publish_will(*w);
+            }
+        }
     }
 
     pub(in crate::shard) fn arm_session_timer(&mut self, skey: usize) {
