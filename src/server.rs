@@ -30,6 +30,11 @@ use crate::shard::{self, ShardContext};
 use crate::store::{self, Store};
 use crate::tls::handshaker::HandshakeThreads;
 
+/// The longest a stopping fleet node takes to leave the fleet after its shards stopped
+/// (`Fleet::close`: its last session changes in JetStream, its lease given up, its last
+/// messages read by NATS); a second or less when NATS answers.
+const FLEET_CLOSE: Duration = Duration::from_secs(5);
+
 pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// The TLS listener's address when `tls_listen` is set.
@@ -540,7 +545,7 @@ impl Server {
             .close(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1));
         // The registry writer has the shards' last `disconnected`; then the lease goes.
         if let Some(fleet) = self.fleet.take() {
-            fleet.close(self.business.handle(), Duration::from_secs(2));
+            fleet.close(self.business.handle(), FLEET_CLOSE);
         }
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());

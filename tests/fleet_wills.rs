@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use common::fleet::{disconnect, kill_9, persistent, session_node, total, DEADLINE};
+use common::fleet::{disconnect, kill_9, persistent, session_node, total, DEADLINE, LEASE_SECS};
 use common::nats::NatsServer;
 use common::{connect5, encode, session_expiry_props, v4, v5, GatewayProcess, Raw};
 use mqttbytes::v5::{LastWill, Packet as V5Packet};
@@ -296,4 +296,53 @@ async fn a_node_back_after_a_crash_within_its_lease_publishes_its_last_runs_will
     assert!(!crashed.exists(), "a start after a clean stop saw a crash");
     expect_marker(&b, &mut sub, "a will came again after a clean stop").await;
     assert_eq!(total(std::slice::from_ref(&a), PUBLISHED).await, 0.0);
+}
+
+/// A node stopped cleanly with more wills than its routing queue holds
+/// (`routing_queue_capacity = 64`, 300 devices on two shards) gets every one to the other
+/// node, once: those the full queue refuses wait on their shard and are offered again
+/// while it drains (before, about two thirds were dropped and counted `queue_full`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_gets_out_more_wills_than_its_routing_queue_holds() {
+    const DEVICES: usize = 300;
+    let nats = NatsServer::start("wills-stop");
+    let mut a = GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nrouting_queue_capacity = 64\n",
+        nats.url()
+    ));
+    let b = session_node(&nats, "node-b");
+    let mut sub = v4::connect(v4::options(b.mqtt, "stop-sub")).await;
+    sub.subscribe("will/#", v4::QoS::AtLeastOnce).await;
+    until_routed(&a, &mut sub).await;
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("s{i}")).collect();
+    let mut devices = Vec::new();
+    for id in &ids {
+        let mut c = mqttbytes::v4::Connect::new(id);
+        c.keep_alive = 60;
+        let will = mqttbytes::v4::LastWill::new(
+            format!("will/{id}"),
+            id.as_str(),
+            QoS::AtLeastOnce,
+            false,
+        );
+        c.last_will = Some(will);
+        let mut raw = Raw::connect(a.mqtt).await;
+        raw.send(&encode(|b| c.write(b))).await;
+        let connack = raw.next_v4(DEADLINE).await;
+        assert!(
+            matches!(connack, Ok(mqttbytes::v4::Packet::ConnAck(_))),
+            "{id}: {connack:?}"
+        );
+        devices.push(raw);
+    }
+    a.signal(libc::SIGTERM);
+    assert!(a.wait_exit(DEADLINE).is_some(), "node A did not stop");
+    let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    ids.sort_unstable(); // as expect_wills sorts what came
+    expect_wills(&mut sub, &ids).await;
+    // Node A gave up its lease only once its wills' keys were empty: node B, which
+    // looks at the leases every LEASE_SECS, finds A gone and nothing to publish.
+    tokio::time::sleep(Duration::from_secs(2 * u64::from(LEASE_SECS) + 1)).await;
+    expect_marker(&b, &mut sub, "a will came twice").await;
+    assert_eq!(total(std::slice::from_ref(&b), PUBLISHED).await, 0.0);
 }

@@ -8,6 +8,7 @@
 //! published: an acknowledged message is deleted by that sequence, and a purge must come
 //! after the puts it removes.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -56,6 +57,7 @@ impl SessionStore {
                     if let (Err(_), Some(kept)) = (&last, kept) {
                         self.keep_for_resync(kept);
                     }
+                    self.groups_done.fetch_add(1, Ordering::AcqRel);
                 }
                 Ack::Answers(replies) if last.is_ok() => {
                     for (tx, outcomes) in replies {
@@ -64,6 +66,23 @@ impl SessionStore {
                 }
                 Ack::Answers(replies) => fail_replies(replies),
             }
+        }
+    }
+
+    /// Waits, until `deadline`, for every commit group handed to the mirror so far to be
+    /// written to JetStream, the re-sync's included: a stopping node must not give up
+    /// its lease while its wills' keys may still hold the wills it published itself (a
+    /// survivor would publish them again). True if they were.
+    pub async fn written(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let done = self.groups_done.load(Ordering::Acquire);
+            if done >= self.groups_handed.load(Ordering::Acquire) && !self.resync.waiting() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 

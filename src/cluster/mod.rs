@@ -361,11 +361,13 @@ impl Fleet {
         result
     }
 
-    /// Leaves the fleet: waits up to `timeout` for the registry writer to finish (call
-    /// after the events' `close`, which stops it once the shards' last `disconnected`
-    /// are written), then gives up this node's lease, waits (within `timeout`) for message
-    /// routing to have NATS read its last messages (the wills of the stop), and stops the
-    /// other tasks.
+    /// Leaves the fleet, all within `timeout`: waits for the registry writer to finish
+    /// (call after the events' `close`, which stops it once the shards' last
+    /// `disconnected` are written) and for the session changes of the stop to be in
+    /// JetStream (their wills' keys emptied: the stop published those wills), then gives
+    /// up this node's lease, waits for message routing to have NATS read its last
+    /// messages (the wills of the stop, `routing/last_words.rs`), and stops the other
+    /// tasks.
     pub fn close(&self, runtime: &tokio::runtime::Handle, timeout: Duration) {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let routing = (self.routing_task.lock())
@@ -378,6 +380,9 @@ impl Fleet {
                 while !writer.is_finished() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+            }
+            if !self.sessions.written(deadline).await {
+                tracing::warn!(node = %self.node, "cluster: the stop's last session changes are not all in JetStream; another node may publish again wills this stop published");
             }
             self.stop.cancel();
             let leaving = self.registry.drop_lease();

@@ -31,6 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -145,6 +146,10 @@ pub struct SessionStore {
     /// Wills of dead nodes (or of the last run) being published at once: a node with a
     /// million devices dying must not start a million lookups and publications at once.
     pub(super) will_permits: Arc<tokio::sync::Semaphore>,
+    /// Commit groups handed to the mirror task, and those it finished (written, or kept
+    /// for the re-sync): a stopping node waits for them to meet (`acker::written`).
+    pub(super) groups_handed: AtomicU64,
+    pub(super) groups_done: AtomicU64,
 }
 
 /// A session's key (its client id escaped).
@@ -234,6 +239,8 @@ impl SessionStore {
             resync: super::session_resync::Resync::new(config.session_resync_max_mib),
             leftover_wills: Mutex::default(),
             will_permits: Arc::new(tokio::sync::Semaphore::new(WILLS_AT_ONCE)),
+            groups_handed: AtomicU64::new(0),
+            groups_done: AtomicU64::new(0),
         }))
     }
 
@@ -267,7 +274,9 @@ impl SessionStore {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let mut again: Vec<Change> = vec![self.will_node_change()];
         again.extend(restored.iter().flatten().flat_map(|s| self.again(s)));
-        let _ = tx.try_send(Work::Changes(again));
+        if tx.try_send(Work::Changes(again)).is_ok() {
+            self.groups_handed.fetch_add(1, Ordering::AcqRel);
+        }
         runtime.spawn(self.clone().apply_all(rx));
         Box::new(SessionMirror {
             store: self.clone(),
@@ -674,8 +683,12 @@ impl SessionStore {
 impl Mirror for SessionMirror {
     fn changes(&self, ops: &[&Op]) {
         let changes = ops.iter().filter_map(|op| self.store.change(op)).collect();
+        let handed = &self.store.groups_handed;
+        handed.fetch_add(1, Ordering::AcqRel);
         // The task is gone only once the gateway stops: nothing more reaches NATS then.
-        let _ = self.tx.blocking_send(Work::Changes(changes));
+        if self.tx.blocking_send(Work::Changes(changes)).is_err() {
+            handed.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     fn answers(&self, replies: Vec<DeferredReply>) {

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cluster::routing::Interest;
+use crate::cluster::routing::{Interest, RouteDrop};
 use crate::message::Message;
 use crate::topic::Subscriber;
 
@@ -122,10 +122,37 @@ impl Shard {
     }
 
     /// Offers a message published on this shard to the other nodes.
-    pub(super) fn offer_to_fleet(&self, msg: &Arc<Message>) {
-        if let Some(route) = &self.services.fleet_route {
-            route.offer(msg);
+    pub(super) fn offer_to_fleet(&mut self, msg: &Arc<Message>) {
+        let Some(route) = &self.services.fleet_route else {
+            return;
+        };
+        if !self.stopping {
+            return route.offer(msg);
         }
+        // The stop's wills: their keys in the fleet are emptied as their sessions
+        // detach, so no other node would publish one the full queue refused.
+        if !self.fleet_backlog.is_empty() || !route.try_offer(msg) {
+            self.fleet_backlog.push_back(msg.clone());
+        }
+    }
+
+    /// While stopping: offers again what the full routing queue refused, in order; true
+    /// while some still waits. Once `late` (the drain deadline), what waits is dropped
+    /// and counted (`gateway_fleet_messages_dropped_total{reason="queue_full"}`).
+    pub(super) fn flush_fleet_backlog(&mut self, late: bool) -> bool {
+        let Some(route) = &self.services.fleet_route else {
+            return false;
+        };
+        while let Some(msg) = self.fleet_backlog.front() {
+            if !route.try_offer(msg) {
+                if !late {
+                    return true;
+                }
+                route.metrics.drop_msg(RouteDrop::QueueFull);
+            }
+            self.fleet_backlog.pop_front();
+        }
+        false
     }
 
     /// The fleet's routing queue is backlogged (`RouteHandle::backlogged`): with
@@ -147,11 +174,12 @@ impl Shard {
     /// again in a millisecond); once it drained (possibly within the turn that held a
     /// publisher), the publishers held for it are read again.
     pub(super) fn flush_fleet(&mut self) -> bool {
+        let waiting = self.flush_fleet_backlog(false);
         let over = self.fleet_backlogged();
         if !over && self.services.fleet_paced.replace(false) {
             self.outbox_unblocked();
         }
-        over
+        over || waiting
     }
 
     /// Messages published on other nodes: to this shard's matching sessions (their

@@ -63,7 +63,7 @@ mod websocket;
 mod wire;
 mod write;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -190,6 +190,9 @@ pub struct Shard {
     held: held::Held,
     /// SUBACKs waiting for the fleet to hold their filters (see `fleet_route.rs`).
     fleet_subacks: fleet_route::FleetSubacks,
+    /// While stopping: messages (the stop's wills) the full fleet routing queue refused,
+    /// offered again each turn and drain step (`fleet_route.rs`).
+    fleet_backlog: VecDeque<Arc<Message>>,
 }
 
 /// What one loop turn left behind.
@@ -383,6 +386,7 @@ impl Shard {
                 seq: Default::default(),
                 held,
                 fleet_subacks: Default::default(),
+                fleet_backlog: VecDeque::new(),
             },
             ctx.mailbox,
         ))
@@ -469,9 +473,9 @@ impl Shard {
             self.clock.update();
             self.handle_msg(msg);
         }
-        let waiting = self.flush_outbox();
-        self.flush_store();
         let late = self.clock.read() >= deadline;
+        let waiting = self.flush_outbox() | self.flush_fleet_backlog(late);
+        self.flush_store();
         if !*counted_out && (!waiting || late) {
             self.services.shards_running.fetch_sub(1, Ordering::AcqRel);
             *counted_out = true;

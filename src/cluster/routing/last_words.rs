@@ -12,8 +12,8 @@ use bytes::BytesMut;
 use super::subscribed::LAST_WORDS;
 use super::{Exit, Session};
 
-/// The longest the last words wait for NATS's PONG (`Fleet::close` gives the routing
-/// tasks two seconds in all).
+/// The longest the last words wait for NATS's PONG (within what is left of
+/// `Fleet::close`'s time).
 pub(super) const LAST_WORDS_WAIT: Duration = Duration::from_millis(1500);
 
 impl Session<'_> {

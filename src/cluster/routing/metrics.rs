@@ -23,15 +23,18 @@ pub enum RouteDrop {
     Malformed,
     /// Expired before it could leave or arrive.
     Expired,
+    /// Arrived after this node's shards stopped (a graceful stop).
+    Stopping,
 }
 
 impl RouteDrop {
-    pub const ALL: [RouteDrop; 5] = [
+    pub const ALL: [RouteDrop; 6] = [
         RouteDrop::QueueFull,
         RouteDrop::TooLarge,
         RouteDrop::Duplicate,
         RouteDrop::Malformed,
         RouteDrop::Expired,
+        RouteDrop::Stopping,
     ];
 
     fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl RouteDrop {
             RouteDrop::Duplicate => "duplicate",
             RouteDrop::Malformed => "malformed",
             RouteDrop::Expired => "expired",
+            RouteDrop::Stopping => "stopping",
         }
     }
 }

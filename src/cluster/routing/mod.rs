@@ -158,10 +158,16 @@ impl RouteHandle {
     /// Queues `msg` for the other nodes; counted and not routed to them when the queue
     /// is full.
     pub fn offer(&self, msg: &Arc<Message>) {
-        if self.queue.push(msg.clone()).is_err() {
+        if !self.try_offer(msg) {
             self.metrics.drop_msg(RouteDrop::QueueFull);
         }
+    }
+
+    /// Queues `msg` for the other nodes if the queue has room (nothing counted if not).
+    pub fn try_offer(&self, msg: &Arc<Message>) -> bool {
+        let queued = self.queue.push(msg.clone()).is_ok();
         self.wake.notify_one();
+        queued
     }
 
     /// Whether the queue holds half its capacity while the routing connection is up: a
@@ -436,11 +442,8 @@ impl Router {
                 }
             }
             ctx.alive.waiting_on_shards(true);
-            let handed = self.hand_over(&mut ctx).await;
+            self.hand_over(&mut ctx).await;
             ctx.alive.waiting_on_shards(false);
-            if let Err(e) = handed {
-                return e;
-            }
             match read.read_buf(&mut ctx.buf).await {
                 Ok(0) => return "closed by the server".into(),
                 Ok(_) => ctx.alive.heard(),
@@ -452,9 +455,18 @@ impl Router {
     /// Hands what one read brought to the shards: the subscribers' messages to each
     /// shard whose subscriptions may match them (`crate::interest`), each shared group's
     /// message to the group's owner shard. Awaits room in their mailboxes: a slow node
-    /// stops reading NATS rather than drop.
-    async fn hand_over(&self, ctx: &mut Reading) -> Result<(), String> {
-        let stopping = |_| "the gateway is stopping".to_string();
+    /// stops reading NATS rather than drop. A shard that has stopped (a graceful stop)
+    /// takes nothing: what was for it is counted and dropped, and the connection reads
+    /// on, so a stopping node's last words are still answered (`last_words.rs`).
+    async fn hand_over(&self, ctx: &mut Reading) {
+        let metrics = &self.handle.metrics;
+        let stopping = |m: ShardMsg| {
+            let n = match &m {
+                ShardMsg::FleetPublish(part) => part.len(),
+                _ => 1,
+            };
+            (0..n).for_each(|_| metrics.drop_msg(RouteDrop::Stopping));
+        };
         if !ctx.batch.is_empty() {
             let batch = std::mem::take(&mut ctx.batch);
             let keys: Vec<TopicKeys> = batch.iter().map(|m| TopicKeys::of(&m.topic)).collect();
@@ -468,15 +480,18 @@ impl Router {
                     continue;
                 }
                 let msg = ShardMsg::FleetPublish(part);
-                ctx.shards.send(shard, msg).await.map_err(stopping)?;
+                if let Err(back) = ctx.shards.send(shard, msg).await {
+                    stopping(back);
+                }
             }
         }
         for (key, msg) in std::mem::take(&mut ctx.shared) {
             let owner = crate::mailbox::home_shard(&key, ctx.shards.len());
             let msg = ShardMsg::FleetShared { key, msg };
-            ctx.shards.send(owner, msg).await.map_err(stopping)?;
+            if let Err(back) = ctx.shards.send(owner, msg).await {
+                stopping(back);
+            }
         }
-        Ok(())
     }
 
     /// Takes in one NATS message: for a shared group when it came through the group's
