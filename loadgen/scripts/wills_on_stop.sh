@@ -5,14 +5,15 @@
 # subscriber to status/# on node b (mosquitto_sub), DEVICES clean-session MQTT 3.1.1
 # devices on node a, each with a will on status/{id} (loadgen --will-topic, QoS 1); once
 # node a holds them all, SIGTERM to node a. Per run: the seconds from the signal to node
-# a's exit, and the wills node b's subscriber received within 5 s of it (each device's
-# once: the distinct topics and all lines).
+# a's exit, and the wills node b's subscriber received within AFTER seconds of it (each
+# device's once: the distinct topics and all lines; AFTER is past two of node b's lease
+# checks, so a will node b publishes again for node a, gone without its lease, counts).
 #
 # Usage: wills_on_stop.sh GATEWAY_BIN LOADGEN_BIN OUT_DIR [REPEATS]
-#   DEVICES (10000), RATE (5000); ports 14222, 18830/18080, 18831/18081.
+#   DEVICES (10000), RATE (5000), AFTER (25); ports 14222, 18830/18080, 18831/18081.
 set -u
 gw=$1 lg=$2 out=$3 repeats=${4:-1}
-devices=${DEVICES:-10000} rate=${RATE:-5000}
+devices=${DEVICES:-10000} rate=${RATE:-5000} after=${AFTER:-25}
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=bench_lib.sh
 . "$here/bench_lib.sh"
@@ -53,7 +54,7 @@ for r in $(seq "$repeats"); do
   wait "${FLEET_PIDS[1]}" 2> /dev/null
   t1=$(date +%s.%N)
   FLEET_PIDS=("${FLEET_PIDS[0]}" "${FLEET_PIDS[2]}") # node a is gone
-  sleep 5
+  sleep "$after"
   kill "$lg_pid" "$watch_pid" 2> /dev/null
   wait "$lg_pid" "$watch_pid" 2> /dev/null
   lg_pid="" watch_pid=""

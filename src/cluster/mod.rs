@@ -373,7 +373,9 @@ impl Fleet {
         let routing = (self.routing_task.lock())
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        let took = || started.elapsed().as_millis() as u64;
         runtime.block_on(async {
             // The registry writer is the last task; it ends when the events stop.
             if let Some(writer) = tasks.last() {
@@ -381,21 +383,25 @@ impl Fleet {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
+            tracing::debug!(node = %self.node, ms = took(), "cluster: leaving: the registry writer is done");
             if !self.sessions.written(deadline).await {
                 tracing::warn!(node = %self.node, "cluster: the stop's last session changes are not all in JetStream; another node may publish again wills this stop published");
             }
+            tracing::debug!(node = %self.node, ms = took(), "cluster: leaving: the session changes are in JetStream");
             self.stop.cancel();
             let leaving = self.registry.drop_lease();
             if tokio::time::timeout_at(deadline, leaving).await.is_err() {
                 tracing::warn!(node = %self.node, "cluster: could not give up the lease; it expires by itself");
             }
             let _ = tokio::time::timeout_at(deadline, self.client.flush()).await;
+            tracing::debug!(node = %self.node, ms = took(), "cluster: leaving: the lease is given up");
             // The wills of the stop go out before the routing connection closes.
             if let Some(routing) = routing.as_ref() {
                 while !routing.is_finished() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
+            tracing::debug!(node = %self.node, ms = took(), "cluster: left the fleet");
         });
         for t in tasks.into_iter().chain(routing) {
             t.abort();

@@ -31,6 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
+use std::mem::take;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,6 +48,10 @@ use super::acker::Ack;
 
 /// Commit groups waiting for the mirror task; past this the store writer waits.
 const QUEUE: usize = 64;
+
+/// Publishes whose acks are handed to the acknowledging task at once, within a group
+/// (well under async-nats's 5,000 publishes awaiting their acks per context).
+const ACK_PART: usize = 1024;
 
 /// One change to a session's state in JetStream, encoded on the store writer thread.
 #[derive(Clone)]
@@ -445,6 +450,13 @@ impl SessionStore {
                         self.purge(&client_id).await.map_err(fail(&client_id))?;
                     }
                 }
+            }
+            // Each publish holds one of the JetStream context's 5,000 permits until its
+            // ack is awaited: a group larger than that (a stop detaching 10,000 devices
+            // with wills) would wait for a permit forever with the acks still here.
+            if pending.len() >= ACK_PART && acks.send(Ack::Part(take(&mut pending))).await.is_err()
+            {
+                return Err((Arc::from("-"), "the mirror is stopping".into()));
             }
         }
         self.flush_deletes(&mut deletes).await?;
