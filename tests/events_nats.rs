@@ -187,3 +187,29 @@ async fn jetstream_keeps_every_acknowledged_event_across_a_gateway_kill_9() {
         assert!(v["client_id"].as_str().unwrap().starts_with("k-"), "{v}");
     }
 }
+
+/// A JetStream batch larger than the 5,000 publishes async-nats lets wait for their acks
+/// (`batch_max = 6000`) is delivered whole: its acks are awaited a chunk at a time (before,
+/// the 5,001st publish waited for good and the sink delivered nothing more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_takes_a_batch_larger_than_the_acks_in_flight() {
+    const EVENTS: usize = 6000;
+    let nats = NatsServer::start("js-big");
+    let client = nats.client().await;
+    let events = start(&format!(
+        "nats_url = \"{}\"\njetstream = true\njetstream_stream = \"BIG\"\nbatch_max = {EVENTS}\nlinger_ms = 500\n",
+        nats.url()
+    ));
+    let mut seq = SeqGen::default();
+    for i in 0..EVENTS {
+        events.sender.try_emit(numbered(&mut seq, i));
+    }
+    let m = events.sink("nats").unwrap().clone();
+    wait_until("6,000 acknowledged events", || {
+        m.sent.get() == EVENTS as u64
+    })
+    .await;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("BIG").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, EVENTS as u64);
+}

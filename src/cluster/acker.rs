@@ -24,7 +24,8 @@ pub(super) enum Ack {
     /// Everything handed over before is acked: the current group's outcome so far.
     Barrier(oneshot::Sender<Result<(), Failed>>),
     /// The current group ended (`result`: how applying it went, besides its acks);
-    /// `kept`: its changes, kept for the re-sync if it failed (`session_resync`).
+    /// `kept`: its changes, kept for the re-sync if it failed (`session_resync`); `None`
+    /// only for a re-sync step's end (it keeps nothing, and is no handed group).
     End {
         changes: usize,
         result: Result<(), Failed>,
@@ -54,10 +55,15 @@ impl SessionStore {
                     last = std::mem::replace(&mut group, Ok(())).and(result);
                     self.metrics.changes(changes, last.is_ok());
                     log_transition(&last, &mut failing);
+                    // The end of a group the store writer handed (`groups_handed`); a
+                    // re-sync step's end keeps nothing and is not one.
+                    let handed = kept.is_some();
                     if let (Err(_), Some(kept)) = (&last, kept) {
                         self.keep_for_resync(kept);
                     }
-                    self.groups_done.fetch_add(1, Ordering::AcqRel);
+                    if handed {
+                        self.groups_done.fetch_add(1, Ordering::AcqRel);
+                    }
                 }
                 Ack::Answers(replies) if last.is_ok() => {
                     for (tx, outcomes) in replies {
@@ -76,10 +82,11 @@ impl SessionStore {
     pub async fn written(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let done = self.groups_done.load(Ordering::Acquire);
-            if done >= self.groups_handed.load(Ordering::Acquire) && !self.resync.waiting() {
+            if done >= self.groups_handed.load(Ordering::Acquire) && !self.resync.unfinished() {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            // NATS away: what is left waits for the re-sync, which cannot run.
+            if tokio::time::Instant::now() >= deadline || !self.link.connected() {
                 return false;
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -63,6 +63,13 @@ impl Resync {
     pub(super) fn waiting(&self) -> bool {
         !self.kept().changes.is_empty()
     }
+
+    /// Whether changes are waiting or a re-sync is under way (its last batch may be in
+    /// flight with nothing left waiting): a stopping node is not done with JetStream.
+    pub(super) fn unfinished(&self) -> bool {
+        let kept = self.kept();
+        !kept.changes.is_empty() || kept.running.is_some()
+    }
 }
 
 impl SessionStore {

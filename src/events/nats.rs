@@ -18,6 +18,12 @@ use bytes::Bytes;
 use super::model::Event;
 use super::sink::{Batcher, Failure, OutageLog};
 
+/// Events whose acknowledgements are awaited before the next are published: async-nats
+/// lets at most 5,000 publishes of a context wait for their acks, and a publish past
+/// that waits for one of them, so a whole `batch_max` (up to 10,000) published before
+/// any ack was awaited would wait for good.
+const ACK_CHUNK: usize = 1024;
+
 /// The sink's connection and naming.
 pub struct NatsSink {
     pub urls: Vec<String>,
@@ -170,38 +176,41 @@ impl NatsSink {
             .map_err(|err| Failure::Retry(err.to_string()))
     }
 
-    /// JetStream: publish all, then await every acknowledgement; `batch` keeps only the
-    /// events that were not acknowledged.
+    /// JetStream: publish, then await the acknowledgements, [`ACK_CHUNK`] events at a
+    /// time; `batch` keeps only the events that were not acknowledged.
     async fn publish_acked(
         &self,
         js: &Context,
         b: &Batcher,
         batch: &mut Vec<Arc<Event>>,
     ) -> Result<(), Failure> {
-        let mut pending = Vec::with_capacity(batch.len());
         let mut error = None;
-        for e in batch.iter() {
-            let mut headers = HeaderMap::new();
-            let id = format!("{}:{}:{}", self.node, e.client_id, e.seq);
-            headers.insert("Nats-Msg-Id", id.as_str());
-            let payload = Bytes::from(e.to_json(&self.node));
-            pending.push(
-                js.publish_with_headers(self.subject(e), headers, payload)
-                    .await,
-            );
-        }
         let mut unacked = Vec::new();
         let mut acked = Vec::new();
-        for (e, publish) in batch.drain(..).zip(pending) {
-            let ack = match publish {
-                Ok(fut) => fut.await.map(|_| ()),
-                Err(err) => Err(err),
-            };
-            match ack {
-                Ok(()) => acked.push(e),
-                Err(err) => {
-                    error.get_or_insert_with(|| err.to_string());
-                    unacked.push(e);
+        let events = std::mem::take(batch);
+        for chunk in events.chunks(ACK_CHUNK) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let mut headers = HeaderMap::new();
+                let id = format!("{}:{}:{}", self.node, e.client_id, e.seq);
+                headers.insert("Nats-Msg-Id", id.as_str());
+                let payload = Bytes::from(e.to_json(&self.node));
+                pending.push(
+                    js.publish_with_headers(self.subject(e), headers, payload)
+                        .await,
+                );
+            }
+            for (e, publish) in chunk.iter().zip(pending) {
+                let ack = match publish {
+                    Ok(fut) => fut.await.map(|_| ()),
+                    Err(err) => Err(err),
+                };
+                match ack {
+                    Ok(()) => acked.push(e.clone()),
+                    Err(err) => {
+                        error.get_or_insert_with(|| err.to_string());
+                        unacked.push(e.clone());
+                    }
                 }
             }
         }

@@ -126,7 +126,8 @@ impl Shard {
         let Some(route) = &self.services.fleet_route else {
             return;
         };
-        if !self.stopping {
+        // While the routing connection is down the queue cannot drain: nothing waits.
+        if !self.stopping || !route.connected() {
             return route.offer(msg);
         }
         // The stop's wills: their keys in the fleet are emptied as their sessions
@@ -137,12 +138,14 @@ impl Shard {
     }
 
     /// While stopping: offers again what the full routing queue refused, in order; true
-    /// while some still waits. Once `late` (the drain deadline), what waits is dropped
-    /// and counted (`gateway_fleet_messages_dropped_total{reason="queue_full"}`).
+    /// while some still waits. Once `late` (the drain deadline), or while the routing
+    /// connection is down, what waits is dropped and counted
+    /// (`gateway_fleet_messages_dropped_total{reason="queue_full"}`).
     pub(super) fn flush_fleet_backlog(&mut self, late: bool) -> bool {
         let Some(route) = &self.services.fleet_route else {
             return false;
         };
+        let late = late || !route.connected();
         while let Some(msg) = self.fleet_backlog.front() {
             if !route.try_offer(msg) {
                 if !late {

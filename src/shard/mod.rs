@@ -445,6 +445,8 @@ impl Shard {
         while !self.drain_step(&mut rx, &mut counted_out, deadline) {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Counted, if any is left (one published after this shard counted itself out).
+        self.flush_fleet_backlog(true);
         if let Some(store) = self.services.store.take() {
             // Hands over the last changes (sessions detached by the shutdown), waiting
             // for room if need be: the shard serves nobody any more.
