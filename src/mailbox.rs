@@ -198,12 +198,6 @@ pub enum ShardMsg {
         /// `None`: no session; `Some(online)`: whether a connection was closed.
         reply: oneshot::Sender<Option<bool>>,
     },
-    /// A graceful stop is coming (`[mqtt] wills_on_stop`): publish the wills of every
-    /// session now, while the subscribers are still connected, and say `done` once what
-    /// they routed to other shards is in those shards' mailboxes (before `Shutdown`).
-    PublishWills {
-        done: std::sync::mpsc::Sender<()>,
-    },
     /// Begin graceful shutdown: stop accepting, tell v5 clients 0x8B, close everything.
     Shutdown,
     /// The `[acl]` rules a config reload compiled (`src/reload.rs`): in force for this

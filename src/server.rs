@@ -35,10 +35,6 @@ use crate::tls::handshaker::HandshakeThreads;
 /// messages read by NATS); a second or less when NATS answers.
 const FLEET_CLOSE: Duration = Duration::from_secs(5);
 
-/// The longest a graceful stop waits for the shards to publish the wills before it
-/// closes the connections (`Server::publish_wills`).
-const WILLS_WAIT: Duration = Duration::from_secs(1);
-
 pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// The TLS listener's address when `tls_listen` is set.
@@ -509,39 +505,12 @@ impl Server {
         });
     }
 
-    /// Before the shards close anything: every shard publishes its sessions' wills and
-    /// hands what goes to other shards to their mailboxes, so that each will reaches the
-    /// subscribers still connected anywhere on this node (a shard's `Shutdown`, sent
-    /// after, comes behind them). At most `WILLS_WAIT` (and `deadline`); a shard that
-    /// has not answered by then publishes its wills as it closes its connections.
-    fn publish_wills(&self, deadline: Instant) {
-        let until = (Instant::now() + WILLS_WAIT).min(deadline);
-        let (done, answers) = std::sync::mpsc::channel();
-        let mut asked = 0;
-        for shard in 0..self.mailboxes.len() {
-            let msg = ShardMsg::PublishWills { done: done.clone() };
-            asked += usize::from(self.mailboxes.try_send(shard, msg).is_ok());
-        }
-        let mut answered = 0;
-        while answered < asked {
-            let left = until.saturating_duration_since(Instant::now());
-            if answers.recv_timeout(left).is_err() {
-                tracing::warn!(answered, asked, "shutdown: not every shard published its wills in time; the rest go as their connections close");
-                return;
-            }
-            answered += 1;
-        }
-    }
-
     /// Graceful shutdown: stop accepting, send MQTT 5 clients DISCONNECT 0x8B, close every
     /// connection, and wait at most `drain_timeout_secs` for the shards to finish.
     pub fn shutdown(mut self) {
         self.ready.store(false, Ordering::Relaxed);
         let deadline =
             Instant::now() + Duration::from_secs(self.config.shards.drain_timeout_secs as u64);
-        if self.config.mqtt.wills_on_stop {
-            self.publish_wills(deadline);
-        }
         for shard in 0..self.mailboxes.len() {
             // A full mailbox is drained by its shard; retry until the deadline.
             while self.mailboxes.try_send(shard, ShardMsg::Shutdown).is_err()

@@ -106,28 +106,3 @@ async fn with_wills_on_stop_off_a_graceful_stop_publishes_none() {
     assert!(got.is_empty(), "wills published: {got:?}");
     assert!(!retained, "a retained will was set");
 }
-
-/// Subscribers still connected get the wills of a stop before their own connections
-/// close, as with Mosquitto 2.0: every shard publishes its wills, and hands those for the
-/// other shards over, before any connection is closed (`Server::publish_wills`). Twelve
-/// 3.1.1 devices over the two shards and an MQTT 5 one whose will waits 60 s; the
-/// subscriber has a clean session.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_still_connected_get_the_wills_of_a_stop() {
-    let mut gw = GatewayProcess::start("");
-    let mut live = v4::connect(v4::options(gw.mqtt, "live")).await;
-    live.subscribe("will/#", v4::QoS::AtLeastOnce).await;
-    let mut devices = Vec::new();
-    for i in 0..12 {
-        devices.push(v4_with_will(&gw, &format!("d{i}")).await);
-    }
-    let _delayed = v5::connect_with_will(gw.mqtt, "d-delayed", 60, 300).await;
-    gw.signal(libc::SIGTERM);
-    let mut got = BTreeSet::new();
-    collect(&mut live, &mut got, 13, T).await;
-    let mut want: BTreeSet<String> = (0..12).map(|i| format!("d{i}")).collect();
-    want.insert("d-delayed".into());
-    assert_eq!(got, want);
-    let exited = gw.wait_exit(T);
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
-}

@@ -127,7 +127,7 @@ impl Shard {
             return;
         };
         // While the routing connection is down the queue cannot drain: nothing waits.
-        if !(self.stopping || self.stop_announced) || !route.connected() {
+        if !self.stopping || !route.connected() {
             return route.offer(msg);
         }
         // The stop's wills: their keys in the fleet are emptied as their sessions

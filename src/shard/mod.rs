@@ -193,10 +193,6 @@ pub struct Shard {
     /// While stopping: messages (the stop's wills) the full fleet routing queue refused,
     /// offered again each turn and drain step (`fleet_route.rs`).
     fleet_backlog: VecDeque<Arc<Message>>,
-    /// Told once the wills `PublishWills` asked for have left this shard's outboxes.
-    wills_done: Option<std::sync::mpsc::Sender<()>>,
-    /// `PublishWills` came: the stop is coming (its wills wait in `fleet_backlog`).
-    stop_announced: bool,
 }
 
 /// What one loop turn left behind.
@@ -391,8 +387,6 @@ impl Shard {
                 held,
                 fleet_subacks: Default::default(),
                 fleet_backlog: VecDeque::new(),
-                wills_done: None,
-                stop_announced: false,
             },
             ctx.mailbox,
         ))
@@ -532,12 +526,6 @@ impl Shard {
             | self.flush_echoes()
             | self.flush_store()
             | self.flush_fleet();
-        if !outbox_waiting {
-            // The wills of a coming stop are with the other shards (`PublishWills`).
-            if let Some(done) = self.wills_done.take() {
-                let _ = done.send(());
-            }
-        }
         self.publish_gauges();
         // A publisher released this turn (by the mailbox or a drained subscriber) is read
         // again next turn, not at the next tick.
@@ -699,11 +687,6 @@ impl Shard {
             } => {
                 let _ = reply.send(self.kick(&client_id, clear_session));
             }
-            ShardMsg::PublishWills { done } => {
-                self.stop_announced = true;
-                self.publish_all_wills();
-                self.wills_done = Some(done);
-            }
             ShardMsg::Shutdown => self.begin_shutdown(),
             ShardMsg::Acl { acl, applied } => self.replace_acl(*acl, applied),
             ShardMsg::SharedJoin(m) => self.on_shared_join(*m),
@@ -747,9 +730,7 @@ impl Shard {
             );
         }
         if self.settings.wills_on_stop {
-            // Those of offline sessions waiting out their delay (none if `PublishWills`
-            // came first).
-            self.publish_all_wills();
+            self.publish_delayed_wills();
         }
     }
 

@@ -64,12 +64,11 @@ impl Shard {
         self.arm_session_timer(skey);
     }
 
-    /// The gateway stops (`mqtt.wills_on_stop`): every will is published now, those of
-    /// connected devices (before their connections close, so that subscribers still
-    /// connected get them) and those of offline sessions still waiting out their delay,
-    /// as nothing would publish them later.
-    pub(in crate::shard) fn publish_all_wills(&mut self) {
+    /// The gateway stops (`mqtt.wills_on_stop`): the wills of offline sessions still
+    /// waiting out their delay are published now, as nothing would publish them later.
+    pub(in crate::shard) fn publish_delayed_wills(&mut self) {
         let waiting: Vec<usize> = (self.sessions.iter())
+            .filter(|(_, s)| !s.is_online())
             .filter(|(_, s)| s.extra.as_ref().is_some_and(|st| st.will.is_some()))
             .map(|(k, _)| k)
             .collect();
