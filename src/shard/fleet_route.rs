@@ -126,9 +126,17 @@ impl Shard {
         let Some(route) = &self.services.fleet_route else {
             return;
         };
-        // While the routing connection is down the queue cannot drain: nothing waits.
-        if !self.stopping || !route.connected() {
+        if !self.stopping {
             return route.offer(msg);
+        }
+        // While the routing connection is down the queue cannot drain: nothing waits
+        // (what waited goes first, in order, or is counted).
+        if !route.connected() {
+            self.flush_fleet_backlog(false);
+            if let Some(route) = &self.services.fleet_route {
+                route.offer(msg);
+            }
+            return;
         }
         // The stop's wills: their keys in the fleet are emptied as their sessions
         // detach, so no other node would publish one the full queue refused.
