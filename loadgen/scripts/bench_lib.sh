@@ -23,6 +23,8 @@
 #                               until it listens; its PID is in $PID
 #   cpu_secs PID...              the CPU seconds (user + system) the processes used so far
 #                               (/proc/PID/stat), summed
+#   connections HTTP_PORT        the gateway's open connections on that HTTP port,
+#                               summed over its shards
 #   make_tls_certs DIR           DIR/ca.pem, DIR/server.pem, DIR/server.key: a throwaway
 #                               ECDSA P-256 CA and a server certificate for 127.0.0.1
 #   write_tls_config DIR MQTT TLS HTTP
@@ -169,6 +171,11 @@ stop_fleet() { # only the PIDs start_fleet started, gateways first
     wait "${FLEET_PIDS[i]}" 2> /dev/null
   done
   FLEET_PIDS=()
+}
+
+connections() {
+  curl -sf "http://127.0.0.1:$1/metrics" |
+    awk '$1 ~ /^gateway_connections[{]/ { s += $2 } END { print s + 0 }'
 }
 
 cpu_secs() {

@@ -26,11 +26,6 @@ metric() { # HTTP_PORT SAMPLE
     awk -v s="$2" '$1 == s { print $2; f = 1 } END { if (!f) print 0 }'
 }
 
-connections() { # node a's, summed over its shards
-  curl -sf "http://127.0.0.1:18080/metrics" |
-    awk '$1 ~ /^gateway_connections\{/ { s += $2 } END { print s + 0 }'
-}
-
 start_fleet "$gw" "$dir" || exit 1
 nats_pid=${FLEET_PIDS[0]}
 echo "== progress: $devices devices to node a at $rate/s; NATS stopped for ${pause}s" >&2
@@ -43,7 +38,7 @@ sleep "$pause"
 kill -CONT "$nats_pid"
 resumed=$(date +%s.%N)
 for _ in $(seq 600); do
-  [ "$(connections)" -ge "$devices" ] && break
+  [ "$(connections 18080)" -ge "$devices" ] && break
   sleep 0.1
 done
 connected=$(date +%s.%N)

@@ -28,11 +28,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-connections() { # HTTP_PORT
-  curl -sf "http://127.0.0.1:$1/metrics" |
-    awk '$1 ~ /^gateway_connections[{]/ { n += $2 } END { print n + 0 }'
-}
-
 : > "$out/runs.txt"
 for r in $(seq "$repeats"); do
   start_fleet "$gw" "$dir" || exit 1

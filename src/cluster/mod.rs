@@ -378,11 +378,7 @@ impl Fleet {
         let took = || started.elapsed().as_millis() as u64;
         runtime.block_on(async {
             // The registry writer is the last task; it ends when the events stop.
-            if let Some(writer) = tasks.last() {
-                while !writer.is_finished() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
+            finished(tasks.last(), deadline).await;
             tracing::debug!(node = %self.node, ms = took(), "cluster: leaving: the registry writer is done");
             if !self.sessions.written(deadline).await {
                 tracing::warn!(node = %self.node, "cluster: the stop's last session changes are not all in JetStream; another node may publish again wills this stop published");
@@ -396,15 +392,19 @@ impl Fleet {
             let _ = tokio::time::timeout_at(deadline, self.client.flush()).await;
             tracing::debug!(node = %self.node, ms = took(), "cluster: leaving: the lease is given up");
             // The wills of the stop go out before the routing connection closes.
-            if let Some(routing) = routing.as_ref() {
-                while !routing.is_finished() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
+            finished(routing.as_ref(), deadline).await;
             tracing::debug!(node = %self.node, ms = took(), "cluster: left the fleet");
         });
         for t in tasks.into_iter().chain(routing) {
             t.abort();
         }
+    }
+}
+
+/// Waits until `task` (if any) has finished, or until `deadline`.
+async fn finished(task: Option<&JoinHandle<()>>, deadline: tokio::time::Instant) {
+    let Some(task) = task else { return };
+    while !task.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

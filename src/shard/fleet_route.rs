@@ -150,9 +150,12 @@ impl Shard {
     /// connection is down, what waits is dropped and counted
     /// (`gateway_fleet_messages_dropped_total{reason="queue_full"}`).
     pub(super) fn flush_fleet_backlog(&mut self, late: bool) -> bool {
-        let Some(route) = &self.services.fleet_route else {
+        let Some(route) = self.services.fleet_route.as_ref() else {
             return false;
         };
+        if self.fleet_backlog.is_empty() {
+            return false;
+        }
         let late = late || !route.connected();
         while let Some(msg) = self.fleet_backlog.front() {
             if !route.try_offer(msg) {

@@ -133,11 +133,16 @@ impl RouteMetrics {
     }
 
     pub fn drop_msg(&self, reason: RouteDrop) {
+        self.drop_msgs(reason, 1);
+    }
+
+    /// `n` messages not routed, for `reason`.
+    pub fn drop_msgs(&self, reason: RouteDrop, n: u64) {
         self.dropped
             .get_or_create(&ReasonLabel {
                 reason: reason.as_str(),
             })
-            .inc();
+            .inc_by(n);
     }
 
     /// Appends the routing families in the Prometheus text format 0.0.4.

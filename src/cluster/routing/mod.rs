@@ -462,10 +462,10 @@ impl Router {
         let metrics = &self.handle.metrics;
         let stopping = |m: ShardMsg| {
             let n = match &m {
-                ShardMsg::FleetPublish(part) => part.len(),
+                ShardMsg::FleetPublish(part) => part.len() as u64,
                 _ => 1,
             };
-            (0..n).for_each(|_| metrics.drop_msg(RouteDrop::Stopping));
+            metrics.drop_msgs(RouteDrop::Stopping, n);
         };
         if !ctx.batch.is_empty() {
             let batch = std::mem::take(&mut ctx.batch);

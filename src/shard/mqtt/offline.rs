@@ -73,11 +73,16 @@ impl Shard {
             .map(|(k, _)| k)
             .collect();
         for skey in waiting {
-            let st = self.sessions[skey].state();
-            st.will_due = None;
-            if let Some(w) = st.will.take() {
-                self.publish_will(*w);
-            }
+            self.publish_waiting_will(skey);
+        }
+    }
+
+    /// Publishes the will offline session `skey` waits out the delay of, now.
+    fn publish_waiting_will(&mut self, skey: usize) {
+        let st = self.sessions[skey].state();
+        st.will_due = None;
+        if let Some(w) = st.will.take() {
+            self.publish_will(*w);
         }
     }
 
@@ -112,11 +117,7 @@ impl Shard {
             .as_ref()
             .map_or((None, None), |st| (st.will_due, st.expires_at));
         if will_due.is_some_and(|d| d <= now) {
-            let st = s.state();
-            st.will_due = None;
-            if let Some(w) = st.will.take() {
-                self.publish_will(*w);
-            }
+            self.publish_waiting_will(skey);
         }
         if expires_at.is_some_and(|d| d <= now) {
             tracing::debug!(shard = self.id, client_id = %self.sessions[skey].client_id, "session expired");
