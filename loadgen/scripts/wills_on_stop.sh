@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A node stopped gracefully publishes its devices' wills to the fleet ([mqtt]
 # wills_on_stop, the default). On a fresh two-node fleet (bench_lib.sh's: nats-server with
-# JetStream, nodes a and b on the shipped defaults plus [cluster] enabled), a QoS 1
+# JetStream, nodes a and b on the shipped defaults plus [cluster] enabled, the ACL off and
+# [limits] publish_rate / bytes_rate raised), a QoS 1
 # subscriber to status/# on node b (mosquitto_sub), DEVICES clean-session MQTT 3.1.1
 # devices on node a, each with a will on status/{id} (loadgen --will-topic, QoS 1); once
 # node a holds them all, SIGTERM to node a. Per run: the seconds from the signal to node
