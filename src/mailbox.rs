@@ -128,6 +128,17 @@ pub struct SubscriptionInfo {
     pub qos: u8,
 }
 
+/// What a shard made of a dead node's session offered to it (`ShardMsg::TakeIn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakenIn {
+    /// It holds the session now.
+    Adopted,
+    /// It held a session of the client id already (its device connected here).
+    AlreadyHere,
+    /// It is stopping, or keeps no sessions (no store): it took nothing.
+    Refused,
+}
+
 /// What a shard can be asked to do.
 pub enum ShardMsg {
     Handoff(Box<Handoff>),
@@ -243,6 +254,13 @@ pub enum ShardMsg {
     HandOver {
         client_id: String,
         reply: oneshot::Sender<bool>,
+    },
+    /// From the fleet (`crate::cluster::take_in`): the persistent session of a node that
+    /// died, which this node claimed in the registry; the shard adopts it offline and
+    /// says what became of it.
+    TakeIn {
+        stored: Box<crate::store::StoredSession>,
+        reply: oneshot::Sender<TakenIn>,
     },
     /// From the fleet's routing (`crate::cluster::routing`): messages published on other
     /// nodes, for this shard's subscribers (not its shared groups, not its retained store).

@@ -7,9 +7,11 @@
 //!   waits for the PUBACK) come back as the holding node decided them, and its errors
 //!   (`overloaded`, `answer_timeout`, `ack_timeout`) with their HTTP status.
 //! - "No responders" (nobody listens on the node's subject: it is gone): if the node's
-//!   lease has expired, its registry entry is stale, removed, and the push answers
-//!   `offline`; while the lease still runs, `503 node_unreachable` (the device may come
-//!   back on another node: retry).
+//!   lease has expired, the device's persistent session, if the fleet keeps one, is
+//!   taken in here (`crate::cluster::take_in`) and the push goes to it (`queued`);
+//!   without one the registry entry is stale, removed, and the push answers `offline`;
+//!   while the lease still runs, `503 node_unreachable` (the device may come back on
+//!   another node: retry).
 //! - No answer within `cluster.request_timeout_ms` (plus `timeout_ms` with `wait_ack`):
 //!   `504 answer_timeout`; NATS unreachable: `503 fleet_unavailable`.
 //!
@@ -26,13 +28,15 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::take_in::TakeIn;
 use crate::cluster::{Handler, Located, RequestError, Service};
 use crate::mailbox::{home_shard, ShardMsg};
+use futures_util::StreamExt;
 
 use super::clients::ask_home;
 use super::error::ApiError;
 use super::message_id::MessageId;
-use super::push::push_grouped;
+use super::push::{push_grouped, shutting_down};
 use super::spec::{PushAnswer, PushSpec};
 use super::{ApiState, Inner};
 
@@ -119,6 +123,9 @@ pub(super) fn fleet_unavailable(what: impl std::fmt::Display) -> ApiError {
     )
 }
 
+/// Devices of a dead node whose sessions one batch takes in at once.
+const TAKE_IN_AT_ONCE: usize = 64;
+
 fn node_unreachable(node: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -183,7 +190,7 @@ impl Inner {
             Ok(bytes) => serde_json::from_slice::<WireReply>(&bytes)
                 .map_err(|e| remote_error(&format!("unreadable answer from node {node}: {e}"))),
             Err(RequestError::NoResponders) => {
-                return self.node_gone(node, &items, ids).await;
+                return self.node_gone(node, &items, ids, received).await;
             }
             Err(RequestError::TimedOut) => Err(ApiError::answer_timeout(timeout)),
             Err(RequestError::Nats(e)) => Err(fleet_unavailable(e)),
@@ -202,13 +209,16 @@ impl Inner {
         }
     }
 
-    /// Nobody answers on `node`'s subject: with its lease expired, its entries are stale
-    /// (removed; the pushes are `offline`); otherwise `503 node_unreachable`.
+    /// Nobody answers on `node`'s subject: with its lease expired, each device's
+    /// persistent session is taken in here (`cluster::take_in`) and the push goes to it;
+    /// an entry without one is stale (removed; the push is `offline`). With the lease
+    /// still there, `503 node_unreachable`.
     async fn node_gone(
         &self,
         node: &str,
         items: &[(&PushSpec, u64)],
         ids: Vec<MessageId>,
+        received: Instant,
     ) -> Vec<Result<PushAnswer, ApiError>> {
         let Some(fleet) = &self.fleet else {
             return Vec::new();
@@ -217,15 +227,9 @@ impl Inner {
             Ok(false) => {
                 tracing::info!(
                     node,
-                    "cluster: node is gone and its lease expired; its devices are offline"
+                    "cluster: node is gone and its lease expired; its devices' sessions are taken in here"
                 );
-                let mut out = Vec::with_capacity(ids.len());
-                for ((spec, revision), id) in items.iter().zip(ids) {
-                    let client_id = spec.client_id.as_deref().unwrap_or_default();
-                    fleet.registry.forget(client_id, *revision).await;
-                    out.push(Ok(client_answer(id, "offline", None)));
-                }
-                out
+                self.push_orphans(node, items, ids, received).await
             }
             Ok(true) => {
                 tracing::warn!(
@@ -348,15 +352,99 @@ impl Inner {
                 }
             }
             Err(RequestError::NoResponders) => match fleet.registry.alive(node).await {
-                Ok(false) => {
-                    fleet.registry.forget(client_id, remote.revision).await;
-                    Ok(None)
-                }
+                Ok(false) => match self.take_in(client_id, node, remote.revision).await? {
+                    true => local.await,
+                    false => Ok(None),
+                },
                 Ok(true) => Err(node_unreachable(node)),
                 Err(e) => Err(fleet_unavailable(e)),
             },
             Err(RequestError::TimedOut) => Err(ApiError::answer_timeout(timeout)),
             Err(RequestError::Nats(e)) => Err(fleet_unavailable(e)),
+        }
+    }
+
+    /// Client pushes whose devices' node `dead` died (each with its registry entry's
+    /// revision): each device's session is taken in here (all devices at once), then
+    /// the pushes go to them in the batch's order; `offline` for a device the fleet
+    /// keeps no session of.
+    async fn push_orphans(
+        &self,
+        dead: &str,
+        items: &[(&PushSpec, u64)],
+        ids: Vec<MessageId>,
+        received: Instant,
+    ) -> Vec<Result<PushAnswer, ApiError>> {
+        let mut devices: Vec<(&str, u64)> = Vec::new();
+        for (spec, revision) in items {
+            let client_id = spec.client_id.as_deref().unwrap_or_default();
+            if !devices.iter().any(|(c, _)| *c == client_id) {
+                devices.push((client_id, *revision));
+            }
+        }
+        let mut taking = Vec::with_capacity(devices.len());
+        for &(client_id, revision) in &devices {
+            taking.push(self.take_in(client_id, dead, revision));
+        }
+        let taken: Vec<_> = futures_util::stream::iter(taking)
+            .buffered(TAKE_IN_AT_ONCE)
+            .collect()
+            .await;
+        let sent: Vec<_> = (items.iter().zip(ids))
+            .map(|((spec, _), id)| {
+                let client_id = spec.client_id.as_deref().unwrap_or_default();
+                let at = devices.iter().position(|(c, _)| *c == client_id);
+                let here = match at.map(|i| &taken[i]) {
+                    Some(Ok(here)) => *here,
+                    Some(Err(e)) => return (id, *spec, Err(e.clone())),
+                    None => false,
+                };
+                let rx = here.then(|| {
+                    let msg = self.message(spec, received);
+                    self.send_client(client_id, msg, spec.wait_ack)
+                });
+                (id, *spec, rx.transpose())
+            })
+            .collect();
+        let answers = sent.into_iter().map(|(id, spec, rx)| async move {
+            let Some(rx) = rx? else {
+                return Ok(client_answer(id, "offline", None));
+            };
+            let outcome = self.answer(rx, received).await?;
+            let outcome = outcome.into_iter().next().ok_or_else(shutting_down)?;
+            self.finish(id, spec, outcome).await
+        });
+        futures_util::future::join_all(answers).await
+    }
+
+    /// Takes in `client_id`'s session from `dead`, the node its registry entry (at
+    /// `revision`) names: true if it is here now; false (the entry removed) when the
+    /// fleet keeps none. Another node that holds it now: `503 moved`, to retry there;
+    /// a take-in that failed: `503 fleet_unavailable` (the entry stays the dead node's).
+    async fn take_in(&self, client_id: &str, dead: &str, revision: u64) -> Result<bool, ApiError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(false);
+        };
+        match fleet.sessions.take_in(client_id, dead, revision).await {
+            Ok(TakeIn::Here) => Ok(true),
+            Ok(TakeIn::NoSession { revision }) => {
+                fleet.registry.forget(client_id, revision).await;
+                Ok(false)
+            }
+            Ok(TakeIn::Claimed) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "moved",
+                "the device's node died and another node took its session in just now: retry"
+                    .to_string(),
+            )),
+            Err(e) => {
+                tracing::warn!(client_id, node = dead, error = %e, "cluster: a dead node's persistent session could not be taken in");
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fleet_unavailable",
+                    format!("the device's node died and its session could not be taken in here ({e}); nothing was sent: retry"),
+                ))
+            }
         }
     }
 

@@ -105,7 +105,7 @@ impl Inner {
     }
 
     /// Hands a client push to its home shard; its outcome comes on the receiver.
-    fn send_client(
+    pub(super) fn send_client(
         &self,
         client_id: &str,
         msg: Arc<Message>,
@@ -125,7 +125,7 @@ impl Inner {
     }
 
     /// Answers one client push: its status, or 504 when `wait_ack` times out.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         id: MessageId,
         spec: &PushSpec,

@@ -30,7 +30,7 @@ pub struct Link {
     pub(super) registry: Arc<Registry>,
     pub(super) node: Arc<str>,
     prefix: String,
-    timeout: Duration,
+    pub(super) timeout: Duration,
 }
 
 impl Link {
@@ -116,6 +116,8 @@ impl SessionStore {
     /// Lets `client_id`'s session here go, and waits (at most the request timeout) until
     /// what it held is in JetStream. False if its shard could not be asked.
     async fn hand_over(&self, client_id: String, shards: &Mailboxes) -> bool {
+        let deadline = tokio::time::Instant::now() + self.link.timeout;
+        self.settled(&client_id).await;
         let id: Arc<str> = Arc::from(client_id.as_str());
         let (done, written) = tokio::sync::oneshot::channel();
         self.seqs().moving.insert(id.clone(), done);
@@ -129,7 +131,7 @@ impl SessionStore {
                 let _ = written.await;
             }
         };
-        if tokio::time::timeout(self.link.timeout, wait).await.is_err() {
+        if tokio::time::timeout_at(deadline, wait).await.is_err() {
             tracing::warn!(client_id = %id, "cluster: the session handed over was not written to JetStream in time");
         }
         self.seqs().moving.remove(&id);

@@ -179,7 +179,7 @@ impl Fleet {
         })?;
         tracing::info!(node = %node, nats = %config.nats_url, "joined the fleet");
         let routing = routing::Router::new(config, &node, retained, tls);
-        let sweep = sweep::Sweeper::new(config, registry.clone());
+        let sweep = sweep::Sweeper::new(config, registry.clone(), sessions.clone());
         Ok(Arc::new(Fleet {
             node,
             sweep,

@@ -40,6 +40,7 @@ mod session_resync;
 mod session_will;
 pub mod sessions;
 pub mod sweep;
+pub mod take_in;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -162,6 +163,7 @@ impl Fleet {
                 handler,
             ));
         }
+        let _ = self.sessions.shards.set(shards.clone());
         let takeovers = self.subscribe(runtime, self.takeover_subject(&self.node))?;
         let handovers = self.subscribe(runtime, handover::subject(&self.prefix, &self.node))?;
         let fleet = self.clone();
@@ -252,20 +254,39 @@ impl Fleet {
             _ = self.stop.cancelled() => None,
         } {
             let client_id = String::from_utf8_lossy(&msg.payload).into_owned();
-            if !self.registry.names_this_node(&client_id).await {
-                // Pushes here go to the other node from now on, not after the close.
-                // Counted once per connection: a second request for one already gone
-                // (the rejoin and a claim can both ask) finds it left.
-                if self.registry.left(&client_id) {
-                    self.registry.metrics.lost.inc();
-                }
-                let home = home_shard(&client_id, shards.len());
-                // A full mailbox: the device stays online here too, as before the fleet.
-                let _ = shards.try_send(home, ShardMsg::TakenOver { client_id });
+            let taking_over = self
+                .clone()
+                .taken_over(client_id, msg.reply, shards.clone());
+            if self.sessions.taking(&String::from_utf8_lossy(&msg.payload)) {
+                // Its shard holds the session first (`take_in`): waited for aside.
+                tokio::spawn(taking_over);
+            } else {
+                taking_over.await;
             }
-            if let Some(reply) = msg.reply {
-                let _ = self.client.publish(reply, Bytes::new()).await;
+        }
+    }
+
+    /// Another node took `client_id` over: its connection (or stale copy) here ends,
+    /// unless the registry names this node again; then answers `reply`.
+    async fn taken_over(
+        self: Arc<Self>,
+        client_id: String,
+        reply: Option<async_nats::Subject>,
+        shards: Mailboxes,
+    ) {
+        self.sessions.settled(&client_id).await;
+        if !self.registry.names_this_node(&client_id).await {
+            // Pushes here go to the other node from now on, not after the close.
+            // Counted once per connection: a second request for one already gone
+            // (the rejoin and a claim can both ask) finds it left.
+            if self.registry.left(&client_id) {
+                self.registry.metrics.lost.inc();
             }
+            let home = home_shard(&client_id, shards.len());
+            let _ = shards.send(home, ShardMsg::TakenOver { client_id }).await;
+        }
+        if let Some(reply) = reply {
+            let _ = self.client.publish(reply, Bytes::new()).await;
         }
     }
 

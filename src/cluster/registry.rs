@@ -26,8 +26,9 @@
 //! - **Leases.** `<bucket>_nodes` keeps entries `lease_secs` at most (the bucket's max
 //!   age); each node renews its own every third of that. A node that died stops renewing,
 //!   and the entries naming it count as gone once its lease expired
-//!   ([`Registry::alive`]); a push that finds such a stale entry deletes it (again by
-//!   revision).
+//!   ([`Registry::alive`]); a push that finds such an entry takes the device's
+//!   persistent session in (`super::take_in`) or, without one, deletes the entry (again
+//!   by revision).
 //! - **Reads.** [`Registry::locate`] answers where a client id is held: here when one of
 //!   this node's shards reported it connected (an in-memory set, no NATS round trip), else
 //!   what the bucket says.
@@ -120,6 +121,11 @@ pub(super) async fn open_bucket(
 /// The registry key of `client_id`.
 pub fn key(client_id: &str) -> String {
     crate::events::nats::escape(client_id, '=')
+}
+
+/// The client id of a registry key made by [`key`].
+pub fn client_id_of(key: &str) -> Option<String> {
+    crate::events::nats::unescape(key, b'=')
 }
 
 impl Registry {
@@ -341,6 +347,17 @@ impl Registry {
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    /// The node the registry names for `client_id`, with the entry's revision.
+    pub async fn holder_entry(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<(String, u64)>, kv::EntryError> {
+        let entry = self.clients.entry(key(client_id)).await?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| (String::from_utf8_lossy(&e.value).into_owned(), e.revision)))
     }
 
     /// Whether the registry names this node for `client_id` (a read error counts as

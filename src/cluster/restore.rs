@@ -16,8 +16,9 @@ use super::sessions::{key, now_ms, SessionStore};
 
 impl SessionStore {
     /// The session the fleet keeps for `client_id`, if any (one that expired while
-    /// nobody held it is purged, not returned). Its messages are registered for the
-    /// mirror as being adopted (see the module doc).
+    /// nobody held it is purged, not returned). Its messages carry their stream
+    /// sequences as `seq`, which the shard that adopts them hands to the mirror
+    /// ([`SessionStore::adopted`]) with the sequences it gives them.
     pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
         let meta = match self
             .kv
@@ -40,10 +41,6 @@ impl SessionStore {
         let subs = self.load_subs(client_id).await?;
         let (mut messages, js_seqs) = self.load_messages(client_id).await?;
         let inbound_qos2 = self.load_qos2(client_id, &mut messages, &js_seqs).await?;
-        self.seqs()
-            .adopting
-            .insert(Arc::from(client_id), js_seqs.into());
-        self.metrics.restored.inc();
         Ok(Some(StoredSession {
             client_id: Arc::from(client_id),
             version,
@@ -93,7 +90,8 @@ impl SessionStore {
             };
             seqs.push(m.sequence);
             messages.push(StoredMessage {
-                seq: 0,
+                // The stream sequence, until the shard that adopts it gives it its own.
+                seq: m.sequence,
                 msg: Arc::new(msg),
                 qos,
                 retain: false,
@@ -133,7 +131,11 @@ impl SessionStore {
             if clean_start {
                 self.forget(client_id).await.map(|()| None)
             } else {
-                self.load(client_id).await
+                let loaded = self.load(client_id).await;
+                if matches!(loaded, Ok(Some(_))) {
+                    self.metrics.restored.inc();
+                }
+                loaded
             }
         };
         let away = async {

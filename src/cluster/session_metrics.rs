@@ -19,6 +19,8 @@ pub struct SessionMetrics {
     changes: Family<OutcomeLabel, Counter>,
     pub restored: Counter,
     pub handed_over: Counter,
+    /// Sessions of dead nodes taken in here (`take_in`).
+    pub taken_in: Counter,
     /// The re-sync after a NATS outage (`session_resync`).
     pub resync_pending: Gauge,
     pub resync_written: Counter,
@@ -46,6 +48,7 @@ impl Default for SessionMetrics {
             changes,
             restored: Counter::default(),
             handed_over: Counter::default(),
+            taken_in: Counter::default(),
             resync_pending: Gauge::default(),
             resync_written: Counter::default(),
             resync_dropped: Counter::default(),
@@ -112,6 +115,11 @@ impl SessionMetrics {
             counter_family("gateway_fleet_sessions_handed_over_total"),
             "Sessions this node let go because another node resumes them",
             self.handed_over.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_sessions_taken_in_total"),
+            "Persistent sessions of dead nodes this node took in (offline) so that their messages and pushes are queued until the device comes back",
+            self.taken_in.clone(),
         );
         self.render_resync(&mut registry);
         encode_into(&registry, out);

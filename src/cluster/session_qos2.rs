@@ -138,7 +138,12 @@ impl SessionStore {
         js_seqs: &[u64],
     ) -> Result<Vec<u16>, String> {
         let prefix = format!("{}.{}", self.kv_prefix, key(client_id));
-        let out = self.last_values(format!("{prefix}.q2out.>")).await;
+        // Listing subjects by a filter scans the whole bucket on nats-server 2.9: only
+        // when a QoS 2 message may have gone out.
+        let out = match messages.iter().any(|m| m.qos == 2) {
+            true => self.last_values(format!("{prefix}.q2out.>")).await,
+            false => Ok(Vec::new()),
+        };
         for (subject, value) in out.map_err(|e| format!("QoS 2 state: {e}"))? {
             let Some(js_seq) = last_number::<u64>(&subject) else {
                 continue;

@@ -16,8 +16,8 @@
 //! `claimed`: two survivors never both win), waits the will's delay (MQTT 5 Will Delay
 //! Interval), and publishes it as the node's own PUBLISH would (at most 256 at once; local
 //! subscribers through the shards, other nodes through routing, retained if asked) —
-//! unless the registry names a live node for the client id by then (the device came back
-//! elsewhere). Then the key is purged; a dead node with no will left loses its
+//! unless the registry names another node for the client id by then (the device came
+//! back elsewhere; not a node that only took its session in, `take_in`). Then the key is purged; a dead node with no will left loses its
 //! `wnode` entry. A survivor that dies while it holds a claimed will (during its delay)
 //! loses that will. A node back after a crash within its lease publishes its own
 //! (`session_leftover`).
@@ -36,6 +36,7 @@ use crate::store::mirror;
 
 use super::routing::Router;
 use super::sessions::{key, Change, SessionStore};
+use super::take_in::back_elsewhere;
 
 /// The value of a will a survivor took (it is not a will: nobody else publishes it).
 const CLAIMED: &[u8] = b"claimed";
@@ -182,14 +183,15 @@ impl SessionStore {
         };
         let (shards, router) = (shards.clone(), router.clone());
         let (registry, dead) = (self.link.registry.clone(), node.to_string());
+        let (bucket, kv_prefix) = (self.kv.clone(), self.kv_prefix.clone());
         let (metrics, permits) = (self.metrics.wills.clone(), self.will_permits.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(will.delay_secs))).await;
             let Ok(permit) = permits.acquire().await else {
                 return;
             };
-            let holder = registry.holder(&client_id).await.ok().flatten();
-            if holder.is_some_and(|n| n != dead) {
+            let back = back_elsewhere(&registry, &bucket, &kv_prefix, &client_id, &dead);
+            if back.await {
                 tracing::info!(%client_id, node = %dead, "cluster: a dead node's will is not published: its client is back on another node");
                 metrics.cancelled.inc();
             } else {

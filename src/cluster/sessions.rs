@@ -29,7 +29,7 @@
 //! (`restore`). The sessions a node restores from its own store at start are written to
 //! the fleet again first ([`SessionStore::start`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::mem::take;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,17 +115,19 @@ enum Work {
     Answers(Vec<DeferredReply>),
 }
 
-/// The stream sequences of this node's stored messages, and of messages restored from
-/// the fleet that the shard is adopting.
+/// The stream sequences of this node's stored messages (of messages adopted from the
+/// fleet too, from the moment the shard adopts them).
 #[derive(Default)]
 pub(super) struct Seqs {
     pub(super) stored: HashMap<Arc<str>, HashMap<u64, u64>>,
     /// The stored messages whose QoS 2 state is in the bucket (`session_qos2`).
     pub(super) qos2_out: HashMap<Arc<str>, std::collections::HashSet<u64>>,
-    pub(super) adopting: HashMap<Arc<str>, VecDeque<u64>>,
     /// Sessions being handed over to another node (`handover`): their end here keeps
     /// the fleet's copy, and is reported once everything before it is in JetStream.
     pub(super) moving: HashMap<Arc<str>, tokio::sync::oneshot::Sender<()>>,
+    /// Sessions of dead nodes being taken in here (`take_in`): a handover of one waits
+    /// until its shard has it.
+    pub(super) taking_in: std::collections::HashSet<Arc<str>>,
 }
 
 /// Wills of dead nodes published (looked up, then handed to the shards) at once.
@@ -155,6 +157,11 @@ pub struct SessionStore {
     /// for the re-sync): a stopping node waits for them to meet (`acker::written`).
     pub(super) groups_handed: AtomicU64,
     pub(super) groups_done: AtomicU64,
+    /// The shards (set when the fleet starts), and whether this node keeps sessions in
+    /// the fleet (the store is on: [`SessionStore::start`] ran): a dead node's sessions
+    /// are taken in only then (`take_in`).
+    pub(super) shards: std::sync::OnceLock<crate::mailbox::Mailboxes>,
+    pub(super) keeps: std::sync::atomic::AtomicBool,
 }
 
 /// A session's key (its client id escaped).
@@ -246,6 +253,8 @@ impl SessionStore {
             will_permits: Arc::new(tokio::sync::Semaphore::new(WILLS_AT_ONCE)),
             groups_handed: AtomicU64::new(0),
             groups_done: AtomicU64::new(0),
+            shards: std::sync::OnceLock::new(),
+            keeps: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -276,6 +285,7 @@ impl SessionStore {
         runtime: &tokio::runtime::Handle,
         restored: &[Vec<StoredSession>],
     ) -> Box<dyn Mirror> {
+        self.keeps.store(true, Ordering::Release);
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let mut again: Vec<Change> = vec![self.will_node_change()];
         again.extend(restored.iter().flatten().flat_map(|s| self.again(s)));
@@ -416,8 +426,8 @@ impl SessionStore {
                     seq,
                     value,
                 } => {
-                    if let Some(js_seq) = self.adopted(&client_id) {
-                        self.remember(&client_id, seq, js_seq);
+                    if self.in_stream(&client_id, seq) {
+                        // Adopted from the fleet: the stream has it already.
                         continue;
                     }
                     self.flush_deletes(&mut deletes).await?;
@@ -446,8 +456,12 @@ impl SessionStore {
                 Change::Gone { client_id } => {
                     self.barrier(acks, &mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
-                    if !self.moved(&client_id) && self.still_ours(&client_id).await? {
-                        self.purge(&client_id).await.map_err(fail(&client_id))?;
+                    if !self.moved(&client_id) {
+                        if self.still_ours(&client_id).await? {
+                            self.purge(&client_id).await.map_err(fail(&client_id))?;
+                        } else {
+                            self.forget_client(&client_id);
+                        }
                     }
                 }
             }
@@ -523,15 +537,37 @@ impl SessionStore {
         js_seq
     }
 
-    /// The stream sequence of the next restored message of `client_id` the shard adopts.
-    fn adopted(&self, client_id: &str) -> Option<u64> {
+    /// Whether message `seq` of `client_id` is in the stream already.
+    fn in_stream(&self, client_id: &str, seq: u64) -> bool {
+        let seqs = self.seqs();
+        seqs.stored
+            .get(client_id)
+            .is_some_and(|of| of.contains_key(&seq))
+    }
+
+    /// A shard adopted `client_id`'s session from the fleet (`shard/adopt.rs`): its
+    /// messages, now under the local sequences given, are the stream's messages of the
+    /// stream sequences given, and those of `qos2_out` have their QoS 2 state in the
+    /// bucket. The shard stores them for the local file only (`Op::LocalOnly`): the
+    /// fleet holds them already, and its copy is not written back from here.
+    pub fn adopted(&self, client_id: &Arc<str>, local_and_stream: &[(u64, u64)], qos2_out: &[u64]) {
         let mut seqs = self.seqs();
-        let queue = seqs.adopting.get_mut(client_id)?;
-        let next = queue.pop_front();
-        if queue.is_empty() {
-            seqs.adopting.remove(client_id);
+        if !local_and_stream.is_empty() {
+            let of = seqs.stored.entry(client_id.clone()).or_default();
+            of.extend(local_and_stream.iter().copied());
         }
-        next
+        if !qos2_out.is_empty() {
+            let of = seqs.qos2_out.entry(client_id.clone()).or_default();
+            of.extend(qos2_out.iter().copied());
+        }
+    }
+
+    /// What this node knows of `client_id`'s messages in the stream, forgotten (a stale
+    /// copy ended here; the fleet's copy is another node's).
+    fn forget_client(&self, client_id: &str) {
+        let mut seqs = self.seqs();
+        seqs.stored.remove(client_id);
+        seqs.qos2_out.remove(client_id);
     }
 
     /// Whether `client_id`'s session ended here because another node resumes it: then
@@ -566,7 +602,6 @@ impl SessionStore {
         {
             let mut seqs = self.seqs();
             seqs.stored.remove(client_id);
-            seqs.adopting.remove(client_id);
             seqs.qos2_out.remove(client_id);
         }
         let kv = self
@@ -686,6 +721,8 @@ impl SessionStore {
                 ),
             },
             Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
+            // Adopted from the fleet's copy, which holds it already.
+            Op::LocalOnly(_) => return None,
             // Retained messages stay local (the fleet keeps them in their own bucket).
             Op::Retained(_) | Op::DeleteRetained(_) => return None,
         })

@@ -16,7 +16,8 @@
 //!   subject), at most `registry_sweep_rate` entries read per second in steps of at most
 //!   [`MAX_STEP`]: each entry naming a node without a lease is deleted by its revision,
 //!   so a device that reconnected meanwhile (a newer revision) keeps its entry. Counted in
-//!   `gateway_fleet_registry_swept_total`.
+//!   `gateway_fleet_registry_swept_total`. An entry whose persistent session the fleet
+//!   keeps is not deleted: this node takes the session in (`take_in`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,15 +33,24 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ClusterConfig;
 
 use super::registry::Registry;
+use super::sessions::SessionStore;
+use super::take_in::TakeIn;
 
 /// The sweep marker's key in the lease bucket (a `.`: no node id has one).
 pub const MARKER: &str = "sweep.marker";
 /// Entries read per step at most (the consumer's unacknowledged limit).
 pub const MAX_STEP: u32 = 1000;
+/// A dead node's persistent sessions being taken in at once (each a few JetStream
+/// reads and writes).
+const TAKE_IN_AT_ONCE: usize = 64;
+/// Entries read per step at most when this node takes sessions in.
+const TAKE_IN_STEP: u32 = 256;
 
 /// This node's part in sweeping dead nodes' registry entries.
 pub struct Sweeper {
     registry: Arc<Registry>,
+    /// Takes in the dead nodes' persistent sessions.
+    sessions: Arc<SessionStore>,
     /// Entries read per second at most; 0 = no sweeping.
     rate: u32,
     every: Duration,
@@ -56,9 +66,14 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    pub fn new(config: &ClusterConfig, registry: Arc<Registry>) -> Arc<Sweeper> {
+    pub fn new(
+        config: &ClusterConfig,
+        registry: Arc<Registry>,
+        sessions: Arc<SessionStore>,
+    ) -> Arc<Sweeper> {
         Arc::new(Sweeper {
             registry,
+            sessions,
             rate: config.registry_sweep_rate,
             every: config.lease() / 3,
             list_timeout: config.request_timeout(),
@@ -229,16 +244,34 @@ impl Sweeper {
             .await
             .map_err(|e| format!("sweep consumer: {e}"))?;
         let name = consumer.cached_info().name.clone();
-        let step = (self.rate / 10).clamp(1, MAX_STEP);
+        // Steps that take sessions in take longer: smaller ones keep the marker renewed
+        // well within its age (`lease_secs`).
+        let most = if self.sessions.keeps_sessions() {
+            TAKE_IN_STEP
+        } else {
+            MAX_STEP
+        };
+        let step = (self.rate / 10).clamp(1, most);
         let pause = Duration::from_secs_f64(f64::from(step) / f64::from(self.rate.max(1)));
         // The entries there were when the pass began: what is written after (claims of
         // live nodes, this pass's own deletes) is not read, so a busy registry ends too.
         let mut left = consumer.cached_info().num_pending;
+        let mut progress = Progress::new(left, self);
+        let mut failed = 0;
         let result = async {
             loop {
-                let read = self.step(&consumer, step as usize).await?;
+                let (read, not_taken) = self.step(&consumer, step as usize).await?;
+                failed += not_taken;
                 left = left.saturating_sub(read);
+                progress.step(read, self);
                 if read == 0 || left == 0 {
+                    if failed > 0 {
+                        // Their entries still name the dead node: the next sweep (a third
+                        // of lease_secs later) tries them again.
+                        return Err(format!(
+                            "{failed} sessions of dead nodes could not be taken in"
+                        ));
+                    }
                     return Ok(());
                 }
                 let renewed = self.registry.leases().update(
@@ -254,12 +287,13 @@ impl Sweeper {
         }
         .await;
         let _ = stream.delete_consumer(&name).await;
+        progress.done(self, result.is_ok());
         result
     }
 
-    /// Reads up to `n` entries and deletes those of nodes without a lease; how many it
-    /// read.
-    async fn step(&self, consumer: &PullConsumer, n: usize) -> Result<u64, String> {
+    /// Reads up to `n` entries and deletes those of nodes without a lease (or takes
+    /// their sessions in); how many it read, and how many take-ins failed.
+    async fn step(&self, consumer: &PullConsumer, n: usize) -> Result<(u64, u64), String> {
         let fetch = consumer.fetch().max_messages(n).messages();
         let mut batch = fetch.await.map_err(|e| format!("sweep fetch: {e}"))?;
         let (mut entries, mut last, mut read) = (Vec::new(), None, 0);
@@ -277,12 +311,34 @@ impl Sweeper {
             let _ = m.ack().await;
         }
         let dead = self.dead_among(&entries).await;
-        let deletes = entries
-            .iter()
-            .filter(|(_, node, _)| dead.contains(node.as_str()))
-            .map(|(key, _, revision)| self.delete(key, *revision));
-        futures_util::future::join_all(deletes).await;
-        Ok(read)
+        let mut settling = Vec::new();
+        for (key, node, revision) in entries {
+            if dead.contains(node.as_str()) {
+                settling.push(self.settle(key, node, revision));
+            }
+        }
+        let settled = futures_util::stream::iter(settling).buffer_unordered(TAKE_IN_AT_ONCE);
+        let failed = settled.filter(|ok| std::future::ready(!ok)).count().await;
+        Ok((read, failed as u64))
+    }
+
+    /// A dead node's entry: its persistent session taken in here (`take_in`), or the
+    /// entry deleted when the fleet keeps no session for it. False if the take-in
+    /// failed (logged; the entry is left to the dead node).
+    async fn settle(&self, key: String, dead: String, revision: u64) -> bool {
+        let Some(client_id) = super::registry::client_id_of(&key) else {
+            self.delete(&key, revision).await;
+            return true;
+        };
+        match self.sessions.take_in(&client_id, &dead, revision).await {
+            Ok(TakeIn::NoSession { revision }) => self.delete(&key, revision).await,
+            Ok(TakeIn::Here | TakeIn::Claimed) => {}
+            Err(e) => {
+                tracing::warn!(%client_id, node = %dead, error = %e, "cluster: a dead node's persistent session could not be taken in; tried again at the next sweep");
+                return false;
+            }
+        }
+        true
     }
 
     /// The nodes named in `entries` that hold no lease (a read error counts as alive).
@@ -330,4 +386,68 @@ fn held_entry(m: &async_nats::jetstream::Message, prefix: &str) -> Option<(Strin
             String::from_utf8_lossy(&m.payload).into_owned(),
         )
     })
+}
+
+/// A sweep's progress, logged every [`PROGRESS_EVERY`] and at its end: entries read of
+/// those there were, deleted, and sessions taken in.
+struct Progress {
+    began: std::time::Instant,
+    last_log: std::time::Instant,
+    total: u64,
+    read: u64,
+    /// `swept` and `taken_in` when the pass began.
+    swept: u64,
+    taken_in: u64,
+}
+
+/// How often a long sweep logs how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+impl Progress {
+    fn new(total: u64, sweeper: &Sweeper) -> Progress {
+        let now = std::time::Instant::now();
+        Progress {
+            began: now,
+            last_log: now,
+            total,
+            read: 0,
+            swept: sweeper.swept(),
+            taken_in: sweeper.sessions.metrics.taken_in.get(),
+        }
+    }
+
+    fn step(&mut self, read: u64, sweeper: &Sweeper) {
+        self.read += read;
+        if self.last_log.elapsed() >= PROGRESS_EVERY {
+            self.last_log = std::time::Instant::now();
+            let (deleted, taken_in) = self.counts(sweeper);
+            tracing::info!(
+                read = self.read,
+                of = self.total,
+                deleted,
+                taken_in,
+                "cluster: registry sweep under way"
+            );
+        }
+    }
+
+    fn done(&self, sweeper: &Sweeper, ok: bool) {
+        let (deleted, taken_in) = self.counts(sweeper);
+        let secs = self.began.elapsed().as_secs_f64();
+        tracing::info!(
+            read = self.read,
+            of = self.total,
+            deleted,
+            taken_in,
+            secs,
+            ok,
+            "cluster: registry sweep ended"
+        );
+    }
+
+    /// Entries deleted and sessions taken in (by the sweep or a push) since the pass began.
+    fn counts(&self, sweeper: &Sweeper) -> (u64, u64) {
+        let taken_in = sweeper.sessions.metrics.taken_in.get();
+        (sweeper.swept() - self.swept, taken_in - self.taken_in)
+    }
 }

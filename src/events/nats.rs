@@ -60,6 +60,23 @@ pub fn escape(s: &str, marker: char) -> String {
     out
 }
 
+/// The string [`escape`] made with `marker`; `None` if `s` is not one.
+pub fn unescape(s: &str, marker: u8) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == marker {
+            out.push(u8::from_str_radix(s.get(i + 1..i + 3)?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl NatsSink {
     fn subject(&self, e: &Event) -> String {
         format!(

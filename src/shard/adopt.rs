@@ -1,7 +1,8 @@
 //! Sessions that come from the fleet (`crate::cluster::sessions`): a CONNECT that resumes
 //! a session this node does not hold has it read from JetStream off the shard, with its
 //! authentication; the shard adopts it here before accepting the CONNECT, as if it had
-//! been restored from its own store at start, and stores it locally. When another node
+//! been restored from its own store at start, and stores it locally; the session of a
+//! node that died is adopted the same way, offline (`take_in`). When another node
 //! resumes a session this shard holds, the shard hands it over (`hand_over`).
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use crate::cluster::restore::FleetStep;
 use crate::cluster::sessions::SessionStore;
 use crate::codec::{reason, Connect};
+use crate::mailbox::TakenIn;
 use crate::metrics::DisconnectReason;
 use crate::store::{Op, StoredSession};
 
@@ -32,39 +34,79 @@ impl Shard {
 
     /// Takes over `stored`, a session the fleet kept for a client connecting here: its
     /// messages get this shard's sequences and, with its subscriptions and QoS 2 state
-    /// (packet ids in flight, inbound ones awaiting PUBREL), go to the local store (the
-    /// fleet's mirror knows them for the messages it already has). A session this shard
-    /// holds by now (another connection of the client id got in first) wins.
+    /// (packet ids in flight, inbound ones awaiting PUBREL), go to the local store only
+    /// (the fleet holds them; its mirror learns which stream message each local
+    /// sequence is). A session this shard holds by now (another connection of the
+    /// client id got in first) wins.
     pub(super) fn adopt_session(&mut self, mut stored: StoredSession) {
         if self.sessions.find(&stored.client_id).is_some() {
             return;
         }
         if let Some(st) = self.services.store.as_mut() {
             let client_id = &stored.client_id;
-            for m in &mut stored.messages {
-                m.seq = st.next_seq();
-                st.push(Op::Message {
+            // Read from the fleet under their stream sequences (`cluster::restore`).
+            let renumbered: Vec<(u64, u64)> = (stored.messages.iter_mut())
+                .map(|m| (std::mem::replace(&mut m.seq, st.next_seq()), m.seq))
+                .map(|(in_stream, local)| (local, in_stream))
+                .collect();
+            let qos2_out: Vec<u64> = (stored.messages.iter())
+                .filter(|m| m.inflight.is_some())
+                .map(|m| m.seq)
+                .collect();
+            if let Some(fleet) = &self.services.sessions {
+                fleet.adopted(client_id, &renumbered, &qos2_out);
+            }
+            let local = |op| Op::LocalOnly(Box::new(op));
+            for m in &stored.messages {
+                st.push(local(Op::Message {
                     client_id: client_id.clone(),
                     seq: m.seq,
                     msg: m.msg.clone(),
                     qos: m.qos,
                     retain: m.retain,
-                });
+                }));
             }
             for op in crate::store::mirror::qos2_ops(&stored) {
-                st.push(op);
+                st.push(local(op));
             }
             for (filter, options, sub_id) in &stored.subs {
-                st.push(Op::Sub {
+                st.push(local(Op::Sub {
                     client_id: client_id.clone(),
                     filter: filter.clone(),
                     options: *options,
                     sub_id: *sub_id,
-                });
+                }));
             }
         }
         tracing::info!(shard = self.id, client_id = %stored.client_id, subscriptions = stored.subs.len(), messages = stored.messages.len(), "session restored from the fleet");
         self.restore(vec![stored], &[], false);
+    }
+
+    /// Adopts `stored`, the session of a node that died, offline (`cluster::take_in`):
+    /// its record, subscriptions and queued messages stored here, as if it had been
+    /// restored here at start. A session this shard holds by now (its device connected
+    /// here meanwhile) wins; a stopping shard, or one without a store, takes none.
+    pub(super) fn take_in(&mut self, mut stored: StoredSession) -> TakenIn {
+        if self.sessions.find(&stored.client_id).is_some() {
+            return TakenIn::AlreadyHere;
+        }
+        let Some(st) = self.services.store.as_mut().filter(|_| !self.stopping) else {
+            return TakenIn::Refused;
+        };
+        if stored.offline_since_ms == 0 {
+            // Online when its node died: offline from now, here.
+            stored.offline_since_ms = super::durable::now_ms();
+        }
+        // Its record, for the local file only, as the rest (`adopt_session`): the
+        // fleet's copy stays as its node left it.
+        st.push(Op::LocalOnly(Box::new(Op::Session {
+            client_id: stored.client_id.clone(),
+            version: stored.version,
+            expiry_secs: stored.expiry_secs,
+            offline_since_ms: stored.offline_since_ms,
+        })));
+        self.adopt_session(stored);
+        TakenIn::Adopted
     }
 }
 

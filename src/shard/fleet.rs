@@ -17,7 +17,22 @@ use super::Shard;
 impl Shard {
     /// Closes `client_id`'s live connection, if any, with MQTT 5 DISCONNECT 0x8E
     /// (session taken over), counted as `takeover`; its will is not published.
+    /// With the fleet keeping sessions, an offline session here is then a stale copy
+    /// (the other node read the fleet's, e.g. while this node was taking it in from a
+    /// dead node, `cluster::take_in`): it ends here, and the fleet's copy stays (the
+    /// registry names the other node).
     pub(super) fn taken_over_elsewhere(&mut self, client_id: &str) {
+        let offline = (self.sessions.find(client_id))
+            .is_some_and(|s| self.sessions[s as usize].conn.is_none());
+        if offline && self.services.sessions.is_some() {
+            tracing::info!(
+                shard = self.id,
+                client_id,
+                "a stale copy of a session resumed on another node ends here"
+            );
+            self.hand_over(client_id);
+            return;
+        }
         let Some(conn) = self.fleet_conn_without_will(client_id) else {
             return;
         };

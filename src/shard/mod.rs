@@ -699,6 +699,9 @@ impl Shard {
             ShardMsg::HandOver { client_id, reply } => {
                 let _ = reply.send(self.hand_over(&client_id));
             }
+            ShardMsg::TakeIn { stored, reply } => {
+                let _ = reply.send(self.take_in(*stored));
+            }
             ShardMsg::FleetPublish(batch) => self.on_fleet_publish(batch),
             ShardMsg::FleetRetained(msg) => self.order_retained(&msg),
             ShardMsg::FleetShared { key, msg } => self.on_fleet_shared(&key, &msg),

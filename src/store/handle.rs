@@ -84,6 +84,10 @@ pub enum Op {
         client_id: Arc<str>,
         will: Option<Box<crate::codec::Will>>,
     },
+    /// The op, for the local file only: a session adopted from the fleet's copy
+    /// (`shard/adopt.rs`) is written here as the fleet already holds it, and written
+    /// back to the fleet from no one's copy but the holder's.
+    LocalOnly(Box<Op>),
 }
 
 /// A push answer that waits until its messages are durable.
@@ -121,6 +125,14 @@ impl Op {
         !matches!(self, Op::Will { .. })
     }
 
+    /// The op itself, out of any [`Op::LocalOnly`].
+    pub fn inner(&self) -> &Op {
+        match self {
+            Op::LocalOnly(op) => op.inner(),
+            op => op,
+        }
+    }
+
     /// Roughly what the op holds in memory: its strings and payload, plus 64 bytes.
     fn cost(&self) -> u64 {
         let strings = match self {
@@ -142,6 +154,7 @@ impl Op {
             Op::Will { client_id, will } => {
                 client_id.len() + will.as_ref().map_or(0, |w| w.topic.len() + w.payload.len())
             }
+            Op::LocalOnly(op) => return op.cost(),
         };
         strings as u64 + 64
     }
@@ -234,7 +247,7 @@ impl StoreHandle {
     }
 
     pub fn push(&mut self, op: Op) {
-        if matches!(op, Op::Message { .. }) {
+        if matches!(op.inner(), Op::Message { .. }) {
             self.puts += 1;
         }
         self.pending_bytes += op.cost();

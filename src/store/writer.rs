@@ -400,6 +400,7 @@ struct Tables<'tx> {
 
 impl Tables<'_> {
     fn apply(&mut self, op: &Op) -> Result<(), redb::Error> {
+        let op = op.inner();
         let buf = &mut self.buf;
         match op {
             Op::Session {
@@ -466,6 +467,7 @@ impl Tables<'_> {
             }
             // The fleet's only (`crate::cluster::session_will`).
             Op::Will { .. } => {}
+            Op::LocalOnly(_) => unreachable!("Op::inner takes it off"),
             Op::DeleteQos2In { client_id, pkid } => {
                 self.qos2_in.remove((&**client_id, *pkid))?;
             }

@@ -48,19 +48,7 @@ pub fn key(topic: &str) -> String {
 
 /// The topic of a bucket key made by [`key`].
 pub fn topic_of(key: &str) -> Option<String> {
-    let b = key.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'=' {
-            out.push(u8::from_str_radix(key.get(i + 1..i + 3)?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok().filter(|t| !t.is_empty())
+    crate::events::nats::unescape(key, b'=').filter(|t| !t.is_empty())
 }
 
 /// Milliseconds since the epoch, now.
