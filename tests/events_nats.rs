@@ -213,3 +213,38 @@ async fn jetstream_takes_a_batch_larger_than_the_acks_in_flight() {
     let mut stream = js.get_stream("BIG").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, EVENTS as u64);
 }
+
+/// JetStream hangs with a whole batch of 500 events published and not acknowledged,
+/// and is then killed, so none of those acks ever comes; once it is back the batch is
+/// published again and arrives whole. The sink awaits the batch's acks together: one at
+/// a time, each ack's timeout (5 s) started only when it was awaited, the batch took
+/// 500 × 5 s (about 40 minutes) to fail before its retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_lost_acks_of_a_whole_batch_cost_one_timeout() {
+    const EVENTS: u64 = 500;
+    let mut nats = NatsServer::start("js-lost-acks");
+    let events = start(&format!(
+        "nats_url = \"{}\"\njetstream = true\njetstream_stream = \"LOST\"\nbatch_max = {EVENTS}\nlinger_ms = 200\nretry_max_backoff_ms = 200\n",
+        nats.url()
+    ));
+    let m = events.sink("nats").unwrap().clone();
+    let mut seq = SeqGen::default();
+    events.sender.try_emit(numbered(&mut seq, 0));
+    wait_until("the first event acknowledged", || m.sent.get() == 1).await;
+    nats.pause();
+    for i in 1..=EVENTS {
+        events.sender.try_emit(numbered(&mut seq, i as usize));
+    }
+    // The batch goes out into the hung server's socket; its acks never come.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nats.resume();
+    nats.kill();
+    nats.respawn();
+    wait_until("the whole batch acknowledged", || {
+        m.sent.get() == EVENTS + 1
+    })
+    .await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("LOST").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, EVENTS + 1);
+}

@@ -217,11 +217,16 @@ impl NatsSink {
                         .await,
                 );
             }
-            for (e, publish) in chunk.iter().zip(pending) {
-                let ack = match publish {
+            // Awaited together: each ack's timeout starts when it is awaited, so after a
+            // disconnect one at a time would take the chunk's length times the timeout.
+            let acks = pending.into_iter().map(|publish| async move {
+                match publish {
                     Ok(fut) => fut.await.map(|_| ()),
                     Err(err) => Err(err),
-                };
+                }
+            });
+            let acks = futures_util::future::join_all(acks).await;
+            for (e, ack) in chunk.iter().zip(acks) {
                 match ack {
                     Ok(()) => acked.push(e.clone()),
                     Err(err) => {
