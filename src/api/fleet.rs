@@ -123,9 +123,6 @@ pub(super) fn fleet_unavailable(what: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// Devices of a dead node whose sessions one batch takes in at once.
-const TAKE_IN_AT_ONCE: usize = 64;
-
 fn node_unreachable(node: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -386,10 +383,15 @@ impl Inner {
         for &(client_id, revision) in &devices {
             taking.push(self.take_in(client_id, dead, revision));
         }
-        let taken: Vec<_> = futures_util::stream::iter(taking)
-            .buffered(TAKE_IN_AT_ONCE)
-            .collect()
-            .await;
+        let taking = futures_util::stream::iter(taking).buffered(crate::cluster::take_in::AT_ONCE);
+        // Bounded by the answer timeout; the take-ins under way go on by themselves.
+        let limit = self.answer_limit();
+        let Ok(taken) = tokio::time::timeout(limit, taking.collect::<Vec<_>>()).await else {
+            return ids
+                .iter()
+                .map(|_| Err(ApiError::answer_timeout(limit)))
+                .collect();
+        };
         let sent: Vec<_> = (items.iter().zip(ids))
             .map(|((spec, _), id)| {
                 let client_id = spec.client_id.as_deref().unwrap_or_default();
@@ -427,15 +429,11 @@ impl Inner {
         };
         match fleet.sessions.take_in(client_id, dead, revision).await {
             Ok(TakeIn::Here) => Ok(true),
-            Ok(TakeIn::NoSession { revision }) => {
-                fleet.registry.forget(client_id, revision).await;
-                Ok(false)
-            }
-            Ok(TakeIn::Claimed) => Err(ApiError::new(
+            Ok(TakeIn::Offline) => Ok(false),
+            Ok(TakeIn::Elsewhere) => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "moved",
-                "the device's node died and another node took its session in just now: retry"
-                    .to_string(),
+                "the device's node died and another node holds its session now: retry".to_string(),
             )),
             Err(e) => {
                 tracing::warn!(client_id, node = dead, error = %e, "cluster: a dead node's persistent session could not be taken in");

@@ -200,7 +200,7 @@ impl Inner {
         Duration::from_secs(u64::from(self.config.http.idempotency_window_secs))
     }
 
-    fn answer_limit(&self) -> Duration {
+    pub(super) fn answer_limit(&self) -> Duration {
         self.config.http.answer_timeout()
     }
 

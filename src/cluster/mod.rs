@@ -16,7 +16,9 @@
 //!   this module moves bytes and tells "no responders" from a timeout;
 //! - takeover across nodes: when a device connects here while the registry named another
 //!   node, that node is asked (on its `takeover` subject) to close its connection, which
-//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`);
+//!   its home shard does with MQTT 5 DISCONNECT 0x8E (`ShardMsg::TakenOver`; a stale
+//!   offline copy there ends);
+//! - a dead node's persistent sessions taken in by a survivor ([`take_in`]);
 //! - topic routing between nodes ([`routing`]): messages published here reach the
 //!   matching sessions of other nodes, through NATS subscriptions for the filters held;
 //!   retained messages through a key-value bucket every node follows.
@@ -254,10 +256,9 @@ impl Fleet {
             _ = self.stop.cancelled() => None,
         } {
             let client_id = String::from_utf8_lossy(&msg.payload).into_owned();
-            let taking_over = self
-                .clone()
-                .taken_over(client_id, msg.reply, shards.clone());
-            if self.sessions.taking(&String::from_utf8_lossy(&msg.payload)) {
+            let taking = self.sessions.taking(&client_id);
+            let taking_over = (self.clone()).taken_over(client_id, msg.reply, shards.clone());
+            if taking {
                 // Its shard holds the session first (`take_in`): waited for aside.
                 tokio::spawn(taking_over);
             } else {
@@ -283,7 +284,10 @@ impl Fleet {
                 self.registry.metrics.lost.inc();
             }
             let home = home_shard(&client_id, shards.len());
-            let _ = shards.send(home, ShardMsg::TakenOver { client_id }).await;
+            if let Err(msg) = shards.try_send(home, ShardMsg::TakenOver { client_id }) {
+                // A full mailbox: waited for aside, not holding up the other takeovers.
+                tokio::spawn(async move { shards.send(home, msg).await });
+            }
         }
         if let Some(reply) = reply {
             let _ = self.client.publish(reply, Bytes::new()).await;

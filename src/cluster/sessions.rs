@@ -74,6 +74,13 @@ pub(super) enum Change {
     },
     /// Message `seq` is finished (acknowledged, dropped, expired).
     Acked { client_id: Arc<str>, seq: u64 },
+    /// A session adopted from the fleet (`Op::Adopted`): which stream message each of its
+    /// local sequences is, and which have QoS 2 state in the bucket.
+    Adopted {
+        client_id: Arc<str>,
+        local_and_stream: Vec<(u64, u64)>,
+        qos2_out: Vec<u64>,
+    },
     /// QoS 2 message `seq` went out under `pkid`; `released`: our PUBREL went out too.
     Qos2Out {
         client_id: Arc<str>,
@@ -94,6 +101,11 @@ impl Change {
                 client_id, value, ..
             } => client_id.len() + value.len(),
             Change::Acked { client_id, .. } | Change::Qos2Out { client_id, .. } => client_id.len(),
+            Change::Adopted {
+                client_id,
+                local_and_stream,
+                qos2_out,
+            } => client_id.len() + local_and_stream.len() * 16 + qos2_out.len() * 8,
         };
         held as u64 + 64
     }
@@ -421,6 +433,11 @@ impl SessionStore {
                         self.put(subject, value, &mut pending).await?;
                     }
                 }
+                Change::Adopted {
+                    client_id,
+                    local_and_stream,
+                    qos2_out,
+                } => self.adopted(&client_id, &local_and_stream, &qos2_out),
                 Change::Msg {
                     client_id,
                     seq,
@@ -456,13 +473,7 @@ impl SessionStore {
                 Change::Gone { client_id } => {
                     self.barrier(acks, &mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
-                    if !self.moved(&client_id) {
-                        if self.still_ours(&client_id).await? {
-                            self.purge(&client_id).await.map_err(fail(&client_id))?;
-                        } else {
-                            self.forget_client(&client_id);
-                        }
-                    }
+                    self.gone(&client_id).await?;
                 }
             }
             // Each publish holds one of the JetStream context's 5,000 permits until its
@@ -545,12 +556,11 @@ impl SessionStore {
             .is_some_and(|of| of.contains_key(&seq))
     }
 
-    /// A shard adopted `client_id`'s session from the fleet (`shard/adopt.rs`): its
-    /// messages, now under the local sequences given, are the stream's messages of the
-    /// stream sequences given, and those of `qos2_out` have their QoS 2 state in the
-    /// bucket. The shard stores them for the local file only (`Op::LocalOnly`): the
-    /// fleet holds them already, and its copy is not written back from here.
-    pub fn adopted(&self, client_id: &Arc<str>, local_and_stream: &[(u64, u64)], qos2_out: &[u64]) {
+    /// A shard adopted `client_id`'s session from the fleet (`shard/adopt.rs`,
+    /// `Op::Adopted`): its messages, now under the local sequences given, are the
+    /// stream's messages of the stream sequences given, and those of `qos2_out` have
+    /// their QoS 2 state in the bucket.
+    fn adopted(&self, client_id: &Arc<str>, local_and_stream: &[(u64, u64)], qos2_out: &[u64]) {
         let mut seqs = self.seqs();
         if !local_and_stream.is_empty() {
             let of = seqs.stored.entry(client_id.clone()).or_default();
@@ -562,8 +572,24 @@ impl SessionStore {
         }
     }
 
-    /// What this node knows of `client_id`'s messages in the stream, forgotten (a stale
-    /// copy ended here; the fleet's copy is another node's).
+    /// `client_id`'s session ended here: the fleet's copy is purged if it is this
+    /// node's; a session handed over, or a stale copy (the registry names another node),
+    /// leaves it, and only what this node knew of its stream messages goes.
+    async fn gone(&self, client_id: &Arc<str>) -> Result<(), Failed> {
+        if self.moved(client_id) {
+            return Ok(());
+        }
+        if self.still_ours(client_id).await? {
+            self.purge(client_id)
+                .await
+                .map_err(|e| (client_id.clone(), e))?;
+        } else {
+            self.forget_client(client_id);
+        }
+        Ok(())
+    }
+
+    /// What this node knows of `client_id`'s messages in the stream, forgotten.
     fn forget_client(&self, client_id: &str) {
         let mut seqs = self.seqs();
         seqs.stored.remove(client_id);
@@ -573,12 +599,10 @@ impl SessionStore {
     /// Whether `client_id`'s session ended here because another node resumes it: then
     /// what this node wrote for it is all in JetStream by now, which the handover hears.
     fn moved(&self, client_id: &str) -> bool {
-        let mut seqs = self.seqs();
-        let Some(done) = seqs.moving.remove(client_id) else {
+        let Some(done) = self.seqs().moving.remove(client_id) else {
             return false;
         };
-        seqs.stored.remove(client_id);
-        seqs.qos2_out.remove(client_id);
+        self.forget_client(client_id);
         let _ = done.send(());
         true
     }
@@ -599,11 +623,7 @@ impl SessionStore {
 
     /// Purges everything the fleet keeps for `client_id`.
     pub async fn purge(&self, client_id: &str) -> Result<(), String> {
-        {
-            let mut seqs = self.seqs();
-            seqs.stored.remove(client_id);
-            seqs.qos2_out.remove(client_id);
-        }
+        self.forget_client(client_id);
         let kv = self
             .kv
             .purge()
@@ -723,6 +743,15 @@ impl SessionStore {
             Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
             // Adopted from the fleet's copy, which holds it already.
             Op::LocalOnly(_) => return None,
+            Op::Adopted {
+                client_id,
+                local_and_stream,
+                qos2_out,
+            } => Change::Adopted {
+                client_id: client_id.clone(),
+                local_and_stream: local_and_stream.clone(),
+                qos2_out: qos2_out.clone(),
+            },
             // Retained messages stay local (the fleet keeps them in their own bucket).
             Op::Retained(_) | Op::DeleteRetained(_) => return None,
         })

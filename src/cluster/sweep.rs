@@ -14,8 +14,9 @@
 //!   held by a live node leaves the sweep to it.
 //! - **The sweep.** One pass over the bucket's latest entries (a pull consumer, last per
 //!   subject), at most `registry_sweep_rate` entries read per second in steps of at most
-//!   [`MAX_STEP`]: each entry naming a node without a lease is deleted by its revision,
-//!   so a device that reconnected meanwhile (a newer revision) keeps its entry. Counted in
+//!   [`MAX_STEP`] ([`TAKE_IN_STEP`] when this node takes sessions in): each entry naming
+//!   a node without a lease is deleted by its revision, so a device that reconnected
+//!   meanwhile (a newer revision) keeps its entry. Counted in
 //!   `gateway_fleet_registry_swept_total`. An entry whose persistent session the fleet
 //!   keeps is not deleted: this node takes the session in (`take_in`).
 
@@ -40,11 +41,10 @@ use super::take_in::TakeIn;
 pub const MARKER: &str = "sweep.marker";
 /// Entries read per step at most (the consumer's unacknowledged limit).
 pub const MAX_STEP: u32 = 1000;
-/// A dead node's persistent sessions being taken in at once (each a few JetStream
-/// reads and writes).
-const TAKE_IN_AT_ONCE: usize = 64;
 /// Entries read per step at most when this node takes sessions in.
 const TAKE_IN_STEP: u32 = 256;
+/// Sweeps in a row that may fail before the sweeping waits for another death.
+const SWEEP_TRIES: u32 = 5;
 
 /// This node's part in sweeping dead nodes' registry entries.
 pub struct Sweeper {
@@ -109,7 +109,7 @@ impl Sweeper {
     /// marker.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut known = self.look().await.unwrap_or_default();
-        let mut due = false;
+        let (mut due, mut tries) = (false, 0);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.every) => {}
@@ -119,11 +119,20 @@ impl Sweeper {
                 continue;
             };
             for gone in known.difference(&now) {
-                due |= self.gone(gone).await;
+                if self.gone(gone).await {
+                    (due, tries) = (true, 0);
+                }
             }
             known = now;
             if due && self.rate > 0 {
                 due = self.sweep_if_first().await;
+                tries += 1;
+                if due && tries >= SWEEP_TRIES {
+                    // A failure that does not pass (a session record that does not
+                    // decode): left to the pushes that meet those entries.
+                    tracing::warn!(tries, "cluster: the registry sweep keeps failing; not tried again until another node dies");
+                    due = false;
+                }
             }
         }
     }
@@ -216,7 +225,7 @@ impl Sweeper {
                 match swept {
                     Ok(()) => self.failing.store(false, Ordering::Relaxed),
                     Err(e) if !self.failing.swap(true, Ordering::Relaxed) => {
-                        tracing::warn!(error = %e, "cluster: the registry sweep stopped; it is tried again every third of lease_secs");
+                        tracing::warn!(error = %e, "cluster: the registry sweep failed; it is tried again a third of lease_secs later");
                     }
                     Err(_) => {}
                 }
@@ -317,7 +326,8 @@ impl Sweeper {
                 settling.push(self.settle(key, node, revision));
             }
         }
-        let settled = futures_util::stream::iter(settling).buffer_unordered(TAKE_IN_AT_ONCE);
+        let settled =
+            futures_util::stream::iter(settling).buffer_unordered(super::take_in::AT_ONCE);
         let failed = settled.filter(|ok| std::future::ready(!ok)).count().await;
         Ok((read, failed as u64))
     }
@@ -331,8 +341,12 @@ impl Sweeper {
             return true;
         };
         match self.sessions.take_in(&client_id, &dead, revision).await {
-            Ok(TakeIn::NoSession { revision }) => self.delete(&key, revision).await,
-            Ok(TakeIn::Here | TakeIn::Claimed) => {}
+            Ok(TakeIn::Offline) => {
+                // Deleted by the take-in (by revision), as `delete` would.
+                self.swept.fetch_add(1, Ordering::Relaxed);
+                self.registry.metrics.count("delete", true);
+            }
+            Ok(TakeIn::Here | TakeIn::Elsewhere) => {}
             Err(e) => {
                 tracing::warn!(%client_id, node = %dead, error = %e, "cluster: a dead node's persistent session could not be taken in; tried again at the next sweep");
                 return false;

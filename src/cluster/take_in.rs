@@ -51,14 +51,18 @@ pub enum TakeIn {
     /// Its session is on its home shard here, and the registry names this node.
     Here,
     /// The fleet keeps no session for it (or this node keeps none, or it expired): the
-    /// entry, now at `revision`, is stale, for the caller to delete.
-    NoSession { revision: u64 },
-    /// Another node holds the entry now (a device back there, or another survivor).
-    Claimed,
+    /// stale entry is deleted (by revision); the device is offline.
+    Offline,
+    /// Another node holds the entry now (the device back there, or another survivor).
+    Elsewhere,
 }
 
 /// The mark of a take-in under way (before the claim's revision is known).
 const PENDING: &str = "pending";
+
+/// A dead node's sessions one sweep step (or one push batch) takes in at once, each a
+/// few JetStream reads and writes.
+pub const AT_ONCE: usize = 64;
 
 impl SessionStore {
     /// Takes in `client_id`'s session, whose registry entry (at `revision`) names
@@ -81,54 +85,79 @@ impl SessionStore {
         dead: &str,
         revision: u64,
     ) -> Result<TakeIn, String> {
-        let Some(shards) = (self.shards.get()).filter(|_| self.keeps_sessions()) else {
-            return Ok(TakeIn::NoSession { revision });
-        };
         let id: Arc<str> = Arc::from(client_id);
         if !self.seqs().taking_in.insert(id.clone()) {
             // Another take-in of it here (a push and the sweep): its outcome.
             self.settled(client_id).await;
+            if self.taking(client_id) {
+                return Err("another take-in of the session here is still under way".into());
+            }
             return self.outcome_of_other(client_id, dead).await;
         }
         let _guard = Taking { store: self, id };
-        match (self.kv)
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-                return Ok(TakeIn::NoSession { revision })
-            }
-            Err(e) => return Err(format!("session record: {e}")),
-        }
+        let shards = self.shards.get().filter(|_| self.keeps_sessions());
+        let kept = match shards {
+            Some(_) => self.kept_in_fleet(client_id).await?,
+            None => false,
+        };
+        let (Some(shards), true) = (shards, kept) else {
+            self.link.registry.forget(client_id, revision).await;
+            return Ok(TakeIn::Offline);
+        };
         self.mark(client_id, PENDING).await?;
+        let claimed = match self.claim(client_id, revision).await {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => {
+                self.unmark(client_id).await;
+                return self.outcome_of_other(client_id, dead).await;
+            }
+            Err(e) => {
+                self.unmark(client_id).await;
+                return Err(e);
+            }
+        };
+        let taken = self.take_in_claimed(client_id, claimed, shards).await;
+        if taken.is_err() {
+            // Given back: the next sweep or push tries again.
+            let back = Bytes::copy_from_slice(dead.as_bytes());
+            let clients = &self.link.registry.clients;
+            let _ = clients.update(registry_key(client_id), back, claimed).await;
+        }
+        taken
+    }
+
+    /// Whether the fleet keeps a session record for `client_id`.
+    async fn kept_in_fleet(&self, client_id: &str) -> Result<bool, String> {
+        let record = (self.kv)
+            .direct_get_last_for_subject(self.meta_subject(client_id))
+            .await;
+        match record {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(format!("session record: {e}")),
+        }
+    }
+
+    /// Claims `client_id`'s entry for this node if it is still at `revision`: the
+    /// claim's revision, or `None` if the entry changed since (its device back, here
+    /// or elsewhere, or another survivor first).
+    async fn claim(&self, client_id: &str, revision: u64) -> Result<Option<u64>, String> {
         let me = Bytes::copy_from_slice(self.link.node.as_bytes());
         let clients = &self.link.registry.clients;
-        let claimed = match clients.update(registry_key(client_id), me, revision).await {
-            Ok(claimed) => claimed,
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                // A device back (here too: its own claim) or another survivor first.
-                self.unmark(client_id).await;
-                return Ok(TakeIn::Claimed);
-            }
+        match clients.update(registry_key(client_id), me, revision).await {
+            Ok(claimed) => Ok(Some(claimed)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => match self.link.registry.holder_entry(client_id).await {
                 // The write went through although its answer did not come (not the
                 // claim of a connection here: that device is back).
                 Ok(Some((node, rev)))
                     if *node == *self.link.node && !self.link.registry.is_here(client_id) =>
                 {
-                    rev
+                    Ok(Some(rev))
                 }
-                _ => return Err(format!("registry: {e}")),
+                _ => Err(format!("registry: {e}")),
             },
-        };
-        let taken = self.take_in_claimed(client_id, claimed, shards).await;
-        if taken.is_err() {
-            // Given back: the next sweep or push tries again.
-            let back = Bytes::copy_from_slice(dead.as_bytes());
-            let _ = clients.update(registry_key(client_id), back, claimed).await;
         }
-        taken
     }
 
     /// The entry names this node since `claimed`: marks the claim for the will watcher,
@@ -142,7 +171,8 @@ impl SessionStore {
         self.mark(client_id, &claimed.to_string()).await?;
         let Some(stored) = self.load(client_id).await? else {
             // Expired while nobody held it (purged): nothing left to take in.
-            return Ok(TakeIn::NoSession { revision: claimed });
+            self.link.registry.forget(client_id, claimed).await;
+            return Ok(TakeIn::Offline);
         };
         let home = home_shard(client_id, shards.len());
         match adopt(shards, home, stored).await {
@@ -155,7 +185,7 @@ impl SessionStore {
         if !self.link.registry.names_this_node(client_id).await {
             let client_id = client_id.to_string();
             let _ = shards.send(home, ShardMsg::TakenOver { client_id }).await;
-            return Ok(TakeIn::Claimed);
+            return Ok(TakeIn::Elsewhere);
         }
         self.metrics.taken_in.inc();
         tracing::info!(
@@ -165,18 +195,16 @@ impl SessionStore {
         Ok(TakeIn::Here)
     }
 
-    /// The outcome of another take-in of `client_id` here, once it settled: `Here` if
-    /// the registry names this node, `Claimed` if another live node, else an error (it
-    /// failed, and the entry is `dead`'s again, or it is still under way).
+    /// Where `client_id` is now that another take-in of it here settled (or a claim
+    /// found its entry changed): here, elsewhere, offline (no entry left); an error if
+    /// the entry still names `dead` (that take-in failed; tried again later).
     async fn outcome_of_other(&self, client_id: &str, dead: &str) -> Result<TakeIn, String> {
-        if self.taking(client_id) {
-            return Err("another take-in of the session here is still under way".into());
-        }
         let holder = self.link.registry.holder(client_id).await;
         match holder.map_err(|e| format!("registry: {e}"))? {
             Some(node) if *node == *self.link.node => Ok(TakeIn::Here),
-            Some(node) if node == dead => Err("another take-in of the session here failed".into()),
-            _ => Ok(TakeIn::Claimed),
+            Some(node) if node == dead => Err("its take-in here failed".into()),
+            Some(_) => Ok(TakeIn::Elsewhere),
+            None => Ok(TakeIn::Offline),
         }
     }
 
@@ -190,14 +218,9 @@ impl SessionStore {
         self.seqs().taking_in.contains(client_id)
     }
 
-    /// The subject of this node's take-in mark for `client_id`.
-    fn mark_subject(&self, client_id: &str, node: &str) -> String {
-        format!("{}.{}.taken.{}", self.kv_prefix, key(client_id), key(node))
-    }
-
     /// Writes this node's take-in mark for `client_id` and waits for JetStream to hold it.
     async fn mark(&self, client_id: &str, value: &str) -> Result<(), String> {
-        let subject = self.mark_subject(client_id, &self.link.node);
+        let subject = mark_subject(&self.kv_prefix, client_id, &self.link.node);
         let ack = (self.js.publish(subject, value.to_string().into()).await)
             .map_err(|e| format!("take-in mark: {e}"))?;
         ack.await.map_err(|e| format!("take-in mark: {e}"))?;
@@ -206,7 +229,7 @@ impl SessionStore {
 
     /// Removes this node's take-in mark for `client_id` (its claim lost).
     async fn unmark(&self, client_id: &str) {
-        let subject = self.mark_subject(client_id, &self.link.node);
+        let subject = mark_subject(&self.kv_prefix, client_id, &self.link.node);
         let _ = self.kv.purge().filter(subject).await;
     }
 
@@ -262,11 +285,17 @@ pub(super) async fn back_elsewhere(
     if node == dead {
         return false;
     }
-    let subject = format!("{kv_prefix}.{}.taken.{}", key(client_id), key(&node));
+    let subject = mark_subject(kv_prefix, client_id, &node);
     match bucket.direct_get_last_for_subject(subject).await {
         Ok(m) => {
             *m.payload != *PENDING.as_bytes() && *m.payload != *revision.to_string().as_bytes()
         }
         Err(e) => e.kind() == stream::DirectGetErrorKind::NotFound,
     }
+}
+
+/// The subject of `node`'s take-in mark for `client_id` in the session bucket
+/// (`kv_prefix`: `$KV.<bucket>`).
+fn mark_subject(kv_prefix: &str, client_id: &str, node: &str) -> String {
+    format!("{kv_prefix}.{}.taken.{}", key(client_id), key(node))
 }

@@ -53,9 +53,11 @@ impl Shard {
                 .filter(|m| m.inflight.is_some())
                 .map(|m| m.seq)
                 .collect();
-            if let Some(fleet) = &self.services.sessions {
-                fleet.adopted(client_id, &renumbered, &qos2_out);
-            }
+            st.push(Op::Adopted {
+                client_id: client_id.clone(),
+                local_and_stream: renumbered,
+                qos2_out,
+            });
             let local = |op| Op::LocalOnly(Box::new(op));
             for m in &stored.messages {
                 st.push(local(Op::Message {

@@ -5,8 +5,10 @@
 //! is closed and the other node keeps it.
 //!
 //! With the store on, a persistent session was handed over before this (`adopt.rs`,
-//! `hand_over`); otherwise the session stays here (a persistent one goes offline, as
-//! after any takeover of its connection).
+//! `hand_over`), and an offline one still here is a stale copy (e.g. one being taken in
+//! from a dead node while its device resumed elsewhere, `crate::cluster::take_in`): it
+//! ends, without purging the fleet's copy. Otherwise the session stays here (a
+//! persistent one goes offline, as after any takeover of its connection).
 
 use crate::codec::reason;
 use crate::metrics::DisconnectReason;

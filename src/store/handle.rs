@@ -88,6 +88,16 @@ pub enum Op {
     /// (`shard/adopt.rs`) is written here as the fleet already holds it, and written
     /// back to the fleet from no one's copy but the holder's.
     LocalOnly(Box<Op>),
+    /// For the fleet's mirror only (not written to the local file): the messages of a
+    /// session adopted from the fleet, under their local sequences, are the stream's
+    /// messages of these stream sequences, and those of `qos2_out` have their QoS 2
+    /// state in the bucket. In the store's order, so that a change made before the
+    /// adoption (the end of an earlier copy) cannot undo it.
+    Adopted {
+        client_id: Arc<str>,
+        local_and_stream: Vec<(u64, u64)>,
+        qos2_out: Vec<u64>,
+    },
 }
 
 /// A push answer that waits until its messages are durable.
@@ -122,7 +132,7 @@ impl Batch {
 impl Op {
     /// Whether the op changes the local file (all but the fleet's own `Op::Will`).
     pub fn is_local(&self) -> bool {
-        !matches!(self, Op::Will { .. })
+        !matches!(self.inner(), Op::Will { .. } | Op::Adopted { .. })
     }
 
     /// The op itself, out of any [`Op::LocalOnly`].
@@ -142,6 +152,11 @@ impl Op {
             | Op::Qos2Out { client_id, .. }
             | Op::Qos2In { client_id, .. }
             | Op::DeleteQos2In { client_id, .. } => client_id.len(),
+            Op::Adopted {
+                client_id,
+                local_and_stream,
+                qos2_out,
+            } => client_id.len() + local_and_stream.len() * 16 + qos2_out.len() * 8,
             Op::Sub {
                 client_id, filter, ..
             }

@@ -515,3 +515,80 @@ fn a_will_alone_is_not_waited_for_and_commits_nothing() {
     store.close(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Records the kinds of the ops the writer hands its mirror.
+struct Recording(
+    std::sync::Mutex<Vec<&'static str>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl super::mirror::Mirror for Arc<Recording> {
+    fn changes(&self, ops: &[&Op]) {
+        let kinds = ops.iter().map(|op| match op {
+            Op::LocalOnly(_) => "local only",
+            Op::Adopted { .. } => "adopted",
+            _ => "other",
+        });
+        self.0.lock().unwrap().extend(kinds);
+        self.1.store(true, std::sync::atomic::Ordering::Release);
+    }
+    fn answers(&self, _: Vec<super::DeferredReply>) {}
+}
+
+/// A session adopted from the fleet (`shard/adopt.rs`): its `LocalOnly` ops are written
+/// to the file like any, and handed to the mirror as such (which writes nothing of them
+/// back to the fleet); `Adopted` goes to the mirror only and is no durable change.
+#[test]
+fn an_adopted_sessions_ops_are_written_here_and_only_its_mapping_reaches_the_mirror() {
+    let dir = std::env::temp_dir().join(format!("gateway-store-adopt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = config(&dir);
+    let (store, _) = open(&cfg, 1).expect("opens");
+    let seen = Arc::new(Recording(Default::default(), Default::default()));
+    store.set_mirror(Box::new(seen.clone()));
+    let mut h = store.handle().expect("handle");
+    let id: Arc<str> = Arc::from("adopted");
+    let local = |op| Op::LocalOnly(Box::new(op));
+    h.push(Op::Adopted {
+        client_id: id.clone(),
+        local_and_stream: vec![(5, 77)],
+        qos2_out: Vec::new(),
+    });
+    assert_eq!(h.pending_ops(), 0, "the mapping is the mirror's only");
+    h.push(local(Op::Session {
+        client_id: id.clone(),
+        version: Version::V5,
+        expiry_secs: 3600,
+        offline_since_ms: now_ms(),
+    }));
+    h.push(local(Op::Sub {
+        client_id: id.clone(),
+        filter: Arc::from("t/#"),
+        options: 1,
+        sub_id: 0,
+    }));
+    h.push(local(Op::Message {
+        client_id: id.clone(),
+        seq: 5,
+        msg: msg("t/1", None),
+        qos: 1,
+        retain: false,
+    }));
+    assert_eq!(h.pending_ops(), 3);
+    assert_eq!(h.puts, 1, "a message stored, wrapped or not");
+    h.close();
+    store.close(Duration::from_secs(10));
+    assert!(seen.1.load(std::sync::atomic::Ordering::Acquire));
+    let kinds = seen.0.lock().unwrap().clone();
+    assert_eq!(kinds, ["adopted", "local only", "local only", "local only"]);
+
+    let (store, loaded) = open(&cfg, 1).expect("reopens");
+    let s = &loaded.sessions[0][0];
+    assert_eq!(
+        (&*s.client_id, s.expiry_secs, s.subs.len()),
+        ("adopted", 3600, 1)
+    );
+    assert_eq!(s.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [5]);
+    store.close(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}

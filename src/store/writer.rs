@@ -465,8 +465,8 @@ impl Tables<'_> {
                 encode_qos2_in(buf, client_id, *pkid);
                 self.qos2_in.insert((&**client_id, *pkid), buf.as_slice())?;
             }
-            // The fleet's only (`crate::cluster::session_will`).
-            Op::Will { .. } => {}
+            // The fleet's only (`crate::cluster::session_will`, `sessions`).
+            Op::Will { .. } | Op::Adopted { .. } => {}
             Op::LocalOnly(_) => unreachable!("Op::inner takes it off"),
             Op::DeleteQos2In { client_id, pkid } => {
                 self.qos2_in.remove((&**client_id, *pkid))?;
