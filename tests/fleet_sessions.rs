@@ -826,3 +826,48 @@ async fn a_push_takes_in_the_session_of_a_dead_node_without_the_sweep() {
         assert_eq!(&p.payload[..], payload.as_bytes());
     }
 }
+
+/// A session taken in keeps its messages' place in the fleet's stream: the device
+/// resumes it on the node that took it in and acknowledges them there, which deletes
+/// them from the stream; after that node is killed too, the device resumes on a third
+/// node with only what came after (the take-in's mapping of local to stream sequences
+/// reached the mirror; without it the acknowledged messages came again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_acknowledged_after_a_take_in_are_not_delivered_again_on_the_next_node() {
+    let (nats, mut gw, kv) = fleet("fs-takein-ack", &["node-a"]).await;
+    let dirs = [
+        common::tempdir::Dir::new("fs-takein-ack-b"),
+        common::tempdir::Dir::new("fs-takein-ack-c"),
+    ];
+    let mut b = node_with_store(&nats, "node-b", &dirs[0]);
+    offline_devices(&gw[0], &kv, "tia", 1, "node-a").await;
+    push_queued(&gw[0], "tia", 1, 2).await;
+    kill_9(&mut gw[0]);
+    wait_registry(&kv, "tia-0", "node-b").await;
+    let (mut c, present) = connect(&b, "tia-0").await;
+    assert!(present, "taken in by node B");
+    expect_in_order(&mut c, "tia-0", 2).await;
+    disconnect(c).await;
+    // Answered `queued` once JetStream holds it, after the acknowledgements before it.
+    let push = json!({"client_id": "tia-0", "topic": "t/tia-0", "payload": "after", "qos": 1});
+    let (code, v) = post_json(b.http, "/v1/push", &push).await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("queued")), "{v}");
+    kill_9(&mut b);
+
+    let node_c = node_with_store(&nats, "node-c", &dirs[1]);
+    let (mut c, present) = connect(&node_c, "tia-0").await;
+    assert!(present, "resumed on node C from the fleet's copy");
+    let p = c
+        .next_publish(DEADLINE)
+        .await
+        .expect("the message pushed to node B");
+    assert_eq!(
+        &p.payload[..],
+        b"after",
+        "m0 and m1 were acknowledged on node B"
+    );
+    assert!(
+        c.next_publish(Duration::from_millis(500)).await.is_none(),
+        "a message acknowledged on node B came again"
+    );
+}
