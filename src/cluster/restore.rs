@@ -12,7 +12,9 @@ use async_nats::jetstream::stream;
 use crate::store::mirror;
 use crate::store::{StoredMessage, StoredSession};
 
-use super::sessions::{key, now_ms, SessionStore};
+use crate::store::now_ms;
+
+use super::sessions::{key, SessionStore};
 
 impl SessionStore {
     /// The session the fleet keeps for `client_id`, if any (one that expired while

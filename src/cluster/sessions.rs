@@ -34,7 +34,6 @@ use std::future::IntoFuture;
 use std::mem::take;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use bytes::Bytes;
@@ -185,12 +184,6 @@ pub(super) fn key(client_id: &str) -> String {
         "will" | "wnode" => format!("={:02X}{}", k.as_bytes()[0], &k[1..]),
         _ => k,
     }
-}
-
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Opens stream `config.name`, creating it if it does not exist yet.

@@ -97,7 +97,7 @@ impl Shard {
         };
         if stored.offline_since_ms == 0 {
             // Online when its node died: offline from now, here.
-            stored.offline_since_ms = super::durable::now_ms();
+            stored.offline_since_ms = crate::store::now_ms();
         }
         // Its record, for the local file only, as the rest (`adopt_session`): the
         // fleet's copy stays as its node left it.

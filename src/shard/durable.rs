@@ -13,12 +13,11 @@
 //! resend of one after the restart is acknowledged, not routed again).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::mailbox::home_shard;
 use crate::message::Message;
 use crate::session::{Inflight, InflightState, Queued, Session, NEVER_EXPIRES};
-use crate::store::{Op, StoredMessage, StoredSession};
+use crate::store::{now_ms, Op, StoredMessage, StoredSession};
 use crate::topic;
 
 use super::Shard;
@@ -30,12 +29,6 @@ enum Record {
     Persistent,
     Volatile { was_stored: bool },
     NoStore,
-}
-
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Shard {

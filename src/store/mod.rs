@@ -93,7 +93,8 @@ pub use self::handle::{
 };
 pub use self::metrics::StoreMetrics;
 pub use self::open::{
-    file_of, open, repair, Loaded, OpenError, OpenErrorKind, Store, StoredMessage, StoredSession,
+    file_of, now_ms, open, repair, Loaded, OpenError, OpenErrorKind, Store, StoredMessage,
+    StoredSession,
 };
 
 /// The database file inside `[store] path`.

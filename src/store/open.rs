@@ -204,7 +204,9 @@ impl fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
-pub(super) fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (0 before it): the clock of what is
+/// stored, here and in the fleet (a session's offline time, a message's arrival).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

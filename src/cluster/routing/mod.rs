@@ -729,7 +729,7 @@ impl Session<'_> {
     fn put_retained(&self, out: &mut BytesMut, msg: &Message, env: Envelope) {
         let key = retained::key(&msg.topic);
         let body = Envelope {
-            seq: retained::now_ms(),
+            seq: crate::store::now_ms(),
             ..env
         }
         .encode();

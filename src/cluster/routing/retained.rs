@@ -23,11 +23,13 @@
 //! expiry is left.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
+
+use crate::store::now_ms;
 
 use crate::config::ClusterConfig;
 use crate::mailbox::{home_shard, Mailboxes, ShardMsg};
@@ -49,14 +51,6 @@ pub fn key(topic: &str) -> String {
 /// The topic of a bucket key made by [`key`].
 pub fn topic_of(key: &str) -> Option<String> {
     crate::events::nats::unescape(key, b'=').filter(|t| !t.is_empty())
-}
-
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 /// Opens (or creates) the bucket.
