@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{fail_replies, DeferredReply};
 
-use super::sessions::{Change, Failed, Pending, SessionStore};
+use super::session_changes::Change;
+use super::sessions::{Failed, Pending, SessionStore};
 
 /// What the mirror hands the acknowledging task, in order.
 pub(super) enum Ack {

@@ -35,6 +35,7 @@ mod rejoin;
 pub mod restart;
 pub mod restore;
 pub mod routing;
+mod session_changes;
 pub mod session_leftover;
 pub mod session_metrics;
 mod session_qos2;

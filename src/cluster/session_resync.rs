@@ -23,7 +23,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::acker::Ack;
-use super::sessions::{Change, Failed, SessionStore};
+use super::session_changes::Change;
+use super::sessions::{Failed, SessionStore};
 
 /// Changes written again per step of the re-sync.
 pub(super) const BATCH: usize = 1000;

@@ -17,8 +17,8 @@
 //! Interval), and publishes it as the node's own PUBLISH would (at most 256 at once; local
 //! subscribers through the shards, other nodes through routing, retained if asked) —
 //! unless the registry names another node for the client id by then (the device came
-//! back elsewhere; not a node that only took its session in, `take_in`). Then the key is purged; a dead node with no will left loses its
-//! `wnode` entry. A survivor that dies while it holds a claimed will (during its delay)
+//! back elsewhere; not a node that only took its session in, `take_in`). Then the key
+//! is purged; a dead node with no will left loses its `wnode` entry. A survivor that dies while it holds a claimed will (during its delay)
 //! loses that will. A node back after a crash within its lease publishes its own
 //! (`session_leftover`).
 
@@ -35,7 +35,8 @@ use crate::message::{Message, Origin};
 use crate::store::mirror;
 
 use super::routing::Router;
-use super::sessions::{key, Change, SessionStore};
+use super::session_changes::Change;
+use super::sessions::{key, SessionStore};
 use super::take_in::back_elsewhere;
 
 /// The value of a will a survivor took (it is not a will: nobody else publishes it).

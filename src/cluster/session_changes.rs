@@ -1,0 +1,260 @@
+//! What the store writer's ops make of the fleet's copy of the sessions: each op of a
+//! commit group becomes a [`Change`] on the writer thread ([`SessionMirror`]), queued
+//! for the mirror task (`sessions`), which first drops the messages stored and finished
+//! within the same group ([`cancel_acked`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::store::mirror::{self, Mirror};
+use crate::store::{fail_replies, DeferredReply, Op};
+
+use super::sessions::{SessionStore, Work};
+
+/// One change to a session's state in JetStream, encoded on the store writer thread.
+#[derive(Clone)]
+pub(super) enum Change {
+    /// The latest value of a key-value subject (a session record or a subscription).
+    Put { subject: String, value: Bytes },
+    /// A subscription ended: its subject is purged.
+    Unsub { subject: String },
+    /// The session ended: everything of the client id is purged.
+    Gone { client_id: Arc<str> },
+    /// At start, before a restored session is written again: everything of the client
+    /// id is purged (what JetStream held may lack the last changes before a crash, and
+    /// the stream sequences of its messages were in the memory of the last run).
+    Reset { client_id: Arc<str> },
+    /// A message stored under local sequence `seq`.
+    Msg {
+        client_id: Arc<str>,
+        seq: u64,
+        value: Bytes,
+    },
+    /// Message `seq` is finished (acknowledged, dropped, expired).
+    Acked { client_id: Arc<str>, seq: u64 },
+    /// A session adopted from the fleet (`Op::Adopted`): which stream message each of its
+    /// local sequences is, and which have QoS 2 state in the bucket.
+    Adopted {
+        client_id: Arc<str>,
+        local_and_stream: Vec<(u64, u64)>,
+        qos2_out: Vec<u64>,
+    },
+    /// QoS 2 message `seq` went out under `pkid`; `released`: our PUBREL went out too.
+    Qos2Out {
+        client_id: Arc<str>,
+        seq: u64,
+        pkid: u16,
+        released: bool,
+    },
+}
+
+impl Change {
+    /// Roughly what the change holds in memory (kept for the re-sync, `session_resync`).
+    pub(super) fn cost(&self) -> u64 {
+        let held = match self {
+            Change::Put { subject, value } => subject.len() + value.len(),
+            Change::Unsub { subject } => subject.len(),
+            Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
+            Change::Msg {
+                client_id, value, ..
+            } => client_id.len() + value.len(),
+            Change::Acked { client_id, .. } | Change::Qos2Out { client_id, .. } => client_id.len(),
+            Change::Adopted {
+                client_id,
+                local_and_stream,
+                qos2_out,
+            } => client_id.len() + local_and_stream.len() * 16 + qos2_out.len() * 8,
+        };
+        held as u64 + 64
+    }
+}
+
+/// `changes` without the messages stored and finished within the same group (a message
+/// to an online device acknowledged quickly never reaches NATS).
+pub(super) fn cancel_acked(changes: Vec<Change>) -> Vec<Change> {
+    let acked: std::collections::HashSet<(Arc<str>, u64)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Acked { client_id, seq } => Some((client_id.clone(), *seq)),
+            _ => None,
+        })
+        .collect();
+    if acked.is_empty() {
+        return changes;
+    }
+    let stored: std::collections::HashSet<(Arc<str>, u64)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Msg { client_id, seq, .. } => Some((client_id.clone(), *seq)),
+            _ => None,
+        })
+        .filter(|k| acked.contains(k))
+        .collect();
+    changes
+        .into_iter()
+        .filter(|c| match c {
+            Change::Msg { client_id, seq, .. }
+            | Change::Acked { client_id, seq }
+            | Change::Qos2Out { client_id, seq, .. } => {
+                !stored.contains(&(client_id.clone(), *seq))
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// The store writer's side: turns ops into changes and queues them for the task.
+pub(super) struct SessionMirror {
+    pub(super) store: Arc<SessionStore>,
+    pub(super) tx: tokio::sync::mpsc::Sender<Work>,
+}
+
+impl SessionStore {
+    /// The change a store op makes to the fleet's copy, if any.
+    pub(super) fn change(&self, op: &Op) -> Option<Change> {
+        let s = self;
+        Some(match op {
+            Op::Session {
+                client_id,
+                version,
+                expiry_secs,
+                offline_since_ms,
+            } => Change::Put {
+                subject: s.meta_subject(client_id),
+                value: mirror::session_bytes(client_id, *version, *expiry_secs, *offline_since_ms)
+                    .into(),
+            },
+            Op::DeleteSession(client_id) => Change::Gone {
+                client_id: client_id.clone(),
+            },
+            Op::Sub {
+                client_id,
+                filter,
+                options,
+                sub_id,
+            } => Change::Put {
+                subject: s.sub_subject(client_id, filter),
+                value: mirror::sub_bytes(client_id, filter, *options, *sub_id).into(),
+            },
+            Op::DeleteSub { client_id, filter } => Change::Unsub {
+                subject: s.sub_subject(client_id, filter),
+            },
+            Op::Message {
+                client_id,
+                seq,
+                msg,
+                qos,
+                retain,
+            } => Change::Msg {
+                client_id: client_id.clone(),
+                seq: *seq,
+                value: mirror::message_bytes(client_id, msg, *qos, *retain).into(),
+            },
+            Op::DeleteMessage { client_id, seq } => Change::Acked {
+                client_id: client_id.clone(),
+                seq: *seq,
+            },
+            Op::Qos2Out {
+                client_id,
+                seq,
+                pkid,
+                released,
+            } => Change::Qos2Out {
+                client_id: client_id.clone(),
+                seq: *seq,
+                pkid: *pkid,
+                released: *released,
+            },
+            Op::Qos2In { client_id, pkid } | Op::DeleteQos2In { client_id, pkid } => Change::Put {
+                subject: s.qos2_in_subject(client_id, *pkid),
+                value: SessionStore::qos2_in_value(
+                    client_id,
+                    *pkid,
+                    matches!(op, Op::Qos2In { .. }),
+                ),
+            },
+            Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
+            // Adopted from the fleet's copy, which holds it already.
+            Op::LocalOnly(_) => return None,
+            Op::Adopted {
+                client_id,
+                local_and_stream,
+                qos2_out,
+            } => Change::Adopted {
+                client_id: client_id.clone(),
+                local_and_stream: local_and_stream.clone(),
+                qos2_out: qos2_out.clone(),
+            },
+            // Retained messages stay local (the fleet keeps them in their own bucket).
+            Op::Retained(_) | Op::DeleteRetained(_) => return None,
+        })
+    }
+}
+
+impl Mirror for SessionMirror {
+    fn changes(&self, ops: &[&Op]) {
+        let changes = ops.iter().filter_map(|op| self.store.change(op)).collect();
+        let handed = &self.store.groups_handed;
+        handed.fetch_add(1, Ordering::AcqRel);
+        // The task is gone only once the gateway stops: nothing more reaches NATS then.
+        if self.tx.blocking_send(Work::Changes(changes)).is_err() {
+            handed.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn answers(&self, replies: Vec<DeferredReply>) {
+        if replies.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tx.blocking_send(Work::Answers(replies)) {
+            if let Work::Answers(replies) = e.0 {
+                fail_replies(replies);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{cancel_acked, Change};
+
+    fn msg(id: &str, seq: u64) -> Change {
+        Change::Msg {
+            client_id: Arc::from(id),
+            seq,
+            value: bytes::Bytes::new(),
+        }
+    }
+
+    fn acked(id: &str, seq: u64) -> Change {
+        Change::Acked {
+            client_id: Arc::from(id),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_message_stored_and_finished_in_one_group_never_reaches_nats() {
+        let group = vec![
+            msg("a", 1),
+            msg("a", 2),
+            acked("a", 1),
+            acked("b", 1),
+            msg("b", 2),
+        ];
+        let left: Vec<String> = cancel_acked(group)
+            .iter()
+            .map(|c| match c {
+                Change::Msg { client_id, seq, .. } => format!("msg {client_id} {seq}"),
+                Change::Acked { client_id, seq } => format!("acked {client_id} {seq}"),
+                _ => "other".into(),
+            })
+            .collect();
+        // b 1 was stored in an earlier group: its deletion stays.
+        assert_eq!(left, ["msg a 2", "acked b 1", "msg b 2"]);
+    }
+}
