@@ -372,12 +372,14 @@ impl Inner {
         ids: Vec<MessageId>,
         received: Instant,
     ) -> Vec<Result<PushAnswer, ApiError>> {
-        let mut devices: Vec<(&str, u64)> = Vec::new();
+        // Each device once (a batch may push several messages to one), by its place.
+        let (mut devices, mut place) = (Vec::new(), HashMap::new());
         for (spec, revision) in items {
             let client_id = spec.client_id.as_deref().unwrap_or_default();
-            if !devices.iter().any(|(c, _)| *c == client_id) {
+            place.entry(client_id).or_insert_with(|| {
                 devices.push((client_id, *revision));
-            }
+                devices.len() - 1
+            });
         }
         let mut taking = Vec::with_capacity(devices.len());
         for &(client_id, revision) in &devices {
@@ -395,8 +397,7 @@ impl Inner {
         let sent: Vec<_> = (items.iter().zip(ids))
             .map(|((spec, _), id)| {
                 let client_id = spec.client_id.as_deref().unwrap_or_default();
-                let at = devices.iter().position(|(c, _)| *c == client_id);
-                let here = match at.map(|i| &taken[i]) {
+                let here = match place.get(client_id).map(|&i| &taken[i]) {
                     Some(Ok(here)) => *here,
                     Some(Err(e)) => return (id, *spec, Err(e.clone())),
                     None => false,

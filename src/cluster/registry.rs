@@ -343,10 +343,8 @@ impl Registry {
 
     /// The node the registry names for `client_id`, if any.
     pub async fn holder(&self, client_id: &str) -> Result<Option<String>, kv::EntryError> {
-        let entry = self.clients.entry(key(client_id)).await?;
-        Ok(entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+        let entry = self.holder_entry(client_id).await?;
+        Ok(entry.map(|(node, _)| node))
     }
 
     /// The node the registry names for `client_id`, with the entry's revision.

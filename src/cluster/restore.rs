@@ -19,8 +19,8 @@ use super::sessions::{key, SessionStore};
 impl SessionStore {
     /// The session the fleet keeps for `client_id`, if any (one that expired while
     /// nobody held it is purged, not returned). Its messages carry their stream
-    /// sequences as `seq`, which the shard that adopts them hands to the mirror
-    /// ([`SessionStore::adopted`]) with the sequences it gives them.
+    /// sequences as `seq`; the shard that adopts them gives them its own and tells the
+    /// mirror which is which (`Op::Adopted`, `shard/adopt.rs`).
     pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
         let meta = match self
             .kv
@@ -103,16 +103,23 @@ impl SessionStore {
         Ok((messages, seqs))
     }
 
+    /// Whether the fleet keeps a session record for `client_id`.
+    pub(super) async fn kept_in_fleet(&self, client_id: &str) -> Result<bool, String> {
+        let record = (self.kv)
+            .direct_get_last_for_subject(self.meta_subject(client_id))
+            .await;
+        match record {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(format!("session record: {e}")),
+        }
+    }
+
     /// Purges `client_id`'s session in the fleet if there is one (a clean start here).
     pub async fn forget(&self, client_id: &str) -> Result<(), String> {
-        match self
-            .kv
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await
-        {
-            Ok(_) => self.purge(client_id).await,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("session record: {e}")),
+        match self.kept_in_fleet(client_id).await? {
+            true => self.purge(client_id).await,
+            false => Ok(()),
         }
     }
 

@@ -95,7 +95,10 @@ impl SessionStore {
             return self.outcome_of_other(client_id, dead).await;
         }
         let _guard = Taking { store: self, id };
-        let shards = self.shards.get().filter(|_| self.keeps_sessions());
+        let shards = self
+            .shards
+            .get()
+            .filter(|_| self.keeps.load(Ordering::Acquire));
         let kept = match shards {
             Some(_) => self.kept_in_fleet(client_id).await?,
             None => false,
@@ -124,18 +127,6 @@ impl SessionStore {
             let _ = clients.update(registry_key(client_id), back, claimed).await;
         }
         taken
-    }
-
-    /// Whether the fleet keeps a session record for `client_id`.
-    async fn kept_in_fleet(&self, client_id: &str) -> Result<bool, String> {
-        let record = (self.kv)
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await;
-        match record {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(false),
-            Err(e) => Err(format!("session record: {e}")),
-        }
     }
 
     /// Claims `client_id`'s entry for this node if it is still at `revision`: the

@@ -44,11 +44,14 @@ impl Shard {
         }
         if let Some(st) = self.services.store.as_mut() {
             let client_id = &stored.client_id;
-            // Read from the fleet under their stream sequences (`cluster::restore`).
-            let renumbered: Vec<(u64, u64)> = (stored.messages.iter_mut())
-                .map(|m| (std::mem::replace(&mut m.seq, st.next_seq()), m.seq))
-                .map(|(in_stream, local)| (local, in_stream))
-                .collect();
+            // Read from the fleet under their stream sequences (`cluster::restore`): each
+            // gets a local one, and the mirror learns which is which.
+            let mut renumbered = Vec::with_capacity(stored.messages.len());
+            for m in &mut stored.messages {
+                let in_stream = m.seq;
+                m.seq = st.next_seq();
+                renumbered.push((m.seq, in_stream));
+            }
             let qos2_out: Vec<u64> = (stored.messages.iter())
                 .filter(|m| m.inflight.is_some())
                 .map(|m| m.seq)
