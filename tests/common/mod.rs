@@ -22,6 +22,7 @@ pub mod https;
 pub mod nats;
 pub mod pausable;
 mod raw;
+pub mod sessions;
 pub mod store;
 pub mod tempdir;
 pub mod tls;
