@@ -66,7 +66,7 @@ fn main() {
         let key = sessions.insert(Session::new(id, Version::V311));
         by_client.insert(key as u32, &sessions);
         sessions[key].subs.reserve_exact(1);
-        sessions[key].subs.push((filter.clone(), 1));
+        sessions[key].subs.push((filter.clone(), 1, 0));
         index.insert(
             &filter,
             Subscriber {
@@ -106,7 +106,7 @@ fn main() {
         let id = client_id(i);
         let key = by_client.remove(&id, &sessions).expect("session") as usize;
         let s = sessions.remove(key);
-        for (filter, _) in &s.subs {
+        for (filter, ..) in &s.subs {
             index.remove(filter, key as u32);
         }
         wheel.cancel(timer);

@@ -54,8 +54,9 @@ pub struct Session {
     /// The live connection, if any.
     pub conn: Option<ConnKey>,
     /// Subscriptions: the filter (shared with the shard's index) and the MQTT 5 options
-    /// byte (bits 0-1 QoS, 2 no local, 3 retain as published, 4-5 retain handling).
-    pub subs: Vec<(Arc<str>, u8)>,
+    /// byte (bits 0-1 QoS, 2 no local, 3 retain as published, 4-5 retain handling), and
+    /// the MQTT 5 subscription identifier (0: none). 24 bytes each, as without it.
+    pub subs: Vec<(Arc<str>, u8, u32)>,
     /// Seconds the session outlives its connection (0 = ends with it).
     pub expiry_secs: u32,
     /// Session expiry / will delay timer while offline.
@@ -434,8 +435,8 @@ impl Session {
     pub fn subscription(&self, filter: &str) -> Option<u8> {
         self.subs
             .iter()
-            .find(|(f, _)| &**f == filter)
-            .map(|(_, o)| *o)
+            .find(|(f, ..)| &**f == filter)
+            .map(|(_, o, _)| *o)
     }
 }
 

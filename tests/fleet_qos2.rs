@@ -125,8 +125,13 @@ async fn an_inbound_qos2_message_is_routed_once_across_kill_9_of_its_node() {
     .await;
     let p = sub.next_publish(DEADLINE).await.expect("the message");
     assert_eq!(&p.payload[..], b"once");
-    // The packet id awaiting PUBREL is in JetStream; then node A dies.
-    wait_bucket(&sessions, "q2pub.q2in.7", |v| !v.is_empty()).await;
+    // The packet id awaiting PUBREL is in JetStream (the session's record); then node A
+    // dies.
+    wait_bucket(&sessions, "q2pub.rec", |v| {
+        gateway::store::mirror::parse_fleet_record(v, "q2pub")
+            .is_some_and(|r| r.inbound_qos2 == [7])
+    })
+    .await;
     wait_holder(&reg, "q2pub", Some("node-a")).await;
     kill_9(&mut gw[0]);
 
@@ -226,4 +231,95 @@ async fn an_outbound_qos2_exchange_completes_once_after_kill_9_of_its_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbound_qos2_exchange_completes_once_after_a_live_takeover() {
     outbound_qos2_moves("q2-out-move", false).await;
+}
+
+/// A session written by a gateway from before the one-key session record (`<id>.meta`,
+/// `<id>.sub.<filter>`, `<id>.q2in.<pkid>`, as those wrote them) is still read back:
+/// the device resumes it with its subscription and its inbound QoS 2 packet id awaiting
+/// PUBREL (a resend is acknowledged, not routed again), and the node that resumed it
+/// writes it again as one record (`<id>.rec`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_written_before_the_one_key_record_is_still_read() {
+    use gateway::codec::Version;
+    use gateway::store::mirror;
+    let (_nats, gw, _reg, sessions) = fleet("q2-old").await;
+    let id = "olddev";
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        - 3_600_000;
+    let old = [
+        (
+            format!("{id}.meta"),
+            mirror::session_bytes(id, Version::V311, 7200, an_hour_ago),
+        ),
+        // `old/t` escaped as the old keys were (`=2F` for the slash).
+        (
+            format!("{id}.sub.old=2Ft"),
+            mirror::sub_bytes(id, "old/t", 1, 0),
+        ),
+        (format!("{id}.q2in.5"), mirror::qos2_in_bytes(id, 5)),
+    ];
+    for (key, value) in old {
+        sessions.put(key, value.into()).await.expect("put");
+    }
+    let mut watcher = v4::connect(v4::options(gw[0].mqtt, "old-watch")).await;
+    watcher.subscribe("old/#", v4::QoS::AtMostOnce).await;
+
+    let (mut dev, present) = device(&gw[0], id).await;
+    assert!(present, "the old session was not read");
+    // Its subscription: a message to old/t reaches it.
+    let publisher = v4::connect(v4::options(gw[0].mqtt, "old-pub")).await;
+    publisher
+        .client
+        .publish("old/t", v4::QoS::AtLeastOnce, false, "to the old session")
+        .await
+        .expect("publish");
+    let p = expect(&mut dev, "the PUBLISH", |p| matches!(p, Packet::Publish(_))).await;
+    let Packet::Publish(p) = p else {
+        unreachable!()
+    };
+    assert_eq!(&p.payload[..], b"to the old session");
+    dev.send(&ack(0x40, p.pkid)).await;
+    let p = watcher
+        .next_publish(DEADLINE)
+        .await
+        .expect("the watcher's copy");
+    assert_eq!(&p.payload[..], b"to the old session");
+    // Its inbound QoS 2 id 5: the resend is acknowledged, not routed; PUBREL completes.
+    let mut again = Raw::publish_v4("old/q2", 2, 5, b"once");
+    again[0] |= 0x08;
+    dev.send(&again).await;
+    expect(
+        &mut dev,
+        "PUBREC 5",
+        |p| matches!(p, Packet::PubRec(r) if r.pkid == 5),
+    )
+    .await;
+    dev.send(&ack(0x62, 5)).await;
+    expect(
+        &mut dev,
+        "PUBCOMP 5",
+        |p| matches!(p, Packet::PubComp(c) if c.pkid == 5),
+    )
+    .await;
+    dev.send(&Raw::publish_v4("old/after", 1, 6, b"after"))
+        .await;
+    let p = watcher
+        .next_publish(DEADLINE)
+        .await
+        .expect("the next message");
+    assert_eq!(
+        &p.payload[..],
+        b"after",
+        "the QoS 2 resend was routed again"
+    );
+    // Written again as one record, with its subscription.
+    wait_bucket(&sessions, &format!("{id}.rec"), |v| {
+        mirror::parse_fleet_record(v, id).is_some_and(|r| {
+            r.subs.len() == 1 && &*r.subs[0].0 == "old/t" && r.inbound_qos2.is_empty()
+        })
+    })
+    .await;
 }

@@ -268,7 +268,7 @@ async fn a_node_started_again_does_not_bring_back_sessions_resumed_elsewhere() {
 async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
     let js = async_nats::jetstream::new(nats.client().await);
     let kv = js.get_key_value("gateway_sessions").await.expect("bucket");
-    kv.get(format!("{client_id}.meta"))
+    kv.get(format!("{client_id}.rec"))
         .await
         .expect("get")
         .is_some()

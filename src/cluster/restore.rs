@@ -1,7 +1,7 @@
 //! Reading a session back from the fleet (`sessions`): for a CONNECT that resumes a
 //! session this node does not hold, after its authentication (`FleetStep`), the node
-//! that holds it lets it go first (`handover`), then its record, subscriptions and
-//! queued messages are read with direct gets (no consumer); a clean start purges the
+//! that holds it lets it go first (`handover`), then its record (with its subscriptions)
+//! and queued messages are read with direct gets (no consumer); a clean start purges the
 //! fleet's copy instead.
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream;
 
-use crate::store::mirror;
+use crate::store::mirror::{self, FleetRecord};
 use crate::store::{StoredMessage, StoredSession};
 
 use crate::store::now_ms;
@@ -22,46 +22,67 @@ impl SessionStore {
     /// sequences as `seq`; the shard that adopts them gives them its own and tells the
     /// mirror which is which (`Op::Adopted`, `shard/adopt.rs`).
     pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
-        let meta = match self
-            .kv
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("session record: {e}")),
+        let Some(record) = self.load_record(client_id).await? else {
+            return Ok(None);
         };
-        let Some((version, expiry_secs, offline_since_ms)) =
-            mirror::parse_session(&meta.payload, client_id)
-        else {
-            return Err("the session record does not decode".into());
-        };
-        if expired(expiry_secs, offline_since_ms) {
+        if expired(record.expiry_secs, record.offline_since_ms) {
             self.purge(client_id).await?;
             return Ok(None);
         }
-        let subs = self.load_subs(client_id).await?;
         let (mut messages, js_seqs) = self.load_messages(client_id).await?;
-        let inbound_qos2 = self.load_qos2(client_id, &mut messages, &js_seqs).await?;
+        self.load_qos2_out(client_id, &mut messages, &js_seqs)
+            .await?;
         Ok(Some(StoredSession {
+            client_id: record.client_id,
+            version: record.version,
+            expiry_secs: record.expiry_secs,
+            offline_since_ms: record.offline_since_ms,
+            subs: record.subs,
+            messages,
+            inbound_qos2: record.inbound_qos2,
+        }))
+    }
+
+    /// The session's record with its subscriptions and inbound QoS 2 ids: one direct get
+    /// (`<id>.rec`), or, for a session written before the one-key record, the old
+    /// record (`<id>.meta`, asked at the same time) and listings of its other keys.
+    async fn load_record(&self, client_id: &str) -> Result<Option<FleetRecord>, String> {
+        let (record, old) = futures_util::join!(
+            self.last_value(self.record_subject(client_id)),
+            self.last_value(self.old_meta_subject(client_id)),
+        );
+        if let Some(value) = record? {
+            return mirror::parse_fleet_record(&value, client_id)
+                .map(Some)
+                .ok_or_else(|| "the session record does not decode".into());
+        }
+        let Some(old) = old? else { return Ok(None) };
+        let Some((version, expiry_secs, offline_since_ms)) = mirror::parse_session(&old, client_id)
+        else {
+            return Err("the session record does not decode".into());
+        };
+        let prefix = format!("{}.{}", self.kv_prefix, key(client_id));
+        let subs = self.last_values(format!("{prefix}.sub.>")).await;
+        let subs = subs.map_err(|e| format!("subscriptions: {e}"))?;
+        Ok(Some(FleetRecord {
             client_id: Arc::from(client_id),
             version,
             expiry_secs,
             offline_since_ms,
-            subs,
-            messages,
-            inbound_qos2,
+            subs: (subs.iter())
+                .filter_map(|(_, v)| mirror::parse_sub(v, client_id))
+                .collect(),
+            inbound_qos2: self.load_old_qos2_in(client_id).await?,
         }))
     }
 
-    async fn load_subs(&self, client_id: &str) -> Result<Vec<(Arc<str>, u8, u32)>, String> {
-        let filter = format!("{}.{}.sub.>", self.kv_prefix, key(client_id));
-        let values = self.last_values(filter).await;
-        let values = values.map_err(|e| format!("subscriptions: {e}"))?;
-        Ok(values
-            .iter()
-            .filter_map(|(_, v)| mirror::parse_sub(v, client_id))
-            .collect())
+    /// The last value of key-value subject `subject`, if it has one.
+    async fn last_value(&self, subject: String) -> Result<Option<bytes::Bytes>, String> {
+        match self.kv.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(Some(m.payload)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("session record: {e}")),
+        }
     }
 
     /// The queued messages of `client_id` in order, and their stream sequences.
@@ -103,16 +124,13 @@ impl SessionStore {
         Ok((messages, seqs))
     }
 
-    /// Whether the fleet keeps a session record for `client_id`.
+    /// Whether the fleet keeps a session record for `client_id` (either form).
     pub(super) async fn kept_in_fleet(&self, client_id: &str) -> Result<bool, String> {
-        let record = (self.kv)
-            .direct_get_last_for_subject(self.meta_subject(client_id))
-            .await;
-        match record {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(false),
-            Err(e) => Err(format!("session record: {e}")),
-        }
+        let (record, old) = futures_util::join!(
+            self.last_value(self.record_subject(client_id)),
+            self.last_value(self.old_meta_subject(client_id)),
+        );
+        Ok(record?.is_some() || old?.is_some())
     }
 
     /// Purges `client_id`'s session in the fleet if there is one (a clean start here).

@@ -16,10 +16,8 @@ use super::sessions::{SessionStore, Work};
 /// One change to a session's state in JetStream, encoded on the store writer thread.
 #[derive(Clone)]
 pub(super) enum Change {
-    /// The latest value of a key-value subject (a session record or a subscription).
+    /// The latest value of a key-value subject (a session's record, a will).
     Put { subject: String, value: Bytes },
-    /// A subscription ended: its subject is purged.
-    Unsub { subject: String },
     /// The session ended: everything of the client id is purged.
     Gone { client_id: Arc<str> },
     /// At start, before a restored session is written again: everything of the client
@@ -55,7 +53,6 @@ impl Change {
     pub(super) fn cost(&self) -> u64 {
         let held = match self {
             Change::Put { subject, value } => subject.len() + value.len(),
-            Change::Unsub { subject } => subject.len(),
             Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
             Change::Msg {
                 client_id, value, ..
@@ -105,6 +102,22 @@ pub(super) fn cancel_acked(changes: Vec<Change>) -> Vec<Change> {
         .collect()
 }
 
+/// The positions in `ops` of session records that a later op of the same group writes
+/// again (a SUBSCRIBE and its device's disconnect in one commit group, say): only the
+/// last reaches NATS. Whatever lies between them (the session's end) still does.
+fn rewritten_records(ops: &[&Op]) -> std::collections::HashSet<usize> {
+    let mut last = std::collections::HashSet::new();
+    let mut rewritten = std::collections::HashSet::new();
+    for (i, op) in ops.iter().enumerate().rev() {
+        if let Op::FleetRecord(r) = op {
+            if !last.insert(&r.client_id) {
+                rewritten.insert(i);
+            }
+        }
+    }
+    rewritten
+}
+
 /// The store writer's side: turns ops into changes and queues them for the task.
 pub(super) struct SessionMirror {
     pub(super) store: Arc<SessionStore>,
@@ -116,30 +129,18 @@ impl SessionStore {
     pub(super) fn change(&self, op: &Op) -> Option<Change> {
         let s = self;
         Some(match op {
-            Op::Session {
-                client_id,
-                version,
-                expiry_secs,
-                offline_since_ms,
-            } => Change::Put {
-                subject: s.meta_subject(client_id),
-                value: mirror::session_bytes(client_id, *version, *expiry_secs, *offline_since_ms)
-                    .into(),
+            // The fleet keeps these in the session's one record (`Op::FleetRecord`).
+            Op::Session { .. }
+            | Op::Sub { .. }
+            | Op::DeleteSub { .. }
+            | Op::Qos2In { .. }
+            | Op::DeleteQos2In { .. } => return None,
+            Op::FleetRecord(r) => Change::Put {
+                subject: s.record_subject(&r.client_id),
+                value: mirror::fleet_record_bytes(r).into(),
             },
             Op::DeleteSession(client_id) => Change::Gone {
                 client_id: client_id.clone(),
-            },
-            Op::Sub {
-                client_id,
-                filter,
-                options,
-                sub_id,
-            } => Change::Put {
-                subject: s.sub_subject(client_id, filter),
-                value: mirror::sub_bytes(client_id, filter, *options, *sub_id).into(),
-            },
-            Op::DeleteSub { client_id, filter } => Change::Unsub {
-                subject: s.sub_subject(client_id, filter),
             },
             Op::Message {
                 client_id,
@@ -167,14 +168,6 @@ impl SessionStore {
                 pkid: *pkid,
                 released: *released,
             },
-            Op::Qos2In { client_id, pkid } | Op::DeleteQos2In { client_id, pkid } => Change::Put {
-                subject: s.qos2_in_subject(client_id, *pkid),
-                value: SessionStore::qos2_in_value(
-                    client_id,
-                    *pkid,
-                    matches!(op, Op::Qos2In { .. }),
-                ),
-            },
             Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
             // Adopted from the fleet's copy, which holds it already.
             Op::LocalOnly(_) => return None,
@@ -195,7 +188,11 @@ impl SessionStore {
 
 impl Mirror for SessionMirror {
     fn changes(&self, ops: &[&Op]) {
-        let changes = ops.iter().filter_map(|op| self.store.change(op)).collect();
+        let rewritten = rewritten_records(ops);
+        let changes = (ops.iter().enumerate())
+            .filter(|(i, _)| !rewritten.contains(i))
+            .filter_map(|(_, op)| self.store.change(op))
+            .collect();
         let handed = &self.store.groups_handed;
         handed.fetch_add(1, Ordering::AcqRel);
         // The task is gone only once the gateway stops: nothing more reaches NATS then.
@@ -256,5 +253,36 @@ mod tests {
             .collect();
         // b 1 was stored in an earlier group: its deletion stays.
         assert_eq!(left, ["msg a 2", "acked b 1", "msg b 2"]);
+    }
+
+    #[test]
+    fn only_the_last_record_of_a_session_in_a_group_is_written() {
+        use crate::codec::Version;
+        use crate::store::mirror::FleetRecord;
+        use crate::store::Op;
+        let record = |id: &str, expiry_secs| {
+            Op::FleetRecord(Box::new(FleetRecord {
+                client_id: Arc::from(id),
+                version: Version::V311,
+                expiry_secs,
+                offline_since_ms: 0,
+                subs: Vec::new(),
+                inbound_qos2: Vec::new(),
+            }))
+        };
+        let ops = [
+            record("a", 1),
+            record("b", 1),
+            Op::DeleteSession(Arc::from("a")),
+            record("a", 2),
+            record("a", 3),
+        ];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let rewritten = super::rewritten_records(&refs);
+        // a's first two records are rewritten by its third; b's one and the end of a's
+        // first session stay.
+        let mut positions: Vec<usize> = rewritten.into_iter().collect();
+        positions.sort_unstable();
+        assert_eq!(positions, [0, 3]);
     }
 }

@@ -3,12 +3,11 @@
 //! store does (`shard/durable.rs`), so that the node that resumes it — after a live
 //! takeover or a `kill -9` — completes each exchange exactly once.
 //!
-//! Key-value subjects in the session bucket, beside the record and the subscriptions:
-//! - `<id>.q2in.<pkid>`: an inbound QoS 2 message whose PUBREC went out. A resend of it on
-//!   the new node is acknowledged, not routed again. Its PUBREL frees the packet id with
-//!   an empty value (a put, pipelined like the others, rather than a purge that would wait
-//!   for every ack before it); at most 65,535 such keys per session.
-//! - `<id>.q2out.<stream sequence>`: an outbound QoS 2 message of the session stream that
+//! - The inbound packet ids whose PUBREC went out are in the session's record
+//!   (`<id>.rec`, `Op::FleetRecord`): a resend of such a message on the new node is
+//!   acknowledged, not routed again. (Sessions written before that record kept them as
+//!   `<id>.q2in.<pkid>` keys, still read: [`SessionStore::load_old_qos2_in`].)
+//! - `<id>.q2out.<stream sequence>`, a key-value subject in the session bucket: an outbound QoS 2 message of the session stream that
 //!   went out under a packet id, and whether our PUBREL went out. The new node sends it
 //!   again under that packet id (PUBLISH with DUP, or the PUBREL). Purged with its message.
 //!
@@ -27,23 +26,8 @@ use super::acker::Ack;
 use super::sessions::{key, Failed, Pending, SessionStore};
 
 impl SessionStore {
-    /// The subject of inbound QoS 2 packet id `pkid` of `client_id`.
-    pub(super) fn qos2_in_subject(&self, client_id: &str, pkid: u16) -> String {
-        format!("{}.{}.q2in.{pkid}", self.kv_prefix, key(client_id))
-    }
-
     fn qos2_out_subject(&self, client_id: &str, js_seq: u64) -> String {
         format!("{}.{}.q2out.{js_seq}", self.kv_prefix, key(client_id))
-    }
-
-    /// What the subject of inbound packet id `pkid` holds: the record while it is taken,
-    /// empty once it is free.
-    pub(super) fn qos2_in_value(client_id: &str, pkid: u16, taken: bool) -> Bytes {
-        if taken {
-            mirror::qos2_in_bytes(client_id, pkid).into()
-        } else {
-            Bytes::new()
-        }
     }
 
     /// The stream sequence of `client_id`'s stored message `seq`, once JetStream acked it.
@@ -130,13 +114,13 @@ impl SessionStore {
     }
 
     /// Gives `messages` (read from the stream under `js_seqs`) the packet ids they went
-    /// out under, and returns the inbound packet ids taken.
-    pub(super) async fn load_qos2(
+    /// out under.
+    pub(super) async fn load_qos2_out(
         &self,
         client_id: &str,
         messages: &mut [StoredMessage],
         js_seqs: &[u64],
-    ) -> Result<Vec<u16>, String> {
+    ) -> Result<(), String> {
         let prefix = format!("{}.{}", self.kv_prefix, key(client_id));
         // Listing subjects by a filter scans the whole bucket on nats-server 2.9: only
         // when a QoS 2 message may have gone out.
@@ -156,6 +140,13 @@ impl SessionStore {
                 m.inflight = mirror::parse_qos2_out(&value, client_id, js_seq);
             }
         }
+        Ok(())
+    }
+
+    /// The inbound packet ids taken, of a session written before the one-key record
+    /// (`<id>.q2in.<pkid>`; now in the record).
+    pub(super) async fn load_old_qos2_in(&self, client_id: &str) -> Result<Vec<u16>, String> {
+        let prefix = format!("{}.{}", self.kv_prefix, key(client_id));
         let taken = self.last_values(format!("{prefix}.q2in.>")).await;
         let taken = taken.map_err(|e| format!("QoS 2 state: {e}"))?;
         let mut inbound: Vec<u16> = taken

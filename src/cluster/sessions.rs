@@ -10,10 +10,14 @@
 //! wait for the local commit only.
 //!
 //! **Layout** (no consumer per device: restores read with direct gets):
-//! - key-value bucket `cluster.session_bucket` (stream `KV_<bucket>`): `<id>.meta` → the
-//!   session record (version, expiry, offline since), `<id>.sub.<filter>` → one
-//!   subscription, `<id>.q2in.<pkid>` / `<id>.q2out.<sequence>` its QoS 2 state
-//!   (`session_qos2`); `<id>` and `<filter>` escaped as registry keys are (`=XX`);
+//! - key-value bucket `cluster.session_bucket` (stream `KV_<bucket>`): `<id>.rec` → the
+//!   session's one record (version, expiry, offline since, its subscriptions and the
+//!   inbound QoS 2 packet ids awaiting PUBREL), rewritten whole when any of them changes
+//!   (`Op::FleetRecord`), so that reading it back is one direct get: listing subjects by
+//!   a filter costs nats-server 2.9 a scan of the whole bucket; `<id>.q2out.<sequence>`
+//!   the outbound QoS 2 state of a queued message (`session_qos2`); `<id>` escaped as
+//!   registry keys are (`=XX`). Sessions written before the one-key record (`<id>.meta`,
+//!   `<id>.sub.<filter>`, `<id>.q2in.<pkid>`) are still read (`restore`);
 //! - stream `cluster.session_stream`: the session's queued and unacknowledged QoS 1/2
 //!   messages on subject `<subject_prefix>.smsg.<id>`, in delivery order. An acknowledged
 //!   message is deleted by its stream sequence (kept here in memory per stored message);
@@ -211,13 +215,14 @@ impl SessionStore {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn meta_subject(&self, client_id: &str) -> String {
-        format!("{}.{}.meta", self.kv_prefix, key(client_id))
+    /// The session's one record: session fields, subscriptions, inbound QoS 2 ids.
+    pub(super) fn record_subject(&self, client_id: &str) -> String {
+        format!("{}.{}.rec", self.kv_prefix, key(client_id))
     }
 
-    pub(super) fn sub_subject(&self, client_id: &str, filter: &str) -> String {
-        let filter = escape(filter, '=');
-        format!("{}.{}.sub.{filter}", self.kv_prefix, key(client_id))
+    /// The session record as gateways before the one-key record wrote it (read only).
+    pub(super) fn old_meta_subject(&self, client_id: &str) -> String {
+        format!("{}.{}.meta", self.kv_prefix, key(client_id))
     }
 
     pub(super) fn msg_subject(&self, client_id: &str) -> String {
@@ -251,21 +256,22 @@ impl SessionStore {
     /// A session restored from the local store, written to the fleet again.
     fn again(&self, s: &StoredSession) -> Vec<Change> {
         let id = &s.client_id;
-        let mut changes = Vec::with_capacity(2 + s.subs.len() + s.messages.len());
+        let mut changes = Vec::with_capacity(2 + s.messages.len());
         changes.push(Change::Reset {
             client_id: id.clone(),
         });
-        let record = mirror::session_bytes(id, s.version, s.expiry_secs, s.offline_since_ms);
+        let record = mirror::FleetRecord {
+            client_id: id.clone(),
+            version: s.version,
+            expiry_secs: s.expiry_secs,
+            offline_since_ms: s.offline_since_ms,
+            subs: s.subs.clone(),
+            inbound_qos2: s.inbound_qos2.clone(),
+        };
         changes.push(Change::Put {
-            subject: self.meta_subject(id),
-            value: record.into(),
+            subject: self.record_subject(id),
+            value: mirror::fleet_record_bytes(&record).into(),
         });
-        for (filter, options, sub_id) in &s.subs {
-            changes.push(Change::Put {
-                subject: self.sub_subject(id, filter),
-                value: mirror::sub_bytes(id, filter, *options, *sub_id).into(),
-            });
-        }
         for m in &s.messages {
             changes.push(Change::Msg {
                 client_id: id.clone(),
@@ -396,12 +402,6 @@ impl SessionStore {
                         self.qos2_out_done(&client_id, seq, js_seq).await?;
                         deletes.push(js_seq);
                     }
-                }
-                Change::Unsub { subject } => {
-                    self.barrier(acks, &mut pending).await?;
-                    self.flush_deletes(&mut deletes).await?;
-                    let purged = self.kv.purge().filter(subject).await;
-                    purged.map_err(|e| (Arc::from("-"), e.to_string()))?;
                 }
                 Change::Reset { client_id } => {
                     self.barrier(acks, &mut pending).await?;

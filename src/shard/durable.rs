@@ -83,14 +83,37 @@ impl Shard {
         }
         self.set_stored(skey, true);
         let s = &self.sessions[skey];
+        let offline_since_ms = if online { 0 } else { now_ms().max(1) };
         let op = Op::Session {
             client_id: s.client_id.clone(),
             version: s.version,
             expiry_secs: s.expiry_secs,
-            offline_since_ms: if online { 0 } else { now_ms().max(1) },
+            offline_since_ms,
         };
         self.store_op(op);
+        self.store_fleet_record(skey, offline_since_ms);
         Record::Persistent
+    }
+
+    /// With the fleet's sessions on: the persistent session's whole record for the
+    /// fleet (`Op::FleetRecord`), after any change to its record, subscriptions or
+    /// inbound QoS 2 ids (once per SUBSCRIBE or UNSUBSCRIBE packet). One key, rewritten
+    /// whole: a session has few subscriptions, and reading it back on another node is
+    /// then one direct get. `offline_since_ms`: 0 while connected.
+    pub(in crate::shard) fn store_fleet_record(&mut self, skey: usize, offline_since_ms: u64) {
+        if self.services.sessions.is_none() || !self.persistent(skey) {
+            return;
+        }
+        let s = &self.sessions[skey];
+        let record = crate::store::mirror::FleetRecord {
+            client_id: s.client_id.clone(),
+            version: s.version,
+            expiry_secs: s.expiry_secs,
+            offline_since_ms,
+            subs: s.subs.clone(),
+            inbound_qos2: (s.extra.as_ref()).map_or_else(Vec::new, |st| st.inbound_qos2.clone()),
+        };
+        self.store_op(Op::FleetRecord(Box::new(record)));
     }
 
     /// The will of session `skey`'s connection while `online`; none once offline.
@@ -262,6 +285,8 @@ impl Shard {
         } else {
             Op::DeleteQos2In { client_id, pkid }
         });
+        // Inbound QoS 2 ids change only while the device is connected.
+        self.store_fleet_record(skey, 0);
     }
 
     /// A retained message (or its deletion): written by the topic's home shard only, as
@@ -327,7 +352,9 @@ impl Shard {
             s.expiry_secs = stored.expiry_secs;
             s.subs.reserve_exact(stored.subs.len());
             for (filter, options, sub_id) in stored.subs {
-                self.sessions[skey].subs.push((filter.clone(), options));
+                self.sessions[skey]
+                    .subs
+                    .push((filter.clone(), options, sub_id));
                 self.count_subscription(&filter, true);
                 self.attach_subscription(
                     skey,

@@ -121,7 +121,7 @@ impl Shard {
         let subscriptions = self.sessions[skey]
             .subs
             .iter()
-            .map(|(f, o)| SubscriptionInfo {
+            .map(|(f, o, _)| SubscriptionInfo {
                 filter: f.to_string(),
                 qos: o & 3,
             })

@@ -279,7 +279,7 @@ impl Shard {
             self.sessions[skey as usize]
                 .subs
                 .iter()
-                .any(|(f, _)| f.strip_prefix("$share/") == Some(&*d.key))
+                .any(|(f, ..)| f.strip_prefix("$share/") == Some(&*d.key))
         });
         let Some(skey) = member else {
             self.bounce(d.key, d.client_id, d.msg, d.attempts.saturating_add(1));

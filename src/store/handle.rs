@@ -98,6 +98,11 @@ pub enum Op {
         local_and_stream: Vec<(u64, u64)>,
         qos2_out: Vec<u64>,
     },
+    /// For the fleet's mirror only (not written to the local file): the session's whole
+    /// record, subscriptions and inbound QoS 2 ids, written as one key whenever any of
+    /// them changes (`crate::cluster::sessions`). The local file keeps them as rows
+    /// (`Session`, `Sub`, `Qos2In`), which the fleet no longer reads.
+    FleetRecord(Box<super::mirror::FleetRecord>),
 }
 
 /// A push answer that waits until its messages are durable.
@@ -130,9 +135,13 @@ impl Batch {
 }
 
 impl Op {
-    /// Whether the op changes the local file (all but the fleet's own `Op::Will`).
+    /// Whether the op changes the local file (all but the fleet's own ops: `Will`,
+    /// `Adopted`, `FleetRecord`).
     pub fn is_local(&self) -> bool {
-        !matches!(self.inner(), Op::Will { .. } | Op::Adopted { .. })
+        !matches!(
+            self.inner(),
+            Op::Will { .. } | Op::Adopted { .. } | Op::FleetRecord(_)
+        )
     }
 
     /// The op itself, out of any [`Op::LocalOnly`].
@@ -168,6 +177,9 @@ impl Op {
             Op::DeleteRetained(topic) => topic.len(),
             Op::Will { client_id, will } => {
                 client_id.len() + will.as_ref().map_or(0, |w| w.topic.len() + w.payload.len())
+            }
+            Op::FleetRecord(r) => {
+                r.client_id.len() + r.subs.iter().map(|s| s.0.len() + 8).sum::<usize>()
             }
             Op::LocalOnly(op) => return op.cost(),
         };

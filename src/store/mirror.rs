@@ -17,8 +17,9 @@ use crate::message::Message;
 use super::handle::{DeferredReply, Op};
 use super::open::StoredSession;
 use super::records::{
-    decode_message, decode_qos2_in, decode_qos2_out, decode_session, decode_sub, encode_message,
-    encode_qos2_in, encode_qos2_out, encode_session, encode_sub, put_bytes,
+    decode_fleet_record, decode_message, decode_qos2_in, decode_qos2_out, decode_session,
+    decode_sub, encode_fleet_record, encode_message, encode_qos2_in, encode_qos2_out,
+    encode_session, encode_sub, put_bytes,
 };
 
 /// Where the writer hands each commit group's changes, as it commits them. Called on the
@@ -46,6 +47,33 @@ pub fn session_bytes(client_id: &str, v: Version, expiry_secs: u32, offline_ms: 
 pub fn parse_session(b: &[u8], client_id: &str) -> Option<(Version, u32, u64)> {
     let r = decode_session(b, client_id).ok()?;
     Some((r.version, r.expiry_secs, r.offline_since_ms))
+}
+
+/// A session as the fleet keeps it, in one key: its record, its subscriptions (filter,
+/// options, identifier) and the inbound QoS 2 packet ids awaiting PUBREL. One key, so
+/// that reading a session back is one direct get, not a listing of subjects (which
+/// nats-server 2.9 answers by scanning the whole bucket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetRecord {
+    pub client_id: Arc<str>,
+    pub version: Version,
+    pub expiry_secs: u32,
+    /// Wall clock ms at which it went offline; 0 while online.
+    pub offline_since_ms: u64,
+    pub subs: Vec<(Arc<str>, u8, u32)>,
+    pub inbound_qos2: Vec<u16>,
+}
+
+/// A fleet record, checksummed with its client id.
+pub fn fleet_record_bytes(r: &FleetRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + r.subs.iter().map(|s| s.0.len() + 9).sum::<usize>());
+    encode_fleet_record(&mut out, r);
+    out
+}
+
+/// A fleet record of `client_id` written by [`fleet_record_bytes`].
+pub fn parse_fleet_record(b: &[u8], client_id: &str) -> Option<FleetRecord> {
+    decode_fleet_record(b, client_id).ok()
 }
 
 /// A subscription of `client_id`: the filter (length-prefixed), then its record.
@@ -179,5 +207,37 @@ mod tests {
         assert!(parse_qos2_in(&qos2_in_bytes("dev-1", 9), "dev-1", 9));
         assert!(!parse_qos2_in(&qos2_in_bytes("dev-1", 9), "dev-1", 8));
         assert!(!parse_qos2_in(b"", "dev-1", 9), "an empty value frees it");
+    }
+
+    #[test]
+    fn a_fleet_record_reads_back_whole_and_only_as_itself() {
+        let r = FleetRecord {
+            client_id: Arc::from("dev-1"),
+            version: Version::V5,
+            expiry_secs: 3600,
+            offline_since_ms: 1234,
+            subs: vec![(Arc::from("a/+/#"), 1, 7), (Arc::from("$share/g/b"), 2, 0)],
+            inbound_qos2: vec![3, 65535],
+        };
+        let b = fleet_record_bytes(&r);
+        assert_eq!(parse_fleet_record(&b, "dev-1"), Some(r.clone()));
+        assert_eq!(
+            parse_fleet_record(&b, "dev-2"),
+            None,
+            "sealed with its client id"
+        );
+        for cut in [0, 5, b.len() - 1] {
+            assert_eq!(parse_fleet_record(&b[..cut], "dev-1"), None, "cut at {cut}");
+        }
+        // A session record of the same client id is not a fleet record.
+        let plain = session_bytes("dev-1", Version::V5, 3600, 1234);
+        assert_eq!(parse_fleet_record(&plain, "dev-1"), None);
+        let empty = FleetRecord {
+            subs: Vec::new(),
+            inbound_qos2: Vec::new(),
+            ..r
+        };
+        let b = fleet_record_bytes(&empty);
+        assert_eq!(parse_fleet_record(&b, "dev-1"), Some(empty));
     }
 }

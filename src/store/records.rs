@@ -140,7 +140,10 @@ pub(super) fn decode_session(b: &[u8], client_id: &str) -> Result<SessionRecord,
 }
 
 fn session_body(b: &[u8]) -> Option<SessionRecord> {
-    let mut r = Reader(b);
+    session_fields(&mut Reader(b))
+}
+
+fn session_fields(r: &mut Reader<'_>) -> Option<SessionRecord> {
     let version = match r.u8()? {
         3 => Version::V31,
         4 => Version::V311,
@@ -152,6 +155,67 @@ fn session_body(b: &[u8]) -> Option<SessionRecord> {
         expiry_secs: r.u32()?,
         offline_since_ms: r.u64()?,
     })
+}
+
+/// The key a fleet record's checksum covers besides the client id, so that a session
+/// record (`encode_session`) never passes for one.
+const FLEET_RECORD_KEY: &[u8] = b"fleet";
+
+/// A session's whole record in the fleet (`mirror::FleetRecord`): the session record's
+/// fields, its subscriptions (filter, options, identifier) and the inbound QoS 2 packet
+/// ids awaiting PUBREL, under one checksum.
+pub(super) fn encode_fleet_record(out: &mut Vec<u8>, r: &super::mirror::FleetRecord) {
+    begin(out);
+    out.push(version_byte(r.version));
+    out.extend_from_slice(&r.expiry_secs.to_le_bytes());
+    out.extend_from_slice(&r.offline_since_ms.to_le_bytes());
+    out.extend_from_slice(&(r.subs.len() as u32).to_le_bytes());
+    for (filter, options, id) in &r.subs {
+        put_bytes(out, filter.as_bytes());
+        out.push(*options);
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out.extend_from_slice(&(r.inbound_qos2.len() as u32).to_le_bytes());
+    for pkid in &r.inbound_qos2 {
+        out.extend_from_slice(&pkid.to_le_bytes());
+    }
+    seal(out, &[r.client_id.as_bytes(), FLEET_RECORD_KEY]);
+}
+
+pub(super) fn decode_fleet_record(
+    b: &[u8],
+    client_id: &str,
+) -> Result<super::mirror::FleetRecord, RecordError> {
+    let b = body(b, &[client_id.as_bytes(), FLEET_RECORD_KEY])?;
+    let mut r = Reader(b);
+    let mut decode = || {
+        let SessionRecord {
+            version,
+            expiry_secs,
+            offline_since_ms,
+        } = session_fields(&mut r)?;
+        let n = r.u32()? as usize;
+        // Bounded by what is there: each subscription takes at least 9 bytes.
+        let mut subs = Vec::with_capacity(n.min(r.0.len() / 9));
+        for _ in 0..n {
+            let filter = std::str::from_utf8(r.bytes()?).ok()?;
+            subs.push((Arc::from(filter), r.u8()?, r.u32()?));
+        }
+        let n = r.u32()? as usize;
+        let mut inbound_qos2 = Vec::with_capacity(n.min(r.0.len() / 2));
+        for _ in 0..n {
+            inbound_qos2.push(u16::from_le_bytes(r.take(2)?.try_into().ok()?));
+        }
+        r.0.is_empty().then_some(super::mirror::FleetRecord {
+            client_id: Arc::from(client_id),
+            version,
+            expiry_secs,
+            offline_since_ms,
+            subs,
+            inbound_qos2,
+        })
+    };
+    decode().ok_or(RecordError::Undecodable)
 }
 
 /// A `qos2_out` value: the packet id and whether PUBREL went out.

@@ -466,7 +466,7 @@ impl Tables<'_> {
                 self.qos2_in.insert((&**client_id, *pkid), buf.as_slice())?;
             }
             // The fleet's only (`crate::cluster::session_will`, `sessions`).
-            Op::Will { .. } | Op::Adopted { .. } => {}
+            Op::Will { .. } | Op::Adopted { .. } | Op::FleetRecord(_) => {}
             Op::LocalOnly(_) => unreachable!("Op::inner takes it off"),
             Op::DeleteQos2In { client_id, pkid } => {
                 self.qos2_in.remove((&**client_id, *pkid))?;

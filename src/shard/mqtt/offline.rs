@@ -139,7 +139,7 @@ impl Shard {
         }
         self.store_session_ended(&s);
         let mut groups: Vec<Arc<str>> = Vec::new();
-        for (filter, _) in &s.subs {
+        for (filter, ..) in &s.subs {
             self.count_subscription(filter, false);
             match filter.strip_prefix("$share/") {
                 Some(key) => groups.push(Arc::from(key)),

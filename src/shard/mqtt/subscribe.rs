@@ -27,11 +27,13 @@ impl Shard {
         let mut wanted_retained = Vec::new();
         let mut quota_logged = false;
         let mut granted = Vec::new();
+        let mut any_granted = false;
         for f in filters {
             match self.subscribe_one(key, skey, &f, sub_id, &mut quota_logged) {
                 SubStep::Closed => return false,
                 SubStep::Refused(code) => codes.push(code),
                 SubStep::Granted { qos, retained } => {
+                    any_granted = true;
                     codes.push(qos);
                     self.note_granted(&mut granted, &f.filter, qos);
                     if let Some(filter) = retained {
@@ -44,6 +46,10 @@ impl Shard {
             codec::encode_suback(out, v, pkid, &codes)
         });
         self.services.metrics.packet_out(packet::SUBACK);
+        if any_granted {
+            // Subscriptions change only while the device is connected.
+            self.store_fleet_record(skey, 0);
+        }
         self.emit_subscribed(skey, granted);
         for (filter, qos) in wanted_retained {
             self.send_retained(skey, &filter, qos, sub_id);
@@ -90,7 +96,7 @@ impl Shard {
             | ((f.retain_handling & 3) << 4)
             | acl_bits;
         let Some((filter, existed)) =
-            self.record_subscription(skey, &f.filter, options, quota_logged)
+            self.record_subscription(skey, &f.filter, (options, sub_id), quota_logged)
         else {
             // MQTT 5 0x97 Quota exceeded; encode_suback sends 0x80 to 3.1.1 clients.
             return SubStep::Refused(reason::QUOTA_EXCEEDED);
@@ -134,21 +140,21 @@ impl Shard {
         Ok(shared)
     }
 
-    /// Records `filter` with `options` in session `skey`: updated if it is there, added
+    /// Records `filter` with its options and identifier in session `skey`: updated if it is there, added
     /// if the quota allows (`max_subscriptions_per_client`; a refusal is logged once per
     /// SUBSCRIBE). The session's copy of the filter, and whether it was there already.
     fn record_subscription(
         &mut self,
         skey: usize,
         filter: &str,
-        options: u8,
+        (options, sub_id): (u8, u32),
         quota_logged: &mut bool,
     ) -> Option<(Arc<str>, bool)> {
         let max = self.settings.max_subscriptions;
         let s = &mut self.sessions[skey];
-        if let Some(i) = s.subs.iter().position(|(fl, _)| **fl == *filter) {
-            s.subs[i].1 = options;
-            return Some((s.subs[i].0.clone(), true));
+        if let Some(sub) = s.subs.iter_mut().find(|(fl, ..)| **fl == *filter) {
+            (sub.1, sub.2) = (options, sub_id);
+            return Some((sub.0.clone(), true));
         }
         if s.subs.len() >= max {
             if !*quota_logged {
@@ -160,7 +166,7 @@ impl Shard {
         let a: Arc<str> = Arc::from(filter);
         // Most devices subscribe once: no spare capacity (Vec would take 4).
         s.subs.reserve_exact(1);
-        s.subs.push((a.clone(), options));
+        s.subs.push((a.clone(), options, sub_id));
         self.count_subscription(&a, true);
         Some((a, false))
     }
@@ -209,7 +215,7 @@ impl Shard {
     /// hands the group's messages still queued for the session back to the group.
     pub(in crate::shard) fn unsubscribe(&mut self, skey: usize, filter: &str) -> bool {
         let s = &mut self.sessions[skey];
-        let Some(i) = s.subs.iter().position(|(f, _)| &**f == filter) else {
+        let Some(i) = s.subs.iter().position(|(f, ..)| &**f == filter) else {
             return false;
         };
         s.subs.swap_remove(i);
@@ -266,6 +272,9 @@ impl Shard {
             codec::encode_unsuback(out, v, pkid, &codes)
         });
         self.services.metrics.packet_out(packet::UNSUBACK);
+        if codes.contains(&0) {
+            self.store_fleet_record(skey, 0);
+        }
         self.emit_unsubscribed(skey, filters, &codes);
     }
 }
