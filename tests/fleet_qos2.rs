@@ -322,4 +322,14 @@ async fn a_session_written_before_the_one_key_record_is_still_read() {
         })
     })
     .await;
+    // A clean start on node B ends the session: its record is emptied, which hides the
+    // older keys left beside it, so it is not resumed from them afterwards.
+    drop(dev);
+    let mut clean = Raw::connect(gw[1].mqtt).await;
+    clean.send(&Raw::connect_v4(id, 60, true)).await;
+    expect(&mut clean, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await;
+    clean.send(&[0xE0, 0]).await;
+    wait_bucket(&sessions, &format!("{id}.rec"), <[u8]>::is_empty).await;
+    let (_dev, present) = device(&gw[1], id).await;
+    assert!(!present, "the ended session came back from its older keys");
 }

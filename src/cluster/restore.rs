@@ -47,16 +47,15 @@ impl SessionStore {
     /// (`<id>.rec`), or, for a session written before the one-key record, the old
     /// record (`<id>.meta`, asked at the same time) and listings of its other keys.
     async fn load_record(&self, client_id: &str) -> Result<Option<FleetRecord>, String> {
-        let (record, old) = futures_util::join!(
-            self.last_value(self.record_subject(client_id)),
-            self.last_value(self.old_meta_subject(client_id)),
-        );
-        if let Some(value) = record? {
-            return mirror::parse_fleet_record(&value, client_id)
-                .map(Some)
-                .ok_or_else(|| "the session record does not decode".into());
-        }
-        let Some(old) = old? else { return Ok(None) };
+        let old = match self.kept(client_id).await? {
+            Kept::Nothing => return Ok(None),
+            Kept::Record(value) => {
+                return mirror::parse_fleet_record(&value, client_id)
+                    .map(Some)
+                    .ok_or_else(|| "the session record does not decode".into());
+            }
+            Kept::Old(old) => old,
+        };
         let Some((version, expiry_secs, offline_since_ms)) = mirror::parse_session(&old, client_id)
         else {
             return Err("the session record does not decode".into());
@@ -76,6 +75,20 @@ impl SessionStore {
         }))
     }
 
+    /// Which record the fleet keeps for `client_id`: both forms asked at once.
+    async fn kept(&self, client_id: &str) -> Result<Kept, String> {
+        let (record, old) = futures_util::join!(
+            self.last_value(self.record_subject(client_id)),
+            self.last_value(self.old_meta_subject(client_id)),
+        );
+        Ok(match (record?, old?) {
+            (Some(record), _) if record.is_empty() => Kept::Nothing,
+            (Some(record), _) => Kept::Record(record),
+            (None, Some(old)) => Kept::Old(old),
+            (None, None) => Kept::Nothing,
+        })
+    }
+
     /// The last value of key-value subject `subject`, if it has one.
     async fn last_value(&self, subject: String) -> Result<Option<bytes::Bytes>, String> {
         match self.kv.direct_get_last_for_subject(subject).await {
@@ -90,31 +103,20 @@ impl SessionStore {
         &self,
         client_id: &str,
     ) -> Result<(Vec<StoredMessage>, Vec<u64>), String> {
-        let subject = self.msg_subject(client_id);
-        let (mut messages, mut seqs, mut next) = (Vec::new(), Vec::new(), 1);
-        loop {
-            let got = self
-                .msgs
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await;
-            let m = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(format!("queued message: {e}")),
-            };
-            next = m.sequence + 1;
-            let Some((msg, qos)) = mirror::parse_message(&m.payload, client_id) else {
+        let (mut messages, mut seqs) = (Vec::new(), Vec::new());
+        for (sequence, payload) in self.stream_messages(client_id).await? {
+            let Some((msg, qos)) = mirror::parse_message(&payload, client_id) else {
                 tracing::warn!(
                     client_id,
-                    sequence = m.sequence,
+                    sequence,
                     "cluster: a queued message in JetStream does not decode; skipped"
                 );
                 continue;
             };
-            seqs.push(m.sequence);
+            seqs.push(sequence);
             messages.push(StoredMessage {
                 // The stream sequence, until the shard that adopts it gives it its own.
-                seq: m.sequence,
+                seq: sequence,
                 msg: Arc::new(msg),
                 qos,
                 retain: false,
@@ -124,13 +126,32 @@ impl SessionStore {
         Ok((messages, seqs))
     }
 
+    /// The messages of `client_id`'s subject in the stream, in order, with their stream
+    /// sequences: one direct get each (and one that finds none).
+    pub(super) async fn stream_messages(
+        &self,
+        client_id: &str,
+    ) -> Result<Vec<(u64, bytes::Bytes)>, String> {
+        let subject = self.msg_subject(client_id);
+        let (mut found, mut next) = (Vec::new(), 1);
+        loop {
+            let got = (self.msgs)
+                .direct_get_next_for_subject(subject.clone(), Some(next))
+                .await;
+            match got {
+                Ok(m) => {
+                    next = m.sequence + 1;
+                    found.push((m.sequence, m.payload));
+                }
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(found),
+                Err(e) => return Err(format!("queued message: {e}")),
+            }
+        }
+    }
+
     /// Whether the fleet keeps a session record for `client_id` (either form).
     pub(super) async fn kept_in_fleet(&self, client_id: &str) -> Result<bool, String> {
-        let (record, old) = futures_util::join!(
-            self.last_value(self.record_subject(client_id)),
-            self.last_value(self.old_meta_subject(client_id)),
-        );
-        Ok(record?.is_some() || old?.is_some())
+        Ok(!matches!(self.kept(client_id).await?, Kept::Nothing))
     }
 
     /// Purges `client_id`'s session in the fleet if there is one (a clean start here).
@@ -178,6 +199,17 @@ impl SessionStore {
             () = away => Err("NATS is unreachable".into()),
         }
     }
+}
+
+/// Which record the fleet keeps for a session.
+enum Kept {
+    /// None, or an emptied one: the session ended (a record of the older form beside
+    /// it is stale; `SessionStore::purge` leaves those).
+    Nothing,
+    /// `<id>.rec`.
+    Record(bytes::Bytes),
+    /// Only a record of the older form, `<id>.meta`.
+    Old(bytes::Bytes),
 }
 
 /// Whether a session offline since `offline_since_ms` (0: it was online) has expired.

@@ -26,7 +26,7 @@ use super::acker::Ack;
 use super::sessions::{key, Failed, Pending, SessionStore};
 
 impl SessionStore {
-    fn qos2_out_subject(&self, client_id: &str, js_seq: u64) -> String {
+    pub(super) fn qos2_out_subject(&self, client_id: &str, js_seq: u64) -> String {
         format!("{}.{}.q2out.{js_seq}", self.kv_prefix, key(client_id))
     }
 
@@ -65,14 +65,15 @@ impl SessionStore {
         )))
     }
 
-    /// `client_id`'s message `seq` (stream sequence `js_seq`) is finished: its QoS 2
-    /// state, if it had one, is purged (the caller has everything before acked).
-    pub(super) async fn qos2_out_done(
+    /// `client_id`'s message `seq` (stream sequence `js_seq`) is finished: the subject
+    /// of its QoS 2 state, if it had one, to empty (a put, not a purge by subject, which
+    /// nats-server 2.9 answers by scanning the bucket).
+    pub(super) fn qos2_out_done(
         &self,
         client_id: &Arc<str>,
         seq: u64,
         js_seq: u64,
-    ) -> Result<(), Failed> {
+    ) -> Option<String> {
         let had = {
             let mut seqs = self.seqs();
             let of = seqs.qos2_out.get_mut(client_id);
@@ -82,13 +83,7 @@ impl SessionStore {
             }
             had
         };
-        if !had {
-            return Ok(());
-        }
-        let subject = self.qos2_out_subject(client_id, js_seq);
-        let purged = self.kv.purge().filter(subject).await;
-        purged.map_err(|e| (client_id.clone(), e.to_string()))?;
-        Ok(())
+        had.then(|| self.qos2_out_subject(client_id, js_seq))
     }
 
     /// The last value of every key-value subject matching `filter`.

@@ -218,10 +218,10 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Removes this node's take-in mark for `client_id` (its claim lost).
+    /// Empties this node's take-in mark for `client_id` (its claim lost): a put, not a
+    /// purge by subject (which nats-server 2.9 answers by scanning the bucket).
     async fn unmark(&self, client_id: &str) {
-        let subject = mark_subject(&self.kv_prefix, client_id, &self.link.node);
-        let _ = self.kv.purge().filter(subject).await;
+        let _ = self.mark(client_id, "").await;
     }
 
     /// Waits (at most half the request timeout, so that a handover asked meanwhile can
