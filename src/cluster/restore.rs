@@ -29,9 +29,8 @@ impl SessionStore {
             self.purge(client_id).await?;
             return Ok(None);
         }
-        let (mut messages, js_seqs) = self.load_messages(client_id).await?;
-        self.load_qos2_out(client_id, &mut messages, &js_seqs)
-            .await?;
+        let mut messages = self.load_messages(client_id).await?;
+        self.load_qos2_out(client_id, &mut messages).await?;
         Ok(Some(StoredSession {
             client_id: record.client_id,
             version: record.version,
@@ -98,12 +97,9 @@ impl SessionStore {
         }
     }
 
-    /// The queued messages of `client_id` in order, and their stream sequences.
-    async fn load_messages(
-        &self,
-        client_id: &str,
-    ) -> Result<(Vec<StoredMessage>, Vec<u64>), String> {
-        let (mut messages, mut seqs) = (Vec::new(), Vec::new());
+    /// The queued messages of `client_id` in order, under their stream sequences.
+    async fn load_messages(&self, client_id: &str) -> Result<Vec<StoredMessage>, String> {
+        let mut messages = Vec::new();
         for (sequence, payload) in self.stream_messages(client_id).await? {
             let Some((msg, qos)) = mirror::parse_message(&payload, client_id) else {
                 tracing::warn!(
@@ -113,7 +109,6 @@ impl SessionStore {
                 );
                 continue;
             };
-            seqs.push(sequence);
             messages.push(StoredMessage {
                 // The stream sequence, until the shard that adopts it gives it its own.
                 seq: sequence,
@@ -123,7 +118,7 @@ impl SessionStore {
                 inflight: None,
             });
         }
-        Ok((messages, seqs))
+        Ok(messages)
     }
 
     /// The messages of `client_id`'s subject in the stream, in order, with their stream

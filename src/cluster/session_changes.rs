@@ -16,8 +16,10 @@ use super::sessions::{SessionStore, Work};
 /// One change to a session's state in JetStream, encoded on the store writer thread.
 #[derive(Clone)]
 pub(super) enum Change {
-    /// The latest value of a key-value subject (a session's record, a will).
+    /// The latest value of a key-value subject (a will, the node's will list).
     Put { subject: String, value: Bytes },
+    /// The session's record (`<id>.rec`, `Op::FleetRecord`).
+    Record { client_id: Arc<str>, value: Bytes },
     /// The session ended: everything of the client id is purged.
     Gone { client_id: Arc<str> },
     /// At start, before a restored session is written again: everything of the client
@@ -53,6 +55,7 @@ impl Change {
     pub(super) fn cost(&self) -> u64 {
         let held = match self {
             Change::Put { subject, value } => subject.len() + value.len(),
+            Change::Record { client_id, value } => client_id.len() + value.len(),
             Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
             Change::Msg {
                 client_id, value, ..
@@ -135,8 +138,8 @@ impl SessionStore {
             | Op::DeleteSub { .. }
             | Op::Qos2In { .. }
             | Op::DeleteQos2In { .. } => return None,
-            Op::FleetRecord(r) => Change::Put {
-                subject: s.record_subject(&r.client_id),
+            Op::FleetRecord(r) => Change::Record {
+                client_id: r.client_id.clone(),
                 value: mirror::fleet_record_bytes(r).into(),
             },
             Op::DeleteSession(client_id) => Change::Gone {

@@ -9,7 +9,8 @@
 //!   `<id>.q2in.<pkid>` keys, still read: [`SessionStore::load_old_qos2_in`].)
 //! - `<id>.q2out.<stream sequence>`, a key-value subject in the session bucket: an outbound QoS 2 message of the session stream that
 //!   went out under a packet id, and whether our PUBREL went out. The new node sends it
-//!   again under that packet id (PUBLISH with DUP, or the PUBREL). Purged with its message.
+//!   again under that packet id (PUBLISH with DUP, or the PUBREL). Read by that key with
+//!   the session; deleted by its sequence once the message is finished.
 //!
 //! The values are the local store's checksummed records (`store::mirror`), sealed with
 //! the client id and the packet id or stream sequence.
@@ -108,34 +109,48 @@ impl SessionStore {
         Ok(values)
     }
 
-    /// Gives `messages` (read from the stream under `js_seqs`) the packet ids they went
-    /// out under.
+    /// Gives `messages` (read from the stream, `seq` still their stream sequence) the
+    /// packet ids they went out under: the key of each QoS 2 one read directly, all at
+    /// once (no listing of the bucket's subjects, which nats-server 2.9 answers by a
+    /// scan).
     pub(super) async fn load_qos2_out(
         &self,
         client_id: &str,
         messages: &mut [StoredMessage],
-        js_seqs: &[u64],
     ) -> Result<(), String> {
-        let prefix = format!("{}.{}", self.kv_prefix, key(client_id));
-        // Listing subjects by a filter scans the whole bucket on nats-server 2.9: only
-        // when a QoS 2 message may have gone out.
-        let out = match messages.iter().any(|m| m.qos == 2) {
-            true => self.last_values(format!("{prefix}.q2out.>")).await,
-            false => Ok(Vec::new()),
-        };
-        for (subject, value) in out.map_err(|e| format!("QoS 2 state: {e}"))? {
-            let Some(js_seq) = last_number::<u64>(&subject) else {
-                continue;
-            };
-            let Ok(i) = js_seqs.binary_search(&js_seq) else {
-                continue;
-            };
-            let m = &mut messages[i];
-            if m.qos == 2 {
-                m.inflight = mirror::parse_qos2_out(&value, client_id, js_seq);
+        let qos2 = messages.iter_mut().filter(|m| m.qos == 2);
+        let reads = qos2.map(|m| async {
+            let subject = self.qos2_out_subject(client_id, m.seq);
+            match self.kv.direct_get_last_for_subject(subject).await {
+                Ok(v) => {
+                    m.inflight = mirror::parse_qos2_out(&v.payload, client_id, m.seq);
+                    Ok(())
+                }
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("QoS 2 state: {e}")),
             }
+        });
+        futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Removes key-value subject `subject` from the bucket: its message deleted by
+    /// sequence. Not a purge by subject, which nats-server 2.9 answers by scanning the
+    /// bucket, nor an emptied value, which would stay one of the bucket's subjects.
+    pub(super) async fn remove_key(&self, subject: String) -> Result<(), String> {
+        let sequence = match self.kv.direct_get_last_for_subject(subject).await {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        match self.kv.delete_message(sequence).await {
+            Ok(_) => Ok(()),
+            // Replaced or removed meanwhile.
+            Err(e) if e.to_string().contains("no message found") => Ok(()),
+            Err(e) => Err(e.to_string()),
         }
-        Ok(())
     }
 
     /// The inbound packet ids taken, of a session written before the one-key record

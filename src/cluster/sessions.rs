@@ -21,7 +21,9 @@
 //! - stream `cluster.session_stream`: the session's queued and unacknowledged QoS 1/2
 //!   messages on subject `<subject_prefix>.smsg.<id>`, in delivery order. An acknowledged
 //!   message is deleted by its stream sequence (kept here in memory per stored message);
-//!   an ended session is purged by subject from both.
+//!   an ended session's messages are found by direct gets and deleted so, then its record
+//!   emptied ([`SessionStore::purge`]: no purge by subject, which nats-server 2.9 answers
+//!   by scanning the stream).
 //!
 //! The values are the local store's own checksummed records (`store::mirror`).
 //!
@@ -271,8 +273,8 @@ impl SessionStore {
             subs: s.subs.clone(),
             inbound_qos2: s.inbound_qos2.clone(),
         };
-        changes.push(Change::Put {
-            subject: self.record_subject(id),
+        changes.push(Change::Record {
+            client_id: id.clone(),
             value: mirror::fleet_record_bytes(&record).into(),
         });
         for m in &s.messages {
@@ -356,6 +358,7 @@ impl SessionStore {
         let changes = self.resets_first(cancel_acked(changes), acks).await?;
         let mut pending: Pending = Vec::new();
         let mut deletes: Vec<u64> = Vec::new();
+        let mut finished_qos2: Vec<String> = Vec::new();
         let fail = |id: &Arc<str>| {
             let id = id.clone();
             move |e: String| (id, e)
@@ -365,6 +368,10 @@ impl SessionStore {
                 Change::Put { subject, value } => {
                     self.flush_deletes(&mut deletes).await?;
                     self.put(subject, value, &mut pending).await?;
+                }
+                Change::Record { client_id, value } => {
+                    self.flush_deletes(&mut deletes).await?;
+                    self.put_record(&client_id, value, &mut pending).await?;
                 }
                 Change::Qos2Out {
                     client_id,
@@ -403,9 +410,7 @@ impl SessionStore {
                 Change::Acked { client_id, seq } => {
                     self.barrier(acks, &mut pending).await?;
                     if let Some(js_seq) = self.forget_seq(&client_id, seq) {
-                        if let Some(subject) = self.qos2_out_done(&client_id, seq, js_seq) {
-                            self.put(subject, Bytes::new(), &mut pending).await?;
-                        }
+                        finished_qos2.extend(self.qos2_out_done(&client_id, seq, js_seq));
                         deletes.push(js_seq);
                     }
                 }
@@ -426,6 +431,7 @@ impl SessionStore {
             }
         }
         self.flush_deletes(&mut deletes).await?;
+        self.remove_finished_qos2(finished_qos2).await;
         if !pending.is_empty() && acks.send(Ack::Part(pending)).await.is_err() {
             return Err((Arc::from("-"), "the mirror is stopping".into()));
         }
@@ -479,6 +485,29 @@ impl SessionStore {
         Ok(())
     }
 
+    /// Publishes `client_id`'s record. One NATS refuses as too large is written empty
+    /// instead: the fleet then keeps no session for the client id (a resume on another
+    /// node starts afresh) rather than an older record of it (older subscriptions, and
+    /// online since, which never expires), until a record of it fits again.
+    async fn put_record(
+        &self,
+        client_id: &Arc<str>,
+        value: Bytes,
+        pending: &mut Pending,
+    ) -> Result<(), Failed> {
+        let subject = self.record_subject(client_id);
+        let ack = self.publish(subject.clone(), value).await;
+        let ack = match ack.map_err(|e| (client_id.clone(), e))? {
+            Some(ack) => ack,
+            None => {
+                let empty = self.js.publish(subject, Bytes::new()).await;
+                empty.map_err(|e| (client_id.clone(), e.to_string()))?
+            }
+        };
+        pending.push((None, ack));
+        Ok(())
+    }
+
     /// Publishes `value` on `subject`; `None` when NATS refuses it for good, larger than
     /// the server's `max_payload` (a session with many long subscriptions, a message
     /// near `max_packet_size`): logged and skipped, so that one value cannot hold the
@@ -518,6 +547,17 @@ impl SessionStore {
     async fn flush_deletes(&self, deletes: &mut Vec<u64>) -> Result<(), Failed> {
         let deleted = self.delete_messages(deletes.drain(..)).await;
         deleted.map_err(|e| (Arc::from("-"), e))
+    }
+
+    /// Removes the QoS 2 keys of finished messages, all at once. One that stays (NATS
+    /// away) is only a stale key: it names a stream sequence no message has any more.
+    async fn remove_finished_qos2(&self, subjects: Vec<String>) {
+        let removed = subjects.into_iter().map(|s| self.remove_key(s));
+        for r in futures_util::future::join_all(removed).await {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "cluster: a finished QoS 2 key stays in the bucket");
+            }
+        }
     }
 
     /// Deletes the stream's messages of sequences `seqs`, all at once.
@@ -623,9 +663,10 @@ impl SessionStore {
         Ok(ours)
     }
 
-    /// Ends everything the fleet keeps for `client_id`: its record emptied (which also
-    /// hides a record of the older form, left in place), and each of its queued messages
-    /// deleted by its stream sequence, the outbound QoS 2 key of a QoS 2 one emptied.
+    /// Ends everything the fleet keeps for `client_id`: each of its queued messages
+    /// deleted by its stream sequence (and the outbound QoS 2 key of a QoS 2 one
+    /// removed), then its record emptied (which also hides a record of the older form,
+    /// left in place).
     ///
     /// No purge by subject: nats-server 2.9 answers one by scanning the stream (10 ms
     /// for one subject, 27 ms for a session's prefix, at 100,000 keys; measured), which
@@ -634,22 +675,24 @@ impl SessionStore {
     pub async fn purge(&self, client_id: &str) -> Result<(), String> {
         self.forget_client(client_id);
         let queued = self.stream_messages(client_id).await?;
-        let mut emptied = vec![self.record_subject(client_id)];
-        emptied.extend(queued.iter().filter_map(|(js_seq, payload)| {
+        let qos2 = queued.iter().filter_map(|(js_seq, payload)| {
             let (_, qos) = mirror::parse_message(payload, client_id)?;
-            (qos == 2).then(|| self.qos2_out_subject(client_id, *js_seq))
-        }));
-        let mut acks = Vec::with_capacity(emptied.len());
-        for subject in emptied {
-            let ack = self.js.publish(subject, Bytes::new()).await;
-            acks.push(ack.map_err(|e| e.to_string())?.into_future());
-        }
+            (qos == 2).then(|| self.remove_key(self.qos2_out_subject(client_id, *js_seq)))
+        });
         let deletes = self.delete_messages(queued.iter().map(|(js_seq, _)| *js_seq));
-        let (acked, deleted) = futures_util::join!(futures_util::future::join_all(acks), deletes);
-        for ack in acked {
-            ack.map_err(|e| e.to_string())?;
-        }
-        deleted
+        let (removed, deleted) = futures_util::join!(futures_util::future::join_all(qos2), deletes);
+        deleted?;
+        removed.into_iter().collect::<Result<(), String>>()?;
+        // The record last: a purge that fails before it leaves the session in the
+        // fleet, so the next one (a clean start again, the re-sync) tries again.
+        let ack = self
+            .js
+            .publish(self.record_subject(client_id), Bytes::new())
+            .await;
+        ack.map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 

@@ -125,6 +125,7 @@ impl SessionStore {
             let back = Bytes::copy_from_slice(dead.as_bytes());
             let clients = &self.link.registry.clients;
             let _ = clients.update(registry_key(client_id), back, claimed).await;
+            self.unmark(client_id).await;
         }
         taken
     }
@@ -218,10 +219,10 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Empties this node's take-in mark for `client_id` (its claim lost): a put, not a
-    /// purge by subject (which nats-server 2.9 answers by scanning the bucket).
+    /// Removes this node's take-in mark for `client_id` (its claim lost or given back).
     async fn unmark(&self, client_id: &str) {
-        let _ = self.mark(client_id, "").await;
+        let subject = mark_subject(&self.kv_prefix, client_id, &self.link.node);
+        let _ = self.remove_key(subject).await;
     }
 
     /// Waits (at most half the request timeout, so that a handover asked meanwhile can
