@@ -59,7 +59,13 @@ impl SessionStore {
                     // The end of a group the store writer handed (`groups_handed`); a
                     // re-sync step's end keeps nothing and is not one.
                     let handed = kept.is_some();
-                    if let (Err(_), Some(kept)) = (&last, kept) {
+                    // A group JetStream took, but applied before an earlier group's
+                    // failure was known here (changes wait for the re-sync: all of them
+                    // older), is kept too: written again after the earlier one, so that
+                    // none of the earlier changes (a session's record, its end) lands
+                    // over its newer ones.
+                    let replay = last.is_err() || self.resync.waiting();
+                    if let (true, Some(kept)) = (replay, kept) {
                         self.keep_for_resync(kept);
                     }
                     if handed {

@@ -6,7 +6,9 @@
 //!
 //! Each commit group JetStream did not take is kept here, in order, as its changes (the
 //! acknowledging task, `acker`, appends it, so the order is the store writer's); while
-//! some are kept, later groups are appended too instead of being written past them. The
+//! some are kept, later groups are appended too instead of being written past them, and
+//! so is a group JetStream took that the mirror wrote before the earlier failure was
+//! known (it is written again after the earlier group, so that it stays the newer). The
 //! mirror task (`sessions`) writes them again once NATS is up, a batch of at most
 //! [`BATCH`] changes per step, each batch acked before the next (so a batch that fails
 //! again goes back to the front), between the groups it hands on. What is kept is bounded
