@@ -73,6 +73,9 @@ async fn a_record_larger_than_natss_max_payload_does_not_hold_the_other_sessions
     // record emptied instead: no older record of it stays in the fleet.
     let big = sessions.get("big.rec").await.expect("get");
     assert_eq!(big.as_deref(), Some(&b""[..]), "big's record is not empty");
+    let refused = r#"gateway_fleet_session_changes_total{outcome="too_large"}"#;
+    let n = common::wait_metric(gw.http, refused, DEADLINE, |v| v >= 1.0).await;
+    assert!(n >= 1.0);
 }
 
 /// The measurement of a restart's rewrite of a node's sessions to the fleet: N offline

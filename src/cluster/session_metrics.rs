@@ -41,7 +41,7 @@ pub struct WillCounters {
 impl Default for SessionMetrics {
     fn default() -> Self {
         let changes: Family<OutcomeLabel, Counter> = Family::default();
-        for outcome in ["written", "failed"] {
+        for outcome in ["written", "failed", "too_large"] {
             let _ = changes.get_or_create(&OutcomeLabel { outcome });
         }
         SessionMetrics {
@@ -63,6 +63,14 @@ impl SessionMetrics {
         let outcome = if ok { "written" } else { "failed" };
         let family = self.changes.get_or_create(&OutcomeLabel { outcome });
         family.inc_by(n as u64);
+    }
+
+    /// A change NATS refused as larger than its `max_payload`: not in the fleet.
+    pub fn too_large(&self) {
+        let family = self.changes.get_or_create(&OutcomeLabel {
+            outcome: "too_large",
+        });
+        family.inc();
     }
 
     fn render_resync(&self, registry: &mut Registry) {
@@ -103,7 +111,7 @@ impl SessionMetrics {
         let mut registry = Registry::default();
         registry.register(
             counter_family("gateway_fleet_session_changes_total"),
-            "Persistent-session changes (records, subscriptions, queued messages and their deletions) and the wills of online sessions for JetStream, by outcome: written, failed (the pushes waiting for them answered dropped, store_error)",
+            "Persistent-session changes (records, subscriptions, queued messages and their deletions) and the wills of online sessions for JetStream, by outcome: written, failed (the pushes waiting for them answered dropped, store_error), too_large (refused by NATS as larger than its max_payload: not kept in the fleet; a record written empty instead)",
             self.changes.clone(),
         );
         registry.register(

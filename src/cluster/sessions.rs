@@ -521,6 +521,7 @@ impl SessionStore {
         match self.js.publish(subject.clone(), value).await {
             Ok(ack) => Ok(Some(ack)),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                self.metrics.too_large();
                 tracing::error!(%subject, size, "cluster: a session change is larger than NATS's max_payload and is not kept in the fleet (raise max_payload in nats-server, or lower [mqtt] max_packet_size / max_subscriptions_per_client)");
                 Ok(None)
             }
