@@ -730,5 +730,7 @@ mod tests {
             "{}",
             std::mem::size_of::<Session>()
         );
+        // A subscription: filter, options and identifier in the filter's padding.
+        assert_eq!(std::mem::size_of::<(Arc<str>, u8, u32)>(), 24);
     }
 }

@@ -76,6 +76,32 @@ async fn a_record_larger_than_natss_max_payload_does_not_hold_the_other_sessions
     let refused = r#"gateway_fleet_session_changes_total{outcome="too_large"}"#;
     let n = common::wait_metric(gw.http, refused, DEADLINE, |v| v >= 1.0).await;
     assert!(n >= 1.0);
+
+    // A message queued for big goes to the stream (it fits), without a record beside
+    // it. big then resumes on node B: the fleet keeps no session for it, so it starts
+    // afresh there, and the message is deleted rather than left for a later session.
+    let (code, v) = post_json(
+        gw.http,
+        "/v1/push",
+        &json!({"client_id": "big", "topic": "big/0/x", "payload": "stale", "qos": 1}),
+    )
+    .await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("queued")), "{v}");
+    let msgs = js
+        .get_stream("gateway_session_messages")
+        .await
+        .expect("stream");
+    let subject = "gateway.fleet.smsg.big";
+    assert!(msgs.direct_get_last_for_subject(subject).await.is_ok());
+    let b = session_node(&nats, "node-b");
+    let (mut big, present) = connect(&b, "big").await;
+    assert!(!present, "big resumed a session the fleet does not keep");
+    assert!(
+        big.next_publish(Duration::from_millis(300)).await.is_none(),
+        "a message of the session NATS could not keep came"
+    );
+    let left = msgs.direct_get_last_for_subject(subject).await;
+    assert!(left.is_err(), "big's old message stays in the stream");
 }
 
 /// The measurement of a restart's rewrite of a node's sessions to the fleet: N offline

@@ -53,18 +53,23 @@ impl SessionStore {
                     result,
                     kept,
                 } => {
-                    last = std::mem::replace(&mut group, Ok(())).and(result);
-                    self.metrics.changes(changes, last.is_ok());
-                    log_transition(&last, &mut failing);
+                    let ended = std::mem::replace(&mut group, Ok(())).and(result);
+                    self.metrics.changes(changes, ended.is_ok());
+                    log_transition(&ended, &mut failing);
                     // The end of a group the store writer handed (`groups_handed`); a
-                    // re-sync step's end keeps nothing and is not one.
+                    // re-sync step's end keeps nothing and is not one, and the answers
+                    // that follow are not its own (a step may run between a group's
+                    // changes and its answers).
                     let handed = kept.is_some();
+                    if handed {
+                        last = ended.clone();
+                    }
                     // A group JetStream took, but applied before an earlier group's
                     // failure was known here (changes wait for the re-sync: all of them
                     // older), is kept too: written again after the earlier one, so that
                     // none of the earlier changes (a session's record, its end) lands
                     // over its newer ones.
-                    let replay = last.is_err() || self.resync.waiting();
+                    let replay = ended.is_err() || self.resync.waiting();
                     if let (true, Some(kept)) = (replay, kept) {
                         self.keep_for_resync(kept);
                     }

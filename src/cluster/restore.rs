@@ -23,6 +23,11 @@ impl SessionStore {
     /// mirror which is which (`Op::Adopted`, `shard/adopt.rs`).
     pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
         let Some(record) = self.load_record(client_id).await? else {
+            // Messages without a record: those of a session whose record NATS refused
+            // as too large (`put_record`); the session starting now must not get them.
+            let orphans = self.stream_messages(client_id).await?;
+            self.delete_messages(orphans.iter().map(|(js_seq, _)| *js_seq))
+                .await?;
             return Ok(None);
         };
         if expired(record.expiry_secs, record.offline_since_ms) {

@@ -355,7 +355,8 @@ impl SessionStore {
             // stall the store writer, and with it the shards.
             return Err((Arc::from("-"), "NATS is unreachable".into()));
         }
-        let changes = self.resets_first(cancel_acked(changes), acks).await?;
+        let changes = cancel_acked(changes, |id, seq| self.in_stream(id, seq));
+        let changes = self.resets_first(changes, acks).await?;
         let mut pending: Pending = Vec::new();
         let mut deletes: Vec<u64> = Vec::new();
         let mut finished_qos2: Vec<String> = Vec::new();
@@ -562,7 +563,10 @@ impl SessionStore {
     }
 
     /// Deletes the stream's messages of sequences `seqs`, all at once.
-    async fn delete_messages(&self, seqs: impl Iterator<Item = u64>) -> Result<(), String> {
+    pub(super) async fn delete_messages(
+        &self,
+        seqs: impl Iterator<Item = u64>,
+    ) -> Result<(), String> {
         let sent = seqs.map(|s| self.msgs.delete_message(s));
         for r in futures_util::future::join_all(sent).await {
             // Already gone (its session ended, or deleted before) is fine.

@@ -124,8 +124,14 @@ impl SessionStore {
             // Given back: the next sweep or push tries again.
             let back = Bytes::copy_from_slice(dead.as_bytes());
             let clients = &self.link.registry.clients;
-            let _ = clients.update(registry_key(client_id), back, claimed).await;
-            self.unmark(client_id).await;
+            if clients
+                .update(registry_key(client_id), back, claimed)
+                .await
+                .is_ok()
+            {
+                // Still naming this node otherwise: the mark keeps the will published.
+                self.unmark(client_id).await;
+            }
         }
         taken
     }
