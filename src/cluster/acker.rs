@@ -43,8 +43,11 @@ impl SessionStore {
         let (mut group, mut last, mut failing) = (Ok(()), Ok(()), false);
         while let Some(ack) = rx.recv().await {
             match ack {
-                Ack::Part(pending) if group.is_ok() => group = self.settle(pending).await,
-                Ack::Part(_) => {}
+                Ack::Part(pending) => {
+                    // Settled after a failure too, for what JetStream did take.
+                    let settled = self.settle(pending).await;
+                    group = group.and(settled);
+                }
                 Ack::Barrier(tx) => {
                     let _ = tx.send(group.clone());
                 }

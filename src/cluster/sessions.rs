@@ -535,14 +535,21 @@ impl SessionStore {
     pub(super) async fn settle(&self, pending: Pending) -> Result<(), Failed> {
         let (keys, acks): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
         let acked = futures_util::future::join_all(acks.into_iter().map(|a| a.into_future()));
+        let mut first_failure = Ok(());
+        // Every message JetStream took is remembered, after a failure too: the re-sync
+        // then skips it rather than storing it twice (the first copy never deleted).
         for (key, ack) in keys.into_iter().zip(acked.await) {
-            let who = key.as_ref().map_or_else(|| Arc::from("-"), |k| k.0.clone());
-            let ack = ack.map_err(|e| (who, e.to_string()))?;
-            if let Some((client_id, seq)) = key {
-                self.remember(&client_id, seq, ack.sequence);
+            match (ack, key) {
+                (Ok(ack), Some((client_id, seq))) => self.remember(&client_id, seq, ack.sequence),
+                (Ok(_), None) => {}
+                (Err(e), key) if first_failure.is_ok() => {
+                    let who = key.map_or_else(|| Arc::from("-"), |k| k.0);
+                    first_failure = Err((who, e.to_string()));
+                }
+                (Err(_), _) => {}
             }
         }
-        Ok(())
+        first_failure
     }
 
     /// Deletes the messages of stream sequences `deletes` (acknowledged), all at once.

@@ -124,13 +124,13 @@ impl SessionStore {
             // Given back: the next sweep or push tries again.
             let back = Bytes::copy_from_slice(dead.as_bytes());
             let clients = &self.link.registry.clients;
-            if clients
-                .update(registry_key(client_id), back, claimed)
-                .await
-                .is_ok()
-            {
-                // Still naming this node otherwise: the mark keeps the will published.
+            let given = clients.update(registry_key(client_id), back, claimed).await;
+            if given.is_ok() {
                 self.unmark(client_id).await;
+            } else {
+                // Still naming this node at the claim: the mark must say so (it may be
+                // `pending` still), for the will to be published (the client is not back).
+                let _ = self.mark(client_id, &claimed.to_string()).await;
             }
         }
         taken
