@@ -18,6 +18,9 @@ use crate::store::{fail_replies, DeferredReply};
 use super::session_changes::Change;
 use super::sessions::{Failed, Pending, SessionStore};
 
+/// How long each ack of a group that already failed is awaited ([`SessionStore::settle`]).
+const AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What the mirror hands the acknowledging task, in order.
 pub(super) enum Ack {
     /// Publishes of the current commit group, whose acks are awaited in order.
@@ -44,8 +47,10 @@ impl SessionStore {
         while let Some(ack) = rx.recv().await {
             match ack {
                 Ack::Part(pending) => {
-                    // Settled after a failure too, for what JetStream did take.
-                    let settled = self.settle(pending).await;
+                    // Settled after a failure too, for what JetStream did take (the
+                    // acks already here; the others not waited for).
+                    let patience = group.is_err().then_some(AFTER_FAILURE);
+                    let settled = self.settle(pending, patience).await;
                     group = group.and(settled);
                 }
                 Ack::Barrier(tx) => {

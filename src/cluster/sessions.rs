@@ -532,9 +532,27 @@ impl SessionStore {
 
     /// Awaits the acks of the publishes in flight and remembers the stream sequence of
     /// each message.
-    pub(super) async fn settle(&self, pending: Pending) -> Result<(), Failed> {
+    ///
+    /// `patience`: how long each ack is awaited at most, once the group failed anyway
+    /// (an ack's timeout starts only when it is awaited: a hung NATS would otherwise
+    /// cost each later part of the group its full timeout); an ack that does not come
+    /// by then counts as failed.
+    pub(super) async fn settle(
+        &self,
+        pending: Pending,
+        patience: Option<std::time::Duration>,
+    ) -> Result<(), Failed> {
         let (keys, acks): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
-        let acked = futures_util::future::join_all(acks.into_iter().map(|a| a.into_future()));
+        let acked = futures_util::future::join_all(acks.into_iter().map(|a| async move {
+            let ack = a.into_future();
+            match patience {
+                None => ack.await.map_err(|e| e.to_string()),
+                Some(d) => match tokio::time::timeout(d, ack).await {
+                    Ok(ack) => ack.map_err(|e| e.to_string()),
+                    Err(_) => Err("no ack after the group failed".to_string()),
+                },
+            }
+        }));
         let mut first_failure = Ok(());
         // Every message JetStream took is remembered, after a failure too: the re-sync
         // then skips it rather than storing it twice (the first copy never deleted).
@@ -544,7 +562,7 @@ impl SessionStore {
                 (Ok(_), None) => {}
                 (Err(e), key) if first_failure.is_ok() => {
                     let who = key.map_or_else(|| Arc::from("-"), |k| k.0);
-                    first_failure = Err((who, e.to_string()));
+                    first_failure = Err((who, e));
                 }
                 (Err(_), _) => {}
             }
