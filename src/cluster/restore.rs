@@ -23,11 +23,7 @@ impl SessionStore {
     /// mirror which is which (`Op::Adopted`, `shard/adopt.rs`).
     pub async fn load(&self, client_id: &str) -> Result<Option<StoredSession>, String> {
         let Some(record) = self.load_record(client_id).await? else {
-            // Messages without a record: those of a session whose record NATS refused
-            // as too large (`put_record`); the session starting now must not get them.
-            let orphans = self.stream_messages(client_id).await?;
-            self.delete_messages(orphans.iter().map(|(js_seq, _)| *js_seq))
-                .await?;
+            self.drop_orphans(client_id).await;
             return Ok(None);
         };
         if expired(record.expiry_secs, record.offline_since_ms) {
@@ -45,6 +41,25 @@ impl SessionStore {
             messages,
             inbound_qos2: record.inbound_qos2,
         }))
+    }
+
+    /// Deletes messages of `client_id` that have no record beside them: those of a
+    /// session whose record NATS refused as too large (`put_record`), which the session
+    /// starting now must not get. Not if a record appeared meanwhile (a session of the
+    /// client id written elsewhere at this moment: its messages may land before its
+    /// record). Best effort: what stays is deleted at the next such read.
+    async fn drop_orphans(&self, client_id: &str) {
+        let orphans = match self.stream_messages(client_id).await {
+            Ok(found) if !found.is_empty() => found,
+            _ => return,
+        };
+        if !matches!(self.kept(client_id).await, Ok(Kept::Nothing)) {
+            return;
+        }
+        let deleted = self.delete_messages(orphans.iter().map(|(js_seq, _)| *js_seq));
+        if let Err(e) = deleted.await {
+            tracing::debug!(client_id, error = %e, "cluster: messages without a session record stay for now");
+        }
     }
 
     /// The session's record with its subscriptions and inbound QoS 2 ids: one direct get
