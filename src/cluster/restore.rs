@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::stream;
+use async_nats::jetstream::{message::StreamMessage, stream};
 
 use crate::store::mirror::{self, FleetRecord};
 use crate::store::{StoredMessage, StoredSession};
@@ -97,24 +97,19 @@ impl SessionStore {
     /// Which record the fleet keeps for `client_id`: both forms asked at once.
     async fn kept(&self, client_id: &str) -> Result<Kept, String> {
         let (record, old) = futures_util::join!(
-            self.last_value(self.record_subject(client_id)),
-            self.last_value(self.old_meta_subject(client_id)),
+            self.last_message(self.record_subject(client_id)),
+            self.last_message(self.old_meta_subject(client_id)),
         );
-        Ok(match (record?, old?) {
+        let payload = |m: Result<Option<StreamMessage>, String>| {
+            m.map(|m| m.map(|m| m.payload))
+                .map_err(|e| format!("session record: {e}"))
+        };
+        Ok(match (payload(record)?, payload(old)?) {
             (Some(record), _) if record.is_empty() => Kept::Nothing,
             (Some(record), _) => Kept::Record(record),
             (None, Some(old)) => Kept::Old(old),
             (None, None) => Kept::Nothing,
         })
-    }
-
-    /// The last value of key-value subject `subject`, if it has one.
-    async fn last_value(&self, subject: String) -> Result<Option<bytes::Bytes>, String> {
-        match self.kv.direct_get_last_for_subject(subject).await {
-            Ok(m) => Ok(Some(m.payload)),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("session record: {e}")),
-        }
     }
 
     /// The queued messages of `client_id` in order, under their stream sequences.

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::stream;
+use async_nats::jetstream::{message::StreamMessage, stream};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 
@@ -100,13 +100,24 @@ impl SessionStore {
         }
         let mut values = Vec::with_capacity(subjects.len());
         for subject in subjects {
-            match self.kv.direct_get_last_for_subject(subject.clone()).await {
-                Ok(m) => values.push((subject, m.payload)),
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
-                Err(e) => return Err(e.to_string()),
+            if let Some(m) = self.last_message(subject.clone()).await? {
+                values.push((subject, m.payload));
             }
         }
         Ok(values)
+    }
+
+    /// The last message of key-value subject `subject` (its value and its sequence in
+    /// the bucket's stream), if it has one.
+    pub(super) async fn last_message(
+        &self,
+        subject: String,
+    ) -> Result<Option<StreamMessage>, String> {
+        match self.kv.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Gives `messages` (read from the stream, `seq` still their stream sequence) the
@@ -121,14 +132,11 @@ impl SessionStore {
         let qos2 = messages.iter_mut().filter(|m| m.qos == 2);
         let reads = qos2.map(|m| async {
             let subject = self.qos2_out_subject(client_id, m.seq);
-            match self.kv.direct_get_last_for_subject(subject).await {
-                Ok(v) => {
-                    m.inflight = mirror::parse_qos2_out(&v.payload, client_id, m.seq);
-                    Ok(())
-                }
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("QoS 2 state: {e}")),
+            let found = self.last_message(subject).await;
+            if let Some(v) = found.map_err(|e| format!("QoS 2 state: {e}"))? {
+                m.inflight = mirror::parse_qos2_out(&v.payload, client_id, m.seq);
             }
+            Ok(())
         });
         futures_util::future::join_all(reads)
             .await
@@ -140,10 +148,8 @@ impl SessionStore {
     /// sequence. Not a purge by subject, which nats-server 2.9 answers by scanning the
     /// bucket, nor an emptied value, which would stay one of the bucket's subjects.
     pub(super) async fn remove_key(&self, subject: String) -> Result<(), String> {
-        let sequence = match self.kv.direct_get_last_for_subject(subject).await {
-            Ok(m) => m.sequence,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+        let Some(sequence) = self.last_message(subject).await?.map(|m| m.sequence) else {
+            return Ok(());
         };
         match self.kv.delete_message(sequence).await {
             Ok(_) => Ok(()),
