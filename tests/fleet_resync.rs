@@ -33,6 +33,17 @@ async fn wait_resynced(gw: &GatewayProcess) {
     }
 }
 
+/// Publishes one message to each of `topics` (its payload the topic) through
+/// `publisher`, in order: the payload of the first that `dev` receives.
+async fn first_of(publisher: &v4::Client, dev: &mut v4::Client, topics: &[&str]) -> String {
+    for topic in topics {
+        let sent = (publisher.client).publish(*topic, v4::QoS::AtLeastOnce, false, *topic);
+        sent.await.expect("publish");
+    }
+    let p = dev.next_publish(DEADLINE).await.expect("a live message");
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_nats_was_away_survive_a_later_kill_9() {
     let mut nats = NatsServer::start("resync");
@@ -84,16 +95,112 @@ async fn changes_made_while_nats_was_away_survive_a_later_kill_9() {
         assert_eq!(p.payload, format!("m{i}").as_bytes());
     }
     let b = v4::connect(v4::options(gw[1].mqtt, "rs-pub-b")).await;
-    for topic in ["old/rs", "new/rs"] {
-        let sent = b
-            .client
-            .publish(topic, v4::QoS::AtLeastOnce, false, topic.to_string());
-        sent.await.expect("publish");
-    }
-    let p = dev.next_publish(DEADLINE).await.expect("a live message");
     assert_eq!(
-        p.payload,
-        "new/rs".as_bytes(),
+        first_of(&b, &mut dev, &["old/rs", "new/rs"]).await,
+        "new/rs",
         "the subscription removed during the outage came back, or the new one is missing"
+    );
+}
+
+/// Connects persistent device `id` to `gw` again and again until the node takes it
+/// (a node refuses a resume as unavailable while the session's holder does not answer):
+/// the client, with the session present.
+async fn resume_when_taken(gw: &GatewayProcess, id: &str) -> v4::Client {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut o = v4::options(gw.mqtt, id);
+        o.set_clean_session(false);
+        let mut c = v4::connect_raw(o);
+        match tokio::time::timeout_at(end, c.events.recv()).await {
+            Ok(Some(Ok(v4::Event::Incoming(v4::Packet::ConnAck(a))))) => {
+                assert_eq!(a.code, rumqttc::ConnectReturnCode::Success, "{id}");
+                assert!(a.session_present, "{id}: no session present");
+                return c;
+            }
+            Ok(Some(Err(_))) => c.task.abort(),
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < end, "{id} never resumed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the fleet holds a (non-empty) record of `client_id`'s session.
+async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js.get_key_value("gateway_sessions").await.expect("bucket");
+    let record = kv.get(format!("{client_id}.rec")).await.expect("get");
+    record.is_some_and(|r| !r.is_empty())
+}
+
+/// A node cut off from NATS whose device, meanwhile, resumed its session on another node
+/// (after the sweep took it in there): the cut-off node's copy is stale, and its re-sync
+/// once NATS is back must not write its record over the live node's. Node A reaches NATS
+/// through a proxy that hangs; the device takes `cut/…` on A while A is cut off, then
+/// `live/…` on node B; once A has re-synced, B is killed and the device resumes on node C
+/// from what the fleet kept: B's subscriptions, not A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_nodes_resync_leaves_a_session_resumed_elsewhere_alone() {
+    use common::fleet::LEASE_SECS;
+    use common::pausable::PausableProxy;
+    let (nats, proxy) = PausableProxy::nats("resync-moved").await;
+    let a = GatewayProcess::start(&format!(
+        "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\nrequest_timeout_ms = 1000\n",
+        proxy.url()
+    ));
+    let mut b = session_node(&nats, "node-b");
+    let c = session_node(&nats, "node-c");
+    let reg = registry(&nats).await;
+    let (mut dev, _) = device(&a, "rs-moved").await;
+    dev.subscribe("old/rs-moved", v4::QoS::AtLeastOnce).await;
+    disconnect(dev).await;
+    wait_holder(&reg, "rs-moved", Some("node-a")).await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while !in_fleet(&nats, "rs-moved").await {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "rs-moved never in the fleet"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    proxy.pause();
+    wait_ready_nats_down(&a, true).await;
+    // On node A, cut off: the device is back, takes a subscription and leaves.
+    let (mut dev, present) = device(&a, "rs-moved").await;
+    assert!(present);
+    dev.subscribe("cut/rs-moved", v4::QoS::AtLeastOnce).await;
+    disconnect(dev).await;
+    // Its registry writes fail (they wait for NATS no longer than a JetStream request's
+    // timeout): node A does not claim the client id back once NATS is back.
+    let rejected = "gateway_events_dropped_total{sink=\"registry\",reason=\"rejected\"}";
+    let failed = common::wait_metric(a.http, rejected, DEADLINE, |v| v >= 1.0).await;
+    assert!(
+        failed >= 1.0,
+        "node A's registry writes did not fail: {failed}"
+    );
+    // Then on node B (once A's lease expired and its sessions were taken in).
+    let mut dev = resume_when_taken(&b, "rs-moved").await;
+    dev.subscribe("live/rs-moved", v4::QoS::AtLeastOnce).await;
+    disconnect(dev).await;
+    wait_holder(&reg, "rs-moved", Some("node-b")).await;
+
+    proxy.resume();
+    wait_ready_nats_down(&a, false).await;
+    wait_resynced(&a).await;
+    let skipped = a.metric("gateway_fleet_session_resync_skipped_total").await;
+    assert!(skipped >= 1.0, "node A's stale record was not skipped");
+    kill_9(&mut b);
+
+    let mut dev = resume_when_taken(&c, "rs-moved").await;
+    let publisher = v4::connect(v4::options(c.mqtt, "rs-moved-pub")).await;
+    assert_eq!(
+        first_of(&publisher, &mut dev, &["cut/rs-moved", "live/rs-moved"]).await,
+        "live/rs-moved",
+        "the fleet kept node A's stale subscriptions instead of node B's"
+    );
+    assert!(
+        dev.next_publish(Duration::from_millis(500)).await.is_none(),
+        "the subscription made on the cut-off node came back"
     );
 }

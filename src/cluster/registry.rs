@@ -193,6 +193,12 @@ impl Registry {
         self.overflow.notify_one();
     }
 
+    /// Whether `client_id` is online here now.
+    pub(super) fn is_online_here(&self, client_id: &str) -> bool {
+        let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
+        here.contains(client_id)
+    }
+
     /// The client ids online here now.
     pub(super) fn online_here(&self) -> Vec<Arc<str>> {
         let here = self.here.lock().unwrap_or_else(|p| p.into_inner());

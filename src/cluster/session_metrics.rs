@@ -25,6 +25,7 @@ pub struct SessionMetrics {
     pub resync_pending: Gauge,
     pub resync_written: Counter,
     pub resync_dropped: Counter,
+    pub resync_skipped: Counter,
     /// Dead nodes' wills (`session_will`).
     pub wills: WillCounters,
 }
@@ -52,6 +53,7 @@ impl Default for SessionMetrics {
             resync_pending: Gauge::default(),
             resync_written: Counter::default(),
             resync_dropped: Counter::default(),
+            resync_skipped: Counter::default(),
             wills: WillCounters::default(),
         }
     }
@@ -103,6 +105,11 @@ impl SessionMetrics {
             counter_family("gateway_fleet_session_resync_dropped_total"),
             "Session changes made while NATS was away not kept for the re-sync (past cluster.session_resync_max_mib)",
             self.resync_dropped.clone(),
+        );
+        registry.register(
+            counter_family("gateway_fleet_session_resync_skipped_total"),
+            "Session records made while NATS was away and not written with the re-sync: by then the registry named another node for the client id (the device resumed there meanwhile; this node's copy is stale)",
+            self.resync_skipped.clone(),
         );
     }
 

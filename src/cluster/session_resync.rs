@@ -16,12 +16,24 @@
 //! kept (counted, logged once per outage) and the fleet's copy stays behind until the
 //! node's next start writes every session it holds again (`SessionStore::start`).
 //!
+//! **A session that moved meanwhile.** A device of this node may resume its session on
+//! another node while this node is cut off (that node restores the fleet's copy); this
+//! node's copy is stale from then on. Before a batch is written again, the registry is
+//! read for each client id whose record the batch holds: a record of a client id the
+//! registry names another node for, and whose device is not online here, is not written
+//! (counted in `gateway_fleet_session_resync_skipped_total`, logged): it would replace
+//! the live node's newer record. A device online here keeps its records: the rejoin
+//! (`rejoin.rs`) decides between its two connections, and the node that wins writes the
+//! whole record again at its next change. The batch's other changes stay: messages queued
+//! here reach the client id's subject (docs/CLUSTER.md, "What a partition does"), and a
+//! session's end is guarded by the registry already (`SessionStore::gone`).
+//!
 //! Pushes waiting for a kept group are answered `dropped` (`store_error`) at once, as
 //! before: their messages are in this node's store and reach JetStream with the re-sync,
 //! but that was not true when they were answered.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::acker::Ack;
@@ -30,6 +42,9 @@ use super::sessions::{Failed, SessionStore};
 
 /// Changes written again per step of the re-sync.
 pub(super) const BATCH: usize = 1000;
+
+/// Registry reads at once when a batch is checked for records held elsewhere.
+const REGISTRY_READS_AT_ONCE: usize = 64;
 
 /// How often the mirror task looks for kept changes to write again.
 pub(super) const TICK: Duration = Duration::from_millis(200);
@@ -109,6 +124,10 @@ impl SessionStore {
         if batch.is_empty() {
             return;
         }
+        let batch = match self.without_stale_records(batch).await {
+            Ok(batch) => batch,
+            Err((batch, e)) => return self.put_back(batch, &e),
+        };
         let n = batch.len();
         let mut result = self.apply(batch.clone(), acks).await;
         if result.is_ok() {
@@ -126,6 +145,56 @@ impl SessionStore {
             Ok(()) => self.resynced(n),
             Err(e) => self.put_back(batch, &e),
         }
+    }
+
+    /// `batch` without the records of sessions another node holds now (module doc).
+    /// A registry read that fails hands the whole batch back, to be tried again.
+    async fn without_stale_records(
+        &self,
+        batch: Vec<Change>,
+    ) -> Result<Vec<Change>, (Vec<Change>, Failed)> {
+        let ids: HashSet<Arc<str>> = (batch.iter())
+            .filter_map(|c| match c {
+                Change::Record { client_id, .. } => Some(client_id.clone()),
+                _ => None,
+            })
+            .filter(|id| !self.link.registry.is_online_here(id))
+            .collect();
+        let reads = ids.into_iter().map(|id| async move {
+            let holder = self.link.registry.holder(&id).await;
+            (id, holder)
+        });
+        let mut reads = futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(reads),
+            REGISTRY_READS_AT_ONCE,
+        );
+        let mut elsewhere: HashSet<Arc<str>> = HashSet::new();
+        while let Some((id, holder)) = futures_util::StreamExt::next(&mut reads).await {
+            match holder {
+                Ok(Some(node)) if *node != *self.link.node => {
+                    tracing::info!(client_id = %id, holder = %node, "cluster: re-sync: the session resumed on another node while NATS was away; its record from here is not written over that node's");
+                    elsewhere.insert(id);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    drop(reads);
+                    return Err((batch, (id, format!("registry: {e}"))));
+                }
+            }
+        }
+        if elsewhere.is_empty() {
+            return Ok(batch);
+        }
+        let before = batch.len();
+        let kept: Vec<Change> = (batch.into_iter())
+            .filter(
+                |c| !matches!(c, Change::Record { client_id, .. } if elsewhere.contains(client_id)),
+            )
+            .collect();
+        self.metrics
+            .resync_skipped
+            .inc_by((before - kept.len()) as u64);
+        Ok(kept)
     }
 
     fn take_batch(&self) -> Vec<Change> {

@@ -378,9 +378,14 @@ impl GatewayProcess {
         let mut child = cmd.spawn().expect("spawn gateway");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        // GATEWAY_TEST_LOG=1 echoes each process's log to stderr, prefixed by its pid.
+        let echo = std::env::var_os("GATEWAY_TEST_LOG").map(|_| child.id());
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(pid) = echo {
+                    eprintln!("[{pid}] {line}");
+                }
                 if line.contains("gateway listening") {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(line.clone());
