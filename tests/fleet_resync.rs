@@ -138,12 +138,26 @@ async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
 /// once NATS is back must not write its record over the live node's. Node A reaches NATS
 /// through a proxy that hangs; the device takes `cut/…` on A while A is cut off, then
 /// `live/…` on node B; once A has re-synced, B is killed and the device resumes on node C
-/// from what the fleet kept: B's subscriptions, not A's.
+/// from what the fleet kept: B's subscriptions, not A's. Here the outage lasts until
+/// node A's registry writes of the device fail: it does not claim the client id back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_nodes_resync_leaves_a_session_resumed_elsewhere_alone() {
+    moved_during_outage("resync-moved", true).await;
+}
+
+/// The same with an outage shorter than a JetStream request's timeout: node A's registry
+/// write of the device's `connected` waits and is applied once NATS answers, after node
+/// B's claim. It must not take the client id back (which would end B's newer copy and
+/// hand A's stale one on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_connected_of_a_stale_copy_does_not_take_a_resumed_session_back() {
+    moved_during_outage("resync-late", false).await;
+}
+
+async fn moved_during_outage(tag: &str, until_registry_writes_fail: bool) {
     use common::fleet::LEASE_SECS;
     use common::pausable::PausableProxy;
-    let (nats, proxy) = PausableProxy::nats("resync-moved").await;
+    let (nats, proxy) = PausableProxy::nats(tag).await;
     let a = GatewayProcess::start(&format!(
         "[cluster]\nenabled = true\nnode_id = \"node-a\"\nnats_url = \"{}\"\nlease_secs = {LEASE_SECS}\nrequest_timeout_ms = 1000\n",
         proxy.url()
@@ -174,11 +188,13 @@ async fn a_cut_off_nodes_resync_leaves_a_session_resumed_elsewhere_alone() {
     // Its registry writes fail (they wait for NATS no longer than a JetStream request's
     // timeout): node A does not claim the client id back once NATS is back.
     let rejected = "gateway_events_dropped_total{sink=\"registry\",reason=\"rejected\"}";
-    let failed = common::wait_metric(a.http, rejected, DEADLINE, |v| v >= 1.0).await;
-    assert!(
-        failed >= 1.0,
-        "node A's registry writes did not fail: {failed}"
-    );
+    if until_registry_writes_fail {
+        let failed = common::wait_metric(a.http, rejected, DEADLINE, |v| v >= 1.0).await;
+        assert!(
+            failed >= 1.0,
+            "node A's registry writes did not fail: {failed}"
+        );
+    }
     // Then on node B (once A's lease expired and its sessions were taken in).
     let mut dev = resume_when_taken(&b, "rs-moved").await;
     dev.subscribe("live/rs-moved", v4::QoS::AtLeastOnce).await;
@@ -187,6 +203,16 @@ async fn a_cut_off_nodes_resync_leaves_a_session_resumed_elsewhere_alone() {
 
     proxy.resume();
     wait_ready_nats_down(&a, false).await;
+    if !until_registry_writes_fail {
+        // Node A applies the device's `connected` and `disconnected` of the outage now
+        // (the two before it were applied then).
+        let sent = "gateway_events_sent_total{sink=\"registry\"}";
+        let applied = common::wait_metric(a.http, sent, DEADLINE, |v| v >= 4.0).await;
+        assert!(applied >= 4.0, "node A applied {applied} registry changes");
+        let holder = common::fleet::holder(&reg, "rs-moved").await;
+        assert_eq!(holder.as_deref(), Some("node-b"), "node A took it back");
+        assert_eq!(a.metric(rejected).await, 0.0, "the outage was too long");
+    }
     wait_resynced(&a).await;
     let skipped = a.metric("gateway_fleet_session_resync_skipped_total").await;
     assert!(skipped >= 1.0, "node A's stale record was not skipped");

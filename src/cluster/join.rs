@@ -169,6 +169,7 @@ impl Fleet {
         let sessions = sessions::SessionStore::open(&client, config, link)
             .await
             .map_err(JoinError::of_bucket)?;
+        let _ = registry.sessions.set(Arc::downgrade(&sessions));
         let retained = routing::retained::open(&client, config)
             .await
             .map_err(JoinError::of_bucket)?;

@@ -70,6 +70,9 @@ pub struct Registry {
     dropped_up_to_ms: AtomicU64,
     /// `cluster.takeover_min_interval_ms`, per client id.
     throttle: Throttle,
+    /// The fleet's copy of the sessions (set once the fleet is joined): when a session
+    /// last changed elsewhere (`takes_over`).
+    pub(super) sessions: std::sync::OnceLock<std::sync::Weak<super::sessions::SessionStore>>,
     pub metrics: Arc<RegistryMetrics>,
 }
 
@@ -149,6 +152,7 @@ impl Registry {
             overflow: Notify::new(),
             dropped_up_to_ms: AtomicU64::new(0),
             throttle: Throttle::new(config.takeover_min_interval()),
+            sessions: std::sync::OnceLock::new(),
             metrics: Arc::default(),
         })
     }
@@ -323,7 +327,9 @@ impl Registry {
             EventKind::Connected(_) => {
                 self.set_here(id, true);
                 let (k, node) = (key(id), &self.node);
-                let checks = (&self.throttle, || session_lives_on(shards, id));
+                let accepted_ms = event.time_ms;
+                let still_here = |entry_ms| self.takes_over(shards, id, accepted_ms, entry_ms);
+                let checks = (&self.throttle, still_here);
                 let claim = arbiter::claim(&self.clients, &k, node, checks, &self.metrics);
                 let claim = claim.await?;
                 if !matches!(claim, Claim::Won { .. }) {
@@ -432,6 +438,52 @@ fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
         groups[i].push(e);
     }
     groups
+}
+
+impl Registry {
+    /// Whether a `connected` of `client_id` accepted here at `accepted_ms` (Unix ms) may
+    /// take the client id from the node whose entry was written at `entry_ms`: its session
+    /// must still be here (`session_lives_on`), and when its device has left since, the
+    /// session must not have changed on the other node after this connection was
+    /// accepted. Such a change means the device went on to that node after connecting
+    /// here, and this `connected` is applied late (this node was cut off from NATS, or its
+    /// registry queue was behind): the offline copy here is stale, and taking the client id
+    /// would end the other node's newer one. When the fleet keeps sessions, the change
+    /// looked at is the other node's last write of the session's record (a session a node
+    /// took in from a dead one is not written, so the copy here stays the newer); without,
+    /// the other node's registry entry. Those times are the NATS server's clock, the
+    /// connection's this node's: a skew between the clocks decides only for a device
+    /// that moved within it.
+    async fn takes_over(
+        &self,
+        shards: &Mailboxes,
+        client_id: &str,
+        accepted_ms: u64,
+        entry_ms: u64,
+    ) -> bool {
+        let offline_here = match ask_home(shards, client_id).await {
+            Ok(Some(info)) => !info.summary.online,
+            Ok(None) => return false,
+            Err(full) => return full,
+        };
+        if !offline_here {
+            return true;
+        }
+        let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
+        let changed_ms = match sessions.filter(|s| s.keeps_sessions()) {
+            Some(sessions) => match sessions.record_written_ms(client_id).await {
+                Ok(at) => at,
+                // Not known: as before this check, the session here takes it.
+                Err(_) => return true,
+            },
+            None => entry_ms,
+        };
+        if changed_ms <= accepted_ms {
+            return true;
+        }
+        tracing::info!(client_id, "cluster: a device that connected here went on to another node before this node's registry write was applied; that node keeps the client id and the offline copy here is stale");
+        false
+    }
 }
 
 /// Whether `client_id` still has a session on its home shard here (asked through the

@@ -94,6 +94,15 @@ impl SessionStore {
         }))
     }
 
+    /// When the fleet's record of `client_id`'s session was last written (Unix ms by
+    /// the NATS server's clock; 0: never, or only in the older layout).
+    pub(super) async fn record_written_ms(&self, client_id: &str) -> Result<u64, String> {
+        let record = self.last_message(self.record_subject(client_id)).await?;
+        Ok(record.map_or(0, |m| {
+            super::arbiter::unix_ms(m.time.unix_timestamp_nanos())
+        }))
+    }
+
     /// Which record the fleet keeps for `client_id`: both forms asked at once.
     async fn kept(&self, client_id: &str) -> Result<Kept, String> {
         let (record, old) = futures_util::join!(
