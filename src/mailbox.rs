@@ -241,6 +241,12 @@ pub enum ShardMsg {
     TakenOver {
         client_id: String,
     },
+    /// This node's offline copy of `client_id`'s session is stale (another node changed
+    /// the session after its device connected here): ended without purging the fleet's
+    /// copy, unless its device is back here.
+    StaleCopy {
+        client_id: String,
+    },
     /// From the fleet: `client_id` connected here while another node held it, again
     /// within `cluster.takeover_min_interval_ms`; its live connection here is closed
     /// (MQTT 5 0x9F, connection rate exceeded) and the other node keeps it.

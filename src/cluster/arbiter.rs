@@ -15,9 +15,7 @@
 //!   first asks whether the session is still here (online, or offline and persistent): a
 //!   change applied late (the registry task behind) for a device that has since gone on
 //!   to that node (its session ended here, or was handed over) must not close its newer
-//!   connection there. The caller is told when that other entry was written, for the
-//!   case of an offline session here whose device went on to that node after connecting
-//!   here (`registry.rs`, `takes_over`).
+//!   connection there.
 //! - **Flapping.** A node takes a given client id over from another node at most once
 //!   per `cluster.takeover_min_interval_ms`; a connection that would take it over sooner
 //!   is not written to the registry and is closed (MQTT 5 DISCONNECT 0x9F, connection
@@ -59,33 +57,17 @@ pub(super) async fn read(
     key: &str,
     metrics: &RegistryMetrics,
 ) -> Result<(u64, Option<String>), String> {
-    let (revision, holder, _) = read_written(clients, key, metrics).await?;
-    Ok((revision, holder))
-}
-
-/// [`read`], and when the entry was written (Unix ms by the NATS server's clock; 0: none).
-async fn read_written(
-    clients: &kv::Store,
-    key: &str,
-    metrics: &RegistryMetrics,
-) -> Result<(u64, Option<String>, u64), String> {
     let entry = clients.entry(key).await;
     metrics.count("get", entry.is_ok());
     let entry = entry.map_err(|e| format!("get {key}: {e}"))?;
     Ok(match entry {
-        Some(e) => {
-            let written_ms = unix_ms(e.created.unix_timestamp_nanos());
-            let holder = (e.operation == kv::Operation::Put)
-                .then(|| String::from_utf8_lossy(&e.value).into_owned());
-            (e.revision, holder, written_ms)
-        }
-        None => (0, None, 0),
+        Some(e) if e.operation == kv::Operation::Put => (
+            e.revision,
+            Some(String::from_utf8_lossy(&e.value).into_owned()),
+        ),
+        Some(e) => (e.revision, None),
+        None => (0, None),
     })
-}
-
-/// A NATS server's timestamp (Unix nanoseconds) in Unix milliseconds (0 before 1970).
-pub(super) fn unix_ms(nanos: i128) -> u64 {
-    u64::try_from(nanos / 1_000_000).unwrap_or(0)
 }
 
 /// Writes `key → node` on top of the entry of `revision`: `Ok(false)` when another write
@@ -115,20 +97,20 @@ pub(super) async fn write(
 }
 
 /// Claims `key` for `node` by compare-and-set, unless its session is no longer here
-/// (`still_here`, asked once another node's entry is read: a takeover; given when that
-/// entry was written, Unix ms) or `throttle` refuses a takeover from the node holding it.
+/// (`still_here`, asked once another node's entry is read: a takeover) or `throttle`
+/// refuses a takeover from the node holding it.
 pub async fn claim<F: std::future::Future<Output = bool>>(
     clients: &kv::Store,
     key: &str,
     node: &str,
-    (throttle, still_here): (&Throttle, impl Fn(u64) -> F),
+    (throttle, still_here): (&Throttle, impl Fn() -> F),
     metrics: &RegistryMetrics,
 ) -> Result<Claim, String> {
     for _ in 0..MAX_ATTEMPTS {
-        let (revision, holder, written_ms) = read_written(clients, key, metrics).await?;
+        let (revision, holder) = read(clients, key, metrics).await?;
         let before = holder.filter(|h| h != node);
         if let Some(holder) = &before {
-            if !still_here(written_ms).await {
+            if !still_here().await {
                 return Ok(Claim::Gone);
             }
             if !throttle.allow(key, Instant::now()) {

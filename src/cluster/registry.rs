@@ -70,8 +70,8 @@ pub struct Registry {
     dropped_up_to_ms: AtomicU64,
     /// `cluster.takeover_min_interval_ms`, per client id.
     throttle: Throttle,
-    /// The fleet's copy of the sessions (set once the fleet is joined): when a session
-    /// last changed elsewhere (`takes_over`).
+    /// The fleet's copy of the sessions (set once the fleet is joined): whether a session
+    /// changed on another node (`takes_over`).
     pub(super) sessions: std::sync::OnceLock<std::sync::Weak<super::sessions::SessionStore>>,
     pub metrics: Arc<RegistryMetrics>,
 }
@@ -195,12 +195,6 @@ impl Registry {
     /// Devices missed after an overflow are to be looked for (again).
     pub(super) fn mark_overflowed(&self) {
         self.overflow.notify_one();
-    }
-
-    /// Whether `client_id` is online here now.
-    pub(super) fn is_online_here(&self, client_id: &str) -> bool {
-        let here = self.here.lock().unwrap_or_else(|p| p.into_inner());
-        here.contains(client_id)
     }
 
     /// The client ids online here now.
@@ -328,7 +322,7 @@ impl Registry {
                 self.set_here(id, true);
                 let (k, node) = (key(id), &self.node);
                 let accepted_ms = event.time_ms;
-                let still_here = |entry_ms| self.takes_over(shards, id, accepted_ms, entry_ms);
+                let still_here = || self.takes_over(shards, id, accepted_ms);
                 let checks = (&self.throttle, still_here);
                 let claim = arbiter::claim(&self.clients, &k, node, checks, &self.metrics);
                 let claim = claim.await?;
@@ -442,46 +436,42 @@ fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
 
 impl Registry {
     /// Whether a `connected` of `client_id` accepted here at `accepted_ms` (Unix ms) may
-    /// take the client id from the node whose entry was written at `entry_ms`: its session
-    /// must still be here (`session_lives_on`), and when its device has left since, the
-    /// session must not have changed on the other node after this connection was
-    /// accepted. Such a change means the device went on to that node after connecting
-    /// here, and this `connected` is applied late (this node was cut off from NATS, or its
-    /// registry queue was behind): the offline copy here is stale, and taking the client id
-    /// would end the other node's newer one. When the fleet keeps sessions, the change
-    /// looked at is the other node's last write of the session's record (a session a node
-    /// took in from a dead one is not written, so the copy here stays the newer); without,
-    /// the other node's registry entry. Those times are the NATS server's clock, the
-    /// connection's this node's: a skew between the clocks decides only for a device
-    /// that moved within it.
-    async fn takes_over(
-        &self,
-        shards: &Mailboxes,
-        client_id: &str,
-        accepted_ms: u64,
-        entry_ms: u64,
-    ) -> bool {
+    /// take the client id from the node whose entry the claim found: its session must
+    /// still be here (`session_lives_on`), and when its device has left since and the
+    /// fleet keeps sessions, no other node may have written the session's record after
+    /// this connection was accepted. Such a write means the device went on to that node
+    /// after connecting here, and this `connected` is applied late (this node was cut off
+    /// from NATS, or its registry queue was behind): the offline copy here is stale, and
+    /// taking the client id would end the other node's newer one. The copy here is ended
+    /// instead (without purging the fleet's copy, which the registry says is the other
+    /// node's). A session a survivor took in from a dead node is not written there, so a
+    /// copy here that is newer than the fleet's still takes it; this node's own writes
+    /// (its record at the connect) never count (`restore::Written`).
+    async fn takes_over(&self, shards: &Mailboxes, client_id: &str, accepted_ms: u64) -> bool {
         let offline_here = match ask_home(shards, client_id).await {
             Ok(Some(info)) => !info.summary.online,
             Ok(None) => return false,
             Err(full) => return full,
         };
-        if !offline_here {
-            return true;
-        }
         let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
-        let changed_ms = match sessions.filter(|s| s.keeps_sessions()) {
-            Some(sessions) => match sessions.record_written_ms(client_id).await {
-                Ok(at) => at,
-                // Not known: as before this check, the session here takes it.
-                Err(_) => return true,
-            },
-            None => entry_ms,
-        };
-        if changed_ms <= accepted_ms {
+        let Some(sessions) = sessions.filter(|s| offline_here && s.keeps_sessions()) else {
             return true;
+        };
+        match sessions.record_written(client_id).await {
+            Ok(Some(w)) if w.elsewhere_after(accepted_ms) => {}
+            Ok(_) => return true,
+            Err(e) => {
+                // Not known: the session here takes it, as before this check.
+                tracing::debug!(client_id, error = %e, "cluster: cannot read a session record to arbitrate a late claim");
+                return true;
+            }
         }
-        tracing::info!(client_id, "cluster: a device that connected here went on to another node before this node's registry write was applied; that node keeps the client id and the offline copy here is stale");
+        tracing::info!(client_id, "cluster: a device that connected here went on to another node before this node's registry write was applied; that node keeps the client id and the offline copy here ends");
+        let home = home_shard(client_id, shards.len());
+        let msg = ShardMsg::StaleCopy {
+            client_id: client_id.into(),
+        };
+        let _ = shards.try_send(home, msg);
         false
     }
 }

@@ -94,12 +94,16 @@ impl SessionStore {
         }))
     }
 
-    /// When the fleet's record of `client_id`'s session was last written (Unix ms by
-    /// the NATS server's clock; 0: never, or only in the older layout).
-    pub(super) async fn record_written_ms(&self, client_id: &str) -> Result<u64, String> {
+    /// When and by whom the fleet's record of `client_id`'s session was last written
+    /// (`None`: never, or only in the older layout).
+    pub(super) async fn record_written(&self, client_id: &str) -> Result<Option<Written>, String> {
         let record = self.last_message(self.record_subject(client_id)).await?;
-        Ok(record.map_or(0, |m| {
-            super::arbiter::unix_ms(m.time.unix_timestamp_nanos())
+        Ok(record.map(|m| {
+            let writer = m.headers.get(super::sessions::WRITER);
+            Written {
+                at_ms: u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+                elsewhere: writer.is_none_or(|w| w.as_str() != &*self.link.node),
+            }
         }))
     }
 
@@ -220,6 +224,24 @@ impl SessionStore {
     }
 }
 
+/// When the fleet's record of a session was last written (Unix ms, by the NATS server's
+/// clock), and whether by another node than this one (a record without the writer
+/// header, from a gateway before it, counts as another's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Written {
+    pub at_ms: u64,
+    pub elsewhere: bool,
+}
+
+impl Written {
+    /// Whether another node changed the session after `t_ms` (Unix ms, this node's
+    /// clock): a copy of it here from `t_ms` or before is stale. A skew between the
+    /// clocks decides only for changes made within it.
+    pub(super) fn elsewhere_after(&self, t_ms: u64) -> bool {
+        self.elsewhere && self.at_ms > t_ms
+    }
+}
+
 /// Which record the fleet keeps for a session.
 enum Kept {
     /// None, or an emptied one: the session ended (a record of the older form beside
@@ -284,5 +306,29 @@ impl FleetStep {
                 (crate::auth::Verdict::Unavailable(why), None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Written;
+
+    #[test]
+    fn only_another_nodes_later_write_makes_a_copy_here_stale() {
+        let other = |at_ms| Written {
+            at_ms,
+            elsewhere: true,
+        };
+        let own = |at_ms| Written {
+            at_ms,
+            elsewhere: false,
+        };
+        // Another node wrote the record after the change here: stale here.
+        assert!(other(1_001).elsewhere_after(1_000));
+        // Before it, or at the same millisecond: the change here is the newer.
+        assert!(!other(999).elsewhere_after(1_000));
+        assert!(!other(1_000).elsewhere_after(1_000));
+        // This node's own later write (its record at a connect) never counts.
+        assert!(!own(5_000).elsewhere_after(1_000));
     }
 }

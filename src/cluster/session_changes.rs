@@ -18,8 +18,13 @@ use super::sessions::{SessionStore, Work};
 pub(super) enum Change {
     /// The latest value of a key-value subject (a will, the node's will list).
     Put { subject: String, value: Bytes },
-    /// The session's record (`<id>.rec`, `Op::FleetRecord`).
-    Record { client_id: Arc<str>, value: Bytes },
+    /// The session's record (`<id>.rec`, `Op::FleetRecord`), made at `made_ms` (Unix ms,
+    /// this node's clock: the re-sync compares it with the fleet's record).
+    Record {
+        client_id: Arc<str>,
+        value: Bytes,
+        made_ms: u64,
+    },
     /// The session ended: everything of the client id is purged.
     Gone { client_id: Arc<str> },
     /// At start, before a restored session is written again: everything of the client
@@ -55,7 +60,9 @@ impl Change {
     pub(super) fn cost(&self) -> u64 {
         let held = match self {
             Change::Put { subject, value } => subject.len() + value.len(),
-            Change::Record { client_id, value } => client_id.len() + value.len(),
+            Change::Record {
+                client_id, value, ..
+            } => client_id.len() + value.len(),
             Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
             Change::Msg {
                 client_id, value, ..
@@ -146,6 +153,7 @@ impl SessionStore {
             Op::FleetRecord(r) => Change::Record {
                 client_id: r.client_id.clone(),
                 value: mirror::fleet_record_bytes(r).into(),
+                made_ms: crate::store::now_ms(),
             },
             Op::DeleteSession(client_id) => Change::Gone {
                 client_id: client_id.clone(),

@@ -18,33 +18,34 @@
 //!
 //! **A session that moved meanwhile.** A device of this node may resume its session on
 //! another node while this node is cut off (that node restores the fleet's copy); this
-//! node's copy is stale from then on. Before a batch is written again, the registry is
-//! read for each client id whose record the batch holds: a record of a client id the
-//! registry names another node for, and whose device is not online here, is not written
-//! (counted in `gateway_fleet_session_resync_skipped_total`, logged): it would replace
-//! the live node's newer record. A device online here keeps its records: the rejoin
-//! (`rejoin.rs`) decides between its two connections, and the node that wins writes the
-//! whole record again at its next change. The batch's other changes stay: messages queued
-//! here reach the client id's subject (docs/CLUSTER.md, "What a partition does"), and a
-//! session's end is guarded by the registry already (`SessionStore::gone`).
+//! node's copy is stale from then on. Before a batch is written again, the fleet's record
+//! is read for each client id whose record the batch holds: a record made here before
+//! another node last wrote that session's record is not written over it (counted in
+//! `gateway_fleet_session_resync_skipped_total`, logged), and the registry's late claim
+//! of such a session is refused too (`registry.rs`, `takes_over`). A session a survivor
+//! took in from this node while it was cut off is not written there, so this node's
+//! newer record still goes in. The batch's other changes stay: messages queued here reach
+//! the client id's subject (docs/CLUSTER.md, "What a partition does"), and a session's
+//! end is guarded by the registry already (`SessionStore::gone`).
 //!
 //! Pushes waiting for a kept group are answered `dropped` (`store_error`) at once, as
 //! before: their messages are in this node's store and reach JetStream with the re-sync,
 //! but that was not true when they were answered.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::acker::Ack;
+use super::restore::Written;
 use super::session_changes::Change;
 use super::sessions::{Failed, SessionStore};
 
 /// Changes written again per step of the re-sync.
 pub(super) const BATCH: usize = 1000;
 
-/// Registry reads at once when a batch is checked for records held elsewhere.
-const REGISTRY_READS_AT_ONCE: usize = 64;
+/// Record reads at once when a batch is checked for records made stale elsewhere.
+const RECORD_READS_AT_ONCE: usize = 64;
 
 /// How often the mirror task looks for kept changes to write again.
 pub(super) const TICK: Duration = Duration::from_millis(200);
@@ -147,8 +148,8 @@ impl SessionStore {
         }
     }
 
-    /// `batch` without the records of sessions another node holds now (module doc).
-    /// A registry read that fails hands the whole batch back, to be tried again.
+    /// `batch` without the records another node's later write of the same session made
+    /// stale (module doc). A read that fails hands the whole batch back, to be tried again.
     async fn without_stale_records(
         &self,
         batch: Vec<Change>,
@@ -158,42 +159,47 @@ impl SessionStore {
                 Change::Record { client_id, .. } => Some(client_id.clone()),
                 _ => None,
             })
-            .filter(|id| !self.link.registry.is_online_here(id))
             .collect();
         let reads = ids.into_iter().map(|id| async move {
-            let holder = self.link.registry.holder(&id).await;
-            (id, holder)
+            let written = self.record_written(&id).await;
+            (id, written)
         });
         let mut reads = futures_util::StreamExt::buffer_unordered(
             futures_util::stream::iter(reads),
-            REGISTRY_READS_AT_ONCE,
+            RECORD_READS_AT_ONCE,
         );
-        let mut elsewhere: HashSet<Arc<str>> = HashSet::new();
-        while let Some((id, holder)) = futures_util::StreamExt::next(&mut reads).await {
-            match holder {
-                Ok(Some(node)) if *node != *self.link.node => {
-                    tracing::info!(client_id = %id, holder = %node, "cluster: re-sync: the session resumed on another node while NATS was away; its record from here is not written over that node's");
-                    elsewhere.insert(id);
+        let mut fleet: HashMap<Arc<str>, Written> = HashMap::new();
+        while let Some((id, written)) = futures_util::StreamExt::next(&mut reads).await {
+            match written {
+                Ok(Some(w)) => {
+                    fleet.insert(id, w);
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(e) => {
                     drop(reads);
-                    return Err((batch, (id, format!("registry: {e}"))));
+                    return Err((batch, (id, format!("session record: {e}"))));
                 }
             }
         }
-        if elsewhere.is_empty() {
-            return Ok(batch);
-        }
-        let before = batch.len();
+        let mut skipped: HashSet<Arc<str>> = HashSet::new();
         let kept: Vec<Change> = (batch.into_iter())
-            .filter(
-                |c| !matches!(c, Change::Record { client_id, .. } if elsewhere.contains(client_id)),
-            )
+            .filter(|c| match c {
+                Change::Record {
+                    client_id, made_ms, ..
+                } if fleet
+                    .get(client_id)
+                    .is_some_and(|w| w.elsewhere_after(*made_ms)) =>
+                {
+                    self.metrics.resync_skipped.inc();
+                    skipped.insert(client_id.clone());
+                    false
+                }
+                _ => true,
+            })
             .collect();
-        self.metrics
-            .resync_skipped
-            .inc_by((before - kept.len()) as u64);
+        for client_id in skipped {
+            tracing::info!(%client_id, "cluster: re-sync: another node wrote this session after this node's change (its device resumed there while NATS was away); the record from here is not written over it");
+        }
         Ok(kept)
     }
 

@@ -53,6 +53,10 @@ use crate::store::{DeferredReply, StoredSession};
 use super::acker::Ack;
 use super::session_changes::{cancel_acked, Change, SessionMirror};
 
+/// The header of a session record naming the node that wrote it: a node tells its own
+/// writes from other nodes' (`restore::Written`).
+pub(super) const WRITER: &str = "Gateway-Node";
+
 /// Commit groups waiting for the mirror task; past this the store writer waits.
 const QUEUE: usize = 64;
 
@@ -221,6 +225,13 @@ impl SessionStore {
     }
 
     /// The session's one record: session fields, subscriptions, inbound QoS 2 ids.
+    /// The headers of a session record this node writes: [`WRITER`] names the node.
+    pub(super) fn record_headers(&self) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(WRITER, &*self.link.node);
+        headers
+    }
+
     pub(super) fn record_subject(&self, client_id: &str) -> String {
         format!("{}.{}.rec", self.kv_prefix, key(client_id))
     }
@@ -276,6 +287,7 @@ impl SessionStore {
         changes.push(Change::Record {
             client_id: id.clone(),
             value: mirror::fleet_record_bytes(&record).into(),
+            made_ms: crate::store::now_ms(),
         });
         for m in &s.messages {
             changes.push(Change::Msg {
@@ -370,7 +382,9 @@ impl SessionStore {
                     self.flush_deletes(&mut deletes).await?;
                     self.put(subject, value, &mut pending).await?;
                 }
-                Change::Record { client_id, value } => {
+                Change::Record {
+                    client_id, value, ..
+                } => {
                     self.flush_deletes(&mut deletes).await?;
                     self.put_record(&client_id, value, &mut pending).await?;
                 }
@@ -497,12 +511,16 @@ impl SessionStore {
         pending: &mut Pending,
     ) -> Result<(), Failed> {
         let subject = self.record_subject(client_id);
-        let ack = self.publish(subject.clone(), value).await;
+        let headers = Some(self.record_headers());
+        let ack = self.publish_with(subject.clone(), headers, value).await;
         let ack = match ack.map_err(|e| (client_id.clone(), e))? {
             Some(ack) => ack,
             None => {
-                let empty = self.js.publish(subject, Bytes::new()).await;
-                empty.map_err(|e| (client_id.clone(), e.to_string()))?
+                let headers = self.record_headers();
+                let empty = self.js.publish_with_headers(subject, headers, Bytes::new());
+                empty
+                    .await
+                    .map_err(|e| (client_id.clone(), e.to_string()))?
             }
         };
         pending.push((None, ack));
@@ -518,8 +536,26 @@ impl SessionStore {
         subject: String,
         value: Bytes,
     ) -> Result<Option<PublishAckFuture>, String> {
+        self.publish_with(subject, None, value).await
+    }
+
+    /// [`SessionStore::publish`], with `headers`.
+    async fn publish_with(
+        &self,
+        subject: String,
+        headers: Option<async_nats::HeaderMap>,
+        value: Bytes,
+    ) -> Result<Option<PublishAckFuture>, String> {
         let size = value.len();
-        match self.js.publish(subject.clone(), value).await {
+        let sent = match headers {
+            Some(h) => {
+                self.js
+                    .publish_with_headers(subject.clone(), h, value)
+                    .await
+            }
+            None => self.js.publish(subject.clone(), value).await,
+        };
+        match sent {
             Ok(ack) => Ok(Some(ack)),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
                 self.metrics.too_large();
@@ -715,9 +751,9 @@ impl SessionStore {
         removed.into_iter().collect::<Result<(), String>>()?;
         // The record last: a purge that fails before it leaves the session in the
         // fleet, so the next one (a clean start again, the re-sync) tries again.
-        let ack = self
-            .js
-            .publish(self.record_subject(client_id), Bytes::new())
+        let subject = self.record_subject(client_id);
+        let ack = (self.js)
+            .publish_with_headers(subject, self.record_headers(), Bytes::new())
             .await;
         ack.map_err(|e| e.to_string())?
             .await

@@ -24,15 +24,7 @@ impl Shard {
     /// dead node, `cluster::take_in`): it ends here, and the fleet's copy stays (the
     /// registry names the other node).
     pub(super) fn taken_over_elsewhere(&mut self, client_id: &str) {
-        let offline = (self.sessions.find(client_id))
-            .is_some_and(|s| self.sessions[s as usize].conn.is_none());
-        if offline && self.services.sessions.is_some() {
-            tracing::info!(
-                shard = self.id,
-                client_id,
-                "a stale copy of a session resumed on another node ends here"
-            );
-            self.hand_over(client_id);
+        if self.end_stale_copy(client_id) {
             return;
         }
         let Some(conn) = self.fleet_conn_without_will(client_id) else {
@@ -48,6 +40,24 @@ impl Shard {
             DisconnectReason::Takeover,
             Some(reason::SESSION_TAKEN_OVER),
         );
+    }
+
+    /// Ends `client_id`'s session here if it is offline, with the fleet keeping
+    /// sessions: a stale copy of one another node holds (its end leaves the fleet's copy,
+    /// which the registry names that node for). True if it ended.
+    pub(super) fn end_stale_copy(&mut self, client_id: &str) -> bool {
+        let offline = (self.sessions.find(client_id))
+            .is_some_and(|s| self.sessions[s as usize].conn.is_none());
+        if !offline || self.services.sessions.is_none() {
+            return false;
+        }
+        tracing::info!(
+            shard = self.id,
+            client_id,
+            "a stale copy of a session resumed on another node ends here"
+        );
+        self.hand_over(client_id);
+        true
     }
 
     /// Closes `client_id`'s live connection, if any, with MQTT 5 DISCONNECT 0x9F

@@ -695,6 +695,9 @@ impl Shard {
             ShardMsg::SharedBounce(b) => self.on_shared_bounce(*b),
             ShardMsg::AuthDone(d) => self.on_auth_done(*d),
             ShardMsg::TakenOver { client_id } => self.taken_over_elsewhere(&client_id),
+            ShardMsg::StaleCopy { client_id } => {
+                self.end_stale_copy(&client_id);
+            }
             ShardMsg::FleetThrottled { client_id } => self.fleet_throttled(&client_id),
             ShardMsg::HandOver { client_id, reply } => {
                 let _ = reply.send(self.hand_over(&client_id));
