@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::fleet::{
-    disconnect, kill_9, persistent as device, registry, session_node, wait_holder,
+    disconnect, kill_9, persistent as device, registry, session_node, sessions_on, wait_holder,
     wait_ready_nats_down, DEADLINE,
 };
 use common::nats::NatsServer;
@@ -216,6 +216,15 @@ async fn moved_during_outage(tag: &str, until_registry_writes_fail: bool) {
     wait_resynced(&a).await;
     let skipped = a.metric("gateway_fleet_session_resync_skipped_total").await;
     assert!(skipped >= 1.0, "node A's stale record was not skipped");
+    // Node A's copy ended (the device it served has nothing left there to resume).
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while sessions_on(&a).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "node A kept its stale copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     kill_9(&mut b);
 
     let mut dev = resume_when_taken(&c, "rs-moved").await;

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use common::fleet::{connack, disconnect, kill_9, persistent as connect};
+use common::fleet::{connack, disconnect, kill_9, persistent as connect, sessions_on};
 use common::nats::NatsServer;
 use common::v4;
 use common::{post_json, GatewayProcess};
@@ -158,20 +158,6 @@ async fn a_push_is_answered_queued_only_once_jetstream_holds_it() {
     assert_eq!(v["reason"], "store_error", "{v}");
     let failed = "gateway_fleet_session_changes_total{outcome=\"failed\"}";
     assert!(gw[0].metric(failed).await >= 1.0);
-}
-
-/// The sessions node `gw` holds (online and offline), over its shards.
-async fn sessions_on(gw: &GatewayProcess) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", gw.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|l| l.starts_with("gateway_sessions{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn wait_sessions_on(gw: &GatewayProcess, n: f64) {

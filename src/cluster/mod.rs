@@ -200,6 +200,32 @@ impl Fleet {
         Ok(())
     }
 
+    /// Waits (at most `request_timeout_ms`) until other nodes reach this one: a request
+    /// to its own `stats` subject is answered. (A flush only writes the subscriptions
+    /// out; the server may read them after another node's request: "no responders",
+    /// seen a few milliseconds after the node listened.)
+    pub async fn confirm_subscribed(&self) {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let subject = self.subject(&self.node, Service::Stats);
+        loop {
+            let request = Request::new().timeout(Some(self.request_timeout));
+            let answer = (self.client).send_request(subject.clone(), request).await;
+            match answer {
+                Ok(_) => return,
+                Err(e)
+                    if e.kind() == RequestErrorKind::NoResponders
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.node, error = %e, "cluster: this node's own subscriptions did not answer at start; other nodes may not reach it for a moment");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Whether this node's NATS connection is up now.
     pub fn nats_up(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

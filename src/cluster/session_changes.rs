@@ -27,6 +27,10 @@ pub(super) enum Change {
     },
     /// The session ended: everything of the client id is purged.
     Gone { client_id: Arc<str> },
+    /// A stale copy of the session ended here (`Op::LocalOnly` of its deletion): what
+    /// this node knew of its messages in the stream is forgotten, the fleet's copy
+    /// (another node's) left alone.
+    Forget { client_id: Arc<str> },
     /// At start, before a restored session is written again: everything of the client
     /// id is purged (what JetStream held may lack the last changes before a crash, and
     /// the stream sequences of its messages were in the memory of the last run).
@@ -63,7 +67,9 @@ impl Change {
             Change::Record {
                 client_id, value, ..
             } => client_id.len() + value.len(),
-            Change::Gone { client_id } | Change::Reset { client_id } => client_id.len(),
+            Change::Gone { client_id }
+            | Change::Reset { client_id }
+            | Change::Forget { client_id } => client_id.len(),
             Change::Msg {
                 client_id, value, ..
             } => client_id.len() + value.len(),
@@ -185,8 +191,14 @@ impl SessionStore {
                 released: *released,
             },
             Op::Will { client_id, will } => s.will_change(client_id, will.as_deref()),
-            // Adopted from the fleet's copy, which holds it already.
-            Op::LocalOnly(_) => return None,
+            // A stale copy's end: the fleet's copy is another node's.
+            Op::LocalOnly(op) => match &**op {
+                Op::DeleteSession(client_id) => Change::Forget {
+                    client_id: client_id.clone(),
+                },
+                // Adopted from the fleet's copy, which holds it already.
+                _ => return None,
+            },
             Op::Adopted {
                 client_id,
                 local_and_stream,

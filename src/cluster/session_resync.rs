@@ -21,8 +21,10 @@
 //! node's copy is stale from then on. Before a batch is written again, the fleet's record
 //! is read for each client id whose record the batch holds: a record made here before
 //! another node last wrote that session's record is not written over it (counted in
-//! `gateway_fleet_session_resync_skipped_total`, logged), and the registry's late claim
-//! of such a session is refused too (`registry.rs`, `takes_over`). A session a survivor
+//! `gateway_fleet_session_resync_skipped_total`, logged; nor is a restart's `Reset` of that
+//! session, which would purge the other node's copy), the copy here ends unless its
+//! device is back (`ShardMsg::StaleCopy`: the fleet's copy is left alone), and the
+//! registry's late claim of such a session is refused too (`registry.rs`, `takes_over`). A session a survivor
 //! took in from this node while it was cut off is not written there, so this node's
 //! newer record still goes in. The batch's other changes stay: messages queued here reach
 //! the client id's subject (docs/CLUSTER.md, "What a partition does"), and a session's
@@ -181,24 +183,39 @@ impl SessionStore {
                 }
             }
         }
-        let mut skipped: HashSet<Arc<str>> = HashSet::new();
+        let stale_record = |client_id: &Arc<str>, made_ms: u64| {
+            (fleet.get(client_id)).is_some_and(|w| w.elsewhere_after(made_ms))
+        };
+        let stale: HashSet<Arc<str>> = (batch.iter())
+            .filter_map(|c| match c {
+                Change::Record {
+                    client_id, made_ms, ..
+                } if stale_record(client_id, *made_ms) => {
+                    self.metrics.resync_skipped.inc();
+                    Some(client_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if stale.is_empty() {
+            return Ok(batch);
+        }
+        // A restart's rewrite of such a session (`Reset`, then its record) would purge
+        // the other node's copy first: not done either.
         let kept: Vec<Change> = (batch.into_iter())
             .filter(|c| match c {
                 Change::Record {
                     client_id, made_ms, ..
-                } if fleet
-                    .get(client_id)
-                    .is_some_and(|w| w.elsewhere_after(*made_ms)) =>
-                {
-                    self.metrics.resync_skipped.inc();
-                    skipped.insert(client_id.clone());
-                    false
-                }
+                } => !stale_record(client_id, *made_ms),
+                Change::Reset { client_id } => !stale.contains(client_id),
                 _ => true,
             })
             .collect();
-        for client_id in skipped {
-            tracing::info!(%client_id, "cluster: re-sync: another node wrote this session after this node's change (its device resumed there while NATS was away); the record from here is not written over it");
+        for client_id in &stale {
+            tracing::info!(%client_id, "cluster: re-sync: another node wrote this session after this node's change (its device resumed there while NATS was away); the record from here is not written over it, and the copy here ends if its device is not back");
+            if let Some(shards) = self.shards.get() {
+                super::registry::end_stale_copy(shards, client_id);
+            }
         }
         Ok(kept)
     }

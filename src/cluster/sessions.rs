@@ -224,7 +224,6 @@ impl SessionStore {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The session's one record: session fields, subscriptions, inbound QoS 2 ids.
     /// The headers of a session record this node writes: [`WRITER`] names the node.
     pub(super) fn record_headers(&self) -> async_nats::HeaderMap {
         let mut headers = async_nats::HeaderMap::new();
@@ -232,6 +231,7 @@ impl SessionStore {
         headers
     }
 
+    /// The session's one record: session fields, subscriptions, inbound QoS 2 ids.
     pub(super) fn record_subject(&self, client_id: &str) -> String {
         format!("{}.{}.rec", self.kv_prefix, key(client_id))
     }
@@ -431,6 +431,7 @@ impl SessionStore {
                 }
                 // Done before the rest of the group (`resets_first`).
                 Change::Reset { .. } => {}
+                Change::Forget { client_id } => self.forget_client(&client_id),
                 Change::Gone { client_id } => {
                     self.barrier(acks, &mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;

@@ -174,7 +174,13 @@ impl Shard {
     /// The session ended: its rows go, and the fleet's copy of its will, if it has one.
     pub(super) fn store_session_ended(&mut self, s: &Session) {
         if s.stored {
-            self.store_op(Op::DeleteSession(s.client_id.clone()));
+            let op = Op::DeleteSession(s.client_id.clone());
+            // A stale copy's end leaves the fleet's copy, another node's (`fleet.rs`).
+            let op = match self.ending_stale_copy {
+                true => Op::LocalOnly(Box::new(op)),
+                false => op,
+            };
+            self.store_op(op);
         }
         // A restored session that ended before its device came back leaves the last
         // run's will to the fleet: after a crash, the fleet publishes it (MQTT 5: at the

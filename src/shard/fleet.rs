@@ -43,8 +43,11 @@ impl Shard {
     }
 
     /// Ends `client_id`'s session here if it is offline, with the fleet keeping
-    /// sessions: a stale copy of one another node holds (its end leaves the fleet's copy,
-    /// which the registry names that node for). True if it ended.
+    /// sessions: a stale copy of one another node holds. Its end is written to this
+    /// node's file only (`Op::LocalOnly`): the mirror forgets the session without
+    /// touching the fleet's copy, whoever the registry names by the time it gets there
+    /// (the device may have come back here meanwhile and adopted the other node's).
+    /// True if it ended.
     pub(super) fn end_stale_copy(&mut self, client_id: &str) -> bool {
         let offline = (self.sessions.find(client_id))
             .is_some_and(|s| self.sessions[s as usize].conn.is_none());
@@ -56,7 +59,9 @@ impl Shard {
             client_id,
             "a stale copy of a session resumed on another node ends here"
         );
+        self.ending_stale_copy = true;
         self.hand_over(client_id);
+        self.ending_stale_copy = false;
         true
     }
 

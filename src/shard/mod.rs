@@ -193,6 +193,9 @@ pub struct Shard {
     /// While stopping: messages (the stop's wills) the full fleet routing queue refused,
     /// offered again each turn and drain step (`fleet_route.rs`).
     fleet_backlog: VecDeque<Arc<Message>>,
+    /// Set while a stale copy of a session ends (`fleet.rs`, `end_stale_copy`): its end
+    /// is this node's file's only, the fleet's copy being another node's.
+    ending_stale_copy: bool,
 }
 
 /// What one loop turn left behind.
@@ -387,6 +390,7 @@ impl Shard {
                 held,
                 fleet_subacks: Default::default(),
                 fleet_backlog: VecDeque::new(),
+                ending_stale_copy: false,
             },
             ctx.mailbox,
         ))

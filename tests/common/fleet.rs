@@ -173,3 +173,17 @@ pub async fn until_routed(publisher: &v4::Client, subscriber: &mut v4::Client, t
         assert!(tokio::time::Instant::now() < end, "{topic} never routed");
     }
 }
+
+/// The sessions `gw` holds (its shards' `gateway_sessions`, summed).
+pub async fn sessions_on(gw: &GatewayProcess) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", gw.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    (text.lines())
+        .filter(|l| l.starts_with("gateway_sessions{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
