@@ -151,7 +151,8 @@ impl Fleet {
     /// Starts the background work on `runtime`: the lease heartbeat, the registry writer
     /// draining `changes` (asking the `shards` whether a disconnected device's session
     /// lives on), and the answers to other nodes' requests, each service through its
-    /// handler (subscribed before this returns, so the node is reachable once it listens).
+    /// handler (subscribed before this returns; `confirm_subscribed`, before the node
+    /// listens, waits until NATS routes requests to them).
     pub fn start(
         self: &Arc<Self>,
         runtime: &tokio::runtime::Handle,
