@@ -413,8 +413,7 @@ impl Server {
                     api.fleet_handlers(),
                 )
                 .map_err(StartError::Fleet)?;
-            // The node is reachable once it listens: its subscriptions are on NATS (a
-            // flush waits for the server's answer to a PING written after them), not
+            // The node is reachable once it listens: its subscriptions are on NATS, not
             // only on their way, so a push from another node right after finds it.
             business.block_on(fleet.confirm_subscribed());
         }

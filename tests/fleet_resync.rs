@@ -195,7 +195,9 @@ async fn moved_during_outage(tag: &str, until_registry_writes_fail: bool) {
             "node A's registry writes did not fail: {failed}"
         );
     }
-    // Then on node B (once A's lease expired and its sessions were taken in).
+    // Then on node B (once A's lease expired and its sessions were taken in), more than
+    // `cluster.clock_skew_ms` (1 s) later, as a device that moves between nodes is.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut dev = resume_when_taken(&b, "rs-moved").await;
     dev.subscribe("live/rs-moved", v4::QoS::AtLeastOnce).await;
     disconnect(dev).await;

@@ -131,10 +131,6 @@ impl Fleet {
 
     async fn join(config: &ClusterConfig) -> Result<Arc<Fleet>, JoinError> {
         let node: Arc<str> = config.node().into();
-        // When the connection to NATS was last (re)established (Unix ms): a registry
-        // claim made before it was applied late, across an outage (`registry.rs`).
-        let nats_back_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let back = nats_back_ms.clone();
         let tls = config
             .tls_files()
             .client_config()
@@ -146,16 +142,7 @@ impl Fleet {
             // A server that stops answering (hung, or cut off without a reset) counts as
             // away after about three unanswered pings, so the fleet's callers fail fast
             // instead of each waiting out its own timeout.
-            .ping_interval(config.request_timeout().max(Duration::from_secs(1)))
-            .event_callback(move |event| {
-                let back = back.clone();
-                async move {
-                    if matches!(event, async_nats::Event::Connected) {
-                        let now = crate::store::now_ms();
-                        back.store(now, std::sync::atomic::Ordering::Release);
-                    }
-                }
-            });
+            .ping_interval(config.request_timeout().max(Duration::from_secs(1)));
         if !config.nats_token.is_empty() {
             options = options.token(config.nats_token.clone());
         }
@@ -174,7 +161,7 @@ impl Fleet {
                 JoinError::Fatal(message)
             }
         })?;
-        let registry = Registry::open(&client, config, node.clone(), nats_back_ms)
+        let registry = Registry::open(&client, config, node.clone())
             .await
             .map_err(JoinError::of_bucket)?;
         let registry = Arc::new(registry);

@@ -201,29 +201,24 @@ impl Fleet {
         Ok(())
     }
 
-    /// Waits (at most `request_timeout_ms`) until other nodes reach this one: a request
-    /// to its own `stats` subject is answered. (A flush only writes the subscriptions
-    /// out; the server may read them after another node's request: "no responders",
-    /// seen a few milliseconds after the node listened.)
+    /// Waits (at most `request_timeout_ms`) until the NATS server has read this node's
+    /// subscriptions, so other nodes reach it: a message published to a fresh inbox
+    /// subscribed after them comes back (the server reads a connection's commands in
+    /// order). A flush only writes them out; the server could read them after another
+    /// node's request ("no responders", seen a few milliseconds after a restarted node
+    /// listened). Counts in no request metric.
     pub async fn confirm_subscribed(&self) {
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let subject = self.subject(&self.node, Service::Stats);
-        loop {
-            let request = Request::new().timeout(Some(self.request_timeout));
-            let answer = (self.client).send_request(subject.clone(), request).await;
-            match answer {
-                Ok(_) => return,
-                Err(e)
-                    if e.kind() == RequestErrorKind::NoResponders
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(e) => {
-                    tracing::warn!(node = %self.node, error = %e, "cluster: this node's own subscriptions did not answer at start; other nodes may not reach it for a moment");
-                    return;
-                }
-            }
+        let inbox = self.client.new_inbox();
+        let echoed = async {
+            let mut probe = self.client.subscribe(inbox.clone()).await.ok()?;
+            self.client.publish(inbox, Bytes::new()).await.ok()?;
+            futures_util::StreamExt::next(&mut probe).await
+        };
+        if !matches!(
+            tokio::time::timeout(self.request_timeout, echoed).await,
+            Ok(Some(_))
+        ) {
+            tracing::warn!(node = %self.node, "cluster: NATS did not confirm this node's subscriptions at start; other nodes may not reach it for a moment");
         }
     }
 

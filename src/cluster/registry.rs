@@ -73,8 +73,8 @@ pub struct Registry {
     /// The fleet's copy of the sessions (set once the fleet is joined): whether a session
     /// changed on another node (`takes_over`).
     pub(super) sessions: std::sync::OnceLock<std::sync::Weak<super::sessions::SessionStore>>,
-    /// When this node's connection to NATS was last (re)established (Unix ms).
-    nats_back_ms: Arc<AtomicU64>,
+    /// `cluster.clock_skew_ms` (`takes_over`).
+    clock_skew_ms: u64,
     pub metrics: Arc<RegistryMetrics>,
 }
 
@@ -139,7 +139,6 @@ impl Registry {
         client: &async_nats::Client,
         config: &ClusterConfig,
         node: Arc<str>,
-        nats_back_ms: Arc<AtomicU64>,
     ) -> Result<Registry, String> {
         let js = async_nats::jetstream::new(client.clone());
         let clients_name = config.registry_bucket.clone();
@@ -156,7 +155,7 @@ impl Registry {
             dropped_up_to_ms: AtomicU64::new(0),
             throttle: Throttle::new(config.takeover_min_interval()),
             sessions: std::sync::OnceLock::new(),
-            nats_back_ms,
+            clock_skew_ms: config.clock_skew_ms(),
             metrics: Arc::default(),
         })
     }
@@ -441,32 +440,30 @@ fn by_client(events: impl Iterator<Item = Arc<Event>>) -> Vec<Vec<Arc<Event>>> {
 impl Registry {
     /// Whether a `connected` of `client_id` accepted here at `accepted_ms` (Unix ms) may
     /// take the client id from the node whose entry the claim found: its session must
-    /// still be here (`session_lives_on`); and when the claim is applied across an outage
-    /// (NATS came back after the connection was accepted), its device has left since and
-    /// the fleet keeps sessions, no other node may have written the session's record
-    /// after this connection was accepted. Such a write means the device went on to that
-    /// node while this node was cut off: the offline copy here is stale, and taking the
-    /// client id would end the other node's newer one. The copy here ends instead, the
-    /// fleet's left alone (`ShardMsg::StaleCopy`). A session a survivor took in from a
-    /// dead node is not written there, so a copy here that is newer than the fleet's
-    /// still takes it; this node's own writes (its record at the connect) never count
-    /// (`restore::Written`). Without an outage in between (a registry queue merely
-    /// behind, a handover whose old node wrote the record moments before the connection
-    /// here) nothing is compared: two clocks a few milliseconds apart would decide.
+    /// still be here (`session_lives_on`); and when its device has left since and the
+    /// fleet keeps sessions, no other node may have written the session's record more
+    /// than `clock_skew_ms` after this connection was accepted. Such a write means the
+    /// device went on to that node after connecting here, and this `connected` is applied
+    /// late (this node was cut off from NATS, or its registry queue was behind): the
+    /// offline copy here is stale, and taking the client id would end the other node's
+    /// newer one. The copy here ends instead, the fleet's left alone
+    /// (`ShardMsg::StaleCopy`). A session a survivor took in from a dead node is not
+    /// written there, so a copy here that is newer than the fleet's still takes it; this
+    /// node's own writes (its record at the connect) never count; and the old node of an
+    /// ordinary handover wrote its record before this connection was accepted, which the
+    /// skew allowance keeps from looking later (`restore::Written`).
     async fn takes_over(&self, shards: &Mailboxes, client_id: &str, accepted_ms: u64) -> bool {
         let offline_here = match ask_home(shards, client_id).await {
             Ok(Some(info)) => !info.summary.online,
             Ok(None) => return false,
             Err(full) => return full,
         };
-        let across_outage = self.nats_back_ms.load(Ordering::Acquire) > accepted_ms;
         let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
-        let sessions = sessions.filter(|s| offline_here && across_outage && s.keeps_sessions());
-        let Some(sessions) = sessions else {
+        let Some(sessions) = sessions.filter(|s| offline_here && s.keeps_sessions()) else {
             return true;
         };
         match sessions.record_written(client_id).await {
-            Ok(Some(w)) if w.elsewhere_after(accepted_ms) => {}
+            Ok(Some(w)) if w.elsewhere_after(accepted_ms, self.clock_skew_ms) => {}
             Ok(_) => return true,
             Err(e) => {
                 // Not known: the session here takes it, as before this check.
@@ -474,7 +471,7 @@ impl Registry {
                 return true;
             }
         }
-        tracing::info!(client_id, "cluster: a device that connected here went on to another node while NATS was away; that node keeps the client id and the offline copy here ends");
+        tracing::info!(client_id, "cluster: a device that connected here went on to another node before this node's registry write was applied; that node keeps the client id and the offline copy here ends");
         end_stale_copy(shards, client_id);
         false
     }

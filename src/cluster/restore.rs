@@ -234,11 +234,11 @@ pub(super) struct Written {
 }
 
 impl Written {
-    /// Whether another node changed the session after `t_ms` (Unix ms, this node's
-    /// clock): a copy of it here from `t_ms` or before is stale. A skew between the
-    /// clocks decides only for changes made within it.
-    pub(super) fn elsewhere_after(&self, t_ms: u64) -> bool {
-        self.elsewhere && self.at_ms > t_ms
+    /// Whether another node changed the session more than `skew_ms` after `t_ms` (Unix
+    /// ms, this node's clock): a copy of it here from `t_ms` or before is stale. Within
+    /// the skew nothing is decided (the clocks could put either first).
+    pub(super) fn elsewhere_after(&self, t_ms: u64, skew_ms: u64) -> bool {
+        self.elsewhere && self.at_ms > t_ms.saturating_add(skew_ms)
     }
 }
 
@@ -324,11 +324,15 @@ mod tests {
             elsewhere: false,
         };
         // Another node wrote the record after the change here: stale here.
-        assert!(other(1_001).elsewhere_after(1_000));
+        assert!(other(1_001).elsewhere_after(1_000, 0));
         // Before it, or at the same millisecond: the change here is the newer.
-        assert!(!other(999).elsewhere_after(1_000));
-        assert!(!other(1_000).elsewhere_after(1_000));
+        assert!(!other(999).elsewhere_after(1_000, 0));
+        assert!(!other(1_000).elsewhere_after(1_000, 0));
+        // Within the clock skew allowed, nothing is decided; beyond it, it is.
+        assert!(!other(1_900).elsewhere_after(1_000, 1_000));
+        assert!(!other(2_000).elsewhere_after(1_000, 1_000));
+        assert!(other(2_001).elsewhere_after(1_000, 1_000));
         // This node's own later write (its record at a connect) never counts.
-        assert!(!own(5_000).elsewhere_after(1_000));
+        assert!(!own(5_000).elsewhere_after(1_000, 0));
     }
 }

@@ -34,7 +34,7 @@ pub(super) enum Change {
     /// At start, before a restored session is written again: everything of the client
     /// id is purged (what JetStream held may lack the last changes before a crash, and
     /// the stream sequences of its messages were in the memory of the last run).
-    Reset { client_id: Arc<str> },
+    Reset { client_id: Arc<str>, made_ms: u64 },
     /// A message stored under local sequence `seq`.
     Msg {
         client_id: Arc<str>,
@@ -68,7 +68,7 @@ impl Change {
                 client_id, value, ..
             } => client_id.len() + value.len(),
             Change::Gone { client_id }
-            | Change::Reset { client_id }
+            | Change::Reset { client_id, .. }
             | Change::Forget { client_id } => client_id.len(),
             Change::Msg {
                 client_id, value, ..

@@ -66,6 +66,9 @@ struct Kept {
     overflowed: bool,
     /// When the re-sync now under way began, and how many changes it wrote so far.
     running: Option<(Instant, u64)>,
+    /// Sessions whose copy here the re-sync under way ended as stale (once each: a later
+    /// batch's older changes must not end a copy its device adopted since).
+    ended: HashSet<Arc<str>>,
 }
 
 impl Resync {
@@ -90,6 +93,18 @@ impl Resync {
     pub(super) fn unfinished(&self) -> bool {
         let kept = self.kept();
         !kept.changes.is_empty() || kept.running.is_some()
+    }
+}
+
+/// The client id and time (Unix ms, this node's clock) of a record or restart reset made
+/// here; `None` for any other change.
+fn made_here(c: &Change) -> Option<(&Arc<str>, u64)> {
+    match c {
+        Change::Record {
+            client_id, made_ms, ..
+        }
+        | Change::Reset { client_id, made_ms } => Some((client_id, *made_ms)),
+        _ => None,
     }
 }
 
@@ -150,18 +165,25 @@ impl SessionStore {
         }
     }
 
-    /// `batch` without the records another node's later write of the same session made
-    /// stale (module doc). A read that fails hands the whole batch back, to be tried again.
+    /// `batch` without the records (and restart `Reset`s) another node's later write of
+    /// the same session made stale (module doc); the copy here of each session whose
+    /// last such change in the batch is stale ends, once per re-sync. A read that fails
+    /// hands the whole batch back, to be tried again.
     async fn without_stale_records(
         &self,
         batch: Vec<Change>,
     ) -> Result<Vec<Change>, (Vec<Change>, Failed)> {
-        let ids: HashSet<Arc<str>> = (batch.iter())
-            .filter_map(|c| match c {
-                Change::Record { client_id, .. } => Some(client_id.clone()),
-                _ => None,
-            })
-            .collect();
+        // Each client's last record or reset in the batch, by when it was made here.
+        let mut last: HashMap<Arc<str>, u64> = HashMap::new();
+        for c in &batch {
+            if let Some((client_id, made_ms)) = made_here(c) {
+                last.insert(client_id.clone(), made_ms);
+            }
+        }
+        if last.is_empty() {
+            return Ok(batch);
+        }
+        let ids: Vec<Arc<str>> = last.keys().cloned().collect();
         let reads = ids.into_iter().map(|id| async move {
             let written = self.record_written(&id).await;
             (id, written)
@@ -183,36 +205,27 @@ impl SessionStore {
                 }
             }
         }
-        let stale_record = |client_id: &Arc<str>, made_ms: u64| {
-            (fleet.get(client_id)).is_some_and(|w| w.elsewhere_after(made_ms))
+        drop(reads);
+        let skew = self.clock_skew_ms;
+        let stale = |client_id: &Arc<str>, made_ms: u64| {
+            (fleet.get(client_id)).is_some_and(|w| w.elsewhere_after(made_ms, skew))
         };
-        let stale: HashSet<Arc<str>> = (batch.iter())
-            .filter_map(|c| match c {
-                Change::Record {
-                    client_id, made_ms, ..
-                } if stale_record(client_id, *made_ms) => {
-                    self.metrics.resync_skipped.inc();
-                    Some(client_id.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        if stale.is_empty() {
-            return Ok(batch);
-        }
-        // A restart's rewrite of such a session (`Reset`, then its record) would purge
-        // the other node's copy first: not done either.
         let kept: Vec<Change> = (batch.into_iter())
-            .filter(|c| match c {
-                Change::Record {
-                    client_id, made_ms, ..
-                } => !stale_record(client_id, *made_ms),
-                Change::Reset { client_id } => !stale.contains(client_id),
+            .filter(|c| match made_here(c) {
+                Some((client_id, made_ms)) if stale(client_id, made_ms) => {
+                    self.metrics.resync_skipped.inc();
+                    false
+                }
                 _ => true,
             })
             .collect();
-        for client_id in &stale {
-            tracing::info!(%client_id, "cluster: re-sync: another node wrote this session after this node's change (its device resumed there while NATS was away); the record from here is not written over it, and the copy here ends if its device is not back");
+        let ended: Vec<Arc<str>> = (last.into_iter())
+            .filter(|(client_id, made_ms)| stale(client_id, *made_ms))
+            .map(|(client_id, _)| client_id)
+            .filter(|client_id| self.resync.kept().ended.insert(client_id.clone()))
+            .collect();
+        for client_id in &ended {
+            tracing::info!(%client_id, "cluster: re-sync: another node wrote this session after this node's last change to it (its device resumed there while NATS was away); the record from here is not written over it, and the copy here ends if its device is not back");
             if let Some(shards) = self.shards.get() {
                 super::registry::end_stale_copy(shards, client_id);
             }
@@ -253,6 +266,7 @@ impl SessionStore {
         }
         kept.running = None;
         kept.overflowed = false;
+        kept.ended.clear();
         tracing::info!(
             changes = done,
             ms = began.elapsed().as_millis() as u64,

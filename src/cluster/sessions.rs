@@ -130,6 +130,8 @@ pub struct SessionStore {
     /// are taken in only then (`take_in`).
     pub(super) shards: std::sync::OnceLock<crate::mailbox::Mailboxes>,
     pub(super) keeps: std::sync::atomic::AtomicBool,
+    /// `cluster.clock_skew_ms` (the re-sync's stale records, `session_resync`).
+    pub(super) clock_skew_ms: u64,
 }
 
 /// A session's key (its client id escaped).
@@ -217,6 +219,7 @@ impl SessionStore {
             groups_done: AtomicU64::new(0),
             shards: std::sync::OnceLock::new(),
             keeps: std::sync::atomic::AtomicBool::new(false),
+            clock_skew_ms: config.clock_skew_ms(),
         }))
     }
 
@@ -275,6 +278,7 @@ impl SessionStore {
         let mut changes = Vec::with_capacity(2 + s.messages.len());
         changes.push(Change::Reset {
             client_id: id.clone(),
+            made_ms: crate::store::now_ms(),
         });
         let record = mirror::FleetRecord {
             client_id: id.clone(),
@@ -431,7 +435,11 @@ impl SessionStore {
                 }
                 // Done before the rest of the group (`resets_first`).
                 Change::Reset { .. } => {}
-                Change::Forget { client_id } => self.forget_client(&client_id),
+                Change::Forget { client_id } => {
+                    // After the acks of its messages before it, which remember them.
+                    self.barrier(acks, &mut pending).await?;
+                    self.forget_client(&client_id);
+                }
                 Change::Gone { client_id } => {
                     self.barrier(acks, &mut pending).await?;
                     self.flush_deletes(&mut deletes).await?;
@@ -472,7 +480,7 @@ impl SessionStore {
         let (resets, rest): (Vec<_>, Vec<_>) =
             (changes.into_iter()).partition(|c| matches!(c, Change::Reset { .. }));
         let purges = resets.into_iter().filter_map(|c| match c {
-            Change::Reset { client_id } => {
+            Change::Reset { client_id, .. } => {
                 Some(async move { self.purge(&client_id).await.map_err(|e| (client_id, e)) })
             }
             _ => None,

@@ -44,6 +44,10 @@ pub struct ClusterConfig {
     /// (`crate::cluster::sweep`); 0 = no sweeping.
     pub registry_sweep_rate: u32,
     pub takeover_min_interval_ms: u32,
+    /// How far apart the nodes' and the NATS servers' clocks may be (ms): another node's
+    /// write of a session counts as newer than a change here only beyond this
+    /// (`crate::cluster::restore::Written`).
+    pub clock_skew_ms: u32,
     /// Persistent sessions in JetStream (`crate::cluster::sessions`): the key-value
     /// bucket of their records and subscriptions, the stream of their queued messages,
     /// and the replicas of both.
@@ -112,6 +116,11 @@ impl ClusterConfig {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(u64::from(self.lease_secs))
+    }
+
+    /// `clock_skew_ms` in milliseconds.
+    pub fn clock_skew_ms(&self) -> u64 {
+        u64::from(self.clock_skew_ms)
     }
 
     pub fn takeover_min_interval(&self) -> Duration {
@@ -226,6 +235,7 @@ impl Section for ClusterConfig {
             0,
             600_000,
         )?;
+        in_range("cluster.clock_skew_ms", self.clock_skew_ms, 0, 60_000)?;
         in_range(
             "cluster.registry_queue_capacity",
             self.registry_queue_capacity,
@@ -279,6 +289,7 @@ mod tests {
         assert_eq!(c.registry_queue_capacity, 100_000);
         assert_eq!(c.registry_sweep_rate, 10_000);
         assert_eq!(c.takeover_min_interval_ms, 1000);
+        assert_eq!(c.clock_skew_ms, 1000);
         assert_eq!(c.session_bucket, "gateway_sessions");
         assert_eq!(c.session_stream, "gateway_session_messages");
         assert_eq!(c.session_replicas, 1);
@@ -332,6 +343,7 @@ mod tests {
                 "takeover_min_interval_ms = 600001",
                 "cluster.takeover_min_interval_ms",
             ),
+            ("clock_skew_ms = 60001", "cluster.clock_skew_ms"),
             ("session_bucket = \"a.b\"", "cluster.session_bucket"),
             ("session_stream = \"\"", "cluster.session_stream"),
             ("session_replicas = 0", "cluster.session_replicas"),
