@@ -19,16 +19,18 @@
 //! **A session that moved meanwhile.** A device of this node may resume its session on
 //! another node while this node is cut off (that node restores the fleet's copy); this
 //! node's copy is stale from then on. Before a batch is written again, the fleet's record
-//! is read for each client id whose record the batch holds: a record made here before
-//! another node last wrote that session's record is not written over it (counted in
-//! `gateway_fleet_session_resync_skipped_total`, logged; nor is a restart's `Reset` of that
-//! session, which would purge the other node's copy), the copy here ends unless its
-//! device is back (`ShardMsg::StaleCopy`: the fleet's copy is left alone), and the
-//! registry's late claim of such a session is refused too (`registry.rs`, `takes_over`). A session a survivor
-//! took in from this node while it was cut off is not written there, so this node's
-//! newer record still goes in. The batch's other changes stay: messages queued here reach
-//! the client id's subject (docs/CLUSTER.md, "What a partition does"), and a session's
-//! end is guarded by the registry already (`SessionStore::gone`).
+//! is read for each client id whose record or restart `Reset` the batch holds: such a
+//! change made here more than `cluster.clock_skew_ms` before another node's last write of
+//! that session's record is not written over it (counted in
+//! `gateway_fleet_session_resync_skipped_total`, logged; a `Reset` would purge the other
+//! node's copy), and when the client's last change in the batch is one of them, the copy
+//! here ends unless its device is back (`ShardMsg::StaleCopy`: the fleet's copy is left
+//! alone), once per re-sync. The registry's late claim of such a session is refused too
+//! (`registry.rs`, `takes_over`). A session a survivor took in from this node while it was
+//! cut off is not written there, so this node's newer records still go in. The batch's
+//! other changes stay: messages queued here reach the client id's subject
+//! (docs/CLUSTER.md, "What a partition does"), and a session's end is guarded by the
+//! registry already (`SessionStore::gone`).
 //!
 //! Pushes waiting for a kept group are answered `dropped` (`store_error`) at once, as
 //! before: their messages are in this node's store and reach JetStream with the re-sync,
@@ -183,29 +185,10 @@ impl SessionStore {
         if last.is_empty() {
             return Ok(batch);
         }
-        let ids: Vec<Arc<str>> = last.keys().cloned().collect();
-        let reads = ids.into_iter().map(|id| async move {
-            let written = self.record_written(&id).await;
-            (id, written)
-        });
-        let mut reads = futures_util::StreamExt::buffer_unordered(
-            futures_util::stream::iter(reads),
-            RECORD_READS_AT_ONCE,
-        );
-        let mut fleet: HashMap<Arc<str>, Written> = HashMap::new();
-        while let Some((id, written)) = futures_util::StreamExt::next(&mut reads).await {
-            match written {
-                Ok(Some(w)) => {
-                    fleet.insert(id, w);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    drop(reads);
-                    return Err((batch, (id, format!("session record: {e}"))));
-                }
-            }
-        }
-        drop(reads);
+        let fleet = match self.fleet_records(last.keys().cloned().collect()).await {
+            Ok(fleet) => fleet,
+            Err(e) => return Err((batch, e)),
+        };
         let skew = self.clock_skew_ms;
         let stale = |client_id: &Arc<str>, made_ms: u64| {
             (fleet.get(client_id)).is_some_and(|w| w.elsewhere_after(made_ms, skew))
@@ -231,6 +214,33 @@ impl SessionStore {
             }
         }
         Ok(kept)
+    }
+
+    /// When and by whom the fleet's record of each of `ids` was last written (those
+    /// that have one), read [`RECORD_READS_AT_ONCE`] at a time.
+    async fn fleet_records(
+        &self,
+        ids: Vec<Arc<str>>,
+    ) -> Result<HashMap<Arc<str>, Written>, Failed> {
+        let reads = ids.into_iter().map(|id| async move {
+            let written = self.record_written(&id).await;
+            (id, written)
+        });
+        let mut reads = futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(reads),
+            RECORD_READS_AT_ONCE,
+        );
+        let mut fleet = HashMap::new();
+        while let Some((id, written)) = futures_util::StreamExt::next(&mut reads).await {
+            match written {
+                Ok(Some(w)) => {
+                    fleet.insert(id, w);
+                }
+                Ok(None) => {}
+                Err(e) => return Err((id, format!("session record: {e}"))),
+            }
+        }
+        Ok(fleet)
     }
 
     fn take_batch(&self) -> Vec<Change> {
