@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::fleet::{
-    disconnect, kill_9, persistent as device, registry, session_node, sessions_on, wait_holder,
-    wait_ready_nats_down, DEADLINE,
+    disconnect, in_fleet, kill_9, persistent as device, registry, session_node, sessions_on,
+    wait_holder, wait_ready_nats_down, DEADLINE,
 };
 use common::nats::NatsServer;
 use common::{v4, GatewayProcess};
@@ -123,14 +123,6 @@ async fn resume_when_taken(gw: &GatewayProcess, id: &str) -> v4::Client {
         assert!(tokio::time::Instant::now() < end, "{id} never resumed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Whether the fleet holds a (non-empty) record of `client_id`'s session.
-async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
-    let js = async_nats::jetstream::new(nats.client().await);
-    let kv = js.get_key_value("gateway_sessions").await.expect("bucket");
-    let record = kv.get(format!("{client_id}.rec")).await.expect("get");
-    record.is_some_and(|r| !r.is_empty())
 }
 
 /// A node cut off from NATS whose device, meanwhile, resumed its session on another node

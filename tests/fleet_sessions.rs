@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use common::fleet::{connack, disconnect, kill_9, persistent as connect, sessions_on};
+use common::fleet::{connack, disconnect, in_fleet, kill_9, persistent as connect, sessions_on};
 use common::nats::NatsServer;
 use common::v4;
 use common::{post_json, GatewayProcess};
@@ -248,17 +248,6 @@ async fn a_node_started_again_does_not_bring_back_sessions_resumed_elsewhere() {
         "a message acknowledged on B came again from A's stale copy"
     );
     kill_9(&mut gw[0]);
-}
-
-/// Whether the fleet keeps a session record for `client_id` (an ended session's is
-/// emptied).
-async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
-    let js = async_nats::jetstream::new(nats.client().await);
-    let kv = js.get_key_value("gateway_sessions").await.expect("bucket");
-    kv.get(format!("{client_id}.rec"))
-        .await
-        .expect("get")
-        .is_some_and(|record| !record.is_empty())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

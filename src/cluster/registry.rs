@@ -453,13 +453,14 @@ impl Registry {
     /// ordinary handover wrote its record before this connection was accepted, which the
     /// skew allowance keeps from looking later (`restore::Written`).
     async fn takes_over(&self, shards: &Mailboxes, client_id: &str, accepted_ms: u64) -> bool {
-        let offline_here = match ask_home(shards, client_id).await {
-            Ok(Some(info)) => !info.summary.online,
-            Ok(None) => return false,
+        // As `session_lives_on`, but for a session that is here and offline.
+        match ask_home(shards, client_id).await {
+            Ok(Some(info)) if !info.summary.online => {}
+            Ok(info) => return info.is_some(),
             Err(full) => return full,
-        };
+        }
         let sessions = self.sessions.get().and_then(std::sync::Weak::upgrade);
-        let Some(sessions) = sessions.filter(|s| offline_here && s.keeps_sessions()) else {
+        let Some(sessions) = sessions.filter(|s| s.keeps_sessions()) else {
             return true;
         };
         match sessions.record_written(client_id).await {

@@ -108,7 +108,7 @@ impl SessionMetrics {
         );
         registry.register(
             counter_family("gateway_fleet_session_resync_skipped_total"),
-            "Session records kept for the re-sync and not written: another node wrote the session's record after this node made its own (the device resumed there while NATS was away; this node's copy is stale)",
+            "Session records (and restart resets) kept for the re-sync and not written: another node wrote the session's record more than cluster.clock_skew_ms after this node made them (the device resumed there while NATS was away; this node's copy is stale)",
             self.resync_skipped.clone(),
         );
     }

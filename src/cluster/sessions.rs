@@ -276,9 +276,10 @@ impl SessionStore {
     fn again(&self, s: &StoredSession) -> Vec<Change> {
         let id = &s.client_id;
         let mut changes = Vec::with_capacity(2 + s.messages.len());
+        let made_ms = crate::store::now_ms();
         changes.push(Change::Reset {
             client_id: id.clone(),
-            made_ms: crate::store::now_ms(),
+            made_ms,
         });
         let record = mirror::FleetRecord {
             client_id: id.clone(),
@@ -291,7 +292,7 @@ impl SessionStore {
         changes.push(Change::Record {
             client_id: id.clone(),
             value: mirror::fleet_record_bytes(&record).into(),
-            made_ms: crate::store::now_ms(),
+            made_ms,
         });
         for m in &s.messages {
             changes.push(Change::Msg {
@@ -524,13 +525,7 @@ impl SessionStore {
         let ack = self.publish_with(subject.clone(), headers, value).await;
         let ack = match ack.map_err(|e| (client_id.clone(), e))? {
             Some(ack) => ack,
-            None => {
-                let headers = self.record_headers();
-                let empty = self.js.publish_with_headers(subject, headers, Bytes::new());
-                empty
-                    .await
-                    .map_err(|e| (client_id.clone(), e.to_string()))?
-            }
+            None => (self.empty_record(client_id).await).map_err(|e| (client_id.clone(), e))?,
         };
         pending.push((None, ack));
         Ok(())
@@ -760,14 +755,17 @@ impl SessionStore {
         removed.into_iter().collect::<Result<(), String>>()?;
         // The record last: a purge that fails before it leaves the session in the
         // fleet, so the next one (a clean start again, the re-sync) tries again.
-        let subject = self.record_subject(client_id);
-        let ack = (self.js)
-            .publish_with_headers(subject, self.record_headers(), Bytes::new())
-            .await;
-        ack.map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+        let ack = self.empty_record(client_id).await?;
+        ack.await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Publishes `client_id`'s record emptied (the fleet keeps no session for it, and
+    /// older keys of it are hidden), with this node as its writer.
+    async fn empty_record(&self, client_id: &str) -> Result<PublishAckFuture, String> {
+        let subject = self.record_subject(client_id);
+        let sent = (self.js).publish_with_headers(subject, self.record_headers(), Bytes::new());
+        sent.await.map_err(|e| e.to_string())
     }
 }
 

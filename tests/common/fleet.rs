@@ -187,3 +187,12 @@ pub async fn sessions_on(gw: &GatewayProcess) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Whether the fleet keeps a session record for `client_id` (an ended session's is
+/// emptied).
+pub async fn in_fleet(nats: &NatsServer, client_id: &str) -> bool {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js.get_key_value("gateway_sessions").await.expect("bucket");
+    let record = kv.get(format!("{client_id}.rec")).await.expect("get");
+    record.is_some_and(|r| !r.is_empty())
+}
